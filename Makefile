@@ -1,0 +1,34 @@
+# Fresh clone -> `make demo` / `make test`. Only Python 3.11 is needed beforehand.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/hessian-cli analyze checkpoints_example/digits_mlp.pt --top-k 5 --trace --density --alignment --out example.h5
+	$(VENV)/bin/hessian-cli plot example.h5 -o example.png
+	@echo "wrote example.h5 and example.png"
+
+bench: $(STAMP)
+	$(PY) benchmarks/peers.py
+
+clean:
+	rm -rf $(VENV) example.h5 example.png

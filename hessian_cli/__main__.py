@@ -1,0 +1,3 @@
+from hessian_cli.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""SAM-alignment scores: how well the gradient and SAM's perturbation see the top curvature.
+
+Definitions (DESIGN.md): ``g_hat = g/||g||``, ``v_1..v_k`` unit top eigenvectors.
+``alignment[i] = |<g_hat, v_i>|``, ``subspace_alignment = ||V_k^T g_hat||``,
+``curvature_ratio = g_hat^T H g_hat / lambda_1``, Eigen-SAM direction
+``d = g_hat + alpha * sign(<g, v_1>) * (v_1 - <g_hat, v_1> g_hat)`` with
+``eigensam_alignment = |<d/||d||, v_1>|``, and ``sam_sharpness = L(w + rho g_hat) - L(w)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.errors import UserError
+
+
+@dataclass
+class AlignmentResult:
+    alignment: torch.Tensor  # [k]
+    subspace_alignment: float
+    curvature_ratio: float
+    eigensam_alignment: float
+    sam_sharpness: float
+    grad_norm: float
+    loss: float
+    rho: float
+    alpha: float
+    minibatch_alignment: torch.Tensor  # [M, k]: alignment of each of the first M batch gradients
+    hvps: int
+
+    @property
+    def minibatch_mean(self) -> torch.Tensor:
+        return self.minibatch_alignment.mean(0)
+
+    @property
+    def minibatch_std(self) -> torch.Tensor:
+        m = self.minibatch_alignment
+        return m.std(0) if m.shape[0] > 1 else torch.zeros(m.shape[1], dtype=m.dtype)
+
+
+def eigensam_direction(g: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eigen-SAM's unnormalised perturbation direction ``d`` (DESIGN.md); ``alpha=0`` is SAM's."""
+    g_hat = g / g.norm()
+    c = torch.dot(g_hat, v)
+    return g_hat + alpha * torch.sign(torch.dot(g, v)) * (v - c * g_hat)
+
+
+def alignment_scores(
+    op: HessianOperator,
+    eigenvalues: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    *,
+    rho: float = 0.05,
+    alpha: float = 0.2,
+    minibatches: int = 8,
+) -> AlignmentResult:
+    """All alignment scores of the analysed loss, for top eigenpairs ``(lambda_i, v_i)``.
+
+    Costs one gradient pass, one HVP (curvature ratio), two loss evaluations and up to
+    ``minibatches`` per-batch gradients.
+    """
+    V = eigenvectors / eigenvectors.norm(dim=1, keepdim=True)
+    loss, g = op.gradient()
+    gnorm = float(g.norm())
+    if gnorm == 0.0:
+        raise UserError("The gradient is exactly zero, so alignment scores are undefined.")
+    g_hat = g / gnorm
+    coeffs = V @ g_hat
+    hvps0 = op.hvp_count
+    curvature = float(torch.dot(g_hat, op.matmul(g_hat)))
+    d = eigensam_direction(g, V[0], alpha)
+    sharp = op.loss_at(rho * g_hat) - op.loss()
+    mb = [(V @ gb).abs() / gb.norm() for _, gb in op.batch_gradients(minibatches)]
+    return AlignmentResult(
+        alignment=coeffs.abs().cpu(),
+        subspace_alignment=float(coeffs.norm()),
+        curvature_ratio=curvature / float(eigenvalues[0]),
+        eigensam_alignment=float(torch.dot(d / d.norm(), V[0]).abs()),
+        sam_sharpness=sharp,
+        grad_norm=gnorm,
+        loss=loss,
+        rho=rho,
+        alpha=alpha,
+        minibatch_alignment=torch.stack(mb).cpu(),
+        hvps=op.hvp_count - hvps0,
+    )

@@ -1,0 +1,31 @@
+"""Small dense helpers shared by the Krylov solvers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def orthonormalize_against(
+    W: torch.Tensor, Q: torch.Tensor | None, *, drop_tol: float = 1e-6
+) -> torch.Tensor:
+    """Rows of ``W`` made orthonormal and orthogonal to the (orthonormal) rows of ``Q``.
+
+    Classical Gram-Schmidt applied twice, then a QR of what remains; directions whose norm
+    collapses below ``drop_tol`` of their original size (already in span(Q)) are dropped.
+    """
+    norms0 = W.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
+    for _ in range(2):
+        if Q is not None and Q.shape[0]:
+            W = W - (W @ Q.T) @ Q
+    keep = W.norm(dim=1) > drop_tol * norms0
+    W = W[keep]
+    if W.shape[0] == 0:
+        return W
+    q, r = torch.linalg.qr(W.T)
+    diag = r.diagonal().abs()
+    good = diag > drop_tol * diag.max()
+    W = q.T[good]
+    if Q is not None and Q.shape[0]:  # one more pass: QR can reintroduce components of Q
+        W = W - (W @ Q.T) @ Q
+        W = torch.linalg.qr(W.T)[0].T
+    return W

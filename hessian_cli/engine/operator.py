@@ -1,0 +1,278 @@
+"""The curvature operator: exact Hessian-vector products for a block of vectors at a time.
+
+H is the Hessian of the sample-weighted mean loss over all batches with respect to a
+:class:`ParamSpace`. ``op.matmul(V)`` maps a block ``V`` of shape ``[b, n]`` to ``H V^T`` (rows),
+spending one forward/backward pass over the data for the whole block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from hessian_cli.engine.params import ParamSpace, select_parameters
+from hessian_cli.errors import UserError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Backend = Literal["auto", "double-backward", "func"]
+BNMode = Literal["eval", "train"]
+
+
+class LinearOperator(Protocol):
+    """What the solvers need: a size, a dtype/device, and a block product ``[b, n] -> [b, n]``."""
+
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    hvp_count: int
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor: ...
+
+
+class MatrixOperator:
+    """A dense symmetric matrix as a :class:`LinearOperator` (tests and the dense oracle)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+        self.n = matrix.shape[0]
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.hvp_count = 0
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        self.hvp_count += block.shape[0]
+        return block @ self.matrix
+
+
+@contextlib.contextmanager
+def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
+    """Put the model in a mode where every forward pass computes the same function.
+
+    Everything is in eval mode (no dropout). With ``bn="train"`` BatchNorm layers normalise by
+    the batch statistics but do not update their running statistics, so analysing a model never
+    changes it.
+    """
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    model.eval()
+    if bn == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+class HessianOperator:
+    """Hessian of the mean loss of ``model`` over ``batches`` with respect to ``params``.
+
+    Backends: ``double-backward`` differentiates the gradient again with a batched backward pass
+    (``is_grads_batched``) and, for a single batch, keeps the first-order graph across products;
+    ``func`` uses ``torch.func`` forward-over-reverse (``vmap`` of ``jvp`` of ``grad``).
+    ``auto`` picks the one measured faster on the device (see benchmarks/RESULTS.md).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Batch],
+        params: ParamSpace | Sequence[str] | None = None,
+        *,
+        bn: BNMode = "eval",
+        backend: Backend = "auto",
+        keep_graph: bool | None = None,
+    ) -> None:
+        if not batches:
+            raise UserError("No data to compute the Hessian on: the data spec gave no batches.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.space = params if isinstance(params, ParamSpace) else select_parameters(model, params)
+        self.n = self.space.n
+        self.dtype = self.space.dtype
+        self.device = self.space.device
+        self.bn = bn
+        self.batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
+        self.num_samples = sum(len(y) for _, y in self.batches)
+        self.weights = [len(y) / self.num_samples for _, y in self.batches]
+        self.backend = self._resolve_backend(backend)
+        self.keep_graph = len(self.batches) == 1 if keep_graph is None else keep_graph
+        self._graphs: dict[int, tuple[torch.Tensor | None, list[bool]]] = {}
+        self._batched_backward_ok = True
+        self.hvp_count = 0
+        self.passes = 0
+        self.hvp_seconds = 0.0
+
+    def _resolve_backend(self, backend: Backend) -> str:
+        if backend != "auto":
+            return backend
+        # Measured (benchmarks/RESULTS.md): double backward with a kept graph wins on CPU.
+        return "double-backward" if self.device.type == "cpu" else "func"
+
+    # --- losses and gradients -------------------------------------------------------------
+
+    def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(self.model(x), y)
+        if loss.ndim != 0:
+            raise UserError("The loss function must return a scalar (mean over the batch).")
+        if not torch.isfinite(loss):
+            raise UserError(
+                "The loss is not finite (NaN or inf) on the analysed data: "
+                "check the checkpoint's weights and the data."
+            )
+        return loss
+
+    def loss(self) -> float:
+        """The sample-weighted mean loss over all batches."""
+        with torch.no_grad(), forward_mode(self.model, self.bn):
+            return sum(
+                w * self._batch_loss(x, y).item()
+                for w, (x, y) in zip(self.weights, self.batches, strict=True)
+            )
+
+    def gradient(self) -> tuple[float, torch.Tensor]:
+        """The mean loss and its gradient as a flat vector (one pass over the data)."""
+        total, g = 0.0, torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        for (loss, gb), w in zip(self.batch_gradients(), self.weights, strict=True):
+            total += w * loss
+            g.add_(gb, alpha=w)
+        return total, g
+
+    def batch_gradients(self, limit: int | None = None) -> Iterator[tuple[float, torch.Tensor]]:
+        """Per-batch mean loss and gradient, for minibatch statistics."""
+        with forward_mode(self.model, self.bn):
+            for x, y in self.batches[:limit]:
+                loss = self._batch_loss(x, y)
+                parts = torch.autograd.grad(loss, self.space.tensors, allow_unused=True)
+                yield loss.item(), self.space.flatten(parts)
+
+    def loss_at(self, delta: torch.Tensor) -> float:
+        """The mean loss at ``w + delta`` (the weights are restored afterwards)."""
+        self.space.add_(delta)
+        try:
+            return self.loss()
+        finally:
+            self.space.add_(delta, alpha=-1.0)
+
+    # --- Hessian-vector products ----------------------------------------------------------
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        """``H`` applied to each row of ``block`` (shape ``[b, n]`` or ``[n]``)."""
+        single = block.ndim == 1
+        V = block.reshape(1, -1) if single else block
+        if V.shape[1] != self.n:
+            raise ValueError(f"expected vectors of length {self.n}, got {V.shape[1]}")
+        start = time.perf_counter()
+        V = V.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros_like(V)
+        with forward_mode(self.model, self.bn):
+            for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+                hv = self._hvp_func(x, y, V) if self.backend == "func" else self._hvp_double(i, V)
+                out.add_(hv, alpha=w)
+        self.hvp_count += V.shape[0]
+        self.passes += 1
+        self.hvp_seconds += time.perf_counter() - start
+        return out[0] if single else out
+
+    __matmul__ = matmul
+
+    def _first_order_graph(self, i: int) -> tuple[torch.Tensor | None, list[bool]]:
+        """The flat gradient of batch ``i`` with its graph, and which parameters it uses."""
+        if i in self._graphs:
+            return self._graphs[i]
+        x, y = self.batches[i]
+        loss = self._batch_loss(x, y)
+        parts = torch.autograd.grad(loss, self.space.tensors, create_graph=True, allow_unused=True)
+        used = [p is not None for p in parts]
+        # An unused parameter has no gradient: its Hessian rows and columns are zero.
+        g = torch.cat([p.reshape(-1) for p in parts if p is not None]) if any(used) else None
+        if self.keep_graph:
+            self._graphs[i] = (g, used)
+        return g, used
+
+    def _hvp_double(self, i: int, V: torch.Tensor) -> torch.Tensor:
+        g, used = self._first_order_graph(i)
+        if g is None or not g.requires_grad:
+            return torch.zeros_like(V)
+        keep = [t for t, u in zip(self.space.tensors, used, strict=True) if u]
+        used_cols = self._used_columns(used)
+        Vu = V[:, used_cols] if used_cols is not None else V
+        if self._batched_backward_ok and V.shape[0] > 1:
+            try:
+                parts = torch.autograd.grad(
+                    g, keep, Vu, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+                return self._scatter(parts, used, V.shape[0])
+            except RuntimeError:
+                self._batched_backward_ok = False  # an op without a batching rule: loop instead
+        rows = []
+        for j in range(V.shape[0]):
+            parts = torch.autograd.grad(g, keep, Vu[j], retain_graph=True, allow_unused=True)
+            rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
+        return torch.cat(rows)
+
+    def _used_columns(self, used: list[bool]) -> torch.Tensor | None:
+        if all(used):
+            return None
+        mask = torch.cat(
+            [
+                torch.full((m,), u, dtype=torch.bool)
+                for m, u in zip(self.space.numels, used, strict=True)
+            ]
+        )
+        return mask.nonzero().squeeze(1).to(self.device)
+
+    def _scatter(
+        self, parts: Sequence[torch.Tensor | None], used: list[bool], b: int
+    ) -> torch.Tensor:
+        it = iter(parts)
+        return self.space.flatten_batched([next(it) if u else None for u in used], b)
+
+    def _hvp_func(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        names = self.space.names
+        primals = tuple(t.detach() for t in self.space.tensors)
+
+        def loss_of(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            out = functional_call(self.model, dict(zip(names, p, strict=True)), (x,))
+            return self.loss_fn(out, y)
+
+        grad_fn = grad(loss_of)
+
+        def hvp_one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return jvp(grad_fn, (primals,), (tuple(self.space.unflatten(v)),))[1]
+
+        parts = vmap(hvp_one)(V)
+        return self.space.flatten_batched(parts, V.shape[0])
+
+    def release(self) -> None:
+        """Free the kept first-order graph (e.g. before the weights change)."""
+        self._graphs = {}
+
+
+def rademacher(
+    shape: tuple[int, ...], *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Random signs, drawn on the CPU so that a seed gives the same probes on every device."""
+    signs = torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1
+    return signs.to(device)
+
+
+def gaussian(
+    shape: tuple[int, ...], *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Standard normal draws, made on the CPU in float64 for device-independent seeds."""
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(
+        dtype=dtype, device=device
+    )

@@ -1,0 +1,111 @@
+"""Which parameters the Hessian is taken with respect to, and how they map to one flat vector."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hessian_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """An ordered set of parameters viewed as one flat vector of length ``n``.
+
+    Tied parameters appear once (``named_parameters`` de-duplicates them), so the Hessian is
+    taken with respect to the free variables of the model, not its attribute names.
+    """
+
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+
+    @property
+    def shapes(self) -> tuple[torch.Size, ...]:
+        return tuple(t.shape for t in self.tensors)
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(t.numel() for t in self.tensors)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for m in self.numels:
+            out.append(acc)
+            acc += m
+        return tuple(out)
+
+    @property
+    def n(self) -> int:
+        return sum(self.numels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def flatten(self, parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Concatenate per-parameter tensors (``None`` means zero, e.g. an unused parameter)."""
+        return torch.cat(
+            [
+                (torch.zeros_like(t) if p is None else p).reshape(-1)
+                for p, t in zip(parts, self.tensors, strict=True)
+            ]
+        )
+
+    def flatten_batched(self, parts: Sequence[torch.Tensor | None], b: int) -> torch.Tensor:
+        """Like :meth:`flatten` for tensors with a leading block dimension ``b``."""
+        return torch.cat(
+            [
+                (t.new_zeros((b, t.numel())) if p is None else p.reshape(b, -1))
+                for p, t in zip(parts, self.tensors, strict=True)
+            ],
+            dim=1,
+        )
+
+    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Split a flat vector ``[n]`` (or a block ``[b, n]``) into per-parameter views."""
+        lead = vec.shape[:-1]
+        chunks = torch.split(vec, list(self.numels), dim=-1)
+        return [c.reshape(*lead, *s) for c, s in zip(chunks, self.shapes, strict=True)]
+
+    def values(self) -> torch.Tensor:
+        """The current parameter values as one flat vector (a copy)."""
+        return self.flatten([t.detach() for t in self.tensors])
+
+    @torch.no_grad()
+    def add_(self, delta: torch.Tensor, alpha: float = 1.0) -> None:
+        """In-place ``w += alpha * delta`` on the model's parameters."""
+        for t, d in zip(self.tensors, self.unflatten(delta), strict=True):
+            t.add_(d, alpha=alpha)
+
+    @torch.no_grad()
+    def copy_(self, vec: torch.Tensor) -> None:
+        """In-place ``w = vec`` on the model's parameters."""
+        for t, d in zip(self.tensors, self.unflatten(vec), strict=True):
+            t.copy_(d)
+
+
+def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -> ParamSpace:
+    """All trainable parameters of ``model`` whose names match any glob in ``patterns``.
+
+    Frozen parameters (``requires_grad=False``) are never included: their curvature is not a
+    direction the model can move in.
+    """
+    chosen = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and (not patterns or any(fnmatch.fnmatchcase(name, g) for g in patterns))
+    ]
+    if not chosen:
+        what = f"matching {', '.join(patterns)}" if patterns else "that require gradients"
+        raise UserError(f"The model has no trainable parameters {what}.")
+    names, tensors = zip(*chosen, strict=True)
+    return ParamSpace(names=tuple(names), tensors=tuple(tensors))

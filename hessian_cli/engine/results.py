@@ -1,0 +1,69 @@
+"""Result types of the solvers: numbers together with how they were obtained and how converged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs of a symmetric operator, ordered as asked (``which``).
+
+    ``residuals[i] = ||H v_i - lambda_i v_i|| / scale`` where ``scale`` estimates ``|lambda_max|``
+    (the largest Ritz value in magnitude); pair ``i`` is converged when it is ``<= tol``.
+    """
+
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    eigenvectors: torch.Tensor | None
+    which: str
+    tol: float
+    scale: float
+    hvps: int
+    iterations: int
+    seconds: float
+    block_size: int
+    method: str = "block-krylov-thick-restart"
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+
+@dataclass
+class TraceResult:
+    """A stochastic trace estimate with its standard error."""
+
+    estimate: float
+    stderr: float
+    num_probes: int
+    method: str
+    hvps: int
+    seconds: float
+    samples: torch.Tensor = field(repr=False)
+
+
+@dataclass
+class DensityResult:
+    """Stochastic Lanczos quadrature: per-probe nodes and weights, and a smoothed density.
+
+    ``nodes[p]``/``weights[p]`` are the Gauss quadrature rule of probe ``p`` (weights of padded
+    entries are zero); ``values`` is the Gaussian-smoothed density on ``grid``, integrating to 1.
+    """
+
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    grid: torch.Tensor
+    values: torch.Tensor
+    sigma: float
+    num_probes: int
+    steps: int
+    hvps: int
+    seconds: float
+
+    def moment(self, order: int) -> float:
+        """Estimate of ``trace(H^order) / n`` from the quadrature rules."""
+        return float((self.weights * self.nodes**order).sum(dim=1).mean())

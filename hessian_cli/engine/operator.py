@@ -179,14 +179,23 @@ class HessianOperator:
         out = torch.zeros_like(V)
         with forward_mode(self.model, self.bn):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
-                hv = self._hvp_func(x, y, V) if self.backend == "func" else self._hvp_double(i, V)
-                out.add_(hv, alpha=w)
+                out.add_(self._hvp(i, x, y, V), alpha=w)
         self.hvp_count += V.shape[0]
         self.passes += 1
         self.hvp_seconds += time.perf_counter() - start
         return out[0] if single else out
 
     __matmul__ = matmul
+
+    def _hvp(self, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        if self.backend == "func":
+            try:
+                return self._hvp_func(x, y, V)
+            except RuntimeError:
+                # Some ops lack forward-mode rules under vmap (e.g. mse_loss's backward raises
+                # "ZeroTensors are immutable" in torch 2.13): double backward computes the same.
+                self.backend = "double-backward"
+        return self._hvp_double(i, V)
 
     def _first_order_graph(self, i: int) -> tuple[torch.Tensor | None, list[bool]]:
         """The flat gradient of batch ``i`` with its graph, and which parameters it uses."""

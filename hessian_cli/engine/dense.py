@@ -1,0 +1,43 @@
+"""The dense oracle: the exact Hessian of a tiny model and its eigendecomposition.
+
+Built with ``torch.autograd.functional.hessian`` over the flat parameter vector, independently of
+the operator's HVP code, so that tests compare two different derivations of the same matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from hessian_cli.engine.operator import Batch, BNMode, LossFn, forward_mode
+from hessian_cli.engine.params import ParamSpace
+
+
+def dense_hessian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    space: ParamSpace,
+    *,
+    bn: BNMode = "eval",
+) -> torch.Tensor:
+    """The ``[n, n]`` Hessian of the sample-weighted mean loss (only for small ``n``)."""
+    total = sum(len(y) for _, y in batches)
+
+    def mean_loss(flat: torch.Tensor) -> torch.Tensor:
+        params = dict(zip(space.names, space.unflatten(flat), strict=True))
+        return sum(
+            loss_fn(functional_call(model, params, (x,)), y) * (len(y) / total) for x, y in batches
+        )
+
+    with forward_mode(model, bn):
+        return torch.autograd.functional.hessian(mean_loss, space.values())
+
+
+def dense_eigh(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (rows) of a symmetric matrix."""
+    values, vectors = torch.linalg.eigh((H + H.T) / 2)
+    return values.flip(0), vectors.flip(1).T

@@ -1,0 +1,88 @@
+"""The curvature operator against the dense Hessian, for every backend and tiny model."""
+
+import pytest
+import torch
+from tiny_models import cases
+
+from hessian_cli.engine.dense import dense_hessian
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.params import select_parameters
+
+CASES = {c.name: c for c in cases()}
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_hvp_equals_dense_hessian(name, backend):
+    case = CASES[name]
+    op = HessianOperator(case.model, case.loss, case.batches, backend=backend)
+    H = dense_hessian(case.model, case.loss, case.batches, op.space)
+    V = torch.randn(6, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    HV = op.matmul(V)
+    torch.testing.assert_close(HV, V @ H, rtol=1e-10, atol=1e-10)
+    columns = torch.stack([op.matmul(v) for v in V])
+    torch.testing.assert_close(HV, columns, rtol=1e-12, atol=1e-12)
+    assert op.hvp_count == 12
+
+
+def test_frozen_unused_and_tied_parameters():
+    frozen = CASES["frozen-unused"]
+    space = select_parameters(frozen.model)
+    assert "frozen.weight" not in space.names and "unused" in space.names
+    op = HessianOperator(frozen.model, frozen.loss, frozen.batches)
+    cols = slice(space.offsets[space.names.index("unused")], None)
+    HV = op.matmul(torch.eye(op.n, dtype=torch.float64)[cols][:5])
+    assert torch.count_nonzero(HV) == 0  # an unused parameter has zero curvature
+    tied = CASES["tied"]
+    assert select_parameters(tied.model).names.count("enc.weight") == 1
+    assert "dec.weight" not in select_parameters(tied.model).names
+
+
+def test_param_glob_selects_sub_hessian():
+    case = CASES["mlp-ce"]
+    full = HessianOperator(case.model, case.loss, case.batches)
+    H = dense_hessian(case.model, case.loss, case.batches, full.space)
+    sub = HessianOperator(case.model, case.loss, case.batches, params=["2.*"])
+    assert sub.space.names == ("2.weight", "2.bias")
+    start = full.space.offsets[2]
+    block = H[start:, start:]
+    V = torch.randn(3, sub.n, dtype=torch.float64)
+    torch.testing.assert_close(sub.matmul(V), V @ block)
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_batchnorm_batch_statistics_mode_leaves_model_untouched(backend):
+    case = CASES["cnn-bn"]
+    bn = case.model[1]
+    before = bn.running_mean.clone(), bn.num_batches_tracked.clone()
+    op = HessianOperator(case.model, case.loss, case.batches, bn="train", backend=backend)
+    H = dense_hessian(case.model, case.loss, case.batches, op.space, bn="train")
+    H_eval = dense_hessian(case.model, case.loss, case.batches, op.space, bn="eval")
+    assert not torch.allclose(H, H_eval)  # the two modes are different matrices
+    V = torch.randn(2, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(
+        bn.num_batches_tracked, before[1]
+    )
+
+
+def test_gradient_and_loss_are_sample_weighted():
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    x = torch.cat([b[0] for b in case.batches])
+    y = torch.cat([b[1] for b in case.batches])
+    loss = case.loss(case.model(x), y)
+    g = torch.autograd.grad(loss, list(case.model.parameters()))
+    value, flat = op.gradient()
+    assert value == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(flat, torch.cat([t.reshape(-1) for t in g]))
+
+
+def test_nan_loss_is_a_user_error():
+    from hessian_cli.errors import UserError
+
+    case = CASES["mlp-ce"]
+    x, y = case.batches[0]
+    op = HessianOperator(case.model, case.loss, [(x * float("nan"), y)])
+    with pytest.raises(UserError, match="not finite"):
+        op.matmul(torch.ones(op.n, dtype=torch.float64))

@@ -1,0 +1,162 @@
+"""Eigenpairs, trace and density against the dense oracle (exact Hessian and eigh)."""
+
+import math
+
+import pytest
+import torch
+from tiny_models import cases
+
+from hessian_cli.engine.dense import dense_eigh, dense_hessian
+from hessian_cli.engine.density import spectral_density
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.operator import HessianOperator, MatrixOperator
+from hessian_cli.engine.trace import hutchinson_trace
+from hessian_cli.errors import UserError
+
+CASES = {c.name: c for c in cases()}
+TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def _oracle(case):
+    op = HessianOperator(case.model, case.loss, case.batches)
+    H = dense_hessian(case.model, case.loss, case.batches, op.space)
+    return H, *dense_eigh(H)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(CASES))
+def test_top5_match_dense_eigh(name, dtype):
+    case = CASES[name]
+    H, values, vectors = _oracle(case)
+    low = case.to(dtype)
+    op = HessianOperator(low.model, low.loss, low.batches)
+    res = eigenpairs(op, 5, tol=TOL[dtype] / 10)
+    assert res.all_converged
+    scale = values.abs().max()
+    assert torch.all((res.eigenvalues - values[:5]).abs() <= TOL[dtype] * scale)
+    # Eigenvectors where the gap to the neighbours allows them to be determined.
+    above = torch.cat([torch.full((1,), math.inf, dtype=values.dtype), values[:4] - values[1:5]])
+    gaps = torch.minimum(values[:5] - values[1:6], above)
+    for i in range(5):
+        if gaps[i] > 1e-2 * scale:
+            cos = torch.dot(res.eigenvectors[i].double(), vectors[i]).abs()
+            assert cos >= 0.999, (i, float(cos))
+    assert torch.all(res.residuals <= TOL[dtype] / 10)
+
+
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn", "tied"])
+def test_most_negative_eigenvalues_on_request(name):
+    case = CASES[name]
+    H, values, _ = _oracle(case)
+    res = eigenpairs(MatrixOperator(H), 3, which="smallest", tol=1e-8)
+    torch.testing.assert_close(
+        res.eigenvalues, values.flip(0)[:3], rtol=0, atol=1e-7 * values.abs().max()
+    )
+    op = HessianOperator(case.model, case.loss, case.batches)
+    both = eigenpairs(op, 2, which="both", tol=1e-8)
+    expected = torch.cat([values[:2], values.flip(0)[:2]])
+    torch.testing.assert_close(both.eigenvalues, expected, rtol=0, atol=1e-6 * values.abs().max())
+
+
+def test_warm_start_from_exact_vectors_converges_at_once():
+    case = CASES["mlp-ce"]
+    H, values, vectors = _oracle(case)
+    op = HessianOperator(case.model, case.loss, case.batches)
+    cold = eigenpairs(op, 3, tol=1e-8)
+    warm = eigenpairs(op, 3, tol=1e-8, init=vectors[:3])
+    assert warm.all_converged and warm.hvps < cold.hvps
+    assert warm.iterations == 1
+
+
+def test_unconverged_pairs_are_reported_as_such():
+    case = CASES["cnn-bn"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    res = eigenpairs(op, 5, tol=1e-12, max_hvps=6, block_size=2)
+    assert not res.all_converged
+    assert res.hvps <= 6 + 5  # the budget, plus the verification products
+    assert torch.all(res.converged == (res.residuals <= 1e-12))
+
+
+def test_k_larger_than_parameter_count_is_refused():
+    case = CASES["mlp-mse"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    with pytest.raises(UserError, match="--top-k between 1 and"):
+        eigenpairs(op, op.n + 1)
+
+
+def test_full_spectrum_when_k_equals_n():
+    H = torch.randn(12, 12, dtype=torch.float64)
+    H = H + H.T
+    res = eigenpairs(MatrixOperator(H), 12, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0))
+    assert res.all_converged
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn", "frozen-unused"])
+def test_trace_within_three_standard_errors(name, method):
+    case = CASES[name]
+    H, *_ = _oracle(case)
+    exact = float(torch.trace(H))
+    op = HessianOperator(case.model, case.loss, case.batches)
+    est = hutchinson_trace(op, 60, method=method, seed=3)
+    assert est.hvps == 60 and est.stderr > 0
+    assert abs(est.estimate - exact) <= 3 * est.stderr + 1e-9 * abs(exact)
+
+
+def test_hutchpp_has_smaller_error_when_few_eigenvalues_dominate():
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    spectrum = torch.cat(
+        [torch.tensor([100.0, 60, 40, 30, 20]), torch.rand(195, generator=g, dtype=torch.float64)]
+    )
+    H = (U * spectrum) @ U.T
+    plain = hutchinson_trace(MatrixOperator(H), 60, method="hutchinson")
+    plus = hutchinson_trace(MatrixOperator(H), 60, method="hutch++")
+    assert plus.stderr < plain.stderr / 5
+    assert abs(plus.estimate - float(spectrum.sum())) <= 3 * plus.stderr
+
+
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn"])
+def test_density_moments_match_trace(name):
+    case = CASES[name]
+    H, values, _ = _oracle(case)
+    op = HessianOperator(case.model, case.loss, case.batches)
+    n = op.n
+    dens = spectral_density(op, num_probes=40, steps=30, seed=1)
+    assert dens.hvps == 40 * 30
+    torch.testing.assert_close(dens.weights.sum(1), torch.ones(40, dtype=torch.float64))
+    m1, m2 = float(values.sum()) / n, float((values**2).sum()) / n
+    # Each probe's rule reproduces v^T H v and v^T H^2 v exactly; the average is within sampling error.
+    assert dens.moment(1) == pytest.approx(m1, rel=0.15)
+    assert dens.moment(2) == pytest.approx(m2, rel=0.25)
+    area = torch.trapezoid(dens.values, dens.grid)
+    assert float(area) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_density_rules_are_exact_per_probe():
+    """With the same probes, each rule's moments equal the quadratic forms of the dense matrix."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(50, 50, generator=g, dtype=torch.float64)
+    H = A + A.T
+    dens = spectral_density(MatrixOperator(H), num_probes=4, steps=10, seed=7)
+    from hessian_cli.engine.operator import rademacher
+
+    V = rademacher(
+        (4, 50),
+        generator=torch.Generator().manual_seed(7),
+        dtype=torch.float64,
+        device=torch.device("cpu"),
+    )
+    V = V / V.norm(dim=1, keepdim=True)
+    for power in (1, 2, 3):
+        expected = (V * (V @ torch.linalg.matrix_power(H, power))).sum(1)
+        got = (dens.weights * dens.nodes**power).sum(1)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_density_stops_cleanly_on_invariant_subspace():
+    H = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0], dtype=torch.float64))
+    dens = spectral_density(MatrixOperator(H), num_probes=2, steps=4, seed=0)
+    assert torch.isfinite(dens.values).all()
+    assert dens.moment(1) == pytest.approx(2.0, rel=1e-12)

@@ -11,11 +11,16 @@ from hessian_cli.engine.params import select_parameters
 CASES = {c.name: c for c in cases()}
 
 
-@pytest.mark.parametrize("backend", ["double-backward", "func"])
+@pytest.mark.parametrize(
+    "backend,batched",
+    [("double-backward", True), ("double-backward", False), ("func", None)],
+)
 @pytest.mark.parametrize("name", list(CASES))
-def test_block_hvp_equals_dense_hessian(name, backend):
+def test_block_hvp_equals_dense_hessian(name, backend, batched):
     case = CASES[name]
-    op = HessianOperator(case.model, case.loss, case.batches, backend=backend)
+    op = HessianOperator(
+        case.model, case.loss, case.batches, backend=backend, batched_backward=batched
+    )
     H = dense_hessian(case.model, case.loss, case.batches, op.space)
     V = torch.randn(6, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     HV = op.matmul(V)

@@ -94,6 +94,7 @@ class HessianOperator:
         bn: BNMode = "eval",
         backend: Backend = "auto",
         keep_graph: bool | None = None,
+        batched_backward: bool | None = None,
     ) -> None:
         if not batches:
             raise UserError("No data to compute the Hessian on: the data spec gave no batches.")
@@ -110,7 +111,11 @@ class HessianOperator:
         self.backend = self._resolve_backend(backend)
         self.keep_graph = len(self.batches) == 1 if keep_graph is None else keep_graph
         self._graphs: dict[int, tuple[torch.Tensor | None, list[bool]]] = {}
-        self._batched_backward_ok = True
+        # On CPU a loop of single products beats the vmapped backward per vector (measured on
+        # ResNet-20: 1.5 vs 2.4-4.9 gradient-equivalents, benchmarks/RESULTS.md).
+        self._batched_backward_ok = (
+            self.device.type != "cpu" if batched_backward is None else batched_backward
+        )
         self.hvp_count = 0
         self.passes = 0
         self.hvp_seconds = 0.0

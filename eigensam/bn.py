@@ -1,0 +1,38 @@
+"""BatchNorm running statistics for the two passes of a SAM step.
+
+SAM evaluates the gradient twice per step, at ``w`` and at ``w + e``. Only the first pass sees
+the model's actual weights, so only it may update the running statistics; otherwise they would
+move twice per step and average in activations of perturbed weights that are never kept.
+
+davda54/sam does this by setting ``momentum = 0``; that leaves the running mean and variance
+alone but still increments ``num_batches_tracked`` (and ``0 * NaN`` would still poison them).
+Here the second pass runs with ``track_running_stats = False`` instead, exactly as the engine's
+``forward_mode(bn="train")`` does: the layer normalises by the batch statistics, as in the first
+pass, and touches none of its buffers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_SAVED = "_eigensam_track_running_stats"
+
+
+def disable_running_stats(model: nn.Module) -> None:
+    """Stop BatchNorm layers from updating their buffers (call before the second pass).
+
+    Idempotent: calling it twice keeps the setting saved by the first call.
+    """
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and not hasattr(m, _SAVED):
+            setattr(m, _SAVED, m.track_running_stats)
+            m.track_running_stats = False
+
+
+def enable_running_stats(model: nn.Module) -> None:
+    """Restore what :func:`disable_running_stats` changed (call before the next first pass)."""
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and hasattr(m, _SAVED):
+            m.track_running_stats = getattr(m, _SAVED)
+            delattr(m, _SAVED)

@@ -1,0 +1,146 @@
+"""Eigen-SAM (Luo et al., NeurIPS 2024): SAM whose perturbation leans towards the top Hessian
+eigenvector, which explicitly penalises the top eigenvalue.
+
+Perturbation, exactly as DESIGN.md ("Eigen-SAM") states it: ``e = rho * d`` with
+
+    d = g_hat + alpha * sign(<g, v>) * (v - <g_hat, v> g_hat),    g_hat = g / ||g||,
+
+``v`` the unit top eigenvector of the minibatch Hessian. ``d`` is *not* renormalised (its norm is
+``sqrt(1 + alpha^2 (1 - <g_hat, v>^2))``). Before an eigenvector is known, ``d = g_hat``. The
+direction comes from the engine's :func:`eigensam_direction`, and ``alpha = 0`` takes the same
+floating-point path as SAM (``g_hat + 0 * (...)`` is ``g_hat`` exactly), so it reproduces SAM bit
+for bit. With ``adaptive=True`` the formula is applied in ASAM's rescaled coordinates
+(``g -> |w| g``, ``e = rho |w| d``) with ``v`` the eigenvector of the unscaled Hessian.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from eigensam.refresh import (
+    DEFAULT_MAX_HVPS,
+    DEFAULT_TOL,
+    RefreshResult,
+    refresh_top_eigenvector,
+)
+from eigensam.sam import SAM, BaseOptimizer
+from hessian_cli.engine.alignment import eigensam_direction
+from hessian_cli.engine.operator import Batch, LossFn
+
+
+class EigenSAM(SAM):
+    """SAM with the Eigen-SAM perturbation ``e = rho * d`` (module docstring).
+
+    ``v`` lives in the optimizer state, one slice per parameter under ``"eigenvector"``, so it is
+    saved, loaded and moved to the parameters' device with ``state_dict()``. The eigenvalue of
+    the last refresh and the count of refreshes that found no positive curvature
+    (``negative_refreshes``) are saved too: such a vector is kept but must not go unnoticed.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: BaseOptimizer,
+        rho: float = 0.05,
+        alpha: float = 0.2,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if alpha < 0.0:
+            raise ValueError(f"alpha must be non-negative, got {alpha}")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
+        self.alpha = alpha
+        self.last_eigenvalue: float | None = None
+        self.refreshes = 0
+        self.negative_refreshes = 0
+
+    @property
+    def eigenvector(self) -> torch.Tensor | None:
+        """The current ``v``, flat over all parameters in param-group order (None before any)."""
+        pairs = self._params()
+        if not any("eigenvector" in self.state.get(p, {}) for p, _ in pairs):
+            return None
+        return torch.cat(
+            [
+                self.state.get(p, {}).get("eigenvector", torch.zeros_like(p)).reshape(-1)
+                for p, _ in pairs
+            ]
+        )
+
+    def set_eigenvector(self, v: torch.Tensor, eigenvalue: float) -> None:
+        """Adopt ``v`` (normalised here) as the top eigenvector, with its eigenvalue."""
+        pairs = self._params()
+        numels = [p.numel() for p, _ in pairs]
+        v = v.detach().reshape(-1)
+        if v.numel() != sum(numels):
+            raise ValueError(
+                f"eigenvector has {v.numel()} entries, the optimizer has {sum(numels)} parameters"
+            )
+        norm = v.norm()
+        if not bool(torch.isfinite(norm)) or norm == 0:
+            raise ValueError("eigenvector must be finite and non-zero")
+        for (p, _), part in zip(pairs, (v / norm).split(numels), strict=True):
+            self.state[p]["eigenvector"] = part.reshape(p.shape).to(p, copy=True)
+        self.last_eigenvalue = float(eigenvalue)
+        self.refreshes += 1
+        if eigenvalue <= 0:
+            self.negative_refreshes += 1
+
+    def refresh_eigenvector(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Batch,
+        *,
+        max_hvps: int = DEFAULT_MAX_HVPS,
+        tol: float = DEFAULT_TOL,
+        seed: int | None = None,
+    ) -> RefreshResult:
+        """Refresh ``v`` on ``batch`` by the engine, warm-started from the current ``v``.
+
+        Call it at ``w`` (not between :meth:`first_step` and :meth:`second_step`); it leaves the
+        parameters' ``.grad`` alone, so it may sit between the first backward and
+        :meth:`first_step`. The result is adopted even when not converged: it is the best Ritz
+        vector of a space that contains the previous ``v``. ``seed`` defaults to the refresh count
+        (used only when there is no vector to warm-start from), so resumed runs repeat it.
+        """
+        if self._is_perturbed():
+            raise RuntimeError("refresh the eigenvector at w, not at the perturbed weights")
+        result = refresh_top_eigenvector(
+            model,
+            loss_fn,
+            batch,
+            [p for p, _ in self._params()],
+            self.eigenvector,
+            max_hvps=max_hvps,
+            tol=tol,
+            seed=self.refreshes if seed is None else seed,
+        )
+        self.set_eigenvector(result.vector, result.eigenvalue)
+        return result
+
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        v = self.eigenvector
+        return super()._direction(g) if v is None else eigensam_direction(g, v, self.alpha)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["eigensam"] = {
+            "last_eigenvalue": self.last_eigenvalue,
+            "refreshes": self.refreshes,
+            "negative_refreshes": self.negative_refreshes,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "eigensam" not in state_dict:
+            raise ValueError("not an EigenSAM state dict: it has no eigenvector bookkeeping")
+        super().load_state_dict(state_dict)
+        info = state_dict["eigensam"]
+        self.last_eigenvalue = info["last_eigenvalue"]
+        self.refreshes = info["refreshes"]
+        self.negative_refreshes = info["negative_refreshes"]

@@ -1,0 +1,126 @@
+"""SAM (and ASAM): a drop-in ``torch.optim.Optimizer`` in the style of davda54/sam.
+
+One step: gradient ``g`` at ``w``; move to ``w + e`` with ``e = rho * g / ||g||`` (the norm is
+global over all parameter groups; with ``adaptive=True``, ASAM's ``e = rho * |w|^2 g / |||w| g||``);
+gradient at ``w + e``; restore ``w`` exactly; base optimizer step with that second gradient.
+
+Differences from davda54/sam, on purpose: the base optimizer's state (momentum buffers, Adam
+moments) is part of ``state_dict()``; a zero gradient gives no perturbation instead of relying on
+an epsilon; ``step(closure)`` evaluates the closure twice itself (no backward before it).
+BatchNorm layers should not update their running statistics on the second pass: see
+:mod:`eigensam.bn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+BaseOptimizer = Callable[..., Optimizer]
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization around ``base_optimizer`` (a class such as ``torch.optim.SGD``,
+    built here on the same ``param_groups`` with ``**kwargs``).
+
+    The parameter groups are shared with the base optimizer, so learning-rate schedulers acting
+    on this optimizer reach it. ``rho`` and ``adaptive`` are per-group hyper-parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: BaseOptimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if rho < 0.0:
+            raise ValueError(f"rho must be non-negative, got {rho}")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def _params(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """Every parameter with its group, in param-group order (the flat-vector layout)."""
+        return [(p, group) for group in self.param_groups for p in group["params"]]
+
+    def _is_perturbed(self) -> bool:
+        return any("old_p" in self.state.get(p, {}) for p, _ in self._params())
+
+    def _flat_grad(self) -> torch.Tensor:
+        """The gradient as one vector (zero where ``grad`` is None), scaled by ``|w|`` for ASAM."""
+        parts = []
+        for p, group in self._params():
+            g = torch.zeros_like(p) if p.grad is None else p.grad
+            parts.append((p.abs() * g if group["adaptive"] else g).reshape(-1))
+        return torch.cat(parts)
+
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        """The unit-``rho`` perturbation direction for a non-zero (scaled) gradient ``g``."""
+        return g / g.norm()
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to ``w + e`` (parameters without a gradient stay put: they do not affect the
+        loss of this step); the old weights are kept in the state until :meth:`second_step`."""
+        if self._is_perturbed():
+            raise RuntimeError("first_step called twice without second_step in between")
+        g = self._flat_grad()
+        # A zero gradient has no direction: no perturbation, and no 0/0.
+        d = torch.where(g.norm() > 0, self._direction(g), 0.0)
+        pairs = self._params()
+        for (p, group), d_p in zip(pairs, d.split([p.numel() for p, _ in pairs]), strict=True):
+            if p.grad is None:
+                continue
+            e = group["rho"] * d_p.view_as(p)
+            if group["adaptive"]:
+                e = e * p.abs()
+            self.state[p]["old_p"] = p.detach().clone()
+            p.add_(e)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` bit for bit and take the base optimizer's step with the current grads."""
+        for p, _ in self._params():
+            old = self.state.get(p, {}).pop("old_p", None)
+            if old is not None:
+                p.copy_(old)
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """A whole SAM step; ``closure`` zeroes the grads, computes the loss, calls backward and
+        returns the loss, and is called at ``w`` then at ``w + e``. Returns the loss at ``w``."""
+        if closure is None:
+            raise ValueError("SAM needs a closure: it evaluates the gradient twice per step")
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """Own state and param groups, plus the base optimizer's state under ``base_state``."""
+        state = super().state_dict()
+        state["base_state"] = self.base_optimizer.state_dict()["state"]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "base_state" not in state_dict:
+            raise ValueError("not a SAM state dict: it has no base optimizer state")
+        super().load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(
+            {"state": state_dict["base_state"], "param_groups": state_dict["param_groups"]}
+        )
+        # Loading replaces the group dicts: share them again so schedulers reach the base.
+        self.base_optimizer.param_groups = self.param_groups

@@ -1,0 +1,378 @@
+"""SAM and Eigen-SAM optimizers: formulas, alpha=0 == SAM bit for bit, refresh, state, BatchNorm."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eigensam import (
+    SAM,
+    EigenSAM,
+    disable_running_stats,
+    enable_running_stats,
+    refresh_top_eigenvector,
+)
+
+DT = torch.float64
+# first_step/second_step bypass the step() that schedulers wrap to detect the call order.
+SCHED_ORDER = pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+
+
+class Quadratic(nn.Module):
+    """L(w) = 0.5 w^T A w - b^T w as a model whose output is the loss (the input is ignored)."""
+
+    def __init__(self, A: torch.Tensor, b: torch.Tensor, w0: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("A", A)
+        self.register_buffer("b", b)
+        self.w = nn.Parameter(w0.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.w @ self.A @ self.w - self.b @ self.w
+
+
+def identity_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+DUMMY = (torch.zeros(1, dtype=DT), torch.zeros(1, dtype=DT))
+
+
+def symmetric(eigenvalues: list[float], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random symmetric matrix with the given spectrum, and its eigenvectors (columns)."""
+    n = len(eigenvalues)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=DT)) @ Q.T, Q
+
+
+def quadratic(n: int = 12, seed: int = 0) -> Quadratic:
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(n, n, generator=g, dtype=DT)
+    A = M @ M.T / n + torch.eye(n, dtype=DT)
+    return Quadratic(
+        A, torch.randn(n, generator=g, dtype=DT), torch.randn(n, generator=g, dtype=DT)
+    )
+
+
+def backward(model: Quadratic) -> None:
+    model.zero_grad()
+    model(DUMMY[0]).backward()
+
+
+def mlp(dtype: torch.dtype = DT, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def data(dtype: torch.dtype = DT, steps: int = 6, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(32, 6, generator=g).to(dtype), torch.randint(0, 3, (32,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def sam_step(opt: SAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The first_step / second_step loop with BatchNorm handled, as a user writes it."""
+    enable_running_stats(model)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.first_step(zero_grad=True)
+    disable_running_stats(model)
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    enable_running_stats(model)
+    return loss.item()
+
+
+# --- 1. alpha = 0 is SAM, bit for bit --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_alpha_zero_equals_sam_bit_for_bit(dtype: torch.dtype, adaptive: bool) -> None:
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, rho=0.05, adaptive=adaptive)
+    m_sam, m_eig = mlp(dtype), mlp(dtype)
+    sam = SAM(m_sam.parameters(), torch.optim.SGD, **kw)
+    eig = EigenSAM(m_eig.parameters(), torch.optim.SGD, alpha=0.0, **kw)
+    for i, (x, y) in enumerate(data(dtype)):
+        if i == 2:  # from here on the eigenvector path of EigenSAM is taken
+            result = eig.refresh_eigenvector(m_eig, F.cross_entropy, (x, y))
+            assert result.hvps <= 10 and eig.eigenvector is not None
+        assert sam_step(sam, m_sam, x, y) == sam_step(eig, m_eig, x, y)
+        for a, b in zip(m_sam.parameters(), m_eig.parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert eig.refreshes == 1
+
+
+def test_alpha_positive_differs_from_sam() -> None:
+    """Sanity check of the test above: with alpha > 0 the eigenvector does change the step."""
+    m_sam, m_eig = mlp(), mlp()
+    sam = SAM(m_sam.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    eig = EigenSAM(m_eig.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, alpha=0.5)
+    (x, y), *_ = data()
+    eig.refresh_eigenvector(m_eig, F.cross_entropy, (x, y))
+    sam_step(sam, m_sam, x, y)
+    sam_step(eig, m_eig, x, y)
+    assert not torch.equal(m_sam[0].weight, m_eig[0].weight)
+
+
+# --- 2. the perturbation is the formula ------------------------------------------------------
+
+
+def perturbation(opt: SAM, model: Quadratic) -> torch.Tensor:
+    backward(model)
+    w_old = model.w.detach().clone()
+    opt.first_step()
+    return model.w.detach() - w_old
+
+
+def test_sam_perturbation_is_rho_g_over_norm() -> None:
+    model, rho = quadratic(), 0.05
+    g = model.A @ model.w.detach() - model.b
+    e = perturbation(SAM([model.w], torch.optim.SGD, lr=0.1, rho=rho), model)
+    torch.testing.assert_close(e, rho * g / g.norm(), rtol=1e-14, atol=1e-15)
+
+
+def test_asam_perturbation() -> None:
+    model, rho = quadratic(), 0.5
+    w = model.w.detach().clone()
+    g = model.A @ w - model.b
+    e = perturbation(SAM([model.w], torch.optim.SGD, lr=0.1, rho=rho, adaptive=True), model)
+    torch.testing.assert_close(e, rho * w**2 * g / (w.abs() * g).norm(), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("flip", [1.0, -1.0])
+def test_eigensam_perturbation_is_the_formula(flip: float) -> None:
+    model, rho, alpha = quadratic(), 0.05, 0.3
+    lam, V = torch.linalg.eigh(model.A)
+    v = flip * V[:, -1]  # d must not depend on the sign of v
+    g = model.A @ model.w.detach() - model.b
+    g_hat = g / g.norm()
+    d = g_hat + alpha * torch.sign(g @ v) * (v - (g_hat @ v) * g_hat)
+    assert d.norm() > 1.0  # d is not renormalised
+    opt = EigenSAM([model.w], torch.optim.SGD, lr=0.1, rho=rho, alpha=alpha)
+    opt.set_eigenvector(v, float(lam[-1]))
+    torch.testing.assert_close(perturbation(opt, model), rho * d, rtol=1e-13, atol=1e-15)
+
+
+def test_eigensam_before_any_eigenvector_is_sam() -> None:
+    m1, m2 = quadratic(), quadratic()
+    e_sam = perturbation(SAM([m1.w], torch.optim.SGD, lr=0.1), m1)
+    e_eig = perturbation(EigenSAM([m2.w], torch.optim.SGD, lr=0.1, alpha=0.3), m2)
+    assert torch.equal(e_sam, e_eig)
+
+
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_zero_gradient_gives_no_perturbation_and_no_nan(cls: type[SAM]) -> None:
+    model = quadratic()
+    opt = cls([model.w], torch.optim.SGD, lr=0.1)
+    if isinstance(opt, EigenSAM):
+        opt.set_eigenvector(torch.ones(12, dtype=DT), 1.0)
+    model.w.grad = torch.zeros_like(model.w)
+    w = model.w.detach().clone()
+    opt.first_step()
+    assert torch.equal(model.w, w)
+    opt.second_step()
+    assert torch.equal(model.w, w)
+
+
+def test_parameter_without_grad_is_left_alone() -> None:
+    model = mlp()
+    unused = nn.Parameter(torch.ones(4, dtype=DT))
+    opt = EigenSAM(
+        [{"params": list(model.parameters())}, {"params": [unused], "rho": 0.1}],
+        torch.optim.SGD,
+        lr=0.1,
+        momentum=0.9,
+        alpha=0.2,
+    )
+    n = sum(p.numel() for p in model.parameters()) + 4
+    opt.set_eigenvector(torch.ones(n, dtype=DT), 1.0)
+    (x, y), *_ = data()
+    sam_step(opt, model, x, y)
+    assert torch.equal(unused, torch.ones(4, dtype=DT))
+
+
+# --- 3. the refresh --------------------------------------------------------------------------
+
+
+def test_refresh_finds_top_eigenpair_warm_started() -> None:
+    spectrum = [5.0, 4.0, 3.5] + torch.linspace(-1.0, 3.0, 37).tolist()
+    A, Q = symmetric(spectrum)
+    model = Quadratic(A, torch.zeros(40, dtype=DT), torch.ones(40, dtype=DT))
+    g = torch.Generator().manual_seed(3)
+    v_prev = Q[:, 0] + 0.3 * torch.randn(40, generator=g, dtype=DT) / 40**0.5
+    res = refresh_top_eigenvector(
+        model, identity_loss, DUMMY, [model.w], v_prev, max_hvps=20, tol=1e-8, seed=0
+    )
+    assert res.converged and res.hvps <= 20
+    assert abs(res.eigenvalue - 5.0) < 1e-6
+    assert abs(float(res.vector @ Q[:, 0])) > 0.999
+    assert abs(float(res.vector.norm()) - 1.0) < 1e-12
+    assert model.w.grad is None  # the refresh does not touch .grad
+
+
+def test_refresh_ignores_a_larger_negative_eigenvalue() -> None:
+    """Power iteration finds the eigenvalue of largest magnitude (-20 here); the refresh asks
+    for the largest algebraic one, so it returns the positive top pair."""
+    spectrum = [-20.0, 5.0, 2.0] + torch.linspace(-1.0, 1.0, 37).tolist()
+    A, Q = symmetric(spectrum, seed=1)
+    model = Quadratic(A, torch.zeros(40, dtype=DT), torch.ones(40, dtype=DT))
+    start = Q[:, 1] + Q[:, 0]  # the previous vector leans on both ends of the spectrum
+
+    v = start / start.norm()
+    for _ in range(30):
+        v = A @ v
+        v = v / v.norm()
+    assert float(v @ A @ v) < -19.9  # what the published power iteration would adopt
+
+    opt = EigenSAM([model.w], torch.optim.SGD, lr=0.1)
+    opt.set_eigenvector(start, 1.0)
+    res = opt.refresh_eigenvector(model, identity_loss, DUMMY, max_hvps=20, tol=1e-6)
+    assert abs(res.eigenvalue - 5.0) < 1e-6
+    assert abs(float(opt.eigenvector @ Q[:, 1])) > 0.999
+    assert opt.last_eigenvalue == res.eigenvalue and opt.negative_refreshes == 0
+
+
+def test_refresh_flags_non_positive_top_eigenvalue() -> None:
+    A, Q = symmetric(torch.linspace(-3.0, -0.5, 10).tolist(), seed=2)
+    model = Quadratic(A, torch.zeros(10, dtype=DT), torch.ones(10, dtype=DT))
+    opt = EigenSAM([model.w], torch.optim.SGD, lr=0.1)
+    res = opt.refresh_eigenvector(model, identity_loss, DUMMY, max_hvps=12, tol=1e-8)
+    assert abs(res.eigenvalue + 0.5) < 1e-6  # the largest algebraic, not -3
+    assert opt.negative_refreshes == 1 and opt.refreshes == 1 and opt.last_eigenvalue < 0
+    assert opt.eigenvector is not None  # kept, but flagged
+
+
+def test_refresh_budget_and_frozen_parameters() -> None:
+    model = mlp()
+    model[0].bias.requires_grad_(False)
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    (x, y), *_ = data()
+    res = opt.refresh_eigenvector(model, F.cross_entropy, (x, y), max_hvps=6)
+    assert res.hvps <= 6
+    bias = slice(6 * 16, 6 * 16 + 16)
+    assert torch.equal(res.vector[bias], torch.zeros(16, dtype=DT))
+    warm = opt.refresh_eigenvector(model, F.cross_entropy, (x, y), max_hvps=6)
+    assert warm.eigenvalue >= res.eigenvalue - 1e-9  # the warm start's space contains v_prev
+
+
+# --- 4. SAM by hand, step(closure), state_dict -----------------------------------------------
+
+
+def test_sam_step_matches_hand_computed_update() -> None:
+    model, rho, lr = quadratic(), 0.05, 0.1
+    A, b, w = model.A, model.b, model.w.detach().clone()
+    g = A @ w - b
+    w_adv = w + rho * g / g.norm()
+    expected = w - lr * (A @ w_adv - b)
+    opt = SAM([model.w], torch.optim.SGD, lr=lr, rho=rho)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(DUMMY[0])
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    torch.testing.assert_close(model.w.detach(), expected, rtol=1e-14, atol=1e-15)
+    assert loss.item() == pytest.approx(float(0.5 * w @ A @ w - b @ w), rel=1e-14)
+
+
+def roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@SCHED_ORDER
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_state_dict_roundtrip_gives_identical_steps(cls: type[SAM], base: type) -> None:
+    kw = dict(lr=0.05, weight_decay=5e-4)
+    if base is torch.optim.SGD:
+        kw["momentum"] = 0.9
+    steps = data(steps=8)
+    model = mlp()
+    opt = cls(model.parameters(), base, rho=0.05, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for i, (x, y) in enumerate(steps[:4]):
+        if isinstance(opt, EigenSAM) and i == 1:
+            opt.refresh_eigenvector(model, F.cross_entropy, (x, y))
+        sam_step(opt, model, x, y)
+        sched.step()
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+
+    model2 = mlp(seed=7)
+    opt2 = cls(model2.parameters(), base, rho=0.05, **{**kw, "lr": 1.0})
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.base_optimizer.param_groups is opt2.param_groups
+    assert opt2.base_optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.0125
+    if isinstance(opt, EigenSAM):
+        assert torch.equal(opt2.eigenvector, opt.eigenvector)
+        assert (opt2.refreshes, opt2.last_eigenvalue) == (1, opt.last_eigenvalue)
+    for x, y in steps[4:]:
+        sam_step(opt, model, x, y)
+        sam_step(opt2, model2, x, y)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@SCHED_ORDER
+def test_scheduler_reaches_base_optimizer() -> None:
+    opt = SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_state_dict_between_steps_holds_no_weights_copy() -> None:
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sam_step(opt, model, *data()[0])
+    state = opt.state_dict()
+    assert all("old_p" not in s for s in state["state"].values())
+    assert all("momentum_buffer" in s for s in state["base_state"].values())
+
+
+# --- 5. BatchNorm ----------------------------------------------------------------------------
+
+
+def test_batchnorm_running_stats_update_on_first_pass_only() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    reference = copy.deepcopy(model)
+    bn = model[1]
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, alpha=0.2)
+    x, y = data()[0]
+    opt.refresh_eigenvector(model, F.cross_entropy, (x, y))
+    assert bn.num_batches_tracked == 0  # the refresh never updates buffers
+
+    reference(x)  # one train-mode forward at w: what the buffers should become
+    sam_step(opt, model, x, y)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(reference[1], name)), name
+    assert bn.track_running_stats
+
+
+def test_disabled_running_stats_still_normalise_by_batch_statistics() -> None:
+    bn = nn.BatchNorm1d(4).to(DT)
+    x = torch.randn(16, 4, dtype=DT) * 3 + 1
+    expected = bn(x)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    disable_running_stats(bn)
+    disable_running_stats(bn)  # idempotent
+    assert torch.equal(bn(x), expected)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    enable_running_stats(bn)
+    assert bn.track_running_stats

@@ -1,0 +1,44 @@
+"""Where model, weights, data and loss come from: the spec strings of the CLI, resolved."""
+
+from hessian_cli.specs.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_SUFFIXES,
+    LoadedCheckpoint,
+    apply_weights,
+    checkpoint_order_key,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hessian_cli.specs.data import (
+    BUILTIN_DATA,
+    DataSource,
+    analysis_batches,
+    check_labels,
+    load_data,
+)
+from hessian_cli.specs.losses import BUILTIN_LOSSES, default_loss, get_loss
+from hessian_cli.specs.models import BUILTIN_MODELS, build_model
+from hessian_cli.specs.user_code import load_object
+
+__all__ = [
+    "BUILTIN_DATA",
+    "BUILTIN_LOSSES",
+    "BUILTIN_MODELS",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_SUFFIXES",
+    "DataSource",
+    "LoadedCheckpoint",
+    "analysis_batches",
+    "apply_weights",
+    "build_model",
+    "check_labels",
+    "checkpoint_order_key",
+    "default_loss",
+    "get_loss",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_data",
+    "load_object",
+    "save_checkpoint",
+]

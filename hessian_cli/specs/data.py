@@ -1,0 +1,508 @@
+"""Where the data comes from, and how it is cut into the fixed batches the Hessian is taken over.
+
+Analysis needs the operator to be the same matrix at every product, so nothing here shuffles or
+augments: batches are the first samples of a dataset, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from hessian_cli.errors import UserError
+from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
+
+TENSOR_FILE_SUFFIXES: tuple[str, ...] = (".npz", ".pt", ".pth", ".h5", ".hdf5")
+DIGITS_TRAIN_SIZE = 1300
+_SYNTHETIC_SEED = 0
+_SCAN_LIMIT = 10_000  # samples looked at to count the classes of a user dataset
+
+# name: (torchvision class, per-channel mean, per-channel std, classes, sample shape)
+_VISION: dict[str, tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[int, ...]]] = {
+    # CIFAR-10 statistics as in PyHessian and the classic CIFAR ResNet training scripts.
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 10, (3, 32, 32)),
+    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100, (3, 32, 32)),
+    "mnist": ("MNIST", (0.1307,), (0.3081,), 10, (1, 28, 28)),
+    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), 10, (1, 28, 28)),
+    "svhn": ("SVHN", (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 10, (3, 32, 32)),
+}
+BUILTIN_DATA: tuple[str, ...] = ("digits", "synthetic:...", "synthetic-regression:...", *_VISION)
+
+
+@dataclass
+class DataSource:
+    """A training set, an optional test set, and what a model needs to know about them."""
+
+    spec: str
+    train: Dataset
+    test: Dataset | None
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    target_shape: tuple[int, ...] = ()  # per-sample target shape: () for class labels
+
+    @property
+    def num_outputs(self) -> int:
+        """How many outputs a model for this data needs (classes, or regression targets)."""
+        if self.num_classes is not None:
+            return self.num_classes
+        return math.prod(self.target_shape) if self.target_shape else 1
+
+
+def load_data(
+    spec: str, *, root: str | Path | None = None, download: bool = False, seed: int = 0
+) -> DataSource:
+    """Resolve a data spec into train/test datasets and the shapes a model needs.
+
+    The spec string alone fixes the data (synthetic sets use a fixed generator), so a checkpoint
+    that records its data spec is always analysed on the data it was trained on. ``seed`` is
+    accepted for API stability and does not change any built-in data.
+    """
+    del seed  # reserved: see the docstring
+    if spec == "digits":
+        return _digits()
+    if spec.startswith("synthetic-regression:"):
+        return _synthetic(spec, regression=True)
+    if spec.startswith("synthetic:"):
+        return _synthetic(spec, regression=False)
+    if spec.lower() in _VISION:
+        return _torchvision(spec.lower(), root, download)
+    if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
+        return _tensor_file(spec)
+    if split_user_spec(spec) is not None:
+        return _user_data(spec)
+    raise UserError(
+        f"unknown data {spec!r}: use digits, synthetic:CxHxW[:classes[:count]], "
+        f"synthetic-regression:D[:outputs[:count]], {', '.join(_VISION)} (with --data-root), "
+        f"a .npz/.pt/.h5 file holding x and y, or user code as {USER_CODE_FORMS}."
+    )
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def _digits() -> DataSource:
+    """The UCI 8x8 digits (1797 samples), split 1300/497 by a permutation stored in the file."""
+    with resources.as_file(resources.files("hessian_cli") / "data" / "digits.npz") as path:
+        if not path.is_file():
+            raise UserError("the bundled digits data file is missing; reinstall hessian-cli.")
+        with np.load(path, allow_pickle=False) as arrays:
+            images, labels, perm = arrays["images"], arrays["labels"], arrays["split_permutation"]
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    order = torch.from_numpy(perm.astype(np.int64))
+    train, test = order[:DIGITS_TRAIN_SIZE], order[DIGITS_TRAIN_SIZE:]
+    return DataSource(
+        spec="digits",
+        train=TensorDataset(x[train], y[train]),
+        test=TensorDataset(x[test], y[test]),
+        input_shape=(1, 8, 8),
+        num_classes=10,
+    )
+
+
+def _synthetic(spec: str, *, regression: bool) -> DataSource:
+    """Gaussian inputs with uniform labels, or with a noisy linear teacher's targets."""
+    form = (
+        "synthetic-regression:D[:outputs[:count]]"
+        if regression
+        else "synthetic:CxHxW[:classes[:count]]"
+    )
+    parts = spec.split(":")[1:]
+    if not 1 <= len(parts) <= 3 or not parts[0]:
+        raise UserError(f"data spec {spec!r} is not of the form {form}.")
+    shape = tuple(_spec_int(d, spec, form) for d in parts[0].lower().split("x"))
+    second = _spec_int(parts[1], spec, form) if len(parts) > 1 else (1 if regression else 10)
+    count = _spec_int(parts[2], spec, form) if len(parts) > 2 else 256
+    test_count = max(1, count // 4)
+    gen = torch.Generator().manual_seed(_SYNTHETIC_SEED)
+    x = torch.randn(count + test_count, *shape, generator=gen)
+    if regression:
+        dim = math.prod(shape)
+        teacher = torch.randn(dim, second, generator=gen) / math.sqrt(dim)
+        y = x.reshape(len(x), dim) @ teacher + 0.1 * torch.randn(len(x), second, generator=gen)
+        num_classes, target_shape = None, (second,)
+    else:
+        y = torch.randint(0, second, (len(x),), generator=gen)
+        num_classes, target_shape = second, ()
+    return DataSource(
+        spec=spec,
+        train=TensorDataset(x[:count], y[:count]),
+        test=TensorDataset(x[count:], y[count:]),
+        input_shape=shape,
+        num_classes=num_classes,
+        target_shape=target_shape,
+    )
+
+
+def _spec_int(text: str, spec: str, form: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise UserError(f"data spec {spec!r} is not of the form {form} with positive integers.")
+    return int(text)
+
+
+def _torchvision(name: str, root: str | Path | None, download: bool) -> DataSource:
+    cls_name, mean, std, classes, shape = _VISION[name]
+    try:
+        import torchvision
+        from torchvision import transforms
+    except ImportError as exc:
+        raise UserError(
+            f"data {name!r} needs torchvision; install the 'vision' extra "
+            "(pip install 'hessian-cli[vision]')."
+        ) from exc
+    if root is None:
+        raise UserError(
+            f"data {name!r} needs --data-root DIR pointing at its files (add --download to fetch "
+            "them into DIR)."
+        )
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    cls = getattr(torchvision.datasets, cls_name)
+    root = str(Path(root).expanduser())
+    splits = []
+    for train in (True, False):
+        where = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
+        try:
+            splits.append(cls(root, download=download, transform=transform, **where))
+        except Exception as exc:
+            hint = "check --data-root" if download else "pass the right --data-root, or --download"
+            raise UserError(
+                f"data {name!r} could not be loaded from {root!r} ({type(exc).__name__}); {hint}."
+            ) from exc
+    return DataSource(
+        spec=name, train=splits[0], test=splits[1], input_shape=shape, num_classes=classes
+    )
+
+
+# ----------------------------------------------------------------------------- tensor files
+
+
+def _tensor_file(spec: str) -> DataSource:
+    """x and y (optionally x_test, y_test) from .npz, .pt or .h5; integer y means classes."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"data file {spec!r} does not exist.")
+    arrays = _read_arrays(path)
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise UserError(
+                f"data file {spec!r} has no {key!r} entry (found: {', '.join(sorted(arrays)) or 'none'})."
+            )
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise UserError(f"data file {spec!r} must hold both x_test and y_test, or neither.")
+    x, y = _to_tensor(arrays["x"], spec, "x"), _to_tensor(arrays["y"], spec, "y")
+    pairs = [(x, y)]
+    if "x_test" in arrays:
+        pairs.append(
+            (
+                _to_tensor(arrays["x_test"], spec, "x_test"),
+                _to_tensor(arrays["y_test"], spec, "y_test"),
+            )
+        )
+    classification = not (y.is_floating_point() or y.is_complex())
+    datasets = []
+    for i, (xs, ys) in enumerate(pairs):
+        which = "x and y" if i == 0 else "x_test and y_test"
+        if xs.ndim == 0 or ys.ndim == 0 or len(xs) != len(ys):
+            raise UserError(f"data file {spec!r}: {which} must have the same, non-zero length.")
+        if len(xs) == 0:
+            raise UserError(f"data file {spec!r} holds no samples in {which}.")
+        if not xs.is_floating_point():
+            xs = xs.to(torch.float32)
+        if classification:
+            ys = _class_labels(ys, spec, which)
+        elif ys.ndim == 1:
+            ys = ys.unsqueeze(1)  # one regression target per sample
+        if xs.shape[1:] != x.shape[1:]:
+            raise UserError(f"data file {spec!r}: x_test samples are not shaped like x samples.")
+        datasets.append(TensorDataset(xs, ys))
+    num_classes = None
+    if classification:
+        num_classes = int(max(int(ds.tensors[1].max()) for ds in datasets)) + 1
+        if "num_classes" in arrays:
+            num_classes = max(num_classes, int(np.asarray(arrays["num_classes"]).item()))
+    return DataSource(
+        spec=spec,
+        train=datasets[0],
+        test=datasets[1] if len(datasets) > 1 else None,
+        input_shape=tuple(x.shape[1:]),
+        num_classes=num_classes,
+        target_shape=() if classification else tuple(datasets[0].tensors[1].shape[1:]),
+    )
+
+
+def _read_arrays(path: Path) -> dict[str, Any]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        if suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(path, "r") as h5:
+                return {k: h5[k][()] for k in h5 if isinstance(h5[k], h5py.Dataset)}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"data file {str(path)!r} could not be read safely ({type(exc).__name__}); it must "
+            "hold plain arrays or tensors."
+        ) from exc
+    if not isinstance(obj, dict):
+        raise UserError(f"data file {str(path)!r} must hold a dict with x and y tensors.")
+    return dict(obj)
+
+
+def _to_tensor(value: Any, spec: str, key: str) -> torch.Tensor:
+    try:
+        return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except Exception as exc:
+        raise UserError(f"data file {spec!r}: entry {key!r} is not a numeric array.") from exc
+
+
+def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
+    if y.is_floating_point() or y.is_complex():
+        raise UserError(f"data {spec!r}: {which} mixes integer class labels with real targets.")
+    if y.dtype == torch.bool:
+        y = y.long()
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise UserError(
+            f"data {spec!r}: integer labels in {which} must be one per sample, got shape {tuple(y.shape)}."
+        )
+    if int(y.min()) < 0:
+        raise UserError(f"data {spec!r}: {which} holds negative class labels ({int(y.min())}).")
+    return y.long()
+
+
+# ----------------------------------------------------------------------------- user code
+
+
+def _user_data(spec: str) -> DataSource:
+    """A user factory returning a Dataset, a DataLoader, (train, test), (x, y) or a DataSource."""
+    factory = load_object(spec, "data factory")
+    result = call_user(factory, "data factory", spec)
+    if isinstance(result, DataSource):
+        return result
+    hint_classes = getattr(result, "num_classes", None)
+    test: Any = None
+    if isinstance(result, (tuple, list)):
+        if len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result):
+            train: Any = TensorDataset(*result)
+        elif len(result) == 2:
+            train, test = result
+        else:
+            raise UserError(
+                f"the data factory {spec!r} returned a sequence of {len(result)} items, not (train, test)."
+            )
+    else:
+        train = result
+    train, test = _as_dataset(train, spec, "training data"), _as_dataset(test, spec, "test data")
+    if train is None:
+        raise UserError(f"the data factory {spec!r} returned no training data.")
+    try:
+        size = len(train)
+    except TypeError as exc:
+        raise UserError(f"the data factory {spec!r} returned a dataset without a length.") from exc
+    if size == 0:
+        raise UserError(f"the data factory {spec!r} returned an empty dataset.")
+    x, y = _sample(train, spec)
+    classification = _is_integer_label(y)
+    num_classes = None
+    if classification:
+        hint = getattr(train, "num_classes", None) or hint_classes
+        num_classes = (
+            int(hint) if hint else _count_classes([d for d in (train, test) if d is not None], spec)
+        )
+    return DataSource(
+        spec=spec,
+        train=train,
+        test=test,
+        input_shape=tuple(x.shape),
+        num_classes=num_classes,
+        target_shape=() if classification else tuple(torch.as_tensor(y).shape),
+    )
+
+
+def _as_dataset(obj: Any, spec: str, what: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, DataLoader):
+        return obj.dataset
+    if isinstance(obj, (str, bytes, dict)):
+        pass
+    elif hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
+        return obj
+    raise UserError(
+        f"the data factory {spec!r} returned {type(obj).__name__} as {what}, not a Dataset or "
+        "DataLoader."
+    )
+
+
+def _sample(dataset: Any, spec: str) -> tuple[torch.Tensor, Any]:
+    try:
+        item = dataset[0]
+    except Exception as exc:
+        raise UserError(
+            f"reading the first sample of data {spec!r} failed: {type(exc).__name__}."
+        ) from exc
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise UserError(
+            f"data {spec!r} must yield (x, y) pairs, but its first sample is a {type(item).__name__}."
+        )
+    try:
+        x = torch.as_tensor(
+            np.asarray(item[0]) if not isinstance(item[0], torch.Tensor) else item[0]
+        )
+    except Exception as exc:
+        raise UserError(f"data {spec!r}: the inputs x are not numeric arrays.") from exc
+    return x, item[1]
+
+
+def _is_integer_label(y: Any) -> bool:
+    if isinstance(y, bool):
+        return False
+    if isinstance(y, (int, np.integer)):
+        return True
+    if isinstance(y, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(y)
+        return t.ndim == 0 and not (
+            t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
+        )
+    return False
+
+
+def _count_classes(datasets: list[Any], spec: str) -> int:
+    """max label + 1, from label attributes where present, else from the first samples."""
+    top = -1
+    for ds in datasets:
+        labels = None
+        if isinstance(ds, TensorDataset) and len(ds.tensors) > 1:
+            labels = ds.tensors[1]
+        elif not isinstance(ds, Subset):
+            labels = (
+                getattr(ds, "targets", None)
+                if hasattr(ds, "targets")
+                else getattr(ds, "labels", None)
+            )
+        if labels is not None:
+            top = max(top, int(torch.as_tensor(np.asarray(labels)).max()))
+            continue
+        for i in range(min(len(ds), _SCAN_LIMIT)):
+            top = max(top, int(ds[i][1]))
+    if top < 0:
+        raise UserError(f"data {spec!r} has negative class labels.")
+    return top + 1
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def analysis_batches(
+    dataset: Any,
+    *,
+    batch_size: int,
+    num_samples: int | None = None,
+    num_batches: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first samples of ``dataset`` in order, as (x, y) batches (all of it if no count is given).
+
+    x is cast to ``dtype``; integer labels stay int64, float targets are cast to ``dtype``.
+    """
+    if isinstance(dataset, DataLoader):
+        dataset = dataset.dataset
+    if num_samples is not None and num_batches is not None:
+        raise UserError("give either --num-samples or --num-batches, not both.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UserError(f"the batch size must be a positive integer, not {batch_size!r}.")
+    try:
+        available = len(dataset)
+    except TypeError as exc:
+        raise UserError(
+            "analysis needs a dataset with a known length (a map-style Dataset)."
+        ) from exc
+    if num_batches is not None:
+        if num_batches <= 0:
+            raise UserError(f"the number of batches must be positive, not {num_batches}.")
+        total = num_batches * batch_size
+        if total > available:
+            raise UserError(
+                f"{num_batches} batches of {batch_size} need {total} samples but the data has only "
+                f"{available}."
+            )
+    elif num_samples is not None:
+        if num_samples <= 0:
+            raise UserError(f"the number of samples must be positive, not {num_samples}.")
+        if num_samples > available:
+            raise UserError(f"asked for {num_samples} samples but the data has only {available}.")
+        total = num_samples
+    else:
+        total = available
+    if total == 0:
+        raise UserError("the data holds no samples to analyse.")
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        xs, ys = dataset.tensors[0][:total], dataset.tensors[1][:total]
+        raw = [
+            (xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, total, batch_size)
+        ]
+    else:
+        loader = DataLoader(Subset(dataset, range(total)), batch_size=batch_size, shuffle=False)
+        try:
+            raw = [(batch[0], batch[1]) for batch in loader]
+        except Exception as exc:
+            raise UserError(
+                f"the data samples could not be batched ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); are all samples the same shape?"
+            ) from exc
+    return [(_cast_x(x, dtype), _cast_y(y, dtype)) for x, y in raw]
+
+
+def _cast_x(x: Any, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.is_complex():
+        raise UserError("complex-valued inputs are not supported.")
+    return x.to(dtype)
+
+
+def _cast_y(y: Any, dtype: torch.dtype) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.is_floating_point():
+        return y.to(dtype)
+    if y.dtype == torch.bool:
+        return y.long()
+    return y.long() if not y.is_complex() else y
+
+
+def check_labels(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int | None) -> None:
+    """Refuse class labels the model cannot output (``num_classes`` None: regression, no check).
+
+    Floating-point targets of shape (batch, num_classes) pass as soft labels.
+    """
+    if num_classes is None:
+        return
+    for _, y in batches:
+        if y.is_floating_point():
+            if y.ndim == 2 and y.shape[1] == num_classes:
+                continue
+            raise UserError(
+                f"the targets are real numbers of shape {tuple(y.shape[1:])} but a classifier with "
+                f"{num_classes} classes was asked for; use integer labels, or --loss mse with a "
+                "regression model."
+            )
+        if y.numel() == 0:
+            continue
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise UserError(
+                f"label {bad} is out of range for {num_classes} classes (labels must be 0 to "
+                f"{num_classes - 1}); check the data or the model's num_classes."
+            )

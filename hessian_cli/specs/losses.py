@@ -1,0 +1,69 @@
+"""Which loss the Hessian is taken of: cross-entropy, mean squared error, or the user's function.
+
+Every loss is the mean over the batch, so that multi-batch analysis can weight batches by size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+from torch.nn import functional as F
+
+from hessian_cli.errors import UserError
+from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+BUILTIN_LOSSES: tuple[str, ...] = ("ce", "mse")
+
+
+def default_loss(num_classes: int | None) -> str:
+    """Cross-entropy for class labels, mean squared error for real-valued targets."""
+    return "ce" if num_classes is not None else "mse"
+
+
+def get_loss(spec: str, *, num_classes: int | None = None) -> LossFn:
+    """The loss ``spec`` names, as ``loss(outputs, targets) -> scalar`` (mean over the batch)."""
+    if spec == "ce":
+        return cross_entropy
+    if spec == "mse":
+        return _mse(num_classes)
+    if split_user_spec(spec) is not None:
+        obj = load_object(spec, "loss function")
+        if isinstance(obj, type):  # a loss class such as torch.nn:CrossEntropyLoss
+            obj = call_user(obj, "loss class", spec)
+        if not callable(obj):
+            raise UserError(f"the loss {spec!r} is not callable.")
+        return obj
+    raise UserError(
+        f"unknown loss {spec!r}: use {' or '.join(BUILTIN_LOSSES)}, or user code as "
+        f"{USER_CODE_FORMS} taking (outputs, targets)."
+    )
+
+
+def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of logits against class labels (or soft labels)."""
+    return F.cross_entropy(outputs, targets)
+
+
+def _mse(num_classes: int | None) -> LossFn:
+    def mse(outputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean squared error; integer labels are compared with their one-hot vectors."""
+        if not targets.is_floating_point():
+            classes = num_classes if num_classes is not None else outputs.shape[-1]
+            if targets.numel() and int(targets.max()) >= classes:
+                raise UserError(
+                    f"label {int(targets.max())} is out of range for {classes} classes in the mse loss."
+                )
+            targets = F.one_hot(targets.long(), classes).to(outputs.dtype)
+        if targets.shape != outputs.shape:
+            if targets.numel() == outputs.numel() and targets.shape[0] == outputs.shape[0]:
+                targets = targets.reshape(outputs.shape)
+            else:
+                raise UserError(
+                    f"the mse loss needs targets shaped like the model outputs, but got outputs "
+                    f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}."
+                )
+        return F.mse_loss(outputs, targets.to(outputs.dtype))
+
+    return mse

@@ -1,0 +1,279 @@
+"""Where the model comes from: built-in architectures, torchvision, or the user's factory.
+
+The built-in ResNets use the parameter names of the classic CIFAR ResNet implementations
+(PyHessian's ``resnet20`` among them) so that their checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hessian_cli.errors import UserError
+from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
+
+BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
+_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+
+
+def build_model(
+    spec: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int | None,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build the model ``spec`` names.
+
+    Built-ins take ``input_shape`` / ``num_classes`` from the data unless ``kwargs`` override them
+    (keys ``input_shape``, ``num_classes``, ``in_channels``); user factories get only ``kwargs``.
+    """
+    kwargs = dict(kwargs or {})
+    if spec in BUILTIN_MODELS:
+        return _build_builtin(spec, tuple(input_shape), num_classes, kwargs)
+    if spec.startswith("torchvision:"):
+        return _build_torchvision(spec.partition(":")[2], num_classes, kwargs)
+    if split_user_spec(spec) is not None:
+        factory = load_object(spec, "model factory")
+        model = call_user(factory, "model factory", spec, **kwargs)
+        if not isinstance(model, nn.Module):
+            raise UserError(
+                f"the model factory {spec!r} returned a {type(model).__name__}, not a "
+                "torch.nn.Module."
+            )
+        return model
+    raise UserError(
+        f"unknown model {spec!r}: use a built-in ({', '.join(BUILTIN_MODELS)}), "
+        f"'torchvision:NAME', or user code as {USER_CODE_FORMS}."
+    )
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def _build_builtin(
+    name: str, input_shape: tuple[int, ...], num_classes: int | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    if "input_shape" in kwargs:
+        input_shape = _int_tuple(kwargs.pop("input_shape"), "input_shape", name)
+    num_classes = kwargs.pop("num_classes", num_classes)
+    if num_classes is None:
+        raise UserError(
+            f"model {name!r} needs a number of outputs and the data does not give one; pass "
+            "--model-kwargs '{\"num_classes\": N}'."
+        )
+    num_classes = _positive_int(num_classes, "num_classes", name)
+    if name == "mlp":
+        input_size = kwargs.pop("input_size", math.prod(input_shape) if input_shape else None)
+        if input_size is None:
+            raise UserError(
+                "model 'mlp' needs an input shape; pass --model-kwargs with input_size."
+            )
+        hidden = kwargs.pop("hidden", [64, 128, 128])
+        activation = kwargs.pop("activation", "tanh")
+        _no_extra(
+            name, kwargs, ("hidden", "activation", "input_size", "input_shape", "num_classes")
+        )
+        return MLP(
+            _positive_int(input_size, "input_size", name),
+            [_positive_int(h, "hidden", name) for h in _as_list(hidden, "hidden", name)],
+            num_classes,
+            activation=str(activation),
+        )
+    in_channels = _image_channels(name, input_shape, kwargs.pop("in_channels", None))
+    if name == "cnn":
+        widths = kwargs.pop("widths", [16, 32])
+        batchnorm = kwargs.pop("batchnorm", False)
+        _no_extra(
+            name, kwargs, ("widths", "batchnorm", "in_channels", "input_shape", "num_classes")
+        )
+        if not isinstance(batchnorm, bool):
+            raise UserError("model option 'batchnorm' of 'cnn' must be true or false.")
+        widths_list = [_positive_int(w, "widths", name) for w in _as_list(widths, "widths", name)]
+        if not widths_list:
+            raise UserError("model option 'widths' of 'cnn' needs at least one width.")
+        return SmallCNN(in_channels, widths_list, num_classes, batchnorm=batchnorm)
+    _no_extra(name, kwargs, ("in_channels", "input_shape", "num_classes"))
+    return CifarResNet(_RESNET_DEPTHS[name], num_classes=num_classes, in_channels=in_channels)
+
+
+def _image_channels(name: str, input_shape: tuple[int, ...], override: Any) -> int:
+    if override is not None:
+        return _positive_int(override, "in_channels", name)
+    if len(input_shape) != 3:
+        raise UserError(
+            f"model {name!r} needs image data of shape CxHxW, but the data's samples have shape "
+            f"{'x'.join(map(str, input_shape)) or 'scalar'}."
+        )
+    return int(input_shape[0])
+
+
+def _no_extra(name: str, kwargs: dict[str, Any], accepted: Sequence[str]) -> None:
+    if kwargs:
+        raise UserError(
+            f"unknown model option(s) for {name!r}: {', '.join(sorted(kwargs))} "
+            f"(accepted: {', '.join(accepted)})."
+        )
+
+
+def _positive_int(value: Any, key: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(
+            f"model option {key!r} of {name!r} must be a positive integer, not {value!r}."
+        )
+    return value
+
+
+def _as_list(value: Any, key: str, name: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"model option {key!r} of {name!r} must be a list, not {value!r}.")
+    return list(value)
+
+
+def _int_tuple(value: Any, key: str, name: str) -> tuple[int, ...]:
+    return tuple(_positive_int(v, key, name) for v in _as_list(value, key, name))
+
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+class MLP(nn.Sequential):
+    """Flatten -> (Linear -> activation)* -> Linear: small enough for the dense Hessian oracle."""
+
+    def __init__(
+        self, input_size: int, hidden: Sequence[int], num_classes: int, *, activation: str = "tanh"
+    ) -> None:
+        if activation not in _ACTIVATIONS:
+            raise UserError(
+                f"unknown activation {activation!r} for 'mlp' (choose from "
+                f"{', '.join(_ACTIVATIONS)})."
+            )
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = input_size
+        for h in hidden:
+            layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+class SmallCNN(nn.Module):
+    """3x3 convolutions with ReLU, global average pooling, one linear classifier."""
+
+    def __init__(
+        self, in_channels: int, widths: Sequence[int], num_classes: int, *, batchnorm: bool = False
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_channels
+        for w in widths:
+            layers.append(nn.Conv2d(width, w, 3, padding=1))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(w))
+            layers.append(nn.ReLU())
+            width = w
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN layers with an identity or 1x1-projection (option B) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        # Out-of-place ReLUs throughout: double backward (HVPs) needs the saved activations.
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016), depth 6n+2, widths 16/32/64, projection shortcuts.
+
+    Names match PyHessian's ``resnet`` (``conv1``, ``bn1``, ``layer{1,2,3}.i.*``,
+    ``layer{2,3}.0.downsample.{0,1}``, ``fc``). Global average pooling equals the original 8x8
+    average pool on 32x32 inputs and also accepts other image sizes.
+    """
+
+    def __init__(self, depth: int, *, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise UserError(f"a CIFAR ResNet needs a depth of the form 6n+2, not {depth}.")
+        n = (depth - 2) // 6
+        self.conv1 = _conv3x3(in_channels, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._stage(16, 16, n, stride=1)
+        self.layer2 = self._stage(16, 32, n, stride=2)
+        self.layer3 = self._stage(32, 64, n, stride=2)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [BasicBlock(cin, cout, stride)]
+        layers += [BasicBlock(cout, cout) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import torchvision.models as tvm
+    except ImportError as exc:
+        raise UserError(
+            f"model 'torchvision:{name}' needs torchvision; install the 'vision' extra "
+            "(pip install 'hessian-cli[vision]')."
+        ) from exc
+    available = tvm.list_models()
+    if name not in available:
+        raise UserError(
+            f"torchvision has no model {name!r} (for example: {', '.join(sorted(available)[:8])})."
+        )
+    if num_classes is not None:
+        kwargs.setdefault("num_classes", num_classes)
+    kwargs.setdefault("weights", None)
+    try:
+        return tvm.get_model(name, **kwargs)
+    except Exception as exc:
+        raise UserError(f"building torchvision model {name!r} failed: {exc}") from exc

@@ -1,0 +1,113 @@
+"""Import a user's object from ``package.module:attr`` or ``path/to/file.py:attr``.
+
+Models, data and losses all accept user code in these two forms; one loader keeps their
+behaviour and error messages identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from hessian_cli.errors import UserError
+
+USER_CODE_FORMS = "'path/to/file.py:name' or 'package.module:name'"
+
+
+def split_user_spec(spec: str) -> tuple[str, str] | None:
+    """Split ``where:attr`` at the last colon; None when the spec is not of that shape.
+
+    The last colon is used so that Windows drive letters (``C:\\x.py:f``) survive.
+    """
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        return None
+    return where, attr
+
+
+def is_file_spec(where: str) -> bool:
+    """A ``where`` that names a Python file rather than an importable module."""
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def load_object(spec: str, what: str) -> Any:
+    """Return the object that ``spec`` names; ``what`` ("model factory", ...) words the errors."""
+    parts = split_user_spec(spec)
+    if parts is None:
+        raise UserError(f"{what} {spec!r} is not of the form {USER_CODE_FORMS}.")
+    where, attr = parts
+    module = _import_file(where, what) if is_file_spec(where) else _import_module(where, what)
+    obj: Any = module
+    for name in attr.split("."):
+        if not name.isidentifier() or not hasattr(obj, name):
+            raise UserError(f"{where!r} has no attribute {attr!r} (the {what} in {spec!r}).")
+        obj = getattr(obj, name)
+    return obj
+
+
+def _import_module(name: str, what: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            raise UserError(
+                f"cannot import module {name!r} for the {what}: it is not installed or not on "
+                "the Python path (use 'path/to/file.py:name' for a file)."
+            ) from exc
+        raise UserError(f"importing {name!r} for the {what} failed: {_describe(exc)}.") from exc
+    except Exception as exc:
+        raise UserError(f"importing {name!r} for the {what} failed: {_describe(exc)}.") from exc
+
+
+def _import_file(where: str, what: str) -> Any:
+    path = Path(where).expanduser()
+    if not path.is_file():
+        raise UserError(f"the file {where!r} named for the {what} does not exist.")
+    resolved = path.resolve()
+    # A stable, unique module name per file, so two user files called model.py do not collide.
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    mod_name = f"hessian_cli_user_{resolved.stem}_{digest}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, resolved)
+    if spec is None or spec.loader is None:
+        raise UserError(f"the file {where!r} named for the {what} is not a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    # Let the file import its siblings, as it would when run as a script.
+    parent = str(resolved.parent)
+    added = parent not in sys.path
+    if added:
+        sys.path.insert(0, parent)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(mod_name, None)
+        if not isinstance(exc, Exception):
+            raise
+        raise UserError(f"running {where!r} for the {what} failed: {_describe(exc)}.") from exc
+    finally:
+        if added and parent in sys.path:
+            sys.path.remove(parent)
+    return module
+
+
+def call_user(func: Any, what: str, spec: str, **kwargs: Any) -> Any:
+    """Call a user factory, turning its exceptions into one-sentence user errors."""
+    if not callable(func):
+        raise UserError(f"the {what} {spec!r} is not callable.")
+    try:
+        return func(**kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"the {what} {spec!r} raised {_describe(exc)}.") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,254 @@
+"""Checkpoint loading is safe, tolerant of common layouts, and explains what does not fit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from hessian_cli.errors import UserError
+from hessian_cli.specs import (
+    CHECKPOINT_FORMAT,
+    apply_weights,
+    checkpoint_order_key,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+
+
+def small_state() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in small_model().state_dict().items()}
+
+
+class MakeDir:
+    """A hostile pickle payload: unpickling it creates a directory."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_bare_state_dict_both_torch_formats(tmp_path: Path, zip_format: bool) -> None:
+    state = small_state()
+    path = tmp_path / "bare.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    ckpt = load_checkpoint(path)
+    assert ckpt.format == ("torch-zip" if zip_format else "torch-legacy")
+    assert ckpt.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert ckpt.metadata == {}
+    assert set(ckpt.state_dict) == set(state)
+    assert all(torch.equal(ckpt.state_dict[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model", "model_state_dict", "net"])
+def test_nested_state_dicts(tmp_path: Path, key: str) -> None:
+    state = small_state()
+    path = tmp_path / "nested.pt"
+    torch.save({key: state, "epoch": 4, "optimizer": {"lr": 0.1}}, path)
+    ckpt = load_checkpoint(path)
+    assert set(ckpt.state_dict) == set(state)
+    assert ckpt.raw["epoch"] == 4 and ckpt.raw["optimizer"] == {"lr": 0.1}
+
+
+def test_prefixes_are_stripped_repeatedly(tmp_path: Path) -> None:
+    state = small_state()
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {f"module._orig_mod.module.{k}": v for k, v in state.items()}}, path)
+    assert set(load_checkpoint(path).state_dict) == set(state)
+
+
+def test_prefix_kept_when_not_every_key_has_it(tmp_path: Path) -> None:
+    path = tmp_path / "partial.pt"
+    torch.save({"module.w": torch.ones(1), "head.w": torch.ones(1)}, path)
+    assert set(load_checkpoint(path).state_dict) == {"module.w", "head.w"}
+
+
+def test_safetensors_with_header_metadata(tmp_path: Path) -> None:
+    state = small_state()
+    path = tmp_path / "weights.safetensors"
+    meta = {"model": "mlp", "step": 7}
+    save_file(
+        {f"module.{k}": v for k, v in state.items()},
+        str(path),
+        metadata={"hessian_cli": json.dumps(meta)},
+    )
+    ckpt = load_checkpoint(path)
+    assert ckpt.format == "safetensors"
+    assert ckpt.metadata == meta
+    assert all(torch.equal(ckpt.state_dict[k], state[k]) for k in state)
+
+
+def test_save_checkpoint_round_trip_loads_weights_only(tmp_path: Path) -> None:
+    state = small_state()
+    meta = {"model": "mlp", "model_kwargs": "{}", "step": 120, "epoch": 3, "input_shape": [1, 8, 8]}
+    opt = torch.optim.SGD(small_model().parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "run" / "ckpt.pt"
+    save_checkpoint(path, state_dict=state, metadata=meta, extra={"optimizer": opt.state_dict()})
+    plain = torch.load(path, map_location="cpu", weights_only=True)
+    assert plain["format"] == CHECKPOINT_FORMAT and plain["version"] == 1
+    ckpt = load_checkpoint(path)
+    assert ckpt.metadata == meta
+    assert ckpt.raw["optimizer"]["param_groups"][0]["lr"] == 0.1
+    assert all(torch.equal(ckpt.state_dict[k], state[k]) for k in state)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]  # no temp files left
+
+
+def test_save_checkpoint_safetensors_round_trip(tmp_path: Path) -> None:
+    state = small_state()
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, state_dict=state, metadata={"step": 5, "model": "cnn"})
+    ckpt = load_checkpoint(path)
+    assert ckpt.format == "safetensors" and ckpt.metadata == {"step": 5, "model": "cnn"}
+    assert all(torch.equal(ckpt.state_dict[k], state[k]) for k in state)
+
+
+def test_save_checkpoint_refuses_unsafe_content_and_keeps_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, state_dict=small_state(), metadata={"step": 1})
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="object"):
+        save_checkpoint(path, state_dict=small_state(), metadata={"step": object()})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_hostile_pickle_never_runs_without_trust(tmp_path: Path, zip_format: bool) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.pt"
+    torch.save(
+        {"state_dict": small_state(), "payload": MakeDir(marker)},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path)
+    assert "arbitrary code execution" in str(info.value)
+    assert "--trust-checkpoint" in str(info.value)
+    assert not marker.exists()
+    # The same file with trust does run the payload: the check above can fail.
+    ckpt = load_checkpoint(path, trust=True)
+    assert marker.is_dir()
+    assert set(ckpt.state_dict) == set(small_state())
+
+
+def test_custom_class_needs_trust(tmp_path: Path) -> None:
+    path = tmp_path / "whole_model.pt"
+    torch.save(small_model(), path)
+    with pytest.raises(UserError, match="refused"):
+        load_checkpoint(path)
+    assert set(load_checkpoint(path, trust=True).state_dict) == set(small_state())
+
+
+def test_corrupt_and_missing_files(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save(small_state(), good)
+    cases = {
+        "truncated.pt": good.read_bytes()[: good.stat().st_size // 2],
+        "garbage.pkl": b"this is not a checkpoint" * 20,
+        "empty.pth": b"",
+        "bad.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+    }
+    legacy = tmp_path / "legacy.pt"
+    torch.save(small_state(), legacy, _use_new_zipfile_serialization=False)
+    cases["truncated_legacy.pt"] = legacy.read_bytes()[:-40]
+    for name, payload in cases.items():
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(UserError, match=name):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_non_tensor_content_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([torch.ones(2)], path)
+    with pytest.raises(UserError, match="list"):
+        load_checkpoint(path)
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    with pytest.raises(UserError, match="no state dict.*'epoch'"):
+        load_checkpoint(path)
+
+
+def test_apply_weights_loads_values() -> None:
+    state = small_state()
+    state["0.weight"] = torch.full_like(state["0.weight"], 0.5)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    apply_weights(model, state)
+    assert torch.equal(model[0].weight, state["0.weight"])
+
+
+def test_apply_weights_tolerates_missing_batchnorm_counter() -> None:
+    state = {k: v for k, v in small_state().items() if not k.endswith("num_batches_tracked")}
+    apply_weights(small_model(), state)
+
+
+def test_apply_weights_names_missing_unexpected_and_shapes() -> None:
+    state = small_state()
+    del state["2.bias"]
+    state["extra.weight"] = torch.ones(1)
+    state["0.weight"] = torch.ones(5, 4)
+    with pytest.raises(UserError) as info:
+        apply_weights(small_model(), state)
+    message = str(info.value)
+    assert "1 missing key (2.bias)" in message
+    assert "1 unexpected key (extra.weight)" in message
+    assert "0.weight (model (3, 4) vs checkpoint (5, 4))" in message
+    assert "\n" not in message
+
+
+def test_apply_weights_lists_first_keys_with_counts() -> None:
+    wrong = {f"layer{i}.weight": torch.ones(1) for i in range(9)}
+    with pytest.raises(
+        UserError, match=r"8 missing keys .*9 unexpected keys \(layer0.weight.*4 more"
+    ):
+        apply_weights(small_model(), wrong)
+
+
+def test_apply_weights_refuses_non_finite() -> None:
+    state = small_state()
+    state["2.weight"][0, 0] = float("nan")
+    with pytest.raises(UserError, match="'2.weight'"):
+        apply_weights(small_model(), state)
+    state = small_state()
+    state["1.running_var"][1] = float("inf")
+    with pytest.raises(UserError, match="1.running_var"):
+        apply_weights(small_model(), state)
+
+
+def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
+    for step, name in [(300, "a.pt"), (20, "z.pt"), (100, "m.pt")]:
+        save_checkpoint(
+            tmp_path / name, state_dict=small_state(), metadata={"step": step, "epoch": 1}
+        )
+    loaded = sorted(
+        (load_checkpoint(p) for p in list_checkpoints(tmp_path)), key=checkpoint_order_key
+    )
+    assert [c.metadata["step"] for c in loaded] == [20, 100, 300]
+    names = tmp_path / "names"
+    names.mkdir()
+    for name in ["ckpt10.pt", "ckpt2.pt", "ckpt1.pth", ".ckpt3.pt.tmp", "notes.txt", "final.pkl"]:
+        torch.save(small_state(), names / name)
+    found = list_checkpoints(names)
+    assert [p.name for p in found] == ["ckpt1.pth", "ckpt2.pt", "ckpt10.pt", "final.pkl"]
+    ordered = sorted((load_checkpoint(p) for p in found), key=checkpoint_order_key)
+    assert [c.path.name for c in ordered] == ["ckpt1.pth", "ckpt2.pt", "ckpt10.pt", "final.pkl"]
+    with pytest.raises(UserError, match="not a directory"):
+        list_checkpoints(names / "ckpt2.pt")

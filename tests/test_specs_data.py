@@ -1,0 +1,402 @@
+"""Data specs: the bundled digits, synthetic sets, tensor files, torchvision and user code."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from hessian_cli.errors import UserError
+from hessian_cli.specs import analysis_batches, check_labels, load_data
+
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_is_the_real_uci_set() -> None:
+    data = load_data("digits")
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 10
+    assert len(data.train) == 1300 and len(data.test) == 497
+    x_train, y_train = data.train.tensors
+    x_test, y_test = data.test.tensors
+    x = torch.cat([x_train, x_test])
+    y = torch.cat([y_train, y_test])
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # Known facts of scikit-learn's load_digits: class sizes and the total of all pixel counts.
+    assert torch.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert round(float(x.double().sum()) * 16) == 561_718
+    # Pixel values are counts 0..16, so x * 16 is integral.
+    assert torch.equal(x * 16, (x * 16).round())
+    # Both halves hold every class: the split was permuted, not the original order.
+    assert set(y_test.tolist()) == set(range(10))
+    assert y_train[:10].tolist() != list(range(10))
+
+
+def test_digits_split_is_fixed_and_ignores_seed() -> None:
+    a, b = load_data("digits", seed=0), load_data("digits", seed=123)
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])
+    assert torch.equal(a.test.tensors[1], b.test.tensors[1])
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_images() -> None:
+    data = load_data("synthetic:3x32x32:5:40")
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 5
+    x, y = data.train.tensors
+    assert x.shape == (40, 3, 32, 32) and y.shape == (40,) and y.dtype == torch.int64
+    assert int(y.min()) >= 0 and int(y.max()) < 5
+    assert data.test is not None and len(data.test) == 10
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05  # Gaussian inputs
+
+
+def test_synthetic_defaults_flat_and_determinism() -> None:
+    data = load_data("synthetic:20")
+    assert data.input_shape == (20,) and data.num_classes == 10 and len(data.train) == 256
+    again = load_data("synthetic:20")
+    assert torch.equal(data.train.tensors[0], again.train.tensors[0])
+    # The spec alone names the data, so checkpoints that record it are analysed on the same data.
+    other = load_data("synthetic:20", seed=1)
+    assert torch.equal(data.train.tensors[0], other.train.tensors[0])
+    bigger = load_data("synthetic:20:10:300")
+    assert not torch.equal(data.test.tensors[0], bigger.test.tensors[0][: len(data.test)])
+    assert not torch.equal(data.train.tensors[1], load_data("synthetic:20:3").train.tensors[1])
+
+
+def test_synthetic_regression() -> None:
+    data = load_data("synthetic-regression:6:2:30")
+    assert data.num_classes is None and data.input_shape == (6,)
+    assert data.target_shape == (2,) and data.num_outputs == 2
+    x, y = data.train.tensors
+    assert y.shape == (30, 2) and y.is_floating_point()
+    # The targets follow a linear teacher: least squares explains most of their variance.
+    sol = torch.linalg.lstsq(x, y).solution
+    assert float((x @ sol - y).var()) < 0.2 * float(y.var())
+    assert load_data("synthetic-regression:4").target_shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "synthetic:",
+        "synthetic:3xAx3",
+        "synthetic:4:0",
+        "synthetic:4:2:3:9",
+        "synthetic-regression:-1",
+    ],
+)
+def test_bad_synthetic_specs(spec: str) -> None:
+    with pytest.raises(UserError, match="form"):
+        load_data(spec)
+
+
+def test_unknown_data_spec_lists_the_forms() -> None:
+    with pytest.raises(UserError) as info:
+        load_data("imagenet")
+    message = str(info.value)
+    for word in ("digits", "synthetic:", "cifar10", ".npz", "file.py:"):
+        assert word in message
+
+
+# ----------------------------------------------------------------------------- tensor files
+
+
+def _arrays(n: int = 12, classes: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, n) if classes else rng.normal(size=n).astype(np.float32)
+    return {"x": rng.normal(size=(n, 2, 3)).astype(np.float32), "y": y}
+
+
+def test_npz_classification_with_test_split(tmp_path: Path) -> None:
+    arrays = _arrays()
+    arrays["y"][0] = 3
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays, x_test=arrays["x"][:5], y_test=np.array([0, 1, 2, 5, 1]))
+    data = load_data(str(path))
+    assert data.input_shape == (2, 3) and data.num_classes == 6  # max over train and test, + 1
+    assert len(data.train) == 12 and len(data.test) == 5
+    assert np.array_equal(data.train.tensors[0].numpy(), arrays["x"])
+    assert data.train.tensors[1].dtype == torch.int64
+
+
+def test_pt_regression(tmp_path: Path) -> None:
+    arrays = _arrays(classes=False)
+    path = tmp_path / "d.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    data = load_data(str(path))
+    assert data.num_classes is None and data.target_shape == (1,)
+    assert data.train.tensors[1].shape == (12, 1) and data.test is None
+
+
+def test_h5_classification(tmp_path: Path) -> None:
+    arrays = _arrays()
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = (arrays["x"] * 100).astype(np.uint8)
+        f["y"] = arrays["y"].astype(np.int32)
+    data = load_data(str(path))
+    assert data.train.tensors[0].dtype == torch.float32
+    assert data.num_classes == int(arrays["y"].max()) + 1
+    assert torch.equal(data.train.tensors[1], torch.from_numpy(arrays["y"]).long())
+
+
+def test_bad_tensor_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_data(str(tmp_path / "missing.npz"))
+    np.savez(tmp_path / "no_y.npz", x=np.zeros((3, 2)))
+    with pytest.raises(UserError, match="no 'y' entry"):
+        load_data(str(tmp_path / "no_y.npz"))
+    np.savez(tmp_path / "lengths.npz", x=np.zeros((3, 2)), y=np.zeros(4, dtype=int))
+    with pytest.raises(UserError, match="same"):
+        load_data(str(tmp_path / "lengths.npz"))
+    np.savez(tmp_path / "neg.npz", x=np.zeros((3, 2)), y=np.array([0, -1, 2]))
+    with pytest.raises(UserError, match="negative"):
+        load_data(str(tmp_path / "neg.npz"))
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(UserError, match="could not be read"):
+        load_data(str(tmp_path / "junk.h5"))
+
+
+class _Hostile:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_pt_data_file_is_loaded_safely(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"x": torch.zeros(2, 2), "y": torch.zeros(2), "p": _Hostile(str(marker))}, path)
+    with pytest.raises(UserError, match="safely"):
+        load_data(str(path))
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+@pytest.mark.skipif(HAS_TORCHVISION, reason="torchvision is installed")
+def test_torchvision_data_without_torchvision() -> None:
+    with pytest.raises(UserError, match="vision"):
+        load_data("cifar10", root="/nonexistent")
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed")
+def test_torchvision_data_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--download"):
+        load_data("cifar10", root=tmp_path)
+    with pytest.raises(UserError, match="--data-root"):
+        load_data("mnist")
+
+
+# ----------------------------------------------------------------------------- user code
+
+USER_DATA = """
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+class Squares(Dataset):
+    num_classes = 7
+    def __len__(self):
+        return 9
+    def __getitem__(self, i):
+        return np.full((2, 2), i, dtype=np.float32), i % 3
+
+def dataset():
+    return TensorDataset(torch.arange(24.0).reshape(6, 4), torch.tensor([0, 1, 2, 3, 4, 1]))
+
+def pair():
+    return dataset(), TensorDataset(torch.zeros(2, 4), torch.tensor([0, 8]))
+
+def loader():
+    return DataLoader(Squares(), batch_size=4, shuffle=True)
+
+def regression():
+    return torch.randn(5, 3), torch.randn(5, 2)
+
+def nothing():
+    return 42
+"""
+
+
+@pytest.fixture
+def user_file(tmp_path: Path) -> Path:
+    path = tmp_path / "user_data.py"
+    path.write_text(textwrap.dedent(USER_DATA))
+    return path
+
+
+def test_user_dataset(user_file: Path) -> None:
+    data = load_data(f"{user_file}:dataset")
+    assert data.input_shape == (4,) and data.num_classes == 5 and data.test is None
+
+
+def test_user_train_test_pair(user_file: Path) -> None:
+    data = load_data(f"{user_file}:pair")
+    assert data.num_classes == 9  # the test labels count too
+    assert len(data.test) == 2
+
+
+def test_user_loader_takes_its_dataset_and_class_attribute(user_file: Path) -> None:
+    data = load_data(f"{user_file}:loader")
+    assert type(data.train).__name__ == "Squares"
+    assert data.input_shape == (2, 2) and data.num_classes == 7
+
+
+def test_user_regression_tensors(user_file: Path) -> None:
+    data = load_data(f"{user_file}:regression")
+    assert data.num_classes is None and data.target_shape == (2,) and data.num_outputs == 2
+
+
+def test_user_data_errors(user_file: Path) -> None:
+    with pytest.raises(UserError, match="not a Dataset"):
+        load_data(f"{user_file}:nothing")
+    with pytest.raises(UserError, match="no attribute"):
+        load_data(f"{user_file}:missing")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_analysis_batches_fixed_order_and_partial_batch() -> None:
+    data = load_data("digits")
+    batches = analysis_batches(data.train, batch_size=64, num_samples=150, dtype=torch.float64)
+    assert [len(x) for x, _ in batches] == [64, 64, 22]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.dtype == torch.float64 and y.dtype == torch.int64
+    assert torch.equal(x, data.train.tensors[0][:150].double())
+    assert torch.equal(y, data.train.tensors[1][:150])
+    again = analysis_batches(data.train, batch_size=64, num_samples=150, dtype=torch.float64)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
+
+
+def test_analysis_batches_num_batches_and_whole_set() -> None:
+    ds = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10.0).unsqueeze(1))
+    batches = analysis_batches(ds, batch_size=3, num_batches=2)
+    assert [b[0].squeeze(1).tolist() for b in batches] == [[0, 1, 2], [3, 4, 5]]
+    assert batches[0][1].dtype == torch.float32  # regression targets follow dtype
+    assert sum(len(b[0]) for b in analysis_batches(ds, batch_size=4)) == 10
+
+
+class _NumpyPairs(Dataset):
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i: int):
+        return np.full(3, i, dtype=np.float32), i
+
+
+def test_analysis_batches_generic_dataset() -> None:
+    batches = analysis_batches(_NumpyPairs(), batch_size=2, num_samples=5, dtype=torch.float64)
+    assert [b[1].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+    assert batches[2][0].dtype == torch.float64 and batches[2][0].tolist() == [[4.0, 4.0, 4.0]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"num_samples": 11}, "only 10"),
+        ({"num_batches": 4}, "only 10"),
+        ({"num_samples": 0}, "positive"),
+        ({"num_samples": 2, "num_batches": 1}, "not both"),
+        ({"batch_size": 0}, "batch size"),
+    ],
+)
+def test_analysis_batches_errors(kwargs: dict, words: str) -> None:
+    ds = TensorDataset(torch.zeros(10, 2), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(UserError, match=words):
+        analysis_batches(ds, **{"batch_size": 3, **kwargs})
+    with pytest.raises(UserError, match="no samples"):
+        analysis_batches(TensorDataset(torch.zeros(0, 2), torch.zeros(0)), batch_size=3)
+
+
+def test_check_labels() -> None:
+    batches = [(torch.zeros(2, 1), torch.tensor([0, 9]))]
+    check_labels(batches, 10)
+    check_labels(batches, None)
+    with pytest.raises(UserError, match="label 9 is out of range for 5 classes"):
+        check_labels(batches, 5)
+    with pytest.raises(UserError, match="label -1"):
+        check_labels([(torch.zeros(1, 1), torch.tensor([-1]))], 5)
+    with pytest.raises(UserError, match="real numbers"):
+        check_labels([(torch.zeros(2, 1), torch.randn(2, 1))], 5)
+    check_labels([(torch.zeros(2, 1), torch.softmax(torch.randn(2, 5), 1))], 5)  # soft labels
+
+
+def _fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Install a stand-in torchvision so the dataset plumbing runs where it is not installed."""
+    seen: dict = {"calls": []}
+
+    class Normalize:
+        def __init__(self, mean, std) -> None:
+            seen["mean"], seen["std"] = mean, std
+
+    class FakeSet(Dataset):
+        def __init__(self, root, download=False, transform=None, **where) -> None:
+            seen["calls"].append((type(self).__name__, where, download))
+            if not (Path(root) / "present").exists():
+                raise RuntimeError("Dataset not found or corrupted.")
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 32, 32), i
+
+    datasets = types.ModuleType("torchvision.datasets")
+    for name in ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "SVHN"):
+        setattr(datasets, name, type(name, (FakeSet,), {}))
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.Compose = lambda steps: steps
+    transforms.ToTensor = lambda: "to_tensor"
+    transforms.Normalize = Normalize
+    root = types.ModuleType("torchvision")
+    root.datasets, root.transforms = datasets, transforms
+    for name, module in [
+        ("torchvision", root),
+        ("torchvision.datasets", datasets),
+        ("torchvision.transforms", transforms),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    return seen
+
+
+def test_torchvision_data_plumbing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _fake_torchvision(monkeypatch)
+    with pytest.raises(UserError, match="--data-root"):
+        load_data("cifar10")
+    with pytest.raises(UserError, match="--download"):
+        load_data("cifar10", root=tmp_path)
+    (tmp_path / "present").touch()
+    data = load_data("CIFAR10", root=tmp_path)
+    assert data.num_classes == 10 and data.input_shape == (3, 32, 32) and len(data.test) == 3
+    assert seen["mean"] == (0.4914, 0.4822, 0.4465)
+    assert seen["calls"][-2:] == [
+        ("CIFAR10", {"train": True}, False),
+        ("CIFAR10", {"train": False}, False),
+    ]
+    data = load_data("svhn", root=tmp_path, download=True)
+    assert seen["calls"][-1] == ("SVHN", {"split": "test"}, True)
+    assert load_data("fashion-mnist", root=tmp_path).input_shape == (1, 28, 28)
+
+
+def test_user_factory_returning_a_string_is_refused() -> None:
+    with pytest.raises(UserError, match="not a Dataset"):
+        load_data("os:getcwd")

@@ -1,0 +1,91 @@
+"""Loss specs: cross-entropy, mean squared error (with one-hot labels) and user code."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hessian_cli.errors import UserError
+from hessian_cli.specs import default_loss, get_loss
+
+
+def test_default_loss() -> None:
+    assert default_loss(10) == "ce"
+    assert default_loss(None) == "mse"
+
+
+def test_cross_entropy_is_the_batch_mean() -> None:
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    loss = get_loss("ce")(logits, labels)
+    manual = -torch.log_softmax(logits, 1)[torch.arange(5), labels].mean()
+    assert torch.allclose(loss, manual)
+
+
+def test_mse_one_hot_for_integer_labels() -> None:
+    outputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([2, 0, 1, 2])
+    loss = get_loss("mse", num_classes=3)(outputs, labels)
+    one_hot = torch.eye(3)[labels]
+    assert torch.allclose(loss, ((outputs - one_hot) ** 2).mean())
+    # Without a class count the output width is used.
+    assert torch.allclose(get_loss("mse")(outputs, labels), loss)
+    with pytest.raises(UserError, match="out of range"):
+        get_loss("mse", num_classes=3)(outputs, torch.tensor([3, 0, 0, 0]))
+
+
+def test_mse_real_targets() -> None:
+    outputs = torch.randn(4, 1, dtype=torch.float64)
+    targets = torch.randn(4)  # one target per sample, flat: reshaped, not broadcast
+    loss = get_loss("mse")(outputs, targets)
+    assert loss.dtype == torch.float64
+    assert torch.allclose(loss, ((outputs[:, 0] - targets.double()) ** 2).mean())
+    with pytest.raises(UserError, match="shaped like the model outputs"):
+        get_loss("mse")(torch.randn(4, 2), torch.randn(4, 3))
+
+
+def test_losses_are_twice_differentiable() -> None:
+    w = torch.randn(3, 2, requires_grad=True)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    for spec in ("ce", "mse"):
+        (g,) = torch.autograd.grad(get_loss(spec, num_classes=2)(x @ w, y), w, create_graph=True)
+        (hv,) = torch.autograd.grad((g * torch.ones_like(g)).sum(), w)
+        assert hv.abs().sum() > 0
+
+
+def test_user_loss_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "my_loss.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            def l1(outputs, targets):
+                return (outputs - targets).abs().mean()
+            NOT_CALLABLE = 3
+            """
+        )
+    )
+    loss = get_loss(f"{path}:l1")
+    assert float(loss(torch.ones(2, 2), torch.zeros(2, 2))) == 1.0
+    with pytest.raises(UserError, match="not callable"):
+        get_loss(f"{path}:NOT_CALLABLE")
+    with pytest.raises(UserError, match="no attribute"):
+        get_loss(f"{path}:l2")
+
+
+def test_user_loss_from_module_function_and_class() -> None:
+    logits, labels = torch.randn(3, 4), torch.tensor([0, 3, 1])
+    expected = F.cross_entropy(logits, labels)
+    assert torch.allclose(get_loss("torch.nn.functional:cross_entropy")(logits, labels), expected)
+    assert torch.allclose(get_loss("torch.nn:CrossEntropyLoss")(logits, labels), expected)
+
+
+def test_unknown_loss() -> None:
+    with pytest.raises(UserError, match="unknown loss 'hinge'.*ce or mse"):
+        get_loss("hinge")
+    with pytest.raises(UserError, match="cannot import module"):
+        get_loss("no_such_pkg_xyz.losses:f")

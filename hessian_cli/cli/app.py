@@ -50,32 +50,26 @@ def _register_commands() -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors become one red sentence and exit status 2."""
+    """Console entry point: user errors become one red sentence and exit status 2.
+
+    Typer runs in standalone mode, so usage errors, ``--help`` and ``typer.Exit`` codes are
+    handled by it; everything else that escapes a command is caught here.
+    """
     _register_commands()
     try:
-        app(standalone_mode=False)
+        app()
     except UserError as exc:
         if state.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as exc:  # click usage errors and unexpected failures
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
         if state.debug:
             raise
         err_console.print(
-            f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
             highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)

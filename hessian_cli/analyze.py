@@ -1,0 +1,301 @@
+"""Analyse checkpoints: specs in, certified spectra and alignment scores out.
+
+The library behind ``hessian-cli analyze``: resolves the model, weights, data and loss (from the
+flags, else from a self-describing checkpoint), builds the curvature operator and runs the
+requested solvers. It knows nothing of the terminal: progress goes to an optional callback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from hessian_cli.analysis import CheckpointAnalysis
+from hessian_cli.engine.alignment import alignment_scores
+from hessian_cli.engine.density import spectral_density
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.trace import hutchinson_trace
+from hessian_cli.errors import UserError
+from hessian_cli.specs import (
+    LoadedCheckpoint,
+    analysis_batches,
+    apply_weights,
+    build_model,
+    check_labels,
+    checkpoint_order_key,
+    default_loss,
+    get_loss,
+    list_checkpoints,
+    load_checkpoint,
+    load_data,
+)
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class AnalyzeRequest:
+    """Everything the user can ask of ``analyze``; ``None`` specs come from the checkpoint."""
+
+    model: str | None = None
+    model_kwargs: dict | None = None
+    data: str | None = None
+    data_root: str | None = None
+    loss: str | None = None
+    top_k: int = 5
+    which: Literal["largest", "smallest", "both"] = "largest"
+    tol: float = 1e-4
+    max_hvps: int | None = None
+    block_size: int | None = None
+    trace: bool = False
+    trace_probes: int = 99
+    density: bool = False
+    density_probes: int = 8
+    density_steps: int = 64
+    alignment: bool = False
+    rho: float = 0.05
+    alpha: float = 0.2
+    minibatches: int = 8
+    params: Sequence[str] | None = None
+    bn: Literal["eval", "train"] = "eval"
+    batch_size: int = 128
+    num_samples: int | None = None
+    num_batches: int | None = None
+    device: str = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    seed: int = 0
+    trust_checkpoint: bool = False
+    keep_vectors: bool = field(default=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("CUDA was requested with --device cuda, but no CUDA device is available.")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"Unknown device {name!r}: use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def checkpoint_paths(target: str | Path) -> list[Path]:
+    """One checkpoint file, or every checkpoint in a directory."""
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"No such checkpoint file or directory: {path}.")
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(
+                f"The directory {path} holds no checkpoint files (.pt, .pth, .pkl, .safetensors)."
+            )
+        return found
+    return [path]
+
+
+def analyze_target(
+    target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
+) -> list[CheckpointAnalysis]:
+    """Analyse one checkpoint or a directory of them, returned in step/epoch order."""
+    loaded = [load_checkpoint(p, trust=request.trust_checkpoint) for p in checkpoint_paths(target)]
+    loaded.sort(key=checkpoint_order_key)
+    results: list[CheckpointAnalysis] = []
+    init = None
+    for ckpt in loaded:
+        result = analyze_checkpoint(ckpt, request, progress, init=init)
+        if result.eigen is not None and request.which == "largest":
+            init = result.eigen.eigenvectors  # warm start the next checkpoint of the series
+        results.append(result)
+    return results
+
+
+def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) -> str:
+    value = flag or metadata.get(key)
+    if not value:
+        raise UserError(f"The checkpoint does not say which {what} it is for: pass {option}.")
+    return str(value)
+
+
+def analyze_checkpoint(
+    ckpt: LoadedCheckpoint,
+    request: AnalyzeRequest,
+    progress: Progress | None = None,
+    *,
+    init: torch.Tensor | None = None,
+) -> CheckpointAnalysis:
+    """Run the requested solvers on one loaded checkpoint."""
+    meta = ckpt.metadata
+    model_spec = _spec(request.model, meta, "model", "model", "--model")
+    data_spec = _spec(request.data, meta, "data", "data", "--data")
+    kwargs = request.model_kwargs
+    if kwargs is None and not request.model and meta.get("model_kwargs"):
+        kwargs = json.loads(meta["model_kwargs"])
+    device = resolve_device(request.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
+    torch.manual_seed(request.seed)
+
+    data = load_data(data_spec, root=request.data_root or meta.get("data_root") or None)
+    model = build_model(
+        model_spec, input_shape=data.input_shape, num_classes=data.num_outputs, kwargs=kwargs
+    )
+    apply_weights(model, ckpt.state_dict)
+    model = model.to(device=device, dtype=dtype)
+    batches = analysis_batches(
+        data.train,
+        batch_size=request.batch_size,
+        # One batch unless told otherwise (a quick, common default), however small the data.
+        num_samples=request.num_samples
+        or (None if request.num_batches else min(request.batch_size, len(data.train))),
+        num_batches=request.num_batches,
+        dtype=dtype,
+    )
+    if data.num_classes:
+        check_labels(batches, data.num_classes)
+    _check_fits(model, batches, data.input_shape)
+    loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
+    loss_fn = get_loss(loss_spec, num_classes=data.num_classes)
+    try:
+        return _run_solvers(
+            ckpt,
+            request,
+            model,
+            loss_fn,
+            batches,
+            device,
+            init,
+            progress,
+            specs={"model": model_spec, "data": data_spec, "loss": loss_spec},
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(
+            f"CUDA ran out of memory analysing {ckpt.path.name}: try a smaller --batch-size."
+        ) from exc
+
+
+def _check_fits(model: torch.nn.Module, batches: list, input_shape: tuple[int, ...]) -> None:
+    """One forward pass on two samples, so a shape or label mismatch is reported before any work."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(batches[0][0][:2])
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(
+            f"The data (samples of shape {tuple(input_shape)}) does not fit the model: {reason}."
+        ) from exc
+    finally:
+        model.train(was_training)
+    top = max(int(y.max()) for _, y in batches) if not batches[0][1].is_floating_point() else None
+    if top is not None and out.ndim == 2 and top >= out.shape[1]:
+        raise UserError(
+            f"The data has class labels up to {top}, but the model has only {out.shape[1]} "
+            "outputs: check --data and the model's num_classes."
+        )
+
+
+def _run_solvers(
+    ckpt: LoadedCheckpoint,
+    request: AnalyzeRequest,
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    batches: list,
+    device: torch.device,
+    init: torch.Tensor | None,
+    progress: Progress | None,
+    specs: dict[str, str],
+) -> CheckpointAnalysis:
+    start = time.perf_counter()
+    op = HessianOperator(model, loss_fn, batches, params=request.params, bn=request.bn)
+    grad_start = time.perf_counter()
+    loss, _ = op.gradient()
+    grad_seconds = time.perf_counter() - grad_start
+    eig = trace = density = alignment = None
+    if request.top_k:
+
+        def eig_progress(hvps: int, done: int, total: int) -> None:
+            if progress:
+                progress("eigenpairs", done, total)
+
+        eig = eigenpairs(
+            op,
+            request.top_k,
+            which=request.which,
+            tol=request.tol,
+            block_size=request.block_size,
+            max_hvps=request.max_hvps,
+            init=init,
+            seed=request.seed,
+            progress=eig_progress,
+        )
+    if request.trace:
+        if progress:
+            progress("trace", 0, 1)
+        trace = hutchinson_trace(op, request.trace_probes, seed=request.seed)
+    if request.density:
+        if progress:
+            progress("density", 0, 1)
+        density = spectral_density(
+            op, request.density_probes, request.density_steps, seed=request.seed
+        )
+    if request.alignment:
+        if eig is None or eig.which == "smallest":
+            raise UserError("--alignment needs the top eigenvectors: use --which largest or both.")
+        if progress:
+            progress("alignment", 0, 1)
+        k = request.top_k
+        alignment = alignment_scores(
+            op,
+            eig.eigenvalues[:k],
+            eig.eigenvectors[:k],
+            rho=request.rho,
+            alpha=request.alpha,
+            minibatches=request.minibatches,
+        )
+    wall = time.perf_counter() - start
+    provenance = {
+        "checkpoint": str(ckpt.path),
+        "sha256": ckpt.sha256,
+        "checkpoint_format": ckpt.format,
+        "model": specs["model"],
+        "data": specs["data"],
+        "loss": specs["loss"],
+        "params_glob": ",".join(request.params or []) or "*",
+        "num_params": op.n,
+        "num_samples": op.num_samples,
+        "num_batches": len(batches),
+        "batch_size": request.batch_size,
+        "bn": request.bn,
+        "dtype": request.dtype,
+        "device": str(device),
+        "seed": request.seed,
+        "solver": eig.method if eig else "",
+        "tol": request.tol,
+        "hvp_backend": op.backend,
+        "hvps": op.hvp_count,
+        "grad_seconds": grad_seconds,
+        "grad_equivalents": wall / grad_seconds if grad_seconds > 0 else float("nan"),
+        "wall_seconds": wall,
+        "world_size": 1,
+        "step": ckpt.metadata.get("step"),
+        "epoch": ckpt.metadata.get("epoch"),
+    }
+    op.release()
+    return CheckpointAnalysis(
+        name=ckpt.path.stem,
+        provenance=provenance,
+        space=op.space,
+        loss=loss,
+        eigen=eig,
+        trace=trace,
+        density=density,
+        alignment=alignment,
+    )

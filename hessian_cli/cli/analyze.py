@@ -1,0 +1,228 @@
+"""``hessian-cli analyze``: parse the options, call :mod:`hessian_cli.analyze`, render."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from hessian_cli.analyze import AnalyzeRequest, analyze_target
+from hessian_cli.cli.app import app
+from hessian_cli.errors import UserError
+from hessian_cli.presentation.tables import analysis_table, series_table
+from hessian_cli.report import analysis_to_dict
+from hessian_cli.storage.hdf5 import write_analyses
+
+EXIT_UNCONVERGED = 3
+
+
+def _parse_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"--model-kwargs is not valid JSON: {exc.msg} at position {exc.pos}."
+        ) from exc
+    if not isinstance(value, dict):
+        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'.")
+    return value
+
+
+@app.command()
+def analyze(
+    target: Path = typer.Argument(
+        ..., help="A checkpoint file (.pt/.pth/.pkl/.safetensors) or a directory of them."
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="mlp, cnn, resnet20/32/56, torchvision:NAME, file.py:factory or package.module:factory. Default: from the checkpoint.",
+    ),
+    model_kwargs: str | None = typer.Option(
+        None, "--model-kwargs", help="JSON object of keyword arguments for the model factory."
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="digits, synthetic:3x32x32, cifar10/cifar100/mnist/fashion-mnist/svhn, x/y file (.npz/.pt/.h5) or module:factory. Default: from the checkpoint.",
+    ),
+    data_root: str | None = typer.Option(
+        None, "--data-root", help="Folder holding torchvision datasets."
+    ),
+    loss: str | None = typer.Option(
+        None,
+        "--loss",
+        help="ce, mse or module:function. Default: from the checkpoint, else ce for class labels.",
+    ),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Number of eigenpairs (0 to skip)."),
+    which: str = typer.Option(
+        "largest", "--which", help="largest, smallest (most negative) or both."
+    ),
+    tol: float = typer.Option(
+        1e-4, "--tol", help="Converged when ||Hv - lambda v|| <= tol * |lambda_max|."
+    ),
+    max_hvps: int | None = typer.Option(
+        None,
+        "--max-hvps",
+        help="HVP budget for the eigensolver; giving one accepts unconverged pairs (exit 0).",
+    ),
+    block_size: int | None = typer.Option(
+        None, "--block-size", help="Vectors per Hessian pass (default: chosen per device)."
+    ),
+    trace: bool = typer.Option(
+        False, "--trace", help="Estimate the trace (Hutch++) with its standard error."
+    ),
+    trace_probes: int = typer.Option(99, "--trace-probes", help="HVPs spent on the trace."),
+    density: bool = typer.Option(
+        False, "--density", help="Spectral density by stochastic Lanczos quadrature."
+    ),
+    density_probes: int = typer.Option(
+        8, "--density-probes", help="Random probes for the density."
+    ),
+    density_steps: int = typer.Option(64, "--density-steps", help="Lanczos steps per probe."),
+    alignment: bool = typer.Option(
+        False, "--alignment", help="SAM-alignment scores of the gradient with the top eigenvectors."
+    ),
+    rho: float = typer.Option(0.05, "--rho", help="SAM radius for sam_sharpness."),
+    alpha: float = typer.Option(0.2, "--alpha", help="Eigen-SAM alpha for eigensam_alignment."),
+    minibatches: int = typer.Option(
+        8, "--minibatches", help="Minibatch gradients for alignment statistics."
+    ),
+    params: list[str] | None = typer.Option(
+        None, "--params", help="Glob over parameter names (repeatable), e.g. 'fc.*'."
+    ),
+    bn: str = typer.Option(
+        "eval", "--bn", help="BatchNorm statistics: eval (running) or train (batch)."
+    ),
+    batch_size: int = typer.Option(128, "--batch-size", "-b", help="Samples per forward pass."),
+    num_samples: int | None = typer.Option(
+        None, "--num-samples", help="Analyse the first N samples (default: one batch)."
+    ),
+    num_batches: int | None = typer.Option(
+        None, "--num-batches", help="Analyse the first N batches."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random start and probes."),
+    trust_checkpoint: bool = typer.Option(
+        False,
+        "--trust-checkpoint",
+        help="Allow checkpoints that need arbitrary unpickling (runs code from the file!).",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write (or append to) this HDF5 file."
+    ),
+    save_eigenvectors: bool = typer.Option(
+        False, "--save-eigenvectors", help="Store the eigenvectors in the HDF5 file."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
+) -> None:
+    """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
+    for name, value, allowed in (
+        ("--which", which, ("largest", "smallest", "both")),
+        ("--bn", bn, ("eval", "train")),
+        ("--dtype", dtype, ("float32", "float64")),
+    ):
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
+    if num_samples is not None and num_batches is not None:
+        raise UserError("Give --num-samples or --num-batches, not both.")
+    if top_k < 0:
+        raise UserError("--top-k must be 0 or more.")
+    if out is not None and out.exists() and out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name such as spectra.h5.")
+    request = AnalyzeRequest(
+        model=model,
+        model_kwargs=_parse_kwargs(model_kwargs),
+        data=data,
+        data_root=data_root,
+        loss=loss,
+        top_k=top_k,
+        which=which,
+        tol=tol,
+        max_hvps=max_hvps,
+        block_size=block_size,
+        trace=trace,
+        trace_probes=trace_probes,
+        density=density,
+        density_probes=density_probes,
+        density_steps=density_steps,
+        alignment=alignment,
+        rho=rho,
+        alpha=alpha,
+        minibatches=minibatches,
+        params=params or None,
+        bn=bn,
+        batch_size=batch_size,
+        num_samples=num_samples,
+        num_batches=num_batches,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        trust_checkpoint=trust_checkpoint,
+    )
+    console = Console()
+    show_progress = not (quiet or as_json)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not show_progress,
+    ) as bar:
+        task = bar.add_task("loading", total=None)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(
+                task,
+                description=f"{phase} ({done}/{total} converged)"
+                if phase == "eigenpairs"
+                else phase,
+                completed=done,
+                total=total or None,
+            )
+
+        results = analyze_target(target, request, progress)
+    reports = [analysis_to_dict(r) for r in results]
+    if out is not None:
+        write_analyses(
+            out,
+            results,
+            command_line=shlex.join(["hessian-cli", *sys.argv[1:]]),
+            save_eigenvectors=save_eigenvectors,
+            series=len(results) > 1,
+        )
+    if as_json:
+        typer.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    elif not quiet:
+        if len(reports) > 1:
+            console.print(series_table(reports))
+        else:
+            console.print(analysis_table(reports[0]))
+        if out is not None:
+            console.print(f"wrote {out}")
+    unconverged = [
+        (r["name"], sum(not c for c in r["eigen"]["converged"]))
+        for r in reports
+        if r["eigen"] and not all(r["eigen"]["converged"])
+    ]
+    if unconverged and max_hvps is None:
+        what = ", ".join(f"{n}: {c} pair(s)" for n, c in unconverged)
+        Console(stderr=True).print(
+            f"[bold yellow]not converged[/] to tol {tol:g} ({what}); raise --max-hvps to spend more "
+            "or pass it to accept the budget.",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_UNCONVERGED)

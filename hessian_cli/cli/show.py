@@ -1,0 +1,86 @@
+"""``hessian-cli show FILE``: what a spectra or metrics file holds, as tables or JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from hessian_cli.cli.app import app
+from hessian_cli.errors import UserError
+from hessian_cli.presentation.tables import (
+    analysis_table,
+    file_summary,
+    metrics_summary,
+    series_table,
+)
+from hessian_cli.report import numbers
+from hessian_cli.storage import (
+    FORMAT_NAME,
+    METRICS_FORMAT_NAME,
+    file_format,
+    read_analyses,
+    read_file_info,
+    read_metrics,
+    read_metrics_info,
+)
+
+
+def print_json(data: Any) -> None:
+    """Strict JSON on stdout (no NaN), unwrapped, for piping into other tools."""
+    typer.echo(json.dumps(data, indent=2, allow_nan=False))
+
+
+@app.command("show")
+def show(
+    file: Path = typer.Argument(
+        ..., help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`."
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the contents as JSON: for spectra the list of per-checkpoint reports "
+        "(the same keys as `analyze --json`), for metrics one list of values per column.",
+    ),
+    checkpoint: str | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="Show only the checkpoint with this name (see the series table for names).",
+    ),
+    show_all: bool = typer.Option(
+        False,
+        "--all",
+        "-a",
+        help="With several checkpoints, show the detailed table of each, not only the series.",
+    ),
+) -> None:
+    """Show what is inside a spectra or metrics HDF5 file, as tables."""
+    fmt = file_format(file)
+    console = Console()
+    if fmt == METRICS_FORMAT_NAME:
+        metrics = read_metrics(file)
+        if as_json:
+            print_json({g: {c: numbers(v) for c, v in cols.items()} for g, cols in metrics.items()})
+        else:
+            console.print(metrics_summary(file, metrics, read_metrics_info(file)))
+        return
+    if fmt != FORMAT_NAME:
+        raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot show.")
+    ds = read_analyses(file)
+    if checkpoint is not None:
+        ds = [d for d in ds if d["name"] == checkpoint]
+        if not ds:
+            raise UserError(f"{file} holds no checkpoint named {checkpoint!r}.")
+    if as_json:
+        print_json(ds)
+        return
+    console.print(file_summary(file, ds, read_file_info(file)))
+    if len(ds) > 1:
+        console.print(series_table(ds))
+    if len(ds) == 1 or show_all:
+        for d in ds:
+            console.print(analysis_table(d))

@@ -1,0 +1,1 @@
+"""Turning report dicts and metrics into terminal tables and figures; no computation here."""

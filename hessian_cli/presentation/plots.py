@@ -1,0 +1,250 @@
+"""Figures from report dicts and metrics columns, written atomically (never a half-written file).
+
+Figures are built with :class:`matplotlib.figure.Figure` and rendered by Agg, so no display,
+no pyplot state and no global backend switch are involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from hessian_cli.errors import UserError
+from hessian_cli.storage.files import atomic_path
+
+DPI = 120
+_DENSITY_FLOOR = 1e-7  # log-scale ESD: show seven decades below the peak
+
+
+def _arr(values: Any) -> np.ndarray:
+    """Report numbers (``None`` for non-finite) as floats with NaN, which matplotlib skips."""
+    return np.array(values if values is not None else [], dtype=float)
+
+
+def _figure(panels: int) -> tuple[Figure, list[Axes]]:
+    cols = panels if panels <= 3 else 2
+    rows = -(-panels // cols)
+    fig = Figure(figsize=(6.4 * cols, 4.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for extra in axes[panels:]:
+        extra.set_visible(False)
+    return fig, axes[:panels]
+
+
+def save_figure(fig: Figure, out_path: str | Path) -> Path:
+    """Render ``fig`` to ``out_path`` (format from the suffix, PNG by default) atomically."""
+    out = Path(out_path)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise UserError(
+            f"Cannot write a {fmt!r} figure; use one of: {', '.join(sorted(supported))}."
+        )
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=DPI)
+    return out
+
+
+# --- spectra ----------------------------------------------------------------------------------
+
+
+def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
+    dn, e = d["density"], d.get("eigen")
+    grid, values = _arr(dn["grid"]), _arr(dn["values"])
+    peak = np.nanmax(values) if np.isfinite(values).any() else 1.0
+    floor = peak * _DENSITY_FLOOR if peak > 0 else _DENSITY_FLOOR
+    ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.2, label="smoothed ESD")
+    ax.set_ylim(bottom=floor)
+    if e is not None:
+        for i, (lam, ok) in enumerate(zip(e["eigenvalues"], e["converged"], strict=False)):
+            if lam is None:
+                continue
+            label = None
+            if i == 0:
+                label = f"top-{len(e['eigenvalues'])} eigenvalues"
+            ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title(f"Spectral density: SLQ, {dn.get('num_probes')} probes × {dn.get('steps')} steps")
+    ax.legend(loc="upper right", fontsize="small")
+
+
+def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
+    values, res = _arr(e["eigenvalues"]), _arr(e["residuals"])
+    ok = np.array(e["converged"], dtype=bool)
+    idx = np.arange(1, len(values) + 1)
+    ax.plot(idx, values, color="0.6", lw=0.8)
+    ax.plot(idx[ok], values[ok], "o", color="C0", label="converged")
+    if (~ok).any():
+        ax.plot(idx[~ok], values[~ok], "x", color="C3", ms=9, mew=2, label="NOT converged")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("eigenvalue λ_i")
+    ax.set_xticks(idx)
+    ax.set_title(f"Top eigenvalues ({e.get('which')}) and residuals")
+    twin = ax.twinx()
+    positive = np.where(res > 0, res, np.nan)
+    twin.semilogy(idx, positive, "s", mfc="none", color="C1", label="residual")
+    if e.get("tol") is not None:
+        twin.axhline(e["tol"], color="C1", ls=":", lw=1, label=f"tol {e['tol']:.0e}")
+    twin.set_ylabel("relative residual ||Hv-λv|| / |λ_max|", color="C1")
+    handles = ax.get_legend_handles_labels()
+    twin_handles = twin.get_legend_handles_labels()
+    ax.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize="small")
+
+
+def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
+    """Steps if every checkpoint knows its step, else epochs, else checkpoint order."""
+    for key in ("step", "epoch"):
+        values = [(d.get("provenance") or {}).get(key) for d in ds]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return np.array(values, dtype=float), key
+    return np.arange(1, len(ds) + 1, dtype=float), "checkpoint (file order)"
+
+
+def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
+    x, xlabel = _x_axis(ds)
+    k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
+    has_trace = any(d.get("trace") for d in ds)
+    has_alignment = any(d.get("alignment") for d in ds)
+    if not k and not has_trace:
+        raise UserError("The file holds no eigenvalues or traces to plot.")
+    fig, axes = _figure(bool(k) + has_trace + has_alignment)
+    panels = iter(axes)
+    if k:
+        ax = next(panels)
+        for i in range(k):
+            lam = np.full(len(ds), np.nan)
+            bad = np.zeros(len(ds), dtype=bool)
+            for j, d in enumerate(ds):
+                e = d.get("eigen")
+                if e and i < len(e["eigenvalues"]) and e["eigenvalues"][i] is not None:
+                    lam[j] = e["eigenvalues"][i]
+                    bad[j] = not e["converged"][i]
+            ax.plot(x, lam, "o-", ms=3, color=f"C{i % 10}", label=f"λ{i + 1}")
+            ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
+        ax.set_title("Top eigenvalues (red x: NOT converged)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("eigenvalue")
+        ax.legend(fontsize="small", ncols=2 if k > 5 else 1)
+    if has_trace:
+        ax = next(panels)
+        est = _arr([(d.get("trace") or {}).get("estimate") for d in ds])
+        err = _arr([(d.get("trace") or {}).get("stderr") for d in ds])
+        ax.errorbar(x, est, yerr=np.nan_to_num(err), fmt="o-", ms=3, capsize=3, color="C4")
+        ax.set_title("Hessian trace (± std. error)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("trace")
+    if has_alignment:
+        ax = next(panels)
+        first = _arr([((d.get("alignment") or {}).get("alignment") or [None])[0] for d in ds])
+        sub = _arr([(d.get("alignment") or {}).get("subspace_alignment") for d in ds])
+        ax.plot(x, first, "o-", ms=3, label="|<ĝ, v1>|")
+        ax.plot(x, sub, "s-", ms=3, label="||Vᵀĝ||")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("SAM alignment of the gradient")
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _single_figure(d: Mapping[str, Any]) -> Figure:
+    e, dn = d.get("eigen"), d.get("density")
+    if e is None and dn is None:
+        raise UserError(f"Checkpoint {d.get('name')!r} has no eigenvalues or density to plot.")
+    fig, axes = _figure((dn is not None) + (e is not None))
+    panels = iter(axes)
+    if dn is not None:
+        _density_panel(next(panels), d)
+    if e is not None:
+        _eigen_panel(next(panels), e)
+    fig.suptitle(str(d.get("name")))
+    return fig
+
+
+def plot_file(ds: Sequence[Mapping[str, Any]], out_path: str | Path) -> Path:
+    """ESD and eigenvalues for one checkpoint; trajectories over step for several."""
+    if not ds:
+        raise UserError("The file holds no checkpoints to plot.")
+    fig = _single_figure(ds[0]) if len(ds) == 1 else _series_figure(ds)
+    return save_figure(fig, out_path)
+
+
+# --- training metrics -------------------------------------------------------------------------
+
+
+def _curve(ax: Axes, cols: Mapping[str, np.ndarray], x: str, y: str, **kw: Any) -> bool:
+    """Plot column ``y`` against ``x`` (row index if ``x`` is missing) if ``y`` was recorded.
+
+    Rows of a 2-D column (several eigenvalues per refresh) contribute their first entry.
+    """
+    if y not in cols or not len(cols[y]):
+        return False
+    values = np.asarray(cols[y], dtype=float)
+    xs = np.asarray(cols[x]) if x in cols else np.arange(len(values))
+    n = min(len(xs), len(values))
+    ax.plot(xs[:n], values[:n] if values.ndim == 1 else values[:n, 0], **kw)
+    return True
+
+
+def _epoch_axis(ax: Axes) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_metrics(metrics: Mapping[str, Mapping[str, np.ndarray]], out_path: str | Path) -> Path:
+    """Training curves: loss, accuracy, lambda_max and alignment, where recorded."""
+    steps, epochs = metrics.get("steps") or {}, metrics.get("epochs") or {}
+    refresh, track = metrics.get("refresh") or {}, metrics.get("track") or {}
+    panels = []
+    if "loss" in steps or "train_loss" in epochs:
+        panels.append("loss")
+    if {"accuracy"} & set(steps) or {"train_accuracy", "test_accuracy"} & set(epochs):
+        panels.append("accuracy")
+    if "lambda_max" in track or "eigenvalue" in refresh:
+        panels.append("curvature")
+    if "alignment" in refresh:
+        panels.append("alignment")
+    if not panels:
+        raise UserError("The metrics file holds no loss, accuracy or curvature to plot.")
+    fig, axes = _figure(len(panels))
+    ax_of = dict(zip(panels, axes, strict=True))
+    if ax := ax_of.get("loss"):
+        by_step = _curve(ax, steps, "step", "loss", lw=0.8, alpha=0.7, label="train (per step)")
+        if by_step:
+            ax.set_xlabel("step")
+        else:
+            _curve(ax, epochs, "epoch", "train_loss", marker="o", label="train")
+            _curve(ax, epochs, "epoch", "test_loss", marker="o", label="test")
+            _epoch_axis(ax)
+        if all((line.get_ydata() > 0).all() for line in ax.get_lines()):
+            ax.set_yscale("log")
+        ax.set_title("Loss")
+        ax.legend(fontsize="small")
+    if ax := ax_of.get("accuracy"):
+        train = _curve(ax, epochs, "epoch", "train_accuracy", marker="o", label="train")
+        test = _curve(ax, epochs, "epoch", "test_accuracy", marker="o", label="test")
+        if train or test:
+            _epoch_axis(ax)
+        else:
+            _curve(ax, steps, "step", "accuracy", lw=0.8, label="train (per step)")
+            ax.set_xlabel("step")
+        ax.set_title("Accuracy")
+        ax.legend(fontsize="small")
+    if ax := ax_of.get("curvature"):
+        _curve(ax, track, "step", "lambda_max", marker=".", label="λ_max (tracked)")
+        _curve(ax, refresh, "step", "eigenvalue", ls="", marker="x", label="λ1 at refresh")
+        ax.set_xlabel("step")
+        ax.set_title("Top Hessian eigenvalue")
+        ax.legend(fontsize="small")
+    if ax := ax_of.get("alignment"):
+        _curve(ax, refresh, "step", "alignment", marker="o", ms=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("|<ĝ, v1>|")
+        ax.set_title("Gradient alignment at eigenvector refresh")
+    return save_figure(fig, out_path)

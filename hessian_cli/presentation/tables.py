@@ -1,0 +1,271 @@
+"""Terminal tables (Rich renderables) built from report dicts and metrics columns.
+
+They only format: every number comes from :func:`hessian_cli.report.analysis_to_dict` (or
+:func:`hessian_cli.storage.read_metrics`), so what is shown is exactly what ``--json`` prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+DASH = "—"
+NOT_CONVERGED = "[bold red]NOT converged[/]"
+# The provenance shown above the tables; `show --json` and the HDF5 attrs hold all of it.
+SUMMARY_KEYS = (
+    "checkpoint",
+    "model",
+    "data",
+    "loss",
+    "num_params",
+    "num_samples",
+    "dtype",
+    "device",
+    "step",
+    "epoch",
+)
+
+
+def _g(x: Any, spec: str = ".6g") -> str:
+    return DASH if x is None else format(x, spec)
+
+
+def _int(x: Any) -> str:
+    return DASH if x is None else f"{int(x):,}"
+
+
+def _seconds(x: float | None) -> str:
+    if x is None:
+        return DASH
+    return f"{x:.2f} s" if x < 120 else f"{x / 60:.1f} min"
+
+
+def cost_line(cost: Mapping[str, Any]) -> str | None:
+    """``HVPs, gradient-equivalents, wall time, device`` for the parts that are known."""
+    parts = []
+    if cost.get("hvps") is not None:
+        parts.append(f"{_int(cost['hvps'])} HVPs")
+    if cost.get("grad_equivalents") is not None:
+        parts.append(f"{_g(cost['grad_equivalents'], '.4g')} gradient-equivalents")
+    if cost.get("seconds") is not None:
+        parts.append(f"wall {_seconds(cost['seconds'])}")
+    if cost.get("device") is not None:
+        parts.append(f"on {cost['device']}")
+    return "cost: " + ", ".join(parts) if parts else None
+
+
+def _eigen_table(e: Mapping[str, Any]) -> Group:
+    how = (
+        f"{e.get('which')} eigenvalues by {e.get('method')}; converged means residual "
+        f"||Hv - λv|| / {_g(e.get('scale'), '.4g')} <= tol {_g(e.get('tol'), '.1e')}; "
+        f"{_int(e.get('iterations'))} iterations, {_int(e.get('hvps'))} HVPs, "
+        f"{_seconds(e.get('seconds'))}"
+    )
+    table = Table(title="Eigenvalues")
+    table.add_column("#", justify="right")
+    table.add_column("eigenvalue", justify="right")
+    table.add_column("residual", justify="right")
+    table.add_column("converged?")
+    for i, (value, res, ok) in enumerate(
+        zip(e["eigenvalues"], e["residuals"], e["converged"], strict=False), start=1
+    ):
+        status = "[green]yes[/]" if ok else NOT_CONVERGED
+        table.add_row(str(i), _g(value), _g(res, ".2e"), status)
+    return Group(table, Text(how, style="dim"))
+
+
+def _alignment_table(al: Mapping[str, Any]) -> Table:
+    mb = al.get("minibatch") or {}
+    m = len(mb.get("values") or [])
+    table = Table(title="SAM alignment", caption=f"minibatch: over the first {m} batch gradients")
+    table.add_column("score")
+    table.add_column("value", justify="right")
+    table.add_column("minibatch mean ± std", justify="right")
+    means, stds = mb.get("mean") or [], mb.get("std") or []
+    for i, value in enumerate(al.get("alignment") or []):
+        spread = (
+            f"{_g(means[i], '.4f')} ± {_g(stds[i], '.4f')}"
+            if i < min(len(means), len(stds))
+            else ""
+        )
+        table.add_row(f"|<ĝ, v{i + 1}>|", _g(value, ".4f"), spread)
+    table.add_row("subspace ||Vᵀĝ||", _g(al.get("subspace_alignment"), ".4f"), "")
+    table.add_row("curvature ratio ĝᵀHĝ/λ1", _g(al.get("curvature_ratio"), ".4f"), "")
+    table.add_row(
+        f"Eigen-SAM alignment (α={_g(al.get('alpha'))})",
+        _g(al.get("eigensam_alignment"), ".4f"),
+        "",
+    )
+    table.add_row(f"SAM sharpness (ρ={_g(al.get('rho'))})", _g(al.get("sam_sharpness"), ".4g"), "")
+    table.add_row("gradient norm", _g(al.get("grad_norm"), ".4g"), "")
+    return table
+
+
+def _density_line(dn: Mapping[str, Any]) -> str:
+    nodes = np.array(dn.get("nodes") or [], dtype=float)
+    weights = np.array(dn.get("weights") or [], dtype=float)
+    used = nodes[weights > 0] if nodes.shape == weights.shape else nodes.ravel()
+    support = f"[{used.min():.4g}, {used.max():.4g}]" if used.size else DASH
+    grid = np.array(dn.get("grid") or [], dtype=float)
+    values = np.array(dn.get("values") or [], dtype=float)
+    peak = f", peak at λ≈{grid[np.nanargmax(values)]:.4g}" if values.size and grid.size else ""
+    return (
+        f"density (SLQ): {_int(dn.get('num_probes'))} probes × {_int(dn.get('steps'))} steps, "
+        f"nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
+        f"{_int(dn.get('hvps'))} HVPs"
+    )
+
+
+def analysis_table(d: Mapping[str, Any]) -> RenderableType:
+    """Everything known about one checkpoint: eigenpairs, trace, alignment, density and cost."""
+    prov = d.get("provenance") or {}
+    parts: list[RenderableType] = [Text(str(d.get("name")), style="bold")]
+    if prov:
+        shown = (f"{k}={prov[k]}" for k in SUMMARY_KEYS if prov.get(k) not in (None, ""))
+        parts.append(Text("  ".join(shown), style="dim"))
+    parts.append(Text(f"loss {_g(d.get('loss'))}"))
+    if (e := d.get("eigen")) is not None:
+        parts.append(_eigen_table(e))
+        bad = sum(not c for c in e["converged"])
+        if bad:
+            parts.append(
+                Text.from_markup(
+                    f"[bold red]warning:[/] {bad} of {len(e['converged'])} eigenpairs are NOT "
+                    "converged; treat their values as estimates only."
+                )
+            )
+    if (t := d.get("trace")) is not None:
+        parts.append(
+            Text(
+                f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error; "
+                f"{t.get('method')}, {_int(t.get('num_probes'))} probes, {_int(t.get('hvps'))} HVPs)"
+            )
+        )
+    if (dn := d.get("density")) is not None:
+        parts.append(Text(_density_line(dn)))
+    if (al := d.get("alignment")) is not None:
+        parts.append(_alignment_table(al))
+    if (line := cost_line(d.get("cost") or {})) is not None:
+        parts.append(Text(line, style="dim"))
+    return Group(*parts)
+
+
+def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per checkpoint, in file order: step, epoch, top eigenvalues, trace, alignment."""
+    k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
+    table = Table(title=f"{len(ds)} checkpoints", caption_justify="left")
+    longest = max((len(str(d.get("name"))) for d in ds), default=10)
+    table.add_column("checkpoint", min_width=min(longest, 40), overflow="fold")
+    table.add_column("step", justify="right")
+    table.add_column("epoch", justify="right")
+    for i in range(k):
+        table.add_column(f"λ{i + 1}", justify="right")
+    table.add_column("trace", justify="right")
+    table.add_column("|<ĝ,v1>|", justify="right")
+    table.add_column("||Vᵀĝ||", justify="right")
+    unconverged = False
+    for d in ds:
+        prov = d.get("provenance") or {}
+        e = d.get("eigen") or {}
+        cells = []
+        values, ok = e.get("eigenvalues") or [], e.get("converged") or []
+        for i in range(k):
+            if i >= len(values):
+                cells.append(DASH)
+            elif i < len(ok) and ok[i]:
+                cells.append(_g(values[i], ".5g"))
+            else:
+                cells.append(f"[red]{_g(values[i], '.5g')}*[/]")
+                unconverged = True
+        t, al = d.get("trace"), d.get("alignment")
+        first = (al or {}).get("alignment") or [None]
+        table.add_row(
+            str(d.get("name")),
+            str(prov.get("step", DASH)),
+            str(prov.get("epoch", DASH)),
+            *cells,
+            _g(t["estimate"], ".5g") if t else DASH,
+            _g(first[0], ".3f"),
+            _g(al.get("subspace_alignment"), ".3f") if al else DASH,
+        )
+    if unconverged:
+        table.caption = "* NOT converged (residual above tolerance)"
+    return table
+
+
+def file_summary(
+    path: str | Path, ds: Sequence[Mapping[str, Any]], info: Mapping[str, Any] | None = None
+) -> RenderableType:
+    """What a spectra file is and holds; ``info`` is :func:`~hessian_cli.storage.read_file_info`."""
+    info = info or {}
+    lines = [Text(f"{path}", style="bold")]
+    version = info.get("format_version")
+    what = f"hessian-cli spectra file (format version {version})" if version else "spectra file"
+    lines.append(Text(f"{what}, {len(ds)} checkpoint{'s' if len(ds) != 1 else ''}"))
+    if info.get("tool_version"):
+        lines.append(
+            Text(
+                f"written by hessian-cli {info['tool_version']} (torch {info.get('torch_version')}), "
+                f"created {info.get('created')}, modified {info.get('modified')}",
+                style="dim",
+            )
+        )
+    if info.get("command_line"):
+        lines.append(Text(f"last command: {info['command_line']}", style="dim"))
+    return Group(*lines)
+
+
+def _cell(values: np.ndarray, i: int) -> str:
+    v = values[i]
+    if np.ndim(v):  # a row of several numbers, e.g. several eigenvalues at one refresh
+        return ", ".join(format(float(x), ".4g") for x in np.ravel(v))
+    if values.dtype.kind in "biu":
+        return str(int(v))
+    return format(float(v), ".5g")
+
+
+def columns_table(title: str, columns: Mapping[str, np.ndarray], max_rows: int = 50) -> Table:
+    """A table of equally long metrics columns, showing the last ``max_rows`` rows."""
+    n = max((len(c) for c in columns.values()), default=0)
+    first = max(0, n - max_rows)
+    table = Table(title=title, caption_justify="left")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for i in range(first, n):
+        table.add_row(*(_cell(c, i) if i < len(c) else DASH for c in columns.values()))
+    if first:
+        table.caption = f"last {max_rows} of {n} rows; --json shows all"
+    return table
+
+
+def _ordered(columns: Mapping[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
+    """The index column (``epoch``, ``step``) first, the rest in stored order."""
+    return {k: columns[k] for k in sorted(columns, key=lambda c: c != key)}
+
+
+def metrics_summary(
+    path: str | Path, metrics: Mapping[str, Mapping[str, np.ndarray]], info: Mapping[str, Any]
+) -> RenderableType:
+    """A metrics file: counts per record kind, the epoch table, and eigenvector refreshes."""
+    parts: list[RenderableType] = [Text(str(path), style="bold")]
+    version = info.get("format_version", info.get("version"))
+    counts = ", ".join(
+        f"{max((len(c) for c in cols.values()), default=0)} {name}"
+        for name, cols in metrics.items()
+    )
+    parts.append(Text(f"hessian-cli metrics file (format version {version}): {counts or 'empty'}"))
+    steps = metrics.get("steps") or {}
+    if "loss" in steps and len(steps["loss"]):
+        loss = steps["loss"]
+        parts.append(Text(f"per-step loss: first {loss[0]:.5g}, last {loss[-1]:.5g}"))
+    if metrics.get("epochs"):
+        parts.append(columns_table("Epochs", _ordered(metrics["epochs"], "epoch")))
+    if metrics.get("refresh"):
+        parts.append(columns_table("Eigenvector refreshes", _ordered(metrics["refresh"], "step")))
+    return Group(*parts)

@@ -1,0 +1,27 @@
+"""HDF5 storage: the spectra file written by ``analyze`` and the metrics file read for ``show``."""
+
+from hessian_cli.storage.files import file_format
+from hessian_cli.storage.hdf5 import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    group_names,
+    read_analyses,
+    read_eigenvectors,
+    read_file_info,
+    write_analyses,
+)
+from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics, read_metrics_info
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "METRICS_FORMAT_NAME",
+    "file_format",
+    "group_names",
+    "read_analyses",
+    "read_eigenvectors",
+    "read_file_info",
+    "read_metrics",
+    "read_metrics_info",
+    "write_analyses",
+]

@@ -1,0 +1,74 @@
+"""File plumbing shared by every writer and reader: atomic replacement and checked opening."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+
+from hessian_cli.errors import UserError
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+@contextmanager
+def atomic_path(path: Path, *, copy_existing: bool = False) -> Iterator[Path]:
+    """A temporary path next to ``path`` that replaces it only if the block finishes.
+
+    Readers never see a half-written file and a failure leaves the original (and no temporary
+    file) behind. With ``copy_existing`` the temporary file starts as a copy of ``path``, so an
+    append edits the copy, never the original.
+    """
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(f"The output directory {parent} {what}.")
+    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:  # os.open with 0o666 honours the umask, as a plainly created file would
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise UserError(f"Cannot write to the directory {parent}: {_reason(exc)}.") from exc
+    try:
+        if copy_existing:
+            shutil.copyfile(path, tmp)
+            shutil.copymode(path, tmp)
+        yield tmp
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """Open an existing HDF5 file for reading, or say in one sentence why it cannot be."""
+    if not path.exists():
+        raise UserError(f"The file {path} does not exist.")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an HDF5 file.")
+    try:
+        if not h5py.is_hdf5(path):
+            raise UserError(f"{path} is not an HDF5 file.")
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
+
+
+def file_format(path: Path) -> str:
+    """The ``format`` root attribute of a hessian-cli HDF5 file (spectra or metrics)."""
+    with open_hdf5(path) as f:
+        fmt = f.attrs.get("format")
+    if fmt is None:
+        raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
+    return fmt.decode() if isinstance(fmt, bytes) else str(fmt)

@@ -1,0 +1,389 @@
+"""The spectra HDF5 file (layout and version in docs/hdf5.md).
+
+Writes are atomic: a temporary copy is edited and renamed over the original, so a failure or an
+interrupt leaves the original as it was. Appends only add groups, never change existing ones.
+Reading returns :func:`hessian_cli.report.analysis_to_dict` structures and tolerates missing
+optional parts and unknown extra attributes, so files of other versions still read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from hessian_cli import __version__
+from hessian_cli.errors import UserError
+from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
+from hessian_cli.storage.files import atomic_path, file_format, open_hdf5
+
+if TYPE_CHECKING:
+    import torch
+
+    from hessian_cli.analysis import CheckpointAnalysis
+
+FORMAT_NAME = "hessian-cli-spectra"
+FORMAT_VERSION = 1
+
+_STR = h5py.string_dtype()
+_VECTOR_CHUNK = 1 << 18  # float32 elements per eigenvector chunk: 1 MiB
+_EIGEN_ARRAYS = ("eigenvalues", "residuals", "converged")
+_DENSITY_ARRAYS = ("nodes", "weights", "grid", "values")
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def write_analyses(
+    path: str | Path,
+    analyses: Sequence[CheckpointAnalysis],
+    *,
+    command_line: str,
+    save_eigenvectors: bool = False,
+    series: bool = False,
+) -> list[str]:
+    """Add one group per analysis to ``path`` (created if missing); returns the group names.
+
+    ``series`` marks the file's checkpoints as one training trajectory (root attr
+    ``trajectory``); the root ``series`` dataset orders groups by step either way.
+    """
+    import torch  # only writers need it; `show` starts faster without
+
+    path = Path(path)
+    exists = path.exists()
+    if exists:
+        _check_appendable(path)
+    with (
+        atomic_path(path, copy_existing=exists) as tmp,
+        h5py.File(tmp, "r+" if exists else "w") as f,
+    ):
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if not exists:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["created"] = now
+        f.attrs["tool_version"] = __version__
+        f.attrs["torch_version"] = str(torch.__version__)
+        f.attrs["modified"] = now
+        f.attrs["command_line"] = command_line
+        f.attrs["trajectory"] = bool(series or f.attrs.get("trajectory", False))
+        checkpoints = f.require_group("checkpoints")
+        written: list[str] = []
+        for a in analyses:
+            group = checkpoints.create_group(_unique_name(checkpoints, a.name), track_order=True)
+            _write_group(group, a, save_eigenvectors=save_eigenvectors)
+            written.append(group.name.rsplit("/", 1)[-1])
+        entry = {
+            "time": now,
+            "tool_version": __version__,
+            "torch_version": str(torch.__version__),
+            "command_line": command_line,
+            "groups": written,
+        }
+        _append_strings(f, "history", [json.dumps(entry)])
+        _set_strings(f, "series", _series_order(f, written))
+    return written
+
+
+def _check_appendable(path: Path) -> None:
+    fmt = file_format(path)
+    if fmt != FORMAT_NAME:
+        raise UserError(
+            f"{path} is a {fmt!r} file, not a spectra file; refusing to write into it "
+            "(choose another --out path)."
+        )
+    with open_hdf5(path) as f:
+        version = int(f.attrs.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise UserError(
+            f"{path} was written by a newer hessian-cli (format version {version}); "
+            "write to a new file or upgrade hessian-cli."
+        )
+
+
+def _unique_name(parent: h5py.Group, name: str) -> str:
+    """An HDF5-safe name derived from ``name`` that no group in ``parent`` has yet."""
+    base = re.sub(r"[^\w.+=@-]+", "_", name).strip("._") or "checkpoint"
+    candidate, i = base, 1
+    while candidate in parent:
+        i += 1
+        candidate = f"{base}-{i}"
+    return candidate
+
+
+def _floats(values: Any) -> np.ndarray:
+    """Report numbers (``None`` for non-finite) as a float64 array (NaN for ``None``)."""
+    return np.array(values, dtype=np.float64)
+
+
+def _set_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if value is not None:
+            obj.attrs[key] = value
+
+
+def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors: bool) -> None:
+    d = analysis_to_dict(a)
+    _set_attrs(group, d["provenance"])
+    group.create_dataset("name", data=d["name"], dtype=_STR)
+    group.create_dataset("loss", data=np.nan if d["loss"] is None else d["loss"])
+    if (e := d["eigen"]) is not None:
+        ev = group.create_dataset("eigenvalues", data=_floats(e["eigenvalues"]))
+        _set_attrs(ev, {k: v for k, v in e.items() if k not in _EIGEN_ARRAYS})
+        group.create_dataset("residuals", data=_floats(e["residuals"]))
+        group.create_dataset("converged", data=np.array(e["converged"], dtype=np.uint8))
+        vectors = a.eigen.eigenvectors if a.eigen is not None else None
+        if save_eigenvectors and vectors is not None and vectors.shape[0] > 0:
+            _write_eigenvectors(group, a, vectors)
+    if (t := d["trace"]) is not None:
+        tg = group.create_group("trace")
+        _set_attrs(tg, t)
+        samples = getattr(a.trace, "samples", None)
+        if samples is not None:
+            tg.create_dataset("samples", data=samples.detach().cpu().double().numpy())
+    if (dn := d["density"]) is not None:
+        dg = group.create_group("density")
+        for key in _DENSITY_ARRAYS:
+            dg.create_dataset(key, data=_floats(dn[key]))
+        _set_attrs(dg, {k: v for k, v in dn.items() if k not in _DENSITY_ARRAYS})
+    if (al := d["alignment"]) is not None:
+        ag = group.create_group("alignment")
+        ag.create_dataset("alignment", data=_floats(al["alignment"]))
+        mb = al["minibatch"]
+        ag.create_dataset("minibatch", data=_floats(mb["values"]))
+        ag.create_dataset("minibatch_mean", data=_floats(mb["mean"]))
+        ag.create_dataset("minibatch_std", data=_floats(mb["std"]))
+        _set_attrs(ag, {k: v for k, v in al.items() if k not in ("alignment", "minibatch")})
+
+
+def _write_eigenvectors(group: h5py.Group, a: CheckpointAnalysis, vectors: torch.Tensor) -> None:
+    v = vectors.detach().cpu().float().numpy()
+    group.create_dataset(
+        "eigenvectors",
+        data=v,
+        chunks=(1, max(1, min(v.shape[1], _VECTOR_CHUNK))),
+        compression="gzip",
+        compression_opts=4,
+        shuffle=True,
+    )
+    space = a.space
+    group.create_dataset("param_names", data=list(space.names), dtype=_STR)
+    shapes = json.dumps([list(s) for s in space.shapes])
+    group.create_dataset("param_shapes", data=shapes, dtype=_STR)
+    group.create_dataset("param_offsets", data=np.array(space.offsets, dtype=np.int64))
+
+
+def _append_strings(f: h5py.File, name: str, values: list[str]) -> None:
+    """Append to a resizable string dataset (no space is leaked in the file on each write)."""
+    if name not in f:
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(64,))
+    ds = f[name]
+    start = ds.shape[0]
+    ds.resize((start + len(values),))
+    ds[start:] = values
+
+
+def _set_strings(f: h5py.File, name: str, values: list[str]) -> None:
+    """Overwrite a resizable string dataset with ``values``."""
+    if name not in f:
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(64,))
+    ds = f[name]
+    ds.resize((len(values),))
+    if values:
+        ds[:] = values
+
+
+def _ordinal(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _series_order(f: h5py.File, new: list[str]) -> list[str]:
+    """Group names by (step, epoch) where known; ties and unknowns keep insertion order."""
+    names = [n for n in _stored_order(f) if n not in set(new)] + new
+
+    def key(item: tuple[int, str]) -> tuple:
+        i, name = item
+        attrs = f["checkpoints"][name].attrs
+        step, epoch = _ordinal(attrs.get("step")), _ordinal(attrs.get("epoch"))
+        return (step is None, step or 0.0, epoch is None, epoch or 0.0, i)
+
+    return [name for _, name in sorted(enumerate(names), key=key)]
+
+
+def _stored_order(f: h5py.File) -> list[str]:
+    """The ``series`` list, then any group it misses (older or foreign writers) by name."""
+    groups = list(f["checkpoints"]) if "checkpoints" in f else []
+    listed = [n for n in f["series"].asstr()[()] if n in groups] if "series" in f else []
+    return listed + sorted(set(groups) - set(listed))
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _open_spectra(path: str | Path) -> Iterator[h5py.File]:
+    path = Path(path)
+    fmt = file_format(path)
+    if fmt != FORMAT_NAME:
+        raise UserError(f"{path} is a {fmt!r} file, not a hessian-cli spectra file.")
+    try:
+        with open_hdf5(path) as f:
+            yield f
+    except (OSError, KeyError) as exc:  # damaged structure inside a valid-looking file
+        raise UserError(f"Could not read {path}: {exc}.") from exc
+
+
+def read_analyses(path: str | Path) -> list[dict[str, Any]]:
+    """Every checkpoint's report (as :func:`analysis_to_dict` gives it), in series order."""
+    with _open_spectra(path) as f:
+        return [_read_group(f["checkpoints"][name]) for name in _stored_order(f)]
+
+
+def group_names(path: str | Path) -> list[str]:
+    """The checkpoint group names, in the order :func:`read_analyses` returns them."""
+    with _open_spectra(path) as f:
+        return _stored_order(f)
+
+
+def read_file_info(path: str | Path) -> dict[str, Any]:
+    """Root attributes, the write history (oldest first) and the group names in series order."""
+    with _open_spectra(path) as f:
+        info = provenance_dict(dict(f.attrs))
+        history = f["history"].asstr()[()] if "history" in f else []
+        info["history"] = [json.loads(h) for h in history]
+        info["groups"] = _stored_order(f)
+    return info
+
+
+def read_eigenvectors(
+    path: str | Path, group: str
+) -> tuple[torch.Tensor, list[str], list[tuple[int, ...]], list[int]]:
+    """Eigenvectors ``[k, n]`` (float32) of one checkpoint with what unflattens them.
+
+    ``group`` is a group name or, where unambiguous, the checkpoint's report ``name``.
+    Returns ``(vectors, param_names, param_shapes, param_offsets)``.
+    """
+    import torch
+
+    with _open_spectra(path) as f:
+        g = _find_group(f, group, path)
+        if "eigenvectors" not in g:
+            raise UserError(f"Checkpoint {group!r} in {path} has no saved eigenvectors.")
+        vectors = torch.from_numpy(np.asarray(g["eigenvectors"][()], dtype=np.float32))
+        names = list(g["param_names"].asstr()[()])
+        shapes = [tuple(s) for s in json.loads(g["param_shapes"].asstr()[()])]
+        offsets = [int(o) for o in g["param_offsets"][()]]
+    return vectors, names, shapes, offsets
+
+
+def _find_group(f: h5py.File, group: str, path: str | Path) -> h5py.Group:
+    checkpoints = f["checkpoints"] if "checkpoints" in f else {}
+    if group in checkpoints:
+        return checkpoints[group]
+    matches = [g for g in checkpoints.values() if "name" in g and g["name"].asstr()[()] == group]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(checkpoints) or "none"
+    raise UserError(f"No single checkpoint {group!r} in {path} (groups: {known}).")
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _array(group: h5py.Group, name: str, default: list) -> list:
+    return numbers(group[name][()]) if name in group else default
+
+
+def _read_group(g: h5py.Group) -> dict[str, Any]:
+    prov = provenance_dict(dict(g.attrs))
+    name = g["name"].asstr()[()] if "name" in g else g.name.rsplit("/", 1)[-1]
+    eigen = trace = density = alignment = None
+    if "eigenvalues" in g:
+        ev = g["eigenvalues"]
+        a = ev.attrs
+        values = numbers(ev[()])
+        converged = g["converged"][()].tolist() if "converged" in g else [0] * len(values)
+        eigen = {
+            "which": _str(a.get("which")),
+            "eigenvalues": values,
+            "residuals": _array(g, "residuals", [None] * len(values)),
+            "converged": [bool(c) for c in converged],
+            "tol": number(a.get("tol")),
+            "scale": number(a.get("scale")),
+            "hvps": _int(a.get("hvps")),
+            "iterations": _int(a.get("iterations")),
+            "seconds": number(a.get("seconds")),
+            "block_size": _int(a.get("block_size")),
+            "method": _str(a.get("method")),
+        }
+    if isinstance(t := g.get("trace"), h5py.Group):
+        a = t.attrs
+        trace = {
+            "estimate": number(a.get("estimate")),
+            "stderr": number(a.get("stderr")),
+            "num_probes": _int(a.get("num_probes")),
+            "method": _str(a.get("method")),
+            "hvps": _int(a.get("hvps")),
+            "seconds": number(a.get("seconds")),
+        }
+    if isinstance(dn := g.get("density"), h5py.Group):
+        a = dn.attrs
+        density = {key: _array(dn, key, []) for key in _DENSITY_ARRAYS}
+        density |= {
+            "sigma": number(a.get("sigma")),
+            "num_probes": _int(a.get("num_probes")),
+            "steps": _int(a.get("steps")),
+            "hvps": _int(a.get("hvps")),
+            "seconds": number(a.get("seconds")),
+        }
+    if isinstance(al := g.get("alignment"), h5py.Group):
+        a = al.attrs
+        alignment = {
+            "alignment": _array(al, "alignment", []),
+            **{
+                key: number(a.get(key))
+                for key in (
+                    "subspace_alignment",
+                    "curvature_ratio",
+                    "eigensam_alignment",
+                    "sam_sharpness",
+                    "grad_norm",
+                    "loss",
+                    "rho",
+                    "alpha",
+                )
+            },
+            "minibatch": {
+                "values": _array(al, "minibatch", []),
+                "mean": _array(al, "minibatch_mean", []),
+                "std": _array(al, "minibatch_std", []),
+            },
+            "hvps": _int(a.get("hvps")),
+        }
+    return {
+        "name": name,
+        "provenance": prov,
+        "loss": number(g["loss"][()]) if "loss" in g else None,
+        "eigen": eigen,
+        "trace": trace,
+        "density": density,
+        "alignment": alignment,
+        "cost": cost_dict(prov),
+    }

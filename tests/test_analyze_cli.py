@@ -1,0 +1,445 @@
+"""`hessian-cli analyze` end to end, through the real entry point (`main`), on tiny models."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from hessian_cli.cli import main
+from hessian_cli.engine.dense import dense_eigh, dense_hessian
+from hessian_cli.engine.params import select_parameters
+from hessian_cli.specs import build_model, load_data, save_checkpoint
+
+FIXTURE = (
+    Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pyhessian_resnet20_cifar10.pkl"
+)
+MLP_KW = {"hidden": [12]}
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process exactly as the console script does; return (code, out, err)."""
+    argv = sys.argv
+    sys.argv = ["hessian-cli", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_sentence(err: str) -> str:
+    assert "Traceback" not in err
+    text = " ".join(err.split())
+    assert text.startswith("error:"), text
+    return text
+
+
+@pytest.fixture(scope="module")
+def digits_mlp(tmp_path_factory) -> Path:
+    """A self-describing checkpoint (as `train` writes them) of a small digits MLP."""
+    path = tmp_path_factory.mktemp("ck") / "digits_mlp.pt"
+    data = load_data("digits")
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs=MLP_KW)
+    save_checkpoint(
+        path,
+        state_dict=model.state_dict(),
+        metadata={
+            "model": "mlp",
+            "model_kwargs": json.dumps(MLP_KW),
+            "data": "digits",
+            "loss": "ce",
+            "step": 7,
+            "epoch": 1,
+        },
+    )
+    return path
+
+
+def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "3", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["provenance"]["model"] == "mlp" and report["provenance"]["step"] == 7
+    assert len(report["eigen"]["eigenvalues"]) == 3 and all(report["eigen"]["converged"])
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2")
+    assert code == 0 and "Eigenvalues" in out and "converged" in out
+
+
+def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
+    """Every alignment score from the CLI against values computed from the dense Hessian."""
+    data = load_data("digits")
+    torch.manual_seed(1)
+    model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs={"hidden": [6]})
+    ckpt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), ckpt)
+    code, out, _ = run(
+        capsys,
+        "analyze",
+        ckpt,
+        "--model",
+        "mlp",
+        "--model-kwargs",
+        '{"hidden": [6]}',
+        "--data",
+        "digits",
+        "--num-samples",
+        "200",
+        "--batch-size",
+        "50",
+        "--dtype",
+        "float64",
+        "--top-k",
+        "3",
+        "--tol",
+        "1e-9",
+        "--alignment",
+        "--rho",
+        "0.1",
+        "--alpha",
+        "0.3",
+        "--minibatches",
+        "4",
+        "--json",
+    )
+    assert code == 0
+    r = json.loads(out)
+    m = model.double()
+    xs = torch.stack([data.train[i][0] for i in range(200)]).double()
+    ys = torch.tensor([int(data.train[i][1]) for i in range(200)])
+    space = select_parameters(m)
+    H = dense_hessian(m, F.cross_entropy, [(xs, ys)], space)
+    values, vectors = dense_eigh(H)
+    loss = F.cross_entropy(m(xs), ys)
+    g = space.flatten(torch.autograd.grad(loss, space.tensors))
+    gh = g / g.norm()
+    V = vectors[:3]
+    np.testing.assert_allclose(r["eigen"]["eigenvalues"], values[:3].numpy(), rtol=1e-7)
+    a = r["alignment"]
+    np.testing.assert_allclose(a["alignment"], (V @ gh).abs().numpy(), rtol=1e-6, atol=1e-9)
+    assert a["subspace_alignment"] == pytest.approx(float((V @ gh).norm()), rel=1e-6)
+    assert a["curvature_ratio"] == pytest.approx(float(gh @ H @ gh / values[0]), rel=1e-8)
+    v1 = V[0]
+    d = gh + 0.3 * torch.sign(g @ v1) * (v1 - (gh @ v1) * gh)
+    assert a["eigensam_alignment"] == pytest.approx(float((d / d.norm() @ v1).abs()), rel=1e-6)
+    mb = []
+    for i in range(4):  # minibatch gradients of the first four batches of 50
+        batch = slice(50 * i, 50 * i + 50)
+        gb = space.flatten(
+            torch.autograd.grad(F.cross_entropy(m(xs[batch]), ys[batch]), space.tensors)
+        )
+        mb.append((V @ gb).abs() / gb.norm())
+    np.testing.assert_allclose(
+        a["minibatch"]["values"], torch.stack(mb).numpy(), rtol=1e-6, atol=1e-9
+    )
+    np.testing.assert_allclose(a["minibatch"]["mean"], torch.stack(mb).mean(0).numpy(), rtol=1e-6)
+    space.add_(0.1 * gh)  # L(w + rho g_hat) - L(w), with plain tensor arithmetic
+    sharp = F.cross_entropy(m(xs), ys).item() - loss.item()
+    assert a["sam_sharpness"] == pytest.approx(sharp, rel=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(monkeypatch):
+    from hessian_cli.cli.app import state
+
+    monkeypatch.setattr(state, "debug", False)
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="../shared/fixtures is absent (a user's clone)")
+def test_real_resnet20_checkpoint_just_works(capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "analyze",
+        FIXTURE,
+        "--model",
+        "resnet20",
+        "--data",
+        "synthetic:3x32x32:10:16",
+        "--top-k",
+        "1",
+        "--tol",
+        "1e-3",
+        "--json",
+    )
+    assert code == 0
+    r = json.loads(out)
+    assert (
+        r["provenance"]["num_params"] == 272_474
+        and r["provenance"]["checkpoint_format"] == "torch-legacy"
+    )
+    assert r["eigen"]["converged"] == [True] and r["eigen"]["eigenvalues"][0] > 0
+
+
+def test_safetensors_user_factory_npz_mse_json(capsys, tmp_path):
+    factory = tmp_path / "nets.py"
+    factory.write_text(
+        "import torch.nn as nn\n"
+        "def make_net(width=4):\n"
+        "    return nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2))\n"
+    )
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    save_file(net.state_dict(), str(tmp_path / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "batch.npz",
+        x=rng.normal(size=(40, 3)).astype("float32"),
+        y=rng.normal(size=(40, 2)).astype("float32"),
+    )
+    code, out, _ = run(
+        capsys,
+        "analyze",
+        tmp_path / "model.safetensors",
+        "--model",
+        f"{factory}:make_net",
+        "--model-kwargs",
+        '{"width": 5}',
+        "--data",
+        tmp_path / "batch.npz",
+        "--loss",
+        "mse",
+        "--num-samples",
+        "40",
+        "--top-k",
+        "4",
+        "--trace",
+        "--json",
+    )
+    assert code == 0
+    r = json.loads(out)
+    assert r["provenance"]["loss"] == "mse" and r["provenance"]["num_params"] == 32
+    assert r["provenance"]["checkpoint_format"] == "safetensors"
+    ev = r["eigen"]["eigenvalues"]
+    assert ev == sorted(ev, reverse=True) and r["trace"]["stderr"] >= 0
+
+
+def test_directory_series_show_and_plot(capsys, tmp_path, digits_mlp):
+    runs = tmp_path / "ckpts"
+    runs.mkdir()
+    state = torch.load(digits_mlp, weights_only=True)
+    for step in (30, 10, 20):  # written out of order: the series must be in step order
+        meta = dict(state["hessian_cli"], step=step, epoch=step // 10)
+        sd = {k: v * (1 + step / 100) for k, v in state["model"].items()}
+        save_checkpoint(runs / f"ckpt_{step}.pt", state_dict=sd, metadata=meta)
+    out_h5 = tmp_path / "traj.h5"
+    code, out, _ = run(capsys, "analyze", runs, "--top-k", "3", "--out", out_h5)
+    assert code == 0 and "3 checkpoints" in out
+    with h5py.File(out_h5) as f:
+        groups = [g.decode() if isinstance(g, bytes) else g for g in f["series"][()]]
+        steps = [int(f["checkpoints"][g].attrs["step"]) for g in groups]
+    assert steps == [10, 20, 30]
+    code, out, _ = run(capsys, "show", out_h5)
+    assert code == 0 and "ckpt_20" in out
+    png = tmp_path / "traj.png"
+    code, _, _ = run(capsys, "plot", out_h5, "-o", png)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hdf5_round_trip_equals_json_and_append_keeps_data(capsys, tmp_path, digits_mlp):
+    out_h5 = tmp_path / "s.h5"
+    code, out, _ = run(
+        capsys,
+        "analyze",
+        digits_mlp,
+        "--top-k",
+        "3",
+        "--trace",
+        "--density",
+        "--density-probes",
+        "2",
+        "--density-steps",
+        "8",
+        "--alignment",
+        "--save-eigenvectors",
+        "--out",
+        out_h5,
+        "--json",
+    )
+    assert code == 0
+    r = json.loads(out)
+    with h5py.File(out_h5) as f:
+        (name,) = list(f["checkpoints"])
+        g = f["checkpoints"][name]
+        np.testing.assert_array_equal(g["eigenvalues"][()], r["eigen"]["eigenvalues"])
+        np.testing.assert_array_equal(g["residuals"][()], r["eigen"]["residuals"])
+        assert g["eigenvectors"].shape == (3, r["provenance"]["num_params"])
+        np.testing.assert_array_equal(g["alignment/alignment"][()], r["alignment"]["alignment"])
+        np.testing.assert_array_equal(g["density/values"][()], r["density"]["values"])
+        before = {k: g["eigenvalues"][()].copy() for k in ["v"]}
+        sha = g.attrs["sha256"]
+    code, _, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2", "--out", out_h5, "--quiet")
+    assert code == 0
+    with h5py.File(out_h5) as f:
+        assert len(f["checkpoints"]) == 2
+        np.testing.assert_array_equal(f["checkpoints"][name]["eigenvalues"][()], before["v"])
+        assert f["checkpoints"][name].attrs["sha256"] == sha
+
+
+def _bad(capsys, *args) -> str:
+    code, _, err = run(capsys, *args)
+    assert code != 0
+    return one_sentence(err)
+
+
+def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
+    assert "No such checkpoint" in _bad(
+        capsys, "analyze", tmp_path / "missing.pt", "--model", "mlp"
+    )
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    assert "corrupt.pt" in _bad(capsys, "analyze", corrupt, "--model", "mlp", "--data", "digits")
+    msg = _bad(capsys, "analyze", digits_mlp, "--model", "cnn")
+    assert "missing" in msg or "unexpected" in msg
+    assert "mlp" in _bad(capsys, "analyze", digits_mlp, "--model", "nosuchnet")
+    assert "digits" in _bad(capsys, "analyze", digits_mlp, "--data", "nosuchdata")
+    assert "ce" in _bad(capsys, "analyze", digits_mlp, "--loss", "nosuchloss")
+    fixed_input = json.dumps({**MLP_KW, "input_size": 64})
+    assert "does not fit" in _bad(
+        capsys, "analyze", digits_mlp, "--data", "synthetic:3x32x32", "--model-kwargs", fixed_input
+    )
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, x=np.zeros((8, 1, 8, 8), "float32"), y=np.array([0, 1, 2, 3, 4, 5, 6, 42]))
+    assert (
+        "label"
+        in _bad(
+            capsys,
+            "analyze",
+            digits_mlp,
+            "--data",
+            labels,
+            "--model-kwargs",
+            json.dumps({**MLP_KW, "num_classes": 10}),
+        ).lower()
+    )
+    assert "--top-k between 1 and" in _bad(capsys, "analyze", digits_mlp, "--top-k", "100000")
+    nan_sd = {k: v.clone() for k, v in torch.load(digits_mlp, weights_only=True)["model"].items()}
+    next(iter(nan_sd.values()))[0] = float("nan")
+    nan_ckpt = tmp_path / "nan.pt"
+    torch.save(nan_sd, nan_ckpt)
+    assert (
+        "nan"
+        in _bad(
+            capsys,
+            "analyze",
+            nan_ckpt,
+            "--model",
+            "mlp",
+            "--model-kwargs",
+            json.dumps(MLP_KW),
+            "--data",
+            "digits",
+        ).lower()
+    )
+    nan_data = tmp_path / "nan.npz"
+    np.savez(nan_data, x=np.full((8, 1, 8, 8), np.nan, "float32"), y=np.arange(8))
+    assert "not finite" in _bad(
+        capsys,
+        "analyze",
+        digits_mlp,
+        "--data",
+        nan_data,
+        "--model-kwargs",
+        json.dumps({**MLP_KW, "num_classes": 10}),
+    )
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    assert "file" in _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", blocked / "s.h5")
+    if not torch.cuda.is_available():
+        assert "CUDA" in _bad(capsys, "analyze", digits_mlp, "--device", "cuda")
+    assert "--which" in _bad(capsys, "analyze", digits_mlp, "--which", "middle")
+
+
+def test_out_of_memory_suggests_smaller_batch(capsys, monkeypatch, digits_mlp, tmp_path):
+    import hessian_cli.analyze as analyze_module
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(analyze_module, "eigenpairs", oom)
+    out_h5 = tmp_path / "never.h5"
+    assert "--batch-size" in _bad(capsys, "analyze", digits_mlp, "--out", out_h5)
+    assert not out_h5.exists()
+
+
+def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp, tmp_path):
+    code, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "5", "--tol", "1e-12", "--quiet")
+    assert code == 3 and "not converged" in err
+    code, out, _ = run(
+        capsys,
+        "analyze",
+        digits_mlp,
+        "--top-k",
+        "5",
+        "--tol",
+        "1e-12",
+        "--max-hvps",
+        "10",
+        "--json",
+    )
+    assert code == 0 and not all(json.loads(out)["eigen"]["converged"])
+
+
+class Hostile:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.pkl"
+    with open(evil, "wb") as fh:
+        pickle.dump({"state_dict": Hostile(str(marker))}, fh)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hessian_cli",
+            "analyze",
+            str(evil),
+            "--model",
+            "mlp",
+            "--data",
+            "digits",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--trust-checkpoint" in one_sentence(proc.stderr)
+    assert not marker.exists()
+    proc = subprocess.run(  # with trust the file's code runs: the check above can fail
+        [
+            sys.executable,
+            "-m",
+            "hessian_cli",
+            "analyze",
+            str(evil),
+            "--model",
+            "mlp",
+            "--data",
+            "digits",
+            "--trust-checkpoint",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert marker.exists()

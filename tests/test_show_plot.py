@@ -1,0 +1,146 @@
+"""`show` and `plot` on spectra and metrics files, through the real command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from test_storage import full, variant  # noqa: F401  (`full` is a fixture)
+from typer.testing import CliRunner
+
+import hessian_cli.cli.commands  # noqa: F401  (registers the commands)
+from hessian_cli.cli.app import app
+from hessian_cli.storage import read_analyses, read_metrics, write_analyses
+
+PNG = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(full, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
+    """A one-checkpoint file (one pair NOT converged), a three-step series and a metrics file."""
+    root = tmp_path_factory.mktemp("files")
+    eigen = dataclasses.replace(full.eigen, converged=torch.tensor([True, False, True]))
+    single = root / "single.h5"
+    write_analyses(single, [dataclasses.replace(full, eigen=eigen)], command_line="analyze one")
+    series = root / "series.h5"
+    steps = [variant(full, f"ckpt_{s}", s, 1 + s / 1000) for s in (300, 100, 200)]
+    write_analyses(series, steps, command_line="analyze dir", series=True)
+    metrics = root / "metrics.h5"
+    with h5py.File(metrics, "w") as f:
+        f.attrs["format"] = "hessian-cli-metrics"
+        f.attrs["format_version"] = 1
+        s = np.arange(0, 60)
+        f["steps/step"], f["steps/loss"] = s, 2.0 * np.exp(-s / 20)
+        f["steps/lr"] = np.full(60, 0.1)
+        f["epochs/epoch"] = np.arange(1, 4)
+        f["epochs/train_loss"] = [1.5, 0.9, 0.5]
+        f["epochs/train_accuracy"] = [0.5, 0.7, 0.8]
+        f["epochs/test_accuracy"] = [0.45, 0.66, 0.74]
+        f["epochs/seconds"] = [1.0, 1.1, 1.0]
+        f["refresh/step"], f["refresh/eigenvalue"] = [0, 20, 40], [3.0, 4.5, 5.0]
+        f["refresh/alignment"], f["refresh/hvps"] = [0.1, 0.3, 0.2], [40, 12, 12]
+        # No /track group: reading must not need it.
+    return {"single": single, "series": series, "metrics": metrics}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hessian_cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 10_000
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_show_single_checkpoint(files):
+    result = runner.invoke(app, ["show", str(files["single"])])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for expected in ("Eigenvalues", "NOT converged", "trace", "SAM alignment", "density", "HVPs"):
+        assert expected in out
+    assert "last command: analyze one" in out
+
+
+def test_show_series_and_json(files):
+    result = runner.invoke(app, ["show", str(files["series"])])
+    assert result.exit_code == 0, result.output
+    assert "3 checkpoints" in result.output
+    rows = [line for line in result.output.splitlines() if "ckpt_" in line]
+    assert [r.split()[1] for r in rows] == ["ckpt_100", "ckpt_200", "ckpt_300"]
+    as_json = runner.invoke(app, ["show", str(files["series"]), "--json"])
+    assert json.loads(as_json.stdout) == read_analyses(files["series"])
+    one = runner.invoke(app, ["show", str(files["series"]), "-c", "ckpt_200", "--json"])
+    assert [d["name"] for d in json.loads(one.stdout)] == ["ckpt_200"]
+
+
+def test_plot_single_and_series(files, tmp_path):
+    for kind in ("single", "series"):
+        out = tmp_path / f"{kind}.png"
+        result = runner.invoke(app, ["plot", str(files[kind]), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert_png(out)
+
+
+def test_metrics_show_and_plot(files, tmp_path):
+    metrics = read_metrics(files["metrics"])
+    assert set(metrics) == {"steps", "epochs", "refresh"}
+    result = runner.invoke(app, ["show", str(files["metrics"])])
+    assert result.exit_code == 0, result.output
+    assert "Epochs" in result.output and "Eigenvector refreshes" in result.output
+    data = json.loads(runner.invoke(app, ["show", str(files["metrics"]), "--json"]).stdout)
+    assert data["epochs"]["test_accuracy"] == [0.45, 0.66, 0.74]
+    out = tmp_path / "metrics.png"
+    assert runner.invoke(app, ["plot", str(files["metrics"]), "--output", str(out)]).exit_code == 0
+    assert_png(out)
+
+
+def test_failed_plot_leaves_no_file(files, tmp_path, monkeypatch):
+    def half_then_fail(self, fname, **kwargs):
+        Path(fname).write_bytes(PNG)
+        raise RuntimeError("renderer crashed")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    result = runner.invoke(app, ["plot", str(files["single"]), "-o", str(tmp_path / "f.png")])
+    assert isinstance(result.exception, RuntimeError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_module_entry_point_show_and_plot(files, tmp_path):
+    shown = cli("show", str(files["single"]))
+    assert shown.returncode == 0, shown.stderr
+    assert "NOT converged" in shown.stdout
+    out = tmp_path / "fig.png"
+    plotted = cli("plot", str(files["series"]), "-o", str(out))
+    assert plotted.returncode == 0, plotted.stderr
+    assert_png(out)
+
+
+def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
+    text = tmp_path / "notes.h5"
+    text.write_text("hello\n")
+    cases = [
+        (["show", str(tmp_path / "missing.h5")], "does not exist"),
+        (["plot", str(text), "-o", str(tmp_path / "x.png")], "not an HDF5 file"),
+        (["plot", str(files["single"]), "-o", str(tmp_path / "x.weird")], "Cannot write a 'weird'"),
+    ]
+    for args, message in cases:
+        result = cli(*args)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr + result.stdout
+        # One sentence (the error console may wrap it to the terminal width).
+        text = " ".join(result.stderr.split())
+        assert text.startswith("error: ") and text.count("error") == 1, result.stderr
+        assert message in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.h5"]

@@ -1,0 +1,334 @@
+"""The spectra HDF5 file: round trips, appends, atomicity, refusals and forward compatibility."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessian_cli.analysis import CheckpointAnalysis
+from hessian_cli.engine.alignment import alignment_scores
+from hessian_cli.engine.density import spectral_density
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.trace import hutchinson_trace
+from hessian_cli.errors import UserError
+from hessian_cli.report import analysis_to_dict
+from hessian_cli.storage import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    group_names,
+    hdf5,
+    read_analyses,
+    read_eigenvectors,
+    read_file_info,
+    write_analyses,
+)
+
+
+@pytest.fixture(scope="module")
+def full() -> CheckpointAnalysis:
+    """One checkpoint analysed by the real engine: eigenpairs, trace, density and alignment."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add synchronisation cost
+    try:
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        x = torch.randn(24, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (24,), generator=g)
+        op = HessianOperator(model, F.cross_entropy, [(x[:12], y[:12]), (x[12:], y[12:])])
+        eig = eigenpairs(op, 3)
+        provenance = {
+            "checkpoint": "run/ckpt_100.pt",
+            "sha256": "ab" * 32,
+            "model": "mlp",
+            "params": op.n,
+            "step": 100,
+            "epoch": 1,
+            "device": "cpu",
+            "hvps": 999,
+            "grad_equivalents": 1998.0,
+            "wall_seconds": 1.5,
+            "param_globs": ["0.*", "2.weight"],
+            "trusted": False,
+            "note": None,
+        }
+        return CheckpointAnalysis(
+            name="run/ckpt_100.pt",
+            provenance=provenance,
+            space=op.space,
+            loss=op.loss(),
+            eigen=eig,
+            trace=hutchinson_trace(op, 12, seed=0),
+            density=spectral_density(op, 3, 10, seed=0),
+            alignment=alignment_scores(op, eig.eigenvalues, eig.eigenvectors, minibatches=2),
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def variant(a: CheckpointAnalysis, name: str, step: int | None, scale: float = 1.0):
+    """A copy of ``a`` under another name and step, eigenvalues scaled (a fake trajectory)."""
+    prov = {k: v for k, v in a.provenance.items() if k != "step"}
+    if step is not None:
+        prov["step"] = step
+    eigen = dataclasses.replace(a.eigen, eigenvalues=a.eigen.eigenvalues * scale)
+    return dataclasses.replace(a, name=name, provenance=prov, eigen=eigen)
+
+
+def as_json(a: CheckpointAnalysis) -> dict:
+    return json.loads(json.dumps(analysis_to_dict(a), allow_nan=False))
+
+
+def raw(value) -> tuple:
+    """A value's dtype, shape and bytes (the strings themselves for variable-length strings)."""
+    a = np.asarray(value)
+    return a.dtype.str, a.shape, a.tolist() if a.dtype.kind == "O" else a.tobytes()
+
+
+def snapshot(obj: h5py.Group) -> dict:
+    """Every attribute and dataset under ``obj``, bit for bit, for comparisons."""
+    out = {"attrs": {k: raw(v) for k, v in obj.attrs.items()}}
+
+    def visit(name: str, item: h5py.HLObject) -> None:
+        attrs = {k: raw(v) for k, v in item.attrs.items()}
+        out[name] = (attrs, raw(item[()]) if isinstance(item, h5py.Dataset) else None)
+
+    obj.visititems(visit)
+    return out
+
+
+def test_report_keys_and_strict_json(full):
+    d = analysis_to_dict(full)
+    assert list(d) == [
+        "name",
+        "provenance",
+        "loss",
+        "eigen",
+        "trace",
+        "density",
+        "alignment",
+        "cost",
+    ]
+    assert "note" not in d["provenance"]  # None values are dropped
+    assert d["cost"] == {"hvps": 999, "grad_equivalents": 1998.0, "seconds": 1.5, "device": "cpu"}
+    assert len(d["alignment"]["minibatch"]["values"]) == 2
+    assert "eigenvectors" not in json.dumps(d)
+    json.dumps(d, allow_nan=False)
+
+
+def test_round_trip_equals_report(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    second = variant(full, "second", 200)
+    assert write_analyses(path, [full, second], command_line="hessian-cli analyze x") == [
+        "run_ckpt_100.pt",
+        "second",
+    ]
+    assert read_analyses(path) == [as_json(full), as_json(second)]
+    info = read_file_info(path)
+    assert info["format"] == FORMAT_NAME and info["format_version"] == FORMAT_VERSION
+    assert info["command_line"] == "hessian-cli analyze x"
+    assert {"tool_version", "torch_version", "created"} <= set(info)
+
+
+def test_non_finite_numbers_are_null_and_round_trip(full, tmp_path):
+    nan = float("nan")
+    eigen = dataclasses.replace(
+        full.eigen,
+        eigenvalues=torch.tensor([1.0, nan, 0.5], dtype=torch.float64),
+        residuals=torch.tensor([1e-9, float("inf"), 1e-3], dtype=torch.float64),
+        converged=torch.tensor([True, False, False]),
+    )
+    a = dataclasses.replace(full, eigen=eigen, loss=nan)
+    d = analysis_to_dict(a)
+    assert d["loss"] is None
+    assert d["eigen"]["eigenvalues"][1] is None and d["eigen"]["residuals"][1] is None
+    path = tmp_path / "nan.h5"
+    write_analyses(path, [a], command_line="x")
+    assert read_analyses(path) == [as_json(a)]
+
+
+def test_eigenvectors_round_trip_and_unflatten(full, tmp_path):
+    path = tmp_path / "vectors.h5"
+    (group,) = write_analyses(path, [full], command_line="x", save_eigenvectors=True)
+    vectors, names, shapes, offsets = read_eigenvectors(path, group)
+    assert vectors.dtype == torch.float32
+    assert torch.equal(vectors, full.eigen.eigenvectors.float())
+    assert names == list(full.space.names)
+    assert shapes == [tuple(s) for s in full.space.shapes]
+    assert offsets == list(full.space.offsets)
+    for name, shape, offset, expected in zip(
+        names, shapes, offsets, full.space.unflatten(vectors), strict=True
+    ):
+        part = vectors[:, offset : offset + int(np.prod(shape))].reshape(-1, *shape)
+        assert torch.equal(part, expected), name
+    # The report name finds the group too; the vectors are stored chunked and compressed.
+    assert torch.equal(read_eigenvectors(path, full.name)[0], vectors)
+    with h5py.File(path) as f:
+        ds = f["checkpoints"][group]["eigenvectors"]
+        assert ds.compression == "gzip" and ds.chunks is not None
+    # Without --save-eigenvectors there are none, and asking says so.
+    other = tmp_path / "novectors.h5"
+    (group,) = write_analyses(other, [full], command_line="x")
+    with pytest.raises(UserError, match="no saved eigenvectors"):
+        read_eigenvectors(other, group)
+    with pytest.raises(UserError, match="No single checkpoint"):
+        read_eigenvectors(path, "missing")
+
+
+def test_append_keeps_existing_groups_bit_for_bit(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    (first,) = write_analyses(path, [full], command_line="first", save_eigenvectors=True)
+    with h5py.File(path) as f:
+        before = snapshot(f["checkpoints"][first])
+        created = f.attrs["created"]
+    written = write_analyses(path, [full, variant(full, "b", 50)], command_line="second")
+    assert written == ["run_ckpt_100.pt-2", "b"]  # same name again: never overwritten
+    with h5py.File(path) as f:
+        assert snapshot(f["checkpoints"][first]) == before
+        assert f.attrs["created"] == created
+    info = read_file_info(path)
+    assert info["command_line"] == "second"
+    assert [h["command_line"] for h in info["history"]] == ["first", "second"]
+    assert info["history"][1]["groups"] == written
+    assert len(read_analyses(path)) == 3
+
+
+def test_series_order_by_step_then_insertion(full, tmp_path):
+    path = tmp_path / "series.h5"
+    write_analyses(
+        path,
+        [variant(full, "s300", 300), variant(full, "nostep", None), variant(full, "s100", 100)],
+        command_line="x",
+        series=True,
+    )
+    write_analyses(path, [variant(full, "s200", 200)], command_line="y")
+    expected = ["s100", "s200", "s300", "nostep"]
+    assert group_names(path) == expected
+    assert [d["name"] for d in read_analyses(path)] == expected
+    assert read_file_info(path)["trajectory"] is True
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _fail_on_boom(monkeypatch):
+    """Writing the analysis named ``boom`` fails after its group was created."""
+    original = hdf5._write_group
+
+    def failing(group, a, **kw):
+        if a.name == "boom":
+            raise Boom("disk on fire")
+        original(group, a, **kw)
+
+    monkeypatch.setattr(hdf5, "_write_group", failing)
+
+
+def test_failure_mid_write_leaves_original_and_no_temp(full, tmp_path, monkeypatch):
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="first")
+    original = path.read_bytes()
+    listing = sorted(os.listdir(tmp_path))
+    _fail_on_boom(monkeypatch)
+    with pytest.raises(Boom):
+        write_analyses(path, [variant(full, "a", 1), variant(full, "boom", 2)], command_line="x")
+    assert path.read_bytes() == original
+    assert sorted(os.listdir(tmp_path)) == listing
+    # A new file that fails is not created at all.
+    with pytest.raises(Boom):
+        write_analyses(tmp_path / "new.h5", [full, variant(full, "boom", 2)], command_line="x")
+    assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_foreign_and_missing_files_are_refused(full, tmp_path):
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5\n")
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.arange(3)
+    metrics = tmp_path / "metrics.h5"
+    with h5py.File(metrics, "w") as f:
+        f.attrs["format"] = "hessian-cli-metrics"
+    for foreign in (text, plain, metrics):
+        before = foreign.read_bytes()
+        with pytest.raises(UserError):
+            write_analyses(foreign, [full], command_line="x")
+        with pytest.raises(UserError):
+            read_analyses(foreign)
+        assert foreign.read_bytes() == before
+    with pytest.raises(UserError, match="does not exist"):
+        read_analyses(tmp_path / "missing.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.h5", "notes.h5", "plain.h5"]
+
+
+def test_newer_major_file_is_not_appended_to(full, tmp_path):
+    path = tmp_path / "future.h5"
+    write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(UserError, match="newer hessian-cli"):
+        write_analyses(path, [full], command_line="x")
+    assert len(read_analyses(path)) == 1  # but it still reads
+
+
+def test_unwritable_output_is_one_user_error(full, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="does not exist"):
+        write_analyses(tmp_path / "nope" / "out.h5", [full], command_line="x")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="is not a directory"):
+        write_analyses(blocker / "out.h5", [full], command_line="x")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:  # root ignores chmod, so simulate the refusal
+        m.setattr(os, "open", denied)
+        with pytest.raises(UserError, match="Cannot write to the directory .*permission denied"):
+            write_analyses(tmp_path / "out.h5", [full], command_line="x")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # a real read-only directory, where the OS enforces it
+        with pytest.raises(UserError, match="Cannot write"):
+            write_analyses(locked / "out.h5", [full], command_line="x")
+    assert not list(locked.iterdir())
+
+
+def test_reading_tolerates_missing_parts_and_unknown_extras(full, tmp_path):
+    path = tmp_path / "evolved.h5"
+    (group,) = write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = FORMAT_VERSION + 1
+        f.attrs["new_root_attr"] = "whatever"
+        g = f["checkpoints"][group]
+        g.attrs["new_provenance"] = 7
+        g["eigenvalues"].attrs["new_solver_attr"] = 1.0
+        g.create_group("hessian_diagonal").create_dataset("values", data=np.ones(3))
+        del g["trace"], g["residuals"], g["converged"], g["alignment/minibatch_std"]
+        del g["eigenvalues"].attrs["tol"]
+        del f["series"], f["history"]
+        old = f["checkpoints"].create_group("old")  # as a minimal older writer might leave it
+        old.create_dataset("eigenvalues", data=np.array([2.0, 1.0]))
+    by_name = {d["name"]: d for d in read_analyses(path)}
+    first, second = by_name[full.name], by_name["old"]
+    expected = as_json(full)
+    assert first["provenance"] == expected["provenance"] | {"new_provenance": 7}
+    assert first["trace"] is None
+    assert first["eigen"]["eigenvalues"] == expected["eigen"]["eigenvalues"]
+    assert first["eigen"]["residuals"] == [None] * 3
+    assert first["eigen"]["converged"] == [False] * 3  # unknown never reads as converged
+    assert first["eigen"]["tol"] is None
+    assert first["alignment"]["minibatch"]["std"] == []
+    assert first["density"] == expected["density"]
+    assert second["name"] == "old" and second["loss"] is None
+    assert second["eigen"]["eigenvalues"] == [2.0, 1.0]
+    assert second["trace"] is second["density"] is second["alignment"] is None

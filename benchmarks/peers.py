@@ -72,7 +72,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torc
     return model.to(device).eval(), x.to(device), y.to(device)
 
 
-def hvp_costs(model, x, y, device, blocks=(1, 4, 8), reps=3) -> list[tuple[str, int, float]]:
+def hvp_costs(model, x, y, device, blocks=(1, 4), reps=2) -> list[tuple[str, int, float]]:
     """Seconds per vector for each backend and block size, and one gradient's seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -115,15 +115,14 @@ def run(args: argparse.Namespace) -> None:
     for name, b, secs in costs:
         print(f"| {name} | {b} | {secs * 1e3:.1f} | {secs / grad_s:.2f} |")
 
-    # Tight reference: float64 copy, residual 1e-9.
+    # Tight reference: a float64 copy, every residual <= 1e-8 (recomputed with fresh HVPs).
     m64 = copy.deepcopy(model).double()
     ref_op = HessianOperator(m64, F.cross_entropy, [(x.double(), y)])
-    ref = eigenpairs(ref_op, args.k, tol=1e-9, block_size=args.k)
+    ref = eigenpairs(ref_op, args.k, tol=1e-8, block_size=1, max_hvps=600)
     assert ref.all_converged, "reference did not converge"
     ref_vals = ref.eigenvalues
-    print(
-        f"\n# reference top-{args.k} (float64, residual <= 1e-9): {[round(float(v), 5) for v in ref_vals]}"
-    )
+    shown = [round(float(v), 5) for v in ref_vals]
+    print(f"\n# reference top-{args.k} (float64, residual <= 1e-8, {ref.hvps} HVPs): {shown}")
 
     counter = {"hvps": 0}
     original_hvp = pyh_module.hessian_vector_product
@@ -154,19 +153,26 @@ def run(args: argparse.Namespace) -> None:
                 f"{int((err <= 1e-4).sum())}/{k} within 1e-4",
             )
         )
-        op = HessianOperator(model, F.cross_entropy, [(x, y)])
-        res, secs = timed(lambda op=op, k=k: eigenpairs(op, k, tol=args.tol), device)
-        err = rel_errors(res.eigenvalues.tolist(), ref_vals)
-        rows.append(
-            Row(
-                f"top-{k}",
-                f"hessian-cli (block {res.block_size}, tol {args.tol:g})",
-                secs,
-                res.hvps,
-                float(err.max()),
-                f"{int((err <= 1e-4).sum())}/{k} within 1e-4, {int(res.converged.sum())}/{k} converged",
+        for block in (None, 1, k):  # the default, then single-vector and block-k Krylov
+            if block == 1 and k == 1:
+                continue
+            op = HessianOperator(model, F.cross_entropy, [(x, y)])
+            res, secs = timed(
+                lambda op=op, k=k, b=block: eigenpairs(op, k, tol=args.tol, block_size=b), device
             )
-        )
+            err = rel_errors(res.eigenvalues.tolist(), ref_vals)
+            label = "default " if block is None else ""
+            rows.append(
+                Row(
+                    f"top-{k}",
+                    f"hessian-cli ({label}block {res.block_size}, tol {args.tol:g})",
+                    secs,
+                    res.hvps,
+                    float(err.max()),
+                    f"{int((err <= 1e-4).sum())}/{k} within 1e-4, "
+                    f"{int(res.converged.sum())}/{k} converged",
+                )
+            )
     try:
         import hessian_eigenthings as he
 
@@ -243,7 +249,7 @@ def run(args: argparse.Namespace) -> None:
             f"| {r.task} | {r.tool} | {r.seconds:.2f} | {r.hvps} | {r.seconds / grad_s:.0f} | {err} | {r.note} |"
         )
     for k in (1, args.k):
-        ours = next(r for r in rows if r.task == f"top-{k}" and r.tool.startswith("hessian-cli"))
+        ours = next(r for r in rows if r.task == f"top-{k}" and "default" in r.tool)
         theirs = next(r for r in rows if r.task == f"top-{k}" and r.tool.startswith("PyHessian"))
         print(
             f"# top-{k}: hessian-cli takes {ours.seconds / theirs.seconds:.2f}x PyHessian's wall time"

@@ -375,22 +375,13 @@ def test_out_of_memory_suggests_smaller_batch(capsys, monkeypatch, digits_mlp, t
     assert not out_h5.exists()
 
 
-def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp, tmp_path):
-    code, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "5", "--tol", "1e-12", "--quiet")
+def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
+    # A residual of 1e-12 is out of float32's reach: the pairs cannot converge.
+    args = ("analyze", digits_mlp, "--num-samples", "16", "--top-k", "2", "--tol", "1e-12")
+    code, _, err = run(capsys, *args, "--block-size", "2", "--quiet")
     assert code == 3 and "not converged" in err
-    code, out, _ = run(
-        capsys,
-        "analyze",
-        digits_mlp,
-        "--top-k",
-        "5",
-        "--tol",
-        "1e-12",
-        "--max-hvps",
-        "10",
-        "--json",
-    )
-    assert code == 0 and not all(json.loads(out)["eigen"]["converged"])
+    code, out, _ = run(capsys, *args, "--max-hvps", "10", "--json")
+    assert code == 0 and not any(json.loads(out)["eigen"]["converged"])
 
 
 class Hostile:

@@ -1,0 +1,126 @@
+"""The training metrics file ``metrics.h5`` (format ``hessian-cli-metrics``, version 1).
+
+Layout: root attrs ``format``, ``version``, ``tool``, ``torch``, ``created`` and ``config`` (the
+run's configuration as JSON); one group per kind of record, each holding equally long 1-D
+extendible datasets (columns), rows in step order; a group with no rows is left out:
+
+- ``steps``: ``step`` (global, from 0), ``loss`` and ``accuracy`` of the minibatch at the
+  weights before that step's update, ``lr`` used by the update.
+- ``epochs``: ``epoch`` (from 1), ``train_loss`` / ``train_accuracy`` (sample-weighted means of
+  the epoch's minibatch values), ``test_loss`` / ``test_accuracy`` (NaN without a test split),
+  ``seconds`` (time in training steps, eigenvector refreshes included; evaluation, tracking and
+  checkpoints excluded, so optimizers compare fairly).
+- ``refresh`` (Eigen-SAM): ``step``, ``eigenvalue``, ``residual``, ``alignment``
+  (``|<g_hat, v>|`` of the minibatch gradient with the new ``v``), ``hvps``.
+- ``track`` (``--track-every``): ``step``, ``lambda_max``, ``residual``, ``hvps`` of the fixed
+  held-out batch's Hessian at the weights after ``step`` updates.
+
+Accuracy is NaN for regression. Rows live in memory and every :meth:`MetricsLog.flush` rewrites
+the whole file through a temporary file and a rename, so an interruption (Ctrl-C, a crash, a full
+disk) leaves either the previous file or the new one, never a damaged one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from hessian_cli import __version__
+from hessian_cli.errors import UserError
+from hessian_cli.storage.files import atomic_path, file_format
+from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics
+
+METRICS_VERSION = 1
+
+# Columns of each group, in order, with their dtypes; the first column orders the rows.
+COLUMNS: dict[str, dict[str, type]] = {
+    "steps": {"step": np.int64, "loss": np.float64, "accuracy": np.float64, "lr": np.float64},
+    "epochs": {
+        "epoch": np.int64,
+        "train_loss": np.float64,
+        "train_accuracy": np.float64,
+        "test_loss": np.float64,
+        "test_accuracy": np.float64,
+        "seconds": np.float64,
+    },
+    "refresh": {
+        "step": np.int64,
+        "eigenvalue": np.float64,
+        "residual": np.float64,
+        "alignment": np.float64,
+        "hvps": np.int64,
+    },
+    "track": {"step": np.int64, "lambda_max": np.float64, "residual": np.float64, "hvps": np.int64},
+}
+
+
+class MetricsLog:
+    """Rows of every group, kept in memory and written out whole by :meth:`flush`."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.path = path
+        self.config = config
+        self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.rows: dict[str, list[tuple[float, ...]]] = {group: [] for group in COLUMNS}
+
+    def append(self, group: str, **values: float) -> None:
+        """Add one row; every column of the group must be given."""
+        columns = COLUMNS[group]
+        if values.keys() != columns.keys():
+            raise ValueError(f"{group} rows need exactly the columns {list(columns)}")
+        self.rows[group].append(tuple(values[c] for c in columns))
+
+    def column(self, group: str, name: str) -> list[float]:
+        index = list(COLUMNS[group]).index(name)
+        return [row[index] for row in self.rows[group]]
+
+    def load(self, *, before_step: int, before_epoch: int) -> None:
+        """Take the rows of an existing file up to a resumed checkpoint: steps before
+        ``before_step`` and epochs up to ``before_epoch``, so the file ends up exactly as an
+        uninterrupted run writes it. A missing file means nothing was recorded yet."""
+        if not self.path.exists():
+            return
+        if file_format(self.path) != METRICS_FORMAT_NAME:
+            raise UserError(f"{self.path} is not a hessian-cli metrics file.")
+        stored = read_metrics(self.path)
+        self.created = str(_attr(self.path, "created") or self.created)
+        for group, columns in COLUMNS.items():
+            data = stored.get(group, {})
+            if not data:
+                continue
+            key, limit = ("epoch", before_epoch) if group == "epochs" else ("step", before_step - 1)
+            keep = np.asarray(data[key]) <= limit
+            cols = [np.asarray(data[c])[keep].tolist() for c in columns]
+            self.rows[group] = list(zip(*cols, strict=True))
+
+    def flush(self) -> None:
+        """Rewrite the file atomically with every row so far."""
+        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = METRICS_FORMAT_NAME
+            f.attrs["version"] = METRICS_VERSION
+            f.attrs["tool"] = f"hessian-cli {__version__}"
+            f.attrs["torch"] = str(torch.__version__)
+            f.attrs["created"] = self.created
+            f.attrs["config"] = json.dumps(self.config, sort_keys=True)
+            for group, columns in COLUMNS.items():
+                rows = self.rows[group]
+                if not rows:  # e.g. no refreshes for SAM: the group is absent, not empty
+                    continue
+                g = f.create_group(group)
+                for i, (name, dtype) in enumerate(columns.items()):
+                    values = np.asarray([row[i] for row in rows], dtype=dtype)
+                    g.create_dataset(
+                        name, data=values, maxshape=(None,), chunks=(min(len(rows), 1024),)
+                    )
+
+
+def _attr(path: Path, name: str) -> Any:
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get(name)
+    return value.decode() if isinstance(value, bytes) else value

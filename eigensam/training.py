@@ -1,0 +1,751 @@
+"""The training loop behind ``hessian-cli train``: SGD, SAM or Eigen-SAM on a model/data spec.
+
+A run lives in a directory: ``config.json`` (what defines the run), ``checkpoints/`` (periodic
+``stepNNNNNNN.pt`` files and ``final.pt``, self-describing so ``analyze`` needs no flags, and
+holding everything a resume needs) and ``metrics.h5`` (see :mod:`eigensam.metrics`).
+
+Resuming repeats an uninterrupted run bit for bit on CPU: the weights, optimizer state (momentum,
+the Eigen-SAM eigenvector and its refresh count), the global torch RNG, the data-order generator
+as of the start of the current epoch and the position within the epoch are all restored, and the
+learning rate is a closed-form function of the global step (no scheduler state to drift).
+Steps are counted globally from 0; Eigen-SAM refreshes its eigenvector on the current minibatch
+at every step that is a multiple of ``eig_every`` (step 0 included).
+
+No terminal code here: progress goes to an optional callback, interruption is polled through
+``should_stop`` at step boundaries, and problems the user can fix raise ``UserError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset, default_collate
+
+from eigensam.bn import disable_running_stats, enable_running_stats
+from eigensam.determinism import DataOrder, capture_rng, restore_rng
+from eigensam.eigen_sam import EigenSAM
+from eigensam.metrics import MetricsLog
+from eigensam.sam import SAM
+from hessian_cli import __version__
+from hessian_cli.analyze import resolve_device
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
+from hessian_cli.errors import UserError
+from hessian_cli.specs import (
+    analysis_batches,
+    apply_weights,
+    build_model,
+    check_labels,
+    default_loss,
+    get_loss,
+    load_checkpoint,
+    load_data,
+    save_checkpoint,
+)
+from hessian_cli.storage.files import atomic_path
+
+OPTIMIZERS = ("eigensam", "sam", "sgd")
+BASE_OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+CONFIG_FILE = "config.json"
+CONFIG_FORMAT = "hessian-cli-train-config"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.h5"
+FINAL_CHECKPOINT = "final.pt"
+_STEP_CHECKPOINT = re.compile(r"step(\d+)\.pt")
+# Tracking measures lambda_max to a tight tolerance; warm starts usually need a handful of HVPs,
+# the cap only bounds a cold start or a reordering of nearly tied eigenvalues.
+TRACK_TOL = 1e-3
+TRACK_MAX_HVPS = 200
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run, plus the run-time fields ``out``, ``max_steps`` and
+    ``device``, which a resume may change (they are not stored in ``config.json``).
+
+    ``momentum`` applies to the SGD base optimizer only; ``rho`` to SAM and Eigen-SAM, ``alpha``
+    and ``eig_every`` to Eigen-SAM. ``track_every = 0`` turns tracking off and
+    ``checkpoint_every = 0`` keeps only interruption and final checkpoints.
+    """
+
+    model: str
+    data: str
+    out: str = ""
+    optimizer: str = "eigensam"
+    base_optimizer: str = "sgd"
+    model_kwargs: dict[str, Any] | None = None
+    data_root: str | None = None
+    loss: str | None = None
+    rho: float = 0.05
+    alpha: float = 0.2
+    eig_every: int = 100
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    track_every: int = 0
+    checkpoint_every: int = 1
+    max_steps: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Refuse values that cannot make a run, in one sentence each."""
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("base_optimizer", BASE_OPTIMIZERS),
+            ("schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}: use "
+                    f"{', '.join(allowed)}."
+                )
+        for name in ("epochs", "batch_size", "eig_every"):
+            _require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1")
+        for name in ("track_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 0, f"--{_flag(name)} must be 0 (off) or more")
+        _require(self.max_steps is None or self.max_steps >= 0, "--max-steps must be 0 or more")
+        _require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
+        for name in ("rho", "alpha", "weight_decay"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"--{_flag(name)} must not be negative")
+        _require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        _require(
+            self.model_kwargs is None or isinstance(self.model_kwargs, dict),
+            "--model-kwargs must be a JSON object",
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the run (what ``config.json`` holds)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+
+
+RUNTIME_FIELDS = ("out", "max_steps", "device")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message + ".")
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration saved in a run directory (run-time fields at their defaults)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise UserError(f"{str(run_dir)!r} is not a directory, so it is not a training run.")
+    if not path.is_file():
+        raise UserError(
+            f"{str(run_dir)!r} is not a training run (it has no {CONFIG_FILE}); start one with --out."
+        )
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") != CONFIG_FORMAT:
+            raise ValueError("wrong format")
+        config = TrainConfig(**saved["config"], out=str(run_dir))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"the run configuration {str(path)!r} is damaged or not ours.") from exc
+    config.validate()
+    return config
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass
+class RunStarted:
+    run_dir: Path
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    device: str
+    num_params: int
+    resumed_from: Path | None
+
+
+@dataclass
+class StepDone:
+    step: int
+    epoch: int  # 1-based epoch this step belongs to
+    loss: float
+    accuracy: float
+    lr: float
+    lambda_max: float | None  # the last tracked value
+    eigenvalue: float | None  # the last Eigen-SAM refresh's eigenvalue
+
+
+@dataclass
+class EpochDone:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    seconds: float
+    lambda_max: float | None
+
+
+Event = RunStarted | StepDone | EpochDone
+
+
+@dataclass
+class TrainSummary:
+    """Where a call to :func:`train` left the run."""
+
+    run_dir: Path
+    step: int
+    total_steps: int
+    epoch: int
+    finished: bool
+    interrupted: bool
+    checkpoint: Path | None
+    epochs: list[EpochDone] = field(default_factory=list)
+    lambda_max: float | None = None
+    steps_run: int = 0  # in this call
+    step_seconds: float = 0.0  # time in training steps in this call
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.step_seconds / self.steps_run if self.steps_run else math.nan
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume_dir: str | Path | None = None,
+    progress: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainSummary:
+    """Train as ``config`` says, in ``config.out``, or continue the run in ``resume_dir``.
+
+    When resuming, ``config`` must be the run's (:func:`load_config`); only the run-time fields
+    may differ. ``should_stop`` is polled before every step: when it returns True a checkpoint is
+    saved and the summary says ``interrupted``. ``max_steps`` stops the same way (global steps).
+    """
+    config.validate()
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        _check_same_run(config, load_config(run_dir))
+    else:
+        if not config.out:
+            raise UserError("say where the run goes with --out RUN_DIR.")
+        run_dir = Path(config.out)
+        _check_new_run_dir(run_dir)
+    return _Run(config, run_dir, resume=resume_dir is not None).train(progress, should_stop)
+
+
+def _check_same_run(config: TrainConfig, saved: TrainConfig) -> None:
+    differ = [k for k, v in saved.identity().items() if config.identity()[k] != v]
+    if differ:
+        raise UserError(
+            f"--resume continues a run as it was configured, but {', '.join(differ)} differ "
+            "from the saved configuration."
+        )
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {str(run_dir)!r} is a file, not a directory.")
+    if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
+        raise UserError(
+            f"{str(run_dir)!r} already holds a training run: continue it with --resume "
+            f"{run_dir}, or choose another --out."
+        )
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"--out {str(run_dir)!r} is not empty; choose a new or empty directory.")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """``final.pt`` if the run finished, else the interruption/periodic one of the highest step."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if (folder / FINAL_CHECKPOINT).is_file():
+        return folder / FINAL_CHECKPOINT
+    found = [
+        (int(m.group(1)), p)
+        for p in (folder.iterdir() if folder.is_dir() else [])
+        if (m := _STEP_CHECKPOINT.fullmatch(p.name)) and p.is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+class _Diverged(Exception):
+    pass
+
+
+class _Run:
+    """One training session: the model, data and optimizer, and the position in the run."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, *, resume: bool) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)  # model initialisation
+        self.data = load_data(config.data, root=config.data_root)
+        self.classify = self.data.num_classes is not None
+        self.loss_spec = config.loss or default_loss(self.data.num_classes)
+        self.loss_fn: LossFn = get_loss(self.loss_spec, num_classes=self.data.num_classes)
+        model = build_model(
+            config.model,
+            input_shape=self.data.input_shape,
+            num_classes=self.data.num_outputs,
+            kwargs=config.model_kwargs,
+        )
+        self.model = model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError(f"the model {config.model!r} has no trainable parameters.")
+        self.optimizer = _make_optimizer(config, self.params)
+        n = len(self.data.train)
+        # A trailing batch of one sample is dropped: BatchNorm cannot train on it.
+        self.steps_per_epoch = max(1, n // config.batch_size + (n % config.batch_size > 1))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.test_batches = (
+            analysis_batches(self.data.test, batch_size=config.batch_size)
+            if self.data.test is not None
+            else []
+        )
+        held_out = self.data.test if self.data.test is not None else self.data.train
+        self.track_batch = analysis_batches(
+            held_out,
+            batch_size=config.batch_size,
+            num_samples=min(config.batch_size, len(held_out)),
+        )[0]
+        self._check_fits()
+
+        # Position in the run; a resume overwrites these from the checkpoint.
+        self.step = self.epoch = self.batch = 0
+        self.epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+        self.track_vector: torch.Tensor | None = None
+        self.lambda_max: float | None = None
+        self.resumed_from = latest_checkpoint(run_dir) if resume else None
+        order_state = self._restore(self.resumed_from) if self.resumed_from else None
+        self.order = DataOrder(n, config.seed, order_state)
+        self.metrics = MetricsLog(run_dir / METRICS_FILE, config.identity())
+        if resume:
+            try:
+                self.metrics.load(before_step=self.step, before_epoch=self.epoch)
+            except (OSError, KeyError, ValueError) as exc:
+                raise UserError(
+                    f"the run's {METRICS_FILE} is damaged and cannot be resumed."
+                ) from exc
+        else:
+            _write_config(run_dir, config)
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def _check_fits(self) -> None:
+        """One forward pass on two samples (eval mode: no buffer or RNG touched), so a model that
+        does not fit the data, or an unusable loss, is reported before anything is written."""
+        if self.classify:
+            if isinstance(self.data.train, TensorDataset):
+                check_labels([tuple(self.data.train.tensors[:2])], self.data.num_classes)
+            check_labels([self.track_batch], self.data.num_classes)
+        x, y = (t[:2].to(self.device) for t in self.track_batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                loss = self.loss_fn(self.model(x), y)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"the model {self.config.model!r} does not fit the data {self.config.data!r} "
+                f"with the loss {self.loss_spec!r}: {first}"
+            ) from exc
+        finally:
+            self.model.train(was_training)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            raise UserError(f"the loss {self.loss_spec!r} must return a scalar (batch mean).")
+
+    def _restore(self, path: Path) -> torch.Tensor:
+        """Load a checkpoint of this run; return the data-order state it saved."""
+        ckpt = load_checkpoint(path)
+        raw = ckpt.raw
+        if not all(k in raw for k in ("optimizer", "rng", "data_order", "training")):
+            raise UserError(f"{str(path)!r} is not a resumable training checkpoint.")
+        apply_weights(self.model, ckpt.state_dict)
+        try:
+            self.optimizer.load_state_dict(raw["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise UserError(
+                f"the optimizer state in {str(path)!r} does not fit a {self.config.optimizer} "
+                "optimizer of this model."
+            ) from exc
+        restore_rng(raw["rng"])
+        state = raw["training"]
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.epoch_sums = dict(state["epoch_sums"])
+        self.track_vector = state["track_vector"]
+        if self.track_vector is not None:
+            self.track_vector = self.track_vector.to(self.device)
+        self.lambda_max = state["lambda_max"]
+        return raw["data_order"]
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def train(
+        self,
+        progress: Callable[[Event], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> TrainSummary:
+        emit = progress or (lambda event: None)
+        cfg = self.config
+        summary = TrainSummary(
+            run_dir=self.run_dir,
+            step=self.step,
+            total_steps=self.total_steps,
+            epoch=self.epoch,
+            finished=self.step >= self.total_steps,
+            interrupted=False,
+            checkpoint=self.resumed_from,
+            lambda_max=self.lambda_max,
+        )
+        summary.epochs = self._epoch_records()
+        if summary.finished:
+            return summary
+        emit(
+            RunStarted(
+                run_dir=self.run_dir,
+                start_step=self.step,
+                total_steps=self.total_steps,
+                steps_per_epoch=self.steps_per_epoch,
+                epochs=cfg.epochs,
+                device=str(self.device),
+                num_params=sum(p.numel() for p in self.params),
+                resumed_from=self.resumed_from,
+            )
+        )
+        start_step, step_seconds = self.step, 0.0
+        try:
+            while self.epoch < cfg.epochs:
+                perm = self.order.next_epoch()
+                while self.batch < self.steps_per_epoch:
+                    stop = should_stop is not None and should_stop()
+                    if stop or (cfg.max_steps is not None and self.step >= cfg.max_steps):
+                        summary.interrupted = stop
+                        summary.checkpoint = self._save_step_checkpoint(self.order.epoch_state)
+                        return self._finish(summary, start_step, step_seconds)
+                    if cfg.track_every and self.step % cfg.track_every == 0:
+                        self._track()
+                    idx = perm[self.batch * cfg.batch_size : (self.batch + 1) * cfg.batch_size]
+                    start = time.perf_counter()
+                    loss, correct, count, lr = self._step(self._fetch(idx))
+                    seconds = time.perf_counter() - start
+                    step_seconds += seconds
+                    self._record_step(loss, correct, count, lr, seconds)
+                    emit(
+                        StepDone(
+                            step=self.step - 1,
+                            epoch=self.epoch + 1,
+                            loss=loss,
+                            accuracy=self._accuracy(correct, count),
+                            lr=lr,
+                            lambda_max=self.lambda_max,
+                            eigenvalue=getattr(self.optimizer, "last_eigenvalue", None),
+                        )
+                    )
+                emit(self._end_epoch())
+                last = self.epoch == cfg.epochs
+                if not last and cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0:
+                    summary.checkpoint = self._save_step_checkpoint(
+                        self.order.generator.get_state()
+                    )
+                self.metrics.flush()
+            if cfg.track_every:
+                self._track()  # the final weights are always measured
+            summary.finished = True
+            summary.checkpoint = self._save(
+                self.run_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, self.order.generator.get_state()
+            )
+            return self._finish(summary, start_step, step_seconds)
+        except _Diverged:
+            self.metrics.flush()
+            kept = latest_checkpoint(self.run_dir)
+            raise UserError(
+                f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
+                "the weights became NaN or infinite; stopped, "
+                + (f"the last checkpoint is {kept}" if kept else "no checkpoint was written")
+                + ": try a lower --lr or --rho."
+            ) from None
+
+    def _finish(self, summary: TrainSummary, start_step: int, seconds: float) -> TrainSummary:
+        self.metrics.flush()
+        summary.step, summary.epoch = self.step, self.epoch
+        summary.epochs = self._epoch_records()
+        summary.lambda_max = self.lambda_max
+        summary.steps_run, summary.step_seconds = self.step - start_step, seconds
+        return summary
+
+    def _fetch(self, idx: torch.Tensor) -> Batch:
+        ds = self.data.train
+        if isinstance(ds, TensorDataset):
+            x, y = ds.tensors[0][idx], ds.tensors[1][idx]
+        else:
+            x, y = default_collate([ds[i] for i in idx.tolist()])[:2]
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        y = y.float() if y.is_floating_point() else y.long()
+        return x.float().to(self.device), y.to(self.device)
+
+    def _lr(self) -> float:
+        if self.config.schedule == "constant":
+            return self.config.lr
+        return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / self.total_steps))
+
+    def _step(self, batch: Batch) -> tuple[float, int, int, float]:
+        """One update; returns the minibatch loss and correct count at ``w``, its size, the lr."""
+        x, y = batch
+        opt, model = self.optimizer, self.model
+        lr = self._lr()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = self.loss_fn(out, y)
+        if not bool(torch.isfinite(loss)):
+            raise _Diverged
+        loss.backward()
+        if isinstance(opt, EigenSAM) and self.step % self.config.eig_every == 0:
+            self._refresh(batch)
+        if isinstance(opt, SAM):
+            opt.first_step(zero_grad=True)
+            disable_running_stats(model)  # BatchNorm statistics move on the first pass only
+            try:
+                self.loss_fn(model(x), y).backward()
+            finally:
+                enable_running_stats(model)
+            opt.second_step()
+        else:
+            opt.step()
+        return loss.item(), self._correct(out, y), len(y), lr
+
+    def _refresh(self, batch: Batch) -> None:
+        assert isinstance(self.optimizer, EigenSAM)
+        result = self.optimizer.refresh_eigenvector(self.model, self.loss_fn, batch)
+        g = torch.cat(
+            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params]
+        )
+        norm = g.norm()
+        alignment = float(torch.dot(g, result.vector.to(g)).abs() / norm) if norm > 0 else math.nan
+        self.metrics.append(
+            "refresh",
+            step=self.step,
+            eigenvalue=result.eigenvalue,
+            residual=result.residual,
+            alignment=alignment,
+            hvps=result.hvps,
+        )
+
+    def _track(self) -> None:
+        """lambda_max of the fixed held-out batch at the current weights (BatchNorm in eval)."""
+        if not self._finite():
+            raise _Diverged
+        op = HessianOperator(self.model, self.loss_fn, [self.track_batch], bn="eval")
+        init = None if self.track_vector is None else self.track_vector.reshape(1, -1)
+        res = eigenpairs(
+            op, 1, tol=TRACK_TOL, max_hvps=TRACK_MAX_HVPS, init=init, seed=self.config.seed
+        )
+        op.release()
+        assert res.eigenvectors is not None
+        self.track_vector = res.eigenvectors[0].detach()
+        self.lambda_max = float(res.eigenvalues[0])
+        self.metrics.append(
+            "track",
+            step=self.step,
+            lambda_max=self.lambda_max,
+            residual=float(res.residuals[0]),
+            hvps=res.hvps,
+        )
+
+    def _finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    def _correct(self, out: torch.Tensor, y: torch.Tensor) -> int:
+        if not self.classify:
+            return 0
+        labels = y.argmax(1) if y.is_floating_point() else y
+        return int((out.argmax(1) == labels).sum())
+
+    def _accuracy(self, correct: float, count: float) -> float:
+        return correct / count if self.classify and count else math.nan
+
+    def _record_step(
+        self, loss: float, correct: int, count: int, lr: float, seconds: float
+    ) -> None:
+        self.metrics.append(
+            "steps",
+            step=self.step,
+            loss=loss,
+            accuracy=self._accuracy(correct, count),
+            lr=lr,
+        )
+        sums = self.epoch_sums
+        sums["loss"] += loss * count
+        sums["correct"] += correct
+        sums["count"] += count
+        sums["seconds"] += seconds
+        self.step += 1
+        self.batch += 1
+
+    def _end_epoch(self) -> EpochDone:
+        sums = self.epoch_sums
+        test_loss, test_acc = self._evaluate()
+        self.epoch += 1
+        self.batch = 0
+        self.metrics.append(
+            "epochs",
+            epoch=self.epoch,
+            train_loss=sums["loss"] / sums["count"],
+            train_accuracy=self._accuracy(sums["correct"], sums["count"]),
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            seconds=sums["seconds"],
+        )
+        self.epoch_sums = {k: 0.0 for k in sums}
+        return self._epoch_records()[-1]
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[float, float]:
+        """Mean loss and accuracy on the test split (eval mode), NaN without one."""
+        if not self.test_batches:
+            return math.nan, math.nan
+        was_training = self.model.training
+        self.model.eval()
+        total = correct = count = 0.0
+        for x, y in self.test_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            out = self.model(x)
+            total += float(self.loss_fn(out, y)) * len(y)
+            correct += self._correct(out, y)
+            count += len(y)
+        self.model.train(was_training)
+        return total / count, self._accuracy(correct, count)
+
+    def _epoch_records(self) -> list[EpochDone]:
+        """Every epoch row so far, with the tracked lambda_max at the end of each epoch."""
+        track_steps = self.metrics.column("track", "step")
+        track_values = self.metrics.column("track", "lambda_max")
+        records = []
+        for row in self.metrics.rows["epochs"]:
+            epoch, train_loss, train_acc, test_loss, test_acc, seconds = row
+            end = epoch * self.steps_per_epoch
+            seen = [v for s, v in zip(track_steps, track_values, strict=True) if s <= end]
+            records.append(
+                EpochDone(
+                    epoch=int(epoch),
+                    train_loss=train_loss,
+                    train_accuracy=train_acc,
+                    test_loss=test_loss,
+                    test_accuracy=test_acc,
+                    seconds=seconds,
+                    lambda_max=seen[-1] if seen else None,
+                )
+            )
+        return records
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def _save_step_checkpoint(self, order_state: torch.Tensor) -> Path:
+        return self._save(self.run_dir / CHECKPOINT_DIR / f"step{self.step:07d}.pt", order_state)
+
+    def _save(self, path: Path, order_state: torch.Tensor) -> Path:
+        """A self-describing checkpoint at a step boundary, with all a resume needs."""
+        if not self._finite():
+            raise _Diverged
+        cfg, data = self.config, self.data
+        metadata = {
+            "model": cfg.model,
+            "model_kwargs": json.dumps(cfg.model_kwargs or {}, sort_keys=True),
+            "data": cfg.data,
+            # Absolute, so that analyze finds the data from any working directory.
+            "data_root": str(Path(cfg.data_root).expanduser().resolve()) if cfg.data_root else None,
+            "loss": self.loss_spec,
+            "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes,
+            "step": self.step,
+            "epoch": self.epoch,
+            "optimizer": cfg.optimizer,
+            "base_optimizer": cfg.base_optimizer,
+            "seed": cfg.seed,
+            "config": json.dumps(cfg.identity(), sort_keys=True),
+            "tool": f"hessian-cli {__version__}",
+        }
+        extra = {
+            "optimizer": self.optimizer.state_dict(),
+            # The learning rate is a closed-form function of the step: this is all its state.
+            "scheduler": {
+                "schedule": cfg.schedule,
+                "base_lr": cfg.lr,
+                "total_steps": self.total_steps,
+                "step": self.step,
+            },
+            "rng": capture_rng(),
+            "data_order": order_state,
+            "training": {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "epoch_sums": dict(self.epoch_sums),
+                "track_vector": None if self.track_vector is None else self.track_vector.cpu(),
+                "lambda_max": self.lambda_max,
+            },
+        }
+        save_checkpoint(path, state_dict=self.model.state_dict(), metadata=metadata, extra=extra)
+        return path
+
+
+def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.base_optimizer == "sgd":
+        base: Any = torch.optim.SGD
+        kwargs = {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay}
+    else:
+        base = torch.optim.AdamW
+        kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        return base(params, **kwargs)
+    if config.optimizer == "sam":
+        return SAM(params, base, rho=config.rho, **kwargs)
+    return EigenSAM(params, base, rho=config.rho, alpha=config.alpha, **kwargs)
+
+
+def _write_config(run_dir: Path, config: TrainConfig) -> None:
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    text = json.dumps(
+        {"format": CONFIG_FORMAT, "version": 1, "config": config.identity()}, indent=2
+    )
+    with atomic_path(run_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(text + "\n")
+
+
+__all__ = [
+    "Event",
+    "EpochDone",
+    "RunStarted",
+    "StepDone",
+    "TrainConfig",
+    "TrainSummary",
+    "latest_checkpoint",
+    "load_config",
+    "train",
+]

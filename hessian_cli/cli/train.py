@@ -1,0 +1,361 @@
+"""``hessian-cli train``: parse the options, run :func:`eigensam.training.train`, render.
+
+Ctrl-C asks the loop to stop at the next step boundary, where it saves a checkpoint; the command
+then exits with status 130. A second Ctrl-C stops at once (every file is written atomically, so
+nothing is damaged, but the steps since the last checkpoint are lost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from eigensam.training import (
+    BASE_OPTIMIZERS,
+    OPTIMIZERS,
+    RUNTIME_FIELDS,
+    SCHEDULES,
+    EpochDone,
+    Event,
+    RunStarted,
+    StepDone,
+    TrainConfig,
+    TrainSummary,
+    load_config,
+    train,
+)
+from hessian_cli.cli.app import app
+from hessian_cli.errors import UserError
+
+EXIT_INTERRUPTED = 130
+_D = TrainConfig(model="", data="")  # the defaults, for the help text
+_TABLE_ROWS = 40
+
+
+def _default(name: str) -> str:
+    return f" (default: {getattr(_D, name)})"
+
+
+@app.command("train")
+def train_command(
+    model: str | None = typer.Option(
+        None, "--model", help="Model spec: mlp, cnn, resnet20, torchvision:NAME or module:factory."
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="Data spec: digits, synthetic:CxHxW[:classes[:count]], cifar10, ..."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="New run directory (an existing run is never overwritten)."
+    ),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue the run in this directory exactly where it stopped."
+    ),
+    optimizer: str | None = typer.Option(
+        None, "--optimizer", help=f"{', '.join(OPTIMIZERS)}." + _default("optimizer")
+    ),
+    base_optimizer: str | None = typer.Option(
+        None,
+        "--base-optimizer",
+        help=f"{', '.join(BASE_OPTIMIZERS)}: the step SAM and Eigen-SAM wrap."
+        + _default("base_optimizer"),
+    ),
+    rho: float | None = typer.Option(None, "--rho", help="SAM radius." + _default("rho")),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="Eigen-SAM eigenvector weight." + _default("alpha")
+    ),
+    eig_every: int | None = typer.Option(
+        None,
+        "--eig-every",
+        help="Refresh Eigen-SAM's eigenvector every N global steps." + _default("eig_every"),
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs." + _default("epochs")),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Minibatch size." + _default("batch_size")
+    ),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate." + _default("lr")),
+    momentum: float | None = typer.Option(
+        None, "--momentum", help="SGD momentum (base optimizer sgd)." + _default("momentum")
+    ),
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", help="Weight decay." + _default("weight_decay")
+    ),
+    schedule: str | None = typer.Option(
+        None,
+        "--schedule",
+        help=f"{', '.join(SCHEDULES)} (cosine anneals to 0 over all steps)." + _default("schedule"),
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed." + _default("seed")),
+    track_every: int | None = typer.Option(
+        None,
+        "--track-every",
+        help="Measure lambda_max of a fixed held-out batch every N steps (0: off)."
+        + _default("track_every"),
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None,
+        "--checkpoint-every",
+        help="Save a checkpoint every N epochs (0: only at the end)."
+        + _default("checkpoint_every"),
+    ),
+    model_kwargs: str | None = typer.Option(
+        None, "--model-kwargs", help="JSON object of keyword arguments for the model."
+    ),
+    data_root: str | None = typer.Option(
+        None, "--data-root", help="Folder holding torchvision datasets."
+    ),
+    loss: str | None = typer.Option(
+        None, "--loss", help="ce, mse or module:function (default: ce for class labels, else mse)."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Stop (with a checkpoint) after this many global steps."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
+) -> None:
+    """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""
+    given = {
+        "model": model,
+        "data": data,
+        "optimizer": optimizer,
+        "base_optimizer": base_optimizer,
+        "model_kwargs": model_kwargs,
+        "data_root": data_root,
+        "loss": loss,
+        "rho": rho,
+        "alpha": alpha,
+        "eig_every": eig_every,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "seed": seed,
+        "track_every": track_every,
+        "checkpoint_every": checkpoint_every,
+    }
+    set_options = {k: v for k, v in given.items() if v is not None}
+    if resume is not None:
+        named = [*set_options, *(["out"] if out is not None else [])]
+        if named:
+            flags = ", ".join(map(_flag, named))
+            allowed = ", ".join(_flag(k) for k in RUNTIME_FIELDS if k != "out")
+            raise UserError(
+                f"--resume continues a run as it was configured, so {flags} cannot be given with "
+                f"it (only {allowed} and --quiet can)."
+            )
+        config = load_config(resume)
+    else:
+        if model is None or data is None or out is None:
+            raise UserError(
+                "give --model, --data and --out to start a run, or --resume RUN_DIR to continue one."
+            )
+        set_options["model_kwargs"] = _json_object(model_kwargs)
+        config = TrainConfig(**set_options, out=str(out))
+    config.max_steps, config.device = max_steps, device
+
+    console = Console()
+    display = _Display(console, config, quiet)
+    with _ctrl_c() as stop, display:
+        summary = train(config, resume_dir=resume, progress=display, should_stop=stop)
+    _report(console, summary, quiet, resumed=resume is not None)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"--model-kwargs is not valid JSON: {exc.msg} at position {exc.pos}."
+        ) from exc
+    if not isinstance(value, dict):
+        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
+    return value
+
+
+class _StopRequest:
+    """Polled by the loop; the first Ctrl-C asks for a clean stop, the second interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextmanager
+def _ctrl_c() -> Iterator[_StopRequest]:
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals can only be handled in the main thread
+        return
+    previous = signal.signal(signal.SIGINT, stop.on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Display:
+    """Progress bar (loss, accuracy, lambda_max, test accuracy) fed by the loop's events."""
+
+    def __init__(self, console: Console, config: TrainConfig, quiet: bool) -> None:
+        self.console = console
+        self.config = config
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.epochs = config.epochs
+        self.test_accuracy = math.nan
+
+    def __enter__(self) -> _Display:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, event: Event) -> None:
+        if self.quiet:
+            return
+        if isinstance(event, RunStarted):
+            self._start(event)
+        elif isinstance(event, StepDone) and self.progress is not None:
+            stats = f"loss {event.loss:.4f}"
+            if not math.isnan(event.accuracy):
+                stats += f"  acc {event.accuracy:.3f}"
+            if event.lambda_max is not None:
+                stats += f"  λmax {event.lambda_max:.4g}"
+            elif event.eigenvalue is not None:
+                stats += f"  λ1 {event.eigenvalue:.4g}"
+            if not math.isnan(self.test_accuracy):
+                stats += f"  test acc {self.test_accuracy:.3f}"
+            self.progress.update(
+                self.task,
+                completed=event.step + 1,
+                description=f"epoch {event.epoch}/{self.epochs}",
+                stats=stats,
+            )
+        elif isinstance(event, EpochDone):
+            self.test_accuracy = event.test_accuracy
+
+    def _start(self, event: RunStarted) -> None:
+        cfg = self.config
+        how = cfg.optimizer if cfg.optimizer == "sgd" else f"{cfg.optimizer} ({cfg.base_optimizer})"
+        verb = f"Resuming at step {event.start_step}" if event.resumed_from else "Training"
+        self.console.print(
+            f"{verb}: {cfg.model} on {cfg.data} with {how}, {event.num_params:,} parameters, "
+            f"{event.total_steps} steps ({event.epochs} epochs of {event.steps_per_epoch}) on "
+            f"{event.device}; run directory {event.run_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=self.console,
+        )
+        self.task = self.progress.add_task(
+            "starting", total=event.total_steps, completed=event.start_step, stats=""
+        )
+        self.progress.start()
+
+
+def _report(console: Console, summary: TrainSummary, quiet: bool, *, resumed: bool) -> None:
+    where = summary.run_dir
+    if resumed and summary.steps_run == 0 and summary.finished:
+        console.print(
+            f"The run in {where} has already finished (step {summary.step} of "
+            f"{summary.total_steps}); nothing to do.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    if not quiet and summary.epochs:
+        console.print(epoch_table(summary.epochs))
+    if summary.finished:
+        if not quiet:
+            console.print(
+                f"Done: {summary.total_steps} steps; final checkpoint {summary.checkpoint}, "
+                f"metrics {where / 'metrics.h5'}.",
+                highlight=False,
+                soft_wrap=True,
+            )
+        return
+    why = "Interrupted" if summary.interrupted else "Stopped (--max-steps)"
+    message = (
+        f"{why} at step {summary.step} of {summary.total_steps}: saved {summary.checkpoint}; "
+        f"continue with `hessian-cli train --resume {where}`."
+    )
+    if summary.interrupted:
+        Console(stderr=True).print(message, style="yellow", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not quiet:
+        console.print(message, highlight=False, soft_wrap=True)
+
+
+def epoch_table(epochs: list[EpochDone]) -> Table:
+    """One row per epoch (the last ``_TABLE_ROWS`` of a long run)."""
+    shown = epochs[-_TABLE_ROWS:]
+    table = Table(title="Epochs", caption=_caption(len(epochs), len(shown)))
+    tracked = any(e.lambda_max is not None for e in shown)
+    for name in ("epoch", "train loss", "train acc", "test loss", "test acc"):
+        table.add_column(name, justify="right")
+    if tracked:
+        table.add_column("λmax", justify="right")
+    table.add_column("seconds", justify="right")
+    for e in shown:
+        row = [
+            str(e.epoch),
+            _num(e.train_loss),
+            _num(e.train_accuracy, ".3f"),
+            _num(e.test_loss),
+            _num(e.test_accuracy, ".3f"),
+        ]
+        if tracked:
+            row.append(_num(e.lambda_max))
+        row.append(_num(e.seconds, ".2f"))
+        table.add_row(*row)
+    return table
+
+
+def _caption(total: int, shown: int) -> str | None:
+    return f"last {shown} of {total} epochs" if shown < total else None
+
+
+def _num(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)

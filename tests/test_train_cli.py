@@ -1,0 +1,165 @@
+"""`hessian-cli train` end to end: each optimizer, refusals, Ctrl-C and exact resume, analyze/show
+reading what train writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hessian_cli.cli import main
+from hessian_cli.specs import load_checkpoint
+
+TINY = [
+    "--model", "mlp", "--model-kwargs", '{"hidden": [8]}', "--data", "synthetic:16:3:96",
+    "--batch-size", "16", "--eig-every", "4",
+]  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+
+
+def exit_code(*args: object) -> int:
+    """The CLI in-process, exactly as the console script runs it."""
+    argv = sys.argv
+    sys.argv = ["hessian-cli", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+
+
+def run(capsys, *args: object) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the CLI."""
+    code = exit_code(*args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_sentence(err: str) -> str:
+    assert "Traceback" not in err
+    text = " ".join(err.split())
+    assert text.startswith("error:") and text.count(". ") == 0, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A whole Eigen-SAM run with tracking, made through the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "e1"
+    assert exit_code("train", *TINY, "--epochs", "2", "--track-every", "5", "--out", out) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--optimizer", "sgd"],
+        ["--optimizer", "sam", "--schedule", "constant"],
+        ["--optimizer", "eigensam", "--base-optimizer", "adamw", "--lr", "0.01"],
+    ],
+    ids=["sgd", "sam", "eigensam-adamw"],
+)
+def test_each_optimizer_trains_a_few_steps(capsys, tmp_path, extra):
+    out = tmp_path / "run"
+    code, stdout, _ = run(
+        capsys, "train", *TINY, *extra, "--epochs", "2", "--max-steps", "7", "--out", out
+    )
+    assert code == 0, stdout
+    assert "Stopped (--max-steps) at step 7 of 12" in " ".join(stdout.split())
+    assert "Epochs" in stdout  # the epoch table
+    assert (out / "checkpoints" / "step0000007.pt").is_file() and (out / "metrics.h5").is_file()
+    assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == extra[1]
+    code, stdout, _ = run(capsys, "train", "--resume", out, "--quiet")
+    assert code == 0 and stdout == ""
+    assert (out / "checkpoints" / "final.pt").is_file()
+    code, stdout, _ = run(capsys, "train", "--resume", out)
+    assert code == 0 and "already finished" in stdout
+
+
+def test_finished_run_reads_back_everywhere(capsys, finished_run):
+    """analyze needs no flags on a train checkpoint; show reads metrics.h5."""
+    final = finished_run / "checkpoints" / "final.pt"
+    raw = torch.load(final, weights_only=True)
+    assert raw["hessian_cli"]["step"] == 12 and raw["hessian_cli"]["optimizer"] == "eigensam"
+    code, out, err = run(capsys, "analyze", final, "--top-k", "2", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["provenance"]["model"] == "mlp" and report["provenance"]["step"] == 12
+    assert len(report["eigen"]["eigenvalues"]) == 2
+    code, out, err = run(capsys, "show", finished_run / "metrics.h5")
+    assert code == 0 and "refreshes" in out, err
+
+
+def test_existing_run_is_refused_not_overwritten(capsys, finished_run):
+    before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    code, _, err = run(capsys, "train", *TINY, "--out", finished_run)
+    assert code == 2 and "--resume" in error_sentence(err)
+    assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resume", "{tmp}"], "is not a training run"),
+        (["--resume", "{run}", "--lr", "0.5"], "--lr cannot be given"),
+        (TINY[:2], "give --model, --data and --out"),
+        ([*TINY, "--model-kwargs", "{bad", "--out", "{tmp}/x"], "not valid JSON"),
+        ([*TINY, "--schedule", "step", "--out", "{tmp}/x"], "unknown schedule"),
+        ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "Unknown device"),
+    ],
+)
+def test_bad_input_is_one_sentence(capsys, tmp_path, finished_run, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(finished_run)) for a in args]
+    code, _, err = run(capsys, "train", *args)
+    assert code == 2 and message in error_sentence(err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
+    """SIGINT to a real process: exit 130 with a checkpoint; resuming gives the same weights as
+    a run that was never interrupted."""
+    out = tmp_path / "stopped"
+    # Far more epochs than the test waits for: the signal always lands mid-run.
+    args = [*TINY, "--epochs", "400", "--track-every", "7", "--checkpoint-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hessian_cli", "train", *args, "--quiet", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.h5").exists():  # written at the end of the first epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    saved = list((out / "checkpoints").glob("step*.pt"))
+    assert len(saved) == 1
+    step = load_checkpoint(saved[0]).metadata["step"]
+    assert 6 <= step < 2400
+
+    target = step + 9  # on into a different epoch, with refreshes and tracking on the way
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps", target, "--quiet")
+    assert code == 0, err
+    whole = tmp_path / "whole"
+    code, _, err = run(capsys, "train", *args, "--max-steps", target, "--quiet", "--out", whole)
+    assert code == 0, err
+    name = f"checkpoints/step{target:07d}.pt"
+    a, b = load_checkpoint(out / name).state_dict, load_checkpoint(whole / name).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,244 @@
+"""The training loop as a library: exact resume, metrics.h5, checkpoints, bad input, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from eigensam.training import (
+    EpochDone,
+    RunStarted,
+    StepDone,
+    TrainConfig,
+    latest_checkpoint,
+    load_config,
+    train,
+)
+from hessian_cli.errors import UserError
+from hessian_cli.specs import load_checkpoint
+from hessian_cli.storage import read_metrics
+
+# 96 samples in batches of 16: 6 steps per epoch, 18 in 3 epochs.
+DATA = "synthetic:16:3:96"
+STEPS_PER_EPOCH = 6
+BN_CNN = {
+    "model": "cnn",
+    "data": "synthetic:1x6x6:3:64",
+    "model_kwargs": {"widths": [4], "batchnorm": True},
+}
+
+
+def config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    base = dict(
+        model="mlp",
+        model_kwargs={"hidden": [8]},
+        data=DATA,
+        batch_size=16,
+        epochs=3,
+        eig_every=4,
+        track_every=5,
+        out=str(tmp_path / name),
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).state_dict
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    """Identical rows, except the wall-clock seconds of each epoch."""
+    ma, mb = read_metrics(a / "metrics.h5"), read_metrics(b / "metrics.h5")
+    assert ma.keys() == mb.keys()
+    for group, columns in ma.items():
+        for name, values in columns.items():
+            if name != "seconds":
+                assert np.array_equal(values, mb[group][name], equal_nan=True), (group, name)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(BN_CNN | {"optimizer": "eigensam"}, id="eigensam-bn-cnn"),
+        pytest.param({"optimizer": "sgd", "base_optimizer": "adamw"}, id="adamw"),
+    ],
+)
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, overrides):
+    whole = train(config(tmp_path, "whole", **overrides))
+    first = train(config(tmp_path, "split", max_steps=8, **overrides))
+    assert not first.finished and first.step == 8 and first.checkpoint.name == "step0000008.pt"
+    resumed = train(load_config(tmp_path / "split"), resume_dir=tmp_path / "split")
+    assert resumed.finished and resumed.step == whole.step and resumed.steps_run == whole.step - 8
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
+    assert_same_metrics(tmp_path / "whole", tmp_path / "split")
+    opt_a = load_checkpoint(whole.checkpoint).raw["optimizer"]
+    opt_b = load_checkpoint(resumed.checkpoint).raw["optimizer"]
+    assert opt_a.get("eigensam") == opt_b.get("eigensam")
+
+
+def test_should_stop_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    whole = train(config(tmp_path, "whole"))
+    polls = iter(range(100))
+    events: list = []
+    stopped = train(
+        config(tmp_path, "stopped"),
+        progress=events.append,
+        should_stop=lambda: next(polls) == 11,  # asked before step 11: mid-epoch 2
+    )
+    assert stopped.interrupted and not stopped.finished and stopped.step == 11
+    assert latest_checkpoint(tmp_path / "stopped") == stopped.checkpoint
+    assert isinstance(events[0], RunStarted) and events[0].total_steps == 18
+    assert [e.step for e in events if isinstance(e, StepDone)] == list(range(11))
+    assert [e.epoch for e in events if isinstance(e, EpochDone)] == [1]
+    resumed = train(load_config(tmp_path / "stopped"), resume_dir=tmp_path / "stopped")
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
+    assert_same_metrics(tmp_path / "whole", tmp_path / "stopped")
+    # A finished run resumes to nothing.
+    again = train(load_config(tmp_path / "stopped"), resume_dir=tmp_path / "stopped")
+    assert again.finished and again.steps_run == 0 and len(again.epochs) == 3
+
+
+def test_metrics_file_layout(tmp_path):
+    summary = train(config(tmp_path, epochs=2, eig_every=4, track_every=5))
+    total = 2 * STEPS_PER_EPOCH
+    with h5py.File(tmp_path / "run" / "metrics.h5", "r") as f:
+        assert f.attrs["format"] == "hessian-cli-metrics" and f.attrs["version"] == 1
+        assert json.loads(f.attrs["config"])["optimizer"] == "eigensam"
+        assert set(f) == {"steps", "epochs", "refresh", "track"}
+        for group in f.values():
+            lengths = {len(ds) for ds in group.values()}
+            assert len(lengths) == 1
+            assert all(ds.maxshape == (None,) for ds in group.values())
+    m = read_metrics(tmp_path / "run" / "metrics.h5")
+    assert m["steps"]["step"].tolist() == list(range(total))
+    lr = m["steps"]["lr"]
+    assert lr[0] == pytest.approx(0.1) and np.all(np.diff(lr) < 0)  # cosine, per global step
+    assert lr[6] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 6 / total)))
+    assert np.all(np.isfinite(m["steps"]["loss"])) and np.all(m["steps"]["accuracy"] <= 1)
+    # Refreshes are counted on the global step, across epoch boundaries.
+    assert m["refresh"]["step"].tolist() == [0, 4, 8]
+    assert np.all((m["refresh"]["alignment"] >= 0) & (m["refresh"]["alignment"] <= 1))
+    assert np.all(m["refresh"]["hvps"] > 0) and np.all(m["refresh"]["eigenvalue"] > 0)
+    # Tracking every 5 steps, and the final weights.
+    assert m["track"]["step"].tolist() == [0, 5, 10, total]
+    assert np.all(m["track"]["residual"] <= 1e-3)
+    assert summary.lambda_max == pytest.approx(m["track"]["lambda_max"][-1])
+    epochs = m["epochs"]
+    assert epochs["epoch"].tolist() == [1, 2]
+    assert np.all(np.isfinite(epochs["test_accuracy"])) and np.all(epochs["seconds"] > 0)
+    assert [e.epoch for e in summary.epochs] == [1, 2]
+
+
+def test_sgd_and_sam_are_tracked_and_never_refresh(tmp_path):
+    for optimizer in ("sgd", "sam"):
+        train(config(tmp_path, optimizer, optimizer=optimizer, epochs=1, track_every=3))
+        m = read_metrics(tmp_path / optimizer / "metrics.h5")
+        assert "refresh" not in m
+        assert m["track"]["step"].tolist() == [0, 3, STEPS_PER_EPOCH]
+
+
+def test_checkpoints_are_self_describing_and_load_safely(tmp_path):
+    summary = train(config(tmp_path, epochs=2, optimizer="sam"))
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "step0000006.pt"]
+    raw = torch.load(summary.checkpoint, weights_only=True)
+    assert raw["format"] == "hessian-cli-checkpoint"
+    meta = raw["hessian_cli"]
+    for key in ("model", "model_kwargs", "data", "data_root", "loss", "input_shape",
+                "num_classes", "step", "epoch", "optimizer"):  # fmt: skip
+        assert key in meta, key
+    assert (meta["model"], meta["data"], meta["loss"], meta["optimizer"]) == (
+        "mlp",
+        DATA,
+        "ce",
+        "sam",
+    )
+    assert json.loads(meta["model_kwargs"]) == {"hidden": [8]}
+    assert (meta["step"], meta["epoch"], meta["input_shape"], meta["num_classes"]) == (
+        12,
+        2,
+        [16],
+        3,
+    )
+    assert {"optimizer", "scheduler", "rng", "data_order", "training"} <= raw.keys()
+    assert raw["rng"]["torch"].dtype == torch.uint8 and raw["data_order"].dtype == torch.uint8
+
+
+def test_batchnorm_statistics_move_once_per_step(tmp_path):
+    train(config(tmp_path, optimizer="sam", epochs=1, batch_size=16, **BN_CNN))
+    state = weights(tmp_path / "run" / "checkpoints" / "final.pt")
+    assert int(state["features.1.num_batches_tracked"]) == 4  # 64 samples / 16
+
+
+def test_alpha_zero_eigensam_trains_exactly_like_sam(tmp_path):
+    sam = train(config(tmp_path, "sam", optimizer="sam", epochs=1, track_every=0))
+    eig = train(config(tmp_path, "eig", optimizer="eigensam", alpha=0.0, epochs=1, track_every=0))
+    assert_same_weights(sam.checkpoint, eig.checkpoint)
+
+
+def test_existing_run_is_refused_and_untouched(tmp_path):
+    train(config(tmp_path, epochs=1))
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="already holds a training run.*--resume"):
+        train(config(tmp_path, epochs=1))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        train(config(tmp_path, "other"))
+    # Resuming with a different configuration is refused.
+    changed = load_config(run)
+    changed.lr = 0.5
+    with pytest.raises(UserError, match="lr differ"):
+        train(changed, resume_dir=run)
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="not a training run"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="damaged"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model": "nosuchmodel"}, "unknown model"),
+        ({"data": "synthetic:nope"}, "not of the form"),
+        ({"model_kwargs": {"input_size": 5}}, "does not fit the data"),
+        ({"optimizer": "adam"}, "unknown optimizer"),
+        ({"lr": -1.0}, "--lr must be a positive"),
+        ({"eig_every": 0}, "--eig-every must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train(config(tmp_path, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_stops_with_a_message_and_nothing_corrupt(tmp_path):
+    with pytest.raises(UserError, match="diverged at step"):
+        train(config(tmp_path, optimizer="sgd", lr=1e12, momentum=0.0, epochs=3, track_every=0))
+    run = tmp_path / "run"
+    assert not (run / "checkpoints" / "final.pt").exists()
+    for path in (run / "checkpoints").iterdir():  # whatever was saved holds finite weights
+        assert all(torch.isfinite(t).all() for t in weights(path).values() if t.is_floating_point())
+    m = read_metrics(run / "metrics.h5")
+    assert m["steps"]["step"].tolist() == list(range(len(m["steps"]["step"])))

@@ -20,10 +20,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/hessian-cli analyze checkpoints_example/digits_mlp.pt --top-k 5 --trace --density --alignment --out example.h5
+	rm -f example.h5
+	$(VENV)/bin/hessian-cli analyze checkpoints_example/digits_mlp.pt --num-samples 512 --batch-size 64 \
+		--top-k 5 --trace --density --alignment --out example.h5
 	$(VENV)/bin/hessian-cli plot example.h5 -o example.png
 	@echo "wrote example.h5 and example.png"
 

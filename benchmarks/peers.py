@@ -14,6 +14,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ def hvp_costs(model, x, y, device, blocks=(1, 4), reps=2) -> list[tuple[str, int
 
 
 def run(args: argparse.Namespace) -> None:
-    import pyhessian.hessian as pyh_module
+    import pyhessian.hessian  # noqa: F401  (the package re-exports the class under this name)
     from pyhessian import hessian as PyHessian
+
+    pyh_module = sys.modules["pyhessian.hessian"]
 
     device = torch.device(args.device)
     model, x, y = setup(args)

@@ -13,26 +13,13 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from hessian_cli.analyze import AnalyzeRequest, analyze_target
 from hessian_cli.cli.app import app
+from hessian_cli.cli.options import parse_model_kwargs
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import analysis_table, series_table
 from hessian_cli.report import analysis_to_dict
 from hessian_cli.storage.hdf5 import write_analyses
 
 EXIT_UNCONVERGED = 3
-
-
-def _parse_kwargs(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"--model-kwargs is not valid JSON: {exc.msg} at position {exc.pos}."
-        ) from exc
-    if not isinstance(value, dict):
-        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'.")
-    return value
 
 
 @app.command()
@@ -143,7 +130,7 @@ def analyze(
         raise UserError(f"--out {out} is a directory; give a file name such as spectra.h5.")
     request = AnalyzeRequest(
         model=model,
-        model_kwargs=_parse_kwargs(model_kwargs),
+        model_kwargs=parse_model_kwargs(model_kwargs),
         data=data,
         data_root=data_root,
         loss=loss,

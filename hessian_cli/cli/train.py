@@ -7,7 +7,6 @@ nothing is damaged, but the steps since the last checkpoint are lost).
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -44,6 +43,7 @@ from eigensam.training import (
     train,
 )
 from hessian_cli.cli.app import app
+from hessian_cli.cli.options import parse_model_kwargs
 from hessian_cli.errors import UserError
 
 EXIT_INTERRUPTED = 130
@@ -169,7 +169,7 @@ def train_command(
             raise UserError(
                 "give --model, --data and --out to start a run, or --resume RUN_DIR to continue one."
             )
-        set_options["model_kwargs"] = _json_object(model_kwargs)
+        set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
         config = TrainConfig(**set_options, out=str(out))
     config.max_steps, config.device = max_steps, device
 
@@ -182,20 +182,6 @@ def train_command(
 
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
-
-
-def _json_object(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"--model-kwargs is not valid JSON: {exc.msg} at position {exc.pos}."
-        ) from exc
-    if not isinstance(value, dict):
-        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
-    return value
 
 
 class _StopRequest:

@@ -26,8 +26,16 @@ Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pair
 
 
 def default_block_size(k: int, device: torch.device) -> int:
-    """Block size by device: batching pays off most on GPUs (benchmarks/RESULTS.md)."""
-    return min(max(k, 4 if device.type == "cuda" else 1), 16)
+    """Vectors per pass, by device.
+
+    On CPU a block costs as much per vector as single products, and single-vector Krylov needs
+    the fewest products (ResNet-20 top-5: 30 HVPs with block 1, 60 with block 5;
+    benchmarks/RESULTS.md), so the CPU default is 1. Its known limit: a Krylov space grown from one
+    vector sees one copy of an exactly repeated eigenvalue; pass a block at least as large as the
+    multiplicity (``--block-size``) where that matters. On GPUs a block amortises one pass over
+    several vectors.
+    """
+    return min(max(k, 4), 16) if device.type == "cuda" else 1
 
 
 def eigenpairs(

@@ -1,0 +1,23 @@
+"""Option parsing shared by several commands."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hessian_cli.errors import UserError
+
+
+def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
+    """The ``--model-kwargs`` JSON object, or ``None`` when the option was not given."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"--model-kwargs is not valid JSON: {exc.msg} at position {exc.pos}."
+        ) from exc
+    if not isinstance(value, dict):
+        raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
+    return value

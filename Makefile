@@ -25,7 +25,7 @@ test: lint
 demo: $(STAMP)
 	rm -f example.h5
 	$(VENV)/bin/hessian-cli analyze checkpoints_example/digits_mlp.pt --num-samples 512 --batch-size 64 \
-		--top-k 5 --trace --density --alignment --out example.h5
+		--top-k 5 --trace --density --density-probes 4 --density-steps 48 --alignment --out example.h5
 	$(VENV)/bin/hessian-cli plot example.h5 -o example.png
 	@echo "wrote example.h5 and example.png"
 

@@ -11,6 +11,13 @@ learning rate is a closed-form function of the global step (no scheduler state t
 Steps are counted globally from 0; Eigen-SAM refreshes its eigenvector on the current minibatch
 at every step that is a multiple of ``eig_every`` (step 0 included).
 
+Under torchrun (DistributedDataParallel semantics) ``batch_size`` is per rank: each step takes
+``batch_size * world_size`` samples of the shared data order and splits them into contiguous
+shares; gradients are averaged over the global batch after every backward pass, so both SAM
+passes use the global gradient and every rank applies the same update. The Eigen-SAM refresh uses
+the distributed operator (the Hessian of the global minibatch). Only rank 0 writes; setup errors
+are agreed on by all ranks. BatchNorm running statistics are rank 0's (as DDP broadcasts them).
+
 No terminal code here: progress goes to an optional callback, interruption is polled through
 ``should_stop`` at step boundaries, and problems the user can fix raise ``UserError``.
 """
@@ -37,6 +44,7 @@ from eigensam.metrics import MetricsLog
 from eigensam.sam import SAM
 from hessian_cli import __version__
 from hessian_cli.analyze import resolve_device
+from hessian_cli.engine import distributed
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
 from hessian_cli.errors import UserError
@@ -243,16 +251,20 @@ def train(
     may differ. ``should_stop`` is polled before every step: when it returns True a checkpoint is
     saved and the summary says ``interrupted``. ``max_steps`` stops the same way (global steps).
     """
-    config.validate()
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        _check_same_run(config, load_config(run_dir))
-    else:
-        if not config.out:
-            raise UserError("say where the run goes with --out RUN_DIR.")
-        run_dir = Path(config.out)
-        _check_new_run_dir(run_dir)
-    return _Run(config, run_dir, resume=resume_dir is not None).train(progress, should_stop)
+    with distributed.fail_together():  # no rank writes before every rank has checked its input
+        config.validate()
+        if resume_dir is not None:
+            run_dir = Path(resume_dir)
+            _check_same_run(config, load_config(run_dir))
+        else:
+            if not config.out:
+                raise UserError("say where the run goes with --out RUN_DIR.")
+            run_dir = Path(config.out)
+            _check_new_run_dir(run_dir)
+        run = _Run(config, run_dir, resume=resume_dir is not None)
+    if resume_dir is None and run.lead:
+        _write_config(run_dir, config)
+    return run.train(progress, should_stop)
 
 
 def _check_same_run(config: TrainConfig, saved: TrainConfig) -> None:
@@ -300,6 +312,8 @@ class _Run:
         self.config = config
         self.run_dir = run_dir
         self.device = resolve_device(config.device)
+        self.rank, self.world = distributed.world()
+        self.lead = self.rank == 0
         torch.manual_seed(config.seed)  # model initialisation
         self.data = load_data(config.data, root=config.data_root)
         self.classify = self.data.num_classes is not None
@@ -317,8 +331,16 @@ class _Run:
             raise UserError(f"the model {config.model!r} has no trainable parameters.")
         self.optimizer = _make_optimizer(config, self.params)
         n = len(self.data.train)
-        # A trailing batch of one sample is dropped: BatchNorm cannot train on it.
-        self.steps_per_epoch = max(1, n // config.batch_size + (n % config.batch_size > 1))
+        _require(
+            self.world == 1 or n >= 2 * self.world,
+            f"the data has {n} samples, too few for {self.world} processes",
+        )
+        self.global_batch = config.batch_size * self.world
+        # A trailing batch with fewer than two samples per rank is dropped: BatchNorm cannot
+        # train on one sample.
+        self.steps_per_epoch = max(
+            1, n // self.global_batch + (n % self.global_batch >= 2 * self.world)
+        )
         self.total_steps = config.epochs * self.steps_per_epoch
         self.test_batches = (
             analysis_batches(self.data.test, batch_size=config.batch_size)
@@ -349,8 +371,6 @@ class _Run:
                 raise UserError(
                     f"the run's {METRICS_FILE} is damaged and cannot be resumed."
                 ) from exc
-        else:
-            _write_config(run_dir, config)
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -441,14 +461,17 @@ class _Run:
             while self.epoch < cfg.epochs:
                 perm = self.order.next_epoch()
                 while self.batch < self.steps_per_epoch:
-                    stop = should_stop is not None and should_stop()
+                    stop = self._anyone(should_stop is not None and should_stop())
                     if stop or (cfg.max_steps is not None and self.step >= cfg.max_steps):
                         summary.interrupted = stop
                         summary.checkpoint = self._save_step_checkpoint(self.order.epoch_state)
                         return self._finish(summary, start_step, step_seconds)
                     if cfg.track_every and self.step % cfg.track_every == 0:
                         self._track()
-                    idx = perm[self.batch * cfg.batch_size : (self.batch + 1) * cfg.batch_size]
+                    gb = self.global_batch
+                    idx = perm[self.batch * gb : (self.batch + 1) * gb]
+                    if self.world > 1:
+                        idx = idx[distributed.shard(range(len(idx)), self.rank, self.world)]
                     start = time.perf_counter()
                     loss, correct, count, lr = self._step(self._fetch(idx))
                     seconds = time.perf_counter() - start
@@ -471,7 +494,7 @@ class _Run:
                     summary.checkpoint = self._save_step_checkpoint(
                         self.order.generator.get_state()
                     )
-                self.metrics.flush()
+                self._flush()
             if cfg.track_every:
                 self._track()  # the final weights are always measured
             summary.finished = True
@@ -480,7 +503,7 @@ class _Run:
             )
             return self._finish(summary, start_step, step_seconds)
         except _Diverged:
-            self.metrics.flush()
+            self._flush()
             kept = latest_checkpoint(self.run_dir)
             raise UserError(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
@@ -489,8 +512,18 @@ class _Run:
                 + ": try a lower --lr or --rho."
             ) from None
 
+    def _flush(self) -> None:
+        if self.lead:
+            self.metrics.flush()
+
+    def _anyone(self, flag: bool) -> bool:
+        """True on every rank when any rank says so (a Ctrl-C seen by one rank stops all)."""
+        if self.world == 1:
+            return flag
+        return bool(distributed.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
     def _finish(self, summary: TrainSummary, start_step: int, seconds: float) -> TrainSummary:
-        self.metrics.flush()
+        self._flush()
         summary.step, summary.epoch = self.step, self.epoch
         summary.epochs = self._epoch_records()
         summary.lambda_max = self.lambda_max
@@ -523,9 +556,15 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         out = model(x)
         loss = self.loss_fn(out, y)
-        if not bool(torch.isfinite(loss)):
+        correct, count, mean_loss = self._correct(out, y), len(y), loss.detach()
+        if self.world > 1:
+            totals = torch.tensor([float(mean_loss) * count, correct, count], dtype=torch.float64)
+            distributed.all_reduce_sum(totals)
+            mean_loss, correct, count = totals[0] / totals[2], int(totals[1]), int(totals[2])
+        if not bool(torch.isfinite(mean_loss)):
             raise _Diverged
         loss.backward()
+        self._average_gradients(len(y), count)
         if isinstance(opt, EigenSAM) and self.step % self.config.eig_every == 0:
             self._refresh(batch)
         if isinstance(opt, SAM):
@@ -535,10 +574,23 @@ class _Run:
                 self.loss_fn(model(x), y).backward()
             finally:
                 enable_running_stats(model)
+            self._average_gradients(len(y), count)
             opt.second_step()
         else:
             opt.step()
-        return loss.item(), self._correct(out, y), len(y), lr
+        return float(mean_loss), correct, count, lr
+
+    def _average_gradients(self, local: int, total: int) -> None:
+        """Turn each rank's batch-mean gradient into the global batch mean (one all-reduce)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]  # unused ones stay None
+        flat = torch.cat([g.reshape(-1) for g in grads]) * (local / total)
+        distributed.all_reduce_sum(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def _refresh(self, batch: Batch) -> None:
         assert isinstance(self.optimizer, EigenSAM)
@@ -561,7 +613,10 @@ class _Run:
         """lambda_max of the fixed held-out batch at the current weights (BatchNorm in eval)."""
         if not self._finite():
             raise _Diverged
-        op = HessianOperator(self.model, self.loss_fn, [self.track_batch], bn="eval")
+        # Every rank holds the same held-out batch: no communication needed.
+        op = HessianOperator(
+            self.model, self.loss_fn, [self.track_batch], bn="eval", distributed=False
+        )
         init = None if self.track_vector is None else self.track_vector.reshape(1, -1)
         res = eigenpairs(
             op, 1, tol=TRACK_TOL, max_hvps=TRACK_MAX_HVPS, init=init, seed=self.config.seed
@@ -711,7 +766,10 @@ class _Run:
                 "lambda_max": self.lambda_max,
             },
         }
-        save_checkpoint(path, state_dict=self.model.state_dict(), metadata=metadata, extra=extra)
+        if self.lead:
+            save_checkpoint(
+                path, state_dict=self.model.state_dict(), metadata=metadata, extra=extra
+            )
         return path
 
 

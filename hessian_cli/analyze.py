@@ -3,6 +3,11 @@
 The library behind ``hessian-cli analyze``: resolves the model, weights, data and loss (from the
 flags, else from a self-describing checkpoint), builds the curvature operator and runs the
 requested solvers. It knows nothing of the terminal: progress goes to an optional callback.
+
+Under torchrun every rank runs this same code: all build the same global list of batches, each
+keeps its contiguous share, and the operator sums products over ranks, so every rank computes the
+result one process would on the same samples (rank 0 reports it). Errors in loading the inputs
+are agreed on by all ranks (:func:`distributed.fail_together`), so one bad rank ends the job.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Literal
 import torch
 
 from hessian_cli.analysis import CheckpointAnalysis
+from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
@@ -105,7 +111,9 @@ def analyze_target(
     target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
 ) -> list[CheckpointAnalysis]:
     """Analyse one checkpoint or a directory of them, returned in step/epoch order."""
-    loaded = [load_checkpoint(p, trust=request.trust_checkpoint) for p in checkpoint_paths(target)]
+    with distributed.fail_together():
+        paths = checkpoint_paths(target)
+        loaded = [load_checkpoint(p, trust=request.trust_checkpoint) for p in paths]
     loaded.sort(key=checkpoint_order_key)
     results: list[CheckpointAnalysis] = []
     init = None
@@ -132,6 +140,32 @@ def analyze_checkpoint(
     init: torch.Tensor | None = None,
 ) -> CheckpointAnalysis:
     """Run the requested solvers on one loaded checkpoint."""
+    with distributed.fail_together():
+        model_spec, data_spec, loss_spec, model, loss_fn, batches, device = _setup(ckpt, request)
+    rank, world_size = distributed.world()
+    try:
+        return _run_solvers(
+            ckpt,
+            request,
+            model,
+            loss_fn,
+            distributed.shard(batches, rank, world_size),
+            device,
+            init,
+            progress,
+            specs={"model": model_spec, "data": data_spec, "loss": loss_spec},
+            num_batches=len(batches),
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(
+            f"CUDA ran out of memory analysing {ckpt.path.name}: try a smaller --batch-size."
+        ) from exc
+
+
+def _setup(
+    ckpt: LoadedCheckpoint, request: AnalyzeRequest
+) -> tuple[str, str, str, torch.nn.Module, Callable, list, torch.device]:
+    """Model, loss and the global list of batches: where bad input shows up."""
     meta = ckpt.metadata
     model_spec = _spec(request.model, meta, "model", "model", "--model")
     data_spec = _spec(request.data, meta, "data", "data", "--data")
@@ -162,22 +196,7 @@ def analyze_checkpoint(
     _check_fits(model, batches, data.input_shape)
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
     loss_fn = get_loss(loss_spec, num_classes=data.num_classes)
-    try:
-        return _run_solvers(
-            ckpt,
-            request,
-            model,
-            loss_fn,
-            batches,
-            device,
-            init,
-            progress,
-            specs={"model": model_spec, "data": data_spec, "loss": loss_spec},
-        )
-    except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(
-            f"CUDA ran out of memory analysing {ckpt.path.name}: try a smaller --batch-size."
-        ) from exc
+    return model_spec, data_spec, loss_spec, model, loss_fn, batches, device
 
 
 def _check_fits(model: torch.nn.Module, batches: list, input_shape: tuple[int, ...]) -> None:
@@ -212,6 +231,7 @@ def _run_solvers(
     init: torch.Tensor | None,
     progress: Progress | None,
     specs: dict[str, str],
+    num_batches: int,
 ) -> CheckpointAnalysis:
     start = time.perf_counter()
     op = HessianOperator(model, loss_fn, batches, params=request.params, bn=request.bn)
@@ -271,7 +291,7 @@ def _run_solvers(
         "params_glob": ",".join(request.params or []) or "*",
         "num_params": op.n,
         "num_samples": op.num_samples,
-        "num_batches": len(batches),
+        "num_batches": num_batches,
         "batch_size": request.batch_size,
         "bn": request.bn,
         "dtype": request.dtype,
@@ -284,7 +304,7 @@ def _run_solvers(
         "grad_seconds": grad_seconds,
         "grad_equivalents": wall / grad_seconds if grad_seconds > 0 else float("nan"),
         "wall_seconds": wall,
-        "world_size": 1,
+        "world_size": distributed.world()[1],
         "step": ckpt.metadata.get("step"),
         "epoch": ckpt.metadata.get("epoch"),
     }

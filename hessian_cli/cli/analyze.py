@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from hessian_cli.analyze import AnalyzeRequest, analyze_target
 from hessian_cli.cli.app import app
 from hessian_cli.cli.options import parse_model_kwargs
+from hessian_cli.engine.distributed import world
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import analysis_table, series_table
 from hessian_cli.report import analysis_to_dict
@@ -159,7 +160,9 @@ def analyze(
         trust_checkpoint=trust_checkpoint,
     )
     console = Console()
-    show_progress = not (quiet or as_json)
+    # Under torchrun every rank computes the same results; only rank 0 reports and writes.
+    lead = world()[0] == 0
+    show_progress = lead and not (quiet or as_json)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -183,7 +186,7 @@ def analyze(
 
         results = analyze_target(target, request, progress)
     reports = [analysis_to_dict(r) for r in results]
-    if out is not None:
+    if lead and out is not None:
         write_analyses(
             out,
             results,
@@ -191,9 +194,9 @@ def analyze(
             save_eigenvectors=save_eigenvectors,
             series=len(results) > 1,
         )
-    if as_json:
+    if lead and as_json:
         typer.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
-    elif not quiet:
+    elif lead and not quiet:
         if len(reports) > 1:
             console.print(series_table(reports))
         else:
@@ -207,9 +210,10 @@ def analyze(
     ]
     if unconverged and max_hvps is None:
         what = ", ".join(f"{n}: {c} pair(s)" for n, c in unconverged)
-        Console(stderr=True).print(
-            f"[bold yellow]not converged[/] to tol {tol:g} ({what}); raise --max-hvps to spend more "
-            "or pass it to accept the budget.",
-            highlight=False,
-        )
+        if lead:
+            Console(stderr=True).print(
+                f"[bold yellow]not converged[/] to tol {tol:g} ({what}); raise --max-hvps to spend "
+                "more or pass it to accept the budget.",
+                highlight=False,
+            )
         raise typer.Exit(EXIT_UNCONVERGED)

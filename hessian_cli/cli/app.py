@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -49,27 +50,59 @@ def _register_commands() -> None:
     from hessian_cli.cli import commands  # noqa: F401  (registers commands on `app`)
 
 
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _rank_prefix(exc: Exception) -> str | None:
+    """``"rank R: "`` for an error of one rank under torchrun, ``""`` otherwise; None: stay quiet.
+
+    Errors all ranks agreed on are printed by rank 0 alone (the message names the failing rank).
+    """
+    if not _under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return ""
+    from hessian_cli.engine.distributed import CollectiveUserError
+
+    rank = int(os.environ["RANK"])
+    if isinstance(exc, CollectiveUserError):
+        return "" if rank == 0 else None
+    return f"rank {rank}: "
+
+
 def main() -> None:
     """Console entry point: user errors become one red sentence and exit status 2.
 
     Typer runs in standalone mode, so usage errors, ``--help`` and ``typer.Exit`` codes are
-    handled by it; everything else that escapes a command is caught here.
+    handled by it; everything else that escapes a command is caught here. Under torchrun the
+    process first joins the process group (torch is imported only then, to keep startup fast).
     """
     _register_commands()
     try:
+        if _under_torchrun():
+            from hessian_cli.engine import distributed
+
+            distributed.init_from_env()
         app()
     except UserError as exc:
         if state.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        prefix = _rank_prefix(exc)
+        if prefix is not None:
+            err_console.print(f"[bold red]error:[/] {prefix}{exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as exc:
         if state.debug:
             raise
+        prefix = _rank_prefix(exc) or ""
         err_console.print(
-            f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} "
+            f"[bold red]error:[/] {prefix}unexpected {type(exc).__name__}: {exc} "
             "(run with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(1)
+    finally:
+        if _under_torchrun():
+            from hessian_cli.engine import distributed
+
+            distributed.shutdown()

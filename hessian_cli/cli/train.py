@@ -44,6 +44,7 @@ from eigensam.training import (
 )
 from hessian_cli.cli.app import app
 from hessian_cli.cli.options import parse_model_kwargs
+from hessian_cli.engine.distributed import world
 from hessian_cli.errors import UserError
 
 EXIT_INTERRUPTED = 130
@@ -174,10 +175,14 @@ def train_command(
     config.max_steps, config.device = max_steps, device
 
     console = Console()
-    display = _Display(console, config, quiet)
+    lead = world()[0] == 0  # under torchrun only rank 0 reports
+    display = _Display(console, config, quiet or not lead)
     with _ctrl_c() as stop, display:
         summary = train(config, resume_dir=resume, progress=display, should_stop=stop)
-    _report(console, summary, quiet, resumed=resume is not None)
+    if lead:
+        _report(console, summary, quiet, resumed=resume is not None)
+    elif summary.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _flag(field: str) -> str:

@@ -74,6 +74,8 @@ def alignment_scores(
     d = eigensam_direction(g, V[0], alpha)
     sharp = op.loss_at(rho * g_hat) - op.loss()
     mb = [(V @ gb).abs() / gb.norm() for _, gb in op.batch_gradients(minibatches)]
+    local = torch.stack(mb) if mb else V.new_zeros(0, V.shape[0])
+    minibatch = op.gather_batch_rows(local.cpu())
     return AlignmentResult(
         alignment=coeffs.abs().cpu(),
         subspace_alignment=float(coeffs.norm()),
@@ -84,6 +86,6 @@ def alignment_scores(
         loss=loss,
         rho=rho,
         alpha=alpha,
-        minibatch_alignment=torch.stack(mb).cpu(),
+        minibatch_alignment=minibatch,
         hvps=op.hvp_count - hvps0,
     )

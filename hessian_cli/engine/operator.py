@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.errors import UserError
 
@@ -82,6 +83,12 @@ class HessianOperator:
     (``is_grads_batched``) and, for a single batch, keeps the first-order graph across products;
     ``func`` uses ``torch.func`` forward-over-reverse (``vmap`` of ``jvp`` of ``grad``).
     ``auto`` picks the one measured faster on the device (see benchmarks/RESULTS.md).
+
+    Distributed (``distributed=None``: whenever a process group is initialised): each rank passes
+    ITS batches, contiguous pieces of one global list in rank order (see
+    :func:`distributed.shard`); weights use the global sample count, and products, gradients and
+    losses are summed over ranks, so every rank sees the same operator and the solvers, given the
+    same seeds, run identically everywhere. A rank may hold no batch at all.
     """
 
     def __init__(
@@ -95,9 +102,9 @@ class HessianOperator:
         backend: Backend = "auto",
         keep_graph: bool | None = None,
         batched_backward: bool | None = None,
+        distributed: bool | None = None,
     ) -> None:
-        if not batches:
-            raise UserError("No data to compute the Hessian on: the data spec gave no batches.")
+        self.distributed = dist_utils.is_distributed() if distributed is None else distributed
         self.model = model
         self.loss_fn = loss_fn
         self.space = params if isinstance(params, ParamSpace) else select_parameters(model, params)
@@ -106,7 +113,16 @@ class HessianOperator:
         self.device = self.space.device
         self.bn = bn
         self.batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
-        self.num_samples = sum(len(y) for _, y in self.batches)
+        counts = [len(self.batches)]
+        local_samples = sum(len(y) for _, y in self.batches)
+        self.num_samples = local_samples
+        if self.distributed:
+            counts = dist_utils.all_gather_ints(len(self.batches))
+            self.num_samples = int(dist_utils.sum_scalar(float(local_samples)))
+        if self.num_samples == 0:
+            raise UserError("No data to compute the Hessian on: the data spec gave no batches.")
+        # Global index of this rank's first batch: minibatch statistics follow the global order.
+        self.batch_offset = sum(counts[: dist_utils.world()[0]]) if self.distributed else 0
         self.weights = [len(y) / self.num_samples for _, y in self.batches]
         self.backend = self._resolve_backend(backend)
         self.keep_graph = len(self.batches) == 1 if keep_graph is None else keep_graph
@@ -142,10 +158,14 @@ class HessianOperator:
     def loss(self) -> float:
         """The sample-weighted mean loss over all batches."""
         with torch.no_grad(), forward_mode(self.model, self.bn):
-            return sum(
+            local = sum(
                 w * self._batch_loss(x, y).item()
                 for w, (x, y) in zip(self.weights, self.batches, strict=True)
             )
+        return self._sum_scalar(local)
+
+    def _sum_scalar(self, value: float) -> float:
+        return dist_utils.sum_scalar(value, self.device) if self.distributed else value
 
     def gradient(self) -> tuple[float, torch.Tensor]:
         """The mean loss and its gradient as a flat vector (one pass over the data)."""
@@ -153,15 +173,26 @@ class HessianOperator:
         for (loss, gb), w in zip(self.batch_gradients(), self.weights, strict=True):
             total += w * loss
             g.add_(gb, alpha=w)
-        return total, g
+        if self.distributed:
+            dist_utils.all_reduce_sum(g)
+        return self._sum_scalar(total), g
 
     def batch_gradients(self, limit: int | None = None) -> Iterator[tuple[float, torch.Tensor]]:
-        """Per-batch mean loss and gradient, for minibatch statistics."""
+        """Per-batch mean loss and gradient of this rank's batches among the first ``limit``.
+
+        ``limit`` counts batches in global order. Nothing is summed over ranks: minibatch
+        statistics are per batch, so callers gather them with :meth:`gather_batch_rows`.
+        """
+        local = None if limit is None else max(0, limit - self.batch_offset)
         with forward_mode(self.model, self.bn):
-            for x, y in self.batches[:limit]:
+            for x, y in self.batches[:local]:
                 loss = self._batch_loss(x, y)
                 parts = torch.autograd.grad(loss, self.space.tensors, allow_unused=True)
                 yield loss.item(), self.space.flatten(parts)
+
+    def gather_batch_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-batch results of every rank, in global batch order (``rows`` in one process)."""
+        return dist_utils.all_gather_rows(rows) if self.distributed else rows
 
     def loss_at(self, delta: torch.Tensor) -> float:
         """The mean loss at ``w + delta`` (the weights are restored afterwards)."""
@@ -185,6 +216,8 @@ class HessianOperator:
         with forward_mode(self.model, self.bn):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
                 out.add_(self._hvp(i, x, y, V), alpha=w)
+        if self.distributed:
+            dist_utils.all_reduce_sum(out)
         self.hvp_count += V.shape[0]
         self.passes += 1
         self.hvp_seconds += time.perf_counter() - start

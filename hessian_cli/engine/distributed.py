@@ -1,0 +1,146 @@
+"""torch.distributed glue: one process or many under ``torchrun``, the same answers.
+
+Everything goes through torch.distributed (Gloo on CPU, NCCL on CUDA tensors); this module only
+decides who holds which batches, sums what the ranks computed, and makes user errors collective so
+that one failing rank ends the whole job with its message instead of leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from hessian_cli.errors import UserError
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 900.0
+TIMEOUT_ENV = "HESSIAN_CLI_COLLECTIVE_TIMEOUT"
+
+
+class CollectiveUserError(UserError):
+    """A user error every rank raises together; rank 0 reports it, the others exit quietly."""
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised (several ranks, or one under torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when torch.distributed is not in use."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(timeout_s: float | None = None) -> bool:
+    """Join the process group torchrun describes in the environment; False when not launched so.
+
+    Collectives time out after ``timeout_s`` (default: ``$HESSIAN_CLI_COLLECTIVE_TIMEOUT`` or
+    900 s), a backstop for a rank that died outside the error agreement of :func:`fail_together`.
+    CPU tensors always go through Gloo, CUDA tensors through NCCL, so ``--device cpu`` works on a
+    GPU node too.
+    """
+    if not launched_by_torchrun() or is_distributed():
+        return is_distributed()
+    if not dist.is_available():
+        raise UserError(
+            "This torch build has no torch.distributed, so it cannot run under torchrun."
+        )
+    if timeout_s is None:
+        try:
+            timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        except ValueError as exc:
+            raise UserError(f"${TIMEOUT_ENV} must be a number of seconds.") from exc
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (so torch does not warn about an undestroyed group at exit)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s contiguous share of ``items``: shares differ by at most one, in rank order.
+
+    Contiguity keeps the global order (rank 0's items first), which minibatch statistics rely on.
+    """
+    q, r = divmod(len(items), world_size)
+    start = rank * q + min(rank, r)
+    return list(items[start : start + q + (rank < r)])
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (identical on every rank afterwards) and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def sum_scalar(value: float, device: torch.device | None = None) -> float:
+    """The sum of a Python float over ranks, in float64."""
+    if not is_distributed():
+        return value
+    return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device))[0])
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate each rank's rows in rank order (ranks may hold different numbers of rows)."""
+    if not is_distributed():
+        return rows
+    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows.cpu())
+    return torch.cat([p for p in parts if p is not None]).to(rows.device)
+
+
+def all_gather_ints(value: int) -> list[int]:
+    """One integer from every rank, in rank order."""
+    if not is_distributed():
+        return [value]
+    out: list[int | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return [int(v) for v in out if v is not None]
+
+
+@contextlib.contextmanager
+def fail_together() -> Iterator[None]:
+    """Make user errors raised inside the block collective: all ranks raise or none does.
+
+    Wrap the phases where bad input shows up (loading checkpoints and data). Every rank reports
+    its error message or ``None``; if any rank failed, every rank raises
+    :class:`CollectiveUserError` with the first failing rank's message, so rank 0 can report it and
+    the job ends at once instead of the healthy ranks waiting for the failed one until the timeout.
+    Without a process group this is a no-op.
+    """
+    error: UserError | None = None
+    try:
+        yield
+    except UserError as exc:
+        if not is_distributed():
+            raise
+        error = exc
+    if not is_distributed():
+        return
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise CollectiveUserError(f"rank {rank} of {len(messages)}: {message}") from error

@@ -1,0 +1,257 @@
+"""`analyze` and `train` under torchrun (2 ranks, Gloo on CPU) give the single-process answers.
+
+Each test launches real processes (`torchrun --standalone --nproc_per_node=2 -m hessian_cli`),
+so it exercises the process-group setup, the sharding of batches, the all-reduced products and
+rank-0-only output exactly as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+import torch.distributed as dist
+
+from hessian_cli.engine.distributed import shard
+from hessian_cli.specs import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints_example" / "digits_mlp.pt"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available() and TORCHRUN.exists()),
+    reason="torch.distributed with Gloo (and torchrun) is not available",
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _run(args: list[str], *, ranks: int | None, cwd: Path, timeout: float = 120) -> tuple:
+    """Run the CLI in one process (``ranks=None``) or under torchrun; (code, stdout, stderr, s)."""
+    if ranks is None:
+        cmd = [sys.executable, "-m", "hessian_cli", *args]
+    else:
+        cmd = [
+            str(TORCHRUN),
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "hessian_cli",
+            *args,
+        ]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
+
+
+def _close(a: float, b: float, rtol: float = 1e-6, atol: float = 0.0) -> bool:
+    return abs(a - b) <= rtol * abs(a) + atol
+
+
+def test_shard_is_a_contiguous_partition() -> None:
+    items = list(range(11))
+    for world_size in (1, 2, 3, 4, 16):
+        shares = [shard(items, r, world_size) for r in range(world_size)]
+        assert sum(shares, []) == items  # in order, no duplicates, nothing dropped
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@needs_gloo
+@pytest.mark.parametrize("samples,batch", [(201, 50), (160, 40)])
+def test_analyze_two_ranks_matches_one_process(tmp_path: Path, samples: int, batch: int) -> None:
+    """Eigenpairs, residuals, trace, density and alignment agree to 1e-6 in float64."""
+    args = [
+        "analyze",
+        str(CKPT),
+        "--num-samples",
+        str(samples),
+        "--batch-size",
+        str(batch),
+        "--dtype",
+        "float64",
+        "--trace",
+        "--trace-probes",
+        "30",
+        "--density",
+        "--density-steps",
+        "16",
+        "--alignment",
+        "--minibatches",
+        "4",  # spans both ranks' shares
+        "--json",
+    ]
+    code1, out1, err1, _ = _run(args, ranks=None, cwd=tmp_path)
+    assert code1 == 0, err1
+    out_file = tmp_path / "two.h5"
+    code2, out2, err2, _ = _run([*args, "--out", str(out_file)], ranks=2, cwd=tmp_path)
+    assert code2 == 0, err2
+    one, two = json.loads(out1), json.loads(out2)  # rank 0 alone printed: one JSON document
+
+    assert two["provenance"]["world_size"] == 2
+    assert two["provenance"]["num_samples"] == samples
+    assert two["provenance"]["num_batches"] == one["provenance"]["num_batches"]
+    assert two["provenance"]["hvps"] == one["provenance"]["hvps"]
+    assert _close(one["loss"], two["loss"])
+    lam = one["eigen"]["eigenvalues"]
+    assert len(lam) == 5
+    for a, b in zip(lam, two["eigen"]["eigenvalues"], strict=True):
+        assert _close(a, b)
+    # Residuals are differences of products: compare them above the float64 round-off floor.
+    for a, b in zip(one["eigen"]["residuals"], two["eigen"]["residuals"], strict=True):
+        assert _close(a, b, atol=1e-12 * abs(lam[0]))
+    assert two["eigen"]["converged"] == one["eigen"]["converged"]
+    for key in ("estimate", "stderr"):
+        assert _close(one["trace"][key], two["trace"][key])
+    for key in ("nodes", "weights"):
+        torch.testing.assert_close(
+            torch.tensor(two["density"][key]),
+            torch.tensor(one["density"][key]),
+            rtol=1e-6,
+            atol=1e-9,
+        )
+    al1, al2 = one["alignment"], two["alignment"]
+    for key in ("subspace_alignment", "curvature_ratio", "eigensam_alignment", "grad_norm"):
+        assert _close(al1[key], al2[key]), key
+    assert _close(al1["sam_sharpness"], al2["sam_sharpness"], rtol=1e-5)
+    for a, b in zip(al1["alignment"], al2["alignment"], strict=True):
+        assert _close(a, b, atol=1e-12)
+    mb1 = torch.tensor(al1["minibatch"]["values"])
+    mb2 = torch.tensor(al2["minibatch"]["values"])
+    assert mb1.shape == mb2.shape == (4, 5)
+    torch.testing.assert_close(mb2, mb1, rtol=1e-6, atol=1e-12)
+
+    with h5py.File(out_file, "r") as f:
+        assert int(f["checkpoints/digits_mlp"].attrs["world_size"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.h5"]  # no stray files per rank
+
+
+@needs_gloo
+@pytest.mark.parametrize("command", ["analyze", "train"])
+def test_one_failing_rank_ends_the_job_with_one_message(tmp_path: Path, command: str) -> None:
+    """A data path that exists on rank 0's node but not on rank 1's: exit non-zero, quickly,
+    and nothing written."""
+    torch.save({"x": torch.randn(64, 1, 8, 8), "y": torch.randint(0, 10, (64,))}, tmp_path / "0.pt")
+    factory = tmp_path / "node_data.py"
+    factory.write_text(
+        "import os\n"
+        "import torch\n"
+        "from pathlib import Path\n\n\n"
+        "def make():\n"
+        "    path = Path(__file__).parent / f\"{os.environ.get('RANK', '0')}.pt\"\n"
+        "    d = torch.load(path)\n"
+        "    return d['x'], d['y']\n"
+    )
+    data = f"{factory}:make"
+    run_dir = tmp_path / "run"
+    args = {
+        "analyze": ["analyze", str(CKPT), "--data", data, "--top-k", "2", "--out", "s.h5"],
+        "train": ["train", "--model", "mlp", "--data", data, "--out", str(run_dir)],
+    }[command]
+    code, out, err, seconds = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0
+    assert seconds < 60
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err  # reported once, by rank 0, naming the failing rank
+    assert "rank 1 of 2" in lines[0] and "1.pt" in lines[0]
+    assert "Traceback" not in err.split("error:")[0]
+    assert not (tmp_path / "s.h5").exists()
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@needs_gloo
+def test_plain_run_records_world_size_one(tmp_path: Path) -> None:
+    code, out, err, _ = _run(
+        ["analyze", str(CKPT), "--top-k", "1", "--json"], ranks=None, cwd=tmp_path
+    )
+    assert code == 0, err
+    assert json.loads(out)["provenance"]["world_size"] == 1
+
+
+def _train_args(out: Path, batch_size: int, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        "mlp",  # no BatchNorm: the global-batch gradient is exactly the single-process one
+        "--model-kwargs",
+        '{"hidden": [16]}',
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--eig-every",
+        "5",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        str(batch_size),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "final.pt").state_dict
+
+
+@needs_gloo
+@pytest.mark.parametrize("optimizer", ["eigensam", "sam"])
+def test_train_two_ranks_matches_doubled_batch(tmp_path: Path, optimizer: str) -> None:
+    """2 ranks with batch B each == 1 process with batch 2B (weights, losses, refreshes)."""
+    opt = ["--optimizer", optimizer]
+    code, _, err, _ = _run(_train_args(tmp_path / "one", 64, *opt), ranks=None, cwd=tmp_path)
+    assert code == 0, err
+    code, out, err, _ = _run(_train_args(tmp_path / "two", 32, *opt), ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5)
+    with (
+        h5py.File(tmp_path / "one" / "metrics.h5") as f1,
+        h5py.File(tmp_path / "two" / "metrics.h5") as f2,
+    ):
+        assert f1["steps/loss"].shape == f2["steps/loss"].shape
+        torch.testing.assert_close(
+            torch.tensor(f2["steps/loss"][()]),
+            torch.tensor(f1["steps/loss"][()]),
+            rtol=1e-5,
+            atol=0,
+        )
+        if optimizer == "eigensam":
+            torch.testing.assert_close(
+                torch.tensor(f2["refresh/eigenvalue"][()]),
+                torch.tensor(f1["refresh/eigenvalue"][()]),
+                rtol=1e-4,
+                atol=0,
+            )
+
+
+@needs_gloo
+def test_train_resume_two_ranks_repeats_the_run(tmp_path: Path) -> None:
+    """Stopped at step 7 and resumed with the same world size: the uninterrupted run's weights."""
+    code, _, err, _ = _run(_train_args(tmp_path / "full", 32), ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    part = tmp_path / "part"
+    code, _, err, _ = _run(_train_args(part, 32, "--max-steps", "7"), ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    code, _, err, _ = _run(["train", "--resume", str(part), "--quiet"], ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    full, resumed = _weights(tmp_path / "full"), _weights(part)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)

@@ -57,19 +57,23 @@ class EigenSAM(SAM):
         self.last_eigenvalue: float | None = None
         self.refreshes = 0
         self.negative_refreshes = 0
+        self._flat_v: torch.Tensor | None = None  # flat copy of the state's v, for every step
 
     @property
     def eigenvector(self) -> torch.Tensor | None:
         """The current ``v``, flat over all parameters in param-group order (None before any)."""
+        if self._flat_v is not None:
+            return self._flat_v
         pairs = self._params()
         if not any("eigenvector" in self.state.get(p, {}) for p, _ in pairs):
             return None
-        return torch.cat(
+        self._flat_v = torch.cat(
             [
                 self.state.get(p, {}).get("eigenvector", torch.zeros_like(p)).reshape(-1)
                 for p, _ in pairs
             ]
         )
+        return self._flat_v
 
     def set_eigenvector(self, v: torch.Tensor, eigenvalue: float) -> None:
         """Adopt ``v`` (normalised here) as the top eigenvector, with its eigenvalue."""
@@ -85,6 +89,7 @@ class EigenSAM(SAM):
             raise ValueError("eigenvector must be finite and non-zero")
         for (p, _), part in zip(pairs, (v / norm).split(numels), strict=True):
             self.state[p]["eigenvector"] = part.reshape(p.shape).to(p, copy=True)
+        self._flat_v = None
         self.last_eigenvalue = float(eigenvalue)
         self.refreshes += 1
         if eigenvalue <= 0:
@@ -140,6 +145,7 @@ class EigenSAM(SAM):
         if "eigensam" not in state_dict:
             raise ValueError("not an EigenSAM state dict: it has no eigenvector bookkeeping")
         super().load_state_dict(state_dict)
+        self._flat_v = None
         info = state_dict["eigensam"]
         self.last_eigenvalue = info["last_eigenvalue"]
         self.refreshes = info["refreshes"]

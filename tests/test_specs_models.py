@@ -122,7 +122,7 @@ def test_mlp_options() -> None:
     assert any(isinstance(m, nn.ReLU) for m in model.modules())
     default = build_model("mlp", input_shape=(1, 8, 8), num_classes=10)
     linears = [m for m in default.modules() if isinstance(m, nn.Linear)]
-    assert [m.out_features for m in linears] == [64, 128, 128, 10]
+    assert [m.out_features for m in linears] == [128, 128, 10]
     assert linears[0].in_features == 64
     assert any(isinstance(m, nn.Tanh) for m in default.modules())
 

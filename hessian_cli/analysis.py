@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hessian_cli.engine.alignment import AlignmentResult
@@ -27,4 +27,3 @@ class CheckpointAnalysis:
     trace: TraceResult | None = None
     density: DensityResult | None = None
     alignment: AlignmentResult | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -78,7 +78,6 @@ class AnalyzeRequest:
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
     trust_checkpoint: bool = False
-    keep_vectors: bool = field(default=True)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -397,40 +397,17 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     evil = tmp_path / "evil.pkl"
     with open(evil, "wb") as fh:
         pickle.dump({"state_dict": Hostile(str(marker))}, fh)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hessian_cli",
-            "analyze",
-            str(evil),
-            "--model",
-            "mlp",
-            "--data",
-            "digits",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def analyze(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "analyze", str(evil), "--model", "mlp",
+             "--data", "digits", *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    proc = analyze()
     assert proc.returncode != 0
     assert "--trust-checkpoint" in one_sentence(proc.stderr)
     assert not marker.exists()
-    proc = subprocess.run(  # with trust the file's code runs: the check above can fail
-        [
-            sys.executable,
-            "-m",
-            "hessian_cli",
-            "analyze",
-            str(evil),
-            "--model",
-            "mlp",
-            "--data",
-            "digits",
-            "--trust-checkpoint",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    analyze("--trust-checkpoint")  # with trust the file's code runs: the check above can fail
     assert marker.exists()

@@ -55,16 +55,12 @@ class DataSource:
         return math.prod(self.target_shape) if self.target_shape else 1
 
 
-def load_data(
-    spec: str, *, root: str | Path | None = None, download: bool = False, seed: int = 0
-) -> DataSource:
+def load_data(spec: str, *, root: str | Path | None = None, download: bool = False) -> DataSource:
     """Resolve a data spec into train/test datasets and the shapes a model needs.
 
     The spec string alone fixes the data (synthetic sets use a fixed generator), so a checkpoint
-    that records its data spec is always analysed on the data it was trained on. ``seed`` is
-    accepted for API stability and does not change any built-in data.
+    that records its data spec is always analysed on the data it was trained on.
     """
-    del seed  # reserved: see the docstring
     if spec == "digits":
         return _digits()
     if spec.startswith("synthetic-regression:"):

@@ -72,3 +72,18 @@ def file_format(path: Path) -> str:
     if fmt is None:
         raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
     return fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+
+
+@contextmanager
+def open_format(path: str | Path, name: str, what: str) -> Iterator[h5py.File]:
+    """Open a hessian-cli file of format ``name`` for reading; anything else, or damage found
+    while reading inside it, is one sentence (``what`` names the kind, e.g. "spectra")."""
+    path = Path(path)
+    fmt = file_format(path)
+    if fmt != name:
+        raise UserError(f"{path} is a {fmt!r} file, not a hessian-cli {what} file.")
+    try:
+        with open_hdf5(path) as f:
+            yield f
+    except (OSError, KeyError) as exc:  # damaged structure inside a valid-looking file
+        raise UserError(f"Could not read {path}: {exc}.") from exc

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
-from hessian_cli.storage.files import atomic_path, file_format, open_hdf5
+from hessian_cli.storage.files import atomic_path, file_format, open_format, open_hdf5
 
 if TYPE_CHECKING:
     import torch
@@ -230,17 +230,8 @@ def _stored_order(f: h5py.File) -> list[str]:
 # --- reading ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def _open_spectra(path: str | Path) -> Iterator[h5py.File]:
-    path = Path(path)
-    fmt = file_format(path)
-    if fmt != FORMAT_NAME:
-        raise UserError(f"{path} is a {fmt!r} file, not a hessian-cli spectra file.")
-    try:
-        with open_hdf5(path) as f:
-            yield f
-    except (OSError, KeyError) as exc:  # damaged structure inside a valid-looking file
-        raise UserError(f"Could not read {path}: {exc}.") from exc
+def _open_spectra(path: str | Path) -> AbstractContextManager[h5py.File]:
+    return open_format(path, FORMAT_NAME, "spectra")
 
 
 def read_analyses(path: str | Path) -> list[dict[str, Any]]:

@@ -12,31 +12,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hessian_cli.errors import UserError
-from hessian_cli.storage.files import file_format, open_hdf5
+from hessian_cli.storage.files import open_format, open_hdf5
 
 METRICS_FORMAT_NAME = "hessian-cli-metrics"
 
 
 def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """``{group: {column: values}}`` for every group of datasets in a metrics file."""
-    path = Path(path)
-    fmt = file_format(path)
-    if fmt != METRICS_FORMAT_NAME:
-        raise UserError(f"{path} is a {fmt!r} file, not a hessian-cli metrics file.")
-    try:
-        with open_hdf5(path) as f:
-            return {
-                name: {
-                    col: np.asarray(ds[()])
-                    for col, ds in group.items()
-                    if isinstance(ds, h5py.Dataset) and ds.dtype.kind in "biuf"
-                }
-                for name, group in f.items()
-                if isinstance(group, h5py.Group)
+    with open_format(path, METRICS_FORMAT_NAME, "metrics") as f:
+        return {
+            name: {
+                col: np.asarray(ds[()])
+                for col, ds in group.items()
+                if isinstance(ds, h5py.Dataset) and ds.dtype.kind in "biuf"
             }
-    except OSError as exc:  # a damaged dataset inside a valid-looking file
-        raise UserError(f"Could not read {path}: {exc}.") from exc
+            for name, group in f.items()
+            if isinstance(group, h5py.Group)
+        }
 
 
 def read_metrics_info(path: str | Path) -> dict[str, object]:

@@ -235,7 +235,7 @@ def _run_solvers(
     start = time.perf_counter()
     op = HessianOperator(model, loss_fn, batches, params=request.params, bn=request.bn)
     grad_start = time.perf_counter()
-    loss, _ = op.gradient()
+    loss, g = op.gradient()
     grad_seconds = time.perf_counter() - grad_start
     eig = trace = density = alignment = None
     if request.top_k:
@@ -278,6 +278,7 @@ def _run_solvers(
             rho=request.rho,
             alpha=request.alpha,
             minibatches=request.minibatches,
+            gradient=(loss, g),
         )
     wall = time.perf_counter() - start
     provenance = {

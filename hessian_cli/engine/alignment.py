@@ -56,14 +56,16 @@ def alignment_scores(
     rho: float = 0.05,
     alpha: float = 0.2,
     minibatches: int = 8,
+    gradient: tuple[float, torch.Tensor] | None = None,
 ) -> AlignmentResult:
     """All alignment scores of the analysed loss, for top eigenpairs ``(lambda_i, v_i)``.
 
-    Costs one gradient pass, one HVP (curvature ratio), two loss evaluations and up to
-    ``minibatches`` per-batch gradients.
+    Costs one gradient pass (none when the caller passes the ``(loss, gradient)`` it already
+    has), one HVP (curvature ratio), one loss evaluation and up to ``minibatches`` per-batch
+    gradients.
     """
     V = eigenvectors / eigenvectors.norm(dim=1, keepdim=True)
-    loss, g = op.gradient()
+    loss, g = gradient if gradient is not None else op.gradient()
     gnorm = float(g.norm())
     if gnorm == 0.0:
         raise UserError("The gradient is exactly zero, so alignment scores are undefined.")
@@ -72,7 +74,7 @@ def alignment_scores(
     hvps0 = op.hvp_count
     curvature = float(torch.dot(g_hat, op.matmul(g_hat)))
     d = eigensam_direction(g, V[0], alpha)
-    sharp = op.loss_at(rho * g_hat) - op.loss()
+    sharp = op.loss_at(rho * g_hat) - loss
     mb = [(V @ gb).abs() / gb.norm() for _, gb in op.batch_gradients(minibatches)]
     local = torch.stack(mb) if mb else V.new_zeros(0, V.shape[0])
     minibatch = op.gather_batch_rows(local.cpu())

@@ -76,6 +76,7 @@ class AnalyzeRequest:
     num_batches: int | None = None
     device: str = "auto"
     dtype: Literal["float32", "float64"] = "float32"
+    precision: Literal["full", "tf32", "bf16"] = "full"
     seed: int = 0
     trust_checkpoint: bool = False
 
@@ -233,7 +234,9 @@ def _run_solvers(
     num_batches: int,
 ) -> CheckpointAnalysis:
     start = time.perf_counter()
-    op = HessianOperator(model, loss_fn, batches, params=request.params, bn=request.bn)
+    op = HessianOperator(
+        model, loss_fn, batches, params=request.params, bn=request.bn, precision=request.precision
+    )
     grad_start = time.perf_counter()
     loss, g = op.gradient()
     grad_seconds = time.perf_counter() - grad_start
@@ -280,6 +283,8 @@ def _run_solvers(
             minibatches=request.minibatches,
             gradient=(loss, g),
         )
+    # A reduced-precision analysis states how far its products are from full-precision ones.
+    hvp_rel_error = op.precision_error(seed=request.seed) if request.precision != "full" else 0.0
     wall = time.perf_counter() - start
     provenance = {
         "checkpoint": str(ckpt.path),
@@ -295,11 +300,13 @@ def _run_solvers(
         "batch_size": request.batch_size,
         "bn": request.bn,
         "dtype": request.dtype,
+        "precision": request.precision,
+        "hvp_rel_error": hvp_rel_error,
         "device": str(device),
         "seed": request.seed,
         "solver": eig.method if eig else "",
         "tol": request.tol,
-        "hvp_backend": op.backend,
+        "hvp_backend": ",".join(sorted(op.backends_used)) or op.backend,
         "hvps": op.hvp_count,
         "grad_seconds": grad_seconds,
         "grad_equivalents": wall / grad_seconds if grad_seconds > 0 else float("nan"),

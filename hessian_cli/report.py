@@ -96,6 +96,7 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "iterations": int(e.iterations),
             "seconds": number(e.seconds),
             "block_size": int(e.block_size),
+            "stop_reason": e.stop_reason,
             "method": e.method,
         }
     if a.trace is not None:

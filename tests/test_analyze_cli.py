@@ -361,6 +361,7 @@ def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
     if not torch.cuda.is_available():
         assert "CUDA" in _bad(capsys, "analyze", digits_mlp, "--device", "cuda")
     assert "--which" in _bad(capsys, "analyze", digits_mlp, "--which", "middle")
+    assert "--precision" in _bad(capsys, "analyze", digits_mlp, "--precision", "fp8")
 
 
 def test_out_of_memory_suggests_smaller_batch(capsys, monkeypatch, digits_mlp, tmp_path):
@@ -380,8 +381,27 @@ def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     args = ("analyze", digits_mlp, "--num-samples", "16", "--top-k", "2", "--tol", "1e-12")
     code, _, err = run(capsys, *args, "--block-size", "2", "--quiet")
     assert code == 3 and "not converged" in err
+    err = " ".join(err.split())
+    assert "stopped improving" in err and "--dtype float64" in err
     code, out, _ = run(capsys, *args, "--max-hvps", "10", "--json")
-    assert code == 0 and not any(json.loads(out)["eigen"]["converged"])
+    eigen = json.loads(out)["eigen"]
+    assert code == 0 and not any(eigen["converged"]) and eigen["stop_reason"] == "budget"
+
+
+def test_reduced_precision_is_opt_in_and_reports_its_accuracy(capsys, digits_mlp):
+    args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "2", "--json")
+    code, out, _ = run(capsys, *args)
+    full = json.loads(out)
+    assert code == 0 and full["provenance"]["precision"] == "full"
+    assert full["provenance"]["hvp_rel_error"] == 0.0
+    code, out, _ = run(capsys, *args, "--precision", "bf16", "--tol", "1e-2")
+    fast = json.loads(out)
+    assert code == 0 and fast["provenance"]["precision"] == "bf16"
+    assert 1e-4 < fast["provenance"]["hvp_rel_error"] < 0.1
+    # Residuals are full-precision ones, and the eigenvalues are as close as bf16 allows.
+    assert all(r <= 1e-2 for r in fast["eigen"]["residuals"])
+    for a, b in zip(fast["eigen"]["eigenvalues"], full["eigen"]["eigenvalues"], strict=True):
+        assert abs(a - b) <= 1e-2 * abs(b)
 
 
 class Hostile:

@@ -75,6 +75,37 @@ def test_unconverged_pairs_are_reported_as_such():
     assert not res.all_converged
     assert res.hvps <= 6 + 5  # the budget, plus the verification products
     assert torch.all(res.converged == (res.residuals <= 1e-12))
+    assert res.stop_reason == "budget"
+
+
+class NoisyOperator(MatrixOperator):
+    """A matrix whose products carry rounding-like noise of relative size ``noise``."""
+
+    def __init__(self, matrix: torch.Tensor, noise: float) -> None:
+        super().__init__(matrix)
+        self.noise = noise * float(torch.linalg.matrix_norm(matrix, 2))
+        self.gen = torch.Generator().manual_seed(3)
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        out = super().matmul(block)
+        return out + self.noise * torch.randn(out.shape, generator=self.gen, dtype=out.dtype)
+
+
+def test_tolerance_below_the_noise_floor_stops_early_with_every_pair_accurate():
+    g = torch.Generator().manual_seed(0)
+    # A well separated top pair converges long before the clustered next three.
+    top = torch.tensor([100.0, 30.0, 29.0, 28.0])
+    values = torch.cat([top, 25 * torch.rand(196, generator=g)])
+    basis = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))[0]
+    H = basis @ torch.diag(values.double()) @ basis.T
+    res = eigenpairs(NoisyOperator(H, 1e-7), 4, tol=1e-12, max_hvps=2000)
+    assert res.stop_reason == "stalled"
+    assert res.hvps < 300  # not the whole budget
+    assert not res.converged.any()
+    # Every pair, not only the first, reached the noise floor: the solver does not spend its
+    # products on a pair that can improve no further.
+    torch.testing.assert_close(res.eigenvalues, values[:4].double(), rtol=1e-5, atol=0)
+    assert torch.all(res.residuals < 1e-5)
 
 
 def test_k_larger_than_parameter_count_is_refused():

@@ -15,6 +15,7 @@ from hessian_cli.analyze import AnalyzeRequest, analyze_target
 from hessian_cli.cli.app import app
 from hessian_cli.cli.options import parse_model_kwargs
 from hessian_cli.engine.distributed import world
+from hessian_cli.engine.precision import PRECISIONS
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import analysis_table, series_table
 from hessian_cli.report import analysis_to_dict
@@ -100,6 +101,12 @@ def analyze(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    precision: str = typer.Option(
+        "full",
+        "--precision",
+        help="HVP arithmetic: full (default; TF32 off), or the faster, far less accurate tf32 or "
+        "bf16 (autocast). Residuals are always checked in full precision.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random start and probes."),
     trust_checkpoint: bool = typer.Option(
         False,
@@ -120,6 +127,7 @@ def analyze(
         ("--which", which, ("largest", "smallest", "both")),
         ("--bn", bn, ("eval", "train")),
         ("--dtype", dtype, ("float32", "float64")),
+        ("--precision", precision, PRECISIONS),
     ):
         if value not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
@@ -156,6 +164,7 @@ def analyze(
         num_batches=num_batches,
         device=device,
         dtype=dtype,
+        precision=precision,
         seed=seed,
         trust_checkpoint=trust_checkpoint,
     )
@@ -210,10 +219,17 @@ def analyze(
     ]
     if unconverged and max_hvps is None:
         what = ", ".join(f"{n}: {c} pair(s)" for n, c in unconverged)
+        stalled = any(r["eigen"] and r["eigen"]["stop_reason"] == "stalled" for r in reports)
+        remedy = "--precision full" if precision != "full" else "--dtype float64"
+        advice = (
+            "the residuals stopped improving, so the products' rounding noise is above the "
+            f"tolerance: loosen --tol or use {remedy}"
+            if stalled
+            else "raise --max-hvps to spend more or pass it to accept the budget"
+        )
         if lead:
             Console(stderr=True).print(
-                f"[bold yellow]not converged[/] to tol {tol:g} ({what}); raise --max-hvps to spend "
-                "more or pass it to accept the budget.",
+                f"[bold yellow]not converged[/] to tol {tol:g} ({what}); {advice}.",
                 highlight=False,
             )
         raise typer.Exit(EXIT_UNCONVERGED)

@@ -10,6 +10,7 @@ Ritz vectors (thick restart), so memory is ``O(max_basis * n)`` whatever the ite
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -25,17 +26,16 @@ Which = Literal["largest", "smallest", "both"]
 Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pairs wanted)
 
 
-def default_block_size(k: int, device: torch.device) -> int:
-    """Vectors per pass, by device.
-
-    On CPU a block costs as much per vector as single products, and single-vector Krylov needs
-    the fewest products (ResNet-20 top-5: 30 HVPs with block 1, 60 with block 5;
-    benchmarks/RESULTS.md), so the CPU default is 1. Its known limit: a Krylov space grown from one
-    vector sees one copy of an exactly repeated eigenvalue; pass a block at least as large as the
-    multiplicity (``--block-size``) where that matters. On GPUs a block amortises one pass over
-    several vectors.
-    """
-    return min(max(k, 4), 16) if device.type == "cuda" else 1
+# Vectors per pass, on every device. A block saves work per vector only by sharing passes, but
+# block Krylov needs more products to converge: on ResNet-20 (benchmarks/RESULTS.md) top-5 took
+# 29, 41, 73 and 117 HVPs with blocks of 1, 2, 4 and 8, and top-1 8, 15, 25 and 49. On CPU a
+# block costs as much per vector as single products. On an H200 (issue 6's figures, ResNet-18) a
+# vmapped block of 8 costs 1.57 gradients per vector against 2.25 for one double-backward
+# product: too little to pay for 2-4x the products (benchmarks/gpu.sh measures it). The known
+# limit of one vector: a Krylov space grown from it sees one copy of an exactly repeated
+# eigenvalue; pass a block at least as large as the multiplicity where that matters. Solvers
+# whose vectors are independent (trace, density) use blocks.
+DEFAULT_BLOCK_SIZE = 1
 
 
 def eigenpairs(
@@ -57,7 +57,8 @@ def eigenpairs(
 
     ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint). With
     ``verify`` the final residuals come from fresh products ``H v`` (``k`` more HVPs) rather than
-    from the basis recurrences, so the reported residual is the true one.
+    from the basis recurrences, so the reported residual is the true one; an operator in reduced
+    precision computes those products in full precision.
     """
     if which == "both":
         top = eigenpairs(
@@ -96,12 +97,18 @@ def eigenpairs(
             f"choose --top-k between 1 and {op.n}."
         )
     start_time, start_hvps = time.perf_counter(), op.hvp_count
-    b = min(block_size or default_block_size(k, op.device), op.n)
+    b = min(block_size or DEFAULT_BLOCK_SIZE, op.n)
     max_basis = min(op.n, max_basis or max(3 * (k + b), 20))
     max_basis = max(max_basis, min(op.n, k + 2 * b))
     max_hvps = max_hvps if max_hvps is not None else max(2000, 200 * k)
     sign = 1.0 if which == "largest" else -1.0
     gen = torch.Generator().manual_seed(seed)
+
+    # Stall guard: a tolerance below the operator's rounding noise can never be met. When the
+    # worst unconverged residual has not improved for `patience` products, stop and report
+    # the pairs as unconverged instead of spending the whole budget on noise.
+    patience = max(50, 10 * (k + b))
+    best_worst, best_at = float("inf"), 0
 
     start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
     if init is not None:
@@ -128,10 +135,26 @@ def eigenpairs(
         if progress:
             progress(spent, int(conv.sum()), k)
         exhausted = m >= op.n
-        if bool(conv.all()) or exhausted or spent + b > max_hvps:
+        unconverged = [i for i in range(min(k, w)) if not conv[i]]
+        worst = float(rnorm[unconverged].max()) if unconverged else 0.0
+        if worst < 0.9 * best_worst:
+            best_worst, best_at = worst, spent
+        stalled = spent - best_at > patience
+        reasons = {
+            "converged": bool(conv.all()),
+            "exhausted": exhausted,
+            "stalled": stalled,
+            "budget": spent + b > max_hvps,
+        }
+        stop_reason = next((r for r, hit in reasons.items() if hit), "")
+        if stop_reason:
             break
-        # Expand with residuals of the first b unconverged wanted Ritz vectors (then the next).
-        order = [i for i in range(w) if i >= k or not conv[i]]
+        # Expand with the residuals of the unconverged wanted Ritz vectors, largest first, then
+        # of the next Ritz vectors. In a Krylov space all residuals point the same way in exact
+        # arithmetic; the largest carries that direction with the least rounding, whereas a pair
+        # already at its noise floor would only add noise.
+        unconverged.sort(key=lambda i: -float(rnorm[i]))
+        order = unconverged + list(range(k, w))
         W = R[order[:b]]
         if m + W.shape[0] > max_basis:  # thick restart: keep the best Ritz vectors
             keep = max(k, max_basis - W.shape[0])
@@ -144,12 +167,14 @@ def eigenpairs(
             )
             W = torch.cat([W, orthonormalize_against(extra, torch.cat([Q, W]))])[:b]
         if W.shape[0] == 0:
+            stop_reason = "exhausted"
             break
         Q, HQ = torch.cat([Q, W]), torch.cat([HQ, op.matmul(W)])
 
     values, vectors = theta[:k], X[:k]
     if verify:
-        HV = op.matmul(vectors)
+        with getattr(op, "full_precision", contextlib.nullcontext)():
+            HV = op.matmul(vectors)
         values = (vectors * HV).sum(1).double() / (vectors * vectors).sum(1).double()
         rnorm = (HV - values[:, None].to(op.dtype) * vectors).norm(dim=1).double()
         scale = max(scale, float(values.abs().max()))
@@ -166,6 +191,7 @@ def eigenpairs(
         iterations=iterations,
         seconds=time.perf_counter() - start_time,
         block_size=b,
+        stop_reason=stop_reason,
     )
 
 
@@ -187,4 +213,5 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
         iterations=a.iterations + b.iterations,
         seconds=a.seconds + b.seconds,
         block_size=a.block_size,
+        stop_reason=a.stop_reason if a.stop_reason != "converged" else b.stop_reason,
     )

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.params import ParamSpace, select_parameters
+from hessian_cli.engine.precision import Precision, check_precision, numerics
 from hessian_cli.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -76,13 +77,29 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
                 m.track_running_stats = track
 
 
+def auto_backend(block: int, device: torch.device) -> str:
+    """Double backward for single vectors and on CPU; ``torch.func`` for blocks on CUDA.
+
+    Single vectors: double backward with a kept graph costs 2.2 gradients (ResNet-20 on CPU,
+    ResNet-18 on an H200), an unbatched ``jvp`` 4.3 on CPU and 7.4 on the H200. On CPU a block
+    costs as much per vector as single products. On CUDA one vmapped pass serves the whole block:
+    1.57 gradients per vector in a block of 8 on the H200 (issue 6's figures; benchmarks/gpu.sh
+    measures ours).
+    """
+    return "func" if block > 1 and device.type == "cuda" else "double-backward"
+
+
 class HessianOperator:
     """Hessian of the mean loss of ``model`` over ``batches`` with respect to ``params``.
 
-    Backends: ``double-backward`` differentiates the gradient again with a batched backward pass
-    (``is_grads_batched``) and, for a single batch, keeps the first-order graph across products;
-    ``func`` uses ``torch.func`` forward-over-reverse (``vmap`` of ``jvp`` of ``grad``).
-    ``auto`` picks the one measured faster on the device (see benchmarks/RESULTS.md).
+    Backends: ``double-backward`` differentiates the gradient again (a loop of backward passes,
+    or one batched pass with ``is_grads_batched``) and, for a single batch, keeps the first-order
+    graph across products; ``func`` uses ``torch.func`` forward-over-reverse (``vmap`` of ``jvp``
+    of ``grad``), which shares one forward/backward pass among all vectors of a block. ``auto``
+    chooses per product (:meth:`backend_for`).
+
+    ``precision`` (:mod:`precision`) applies to the products only; losses and gradients are
+    always computed in full precision.
 
     Distributed (``distributed=None``: whenever a process group is initialised): each rank passes
     ITS batches, contiguous pieces of one global list in rank order (see
@@ -102,6 +119,7 @@ class HessianOperator:
         backend: Backend = "auto",
         keep_graph: bool | None = None,
         batched_backward: bool | None = None,
+        precision: Precision = "full",
         distributed: bool | None = None,
     ) -> None:
         self.distributed = dist_utils.is_distributed() if distributed is None else distributed
@@ -124,7 +142,12 @@ class HessianOperator:
         # Global index of this rank's first batch: minibatch statistics follow the global order.
         self.batch_offset = sum(counts[: dist_utils.world()[0]]) if self.distributed else 0
         self.weights = [len(y) / self.num_samples for _, y in self.batches]
-        self.backend = self._resolve_backend(backend)
+        if backend not in ("auto", "double-backward", "func"):
+            raise UserError(f"Unknown HVP backend {backend!r}: use auto, double-backward or func.")
+        self.backend = backend
+        self.backends_used: set[str] = set()
+        self._func_ok = True
+        self.precision = check_precision(precision)
         self.keep_graph = len(self.batches) == 1 if keep_graph is None else keep_graph
         self._graphs: dict[int, tuple[torch.Tensor | None, list[bool]]] = {}
         # On CPU a loop of single products beats the vmapped backward per vector (measured on
@@ -136,11 +159,10 @@ class HessianOperator:
         self.passes = 0
         self.hvp_seconds = 0.0
 
-    def _resolve_backend(self, backend: Backend) -> str:
-        if backend != "auto":
-            return backend
-        # Measured (benchmarks/RESULTS.md): double backward with a kept graph wins on CPU.
-        return "double-backward" if self.device.type == "cpu" else "func"
+    def backend_for(self, block: int) -> str:
+        """The backend that computes a product of ``block`` vectors (``auto``: :func:`auto_backend`)."""
+        wanted = auto_backend(block, self.device) if self.backend == "auto" else self.backend
+        return wanted if wanted != "func" or self._func_ok else "double-backward"
 
     # --- losses and gradients -------------------------------------------------------------
 
@@ -157,7 +179,7 @@ class HessianOperator:
 
     def loss(self) -> float:
         """The sample-weighted mean loss over all batches."""
-        with torch.no_grad(), forward_mode(self.model, self.bn):
+        with torch.no_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
             local = sum(
                 w * self._batch_loss(x, y).item()
                 for w, (x, y) in zip(self.weights, self.batches, strict=True)
@@ -184,7 +206,7 @@ class HessianOperator:
         statistics are per batch, so callers gather them with :meth:`gather_batch_rows`.
         """
         local = None if limit is None else max(0, limit - self.batch_offset)
-        with forward_mode(self.model, self.bn):
+        with forward_mode(self.model, self.bn), numerics("full", self.device):
             for x, y in self.batches[:local]:
                 loss = self._batch_loss(x, y)
                 parts = torch.autograd.grad(loss, self.space.tensors, allow_unused=True)
@@ -213,9 +235,10 @@ class HessianOperator:
         start = time.perf_counter()
         V = V.to(device=self.device, dtype=self.dtype)
         out = torch.zeros_like(V)
-        with forward_mode(self.model, self.bn):
+        backend = self.backend_for(V.shape[0])
+        with forward_mode(self.model, self.bn), numerics(self.precision, self.device):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
-                out.add_(self._hvp(i, x, y, V), alpha=w)
+                out.add_(self._hvp(backend, i, x, y, V).to(out.dtype), alpha=w)
         if self.distributed:
             dist_utils.all_reduce_sum(out)
         self.hvp_count += V.shape[0]
@@ -225,15 +248,49 @@ class HessianOperator:
 
     __matmul__ = matmul
 
-    def _hvp(self, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        if self.backend == "func":
+    def _hvp(
+        self, backend: str, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor
+    ) -> torch.Tensor:
+        if backend == "func" and self._func_ok:
             try:
-                return self._hvp_func(x, y, V)
+                out = self._hvp_func(x, y, V)
+                self.backends_used.add("func")
+                return out
             except RuntimeError:
                 # Some ops lack forward-mode rules under vmap (e.g. mse_loss's backward raises
                 # "ZeroTensors are immutable" in torch 2.13): double backward computes the same.
-                self.backend = "double-backward"
+                self._func_ok = False
+        self.backends_used.add("double-backward")
         return self._hvp_double(i, V)
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Products in full precision inside the block: how reduced-precision results are checked.
+
+        A kept first-order graph belongs to one precision, so it is dropped on the way in and out.
+        """
+        if self.precision == "full":
+            yield
+            return
+        saved, self.precision = self.precision, "full"
+        self.release()
+        try:
+            yield
+        finally:
+            self.release()
+            self.precision = saved
+
+    def precision_error(self, num_vectors: int = 2, seed: int = 0) -> float:
+        """Relative error ``||H_p V - H V|| / ||H V||`` of this operator's products on random
+        ``V`` against full-precision ones (0 in full precision; costs ``2 * num_vectors`` HVPs)."""
+        if self.precision == "full":
+            return 0.0
+        gen = torch.Generator().manual_seed(seed)
+        V = gaussian((num_vectors, self.n), generator=gen, dtype=self.dtype, device=self.device)
+        fast = self.matmul(V)
+        with self.full_precision():
+            exact = self.matmul(V)
+        return float((fast - exact).norm() / exact.norm().clamp_min(torch.finfo(self.dtype).tiny))
 
     def _first_order_graph(self, i: int) -> tuple[torch.Tensor | None, list[bool]]:
         """The flat gradient of batch ``i`` with its graph, and which parameters it uses."""

@@ -26,6 +26,10 @@ class EigenResult:
     iterations: int
     seconds: float
     block_size: int
+    # Why the iteration ended: converged, stalled (residuals stopped improving: the tolerance is
+    # below the products' rounding noise), budget (max_hvps spent) or exhausted (Krylov space
+    # invariant or as large as the space).
+    stop_reason: str = "converged"
     method: str = "block-krylov-thick-restart"
 
     @property

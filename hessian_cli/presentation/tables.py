@@ -130,6 +130,14 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
         shown = (f"{k}={prov[k]}" for k in SUMMARY_KEYS if prov.get(k) not in (None, ""))
         parts.append(Text("  ".join(shown), style="dim"))
     parts.append(Text(f"loss {_g(d.get('loss'))}"))
+    if prov.get("precision") not in (None, "full"):
+        parts.append(
+            Text.from_markup(
+                f"[bold yellow]reduced precision:[/] products in {prov['precision']}, relative "
+                f"error {_g(prov.get('hvp_rel_error'), '.1e')} against full precision "
+                "(residuals below are full-precision ones)."
+            )
+        )
     if (e := d.get("eigen")) is not None:
         parts.append(_eigen_table(e))
         bad = sum(not c for c in e["converged"])

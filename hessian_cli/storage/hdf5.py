@@ -322,6 +322,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "iterations": _int(a.get("iterations")),
             "seconds": number(a.get("seconds")),
             "block_size": _int(a.get("block_size")),
+            "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),
         }
     if isinstance(t := g.get("trace"), h5py.Group):

@@ -1,0 +1,69 @@
+"""The CUDA paths against float64 CPU references; skipped where there is no CUDA device.
+
+Each path here has a CPU test of the same logic: ``func`` blocks and double backward in
+test_engine_operator.py, reduced precision in test_engine_precision.py.
+"""
+
+import pytest
+import torch
+from tiny_models import cases
+
+from hessian_cli.engine.dense import dense_hessian
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.operator import HessianOperator
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CASES = {c.name: c for c in cases()}
+
+
+def _on_cuda(case, dtype):
+    low = case.to(dtype)
+    model = low.model.cuda()
+    batches = [(x.cuda(), y.cuda()) for x, y in low.batches]
+    return model, batches
+
+
+def _dense(case):
+    space = HessianOperator(case.model, case.loss, case.batches).space
+    return dense_hessian(case.model, case.loss, case.batches, space)
+
+
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn", "frozen-unused"])
+def test_auto_backend_on_cuda_matches_dense_hessian(name):
+    case = CASES[name]
+    H = _dense(case)
+    model, batches = _on_cuda(case, torch.float64)
+    op = HessianOperator(model, case.loss, batches)
+    V = torch.randn(5, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    block = op.matmul(V.cuda()).cpu()  # a block: torch.func on CUDA
+    single = torch.stack([op.matmul(v.cuda()).cpu() for v in V])  # single: double backward
+    torch.testing.assert_close(block, V @ H, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(single, V @ H, rtol=1e-9, atol=1e-9)
+    assert op.backends_used == {"func", "double-backward"}
+
+
+def test_float32_eigenpairs_on_cuda_are_full_precision():
+    case = CASES["cnn-bn"]
+    H = _dense(case)
+    values = torch.linalg.eigvalsh(H).flip(0)
+    model, batches = _on_cuda(case, torch.float32)
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default: "full" must switch it off
+    res = eigenpairs(HessianOperator(model, case.loss, batches), 3, tol=1e-4)
+    assert res.all_converged
+    torch.testing.assert_close(res.eigenvalues, values[:3], rtol=0, atol=1e-4 * values[0])
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_reduced_precision_on_cuda_reports_its_error(precision):
+    case = CASES["cnn-bn"]
+    model, batches = _on_cuda(case, torch.float32)
+    op = HessianOperator(model, case.loss, batches, precision=precision)
+    err = op.precision_error()
+    assert 0 <= err < 0.1
+    res = eigenpairs(op, 2, tol=5e-2)
+    full = HessianOperator(model, case.loss, batches)
+    HV = full.matmul(res.eigenvectors)
+    resid = (HV - res.eigenvalues[:, None].float().cuda() * res.eigenvectors).norm(dim=1)
+    torch.testing.assert_close(
+        res.residuals, resid.double().cpu() / res.scale, rtol=1e-3, atol=1e-6
+    )

@@ -1,0 +1,88 @@
+"""Reduced-precision products (opt-in) and the full-precision checks that keep them honest.
+
+On CPU TF32 does not exist and bf16 autocast does: the same code paths as on CUDA, with bf16
+rounding standing in for both reduced modes.
+"""
+
+import pytest
+import torch
+from tiny_models import cases
+
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.operator import HessianOperator, auto_backend
+from hessian_cli.engine.precision import numerics
+from hessian_cli.errors import UserError
+
+CASES = {c.name: c.to(torch.float32) for c in cases()}
+
+
+def test_full_precision_switches_tf32_off_and_restores_the_flags():
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = True
+        with numerics("full", torch.device("cpu")):
+            assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        with numerics("tf32", torch.device("cpu")):
+            assert matmul.allow_tf32 and cudnn.allow_tf32
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn"])
+def test_bf16_products_are_approximate_and_their_error_is_measured(name, backend):
+    case = CASES[name]
+    full = HessianOperator(case.model, case.loss, case.batches, backend=backend)
+    fast = HessianOperator(case.model, case.loss, case.batches, backend=backend, precision="bf16")
+    V = torch.randn(4, full.n, generator=torch.Generator().manual_seed(0))
+    exact, approx = full.matmul(V), fast.matmul(V)
+    err = float((approx - exact).norm() / exact.norm())
+    assert 1e-4 < err < 0.1  # bf16 keeps 8 bits of mantissa
+    assert approx.dtype == torch.float32
+    assert 1e-4 < fast.precision_error() < 0.1
+    assert full.precision_error() == 0.0
+    # Losses and gradients stay in full precision whatever the products use.
+    assert fast.loss() == full.loss()
+    torch.testing.assert_close(fast.gradient()[1], full.gradient()[1], rtol=0, atol=0)
+
+
+def test_tf32_is_full_precision_where_there_is_no_tf32():
+    case = CASES["cnn-bn"]
+    V = torch.randn(3, sum(p.numel() for p in case.model.parameters()))
+    full = HessianOperator(case.model, case.loss, case.batches).matmul(V)
+    tf32 = HessianOperator(case.model, case.loss, case.batches, precision="tf32").matmul(V)
+    torch.testing.assert_close(tf32, full, rtol=0, atol=0)
+
+
+def test_reduced_precision_eigenpairs_report_full_precision_residuals():
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, case.loss, case.batches, precision="bf16")
+    res = eigenpairs(op, 3, tol=1e-2)
+    assert op.precision == "bf16"
+    # Recompute each residual with a full-precision operator: the reported ones are those.
+    full = HessianOperator(case.model, case.loss, case.batches)
+    V = res.eigenvectors
+    HV = full.matmul(V)
+    values = (V * HV).sum(1) / (V * V).sum(1)
+    residuals = (HV - values[:, None] * V).norm(dim=1).double() / res.scale
+    torch.testing.assert_close(res.residuals, residuals, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(res.eigenvalues, values.double(), rtol=1e-5, atol=0)
+
+
+def test_unknown_precision_and_backend_are_user_errors():
+    case = CASES["mlp-ce"]
+    with pytest.raises(UserError, match="precision"):
+        HessianOperator(case.model, case.loss, case.batches, precision="fp8")
+    with pytest.raises(UserError, match="backend"):
+        HessianOperator(case.model, case.loss, case.batches, backend="magic")
+
+
+def test_auto_backend_uses_vmap_for_blocks_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_backend(1, cpu) == auto_backend(8, cpu) == "double-backward"
+    assert auto_backend(1, cuda) == "double-backward"
+    assert auto_backend(8, cuda) == "func"

@@ -91,3 +91,38 @@ def test_nan_loss_is_a_user_error():
     op = HessianOperator(case.model, case.loss, [(x * float("nan"), y)])
     with pytest.raises(UserError, match="not finite"):
         op.matmul(torch.ones(op.n, dtype=torch.float64))
+
+
+def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch):
+    case = CASES["cnn-bn"]
+    op = HessianOperator(case.model, case.loss, case.batches, backend="func")
+    H = dense_hessian(case.model, case.loss, case.batches, op.space)
+    real = op._hvp_func
+    sizes = []
+
+    def small_device(x, y, V):
+        sizes.append(len(V))
+        if len(V) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, y, V)
+
+    monkeypatch.setattr(op, "_hvp_func", small_device)
+    V = torch.randn(8, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
+    assert op.max_block == 2 and sizes == [8, 4, 2, 2, 2, 2]
+    assert op.backends_used == {"func"} and op.hvp_count == 8
+    sizes.clear()
+    op.matmul(V[:5])  # later products start at the size that fitted
+    assert sizes == [2, 2, 1]
+
+
+def test_a_single_vector_that_does_not_fit_is_an_error(monkeypatch):
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(op, "_hvp_double", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        op.matmul(torch.randn(op.n, dtype=torch.float64))

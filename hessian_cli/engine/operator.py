@@ -155,6 +155,7 @@ class HessianOperator:
         self._batched_backward_ok = (
             self.device.type != "cpu" if batched_backward is None else batched_backward
         )
+        self.max_block: int | None = None  # set when a block ran out of device memory
         self.hvp_count = 0
         self.passes = 0
         self.hvp_seconds = 0.0
@@ -235,10 +236,9 @@ class HessianOperator:
         start = time.perf_counter()
         V = V.to(device=self.device, dtype=self.dtype)
         out = torch.zeros_like(V)
-        backend = self.backend_for(V.shape[0])
         with forward_mode(self.model, self.bn), numerics(self.precision, self.device):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
-                out.add_(self._hvp(backend, i, x, y, V).to(out.dtype), alpha=w)
+                out.add_(self._batch_hvp(i, x, y, V), alpha=w)
         if self.distributed:
             dist_utils.all_reduce_sum(out)
         self.hvp_count += V.shape[0]
@@ -248,6 +248,26 @@ class HessianOperator:
 
     __matmul__ = matmul
 
+    def _batch_hvp(self, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Batch ``i``'s products in pieces of at most ``max_block`` rows.
+
+        A piece that runs out of device memory is halved, and the smaller size is kept for later
+        products: callers may pass all their vectors at once (a vmapped block needs memory in
+        proportion to its size), and only a single vector that does not fit is an error.
+        """
+        parts, start = [], 0
+        while start < len(V):
+            size = min(self.max_block or len(V), len(V) - start)
+            try:
+                parts.append(self._hvp(self.backend_for(size), i, x, y, V[start : start + size]))
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.max_block = size // 2
+                continue
+            start += size
+        return torch.cat(parts).to(V.dtype)
+
     def _hvp(
         self, backend: str, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor
     ) -> torch.Tensor:
@@ -256,6 +276,8 @@ class HessianOperator:
                 out = self._hvp_func(x, y, V)
                 self.backends_used.add("func")
                 return out
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
                 # Some ops lack forward-mode rules under vmap (e.g. mse_loss's backward raises
                 # "ZeroTensors are immutable" in torch 2.13): double backward computes the same.
@@ -319,6 +341,8 @@ class HessianOperator:
                     g, keep, Vu, retain_graph=True, allow_unused=True, is_grads_batched=True
                 )
                 return self._scatter(parts, used, V.shape[0])
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
                 self._batched_backward_ok = False  # an op without a batching rule: loop instead
         rows = []

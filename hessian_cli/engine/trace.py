@@ -13,8 +13,9 @@ from hessian_cli.engine.results import TraceResult
 from hessian_cli.errors import UserError
 
 
-def _apply(op: LinearOperator, V: torch.Tensor, block_size: int) -> torch.Tensor:
-    return torch.cat([op.matmul(V[i : i + block_size]) for i in range(0, V.shape[0], block_size)])
+def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    step = block_size or V.shape[0]
+    return torch.cat([op.matmul(V[i : i + step]) for i in range(0, V.shape[0], step)])
 
 
 def hutchinson_trace(
@@ -22,7 +23,7 @@ def hutchinson_trace(
     num_probes: int = 99,
     *,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
-    block_size: int = 16,
+    block_size: int | None = None,
     seed: int = 0,
 ) -> TraceResult:
     """Unbiased estimate of ``trace(H)`` and its standard error from ``num_probes`` HVPs.
@@ -31,6 +32,9 @@ def hutchinson_trace(
     ``trace(Q^T H Q)`` exactly and runs Hutchinson on the deflated rest, whose variance is much
     smaller when a few eigenvalues dominate (as they do in trained networks). The standard error
     is that of the Hutchinson part, the only random term.
+
+    The probes are independent, so each stage multiplies all of its probes as one block
+    (``block_size=None``; :class:`HessianOperator` splits a block that does not fit in memory).
     """
     if num_probes < 2:
         raise UserError("The trace needs at least 2 probes to report a standard error.")

@@ -1,28 +1,58 @@
 """Side-by-side benchmark: this engine against PyHessian and hessian-eigenthings, in one process.
 
-One model, one batch, one device. Prints (1) the cost of one HVP per vector for each backend and
-block size, in gradient-equivalents, and (2) one table per task with wall time, HVP count and the
-largest relative eigenvalue error against a tight float64 reference.
+One model and one device for every case:
 
-    python benchmarks/peers.py                     # ResNet-20 fixture, 128 CIFAR-shaped inputs, CPU
-    python benchmarks/peers.py --device cuda --batch 256
+1. the cost of one HVP per vector by backend x block x precision, in gradient-equivalents (wall
+   time / one gradient's on the same batch), with the relative error of reduced-precision
+   products against float32 ones on the same vectors;
+2. top-1 and top-k eigenvalues against a tight reference (``--reference float64``: a float64
+   copy, every residual <= 1e-8; ``float32``: residuals <= 1e-6), vs PyHessian's
+   ``eigenvalues(top_n)`` and hessian-eigenthings' ``lanczos``;
+3. trace (Hutchinson and Hutch++) with as many probes as PyHessian's ``trace(tol=0)``;
+4. spectral density (SLQ) with hessian-eigenthings' probes x steps (and PyHessian's ``density``,
+   which fails on current torch: its failure goes in the note);
+5. top-1 over ``--batches`` batches (dataloader mode), against a float32 reference over all
+   batches;
+6. ours in reduced precision (tf32, bf16): eigenvalue errors, float32 residuals, HVP error.
+
+Then one table per kind (HVP costs; tasks with wall time, HVPs, gradient-equivalents and the
+largest relative eigenvalue error) and one line per speed target. A run that raises prints one
+line "case X failed: ..." and the rest goes on.
+
+Defaults: on CPU ResNet-20 with PyHessian's checkpoint (../shared/fixtures) and 4 batches of 128
+inputs; on CUDA torchvision's ResNet-18 (10 classes, weights from seed 0) and 16 batches of 256.
+Inputs are CIFAR-shaped Gaussians with random labels (seed 0); the first batch is the data of
+every single-batch case. float32 with TF32 off (matmul and cuDNN) for every tool.
+
+    python benchmarks/peers.py                   # CPU defaults (well over 5 minutes)
+    python benchmarks/peers.py --quick           # every case at tiny sizes: a smoke test
+    python benchmarks/peers.py --device cuda     # the GPU benchmark
+    benchmarks/gpu.sh                            # the same with peers from .whl/, tee'd to a log
+    DEVICE=cpu benchmarks/gpu.sh --quick         # smoke test of gpu.sh
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib.metadata
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.trace import hutchinson_trace
@@ -31,6 +61,7 @@ from hessian_cli.specs import apply_weights, build_model, load_checkpoint
 FIXTURE = (
     Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pyhessian_resnet20_cifar10.pkl"
 )
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -41,6 +72,61 @@ class Row:
     hvps: int | None
     error: float | None
     note: str = ""
+    block: int | None = None  # our solver's block size
+
+
+@dataclass
+class Cost:
+    backend: str
+    block: int
+    precision: str
+    seconds: float  # per vector
+    error: float | None = None  # relative to float32 products
+
+
+@dataclass
+class Ratio:
+    case: str
+    ours: Row | None
+    peer: Row | None
+    peer_name: str
+    target: str
+    speedup: bool  # report peer/ours ("x faster") instead of ours/peer
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    device: torch.device
+    model: nn.Module
+    batches: list[Batch]
+    grad_s: float = float("nan")
+    ref: torch.Tensor | None = None  # reference top-k on the first batch
+    costs: list[Cost] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+
+    @property
+    def batch(self) -> Batch:
+        return self.batches[0]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def add(self, *rows: Row | None) -> None:
+        self.rows += [r for r in rows if r is not None]
+
+    def operator(self, batches: list[Batch] | None = None, **kw: Any) -> HessianOperator:
+        return HessianOperator(self.model, F.cross_entropy, batches or [self.batch], **kw)
+
+
+@dataclass
+class Calls:
+    n: int = 0
+
+
+# --- helpers -------------------------------------------------------------------------------
 
 
 def sync(device: torch.device) -> None:
@@ -48,7 +134,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     sync(device)
     start = time.perf_counter()
     out = fn()
@@ -56,224 +142,587 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
     return out, time.perf_counter() - start
 
 
-def rel_errors(found: list[float], ref: torch.Tensor) -> torch.Tensor:
+def attempt(name: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or None after one line saying why it failed."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001  (one failing run must not stop the others)
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        print(f"case {name} failed: {message[:300]}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+
+@contextlib.contextmanager
+def counting(owner: object, name: str) -> Iterator[Calls]:
+    """Count the calls of ``owner.name`` (a module function, class method or bound method)."""
+    calls, original = Calls(), getattr(owner, name)
+
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        calls.n += 1
+        return original(*a, **kw)
+
+    setattr(owner, name, wrapper)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, original)
+
+
+def rel_errors(found: list[float], ref: torch.Tensor | None) -> torch.Tensor | None:
     """Relative error of each value against the reference value of the same rank."""
+    if ref is None:
+        return None
     got = torch.tensor(found, dtype=torch.float64)
     return (got - ref[: len(got)]).abs() / ref[: len(got)].abs()
 
 
-def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def within(err: torch.Tensor | None, k: int) -> str:
+    return "no reference" if err is None else f"{int((err <= 1e-4).sum())}/{k} within 1e-4"
+
+
+def max_error(err: torch.Tensor | None) -> float | None:
+    return None if err is None else float(err.max())
+
+
+def ours_blocks(
+    name: str, blocks: tuple[int, ...], run: Callable[[int | None], Row]
+) -> list[Row | None]:
+    """``run`` with the solver's default block size, then with each of ``blocks`` that differs
+    from it; the default's row (or None if it failed) comes first."""
+    rows = [attempt(f"{name} hessian-cli default block", lambda: run(None))]
+    default = rows[0].block if rows[0] else None
+    for block in dict.fromkeys(blocks):
+        if block != default:
+            rows.append(attempt(f"{name} hessian-cli block {block}", lambda bl=block: run(bl)))
+    return rows
+
+
+def pyhessian() -> tuple[type, Any]:
+    """PyHessian's class and its module (the package re-exports the class under the module's
+    name, so ``pyhessian.hessian`` is the class and the module only sits in sys.modules)."""
+    import pyhessian.hessian  # noqa: F401
+    from pyhessian import hessian as PyHessian
+
+    return PyHessian, sys.modules["pyhessian.hessian"]
+
+
+def eigenthings_operator(b: Bench) -> Any:
+    import hessian_eigenthings as he
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    return he.HessianOperator(b.model, [b.batch], loss)
+
+
+# --- setup ---------------------------------------------------------------------------------
+
+
+def setup(args: argparse.Namespace) -> Bench:
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    # PyHessian calls backward(create_graph=True); we reset .grad after each of its runs.
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+    torch.manual_seed(0)
     model = build_model(args.model, input_shape=(3, 32, 32), num_classes=10)
     if args.checkpoint:
         apply_weights(model, load_checkpoint(args.checkpoint).state_dict)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    return model.to(device).eval(), x.to(device), y.to(device)
+    batches = [
+        (
+            torch.randn(args.batch, 3, 32, 32, generator=g).to(device),
+            torch.randint(0, 10, (args.batch,), generator=g).to(device),
+        )
+        for _ in range(args.batches)
+    ]
+    return Bench(args, device, model.to(device).eval(), batches)
 
 
-def hvp_costs(model, x, y, device, blocks=(1, 4), reps=2) -> list[tuple[str, int, float]]:
-    """Seconds per vector for each backend and block size, and one gradient's seconds."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
-    def gradient():
-        model.zero_grad(set_to_none=True)
-        return torch.autograd.grad(F.cross_entropy(model(x), y), params)
 
-    timed(gradient, device)
-    grad_s = statistics.median(timed(gradient, device)[1] for _ in range(reps))
-    rows = [("gradient", 1, grad_s)]
-    for backend in ("double-backward", "func"):
-        op = HessianOperator(model, F.cross_entropy, [(x, y)], backend=backend)
-        for b in blocks:
-            V = torch.randn(b, op.n, device=device)
-            op.matmul(V)  # warm-up (and builds the kept graph)
-            secs = statistics.median(
-                timed(lambda V=V, op=op: op.matmul(V), device)[1] for _ in range(reps)
+def header(b: Bench) -> None:
+    n = sum(p.numel() for p in b.model.parameters() if p.requires_grad)
+    name = torch.cuda.get_device_name(b.device) if b.cuda else platform.processor() or "CPU"
+    versions = ", ".join(f"{d} {version(d)}" for d in ("PyHessian", "hessian-eigenthings"))
+    weights = Path(b.args.checkpoint).name if b.args.checkpoint else "random weights, seed 0"
+    print(
+        f"# {b.args.model} ({weights}), {n:,} parameters, "
+        f"{len(b.batches)} batches of {b.args.batch} inputs"
+    )
+    print(
+        f"# device {b.device} ({name}), {torch.get_num_threads()} CPU threads, "
+        f"torch {torch.__version__}, {versions}; float32, TF32 off"
+    )
+
+
+# --- case 1: HVP costs ----------------------------------------------------------------------
+
+
+COST_CONFIGS: tuple[tuple[str, dict[str, Any], tuple[int, ...]], ...] = (
+    ("double-backward loop", {"backend": "double-backward", "batched_backward": False}, (1, 4)),
+    (
+        "double-backward batched",
+        {"backend": "double-backward", "batched_backward": True},
+        (4, 8, 16),
+    ),
+    ("func", {"backend": "func"}, (1, 4, 8, 16)),
+)
+LOW_PRECISIONS = ("tf32", "bf16")
+
+
+def gradient_seconds(b: Bench) -> float:
+    params = [p for p in b.model.parameters() if p.requires_grad]
+    x, y = b.batch
+
+    def gradient() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(F.cross_entropy(b.model(x), y), params)
+
+    timed(gradient, b.device)  # warm-up
+    return statistics.median(timed(gradient, b.device)[1] for _ in range(b.args.reps))
+
+
+def seconds_per_vector(b: Bench, op: HessianOperator, V: torch.Tensor) -> float:
+    op.matmul(V)  # warm-up (and builds the kept first-order graph)
+    secs = statistics.median(timed(lambda: op.matmul(V), b.device)[1] for _ in range(b.args.reps))
+    return secs / V.shape[0]
+
+
+def backend_label(name: str, op: HessianOperator, block: int) -> str:
+    """The configured backend, and the one that ran where they differ (auto, or a fallback)."""
+    used = op.backend_for(block)
+    return name if used in name and name != "auto" else f"{name} -> {used}"
+
+
+def hvp_costs(b: Bench) -> None:
+    n = sum(p.numel() for p in b.model.parameters() if p.requires_grad)
+    # auto: at 16 and at the trace's block (all of a stage's probes: --probes for Hutchinson)
+    auto = ("auto", {}, tuple(dict.fromkeys((16, b.args.probes))))
+    V = torch.randn(max(16, b.args.probes), n, generator=torch.Generator().manual_seed(0))
+    V = V.to(b.device)
+    for name, kw, blocks in (*COST_CONFIGS, auto):
+        op = b.operator(**kw)
+        for block in blocks:
+
+            def cost(op=op, name=name, block=block) -> Cost:
+                secs = seconds_per_vector(b, op, V[:block])
+                return Cost(backend_label(name, op, block), block, "float32", secs)
+
+            if (c := attempt(f"HVP {name} block {block}", cost)) is not None:
+                b.costs.append(c)
+    exact = b.operator().matmul(V[:8])
+    for precision in LOW_PRECISIONS:
+        op = b.operator(precision=precision)
+        for block in (1, 8):
+
+            def cost(op=op, precision=precision, block=block) -> Cost:
+                secs = seconds_per_vector(b, op, V[:block])
+                err = (op.matmul(V[:block]) - exact[:block]).norm() / exact[:block].norm()
+                return Cost(backend_label("auto", op, block), block, precision, secs, float(err))
+
+            if (c := attempt(f"HVP auto {precision} block {block}", cost)) is not None:
+                b.costs.append(c)
+
+
+# --- case 2: top-k against a tight reference ------------------------------------------------
+
+
+def reference(b: Bench) -> None:
+    if b.args.reference == "float64":
+        model, tol = copy.deepcopy(b.model).double(), 1e-8
+        batch = (b.batch[0].double(), b.batch[1])
+    else:
+        model, tol, batch = b.model, 1e-6, b.batch
+    op = HessianOperator(model, F.cross_entropy, [batch])
+    res, secs = timed(
+        lambda: eigenpairs(op, b.args.k, tol=tol, block_size=1, max_hvps=600), b.device
+    )
+    b.ref = res.eigenvalues.double()
+    print(
+        f"# reference top-{b.args.k} ({b.args.reference}, residual <= {tol:g}, block 1): "
+        f"{[round(float(v), 5) for v in b.ref]}; {res.hvps} HVPs, {secs:.1f} s, "
+        f"{int(res.converged.sum())}/{b.args.k} converged"
+        + ("" if res.all_converged else f" ({res.stop_reason})"),
+        flush=True,
+    )
+
+
+def pyhessian_top(b: Bench, k: int) -> Row:
+    PyHessian, module = pyhessian()
+    with counting(module, "hessian_vector_product") as calls:
+        torch.manual_seed(0)
+        (vals, _), secs = timed(
+            lambda: PyHessian(b.model, F.cross_entropy, data=b.batch, cuda=b.cuda).eigenvalues(
+                top_n=k
+            ),
+            b.device,
+        )
+    b.model.zero_grad(set_to_none=True)  # PyHessian leaves a graph in .grad
+    err = rel_errors(vals, b.ref)
+    return Row(
+        f"top-{k}",
+        "PyHessian 0.1 eigenvalues(top_n)",
+        secs,
+        calls.n,
+        max_error(err),
+        within(err, k),
+    )
+
+
+def ours_top(
+    b: Bench,
+    task: str,
+    k: int,
+    block: int | None,
+    *,
+    batches: list[Batch] | None = None,
+    ref: torch.Tensor | None = None,
+    precision: str | None = None,
+    tol: float | None = None,
+) -> Row:
+    """Our top-k with a fresh operator (its first-order graph is built inside the timing)."""
+    kw = {} if precision is None else {"precision": precision}
+    op = b.operator(batches, **kw)
+    tol = tol or b.args.tol
+    res, secs = timed(lambda: eigenpairs(op, k, tol=tol, block_size=block), b.device)
+    err = rel_errors(res.eigenvalues.tolist(), b.ref if ref is None else ref)
+    default = "default " if block is None else ""
+    note = f"{within(err, k)}, {int(res.converged.sum())}/{k} converged"
+    if not res.all_converged:
+        note += f" ({res.stop_reason})"
+    if precision is not None:
+        note += (
+            f", max float32 residual {float(res.residuals.max()):.1e}"
+            f", HVP error {op.precision_error():.1e}"
+        )
+    settings = f"{default}block {res.block_size}, tol {tol:g}" + (
+        f", {precision}" if precision else ""
+    )
+    tool = f"hessian-cli ({settings})"
+    return Row(task, tool, secs, res.hvps, max_error(err), note, res.block_size)
+
+
+def eigenthings_top(b: Bench, k: int) -> Row:
+    import hessian_eigenthings as he
+
+    he_op = eigenthings_operator(b)
+    with counting(he_op, "matvec") as calls:
+        out, secs = timed(lambda: he.lanczos(he_op, k=k, max_iter=40, which="LA", seed=0), b.device)
+    err = rel_errors(sorted(out.eigenvalues.tolist(), reverse=True), b.ref)
+    return Row(
+        f"top-{k}",
+        "hessian-eigenthings lanczos(max_iter=40)",
+        secs,
+        calls.n,
+        max_error(err),
+        within(err, k),
+    )
+
+
+def top_k(b: Bench) -> None:
+    for k in sorted({1, b.args.k}):
+        peer = attempt(f"top-{k} PyHessian", lambda k=k: pyhessian_top(b, k))
+        ours = ours_blocks(f"top-{k}", (1, k), lambda bl, k=k: ours_top(b, f"top-{k}", k, bl))
+        b.add(peer, *ours)
+        target = "<= 0.5x on GPU" if k == 1 else "<= 0.25x on GPU"
+        b.ratios.append(Ratio(f"top-{k}", ours[0], peer, "PyHessian", target, False))
+        if k == b.args.k:
+            he_row = attempt(f"top-{k} hessian-eigenthings", lambda k=k: eigenthings_top(b, k))
+            b.add(he_row)
+            b.ratios.append(
+                Ratio(f"top-{k}", ours[0], he_row, "hessian-eigenthings", "<= 0.5x on GPU", False)
             )
-            rows.append((backend, b, secs / b))
-    return rows
+
+
+# --- case 3: trace --------------------------------------------------------------------------
+
+
+def pyhessian_trace(b: Bench) -> Row:
+    PyHessian, module = pyhessian()
+    probes = b.args.probes
+    with counting(module, "hessian_vector_product") as calls:
+        torch.manual_seed(0)
+        tr, secs = timed(
+            lambda: PyHessian(b.model, F.cross_entropy, data=b.batch, cuda=b.cuda).trace(
+                maxIter=probes, tol=0
+            ),
+            b.device,
+        )
+    b.model.zero_grad(set_to_none=True)
+    stderr = statistics.stdev(tr) / len(tr) ** 0.5
+    note = f"{statistics.mean(tr):.2f} +- {stderr:.2f} (Hutchinson)"
+    return Row("trace", f"PyHessian trace(maxIter={probes}, tol=0)", secs, calls.n, None, note)
+
+
+def ours_trace(b: Bench, method: str) -> Row:
+    op = b.operator()
+    res, secs = timed(lambda: hutchinson_trace(op, b.args.probes, method=method), b.device)
+    note = f"{res.estimate:.2f} +- {res.stderr:.2f} (passes: {op.passes})"
+    tool = f"hessian-cli {method} ({b.args.probes} probes, default blocks)"
+    return Row("trace", tool, secs, res.hvps, None, note)
+
+
+def trace(b: Bench) -> None:
+    peer = attempt("trace PyHessian", lambda: pyhessian_trace(b))
+    b.add(peer)
+    for method in ("hutchinson", "hutch++"):
+        ours = attempt(f"trace hessian-cli {method}", lambda m=method: ours_trace(b, m))
+        b.add(ours)
+        b.ratios.append(Ratio(f"trace {method}", ours, peer, "PyHessian", ">= 4x on GPU", True))
+
+
+# --- case 4: spectral density ---------------------------------------------------------------
+
+
+def density_note(nodes: torch.Tensor, weights: torch.Tensor, n: int) -> str:
+    """Top quadrature node (~ lambda_1) and the trace the rules imply (n * mean first moment)."""
+    nodes, weights = nodes.double().cpu().nan_to_num(0.0), weights.double().cpu()
+    top = float(nodes[weights > 0].max())
+    return f"top node {top:.5g}, trace {n * float((weights * nodes).sum(1).mean()):.2f}"
+
+
+def eigenthings_density(b: Bench) -> Row:
+    import hessian_eigenthings as he
+
+    p, s = b.args.density_probes, b.args.density_steps
+    he_op = eigenthings_operator(b)
+    with counting(he_op, "matvec") as calls:
+        out, secs = timed(
+            lambda: he.spectral_density(he_op, num_runs=p, lanczos_steps=s, seed=0), b.device
+        )
+    note = density_note(out.raw_eigenvalues, out.raw_weights, he_op.size)
+    tool = f"hessian-eigenthings spectral_density({p} runs x {s} steps)"
+    return Row("density", tool, secs, calls.n, None, note)
+
+
+def pyhessian_density(b: Bench) -> Row:
+    PyHessian, module = pyhessian()
+    p, s = b.args.density_probes, b.args.density_steps
+
+    def run() -> tuple[Any, Exception | None]:
+        try:
+            hess = PyHessian(b.model, F.cross_entropy, data=b.batch, cuda=b.cuda)
+            return hess.density(iter=s, n_v=p), None
+        except Exception as e:  # noqa: BLE001  (expected on current torch: torch.eig is gone)
+            return None, e
+
+    with counting(module, "hessian_vector_product") as calls:
+        torch.manual_seed(0)
+        (out, error), secs = timed(run, b.device)
+    b.model.zero_grad(set_to_none=True)
+    if error is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        line = [f.line for f in frames if "pyhessian" in f.filename][-1]
+        message = f"{type(error).__name__}: {str(error).split('. ')[0]}"
+        note = f"failed after {calls.n} HVPs in `{line}`: {message}"
+    else:
+        nodes, weights = (torch.tensor(v, dtype=torch.float64) for v in out)
+        note = density_note(nodes, weights, sum(p.numel() for p in b.model.parameters()))
+    return Row("density", f"PyHessian density(iter={s}, n_v={p})", secs, calls.n, None, note)
+
+
+def ours_density(b: Bench) -> Row:
+    op = b.operator()
+    p, s = b.args.density_probes, b.args.density_steps
+    res, secs = timed(lambda: spectral_density(op, num_probes=p, steps=s), b.device)
+    note = f"{density_note(res.nodes, res.weights, op.n)} (passes: {op.passes})"
+    return Row(
+        "density",
+        f"hessian-cli spectral_density({p} probes x {s} steps)",
+        secs,
+        res.hvps,
+        None,
+        note,
+    )
+
+
+def density(b: Bench) -> None:
+    peer = attempt("density hessian-eigenthings", lambda: eigenthings_density(b))
+    pyh = attempt("density PyHessian", lambda: pyhessian_density(b))
+    ours = attempt("density hessian-cli", lambda: ours_density(b))
+    b.add(peer, pyh, ours)
+    b.ratios.append(Ratio("density", ours, peer, "hessian-eigenthings", ">= 4x on GPU", True))
+
+
+# --- case 5: several batches (dataloader mode) ----------------------------------------------
+
+
+def pyhessian_dataloader(b: Bench, task: str, ref: torch.Tensor) -> Row:
+    PyHessian, _ = pyhessian()
+    # Each dataloader_hv_product call is one HVP over all batches.
+    with counting(PyHessian, "dataloader_hv_product") as calls:
+        torch.manual_seed(0)
+        (vals, _), secs = timed(
+            lambda: PyHessian(
+                b.model, F.cross_entropy, dataloader=b.batches, cuda=b.cuda
+            ).eigenvalues(top_n=1),
+            b.device,
+        )
+    b.model.zero_grad(set_to_none=True)
+    err = rel_errors(vals, ref)
+    return Row(
+        task,
+        "PyHessian 0.1 eigenvalues(top_n=1), dataloader",
+        secs,
+        calls.n,
+        max_error(err),
+        within(err, 1),
+    )
+
+
+def dataloader(b: Bench) -> None:
+    task = f"top-1, {len(b.batches)}x{b.args.batch} inputs"
+    op = b.operator(b.batches)
+    res = eigenpairs(op, 1, tol=1e-5, max_hvps=200)
+    ref = res.eigenvalues.double()
+    print(
+        f"# {task}: errors against our float32 top-1 over all batches (residual <= 1e-5, "
+        f"block {res.block_size}): {float(ref[0]):.5f}, {res.hvps} HVPs, "
+        f"{'converged' if res.all_converged else res.stop_reason}",
+        flush=True,
+    )
+    peer = attempt(f"{task} PyHessian", lambda: pyhessian_dataloader(b, task, ref))
+    ours = ours_blocks(
+        task, (1, 4), lambda bl: ours_top(b, task, 1, bl, batches=b.batches, ref=ref)
+    )
+    b.add(peer, *ours)
+    b.ratios.append(Ratio(task, ours[0], peer, "PyHessian", ">= 3x on GPU", True))
+
+
+# --- case 6: reduced precision --------------------------------------------------------------
+
+
+def reduced_precision(b: Bench) -> None:
+    """Reduced precision at the default tolerance (which its noise may not allow) and, beside
+    full precision, at ``--low-tol``, a tolerance it can reach."""
+    tol = b.args.low_tol
+    for k in sorted({1, b.args.k}):
+        for precision, t in (
+            *((p, None) for p in LOW_PRECISIONS),
+            (None, tol),
+            *((p, tol) for p in LOW_PRECISIONS),
+        ):
+
+            def run(k: int = k, p: str | None = precision, t: float | None = t) -> Row:
+                return ours_top(b, f"top-{k}", k, None, precision=p, tol=t)
+
+            b.add(
+                attempt(f"top-{k} hessian-cli {precision or 'full'} tol {t or b.args.tol:g}", run)
+            )
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def print_costs(b: Bench) -> None:
+    print(
+        "\n| HVP backend | block | precision | ms per vector | gradient-equivalents | rel. error vs float32 |"
+    )
+    print("|---|---|---|---|---|---|")
+    print(f"| gradient | 1 | float32 | {b.grad_s * 1e3:.2f} | 1.00 |  |")
+    for c in b.costs:
+        err = "" if c.error is None else f"{c.error:.1e}"
+        print(
+            f"| {c.backend} | {c.block} | {c.precision} | {c.seconds * 1e3:.2f} "
+            f"| {c.seconds / b.grad_s:.2f} | {err} |"
+        )
+
+
+def print_rows(b: Bench) -> None:
+    print("\n| task | tool | wall s | HVPs | gradient-equivalents | max rel. error | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in b.rows:
+        err = "" if r.error is None else f"{r.error:.1e}"
+        print(
+            f"| {r.task} | {r.tool} | {r.seconds:.2f} | {r.hvps} | {r.seconds / b.grad_s:.0f} "
+            f"| {err} | {r.note} |"
+        )
+
+
+def print_ratios(b: Bench) -> None:
+    print()
+    for r in b.ratios:
+        if r.ours is None or r.peer is None:
+            print(f"# {r.case}: no ratio, a run failed (target {r.target})")
+            continue
+        if r.speedup:
+            value = f"{r.peer.seconds / r.ours.seconds:.2f}x faster"
+        else:
+            value = f"{r.ours.seconds / r.peer.seconds:.2f}x {r.peer_name}'s time"
+        print(
+            f"# {r.case}: ours {r.ours.seconds:.2f}s vs {r.peer_name} {r.peer.seconds:.2f}s "
+            f"-> {value} (target {r.target})"
+        )
+
+
+CASES: tuple[tuple[str, Callable[[Bench], None]], ...] = (
+    ("HVP costs", hvp_costs),
+    ("reference", reference),
+    ("top-k", top_k),
+    ("trace", trace),
+    ("density", density),
+    ("dataloader", dataloader),
+    ("reduced precision", reduced_precision),
+)
 
 
 def run(args: argparse.Namespace) -> None:
-    import pyhessian.hessian  # noqa: F401  (the package re-exports the class under this name)
-    from pyhessian import hessian as PyHessian
-
-    pyh_module = sys.modules["pyhessian.hessian"]
-
-    device = torch.device(args.device)
-    model, x, y = setup(args)
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        f"# {args.model}, {n:,} parameters, {len(y)} inputs, device {device}, torch {torch.__version__}"
-    )
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
-
-    costs = hvp_costs(model, x, y, device)
-    grad_s = costs[0][2]
-    print("\n| HVP backend | block | ms per vector | gradient-equivalents |\n|---|---|---|---|")
-    for name, b, secs in costs:
-        print(f"| {name} | {b} | {secs * 1e3:.1f} | {secs / grad_s:.2f} |")
-
-    # Tight reference: a float64 copy, every residual <= 1e-8 (recomputed with fresh HVPs).
-    m64 = copy.deepcopy(model).double()
-    ref_op = HessianOperator(m64, F.cross_entropy, [(x.double(), y)])
-    ref = eigenpairs(ref_op, args.k, tol=1e-8, block_size=1, max_hvps=600)
-    assert ref.all_converged, "reference did not converge"
-    ref_vals = ref.eigenvalues
-    shown = [round(float(v), 5) for v in ref_vals]
-    print(f"\n# reference top-{args.k} (float64, residual <= 1e-8, {ref.hvps} HVPs): {shown}")
-
-    counter = {"hvps": 0}
-    original_hvp = pyh_module.hessian_vector_product
-
-    def counting_hvp(*a, **kw):
-        counter["hvps"] += 1
-        return original_hvp(*a, **kw)
-
-    pyh_module.hessian_vector_product = counting_hvp
-    rows: list[Row] = []
-    for k in (1, args.k):
-        counter["hvps"] = 0
-        torch.manual_seed(0)
-        (vals, _), secs = timed(
-            lambda k=k: PyHessian(
-                model, F.cross_entropy, data=(x, y), cuda=device.type == "cuda"
-            ).eigenvalues(top_n=k),
-            device,
-        )
-        err = rel_errors(vals, ref_vals)
-        rows.append(
-            Row(
-                f"top-{k}",
-                "PyHessian 0.1 eigenvalues(top_n)",
-                secs,
-                counter["hvps"],
-                float(err.max()),
-                f"{int((err <= 1e-4).sum())}/{k} within 1e-4",
-            )
-        )
-        for block in (None, 1, k):  # the default, then single-vector and block-k Krylov
-            if block == 1 and k == 1:
-                continue
-            op = HessianOperator(model, F.cross_entropy, [(x, y)])
-            res, secs = timed(
-                lambda op=op, k=k, b=block: eigenpairs(op, k, tol=args.tol, block_size=b), device
-            )
-            err = rel_errors(res.eigenvalues.tolist(), ref_vals)
-            label = "default " if block is None else ""
-            rows.append(
-                Row(
-                    f"top-{k}",
-                    f"hessian-cli ({label}block {res.block_size}, tol {args.tol:g})",
-                    secs,
-                    res.hvps,
-                    float(err.max()),
-                    f"{int((err <= 1e-4).sum())}/{k} within 1e-4, "
-                    f"{int(res.converged.sum())}/{k} converged",
-                )
-            )
-    try:
-        import hessian_eigenthings as he
-
-        def loss_fn(m, batch):
-            return F.cross_entropy(m(batch[0]), batch[1])
-
-        he_op = he.HessianOperator(model, [(x, y)], loss_fn)
-        counted = {"hvps": 0}
-        he_matvec = he_op.matvec
-
-        def he_count(v):
-            counted["hvps"] += 1
-            return he_matvec(v)
-
-        he_op.matvec = he_count
-        out, secs = timed(
-            lambda: he.lanczos(he_op, k=args.k, max_iter=40, which="LA", seed=0), device
-        )
-        vals = sorted(out.eigenvalues.tolist(), reverse=True)
-        err = rel_errors(vals, ref_vals)
-        rows.append(
-            Row(
-                f"top-{args.k}",
-                "hessian-eigenthings lanczos(max_iter=40)",
-                secs,
-                counted["hvps"],
-                float(err.max()),
-                f"{int((err <= 1e-4).sum())}/{args.k} within 1e-4",
-            )
-        )
-    except ImportError:
-        print("# hessian-eigenthings not installed: skipped")
-
-    counter["hvps"] = 0
-    torch.manual_seed(0)
-    tr, secs = timed(
-        lambda: PyHessian(model, F.cross_entropy, data=(x, y), cuda=device.type == "cuda").trace(
-            maxIter=args.probes, tol=0
-        ),
-        device,
-    )
-    rows.append(
-        Row(
-            "trace",
-            f"PyHessian trace(maxIter={args.probes}, tol=0)",
-            secs,
-            counter["hvps"],
-            None,
-            f"{statistics.mean(tr):.2f} +- {statistics.stdev(tr) / len(tr) ** 0.5:.2f} (Hutchinson)",
-        )
-    )
-    for method in ("hutchinson", "hutch++"):
-        op = HessianOperator(model, F.cross_entropy, [(x, y)])
-        res, secs = timed(
-            lambda op=op, method=method: hutchinson_trace(op, args.probes, method=method), device
-        )
-        rows.append(
-            Row(
-                "trace",
-                f"hessian-cli {method} ({args.probes} probes)",
-                secs,
-                res.hvps,
-                None,
-                f"{res.estimate:.2f} +- {res.stderr:.2f}",
-            )
-        )
-    pyh_module.hessian_vector_product = original_hvp
-
-    print("\n| task | tool | wall s | HVPs | gradient-equivalents | max rel. error | note |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        err = "" if r.error is None else f"{r.error:.1e}"
-        print(
-            f"| {r.task} | {r.tool} | {r.seconds:.2f} | {r.hvps} | {r.seconds / grad_s:.0f} | {err} | {r.note} |"
-        )
-    for k in (1, args.k):
-        ours = next(r for r in rows if r.task == f"top-{k}" and "default" in r.tool)
-        theirs = next(r for r in rows if r.task == f"top-{k}" and r.tool.startswith("PyHessian"))
-        print(
-            f"# top-{k}: hessian-cli takes {ours.seconds / theirs.seconds:.2f}x PyHessian's wall time"
-        )
+    b = setup(args)
+    header(b)
+    b.grad_s = gradient_seconds(b)
+    for name, case in CASES:
+        start = time.perf_counter()
+        attempt(name, lambda case=case: case(b))
+        print(f"# {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    print_costs(b)
+    print_rows(b)
+    print_ratios(b)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--checkpoint", default=str(FIXTURE) if FIXTURE.exists() else "")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--model", help="default: resnet20 on CPU, torchvision:resnet18 on CUDA")
+    parser.add_argument("--checkpoint", help="default: PyHessian's checkpoint for resnet20")
+    parser.add_argument("--batch", type=int, help="inputs per batch (default 128 CPU, 256 CUDA)")
+    parser.add_argument(
+        "--batches", type=int, help="batches of the dataloader case (4 CPU, 16 CUDA)"
+    )
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--reference", choices=("float64", "float32"), default="float64")
+    parser.add_argument("--low-tol", type=float, default=1e-2, help="tolerance of case 6")
     parser.add_argument("--probes", type=int, default=30)
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
-    )
+    parser.add_argument("--density-probes", type=int, default=8)
+    parser.add_argument("--density-steps", type=int, default=40)
+    parser.add_argument("--reps", type=int, help="timed repeats per HVP cost (2 CPU, 5 CUDA)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.batch, args.batches, args.k = args.batch or 16, args.batches or 2, 5
+        args.probes, args.density_probes, args.density_steps = 6, 4, 10
+    args.model = args.model or ("torchvision:resnet18" if cuda else "resnet20")
+    if args.checkpoint is None:
+        args.checkpoint = str(FIXTURE) if args.model == "resnet20" and FIXTURE.exists() else ""
+    args.batch = args.batch or (256 if cuda else 128)
+    args.batches = args.batches or (16 if cuda else 4)
+    args.reps = args.reps or (5 if cuda else 2)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     run(args)

@@ -73,6 +73,15 @@ def test_reduced_precision_eigenpairs_report_full_precision_residuals():
     torch.testing.assert_close(res.eigenvalues, values.double(), rtol=1e-5, atol=0)
 
 
+def test_a_tolerance_met_only_in_reduced_precision_is_not_called_converged():
+    case = CASES["cnn-bn"]
+    op = HessianOperator(case.model, case.loss, case.batches, precision="bf16")
+    res = eigenpairs(op, 2, tol=1e-4, max_hvps=4000)
+    # bf16 products cannot certify 1e-4: the pairs are reported unconverged, with the reason.
+    assert not res.converged.any()
+    assert res.stop_reason in ("stalled", "unverified")
+
+
 def test_unknown_precision_and_backend_are_user_errors():
     case = CASES["mlp-ce"]
     with pytest.raises(UserError, match="precision"):

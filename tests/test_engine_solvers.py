@@ -1,5 +1,6 @@
 """Eigenpairs, trace and density against the dense oracle (exact Hessian and eigh)."""
 
+import contextlib
 import math
 
 import pytest
@@ -191,3 +192,36 @@ def test_density_stops_cleanly_on_invariant_subspace():
     dens = spectral_density(MatrixOperator(H), num_probes=2, steps=4, seed=0)
     assert torch.isfinite(dens.values).all()
     assert dens.moment(1) == pytest.approx(2.0, rel=1e-12)
+
+
+class ReducedPrecision(MatrixOperator):
+    """Products of a slightly wrong matrix, except inside ``full_precision()``."""
+
+    def __init__(self, matrix: torch.Tensor, error: torch.Tensor) -> None:
+        super().__init__(matrix)
+        self.error, self.exact = error, False
+
+    @contextlib.contextmanager
+    def full_precision(self):
+        self.exact = True
+        try:
+            yield
+        finally:
+            self.exact = False
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        return super().matmul(block) + (0 if self.exact else block @ self.error)
+
+
+def test_residuals_are_verified_in_full_precision():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    H = A + A.T
+    E = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    op = ReducedPrecision(H, 1e-4 * (E + E.T))
+    res = eigenpairs(op, 2, tol=1e-9)
+    # The iteration converged on the wrong matrix; the full-precision check says so.
+    assert res.stop_reason == "unverified" and not res.converged.any()
+    true = (res.eigenvectors @ H - res.eigenvalues[:, None] * res.eigenvectors).norm(dim=1)
+    torch.testing.assert_close(res.residuals, true / res.scale)
+    assert torch.all(res.residuals > 1e-7)

@@ -219,7 +219,8 @@ def analyze(
     ]
     if unconverged and max_hvps is None:
         what = ", ".join(f"{n}: {c} pair(s)" for n, c in unconverged)
-        stalled = any(r["eigen"] and r["eigen"]["stop_reason"] == "stalled" for r in reports)
+        noisy = ("stalled", "unverified")
+        stalled = any(r["eigen"] and r["eigen"]["stop_reason"] in noisy for r in reports)
         remedy = "--precision full" if precision != "full" else "--dtype float64"
         advice = (
             "the residuals stopped improving, so the products' rounding noise is above the "

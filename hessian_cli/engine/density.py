@@ -40,17 +40,22 @@ def spectral_density(
     betas = torch.zeros(num_probes, steps, dtype=torch.float64)
     length = torch.full((num_probes,), steps, dtype=torch.long)
     active = torch.ones(num_probes, dtype=torch.bool)
-    basis: list[torch.Tensor] = []
+    # The Lanczos vectors, filled in place: one [probes, steps, n] buffer, never re-stacked.
+    basis = (
+        torch.empty(num_probes, steps, op.n, dtype=op.dtype, device=op.device)
+        if reorthogonalize
+        else None
+    )
     v_prev = torch.zeros_like(v)
     beta_prev = torch.zeros(num_probes, 1, dtype=op.dtype, device=op.device)
     for j in range(steps):
-        if reorthogonalize:
-            basis.append(v)
+        if basis is not None:
+            basis[:, j] = v
         w = op.matmul(v)
         a = (w * v).sum(dim=1, keepdim=True)
         w = w - a * v - beta_prev * v_prev
-        if reorthogonalize:
-            B = torch.stack(basis, dim=1)  # [p, j+1, n]
+        if basis is not None:
+            B = basis[:, : j + 1]  # [p, j+1, n]
             for _ in range(2):
                 w = w - torch.einsum("pj,pjn->pn", torch.einsum("pjn,pn->pj", B, w), B)
         b = w.norm(dim=1, keepdim=True)

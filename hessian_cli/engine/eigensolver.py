@@ -179,6 +179,8 @@ def eigenpairs(
         rnorm = (HV - values[:, None].to(op.dtype) * vectors).norm(dim=1).double()
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
+    if stop_reason == "converged" and not bool((residuals <= tol).all()):
+        stop_reason = "unverified"  # the fresh (full-precision) products disagree
     return EigenResult(
         eigenvalues=values.cpu(),
         residuals=residuals.cpu(),

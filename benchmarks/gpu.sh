@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every case of benchmarks/peers.py on one device in one go (under 5 minutes on one H100/H200),
+# printed as one report and tee'd to a log ($LOG; copied to $OUT when that is set).
+#
+#   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
+#   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
+#
+# The peers (PyHessian, hessian-eigenthings) are installed, when the python in use lacks them,
+# from the wheels in $WHEELS (default .whl/ at the repo root) into $SITE (default /tmp/site),
+# without network. The python is .venv's when there is one, else python3 ($PYTHON overrides).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEVICE="${DEVICE:-cuda}"
+WHEELS="${WHEELS:-$ROOT/.whl}"
+SITE="${SITE:-/tmp/site}"
+LOG="${LOG:-${TMPDIR:-/tmp}/peers-$DEVICE.log}"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+if ! "$PYTHON" -c "import pyhessian, hessian_eigenthings" 2>/dev/null; then
+    echo "# installing the peers from $WHEELS into $SITE"
+    PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
+        || echo "# could not install the peers: their cases will fail"
+fi
+if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/# /'
+fi
+
+start=$SECONDS
+"$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" "$@" 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+echo "# gpu.sh: $((SECONDS - start)) s, exit status $status, log $LOG" | tee -a "$LOG"
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT" && cp "$LOG" "$OUT/"
+fi
+exit "$status"

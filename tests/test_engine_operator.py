@@ -103,7 +103,7 @@ def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch
     def small_device(x, y, V):
         sizes.append(len(V))
         if len(V) > 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(x, y, V)
 
     monkeypatch.setattr(op, "_hvp_func", small_device)
@@ -121,8 +121,8 @@ def test_a_single_vector_that_does_not_fit_is_an_error(monkeypatch):
     op = HessianOperator(case.model, case.loss, case.batches)
 
     def no_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(op, "_hvp_double", no_memory)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         op.matmul(torch.randn(op.n, dtype=torch.float64))

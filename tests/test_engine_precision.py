@@ -16,20 +16,43 @@ from hessian_cli.errors import UserError
 CASES = {c.name: c.to(torch.float32) for c in cases()}
 
 
-def test_full_precision_switches_tf32_off_and_restores_the_flags():
+NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9
+
+
+def _tf32() -> tuple:
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    if NEW_API:
+        return matmul.fp32_precision, cudnn.conv.fp32_precision
+    return matmul.allow_tf32, cudnn.allow_tf32
+
+
+def test_each_precision_sets_tf32_and_restores_the_settings():
+    cpu = torch.device("cpu")
+    before = _tf32()
+    with numerics("full", cpu):
+        assert _tf32() == (("ieee", "ieee") if NEW_API else (False, False))
+    assert _tf32() == before
+    with numerics("tf32", cpu):
+        assert _tf32() == (("tf32", "tf32") if NEW_API else (True, True))
+    assert _tf32() == before
+
+
+@pytest.mark.skipif(not NEW_API, reason="torch < 2.9 has only the legacy flags")
+def test_works_beside_either_tf32_api():
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
     try:
-        matmul.allow_tf32 = cudnn.allow_tf32 = True
-        with numerics("full", torch.device("cpu")):
-            assert not matmul.allow_tf32 and not cudnn.allow_tf32
-        assert matmul.allow_tf32 and cudnn.allow_tf32
-        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        # After the new API is used, torch refuses to read the legacy flags.
+        matmul.fp32_precision = "ieee"
         with numerics("tf32", torch.device("cpu")):
-            assert matmul.allow_tf32 and cudnn.allow_tf32
-        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "ieee"
+        matmul.allow_tf32 = True  # a legacy user
+        with numerics("full", torch.device("cpu")):
+            pass
+        assert matmul.allow_tf32
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
+        matmul.fp32_precision = saved
 
 
 @pytest.mark.parametrize("backend", ["double-backward", "func"])

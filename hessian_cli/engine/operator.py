@@ -260,7 +260,7 @@ class HessianOperator:
             size = min(self.max_block or len(V), len(V) - start)
             try:
                 parts.append(self._hvp(self.backend_for(size), i, x, y, V[start : start + size]))
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
                 self.max_block = size // 2
@@ -276,7 +276,7 @@ class HessianOperator:
                 out = self._hvp_func(x, y, V)
                 self.backends_used.add("func")
                 return out
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise
             except RuntimeError:
                 # Some ops lack forward-mode rules under vmap (e.g. mse_loss's backward raises
@@ -341,7 +341,7 @@ class HessianOperator:
                     g, keep, Vu, retain_graph=True, allow_unused=True, is_grads_batched=True
                 )
                 return self._scatter(parts, used, V.shape[0])
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise
             except RuntimeError:
                 self._batched_backward_ok = False  # an op without a batching rule: loop instead

@@ -30,17 +30,38 @@ def check_precision(precision: str) -> Precision:
 
 @contextlib.contextmanager
 def numerics(precision: Precision, device: torch.device) -> Iterator[None]:
-    """Run the enclosed computation in ``precision``; the global TF32 flags are restored after."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32)
-    matmul.allow_tf32 = cudnn.allow_tf32 = precision == "tf32"
+    """Run the enclosed computation in ``precision``; the global TF32 settings are restored after."""
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if precision == "bf16"
         else contextlib.nullcontext()
     )
-    try:
-        with autocast:
+    with _tf32(precision == "tf32"), autocast:
+        yield
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool) -> Iterator[None]:
+    """TF32 on or off for matrix products and cuDNN, through the settings API this torch has.
+
+    torch >= 2.9 has per-backend ``fp32_precision`` settings and refuses to read the legacy
+    ``allow_tf32`` flags once code has used the new ones, so the new API is used where it exists.
+    """
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cuda, "fp32_precision"):
+        settings = [cuda, cudnn.conv, cudnn.rnn]
+        saved = [s.fp32_precision for s in settings]
+        for s in settings:
+            s.fp32_precision = "tf32" if allowed else "ieee"
+        try:
             yield
+        finally:
+            for s, value in zip(settings, saved, strict=True):
+                s.fp32_precision = value
+        return
+    saved_flags = (cuda.allow_tf32, cudnn.allow_tf32)
+    cuda.allow_tf32 = cudnn.allow_tf32 = allowed
+    try:
+        yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
+        cuda.allow_tf32, cudnn.allow_tf32 = saved_flags

@@ -8,9 +8,11 @@ import pytest
 import torch
 from tiny_models import cases
 
+from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.operator import HessianOperator, auto_backend
+from hessian_cli.engine.operator import HessianOperator, MatrixOperator, auto_backend
 from hessian_cli.engine.precision import numerics
+from hessian_cli.engine.trace import hutchinson_trace
 from hessian_cli.errors import UserError
 
 CASES = {c.name: c.to(torch.float32) for c in cases()}
@@ -118,3 +120,20 @@ def test_auto_backend_uses_vmap_for_blocks_on_cuda_only():
     assert auto_backend(1, cpu) == auto_backend(8, cpu) == "double-backward"
     assert auto_backend(1, cuda) == "double-backward"
     assert auto_backend(8, cuda) == "func"
+
+
+def test_solvers_never_use_tf32_for_their_own_linear_algebra():
+    seen = []
+
+    class Recording(MatrixOperator):
+        def matmul(self, block):
+            seen.append(_tf32())
+            return super().matmul(block)
+
+    A = torch.randn(30, 30, generator=torch.Generator().manual_seed(0))
+    op = Recording(A + A.T)
+    with numerics("tf32", torch.device("cpu")):  # a user who allowed TF32 globally
+        eigenpairs(op, 2)
+        hutchinson_trace(op, 6)
+        spectral_density(op, 2, 5)
+    assert seen and all(s == (("ieee", "ieee") if NEW_API else (False, False)) for s in seen)

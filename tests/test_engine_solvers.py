@@ -10,6 +10,7 @@ from tiny_models import cases
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.linalg import gram
 from hessian_cli.engine.operator import HessianOperator, MatrixOperator
 from hessian_cli.engine.trace import hutchinson_trace
 from hessian_cli.errors import UserError
@@ -225,3 +226,13 @@ def test_residuals_are_verified_in_full_precision():
     true = (res.eigenvectors @ H - res.eigenvalues[:, None] * res.eigenvectors).norm(dim=1)
     torch.testing.assert_close(res.residuals, true / res.scale)
     assert torch.all(res.residuals > 1e-7)
+
+
+def test_gram_in_float64_from_float32_chunks():
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 1000, generator=g), torch.randn(4, 1000, generator=g)
+    exact = A.double() @ B.double().T
+    for chunk in (7, 1000, 1 << 18):  # ragged last chunk, one chunk, larger than n
+        got = gram(A, B, chunk=chunk)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, exact, rtol=0, atol=1e-4)

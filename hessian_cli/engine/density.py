@@ -8,10 +8,12 @@ import time
 import torch
 
 from hessian_cli.engine.operator import LinearOperator, rademacher
+from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import DensityResult
 from hessian_cli.errors import UserError
 
 
+@without_tf32
 def spectral_density(
     op: LinearOperator,
     num_probes: int = 8,

@@ -17,8 +17,9 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import orthonormalize_against
+from hessian_cli.engine.linalg import gram, orthonormalize_against
 from hessian_cli.engine.operator import LinearOperator, gaussian
+from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.errors import UserError
 
@@ -38,6 +39,7 @@ Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pair
 DEFAULT_BLOCK_SIZE = 1
 
 
+@without_tf32
 def eigenpairs(
     op: LinearOperator,
     k: int,
@@ -118,7 +120,7 @@ def eigenpairs(
     iterations = 0
     while True:
         iterations += 1
-        T = Q.double() @ HQ.double().T
+        T = gram(Q, HQ)
         T = (T + T.T) / 2
         theta, S = torch.linalg.eigh(sign * T)
         theta, S = sign * theta.flip(0), S.flip(1)  # most wanted first

@@ -11,13 +11,16 @@ always checked with full-precision products (see :meth:`HessianOperator.full_pre
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Literal
+import functools
+from collections.abc import Callable, Iterator
+from typing import Literal, ParamSpec, TypeVar
 
 import torch
 
 from hessian_cli.errors import UserError
 
+P = ParamSpec("P")
+R = TypeVar("R")
 Precision = Literal["full", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("full", "tf32", "bf16")
 
@@ -38,6 +41,19 @@ def numerics(precision: Precision, device: torch.device) -> Iterator[None]:
     )
     with _tf32(precision == "tf32"), autocast:
         yield
+
+
+def without_tf32(solver: Callable[P, R]) -> Callable[P, R]:
+    """Run a solver's own linear algebra (Gram matrices, orthogonalisation) without TF32, whatever
+    the global setting: its 1e-3 rounding would cap every residual far above a float32 tolerance.
+    """
+
+    @functools.wraps(solver)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _tf32(False):
+            return solver(*args, **kwargs)
+
+    return wrapped
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from hessian_cli.engine.operator import LinearOperator, rademacher
+from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import TraceResult
 from hessian_cli.errors import UserError
 
@@ -18,6 +19,7 @@ def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch
     return torch.cat([op.matmul(V[i : i + step]) for i in range(0, V.shape[0], step)])
 
 
+@without_tf32
 def hutchinson_trace(
     op: LinearOperator,
     num_probes: int = 99,

@@ -10,7 +10,7 @@ from tiny_models import cases
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.linalg import gram
+from hessian_cli.engine.linalg import gram, orthonormalize_against
 from hessian_cli.engine.operator import HessianOperator, MatrixOperator
 from hessian_cli.engine.trace import hutchinson_trace
 from hessian_cli.errors import UserError
@@ -236,3 +236,26 @@ def test_gram_in_float64_from_float32_chunks():
         got = gram(A, B, chunk=chunk)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, exact, rtol=0, atol=1e-4)
+
+
+def test_float32_bases_stay_orthonormal_at_network_sizes():
+    # A float32 QR of 300k-long vectors is only ~1e-5 orthogonal: enough to push Ritz values
+    # above the largest eigenvalue and stall the solver. The float64-accumulated one is not.
+    g = torch.Generator().manual_seed(0)
+    n = 300_000
+    Q = orthonormalize_against(torch.randn(8, n, generator=g), None)
+    W = orthonormalize_against(torch.randn(4, n, generator=g) + Q[:4], Q)
+    basis = torch.cat([Q, W])
+    error = (gram(basis, basis) - torch.eye(12, dtype=torch.float64)).abs().max()
+    assert error < 1e-6, float(error)
+
+
+def test_dependent_rows_are_dropped():
+    g = torch.Generator().manual_seed(0)
+    Q = orthonormalize_against(torch.randn(3, 50, generator=g, dtype=torch.float64), None)
+    W = torch.cat([Q[:2] * 5, torch.randn(2, 50, generator=g, dtype=torch.float64)])
+    W = torch.cat([W, W[2:3] + W[3:4]])  # in the span of Q, then two new rows and their sum
+    out = orthonormalize_against(W, Q)
+    assert out.shape[0] == 2
+    torch.testing.assert_close(out @ out.T, torch.eye(2, dtype=torch.float64))
+    assert (out @ Q.T).abs().max() < 1e-12

@@ -259,3 +259,12 @@ def test_dependent_rows_are_dropped():
     assert out.shape[0] == 2
     torch.testing.assert_close(out @ out.T, torch.eye(2, dtype=torch.float64))
     assert (out @ Q.T).abs().max() < 1e-12
+
+
+def test_a_small_but_independent_row_is_kept():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(2, 40, generator=g, dtype=torch.float64)
+    W[1] *= 1e-9  # a nearly converged residual beside a large one: still a new direction
+    out = orthonormalize_against(W, None)
+    assert out.shape[0] == 2
+    torch.testing.assert_close(out @ out.T, torch.eye(2, dtype=torch.float64))

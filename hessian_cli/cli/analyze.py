@@ -65,7 +65,10 @@ def analyze(
         help="HVP budget for the eigensolver; giving one accepts unconverged pairs (exit 0).",
     ),
     block_size: int | None = typer.Option(
-        None, "--block-size", help="Vectors per Hessian pass (default: chosen per device)."
+        None,
+        "--block-size",
+        help="Eigensolver vectors per Hessian pass (default 1: fewest products; use at least "
+        "the multiplicity of a repeated eigenvalue).",
     ),
     trace: bool = typer.Option(
         False, "--trace", help="Estimate the trace (Hutch++) with its standard error."

@@ -35,7 +35,9 @@ def orthonormalize_against(
     """
     norms0 = W.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
     W = _project_out(_project_out(W, Q), Q)
-    W = W[W.norm(dim=1) > drop_tol * norms0]
+    norms = W.norm(dim=1, keepdim=True)
+    keep = norms.squeeze(1) > drop_tol * norms0
+    W = W[keep] / norms[keep]  # unit rows: only dependence, not a small norm, drops a row below
     for _ in range(2):
         if W.shape[0] == 0:
             break

@@ -284,7 +284,7 @@ def _run_solvers(
             gradient=(loss, g),
         )
     # A reduced-precision analysis states how far its products are from full-precision ones.
-    hvp_rel_error = op.precision_error(seed=request.seed) if request.precision != "full" else 0.0
+    hvp_rel_error = op.precision_error(seed=request.seed)
     wall = time.perf_counter() - start
     provenance = {
         "checkpoint": str(ckpt.path),

@@ -65,7 +65,8 @@ def _tf32(allowed: bool) -> Iterator[None]:
     """
     cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     if hasattr(cuda, "fp32_precision"):
-        settings = [cuda, cudnn.conv, cudnn.rnn]
+        backends = (cuda, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None))
+        settings = [b for b in backends if hasattr(b, "fp32_precision")]
         saved = [s.fp32_precision for s in settings]
         for s in settings:
             s.fp32_precision = "tf32" if allowed else "ieee"

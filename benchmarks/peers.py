@@ -624,29 +624,49 @@ def reduced_precision(b: Bench) -> None:
 # --- output ---------------------------------------------------------------------------------
 
 
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def error_text(error: float | None) -> str:
+    return "" if error is None else f"{error:.1e}"
+
+
 def print_costs(b: Bench) -> None:
-    print(
-        "\n| HVP backend | block | precision | ms per vector | gradient-equivalents | rel. error vs float32 |"
-    )
-    print("|---|---|---|---|---|---|")
-    print(f"| gradient | 1 | float32 | {b.grad_s * 1e3:.2f} | 1.00 |  |")
-    for c in b.costs:
-        err = "" if c.error is None else f"{c.error:.1e}"
-        print(
-            f"| {c.backend} | {c.block} | {c.precision} | {c.seconds * 1e3:.2f} "
-            f"| {c.seconds / b.grad_s:.2f} | {err} |"
-        )
+    header = ["HVP backend", "block", "precision", "ms per vector", "gradient-equivalents"]
+    rows = [["gradient", "1", "float32", f"{b.grad_s * 1e3:.2f}", "1.00", ""]]
+    rows += [
+        [
+            c.backend,
+            str(c.block),
+            c.precision,
+            f"{c.seconds * 1e3:.2f}",
+            f"{c.seconds / b.grad_s:.2f}",
+            error_text(c.error),
+        ]
+        for c in b.costs
+    ]
+    print_table([*header, "rel. error vs float32"], rows)
 
 
 def print_rows(b: Bench) -> None:
-    print("\n| task | tool | wall s | HVPs | gradient-equivalents | max rel. error | note |")
-    print("|---|---|---|---|---|---|---|")
-    for r in b.rows:
-        err = "" if r.error is None else f"{r.error:.1e}"
-        print(
-            f"| {r.task} | {r.tool} | {r.seconds:.2f} | {r.hvps} | {r.seconds / b.grad_s:.0f} "
-            f"| {err} | {r.note} |"
-        )
+    header = ["task", "tool", "wall s", "HVPs", "gradient-equivalents", "max rel. error", "note"]
+    rows = [
+        [
+            r.task,
+            r.tool,
+            f"{r.seconds:.2f}",
+            str(r.hvps),
+            f"{r.seconds / b.grad_s:.0f}",
+            error_text(r.error),
+            r.note,
+        ]
+        for r in b.rows
+    ]
+    print_table(header, rows)
 
 
 def print_ratios(b: Bench) -> None:

@@ -10,7 +10,8 @@ from tiny_models import cases
 
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.operator import HessianOperator, probe_generator
+from hessian_cli.engine.trace import hutchinson_trace
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CASES = {c.name: c for c in cases()}
@@ -67,3 +68,13 @@ def test_reduced_precision_on_cuda_reports_its_error(precision):
     torch.testing.assert_close(
         res.residuals, resid.double().cpu() / res.scale, rtol=1e-3, atol=1e-6
     )
+
+
+def test_probes_are_drawn_on_the_gpu_and_reproducible():
+    case = CASES["cnn-bn"]
+    model, batches = _on_cuda(case, torch.float32)
+    op = HessianOperator(model, case.loss, batches)
+    gen = probe_generator(op, 3)
+    assert gen.device.type == "cuda"
+    first = hutchinson_trace(op, 12, seed=3).estimate
+    assert hutchinson_trace(op, 12, seed=3).estimate == first

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,12 @@ from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import gram, orthonormalize_against
-from hessian_cli.engine.operator import HessianOperator, MatrixOperator
+from hessian_cli.engine.operator import (
+    HessianOperator,
+    MatrixOperator,
+    probe_generator,
+    rademacher,
+)
 from hessian_cli.engine.trace import hutchinson_trace
 from hessian_cli.errors import UserError
 
@@ -268,3 +274,14 @@ def test_a_small_but_independent_row_is_kept():
     out = orthonormalize_against(W, None)
     assert out.shape[0] == 2
     torch.testing.assert_close(out @ out.T, torch.eye(2, dtype=torch.float64))
+
+
+def test_probes_are_drawn_where_they_are_used_except_under_torch_distributed():
+    cpu_op = MatrixOperator(torch.eye(3))
+    assert probe_generator(cpu_op, 0).device.type == "cpu"
+    # Every rank must draw the same numbers: on the CPU, whatever GPUs the ranks have.
+    ranked = SimpleNamespace(device=torch.device("cuda"), distributed=True)
+    assert probe_generator(ranked, 0).device.type == "cpu"
+    a = rademacher((2, 5), generator=probe_generator(cpu_op, 7), dtype=torch.float32, device="cpu")
+    b = rademacher((2, 5), generator=probe_generator(cpu_op, 7), dtype=torch.float32, device="cpu")
+    assert torch.equal(a, b) and set(a.unique().tolist()) == {-1.0, 1.0}

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from hessian_cli.engine.operator import LinearOperator, rademacher
+from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import DensityResult
 from hessian_cli.errors import UserError
@@ -35,7 +35,7 @@ def spectral_density(
         raise UserError("The density needs at least one probe and one Lanczos step.")
     start, hvps0 = time.perf_counter(), op.hvp_count
     steps = min(steps, op.n)
-    gen = torch.Generator().manual_seed(seed)
+    gen = probe_generator(op, seed)
     v = rademacher((num_probes, op.n), generator=gen, dtype=op.dtype, device=op.device)
     v = v / v.norm(dim=1, keepdim=True)
     alphas = torch.zeros(num_probes, steps, dtype=torch.float64)

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from hessian_cli.engine.linalg import gram, orthonormalize_against
-from hessian_cli.engine.operator import LinearOperator, gaussian
+from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.errors import UserError
@@ -104,7 +104,7 @@ def eigenpairs(
     max_basis = max(max_basis, min(op.n, k + 2 * b))
     max_hvps = max_hvps if max_hvps is not None else max(2000, 200 * k)
     sign = 1.0 if which == "largest" else -1.0
-    gen = torch.Generator().manual_seed(seed)
+    gen = probe_generator(op, seed)
 
     # Stall guard: a tolerance below the operator's rounding noise can never be met. When the
     # worst unconverged residual has not improved for `patience` products, stop and report

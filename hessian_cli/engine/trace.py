@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.operator import LinearOperator, rademacher
+from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import TraceResult
 from hessian_cli.errors import UserError
@@ -43,7 +43,7 @@ def hutchinson_trace(
     if method not in ("hutch++", "hutchinson"):
         raise UserError(f"Unknown trace method {method!r}: use hutch++ or hutchinson.")
     start, hvps0 = time.perf_counter(), op.hvp_count
-    gen = torch.Generator().manual_seed(seed)
+    gen = probe_generator(op, seed)
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)
     sketch = num_probes // 3 if method == "hutch++" and num_probes >= 6 else 0
     exact = 0.0

@@ -150,6 +150,7 @@ class HessianOperator:
         self.precision = check_precision(precision)
         self.keep_graph = len(self.batches) == 1 if keep_graph is None else keep_graph
         self._graphs: dict[int, tuple[torch.Tensor | None, list[bool]]] = {}
+        self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
         # On CPU a loop of single products beats the vmapped backward per vector (measured on
         # ResNet-20: 1.5 vs 2.4-4.9 gradient-equivalents, benchmarks/RESULTS.md).
         self._batched_backward_ok = (
@@ -352,15 +353,19 @@ class HessianOperator:
         return torch.cat(rows)
 
     def _used_columns(self, used: list[bool]) -> torch.Tensor | None:
+        """Indices of the used parameters' entries (built once per pattern: n-long on the host)."""
         if all(used):
             return None
-        mask = torch.cat(
-            [
-                torch.full((m,), u, dtype=torch.bool)
-                for m, u in zip(self.space.numels, used, strict=True)
-            ]
-        )
-        return mask.nonzero().squeeze(1).to(self.device)
+        key = tuple(used)
+        if key not in self._columns:
+            mask = torch.cat(
+                [
+                    torch.full((m,), u, dtype=torch.bool)
+                    for m, u in zip(self.space.numels, used, strict=True)
+                ]
+            )
+            self._columns[key] = mask.nonzero().squeeze(1).to(self.device)
+        return self._columns[key]
 
     def _scatter(
         self, parts: Sequence[torch.Tensor | None], used: list[bool], b: int

@@ -199,13 +199,27 @@ def ours_blocks(
     return rows
 
 
-def pyhessian() -> tuple[type, Any]:
-    """PyHessian's class and its module (the package re-exports the class under the module's
-    name, so ``pyhessian.hessian`` is the class and the module only sits in sys.modules)."""
+def run_pyhessian(
+    b: Bench, call: Callable[[Any], Any], *, dataloader: bool = False
+) -> tuple[Any, float, int]:
+    """``call`` on a fresh PyHessian of the benchmark's batch (or of all batches, as its
+    dataloader mode), timed with the construction (where it builds its first-order graph):
+    (result, seconds, HVPs). Seeds torch first, clears the graph PyHessian leaves in ``.grad``."""
     import pyhessian.hessian  # noqa: F401
-    from pyhessian import hessian as PyHessian
+    from pyhessian import hessian as PyHessian  # the package re-exports the class under this name
 
-    return PyHessian, sys.modules["pyhessian.hessian"]
+    if dataloader:  # each dataloader_hv_product call is one HVP over all batches
+        owner, name, data = PyHessian, "dataloader_hv_product", {"dataloader": b.batches}
+    else:
+        owner, name = sys.modules["pyhessian.hessian"], "hessian_vector_product"
+        data = {"data": b.batch}
+    with counting(owner, name) as calls:
+        torch.manual_seed(0)
+        out, secs = timed(
+            lambda: call(PyHessian(b.model, F.cross_entropy, cuda=b.cuda, **data)), b.device
+        )
+    b.model.zero_grad(set_to_none=True)
+    return out, secs, calls.n
 
 
 def eigenthings_operator(b: Bench) -> Any:
@@ -355,22 +369,13 @@ def reference(b: Bench) -> None:
 
 
 def pyhessian_top(b: Bench, k: int) -> Row:
-    PyHessian, module = pyhessian()
-    with counting(module, "hessian_vector_product") as calls:
-        torch.manual_seed(0)
-        (vals, _), secs = timed(
-            lambda: PyHessian(b.model, F.cross_entropy, data=b.batch, cuda=b.cuda).eigenvalues(
-                top_n=k
-            ),
-            b.device,
-        )
-    b.model.zero_grad(set_to_none=True)  # PyHessian leaves a graph in .grad
+    (vals, _), secs, hvps = run_pyhessian(b, lambda h: h.eigenvalues(top_n=k))
     err = rel_errors(vals, b.ref)
     return Row(
         f"top-{k}",
         "PyHessian 0.1 eigenvalues(top_n)",
         secs,
-        calls.n,
+        hvps,
         max_error(err),
         within(err, k),
     )
@@ -447,20 +452,11 @@ def top_k(b: Bench) -> None:
 
 
 def pyhessian_trace(b: Bench) -> Row:
-    PyHessian, module = pyhessian()
     probes = b.args.probes
-    with counting(module, "hessian_vector_product") as calls:
-        torch.manual_seed(0)
-        tr, secs = timed(
-            lambda: PyHessian(b.model, F.cross_entropy, data=b.batch, cuda=b.cuda).trace(
-                maxIter=probes, tol=0
-            ),
-            b.device,
-        )
-    b.model.zero_grad(set_to_none=True)
+    tr, secs, hvps = run_pyhessian(b, lambda h: h.trace(maxIter=probes, tol=0))
     stderr = statistics.stdev(tr) / len(tr) ** 0.5
     note = f"{statistics.mean(tr):.2f} +- {stderr:.2f} (Hutchinson)"
-    return Row("trace", f"PyHessian trace(maxIter={probes}, tol=0)", secs, calls.n, None, note)
+    return Row("trace", f"PyHessian trace(maxIter={probes}, tol=0)", secs, hvps, None, note)
 
 
 def ours_trace(b: Bench, method: str) -> Row:
@@ -505,29 +501,24 @@ def eigenthings_density(b: Bench) -> Row:
 
 
 def pyhessian_density(b: Bench) -> Row:
-    PyHessian, module = pyhessian()
     p, s = b.args.density_probes, b.args.density_steps
 
-    def run() -> tuple[Any, Exception | None]:
+    def density(hess: Any) -> tuple[Any, Exception | None]:
         try:
-            hess = PyHessian(b.model, F.cross_entropy, data=b.batch, cuda=b.cuda)
             return hess.density(iter=s, n_v=p), None
         except Exception as e:  # noqa: BLE001  (expected on current torch: torch.eig is gone)
             return None, e
 
-    with counting(module, "hessian_vector_product") as calls:
-        torch.manual_seed(0)
-        (out, error), secs = timed(run, b.device)
-    b.model.zero_grad(set_to_none=True)
+    (out, error), secs, hvps = run_pyhessian(b, density)
     if error is not None:
         frames = traceback.extract_tb(error.__traceback__)
         line = [f.line for f in frames if "pyhessian" in f.filename][-1]
         message = f"{type(error).__name__}: {str(error).split('. ')[0]}"
-        note = f"failed after {calls.n} HVPs in `{line}`: {message}"
+        note = f"failed after {hvps} HVPs in `{line}`: {message}"
     else:
         nodes, weights = (torch.tensor(v, dtype=torch.float64) for v in out)
         note = density_note(nodes, weights, sum(p.numel() for p in b.model.parameters()))
-    return Row("density", f"PyHessian density(iter={s}, n_v={p})", secs, calls.n, None, note)
+    return Row("density", f"PyHessian density(iter={s}, n_v={p})", secs, hvps, None, note)
 
 
 def ours_density(b: Bench) -> Row:
@@ -557,23 +548,13 @@ def density(b: Bench) -> None:
 
 
 def pyhessian_dataloader(b: Bench, task: str, ref: torch.Tensor) -> Row:
-    PyHessian, _ = pyhessian()
-    # Each dataloader_hv_product call is one HVP over all batches.
-    with counting(PyHessian, "dataloader_hv_product") as calls:
-        torch.manual_seed(0)
-        (vals, _), secs = timed(
-            lambda: PyHessian(
-                b.model, F.cross_entropy, dataloader=b.batches, cuda=b.cuda
-            ).eigenvalues(top_n=1),
-            b.device,
-        )
-    b.model.zero_grad(set_to_none=True)
+    (vals, _), secs, hvps = run_pyhessian(b, lambda h: h.eigenvalues(top_n=1), dataloader=True)
     err = rel_errors(vals, ref)
     return Row(
         task,
         "PyHessian 0.1 eigenvalues(top_n=1), dataloader",
         secs,
-        calls.n,
+        hvps,
         max_error(err),
         within(err, 1),
     )

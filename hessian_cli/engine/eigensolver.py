@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import gram, orthonormalize_against
+from hessian_cli.engine.linalg import gram, orthonormalize_against, small_eigh
 from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
@@ -30,12 +30,13 @@ Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pair
 # Vectors per pass, on every device. A block saves work per vector only by sharing passes, but
 # block Krylov needs more products to converge: on ResNet-20 (benchmarks/RESULTS.md) top-5 took
 # 29, 41, 73 and 117 HVPs with blocks of 1, 2, 4 and 8, and top-1 8, 15, 25 and 49. On CPU a
-# block costs as much per vector as single products. On an H200 (issue 6's figures, ResNet-18) a
-# vmapped block of 8 costs 1.57 gradients per vector against 2.25 for one double-backward
-# product: too little to pay for 2-4x the products (benchmarks/gpu.sh measures it). The known
-# limit of one vector: a Krylov space grown from it sees one copy of an exactly repeated
-# eigenvalue; pass a block at least as large as the multiplicity where that matters. Solvers
-# whose vectors are independent (trace, density) use blocks.
+# block costs as much per vector as single products. Measured on an H200 (ResNet-18, 256 inputs,
+# float32): a vmapped block of 8 costs 1.56 gradients per vector against 2.28 for one product,
+# too little to pay for the extra products; top-5 took 0.71 / 0.82 / 1.02 / 1.40 s and top-1
+# 0.45 / 0.70 / 0.90 / 1.33 s with blocks of 1 / 2 / 4 / 8. The known limit of one vector: a
+# Krylov space grown from it sees one copy of an exactly repeated eigenvalue; pass a block at
+# least as large as the multiplicity where that matters. Solvers whose vectors are independent
+# (trace, density) use blocks.
 DEFAULT_BLOCK_SIZE = 1
 
 
@@ -52,15 +53,18 @@ def eigenpairs(
     init: torch.Tensor | None = None,
     seed: int = 0,
     return_vectors: bool = True,
-    verify: bool = True,
+    verify: bool | None = None,
     progress: Progress | None = None,
 ) -> EigenResult:
     """The ``k`` largest (or smallest, or both) eigenpairs of ``op``.
 
-    ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint). With
-    ``verify`` the final residuals come from fresh products ``H v`` (``k`` more HVPs) rather than
-    from the basis recurrences, so the reported residual is the true one; an operator in reduced
-    precision computes those products in full precision.
+    ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint).
+
+    Residuals come from the kept products: ``H x = S^T (H Q)`` for ``x = S^T Q``, exact up to the
+    rounding of that combination, since every product of the basis is stored rather than
+    recurred. With ``verify`` (default: only when the operator computes in reduced precision,
+    whose products are not the matrix being certified) they come from ``k`` fresh full-precision
+    products instead.
     """
     if which == "both":
         top = eigenpairs(
@@ -122,14 +126,14 @@ def eigenpairs(
         iterations += 1
         T = gram(Q, HQ)
         T = (T + T.T) / 2
-        theta, S = torch.linalg.eigh(sign * T)
+        theta, S = small_eigh(sign * T)  # on the CPU, as is the bookkeeping below
         theta, S = sign * theta.flip(0), S.flip(1)  # most wanted first
         m = Q.shape[0]
         w = min(m, k + b)
-        Sw = S[:, :w].to(op.dtype)
+        Sw = S[:, :w].to(Q)
         X, HX = Sw.T @ Q, Sw.T @ HQ
-        R = HX - theta[:w, None].to(op.dtype) * X
-        rnorm = R.norm(dim=1).double()
+        R = HX - theta[:w, None].to(Q) * X
+        rnorm = R.norm(dim=1).double().cpu()
         scale = float(theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny))
         conv = torch.zeros(k, dtype=torch.bool)
         conv[: min(k, w)] = rnorm[:k] <= tol * scale
@@ -160,7 +164,7 @@ def eigenpairs(
         W = R[order[:b]]
         if m + W.shape[0] > max_basis:  # thick restart: keep the best Ritz vectors
             keep = max(k, max_basis - W.shape[0])
-            Sk = S[:, :keep].to(op.dtype)
+            Sk = S[:, :keep].to(Q)
             Q, HQ = Sk.T @ Q, Sk.T @ HQ
         W = orthonormalize_against(W, Q)
         if W.shape[0] < b and Q.shape[0] + W.shape[0] < op.n:  # invariant subspace: add fresh
@@ -174,6 +178,8 @@ def eigenpairs(
         Q, HQ = torch.cat([Q, W]), torch.cat([HQ, op.matmul(W)])
 
     values, vectors = theta[:k], X[:k]
+    if verify is None:
+        verify = getattr(op, "precision", "full") != "full"
     if verify:
         with getattr(op, "full_precision", contextlib.nullcontext)():
             HV = op.matmul(vectors)

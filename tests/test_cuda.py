@@ -35,10 +35,12 @@ def test_auto_backend_on_cuda_matches_dense_hessian(name):
     H = _dense(case)
     model, batches = _on_cuda(case, torch.float64)
     op = HessianOperator(model, case.loss, batches)
-    V = torch.randn(5, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    block = op.matmul(V.cuda()).cpu()  # a block: torch.func on CUDA
+    V = torch.randn(8, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    block = op.matmul(V.cuda()).cpu()  # a block of FUNC_MIN_BLOCK: torch.func on CUDA
     single = torch.stack([op.matmul(v.cuda()).cpu() for v in V])  # single: double backward
+    small = op.matmul(V[:4].cuda()).cpu()  # a small block: one batched double backward
     torch.testing.assert_close(block, V @ H, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(small, V[:4] @ H, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(single, V @ H, rtol=1e-9, atol=1e-9)
     assert op.backends_used == {"func", "double-backward"}
 

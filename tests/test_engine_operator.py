@@ -133,3 +133,69 @@ def test_a_single_vector_that_does_not_fit_is_an_error(monkeypatch):
     monkeypatch.setattr(op, "_hvp_double", no_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         op.matmul(torch.randn(op.n, dtype=torch.float64))
+
+
+def _three_batches():
+    case = CASES["cnn-bn"]
+    x, y = case.batches[0]
+    return case, [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+
+
+def _simulated_device(monkeypatch, op, free: int) -> list[int]:
+    """Each first-order graph takes 100 bytes of a device with ``free`` bytes; returns the list
+    that records the batches whose graph was built."""
+    counter = iter(range(0, 10**6, 100))
+    monkeypatch.setattr(op, "_allocated", lambda: next(counter))
+    monkeypatch.setattr(op, "_free_memory", lambda: free)
+    built = []
+    real = op._batch_loss
+
+    def loss(x, y):
+        built.append(len(y))
+        return real(x, y)
+
+    monkeypatch.setattr(op, "_batch_loss", loss)
+    return built
+
+
+def test_several_batches_keep_their_graphs_while_half_the_free_memory_allows(monkeypatch):
+    case, batches = _three_batches()
+    op = HessianOperator(case.model, case.loss, batches)
+    H = dense_hessian(case.model, case.loss, batches, op.space)
+    built = _simulated_device(monkeypatch, op, free=300)  # budget (300 + 100) / 2: two graphs
+    V = torch.randn(3, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
+    assert sorted(op._graphs) == [0, 1] and op._graph_bytes == 200 and len(built) == 3
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
+    assert len(built) == 4  # only the third batch's graph is built again
+
+
+def test_several_batches_keep_no_graph_on_cpu_or_when_told():
+    case, batches = _three_batches()
+    for keep in (None, False):
+        op = HessianOperator(case.model, case.loss, batches, keep_graph=keep)
+        op.matmul(torch.randn(op.n, dtype=torch.float64))
+        assert op._graphs == {}
+    op = HessianOperator(case.model, case.loss, batches, keep_graph=True)
+    op.matmul(torch.randn(op.n, dtype=torch.float64))
+    assert sorted(op._graphs) == [0, 1, 2]
+
+
+def test_out_of_memory_with_kept_graphs_frees_them_and_goes_on(monkeypatch):
+    case, batches = _three_batches()
+    op = HessianOperator(case.model, case.loss, batches)
+    H = dense_hessian(case.model, case.loss, batches, op.space)
+    _simulated_device(monkeypatch, op, free=10_000)
+    v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    op.matmul(v)
+    assert len(op._graphs) == 3
+    real = op._hvp_double
+
+    def tight(i, V):
+        if len(op._graphs) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(i, V)
+
+    monkeypatch.setattr(op, "_hvp_double", tight)
+    torch.testing.assert_close(op.matmul(v), v @ H, rtol=1e-10, atol=1e-10)
+    assert op._graphs == {} and op._graph_budget == 0

@@ -118,8 +118,8 @@ def test_unknown_precision_and_backend_are_user_errors():
 def test_auto_backend_uses_vmap_for_blocks_on_cuda_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert auto_backend(1, cpu) == auto_backend(8, cpu) == "double-backward"
-    assert auto_backend(1, cuda) == "double-backward"
-    assert auto_backend(8, cuda) == "func"
+    assert auto_backend(1, cuda) == auto_backend(4, cuda) == "double-backward"
+    assert auto_backend(8, cuda) == auto_backend(30, cuda) == "func"
 
 
 def test_solvers_never_use_tf32_for_their_own_linear_algebra():

@@ -28,7 +28,12 @@ BNMode = Literal["eval", "train"]
 
 
 class LinearOperator(Protocol):
-    """What the solvers need: a size, a dtype/device, and a block product ``[b, n] -> [b, n]``."""
+    """What the solvers need: a size, a dtype/device, and a block product ``[b, n] -> [b, n]``.
+
+    An operator whose products are approximate also has ``precision`` (not ``"full"``) and a
+    ``full_precision()`` context in which they are exact; the eigensolver then certifies its
+    residuals with exact products (:class:`HessianOperator` does this).
+    """
 
     n: int
     dtype: torch.dtype
@@ -77,16 +82,22 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
                 m.track_running_stats = track
 
 
-def auto_backend(block: int, device: torch.device) -> str:
-    """Double backward for single vectors and on CPU; ``torch.func`` for blocks on CUDA.
+# Smallest block worth a vmapped torch.func pass on CUDA. Measured on an H200 (ResNet-18, 256
+# inputs, float32, two runs, benchmarks/RESULTS.md), ms per vector: func 89-115 / 23.6-28.0 /
+# 19.9 / 22.8 for blocks of 1 / 4 / 8 / 16; double backward 29.0 for one vector, batched
+# 25.5-25.7 / 24.6-24.7 / 24.2 for 4 / 8 / 16. At 4 it is a wash; at 2 func lost clearly (a
+# block-2 top-1 solve: 82 ms per vector with func, 31 with batched double backward).
+FUNC_MIN_BLOCK = 8
 
-    Single vectors: double backward with a kept graph costs 2.2 gradients (ResNet-20 on CPU,
-    ResNet-18 on an H200), an unbatched ``jvp`` 4.3 on CPU and 7.4 on the H200. On CPU a block
-    costs as much per vector as single products. On CUDA one vmapped pass serves the whole block:
-    1.57 gradients per vector in a block of 8 on the H200 (issue 6's figures; benchmarks/gpu.sh
-    measures ours).
+
+def auto_backend(block: int, device: torch.device) -> str:
+    """Double backward on CPU and for blocks under :data:`FUNC_MIN_BLOCK`; ``torch.func`` for
+    larger blocks on CUDA, where one vmapped pass serves the whole block.
+
+    On CPU a block costs as much per vector as single products (ResNet-20: double backward 2.2
+    gradients, an unbatched ``jvp`` 4.3).
     """
-    return "func" if block > 1 and device.type == "cuda" else "double-backward"
+    return "func" if block >= FUNC_MIN_BLOCK and device.type == "cuda" else "double-backward"
 
 
 class HessianOperator:
@@ -148,8 +159,11 @@ class HessianOperator:
         self.backends_used: set[str] = set()
         self._func_ok = True
         self.precision = check_precision(precision)
-        self.keep_graph = len(self.batches) == 1 if keep_graph is None else keep_graph
+        # None: keep one batch's graph; several batches' on CUDA while they fit (_keeps).
+        self.keep_graph = keep_graph
         self._graphs: dict[int, tuple[torch.Tensor | None, list[bool]]] = {}
+        self._graph_bytes = 0  # device memory held by the kept graphs
+        self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
         # On CPU a loop of single products beats the vmapped backward per vector (measured on
         # ResNet-20: 1.5 vs 2.4-4.9 gradient-equivalents, benchmarks/RESULTS.md).
@@ -254,7 +268,8 @@ class HessianOperator:
 
         A piece that runs out of device memory is halved, and the smaller size is kept for later
         products: callers may pass all their vectors at once (a vmapped block needs memory in
-        proportion to its size), and only a single vector that does not fit is an error.
+        proportion to its size). A single vector that does not fit first frees the graphs kept
+        for other batches; only then is it an error.
         """
         parts, start = [], 0
         while start < len(V):
@@ -262,9 +277,13 @@ class HessianOperator:
             try:
                 parts.append(self._hvp(self.backend_for(size), i, x, y, V[start : start + size]))
             except torch.cuda.OutOfMemoryError:
-                if size == 1:
+                if size > 1:
+                    self.max_block = size // 2
+                elif self.keep_graph is None and len(self._graphs) > 1:
+                    self.release()
+                    self._graph_budget = 0  # rebuild every batch's graph from now on
+                else:
                     raise
-                self.max_block = size // 2
                 continue
             start += size
         return torch.cat(parts).to(V.dtype)
@@ -320,14 +339,44 @@ class HessianOperator:
         if i in self._graphs:
             return self._graphs[i]
         x, y = self.batches[i]
+        before = self._allocated()
         loss = self._batch_loss(x, y)
         parts = torch.autograd.grad(loss, self.space.tensors, create_graph=True, allow_unused=True)
         used = [p is not None for p in parts]
         # An unused parameter has no gradient: its Hessian rows and columns are zero.
         g = torch.cat([p.reshape(-1) for p in parts if p is not None]) if any(used) else None
-        if self.keep_graph:
+        if self._keeps(self._allocated() - before):
             self._graphs[i] = (g, used)
         return g, used
+
+    def _keeps(self, size: int) -> bool:
+        """Whether to keep a first-order graph holding ``size`` bytes of device memory.
+
+        Several batches' graphs are kept (on CUDA) while together they hold at most half of the
+        memory that was free when the first one was built: a kept graph saves its forward and
+        first backward (1.4 of the 3.7 gradient-equivalents a product over a batch costs
+        otherwise), the other half is left to the products themselves.
+        """
+        if self.keep_graph is not None or len(self.batches) == 1:
+            return self.keep_graph is not False
+        if self._graph_budget is None:
+            free = self._free_memory()
+            self._graph_budget = 0 if free is None else (free + size) // 2
+        fits = 0 < self._graph_budget and self._graph_bytes + size <= self._graph_budget
+        if fits:
+            self._graph_bytes += size
+        return fits
+
+    def _allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _free_memory(self) -> int | None:
+        """Device memory still available to this process (None on CPU: graphs are not kept)."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        pool = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return free + pool
 
     def _hvp_double(self, i: int, V: torch.Tensor) -> torch.Tensor:
         g, used = self._first_order_graph(i)
@@ -390,8 +439,9 @@ class HessianOperator:
         return self.space.flatten_batched(parts, V.shape[0])
 
     def release(self) -> None:
-        """Free the kept first-order graph (e.g. before the weights change)."""
+        """Free the kept first-order graphs (e.g. before the weights change)."""
         self._graphs = {}
+        self._graph_bytes = 0
 
 
 def probe_generator(op: LinearOperator, seed: int) -> torch.Generator:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every case of benchmarks/peers.py on one device in one go (under 5 minutes on one H100/H200),
-# printed as one report and tee'd to a log ($LOG; copied to $OUT when that is set).
+# printed as one report and tee'd to a log ($LOG; by default in $OUT when that is set, else in
+# $TMPDIR, so that a run stopped at a time limit still leaves what it printed).
 #
 #   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
 #   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
@@ -14,7 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEVICE="${DEVICE:-cuda}"
 WHEELS="${WHEELS:-$ROOT/.whl}"
 SITE="${SITE:-/tmp/site}"
-LOG="${LOG:-${TMPDIR:-/tmp}/peers-$DEVICE.log}"
+LOG="${LOG:-${OUT:-${TMPDIR:-/tmp}}/peers-$DEVICE.log}"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -34,7 +35,4 @@ start=$SECONDS
 "$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 echo "# gpu.sh: $((SECONDS - start)) s, exit status $status, log $LOG" | tee -a "$LOG"
-if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT" && cp "$LOG" "$OUT/"
-fi
 exit "$status"

@@ -1,0 +1,127 @@
+"""Where a solve's time goes beside its products: the eigensolver's own linear algebra, the
+kept graphs of several batches, and the profile of one top-5 solve.
+
+    python benchmarks/overhead.py --device cuda      # ResNet-18, batches of 256 inputs
+
+Prints one table of timings (median of --reps, synchronised) and the profiler's top operators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.linalg import gram, orthonormalize_against
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.specs.models import build_model
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="torchvision:resnet18")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model, input_shape=(3, 32, 32), num_classes=10).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(args.batch, 3, 32, 32, generator=g).to(device),
+            torch.randint(0, 10, (args.batch,), generator=g).to(device),
+        )
+        for _ in range(args.batches)
+    ]
+    op = HessianOperator(model, F.cross_entropy, batches[:1])
+    n = op.n
+    print(f"# {args.model}, {n:,} parameters, device {device}, torch {torch.__version__}")
+    rows: list[tuple[str, float]] = []
+
+    def row(name: str, fn: Callable[[], Any], reps: int = args.reps) -> None:
+        fn()
+        rows.append((name, timed(fn, device, reps)))
+        print(f"{name:60s} {1e3 * rows[-1][1]:9.2f} ms", flush=True)
+
+    v = torch.randn(1, n, device=device)
+    row("HVP, block 1 (kept graph)", lambda: op.matmul(v))
+    for m in (6, 20):
+        Q = orthonormalize_against(torch.randn(m, n, device=device), None)
+        HQ = torch.randn(m, n, device=device)
+        W = torch.randn(1, n, device=device)
+        row(f"gram(Q, HQ), m={m}", lambda Q=Q, HQ=HQ: gram(Q, HQ))
+        row(f"gram(W, Q), m={m}", lambda Q=Q, W=W: gram(W, Q))
+        row(f"Q @ HQ.T float32, m={m}", lambda Q=Q, HQ=HQ: Q @ HQ.T)
+        row(f"orthonormalize_against(W, Q), m={m}", lambda Q=Q, W=W: orthonormalize_against(W, Q))
+        S = torch.randn(m, 6, device=device)
+        row(f"S.T @ Q (6 x {m})", lambda Q=Q, S=S: S.T @ Q)
+
+    for k in (1, 5):
+        fresh = HessianOperator(model, F.cross_entropy, batches[:1])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        r = eigenpairs(fresh, k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - start
+        rows.append((f"top-{k} eigenpairs, fresh operator", secs))
+        print(
+            f"{rows[-1][0]:60s} {1e3 * secs:9.2f} ms   {r.hvps} HVPs, "
+            f"{fresh.hvp_seconds:.3f} s host time in products",
+            flush=True,
+        )
+
+    for keep in (False, None):  # None: the operator's choice (kept while memory allows)
+        multi = HessianOperator(model, F.cross_entropy, batches, keep_graph=keep)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row(
+            f"HVP over {len(batches)} batches, keep_graph={keep}",
+            lambda multi=multi: multi.matmul(v),
+        )
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(f"#   peak memory {peak:.1f} GiB", flush=True)
+        print(f"#   graphs kept: {len(multi._graphs)} of {len(batches)}", flush=True)
+        multi.release()
+
+    fresh = HessianOperator(model, F.cross_entropy, batches[:1])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        eigenpairs(fresh, 5)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=50))
+    print(
+        prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -32,8 +32,8 @@ Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pair
 # 29, 41, 73 and 117 HVPs with blocks of 1, 2, 4 and 8, and top-1 8, 15, 25 and 49. On CPU a
 # block costs as much per vector as single products. Measured on an H200 (ResNet-18, 256 inputs,
 # float32): a vmapped block of 8 costs 1.56 gradients per vector against 2.28 for one product,
-# too little to pay for the extra products; top-5 took 0.71 / 0.82 / 1.02 / 1.40 s and top-1
-# 0.45 / 0.70 / 0.90 / 1.33 s with blocks of 1 / 2 / 4 / 8. The known limit of one vector: a
+# too little to pay for the extra products; top-5 took 0.68 / 0.82 / 1.02 / 1.39 s and top-1
+# 0.43 / 0.68 / 0.91 / 1.34 s with blocks of 1 / 2 / 4 / 8. The known limit of one vector: a
 # Krylov space grown from it sees one copy of an exactly repeated eigenvalue; pass a block at
 # least as large as the multiplicity where that matters. Solvers whose vectors are independent
 # (trace, density) use blocks.

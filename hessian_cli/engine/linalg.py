@@ -34,10 +34,10 @@ def orthonormalize_against(
 ) -> torch.Tensor:
     """Rows of ``W`` made orthonormal and orthogonal to the (orthonormal) rows of ``Q``.
 
-    Projections against ``Q`` (classical Gram-Schmidt, twice), then orthonormalisation within
-    ``W`` through the eigendecomposition of its Gram matrix (twice), every inner product
-    accumulated in float64 (:func:`gram`): a float32 QR of a tall matrix leaves its columns only
-    about ``sqrt(n) * 6e-8`` orthogonal. Directions whose norm collapses below ``drop_tol`` of
+    Projections against ``Q`` (classical Gram-Schmidt, twice), then, for more than one row,
+    orthonormalisation within ``W`` through the eigendecomposition of its Gram matrix (twice),
+    every inner product accumulated in float64 (:func:`gram`): a float32 QR of a tall matrix
+    leaves its columns only about ``sqrt(n) * 6e-8`` orthogonal. Directions whose norm collapses below ``drop_tol`` of
     their original size (already in the span of ``Q`` or of the other rows) are dropped.
     """
     norms0 = W.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
@@ -45,9 +45,9 @@ def orthonormalize_against(
     norms = W.norm(dim=1, keepdim=True)
     keep = norms.squeeze(1) > drop_tol * norms0
     W = W[keep] / norms[keep]  # unit rows: only dependence, not a small norm, drops a row below
+    if W.shape[0] <= 1:  # nothing to orthonormalise within W (the usual block of one)
+        return W
     for _ in range(2):
-        if W.shape[0] == 0:
-            break
         values, U = small_eigh(gram(W, W))
         good = values > drop_tol**2 * values.max()
         W = (U[:, good] / values[good].sqrt()).T.to(W) @ W

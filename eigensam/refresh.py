@@ -23,8 +23,8 @@ from hessian_cli.engine.params import ParamSpace
 
 # The paper's 5 power steps cost 5 HVPs; 6 products here build a warm-started Krylov basis whose
 # best Ritz vector is at least as good as the last power iterate (that iterate lies in the basis),
-# and its residual comes from the kept products at no extra cost. Measured on the digits CNN with a refresh
-# every 100 steps: 10 HVPs cost +10.3% per step over SAM, above the 10% target
+# and its residual comes from the kept products at no extra cost. Measured on the digits CNN with
+# a refresh every 100 steps: 10 HVPs cost +10.3% per step over SAM, above the 10% target
 # (experiments/step_cost.py); 6 meet it.
 DEFAULT_MAX_HVPS = 6
 DEFAULT_TOL = 1e-2
@@ -36,8 +36,8 @@ class RefreshResult:
     caller keeps the vector but must flag it (see ``EigenSAM.negative_refreshes``).
 
     ``vector`` is unit, flat over the given parameters in their order (zero on parameters that
-    do not require gradients); ``residual`` is ``||H v - lambda v|| / |lambda|`` from a fresh
-    product, ``converged`` is ``residual <= tol``.
+    do not require gradients); ``residual`` is the true ``||H v - lambda v|| / |lambda|`` of that
+    vector (from the kept products), ``converged`` is ``residual <= tol``.
     """
 
     eigenvalue: float

@@ -314,3 +314,14 @@ def test_probes_are_drawn_where_they_are_used_except_under_torch_distributed():
     a = rademacher((2, 5), generator=probe_generator(cpu_op, 7), dtype=torch.float32, device="cpu")
     b = rademacher((2, 5), generator=probe_generator(cpu_op, 7), dtype=torch.float32, device="cpu")
     assert torch.equal(a, b) and set(a.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_gram_takes_half_and_mixed_precision_inputs():
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(2, 10_000, generator=g), torch.randn(3, 10_000, generator=g)
+    exact = A.double() @ B.double().T
+    half = gram(A.bfloat16(), B.bfloat16())
+    size = 10_000  # |a| |b| of these rows: the scale of a dot product's rounding
+    want = A.bfloat16().double() @ B.bfloat16().double().T
+    torch.testing.assert_close(half, want, rtol=0, atol=1e-8 * size)
+    torch.testing.assert_close(gram(A, B.double()), exact, rtol=0, atol=1e-12 * size)

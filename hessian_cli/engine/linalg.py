@@ -38,8 +38,9 @@ def orthonormalize_against(
     Projections against ``Q`` (classical Gram-Schmidt, twice), then, for more than one row,
     orthonormalisation within ``W`` through the eigendecomposition of its Gram matrix (twice),
     every inner product accumulated in float64 (:func:`gram`): a float32 QR of a tall matrix
-    leaves its columns only about ``sqrt(n) * 6e-8`` orthogonal. Directions whose norm collapses below ``drop_tol`` of
-    their original size (already in the span of ``Q`` or of the other rows) are dropped.
+    leaves its columns only about ``sqrt(n) * 6e-8`` orthogonal. Directions whose norm collapses
+    below ``drop_tol`` of their original size (already in the span of ``Q`` or of the other rows)
+    are dropped.
     """
     norms0 = W.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
     W = _project_out(_project_out(W, Q), Q)

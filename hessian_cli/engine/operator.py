@@ -279,7 +279,7 @@ class HessianOperator:
             except torch.cuda.OutOfMemoryError:
                 if size > 1:
                     self.max_block = size // 2
-                elif self.keep_graph is None and len(self._graphs) > 1:
+                elif self.keep_graph is None and len(self.batches) > 1 and self._graphs:
                     self.release()
                     self._graph_budget = 0  # rebuild every batch's graph from now on
                 else:
@@ -354,8 +354,8 @@ class HessianOperator:
 
         Several batches' graphs are kept (on CUDA) while together they hold at most half of the
         memory that was free when the first one was built: a kept graph saves its forward and
-        first backward (1.4 of the 3.7 gradient-equivalents a product over a batch costs
-        otherwise), the other half is left to the products themselves.
+        first backward (on an H200, ResNet-18 over 256 inputs: 27.5 instead of 39.5 ms per batch
+        and vector), and the other half is left to the products themselves.
         """
         if self.keep_graph is not None or len(self.batches) == 1:
             return self.keep_graph is not False

@@ -10,30 +10,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peers import timed  # benchmarks/ is the script's directory, hence on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import gram, orthonormalize_against
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.specs.models import build_model
-
-
-def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -58,12 +45,11 @@ def main() -> None:
     op = HessianOperator(model, F.cross_entropy, batches[:1])
     n = op.n
     print(f"# {args.model}, {n:,} parameters, device {device}, torch {torch.__version__}")
-    rows: list[tuple[str, float]] = []
 
-    def row(name: str, fn: Callable[[], Any], reps: int = args.reps) -> None:
-        fn()
-        rows.append((name, timed(fn, device, reps)))
-        print(f"{name:60s} {1e3 * rows[-1][1]:9.2f} ms", flush=True)
+    def row(name: str, fn: Callable[[], Any]) -> None:
+        fn()  # warm-up
+        secs = statistics.median(timed(fn, device)[1] for _ in range(args.reps))
+        print(f"{name:60s} {1e3 * secs:9.2f} ms", flush=True)
 
     v = torch.randn(1, n, device=device)
     row("HVP, block 1 (kept graph)", lambda: op.matmul(v))
@@ -80,16 +66,10 @@ def main() -> None:
 
     for k in (1, 5):
         fresh = HessianOperator(model, F.cross_entropy, batches[:1])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        r = eigenpairs(fresh, k)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        secs = time.perf_counter() - start
-        rows.append((f"top-{k} eigenpairs, fresh operator", secs))
+        r, secs = timed(lambda fresh=fresh, k=k: eigenpairs(fresh, k), device)  # one cold solve
+        name = f"top-{k} eigenpairs, fresh operator"
         print(
-            f"{rows[-1][0]:60s} {1e3 * secs:9.2f} ms   {r.hvps} HVPs, "
+            f"{name:60s} {1e3 * secs:9.2f} ms   {r.hvps} HVPs, "
             f"{fresh.hvp_seconds:.3f} s host time in products",
             flush=True,
         )

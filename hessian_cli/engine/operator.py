@@ -291,7 +291,7 @@ class HessianOperator:
     def _hvp(
         self, backend: str, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor
     ) -> torch.Tensor:
-        if backend == "func" and self._func_ok:
+        if backend == "func":  # backend_for gives it only while _func_ok
             try:
                 out = self._hvp_func(x, y, V)
                 self.backends_used.add("func")

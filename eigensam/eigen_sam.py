@@ -29,6 +29,7 @@ from eigensam.refresh import (
 )
 from eigensam.sam import SAM, BaseOptimizer
 from hessian_cli.engine.alignment import eigensam_direction
+from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.operator import Batch, LossFn
 
 
@@ -84,7 +85,7 @@ class EigenSAM(SAM):
             raise ValueError(
                 f"eigenvector has {v.numel()} entries, the optimizer has {sum(numels)} parameters"
             )
-        norm = v.norm()
+        norm = norms(v)
         if not bool(torch.isfinite(norm)) or norm == 0:
             raise ValueError("eigenvector must be finite and non-zero")
         for (p, _), part in zip(pairs, (v / norm).split(numels), strict=True):

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from hessian_cli.engine.linalg import norms
+
 BaseOptimizer = Callable[..., Optimizer]
 
 
@@ -62,7 +64,7 @@ class SAM(Optimizer):
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
         """The unit-``rho`` perturbation direction for a non-zero (scaled) gradient ``g``."""
-        return g / g.norm()
+        return g / norms(g)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -72,7 +74,7 @@ class SAM(Optimizer):
             raise RuntimeError("first_step called twice without second_step in between")
         g = self._flat_grad()
         # A zero gradient has no direction: no perturbation, and no 0/0.
-        d = torch.where(g.norm() > 0, self._direction(g), 0.0)
+        d = torch.where(norms(g) > 0, self._direction(g), 0.0)
         pairs = self._params()
         for (p, group), d_p in zip(pairs, d.split([p.numel() for p, _ in pairs]), strict=True):
             if p.grad is None:

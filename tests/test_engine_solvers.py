@@ -11,7 +11,7 @@ from tiny_models import cases
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.linalg import gram, orthonormalize_against
+from hessian_cli.engine.linalg import gram, norms, orthonormalize_against
 from hessian_cli.engine.operator import (
     HessianOperator,
     MatrixOperator,
@@ -283,6 +283,66 @@ def test_float32_bases_stay_orthonormal_at_network_sizes():
     basis = torch.cat([Q, W])
     error = (gram(basis, basis) - torch.eye(12, dtype=torch.float64)).abs().max()
     assert error < 1e-6, float(error)
+
+
+class DiagonalOperator:
+    """A diagonal matrix as a LinearOperator: network-sized solves in milliseconds."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        self.diagonal = diagonal
+        self.n, self.dtype, self.device = len(diagonal), diagonal.dtype, diagonal.device
+        self.hvp_count = 0
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        self.hvp_count += block.shape[0]
+        return block * self.diagonal
+
+
+def test_norms_are_accurate_at_network_sizes():
+    # torch's CPU norm drifts low on long float32 rows (8e-5 at 4M entries, pytorch#169237).
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(2, 4_000_000, generator=g)
+    exact = W.double().norm(dim=1)
+    assert ((norms(W).double() - exact).abs() / exact).max() < 1e-7
+    assert norms(W[0]).shape == () and norms(W.reshape(2, 2, -1)).shape == (2, 2)
+    short = torch.randn(3, 5000, generator=g)  # one piece and a ragged rest
+    torch.testing.assert_close(
+        norms(short.bfloat16()), short.bfloat16().float().norm(dim=1).bfloat16()
+    )
+    torch.testing.assert_close(
+        norms(short.double()), short.double().norm(dim=1), rtol=1e-14, atol=0
+    )
+
+
+def test_a_single_new_krylov_vector_is_unit_at_network_sizes():
+    # The block-of-one path normalises by a norm alone (no Gram matrix to correct it).
+    g = torch.Generator().manual_seed(0)
+    Q = orthonormalize_against(torch.randn(3, 4_000_000, generator=g), None)
+    w = orthonormalize_against(torch.randn(1, 4_000_000, generator=g), Q)
+    basis = torch.cat([Q, w])
+    assert (gram(basis, basis) - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-6
+
+
+def test_float32_top_eigenpair_of_a_network_sized_operator():
+    # On CPU with torch's norms, this solve stalled at a residual near 1e-4 with an eigenvalue
+    # 2e-4 too high (Krylov vectors 1e-4 off unit length); ResNet-18 on CPU did the same.
+    g = torch.Generator().manual_seed(0)
+    diagonal = torch.rand(4_000_000, generator=g)
+    diagonal[:3] = torch.tensor([10.0, 6.0, 5.0])
+    op = DiagonalOperator(diagonal)
+    res = eigenpairs(op, 1, tol=1e-6)
+    assert res.stop_reason == "converged", (res.stop_reason, res.hvps, res.residuals)
+    assert abs(float(res.eigenvalues[0]) - 10.0) < 1e-5
+    assert res.hvps < 40
+
+
+def test_slq_nodes_of_a_network_sized_operator_stay_in_its_spectrum():
+    # With torch's norms the top node came out 1.9e-4 above the largest eigenvalue.
+    g = torch.Generator().manual_seed(0)
+    diagonal = torch.rand(4_000_000, generator=g)
+    diagonal[:3] = torch.tensor([10.0, 6.0, 5.0])
+    res = spectral_density(DiagonalOperator(diagonal), num_probes=2, steps=12)
+    assert abs(float(res.nodes[res.weights > 0].max()) - 10.0) < 1e-5
 
 
 def test_dependent_rows_are_dropped():

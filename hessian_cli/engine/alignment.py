@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hessian_cli.engine.linalg import gram, norms
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import UserError
 
@@ -43,9 +44,15 @@ class AlignmentResult:
 
 def eigensam_direction(g: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
     """Eigen-SAM's unnormalised perturbation direction ``d`` (DESIGN.md); ``alpha=0`` is SAM's."""
-    g_hat = g / g.norm()
-    c = torch.dot(g_hat, v)
-    return g_hat + alpha * torch.sign(torch.dot(g, v)) * (v - c * g_hat)
+    g_hat = g / norms(g)
+    c = _dot(g_hat, v).to(g.dtype)
+    return g_hat + alpha * torch.sign(_dot(g, v)).to(g.dtype) * (v - c * g_hat)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a, b>`` in float64 pieces: float32 dot products of millions of entries drift by 1e-5
+    on CPU (:func:`gram`)."""
+    return gram(a.reshape(1, -1), b.reshape(1, -1))[0, 0]
 
 
 def alignment_scores(
@@ -64,25 +71,28 @@ def alignment_scores(
     has), one HVP (curvature ratio), one loss evaluation and up to ``minibatches`` per-batch
     gradients.
     """
-    V = eigenvectors / eigenvectors.norm(dim=1, keepdim=True)
+    V = eigenvectors / norms(eigenvectors)[:, None]
     loss, g = gradient if gradient is not None else op.gradient()
-    gnorm = float(g.norm())
+    gnorm = float(norms(g))
     if gnorm == 0.0:
         raise UserError("The gradient is exactly zero, so alignment scores are undefined.")
     g_hat = g / gnorm
-    coeffs = V @ g_hat
+    coeffs = gram(V, g_hat[None])[:, 0].to(V.dtype)
     hvps0 = op.hvp_count
-    curvature = float(torch.dot(g_hat, op.matmul(g_hat)))
+    curvature = float(_dot(g_hat, op.matmul(g_hat)))
     d = eigensam_direction(g, V[0], alpha)
     sharp = op.loss_at(rho * g_hat) - loss
-    mb = [(V @ gb).abs() / gb.norm() for _, gb in op.batch_gradients(minibatches)]
+    mb = [
+        (gram(V, gb[None])[:, 0].abs() / float(norms(gb))).to(V.dtype)
+        for _, gb in op.batch_gradients(minibatches)
+    ]
     local = torch.stack(mb) if mb else V.new_zeros(0, V.shape[0])
     minibatch = op.gather_batch_rows(local.cpu())
     return AlignmentResult(
         alignment=coeffs.abs().cpu(),
         subspace_alignment=float(coeffs.norm()),
         curvature_ratio=curvature / float(eigenvalues[0]),
-        eigensam_alignment=float(torch.dot(d / d.norm(), V[0]).abs()),
+        eigensam_alignment=float(_dot(d / norms(d), V[0]).abs()),
         sam_sharpness=sharp,
         grad_norm=gnorm,
         loss=loss,

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from hessian_cli.engine.linalg import gram, norms
 from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import DensityResult
@@ -37,7 +38,7 @@ def spectral_density(
     steps = min(steps, op.n)
     gen = probe_generator(op, seed)
     v = rademacher((num_probes, op.n), generator=gen, dtype=op.dtype, device=op.device)
-    v = v / v.norm(dim=1, keepdim=True)
+    v = v / norms(v)[:, None]
     alphas = torch.zeros(num_probes, steps, dtype=torch.float64)
     betas = torch.zeros(num_probes, steps, dtype=torch.float64)
     length = torch.full((num_probes,), steps, dtype=torch.long)
@@ -58,9 +59,10 @@ def spectral_density(
         w = w - a * v - beta_prev * v_prev
         if basis is not None:
             B = basis[:, : j + 1]  # [p, j+1, n]
-            for _ in range(2):
-                w = w - torch.einsum("pj,pjn->pn", torch.einsum("pjn,pn->pj", B, w), B)
-        b = w.norm(dim=1, keepdim=True)
+            for _ in range(2):  # inner products in float64 pieces (gram): float32 dots drift
+                coeffs = torch.cat([gram(w[p : p + 1], B[p]) for p in range(num_probes)])
+                w = w - torch.einsum("pj,pjn->pn", coeffs.to(w.dtype), B)
+        b = norms(w)[:, None]
         alphas[:, j] = a.squeeze(1).double().cpu()
         betas[:, j] = b.squeeze(1).double().cpu()
         # A probe whose Krylov space became invariant stops: its rule is already exact.

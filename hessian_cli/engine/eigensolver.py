@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import gram, orthonormalize_against, small_eigh
+from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, small_eigh
 from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
@@ -133,7 +133,7 @@ def eigenpairs(
         Sw = S[:, :w].to(Q)
         X, HX = Sw.T @ Q, Sw.T @ HQ
         R = HX - theta[:w, None].to(Q) * X
-        rnorm = R.norm(dim=1).double().cpu()
+        rnorm = norms(R).double().cpu()
         scale = float(theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny))
         conv = torch.zeros(k, dtype=torch.bool)
         conv[: min(k, w)] = rnorm[:k] <= tol * scale
@@ -184,7 +184,7 @@ def eigenpairs(
         with getattr(op, "full_precision", contextlib.nullcontext)():
             HV = op.matmul(vectors)
         values = (vectors * HV).sum(1).double() / (vectors * vectors).sum(1).double()
-        rnorm = (HV - values[:, None].to(op.dtype) * vectors).norm(dim=1).double()
+        rnorm = norms(HV - values[:, None].to(op.dtype) * vectors).double()
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
     if stop_reason == "converged" and not bool((residuals <= tol).all()):

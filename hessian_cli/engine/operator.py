@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
+from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
 from hessian_cli.errors import UserError
@@ -332,7 +333,8 @@ class HessianOperator:
         fast = self.matmul(V)
         with self.full_precision():
             exact = self.matmul(V)
-        return float((fast - exact).norm() / exact.norm().clamp_min(torch.finfo(self.dtype).tiny))
+        error, size = norms((fast - exact).flatten()), norms(exact.flatten())
+        return float(error / size.clamp_min(torch.finfo(self.dtype).tiny))
 
     def _first_order_graph(self, i: int) -> tuple[torch.Tensor | None, list[bool]]:
         """The flat gradient of batch ``i`` with its graph, and which parameters it uses."""

@@ -6,6 +6,7 @@
 #   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
 #   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
 #
+# Top-k runs start from $SEEDS random starts per tool (default 5; the ratios use their means).
 # The peers (PyHessian, hessian-eigenthings) are installed, when the python in use lacks them,
 # from the wheels in $WHEELS (default .whl/ at the repo root) into $SITE (default /tmp/site),
 # without network. The python is .venv's when there is one, else python3 ($PYTHON overrides).
@@ -32,7 +33,7 @@ if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
 fi
 
 start=$SECONDS
-"$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" "$@" 2>&1 | tee "$LOG"
+"$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-5}" "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 echo "# gpu.sh: $((SECONDS - start)) s, exit status $status, log $LOG" | tee -a "$LOG"
 exit "$status"

@@ -29,7 +29,8 @@ def hutchinson_trace(
     block_size: int | None = None,
     seed: int = 0,
 ) -> TraceResult:
-    """Unbiased estimate of ``trace(H)`` and its standard error from ``num_probes`` HVPs.
+    """Unbiased estimate of ``trace(H)`` and its standard error from ``num_probes`` HVPs (fewer
+    for Hutch++ when ``H`` maps its sketch into fewer dimensions: those are not multiplied).
 
     Hutch++ spends a third of the products on a sketch ``Q`` of the dominant range, takes
     ``trace(Q^T H Q)`` exactly and runs Hutchinson on the deflated rest, whose variance is much

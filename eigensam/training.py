@@ -46,7 +46,7 @@ from hessian_cli import __version__
 from hessian_cli.analyze import resolve_device
 from hessian_cli.engine import distributed
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.linalg import gram, norms
+from hessian_cli.engine.linalg import dot, norms
 from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
 from hessian_cli.errors import UserError
 from hessian_cli.specs import (
@@ -600,8 +600,7 @@ class _Run:
             [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params]
         )
         norm = float(norms(g))
-        dot = gram(g[None], result.vector.to(g)[None])[0, 0]
-        alignment = float(dot.abs() / norm) if norm > 0 else math.nan
+        alignment = float(dot(g, result.vector.to(g)).abs() / norm) if norm > 0 else math.nan
         self.metrics.append(
             "refresh",
             step=self.step,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hessian_cli.engine.linalg import gram, norms
+from hessian_cli.engine.linalg import dot, gram, norms
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import UserError
 
@@ -45,14 +45,8 @@ class AlignmentResult:
 def eigensam_direction(g: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
     """Eigen-SAM's unnormalised perturbation direction ``d`` (DESIGN.md); ``alpha=0`` is SAM's."""
     g_hat = g / norms(g)
-    c = _dot(g_hat, v).to(g.dtype)
-    return g_hat + alpha * torch.sign(_dot(g, v)).to(g.dtype) * (v - c * g_hat)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``<a, b>`` in float64 pieces: float32 dot products of millions of entries drift by 1e-5
-    on CPU (:func:`gram`)."""
-    return gram(a.reshape(1, -1), b.reshape(1, -1))[0, 0]
+    c = dot(g_hat, v).to(g.dtype)
+    return g_hat + alpha * torch.sign(dot(g, v)).to(g.dtype) * (v - c * g_hat)
 
 
 def alignment_scores(
@@ -79,7 +73,7 @@ def alignment_scores(
     g_hat = g / gnorm
     coeffs = gram(V, g_hat[None])[:, 0].to(V.dtype)
     hvps0 = op.hvp_count
-    curvature = float(_dot(g_hat, op.matmul(g_hat)))
+    curvature = float(dot(g_hat, op.matmul(g_hat)))
     d = eigensam_direction(g, V[0], alpha)
     sharp = op.loss_at(rho * g_hat) - loss
     mb = [
@@ -92,7 +86,7 @@ def alignment_scores(
         alignment=coeffs.abs().cpu(),
         subspace_alignment=float(coeffs.norm()),
         curvature_ratio=curvature / float(eigenvalues[0]),
-        eigensam_alignment=float(_dot(d / norms(d), V[0]).abs()),
+        eigensam_alignment=float(dot(d / norms(d), V[0]).abs()),
         sam_sharpness=sharp,
         grad_norm=gnorm,
         loss=loss,

@@ -68,7 +68,7 @@ def orthonormalize_against(
     or of the other rows) are dropped.
     """
     norms0 = norms(W).clamp_min(torch.finfo(W.dtype).tiny)
-    W = _project_out(_project_out(W, Q), Q)
+    W = project_out(project_out(W, Q), Q)
     lengths = norms(W)
     keep = lengths > drop_tol * norms0
     W = W[keep] / lengths[keep, None]  # unit rows: only dependence drops a row below
@@ -78,7 +78,7 @@ def orthonormalize_against(
         values, U = small_eigh(gram(W, W))
         good = values > drop_tol**2 * values.max()
         W = (U[:, good] / values[good].sqrt()).T.to(W) @ W
-        W = _project_out(W, Q)  # the combinations can bring back rounding-level parts of Q
+        W = project_out(W, Q)  # the combinations can bring back rounding-level parts of Q
     return W
 
 
@@ -89,7 +89,9 @@ def small_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.eigh(M.cpu())
 
 
-def _project_out(W: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+def project_out(W: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+    """``W`` minus its components along the (orthonormal) rows of ``Q``, one classical
+    Gram-Schmidt pass with the coefficients from :func:`gram`."""
     if Q is None or Q.shape[0] == 0:
         return W
     return W - gram(W, Q).to(W.dtype) @ Q

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import gram, orthonormalize_against
+from hessian_cli.engine.linalg import orthonormalize_against, project_out
 from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import TraceResult
@@ -56,7 +56,7 @@ def hutchinson_trace(
         exact = float((Q * _apply(op, Q, block_size)).sum(dtype=torch.float64))
     G = rademacher((num_probes - 2 * sketch, op.n), **probe)
     if Q is not None:
-        G = G - gram(G, Q).to(G.dtype) @ Q
+        G = project_out(G, Q)
     samples = (G * _apply(op, G, block_size)).sum(dim=1, dtype=torch.float64).cpu()
     return TraceResult(
         estimate=exact + float(samples.mean()),

@@ -58,6 +58,7 @@ class AnalyzeRequest:
     top_k: int = 5
     which: Literal["largest", "smallest", "both"] = "largest"
     tol: float = 1e-4
+    criterion: Literal["residual", "eigenvalue"] = "residual"
     max_hvps: int | None = None
     block_size: int | None = None
     trace: bool = False
@@ -252,6 +253,7 @@ def _run_solvers(
             request.top_k,
             which=request.which,
             tol=request.tol,
+            criterion=request.criterion,
             block_size=request.block_size,
             max_hvps=request.max_hvps,
             init=init,

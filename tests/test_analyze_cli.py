@@ -388,6 +388,28 @@ def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     assert code == 0 and not any(eigen["converged"]) and eigen["stop_reason"] == "budget"
 
 
+def test_eigenvalue_criterion_end_to_end(capsys, tmp_path, digits_mlp):
+    args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "3", "--tol", "1e-6")
+    code, out, _ = run(capsys, *args, "--json")
+    by_residual = json.loads(out)["eigen"]
+    out_h5 = tmp_path / "e.h5"
+    code, out, _ = run(capsys, *args, "--criterion", "eigenvalue", "--out", out_h5, "--json")
+    eigen = json.loads(out)["eigen"]
+    assert code == 0 and eigen["criterion"] == "eigenvalue" and all(eigen["converged"])
+    assert all(e <= 1e-6 for e in eigen["errors"])
+    assert eigen["hvps"] <= by_residual["hvps"]
+    for a, b in zip(eigen["eigenvalues"], by_residual["eigenvalues"], strict=True):
+        assert abs(a - b) <= 1.1e-6 * abs(b)
+    with h5py.File(out_h5) as f:
+        (g,) = f["checkpoints"].values()
+        np.testing.assert_array_equal(g["eigenvalue_errors"][()], eigen["errors"])
+        assert g["eigenvalues"].attrs["criterion"] == "eigenvalue"
+    code, out, _ = run(capsys, "show", out_h5)
+    text = " ".join(out.split())
+    assert code == 0 and "rel. error ≤" in text and "residual² / gap" in text
+    assert "--criterion must be one of" in _bad(capsys, *args, "--criterion", "value")
+
+
 def test_reduced_precision_is_opt_in_and_reports_its_accuracy(capsys, digits_mlp):
     args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "2", "--json")
     code, out, _ = run(capsys, *args)

@@ -10,7 +10,7 @@ from tiny_models import cases
 
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
-from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.eigensolver import eigenpairs, eigenvalue_error_bounds
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against
 from hessian_cli.engine.operator import (
     HessianOperator,
@@ -99,6 +99,96 @@ def test_unconverged_pairs_are_reported_as_such():
     assert res.hvps <= 6
     assert torch.all(res.converged == (res.residuals <= 1e-12))
     assert res.stop_reason == "budget"
+
+
+def _spectrum_matrix(top: list[float], n: int = 400, seed: int = 0) -> torch.Tensor:
+    """A symmetric matrix with eigenvalues ``top`` above a bulk in [-1, 5] (a network's shape)."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.cat([torch.tensor(top), 6 * torch.rand(n - len(top), generator=g) - 1])
+    basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    return basis @ torch.diag(values.double()) @ basis.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn", "tied"])
+def test_eigenvalue_criterion_matches_dense_eigh(name, dtype):
+    case = CASES[name]
+    _, values, _ = _oracle(case)
+    low = case.to(dtype)
+    op = HessianOperator(low.model, low.loss, low.batches)
+    res = eigenpairs(op, 5, tol=TOL[dtype], criterion="eigenvalue")
+    assert res.all_converged and res.criterion == "eigenvalue"
+    assert torch.all(res.converged == (res.errors <= TOL[dtype]))
+    error = (res.eigenvalues - values[:5]).abs() / values[:5].abs()
+    assert torch.all(error <= TOL[dtype]), error
+    # The bound is a bound: the true error is within it (plus float32 rounding of the products).
+    assert torch.all(error <= res.errors + (1e-6 if dtype == torch.float32 else 1e-12))
+
+
+def test_eigenvalue_criterion_needs_fewer_products_for_the_same_eigenvalue_accuracy():
+    # The top of ResNet-18's spectrum (benchmarks/RESULTS.md) above a bulk near zero.
+    top = [81.53, 70.10, 62.47, 53.71, 50.39]
+    H = _spectrum_matrix(top)
+    for k in (1, 5):
+        by_residual = eigenpairs(MatrixOperator(H), k, tol=1e-4)
+        by_value = eigenpairs(MatrixOperator(H), k, tol=1e-4, criterion="eigenvalue")
+        assert by_value.all_converged and by_value.hvps < by_residual.hvps, k
+        assert not torch.all(by_value.residuals <= 1e-4)  # it did stop before the residuals
+        exact = torch.tensor(top[:k]).double()
+        error = (by_value.eigenvalues - exact).abs() / exact
+        assert torch.all(error <= by_value.errors) and torch.all(error <= 1e-4)
+
+
+def test_eigenvalue_criterion_is_relative_to_each_eigenvalue():
+    # A small eigenvalue beside a large one gets its own digits, not tol * lambda_max.
+    g = torch.Generator().manual_seed(2)
+    values = torch.cat([torch.tensor([1000.0, 1.0]), 0.5 * torch.rand(298, generator=g)])
+    basis = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))[0]
+    H = basis @ torch.diag(values.double()) @ basis.T
+    res = eigenpairs(MatrixOperator(H), 2, tol=1e-4, criterion="eigenvalue")
+    assert res.all_converged
+    error = (res.eigenvalues - values[:2].double()).abs() / values[:2].double()
+    assert torch.all(error <= 1e-4), error
+
+
+def test_eigenvalue_error_bounds_hold_while_the_solve_is_under_way():
+    top = [81.53, 70.10, 62.47, 53.71, 50.39]
+    H = _spectrum_matrix(top, seed=1)
+    values = torch.linalg.eigvalsh(H).flip(0)
+    for budget in range(8, 40, 3):
+        res = eigenpairs(MatrixOperator(H), 3, tol=1e-12, max_hvps=budget)
+        # Once a Ritz value has found its eigenvalue (its residual is below the gap), the bound
+        # from the other Ritz values covers the true error.
+        found = res.residuals * res.scale < 5.0
+        error = (res.eigenvalues - values[:3]).abs() / values[:3]
+        assert torch.all(error[found] <= res.errors[found] + 1e-13), budget  # + rounding
+
+
+def test_eigenvalue_error_bounds_fall_back_to_the_residual():
+    theta = torch.tensor([10.0, 9.9995, 5.0, 1.0], dtype=torch.float64)
+    rnorm = torch.tensor([1e-3, 1e-3, 1e-1, 1e-2], dtype=torch.float64)
+    bounds = eigenvalue_error_bounds(theta, rnorm)
+    # Neighbours closer than the residual: no gap is known, the residual (Weyl) is the bound.
+    assert bounds[0] == rnorm[0] and bounds[1] == rnorm[1]
+    # Separated: the residual squared over the gap to the widened neighbours.
+    assert bounds[2] == pytest.approx(1e-2 / (5.0 - 1.01))
+    apart = eigenvalue_error_bounds(torch.tensor([10.0, 9.99], dtype=torch.float64), rnorm[:2])
+    assert apart[0] == pytest.approx(1e-6 / (0.01 - 1e-3))
+    # The innermost value has no known neighbour on its inner side.
+    assert bounds[3] == rnorm[3]
+    single = eigenvalue_error_bounds(theta[:1], rnorm[:1])
+    assert single[0] == rnorm[0]
+
+
+def test_eigenvalue_criterion_for_both_ends_and_unknown_criteria():
+    case = CASES["cnn-bn"]
+    H, values, _ = _oracle(case)
+    res = eigenpairs(MatrixOperator(H), 2, which="both", tol=1e-8, criterion="eigenvalue")
+    expected = torch.cat([values[:2], values.flip(0)[:2]])
+    assert res.all_converged and res.criterion == "eigenvalue" and len(res.errors) == 4
+    assert torch.all((res.eigenvalues - expected).abs() <= res.errors * expected.abs() + 1e-12)
+    with pytest.raises(UserError, match="residual or eigenvalue"):
+        eigenpairs(MatrixOperator(H), 2, criterion="values")
 
 
 class NoisyOperator(MatrixOperator):
@@ -248,6 +338,11 @@ def test_residuals_are_verified_in_full_precision():
     true = (res.eigenvectors @ H - res.eigenvalues[:, None] * res.eigenvectors).norm(dim=1)
     torch.testing.assert_close(res.residuals, true / res.scale)
     assert torch.all(res.residuals > 1e-7)
+    # The eigenvalue criterion's bounds come from the same full-precision residuals.
+    res = eigenpairs(op, 2, tol=1e-12, criterion="eigenvalue")
+    assert res.stop_reason != "converged" and not res.converged.any()
+    exact = torch.linalg.eigvalsh(H).flip(0)[:2]
+    assert torch.all((res.eigenvalues - exact).abs() / exact.abs() <= res.errors)
 
 
 def test_gram_in_float64_from_float32_chunks():

@@ -314,6 +314,7 @@ def test_reading_tolerates_missing_parts_and_unknown_extras(full, tmp_path):
         g["eigenvalues"].attrs["new_solver_attr"] = 1.0
         g.create_group("hessian_diagonal").create_dataset("values", data=np.ones(3))
         del g["trace"], g["residuals"], g["converged"], g["alignment/minibatch_std"]
+        del g["eigenvalue_errors"], g["eigenvalues"].attrs["criterion"]
         del g["eigenvalues"].attrs["tol"]
         del f["series"], f["history"]
         old = f["checkpoints"].create_group("old")  # as a minimal older writer might leave it
@@ -326,6 +327,8 @@ def test_reading_tolerates_missing_parts_and_unknown_extras(full, tmp_path):
     assert first["eigen"]["eigenvalues"] == expected["eigen"]["eigenvalues"]
     assert first["eigen"]["residuals"] == [None] * 3
     assert first["eigen"]["converged"] == [False] * 3  # unknown never reads as converged
+    assert first["eigen"]["errors"] == [None] * 3
+    assert first["eigen"]["criterion"] == "residual"  # what files before the option meant
     assert first["eigen"]["tol"] is None
     assert first["alignment"]["minibatch"]["std"] == []
     assert first["density"] == expected["density"]

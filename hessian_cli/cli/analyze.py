@@ -57,7 +57,17 @@ def analyze(
         "largest", "--which", help="largest, smallest (most negative) or both."
     ),
     tol: float = typer.Option(
-        1e-4, "--tol", help="Converged when ||Hv - lambda v|| <= tol * |lambda_max|."
+        1e-4,
+        "--tol",
+        help="Converged when the residual ||Hv - lambda v|| (or what --criterion names) "
+        "<= tol * |lambda_max|.",
+    ),
+    criterion: str = typer.Option(
+        "residual",
+        "--criterion",
+        help="What --tol bounds: residual (eigenvectors and eigenvalues) or eigenvalue (a bound "
+        "on each eigenvalue's relative error, residual^2 / gap: fewer HVPs, eigenvectors less "
+        "accurate).",
     ),
     max_hvps: int | None = typer.Option(
         None,
@@ -128,6 +138,7 @@ def analyze(
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     for name, value, allowed in (
         ("--which", which, ("largest", "smallest", "both")),
+        ("--criterion", criterion, ("residual", "eigenvalue")),
         ("--bn", bn, ("eval", "train")),
         ("--dtype", dtype, ("float32", "float64")),
         ("--precision", precision, PRECISIONS),
@@ -149,6 +160,7 @@ def analyze(
         top_k=top_k,
         which=which,
         tol=tol,
+        criterion=criterion,
         max_hvps=max_hvps,
         block_size=block_size,
         trace=trace,

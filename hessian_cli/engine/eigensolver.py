@@ -24,6 +24,7 @@ from hessian_cli.engine.results import EigenResult
 from hessian_cli.errors import UserError
 
 Which = Literal["largest", "smallest", "both"]
+Criterion = Literal["residual", "eigenvalue"]
 Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pairs wanted)
 
 
@@ -47,6 +48,7 @@ def eigenpairs(
     *,
     which: Which = "largest",
     tol: float = 1e-4,
+    criterion: Criterion = "residual",
     block_size: int | None = None,
     max_basis: int | None = None,
     max_hvps: int | None = None,
@@ -60,6 +62,12 @@ def eigenpairs(
 
     ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint).
 
+    ``criterion`` says when a pair counts as converged: ``residual`` (the default: eigenvector and
+    eigenvalue), when ||H v - lambda v|| <= tol * |lambda_max|; ``eigenvalue``, when the bound
+    on its eigenvalue's relative error (:func:`eigenvalue_error_bounds` over ``|lambda|``) is
+    <= tol. That takes fewer products when only the eigenvalues are wanted; the eigenvectors
+    are then less accurate, by an angle of about residual / gap.
+
     Residuals come from the kept products: ``H x = S^T (H Q)`` for ``x = S^T Q``, exact up to the
     rounding of that combination, since every product of the basis is stored rather than
     recurred. With ``verify`` (default: only when the operator computes in reduced precision,
@@ -72,6 +80,7 @@ def eigenpairs(
             k,
             which="largest",
             tol=tol,
+            criterion=criterion,
             block_size=block_size,
             max_basis=max_basis,
             max_hvps=max_hvps,
@@ -86,6 +95,7 @@ def eigenpairs(
             k,
             which="smallest",
             tol=tol,
+            criterion=criterion,
             block_size=block_size,
             max_basis=max_basis,
             max_hvps=max_hvps,
@@ -97,6 +107,8 @@ def eigenpairs(
         return _concat(top, low)
     if which not in ("largest", "smallest"):
         raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
+    if criterion not in ("residual", "eigenvalue"):
+        raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     if not 1 <= k <= op.n:
         raise UserError(
             f"Cannot compute {k} eigenpairs of a Hessian with {op.n} parameters: "
@@ -135,8 +147,12 @@ def eigenpairs(
         R = HX - theta[:w, None].to(Q) * X
         rnorm = norms(R).double().cpu()
         scale = float(theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny))
+        if criterion == "residual":
+            met = rnorm[:k] <= tol * scale
+        else:
+            met = _relative(eigenvalue_error_bounds(theta[:w], rnorm), theta)[:k] <= tol
         conv = torch.zeros(k, dtype=torch.bool)
-        conv[: min(k, w)] = rnorm[:k] <= tol * scale
+        conv[: min(k, w)] = met
         spent = op.hvp_count - start_hvps
         if progress:
             progress(spent, int(conv.sum()), k)
@@ -184,18 +200,25 @@ def eigenpairs(
         with getattr(op, "full_precision", contextlib.nullcontext)():
             HV = op.matmul(vectors)
         values = (vectors * HV).sum(1).double() / (vectors * vectors).sum(1).double()
-        rnorm = norms(HV - values[:, None].to(op.dtype) * vectors).double()
+        fresh = norms(HV - values[:, None].to(op.dtype) * vectors).double().cpu()
+        values = values.cpu()
+        rnorm = torch.cat([fresh, rnorm[len(fresh) :]])
+        theta = torch.cat([values, theta[len(values) :]])
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
-    if stop_reason == "converged" and not bool((residuals <= tol).all()):
+    errors = _relative(eigenvalue_error_bounds(theta[:w], rnorm), theta)[:k]
+    converged = (residuals if criterion == "residual" else errors) <= tol
+    if stop_reason == "converged" and not bool(converged.all()):
         stop_reason = "unverified"  # the fresh (full-precision) products disagree
     return EigenResult(
         eigenvalues=values.cpu(),
-        residuals=residuals.cpu(),
-        converged=(residuals <= tol).cpu(),
+        residuals=residuals,
+        errors=errors,
+        converged=converged,
         eigenvectors=vectors if return_vectors else None,
         which=which,
         tol=tol,
+        criterion=criterion,
         scale=scale,
         hvps=op.hvp_count - start_hvps,
         iterations=iterations,
@@ -205,19 +228,50 @@ def eigenpairs(
     )
 
 
+def eigenvalue_error_bounds(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.Tensor:
+    """How far each Ritz value ``theta[i]`` may be from its eigenvalue, given the residual norms.
+
+    An eigenvalue lies within ``rnorm[i]`` of ``theta[i]`` (Weyl), and within
+    ``rnorm[i]**2 / gap`` when no other eigenvalue is within ``gap`` of ``theta[i]`` (Kato and
+    Temple; Parlett, The Symmetric Eigenvalue Problem, 11.7). The gap is estimated from the
+    other Ritz values, each widened by its own residual: ``theta`` must be ordered outward-in
+    (most wanted first), and the last value, whose inner neighbour is unknown, keeps the
+    residual. Like any Krylov convergence test, this assumes the space has not missed an
+    eigenvalue beyond the one it approximates.
+    """
+    w = len(rnorm)
+    theta = theta[:w].to(rnorm)
+    others = (theta[:, None] - theta[None, :]).abs() - rnorm[None, :]
+    others.fill_diagonal_(float("inf"))
+    gap = others.min(dim=1).values.clamp_min(torch.finfo(rnorm.dtype).tiny)
+    bounds = torch.minimum(rnorm, rnorm * rnorm / gap)
+    bounds[w - 1 :] = rnorm[w - 1 :]
+    return bounds
+
+
+def _relative(bounds: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Absolute error bounds of Ritz values as bounds on the relative error of the eigenvalues
+    (``|lambda| >= |theta| - bound``); infinite where the eigenvalue may be zero."""
+    size = theta[: len(bounds)].to(bounds).abs() - bounds
+    return torch.where(size > 0, bounds / size, torch.inf)
+
+
 def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
     vecs = None
     if a.eigenvectors is not None and b.eigenvectors is not None:
         vecs = torch.cat([a.eigenvectors, b.eigenvectors])
     scale = max(a.scale, b.scale)
     residuals = torch.cat([a.residuals * a.scale, b.residuals * b.scale]) / scale
+    errors = torch.cat([a.errors, b.errors])
     return EigenResult(
         eigenvalues=torch.cat([a.eigenvalues, b.eigenvalues]),
         residuals=residuals,
-        converged=residuals <= a.tol,
+        errors=errors,
+        converged=(residuals if a.criterion == "residual" else errors) <= a.tol,
         eigenvectors=vecs,
         which="both",
         tol=a.tol,
+        criterion=a.criterion,
         scale=scale,
         hvps=a.hvps + b.hvps,
         iterations=a.iterations + b.iterations,

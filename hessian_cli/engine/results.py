@@ -12,15 +12,20 @@ class EigenResult:
     """Eigenpairs of a symmetric operator, ordered as asked (``which``).
 
     ``residuals[i] = ||H v_i - lambda_i v_i|| / scale`` where ``scale`` estimates ``|lambda_max|``
-    (the largest Ritz value in magnitude); pair ``i`` is converged when it is ``<= tol``.
+    (the largest Ritz value in magnitude); ``errors[i]`` bounds the relative error of
+    ``lambda_i``, ``|lambda_i - eigenvalue| / |eigenvalue|`` (from the residual, and much less
+    once the eigenvalue is separated from the others). Pair ``i`` is converged when the one
+    named by ``criterion`` is ``<= tol``.
     """
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
+    errors: torch.Tensor
     converged: torch.Tensor
     eigenvectors: torch.Tensor | None
     which: str
     tol: float
+    criterion: str
     scale: float
     hvps: int
     iterations: int

@@ -61,22 +61,30 @@ def cost_line(cost: Mapping[str, Any]) -> str | None:
 
 
 def _eigen_table(e: Mapping[str, Any]) -> Group:
+    measure = (
+        "the bound on the eigenvalue's relative error (from residual² / gap)"
+        if e.get("criterion") == "eigenvalue"
+        else f"residual ||Hv - λv|| / {_g(e.get('scale'), '.4g')}"
+    )
     how = (
-        f"{e.get('which')} eigenvalues by {e.get('method')}; converged means residual "
-        f"||Hv - λv|| / {_g(e.get('scale'), '.4g')} <= tol {_g(e.get('tol'), '.1e')}; "
+        f"{e.get('which')} eigenvalues by {e.get('method')}; converged means {measure} "
+        f"<= tol {_g(e.get('tol'), '.1e')}; "
         f"{_int(e.get('iterations'))} iterations, {_int(e.get('hvps'))} HVPs, "
         f"{_seconds(e.get('seconds'))}"
     )
+    values = e["eigenvalues"]
+    errors = e.get("errors") or [None] * len(values)  # absent from files of older versions
     table = Table(title="Eigenvalues")
     table.add_column("#", justify="right")
     table.add_column("eigenvalue", justify="right")
     table.add_column("residual", justify="right")
+    table.add_column("rel. error ≤", justify="right")
     table.add_column("converged?")
-    for i, (value, res, ok) in enumerate(
-        zip(e["eigenvalues"], e["residuals"], e["converged"], strict=False), start=1
+    for i, (value, res, err, ok) in enumerate(
+        zip(values, e["residuals"], errors, e["converged"], strict=False), start=1
     ):
         status = "[green]yes[/]" if ok else NOT_CONVERGED
-        table.add_row(str(i), _g(value), _g(res, ".2e"), status)
+        table.add_row(str(i), _g(value), _g(res, ".2e"), _g(err, ".2e"), status)
     return Group(table, Text(how, style="dim"))
 
 

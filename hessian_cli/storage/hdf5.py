@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 
 _STR = h5py.string_dtype()
 _VECTOR_CHUNK = 1 << 18  # float32 elements per eigenvector chunk: 1 MiB
-_EIGEN_ARRAYS = ("eigenvalues", "residuals", "converged")
+_EIGEN_ARRAYS = ("eigenvalues", "residuals", "errors", "converged")
 _DENSITY_ARRAYS = ("nodes", "weights", "grid", "values")
 
 
@@ -138,6 +138,7 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
         ev = group.create_dataset("eigenvalues", data=_floats(e["eigenvalues"]))
         _set_attrs(ev, {k: v for k, v in e.items() if k not in _EIGEN_ARRAYS})
         group.create_dataset("residuals", data=_floats(e["residuals"]))
+        group.create_dataset("eigenvalue_errors", data=_floats(e["errors"]))
         group.create_dataset("converged", data=np.array(e["converged"], dtype=np.uint8))
         vectors = a.eigen.eigenvectors if a.eigen is not None else None
         if save_eigenvectors and vectors is not None and vectors.shape[0] > 0:
@@ -315,8 +316,11 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "which": _str(a.get("which")),
             "eigenvalues": values,
             "residuals": _array(g, "residuals", [None] * len(values)),
+            "errors": _array(g, "eigenvalue_errors", [None] * len(values)),
             "converged": [bool(c) for c in converged],
             "tol": number(a.get("tol")),
+            # Files written before the eigenvalue criterion existed converged by residual.
+            "criterion": _str(a.get("criterion")) or "residual",
             "scale": number(a.get("scale")),
             "hvps": _int(a.get("hvps")),
             "iterations": _int(a.get("iterations")),

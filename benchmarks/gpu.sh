@@ -6,7 +6,8 @@
 #   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
 #   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
 #
-# Top-k runs start from $SEEDS random starts per tool (default 5; the ratios use their means).
+# Top-k runs start from $SEEDS random starts per tool (default 5; the ratios use their means),
+# the dataloader case's from $DATALOADER_SEEDS (default 3: PyHessian's run takes 9 s there).
 # The peers (PyHessian, hessian-eigenthings) are installed, when the python in use lacks them,
 # from the wheels in $WHEELS (default .whl/ at the repo root) into $SITE (default /tmp/site),
 # without network. The python is .venv's when there is one, else python3 ($PYTHON overrides).
@@ -33,7 +34,8 @@ if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
 fi
 
 start=$SECONDS
-"$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-5}" "$@" 2>&1 | tee "$LOG"
+"$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-5}" \
+    --dataloader-seeds "${DATALOADER_SEEDS:-3}" "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 echo "# gpu.sh: $((SECONDS - start)) s, exit status $status, log $LOG" | tee -a "$LOG"
 exit "$status"

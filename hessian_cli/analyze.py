@@ -257,6 +257,8 @@ def _run_solvers(
             block_size=request.block_size,
             max_hvps=request.max_hvps,
             init=init,
+            # The gradient, computed anyway, leans toward the top eigenvectors.
+            hint=g if request.which != "smallest" else None,
             seed=request.seed,
             progress=eig_progress,
         )

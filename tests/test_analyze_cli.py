@@ -376,6 +376,32 @@ def test_out_of_memory_suggests_smaller_batch(capsys, monkeypatch, digits_mlp, t
     assert not out_h5.exists()
 
 
+def test_the_gradient_hints_the_top_eigenvectors_start(capsys, monkeypatch, digits_mlp):
+    import hessian_cli.analyze as analyze_module
+    from hessian_cli.engine.operator import HessianOperator
+
+    seen: dict[str, object] = {}
+    real_gradient, real_eigenpairs = HessianOperator.gradient, analyze_module.eigenpairs
+
+    def gradient(self):
+        loss, seen["gradient"] = real_gradient(self)
+        return loss, seen["gradient"]
+
+    def eigenpairs(*args, **kwargs):
+        seen["hint"] = kwargs["hint"]
+        return real_eigenpairs(*args, **kwargs)
+
+    monkeypatch.setattr(HessianOperator, "gradient", gradient)
+    monkeypatch.setattr(analyze_module, "eigenpairs", eigenpairs)
+    for which in ("largest", "both", "smallest"):
+        code, _, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2", "--which", which, "-q")
+        assert code == 0
+        if which == "smallest":  # the gradient leans toward the top, not the bottom
+            assert seen["hint"] is None
+        else:
+            assert seen["hint"] is seen["gradient"]
+
+
 def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     # A residual of 1e-12 is out of float32's reach: the pairs cannot converge.
     args = ("analyze", digits_mlp, "--num-samples", "16", "--top-k", "2", "--tol", "1e-12")

@@ -53,6 +53,7 @@ def eigenpairs(
     max_basis: int | None = None,
     max_hvps: int | None = None,
     init: torch.Tensor | None = None,
+    hint: torch.Tensor | None = None,
     seed: int = 0,
     return_vectors: bool = True,
     verify: bool | None = None,
@@ -61,6 +62,10 @@ def eigenpairs(
     """The ``k`` largest (or smallest, or both) eigenpairs of ``op``.
 
     ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint).
+    ``hint`` is a direction the wanted eigenvectors are expected to lean toward, such as the
+    loss gradient for the largest ones (it lies mostly in the top eigenspace: Gur-Ari et al.,
+    "Gradient Descent Happens in a Tiny Subspace", 2018). It is added with equal weight to the
+    random start, so a poor hint costs little; with ``which="both"`` only the largest use it.
 
     ``criterion`` says when a pair counts as converged: ``residual`` (the default: eigenvector and
     eigenvalue), when ||H v - lambda v|| <= tol * |lambda_max|; ``eigenvalue``, when the bound
@@ -85,6 +90,7 @@ def eigenpairs(
             max_basis=max_basis,
             max_hvps=max_hvps,
             init=init,
+            hint=hint,
             seed=seed,
             return_vectors=return_vectors,
             verify=verify,
@@ -129,6 +135,11 @@ def eigenpairs(
     best_worst, best_at = float("inf"), 0
 
     start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
+    if hint is not None:
+        h = hint.to(start).reshape(-1)
+        size = float(norms(h))
+        if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
+            start[0] = start[0] / norms(start[0]) + h / size
     if init is not None:
         start = torch.cat([init.to(start).reshape(-1, op.n), start])[: max(b, len(init))]
     Q = orthonormalize_against(start, None)

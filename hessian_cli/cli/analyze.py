@@ -59,8 +59,8 @@ def analyze(
     tol: float = typer.Option(
         1e-4,
         "--tol",
-        help="Converged when the residual ||Hv - lambda v|| (or what --criterion names) "
-        "<= tol * |lambda_max|.",
+        help="Converged when ||Hv - lambda v|| <= tol * |lambda_max| (with --criterion "
+        "eigenvalue: when each eigenvalue's relative error bound <= tol).",
     ),
     criterion: str = typer.Option(
         "residual",

@@ -65,7 +65,8 @@ def eigenpairs(
     ``hint`` is a direction the wanted eigenvectors are expected to lean toward, such as the
     loss gradient for the largest ones (it lies mostly in the top eigenspace: Gur-Ari et al.,
     "Gradient Descent Happens in a Tiny Subspace", 2018). It is added with equal weight to the
-    random start, so a poor hint costs little; with ``which="both"`` only the largest use it.
+    random start, so a poor hint costs little; with ``which="both"`` only the largest use it,
+    and ``init`` rows that fill the block leave no room for it.
 
     ``criterion`` says when a pair counts as converged: ``residual`` (the default: eigenvector and
     eigenvalue), when ||H v - lambda v|| <= tol * |lambda_max|; ``eigenvalue``, when the bound
@@ -161,7 +162,7 @@ def eigenpairs(
         if criterion == "residual":
             met = rnorm[:k] <= tol * scale
         else:
-            met = _relative(eigenvalue_error_bounds(theta[:w], rnorm), theta)[:k] <= tol
+            met = _relative_errors(theta[:w], rnorm)[:k] <= tol
         conv = torch.zeros(k, dtype=torch.bool)
         conv[: min(k, w)] = met
         spent = op.hvp_count - start_hvps
@@ -217,7 +218,7 @@ def eigenpairs(
         theta = torch.cat([values, theta[len(values) :]])
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
-    errors = _relative(eigenvalue_error_bounds(theta[:w], rnorm), theta)[:k]
+    errors = _relative_errors(theta[:w], rnorm)[:k]
     converged = (residuals if criterion == "residual" else errors) <= tol
     if stop_reason == "converged" and not bool(converged.all()):
         stop_reason = "unverified"  # the fresh (full-precision) products disagree
@@ -260,10 +261,11 @@ def eigenvalue_error_bounds(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.T
     return bounds
 
 
-def _relative(bounds: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Absolute error bounds of Ritz values as bounds on the relative error of the eigenvalues
-    (``|lambda| >= |theta| - bound``); infinite where the eigenvalue may be zero."""
-    size = theta[: len(bounds)].to(bounds).abs() - bounds
+def _relative_errors(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.Tensor:
+    """:func:`eigenvalue_error_bounds` relative to the eigenvalues (``|lambda| >= |theta| -
+    bound``); infinite where the eigenvalue may be zero."""
+    bounds = eigenvalue_error_bounds(theta, rnorm)
+    size = theta.to(bounds).abs() - bounds
     return torch.where(size > 0, bounds / size, torch.inf)
 
 

@@ -239,7 +239,7 @@ def _run_solvers(
         model, loss_fn, batches, params=request.params, bn=request.bn, precision=request.precision
     )
     grad_start = time.perf_counter()
-    loss, g = op.gradient()
+    loss, g = op.gradient()  # where graphs are kept, this builds them for the products too
     grad_seconds = time.perf_counter() - grad_start
     eig = trace = density = alignment = None
     if request.top_k:

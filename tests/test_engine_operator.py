@@ -181,6 +181,46 @@ def test_several_batches_keep_no_graph_on_cpu_or_when_told():
     assert sorted(op._graphs) == [0, 1, 2]
 
 
+def _plain_gradient(case, batches):
+    """The gradient by a plain backward pass (no graph kept for products)."""
+    return HessianOperator(case.model, case.loss, batches, keep_graph=False).gradient()
+
+
+@pytest.mark.parametrize("name", ["frozen-unused", "cnn-bn", "tied"])
+def test_the_gradient_builds_the_graph_that_the_products_reuse(name):
+    case = CASES[name]
+    batch = [(torch.cat([x for x, _ in case.batches]), torch.cat([y for _, y in case.batches]))]
+    op = HessianOperator(case.model, case.loss, batch)
+    H = dense_hessian(case.model, case.loss, batch, op.space)
+    forwards = []
+    hook = case.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        loss, g = op.gradient()
+        V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(op.matmul(V), V @ H)
+    finally:
+        hook.remove()
+    assert len(forwards) == 1  # one forward pass for the gradient and every product
+    plain_loss, plain = _plain_gradient(case, batch)
+    assert loss == pytest.approx(plain_loss, rel=1e-14)
+    torch.testing.assert_close(g, plain, rtol=1e-12, atol=1e-14)
+
+
+def test_several_batches_take_their_gradients_from_the_graphs_that_fit(monkeypatch):
+    case, batches = _three_batches()
+    op = HessianOperator(case.model, case.loss, batches)
+    H = dense_hessian(case.model, case.loss, batches, op.space)
+    built = _simulated_device(monkeypatch, op, free=300)  # room for two graphs
+    loss, g = op.gradient()
+    assert len(built) == 3 and sorted(op._graphs) == [0, 1]
+    V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
+    assert len(built) == 4  # only the batch whose graph did not fit is built again
+    plain_loss, plain = _plain_gradient(case, batches)
+    assert loss == pytest.approx(plain_loss, rel=1e-14)
+    torch.testing.assert_close(g, plain, rtol=1e-12, atol=1e-14)
+
+
 def test_out_of_memory_with_kept_graphs_frees_them_and_goes_on(monkeypatch):
     case, batches = _three_batches()
     op = HessianOperator(case.model, case.loss, batches)

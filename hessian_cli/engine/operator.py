@@ -162,7 +162,7 @@ class HessianOperator:
         self.precision = check_precision(precision)
         # None: keep one batch's graph; several batches' on CUDA while they fit (_keeps).
         self.keep_graph = keep_graph
-        self._graphs: dict[int, tuple[torch.Tensor | None, list[bool]]] = {}
+        self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}
         self._graph_bytes = 0  # device memory held by the kept graphs
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
@@ -224,10 +224,35 @@ class HessianOperator:
         """
         local = None if limit is None else max(0, limit - self.batch_offset)
         with forward_mode(self.model, self.bn), numerics("full", self.device):
-            for x, y in self.batches[:local]:
+            for i, (x, y) in enumerate(self.batches[:local]):
+                if self._gradient_from_graph():
+                    yield self._graph_gradient(i)
+                    continue
                 loss = self._batch_loss(x, y)
                 parts = torch.autograd.grad(loss, self.space.tensors, allow_unused=True)
                 yield loss.item(), self.space.flatten(parts)
+
+    def _gradient_from_graph(self) -> bool:
+        """Whether gradients come from the first-order graphs, building them for the products.
+
+        Where the graphs are kept (one batch; several on CUDA while they fit), the products
+        need that pass anyway, so the gradient costs nothing more; elsewhere a plain backward
+        is cheaper. Reduced-precision products build theirs in that precision, so not there.
+        """
+        if self.precision != "full" or self.keep_graph is False:
+            return False
+        if len(self.batches) == 1 or self.keep_graph is True:
+            return True
+        # Several batches: while _keeps may keep their graphs (never on CPU).
+        return self._graph_budget != 0 and self._free_memory() is not None
+
+    def _graph_gradient(self, i: int) -> tuple[float, torch.Tensor]:
+        loss, g, used = self._first_order_graph(i)
+        flat = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        if g is not None:
+            cols = self._used_columns(used)
+            flat = g.detach() if cols is None else flat.index_copy_(0, cols, g.detach())
+        return loss.item(), flat
 
     def gather_batch_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-batch results of every rank, in global batch order (``rows`` in one process)."""
@@ -336,8 +361,8 @@ class HessianOperator:
         error, size = norms((fast - exact).flatten()), norms(exact.flatten())
         return float(error / size.clamp_min(torch.finfo(self.dtype).tiny))
 
-    def _first_order_graph(self, i: int) -> tuple[torch.Tensor | None, list[bool]]:
-        """The flat gradient of batch ``i`` with its graph, and which parameters it uses."""
+    def _first_order_graph(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None, list[bool]]:
+        """Batch ``i``'s loss, its flat gradient with the graph, and which parameters it uses."""
         if i in self._graphs:
             return self._graphs[i]
         x, y = self.batches[i]
@@ -348,8 +373,8 @@ class HessianOperator:
         # An unused parameter has no gradient: its Hessian rows and columns are zero.
         g = torch.cat([p.reshape(-1) for p in parts if p is not None]) if any(used) else None
         if self._keeps(self._allocated() - before):
-            self._graphs[i] = (g, used)
-        return g, used
+            self._graphs[i] = (loss, g, used)
+        return loss, g, used
 
     def _keeps(self, size: int) -> bool:
         """Whether to keep a first-order graph holding ``size`` bytes of device memory.
@@ -381,7 +406,7 @@ class HessianOperator:
         return free + pool
 
     def _hvp_double(self, i: int, V: torch.Tensor) -> torch.Tensor:
-        g, used = self._first_order_graph(i)
+        _, g, used = self._first_order_graph(i)
         if g is None or not g.requires_grad:
             return torch.zeros_like(V)
         keep = [t for t, u in zip(self.space.tensors, used, strict=True) if u]

@@ -1,5 +1,7 @@
 """The curvature operator against the dense Hessian, for every backend and tiny model."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,9 +183,11 @@ def test_several_batches_keep_no_graph_on_cpu_or_when_told():
     assert sorted(op._graphs) == [0, 1, 2]
 
 
-def _plain_gradient(case, batches):
-    """The gradient by a plain backward pass (no graph kept for products)."""
-    return HessianOperator(case.model, case.loss, batches, keep_graph=False).gradient()
+def _assert_plain_gradient(case, batches, loss, g):
+    """``(loss, g)`` equal the loss and gradient by a plain backward pass (no graph kept)."""
+    plain_loss, plain = HessianOperator(case.model, case.loss, batches, keep_graph=False).gradient()
+    assert loss == pytest.approx(plain_loss, rel=1e-14)
+    torch.testing.assert_close(g, plain, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["frozen-unused", "cnn-bn", "tied"])
@@ -201,9 +205,7 @@ def test_the_gradient_builds_the_graph_that_the_products_reuse(name):
     finally:
         hook.remove()
     assert len(forwards) == 1  # one forward pass for the gradient and every product
-    plain_loss, plain = _plain_gradient(case, batch)
-    assert loss == pytest.approx(plain_loss, rel=1e-14)
-    torch.testing.assert_close(g, plain, rtol=1e-12, atol=1e-14)
+    _assert_plain_gradient(case, batch, loss, g)
 
 
 def test_several_batches_take_their_gradients_from_the_graphs_that_fit(monkeypatch):
@@ -216,9 +218,26 @@ def test_several_batches_take_their_gradients_from_the_graphs_that_fit(monkeypat
     V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
     assert len(built) == 4  # only the batch whose graph did not fit is built again
-    plain_loss, plain = _plain_gradient(case, batches)
-    assert loss == pytest.approx(plain_loss, rel=1e-14)
-    torch.testing.assert_close(g, plain, rtol=1e-12, atol=1e-14)
+    _assert_plain_gradient(case, batches, loss, g)
+
+
+@pytest.mark.parametrize("name", ["frozen-unused", "cnn-bn", "tied"])
+def test_loss_at_a_shifted_point_leaves_weights_and_kept_graphs_alone(name):
+    case = CASES[name]
+    batch = [case.batches[0]]
+    op = HessianOperator(case.model, case.loss, batch)
+    H = dense_hessian(case.model, case.loss, batch, op.space)
+    v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    op.matmul(v)  # keeps the first-order graph
+    before = op.space.values()
+    shifted = op.loss_at(0.1 * v)
+    assert torch.equal(op.space.values(), before)
+    torch.testing.assert_close(op.matmul(v), v @ H)  # the kept graph is still valid
+    moved = copy.deepcopy(case.model)
+    space = select_parameters(moved)
+    space.copy_(before + 0.1 * v)
+    expected = HessianOperator(moved, case.loss, batch).loss()
+    assert shifted == pytest.approx(expected, rel=1e-12) and shifted != pytest.approx(op.loss())
 
 
 def test_out_of_memory_with_kept_graphs_frees_them_and_goes_on(monkeypatch):

@@ -183,8 +183,11 @@ class HessianOperator:
 
     # --- losses and gradients -------------------------------------------------------------
 
-    def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(self.model(x), y)
+    def _batch_loss(
+        self, x: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        out = self.model(x) if params is None else functional_call(self.model, params, (x,))
+        loss = self.loss_fn(out, y)
         if loss.ndim != 0:
             raise UserError("The loss function must return a scalar (mean over the batch).")
         if not torch.isfinite(loss):
@@ -194,11 +197,12 @@ class HessianOperator:
             )
         return loss
 
-    def loss(self) -> float:
-        """The sample-weighted mean loss over all batches."""
+    def loss(self, params: dict[str, torch.Tensor] | None = None) -> float:
+        """The sample-weighted mean loss over all batches (with ``params`` in place of those
+        parameters' values, by ``functional_call``)."""
         with torch.no_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
             local = sum(
-                w * self._batch_loss(x, y).item()
+                w * self._batch_loss(x, y, params).item()
                 for w, (x, y) in zip(self.weights, self.batches, strict=True)
             )
         return self._sum_scalar(local)
@@ -259,12 +263,13 @@ class HessianOperator:
         return dist_utils.all_gather_rows(rows) if self.distributed else rows
 
     def loss_at(self, delta: torch.Tensor) -> float:
-        """The mean loss at ``w + delta`` (the weights are restored afterwards)."""
-        self.space.add_(delta)
-        try:
-            return self.loss()
-        finally:
-            self.space.add_(delta, alpha=-1.0)
+        """The mean loss at ``w + delta``, evaluated functionally: the weights are never changed,
+        so the first-order graphs kept from them stay valid (changing the weights in place made
+        the next product fail) and no rounding is left behind."""
+        shifted = zip(
+            self.space.names, self.space.tensors, self.space.unflatten(delta), strict=True
+        )
+        return self.loss({name: t.detach() + d for name, t, d in shifted})
 
     # --- Hessian-vector products ----------------------------------------------------------
 

@@ -81,12 +81,6 @@ class ParamSpace:
         return self.flatten([t.detach() for t in self.tensors])
 
     @torch.no_grad()
-    def add_(self, delta: torch.Tensor, alpha: float = 1.0) -> None:
-        """In-place ``w += alpha * delta`` on the model's parameters."""
-        for t, d in zip(self.tensors, self.unflatten(delta), strict=True):
-            t.add_(d, alpha=alpha)
-
-    @torch.no_grad()
     def copy_(self, vec: torch.Tensor) -> None:
         """In-place ``w = vec`` on the model's parameters."""
         for t, d in zip(self.tensors, self.unflatten(vec), strict=True):

@@ -393,7 +393,7 @@ class DiagonalOperator:
         return block * self.diagonal
 
 
-def test_a_hint_toward_the_top_eigenvector_saves_products_and_a_poor_one_costs_nothing():
+def test_a_hint_toward_the_top_eigenvector_saves_products_and_a_poor_one_costs_little():
     # A diagonal operator: its eigenvectors are the coordinate axes, the largest is e_0.
     g = torch.Generator().manual_seed(0)
     n = 200_000

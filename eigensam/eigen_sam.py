@@ -106,7 +106,9 @@ class EigenSAM(SAM):
         tol: float = DEFAULT_TOL,
         seed: int | None = None,
     ) -> RefreshResult:
-        """Refresh ``v`` on ``batch`` by the engine, warm-started from the current ``v``.
+        """Refresh ``v`` on ``batch`` by the engine, warm-started from the current ``v``; before
+        there is one, the parameters' ``.grad`` (the minibatch gradient, where a backward pass
+        has run) guides the random start, since the gradient leans toward v_1.
 
         Call it at ``w`` (not between :meth:`first_step` and :meth:`second_step`); it leaves the
         parameters' ``.grad`` alone, so it may sit between the first backward and
@@ -125,6 +127,7 @@ class EigenSAM(SAM):
             max_hvps=max_hvps,
             tol=tol,
             seed=self.refreshes if seed is None else seed,
+            hint=self._flat_grad(scaled=False),
         )
         self.set_eigenvector(result.vector, result.eigenvalue)
         return result

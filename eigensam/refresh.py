@@ -57,10 +57,12 @@ def refresh_top_eigenvector(
     max_hvps: int = DEFAULT_MAX_HVPS,
     tol: float = DEFAULT_TOL,
     seed: int,
+    hint: torch.Tensor | None = None,
 ) -> RefreshResult:
     """Top eigenpair of the Hessian of ``loss_fn(model(x), y)`` on ``batch`` w.r.t. ``params``.
 
-    ``max_hvps`` (>= 1) bounds the Hessian-vector products.
+    ``max_hvps`` (>= 1) bounds the Hessian-vector products. ``hint`` (e.g. the minibatch
+    gradient, which leans toward v_1) guides the start where there is no ``v_prev``.
     BatchNorm uses batch statistics if ``model.training`` (the loss whose gradient SAM perturbs
     with is then the batch-statistics loss, so its Hessian is the one that matters) and running
     statistics otherwise; either way no buffer is updated and dropout is off, so every product
@@ -93,6 +95,7 @@ def refresh_top_eigenvector(
         block_size=1,
         max_hvps=max_hvps,
         init=init,
+        hint=None if hint is None else hint.reshape(-1)[mask.to(hint.device)],
         seed=seed,
     )
     assert res.eigenvectors is not None  # return_vectors is on

@@ -54,12 +54,13 @@ class SAM(Optimizer):
     def _is_perturbed(self) -> bool:
         return any("old_p" in self.state.get(p, {}) for p, _ in self._params())
 
-    def _flat_grad(self) -> torch.Tensor:
-        """The gradient as one vector (zero where ``grad`` is None), scaled by ``|w|`` for ASAM."""
+    def _flat_grad(self, scaled: bool = True) -> torch.Tensor:
+        """The gradient as one vector (zero where ``grad`` is None), scaled by ``|w|`` for ASAM
+        unless ``scaled`` is False."""
         parts = []
         for p, group in self._params():
             g = torch.zeros_like(p) if p.grad is None else p.grad
-            parts.append((p.abs() * g if group["adaptive"] else g).reshape(-1))
+            parts.append((p.abs() * g if scaled and group["adaptive"] else g).reshape(-1))
         return torch.cat(parts)
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:

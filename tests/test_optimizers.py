@@ -219,6 +219,25 @@ def test_refresh_finds_top_eigenpair_warm_started() -> None:
     assert model.w.grad is None  # the refresh does not touch .grad
 
 
+def test_first_refresh_is_guided_by_the_minibatch_gradient() -> None:
+    spectrum = [5.0, 4.0, 3.5] + torch.linspace(-1.0, 3.0, 397).tolist()
+    A, Q = symmetric(spectrum, seed=4)
+    g = torch.Generator().manual_seed(4)
+    rest = Q[:, 1:] @ torch.randn(399, generator=g, dtype=DT)
+    gradient = 0.6 * Q[:, 0] + 0.8 * rest / rest.norm()  # leans toward v_1, as networks' do
+    found = []
+    for with_gradient in (False, True):
+        model = Quadratic(A, -gradient, torch.zeros(400, dtype=DT))  # its gradient at w = 0
+        opt = EigenSAM([model.w], torch.optim.SGD, lr=0.1)
+        if with_gradient:
+            backward(model)
+            assert torch.allclose(model.w.grad, gradient)
+        res = opt.refresh_eigenvector(model, identity_loss, DUMMY, max_hvps=4)
+        found.append(abs(float(res.vector @ Q[:, 0])))
+    plain, guided = found
+    assert guided > 0.99 and guided > plain + 0.05, found
+
+
 def test_refresh_ignores_a_larger_negative_eigenvalue() -> None:
     """Power iteration finds the eigenvalue of largest magnitude (-20 here); the refresh asks
     for the largest algebraic one, so it returns the positive top pair."""

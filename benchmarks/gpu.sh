@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every case of benchmarks/peers.py on one device in one go (under 5 minutes on one H100/H200),
-# printed as one report and tee'd to a log ($LOG; by default in $OUT when that is set, else in
-# $TMPDIR, so that a run stopped at a time limit still leaves what it printed).
+# then (CUDA) benchmarks/overhead.py, printed as one report and tee'd to a log ($LOG; by default
+# in $OUT when that is set, else in $TMPDIR, so that a run stopped at a time limit still leaves
+# what it printed).
 #
 #   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
 #   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
@@ -37,5 +38,10 @@ start=$SECONDS
 "$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-5}" \
     --dataloader-seeds "${DATALOADER_SEEDS:-3}" "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
+if [ "$DEVICE" = cuda ]; then  # where a product's time goes: launches, cuDNN, the solver
+    "$PYTHON" "$ROOT/benchmarks/overhead.py" --device cuda 2>&1 | tee -a "$LOG"
+    overhead=${PIPESTATUS[0]}
+    [ "$status" -ne 0 ] || status=$overhead
+fi
 echo "# gpu.sh: $((SECONDS - start)) s, exit status $status, log $LOG" | tee -a "$LOG"
 exit "$status"

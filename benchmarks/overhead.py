@@ -1,5 +1,6 @@
 """Where a solve's time goes beside its products: the eigensolver's own linear algebra, the
-kept graphs of several batches, and the profile of one top-5 solve.
+kept graphs of several batches, what launching kernels and cuDNN's choice of algorithms cost a
+gradient and a product (CUDA), and the profile of one top-5 solve.
 
     python benchmarks/overhead.py --device cuda      # ResNet-18, batches of 256 inputs
 
@@ -15,12 +16,59 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peers import timed  # benchmarks/ is the script's directory, hence on sys.path
+from peers import attempt, timed  # benchmarks/ is the script's directory, hence on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import gram, orthonormalize_against
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.specs.models import build_model
+
+
+def captured(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured once in a CUDA graph (its inputs fixed): replaying it launches no kernels
+    from the host, so its time less the eager one is what launching costs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def launch_probes(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], row: Callable
+) -> None:
+    """A gradient and a whole product (forward, backward with graph, double backward) eager,
+    with ``cudnn.benchmark`` (cuDNN times its algorithms once per shape and keeps the fastest),
+    and replayed from a CUDA graph: whether the engine is bound by the GPU's arithmetic, by
+    cuDNN's default algorithms or by the host's launches."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = batch
+    vs = [torch.randn_like(p) for p in params]
+
+    def gradient() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+    def product() -> tuple[torch.Tensor, ...]:
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+        return torch.autograd.grad(g, params, grad_outputs=vs)
+
+    for name, fn in (("gradient", gradient), ("HVP, forward + double backward", product)):
+        row(f"{name}, eager", fn)
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            row(f"{name}, eager, cudnn.benchmark", fn)
+            attempt(
+                f"{name} in a CUDA graph",
+                lambda fn=fn, name=name: row(f"{name}, CUDA graph, cudnn.benchmark", captured(fn)),
+            )
+        finally:
+            torch.backends.cudnn.benchmark = previous
 
 
 def main() -> None:
@@ -63,6 +111,9 @@ def main() -> None:
         row(f"orthonormalize_against(W, Q), m={m}", lambda Q=Q, W=W: orthonormalize_against(W, Q))
         S = torch.randn(m, 6, device=device)
         row(f"S.T @ Q (6 x {m})", lambda Q=Q, S=S: S.T @ Q)
+
+    if device.type == "cuda":
+        launch_probes(model, batches[0], row)
 
     for k in (1, 5):
         fresh = HessianOperator(model, F.cross_entropy, batches[:1])

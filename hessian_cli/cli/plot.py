@@ -31,8 +31,7 @@ def plot(
         help="Where to write the figure; the suffix picks the format (.png, .pdf, .svg).",
     ),
 ) -> None:
-    """Plot a file: one checkpoint's ESD and eigenvalues, a series' trajectories over step,
-    or a training run's loss, accuracy and lambda_max curves."""
+    """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
     fmt = file_format(file)
     if fmt == METRICS_FORMAT_NAME:
         written = plot_metrics(read_metrics(file), output)

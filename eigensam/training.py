@@ -618,9 +618,21 @@ class _Run:
         op = HessianOperator(
             self.model, self.loss_fn, [self.track_batch], bn="eval", distributed=False
         )
-        init = None if self.track_vector is None else self.track_vector.reshape(1, -1)
+        init = hint = None
+        if self.track_vector is None:
+            # The first solve has no previous vector; the gradient leans toward v_1, and its
+            # pass builds the kept graph the first product reuses.
+            hint = op.gradient()[1]
+        else:
+            init = self.track_vector.reshape(1, -1)
         res = eigenpairs(
-            op, 1, tol=TRACK_TOL, max_hvps=TRACK_MAX_HVPS, init=init, seed=self.config.seed
+            op,
+            1,
+            tol=TRACK_TOL,
+            max_hvps=TRACK_MAX_HVPS,
+            init=init,
+            hint=hint,
+            seed=self.config.seed,
         )
         op.release()
         assert res.eigenvectors is not None

@@ -29,7 +29,6 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,16 @@ from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
 from eigensam.bn import disable_running_stats, enable_running_stats
+from eigensam.config import (
+    CONFIG_FILE,
+    CONFIG_FORMAT,
+    TrainConfig,
+    load_config,
+    require,
+)
 from eigensam.determinism import DataOrder, capture_rng, restore_rng
 from eigensam.eigen_sam import EigenSAM
+from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
 from eigensam.metrics import MetricsLog
 from eigensam.sam import SAM
 from hessian_cli import __version__
@@ -62,11 +69,6 @@ from hessian_cli.specs import (
 )
 from hessian_cli.storage.files import atomic_path
 
-OPTIMIZERS = ("eigensam", "sam", "sgd")
-BASE_OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
-CONFIG_FILE = "config.json"
-CONFIG_FORMAT = "hessian-cli-train-config"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.h5"
 FINAL_CHECKPOINT = "final.pt"
@@ -75,165 +77,6 @@ _STEP_CHECKPOINT = re.compile(r"step(\d+)\.pt")
 # the cap only bounds a cold start or a reordering of nearly tied eigenvalues.
 TRACK_TOL = 1e-3
 TRACK_MAX_HVPS = 200
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run, plus the run-time fields ``out``, ``max_steps`` and
-    ``device``, which a resume may change (they are not stored in ``config.json``).
-
-    ``momentum`` applies to the SGD base optimizer only; ``rho`` to SAM and Eigen-SAM, ``alpha``
-    and ``eig_every`` to Eigen-SAM. ``track_every = 0`` turns tracking off and
-    ``checkpoint_every = 0`` keeps only interruption and final checkpoints.
-    """
-
-    model: str
-    data: str
-    out: str = ""
-    optimizer: str = "eigensam"
-    base_optimizer: str = "sgd"
-    model_kwargs: dict[str, Any] | None = None
-    data_root: str | None = None
-    loss: str | None = None
-    rho: float = 0.05
-    alpha: float = 0.2
-    eig_every: int = 100
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    seed: int = 0
-    track_every: int = 0
-    checkpoint_every: int = 1
-    max_steps: int | None = None
-    device: str = "auto"
-
-    def validate(self) -> None:
-        """Refuse values that cannot make a run, in one sentence each."""
-        for name, allowed in (
-            ("optimizer", OPTIMIZERS),
-            ("base_optimizer", BASE_OPTIMIZERS),
-            ("schedule", SCHEDULES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise UserError(
-                    f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}: use "
-                    f"{', '.join(allowed)}."
-                )
-        for name in ("epochs", "batch_size", "eig_every"):
-            _require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1")
-        for name in ("track_every", "checkpoint_every"):
-            _require(getattr(self, name) >= 0, f"--{_flag(name)} must be 0 (off) or more")
-        _require(self.max_steps is None or self.max_steps >= 0, "--max-steps must be 0 or more")
-        _require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
-        for name in ("rho", "alpha", "weight_decay"):
-            value = getattr(self, name)
-            _require(math.isfinite(value) and value >= 0, f"--{_flag(name)} must not be negative")
-        _require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
-        _require(
-            self.model_kwargs is None or isinstance(self.model_kwargs, dict),
-            "--model-kwargs must be a JSON object",
-        )
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that define the run (what ``config.json`` holds)."""
-        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
-
-
-RUNTIME_FIELDS = ("out", "max_steps", "device")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message + ".")
-
-
-def load_config(run_dir: str | Path) -> TrainConfig:
-    """The configuration saved in a run directory (run-time fields at their defaults)."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
-    if not run_dir.is_dir():
-        raise UserError(f"{str(run_dir)!r} is not a directory, so it is not a training run.")
-    if not path.is_file():
-        raise UserError(
-            f"{str(run_dir)!r} is not a training run (it has no {CONFIG_FILE}); start one with --out."
-        )
-    try:
-        saved = json.loads(path.read_text())
-        if saved.get("format") != CONFIG_FORMAT:
-            raise ValueError("wrong format")
-        config = TrainConfig(**saved["config"], out=str(run_dir))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UserError(f"the run configuration {str(path)!r} is damaged or not ours.") from exc
-    config.validate()
-    return config
-
-
-# ----------------------------------------------------------------------------- events
-
-
-@dataclass
-class RunStarted:
-    run_dir: Path
-    start_step: int
-    total_steps: int
-    steps_per_epoch: int
-    epochs: int
-    device: str
-    num_params: int
-    resumed_from: Path | None
-
-
-@dataclass
-class StepDone:
-    step: int
-    epoch: int  # 1-based epoch this step belongs to
-    loss: float
-    accuracy: float
-    lr: float
-    lambda_max: float | None  # the last tracked value
-    eigenvalue: float | None  # the last Eigen-SAM refresh's eigenvalue
-
-
-@dataclass
-class EpochDone:
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    test_loss: float
-    test_accuracy: float
-    seconds: float
-    lambda_max: float | None
-
-
-Event = RunStarted | StepDone | EpochDone
-
-
-@dataclass
-class TrainSummary:
-    """Where a call to :func:`train` left the run."""
-
-    run_dir: Path
-    step: int
-    total_steps: int
-    epoch: int
-    finished: bool
-    interrupted: bool
-    checkpoint: Path | None
-    epochs: list[EpochDone] = field(default_factory=list)
-    lambda_max: float | None = None
-    steps_run: int = 0  # in this call
-    step_seconds: float = 0.0  # time in training steps in this call
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.step_seconds / self.steps_run if self.steps_run else math.nan
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -332,7 +175,7 @@ class _Run:
             raise UserError(f"the model {config.model!r} has no trainable parameters.")
         self.optimizer = _make_optimizer(config, self.params)
         n = len(self.data.train)
-        _require(
+        require(
             self.world == 1 or n >= 2 * self.world,
             f"the data has {n} samples, too few for {self.world} processes",
         )

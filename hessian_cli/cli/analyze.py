@@ -11,15 +11,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from hessian_cli.analyze import AnalyzeRequest, analyze_target
 from hessian_cli.cli.app import app
 from hessian_cli.cli.options import parse_model_kwargs
-from hessian_cli.engine.distributed import world
-from hessian_cli.engine.precision import PRECISIONS
 from hessian_cli.errors import UserError
-from hessian_cli.presentation.tables import analysis_table, series_table
-from hessian_cli.report import analysis_to_dict
-from hessian_cli.storage.hdf5 import write_analyses
 
 EXIT_UNCONVERGED = 3
 
@@ -136,6 +130,14 @@ def analyze(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
+    # The library (torch, h5py) is imported here, not at the top: --help stays instant.
+    from hessian_cli.analyze import AnalyzeRequest, analyze_target
+    from hessian_cli.engine.distributed import world
+    from hessian_cli.engine.precision import PRECISIONS
+    from hessian_cli.presentation.tables import analysis_table, series_table
+    from hessian_cli.report import analysis_to_dict
+    from hessian_cli.storage.hdf5 import write_analyses
+
     for name, value, allowed in (
         ("--which", which, ("largest", "smallest", "both")),
         ("--criterion", criterion, ("residual", "eigenvalue")),

@@ -9,14 +9,6 @@ from rich.console import Console
 
 from hessian_cli.cli.app import app
 from hessian_cli.errors import UserError
-from hessian_cli.presentation.plots import plot_file, plot_metrics
-from hessian_cli.storage import (
-    FORMAT_NAME,
-    METRICS_FORMAT_NAME,
-    file_format,
-    read_analyses,
-    read_metrics,
-)
 
 
 @app.command("plot")
@@ -32,6 +24,16 @@ def plot(
     ),
 ) -> None:
     """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
+    # Imported here, not at the top, so that --help need not load matplotlib and h5py.
+    from hessian_cli.presentation.plots import plot_file, plot_metrics
+    from hessian_cli.storage import (
+        FORMAT_NAME,
+        METRICS_FORMAT_NAME,
+        file_format,
+        read_analyses,
+        read_metrics,
+    )
+
     fmt = file_format(file)
     if fmt == METRICS_FORMAT_NAME:
         written = plot_metrics(read_metrics(file), output)

@@ -11,22 +11,6 @@ from rich.console import Console
 
 from hessian_cli.cli.app import app
 from hessian_cli.errors import UserError
-from hessian_cli.presentation.tables import (
-    analysis_table,
-    file_summary,
-    metrics_summary,
-    series_table,
-)
-from hessian_cli.report import numbers
-from hessian_cli.storage import (
-    FORMAT_NAME,
-    METRICS_FORMAT_NAME,
-    file_format,
-    read_analyses,
-    read_file_info,
-    read_metrics,
-    read_metrics_info,
-)
 
 
 def print_json(data: Any) -> None:
@@ -59,6 +43,24 @@ def show(
     ),
 ) -> None:
     """Show what is inside a spectra or metrics HDF5 file, as tables."""
+    # Imported here, not at the top, so that --help need not load h5py and numpy.
+    from hessian_cli.presentation.tables import (
+        analysis_table,
+        file_summary,
+        metrics_summary,
+        series_table,
+    )
+    from hessian_cli.report import numbers
+    from hessian_cli.storage import (
+        FORMAT_NAME,
+        METRICS_FORMAT_NAME,
+        file_format,
+        read_analyses,
+        read_file_info,
+        read_metrics,
+        read_metrics_info,
+    )
+
     fmt = file_format(file)
     console = Console()
     if fmt == METRICS_FORMAT_NAME:

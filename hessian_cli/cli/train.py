@@ -28,23 +28,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from eigensam.training import (
+from eigensam.config import (
     BASE_OPTIMIZERS,
     OPTIMIZERS,
     RUNTIME_FIELDS,
     SCHEDULES,
-    EpochDone,
-    Event,
-    RunStarted,
-    StepDone,
     TrainConfig,
-    TrainSummary,
     load_config,
-    train,
 )
+from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
 from hessian_cli.cli.app import app
 from hessian_cli.cli.options import parse_model_kwargs
-from hessian_cli.engine.distributed import world
 from hessian_cli.errors import UserError
 
 EXIT_INTERRUPTED = 130
@@ -173,6 +167,9 @@ def train_command(
         set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
         config = TrainConfig(**set_options, out=str(out))
     config.max_steps, config.device = max_steps, device
+    # The loop (torch) is imported here, not at the top: --help stays instant.
+    from eigensam.training import train
+    from hessian_cli.engine.distributed import world
 
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports

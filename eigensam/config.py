@@ -1,0 +1,119 @@
+"""A training run's configuration: what defines it, checked, and how it is read back.
+
+Kept apart from the loop (and free of torch) so that the command line can build its options and
+help from it without loading the numerical stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hessian_cli.errors import UserError
+
+OPTIMIZERS = ("eigensam", "sam", "sgd")
+BASE_OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+CONFIG_FILE = "config.json"
+CONFIG_FORMAT = "hessian-cli-train-config"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run, plus the run-time fields ``out``, ``max_steps`` and
+    ``device``, which a resume may change (they are not stored in ``config.json``).
+
+    ``momentum`` applies to the SGD base optimizer only; ``rho`` to SAM and Eigen-SAM, ``alpha``
+    and ``eig_every`` to Eigen-SAM. ``track_every = 0`` turns tracking off and
+    ``checkpoint_every = 0`` keeps only interruption and final checkpoints.
+    """
+
+    model: str
+    data: str
+    out: str = ""
+    optimizer: str = "eigensam"
+    base_optimizer: str = "sgd"
+    model_kwargs: dict[str, Any] | None = None
+    data_root: str | None = None
+    loss: str | None = None
+    rho: float = 0.05
+    alpha: float = 0.2
+    eig_every: int = 100
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    track_every: int = 0
+    checkpoint_every: int = 1
+    max_steps: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Refuse values that cannot make a run, in one sentence each."""
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("base_optimizer", BASE_OPTIMIZERS),
+            ("schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}: use "
+                    f"{', '.join(allowed)}."
+                )
+        for name in ("epochs", "batch_size", "eig_every"):
+            require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1")
+        for name in ("track_every", "checkpoint_every"):
+            require(getattr(self, name) >= 0, f"--{_flag(name)} must be 0 (off) or more")
+        require(self.max_steps is None or self.max_steps >= 0, "--max-steps must be 0 or more")
+        require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
+        for name in ("rho", "alpha", "weight_decay"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, f"--{_flag(name)} must not be negative")
+        require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        require(
+            self.model_kwargs is None or isinstance(self.model_kwargs, dict),
+            "--model-kwargs must be a JSON object",
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the run (what ``config.json`` holds)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+
+
+RUNTIME_FIELDS = ("out", "max_steps", "device")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message + ".")
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration saved in a run directory (run-time fields at their defaults)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise UserError(f"{str(run_dir)!r} is not a directory, so it is not a training run.")
+    if not path.is_file():
+        raise UserError(
+            f"{str(run_dir)!r} is not a training run (it has no {CONFIG_FILE}); start one with --out."
+        )
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") != CONFIG_FORMAT:
+            raise ValueError("wrong format")
+        config = TrainConfig(**saved["config"], out=str(run_dir))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"the run configuration {str(path)!r} is damaged or not ours.") from exc
+    config.validate()
+    return config

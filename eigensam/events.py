@@ -1,0 +1,65 @@
+"""What the training loop reports as it goes (to an optional callback) and when it returns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunStarted:
+    run_dir: Path
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    device: str
+    num_params: int
+    resumed_from: Path | None
+
+
+@dataclass
+class StepDone:
+    step: int
+    epoch: int  # 1-based epoch this step belongs to
+    loss: float
+    accuracy: float
+    lr: float
+    lambda_max: float | None  # the last tracked value
+    eigenvalue: float | None  # the last Eigen-SAM refresh's eigenvalue
+
+
+@dataclass
+class EpochDone:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    seconds: float
+    lambda_max: float | None
+
+
+Event = RunStarted | StepDone | EpochDone
+
+
+@dataclass
+class TrainSummary:
+    """Where a call to :func:`train` left the run."""
+
+    run_dir: Path
+    step: int
+    total_steps: int
+    epoch: int
+    finished: bool
+    interrupted: bool
+    checkpoint: Path | None
+    epochs: list[EpochDone] = field(default_factory=list)
+    lambda_max: float | None = None
+    steps_run: int = 0  # in this call
+    step_seconds: float = 0.0  # time in training steps in this call
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.step_seconds / self.steps_run if self.steps_run else math.nan

@@ -1,6 +1,8 @@
 """The curvature operator against the dense Hessian, for every backend and tiny model."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -258,3 +260,20 @@ def test_out_of_memory_with_kept_graphs_frees_them_and_goes_on(monkeypatch):
     monkeypatch.setattr(op, "_hvp_double", tight)
     torch.testing.assert_close(op.matmul(v), v @ H, rtol=1e-10, atol=1e-10)
     assert op._graphs == {} and op._graph_budget == 0
+
+
+def test_a_product_does_not_import_sympy():
+    """torch imports sympy (~0.5 s) to check ``grad_outputs``' shapes; the default product
+    differentiates a scalar instead, so a short ``analyze`` does not pay for it."""
+    script = (
+        "import sys, torch, torch.nn.functional as F\n"
+        "from hessian_cli.engine.operator import HessianOperator\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))\n"
+        "op = HessianOperator(model, F.cross_entropy, [(torch.randn(8, 4), torch.arange(8) % 2)])\n"
+        "before = 'sympy' in sys.modules\n"
+        "op.matmul(torch.randn(1, op.n))\n"
+        "print(before, 'sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert after == before

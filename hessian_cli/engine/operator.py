@@ -429,7 +429,10 @@ class HessianOperator:
                 self._batched_backward_ok = False  # an op without a batching rule: loop instead
         rows = []
         for j in range(V.shape[0]):
-            parts = torch.autograd.grad(g, keep, Vu[j], retain_graph=True, allow_unused=True)
+            # The gradient of the scalar <g, v>, not grad_outputs=v: the same products, but
+            # torch checks grad_outputs' shapes with sympy, whose import costs ~0.5 s a process.
+            gv = torch.dot(g, Vu[j])
+            parts = torch.autograd.grad(gv, keep, retain_graph=True, allow_unused=True)
             rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
         return torch.cat(rows)
 

@@ -236,6 +236,56 @@ def test_full_spectrum_when_k_equals_n():
     assert res.all_converged
 
 
+def _symmetric(n: int) -> torch.Tensor:
+    A = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    return (A + A.T) / 2
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_a_basis_of_half_the_space_takes_the_whole_space_at_once(which):
+    """k = 100 of n = 300: the Krylov basis would hold 303 >= n / 2 vectors, so the solve takes
+    all n columns and the dense eigendecomposition (one step) instead of growing the basis."""
+    H = _symmetric(300)
+    k = 100
+    res = eigenpairs(MatrixOperator(H), k, which=which, tol=1e-10)
+    ref = torch.linalg.eigvalsh(H)
+    expected = {
+        "largest": ref.flip(0)[:k],
+        "smallest": ref[:k],
+        "both": torch.cat([ref.flip(0)[:k], ref[:k]]),
+    }[which]
+    torch.testing.assert_close(res.eigenvalues, expected)
+    V = res.eigenvectors
+    assert float((V @ H - res.eigenvalues[:, None] * V).norm(dim=1).max()) < 1e-10
+    assert res.method == "whole-space" and res.all_converged
+    assert res.hvps == 300 * (2 if which == "both" else 1)
+
+
+def test_a_small_k_or_budget_keeps_the_krylov_basis():
+    H = _symmetric(300)
+    few = eigenpairs(MatrixOperator(H), 3, tol=1e-8)
+    assert few.method == "block-krylov-thick-restart" and few.hvps < 300
+    torch.testing.assert_close(few.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:3])
+    capped = eigenpairs(MatrixOperator(H), 100, tol=1e-10, max_hvps=150)
+    assert capped.method == "block-krylov-thick-restart" and capped.hvps <= 150
+
+
+def test_whole_space_eigenpairs_of_a_network_match_the_dense_hessian():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3)
+    ).double()
+    batches = [(torch.randn(32, 10, dtype=torch.float64), torch.randint(0, 3, (32,)))]
+    op = HessianOperator(model, torch.nn.functional.cross_entropy, batches)
+    assert op.n == 283
+    res = eigenpairs(op, 150, tol=1e-8)
+    values, _ = dense_eigh(
+        dense_hessian(model, torch.nn.functional.cross_entropy, batches, op.space)
+    )
+    assert res.method == "whole-space" and res.hvps == op.n
+    torch.testing.assert_close(res.eigenvalues, values[:150], atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
 @pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn", "frozen-unused"])
 def test_trace_within_three_standard_errors(name, method):

@@ -36,6 +36,8 @@ class EigenResult:
     # tolerance, the fresh full-precision products did not), budget (max_hvps spent) or
     # exhausted (Krylov space invariant or as large as the space).
     stop_reason: str = "converged"
+    # block-krylov-thick-restart, or whole-space: every column of the matrix and its dense
+    # eigendecomposition, where the Krylov basis would hold half the space or more.
     method: str = "block-krylov-thick-restart"
 
     @property

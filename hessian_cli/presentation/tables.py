@@ -69,7 +69,8 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
     how = (
         f"{e.get('which')} eigenvalues by {e.get('method')}; converged means {measure} "
         f"<= tol {_g(e.get('tol'), '.1e')}; "
-        f"{_int(e.get('iterations'))} iterations, {_int(e.get('hvps'))} HVPs, "
+        f"{_int(e.get('iterations'))} iteration{'' if e.get('iterations') == 1 else 's'}, "
+        f"{_int(e.get('hvps'))} HVPs, "
         f"{_seconds(e.get('seconds'))}"
     )
     values = e["eigenvalues"]

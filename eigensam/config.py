@@ -23,8 +23,9 @@ CONFIG_FORMAT = "hessian-cli-train-config"
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run, plus the run-time fields ``out``, ``max_steps`` and
-    ``device``, which a resume may change (they are not stored in ``config.json``).
+    """Everything that defines a run, plus the run-time fields ``out``, ``max_steps``,
+    ``device`` and ``download``, which a resume may change (they are not stored in
+    ``config.json``).
 
     ``momentum`` applies to the SGD base optimizer only; ``rho`` to SAM and Eigen-SAM, ``alpha``
     and ``eig_every`` to Eigen-SAM. ``track_every = 0`` turns tracking off and
@@ -53,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     max_steps: int | None = None
     device: str = "auto"
+    download: bool = False  # fetch a torchvision dataset into data_root if missing
 
     def validate(self) -> None:
         """Refuse values that cannot make a run, in one sentence each."""
@@ -86,7 +88,7 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
 
-RUNTIME_FIELDS = ("out", "max_steps", "device")
+RUNTIME_FIELDS = ("out", "max_steps", "device", "download")
 
 
 def _flag(name: str) -> str:

@@ -159,7 +159,7 @@ class _Run:
         self.rank, self.world = distributed.world()
         self.lead = self.rank == 0
         torch.manual_seed(config.seed)  # model initialisation
-        self.data = load_data(config.data, root=config.data_root)
+        self.data = load_data(config.data, root=config.data_root, download=config.download)
         self.classify = self.data.num_classes is not None
         self.loss_spec = config.loss or default_loss(self.data.num_classes)
         self.loss_fn: LossFn = get_loss(self.loss_spec, num_classes=self.data.num_classes)

@@ -54,6 +54,7 @@ class AnalyzeRequest:
     model_kwargs: dict | None = None
     data: str | None = None
     data_root: str | None = None
+    download: bool = False  # fetch a torchvision dataset into data_root if missing
     loss: str | None = None
     top_k: int = 5
     which: Literal["largest", "smallest", "both"] = "largest"
@@ -177,7 +178,11 @@ def _setup(
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
     torch.manual_seed(request.seed)
 
-    data = load_data(data_spec, root=request.data_root or meta.get("data_root") or None)
+    data = load_data(
+        data_spec,
+        root=request.data_root or meta.get("data_root") or None,
+        download=request.download,
+    )
     model = build_model(
         model_spec, input_shape=data.input_shape, num_classes=data.num_outputs, kwargs=kwargs
     )
@@ -256,7 +261,9 @@ def _run_solvers(
             criterion=request.criterion,
             block_size=request.block_size,
             max_hvps=request.max_hvps,
-            init=init,
+            # The previous checkpoint's vectors, where they live in the same space (a directory
+            # may mix models).
+            init=init if init is not None and init.shape[-1] == op.n else None,
             # The gradient, computed anyway, leans toward the top eigenvectors.
             hint=g if request.which != "smallest" else None,
             seed=request.seed,

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from hessian_cli.cli import main
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
+from hessian_cli.errors import UserError
 from hessian_cli.specs import build_model, load_data, save_checkpoint
 
 FIXTURE = (
@@ -247,6 +248,30 @@ def test_directory_series_show_and_plot(capsys, tmp_path, digits_mlp):
     png = tmp_path / "traj.png"
     code, _, _ = run(capsys, "plot", out_h5, "-o", png)
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_directory_of_different_models_is_analysed_without_a_shared_warm_start(
+    capsys, tmp_path, digits_mlp
+):
+    """Each checkpoint's eigenvectors start the next one's search only in the same space."""
+    runs = tmp_path / "mixed"
+    runs.mkdir()
+    state = torch.load(digits_mlp, weights_only=True)
+    save_checkpoint(runs / "a.pt", state_dict=state["model"], metadata=state["hessian_cli"])
+    small = build_model("mlp", input_shape=(64,), num_classes=10, kwargs={"hidden": [5]})
+    meta = dict(state["hessian_cli"], model_kwargs=json.dumps({"hidden": [5]}), step=8)
+    save_checkpoint(runs / "b.pt", state_dict=small.state_dict(), metadata=meta)
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "2", "--json")
+    assert code == 0, err
+    reports = json.loads(out)
+    assert [r["provenance"]["num_params"] for r in reports] == [
+        sum(p.numel() for p in m.parameters())
+        for m in (
+            build_model("mlp", input_shape=(64,), num_classes=10, kwargs=MLP_KW),
+            small,
+        )
+    ]
+    assert all(all(r["eigen"]["converged"]) for r in reports)
 
 
 def test_hdf5_round_trip_equals_json_and_append_keeps_data(capsys, tmp_path, digits_mlp):
@@ -484,3 +509,41 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
     analyze("--trust-checkpoint")  # with trust the file's code runs: the check above can fail
     assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--tol", "0"), "--tol must be a positive number"),
+        (("--tol", "-1"), "--tol must be a positive number"),
+        (("--num-samples", "0"), "--num-samples must be at least 1"),
+        (("--num-batches", "0"), "--num-batches must be at least 1"),
+    ],
+)
+def test_bad_counts_and_tolerances_are_refused(capsys, digits_mlp, args, message):
+    code, _, err = run(capsys, "analyze", digits_mlp, *args)
+    assert code == 2 and message in one_sentence(err)
+
+
+def test_brackets_in_an_error_message_are_printed_as_they_are(capsys, tmp_path):
+    missing = tmp_path / "model[vision].pt"
+    code, _, err = run(capsys, "analyze", missing)
+    assert code == 2 and "model[vision].pt" in one_sentence(err)
+
+
+def test_download_reaches_the_data_loader(capsys, tmp_path, digits_mlp, monkeypatch):
+    import hessian_cli.analyze
+
+    seen = {}
+
+    def load_data(spec, *, root=None, download=False):
+        seen.update(spec=spec, root=root, download=download)
+        raise UserError("stopped by the test.")
+
+    monkeypatch.setattr(hessian_cli.analyze, "load_data", load_data)
+    root = tmp_path / "d"
+    code, _, err = run(
+        capsys, "analyze", digits_mlp, "--data", "cifar10", "--data-root", root, "--download"
+    )
+    assert code == 2 and "stopped by the test" in err
+    assert seen == {"spec": "cifar10", "root": str(root), "download": True}

@@ -163,3 +163,21 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
     name = f"checkpoints/step{target:07d}.pt"
     a, b = load_checkpoint(out / name).state_dict, load_checkpoint(whole / name).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_download_reaches_the_data_loader_and_is_a_run_time_option(capsys, tmp_path, monkeypatch):
+    import eigensam.training
+    from hessian_cli.errors import UserError
+
+    seen = {}
+
+    def load_data(spec, *, root=None, download=False):
+        seen.update(spec=spec, root=root, download=download)
+        raise UserError("stopped by the test.")
+
+    monkeypatch.setattr(eigensam.training, "load_data", load_data)
+    args = ("train", "--model", "mlp", "--data", "cifar10", "--data-root", tmp_path / "d")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "r", "--download")
+    assert code == 2 and "stopped by the test" in err
+    assert seen == {"spec": "cifar10", "root": str(tmp_path / "d"), "download": True}
+    assert "download" not in eigensam.config.TrainConfig(model="m", data="d").identity()

@@ -41,6 +41,9 @@ def analyze(
     data_root: str | None = typer.Option(
         None, "--data-root", help="Folder holding torchvision datasets."
     ),
+    download: bool = typer.Option(
+        False, "--download", help="Fetch a torchvision dataset into --data-root if it is missing."
+    ),
     loss: str | None = typer.Option(
         None,
         "--loss",
@@ -147,6 +150,11 @@ def analyze(
     ):
         if value not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
+    if not tol > 0:  # also refuses NaN
+        raise UserError(f"--tol must be a positive number, not {tol:g}.")
+    for name, count in (("--num-samples", num_samples), ("--num-batches", num_batches)):
+        if count is not None and count < 1:
+            raise UserError(f"{name} must be at least 1.")
     if num_samples is not None and num_batches is not None:
         raise UserError("Give --num-samples or --num-batches, not both.")
     if top_k < 0:
@@ -158,6 +166,7 @@ def analyze(
         model_kwargs=parse_model_kwargs(model_kwargs),
         data=data,
         data_root=data_root,
+        download=download,
         loss=loss,
         top_k=top_k,
         which=which,
@@ -238,10 +247,16 @@ def analyze(
         what = ", ".join(f"{n}: {c} pair(s)" for n, c in unconverged)
         noisy = ("stalled", "unverified")
         stalled = any(r["eigen"] and r["eigen"]["stop_reason"] in noisy for r in reports)
-        remedy = "--precision full" if precision != "full" else "--dtype float64"
+        remedy = (
+            " or use --precision full"
+            if precision != "full"
+            else " or use --dtype float64"
+            if dtype != "float64"
+            else ""
+        )
         advice = (
             "the residuals stopped improving, so the products' rounding noise is above the "
-            f"tolerance: loosen --tol or use {remedy}"
+            f"tolerance: loosen --tol{remedy}"
             if stalled
             else "raise --max-hvps to spend more or pass it to accept the budget"
         )

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
@@ -88,14 +89,17 @@ def main() -> None:
             raise
         prefix = _rank_prefix(exc)
         if prefix is not None:
-            err_console.print(f"[bold red]error:[/] {prefix}{exc}", highlight=False, soft_wrap=True)
+            # escape: messages hold brackets that are not markup, e.g. 'hessian-cli[vision]'
+            err_console.print(
+                f"[bold red]error:[/] {escape(prefix + str(exc))}", highlight=False, soft_wrap=True
+            )
         sys.exit(2)
     except Exception as exc:
         if state.debug:
             raise
         prefix = _rank_prefix(exc) or ""
         err_console.print(
-            f"[bold red]error:[/] {prefix}unexpected {type(exc).__name__}: {exc} "
+            f"[bold red]error:[/] {escape(f'{prefix}unexpected {type(exc).__name__}: {exc}')} "
             "(run with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,

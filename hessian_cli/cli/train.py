@@ -117,6 +117,9 @@ def train_command(
     data_root: str | None = typer.Option(
         None, "--data-root", help="Folder holding torchvision datasets."
     ),
+    download: bool = typer.Option(
+        False, "--download", help="Fetch a torchvision dataset into --data-root if it is missing."
+    ),
     loss: str | None = typer.Option(
         None, "--loss", help="ce, mse or module:function (default: ce for class labels, else mse)."
     ),
@@ -166,7 +169,7 @@ def train_command(
             )
         set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
         config = TrainConfig(**set_options, out=str(out))
-    config.max_steps, config.device = max_steps, device
+    config.max_steps, config.device, config.download = max_steps, device, download
     # The loop (torch) is imported here, not at the top: --help stays instant.
     from eigensam.training import train
     from hessian_cli.engine.distributed import world

@@ -236,6 +236,14 @@ def test_full_spectrum_when_k_equals_n():
     assert res.all_converged
 
 
+def test_the_smallest_are_measured_against_the_largest_eigenvalue_seen():
+    """Residuals are relative to |lambda_max|; a search for the smallest restarts its basis
+    toward them, which drops the largest Ritz values, so the scale keeps the largest seen."""
+    d = torch.linspace(0.01, 1.0, 200, dtype=torch.float64) ** 2
+    res = eigenpairs(MatrixOperator(torch.diag(d)), 3, which="smallest", tol=1e-6, max_hvps=120)
+    assert 0.99 <= res.scale <= 1.0
+
+
 def _symmetric(n: int) -> torch.Tensor:
     A = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     return (A + A.T) / 2

@@ -144,3 +144,18 @@ def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
         assert text.startswith("error: ") and text.count("error") == 1, result.stderr
         assert message in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.h5"]
+
+
+@pytest.mark.parametrize(
+    "values, caption",
+    [([[0.5]], "the one batch analysed, so no spread"), ([[0.5], [0.7]], "first 2 batch")],
+)
+def test_alignment_caption_says_how_many_minibatches(values, caption):
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import _alignment_table
+
+    al = {"alignment": [0.6], "minibatch": {"values": values, "mean": [0.6], "std": [0.1]}}
+    console = Console(width=200, record=True)
+    console.print(_alignment_table(al))
+    assert caption in console.export_text()

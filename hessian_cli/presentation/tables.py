@@ -92,7 +92,12 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
 def _alignment_table(al: Mapping[str, Any]) -> Table:
     mb = al.get("minibatch") or {}
     m = len(mb.get("values") or [])
-    table = Table(title="SAM alignment", caption=f"minibatch: over the first {m} batch gradients")
+    caption = (
+        f"minibatch: over the first {m} batch gradients"
+        if m > 1
+        else "minibatch: the one batch analysed, so no spread (--num-batches M for M batches)"
+    )
+    table = Table(title="SAM alignment", caption=caption)
     table.add_column("score")
     table.add_column("value", justify="right")
     table.add_column("minibatch mean ± std", justify="right")

@@ -60,6 +60,7 @@ from hessian_cli.specs import (
     analysis_batches,
     apply_weights,
     build_model,
+    check_finite,
     check_labels,
     default_loss,
     get_loss,
@@ -221,6 +222,8 @@ class _Run:
     def _check_fits(self) -> None:
         """One forward pass on two samples (eval mode: no buffer or RNG touched), so a model that
         does not fit the data, or an unusable loss, is reported before anything is written."""
+        if isinstance(self.data.train, TensorDataset):
+            check_finite(self.data.train.tensors[:2], "training data's")
         if self.classify:
             if isinstance(self.data.train, TensorDataset):
                 check_labels([tuple(self.data.train.tensors[:2])], self.data.num_classes)

@@ -181,3 +181,15 @@ def test_download_reaches_the_data_loader_and_is_a_run_time_option(capsys, tmp_p
     assert code == 2 and "stopped by the test" in err
     assert seen == {"spec": "cifar10", "root": str(tmp_path / "d"), "download": True}
     assert "download" not in eigensam.config.TrainConfig(model="m", data="d").identity()
+
+
+def test_data_holding_nan_is_refused_before_the_run_starts(capsys, tmp_path):
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    x[5, 2] = np.nan
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=x, y=np.arange(32) % 3)
+    code, _, err = run(capsys, "train", "--model", "mlp", "--data", path, "--out", tmp_path / "x")
+    assert code == 2 and "inputs hold NaN or infinite values" in error_sentence(err)
+    assert not (tmp_path / "x").exists()

@@ -14,6 +14,7 @@ from hessian_cli.specs.data import (
     BUILTIN_DATA,
     DataSource,
     analysis_batches,
+    check_finite,
     check_labels,
     load_data,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "analysis_batches",
     "apply_weights",
     "build_model",
+    "check_finite",
     "check_labels",
     "checkpoint_order_key",
     "default_loss",

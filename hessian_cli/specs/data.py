@@ -7,6 +7,7 @@ augments: batches are the first samples of a dataset, in order.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -475,6 +476,14 @@ def _cast_y(y: Any, dtype: torch.dtype) -> torch.Tensor:
     if y.dtype == torch.bool:
         return y.long()
     return y.long() if not y.is_complex() else y
+
+
+def check_finite(tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Refuse data holding NaN or infinite values: training on it can only diverge, and the
+    message would otherwise blame the learning rate."""
+    for name, tensor in zip(("inputs", "targets"), tensors, strict=False):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"the {what} {name} hold NaN or infinite values; clean the data first.")
 
 
 def check_labels(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int | None) -> None:

@@ -547,3 +547,16 @@ def test_download_reaches_the_data_loader(capsys, tmp_path, digits_mlp, monkeypa
     )
     assert code == 2 and "stopped by the test" in err
     assert seen == {"spec": "cifar10", "root": str(root), "download": True}
+
+
+def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, digits_mlp):
+    out_h5 = tmp_path / "twice.h5"
+    for k in ("1", "2"):
+        code, _, err = run(capsys, "analyze", digits_mlp, "--top-k", k, "-q", "--out", out_h5)
+        assert code == 0, err
+    code, out, _ = run(capsys, "show", out_h5)
+    assert code == 0 and "digits_mlp-2" in out
+    code, out, _ = run(capsys, "show", out_h5, "-c", "digits_mlp-2", "--json")
+    assert code == 0
+    (report,) = json.loads(out)
+    assert len(report["eigen"]["eigenvalues"]) == 2

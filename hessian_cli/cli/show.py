@@ -55,6 +55,7 @@ def show(
         FORMAT_NAME,
         METRICS_FORMAT_NAME,
         file_format,
+        group_names,
         read_analyses,
         read_file_info,
         read_metrics,
@@ -73,13 +74,19 @@ def show(
     if fmt != FORMAT_NAME:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot show.")
     ds = read_analyses(file)
+    # A checkpoint analysed twice is stored in two groups (name, name-2): tell them apart by
+    # the group where the names repeat.
+    groups = group_names(file)
     if checkpoint is not None:
-        ds = [d for d in ds if d["name"] == checkpoint]
-        if not ds:
+        kept = [(d, g) for d, g in zip(ds, groups, strict=True) if checkpoint in (d["name"], g)]
+        if not kept:
             raise UserError(f"{file} holds no checkpoint named {checkpoint!r}.")
+        ds, groups = [d for d, _ in kept], [g for _, g in kept]
     if as_json:
         print_json(ds)
         return
+    if len({d["name"] for d in ds}) < len(ds):
+        ds = [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
     console.print(file_summary(file, ds, read_file_info(file)))
     if len(ds) > 1:
         console.print(series_table(ds))

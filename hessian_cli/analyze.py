@@ -113,6 +113,7 @@ def analyze_target(
     target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
 ) -> list[CheckpointAnalysis]:
     """Analyse one checkpoint or a directory of them, returned in step/epoch order."""
+    _check_request(request)  # before any checkpoint is loaded
     with distributed.fail_together():
         paths = checkpoint_paths(target)
         loaded = [load_checkpoint(p, trust=request.trust_checkpoint) for p in paths]
@@ -134,6 +135,14 @@ def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) ->
     return str(value)
 
 
+def _check_request(request: AnalyzeRequest) -> None:
+    """Refuse combinations that cannot be computed, before any work."""
+    if request.alignment and not request.top_k:
+        raise UserError("--alignment needs the top eigenvectors: give --top-k 1 or more.")
+    if request.alignment and request.which == "smallest":
+        raise UserError("--alignment needs the top eigenvectors: use --which largest or both.")
+
+
 def analyze_checkpoint(
     ckpt: LoadedCheckpoint,
     request: AnalyzeRequest,
@@ -142,6 +151,7 @@ def analyze_checkpoint(
     init: torch.Tensor | None = None,
 ) -> CheckpointAnalysis:
     """Run the requested solvers on one loaded checkpoint."""
+    _check_request(request)
     with distributed.fail_together():
         model_spec, data_spec, loss_spec, model, loss_fn, batches, device = _setup(ckpt, request)
     rank, world_size = distributed.world()
@@ -280,8 +290,7 @@ def _run_solvers(
             op, request.density_probes, request.density_steps, seed=request.seed
         )
     if request.alignment:
-        if eig is None or eig.which == "smallest":
-            raise UserError("--alignment needs the top eigenvectors: use --which largest or both.")
+        assert eig is not None and eig.which != "smallest"  # refused by _check_request
         if progress:
             progress("alignment", 0, 1)
         k = request.top_k

@@ -560,3 +560,20 @@ def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, dig
     assert code == 0
     (report,) = json.loads(out)
     assert len(report["eigen"]["eigenvalues"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(("--top-k", "0"), "give --top-k 1 or more"), (("--which", "smallest"), "--which largest")],
+)
+def test_alignment_without_top_eigenvectors_is_refused_before_any_work(
+    capsys, tmp_path, digits_mlp, monkeypatch, args, message
+):
+    import hessian_cli.analyze
+
+    def load_checkpoint(*a, **kw):
+        raise AssertionError("the request should have been refused before loading")
+
+    monkeypatch.setattr(hessian_cli.analyze, "load_checkpoint", load_checkpoint)
+    code, _, err = run(capsys, "analyze", digits_mlp, "--trace", "--alignment", *args)
+    assert code == 2 and message in one_sentence(err)

@@ -159,3 +159,20 @@ def test_alignment_caption_says_how_many_minibatches(values, caption):
     console = Console(width=200, record=True)
     console.print(_alignment_table(al))
     assert caption in console.export_text()
+
+
+@pytest.mark.parametrize(
+    "which, labels",
+    [
+        ("largest", ["λ1", "λ2"]),
+        ("smallest", ["λn", "λn-1"]),
+        ("both", ["λ1", "λn"]),
+    ],
+)
+def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
+    from hessian_cli.presentation.tables import series_table
+
+    eigen = {"which": which, "eigenvalues": [2.0, -1.0], "converged": [1, 1]}
+    ds = [{"name": f"c{i}", "provenance": {}, "eigen": eigen} for i in range(2)]
+    columns = [str(c.header) for c in series_table(ds).columns]
+    assert columns[3:5] == labels

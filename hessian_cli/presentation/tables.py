@@ -186,8 +186,8 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("checkpoint", min_width=min(longest, 40), overflow="fold")
     table.add_column("step", justify="right")
     table.add_column("epoch", justify="right")
-    for i in range(k):
-        table.add_column(f"λ{i + 1}", justify="right")
+    for label in _eigen_labels({(d.get("eigen") or {}).get("which") for d in ds}, k):
+        table.add_column(label, justify="right")
     table.add_column("trace", justify="right")
     table.add_column("|<ĝ,v1>|", justify="right")
     table.add_column("||Vᵀĝ||", justify="right")
@@ -219,6 +219,21 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     if unconverged:
         table.caption = "* NOT converged (residual above tolerance)"
     return table
+
+
+def _eigen_labels(whiches: set[str | None], count: int) -> list[str]:
+    """Column labels: λ1, λ2, ... for the largest; λn, λn-1, ... for the smallest; both in turn
+    for ``which="both"`` (the largest half first); positions where the files' searches differ."""
+    whiches.discard(None)
+    smallest = ["λn"] + [f"λn-{i}" for i in range(1, count)]
+    if whiches == {"smallest"}:
+        return smallest[:count]
+    if whiches == {"both"}:
+        half = count // 2
+        return [f"λ{i + 1}" for i in range(half)] + smallest[:half]
+    if whiches <= {"largest"}:
+        return [f"λ{i + 1}" for i in range(count)]
+    return [f"#{i + 1}" for i in range(count)]
 
 
 def file_summary(

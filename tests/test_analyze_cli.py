@@ -248,6 +248,12 @@ def test_directory_series_show_and_plot(capsys, tmp_path, digits_mlp):
     png = tmp_path / "traj.png"
     code, _, _ = run(capsys, "plot", out_h5, "-o", png)
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one = tmp_path / "one.png"  # one checkpoint of the series: its own figure
+    code, _, _ = run(capsys, "plot", out_h5, "-c", "ckpt_20", "-o", one)
+    assert code == 0 and one.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert one.read_bytes() != png.read_bytes()
+    code, _, err = run(capsys, "plot", out_h5, "-c", "ckpt_99", "-o", one)
+    assert code == 2 and "no checkpoint named 'ckpt_99'" in one_sentence(err)
 
 
 def test_a_directory_of_different_models_is_analysed_without_a_shared_warm_start(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from hessian_cli.errors import UserError
@@ -21,3 +22,16 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
     return value
+
+
+def pick_checkpoint(
+    file: object, reports: Sequence[dict[str, Any]], groups: Sequence[str], name: str | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The reports (and their groups) that ``--checkpoint NAME`` names, by checkpoint name or by
+    group (a checkpoint analysed twice is stored as name and name-2); all without ``name``."""
+    pairs = list(zip(reports, groups, strict=True))
+    if name is not None:
+        pairs = [(d, g) for d, g in pairs if name in (d["name"], g)]
+        if not pairs:
+            raise UserError(f"{file} holds no checkpoint named {name!r}.")
+    return [d for d, _ in pairs], [g for _, g in pairs]

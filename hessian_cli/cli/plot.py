@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from hessian_cli.cli.app import app
+from hessian_cli.cli.options import pick_checkpoint
 from hessian_cli.errors import UserError
 
 
@@ -22,6 +23,12 @@ def plot(
         "-o",
         help="Where to write the figure; the suffix picks the format (.png, .pdf, .svg).",
     ),
+    checkpoint: str | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="Plot only this checkpoint of a series (its ESD and eigenvalues; names as in show).",
+    ),
 ) -> None:
     """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.
@@ -30,15 +37,19 @@ def plot(
         FORMAT_NAME,
         METRICS_FORMAT_NAME,
         file_format,
+        group_names,
         read_analyses,
         read_metrics,
     )
 
     fmt = file_format(file)
     if fmt == METRICS_FORMAT_NAME:
+        if checkpoint is not None:
+            raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
         written = plot_metrics(read_metrics(file), output)
     elif fmt == FORMAT_NAME:
-        written = plot_file(read_analyses(file), output)
+        reports, _ = pick_checkpoint(file, read_analyses(file), group_names(file), checkpoint)
+        written = plot_file(reports, output)
     else:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot plot.")
     Console().print(f"wrote {written}", highlight=False)

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from hessian_cli.cli.app import app
+from hessian_cli.cli.options import pick_checkpoint
 from hessian_cli.errors import UserError
 
 
@@ -76,12 +77,7 @@ def show(
     ds = read_analyses(file)
     # A checkpoint analysed twice is stored in two groups (name, name-2): tell them apart by
     # the group where the names repeat.
-    groups = group_names(file)
-    if checkpoint is not None:
-        kept = [(d, g) for d, g in zip(ds, groups, strict=True) if checkpoint in (d["name"], g)]
-        if not kept:
-            raise UserError(f"{file} holds no checkpoint named {checkpoint!r}.")
-        ds, groups = [d for d, _ in kept], [g for _, g in kept]
+    ds, groups = pick_checkpoint(file, ds, group_names(file), checkpoint)
     if as_json:
         print_json(ds)
         return

@@ -203,7 +203,8 @@ def _setup(
         batch_size=request.batch_size,
         # One batch unless told otherwise (a quick, common default), however small the data.
         num_samples=request.num_samples
-        or (None if request.num_batches else min(request.batch_size, len(data.train))),
+        if request.num_samples is not None or request.num_batches is not None
+        else min(request.batch_size, len(data.train)),
         num_batches=request.num_batches,
         dtype=dtype,
     )

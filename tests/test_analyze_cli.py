@@ -522,8 +522,8 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     [
         (("--tol", "0"), "--tol must be a positive number"),
         (("--tol", "-1"), "--tol must be a positive number"),
-        (("--num-samples", "0"), "--num-samples must be at least 1"),
-        (("--num-batches", "0"), "--num-batches must be at least 1"),
+        (("--num-samples", "0"), "the number of samples must be positive, not 0"),
+        (("--num-batches", "0"), "the number of batches must be positive, not 0"),
     ],
 )
 def test_bad_counts_and_tolerances_are_refused(capsys, digits_mlp, args, message):

@@ -150,11 +150,6 @@ def analyze(
     ):
         if value not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
-    if not tol > 0:  # also refuses NaN
-        raise UserError(f"--tol must be a positive number, not {tol:g}.")
-    for name, count in (("--num-samples", num_samples), ("--num-batches", num_batches)):
-        if count is not None and count < 1:
-            raise UserError(f"{name} must be at least 1.")
     if num_samples is not None and num_batches is not None:
         raise UserError("Give --num-samples or --num-batches, not both.")
     if top_k < 0:

@@ -128,6 +128,8 @@ def eigenpairs(
         return _concat(top, low)
     if which not in ("largest", "smallest"):
         raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
+    if not tol > 0:  # also refuses NaN
+        raise UserError(f"--tol must be a positive number, not {tol:g}.")
     if criterion not in ("residual", "eigenvalue"):
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     if not 1 <= k <= op.n:

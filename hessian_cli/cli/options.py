@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hessian_cli.errors import UserError
@@ -25,7 +26,7 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
 
 
 def pick_checkpoint(
-    file: object, reports: Sequence[dict[str, Any]], groups: Sequence[str], name: str | None
+    file: Path, reports: Sequence[dict[str, Any]], groups: Sequence[str], name: str | None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The reports (and their groups) that ``--checkpoint NAME`` names, by checkpoint name or by
     group (a checkpoint analysed twice is stored as name and name-2); all without ``name``."""

@@ -224,7 +224,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
 def _eigen_labels(whiches: set[str | None], count: int) -> list[str]:
     """Column labels: λ1, λ2, ... for the largest; λn, λn-1, ... for the smallest; both in turn
     for ``which="both"`` (the largest half first); positions where the files' searches differ."""
-    whiches.discard(None)
+    whiches = whiches - {None}
     smallest = ["λn"] + [f"λn-{i}" for i in range(1, count)]
     if whiches == {"smallest"}:
         return smallest[:count]

@@ -278,6 +278,14 @@ def test_a_small_k_or_budget_keeps_the_krylov_basis():
     assert capped.method == "block-krylov-thick-restart" and capped.hvps <= 150
 
 
+def test_a_whole_space_that_does_not_fit_in_memory_is_one_sentence(monkeypatch):
+    import hessian_cli.engine.eigensolver as solver
+
+    monkeypatch.setattr(solver, "_free_bytes", lambda device: 1_000_000)  # 300^2 doubles: 1.4 MB
+    with pytest.raises(UserError, match="need every column of the Hessian, .* ask for fewer"):
+        eigenpairs(MatrixOperator(_symmetric(300)), 100)
+
+
 def test_whole_space_eigenpairs_of_a_network_match_the_dense_hessian():
     torch.manual_seed(0)
     model = torch.nn.Sequential(

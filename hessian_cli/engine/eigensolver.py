@@ -11,6 +11,7 @@ Ritz vectors (thick restart), so memory is ``O(max_basis * n)`` whatever the ite
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -267,6 +268,14 @@ def _whole_space(
     op: LinearOperator, k: int, progress: Progress | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The identity as the basis, and its products: every column of the matrix."""
+    need = 2 * op.n * op.n * torch.finfo(op.dtype).bits // 8  # the basis and its products
+    free = _free_bytes(op.device)
+    if free is not None and need > free:
+        raise UserError(
+            f"{k} eigenpairs of {op.n:,} parameters need every column of the Hessian, "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free: ask for fewer "
+            "with --top-k."
+        )
     Q = torch.eye(op.n, dtype=op.dtype, device=op.device)
     start_hvps, parts = op.hvp_count, []
     for i in range(0, op.n, WHOLE_SPACE_BLOCK):
@@ -274,6 +283,16 @@ def _whole_space(
         if progress:
             progress(op.hvp_count - start_hvps, 0, k)
     return Q, torch.cat(parts)
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory still free on ``device`` (None where the platform does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def eigenvalue_error_bounds(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.Tensor:

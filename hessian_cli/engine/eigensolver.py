@@ -19,7 +19,12 @@ from typing import Literal
 import torch
 
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, small_eigh
-from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
+from hessian_cli.engine.operator import (
+    LinearOperator,
+    cuda_free_bytes,
+    gaussian,
+    probe_generator,
+)
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.errors import UserError
@@ -288,7 +293,7 @@ def _whole_space(
 def _free_bytes(device: torch.device) -> int | None:
     """Memory still free on ``device`` (None where the platform does not say)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return cuda_free_bytes(device)
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -59,6 +59,13 @@ class MatrixOperator:
         return block @ self.matrix
 
 
+def cuda_free_bytes(device: torch.device) -> int:
+    """Memory this process can still allocate on a CUDA device: the device's free memory plus
+    what torch's caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 @contextlib.contextmanager
 def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
     """Put the model in a mode where every forward pass computes the same function.
@@ -406,9 +413,7 @@ class HessianOperator:
         """Device memory still available to this process (None on CPU: graphs are not kept)."""
         if self.device.type != "cuda":
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
-        pool = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return free + pool
+        return cuda_free_bytes(self.device)
 
     def _hvp_double(self, i: int, V: torch.Tensor) -> torch.Tensor:
         _, g, used = self._first_order_graph(i)

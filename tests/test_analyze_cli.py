@@ -433,6 +433,26 @@ def test_the_gradient_hints_the_top_eigenvectors_start(capsys, monkeypatch, digi
             assert seen["hint"] is seen["gradient"]
 
 
+def test_the_unit_of_cost_is_a_warm_gradient_timed_after_the_analysis(
+    capsys, monkeypatch, digits_mlp
+):
+    from hessian_cli.engine.operator import HessianOperator
+
+    hvps_then = []
+
+    def gradient_seconds(self):
+        hvps_then.append(self.hvp_count)
+        return 0.25
+
+    monkeypatch.setattr(HessianOperator, "gradient_seconds", gradient_seconds)
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2", "--trace", "--json")
+    assert code == 0
+    prov = json.loads(out)["provenance"]
+    assert hvps_then == [prov["hvps"]]  # once, when every product has been made
+    assert prov["grad_seconds"] == 0.25
+    assert prov["grad_equivalents"] == pytest.approx(prov["wall_seconds"] / 0.25)
+
+
 def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     # A residual of 1e-12 is out of float32's reach: the pairs cannot converge.
     args = ("analyze", digits_mlp, "--num-samples", "16", "--top-k", "2", "--tol", "1e-12")

@@ -224,6 +224,21 @@ def test_several_batches_take_their_gradients_from_the_graphs_that_fit(monkeypat
 
 
 @pytest.mark.parametrize("name", ["frozen-unused", "cnn-bn", "tied"])
+def test_the_timed_gradient_pass_keeps_nothing_and_changes_nothing(name):
+    case = CASES[name]
+    batch = [case.batches[0]]
+    op = HessianOperator(case.model, case.loss, batch)
+    v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    before = op.matmul(v)  # keeps the first-order graph
+    graphs, hvps, values = dict(op._graphs), op.hvp_count, op.space.values()
+    assert op.gradient_seconds() > 0
+    assert op._graphs == graphs and op.hvp_count == hvps
+    assert torch.equal(op.space.values(), values)
+    assert all(t.grad is None for t in op.space.tensors)
+    torch.testing.assert_close(op.matmul(v), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["frozen-unused", "cnn-bn", "tied"])
 def test_loss_at_a_shifted_point_leaves_weights_and_kept_graphs_alone(name):
     case = CASES[name]
     batch = [case.batches[0]]

@@ -278,6 +278,31 @@ def test_a_small_k_or_budget_keeps_the_krylov_basis():
     assert capped.method == "block-krylov-thick-restart" and capped.hvps <= 150
 
 
+def test_many_pairs_take_a_larger_default_block_and_match_eigh():
+    """k = 60 of n = 700: a block of 2 by default (k // 25), still the Krylov path."""
+    H = _symmetric(700)
+    res = eigenpairs(MatrixOperator(H), 60, tol=1e-8)
+    assert res.block_size == 2 and res.method == "block-krylov-thick-restart"
+    assert res.all_converged and res.hvps < 700
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:60])
+    V = res.eigenvectors
+    true = (V @ H - res.eigenvalues[:, None] * V).norm(dim=1) / res.scale
+    torch.testing.assert_close(res.residuals, true, rtol=1e-4, atol=1e-12)
+
+
+def test_the_projected_matrix_grows_by_its_new_rows_only():
+    from hessian_cli.engine.eigensolver import _extended
+
+    H = _symmetric(50)
+    gen = torch.Generator().manual_seed(1)
+    B = orthonormalize_against(torch.randn(12, 50, dtype=torch.float64, generator=gen), None)
+    Q, W = B[:9], B[9:]
+    T0 = Q @ H @ Q.T
+    T = _extended((T0 + T0.T) / 2, Q, Q @ H, W, W @ H)
+    torch.testing.assert_close(T, B @ H @ B.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(T, T.T)
+
+
 def test_a_whole_space_that_does_not_fit_in_memory_is_one_sentence(monkeypatch):
     import hessian_cli.engine.eigensolver as solver
 

@@ -74,8 +74,9 @@ def analyze(
     block_size: int | None = typer.Option(
         None,
         "--block-size",
-        help="Eigensolver vectors per Hessian pass (default 1: fewest products; use at least "
-        "the multiplicity of a repeated eigenvalue).",
+        help="Eigensolver vectors per Hessian pass (default 1, fewest products, up to 49 "
+        "pairs, then one per 25 pairs; use at least the multiplicity of a repeated "
+        "eigenvalue).",
     ),
     trace: bool = typer.Option(
         False, "--trace", help="Estimate the trace (Hutch++) with its standard error."

@@ -39,7 +39,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], *, ranks: int | None, cwd: Path, timeout: float = 120) -> tuple:
+def _run(
+    args: list[str],
+    *,
+    ranks: int | None,
+    cwd: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> tuple:
     """Run the CLI in one process (``ranks=None``) or under torchrun; (code, stdout, stderr, s)."""
     if ranks is None:
         cmd = [sys.executable, "-m", "hessian_cli", *args]
@@ -53,7 +60,9 @@ def _run(args: list[str], *, ranks: int | None, cwd: Path, timeout: float = 120)
             *args,
         ]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=timeout)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**_env(), **(env or {})}, cwd=cwd, timeout=timeout
+    )
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
 
 
@@ -170,6 +179,29 @@ def test_one_failing_rank_ends_the_job_with_one_message(tmp_path: Path, command:
     assert "Traceback" not in err.split("error:")[0]
     assert not (tmp_path / "s.h5").exists()
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@needs_gloo
+def test_a_basis_too_large_for_one_rank_is_refused_by_all(tmp_path: Path) -> None:
+    """Rank 1 reports too little free memory for the eigensolver's basis: every rank stops at
+    once with one message (rank 0 alone would have waited for rank 1's products)."""
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import hessian_cli.engine.memory as memory\n"
+        "    memory.free_bytes = lambda device: 1000\n"
+    )
+    args = ["analyze", str(CKPT), "--top-k", "2", "--out", "s.h5"]
+    code, _, err, seconds = _run(
+        args, ranks=2, cwd=tmp_path, timeout=90, env={"PYTHONPATH": str(patch)}
+    )
+    assert code != 0 and seconds < 60
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "rank 1 of 2" in lines[0] and "more than the 0.0 GiB free" in lines[0]
+    assert not (tmp_path / "s.h5").exists()
 
 
 @needs_gloo

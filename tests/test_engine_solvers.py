@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -306,9 +307,45 @@ def test_the_projected_matrix_grows_by_its_new_rows_only():
 def test_a_whole_space_that_does_not_fit_in_memory_is_one_sentence(monkeypatch):
     import hessian_cli.engine.eigensolver as solver
 
-    monkeypatch.setattr(solver, "_free_bytes", lambda device: 1_000_000)  # 300^2 doubles: 1.4 MB
+    monkeypatch.setattr(solver, "free_bytes", lambda device: 1_000_000)  # needs 1.9 MB
     with pytest.raises(UserError, match="need every column of the Hessian, .* ask for fewer"):
         eigenpairs(MatrixOperator(_symmetric(300)), 100)
+
+
+def test_a_krylov_basis_that_does_not_fit_in_memory_is_one_sentence(monkeypatch):
+    import hessian_cli.engine.eigensolver as solver
+
+    op = MatrixOperator(_symmetric(700))
+    # top-60: 186 basis vectors, their products, 62 Ritz vectors and residuals, of 700 doubles
+    need = (2 * 186 + 2 * 62) * 700 * 8
+    monkeypatch.setattr(solver, "free_bytes", lambda device: need - 1)
+    with pytest.raises(UserError, match=r"60 eigenpairs of 700 parameters need a basis of 186 "):
+        eigenpairs(op, 60)
+    assert op.hvp_count == 0  # refused before any product
+    monkeypatch.setattr(solver, "free_bytes", lambda device: need)
+    assert eigenpairs(op, 60, tol=1e-6).all_converged
+
+
+def test_a_thick_restart_combines_the_basis_in_place_a_chunk_at_a_time():
+    from hessian_cli.engine.eigensolver import _combine_rows
+
+    gen = torch.Generator().manual_seed(2)
+    buffer = torch.randn(10, 1000, dtype=torch.float64, generator=gen)
+    S = torch.randn(7, 4, dtype=torch.float64, generator=gen)
+    expected = S.T @ buffer[:7]
+    rest = buffer[7:].clone()
+    _combine_rows(buffer, S, chunk=300)  # 1000 columns: three whole chunks and a partial one
+    torch.testing.assert_close(buffer[:4], expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(buffer[7:], rest)
+
+
+def test_free_memory_is_known_on_this_platform():
+    from hessian_cli.engine.memory import free_bytes
+
+    free = free_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    if sys.platform.startswith("linux"):
+        assert free is not None and free > 2**20
 
 
 def test_whole_space_eigenpairs_of_a_network_match_the_dense_hessian():

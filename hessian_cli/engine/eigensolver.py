@@ -11,20 +11,16 @@ Ritz vectors (thick restart), so memory is ``O(max_basis * n)`` whatever the ite
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 
+from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, small_eigh
-from hessian_cli.engine.operator import (
-    LinearOperator,
-    cuda_free_bytes,
-    gaussian,
-    probe_generator,
-)
+from hessian_cli.engine.memory import free_bytes
+from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.errors import UserError
@@ -174,8 +170,18 @@ def eigenpairs(
     best_worst, best_at = float("inf"), 0
 
     whole = 2 * max_basis >= op.n >= WHOLE_SPACE_FROM and max_hvps >= op.n
+    # The basis and its products live in two buffers of `capacity` rows, filled in place: no
+    # copy of the basis per iteration, and a peak memory that is known before the first product.
+    capacity = op.n if whole else max_basis
+    # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
+    collective = getattr(op, "distributed", False)
+    with fail_together() if collective else contextlib.nullcontext():
+        _check_memory(op, k, capacity, min(capacity, k + b), whole)
+    Qb = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)
+    HQb = torch.empty_like(Qb)
     if whole:
-        Q, HQ = _whole_space(op, k, progress)  # the loop below then stops after one step
+        T = _whole_space(op, Qb, HQb, k, progress)  # the loop below then stops after one step
+        m = op.n
     else:
         start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
         if hint is not None:
@@ -184,20 +190,22 @@ def eigenpairs(
             if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
                 start[0] = start[0] / norms(start[0]) + h / size
         if init is not None:
-            start = torch.cat([init.to(start).reshape(-1, op.n), start])[: max(b, len(init))]
-        Q = orthonormalize_against(start, None)
-        HQ = op.matmul(Q)
-    T = _symmetric(gram(Q, HQ).cpu())  # the projected matrix Q H Q^T, kept up to date below
+            rows = min(capacity, max(b, len(init)))
+            start = torch.cat([init.to(start).reshape(-1, op.n), start])[:rows]
+        start = orthonormalize_against(start, None)
+        m = start.shape[0]
+        Qb[:m], HQb[:m] = start, op.matmul(start)
+        T = _symmetric(gram(Qb[:m], HQb[:m]).cpu())  # Q H Q^T, kept up to date below
     iterations, scale = 0, 0.0
     while True:
         iterations += 1
+        Q, HQ = Qb[:m], HQb[:m]
         theta, S = small_eigh(sign * T)  # on the CPU, as is the bookkeeping below
         theta, S = sign * theta.flip(0), S.flip(1)  # most wanted first
-        m = Q.shape[0]
         w = min(m, k + b)
         Sw = S[:, :w].to(Q)
-        X, HX = Sw.T @ Q, Sw.T @ HQ
-        R = HX - theta[:w, None].to(Q) * X
+        X = Sw.T @ Q
+        R = (Sw.T @ HQ).addcmul_(theta[:w, None].to(Q), X, value=-1)  # H X - theta X
         rnorm = norms(R).double().cpu()
         # |lambda_max| as far as seen: every Ritz value lies within the spectrum, and a thick
         # restart toward the smallest drops the largest from the basis, so keep the maximum.
@@ -233,24 +241,30 @@ def eigenpairs(
         unconverged.sort(key=lambda i: -float(rnorm[i]))
         order = unconverged + list(range(k, w))
         W = R[order[:b]]
-        if m + W.shape[0] > max_basis:  # thick restart: keep the best Ritz vectors
-            keep = max(k, max_basis - W.shape[0])
+        if m + W.shape[0] > capacity:  # thick restart: keep the best Ritz vectors
+            keep = max(k, capacity - W.shape[0])
             Sk = S[:, :keep].to(Q)
-            Q, HQ = Sk.T @ Q, Sk.T @ HQ
+            _combine_rows(Qb, Sk)
+            _combine_rows(HQb, Sk)
             Sk = Sk.to(T)  # the same rounded combinations
             T = _symmetric(Sk.T @ T @ Sk)
+            m = keep
+            Q, HQ = Qb[:m], HQb[:m]
         W = orthonormalize_against(W, Q)
-        if W.shape[0] < b and Q.shape[0] + W.shape[0] < op.n:  # invariant subspace: add fresh
-            extra = gaussian(
-                (b - W.shape[0], op.n), generator=gen, dtype=op.dtype, device=op.device
-            )
-            W = torch.cat([W, orthonormalize_against(extra, torch.cat([Q, W]))])[:b]
-        if W.shape[0] == 0:
+        Qb[m : m + len(W)] = W
+        if len(W) < b and m + len(W) < op.n:  # invariant subspace: add fresh directions
+            extra = gaussian((b - len(W), op.n), generator=gen, dtype=op.dtype, device=op.device)
+            extra = orthonormalize_against(extra, Qb[: m + len(W)])[: b - len(W)]
+            Qb[m + len(W) : m + len(W) + len(extra)] = extra
+            W = Qb[m : m + len(W) + len(extra)]
+        if len(W) == 0:
             stop_reason = "exhausted"
             break
         HW = op.matmul(W)
         T = _extended(T, Q, HQ, W, HW)
-        Q, HQ = torch.cat([Q, W]), torch.cat([HQ, HW])
+        HQb[m : m + len(W)] = HW
+        m += len(W)
+    del Qb, HQb, Q, HQ, R  # free the basis before any verifying products
 
     values, vectors = theta[:k], X[:k]
     if verify is None:
@@ -303,35 +317,44 @@ def _extended(
     return torch.cat([torch.cat([T, cross.T], 1), torch.cat([cross, corner], 1)])
 
 
+def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool) -> None:
+    """Refuse, in one sentence, a solve whose basis cannot fit: the basis and its products
+    (``capacity`` rows each), then ``w`` Ritz vectors and their residuals."""
+    need = (2 * capacity + 2 * w) * op.n * torch.finfo(op.dtype).bits // 8
+    free = free_bytes(op.device)
+    if free is None or need <= free:
+        return
+    what = (
+        "every column of the Hessian"
+        if whole
+        else f"a basis of {capacity:,} vectors and their products"
+    )
+    raise UserError(
+        f"{k:,} eigenpairs of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB, more "
+        f"than the {free / 2**30:.1f} GiB free: ask for fewer with --top-k."
+    )
+
+
 def _whole_space(
-    op: LinearOperator, k: int, progress: Progress | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The identity as the basis, and its products: every column of the matrix."""
-    need = 2 * op.n * op.n * torch.finfo(op.dtype).bits // 8  # the basis and its products
-    free = _free_bytes(op.device)
-    if free is not None and need > free:
-        raise UserError(
-            f"{k} eigenpairs of {op.n:,} parameters need every column of the Hessian, "
-            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free: ask for fewer "
-            "with --top-k."
-        )
-    Q = torch.eye(op.n, dtype=op.dtype, device=op.device)
-    start_hvps, parts = op.hvp_count, []
+    op: LinearOperator, Q: torch.Tensor, HQ: torch.Tensor, k: int, progress: Progress | None
+) -> torch.Tensor:
+    """The identity as the basis ``Q`` and its products ``HQ`` (every column of the matrix),
+    filled in place; returns the projected matrix, which is then ``HQ`` itself."""
+    start_hvps = op.hvp_count
+    Q.zero_().fill_diagonal_(1)
     for i in range(0, op.n, WHOLE_SPACE_BLOCK):
-        parts.append(op.matmul(Q[i : i + WHOLE_SPACE_BLOCK]))
+        HQ[i : i + WHOLE_SPACE_BLOCK] = op.matmul(Q[i : i + WHOLE_SPACE_BLOCK])
         if progress:
             progress(op.hvp_count - start_hvps, 0, k)
-    return Q, torch.cat(parts)
+    return _symmetric(HQ.double().cpu())
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    """Memory still free on ``device`` (None where the platform does not say)."""
-    if device.type == "cuda":
-        return cuda_free_bytes(device)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def _combine_rows(buffer: torch.Tensor, S: torch.Tensor, chunk: int = 1 << 16) -> None:
+    """``buffer[:keep] = S^T @ buffer[:m]`` for ``S`` of shape ``[m, keep]``, ``keep <= m``, in
+    place, a chunk of columns at a time: a thick restart then needs no second basis."""
+    m, keep = S.shape
+    for j in range(0, buffer.shape[1], chunk):
+        buffer[:keep, j : j + chunk] = S.T @ buffer[:m, j : j + chunk]
 
 
 def eigenvalue_error_bounds(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.linalg import norms
+from hessian_cli.engine.memory import cuda_free_bytes
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
 from hessian_cli.errors import UserError
@@ -57,13 +58,6 @@ class MatrixOperator:
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         self.hvp_count += block.shape[0]
         return block @ self.matrix
-
-
-def cuda_free_bytes(device: torch.device) -> int:
-    """Memory this process can still allocate on a CUDA device: the device's free memory plus
-    what torch's caching allocator holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 @contextlib.contextmanager

@@ -465,6 +465,26 @@ def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     assert code == 0 and not any(eigen["converged"]) and eigen["stop_reason"] == "budget"
 
 
+def test_a_slow_solve_is_not_blamed_on_rounding_noise(capsys, monkeypatch, digits_mlp):
+    import dataclasses
+
+    import hessian_cli.analyze as analyze_module
+
+    real = analyze_module.eigenpairs
+
+    def slow(*args, **kwargs):
+        res = real(*args, **kwargs)
+        return dataclasses.replace(
+            res, stop_reason="slow", converged=torch.zeros_like(res.converged)
+        )
+
+    monkeypatch.setattr(analyze_module, "eigenpairs", slow)
+    code, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "2", "--quiet")
+    err = " ".join(err.split())
+    assert code == 3 and "not converged" in err
+    assert "crowded" in err and "rounding noise" not in err
+
+
 def test_eigenvalue_criterion_end_to_end(capsys, tmp_path, digits_mlp):
     args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "3", "--tol", "1e-6")
     code, out, _ = run(capsys, *args, "--json")

@@ -241,8 +241,8 @@ def analyze(
     ]
     if unconverged and max_hvps is None:
         what = ", ".join(f"{n}: {c} pair(s)" for n, c in unconverged)
-        noisy = ("stalled", "unverified")
-        stalled = any(r["eigen"] and r["eigen"]["stop_reason"] in noisy for r in reports)
+        reasons = {r["eigen"]["stop_reason"] for r in reports if r["eigen"]}
+        stalled = bool(reasons & {"stalled", "unverified"})
         remedy = (
             " or use --precision full"
             if precision != "full"
@@ -254,6 +254,9 @@ def analyze(
             "the residuals stopped improving, so the products' rounding noise is above the "
             f"tolerance: loosen --tol{remedy}"
             if stalled
+            else "the residuals improved too slowly for eigenvalues this crowded: loosen --tol, "
+            "or pass --max-hvps to accept these"
+            if "slow" in reasons
             else "raise --max-hvps to spend more or pass it to accept the budget"
         )
         if lead:

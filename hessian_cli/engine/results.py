@@ -32,7 +32,8 @@ class EigenResult:
     seconds: float
     block_size: int
     # Why the iteration ended: converged, stalled (residuals stopped improving: the tolerance is
-    # below the products' rounding noise), unverified (the iteration's residuals met the
+    # below the products' rounding noise), slow (they stopped improving far above that noise:
+    # crowded eigenvalues), unverified (the iteration's residuals met the
     # tolerance, the fresh full-precision products did not), budget (max_hvps spent) or
     # exhausted (Krylov space invariant or as large as the space).
     stop_reason: str = "converged"

@@ -1,7 +1,10 @@
 """The training metrics file ``metrics.h5`` (format ``hessian-cli-metrics``, version 1).
 
-Layout: root attrs ``format``, ``version``, ``tool``, ``torch``, ``created`` and ``config`` (the
-run's configuration as JSON); one group per kind of record, each holding equally long 1-D
+Layout: root attrs as in a spectra file, ``format``, ``format_version``, ``tool_version``,
+``torch_version``, ``created``, ``modified`` and ``command_line`` (the command that last wrote
+it: a resume's), and ``config`` (the run's configuration as JSON); files written before
+2026-11-29 name the versions ``version``, ``tool`` and ``torch`` and have no command line. One
+group per kind of record, each holding equally long 1-D
 extendible datasets (columns), rows in step order; a group with no rows is left out:
 
 - ``steps``: ``step`` (global, from 0), ``loss`` and ``accuracy`` of the minibatch at the
@@ -23,7 +26,7 @@ disk) leaves either the previous file or the new one, never a damaged one.
 from __future__ import annotations
 
 import json
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +66,11 @@ COLUMNS: dict[str, dict[str, type]] = {
 class MetricsLog:
     """Rows of every group, kept in memory and written out whole by :meth:`flush`."""
 
-    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], command_line: str = "") -> None:
         self.path = path
         self.config = config
-        self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.command_line = command_line
+        self.created = _now()
         self.rows: dict[str, list[tuple[float, ...]]] = {group: [] for group in COLUMNS}
 
     def append(self, group: str, **values: float) -> None:
@@ -103,10 +107,12 @@ class MetricsLog:
         """Rewrite the file atomically with every row so far."""
         with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = METRICS_FORMAT_NAME
-            f.attrs["version"] = METRICS_VERSION
-            f.attrs["tool"] = f"hessian-cli {__version__}"
-            f.attrs["torch"] = str(torch.__version__)
+            f.attrs["format_version"] = METRICS_VERSION
+            f.attrs["tool_version"] = __version__
+            f.attrs["torch_version"] = str(torch.__version__)
             f.attrs["created"] = self.created
+            f.attrs["modified"] = _now()
+            f.attrs["command_line"] = self.command_line
             f.attrs["config"] = json.dumps(self.config, sort_keys=True)
             for group, columns in COLUMNS.items():
                 rows = self.rows[group]
@@ -118,6 +124,10 @@ class MetricsLog:
                     g.create_dataset(
                         name, data=values, maxshape=(None,), chunks=(min(len(rows), 1024),)
                     )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _attr(path: Path, name: str) -> Any:

@@ -89,12 +89,14 @@ def train(
     resume_dir: str | Path | None = None,
     progress: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    command_line: str = "",
 ) -> TrainSummary:
     """Train as ``config`` says, in ``config.out``, or continue the run in ``resume_dir``.
 
     When resuming, ``config`` must be the run's (:func:`load_config`); only the run-time fields
     may differ. ``should_stop`` is polled before every step: when it returns True a checkpoint is
     saved and the summary says ``interrupted``. ``max_steps`` stops the same way (global steps).
+    ``command_line`` is recorded in the metrics file, as a spectra file records its own.
     """
     with distributed.fail_together():  # no rank writes before every rank has checked its input
         config.validate()
@@ -106,7 +108,7 @@ def train(
                 raise UserError("say where the run goes with --out RUN_DIR.")
             run_dir = Path(config.out)
             _check_new_run_dir(run_dir)
-        run = _Run(config, run_dir, resume=resume_dir is not None)
+        run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
     if resume_dir is None and run.lead:
         _write_config(run_dir, config)
     return run.train(progress, should_stop)
@@ -153,7 +155,9 @@ class _Diverged(Exception):
 class _Run:
     """One training session: the model, data and optimizer, and the position in the run."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, *, resume: bool) -> None:
+    def __init__(
+        self, config: TrainConfig, run_dir: Path, *, resume: bool, command_line: str
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.device = resolve_device(config.device)
@@ -208,7 +212,7 @@ class _Run:
         self.resumed_from = latest_checkpoint(run_dir) if resume else None
         order_state = self._restore(self.resumed_from) if self.resumed_from else None
         self.order = DataOrder(n, config.seed, order_state)
-        self.metrics = MetricsLog(run_dir / METRICS_FILE, config.identity())
+        self.metrics = MetricsLog(run_dir / METRICS_FILE, config.identity(), command_line)
         if resume:
             try:
                 self.metrics.load(before_step=self.step, before_epoch=self.epoch)

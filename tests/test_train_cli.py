@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
@@ -78,8 +79,16 @@ def test_each_optimizer_trains_a_few_steps(capsys, tmp_path, extra):
     assert "Epochs" in stdout  # the epoch table
     assert (out / "checkpoints" / "step0000007.pt").is_file() and (out / "metrics.h5").is_file()
     assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == extra[1]
+    first = _root_attrs(out / "metrics.h5")
+    assert (
+        first["command_line"].startswith("hessian-cli train ")
+        and "--max-steps 7" in first["command_line"]
+    )
     code, stdout, _ = run(capsys, "train", "--resume", out, "--quiet")
     assert code == 0 and stdout == ""
+    resumed = _root_attrs(out / "metrics.h5")  # the command that last wrote it, since when
+    assert resumed["command_line"] == f"hessian-cli train --resume {out} --quiet"
+    assert resumed["created"] == first["created"]
     assert (out / "checkpoints" / "final.pt").is_file()
     code, stdout, _ = run(capsys, "train", "--resume", out)
     assert code == 0 and "already finished" in stdout
@@ -97,6 +106,12 @@ def test_finished_run_reads_back_everywhere(capsys, finished_run):
     assert len(report["eigen"]["eigenvalues"]) == 2
     code, out, err = run(capsys, "show", finished_run / "metrics.h5")
     assert code == 0 and "refreshes" in out, err
+    assert "last command: hessian-cli train" in out and "written by hessian-cli" in out
+
+
+def _root_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
 def test_existing_run_is_refused_not_overwritten(capsys, finished_run):

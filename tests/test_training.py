@@ -116,7 +116,11 @@ def test_metrics_file_layout(tmp_path):
     summary = train(config(tmp_path, epochs=2, eig_every=4, track_every=5))
     total = 2 * STEPS_PER_EPOCH
     with h5py.File(tmp_path / "run" / "metrics.h5", "r") as f:
-        assert f.attrs["format"] == "hessian-cli-metrics" and f.attrs["version"] == 1
+        assert f.attrs["format"] == "hessian-cli-metrics" and f.attrs["format_version"] == 1
+        # The root attributes a spectra file has (DESIGN.md), under the same names.
+        assert {"tool_version", "torch_version", "created", "modified", "command_line"} <= set(
+            f.attrs
+        )
         assert json.loads(f.attrs["config"])["optimizer"] == "eigensam"
         assert set(f) == {"steps", "epochs", "refresh", "track"}
         for group in f.values():

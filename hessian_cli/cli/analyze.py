@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -12,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hessian_cli.cli.app import app
-from hessian_cli.cli.options import parse_model_kwargs
+from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import UserError
 
 EXIT_UNCONVERGED = 3
@@ -221,7 +219,7 @@ def analyze(
         write_analyses(
             out,
             results,
-            command_line=shlex.join(["hessian-cli", *sys.argv[1:]]),
+            command_line=command_line(),
             save_eigenvectors=save_eigenvectors,
             series=len(results) > 1,
         )

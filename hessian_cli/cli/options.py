@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hessian_cli.errors import UserError
+
+
+def command_line() -> str:
+    """This invocation as a shell command, recorded in the files it writes."""
+    return shlex.join(["hessian-cli", *sys.argv[1:]])
 
 
 def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:

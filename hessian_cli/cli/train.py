@@ -38,7 +38,7 @@ from eigensam.config import (
 )
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
 from hessian_cli.cli.app import app
-from hessian_cli.cli.options import parse_model_kwargs
+from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import UserError
 
 EXIT_INTERRUPTED = 130
@@ -178,7 +178,13 @@ def train_command(
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = _Display(console, config, quiet or not lead)
     with _ctrl_c() as stop, display:
-        summary = train(config, resume_dir=resume, progress=display, should_stop=stop)
+        summary = train(
+            config,
+            resume_dir=resume,
+            progress=display,
+            should_stop=stop,
+            command_line=command_line(),
+        )
     if lead:
         _report(console, summary, quiet, resumed=resume is not None)
     elif summary.interrupted:

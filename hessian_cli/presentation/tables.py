@@ -245,6 +245,12 @@ def file_summary(
     version = info.get("format_version")
     what = f"hessian-cli spectra file (format version {version})" if version else "spectra file"
     lines.append(Text(f"{what}, {len(ds)} checkpoint{'s' if len(ds) != 1 else ''}"))
+    return Group(*lines, *_written_by(info))
+
+
+def _written_by(info: Mapping[str, Any]) -> list[Text]:
+    """Which versions wrote a file, when, and its last command (root attributes)."""
+    lines = []
     if info.get("tool_version"):
         lines.append(
             Text(
@@ -255,7 +261,7 @@ def file_summary(
         )
     if info.get("command_line"):
         lines.append(Text(f"last command: {info['command_line']}", style="dim"))
-    return Group(*lines)
+    return lines
 
 
 def _cell(values: np.ndarray, i: int) -> str:
@@ -297,6 +303,7 @@ def metrics_summary(
         for name, cols in metrics.items()
     )
     parts.append(Text(f"hessian-cli metrics file (format version {version}): {counts or 'empty'}"))
+    parts.extend(_written_by(info))
     steps = metrics.get("steps") or {}
     if "loss" in steps and len(steps["loss"]):
         loss = steps["loss"]

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -153,20 +153,21 @@ def analyze_checkpoint(
     """Run the requested solvers on one loaded checkpoint."""
     _check_request(request)
     with distributed.fail_together():
-        model_spec, data_spec, loss_spec, model, loss_fn, batches, device = _setup(ckpt, request)
+        s = _setup(ckpt, request)
     rank, world_size = distributed.world()
     try:
         return _run_solvers(
             ckpt,
             request,
-            model,
-            loss_fn,
-            distributed.shard(batches, rank, world_size),
-            device,
+            s.model,
+            s.loss_fn,
+            distributed.shard(s.batches, rank, world_size),
+            s.device,
             init,
             progress,
-            specs={"model": model_spec, "data": data_spec, "loss": loss_spec},
-            num_batches=len(batches),
+            specs={"model": s.model_spec, "data": s.data_spec, "loss": s.loss_spec},
+            num_batches=len(s.batches),
+            minibatches=distributed.shard(s.minibatches, rank, world_size),
         )
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
@@ -174,10 +175,19 @@ def analyze_checkpoint(
         ) from exc
 
 
-def _setup(
-    ckpt: LoadedCheckpoint, request: AnalyzeRequest
-) -> tuple[str, str, str, torch.nn.Module, Callable, list, torch.device]:
-    """Model, loss and the global list of batches: where bad input shows up."""
+class _Setup(NamedTuple):
+    model_spec: str
+    data_spec: str
+    loss_spec: str
+    model: torch.nn.Module
+    loss_fn: Callable
+    batches: list  # the analysed batches (global list)
+    minibatches: list  # the alignment's minibatches (global list; empty without --alignment)
+    device: torch.device
+
+
+def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
+    """Model, loss and the global lists of batches: where bad input shows up."""
     meta = ckpt.metadata
     model_spec = _spec(request.model, meta, "model", "model", "--model")
     data_spec = _spec(request.data, meta, "data", "data", "--data")
@@ -213,7 +223,20 @@ def _setup(
     _check_fits(model, batches, data.input_shape)
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
     loss_fn = get_loss(loss_spec, num_classes=data.num_classes)
-    return model_spec, data_spec, loss_spec, model, loss_fn, batches, device
+    minibatches: list = []  # empty: the analysed batches hold the alignment's minibatches
+    more_data = len(data.train) > sum(len(y) for _, y in batches)
+    if request.alignment and len(batches) < request.minibatches and more_data:
+        # SAM perturbs with minibatch gradients: the data's first M batches, however few of them
+        # the Hessian is taken over (by default one).
+        minibatches = analysis_batches(
+            data.train,
+            batch_size=request.batch_size,
+            num_samples=min(request.minibatches * request.batch_size, len(data.train)),
+            dtype=dtype,
+        )
+        if data.num_classes:
+            check_labels(minibatches, data.num_classes)
+    return _Setup(model_spec, data_spec, loss_spec, model, loss_fn, batches, minibatches, device)
 
 
 def _check_fits(model: torch.nn.Module, batches: list, input_shape: tuple[int, ...]) -> None:
@@ -249,6 +272,7 @@ def _run_solvers(
     progress: Progress | None,
     specs: dict[str, str],
     num_batches: int,
+    minibatches: list,
 ) -> CheckpointAnalysis:
     start = time.perf_counter()
     op = HessianOperator(
@@ -301,6 +325,12 @@ def _run_solvers(
             alpha=request.alpha,
             minibatches=request.minibatches,
             gradient=(loss, g),
+            # Minibatches beyond the analysed batches: their own (gradient-only) operator.
+            minibatch_op=HessianOperator(
+                model, loss_fn, minibatches, params=op.space, bn=request.bn, keep_graph=False
+            )
+            if minibatches
+            else None,
         )
     # A reduced-precision analysis states how far its products are from full-precision ones.
     hvp_rel_error = op.precision_error(seed=request.seed)

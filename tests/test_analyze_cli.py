@@ -153,6 +153,39 @@ def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     assert a["sam_sharpness"] == pytest.approx(sharp, rel=1e-6)
 
 
+def test_minibatch_alignment_reads_more_batches_than_the_hessian(capsys, tmp_path):
+    """By default the Hessian is one batch's; the minibatch statistics still take the data's
+    first --minibatches batches, as SAM's minibatch gradients would be."""
+    data = load_data("digits")
+    torch.manual_seed(2)
+    model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs={"hidden": [6]})
+    ckpt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), ckpt)
+    args = ["analyze", ckpt, "--model", "mlp", "--model-kwargs", '{"hidden": [6]}']
+    args += ["--data", "digits", "--batch-size", "40", "--dtype", "float64"]
+    args += ["--top-k", "2", "--tol", "1e-10"]
+    code, out, _ = run(capsys, *args, "--alignment", "--minibatches", "3", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["provenance"]["num_samples"] == 40  # the Hessian's data: one batch
+    m = model.double()
+    space = select_parameters(m)
+    xs = torch.stack([data.train[i][0] for i in range(120)]).double()
+    ys = torch.tensor([int(data.train[i][1]) for i in range(120)])
+    _, vectors = dense_eigh(dense_hessian(m, F.cross_entropy, [(xs[:40], ys[:40])], space))
+    V = vectors[:2]
+    expected = []
+    for i in range(3):
+        batch = slice(40 * i, 40 * i + 40)
+        gb = space.flatten(
+            torch.autograd.grad(F.cross_entropy(m(xs[batch]), ys[batch]), space.tensors)
+        )
+        expected.append((V @ gb).abs() / gb.norm())
+    np.testing.assert_allclose(
+        r["alignment"]["minibatch"]["values"], torch.stack(expected).numpy(), rtol=1e-6
+    )
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
     from hessian_cli.cli.app import state

@@ -80,9 +80,12 @@ def test_shard_is_a_contiguous_partition() -> None:
 
 
 @needs_gloo
-@pytest.mark.parametrize("samples,batch", [(201, 50), (160, 40)])
-def test_analyze_two_ranks_matches_one_process(tmp_path: Path, samples: int, batch: int) -> None:
-    """Eigenpairs, residuals, trace, density and alignment agree to 1e-6 in float64."""
+@pytest.mark.parametrize("samples,batch,minibatches", [(201, 50, 4), (160, 40, 6)])
+def test_analyze_two_ranks_matches_one_process(
+    tmp_path: Path, samples: int, batch: int, minibatches: int
+) -> None:
+    """Eigenpairs, residuals, trace, density and alignment agree to 1e-6 in float64 (minibatch
+    statistics over part of the analysed batches, or over more batches than those)."""
     args = [
         "analyze",
         str(CKPT),
@@ -100,7 +103,7 @@ def test_analyze_two_ranks_matches_one_process(tmp_path: Path, samples: int, bat
         "16",
         "--alignment",
         "--minibatches",
-        "4",  # spans both ranks' shares
+        str(minibatches),  # spans both ranks' shares
         "--json",
     ]
     code1, out1, err1, _ = _run(args, ranks=None, cwd=tmp_path)
@@ -140,7 +143,7 @@ def test_analyze_two_ranks_matches_one_process(tmp_path: Path, samples: int, bat
         assert _close(a, b, atol=1e-12)
     mb1 = torch.tensor(al1["minibatch"]["values"])
     mb2 = torch.tensor(al2["minibatch"]["values"])
-    assert mb1.shape == mb2.shape == (4, 5)
+    assert mb1.shape == mb2.shape == (minibatches, 5)
     torch.testing.assert_close(mb2, mb1, rtol=1e-6, atol=1e-12)
 
     with h5py.File(out_file, "r") as f:

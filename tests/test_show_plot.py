@@ -148,7 +148,7 @@ def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
 
 @pytest.mark.parametrize(
     "values, caption",
-    [([[0.5]], "the one batch analysed, so no spread"), ([[0.5], [0.7]], "first 2 batch")],
+    [([[0.5]], "one batch gradient, so no spread"), ([[0.5], [0.7]], "first 2 batch")],
 )
 def test_alignment_caption_says_how_many_minibatches(values, caption):
     from rich.console import Console

@@ -93,7 +93,10 @@ def analyze(
     rho: float = typer.Option(0.05, "--rho", help="SAM radius for sam_sharpness."),
     alpha: float = typer.Option(0.2, "--alpha", help="Eigen-SAM alpha for eigensam_alignment."),
     minibatches: int = typer.Option(
-        8, "--minibatches", help="Minibatch gradients for alignment statistics."
+        8,
+        "--minibatches",
+        help="Minibatch gradients for the alignment statistics: the data's first M batches of "
+        "--batch-size, however many the Hessian is taken over.",
     ),
     params: list[str] | None = typer.Option(
         None, "--params", help="Glob over parameter names (repeatable), e.g. 'fc.*'."

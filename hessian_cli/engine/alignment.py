@@ -58,9 +58,12 @@ def alignment_scores(
     alpha: float = 0.2,
     minibatches: int = 8,
     gradient: tuple[float, torch.Tensor] | None = None,
+    minibatch_op: HessianOperator | None = None,
 ) -> AlignmentResult:
     """All alignment scores of the analysed loss, for top eigenpairs ``(lambda_i, v_i)``.
 
+    The minibatch statistics take the first ``minibatches`` batches of ``minibatch_op`` (default
+    ``op``): an operator over more of the data than the Hessian's, whose gradients alone are used.
     Costs one gradient pass (none when the caller passes the ``(loss, gradient)`` it already
     has), one HVP (curvature ratio), one loss evaluation and up to ``minibatches`` per-batch
     gradients.
@@ -76,12 +79,13 @@ def alignment_scores(
     curvature = float(dot(g_hat, op.matmul(g_hat)))
     d = eigensam_direction(g, V[0], alpha)
     sharp = op.loss_at(rho * g_hat) - loss
+    mb_op = op if minibatch_op is None else minibatch_op
     mb = [
         (gram(V, gb[None])[:, 0].abs() / float(norms(gb))).to(V.dtype)
-        for _, gb in op.batch_gradients(minibatches)
+        for _, gb in mb_op.batch_gradients(minibatches)
     ]
     local = torch.stack(mb) if mb else V.new_zeros(0, V.shape[0])
-    minibatch = op.gather_batch_rows(local.cpu())
+    minibatch = mb_op.gather_batch_rows(local.cpu())
     return AlignmentResult(
         alignment=coeffs.abs().cpu(),
         subspace_alignment=float(coeffs.norm()),

@@ -95,7 +95,7 @@ def _alignment_table(al: Mapping[str, Any]) -> Table:
     caption = (
         f"minibatch: over the first {m} batch gradients"
         if m > 1
-        else "minibatch: the one batch analysed, so no spread (--num-batches M for M batches)"
+        else "minibatch: one batch gradient, so no spread (the data holds one batch)"
     )
     table = Table(title="SAM alignment", caption=caption)
     table.add_column("score")

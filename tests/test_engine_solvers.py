@@ -344,6 +344,18 @@ def test_a_krylov_basis_that_does_not_fit_in_memory_is_one_sentence(monkeypatch)
     assert eigenpairs(op, 60, tol=1e-6).all_converged
 
 
+def test_a_small_budget_holds_no_more_basis_than_it_can_fill(monkeypatch):
+    """Eigen-SAM's refresh (top-1, 6 products) needs 6 rows, not the default basis of 20."""
+    import hessian_cli.engine.eigensolver as solver
+
+    op = MatrixOperator(_symmetric(700))
+    six_rows = (2 * 6 + 2 * 2) * 700 * 8  # 6 basis rows, their products, 2 Ritz vectors
+    monkeypatch.setattr(solver, "free_bytes", lambda device: six_rows)
+    assert eigenpairs(op, 1, max_hvps=6).hvps == 6
+    with pytest.raises(UserError, match="a basis of 20 vectors"):
+        eigenpairs(op, 1)
+
+
 def test_a_thick_restart_combines_the_basis_in_place_a_chunk_at_a_time():
     from hessian_cli.engine.eigensolver import _combine_rows
 

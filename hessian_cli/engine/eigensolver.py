@@ -182,7 +182,9 @@ def eigenpairs(
     whole = 2 * max_basis >= op.n >= WHOLE_SPACE_FROM and max_hvps >= op.n
     # The basis and its products live in two buffers of `capacity` rows, filled in place: no
     # copy of the basis per iteration, and a peak memory that is known before the first product.
-    capacity = op.n if whole else max_basis
+    # Every row costs a product, so a small budget (Eigen-SAM's refresh: 6) needs no more rows.
+    start_rows = max(b, 0 if init is None else len(init.reshape(-1, op.n)))
+    capacity = op.n if whole else min(max_basis, max(max_hvps, start_rows))
     # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
     collective = getattr(op, "distributed", False)
     with fail_together() if collective else contextlib.nullcontext():
@@ -200,8 +202,9 @@ def eigenpairs(
             if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
                 start[0] = start[0] / norms(start[0]) + h / size
         if init is not None:
-            rows = min(capacity, max(b, len(init)))
-            start = torch.cat([init.to(start).reshape(-1, op.n), start])[:rows]
+            start = torch.cat([init.to(start).reshape(-1, op.n), start])[
+                : min(capacity, start_rows)
+            ]
         start = orthonormalize_against(start, None)
         m = start.shape[0]
         Qb[:m], HQb[:m] = start, op.matmul(start)

@@ -69,14 +69,14 @@ class TrainConfig:
                     f"{', '.join(allowed)}."
                 )
         for name in ("epochs", "batch_size", "eig_every"):
-            require(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1")
+            require(getattr(self, name) >= 1, f"{flag(name)} must be at least 1")
         for name in ("track_every", "checkpoint_every"):
-            require(getattr(self, name) >= 0, f"--{_flag(name)} must be 0 (off) or more")
+            require(getattr(self, name) >= 0, f"{flag(name)} must be 0 (off) or more")
         require(self.max_steps is None or self.max_steps >= 0, "--max-steps must be 0 or more")
         require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
         for name in ("rho", "alpha", "weight_decay"):
             value = getattr(self, name)
-            require(math.isfinite(value) and value >= 0, f"--{_flag(name)} must not be negative")
+            require(math.isfinite(value) and value >= 0, f"{flag(name)} must not be negative")
         require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
         require(
             self.model_kwargs is None or isinstance(self.model_kwargs, dict),
@@ -91,8 +91,9 @@ class TrainConfig:
 RUNTIME_FIELDS = ("out", "max_steps", "device", "download")
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+def flag(name: str) -> str:
+    """The command-line option of a config field: ``eig_every`` -> ``--eig-every``."""
+    return "--" + name.replace("_", "-")
 
 
 def require(ok: bool, message: str) -> None:

@@ -127,7 +127,7 @@ class EigenSAM(SAM):
             max_hvps=max_hvps,
             tol=tol,
             seed=self.refreshes if seed is None else seed,
-            hint=self._flat_grad(scaled=False),
+            hint=self.flat_grad(scaled=False),
         )
         self.set_eigenvector(result.vector, result.eigenvalue)
         return result

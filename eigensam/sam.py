@@ -54,8 +54,9 @@ class SAM(Optimizer):
     def _is_perturbed(self) -> bool:
         return any("old_p" in self.state.get(p, {}) for p, _ in self._params())
 
-    def _flat_grad(self, scaled: bool = True) -> torch.Tensor:
-        """The gradient as one vector (zero where ``grad`` is None), scaled by ``|w|`` for ASAM
+    def flat_grad(self, scaled: bool = True) -> torch.Tensor:
+        """The gradient as one vector in the optimizer's parameter order, the layout of its
+        perturbations and eigenvectors (zero where ``grad`` is None), scaled by ``|w|`` for ASAM
         unless ``scaled`` is False."""
         parts = []
         for p, group in self._params():
@@ -73,7 +74,7 @@ class SAM(Optimizer):
         loss of this step); the old weights are kept in the state until :meth:`second_step`."""
         if self._is_perturbed():
             raise RuntimeError("first_step called twice without second_step in between")
-        g = self._flat_grad()
+        g = self.flat_grad()
         # A zero gradient has no direction: no perturbation, and no 0/0.
         d = torch.where(norms(g) > 0, self._direction(g), 0.0)
         pairs = self._params()

@@ -446,9 +446,7 @@ class _Run:
     def _refresh(self, batch: Batch) -> None:
         assert isinstance(self.optimizer, EigenSAM)
         result = self.optimizer.refresh_eigenvector(self.model, self.loss_fn, batch)
-        g = torch.cat(
-            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params]
-        )
+        g = self.optimizer.flat_grad(scaled=False)  # the layout of the refreshed vector
         norm = float(norms(g))
         alignment = float(dot(g, result.vector.to(g)).abs() / norm) if norm > 0 else math.nan
         self.metrics.append(

@@ -34,6 +34,7 @@ from eigensam.config import (
     RUNTIME_FIELDS,
     SCHEDULES,
     TrainConfig,
+    flag,
     load_config,
 )
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
@@ -155,8 +156,8 @@ def train_command(
     if resume is not None:
         named = [*set_options, *(["out"] if out is not None else [])]
         if named:
-            flags = ", ".join(map(_flag, named))
-            allowed = ", ".join(_flag(k) for k in RUNTIME_FIELDS if k != "out")
+            flags = ", ".join(map(flag, named))
+            allowed = ", ".join(flag(k) for k in RUNTIME_FIELDS if k != "out")
             raise UserError(
                 f"--resume continues a run as it was configured, so {flags} cannot be given with "
                 f"it (only {allowed} and --quiet can)."
@@ -189,10 +190,6 @@ def train_command(
         _report(console, summary, quiet, resumed=resume is not None)
     elif summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
 
 
 class _StopRequest:

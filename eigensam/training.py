@@ -355,13 +355,25 @@ class _Run:
             return self._finish(summary, start_step, step_seconds)
         except _Diverged:
             self._flush()
-            kept = latest_checkpoint(self.run_dir)
             raise UserError(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
-                "the weights became NaN or infinite; stopped, "
-                + (f"the last checkpoint is {kept}" if kept else "no checkpoint was written")
-                + ": try a lower --lr or --rho."
+                f"the weights became NaN or infinite; stopped, {self._kept()}: try a lower --lr "
+                "or --rho."
             ) from None
+        except torch.cuda.OutOfMemoryError as exc:
+            # The weights may be mid-step (perturbed): nothing is saved from them.
+            self._flush()
+            raise UserError(
+                f"CUDA ran out of memory at step {self.step} (epoch {self.epoch + 1}); stopped, "
+                f"{self._kept()}: try a smaller --batch-size."
+            ) from exc
+
+    def _kept(self) -> str:
+        """Where a stopped run can be continued from, as the error says it."""
+        kept = latest_checkpoint(self.run_dir)
+        if kept is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint is {kept} (continue with --resume {self.run_dir})"
 
     def _flush(self) -> None:
         if self.lead:

@@ -237,6 +237,28 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, overrides, messa
     assert not (tmp_path / "run").exists()
 
 
+def test_out_of_gpu_memory_stops_with_a_message_and_the_run_resumes(tmp_path, monkeypatch):
+    from eigensam import training as training_module
+
+    real_step = training_module._Run._step
+
+    def step(self, batch):
+        if self.step == STEPS_PER_EPOCH + 2:  # in epoch 2, after epoch 1's checkpoint
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(training_module._Run, "_step", step)
+    cfg = config(tmp_path, epochs=2, track_every=0)
+    with pytest.raises(UserError, match="ran out of memory at step") as err:
+        train(cfg)
+    run = tmp_path / "run"
+    assert "--batch-size" in str(err.value) and f"--resume {run}" in str(err.value)
+    m = read_metrics(run / "metrics.h5")  # the steps done are on disk
+    assert m["steps"]["step"].tolist() == list(range(STEPS_PER_EPOCH + 2))
+    monkeypatch.setattr(training_module._Run, "_step", real_step)
+    assert train(load_config(run), resume_dir=run).finished
+
+
 def test_divergence_stops_with_a_message_and_nothing_corrupt(tmp_path):
     with pytest.raises(UserError, match="diverged at step"):
         train(config(tmp_path, optimizer="sgd", lr=1e12, momentum=0.0, epochs=3, track_every=0))

@@ -100,7 +100,7 @@ def test_the_krylov_basis_is_the_solvers_peak_memory():
     n, k = 2_000_000, 10
     op = _Diagonal(torch.linspace(0, 1, n, device="cuda") ** 8)
     capacity, w = 3 * (k + 1), k + 1
-    need = (2 * capacity + 2 * w) * n * 4
+    need = ((2 * capacity + 2 * w) * n + capacity * n // 8) * 4  # an eighth restarted at a time
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -344,8 +344,9 @@ def _extended(
 
 def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool) -> None:
     """Refuse, in one sentence, a solve whose basis cannot fit: the basis and its products
-    (``capacity`` rows each), then ``w`` Ritz vectors and their residuals."""
-    need = (2 * capacity + 2 * w) * op.n * torch.finfo(op.dtype).bits // 8
+    (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk."""
+    numbers = (2 * capacity + 2 * w) * op.n + capacity * _restart_chunk(op.n)
+    need = numbers * torch.finfo(op.dtype).bits // 8
     free = free_bytes(op.device)
     if free is None or need <= free:
         return
@@ -374,10 +375,19 @@ def _whole_space(
     return _symmetric(HQ.double().cpu())
 
 
-def _combine_rows(buffer: torch.Tensor, S: torch.Tensor, chunk: int = 1 << 16) -> None:
+def _restart_chunk(n: int) -> int:
+    """Columns per piece of a thick restart: an eighth of them (all of a short vector), so that
+    the restart holds an eighth of a basis more and makes at most 8 matrix products per buffer
+    (each a kernel launch on a GPU, where a restart happens at every iteration once the basis is
+    full)."""
+    return min(n, max(1 << 16, -(-n // 8)))
+
+
+def _combine_rows(buffer: torch.Tensor, S: torch.Tensor, chunk: int | None = None) -> None:
     """``buffer[:keep] = S^T @ buffer[:m]`` for ``S`` of shape ``[m, keep]``, ``keep <= m``, in
     place, a chunk of columns at a time: a thick restart then needs no second basis."""
     m, keep = S.shape
+    chunk = chunk or _restart_chunk(buffer.shape[1])
     for j in range(0, buffer.shape[1], chunk):
         buffer[:keep, j : j + chunk] = S.T @ buffer[:m, j : j + chunk]
 

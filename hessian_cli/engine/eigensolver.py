@@ -344,9 +344,13 @@ def _extended(
 
 def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool) -> None:
     """Refuse, in one sentence, a solve whose basis cannot fit: the basis and its products
-    (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk."""
-    numbers = (2 * capacity + 2 * w) * op.n + capacity * _restart_chunk(op.n)
-    need = numbers * torch.finfo(op.dtype).bits // 8
+    (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk; for
+    the whole space no restart, but its float64 projected matrix and eigenvectors, and a copy,
+    which live on the CPU (the device's memory where that is the CPU)."""
+    extra = 0 if whole else capacity * _restart_chunk(op.n)
+    need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
+    if whole and op.device.type == "cpu":
+        need += 3 * op.n * op.n * 8
     free = free_bytes(op.device)
     if free is None or need <= free:
         return

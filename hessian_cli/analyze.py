@@ -13,6 +13,7 @@ are agreed on by all ranks (:func:`distributed.fail_together`), so one bad rank 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -136,7 +137,23 @@ def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) ->
 
 
 def _check_request(request: AnalyzeRequest) -> None:
-    """Refuse combinations that cannot be computed, before any work."""
+    """Refuse values and combinations that cannot be computed, before any work."""
+    r = request
+    counts = (
+        ("--top-k", r.top_k, 0, True),
+        ("--block-size", r.block_size, 1, r.block_size is not None),
+        ("--max-hvps", r.max_hvps, 1, r.max_hvps is not None),
+        ("--trace-probes", r.trace_probes, 2, r.trace),
+        ("--density-probes", r.density_probes, 1, r.density),
+        ("--density-steps", r.density_steps, 1, r.density),
+        ("--minibatches", r.minibatches, 0, r.alignment),
+    )
+    for flag, value, least, used in counts:
+        if used and value < least:
+            raise UserError(f"{flag} must be at least {least}, not {value}.")
+    for flag, value in (("--rho", r.rho), ("--alpha", r.alpha)):
+        if r.alignment and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{flag} must be a number of at least 0, not {value:g}.")
     if request.alignment and not request.top_k:
         raise UserError("--alignment needs the top eigenvectors: give --top-k 1 or more.")
     if request.alignment and request.which == "smallest":

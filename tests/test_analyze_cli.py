@@ -597,9 +597,25 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
         (("--tol", "-1"), "--tol must be a positive number"),
         (("--num-samples", "0"), "the number of samples must be positive, not 0"),
         (("--num-batches", "0"), "the number of batches must be positive, not 0"),
+        (("--top-k", "-1"), "--top-k must be at least 0, not -1"),
+        (("--block-size", "0"), "--block-size must be at least 1, not 0"),
+        (("--max-hvps", "0"), "--max-hvps must be at least 1, not 0"),
+        (("--trace", "--trace-probes", "1"), "--trace-probes must be at least 2, not 1"),
+        (("--density", "--density-steps", "0"), "--density-steps must be at least 1, not 0"),
+        (("--density", "--density-probes", "0"), "--density-probes must be at least 1, not 0"),
+        (("--alignment", "--minibatches", "-3"), "--minibatches must be at least 0, not -3"),
+        (("--alignment", "--alpha", "-1"), "--alpha must be a number of at least 0, not -1"),
+        (("--alignment", "--rho", "nan"), "--rho must be a number of at least 0, not nan"),
     ],
 )
-def test_bad_counts_and_tolerances_are_refused(capsys, digits_mlp, args, message):
+def test_bad_counts_and_tolerances_are_refused(capsys, monkeypatch, digits_mlp, args, message):
+    import hessian_cli.analyze as analyze_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("refused values must be refused before any checkpoint is loaded")
+
+    if args[0] not in ("--num-samples", "--num-batches", "--tol"):  # checked where they are used
+        monkeypatch.setattr(analyze_module, "load_checkpoint", no_loading)
     code, _, err = run(capsys, "analyze", digits_mlp, *args)
     assert code == 2 and message in one_sentence(err)
 

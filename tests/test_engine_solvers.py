@@ -227,6 +227,10 @@ def test_k_larger_than_parameter_count_is_refused():
     op = HessianOperator(case.model, case.loss, case.batches)
     with pytest.raises(UserError, match="--top-k between 1 and"):
         eigenpairs(op, op.n + 1)
+    for kw, flag in (({"block_size": 0}, "--block-size"), ({"max_hvps": -1}, "--max-hvps")):
+        with pytest.raises(UserError, match=f"{flag} must be at least 1"):
+            eigenpairs(op, 1, **kw)
+    assert op.hvp_count == 0
 
 
 def test_full_spectrum_when_k_equals_n():

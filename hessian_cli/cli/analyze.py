@@ -154,8 +154,6 @@ def analyze(
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
     if num_samples is not None and num_batches is not None:
         raise UserError("Give --num-samples or --num-batches, not both.")
-    if top_k < 0:
-        raise UserError("--top-k must be 0 or more.")
     if out is not None and out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as spectra.h5.")
     request = AnalyzeRequest(

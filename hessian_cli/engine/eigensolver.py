@@ -154,6 +154,9 @@ def eigenpairs(
         raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
     if not tol > 0:  # also refuses NaN
         raise UserError(f"--tol must be a positive number, not {tol:g}.")
+    for flag, value in (("--block-size", block_size), ("--max-hvps", max_hvps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}.")
     if criterion not in ("residual", "eigenvalue"):
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     if not 1 <= k <= op.n:

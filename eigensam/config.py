@@ -76,7 +76,9 @@ class TrainConfig:
         require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
         for name in ("rho", "alpha", "weight_decay"):
             value = getattr(self, name)
-            require(math.isfinite(value) and value >= 0, f"{flag(name)} must not be negative")
+            require(
+                math.isfinite(value) and value >= 0, f"{flag(name)} must be a number of at least 0"
+            )
         require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
         require(
             self.model_kwargs is None or isinstance(self.model_kwargs, dict),

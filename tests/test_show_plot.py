@@ -28,7 +28,9 @@ runner = CliRunner()
 def files(full, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     """A one-checkpoint file (one pair NOT converged), a three-step series and a metrics file."""
     root = tmp_path_factory.mktemp("files")
-    eigen = dataclasses.replace(full.eigen, converged=torch.tensor([True, False, True]))
+    eigen = dataclasses.replace(
+        full.eigen, converged=torch.tensor([True, False, True]), stop_reason="budget"
+    )
     single = root / "single.h5"
     write_analyses(single, [dataclasses.replace(full, eigen=eigen)], command_line="analyze one")
     series = root / "series.h5"
@@ -71,6 +73,7 @@ def test_show_single_checkpoint(files):
     for expected in ("Eigenvalues", "NOT converged", "trace", "SAM alignment", "density", "HVPs"):
         assert expected in out
     assert "last command: analyze one" in out
+    assert "stopped: the HVP budget was spent" in " ".join(out.split())
 
 
 def test_show_series_and_json(files):

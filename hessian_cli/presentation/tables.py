@@ -60,6 +60,16 @@ def cost_line(cost: Mapping[str, Any]) -> str | None:
     return "cost: " + ", ".join(parts) if parts else None
 
 
+# Why a solve that left pairs unconverged ended (EigenResult.stop_reason), in words.
+STOP_REASONS = {
+    "stalled": "the residuals stopped improving (the products' rounding noise)",
+    "slow": "the residuals improved too slowly (crowded eigenvalues)",
+    "budget": "the HVP budget was spent",
+    "exhausted": "the Krylov space could not grow",
+    "unverified": "the full-precision check of the residuals failed",
+}
+
+
 def _eigen_table(e: Mapping[str, Any]) -> Group:
     measure = (
         "the bound on the eigenvalue's relative error (from residual² / gap)"
@@ -73,6 +83,8 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
         f"{_int(e.get('hvps'))} HVPs, "
         f"{_seconds(e.get('seconds'))}"
     )
+    if not all(e.get("converged") or [True]) and e.get("stop_reason") in STOP_REASONS:
+        how += f"; stopped: {STOP_REASONS[e['stop_reason']]}"
     values = e["eigenvalues"]
     errors = e.get("errors") or [None] * len(values)  # absent from files of older versions
     table = Table(title="Eigenvalues")

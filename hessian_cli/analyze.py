@@ -199,7 +199,7 @@ class _Setup(NamedTuple):
     model: torch.nn.Module
     loss_fn: Callable
     batches: list  # the analysed batches (global list)
-    minibatches: list  # the alignment's minibatches (global list; empty without --alignment)
+    minibatches: list  # the alignment's extra minibatches (global; empty: the batches suffice)
     device: torch.device
 
 

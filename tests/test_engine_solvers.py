@@ -672,3 +672,34 @@ def test_gram_takes_half_and_mixed_precision_inputs():
     want = A.bfloat16().double() @ B.bfloat16().double().T
     torch.testing.assert_close(half, want, rtol=0, atol=1e-8 * size)
     torch.testing.assert_close(gram(A, B.double()), exact, rtol=0, atol=1e-12 * size)
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"memory.max": "1000000\n", "memory.current": "250000\n"}, 750000),
+        ({"memory.max": "max\n", "memory.current": "250000\n"}, None),
+        (
+            {
+                "memory/memory.limit_in_bytes": "2000000\n",
+                "memory/memory.usage_in_bytes": "500000\n",
+            },
+            1500000,
+        ),
+        (
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712\n",
+                "memory/memory.usage_in_bytes": "500000\n",
+            },
+            None,
+        ),
+        ({}, None),
+    ],
+)
+def test_a_containers_memory_limit_is_what_is_free(tmp_path, files, expected):
+    from hessian_cli.engine.memory import cgroup_available
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_available(tmp_path) == expected

@@ -17,12 +17,33 @@ def cuda_free_bytes(device: torch.device) -> int:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory still available on ``device``; None where the platform does not say."""
+    """Memory still available on ``device``; None where the platform does not say. On the CPU,
+    the least of the machine's and this container's (cgroup) allowance."""
     if device.type == "cuda":
         return cuda_free_bytes(device)
     if device.type != "cpu":
         return None
-    return _meminfo_available() or _sysconf_free()
+    known = [v for v in (_meminfo_available() or _sysconf_free(), cgroup_available()) if v]
+    return min(known) if known else None
+
+
+def cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's memory cgroup still allows (v2, else v1); None without a limit.
+    Inside a container /proc/meminfo describes the host, so it alone would let a solve start
+    that the container's limit then kills."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1's "no limit"
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def _meminfo_available() -> int | None:

@@ -335,8 +335,9 @@ def _extended(
     difference between two estimates of one of its new entries. Only the new rows are
     multiplied (``2 m b n`` flops, where recomputing all of it took ``m^2 n``: at k = 300 on the
     digits MLP that product was a third of the solve)."""
-    w_hq, q_hw = gram(W, HQ).cpu(), gram(Q, HW).T.cpu()  # two estimates of W H Q^T
-    corner = gram(W, HW).cpu()
+    m = Q.shape[0]  # one transfer to the CPU (one synchronisation on a GPU), then split
+    new_rows = torch.cat([gram(W, HQ), gram(Q, HW).T, gram(W, HW)], 1).cpu()
+    w_hq, q_hw, corner = new_rows.split([m, m, W.shape[0]], 1)  # two estimates of W H Q^T
     asymmetry = max(
         float((w_hq - q_hw).abs().max()) if w_hq.numel() else 0.0,
         float((corner - corner.T).abs().max()),

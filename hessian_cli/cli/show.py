@@ -56,7 +56,6 @@ def show(
         FORMAT_NAME,
         METRICS_FORMAT_NAME,
         file_format,
-        group_names,
         read_analyses,
         read_file_info,
         read_metrics,
@@ -74,16 +73,16 @@ def show(
         return
     if fmt != FORMAT_NAME:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot show.")
-    ds = read_analyses(file)
+    ds, info = read_analyses(file), read_file_info(file)
     # A checkpoint analysed twice is stored in two groups (name, name-2): tell them apart by
     # the group where the names repeat.
-    ds, groups = pick_checkpoint(file, ds, group_names(file), checkpoint)
+    ds, groups = pick_checkpoint(file, ds, info["groups"], checkpoint)
     if as_json:
         print_json(ds)
         return
     if len({d["name"] for d in ds}) < len(ds):
         ds = [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
-    console.print(file_summary(file, ds, read_file_info(file)))
+    console.print(file_summary(file, ds, info))
     if len(ds) > 1:
         console.print(series_table(ds))
     if len(ds) == 1 or show_all:

@@ -26,7 +26,7 @@ from hessian_cli.analysis import CheckpointAnalysis
 from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import spectral_density
-from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.eigensolver import check_options, eigenpairs
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.trace import hutchinson_trace
 from hessian_cli.errors import UserError
@@ -139,10 +139,10 @@ def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) ->
 def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
+    if r.top_k:
+        check_options(tol=r.tol, block_size=r.block_size, max_hvps=r.max_hvps)
     counts = (
         ("--top-k", r.top_k, 0, True),
-        ("--block-size", r.block_size, 1, r.block_size is not None),
-        ("--max-hvps", r.max_hvps, 1, r.max_hvps is not None),
         ("--trace-probes", r.trace_probes, 2, r.trace),
         ("--density-probes", r.density_probes, 1, r.density),
         ("--density-steps", r.density_steps, 1, r.density),

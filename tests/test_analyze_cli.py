@@ -614,7 +614,7 @@ def test_bad_counts_and_tolerances_are_refused(capsys, monkeypatch, digits_mlp, 
     def no_loading(*args, **kwargs):
         raise AssertionError("refused values must be refused before any checkpoint is loaded")
 
-    if args[0] not in ("--num-samples", "--num-batches", "--tol"):  # checked where they are used
+    if args[0] not in ("--num-samples", "--num-batches"):  # analysis_batches checks those
         monkeypatch.setattr(analyze_module, "load_checkpoint", no_loading)
     code, _, err = run(capsys, "analyze", digits_mlp, *args)
     assert code == 2 and message in one_sentence(err)

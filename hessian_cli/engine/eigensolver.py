@@ -152,11 +152,7 @@ def eigenpairs(
         return _concat(top, low)
     if which not in ("largest", "smallest"):
         raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
-    if not tol > 0:  # also refuses NaN
-        raise UserError(f"--tol must be a positive number, not {tol:g}.")
-    for flag, value in (("--block-size", block_size), ("--max-hvps", max_hvps)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, not {value}.")
+    check_options(tol=tol, block_size=block_size, max_hvps=max_hvps)
     if criterion not in ("residual", "eigenvalue"):
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     if not 1 <= k <= op.n:
@@ -322,6 +318,15 @@ def eigenpairs(
         stop_reason=stop_reason,
         method="whole-space" if whole else "block-krylov-thick-restart",
     )
+
+
+def check_options(*, tol: float, block_size: int | None, max_hvps: int | None) -> None:
+    """Refuse settings no solve can run with (callers may check them before any work)."""
+    if not tol > 0:  # also refuses NaN
+        raise UserError(f"--tol must be a positive number, not {tol:g}.")
+    for flag, value in (("--block-size", block_size), ("--max-hvps", max_hvps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}.")
 
 
 def _symmetric(T: torch.Tensor) -> torch.Tensor:

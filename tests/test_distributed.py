@@ -208,6 +208,50 @@ def test_a_basis_too_large_for_one_rank_is_refused_by_all(tmp_path: Path) -> Non
 
 
 @needs_gloo
+@pytest.mark.parametrize("command", ["analyze", "train"])
+def test_a_rank_that_runs_out_of_memory_alone_ends_the_job_at_once(
+    tmp_path: Path, command: str
+) -> None:
+    """Rank 1 runs out of memory in the middle of the work while rank 0 waits for it inside a
+    collective: rank 1 says so and leaves without waiting for rank 0 (its barrier on the way out
+    hung until the 15-minute collective timeout), and torchrun stops rank 0."""
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch\n"
+        "    calls = [0]\n"
+        "    def failing(f):\n"
+        "        def wrapped(*args, **kwargs):\n"
+        "            calls[0] += 1\n"
+        "            if calls[0] > 12:\n"
+        "                raise torch.cuda.OutOfMemoryError('CUDA out of memory.')\n"
+        "            return f(*args, **kwargs)\n"
+        "        return wrapped\n"
+        "    # forward passes (training) and kept-graph products (analysis)\n"
+        "    torch.nn.Linear.forward = failing(torch.nn.Linear.forward)\n"
+        "    torch.autograd.grad = failing(torch.autograd.grad)\n"
+    )
+    run_dir = tmp_path / "run"
+    args = {
+        "analyze": [
+            *("analyze", str(CKPT), "--top-k", "2", "--batch-size", "64", "--num-batches", "2"),
+            *("--out", "s.h5"),
+        ],
+        "train": _train_args(run_dir, 32),
+    }[command]
+    code, _, err, seconds = _run(
+        args, ranks=2, cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(patch)}
+    )
+    assert code != 0 and seconds < 60, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: rank 1: CUDA ran out of memory"), err
+    assert not (tmp_path / "s.h5").exists()
+
+
+@needs_gloo
 def test_plain_run_records_world_size_one(tmp_path: Path) -> None:
     code, out, err, _ = _run(
         ["analyze", str(CKPT), "--top-k", "1", "--json"], ranks=None, cwd=tmp_path

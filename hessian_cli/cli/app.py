@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import typer
 from rich.console import Console
@@ -55,12 +56,17 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _ranks() -> int:
+    """Processes in the job: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ["WORLD_SIZE"]) if _under_torchrun() else 1
+
+
 def _rank_prefix(exc: Exception) -> str | None:
     """``"rank R: "`` for an error of one rank under torchrun, ``""`` otherwise; None: stay quiet.
 
     Errors all ranks agreed on are printed by rank 0 alone (the message names the failing rank).
     """
-    if not _under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+    if _ranks() == 1:
         return ""
     from hessian_cli.engine.distributed import CollectiveUserError
 
@@ -70,43 +76,83 @@ def _rank_prefix(exc: Exception) -> str | None:
     return f"rank {rank}: "
 
 
+def _fails_alone(exc: Exception) -> bool:
+    """Whether this rank failed without the others knowing (e.g. out of memory in a product).
+
+    Its peers may be waiting inside a collective it will never join, so it must not wait for them
+    on the way out either: it leaves at once, and torchrun stops the other ranks when it sees one
+    exit with an error.
+    """
+    if _ranks() == 1:
+        return False
+    from hessian_cli.engine.distributed import CollectiveUserError
+
+    return not isinstance(exc, CollectiveUserError)
+
+
+def _report(exc: Exception) -> int:
+    """Print ``exc`` as one red sentence (a traceback with --debug); the exit status it earns."""
+    code = 2 if isinstance(exc, UserError) else 1
+    if state.debug:
+        traceback.print_exception(exc)
+        return code
+    if _ranks() > 1:
+        from hessian_cli.engine.distributed import PeerLost
+
+        if isinstance(exc, PeerLost):  # not this rank's error: the rank that left says why
+            err_console.print(
+                f"rank {os.environ['RANK']} stopped: another rank left or stopped answering; "
+                "its message or torchrun's report says why.",
+                style="dim",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return code
+    prefix = _rank_prefix(exc)
+    if prefix is None:
+        return code
+    if isinstance(exc, UserError):
+        # escape: messages hold brackets that are not markup, e.g. 'hessian-cli[vision]'
+        message = escape(prefix + str(exc))
+    else:
+        message = (
+            f"{escape(f'{prefix}unexpected {type(exc).__name__}: {exc}')} "
+            "(run with --debug for the traceback)"
+        )
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return code
+
+
 def main() -> None:
     """Console entry point: user errors become one red sentence and exit status 2.
 
     Typer runs in standalone mode, so usage errors, ``--help`` and ``typer.Exit`` codes are
-    handled by it; everything else that escapes a command is caught here. Under torchrun the
-    process first joins the process group (torch is imported only then, to keep startup fast).
+    handled by it; everything else that escapes a command is caught here (status 1 when it is not
+    a user error). Under torchrun the process first joins the process group (torch is imported
+    only then, to keep startup fast) and leaves it with the other ranks, unless it failed alone.
     """
     _register_commands()
+    torchrun = _under_torchrun()
     try:
-        if _under_torchrun():
+        if torchrun:
             from hessian_cli.engine import distributed
 
             distributed.init_from_env()
         app()
-    except UserError as exc:
-        if state.debug:
-            raise
-        prefix = _rank_prefix(exc)
-        if prefix is not None:
-            # escape: messages hold brackets that are not markup, e.g. 'hessian-cli[vision]'
-            err_console.print(
-                f"[bold red]error:[/] {escape(prefix + str(exc))}", highlight=False, soft_wrap=True
-            )
-        sys.exit(2)
     except Exception as exc:
-        if state.debug:
+        if state.debug and not torchrun:
             raise
-        prefix = _rank_prefix(exc) or ""
-        err_console.print(
-            f"[bold red]error:[/] {escape(f'{prefix}unexpected {type(exc).__name__}: {exc}')} "
-            "(run with --debug for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+        code = _report(exc)
+        if _fails_alone(exc):
+            # No barrier and no teardown: both wait for peers that may be stuck in a collective
+            # (a Gloo barrier ignored its timeout there; NCCL's abort can hang). os._exit skips
+            # them; the command's own clean-up already ran while the exception unwound.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
     finally:
-        if _under_torchrun():
+        if torchrun:
             from hessian_cli.engine import distributed
 
             distributed.shutdown()

@@ -28,6 +28,24 @@ class CollectiveUserError(UserError):
     """A user error every rank raises together; rank 0 reports it, the others exit quietly."""
 
 
+class PeerLost(RuntimeError):
+    """A collective failed: another rank left the job (e.g. out of memory) or stopped answering.
+
+    That rank's own message (or torchrun's report, for one killed by a signal) says why, so this
+    one is not an error of its own.
+    """
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:  # Gloo: "Connection closed by peer", timeouts; NCCL errors
+        raise PeerLost(str(exc)) from exc
+
+
 def is_distributed() -> bool:
     """True when a process group is initialised (several ranks, or one under torchrun)."""
     return dist.is_available() and dist.is_initialized()
@@ -76,8 +94,9 @@ def shutdown() -> None:
 
     Without the barrier a rank that finishes first can tear its Gloo group down while a peer's
     last collective is still in flight, and abort ("terminate called without an active
-    exception"; seen about once in ten 2-rank test runs). The barrier is bounded so that a rank
-    whose peer already died does not wait forever.
+    exception"; seen about once in ten 2-rank test runs). Only for ranks that finished together
+    (done, or failed by :func:`fail_together`): the 60 s bound of the Gloo barrier did not hold on
+    rank 1 while rank 0 sat in another collective, so a rank that failed alone never gets here.
     """
     if not is_distributed():
         return
@@ -102,7 +121,8 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (identical on every rank afterwards) and return it."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with _collective():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -118,7 +138,8 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return rows
     parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, rows.cpu())
+    with _collective():
+        dist.all_gather_object(parts, rows.cpu())
     return torch.cat([p for p in parts if p is not None]).to(rows.device)
 
 
@@ -127,7 +148,8 @@ def all_gather_ints(value: int) -> list[int]:
     if not is_distributed():
         return [value]
     out: list[int | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    with _collective():
+        dist.all_gather_object(out, value)
     return [int(v) for v in out if v is not None]
 
 
@@ -151,7 +173,8 @@ def fail_together() -> Iterator[None]:
     if not is_distributed():
         return
     messages: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None else str(error))
+    with _collective():
+        dist.all_gather_object(messages, None if error is None else str(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if failed:
         rank, message = failed[0]

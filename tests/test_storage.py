@@ -139,6 +139,49 @@ def test_round_trip_equals_report(full, tmp_path):
     assert {"tool_version", "torch_version", "created"} <= set(info)
 
 
+def test_layout_is_the_spec(full, tmp_path):
+    """DESIGN.md's datasets per checkpoint group, read with plain h5py: `trace` is a dataset
+    holding the estimate, with its error and cost as attributes."""
+    path = tmp_path / "spectra.h5"
+    (name,) = write_analyses(path, [full], command_line="x", save_eigenvectors=True)
+    with h5py.File(path) as f:
+        assert f.attrs["format"] == FORMAT_NAME and f.attrs["format_version"] == FORMAT_VERSION
+        g = f["checkpoints"][name]
+        for key in ("eigenvalues", "residuals", "trace", "density/nodes", "density/weights"):
+            assert isinstance(g[key], h5py.Dataset), key
+        for key in ("eigenvectors", "density/grid", "density/values", "alignment/alignment"):
+            assert isinstance(g[key], h5py.Dataset), key
+        assert g["trace"][()] == pytest.approx(full.trace.estimate, rel=1e-12)
+        assert g["trace"].attrs["stderr"] == pytest.approx(full.trace.stderr, rel=1e-12)
+        assert g["trace"].attrs["num_probes"] == 12
+        np.testing.assert_allclose(g["trace_samples"][()], full.trace.samples.numpy())
+
+
+def test_version_1_trace_group_still_reads(full, tmp_path):
+    """Format version 1 kept the trace as a group (estimate as an attribute); such files still
+    read, and appending to one upgrades the file's version without touching its groups."""
+    path = tmp_path / "v1.h5"
+    (name,) = write_analyses(path, [full], command_line="x")
+    expected = as_json(full)["trace"]
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1
+        g = f["checkpoints"][name]
+        attrs = dict(g["trace"].attrs)
+        estimate, samples = g["trace"][()], g["trace_samples"][()]
+        del g["trace"], g["trace_samples"]
+        old = g.create_group("trace")
+        old.attrs.update(attrs | {"estimate": estimate})
+        old.create_dataset("samples", data=samples)
+        before = snapshot(g)
+    assert read_analyses(path)[0]["trace"] == expected
+    write_analyses(path, [full], command_line="y")
+    with h5py.File(path) as f:
+        assert f.attrs["format_version"] == FORMAT_VERSION
+        assert snapshot(f["checkpoints"][name]) == before
+    first, second = read_analyses(path)
+    assert first["trace"] == second["trace"] == expected
+
+
 def test_non_finite_numbers_are_null_and_round_trip(full, tmp_path):
     nan = float("nan")
     eigen = dataclasses.replace(

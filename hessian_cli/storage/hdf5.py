@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from hessian_cli.analysis import CheckpointAnalysis
 
 FORMAT_NAME = "hessian-cli-spectra"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `trace` is a dataset (a group in version 1)
 
 _STR = h5py.string_dtype()
 _VECTOR_CHUNK = 1 << 18  # float32 elements per eigenvector chunk: 1 MiB
@@ -67,8 +67,8 @@ def write_analyses(
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not exists:
             f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["created"] = now
+        f.attrs["format_version"] = FORMAT_VERSION  # the newest layout among the file's groups
         f.attrs["tool_version"] = __version__
         f.attrs["torch_version"] = str(torch.__version__)
         f.attrs["modified"] = now
@@ -144,11 +144,12 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
         if save_eigenvectors and vectors is not None and vectors.shape[0] > 0:
             _write_eigenvectors(group, a, vectors)
     if (t := d["trace"]) is not None:
-        tg = group.create_group("trace")
-        _set_attrs(tg, t)
+        estimate = np.nan if t["estimate"] is None else t["estimate"]
+        tr = group.create_dataset("trace", data=np.float64(estimate))
+        _set_attrs(tr, {k: v for k, v in t.items() if k != "estimate"})
         samples = getattr(a.trace, "samples", None)
         if samples is not None:
-            tg.create_dataset("samples", data=samples.detach().cpu().double().numpy())
+            group.create_dataset("trace_samples", data=samples.detach().cpu().double().numpy())
     if (dn := d["density"]) is not None:
         dg = group.create_group("density")
         for key in _DENSITY_ARRAYS:
@@ -329,10 +330,11 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),
         }
-    if isinstance(t := g.get("trace"), h5py.Group):
+    if isinstance(t := g.get("trace"), h5py.Dataset | h5py.Group):
         a = t.attrs
         trace = {
-            "estimate": number(a.get("estimate")),
+            # format version 1 kept the estimate as an attribute of a `trace` group
+            "estimate": number(t[()] if isinstance(t, h5py.Dataset) else a.get("estimate")),
             "stderr": number(a.get("stderr")),
             "num_probes": _int(a.get("num_probes")),
             "method": _str(a.get("method")),

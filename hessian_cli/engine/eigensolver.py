@@ -6,6 +6,8 @@ problem (Rayleigh-Ritz). The new block is the residuals of the wanted, not yet c
 vectors, which span the same space as the next block-Lanczos block in exact arithmetic but stay
 stable in float32. When the basis reaches ``max_basis`` vectors it is restarted with the best
 Ritz vectors (thick restart), so memory is ``O(max_basis * n)`` whatever the iteration count.
+The Ritz vectors are formed only to stop: until then their residuals come from what the newest
+products leave outside the basis (:class:`_Leak`), a few vectors instead of ``k``.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pair
 # (trace, density) use blocks.
 #
 # Many eigenpairs change the balance: each iteration's Rayleigh-Ritz costs O(m^3) on the CPU and
-# its Ritz vectors O(k m n), with a basis of m ~ 3k, whatever the block; a block of b spreads it
-# over b products. On the digits MLP (2,410 parameters, CPU) top-300 took 729 HVPs and 35-39 s
-# with blocks of 1 (1.2 s of it in products), 780 HVPs and 5.8 s with 12, 870 and 3.2-3.7 s with
-# 30; top-100 264 / 316 / 380 HVPs with blocks of 1 / 4 / 10. Where products dominate (ResNet-20
-# on CPU, ~1 s each) every extra product counts, so the block grows slowly: one vector per
-# BLOCK_PER_PAIRS wanted pairs (top-50: 2, ~6% more products; top-300: 12).
+# (until its residuals came from the leak, 2026-11-29) its Ritz vectors O(k m n), with a basis of
+# m ~ 3k, whatever the block; a block of b spreads it over b products. On the digits MLP (2,410
+# parameters, CPU) top-300 took 729 HVPs and 35-39 s with blocks of 1 (1.2 s of it in products),
+# 780 HVPs and 5.8 s with 12, 870 and 3.2-3.7 s with 30; top-100 264 / 316 / 380 HVPs with
+# blocks of 1 / 4 / 10. Where products dominate (ResNet-20 on CPU, ~1 s each) every extra
+# product counts, so the block grows slowly: one vector per BLOCK_PER_PAIRS wanted pairs
+# (top-50: 2, ~6% more products; top-300: 12).
 DEFAULT_BLOCK_SIZE = 1
 BLOCK_PER_PAIRS = 25
 MAX_DEFAULT_BLOCK = 64
@@ -114,9 +117,10 @@ def eigenpairs(
 
     Residuals come from the kept products: ``H x = S^T (H Q)`` for ``x = S^T Q``, exact up to the
     rounding of that combination, since every product of the basis is stored rather than
-    recurred. With ``verify`` (default: only when the operator computes in reduced precision,
-    whose products are not the matrix being certified) they come from ``k`` fresh full-precision
-    products instead.
+    recurred (between stops the iteration tracks them more cheaply, see :class:`_Leak`; a stop
+    and the reported residuals are always these). With ``verify`` (default: only when the
+    operator computes in reduced precision, whose products are not the matrix being certified)
+    they come from ``k`` fresh full-precision products instead.
     """
     if which == "both":
         top = eigenpairs(
@@ -192,7 +196,7 @@ def eigenpairs(
     HQb = torch.empty_like(Qb)
     if whole:
         T = _whole_space(op, Qb, HQb, k, progress)  # the loop below then stops after one step
-        m = op.n
+        m, leak = op.n, None
     else:
         start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
         if hint is not None:
@@ -210,6 +214,7 @@ def eigenpairs(
         T = gram(Qb[:m], HQb[:m]).cpu()  # Q H Q^T, kept up to date below
         asymmetry = float((T - T.T).abs().max())
         T = _symmetric(T)
+        leak = _Leak.of_new_rows(T, Qb[:m], HQb[:m], 0, None)
     iterations, scale = 0, 0.0
     while True:
         iterations += 1
@@ -217,38 +222,42 @@ def eigenpairs(
         theta, S = small_eigh(sign * T)  # on the CPU, as is the bookkeeping below
         theta, S = sign * theta.flip(0), S.flip(1)  # most wanted first
         w = min(m, k + b)
-        Sw = S[:, :w].to(Q)
-        X = Sw.T @ Q
-        R = (Sw.T @ HQ).addcmul_(theta[:w, None].to(Q), X, value=-1)  # H X - theta X
-        rnorm = norms(R).double().cpu()
         # |lambda_max| as far as seen: every Ritz value lies within the spectrum, and a thick
         # restart toward the smallest drops the largest from the basis, so keep the maximum.
         scale = max(scale, float(theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny)))
-        if criterion == "residual":
-            met = rnorm[:k] <= tol * scale
-        else:
-            met = _relative_errors(theta[:w], rnorm)[:k] <= tol
-        conv = torch.zeros(k, dtype=torch.bool)
-        conv[: min(k, w)] = met
         spent = op.hvp_count - start_hvps
+        X = R = None
+        if leak is None:  # the whole space: nothing leaks, and the loop stops now
+            X, R = _ritz(S[:, :w], theta, Q, HQ)
+        while True:  # twice at most: a stop is decided on the Ritz vectors' own residuals
+            rnorm = leak.norms(S[:, :w]) if R is None else norms(R).double().cpu()
+            if criterion == "residual":
+                met = rnorm[:k] <= tol * scale
+            else:
+                met = _relative_errors(theta[:w], rnorm)[:k] <= tol
+            conv = torch.zeros(k, dtype=torch.bool)
+            conv[: min(k, w)] = met
+            unconverged = [i for i in range(min(k, w)) if not conv[i]]
+            worst = float(rnorm[unconverged].max()) if unconverged else 0.0
+            improved = worst < 0.9 * best_worst
+            slow = worst > NOISE_MARGIN * asymmetry * math.sqrt(op.n)
+            stalled = not improved and spent - best_at > patience * (SLOW_PATIENCE if slow else 1)
+            reasons = {
+                "converged": bool(conv.all()),
+                "exhausted": m >= op.n,
+                "stalled": stalled,
+                "budget": spent + b > max_hvps,
+            }
+            stop_reason = next((r for r, hit in reasons.items() if hit), "")
+            if stop_reason == "stalled" and slow:
+                stop_reason = "slow"
+            if not stop_reason or X is not None:
+                break
+            X, R = _ritz(S[:, :w], theta, Q, HQ)
+        if improved:
+            best_worst, best_at = worst, spent
         if progress:
             progress(spent, int(conv.sum()), k)
-        exhausted = m >= op.n
-        unconverged = [i for i in range(min(k, w)) if not conv[i]]
-        worst = float(rnorm[unconverged].max()) if unconverged else 0.0
-        if worst < 0.9 * best_worst:
-            best_worst, best_at = worst, spent
-        slow = worst > NOISE_MARGIN * asymmetry * math.sqrt(op.n)
-        stalled = spent - best_at > patience * (SLOW_PATIENCE if slow else 1)
-        reasons = {
-            "converged": bool(conv.all()),
-            "exhausted": exhausted,
-            "stalled": stalled,
-            "budget": spent + b > max_hvps,
-        }
-        stop_reason = next((r for r, hit in reasons.items() if hit), "")
-        if stop_reason == "stalled" and slow:
-            stop_reason = "slow"
         if stop_reason:
             break
         # Expand with the residuals of the unconverged wanted Ritz vectors, largest first, then
@@ -257,7 +266,7 @@ def eigenpairs(
         # already at its noise floor would only add noise.
         unconverged.sort(key=lambda i: -float(rnorm[i]))
         order = unconverged + list(range(k, w))
-        W = R[order[:b]]
+        W = R[order[:b]] if R is not None else leak.residuals(S[:, order[:b]])
         if m + W.shape[0] > capacity:  # thick restart: keep the best Ritz vectors
             keep = max(k, capacity - W.shape[0])
             Sk = S[:, :keep].to(Q)
@@ -265,6 +274,7 @@ def eigenpairs(
             _combine_rows(HQb, Sk)
             Sk = Sk.to(T)  # the same rounded combinations
             T = _symmetric(Sk.T @ T @ Sk)
+            leak.restart(Sk)
             m = keep
             Q, HQ = Qb[:m], HQb[:m]
         W = orthonormalize_against(W, Q)
@@ -276,13 +286,16 @@ def eigenpairs(
             W = Qb[m : m + len(W) + len(extra)]
         if len(W) == 0:
             stop_reason = "exhausted"
+            X, R = _ritz(S[:, :w], theta, Q, HQ)
+            rnorm = norms(R).double().cpu()
             break
         HW = op.matmul(W)
         T, cross_asymmetry = _extended(T, Q, HQ, W, HW)
         asymmetry = max(asymmetry, cross_asymmetry)
         HQb[m : m + len(W)] = HW
+        leak = _Leak.of_new_rows(T, Qb[: m + len(W)], HQb[: m + len(W)], m, leak)
         m += len(W)
-    del Qb, HQb, Q, HQ, R  # free the basis before any verifying products
+    del Qb, HQb, Q, HQ, R, leak  # free the basis before any verifying products
 
     values, vectors = theta[:k], X[:k]
     if verify is None:
@@ -318,6 +331,72 @@ def eigenpairs(
         stop_reason=stop_reason,
         method="whole-space" if whole else "block-krylov-thick-restart",
     )
+
+
+def _ritz(
+    S: torch.Tensor, theta: torch.Tensor, Q: torch.Tensor, HQ: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Ritz vectors ``X = S^T Q`` and their residuals ``H X - theta X = S^T HQ - theta X``
+    (from the kept products: exact up to the rounding of the combination)."""
+    S = S.to(Q)
+    X = S.T @ Q
+    return X, (S.T @ HQ).addcmul_(theta[: S.shape[1], None].to(Q), X, value=-1)
+
+
+class _Leak:
+    """What the products of the basis leave outside it: ``H Q^T - Q^T T = (E B)^T``, with ``B``
+    a few orthonormal rows (``r x n``) and ``E`` their coefficients (``m x r``, on the CPU).
+
+    A Ritz vector ``S^T Q`` then has the residual ``(S^T E) B``, of norm ``||S^T E||``: ``w r n``
+    and ``w m r`` flops instead of the ``4 w m n`` of forming the Ritz vectors and their
+    products, which took nearly all of a top-50 solve of a 272,474-parameter operator on CPU
+    (145 ms an iteration at block 1). In a Krylov space only the newest block leaks, so
+    ``r = b``; what a new block leaves of the older leak (after a warm start of more vectors than
+    the block) stays, and ``r`` is the leak's rank. The residuals are exact in exact arithmetic;
+    with rounding they choose the next block and say when to look closer, and a stop is decided
+    on the Ritz vectors' own residuals (``_ritz``).
+    """
+
+    # Directions of the leak below this fraction of its largest (squared) are dropped: the
+    # Gram matrix that finds them resolves no finer (see linalg.gram); dropping only lowers the
+    # residuals' estimates, which a stop then checks against the Ritz vectors' own.
+    DROP = 1e-7
+
+    def __init__(self, E: torch.Tensor, B: torch.Tensor) -> None:
+        self.E, self.B = E, B
+
+    @classmethod
+    def of_new_rows(
+        cls, T: torch.Tensor, Q: torch.Tensor, HQ: torch.Tensor, first: int, older: _Leak | None
+    ) -> _Leak:
+        """The leak of basis ``Q`` (projected matrix ``T``) whose rows from ``first`` on are
+        new, given the ``older`` leak of the rows before them."""
+        m, new = Q.shape[0], slice(first, Q.shape[0])
+        rows = [HQ[new] - T[new].to(Q) @ Q]  # the new rows' own leak
+        E = torch.zeros(m, m - first, dtype=T.dtype)
+        E[new] = torch.eye(m - first, dtype=T.dtype)
+        if older is not None and older.B.shape[0]:
+            # The new rows take their span out of the older leak.
+            rows.insert(0, older.B - gram(older.B, Q[new]).to(Q) @ Q[new])
+            old_E = torch.cat([older.E, torch.zeros(m - first, older.E.shape[1], dtype=T.dtype)])
+            E = torch.cat([old_E, E], 1)
+        F = torch.cat(rows)
+        values, U = small_eigh(gram(F, F))  # F = (U sqrt(values)) B for orthonormal rows B
+        keep = values > cls.DROP * values.max().clamp_min(torch.finfo(values.dtype).tiny)
+        U, root = U[:, keep], values[keep].sqrt()
+        return cls(E @ (U * root), (U / root).T.to(F) @ F)
+
+    def residuals(self, S: torch.Tensor) -> torch.Tensor:
+        """The residuals ``H x - theta x`` of the Ritz vectors ``x = S^T Q`` (columns of ``S``)."""
+        return (S.T @ self.E).to(self.B) @ self.B
+
+    def norms(self, S: torch.Tensor) -> torch.Tensor:
+        """The norms of :meth:`residuals` (float64, CPU)."""
+        return (S.T @ self.E).norm(dim=1)
+
+    def restart(self, S: torch.Tensor) -> None:
+        """Follow a thick restart to the basis ``S^T Q``."""
+        self.E = S.T @ self.E
 
 
 def check_options(*, tol: float, block_size: int | None, max_hvps: int | None) -> None:

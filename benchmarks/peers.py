@@ -11,6 +11,8 @@ One model and one device for every case:
    starts (their mean time is what the ratios compare); ours with the engine's defaults, and
    as ``analyze`` runs it (:data:`ANALYZE_VARIANTS`: the gradient hints the start, and with
    ``--criterion eigenvalue`` it stops when every eigenvalue is within ``--tol``, relative);
+   case ``many``: ``--many-k`` eigenpairs (default 50), our blocks against hessian-eigenthings'
+   Lanczos with 2k and 4k steps;
 3. trace (Hutchinson and Hutch++) with as many probes as PyHessian's ``trace(tol=0)``;
 4. spectral density (SLQ) with hessian-eigenthings' probes x steps (and PyHessian's ``density``,
    which fails on current torch: its failure goes in the note);
@@ -382,24 +384,28 @@ def hvp_costs(b: Bench) -> None:
 # --- case 2: top-k against a tight reference ------------------------------------------------
 
 
-def reference(b: Bench) -> None:
+def tight_top(b: Bench, k: int, max_hvps: int) -> tuple[torch.Tensor, str]:
+    """The first batch's top-k to ``--reference``'s tolerance: (values, a line about them)."""
     if b.args.reference == "float64":
         model, tol = copy.deepcopy(b.model).double(), 1e-8
         batch = (b.batch[0].double(), b.batch[1])
     else:
         model, tol, batch = b.model, 1e-6, b.batch
     op = HessianOperator(model, F.cross_entropy, [batch])
-    res, secs = timed(
-        lambda: eigenpairs(op, b.args.k, tol=tol, block_size=1, max_hvps=600), b.device
+    res, secs = timed(lambda: eigenpairs(op, k, tol=tol, block_size=1, max_hvps=max_hvps), b.device)
+    values = [round(float(v), 5) for v in res.eigenvalues]
+    shown = values if k <= 8 else [*values[:4], "...", *values[-2:]]
+    line = (
+        f"top-{k} ({b.args.reference}, residual <= {tol:g}, block 1): {shown}; {res.hvps} HVPs, "
+        f"{secs:.1f} s, {int(res.converged.sum())}/{k} converged"
+        + ("" if res.all_converged else f" ({res.stop_reason})")
     )
-    b.ref = res.eigenvalues.double()
-    print(
-        f"# reference top-{b.args.k} ({b.args.reference}, residual <= {tol:g}, block 1): "
-        f"{[round(float(v), 5) for v in b.ref]}; {res.hvps} HVPs, {secs:.1f} s, "
-        f"{int(res.converged.sum())}/{b.args.k} converged"
-        + ("" if res.all_converged else f" ({res.stop_reason})"),
-        flush=True,
-    )
+    return res.eigenvalues.double(), line
+
+
+def reference(b: Bench) -> None:
+    b.ref, line = tight_top(b, b.args.k, max_hvps=600)
+    print(f"# reference {line}", flush=True)
 
 
 def pyhessian_top(b: Bench, k: int, seed: int = 0) -> Row:
@@ -465,18 +471,24 @@ def ours_top(
     return Row(task, tool, secs, res.hvps, max_error(err), note, res.block_size)
 
 
-def eigenthings_top(b: Bench, k: int, seed: int = 0) -> Row:
+def eigenthings_top(
+    b: Bench, k: int, seed: int = 0, *, steps: int = 40, ref: torch.Tensor | None = None
+) -> Row:
+    """hessian-eigenthings' Lanczos: ``steps`` products, fully reorthogonalised, no restarts."""
     import hessian_eigenthings as he
 
     he_op = eigenthings_operator(b)
     with counting(he_op, "matvec") as calls:
         out, secs = timed(
-            lambda: he.lanczos(he_op, k=k, max_iter=40, which="LA", seed=seed), b.device
+            lambda: he.lanczos(
+                he_op, k=k, max_iter=steps, which="LA", seed=seed, reorthogonalize=True
+            ),
+            b.device,
         )
-    err = rel_errors(sorted(out.eigenvalues.tolist(), reverse=True), b.ref)
+    err = rel_errors(sorted(out.eigenvalues.tolist(), reverse=True), b.ref if ref is None else ref)
     return Row(
         f"top-{k}",
-        "hessian-eigenthings lanczos(max_iter=40)",
+        f"hessian-eigenthings lanczos(max_iter={steps})",
         secs,
         calls.n,
         max_error(err),
@@ -526,6 +538,32 @@ def top_k(b: Bench) -> None:
                 b.ratios.append(
                     Ratio(case, mine, he_rows[0], "hessian-eigenthings", "<= 0.5x on GPU", False)
                 )
+
+
+def many(b: Bench) -> None:
+    """Many eigenpairs (``--many-k``, one start each): our default block beside blocks 1 and 4
+    (the default grows with k, :func:`default_block_size`), and hessian-eigenthings' Lanczos with
+    2k and 4k steps; against their own tight reference."""
+    k = b.args.many_k
+    ref, line = tight_top(b, k, max_hvps=20 * k)
+    print(f"# reference {line}", flush=True)
+    task = f"top-{k}"
+    ours = ours_blocks(
+        task, (1, 4), lambda block, seed: ours_top(b, task, k, block, ref=ref, seed=seed)
+    )
+    peers = [
+        attempt(
+            f"{task} hessian-eigenthings {steps} steps",
+            lambda steps=steps: eigenthings_top(b, k, steps=steps, ref=ref),
+        )
+        for steps in (2 * k, 4 * k)
+    ]
+    b.add(*ours, *peers)
+    # The peer's cheapest run with every eigenvalue within 1e-4, else its most accurate.
+    done = [r for r in peers if r is not None and r.error is not None]
+    exact = [r for r in done if r.error is not None and r.error <= 1e-4]
+    peer = exact[0] if exact else min(done, key=lambda r: r.error or 0.0, default=None)
+    b.ratios.append(Ratio(task, ours[0], peer, "hessian-eigenthings", "none set", False))
 
 
 # --- case 3: trace --------------------------------------------------------------------------
@@ -763,6 +801,7 @@ CASES: dict[str, Callable[[Bench], None]] = {
     "costs": hvp_costs,
     "reference": reference,  # the errors of top-k and reduced precision are against it
     "top-k": top_k,
+    "many": many,
     "trace": trace,
     "density": density,
     "dataloader": dataloader,
@@ -796,6 +835,7 @@ def parse_args() -> argparse.Namespace:
         "--batches", type=int, help="batches of the dataloader case (4 CPU, 16 CUDA)"
     )
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--many-k", type=int, default=50, help="eigenpairs of the many case")
     parser.add_argument(
         "--seeds", type=int, default=1, help="random starts per top-k run and tool (mean reported)"
     )
@@ -826,7 +866,7 @@ def parse_args() -> argparse.Namespace:
         )
     cuda = args.device.startswith("cuda")
     if args.quick:
-        args.batch, args.batches, args.k = args.batch or 16, args.batches or 2, 5
+        args.batch, args.batches, args.k, args.many_k = args.batch or 16, args.batches or 2, 5, 10
         args.probes, args.density_probes, args.density_steps = 6, 4, 10
     args.model = args.model or ("torchvision:resnet18" if cuda else "resnet20")
     if args.checkpoint is None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every case of benchmarks/peers.py on one device in one go (under 5 minutes on one H100/H200),
-# then (CUDA) benchmarks/overhead.py, printed as one report and tee'd to a log ($LOG; by default
-# in $OUT when that is set, else in $TMPDIR, so that a run stopped at a time limit still leaves
-# what it printed).
+# then (CUDA) benchmarks/overhead.py and benchmarks/solver_cost.py, printed as one report and
+# tee'd to a log ($LOG; by default in $OUT when that is set, else in $TMPDIR, so that a run
+# stopped at a time limit still leaves what it printed).
 #
 #   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
 #   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
@@ -42,6 +42,11 @@ if [ "$DEVICE" = cuda ]; then  # where a product's time goes: launches, cuDNN, t
     "$PYTHON" "$ROOT/benchmarks/overhead.py" --device cuda 2>&1 | tee -a "$LOG"
     overhead=${PIPESTATUS[0]}
     [ "$status" -ne 0 ] || status=$overhead
+    # the solver's own cost at ResNet-18's size, products free (a diagonal operator)
+    "$PYTHON" "$ROOT/benchmarks/solver_cost.py" --device cuda --n 11181642 --k 5,50 \
+        --blocks default,1,4 2>&1 | tee -a "$LOG"
+    solver=${PIPESTATUS[0]}
+    [ "$status" -ne 0 ] || status=$solver
 fi
 echo "# gpu.sh: $((SECONDS - start)) s, exit status $status, log $LOG" | tee -a "$LOG"
 exit "$status"

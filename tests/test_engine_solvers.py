@@ -755,3 +755,26 @@ def test_a_solve_forms_its_ritz_vectors_once(monkeypatch):
     assert res.all_converged and res.iterations > 10
     torch.testing.assert_close(res.eigenvalues, diagonal[:10], rtol=1e-10, atol=0)
     assert len(calls) == 1
+
+
+def test_a_basis_that_cannot_grow_right_after_a_restart_reports_its_own_ritz_pairs(monkeypatch):
+    """If no new direction survives orthogonalisation (a guard: rounding could do it), the solve
+    stops as "exhausted" with the Ritz pairs of the basis it has, which a thick restart has just
+    replaced: the reported residuals are those of the returned vectors."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 50, generator=g, dtype=torch.float64)
+    A = A + A.T
+    calls = []
+    orthonormalize = es.orthonormalize_against
+
+    def failing_after_the_restart(W, Q, **kw):
+        calls.append(1)  # the start, three expansions filling 4 rows, then the restart's
+        return W[:0] if len(calls) >= 5 else orthonormalize(W, Q, **kw)
+
+    monkeypatch.setattr(es, "orthonormalize_against", failing_after_the_restart)
+    res = eigenpairs(MatrixOperator(A), 2, block_size=1, max_basis=4, tol=1e-12)
+    assert res.stop_reason == "exhausted" and not res.all_converged
+    X = res.eigenvectors
+    torch.testing.assert_close(X.norm(dim=1), torch.ones(2, dtype=torch.float64))
+    exact = (X @ A - res.eigenvalues[:, None] * X).norm(dim=1) / res.scale
+    torch.testing.assert_close(res.residuals, exact, rtol=1e-8, atol=1e-12)

@@ -215,7 +215,7 @@ def eigenpairs(
         asymmetry = float((T - T.T).abs().max())
         T = _symmetric(T)
         leak = _Leak.of_new_rows(T, Qb[:m], HQb[:m], 0, None)
-    iterations, scale = 0, 0.0
+    iterations, scale, grown_out = 0, 0.0, False
     while True:
         iterations += 1
         Q, HQ = Qb[:m], HQb[:m]
@@ -244,7 +244,7 @@ def eigenpairs(
             stalled = not improved and spent - best_at > patience * (SLOW_PATIENCE if slow else 1)
             reasons = {
                 "converged": bool(conv.all()),
-                "exhausted": m >= op.n,
+                "exhausted": m >= op.n or grown_out,
                 "stalled": stalled,
                 "budget": spent + b > max_hvps,
             }
@@ -284,11 +284,9 @@ def eigenpairs(
             extra = orthonormalize_against(extra, Qb[: m + len(W)])[: b - len(W)]
             Qb[m + len(W) : m + len(W) + len(extra)] = extra
             W = Qb[m : m + len(W) + len(extra)]
-        if len(W) == 0:
-            stop_reason = "exhausted"
-            X, R = _ritz(S[:, :w], theta, Q, HQ)
-            rnorm = norms(R).double().cpu()
-            break
+        if len(W) == 0:  # the space cannot grow: stop after the Ritz pairs of this basis
+            grown_out = True
+            continue
         HW = op.matmul(W)
         T, cross_asymmetry = _extended(T, Q, HQ, W, HW)
         asymmetry = max(asymmetry, cross_asymmetry)

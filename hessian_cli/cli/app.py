@@ -81,13 +81,9 @@ def _fails_alone(exc: Exception) -> bool:
 
     Its peers may be waiting inside a collective it will never join, so it must not wait for them
     on the way out either: it leaves at once, and torchrun stops the other ranks when it sees one
-    exit with an error.
+    exit with an error. Exactly the errors :func:`_rank_prefix` names a rank for.
     """
-    if _ranks() == 1:
-        return False
-    from hessian_cli.engine.distributed import CollectiveUserError
-
-    return not isinstance(exc, CollectiveUserError)
+    return bool(_rank_prefix(exc))
 
 
 def _report(exc: Exception) -> int:

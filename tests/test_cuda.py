@@ -107,3 +107,28 @@ def test_the_krylov_basis_is_the_solvers_peak_memory():
     res = eigenpairs(op, k, tol=1e-9, max_hvps=120)
     assert res.hvps > capacity  # the basis was restarted at least once
     assert torch.cuda.max_memory_allocated() - base <= 1.15 * need
+
+
+def test_graph_bytes_agrees_with_the_cuda_allocator():
+    """The CPU's measure of a first-order graph (its saved tensors) against CUDA's allocator,
+    which is what the budget for kept graphs uses there."""
+    from hessian_cli.engine.memory import graph_bytes
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 32 * 32, 10),
+    ).cuda()
+    model.eval()
+    x, y = torch.randn(64, 3, 32, 32, device="cuda"), torch.arange(64, device="cuda") % 10
+    before = torch.cuda.memory_allocated()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    parts = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    g = torch.cat([p.reshape(-1) for p in parts])
+    del parts
+    held = torch.cuda.memory_allocated() - before
+    assert 0.75 * held <= graph_bytes(loss, g) <= 1.1 * held

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import cases
 
+from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.dense import dense_hessian
+from hessian_cli.engine.memory import graph_bytes
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import select_parameters
 
@@ -148,8 +150,7 @@ def _three_batches():
 def _simulated_device(monkeypatch, op, free: int) -> list[int]:
     """Each first-order graph takes 100 bytes of a device with ``free`` bytes; returns the list
     that records the batches whose graph was built."""
-    counter = iter(range(0, 10**6, 100))
-    monkeypatch.setattr(op, "_allocated", lambda: next(counter))
+    monkeypatch.setattr(op, "_graph_size", lambda before, loss, g: 100)
     monkeypatch.setattr(op, "_free_memory", lambda: free)
     built = []
     real = op._batch_loss
@@ -174,15 +175,47 @@ def test_several_batches_keep_their_graphs_while_half_the_free_memory_allows(mon
     assert len(built) == 4  # only the third batch's graph is built again
 
 
-def test_several_batches_keep_no_graph_on_cpu_or_when_told():
+def test_several_batches_keep_their_graphs_on_cpu_unless_told_not_to():
     case, batches = _three_batches()
-    for keep in (None, False):
+    for keep, kept in ((None, [0, 1, 2]), (False, []), (True, [0, 1, 2])):
         op = HessianOperator(case.model, case.loss, batches, keep_graph=keep)
         op.matmul(torch.randn(op.n, dtype=torch.float64))
-        assert op._graphs == {}
+        assert sorted(op._graphs) == kept
+
+
+def test_graph_bytes_counts_each_saved_storage_once():
+    a = torch.randn(1000, requires_grad=True)
+    b = a.exp()  # saves its result: the root's own storage
+    assert graph_bytes(b) == 4000
+    c = (b + 1).sin()  # saves its input (4000 more); the addition saves nothing
+    assert graph_bytes(c) == 4000 + 4000 + 4000
+    assert graph_bytes(c, b) == graph_bytes(c)
+    assert graph_bytes(torch.ones(3)) == 12  # no graph: the tensor alone
+
+
+def test_the_cpu_budget_counts_the_graphs_saved_tensors(monkeypatch):
+    """Where no allocator counts memory, a graph's size is that of its saved tensors: with room
+    for one and a half graphs, one is kept."""
+    case, batches = _three_batches()
+    batches = [batches[0]] * 3  # graphs of one size
     op = HessianOperator(case.model, case.loss, batches, keep_graph=True)
     op.matmul(torch.randn(op.n, dtype=torch.float64))
-    assert sorted(op._graphs) == [0, 1, 2]
+    loss, g, _ = op._graphs[0]
+    size = graph_bytes(loss, g)
+    assert size > g.numel() * 8 and op._graph_size(0, loss, g) == size
+    op = HessianOperator(case.model, case.loss, batches)
+    monkeypatch.setattr(op, "_free_memory", lambda: 2 * size)  # budget (2 + 1) / 2 graphs
+    op.matmul(torch.randn(op.n, dtype=torch.float64))
+    assert sorted(op._graphs) == [0] and op._graph_bytes == size
+
+
+def test_ranks_on_one_machine_share_its_memory_for_graphs(monkeypatch):
+    case, batches = _three_batches()
+    op = HessianOperator(case.model, case.loss, batches)
+    _simulated_device(monkeypatch, op, free=500)  # alone: (500 + 100) / 2, three graphs
+    monkeypatch.setattr(dist_utils, "local_world_size", lambda: 2)
+    op.matmul(torch.randn(op.n, dtype=torch.float64))
+    assert op._graph_budget == 150 and sorted(op._graphs) == [0]
 
 
 def _assert_plain_gradient(case, batches, loss, g):

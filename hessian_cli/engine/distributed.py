@@ -58,6 +58,14 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def local_world_size() -> int:
+    """Ranks of this job on this machine (torchrun's ``LOCAL_WORLD_SIZE``), which share its
+    memory; 1 outside a job."""
+    if not is_distributed():
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.linalg import norms
-from hessian_cli.engine.memory import cuda_free_bytes
+from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
 from hessian_cli.errors import UserError
@@ -106,8 +106,8 @@ class HessianOperator:
     """Hessian of the mean loss of ``model`` over ``batches`` with respect to ``params``.
 
     Backends: ``double-backward`` differentiates the gradient again (a loop of backward passes,
-    or one batched pass with ``is_grads_batched``) and, for a single batch, keeps the first-order
-    graph across products; ``func`` uses ``torch.func`` forward-over-reverse (``vmap`` of ``jvp``
+    or one batched pass with ``is_grads_batched``) and keeps each batch's first-order graph
+    across products while memory allows (:meth:`_keeps`); ``func`` uses ``torch.func`` forward-over-reverse (``vmap`` of ``jvp``
     of ``grad``), which shares one forward/backward pass among all vectors of a block. ``auto``
     chooses per product (:meth:`backend_for`).
 
@@ -161,10 +161,10 @@ class HessianOperator:
         self.backends_used: set[str] = set()
         self._func_ok = True
         self.precision = check_precision(precision)
-        # None: keep one batch's graph; several batches' on CUDA while they fit (_keeps).
+        # None: keep one batch's graph; several batches' while they fit (_keeps).
         self.keep_graph = keep_graph
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}
-        self._graph_bytes = 0  # device memory held by the kept graphs
+        self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
         # On CPU a loop of single products beats the vmapped backward per vector (measured on
@@ -260,15 +260,14 @@ class HessianOperator:
     def _gradient_from_graph(self) -> bool:
         """Whether gradients come from the first-order graphs, building them for the products.
 
-        Where the graphs are kept (one batch; several on CUDA while they fit), the products
-        need that pass anyway, so the gradient costs nothing more; elsewhere a plain backward
-        is cheaper. Reduced-precision products build theirs in that precision, so not there.
+        Where the graphs are kept (one batch; several while they fit), the products need that
+        pass anyway, so the gradient costs nothing more; elsewhere a plain backward is cheaper. Reduced-precision products build theirs in that precision, so not there.
         """
         if self.precision != "full":
             return False
         if not self._budgeted:
             return self.keep_graph is not False
-        # While _keeps may keep their graphs (never on CPU).
+        # While _keeps may keep their graphs.
         return self._graph_budget != 0 and self._free_memory() is not None
 
     @property
@@ -404,36 +403,46 @@ class HessianOperator:
         used = [p is not None for p in parts]
         # An unused parameter has no gradient: its Hessian rows and columns are zero.
         g = torch.cat([p.reshape(-1) for p in parts if p is not None]) if any(used) else None
-        if self._keeps(self._allocated() - before):
+        if self._keeps(lambda: self._graph_size(before, loss, g)):
             self._graphs[i] = (loss, g, used)
         return loss, g, used
 
-    def _keeps(self, size: int) -> bool:
-        """Whether to keep a first-order graph holding ``size`` bytes of device memory.
+    def _keeps(self, size: Callable[[], int]) -> bool:
+        """Whether to keep a first-order graph that holds ``size()`` bytes.
 
-        Several batches' graphs are kept (on CUDA) while together they hold at most half of the
-        memory that was free when the first one was built: a kept graph saves its forward and
-        first backward (on an H200, ResNet-18 over 256 inputs: 27.5 instead of 39.5 ms per batch
-        and vector), and the other half is left to the products themselves.
+        Several batches' graphs are kept while together they hold at most half of the memory
+        that was free when the first one was built (on the CPU, shared by this machine's ranks:
+        half of it split among them): a kept graph saves its forward and first backward (on an
+        H200, ResNet-18 over 256 inputs: 27.5 instead of 39.5 ms per batch and vector; on 2 CPU
+        cores, ResNet-20 over 4 x 64 inputs: 7 instead of 11.7 s per product), and the other
+        half is left to the products themselves.
         """
         if not self._budgeted:
             return self.keep_graph is not False
+        bytes_ = size()
         if self._graph_budget is None:
             free = self._free_memory()
-            self._graph_budget = 0 if free is None else (free + size) // 2
-        fits = 0 < self._graph_budget and self._graph_bytes + size <= self._graph_budget
+            self._graph_budget = 0 if free is None else (free + bytes_) // 2
+            if self.device.type == "cpu":
+                self._graph_budget //= dist_utils.local_world_size()
+        fits = 0 < self._graph_budget and self._graph_bytes + bytes_ <= self._graph_budget
         if fits:
-            self._graph_bytes += size
+            self._graph_bytes += bytes_
         return fits
 
     def _allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
 
+    def _graph_size(self, before: int, loss: torch.Tensor, g: torch.Tensor | None) -> int:
+        """Memory held by a first-order graph built since :meth:`_allocated` was ``before``: the
+        allocator's count on CUDA, the graph's saved tensors elsewhere."""
+        if self.device.type == "cuda":
+            return self._allocated() - before
+        return graph_bytes(loss) if g is None else graph_bytes(loss, g)
+
     def _free_memory(self) -> int | None:
-        """Device memory still available to this process (None on CPU: graphs are not kept)."""
-        if self.device.type != "cuda":
-            return None
-        return cuda_free_bytes(self.device)
+        """Memory still available to this process (None where the platform does not say)."""
+        return free_bytes(self.device)
 
     def _hvp_double(self, i: int, V: torch.Tensor) -> torch.Tensor:
         _, g, used = self._first_order_graph(i)

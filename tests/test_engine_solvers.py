@@ -15,6 +15,7 @@ from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs, eigenvalue_error_bounds
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against
 from hessian_cli.engine.operator import (
+    DiagonalOperator,
     HessianOperator,
     MatrixOperator,
     probe_generator,
@@ -542,19 +543,6 @@ def test_float32_bases_stay_orthonormal_at_network_sizes():
     basis = torch.cat([Q, W])
     error = (gram(basis, basis) - torch.eye(12, dtype=torch.float64)).abs().max()
     assert error < 1e-6, float(error)
-
-
-class DiagonalOperator:
-    """A diagonal matrix as a LinearOperator: network-sized solves in milliseconds."""
-
-    def __init__(self, diagonal: torch.Tensor) -> None:
-        self.diagonal = diagonal
-        self.n, self.dtype, self.device = len(diagonal), diagonal.dtype, diagonal.device
-        self.hvp_count = 0
-
-    def matmul(self, block: torch.Tensor) -> torch.Tensor:
-        self.hvp_count += block.shape[0]
-        return block * self.diagonal
 
 
 def test_a_hint_toward_the_top_eigenvector_saves_products_and_a_poor_one_costs_little():

@@ -351,6 +351,21 @@ def test_a_krylov_basis_that_does_not_fit_in_memory_is_one_sentence(monkeypatch)
     assert eigenpairs(op, 60, tol=1e-6).all_converged
 
 
+def test_ranks_on_one_machine_need_room_for_a_basis_each(monkeypatch):
+    import hessian_cli.engine.eigensolver as solver
+
+    op = MatrixOperator(_symmetric(700))
+    op.distributed = True  # as a HessianOperator under torchrun: the check is collective
+    need = (3 * 186 + 2 * 62) * 700 * 8  # as above
+    monkeypatch.setattr(solver, "free_bytes", lambda device: 2 * need - 1)
+    monkeypatch.setattr(solver, "local_world_size", lambda: 2)
+    monkeypatch.setattr(solver, "fail_together", contextlib.nullcontext)
+    with pytest.raises(UserError, match=r"GiB on each of the 2 ranks on this machine, more than"):
+        eigenpairs(op, 60)
+    monkeypatch.setattr(solver, "free_bytes", lambda device: 2 * need)
+    assert eigenpairs(op, 60, tol=1e-6).all_converged
+
+
 def test_a_small_budget_holds_no_more_basis_than_it_can_fill(monkeypatch):
     """Eigen-SAM's refresh (top-1, 6 products) needs 6 rows, not the default basis of 20."""
     import hessian_cli.engine.eigensolver as solver

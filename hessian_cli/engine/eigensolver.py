@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.distributed import fail_together
+from hessian_cli.engine.distributed import fail_together, local_world_size
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, small_eigh
 from hessian_cli.engine.memory import free_bytes
 from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
@@ -432,22 +432,27 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
     """Refuse, in one sentence, a solve whose basis cannot fit: the basis and its products
     (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk; for
     the whole space no restart, but its float64 projected matrix and eigenvectors, and a copy,
-    which live on the CPU (the device's memory where that is the CPU)."""
+    which live on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
+    distributed solve on this machine holds its own copy, and all check before any allocates."""
     extra = 0 if whole else capacity * _restart_chunk(op.n)
     need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
     if whole and op.device.type == "cpu":
         need += 3 * op.n * op.n * 8
+    ranks = 1
+    if op.device.type == "cpu" and getattr(op, "distributed", False):
+        ranks = local_world_size()
     free = free_bytes(op.device)
-    if free is None or need <= free:
+    if free is None or need * ranks <= free:
         return
     what = (
         "every column of the Hessian"
         if whole
         else f"a basis of {capacity:,} vectors and their products"
     )
+    each = f" on each of the {ranks} ranks on this machine" if ranks > 1 else ""
     raise UserError(
-        f"{k:,} eigenpairs of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB, more "
-        f"than the {free / 2**30:.1f} GiB free: ask for fewer with --top-k."
+        f"{k:,} eigenpairs of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB{each}, "
+        f"more than the {free / 2**30:.1f} GiB free: ask for fewer with --top-k."
     )
 
 

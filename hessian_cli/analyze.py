@@ -63,6 +63,7 @@ class AnalyzeRequest:
     criterion: Literal["residual", "eigenvalue"] = "residual"
     max_hvps: int | None = None
     block_size: int | None = None
+    guard: int | None = None
     trace: bool = False
     trace_probes: int = 99
     density: bool = False
@@ -140,7 +141,7 @@ def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
     if r.top_k:
-        check_options(tol=r.tol, block_size=r.block_size, max_hvps=r.max_hvps)
+        check_options(tol=r.tol, block_size=r.block_size, max_hvps=r.max_hvps, guard=r.guard)
     counts = (
         ("--top-k", r.top_k, 0, True),
         ("--trace-probes", r.trace_probes, 2, r.trace),
@@ -310,6 +311,7 @@ def _run_solvers(
             tol=request.tol,
             criterion=request.criterion,
             block_size=request.block_size,
+            guard=request.guard,
             max_hvps=request.max_hvps,
             # The previous checkpoint's vectors, where they live in the same space (a directory
             # may mix models).

@@ -98,6 +98,7 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "iterations": int(e.iterations),
             "seconds": number(e.seconds),
             "block_size": int(e.block_size),
+            "guard": int(e.guard),
             "stop_reason": e.stop_reason,
             "method": e.method,
         }

@@ -81,6 +81,16 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert code == 0 and "Eigenvalues" in out and "converged" in out
 
 
+def test_a_guard_of_pairs_beyond_top_k_is_reported(capsys, digits_mlp):
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "20", "--json")
+    eigen = json.loads(out)["eigen"]
+    assert code == 0 and eigen["guard"] == 2 and len(eigen["eigenvalues"]) == 20
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "20")
+    assert "and 2 more pairs as a guard against skipping one" in " ".join(out.split())
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "20", "--guard", "0", "--json")
+    assert code == 0 and json.loads(out)["eigen"]["guard"] == 0
+
+
 def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     """Every alignment score from the CLI against values computed from the dense Hessian."""
     data = load_data("digits")
@@ -600,6 +610,7 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
         (("--top-k", "-1"), "--top-k must be at least 0, not -1"),
         (("--block-size", "0"), "--block-size must be at least 1, not 0"),
         (("--max-hvps", "0"), "--max-hvps must be at least 1, not 0"),
+        (("--guard", "-1"), "--guard must be at least 0, not -1"),
         (("--trace", "--trace-probes", "1"), "--trace-probes must be at least 2, not 1"),
         (("--density", "--density-steps", "0"), "--density-steps must be at least 1, not 0"),
         (("--density", "--density-probes", "0"), "--density-probes must be at least 1, not 0"),

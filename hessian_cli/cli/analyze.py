@@ -76,6 +76,12 @@ def analyze(
         "pairs, then one per 25 pairs; use at least the multiplicity of a repeated "
         "eigenvalue).",
     ),
+    guard: int | None = typer.Option(
+        None,
+        "--guard",
+        help="Eigenpairs converged beyond --top-k and dropped, so that none of the top k is "
+        "skipped (default top-k / 10; 0 saves up to a fifth of the HVPs, at that risk).",
+    ),
     trace: bool = typer.Option(
         False, "--trace", help="Estimate the trace (Hutch++) with its standard error."
     ),
@@ -169,6 +175,7 @@ def analyze(
         criterion=criterion,
         max_hvps=max_hvps,
         block_size=block_size,
+        guard=guard,
         trace=trace,
         trace_probes=trace_probes,
         density=density,

@@ -31,6 +31,8 @@ class EigenResult:
     iterations: int
     seconds: float
     block_size: int
+    # Pairs converged beyond the k returned, so that none of them was skipped (eigensolver).
+    guard: int = 0
     # Why the iteration ended: converged, stalled (residuals stopped improving: the tolerance is
     # below the products' rounding noise), slow (they stopped improving far above that noise:
     # crowded eigenvalues), unverified (the iteration's residuals met the

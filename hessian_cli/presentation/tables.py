@@ -83,6 +83,8 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
         f"{_int(e.get('hvps'))} HVPs, "
         f"{_seconds(e.get('seconds'))}"
     )
+    if guard := e.get("guard"):
+        how += f" (and {guard} more pair{'s' if guard > 1 else ''} as a guard against skipping one)"
     if not all(e.get("converged") or [True]) and e.get("stop_reason") in STOP_REASONS:
         how += f"; stopped: {STOP_REASONS[e['stop_reason']]}"
     values = e["eigenvalues"]

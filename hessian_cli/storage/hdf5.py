@@ -327,6 +327,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "iterations": _int(a.get("iterations")),
             "seconds": number(a.get("seconds")),
             "block_size": _int(a.get("block_size")),
+            "guard": _int(a.get("guard")),  # null in files written before it
             "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),
         }

@@ -401,7 +401,8 @@ def tight_top(b: Bench, k: int, max_hvps: int) -> tuple[torch.Tensor, str]:
     values = [round(float(v), 5) for v in res.eigenvalues]
     shown = values if k <= 8 else [*values[:4], "...", *values[-2:]]
     line = (
-        f"top-{k} ({b.args.reference}, residual <= {tol:g}, block {block}): {shown}; "
+        f"top-{k} ({b.args.reference}, residual <= {tol:g}, block {block}, guard {res.guard}): "
+        f"{shown}; "
         f"{res.hvps} HVPs, "
         f"{secs:.1f} s, {int(res.converged.sum())}/{k} converged"
         + ("" if res.all_converged else f" ({res.stop_reason})")
@@ -469,6 +470,8 @@ def ours_top(
     settings = f"{default}block {res.block_size}, tol {tol:g}" + (
         f", {precision}" if precision else ""
     )
+    if res.guard:
+        settings += f", guard {res.guard}"
     if criterion != "residual":
         settings += f", {criterion} criterion"
     if gradient_hint:

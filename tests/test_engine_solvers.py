@@ -355,6 +355,26 @@ def test_a_krylov_basis_that_does_not_fit_in_memory_is_one_sentence(monkeypatch)
     assert eigenpairs(op, 60, tol=1e-6).all_converged
 
 
+def test_kept_graphs_make_room_for_a_basis(monkeypatch):
+    """Several batches' graphs, kept by the gradient pass within half the free memory, are
+    released when the basis would not fit beside them; the products keep what then fits."""
+    import hessian_cli.engine.eigensolver as solver
+
+    case = CASES["cnn-bn"]
+    x, y = case.batches[0]
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    op = HessianOperator(case.model, case.loss, batches)
+    op.gradient()
+    assert len(op._graphs) == 3
+    H = dense_hessian(case.model, case.loss, batches, op.space)
+    need = (3 * 20 + 2 * 2) * op.n * 8  # top-1: a basis of 20, its products, a restart's copy
+    monkeypatch.setattr(solver, "free_bytes", lambda device: need - 1 if op._graphs else need)
+    res = eigenpairs(op, 1, tol=1e-8)
+    assert res.all_converged
+    top = torch.linalg.eigvalsh(H)[-1]
+    torch.testing.assert_close(res.eigenvalues[0], top, rtol=1e-7, atol=0)
+
+
 def test_ranks_on_one_machine_need_room_for_a_basis_each(monkeypatch):
     import hessian_cli.engine.eigensolver as solver
 

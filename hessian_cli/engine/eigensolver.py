@@ -467,7 +467,8 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
     (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk; for
     the whole space no restart, but its float64 projected matrix and eigenvectors, and a copy,
     which live on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
-    distributed solve on this machine holds its own copy, and all check before any allocates."""
+    distributed solve on this machine holds its own copy, and all check before any allocates.
+    Where only the operator's kept first-order graphs stand in the way, they are released."""
     extra = 0 if whole else capacity * _restart_chunk(op.n)
     need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
     if whole and op.device.type == "cpu":
@@ -476,6 +477,9 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
     if op.device.type == "cpu" and getattr(op, "distributed", False):
         ranks = local_world_size()
     free = free_bytes(op.device)
+    if free is not None and need * ranks > free and hasattr(op, "release"):
+        op.release()  # kept first-order graphs make room (rebuilt to fit what is left)
+        free = free_bytes(op.device)
     if free is None or need * ranks <= free:
         return
     what = (
@@ -485,7 +489,7 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
     )
     each = f" on each of the {ranks} ranks on this machine" if ranks > 1 else ""
     raise UserError(
-        f"{k:,} eigenpairs of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB{each}, "
+        f"{k:,} eigenpair{'s' if k > 1 else ''} of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB{each}, "
         f"more than the {free / 2**30:.1f} GiB free: ask for fewer with --top-k."
     )
 

@@ -524,9 +524,13 @@ class HessianOperator:
         return self.space.flatten_batched(parts, V.shape[0])
 
     def release(self) -> None:
-        """Free the kept first-order graphs (e.g. before the weights change)."""
+        """Free the kept first-order graphs (e.g. before the weights change, or to make room).
+
+        How many may be kept again is measured anew at the next one: the memory free then may
+        differ from when the first was built (a solver's basis took its share since)."""
         self._graphs = {}
         self._graph_bytes = 0
+        self._graph_budget = None
 
 
 def probe_generator(op: LinearOperator, seed: int) -> torch.Generator:

@@ -367,6 +367,11 @@ class _Run:
                 f"CUDA ran out of memory at step {self.step} (epoch {self.epoch + 1}); stopped, "
                 f"{self._kept()}: try a smaller --batch-size."
             ) from exc
+        except BaseException:
+            # Whatever stopped the run (a rank lost, SIGTERM, a second Ctrl-C), the rows of the
+            # steps done are valid: write them (metrics are otherwise written per epoch).
+            self._flush()
+            raise
 
     def _kept(self) -> str:
         """Where a stopped run can be continued from, as the error says it."""

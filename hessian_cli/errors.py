@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input or an environment problem, described in one sentence for the user."""
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM (torchrun stopping the job after another rank failed, or a
+    scheduler's kill). Raised in the main thread, like KeyboardInterrupt, so that clean-up runs
+    on the way out (training writes the metrics of the steps done, temporary files go)."""

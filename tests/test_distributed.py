@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from hessian_cli.engine.distributed import shard
 from hessian_cli.specs import load_checkpoint
+from hessian_cli.storage.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints_example" / "digits_mlp.pt"
@@ -214,7 +215,8 @@ def test_a_rank_that_runs_out_of_memory_alone_ends_the_job_at_once(
 ) -> None:
     """Rank 1 runs out of memory in the middle of the work while rank 0 waits for it inside a
     collective: rank 1 says so and leaves without waiting for rank 0 (its barrier on the way out
-    hung until the 15-minute collective timeout), and torchrun stops rank 0."""
+    hung until the 15-minute collective timeout), and torchrun stops rank 0, which writes the
+    metrics of the steps done first (they used to be lost: they are written per epoch)."""
     patch = tmp_path / "patch"
     patch.mkdir()
     (patch / "sitecustomize.py").write_text(
@@ -225,7 +227,7 @@ def test_a_rank_that_runs_out_of_memory_alone_ends_the_job_at_once(
         "    def failing(f):\n"
         "        def wrapped(*args, **kwargs):\n"
         "            calls[0] += 1\n"
-        "            if calls[0] > 12:\n"
+        "            if calls[0] > int(os.environ['FAIL_AFTER']):\n"
         "                raise torch.cuda.OutOfMemoryError('CUDA out of memory.')\n"
         "            return f(*args, **kwargs)\n"
         "        return wrapped\n"
@@ -241,14 +243,17 @@ def test_a_rank_that_runs_out_of_memory_alone_ends_the_job_at_once(
         ],
         "train": _train_args(run_dir, 32),
     }[command]
-    code, _, err, seconds = _run(
-        args, ranks=2, cwd=tmp_path, timeout=120, env={"PYTHONPATH": str(patch)}
-    )
+    # in training, after a few steps (the first used up 12 calls)
+    env = {"PYTHONPATH": str(patch), "FAIL_AFTER": "12" if command == "analyze" else "80"}
+    code, _, err, seconds = _run(args, ranks=2, cwd=tmp_path, timeout=120, env=env)
     assert code != 0 and seconds < 60, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     assert lines[0].startswith("error: rank 1: CUDA ran out of memory"), err
     assert not (tmp_path / "s.h5").exists()
+    if command == "train":
+        step = int(lines[0].split(" at step ")[1].split()[0])  # where rank 1 stopped
+        assert step > 1 and len(read_metrics(run_dir / "metrics.h5")["steps"]["loss"]) == step
 
 
 @needs_gloo

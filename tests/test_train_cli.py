@@ -180,6 +180,32 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_ends_a_run_in_one_line_with_status_143(tmp_path):
+    """SIGTERM (a scheduler's kill, torchrun stopping a job) unwinds instead of killing the
+    process at once, so the training loop writes what it holds (test_training.py)."""
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "400", "--checkpoint-every", "0", "--quiet", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hessian_cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.h5").exists():  # written at the end of the first epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip() == "stopped: the process received SIGTERM.", err
+
+
 def test_download_reaches_the_data_loader_and_is_a_run_time_option(capsys, tmp_path, monkeypatch):
     import eigensam.training
     from hessian_cli.errors import UserError

@@ -20,7 +20,8 @@ from eigensam.training import (
     load_config,
     train,
 )
-from hessian_cli.errors import UserError
+from hessian_cli.engine.distributed import PeerLost
+from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import load_checkpoint
 from hessian_cli.storage import read_metrics
 
@@ -259,6 +260,26 @@ def test_out_of_gpu_memory_stops_with_a_message_and_the_run_resumes(tmp_path, mo
     assert m["steps"]["step"].tolist() == list(range(STEPS_PER_EPOCH + 2))
     monkeypatch.setattr(training_module._Run, "_step", real_step)
     assert train(load_config(run), resume_dir=run).finished
+
+
+@pytest.mark.parametrize("stop", [Terminated, KeyboardInterrupt, PeerLost])
+def test_whatever_stops_a_run_the_steps_done_are_written(tmp_path, monkeypatch, stop):
+    """SIGTERM, a second Ctrl-C or a lost rank mid-epoch: the exception goes on as it is, and
+    the metrics of the steps done are on disk (they are otherwise written per epoch)."""
+    from eigensam import training as training_module
+
+    real_step = training_module._Run._step
+
+    def step(self, batch):
+        if self.step == STEPS_PER_EPOCH + 2:
+            raise stop("stopped by the test")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(training_module._Run, "_step", step)
+    with pytest.raises(stop):
+        train(config(tmp_path, epochs=2, track_every=0))
+    m = read_metrics(tmp_path / "run" / "metrics.h5")
+    assert m["steps"]["step"].tolist() == list(range(STEPS_PER_EPOCH + 2))
 
 
 def test_divergence_stops_with_a_message_and_nothing_corrupt(tmp_path):

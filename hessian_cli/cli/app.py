@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from hessian_cli import __version__
-from hessian_cli.errors import UserError
+from hessian_cli.errors import Terminated, UserError
 
 app = typer.Typer(
     name="hessian-cli",
@@ -119,6 +124,28 @@ def _report(exc: Exception) -> int:
     return code
 
 
+# The shell's status for a process ended by SIGTERM (128 + 15).
+TERMINATED_STATUS = 143
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread instead of killing the process at
+    once, so that what is in hand is written on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled in the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
     """Console entry point: user errors become one red sentence and exit status 2.
 
@@ -134,7 +161,16 @@ def main() -> None:
             from hessian_cli.engine import distributed
 
             distributed.init_from_env()
-        app()
+        with _sigterm_unwinds():
+            app()
+    except Terminated:
+        rank = f"rank {os.environ['RANK']} " if torchrun else ""
+        err_console.print(f"{rank}stopped: the process received SIGTERM.", style="dim")
+        # Its clean-up ran while Terminated unwound; the job is being stopped, so no teardown
+        # (under torchrun its barrier would wait for ranks that are gone).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(TERMINATED_STATUS)
     except Exception as exc:
         if state.debug and not torchrun:
             raise

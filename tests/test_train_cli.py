@@ -139,12 +139,9 @@ def test_bad_input_is_one_sentence(capsys, tmp_path, finished_run, args, message
     assert not (tmp_path / "x").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
-    """SIGINT to a real process: exit 130 with a checkpoint; resuming gives the same weights as
-    a run that was never interrupted."""
-    out = tmp_path / "stopped"
-    # Far more epochs than the test waits for: the signal always lands mid-run.
-    args = [*TINY, "--epochs", "400", "--track-every", "7", "--checkpoint-every", "0"]
+def _signalled_after_the_first_epoch(args: list[str], out: Path, sig: int) -> tuple[int, str]:
+    """Train in a real process and send it ``sig`` once the first epoch is written (``args``
+    ask for far more epochs, so that it lands mid-run); the exit status and stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [sys.executable, "-m", "hessian_cli", "train", *args, "--quiet", "--out", str(out)],
@@ -158,11 +155,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
         while not (out / "metrics.h5").exists():  # written at the end of the first epoch
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
+    """SIGINT to a real process: exit 130 with a checkpoint; resuming gives the same weights as
+    a run that was never interrupted."""
+    out = tmp_path / "stopped"
+    args = [*TINY, "--epochs", "400", "--track-every", "7", "--checkpoint-every", "0"]
+    code, err = _signalled_after_the_first_epoch(args, out, signal.SIGINT)
+    assert code == 130, err
     assert "Interrupted at step" in err and "--resume" in err and "Traceback" not in err
     saved = list((out / "checkpoints").glob("step*.pt"))
     assert len(saved) == 1
@@ -183,26 +189,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
 def test_sigterm_ends_a_run_in_one_line_with_status_143(tmp_path):
     """SIGTERM (a scheduler's kill, torchrun stopping a job) unwinds instead of killing the
     process at once, so the training loop writes what it holds (test_training.py)."""
-    out = tmp_path / "run"
-    args = [*TINY, "--epochs", "400", "--checkpoint-every", "0", "--quiet", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hessian_cli", "train", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "metrics.h5").exists():  # written at the end of the first epoch
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
+    args = [*TINY, "--epochs", "400", "--checkpoint-every", "0"]
+    code, err = _signalled_after_the_first_epoch(args, tmp_path / "run", signal.SIGTERM)
+    assert code == 143, err
     assert err.strip() == "stopped: the process received SIGTERM.", err
 
 

@@ -487,9 +487,10 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
         if whole
         else f"a basis of {capacity:,} vectors and their products"
     )
+    pairs = f"{k:,} eigenpair{'s' if k > 1 else ''}"
     each = f" on each of the {ranks} ranks on this machine" if ranks > 1 else ""
     raise UserError(
-        f"{k:,} eigenpair{'s' if k > 1 else ''} of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB{each}, "
+        f"{pairs} of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB{each}, "
         f"more than the {free / 2**30:.1f} GiB free: ask for fewer with --top-k."
     )
 

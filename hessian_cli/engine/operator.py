@@ -123,9 +123,9 @@ class HessianOperator:
 
     Backends: ``double-backward`` differentiates the gradient again (a loop of backward passes,
     or one batched pass with ``is_grads_batched``) and keeps each batch's first-order graph
-    across products while memory allows (:meth:`_keeps`); ``func`` uses ``torch.func`` forward-over-reverse (``vmap`` of ``jvp``
-    of ``grad``), which shares one forward/backward pass among all vectors of a block. ``auto``
-    chooses per product (:meth:`backend_for`).
+    across products while memory allows (:meth:`_keeps`); ``func`` uses ``torch.func``
+    forward-over-reverse (``vmap`` of ``jvp`` of ``grad``), which shares one forward/backward
+    pass among all vectors of a block. ``auto`` chooses per product (:meth:`backend_for`).
 
     ``precision`` (:mod:`precision`) applies to the products only; losses and gradients are
     always computed in full precision.
@@ -277,7 +277,8 @@ class HessianOperator:
         """Whether gradients come from the first-order graphs, building them for the products.
 
         Where the graphs are kept (one batch; several while they fit), the products need that
-        pass anyway, so the gradient costs nothing more; elsewhere a plain backward is cheaper. Reduced-precision products build theirs in that precision, so not there.
+        pass anyway, so the gradient costs nothing more; elsewhere a plain backward is cheaper.
+        Reduced-precision products build theirs in that precision, so not there.
         """
         if self.precision != "full":
             return False

@@ -240,17 +240,27 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, overrides, messa
     assert not (tmp_path / "run").exists()
 
 
-def test_out_of_gpu_memory_stops_with_a_message_and_the_run_resumes(tmp_path, monkeypatch):
+def _failing_step(monkeypatch, at: int, error: BaseException):
+    """Make training step ``at`` raise ``error``; returns the real step, to put back."""
     from eigensam import training as training_module
 
     real_step = training_module._Run._step
 
     def step(self, batch):
-        if self.step == STEPS_PER_EPOCH + 2:  # in epoch 2, after epoch 1's checkpoint
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.step == at:
+            raise error
         return real_step(self, batch)
 
     monkeypatch.setattr(training_module._Run, "_step", step)
+    return real_step
+
+
+def test_out_of_gpu_memory_stops_with_a_message_and_the_run_resumes(tmp_path, monkeypatch):
+    from eigensam import training as training_module
+
+    # in epoch 2, after epoch 1's checkpoint
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    real_step = _failing_step(monkeypatch, STEPS_PER_EPOCH + 2, oom)
     cfg = config(tmp_path, epochs=2, track_every=0)
     with pytest.raises(UserError, match="ran out of memory at step") as err:
         train(cfg)
@@ -266,16 +276,7 @@ def test_out_of_gpu_memory_stops_with_a_message_and_the_run_resumes(tmp_path, mo
 def test_whatever_stops_a_run_the_steps_done_are_written(tmp_path, monkeypatch, stop):
     """SIGTERM, a second Ctrl-C or a lost rank mid-epoch: the exception goes on as it is, and
     the metrics of the steps done are on disk (they are otherwise written per epoch)."""
-    from eigensam import training as training_module
-
-    real_step = training_module._Run._step
-
-    def step(self, batch):
-        if self.step == STEPS_PER_EPOCH + 2:
-            raise stop("stopped by the test")
-        return real_step(self, batch)
-
-    monkeypatch.setattr(training_module._Run, "_step", step)
+    _failing_step(monkeypatch, STEPS_PER_EPOCH + 2, stop("stopped by the test"))
     with pytest.raises(stop):
         train(config(tmp_path, epochs=2, track_every=0))
     m = read_metrics(tmp_path / "run" / "metrics.h5")

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -133,17 +133,25 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` in the main thread instead of killing the process at
-    once, so that what is in hand is written on the way out."""
+def signal_handled(signum: int, handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """``handler`` for ``signum`` inside the block (where the previous one is restored); nothing
+    outside the main thread, where signals cannot be handled."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # signals can only be handled in the main thread
+        yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+
+
+def _leave_now(code: int) -> None:
+    """Exit without Python's teardown (the command's own clean-up ran while its exception
+    unwound): under torchrun that teardown waits for peers that may be gone or stuck."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:
@@ -161,27 +169,21 @@ def main() -> None:
             from hessian_cli.engine import distributed
 
             distributed.init_from_env()
-        with _sigterm_unwinds():
+        # SIGTERM unwinds instead of killing at once, so that what is in hand is written.
+        with signal_handled(signal.SIGTERM, _raise_terminated):
             app()
     except Terminated:
         rank = f"rank {os.environ['RANK']} " if torchrun else ""
         err_console.print(f"{rank}stopped: the process received SIGTERM.", style="dim")
-        # Its clean-up ran while Terminated unwound; the job is being stopped, so no teardown
-        # (under torchrun its barrier would wait for ranks that are gone).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(TERMINATED_STATUS)
+        _leave_now(TERMINATED_STATUS)  # the job is being stopped: its barrier would wait
     except Exception as exc:
         if state.debug and not torchrun:
             raise
         code = _report(exc)
         if _fails_alone(exc):
             # No barrier and no teardown: both wait for peers that may be stuck in a collective
-            # (a Gloo barrier ignored its timeout there; NCCL's abort can hang). os._exit skips
-            # them; the command's own clean-up already ran while the exception unwound.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            # (a Gloo barrier ignored its timeout there; NCCL's abort can hang).
+            _leave_now(code)
         sys.exit(code)
     finally:
         if torchrun:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +37,7 @@ from eigensam.config import (
     load_config,
 )
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
-from hessian_cli.cli.app import app
+from hessian_cli.cli.app import app, signal_handled
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import UserError
 
@@ -210,14 +209,8 @@ class _StopRequest:
 @contextmanager
 def _ctrl_c() -> Iterator[_StopRequest]:
     stop = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signals can only be handled in the main thread
-        return
-    previous = signal.signal(signal.SIGINT, stop.on_sigint)
-    try:
+    with signal_handled(signal.SIGINT, stop.on_sigint):
         yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class _Display:

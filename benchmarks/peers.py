@@ -11,8 +11,8 @@ One model and one device for every case:
    starts (their mean time is what the ratios compare); ours with the engine's defaults, and
    as ``analyze`` runs it (:data:`ANALYZE_VARIANTS`: the gradient hints the start, and with
    ``--criterion eigenvalue`` it stops when every eigenvalue is within ``--tol``, relative);
-   case ``many``: ``--many-k`` eigenpairs (default 50), our blocks against hessian-eigenthings'
-   Lanczos with 2k and 4k steps;
+   case ``many`` (run last): ``--many-k`` eigenpairs (default 50), our blocks against
+   hessian-eigenthings' Lanczos with 2k and 4k steps;
 3. trace (Hutchinson and Hutch++) with as many probes as PyHessian's ``trace(tol=0)``;
 4. spectral density (SLQ) with hessian-eigenthings' probes x steps (and PyHessian's ``density``,
    which fails on current torch: its failure goes in the note);
@@ -21,8 +21,10 @@ One model and one device for every case:
 6. ours in reduced precision (tf32, bf16): eigenvalue errors, float32 residuals, HVP error.
 
 Then one table per kind (HVP costs; tasks with wall time, HVPs, gradient-equivalents and the
-largest relative eigenvalue error) and one line per speed target. A run that raises prints one
-line "case X failed: ..." and the rest goes on.
+largest relative eigenvalue error) and one line per speed target. Each row, cost and ratio is
+also printed as soon as it is measured (``# row:``, ``# cost:``), so that a run stopped at a time
+limit keeps what it finished. A run that raises prints one line "case X failed: ..." and the rest
+goes on.
 
 Defaults: on CPU ResNet-20 with PyHessian's checkpoint (../shared/fixtures) and 4 batches of 128
 inputs; on CUDA torchvision's ResNet-18 (10 classes, weights from seed 0) and 16 batches of 256.
@@ -120,7 +122,16 @@ class Bench:
         return self.device.type == "cuda"
 
     def add(self, *rows: Row | None) -> None:
-        self.rows += [r for r in rows if r is not None]
+        """Keep ``rows`` for the final table and print each now, so that a run stopped at a time
+        limit still leaves the rows it finished in its log."""
+        for r in rows:
+            if r is not None:
+                self.rows.append(r)
+                print("# row: " + " | ".join(row_cells(r, self.grad_s)), flush=True)
+
+    def add_cost(self, c: Cost) -> None:
+        self.costs.append(c)
+        print("# cost: " + " | ".join(cost_cells(c, self.grad_s)), flush=True)
 
     def operator(self, batches: list[Batch] | None = None, **kw: Any) -> HessianOperator:
         return HessianOperator(self.model, F.cross_entropy, batches or [self.batch], **kw)
@@ -366,7 +377,7 @@ def hvp_costs(b: Bench) -> None:
                 return Cost(backend_label(name, op, block), block, "float32", secs)
 
             if (c := attempt(f"HVP {name} block {block}", cost)) is not None:
-                b.costs.append(c)
+                b.add_cost(c)
     exact = b.operator().matmul(V[:8])
     for precision in LOW_PRECISIONS:
         op = b.operator(precision=precision)
@@ -378,7 +389,7 @@ def hvp_costs(b: Bench) -> None:
                 return Cost(backend_label("auto", op, block), block, precision, secs, float(err))
 
             if (c := attempt(f"HVP auto {precision} block {block}", cost)) is not None:
-                b.costs.append(c)
+                b.add_cost(c)
 
 
 # --- case 2: top-k against a tight reference ------------------------------------------------
@@ -756,65 +767,69 @@ def error_text(error: float | None) -> str:
     return "" if error is None else f"{error:.1e}"
 
 
+def cost_cells(c: Cost, grad_s: float) -> list[str]:
+    return [
+        c.backend,
+        str(c.block),
+        c.precision,
+        f"{c.seconds * 1e3:.2f}",
+        f"{c.seconds / grad_s:.2f}",
+        error_text(c.error),
+    ]
+
+
 def print_costs(b: Bench) -> None:
     header = ["HVP backend", "block", "precision", "ms per vector", "gradient-equivalents"]
     rows = [["gradient", "1", "float32", f"{b.grad_s * 1e3:.2f}", "1.00", ""]]
-    rows += [
-        [
-            c.backend,
-            str(c.block),
-            c.precision,
-            f"{c.seconds * 1e3:.2f}",
-            f"{c.seconds / b.grad_s:.2f}",
-            error_text(c.error),
-        ]
-        for c in b.costs
-    ]
+    rows += [cost_cells(c, b.grad_s) for c in b.costs]
     print_table([*header, "rel. error vs float32"], rows)
+
+
+def row_cells(r: Row, grad_s: float) -> list[str]:
+    return [
+        r.task,
+        r.tool,
+        f"{r.seconds:.2f}",
+        str(r.hvps),
+        f"{r.seconds / grad_s:.0f}",
+        error_text(r.error),
+        r.note,
+    ]
 
 
 def print_rows(b: Bench) -> None:
     header = ["task", "tool", "wall s", "HVPs", "gradient-equivalents", "max rel. error", "note"]
-    rows = [
-        [
-            r.task,
-            r.tool,
-            f"{r.seconds:.2f}",
-            str(r.hvps),
-            f"{r.seconds / b.grad_s:.0f}",
-            error_text(r.error),
-            r.note,
-        ]
-        for r in b.rows
-    ]
-    print_table(header, rows)
+    print_table(header, [row_cells(r, b.grad_s) for r in b.rows])
+
+
+def ratio_line(r: Ratio) -> str:
+    if r.ours is None or r.peer is None:
+        return f"# {r.case}: no ratio, a run failed (target {r.target})"
+    if r.speedup:
+        value = f"{r.peer.seconds / r.ours.seconds:.2f}x faster"
+    else:
+        value = f"{r.ours.seconds / r.peer.seconds:.2f}x {r.peer_name}'s time"
+    return (
+        f"# {r.case}: ours {r.ours.seconds:.2f}s vs {r.peer_name} {r.peer.seconds:.2f}s "
+        f"-> {value} (target {r.target})"
+    )
 
 
 def print_ratios(b: Bench) -> None:
     print()
     for r in b.ratios:
-        if r.ours is None or r.peer is None:
-            print(f"# {r.case}: no ratio, a run failed (target {r.target})")
-            continue
-        if r.speedup:
-            value = f"{r.peer.seconds / r.ours.seconds:.2f}x faster"
-        else:
-            value = f"{r.ours.seconds / r.peer.seconds:.2f}x {r.peer_name}'s time"
-        print(
-            f"# {r.case}: ours {r.ours.seconds:.2f}s vs {r.peer_name} {r.peer.seconds:.2f}s "
-            f"-> {value} (target {r.target})"
-        )
+        print(ratio_line(r))
 
 
 CASES: dict[str, Callable[[Bench], None]] = {
     "costs": hvp_costs,
     "reference": reference,  # the errors of top-k and reduced precision are against it
     "top-k": top_k,
-    "many": many,
     "trace": trace,
     "density": density,
     "dataloader": dataloader,
     "precision": reduced_precision,
+    "many": many,  # last: the issue's cases come first should a run meet a time limit
 }
 
 
@@ -824,8 +839,10 @@ def run(args: argparse.Namespace) -> None:
     b.grad_s = gradient_seconds(b)
     for name in args.cases:
         case = CASES[name]
-        start = time.perf_counter()
+        start, done = time.perf_counter(), len(b.ratios)
         attempt(name, lambda case=case: case(b))
+        for r in b.ratios[done:]:
+            print(ratio_line(r), flush=True)
         print(f"# {name}: {time.perf_counter() - start:.1f} s", flush=True)
     print_costs(b)
     print_rows(b)

@@ -195,6 +195,28 @@ def test_graph_bytes_counts_each_saved_storage_once():
     assert graph_bytes(torch.ones(3)) == 12  # no graph: the tensor alone
 
 
+class _SquareKeepingTwice(torch.autograd.Function):
+    """A custom op that keeps its input both ways a Function can: saved and as an attribute."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.doubled = 2 * x
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return ctx.doubled * g
+
+
+def test_graph_bytes_counts_a_custom_functions_saved_state():
+    a = torch.randn(1000, requires_grad=True)
+    out = _SquareKeepingTwice.apply(a + 1)  # the sum saves nothing
+    assert graph_bytes(out) == 4000 + 4000 + 4000  # out, the saved input, ctx.doubled
+    out.sum().backward()  # frees the saved input; the attribute stays
+    assert graph_bytes(out) == 4000 + 4000
+
+
 def test_the_cpu_budget_counts_the_graphs_saved_tensors(monkeypatch):
     """Where no allocator counts memory, a graph's size is that of its saved tensors: with room
     for one and a half graphs, one is kept."""
@@ -256,6 +278,22 @@ def test_several_batches_take_their_gradients_from_the_graphs_that_fit(monkeypat
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
     assert len(built) == 4  # only the batch whose graph did not fit is built again
     _assert_plain_gradient(case, batches, loss, g)
+
+
+def test_once_a_graph_does_not_fit_the_gradients_take_a_plain_backward(monkeypatch):
+    """A graph that is not kept costs more than a plain backward: build none past the first."""
+    case, batches = _three_batches()
+    op = HessianOperator(case.model, case.loss, batches)
+    _simulated_device(monkeypatch, op, free=200)  # budget (200 + 100) / 2: one graph
+    graphs = []
+    real = op._first_order_graph
+    monkeypatch.setattr(op, "_first_order_graph", lambda i: graphs.append(i) or real(i))
+    loss, g = op.gradient()
+    assert graphs == [0, 1] and sorted(op._graphs) == [0]
+    _assert_plain_gradient(case, batches, loss, g)
+    op.release()  # measured anew: graphs again
+    op.gradient()
+    assert graphs == [0, 1, 0, 1]
 
 
 @pytest.mark.parametrize("name", ["frozen-unused", "cnn-bn", "tied"])

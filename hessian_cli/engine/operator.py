@@ -182,6 +182,7 @@ class HessianOperator:
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
+        self._graphs_full = False  # the last graph built did not fit the budget
         self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
         # On CPU a loop of single products beats the vmapped backward per vector (measured on
         # ResNet-20: 1.5 vs 2.4-4.9 gradient-equivalents, benchmarks/RESULTS.md).
@@ -284,8 +285,10 @@ class HessianOperator:
             return False
         if not self._budgeted:
             return self.keep_graph is not False
-        # While _keeps may keep their graphs.
-        return self._graph_budget != 0 and self._free_memory() is not None
+        # While _keeps may keep them: until one did not fit, where the free memory is known.
+        if self._graph_budget is None:
+            return self._free_memory() is not None
+        return self._graph_budget > 0 and not self._graphs_full
 
     @property
     def _budgeted(self) -> bool:
@@ -445,6 +448,7 @@ class HessianOperator:
         fits = 0 < self._graph_budget and self._graph_bytes + bytes_ <= self._graph_budget
         if fits:
             self._graph_bytes += bytes_
+        self._graphs_full = not fits
         return fits
 
     def _allocated(self) -> int:
@@ -532,6 +536,7 @@ class HessianOperator:
         self._graphs = {}
         self._graph_bytes = 0
         self._graph_budget = None
+        self._graphs_full = False
 
 
 def probe_generator(op: LinearOperator, seed: int) -> torch.Generator:

@@ -9,6 +9,8 @@
 #
 # Top-k runs start from $SEEDS random starts per tool (default 5; the ratios use their means),
 # the dataloader case's from $DATALOADER_SEEDS (default 3: PyHessian's run takes 9 s there).
+# The many case (last) computes $MANY_K eigenpairs (default 30; 50 would add about a minute on an
+# H200, estimated from the top-5 runs' products: the reference alone needs ~300 float64 products).
 # The peers (PyHessian, hessian-eigenthings) are installed, when the python in use lacks them,
 # from the wheels in $WHEELS (default .whl/ at the repo root) into $SITE (default /tmp/site),
 # without network. The python is .venv's when there is one, else python3 ($PYTHON overrides).
@@ -36,7 +38,7 @@ fi
 
 start=$SECONDS
 "$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-5}" \
-    --dataloader-seeds "${DATALOADER_SEEDS:-3}" "$@" 2>&1 | tee "$LOG"
+    --dataloader-seeds "${DATALOADER_SEEDS:-3}" --many-k "${MANY_K:-30}" "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 if [ "$DEVICE" = cuda ]; then  # where a product's time goes: launches, cuDNN, the solver
     "$PYTHON" "$ROOT/benchmarks/overhead.py" --device cuda 2>&1 | tee -a "$LOG"

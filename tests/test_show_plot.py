@@ -66,14 +66,18 @@ def assert_png(path: Path) -> None:
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_show_single_checkpoint(files):
+def test_show_single_checkpoint(files, full):  # noqa: F811
     result = runner.invoke(app, ["show", str(files["single"])])
     assert result.exit_code == 0, result.output
     out = result.output
     for expected in ("Eigenvalues", "NOT converged", "trace", "SAM alignment", "density", "HVPs"):
         assert expected in out
     assert "last command: analyze one" in out
-    assert "stopped: the HVP budget was spent" in " ".join(out.split())
+    words = " ".join(out.split())
+    assert "stopped: the HVP budget was spent" in words
+    # each part's cost: its products and its wall time
+    assert f"{full.trace.hvps} HVPs, {full.trace.seconds:.2f} s)" in words
+    assert f"{full.density.hvps} HVPs, {full.density.seconds:.2f} s" in words
 
 
 def test_show_series_and_json(files):

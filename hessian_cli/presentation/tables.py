@@ -146,7 +146,7 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     return (
         f"density (SLQ): {_int(dn.get('num_probes'))} probes × {_int(dn.get('steps'))} steps, "
         f"nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
-        f"{_int(dn.get('hvps'))} HVPs"
+        f"{_int(dn.get('hvps'))} HVPs, {_seconds(dn.get('seconds'))}"
     )
 
 
@@ -180,7 +180,8 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
         parts.append(
             Text(
                 f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error; "
-                f"{t.get('method')}, {_int(t.get('num_probes'))} probes, {_int(t.get('hvps'))} HVPs)"
+                f"{t.get('method')}, {_int(t.get('num_probes'))} probes, {_int(t.get('hvps'))} HVPs, "
+                f"{_seconds(t.get('seconds'))})"
             )
         )
     if (dn := d.get("density")) is not None:

@@ -469,10 +469,7 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
     which live on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
     distributed solve on this machine holds its own copy, and all check before any allocates.
     Where only the operator's kept first-order graphs stand in the way, they are released."""
-    extra = 0 if whole else capacity * _restart_chunk(op.n)
-    need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
-    if whole and op.device.type == "cpu":
-        need += 3 * op.n * op.n * 8
+    need = _memory_need(op, capacity, w, whole)
     ranks = 1
     if op.device.type == "cpu" and getattr(op, "distributed", False):
         ranks = local_world_size()
@@ -493,6 +490,15 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
         f"{pairs} of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB{each}, "
         f"more than the {free / 2**30:.1f} GiB free: ask for fewer with --top-k."
     )
+
+
+def _memory_need(op: LinearOperator, capacity: int, w: int, whole: bool) -> int:
+    """Bytes that :func:`_check_memory` asks to be free (its docstring says for what)."""
+    extra = 0 if whole else capacity * _restart_chunk(op.n)
+    need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
+    if whole and op.device.type == "cpu":
+        need += 3 * op.n * op.n * 8
+    return need
 
 
 def _whole_space(

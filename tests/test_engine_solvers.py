@@ -246,6 +246,21 @@ def test_full_spectrum_when_k_equals_n():
     assert res.all_converged
 
 
+@pytest.mark.parametrize(
+    ("n", "k", "kw"),
+    [(100, 95, {}), (203, 190, {}), (5, 5, {"block_size": 2}), (5, 1, {"guard": 5})],
+)
+def test_pairs_near_the_size_of_the_space_leave_the_basis_no_room_for_a_block(n, k, kw):
+    """Where the pairs to keep (k and the guard) and a block do not fit beside each other, the
+    basis grows by what fits instead of restarting to more rows than it holds."""
+    H = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    H = H + H.T
+    values = torch.linalg.eigvalsh(H).flip(0)
+    res = eigenpairs(MatrixOperator(H), k, **kw)  # the default tolerance, 1e-4
+    torch.testing.assert_close(res.eigenvalues, values[:k], rtol=0, atol=1e-6 * values.abs().max())
+    assert res.all_converged
+
+
 def test_slow_but_exact_convergence_is_not_taken_for_noise():
     """The smallest of a spectrum crowded near zero converge in long plateaus: an exact
     operator's products show no noise, so the solver keeps going (it used to stop after 156
@@ -450,6 +465,16 @@ def test_trace_within_three_standard_errors(name, method):
     est = hutchinson_trace(op, 60, method=method, seed=3)
     assert est.hvps == 60 and est.stderr > 0
     assert abs(est.estimate - exact) <= 3 * est.stderr + 1e-9 * abs(exact)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_the_trace_of_parameters_without_curvature_is_zero(block_size):
+    """Hutch++'s sketch of a zero Hessian spans nothing: an exact part of 0, no products for it."""
+    case = CASES["frozen-unused"]
+    op = HessianOperator(case.model, case.loss, case.batches, params=["unused"])
+    est = hutchinson_trace(op, 30, block_size=block_size)
+    assert est.estimate == 0.0 and est.stderr == 0.0 and est.method == "hutch++"
+    assert est.hvps == 20  # the sketch's 10 and Hutchinson's 10; none for the empty Q
 
 
 def test_hutchpp_has_smaller_error_when_few_eigenvalues_dominate():

@@ -295,15 +295,17 @@ def eigenpairs(
         order = unconverged + list(range(kg, w))
         W = R[order[:b]] if R is not None else leak.residuals(S[:, order[:b]])
         if m + W.shape[0] > capacity:  # thick restart: keep the best Ritz vectors
-            keep = max(kg, capacity - W.shape[0])
-            Sk = S[:, :keep].to(Q)
-            _combine_rows(Qb, Sk)
-            _combine_rows(HQb, Sk)
-            Sk = Sk.to(T)  # the same rounded combinations
-            T = _symmetric(Sk.T @ T @ Sk)
-            leak.restart(Sk)
-            m = keep
-            Q, HQ = Qb[:m], HQb[:m]
+            keep = min(m, max(kg, capacity - W.shape[0]))
+            if keep < m:
+                Sk = S[:, :keep].to(Q)
+                _combine_rows(Qb, Sk)
+                _combine_rows(HQb, Sk)
+                Sk = Sk.to(T)  # the same rounded combinations
+                T = _symmetric(Sk.T @ T @ Sk)
+                leak.restart(Sk)
+                m = keep
+                Q, HQ = Qb[:m], HQb[:m]
+            W = W[: capacity - m]  # where the kept pairs leave less room than a block
         W = orthonormalize_against(W, Q)
         Qb[m : m + len(W)] = W
         if len(W) < b and m + len(W) < op.n:  # invariant subspace: add fresh directions

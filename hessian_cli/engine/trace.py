@@ -16,7 +16,9 @@ from hessian_cli.errors import UserError
 
 
 def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
-    step = block_size or V.shape[0]
+    if not len(V):  # a sketch that H maps to nothing (H = 0 on the chosen parameters)
+        return torch.empty_like(V)
+    step = block_size or len(V)
     return torch.cat([op.matmul(V[i : i + step]) for i in range(0, V.shape[0], step)])
 
 

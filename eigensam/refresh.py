@@ -82,11 +82,9 @@ def refresh_top_eigenvector(
     op = HessianOperator(
         model, loss_fn, [batch], params=space, bn="train" if model.training else "eval"
     )
-    init = None
-    if v_prev is not None:
-        init = v_prev.reshape(-1)[mask.to(v_prev.device)]
-        if not bool(init.any()):  # nothing left to warm-start from: start at random
-            init = None
+    # A previous vector that is zero on the live parameters starts nothing: eigenpairs then
+    # starts at random.
+    init = None if v_prev is None else v_prev.reshape(-1)[mask.to(v_prev.device)]
     res = eigenpairs(
         op,
         1,

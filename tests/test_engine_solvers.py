@@ -87,14 +87,41 @@ def test_most_negative_eigenvalues_on_request(name):
     torch.testing.assert_close(both.eigenvalues, expected, rtol=0, atol=1e-6 * values.abs().max())
 
 
-def test_warm_start_from_exact_vectors_converges_at_once():
+def test_warm_start_from_exact_vectors_saves_products():
     case = CASES["mlp-ce"]
     H, values, vectors = _oracle(case)
     op = HessianOperator(case.model, case.loss, case.batches)
     cold = eigenpairs(op, 3, tol=1e-8)
     warm = eigenpairs(op, 3, tol=1e-8, init=vectors[:3])
     assert warm.all_converged and warm.hvps < cold.hvps
-    assert warm.iterations == 1
+    torch.testing.assert_close(warm.eigenvalues, values[:3], rtol=0, atol=1e-8 * values[0])
+
+
+def test_warm_start_rows_that_are_zero_or_not_finite_are_left_out():
+    """E.g. a previous vector that is zero on the parameters now analysed (a frozen layer's)."""
+    case = CASES["mlp-ce"]
+    H, values, vectors = _oracle(case)
+    op = HessianOperator(case.model, case.loss, case.batches)
+    nan = torch.full((1, op.n), float("nan"), dtype=torch.float64)
+    for init in (torch.zeros(1, op.n, dtype=torch.float64), torch.cat([nan, vectors[:1]])):
+        res = eigenpairs(op, 2, tol=1e-8, init=init)
+        torch.testing.assert_close(res.eigenvalues, values[:2], rtol=0, atol=1e-8 * values[0])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_warm_start_finds_a_direction_that_has_become_one_of_the_largest(k):
+    """Between two checkpoints a direction from the bulk became the sharpest. The last top
+    vectors are still eigenvectors, with residual 0: the solve must not stop at them."""
+    n, g = 100, torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    before = torch.cat([torch.tensor([10.0, 9, 8]), torch.rand(n - 3, generator=g).double()])
+    after = before.clone()
+    after[50] = 12.0
+    last = U[:, :3].T  # the last checkpoint's top vectors
+    res = eigenpairs(MatrixOperator((U * after) @ U.T), k, tol=1e-8, init=last[:k])
+    expected = torch.tensor([12.0, 10, 9], dtype=torch.float64)[:k]
+    torch.testing.assert_close(res.eigenvalues, expected, rtol=0, atol=1e-7)
+    assert res.all_converged
 
 
 def test_unconverged_pairs_are_reported_as_such():

@@ -115,7 +115,10 @@ def eigenpairs(
 ) -> EigenResult:
     """The ``k`` largest (or smallest, or both) eigenpairs of ``op``.
 
-    ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint).
+    ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint); rows
+    that are zero or not finite are left out. A warm start has at least one guard pair (the
+    scout, held to ``sqrt(tol)``): rows that are eigenvectors converge at once, and without it
+    the space would never grow past them to a direction that has since become one of the k.
     ``hint`` is a direction the wanted eigenvectors are expected to lean toward, such as the
     loss gradient for the largest ones (it lies mostly in the top eigenspace: Gur-Ari et al.,
     "Gradient Descent Happens in a Tiny Subspace", 2018). It is added with equal weight to the
@@ -192,6 +195,23 @@ def eigenpairs(
     start_time, start_hvps = time.perf_counter(), op.hvp_count
     # The solve converges `kg` pairs, the k wanted and a guard beyond them (see default_guard).
     kg = min(op.n, k + (default_guard(k) if guard is None else guard))
+    if init is not None:
+        # Rows that are not finite or are zero can start nothing (a frozen layer's share).
+        init = init.reshape(-1, op.n)
+        init = init[torch.isfinite(init).all(1) & (init != 0).any(1)]
+    # Each pair's tolerance: `tol`, but a warm start's scout (below) needs only `sqrt(tol)`.
+    tols = torch.full((kg,), tol, dtype=torch.float64)
+    if init is not None and len(init):
+        # Warm-start rows that are (near) eigenvectors converge at once, and would stop the solve
+        # before its space grew past them: a direction that has since become one of the k
+        # largest would be skipped. So a warm start also converges a scout pair beyond the k,
+        # loosely: the space must grow until it has found the largest eigenvalue outside the
+        # rows' span, which, if it now belongs among the k, is then held to `tol` with them.
+        if kg == k < op.n:
+            kg += 1
+            tols = torch.cat([tols, torch.tensor([math.sqrt(tol)], dtype=torch.float64)])
+    else:
+        init = None
     b = min(block_size or default_block_size(k), op.n)
     max_basis = min(op.n, max_basis or max(3 * (kg + b), 20))
     max_basis = max(max_basis, min(op.n, kg + 2 * b))
@@ -213,7 +233,7 @@ def eigenpairs(
     # The basis and its products live in two buffers of `capacity` rows, filled in place: no
     # copy of the basis per iteration, and a peak memory that is known before the first product.
     # Every row costs a product, so a small budget (Eigen-SAM's refresh: 6) needs no more rows.
-    start_rows = max(b, 0 if init is None else len(init.reshape(-1, op.n)))
+    start_rows = max(b, 0 if init is None else len(init))
     capacity = op.n if whole else min(max_basis, max(max_hvps, start_rows))
     # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
     collective = getattr(op, "distributed", False)
@@ -232,9 +252,7 @@ def eigenpairs(
             if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
                 start[0] = start[0] / norms(start[0]) + h / size
         if init is not None:
-            start = torch.cat([init.to(start).reshape(-1, op.n), start])[
-                : min(capacity, start_rows)
-            ]
+            start = torch.cat([init.to(start), start])[: min(capacity, start_rows)]
         start = orthonormalize_against(start, None)
         m = start.shape[0]
         Qb[:m], HQb[:m] = start, op.matmul(start)
@@ -259,9 +277,9 @@ def eigenpairs(
         while True:  # twice at most: a stop is decided on the Ritz vectors' own residuals
             rnorm = leak.norms(S[:, :w]) if R is None else norms(R).double().cpu()
             if criterion == "residual":
-                met = rnorm[:kg] <= tol * scale
+                met = rnorm[:kg] <= tols[: len(rnorm)] * scale
             else:
-                met = _relative_errors(theta[:w], rnorm)[:kg] <= tol
+                met = _relative_errors(theta[:w], rnorm)[:kg] <= tols[: min(w, kg)]
             conv = torch.zeros(kg, dtype=torch.bool)
             conv[: min(kg, w)] = met
             unconverged = [i for i in range(min(kg, w)) if not conv[i]]

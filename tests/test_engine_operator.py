@@ -14,6 +14,7 @@ from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.memory import graph_bytes
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import select_parameters
+from hessian_cli.errors import UserError
 
 CASES = {c.name: c for c in cases()}
 
@@ -54,6 +55,16 @@ def test_frozen_unused_and_tied_parameters():
     tied = CASES["tied"]
     assert select_parameters(tied.model).names.count("enc.weight") == 1
     assert "dec.weight" not in select_parameters(tied.model).names
+    # either name of a tied parameter selects it, once
+    assert select_parameters(tied.model, ["dec.*"]).names == ("dec.weight",)
+    assert select_parameters(tied.model, ["enc.*", "dec.*"]).names == ("enc.weight",)
+    for backend in ("double-backward", "func"):
+        by_dec, by_enc = (
+            HessianOperator(tied.model, tied.loss, tied.batches, params=[p], backend=backend)
+            for p in ("dec.*", "enc.*")
+        )
+        V = torch.eye(by_dec.n, dtype=torch.float64)[:6]
+        torch.testing.assert_close(by_dec.matmul(V), by_enc.matmul(V), rtol=0, atol=0)
 
 
 def test_param_glob_selects_sub_hessian():
@@ -97,8 +108,6 @@ def test_gradient_and_loss_are_sample_weighted():
 
 
 def test_nan_loss_is_a_user_error():
-    from hessian_cli.errors import UserError
-
     case = CASES["mlp-ce"]
     x, y = case.batches[0]
     op = HessianOperator(case.model, case.loss, [(x * float("nan"), y)])
@@ -365,3 +374,26 @@ def test_a_product_does_not_import_sympy():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     before, after = out.stdout.split()
     assert after == before
+
+
+class _SqrtAtZero(torch.nn.Module):
+    """A finite loss whose second derivatives are infinite: sqrt(|w|) at w = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.lin = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.w.abs().sqrt())
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_products_that_are_not_finite_are_one_sentence(backend):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
+    op = HessianOperator(_SqrtAtZero(), F.cross_entropy, [(x, y)], backend=backend)
+    assert torch.isfinite(torch.tensor(op.loss()))
+    with pytest.raises(UserError, match="Hessian-vector products are not finite"):
+        op.matmul(torch.randn(2, op.n, generator=g, dtype=torch.float64))
+    assert op.hvp_count == 0

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tiny_models import cases
 
 from hessian_cli.engine import eigensolver as es
+from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs, eigenvalue_error_bounds
@@ -262,6 +263,35 @@ def test_k_larger_than_parameter_count_is_refused():
     for kw, flag in (({"block_size": 0}, "--block-size"), ({"max_hvps": -1}, "--max-hvps")):
         with pytest.raises(UserError, match=f"{flag} must be at least 1"):
             eigenpairs(op, 1, **kw)
+    assert op.hvp_count == 0
+
+
+@pytest.mark.parametrize(
+    ("k", "kw"),
+    [
+        (1, {"block_size": 8, "max_hvps": 3}),  # a first block larger than the budget
+        (1, {"init": "10 rows", "max_hvps": 3}),  # more warm-start rows than the budget
+        (2, {"which": "both", "max_hvps": 10}),  # the two ends share it
+        (2, {"which": "both", "max_hvps": 4}),
+    ],
+)
+def test_the_hvp_budget_bounds_every_product(k, kw):
+    H = torch.randn(60, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    H = H + H.T
+    if "init" in kw:
+        kw = {**kw, "init": torch.linalg.eigh(H).eigenvectors.T[:10]}
+    op = MatrixOperator(H)
+    res = eigenpairs(op, k, tol=1e-12, **kw)
+    assert op.hvp_count == res.hvps <= kw["max_hvps"]
+    assert len(res.eigenvalues) == (2 * k if kw.get("which") == "both" else k)
+
+
+def test_a_budget_below_one_product_per_pair_is_refused():
+    op = MatrixOperator(torch.eye(10, dtype=torch.float64))
+    with pytest.raises(UserError, match="--max-hvps 3 is too few for 5 eigenpairs"):
+        eigenpairs(op, 5, max_hvps=3)
+    with pytest.raises(UserError, match="allow at least 4"):
+        eigenpairs(op, 2, which="both", max_hvps=3)
     assert op.hvp_count == 0
 
 
@@ -532,6 +562,14 @@ def test_density_moments_match_trace(name):
     assert dens.moment(2) == pytest.approx(m2, rel=0.25)
     area = torch.trapezoid(dens.values, dens.grid)
     assert float(area) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -0.1, float("nan"), float("inf")])
+def test_a_smoothing_width_that_is_not_positive_is_refused(sigma):
+    op = MatrixOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(UserError, match="smoothing width must be a positive number"):
+        spectral_density(op, 2, 3, sigma=sigma)
+    assert op.hvp_count == 0
 
 
 def test_density_rules_are_exact_per_probe():
@@ -883,3 +921,38 @@ def test_the_guard_keeps_a_single_vector_search_from_skipping_crowded_eigenvalue
     exact = torch.linalg.eigvalsh(H).flip(0)[:150]
     errors = (res.eigenvalues.double() - exact).abs() / exact.abs()
     assert int((errors > 1e-3).sum()) == 0
+
+
+def test_alignment_where_the_top_eigenvalue_is_zero():
+    """A loss linear in the parameters (a linear model under L1) has H = 0: the curvature ratio
+    is undefined (NaN), the other scores are not."""
+    model = torch.nn.Linear(4, 2).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(16, n, generator=g, dtype=torch.float64) for n in (4, 2))
+    op = HessianOperator(model, F.l1_loss, [(x, y)])
+    res = eigenpairs(op, 2)
+    assert res.eigenvalues.abs().max() == 0
+    scores = alignment_scores(op, res.eigenvalues, res.eigenvectors)
+    assert math.isnan(scores.curvature_ratio)
+    assert math.isfinite(scores.subspace_alignment) and math.isfinite(scores.eigensam_alignment)
+
+
+def test_a_minibatch_with_a_zero_gradient_is_left_out_of_the_statistics():
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    g = torch.Generator().manual_seed(0)
+    fitted = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    other = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    batches = [
+        (fitted, fitted.sum(1, keepdim=True)),  # fitted exactly: a zero gradient
+        (other, torch.randn(8, 1, generator=g, dtype=torch.float64)),
+        (other, torch.randn(8, 1, generator=g, dtype=torch.float64)),
+    ]
+    op = HessianOperator(model, F.mse_loss, batches)
+    res = eigenpairs(op, 2)
+    scores = alignment_scores(op, res.eigenvalues, res.eigenvectors, minibatches=3)
+    values = scores.minibatch_alignment
+    assert values[0].isnan().all() and not values[1:].isnan().any()
+    torch.testing.assert_close(scores.minibatch_mean, values[1:].mean(0))
+    torch.testing.assert_close(scores.minibatch_std, values[1:].std(0))

@@ -9,6 +9,7 @@ Definitions (DESIGN.md): ``g_hat = g/||g||``, ``v_1..v_k`` unit top eigenvectors
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,23 +23,30 @@ from hessian_cli.errors import UserError
 class AlignmentResult:
     alignment: torch.Tensor  # [k]
     subspace_alignment: float
-    curvature_ratio: float
+    curvature_ratio: float  # NaN where lambda_1 is 0: undefined
     eigensam_alignment: float
     sam_sharpness: float
     grad_norm: float
     loss: float
     rho: float
     alpha: float
-    minibatch_alignment: torch.Tensor  # [M, k]: alignment of each of the first M batch gradients
+    # [M, k]: alignment of each of the first M batch gradients (NaN for one that is zero)
+    minibatch_alignment: torch.Tensor
     hvps: int
 
     @property
+    def _defined(self) -> torch.Tensor:
+        m = self.minibatch_alignment
+        return m[~m.isnan().any(1)]
+
+    @property
     def minibatch_mean(self) -> torch.Tensor:
-        return self.minibatch_alignment.mean(0)
+        """Over the batches whose gradient is not zero (NaN where there is none)."""
+        return self._defined.mean(0)
 
     @property
     def minibatch_std(self) -> torch.Tensor:
-        m = self.minibatch_alignment
+        m = self._defined
         return m.std(0) if m.shape[0] > 1 else torch.zeros(m.shape[1], dtype=m.dtype)
 
 
@@ -81,7 +89,7 @@ def alignment_scores(
     sharp = op.loss_at(rho * g_hat) - loss
     mb_op = op if minibatch_op is None else minibatch_op
     mb = [
-        (gram(V, gb[None])[:, 0].abs() / float(norms(gb))).to(V.dtype)
+        (gram(V, gb[None])[:, 0].abs() / (float(norms(gb)) or math.nan)).to(V.dtype)
         for _, gb in mb_op.batch_gradients(minibatches)
     ]
     local = torch.stack(mb) if mb else V.new_zeros(0, V.shape[0])
@@ -89,7 +97,7 @@ def alignment_scores(
     return AlignmentResult(
         alignment=coeffs.abs().cpu(),
         subspace_alignment=float(coeffs.norm()),
-        curvature_ratio=curvature / float(eigenvalues[0]),
+        curvature_ratio=curvature / (float(eigenvalues[0]) or math.nan),
         eigensam_alignment=float(dot(d / norms(d), V[0]).abs()),
         sam_sharpness=sharp,
         grad_norm=gnorm,

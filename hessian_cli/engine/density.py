@@ -34,6 +34,8 @@ def spectral_density(
     """
     if num_probes < 1 or steps < 1:
         raise UserError("The density needs at least one probe and one Lanczos step.")
+    if sigma is not None and not 0 < sigma < math.inf:  # also refuses NaN
+        raise UserError(f"The density's smoothing width must be a positive number, not {sigma}.")
     start, hvps0 = time.perf_counter(), op.hvp_count
     steps = min(steps, op.n)
     gen = probe_generator(op, seed)

@@ -125,6 +125,9 @@ def eigenpairs(
     random start, so a poor hint costs little; with ``which="both"`` only the largest use it,
     and ``init`` rows that fill the block leave no room for it.
 
+    ``max_hvps`` bounds the solve's products, the start included (``which="both"``: half for
+    each end, and what the top leaves to the bottom); it must allow one per pair.
+
     ``criterion`` says when a pair counts as converged: ``residual`` (the default: eigenvector and
     eigenvalue), when ||H v - lambda v|| <= tol * |lambda_max|; ``eigenvalue``, when the bound
     on its eigenvalue's relative error (:func:`eigenvalue_error_bounds` over ``|lambda|``) is
@@ -148,7 +151,8 @@ def eigenpairs(
     operator computes in reduced precision, whose products are not the matrix being certified)
     they come from ``k`` fresh full-precision products instead.
     """
-    if which == "both":
+    check_options(tol=tol, block_size=block_size, max_hvps=max_hvps, guard=guard, k=k, which=which)
+    if which == "both":  # the two ends share the budget: half each, and the top's leftover
         top = eigenpairs(
             op,
             k,
@@ -158,7 +162,7 @@ def eigenpairs(
             block_size=block_size,
             guard=guard,
             max_basis=max_basis,
-            max_hvps=max_hvps,
+            max_hvps=None if max_hvps is None else max_hvps - max_hvps // 2,
             init=init,
             hint=hint,
             seed=seed,
@@ -175,7 +179,7 @@ def eigenpairs(
             block_size=block_size,
             guard=guard,
             max_basis=max_basis,
-            max_hvps=max_hvps,
+            max_hvps=None if max_hvps is None else max(k, max_hvps - top.hvps),
             seed=seed + 1,
             return_vectors=return_vectors,
             verify=verify,
@@ -184,7 +188,6 @@ def eigenpairs(
         return _concat(top, low)
     if which not in ("largest", "smallest"):
         raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
-    check_options(tol=tol, block_size=block_size, max_hvps=max_hvps, guard=guard)
     if criterion not in ("residual", "eigenvalue"):
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     if not 1 <= k <= op.n:
@@ -212,10 +215,10 @@ def eigenpairs(
             tols = torch.cat([tols, torch.tensor([math.sqrt(tol)], dtype=torch.float64)])
     else:
         init = None
-    b = min(block_size or default_block_size(k), op.n)
+    max_hvps = max_hvps if max_hvps is not None else max(2000, 200 * kg)
+    b = min(block_size or default_block_size(k), op.n, max_hvps)
     max_basis = min(op.n, max_basis or max(3 * (kg + b), 20))
     max_basis = max(max_basis, min(op.n, kg + 2 * b))
-    max_hvps = max_hvps if max_hvps is not None else max(2000, 200 * kg)
     sign = 1.0 if which == "largest" else -1.0
     gen = probe_generator(op, seed)
 
@@ -233,7 +236,7 @@ def eigenpairs(
     # The basis and its products live in two buffers of `capacity` rows, filled in place: no
     # copy of the basis per iteration, and a peak memory that is known before the first product.
     # Every row costs a product, so a small budget (Eigen-SAM's refresh: 6) needs no more rows.
-    start_rows = max(b, 0 if init is None else len(init))
+    start_rows = min(max_hvps, max(b, 0 if init is None else len(init)))
     capacity = op.n if whole else min(max_basis, max(max_hvps, start_rows))
     # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
     collective = getattr(op, "distributed", False)
@@ -448,7 +451,13 @@ class _Leak:
 
 
 def check_options(
-    *, tol: float, block_size: int | None, max_hvps: int | None, guard: int | None = None
+    *,
+    tol: float,
+    block_size: int | None,
+    max_hvps: int | None,
+    guard: int | None = None,
+    k: int = 1,
+    which: str = "largest",
 ) -> None:
     """Refuse settings no solve can run with (callers may check them before any work)."""
     if not tol > 0:  # also refuses NaN
@@ -458,6 +467,14 @@ def check_options(
             raise UserError(f"{flag} must be at least 1, not {value}.")
     if guard is not None and guard < 0:
         raise UserError(f"--guard must be at least 0, not {guard}.")
+    # k pairs span k dimensions, and each costs a product.
+    least = 2 * k if which == "both" else k
+    if max_hvps is not None and max_hvps < least:
+        pairs = f"{k} eigenpair{'s' if k > 1 else ''}" + (" at each end" if which == "both" else "")
+        raise UserError(
+            f"--max-hvps {max_hvps} is too few for {pairs}: each needs at least one HVP, so "
+            f"allow at least {least}."
+        )
 
 
 def _symmetric(T: torch.Tensor) -> torch.Tensor:

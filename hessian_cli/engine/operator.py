@@ -333,6 +333,11 @@ class HessianOperator:
                 out.add_(self._batch_hvp(i, x, y, V), alpha=w)
         if self.distributed:
             dist_utils.all_reduce_sum(out)
+        if not bool(torch.isfinite(out).all()):  # the solvers would fail later, less clearly
+            raise UserError(
+                "The Hessian-vector products are not finite (NaN or inf): the loss's second "
+                "derivatives are undefined or infinite at these weights."
+            )
         self.hvp_count += V.shape[0]
         self.passes += 1
         self.hvp_seconds += time.perf_counter() - start

@@ -91,15 +91,16 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
     """All trainable parameters of ``model`` whose names match any glob in ``patterns``.
 
     Frozen parameters (``requires_grad=False``) are never included: their curvature is not a
-    direction the model can move in.
+    direction the model can move in. A tied parameter is matched by any of its names and
+    included once, under the first that matched.
     """
-    chosen = [
-        (name, p)
-        for name, p in model.named_parameters()
-        if p.requires_grad and (not patterns or any(fnmatch.fnmatchcase(name, g) for g in patterns))
-    ]
+    chosen: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad and id(p) not in chosen:
+            if not patterns or any(fnmatch.fnmatchcase(name, g) for g in patterns):
+                chosen[id(p)] = (name, p)
     if not chosen:
         what = f"matching {', '.join(patterns)}" if patterns else "that require gradients"
         raise UserError(f"The model has no trainable parameters {what}.")
-    names, tensors = zip(*chosen, strict=True)
+    names, tensors = zip(*chosen.values(), strict=True)
     return ParamSpace(names=tuple(names), tensors=tuple(tensors))

@@ -102,7 +102,7 @@ def train(
         config.validate()
         if resume_dir is not None:
             run_dir = Path(resume_dir)
-            _check_same_run(config, load_config(run_dir))
+            _check_same_run(config, load_config(run_dir).identity(), "saved configuration")
         else:
             if not config.out:
                 raise UserError("say where the run goes with --out RUN_DIR.")
@@ -114,12 +114,14 @@ def train(
     return run.train(progress, should_stop)
 
 
-def _check_same_run(config: TrainConfig, saved: TrainConfig) -> None:
-    differ = [k for k, v in saved.identity().items() if config.identity()[k] != v]
+def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> None:
+    """Refuse to resume with a configuration other than ``saved`` (the one ``where`` holds)."""
+    mine = json.loads(json.dumps(config.identity()))  # as JSON has it: tuples become lists
+    differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if differ:
         raise UserError(
             f"--resume continues a run as it was configured, but {', '.join(differ)} differ "
-            "from the saved configuration."
+            f"from the {where}."
         )
 
 
@@ -255,6 +257,10 @@ class _Run:
         raw = ckpt.raw
         if not all(k in raw for k in ("optimizer", "rng", "data_order", "training")):
             raise UserError(f"{str(path)!r} is not a resumable training checkpoint.")
+        # config.json may have been edited since: the checkpoint says how its run was configured.
+        recorded = ckpt.metadata.get("config")
+        if recorded is not None:
+            _check_same_run(self.config, json.loads(recorded), f"configuration {path.name} records")
         apply_weights(self.model, ckpt.state_dict)
         try:
             self.optimizer.load_state_dict(raw["optimizer"])

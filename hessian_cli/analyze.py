@@ -137,11 +137,32 @@ def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) ->
     return str(value)
 
 
+def _recorded_kwargs(text: str) -> dict:
+    """The model keyword arguments a checkpoint records, as JSON text."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UserError(
+            f"The checkpoint's model_kwargs are not a JSON object ({text[:60]!r}): pass "
+            "--model-kwargs."
+        )
+    return kwargs
+
+
 def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
     if r.top_k:
-        check_options(tol=r.tol, block_size=r.block_size, max_hvps=r.max_hvps, guard=r.guard)
+        check_options(
+            tol=r.tol,
+            block_size=r.block_size,
+            max_hvps=r.max_hvps,
+            guard=r.guard,
+            k=r.top_k,
+            which=r.which,
+        )
     counts = (
         ("--top-k", r.top_k, 0, True),
         ("--trace-probes", r.trace_probes, 2, r.trace),
@@ -211,18 +232,25 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     data_spec = _spec(request.data, meta, "data", "data", "--data")
     kwargs = request.model_kwargs
     if kwargs is None and not request.model and meta.get("model_kwargs"):
-        kwargs = json.loads(meta["model_kwargs"])
+        kwargs = _recorded_kwargs(meta["model_kwargs"])
     device = resolve_device(request.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
     torch.manual_seed(request.seed)
 
+    # Specs read from the checkpoint may name code only where the user trusts the file.
+    trust = request.trust_checkpoint
     data = load_data(
         data_spec,
         root=request.data_root or meta.get("data_root") or None,
         download=request.download,
+        trusted=trust or bool(request.data),
     )
     model = build_model(
-        model_spec, input_shape=data.input_shape, num_classes=data.num_outputs, kwargs=kwargs
+        model_spec,
+        input_shape=data.input_shape,
+        num_classes=data.num_outputs,
+        kwargs=kwargs,
+        trusted=trust or bool(request.model),
     )
     apply_weights(model, ckpt.state_dict)
     model = model.to(device=device, dtype=dtype)
@@ -240,7 +268,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         check_labels(batches, data.num_classes)
     _check_fits(model, batches, data.input_shape)
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
-    loss_fn = get_loss(loss_spec, num_classes=data.num_classes)
+    loss_fn = get_loss(loss_spec, num_classes=data.num_classes, trusted=trust or bool(request.loss))
     minibatches: list = []  # empty: the analysed batches hold the alignment's minibatches
     more_data = len(data.train) > sum(len(y) for _, y in batches)
     if request.alignment and len(batches) < request.minibatches and more_data:

@@ -610,6 +610,11 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
         (("--top-k", "-1"), "--top-k must be at least 0, not -1"),
         (("--block-size", "0"), "--block-size must be at least 1, not 0"),
         (("--max-hvps", "0"), "--max-hvps must be at least 1, not 0"),
+        (("--top-k", "5", "--max-hvps", "3"), "--max-hvps 3 is too few for 5 eigenpairs"),
+        (
+            ("--top-k", "2", "--which", "both", "--max-hvps", "3"),
+            "--max-hvps 3 is too few for 2 eigenpairs at each end",
+        ),
         (("--guard", "-1"), "--guard must be at least 0, not -1"),
         (("--trace", "--trace-probes", "1"), "--trace-probes must be at least 2, not 1"),
         (("--density", "--density-steps", "0"), "--density-steps must be at least 1, not 0"),
@@ -642,8 +647,8 @@ def test_download_reaches_the_data_loader(capsys, tmp_path, digits_mlp, monkeypa
 
     seen = {}
 
-    def load_data(spec, *, root=None, download=False):
-        seen.update(spec=spec, root=root, download=download)
+    def load_data(spec, *, root=None, download=False, trusted=False):
+        seen.update(spec=spec, root=root, download=download, trusted=trusted)
         raise UserError("stopped by the test.")
 
     monkeypatch.setattr(hessian_cli.analyze, "load_data", load_data)
@@ -652,7 +657,7 @@ def test_download_reaches_the_data_loader(capsys, tmp_path, digits_mlp, monkeypa
         capsys, "analyze", digits_mlp, "--data", "cifar10", "--data-root", root, "--download"
     )
     assert code == 2 and "stopped by the test" in err
-    assert seen == {"spec": "cifar10", "root": str(root), "download": True}
+    assert seen == {"spec": "cifar10", "root": str(root), "download": True, "trusted": True}
 
 
 def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, digits_mlp):
@@ -683,3 +688,93 @@ def test_alignment_without_top_eigenvectors_is_refused_before_any_work(
     monkeypatch.setattr(hessian_cli.analyze, "load_checkpoint", load_checkpoint)
     code, _, err = run(capsys, "analyze", digits_mlp, "--trace", "--alignment", *args)
     assert code == 2 and message in one_sentence(err)
+
+
+@pytest.mark.parametrize("key", ["model", "data", "loss"])
+def test_code_named_by_a_checkpoint_runs_only_when_trusted(capsys, tmp_path, digits_mlp, key):
+    """A checkpoint's metadata is not the user's choice: code it names (here, a file that would
+    leave a marker when imported) is refused unless the user names it or trusts the file."""
+    marker = tmp_path / "ran"
+    code_file = tmp_path / "planted.py"
+    real = {
+        "model": "from hessian_cli.specs import build_model\n"
+        "def make(**kw):\n    return build_model('mlp', input_shape=(64,), num_classes=10, kwargs=kw)\n",
+        "data": "from hessian_cli.specs import load_data\n"
+        "def make():\n    return load_data('digits')\n",
+        "loss": "from hessian_cli.specs.losses import cross_entropy as make\n",
+    }[key]
+    code_file.write_text(f"open({str(marker)!r}, 'w').close()\n{real}")
+    state = torch.load(digits_mlp, weights_only=True)
+    planted = tmp_path / "planted.pt"
+    meta = dict(state["hessian_cli"], **{key: f"{code_file}:make"})
+    save_checkpoint(planted, state_dict=state["model"], metadata=meta)
+    code, _, err = run(capsys, "analyze", planted, "--top-k", "1")
+    assert code == 2 and not marker.exists()
+    assert "The checkpoint names code to run" in one_sentence(err)
+    code, _, err = run(capsys, "analyze", planted, "--top-k", "1", "--trust-checkpoint")
+    assert code == 0, err
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("recorded", ["{not json", "[1]"])
+def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
+    capsys, tmp_path, digits_mlp, recorded
+):
+    state = torch.load(digits_mlp, weights_only=True)
+    path = tmp_path / "odd_kwargs.pt"
+    meta = dict(state["hessian_cli"], model_kwargs=recorded)
+    save_checkpoint(path, state_dict=state["model"], metadata=meta)
+    assert "model_kwargs are not a JSON object" in _bad(capsys, "analyze", path, "--top-k", "1")
+
+
+@pytest.mark.parametrize("kind", ["text file", "missing directory", "metrics file"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    capsys, monkeypatch, tmp_path, digits_mlp, kind
+):
+    import hessian_cli.analyze as analyze_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("an unwritable --out must be refused before any loading")
+
+    monkeypatch.setattr(analyze_module, "load_checkpoint", no_loading)
+    out = {
+        "text file": tmp_path / "notes.txt",
+        "missing directory": tmp_path / "nowhere" / "s.h5",
+        "metrics file": tmp_path / "metrics.h5",
+    }[kind]
+    if kind == "text file":
+        out.write_text("my notes")
+    if kind == "metrics file":
+        with h5py.File(out, "w") as f:
+            f.attrs["format"] = "hessian-cli-metrics"
+    expected = {
+        "text file": "is not an HDF5 file",
+        "missing directory": "does not exist",
+        "metrics file": "not a spectra file",
+    }[kind]
+    assert expected in _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out)
+    if kind == "text file":
+        assert out.read_text() == "my notes"
+
+
+def test_results_are_shown_even_when_their_write_fails(capsys, monkeypatch, tmp_path, digits_mlp):
+    import hessian_cli.storage.hdf5 as hdf5_module
+
+    def full_disk(*args, **kwargs):
+        raise UserError("Could not write s.h5: No space left on device.")
+
+    monkeypatch.setattr(hdf5_module, "write_analyses", full_disk)
+    code, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", tmp_path / "s.h5")
+    assert code == 2 and "No space left" in one_sentence(err)
+    assert "Eigenvalues" in out
+
+
+def test_an_output_that_is_a_link_appends_to_its_target(capsys, tmp_path, digits_mlp):
+    (tmp_path / "store").mkdir()
+    target, link = tmp_path / "store" / "real.h5", tmp_path / "link.h5"
+    assert run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", target)[0] == 0
+    link.symlink_to(target)
+    assert run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", link)[0] == 0
+    assert link.is_symlink()
+    with h5py.File(target) as f:
+        assert len(f["checkpoints"]) == 2

@@ -223,3 +223,19 @@ def test_data_holding_nan_is_refused_before_the_run_starts(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--model", "mlp", "--data", path, "--out", tmp_path / "x")
     assert code == 2 and "inputs hold NaN or infinite values" in error_sentence(err)
     assert not (tmp_path / "x").exists()
+
+
+def test_resume_refuses_a_configuration_edited_since_the_checkpoint(capsys, tmp_path, finished_run):
+    """config.json can be edited by hand; the checkpoint records how its run was configured."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(finished_run, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["config"]["lr"] = 0.5
+    (edited / "config.json").write_text(json.dumps(config))
+    before = {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()}
+    code, _, err = run(capsys, "train", "--resume", edited, "--max-steps", "1000")
+    assert code == 2
+    assert "lr differ from the configuration" in error_sentence(err)
+    assert {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()} == before

@@ -147,7 +147,7 @@ def analyze(
     from hessian_cli.engine.precision import PRECISIONS
     from hessian_cli.presentation.tables import analysis_table, series_table
     from hessian_cli.report import analysis_to_dict
-    from hessian_cli.storage.hdf5 import write_analyses
+    from hessian_cli.storage.hdf5 import check_writable, write_analyses
 
     for name, value, allowed in (
         ("--which", which, ("largest", "smallest", "both")),
@@ -160,8 +160,8 @@ def analyze(
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
     if num_samples is not None and num_batches is not None:
         raise UserError("Give --num-samples or --num-batches, not both.")
-    if out is not None and out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name such as spectra.h5.")
+    if out is not None and world()[0] == 0:
+        check_writable(out)  # before the work: a refusal after it would lose the results
     request = AnalyzeRequest(
         model=model,
         model_kwargs=parse_model_kwargs(model_kwargs),
@@ -223,6 +223,14 @@ def analyze(
 
         results = analyze_target(target, request, progress)
     reports = [analysis_to_dict(r) for r in results]
+    # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
+    if lead and as_json:
+        typer.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    elif lead and not quiet:
+        if len(reports) > 1:
+            console.print(series_table(reports))
+        else:
+            console.print(analysis_table(reports[0]))
     if lead and out is not None:
         write_analyses(
             out,
@@ -231,14 +239,7 @@ def analyze(
             save_eigenvectors=save_eigenvectors,
             series=len(results) > 1,
         )
-    if lead and as_json:
-        typer.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
-    elif lead and not quiet:
-        if len(reports) > 1:
-            console.print(series_table(reports))
-        else:
-            console.print(analysis_table(reports[0]))
-        if out is not None:
+        if not (quiet or as_json):
             console.print(f"wrote {out}")
     unconverged = [
         (r["name"], sum(not c for c in r["eigen"]["converged"]))

@@ -56,7 +56,9 @@ class DataSource:
         return math.prod(self.target_shape) if self.target_shape else 1
 
 
-def load_data(spec: str, *, root: str | Path | None = None, download: bool = False) -> DataSource:
+def load_data(
+    spec: str, *, root: str | Path | None = None, download: bool = False, trusted: bool = True
+) -> DataSource:
     """Resolve a data spec into train/test datasets and the shapes a model needs.
 
     The spec string alone fixes the data (synthetic sets use a fixed generator), so a checkpoint
@@ -73,7 +75,7 @@ def load_data(spec: str, *, root: str | Path | None = None, download: bool = Fal
     if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
         return _tensor_file(spec)
     if split_user_spec(spec) is not None:
-        return _user_data(spec)
+        return _user_data(spec, trusted)
     raise UserError(
         f"unknown data {spec!r}: use digits, synthetic:CxHxW[:classes[:count]], "
         f"synthetic-regression:D[:outputs[:count]], {', '.join(_VISION)} (with --data-root), "
@@ -282,9 +284,9 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- user code
 
 
-def _user_data(spec: str) -> DataSource:
+def _user_data(spec: str, trusted: bool) -> DataSource:
     """A user factory returning a Dataset, a DataLoader, (train, test), (x, y) or a DataSource."""
-    factory = load_object(spec, "data factory")
+    factory = load_object(spec, "data factory", trusted=trusted)
     result = call_user(factory, "data factory", spec)
     if isinstance(result, DataSource):
         return result

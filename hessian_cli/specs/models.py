@@ -27,11 +27,13 @@ def build_model(
     input_shape: tuple[int, ...],
     num_classes: int | None,
     kwargs: dict[str, Any] | None = None,
+    trusted: bool = True,
 ) -> nn.Module:
     """Build the model ``spec`` names.
 
     Built-ins take ``input_shape`` / ``num_classes`` from the data unless ``kwargs`` override them
-    (keys ``input_shape``, ``num_classes``, ``in_channels``); user factories get only ``kwargs``.
+    (keys ``input_shape``, ``num_classes``, ``in_channels``); user factories get only ``kwargs``,
+    and only a ``trusted`` spec may name one (:func:`load_object`).
     """
     kwargs = dict(kwargs or {})
     if spec in BUILTIN_MODELS:
@@ -39,7 +41,7 @@ def build_model(
     if spec.startswith("torchvision:"):
         return _build_torchvision(spec.partition(":")[2], num_classes, kwargs)
     if split_user_spec(spec) is not None:
-        factory = load_object(spec, "model factory")
+        factory = load_object(spec, "model factory", trusted=trusted)
         model = call_user(factory, "model factory", spec, **kwargs)
         if not isinstance(model, nn.Module):
             raise UserError(

@@ -34,8 +34,17 @@ def is_file_spec(where: str) -> bool:
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
-def load_object(spec: str, what: str) -> Any:
-    """Return the object that ``spec`` names; ``what`` ("model factory", ...) words the errors."""
+def load_object(spec: str, what: str, *, trusted: bool = True) -> Any:
+    """Return the object that ``spec`` names; ``what`` ("model factory", ...) words the errors.
+
+    ``trusted=False`` (a spec read from a checkpoint's metadata, not given by the user) refuses:
+    importing the code runs it, and a checkpoint is not a reason to run code.
+    """
+    if not trusted:
+        raise UserError(
+            f"The checkpoint names code to run as its {what} ({spec!r}): it runs only if you "
+            "name it yourself, or pass --trust-checkpoint if you trust where the file came from."
+        )
     parts = split_user_spec(spec)
     if parts is None:
         raise UserError(f"{what} {spec!r} is not of the form {USER_CODE_FORMS}.")

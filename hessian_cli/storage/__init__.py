@@ -4,6 +4,7 @@ from hessian_cli.storage.files import file_format
 from hessian_cli.storage.hdf5 import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    check_writable,
     group_names,
     read_analyses,
     read_eigenvectors,
@@ -16,6 +17,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "METRICS_FORMAT_NAME",
+    "check_writable",
     "file_format",
     "group_names",
     "read_analyses",

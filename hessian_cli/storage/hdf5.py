@@ -9,6 +9,7 @@ optional parts and unknown extra attributes, so files of other versions still re
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -56,10 +57,9 @@ def write_analyses(
     """
     import torch  # only writers need it; `show` starts faster without
 
-    path = Path(path)
+    path = Path(path).resolve()  # a link's target is appended to, the link kept
     exists = path.exists()
-    if exists:
-        _check_appendable(path)
+    check_writable(path)
     with (
         atomic_path(path, copy_existing=exists) as tmp,
         h5py.File(tmp, "r+" if exists else "w") as f,
@@ -90,6 +90,21 @@ def write_analyses(
         _append_strings(f, "history", [json.dumps(entry)])
         _set_strings(f, "series", _series_order(f, written))
     return written
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, in one sentence, an output that :func:`write_analyses` could not write: callers
+    check before the work whose results it would hold."""
+    if Path(path).is_dir():
+        raise UserError(f"--out {path} is a directory; give a file name such as spectra.h5.")
+    path = Path(path).resolve()
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UserError(f"The output directory {path.parent} {what}.")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"Cannot write to the directory {path.parent}: permission denied.")
+    if path.exists():
+        _check_appendable(path)
 
 
 def _check_appendable(path: Path) -> None:

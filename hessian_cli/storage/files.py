@@ -19,6 +19,31 @@ def _reason(exc: OSError) -> str:
 
 
 @contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold, across processes, the right to rewrite ``path``: two appends at once would each
+    copy the original, and the later replacement would drop the earlier one's additions.
+
+    The lock is a file beside it, ``.NAME.lock``, that stays: removing it would let a third
+    writer lock a new one while the second still held the old. (POSIX only; elsewhere no lock.)
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"Cannot write to the directory {path.parent}: {_reason(exc)}.") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+@contextmanager
 def atomic_path(path: Path, *, copy_existing: bool = False) -> Iterator[Path]:
     """A temporary path next to ``path`` that replaces it only if the block finishes.
 

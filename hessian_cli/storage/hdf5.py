@@ -23,7 +23,7 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
-from hessian_cli.storage.files import atomic_path, file_format, open_format, open_hdf5
+from hessian_cli.storage.files import atomic_path, file_format, locked, open_format, open_hdf5
 
 if TYPE_CHECKING:
     import torch
@@ -58,37 +58,40 @@ def write_analyses(
     import torch  # only writers need it; `show` starts faster without
 
     path = Path(path).resolve()  # a link's target is appended to, the link kept
-    exists = path.exists()
     check_writable(path)
-    with (
-        atomic_path(path, copy_existing=exists) as tmp,
-        h5py.File(tmp, "r+" if exists else "w") as f,
-    ):
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if not exists:
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["created"] = now
-        f.attrs["format_version"] = FORMAT_VERSION  # the newest layout among the file's groups
-        f.attrs["tool_version"] = __version__
-        f.attrs["torch_version"] = str(torch.__version__)
-        f.attrs["modified"] = now
-        f.attrs["command_line"] = command_line
-        f.attrs["trajectory"] = bool(series or f.attrs.get("trajectory", False))
-        checkpoints = f.require_group("checkpoints")
-        written: list[str] = []
-        for a in analyses:
-            group = checkpoints.create_group(_unique_name(checkpoints, a.name), track_order=True)
-            _write_group(group, a, save_eigenvectors=save_eigenvectors)
-            written.append(group.name.rsplit("/", 1)[-1])
-        entry = {
-            "time": now,
-            "tool_version": __version__,
-            "torch_version": str(torch.__version__),
-            "command_line": command_line,
-            "groups": written,
-        }
-        _append_strings(f, "history", [json.dumps(entry)])
-        _set_strings(f, "series", _series_order(f, written))
+    with locked(path):  # from reading what is there to replacing it
+        exists = path.exists()  # after the lock: another writer may have just created it
+        with (
+            atomic_path(path, copy_existing=exists) as tmp,
+            h5py.File(tmp, "r+" if exists else "w") as f,
+        ):
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            if not exists:
+                f.attrs["format"] = FORMAT_NAME
+                f.attrs["created"] = now
+            f.attrs["format_version"] = FORMAT_VERSION  # the newest layout among the file's groups
+            f.attrs["tool_version"] = __version__
+            f.attrs["torch_version"] = str(torch.__version__)
+            f.attrs["modified"] = now
+            f.attrs["command_line"] = command_line
+            f.attrs["trajectory"] = bool(series or f.attrs.get("trajectory", False))
+            checkpoints = f.require_group("checkpoints")
+            written: list[str] = []
+            for a in analyses:
+                group = checkpoints.create_group(
+                    _unique_name(checkpoints, a.name), track_order=True
+                )
+                _write_group(group, a, save_eigenvectors=save_eigenvectors)
+                written.append(group.name.rsplit("/", 1)[-1])
+            entry = {
+                "time": now,
+                "tool_version": __version__,
+                "torch_version": str(torch.__version__),
+                "command_line": command_line,
+                "groups": written,
+            }
+            _append_strings(f, "history", [json.dumps(entry)])
+            _set_strings(f, "series", _series_order(f, written))
     return written
 
 

@@ -137,10 +137,21 @@ def test_module_entry_point_show_and_plot(files, tmp_path):
 def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("hello\n")
+    short = tmp_path / "short.h5"  # `converged` shorter than `eigenvalues`: drawn, not read
+    short.write_bytes(files["single"].read_bytes())
+    with h5py.File(short, "r+") as f:
+        group = next(iter(f["checkpoints"].values()))
+        del group["converged"]
+        group["converged"] = [True]
+    spectra_copy = tmp_path / "spectra_noext"  # no suffix: a figure would be a PNG
+    spectra_copy.write_bytes(files["single"].read_bytes())
     cases = [
         (["show", str(tmp_path / "missing.h5")], "does not exist"),
         (["plot", str(text), "-o", str(tmp_path / "x.png")], "not an HDF5 file"),
         (["plot", str(files["single"]), "-o", str(tmp_path / "x.weird")], "Cannot write a 'weird'"),
+        (["plot", str(short), "-o", str(tmp_path / "x.png")], "damaged or not laid out"),
+        (["plot", str(spectra_copy), "-o", str(spectra_copy)], "refusing to overwrite"),
+        (["show", str(files["metrics"]), "-c", "final"], "--checkpoint picks a checkpoint"),
     ]
     for args, message in cases:
         result = cli(*args)
@@ -150,7 +161,20 @@ def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
         text = " ".join(result.stderr.split())
         assert text.startswith("error: ") and text.count("error") == 1, result.stderr
         assert message in text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.h5", "short.h5", "spectra_noext"]
+    assert spectra_copy.read_bytes() == files["single"].read_bytes()
+
+
+def test_datasets_that_other_tools_add_among_the_checkpoints_are_ignored(files, tmp_path):
+    """docs/hdf5.md: readers ignore what they do not know."""
+    path = tmp_path / "annotated.h5"
+    path.write_bytes(files["single"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f["checkpoints/README"] = "notes a colleague added"
+    assert len(read_analyses(path)) == 1
+    result = runner.invoke(app, ["show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Eigenvalues" in result.output
 
 
 @pytest.mark.parametrize(

@@ -41,15 +41,19 @@ def plot(
         read_analyses,
         read_metrics,
     )
+    from hessian_cli.storage.files import reading
 
     fmt = file_format(file)
     if fmt == METRICS_FORMAT_NAME:
         if checkpoint is not None:
             raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
-        written = plot_metrics(read_metrics(file), output)
+        metrics = read_metrics(file)
+        with reading(file):
+            written = plot_metrics(metrics, output)
     elif fmt == FORMAT_NAME:
         reports, _ = pick_checkpoint(file, read_analyses(file), group_names(file), checkpoint)
-        written = plot_file(reports, output)
+        with reading(file):
+            written = plot_file(reports, output)
     else:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot plot.")
     Console().print(f"wrote {written}", highlight=False)

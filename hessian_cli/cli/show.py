@@ -61,15 +61,22 @@ def show(
         read_metrics,
         read_metrics_info,
     )
+    from hessian_cli.storage.files import reading
 
     fmt = file_format(file)
     console = Console()
     if fmt == METRICS_FORMAT_NAME:
+        if checkpoint is not None:
+            raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
         metrics = read_metrics(file)
-        if as_json:
-            print_json({g: {c: numbers(v) for c, v in cols.items()} for g, cols in metrics.items()})
-        else:
-            console.print(metrics_summary(file, metrics, read_metrics_info(file)))
+        with reading(file):
+            if as_json:
+                columns = {
+                    g: {c: numbers(v) for c, v in cols.items()} for g, cols in metrics.items()
+                }
+                print_json(columns)
+            else:
+                console.print(metrics_summary(file, metrics, read_metrics_info(file)))
         return
     if fmt != FORMAT_NAME:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot show.")
@@ -82,9 +89,11 @@ def show(
         return
     if len({d["name"] for d in ds}) < len(ds):
         ds = [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
-    console.print(file_summary(file, ds, info))
-    if len(ds) > 1:
-        console.print(series_table(ds))
-    if len(ds) == 1 or show_all:
-        for d in ds:
-            console.print(analysis_table(d))
+    with reading(file):  # all built before any is printed: no half-shown file
+        tables = [file_summary(file, ds, info)]
+        if len(ds) > 1:
+            tables.append(series_table(ds))
+        if len(ds) == 1 or show_all:
+            tables += [analysis_table(d) for d in ds]
+    for table in tables:
+        console.print(table)

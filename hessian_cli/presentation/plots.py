@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -46,6 +47,8 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path:
         raise UserError(
             f"Cannot write a {fmt!r} figure; use one of: {', '.join(sorted(supported))}."
         )
+    if out.is_file() and h5py.is_hdf5(out):  # e.g. the file being plotted, named again
+        raise UserError(f"{out} is an HDF5 file: refusing to overwrite it with a figure.")
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=DPI)
     return out

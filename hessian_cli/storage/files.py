@@ -92,11 +92,27 @@ def open_hdf5(path: Path) -> h5py.File:
 
 def file_format(path: Path) -> str:
     """The ``format`` root attribute of a hessian-cli HDF5 file (spectra or metrics)."""
-    with open_hdf5(path) as f:
-        fmt = f.attrs.get("format")
+    try:
+        with open_hdf5(path) as f:
+            fmt = f.attrs.get("format")
+    except OSError as exc:  # damaged bytes where the attributes are
+        raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
     if fmt is None:
         raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
     return fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """What reading or drawing a damaged file, or one laid out otherwise (a dataset where a
+    group belongs, a string where a number does, columns of different lengths), raises inside a
+    valid-looking file: one sentence."""
+    try:
+        yield
+    except (OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise UserError(
+            f"Could not read {path}: it is damaged or not laid out as docs/hdf5.md says ({exc})."
+        ) from exc
 
 
 @contextmanager
@@ -107,8 +123,5 @@ def open_format(path: str | Path, name: str, what: str) -> Iterator[h5py.File]:
     fmt = file_format(path)
     if fmt != name:
         raise UserError(f"{path} is a {fmt!r} file, not a hessian-cli {what} file.")
-    try:
-        with open_hdf5(path) as f:
-            yield f
-    except (OSError, KeyError) as exc:  # damaged structure inside a valid-looking file
-        raise UserError(f"Could not read {path}: {exc}.") from exc
+    with reading(path), open_hdf5(path) as f:
+        yield f

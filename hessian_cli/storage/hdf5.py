@@ -241,8 +241,14 @@ def _series_order(f: h5py.File, new: list[str]) -> list[str]:
 
 
 def _stored_order(f: h5py.File) -> list[str]:
-    """The ``series`` list, then any group it misses (older or foreign writers) by name."""
-    groups = list(f["checkpoints"]) if "checkpoints" in f else []
+    """The ``series`` list, then any group it misses (older or foreign writers) by name. What is
+    not a group there (a dataset another tool added) is not a checkpoint, and is ignored."""
+    held = f.get("checkpoints")
+    groups = (
+        [n for n, g in held.items() if isinstance(g, h5py.Group)]
+        if isinstance(held, h5py.Group)
+        else []
+    )
     listed = [n for n in f["series"].asstr()[()] if n in groups] if "series" in f else []
     return listed + sorted(set(groups) - set(listed))
 

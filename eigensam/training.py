@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -135,6 +136,13 @@ def _check_new_run_dir(run_dir: Path) -> None:
         )
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"--out {str(run_dir)!r} is not empty; choose a new or empty directory.")
+    ancestor = run_dir
+    while not ancestor.exists():  # where the run's directory will be made
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--out {str(run_dir)!r} lies under {str(ancestor)!r}, a file.")
+    if not os.access(ancestor, os.W_OK):
+        raise UserError(f"--out {str(run_dir)!r}: cannot write in {str(ancestor)!r}.")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -672,7 +680,12 @@ def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.op
 
 
 def _write_config(run_dir: Path, config: TrainConfig) -> None:
-    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"Could not create the run directory {str(run_dir)!r}: {exc.strerror or exc}."
+        ) from exc
     text = json.dumps(
         {"format": CONFIG_FORMAT, "version": 1, "config": config.identity()}, indent=2
     )

@@ -176,6 +176,8 @@ def _check_request(request: AnalyzeRequest) -> None:
     for flag, value in (("--rho", r.rho), ("--alpha", r.alpha)):
         if r.alignment and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{flag} must be a number of at least 0, not {value:g}.")
+    if not 0 <= r.seed < 2**63:  # what torch's generators take
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, not {r.seed}.")
     if request.alignment and not request.top_k:
         raise UserError("--alignment needs the top eigenvectors: give --top-k 1 or more.")
     if request.alignment and request.which == "smallest":

@@ -450,6 +450,21 @@ def test_out_of_memory_suggests_smaller_batch(capsys, monkeypatch, digits_mlp, t
     assert not out_h5.exists()
 
 
+def test_the_machine_running_out_of_memory_is_one_sentence(capsys, monkeypatch, digits_mlp):
+    import hessian_cli.analyze as analyze_module
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 31999999999488 bytes. Error code 12"
+        )
+
+    monkeypatch.setattr(analyze_module, "eigenpairs", too_big)
+    code, _, err = run(capsys, "analyze", digits_mlp)
+    assert code != 0 and "ran out of memory" in one_sentence(err)
+    assert "alloc_cpu" not in err
+
+
 def test_the_gradient_hints_the_top_eigenvectors_start(capsys, monkeypatch, digits_mlp):
     import hessian_cli.analyze as analyze_module
     from hessian_cli.engine.operator import HessianOperator
@@ -616,6 +631,7 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
             "--max-hvps 3 is too few for 2 eigenpairs at each end",
         ),
         (("--guard", "-1"), "--guard must be at least 0, not -1"),
+        (("--seed", str(2**64)), "--seed must be between 0 and 2**63 - 1"),
         (("--trace", "--trace-probes", "1"), "--trace-probes must be at least 2, not 1"),
         (("--density", "--density-steps", "0"), "--density-steps must be at least 1, not 0"),
         (("--density", "--density-probes", "0"), "--density-probes must be at least 1, not 0"),

@@ -239,3 +239,10 @@ def test_resume_refuses_a_configuration_edited_since_the_checkpoint(capsys, tmp_
     assert code == 2
     assert "lr differ from the configuration" in error_sentence(err)
     assert {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()} == before
+
+
+def test_an_out_directory_under_a_file_is_one_sentence(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "notes.txt" / "run")
+    assert code == 2 and "a file" in error_sentence(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -115,6 +115,11 @@ def _report(exc: Exception) -> int:
     if isinstance(exc, UserError):
         # escape: messages hold brackets that are not markup, e.g. 'hessian-cli[vision]'
         message = escape(prefix + str(exc))
+    elif _out_of_host_memory(exc):
+        message = escape(
+            f"{prefix}the machine ran out of memory: try fewer samples, a smaller --batch-size "
+            "or fewer probes."
+        )
     else:
         message = (
             f"{escape(f'{prefix}unexpected {type(exc).__name__}: {exc}')} "
@@ -122,6 +127,15 @@ def _report(exc: Exception) -> int:
         )
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return code
+
+
+def _out_of_host_memory(exc: Exception) -> bool:
+    """Whether ``exc`` is a failed CPU allocation (torch says so in a RuntimeError)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("can't allocate memory" in text or "not enough memory" in text)
+    )
 
 
 # The shell's status for a process ended by SIGTERM (128 + 15).

@@ -794,3 +794,30 @@ def test_an_output_that_is_a_link_appends_to_its_target(capsys, tmp_path, digits
     assert link.is_symlink()
     with h5py.File(target) as f:
         assert len(f["checkpoints"]) == 2
+
+
+def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, digits_mlp):
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        "import torch\n"
+        "def raises(out, y):\n    raise ValueError('bad shapes in my loss')\n"
+        "def returns_float(out, y):\n    return 1.0\n"
+        "def per_sample(out, y):\n"
+        "    return torch.nn.functional.cross_entropy(out, y, reduction='none')\n"
+        "class Pair(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.l = torch.nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n        return self.l(x.flatten(1)), 0\n"
+    )
+    for loss, message in (
+        ("raises", "The loss fails on the model's outputs: bad shapes in my loss"),
+        ("returns_float", "The loss returns a float, not a scalar tensor"),
+        ("per_sample", "The loss returns a tensor of shape (2,), not a scalar tensor"),
+    ):
+        assert message in _bad(capsys, "analyze", digits_mlp, "--loss", f"{user}:{loss}")
+    pair = tmp_path / "pair.pt"
+    weights = {"l.weight": torch.zeros(10, 64), "l.bias": torch.zeros(10)}
+    save_checkpoint(pair, state_dict=weights, metadata={})
+    assert "The model returns a tuple, not a tensor" in _bad(
+        capsys, "analyze", pair, "--model", f"{user}:Pair", "--data", "digits"
+    )

@@ -245,11 +245,24 @@ def test_append_keeps_existing_groups_bit_for_bit(full, tmp_path):
     assert len(read_analyses(path)) == 3
 
 
-def test_appends_at_the_same_time_keep_every_group(full, tmp_path):
+@pytest.mark.parametrize("directory_lock", [True, False])
+def test_appends_at_the_same_time_keep_every_group(full, tmp_path, monkeypatch, directory_lock):
     """Writers that each copy the file and replace it would drop each other's groups: they take
-    turns (threads here; the lock is a file lock, so processes take turns the same way)."""
+    turns (threads here; the lock is a file lock, so processes take turns the same way). Where
+    a directory cannot be locked, a lock file beside the output serves."""
+    import fcntl
+    import stat
     from concurrent.futures import ThreadPoolExecutor
 
+    if not directory_lock:
+        real = fcntl.flock
+
+        def no_directories(fd: int, op: int) -> None:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError("directories cannot be locked here")
+            real(fd, op)
+
+        monkeypatch.setattr(fcntl, "flock", no_directories)
     path = tmp_path / "spectra.h5"
     write_analyses(path, [full], command_line="first")
     with ThreadPoolExecutor(6) as pool:
@@ -262,6 +275,8 @@ def test_appends_at_the_same_time_keep_every_group(full, tmp_path):
     assert sorted(name for names in done for name in names) == [f"c{i}" for i in range(6)]
     assert len(read_analyses(path)) == 7
     assert len(read_file_info(path)["history"]) == 7
+    expected = ["spectra.h5"] if directory_lock else [".spectra.h5.lock", "spectra.h5"]
+    assert sorted(os.listdir(tmp_path)) == expected
 
 
 def test_series_order_by_step_then_insertion(full, tmp_path):
@@ -305,10 +320,10 @@ def test_failure_mid_write_leaves_original_and_no_temp(full, tmp_path, monkeypat
         write_analyses(path, [variant(full, "a", 1), variant(full, "boom", 2)], command_line="x")
     assert path.read_bytes() == original
     assert sorted(os.listdir(tmp_path)) == listing
-    # A new file that fails is not created at all (only the writers' lock is left).
+    # A new file that fails is not created at all.
     with pytest.raises(Boom):
         write_analyses(tmp_path / "new.h5", [full, variant(full, "boom", 2)], command_line="x")
-    assert sorted(os.listdir(tmp_path)) == sorted([*listing, ".new.h5.lock"])
+    assert sorted(os.listdir(tmp_path)) == listing
 
 
 def test_foreign_and_missing_files_are_refused(full, tmp_path):

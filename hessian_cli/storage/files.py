@@ -23,24 +23,38 @@ def locked(path: Path) -> Iterator[None]:
     """Hold, across processes, the right to rewrite ``path``: two appends at once would each
     copy the original, and the later replacement would drop the earlier one's additions.
 
-    The lock is a file beside it, ``.NAME.lock``, that stays: removing it would let a third
-    writer lock a new one while the second still held the old. (POSIX only; elsewhere no lock.)
+    The lock is on the directory that holds ``path``, so no file is left behind; where the file
+    system refuses that (some network ones), on a file ``.NAME.lock`` beside it, which stays:
+    removing it would let a third writer lock a new one while the second held the old. (POSIX
+    only; elsewhere no lock.)
     """
     try:
         import fcntl
     except ImportError:  # Windows
         yield
         return
-    lock = path.parent / f".{path.name}.lock"
+    fd, error = -1, None
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise UserError(f"Cannot write to the directory {path.parent}: {_reason(exc)}.") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        for target, flags in (
+            (path.parent, os.O_RDONLY),
+            (path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT),
+        ):
+            try:
+                fd = os.open(target, flags, 0o666)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                break
+            except OSError as exc:
+                error = exc
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
+        if fd < 0:
+            assert error is not None
+            raise UserError(f"Cannot write to the directory {path.parent}: {_reason(error)}.")
         yield
     finally:
-        os.close(fd)  # and with it the lock
+        if fd >= 0:
+            os.close(fd)  # and with it the lock
 
 
 @contextmanager

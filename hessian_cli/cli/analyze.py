@@ -143,7 +143,7 @@ def analyze(
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     from hessian_cli.analyze import AnalyzeRequest, analyze_target
-    from hessian_cli.engine.distributed import world
+    from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.engine.precision import PRECISIONS
     from hessian_cli.presentation.tables import analysis_table, series_table
     from hessian_cli.report import analysis_to_dict
@@ -160,8 +160,9 @@ def analyze(
             raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
     if num_samples is not None and num_batches is not None:
         raise UserError("Give --num-samples or --num-batches, not both.")
-    if out is not None and world()[0] == 0:
-        check_writable(out)  # before the work: a refusal after it would lose the results
+    with fail_together():  # rank 0 writes; the others must not start work it refused
+        if out is not None and world()[0] == 0:
+            check_writable(out)  # before the work: a refusal after it would lose the results
     request = AnalyzeRequest(
         model=model,
         model_kwargs=parse_model_kwargs(model_kwargs),

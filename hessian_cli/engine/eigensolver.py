@@ -202,19 +202,17 @@ def eigenpairs(
         # Rows that are not finite or are zero can start nothing (a frozen layer's share).
         init = init.reshape(-1, op.n)
         init = init[torch.isfinite(init).all(1) & (init != 0).any(1)]
+        init = init if len(init) else None
     # Each pair's tolerance: `tol`, but a warm start's scout (below) needs only `sqrt(tol)`.
     tols = torch.full((kg,), tol, dtype=torch.float64)
-    if init is not None and len(init):
+    if init is not None and kg == k < op.n:
         # Warm-start rows that are (near) eigenvectors converge at once, and would stop the solve
         # before its space grew past them: a direction that has since become one of the k
         # largest would be skipped. So a warm start also converges a scout pair beyond the k,
         # loosely: the space must grow until it has found the largest eigenvalue outside the
         # rows' span, which, if it now belongs among the k, is then held to `tol` with them.
-        if kg == k < op.n:
-            kg += 1
-            tols = torch.cat([tols, torch.tensor([math.sqrt(tol)], dtype=torch.float64)])
-    else:
-        init = None
+        kg += 1
+        tols = torch.cat([tols, torch.tensor([math.sqrt(tol)], dtype=torch.float64)])
     max_hvps = max_hvps if max_hvps is not None else max(2000, 200 * kg)
     b = min(block_size or default_block_size(k), op.n, max_hvps)
     max_basis = min(op.n, max_basis or max(3 * (kg + b), 20))

@@ -111,10 +111,20 @@ def checkpoint_paths(target: str | Path) -> list[Path]:
     return [path]
 
 
+class SeriesStopped(UserError):
+    """A checkpoint of a series could not be analysed after others were: those are ``results``,
+    for the caller to keep (hours of products need not be lost to one bad file)."""
+
+    def __init__(self, message: str, results: list[CheckpointAnalysis]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
 def analyze_target(
     target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
 ) -> list[CheckpointAnalysis]:
-    """Analyse one checkpoint or a directory of them, returned in step/epoch order."""
+    """Analyse one checkpoint or a directory of them, returned in step/epoch order; bad input
+    met after the first is :class:`SeriesStopped`, which holds the results so far."""
     _check_request(request)  # before any checkpoint is loaded
     with distributed.fail_together():
         paths = checkpoint_paths(target)
@@ -123,7 +133,16 @@ def analyze_target(
     results: list[CheckpointAnalysis] = []
     init = None
     for ckpt in loaded:
-        result = analyze_checkpoint(ckpt, request, progress, init=init)
+        try:
+            result = analyze_checkpoint(ckpt, request, progress, init=init)
+        except UserError as exc:
+            if not results:
+                raise
+            raise SeriesStopped(
+                f"{ckpt.path.name}: {str(exc).rstrip('.')} (the {len(results)} checkpoint(s) "
+                "before it were analysed and are kept).",
+                results,
+            ) from exc
         if result.eigen is not None and request.which == "largest":
             init = result.eigen.eigenvectors  # warm start the next checkpoint of the series
         results.append(result)

@@ -20,6 +20,7 @@ from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
 from hessian_cli.errors import UserError
 from hessian_cli.specs import build_model, load_data, save_checkpoint
+from hessian_cli.storage import read_analyses
 
 FIXTURE = (
     Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pyhessian_resnet20_cifar10.pkl"
@@ -821,3 +822,20 @@ def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, dig
     assert "The model returns a tuple, not a tensor" in _bad(
         capsys, "analyze", pair, "--model", f"{user}:Pair", "--data", "digits"
     )
+
+
+def test_a_series_keeps_what_it_analysed_before_a_bad_checkpoint(capsys, tmp_path, digits_mlp):
+    runs = tmp_path / "series"
+    runs.mkdir()
+    state = torch.load(digits_mlp, weights_only=True)
+    save_checkpoint(runs / "a.pt", state_dict=state["model"], metadata=state["hessian_cli"])
+    other = build_model("mlp", input_shape=(64,), num_classes=10, kwargs={"hidden": [5]})
+    later = dict(state["hessian_cli"], step=99)  # its recorded model does not fit its weights
+    save_checkpoint(runs / "b.pt", state_dict=other.state_dict(), metadata=later)
+    out_h5 = tmp_path / "kept.h5"
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--out", out_h5)
+    assert code == 2
+    message = one_sentence(err)
+    assert message.startswith("error: b.pt: ") and "the 1 checkpoint(s) before it" in message
+    assert "Eigenvalues" in out
+    assert [d["name"] for d in read_analyses(out_h5)] == ["a"]

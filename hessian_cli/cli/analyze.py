@@ -142,7 +142,7 @@ def analyze(
 ) -> None:
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
-    from hessian_cli.analyze import AnalyzeRequest, analyze_target
+    from hessian_cli.analyze import AnalyzeRequest, SeriesStopped, analyze_target
     from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.engine.precision import PRECISIONS
     from hessian_cli.presentation.tables import analysis_table, series_table
@@ -222,7 +222,10 @@ def analyze(
                 total=total or None,
             )
 
-        results = analyze_target(target, request, progress)
+        try:
+            results, stopped = analyze_target(target, request, progress), None
+        except SeriesStopped as exc:  # keep what was done: shown and written, then the error
+            results, stopped = exc.results, exc
     reports = [analysis_to_dict(r) for r in results]
     # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
     if lead and as_json:
@@ -242,6 +245,8 @@ def analyze(
         )
         if not (quiet or as_json):
             console.print(f"wrote {out}")
+    if stopped is not None:
+        raise stopped
     unconverged = [
         (r["name"], sum(not c for c in r["eigen"]["converged"]))
         for r in reports

@@ -31,6 +31,7 @@ from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.trace import hutchinson_trace
 from hessian_cli.errors import UserError
 from hessian_cli.specs import (
+    CHECKPOINT_SUFFIXES,
     LoadedCheckpoint,
     analysis_batches,
     apply_weights,
@@ -105,7 +106,8 @@ def checkpoint_paths(target: str | Path) -> list[Path]:
         found = list_checkpoints(path)
         if not found:
             raise UserError(
-                f"The directory {path} holds no checkpoint files (.pt, .pth, .pkl, .safetensors)."
+                f"The directory {path} holds no checkpoint files "
+                f"({', '.join(CHECKPOINT_SUFFIXES)})."
             )
         return found
     return [path]

@@ -621,6 +621,7 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     [
         (("--tol", "0"), "--tol must be a positive number"),
         (("--tol", "-1"), "--tol must be a positive number"),
+        (("--tol", "inf"), "--tol must be a positive number"),
         (("--num-samples", "0"), "the number of samples must be positive, not 0"),
         (("--num-batches", "0"), "the number of batches must be positive, not 0"),
         (("--top-k", "-1"), "--top-k must be at least 0, not -1"),
@@ -839,3 +840,13 @@ def test_a_series_keeps_what_it_analysed_before_a_bad_checkpoint(capsys, tmp_pat
     assert message.startswith("error: b.pt: ") and "the 1 checkpoint(s) before it" in message
     assert "Eigenvalues" in out
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
+
+
+def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = _bad(capsys, "analyze", empty)
+    assert "holds no checkpoint files" in message and ".ckpt" in message
+    code, _, err = run(capsys, "--debug", "analyze", empty)
+    assert code == 2
+    assert "Traceback" in err and "UserError" in err

@@ -191,9 +191,7 @@ def main() -> None:
         err_console.print(f"{rank}stopped: the process received SIGTERM.", style="dim")
         _leave_now(TERMINATED_STATUS)  # the job is being stopped: its barrier would wait
     except Exception as exc:
-        if state.debug and not torchrun:
-            raise
-        code = _report(exc)
+        code = _report(exc)  # with --debug, the traceback; the exit status is the same
         if _fails_alone(exc):
             # No barrier and no teardown: both wait for peers that may be stuck in a collective
             # (a Gloo barrier ignored its timeout there; NCCL's abort can hang).

@@ -458,7 +458,7 @@ def check_options(
     which: str = "largest",
 ) -> None:
     """Refuse settings no solve can run with (callers may check them before any work)."""
-    if not tol > 0:  # also refuses NaN
+    if not 0 < tol < math.inf:  # also refuses NaN
         raise UserError(f"--tol must be a positive number, not {tol:g}.")
     for flag, value in (("--block-size", block_size), ("--max-hvps", max_hvps)):
         if value is not None and value < 1:

@@ -130,6 +130,11 @@ def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {str(run_dir)!r} is a file, not a directory.")
     if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
+        if latest_checkpoint(run_dir) is None:  # --resume would only start it again
+            raise UserError(
+                f"{str(run_dir)!r} holds a run that stopped before its first checkpoint: "
+                "remove it, or choose another --out."
+            )
         raise UserError(
             f"{str(run_dir)!r} already holds a training run: continue it with --resume "
             f"{run_dir}, or choose another --out."

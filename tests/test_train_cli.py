@@ -246,3 +246,11 @@ def test_an_out_directory_under_a_file_is_one_sentence(capsys, tmp_path):
     code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "notes.txt" / "run")
     assert code == 2 and "a file" in error_sentence(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_is_named_as_such(capsys, tmp_path):
+    out = tmp_path / "failed"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.json").write_text("{}")  # what a run that failed at its first step leaves
+    code, _, err = run(capsys, "train", *TINY, "--out", out)
+    assert code == 2 and "stopped before its first checkpoint" in error_sentence(err)

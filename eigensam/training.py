@@ -62,6 +62,7 @@ from hessian_cli.specs import (
     apply_weights,
     build_model,
     check_finite,
+    check_fits,
     check_labels,
     default_loss,
     get_loss,
@@ -247,22 +248,8 @@ class _Run:
             if isinstance(self.data.train, TensorDataset):
                 check_labels([tuple(self.data.train.tensors[:2])], self.data.num_classes)
             check_labels([self.track_batch], self.data.num_classes)
-        x, y = (t[:2].to(self.device) for t in self.track_batch)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                loss = self.loss_fn(self.model(x), y)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(
-                f"the model {self.config.model!r} does not fit the data {self.config.data!r} "
-                f"with the loss {self.loss_spec!r}: {first}"
-            ) from exc
-        finally:
-            self.model.train(was_training)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise UserError(f"the loss {self.loss_spec!r} must return a scalar (batch mean).")
+        batch = tuple(t.to(self.device) for t in self.track_batch)
+        check_fits(self.model, self.loss_fn, [batch], self.data.input_shape)
 
     def _restore(self, path: Path) -> torch.Tensor:
         """Load a checkpoint of this run; return the data-order state it saved."""

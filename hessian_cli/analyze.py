@@ -36,6 +36,7 @@ from hessian_cli.specs import (
     analysis_batches,
     apply_weights,
     build_model,
+    check_fits,
     check_labels,
     checkpoint_order_key,
     default_loss,
@@ -291,7 +292,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         check_labels(batches, data.num_classes)
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
     loss_fn = get_loss(loss_spec, num_classes=data.num_classes, trusted=trust or bool(request.loss))
-    _check_fits(model, loss_fn, batches, data.input_shape)
+    check_fits(model, loss_fn, batches, data.input_shape)
     minibatches: list = []  # empty: the analysed batches hold the alignment's minibatches
     more_data = len(data.train) > sum(len(y) for _, y in batches)
     if request.alignment and len(batches) < request.minibatches and more_data:
@@ -306,53 +307,6 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         if data.num_classes:
             check_labels(minibatches, data.num_classes)
     return _Setup(model_spec, data_spec, loss_spec, model, loss_fn, batches, minibatches, device)
-
-
-# What a model or loss that does not fit the data (or user code with a bug) raises.
-_MISFIT = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
-
-
-def _check_fits(
-    model: torch.nn.Module, loss_fn: Callable, batches: list, input_shape: tuple[int, ...]
-) -> None:
-    """The model and the loss on two samples, so that a shape, label or type mismatch (or an
-    error in user code) is reported in one sentence before any work."""
-    x, y = batches[0][0][:2], batches[0][1][:2]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except _MISFIT as exc:
-        raise UserError(
-            f"The data (samples of shape {tuple(input_shape)}) does not fit the model: "
-            f"{_first_line(exc)}."
-        ) from exc
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise UserError(f"The model returns a {type(out).__name__}, not a tensor of outputs.")
-    top = max(int(y.max()) for _, y in batches) if not batches[0][1].is_floating_point() else None
-    if top is not None and out.ndim == 2 and top >= out.shape[1]:
-        raise UserError(
-            f"The data has class labels up to {top}, but the model has only {out.shape[1]} "
-            "outputs: check --data and the model's num_classes."
-        )
-    try:
-        loss = loss_fn(out, y)
-    except _MISFIT as exc:
-        raise UserError(f"The loss fails on the model's outputs: {_first_line(exc)}.") from exc
-    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-        got = (
-            f"a tensor of shape {tuple(loss.shape)}"
-            if isinstance(loss, torch.Tensor)
-            else f"a {type(loss).__name__}"
-        )
-        raise UserError(f"The loss returns {got}, not a scalar tensor (the mean over the batch).")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
 def _run_solvers(

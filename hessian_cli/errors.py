@@ -9,3 +9,9 @@ class Terminated(BaseException):
     """The process received SIGTERM (torchrun stopping the job after another rank failed, or a
     scheduler's kill). Raised in the main thread, like KeyboardInterrupt, so that clean-up runs
     on the way out (training writes the metrics of the steps done, temporary files go)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without a closing period (its type's name if
+    it has none): what a one-sentence error quotes of a library's or the user's own error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")

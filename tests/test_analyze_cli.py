@@ -804,6 +804,7 @@ def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, dig
         "import torch\n"
         "def raises(out, y):\n    raise ValueError('bad shapes in my loss')\n"
         "def returns_float(out, y):\n    return 1.0\n"
+        "def constant(out, y):\n    return torch.tensor(1.0)\n"
         "def per_sample(out, y):\n"
         "    return torch.nn.functional.cross_entropy(out, y, reduction='none')\n"
         "class Pair(torch.nn.Module):\n"
@@ -815,6 +816,7 @@ def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, dig
         ("raises", "The loss fails on the model's outputs: bad shapes in my loss"),
         ("returns_float", "The loss returns a float, not a scalar tensor"),
         ("per_sample", "The loss returns a tensor of shape (2,), not a scalar tensor"),
+        ("constant", "The loss does not depend on the model's outputs"),
     ):
         assert message in _bad(capsys, "analyze", digits_mlp, "--loss", f"{user}:{loss}")
     pair = tmp_path / "pair.pt"

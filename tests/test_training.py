@@ -226,7 +226,7 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     [
         ({"model": "nosuchmodel"}, "unknown model"),
         ({"data": "synthetic:nope"}, "not of the form"),
-        ({"model_kwargs": {"input_size": 5}}, "does not fit the data"),
+        ({"model_kwargs": {"input_size": 5}}, "does not fit the model"),
         ({"optimizer": "adam"}, "unknown optimizer"),
         ({"lr": -1.0}, "--lr must be a positive"),
         ({"eig_every": 0}, "--eig-every must be at least 1"),
@@ -238,6 +238,25 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, overrides, messa
     with pytest.raises(UserError, match=message):
         train(config(tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_or_loss_that_does_not_fit_is_one_sentence_and_writes_nothing(tmp_path):
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        "import torch\n"
+        "class Pair(torch.nn.Module):\n"
+        "    def __init__(self, **kwargs):\n        super().__init__()\n"
+        "        self.l = torch.nn.Linear(16, 3)\n"
+        "    def forward(self, x):\n        return self.l(x.flatten(1)), 0\n"
+        "def constant(out, y):\n    return torch.tensor(1.0)\n"
+    )
+    for overrides, message in (
+        ({"model": f"{user}:Pair", "model_kwargs": {}}, "The model returns a tuple, not a tensor"),
+        ({"loss": f"{user}:constant"}, "The loss does not depend on the model's outputs"),
+    ):
+        with pytest.raises(UserError, match=message):
+            train(config(tmp_path, **overrides))
+        assert not (tmp_path / "run").exists()
 
 
 def _failing_step(monkeypatch, at: int, error: BaseException):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, first_line
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -242,8 +242,7 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"the checkpoint does not fit the model: {first}") from exc
+        raise UserError(f"the checkpoint does not fit the model: {first_line(exc)}.") from exc
 
 
 def _listing(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, first_line
 from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
 
 TENSOR_FILE_SUFFIXES: tuple[str, ...] = (".npz", ".pt", ".pth", ".h5", ".hdf5")
@@ -459,7 +459,7 @@ def analysis_batches(
         except Exception as exc:
             raise UserError(
                 f"the data samples could not be batched ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); are all samples the same shape?"
+                f"{first_line(exc)}); are all samples the same shape?"
             ) from exc
     return [(_cast_x(x, dtype), _cast_y(y, dtype)) for x, y in raw]
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, first_line
 
 USER_CODE_FORMS = "'path/to/file.py:name' or 'package.module:name'"
 
@@ -118,5 +118,4 @@ def call_user(func: Any, what: str, spec: str, **kwargs: Any) -> Any:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

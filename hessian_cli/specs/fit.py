@@ -1,0 +1,57 @@
+"""Whether a model and a loss fit the data: tried on two samples before any work, so that a
+shape, label or type mismatch (or a bug in user code) is one sentence, not a failure later."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from hessian_cli.errors import UserError, first_line
+
+# What a model or loss that does not fit the data (or user code with a bug) raises.
+_MISFIT = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
+
+
+def check_fits(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    input_shape: tuple[int, ...],
+) -> None:
+    """Run the model (in eval mode: no buffer or RNG is touched) and the loss on two samples of
+    ``batches[0]``; class labels are checked against the outputs over all of ``batches``."""
+    x, y = batches[0][0][:2], batches[0][1][:2]
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except _MISFIT as exc:
+        raise UserError(
+            f"The data (samples of shape {tuple(input_shape)}) does not fit the model: "
+            f"{first_line(exc)}."
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"The model returns a {type(out).__name__}, not a tensor of outputs.")
+    top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
+    if top is not None and out.ndim == 2 and top >= out.shape[1]:
+        raise UserError(
+            f"The data has class labels up to {top}, but the model has only {out.shape[1]} "
+            "outputs: check --data and the model's num_classes."
+        )
+    try:
+        loss = loss_fn(out, y)
+    except _MISFIT as exc:
+        raise UserError(f"The loss fails on the model's outputs: {first_line(exc)}.") from exc
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        got = (
+            f"a tensor of shape {tuple(loss.shape)}"
+            if isinstance(loss, torch.Tensor)
+            else f"a {type(loss).__name__}"
+        )
+        raise UserError(f"The loss returns {got}, not a scalar tensor (the mean over the batch).")
+    if out.requires_grad and not loss.requires_grad:  # it has no curvature to find
+        raise UserError("The loss does not depend on the model's outputs (it returns a constant).")

@@ -6,8 +6,11 @@ help from it without loading the numerical stack.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse values that cannot make a run, in one sentence each."""
+        self._check_types()
         for name, allowed in (
             ("optimizer", OPTIMIZERS),
             ("base_optimizer", BASE_OPTIMIZERS),
@@ -80,10 +84,22 @@ class TrainConfig:
                 math.isfinite(value) and value >= 0, f"{flag(name)} must be a number of at least 0"
             )
         require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
-        require(
-            self.model_kwargs is None or isinstance(self.model_kwargs, dict),
-            "--model-kwargs must be a JSON object",
-        )
+
+    def _check_types(self) -> None:
+        """Each field of the type it is declared with (a library caller or an edited
+        config.json may give any): a number where a number is due, and so on."""
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            hint = hints[field.name]
+            kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            kinds = tuple(typing.get_origin(kind) or kind for kind in kinds)
+            value = getattr(self, field.name)
+            if isinstance(value, bool) and bool not in kinds:  # JSON true is no count
+                ok = False
+            else:
+                ok = isinstance(value, kinds + ((int,) if float in kinds else ()))
+            wanted = next(_KIND_WORDS[kind] for kind in kinds if kind in _KIND_WORDS)
+            require(ok, f"{flag(field.name)} must be {wanted}, not {value!r}")
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the run (what ``config.json`` holds)."""
@@ -91,6 +107,13 @@ class TrainConfig:
 
 
 RUNTIME_FIELDS = ("out", "max_steps", "device", "download")
+_KIND_WORDS = {
+    int: "a whole number",
+    float: "a number",
+    str: "text",
+    bool: "true or false",
+    dict: "a JSON object",
+}
 
 
 def flag(name: str) -> str:

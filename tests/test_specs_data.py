@@ -168,6 +168,22 @@ def test_bad_tensor_files(tmp_path: Path) -> None:
         load_data(str(tmp_path / "junk.h5"))
 
 
+def test_unsigned_labels_and_a_stored_class_count(tmp_path: Path) -> None:
+    arrays = _arrays()
+    path = tmp_path / "d.npz"
+    np.savez(path, x=arrays["x"], y=arrays["y"].astype(np.uint64), num_classes=np.array(9.0))
+    data = load_data(str(path))
+    assert torch.equal(data.train.tensors[1], torch.from_numpy(arrays["y"]).long())
+    assert data.num_classes == 9
+    for count, shown in (([3, 4], r"\[3, 4\]"), (2.5, "2.5"), ("abc", "'abc'"), (np.inf, "inf")):
+        np.savez(path, **arrays, num_classes=np.array(count))
+        with pytest.raises(UserError, match=f"num_classes must be one whole number, not {shown}"):
+            load_data(str(path))
+    np.savez(path, x=arrays["x"], y=np.full(12, 2**64 - 1, dtype=np.uint64))
+    with pytest.raises(UserError, match="too large"):
+        load_data(str(path))
+
+
 class _Hostile:
     def __init__(self, target: str) -> None:
         self.target = target

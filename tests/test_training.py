@@ -232,6 +232,9 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
         ({"eig_every": 0}, "--eig-every must be at least 1"),
         ({"rho": -0.1}, "--rho must be a number of at least 0"),
         ({"weight_decay": math.inf}, "--weight-decay must be a number of at least 0"),
+        ({"lr": "abc"}, "--lr must be a number, not 'abc'"),
+        ({"epochs": True}, "--epochs must be a whole number, not True"),
+        ({"model_kwargs": [8]}, "--model-kwargs must be a JSON object, not \\[8\\]"),
     ],
 )
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, overrides, message):

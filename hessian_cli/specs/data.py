@@ -225,7 +225,7 @@ def _tensor_file(spec: str) -> DataSource:
     if classification:
         num_classes = int(max(int(ds.tensors[1].max()) for ds in datasets)) + 1
         if "num_classes" in arrays:
-            num_classes = max(num_classes, int(np.asarray(arrays["num_classes"]).item()))
+            num_classes = max(num_classes, _whole_number(arrays["num_classes"], spec))
     return DataSource(
         spec=spec,
         train=datasets[0],
@@ -265,9 +265,25 @@ def _to_tensor(value: Any, spec: str, key: str) -> torch.Tensor:
         raise UserError(f"data file {spec!r}: entry {key!r} is not a numeric array.") from exc
 
 
+def _whole_number(value: Any, spec: str) -> int:
+    """A file's ``num_classes``: one whole number, however it was stored."""
+    array = np.asarray(value)
+    number = array.item() if array.size == 1 and array.dtype.kind in "iuf" else None
+    if number is None or not math.isfinite(number) or number != int(number):
+        raise UserError(
+            f"data file {spec!r}: num_classes must be one whole number, not {array.tolist()!r}."
+        )
+    return int(number)
+
+
 def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
     if y.is_floating_point() or y.is_complex():
         raise UserError(f"data {spec!r}: {which} mixes integer class labels with real targets.")
+    if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has few ops for these
+        labels = y.numpy()
+        if labels.size and labels.max() > np.iinfo(np.int64).max:
+            raise UserError(f"data {spec!r}: {which} holds class labels too large to count.")
+        y = torch.from_numpy(labels.astype(np.int64))
     if y.dtype == torch.bool:
         y = y.long()
     if y.ndim == 2 and y.shape[1] == 1:

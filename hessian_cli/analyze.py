@@ -255,7 +255,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     model_spec = _spec(request.model, meta, "model", "model", "--model")
     data_spec = _spec(request.data, meta, "data", "data", "--data")
     kwargs = request.model_kwargs
-    if kwargs is None and not request.model and meta.get("model_kwargs"):
+    # The recorded arguments belong to the recorded model, also where --model names it again.
+    if kwargs is None and model_spec == meta.get("model") and meta.get("model_kwargs"):
         kwargs = _recorded_kwargs(meta["model_kwargs"])
     device = resolve_device(request.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]

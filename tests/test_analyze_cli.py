@@ -75,6 +75,10 @@ def digits_mlp(tmp_path_factory) -> Path:
 def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "3", "--json")
     assert code == 0
+    # Naming the recorded model again keeps its recorded arguments (MLP_KW is not the default).
+    again = run(capsys, "analyze", digits_mlp, "--top-k", "3", "--json", "--model", "mlp")
+    values = json.loads(out)["eigen"]["eigenvalues"]
+    assert again[0] == 0 and json.loads(again[1])["eigen"]["eigenvalues"] == values
     report = json.loads(out)
     assert report["provenance"]["model"] == "mlp" and report["provenance"]["step"] == 7
     assert len(report["eigen"]["eigenvalues"]) == 3 and all(report["eigen"]["converged"])

@@ -125,6 +125,32 @@ def test_a_warm_start_finds_a_direction_that_has_become_one_of_the_largest(k):
     assert res.all_converged
 
 
+@pytest.mark.parametrize("k", [5, 10])
+def test_a_warm_start_of_many_rows_costs_less_than_a_cold_one(k):
+    """The last checkpoint's top-k, more rows than the block: folded into the start vector they
+    save products (taken as a start block of k rows they cost 1.2-1.6 times a cold start)."""
+    n, g = 300, torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    before = (U * torch.logspace(1, -3, n, dtype=torch.float64)) @ U.T
+    E = torch.randn(n, n, generator=g, dtype=torch.float64) * 1e-3
+    after = before + E + E.T  # the next checkpoint
+    last = torch.linalg.eigh(before).eigenvectors.flip(1).T[:k]
+    cold = eigenpairs(MatrixOperator(after), k, tol=1e-6)
+    warm = eigenpairs(MatrixOperator(after), k, tol=1e-6, init=last)
+    assert warm.all_converged and warm.hvps < cold.hvps
+    expected = torch.linalg.eigvalsh(after).flip(0)[:k]
+    torch.testing.assert_close(warm.eigenvalues, expected, rtol=0, atol=1e-5)
+
+
+def test_warm_start_rows_beyond_the_block_are_folded_into_it():
+    rows = torch.eye(5, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None]
+    folded = es._warm_rows(rows, 5, 2)  # unit rows 0, 2, 4 and 1, 3, summed
+    expected = torch.tensor([[1.0, 0, 1, 0, 1], [0, 1, 0, 1, 0]], dtype=torch.float64)
+    torch.testing.assert_close(folded, expected)
+    torch.testing.assert_close(es._warm_rows(rows[:2], 5, 2), rows[:2])  # a block holds them
+    assert es._warm_rows(torch.cat([rows[:1], -rows[:1]]), 5, 1) is None  # they cancel
+
+
 def test_unconverged_pairs_are_reported_as_such():
     case = CASES["cnn-bn"]
     op = HessianOperator(case.model, case.loss, case.batches)

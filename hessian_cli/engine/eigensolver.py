@@ -116,7 +116,8 @@ def eigenpairs(
     """The ``k`` largest (or smallest, or both) eigenpairs of ``op``.
 
     ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint); rows
-    that are zero or not finite are left out. A warm start has at least one guard pair (the
+    that are zero or not finite are left out, and more rows than the block are folded into it
+    (:func:`_warm_rows`). A warm start has at least one guard pair (the
     scout, held to ``sqrt(tol)``): rows that are eigenvectors converge at once, and without it
     the space would never grow past them to a direction that has since become one of the k.
     ``hint`` is a direction the wanted eigenvectors are expected to lean toward, such as the
@@ -199,10 +200,7 @@ def eigenpairs(
     # The solve converges `kg` pairs, the k wanted and a guard beyond them (see default_guard).
     kg = min(op.n, k + (default_guard(k) if guard is None else guard))
     if init is not None:
-        # Rows that are not finite or are zero can start nothing (a frozen layer's share).
-        init = init.reshape(-1, op.n)
-        init = init[torch.isfinite(init).all(1) & (init != 0).any(1)]
-        init = init if len(init) else None
+        init = _warm_rows(init, op.n, min(block_size or default_block_size(k), op.n))
     # Each pair's tolerance: `tol`, but a warm start's scout (below) needs only `sqrt(tol)`.
     tols = torch.full((kg,), tol, dtype=torch.float64)
     if init is not None and kg == k < op.n:
@@ -234,8 +232,7 @@ def eigenpairs(
     # The basis and its products live in two buffers of `capacity` rows, filled in place: no
     # copy of the basis per iteration, and a peak memory that is known before the first product.
     # Every row costs a product, so a small budget (Eigen-SAM's refresh: 6) needs no more rows.
-    start_rows = min(max_hvps, max(b, 0 if init is None else len(init)))
-    capacity = op.n if whole else min(max_basis, max(max_hvps, start_rows))
+    capacity = op.n if whole else min(max_basis, max_hvps)
     # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
     collective = getattr(op, "distributed", False)
     with fail_together() if collective else contextlib.nullcontext():
@@ -253,7 +250,7 @@ def eigenpairs(
             if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
                 start[0] = start[0] / norms(start[0]) + h / size
         if init is not None:
-            start = torch.cat([init.to(start), start])[: min(capacity, start_rows)]
+            start = torch.cat([init.to(start), start])[:b]
         start = orthonormalize_against(start, None)
         m = start.shape[0]
         Qb[:m], HQb[:m] = start, op.matmul(start)
@@ -382,6 +379,27 @@ def eigenpairs(
     )
 
 
+def _warm_rows(init: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
+    """A warm start's rows, at most a block of them; ``None`` where none can start anything.
+
+    Rows that are not finite or are zero are left out (a frozen layer's share). More rows than
+    the block are folded into it: start vector ``j`` is the sum of rows ``j, j + block, ...``
+    (each of unit length). Taken as they are, the rows made a larger start block, which then
+    grew one residual at a time: on a digits-MLP SGD series a warm top-5 took 1.5 times the
+    products of a cold one, top-20 at tol 1e-8 2.6 times; the sum takes 2-8% fewer than cold
+    (benchmarks/RESULTS.md, twelfth session). The vector of a top-1 stays as it is: Eigen-SAM's
+    refresh continues from it with a budget of a few products.
+    """
+    rows = init.reshape(-1, n)
+    rows = rows[torch.isfinite(rows).all(1) & (rows != 0).any(1)]
+    if len(rows) > block:
+        owner = torch.arange(len(rows), device=rows.device) % block
+        unit = rows / norms(rows)[:, None]
+        rows = torch.zeros_like(rows[:block]).index_add_(0, owner, unit)
+        rows = rows[norms(rows) > 1e-3]  # rows that cancel out (v and -v) sum to nothing
+    return rows if len(rows) else None
+
+
 def _ritz(
     S: torch.Tensor, theta: torch.Tensor, Q: torch.Tensor, HQ: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,10 +418,10 @@ class _Leak:
     and ``w m r`` flops instead of the ``4 w m n`` of forming the Ritz vectors and their
     products, which took nearly all of a top-50 solve of a 272,474-parameter operator on CPU
     (145 ms an iteration at block 1). In a Krylov space only the newest block leaks, so
-    ``r = b``; what a new block leaves of the older leak (after a warm start of more vectors than
-    the block) stays, and ``r`` is the leak's rank. The residuals are exact in exact arithmetic;
-    with rounding they choose the next block and say when to look closer, and a stop is decided
-    on the Ritz vectors' own residuals (``_ritz``).
+    ``r = b``; what a new block leaves of the older leak stays, and ``r`` is the leak's rank.
+    The residuals are exact in exact arithmetic; with rounding they choose the next block and
+    say when to look closer, and a stop is decided on the Ritz vectors' own residuals
+    (``_ritz``).
     """
 
     # Directions of the leak below this fraction of its largest (squared) are dropped: the

@@ -40,6 +40,20 @@ from hessian_cli.storage.files import atomic_path, file_format
 from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics
 
 METRICS_VERSION = 1
+# Root attributes each flush writes (and those of files before 2026-11-29, which it replaces).
+_OWN_ATTRS = (
+    "format",
+    "format_version",
+    "tool_version",
+    "torch_version",
+    "created",
+    "modified",
+    "command_line",
+    "config",
+    "version",
+    "tool",
+    "torch",
+)
 
 # Columns of each group, in order, with their dtypes; the first column orders the rows.
 COLUMNS: dict[str, dict[str, type]] = {
@@ -72,6 +86,10 @@ class MetricsLog:
         self.command_line = command_line
         self.created = _now()
         self.rows: dict[str, list[tuple[float, ...]]] = {group: [] for group in COLUMNS}
+        # What a resumed file holds that this version does not write (a newer version's, or
+        # the user's own): kept as it is by every flush.
+        self.foreign_attrs: dict[str, Any] = {}
+        self.foreign_groups: list[str] = []
 
     def append(self, group: str, **values: float) -> None:
         """Add one row; every column of the group must be given."""
@@ -89,11 +107,26 @@ class MetricsLog:
         ``before_step`` and epochs up to ``before_epoch``, so the file ends up exactly as an
         uninterrupted run writes it. A missing file means nothing was recorded yet."""
         if not self.path.exists():
+            if before_step > 0:
+                raise UserError(
+                    f"the run's {self.path.name} is missing, so the rows of its first "
+                    f"{before_step} steps are lost: start the run again to have them."
+                )
             return
         if file_format(self.path) != METRICS_FORMAT_NAME:
             raise UserError(f"{self.path} is not a hessian-cli metrics file.")
         stored = read_metrics(self.path)
-        self.created = str(_attr(self.path, "created") or self.created)
+        with h5py.File(self.path, "r") as f:
+            self.created = str(_text(f.attrs.get("created")) or self.created)
+            self.foreign_attrs = {k: v for k, v in f.attrs.items() if k not in _OWN_ATTRS}
+            self.foreign_groups = [name for name in f if name not in COLUMNS]
+            for group in COLUMNS:
+                extra = sorted(set(f[group]) - set(COLUMNS[group])) if group in f else []
+                if extra:
+                    raise UserError(
+                        f"the run's {self.path.name} has columns this version does not write "
+                        f"({group}/{extra[0]}): resume it with the version that wrote them."
+                    )
         for group, columns in COLUMNS.items():
             data = stored.get(group, {})
             if not data:
@@ -102,10 +135,22 @@ class MetricsLog:
             keep = np.asarray(data[key]) <= limit
             cols = [np.asarray(data[c])[keep].tolist() for c in columns]
             self.rows[group] = list(zip(*cols, strict=True))
+        recorded = len(self.rows["steps"])
+        if recorded != before_step:  # a crash between a checkpoint and its rows (before 11-29)
+            raise UserError(
+                f"the run's {self.path.name} records {recorded} steps, but its checkpoint is at "
+                f"step {before_step}: resume from the checkpoint at step {recorded} or before "
+                "(move the later ones aside), and the steps in between are run again."
+            )
 
     def flush(self) -> None:
         """Rewrite the file atomically with every row so far."""
         with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs.update(self.foreign_attrs)
+            if self.foreign_groups:
+                with h5py.File(self.path, "r") as old:
+                    for name in self.foreign_groups:
+                        old.copy(old[name], f, name)
             f.attrs["format"] = METRICS_FORMAT_NAME
             f.attrs["format_version"] = METRICS_VERSION
             f.attrs["tool_version"] = __version__
@@ -130,7 +175,5 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _attr(path: Path, name: str) -> Any:
-    with h5py.File(path, "r") as f:
-        value = f.attrs.get(name)
+def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value

@@ -24,6 +24,8 @@ No terminal code here: progress goes to an optional callback, interruption is po
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +61,8 @@ from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
 from hessian_cli.errors import UserError
 from hessian_cli.specs import (
     analysis_batches,
+    anchored,
+    anchored_data,
     apply_weights,
     build_model,
     check_finite,
@@ -70,7 +74,7 @@ from hessian_cli.specs import (
     load_data,
     save_checkpoint,
 )
-from hessian_cli.storage.files import atomic_path
+from hessian_cli.storage.files import atomic_path, held
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.h5"
@@ -100,20 +104,41 @@ def train(
     saved and the summary says ``interrupted``. ``max_steps`` stops the same way (global steps).
     ``command_line`` is recorded in the metrics file, as a spectra file records its own.
     """
-    with distributed.fail_together():  # no rank writes before every rank has checked its input
-        config.validate()
-        if resume_dir is not None:
-            run_dir = Path(resume_dir)
-            _check_same_run(config, load_config(run_dir).identity(), "saved configuration")
-        else:
-            if not config.out:
-                raise UserError("say where the run goes with --out RUN_DIR.")
-            run_dir = Path(config.out)
-            _check_new_run_dir(run_dir)
-        run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
-    if resume_dir is None and run.lead:
-        _write_config(run_dir, config)
-    return run.train(progress, should_stop)
+    with contextlib.ExitStack() as stack:
+        # No rank writes before every rank has checked its input.
+        with distributed.fail_together():
+            config.validate()
+            if resume_dir is not None:
+                run_dir = Path(resume_dir)
+                _check_same_run(config, load_config(run_dir).identity(), "saved configuration")
+            else:
+                if not config.out:
+                    raise UserError("say where the run goes with --out RUN_DIR.")
+                run_dir = Path(config.out)
+                _check_new_run_dir(run_dir)
+                config = _anchored(config)
+            run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
+        with distributed.fail_together():  # the run claimed by rank 0, or every rank stops
+            if run.lead:
+                if resume_dir is None:
+                    _write_config(run_dir, config)
+                # Two processes training one run would overwrite each other's files.
+                busy = f"the run in {str(run_dir)!r} is being trained by another process."
+                stack.enter_context(held(run_dir / CONFIG_FILE, busy))
+        return run.train(progress, should_stop)
+
+
+def _anchored(config: TrainConfig) -> TrainConfig:
+    """The configuration with the files it names made absolute: config.json and checkpoints
+    then mean the same files from any working directory (a resume, an analysis)."""
+    root = config.data_root and str(Path(config.data_root).expanduser().resolve())
+    return dataclasses.replace(
+        config,
+        model=anchored(config.model),
+        data=anchored_data(config.data),
+        loss=config.loss and anchored(config.loss),
+        data_root=root,
+    )
 
 
 def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> None:
@@ -195,7 +220,7 @@ class _Run:
         if not self.params:
             raise UserError(f"the model {config.model!r} has no trainable parameters.")
         self.optimizer = _make_optimizer(config, self.params)
-        n = len(self.data.train)
+        n = self.samples = len(self.data.train)
         require(
             self.world == 1 or n >= 2 * self.world,
             f"the data has {n} samples, too few for {self.world} processes",
@@ -261,6 +286,7 @@ class _Run:
         recorded = ckpt.metadata.get("config")
         if recorded is not None:
             _check_same_run(self.config, json.loads(recorded), f"configuration {path.name} records")
+        self._check_same_course(raw, path)
         apply_weights(self.model, ckpt.state_dict)
         try:
             self.optimizer.load_state_dict(raw["optimizer"])
@@ -269,15 +295,51 @@ class _Run:
                 f"the optimizer state in {str(path)!r} does not fit a {self.config.optimizer} "
                 "optimizer of this model."
             ) from exc
-        restore_rng(raw["rng"])
         state = raw["training"]
-        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        self.epoch_sums = dict(state["epoch_sums"])
-        self.track_vector = state["track_vector"]
-        if self.track_vector is not None:
-            self.track_vector = self.track_vector.to(self.device)
-        self.lambda_max = state["lambda_max"]
+        try:
+            restore_rng(raw["rng"])
+            self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+            self.epoch_sums = dict(state["epoch_sums"])
+            self.track_vector = state["track_vector"]
+            if self.track_vector is not None:
+                self.track_vector = self.track_vector.to(self.device)
+            self.lambda_max = state["lambda_max"]
+            DataOrder(self.samples, self.config.seed, raw["data_order"])  # restores, or fails
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise UserError(
+                f"{str(path)!r} is damaged: its training state cannot be restored."
+            ) from exc
+        at = self.epoch * self.steps_per_epoch + self.batch
+        if not (0 <= self.batch < self.steps_per_epoch and at == self.step):
+            raise UserError(
+                f"{str(path)!r} is damaged: its position (step {self.step}, epoch "
+                f"{self.epoch}, batch {self.batch}) is not one of this run's."
+            )
         return raw["data_order"]
+
+    def _check_same_course(self, raw: dict[str, Any], path: Path) -> None:
+        """The schedule and data order depend on the number of processes and of samples: a
+        resume with others would follow another run's course from this one's position."""
+        state = raw["training"] if isinstance(raw["training"], dict) else {}
+        processes, samples = state.get("processes"), state.get("samples")
+        if processes is not None and processes != self.world:
+            raise UserError(
+                f"this run was trained by {processes} process{'es' if processes > 1 else ''}, "
+                f"not {self.world}: resume it with as many (torchrun --nproc-per-node "
+                f"{processes}), since they fix its data order and schedule."
+            )
+        if samples is not None and samples != self.samples:
+            raise UserError(
+                f"this run was trained on {samples} samples, but its data "
+                f"{self.config.data!r} now has {self.samples}: it cannot be resumed on other data."
+            )
+        scheduler = raw.get("scheduler")
+        total = scheduler.get("total_steps") if isinstance(scheduler, dict) else None
+        if total is not None and total != self.total_steps:  # checkpoints before 2026-11-29
+            raise UserError(
+                f"this run was planned as {total} steps, but the data and processes now make "
+                f"{self.total_steps}: resume it with the data and number of processes it began with."
+            )
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -321,6 +383,7 @@ class _Run:
                     stop = self._anyone(should_stop is not None and should_stop())
                     if stop or (cfg.max_steps is not None and self.step >= cfg.max_steps):
                         summary.interrupted = stop
+                        self._flush()  # the metrics first: a checkpoint never outruns them
                         summary.checkpoint = self._save_step_checkpoint(self.order.epoch_state)
                         return self._finish(summary, start_step, step_seconds)
                     if cfg.track_every and self.step % cfg.track_every == 0:
@@ -346,15 +409,16 @@ class _Run:
                         )
                     )
                 emit(self._end_epoch())
+                self._flush()
                 last = self.epoch == cfg.epochs
                 if not last and cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0:
                     summary.checkpoint = self._save_step_checkpoint(
                         self.order.generator.get_state()
                     )
-                self._flush()
             if cfg.track_every:
                 self._track()  # the final weights are always measured
             summary.finished = True
+            self._flush()
             summary.checkpoint = self._save(
                 self.run_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, self.order.generator.get_state()
             )
@@ -642,6 +706,9 @@ class _Run:
             "rng": capture_rng(),
             "data_order": order_state,
             "training": {
+                # What fixes the schedule and the data order, which a resume must find again.
+                "processes": self.world,
+                "samples": self.samples,
                 "step": self.step,
                 "epoch": self.epoch,
                 "batch": self.batch,
@@ -681,8 +748,13 @@ def _write_config(run_dir: Path, config: TrainConfig) -> None:
     text = json.dumps(
         {"format": CONFIG_FORMAT, "version": 1, "config": config.identity()}, indent=2
     )
-    with atomic_path(run_dir / CONFIG_FILE) as tmp:
-        tmp.write_text(text + "\n")
+    try:
+        with atomic_path(run_dir / CONFIG_FILE, exclusive=True) as tmp:
+            tmp.write_text(text + "\n")
+    except FileExistsError:
+        raise UserError(
+            f"another run started in {str(run_dir)!r} meanwhile; choose another --out."
+        ) from None
 
 
 __all__ = [

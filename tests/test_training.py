@@ -314,3 +314,134 @@ def test_divergence_stops_with_a_message_and_nothing_corrupt(tmp_path):
         assert all(torch.isfinite(t).all() for t in weights(path).values() if t.is_floating_point())
     m = read_metrics(run / "metrics.h5")
     assert m["steps"]["step"].tolist() == list(range(len(m["steps"]["step"])))
+
+
+def _stopped_run(tmp_path: Path, name: str = "run", **overrides) -> Path:
+    """A run stopped by --max-steps at step 8 (mid-epoch 2); returns its directory."""
+    train(config(tmp_path, name, max_steps=8, **overrides))
+    return tmp_path / name
+
+
+def _edit_checkpoint(path: Path, edit) -> None:
+    raw = torch.load(path, weights_only=False)
+    edit(raw)
+    torch.save(raw, path)
+
+
+def test_metrics_are_written_before_each_checkpoint(tmp_path, monkeypatch):
+    """A kill between the two writes must never leave a checkpoint ahead of the metrics."""
+    from eigensam import training as training_module
+
+    real_save, seen = training_module.save_checkpoint, []
+
+    def save(path, **kwargs):
+        rows = len(read_metrics(path.parent.parent / "metrics.h5")["steps"]["step"])
+        seen.append((kwargs["extra"]["training"]["step"], rows))
+        real_save(path, **kwargs)
+
+    monkeypatch.setattr(training_module, "save_checkpoint", save)
+    train(config(tmp_path, max_steps=8))
+    train(load_config(tmp_path / "run"), resume_dir=tmp_path / "run")
+    assert seen == [(6, 6), (8, 8), (12, 12), (18, 18)]  # epoch ends, the stop, the end
+
+
+def test_a_resume_with_other_data_or_processes_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.normal(size=(96, 16)).astype(np.float32), y=rng.integers(0, 3, 96))
+    run = _stopped_run(tmp_path, data=str(data))
+    np.savez(data, x=rng.normal(size=(160, 16)).astype(np.float32), y=rng.integers(0, 3, 160))
+    before = (run / "metrics.h5").read_bytes()
+    with pytest.raises(UserError, match="trained on 96 samples, but its data .* now has 160"):
+        train(load_config(run), resume_dir=run)
+    checkpoint = run / "checkpoints" / "step0000008.pt"
+    _edit_checkpoint(checkpoint, lambda raw: raw["training"].update(processes=2, samples=160))
+    with pytest.raises(UserError, match="trained by 2 processes, not 1"):
+        train(load_config(run), resume_dir=run)
+    # A checkpoint from before these were recorded: its schedule says the same.
+    _edit_checkpoint(
+        checkpoint, lambda raw: [raw["training"].pop(k) for k in ("processes", "samples")]
+    )
+    with pytest.raises(UserError, match="planned as 18 steps, but .* now make 30"):
+        train(load_config(run), resume_dir=run)
+    assert (run / "metrics.h5").read_bytes() == before
+
+
+def test_files_a_run_names_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    (tmp_path / "here").mkdir()
+    np.savez(
+        tmp_path / "here" / "data.npz",
+        x=rng.normal(size=(96, 16)).astype(np.float32),
+        y=rng.integers(0, 3, 96),
+    )
+    monkeypatch.chdir(tmp_path / "here")
+    train(config(tmp_path, data="data.npz", max_steps=8))
+    saved = load_config(tmp_path / "run")
+    assert saved.data == str(tmp_path / "here" / "data.npz")
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    assert train(saved, resume_dir=tmp_path / "run").finished
+
+
+def test_a_run_is_trained_by_one_process_at_a_time(tmp_path):
+    from eigensam.training import _write_config
+    from hessian_cli.storage.files import held
+
+    run = _stopped_run(tmp_path)
+    with held(run / "config.json", "held by the test"):  # as a second process would
+        with pytest.raises(UserError, match="being trained by another process"):
+            train(load_config(run), resume_dir=run)
+    # Two new runs that both found --out free: the second to write its config gives way.
+    with pytest.raises(UserError, match="another run started in .* meanwhile"):
+        _write_config(run, load_config(run))
+    assert train(load_config(run), resume_dir=run).finished
+
+
+def test_a_resume_keeps_what_it_does_not_write_in_the_metrics(tmp_path):
+    run = _stopped_run(tmp_path)
+    with h5py.File(run / "metrics.h5", "a") as f:
+        f.create_group("mine").create_dataset("step", data=np.arange(3))
+        f.attrs["note"] = "kept"
+    train(load_config(run), resume_dir=run)
+    with h5py.File(run / "metrics.h5") as f:
+        assert f.attrs["note"] == "kept" and list(f["mine/step"][()]) == [0, 1, 2]
+        assert len(f["steps/step"]) == 18
+        # A column of its own groups that it does not know is refused, not dropped.
+        f.close()
+    with h5py.File(run / "metrics.h5", "a") as f:
+        f["steps"].create_dataset("grad_norm", data=np.ones(18))
+    (run / "checkpoints" / "final.pt").unlink()
+    with pytest.raises(UserError, match=r"columns this version does not write \(steps/grad_norm\)"):
+        train(load_config(run), resume_dir=run)
+
+
+def test_a_resume_refuses_metrics_that_stop_short_of_the_checkpoint(tmp_path):
+    run = _stopped_run(tmp_path)
+    with h5py.File(run / "metrics.h5", "a") as f:  # as a crash between the two writes left it
+        for name in list(f["steps"]):
+            values = f["steps"][name][()]
+            del f["steps"][name]
+            f["steps"].create_dataset(name, data=values[:6], maxshape=(None,))
+    with pytest.raises(UserError, match="records 6 steps, but its checkpoint is at step 8"):
+        train(load_config(run), resume_dir=run)
+    (run / "metrics.h5").unlink()
+    with pytest.raises(UserError, match="metrics.h5 is missing"):
+        train(load_config(run), resume_dir=run)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda raw: raw["training"].pop("step"),
+        lambda raw: raw["training"].update(batch=99),
+        lambda raw: raw.update(data_order=torch.zeros(3, dtype=torch.uint8)),
+        lambda raw: raw["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+    ],
+    ids=["no-step", "batch-out-of-range", "data-order", "rng"],
+)
+def test_a_checkpoint_with_a_damaged_training_state_is_one_sentence(tmp_path, edit):
+    run = _stopped_run(tmp_path)
+    _edit_checkpoint(run / "checkpoints" / "step0000008.pt", edit)
+    with pytest.raises(UserError, match="is damaged"):
+        train(load_config(run), resume_dir=run)
+    assert not (run / "checkpoints" / "final.pt").exists()

@@ -14,6 +14,7 @@ from hessian_cli.specs.data import (
     BUILTIN_DATA,
     DataSource,
     analysis_batches,
+    anchored_data,
     check_finite,
     check_labels,
     load_data,
@@ -21,7 +22,7 @@ from hessian_cli.specs.data import (
 from hessian_cli.specs.fit import check_fits
 from hessian_cli.specs.losses import BUILTIN_LOSSES, default_loss, get_loss
 from hessian_cli.specs.models import BUILTIN_MODELS, build_model
-from hessian_cli.specs.user_code import load_object
+from hessian_cli.specs.user_code import anchored, load_object
 
 __all__ = [
     "BUILTIN_DATA",
@@ -32,6 +33,8 @@ __all__ = [
     "DataSource",
     "LoadedCheckpoint",
     "analysis_batches",
+    "anchored",
+    "anchored_data",
     "apply_weights",
     "build_model",
     "check_finite",

@@ -18,7 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from hessian_cli.errors import UserError, first_line
-from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
+from hessian_cli.specs.user_code import (
+    USER_CODE_FORMS,
+    anchored,
+    call_user,
+    load_object,
+    split_user_spec,
+)
 
 TENSOR_FILE_SUFFIXES: tuple[str, ...] = (".npz", ".pt", ".pth", ".h5", ".hdf5")
 DIGITS_TRAIN_SIZE = 1300
@@ -81,6 +87,14 @@ def load_data(
         f"synthetic-regression:D[:outputs[:count]], {', '.join(_VISION)} (with --data-root), "
         f"a .npz/.pt/.h5 file holding x and y, or user code as {USER_CODE_FORMS}."
     )
+
+
+def anchored_data(spec: str) -> str:
+    """``spec`` with the file it names made absolute (a tensor file, or user code as
+    :func:`anchored` does), so that it means the same data from any working directory."""
+    if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
+        return str(Path(spec).expanduser().resolve())
+    return anchored(spec)
 
 
 # ----------------------------------------------------------------------------- built-ins

@@ -34,6 +34,15 @@ def is_file_spec(where: str) -> bool:
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
+def anchored(spec: str) -> str:
+    """``spec`` with the file it names (``path/to/file.py:name``) made absolute, so that a run's
+    config.json and checkpoints mean the same code from any working directory."""
+    parts = split_user_spec(spec)
+    if parts is None or not is_file_spec(parts[0]):
+        return spec
+    return f"{Path(parts[0]).expanduser().resolve()}:{parts[1]}"
+
+
 def load_object(spec: str, what: str, *, trusted: bool = True) -> Any:
     """Return the object that ``spec`` names; ``what`` ("model factory", ...) words the errors.
 

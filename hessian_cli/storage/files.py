@@ -58,12 +58,41 @@ def locked(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_path(path: Path, *, copy_existing: bool = False) -> Iterator[Path]:
+def held(path: Path, busy: str) -> Iterator[None]:
+    """Hold the existing file ``path`` exclusively across processes for the block, or refuse at
+    once with the sentence ``busy`` where another process holds it: a training run, say, which
+    two processes would each overwrite. (POSIX only, and where the file system has locks.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy) from None
+        except OSError:
+            pass  # a file system without locks (some network ones): nothing to hold
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+@contextmanager
+def atomic_path(
+    path: Path, *, copy_existing: bool = False, exclusive: bool = False
+) -> Iterator[Path]:
     """A temporary path next to ``path`` that replaces it only if the block finishes.
 
     Readers never see a half-written file and a failure leaves the original (and no temporary
     file) behind. With ``copy_existing`` the temporary file starts as a copy of ``path``, so an
-    append edits the copy, never the original.
+    append edits the copy, never the original. With ``exclusive`` it never replaces a file: if
+    ``path`` exists by then (another process made it meanwhile), ``FileExistsError`` is raised.
     """
     parent = path.parent
     if not parent.is_dir():
@@ -81,13 +110,32 @@ def atomic_path(path: Path, *, copy_existing: bool = False) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _link(tmp: Path, path: Path) -> None:
+    """Give ``tmp``'s file the name ``path`` only if no file has it (a hard link, which fails
+    on an existing name, where a rename would replace it), then drop the name ``tmp``."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: a rename, no longer exclusive
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def open_hdf5(path: Path) -> h5py.File:

@@ -84,6 +84,9 @@ class TrainConfig:
                 math.isfinite(value) and value >= 0, f"{flag(name)} must be a number of at least 0"
             )
         require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        require(0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1")  # torch's range
+        for name in ("lr", "rho", "alpha", "weight_decay"):
+            require(getattr(self, name) <= FLOAT32_MAX, f"{flag(name)} is too large for float32")
 
     def _check_types(self) -> None:
         """Each field of the type it is declared with (a library caller or an edited
@@ -107,6 +110,7 @@ class TrainConfig:
 
 
 RUNTIME_FIELDS = ("out", "max_steps", "device", "download")
+FLOAT32_MAX = 3.4028234663852886e38  # the weights' type: a larger factor cannot multiply them
 _KIND_WORDS = {
     int: "a whole number",
     float: "a number",

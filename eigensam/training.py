@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,7 @@ from hessian_cli.engine import distributed
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import dot, norms
 from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
-from hessian_cli.errors import UserError
+from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
     analysis_batches,
     anchored,
@@ -74,6 +75,7 @@ from hessian_cli.specs import (
     load_data,
     save_checkpoint,
 )
+from hessian_cli.specs.checkpoints import TRUST_FLAG
 from hessian_cli.storage.files import atomic_path, held
 
 CHECKPOINT_DIR = "checkpoints"
@@ -111,6 +113,8 @@ def train(
             if resume_dir is not None:
                 run_dir = Path(resume_dir)
                 _check_same_run(config, load_config(run_dir).identity(), "saved configuration")
+                if distributed.world()[0] == 0:  # the one that writes
+                    _check_writable(run_dir)
             else:
                 if not config.out:
                     raise UserError("say where the run goes with --out RUN_DIR.")
@@ -126,6 +130,20 @@ def train(
                 busy = f"the run in {str(run_dir)!r} is being trained by another process."
                 stack.enter_context(held(run_dir / CONFIG_FILE, busy))
         return run.train(progress, should_stop)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """A resume writes metrics and checkpoints: find out before the training, not after it."""
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        if not folder.is_dir():
+            continue
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise UserError(
+                f"cannot write in {str(folder)!r} ({(exc.strerror or str(exc)).lower()}), so "
+                "the run cannot be continued there."
+            ) from exc
 
 
 def _anchored(config: TrainConfig) -> TrainConfig:
@@ -178,15 +196,32 @@ def _check_new_run_dir(run_dir: Path) -> None:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """``final.pt`` if the run finished, else the interruption/periodic one of the highest step."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    if (folder / FINAL_CHECKPOINT).is_file():
-        return folder / FINAL_CHECKPOINT
-    found = [
+    found = _checkpoints(Path(run_dir))
+    return found[-1] if found else None
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints in step order, ``final.pt`` last."""
+    folder = run_dir / CHECKPOINT_DIR
+    found = sorted(
         (int(m.group(1)), p)
         for p in (folder.iterdir() if folder.is_dir() else [])
         if (m := _STEP_CHECKPOINT.fullmatch(p.name)) and p.is_file()
-    ]
-    return max(found)[1] if found else None
+    )
+    final = [folder / FINAL_CHECKPOINT] if (folder / FINAL_CHECKPOINT).is_file() else []
+    return [p for _, p in found] + final
+
+
+def _unusable(path: Path, exc: UserError) -> str:
+    """Why the checkpoint a resume starts from cannot be read, and the one before it."""
+    reason = str(exc).rstrip(".")
+    if TRUST_FLAG in reason:  # train writes none that needs it: not this run's own
+        reason = f"checkpoint {str(path)!r} holds code that loading it would run, so it was refused"
+    found = _checkpoints(path.parent.parent)
+    earlier = found[found.index(path) - 1] if path in found and found.index(path) > 0 else None
+    if earlier is None:
+        return f"{reason}."
+    return f"{reason}; move it aside to resume from the one before it, {earlier.name}."
 
 
 class _Diverged(Exception):
@@ -278,7 +313,10 @@ class _Run:
 
     def _restore(self, path: Path) -> torch.Tensor:
         """Load a checkpoint of this run; return the data-order state it saved."""
-        ckpt = load_checkpoint(path)
+        try:
+            ckpt = load_checkpoint(path)
+        except UserError as exc:
+            raise UserError(_unusable(path, exc)) from exc
         raw = ckpt.raw
         if not all(k in raw for k in ("optimizer", "rng", "data_order", "training")):
             raise UserError(f"{str(path)!r} is not a resumable training checkpoint.")
@@ -425,17 +463,24 @@ class _Run:
             return self._finish(summary, start_step, step_seconds)
         except _Diverged:
             self._flush()
+            kept = latest_checkpoint(self.run_dir)
+            before = (
+                f"the last checkpoint, {kept}, holds weights before it"
+                if kept
+                else ("no checkpoint was written")
+            )
             raise UserError(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
-                f"the weights became NaN or infinite; stopped, {self._kept()}: try a lower --lr "
-                "or --rho."
+                f"the weights became NaN or infinite; stopped ({before}). A resume would "
+                "diverge again: start a new run with a lower --lr or --rho."
             ) from None
         except torch.cuda.OutOfMemoryError as exc:
             # The weights may be mid-step (perturbed): nothing is saved from them.
             self._flush()
             raise UserError(
                 f"CUDA ran out of memory at step {self.step} (epoch {self.epoch + 1}); stopped, "
-                f"{self._kept()}: try a smaller --batch-size."
+                f"{self._kept(' once more memory is free')}, or start a new run with a smaller "
+                "--batch-size."
             ) from exc
         except BaseException:
             # Whatever stopped the run (a rank lost, SIGTERM, a second Ctrl-C), the rows of the
@@ -443,12 +488,12 @@ class _Run:
             self._flush()
             raise
 
-    def _kept(self) -> str:
-        """Where a stopped run can be continued from, as the error says it."""
+    def _kept(self, when: str = "") -> str:
+        """Where a stopped run can be continued from (and ``when``), as the error says it."""
         kept = latest_checkpoint(self.run_dir)
         if kept is None:
             return "no checkpoint was written"
-        return f"the last checkpoint is {kept} (continue with --resume {self.run_dir})"
+        return f"the last checkpoint is {kept} (continue with --resume {self.run_dir}{when})"
 
     def _flush(self) -> None:
         if self.lead:
@@ -504,7 +549,10 @@ class _Run:
         loss.backward()
         self._average_gradients(len(y), count)
         if isinstance(opt, EigenSAM) and self.step % self.config.eig_every == 0:
-            self._refresh(batch)
+            try:
+                self._refresh(batch)
+            except NotFinite:  # a finite loss whose curvature is not
+                raise _Diverged from None
         if isinstance(opt, SAM):
             opt.first_step(zero_grad=True)
             disable_running_stats(model)  # BatchNorm statistics move on the first pass only
@@ -554,21 +602,24 @@ class _Run:
             self.model, self.loss_fn, [self.track_batch], bn="eval", distributed=False
         )
         init = hint = None
-        if self.track_vector is None:
-            # The first solve has no previous vector; the gradient leans toward v_1, and its
-            # pass builds the kept graph the first product reuses.
-            hint = op.gradient()[1]
-        else:
-            init = self.track_vector.reshape(1, -1)
-        res = eigenpairs(
-            op,
-            1,
-            tol=TRACK_TOL,
-            max_hvps=TRACK_MAX_HVPS,
-            init=init,
-            hint=hint,
-            seed=self.config.seed,
-        )
+        try:  # a loss or curvature that is not finite at finite weights: the run diverged
+            if self.track_vector is None:
+                # The first solve has no previous vector; the gradient leans toward v_1, and its
+                # pass builds the kept graph the first product reuses.
+                hint = op.gradient()[1]
+            else:
+                init = self.track_vector.reshape(1, -1)
+            res = eigenpairs(
+                op,
+                1,
+                tol=TRACK_TOL,
+                max_hvps=TRACK_MAX_HVPS,
+                init=init,
+                hint=hint,
+                seed=self.config.seed,
+            )
+        except NotFinite:
+            raise _Diverged from None
         op.release()
         assert res.eigenvectors is not None
         self.track_vector = res.eigenvectors[0].detach()
@@ -718,9 +769,14 @@ class _Run:
             },
         }
         if self.lead:
-            save_checkpoint(
-                path, state_dict=self.model.state_dict(), metadata=metadata, extra=extra
-            )
+            try:
+                save_checkpoint(
+                    path, state_dict=self.model.state_dict(), metadata=metadata, extra=extra
+                )
+            except UserError as exc:  # a full disk, say: where the run can go on from
+                raise UserError(
+                    f"{str(exc).rstrip('.')}; stopped at step {self.step}, {self._kept()}."
+                ) from exc
         return path
 
 

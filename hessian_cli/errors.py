@@ -5,6 +5,11 @@ class UserError(Exception):
     """Bad input or an environment problem, described in one sentence for the user."""
 
 
+class NotFinite(UserError):
+    """The loss or its derivatives are NaN or infinite at the weights given: bad input for an
+    analysis, a diverged run for training (which says so in its own words)."""
+
+
 class Terminated(BaseException):
     """The process received SIGTERM (torchrun stopping the job after another rank failed, or a
     scheduler's kill). Raised in the main thread, like KeyboardInterrupt, so that clean-up runs

@@ -254,3 +254,18 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_named_as_such(capsys,
     (out / "config.json").write_text("{}")  # what a run that failed at its first step leaves
     code, _, err = run(capsys, "train", *TINY, "--out", out)
     assert code == 2 and "stopped before its first checkpoint" in error_sentence(err)
+
+
+def test_a_second_ctrl_c_says_what_was_kept(capsys, tmp_path, monkeypatch, finished_run):
+    """The second Ctrl-C interrupts at once (KeyboardInterrupt): one line, status 130."""
+    import eigensam.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eigensam.training, "train", interrupted)
+    code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "new")
+    assert code == 130 and "Traceback" not in err
+    assert "stopped at once by a second Ctrl-C" in err and "no checkpoint was written" in err
+    code, _, err = run(capsys, "train", "--resume", finished_run)
+    assert code == 130 and f"--resume {finished_run} continues from" in " ".join(err.split())

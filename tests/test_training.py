@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -445,3 +447,83 @@ def test_a_checkpoint_with_a_damaged_training_state_is_one_sentence(tmp_path, ed
     with pytest.raises(UserError, match="is damaged"):
         train(load_config(run), resume_dir=run)
     assert not (run / "checkpoints" / "final.pt").exists()
+
+
+def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_path):
+    single = {"data": "synthetic-regression:16:1:96", "loss": "ce"}  # softmax over one class
+    for overrides, message in (
+        (single, "cross-entropy over a single output is 0 whatever the weights"),
+        ({"seed": 10**23}, "--seed must be between 0 and 2\\*\\*63 - 1"),
+        ({"lr": 1e39}, "--lr is too large for float32"),
+    ):
+        with pytest.raises(UserError, match=message):
+            train(config(tmp_path, **overrides))
+        assert not (tmp_path / "run").exists()
+
+
+def test_divergence_seen_by_tracking_is_named_as_divergence(tmp_path):
+    """Finite weights (about 1e36) whose loss is not: the held-out batch's Hessian sees it."""
+    cfg = config(tmp_path, optimizer="sgd", lr=1e37, momentum=0.0, weight_decay=0.0)
+    cfg.track_every = 1
+    with pytest.raises(UserError, match="training diverged at step") as err:
+        train(cfg)
+    assert "A resume would diverge again: start a new run with a lower --lr" in str(err.value)
+
+
+def test_checkpoints_are_created_as_the_umask_says(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        train(config(tmp_path, max_steps=2))
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "run" / "checkpoints" / "step0000002.pt").stat().st_mode & 0o777
+    assert mode == 0o644  # readable by whoever may read the metrics (mkstemp made 0o600)
+
+
+def test_a_checkpoint_that_cannot_be_written_says_where_the_run_can_go_on(tmp_path, monkeypatch):
+    from hessian_cli.specs import checkpoints
+
+    run = _stopped_run(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 141184")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    with pytest.raises(UserError, match="no space left on device; stopped at step 12") as err:
+        train(load_config(run), resume_dir=run)
+    assert "the last checkpoint is" in str(err.value) and "step0000008.pt" in str(err.value)
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_an_unreadable_latest_checkpoint_names_the_one_before_it(tmp_path):
+    run = _stopped_run(tmp_path)  # checkpoints at steps 6 (epoch 1) and 8
+    latest = run / "checkpoints" / "step0000008.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(
+        UserError, match="move it aside to resume from the one before it, step0000006"
+    ):
+        train(load_config(run), resume_dir=run)
+    torch.save({"x": _Hostile()}, latest)
+    with pytest.raises(UserError, match="holds code that loading it would run, so it was refused"):
+        train(load_config(run), resume_dir=run)
+
+
+def test_a_resume_where_nothing_can_be_written_stops_before_training(tmp_path, monkeypatch):
+    from eigensam import training as training_module
+
+    run = _stopped_run(tmp_path)
+
+    def read_only(dir=None):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(training_module.tempfile, "TemporaryFile", read_only)
+    before = (run / "metrics.h5").read_bytes()
+    with pytest.raises(UserError, match="cannot write in .*read-only file system"):
+        train(load_config(run), resume_dir=run)
+    assert (run / "metrics.h5").read_bytes() == before
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("true",))

@@ -171,20 +171,35 @@ def train_command(
         config = TrainConfig(**set_options, out=str(out))
     config.max_steps, config.device, config.download = max_steps, device, download
     # The loop (torch) is imported here, not at the top: --help stays instant.
-    from eigensam.training import train
+    from eigensam.training import latest_checkpoint, train
     from hessian_cli.engine.distributed import world
 
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = _Display(console, config, quiet or not lead)
-    with _ctrl_c() as stop, display:
-        summary = train(
-            config,
-            resume_dir=resume,
-            progress=display,
-            should_stop=stop,
-            command_line=command_line(),
-        )
+    try:
+        with _ctrl_c() as stop, display:
+            summary = train(
+                config,
+                resume_dir=resume,
+                progress=display,
+                should_stop=stop,
+                command_line=command_line(),
+            )
+    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last
+        if lead:
+            run_dir = Path(resume if resume is not None else config.out)
+            kept = latest_checkpoint(run_dir)
+            then = (
+                f"--resume {run_dir} continues from {kept}" if kept else "no checkpoint was written"
+            )
+            Console(stderr=True).print(
+                f"stopped at once by a second Ctrl-C: the metrics of the steps done are written, "
+                f"the steps since the last checkpoint are not; {then}.",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if lead:
         _report(console, summary, quiet, resumed=resume is not None)
     elif summary.interrupted:

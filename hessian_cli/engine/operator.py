@@ -21,7 +21,7 @@ from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
-from hessian_cli.errors import UserError
+from hessian_cli.errors import NotFinite, UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -209,7 +209,7 @@ class HessianOperator:
         if loss.ndim != 0:
             raise UserError("The loss function must return a scalar (mean over the batch).")
         if not torch.isfinite(loss):
-            raise UserError(
+            raise NotFinite(
                 "The loss is not finite (NaN or inf) on the analysed data: "
                 "check the checkpoint's weights and the data."
             )
@@ -334,7 +334,7 @@ class HessianOperator:
         if self.distributed:
             dist_utils.all_reduce_sum(out)
         if not bool(torch.isfinite(out).all()):  # the solvers would fail later, less clearly
-            raise UserError(
+            raise NotFinite(
                 "The Hessian-vector products are not finite (NaN or inf): the loss's second "
                 "derivatives are undefined or infinite at these weights."
             )

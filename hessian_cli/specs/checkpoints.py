@@ -6,13 +6,14 @@ with ``weights_only=True`` and safetensors files hold nothing but tensors.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import pickle
 import re
-import tempfile
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from hessian_cli.errors import UserError, first_line
+from hessian_cli.storage.files import atomic_path
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -281,28 +283,32 @@ def save_checkpoint(
         if clash:
             raise ValueError(f"extra may not use the reserved key(s) {clash}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if path.suffix.lower() == ".safetensors":
-                if extra:
-                    raise ValueError("a .safetensors checkpoint cannot hold `extra` objects")
-                _write_safetensors(fh, state, metadata)
-            else:
-                payload = {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": CHECKPOINT_VERSION,
-                    "model": state,
-                    "hessian_cli": dict(metadata),
-                    **(extra or {}),
-                }
+    # atomic_path: readers never see half a file, and it is created as the umask says (a
+    # shared run directory's checkpoints are readable by whoever may read its metrics).
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        if path.suffix.lower() == ".safetensors":
+            if extra:
+                raise ValueError("a .safetensors checkpoint cannot hold `extra` objects")
+            _write_safetensors(fh, state, metadata)
+        else:
+            payload = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "model": state,
+                "hessian_cli": dict(metadata),
+                **(extra or {}),
+            }
+            try:
                 torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+            except RuntimeError as exc:  # torch's zip writer reports a failed write so
+                raise _write_failure(path, exc) from exc
+
+
+def _write_failure(path: Path, exc: RuntimeError) -> OSError:
+    """What torch's writer means by its own error: most often a full disk."""
+    if shutil.disk_usage(path.parent).free < 64 * 2**20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(f"torch.save failed: {first_line(exc)}")
 
 
 def _write_safetensors(fh: Any, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -43,6 +43,11 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy of logits against class labels (or soft labels)."""
+    if outputs.ndim == 2 and outputs.shape[1] == 1:  # a softmax over one class is 1
+        raise UserError(
+            "cross-entropy over a single output is 0 whatever the weights: use --loss mse for "
+            "one real-valued target, or a model with one output per class."
+        )
     return F.cross_entropy(outputs, targets)
 
 

@@ -323,7 +323,15 @@ class _Run:
         # config.json may have been edited since: the checkpoint says how its run was configured.
         recorded = ckpt.metadata.get("config")
         if recorded is not None:
-            _check_same_run(self.config, json.loads(recorded), f"configuration {path.name} records")
+            try:
+                recorded = json.loads(recorded)
+            except (ValueError, TypeError):
+                recorded = None
+            if not isinstance(recorded, dict):
+                raise UserError(
+                    f"{str(path)!r} is damaged: its recorded configuration is not JSON."
+                )
+            _check_same_run(self.config, recorded, f"configuration {path.name} records")
         self._check_same_course(raw, path)
         apply_weights(self.model, ckpt.state_dict)
         try:

@@ -438,8 +438,9 @@ def test_a_resume_refuses_metrics_that_stop_short_of_the_checkpoint(tmp_path):
         lambda raw: raw["training"].update(batch=99),
         lambda raw: raw.update(data_order=torch.zeros(3, dtype=torch.uint8)),
         lambda raw: raw["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+        lambda raw: raw["hessian_cli"].update(config="not json"),
     ],
-    ids=["no-step", "batch-out-of-range", "data-order", "rng"],
+    ids=["no-step", "batch-out-of-range", "data-order", "rng", "config"],
 )
 def test_a_checkpoint_with_a_damaged_training_state_is_one_sentence(tmp_path, edit):
     run = _stopped_run(tmp_path)

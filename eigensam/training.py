@@ -673,6 +673,8 @@ class _Run:
     def _end_epoch(self) -> EpochDone:
         sums = self.epoch_sums
         test_loss, test_acc = self._evaluate()
+        if self.test_batches and not math.isfinite(test_loss):  # finite weights, say 1e36
+            raise _Diverged
         self.epoch += 1
         self.batch = 0
         self.metrics.append(

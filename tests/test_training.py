@@ -471,6 +471,17 @@ def test_divergence_seen_by_tracking_is_named_as_divergence(tmp_path):
     assert "A resume would diverge again: start a new run with a lower --lr" in str(err.value)
 
 
+def test_divergence_seen_by_the_test_split_is_named_as_divergence(tmp_path):
+    """The last update of an epoch can leave finite weights whose loss is not; only the test
+    split sees them before the checkpoint."""
+    cfg = config(tmp_path, optimizer="sgd", lr=8e36, momentum=0.0, weight_decay=0.0, epochs=1)
+    cfg.data, cfg.batch_size, cfg.track_every = "digits", 2048, 0  # one step, then the test split
+    cfg.model_kwargs = {"hidden": [64]}
+    with pytest.raises(UserError, match="training diverged at step 1 "):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints" / "final.pt").exists()
+
+
 def test_checkpoints_are_created_as_the_umask_says(tmp_path):
     previous = os.umask(0o022)
     try:

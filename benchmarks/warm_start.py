@@ -52,7 +52,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument("--which", choices=("largest", "smallest", "both"), default="largest")
     args = parser.parse_args()
+    ks = [int(x) for x in args.k.split(",")]
+    reach = max(ks) + 10  # the float32 reference's pairs at each end
     dtype = getattr(torch, args.dtype)
     saved, batch = series(args.steps, args.every, dtype)
     ops, truth = [], []
@@ -62,8 +65,9 @@ def main() -> None:
         op = HessianOperator(model, F.cross_entropy, batch)
         if dtype == torch.float64:
             values = dense_eigh(dense_hessian(model, F.cross_entropy, batch, op.space))[0]
+            values = torch.cat([values[:reach], values.flip(0)[:reach]])
         else:
-            values = eigenpairs(op, 30, tol=1e-7, max_hvps=5000).eigenvalues
+            values = eigenpairs(op, reach, which="both", tol=1e-7, max_hvps=9000).eigenvalues
         model.zero_grad()
         F.cross_entropy(model(batch[0][0]), batch[0][1]).backward()
         gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -71,20 +75,26 @@ def main() -> None:
         truth.append(values)
     print(
         f"# digits MLP, {len(saved)} checkpoints (every {args.every} SGD steps), "
-        f"{args.dtype}, torch {torch.__version__}"
+        f"{args.dtype}, {args.which}, torch {torch.__version__}"
     )
     print("\n| k | tol | cold HVPs | warm HVPs | warm / cold | off (cold, warm) |")
     print("|---|---|---|---|---|---|")
-    for k in (int(x) for x in args.k.split(",")):
+    hint_too = args.which != "smallest"  # as analyze: the gradient leans toward the largest
+    for k in ks:
         for tol in (float(x) for x in args.tol.split(",")):
             hvps, off = {}, {}
             for start in ("cold", "warm"):
                 hvps[start] = off[start] = 0
                 vectors = None
                 for i, (op, gradient) in enumerate(ops):
-                    res = eigenpairs(op, k, tol=tol, init=vectors, hint=gradient, seed=i)
+                    hint = gradient if hint_too else None
+                    res = eigenpairs(
+                        op, k, which=args.which, tol=tol, init=vectors, hint=hint, seed=i
+                    )
                     vectors = res.eigenvectors if start == "warm" else None
-                    exact = truth[i][:k].to(res.eigenvalues)
+                    top, low = truth[i][:k], truth[i][reach : reach + k]
+                    exact = {"largest": top, "smallest": low, "both": torch.cat([top, low])}
+                    exact = exact[args.which].to(res.eigenvalues)
                     error = (res.eigenvalues - exact).abs() / exact.abs().max()
                     hvps[start] += res.hvps
                     off[start] += int((error > 1e-3).sum())

@@ -146,7 +146,7 @@ def analyze_target(
                 "before it were analysed and are kept).",
                 results,
             ) from exc
-        if result.eigen is not None and request.which == "largest":
+        if result.eigen is not None:
             init = result.eigen.eigenvectors  # warm start the next checkpoint of the series
         results.append(result)
     return results

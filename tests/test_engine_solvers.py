@@ -142,6 +142,27 @@ def test_a_warm_start_of_many_rows_costs_less_than_a_cold_one(k):
     torch.testing.assert_close(warm.eigenvalues, expected, rtol=0, atol=1e-5)
 
 
+def test_a_warm_start_of_both_ends_starts_each_from_its_own_rows():
+    n, k, g = 300, 5, torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    ends = torch.logspace(1, -3, n // 2, dtype=torch.float64)
+    before = (U * torch.cat([ends, -ends])) @ U.T
+    E = torch.randn(n, n, generator=g, dtype=torch.float64) * 1e-3
+    after = before + E + E.T
+    vectors = torch.linalg.eigh(before).eigenvectors.T
+    last = torch.cat([vectors.flip(0)[:k], vectors[:k]])  # as a "both" result holds them
+    cold = eigenpairs(MatrixOperator(after), k, which="both", tol=1e-6)
+    warm = eigenpairs(MatrixOperator(after), k, which="both", tol=1e-6, init=last)
+    assert warm.all_converged and warm.hvps < cold.hvps
+    # Each end takes its own rows (before, the top took all of them and the bottom none).
+    top = eigenpairs(MatrixOperator(after), k, tol=1e-6, init=last[:k], seed=0)
+    low = eigenpairs(MatrixOperator(after), k, which="smallest", tol=1e-6, init=last[k:], seed=1)
+    assert warm.hvps == top.hvps + low.hvps
+    values = torch.linalg.eigvalsh(after)
+    expected = torch.cat([values.flip(0)[:k], values[:k]])
+    torch.testing.assert_close(warm.eigenvalues, expected, rtol=0, atol=1e-5)
+
+
 def test_warm_start_rows_beyond_the_block_are_folded_into_it():
     rows = torch.eye(5, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None]
     folded = es._warm_rows(rows, 5, 2)  # unit rows 0, 2, 4 and 1, 3, summed

@@ -117,7 +117,8 @@ def eigenpairs(
 
     ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint); rows
     that are zero or not finite are left out, and more rows than the block are folded into it
-    (:func:`_warm_rows`). A warm start has at least one guard pair (the
+    (:func:`_warm_rows`); with ``which="both"`` the first ``k`` rows start the largest and the
+    rest the smallest, as a previous result of that kind holds them. A warm start has at least one guard pair (the
     scout, held to ``sqrt(tol)``): rows that are eigenvectors converge at once, and without it
     the space would never grow past them to a direction that has since become one of the k.
     ``hint`` is a direction the wanted eigenvectors are expected to lean toward, such as the
@@ -164,7 +165,7 @@ def eigenpairs(
             guard=guard,
             max_basis=max_basis,
             max_hvps=None if max_hvps is None else max_hvps - max_hvps // 2,
-            init=init,
+            init=None if init is None else init.reshape(-1, op.n)[:k],
             hint=hint,
             seed=seed,
             return_vectors=return_vectors,
@@ -181,6 +182,7 @@ def eigenpairs(
             guard=guard,
             max_basis=max_basis,
             max_hvps=None if max_hvps is None else max(k, max_hvps - top.hvps),
+            init=None if init is None else init.reshape(-1, op.n)[k:],
             seed=seed + 1,
             return_vectors=return_vectors,
             verify=verify,

@@ -84,7 +84,8 @@ class TrainConfig:
                 math.isfinite(value) and value >= 0, f"{flag(name)} must be a number of at least 0"
             )
         require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
-        require(0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1")  # torch's range
+        # What torch's generators take.
+        require(-(2**63) <= self.seed < 2**64, "--seed must be between -2**63 and 2**64 - 1")
         for name in ("lr", "rho", "alpha", "weight_decay"):
             require(getattr(self, name) <= FLOAT32_MAX, f"{flag(name)} is too large for float32")
 

@@ -61,6 +61,7 @@ from hessian_cli.engine.linalg import dot, norms
 from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
+    absolute,
     analysis_batches,
     anchored,
     anchored_data,
@@ -112,7 +113,10 @@ def train(
             config.validate()
             if resume_dir is not None:
                 run_dir = Path(resume_dir)
-                _check_same_run(config, load_config(run_dir).identity(), "saved configuration")
+                saved = load_config(run_dir)
+                _check_same_run(config, saved.identity(), "saved configuration")
+                # The files as config.json names them (which its checkpoints record too).
+                config = dataclasses.replace(config, **{k: getattr(saved, k) for k in _FILES})
                 if distributed.world()[0] == 0:  # the one that writes
                     _check_writable(run_dir)
             else:
@@ -146,22 +150,32 @@ def _check_writable(run_dir: Path) -> None:
             ) from exc
 
 
+# The configuration fields that may name files.
+_FILES = ("model", "data", "loss", "data_root")
+
+
 def _anchored(config: TrainConfig) -> TrainConfig:
     """The configuration with the files it names made absolute: config.json and checkpoints
     then mean the same files from any working directory (a resume, an analysis)."""
-    root = config.data_root and str(Path(config.data_root).expanduser().resolve())
-    return dataclasses.replace(
-        config,
-        model=anchored(config.model),
-        data=anchored_data(config.data),
-        loss=config.loss and anchored(config.loss),
-        data_root=root,
-    )
+    return dataclasses.replace(config, **_anchored_fields(dataclasses.asdict(config), only=True))
+
+
+def _anchored_fields(fields: dict[str, Any], *, only: bool = False) -> dict[str, Any]:
+    """``fields`` (of a configuration) with the files they name made absolute; ``only``: just
+    those four fields."""
+    anchors = dict(zip(_FILES, (anchored, anchored_data, anchored, absolute), strict=True))
+    new = {
+        k: f(fields[k]) if isinstance(fields.get(k), str) else fields.get(k)
+        for k, f in anchors.items()
+    }
+    return new if only else {**fields, **new}
 
 
 def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> None:
     """Refuse to resume with a configuration other than ``saved`` (the one ``where`` holds)."""
     mine = json.loads(json.dumps(config.identity()))  # as JSON has it: tuples become lists
+    # A file named relative to where the run began is the same file named absolutely.
+    mine, saved = _anchored_fields(mine), _anchored_fields(saved)
     differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if differ:
         raise UserError(
@@ -304,6 +318,9 @@ class _Run:
         does not fit the data, or an unusable loss, is reported before anything is written."""
         if isinstance(self.data.train, TensorDataset):
             check_finite(self.data.train.tensors[:2], "training data's")
+        for batch in self.test_batches:  # a test loss that is not finite then means divergence
+            check_finite(batch, "test data's")
+        check_finite(self.track_batch, "held-out data's")
         if self.classify:
             if isinstance(self.data.train, TensorDataset):
                 check_labels([tuple(self.data.train.tensors[:2])], self.data.num_classes)

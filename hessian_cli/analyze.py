@@ -34,6 +34,7 @@ from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
     LoadedCheckpoint,
     analysis_batches,
+    anchored,
     apply_weights,
     build_model,
     check_fits,
@@ -256,7 +257,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     data_spec = _spec(request.data, meta, "data", "data", "--data")
     kwargs = request.model_kwargs
     # The recorded arguments belong to the recorded model, also where --model names it again.
-    if kwargs is None and model_spec == meta.get("model") and meta.get("model_kwargs"):
+    same = isinstance(meta.get("model"), str) and anchored(model_spec) == anchored(meta["model"])
+    if kwargs is None and same and meta.get("model_kwargs"):
         kwargs = _recorded_kwargs(meta["model_kwargs"])
     device = resolve_device(request.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]

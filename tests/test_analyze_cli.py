@@ -86,6 +86,26 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert code == 0 and "Eigenvalues" in out and "converged" in out
 
 
+def test_a_recorded_user_model_named_relatively_keeps_its_arguments(capsys, tmp_path, monkeypatch):
+    """train records user code by its absolute path; naming it as it was trained is the same."""
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "def make(width=4, **kwargs):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width),\n"
+        "                               torch.nn.Tanh(), torch.nn.Linear(width, 10))\n"
+    )
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 5), torch.nn.Tanh(), torch.nn.Linear(5, 10)
+    )
+    meta = {"model": f"{tmp_path}/mymodel.py:make", "model_kwargs": '{"width": 5}'}
+    save_checkpoint(
+        tmp_path / "c.pt", state_dict=model.state_dict(), metadata=meta | {"data": "digits"}
+    )
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "analyze", "c.pt", "--model", "mymodel.py:make", "--top-k", "1")
+    assert code == 0, err
+
+
 def test_a_guard_of_pairs_beyond_top_k_is_reported(capsys, digits_mlp):
     code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "20", "--json")
     eigen = json.loads(out)["eigen"]

@@ -163,6 +163,20 @@ def test_a_warm_start_of_both_ends_starts_each_from_its_own_rows():
     torch.testing.assert_close(warm.eigenvalues, expected, rtol=0, atol=1e-5)
 
 
+def test_a_warm_start_keeps_a_repeated_eigenvalue_given_a_block_as_large():
+    """Folded into one vector, three copies of an eigenvalue start a Krylov space that holds
+    one (the known limit of a block of 1, warm or cold); a block of 3 gets each its own."""
+    n, g = 200, torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.linspace(-3, 10, n, dtype=torch.float64)
+    spectrum[-3:] = 10.0
+    H = (U * spectrum) @ U.T
+    last = torch.linalg.eigh(H).eigenvectors.flip(1).T[:6]
+    res = eigenpairs(MatrixOperator(H), 4, tol=1e-6, init=last, block_size=3)
+    expected = torch.tensor([10.0, 10, 10, spectrum[-4]], dtype=torch.float64)
+    torch.testing.assert_close(res.eigenvalues, expected, rtol=0, atol=1e-6)
+
+
 def test_warm_start_rows_beyond_the_block_are_folded_into_it():
     rows = torch.eye(5, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None]
     folded = es._warm_rows(rows, 5, 2)  # unit rows 0, 2, 4 and 1, 3, summed

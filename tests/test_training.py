@@ -378,9 +378,13 @@ def test_files_a_run_names_are_found_from_any_working_directory(tmp_path, monkey
         y=rng.integers(0, 3, 96),
     )
     monkeypatch.chdir(tmp_path / "here")
-    train(config(tmp_path, data="data.npz", max_steps=8))
+    train(config(tmp_path, data="data.npz", max_steps=4))
     saved = load_config(tmp_path / "run")
     assert saved.data == str(tmp_path / "here" / "data.npz")
+    # The library caller's own configuration, relative path and all, is the same run.
+    assert not train(
+        config(tmp_path, data="data.npz", max_steps=8), resume_dir=tmp_path / "run"
+    ).finished
     monkeypatch.chdir(tmp_path)  # elsewhere
     assert train(saved, resume_dir=tmp_path / "run").finished
 
@@ -454,7 +458,7 @@ def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_p
     single = {"data": "synthetic-regression:16:1:96", "loss": "ce"}  # softmax over one class
     for overrides, message in (
         (single, "cross-entropy over a single output is 0 whatever the weights"),
-        ({"seed": 10**23}, "--seed must be between 0 and 2\\*\\*63 - 1"),
+        ({"seed": 10**23}, "--seed must be between -2\\*\\*63 and 2\\*\\*64 - 1"),
         ({"lr": 1e39}, "--lr is too large for float32"),
     ):
         with pytest.raises(UserError, match=message):
@@ -469,6 +473,17 @@ def test_divergence_seen_by_tracking_is_named_as_divergence(tmp_path):
     with pytest.raises(UserError, match="training diverged at step") as err:
         train(cfg)
     assert "A resume would diverge again: start a new run with a lower --lr" in str(err.value)
+
+
+def test_a_test_split_holding_nan_is_refused_before_the_run_starts(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 16)).astype(np.float32), rng.integers(0, 3, 96)
+    x_test = x[:10].copy()
+    x_test[3, 2] = np.nan
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x_test, y_test=y[:10])
+    with pytest.raises(UserError, match="the test data's inputs hold NaN"):
+        train(config(tmp_path, data=str(tmp_path / "d.npz")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_divergence_seen_by_the_test_split_is_named_as_divergence(tmp_path):

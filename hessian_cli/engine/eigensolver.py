@@ -201,8 +201,9 @@ def eigenpairs(
     start_time, start_hvps = time.perf_counter(), op.hvp_count
     # The solve converges `kg` pairs, the k wanted and a guard beyond them (see default_guard).
     kg = min(op.n, k + (default_guard(k) if guard is None else guard))
-    if init is not None:
-        init = _warm_rows(init, op.n, min(block_size or default_block_size(k), op.n))
+    if init is not None:  # folded into the block the start will have (see b below)
+        block = min(block_size or default_block_size(k), op.n, max_hvps or op.n)
+        init = _warm_rows(init, op.n, block)
     # Each pair's tolerance: `tol`, but a warm start's scout (below) needs only `sqrt(tol)`.
     tols = torch.full((kg,), tol, dtype=torch.float64)
     if init is not None and kg == k < op.n:
@@ -390,7 +391,9 @@ def _warm_rows(init: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
     grew one residual at a time: on a digits-MLP SGD series a warm top-5 took 1.5 times the
     products of a cold one, top-20 at tol 1e-8 2.6 times; the sum takes 2-8% fewer than cold
     (benchmarks/RESULTS.md, twelfth session). The vector of a top-1 stays as it is: Eigen-SAM's
-    refresh continues from it with a budget of a few products.
+    refresh continues from it with a budget of a few products. Consecutive rows go to different
+    vectors, so an eigenvalue repeated up to ``block`` times keeps its copies; more, and the
+    start holds fewer, as a cold start of that block does (see DEFAULT_BLOCK_SIZE).
     """
     rows = init.reshape(-1, n)
     rows = rows[torch.isfinite(rows).all(1) & (rows != 0).any(1)]

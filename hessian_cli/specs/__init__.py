@@ -22,7 +22,7 @@ from hessian_cli.specs.data import (
 from hessian_cli.specs.fit import check_fits
 from hessian_cli.specs.losses import BUILTIN_LOSSES, default_loss, get_loss
 from hessian_cli.specs.models import BUILTIN_MODELS, build_model
-from hessian_cli.specs.user_code import anchored, load_object
+from hessian_cli.specs.user_code import absolute, anchored, load_object
 
 __all__ = [
     "BUILTIN_DATA",
@@ -32,6 +32,7 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "DataSource",
     "LoadedCheckpoint",
+    "absolute",
     "analysis_batches",
     "anchored",
     "anchored_data",

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from hessian_cli.errors import UserError, first_line
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
+    absolute,
     anchored,
     call_user,
     load_object,
@@ -93,7 +94,7 @@ def anchored_data(spec: str) -> str:
     """``spec`` with the file it names made absolute (a tensor file, or user code as
     :func:`anchored` does), so that it means the same data from any working directory."""
     if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
-        return str(Path(spec).expanduser().resolve())
+        return absolute(spec)
     return anchored(spec)
 
 

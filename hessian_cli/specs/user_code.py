@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,19 @@ def is_file_spec(where: str) -> bool:
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
+def absolute(path: str) -> str:
+    """``path`` made absolute as the user wrote it (``~`` expanded, ``..`` folded; symbolic
+    links kept, so that a link re-pointed later is followed then)."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def anchored(spec: str) -> str:
     """``spec`` with the file it names (``path/to/file.py:name``) made absolute, so that a run's
     config.json and checkpoints mean the same code from any working directory."""
     parts = split_user_spec(spec)
     if parts is None or not is_file_spec(parts[0]):
         return spec
-    return f"{Path(parts[0]).expanduser().resolve()}:{parts[1]}"
+    return f"{absolute(parts[0])}:{parts[1]}"
 
 
 def load_object(spec: str, what: str, *, trusted: bool = True) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -67,10 +68,13 @@ def held(path: Path, busy: str) -> Iterator[None]:
     except ImportError:  # Windows
         yield
         return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
+    try:  # for writing where allowed: NFS locks only files open for writing exclusively
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,9 +118,11 @@ def atomic_path(
             _link(tmp, path)
         else:
             os.replace(tmp, path)
-    except FileExistsError:
+    except FileExistsError as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        if exclusive:
+            raise
+        raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
@@ -135,7 +141,8 @@ def _link(tmp: Path, path: Path) -> None:
     except OSError:  # a file system without hard links: a rename, no longer exclusive
         os.replace(tmp, path)
         return
-    tmp.unlink()
+    with contextlib.suppress(OSError):  # the file is in place; a stray name is harmless
+        tmp.unlink()
 
 
 def open_hdf5(path: Path) -> h5py.File:

@@ -489,11 +489,9 @@ class _Run:
         except _Diverged:
             self._flush()
             kept = latest_checkpoint(self.run_dir)
-            before = (
-                f"the last checkpoint, {kept}, holds weights before it"
-                if kept
-                else ("no checkpoint was written")
-            )
+            before = "no checkpoint was written"
+            if kept:
+                before = f"the last checkpoint, {kept}, holds weights before it"
             raise UserError(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "

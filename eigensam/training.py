@@ -58,7 +58,7 @@ from hessian_cli.analyze import resolve_device
 from hessian_cli.engine import distributed
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import dot, norms
-from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
+from hessian_cli.engine.operator import Batch, HessianOperator, LossFn, forward_mode
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
     absolute,
@@ -658,6 +658,14 @@ class _Run:
     def _finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.params)
 
+    @torch.no_grad()
+    def _held_out_loss_finite(self) -> bool:
+        """Whether the held-out batch's loss is finite: finite weights (near 1e36) can make it
+        infinite, and a run without a test split would not see it otherwise."""
+        x, y = (t.to(self.device) for t in self.track_batch)
+        with forward_mode(self.model, "eval"):
+            return bool(torch.isfinite(self.loss_fn(self.model(x), y)))
+
     def _correct(self, out: torch.Tensor, y: torch.Tensor) -> int:
         if not self.classify:
             return 0
@@ -750,7 +758,7 @@ class _Run:
 
     def _save(self, path: Path, order_state: torch.Tensor) -> Path:
         """A self-describing checkpoint at a step boundary, with all a resume needs."""
-        if not self._finite():
+        if not (self._finite() and self._held_out_loss_finite()):
             raise _Diverged
         cfg, data = self.config, self.data
         metadata = {

@@ -495,6 +495,14 @@ def test_divergence_seen_by_the_test_split_is_named_as_divergence(tmp_path):
     with pytest.raises(UserError, match="training diverged at step 1 "):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints" / "final.pt").exists()
+    # Without a test split, the checkpoint's own check on the held-out batch sees it.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(256, 64)), rng.normal(size=(256, 10))
+    np.savez(tmp_path / "r.npz", x=x.astype(np.float32), y=y.astype(np.float32))
+    cfg.data, cfg.out, cfg.lr, cfg.loss = str(tmp_path / "r.npz"), str(tmp_path / "b"), 1e20, "mse"
+    with pytest.raises(UserError, match="training diverged at step 1 "):
+        train(cfg)
+    assert not (tmp_path / "b" / "checkpoints" / "final.pt").exists()
 
 
 def test_checkpoints_are_created_as_the_umask_says(tmp_path):

@@ -118,9 +118,10 @@ def eigenpairs(
     ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint); rows
     that are zero or not finite are left out, and more rows than the block are folded into it
     (:func:`_warm_rows`); with ``which="both"`` the first ``k`` rows start the largest and the
-    rest the smallest, as a previous result of that kind holds them. A warm start has at least one guard pair (the
-    scout, held to ``sqrt(tol)``): rows that are eigenvectors converge at once, and without it
-    the space would never grow past them to a direction that has since become one of the k.
+    rest the smallest, as a previous result of that kind holds them. A warm start has at least
+    one guard pair (the scout, held to ``sqrt(tol)``): rows that are eigenvectors converge at
+    once, and without it the space would never grow past them to a direction that has since
+    become one of the k.
     ``hint`` is a direction the wanted eigenvectors are expected to lean toward, such as the
     loss gradient for the largest ones (it lies mostly in the top eigenspace: Gur-Ari et al.,
     "Gradient Descent Happens in a Tiny Subspace", 2018). It is added with equal weight to the
@@ -389,7 +390,7 @@ def _warm_rows(init: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
     the block are folded into it: start vector ``j`` is the sum of rows ``j, j + block, ...``
     (each of unit length). Taken as they are, the rows made a larger start block, which then
     grew one residual at a time: on a digits-MLP SGD series a warm top-5 took 1.5 times the
-    products of a cold one, top-20 at tol 1e-8 2.6 times; the sum takes 2-8% fewer than cold
+    products of a cold one, top-20 at tol 1e-8 2.6 times; the sum takes 1-7% fewer than cold
     (benchmarks/RESULTS.md, twelfth session). The vector of a top-1 stays as it is: Eigen-SAM's
     refresh continues from it with a budget of a few products. Consecutive rows go to different
     vectors, so an eigenvalue repeated up to ``block`` times keeps its copies; more, and the

@@ -26,6 +26,7 @@ disk) leaves either the previous file or the new one, never a damaged one.
 from __future__ import annotations
 
 import json
+import signal
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
-from hessian_cli.storage.files import atomic_path, file_format
+from hessian_cli.storage.files import atomic_path, file_format, signals_deferred
 from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics
 
 METRICS_VERSION = 1
@@ -144,8 +145,14 @@ class MetricsLog:
             )
 
     def flush(self) -> None:
-        """Rewrite the file atomically with every row so far."""
-        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+        """Rewrite the file atomically with every row so far; SIGTERM or Ctrl-C arriving
+        meanwhile takes effect once the file is in place (a stopped run's rows are written in
+        its unwinding, which torchrun's SIGTERM to the other ranks tends to cut short)."""
+        with (
+            signals_deferred(signal.SIGTERM, signal.SIGINT),
+            atomic_path(self.path) as tmp,
+            h5py.File(tmp, "w") as f,
+        ):
             f.attrs.update(self.foreign_attrs)
             if self.foreign_groups:
                 with h5py.File(self.path, "r") as old:

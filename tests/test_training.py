@@ -562,3 +562,43 @@ def test_a_resume_where_nothing_can_be_written_stops_before_training(tmp_path, m
 class _Hostile:
     def __reduce__(self):
         return (os.system, ("true",))
+
+
+def test_a_sigterm_while_the_metrics_are_written_waits_for_the_file(tmp_path, monkeypatch):
+    """torchrun's SIGTERM to a rank that is writing its rows on the way out (another rank
+    failed) cut the write short and left no metrics.h5; now the file is finished first."""
+    import signal
+
+    from eigensam import metrics as metrics_module
+    from eigensam.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.h5", {"model": "mlp"})
+    for step in range(5):
+        log.append("steps", step=step, loss=1.0, accuracy=0.5, lr=0.1)
+    real_asarray, sent = metrics_module.np.asarray, []
+
+    def asarray(*args, **kwargs):  # the first column being written: the signal arrives
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_asarray(*args, **kwargs)
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    monkeypatch.setattr(metrics_module.np, "asarray", asarray)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(Terminated):
+            log.flush()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert sent and read_metrics(tmp_path / "metrics.h5")["steps"]["step"].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert signal.getsignal(signal.SIGTERM) is previous

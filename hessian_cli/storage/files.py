@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import h5py
 
@@ -56,6 +59,30 @@ def locked(path: Path) -> Iterator[None]:
     finally:
         if fd >= 0:
             os.close(fd)  # and with it the lock
+
+
+@contextmanager
+def signals_deferred(*signums: int) -> Iterator[None]:
+    """Hold back the Python handlers of ``signums`` for the block and run them after it, so
+    that a file being written when one arrives is finished first (the replacement an atomic
+    write would otherwise abandon, taking the rows it held with it). Main thread only, where
+    handlers can be swapped; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, FrameType | None]] = []
+    previous = {s: signal.signal(s, lambda n, frame: caught.append((n, frame))) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s, frame in caught:
+            handler = previous[s]
+            if callable(handler):
+                handler(s, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
 
 
 @contextmanager

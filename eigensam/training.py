@@ -28,9 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,7 +75,7 @@ from hessian_cli.specs import (
     save_checkpoint,
 )
 from hessian_cli.specs.checkpoints import TRUST_FLAG
-from hessian_cli.storage.files import atomic_path, held
+from hessian_cli.storage.files import atomic_path, check_directory_writable, held
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.h5"
@@ -139,15 +137,8 @@ def train(
 def _check_writable(run_dir: Path) -> None:
     """A resume writes metrics and checkpoints: find out before the training, not after it."""
     for folder in (run_dir, run_dir / CHECKPOINT_DIR):
-        if not folder.is_dir():
-            continue
-        try:
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as exc:
-            raise UserError(
-                f"cannot write in {str(folder)!r} ({(exc.strerror or str(exc)).lower()}), so "
-                "the run cannot be continued there."
-            ) from exc
+        if folder.is_dir():
+            check_directory_writable(folder)
 
 
 # The configuration fields that may name files.
@@ -204,8 +195,7 @@ def _check_new_run_dir(run_dir: Path) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise UserError(f"--out {str(run_dir)!r} lies under {str(ancestor)!r}, a file.")
-    if not os.access(ancestor, os.W_OK):
-        raise UserError(f"--out {str(run_dir)!r}: cannot write in {str(ancestor)!r}.")
+    check_directory_writable(ancestor)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

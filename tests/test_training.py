@@ -545,16 +545,16 @@ def test_an_unreadable_latest_checkpoint_names_the_one_before_it(tmp_path):
 
 
 def test_a_resume_where_nothing_can_be_written_stops_before_training(tmp_path, monkeypatch):
-    from eigensam import training as training_module
+    from hessian_cli.storage import files
 
     run = _stopped_run(tmp_path)
 
     def read_only(dir=None):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(training_module.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
     before = (run / "metrics.h5").read_bytes()
-    with pytest.raises(UserError, match="cannot write in .*read-only file system"):
+    with pytest.raises(UserError, match="Cannot write to the directory .*read-only file system"):
         train(load_config(run), resume_dir=run)
     assert (run / "metrics.h5").read_bytes() == before
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -59,6 +60,16 @@ def locked(path: Path) -> Iterator[None]:
     finally:
         if fd >= 0:
             os.close(fd)  # and with it the lock
+
+
+def check_directory_writable(folder: Path) -> None:
+    """Refuse, in one sentence, a directory no file can be made in (before the work whose
+    results it would hold). Tried with a nameless temporary file, which also says why: a
+    read-only file system, permissions, a full disk of inodes."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise UserError(f"Cannot write to the directory {folder}: {_reason(exc)}.") from exc
 
 
 @contextmanager

@@ -9,7 +9,6 @@ optional parts and unknown extra attributes, so files of other versions still re
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -23,7 +22,14 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
-from hessian_cli.storage.files import atomic_path, file_format, locked, open_format, open_hdf5
+from hessian_cli.storage.files import (
+    atomic_path,
+    check_directory_writable,
+    file_format,
+    locked,
+    open_format,
+    open_hdf5,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -104,8 +110,7 @@ def check_writable(path: str | Path) -> None:
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UserError(f"The output directory {path.parent} {what}.")
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"Cannot write to the directory {path.parent}: permission denied.")
+    check_directory_writable(path.parent)
     if path.exists():
         _check_appendable(path)
 

@@ -222,7 +222,8 @@ def _unusable(path: Path, exc: UserError) -> str:
     if TRUST_FLAG in reason:  # train writes none that needs it: not this run's own
         reason = f"checkpoint {str(path)!r} holds code that loading it would run, so it was refused"
     found = _checkpoints(path.parent.parent)
-    earlier = found[found.index(path) - 1] if path in found and found.index(path) > 0 else None
+    at = found.index(path) if path in found else 0
+    earlier = found[at - 1] if at > 0 else None
     if earlier is None:
         return f"{reason}."
     return f"{reason}; move it aside to resume from the one before it, {earlier.name}."
@@ -519,7 +520,8 @@ class _Run:
         return bool(distributed.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
     def _finish(self, summary: TrainSummary, start_step: int, seconds: float) -> TrainSummary:
-        self._flush()
+        """The summary of a run that stopped or ended (its metrics were written before its
+        checkpoint)."""
         summary.step, summary.epoch = self.step, self.epoch
         summary.epochs = self._epoch_records()
         summary.lambda_max = self.lambda_max

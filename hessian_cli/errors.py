@@ -16,6 +16,11 @@ class Terminated(BaseException):
     on the way out (training writes the metrics of the steps done, temporary files go)."""
 
 
+def described(exc: BaseException) -> str:
+    """An exception as ``Type: first line of its message`` (its type alone if it has none)."""
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, without a closing period (its type's name if
     it has none): what a one-sentence error quotes of a library's or the user's own error."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from hessian_cli.errors import UserError, first_line
+from hessian_cli.errors import UserError, described
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
     absolute,
@@ -489,8 +489,8 @@ def analysis_batches(
             raw = [(batch[0], batch[1]) for batch in loader]
         except Exception as exc:
             raise UserError(
-                f"the data samples could not be batched ({type(exc).__name__}: "
-                f"{first_line(exc)}); are all samples the same shape?"
+                f"the data samples could not be batched ({described(exc)}); are all samples the "
+                "same shape?"
             ) from exc
     return [(_cast_x(x, dtype), _cast_y(y, dtype)) for x, y in raw]
 

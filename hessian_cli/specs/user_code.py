@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hessian_cli.errors import UserError, first_line
+from hessian_cli.errors import UserError, described
 
 USER_CODE_FORMS = "'path/to/file.py:name' or 'package.module:name'"
 
@@ -83,9 +83,9 @@ def _import_module(name: str, what: str) -> Any:
                 f"cannot import module {name!r} for the {what}: it is not installed or not on "
                 "the Python path (use 'path/to/file.py:name' for a file)."
             ) from exc
-        raise UserError(f"importing {name!r} for the {what} failed: {_describe(exc)}.") from exc
+        raise UserError(f"importing {name!r} for the {what} failed: {described(exc)}.") from exc
     except Exception as exc:
-        raise UserError(f"importing {name!r} for the {what} failed: {_describe(exc)}.") from exc
+        raise UserError(f"importing {name!r} for the {what} failed: {described(exc)}.") from exc
 
 
 def _import_file(where: str, what: str) -> Any:
@@ -114,7 +114,7 @@ def _import_file(where: str, what: str) -> Any:
         sys.modules.pop(mod_name, None)
         if not isinstance(exc, Exception):
             raise
-        raise UserError(f"running {where!r} for the {what} failed: {_describe(exc)}.") from exc
+        raise UserError(f"running {where!r} for the {what} failed: {described(exc)}.") from exc
     finally:
         if added and parent in sys.path:
             sys.path.remove(parent)
@@ -130,8 +130,4 @@ def call_user(func: Any, what: str, spec: str, **kwargs: Any) -> Any:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"the {what} {spec!r} raised {_describe(exc)}.") from exc
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the {what} {spec!r} raised {described(exc)}.") from exc

@@ -44,6 +44,15 @@ def test_block_hvp_equals_dense_hessian(name, backend, batched):
         assert op.backends_used == {backend}
 
 
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_an_empty_block_is_no_product(backend):
+    case = CASES[next(iter(CASES))]
+    op = HessianOperator(case.model, case.loss, case.batches, backend=backend)
+    HV = op.matmul(torch.zeros(0, op.n, dtype=torch.float64))
+    assert HV.shape == (0, op.n) and HV.dtype == op.dtype
+    assert (op.hvp_count, op.passes) == (0, 0)
+
+
 def test_frozen_unused_and_tied_parameters():
     frozen = CASES["frozen-unused"]
     space = select_parameters(frozen.model)

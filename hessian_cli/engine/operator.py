@@ -325,6 +325,8 @@ class HessianOperator:
         V = block.reshape(1, -1) if single else block
         if V.shape[1] != self.n:
             raise ValueError(f"expected vectors of length {self.n}, got {V.shape[1]}")
+        if len(V) == 0:  # no product: no pass, nothing to count
+            return torch.zeros(0, self.n, dtype=self.dtype, device=self.device)
         start = time.perf_counter()
         V = V.to(device=self.device, dtype=self.dtype)
         out = torch.zeros_like(V)

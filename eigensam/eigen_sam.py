@@ -15,6 +15,7 @@ for bit. With ``adaptive=True`` the formula is applied in ASAM's rescaled coordi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +41,10 @@ class EigenSAM(SAM):
     saved, loaded and moved to the parameters' device with ``state_dict()``. The eigenvalue of
     the last refresh and the count of refreshes that found no positive curvature
     (``negative_refreshes``) are saved too: such a vector is kept but must not go unnoticed.
+
+    The optimizer does not find ``v`` by itself: call :meth:`refresh_eigenvector` every few
+    steps (``hessian-cli train`` does at every ``--eig-every``-th step, step 0 included). Until
+    the first refresh it perturbs as SAM does, and says so once.
     """
 
     def __init__(
@@ -59,13 +64,15 @@ class EigenSAM(SAM):
         self.refreshes = 0
         self.negative_refreshes = 0
         self._flat_v: torch.Tensor | None = None  # flat copy of the state's v, for every step
+        self._warned = False
 
     @property
     def eigenvector(self) -> torch.Tensor | None:
         """The current ``v``, flat over all parameters in param-group order (None before any)."""
-        if self._flat_v is not None:
-            return self._flat_v
         pairs = self._params()
+        # The copy is stale once parameters were added (here or through the base optimizer).
+        if self._flat_v is not None and len(self._flat_v) == sum(p.numel() for p, _ in pairs):
+            return self._flat_v
         if not any("eigenvector" in self.state.get(p, {}) for p, _ in pairs):
             return None
         self._flat_v = torch.cat(
@@ -134,6 +141,13 @@ class EigenSAM(SAM):
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
         v = self.eigenvector
+        if v is None and self.alpha > 0 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "EigenSAM has no eigenvector yet, so it perturbs as SAM does: call "
+                "refresh_eigenvector(model, loss_fn, batch) every few steps.",
+                stacklevel=4,
+            )
         return super()._direction(g) if v is None else eigensam_direction(g, v, self.alpha)
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,9 +6,11 @@ gradient at ``w + e``; restore ``w`` exactly; base optimizer step with that seco
 
 Differences from davda54/sam, on purpose: the base optimizer's state (momentum buffers, Adam
 moments) is part of ``state_dict()``; a zero gradient gives no perturbation instead of relying on
-an epsilon; ``step(closure)`` evaluates the closure twice itself (no backward before it).
-BatchNorm layers should not update their running statistics on the second pass: see
-:mod:`eigensam.bn`.
+an epsilon; ``step(closure)`` evaluates the closure twice itself (no backward before it: one
+there would be a third, wasted pass); a step interrupted at ``w + e`` goes back to ``w``; sparse
+gradients work. BatchNorm layers should not update their running statistics on the second pass:
+``step(closure)`` cannot tell the closure which pass it is, so with BatchNorm use
+``first_step``/``second_step`` and :mod:`eigensam.bn`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class SAM(Optimizer):
 
     def _params(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """Every parameter with its group, in param-group order (the flat-vector layout)."""
+        for group in self.param_groups:  # a group added through the base optimizer lacks these
+            group.setdefault("rho", self.defaults["rho"])
+            group.setdefault("adaptive", self.defaults["adaptive"])
         return [(p, group) for group in self.param_groups for p in group["params"]]
 
     def _is_perturbed(self) -> bool:
@@ -61,6 +66,8 @@ class SAM(Optimizer):
         parts = []
         for p, group in self._params():
             g = torch.zeros_like(p) if p.grad is None else p.grad
+            if g.is_sparse:  # e.g. nn.Embedding(sparse=True); the base step keeps it sparse
+                g = g.to_dense()
             parts.append((p.abs() * g if scaled and group["adaptive"] else g).reshape(-1))
         return torch.cat(parts)
 
@@ -74,6 +81,11 @@ class SAM(Optimizer):
         loss of this step); the old weights are kept in the state until :meth:`second_step`."""
         if self._is_perturbed():
             raise RuntimeError("first_step called twice without second_step in between")
+        if all(p.grad is None for p, _ in self._params()):
+            raise RuntimeError("first_step found no gradients: run backward before it")
+        for group in self.param_groups:
+            if group["rho"] < 0.0:
+                raise ValueError(f"rho must be non-negative, got {group['rho']}")
         g = self.flat_grad()
         # A zero gradient has no direction: no perturbation, and no 0/0.
         d = torch.where(norms(g) > 0, self._direction(g), 0.0)
@@ -90,26 +102,44 @@ class SAM(Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` bit for bit and take the base optimizer's step with the current grads."""
+    def restore(self) -> None:
+        """Go back to ``w`` after :meth:`first_step` without a base step: for a pass at ``w + e``
+        that failed (out of memory, say), so that the weights saved or used next are ``w``."""
         for p, _ in self._params():
             old = self.state.get(p, {}).pop("old_p", None)
             if old is not None:
                 p.copy_(old)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` bit for bit and take the base optimizer's step with the current grads."""
+        if not self._is_perturbed():
+            raise RuntimeError("second_step called without first_step before it")
+        self.restore()
         self.base_optimizer.step()
+        # What a learning-rate scheduler wrapping step() looks for: this was the step.
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """A whole SAM step; ``closure`` zeroes the grads, computes the loss, calls backward and
-        returns the loss, and is called at ``w`` then at ``w + e``. Returns the loss at ``w``."""
+        returns the loss, and is called at ``w`` then at ``w + e``. Returns the loss at ``w``.
+
+        If the second call raises, the weights are back at ``w`` (no step taken) before the
+        exception goes on. A model with BatchNorm: see the module docstring.
+        """
         if closure is None:
             raise ValueError("SAM needs a closure: it evaluates the gradient twice per step")
         closure = torch.enable_grad()(closure)
         loss = closure()
         self.first_step(zero_grad=True)
-        closure()
+        try:
+            closure()
+        except BaseException:
+            self.restore()
+            raise
         self.second_step()
         return loss
 

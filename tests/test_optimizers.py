@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -17,10 +18,11 @@ from eigensam import (
     enable_running_stats,
     refresh_top_eigenvector,
 )
+from hessian_cli.errors import UserError
 
 DT = torch.float64
-# first_step/second_step bypass the step() that schedulers wrap to detect the call order.
-SCHED_ORDER = pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+# A test that steps before the first refresh on purpose.
+BEFORE_REFRESH = pytest.mark.filterwarnings("ignore:EigenSAM has no eigenvector:UserWarning")
 
 
 class Quadratic(nn.Module):
@@ -165,8 +167,10 @@ def test_eigensam_perturbation_is_the_formula(flip: float) -> None:
 def test_eigensam_before_any_eigenvector_is_sam() -> None:
     m1, m2 = quadratic(), quadratic()
     e_sam = perturbation(SAM([m1.w], torch.optim.SGD, lr=0.1), m1)
-    e_eig = perturbation(EigenSAM([m2.w], torch.optim.SGD, lr=0.1, alpha=0.3), m2)
+    with pytest.warns(UserWarning, match="no eigenvector yet") as caught:
+        e_eig = perturbation(EigenSAM([m2.w], torch.optim.SGD, lr=0.1, alpha=0.3), m2)
     assert torch.equal(e_sam, e_eig)
+    assert caught[0].filename == __file__  # it points at the caller's code
 
 
 @pytest.mark.parametrize("cls", [SAM, EigenSAM])
@@ -312,7 +316,7 @@ def roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-@SCHED_ORDER
+@BEFORE_REFRESH
 @pytest.mark.parametrize("cls", [SAM, EigenSAM])
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
 def test_state_dict_roundtrip_gives_identical_steps(cls: type[SAM], base: type) -> None:
@@ -346,11 +350,14 @@ def test_state_dict_roundtrip_gives_identical_steps(cls: type[SAM], base: type) 
         assert torch.equal(a, b)
 
 
-@SCHED_ORDER
 def test_scheduler_reaches_base_optimizer() -> None:
-    opt = SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
-    sched.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # second_step counts as the step the scheduler follows
+        sam_step(opt, model, *data()[0])
+        sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
@@ -395,3 +402,110 @@ def test_disabled_running_stats_still_normalise_by_batch_statistics() -> None:
         assert torch.equal(v, before[k]), k
     enable_running_stats(bn)
     assert bn.track_running_stats
+
+
+# --- 6. in a user's own loop: interruptions, misuse, other parameter layouts -----------------
+
+
+def test_a_step_whose_second_pass_fails_leaves_the_weights_at_w() -> None:
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    x, y = data()[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # or out of memory at w + e
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    for p, w in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, w)
+    opt.step(closure)  # and the next step is a whole step from w
+    assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), before, strict=True))
+
+
+def test_restore_goes_back_to_w_without_a_step() -> None:
+    model = quadratic()
+    opt = SAM([model.w], torch.optim.SGD, lr=0.1)
+    w = model.w.detach().clone()
+    backward(model)
+    opt.first_step()
+    assert not torch.equal(model.w, w)
+    opt.restore()
+    assert torch.equal(model.w, w)
+    opt.first_step()  # not "called twice": the perturbation is undone
+
+
+def test_steps_out_of_order_are_errors_not_plain_steps() -> None:
+    model = quadratic()
+    opt = SAM([model.w], torch.optim.SGD, lr=0.1)
+    w = model.w.detach().clone()
+    with pytest.raises(RuntimeError, match="no gradients"):
+        opt.first_step()
+    backward(model)
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.second_step()
+    assert torch.equal(model.w, w)
+
+
+def test_a_negative_rho_in_a_group_is_refused() -> None:
+    model = quadratic()
+    opt = SAM([{"params": [model.w], "rho": -0.1}], torch.optim.SGD, lr=0.1)
+    backward(model)
+    with pytest.raises(ValueError, match="rho must be non-negative"):
+        opt.first_step()
+
+
+@pytest.mark.parametrize("through_base", [False, True])
+def test_parameters_added_after_a_refresh(through_base: bool) -> None:
+    model = mlp()
+    extra = nn.Parameter(torch.zeros(3, dtype=DT))  # a bias added to the logits
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, alpha=0.2)
+    x, y = data()[0]
+    opt.refresh_eigenvector(model, F.cross_entropy, (x, y))
+    v = opt.eigenvector.clone()
+    (opt.base_optimizer if through_base else opt).add_param_group({"params": [extra]})
+    model.zero_grad()
+    F.cross_entropy(model(x) + extra, y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x) + extra, y).backward()
+    opt.second_step()
+    assert torch.equal(opt.eigenvector, torch.cat([v, torch.zeros(3, dtype=DT)]))
+    assert opt.param_groups[-1]["rho"] == 0.05
+    assert not torch.equal(extra, torch.zeros(3, dtype=DT))  # it was trained
+
+
+def test_sparse_gradients_take_the_same_step_as_dense_ones() -> None:
+    tokens, y = torch.tensor([[1, 4, 4], [0, 2, 7]]), torch.tensor([1, 0])
+    weights = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 4, sparse=sparse).to(DT)
+        head = nn.Linear(4, 2).to(DT)
+        opt = SAM([*emb.parameters(), *head.parameters()], torch.optim.SGD, lr=0.1)
+
+        def closure(emb: nn.Module = emb, head: nn.Module = head, opt: SAM = opt) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(head(emb(tokens).mean(1)), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert emb.weight.grad.is_sparse == sparse
+        weights.append(emb.weight.detach())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-14, atol=1e-15)
+
+
+def test_a_refresh_on_a_batch_that_is_not_two_tensors_is_one_sentence() -> None:
+    model = mlp()
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = data()[0]
+    with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not \(dict, Tensor\)"):
+        opt.refresh_eigenvector(model, F.cross_entropy, ({"x": x}, y))

@@ -159,6 +159,10 @@ class HessianOperator:
         self.dtype = self.space.dtype
         self.device = self.space.device
         self.bn = bn
+        for batch in batches:
+            if len(batch) != 2 or not all(isinstance(t, torch.Tensor) for t in batch):
+                kinds = ", ".join(type(t).__name__ for t in batch)
+                raise UserError(f"Each batch must be two tensors (inputs, targets), not ({kinds}).")
         self.batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
         counts = [len(self.batches)]
         local_samples = sum(len(y) for _, y in self.batches)
@@ -211,7 +215,7 @@ class HessianOperator:
         if not torch.isfinite(loss):
             raise NotFinite(
                 "The loss is not finite (NaN or inf) on the analysed data: "
-                "check the checkpoint's weights and the data."
+                "check the weights and the data."
             )
         return loss
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import h5py
@@ -207,3 +210,30 @@ def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
     ds = [{"name": f"c{i}", "provenance": {}, "eigen": eigen} for i in range(2)]
     columns = [str(c.header) for c in series_table(ds).columns]
     assert columns[3:5] == labels
+
+
+def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path):
+    (tmp_path / "real.png").write_text("an older figure")
+    (tmp_path / "fig.png").symlink_to("real.png")
+    (tmp_path / "new.png").symlink_to("made.png")  # a link to nothing yet
+    for name in ("fig.png", "new.png"):
+        result = runner.invoke(app, ["plot", str(files["series"]), "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name).is_symlink()
+    assert_png(tmp_path / "real.png")
+    assert_png(tmp_path / "made.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_plot_into_a_named_pipe_writes_through_it(files, tmp_path):
+    # As `-o /dev/null` does: a device or pipe is written to, never replaced by a file.
+    fifo = tmp_path / "fig.svg"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = runner.invoke(app, ["plot", str(files["series"]), "-o", str(fifo)])
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert b"<svg" in received[0]

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import uuid
@@ -20,7 +21,7 @@ from hessian_cli.errors import UserError
 
 
 def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
+    return (exc.strerror or str(exc)).lower().rstrip(".")
 
 
 @contextmanager
@@ -135,7 +136,24 @@ def atomic_path(
     file) behind. With ``copy_existing`` the temporary file starts as a copy of ``path``, so an
     append edits the copy, never the original. With ``exclusive`` it never replaces a file: if
     ``path`` exists by then (another process made it meanwhile), ``FileExistsError`` is raised.
+
+    A symbolic link's target is replaced (the link kept). A device, FIFO or socket (``-o
+    /dev/null``) is written to as it is: it holds no file that a half-written one could spoil.
     """
+    try:
+        mode: int | None = os.stat(path).st_mode  # through links
+    except OSError:
+        mode = None  # nothing there yet (or a dangling link)
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if copy_existing or exclusive:
+            raise UserError(f"{path} is not a regular file.")
+        try:
+            yield path
+        except OSError as exc:
+            raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     parent = path.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"

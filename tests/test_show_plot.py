@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-from test_storage import full, variant  # noqa: F401  (`full` is a fixture)
+from test_storage import damage_attributes, full, variant  # noqa: F401  (`full`: a fixture)
 from typer.testing import CliRunner
 
 import hessian_cli.cli.commands  # noqa: F401  (registers the commands)
 from hessian_cli.cli.app import app
-from hessian_cli.storage import read_analyses, read_metrics, write_analyses
+from hessian_cli.presentation.plots import spectra_figure
+from hessian_cli.presentation.tables import series_table
+from hessian_cli.report import analysis_to_dict
+from hessian_cli.storage import read_analyses, read_file_info, read_metrics, write_analyses
 
 PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
@@ -90,7 +93,10 @@ def test_show_series_and_json(files):
     rows = [line for line in result.output.splitlines() if "ckpt_" in line]
     assert [r.split()[1] for r in rows] == ["ckpt_100", "ckpt_200", "ckpt_300"]
     as_json = runner.invoke(app, ["show", str(files["series"]), "--json"])
-    assert json.loads(as_json.stdout) == read_analyses(files["series"])
+    groups = ["ckpt_100", "ckpt_200", "ckpt_300"]
+    reports = read_analyses(files["series"])
+    expected = [{**d, "group": g} for d, g in zip(reports, groups, strict=True)]
+    assert json.loads(as_json.stdout) == expected
     one = runner.invoke(app, ["show", str(files["series"]), "-c", "ckpt_200", "--json"])
     assert [d["name"] for d in json.loads(one.stdout)] == ["ckpt_200"]
 
@@ -204,12 +210,11 @@ def test_alignment_caption_says_how_many_minibatches(values, caption):
     ],
 )
 def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
-    from hessian_cli.presentation.tables import series_table
-
     eigen = {"which": which, "eigenvalues": [2.0, -1.0], "converged": [1, 1]}
     ds = [{"name": f"c{i}", "provenance": {}, "eigen": eigen} for i in range(2)]
     columns = [str(c.header) for c in series_table(ds).columns]
     assert columns[3:5] == labels
+    assert spectra_figure(ds).axes[0].get_legend_handles_labels()[1] == labels  # the plot's too
 
 
 def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path):
@@ -237,3 +242,80 @@ def test_plot_into_a_named_pipe_writes_through_it(files, tmp_path):
     assert result.exit_code == 0, result.output
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert b"<svg" in received[0]
+
+
+def test_a_damaged_group_is_one_sentence_that_names_it(files, tmp_path):
+    path = tmp_path / "damaged.h5"
+    path.write_bytes(files["series"].read_bytes())
+    damage_attributes(path, "checkpoints/ckpt_200")
+    for args in (["show", str(path)], ["plot", str(path), "-o", str(tmp_path / "f.png")]):
+        result = cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert "checkpoint group 'ckpt_200' is damaged" in " ".join(result.stderr.split())
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_a_checkpoint_analysed_twice_is_picked_by_its_group(full, tmp_path):  # noqa: F811
+    path = tmp_path / "twice.h5"
+    write_analyses(path, [variant(full, "final", 1)], command_line="first")
+    write_analyses(path, [variant(full, "final", None, 2.0)], command_line="second")
+    first, second = read_file_info(path)["groups"]
+    assert (first, second) == ("final", "final-2")
+    for group in (first, second):
+        result = runner.invoke(app, ["show", str(path), "-c", group, "--json"])
+        assert [d["group"] for d in json.loads(result.stdout)] == [group]
+    out = tmp_path / "one.svg"  # one checkpoint's figure, not the series'
+    assert runner.invoke(app, ["plot", str(path), "-c", first, "-o", str(out)]).exit_code == 0
+    assert "Spectral density" in out.read_text()
+
+
+def test_names_are_shown_and_drawn_as_they_are(full, tmp_path):  # noqa: F811
+    path = tmp_path / "odd.h5"
+    names = ["net[red]", "net[bold]", "net_$_^_$"]
+    write_analyses(path, [variant(full, n, i) for i, n in enumerate(names)], command_line="x")
+    shown = runner.invoke(app, ["show", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert all(name in shown.output for name in names[:2])
+    (tmp_path / "figs[" / "x]").mkdir(parents=True)
+    out = tmp_path / "figs[" / "x]" / "fig.png"  # a path that reads as markup: figs[/x]
+    plotted = runner.invoke(app, ["plot", str(path), "-c", names[2], "-o", str(out)])
+    assert plotted.exit_code == 0, plotted.output
+    assert f"wrote {out}" in " ".join(plotted.output.split())
+    assert_png(out)
+
+
+def test_tables_are_never_cut_short(files, monkeypatch):
+    from rich.console import Console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    values = [f"{v:.5g}" for d in read_analyses(files["series"]) for v in d["eigen"]["eigenvalues"]]
+    piped = runner.invoke(app, ["show", str(files["series"])])  # not a terminal: as wide as needed
+    assert all(v in piped.output for v in values) and "…" not in piped.output
+    terminal = Console(width=50, force_terminal=True, record=True)  # a narrow one: cells fold
+    terminal.print(series_table(read_analyses(files["series"])), crop=False)
+    text = terminal.export_text()
+    rows = text.splitlines()[1:-1]  # below the title: every row still has its last column
+    assert "…" not in text and all(row.rstrip()[-1] in "┃│┓┩┫┤┐┘" for row in rows), text
+
+
+def test_the_eigen_panel_draws_what_the_criterion_compares_with_tol(full):  # noqa: F811
+    d = json.loads(json.dumps(analysis_to_dict(full)))
+    d["eigen"]["criterion"] = "eigenvalue"
+    twin = spectra_figure([d]).axes[-1]
+    assert "eigenvalue error" in twin.get_ylabel()
+    plotted = [line for line in twin.get_lines() if line.get_label() == "error bound"]
+    errors = np.array(d["eigen"]["errors"], dtype=float)
+    np.testing.assert_allclose(plotted[0].get_ydata(), np.where(errors > 0, errors, np.nan))
+
+
+def test_small_things_show_and_plot_refuse_clearly(files, tmp_path):
+    metrics = json.loads(runner.invoke(app, ["show", str(files["metrics"]), "--json"]).stdout)
+    assert metrics["steps"]["step"][:3] == [0, 1, 2]  # whole numbers stay whole
+    nan_density = tmp_path / "nan.h5"
+    nan_density.write_bytes(files["single"].read_bytes())
+    with h5py.File(nan_density, "r+") as f:
+        group = next(iter(f["checkpoints"].values()))
+        group["density/values"][...] = np.nan  # how non-finite values are stored
+    assert runner.invoke(app, ["show", str(nan_density)]).exit_code == 0
+    pgf = cli("plot", str(files["single"]), "-o", str(tmp_path / "f.pgf"))  # it needs LaTeX
+    assert pgf.returncode == 2 and "Cannot write a 'pgf'" in pgf.stderr

@@ -24,6 +24,7 @@ from hessian_cli.report import analysis_to_dict
 from hessian_cli.storage import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    check_writable,
     group_names,
     hdf5,
     read_analyses,
@@ -412,3 +413,57 @@ def test_reading_tolerates_missing_parts_and_unknown_extras(full, tmp_path):
     assert second["name"] == "old" and second["loss"] is None
     assert second["eigen"]["eigenvalues"] == [2.0, 1.0]
     assert second["trace"] is second["density"] is second["alignment"] is None
+
+
+def damage_attributes(path, group: str) -> None:
+    """Overwrite bytes of ``group``'s attribute index (a B-tree leaf, whose checksum then fails)."""
+    with h5py.File(path, "r") as f:
+        address = h5py.h5o.get_info(f[group].id).addr
+    data = bytearray(path.read_bytes())
+    at = data.find(b"BTLF", address)
+    assert at > 0, "no attribute index: the group keeps its attributes in its header"
+    data[at + 8 : at + 16] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_group_is_named_and_never_appended_to(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [variant(full, "a", 1), variant(full, "b", 2)], command_line="x")
+    damage_attributes(path, "checkpoints/a")
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="its checkpoint group 'a' is damaged"):
+        read_analyses(path)
+    with pytest.raises(UserError, match="is damaged .*choose another --out"):
+        check_writable(path)  # before the work whose results could not be read back
+    with pytest.raises(UserError, match="is damaged"):
+        write_analyses(path, [variant(full, "c", 3)], command_line="y")
+    assert path.read_bytes() == before
+
+
+def test_groups_missing_from_the_series_list_follow_their_steps(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    steps = (1, 10, 2, 100)
+    write_analyses(path, [variant(full, f"ckpt_{s}", s) for s in steps], command_line="x")
+    with h5py.File(path, "r+") as f:  # as a foreign or older writer leaves it
+        del f["series"]
+    assert group_names(path) == ["ckpt_1", "ckpt_2", "ckpt_10", "ckpt_100"]
+
+
+def test_a_history_entry_that_is_not_json_is_kept_as_text(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        hdf5._append_strings(f, "history", ["checked by hand, 2026-11-29"])
+    history = read_file_info(path)["history"]
+    assert history[0]["command_line"] == "x" and history[1] == "checked by hand, 2026-11-29"
+
+
+def test_a_series_list_that_cannot_grow_is_refused_before_the_work(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        names = list(f["series"].asstr()[()])
+        del f["series"]
+        f.create_dataset("series", data=names, dtype=h5py.string_dtype())  # fixed size
+    with pytest.raises(UserError, match="/series cannot grow"):
+        check_writable(path)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from hessian_cli.cli.app import app
+from hessian_cli.cli.app import app, results_console
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import UserError
 
@@ -197,7 +197,7 @@ def analyze(
         seed=seed,
         trust_checkpoint=trust_checkpoint,
     )
-    console = Console()
+    console = results_console()
     # Under torchrun every rank computes the same results; only rank 0 reports and writes.
     lead = world()[0] == 0
     show_progress = lead and not (quiet or as_json)
@@ -232,9 +232,9 @@ def analyze(
         typer.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     elif lead and not quiet:
         if len(reports) > 1:
-            console.print(series_table(reports))
+            console.print(series_table(reports), crop=False)
         else:
-            console.print(analysis_table(reports[0]))
+            console.print(analysis_table(reports[0]), crop=False)
     if lead and out is not None:
         write_analyses(
             out,
@@ -244,7 +244,7 @@ def analyze(
             series=len(results) > 1,
         )
         if not (quiet or as_json):
-            console.print(f"wrote {out}")
+            console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:
         raise stopped
     unconverged = [

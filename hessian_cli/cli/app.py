@@ -28,6 +28,18 @@ app = typer.Typer(
 )
 
 err_console = Console(stderr=True)
+# A pipe or a file has no width: results written there are not cut to fit 80 columns.
+_UNBOUNDED = 100_000
+
+
+def results_console() -> Console:
+    """The console for a command's results on stdout: a terminal's width, or as wide as they
+    need into a pipe or a file unless $COLUMNS says. Print tables with ``crop=False``: where
+    folding their cells does not make them fit, the terminal wraps them; nothing is cut off."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=_UNBOUNDED)
+    return console
 
 
 class _State:

@@ -35,11 +35,14 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
 def pick_checkpoint(
     file: Path, reports: Sequence[dict[str, Any]], groups: Sequence[str], name: str | None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The reports (and their groups) that ``--checkpoint NAME`` names, by checkpoint name or by
-    group (a checkpoint analysed twice is stored as name and name-2); all without ``name``."""
+    """The reports (and their groups) that ``--checkpoint NAME`` names: the group of that name
+    (a checkpoint analysed twice is stored as name and name-2), else every checkpoint of that
+    name; all without ``name``."""
     pairs = list(zip(reports, groups, strict=True))
     if name is not None:
-        pairs = [(d, g) for d, g in pairs if name in (d["name"], g)]
+        pairs = [(d, g) for d, g in pairs if g == name] or [
+            (d, g) for d, g in pairs if d["name"] == name
+        ]
         if not pairs:
             raise UserError(f"{file} holds no checkpoint named {name!r}.")
     return [d for d, _ in pairs], [g for _, g in pairs]

@@ -32,14 +32,13 @@ def plot(
 ) -> None:
     """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.
-    from hessian_cli.presentation.plots import plot_file, plot_metrics
+    from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
     from hessian_cli.storage import (
         FORMAT_NAME,
         METRICS_FORMAT_NAME,
         file_format,
-        group_names,
-        read_analyses,
         read_metrics,
+        read_spectra,
     )
     from hessian_cli.storage.files import reading
 
@@ -48,12 +47,14 @@ def plot(
         if checkpoint is not None:
             raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
         metrics = read_metrics(file)
-        with reading(file):
-            written = plot_metrics(metrics, output)
+        with reading(file):  # what the figure draws is the file's: a KeyError is its layout
+            figure = metrics_figure(metrics)
     elif fmt == FORMAT_NAME:
-        reports, _ = pick_checkpoint(file, read_analyses(file), group_names(file), checkpoint)
+        reports, info = read_spectra(file)
+        reports, _ = pick_checkpoint(file, reports, info["groups"], checkpoint)
         with reading(file):
-            written = plot_file(reports, output)
+            figure = spectra_figure(reports)
     else:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot plot.")
-    Console().print(f"wrote {written}", highlight=False)
+    written = save_figure(figure, output)
+    Console().print(f"wrote {written}", highlight=False, markup=False)

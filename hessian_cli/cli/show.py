@@ -7,11 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
-from hessian_cli.cli.app import app
+from hessian_cli.cli.app import app, results_console
 from hessian_cli.cli.options import pick_checkpoint
 from hessian_cli.errors import UserError
+
+
+def _column(values: Any) -> list:
+    """A metrics column as JSON: whole numbers (steps, counts) stay integers."""
+    from hessian_cli.report import numbers
+
+    return values.tolist() if values.dtype.kind in "biu" else numbers(values)
 
 
 def print_json(data: Any) -> None:
@@ -28,7 +34,8 @@ def show(
         False,
         "--json",
         help="Print the contents as JSON: for spectra the list of per-checkpoint reports "
-        "(the same keys as `analyze --json`), for metrics one list of values per column.",
+        "(the keys of `analyze --json`, and the group that holds each), for metrics one list "
+        "of values per column.",
     ),
     checkpoint: str | None = typer.Option(
         None,
@@ -51,20 +58,18 @@ def show(
         metrics_summary,
         series_table,
     )
-    from hessian_cli.report import numbers
     from hessian_cli.storage import (
         FORMAT_NAME,
         METRICS_FORMAT_NAME,
         file_format,
-        read_analyses,
-        read_file_info,
         read_metrics,
         read_metrics_info,
+        read_spectra,
     )
     from hessian_cli.storage.files import reading
 
     fmt = file_format(file)
-    console = Console()
+    console = results_console()
     if fmt == METRICS_FORMAT_NAME:
         if checkpoint is not None:
             raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
@@ -72,20 +77,20 @@ def show(
         with reading(file):
             if as_json:
                 columns = {
-                    g: {c: numbers(v) for c, v in cols.items()} for g, cols in metrics.items()
+                    g: {c: _column(v) for c, v in cols.items()} for g, cols in metrics.items()
                 }
                 print_json(columns)
             else:
-                console.print(metrics_summary(file, metrics, read_metrics_info(file)))
+                console.print(metrics_summary(file, metrics, read_metrics_info(file)), crop=False)
         return
     if fmt != FORMAT_NAME:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot show.")
-    ds, info = read_analyses(file), read_file_info(file)
+    ds, info = read_spectra(file)
     # A checkpoint analysed twice is stored in two groups (name, name-2): tell them apart by
     # the group where the names repeat.
     ds, groups = pick_checkpoint(file, ds, info["groups"], checkpoint)
     if as_json:
-        print_json(ds)
+        print_json([{**d, "group": g} for d, g in zip(ds, groups, strict=True)])
         return
     if len({d["name"] for d in ds}) < len(ds):
         ds = [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
@@ -96,4 +101,4 @@ def show(
         if len(ds) == 1 or show_all:
             tables += [analysis_table(d) for d in ds]
     for table in tables:
-        console.print(table)
+        console.print(table, crop=False)

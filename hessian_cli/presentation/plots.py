@@ -17,10 +17,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hessian_cli.errors import UserError
+from hessian_cli.presentation.tables import eigen_labels
 from hessian_cli.storage.files import atomic_path
 
 DPI = 120
 _DENSITY_FLOOR = 1e-7  # log-scale ESD: show seven decades below the peak
+
+
+def _literal(text: Any) -> str:
+    """``text`` drawn as it is: matplotlib reads ``$...$`` as mathematics."""
+    return str(text).replace("$", r"\$")
 
 
 def _arr(values: Any) -> np.ndarray:
@@ -43,6 +49,7 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path:
     out = Path(out_path)
     fmt = out.suffix.lstrip(".").lower() or "png"
     supported = fig.canvas.get_supported_filetypes()
+    supported.pop("pgf", None)  # needs a LaTeX installation
     if fmt not in supported:
         raise UserError(
             f"Cannot write a {fmt!r} figure; use one of: {', '.join(sorted(supported))}."
@@ -78,24 +85,41 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
     ax.legend(loc="upper right", fontsize="small")
 
 
+_WHICH_TITLES = {"smallest": "Smallest eigenvalues", "both": "Largest and smallest eigenvalues"}
+
+
 def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
-    values, res = _arr(e["eigenvalues"]), _arr(e["residuals"])
+    values = _arr(e["eigenvalues"])
     ok = np.array(e["converged"], dtype=bool)
     idx = np.arange(1, len(values) + 1)
     ax.plot(idx, values, color="0.6", lw=0.8)
     ax.plot(idx[ok], values[ok], "o", color="C0", label="converged")
     if (~ok).any():
         ax.plot(idx[~ok], values[~ok], "x", color="C3", ms=9, mew=2, label="NOT converged")
-    ax.set_xlabel("index i")
-    ax.set_ylabel("eigenvalue λ_i")
-    ax.set_xticks(idx)
-    ax.set_title(f"Top eigenvalues ({e.get('which')}) and residuals")
+    ax.set_ylabel("eigenvalue")
+    ax.set_xticks(idx, eigen_labels({e.get("which")}, len(values)))
+    # Converged means the measure of the criterion the solve used is within tol: draw that one.
+    by_error = e.get("criterion") == "eigenvalue"
+    measure = _arr(e.get("errors") if by_error else e["residuals"])
+    name = "error bound" if by_error else "residual"
+    ax.set_title(f"{_WHICH_TITLES.get(e.get('which'), 'Top eigenvalues')} and {name}s")
     twin = ax.twinx()
-    positive = np.where(res > 0, res, np.nan)
-    twin.semilogy(idx, positive, "s", mfc="none", color="C1", label="residual")
+    twin.semilogy(
+        idx[: len(measure)],
+        np.where(measure > 0, measure, np.nan),
+        "s",
+        mfc="none",
+        color="C1",
+        label=name,
+    )
     if e.get("tol") is not None:
         twin.axhline(e["tol"], color="C1", ls=":", lw=1, label=f"tol {e['tol']:.0e}")
-    twin.set_ylabel("relative residual ||Hv-λv|| / |λ_max|", color="C1")
+    twin.set_ylabel(
+        "bound on the relative eigenvalue error"
+        if by_error
+        else "relative residual ||Hv-λv|| / |λ_max|",
+        color="C1",
+    )
     handles = ax.get_legend_handles_labels()
     twin_handles = twin.get_legend_handles_labels()
     ax.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize="small")
@@ -113,6 +137,7 @@ def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
 def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     x, xlabel = _x_axis(ds)
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
+    labels = eigen_labels({(d.get("eigen") or {}).get("which") for d in ds}, k)
     has_trace = any(d.get("trace") for d in ds)
     has_alignment = any(d.get("alignment") for d in ds)
     if not k and not has_trace:
@@ -129,9 +154,11 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
                 if e and i < len(e["eigenvalues"]) and e["eigenvalues"][i] is not None:
                     lam[j] = e["eigenvalues"][i]
                     bad[j] = not e["converged"][i]
-            ax.plot(x, lam, "o-", ms=3, color=f"C{i % 10}", label=f"λ{i + 1}")
+            ax.plot(x, lam, "o-", ms=3, color=f"C{i % 10}", label=labels[i])
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
-        ax.set_title("Top eigenvalues (red x: NOT converged)")
+        whiches = {(d.get("eigen") or {}).get("which") for d in ds} - {None}
+        title = _WHICH_TITLES.get(whiches.pop(), "Eigenvalues") if len(whiches) == 1 else ""
+        ax.set_title(f"{title or 'Top eigenvalues'} (red x: NOT converged)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eigenvalue")
         ax.legend(fontsize="small", ncols=2 if k > 5 else 1)
@@ -166,16 +193,15 @@ def _single_figure(d: Mapping[str, Any]) -> Figure:
         _density_panel(next(panels), d)
     if e is not None:
         _eigen_panel(next(panels), e)
-    fig.suptitle(str(d.get("name")))
+    fig.suptitle(_literal(d.get("name")))
     return fig
 
 
-def plot_file(ds: Sequence[Mapping[str, Any]], out_path: str | Path) -> Path:
+def spectra_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     """ESD and eigenvalues for one checkpoint; trajectories over step for several."""
     if not ds:
         raise UserError("The file holds no checkpoints to plot.")
-    fig = _single_figure(ds[0]) if len(ds) == 1 else _series_figure(ds)
-    return save_figure(fig, out_path)
+    return _single_figure(ds[0]) if len(ds) == 1 else _series_figure(ds)
 
 
 # --- training metrics -------------------------------------------------------------------------
@@ -200,7 +226,7 @@ def _epoch_axis(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_metrics(metrics: Mapping[str, Mapping[str, np.ndarray]], out_path: str | Path) -> Path:
+def metrics_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     """Training curves: loss, accuracy, lambda_max and alignment, where recorded."""
     steps, epochs = metrics.get("steps") or {}, metrics.get("epochs") or {}
     refresh, track = metrics.get("refresh") or {}, metrics.get("track") or {}
@@ -250,4 +276,4 @@ def plot_metrics(metrics: Mapping[str, Mapping[str, np.ndarray]], out_path: str 
         ax.set_xlabel("step")
         ax.set_ylabel("|<ĝ, v1>|")
         ax.set_title("Gradient alignment at eigenvector refresh")
-    return save_figure(fig, out_path)
+    return fig

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -142,7 +143,8 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     support = f"[{used.min():.4g}, {used.max():.4g}]" if used.size else DASH
     grid = np.array(dn.get("grid") or [], dtype=float)
     values = np.array(dn.get("values") or [], dtype=float)
-    peak = f", peak at λ≈{grid[np.nanargmax(values)]:.4g}" if values.size and grid.size else ""
+    shown = values.size == grid.size and np.isfinite(values).any()  # NaN: stored non-finite
+    peak = f", peak at λ≈{grid[np.nanargmax(values)]:.4g}" if shown else ""
     return (
         f"density (SLQ): {_int(dn.get('num_probes'))} probes × {_int(dn.get('steps'))} steps, "
         f"nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
@@ -199,13 +201,10 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title=f"{len(ds)} checkpoints", caption_justify="left")
     longest = max((len(str(d.get("name"))) for d in ds), default=10)
     table.add_column("checkpoint", min_width=min(longest, 40), overflow="fold")
-    table.add_column("step", justify="right")
-    table.add_column("epoch", justify="right")
-    for label in _eigen_labels({(d.get("eigen") or {}).get("which") for d in ds}, k):
-        table.add_column(label, justify="right")
-    table.add_column("trace", justify="right")
-    table.add_column("|<ĝ,v1>|", justify="right")
-    table.add_column("||Vᵀĝ||", justify="right")
+    labels = eigen_labels({(d.get("eigen") or {}).get("which") for d in ds}, k)
+    for label in ("step", "epoch", *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||"):
+        # On a narrow terminal digits fold onto a second line, never cut to "4.7…".
+        table.add_column(label, justify="right", overflow="fold")
     unconverged = False
     for d in ds:
         prov = d.get("provenance") or {}
@@ -223,7 +222,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
         t, al = d.get("trace"), d.get("alignment")
         first = (al or {}).get("alignment") or [None]
         table.add_row(
-            str(d.get("name")),
+            escape(str(d.get("name"))),  # a name, not markup: net[red].pt
             str(prov.get("step", DASH)),
             str(prov.get("epoch", DASH)),
             *cells,
@@ -232,11 +231,11 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             _g(al.get("subspace_alignment"), ".3f") if al else DASH,
         )
     if unconverged:
-        table.caption = "* NOT converged (residual above tolerance)"
+        table.caption = "* NOT converged (not within its tolerance; details: show -c NAME)"
     return table
 
 
-def _eigen_labels(whiches: set[str | None], count: int) -> list[str]:
+def eigen_labels(whiches: set[str | None], count: int) -> list[str]:
     """Column labels: λ1, λ2, ... for the largest; λn, λn-1, ... for the smallest; both in turn
     for ``which="both"`` (the largest half first); positions where the files' searches differ."""
     whiches = whiches - {None}
@@ -294,7 +293,7 @@ def columns_table(title: str, columns: Mapping[str, np.ndarray], max_rows: int =
     first = max(0, n - max_rows)
     table = Table(title=title, caption_justify="left")
     for name in columns:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right", overflow="fold")
     for i in range(first, n):
         table.add_row(*(_cell(c, i) if i < len(c) else DASH for c in columns.values()))
     if first:

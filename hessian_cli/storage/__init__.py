@@ -9,6 +9,7 @@ from hessian_cli.storage.hdf5 import (
     read_analyses,
     read_eigenvectors,
     read_file_info,
+    read_spectra,
     write_analyses,
 )
 from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics, read_metrics_info
@@ -25,5 +26,6 @@ __all__ = [
     "read_file_info",
     "read_metrics",
     "read_metrics_info",
+    "read_spectra",
     "write_analyses",
 ]

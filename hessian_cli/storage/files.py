@@ -220,11 +220,16 @@ def file_format(path: Path) -> str:
     try:
         with open_hdf5(path) as f:
             fmt = f.attrs.get("format")
-    except OSError as exc:  # damaged bytes where the attributes are
+    except (OSError, RuntimeError) as exc:  # damaged bytes where the attributes are
         raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
     if fmt is None:
         raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
     return fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+
+
+# What h5py raises for damaged bytes (RuntimeError: a metadata checksum) or what reading code
+# raises for a layout other than the documented one.
+DAMAGED = (OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError)
 
 
 @contextmanager
@@ -234,7 +239,7 @@ def reading(path: Path) -> Iterator[None]:
     valid-looking file: one sentence."""
     try:
         yield
-    except (OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except DAMAGED as exc:
         raise UserError(
             f"Could not read {path}: it is damaged or not laid out as docs/hdf5.md says ({exc})."
         ) from exc

@@ -23,6 +23,7 @@ from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
 from hessian_cli.storage.files import (
+    DAMAGED,
     atomic_path,
     check_directory_writable,
     file_format,
@@ -124,11 +125,30 @@ def _check_appendable(path: Path) -> None:
         )
     with open_hdf5(path) as f:
         version = int(f.attrs.get("format_version", 0))
-    if version > FORMAT_VERSION:
-        raise UserError(
-            f"{path} was written by a newer hessian-cli (format version {version}); "
-            "write to a new file or upgrade hessian-cli."
-        )
+        if version > FORMAT_VERSION:
+            raise UserError(
+                f"{path} was written by a newer hessian-cli (format version {version}); "
+                "write to a new file or upgrade hessian-cli."
+            )
+        # Found now, not after the work: damage (the new groups would go into a file that no
+        # reader can open) and lists that an append could not extend.
+        try:
+            f.visititems(_read_attributes)
+        except DAMAGED as exc:
+            raise UserError(
+                f"{path} is damaged ({exc}); refusing to add to it (choose another --out path)."
+            ) from exc
+        for name in ("series", "history"):
+            ds = f.get(name)
+            if ds is not None and (not isinstance(ds, h5py.Dataset) or ds.maxshape != (None,)):
+                raise UserError(
+                    f"{path} is not laid out as docs/hdf5.md says (/{name} cannot grow); "
+                    "refusing to add to it (choose another --out path)."
+                )
+
+
+def _read_attributes(_: str, obj: h5py.HLObject) -> None:
+    dict(obj.attrs)
 
 
 def _unique_name(parent: h5py.Group, name: str) -> str:
@@ -234,7 +254,11 @@ def _ordinal(value: Any) -> float | None:
 
 def _series_order(f: h5py.File, new: list[str]) -> list[str]:
     """Group names by (step, epoch) where known; ties and unknowns keep insertion order."""
-    names = [n for n in _stored_order(f) if n not in set(new)] + new
+    return _by_step(f, [n for n in _stored_order(f) if n not in set(new)] + new)
+
+
+def _by_step(f: h5py.File, names: list[str]) -> list[str]:
+    """``names`` by (step, epoch) where known; ties and unknowns keep their order."""
 
     def key(item: tuple[int, str]) -> tuple:
         i, name = item
@@ -246,8 +270,9 @@ def _series_order(f: h5py.File, new: list[str]) -> list[str]:
 
 
 def _stored_order(f: h5py.File) -> list[str]:
-    """The ``series`` list, then any group it misses (older or foreign writers) by name. What is
-    not a group there (a dataset another tool added) is not a checkpoint, and is ignored."""
+    """The ``series`` list, then any group it misses (older or foreign writers) by step, then
+    name. What is not a group there (a dataset another tool added) is not a checkpoint, and is
+    ignored."""
     held = f.get("checkpoints")
     groups = (
         [n for n, g in held.items() if isinstance(g, h5py.Group)]
@@ -255,7 +280,7 @@ def _stored_order(f: h5py.File) -> list[str]:
         else []
     )
     listed = [n for n in f["series"].asstr()[()] if n in groups] if "series" in f else []
-    return listed + sorted(set(groups) - set(listed))
+    return listed + _by_step(f, sorted(set(groups) - set(listed)))
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -265,10 +290,30 @@ def _open_spectra(path: str | Path) -> AbstractContextManager[h5py.File]:
     return open_format(path, FORMAT_NAME, "spectra")
 
 
+def read_spectra(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`read_analyses` and :func:`read_file_info` from one opening of the file, so that
+    an append landing in between cannot make them disagree."""
+    with _open_spectra(path) as f:
+        return _reports(path, f), _info(f)
+
+
 def read_analyses(path: str | Path) -> list[dict[str, Any]]:
     """Every checkpoint's report (as :func:`analysis_to_dict` gives it), in series order."""
     with _open_spectra(path) as f:
-        return [_read_group(f["checkpoints"][name]) for name in _stored_order(f)]
+        return _reports(path, f)
+
+
+def _reports(path: str | Path, f: h5py.File) -> list[dict[str, Any]]:
+    reports = []
+    for name in _stored_order(f):
+        try:
+            reports.append(_read_group(f["checkpoints"][name]))
+        except DAMAGED as exc:
+            raise UserError(
+                f"Could not read {path}: its checkpoint group {name!r} is damaged or not laid "
+                f"out as docs/hdf5.md says ({exc})."
+            ) from exc
+    return reports
 
 
 def group_names(path: str | Path) -> list[str]:
@@ -280,11 +325,23 @@ def group_names(path: str | Path) -> list[str]:
 def read_file_info(path: str | Path) -> dict[str, Any]:
     """Root attributes, the write history (oldest first) and the group names in series order."""
     with _open_spectra(path) as f:
-        info = provenance_dict(dict(f.attrs))
-        history = f["history"].asstr()[()] if "history" in f else []
-        info["history"] = [json.loads(h) for h in history]
-        info["groups"] = _stored_order(f)
+        return _info(f)
+
+
+def _info(f: h5py.File) -> dict[str, Any]:
+    info = provenance_dict(dict(f.attrs))
+    history = f["history"].asstr()[()] if "history" in f else []
+    info["history"] = [_history_entry(h) for h in history]
+    info["groups"] = _stored_order(f)
     return info
+
+
+def _history_entry(text: str) -> Any:
+    """One write's record; text that is not JSON (another tool's note) is kept as it is."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def read_eigenvectors(

@@ -27,9 +27,10 @@ from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import check_options, eigenpairs
-from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.operator import HessianOperator, forward_mode
+from hessian_cli.engine.params import check_real
 from hessian_cli.engine.trace import hutchinson_trace
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, first_line
 from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
     LoadedCheckpoint,
@@ -280,6 +281,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         trusted=trust or bool(request.model),
     )
     apply_weights(model, ckpt.state_dict)
+    check_real(model)  # before the cast, which would drop imaginary parts
     model = model.to(device=device, dtype=dtype)
     batches = analysis_batches(
         data.train,
@@ -298,7 +300,9 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     check_fits(model, loss_fn, batches, data.input_shape)
     minibatches: list = []  # empty: the analysed batches hold the alignment's minibatches
     more_data = len(data.train) > sum(len(y) for _, y in batches)
-    if request.alignment and len(batches) < request.minibatches and more_data:
+    # A batch that --num-samples cut short is not one of the data's batches.
+    cut = any(len(y) < request.batch_size for _, y in batches[: request.minibatches])
+    if request.alignment and (len(batches) < request.minibatches or cut) and more_data:
         # SAM perturbs with minibatch gradients: the data's first M batches, however few of them
         # the Hessian is taken over (by default one).
         minibatches = analysis_batches(
@@ -309,7 +313,22 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         )
         if data.num_classes:
             check_labels(minibatches, data.num_classes)
+    if request.bn == "train":  # check_fits ran in eval mode
+        _check_batch_statistics(model, min(batches + minibatches, key=lambda b: len(b[1])))
     return _Setup(model_spec, data_spec, loss_spec, model, loss_fn, batches, minibatches, device)
+
+
+def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:
+    """With --bn train a batch of one sample has no statistics to normalise by (BatchNorm1d)."""
+    with torch.no_grad(), forward_mode(model, "train"):
+        try:
+            model(batch[0])
+        except ValueError as exc:
+            raise UserError(
+                f"--bn train normalises by batch statistics, which a batch of {len(batch[1])} "
+                f"sample{'s' if len(batch[1]) > 1 else ''} does not have ({first_line(exc)}); "
+                "choose a --batch-size or --num-samples that leaves no such batch."
+            ) from exc
 
 
 def _run_solvers(

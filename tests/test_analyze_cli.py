@@ -188,9 +188,10 @@ def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     assert a["sam_sharpness"] == pytest.approx(sharp, rel=1e-6)
 
 
-def test_minibatch_alignment_reads_more_batches_than_the_hessian(capsys, tmp_path):
+@pytest.mark.parametrize("samples", [None, 100])  # 100: batches of 40, 40 and a cut-short 20
+def test_minibatch_alignment_reads_more_batches_than_the_hessian(capsys, tmp_path, samples):
     """By default the Hessian is one batch's; the minibatch statistics still take the data's
-    first --minibatches batches, as SAM's minibatch gradients would be."""
+    first --minibatches batches (of the batch size), as SAM's minibatch gradients would be."""
     data = load_data("digits")
     torch.manual_seed(2)
     model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs={"hidden": [6]})
@@ -199,15 +200,19 @@ def test_minibatch_alignment_reads_more_batches_than_the_hessian(capsys, tmp_pat
     args = ["analyze", ckpt, "--model", "mlp", "--model-kwargs", '{"hidden": [6]}']
     args += ["--data", "digits", "--batch-size", "40", "--dtype", "float64"]
     args += ["--top-k", "2", "--tol", "1e-10"]
+    if samples:
+        args += ["--num-samples", str(samples)]
     code, out, _ = run(capsys, *args, "--alignment", "--minibatches", "3", "--json")
     assert code == 0
     r = json.loads(out)
-    assert r["provenance"]["num_samples"] == 40  # the Hessian's data: one batch
+    assert r["provenance"]["num_samples"] == (samples or 40)  # by default one batch
     m = model.double()
     space = select_parameters(m)
     xs = torch.stack([data.train[i][0] for i in range(120)]).double()
     ys = torch.tensor([int(data.train[i][1]) for i in range(120)])
-    _, vectors = dense_eigh(dense_hessian(m, F.cross_entropy, [(xs[:40], ys[:40])], space))
+    n = samples or 40
+    hessian = dense_hessian(m, F.cross_entropy, [(xs[:n], ys[:n])], space)
+    _, vectors = dense_eigh(hessian)
     V = vectors[:2]
     expected = []
     for i in range(3):
@@ -876,3 +881,36 @@ def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):
     code, _, err = run(capsys, "--debug", "analyze", empty)
     assert code == 2
     assert "Traceback" in err and "UserError" in err
+
+
+def test_models_the_analysis_cannot_take_are_refused_before_the_work(capsys, tmp_path):
+    nets = tmp_path / "nets.py"
+    nets.write_text(
+        "import torch, torch.nn as nn\n"
+        "def bn_net():\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))\n"
+        "class Phased(nn.Linear):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(3, 2)\n"
+        "        self.phase = nn.Parameter(torch.full((2,), 1 + 1j))\n"
+        "    def forward(self, x):\n"
+        "        return (super().forward(x) * self.phase).abs()\n"
+        "def complex_net():\n"
+        "    return Phased()\n"
+    )
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.normal(size=(33, 3)).astype("float32"), y=rng.integers(0, 2, 33))
+    namespace: dict = {}
+    exec(nets.read_text(), namespace)
+    cases = [
+        ("bn_net", ["--bn", "train", "--batch-size", "16", "--num-samples", "33"], "batch of 1"),
+        ("complex_net", [], "The parameter phase is complex"),
+    ]
+    for factory, options, message in cases:
+        ckpt = tmp_path / f"{factory}.pt"
+        torch.save(namespace[factory]().state_dict(), ckpt)
+        args = ["analyze", ckpt, "--model", f"{nets}:{factory}", "--data", data, *options]
+        code, out, err = run(capsys, *args, "--top-k", "1")
+        assert code == 2, err
+        assert message in one_sentence(err)

@@ -406,3 +406,39 @@ def test_products_that_are_not_finite_are_one_sentence(backend):
     with pytest.raises(UserError, match="Hessian-vector products are not finite"):
         op.matmul(torch.randn(2, op.n, generator=g, dtype=torch.float64))
     assert op.hvp_count == 0
+
+
+class _Tempered(torch.nn.Module):
+    """A linear model with a learnable 0-d temperature, as in contrastive heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2).double()
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) / self.temperature
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_a_scalar_parameter_is_one_coordinate(backend):
+    torch.manual_seed(0)
+    model = _Tempered()
+    batches = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+    op = HessianOperator(model, F.cross_entropy, batches, backend=backend)
+    H = dense_hessian(model, F.cross_entropy, batches, op.space)
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
+    parts = dict(zip(op.space.names, op.space.unflatten(op.space.values()), strict=True))
+    assert parts["temperature"].shape == () and parts["temperature"] == 1.5
+    assert op.loss(parts) == pytest.approx(op.loss())  # e.g. SAM sharpness's shifted loss
+
+
+def test_complex_and_frozen_parameters_are_named():
+    model = torch.nn.Linear(2, 2)
+    model.weight.requires_grad_(False)
+    with pytest.raises(UserError, match=r"matching weight \(weight frozen\)"):
+        select_parameters(model, ["weight"])
+    model.phase = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(UserError, match="phase is complex"):
+        select_parameters(model)

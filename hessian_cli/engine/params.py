@@ -74,7 +74,8 @@ class ParamSpace:
         """Split a flat vector ``[n]`` (or a block ``[b, n]``) into per-parameter views."""
         lead = vec.shape[:-1]
         chunks = torch.split(vec, list(self.numels), dim=-1)
-        return [c.reshape(*lead, *s) for c, s in zip(chunks, self.shapes, strict=True)]
+        # A tuple, not *args: a 0-d parameter (a learnable temperature) has the shape ().
+        return [c.reshape(tuple(lead) + tuple(s)) for c, s in zip(chunks, self.shapes, strict=True)]
 
     def values(self) -> torch.Tensor:
         """The current parameter values as one flat vector (a copy)."""
@@ -87,6 +88,16 @@ class ParamSpace:
             t.copy_(d)
 
 
+def check_real(model: nn.Module) -> None:
+    """Refuse complex parameters: casting them to a real dtype drops their imaginary parts (a
+    different function), and the Hessian of a real loss in complex variables is not this one."""
+    for name, p in model.named_parameters():
+        if p.is_complex():
+            raise UserError(
+                f"The parameter {name} is complex; hessian-cli analyses real parameters only."
+            )
+
+
 def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -> ParamSpace:
     """All trainable parameters of ``model`` whose names match any glob in ``patterns``.
 
@@ -94,13 +105,22 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
     direction the model can move in. A tied parameter is matched by any of its names and
     included once, under the first that matched.
     """
+    check_real(model)
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
+    frozen = []
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.requires_grad and id(p) not in chosen:
-            if not patterns or any(fnmatch.fnmatchcase(name, g) for g in patterns):
+        if not patterns or any(fnmatch.fnmatchcase(name, g) for g in patterns):
+            if not p.requires_grad:
+                frozen.append(name)
+            elif id(p) not in chosen:
                 chosen[id(p)] = (name, p)
     if not chosen:
         what = f"matching {', '.join(patterns)}" if patterns else "that require gradients"
-        raise UserError(f"The model has no trainable parameters {what}.")
+        why = (
+            f" ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''} frozen)"
+            if frozen
+            else ""
+        )
+        raise UserError(f"The model has no trainable parameters {what}{why}.")
     names, tensors = zip(*chosen.values(), strict=True)
     return ParamSpace(names=tuple(names), tensors=tuple(tensors))

@@ -1017,3 +1017,21 @@ def test_a_minibatch_with_a_zero_gradient_is_left_out_of_the_statistics():
     assert values[0].isnan().all() and not values[1:].isnan().any()
     torch.testing.assert_close(scores.minibatch_mean, values[1:].mean(0))
     torch.testing.assert_close(scores.minibatch_std, values[1:].std(0))
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_eigenvalue_error_bounds_hold_for_float32_products(seed):
+    """The bounds count the products' rounding: float32 cannot certify 1e-9 (it claimed 1e-13
+    for values 1e-7 off), and what it certifies at a tolerance it can meet holds."""
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    top = torch.tensor([50.0, 31.0, 20.0, 12.0, 7.5], dtype=torch.float64)
+    lam = torch.cat([top, torch.rand(n - 5, generator=g, dtype=torch.float64) * 5 - 1])
+    A = ((Q * lam) @ Q.T).float()
+    exact = torch.linalg.eigvalsh(A.double()).flip(0)[:5]  # of the matrix the products use
+    for tol, certified in ((1e-9, False), (1e-5, True)):
+        r = eigenpairs(MatrixOperator(A), 5, criterion="eigenvalue", tol=tol, seed=seed)
+        actual = (r.eigenvalues.double() - exact).abs() / exact.abs()
+        assert bool((actual <= r.errors).all()), (actual, r.errors)
+        assert bool(r.converged.all()) == certified

@@ -204,8 +204,13 @@ def test_eigenvectors_round_trip_and_unflatten(full, tmp_path):
     path = tmp_path / "vectors.h5"
     (group,) = write_analyses(path, [full], command_line="x", save_eigenvectors=True)
     vectors, names, shapes, offsets = read_eigenvectors(path, group)
-    assert vectors.dtype == torch.float32
-    assert torch.equal(vectors, full.eigen.eigenvectors.float())
+    assert vectors.dtype == torch.float64  # a float64 analysis: the vectors its residuals describe
+    assert torch.equal(vectors, full.eigen.eigenvectors)
+    single = dataclasses.replace(
+        full, name="f32", eigen=dataclasses.replace(full.eigen, eigenvectors=vectors.float())
+    )
+    (other,) = write_analyses(path, [single], command_line="y", save_eigenvectors=True)
+    assert torch.equal(read_eigenvectors(path, other)[0], vectors.float())
     assert names == list(full.space.names)
     assert shapes == [tuple(s) for s in full.space.shapes]
     assert offsets == list(full.space.offsets)

@@ -246,6 +246,7 @@ def eigenpairs(
     if whole:
         T = _whole_space(op, Qb, HQb, k, progress)  # the loop below then stops after one step
         m, leak = op.n, None
+        asymmetry = float((HQb - HQb.T).abs().max())
     else:
         start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
         if hint is not None:
@@ -281,7 +282,8 @@ def eigenpairs(
             if criterion == "residual":
                 met = rnorm[:kg] <= tols[: len(rnorm)] * scale
             else:
-                met = _relative_errors(theta[:w], rnorm)[:kg] <= tols[: min(w, kg)]
+                errors = _relative_errors(theta[:w], rnorm, asymmetry, op.dtype)
+                met = errors[:kg] <= tols[: min(w, kg)]
             conv = torch.zeros(kg, dtype=torch.bool)
             conv[: min(kg, w)] = met
             unconverged = [i for i in range(min(kg, w)) if not conv[i]]
@@ -357,7 +359,7 @@ def eigenpairs(
         theta = torch.cat([values, theta[len(values) :]])
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
-    errors = _relative_errors(theta[:w], rnorm)[:k]
+    errors = _relative_errors(theta[:w], rnorm, asymmetry, op.dtype)[:k]
     converged = (residuals if criterion == "residual" else errors) <= tol
     if bool(converged.all()):
         stop_reason = "converged"  # whatever became of the guard
@@ -591,7 +593,9 @@ def _combine_rows(buffer: torch.Tensor, S: torch.Tensor, chunk: int | None = Non
         buffer[:keep, j : j + chunk] = S.T @ buffer[:m, j : j + chunk]
 
 
-def eigenvalue_error_bounds(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.Tensor:
+def eigenvalue_error_bounds(
+    theta: torch.Tensor, rnorm: torch.Tensor, noise: float = 0.0
+) -> torch.Tensor:
     """How far each Ritz value ``theta[i]`` may be from its eigenvalue, given the residual norms.
 
     An eigenvalue lies within ``rnorm[i]`` of ``theta[i]`` (Weyl), and within
@@ -601,6 +605,12 @@ def eigenvalue_error_bounds(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.T
     (most wanted first), and the last value, whose inner neighbour is unknown, keeps the
     residual. Like any Krylov convergence test, this assumes the space has not missed an
     eigenvalue beyond the one it approximates.
+
+    Residuals computed from rounded products are those of a nearby matrix ``H + E``, whose
+    eigenvalues differ from ``H``'s by up to the size of ``E``: ``noise``, an estimate of it
+    (the asymmetry of the projected matrix), is added, so that no bound claims more than the
+    products' rounding allows (float32: about 1e-7 of |lambda_max|, where rnorm^2 / gap alone
+    said 1e-13).
     """
     w = len(rnorm)
     theta = theta[:w].to(rnorm)
@@ -609,15 +619,18 @@ def eigenvalue_error_bounds(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.T
     gap = others.min(dim=1).values.clamp_min(torch.finfo(rnorm.dtype).tiny)
     bounds = torch.minimum(rnorm, rnorm * rnorm / gap)
     bounds[w - 1 :] = rnorm[w - 1 :]
-    return bounds
+    return bounds + noise
 
 
-def _relative_errors(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.Tensor:
+def _relative_errors(
+    theta: torch.Tensor, rnorm: torch.Tensor, noise: float, dtype: torch.dtype
+) -> torch.Tensor:
     """:func:`eigenvalue_error_bounds` relative to the eigenvalues (``|lambda| >= |theta| -
-    bound``); infinite where the eigenvalue may be zero."""
-    bounds = eigenvalue_error_bounds(theta, rnorm)
+    bound``), plus the rounding of a value held in ``dtype``; infinite where the eigenvalue may
+    be zero."""
+    bounds = eigenvalue_error_bounds(theta, rnorm, noise)
     size = theta.to(bounds).abs() - bounds
-    return torch.where(size > 0, bounds / size, torch.inf)
+    return torch.where(size > 0, bounds / size + torch.finfo(dtype).eps, torch.inf)
 
 
 def _concat(a: EigenResult, b: EigenResult) -> EigenResult:

@@ -41,7 +41,7 @@ FORMAT_NAME = "hessian-cli-spectra"
 FORMAT_VERSION = 2  # 2: `trace` is a dataset (a group in version 1)
 
 _STR = h5py.string_dtype()
-_VECTOR_CHUNK = 1 << 18  # float32 elements per eigenvector chunk: 1 MiB
+_VECTOR_CHUNK = 1 << 18  # elements per eigenvector chunk: 1 MiB in float32
 _EIGEN_ARRAYS = ("eigenvalues", "residuals", "errors", "converged")
 _DENSITY_ARRAYS = ("nodes", "weights", "grid", "values")
 
@@ -209,7 +209,11 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
 
 
 def _write_eigenvectors(group: h5py.Group, a: CheckpointAnalysis, vectors: torch.Tensor) -> None:
-    v = vectors.detach().cpu().float().numpy()
+    import torch
+
+    # As computed where that is float64 (their residuals describe those vectors), else float32.
+    v = vectors.detach().cpu()
+    v = (v if v.dtype == torch.float64 else v.float()).numpy()
     group.create_dataset(
         "eigenvectors",
         data=v,
@@ -347,7 +351,8 @@ def _history_entry(text: str) -> Any:
 def read_eigenvectors(
     path: str | Path, group: str
 ) -> tuple[torch.Tensor, list[str], list[tuple[int, ...]], list[int]]:
-    """Eigenvectors ``[k, n]`` (float32) of one checkpoint with what unflattens them.
+    """Eigenvectors ``[k, n]`` (float32, or float64 as a float64 analysis stored them) of one
+    checkpoint with what unflattens them.
 
     ``group`` is a group name or, where unambiguous, the checkpoint's report ``name``.
     Returns ``(vectors, param_names, param_shapes, param_offsets)``.
@@ -358,7 +363,9 @@ def read_eigenvectors(
         g = _find_group(f, group, path)
         if "eigenvectors" not in g:
             raise UserError(f"Checkpoint {group!r} in {path} has no saved eigenvectors.")
-        vectors = torch.from_numpy(np.asarray(g["eigenvectors"][()], dtype=np.float32))
+        stored = np.asarray(g["eigenvectors"][()])
+        kept = np.float64 if stored.dtype == np.float64 else np.float32
+        vectors = torch.from_numpy(stored.astype(kept, copy=False))
         names = list(g["param_names"].asstr()[()])
         shapes = [tuple(s) for s in json.loads(g["param_shapes"].asstr()[()])]
         offsets = [int(o) for o in g["param_offsets"][()]]

@@ -442,3 +442,18 @@ def test_complex_and_frozen_parameters_are_named():
     model.phase = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
     with pytest.raises(UserError, match="phase is complex"):
         select_parameters(model)
+
+
+def test_a_torchscript_model_takes_shifted_weights_and_keeps_its_own():
+    case = CASES["cnn-bn"]  # BatchNorm in eval mode, a convolution: a scripted module of each
+    plain = HessianOperator(case.model, case.loss, case.batches)
+    scripted_model = torch.jit.script(copy.deepcopy(case.model))
+    scripted = HessianOperator(scripted_model, case.loss, case.batches)
+    V = torch.randn(2, plain.n, dtype=plain.dtype, generator=torch.Generator().manual_seed(3))
+    scripted.matmul(V)  # its first-order graph is kept...
+    before = scripted.space.values()
+    assert scripted.loss_at(0.1 * V[0]) == pytest.approx(plain.loss_at(0.1 * V[0]), rel=1e-12)
+    assert torch.equal(scripted.space.values(), before)
+    torch.testing.assert_close(scripted.matmul(V), plain.matmul(V))  # ...and products go on
+    with pytest.raises(UserError, match="--bn train cannot switch"):
+        HessianOperator(scripted_model, case.loss, case.batches, bn="train").matmul(V)

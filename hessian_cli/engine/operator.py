@@ -77,6 +77,23 @@ class DiagonalOperator:
 
 
 @contextlib.contextmanager
+def _values_set(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``values`` in the named parameters of ``model`` for the block, the old ones (bit for bit)
+    after it, whatever happens in between."""
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in values}
+    try:
+        with torch.no_grad():
+            for name, value in values.items():
+                params[name].copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+@contextlib.contextmanager
 def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
     """Put the model in a mode where every forward pass computes the same function.
 
@@ -84,6 +101,11 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
     the batch statistics but do not update their running statistics, so analysing a model never
     changes it.
     """
+    if bn == "train" and isinstance(model, torch.jit.ScriptModule):
+        raise UserError(
+            "--bn train cannot switch the BatchNorm layers of a TorchScript module; analyse the "
+            "eager model, or use --bn eval."
+        )
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
     model.eval()
     if bn == "train":
@@ -96,7 +118,7 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
     finally:
         for m, training, track in saved:
             m.training = training
-            if track is not None:
+            if track is not None and m.track_running_stats != track:  # a scripted one: constant
                 m.track_running_stats = track
 
 
@@ -222,9 +244,19 @@ class HessianOperator:
     def loss(self, params: dict[str, torch.Tensor] | None = None) -> float:
         """The sample-weighted mean loss over all batches (with ``params`` in place of those
         parameters' values, by ``functional_call``)."""
-        with torch.no_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
+        # functional_call cannot take a TorchScript module: its values are set and put back,
+        # which invalidates the graphs kept from them (in-place changes), so they go first.
+        scripted = params is not None and isinstance(self.model, torch.jit.ScriptModule)
+        if scripted:
+            self.release()
+        with (
+            torch.no_grad(),
+            forward_mode(self.model, self.bn),
+            numerics("full", self.device),
+            _values_set(self.model, params) if scripted else contextlib.nullcontext(),
+        ):
             local = sum(
-                w * self._batch_loss(x, y, params).item()
+                w * self._batch_loss(x, y, None if scripted else params).item()
                 for w, (x, y) in zip(self.weights, self.batches, strict=True)
             )
         return self._sum_scalar(local)

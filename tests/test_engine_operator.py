@@ -444,6 +444,7 @@ def test_complex_and_frozen_parameters_are_named():
         select_parameters(model)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_a_torchscript_model_takes_shifted_weights_and_keeps_its_own():
     case = CASES["cnn-bn"]  # BatchNorm in eval mode, a convolution: a scripted module of each
     plain = HessianOperator(case.model, case.loss, case.batches)

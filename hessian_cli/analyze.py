@@ -46,6 +46,7 @@ from hessian_cli.specs import (
     list_checkpoints,
     load_checkpoint,
     load_data,
+    model_device,
 )
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -322,7 +323,7 @@ def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:
     """With --bn train a batch of one sample has no statistics to normalise by (BatchNorm1d)."""
     with torch.no_grad(), forward_mode(model, "train"):
         try:
-            model(batch[0])
+            model(batch[0].to(model_device(model)))
         except ValueError as exc:
             raise UserError(
                 f"--bn train normalises by batch statistics, which a batch of {len(batch[1])} "

@@ -129,3 +129,46 @@ def test_graph_bytes_agrees_with_the_cuda_allocator():
     # (on the CPU 1.4 of this graph's 26 MiB).
     weights = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers()))
     assert 0.75 * (held + weights) <= graph_bytes(loss, g) <= 1.1 * (held + weights)
+
+
+def test_train_and_analyze_commands_run_on_cuda(tmp_path, device="cuda"):
+    """The commands end to end: the checks before the work run the model on its device (two
+    samples on the CPU against a model on CUDA failed as "does not fit"), and the answers
+    agree with the CPU's."""
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    import hessian_cli.cli.commands  # noqa: F401  (registers the commands)
+    from hessian_cli.cli.app import app
+
+    runner, run = CliRunner(), tmp_path / "run"
+    trained = runner.invoke(
+        app,
+        ["train", "--model", "mlp", "--data", "digits", "--optimizer", "eigensam"]
+        + ["--epochs", "1", "--eig-every", "10", "--device", device, "--out", str(run)],
+    )
+    assert trained.exit_code == 0, trained.output
+    results = {}
+    for where in ("cpu", device):
+        analysed = runner.invoke(
+            app,
+            ["analyze", str(run / "checkpoints" / "final.pt"), "--device", where, "--json"]
+            + [
+                "--top-k",
+                "3",
+                "--dtype",
+                "float64",
+                "--tol",
+                "1e-8",
+                "--alignment",
+                "--bn",
+                "train",
+            ],
+        )
+        assert analysed.exit_code == 0, analysed.output
+        results[where] = json.loads(analysed.stdout)
+    np.testing.assert_allclose(
+        results[device]["eigen"]["eigenvalues"], results["cpu"]["eigen"]["eigenvalues"], rtol=1e-6
+    )

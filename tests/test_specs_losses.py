@@ -89,3 +89,14 @@ def test_unknown_loss() -> None:
         get_loss("hinge")
     with pytest.raises(UserError, match="cannot import module"):
         get_loss("no_such_pkg_xyz.losses:f")
+
+
+def test_the_fit_check_runs_the_model_where_it_is():
+    """analyze moves the model to --device before the check, the data stays on the CPU until the
+    products: a model elsewhere (CUDA; here the meta device, which computes only shapes) was
+    reported as not fitting its data."""
+    from hessian_cli.specs import check_fits
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    batches = [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))]
+    check_fits(model.to("meta"), F.cross_entropy, batches, (3,))

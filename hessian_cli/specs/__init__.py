@@ -19,7 +19,7 @@ from hessian_cli.specs.data import (
     check_labels,
     load_data,
 )
-from hessian_cli.specs.fit import check_fits
+from hessian_cli.specs.fit import check_fits, model_device
 from hessian_cli.specs.losses import BUILTIN_LOSSES, default_loss, get_loss
 from hessian_cli.specs.models import BUILTIN_MODELS, build_model
 from hessian_cli.specs.user_code import absolute, anchored, load_object
@@ -40,6 +40,7 @@ __all__ = [
     "build_model",
     "check_finite",
     "check_fits",
+    "model_device",
     "check_labels",
     "checkpoint_order_key",
     "default_loss",

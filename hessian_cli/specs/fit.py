@@ -3,6 +3,7 @@ shape, label or type mismatch (or a bug in user code) is one sentence, not a fai
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,6 +15,13 @@ from hessian_cli.errors import UserError, first_line
 _MISFIT = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) are: where its inputs must go."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def check_fits(
     model: nn.Module,
     loss_fn: Callable,
@@ -21,8 +29,10 @@ def check_fits(
     input_shape: tuple[int, ...],
 ) -> None:
     """Run the model (in eval mode: no buffer or RNG is touched) and the loss on two samples of
-    ``batches[0]``; class labels are checked against the outputs over all of ``batches``."""
-    x, y = batches[0][0][:2], batches[0][1][:2]
+    ``batches[0]``, on the model's device; class labels are checked against the outputs over all
+    of ``batches``."""
+    device = model_device(model)
+    x, y = batches[0][0][:2].to(device), batches[0][1][:2].to(device)
     was_training = model.training
     model.eval()
     try:

@@ -15,6 +15,8 @@ for bit. With ``adaptive=True`` the formula is applied in ASAM's rescaled coordi
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -32,6 +34,18 @@ from eigensam.sam import SAM, BaseOptimizer
 from hessian_cli.engine.alignment import eigensam_direction
 from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.operator import Batch, LossFn
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch (whose no_grad
+    decorators wrap the steps): the user's line, through ``step`` or ``first_step`` alike."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_INSIDE = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
 
 
 class EigenSAM(SAM):
@@ -64,6 +78,7 @@ class EigenSAM(SAM):
         self.refreshes = 0
         self.negative_refreshes = 0
         self._flat_v: torch.Tensor | None = None  # flat copy of the state's v, for every step
+        self._flat_v_params = 0  # the number of parameters it covers
         self._warned = False
 
     @property
@@ -71,7 +86,7 @@ class EigenSAM(SAM):
         """The current ``v``, flat over all parameters in param-group order (None before any)."""
         pairs = self._params()
         # The copy is stale once parameters were added (here or through the base optimizer).
-        if self._flat_v is not None and len(self._flat_v) == sum(p.numel() for p, _ in pairs):
+        if self._flat_v is not None and self._flat_v_params == len(pairs):
             return self._flat_v
         if not any("eigenvector" in self.state.get(p, {}) for p, _ in pairs):
             return None
@@ -81,6 +96,7 @@ class EigenSAM(SAM):
                 for p, _ in pairs
             ]
         )
+        self._flat_v_params = len(pairs)
         return self._flat_v
 
     def set_eigenvector(self, v: torch.Tensor, eigenvalue: float) -> None:
@@ -146,7 +162,7 @@ class EigenSAM(SAM):
             warnings.warn(
                 "EigenSAM has no eigenvector yet, so it perturbs as SAM does: call "
                 "refresh_eigenvector(model, loss_fn, batch) every few steps.",
-                stacklevel=4,
+                stacklevel=_caller_level(),
             )
         return super()._direction(g) if v is None else eigensam_direction(g, v, self.alpha)
 

@@ -456,5 +456,12 @@ def test_a_torchscript_model_takes_shifted_weights_and_keeps_its_own():
     assert scripted.loss_at(0.1 * V[0]) == pytest.approx(plain.loss_at(0.1 * V[0]), rel=1e-12)
     assert torch.equal(scripted.space.values(), before)
     torch.testing.assert_close(scripted.matmul(V), plain.matmul(V))  # ...and products go on
-    with pytest.raises(UserError, match="--bn train cannot switch"):
+    with pytest.raises(UserError, match="cannot be switched to batch statistics"):
         HessianOperator(scripted_model, case.loss, case.batches, bn="train").matmul(V)
+    mlp = CASES["mlp-ce"]  # no BatchNorm: batch statistics change nothing, and it runs
+    scripted_mlp = torch.jit.script(copy.deepcopy(mlp.model))
+    op = HessianOperator(scripted_mlp, mlp.loss, mlp.batches, bn="train")
+    U = torch.randn(2, op.n, dtype=op.dtype)
+    torch.testing.assert_close(
+        op.matmul(U), HessianOperator(mlp.model, mlp.loss, mlp.batches).matmul(U)
+    )

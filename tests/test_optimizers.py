@@ -18,6 +18,7 @@ from eigensam import (
     enable_running_stats,
     refresh_top_eigenvector,
 )
+from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import UserError
 
 DT = torch.float64
@@ -171,6 +172,19 @@ def test_eigensam_before_any_eigenvector_is_sam() -> None:
         e_eig = perturbation(EigenSAM([m2.w], torch.optim.SGD, lr=0.1, alpha=0.3), m2)
     assert torch.equal(e_sam, e_eig)
     assert caught[0].filename == __file__  # it points at the caller's code
+    model = mlp()
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, alpha=0.3)
+    x, y = data()[0]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="no eigenvector yet") as caught:
+        opt.step(closure)
+    assert caught[0].filename == __file__  # also through step(closure)
 
 
 @pytest.mark.parametrize("cls", [SAM, EigenSAM])
@@ -509,3 +523,5 @@ def test_a_refresh_on_a_batch_that_is_not_two_tensors_is_one_sentence() -> None:
     x, y = data()[0]
     with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not \(dict, Tensor\)"):
         opt.refresh_eigenvector(model, F.cross_entropy, ({"x": x}, y))
+    with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not a Tensor"):
+        HessianOperator(model, F.cross_entropy, x)  # a tensor, not a list of batches

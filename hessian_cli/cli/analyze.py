@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hessian_cli.cli.app import app, results_console
@@ -253,7 +254,7 @@ def analyze(
         if r["eigen"] and not all(r["eigen"]["converged"])
     ]
     if unconverged and max_hvps is None:
-        what = ", ".join(f"{n}: {c} pair(s)" for n, c in unconverged)
+        what = escape(", ".join(f"{n}: {c} pair(s)" for n, c in unconverged))  # names: text
         reasons = {r["eigen"]["stop_reason"] for r in reports if r["eigen"]}
         stalled = bool(reasons & {"stalled", "unverified"})
         remedy = (

@@ -35,14 +35,15 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
 def pick_checkpoint(
     file: Path, reports: Sequence[dict[str, Any]], groups: Sequence[str], name: str | None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The reports (and their groups) that ``--checkpoint NAME`` names: the group of that name
-    (a checkpoint analysed twice is stored as name and name-2), else every checkpoint of that
-    name; all without ``name``."""
+    """The reports (and their groups) that ``--checkpoint NAME`` names, as the series table
+    shows them: the one checkpoint of that name, else the group of that name (a checkpoint
+    analysed twice is stored as name and name-2, which the table then shows), else every
+    checkpoint of that name; all without ``name``."""
     pairs = list(zip(reports, groups, strict=True))
     if name is not None:
-        pairs = [(d, g) for d, g in pairs if g == name] or [
-            (d, g) for d, g in pairs if d["name"] == name
-        ]
+        named = [(d, g) for d, g in pairs if d["name"] == name]
+        grouped = [(d, g) for d, g in pairs if g == name]
+        pairs = named if len(named) == 1 else grouped or named
         if not pairs:
             raise UserError(f"{file} holds no checkpoint named {name!r}.")
     return [d for d, _ in pairs], [g for _, g in pairs]

@@ -244,9 +244,8 @@ def eigenpairs(
     Qb = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)
     HQb = torch.empty_like(Qb)
     if whole:
-        T = _whole_space(op, Qb, HQb, k, progress)  # the loop below then stops after one step
+        T, asymmetry = _whole_space(op, Qb, HQb, k, progress)  # one step of the loop below
         m, leak = op.n, None
-        asymmetry = float((HQb - HQb.T).abs().max())
     else:
         start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
         if hint is not None:
@@ -564,16 +563,18 @@ def _memory_need(op: LinearOperator, capacity: int, w: int, whole: bool) -> int:
 
 def _whole_space(
     op: LinearOperator, Q: torch.Tensor, HQ: torch.Tensor, k: int, progress: Progress | None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """The identity as the basis ``Q`` and its products ``HQ`` (every column of the matrix),
-    filled in place; returns the projected matrix, which is then ``HQ`` itself."""
+    filled in place; returns the projected matrix, which is then ``HQ`` itself (symmetrised, on
+    the CPU), and its asymmetry (the products' rounding)."""
     start_hvps = op.hvp_count
     Q.zero_().fill_diagonal_(1)
     for i in range(0, op.n, WHOLE_SPACE_BLOCK):
         HQ[i : i + WHOLE_SPACE_BLOCK] = op.matmul(Q[i : i + WHOLE_SPACE_BLOCK])
         if progress:
             progress(op.hvp_count - start_hvps, 0, k)
-    return _symmetric(HQ.double().cpu())
+    H = HQ.double().cpu()
+    return _symmetric(H), float((H - H.T).abs().max())
 
 
 def _restart_chunk(n: int) -> int:

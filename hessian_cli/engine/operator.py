@@ -93,6 +93,15 @@ def _values_set(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
                 params[name].copy_(value)
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer, also as a scripted module (by its class name)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        or "BatchNorm" in getattr(m, "original_name", "")
+        for m in model.modules()
+    )
+
+
 @contextlib.contextmanager
 def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
     """Put the model in a mode where every forward pass computes the same function.
@@ -101,10 +110,10 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
     the batch statistics but do not update their running statistics, so analysing a model never
     changes it.
     """
-    if bn == "train" and isinstance(model, torch.jit.ScriptModule):
+    if bn == "train" and isinstance(model, torch.jit.ScriptModule) and _has_batchnorm(model):
         raise UserError(
-            "--bn train cannot switch the BatchNorm layers of a TorchScript module; analyse the "
-            "eager model, or use --bn eval."
+            "The BatchNorm layers of a TorchScript module cannot be switched to batch "
+            "statistics (--bn train); use the eager model, or running statistics (--bn eval)."
         )
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
     model.eval()
@@ -182,9 +191,14 @@ class HessianOperator:
         self.device = self.space.device
         self.bn = bn
         for batch in batches:
-            if len(batch) != 2 or not all(isinstance(t, torch.Tensor) for t in batch):
-                kinds = ", ".join(type(t).__name__ for t in batch)
-                raise UserError(f"Each batch must be two tensors (inputs, targets), not ({kinds}).")
+            pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+            if not (pair and all(isinstance(t, torch.Tensor) for t in batch)):
+                kinds = (
+                    f"({', '.join(type(t).__name__ for t in batch)})"
+                    if isinstance(batch, (tuple, list))
+                    else f"a {type(batch).__name__}"
+                )
+                raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}.")
         self.batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
         counts = [len(self.batches)]
         local_samples = sum(len(y) for _, y in self.batches)

@@ -6,6 +6,7 @@ no pyplot state and no global backend switch are involved.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,12 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path:
         )
     if out.is_file() and h5py.is_hdf5(out):  # e.g. the file being plotted, named again
         raise UserError(f"{out} is an HDF5 file: refusing to overwrite it with a figure.")
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=DPI)
+    # Rendered first, written in one go: some formats seek back while writing, which a pipe
+    # (-o /dev/stdout) cannot, and a drawing that fails then leaves no file at all.
+    rendered = io.BytesIO()
+    fig.savefig(rendered, format=fmt, dpi=DPI)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        fh.write(rendered.getbuffer())
     return out
 
 
@@ -77,7 +82,7 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
                 continue
             label = None
             if i == 0:
-                label = f"top-{len(e['eigenvalues'])} eigenvalues"
+                label = f"the {len(e['eigenvalues'])} eigenvalues found ({e.get('which')})"
             ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
@@ -157,8 +162,12 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
             ax.plot(x, lam, "o-", ms=3, color=f"C{i % 10}", label=labels[i])
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
         whiches = {(d.get("eigen") or {}).get("which") for d in ds} - {None}
-        title = _WHICH_TITLES.get(whiches.pop(), "Eigenvalues") if len(whiches) == 1 else ""
-        ax.set_title(f"{title or 'Top eigenvalues'} (red x: NOT converged)")
+        title = (
+            _WHICH_TITLES.get(next(iter(whiches)), "Top eigenvalues")
+            if len(whiches) <= 1
+            else "Eigenvalues"  # searches of different kinds: labelled #1, #2, ...
+        )
+        ax.set_title(f"{title} (red x: NOT converged)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eigenvalue")
         ax.legend(fontsize="small", ncols=2 if k > 5 else 1)

@@ -38,6 +38,7 @@ from hessian_cli.specs import (
     anchored,
     apply_weights,
     build_model,
+    check_finite,
     check_fits,
     check_labels,
     checkpoint_order_key,
@@ -294,6 +295,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         num_batches=request.num_batches,
         dtype=dtype,
     )
+    for batch in batches:  # the HVPs would blame the weights
+        check_finite(batch, "data's")
     if data.num_classes:
         check_labels(batches, data.num_classes)
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)

@@ -450,7 +450,7 @@ def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
     )
     nan_data = tmp_path / "nan.npz"
     np.savez(nan_data, x=np.full((8, 1, 8, 8), np.nan, "float32"), y=np.arange(8))
-    assert "not finite" in _bad(
+    assert "the data's inputs hold NaN or infinite values" in _bad(
         capsys,
         "analyze",
         digits_mlp,
@@ -897,6 +897,12 @@ def test_models_the_analysis_cannot_take_are_refused_before_the_work(capsys, tmp
         "        return (super().forward(x) * self.phase).abs()\n"
         "def complex_net():\n"
         "    return Phased()\n"
+        "class Checked(nn.Linear):\n"
+        "    def forward(self, x):\n"
+        "        assert x.shape[1] == 5, 'five features expected'\n"
+        "        return super().forward(x)\n"
+        "def checked_net():\n"
+        "    return Checked(3, 2)\n"
     )
     rng = np.random.default_rng(0)
     data = tmp_path / "d.npz"
@@ -906,6 +912,7 @@ def test_models_the_analysis_cannot_take_are_refused_before_the_work(capsys, tmp
     cases = [
         ("bn_net", ["--bn", "train", "--batch-size", "16", "--num-samples", "33"], "batch of 1"),
         ("complex_net", [], "The parameter phase is complex"),
+        ("checked_net", [], "does not fit the model: five features expected"),
     ]
     for factory, options, message in cases:
         ckpt = tmp_path / f"{factory}.pt"

@@ -233,6 +233,42 @@ def test_apply_weights_refuses_non_finite() -> None:
         apply_weights(small_model(), state)
 
 
+def test_apply_weights_refuses_values_that_loading_would_change() -> None:
+    state = small_state()
+    state["0.weight"] = state["0.weight"].round().long()  # integers into a float weight
+    state["2.bias"] = torch.complex(state["2.bias"], state["2.bias"])  # imaginary parts dropped
+    with pytest.raises(UserError, match=r"2 mismatches") as info:
+        apply_weights(small_model(), state)
+    assert "0.weight (model float32 vs checkpoint int64)" in str(info.value)
+    assert "2.bias (model float32 vs checkpoint complex64)" in str(info.value)
+    state = small_state()
+    state["0.weight"] = state["0.weight"].half()  # another precision: only rounding
+    apply_weights(small_model(), state)
+
+
+def test_apply_weights_checks_every_float_format_for_non_finite_values() -> None:
+    for convert in (lambda t: t.to(torch.float8_e4m3fn), lambda t: t.to_sparse()):
+        state = small_state()
+        state["2.weight"][0, 0] = float("nan")  # float8_e4m3fn has no inf
+        state["2.weight"] = convert(state["2.weight"])
+        with pytest.raises(UserError, match="non-finite values .*'2.weight'"):
+            apply_weights(small_model(), state)
+
+
+def test_apply_weights_refuses_two_values_for_tied_weights() -> None:
+    def tied() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+        model[1].weight = model[0].weight
+        return model
+
+    state = {k: v.clone() for k, v in tied().state_dict().items()}
+    apply_weights(tied(), state)  # one value under both names: fine
+    state["1.weight"] += 1.0
+    with pytest.raises(UserError, match="different values for 0.weight, 1.weight"):
+        apply_weights(tied(), state)
+
+
 def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
     for step, name in [(300, "a.pt"), (20, "z.pt"), (100, "m.pt")]:
         save_checkpoint(

@@ -285,6 +285,26 @@ def test_user_data_errors(user_file: Path) -> None:
         load_data(f"{user_file}:missing")
 
 
+def test_class_labels_that_are_not_integers_are_one_sentence(tmp_path: Path) -> None:
+    named = tmp_path / "named.py"
+    named.write_text(
+        "import torch\n"
+        "class Pets(torch.utils.data.Dataset):\n"
+        "    labels = ['cat', 'dog']\n"
+        "    def __len__(self):\n"
+        "        return 2\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.zeros(3), i\n"
+        "class Named(Pets):\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.zeros(3), self.labels[i]\n"
+    )
+    with pytest.raises(UserError, match="could not count the classes .* integers 0 to C - 1"):
+        load_data(f"{named}:Pets")  # integer samples, but a `labels` attribute of names
+    with pytest.raises(UserError, match="the targets are not numbers \\(a str\\)"):
+        load_data(f"{named}:Named")
+
+
 # ----------------------------------------------------------------------------- batches
 
 

@@ -223,6 +223,13 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         for k in expected
         if k in state and tuple(expected[k].shape) != tuple(state[k].shape)
     ]
+    # Loading casts: int or bool weights into float ones, complex into real (imaginary parts
+    # dropped) would silently be other numbers. Another float precision is only rounding.
+    wrong += [
+        f"{k} (model {str(expected[k].dtype)[6:]} vs checkpoint {str(state[k].dtype)[6:]})"
+        for k in expected
+        if k in state and _kind(expected[k]) != _kind(state[k])
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -230,21 +237,50 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         if unexpected:
             parts.append(_listing(len(unexpected), "unexpected key", unexpected))
         if wrong:
-            parts.append(_listing(len(wrong), "shape mismatch", wrong, plural="shape mismatches"))
+            parts.append(_listing(len(wrong), "mismatch", wrong, plural="mismatches"))
         raise UserError(
             f"the checkpoint does not match the model ({type(model).__name__}): "
             + "; ".join(parts)
             + "."
         )
     for key, value in state.items():
-        if (value.is_floating_point() or value.is_complex()) and not bool(
-            torch.isfinite(value).all()
-        ):
+        if not _finite(value):
             raise UserError(f"the checkpoint holds non-finite values (NaN or inf) in {key!r}.")
+    _check_tied(expected, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UserError(f"the checkpoint does not fit the model: {first_line(exc)}.") from exc
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "real" if t.is_floating_point() else "integer"
+
+
+def _finite(value: torch.Tensor) -> bool:
+    """No NaN or inf in a floating tensor, of any layout and precision (float8 has no isfinite);
+    one without values (meta) is left to the load, which refuses it."""
+    if not (value.is_floating_point() or value.is_complex()) or value.is_meta:
+        return True
+    dense = value.to_dense() if value.layout != torch.strided else value
+    if not dense.is_complex() and dense.element_size() == 1:
+        dense = dense.float()
+    return bool(torch.isfinite(dense).all())
+
+
+def _check_tied(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Names of one tied tensor (a decoder sharing its encoder's weight) must hold one value in
+    the checkpoint: loading would keep whichever comes last."""
+    names: dict[tuple, list[str]] = {}
+    for key, t in expected.items():
+        if t.layout == torch.strided and t.numel():
+            names.setdefault((t.data_ptr(), t.shape, t.stride()), []).append(key)
+    for keys in names.values():
+        if any(not torch.equal(state[keys[0]], state[k]) for k in keys[1:]):
+            raise UserError(
+                f"the checkpoint holds different values for {', '.join(keys)}, which the model "
+                "ties into one tensor."
+            )
 
 
 def _listing(

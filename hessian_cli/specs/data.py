@@ -345,6 +345,14 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
         raise UserError(f"the data factory {spec!r} returned an empty dataset.")
     x, y = _sample(train, spec)
     classification = _is_integer_label(y)
+    if not classification:
+        try:
+            torch.as_tensor(y, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"data {spec!r}: the targets are not numbers (a {type(y).__name__}); class "
+                "labels must be integers 0 to C - 1."
+            ) from exc
     num_classes = None
     if classification:
         hint = getattr(train, "num_classes", None) or hint_classes
@@ -411,6 +419,19 @@ def _is_integer_label(y: Any) -> bool:
 
 def _count_classes(datasets: list[Any], spec: str) -> int:
     """max label + 1, from label attributes where present, else from the first samples."""
+    try:
+        top = _top_label(datasets)
+    except Exception as exc:  # labels that are names, None, a sample that fails to load
+        raise UserError(
+            f"could not count the classes of data {spec!r} from its labels ({described(exc)}); "
+            "labels must be integers 0 to C - 1."
+        ) from exc
+    if top < 0:
+        raise UserError(f"data {spec!r} has negative class labels.")
+    return top + 1
+
+
+def _top_label(datasets: list[Any]) -> int:
     top = -1
     for ds in datasets:
         labels = None
@@ -427,9 +448,7 @@ def _count_classes(datasets: list[Any], spec: str) -> int:
             continue
         for i in range(min(len(ds), _SCAN_LIMIT)):
             top = max(top, int(ds[i][1]))
-    if top < 0:
-        raise UserError(f"data {spec!r} has negative class labels.")
-    return top + 1
+    return top
 
 
 # ----------------------------------------------------------------------------- batches

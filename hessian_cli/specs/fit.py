@@ -11,8 +11,9 @@ from torch import nn
 
 from hessian_cli.errors import UserError, first_line
 
-# What a model or loss that does not fit the data (or user code with a bug) raises.
-_MISFIT = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
+# What a model or loss that does not fit the data (or user code with a bug: an assert, a
+# KeyError) raises: anything but an interrupt.
+_MISFIT = Exception
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -217,6 +217,21 @@ def test_user_factory_from_file_gets_only_kwargs(tmp_path: Path) -> None:
         build_model(f"{tmp_path}/nope.py:make", input_shape=(9,), num_classes=5)
 
 
+def test_a_user_file_imports_its_siblings_when_called(tmp_path: Path) -> None:
+    _write(tmp_path / "blocks_7f3a.py", "import torch.nn as nn\nWIDTH = 6\n")
+    file = _write(
+        tmp_path / "lazy_net.py",
+        """
+        import torch.nn as nn
+        def make():
+            from blocks_7f3a import WIDTH  # as a script run from its folder would
+            return nn.Linear(3, WIDTH)
+        """,
+    )
+    model = build_model(f"{file}:make", input_shape=(3,), num_classes=2)
+    assert model.out_features == 6
+
+
 def test_user_factory_from_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pkg = tmp_path / "userpkg_models"
     pkg.mkdir()

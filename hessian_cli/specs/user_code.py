@@ -116,8 +116,10 @@ def _import_file(where: str, what: str) -> Any:
             raise
         raise UserError(f"running {where!r} for the {what} failed: {described(exc)}.") from exc
     finally:
+        # Kept, last: a factory may import a sibling when called; nothing is shadowed there.
         if added and parent in sys.path:
             sys.path.remove(parent)
+            sys.path.append(parent)
     return module
 
 

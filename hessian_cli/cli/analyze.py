@@ -20,7 +20,7 @@ EXIT_UNCONVERGED = 3
 @app.command()
 def analyze(
     target: Path = typer.Argument(
-        ..., help="A checkpoint file (.pt/.pth/.pkl/.safetensors) or a directory of them."
+        ..., help="A checkpoint file (.pt/.pth/.pkl/.ckpt/.safetensors) or a directory of them."
     ),
     model: str | None = typer.Option(
         None,

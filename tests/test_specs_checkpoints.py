@@ -78,6 +78,22 @@ def test_prefix_kept_when_not_every_key_has_it(tmp_path: Path) -> None:
     assert set(load_checkpoint(path).state_dict) == {"module.w", "head.w"}
 
 
+def test_a_model_whose_own_names_carry_the_prefix_loads_its_weights(tmp_path: Path) -> None:
+    class Wrapper(nn.Module):  # as nn.DataParallel names its model: every key "module.*"
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = small_model()
+
+    saved = Wrapper()
+    with torch.no_grad():
+        saved.module[0].weight.add_(1.0)
+    path = tmp_path / "wrapper.pt"
+    torch.save(saved.state_dict(), path)
+    model = Wrapper()
+    apply_weights(model, load_checkpoint(path).state_dict)  # loading stripped "module."
+    assert torch.equal(model.module[0].weight, saved.module[0].weight)
+
+
 def test_safetensors_with_header_metadata(tmp_path: Path) -> None:
     state = small_state()
     path = tmp_path / "weights.safetensors"

@@ -209,9 +209,16 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load ``state_dict`` strictly into ``model``, explaining any mismatch in one sentence."""
+    """Load ``state_dict`` strictly into ``model``, explaining any mismatch in one sentence.
+
+    A prefix that loading stripped from every key (``module.``) is put back where the model's
+    own names all carry it (a wrapper whose one child is called ``module``)."""
     expected = model.state_dict()
     state = dict(state_dict)
+    for prefix in _PREFIXES:  # a model whose own names carry the prefix loading stripped
+        if state and all(k.startswith(prefix) for k in expected):
+            if all(prefix + k in expected for k in state):
+                state = {prefix + k: v for k, v in state.items()}
     for key, value in expected.items():
         # Checkpoints older than torch 0.4.1 have no BatchNorm step counter; that is harmless.
         if key.endswith("num_batches_tracked") and key not in state:

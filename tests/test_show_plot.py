@@ -217,6 +217,8 @@ def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
     axes = spectra_figure(ds).axes[0]
     assert axes.get_legend_handles_labels()[1] == labels  # the plot's too
     assert axes.get_title().startswith({"largest": "Top", "smallest": "Smallest"}.get(which, "La"))
+    older = [{**d, "eigen": {k: v for k, v in eigen.items() if k != "which"}} for d in ds]
+    assert spectra_figure(older).axes[0].get_title().startswith("Top")  # files without `which`
 
 
 def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path):

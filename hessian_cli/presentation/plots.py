@@ -142,7 +142,8 @@ def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
 def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     x, xlabel = _x_axis(ds)
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
-    labels = eigen_labels({(d.get("eigen") or {}).get("which") for d in ds}, k)
+    whiches = {(d.get("eigen") or {}).get("which") for d in ds} - {None}  # None: older files
+    labels = eigen_labels(whiches, k)
     has_trace = any(d.get("trace") for d in ds)
     has_alignment = any(d.get("alignment") for d in ds)
     if not k and not has_trace:
@@ -161,9 +162,8 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
                     bad[j] = not e["converged"][i]
             ax.plot(x, lam, "o-", ms=3, color=f"C{i % 10}", label=labels[i])
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
-        whiches = {(d.get("eigen") or {}).get("which") for d in ds} - {None}
         title = (
-            _WHICH_TITLES.get(next(iter(whiches)), "Top eigenvalues")
+            _WHICH_TITLES.get(next(iter(whiches), "largest"), "Top eigenvalues")
             if len(whiches) <= 1
             else "Eigenvalues"  # searches of different kinds: labelled #1, #2, ...
         )

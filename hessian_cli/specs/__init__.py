@@ -40,7 +40,6 @@ __all__ = [
     "build_model",
     "check_finite",
     "check_fits",
-    "model_device",
     "check_labels",
     "checkpoint_order_key",
     "default_loss",
@@ -49,5 +48,6 @@ __all__ = [
     "load_checkpoint",
     "load_data",
     "load_object",
+    "model_device",
     "save_checkpoint",
 ]

@@ -65,6 +65,7 @@ from hessian_cli.specs import (
     anchored_data,
     apply_weights,
     build_model,
+    cast_inputs,
     check_finite,
     check_fits,
     check_labels,
@@ -73,6 +74,7 @@ from hessian_cli.specs import (
     load_checkpoint,
     load_data,
     save_checkpoint,
+    takes_token_ids,
 )
 from hessian_cli.specs.checkpoints import TRUST_FLAG
 from hessian_cli.storage.files import atomic_path, check_directory_writable, held
@@ -256,6 +258,7 @@ class _Run:
             kwargs=config.model_kwargs,
         )
         self.model = model.to(self.device)
+        self.token_ids = takes_token_ids(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError(f"the model {config.model!r} has no trainable parameters.")
@@ -273,7 +276,7 @@ class _Run:
         )
         self.total_steps = config.epochs * self.steps_per_epoch
         self.test_batches = (
-            analysis_batches(self.data.test, batch_size=config.batch_size)
+            analysis_batches(self.data.test, batch_size=config.batch_size, token_ids=self.token_ids)
             if self.data.test is not None
             else []
         )
@@ -282,6 +285,7 @@ class _Run:
             held_out,
             batch_size=config.batch_size,
             num_samples=min(config.batch_size, len(held_out)),
+            token_ids=self.token_ids,
         )[0]
         self._check_fits()
 
@@ -534,9 +538,10 @@ class _Run:
             x, y = ds.tensors[0][idx], ds.tensors[1][idx]
         else:
             x, y = default_collate([ds[i] for i in idx.tolist()])[:2]
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        y = torch.as_tensor(y)
         y = y.float() if y.is_floating_point() else y.long()
-        return x.float().to(self.device), y.to(self.device)
+        x = cast_inputs(x, torch.float32, self.token_ids)
+        return x.to(self.device), y.to(self.device)
 
     def _lr(self) -> float:
         if self.config.schedule == "constant":

@@ -48,6 +48,7 @@ from hessian_cli.specs import (
     load_checkpoint,
     load_data,
     model_device,
+    takes_token_ids,
 )
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -285,6 +286,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     apply_weights(model, ckpt.state_dict)
     check_real(model)  # before the cast, which would drop imaginary parts
     model = model.to(device=device, dtype=dtype)
+    token_ids = takes_token_ids(model)
     batches = analysis_batches(
         data.train,
         batch_size=request.batch_size,
@@ -294,6 +296,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         else min(request.batch_size, len(data.train)),
         num_batches=request.num_batches,
         dtype=dtype,
+        token_ids=token_ids,
     )
     for batch in batches:  # the HVPs would blame the weights
         check_finite(batch, "data's")
@@ -314,6 +317,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
             batch_size=request.batch_size,
             num_samples=min(request.minibatches * request.batch_size, len(data.train)),
             dtype=dtype,
+            token_ids=token_ids,
         )
         if data.num_classes:
             check_labels(minibatches, data.num_classes)

@@ -188,6 +188,55 @@ def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     assert a["sam_sharpness"] == pytest.approx(sharp, rel=1e-6)
 
 
+TOKEN_MODEL = """
+import torch
+from torch import nn
+
+class Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.emb(x)).mean(1))
+
+def make():
+    torch.manual_seed(0)
+    return Bag()
+"""
+
+
+def test_a_token_model_is_analysed_and_trained_on_integer_inputs(capsys, tmp_path):
+    """Token ids reach the embedding as integers (a float cast would fail there); eigenvalues
+    against the dense Hessian, and a train run on the same file."""
+    (tmp_path / "bag.py").write_text(TOKEN_MODEL)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 10, (40, 5)), rng.integers(0, 2, 40)
+    np.savez(tmp_path / "tokens.npz", x=x, y=y)
+    spec = f"{tmp_path}/bag.py:make"
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from bag import make  # the same model the CLI builds
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = make()
+    torch.save(model.state_dict(), tmp_path / "bag.pt")
+    args = ("--model", spec, "--data", tmp_path / "tokens.npz", "--batch-size", 40)
+    code, out, err = run(
+        capsys, "analyze", tmp_path / "bag.pt", *args, "-k", 3, "--dtype", "float64", "--json"
+    )
+    assert code == 0, err
+    m = model.double()
+    space = select_parameters(m)
+    H = dense_hessian(m, F.cross_entropy, [(torch.from_numpy(x), torch.from_numpy(y))], space)
+    values, _ = dense_eigh(H)
+    np.testing.assert_allclose(json.loads(out)["eigen"]["eigenvalues"], values[:3], rtol=1e-6)
+    code, _, err = run(capsys, "train", *args, "--epochs", 2, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert (tmp_path / "run" / "checkpoints" / "final.pt").is_file()
+
+
 @pytest.mark.parametrize("samples", [None, 100])  # 100: batches of 40, 40 and a cut-short 20
 def test_minibatch_alignment_reads_more_batches_than_the_hessian(capsys, tmp_path, samples):
     """By default the Hessian is one batch's; the minibatch statistics still take the data's

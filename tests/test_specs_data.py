@@ -13,10 +13,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from hessian_cli.errors import UserError
-from hessian_cli.specs import analysis_batches, check_labels, load_data
+from hessian_cli.specs import analysis_batches, check_labels, load_data, takes_token_ids
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -146,7 +147,8 @@ def test_h5_classification(tmp_path: Path) -> None:
         f["x"] = (arrays["x"] * 100).astype(np.uint8)
         f["y"] = arrays["y"].astype(np.int32)
     data = load_data(str(path))
-    assert data.train.tensors[0].dtype == torch.float32
+    assert data.train.tensors[0].dtype == torch.uint8  # kept compact; batches are cast
+    assert analysis_batches(data.train, batch_size=4)[0][0].dtype == torch.float32
     assert data.num_classes == int(arrays["y"].max()) + 1
     assert torch.equal(data.train.tensors[1], torch.from_numpy(arrays["y"]).long())
 
@@ -327,6 +329,23 @@ def test_analysis_batches_num_batches_and_whole_set() -> None:
     assert [b[0].squeeze(1).tolist() for b in batches] == [[0, 1, 2], [3, 4, 5]]
     assert batches[0][1].dtype == torch.float32  # regression targets follow dtype
     assert sum(len(b[0]) for b in analysis_batches(ds, batch_size=4)) == 10
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_integer_inputs_are_token_ids_only_for_a_model_with_an_embedding(tmp_path: Path) -> None:
+    """uint8 images become real numbers; token ids stay int64 for a model that looks them up."""
+    np.savez(tmp_path / "d.npz", x=np.arange(12, dtype=np.uint8).reshape(4, 3), y=[0, 1, 0, 1])
+    data = load_data(str(tmp_path / "d.npz"))
+    images = analysis_batches(data.train, batch_size=4, dtype=torch.float64)[0][0]
+    assert images.dtype == torch.float64 and images[1].tolist() == [3.0, 4.0, 5.0]
+    tokens = analysis_batches(data.train, batch_size=4, token_ids=True)[0][0]
+    assert tokens.dtype == torch.int64 and tokens[1].tolist() == [3, 4, 5]
+    reals = TensorDataset(torch.rand(4, 3), torch.zeros(4))  # real inputs stay real
+    assert analysis_batches(reals, batch_size=4, token_ids=True)[0][0].dtype == torch.float32
+    mlp = nn.Sequential(nn.Linear(3, 2))
+    bag = nn.Sequential(nn.Embedding(12, 2), nn.Flatten(), nn.Linear(6, 2))
+    assert not takes_token_ids(mlp) and takes_token_ids(bag)
+    assert takes_token_ids(torch.jit.script(bag)) and not takes_token_ids(torch.jit.script(mlp))
 
 
 class _NumpyPairs(Dataset):

@@ -15,11 +15,12 @@ from hessian_cli.specs.data import (
     DataSource,
     analysis_batches,
     anchored_data,
+    cast_inputs,
     check_finite,
     check_labels,
     load_data,
 )
-from hessian_cli.specs.fit import check_fits, model_device
+from hessian_cli.specs.fit import check_fits, model_device, takes_token_ids
 from hessian_cli.specs.losses import BUILTIN_LOSSES, default_loss, get_loss
 from hessian_cli.specs.models import BUILTIN_MODELS, build_model
 from hessian_cli.specs.user_code import absolute, anchored, load_object
@@ -38,6 +39,7 @@ __all__ = [
     "anchored_data",
     "apply_weights",
     "build_model",
+    "cast_inputs",
     "check_finite",
     "check_fits",
     "check_labels",
@@ -50,4 +52,5 @@ __all__ = [
     "load_object",
     "model_device",
     "save_checkpoint",
+    "takes_token_ids",
 ]

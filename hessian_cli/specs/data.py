@@ -227,8 +227,6 @@ def _tensor_file(spec: str) -> DataSource:
             raise UserError(f"data file {spec!r}: {which} must have the same, non-zero length.")
         if len(xs) == 0:
             raise UserError(f"data file {spec!r} holds no samples in {which}.")
-        if not xs.is_floating_point():
-            xs = xs.to(torch.float32)
         if classification:
             ys = _class_labels(ys, spec, which)
         elif ys.ndim == 1:
@@ -461,10 +459,12 @@ def analysis_batches(
     num_samples: int | None = None,
     num_batches: int | None = None,
     dtype: torch.dtype = torch.float32,
+    token_ids: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first samples of ``dataset`` in order, as (x, y) batches (all of it if no count is given).
 
-    x is cast to ``dtype``; integer labels stay int64, float targets are cast to ``dtype``.
+    x is cast as :func:`cast_inputs` says; integer labels stay int64, float targets are cast to
+    ``dtype``.
     """
     if isinstance(dataset, DataLoader):
         dataset = dataset.dataset
@@ -511,13 +511,17 @@ def analysis_batches(
                 f"the data samples could not be batched ({described(exc)}); are all samples the "
                 "same shape?"
             ) from exc
-    return [(_cast_x(x, dtype), _cast_y(y, dtype)) for x, y in raw]
+    return [(cast_inputs(x, dtype, token_ids), _cast_y(y, dtype)) for x, y in raw]
 
 
-def _cast_x(x: Any, dtype: torch.dtype) -> torch.Tensor:
+def cast_inputs(x: Any, dtype: torch.dtype, token_ids: bool = False) -> torch.Tensor:
+    """Inputs as the model takes them: real numbers of ``dtype``, except integer inputs of a model
+    with an embedding table (``token_ids``, see :func:`takes_token_ids`), which stay int64."""
     x = torch.as_tensor(x)
     if x.is_complex():
         raise UserError("complex-valued inputs are not supported.")
+    if token_ids and not x.is_floating_point() and x.dtype != torch.bool:
+        return x.long()
     return x.to(dtype)
 
 

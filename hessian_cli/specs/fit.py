@@ -23,6 +23,17 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether the model looks its inputs up in an embedding table: then integer inputs are token
+    ids and stay integers; otherwise integer data (uint8 images) become real numbers."""
+    tables = (nn.Embedding, nn.EmbeddingBag)
+    names = {t.__name__ for t in tables}
+    return any(
+        isinstance(m, tables) or getattr(m, "original_name", None) in names  # TorchScript
+        for m in model.modules()
+    )
+
+
 def check_fits(
     model: nn.Module,
     loss_fn: Callable,

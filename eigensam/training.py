@@ -540,6 +540,8 @@ class _Run:
             x, y = default_collate([ds[i] for i in idx.tolist()])[:2]
         y = torch.as_tensor(y)
         y = y.float() if y.is_floating_point() else y.long()
+        if self.classify and not isinstance(ds, TensorDataset):  # its labels were not all seen
+            check_labels([(x, y)], self.data.num_classes)
         x = cast_inputs(x, torch.float32, self.token_ids)
         return x.to(self.device), y.to(self.device)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,28 @@ def test_hostile_pickle_never_runs_without_trust(tmp_path: Path, zip_format: boo
     ckpt = load_checkpoint(path, trust=True)
     assert marker.is_dir()
     assert set(ckpt.state_dict) == set(small_state())
+
+
+@pytest.mark.parametrize("as_arrays", [False, True])
+def test_a_plain_pickle_loads_only_with_trust(tmp_path: Path, as_arrays: bool) -> None:
+    """pickle.dump files (tensors, or NumPy arrays from outside torch) cannot be read by
+    torch.load; unpickling runs code, so only a trusted one is read."""
+    state = small_state()
+    marker = tmp_path / "pwned"
+    content = {k: v.numpy() if as_arrays else v for k, v in state.items()}
+    path = tmp_path / "plain.pkl"
+    with path.open("wb") as fh:
+        pickle.dump({"model": content, "payload": MakeDir(marker)}, fh)
+    with pytest.raises(UserError, match="is a plain pickle.*--trust-checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    ckpt = load_checkpoint(path, trust=True)
+    assert marker.is_dir() and ckpt.format == "pickle"
+    assert set(ckpt.state_dict) == set(state)
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in state.items())
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(UserError, match="corrupt or truncated pickle"):
+        load_checkpoint(path, trust=True)
 
 
 def test_custom_class_needs_trust(tmp_path: Path) -> None:

@@ -102,6 +102,14 @@ def test_bad_synthetic_specs(spec: str) -> None:
         load_data(spec)
 
 
+@pytest.mark.parametrize(
+    "spec", ["synthetic:3x1000x1000:10:999999", "synthetic-regression:9:1:1000000000000"]
+)
+def test_synthetic_data_larger_than_memory_is_refused_before_it_is_made(spec: str) -> None:
+    with pytest.raises(UserError, match=r"would take \d+\.\d GiB .* give it a smaller count"):
+        load_data(spec)
+
+
 def test_unknown_data_spec_lists_the_forms() -> None:
     with pytest.raises(UserError) as info:
         load_data("imagenet")
@@ -157,8 +165,12 @@ def test_bad_tensor_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_data(str(tmp_path / "missing.npz"))
     np.savez(tmp_path / "no_y.npz", x=np.zeros((3, 2)))
-    with pytest.raises(UserError, match="no 'y' entry"):
+    with pytest.raises(UserError, match=r"no 'y' array at its top level \(found: x\)"):
         load_data(str(tmp_path / "no_y.npz"))
+    with h5py.File(tmp_path / "grouped.h5", "w") as f:  # arrays in a group are named as one
+        f["train/x"], f["train/y"], f["notes"] = np.zeros((3, 2)), np.zeros(3), np.zeros(2)
+    with pytest.raises(UserError, match=r"no 'x' array .*\(found: notes, train/\)"):
+        load_data(str(tmp_path / "grouped.h5"))
     np.savez(tmp_path / "lengths.npz", x=np.zeros((3, 2)), y=np.zeros(4, dtype=int))
     with pytest.raises(UserError, match="same"):
         load_data(str(tmp_path / "lengths.npz"))

@@ -264,6 +264,23 @@ def test_a_model_or_loss_that_does_not_fit_is_one_sentence_and_writes_nothing(tm
         assert not (tmp_path / "run").exists()
 
 
+def test_a_label_beyond_the_counted_classes_stops_with_one_sentence(tmp_path, monkeypatch):
+    """A user dataset's classes are counted from its first samples; a later, larger label is
+    named when a batch holds it (cross-entropy would fail with an index error)."""
+    monkeypatch.setattr("hessian_cli.specs.data._SCAN_LIMIT", 30)
+    (tmp_path / "items.py").write_text(
+        "import torch\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n        return 40\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.full((4,), float(i)), 5 if i == 35 else i % 3\n"
+        "def make():\n    return Items()\n"
+    )
+    cfg = config(tmp_path, data=f"{tmp_path}/items.py:make", epochs=1, eig_every=1)
+    with pytest.raises(UserError, match="label 5 is out of range for 3 classes"):
+        train(cfg)
+
+
 def _failing_step(monkeypatch, at: int, error: BaseException):
     """Make training step ``at`` raise ``error``; returns the real step, to put back."""
     from eigensam import training as training_module

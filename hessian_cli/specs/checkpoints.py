@@ -70,7 +70,10 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
         fmt = "safetensors"
     else:
         fmt = "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
-        obj = _torch_load(path, trust)
+        if fmt == "torch-legacy" and _is_plain_pickle(head):
+            fmt, obj = "pickle", _plain_pickle_load(path, trust)
+        else:
+            obj = _torch_load(path, trust)
         raw = obj if isinstance(obj, dict) else {}
         state, metadata = _unwrap(obj, path)
     return LoadedCheckpoint(
@@ -94,6 +97,42 @@ def _sha256(path: Path) -> str:
 def _looks_like_safetensors(head: bytes) -> bool:
     """safetensors: 8-byte little-endian header length, then a JSON object."""
     return len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30
+
+
+def _is_plain_pickle(head: bytes) -> bool:
+    """A pickle (protocol 2 or later) that does not open with torch's legacy magic number."""
+    return head[:1] == b"\x80" and head[1:2] >= b"\x02" and head[2:4] != b"\x8a\x0a"
+
+
+def _plain_pickle_load(path: Path, trust: bool) -> Any:
+    """A file written by ``pickle.dump`` (tensors or NumPy arrays); torch.load cannot read one,
+    and only a trusted one is unpickled, since unpickling runs code from the file."""
+    if not trust:
+        raise UserError(
+            f"checkpoint {str(path)!r} is a plain pickle, not a torch file, and safe loading cannot "
+            f"read it; pass {TRUST_FLAG} only if you trust where it came from, or save the weights "
+            "with torch.save or safetensors."
+        )
+    try:
+        with path.open("rb") as fh:
+            obj = pickle.load(fh)
+    except Exception as exc:
+        raise UserError(
+            f"checkpoint {str(path)!r} is a corrupt or truncated pickle ({first_line(exc)})."
+        ) from exc
+    return _arrays_as_tensors(obj)
+
+
+def _arrays_as_tensors(obj: Any) -> Any:
+    """NumPy arrays (in nested dicts) as tensors: pickles from outside torch hold them."""
+    if isinstance(obj, dict):
+        return {k: _arrays_as_tensors(v) for k, v in obj.items()}
+    if type(obj).__module__ == "numpy" and hasattr(obj, "__array__"):
+        try:
+            return torch.as_tensor(obj)
+        except (TypeError, RuntimeError):  # strings, objects: named as not tensors later
+            return obj
+    return obj
 
 
 def _torch_load(path: Path, trust: bool) -> Any:

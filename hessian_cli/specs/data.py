@@ -7,6 +7,7 @@ augments: batches are the first samples of a dataset, in order.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -135,6 +136,7 @@ def _synthetic(spec: str, *, regression: bool) -> DataSource:
     second = _spec_int(parts[1], spec, form) if len(parts) > 1 else (1 if regression else 10)
     count = _spec_int(parts[2], spec, form) if len(parts) > 2 else 256
     test_count = max(1, count // 4)
+    _check_fits_in_memory(spec, (count + test_count) * math.prod(shape) * 4)
     gen = torch.Generator().manual_seed(_SYNTHETIC_SEED)
     x = torch.randn(count + test_count, *shape, generator=gen)
     if regression:
@@ -153,6 +155,20 @@ def _synthetic(spec: str, *, regression: bool) -> DataSource:
         num_classes=num_classes,
         target_shape=target_shape,
     )
+
+
+def _check_fits_in_memory(spec: str, nbytes: int) -> None:
+    """Refuse synthetic data larger than half this machine's memory: it is generated up front,
+    so the count of the spec (not --num-samples) is what has to shrink."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return
+    if nbytes > memory // 2:
+        raise UserError(
+            f"data spec {spec!r} would take {nbytes / 2**30:.1f} GiB (with its test split), more "
+            f"than half this machine's {memory / 2**30:.0f} GiB; give it a smaller count."
+        )
 
 
 def _spec_int(text: str, spec: str, form: str) -> int:
@@ -206,7 +222,8 @@ def _tensor_file(spec: str) -> DataSource:
     for key in ("x", "y"):
         if key not in arrays:
             raise UserError(
-                f"data file {spec!r} has no {key!r} entry (found: {', '.join(sorted(arrays)) or 'none'})."
+                f"data file {spec!r} has no {key!r} array at its top level (found: "
+                f"{', '.join(sorted(arrays)) or 'none'})."
             )
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise UserError(f"data file {spec!r} must hold both x_test and y_test, or neither.")
@@ -249,17 +266,27 @@ def _tensor_file(spec: str) -> DataSource:
     )
 
 
+_FILE_KEYS = ("x", "y", "x_test", "y_test", "num_classes")
+
+
 def _read_arrays(path: Path) -> dict[str, Any]:
+    """The entries of a data file that it may hold (others are listed, not read: an HDF5 group
+    as ``name/``), so that an error can say what the file has."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
+                return {k: npz[k] if k in _FILE_KEYS else None for k in npz.files}
         if suffix in (".h5", ".hdf5"):
             import h5py
 
             with h5py.File(path, "r") as h5:
-                return {k: h5[k][()] for k in h5 if isinstance(h5[k], h5py.Dataset)}
+                return {
+                    k if isinstance(h5[k], h5py.Dataset) else f"{k}/": (
+                        h5[k][()] if k in _FILE_KEYS and isinstance(h5[k], h5py.Dataset) else None
+                    )
+                    for k in h5
+                }
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(

@@ -57,7 +57,10 @@ def check_fits(
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
-        raise UserError(f"The model returns a {type(out).__name__}, not a tensor of outputs.")
+        raise UserError(
+            f"The model returns a {type(out).__name__}, not a tensor of outputs; wrap it in a "
+            "factory whose module returns the output tensor (e.g. out['logits'])."
+        )
     top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
     if top is not None and out.ndim == 2 and top >= out.shape[1]:
         raise UserError(

@@ -37,7 +37,7 @@ import torch
 
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
-from hessian_cli.storage.files import atomic_path, file_format, signals_deferred
+from hessian_cli.storage.files import file_format, hdf5_written, signals_deferred
 from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics
 
 METRICS_VERSION = 1
@@ -150,8 +150,7 @@ class MetricsLog:
         its unwinding, which torchrun's SIGTERM to the other ranks tends to cut short)."""
         with (
             signals_deferred(signal.SIGTERM, signal.SIGINT),
-            atomic_path(self.path) as tmp,
-            h5py.File(tmp, "w") as f,
+            hdf5_written(self.path) as f,
         ):
             f.attrs.update(self.foreign_attrs)
             if self.foreign_groups:

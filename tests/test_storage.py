@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -384,6 +388,56 @@ def test_unwritable_output_is_one_user_error(full, tmp_path, monkeypatch):
         with pytest.raises(UserError, match="Cannot write"):
             write_analyses(locked / "out.h5", [full], command_line="x")
     assert not list(locked.iterdir())
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+sys.argv = ["hessian-cli", *sys.argv[1:]]
+from hessian_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file size limits")
+@pytest.mark.parametrize("command", ["train", "analyze"])
+def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, command):
+    """HDF5 writing straight to a file that cannot grow crashed the process (segfault) or
+    raised RuntimeErrors; the file size limit fails writes the way a full disk does."""
+    example = Path(__file__).resolve().parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    args = {
+        "train": ["train", "--model", "mlp", "--data", "digits", "--max-steps", "2"],
+        "analyze": ["analyze", example, "-k", "2", "--save-eigenvectors"],
+    }[command]
+    out = tmp_path / ("run" if command == "train" else "spectra.h5")
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, *map(str, args), "--out", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    written = out / "metrics.h5" if command == "train" else out
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: Could not write {written}: file too large."
+    assert not written.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_large_file_is_written_on_disk_where_there_is_room(full, tmp_path, monkeypatch):
+    from hessian_cli.storage import files
+
+    monkeypatch.setattr(files, "IN_MEMORY_BYTES", 0)
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="first", save_eigenvectors=True)
+    write_analyses(path, [variant(full, "b", 50)], command_line="second")
+    assert sorted(r["name"] for r in read_analyses(path)) == ["b", "run/ckpt_100.pt"]
+    before = path.read_bytes()
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: SimpleNamespace(free=1 << 20))
+    with pytest.raises(UserError, match=r"needs about \d+ MiB and the disk has 1 MiB free"):
+        write_analyses(path, [variant(full, "c", 60)], command_line="third")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spectra.h5"]
 
 
 def test_reading_tolerates_missing_parts_and_unknown_extras(full, tmp_path):

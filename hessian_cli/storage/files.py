@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -185,6 +186,48 @@ def atomic_path(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Files up to this size are built in memory; larger ones (eigenvectors of big models) on disk.
+IN_MEMORY_BYTES = 256 << 20
+
+
+@contextmanager
+def hdf5_written(path: Path, *, append: bool = False, adding: int = 0) -> Iterator[h5py.File]:
+    """An HDF5 file (a copy of ``path`` with ``append``) that replaces ``path`` atomically once
+    the block finishes; ``adding`` is about how many bytes the block writes.
+
+    HDF5 writing to a full disk says so as a RuntimeError, or crashes the process while it
+    closes the file: a file that fits in memory is therefore built there and written with plain
+    I/O (a full disk is then one OSError); a larger one only where the disk has room for it.
+    """
+    size = (path.stat().st_size if append else 0) + adding
+    if size > IN_MEMORY_BYTES:
+        _check_room(path, size)
+        with (
+            atomic_path(path, copy_existing=append) as tmp,
+            h5py.File(tmp, "r+" if append else "w") as f,
+        ):
+            yield f
+        return
+    buffer = io.BytesIO(path.read_bytes() if append else b"")
+    with h5py.File(buffer, "r+" if append else "w") as f:
+        yield f
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def _check_room(path: Path, size: int) -> None:
+    """Refuse a write the disk has no room for (with 5% and 16 MiB to spare)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < size * 1.05 + (16 << 20):
+        raise UserError(
+            f"Could not write {path}: it needs about {size / 2**20:.0f} MiB and the disk has "
+            f"{free / 2**20:.0f} MiB free."
+        )
 
 
 def _link(tmp: Path, path: Path) -> None:

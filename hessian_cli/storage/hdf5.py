@@ -24,9 +24,9 @@ from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
 from hessian_cli.storage.files import (
     DAMAGED,
-    atomic_path,
     check_directory_writable,
     file_format,
+    hdf5_written,
     locked,
     open_format,
     open_hdf5,
@@ -68,10 +68,9 @@ def write_analyses(
     check_writable(path)
     with locked(path):  # from reading what is there to replacing it
         exists = path.exists()  # after the lock: another writer may have just created it
-        with (
-            atomic_path(path, copy_existing=exists) as tmp,
-            h5py.File(tmp, "r+" if exists else "w") as f,
-        ):
+        with hdf5_written(
+            path, append=exists, adding=_bytes_to_add(analyses, save_eigenvectors)
+        ) as f:
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             if not exists:
                 f.attrs["format"] = FORMAT_NAME
@@ -100,6 +99,16 @@ def write_analyses(
             _append_strings(f, "history", [json.dumps(entry)])
             _set_strings(f, "series", _series_order(f, written))
     return written
+
+
+def _bytes_to_add(analyses: Sequence[CheckpointAnalysis], save_eigenvectors: bool) -> int:
+    """About what the groups take: eigenvectors (before compression), plus a MiB each."""
+    total = len(analyses) << 20
+    for a in analyses:
+        vectors = a.eigen.eigenvectors if a.eigen is not None else None
+        if save_eigenvectors and vectors is not None:
+            total += vectors.numel() * (8 if vectors.dtype.itemsize == 8 else 4)
+    return total
 
 
 def check_writable(path: str | Path) -> None:

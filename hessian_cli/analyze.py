@@ -235,7 +235,9 @@ def analyze_checkpoint(
             progress,
             specs={"model": s.model_spec, "data": s.data_spec, "loss": s.loss_spec},
             num_batches=len(s.batches),
-            minibatches=distributed.shard(s.minibatches, rank, world_size),
+            minibatches=distributed.shard(s.minibatches, rank, world_size)
+            if s.minibatches
+            else None,
         )
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
@@ -350,8 +352,11 @@ def _run_solvers(
     progress: Progress | None,
     specs: dict[str, str],
     num_batches: int,
-    minibatches: list,
+    minibatches: list | None,
 ) -> CheckpointAnalysis:
+    """``minibatches``: this rank's share of the alignment's extra minibatches (possibly none),
+    or None where the analysed batches hold them (the same on every rank: building an operator
+    is collective)."""
     start = time.perf_counter()
     op = HessianOperator(
         model, loss_fn, batches, params=request.params, bn=request.bn, precision=request.precision
@@ -408,7 +413,7 @@ def _run_solvers(
             minibatch_op=HessianOperator(
                 model, loss_fn, minibatches, params=op.space, bn=request.bn, keep_graph=False
             )
-            if minibatches
+            if minibatches is not None
             else None,
         )
     # A reduced-precision analysis states how far its products are from full-precision ones.

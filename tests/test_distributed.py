@@ -81,12 +81,15 @@ def test_shard_is_a_contiguous_partition() -> None:
 
 
 @needs_gloo
-@pytest.mark.parametrize("samples,batch,minibatches", [(201, 50, 4), (160, 40, 6)])
+@pytest.mark.parametrize(
+    "samples,batch,minibatches,ranks", [(201, 50, 4, 2), (160, 40, 6, 2), (50, 50, 2, 3)]
+)
 def test_analyze_two_ranks_matches_one_process(
-    tmp_path: Path, samples: int, batch: int, minibatches: int
+    tmp_path: Path, samples: int, batch: int, minibatches: int, ranks: int
 ) -> None:
     """Eigenpairs, residuals, trace, density and alignment agree to 1e-6 in float64 (minibatch
-    statistics over part of the analysed batches, or over more batches than those)."""
+    statistics over part of the analysed batches, or over more batches than those; with fewer
+    of those than ranks, a rank without a share still takes part: it hung before)."""
     args = [
         "analyze",
         str(CKPT),
@@ -110,11 +113,11 @@ def test_analyze_two_ranks_matches_one_process(
     code1, out1, err1, _ = _run(args, ranks=None, cwd=tmp_path)
     assert code1 == 0, err1
     out_file = tmp_path / "two.h5"
-    code2, out2, err2, _ = _run([*args, "--out", str(out_file)], ranks=2, cwd=tmp_path)
+    code2, out2, err2, _ = _run([*args, "--out", str(out_file)], ranks=ranks, cwd=tmp_path)
     assert code2 == 0, err2
     one, two = json.loads(out1), json.loads(out2)  # rank 0 alone printed: one JSON document
 
-    assert two["provenance"]["world_size"] == 2
+    assert two["provenance"]["world_size"] == ranks
     assert two["provenance"]["num_samples"] == samples
     assert two["provenance"]["num_batches"] == one["provenance"]["num_batches"]
     assert two["provenance"]["hvps"] == one["provenance"]["hvps"]
@@ -148,7 +151,7 @@ def test_analyze_two_ranks_matches_one_process(
     torch.testing.assert_close(mb2, mb1, rtol=1e-6, atol=1e-12)
 
     with h5py.File(out_file, "r") as f:
-        assert int(f["checkpoints/digits_mlp"].attrs["world_size"]) == 2
+        assert int(f["checkpoints/digits_mlp"].attrs["world_size"]) == ranks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.h5"]  # no stray files per rank
 
 
@@ -183,6 +186,31 @@ def test_one_failing_rank_ends_the_job_with_one_message(tmp_path: Path, command:
     assert "Traceback" not in err.split("error:")[0]
     assert not (tmp_path / "s.h5").exists()
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@needs_gloo
+def test_a_series_stopped_by_a_bad_checkpoint_is_written_and_reported_once(
+    tmp_path: Path,
+) -> None:
+    """Every rank meets the NaN checkpoint: rank 0 writes the ones before it and says so once
+    (rank 1 took the error for its own, left at once, and torchrun stopped rank 0 mid-write)."""
+    series = tmp_path / "series"
+    series.mkdir()
+    state = load_checkpoint(CKPT).raw
+    for step in (1, 2):
+        torch.save(state, series / f"step{step}.pt")
+    bad = {**state, "model": {k: v.clone() for k, v in state["model"].items()}}
+    next(iter(bad["model"].values())).fill_(float("nan"))
+    torch.save(bad, series / "step9.pt")
+    args = ["analyze", str(series), "--top-k", "2", "--out", "s.h5", "-q"]
+    code, _, err, seconds = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0 and seconds < 60
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "step9.pt" in lines[0] and "non-finite" in lines[0] and "are kept" in lines[0]
+    assert "Terminated" not in err
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert sorted(f["checkpoints"]) == ["step1", "step2"]
 
 
 @needs_gloo

@@ -88,7 +88,8 @@ def _rank_prefix(exc: Exception) -> str | None:
     from hessian_cli.engine.distributed import CollectiveUserError
 
     rank = int(os.environ["RANK"])
-    if isinstance(exc, CollectiveUserError):
+    # A series stopped by an error all ranks agreed on is as collective as that error.
+    if isinstance(exc, CollectiveUserError) or isinstance(exc.__cause__, CollectiveUserError):
         return "" if rank == 0 else None
     return f"rank {rank}: "
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from hessian_cli.storage.files import (
     locked,
     open_format,
     open_hdf5,
+    signals_deferred,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +68,8 @@ def write_analyses(
 
     path = Path(path).resolve()  # a link's target is appended to, the link kept
     check_writable(path)
-    with locked(path):  # from reading what is there to replacing it
+    # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place.
+    with signals_deferred(signal.SIGTERM, signal.SIGINT), locked(path):
         exists = path.exists()  # after the lock: another writer may have just created it
         with hdf5_written(
             path, append=exists, adding=_bytes_to_add(analyses, save_eigenvectors)

@@ -133,8 +133,8 @@ def analyze_target(
 ) -> list[CheckpointAnalysis]:
     """Analyse one checkpoint or a directory of them, returned in step/epoch order; bad input
     met after the first is :class:`SeriesStopped`, which holds the results so far."""
-    _check_request(request)  # before any checkpoint is loaded
     with distributed.fail_together():
+        _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
         loaded = [load_checkpoint(p, trust=request.trust_checkpoint) for p in paths]
     loaded.sort(key=checkpoint_order_key)

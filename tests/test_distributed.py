@@ -80,6 +80,17 @@ def test_shard_is_a_contiguous_partition() -> None:
         assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan", "soon"])
+def test_a_bad_collective_timeout_is_one_sentence(monkeypatch, value: str) -> None:
+    from hessian_cli.engine import distributed
+    from hessian_cli.errors import UserError
+
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
+    with pytest.raises(UserError, match=f"must be a positive number of seconds, not '{value}'"):
+        distributed.init_from_env()
+
+
 @needs_gloo
 @pytest.mark.parametrize(
     "samples,batch,minibatches,ranks", [(201, 50, 4, 2), (160, 40, 6, 2), (50, 50, 2, 3)]
@@ -208,9 +219,24 @@ def test_a_series_stopped_by_a_bad_checkpoint_is_written_and_reported_once(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     assert "step9.pt" in lines[0] and "non-finite" in lines[0] and "are kept" in lines[0]
+    assert "rank" not in lines[0]  # every rank met it: no rank's doing
     assert "Terminated" not in err
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert sorted(f["checkpoints"]) == ["step1", "step2"]
+
+
+@needs_gloo
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--top-k", "-1"], "error: --top-k must be at least 0, not -1."),
+        (["--which", "foo"], "error: --which must be one of largest, smallest, both, not 'foo'."),
+    ],
+)
+def test_a_bad_option_is_said_once(tmp_path: Path, option: list[str], message: str) -> None:
+    code, _, err, _ = _run(["analyze", str(CKPT), *option], ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [message], err
 
 
 @needs_gloo

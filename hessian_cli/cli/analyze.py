@@ -150,18 +150,19 @@ def analyze(
     from hessian_cli.report import analysis_to_dict
     from hessian_cli.storage.hdf5 import check_writable, write_analyses
 
-    for name, value, allowed in (
-        ("--which", which, ("largest", "smallest", "both")),
-        ("--criterion", criterion, ("residual", "eigenvalue")),
-        ("--bn", bn, ("eval", "train")),
-        ("--dtype", dtype, ("float32", "float64")),
-        ("--precision", precision, PRECISIONS),
-    ):
-        if value not in allowed:
-            raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
-    if num_samples is not None and num_batches is not None:
-        raise UserError("Give --num-samples or --num-batches, not both.")
-    with fail_together():  # rank 0 writes; the others must not start work it refused
+    with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
+        for name, value, allowed in (
+            ("--which", which, ("largest", "smallest", "both")),
+            ("--criterion", criterion, ("residual", "eigenvalue")),
+            ("--bn", bn, ("eval", "train")),
+            ("--dtype", dtype, ("float32", "float64")),
+            ("--precision", precision, PRECISIONS),
+        ):
+            if value not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
+        if num_samples is not None and num_batches is not None:
+            raise UserError("Give --num-samples or --num-batches, not both.")
+        # rank 0 writes; the others must not start work it refused
         if out is not None and world()[0] == 0:
             check_writable(out)  # before the work: a refusal after it would lose the results
     request = AnalyzeRequest(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
@@ -87,8 +88,13 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     if timeout_s is None:
         try:
             timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        except ValueError as exc:
-            raise UserError(f"${TIMEOUT_ENV} must be a number of seconds.") from exc
+        except ValueError:
+            timeout_s = math.nan
+        if not (0 < timeout_s < 1e9):  # nan, inf and 0 included
+            raise UserError(
+                f"${TIMEOUT_ENV} must be a positive number of seconds, not "
+                f"{os.environ[TIMEOUT_ENV]!r}."
+            )
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -167,8 +173,9 @@ def fail_together() -> Iterator[None]:
 
     Wrap the phases where bad input shows up (loading checkpoints and data). Every rank reports
     its error message or ``None``; if any rank failed, every rank raises
-    :class:`CollectiveUserError` with the first failing rank's message, so rank 0 can report it and
-    the job ends at once instead of the healthy ranks waiting for the failed one until the timeout.
+    :class:`CollectiveUserError` with the first failing rank's message (naming that rank unless
+    every rank failed alike), so rank 0 can report it and the job ends at once instead of the
+    healthy ranks waiting for the failed one until the timeout.
     Without a process group this is a no-op.
     """
     error: UserError | None = None
@@ -184,6 +191,8 @@ def fail_together() -> Iterator[None]:
     with _collective():
         dist.all_gather_object(messages, None if error is None else str(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if len(failed) == len(messages) and len(set(messages)) == 1:  # not any one rank's doing
+        raise CollectiveUserError(failed[0][1]) from error
     if failed:
         rank, message = failed[0]
         raise CollectiveUserError(f"rank {rank} of {len(messages)}: {message}") from error

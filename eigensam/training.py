@@ -56,7 +56,13 @@ from hessian_cli.analyze import resolve_device
 from hessian_cli.engine import distributed
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import dot, norms
-from hessian_cli.engine.operator import Batch, HessianOperator, LossFn, forward_mode
+from hessian_cli.engine.operator import (
+    Batch,
+    HessianOperator,
+    LossFn,
+    batch_statistics_error,
+    forward_mode,
+)
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
     absolute,
@@ -322,6 +328,13 @@ class _Run:
             check_labels([self.track_batch], self.data.num_classes)
         batch = tuple(t.to(self.device) for t in self.track_batch)
         check_fits(self.model, self.loss_fn, [batch], self.data.input_shape)
+        if self.config.batch_size == 1:  # later batches always hold two samples or more
+            why = batch_statistics_error(self.model, batch[0][:1])
+            if why is not None:
+                raise UserError(
+                    f"a batch of one sample cannot train this model ({why}): BatchNorm "
+                    "normalises by batch statistics; use a --batch-size of 2 or more."
+                )
 
     def _restore(self, path: Path) -> torch.Tensor:
         """Load a checkpoint of this run; return the data-order state it saved."""
@@ -729,14 +742,19 @@ class _Run:
         return total / count, self._accuracy(correct, count)
 
     def _epoch_records(self) -> list[EpochDone]:
-        """Every epoch row so far, with the tracked lambda_max at the end of each epoch."""
+        """Every epoch row so far, with the last lambda_max tracked in each epoch (None where
+        none was: a value carried over from an earlier epoch would pass for this one's)."""
         track_steps = self.metrics.column("track", "step")
         track_values = self.metrics.column("track", "lambda_max")
         records = []
         for row in self.metrics.rows["epochs"]:
             epoch, train_loss, train_acc, test_loss, test_acc, seconds = row
-            end = epoch * self.steps_per_epoch
-            seen = [v for s, v in zip(track_steps, track_values, strict=True) if s <= end]
+            end = epoch * self.steps_per_epoch  # steps done: the weights a track measured
+            seen = [
+                v
+                for s, v in zip(track_steps, track_values, strict=True)
+                if end - self.steps_per_epoch < s <= end
+            ]
             records.append(
                 EpochDone(
                     epoch=int(epoch),

@@ -27,10 +27,10 @@ from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import check_options, eigenpairs
-from hessian_cli.engine.operator import HessianOperator, forward_mode
+from hessian_cli.engine.operator import HessianOperator, batch_statistics_error
 from hessian_cli.engine.params import check_real
 from hessian_cli.engine.trace import hutchinson_trace
-from hessian_cli.errors import UserError, first_line
+from hessian_cli.errors import UserError
 from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
     LoadedCheckpoint,
@@ -330,15 +330,13 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
 
 def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:
     """With --bn train a batch of one sample has no statistics to normalise by (BatchNorm1d)."""
-    with torch.no_grad(), forward_mode(model, "train"):
-        try:
-            model(batch[0].to(model_device(model)))
-        except ValueError as exc:
-            raise UserError(
-                f"--bn train normalises by batch statistics, which a batch of {len(batch[1])} "
-                f"sample{'s' if len(batch[1]) > 1 else ''} does not have ({first_line(exc)}); "
-                "choose a --batch-size or --num-samples that leaves no such batch."
-            ) from exc
+    why = batch_statistics_error(model, batch[0].to(model_device(model)))
+    if why is not None:
+        raise UserError(
+            f"--bn train normalises by batch statistics, which a batch of {len(batch[1])} "
+            f"sample{'s' if len(batch[1]) > 1 else ''} does not have ({why}); "
+            "choose a --batch-size or --num-samples that leaves no such batch."
+        )
 
 
 def _run_solvers(

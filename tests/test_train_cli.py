@@ -17,6 +17,7 @@ import torch
 
 from hessian_cli.cli import main
 from hessian_cli.specs import load_checkpoint
+from hessian_cli.storage import read_metrics
 
 TINY = [
     "--model", "mlp", "--model-kwargs", '{"hidden": [8]}', "--data", "synthetic:16:3:96",
@@ -92,6 +93,23 @@ def test_each_optimizer_trains_a_few_steps(capsys, tmp_path, extra):
     assert (out / "checkpoints" / "final.pt").is_file()
     code, stdout, _ = run(capsys, "train", "--resume", out)
     assert code == 0 and "already finished" in stdout
+
+
+def test_a_log_gets_a_line_per_epoch_with_that_epochs_own_lambda_max(capsys, tmp_path):
+    """No live bar into a pipe (it printed nothing until the end, cut to 80 columns); an epoch
+    with no lambda_max tracked in it shows none, not an earlier epoch's."""
+    out = tmp_path / "run"
+    args = ("train", *TINY, "--epochs", "3", "--track-every", "8", "--out", out)
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0
+    track = read_metrics(out / "metrics.h5")["track"]  # steps 0, 8, 16 and the final 18
+    lam = dict(zip(track["step"].tolist(), track["lambda_max"].tolist(), strict=True))
+    lines = [line for line in stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3 and lines[0].startswith("epoch 1/3, train loss ")
+    assert "λmax" not in lines[0]  # 6 steps per epoch: none tracked in steps 1-6
+    assert f"λmax {lam[8]:.4g} (" in lines[1] and f"λmax {lam[16]:.4g} (" in lines[2]
+    table = {row.split()[1]: row.split()[-4] for row in stdout.splitlines() if row[:1] == "│"}
+    assert table == {"1": "-", "2": f"{lam[8]:.4g}", "3": f"{lam[18]:.4g}"}
 
 
 def test_finished_run_reads_back_everywhere(capsys, finished_run):

@@ -281,6 +281,21 @@ def test_a_label_beyond_the_counted_classes_stops_with_one_sentence(tmp_path, mo
         train(cfg)
 
 
+def test_a_batch_of_one_for_a_batchnorm_model_is_refused_before_the_run(tmp_path):
+    (tmp_path / "bn.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), "
+        "nn.Linear(8, 3))\n"
+    )
+    cfg = config(tmp_path, model=f"{tmp_path}/bn.py:make", model_kwargs={}, batch_size=1)
+    with pytest.raises(UserError, match="a batch of one sample cannot train this model"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg.batch_size, cfg.max_steps = 2, 2  # two samples have statistics
+    assert train(cfg).step == 2
+
+
 def _failing_step(monkeypatch, at: int, error: BaseException):
     """Make training step ``at`` raise ``error``; returns the real step, to put back."""
     from eigensam import training as training_module

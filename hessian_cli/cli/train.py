@@ -229,7 +229,8 @@ def _ctrl_c() -> Iterator[_StopRequest]:
 
 
 class _Display:
-    """Progress bar (loss, accuracy, lambda_max, test accuracy) fed by the loop's events."""
+    """What the loop's events show: a progress bar (loss, accuracy, lambda_max, test accuracy) on
+    a terminal; one plain line per epoch into a pipe or log file, where a bar would be cut."""
 
     def __init__(self, console: Console, config: TrainConfig, quiet: bool) -> None:
         self.console = console
@@ -239,6 +240,7 @@ class _Display:
         self.task: Any = None
         self.epochs = config.epochs
         self.test_accuracy = math.nan
+        self.last_step: StepDone | None = None
 
     def __enter__(self) -> _Display:
         return self
@@ -252,24 +254,35 @@ class _Display:
             return
         if isinstance(event, RunStarted):
             self._start(event)
-        elif isinstance(event, StepDone) and self.progress is not None:
-            stats = f"loss {event.loss:.4f}"
-            if not math.isnan(event.accuracy):
-                stats += f"  acc {event.accuracy:.3f}"
-            if event.lambda_max is not None:
-                stats += f"  λmax {event.lambda_max:.4g}"
-            elif event.eigenvalue is not None:
-                stats += f"  λ1 {event.eigenvalue:.4g}"
-            if not math.isnan(self.test_accuracy):
-                stats += f"  test acc {self.test_accuracy:.3f}"
-            self.progress.update(
-                self.task,
-                completed=event.step + 1,
-                description=f"epoch {event.epoch}/{self.epochs}",
-                stats=stats,
-            )
+        elif isinstance(event, StepDone):
+            self.last_step = event
+            self._update()
         elif isinstance(event, EpochDone):
             self.test_accuracy = event.test_accuracy
+            if self.progress is not None:
+                self._update()  # the bar's last state shows the epoch's test accuracy too
+            else:
+                self.console.print(_epoch_line(event, self.epochs), highlight=False, soft_wrap=True)
+
+    def _update(self) -> None:
+        event = self.last_step
+        if self.progress is None or event is None:
+            return
+        stats = f"loss {event.loss:.4g}"
+        if not math.isnan(event.accuracy):
+            stats += f"  acc {event.accuracy:.3f}"
+        if event.lambda_max is not None:
+            stats += f"  λmax {event.lambda_max:.4g}"
+        elif event.eigenvalue is not None:
+            stats += f"  λ1 {event.eigenvalue:.4g}"
+        if not math.isnan(self.test_accuracy):
+            stats += f"  test acc {self.test_accuracy:.3f}"
+        self.progress.update(
+            self.task,
+            completed=event.step + 1,
+            description=f"epoch {event.epoch}/{self.epochs}",
+            stats=stats,
+        )
 
     def _start(self, event: RunStarted) -> None:
         cfg = self.config
@@ -282,6 +295,8 @@ class _Display:
             highlight=False,
             soft_wrap=True,
         )
+        if not self.console.is_terminal:
+            return  # one line per epoch instead
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -328,6 +343,20 @@ def _report(console: Console, summary: TrainSummary, quiet: bool, *, resumed: bo
         raise typer.Exit(EXIT_INTERRUPTED)
     if not quiet:
         console.print(message, highlight=False, soft_wrap=True)
+
+
+def _epoch_line(e: EpochDone, epochs: int) -> str:
+    """An epoch as one plain line, for logs."""
+    parts = [f"epoch {e.epoch}/{epochs}", f"train loss {_num(e.train_loss)}"]
+    if not math.isnan(e.train_accuracy):
+        parts.append(f"acc {_num(e.train_accuracy, '.3f')}")
+    if not math.isnan(e.test_loss):
+        parts.append(f"test loss {_num(e.test_loss)}")
+    if not math.isnan(e.test_accuracy):
+        parts.append(f"test acc {_num(e.test_accuracy, '.3f')}")
+    if e.lambda_max is not None:
+        parts.append(f"λmax {_num(e.lambda_max)}")
+    return ", ".join(parts) + f" ({e.seconds:.1f} s)"
 
 
 def epoch_table(epochs: list[EpochDone]) -> Table:

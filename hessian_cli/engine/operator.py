@@ -21,7 +21,7 @@ from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
-from hessian_cli.errors import NotFinite, UserError
+from hessian_cli.errors import NotFinite, UserError, first_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,6 +129,17 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
             m.training = training
             if track is not None and m.track_running_stats != track:  # a scripted one: constant
                 m.track_running_stats = track
+
+
+def batch_statistics_error(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why BatchNorm cannot normalise ``x`` by its own statistics (a batch of one sample has
+    none), or None; nothing of the model changes."""
+    with torch.no_grad(), forward_mode(model, "train"):
+        try:
+            model(x)
+        except ValueError as exc:
+            return first_line(exc)
+    return None
 
 
 # Smallest block worth a vmapped torch.func pass on CUDA. Measured on an H200 (ResNet-18, 256

@@ -23,6 +23,7 @@ TINY = [
     "--model", "mlp", "--model-kwargs", '{"hidden": [8]}', "--data", "synthetic:16:3:96",
     "--batch-size", "16", "--eig-every", "4",
 ]  # fmt: skip
+PLAIN = TINY[:-2]  # without --eig-every, which only Eigen-SAM reads
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -73,7 +74,7 @@ def finished_run(tmp_path_factory) -> Path:
 def test_each_optimizer_trains_a_few_steps(capsys, tmp_path, extra):
     out = tmp_path / "run"
     code, stdout, _ = run(
-        capsys, "train", *TINY, *extra, "--epochs", "2", "--max-steps", "7", "--out", out
+        capsys, "train", *PLAIN, *extra, "--epochs", "2", "--max-steps", "7", "--out", out
     )
     assert code == 0, stdout
     assert "Stopped (--max-steps) at step 7 of 12" in " ".join(stdout.split())
@@ -148,6 +149,15 @@ def test_existing_run_is_refused_not_overwritten(capsys, finished_run):
         ([*TINY, "--model-kwargs", "{bad", "--out", "{tmp}/x"], "not valid JSON"),
         ([*TINY, "--schedule", "step", "--out", "{tmp}/x"], "unknown schedule"),
         ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "Unknown device"),
+        (
+            [*PLAIN, "--optimizer", "sgd", "--rho", "0.1", "--out", "{tmp}/x"],
+            "--rho has no effect with --optimizer sgd",
+        ),
+        ([*TINY, "--optimizer", "sam", "--out", "{tmp}/x"], "--eig-every has no effect"),
+        (
+            [*PLAIN, "--base-optimizer", "adamw", "--momentum", "0.5", "--out", "{tmp}/x"],
+            "--momentum has no effect with --base-optimizer adamw",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence(capsys, tmp_path, finished_run, args, message):

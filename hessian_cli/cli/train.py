@@ -65,7 +65,10 @@ def train_command(
         None, "--resume", help="Continue the run in this directory exactly where it stopped."
     ),
     optimizer: str | None = typer.Option(
-        None, "--optimizer", help=f"{', '.join(OPTIMIZERS)}." + _default("optimizer")
+        None,
+        "--optimizer",
+        help=f"{', '.join(OPTIMIZERS)} (sgd: plain steps of --base-optimizer, no SAM)."
+        + _default("optimizer"),
     ),
     base_optimizer: str | None = typer.Option(
         None,
@@ -167,6 +170,7 @@ def train_command(
             raise UserError(
                 "give --model, --data and --out to start a run, or --resume RUN_DIR to continue one."
             )
+        _check_used(set_options)
         set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
         config = TrainConfig(**set_options, out=str(out))
     config.max_steps, config.device, config.download = max_steps, device, download
@@ -204,6 +208,26 @@ def train_command(
         _report(console, summary, quiet, resumed=resume is not None)
     elif summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+# Options that only some optimizers read: given for another, they would be recorded as if used.
+_USED_BY = {
+    "rho": ("optimizer", ("sam", "eigensam")),
+    "alpha": ("optimizer", ("eigensam",)),
+    "eig_every": ("optimizer", ("eigensam",)),
+    "momentum": ("base_optimizer", ("sgd",)),
+}
+
+
+def _check_used(given: dict[str, Any]) -> None:
+    """Refuse an option the chosen optimizer ignores (defaults are not given, so never refused)."""
+    for name, (chooser, users) in _USED_BY.items():
+        chosen = given.get(chooser, getattr(_D, chooser))
+        if name in given and chosen not in users:
+            raise UserError(
+                f"{flag(name)} has no effect with {flag(chooser)} {chosen} (it is used by "
+                f"{' and '.join(users)} only); leave it out."
+            )
 
 
 class _StopRequest:
@@ -286,7 +310,12 @@ class _Display:
 
     def _start(self, event: RunStarted) -> None:
         cfg = self.config
-        how = cfg.optimizer if cfg.optimizer == "sgd" else f"{cfg.optimizer} ({cfg.base_optimizer})"
+        # sgd: the base optimizer's own steps (no SAM), which may be AdamW's
+        how = (
+            cfg.base_optimizer
+            if cfg.optimizer == "sgd"
+            else f"{cfg.optimizer} ({cfg.base_optimizer})"
+        )
         verb = f"Resuming at step {event.start_step}" if event.resumed_from else "Training"
         self.console.print(
             f"{verb}: {cfg.model} on {cfg.data} with {how}, {event.num_params:,} parameters, "

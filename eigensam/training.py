@@ -82,10 +82,10 @@ from hessian_cli.specs import (
     save_checkpoint,
     takes_token_ids,
 )
-from hessian_cli.specs.checkpoints import TRUST_FLAG
+from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRUST_FLAG
 from hessian_cli.storage.files import atomic_path, check_directory_writable, held
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = RUN_CHECKPOINTS
 METRICS_FILE = "metrics.h5"
 FINAL_CHECKPOINT = "final.pt"
 _STEP_CHECKPOINT = re.compile(r"step(\d+)\.pt")

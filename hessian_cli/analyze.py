@@ -50,6 +50,7 @@ from hessian_cli.specs import (
     model_device,
     takes_token_ids,
 )
+from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -104,12 +105,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def checkpoint_paths(target: str | Path) -> list[Path]:
-    """One checkpoint file, or every checkpoint in a directory."""
+    """One checkpoint file, or every checkpoint in a directory (of a training run directory:
+    in its checkpoints folder)."""
     path = Path(target)
     if not path.exists():
         raise UserError(f"No such checkpoint file or directory: {path}.")
     if path.is_dir():
         found = list_checkpoints(path)
+        if not found and (path / RUN_CHECKPOINTS).is_dir():
+            found = list_checkpoints(path / RUN_CHECKPOINTS)
         if not found:
             raise UserError(
                 f"The directory {path} holds no checkpoint files "

@@ -123,6 +123,11 @@ def test_finished_run_reads_back_everywhere(capsys, finished_run):
     report = json.loads(out)
     assert report["provenance"]["model"] == "mlp" and report["provenance"]["step"] == 12
     assert len(report["eigen"]["eigenvalues"]) == 2
+    code, out, err = run(capsys, "analyze", finished_run, "--top-k", "1", "--json")
+    assert code == 0, err  # the run directory: its checkpoints, in step order
+    steps = [r["provenance"]["step"] for r in json.loads(out)]
+    names = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+    assert len(steps) == len(names) and steps == sorted(steps) and steps[-1] == 12
     code, out, err = run(capsys, "show", finished_run / "metrics.h5")
     assert code == 0 and "refreshes" in out, err
     assert "last command: hessian-cli train" in out and "written by hessian-cli" in out

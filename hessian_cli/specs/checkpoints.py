@@ -30,6 +30,7 @@ CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".safetensors", ".ckpt")
 TRUST_FLAG = "--trust-checkpoint"
+RUN_CHECKPOINTS = "checkpoints"  # where a training run directory keeps its checkpoints
 
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _PREFIXES = ("module.", "_orig_mod.")

@@ -129,7 +129,7 @@ def test_finished_run_reads_back_everywhere(capsys, finished_run):
     names = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
     assert len(steps) == len(names) and steps == sorted(steps) and steps[-1] == 12
     code, out, err = run(capsys, "show", finished_run / "metrics.h5")
-    assert code == 0 and "refreshes" in out, err
+    assert code == 0 and "refreshes" in out and "λmax of the held-out batch" in out, err
     assert "last command: hessian-cli train" in out and "written by hessian-cli" in out
 
 

@@ -309,7 +309,8 @@ def _ordered(columns: Mapping[str, np.ndarray], key: str) -> dict[str, np.ndarra
 def metrics_summary(
     path: str | Path, metrics: Mapping[str, Mapping[str, np.ndarray]], info: Mapping[str, Any]
 ) -> RenderableType:
-    """A metrics file: counts per record kind, the epoch table, and eigenvector refreshes."""
+    """A metrics file: counts per record kind, the epoch table, eigenvector refreshes and the
+    tracked lambda_max."""
     parts: list[RenderableType] = [Text(str(path), style="bold")]
     version = info.get("format_version", info.get("version"))
     counts = ", ".join(
@@ -326,4 +327,8 @@ def metrics_summary(
         parts.append(columns_table("Epochs", _ordered(metrics["epochs"], "epoch")))
     if metrics.get("refresh"):
         parts.append(columns_table("Eigenvector refreshes", _ordered(metrics["refresh"], "step")))
+    if metrics.get("track"):
+        parts.append(
+            columns_table("λmax of the held-out batch", _ordered(metrics["track"], "step"))
+        )
     return Group(*parts)

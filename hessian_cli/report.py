@@ -111,6 +111,8 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "method": t.method,
             "hvps": int(t.hvps),
             "seconds": number(t.seconds),
+            "sketch_trace": number(t.sketch_trace),
+            "num_samples": len(t.samples),
         }
     if a.density is not None:
         d = a.density

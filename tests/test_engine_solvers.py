@@ -583,6 +583,11 @@ def test_trace_within_three_standard_errors(name, method):
     est = hutchinson_trace(op, 60, method=method, seed=3)
     assert est.hvps == 60 and est.stderr > 0
     assert abs(est.estimate - exact) <= 3 * est.stderr + 1e-9 * abs(exact)
+    # The estimate is the exact part plus the random samples' mean, whose spread is the SE.
+    assert len(est.samples) == (20 if method == "hutch++" else 60)
+    assert est.estimate == pytest.approx(est.sketch_trace + float(est.samples.mean()), rel=1e-12)
+    assert est.stderr == pytest.approx(float(est.samples.std()) / len(est.samples) ** 0.5)
+    assert (est.sketch_trace == 0) == (method == "hutchinson")
 
 
 @pytest.mark.parametrize("block_size", [None, 4])

@@ -127,6 +127,9 @@ def test_report_keys_and_strict_json(full):
     assert d["cost"] == {"hvps": 999, "grad_equivalents": 1998.0, "seconds": 1.5, "device": "cpu"}
     assert len(d["alignment"]["minibatch"]["values"]) == 2
     assert "eigenvectors" not in json.dumps(d)
+    t = d["trace"]  # rebuilt from its parts
+    assert t["num_samples"] == len(full.trace.samples)
+    assert t["estimate"] == pytest.approx(t["sketch_trace"] + float(full.trace.samples.mean()))
     json.dumps(d, allow_nan=False)
 
 

@@ -50,7 +50,9 @@ class EigenResult:
 
 @dataclass
 class TraceResult:
-    """A stochastic trace estimate with its standard error."""
+    """A stochastic trace estimate with its standard error: ``estimate = sketch_trace +
+    mean(samples)`` (Hutch++'s exact part of the sketch, 0 for Hutchinson, and the random part,
+    whose spread alone is the standard error)."""
 
     estimate: float
     stderr: float
@@ -59,6 +61,7 @@ class TraceResult:
     hvps: int
     seconds: float
     samples: torch.Tensor = field(repr=False)
+    sketch_trace: float = 0.0
 
 
 @dataclass

@@ -68,4 +68,5 @@ def hutchinson_trace(
         hvps=op.hvp_count - hvps0,
         seconds=time.perf_counter() - start,
         samples=samples,
+        sketch_trace=exact,
     )

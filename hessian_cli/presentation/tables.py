@@ -41,6 +41,12 @@ def _int(x: Any) -> str:
     return DASH if x is None else f"{int(x):,}"
 
 
+def _of_samples(n: int | None) -> str:
+    """How many random samples a standard error rests on (Hutch++: a third of the probes);
+    with few, ± SE reads more precise than it is."""
+    return "" if n is None else f" of {n:,} random sample{'s' if n != 1 else ''}"
+
+
 def _seconds(x: float | None) -> str:
     if x is None:
         return DASH
@@ -181,8 +187,9 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
     if (t := d.get("trace")) is not None:
         parts.append(
             Text(
-                f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error; "
-                f"{t.get('method')}, {_int(t.get('num_probes'))} probes, {_int(t.get('hvps'))} HVPs, "
+                f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error"
+                f"{_of_samples(t.get('num_samples'))}; {t.get('method')}, "
+                f"{_int(t.get('num_probes'))} probes, {_int(t.get('hvps'))} HVPs, "
                 f"{_seconds(t.get('seconds'))})"
             )
         )

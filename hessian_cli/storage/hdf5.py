@@ -446,6 +446,9 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "method": _str(a.get("method")),
             "hvps": _int(a.get("hvps")),
             "seconds": number(a.get("seconds")),
+            # None in files written before 2026-11-29
+            "sketch_trace": number(a.get("sketch_trace")),
+            "num_samples": _int(a.get("num_samples")),
         }
     if isinstance(dn := g.get("density"), h5py.Group):
         a = dn.attrs

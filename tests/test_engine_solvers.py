@@ -659,6 +659,18 @@ def test_density_rules_are_exact_per_probe():
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("sigma", [None, 0.1, 0.02])  # the spectrum spans 78
+def test_the_density_integrates_to_one_for_any_smoothing_width(sigma):
+    """A grid of 1000 points let Gaussians narrower than its spacing fall between points (the
+    integral was 4e-6 at sigma 1e-4); the grid now grows to 4 points per sigma."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(200, 200, generator=g, dtype=torch.float64)
+    dens = spectral_density(MatrixOperator(A + A.T), num_probes=4, steps=40, sigma=sigma)
+    assert float(torch.trapezoid(dens.values, dens.grid)) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(UserError, match="smoothing width 1e-05 is too narrow.* give at least"):
+        spectral_density(MatrixOperator(A + A.T), num_probes=4, steps=40, sigma=1e-5)
+
+
 def test_density_stops_cleanly_on_invariant_subspace():
     H = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0], dtype=torch.float64))
     dens = spectral_density(MatrixOperator(H), num_probes=2, steps=4, seed=0)

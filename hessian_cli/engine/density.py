@@ -13,6 +13,8 @@ from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import DensityResult
 from hessian_cli.errors import UserError
 
+_MAX_GRID = 20_000  # grid points of the smoothed density at most (memory: probes x steps x grid)
+
 
 @without_tf32
 def spectral_density(
@@ -93,6 +95,16 @@ def spectral_density(
     lo, hi = float(nodes[used].min()), float(nodes[used].max())
     spread = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
     sigma = sigma if sigma is not None else 0.01 * spread
+    # At least 4 grid points per sigma, or narrow Gaussians fall between points and the density
+    # no longer integrates to 1.
+    needed = math.ceil((hi - lo + 10 * sigma) / (sigma / 4)) + 1
+    if needed > max(grid_size, _MAX_GRID):
+        raise UserError(
+            f"The density's smoothing width {sigma:.3g} is too narrow for eigenvalues spread over "
+            f"{hi - lo:.3g} (it would take a grid of {needed:,} points); give at least "
+            f"{4 * (hi - lo) / (_MAX_GRID - 42):.3g}."
+        )
+    grid_size = max(grid_size, needed)
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=torch.float64)
     kernel = torch.exp(-0.5 * ((grid[None, None, :] - nodes[:, :, None]) / sigma) ** 2)
     values = (weights[:, :, None] * kernel).sum(dim=1).mean(dim=0) / (

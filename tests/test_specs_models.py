@@ -253,6 +253,20 @@ def test_user_factory_from_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         build_model("userpkg_models.nope:tiny", input_shape=(4,), num_classes=3)
 
 
+def test_a_module_in_the_working_directory_is_found_as_python_m_finds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console script's sys.path lacks the working directory that `python -m` puts first."""
+    pkg = tmp_path / "cwdpkg_models"
+    pkg.mkdir()
+    _write(pkg / "nets.py", "import torch.nn as nn\ndef tiny():\n    return nn.Linear(4, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    model = build_model("cwdpkg_models.nets:tiny", input_shape=(4,), num_classes=2)
+    assert model(torch.randn(3, 4)).shape == (3, 2)
+    assert sys.path[-1] == str(tmp_path)  # last: nothing installed is shadowed
+
+
 def test_user_file_with_errors_is_a_user_error(tmp_path: Path) -> None:
     file = _write(tmp_path / "syntax_bad.py", "def f(:\n    pass\n")
     with pytest.raises(UserError, match="SyntaxError"):

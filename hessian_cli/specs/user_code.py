@@ -75,6 +75,11 @@ def load_object(spec: str, what: str, *, trusted: bool = True) -> Any:
 
 
 def _import_module(name: str, what: str) -> Any:
+    # The working directory, as `python -m hessian_cli` has it (the console script does not):
+    # last, so that nothing installed is shadowed.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:

@@ -92,6 +92,9 @@ def test_show_series_and_json(files):
     assert "3 checkpoints" in result.output
     rows = [line for line in result.output.splitlines() if "ckpt_" in line]
     assert [r.split()[1] for r in rows] == ["ckpt_100", "ckpt_200", "ckpt_300"]
+    reports = read_analyses(files["series"])
+    t = reports[0]["trace"]  # each trace with its standard error
+    assert f"{t['estimate']:.5g} ± {t['stderr']:.2g}" in rows[0]
     as_json = runner.invoke(app, ["show", str(files["series"]), "--json"])
     groups = ["ckpt_100", "ckpt_200", "ckpt_300"]
     reports = read_analyses(files["series"])
@@ -219,6 +222,18 @@ def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
     assert axes.get_title().startswith({"largest": "Top", "smallest": "Smallest"}.get(which, "La"))
     older = [{**d, "eigen": {k: v for k, v in eigen.items() if k != "which"}} for d in ds]
     assert spectra_figure(older).axes[0].get_title().startswith("Top")  # files without `which`
+
+
+def test_a_series_plot_marks_unconverged_pairs_only_where_there_are_some():
+    def series(converged: list[int]) -> list[dict]:
+        eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": converged}
+        return [{"name": f"c{i}", "provenance": {}, "eigen": eigen} for i in range(3)]
+
+    assert spectra_figure(series([1, 1])).axes[0].get_title() == "Top eigenvalues"
+    axes = spectra_figure(series([1, 0])).axes[0]
+    assert axes.get_title() == "Top eigenvalues (red x: NOT converged)"
+    ticks = axes.xaxis.get_major_locator().tick_values(1, 3)  # checkpoint order: no 1.5
+    assert all(float(t).is_integer() for t in ticks)
 
 
 def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path):

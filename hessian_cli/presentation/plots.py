@@ -152,6 +152,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     panels = iter(axes)
     if k:
         ax = next(panels)
+        any_bad = False
         for i in range(k):
             lam = np.full(len(ds), np.nan)
             bad = np.zeros(len(ds), dtype=bool)
@@ -162,12 +163,13 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
                     bad[j] = not e["converged"][i]
             ax.plot(x, lam, "o-", ms=3, color=f"C{i % 10}", label=labels[i])
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
+            any_bad |= bool(bad.any())
         title = (
             _WHICH_TITLES.get(next(iter(whiches), "largest"), "Top eigenvalues")
             if len(whiches) <= 1
             else "Eigenvalues"  # searches of different kinds: labelled #1, #2, ...
         )
-        ax.set_title(f"{title} (red x: NOT converged)")
+        ax.set_title(f"{title} (red x: NOT converged)" if any_bad else title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eigenvalue")
         ax.legend(fontsize="small", ncols=2 if k > 5 else 1)
@@ -189,6 +191,8 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_title("SAM alignment of the gradient")
         ax.set_xlabel(xlabel)
         ax.legend(fontsize="small")
+    for ax in axes:  # steps, epochs and file order are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 

@@ -233,7 +233,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             str(prov.get("step", DASH)),
             str(prov.get("epoch", DASH)),
             *cells,
-            _g(t["estimate"], ".5g") if t else DASH,
+            f"{_g(t['estimate'], '.5g')} ± {_g(t.get('stderr'), '.2g')}" if t else DASH,
             _g(first[0], ".3f"),
             _g(al.get("subspace_alignment"), ".3f") if al else DASH,
         )

@@ -287,12 +287,15 @@ class _Run:
             else []
         )
         held_out = self.data.test if self.data.test is not None else self.data.train
+        # One global batch (as one process with the same global batch tracks), split over ranks.
+        rows = min(self.global_batch, len(held_out))
         self.track_batch = analysis_batches(
-            held_out,
-            batch_size=config.batch_size,
-            num_samples=min(config.batch_size, len(held_out)),
-            token_ids=self.token_ids,
+            held_out, batch_size=rows, num_samples=rows, token_ids=self.token_ids
         )[0]
+        mine = torch.tensor(list(distributed.shard(range(rows), self.rank, self.world)))
+        self.track_share: list[Batch] = (
+            [(self.track_batch[0][mine], self.track_batch[1][mine])] if len(mine) else []
+        )
         self._check_fits()
 
         # Position in the run; a resume overwrites these from the checkpoint.
@@ -632,10 +635,8 @@ class _Run:
         """lambda_max of the fixed held-out batch at the current weights (BatchNorm in eval)."""
         if not self._finite():
             raise _Diverged
-        # Every rank holds the same held-out batch: no communication needed.
-        op = HessianOperator(
-            self.model, self.loss_fn, [self.track_batch], bn="eval", distributed=False
-        )
+        # Each rank its share of the held-out batch; products and gradients are summed.
+        op = HessianOperator(self.model, self.loss_fn, self.track_share, bn="eval")
         init = hint = None
         try:  # a loss or curvature that is not finite at finite weights: the run diverged
             if self.track_vector is None:
@@ -674,9 +675,12 @@ class _Run:
     def _held_out_loss_finite(self) -> bool:
         """Whether the held-out batch's loss is finite: finite weights (near 1e36) can make it
         infinite, and a run without a test split would not see it otherwise."""
-        x, y = (t.to(self.device) for t in self.track_batch)
+        finite = True
         with forward_mode(self.model, "eval"):
-            return bool(torch.isfinite(self.loss_fn(self.model(x), y)))
+            for x, y in self.track_share:
+                loss = self.loss_fn(self.model(x.to(self.device)), y.to(self.device))
+                finite = bool(torch.isfinite(loss))
+        return not self._anyone(not finite)
 
     def _correct(self, out: torch.Tensor, y: torch.Tensor) -> int:
         if not self.classify:

@@ -330,6 +330,8 @@ def _train_args(out: Path, batch_size: int, *extra: str) -> list[str]:
         "digits",
         "--epochs",
         "1",
+        "--track-every",
+        "8",
         "--lr",
         "0.05",
         "--batch-size",
@@ -376,6 +378,15 @@ def test_train_two_ranks_matches_doubled_batch(tmp_path: Path, optimizer: str) -
                 rtol=1e-4,
                 atol=0,
             )
+        # lambda_max of the held-out batch: one global batch too (it was each rank's B rows)
+        assert f1["track/step"][()].tolist() == f2["track/step"][()].tolist()
+        assert len(f1["track/step"]) >= 3
+        torch.testing.assert_close(
+            torch.tensor(f2["track/lambda_max"][()]),
+            torch.tensor(f1["track/lambda_max"][()]),
+            rtol=1e-4,
+            atol=0,
+        )
 
 
 @needs_gloo

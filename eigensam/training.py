@@ -132,6 +132,20 @@ def train(
                 _check_new_run_dir(run_dir)
                 config = _anchored(config)
             run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
+        # Paths may differ between nodes (other mount points); what they hold may not.
+        data = run.data.train
+        distributed.check_same(
+            {
+                "options": repr(
+                    sorted((k, v) for k, v in config.identity().items() if k not in _FILES)
+                ),
+                "model": distributed.tensors_digest(run.params),  # seeded, or resumed
+                "data": f"{run.samples} "
+                + distributed.tensors_digest(
+                    data.tensors if isinstance(data, TensorDataset) else run.track_batch
+                ),
+            }
+        )
         with distributed.fail_together():  # the run claimed by rank 0, or every rank stops
             if run.lead:
                 if resume_dir is None:

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -226,6 +226,13 @@ def analyze_checkpoint(
     _check_request(request)
     with distributed.fail_together():
         s = _setup(ckpt, request)
+    distributed.check_same(
+        {
+            "options": repr(sorted(asdict(request).items())),
+            "checkpoint": ckpt.sha256,
+            "data": distributed.tensors_digest(t for b in s.batches + s.minibatches for t in b),
+        }
+    )
     rank, world_size = distributed.world()
     try:
         return _run_solvers(

@@ -200,6 +200,37 @@ def test_one_failing_rank_ends_the_job_with_one_message(tmp_path: Path, command:
 
 
 @needs_gloo
+@pytest.mark.parametrize("command", ["analyze", "train"])
+def test_ranks_given_other_data_are_refused(tmp_path: Path, command: str) -> None:
+    """Each node reads its own copy of the data, and one copy differs: the job stops with one
+    message (it summed products over two different data sets and reported the mixture)."""
+    factory = tmp_path / "node_data.py"
+    factory.write_text(
+        "import os\n"
+        "import torch\n\n\n"
+        "def make():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        x[5, 0, 0, 0] += 1.0  # one value differs\n"
+        "    return x, y\n"
+    )
+    data = f"{factory}:make"
+    args = {
+        "analyze": ["analyze", str(CKPT), "--data", data, "--top-k", "2", "--out", "s.h5"],
+        "train": ["train", "--model", "mlp", "--data", data, "--out", str(tmp_path / "run")],
+    }[command]
+    code, _, err, seconds = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0 and seconds < 60
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: rank 1 of 2 was started with other data than rank 0; every rank must be given "
+        "the same options and files."
+    ], err
+    assert not (tmp_path / "s.h5").exists() and not (tmp_path / "run").exists()
+
+
+@needs_gloo
 def test_a_series_stopped_by_a_bad_checkpoint_is_written_and_reported_once(
     tmp_path: Path,
 ) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -165,6 +166,34 @@ def all_gather_ints(value: int) -> list[int]:
     with _collective():
         dist.all_gather_object(out, value)
     return [int(v) for v in out if v is not None]
+
+
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """A short hash of tensors' values, for :func:`check_same` (data read on each node)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same(parts: dict[str, str]) -> None:
+    """Refuse a job whose ranks were started differently (other options, or another checkpoint
+    or data on one node): their sums would mix different functions without a word. ``parts``
+    names what must agree (the named part that differs is said). No-op without a process group."""
+    if not is_distributed():
+        return
+    everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    with _collective():
+        dist.all_gather_object(everyone, parts)
+    first = everyone[0] or {}
+    for rank, theirs in enumerate(everyone):
+        differ = [name for name in parts if (theirs or {}).get(name) != first.get(name)]
+        if differ:
+            raise CollectiveUserError(
+                f"rank {rank} of {len(everyone)} was started with other {' and '.join(differ)} "
+                "than rank 0; every rank must be given the same options and files."
+            )
 
 
 @contextlib.contextmanager

@@ -37,9 +37,9 @@ from eigensam.config import (
     load_config,
 )
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
-from hessian_cli.cli.app import app, signal_handled
+from hessian_cli.cli.app import TERMINATED_STATUS, app, signal_handled
 from hessian_cli.cli.options import command_line, parse_model_kwargs
-from hessian_cli.errors import UserError
+from hessian_cli.errors import Terminated, UserError
 
 EXIT_INTERRUPTED = 130
 _D = TrainConfig(model="", data="")  # the defaults, for the help text
@@ -182,7 +182,7 @@ def train_command(
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = _Display(console, config, quiet or not lead)
     try:
-        with _ctrl_c() as stop, display:
+        with _stop_signals() as stop, display:
             summary = train(
                 config,
                 resume_dir=resume,
@@ -205,9 +205,9 @@ def train_command(
             )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if lead:
-        _report(console, summary, quiet, resumed=resume is not None)
+        _report(console, summary, quiet, resumed=resume is not None, stop=stop)
     elif summary.interrupted:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(stop.exit_status)
 
 
 # Options that only some optimizers read: given for another, they would be recorded as if used.
@@ -231,10 +231,12 @@ def _check_used(given: dict[str, Any]) -> None:
 
 
 class _StopRequest:
-    """Polled by the loop; the first Ctrl-C asks for a clean stop, the second interrupts at once."""
+    """Polled by the loop; the first Ctrl-C or SIGTERM asks for a clean stop (a checkpoint at
+    the next step: a scheduler's preemption keeps the steps done), the second stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.by_sigterm = False
 
     def __call__(self) -> bool:
         return self.requested
@@ -244,11 +246,23 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
+    def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise Terminated
+        self.requested = self.by_sigterm = True
+
+    @property
+    def exit_status(self) -> int:
+        return TERMINATED_STATUS if self.by_sigterm else EXIT_INTERRUPTED
+
 
 @contextmanager
-def _ctrl_c() -> Iterator[_StopRequest]:
+def _stop_signals() -> Iterator[_StopRequest]:
     stop = _StopRequest()
-    with signal_handled(signal.SIGINT, stop.on_sigint):
+    with (
+        signal_handled(signal.SIGINT, stop.on_sigint),
+        signal_handled(signal.SIGTERM, stop.on_sigterm),
+    ):
         yield stop
 
 
@@ -341,7 +355,9 @@ class _Display:
         self.progress.start()
 
 
-def _report(console: Console, summary: TrainSummary, quiet: bool, *, resumed: bool) -> None:
+def _report(
+    console: Console, summary: TrainSummary, quiet: bool, *, resumed: bool, stop: _StopRequest
+) -> None:
     where = summary.run_dir
     if resumed and summary.steps_run == 0 and summary.finished:
         console.print(
@@ -362,14 +378,18 @@ def _report(console: Console, summary: TrainSummary, quiet: bool, *, resumed: bo
                 soft_wrap=True,
             )
         return
-    why = "Interrupted" if summary.interrupted else "Stopped (--max-steps)"
+    why = (
+        ("Stopped by SIGTERM" if stop.by_sigterm else "Interrupted")
+        if summary.interrupted
+        else "Stopped (--max-steps)"
+    )
     message = (
         f"{why} at step {summary.step} of {summary.total_steps}: saved {summary.checkpoint}; "
         f"continue with `hessian-cli train --resume {where}`."
     )
     if summary.interrupted:
         Console(stderr=True).print(message, style="yellow", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(stop.exit_status)
     if not quiet:
         console.print(message, highlight=False, soft_wrap=True)
 

@@ -43,6 +43,7 @@ from eigensam.config import (
     CONFIG_FILE,
     CONFIG_FORMAT,
     TrainConfig,
+    flag,
     load_config,
     require,
 )
@@ -146,6 +147,12 @@ def train(
                 ),
             }
         )
+        if resume_dir is not None and config.max_steps is not None:
+            require(
+                run.step < config.max_steps,
+                f"the run is already at step {run.step}, so --max-steps {config.max_steps} "
+                "leaves nothing to do; give a larger one",
+            )
         with distributed.fail_together():  # the run claimed by rank 0, or every rank stops
             if run.lead:
                 if resume_dir is None:
@@ -192,8 +199,8 @@ def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> N
     differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if differ:
         raise UserError(
-            f"--resume continues a run as it was configured, but {', '.join(differ)} differ "
-            f"from the {where}."
+            f"--resume continues a run as it was configured, but {', '.join(map(flag, differ))} "
+            f"differ from the {where}."
         )
 
 

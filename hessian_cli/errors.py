@@ -25,3 +25,9 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, without a closing period (its type's name if
     it has none): what a one-sentence error quotes of a library's or the user's own error."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
+def a_type(obj: object) -> str:
+    """The type of ``obj`` with its article, for messages: ``a list``, ``an int``."""
+    name = type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

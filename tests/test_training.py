@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -211,8 +212,19 @@ def test_existing_run_is_refused_and_untouched(tmp_path):
     # Resuming with a different configuration is refused.
     changed = load_config(run)
     changed.lr = 0.5
-    with pytest.raises(UserError, match="lr differ"):
+    with pytest.raises(UserError, match="--lr differ"):
         train(changed, resume_dir=run)
+
+
+def test_resume_with_max_steps_the_run_has_reached_is_refused(tmp_path):
+    train(config(tmp_path, max_steps=5))
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for limit in (5, 2):  # it rewrote the checkpoint and said "Stopped (--max-steps)"
+        resumed = dataclasses.replace(load_config(run), max_steps=limit)
+        with pytest.raises(UserError, match=f"already at step 5, so --max-steps {limit} leaves"):
+            train(resumed, resume_dir=run)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):

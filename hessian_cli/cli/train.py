@@ -53,10 +53,16 @@ def _default(name: str) -> str:
 @app.command("train")
 def train_command(
     model: str | None = typer.Option(
-        None, "--model", help="Model spec: mlp, cnn, resnet20, torchvision:NAME or module:factory."
+        None,
+        "--model",
+        help="Model spec: mlp, cnn, resnet20|32|56, torchvision:NAME, file.py:factory or "
+        "module:factory.",
     ),
     data: str | None = typer.Option(
-        None, "--data", help="Data spec: digits, synthetic:CxHxW[:classes[:count]], cifar10, ..."
+        None,
+        "--data",
+        help="Data spec: digits, synthetic:CxHxW[:classes[:count]], synthetic-regression:D, "
+        "cifar10|cifar100|mnist|fashion-mnist|svhn, a .npz/.pt/.h5 file, or module:factory.",
     ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="New run directory (an existing run is never overwritten)."
@@ -87,7 +93,10 @@ def train_command(
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs." + _default("epochs")),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Minibatch size." + _default("batch_size")
+        None,
+        "--batch-size",
+        help="Minibatch size per process (under torchrun the global batch is this times the "
+        "processes)." + _default("batch_size"),
     ),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate." + _default("lr")),
     momentum: float | None = typer.Option(
@@ -129,7 +138,9 @@ def train_command(
     max_steps: int | None = typer.Option(
         None, "--max-steps", help="Stop (with a checkpoint) after this many global steps."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cpu or cuda (default: auto).", show_default=False
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""

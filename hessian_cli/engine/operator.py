@@ -21,7 +21,7 @@ from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
-from hessian_cli.errors import NotFinite, UserError, first_line
+from hessian_cli.errors import NotFinite, UserError, a_type, first_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -207,7 +207,7 @@ class HessianOperator:
                 kinds = (
                     f"({', '.join(type(t).__name__ for t in batch)})"
                     if isinstance(batch, (tuple, list))
-                    else f"a {type(batch).__name__}"
+                    else a_type(batch)
                 )
                 raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}.")
         self.batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessian_cli.errors import UserError, first_line
+from hessian_cli.errors import UserError, a_type, first_line
 from hessian_cli.storage.files import atomic_path
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
@@ -194,7 +194,7 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return obj.state_dict(), {}
     if not isinstance(obj, dict):
         raise UserError(
-            f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict of tensors."
+            f"checkpoint {str(path)!r} holds {a_type(obj)}, not a state dict of tensors."
         )
     metadata: dict[str, Any] = {}
     if obj.get("format") == CHECKPOINT_FORMAT:
@@ -415,9 +415,7 @@ def _check_safe(obj: Any, where: str) -> None:
                 raise TypeError(f"{where} has a key of type {type(key).__name__}: {key!r}")
             _check_safe(value, f"{where}[{key!r}]")
         return
-    raise TypeError(
-        f"{where} is a {type(obj).__name__}, which weights_only loading cannot read back"
-    )
+    raise TypeError(f"{where} is {a_type(obj)}, which weights_only loading cannot read back")
 
 
 # ----------------------------------------------------------------------------- series

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from hessian_cli.errors import UserError, described
+from hessian_cli.errors import UserError, a_type, described
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
     absolute,
@@ -375,7 +375,7 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
             torch.as_tensor(y, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise UserError(
-                f"data {spec!r}: the targets are not numbers (a {type(y).__name__}); class "
+                f"data {spec!r}: the targets are not numbers ({a_type(y)}); class "
                 "labels must be integers 0 to C - 1."
             ) from exc
     num_classes = None
@@ -418,7 +418,7 @@ def _sample(dataset: Any, spec: str) -> tuple[torch.Tensor, Any]:
         ) from exc
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise UserError(
-            f"data {spec!r} must yield (x, y) pairs, but its first sample is a {type(item).__name__}."
+            f"data {spec!r} must yield (x, y) pairs, but its first sample is {a_type(item)}."
         )
     try:
         x = torch.as_tensor(

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from hessian_cli.errors import UserError, first_line
+from hessian_cli.errors import UserError, a_type, first_line
 
 # What a model or loss that does not fit the data (or user code with a bug: an assert, a
 # KeyError) raises: anything but an interrupt.
@@ -58,7 +58,7 @@ def check_fits(
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise UserError(
-            f"The model returns a {type(out).__name__}, not a tensor of outputs; wrap it in a "
+            f"The model returns {a_type(out)}, not a tensor of outputs; wrap it in a "
             "factory whose module returns the output tensor (e.g. out['logits'])."
         )
     top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
@@ -75,7 +75,7 @@ def check_fits(
         got = (
             f"a tensor of shape {tuple(loss.shape)}"
             if isinstance(loss, torch.Tensor)
-            else f"a {type(loss).__name__}"
+            else f"{a_type(loss)}"
         )
         raise UserError(f"The loss returns {got}, not a scalar tensor (the mean over the batch).")
     if out.requires_grad and not loss.requires_grad:  # it has no curvature to find

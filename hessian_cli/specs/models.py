@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, a_type
 from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
 
 BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
@@ -45,8 +45,7 @@ def build_model(
         model = call_user(factory, "model factory", spec, **kwargs)
         if not isinstance(model, nn.Module):
             raise UserError(
-                f"the model factory {spec!r} returned a {type(model).__name__}, not a "
-                "torch.nn.Module."
+                f"the model factory {spec!r} returned {a_type(model)}, not a torch.nn.Module."
             )
         return model
     raise UserError(

@@ -74,6 +74,7 @@ class AnalyzeRequest:
     guard: int | None = None
     trace: bool = False
     trace_probes: int = 99
+    trace_method: Literal["hutch++", "hutchinson"] = "hutch++"
     density: bool = False
     density_probes: int = 8
     density_steps: int = 64
@@ -398,7 +399,9 @@ def _run_solvers(
     if request.trace:
         if progress:
             progress("trace", 0, 1)
-        trace = hutchinson_trace(op, request.trace_probes, seed=request.seed)
+        trace = hutchinson_trace(
+            op, request.trace_probes, method=request.trace_method, seed=request.seed
+        )
     if request.density:
         if progress:
             progress("density", 0, 1)

@@ -86,6 +86,27 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert code == 0 and "Eigenvalues" in out and "converged" in out
 
 
+@pytest.mark.parametrize("method, samples", [("hutch++", 20), ("hutchinson", 60)])
+def test_trace_method_is_chosen_and_within_its_error_of_the_dense_trace(
+    capsys, digits_mlp, method, samples
+):
+    args = ("--top-k", 0, "--trace", "--trace-probes", 60, "--trace-method", method, "--json")
+    code, out, err = run(capsys, "analyze", digits_mlp, *args, "--dtype", "float64")
+    assert code == 0, err
+    t = json.loads(out)["trace"]
+    assert t["method"] == method and t["num_samples"] == samples
+    assert (t["sketch_trace"] == 0) == (method == "hutchinson")
+    data = load_data("digits")
+    model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs=MLP_KW)
+    model.load_state_dict(torch.load(digits_mlp, weights_only=True)["model"])
+    xs, ys = data.train.tensors[0][:128].double(), data.train.tensors[1][:128]
+    model = model.double()
+    exact = float(
+        torch.trace(dense_hessian(model, F.cross_entropy, [(xs, ys)], select_parameters(model)))
+    )
+    assert abs(t["estimate"] - exact) <= 4 * t["stderr"]
+
+
 def test_a_recorded_user_model_named_relatively_keeps_its_arguments(capsys, tmp_path, monkeypatch):
     """train records user code by its absolute path; naming it as it was trained is the same."""
     (tmp_path / "mymodel.py").write_text(

@@ -84,9 +84,15 @@ def analyze(
         "skipped (default top-k / 10; 0 saves up to a fifth of the HVPs, at that risk).",
     ),
     trace: bool = typer.Option(
-        False, "--trace", help="Estimate the trace (Hutch++) with its standard error."
+        False, "--trace", help="Estimate the trace with its standard error."
     ),
     trace_probes: int = typer.Option(99, "--trace-probes", help="HVPs spent on the trace."),
+    trace_method: str = typer.Option(
+        "hutch++",
+        "--trace-method",
+        help="hutch++ (a third of the probes sketch the top of the spectrum, whose trace is "
+        "exact; best when a few eigenvalues dominate) or hutchinson (every probe random).",
+    ),
     density: bool = typer.Option(
         False, "--density", help="Spectral density by stochastic Lanczos quadrature."
     ),
@@ -154,6 +160,7 @@ def analyze(
         for name, value, allowed in (
             ("--which", which, ("largest", "smallest", "both")),
             ("--criterion", criterion, ("residual", "eigenvalue")),
+            ("--trace-method", trace_method, ("hutch++", "hutchinson")),
             ("--bn", bn, ("eval", "train")),
             ("--dtype", dtype, ("float32", "float64")),
             ("--precision", precision, PRECISIONS),
@@ -181,6 +188,7 @@ def analyze(
         guard=guard,
         trace=trace,
         trace_probes=trace_probes,
+        trace_method=trace_method,
         density=density,
         density_probes=density_probes,
         density_steps=density_steps,

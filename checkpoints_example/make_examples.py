@@ -3,8 +3,8 @@
     python checkpoints_example/make_examples.py
 
 Trains a digits MLP (64-32-10, tanh) with Eigen-SAM for 8 epochs and a small digits CNN
-(conv8-conv16-GAP) with SAM for 40, on CPU with seed 0, and copies each run's final self-describing checkpoint here. The
-runs themselves go to a temporary folder.
+(conv8-conv16-GAP) with SAM for 40, on CPU with seed 0, and copies each run's final
+self-describing checkpoint here. The runs themselves go to a temporary folder.
 """
 
 from __future__ import annotations

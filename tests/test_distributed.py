@@ -258,14 +258,22 @@ def test_a_series_stopped_by_a_bad_checkpoint_is_written_and_reported_once(
 
 @needs_gloo
 @pytest.mark.parametrize(
-    "option, message",
+    "args, message",
     [
-        (["--top-k", "-1"], "error: --top-k must be at least 0, not -1."),
-        (["--which", "foo"], "error: --which must be one of largest, smallest, both, not 'foo'."),
+        (["analyze", str(CKPT), "--top-k", "-1"], "error: --top-k must be at least 0, not -1."),
+        (
+            ["analyze", str(CKPT), "--which", "foo"],
+            "error: --which must be one of largest, smallest, both, not 'foo'.",
+        ),
+        (
+            ["train", "--model", "mlp", "--data", "digits", "--optimizer", "sgd", "--rho", "0.1"],
+            "error: --rho has no effect with --optimizer sgd (it is used by sam and eigensam "
+            "only); leave it out.",
+        ),
     ],
 )
-def test_a_bad_option_is_said_once(tmp_path: Path, option: list[str], message: str) -> None:
-    code, _, err, _ = _run(["analyze", str(CKPT), *option], ranks=2, cwd=tmp_path, timeout=90)
+def test_a_bad_option_is_said_once(tmp_path: Path, args: list[str], message: str) -> None:
+    code, _, err, _ = _run([*args, "--out", "x"], ranks=2, cwd=tmp_path, timeout=90)
     assert code != 0
     assert [line for line in err.splitlines() if line.startswith("error:")] == [message], err
 

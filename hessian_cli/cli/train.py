@@ -166,29 +166,31 @@ def train_command(
         "checkpoint_every": checkpoint_every,
     }
     set_options = {k: v for k, v in given.items() if v is not None}
-    if resume is not None:
-        named = [*set_options, *(["out"] if out is not None else [])]
-        if named:
-            flags = ", ".join(map(flag, named))
-            allowed = ", ".join(flag(k) for k in RUNTIME_FIELDS if k != "out")
-            raise UserError(
-                f"--resume continues a run as it was configured, so {flags} cannot be given with "
-                f"it (only {allowed} and --quiet can)."
-            )
-        config = load_config(resume)
-    else:
-        if model is None or data is None or out is None:
-            raise UserError(
-                "give --model, --data and --out to start a run, or --resume RUN_DIR to continue one."
-            )
-        _check_used(set_options)
-        set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
-        config = TrainConfig(**set_options, out=str(out))
-    config.max_steps, config.device, config.download = max_steps, device, download
     # The loop (torch) is imported here, not at the top: --help stays instant.
     from eigensam.training import latest_checkpoint, train
-    from hessian_cli.engine.distributed import world
+    from hessian_cli.engine.distributed import fail_together, world
 
+    with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
+        if resume is not None:
+            named = [*set_options, *(["out"] if out is not None else [])]
+            if named:
+                flags = ", ".join(map(flag, named))
+                allowed = ", ".join(flag(k) for k in RUNTIME_FIELDS if k != "out")
+                raise UserError(
+                    f"--resume continues a run as it was configured, so {flags} cannot be given "
+                    f"with it (only {allowed} and --quiet can)."
+                )
+            config = load_config(resume)
+        else:
+            if model is None or data is None or out is None:
+                raise UserError(
+                    "give --model, --data and --out to start a run, or --resume RUN_DIR to "
+                    "continue one."
+                )
+            _check_used(set_options)
+            set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
+            config = TrainConfig(**set_options, out=str(out))
+    config.max_steps, config.device, config.download = max_steps, device, download
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = _Display(console, config, quiet or not lead)

@@ -279,6 +279,24 @@ def test_a_bad_option_is_said_once(tmp_path: Path, args: list[str], message: str
 
 
 @needs_gloo
+def test_products_that_are_not_finite_after_their_sum_are_said_once(tmp_path: Path) -> None:
+    """Rank 1's samples are huge (finite, so the data check lets them through): the summed
+    products overflow on every rank at once, and rank 0 alone says so."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 8, 8, generator=g)
+    x[196:] = 3e38 * torch.randn(60, 1, 8, 8, generator=g).sign()
+    torch.save({"x": x, "y": torch.randint(0, 10, (256,), generator=g)}, tmp_path / "d.pt")
+    args = ["analyze", str(CKPT), "--data", "d.pt", "--num-samples", "256", "--batch-size", "50"]
+    code, _, err, _ = _run([*args, "--top-k", "2"], ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: The Hessian-vector products are not finite (NaN or inf): the loss's second "
+        "derivatives are undefined or infinite at these weights."
+    ], err
+
+
+@needs_gloo
 def test_a_basis_too_large_for_one_rank_is_refused_by_all(tmp_path: Path) -> None:
     """Rank 1 reports too little free memory for the eigensolver's basis: every rank stops at
     once with one message (rank 0 alone would have waited for rank 1's products)."""

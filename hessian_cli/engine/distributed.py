@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from hessian_cli.errors import UserError
+from hessian_cli.errors import NotFinite, UserError
 
 T = TypeVar("T")
 
@@ -28,6 +28,10 @@ TIMEOUT_ENV = "HESSIAN_CLI_COLLECTIVE_TIMEOUT"
 
 class CollectiveUserError(UserError):
     """A user error every rank raises together; rank 0 reports it, the others exit quietly."""
+
+
+class CollectiveNotFinite(NotFinite, CollectiveUserError):
+    """Products that are not finite after their sum over ranks: every rank sees it at once."""
 
 
 class PeerLost(RuntimeError):

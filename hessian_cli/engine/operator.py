@@ -397,7 +397,7 @@ class HessianOperator:
         if self.distributed:
             dist_utils.all_reduce_sum(out)
         if not bool(torch.isfinite(out).all()):  # the solvers would fail later, less clearly
-            raise NotFinite(
+            raise (dist_utils.CollectiveNotFinite if self.distributed else NotFinite)(
                 "The Hessian-vector products are not finite (NaN or inf): the loss's second "
                 "derivatives are undefined or infinite at these weights."
             )

@@ -56,6 +56,22 @@ def test_bare_state_dict_both_torch_formats(tmp_path: Path, zip_format: bool) ->
     assert all(torch.equal(ckpt.state_dict[k], state[k]) for k in state)
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_legacy_torch_file_of_a_newer_pickle_protocol_is_not_taken_for_a_plain_pickle(
+    tmp_path: Path, protocol: int
+) -> None:
+    """Its magic number follows a frame header; safe loading cannot read the frame, so it needs
+    trust, and then loads as torch's (it was called a plain pickle and failed)."""
+    state = small_state()
+    path = tmp_path / "legacy.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    with pytest.raises(UserError, match="safe loading refuses; pass --trust-checkpoint"):
+        load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust=True)
+    assert ckpt.format == "torch-legacy"
+    assert all(torch.equal(ckpt.state_dict[k], state[k]) for k in state)
+
+
 @pytest.mark.parametrize("key", ["state_dict", "model", "model_state_dict", "net"])
 def test_nested_state_dicts(tmp_path: Path, key: str) -> None:
     state = small_state()

@@ -350,10 +350,17 @@ def test_integer_inputs_are_token_ids_only_for_a_model_with_an_embedding(tmp_pat
     data = load_data(str(tmp_path / "d.npz"))
     images = analysis_batches(data.train, batch_size=4, dtype=torch.float64)[0][0]
     assert images.dtype == torch.float64 and images[1].tolist() == [3.0, 4.0, 5.0]
-    tokens = analysis_batches(data.train, batch_size=4, token_ids=True)[0][0]
-    assert tokens.dtype == torch.int64 and tokens[1].tolist() == [3, 4, 5]
+    np.savez(tmp_path / "t.npz", x=np.arange(12).reshape(4, 3), y=[0, 1, 0, 1])  # int64 ids
+    tokens = analysis_batches(
+        load_data(str(tmp_path / "t.npz")).train, batch_size=4, token_ids=True
+    )
+    assert tokens[0][0].dtype == torch.int64 and tokens[0][0][1].tolist() == [3, 4, 5]
     reals = TensorDataset(torch.rand(4, 3), torch.zeros(4))  # real inputs stay real
     assert analysis_batches(reals, batch_size=4, token_ids=True)[0][0].dtype == torch.float32
+    small = TensorDataset(torch.arange(12, dtype=torch.int16).reshape(4, 3), torch.zeros(4))
+    assert analysis_batches(small, batch_size=4, token_ids=True)[0][0].dtype == torch.int64
+    # uint8 is an image's type, also for a model that holds an embedding besides its convolutions
+    assert analysis_batches(data.train, batch_size=4, token_ids=True)[0][0].dtype == torch.float32
     mlp = nn.Sequential(nn.Linear(3, 2))
     bag = nn.Sequential(nn.Embedding(12, 2), nn.Flatten(), nn.Linear(6, 2))
     assert not takes_token_ids(mlp) and takes_token_ids(bag)

@@ -61,7 +61,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
     try:
         digest = _sha256(path)
         with path.open("rb") as fh:
-            head = fh.read(16)
+            head = fh.read(32)
     except OSError as exc:
         raise UserError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}.") from exc
     if not head:
@@ -100,9 +100,14 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30
 
 
+# torch's legacy format pickles this number first (LONG1 0x1950a86a20f9469cfc6c), after the
+# protocol and, from protocol 4, a frame header.
+_TORCH_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _is_plain_pickle(head: bytes) -> bool:
     """A pickle (protocol 2 or later) that does not open with torch's legacy magic number."""
-    return head[:1] == b"\x80" and head[1:2] >= b"\x02" and head[2:4] != b"\x8a\x0a"
+    return head[:1] == b"\x80" and head[1:2] >= b"\x02" and _TORCH_MAGIC not in head
 
 
 def _plain_pickle_load(path: Path, trust: bool) -> Any:

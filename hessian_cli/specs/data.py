@@ -542,12 +542,13 @@ def analysis_batches(
 
 
 def cast_inputs(x: Any, dtype: torch.dtype, token_ids: bool = False) -> torch.Tensor:
-    """Inputs as the model takes them: real numbers of ``dtype``, except integer inputs of a model
-    with an embedding table (``token_ids``, see :func:`takes_token_ids`), which stay int64."""
+    """Inputs as the model takes them: real numbers of ``dtype``, except signed integer inputs of
+    a model with an embedding table (``token_ids``, see :func:`takes_token_ids`), which stay
+    int64. uint8 is how images are stored, also for models that hold an embedding besides."""
     x = torch.as_tensor(x)
     if x.is_complex():
         raise UserError("complex-valued inputs are not supported.")
-    if token_ids and not x.is_floating_point() and x.dtype != torch.bool:
+    if token_ids and x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
         return x.long()
     return x.to(dtype)
 

@@ -84,6 +84,7 @@ from hessian_cli.specs import (
     takes_token_ids,
 )
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRUST_FLAG
+from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import atomic_path, check_directory_writable, held
 
 CHECKPOINT_DIR = RUN_CHECKPOINTS
@@ -136,9 +137,10 @@ def train(
         # Paths may differ between nodes (other mount points); what they hold may not.
         data = run.data.train
         distributed.check_same(
-            {
+            lambda: {
                 "options": repr(
                     sorted((k, v) for k, v in config.identity().items() if k not in _FILES)
+                    + [("loss", run.loss_spec if split_user_spec(run.loss_spec) is None else "")]
                 ),
                 "model": distributed.tensors_digest(run.params),  # seeded, or resumed
                 "data": f"{run.samples} "
@@ -148,11 +150,12 @@ def train(
             }
         )
         if resume_dir is not None and config.max_steps is not None:
-            require(
-                run.step < config.max_steps,
-                f"the run is already at step {run.step}, so --max-steps {config.max_steps} "
-                "leaves nothing to do; give a larger one",
-            )
+            with distributed.fail_together():
+                require(
+                    run.step < config.max_steps,
+                    f"the run is already at step {run.step}, so --max-steps {config.max_steps} "
+                    "leaves nothing to do",
+                )
         with distributed.fail_together():  # the run claimed by rank 0, or every rank stops
             if run.lead:
                 if resume_dir is None:

@@ -51,6 +51,7 @@ from hessian_cli.specs import (
     takes_token_ids,
 )
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS
+from hessian_cli.specs.user_code import split_user_spec
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -183,6 +184,13 @@ def _recorded_kwargs(text: str) -> dict:
     return kwargs
 
 
+def _a_path(name: str, value: object) -> bool:
+    """Whether an option names a file, whose contents (not path) the ranks compare."""
+    return name in ("data", "data_root") or (
+        name in ("model", "loss") and isinstance(value, str) and split_user_spec(value) is not None
+    )
+
+
 def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
@@ -228,8 +236,11 @@ def analyze_checkpoint(
     with distributed.fail_together():
         s = _setup(ckpt, request)
     distributed.check_same(
-        {
-            "options": repr(sorted(asdict(request).items())),
+        lambda: {
+            # Paths may differ between nodes (other mount points); what they hold may not.
+            "options": repr(
+                sorted((k, v) for k, v in asdict(request).items() if not _a_path(k, v))
+            ),
             "checkpoint": ckpt.sha256,
             "data": distributed.tensors_digest(t for b in s.batches + s.minibatches for t in b),
         }

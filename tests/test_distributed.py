@@ -80,6 +80,12 @@ def test_shard_is_a_contiguous_partition() -> None:
         assert max(sizes) - min(sizes) <= 1
 
 
+def test_what_ranks_compare_is_not_even_computed_without_torchrun() -> None:
+    from hessian_cli.engine.distributed import check_same
+
+    check_same(lambda: pytest.fail("hashed the data of a single process"))
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "inf", "nan", "soon"])
 def test_a_bad_collective_timeout_is_one_sentence(monkeypatch, value: str) -> None:
     from hessian_cli.engine import distributed

@@ -427,6 +427,14 @@ def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, comm
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_an_append_keeps_the_files_permissions(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="first")
+    path.chmod(0o600)
+    write_analyses(path, [variant(full, "b", 50)], command_line="second")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_large_file_is_written_on_disk_where_there_is_room(full, tmp_path, monkeypatch):
     from hessian_cli.storage import files
 

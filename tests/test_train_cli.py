@@ -159,6 +159,7 @@ def test_existing_run_is_refused_not_overwritten(capsys, finished_run):
             "--rho has no effect with --optimizer sgd",
         ),
         ([*TINY, "--optimizer", "sam", "--out", "{tmp}/x"], "--eig-every has no effect"),
+        ([*PLAIN, "--optimizer", "foo", "--rho", "0.1", "--out", "{tmp}/x"], "unknown optimizer"),
         (
             [*PLAIN, "--base-optimizer", "adamw", "--momentum", "0.5", "--out", "{tmp}/x"],
             "--momentum has no effect with --base-optimizer adamw",
@@ -233,6 +234,34 @@ def test_sigterm_stops_a_run_at_a_checkpoint_with_status_143(tmp_path):
     step = load_checkpoint(saved).metadata["step"]
     assert 6 <= step < 2400
     assert len(read_metrics(run_dir / "metrics.h5")["steps"]["step"]) == step
+
+
+def test_sigterm_while_the_data_loads_stops_at_once_and_writes_nothing(tmp_path):
+    """Before the loop there are no steps to keep: a scheduler's grace period is not spent
+    waiting for a download or a long load (it then wrote a run with a step-0 checkpoint)."""
+    (tmp_path / "slow.py").write_text(
+        "import time\nimport torch\n\n\ndef make():\n"
+        "    print('loading', flush=True)\n"
+        "    time.sleep(20)\n"
+        "    return torch.randn(32, 4), torch.randint(0, 2, (32,))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = tmp_path / "run"
+    args = ["--model", "mlp", "--data", f"{tmp_path}/slow.py:make", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hessian_cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "loading"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert time.monotonic() - start < 10
+    assert not out.exists()
 
 
 def test_download_reaches_the_data_loader_and_is_a_run_time_option(capsys, tmp_path, monkeypatch):

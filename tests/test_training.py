@@ -222,7 +222,9 @@ def test_resume_with_max_steps_the_run_has_reached_is_refused(tmp_path):
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     for limit in (5, 2):  # it rewrote the checkpoint and said "Stopped (--max-steps)"
         resumed = dataclasses.replace(load_config(run), max_steps=limit)
-        with pytest.raises(UserError, match=f"already at step 5, so --max-steps {limit} leaves"):
+        with pytest.raises(
+            UserError, match=f"already at step 5, so --max-steps {limit} leaves nothing to do"
+        ):
             train(resumed, resume_dir=run)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 

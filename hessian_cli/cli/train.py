@@ -196,10 +196,15 @@ def train_command(
     display = _Display(console, config, quiet or not lead)
     try:
         with _stop_signals() as stop, display:
+
+            def progress(event: Event) -> None:
+                stop.note(event)
+                display(event)
+
             summary = train(
                 config,
                 resume_dir=resume,
-                progress=display,
+                progress=progress,
                 should_stop=stop,
                 command_line=command_line(),
             )
@@ -236,7 +241,8 @@ def _check_used(given: dict[str, Any]) -> None:
     """Refuse an option the chosen optimizer ignores (defaults are not given, so never refused)."""
     for name, (chooser, users) in _USED_BY.items():
         chosen = given.get(chooser, getattr(_D, chooser))
-        if name in given and chosen not in users:
+        known = chosen in (OPTIMIZERS if chooser == "optimizer" else BASE_OPTIMIZERS)
+        if name in given and known and chosen not in users:  # an unknown one: said later
             raise UserError(
                 f"{flag(name)} has no effect with {flag(chooser)} {chosen} (it is used by "
                 f"{' and '.join(users)} only); leave it out."
@@ -250,6 +256,10 @@ class _StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.by_sigterm = False
+        self.started = False  # the loop: before it, nothing is worth a checkpoint
+
+    def note(self, event: Event) -> None:
+        self.started = self.started or isinstance(event, RunStarted)
 
     def __call__(self) -> bool:
         return self.requested
@@ -260,7 +270,7 @@ class _StopRequest:
         self.requested = True
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
+        if self.requested or not self.started:  # not during a download or a long load
             raise Terminated
         self.requested = self.by_sigterm = True
 

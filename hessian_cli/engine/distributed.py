@@ -12,7 +12,7 @@ import datetime
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -181,18 +181,20 @@ def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def check_same(parts: dict[str, str]) -> None:
+def check_same(parts: Callable[[], dict[str, str]]) -> None:
     """Refuse a job whose ranks were started differently (other options, or another checkpoint
-    or data on one node): their sums would mix different functions without a word. ``parts``
-    names what must agree (the named part that differs is said). No-op without a process group."""
+    or data on one node): their sums would mix different functions without a word. ``parts()``
+    names what must agree (the named part that differs is said); it is not even called without
+    a process group, where hashing the data would be wasted."""
     if not is_distributed():
         return
+    mine = parts()
     everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
     with _collective():
-        dist.all_gather_object(everyone, parts)
+        dist.all_gather_object(everyone, mine)
     first = everyone[0] or {}
     for rank, theirs in enumerate(everyone):
-        differ = [name for name in parts if (theirs or {}).get(name) != first.get(name)]
+        differ = [name for name in mine if (theirs or {}).get(name) != first.get(name)]
         if differ:
             raise CollectiveUserError(
                 f"rank {rank} of {len(everyone)} was started with other {' and '.join(differ)} "

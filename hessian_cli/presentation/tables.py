@@ -233,7 +233,10 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             str(prov.get("step", DASH)),
             str(prov.get("epoch", DASH)),
             *cells,
-            f"{_g(t['estimate'], '.5g')} ± {_g(t.get('stderr'), '.2g')}" if t else DASH,
+            _g(t["estimate"], ".5g")
+            + (f" ± {_g(t['stderr'], '.2g')}" if t.get("stderr") is not None else "")
+            if t
+            else DASH,
             _g(first[0], ".3f"),
             _g(al.get("subspace_alignment"), ".3f") if al else DASH,
         )

@@ -215,6 +215,8 @@ def hdf5_written(path: Path, *, append: bool = False, adding: int = 0) -> Iterat
         yield f
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
+        if append:
+            shutil.copymode(path, tmp)
 
 
 def _check_room(path: Path, size: int) -> None:

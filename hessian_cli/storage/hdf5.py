@@ -68,8 +68,9 @@ def write_analyses(
 
     path = Path(path).resolve()  # a link's target is appended to, the link kept
     check_writable(path)
-    # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place.
-    with signals_deferred(signal.SIGTERM, signal.SIGINT), locked(path):
+    # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place;
+    # waiting for another writer's lock, it takes effect at once.
+    with locked(path), signals_deferred(signal.SIGTERM, signal.SIGINT):
         exists = path.exists()  # after the lock: another writer may have just created it
         with hdf5_written(
             path, append=exists, adding=_bytes_to_add(analyses, save_eigenvectors)

@@ -24,8 +24,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def takes_token_ids(model: nn.Module) -> bool:
-    """Whether the model looks its inputs up in an embedding table: then integer inputs are token
-    ids and stay integers; otherwise integer data (uint8 images) become real numbers."""
+    """Whether the model looks its inputs up in an embedding table: then signed integer inputs
+    are token ids and stay integers (:func:`cast_inputs`); other inputs become real numbers."""
     tables = (nn.Embedding, nn.EmbeddingBag)
     names = {t.__name__ for t in tables}
     return any(
@@ -75,7 +75,7 @@ def check_fits(
         got = (
             f"a tensor of shape {tuple(loss.shape)}"
             if isinstance(loss, torch.Tensor)
-            else f"{a_type(loss)}"
+            else a_type(loss)
         )
         raise UserError(f"The loss returns {got}, not a scalar tensor (the mean over the batch).")
     if out.requires_grad and not loss.requires_grad:  # it has no curvature to find

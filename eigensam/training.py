@@ -87,7 +87,6 @@ from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRUST_FLAG
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import atomic_path, check_directory_writable, held
 
-CHECKPOINT_DIR = RUN_CHECKPOINTS
 METRICS_FILE = "metrics.h5"
 FINAL_CHECKPOINT = "final.pt"
 _STEP_CHECKPOINT = re.compile(r"step(\d+)\.pt")
@@ -168,7 +167,7 @@ def train(
 
 def _check_writable(run_dir: Path) -> None:
     """A resume writes metrics and checkpoints: find out before the training, not after it."""
-    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+    for folder in (run_dir, run_dir / RUN_CHECKPOINTS):
         if folder.is_dir():
             check_directory_writable(folder)
 
@@ -210,7 +209,7 @@ def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> N
 def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {str(run_dir)!r} is a file, not a directory.")
-    if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
+    if (run_dir / CONFIG_FILE).exists() or (run_dir / RUN_CHECKPOINTS).exists():
         if latest_checkpoint(run_dir) is None:  # --resume would only start it again
             raise UserError(
                 f"{str(run_dir)!r} holds a run that stopped before its first checkpoint: "
@@ -238,7 +237,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints in step order, ``final.pt`` last."""
-    folder = run_dir / CHECKPOINT_DIR
+    folder = run_dir / RUN_CHECKPOINTS
     found = sorted(
         (int(m.group(1)), p)
         for p in (folder.iterdir() if folder.is_dir() else [])
@@ -518,7 +517,7 @@ class _Run:
             summary.finished = True
             self._flush()
             summary.checkpoint = self._save(
-                self.run_dir / CHECKPOINT_DIR / FINAL_CHECKPOINT, self.order.generator.get_state()
+                self.run_dir / RUN_CHECKPOINTS / FINAL_CHECKPOINT, self.order.generator.get_state()
             )
             return self._finish(summary, start_step, step_seconds)
         except _Diverged:
@@ -699,11 +698,11 @@ class _Run:
     def _held_out_loss_finite(self) -> bool:
         """Whether the held-out batch's loss is finite: finite weights (near 1e36) can make it
         infinite, and a run without a test split would not see it otherwise."""
-        finite = True
         with forward_mode(self.model, "eval"):
-            for x, y in self.track_share:
-                loss = self.loss_fn(self.model(x.to(self.device)), y.to(self.device))
-                finite = bool(torch.isfinite(loss))
+            finite = all(
+                bool(torch.isfinite(self.loss_fn(self.model(x.to(self.device)), y.to(self.device))))
+                for x, y in self.track_share
+            )
         return not self._anyone(not finite)
 
     def _correct(self, out: torch.Tensor, y: torch.Tensor) -> int:
@@ -799,7 +798,7 @@ class _Run:
     # --- checkpoints ---------------------------------------------------------------------
 
     def _save_step_checkpoint(self, order_state: torch.Tensor) -> Path:
-        return self._save(self.run_dir / CHECKPOINT_DIR / f"step{self.step:07d}.pt", order_state)
+        return self._save(self.run_dir / RUN_CHECKPOINTS / f"step{self.step:07d}.pt", order_state)
 
     def _save(self, path: Path, order_state: torch.Tensor) -> Path:
         """A self-describing checkpoint at a step boundary, with all a resume needs."""
@@ -874,7 +873,7 @@ def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.op
 
 def _write_config(run_dir: Path, config: TrainConfig) -> None:
     try:
-        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
             f"Could not create the run directory {str(run_dir)!r}: {exc.strerror or exc}."

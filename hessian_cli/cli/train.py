@@ -320,10 +320,9 @@ class _Display:
             self._update()
         elif isinstance(event, EpochDone):
             self.test_accuracy = event.test_accuracy
-            if self.progress is not None:
-                self._update()  # the bar's last state shows the epoch's test accuracy too
-            else:
+            if self.progress is None:  # a pipe or log file
                 self.console.print(_epoch_line(event, self.epochs), highlight=False, soft_wrap=True)
+            self._update()  # the bar's last state shows the epoch's test accuracy too
 
     def _update(self) -> None:
         event = self.last_step

@@ -13,7 +13,8 @@ class NotFinite(UserError):
 class Terminated(BaseException):
     """The process received SIGTERM (torchrun stopping the job after another rank failed, or a
     scheduler's kill). Raised in the main thread, like KeyboardInterrupt, so that clean-up runs
-    on the way out (training writes the metrics of the steps done, temporary files go)."""
+    on the way out (training writes the metrics of the steps done, temporary files go). A
+    message, where given, is what the user is told instead of the plain fact."""
 
 
 def described(exc: BaseException) -> str:
@@ -28,6 +29,12 @@ def first_line(exc: BaseException) -> str:
 
 
 def a_type(obj: object) -> str:
-    """The type of ``obj`` with its article, for messages: ``a list``, ``an int``."""
-    name = type(obj).__name__
+    """The type of ``obj`` with its article, for messages: ``a list``, ``an int``, ``None``, and
+    outside the builtins with its package, which also keeps the article right: ``a
+    numpy.ndarray``, ``a torch.Tensor``."""
+    if obj is None:
+        return "None"
+    kind = type(obj)
+    package = kind.__module__.split(".")[0]
+    name = kind.__name__ if package == "builtins" else f"{package}.{kind.__name__}"
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

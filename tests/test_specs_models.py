@@ -201,14 +201,19 @@ def test_user_factory_from_file_gets_only_kwargs(tmp_path: Path) -> None:
             return nn.Linear(kwargs.get("d", 3), 2)
         def not_a_model():
             return 42
+        def an_array():
+            import numpy
+            return numpy.zeros(3)
         def broken():
             raise ValueError("bad width")
         """,
     )
     model = build_model(f"{file}:make", input_shape=(9,), num_classes=5, kwargs={"d": 4})
     assert isinstance(model, nn.Linear) and model.in_features == 4 and model.out_features == 2
-    with pytest.raises(UserError, match="not a torch.nn.Module"):
+    with pytest.raises(UserError, match="returned an int, not a torch.nn.Module"):
         build_model(f"{file}:not_a_model", input_shape=(9,), num_classes=5)
+    with pytest.raises(UserError, match="returned a numpy.ndarray, not"):
+        build_model(f"{file}:an_array", input_shape=(9,), num_classes=5)
     with pytest.raises(UserError, match="ValueError: bad width"):
         build_model(f"{file}:broken", input_shape=(9,), num_classes=5)
     with pytest.raises(UserError, match="no attribute 'missing'"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,37 @@ def test_sigterm_stops_a_run_at_a_checkpoint_with_status_143(tmp_path):
     step = load_checkpoint(saved).metadata["step"]
     assert 6 <= step < 2400
     assert len(read_metrics(run_dir / "metrics.h5")["steps"]["step"]) == step
+
+
+def test_a_second_sigterm_says_what_was_kept(tmp_path):
+    """A second SIGTERM stops at once, as a second Ctrl-C does, and says how to continue: the
+    scheduler's kill after its grace period still leaves the user a --resume."""
+    (tmp_path / "net.py").write_text(
+        "import os, signal\nimport torch\n\n\n"
+        "class Net(torch.nn.Linear):\n"
+        "    calls = 0\n\n"
+        "    def forward(self, x):\n"
+        "        Net.calls += 1\n"
+        "        if Net.calls == 40:  # the scheduler's SIGTERM, then its second\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return super().forward(x.flatten(1))\n\n\n"
+        "def make():\n"
+        "    return Net(64, 10)\n"
+    )
+    out = tmp_path / "run"
+    args = ["--model", f"{tmp_path}/net.py:make", "--data", "digits", "--optimizer", "sgd"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", "train", *args, "--quiet", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    words = " ".join(proc.stderr.split())
+    assert proc.returncode == 143 and "Traceback" not in words, words
+    assert words.startswith("stopped at once by SIGTERM: the metrics of the steps done are")
+    assert re.search(f"--resume {out} continues from {out}/checkpoints/step[0-9]{{7}}.pt", words)
 
 
 def test_sigterm_while_the_data_loads_stops_at_once_and_writes_nothing(tmp_path):

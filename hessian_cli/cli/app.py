@@ -199,9 +199,10 @@ def main() -> None:
         # SIGTERM unwinds instead of killing at once, so that what is in hand is written.
         with signal_handled(signal.SIGTERM, _raise_terminated):
             app()
-    except Terminated:
+    except Terminated as exc:
         rank = f"rank {os.environ['RANK']} " if torchrun else ""
-        err_console.print(f"{rank}stopped: the process received SIGTERM.", style="dim")
+        said = str(exc) or "stopped: the process received SIGTERM."
+        err_console.print(f"{rank}{said}", style="dim", highlight=False, soft_wrap=True)
         _leave_now(TERMINATED_STATUS)  # the job is being stopped: its barrier would wait
     except Exception as exc:
         code = _report(exc)  # with --debug, the traceback; the exit status is the same

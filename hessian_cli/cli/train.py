@@ -167,7 +167,7 @@ def train_command(
     }
     set_options = {k: v for k, v in given.items() if v is not None}
     # The loop (torch) is imported here, not at the top: --help stays instant.
-    from eigensam.training import latest_checkpoint, train
+    from eigensam.training import train
     from hessian_cli.engine.distributed import fail_together, world
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
@@ -194,8 +194,9 @@ def train_command(
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = _Display(console, config, quiet or not lead)
+    stop = _StopRequest()
     try:
-        with _stop_signals() as stop, display:
+        with _stop_signals(stop), display:
 
             def progress(event: Event) -> None:
                 stop.note(event)
@@ -210,22 +211,30 @@ def train_command(
             )
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last
         if lead:
-            run_dir = Path(resume if resume is not None else config.out)
-            kept = latest_checkpoint(run_dir)
-            then = (
-                f"--resume {run_dir} continues from {kept}" if kept else "no checkpoint was written"
-            )
             Console(stderr=True).print(
-                f"stopped at once by a second Ctrl-C: the metrics of the steps done are written, "
-                f"the steps since the last checkpoint are not; {then}.",
+                f"stopped at once by a second Ctrl-C: {_kept(resume, config)}.",
                 highlight=False,
                 soft_wrap=True,
             )
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:  # a second signal, or SIGTERM before the loop (nothing written then)
+        if lead and stop.started:
+            raise Terminated(f"stopped at once by SIGTERM: {_kept(resume, config)}.") from None
+        raise
     if lead:
         _report(console, summary, quiet, resumed=resume is not None, stop=stop)
     elif summary.interrupted:
         raise typer.Exit(stop.exit_status)
+
+
+def _kept(resume: Path | None, config: TrainConfig) -> str:
+    """What a run stopped at once keeps, and how to continue it."""
+    from eigensam.training import latest_checkpoint
+
+    run_dir = Path(resume if resume is not None else config.out)
+    kept = latest_checkpoint(run_dir)
+    then = f"--resume {run_dir} continues from {kept}" if kept else "no checkpoint was written"
+    return f"the metrics of the steps done are written, the steps since the last checkpoint are not; {then}"
 
 
 # Options that only some optimizers read: given for another, they would be recorded as if used.
@@ -280,13 +289,12 @@ class _StopRequest:
 
 
 @contextmanager
-def _stop_signals() -> Iterator[_StopRequest]:
-    stop = _StopRequest()
+def _stop_signals(stop: _StopRequest) -> Iterator[None]:
     with (
         signal_handled(signal.SIGINT, stop.on_sigint),
         signal_handled(signal.SIGTERM, stop.on_sigterm),
     ):
-        yield stop
+        yield
 
 
 class _Display:

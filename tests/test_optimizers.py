@@ -523,5 +523,5 @@ def test_a_refresh_on_a_batch_that_is_not_two_tensors_is_one_sentence() -> None:
     x, y = data()[0]
     with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not \(dict, Tensor\)"):
         opt.refresh_eigenvector(model, F.cross_entropy, ({"x": x}, y))
-    with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not a Tensor"):
+    with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not a torch.Tensor"):
         HessianOperator(model, F.cross_entropy, x)  # a tensor, not a list of batches

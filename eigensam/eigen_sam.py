@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from eigensam.refresh import (
-    DEFAULT_MAX_HVPS,
     DEFAULT_TOL,
     RefreshResult,
     refresh_top_eigenvector,
@@ -125,13 +124,15 @@ class EigenSAM(SAM):
         loss_fn: LossFn,
         batch: Batch,
         *,
-        max_hvps: int = DEFAULT_MAX_HVPS,
+        max_hvps: int | None = None,
         tol: float = DEFAULT_TOL,
         seed: int | None = None,
     ) -> RefreshResult:
         """Refresh ``v`` on ``batch`` by the engine, warm-started from the current ``v``; before
         there is one, the parameters' ``.grad`` (the minibatch gradient, where a backward pass
-        has run) guides the random start, since the gradient leans toward v_1.
+        has run) guides the random start, since the gradient leans toward v_1. ``max_hvps``
+        defaults to a few products warm, more for that first, cold refresh (see
+        :mod:`eigensam.refresh`).
 
         Call it at ``w`` (not between :meth:`first_step` and :meth:`second_step`); it leaves the
         parameters' ``.grad`` alone, so it may sit between the first backward and

@@ -209,6 +209,52 @@ def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     assert a["sam_sharpness"] == pytest.approx(sharp, rel=1e-6)
 
 
+def test_an_exact_fit_has_eigenpairs_and_undefined_alignment_scores(capsys, tmp_path):
+    """At an exact fit the gradient is zero: the eigenpairs are still well defined and shown,
+    the scores of g_hat are NaN (null), and a series goes on (it used to stop with an error)."""
+    (tmp_path / "lin.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Linear(3, 1)\n"
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3))
+    net = torch.nn.Linear(3, 1).double()
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).numpy()
+    np.savez(tmp_path / "fit.npz", x=x, y=y)
+    (tmp_path / "series").mkdir()
+    torch.save(net.state_dict(), tmp_path / "series" / "a_fit.pt")
+    torch.save(torch.nn.Linear(3, 1).double().state_dict(), tmp_path / "series" / "b_other.pt")
+    code, out, err = run(
+        capsys,
+        "analyze",
+        tmp_path / "series",
+        "--model",
+        f"{tmp_path}/lin.py:make",
+        "--data",
+        tmp_path / "fit.npz",
+        "--dtype",
+        "float64",
+        "--top-k",
+        "2",
+        "--alignment",
+        "--minibatches",
+        "2",
+        "--batch-size",
+        "16",
+        "--json",
+    )
+    assert code == 0, err
+    r, other = json.loads(out)
+    X = np.c_[x[:16], np.ones(16)]  # the Hessian's one batch of 16
+    H = 2 * X.T @ X / 16  # mse: the mean of squares
+    np.testing.assert_allclose(r["eigen"]["eigenvalues"], np.linalg.eigvalsh(H)[::-1][:2])
+    a = r["alignment"]
+    assert a["grad_norm"] == 0 and a["alignment"] == [None, None]
+    assert a["curvature_ratio"] is None and a["eigensam_alignment"] is None
+    assert a["minibatch"]["values"] == [[None, None], [None, None]]
+    assert other["alignment"]["grad_norm"] > 0 and None not in other["alignment"]["alignment"]
+
+
 TOKEN_MODEL = """
 import torch
 from torch import nn

@@ -1015,6 +1015,19 @@ def test_alignment_where_the_top_eigenvalue_is_zero():
     assert math.isfinite(scores.subspace_alignment) and math.isfinite(scores.eigensam_alignment)
 
 
+def test_alignment_where_the_top_eigenvalue_is_negative():
+    """With lambda_1 < 0 the ratio g_hat^T H g_hat / lambda_1 is at least 1, which would read as
+    better than perfectly aligned: it is undefined (NaN) there too."""
+    model = torch.nn.Linear(3, 1).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(16, n, generator=g, dtype=torch.float64) for n in (3, 1))
+    op = HessianOperator(model, lambda out, t: -F.mse_loss(out, t), [(x, y)])
+    res = eigenpairs(op, 2)
+    assert res.eigenvalues.max() < 0
+    scores = alignment_scores(op, res.eigenvalues, res.eigenvectors)
+    assert math.isnan(scores.curvature_ratio) and math.isfinite(scores.subspace_alignment)
+
+
 def test_a_minibatch_with_a_zero_gradient_is_left_out_of_the_statistics():
     model = torch.nn.Linear(3, 1, bias=False).double()
     with torch.no_grad():
@@ -1034,6 +1047,8 @@ def test_a_minibatch_with_a_zero_gradient_is_left_out_of_the_statistics():
     assert values[0].isnan().all() and not values[1:].isnan().any()
     torch.testing.assert_close(scores.minibatch_mean, values[1:].mean(0))
     torch.testing.assert_close(scores.minibatch_std, values[1:].std(0))
+    one = alignment_scores(op, res.eigenvalues, res.eigenvectors, minibatches=2)
+    assert one.minibatch_std.isnan().all()  # a sample std of one value is undefined, not 0
 
 
 @pytest.mark.parametrize("seed", [0, 2])

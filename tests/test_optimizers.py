@@ -18,6 +18,7 @@ from eigensam import (
     enable_running_stats,
     refresh_top_eigenvector,
 )
+from eigensam.refresh import COLD_MAX_HVPS, DEFAULT_MAX_HVPS
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import UserError
 
@@ -254,6 +255,24 @@ def test_first_refresh_is_guided_by_the_minibatch_gradient() -> None:
         found.append(abs(float(res.vector @ Q[:, 0])))
     plain, guided = found
     assert guided > 0.99 and guided > plain + 0.05, found
+
+
+def test_the_first_refresh_has_a_larger_budget_than_the_warm_ones() -> None:
+    """The first refresh starts cold and its vector is used for eig_every steps: 6 products do
+    not find v_1 here, the first refresh's default budget does; warm ones keep the 6."""
+    spectrum = [5.0, 4.7] + torch.linspace(-1.0, 4.4, 198).tolist()
+    A, Q = symmetric(spectrum, seed=5)
+    found = {}
+    for budget in (DEFAULT_MAX_HVPS, None):
+        model = Quadratic(A, torch.zeros(200, dtype=DT), torch.ones(200, dtype=DT))
+        opt = EigenSAM([model.w], torch.optim.SGD, lr=0.1)
+        res = opt.refresh_eigenvector(model, identity_loss, DUMMY, max_hvps=budget)
+        found[budget] = (res, abs(float(opt.eigenvector @ Q[:, 0])))
+    (six, six_cos), (cold, cold_cos) = found[DEFAULT_MAX_HVPS], found[None]
+    assert not six.converged and six_cos < 0.99
+    assert cold.converged and DEFAULT_MAX_HVPS < cold.hvps <= COLD_MAX_HVPS and cold_cos > 0.99
+    warm = opt.refresh_eigenvector(model, identity_loss, DUMMY)
+    assert warm.hvps <= DEFAULT_MAX_HVPS
 
 
 def test_refresh_ignores_a_larger_negative_eigenvalue() -> None:

@@ -5,6 +5,10 @@ Definitions (DESIGN.md): ``g_hat = g/||g||``, ``v_1..v_k`` unit top eigenvectors
 ``curvature_ratio = g_hat^T H g_hat / lambda_1``, Eigen-SAM direction
 ``d = g_hat + alpha * sign(<g, v_1>) * (v_1 - <g_hat, v_1> g_hat)`` with
 ``eigensam_alignment = |<d/||d||, v_1>|``, and ``sam_sharpness = L(w + rho g_hat) - L(w)``.
+Where a score is undefined it is NaN, and the analysis goes on: every score of ``g_hat`` where
+the gradient is exactly zero (a fitted model: the eigenpairs still mean something), and the
+curvature ratio where ``lambda_1 <= 0`` (then ``g_hat^T H g_hat / lambda_1 >= 1``, which would
+read as better than perfectly aligned).
 """
 
 from __future__ import annotations
@@ -16,14 +20,13 @@ import torch
 
 from hessian_cli.engine.linalg import dot, gram, norms
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.errors import UserError
 
 
 @dataclass
 class AlignmentResult:
     alignment: torch.Tensor  # [k]
     subspace_alignment: float
-    curvature_ratio: float  # NaN where lambda_1 is 0: undefined
+    curvature_ratio: float  # NaN where lambda_1 <= 0: undefined
     eigensam_alignment: float
     sam_sharpness: float
     grad_norm: float
@@ -46,8 +49,9 @@ class AlignmentResult:
 
     @property
     def minibatch_std(self) -> torch.Tensor:
+        """The sample standard deviation (over M - 1): NaN for fewer than two batches."""
         m = self._defined
-        return m.std(0) if m.shape[0] > 1 else torch.zeros(m.shape[1], dtype=m.dtype)
+        return m.std(0) if m.shape[0] > 1 else torch.full((m.shape[1],), math.nan, dtype=m.dtype)
 
 
 def eigensam_direction(g: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -74,19 +78,23 @@ def alignment_scores(
     ``op``): an operator over more of the data than the Hessian's, whose gradients alone are used.
     Costs one gradient pass (none when the caller passes the ``(loss, gradient)`` it already
     has), one HVP (curvature ratio), one loss evaluation and up to ``minibatches`` per-batch
-    gradients.
+    gradients (none for ``minibatches=0``).
     """
     V = eigenvectors / norms(eigenvectors)[:, None]
     loss, g = gradient if gradient is not None else op.gradient()
     gnorm = float(norms(g))
-    if gnorm == 0.0:
-        raise UserError("The gradient is exactly zero, so alignment scores are undefined.")
-    g_hat = g / gnorm
-    coeffs = gram(V, g_hat[None])[:, 0].to(V.dtype)
     hvps0 = op.hvp_count
-    curvature = float(dot(g_hat, op.matmul(g_hat)))
-    d = eigensam_direction(g, V[0], alpha)
-    sharp = op.loss_at(rho * g_hat) - loss
+    if gnorm > 0:
+        g_hat = g / gnorm
+        coeffs = gram(V, g_hat[None])[:, 0].to(V.dtype)
+        curvature = float(dot(g_hat, op.matmul(g_hat)))
+        d = eigensam_direction(g, V[0], alpha)
+        eigensam = float(dot(d / norms(d), V[0]).abs())
+        sharp = op.loss_at(rho * g_hat) - loss
+    else:  # no direction to align: the scores of g_hat are undefined
+        coeffs = V.new_full((V.shape[0],), math.nan)
+        curvature = eigensam = sharp = math.nan
+    top = float(eigenvalues[0])
     mb_op = op if minibatch_op is None else minibatch_op
     mb = [
         (gram(V, gb[None])[:, 0].abs() / (float(norms(gb)) or math.nan)).to(V.dtype)
@@ -97,8 +105,8 @@ def alignment_scores(
     return AlignmentResult(
         alignment=coeffs.abs().cpu(),
         subspace_alignment=float(coeffs.norm()),
-        curvature_ratio=curvature / (float(eigenvalues[0]) or math.nan),
-        eigensam_alignment=float(dot(d / norms(d), V[0]).abs()),
+        curvature_ratio=curvature / top if top > 0 else math.nan,
+        eigensam_alignment=eigensam,
         sam_sharpness=sharp,
         grad_norm=gnorm,
         loss=loss,

@@ -6,6 +6,7 @@ They only format: every number comes from :func:`hessian_cli.report.analysis_to_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ SUMMARY_KEYS = (
 
 def _g(x: Any, spec: str = ".6g") -> str:
     return DASH if x is None else format(x, spec)
+
+
+def _missing(x: Any) -> bool:
+    """A number that is absent or NaN: read from a file, or as JSON's null."""
+    return x is None or math.isnan(x)
 
 
 def _int(x: Any) -> str:
@@ -112,12 +118,21 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
 
 def _alignment_table(al: Mapping[str, Any]) -> Table:
     mb = al.get("minibatch") or {}
-    m = len(mb.get("values") or [])
-    caption = (
-        f"minibatch: over the first {m} batch gradients"
-        if m > 1
-        else "minibatch: one batch gradient, so no spread (the data holds one batch)"
-    )
+    values = mb.get("values") or []
+    m = len(values)
+    zero = sum(1 for row in values if any(map(_missing, row)))
+    if m == 0:
+        caption = "minibatch: none asked for"
+    elif m - zero < 2:
+        caption = f"minibatch: {'one' if m - zero else 'no'} nonzero batch gradient, so no spread"
+    else:
+        caption = f"minibatch: over the first {m} batch gradients"
+    if zero:
+        caption += f" ({zero} of the {m} exactly zero, left out)"
+    if al.get("grad_norm") == 0:
+        caption = f"the gradient is exactly zero: the scores of ĝ are undefined; {caption}"
+    elif "curvature_ratio" in al and _missing(al["curvature_ratio"]):
+        caption += "; curvature ratio undefined where λ1 ≤ 0"
     table = Table(title="SAM alignment", caption=caption)
     table.add_column("score")
     table.add_column("value", justify="right")

@@ -73,6 +73,7 @@ class AnalyzeRequest:
     max_hvps: int | None = None
     block_size: int | None = None
     guard: int | None = None
+    check_steps: int | None = None
     trace: bool = False
     trace_probes: int = 99
     trace_method: Literal["hutch++", "hutchinson"] = "hutch++"
@@ -209,6 +210,7 @@ def _check_request(request: AnalyzeRequest) -> None:
         ("--density-probes", r.density_probes, 1, r.density),
         ("--density-steps", r.density_steps, 1, r.density),
         ("--minibatches", r.minibatches, 0, r.alignment),
+        ("--check-steps", r.check_steps, 0, r.check_steps is not None),
     )
     for flag, value, least, used in counts:
         if used and value < least:
@@ -399,6 +401,7 @@ def _run_solvers(
             block_size=request.block_size,
             guard=request.guard,
             max_hvps=request.max_hvps,
+            check_steps=request.check_steps,
             # The previous checkpoint's vectors, where they live in the same space (a directory
             # may mix models).
             init=init if init is not None and init.shape[-1] == op.n else None,

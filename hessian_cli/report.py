@@ -99,6 +99,8 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "seconds": number(e.seconds),
             "block_size": int(e.block_size),
             "guard": int(e.guard),
+            "check_hvps": int(e.check_hvps),
+            "skipped_found": int(e.skipped_found),
             "stop_reason": e.stop_reason,
             "method": e.method,
         }

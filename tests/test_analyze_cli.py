@@ -137,6 +137,29 @@ def test_a_guard_of_pairs_beyond_top_k_is_reported(capsys, digits_mlp):
     assert code == 0 and json.loads(out)["eigen"]["guard"] == 0
 
 
+def test_the_check_for_a_skipped_eigenvalue_is_reported_and_can_be_left_out(
+    capsys, digits_mlp, tmp_path
+):
+    out_file = tmp_path / "s.h5"
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "3", "--json", "--out", out_file)
+    eigen = json.loads(out)["eigen"]
+    assert code == 0 and eigen["check_hvps"] == 6 and eigen["skipped_found"] == 0
+    code, out, _ = run(
+        capsys, "analyze", digits_mlp, "--top-k", "3", "--json", "--check-steps", "0"
+    )
+    unchecked = json.loads(out)["eigen"]
+    assert code == 0 and unchecked["check_hvps"] == 0
+    assert eigen["hvps"] == unchecked["hvps"] + 6
+    code, out, _ = run(capsys, "show", out_file)
+    assert (
+        "6 of the HVPs looked outside the pairs for a skipped eigenvalue, found none"
+        in " ".join(out.split())
+    )
+    assert "--check-steps must be at least 0" in _bad(
+        capsys, "analyze", digits_mlp, "--check-steps", "-1"
+    )
+
+
 def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     """Every alignment score from the CLI against values computed from the dense Hessian."""
     data = load_data("digits")

@@ -108,7 +108,7 @@ def test_alpha_zero_equals_sam_bit_for_bit(dtype: torch.dtype, adaptive: bool) -
     for i, (x, y) in enumerate(data(dtype)):
         if i == 2:  # from here on the eigenvector path of EigenSAM is taken
             result = eig.refresh_eigenvector(m_eig, F.cross_entropy, (x, y))
-            assert result.hvps <= 10 and eig.eigenvector is not None
+            assert result.hvps <= COLD_MAX_HVPS and eig.eigenvector is not None
         assert sam_step(sam, m_sam, x, y) == sam_step(eig, m_eig, x, y)
         for a, b in zip(m_sam.parameters(), m_eig.parameters(), strict=True):
             assert torch.equal(a, b)

@@ -83,6 +83,13 @@ def analyze(
         help="Eigenpairs converged beyond --top-k and dropped, so that none of the top k is "
         "skipped (default top-k / 10; 0 saves up to a fifth of the HVPs, at that risk).",
     ),
+    check_steps: int | None = typer.Option(
+        None,
+        "--check-steps",
+        help="HVPs that look for a skipped eigenvalue once the pairs have converged, from a "
+        "fresh random start outside them; one found is taken in, and the look repeated "
+        "(default 6; 0 saves them, at that risk).",
+    ),
     trace: bool = typer.Option(
         False, "--trace", help="Estimate the trace with its standard error."
     ),
@@ -186,6 +193,7 @@ def analyze(
         max_hvps=max_hvps,
         block_size=block_size,
         guard=guard,
+        check_steps=check_steps,
         trace=trace,
         trace_probes=trace_probes,
         trace_method=trace_method,

@@ -14,8 +14,10 @@ class EigenResult:
     ``residuals[i] = ||H v_i - lambda_i v_i|| / scale`` where ``scale`` estimates ``|lambda_max|``
     (the largest Ritz value in magnitude); ``errors[i]`` bounds the relative error of
     ``lambda_i``, ``|lambda_i - eigenvalue| / |eigenvalue|`` (from the residual, and much less
-    once the eigenvalue is separated from the others). Pair ``i`` is converged when the one
-    named by ``criterion`` is ``<= tol``.
+    once the eigenvalue is separated from the others; for a pair that has not converged, from
+    the residual alone, and to the nearest eigenvalue, which need not be the i-th). Pair ``i``
+    is converged when the one named by ``criterion`` is ``<= tol`` (for ``eigenvalue``, an
+    eigenvalue that may be zero, whose relative error is infinite, by its residual).
     """
 
     eigenvalues: torch.Tensor
@@ -42,6 +44,11 @@ class EigenResult:
     # block-krylov-thick-restart, or whole-space: every column of the matrix and its dense
     # eigendecomposition, where the Krylov basis would hold half the space or more.
     method: str = "block-krylov-thick-restart"
+    # Products spent looking, once the pairs had converged, for an eigenvalue the iteration
+    # skipped (0: not looked, e.g. the budget left no room), and how many such were found (and
+    # then converged with the others).
+    check_hvps: int = 0
+    skipped_found: int = 0
 
     @property
     def all_converged(self) -> bool:

@@ -98,6 +98,13 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
     )
     if guard := e.get("guard"):
         how += f" (and {guard} more pair{'s' if guard > 1 else ''} as a guard against skipping one)"
+    if checked := e.get("check_hvps"):
+        found = e.get("skipped_found") or 0
+        how += f"; {checked} of the HVPs looked outside the pairs for a skipped eigenvalue, " + (
+            f"found {found} and converged {'it' if found == 1 else 'them'} too"
+            if found
+            else "found none"
+        )
     if not all(e.get("converged") or [True]) and e.get("stop_reason") in STOP_REASONS:
         how += f"; stopped: {STOP_REASONS[e['stop_reason']]}"
     values = e["eigenvalues"]

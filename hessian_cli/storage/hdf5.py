@@ -434,6 +434,8 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "seconds": number(a.get("seconds")),
             "block_size": _int(a.get("block_size")),
             "guard": _int(a.get("guard")),  # null in files written before it
+            "check_hvps": _int(a.get("check_hvps")),  # and these two before 2026-11-30
+            "skipped_found": _int(a.get("skipped_found")),
             "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),
         }

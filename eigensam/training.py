@@ -526,6 +526,11 @@ class _Run:
             before = "no checkpoint was written"
             if kept:
                 before = f"the last checkpoint, {kept}, holds weights before it"
+            if self.step == start_step == 0:  # no step taken: the optimizer played no part
+                raise UserError(
+                    "the loss or the weights are NaN or infinite at the initial weights, before "
+                    "any step: check the model, the data and the loss."
+                ) from None
             raise UserError(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "

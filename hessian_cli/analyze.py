@@ -112,6 +112,8 @@ def checkpoint_paths(target: str | Path) -> list[Path]:
     in its checkpoints folder)."""
     path = Path(target)
     if not path.exists():
+        if path.is_symlink():  # dangling, or a loop of links
+            raise UserError(f"The checkpoint {path} is a symbolic link that leads nowhere.")
         raise UserError(f"No such checkpoint file or directory: {path}.")
     if path.is_dir():
         found = list_checkpoints(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -538,6 +539,53 @@ def _bad(capsys, *args) -> str:
     return one_sentence(err)
 
 
+def test_user_code_that_exits_or_misfits_is_one_sentence(capsys, tmp_path, digits_mlp):
+    """sys.exit in user code used to end the command with the user's status (0: a run that
+    did nothing); mismatched factory tensors and a model whose outputs are detached were
+    'unexpected' errors (status 1)."""
+    (tmp_path / "uc.py").write_text(
+        "import sys\nimport torch\n\n\n"
+        "def exit0(out, y):\n    sys.exit(0)\n\n\n"
+        "def net7(**kw):\n    sys.exit(7)\n\n\n"
+        "def mismatch():\n    return torch.zeros(10, 64), torch.zeros(5, dtype=torch.long)\n\n\n"
+        "class Detached(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.l = torch.nn.Linear(64, 10)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.l(x.flatten(1)).detach()\n\n\n"
+        "def detached(**kw):\n    return Detached()\n"
+    )
+    uc = tmp_path / "uc.py"
+    assert "called sys.exit(0) instead of returning" in _bad(
+        capsys, "analyze", digits_mlp, "--loss", f"{uc}:exit0"
+    )
+    assert "called sys.exit(7) instead of returning" in _bad(
+        capsys, "analyze", digits_mlp, "--model", f"{uc}:net7"
+    )
+    assert "inputs of shape (10, 64) and targets of shape (5,)" in _bad(
+        capsys, "analyze", digits_mlp, "--data", f"{uc}:mismatch"
+    )
+    torch.save({"l.weight": torch.zeros(10, 64), "l.bias": torch.zeros(10)}, tmp_path / "d.pt")
+    assert "outputs do not depend on its parameters" in _bad(
+        capsys, "analyze", tmp_path / "d.pt", "--model", f"{uc}:detached", "--data", "digits"
+    )
+
+
+def test_files_that_are_not_checkpoints_are_named_as_such(capsys, tmp_path):
+    """A FIFO used to hang the command; a text file was told to pass --trust-checkpoint; a loop
+    of links was 'no such file'."""
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    assert "is not a regular file" in _bad(capsys, "analyze", fifo, "--model", "mlp")
+    (tmp_path / "script.pt").write_text("import os\n")
+    message = _bad(capsys, "analyze", tmp_path / "script.pt", "--model", "mlp", "--data", "digits")
+    assert "is not a torch, safetensors or pickle file" in message and "trust" not in message
+    (tmp_path / "a.pt").symlink_to(tmp_path / "b.pt")
+    (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
+    assert "symbolic link that leads nowhere" in _bad(capsys, "analyze", tmp_path / "a.pt")
+
+
 def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
     assert "No such checkpoint" in _bad(
         capsys, "analyze", tmp_path / "missing.pt", "--model", "mlp"
@@ -983,7 +1031,7 @@ def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, dig
     for loss, message in (
         ("raises", "The loss fails on the model's outputs: bad shapes in my loss"),
         ("returns_float", "The loss returns a float, not a scalar tensor"),
-        ("per_sample", "The loss returns a tensor of shape (2,), not a scalar tensor"),
+        ("per_sample", "The loss returns a tensor of shape (2,) for a batch of 2, not a scalar"),
         ("constant", "The loss does not depend on the model's outputs"),
     ):
         assert message in _bad(capsys, "analyze", digits_mlp, "--loss", f"{user}:{loss}")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -537,3 +538,174 @@ def test_a_series_list_that_cannot_grow_is_refused_before_the_work(full, tmp_pat
         f.create_dataset("series", data=names, dtype=h5py.string_dtype())  # fixed size
     with pytest.raises(UserError, match="/series cannot grow"):
         check_writable(path)
+
+
+def _checkpoints_dataset(f: h5py.File) -> None:
+    del f["checkpoints"]
+    f["checkpoints"] = np.arange(3)
+
+
+def _numbers_list(name: str, dtype: type) -> Callable[[h5py.File], None]:
+    def change(f: h5py.File) -> None:  # resizable, as ours are, but not strings
+        del f[name]
+        f.create_dataset(name, shape=(1,), maxshape=(None,), dtype=dtype)
+
+    return change
+
+
+def _version(value: object) -> Callable[[h5py.File], None]:
+    def change(f: h5py.File) -> None:
+        f.attrs["format_version"] = value
+
+    return change
+
+
+def _external_link(f: h5py.File) -> None:
+    f["checkpoints/elsewhere"] = h5py.ExternalLink(f.filename + ".other", "/x")
+
+
+def _text_eigenvalues(f: h5py.File) -> None:
+    g = next(iter(f["checkpoints"].values()))
+    del g["eigenvalues"]
+    g["eigenvalues"] = [b"a", b"b", b"c"]
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (_checkpoints_dataset, "/checkpoints is not a group"),
+        (_numbers_list("series", np.int64), "/series does not hold strings"),
+        (_numbers_list("history", np.float64), "/history does not hold strings"),
+        (_version("two"), "its format_version is not an integer"),
+        (_version(np.array([2, 2])), "its format_version is not an integer"),
+        # Edited in memory, HDF5 opened the link's target through the same buffer, and the
+        # appended file could come out truncated.
+        (_external_link, "/checkpoints/elsewhere is a link to another file"),
+        (_text_eigenvalues, "could not convert string to float"),  # what `show` refuses
+    ],
+)
+def test_a_foreign_layout_is_refused_before_the_work(full, tmp_path, change, why):
+    """Each failed only once the analysis had run (its results lost), or broke the file."""
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        change(f)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="not laid out as docs/hdf5.md says") as refused:
+        check_writable(path)
+    assert why in str(refused.value) and "refusing to add to it" in str(refused.value)
+    with pytest.raises(UserError, match="not laid out as docs/hdf5.md says"):
+        write_analyses(path, [variant(full, "b", 2)], command_line="y")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spectra.h5"]
+
+
+def _replace(name: str, data: object) -> Callable[[h5py.Group], None]:
+    def change(g: h5py.Group) -> None:
+        attrs = dict(g[name].attrs)
+        del g[name]
+        g[name] = data
+        g[name].attrs.update(attrs)
+
+    return change
+
+
+def _attrs(**values: object) -> Callable[[h5py.Group], None]:
+    def change(g: h5py.Group) -> None:
+        g.attrs.update(values)
+
+    return change
+
+
+def _delete(name: str) -> Callable[[h5py.Group], None]:
+    def change(g: h5py.Group) -> None:
+        del g[name]
+
+    return change
+
+
+def _cli(*args: str):
+    """``hessian-cli ARGS`` in this process; a UserError is what the CLI prints with status 2."""
+    from typer.testing import CliRunner
+
+    import hessian_cli.cli.commands  # noqa: F401  (registers the commands)
+    from hessian_cli.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (_replace("name", np.array([b"a", b"b"])), "name has shape (2,), not a single string"),
+        (_replace("eigenvalues", np.ones((2, 3))), "eigenvalues has shape (2, 3)"),
+        (_replace("eigenvalues", np.arange(5.0)), "residuals has length 3, eigenvalues 5"),
+        (_replace("converged", [b"yes", b"no", b"yes"]), "converged holds text, not 0 and 1"),
+        # What the table formats as numbers: refused for --json and plot as well.
+        (_attrs(hvps="x"), "invalid literal for int()"),
+        (_attrs(wall_seconds="slow"), "could not convert string to float"),
+        (_attrs(precision="bf16", hvp_rel_error="small"), "could not convert string to float"),
+        (_delete("density/values"), "density/grid and density/values have shapes"),
+        (_replace("alignment/minibatch", np.ones(3)), "alignment/minibatch has shape (3,)"),
+    ],
+)
+def test_a_malformed_group_is_refused_alike_by_show_json_and_plot(full, tmp_path, change, why):
+    path = tmp_path / "spectra.h5"
+    (group,) = write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        change(f["checkpoints"][group])
+    with pytest.raises(UserError, match="not laid out as docs/hdf5.md says") as refused:
+        read_analyses(path)
+    assert why in str(refused.value)
+    for args in (["show"], ["show", "--json"], ["plot", "-o", str(tmp_path / "fig.png")]):
+        result = _cli(*args, str(path))
+        assert isinstance(result.exception, UserError), (args, result.output)
+        assert why in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spectra.h5"]
+
+
+def test_only_an_exact_one_reads_as_converged(full, tmp_path):
+    """docs/hdf5.md: an unknown convergence is never reported as converged."""
+    path = tmp_path / "spectra.h5"
+    (group,) = write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        _replace("converged", [0.5, np.nan, 1.0])(f["checkpoints"][group])
+    assert read_analyses(path)[0]["eigen"]["converged"] == [False, False, True]
+    with h5py.File(path, "r+") as f:
+        _replace("converged", np.array([2, 1, 0], dtype=np.uint8))(f["checkpoints"][group])
+    assert read_analyses(path)[0]["eigen"]["converged"] == [False, True, False]
+
+
+def test_a_step_that_is_not_a_number_reads_alike_everywhere(full, tmp_path):
+    """Provenance is free-form: a step of text is shown as it is, ordered as unknown, and the
+    plot falls back to the epochs, in all three of show, show --json and plot."""
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [variant(full, "a", 5), variant(full, "b", None)], command_line="x")
+    with h5py.File(path, "r+") as f:
+        f["checkpoints/b"].attrs["step"] = "ten"
+    assert read_analyses(path)[1]["provenance"]["step"] == "ten"
+    for args in (["show"], ["show", "--json"], ["plot", "-o", str(tmp_path / "fig.png")]):
+        result = _cli(*args, str(path))
+        assert result.exit_code == 0, (args, result.output)
+
+
+def test_metrics_columns_of_different_lengths_are_refused(tmp_path):
+    """A short column would be drawn against the wrong steps (read_metrics' promise)."""
+    from hessian_cli.storage import read_metrics
+
+    path = tmp_path / "metrics.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "hessian-cli-metrics"
+        f.attrs["format_version"] = 1
+        f["steps/step"], f["steps/loss"] = np.arange(6), np.ones(6)
+        f["refresh/step"], f["refresh/eigenvalue"] = [0, 3], np.ones((2, 2))  # rows of two
+    assert read_metrics(path)["refresh"]["eigenvalue"].shape == (2, 2)
+    with h5py.File(path, "r+") as f:
+        del f["steps/loss"]
+        f["steps/loss"] = np.ones(3)
+    with pytest.raises(UserError, match=r"columns of /steps differ in length \(loss 3, step 6\)"):
+        read_metrics(path)
+    for args in (["show"], ["show", "--json"], ["plot", "-o", str(tmp_path / "fig.png")]):
+        result = _cli(*args, str(path))
+        assert isinstance(result.exception, UserError), (args, result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.h5"]

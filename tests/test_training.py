@@ -512,6 +512,19 @@ def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_p
         assert not (tmp_path / "run").exists()
 
 
+def test_a_loss_not_finite_before_any_step_does_not_blame_the_learning_rate(tmp_path):
+    """NaN at the initial weights: no step was taken, so --lr and --rho played no part (the
+    message used to tell the user to lower them)."""
+    (tmp_path / "nanloss.py").write_text(
+        "def nan(out, y):\n    return (out * float('nan')).sum()\n"
+    )
+    cfg = config(tmp_path, optimizer="sgd", momentum=0.0, track_every=0)
+    cfg.loss = f"{tmp_path}/nanloss.py:nan"
+    with pytest.raises(UserError, match="at the initial weights, before any step") as err:
+        train(cfg)
+    assert "--lr" not in str(err.value)
+
+
 def test_divergence_seen_by_tracking_is_named_as_divergence(tmp_path):
     """Finite weights (about 1e36) whose loss is not: the held-out batch's Hessian sees it."""
     cfg = config(tmp_path, optimizer="sgd", lr=1e37, momentum=0.0, weight_decay=0.0)

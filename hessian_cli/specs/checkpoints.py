@@ -55,9 +55,12 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
     """Read a checkpoint; ``trust=True`` allows arbitrary unpickling (only for trusted files)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise UserError(f"checkpoint {str(path)!r} does not exist.")
+        what = "is a symbolic link that leads nowhere" if path.is_symlink() else "does not exist"
+        raise UserError(f"checkpoint {str(path)!r} {what}.")
     if path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} is a directory, not a file.")
+    if not path.is_file():  # a FIFO or a device: reading it could wait forever
+        raise UserError(f"checkpoint {str(path)!r} is not a regular file.")
     try:
         digest = _sha256(path)
         with path.open("rb") as fh:
@@ -148,6 +151,11 @@ def _torch_load(path: Path, trust: bool) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
+        with path.open("rb") as fh:  # neither a zip archive nor a binary pickle: no flag helps
+            if not zipfile.is_zipfile(path) and fh.read(1) != b"\x80":
+                raise UserError(
+                    f"checkpoint {str(path)!r} is not a torch, safetensors or pickle file."
+                ) from exc
         message = str(exc)
         if not trust and "Weights only load failed" in message:
             found = re.search(r"GLOBAL ([\w.]+)", message)

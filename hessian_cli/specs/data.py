@@ -350,7 +350,13 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
     test: Any = None
     if isinstance(result, (tuple, list)):
         if len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result):
-            train: Any = TensorDataset(*result)
+            x, y = result
+            if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+                raise UserError(
+                    f"the data factory {spec!r} returned inputs of shape {tuple(x.shape)} and "
+                    f"targets of shape {tuple(y.shape)}: they need one row per sample each."
+                )
+            train: Any = TensorDataset(x, y)
         elif len(result) == 2:
             train, test = result
         else:
@@ -414,7 +420,7 @@ def _sample(dataset: Any, spec: str) -> tuple[torch.Tensor, Any]:
         item = dataset[0]
     except Exception as exc:
         raise UserError(
-            f"reading the first sample of data {spec!r} failed: {type(exc).__name__}."
+            f"reading the first sample of data {spec!r} failed: {described(exc)}."
         ) from exc
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise UserError(

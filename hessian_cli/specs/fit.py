@@ -61,6 +61,12 @@ def check_fits(
             f"The model returns {a_type(out)}, not a tensor of outputs; wrap it in a "
             "factory whose module returns the output tensor (e.g. out['logits'])."
         )
+    live = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    if live and not out.requires_grad:
+        raise UserError(
+            "The model's outputs do not depend on its parameters (its forward detaches them or "
+            "runs without gradients): there is nothing to differentiate."
+        )
     top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
     if top is not None and out.ndim == 2 and top >= out.shape[1]:
         raise UserError(
@@ -69,11 +75,13 @@ def check_fits(
         )
     try:
         loss = loss_fn(out, y)
+    except UserError:  # said already, in its own words
+        raise
     except _MISFIT as exc:
         raise UserError(f"The loss fails on the model's outputs: {first_line(exc)}.") from exc
     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
         got = (
-            f"a tensor of shape {tuple(loss.shape)}"
+            f"a tensor of shape {tuple(loss.shape)} for a batch of {len(y)}"
             if isinstance(loss, torch.Tensor)
             else a_type(loss)
         )

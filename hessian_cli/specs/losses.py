@@ -11,7 +11,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hessian_cli.errors import UserError
-from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
+from hessian_cli.specs.user_code import (
+    USER_CODE_FORMS,
+    call_user,
+    exits_as_errors,
+    load_object,
+    split_user_spec,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 BUILTIN_LOSSES: tuple[str, ...] = ("ce", "mse")
@@ -34,7 +40,7 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
             obj = call_user(obj, "loss class", spec)
         if not callable(obj):
             raise UserError(f"the loss {spec!r} is not callable.")
-        return obj
+        return exits_as_errors(obj, "loss function", spec)
     raise UserError(
         f"unknown loss {spec!r}: use {' or '.join(BUILTIN_LOSSES)}, or user code as "
         f"{USER_CODE_FORMS} taking (outputs, targets)."

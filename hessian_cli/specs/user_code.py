@@ -82,6 +82,8 @@ def _import_module(name: str, what: str) -> Any:
         sys.path.append(cwd)
     try:
         return importlib.import_module(name)
+    except SystemExit as exc:
+        raise UserError(f"importing {name!r} for the {what} {_exited(exc)}.") from None
     except ModuleNotFoundError as exc:
         if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
             raise UserError(
@@ -117,6 +119,8 @@ def _import_file(where: str, what: str) -> Any:
         spec.loader.exec_module(module)
     except BaseException as exc:
         sys.modules.pop(mod_name, None)
+        if isinstance(exc, SystemExit):
+            raise UserError(f"running {where!r} for the {what} {_exited(exc)}.") from None
         if not isinstance(exc, Exception):
             raise
         raise UserError(f"running {where!r} for the {what} failed: {described(exc)}.") from exc
@@ -136,5 +140,25 @@ def call_user(func: Any, what: str, spec: str, **kwargs: Any) -> Any:
         return func(**kwargs)
     except UserError:
         raise
+    except SystemExit as exc:
+        raise UserError(f"the {what} {spec!r} {_exited(exc)}.") from None
     except Exception as exc:
         raise UserError(f"the {what} {spec!r} raised {described(exc)}.") from exc
+
+
+def exits_as_errors(func: Any, what: str, spec: str) -> Any:
+    """``func`` (user code called again and again, such as a loss) with ``sys.exit`` inside it
+    made a user error: it would otherwise end the command with the user's exit status, 0 for
+    a run that did nothing."""
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SystemExit as exc:
+            raise UserError(f"the {what} {spec!r} {_exited(exc)}.") from None
+
+    return guarded
+
+
+def _exited(exc: SystemExit) -> str:
+    return f"called sys.exit({exc.code!r}) instead of returning"

@@ -9,6 +9,7 @@ optional parts and unknown extra attributes, so files of other versions still re
 from __future__ import annotations
 
 import json
+import operator
 import re
 import signal
 from collections.abc import Sequence
@@ -137,7 +138,12 @@ def _check_appendable(path: Path) -> None:
             "(choose another --out path)."
         )
     with open_hdf5(path) as f:
-        version = int(f.attrs.get("format_version", 0))
+        version = _format_version(f.attrs.get("format_version", 0))
+        if version is None:
+            raise UserError(
+                f"{path} is not laid out as docs/hdf5.md says (its format_version is not an "
+                "integer); refusing to add to it (choose another --out path)."
+            )
         if version > FORMAT_VERSION:
             raise UserError(
                 f"{path} was written by a newer hessian-cli (format version {version}); "
@@ -151,6 +157,17 @@ def _check_appendable(path: Path) -> None:
             raise UserError(
                 f"{path} is damaged ({exc}); refusing to add to it (choose another --out path)."
             ) from exc
+        if (link := _external_link(f)) is not None:
+            raise UserError(
+                f"{path} is not laid out as docs/hdf5.md says ({link} is a link to another "
+                "file); refusing to add to it (choose another --out path)."
+            )
+        held = f.get("checkpoints")
+        if held is not None and not isinstance(held, h5py.Group):
+            raise UserError(
+                f"{path} is not laid out as docs/hdf5.md says (/checkpoints is not a group); "
+                "refusing to add to it (choose another --out path)."
+            )
         for name in ("series", "history"):
             ds = f.get(name)
             if ds is not None and (not isinstance(ds, h5py.Dataset) or ds.maxshape != (None,)):
@@ -158,6 +175,46 @@ def _check_appendable(path: Path) -> None:
                     f"{path} is not laid out as docs/hdf5.md says (/{name} cannot grow); "
                     "refusing to add to it (choose another --out path)."
                 )
+            if ds is not None and h5py.check_string_dtype(ds.dtype) is None:
+                raise UserError(
+                    f"{path} is not laid out as docs/hdf5.md says (/{name} does not hold "
+                    "strings); refusing to add to it (choose another --out path)."
+                )
+        # And what the readers refuse: groups added to a file that `show` cannot read are lost.
+        try:
+            _info(f)
+            for name in _stored_order(f):
+                _read_group(f["checkpoints"][name])
+        except DAMAGED as exc:
+            raise UserError(
+                f"{path} is damaged or not laid out as docs/hdf5.md says ({exc}); refusing to "
+                "add to it (choose another --out path)."
+            ) from exc
+
+
+def _external_link(f: h5py.File) -> str | None:
+    """The first link in ``f`` to another file: edited in memory, HDF5 opens its target through
+    the same buffer, and the written file can come out truncated."""
+    groups = [f]
+
+    def visit(_: str, obj: h5py.HLObject) -> None:
+        if isinstance(obj, h5py.Group):
+            groups.append(obj)
+
+    f.visititems(visit)  # each group once, however many links lead to it
+    for group in groups:
+        for name in group:
+            if isinstance(group.get(name, getlink=True), h5py.ExternalLink):
+                return f"{group.name.rstrip('/')}/{name}"
+    return None
+
+
+def _format_version(value: Any) -> int | None:
+    """The root ``format_version`` as an int; ``None`` where it is not one (text, an array)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _read_attributes(_: str, obj: h5py.HLObject) -> None:
@@ -389,7 +446,11 @@ def _find_group(f: h5py.File, group: str, path: str | Path) -> h5py.Group:
     checkpoints = f["checkpoints"] if "checkpoints" in f else {}
     if group in checkpoints:
         return checkpoints[group]
-    matches = [g for g in checkpoints.values() if "name" in g and g["name"].asstr()[()] == group]
+    matches = [
+        g
+        for g in checkpoints.values()
+        if isinstance(g, h5py.Group) and "name" in g and _name(g) == group
+    ]
     if len(matches) == 1:
         return matches[0]
     known = ", ".join(checkpoints) or "none"
@@ -410,21 +471,73 @@ def _array(group: h5py.Group, name: str, default: list) -> list:
     return numbers(group[name][()]) if name in group else default
 
 
+def _name(g: h5py.Group) -> str:
+    """The ``name`` dataset: one string (the group's own name where it is absent)."""
+    if "name" not in g:
+        return g.name.rsplit("/", 1)[-1]
+    name = g["name"].asstr()[()]
+    if not isinstance(name, str):
+        raise ValueError(f"name has shape {g['name'].shape}, not a single string")
+    return name
+
+
+def _pairs(g: h5py.Group, key: str, k: int | None = None) -> np.ndarray:
+    """A per-eigenpair dataset: one value per eigenvalue (``k`` of them), else refused, so that
+    no table pairs an eigenvalue with another's residual or leaves some out."""
+    values = np.asarray(g[key][()])
+    if values.ndim != 1:
+        raise ValueError(f"{key} has shape {values.shape}, not one value per eigenvalue")
+    if k is not None and len(values) != k:
+        raise ValueError(f"{key} has length {len(values)}, eigenvalues {k}")
+    return values
+
+
+def _converged(g: h5py.Group, k: int) -> list[bool]:
+    """Only an exact 1 (or true) is converged: an unknown convergence (NaN, 0.5, absent) is
+    never reported as converged."""
+    if "converged" not in g:
+        return [False] * k
+    values = _pairs(g, "converged", k)
+    if values.dtype.kind not in "biuf":
+        held = "text" if values.dtype.kind in "OSU" else str(values.dtype)
+        raise ValueError(f"converged holds {held}, not 0 and 1")
+    return [bool(c == 1) for c in values.tolist()]
+
+
+def _cost(prov: dict[str, Any]) -> dict[str, Any]:
+    """:func:`cost_dict` with its counts and times as numbers: text where one belongs is
+    refused here, not only by the table that formats it, so that ``--json`` and ``plot`` agree."""
+    cost = cost_dict(prov)
+    return cost | {
+        "hvps": _int(cost["hvps"]),
+        "grad_equivalents": number(cost["grad_equivalents"]),
+        "seconds": number(cost["seconds"]),
+    }
+
+
 def _read_group(g: h5py.Group) -> dict[str, Any]:
     prov = provenance_dict(dict(g.attrs))
-    name = g["name"].asstr()[()] if "name" in g else g.name.rsplit("/", 1)[-1]
+    if "hvp_rel_error" in prov:  # a number the table formats, as _cost's are
+        prov["hvp_rel_error"] = number(prov["hvp_rel_error"])
+        if prov["hvp_rel_error"] is None:  # non-finite: dropped, as provenance_dict drops NaN
+            del prov["hvp_rel_error"]
+    name = _name(g)
     eigen = trace = density = alignment = None
     if "eigenvalues" in g:
         ev = g["eigenvalues"]
         a = ev.attrs
-        values = numbers(ev[()])
-        converged = g["converged"][()].tolist() if "converged" in g else [0] * len(values)
+        values = numbers(_pairs(g, "eigenvalues"))
+        k = len(values)
         eigen = {
             "which": _str(a.get("which")),
             "eigenvalues": values,
-            "residuals": _array(g, "residuals", [None] * len(values)),
-            "errors": _array(g, "eigenvalue_errors", [None] * len(values)),
-            "converged": [bool(c) for c in converged],
+            "residuals": numbers(_pairs(g, "residuals", k)) if "residuals" in g else [None] * k,
+            "errors": (
+                numbers(_pairs(g, "eigenvalue_errors", k))
+                if "eigenvalue_errors" in g
+                else [None] * k
+            ),
+            "converged": _converged(g, k),
             "tol": number(a.get("tol")),
             # Files written before the eigenvalue criterion existed converged by residual.
             "criterion": _str(a.get("criterion")) or "residual",
@@ -456,6 +569,10 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
     if isinstance(dn := g.get("density"), h5py.Group):
         a = dn.attrs
         density = {key: _array(dn, key, []) for key in _DENSITY_ARRAYS}
+        for x, y in (("nodes", "weights"), ("grid", "values")):  # read (and drawn) as pairs
+            if np.shape(density[x]) != np.shape(density[y]):
+                shapes = f"{np.shape(density[x])} and {np.shape(density[y])}"
+                raise ValueError(f"density/{x} and density/{y} have shapes {shapes}")
         density |= {
             "sigma": number(a.get("sigma")),
             "num_probes": _int(a.get("num_probes")),
@@ -465,6 +582,9 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
         }
     if isinstance(al := g.get("alignment"), h5py.Group):
         a = al.attrs
+        minibatch = _array(al, "minibatch", [])
+        if minibatch and np.ndim(minibatch) != 2:  # rows of batches; none: stored as []
+            raise ValueError(f"alignment/minibatch has shape {np.shape(minibatch)}, not [M, k]")
         alignment = {
             "alignment": _array(al, "alignment", []),
             **{
@@ -481,7 +601,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
                 )
             },
             "minibatch": {
-                "values": _array(al, "minibatch", []),
+                "values": minibatch,
                 "mean": _array(al, "minibatch_mean", []),
                 "std": _array(al, "minibatch_std", []),
             },
@@ -495,5 +615,5 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
         "trace": trace,
         "density": density,
         "alignment": alignment,
-        "cost": cost_dict(prov),
+        "cost": _cost(prov),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -123,6 +124,19 @@ def test_metrics_show_and_plot(files, tmp_path):
     out = tmp_path / "metrics.png"
     assert runner.invoke(app, ["plot", str(files["metrics"]), "--output", str(out)]).exit_code == 0
     assert_png(out)
+
+
+def test_a_two_dimensional_loss_column_shows_as_json_does(files, tmp_path):
+    """docs/hdf5.md allows columns of rows; the table's first/last loss line took one for a
+    number and failed where --json and plot read the file."""
+    path = tmp_path / "m.h5"
+    shutil.copy(files["metrics"], path)
+    with h5py.File(path, "a") as f:
+        rows = len(f["steps/step"])
+        del f["steps/loss"]
+        f["steps/loss"] = np.ones((rows, 3))
+    assert runner.invoke(app, ["show", str(path)]).exit_code == 0
+    assert runner.invoke(app, ["show", str(path), "--json"]).exit_code == 0
 
 
 def test_failed_plot_leaves_no_file(files, tmp_path, monkeypatch):

@@ -352,7 +352,7 @@ def metrics_summary(
     parts.append(Text(f"hessian-cli metrics file (format version {version}): {counts or 'empty'}"))
     parts.extend(_written_by(info))
     steps = metrics.get("steps") or {}
-    if "loss" in steps and len(steps["loss"]):
+    if "loss" in steps and np.ndim(steps["loss"]) == 1 and len(steps["loss"]):  # 2-D: a table
         loss = steps["loss"]
         parts.append(Text(f"per-step loss: first {loss[0]:.5g}, last {loss[-1]:.5g}"))
     if metrics.get("epochs"):

@@ -234,7 +234,10 @@ def _kept(resume: Path | None, config: TrainConfig) -> str:
     run_dir = Path(resume if resume is not None else config.out)
     kept = latest_checkpoint(run_dir)
     then = f"--resume {run_dir} continues from {kept}" if kept else "no checkpoint was written"
-    return f"the metrics of the steps done are written, the steps since the last checkpoint are not; {then}"
+    return (
+        "the metrics of the steps done are written, the steps since the last checkpoint are "
+        f"not; {then}"
+    )
 
 
 # Options that only some optimizers read: given for another, they would be recorded as if used.

@@ -77,7 +77,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
         if fmt == "torch-legacy" and _is_plain_pickle(head):
             fmt, obj = "pickle", _plain_pickle_load(path, trust)
         else:
-            obj = _torch_load(path, trust)
+            obj = _torch_load(path, trust, pickle_or_zip=fmt == "torch-zip" or head[:1] == b"\x80")
         raw = obj if isinstance(obj, dict) else {}
         state, metadata = _unwrap(obj, path)
     return LoadedCheckpoint(
@@ -144,18 +144,20 @@ def _arrays_as_tensors(obj: Any) -> Any:
     return obj
 
 
-def _torch_load(path: Path, trust: bool) -> Any:
+def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
+    """``torch.load``, its failures in one sentence; ``pickle_or_zip=False`` (a file that opens
+    as neither a zip archive nor a binary pickle) names what the file is not, where a failure
+    would otherwise suggest the flag that runs code."""
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it reads fine; the CLI output stays clean.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        with path.open("rb") as fh:  # neither a zip archive nor a binary pickle: no flag helps
-            if not zipfile.is_zipfile(path) and fh.read(1) != b"\x80":
-                raise UserError(
-                    f"checkpoint {str(path)!r} is not a torch, safetensors or pickle file."
-                ) from exc
+        if not pickle_or_zip:  # no flag would help
+            raise UserError(
+                f"checkpoint {str(path)!r} is not a torch, safetensors or pickle file."
+            ) from exc
         message = str(exc)
         if not trust and "Weights only load failed" in message:
             found = re.search(r"GLOBAL ([\w.]+)", message)

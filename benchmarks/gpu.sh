@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # Every case of benchmarks/peers.py on one device in one go (under 5 minutes on one H100/H200),
-# then (CUDA) benchmarks/overhead.py and benchmarks/solver_cost.py, printed as one report and
+# with (CUDA) benchmarks/overhead.py and benchmarks/solver_cost.py, printed as one report and
 # tee'd to a log ($LOG; by default in $OUT when that is set, else in $TMPDIR, so that a run
 # stopped at a time limit still leaves what it printed).
 #
 #   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
 #   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
 #
-# Top-k runs start from $SEEDS random starts per tool (default 5; the ratios use their means),
-# the dataloader case's from $DATALOADER_SEEDS (default 3: PyHessian's run takes 9 s there).
-# The many case (last) computes $MANY_K eigenpairs (default 30; 50 would add about a minute on an
-# H200, estimated from the top-5 runs' products: the reference alone needs ~300 float64 products).
+# Order, most valuable first, so that a run cut short loses the least: the issue's cases
+# (peers.py but `many`), overhead.py, solver_cost.py, then peers.py's `many` case on its own.
+# Time on an H200, estimated from the third session's per-row times (RESULTS.md) plus the
+# skipped-eigenvalue check's 6 products per solve (0.17 s on one batch, 2.8 s on 16): ~250 s.
+# Issue's cases ~172 s (startup and peers' install 15, costs 21, reference 3, top-k 31, trace 3,
+# density 27, dataloader 61, precision 12), then overhead.py ~26, solver_cost.py ~17, many ~34
+# (its own startup 8, float64 reference ~14). From ~350 s with the settings before: top-k runs
+# from $SEEDS random starts per tool (default 3, was 5), the dataloader case's from
+# $DATALOADER_SEEDS (default 2, was 3: PyHessian's run takes 9 s there); `analyze`'s variants
+# from one start, since our products did not vary with the seed where the peers' did; no
+# dataloader blocks beside the default on CUDA (blocks 2 and 4 took 1.6x and 2.2x its time in
+# all three H200 runs); the many case at $MANY_K = 20 eigenpairs (was 30).
 # The peers (PyHessian, hessian-eigenthings) are installed, when the python in use lacks them,
 # from the wheels in $WHEELS (default .whl/ at the repo root) into $SITE (default /tmp/site),
-# without network. The python is .venv's when there is one, else python3 ($PYTHON overrides).
+# without network; without them nothing runs. The python is .venv's when there is one, else
+# python3 ($PYTHON overrides).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,29 +35,46 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+import_peers() { error="$("$PYTHON" -c "import pyhessian, hessian_eigenthings" 2>&1)"; }
 
-if ! "$PYTHON" -c "import pyhessian, hessian_eigenthings" 2>/dev/null; then
+if ! import_peers; then
     echo "# installing the peers from $WHEELS into $SITE"
-    PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
-        || echo "# could not install the peers: their cases will fail"
+    PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
+        --target "$SITE" "$WHEELS"/*.whl
+    # a run without them is no comparison: stop before spending device time
+    if ! import_peers; then
+        echo "gpu.sh: stopped, nothing run: the peers do not import (${error##*$'\n'});" \
+            "put their wheels in $WHEELS, downloaded with network at the repo root by" \
+            "pip download --no-deps -d .whl pyhessian==0.1 hessian-eigenthings==1.0.0a5" \
+            | tee "$LOG" >&2
+        exit 2
+    fi
 fi
 if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/# /'
 fi
 
+case " $* " in *" --quick "*) MANY_K="${MANY_K:-10}" ;; esac  # --quick's size, unless set
+peers=("$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-3}"
+    --dataloader-seeds "${DATALOADER_SEEDS:-2}" --many-k "${MANY_K:-20}")
 start=$SECONDS
-"$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-5}" \
-    --dataloader-seeds "${DATALOADER_SEEDS:-3}" --many-k "${MANY_K:-30}" "$@" 2>&1 | tee "$LOG"
-status=${PIPESTATUS[0]}
+status=0
+record() { [ "$status" -ne 0 ] || status=$1; }  # the first failure's exit status
+# every case but many (a --cases of the caller's comes later and wins: then many is not run)
+"${peers[@]}" --cases costs,reference,top-k,trace,density,dataloader,precision "$@" 2>&1 \
+    | tee "$LOG"
+record "${PIPESTATUS[0]}"
 if [ "$DEVICE" = cuda ]; then  # where a product's time goes: launches, cuDNN, the solver
     "$PYTHON" "$ROOT/benchmarks/overhead.py" --device cuda 2>&1 | tee -a "$LOG"
-    overhead=${PIPESTATUS[0]}
-    [ "$status" -ne 0 ] || status=$overhead
+    record "${PIPESTATUS[0]}"
     # the solver's own cost at ResNet-18's size, products free (a diagonal operator)
     "$PYTHON" "$ROOT/benchmarks/solver_cost.py" --device cuda --n 11181642 --k 5,50 \
         --blocks default,1,4 2>&1 | tee -a "$LOG"
-    solver=${PIPESTATUS[0]}
-    [ "$status" -ne 0 ] || status=$solver
+    record "${PIPESTATUS[0]}"
+fi
+if [[ " $* " != *" --cases"* ]]; then  # last: no target rests on it
+    "${peers[@]}" --cases many "$@" 2>&1 | tee -a "$LOG"
+    record "${PIPESTATUS[0]}"
 fi
 echo "# gpu.sh: $((SECONDS - start)) s, exit status $status, log $LOG" | tee -a "$LOG"
 exit "$status"

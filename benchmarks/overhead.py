@@ -57,12 +57,17 @@ def launch_probes(
         g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
         return torch.autograd.grad(g, params, grad_outputs=vs)
 
+    # Each row in attempt(): none of them has run on a GPU yet, and one that fails (cuDNN's
+    # search running out of memory, a capture refused) must leave the rest of the script.
     for name, fn in (("gradient", gradient), ("HVP, forward + double backward", product)):
-        row(f"{name}, eager", fn)
+        attempt(f"{name}, eager", lambda fn=fn, name=name: row(f"{name}, eager", fn))
         previous = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
         try:
-            row(f"{name}, eager, cudnn.benchmark", fn)
+            attempt(
+                f"{name}, eager, cudnn.benchmark",
+                lambda fn=fn, name=name: row(f"{name}, eager, cudnn.benchmark", fn),
+            )
             attempt(
                 f"{name} in a CUDA graph",
                 lambda fn=fn, name=name: row(f"{name}, CUDA graph, cudnn.benchmark", captured(fn)),

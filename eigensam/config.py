@@ -22,6 +22,7 @@ BASE_OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 CONFIG_FILE = "config.json"
 CONFIG_FORMAT = "hessian-cli-train-config"
+CONFIG_VERSION = 1  # what config.json says it is; a newer one is not guessed at
 
 
 @dataclass
@@ -145,8 +146,17 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         saved = json.loads(path.read_text())
         if saved.get("format") != CONFIG_FORMAT:
             raise ValueError("wrong format")
+        version = saved.get("version", CONFIG_VERSION)
         config = TrainConfig(**saved["config"], out=str(run_dir))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UserError(f"the run configuration {str(path)!r} is damaged or not ours.") from exc
-    config.validate()
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise UserError(
+            f"the run configuration {str(path)!r} is of version {version!r}, newer than this "
+            f"hessian-cli reads ({CONFIG_VERSION}): update hessian-cli to resume it."
+        )
+    try:
+        config.validate()
+    except UserError as exc:  # the options it names were saved there, not given now
+        raise UserError(f"the run configuration {str(path)!r} holds a bad value: {exc}") from exc
     return config

@@ -42,6 +42,7 @@ from eigensam.bn import disable_running_stats, enable_running_stats
 from eigensam.config import (
     CONFIG_FILE,
     CONFIG_FORMAT,
+    CONFIG_VERSION,
     TrainConfig,
     flag,
     load_config,
@@ -884,7 +885,7 @@ def _write_config(run_dir: Path, config: TrainConfig) -> None:
             f"Could not create the run directory {str(run_dir)!r}: {exc.strerror or exc}."
         ) from exc
     text = json.dumps(
-        {"format": CONFIG_FORMAT, "version": 1, "config": config.identity()}, indent=2
+        {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "config": config.identity()}, indent=2
     )
     try:
         with atomic_path(run_dir / CONFIG_FILE, exclusive=True) as tmp:

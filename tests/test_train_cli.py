@@ -342,6 +342,27 @@ def test_resume_refuses_a_configuration_edited_since_the_checkpoint(capsys, tmp_
     assert {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"version": 99}, "is of version 99, newer than this hessian-cli reads (1)"),
+        ({"config": {"epochs": "four"}}, "holds a bad value: --epochs must be"),
+    ],
+)
+def test_resume_names_a_configuration_it_cannot_use(capsys, tmp_path, finished_run, edit, message):
+    """A newer config.json used to be read as if it were ours; a bad value in it was named as an
+    option the user had not given."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(finished_run, edited)
+    saved = json.loads((edited / "config.json").read_text())
+    saved["config"].update(edit.pop("config", {}))
+    (edited / "config.json").write_text(json.dumps(saved | edit))
+    code, _, err = run(capsys, "train", "--resume", edited)
+    assert code == 2 and message in error_sentence(err)
+
+
 def test_an_out_directory_under_a_file_is_one_sentence(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "notes.txt" / "run")

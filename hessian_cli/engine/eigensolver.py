@@ -245,10 +245,10 @@ def eigenpairs(
         block = min(block_size or default_block_size(k), op.n, max_hvps or op.n)
         init = _warm_rows(init, op.n, block)
     plan = _plan(op.n, k, guard, block_size, max_basis, max_hvps, warm=init is not None)
-    kg, b, max_basis, max_hvps, whole = plan
+    kg, b, max_basis, max_hvps, whole, scout = plan
     # Each pair's tolerance: `tol`, but a warm start's scout (see _plan) needs only `sqrt(tol)`.
     tols = torch.full((kg,), tol, dtype=torch.float64)
-    if kg > k + (default_guard(k) if guard is None else guard):
+    if scout:
         tols[-1] = math.sqrt(tol)
     sign = 1.0 if which == "largest" else -1.0
     gen = probe_generator(op, seed)
@@ -513,6 +513,7 @@ class _Plan(NamedTuple):
     max_basis: int
     max_hvps: int
     whole: bool  # every column of the matrix instead of a Krylov basis
+    scout: bool  # the last of the kg pairs is a warm start's scout
 
 
 def _plan(
@@ -528,7 +529,8 @@ def _plan(
     """The sizes of a solve for ``k`` pairs of an operator of size ``n``, from its options."""
     # The solve converges `kg` pairs, the k wanted and a guard beyond them (see default_guard).
     kg = min(n, k + (default_guard(k) if guard is None else guard))
-    if warm and kg == k < n:
+    scout = warm and kg == k < n
+    if scout:
         # Warm-start rows that are (near) eigenvectors converge at once, and would stop the solve
         # before its space grew past them: a direction that has since become one of the k
         # largest would be skipped. So a warm start also converges a scout pair beyond the k,
@@ -540,7 +542,7 @@ def _plan(
     max_basis = min(n, max_basis or max(3 * (kg + b), 20))
     max_basis = max(max_basis, min(n, kg + 2 * b))
     whole = 2 * max_basis >= n >= WHOLE_SPACE_FROM and max_hvps >= n
-    return _Plan(kg, b, max_basis, max_hvps, whole)
+    return _Plan(kg, b, max_basis, max_hvps, whole, scout)
 
 
 def _ends(res: EigenResult, k: int) -> EigenResult:

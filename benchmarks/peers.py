@@ -63,7 +63,7 @@ from torch import nn
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.engine.trace import hutchinson_trace
+from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.specs import apply_weights, build_model, load_checkpoint
 
 FIXTURE = (
@@ -614,7 +614,7 @@ def pyhessian_trace(b: Bench) -> Row:
 
 def ours_trace(b: Bench, method: str) -> Row:
     op = b.operator()
-    res, secs = timed(lambda: hutchinson_trace(op, b.args.probes, method=method), b.device)
+    res, secs = timed(lambda: stochastic_trace(op, b.args.probes, method=method), b.device)
     note = f"{res.estimate:.2f} +- {res.stderr:.2f} (passes: {op.passes})"
     tool = f"hessian-cli {method} ({b.args.probes} probes, default blocks)"
     return Row("trace", tool, secs, res.hvps, None, note)

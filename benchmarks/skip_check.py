@@ -4,7 +4,10 @@ for a skipped eigenvalue once they converge (``eigenpairs(check_steps=...)``), a
 Matrices with known spectra (n = 200): a bulk uniform in [0, 1] below separated eigenvalues
 10, 9, 8, ..., one of which is replaced by a cluster of three distinct values ``c, c (1 - gap),
 c (1 - 2 gap)``; 10 seeds per row, tolerance 1e-4. A skip: every pair converged, and some
-eigenvalue more than half the gap from the true one at its position.
+eigenvalue more than half the gap from the true one at its position. Then the bottom end of a
+network-like spectrum (n = 300): pairs of equal eigenvalues -0.45, -0.36, -0.315 below a bulk in
+[-0.1, 0.3] and a top of 3, 2, 1.5; the 3 smallest, 20 seeds, tolerance 1e-6 (the check takes
+``check_steps * sqrt(scale / |lambda_1|)`` steps there, at most 4 times as many).
 
     python benchmarks/skip_check.py [--steps 0,3,4,5,6,10]
 """
@@ -38,6 +41,16 @@ def clustered(seed: int, at: int, gap: float, n: int = 200) -> torch.Tensor:
     return (H + H.T) / 2
 
 
+def bottom_pairs(seed: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 9, generator=g, dtype=torch.float64) * 0.4 - 0.1
+    ends = [-0.45, -0.45, -0.36, -0.36, -0.315, -0.315, 3.0, 2.0, 1.5]
+    values = torch.cat([torch.tensor(ends, dtype=torch.float64), bulk])
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    H = (U * values) @ U.T
+    return (H + H.T) / 2, values.sort().values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", default="0,3,4,5,6,10", help="check_steps values to compare")
@@ -62,6 +75,18 @@ def main() -> None:
                     hvps += res.hvps
                 cells.append(f"{skips}/{args.seeds}, {hvps / args.seeds:.1f}")
             print(f"| {name} | {gap:g} | " + " | ".join(cells) + " |", flush=True)
+    cells = []
+    for s in steps:
+        skips = hvps = 0
+        for seed in range(2 * args.seeds):
+            H, values = bottom_pairs(seed)
+            res = eigenpairs(
+                MatrixOperator(H), 3, which="smallest", tol=1e-6, check_steps=s, seed=seed
+            )
+            skips += res.all_converged and float((res.eigenvalues - values[:3]).abs().max()) > 0.01
+            hvps += res.hvps
+        cells.append(f"{skips}/{2 * args.seeds}, {hvps / (2 * args.seeds):.1f}")
+    print("| 3 smallest, pairs at the bottom | - | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

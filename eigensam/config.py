@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hessian_cli.engine.seeds import check_seed
 from hessian_cli.errors import UserError
 
 OPTIMIZERS = ("eigensam", "sam", "sgd")
@@ -85,8 +86,7 @@ class TrainConfig:
                 math.isfinite(value) and value >= 0, f"{flag(name)} must be a number of at least 0"
             )
         require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
-        # What torch's generators take.
-        require(-(2**63) <= self.seed < 2**64, "--seed must be between -2**63 and 2**64 - 1")
+        check_seed(self.seed)
         for name in ("lr", "rho", "alpha", "weight_decay"):
             require(getattr(self, name) <= FLOAT32_MAX, f"{flag(name)} is too large for float32")
 
@@ -138,6 +138,8 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
         raise UserError(f"{str(run_dir)!r} is not a directory, so it is not a training run.")
+    if path.exists() and not path.is_file():
+        raise UserError(f"the run configuration {str(path)!r} is not a regular file.")
     if not path.is_file():
         raise UserError(
             f"{str(run_dir)!r} is not a training run (it has no {CONFIG_FILE}); start one with --out."

@@ -41,8 +41,9 @@ class RefreshResult:
     caller keeps the vector but must flag it (see ``EigenSAM.negative_refreshes``).
 
     ``vector`` is unit, flat over the given parameters in their order (zero on parameters that
-    do not require gradients); ``residual`` is the true ``||H v - lambda v|| / |lambda|`` of that
-    vector (from the kept products), ``converged`` is ``residual <= tol``.
+    do not require gradients); ``residual`` is the true ``||H v - lambda v||`` of that vector
+    (from the kept products) relative to the largest Ritz value in magnitude the solve saw
+    (``|lambda|``, unless a negative one was larger), ``converged`` is ``residual <= tol``.
     """
 
     eigenvalue: float

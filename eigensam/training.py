@@ -16,7 +16,8 @@ Under torchrun (DistributedDataParallel semantics) ``batch_size`` is per rank: e
 shares; gradients are averaged over the global batch after every backward pass, so both SAM
 passes use the global gradient and every rank applies the same update. The Eigen-SAM refresh uses
 the distributed operator (the Hessian of the global minibatch). Only rank 0 writes; setup errors
-are agreed on by all ranks. BatchNorm running statistics are rank 0's (as DDP broadcasts them).
+are agreed on by all ranks. BatchNorm running statistics are rank 0's: broadcast after every
+step, as DDP broadcasts them before every forward pass.
 
 No terminal code here: progress goes to an optional callback, interruption is polled through
 ``should_stop`` at step boundaries, and problems the user can fix raise ``UserError``.
@@ -135,12 +136,16 @@ def train(
                 config = _anchored(config)
             run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
         # Paths may differ between nodes (other mount points); what they hold may not.
+        # Of the run-time fields only max_steps: ranks that stop at other steps wait in each
+        # other's collectives. Devices differ per rank (cuda:0, cuda:1), only rank 0 writes to
+        # out, and download only says how a node gets data whose digest is compared anyway.
         data = run.data.train
         distributed.check_same(
             lambda: {
                 "options": repr(
                     sorted((k, v) for k, v in config.identity().items() if k not in _FILES)
                     + [("loss", run.loss_spec if split_user_spec(run.loss_spec) is None else "")]
+                    + [("max_steps", config.max_steps)]
                 ),
                 "model": distributed.tensors_digest(run.params),  # seeded, or resumed
                 "data": f"{run.samples} "
@@ -631,6 +636,8 @@ class _Run:
             opt.second_step()
         else:
             opt.step()
+        if self.world > 1:  # each rank's moved on its own share: rank 0's are kept, as in DDP
+            distributed.broadcast_from_lead(self.model.buffers())
         return float(mean_loss), correct, count, lr
 
     def _average_gradients(self, local: int, total: int) -> None:

@@ -12,24 +12,26 @@ are agreed on by all ranks (:func:`distributed.fail_together`), so one bad rank 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import torch
 
 from hessian_cli.analysis import CheckpointAnalysis
 from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
-from hessian_cli.engine.density import spectral_density
-from hessian_cli.engine.eigensolver import check_options, eigenpairs
+from hessian_cli.engine.density import check_density_memory, spectral_density
+from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
 from hessian_cli.engine.operator import HessianOperator, batch_statistics_error
 from hessian_cli.engine.params import check_real
-from hessian_cli.engine.trace import hutchinson_trace
+from hessian_cli.engine.seeds import check_seed
+from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import UserError
 from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
@@ -80,6 +82,7 @@ class AnalyzeRequest:
     density: bool = False
     density_probes: int = 8
     density_steps: int = 64
+    density_sigma: float | None = None  # the smoothing width; None: 1% of the nodes' spread
     alignment: bool = False
     rho: float = 0.05
     alpha: float = 0.2
@@ -135,6 +138,14 @@ class SeriesStopped(UserError):
     def __init__(self, message: str, results: list[CheckpointAnalysis]) -> None:
         super().__init__(message)
         self.results = results
+
+
+# The options that take one of a few words, and those words (from AnalyzeRequest's Literals).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(kind)
+    for name, kind in get_type_hints(AnalyzeRequest).items()
+    if get_origin(kind) is Literal
+}
 
 
 def analyze_target(
@@ -197,6 +208,14 @@ def _a_path(name: str, value: object) -> bool:
 def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
+    for name, allowed in _CHOICES.items():
+        if getattr(r, name) not in allowed:
+            raise UserError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                f"not {getattr(r, name)!r}."
+            )
+    if r.num_samples is not None and r.num_batches is not None:
+        raise UserError("Give --num-samples or --num-batches, not both.")
     if r.top_k:
         check_options(
             tol=r.tol,
@@ -210,18 +229,20 @@ def _check_request(request: AnalyzeRequest) -> None:
         ("--top-k", r.top_k, 0, True),
         ("--trace-probes", r.trace_probes, 2, r.trace),
         ("--density-probes", r.density_probes, 1, r.density),
-        ("--density-steps", r.density_steps, 1, r.density),
+        ("--density-steps", r.density_steps, 2, r.density),
         ("--minibatches", r.minibatches, 0, r.alignment),
         ("--check-steps", r.check_steps, 0, r.check_steps is not None),
     )
     for flag, value, least, used in counts:
         if used and value < least:
             raise UserError(f"{flag} must be at least {least}, not {value}.")
+    sigma = r.density_sigma
+    if r.density and sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise UserError(f"--density-sigma must be a positive number, not {sigma:g}.")
     for flag, value in (("--rho", r.rho), ("--alpha", r.alpha)):
         if r.alignment and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{flag} must be a number of at least 0, not {value:g}.")
-    if not 0 <= r.seed < 2**63:  # what torch's generators take
-        raise UserError(f"--seed must be between 0 and 2**63 - 1, not {r.seed}.")
+    check_seed(r.seed)
     if request.alignment and not request.top_k:
         raise UserError("--alignment needs the top eigenvectors: give --top-k 1 or more.")
     if request.alignment and request.which == "smallest":
@@ -260,7 +281,13 @@ def analyze_checkpoint(
             s.device,
             init,
             progress,
-            specs={"model": s.model_spec, "data": s.data_spec, "loss": s.loss_spec},
+            specs={
+                "model": s.model_spec,
+                "model_kwargs": s.model_kwargs,
+                "data": s.data_spec,
+                "data_root": s.data_root,
+                "loss": s.loss_spec,
+            },
             num_batches=len(s.batches),
             minibatches=distributed.shard(s.minibatches, rank, world_size)
             if s.minibatches
@@ -268,7 +295,8 @@ def analyze_checkpoint(
         )
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
-            f"CUDA ran out of memory analysing {ckpt.path.name}: try a smaller --batch-size."
+            f"CUDA ran out of memory analysing {ckpt.path.name}: try a smaller --batch-size "
+            "(or fewer --top-k, --density-probes or --density-steps)."
         ) from exc
 
 
@@ -276,6 +304,8 @@ class _Setup(NamedTuple):
     model_spec: str
     data_spec: str
     loss_spec: str
+    model_kwargs: str | None  # as JSON, where the model was built with any
+    data_root: str | None
     model: torch.nn.Module
     loss_fn: Callable
     batches: list  # the analysed batches (global list)
@@ -293,6 +323,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     same = isinstance(meta.get("model"), str) and anchored(model_spec) == anchored(meta["model"])
     if kwargs is None and same and meta.get("model_kwargs"):
         kwargs = _recorded_kwargs(meta["model_kwargs"])
+    root = request.data_root or meta.get("data_root") or None
     device = resolve_device(request.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
     torch.manual_seed(request.seed)
@@ -301,7 +332,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     trust = request.trust_checkpoint
     data = load_data(
         data_spec,
-        root=request.data_root or meta.get("data_root") or None,
+        root=root,
         download=request.download,
         trusted=trust or bool(request.data),
     )
@@ -352,7 +383,18 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
             check_labels(minibatches, data.num_classes)
     if request.bn == "train":  # check_fits ran in eval mode
         _check_batch_statistics(model, min(batches + minibatches, key=lambda b: len(b[1])))
-    return _Setup(model_spec, data_spec, loss_spec, model, loss_fn, batches, minibatches, device)
+    return _Setup(
+        model_spec,
+        data_spec,
+        loss_spec,
+        json.dumps(kwargs, sort_keys=True) if kwargs else None,
+        None if root is None else str(root),
+        model,
+        loss_fn,
+        batches,
+        minibatches,
+        device,
+    )
 
 
 def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:
@@ -375,7 +417,7 @@ def _run_solvers(
     device: torch.device,
     init: torch.Tensor | None,
     progress: Progress | None,
-    specs: dict[str, str],
+    specs: dict[str, str | None],
     num_batches: int,
     minibatches: list | None,
 ) -> CheckpointAnalysis:
@@ -383,9 +425,21 @@ def _run_solvers(
     or None where the analysed batches hold them (the same on every rank: building an operator
     is collective)."""
     start = time.perf_counter()
-    op = HessianOperator(
-        model, loss_fn, batches, params=request.params, bn=request.bn, precision=request.precision
-    )
+    # Refusals that every rank meets alike: said once, by rank 0, not once per rank.
+    with distributed.fail_together():
+        op = HessianOperator(
+            model,
+            loss_fn,
+            batches,
+            params=request.params,
+            bn=request.bn,
+            precision=request.precision,
+        )
+        if request.top_k:
+            check_count(request.top_k, op.n)
+    if request.density:  # refused now, not after the eigenpairs it would lose
+        with distributed.fail_together() if op.distributed else contextlib.nullcontext():
+            check_density_memory(op, request.density_probes, request.density_steps)
     loss, g = op.gradient()  # where graphs are kept, this builds them for the products too
     eig = trace = density = alignment = None
     if request.top_k:
@@ -415,14 +469,18 @@ def _run_solvers(
     if request.trace:
         if progress:
             progress("trace", 0, 1)
-        trace = hutchinson_trace(
+        trace = stochastic_trace(
             op, request.trace_probes, method=request.trace_method, seed=request.seed
         )
     if request.density:
         if progress:
             progress("density", 0, 1)
         density = spectral_density(
-            op, request.density_probes, request.density_steps, seed=request.seed
+            op,
+            request.density_probes,
+            request.density_steps,
+            seed=request.seed,
+            sigma=request.density_sigma,
         )
     if request.alignment:
         assert eig is not None and eig.which != "smallest"  # refused by _check_request
@@ -453,7 +511,9 @@ def _run_solvers(
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
         "model": specs["model"],
+        "model_kwargs": specs["model_kwargs"],  # None (not recorded) where there were none
         "data": specs["data"],
+        "data_root": specs["data_root"],
         "loss": specs["loss"],
         "params_glob": ",".join(request.params or []) or "*",
         "num_params": op.n,

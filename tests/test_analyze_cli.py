@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from hessian_cli.analyze import AnalyzeRequest, analyze_target
 from hessian_cli.cli import main
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
@@ -82,6 +83,7 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert again[0] == 0 and json.loads(again[1])["eigen"]["eigenvalues"] == values
     report = json.loads(out)
     assert report["provenance"]["model"] == "mlp" and report["provenance"]["step"] == 7
+    assert "data_root" not in report["provenance"]  # none given, none recorded
     assert len(report["eigen"]["eigenvalues"]) == 3 and all(report["eigen"]["converged"])
     code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2")
     assert code == 0 and "Eigenvalues" in out and "converged" in out
@@ -491,6 +493,14 @@ def test_a_directory_of_different_models_is_analysed_without_a_shared_warm_start
         )
     ]
     assert all(all(r["eigen"]["converged"]) for r in reports)
+    # The architecture is in the provenance (it recorded "mlp" alone, for two different nets).
+    assert [json.loads(r["provenance"]["model_kwargs"]) for r in reports] == [
+        MLP_KW,
+        {"hidden": [5]},
+    ]
+    (runs / "b.pt").unlink()  # a directory of one is still a series: a list, for scripts
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--json")
+    assert code == 0 and [r["name"] for r in json.loads(out)] == ["a"], err
 
 
 def test_hdf5_round_trip_equals_json_and_append_keeps_data(capsys, tmp_path, digits_mlp):
@@ -782,6 +792,23 @@ def test_eigenvalue_criterion_end_to_end(capsys, tmp_path, digits_mlp):
     assert "--criterion must be one of" in _bad(capsys, *args, "--criterion", "value")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("bn", "batch", "--bn must be one of eval, train, not 'batch'"),
+        ("dtype", "float16", "--dtype must be one of float32, float64, not 'float16'"),
+        ("trace_method", "hutch", "--trace-method must be one of hutch[+][+], hutchinson"),
+    ],
+)
+def test_the_library_refuses_the_words_the_cli_refuses(digits_mlp, field, value, message):
+    """A request built in Python meets the same checks (it used to run, or fail with a
+    KeyError), before any checkpoint is loaded."""
+    with pytest.raises(UserError, match=message):
+        analyze_target(digits_mlp, AnalyzeRequest(**{field: value}))
+    with pytest.raises(UserError, match=message):  # no checkpoint is even looked for
+        analyze_target(digits_mlp.parent / "nothing-here.pt", AnalyzeRequest(**{field: value}))
+
+
 def test_reduced_precision_is_opt_in_and_reports_its_accuracy(capsys, digits_mlp):
     args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "2", "--json")
     code, out, _ = run(capsys, *args)
@@ -849,9 +876,12 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
             "--max-hvps 3 is too few for 2 eigenpairs at each end",
         ),
         (("--guard", "-1"), "--guard must be at least 0, not -1"),
-        (("--seed", str(2**64)), "--seed must be between 0 and 2**63 - 1"),
+        (("--seed", str(2**64)), "--seed must be an integer between -2**63 and 2**64 - 1"),
+        (("--seed", str(-(2**63) - 1)), "--seed must be an integer between -2**63 and 2**64 - 1"),
         (("--trace", "--trace-probes", "1"), "--trace-probes must be at least 2, not 1"),
-        (("--density", "--density-steps", "0"), "--density-steps must be at least 1, not 0"),
+        (("--density", "--density-steps", "1"), "--density-steps must be at least 2, not 1"),
+        (("--density", "--density-sigma", "0"), "--density-sigma must be a positive number"),
+        (("--density", "--density-sigma", "nan"), "--density-sigma must be a positive number"),
         (("--density", "--density-probes", "0"), "--density-probes must be at least 1, not 0"),
         (("--alignment", "--minibatches", "-3"), "--minibatches must be at least 0, not -3"),
         (("--alignment", "--alpha", "-1"), "--alpha must be a number of at least 0, not -1"),
@@ -868,6 +898,50 @@ def test_bad_counts_and_tolerances_are_refused(capsys, monkeypatch, digits_mlp, 
         monkeypatch.setattr(analyze_module, "load_checkpoint", no_loading)
     code, _, err = run(capsys, "analyze", digits_mlp, *args)
     assert code == 2 and message in one_sentence(err)
+
+
+def test_seeds_at_both_ends_of_torchs_range_are_taken(capsys, digits_mlp):
+    """analyze took 0 to 2**63 - 1 and train -2**63 to 2**64 - 1; both now take torch's range,
+    and --which both seeds its second end with the next seed, wrapping at the top."""
+    for seed in (-(2**63), -1, 2**64 - 1):
+        code, out, err = run(
+            capsys, "analyze", digits_mlp, "--num-samples", "64", "--top-k", "1",
+            "--which", "both", "--seed", str(seed), "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        assert json.loads(out)["provenance"]["seed"] == seed
+
+
+def test_density_sigma_reaches_the_density(capsys, digits_mlp):
+    args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "0", "--density")
+    code, out, err = run(
+        capsys, *args, "--density-steps", "8", "--density-sigma", "0.002", "--json"
+    )
+    assert code == 0, err
+    density = json.loads(out)["density"]
+    assert density["sigma"] == 0.002
+    area = np.trapezoid(density["values"], density["grid"])
+    assert area == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_density_that_cannot_fit_is_refused_before_the_eigenpairs(
+    capsys, monkeypatch, tmp_path, digits_mlp
+):
+    """The density's basis used to be allocated after the eigenpairs and the trace were
+    computed: a failure then lost them (and on CUDA advised a smaller --batch-size)."""
+    import hessian_cli.analyze as analyze_module
+    import hessian_cli.engine.density as density_module
+
+    def no_eigenpairs(*args, **kwargs):
+        raise AssertionError("the density must be refused before the eigenpairs are computed")
+
+    monkeypatch.setattr(density_module, "density_memory_need", lambda op, p, s: 2**62)
+    monkeypatch.setattr(analyze_module, "eigenpairs", no_eigenpairs)
+    out = tmp_path / "s.h5"
+    args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "2", "--trace", "--density")
+    code, _, err = run(capsys, *args, "--out", out)
+    assert code == 2 and "give fewer --density-probes or --density-steps" in one_sentence(err)
+    assert not out.exists()
 
 
 def test_brackets_in_an_error_message_are_printed_as_they_are(capsys, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,19 +48,15 @@ def _run(
     cwd: Path,
     timeout: float = 120,
     env: dict[str, str] | None = None,
+    entry: tuple[str, ...] = ("-m", "hessian_cli"),
 ) -> tuple:
-    """Run the CLI in one process (``ranks=None``) or under torchrun; (code, stdout, stderr, s)."""
+    """Run the CLI in one process (``ranks=None``) or under torchrun; (code, stdout, stderr, s).
+
+    ``entry``: a script that runs the CLI instead (e.g. with other options on some rank)."""
     if ranks is None:
-        cmd = [sys.executable, "-m", "hessian_cli", *args]
+        cmd = [sys.executable, *entry, *args]
     else:
-        cmd = [
-            str(TORCHRUN),
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            "-m",
-            "hessian_cli",
-            *args,
-        ]
+        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", *entry, *args]
     start = time.monotonic()
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env={**_env(), **(env or {})}, cwd=cwd, timeout=timeout
@@ -95,6 +92,32 @@ def test_a_bad_collective_timeout_is_one_sentence(monkeypatch, value: str) -> No
     monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
     with pytest.raises(UserError, match=f"must be a positive number of seconds, not '{value}'"):
         distributed.init_from_env()
+
+
+@pytest.mark.parametrize("local_rank, selected", [("0", [0]), ("1", [])])
+def test_a_rank_without_a_gpu_of_its_own_joins_the_job(
+    monkeypatch, local_rank: str, selected: list[int]
+) -> None:
+    """Two ranks on a one-GPU node (a --device cpu job): rank 1 has no GPU to select, and
+    selecting one failed with "invalid device ordinal" before any option was read."""
+    from hessian_cli.engine import distributed
+
+    def set_device(index: int) -> None:
+        if index >= torch.cuda.device_count():
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        selections.append(index)
+
+    selections: list[int] = []
+    joined: list[str] = []
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: joined.append(backend))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert distributed.init_from_env() is True
+    assert selections == selected and joined == ["cpu:gloo,cuda:nccl"]
 
 
 @needs_gloo
@@ -234,6 +257,39 @@ def test_ranks_given_other_data_are_refused(tmp_path: Path, command: str) -> Non
         "the same options and files."
     ], err
     assert not (tmp_path / "s.h5").exists() and not (tmp_path / "run").exists()
+
+
+@needs_gloo
+def test_ranks_given_other_max_steps_are_refused(tmp_path: Path) -> None:
+    """Nodes launched with other --max-steps (a run-time option, left out of what ranks compare):
+    one message and nothing written (the rank that stopped first left the other inside a
+    collective, and the job aborted on a Gloo size mismatch without a word)."""
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text(
+        "import os\n"
+        "import sys\n\n"
+        "from hessian_cli.cli import main\n\n"
+        "steps = str(3 + 2 * int(os.environ['RANK']))  # rank 0: 3, rank 1: 5\n"
+        "sys.argv = ['hessian-cli', *sys.argv[1:], '--max-steps', steps]\n"
+        "main()\n"
+    )
+    run_dir = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--data", "digits", "--optimizer", "sgd"]
+    code, _, err, seconds = _run(
+        [*args, "--batch-size", "32", "--quiet", "--out", str(run_dir)],
+        ranks=2,
+        cwd=tmp_path,
+        timeout=90,
+        env={"PYTHONPATH": str(ROOT)},
+        entry=(str(wrapper),),
+    )
+    assert code != 0 and seconds < 60
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: rank 1 of 2 was started with other options than rank 0; every rank must be "
+        "given the same options and files."
+    ], err
+    assert not run_dir.exists()
 
 
 @needs_gloo
@@ -454,18 +510,127 @@ def test_train_two_ranks_matches_doubled_batch(tmp_path: Path, optimizer: str) -
 
 @needs_gloo
 def test_train_resume_two_ranks_repeats_the_run(tmp_path: Path) -> None:
-    """Stopped at step 7 and resumed with the same world size: the uninterrupted run's weights."""
-    code, _, err, _ = _run(
-        _train_args(tmp_path / "full", 32, "--eig-every", "5"), ranks=2, cwd=tmp_path
-    )
+    """Stopped at step 6 and resumed with the same world size: the uninterrupted run's weights
+    and tracked lambda_max. With BatchNorm: each rank's running statistics move on its own share
+    and rank 0's are kept on every rank (as DDP keeps them), so lambda_max in eval mode sums
+    products of one model, and a resume (which restores rank 0's) goes on as the run did."""
+    bn = ["--model", "cnn", "--model-kwargs", '{"widths": [4], "batchnorm": true}']
+    bn += ["--eig-every", "5"]
+    code, _, err, _ = _run(_train_args(tmp_path / "full", 32, *bn), ranks=2, cwd=tmp_path)
     assert code == 0, err
     part = tmp_path / "part"
-    code, _, err, _ = _run(
-        _train_args(part, 32, "--eig-every", "5", "--max-steps", "7"), ranks=2, cwd=tmp_path
-    )
+    code, _, err, _ = _run(_train_args(part, 32, *bn, "--max-steps", "6"), ranks=2, cwd=tmp_path)
     assert code == 0, err
     code, _, err, _ = _run(["train", "--resume", str(part), "--quiet"], ranks=2, cwd=tmp_path)
     assert code == 0, err
+    with h5py.File(tmp_path / "full" / "metrics.h5") as f1, h5py.File(part / "metrics.h5") as f2:
+        steps = f1["track/step"][()].tolist()
+        assert f2["track/step"][()].tolist() == steps and len(steps) >= 3
+        torch.testing.assert_close(
+            torch.tensor(f2["track/lambda_max"][()]),
+            torch.tensor(f1["track/lambda_max"][()]),
+            rtol=1e-6,
+            atol=0,
+        )
     full, resumed = _weights(tmp_path / "full"), _weights(part)
-    for key in full:
+    for key in full:  # the running statistics too
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+
+
+@needs_gloo
+def test_ctrl_c_under_torchrun_stops_at_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    """Ctrl-C that reaches torchrun twice (from the terminal and from a wrapper in the same
+    process group, e.g. `timeout`): torchrun sends each rank SIGINT, then SIGTERM. The copies are
+    one request: a checkpoint at the step where the run stopped, which --resume continues (the
+    SIGTERM was taken for a second request and stopped the run at once, without it)."""
+    (tmp_path / "net.py").write_text(
+        "import os\nimport signal\nimport time\nfrom pathlib import Path\n\nimport torch\n\n"
+        "ARMED = Path(__file__).with_name('armed')\n\n\n"
+        "class Net(torch.nn.Linear):\n"
+        "    calls = 0\n\n"
+        "    def forward(self, x):\n"
+        "        Net.calls += 1\n"
+        "        if Net.calls == 30 and os.environ['RANK'] == '0' and ARMED.exists():\n"
+        "            ARMED.unlink()\n"
+        "            os.kill(os.getppid(), signal.SIGINT)  # torchrun: the terminal's Ctrl-C\n"
+        "            time.sleep(0.5)\n"
+        "            os.kill(os.getppid(), signal.SIGINT)  # and the wrapper's copy\n"
+        "            time.sleep(1.0)  # both reach the ranks mid-step\n"
+        "        return super().forward(x.flatten(1))\n\n\n"
+        "def make():\n"
+        "    return Net(64, 10)\n"
+    )
+    (tmp_path / "armed").touch()
+    run_dir = tmp_path / "run"
+    args = ["train", "--model", f"{tmp_path}/net.py:make", "--data", "digits"]
+    args += ["--optimizer", "sgd", "--epochs", "5", "--batch-size", "32"]
+    args += ["--checkpoint-every", "0", "--quiet", "--out", str(run_dir)]
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path)
+    words = " ".join(err.split())
+    assert code != 0 and "stopped at once" not in words, err
+    found = re.search(r"Interrupted at step (\d+) of \d+: saved (\S+);", words)
+    assert found and f"--resume {run_dir}" in words, err
+    step = int(found[1])
+    (saved,) = (run_dir / "checkpoints").glob("step*.pt")
+    assert str(saved) == found[2] and load_checkpoint(saved).metadata["step"] == step
+    assert len(read_metrics(run_dir / "metrics.h5")["steps"]["step"]) == step
+
+    resume = ["train", "--resume", str(run_dir), "--max-steps", str(step + 3), "--quiet"]
+    code, _, err, _ = _run(resume, ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    assert (run_dir / "checkpoints" / f"step{step + 3:07d}.pt").exists()
+    assert len(read_metrics(run_dir / "metrics.h5")["steps"]["step"]) == step + 3
+
+
+@needs_gloo
+def test_a_loss_that_is_not_finite_on_one_ranks_share_stops_a_series_once(tmp_path: Path) -> None:
+    """step2's loss overflows on rank 1's share alone: rank 1 used to raise by itself (claiming
+    the checkpoints before were kept), rank 0 lost its peer and wrote nothing. The sums now
+    carry the NaN to every rank, rank 0 writes step1 and one line says why."""
+    (tmp_path / "relu.py").write_text(
+        "from torch import nn\n\n\n"
+        "def make(**kw):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))\n"
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 64, generator=g)
+    x[50:] *= 1e18  # rank 1's batch: finite, and its loss too, until the weights grow
+    torch.save({"x": x, "y": torch.randint(0, 10, (100,), generator=g)}, tmp_path / "d.pt")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+    )
+    series = tmp_path / "series"
+    series.mkdir()
+    torch.save(model.state_dict(), series / "step1.pt")
+    grown = {k: v * 1e12 if k.endswith("weight") else v for k, v in model.state_dict().items()}
+    torch.save(grown, series / "step2.pt")
+    args = ["analyze", str(series), "--model", "relu.py:make", "--data", "d.pt"]
+    args += ["--num-samples", "100", "--batch-size", "50", "--top-k", "2", "-q"]
+    code, _, err, seconds = _run([*args, "--out", "s.h5"], ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0 and seconds < 60, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: step2.pt: The loss is not finite (NaN or inf) on the analysed data: check the "
+        "weights and the data (the 1 checkpoint(s) before it were analysed and are kept)."
+    ], err
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert list(f["checkpoints"]) == ["step1"]
+
+
+@needs_gloo
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--params", "nomatch*"], "error: The model has no trainable parameters matching"),
+        (["--params", "3.bias", "--top-k", "12"], "error: Cannot compute 12 eigenpairs of a"),
+    ],
+)
+def test_a_refusal_every_rank_meets_after_loading_is_said_once(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    """They were said by every rank, each as its own ("rank 0: ...", "rank 1: ...")."""
+    args = ["analyze", str(CKPT), "--top-k", "2", *extra, "-q"]
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith(message), err

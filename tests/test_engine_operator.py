@@ -102,6 +102,8 @@ def test_batchnorm_batch_statistics_mode_leaves_model_untouched(backend):
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(
         bn.num_batches_tracked, before[1]
     )
+    with pytest.raises(UserError, match="Unknown BatchNorm mode 'batch': use eval or train"):
+        HessianOperator(case.model, case.loss, case.batches, bn="batch")  # ran as eval
 
 
 def test_gradient_and_loss_are_sample_weighted():

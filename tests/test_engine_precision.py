@@ -12,7 +12,7 @@ from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.operator import HessianOperator, MatrixOperator, auto_backend
 from hessian_cli.engine.precision import numerics
-from hessian_cli.engine.trace import hutchinson_trace
+from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import UserError
 
 CASES = {c.name: c.to(torch.float32) for c in cases()}
@@ -134,6 +134,6 @@ def test_solvers_never_use_tf32_for_their_own_linear_algebra():
     op = Recording(A + A.T)
     with numerics("tf32", torch.device("cpu")):  # a user who allowed TF32 globally
         eigenpairs(op, 2)
-        hutchinson_trace(op, 6)
+        stochastic_trace(op, 6)
         spectral_density(op, 2, 5)
     assert seen and all(s == (("ieee", "ieee") if NEW_API else (False, False)) for s in seen)

@@ -23,7 +23,7 @@ from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.engine.trace import hutchinson_trace
+from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict
 from hessian_cli.storage import (
@@ -73,7 +73,7 @@ def full() -> CheckpointAnalysis:
             space=op.space,
             loss=op.loss(),
             eigen=eig,
-            trace=hutchinson_trace(op, 12, seed=0),
+            trace=stochastic_trace(op, 12, seed=0),
             density=spectral_density(op, 3, 10, seed=0),
             alignment=alignment_scores(op, eig.eigenvalues, eig.eigenvectors, minibatches=2),
         )
@@ -518,6 +518,15 @@ def test_groups_missing_from_the_series_list_follow_their_steps(full, tmp_path):
     with h5py.File(path, "r+") as f:  # as a foreign or older writer leaves it
         del f["series"]
     assert group_names(path) == ["ckpt_1", "ckpt_2", "ckpt_10", "ckpt_100"]
+
+
+def test_a_group_listed_twice_in_the_series_is_read_once(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [variant(full, f"ckpt_{s}", s) for s in (1, 2)], command_line="x")
+    with h5py.File(path, "r+") as f:  # as a foreign writer may leave it
+        hdf5._append_strings(f, "series", ["ckpt_1"])
+    assert group_names(path) == ["ckpt_1", "ckpt_2"]
+    assert [a["name"] for a in read_analyses(path)] == ["ckpt_1", "ckpt_2"]
 
 
 def test_a_history_entry_that_is_not_json_is_kept_as_text(full, tmp_path):

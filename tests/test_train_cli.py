@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import pytest
@@ -266,6 +267,37 @@ def test_a_second_sigterm_says_what_was_kept(tmp_path):
     assert proc.returncode == 143 and "Traceback" not in words, words
     assert words.startswith("stopped at once by SIGTERM: the metrics of the steps done are")
     assert re.search(f"--resume {out} continues from {out}/checkpoints/step[0-9]{{7}}.pt", words)
+
+
+@pytest.mark.parametrize("second", ["on_sigint", "on_sigterm"])
+def test_copies_of_one_ctrl_c_under_torchrun_are_one_request(monkeypatch, second):
+    """Under torchrun one Ctrl-C can reach a rank more than once (torchrun's SIGINT, then its
+    SIGTERM; the terminal's SIGINT too): copies within the window are the first request (they
+    stopped the run at once, without its checkpoint); a later signal still stops at once, and a
+    single process keeps stopping at once on the second."""
+    from hessian_cli.cli import train as train_cli
+    from hessian_cli.errors import Terminated
+
+    now = [100.0]
+    monkeypatch.setattr(train_cli, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    at_once = KeyboardInterrupt if second == "on_sigint" else Terminated
+
+    stop = train_cli._StopRequest(echo_window_s=train_cli.ECHO_WINDOW_S)
+    stop.started = True
+    stop.on_sigint(signal.SIGINT, None)
+    now[0] += 0.05
+    getattr(stop, second)(0, None)  # torchrun's copy
+    getattr(stop, second)(0, None)
+    assert stop() and stop.exit_status == 130  # the Ctrl-C's, not the copy's SIGTERM
+    now[0] += train_cli.ECHO_WINDOW_S
+    with pytest.raises(at_once):  # the user's second Ctrl-C, or a scheduler's second SIGTERM
+        getattr(stop, second)(0, None)
+
+    alone = train_cli._StopRequest()
+    alone.started = True
+    alone.on_sigint(signal.SIGINT, None)
+    with pytest.raises(at_once):
+        getattr(alone, second)(0, None)
 
 
 def test_sigterm_while_the_data_loads_stops_at_once_and_writes_nothing(tmp_path):

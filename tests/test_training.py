@@ -232,6 +232,10 @@ def test_resume_with_max_steps_the_run_has_reached_is_refused(tmp_path):
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(UserError, match="not a training run"):
         load_config(tmp_path)
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(UserError, match="config.json' is not a regular file"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").rmdir()
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="damaged"):
         load_config(tmp_path)
@@ -504,7 +508,7 @@ def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_p
     single = {"data": "synthetic-regression:16:1:96", "loss": "ce"}  # softmax over one class
     for overrides, message in (
         (single, "cross-entropy over a single output is 0 whatever the weights"),
-        ({"seed": 10**23}, "--seed must be between -2\\*\\*63 and 2\\*\\*64 - 1"),
+        ({"seed": 10**23}, "--seed must be an integer between -2\\*\\*63 and 2\\*\\*64 - 1"),
         ({"lr": 1e39}, "--lr is too large for float32"),
     ):
         with pytest.raises(UserError, match=message):

@@ -2,13 +2,15 @@
 
 Ctrl-C asks the loop to stop at the next step boundary, where it saves a checkpoint; the command
 then exits with status 130. A second Ctrl-C stops at once (every file is written atomically, so
-nothing is damaged, but the steps since the last checkpoint are lost).
+nothing is damaged, but the steps since the last checkpoint are lost). Under torchrun one Ctrl-C can
+reach a rank more than once (see :data:`ECHO_WINDOW_S`); those copies are the same request.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +44,16 @@ from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import Terminated, UserError
 
 EXIT_INTERRUPTED = 130
+# Under torchrun one Ctrl-C can reach a rank more than once: torchrun forwards the SIGINT it got,
+# then SIGTERM if it is signalled again while it waits for the ranks (a wrapper in its process
+# group, such as `timeout`, forwards the terminal's Ctrl-C a second time); the terminal signals the
+# ranks directly too where they share its process group (torchrun versions that do not start them
+# in a session of their own), and a scheduler may signal every process of a job besides torchrun.
+# Those copies come milliseconds apart; a person's deliberate second Ctrl-C comes seconds later.
+# 3 s leaves a loaded machine (or a rank that handles the copies either side of a long operation)
+# ample margin, while a second Ctrl-C still stops at once well inside the 30 s torchrun gives the
+# ranks before SIGKILL.
+ECHO_WINDOW_S = 3.0
 _D = TrainConfig(model="", data="")  # the defaults, for the help text
 _TABLE_ROWS = 40
 
@@ -168,7 +180,7 @@ def train_command(
     set_options = {k: v for k, v in given.items() if v is not None}
     # The loop (torch) is imported here, not at the top: --help stays instant.
     from eigensam.training import train
-    from hessian_cli.engine.distributed import fail_together, world
+    from hessian_cli.engine.distributed import fail_together, launched_by_torchrun, world
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         if resume is not None:
@@ -194,7 +206,7 @@ def train_command(
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = _Display(console, config, quiet or not lead)
-    stop = _StopRequest()
+    stop = _StopRequest(echo_window_s=ECHO_WINDOW_S if launched_by_torchrun() else 0.0)
     try:
         with _stop_signals(stop), display:
 
@@ -263,12 +275,18 @@ def _check_used(given: dict[str, Any]) -> None:
 
 class _StopRequest:
     """Polled by the loop; the first Ctrl-C or SIGTERM asks for a clean stop (a checkpoint at
-    the next step: a scheduler's preemption keeps the steps done), the second stops at once."""
+    the next step: a scheduler's preemption keeps the steps done), the second stops at once.
 
-    def __init__(self) -> None:
+    Signals within ``echo_window_s`` of the first are copies of it (torchrun's forwarding, see
+    :data:`ECHO_WINDOW_S`), not a second request; 0 outside torchrun.
+    """
+
+    def __init__(self, echo_window_s: float = 0.0) -> None:
         self.requested = False
         self.by_sigterm = False
         self.started = False  # the loop: before it, nothing is worth a checkpoint
+        self.echo_window_s = echo_window_s
+        self._requested_at = 0.0
 
     def note(self, event: Event) -> None:
         self.started = self.started or isinstance(event, RunStarted)
@@ -276,15 +294,29 @@ class _StopRequest:
     def __call__(self) -> bool:
         return self.requested
 
+    def _echo(self) -> bool:
+        """Whether a signal now is a copy of the first request rather than a second one."""
+        return self.requested and time.monotonic() - self._requested_at < self.echo_window_s
+
+    def _request(self, *, by_sigterm: bool) -> None:
+        self.requested, self.by_sigterm = True, by_sigterm
+        self._requested_at = time.monotonic()
+
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self._echo():
+            return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self._request(by_sigterm=False)
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested or not self.started:  # not during a download or a long load
+        if not self.started:  # not during a download or a long load
             raise Terminated
-        self.requested = self.by_sigterm = True
+        if self._echo():
+            return
+        if self.requested:
+            raise Terminated
+        self._request(by_sigterm=True)
 
     @property
     def exit_status(self) -> int:

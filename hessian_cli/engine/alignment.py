@@ -96,12 +96,21 @@ def alignment_scores(
         curvature = eigensam = sharp = math.nan
     top = float(eigenvalues[0])
     mb_op = op if minibatch_op is None else minibatch_op
+    # Each row: the minibatch's loss, then its scores (gathered together: a loss that is not
+    # finite on one rank's share is then seen by every rank).
     mb = [
-        (gram(V, gb[None])[:, 0].abs() / (float(norms(gb)) or math.nan)).to(V.dtype)
-        for _, gb in mb_op.batch_gradients(minibatches)
+        torch.cat(
+            [
+                V.new_tensor([mb_loss]),
+                (gram(V, gb[None])[:, 0].abs() / (float(norms(gb)) or math.nan)).to(V.dtype),
+            ]
+        )
+        for mb_loss, gb in mb_op.batch_gradients(minibatches)
     ]
-    local = torch.stack(mb) if mb else V.new_zeros(0, V.shape[0])
-    minibatch = mb_op.gather_batch_rows(local.cpu())
+    local = torch.stack(mb) if mb else V.new_zeros(0, V.shape[0] + 1)
+    rows = mb_op.gather_batch_rows(local.cpu())
+    mb_op.check_losses(rows[:, 0])
+    minibatch = rows[:, 1:]
     return AlignmentResult(
         alignment=coeffs.abs().cpu(),
         subspace_alignment=float(coeffs.norm()),

@@ -82,7 +82,8 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     Collectives time out after ``timeout_s`` (default: ``$HESSIAN_CLI_COLLECTIVE_TIMEOUT`` or
     900 s), a backstop for a rank that died outside the error agreement of :func:`fail_together`.
     CPU tensors always go through Gloo, CUDA tensors through NCCL, so ``--device cpu`` works on a
-    GPU node too.
+    GPU node too, even one with fewer GPUs than ranks (only a rank with a GPU of its own selects
+    it: selecting a missing one fails, "invalid device ordinal", before any option is read).
     """
     if not launched_by_torchrun() or is_distributed():
         return is_distributed()
@@ -102,7 +103,9 @@ def init_from_env(timeout_s: float | None = None) -> bool:
             )
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
@@ -143,6 +146,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         with _collective():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_from_lead(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (one broadcast per dtype): what DDP
+    does to a model's buffers, so BatchNorm's running statistics agree across ranks."""
+    if not is_distributed():
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    for same in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in same])
+        with _collective():
+            dist.broadcast(flat, src=0)
+        offset = 0
+        for t in same:
+            t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def sum_scalar(value: float, device: torch.device | None = None) -> float:

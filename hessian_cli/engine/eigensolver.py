@@ -21,12 +21,13 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from hessian_cli.engine.distributed import fail_together, local_world_size
+from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, small_eigh
-from hessian_cli.engine.memory import free_bytes
+from hessian_cli.engine.memory import shortfall
 from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
+from hessian_cli.engine.seeds import next_seed
 from hessian_cli.errors import UserError
 
 Which = Literal["largest", "smallest", "both"]
@@ -98,6 +99,13 @@ WHOLE_SPACE_BLOCK = 64
 # is a bound from inside on what that space holds (more wanted than the k-th pair: one was
 # skipped). A direction found so joins the basis and the iteration goes on, then looks again.
 CHECK_STEPS = 6
+# Lanczos reaches an end of the spectrum in a number of steps that grows as the square root of
+# the spread over the end's distance from the middle: the largest eigenvalues of a network's
+# Hessian (|lambda_1| = the scale) take CHECK_STEPS, the smallest (near 0 beside a large top)
+# up to CHECK_REACH times as many. Measured on known spectra whose bottom holds pairs of equal
+# eigenvalues below a top 6.7 times larger (benchmarks/skip_check.py): 6 steps skipped one of
+# them in 3 of 20 solves, 12 in none.
+CHECK_REACH = 4.0
 
 # The stall guard's allowance for slow convergence (see `eigenpairs`): a residual more than
 # NOISE_MARGIN times the products' estimated noise floor is still far from it.
@@ -153,8 +161,9 @@ def eigenpairs(
     then dropped, so that an eigenvalue the space found late is not skipped (no residual test
     can see one it has not found). The result, its ``converged`` flags and ``stop_reason``
     speak of the ``k`` pairs only. Once they converge, ``check_steps`` products (default
-    CHECK_STEPS, which says why; 0: none) look for a skipped one from a fresh start outside
-    them, where the budget leaves room; what they find is taken in and converged too.
+    CHECK_STEPS, which says why; 0: none; more toward an end near the middle of the spectrum,
+    see CHECK_REACH) look for a skipped one from a fresh start outside them, where the budget
+    leaves room; what they find is taken in and converged too.
 
     Where the basis would hold half the space or more (``method`` "whole-space"; from
     ``WHOLE_SPACE_FROM`` parameters on, when ``max_hvps`` allows ``n`` products) the solve takes
@@ -223,7 +232,7 @@ def eigenpairs(
             max_basis=max_basis,
             max_hvps=None if max_hvps is None else max(k, max_hvps - top.hvps),
             init=None if init is None else init.reshape(-1, op.n)[k:],
-            seed=seed + 1,
+            seed=next_seed(seed),
             return_vectors=return_vectors,
             verify=verify,
             check_steps=check_steps,
@@ -234,12 +243,7 @@ def eigenpairs(
         raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
     if criterion not in ("residual", "eigenvalue"):
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
-    if not 1 <= k <= op.n:
-        raise UserError(
-            f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {op.n} "
-            f"parameter{'s' if op.n != 1 else ''}: "
-            f"choose --top-k between 1 and {op.n}."
-        )
+    check_count(k, op.n)
     start_time, start_hvps = time.perf_counter(), op.hvp_count
     if init is not None:  # folded into the block the start will have (see b below)
         block = min(block_size or default_block_size(k), op.n, max_hvps or op.n)
@@ -344,7 +348,9 @@ def eigenpairs(
             progress(spent, int(conv[:k].sum()), k)
         # At most one look per pair and one more: each look that finds a direction adds an
         # eigenvalue beyond the k-th pair, so more would be rounding taken for one.
-        checkable = leak is not None and 0 < check_steps <= max_hvps - spent
+        end = max(abs(float(theta[0])), scale / CHECK_REACH**2)
+        steps = min(round(check_steps * math.sqrt(scale / end)), max_hvps - spent)
+        checkable = leak is not None and 0 < check_steps <= steps
         checkable = checkable and skipped_found <= kg
         if stop_reason == "converged" and checkable:
             assert X is not None
@@ -353,7 +359,7 @@ def eigenpairs(
             margin = float(rnorm[:k].max()) + asymmetry * math.sqrt(op.n)
             before = op.hvp_count
             missed = _skipped_direction(
-                op, X[:kg], sign * float(theta[k - 1]) + margin, sign, check_steps, gen
+                op, X[:kg], sign * float(theta[k - 1]) + margin, sign, steps, gen
             )
             check_hvps += op.hvp_count - before
             if missed is not None:  # new to the basis (a thick restart keeps a part of it)
@@ -412,6 +418,14 @@ def eigenpairs(
     del Qb, HQb, Q, HQ, R, leak  # free the basis before any verifying products
 
     values, vectors = theta[:k], X[:k]
+    # The projected matrix came from a basis orthonormal to the dtype's rounding only, so a Ritz
+    # vector's length can be off by more: a float32 top vector of 4M entries 1 + 6e-7 long had a
+    # Ritz value 1.3e-6 (relative) above its Rayleigh quotient, twice its error bound. The
+    # value is that quotient and the vector unit length, to rounding.
+    lengths = gram(vectors, vectors).diagonal().sqrt().cpu()
+    values = values / lengths**2
+    theta = torch.cat([values, theta[k:]])
+    vectors = vectors / lengths.to(vectors)[:, None]
     if verify is None:
         verify = getattr(op, "precision", "full") != "full"
     if verify:
@@ -685,6 +699,15 @@ def check_options(
         )
 
 
+def check_count(k: int, n: int) -> None:
+    """Refuse more eigenpairs than the ``n`` parameters have (or fewer than one)."""
+    if not 1 <= k <= n:
+        raise UserError(
+            f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
+            f"parameter{'s' if n != 1 else ''}: choose --top-k between 1 and {n}."
+        )
+
+
 def _symmetric(T: torch.Tensor) -> torch.Tensor:
     return (T + T.T) / 2
 
@@ -712,18 +735,12 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
     (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk; for
     the whole space no restart, but its float64 projected matrix and eigenvectors, and a copy,
     which live on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
-    distributed solve on this machine holds its own copy, and all check before any allocates.
-    Where only the operator's kept first-order graphs stand in the way, they are released."""
+    distributed solve on this machine holds its own copy, and all check before any allocates."""
     need = _memory_need(op, capacity, w, whole)
-    ranks = 1
-    if op.device.type == "cpu" and getattr(op, "distributed", False):
-        ranks = local_world_size()
-    free = free_bytes(op.device)
-    if free is not None and need * ranks > free and hasattr(op, "release"):
-        op.release()  # kept first-order graphs make room (rebuilt to fit what is left)
-        free = free_bytes(op.device)
-    if free is None or need * ranks <= free:
+    short = shortfall(op, need)
+    if short is None:
         return
+    free, ranks = short
     what = (
         "every column of the Hessian"
         if whole
@@ -865,4 +882,6 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
         guard=a.guard,
         stop_reason=a.stop_reason if a.stop_reason != "converged" else b.stop_reason,
         method=a.method,  # both halves follow the same rule on the same k and n
+        check_hvps=a.check_hvps + b.check_hvps,
+        skipped_found=a.skipped_found + b.skipped_found,
     )

@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from hessian_cli.engine.distributed import local_world_size
 
 
 def cuda_free_bytes(device: torch.device) -> int:
@@ -27,6 +30,23 @@ def free_bytes(device: torch.device) -> int | None:
         return None
     known = [v for v in (_meminfo_available() or _sysconf_free(), cgroup_available()) if v]
     return min(known) if known else None
+
+
+def shortfall(op: Any, need: int) -> tuple[int, int] | None:
+    """``(free bytes, ranks sharing them)`` where ``need`` bytes for each rank of ``op`` that
+    shares this machine's memory (on the CPU) do not fit, even once the operator's kept
+    first-order graphs are released (they are rebuilt to fit what is left); None where they
+    fit or the platform does not say what is free."""
+    ranks = 1
+    if op.device.type == "cpu" and getattr(op, "distributed", False):
+        ranks = local_world_size()
+    free = free_bytes(op.device)
+    if free is not None and need * ranks > free and hasattr(op, "release"):
+        op.release()
+        free = free_bytes(op.device)
+    if free is None or need * ranks <= free:
+        return None
+    return free, ranks
 
 
 def cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:

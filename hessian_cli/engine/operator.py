@@ -200,6 +200,8 @@ class HessianOperator:
         self.n = self.space.n
         self.dtype = self.space.dtype
         self.device = self.space.device
+        if bn not in ("eval", "train"):
+            raise UserError(f"Unknown BatchNorm mode {bn!r}: use eval or train.")
         self.bn = bn
         for batch in batches:
             pair = isinstance(batch, (tuple, list)) and len(batch) == 2
@@ -259,12 +261,21 @@ class HessianOperator:
         loss = self.loss_fn(out, y)
         if loss.ndim != 0:
             raise UserError("The loss function must return a scalar (mean over the batch).")
-        if not torch.isfinite(loss):
-            raise NotFinite(
+        # Under torch.distributed one rank's share alone may be bad: its NaN reaches every rank
+        # through the sums, which are checked (a rank raising here alone left the others waiting
+        # and its message claimed work that rank 0 then dropped).
+        if not self.distributed:
+            self.check_losses(loss.detach())
+        return loss
+
+    def check_losses(self, losses: torch.Tensor | float) -> None:
+        """Raise, in one sentence, where a loss (a sum over ranks, or gathered from them: then
+        every rank raises alike) is not finite."""
+        if not bool(torch.isfinite(torch.as_tensor(losses)).all()):
+            raise (dist_utils.CollectiveNotFinite if self.distributed else NotFinite)(
                 "The loss is not finite (NaN or inf) on the analysed data: "
                 "check the weights and the data."
             )
-        return loss
 
     def loss(self, params: dict[str, torch.Tensor] | None = None) -> float:
         """The sample-weighted mean loss over all batches (with ``params`` in place of those
@@ -284,7 +295,9 @@ class HessianOperator:
                 w * self._batch_loss(x, y, None if scripted else params).item()
                 for w, (x, y) in zip(self.weights, self.batches, strict=True)
             )
-        return self._sum_scalar(local)
+        total = self._sum_scalar(local)
+        self.check_losses(total)
+        return total
 
     def _sum_scalar(self, value: float) -> float:
         return dist_utils.sum_scalar(value, self.device) if self.distributed else value
@@ -297,7 +310,9 @@ class HessianOperator:
             g.add_(gb, alpha=w)
         if self.distributed:
             dist_utils.all_reduce_sum(g)
-        return self._sum_scalar(total), g
+        total = self._sum_scalar(total)
+        self.check_losses(total)
+        return total, g
 
     def gradient_seconds(self) -> float:
         """Seconds of one plain gradient pass over this rank's batches: the unit of cost.
@@ -323,7 +338,8 @@ class HessianOperator:
         """Per-batch mean loss and gradient of this rank's batches among the first ``limit``.
 
         ``limit`` counts batches in global order. Nothing is summed over ranks: minibatch
-        statistics are per batch, so callers gather them with :meth:`gather_batch_rows`.
+        statistics are per batch, so callers gather them with :meth:`gather_batch_rows`, and
+        the losses with them, for :meth:`check_losses`.
         """
         local = None if limit is None else max(0, limit - self.batch_offset)
         with forward_mode(self.model, self.bn), numerics("full", self.device):

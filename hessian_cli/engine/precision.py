@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from typing import Literal, ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeVar, get_args
 
 import torch
 
@@ -22,7 +22,7 @@ from hessian_cli.errors import UserError
 P = ParamSpec("P")
 R = TypeVar("R")
 Precision = Literal["full", "tf32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("full", "tf32", "bf16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def check_precision(precision: str) -> Precision:

@@ -12,7 +12,7 @@ from hessian_cli.engine.linalg import orthonormalize_against, project_out
 from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import TraceResult
-from hessian_cli.errors import UserError
+from hessian_cli.errors import NotFinite, UserError
 
 
 def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
@@ -23,7 +23,7 @@ def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch
 
 
 @without_tf32
-def hutchinson_trace(
+def stochastic_trace(
     op: LinearOperator,
     num_probes: int = 99,
     *,
@@ -60,6 +60,8 @@ def hutchinson_trace(
     if Q is not None:
         G = project_out(G, Q)
     samples = (G * _apply(op, G, block_size)).sum(dim=1, dtype=torch.float64).cpu()
+    if not (math.isfinite(exact) and samples.isfinite().all()):
+        raise NotFinite("The trace's Hessian-vector products are not finite (NaN or inf).")
     return TraceResult(
         estimate=exact + float(samples.mean()),
         stderr=float(samples.std() / math.sqrt(len(samples))),

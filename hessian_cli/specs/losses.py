@@ -5,11 +5,10 @@ Every loss is the mean over the batch, so that multi-batch analysis can weight b
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor
 from torch.nn import functional as F
 
+from hessian_cli.engine.operator import LossFn
 from hessian_cli.errors import UserError
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
@@ -19,7 +18,6 @@ from hessian_cli.specs.user_code import (
     split_user_spec,
 )
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 BUILTIN_LOSSES: tuple[str, ...] = ("ce", "mse")
 
 

@@ -354,6 +354,7 @@ def _stored_order(f: h5py.File) -> list[str]:
         else []
     )
     listed = [n for n in f["series"].asstr()[()] if n in groups] if "series" in f else []
+    listed = list(dict.fromkeys(listed))  # a name listed twice is still one checkpoint
     return listed + _by_step(f, sorted(set(groups) - set(listed)))
 
 

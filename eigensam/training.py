@@ -55,8 +55,8 @@ from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
 from eigensam.metrics import MetricsLog
 from eigensam.sam import SAM
 from hessian_cli import __version__
-from hessian_cli.analyze import resolve_device
 from hessian_cli.engine import distributed
+from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import dot, norms
 from hessian_cli.engine.operator import (
@@ -85,7 +85,7 @@ from hessian_cli.specs import (
     save_checkpoint,
     takes_token_ids,
 )
-from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRUST_FLAG
+from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, UntrustedCheckpoint
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import atomic_path, check_directory_writable, held
 
@@ -256,7 +256,7 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 def _unusable(path: Path, exc: UserError) -> str:
     """Why the checkpoint a resume starts from cannot be read, and the one before it."""
     reason = str(exc).rstrip(".")
-    if TRUST_FLAG in reason:  # train writes none that needs it: not this run's own
+    if isinstance(exc, UntrustedCheckpoint):  # train writes none that needs it: not its own
         reason = f"checkpoint {str(path)!r} holds code that loading it would run, so it was refused"
     found = _checkpoints(path.parent.parent)
     at = found.index(path) if path in found else 0

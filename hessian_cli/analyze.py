@@ -27,6 +27,7 @@ from hessian_cli.analysis import CheckpointAnalysis
 from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import check_density_memory, spectral_density
+from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
 from hessian_cli.engine.operator import HessianOperator, batch_statistics_error
 from hessian_cli.engine.params import check_real
@@ -97,17 +98,6 @@ class AnalyzeRequest:
     precision: Literal["full", "tf32", "bf16"] = "full"
     seed: int = 0
     trust_checkpoint: bool = False
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("CUDA was requested with --device cuda, but no CUDA device is available.")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise UserError(f"Unknown device {name!r}: use auto, cpu or cuda.")
-    return torch.device(name)
 
 
 def checkpoint_paths(target: str | Path) -> list[Path]:

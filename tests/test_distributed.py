@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from hessian_cli.engine.distributed import shard
+from hessian_cli.errors import UserError
 from hessian_cli.specs import load_checkpoint
 from hessian_cli.storage.metrics import read_metrics
 
@@ -118,6 +119,23 @@ def test_a_rank_without_a_gpu_of_its_own_joins_the_job(
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert distributed.init_from_env() is True
     assert selections == selected and joined == ["cpu:gloo,cuda:nccl"]
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_rank_without_a_gpu_of_its_own_is_refused_a_cuda_device(monkeypatch, device: str) -> None:
+    """It would share local rank 0's GPU (torch's current device), which NCCL refuses later in
+    words of its own; --device cpu is what such a job can run with."""
+    from hessian_cli.engine import devices
+
+    monkeypatch.setattr(devices, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="local rank 1 has no GPU of its own: this machine has 1"):
+        devices.resolve_device(device)
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert devices.resolve_device(device) == torch.device("cuda")
 
 
 @needs_gloo

@@ -30,6 +30,12 @@ CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".safetensors", ".ckpt")
 TRUST_FLAG = "--trust-checkpoint"
+
+
+class UntrustedCheckpoint(UserError):
+    """A checkpoint that only an unsafe load (one that may run code from it) could read."""
+
+
 RUN_CHECKPOINTS = "checkpoints"  # where a training run directory keeps its checkpoints
 
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -117,7 +123,7 @@ def _plain_pickle_load(path: Path, trust: bool) -> Any:
     """A file written by ``pickle.dump`` (tensors or NumPy arrays); torch.load cannot read one,
     and only a trusted one is unpickled, since unpickling runs code from the file."""
     if not trust:
-        raise UserError(
+        raise UntrustedCheckpoint(
             f"checkpoint {str(path)!r} is a plain pickle, not a torch file, and safe loading cannot "
             f"read it; pass {TRUST_FLAG} only if you trust where it came from, or save the weights "
             "with torch.save or safetensors."
@@ -162,12 +168,12 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
         if not trust and "Weights only load failed" in message:
             found = re.search(r"GLOBAL ([\w.]+)", message)
             if found:
-                raise UserError(
+                raise UntrustedCheckpoint(
                     f"checkpoint {str(path)!r} needs arbitrary code execution to load "
                     f"({found.group(1)}) and was refused; pass {TRUST_FLAG} only if you trust "
                     "where it came from."
                 ) from exc
-            raise UserError(
+            raise UntrustedCheckpoint(
                 f"checkpoint {str(path)!r} is corrupt or uses pickle features that safe loading "
                 f"refuses; pass {TRUST_FLAG} only if you trust where it came from."
             ) from exc

@@ -1,0 +1,32 @@
+"""The device a run computes on, from the user's ``--device``: shared by ``analyze`` and
+``train``, and under torchrun each rank's own GPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hessian_cli.engine.distributed import launched_by_torchrun
+from hessian_cli.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error. Under
+    torchrun, CUDA means this rank's GPU (its local rank's, selected by ``init_from_env``): a
+    rank without one of its own would share another's, which NCCL refuses later in words of
+    its own, so it is refused here."""
+    if name not in ("auto", "cpu") and not name.startswith("cuda"):
+        raise UserError(f"Unknown device {name!r}: use auto, cpu or cuda.")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("CUDA was requested with --device cuda, but no CUDA device is available.")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name in ("auto", "cuda") and launched_by_torchrun():
+        local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= count:
+            raise UserError(
+                f"local rank {local_rank} has no GPU of its own: this machine has {count}; start "
+                "at most that many ranks per machine (--nproc_per_node), or use --device cpu."
+            )
+    return torch.device("cuda" if name == "auto" else name)

@@ -122,6 +122,40 @@ _KIND_WORDS = {
 }
 
 
+# The options only some optimizers use: (the field that chooses, the choices that use it).
+USED_BY = {
+    "rho": ("optimizer", ("sam", "eigensam")),
+    "alpha": ("optimizer", ("eigensam",)),
+    "eig_every": ("optimizer", ("eigensam",)),
+    "momentum": ("base_optimizer", ("sgd",)),
+}
+
+
+def check_options_used(given: dict[str, Any]) -> None:
+    """Refuse an option the chosen optimizer ignores, rather than record it as if it were used
+    (``given``: the fields set explicitly; defaults are never refused)."""
+    defaults = TrainConfig(model="", data="")
+    for name, (chooser, users) in USED_BY.items():
+        chosen = given.get(chooser, getattr(defaults, chooser))
+        known = chosen in (OPTIMIZERS if chooser == "optimizer" else BASE_OPTIMIZERS)
+        if name in given and known and chosen not in users:  # an unknown one: said later
+            raise UserError(
+                f"{flag(name)} has no effect with {flag(chooser)} {chosen} (it is used by "
+                f"{' and '.join(users)} only); leave it out."
+            )
+
+
+def check_resume_options(named: list[str]) -> None:
+    """Refuse fields given with a resume other than the run-time ones (``out`` included: the
+    run's directory is the one resumed)."""
+    if named:
+        allowed = ", ".join(flag(k) for k in RUNTIME_FIELDS if k != "out")
+        raise UserError(
+            f"--resume continues a run as it was configured, so {', '.join(map(flag, named))} "
+            f"cannot be given with it (only {allowed} and --quiet can)."
+        )
+
+
 def flag(name: str) -> str:
     """The command-line option of a config field: ``eig_every`` -> ``--eig-every``."""
     return "--" + name.replace("_", "-")

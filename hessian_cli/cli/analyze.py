@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hessian_cli.cli.app import app, results_console
@@ -168,7 +167,11 @@ def analyze(
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     from hessian_cli.analyze import AnalyzeRequest, SeriesStopped, analyze_target
     from hessian_cli.engine.distributed import fail_together, world
-    from hessian_cli.presentation.tables import analysis_table, series_table
+    from hessian_cli.presentation.tables import (
+        analysis_table,
+        series_table,
+        unconverged_warning,
+    )
     from hessian_cli.report import analysis_to_dict
     from hessian_cli.storage.hdf5 import check_writable, write_analyses
 
@@ -265,34 +268,8 @@ def analyze(
             console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:
         raise stopped
-    unconverged = [
-        (r["name"], sum(not c for c in r["eigen"]["converged"]))
-        for r in reports
-        if r["eigen"] and not all(r["eigen"]["converged"])
-    ]
-    if unconverged and max_hvps is None:
-        what = escape(", ".join(f"{n}: {c} pair(s)" for n, c in unconverged))  # names: text
-        reasons = {r["eigen"]["stop_reason"] for r in reports if r["eigen"]}
-        stalled = bool(reasons & {"stalled", "unverified"})
-        remedy = (
-            " or use --precision full"
-            if precision != "full"
-            else " or use --dtype float64"
-            if dtype != "float64"
-            else ""
-        )
-        advice = (
-            "the residuals stopped improving, so the products' rounding noise is above the "
-            f"tolerance: loosen --tol{remedy}"
-            if stalled
-            else "the residuals improved too slowly for eigenvalues this crowded: loosen --tol, "
-            "or pass --max-hvps to accept these"
-            if "slow" in reasons
-            else "raise --max-hvps to spend more or pass it to accept the budget"
-        )
+    warning = unconverged_warning(reports, tol=tol, precision=precision, dtype=dtype)
+    if warning is not None and max_hvps is None:
         if lead:
-            Console(stderr=True).print(
-                f"[bold yellow]not converged[/] to tol {tol:g} ({what}); {advice}.",
-                highlight=False,
-            )
+            Console(stderr=True).print(warning, highlight=False)
         raise typer.Exit(EXIT_UNCONVERGED)

@@ -27,21 +27,21 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 from eigensam.config import (
     BASE_OPTIMIZERS,
     OPTIMIZERS,
-    RUNTIME_FIELDS,
     SCHEDULES,
     TrainConfig,
-    flag,
+    check_options_used,
+    check_resume_options,
     load_config,
 )
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
 from hessian_cli.cli.app import TERMINATED_STATUS, app, signal_handled
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import Terminated, UserError
+from hessian_cli.presentation.training import epoch_line, epoch_table
 
 EXIT_INTERRUPTED = 130
 # Under torchrun one Ctrl-C can reach a rank more than once: torchrun forwards the SIGINT it got,
@@ -55,7 +55,6 @@ EXIT_INTERRUPTED = 130
 # ranks before SIGKILL.
 ECHO_WINDOW_S = 3.0
 _D = TrainConfig(model="", data="")  # the defaults, for the help text
-_TABLE_ROWS = 40
 
 
 def _default(name: str) -> str:
@@ -184,14 +183,7 @@ def train_command(
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         if resume is not None:
-            named = [*set_options, *(["out"] if out is not None else [])]
-            if named:
-                flags = ", ".join(map(flag, named))
-                allowed = ", ".join(flag(k) for k in RUNTIME_FIELDS if k != "out")
-                raise UserError(
-                    f"--resume continues a run as it was configured, so {flags} cannot be given "
-                    f"with it (only {allowed} and --quiet can)."
-                )
+            check_resume_options([*set_options, *(["out"] if out is not None else [])])
             config = load_config(resume)
         else:
             if model is None or data is None or out is None:
@@ -199,7 +191,7 @@ def train_command(
                     "give --model, --data and --out to start a run, or --resume RUN_DIR to "
                     "continue one."
                 )
-            _check_used(set_options)
+            check_options_used(set_options)
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
             config = TrainConfig(**set_options, out=str(out))
     config.max_steps, config.device, config.download = max_steps, device, download
@@ -250,27 +242,6 @@ def _kept(resume: Path | None, config: TrainConfig) -> str:
         "the metrics of the steps done are written, the steps since the last checkpoint are "
         f"not; {then}"
     )
-
-
-# Options that only some optimizers read: given for another, they would be recorded as if used.
-_USED_BY = {
-    "rho": ("optimizer", ("sam", "eigensam")),
-    "alpha": ("optimizer", ("eigensam",)),
-    "eig_every": ("optimizer", ("eigensam",)),
-    "momentum": ("base_optimizer", ("sgd",)),
-}
-
-
-def _check_used(given: dict[str, Any]) -> None:
-    """Refuse an option the chosen optimizer ignores (defaults are not given, so never refused)."""
-    for name, (chooser, users) in _USED_BY.items():
-        chosen = given.get(chooser, getattr(_D, chooser))
-        known = chosen in (OPTIMIZERS if chooser == "optimizer" else BASE_OPTIMIZERS)
-        if name in given and known and chosen not in users:  # an unknown one: said later
-            raise UserError(
-                f"{flag(name)} has no effect with {flag(chooser)} {chosen} (it is used by "
-                f"{' and '.join(users)} only); leave it out."
-            )
 
 
 class _StopRequest:
@@ -364,7 +335,7 @@ class _Display:
         elif isinstance(event, EpochDone):
             self.test_accuracy = event.test_accuracy
             if self.progress is None:  # a pipe or log file
-                self.console.print(_epoch_line(event, self.epochs), highlight=False, soft_wrap=True)
+                self.console.print(epoch_line(event, self.epochs), highlight=False, soft_wrap=True)
             self._update()  # the bar's last state shows the epoch's test accuracy too
 
     def _update(self) -> None:
@@ -457,50 +428,3 @@ def _report(
         raise typer.Exit(stop.exit_status)
     if not quiet:
         console.print(message, highlight=False, soft_wrap=True)
-
-
-def _epoch_line(e: EpochDone, epochs: int) -> str:
-    """An epoch as one plain line, for logs."""
-    parts = [f"epoch {e.epoch}/{epochs}", f"train loss {_num(e.train_loss)}"]
-    if not math.isnan(e.train_accuracy):
-        parts.append(f"acc {_num(e.train_accuracy, '.3f')}")
-    if not math.isnan(e.test_loss):
-        parts.append(f"test loss {_num(e.test_loss)}")
-    if not math.isnan(e.test_accuracy):
-        parts.append(f"test acc {_num(e.test_accuracy, '.3f')}")
-    if e.lambda_max is not None:
-        parts.append(f"λmax {_num(e.lambda_max)}")
-    return ", ".join(parts) + f" ({e.seconds:.1f} s)"
-
-
-def epoch_table(epochs: list[EpochDone]) -> Table:
-    """One row per epoch (the last ``_TABLE_ROWS`` of a long run)."""
-    shown = epochs[-_TABLE_ROWS:]
-    table = Table(title="Epochs", caption=_caption(len(epochs), len(shown)))
-    tracked = any(e.lambda_max is not None for e in shown)
-    for name in ("epoch", "train loss", "train acc", "test loss", "test acc"):
-        table.add_column(name, justify="right")
-    if tracked:
-        table.add_column("λmax", justify="right")
-    table.add_column("seconds", justify="right")
-    for e in shown:
-        row = [
-            str(e.epoch),
-            _num(e.train_loss),
-            _num(e.train_accuracy, ".3f"),
-            _num(e.test_loss),
-            _num(e.test_accuracy, ".3f"),
-        ]
-        if tracked:
-            row.append(_num(e.lambda_max))
-        row.append(_num(e.seconds, ".2f"))
-        table.add_row(*row)
-    return table
-
-
-def _caption(total: int, shown: int) -> str | None:
-    return f"last {shown} of {total} epochs" if shown < total else None
-
-
-def _num(value: float | None, spec: str = ".4g") -> str:
-    return "-" if value is None or math.isnan(value) else format(value, spec)

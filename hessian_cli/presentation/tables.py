@@ -83,6 +83,39 @@ STOP_REASONS = {
 }
 
 
+def unconverged_warning(
+    reports: Sequence[Mapping[str, Any]], *, tol: float, precision: str, dtype: str
+) -> str | None:
+    """The warning (Rich markup) for reports with pairs that did not converge, and what to do
+    about it by why they stopped; None where every pair converged."""
+    unconverged = [
+        (r["name"], sum(not c for c in r["eigen"]["converged"]))
+        for r in reports
+        if r["eigen"] and not all(r["eigen"]["converged"])
+    ]
+    if not unconverged:
+        return None
+    what = escape(", ".join(f"{n}: {c} pair(s)" for n, c in unconverged))  # names: text
+    reasons = {r["eigen"]["stop_reason"] for r in reports if r["eigen"]}
+    remedy = (
+        " or use --precision full"
+        if precision != "full"
+        else " or use --dtype float64"
+        if dtype != "float64"
+        else ""
+    )
+    advice = (
+        "the residuals stopped improving, so the products' rounding noise is above the "
+        f"tolerance: loosen --tol{remedy}"
+        if reasons & {"stalled", "unverified"}
+        else "the residuals improved too slowly for eigenvalues this crowded: loosen --tol, "
+        "or pass --max-hvps to accept these"
+        if "slow" in reasons
+        else "raise --max-hvps to spend more or pass it to accept the budget"
+    )
+    return f"[bold yellow]not converged[/] to tol {tol:g} ({what}); {advice}."
+
+
 def _eigen_table(e: Mapping[str, Any]) -> Group:
     measure = (
         "the bound on the eigenvalue's relative error (from residual² / gap)"

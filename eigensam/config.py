@@ -107,8 +107,11 @@ class TrainConfig:
             require(ok, f"{flag(field.name)} must be {wanted}, not {value!r}")
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define the run (what ``config.json`` holds)."""
-        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+        """The fields that define the run (what ``config.json`` holds): not the run-time ones,
+        nor those its optimizers do not use (a SAM run recorded alpha 0.2 and eig_every 100, as
+        if they had been used)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+        return without_unused(fields)
 
 
 RUNTIME_FIELDS = ("out", "max_steps", "device", "download")
@@ -129,6 +132,16 @@ USED_BY = {
     "eig_every": ("optimizer", ("eigensam",)),
     "momentum": ("base_optimizer", ("sgd",)),
 }
+
+
+def without_unused(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` (of a configuration) without the options its optimizers do not use: how
+    configurations recorded before 2026-11-30, which held them all, compare with newer ones."""
+    return {
+        k: v
+        for k, v in fields.items()
+        if k not in USED_BY or fields.get(USED_BY[k][0]) in USED_BY[k][1]
+    }
 
 
 def check_options_used(given: dict[str, Any]) -> None:

@@ -48,6 +48,7 @@ from eigensam.config import (
     flag,
     load_config,
     require,
+    without_unused,
 )
 from eigensam.determinism import DataOrder, capture_rng, restore_rng
 from eigensam.eigen_sam import EigenSAM
@@ -388,6 +389,7 @@ class _Run:
                 raise UserError(
                     f"{str(path)!r} is damaged: its recorded configuration is not JSON."
                 )
+            recorded = without_unused(recorded)  # older checkpoints recorded them all
             _check_same_run(self.config, recorded, f"configuration {path.name} records")
         self._check_same_course(raw, path)
         apply_weights(self.model, ckpt.state_dict)

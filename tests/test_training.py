@@ -116,6 +116,29 @@ def test_should_stop_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert again.finished and again.steps_run == 0 and len(again.epochs) == 3
 
 
+def test_options_the_optimizer_does_not_use_are_not_recorded_and_old_records_still_resume(
+    tmp_path,
+):
+    """A SAM run recorded alpha 0.2 and eig_every 100 in config.json, the metrics file and its
+    checkpoints, as if used. They are left out now; a run recorded with them still resumes."""
+    sam = config(tmp_path, "sam", optimizer="sam", eig_every=100, max_steps=5)
+    train(sam)
+    run = tmp_path / "sam"
+    saved = json.loads((run / "config.json").read_text())
+    assert "alpha" not in saved["config"] and "eig_every" not in saved["config"]
+    assert saved["config"]["rho"] == sam.rho and saved["config"]["momentum"] == sam.momentum
+    meta = load_checkpoint(latest_checkpoint(run)).metadata
+    assert "alpha" not in json.loads(meta["config"])
+    saved["config"].update(alpha=0.2, eig_every=100)  # as a run of an earlier version has it
+    (run / "config.json").write_text(json.dumps(saved))
+    path = latest_checkpoint(run)
+    raw = torch.load(path, weights_only=True)
+    raw["hessian_cli"]["config"] = json.dumps(saved["config"], sort_keys=True)
+    torch.save(raw, path)
+    resumed = train(dataclasses.replace(load_config(run), max_steps=8), resume_dir=run)
+    assert resumed.step == 8
+
+
 def test_metrics_file_layout(tmp_path):
     summary = train(config(tmp_path, epochs=2, eig_every=4, track_every=5))
     total = 2 * STEPS_PER_EPOCH

@@ -2,7 +2,7 @@
 
 A run lives in a directory: ``config.json`` (what defines the run), ``checkpoints/`` (periodic
 ``stepNNNNNNN.pt`` files and ``final.pt``, self-describing so ``analyze`` needs no flags, and
-holding everything a resume needs) and ``metrics.h5`` (see :mod:`eigensam.metrics`).
+holding everything a resume needs) and ``metrics.h5`` (see :mod:`hessian_cli.storage.metrics`).
 
 Resuming repeats an uninterrupted run bit for bit on CPU: the weights, optimizer state (momentum,
 the Eigen-SAM eigenvector and its refresh count), the global torch RNG, the data-order generator
@@ -53,7 +53,6 @@ from eigensam.config import (
 from eigensam.determinism import DataOrder, capture_rng, restore_rng
 from eigensam.eigen_sam import EigenSAM
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
-from eigensam.metrics import MetricsLog
 from eigensam.sam import SAM
 from hessian_cli import __version__
 from hessian_cli.engine import distributed
@@ -89,6 +88,7 @@ from hessian_cli.specs import (
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, UntrustedCheckpoint
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import atomic_path, check_directory_writable, held
+from hessian_cli.storage.metrics import MetricsLog
 
 METRICS_FILE = "metrics.h5"
 FINAL_CHECKPOINT = "final.pt"

@@ -655,8 +655,8 @@ def test_a_sigterm_while_the_metrics_are_written_waits_for_the_file(tmp_path, mo
     failed) cut the write short and left no metrics.h5; now the file is finished first."""
     import signal
 
-    from eigensam import metrics as metrics_module
-    from eigensam.metrics import MetricsLog
+    from hessian_cli.storage import metrics as metrics_module
+    from hessian_cli.storage.metrics import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.h5", {"model": "mlp"})
     for step in range(5):

@@ -11,7 +11,6 @@ from hessian_cli.specs.checkpoints import (
     save_checkpoint,
 )
 from hessian_cli.specs.data import (
-    BUILTIN_DATA,
     DataSource,
     analysis_batches,
     anchored_data,
@@ -26,7 +25,6 @@ from hessian_cli.specs.models import BUILTIN_MODELS, build_model
 from hessian_cli.specs.user_code import absolute, anchored, load_object
 
 __all__ = [
-    "BUILTIN_DATA",
     "BUILTIN_LOSSES",
     "BUILTIN_MODELS",
     "CHECKPOINT_FORMAT",

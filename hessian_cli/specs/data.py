@@ -42,7 +42,6 @@ _VISION: dict[str, tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[i
     "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), 10, (1, 28, 28)),
     "svhn": ("SVHN", (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 10, (3, 32, 32)),
 }
-BUILTIN_DATA: tuple[str, ...] = ("digits", "synthetic:...", "synthetic-regression:...", *_VISION)
 
 
 @dataclass

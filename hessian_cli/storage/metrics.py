@@ -1,20 +1,196 @@
-"""Reading the training metrics file (``metrics.h5``, format ``hessian-cli-metrics``).
+"""The training metrics file ``metrics.h5`` (format ``hessian-cli-metrics``, version 1): written
+by ``train`` (:class:`MetricsLog`), read by ``show`` and ``plot`` (:func:`read_metrics`).
 
-Layout (written by ``train``): root attrs ``format`` and a version; one group per kind of record
-(``steps``, ``epochs``, ``refresh``, ``track``), each holding equally long 1-D datasets (columns).
-Reading is tolerant: missing groups are simply absent and unknown groups are returned as well.
+Layout: root attrs as in a spectra file, ``format``, ``format_version``, ``tool_version``,
+``torch_version``, ``created``, ``modified`` and ``command_line`` (the command that last wrote
+it: a resume's), and ``config`` (the run's configuration as JSON); files written before
+2026-11-29 name the versions ``version``, ``tool`` and ``torch`` and have no command line. One
+group per kind of record, each holding equally long 1-D
+extendible datasets (columns), rows in step order; a group with no rows is left out:
+
+- ``steps``: ``step`` (global, from 0), ``loss`` and ``accuracy`` of the minibatch at the
+  weights before that step's update, ``lr`` used by the update.
+- ``epochs``: ``epoch`` (from 1), ``train_loss`` / ``train_accuracy`` (sample-weighted means of
+  the epoch's minibatch values), ``test_loss`` / ``test_accuracy`` (NaN without a test split),
+  ``seconds`` (time in training steps, eigenvector refreshes included; evaluation, tracking and
+  checkpoints excluded, so optimizers compare fairly).
+- ``refresh`` (Eigen-SAM): ``step``, ``eigenvalue``, ``residual``, ``alignment``
+  (``|<g_hat, v>|`` of the minibatch gradient with the new ``v``), ``hvps``.
+- ``track`` (``--track-every``): ``step``, ``lambda_max``, ``residual``, ``hvps`` of the fixed
+  held-out batch's Hessian at the weights after ``step`` updates.
+
+Accuracy is NaN for regression. Rows live in memory and every :meth:`MetricsLog.flush` rewrites
+the whole file through a temporary file and a rename, so an interruption (Ctrl-C, a crash, a full
+disk) leaves either the previous file or the new one, never a damaged one. Reading is
+tolerant: missing groups are simply absent and unknown groups are returned as well.
 """
 
 from __future__ import annotations
 
+import json
+import signal
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
-from hessian_cli.storage.files import open_format, open_hdf5
+from hessian_cli import __version__
+from hessian_cli.errors import UserError
+from hessian_cli.storage.files import (
+    file_format,
+    hdf5_written,
+    open_format,
+    open_hdf5,
+    signals_deferred,
+)
 
 METRICS_FORMAT_NAME = "hessian-cli-metrics"
+METRICS_VERSION = 1
+# Root attributes each flush writes (and those of files before 2026-11-29, which it replaces).
+_OWN_ATTRS = (
+    "format",
+    "format_version",
+    "tool_version",
+    "torch_version",
+    "created",
+    "modified",
+    "command_line",
+    "config",
+    "version",
+    "tool",
+    "torch",
+)
+
+# Columns of each group, in order, with their dtypes; the first column orders the rows.
+COLUMNS: dict[str, dict[str, type]] = {
+    "steps": {"step": np.int64, "loss": np.float64, "accuracy": np.float64, "lr": np.float64},
+    "epochs": {
+        "epoch": np.int64,
+        "train_loss": np.float64,
+        "train_accuracy": np.float64,
+        "test_loss": np.float64,
+        "test_accuracy": np.float64,
+        "seconds": np.float64,
+    },
+    "refresh": {
+        "step": np.int64,
+        "eigenvalue": np.float64,
+        "residual": np.float64,
+        "alignment": np.float64,
+        "hvps": np.int64,
+    },
+    "track": {"step": np.int64, "lambda_max": np.float64, "residual": np.float64, "hvps": np.int64},
+}
+
+
+class MetricsLog:
+    """Rows of every group, kept in memory and written out whole by :meth:`flush`."""
+
+    def __init__(self, path: Path, config: dict[str, Any], command_line: str = "") -> None:
+        self.path = path
+        self.config = config
+        self.command_line = command_line
+        self.created = _now()
+        self.rows: dict[str, list[tuple[float, ...]]] = {group: [] for group in COLUMNS}
+        # What a resumed file holds that this version does not write (a newer version's, or
+        # the user's own): kept as it is by every flush.
+        self.foreign_attrs: dict[str, Any] = {}
+        self.foreign_groups: list[str] = []
+
+    def append(self, group: str, **values: float) -> None:
+        """Add one row; every column of the group must be given."""
+        columns = COLUMNS[group]
+        if values.keys() != columns.keys():
+            raise ValueError(f"{group} rows need exactly the columns {list(columns)}")
+        self.rows[group].append(tuple(values[c] for c in columns))
+
+    def column(self, group: str, name: str) -> list[float]:
+        index = list(COLUMNS[group]).index(name)
+        return [row[index] for row in self.rows[group]]
+
+    def load(self, *, before_step: int, before_epoch: int) -> None:
+        """Take the rows of an existing file up to a resumed checkpoint: steps before
+        ``before_step`` and epochs up to ``before_epoch``, so the file ends up exactly as an
+        uninterrupted run writes it. A missing file means nothing was recorded yet."""
+        if not self.path.exists():
+            if before_step > 0:
+                raise UserError(
+                    f"the run's {self.path.name} is missing, so the rows of its first "
+                    f"{before_step} steps are lost: start the run again to have them."
+                )
+            return
+        if file_format(self.path) != METRICS_FORMAT_NAME:
+            raise UserError(f"{self.path} is not a hessian-cli metrics file.")
+        stored = read_metrics(self.path)
+        with h5py.File(self.path, "r") as f:
+            self.created = str(_text(f.attrs.get("created")) or self.created)
+            self.foreign_attrs = {k: v for k, v in f.attrs.items() if k not in _OWN_ATTRS}
+            self.foreign_groups = [name for name in f if name not in COLUMNS]
+            for group in COLUMNS:
+                extra = sorted(set(f[group]) - set(COLUMNS[group])) if group in f else []
+                if extra:
+                    raise UserError(
+                        f"the run's {self.path.name} has columns this version does not write "
+                        f"({group}/{extra[0]}): resume it with the version that wrote them."
+                    )
+        for group, columns in COLUMNS.items():
+            data = stored.get(group, {})
+            if not data:
+                continue
+            key, limit = ("epoch", before_epoch) if group == "epochs" else ("step", before_step - 1)
+            keep = np.asarray(data[key]) <= limit
+            cols = [np.asarray(data[c])[keep].tolist() for c in columns]
+            self.rows[group] = list(zip(*cols, strict=True))
+        recorded = len(self.rows["steps"])
+        if recorded != before_step:  # a crash between a checkpoint and its rows (before 11-29)
+            raise UserError(
+                f"the run's {self.path.name} records {recorded} steps, but its checkpoint is at "
+                f"step {before_step}: resume from the checkpoint at step {recorded} or before "
+                "(move the later ones aside), and the steps in between are run again."
+            )
+
+    def flush(self) -> None:
+        """Rewrite the file atomically with every row so far; SIGTERM or Ctrl-C arriving
+        meanwhile takes effect once the file is in place (a stopped run's rows are written in
+        its unwinding, which torchrun's SIGTERM to the other ranks tends to cut short)."""
+        with (
+            signals_deferred(signal.SIGTERM, signal.SIGINT),
+            hdf5_written(self.path) as f,
+        ):
+            f.attrs.update(self.foreign_attrs)
+            if self.foreign_groups:
+                with h5py.File(self.path, "r") as old:
+                    for name in self.foreign_groups:
+                        old.copy(old[name], f, name)
+            f.attrs["format"] = METRICS_FORMAT_NAME
+            f.attrs["format_version"] = METRICS_VERSION
+            f.attrs["tool_version"] = __version__
+            f.attrs["torch_version"] = str(torch.__version__)
+            f.attrs["created"] = self.created
+            f.attrs["modified"] = _now()
+            f.attrs["command_line"] = self.command_line
+            f.attrs["config"] = json.dumps(self.config, sort_keys=True)
+            for group, columns in COLUMNS.items():
+                rows = self.rows[group]
+                if not rows:  # e.g. no refreshes for SAM: the group is absent, not empty
+                    continue
+                g = f.create_group(group)
+                for i, (name, dtype) in enumerate(columns.items()):
+                    values = np.asarray([row[i] for row in rows], dtype=dtype)
+                    g.create_dataset(
+                        name, data=values, maxshape=(None,), chunks=(min(len(rows), 1024),)
+                    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:

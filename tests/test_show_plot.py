@@ -73,6 +73,26 @@ def assert_png(path: Path) -> None:
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("kind", ["single", "metrics"])
+def test_show_does_not_load_torch(files, kind):
+    """It reads HDF5 only; torch (seconds to import) came in with the metrics writer once it
+    shared the reader's module, and made `show` five times slower."""
+    script = (
+        "import sys\n"
+        "from hessian_cli.cli import main\n"
+        f"sys.argv = ['hessian-cli', 'show', {str(files[kind])!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
 def test_show_single_checkpoint(files, full):  # noqa: F811
     result = runner.invoke(app, ["show", str(files["single"])])
     assert result.exit_code == 0, result.output

@@ -35,7 +35,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
 
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
@@ -168,7 +167,7 @@ class MetricsLog:
             f.attrs["format"] = METRICS_FORMAT_NAME
             f.attrs["format_version"] = METRICS_VERSION
             f.attrs["tool_version"] = __version__
-            f.attrs["torch_version"] = str(torch.__version__)
+            f.attrs["torch_version"] = _torch_version()
             f.attrs["created"] = self.created
             f.attrs["modified"] = _now()
             f.attrs["command_line"] = self.command_line
@@ -183,6 +182,14 @@ class MetricsLog:
                     g.create_dataset(
                         name, data=values, maxshape=(None,), chunks=(min(len(rows), 1024),)
                     )
+
+
+def _torch_version() -> str:
+    """Imported here, not at the top: ``show`` and ``plot`` read this module and start faster
+    without torch (the writer runs in ``train``, where torch is loaded already)."""
+    import torch
+
+    return str(torch.__version__)
 
 
 def _now() -> str:

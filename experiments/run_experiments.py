@@ -6,16 +6,23 @@ eigenvector refresh every 20 steps) and ``track_every`` tracking, then measures 
 checkpoint with the engine on the FULL training loss (all 1300 training samples, one batch,
 BatchNorm-free models, tol 1e-4): lambda_max and the alignment ``|<g_hat, v_1>|`` of the
 full-batch gradient. Writes the table into ``experiments/RESULTS.md`` (between the GENERATED
-markers; text outside them is kept) and the tracked lambda_max curves into
-``experiments/lambda_max.png``.
+markers, or those of ``--block NAME``; text outside them is kept) and the tracked lambda_max
+curves into ``experiments/lambda_max.png``. With two or more seeds of both SAM and Eigen-SAM it
+adds their paired comparison (mean and std of the per-seed difference, paired t).
 
 Runs live in ``--out-dir`` (outside the repository); a run whose ``result.json`` exists is reused
 and an unfinished one is resumed, so an interrupted experiment continues where it stopped. The
-folder name holds the settings but not the code version: use a fresh ``--out-dir`` after changing
-the library.
+folder name holds the settings but not the code version, so every run records, when its training
+starts (and again at each resume), the commit, the uncommitted library files (with a digest of
+their changes), the refresh budgets and the CPU it ran with (``provenance.json``, copied into its
+``result.json``). The report lists them and refuses runs that differ in any of them unless
+``--allow-mixed`` is given: use a fresh ``--out-dir`` after changing the library.
 
     python experiments/run_experiments.py                                   # the full experiment
-    python experiments/run_experiments.py --epochs-cnn 2 --epochs-mlp 2 --seeds 0 --out-dir /tmp/x
+    python experiments/run_experiments.py --seeds 0,1,2,3,4,5,6,7 --optimizers sam,eigensam \
+        --block 8-seeds --plot ''                  # the paired 8-seed block of RESULTS.md
+    python experiments/run_experiments.py --epochs-cnn 2 --epochs-mlp 2 --seeds 0 \
+        --out-dir /tmp/x --results /tmp/x/RESULTS.md --plot /tmp/x/lambda_max.png   # smoke test
 """
 
 from __future__ import annotations
@@ -24,24 +31,24 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, also in workers
 
 import numpy as np  # noqa: E402
+import provenance as prov  # noqa: E402  (experiments/provenance.py)
 import torch  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from eigensam import refresh as eig_refresh  # noqa: E402
+from eigensam.events import RunStarted  # noqa: E402
 from eigensam.training import TrainConfig, latest_checkpoint, load_config, train  # noqa: E402
 from hessian_cli.analyze import AnalyzeRequest, analyze_checkpoint  # noqa: E402
 from hessian_cli.specs import load_checkpoint  # noqa: E402
@@ -62,7 +69,6 @@ ORIENTATION: dict[str, dict[str, tuple[float, float | None]]] = {
     "mlp": {"sgd": (1.19, None), "sam": (0.745, None), "eigensam": (0.737, None)},
 }
 TRAIN_SAMPLES = 1300
-BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
 
 @dataclass
@@ -77,6 +83,7 @@ class Job:
     eig_every: int
     model_kwargs: dict[str, Any] | None
     out: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)  # of the process that starts it
 
     @property
     def name(self) -> str:
@@ -114,6 +121,32 @@ class Result:
     refresh_hvps: float = math.nan  # whose residual met the refresh tolerance, and how many
     refresh_converged: float = math.nan  # found no positive eigenvalue
     refresh_negative: int = 0
+    refresh_hvps_first: float = math.nan  # the first, cold refresh of the run
+    refresh_hvps_warm: float = math.nan  # mean, min and max of the others (warm-started)
+    refresh_hvps_warm_min: float = math.nan
+    refresh_hvps_warm_max: float = math.nan
+    refresh_median_residual: float = math.nan  # relative to lambda
+    # One entry per train() call (start, resumes): code, machine, date (provenance.py).
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+
+
+def recorded_elsewhere(run_dir: Path, here: dict[str, Any]) -> str:
+    """'' if the run in ``run_dir`` is new or was trained by the code and machine ``here``;
+    else what it recorded (or that it recorded nothing)."""
+    entries = None
+    if (run_dir / "result.json").is_file():
+        entries = json.loads((run_dir / "result.json").read_text()).get("provenance", [])
+    elif (run_dir / "config.json").is_file():
+        record = run_dir / "provenance.json"
+        entries = json.loads(record.read_text()) if record.is_file() else []
+    if entries is None:
+        return ""
+    if not entries:
+        return "it recorded no code version"
+    other = [e for e in entries if prov.identity(e) != prov.identity(here)]
+    if not other:
+        return ""
+    return f"{prov.describe_code(other[0])}; {other[0].get('cpu')}"
 
 
 def run_job(job: Job) -> Result:
@@ -124,10 +157,19 @@ def run_job(job: Job) -> Result:
     if saved.is_file():
         return Result(**json.loads(saved.read_text()))
     start = time.perf_counter()
+    record = run_dir / "provenance.json"
+
+    def started(event: object) -> None:
+        """Record the code and machine this train() call runs with, as it starts."""
+        if isinstance(event, RunStarted):
+            entries = json.loads(record.read_text()) if record.is_file() else []
+            entries.append({**job.provenance, "date": prov.now(), "start_step": event.start_step})
+            record.write_text(json.dumps(entries, indent=2) + "\n")
+
     if (run_dir / "config.json").is_file():
         config = load_config(run_dir)
         config.device = "cpu"
-        train(config, resume_dir=run_dir)
+        train(config, resume_dir=run_dir, progress=started)
     else:
         config = TrainConfig(
             model=job.model,
@@ -149,7 +191,7 @@ def run_job(job: Job) -> Result:
             checkpoint_every=10,
             device="cpu",
         )
-        train(config)
+        train(config, progress=started)
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None and ckpt.name == "final.pt", f"{job.name} did not finish"
     request = AnalyzeRequest(
@@ -185,12 +227,20 @@ def run_job(job: Job) -> Result:
         test_accuracy=float(epochs["test_accuracy"][-1]),
         seconds_per_epoch=float(np.mean(epochs["seconds"])),
         wall_seconds=time.perf_counter() - start,
+        provenance=json.loads(record.read_text()) if record.is_file() else [],
     )
     if refresh:
+        hvps = np.asarray(refresh["hvps"], dtype=float)
         result.refreshes = len(refresh["step"])
-        result.refresh_hvps = float(np.mean(refresh["hvps"]))
+        result.refresh_hvps = float(np.mean(hvps))
         result.refresh_converged = float(np.mean(refresh["residual"] <= eig_refresh.DEFAULT_TOL))
         result.refresh_negative = int(np.sum(refresh["eigenvalue"] <= 0))
+        result.refresh_hvps_first = float(hvps[0])
+        if len(hvps) > 1:
+            result.refresh_hvps_warm = float(np.mean(hvps[1:]))
+            result.refresh_hvps_warm_min = float(np.min(hvps[1:]))
+            result.refresh_hvps_warm_max = float(np.max(hvps[1:]))
+        result.refresh_median_residual = float(np.median(refresh["residual"]))
     saved.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
@@ -298,56 +348,105 @@ def refresh_summary(results: list[Result]) -> list[str]:
     lines = []
     for model in MODELS:
         rs = [r for r in results if r.model == model and r.optimizer == "eigensam"]
-        if rs:
-            lines.append(
-                f"- {model} Eigen-SAM refreshes: {rs[0].refreshes} per run, "
-                f"{statistics.mean(r.refresh_hvps for r in rs):.1f} HVPs each on average, "
-                f"{100 * statistics.mean(r.refresh_converged for r in rs):.0f}% met the "
-                f"refresh tolerance (residual <= {eig_refresh.DEFAULT_TOL:g} lambda), "
-                f"{sum(r.refresh_negative for r in rs)} found no positive eigenvalue."
-            )
+        if not rs:
+            continue
+        first = [r.refresh_hvps_first for r in rs]
+        lines.append(
+            f"- {model} Eigen-SAM refreshes: {rs[0].refreshes} per run, "
+            f"{statistics.mean(r.refresh_hvps for r in rs):.1f} HVPs each on average (the "
+            f"first, cold one {min(first):.0f}-{max(first):.0f}; the warm-started ones "
+            f"{statistics.mean(r.refresh_hvps_warm for r in rs):.1f} on average, "
+            f"{min(r.refresh_hvps_warm_min for r in rs):.0f}-"
+            f"{max(r.refresh_hvps_warm_max for r in rs):.0f}), "
+            f"{100 * statistics.mean(r.refresh_converged for r in rs):.0f}% met the "
+            f"refresh tolerance (residual <= {eig_refresh.DEFAULT_TOL:g} lambda), median "
+            f"residual per run {100 * min(r.refresh_median_residual for r in rs):.1f}-"
+            f"{100 * max(r.refresh_median_residual for r in rs):.1f}% of lambda, "
+            f"{sum(r.refresh_negative for r in rs)} found no positive eigenvalue."
+        )
     return lines
 
 
-def code_version() -> str:
-    """The commit, the uncommitted library files, and the refresh budget the runs used."""
+def paired_summary(results: list[Result]) -> list[str]:
+    """Per model, Eigen-SAM against SAM seed by seed: the mean and sample std of the per-seed
+    difference of final lambda_max, its paired t (two-sided p), and on how many seeds it is lower.
+    """
+    lines = []
+    for model in MODELS:
+        by = {(r.optimizer, r.seed): r.lambda_max for r in results if r.model == model}
+        seeds = sorted(s for o, s in by if o == "sam" and ("eigensam", s) in by)
+        if len(seeds) < 2:
+            continue
+        sam = np.array([by[("sam", s)] for s in seeds])
+        eig = np.array([by[("eigensam", s)] for s in seeds])
+        diff = eig - sam
+        n, mean, std = len(seeds), float(diff.mean()), float(diff.std(ddof=1))
+        t = mean / (std / math.sqrt(n)) if std > 0 else math.nan
+        p = 2 * stats.t.sf(abs(t), n - 1) if math.isfinite(t) else math.nan
+        half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+        lines.append(
+            f"- {model}, {n} seeds: SAM {sam.mean():.3f} ± {sam.std(ddof=1):.3f}, Eigen-SAM "
+            f"{eig.mean():.3f} ± {eig.std(ddof=1):.3f}; paired difference Eigen-SAM - SAM "
+            f"{mean:+.3f} ± {std:.3f} ({100 * mean / sam.mean():+.1f}% of SAM; 95% interval of "
+            f"the mean {mean - half:+.3f} to {mean + half:+.3f}), paired t = {t:.1f} "
+            f"({n - 1} degree{'s' if n > 2 else ''} of freedom, two-sided p = {p:.2g}); lower on "
+            f"{int((diff < 0).sum())}/{n} seeds."
+        )
+    return lines
 
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *cmd], cwd=HERE.parent, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
 
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = [
-        line.split(None, 1)[-1]
-        for line in git("status", "--porcelain", "--", "eigensam", "hessian_cli").splitlines()
-    ]
-    return (
-        f"commit {head}"
-        + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
-        + f"; Eigen-SAM refresh budget {eig_refresh.DEFAULT_MAX_HVPS} HVPs, "
-        f"tolerance {eig_refresh.DEFAULT_TOL:g}"
-    )
+def provenance_lines(results: list[Result], allow_mixed: bool) -> list[str]:
+    """Which code and machine trained the runs, from what each run recorded when it started.
 
-
-def machine() -> str:
-    """One line: CPU, core count, OS, Python and torch versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), {platform.system()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch thread(s) per run"
-    )
+    Runs that differ (or did not record it) are refused unless ``allow_mixed``; then each group
+    is listed with its runs."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        key = tuple(prov.identity(e) for e in r.provenance)
+        groups.setdefault(key, []).append(r)
+    dates = sorted(e["date"] for r in results for e in r.provenance)
+    lines = []
+    if len(groups) > 1 or () in groups:
+        where = "; ".join(
+            f"{', '.join(f'{r.model}-{r.optimizer}-s{r.seed}' for r in rs)}: "
+            + (
+                " then ".join(
+                    f"{prov.describe_code(e)}, on {e.get('cpu')}" for e in rs[0].provenance
+                )
+                or "not recorded"
+            )
+            for rs in groups.values()
+        )
+        if not allow_mixed:
+            sys.exit(
+                "The runs were not all trained by the same code on the same machine (or did not "
+                f"record it): {where}. Use a fresh --out-dir, or --allow-mixed to report them "
+                "anyway."
+            )
+        first = next(iter(groups.values()))[0].provenance
+        differ = sorted(
+            {
+                k
+                for rs in groups.values()
+                for a in rs[0].provenance
+                for b in first
+                for k in prov.differences(a, b)
+            }
+        )
+        lines.append(
+            f"- **Mixed code or machines** (differing in: {', '.join(differ) or 'unknown'}): "
+            f"{where}."
+        )
+    else:
+        entries = results[0].provenance
+        lines += [
+            f"- Code (recorded by each run as its training started): "
+            f"{prov.describe_code(entries[0])}.",
+            f"- Machine: {prov.describe_machine(entries[0])}.",
+        ]
+    if dates:
+        lines.append(f"- Runs trained: started {dates[0]} to {dates[-1]}.")
+    return lines
 
 
 def write_report(
@@ -361,49 +460,48 @@ def write_report(
     """Replace the generated block of RESULTS.md (create the file if needed)."""
     seeds = sorted({j.seed for j in jobs})
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    block = "\n".join(
-        [
-            BEGIN,
-            f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- Machine: {machine()}; {args.jobs} run(s) in parallel.",
-            f"- Command: `{command}`",
-            f"- Code: {code_version()}.",
-            f"- Wall time of this invocation: {wall / 60:.1f} min "
-            f"(runs reused from {args.out_dir} count as 0); 1-min load average "
-            f"{load[0]:.2f} before, {load[1]:.2f} after (the runs themselves add {args.jobs}).",
-            f"- Seeds: {', '.join(map(str, seeds))}; batch 64, lr 0.1 cosine to 0, momentum 0.9, "
-            f"weight decay 5e-4, rho 0.05, alpha 0.2, eigenvector refresh every "
-            f"{args.eig_every} steps, tracking every {args.track_every} steps.",
+    paired = paired_summary(results)
+    lines = [
+        f"- Report written: {prov.now()}, {torch.get_num_threads()} torch thread(s) per run, "
+        f"{args.jobs} run(s) in parallel.",
+        f"- Command: `{command}`",
+        *provenance_lines(results, args.allow_mixed),
+        f"- Wall time of this invocation: {wall / 60:.1f} min "
+        f"(runs reused from {args.out_dir} count as 0); 1-min load average "
+        f"{load[0]:.2f} before, {load[1]:.2f} after (the runs themselves add {args.jobs}).",
+        f"- Seeds: {', '.join(map(str, seeds))}; batch 64, lr 0.1 cosine to 0, momentum 0.9, "
+        f"weight decay 5e-4, rho 0.05, alpha 0.2, eigenvector refresh every "
+        f"{args.eig_every} steps, tracking every {args.track_every} steps.",
+        "",
+    ]
+    if paired:
+        lines += ["Final lambda_max, Eigen-SAM against SAM on the same seeds:", "", *paired, ""]
+    lines += [
+        "lambda_max and alignment: top eigenpair (engine, tol 1e-4) of the Hessian of the mean "
+        "cross-entropy over all 1300 training samples at the final weights; alignment is "
+        "abs(<g_hat, v1>) of the full-batch gradient. Train loss: that same full loss. "
+        "Test accuracy: the 497-sample test split after the last epoch. s / epoch: time in "
+        "training steps (refreshes included; evaluation, tracking, checkpoints excluded), "
+        "single-threaded, on a machine shared with other work. Mean ± sample std over seeds.",
+        "",
+        results_table(results),
+        "",
+        "Per-seed final lambda_max (single seeds move with the CPU model and library "
+        "changes; compare the paired statistics):",
+        "",
+        seed_table(results, seeds),
+        *refresh_summary(results),
+    ]
+    if args.plot:
+        image = os.path.relpath(Path(args.plot).resolve(), Path(path).resolve().parent)
+        lines += [
             "",
-            "lambda_max and alignment: top eigenpair (engine, tol 1e-4) of the Hessian of the mean "
-            "cross-entropy over all 1300 training samples at the final weights; alignment is "
-            "abs(<g_hat, v1>) of the full-batch gradient. Train loss: that same full loss. "
-            "Test accuracy: the 497-sample test split after the last epoch. s / epoch: time in "
-            "training steps (refreshes included; evaluation, tracking, checkpoints excluded), "
-            "single-threaded. Mean ± sample std over seeds.",
+            f"![lambda_max over steps]({image})",
             "",
-            results_table(results),
-            "",
-            "Per-seed final lambda_max:",
-            "",
-            seed_table(results, seeds),
-            *refresh_summary(results),
-            "",
-            "![lambda_max over steps](lambda_max.png)",
-            "",
-            "`lambda_max.png`: lambda_max of the fixed held-out batch (first 64 test samples) "
-            "tracked during training, mean over seeds, band min..max.",
-            END,
+            f"`{image}`: lambda_max of the fixed held-out batch (first 64 test samples) tracked "
+            "during training, mean over seeds, band min..max.",
         ]
-    )
-    text = path.read_text() if path.is_file() else "# Eigen-SAM experiment\n\n" + BEGIN + END
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    prov.write_block(path, args.block, lines)
 
 
 # ----------------------------------------------------------------------------- main
@@ -425,7 +523,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default="/tmp/eigensam-experiments", help="Run folders.")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (processes).")
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
-    parser.add_argument("--plot", default=str(HERE / "lambda_max.png"))
+    parser.add_argument(
+        "--block", default="", help="Name of the generated block to write ('': the main one)."
+    )
+    parser.add_argument("--plot", default=str(HERE / "lambda_max.png"), help="'' for none.")
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="Report runs trained by different code or machines (each listed) instead of refusing.",
+    )
     return parser.parse_args(argv)
 
 
@@ -433,13 +539,23 @@ def main(argv: list[str] | None = None) -> None:
     """Run every job (longest first), then write the table and the plot."""
     args = parse_args(argv)
     torch.set_num_threads(1)
+    here = prov.provenance()  # the library is imported: this is the code the runs use
     epochs = {"cnn": args.epochs_cnn, "mlp": args.epochs_mlp}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hidden = [int(h) for h in args.mlp_hidden.split(",")]
     kwargs = {"cnn": None, "mlp": {"hidden": hidden, "activation": "tanh"}}
     jobs = [
-        Job(model, opt, int(seed), epochs[model], args.track_every, args.eig_every, kwargs[model])
+        Job(
+            model,
+            opt,
+            int(seed),
+            epochs[model],
+            args.track_every,
+            args.eig_every,
+            kwargs[model],
+            provenance=here,
+        )
         for model in args.models.split(",")
         for opt in args.optimizers.split(",")
         for seed in args.seeds.split(",")
@@ -448,6 +564,15 @@ def main(argv: list[str] | None = None) -> None:
         arch = "" if job.model == "cnn" else "-h" + "x".join(map(str, hidden))
         every = f"-r{job.eig_every}-t{job.track_every}"
         job.out = str(out / f"{job.name}{arch}-e{job.epochs}{every}")
+    if not args.allow_mixed:  # refuse before training, not after
+        for job in jobs:
+            stale = recorded_elsewhere(Path(job.out), here)
+            if stale:
+                sys.exit(
+                    f"{job.out} was trained by other code or on another machine ({stale}) than "
+                    f"this one ({prov.describe_code(here)}; {here['cpu']}): use a fresh "
+                    "--out-dir, or --allow-mixed to reuse it anyway (the report lists both)."
+                )
     # Longest first, so the pool does not end on one long run: CNN, then (Eigen-)SAM.
     cost = {"sgd": 1.0, "sam": 2.0, "eigensam": 2.2}
     order = sorted(
@@ -468,7 +593,8 @@ def main(argv: list[str] | None = None) -> None:
             )
     wall = time.perf_counter() - start
     results.sort(key=lambda r: (r.model, OPTIMIZERS.index(r.optimizer), r.seed))
-    plot(jobs, Path(args.plot))
+    if args.plot:
+        plot(jobs, Path(args.plot))
     load = (load_before, os.getloadavg()[0])
     write_report(Path(args.results), results, jobs, args, wall, load)
     print(f"done in {wall / 60:.1f} min: {args.results}, {args.plot}")

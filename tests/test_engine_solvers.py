@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -812,6 +813,18 @@ def test_the_density_integrates_to_one_for_any_smoothing_width(sigma):
     assert len(dens.grid) <= 1000 + 65 * 4 * 40 and bool((dens.grid.diff() > 0).all())
 
 
+@pytest.mark.parametrize("sigma", [1e-15, 1e-300, 5e-324])
+def test_a_width_below_float64s_resolution_is_drawn_at_that_resolution(sigma):
+    """The lattice near the nodes collapsed: the density integrated to 1.2 at 1e-15, 1e298 at
+    1e-300 and was NaN at 5e-324. It is drawn at 1e-10 of the largest node, which sigma says."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    dens = spectral_density(MatrixOperator(A + A.T), num_probes=2, steps=10, sigma=sigma)
+    top = float(dens.nodes[dens.weights > 0].abs().max())
+    assert dens.sigma == pytest.approx(1e-10 * top)
+    assert float(torch.trapezoid(dens.values, dens.grid)) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_a_narrow_width_shows_the_bulk_beside_outliers_without_mass_below_it():
     """A trained network's shape: a positive bulk in [0, 0.05] and outliers up to 100. The
     default width (1% of the spread, 1.0) puts half the mass below 0, where no eigenvalue lies,
@@ -831,14 +844,33 @@ def test_a_narrow_width_shows_the_bulk_beside_outliers_without_mass_below_it():
     assert float(torch.trapezoid(narrow.values[bulk], narrow.grid[bulk])) > 0.5
 
 
-def test_an_exhausted_krylov_space_stops_in_float32_too():
-    """Two distinct eigenvalues: a probe's space is exhausted after 2 steps. The stop test was
-    1e-10 of the scale, far below float32 rounding (1e-7), so float32 took all 40 steps."""
+def test_an_exhausted_krylov_space_stops_and_runs_on_harmlessly_in_float32():
+    """Two distinct eigenvalues: a probe's space is exhausted after 2 steps. Float64 stops
+    there; float32 runs on (its rounding is not told from a narrow bulk's small entries, see
+    the next test), and its further nodes carry no weight that changes the rule."""
     H = _with_spectrum(torch.tensor([3.0] * 20 + [1.0] * 30, dtype=torch.float64), 1)
-    for dtype in (torch.float64, torch.float32):
-        dens = spectral_density(MatrixOperator(H.to(dtype)), num_probes=4, steps=40, seed=0)
-        assert dens.hvps <= 4 * 3, dtype
-        assert dens.moment(1) == pytest.approx(float(H.trace()) / 50, rel=0.3)
+    exact = spectral_density(MatrixOperator(H), num_probes=4, steps=40, seed=0)
+    assert exact.hvps <= 4 * 3
+    rounded = spectral_density(MatrixOperator(H.float()), num_probes=4, steps=40, seed=0)
+    for power in (1, 2, 3):
+        assert rounded.moment(power) == pytest.approx(exact.moment(power), rel=1e-5)
+    beside = (rounded.nodes - 2.0).abs() < 0.9  # between the two eigenvalues
+    assert float(rounded.weights[beside].sum()) < 1e-6
+
+
+def test_a_float32_bulk_far_below_an_outlier_is_drawn_from_every_step():
+    """A bulk in [0.001, 0.1] beside an outlier of 1e4: its Lanczos entries are 1e-5 of the
+    scale. A stop test at 100 float32 epsilons of it ended every probe after 3 steps, and the
+    bulk was drawn from 2 nodes per probe (L1 error 1.1 of at most 2)."""
+    bulk = torch.linspace(1e-3, 0.1, 2000, dtype=torch.float64)
+    d = torch.cat([torch.tensor([1e4], dtype=torch.float64), bulk])
+    exact = spectral_density(DiagonalOperator(d), 8, 40, seed=0, sigma=0.005)
+    rounded = spectral_density(DiagonalOperator(d.float()), 8, 40, seed=0, sigma=0.005)
+    assert (rounded.weights > 0).sum(1).min() == 40
+    on = (exact.grid > -0.02) & (exact.grid < 0.12)
+    grid = exact.grid[on]
+    other = torch.from_numpy(np.interp(grid.numpy(), rounded.grid.numpy(), rounded.values.numpy()))
+    assert float(torch.trapezoid((other - exact.values[on]).abs(), grid)) < 1e-3
 
 
 def test_one_lanczos_step_is_refused():
@@ -871,6 +903,40 @@ def test_density_stops_cleanly_on_invariant_subspace():
     dens = spectral_density(MatrixOperator(H), num_probes=2, steps=4, seed=0)
     assert torch.isfinite(dens.values).all()
     assert dens.moment(1) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_float32_density_rules_match_float64_without_spurious_copies():
+    """One reorthogonalisation pass keeps a float32 basis orthogonal: each probe's rule matches
+    the float64 one and holds the top eigenvalue once. Without it, 6-7 copies of the top
+    eigenvalue shared its weight and the rules' weights were 0.04 off. 20,001 entries: rows
+    padded to whole pieces for the batched inner products."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.tensor([100.0, 60.0, 30.0]), torch.rand(19_998, generator=g) / 10])
+    f64 = spectral_density(DiagonalOperator(values.double()), num_probes=4, steps=60, seed=0)
+    f32 = spectral_density(DiagonalOperator(values.float()), num_probes=4, steps=60, seed=0)
+    assert f32.hvps == f64.hvps == 4 * 60
+    torch.testing.assert_close(f32.nodes, f64.nodes, rtol=0, atol=1e-3)
+    torch.testing.assert_close(f32.weights, f64.weights, rtol=0, atol=1e-4)
+    near_top = ((f32.nodes - 100).abs() < 1e-3) & (f32.weights > 0)
+    assert near_top.sum(1).tolist() == [1] * 4
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.005, 1e-4])
+def test_the_smoothed_density_is_the_sum_of_every_gaussian(monkeypatch, sigma):
+    """Each Gaussian is evaluated only near its node, a few nodes at a time: the values are
+    those of the full table to rounding."""
+    from hessian_cli.engine import density
+
+    g = torch.Generator().manual_seed(0)
+    at = torch.cat([torch.tensor([100.0, 40.0]), torch.rand(300, generator=g) / 20]).double()
+    mass = torch.rand(302, generator=g, dtype=torch.float64)
+    mass /= mass.sum()
+    grid = density._grid(at, float(at.min()), float(at.max()), sigma)
+    monkeypatch.setattr(density, "_KERNEL_CHUNK", 7 * len(grid))  # groups of 7 nodes
+    values = density._smoothed(grid, at, mass, sigma)
+    table = torch.exp(-0.5 * ((grid[:, None] - at[None, :]) / sigma) ** 2) @ mass
+    expected = table / (sigma * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-14 * float(expected.max()))
 
 
 class ReducedPrecision(MatrixOperator):
@@ -1017,6 +1083,28 @@ def test_float32_top_eigenpair_of_a_network_sized_operator():
     assert abs(float(res.eigenvalues[0]) - 10.0) / 10.0 <= float(res.errors[0])
     assert abs(float(res.eigenvectors[0].double().norm()) - 1.0) < 1e-6
     assert res.hvps < 40
+
+
+@pytest.mark.parametrize(("seed", "which"), [(0, "largest"), (2, "both"), (3, "both")])
+def test_float32_eigenvalues_are_their_vectors_rayleigh_quotients_within_their_bounds(seed, which):
+    """The projected matrix drifts from a float32 basis: these returned values 6e-7 and 4.6e-6
+    (relative) off, beyond their certified bounds, while their vectors' quotients were 1e-11
+    off. A value is now its vector's quotient, from the kept products."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(300_000, generator=g, dtype=torch.float64)
+    d[:5] = torch.tensor([10.0, 9.0, 7.0, 6.5, 6.4])
+    if which == "both":
+        d[5:8] = torch.tensor([-0.5, -0.4, -0.3], dtype=torch.float64)
+    d = d.float().double()  # the operator's own values
+    res = eigenpairs(DiagonalOperator(d.float()), 3, tol=1e-5, which=which, seed=seed)
+    s = d.sort().values
+    truth = s.flip(0)[:3] if which == "largest" else torch.cat([s.flip(0)[:3], s[:3]])
+    assert res.all_converged
+    errors = (res.eigenvalues.double() - truth).abs() / truth.abs()
+    assert bool((errors <= res.errors).all()), (errors, res.errors)
+    V = res.eigenvectors.double()
+    quotients = (V * V * d).sum(1) / (V * V).sum(1)
+    torch.testing.assert_close(res.eigenvalues.double(), quotients, rtol=0, atol=2e-7 * res.scale)
 
 
 def test_slq_nodes_of_a_network_sized_operator_stay_in_its_spectrum():

@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from hessian_cli.engine.distributed import fail_together
-from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, small_eigh
+from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, row_dots, small_eigh
 from hessian_cli.engine.memory import shortfall
 from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
@@ -104,7 +104,7 @@ CHECK_STEPS = 6
 # Hessian (|lambda_1| = the scale) take CHECK_STEPS, the smallest (near 0 beside a large top)
 # up to CHECK_REACH times as many. Measured on known spectra whose bottom holds pairs of equal
 # eigenvalues below a top 6.7 times larger (benchmarks/skip_check.py): 6 steps skipped one of
-# them in 3 of 20 solves, 12 in none.
+# them in 3 of 20 solves; 12 or more fixed steps in none, nor the 15 this rule takes there.
 CHECK_REACH = 4.0
 
 # The stall guard's allowance for slow convergence (see `eigenpairs`): a residual more than
@@ -415,17 +415,18 @@ def eigenpairs(
         HQb[m : m + len(W)] = HW
         leak = _Leak.of_new_rows(T, Qb[: m + len(W)], HQb[: m + len(W)], m, leak)
         m += len(W)
+    # The projected matrix drifts from the stored float32 basis (rounding of the basis and of
+    # restarts): a float32 top vector of 4M entries was 1 + 6e-7 long, and Ritz values were up
+    # to 1.3e-6 (relative) off their vectors' Rayleigh quotients, twice their error bounds. The
+    # value is that quotient, x.Hx / x.x = theta + x.r / x.x from the kept products (Hx = r +
+    # theta x), and the vector unit length, to rounding.
+    assert X is not None and R is not None  # a stop computes them
+    squares = row_dots(X[:k], X[:k]).cpu()
+    values = theta[:k] + row_dots(X[:k], R[:k]).cpu() / squares
+    theta = torch.cat([values, theta[k:]])
+    vectors = X[:k] / squares.sqrt().to(X)[:, None]
     del Qb, HQb, Q, HQ, R, leak  # free the basis before any verifying products
 
-    values, vectors = theta[:k], X[:k]
-    # The projected matrix came from a basis orthonormal to the dtype's rounding only, so a Ritz
-    # vector's length can be off by more: a float32 top vector of 4M entries 1 + 6e-7 long had a
-    # Ritz value 1.3e-6 (relative) above its Rayleigh quotient, twice its error bound. The
-    # value is that quotient and the vector unit length, to rounding.
-    lengths = gram(vectors, vectors).diagonal().sqrt().cpu()
-    values = values / lengths**2
-    theta = torch.cat([values, theta[k:]])
-    vectors = vectors / lengths.to(vectors)[:, None]
     if verify is None:
         verify = getattr(op, "precision", "full") != "full"
     if verify:

@@ -16,10 +16,12 @@ from hessian_cli.errors import NotFinite, UserError
 
 
 def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """``H`` applied to the rows of ``V``, ``block_size`` rows per product (all at once: None)."""
     if not len(V):  # a sketch that H maps to nothing (H = 0 on the chosen parameters)
         return torch.empty_like(V)
-    step = block_size or len(V)
-    return torch.cat([op.matmul(V[i : i + step]) for i in range(0, V.shape[0], step)])
+    if not block_size or block_size >= len(V):  # one product: no concatenated copy of it
+        return op.matmul(V)
+    return torch.cat([op.matmul(V[i : i + block_size]) for i in range(0, len(V), block_size)])
 
 
 @without_tf32

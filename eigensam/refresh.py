@@ -23,9 +23,10 @@ from hessian_cli.engine.params import ParamSpace
 
 # The paper's 5 power steps cost 5 HVPs; 6 products here build a warm-started Krylov basis whose
 # best Ritz vector is at least as good as the last power iterate (that iterate lies in the basis),
-# and its residual comes from the kept products at no extra cost. Measured on the digits CNN with
-# a refresh every 100 steps: 10 HVPs cost +10.3% per step over SAM, above the 10% target
-# (experiments/step_cost.py); 6 meet it.
+# and its residual comes from the kept products at no extra cost. On the digits CNN with a
+# refresh every 100 steps Eigen-SAM's step costs +11.4% over SAM (95% interval +4.3 to +18.5%,
+# experiments/RESULTS.md "step-cost", 2026-11-30), near the 10% target: more products would
+# pass it (a warm refresh of 6 is about 17 gradient-equivalents).
 DEFAULT_MAX_HVPS = 6
 DEFAULT_TOL = 1e-2
 # The first refresh has nothing to continue from, and its vector is used for the next eig_every

@@ -12,7 +12,6 @@ are agreed on by all ranks (:func:`distributed.fail_together`), so one bad rank 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -415,7 +414,8 @@ def _run_solvers(
     or None where the analysed batches hold them (the same on every rank: building an operator
     is collective)."""
     start = time.perf_counter()
-    # Refusals that every rank meets alike: said once, by rank 0, not once per rank.
+    # Refusals before any product, every rank's alike (or one rank's free memory): said once,
+    # by rank 0, not once per rank, and every rank stops.
     with distributed.fail_together():
         op = HessianOperator(
             model,
@@ -427,8 +427,7 @@ def _run_solvers(
         )
         if request.top_k:
             check_count(request.top_k, op.n)
-    if request.density:  # refused now, not after the eigenpairs it would lose
-        with distributed.fail_together() if op.distributed else contextlib.nullcontext():
+        if request.density:  # refused now, not after the eigenpairs it would lose
             check_density_memory(op, request.density_probes, request.density_steps)
     loss, g = op.gradient()  # where graphs are kept, this builds them for the products too
     eig = trace = density = alignment = None

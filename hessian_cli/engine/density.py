@@ -10,7 +10,7 @@ import torch
 
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import norms
-from hessian_cli.engine.memory import shortfall
+from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import DensityResult
@@ -47,16 +47,12 @@ def density_memory_need(op: LinearOperator, num_probes: int, steps: int) -> int:
 
 def check_density_memory(op: LinearOperator, num_probes: int, steps: int) -> None:
     """Refuse, in one sentence and before any product, a density whose basis cannot fit."""
-    need = density_memory_need(op, num_probes, steps)
-    short = shortfall(op, need)
-    if short is None:
-        return
-    free, ranks = short
-    each = f" on each of the {ranks} ranks on this machine" if ranks > 1 else ""
-    raise UserError(
+    require_room(
+        op,
+        density_memory_need(op, num_probes, steps),
         f"the density's {num_probes:,} probes x {min(steps, op.n):,} Lanczos steps on "
-        f"{op.n:,} parameters need {need / 2**30:.1f} GiB{each}, more than the "
-        f"{free / 2**30:.1f} GiB free: give fewer --density-probes or --density-steps."
+        f"{op.n:,} parameters need their Lanczos vectors",
+        "give fewer --density-probes or --density-steps",
     )
 
 

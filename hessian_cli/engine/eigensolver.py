@@ -23,7 +23,7 @@ import torch
 
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, row_dots, small_eigh
-from hessian_cli.engine.memory import shortfall
+from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.results import EigenResult
@@ -737,21 +737,17 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
     the whole space no restart, but its float64 projected matrix and eigenvectors, and a copy,
     which live on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
     distributed solve on this machine holds its own copy, and all check before any allocates."""
-    need = _memory_need(op, capacity, w, whole)
-    short = shortfall(op, need)
-    if short is None:
-        return
-    free, ranks = short
     what = (
         "every column of the Hessian"
         if whole
         else f"a basis of {capacity:,} vectors and their products"
     )
     pairs = f"{k:,} eigenpair{'s' if k > 1 else ''}"
-    each = f" on each of the {ranks} ranks on this machine" if ranks > 1 else ""
-    raise UserError(
-        f"{pairs} of {op.n:,} parameters need {what}, {need / 2**30:.1f} GiB{each}, "
-        f"more than the {free / 2**30:.1f} GiB free: ask for fewer with --top-k."
+    require_room(
+        op,
+        _memory_need(op, capacity, w, whole),
+        f"{pairs} of {op.n:,} parameters need {what}",
+        "ask for fewer with --top-k",
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hessian_cli.engine.distributed import local_world_size
+from hessian_cli.errors import UserError
 
 
 def cuda_free_bytes(device: torch.device) -> int:
@@ -32,11 +33,11 @@ def free_bytes(device: torch.device) -> int | None:
     return min(known) if known else None
 
 
-def shortfall(op: Any, need: int) -> tuple[int, int] | None:
-    """``(free bytes, ranks sharing them)`` where ``need`` bytes for each rank of ``op`` that
-    shares this machine's memory (on the CPU) do not fit, even once the operator's kept
-    first-order graphs are released (they are rebuilt to fit what is left); None where they
-    fit or the platform does not say what is free."""
+def require_room(op: Any, need: int, needs: str, advice: str) -> None:
+    """Refuse, in one sentence (``needs``, the sizes, ``advice``), work that needs ``need``
+    bytes on each rank of ``op`` that shares this machine's memory (on the CPU) where they do
+    not fit, even once the operator's kept first-order graphs are released (they are rebuilt to
+    fit what is left); nothing where they fit or the platform does not say what is free."""
     ranks = 1
     if op.device.type == "cpu" and getattr(op, "distributed", False):
         ranks = local_world_size()
@@ -45,8 +46,12 @@ def shortfall(op: Any, need: int) -> tuple[int, int] | None:
         op.release()
         free = free_bytes(op.device)
     if free is None or need * ranks <= free:
-        return None
-    return free, ranks
+        return
+    each = f" on each of the {ranks} ranks on this machine" if ranks > 1 else ""
+    raise UserError(
+        f"{needs}, {need / 2**30:.1f} GiB{each}, more than the {free / 2**30:.1f} GiB free: "
+        f"{advice}."
+    )
 
 
 def cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -156,7 +156,7 @@ class EigenSAM(SAM):
         self.set_eigenvector(result.vector, result.eigenvalue)
         return result
 
-    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+    def _direction(self, g: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
         v = self.eigenvector
         if v is None and self.alpha > 0 and not self._warned:
             self._warned = True
@@ -165,7 +165,9 @@ class EigenSAM(SAM):
                 "refresh_eigenvector(model, loss_fn, batch) every few steps.",
                 stacklevel=_caller_level(),
             )
-        return super()._direction(g) if v is None else eigensam_direction(g, v, self.alpha)
+        if v is None:
+            return super()._direction(g, g_norm)
+        return eigensam_direction(g, v, self.alpha, g_norm=g_norm)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

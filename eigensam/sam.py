@@ -71,9 +71,10 @@ class SAM(Optimizer):
             parts.append((p.abs() * g if scaled and group["adaptive"] else g).reshape(-1))
         return torch.cat(parts)
 
-    def _direction(self, g: torch.Tensor) -> torch.Tensor:
-        """The unit-``rho`` perturbation direction for a non-zero (scaled) gradient ``g``."""
-        return g / norms(g)
+    def _direction(self, g: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
+        """The unit-``rho`` perturbation direction for a non-zero (scaled) gradient ``g`` of
+        norm ``g_norm``."""
+        return g / g_norm
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -87,8 +88,9 @@ class SAM(Optimizer):
             if group["rho"] < 0.0:
                 raise ValueError(f"rho must be non-negative, got {group['rho']}")
         g = self.flat_grad()
+        g_norm = norms(g)
         # A zero gradient has no direction: no perturbation, and no 0/0.
-        d = torch.where(norms(g) > 0, self._direction(g), 0.0)
+        d = torch.where(g_norm > 0, self._direction(g, g_norm), 0.0)
         pairs = self._params()
         for (p, group), d_p in zip(pairs, d.split([p.numel() for p, _ in pairs]), strict=True):
             if p.grad is None:

@@ -54,13 +54,15 @@ class AlignmentResult:
         return m.std(0) if m.shape[0] > 1 else torch.full((m.shape[1],), math.nan, dtype=m.dtype)
 
 
-def eigensam_direction(g: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
+def eigensam_direction(
+    g: torch.Tensor, v: torch.Tensor, alpha: float, *, g_norm: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eigen-SAM's unnormalised perturbation direction ``d`` (DESIGN.md); ``alpha=0`` is SAM's.
 
     It runs at every training step: two reductions (|g| as SAM takes it, so that ``alpha=0``
     stays SAM bit for bit, and ``<g, v>``), where three cost a 5,130-parameter CNN 3% of a SAM
-    step."""
-    size = norms(g)
+    step; a caller that has ``g_norm`` (``norms(g)``) already saves the first."""
+    size = norms(g) if g_norm is None else g_norm
     g_hat = g / size
     gv = dot(g, v)
     c = (gv / size).to(g.dtype)

@@ -724,6 +724,8 @@ def test_trace_within_three_standard_errors(name, method):
     op = HessianOperator(case.model, case.loss, case.batches)
     est = stochastic_trace(op, 60, method=method, seed=3)
     assert est.hvps == 60 and est.stderr > 0
+    # Hutch++: the sketch, then its basis and the deflated probes in one pass.
+    assert op.passes == (2 if method == "hutch++" else 1)
     assert abs(est.estimate - exact) <= 3 * est.stderr + 1e-9 * abs(exact)
     # The estimate is the exact part plus the random samples' mean, whose spread is the SE.
     assert len(est.samples) == (20 if method == "hutch++" else 60)

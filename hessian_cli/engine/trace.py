@@ -41,8 +41,9 @@ def stochastic_trace(
     smaller when a few eigenvalues dominate (as they do in trained networks). The standard error
     is that of the Hutchinson part, the only random term.
 
-    The probes are independent, so each stage multiplies all of its probes as one block
-    (``block_size=None``; :class:`HessianOperator` splits a block that does not fit in memory).
+    The probes are independent, so they are multiplied in as few blocks as can be: Hutchinson's
+    all at once, Hutch++'s sketch and then its basis with the deflated probes (``block_size=None``;
+    :class:`HessianOperator` splits a block that does not fit in memory).
     """
     if num_probes < 2:
         raise UserError("The trace needs at least 2 probes to report a standard error.")
@@ -52,16 +53,18 @@ def stochastic_trace(
     gen = probe_generator(op, seed)
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)
     sketch = num_probes // 3 if method == "hutch++" and num_probes >= 6 else 0
-    exact = 0.0
-    Q = None
+    Q = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
     if sketch:
         S = rademacher((sketch, op.n), **probe)
         Q = orthonormalize_against(_apply(op, S, block_size), None)  # not QR: see its docs
-        exact = float((Q * _apply(op, Q, block_size)).sum(dtype=torch.float64))
     G = rademacher((num_probes - 2 * sketch, op.n), **probe)
-    if Q is not None:
-        G = project_out(G, Q)
-    samples = (G * _apply(op, G, block_size)).sum(dim=1, dtype=torch.float64).cpu()
+    if len(Q):  # Q's rows, then the deflated probes: one product for both, a pass fewer
+        G = torch.cat([Q, project_out(G, Q)])
+    q = len(Q)
+    del Q
+    HG = _apply(op, G, block_size)
+    exact = float((G[:q] * HG[:q]).sum(dtype=torch.float64))
+    samples = (G[q:] * HG[q:]).sum(dim=1, dtype=torch.float64).cpu()
     if not (math.isfinite(exact) and samples.isfinite().all()):
         raise NotFinite("The trace's Hessian-vector products are not finite (NaN or inf).")
     return TraceResult(

@@ -106,7 +106,6 @@ def refresh_top_eigenvector(
         hint=None if hint is None else hint.reshape(-1)[mask.to(hint.device)],
         seed=seed,
     )
-    assert res.eigenvectors is not None  # return_vectors is on
     vector = torch.zeros(mask.numel(), dtype=space.dtype, device=space.device)
     vector[mask.to(space.device)] = res.eigenvectors[0]
     return RefreshResult(

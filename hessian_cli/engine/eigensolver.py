@@ -128,7 +128,6 @@ def eigenpairs(
     init: torch.Tensor | None = None,
     hint: torch.Tensor | None = None,
     seed: int = 0,
-    return_vectors: bool = True,
     verify: bool | None = None,
     check_steps: int | None = None,
     progress: Progress | None = None,
@@ -198,7 +197,6 @@ def eigenpairs(
                 criterion=criterion,
                 max_hvps=max_hvps,
                 seed=seed,
-                return_vectors=return_vectors,
                 verify=verify,
                 progress=progress,
             )
@@ -216,7 +214,6 @@ def eigenpairs(
             init=None if init is None else init.reshape(-1, op.n)[:k],
             hint=hint,
             seed=seed,
-            return_vectors=return_vectors,
             verify=verify,
             check_steps=check_steps,
             progress=progress,
@@ -233,7 +230,6 @@ def eigenpairs(
             max_hvps=None if max_hvps is None else max(k, max_hvps - top.hvps),
             init=None if init is None else init.reshape(-1, op.n)[k:],
             seed=next_seed(seed),
-            return_vectors=return_vectors,
             verify=verify,
             check_steps=check_steps,
             progress=progress,
@@ -456,7 +452,7 @@ def eigenpairs(
         residuals=residuals,
         errors=errors,
         converged=converged,
-        eigenvectors=vectors if return_vectors else None,
+        eigenvectors=vectors,
         which=which,
         tol=tol,
         criterion=criterion,
@@ -566,14 +562,13 @@ def _ends(res: EigenResult, k: int) -> EigenResult:
     n = len(res.eigenvalues)
 
     def part(index: torch.Tensor, which: str, costs: bool) -> EigenResult:
-        vectors = res.eigenvectors
         return replace(
             res,
             eigenvalues=res.eigenvalues[index],
             residuals=res.residuals[index],
             errors=res.errors[index],
             converged=res.converged[index],
-            eigenvectors=None if vectors is None else vectors[index.to(vectors.device)],
+            eigenvectors=res.eigenvectors[index.to(res.eigenvectors.device)],
             which=which,
             hvps=res.hvps if costs else 0,
             iterations=res.iterations if costs else 0,
@@ -856,9 +851,6 @@ def _converged(
 
 
 def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
-    vecs = None
-    if a.eigenvectors is not None and b.eigenvectors is not None:
-        vecs = torch.cat([a.eigenvectors, b.eigenvectors])
     scale = max(a.scale, b.scale)
     residuals = torch.cat([a.residuals * a.scale, b.residuals * b.scale]) / scale
     errors = torch.cat([a.errors, b.errors])
@@ -867,7 +859,7 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
         residuals=residuals,
         errors=errors,
         converged=_converged(a.criterion, residuals, errors, a.tol),
-        eigenvectors=vecs,
+        eigenvectors=torch.cat([a.eigenvectors, b.eigenvectors]),
         which="both",
         tol=a.tol,
         criterion=a.criterion,

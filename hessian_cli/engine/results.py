@@ -24,7 +24,7 @@ class EigenResult:
     residuals: torch.Tensor
     errors: torch.Tensor
     converged: torch.Tensor
-    eigenvectors: torch.Tensor | None
+    eigenvectors: torch.Tensor
     which: str
     tol: float
     criterion: str

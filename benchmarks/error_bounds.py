@@ -10,7 +10,7 @@ that does not hold (benchmarks/RESULTS.md, thirteenth session).
 import torch
 
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.operator import MatrixOperator
+from hessian_cli.engine.linear_operator import MatrixOperator
 
 
 def main() -> None:

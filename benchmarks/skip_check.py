@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.operator import MatrixOperator
+from hessian_cli.engine.linear_operator import MatrixOperator
 
 TOP = [10.0, 9.0, 8.0, 7.0, 6.0, 5.5, 5.0, 4.5, 4.0, 3.5, 3.2, 3.0, 2.8, 2.6]
 CASES = (  # (name, cluster position, k, criterion)

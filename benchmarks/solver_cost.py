@@ -17,7 +17,7 @@ import time
 import torch
 
 from hessian_cli.engine.eigensolver import default_block_size, eigenpairs
-from hessian_cli.engine.operator import DiagonalOperator
+from hessian_cli.engine.linear_operator import DiagonalOperator
 
 
 class Timed(DiagonalOperator):

@@ -11,7 +11,9 @@ from tiny_models import cases
 from hessian_cli.engine import eigensolver
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.operator import DiagonalOperator, HessianOperator, probe_generator
+from hessian_cli.engine.linear_operator import DiagonalOperator
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.probes import probe_generator
 from hessian_cli.engine.trace import stochastic_trace
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

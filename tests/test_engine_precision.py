@@ -10,7 +10,8 @@ from tiny_models import cases
 
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.operator import HessianOperator, MatrixOperator, auto_backend
+from hessian_cli.engine.linear_operator import MatrixOperator
+from hessian_cli.engine.operator import HessianOperator, auto_backend
 from hessian_cli.engine.precision import numerics
 from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import UserError

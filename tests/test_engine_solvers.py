@@ -20,13 +20,9 @@ from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs, eigenvalue_error_bounds
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against
-from hessian_cli.engine.operator import (
-    DiagonalOperator,
-    HessianOperator,
-    MatrixOperator,
-    probe_generator,
-    rademacher,
-)
+from hessian_cli.engine.linear_operator import DiagonalOperator, MatrixOperator
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.probes import probe_generator, rademacher
 from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import NotFinite, UserError
 
@@ -788,8 +784,6 @@ def test_density_rules_are_exact_per_probe():
     A = torch.randn(50, 50, generator=g, dtype=torch.float64)
     H = A + A.T
     dens = spectral_density(MatrixOperator(H), num_probes=4, steps=10, seed=7)
-    from hessian_cli.engine.operator import rademacher
-
     V = rademacher(
         (4, 50),
         generator=torch.Generator().manual_seed(7),

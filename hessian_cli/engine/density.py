@@ -10,9 +10,10 @@ import torch
 
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import norms
+from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.memory import require_room
-from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
 from hessian_cli.engine.precision import without_tf32
+from hessian_cli.engine.probes import probe_generator, rademacher
 from hessian_cli.engine.results import DensityResult
 from hessian_cli.errors import NotFinite, UserError
 

@@ -23,9 +23,10 @@ import torch
 
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, row_dots, small_eigh
+from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.memory import require_room
-from hessian_cli.engine.operator import LinearOperator, gaussian, probe_generator
 from hessian_cli.engine.precision import without_tf32
+from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import next_seed
 from hessian_cli.errors import UserError

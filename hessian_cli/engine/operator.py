@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,59 +21,13 @@ from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
+from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.errors import NotFinite, UserError, a_type, first_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Backend = Literal["auto", "double-backward", "func"]
 BNMode = Literal["eval", "train"]
-
-
-class LinearOperator(Protocol):
-    """What the solvers need: a size, a dtype/device, and a block product ``[b, n] -> [b, n]``.
-
-    An operator whose products are approximate also has ``precision`` (not ``"full"``) and a
-    ``full_precision()`` context in which they are exact; the eigensolver then certifies its
-    residuals with exact products (:class:`HessianOperator` does this).
-    """
-
-    n: int
-    dtype: torch.dtype
-    device: torch.device
-    hvp_count: int
-
-    def matmul(self, block: torch.Tensor) -> torch.Tensor: ...
-
-
-class MatrixOperator:
-    """A dense symmetric matrix as a :class:`LinearOperator` (tests and the dense oracle)."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        self.matrix = matrix
-        self.n = matrix.shape[0]
-        self.dtype = matrix.dtype
-        self.device = matrix.device
-        self.hvp_count = 0
-
-    def matmul(self, block: torch.Tensor) -> torch.Tensor:
-        self.hvp_count += block.shape[0]
-        return block @ self.matrix
-
-
-class DiagonalOperator:
-    """A diagonal matrix as a :class:`LinearOperator`: solves of a network's size whose
-    products cost next to nothing (tests, and measuring the solvers' own cost)."""
-
-    def __init__(self, diagonal: torch.Tensor) -> None:
-        self.diagonal = diagonal
-        self.n = len(diagonal)
-        self.dtype = diagonal.dtype
-        self.device = diagonal.device
-        self.hvp_count = 0
-
-    def matmul(self, block: torch.Tensor) -> torch.Tensor:
-        self.hvp_count += block.shape[0]
-        return block * self.diagonal
 
 
 @contextlib.contextmanager
@@ -621,39 +575,3 @@ class HessianOperator:
         self._graph_bytes = 0
         self._graph_budget = None
         self._graphs_full = False
-
-
-def probe_generator(op: LinearOperator, seed: int) -> torch.Generator:
-    """The generator random probes and starts are drawn from, seeded with ``seed``.
-
-    On the operator's GPU when it has one: drawing the signs of 30 probes of 11M parameters takes
-    6 s on a 2-core CPU. On the CPU otherwise, and under torch.distributed, where every rank must
-    draw the same numbers and CUDA's streams may differ between GPU models. A seed therefore gives
-    the same probes on every run on the same kind of device (on CPU: the stream PyHessian draws).
-    """
-    on_gpu = op.device.type == "cuda" and not getattr(op, "distributed", False)
-    return torch.Generator(device=op.device if on_gpu else "cpu").manual_seed(seed)
-
-
-def rademacher(
-    shape: tuple[int, ...], *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Random signs from ``generator``, on its device, moved to ``device``."""
-    if generator.device.type == "cpu":  # integer draws: the CPU stream other tools use too
-        signs = torch.randint(0, 2, shape, generator=generator).to(dtype)
-    else:  # straight in the working dtype: no int64 copy the size of the probes
-        signs = torch.randint(
-            0, 2, shape, generator=generator, device=generator.device, dtype=dtype
-        )
-    return (signs * 2 - 1).to(device)
-
-
-def gaussian(
-    shape: tuple[int, ...], *, generator: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Standard normal draws from ``generator`` (in float64 on the CPU), moved to ``device``."""
-    if generator.device.type == "cpu":
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(
-            dtype=dtype, device=device
-        )
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)

@@ -9,8 +9,9 @@ from typing import Literal
 import torch
 
 from hessian_cli.engine.linalg import orthonormalize_against, project_out
-from hessian_cli.engine.operator import LinearOperator, probe_generator, rademacher
+from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.precision import without_tf32
+from hessian_cli.engine.probes import probe_generator, rademacher
 from hessian_cli.engine.results import TraceResult
 from hessian_cli.errors import NotFinite, UserError
 

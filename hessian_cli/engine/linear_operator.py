@@ -1,0 +1,61 @@
+"""The interface the solvers work against, and two plain operators that implement it.
+
+Solvers (eigenpairs, trace, density) see only :class:`LinearOperator`; the network's Hessian
+(:class:`~hessian_cli.engine.operator.HessianOperator`) is one implementation, a dense or a
+diagonal matrix two more: references for tests and for measuring the solvers' own cost.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class LinearOperator(Protocol):
+    """What the solvers need: a size, a dtype/device, and a block product ``[b, n] -> [b, n]``.
+
+    Optional members the solvers look for (:class:`HessianOperator` has them): an operator whose
+    products are approximate has ``precision`` (not ``"full"``) and a ``full_precision()``
+    context in which they are exact, with which the eigensolver certifies its residuals; one
+    whose products are collective over torch.distributed ranks has ``distributed = True``, so
+    that refusals and random draws agree on every rank.
+    """
+
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    hvp_count: int
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor: ...
+
+
+class MatrixOperator:
+    """A dense symmetric matrix as a :class:`LinearOperator` (tests and the dense oracle)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+        self.n = matrix.shape[0]
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.hvp_count = 0
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        self.hvp_count += block.shape[0]
+        return block @ self.matrix
+
+
+class DiagonalOperator:
+    """A diagonal matrix as a :class:`LinearOperator`: solves of a network's size whose
+    products cost next to nothing (tests, and measuring the solvers' own cost)."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        self.diagonal = diagonal
+        self.n = len(diagonal)
+        self.dtype = diagonal.dtype
+        self.device = diagonal.device
+        self.hvp_count = 0
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        self.hvp_count += block.shape[0]
+        return block * self.diagonal

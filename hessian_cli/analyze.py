@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import torch
 
-from hessian_cli.analysis import CheckpointAnalysis
+from hessian_cli.checkpoint_analysis import CheckpointAnalysis
 from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import check_density_memory, spectral_density

@@ -1,4 +1,5 @@
-"""One exception type for problems the user can fix; the CLI prints its message as one sentence."""
+"""The errors the CLI turns into one sentence (problems the user can fix, a termination), and
+helpers that quote other errors in such a sentence."""
 
 
 class UserError(Exception):

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hessian_cli.analysis import CheckpointAnalysis
+    from hessian_cli.checkpoint_analysis import CheckpointAnalysis
 
 Scalar = str | int | float | bool | None
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessian_cli.analysis import CheckpointAnalysis
+from hessian_cli.checkpoint_analysis import CheckpointAnalysis
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs

@@ -1,4 +1,5 @@
-"""HDF5 storage: the spectra file written by ``analyze`` and the metrics file read for ``show``."""
+"""HDF5 storage: the spectra file written by ``analyze`` and the metrics file written by ``train``,
+both read by ``show`` and ``plot``."""
 
 from hessian_cli.storage.files import file_format
 from hessian_cli.storage.hdf5 import (

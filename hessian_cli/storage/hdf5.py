@@ -38,7 +38,7 @@ from hessian_cli.storage.files import (
 if TYPE_CHECKING:
     import torch
 
-    from hessian_cli.analysis import CheckpointAnalysis
+    from hessian_cli.checkpoint_analysis import CheckpointAnalysis
 
 FORMAT_NAME = "hessian-cli-spectra"
 FORMAT_VERSION = 2  # 2: `trace` is a dataset (a group in version 1)

@@ -917,6 +917,29 @@ def test_float32_density_rules_match_float64_without_spurious_copies():
     assert near_top.sum(1).tolist() == [1] * 4
 
 
+def test_float32_density_of_a_low_rank_hessian_runs_past_its_exhausted_space():
+    """A linear model's MSE Hessian has rank 6 (5 samples and the bias): each probe's Krylov
+    space is exhausted after 6 or 7 steps, where float64 stops; float32's w is then rounding
+    above the stop test, and the probe runs on. One Gram-Schmidt pass left the basis less
+    orthogonal at every step, until it grew without bound and the density was refused as "not
+    finite"."""
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(300, 1), torch.randn(5, 300), torch.randn(5, 1)
+    densities = {}
+    for dtype in (torch.float64, torch.float32):
+        op = HessianOperator(
+            copy.deepcopy(model).to(dtype), F.mse_loss, [(x.to(dtype), y.to(dtype))]
+        )
+        densities[dtype] = spectral_density(op, num_probes=8, steps=64, seed=0)
+    f64, f32 = densities[torch.float64], densities[torch.float32]
+    for order in (1, 2, 3):
+        assert f32.moment(order) == pytest.approx(f64.moment(order), rel=1e-5)
+    # The nodes past the exhaustion carry no weight: the rest sit on float64's nodes.
+    top = float(f64.nodes.abs().max())
+    near = (f32.nodes[:, :, None] - f64.nodes[:, None, :]).abs().amin(2) <= 1e-5 * top
+    assert float(f32.weights[~near].sum()) < 1e-6 * len(f32.weights)
+
+
 @pytest.mark.parametrize("sigma", [1.0, 0.005, 1e-4])
 def test_the_smoothed_density_is_the_sum_of_every_gaussian(monkeypatch, sigma):
     """Each Gaussian is evaluated only near its node, a few nodes at a time: the values are

@@ -76,8 +76,10 @@ def spectral_density(
     spread; at least 1e-10 of the largest node in magnitude, where float64 still draws it).
 
     Beside its product, a step reads the basis twice (the inner products of all probes in one
-    batched call, then the update) and reads back from the device once (whether a probe goes
-    on): on an operator whose products are nearly free, that is all the time it takes.
+    batched call, then the update; four times where a probe's space is exhausted, see
+    :func:`_reorthogonalized`) and reads back from the device twice (whether a second pass is
+    needed, whether a probe goes on): on an operator whose products are nearly free, that is all
+    the time it takes.
     """
     if num_probes < 1 or steps < 2:
         raise UserError(
@@ -117,15 +119,7 @@ def spectral_density(
         a = _dots(w, basis[j : j + 1], chunk)
         recurrence = basis[max(j - 1, 0) : j + 1]  # v_prev (from the second step on) and v
         w = _subtract(w, torch.cat([betas[:, j - 1 : j], a], 1) if j else a, recurrence)
-        # Full reorthogonalisation, one classical Gram-Schmidt pass: after the three-term
-        # recurrence w's components along the basis are rounding, small beside its norm until
-        # the space is exhausted (then both are rounding), so the pass cancels little and
-        # leaves w orthogonal to the accuracy of _dots. A second pass cost as much again for nothing measurable: float32 loss of
-        # orthogonality 1.1e-6 with one or two on ten outliers over a bulk of 1e5, 1.2e-7 on
-        # the digits MLP, 6.7e-7 against 5.4e-7 with products 10% off.
-        c = _dots(w, basis[: j + 1], chunk)
-        w = _subtract(w, c, basis[: j + 1])
-        b = norms(w).double()
+        w, b = _reorthogonalized(w, basis[: j + 1], chunk)
         a = a.squeeze(1)
         alphas[:, j], betas[:, j] = a, b
         size = torch.maximum(size, a.abs())
@@ -137,7 +131,7 @@ def spectral_density(
         length = torch.where(done, j + 1, length)
         active &= ~done
         finite = a.isfinite().all() & b.isfinite().all()
-        finite, going = torch.stack([finite, active.any()]).tolist()  # the step's one host read
+        finite, going = torch.stack([finite, active.any()]).tolist()  # one host read
         if not finite:
             raise NotFinite("The density's Hessian-vector products are not finite (NaN or inf).")
         if not going:
@@ -195,6 +189,29 @@ def _dots(w: torch.Tensor, B: torch.Tensor, chunk: int) -> torch.Tensor:
     k, count = len(B), probes * padded // chunk
     parts = torch.bmm(w.reshape(count, 1, chunk), B.reshape(k, count, chunk).permute(1, 2, 0))
     return parts.view(probes, -1, k).sum(1, dtype=torch.float64)
+
+
+def _reorthogonalized(
+    w: torch.Tensor, B: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` without its components along the basis ``B``, and its norms (float64).
+
+    One classical Gram-Schmidt pass, and a second where the first removed most of some row
+    (its norm fell below ``1/sqrt(2)`` of what it was: the "twice is enough" test of Daniel,
+    Gragg, Kaufman and Stewart). Until a probe's Krylov space is exhausted, w's components along
+    the basis are rounding after the three-term recurrence and one pass leaves it orthogonal to
+    the accuracy of :func:`_dots` (a second always-on pass cost as much again for nothing
+    measurable). Once it is, all of w is rounding, as large as those components: one pass left
+    it ``|w| / |w'|`` less orthogonal at each step, and a float32 probe of a low-rank Hessian
+    lost orthogonality in 15 steps, then grew without bound (NaN by step 60).
+    """
+    before = norms(w).double()
+    w = _subtract(w, _dots(w, B, chunk), B)
+    after = norms(w).double()
+    if bool((after < before / math.sqrt(2)).any()):  # a host read, as the step's own
+        w = _subtract(w, _dots(w, B, chunk), B)
+        after = norms(w).double()
+    return w, after
 
 
 def _subtract(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

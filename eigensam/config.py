@@ -24,6 +24,8 @@ SCHEDULES = ("cosine", "constant")
 CONFIG_FILE = "config.json"
 CONFIG_FORMAT = "hessian-cli-train-config"
 CONFIG_VERSION = 1  # what config.json says it is; a newer one is not guessed at
+# How every refusal of a resume with other options begins.
+RESUME_AS_CONFIGURED = "--resume continues a run as it was configured"
 
 
 @dataclass
@@ -164,7 +166,7 @@ def check_resume_options(named: list[str]) -> None:
     if named:
         allowed = ", ".join(flag(k) for k in RUNTIME_FIELDS if k != "out")
         raise UserError(
-            f"--resume continues a run as it was configured, so {', '.join(map(flag, named))} "
+            f"{RESUME_AS_CONFIGURED}, so {', '.join(map(flag, named))} "
             f"cannot be given with it (only {allowed} and --quiet can)."
         )
 

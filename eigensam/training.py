@@ -1,8 +1,7 @@
 """The training loop behind ``hessian-cli train``: SGD, SAM or Eigen-SAM on a model/data spec.
 
-A run lives in a directory: ``config.json`` (what defines the run), ``checkpoints/`` (periodic
-``stepNNNNNNN.pt`` files and ``final.pt``, self-describing so ``analyze`` needs no flags, and
-holding everything a resume needs) and ``metrics.h5`` (see :mod:`hessian_cli.storage.metrics`).
+A run lives in a directory (:mod:`eigensam.run_dir`); what it measures besides its minibatch
+loss (lambda_max tracking, the test split) is :mod:`eigensam.tracking`'s.
 
 Resuming repeats an uninterrupted run bit for bit on CPU: the weights, optimizer state (momentum,
 the Eigen-SAM eigenvector and its refresh count), the global torch RNG, the data-order generator
@@ -29,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,9 +39,7 @@ from torch.utils.data import TensorDataset, default_collate
 
 from eigensam.bn import disable_running_stats, enable_running_stats
 from eigensam.config import (
-    CONFIG_FILE,
-    CONFIG_FORMAT,
-    CONFIG_VERSION,
+    RESUME_AS_CONFIGURED,
     TrainConfig,
     flag,
     load_config,
@@ -53,19 +49,29 @@ from eigensam.config import (
 from eigensam.determinism import DataOrder, capture_rng, restore_rng
 from eigensam.eigen_sam import EigenSAM
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
+from eigensam.run_dir import (
+    METRICS_FILE,
+    check_new_run_dir,
+    check_resumable_dir,
+    claim_run_dir,
+    final_checkpoint_path,
+    latest_checkpoint,
+    resume_hint,
+    step_checkpoint_path,
+    unusable_checkpoint_message,
+)
 from eigensam.sam import SAM
+from eigensam.tracking import (
+    LambdaMaxTracker,
+    accuracy,
+    correct_count,
+    evaluate,
+    gradient_alignment,
+)
 from hessian_cli import __version__
 from hessian_cli.engine import distributed
 from hessian_cli.engine.devices import resolve_device
-from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.linalg import dot, norms
-from hessian_cli.engine.operator import (
-    Batch,
-    HessianOperator,
-    LossFn,
-    batch_statistics_error,
-    forward_mode,
-)
+from hessian_cli.engine.operator import Batch, LossFn, batch_statistics_error
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
     absolute,
@@ -85,19 +91,8 @@ from hessian_cli.specs import (
     save_checkpoint,
     takes_token_ids,
 )
-from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, UntrustedCheckpoint
 from hessian_cli.specs.user_code import split_user_spec
-from hessian_cli.storage.files import atomic_path, check_directory_writable, held
 from hessian_cli.storage.metrics import MetricsLog
-
-METRICS_FILE = "metrics.h5"
-FINAL_CHECKPOINT = "final.pt"
-_STEP_CHECKPOINT = re.compile(r"step(\d+)\.pt")
-# Tracking measures lambda_max to a tight tolerance; warm starts usually need a handful of HVPs,
-# the cap only bounds a cold start or a reordering of nearly tied eigenvalues.
-TRACK_TOL = 1e-3
-TRACK_MAX_HVPS = 200
-
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -128,12 +123,12 @@ def train(
                 # The files as config.json names them (which its checkpoints record too).
                 config = dataclasses.replace(config, **{k: getattr(saved, k) for k in _FILES})
                 if distributed.world()[0] == 0:  # the one that writes
-                    _check_writable(run_dir)
+                    check_resumable_dir(run_dir)
             else:
                 if not config.out:
                     raise UserError("say where the run goes with --out RUN_DIR.")
                 run_dir = Path(config.out)
-                _check_new_run_dir(run_dir)
+                check_new_run_dir(run_dir)
                 config = _anchored(config)
             run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
         # Paths may differ between nodes (other mount points); what they hold may not.
@@ -164,19 +159,8 @@ def train(
                 )
         with distributed.fail_together():  # the run claimed by rank 0, or every rank stops
             if run.lead:
-                if resume_dir is None:
-                    _write_config(run_dir, config)
-                # Two processes training one run would overwrite each other's files.
-                busy = f"the run in {str(run_dir)!r} is being trained by another process."
-                stack.enter_context(held(run_dir / CONFIG_FILE, busy))
+                stack.enter_context(claim_run_dir(run_dir, config, new=resume_dir is None))
         return run.train(progress, should_stop)
-
-
-def _check_writable(run_dir: Path) -> None:
-    """A resume writes metrics and checkpoints: find out before the training, not after it."""
-    for folder in (run_dir, run_dir / RUN_CHECKPOINTS):
-        if folder.is_dir():
-            check_directory_writable(folder)
 
 
 # The configuration fields that may name files.
@@ -208,63 +192,8 @@ def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> N
     differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if differ:
         raise UserError(
-            f"--resume continues a run as it was configured, but {', '.join(map(flag, differ))} "
-            f"differ from the {where}."
+            f"{RESUME_AS_CONFIGURED}, but {', '.join(map(flag, differ))} differ from the {where}."
         )
-
-
-def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {str(run_dir)!r} is a file, not a directory.")
-    if (run_dir / CONFIG_FILE).exists() or (run_dir / RUN_CHECKPOINTS).exists():
-        if latest_checkpoint(run_dir) is None:  # --resume would only start it again
-            raise UserError(
-                f"{str(run_dir)!r} holds a run that stopped before its first checkpoint: "
-                "remove it, or choose another --out."
-            )
-        raise UserError(
-            f"{str(run_dir)!r} already holds a training run: continue it with --resume "
-            f"{run_dir}, or choose another --out."
-        )
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise UserError(f"--out {str(run_dir)!r} is not empty; choose a new or empty directory.")
-    ancestor = run_dir
-    while not ancestor.exists():  # where the run's directory will be made
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"--out {str(run_dir)!r} lies under {str(ancestor)!r}, a file.")
-    check_directory_writable(ancestor)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """``final.pt`` if the run finished, else the interruption/periodic one of the highest step."""
-    found = _checkpoints(Path(run_dir))
-    return found[-1] if found else None
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoints in step order, ``final.pt`` last."""
-    folder = run_dir / RUN_CHECKPOINTS
-    found = sorted(
-        (int(m.group(1)), p)
-        for p in (folder.iterdir() if folder.is_dir() else [])
-        if (m := _STEP_CHECKPOINT.fullmatch(p.name)) and p.is_file()
-    )
-    final = [folder / FINAL_CHECKPOINT] if (folder / FINAL_CHECKPOINT).is_file() else []
-    return [p for _, p in found] + final
-
-
-def _unusable(path: Path, exc: UserError) -> str:
-    """Why the checkpoint a resume starts from cannot be read, and the one before it."""
-    reason = str(exc).rstrip(".")
-    if isinstance(exc, UntrustedCheckpoint):  # train writes none that needs it: not its own
-        reason = f"checkpoint {str(path)!r} holds code that loading it would run, so it was refused"
-    found = _checkpoints(path.parent.parent)
-    at = found.index(path) if path in found else 0
-    earlier = found[at - 1] if at > 0 else None
-    if earlier is None:
-        return f"{reason}."
-    return f"{reason}; move it aside to resume from the one before it, {earlier.name}."
 
 
 class _Diverged(Exception):
@@ -323,19 +252,20 @@ class _Run:
             held_out, batch_size=rows, num_samples=rows, token_ids=self.token_ids
         )[0]
         mine = torch.tensor(list(distributed.shard(range(rows), self.rank, self.world)))
-        self.track_share: list[Batch] = (
+        track_share: list[Batch] = (
             [(self.track_batch[0][mine], self.track_batch[1][mine])] if len(mine) else []
         )
         self._check_fits()
 
-        # Position in the run; a resume overwrites these from the checkpoint.
+        # Position in the run (the tracker's vector and lambda_max too); a resume overwrites
+        # these from the checkpoint.
         self.step = self.epoch = self.batch = 0
         self.epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-        self.track_vector: torch.Tensor | None = None
-        self.lambda_max: float | None = None
+        self.tracker = LambdaMaxTracker(track_share, seed=config.seed, device=self.device)
         self.resumed_from = latest_checkpoint(run_dir) if resume else None
-        order_state = self._restore(self.resumed_from) if self.resumed_from else None
-        self.order = DataOrder(n, config.seed, order_state)
+        self.order = (
+            self._restore(self.resumed_from) if self.resumed_from else DataOrder(n, config.seed)
+        )
         self.metrics = MetricsLog(run_dir / METRICS_FILE, config.identity(), command_line)
         if resume:
             try:
@@ -369,12 +299,12 @@ class _Run:
                     "normalises by batch statistics; use a --batch-size of 2 or more."
                 )
 
-    def _restore(self, path: Path) -> torch.Tensor:
-        """Load a checkpoint of this run; return the data-order state it saved."""
+    def _restore(self, path: Path) -> DataOrder:
+        """Load a checkpoint of this run; return the data order as it saved it."""
         try:
             ckpt = load_checkpoint(path)
         except UserError as exc:
-            raise UserError(_unusable(path, exc)) from exc
+            raise UserError(unusable_checkpoint_message(path, exc)) from exc
         raw = ckpt.raw
         if not all(k in raw for k in ("optimizer", "rng", "data_order", "training")):
             raise UserError(f"{str(path)!r} is not a resumable training checkpoint.")
@@ -391,7 +321,7 @@ class _Run:
                 )
             recorded = without_unused(recorded)  # older checkpoints recorded them all
             _check_same_run(self.config, recorded, f"configuration {path.name} records")
-        self._check_same_course(raw, path)
+        self._check_same_course(raw)
         apply_weights(self.model, ckpt.state_dict)
         try:
             self.optimizer.load_state_dict(raw["optimizer"])
@@ -405,11 +335,10 @@ class _Run:
             restore_rng(raw["rng"])
             self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
             self.epoch_sums = dict(state["epoch_sums"])
-            self.track_vector = state["track_vector"]
-            if self.track_vector is not None:
-                self.track_vector = self.track_vector.to(self.device)
-            self.lambda_max = state["lambda_max"]
-            DataOrder(self.samples, self.config.seed, raw["data_order"])  # restores, or fails
+            vector = state["track_vector"]
+            self.tracker.vector = None if vector is None else vector.to(self.device)
+            self.tracker.lambda_max = state["lambda_max"]
+            order = DataOrder(self.samples, self.config.seed, raw["data_order"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
             raise UserError(
                 f"{str(path)!r} is damaged: its training state cannot be restored."
@@ -420,9 +349,9 @@ class _Run:
                 f"{str(path)!r} is damaged: its position (step {self.step}, epoch "
                 f"{self.epoch}, batch {self.batch}) is not one of this run's."
             )
-        return raw["data_order"]
+        return order
 
-    def _check_same_course(self, raw: dict[str, Any], path: Path) -> None:
+    def _check_same_course(self, raw: dict[str, Any]) -> None:
         """The schedule and data order depend on the number of processes and of samples: a
         resume with others would follow another run's course from this one's position."""
         state = raw["training"] if isinstance(raw["training"], dict) else {}
@@ -463,7 +392,7 @@ class _Run:
             finished=self.step >= self.total_steps,
             interrupted=False,
             checkpoint=self.resumed_from,
-            lambda_max=self.lambda_max,
+            lambda_max=self.tracker.lambda_max,
         )
         summary.epochs = self._epoch_records()
         if summary.finished:
@@ -485,7 +414,7 @@ class _Run:
             while self.epoch < cfg.epochs:
                 perm = self.order.next_epoch()
                 while self.batch < self.steps_per_epoch:
-                    stop = self._anyone(should_stop is not None and should_stop())
+                    stop = distributed.any_rank(should_stop is not None and should_stop())
                     if stop or (cfg.max_steps is not None and self.step >= cfg.max_steps):
                         summary.interrupted = stop
                         self._flush()  # the metrics first: a checkpoint never outruns them
@@ -507,9 +436,9 @@ class _Run:
                             step=self.step - 1,
                             epoch=self.epoch + 1,
                             loss=loss,
-                            accuracy=self._accuracy(correct, count),
+                            accuracy=accuracy(correct, count, classify=self.classify),
                             lr=lr,
-                            lambda_max=self.lambda_max,
+                            lambda_max=self.tracker.lambda_max,
                             eigenvalue=getattr(self.optimizer, "last_eigenvalue", None),
                         )
                     )
@@ -525,7 +454,7 @@ class _Run:
             summary.finished = True
             self._flush()
             summary.checkpoint = self._save(
-                self.run_dir / RUN_CHECKPOINTS / FINAL_CHECKPOINT, self.order.generator.get_state()
+                final_checkpoint_path(self.run_dir), self.order.generator.get_state()
             )
             return self._finish(summary, start_step, step_seconds)
         except _Diverged:
@@ -549,8 +478,8 @@ class _Run:
             self._flush()
             raise UserError(
                 f"CUDA ran out of memory at step {self.step} (epoch {self.epoch + 1}); stopped, "
-                f"{self._kept(' once more memory is free')}, or start a new run with a smaller "
-                "--batch-size."
+                f"{resume_hint(self.run_dir, ' once more memory is free')}, or start a new run "
+                "with a smaller --batch-size."
             ) from exc
         except BaseException:
             # Whatever stopped the run (a rank lost, SIGTERM, a second Ctrl-C), the rows of the
@@ -558,29 +487,16 @@ class _Run:
             self._flush()
             raise
 
-    def _kept(self, when: str = "") -> str:
-        """Where a stopped run can be continued from (and ``when``), as the error says it."""
-        kept = latest_checkpoint(self.run_dir)
-        if kept is None:
-            return "no checkpoint was written"
-        return f"the last checkpoint is {kept} (continue with --resume {self.run_dir}{when})"
-
     def _flush(self) -> None:
         if self.lead:
             self.metrics.flush()
-
-    def _anyone(self, flag: bool) -> bool:
-        """True on every rank when any rank says so (a Ctrl-C seen by one rank stops all)."""
-        if self.world == 1:
-            return flag
-        return bool(distributed.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
     def _finish(self, summary: TrainSummary, start_step: int, seconds: float) -> TrainSummary:
         """The summary of a run that stopped or ended (its metrics were written before its
         checkpoint)."""
         summary.step, summary.epoch = self.step, self.epoch
         summary.epochs = self._epoch_records()
-        summary.lambda_max = self.lambda_max
+        summary.lambda_max = self.tracker.lambda_max
         summary.steps_run, summary.step_seconds = self.step - start_step, seconds
         return summary
 
@@ -613,7 +529,8 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         out = model(x)
         loss = self.loss_fn(out, y)
-        correct, count, mean_loss = self._correct(out, y), len(y), loss.detach()
+        correct, count = correct_count(out, y, classify=self.classify), len(y)
+        mean_loss = loss.detach()
         if self.world > 1:
             totals = torch.tensor([float(mean_loss) * count, correct, count], dtype=torch.float64)
             distributed.all_reduce_sum(totals)
@@ -621,7 +538,7 @@ class _Run:
         if not bool(torch.isfinite(mean_loss)):
             raise _Diverged
         loss.backward()
-        self._average_gradients(len(y), count)
+        distributed.average_gradients(self.params, len(y), count)
         if isinstance(opt, EigenSAM) and self.step % self.config.eig_every == 0:
             try:
                 self._refresh(batch)
@@ -634,7 +551,7 @@ class _Run:
                 self.loss_fn(model(x), y).backward()
             finally:
                 enable_running_stats(model)
-            self._average_gradients(len(y), count)
+            distributed.average_gradients(self.params, len(y), count)
             opt.second_step()
         else:
             opt.step()
@@ -642,92 +559,37 @@ class _Run:
             distributed.broadcast_from_lead(self.model.buffers())
         return float(mean_loss), correct, count, lr
 
-    def _average_gradients(self, local: int, total: int) -> None:
-        """Turn each rank's batch-mean gradient into the global batch mean (one all-reduce)."""
-        if self.world == 1:
-            return
-        grads = [p.grad for p in self.params if p.grad is not None]  # unused ones stay None
-        flat = torch.cat([g.reshape(-1) for g in grads]) * (local / total)
-        distributed.all_reduce_sum(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def _refresh(self, batch: Batch) -> None:
         assert isinstance(self.optimizer, EigenSAM)
         result = self.optimizer.refresh_eigenvector(self.model, self.loss_fn, batch)
         g = self.optimizer.flat_grad(scaled=False)  # the layout of the refreshed vector
-        norm = float(norms(g))
-        alignment = float(dot(g, result.vector.to(g)).abs() / norm) if norm > 0 else math.nan
         self.metrics.append(
             "refresh",
             step=self.step,
             eigenvalue=result.eigenvalue,
             residual=result.residual,
-            alignment=alignment,
+            alignment=gradient_alignment(g, result.vector),
             hvps=result.hvps,
         )
 
     def _track(self) -> None:
-        """lambda_max of the fixed held-out batch at the current weights (BatchNorm in eval)."""
+        """lambda_max of the fixed held-out batch at the current weights, into the metrics."""
         if not self._finite():
             raise _Diverged
-        # Each rank its share of the held-out batch; products and gradients are summed.
-        op = HessianOperator(self.model, self.loss_fn, self.track_share, bn="eval")
-        init = hint = None
         try:  # a loss or curvature that is not finite at finite weights: the run diverged
-            if self.track_vector is None:
-                # The first solve has no previous vector; the gradient leans toward v_1, and its
-                # pass builds the kept graph the first product reuses.
-                hint = op.gradient()[1]
-            else:
-                init = self.track_vector.reshape(1, -1)
-            res = eigenpairs(
-                op,
-                1,
-                tol=TRACK_TOL,
-                max_hvps=TRACK_MAX_HVPS,
-                init=init,
-                hint=hint,
-                seed=self.config.seed,
-            )
+            measured = self.tracker.measure(self.model, self.loss_fn)
         except NotFinite:
             raise _Diverged from None
-        op.release()
-        assert res.eigenvectors is not None
-        self.track_vector = res.eigenvectors[0].detach()
-        self.lambda_max = float(res.eigenvalues[0])
         self.metrics.append(
             "track",
             step=self.step,
-            lambda_max=self.lambda_max,
-            residual=float(res.residuals[0]),
-            hvps=res.hvps,
+            lambda_max=measured.lambda_max,
+            residual=measured.residual,
+            hvps=measured.hvps,
         )
 
     def _finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.params)
-
-    @torch.no_grad()
-    def _held_out_loss_finite(self) -> bool:
-        """Whether the held-out batch's loss is finite: finite weights (near 1e36) can make it
-        infinite, and a run without a test split would not see it otherwise."""
-        with forward_mode(self.model, "eval"):
-            finite = all(
-                bool(torch.isfinite(self.loss_fn(self.model(x.to(self.device)), y.to(self.device))))
-                for x, y in self.track_share
-            )
-        return not self._anyone(not finite)
-
-    def _correct(self, out: torch.Tensor, y: torch.Tensor) -> int:
-        if not self.classify:
-            return 0
-        labels = y.argmax(1) if y.is_floating_point() else y
-        return int((out.argmax(1) == labels).sum())
-
-    def _accuracy(self, correct: float, count: float) -> float:
-        return correct / count if self.classify and count else math.nan
 
     def _record_step(
         self, loss: float, correct: int, count: int, lr: float, seconds: float
@@ -736,7 +598,7 @@ class _Run:
             "steps",
             step=self.step,
             loss=loss,
-            accuracy=self._accuracy(correct, count),
+            accuracy=accuracy(correct, count, classify=self.classify),
             lr=lr,
         )
         sums = self.epoch_sums
@@ -749,7 +611,9 @@ class _Run:
 
     def _end_epoch(self) -> EpochDone:
         sums = self.epoch_sums
-        test_loss, test_acc = self._evaluate()
+        test_loss, test_acc = evaluate(
+            self.model, self.test_batches, self.loss_fn, self.device, classify=self.classify
+        )
         if self.test_batches and not math.isfinite(test_loss):  # finite weights, say 1e36
             raise _Diverged
         self.epoch += 1
@@ -758,30 +622,13 @@ class _Run:
             "epochs",
             epoch=self.epoch,
             train_loss=sums["loss"] / sums["count"],
-            train_accuracy=self._accuracy(sums["correct"], sums["count"]),
+            train_accuracy=accuracy(sums["correct"], sums["count"], classify=self.classify),
             test_loss=test_loss,
             test_accuracy=test_acc,
             seconds=sums["seconds"],
         )
         self.epoch_sums = {k: 0.0 for k in sums}
         return self._epoch_records()[-1]
-
-    @torch.no_grad()
-    def _evaluate(self) -> tuple[float, float]:
-        """Mean loss and accuracy on the test split (eval mode), NaN without one."""
-        if not self.test_batches:
-            return math.nan, math.nan
-        was_training = self.model.training
-        self.model.eval()
-        total = correct = count = 0.0
-        for x, y in self.test_batches:
-            x, y = x.to(self.device), y.to(self.device)
-            out = self.model(x)
-            total += float(self.loss_fn(out, y)) * len(y)
-            correct += self._correct(out, y)
-            count += len(y)
-        self.model.train(was_training)
-        return total / count, self._accuracy(correct, count)
 
     def _epoch_records(self) -> list[EpochDone]:
         """Every epoch row so far, with the last lambda_max tracked in each epoch (None where
@@ -813,19 +660,20 @@ class _Run:
     # --- checkpoints ---------------------------------------------------------------------
 
     def _save_step_checkpoint(self, order_state: torch.Tensor) -> Path:
-        return self._save(self.run_dir / RUN_CHECKPOINTS / f"step{self.step:07d}.pt", order_state)
+        return self._save(step_checkpoint_path(self.run_dir, self.step), order_state)
 
     def _save(self, path: Path, order_state: torch.Tensor) -> Path:
         """A self-describing checkpoint at a step boundary, with all a resume needs."""
-        if not (self._finite() and self._held_out_loss_finite()):
+        if not (self._finite() and self.tracker.held_out_loss_finite(self.model, self.loss_fn)):
             raise _Diverged
-        cfg, data = self.config, self.data
+        cfg, data, tracker = self.config, self.data, self.tracker
         metadata = {
             "model": cfg.model,
             "model_kwargs": json.dumps(cfg.model_kwargs or {}, sort_keys=True),
             "data": cfg.data,
-            # Absolute, so that analyze finds the data from any working directory.
-            "data_root": str(Path(cfg.data_root).expanduser().resolve()) if cfg.data_root else None,
+            # Absolute, so that analyze finds the data from any working directory; symbolic
+            # links kept, as config.json keeps them (made so by _anchored).
+            "data_root": absolute(cfg.data_root) if cfg.data_root else None,
             "loss": self.loss_spec,
             "input_shape": list(data.input_shape),
             "num_classes": data.num_classes,
@@ -856,8 +704,8 @@ class _Run:
                 "epoch": self.epoch,
                 "batch": self.batch,
                 "epoch_sums": dict(self.epoch_sums),
-                "track_vector": None if self.track_vector is None else self.track_vector.cpu(),
-                "lambda_max": self.lambda_max,
+                "track_vector": None if tracker.vector is None else tracker.vector.cpu(),
+                "lambda_max": tracker.lambda_max,
             },
         }
         if self.lead:
@@ -867,7 +715,8 @@ class _Run:
                 )
             except UserError as exc:  # a full disk, say: where the run can go on from
                 raise UserError(
-                    f"{str(exc).rstrip('.')}; stopped at step {self.step}, {self._kept()}."
+                    f"{str(exc).rstrip('.')}; stopped at step {self.step}, "
+                    f"{resume_hint(self.run_dir)}."
                 ) from exc
         return path
 
@@ -884,25 +733,6 @@ def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.op
     if config.optimizer == "sam":
         return SAM(params, base, rho=config.rho, **kwargs)
     return EigenSAM(params, base, rho=config.rho, alpha=config.alpha, **kwargs)
-
-
-def _write_config(run_dir: Path, config: TrainConfig) -> None:
-    try:
-        (run_dir / RUN_CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(
-            f"Could not create the run directory {str(run_dir)!r}: {exc.strerror or exc}."
-        ) from exc
-    text = json.dumps(
-        {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "config": config.identity()}, indent=2
-    )
-    try:
-        with atomic_path(run_dir / CONFIG_FILE, exclusive=True) as tmp:
-            tmp.write_text(text + "\n")
-    except FileExistsError:
-        raise UserError(
-            f"another run started in {str(run_dir)!r} meanwhile; choose another --out."
-        ) from None
 
 
 __all__ = [

@@ -586,7 +586,7 @@ def test_ctrl_c_under_torchrun_stops_at_a_checkpoint_that_resumes(tmp_path: Path
     code, _, err, _ = _run(args, ranks=2, cwd=tmp_path)
     words = " ".join(err.split())
     assert code != 0 and "stopped at once" not in words, err
-    found = re.search(r"Interrupted at step (\d+) of \d+: saved (\S+);", words)
+    found = re.search(r"Interrupted at step (\d+) of \d+: the last checkpoint is (\S+) ", words)
     assert found and f"--resume {run_dir}" in words, err
     step = int(found[1])
     (saved,) = (run_dir / "checkpoints").glob("step*.pt")

@@ -462,8 +462,19 @@ def test_files_a_run_names_are_found_from_any_working_directory(tmp_path, monkey
     assert train(saved, resume_dir=tmp_path / "run").finished
 
 
+def test_a_data_root_given_through_a_symbolic_link_is_recorded_as_given(tmp_path):
+    """The checkpoints name the data root as config.json does, link and all: resolving the link
+    recorded where it pointed then, which an analysis would follow after it is re-pointed."""
+    (tmp_path / "datasets").mkdir()
+    link = tmp_path / "data"
+    link.symlink_to(tmp_path / "datasets", target_is_directory=True)
+    summary = train(config(tmp_path, epochs=1, track_every=0, data_root=str(link)))
+    recorded = load_checkpoint(summary.checkpoint).metadata["data_root"]
+    assert recorded == load_config(tmp_path / "run").data_root == str(link)
+
+
 def test_a_run_is_trained_by_one_process_at_a_time(tmp_path):
-    from eigensam.training import _write_config
+    from eigensam.run_dir import write_config
     from hessian_cli.storage.files import held
 
     run = _stopped_run(tmp_path)
@@ -472,7 +483,7 @@ def test_a_run_is_trained_by_one_process_at_a_time(tmp_path):
             train(load_config(run), resume_dir=run)
     # Two new runs that both found --out free: the second to write its config gives way.
     with pytest.raises(UserError, match="another run started in .* meanwhile"):
-        _write_config(run, load_config(run))
+        write_config(run, load_config(run))
     assert train(load_config(run), resume_dir=run).finished
 
 

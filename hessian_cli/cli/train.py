@@ -233,14 +233,12 @@ def train_command(
 
 def _kept(resume: Path | None, config: TrainConfig) -> str:
     """What a run stopped at once keeps, and how to continue it."""
-    from eigensam.training import latest_checkpoint
+    from eigensam.run_dir import resume_hint  # loads torch: not at the top, for --help
 
     run_dir = Path(resume if resume is not None else config.out)
-    kept = latest_checkpoint(run_dir)
-    then = f"--resume {run_dir} continues from {kept}" if kept else "no checkpoint was written"
     return (
         "the metrics of the steps done are written, the steps since the last checkpoint are "
-        f"not; {then}"
+        f"not; {resume_hint(run_dir)}"
     )
 
 
@@ -394,6 +392,8 @@ class _Display:
 def _report(
     console: Console, summary: TrainSummary, quiet: bool, *, resumed: bool, stop: _StopRequest
 ) -> None:
+    from eigensam.run_dir import METRICS_FILE, resume_hint  # loads torch, as _kept says
+
     where = summary.run_dir
     if resumed and summary.steps_run == 0 and summary.finished:
         console.print(
@@ -409,7 +409,7 @@ def _report(
         if not quiet:
             console.print(
                 f"Done: {summary.total_steps} steps; final checkpoint {summary.checkpoint}, "
-                f"metrics {where / 'metrics.h5'}.",
+                f"metrics {where / METRICS_FILE}.",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -419,10 +419,7 @@ def _report(
         if summary.interrupted
         else "Stopped (--max-steps)"
     )
-    message = (
-        f"{why} at step {summary.step} of {summary.total_steps}: saved {summary.checkpoint}; "
-        f"continue with `hessian-cli train --resume {where}`."
-    )
+    message = f"{why} at step {summary.step} of {summary.total_steps}: {resume_hint(where)}."
     if summary.interrupted:
         Console(stderr=True).print(message, style="yellow", highlight=False, soft_wrap=True)
         raise typer.Exit(stop.exit_status)

@@ -148,6 +148,25 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank says so (a Ctrl-C seen by one rank stops all)."""
+    if world()[1] == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+def average_gradients(params: Iterable[torch.Tensor], local: int, total: int) -> None:
+    """Turn each rank's gradient of its share's mean loss (``local`` samples) into the gradient
+    of the global batch's mean loss (``total`` samples), in one all-reduce. Parameters without a
+    gradient (unused ones) stay without."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    _through_one_buffer(
+        grads, lambda flat: dist.all_reduce(flat.mul_(local / total), op=dist.ReduceOp.SUM)
+    )
+
+
 def broadcast_from_lead(tensors: Iterable[torch.Tensor]) -> None:
     """Overwrite ``tensors`` in place with rank 0's values (one broadcast per dtype): what DDP
     does to a model's buffers, so BatchNorm's running statistics agree across ranks."""
@@ -157,13 +176,21 @@ def broadcast_from_lead(tensors: Iterable[torch.Tensor]) -> None:
     for t in tensors:
         groups.setdefault(t.dtype, []).append(t)
     for same in groups.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in same])
-        with _collective():
-            dist.broadcast(flat, src=0)
-        offset = 0
-        for t in same:
-            t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _through_one_buffer(same, lambda flat: dist.broadcast(flat, src=0))
+
+
+def _through_one_buffer(
+    tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object]
+) -> None:
+    """Apply the in-place ``collective`` to ``tensors`` concatenated into one flat buffer (one
+    call, not one per tensor), then copy the result back into them."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    with _collective():
+        collective(flat)
+    offset = 0
+    for t in tensors:
+        t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def sum_scalar(value: float, device: torch.device | None = None) -> float:

@@ -1,0 +1,127 @@
+"""What training measures besides its minibatch loss: lambda_max of a fixed held-out batch
+(tracking), the test split's loss and accuracy, and how the gradient aligns with Eigen-SAM's
+refreshed eigenvector.
+
+No metrics are written here: the loop records what these return, and turns a
+:class:`~hessian_cli.errors.NotFinite` into its own divergence handling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hessian_cli.engine import distributed
+from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.linalg import dot, norms
+from hessian_cli.engine.operator import Batch, HessianOperator, LossFn, forward_mode
+
+# Tracking measures lambda_max to a tight tolerance; warm starts usually need a handful of HVPs,
+# the cap only bounds a cold start or a reordering of nearly tied eigenvalues.
+TRACK_TOL = 1e-3
+TRACK_MAX_HVPS = 200
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One tracking solve: lambda_max, its relative residual and the HVPs it took."""
+
+    lambda_max: float
+    residual: float
+    hvps: int
+
+
+class LambdaMaxTracker:
+    """lambda_max of a fixed held-out batch (BatchNorm in eval), each solve warm-started from the
+    previous one's eigenvector. ``vector`` and ``lambda_max`` are what a checkpoint keeps of it.
+
+    ``share`` is this rank's part of the batch: under torchrun products and gradients are summed
+    over ranks, so every rank measures the whole batch's lambda_max.
+    """
+
+    def __init__(self, share: list[Batch], *, seed: int, device: torch.device) -> None:
+        self.share = share
+        self.seed = seed
+        self.device = device
+        self.vector: torch.Tensor | None = None
+        self.lambda_max: float | None = None
+
+    def measure(self, model: nn.Module, loss_fn: LossFn) -> Measurement:
+        """lambda_max at the model's current weights; raises ``NotFinite`` where the loss or its
+        curvature is not finite."""
+        op = HessianOperator(model, loss_fn, self.share, bn="eval")
+        init = hint = None
+        if self.vector is None:
+            # The first solve has no previous vector; the gradient leans toward v_1, and its
+            # pass builds the kept graph the first product reuses.
+            hint = op.gradient()[1]
+        else:
+            init = self.vector.reshape(1, -1)
+        res = eigenpairs(
+            op, 1, tol=TRACK_TOL, max_hvps=TRACK_MAX_HVPS, init=init, hint=hint, seed=self.seed
+        )
+        op.release()
+        self.vector = res.eigenvectors[0].detach()
+        self.lambda_max = float(res.eigenvalues[0])
+        return Measurement(self.lambda_max, float(res.residuals[0]), res.hvps)
+
+    @torch.no_grad()
+    def held_out_loss_finite(self, model: nn.Module, loss_fn: LossFn) -> bool:
+        """Whether the held-out batch's loss is finite on every rank: finite weights (near 1e36)
+        can make it infinite, and a run without a test split would not see it otherwise."""
+        with forward_mode(model, "eval"):
+            finite = all(
+                bool(torch.isfinite(loss_fn(model(x.to(self.device)), y.to(self.device))))
+                for x, y in self.share
+            )
+        return not distributed.any_rank(not finite)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    loss_fn: LossFn,
+    device: torch.device,
+    *,
+    classify: bool,
+) -> tuple[float, float]:
+    """Mean loss and accuracy on ``batches`` (eval mode), NaN without any."""
+    if not batches:
+        return math.nan, math.nan
+    was_training = model.training
+    model.eval()
+    total = correct = count = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        total += float(loss_fn(out, y)) * len(y)
+        correct += correct_count(out, y, classify=classify)
+        count += len(y)
+    model.train(was_training)
+    return total / count, accuracy(correct, count, classify=classify)
+
+
+def correct_count(out: torch.Tensor, y: torch.Tensor, *, classify: bool) -> int:
+    """How many of the outputs pick the label (class indices or one-hot/soft targets); 0 for
+    data without classes."""
+    if not classify:
+        return 0
+    labels = y.argmax(1) if y.is_floating_point() else y
+    return int((out.argmax(1) == labels).sum())
+
+
+def accuracy(correct: float, count: float, *, classify: bool) -> float:
+    """The fraction correct; NaN for data without classes, or no samples."""
+    return correct / count if classify and count else math.nan
+
+
+def gradient_alignment(g: torch.Tensor, v: torch.Tensor) -> float:
+    """``|<g / |g|, v>|`` for a unit ``v`` (the refreshed eigenvector, in ``g``'s layout): how
+    much of the gradient's direction it holds; NaN for a zero gradient."""
+    norm = float(norms(g))
+    return float(dot(g, v.to(g)).abs() / norm) if norm > 0 else math.nan

@@ -190,7 +190,8 @@ def test_unconverged_pairs_are_reported_as_such():
     res = eigenpairs(op, 5, tol=1e-12, max_hvps=6, block_size=2)
     assert not res.all_converged
     assert res.hvps <= 6
-    assert torch.all(res.converged == (res.residuals <= 1e-12))
+    # A leading run of the pairs that meet the tolerance (see the test below).
+    assert torch.all(res.converged == (res.residuals <= 1e-12).long().cumprod(0).bool())
     assert res.stop_reason == "budget"
 
 
@@ -450,6 +451,23 @@ def test_the_error_bound_of_an_unconverged_pair_needs_no_gap():
         for value, bound in zip(res.eigenvalues.tolist(), res.errors.tolist(), strict=True):
             nearest = float((true - value).abs().min())
             assert nearest <= bound * abs(value) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("criterion", ["residual", "eigenvalue"])
+def test_a_pair_behind_an_unconverged_one_is_not_called_converged(criterion):
+    """The 10 smallest of 10 * 0.8^i, a solve that ends slow: pair 9 met the tolerance at the
+    40th smallest eigenvalue (85 times the tolerance from the 10th) while pairs 1-8 did not,
+    and was called converged. Only a leading run of pairs is, each its own eigenvalue's."""
+    spectrum = 10 * 0.8 ** torch.arange(80, dtype=torch.float64)
+    H = _with_spectrum(spectrum, 0)
+    true = torch.linalg.eigvalsh(H)
+    res = eigenpairs(MatrixOperator(H), 10, which="smallest", tol=1e-6, criterion=criterion)
+    assert not res.all_converged
+    met = res.residuals <= 1e-6
+    assert bool(met[-1]) and not bool(met[1:-1].any())  # the case the test is about
+    assert torch.equal(res.converged, res.converged.long().cumprod(0).bool())
+    for i in res.converged.nonzero().flatten().tolist():
+        assert abs(float(res.eigenvalues[i]) - float(true[i])) <= 1e-6 * res.scale
 
 
 def test_warm_start_rows_of_another_length_or_type_are_one_sentence():

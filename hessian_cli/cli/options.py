@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from hessian_cli.errors import UserError
@@ -30,20 +28,3 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
     return value
-
-
-def pick_checkpoint(
-    file: Path, reports: Sequence[dict[str, Any]], groups: Sequence[str], name: str | None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The reports (and their groups) that ``--checkpoint NAME`` names, as the series table
-    shows them: the one checkpoint of that name, else the group of that name (a checkpoint
-    analysed twice is stored as name and name-2, which the table then shows), else every
-    checkpoint of that name; all without ``name``."""
-    pairs = list(zip(reports, groups, strict=True))
-    if name is not None:
-        named = [(d, g) for d, g in pairs if d["name"] == name]
-        grouped = [(d, g) for d, g in pairs if g == name]
-        pairs = named if len(named) == 1 else grouped or named
-        if not pairs:
-            raise UserError(f"{file} holds no checkpoint named {name!r}.")
-    return [d for d, _ in pairs], [g for _, g in pairs]

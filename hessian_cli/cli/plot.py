@@ -8,8 +8,7 @@ import typer
 from rich.console import Console
 
 from hessian_cli.cli.app import app
-from hessian_cli.cli.options import pick_checkpoint
-from hessian_cli.errors import UserError
+from hessian_cli.cli.result_files import Metrics, read_result_file
 
 
 @app.command("plot")
@@ -33,28 +32,13 @@ def plot(
     """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.
     from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
-    from hessian_cli.storage import (
-        FORMAT_NAME,
-        METRICS_FORMAT_NAME,
-        file_format,
-        read_metrics,
-        read_spectra,
-    )
     from hessian_cli.storage.files import reading
 
-    fmt = file_format(file)
-    if fmt == METRICS_FORMAT_NAME:
-        if checkpoint is not None:
-            raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
-        metrics = read_metrics(file)
-        with reading(file):  # what the figure draws is the file's: a KeyError is its layout
-            figure = metrics_figure(metrics)
-    elif fmt == FORMAT_NAME:
-        reports, info = read_spectra(file)
-        reports, _ = pick_checkpoint(file, reports, info["groups"], checkpoint)
-        with reading(file):
-            figure = spectra_figure(reports)
-    else:
-        raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot plot.")
+    found = read_result_file(file, checkpoint, "plot")
+    with reading(file):  # what the figure draws is the file's: a KeyError is its layout
+        if isinstance(found, Metrics):
+            figure = metrics_figure(found.columns)
+        else:
+            figure = spectra_figure(found.reports)
     written = save_figure(figure, output)
     Console().print(f"wrote {written}", highlight=False, markup=False)

@@ -9,8 +9,7 @@ from typing import Any
 import typer
 
 from hessian_cli.cli.app import app, results_console
-from hessian_cli.cli.options import pick_checkpoint
-from hessian_cli.errors import UserError
+from hessian_cli.cli.result_files import Metrics, read_result_file
 
 
 def _column(values: Any) -> list:
@@ -58,44 +57,32 @@ def show(
         metrics_summary,
         series_table,
     )
-    from hessian_cli.storage import (
-        FORMAT_NAME,
-        METRICS_FORMAT_NAME,
-        file_format,
-        read_metrics,
-        read_metrics_info,
-        read_spectra,
-    )
     from hessian_cli.storage.files import reading
 
-    fmt = file_format(file)
+    found = read_result_file(file, checkpoint, "show")
     console = results_console()
-    if fmt == METRICS_FORMAT_NAME:
-        if checkpoint is not None:
-            raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
-        metrics = read_metrics(file)
-        with reading(file):
+    if isinstance(found, Metrics):
+        with reading(file):  # what is shown is the file's: a KeyError is its layout
             if as_json:
-                columns = {
-                    g: {c: _column(v) for c, v in cols.items()} for g, cols in metrics.items()
-                }
-                print_json(columns)
+                print_json(
+                    {
+                        g: {c: _column(v) for c, v in cols.items()}
+                        for g, cols in found.columns.items()
+                    }
+                )
             else:
-                console.print(metrics_summary(file, metrics, read_metrics_info(file)), crop=False)
+                console.print(metrics_summary(file, found.columns, found.info), crop=False)
         return
-    if fmt != FORMAT_NAME:
-        raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot show.")
-    ds, info = read_spectra(file)
-    # A checkpoint analysed twice is stored in two groups (name, name-2): tell them apart by
-    # the group where the names repeat.
-    ds, groups = pick_checkpoint(file, ds, info["groups"], checkpoint)
+    ds, groups = found.reports, found.groups
     if as_json:
         print_json([{**d, "group": g} for d, g in zip(ds, groups, strict=True)])
         return
+    # A checkpoint analysed twice is stored in two groups (name, name-2): tell them apart by
+    # the group where the names repeat.
     if len({d["name"] for d in ds}) < len(ds):
         ds = [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
     with reading(file):  # all built before any is printed: no half-shown file
-        tables = [file_summary(file, ds, info)]
+        tables = [file_summary(file, ds, found.info)]
         if len(ds) > 1:
             tables.append(series_table(ds))
         if len(ds) == 1 or show_all:

@@ -13,7 +13,7 @@ from hessian_cli.storage.hdf5 import (
     read_spectra,
     write_analyses,
 )
-from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics, read_metrics_info
+from hessian_cli.storage.metrics import METRICS_FORMAT_NAME, read_metrics, read_metrics_file
 
 __all__ = [
     "FORMAT_NAME",
@@ -26,7 +26,7 @@ __all__ = [
     "read_eigenvectors",
     "read_file_info",
     "read_metrics",
-    "read_metrics_info",
+    "read_metrics_file",
     "read_spectra",
     "write_analyses",
 ]

@@ -42,7 +42,6 @@ from hessian_cli.storage.files import (
     file_format,
     hdf5_written,
     open_format,
-    open_hdf5,
     signals_deferred,
 )
 
@@ -202,6 +201,15 @@ def _text(value: Any) -> Any:
 
 def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """``{group: {column: values}}`` for every group of datasets in a metrics file."""
+    return read_metrics_file(path)[0]
+
+
+def read_metrics_file(
+    path: str | Path,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, object]]:
+    """:func:`read_metrics` and the file's root attributes (format, version, and whatever else
+    train wrote) from one opening, so that a run appending in between cannot make them
+    disagree."""
     with open_format(path, METRICS_FORMAT_NAME, "metrics") as f:
         metrics = {
             name: {
@@ -214,7 +222,7 @@ def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
         }
         for name, columns in metrics.items():
             _check_rows(name, columns)
-        return metrics
+        return metrics, _attributes(f)
 
 
 def _check_rows(group: str, columns: dict[str, np.ndarray]) -> None:
@@ -230,7 +238,5 @@ def _check_rows(group: str, columns: dict[str, np.ndarray]) -> None:
         raise ValueError(f"the columns of /{group} differ in length ({shown})")
 
 
-def read_metrics_info(path: str | Path) -> dict[str, object]:
-    """The root attributes of a metrics file (format, version, and whatever else train wrote)."""
-    with open_hdf5(Path(path)) as f:
-        return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in f.attrs.items()}
+def _attributes(f: h5py.File) -> dict[str, object]:
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in f.attrs.items()}

@@ -1,0 +1,69 @@
+"""The files ``show`` and ``plot`` take: a spectra file (one checkpoint or a series) or a run's
+metrics, read once, with the same refusals for both commands."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hessian_cli.errors import UserError
+
+
+@dataclass
+class Spectra:
+    """The reports of a spectra file that ``--checkpoint`` picked, the groups that hold them,
+    and the file's own attributes and history."""
+
+    reports: list[dict[str, Any]]
+    groups: list[str]
+    info: dict[str, Any]
+
+
+@dataclass
+class Metrics:
+    """A metrics file's ``{group: {column: values}}`` and its root attributes."""
+
+    columns: dict[str, dict[str, Any]]
+    info: dict[str, Any]
+
+
+def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra | Metrics:
+    """What ``file`` holds, or one sentence saying why it cannot be ``verb``-ed (shown,
+    plotted)."""
+    # Imported here, not at the top, so that --help need not load h5py and numpy.
+    from hessian_cli.storage import (
+        FORMAT_NAME,
+        METRICS_FORMAT_NAME,
+        file_format,
+        read_metrics_file,
+        read_spectra,
+    )
+
+    fmt = file_format(file)
+    if fmt == METRICS_FORMAT_NAME:
+        if checkpoint is not None:
+            raise UserError("--checkpoint picks a checkpoint of a spectra file, not of metrics.")
+        return Metrics(*read_metrics_file(file))
+    if fmt != FORMAT_NAME:
+        raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot {verb}.")
+    reports, info = read_spectra(file)
+    return Spectra(*pick_checkpoint(file, reports, info["groups"], checkpoint), info)
+
+
+def pick_checkpoint(
+    file: Path, reports: Sequence[dict[str, Any]], groups: Sequence[str], name: str | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The reports (and their groups) that ``--checkpoint NAME`` names, as the series table
+    shows them: the one checkpoint of that name, else the group of that name (a checkpoint
+    analysed twice is stored as name and name-2, which the table then shows), else every
+    checkpoint of that name; all without ``name``."""
+    pairs = list(zip(reports, groups, strict=True))
+    if name is not None:
+        named = [(d, g) for d, g in pairs if d["name"] == name]
+        grouped = [(d, g) for d, g in pairs if g == name]
+        pairs = named if len(named) == 1 else grouped or named
+        if not pairs:
+            raise UserError(f"{file} holds no checkpoint named {name!r}.")
+    return [d for d, _ in pairs], [g for _, g in pairs]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from hessian_cli.cli.app import app, results_console
+from hessian_cli.cli.app import app, print_json, results_console
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 
 EXIT_UNCONVERGED = 3
@@ -250,7 +249,7 @@ def analyze(
     if lead and as_json:
         # A directory is a series, a list however many it held: one shape for scripts to read.
         one = not target.is_dir()
-        typer.echo(json.dumps(reports[0] if one else reports, indent=2))
+        print_json(reports[0] if one else reports)
     elif lead and not quiet:
         if len(reports) > 1:
             console.print(series_table(reports), crop=False)

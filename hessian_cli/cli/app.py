@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -30,6 +32,12 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 # A pipe or a file has no width: results written there are not cut to fit 80 columns.
 _UNBOUNDED = 100_000
+
+
+def print_json(data: Any) -> None:
+    """Strict JSON on stdout (no NaN: the reports hold None there), unwrapped, for piping into
+    other tools."""
+    typer.echo(json.dumps(data, indent=2, allow_nan=False))
 
 
 def results_console() -> Console:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from hessian_cli.cli.app import app, results_console
+from hessian_cli.cli.app import app, print_json, results_console
 from hessian_cli.cli.result_files import Metrics, read_result_file
 
 
@@ -17,11 +16,6 @@ def _column(values: Any) -> list:
     from hessian_cli.report import numbers
 
     return values.tolist() if values.dtype.kind in "biu" else numbers(values)
-
-
-def print_json(data: Any) -> None:
-    """Strict JSON on stdout (no NaN), unwrapped, for piping into other tools."""
-    typer.echo(json.dumps(data, indent=2, allow_nan=False))
 
 
 @app.command("show")

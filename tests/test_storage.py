@@ -698,6 +698,18 @@ def test_a_step_that_is_not_a_number_reads_alike_everywhere(full, tmp_path):
         assert result.exit_code == 0, (args, result.output)
 
 
+@pytest.mark.parametrize("step", ["ten", "nan", "inf", np.nan])
+def test_a_step_that_is_not_a_finite_number_is_ordered_as_unknown(full, tmp_path, step):
+    """A foreign step of "nan" read as the float NaN, which compares false with everything:
+    the series order came out as written, not by step."""
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [variant(full, "a", 5), variant(full, "b", 7)], command_line="x")
+    with h5py.File(path, "r+") as f:
+        f["checkpoints/b"].attrs["step"] = step
+    write_analyses(path, [variant(full, "c", 1), variant(full, "d", 3)], command_line="x")
+    assert group_names(path) == ["c", "d", "a", "b"]
+
+
 def test_metrics_columns_of_different_lengths_are_refused(tmp_path):
     """A short column would be drawn against the wrong steps (read_metrics' promise)."""
     from hessian_cli.storage import read_metrics

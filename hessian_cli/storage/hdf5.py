@@ -9,6 +9,7 @@ optional parts and unknown extra attributes, so files of other versions still re
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 import signal
@@ -320,10 +321,13 @@ def _set_strings(f: h5py.File, name: str, values: list[str]) -> None:
 
 
 def _ordinal(value: Any) -> float | None:
+    """A step or epoch attribute as a number to sort by; None where it is none (text, NaN,
+    which compares false with everything and left a series unsorted)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None
 
 
 def _series_order(f: h5py.File, new: list[str]) -> list[str]:

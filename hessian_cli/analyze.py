@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -30,6 +30,7 @@ from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
 from hessian_cli.engine.operator import HessianOperator, batch_statistics_error
 from hessian_cli.engine.params import check_real
+from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
 from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import UserError
@@ -259,29 +260,8 @@ def analyze_checkpoint(
             "data": distributed.tensors_digest(t for b in s.batches + s.minibatches for t in b),
         }
     )
-    rank, world_size = distributed.world()
     try:
-        return _run_solvers(
-            ckpt,
-            request,
-            s.model,
-            s.loss_fn,
-            distributed.shard(s.batches, rank, world_size),
-            s.device,
-            init,
-            progress,
-            specs={
-                "model": s.model_spec,
-                "model_kwargs": s.model_kwargs,
-                "data": s.data_spec,
-                "data_root": s.data_root,
-                "loss": s.loss_spec,
-            },
-            num_batches=len(s.batches),
-            minibatches=distributed.shard(s.minibatches, rank, world_size)
-            if s.minibatches
-            else None,
-        )
+        return _run_solvers(ckpt, request, s, init, progress)
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
             f"CUDA ran out of memory analysing {ckpt.path.name}: try a smaller --batch-size "
@@ -400,19 +380,18 @@ def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:
 def _run_solvers(
     ckpt: LoadedCheckpoint,
     request: AnalyzeRequest,
-    model: torch.nn.Module,
-    loss_fn: Callable,
-    batches: list,
-    device: torch.device,
+    s: _Setup,
     init: torch.Tensor | None,
     progress: Progress | None,
-    specs: dict[str, str | None],
-    num_batches: int,
-    minibatches: list | None,
 ) -> CheckpointAnalysis:
-    """``minibatches``: this rank's share of the alignment's extra minibatches (possibly none),
-    or None where the analysed batches hold them (the same on every rank: building an operator
-    is collective)."""
+    """The requested solvers on this rank's share of the batches (and of the alignment's extra
+    minibatches), from ``init`` where a series' previous checkpoint gives it."""
+    rank, world_size = distributed.world()
+    batches = distributed.shard(s.batches, rank, world_size)
+    # Where the analysed batches hold the minibatches, None on every rank alike (building an
+    # operator is collective), even where a rank's share of extra ones would be empty.
+    minibatches = distributed.shard(s.minibatches, rank, world_size) if s.minibatches else None
+    model, loss_fn = s.model, s.loss_fn
     start = time.perf_counter()
     # Refusals before any product, every rank's alike (or one rank's free memory): said once,
     # by rank 0, not once per rank, and every rank stops.
@@ -495,25 +474,50 @@ def _run_solvers(
     hvp_rel_error = op.precision_error(seed=request.seed)
     wall = time.perf_counter() - start
     grad_seconds = op.gradient_seconds()  # warm, after the analysis, and not part of its wall
-    provenance = {
+    provenance = _provenance(ckpt, request, s, op, eig, wall, grad_seconds, hvp_rel_error)
+    op.release()
+    return CheckpointAnalysis(
+        name=ckpt.path.stem,
+        provenance=provenance,
+        space=op.space,
+        loss=loss,
+        eigen=eig,
+        trace=trace,
+        density=density,
+        alignment=alignment,
+    )
+
+
+def _provenance(
+    ckpt: LoadedCheckpoint,
+    request: AnalyzeRequest,
+    s: _Setup,
+    op: HessianOperator,
+    eig: EigenResult | None,
+    wall: float,
+    grad_seconds: float,
+    hvp_rel_error: float,
+) -> dict[str, Any]:
+    """Where an analysis' numbers came from and what they cost (HDF5 attributes, ``--json``)."""
+    return {
         "checkpoint": str(ckpt.path),
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
-        "model": specs["model"],
-        "model_kwargs": specs["model_kwargs"],  # None (not recorded) where there were none
-        "data": specs["data"],
-        "data_root": specs["data_root"],
-        "loss": specs["loss"],
+        "model": s.model_spec,
+        "model_kwargs": s.model_kwargs,  # None (not recorded) where there were none
+        "data": s.data_spec,
+        "data_root": s.data_root,
+        "loss": s.loss_spec,
         "params_glob": ",".join(request.params or []) or "*",
         "num_params": op.n,
         "num_samples": op.num_samples,
-        "num_batches": num_batches,
+        "num_batches": len(s.batches),
         "batch_size": request.batch_size,
         "bn": request.bn,
         "dtype": request.dtype,
         "precision": request.precision,
         "hvp_rel_error": hvp_rel_error,
-        "device": str(device),
+        "device": str(s.device),
         "seed": request.seed,
         "solver": eig.method if eig else "",
         "tol": request.tol,
@@ -526,14 +530,3 @@ def _run_solvers(
         "step": ckpt.metadata.get("step"),
         "epoch": ckpt.metadata.get("epoch"),
     }
-    op.release()
-    return CheckpointAnalysis(
-        name=ckpt.path.stem,
-        provenance=provenance,
-        space=op.space,
-        loss=loss,
-        eigen=eig,
-        trace=trace,
-        density=density,
-        alignment=alignment,
-    )

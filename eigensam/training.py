@@ -192,7 +192,8 @@ def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> N
     differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if differ:
         raise UserError(
-            f"{RESUME_AS_CONFIGURED}, but {', '.join(map(flag, differ))} differ from the {where}."
+            f"{RESUME_AS_CONFIGURED}, but {', '.join(map(flag, differ))} "
+            f"{'differs' if len(differ) == 1 else 'differ'} from the {where}."
         )
 
 
@@ -291,12 +292,15 @@ class _Run:
             check_labels([self.track_batch], self.data.num_classes)
         batch = tuple(t.to(self.device) for t in self.track_batch)
         check_fits(self.model, self.loss_fn, [batch], self.data.input_shape)
-        if self.config.batch_size == 1:  # later batches always hold two samples or more
+        # The only batches of one: every batch at --batch-size 1, the only one of a one-sample
+        # set (a trailing one is dropped, and under torchrun each rank holds two at least).
+        if min(self.config.batch_size, self.samples) == 1:
             why = batch_statistics_error(self.model, batch[0][:1])
             if why is not None:
                 raise UserError(
                     f"a batch of one sample cannot train this model ({why}): BatchNorm "
-                    "normalises by batch statistics; use a --batch-size of 2 or more."
+                    "normalises by batch statistics; use a --batch-size of 2 or more"
+                    + (" and data of 2 samples or more." if self.samples == 1 else ".")
                 )
 
     def _restore(self, path: Path) -> DataOrder:
@@ -411,6 +415,8 @@ class _Run:
         )
         start_step, step_seconds = self.step, 0.0
         try:
+            if cfg.track_every and self.step == 0 and self.resumed_from is None:
+                self._track()  # the initial weights (a resume's were measured before its stop)
             while self.epoch < cfg.epochs:
                 perm = self.order.next_epoch()
                 while self.batch < self.steps_per_epoch:
@@ -420,8 +426,6 @@ class _Run:
                         self._flush()  # the metrics first: a checkpoint never outruns them
                         summary.checkpoint = self._save_step_checkpoint(self.order.epoch_state)
                         return self._finish(summary, start_step, step_seconds)
-                    if cfg.track_every and self.step % cfg.track_every == 0:
-                        self._track()
                     gb = self.global_batch
                     idx = perm[self.batch * gb : (self.batch + 1) * gb]
                     if self.world > 1:
@@ -431,6 +435,11 @@ class _Run:
                     seconds = time.perf_counter() - start
                     step_seconds += seconds
                     self._record_step(loss, correct, count, lr, seconds)
+                    # Right after the step that makes it due: an epoch's last weights are
+                    # measured before its line is printed, and a stop's checkpoint holds the
+                    # measurement at its step.
+                    if cfg.track_every and self.step % cfg.track_every == 0:
+                        self._track()
                     emit(
                         StepDone(
                             step=self.step - 1,
@@ -449,7 +458,7 @@ class _Run:
                     summary.checkpoint = self._save_step_checkpoint(
                         self.order.generator.get_state()
                     )
-            if cfg.track_every:
+            if cfg.track_every and self.step % cfg.track_every:
                 self._track()  # the final weights are always measured
             summary.finished = True
             self._flush()

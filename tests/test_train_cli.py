@@ -374,7 +374,7 @@ def test_resume_refuses_a_configuration_edited_since_the_checkpoint(capsys, tmp_
     before = {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()}
     code, _, err = run(capsys, "train", "--resume", edited, "--max-steps", "1000")
     assert code == 2
-    assert "--lr differ from the configuration" in error_sentence(err)
+    assert "--lr differs from the configuration" in error_sentence(err)
     assert {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()} == before
 
 

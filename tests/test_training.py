@@ -174,6 +174,29 @@ def test_metrics_file_layout(tmp_path):
     assert [e.epoch for e in summary.epochs] == [1, 2]
 
 
+def test_each_epoch_line_holds_the_lambda_max_of_its_last_weights(tmp_path):
+    """The track due at an epoch's last step ran after the epoch's event was built: the lines
+    printed as the run went showed an earlier value than the table at its end."""
+    events: list = []
+    summary = train(config(tmp_path, track_every=3), progress=events.append)
+    m = read_metrics(tmp_path / "run" / "metrics.h5")
+    assert m["track"]["step"].tolist() == [0, 3, 6, 9, 12, 15, 18]
+    tracked = dict(zip(m["track"]["step"], m["track"]["lambda_max"], strict=True))
+    at_ends = [tracked[e * STEPS_PER_EPOCH] for e in (1, 2, 3)]
+    live = [e.lambda_max for e in events if isinstance(e, EpochDone)]
+    assert live == [e.lambda_max for e in summary.epochs] == at_ends
+
+
+def test_a_stop_where_a_track_is_due_resumes_without_a_second_or_a_missing_one(tmp_path):
+    whole = train(config(tmp_path, "whole"))
+    first = train(config(tmp_path, "split", max_steps=10))  # tracks every 5 steps
+    assert read_metrics(tmp_path / "split" / "metrics.h5")["track"]["step"].tolist() == [0, 5, 10]
+    resumed = train(load_config(tmp_path / "split"), resume_dir=tmp_path / "split")
+    assert first.step == 10 and resumed.finished
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
+    assert_same_metrics(tmp_path / "whole", tmp_path / "split")
+
+
 def test_sgd_and_sam_are_tracked_and_never_refresh(tmp_path):
     for optimizer in ("sgd", "sam"):
         train(config(tmp_path, optimizer, optimizer=optimizer, epochs=1, track_every=3))
@@ -335,6 +358,14 @@ def test_a_batch_of_one_for_a_batchnorm_model_is_refused_before_the_run(tmp_path
     assert not (tmp_path / "run").exists()
     cfg.batch_size, cfg.max_steps = 2, 2  # two samples have statistics
     assert train(cfg).step == 2
+    # A set of one sample is a batch of one at any --batch-size (it crashed in the first step
+    # and left a run directory without a checkpoint).
+    one = config(
+        tmp_path, "one", model=cfg.model, model_kwargs={}, data="synthetic:16:3:1", batch_size=8
+    )
+    with pytest.raises(UserError, match="a batch of one sample.*data of 2 samples or more"):
+        train(one)
+    assert not (tmp_path / "one").exists()
 
 
 def _failing_step(monkeypatch, at: int, error: BaseException):

@@ -111,7 +111,8 @@ class MetricsLog:
 
     def load(self, *, before_step: int, before_epoch: int) -> None:
         """Take the rows of an existing file up to a resumed checkpoint: steps before
-        ``before_step`` and epochs up to ``before_epoch``, so the file ends up exactly as an
+        ``before_step`` (tracks up to it: the one at its step measured its weights before it was
+        saved) and epochs up to ``before_epoch``, so the file ends up exactly as an
         uninterrupted run writes it. A missing file means nothing was recorded yet."""
         if not self.path.exists():
             if before_step > 0:
@@ -139,6 +140,8 @@ class MetricsLog:
             if not data:
                 continue
             key, limit = ("epoch", before_epoch) if group == "epochs" else ("step", before_step - 1)
+            if group == "track":  # of the weights after that many steps: a checkpoint's own
+                limit = before_step
             keep = np.asarray(data[key]) <= limit
             cols = [np.asarray(data[c])[keep].tolist() for c in columns]
             self.rows[group] = list(zip(*cols, strict=True))

@@ -1182,6 +1182,9 @@ def test_probes_are_drawn_where_they_are_used_except_under_torch_distributed():
     a = rademacher((2, 5), generator=probe_generator(cpu_op, 7), dtype=torch.float32, device="cpu")
     b = rademacher((2, 5), generator=probe_generator(cpu_op, 7), dtype=torch.float32, device="cpu")
     assert torch.equal(a, b) and set(a.unique().tolist()) == {-1.0, 1.0}
+    # The CPU stream of int64 draws (PyHessian's probes), drawn in the working dtype.
+    ints = torch.randint(0, 2, (2, 5), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, ints.float() * 2 - 1)
 
 
 def test_gram_takes_half_and_mixed_precision_inputs():

@@ -170,25 +170,23 @@ _FILES = ("model", "data", "loss", "data_root")
 def _anchored(config: TrainConfig) -> TrainConfig:
     """The configuration with the files it names made absolute: config.json and checkpoints
     then mean the same files from any working directory (a resume, an analysis)."""
-    return dataclasses.replace(config, **_anchored_fields(dataclasses.asdict(config), only=True))
+    return dataclasses.replace(config, **_anchored_files(dataclasses.asdict(config)))
 
 
-def _anchored_fields(fields: dict[str, Any], *, only: bool = False) -> dict[str, Any]:
-    """``fields`` (of a configuration) with the files they name made absolute; ``only``: just
-    those four fields."""
+def _anchored_files(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a configuration that may name files, those files made absolute."""
     anchors = dict(zip(_FILES, (anchored, anchored_data, anchored, absolute), strict=True))
-    new = {
+    return {
         k: f(fields[k]) if isinstance(fields.get(k), str) else fields.get(k)
         for k, f in anchors.items()
     }
-    return new if only else {**fields, **new}
 
 
 def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> None:
     """Refuse to resume with a configuration other than ``saved`` (the one ``where`` holds)."""
     mine = json.loads(json.dumps(config.identity()))  # as JSON has it: tuples become lists
     # A file named relative to where the run began is the same file named absolutely.
-    mine, saved = _anchored_fields(mine), _anchored_fields(saved)
+    mine, saved = {**mine, **_anchored_files(mine)}, {**saved, **_anchored_files(saved)}
     differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if differ:
         raise UserError(

@@ -84,6 +84,7 @@ from hessian_cli.specs import (
     check_finite,
     check_fits,
     check_labels,
+    check_targets,
     default_loss,
     get_loss,
     load_checkpoint,
@@ -284,10 +285,14 @@ class _Run:
         for batch in self.test_batches:  # a test loss that is not finite then means divergence
             check_finite(batch, "test data's")
         check_finite(self.track_batch, "held-out data's")
+        train = (
+            [tuple(self.data.train.tensors[:2])]
+            if isinstance(self.data.train, TensorDataset)
+            else []
+        )
         if self.classify:
-            if isinstance(self.data.train, TensorDataset):
-                check_labels([tuple(self.data.train.tensors[:2])], self.data.num_classes)
-            check_labels([self.track_batch], self.data.num_classes)
+            check_labels(train + [self.track_batch], self.data.num_classes)
+        check_targets(self.loss_spec, train + [self.track_batch, *self.test_batches])
         batch = tuple(t.to(self.device) for t in self.track_batch)
         check_fits(self.model, self.loss_fn, [batch], self.data.input_shape)
         # The only batches of one: every batch at --batch-size 1, the only one of a one-sample
@@ -515,8 +520,10 @@ class _Run:
             x, y = default_collate([ds[i] for i in idx.tolist()])[:2]
         y = torch.as_tensor(y)
         y = y.float() if y.is_floating_point() else y.long()
-        if self.classify and not isinstance(ds, TensorDataset):  # its labels were not all seen
-            check_labels([(x, y)], self.data.num_classes)
+        if not isinstance(ds, TensorDataset):  # its targets were not all seen
+            if self.classify:
+                check_labels([(x, y)], self.data.num_classes)
+            check_targets(self.loss_spec, [(x, y)])
         x = cast_inputs(x, torch.float32, self.token_ids)
         return x.to(self.device), y.to(self.device)
 

@@ -627,6 +627,10 @@ def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
         ).lower()
     )
     assert "--top-k between 1 and" in _bad(capsys, "analyze", digits_mlp, "--top-k", "100000")
+    # A classifier's recorded cross-entropy on other data's real targets (a negative "loss").
+    assert "give --loss mse for regression targets" in _bad(
+        capsys, "analyze", digits_mlp, "--data", "synthetic-regression:64:10"
+    )
     nan_sd = {k: v.clone() for k, v in torch.load(digits_mlp, weights_only=True)["model"].items()}
     next(iter(nan_sd.values()))[0] = float("nan")
     nan_ckpt = tmp_path / "nan.pt"

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from hessian_cli.errors import UserError
-from hessian_cli.specs import default_loss, get_loss
+from hessian_cli.specs import check_targets, default_loss, get_loss
 
 
 def test_default_loss() -> None:
@@ -24,6 +24,27 @@ def test_cross_entropy_is_the_batch_mean() -> None:
     loss = get_loss("ce")(logits, labels)
     manual = -torch.log_softmax(logits, 1)[torch.arange(5), labels].mean()
     assert torch.allclose(loss, manual)
+
+
+def test_cross_entropy_takes_labels_and_probabilities_but_not_regression_targets() -> None:
+    """torch takes any real rows as soft labels: regression targets gave a negative loss."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g)
+    soft = torch.softmax(torch.randn(6, 3, generator=g), 1)  # label smoothing, mixup
+    check_targets(
+        "ce",
+        [
+            (x, torch.tensor([0, 2, 1, 1, 0, 2])),
+            (x, soft),
+            (x, F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2])).float()),
+        ],
+    )
+    real = torch.randn(6, 3, generator=g)
+    assert float(get_loss("ce")(torch.randn(6, 3, generator=g), real)) != 0  # torch computes it
+    for targets in (real, real.abs(), real[:, 0]):
+        with pytest.raises(UserError, match="cross-entropy needs class labels or class prob"):
+            check_targets("ce", [(x, targets)])
+    check_targets("mse", [(x, real)])
 
 
 def test_mse_one_hot_for_integer_labels() -> None:

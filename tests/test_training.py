@@ -301,6 +301,7 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
         ({"lr": "abc"}, "--lr must be a number, not 'abc'"),
         ({"epochs": True}, "--epochs must be a whole number, not True"),
         ({"model_kwargs": [8]}, "--model-kwargs must be a JSON object, not \\[8\\]"),
+        ({"data": "synthetic-regression:16:3:96", "loss": "ce"}, "--loss mse for regression"),
     ],
 )
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, overrides, message):

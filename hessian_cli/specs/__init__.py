@@ -20,7 +20,7 @@ from hessian_cli.specs.data import (
     load_data,
 )
 from hessian_cli.specs.fit import check_fits, model_device, takes_token_ids
-from hessian_cli.specs.losses import BUILTIN_LOSSES, default_loss, get_loss
+from hessian_cli.specs.losses import BUILTIN_LOSSES, check_targets, default_loss, get_loss
 from hessian_cli.specs.models import BUILTIN_MODELS, build_model
 from hessian_cli.specs.user_code import absolute, anchored, load_object
 
@@ -41,6 +41,7 @@ __all__ = [
     "check_finite",
     "check_fits",
     "check_labels",
+    "check_targets",
     "checkpoint_order_key",
     "default_loss",
     "get_loss",

@@ -5,6 +5,8 @@ Every loss is the mean over the batch, so that multi-batch analysis can weight b
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -43,6 +45,24 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
         f"unknown loss {spec!r}: use {' or '.join(BUILTIN_LOSSES)}, or user code as "
         f"{USER_CODE_FORMS} taking (outputs, targets)."
     )
+
+
+def check_targets(spec: str, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """Refuse cross-entropy on real targets that are not class probabilities (non-negative rows
+    summing to 1): torch takes any real rows as soft labels, and regression targets gave a
+    negative "loss" and its Hessian without a word."""
+    if spec != "ce":
+        return
+    for _, y in batches:
+        if not y.is_floating_point() or not y.numel():
+            continue
+        rows = y.reshape(len(y), -1).double()
+        if bool((rows < 0).any()) or not bool(((rows.sum(1) - 1).abs() <= 1e-3).all()):
+            raise UserError(
+                "cross-entropy needs class labels or class probabilities, but the targets are "
+                "real numbers that are not probabilities: give --loss mse for regression "
+                "targets."
+            )
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:

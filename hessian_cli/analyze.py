@@ -33,7 +33,7 @@ from hessian_cli.engine.params import check_real
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
 from hessian_cli.engine.trace import stochastic_trace
-from hessian_cli.errors import UserError
+from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
     LoadedCheckpoint,
@@ -124,11 +124,19 @@ def checkpoint_paths(target: str | Path) -> list[Path]:
 
 class SeriesStopped(UserError):
     """A checkpoint of a series could not be analysed after others were: those are ``results``,
-    for the caller to keep (hours of products need not be lost to one bad file)."""
+    for the caller to keep (hours of products need not be lost to one bad file, a Ctrl-C or a
+    SIGTERM). ``interrupt`` is the KeyboardInterrupt or Terminated that stopped it, if one did,
+    for the caller to end as that would have."""
 
-    def __init__(self, message: str, results: list[CheckpointAnalysis]) -> None:
+    def __init__(
+        self,
+        message: str,
+        results: list[CheckpointAnalysis],
+        interrupt: BaseException | None = None,
+    ) -> None:
         super().__init__(message)
         self.results = results
+        self.interrupt = interrupt
 
 
 # The options that take one of a few words, and those words (from AnalyzeRequest's Literals).
@@ -143,7 +151,8 @@ def analyze_target(
     target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
 ) -> list[CheckpointAnalysis]:
     """Analyse one checkpoint or a directory of them, returned in step/epoch order; bad input
-    met after the first is :class:`SeriesStopped`, which holds the results so far."""
+    met after the first, or an interrupt, is :class:`SeriesStopped`, which holds the results so
+    far."""
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
@@ -154,13 +163,16 @@ def analyze_target(
     for ckpt in loaded:
         try:
             result = analyze_checkpoint(ckpt, request, progress, init=init)
-        except UserError as exc:
+        except (UserError, KeyboardInterrupt, Terminated) as exc:
             if not results:
                 raise
+            interrupt = None if isinstance(exc, UserError) else exc
+            why = "interrupted" if interrupt is not None else str(exc).rstrip(".")
             raise SeriesStopped(
-                f"{ckpt.path.name}: {str(exc).rstrip('.')} (the {len(results)} checkpoint(s) "
-                "before it were analysed and are kept).",
+                f"{ckpt.path.name}: {why} (the {len(results)} checkpoint(s) before it were "
+                "analysed and are kept).",
                 results,
+                interrupt,
             ) from exc
         if result.eigen is not None:
             init = result.eigen.eigenvectors  # warm start the next checkpoint of the series

@@ -20,7 +20,7 @@ from hessian_cli.analyze import AnalyzeRequest, analyze_target
 from hessian_cli.cli import main
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
-from hessian_cli.errors import UserError
+from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import build_model, load_data, save_checkpoint
 from hessian_cli.storage import read_analyses
 
@@ -1134,6 +1134,41 @@ def test_a_series_keeps_what_it_analysed_before_a_bad_checkpoint(capsys, tmp_pat
     assert code == 2
     message = one_sentence(err)
     assert message.startswith("error: b.pt: ") and "the 1 checkpoint(s) before it" in message
+    assert "Eigenvalues" in out
+    assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated])
+def test_an_interrupted_series_keeps_what_it_analysed(
+    capsys, tmp_path, digits_mlp, monkeypatch, stop
+):
+    """Ctrl-C or SIGTERM during a series' second checkpoint: the first is shown and written,
+    and the exit status is the signal's (a series used to lose it, and said nothing)."""
+    from hessian_cli import analyze as analyze_module
+
+    runs = tmp_path / "series"
+    runs.mkdir()
+    state = torch.load(digits_mlp, weights_only=True)
+    for name, step in (("a", 1), ("b", 2)):
+        meta = dict(state["hessian_cli"], step=step)
+        save_checkpoint(runs / f"{name}.pt", state_dict=state["model"], metadata=meta)
+    real = analyze_module.analyze_checkpoint
+
+    def second_stops(ckpt, *args, **kwargs):
+        if ckpt.path.name == "b.pt":
+            raise stop()
+        return real(ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(analyze_module, "analyze_checkpoint", second_stops)
+
+    def leave(code):  # the entry point's os._exit, which would end pytest too
+        raise SystemExit(code)
+
+    monkeypatch.setattr(sys.modules["hessian_cli.cli.app"], "_leave_now", leave)
+    out_h5 = tmp_path / "kept.h5"
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--out", out_h5)
+    assert code == (130 if stop is KeyboardInterrupt else 143)
+    assert "b.pt: interrupted (the 1 checkpoint(s) before it were analysed and are kept)" in err
     assert "Eigenvalues" in out
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
 

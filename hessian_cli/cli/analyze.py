@@ -8,8 +8,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from hessian_cli.cli.app import app, print_json, results_console
+from hessian_cli.cli.app import INTERRUPTED_STATUS, app, print_json, results_console
 from hessian_cli.cli.options import command_line, parse_model_kwargs
+from hessian_cli.errors import Terminated
 
 EXIT_UNCONVERGED = 3
 
@@ -266,6 +267,12 @@ def analyze(
         if not (quiet or as_json):
             console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:
+        if isinstance(stopped.interrupt, Terminated):
+            raise Terminated(str(stopped))  # said, and exit status 143, by the entry point
+        if stopped.interrupt is not None:  # Ctrl-C: the shell's status for SIGINT
+            if lead:
+                Console(stderr=True).print(str(stopped), style="yellow", highlight=False)
+            raise typer.Exit(INTERRUPTED_STATUS)
         raise stopped
     warning = unconverged_warning(reports, tol=tol, precision=precision, dtype=dtype)
     if warning is not None and max_hvps is None:

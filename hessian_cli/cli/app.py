@@ -159,7 +159,8 @@ def _out_of_host_memory(exc: Exception) -> bool:
     )
 
 
-# The shell's status for a process ended by SIGTERM (128 + 15).
+# The shell's statuses for a process ended by SIGINT (Ctrl-C, 128 + 2) and SIGTERM (128 + 15).
+INTERRUPTED_STATUS = 130
 TERMINATED_STATUS = 143
 
 

@@ -38,12 +38,11 @@ from eigensam.config import (
     load_config,
 )
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
-from hessian_cli.cli.app import TERMINATED_STATUS, app, signal_handled
+from hessian_cli.cli.app import INTERRUPTED_STATUS, TERMINATED_STATUS, app, signal_handled
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.presentation.training import epoch_line, epoch_table
 
-EXIT_INTERRUPTED = 130
 # Under torchrun one Ctrl-C can reach a rank more than once: torchrun forwards the SIGINT it got,
 # then SIGTERM if it is signalled again while it waits for the ranks (a wrapper in its process
 # group, such as `timeout`, forwards the terminal's Ctrl-C a second time); the terminal signals the
@@ -220,7 +219,7 @@ def train_command(
                 highlight=False,
                 soft_wrap=True,
             )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(INTERRUPTED_STATUS) from None
     except Terminated:  # a second signal, or SIGTERM before the loop (nothing written then)
         if lead and stop.started:
             raise Terminated(f"stopped at once by SIGTERM: {_kept(resume, config)}.") from None
@@ -289,7 +288,7 @@ class _StopRequest:
 
     @property
     def exit_status(self) -> int:
-        return TERMINATED_STATUS if self.by_sigterm else EXIT_INTERRUPTED
+        return TERMINATED_STATUS if self.by_sigterm else INTERRUPTED_STATUS
 
 
 @contextmanager

@@ -146,6 +146,25 @@ def test_metrics_show_and_plot(files, tmp_path):
     assert_png(out)
 
 
+def test_a_regression_run_has_no_accuracy_panel():
+    """A regression run's accuracy columns are all NaN: their panel was empty, on an axis from
+    -0.045 to 0.045, with a legend of lines that were not there."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    nan = np.full(3, np.nan)
+    regression = {
+        "steps": {"step": np.arange(3), "loss": np.ones(3), "accuracy": nan},
+        "epochs": {"epoch": np.arange(1, 4), "train_loss": np.ones(3), "train_accuracy": nan},
+    }
+    titles = [ax.get_title() for ax in metrics_figure(regression).axes]
+    assert titles == ["Loss"]
+    # show: a dash, as the spectra tables show a missing number, not "nan"
+    from hessian_cli.presentation.tables import columns_table
+
+    table = columns_table("Epochs", regression["epochs"])
+    assert list(table.columns[2].cells) == ["—"] * 3
+
+
 def test_a_two_dimensional_loss_column_shows_as_json_does(files, tmp_path):
     """docs/hdf5.md allows columns of rows; the table's first/last loss line took one for a
     number and failed where --json and plot read the file."""

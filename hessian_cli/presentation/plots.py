@@ -225,13 +225,21 @@ def _curve(ax: Axes, cols: Mapping[str, np.ndarray], x: str, y: str, **kw: Any) 
 
     Rows of a 2-D column (several eigenvalues per refresh) contribute their first entry.
     """
-    if y not in cols or not len(cols[y]):
+    if not _recorded(cols, y):
         return False
     values = np.asarray(cols[y], dtype=float)
     xs = np.asarray(cols[x]) if x in cols else np.arange(len(values))
     n = min(len(xs), len(values))
     ax.plot(xs[:n], values[:n] if values.ndim == 1 else values[:n, 0], **kw)
     return True
+
+
+def _recorded(cols: Mapping[str, np.ndarray], *names: str) -> bool:
+    """Whether any of the columns ``names`` holds a number (a regression run's accuracy is all
+    NaN: a panel for it drew no line, on an axis from -0.045 to 0.045)."""
+    return any(
+        name in cols and np.isfinite(np.asarray(cols[name], dtype=float)).any() for name in names
+    )
 
 
 def _epoch_axis(ax: Axes) -> None:
@@ -244,13 +252,13 @@ def metrics_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     steps, epochs = metrics.get("steps") or {}, metrics.get("epochs") or {}
     refresh, track = metrics.get("refresh") or {}, metrics.get("track") or {}
     panels = []
-    if "loss" in steps or "train_loss" in epochs:
+    if _recorded(steps, "loss") or _recorded(epochs, "train_loss", "test_loss"):
         panels.append("loss")
-    if {"accuracy"} & set(steps) or {"train_accuracy", "test_accuracy"} & set(epochs):
+    if _recorded(steps, "accuracy") or _recorded(epochs, "train_accuracy", "test_accuracy"):
         panels.append("accuracy")
-    if "lambda_max" in track or "eigenvalue" in refresh:
+    if _recorded(track, "lambda_max") or _recorded(refresh, "eigenvalue"):
         panels.append("curvature")
-    if "alignment" in refresh:
+    if _recorded(refresh, "alignment"):
         panels.append("alignment")
     if not panels:
         raise UserError("The metrics file holds no loss, accuracy or curvature to plot.")

@@ -344,12 +344,14 @@ def _written_by(info: Mapping[str, Any]) -> list[Text]:
 
 
 def _cell(values: np.ndarray, i: int) -> str:
+    """Row ``i`` of a metrics column; a dash for NaN (a regression run's accuracy), as the
+    spectra tables show a missing number."""
     v = values[i]
     if np.ndim(v):  # a row of several numbers, e.g. several eigenvalues at one refresh
-        return ", ".join(format(float(x), ".4g") for x in np.ravel(v))
+        return ", ".join(DASH if _missing(x) else format(float(x), ".4g") for x in np.ravel(v))
     if values.dtype.kind in "biu":
         return str(int(v))
-    return format(float(v), ".5g")
+    return DASH if _missing(float(v)) else format(float(v), ".5g")
 
 
 def columns_table(title: str, columns: Mapping[str, np.ndarray], max_rows: int = 50) -> Table:
@@ -382,7 +384,8 @@ def metrics_summary(
         f"{max((len(c) for c in cols.values()), default=0)} {name}"
         for name, cols in metrics.items()
     )
-    parts.append(Text(f"hessian-cli metrics file (format version {version}): {counts or 'empty'}"))
+    what = "hessian-cli metrics file" + (f" (format version {version})" if version else "")
+    parts.append(Text(f"{what}: {counts or 'empty'}"))
     parts.extend(_written_by(info))
     steps = metrics.get("steps") or {}
     if "loss" in steps and np.ndim(steps["loss"]) == 1 and len(steps["loss"]):  # 2-D: a table

@@ -217,6 +217,7 @@ def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
         (["plot", str(short), "-o", str(tmp_path / "x.png")], "damaged or not laid out"),
         (["plot", str(spectra_copy), "-o", str(spectra_copy)], "refusing to overwrite"),
         (["show", str(files["metrics"]), "-c", "final"], "--checkpoint picks a checkpoint"),
+        (["plot", str(files["single"]), "-o", "."], "-o . is a directory"),  # "resource busy"
     ]
     for args, message in cases:
         result = cli(*args)

@@ -175,7 +175,7 @@ def test_bad_tensor_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="same"):
         load_data(str(tmp_path / "lengths.npz"))
     np.savez(tmp_path / "neg.npz", x=np.zeros((3, 2)), y=np.array([0, -1, 2]))
-    with pytest.raises(UserError, match="negative"):
+    with pytest.raises(UserError, match="include -1, below 0"):
         load_data(str(tmp_path / "neg.npz"))
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(UserError, match="could not be read"):

@@ -366,7 +366,8 @@ class _Display:
         verb = f"Resuming at step {event.start_step}" if event.resumed_from else "Training"
         self.console.print(
             f"{verb}: {cfg.model} on {cfg.data} with {how}, {event.num_params:,} parameters, "
-            f"{event.total_steps} steps ({event.epochs} epochs of {event.steps_per_epoch}) on "
+            f"{event.total_steps} steps ({event.epochs} epoch{'s' if event.epochs != 1 else ''} "
+            f"of {event.steps_per_epoch}) on "
             f"{event.device}; run directory {event.run_dir}",
             highlight=False,
             soft_wrap=True,

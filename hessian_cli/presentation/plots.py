@@ -48,6 +48,8 @@ def _figure(panels: int) -> tuple[Figure, list[Axes]]:
 def save_figure(fig: Figure, out_path: str | Path) -> Path:
     """Render ``fig`` to ``out_path`` (format from the suffix, PNG by default) atomically."""
     out = Path(out_path)
+    if out.is_dir():  # "." was told "device or resource busy" when renamed over
+        raise UserError(f"-o {out} is a directory; give a file name such as fig.png.")
     fmt = out.suffix.lstrip(".").lower() or "png"
     supported = fig.canvas.get_supported_filetypes()
     supported.pop("pgf", None)  # needs a LaTeX installation

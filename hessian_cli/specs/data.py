@@ -332,7 +332,9 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
             f"data {spec!r}: integer labels in {which} must be one per sample, got shape {tuple(y.shape)}."
         )
     if int(y.min()) < 0:
-        raise UserError(f"data {spec!r}: {which} holds negative class labels ({int(y.min())}).")
+        raise UserError(
+            f"data {spec!r}: the class labels in {which} include {int(y.min())}, below 0."
+        )
     return y.long()
 
 

@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -109,7 +109,7 @@ CHECK_STEPS = 6
 # them in 3 of 20 solves; 12 or more fixed steps in none, nor the 15 this rule takes there.
 CHECK_REACH = 4.0
 
-# The stall guard's allowance for slow convergence (see `eigenpairs`): a residual more than
+# The stall guard's allowance for slow convergence (see `_stop_decision`): a residual more than
 # NOISE_MARGIN times the products' estimated noise floor is still far from it.
 NOISE_MARGIN = 100
 SLOW_PATIENCE = 4
@@ -187,244 +187,520 @@ def eigenpairs(
         )
     if check_steps < 0:
         raise UserError(f"--check-steps must be at least 0, not {check_steps}.")
-    if which == "both":  # the two ends share the budget: half each, and the top's leftover
-        top_budget = None if max_hvps is None else max_hvps - max_hvps // 2
-        plan = _plan(op.n, k, guard, block_size, max_basis, top_budget, warm=init is not None)
-        fresh = verify is False or (verify is None and getattr(op, "precision", "full") == "full")
-        if plan.whole and fresh:  # every column for the top: the bottom is in the same matrix
-            every = eigenpairs(
-                op,
-                op.n,
-                tol=tol,
-                criterion=criterion,
-                max_hvps=max_hvps,
-                seed=seed,
-                verify=verify,
-                progress=progress,
-            )
-            return _ends(every, k)
-        top = eigenpairs(
+    if which == "both":
+        return _both_ends(
             op,
             k,
-            which="largest",
             tol=tol,
             criterion=criterion,
             block_size=block_size,
             guard=guard,
             max_basis=max_basis,
-            max_hvps=top_budget,
-            init=None if init is None else init.reshape(-1, op.n)[:k],
+            max_hvps=max_hvps,
+            init=init,
             hint=hint,
             seed=seed,
             verify=verify,
             check_steps=check_steps,
             progress=progress,
         )
-        low = eigenpairs(
-            op,
-            k,
-            which="smallest",
-            tol=tol,
-            criterion=criterion,
-            block_size=block_size,
-            guard=guard,
-            max_basis=max_basis,
-            max_hvps=None if max_hvps is None else max(k, max_hvps - top.hvps),
-            init=None if init is None else init.reshape(-1, op.n)[k:],
-            seed=next_seed(seed),
-            verify=verify,
-            check_steps=check_steps,
-            progress=progress,
-        )
-        return _concat(top, low)
     if which not in ("largest", "smallest"):
         raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
     if criterion not in ("residual", "eigenvalue"):
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     check_count(k, op.n)
     start_time, start_hvps = time.perf_counter(), op.hvp_count
-    if init is not None:  # folded into the block the start will have (see b below)
+    if init is not None:  # folded into the block the start will have (see _plan's b)
         block = min(block_size or default_block_size(k), op.n, max_hvps or op.n)
         init = _warm_rows(init, op.n, block)
     plan = _plan(op.n, k, guard, block_size, max_basis, max_hvps, warm=init is not None)
-    kg, b, max_basis, max_hvps, whole, scout = plan
-    # Each pair's tolerance: `tol`, but a warm start's scout (see _plan) needs only `sqrt(tol)`.
-    tols = torch.full((kg,), tol, dtype=torch.float64)
-    if scout:
-        tols[-1] = math.sqrt(tol)
-    sign = 1.0 if which == "largest" else -1.0
-    gen = probe_generator(op, seed)
+    solve = _Solve.start(
+        op,
+        k,
+        plan,
+        which=which,
+        tol=tol,
+        criterion=criterion,
+        check_steps=check_steps,
+        seed=seed,
+        start_time=start_time,
+        start_hvps=start_hvps,
+    )
+    basis = _start_basis(solve, init, hint, progress)
+    while True:
+        solve.iterations += 1
+        pairs = _rayleigh_ritz(solve, basis)
+        stop = _stop_decision(solve, basis, pairs)
+        if progress:
+            progress(solve.spent, int(stop.conv[:k].sum()), k)
+        missed = _check_for_skipped(solve, basis, pairs, stop)
+        if stop.reason and missed is None:  # a skipped direction found, the iteration goes on
+            break
+        _expand_basis(solve, basis, pairs, stop, missed)
+    values, theta, vectors = _rayleigh_quotients(pairs, k)
+    asymmetry = basis.asymmetry
+    del basis, pairs  # free the basis before any verifying products
+    return _final_pairs(solve, values, theta, vectors, stop, asymmetry, verify)
 
-    # Stall guard: a tolerance below the operator's rounding noise can never be met. When the
-    # worst unconverged residual has not improved for `patience` products, stop and report
-    # the pairs as unconverged instead of spending the whole budget on noise. The products'
-    # noise shows in the projected matrix: H is symmetric, so the two float estimates of each
-    # entry, <q_i, H q_j> and <q_j, H q_i>, differ only by the products' errors. A residual far
-    # above what that asymmetry allows is slow convergence (clustered eigenvalues), not noise:
-    # it gets SLOW_PATIENCE times the patience, and "slow" as its reason if it stops.
-    patience = max(50, 10 * (kg + b))
-    best_worst, best_at, asymmetry = float("inf"), 0, 0.0
 
+def _both_ends(
+    op: LinearOperator,
+    k: int,
+    *,
+    tol: float,
+    criterion: Criterion,
+    block_size: int | None,
+    guard: int | None,
+    max_basis: int | None,
+    max_hvps: int | None,
+    init: torch.Tensor | None,
+    hint: torch.Tensor | None,
+    seed: int,
+    verify: bool | None,
+    check_steps: int,
+    progress: Progress | None,
+) -> EigenResult:
+    """``eigenpairs(which="both")``: a solve for each end, which share the budget (half each, and
+    what the top leaves to the bottom); or, where the top alone would take every column of the
+    matrix, that one solve, whose spectrum holds both ends."""
+    top_budget = None if max_hvps is None else max_hvps - max_hvps // 2
+    plan = _plan(op.n, k, guard, block_size, max_basis, top_budget, warm=init is not None)
+    fresh = verify is False or (verify is None and getattr(op, "precision", "full") == "full")
+    if plan.whole and fresh:  # every column for the top: the bottom is in the same matrix
+        every = eigenpairs(
+            op,
+            op.n,
+            tol=tol,
+            criterion=criterion,
+            max_hvps=max_hvps,
+            seed=seed,
+            verify=verify,
+            progress=progress,
+        )
+        return _ends(every, k)
+    top = eigenpairs(
+        op,
+        k,
+        which="largest",
+        tol=tol,
+        criterion=criterion,
+        block_size=block_size,
+        guard=guard,
+        max_basis=max_basis,
+        max_hvps=top_budget,
+        init=None if init is None else init.reshape(-1, op.n)[:k],
+        hint=hint,
+        seed=seed,
+        verify=verify,
+        check_steps=check_steps,
+        progress=progress,
+    )
+    low = eigenpairs(
+        op,
+        k,
+        which="smallest",
+        tol=tol,
+        criterion=criterion,
+        block_size=block_size,
+        guard=guard,
+        max_basis=max_basis,
+        max_hvps=None if max_hvps is None else max(k, max_hvps - top.hvps),
+        init=None if init is None else init.reshape(-1, op.n)[k:],
+        seed=next_seed(seed),
+        verify=verify,
+        check_steps=check_steps,
+        progress=progress,
+    )
+    return _concat(top, low)
+
+
+@dataclass
+class _Solve:
+    """One end's solve: its settings (from :func:`_plan` and the options), and what it has
+    counted so far, which the steps of the iteration share."""
+
+    op: LinearOperator
+    k: int
+    kg: int  # pairs converged: the k wanted, the guard and a warm start's scout
+    b: int  # vectors per pass
+    max_basis: int
+    max_hvps: int
+    whole: bool  # every column of the matrix instead of a Krylov basis
+    which: Which
+    tol: float
+    tols: torch.Tensor  # each of the kg pairs' tolerance
+    criterion: Criterion
+    sign: float  # 1 for the largest, -1 for the smallest: sign * theta is largest first
+    check_steps: int
+    gen: torch.Generator  # the start, the checks and fresh directions draw from it
+    patience: int  # products the stall guard waits for an improvement (see _stop_decision)
+    start_time: float
+    start_hvps: int
+    iterations: int = 0
+    scale: float = 0.0  # |lambda_max| as far as seen
+    grown_out: bool = False  # no new direction survived orthogonalisation
+    check_hvps: int = 0  # products spent looking for a skipped eigenvalue
+    skipped_found: int = 0
+    best_worst: float = float("inf")  # the stall guard's best worst unconverged residual,
+    best_at: int = 0  # and the products spent when it was reached
+
+    @classmethod
+    def start(
+        cls,
+        op: LinearOperator,
+        k: int,
+        plan: _Plan,
+        *,
+        which: Which,
+        tol: float,
+        criterion: Criterion,
+        check_steps: int,
+        seed: int,
+        start_time: float,
+        start_hvps: int,
+    ) -> _Solve:
+        """A solve that has taken no step yet."""
+        # Each pair's tolerance: `tol`, but a warm start's scout (see _plan) needs only `sqrt(tol)`.
+        tols = torch.full((plan.kg,), tol, dtype=torch.float64)
+        if plan.scout:
+            tols[-1] = math.sqrt(tol)
+        return cls(
+            op=op,
+            k=k,
+            kg=plan.kg,
+            b=plan.b,
+            max_basis=plan.max_basis,
+            max_hvps=plan.max_hvps,
+            whole=plan.whole,
+            which=which,
+            tol=tol,
+            tols=tols,
+            criterion=criterion,
+            sign=1.0 if which == "largest" else -1.0,
+            check_steps=check_steps,
+            gen=probe_generator(op, seed),
+            patience=max(50, 10 * (plan.kg + plan.b)),
+            start_time=start_time,
+            start_hvps=start_hvps,
+        )
+
+    @property
+    def spent(self) -> int:
+        """Products this solve has taken so far, the start and the checks included."""
+        return self.op.hvp_count - self.start_hvps
+
+
+@dataclass
+class _Basis:
+    """The orthonormal basis ``Q`` (rows), its products ``HQ`` and its projected matrix
+    ``T = Q H Q^T``. Every product is kept, so none is ever recomputed; ``Q`` and ``HQ`` are the
+    first ``m`` rows of two buffers allocated once, filled in place."""
+
+    Qb: torch.Tensor
+    HQb: torch.Tensor
+    m: int
+    T: torch.Tensor  # float64, on the CPU
+    asymmetry: float  # the largest gap between two estimates of an entry of T: products' noise
+    leak: _Leak | None  # None for the whole space, where nothing leaks
+
+    @property
+    def Q(self) -> torch.Tensor:
+        return self.Qb[: self.m]
+
+    @property
+    def HQ(self) -> torch.Tensor:
+        return self.HQb[: self.m]
+
+    @property
+    def capacity(self) -> int:
+        """Rows the buffers hold: the largest the basis may grow."""
+        return self.Qb.shape[0]
+
+    def restart(self, S: torch.Tensor) -> None:
+        """Thick restart: the basis becomes the Ritz vectors ``S^T Q`` (columns of ``S``), in
+        place, with their products and projected matrix."""
+        Sk = S.to(self.Q)
+        _combine_rows(self.Qb, Sk)
+        _combine_rows(self.HQb, Sk)
+        Sk = Sk.to(self.T)  # the same rounded combinations
+        self.T = _symmetric(Sk.T @ self.T @ Sk)
+        self.leak.restart(Sk)
+        self.m = Sk.shape[1]
+
+    def append(self, W: torch.Tensor, HW: torch.Tensor) -> None:
+        """Take in the rows ``W``, already written after the basis in ``Qb``, with their
+        products ``HW``."""
+        m = self.m + len(W)
+        self.T, cross_asymmetry = _extended(self.T, self.Q, self.HQ, W, HW)
+        self.asymmetry = max(self.asymmetry, cross_asymmetry)
+        self.HQb[self.m : m] = HW
+        self.leak = _Leak.of_new_rows(self.T, self.Qb[:m], self.HQb[:m], self.m, self.leak)
+        self.m = m
+
+
+def _start_basis(
+    solve: _Solve, init: torch.Tensor | None, hint: torch.Tensor | None, progress: Progress | None
+) -> _Basis:
+    """The basis the iteration starts from, in buffers for the whole solve, allocated only once
+    its memory is known to be free: every column of the matrix for a whole-space solve, else
+    the start block (:func:`_start_block`)."""
+    op = solve.op
     # The basis and its products live in two buffers of `capacity` rows, filled in place: no
     # copy of the basis per iteration, and a peak memory that is known before the first product.
     # Every row costs a product, so a small budget (Eigen-SAM's refresh: 6) needs no more rows.
-    capacity = op.n if whole else min(max_basis, max_hvps)
+    capacity = op.n if solve.whole else min(solve.max_basis, solve.max_hvps)
     # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
     collective = getattr(op, "distributed", False)
     with fail_together() if collective else contextlib.nullcontext():
-        _check_memory(op, k, capacity, min(capacity, kg + b), whole)
+        _check_memory(op, solve.k, capacity, min(capacity, solve.kg + solve.b), solve.whole)
     Qb = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)
     HQb = torch.empty_like(Qb)
-    if whole:
-        T, asymmetry = _whole_space(op, Qb, HQb, k, progress)  # one step of the loop below
-        m, leak = op.n, None
-    else:
-        start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
-        if hint is not None:
-            h = hint.to(start).reshape(-1)
-            size = float(norms(h))
-            if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
-                start[0] = start[0] / norms(start[0]) + h / size
-        if init is not None:
-            start = torch.cat([init.to(start), start])[:b]
-        start = orthonormalize_against(start, None)
-        m = start.shape[0]
-        Qb[:m], HQb[:m] = start, op.matmul(start)
-        T = gram(Qb[:m], HQb[:m]).cpu()  # Q H Q^T, kept up to date below
-        asymmetry = float((T - T.T).abs().max())
-        T = _symmetric(T)
-        leak = _Leak.of_new_rows(T, Qb[:m], HQb[:m], 0, None)
-    iterations, scale, grown_out = 0, 0.0, False
-    check_hvps = skipped_found = 0
-    missed: tuple[torch.Tensor, torch.Tensor] | None = None  # a skipped direction, with H of it
-    while True:
-        iterations += 1
-        Q, HQ = Qb[:m], HQb[:m]
-        theta, S = small_eigh(sign * T)  # on the CPU, as is the bookkeeping below
-        theta, S = sign * theta.flip(0), S.flip(1)  # most wanted first
-        w = min(m, kg + b)
-        # |lambda_max| as far as seen: every Ritz value lies within the spectrum, and a thick
-        # restart toward the smallest drops the largest from the basis, so keep the maximum.
-        scale = max(scale, float(theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny)))
-        spent = op.hvp_count - start_hvps
-        X = R = None
-        if leak is None:  # the whole space: nothing leaks, and the loop stops now
-            X, R = _ritz(S[:, :w], theta, Q, HQ)
-        while True:  # twice at most: a stop is decided on the Ritz vectors' own residuals
-            rnorm = leak.norms(S[:, :w]) if R is None else norms(R).double().cpu()
-            if criterion == "residual":
-                met = rnorm[:kg] <= tols[: len(rnorm)] * scale
-            else:
-                noise = _noise(asymmetry, scale, op.n)
-                errors = _relative_errors(theta[:w], rnorm, noise, op.dtype)[:kg]
-                t = tols[: len(errors)]
-                # An eigenvalue that may be zero has no relative error to bound: it is held to
-                # the residual criterion instead (it used to stall there, exact to 1e-15).
-                met = (errors <= t) | (errors.isinf() & (rnorm[: len(errors)] <= t * scale))
-            conv = torch.zeros(kg, dtype=torch.bool)
-            conv[: min(kg, w)] = met
-            unconverged = [i for i in range(min(kg, w)) if not conv[i]]
-            worst = float(rnorm[unconverged].max()) if unconverged else 0.0
-            improved = worst < 0.9 * best_worst
-            slow = worst > NOISE_MARGIN * asymmetry * math.sqrt(op.n)
-            stalled = not improved and spent - best_at > patience * (SLOW_PATIENCE if slow else 1)
-            reasons = {
-                "converged": bool(conv.all()),
-                "exhausted": m >= op.n or grown_out,
-                "stalled": stalled,
-                "budget": spent + b > max_hvps,
-            }
-            stop_reason = next((r for r, hit in reasons.items() if hit), "")
-            if stop_reason == "stalled" and slow:
-                stop_reason = "slow"
-            if not stop_reason or X is not None:
-                break
-            X, R = _ritz(S[:, :w], theta, Q, HQ)
-        if improved:
-            best_worst, best_at = worst, spent
-        if progress:
-            progress(spent, int(conv[:k].sum()), k)
-        # At most one look per pair and one more: each look that finds a direction adds an
-        # eigenvalue beyond the k-th pair, so more would be rounding taken for one.
-        end = max(abs(float(theta[0])), scale / CHECK_REACH**2)
-        steps = min(round(check_steps * math.sqrt(scale / end)), max_hvps - spent)
-        checkable = leak is not None and 0 < check_steps <= steps
-        checkable = checkable and skipped_found <= kg
-        if stop_reason == "converged" and checkable:
-            assert X is not None
-            # Beyond the k-th pair by more than the pairs' own residuals (and the products'
-            # rounding), so that a pair converged to within them is not found again.
-            margin = float(rnorm[:k].max()) + asymmetry * math.sqrt(op.n)
-            before = op.hvp_count
-            missed = _skipped_direction(
-                op, X[:kg], sign * float(theta[k - 1]) + margin, sign, steps, gen
-            )
-            check_hvps += op.hvp_count - before
-            if missed is not None:  # new to the basis (a thick restart keeps a part of it)
-                missed = _orthonormal_with_products(*missed, Q, HQ)
-            if missed is not None:
-                skipped_found += 1
-                stop_reason = ""
-                best_worst, best_at = float("inf"), op.hvp_count - start_hvps
-        if stop_reason:
+    if solve.whole:
+        T, asymmetry = _whole_space(op, Qb, HQb, solve.k, progress)  # one step of the iteration
+        return _Basis(Qb, HQb, op.n, T, asymmetry, None)
+    start = _start_block(op, solve.b, init, hint, solve.gen)
+    m = start.shape[0]
+    Qb[:m], HQb[:m] = start, op.matmul(start)
+    T = gram(Qb[:m], HQb[:m]).cpu()  # Q H Q^T, kept up to date by _Basis
+    asymmetry = float((T - T.T).abs().max())
+    T = _symmetric(T)
+    return _Basis(Qb, HQb, m, T, asymmetry, _Leak.of_new_rows(T, Qb[:m], HQb[:m], 0, None))
+
+
+def _start_block(
+    op: LinearOperator,
+    b: int,
+    init: torch.Tensor | None,
+    hint: torch.Tensor | None,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The first block, orthonormal: the warm start's rows first, then random vectors, which
+    leave out no direction; the first of them leans toward the hint, with the weight of the
+    random part, so that a poor hint costs little."""
+    start = gaussian((b, op.n), generator=gen, dtype=op.dtype, device=op.device)
+    if hint is not None:
+        h = hint.to(start).reshape(-1)
+        size = float(norms(h))
+        if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
+            start[0] = start[0] / norms(start[0]) + h / size
+    if init is not None:
+        start = torch.cat([init.to(start), start])[:b]
+    return orthonormalize_against(start, None)
+
+
+@dataclass
+class _RitzPairs:
+    """The Rayleigh-Ritz solution of one basis, most wanted first."""
+
+    theta: torch.Tensor  # the Ritz values (float64, CPU)
+    S: torch.Tensor  # their eigenvectors in the basis: the Ritz vectors are S^T Q
+    w: int  # the pairs whose residuals are followed: the kg to converge and a block more
+    X: torch.Tensor | None = None  # the first w Ritz vectors, formed only to stop
+    R: torch.Tensor | None = None  # and their residuals
+
+    def form(self, basis: _Basis) -> None:
+        """Form the Ritz vectors and their residuals from the kept products (:func:`_ritz`)."""
+        self.X, self.R = _ritz(self.S[:, : self.w], self.theta, basis.Q, basis.HQ)
+
+
+def _rayleigh_ritz(solve: _Solve, basis: _Basis) -> _RitzPairs:
+    """The Ritz pairs of the basis, from its projected matrix on the CPU; the solve's scale
+    follows their values."""
+    theta, S = small_eigh(solve.sign * basis.T)  # on the CPU, as is the bookkeeping after it
+    theta, S = solve.sign * theta.flip(0), S.flip(1)  # most wanted first
+    # |lambda_max| as far as seen: every Ritz value lies within the spectrum, and a thick
+    # restart toward the smallest drops the largest from the basis, so keep the maximum.
+    tiny = torch.finfo(torch.float64).tiny
+    solve.scale = max(solve.scale, float(theta.abs().max().clamp_min(tiny)))
+    pairs = _RitzPairs(theta, S, min(basis.m, solve.kg + solve.b))
+    if basis.leak is None:  # the whole space: nothing leaks, and the iteration stops now
+        pairs.form(basis)
+    return pairs
+
+
+class _Stop(NamedTuple):
+    """The stop test of one iteration."""
+
+    reason: str  # why the iteration stops; "" while it goes on
+    rnorm: torch.Tensor  # the residual norms of the w pairs followed (float64, CPU)
+    conv: torch.Tensor  # which of the kg pairs meet their tolerance
+    unconverged: list[int]  # the others among the first w, most wanted first
+
+
+def _stop_decision(solve: _Solve, basis: _Basis, pairs: _RitzPairs) -> _Stop:
+    """Whether the iteration stops, and why. The leak's residuals (:class:`_Leak`) decide it
+    each iteration; a stop is decided again on the Ritz vectors' own residuals, formed for it,
+    so that the result and its reason rest on those."""
+    op, spent, w = solve.op, solve.spent, pairs.w
+    while True:  # twice at most: a stop is decided on the Ritz vectors' own residuals
+        if pairs.R is None:
+            rnorm = basis.leak.norms(pairs.S[:, :w])
+        else:
+            rnorm = norms(pairs.R).double().cpu()
+        conv = _tolerance_met(solve, pairs, rnorm, basis.asymmetry)
+        unconverged = [i for i in range(min(solve.kg, w)) if not conv[i]]
+        # Stall guard: a tolerance below the operator's rounding noise can never be met. When
+        # the worst unconverged residual has not improved for `patience` products, stop and
+        # report the pairs as unconverged instead of spending the whole budget on noise. The
+        # products' noise shows in the projected matrix: H is symmetric, so the two float
+        # estimates of each entry, <q_i, H q_j> and <q_j, H q_i>, differ only by the products'
+        # errors. A residual far above what that asymmetry allows is slow convergence
+        # (clustered eigenvalues), not noise: it gets SLOW_PATIENCE times the patience, and
+        # "slow" as its reason if it stops.
+        worst = float(rnorm[unconverged].max()) if unconverged else 0.0
+        improved = worst < 0.9 * solve.best_worst
+        slow = worst > NOISE_MARGIN * basis.asymmetry * math.sqrt(op.n)
+        patience = solve.patience * (SLOW_PATIENCE if slow else 1)
+        stalled = not improved and spent - solve.best_at > patience
+        reasons = {
+            "converged": bool(conv.all()),
+            "exhausted": basis.m >= op.n or solve.grown_out,
+            "stalled": stalled,
+            "budget": spent + solve.b > solve.max_hvps,
+        }
+        reason = next((r for r, hit in reasons.items() if hit), "")
+        if reason == "stalled" and slow:
+            reason = "slow"
+        if not reason or pairs.X is not None:
             break
-        if missed is not None:  # the check's direction, whose product it has already taken
-            W = missed[0]
-        else:
-            # Expand with the residuals of the unconverged wanted Ritz vectors, largest first,
-            # then of the next Ritz vectors. In a Krylov space all residuals point the same way
-            # in exact arithmetic; the largest carries that direction with the least rounding,
-            # whereas a pair already at its noise floor would only add noise.
-            unconverged.sort(key=lambda i: -float(rnorm[i]))
-            order = unconverged + list(range(kg, w))
-            W = R[order[:b]] if R is not None else leak.residuals(S[:, order[:b]])
-        if m + W.shape[0] > capacity:  # thick restart: keep the best Ritz vectors
-            keep = min(m, max(kg, capacity - W.shape[0]))
-            if keep < m:
-                Sk = S[:, :keep].to(Q)
-                _combine_rows(Qb, Sk)
-                _combine_rows(HQb, Sk)
-                Sk = Sk.to(T)  # the same rounded combinations
-                T = _symmetric(Sk.T @ T @ Sk)
-                leak.restart(Sk)
-                m = keep
-                Q, HQ = Qb[:m], HQb[:m]
-            W = W[: capacity - m]  # where the kept pairs leave less room than a block
-        if missed is not None:
-            W, HW = missed
-            missed = None
-            Qb[m : m + len(W)] = W
-        else:
-            W = orthonormalize_against(W, Q)
-            Qb[m : m + len(W)] = W
-            if len(W) < b and m + len(W) < op.n:  # invariant subspace: add fresh directions
-                extra = gaussian(
-                    (b - len(W), op.n), generator=gen, dtype=op.dtype, device=op.device
-                )
-                extra = orthonormalize_against(extra, Qb[: m + len(W)])[: b - len(W)]
-                Qb[m + len(W) : m + len(W) + len(extra)] = extra
-                W = Qb[m : m + len(W) + len(extra)]
-            if len(W) == 0:  # the space cannot grow: stop after the Ritz pairs of this basis
-                grown_out = True
-                continue
-            HW = op.matmul(W)
-        T, cross_asymmetry = _extended(T, Q, HQ, W, HW)
-        asymmetry = max(asymmetry, cross_asymmetry)
-        HQb[m : m + len(W)] = HW
-        leak = _Leak.of_new_rows(T, Qb[: m + len(W)], HQb[: m + len(W)], m, leak)
-        m += len(W)
+        pairs.form(basis)
+    if improved:
+        solve.best_worst, solve.best_at = worst, spent
+    return _Stop(reason, rnorm, conv, unconverged)
+
+
+def _tolerance_met(
+    solve: _Solve, pairs: _RitzPairs, rnorm: torch.Tensor, asymmetry: float
+) -> torch.Tensor:
+    """Which of the ``kg`` pairs meet their tolerance by the solve's criterion, given the
+    residual norms ``rnorm`` of the first ``w`` (none beyond them)."""
+    kg, tols, scale = solve.kg, solve.tols, solve.scale
+    if solve.criterion == "residual":
+        met = rnorm[:kg] <= tols[: len(rnorm)] * scale
+    else:
+        noise = _noise(asymmetry, scale, solve.op.n)
+        errors = _relative_errors(pairs.theta[: pairs.w], rnorm, noise, solve.op.dtype)[:kg]
+        t = tols[: len(errors)]
+        # An eigenvalue that may be zero has no relative error to bound: it is held to
+        # the residual criterion instead (it used to stall there, exact to 1e-15).
+        met = (errors <= t) | (errors.isinf() & (rnorm[: len(errors)] <= t * scale))
+    conv = torch.zeros(kg, dtype=torch.bool)
+    conv[: min(kg, pairs.w)] = met
+    return conv
+
+
+def _check_for_skipped(
+    solve: _Solve, basis: _Basis, pairs: _RitzPairs, stop: _Stop
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """After a stop for convergence, one look for an eigenvalue the space skipped (see
+    CHECK_STEPS): the direction found, new to the basis, with its product; ``None`` where the
+    look finds none, or where there is none to take (a whole space, no check steps, too little
+    budget left, or the most looks a solve takes)."""
+    if stop.reason != "converged":
+        return None
+    op, k, kg, scale = solve.op, solve.k, solve.kg, solve.scale
+    end = max(abs(float(pairs.theta[0])), scale / CHECK_REACH**2)
+    steps = min(round(solve.check_steps * math.sqrt(scale / end)), solve.max_hvps - solve.spent)
+    checkable = basis.leak is not None and 0 < solve.check_steps <= steps
+    # At most one look per pair and one more: each look that finds a direction adds an
+    # eigenvalue beyond the k-th pair, so more would be rounding taken for one.
+    if not checkable or solve.skipped_found > kg:
+        return None
+    assert pairs.X is not None
+    # Beyond the k-th pair by more than the pairs' own residuals (and the products'
+    # rounding), so that a pair converged to within them is not found again.
+    margin = float(stop.rnorm[:k].max()) + basis.asymmetry * math.sqrt(op.n)
+    threshold = solve.sign * float(pairs.theta[k - 1]) + margin
+    before = op.hvp_count
+    missed = _skipped_direction(op, pairs.X[:kg], threshold, solve.sign, steps, solve.gen)
+    solve.check_hvps += op.hvp_count - before
+    if missed is not None:  # new to the basis (a thick restart keeps a part of it)
+        missed = _orthonormal_with_products(*missed, basis.Q, basis.HQ)
+    if missed is not None:
+        solve.skipped_found += 1
+        solve.best_worst, solve.best_at = float("inf"), solve.spent
+    return missed
+
+
+def _expand_basis(
+    solve: _Solve,
+    basis: _Basis,
+    pairs: _RitzPairs,
+    stop: _Stop,
+    missed: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """Grow the basis by a block: the direction the check found, whose product it has already
+    taken, or the residuals of the Ritz pairs (:func:`_residual_block`) and their products.
+    A full basis is first restarted from its best Ritz vectors; a space that cannot grow is
+    marked ``grown_out``, to stop on the Ritz pairs it has."""
+    op, m = solve.op, basis.m
+    W = missed[0] if missed is not None else _residual_block(solve, basis, pairs, stop)
+    if m + W.shape[0] > basis.capacity:  # thick restart: keep the best Ritz vectors
+        keep = min(m, max(solve.kg, basis.capacity - W.shape[0]))
+        if keep < m:
+            basis.restart(pairs.S[:, :keep])
+            m = keep
+        W = W[: basis.capacity - m]  # where the kept pairs leave less room than a block
+    if missed is not None:
+        W, HW = missed
+        basis.Qb[m : m + len(W)] = W
+    else:
+        W = orthonormalize_against(W, basis.Q)
+        basis.Qb[m : m + len(W)] = W
+        if len(W) < solve.b and m + len(W) < op.n:  # invariant subspace: add fresh directions
+            extra = gaussian(
+                (solve.b - len(W), op.n), generator=solve.gen, dtype=op.dtype, device=op.device
+            )
+            extra = orthonormalize_against(extra, basis.Qb[: m + len(W)])[: solve.b - len(W)]
+            basis.Qb[m + len(W) : m + len(W) + len(extra)] = extra
+            W = basis.Qb[m : m + len(W) + len(extra)]
+        if len(W) == 0:  # the space cannot grow: stop after the Ritz pairs of this basis
+            solve.grown_out = True
+            return
+        HW = op.matmul(W)
+    basis.append(W, HW)
+
+
+def _residual_block(solve: _Solve, basis: _Basis, pairs: _RitzPairs, stop: _Stop) -> torch.Tensor:
+    """The next block's directions: the residuals of the unconverged wanted Ritz vectors,
+    largest first, then of the next Ritz vectors. In a Krylov space all residuals point the same
+    way in exact arithmetic; the largest carries that direction with the least rounding,
+    whereas a pair already at its noise floor would only add noise."""
+    largest_first = sorted(stop.unconverged, key=lambda i: -float(stop.rnorm[i]))
+    order = (largest_first + list(range(solve.kg, pairs.w)))[: solve.b]
+    return pairs.R[order] if pairs.R is not None else basis.leak.residuals(pairs.S[:, order])
+
+
+def _rayleigh_quotients(
+    pairs: _RitzPairs, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``k`` Ritz values made their vectors' Rayleigh quotients, the values of the
+    ``w`` pairs followed with them in front, and the ``k`` Ritz vectors at unit length."""
     # The projected matrix drifts from the stored float32 basis (rounding of the basis and of
     # restarts): a float32 top vector of 4M entries was 1 + 6e-7 long, and Ritz values were up
     # to 1.3e-6 (relative) off their vectors' Rayleigh quotients, twice their error bounds. The
     # value is that quotient, x.Hx / x.x = theta + x.r / x.x from the kept products (Hx = r +
     # theta x), and the vector unit length, to rounding.
+    X, R = pairs.X, pairs.R
     assert X is not None and R is not None  # a stop computes them
     squares = row_dots(X[:k], X[:k]).cpu()
-    values = theta[:k] + row_dots(X[:k], R[:k]).cpu() / squares
-    theta = torch.cat([values, theta[k:]])
-    vectors = X[:k] / squares.sqrt().to(X)[:, None]
-    del Qb, HQb, Q, HQ, R, leak  # free the basis before any verifying products
+    values = pairs.theta[:k] + row_dots(X[:k], R[:k]).cpu() / squares
+    theta = torch.cat([values, pairs.theta[k : pairs.w]])
+    return values, theta, X[:k] / squares.sqrt().to(X)[:, None]
 
+
+def _final_pairs(
+    solve: _Solve,
+    values: torch.Tensor,
+    theta: torch.Tensor,
+    vectors: torch.Tensor,
+    stop: _Stop,
+    asymmetry: float,
+    verify: bool | None,
+) -> EigenResult:
+    """The result for the ``k`` pairs: their residuals (from fresh full-precision products where
+    verified), error bounds, which converged, and the stop's reason as those make it."""
+    op, k, scale, rnorm = solve.op, solve.k, solve.scale, stop.rnorm
     if verify is None:
         verify = getattr(op, "precision", "full") != "full"
     if verify:
@@ -438,13 +714,14 @@ def eigenpairs(
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
     noise = _noise(asymmetry, scale, op.n)
-    errors = _relative_errors(theta[:w], rnorm, noise, op.dtype)[:k]
-    converged = _converged(criterion, residuals, errors, tol, krylov=not whole)
+    errors = _relative_errors(theta, rnorm, noise, op.dtype)[:k]
+    converged = _converged(solve.criterion, residuals, errors, solve.tol, krylov=not solve.whole)
     # The gaps that sharpen a bound are read from the other Ritz values, which an unconverged
     # solve may not have found yet (a budget of 4 products claimed 0.21 for a value 0.72 off):
     # its pairs keep the bound that needs no gap, the residual's (Weyl).
     weyl = _relative_errors(theta[:k], rnorm[:k], noise, op.dtype, gaps=False)
     errors = torch.where(converged, errors, weyl)
+    stop_reason = stop.reason
     if bool(converged.all()):
         stop_reason = "converged"  # whatever became of the guard
     elif stop_reason == "converged":
@@ -455,19 +732,19 @@ def eigenpairs(
         errors=errors,
         converged=converged,
         eigenvectors=vectors,
-        which=which,
-        tol=tol,
-        criterion=criterion,
+        which=solve.which,
+        tol=solve.tol,
+        criterion=solve.criterion,
         scale=scale,
-        hvps=op.hvp_count - start_hvps,
-        iterations=iterations,
-        seconds=time.perf_counter() - start_time,
-        block_size=b,
-        guard=kg - k,
+        hvps=solve.spent,
+        iterations=solve.iterations,
+        seconds=time.perf_counter() - solve.start_time,
+        block_size=solve.b,
+        guard=solve.kg - solve.k,
         stop_reason=stop_reason,
-        method=WHOLE if whole else "block-krylov-thick-restart",
-        check_hvps=check_hvps,
-        skipped_found=skipped_found,
+        method=WHOLE if solve.whole else "block-krylov-thick-restart",
+        check_hvps=solve.check_hvps,
+        skipped_found=solve.skipped_found,
     )
 
 

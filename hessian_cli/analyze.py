@@ -420,7 +420,7 @@ def _run_solvers(
             precision=request.precision,
         )
         if request.top_k:
-            check_count(request.top_k, op.n)
+            check_count(request.top_k, op.n, request.which)
         if request.density:  # refused now, not after the eigenpairs it would lose
             check_density_memory(op, request.density_probes, request.density_steps)
     loss, g = op.gradient()  # where graphs are kept, this builds them for the products too

@@ -519,6 +519,28 @@ def test_a_budget_below_one_product_per_pair_is_refused():
     assert op.hvp_count == 0
 
 
+def test_both_ends_that_would_overlap_are_refused():
+    """2k > n pairs of both ends share some: -k 2410 --which both on 2,410 parameters returned
+    every pair twice, with exit 0."""
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 12.0, dtype=torch.float64)))
+    with pytest.raises(UserError, match="at most 5, or --which largest with --top-k 11"):
+        eigenpairs(op, 6, which="both")
+    assert op.hvp_count == 0
+    res = eigenpairs(op, 5, which="both", tol=1e-10)
+    assert sorted(res.eigenvalues.tolist()) == pytest.approx([1, 2, 3, 4, 5, 7, 8, 9, 10, 11])
+
+
+def test_a_block_of_most_of_the_space_takes_the_whole_space_within_its_default_budget():
+    """A block of 2,000 of 2,410 parameters spent the default budget of 2,000 products in one
+    pass and returned an unconverged lambda_1 (1.87 for 2.24); the whole space takes n."""
+    n = 2_100
+    values = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    op = DiagonalOperator(values)
+    res = eigenpairs(op, 1, block_size=2_000, tol=1e-8)
+    assert res.method == "whole-space" and res.hvps == n and res.all_converged
+    assert float(res.eigenvalues[0]) == pytest.approx(1.0, rel=1e-12)
+
+
 def test_full_spectrum_when_k_equals_n():
     H = torch.randn(12, 12, dtype=torch.float64)
     H = H + H.T

@@ -66,7 +66,9 @@ def analyze(
     max_hvps: int | None = typer.Option(
         None,
         "--max-hvps",
-        help="HVP budget for the eigensolver; giving one accepts unconverged pairs (exit 0).",
+        help="HVP budget for the eigensolver (default: 2000 or 200 per pair, guard included, "
+        "whichever is more; n where it takes every column); giving one accepts unconverged "
+        "pairs (exit 0).",
     ),
     block_size: int | None = typer.Option(
         None,

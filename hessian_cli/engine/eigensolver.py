@@ -188,6 +188,7 @@ def eigenpairs(
     if check_steps < 0:
         raise UserError(f"--check-steps must be at least 0, not {check_steps}.")
     if which == "both":
+        check_count(k, op.n, which)
         return _both_ends(
             op,
             k,
@@ -827,12 +828,20 @@ def _plan(
         # loosely: the space must grow until it has found the largest eigenvalue outside the
         # rows' span, which, if it now belongs among the k, is then held to `tol` with them.
         kg += 1
-    max_hvps = max_hvps if max_hvps is not None else max(2000, 200 * kg)
-    b = min(block_size or default_block_size(k), n, max_hvps)
+    budget = max_hvps if max_hvps is not None else default_max_hvps(kg)
+    b = min(block_size or default_block_size(k), n, budget)
     max_basis = min(n, max_basis or max(3 * (kg + b), 20))
     max_basis = max(max_basis, min(n, kg + 2 * b))
-    whole = 2 * max_basis >= n >= WHOLE_SPACE_FROM and max_hvps >= n
-    return _Plan(kg, b, max_basis, max_hvps, whole, scout)
+    large = 2 * max_basis >= n >= WHOLE_SPACE_FROM
+    if large and max_hvps is None:  # the whole space's n products, fewer than such a basis takes
+        budget = max(budget, n)  # (a block of 2,000 of 2,410 spent a budget of 2,000 at once)
+    return _Plan(kg, b, max_basis, budget, large and budget >= n, scout)
+
+
+def default_max_hvps(pairs: int) -> int:
+    """The products a solve that converges ``pairs`` pairs may spend where no budget is given
+    (more where it takes every column of the matrix instead)."""
+    return max(2000, 200 * pairs)
 
 
 def _ends(res: EigenResult, k: int) -> EigenResult:
@@ -974,12 +983,21 @@ def check_options(
         )
 
 
-def check_count(k: int, n: int) -> None:
-    """Refuse more eigenpairs than the ``n`` parameters have (or fewer than one)."""
+def check_count(k: int, n: int, which: str = "largest") -> None:
+    """Refuse more eigenpairs than the ``n`` parameters have (or fewer than one); with
+    ``which="both"``, more than the two ends can hold apart (their 2k pairs would share some,
+    returned twice)."""
+    params = f"parameter{'s' if n != 1 else ''}"
+    if which == "both" and k > n // 2:
+        raise UserError(
+            f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} at each end of a Hessian with "
+            f"{n} {params} without the ends overlapping: choose --top-k of at most {n // 2}, or "
+            f"--which largest with --top-k {n} for the whole spectrum."
+        )
     if not 1 <= k <= n:
         raise UserError(
             f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
-            f"parameter{'s' if n != 1 else ''}: choose --top-k between 1 and {n}."
+            f"{params}: choose --top-k between 1 and {n}."
         )
 
 

@@ -284,6 +284,18 @@ def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
     assert spectra_figure(older).axes[0].get_title().startswith("Top")  # files without `which`
 
 
+def test_a_series_of_different_searches_says_which_end_each_row_holds():
+    """One file with a top-2 and a smallest-2: the #1 column held the largest in one row and
+    the smallest in the other, and nothing said which."""
+    ds = [
+        {"name": name, "provenance": {}, "eigen": {"which": which, "eigenvalues": [2.0, 1.0]}}
+        for name, which in (("a", "largest"), ("b", "smallest"))
+    ]
+    table = series_table(ds)
+    assert [str(c.header) for c in table.columns][3:6] == ["which", "#1", "#2"]
+    assert list(table.columns[3].cells) == ["largest", "smallest"]
+
+
 def test_a_series_plot_marks_unconverged_pairs_only_where_there_are_some():
     def series(converged: list[int]) -> list[dict]:
         eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": converged}

@@ -263,8 +263,12 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title=f"{len(ds)} checkpoints", caption_justify="left")
     longest = max((len(str(d.get("name"))) for d in ds), default=10)
     table.add_column("checkpoint", min_width=min(longest, 40), overflow="fold")
-    labels = eigen_labels({(d.get("eigen") or {}).get("which") for d in ds}, k)
-    for label in ("step", "epoch", *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||"):
+    whiches = {(d.get("eigen") or {}).get("which") for d in ds}
+    labels = eigen_labels(whiches, k)
+    # Searches that differ between rows: each row says which of its ends the #i columns hold.
+    mixed = len(whiches - {None}) > 1
+    which = ["which"] if mixed else []
+    for label in ("step", "epoch", *which, *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||"):
         # On a narrow terminal digits fold onto a second line, never cut to "4.7…".
         table.add_column(label, justify="right", overflow="fold")
     unconverged = False
@@ -287,6 +291,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             escape(str(d.get("name"))),  # a name, not markup: net[red].pt
             str(prov.get("step", DASH)),
             str(prov.get("epoch", DASH)),
+            *([e.get("which") or DASH] if mixed else []),
             *cells,
             _g(t["estimate"], ".5g")
             + (f" ± {_g(t['stderr'], '.2g')}" if t.get("stderr") is not None else "")

@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from hessian_cli import __version__
 from hessian_cli.errors import Terminated, UserError
+from hessian_cli.launch import env_rank, env_world_size, launched_by_torchrun
 
 app = typer.Typer(
     name="hessian-cli",
@@ -77,25 +78,16 @@ def _register_commands() -> None:
     from hessian_cli.cli import commands  # noqa: F401  (registers commands on `app`)
 
 
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _ranks() -> int:
-    """Processes in the job: torchrun's WORLD_SIZE, else 1."""
-    return int(os.environ["WORLD_SIZE"]) if _under_torchrun() else 1
-
-
 def _rank_prefix(exc: Exception) -> str | None:
     """``"rank R: "`` for an error of one rank under torchrun, ``""`` otherwise; None: stay quiet.
 
     Errors all ranks agreed on are printed by rank 0 alone (the message names the failing rank).
     """
-    if _ranks() == 1:
+    if env_world_size() == 1:
         return ""
     from hessian_cli.engine.distributed import CollectiveUserError
 
-    rank = int(os.environ["RANK"])
+    rank = env_rank()
     # A series stopped by an error all ranks agreed on is as collective as that error.
     if isinstance(exc, CollectiveUserError) or isinstance(exc.__cause__, CollectiveUserError):
         return "" if rank == 0 else None
@@ -118,12 +110,12 @@ def _report(exc: Exception) -> int:
     if state.debug:
         traceback.print_exception(exc)
         return code
-    if _ranks() > 1:
+    if env_world_size() > 1:
         from hessian_cli.engine.distributed import PeerLost
 
         if isinstance(exc, PeerLost):  # not this rank's error: the rank that left says why
             err_console.print(
-                f"rank {os.environ['RANK']} stopped: another rank left or stopped answering; "
+                f"rank {env_rank()} stopped: another rank left or stopped answering; "
                 "its message or torchrun's report says why.",
                 style="dim",
                 highlight=False,
@@ -199,7 +191,7 @@ def main() -> None:
     only then, to keep startup fast) and leaves it with the other ranks, unless it failed alone.
     """
     _register_commands()
-    torchrun = _under_torchrun()
+    torchrun = launched_by_torchrun()
     try:
         if torchrun:
             from hessian_cli.engine import distributed
@@ -209,7 +201,7 @@ def main() -> None:
         with signal_handled(signal.SIGTERM, _raise_terminated):
             app()
     except Terminated as exc:
-        rank = f"rank {os.environ['RANK']} " if torchrun else ""
+        rank = f"rank {env_rank()} " if torchrun else ""
         said = str(exc) or "stopped: the process received SIGTERM."
         err_console.print(f"{rank}{said}", style="dim", highlight=False, soft_wrap=True)
         _leave_now(TERMINATED_STATUS)  # the job is being stopped: its barrier would wait

@@ -41,6 +41,7 @@ from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
 from hessian_cli.cli.app import INTERRUPTED_STATUS, TERMINATED_STATUS, app, signal_handled
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import Terminated, UserError
+from hessian_cli.launch import launched_by_torchrun
 from hessian_cli.presentation.training import epoch_line, epoch_table
 
 # Under torchrun one Ctrl-C can reach a rank more than once: torchrun forwards the SIGINT it got,
@@ -178,7 +179,7 @@ def train_command(
     set_options = {k: v for k, v in given.items() if v is not None}
     # The loop (torch) is imported here, not at the top: --help stays instant.
     from eigensam.training import train
-    from hessian_cli.engine.distributed import fail_together, launched_by_torchrun, world
+    from hessian_cli.engine.distributed import fail_together, world
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         if resume is not None:

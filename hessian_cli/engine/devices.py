@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from hessian_cli.engine.distributed import launched_by_torchrun
 from hessian_cli.errors import UserError
+from hessian_cli.launch import launched_by_torchrun
 
 
 def resolve_device(name: str) -> torch.device:

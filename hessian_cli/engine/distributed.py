@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hessian_cli.errors import NotFinite, UserError
+from hessian_cli.launch import launched_by_torchrun
 
 T = TypeVar("T")
 
@@ -70,10 +71,6 @@ def local_world_size() -> int:
     if not is_distributed():
         return 1
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_from_env(timeout_s: float | None = None) -> bool:

@@ -571,7 +571,11 @@ def test_a_checkpoint_with_a_damaged_training_state_is_one_sentence(tmp_path, ed
 
 
 def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_path):
-    single = {"data": "synthetic-regression:16:1:96", "loss": "ce"}  # softmax over one class
+    # Probabilities over one class (real targets of another kind are refused before: see
+    # test_specs_losses), for a model of one output: a softmax over one class.
+    one_class = tmp_path / "one_class.npz"
+    np.savez(one_class, x=np.random.default_rng(0).normal(size=(96, 16)), y=np.ones((96, 1)))
+    single = {"data": str(one_class), "loss": "ce"}
     for overrides, message in (
         (single, "cross-entropy over a single output is 0 whatever the weights"),
         ({"seed": 10**23}, "--seed must be an integer between -2\\*\\*63 and 2\\*\\*64 - 1"),

@@ -1,12 +1,9 @@
 """The training loop behind ``hessian-cli train``: SGD, SAM or Eigen-SAM on a model/data spec.
 
 A run lives in a directory (:mod:`eigensam.run_dir`); what it measures besides its minibatch
-loss (lambda_max tracking, the test split) is :mod:`eigensam.tracking`'s.
+loss (lambda_max tracking, the test split) is :mod:`eigensam.tracking`'s; what its checkpoints
+hold, and how a resume continues it bit for bit, is :mod:`eigensam.resume`'s.
 
-Resuming repeats an uninterrupted run bit for bit on CPU: the weights, optimizer state (momentum,
-the Eigen-SAM eigenvector and its refresh count), the global torch RNG, the data-order generator
-as of the start of the current epoch and the position within the epoch are all restored, and the
-learning rate is a closed-form function of the global step (no scheduler state to drift).
 Steps are counted globally from 0; Eigen-SAM refreshes its eigenvector on the current minibatch
 at every step that is a multiple of ``eig_every`` (step 0 included).
 
@@ -26,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -38,17 +34,18 @@ from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
 from eigensam.bn import disable_running_stats, enable_running_stats
-from eigensam.config import (
-    RESUME_AS_CONFIGURED,
-    TrainConfig,
-    flag,
-    load_config,
-    require,
-    without_unused,
-)
-from eigensam.determinism import DataOrder, capture_rng, restore_rng
+from eigensam.config import TrainConfig, load_config, require
+from eigensam.determinism import DataOrder
 from eigensam.eigen_sam import EigenSAM
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
+from eigensam.resume import (
+    FILE_FIELDS,
+    RunPosition,
+    anchored_config,
+    check_same_run,
+    checkpoint_payload,
+    restore,
+)
 from eigensam.run_dir import (
     METRICS_FILE,
     check_new_run_dir,
@@ -58,7 +55,6 @@ from eigensam.run_dir import (
     latest_checkpoint,
     resume_hint,
     step_checkpoint_path,
-    unusable_checkpoint_message,
 )
 from eigensam.sam import SAM
 from eigensam.tracking import (
@@ -68,17 +64,12 @@ from eigensam.tracking import (
     evaluate,
     gradient_alignment,
 )
-from hessian_cli import __version__
 from hessian_cli.engine import distributed
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.operator import Batch, LossFn, batch_statistics_error
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
-    absolute,
     analysis_batches,
-    anchored,
-    anchored_data,
-    apply_weights,
     build_model,
     cast_inputs,
     check_finite,
@@ -87,7 +78,6 @@ from hessian_cli.specs import (
     check_targets,
     default_loss,
     get_loss,
-    load_checkpoint,
     load_data,
     save_checkpoint,
     takes_token_ids,
@@ -120,9 +110,9 @@ def train(
             if resume_dir is not None:
                 run_dir = Path(resume_dir)
                 saved = load_config(run_dir)
-                _check_same_run(config, saved.identity(), "saved configuration")
+                check_same_run(config, saved.identity(), "saved configuration")
                 # The files as config.json names them (which its checkpoints record too).
-                config = dataclasses.replace(config, **{k: getattr(saved, k) for k in _FILES})
+                config = dataclasses.replace(config, **{k: getattr(saved, k) for k in FILE_FIELDS})
                 if distributed.world()[0] == 0:  # the one that writes
                     check_resumable_dir(run_dir)
             else:
@@ -130,7 +120,7 @@ def train(
                     raise UserError("say where the run goes with --out RUN_DIR.")
                 run_dir = Path(config.out)
                 check_new_run_dir(run_dir)
-                config = _anchored(config)
+                config = anchored_config(config)
             run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
         # Paths may differ between nodes (other mount points); what they hold may not.
         # Of the run-time fields only max_steps: ranks that stop at other steps wait in each
@@ -140,7 +130,7 @@ def train(
         distributed.check_same(
             lambda: {
                 "options": repr(
-                    sorted((k, v) for k, v in config.identity().items() if k not in _FILES)
+                    sorted((k, v) for k, v in config.identity().items() if k not in FILE_FIELDS)
                     + [("loss", run.loss_spec if split_user_spec(run.loss_spec) is None else "")]
                     + [("max_steps", config.max_steps)]
                 ),
@@ -162,38 +152,6 @@ def train(
             if run.lead:
                 stack.enter_context(claim_run_dir(run_dir, config, new=resume_dir is None))
         return run.train(progress, should_stop)
-
-
-# The configuration fields that may name files.
-_FILES = ("model", "data", "loss", "data_root")
-
-
-def _anchored(config: TrainConfig) -> TrainConfig:
-    """The configuration with the files it names made absolute: config.json and checkpoints
-    then mean the same files from any working directory (a resume, an analysis)."""
-    return dataclasses.replace(config, **_anchored_files(dataclasses.asdict(config)))
-
-
-def _anchored_files(fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a configuration that may name files, those files made absolute."""
-    anchors = dict(zip(_FILES, (anchored, anchored_data, anchored, absolute), strict=True))
-    return {
-        k: f(fields[k]) if isinstance(fields.get(k), str) else fields.get(k)
-        for k, f in anchors.items()
-    }
-
-
-def _check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> None:
-    """Refuse to resume with a configuration other than ``saved`` (the one ``where`` holds)."""
-    mine = json.loads(json.dumps(config.identity()))  # as JSON has it: tuples become lists
-    # A file named relative to where the run began is the same file named absolutely.
-    mine, saved = {**mine, **_anchored_files(mine)}, {**saved, **_anchored_files(saved)}
-    differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
-    if differ:
-        raise UserError(
-            f"{RESUME_AS_CONFIGURED}, but {', '.join(map(flag, differ))} "
-            f"{'differs' if len(differ) == 1 else 'differ'} from the {where}."
-        )
 
 
 class _Diverged(Exception):
@@ -257,15 +215,26 @@ class _Run:
         )
         self._check_fits()
 
-        # Position in the run (the tracker's vector and lambda_max too); a resume overwrites
-        # these from the checkpoint.
-        self.step = self.epoch = self.batch = 0
-        self.epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
         self.tracker = LambdaMaxTracker(track_share, seed=config.seed, device=self.device)
         self.resumed_from = latest_checkpoint(run_dir) if resume else None
-        self.order = (
-            self._restore(self.resumed_from) if self.resumed_from else DataOrder(n, config.seed)
-        )
+        if self.resumed_from:
+            position, self.order = restore(
+                self.resumed_from,
+                self.model,
+                self.optimizer,
+                config,
+                processes=self.world,
+                samples=n,
+                steps_per_epoch=self.steps_per_epoch,
+                total_steps=self.total_steps,
+                device=self.device,
+            )
+        else:
+            position, self.order = RunPosition(), DataOrder(n, config.seed)
+        # The loop moves these on; _save gathers them back into a RunPosition.
+        self.step, self.epoch, self.batch = position.step, position.epoch, position.batch
+        self.epoch_sums = position.epoch_sums
+        self.tracker.vector, self.tracker.lambda_max = position.track_vector, position.lambda_max
         self.metrics = MetricsLog(run_dir / METRICS_FILE, config.identity(), command_line)
         if resume:
             try:
@@ -305,82 +274,6 @@ class _Run:
                     "normalises by batch statistics; use a --batch-size of 2 or more"
                     + (" and data of 2 samples or more." if self.samples == 1 else ".")
                 )
-
-    def _restore(self, path: Path) -> DataOrder:
-        """Load a checkpoint of this run; return the data order as it saved it."""
-        try:
-            ckpt = load_checkpoint(path)
-        except UserError as exc:
-            raise UserError(unusable_checkpoint_message(path, exc)) from exc
-        raw = ckpt.raw
-        if not all(k in raw for k in ("optimizer", "rng", "data_order", "training")):
-            raise UserError(f"{str(path)!r} is not a resumable training checkpoint.")
-        # config.json may have been edited since: the checkpoint says how its run was configured.
-        recorded = ckpt.metadata.get("config")
-        if recorded is not None:
-            try:
-                recorded = json.loads(recorded)
-            except (ValueError, TypeError):
-                recorded = None
-            if not isinstance(recorded, dict):
-                raise UserError(
-                    f"{str(path)!r} is damaged: its recorded configuration is not JSON."
-                )
-            recorded = without_unused(recorded)  # older checkpoints recorded them all
-            _check_same_run(self.config, recorded, f"configuration {path.name} records")
-        self._check_same_course(raw)
-        apply_weights(self.model, ckpt.state_dict)
-        try:
-            self.optimizer.load_state_dict(raw["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise UserError(
-                f"the optimizer state in {str(path)!r} does not fit a {self.config.optimizer} "
-                "optimizer of this model."
-            ) from exc
-        state = raw["training"]
-        try:
-            restore_rng(raw["rng"])
-            self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-            self.epoch_sums = dict(state["epoch_sums"])
-            vector = state["track_vector"]
-            self.tracker.vector = None if vector is None else vector.to(self.device)
-            self.tracker.lambda_max = state["lambda_max"]
-            order = DataOrder(self.samples, self.config.seed, raw["data_order"])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise UserError(
-                f"{str(path)!r} is damaged: its training state cannot be restored."
-            ) from exc
-        at = self.epoch * self.steps_per_epoch + self.batch
-        if not (0 <= self.batch < self.steps_per_epoch and at == self.step):
-            raise UserError(
-                f"{str(path)!r} is damaged: its position (step {self.step}, epoch "
-                f"{self.epoch}, batch {self.batch}) is not one of this run's."
-            )
-        return order
-
-    def _check_same_course(self, raw: dict[str, Any]) -> None:
-        """The schedule and data order depend on the number of processes and of samples: a
-        resume with others would follow another run's course from this one's position."""
-        state = raw["training"] if isinstance(raw["training"], dict) else {}
-        processes, samples = state.get("processes"), state.get("samples")
-        if processes is not None and processes != self.world:
-            raise UserError(
-                f"this run was trained by {processes} process{'es' if processes > 1 else ''}, "
-                f"not {self.world}: resume it with as many (torchrun --nproc-per-node "
-                f"{processes}), since they fix its data order and schedule."
-            )
-        if samples is not None and samples != self.samples:
-            raise UserError(
-                f"this run was trained on {samples} samples, but its data "
-                f"{self.config.data!r} now has {self.samples}: it cannot be resumed on other data."
-            )
-        scheduler = raw.get("scheduler")
-        total = scheduler.get("total_steps") if isinstance(scheduler, dict) else None
-        if total is not None and total != self.total_steps:  # checkpoints before 2026-11-29
-            raise UserError(
-                f"this run was planned as {total} steps, but the data and processes now make "
-                f"{self.total_steps}: resume it with the data and number of processes it began with."
-            )
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -677,51 +570,25 @@ class _Run:
         return self._save(step_checkpoint_path(self.run_dir, self.step), order_state)
 
     def _save(self, path: Path, order_state: torch.Tensor) -> Path:
-        """A self-describing checkpoint at a step boundary, with all a resume needs."""
+        """A self-describing checkpoint at a step boundary, with all a resume needs; raises
+        ``_Diverged`` instead where the weights, or the held-out loss, are not finite."""
         if not (self._finite() and self.tracker.held_out_loss_finite(self.model, self.loss_fn)):
             raise _Diverged
-        cfg, data, tracker = self.config, self.data, self.tracker
-        metadata = {
-            "model": cfg.model,
-            "model_kwargs": json.dumps(cfg.model_kwargs or {}, sort_keys=True),
-            "data": cfg.data,
-            # Absolute, so that analyze finds the data from any working directory; symbolic
-            # links kept, as config.json keeps them (made so by _anchored).
-            "data_root": absolute(cfg.data_root) if cfg.data_root else None,
-            "loss": self.loss_spec,
-            "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes,
-            "step": self.step,
-            "epoch": self.epoch,
-            "optimizer": cfg.optimizer,
-            "base_optimizer": cfg.base_optimizer,
-            "seed": cfg.seed,
-            "config": json.dumps(cfg.identity(), sort_keys=True),
-            "tool": f"hessian-cli {__version__}",
-        }
-        extra = {
-            "optimizer": self.optimizer.state_dict(),
-            # The learning rate is a closed-form function of the step: this is all its state.
-            "scheduler": {
-                "schedule": cfg.schedule,
-                "base_lr": cfg.lr,
-                "total_steps": self.total_steps,
-                "step": self.step,
-            },
-            "rng": capture_rng(),
-            "data_order": order_state,
-            "training": {
-                # What fixes the schedule and the data order, which a resume must find again.
-                "processes": self.world,
-                "samples": self.samples,
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch": self.batch,
-                "epoch_sums": dict(self.epoch_sums),
-                "track_vector": None if tracker.vector is None else tracker.vector.cpu(),
-                "lambda_max": tracker.lambda_max,
-            },
-        }
+        tracker = self.tracker
+        position = RunPosition(
+            self.step, self.epoch, self.batch, self.epoch_sums, tracker.vector, tracker.lambda_max
+        )
+        metadata, extra = checkpoint_payload(
+            self.config,
+            self.data,
+            self.loss_spec,
+            self.optimizer,
+            position,
+            order_state,
+            processes=self.world,
+            samples=self.samples,
+            total_steps=self.total_steps,
+        )
         if self.lead:
             try:
                 save_checkpoint(

@@ -196,7 +196,8 @@ def restore(
     try:
         restore_rng(raw["rng"])
         step, epoch, batch = state["step"], state["epoch"], state["batch"]
-        epoch_sums = dict(state["epoch_sums"])
+        # Every running sum the epoch's end reads, as a number (a missing one failed there).
+        epoch_sums = {k: float(state["epoch_sums"][k]) for k in _new_epoch_sums()}
         vector = state["track_vector"]
         vector = None if vector is None else vector.to(device)
         position = RunPosition(step, epoch, batch, epoch_sums, vector, state["lambda_max"])

@@ -559,8 +559,9 @@ def test_a_resume_refuses_metrics_that_stop_short_of_the_checkpoint(tmp_path):
         lambda raw: raw.update(data_order=torch.zeros(3, dtype=torch.uint8)),
         lambda raw: raw["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
         lambda raw: raw["hessian_cli"].update(config="not json"),
+        lambda raw: raw["training"]["epoch_sums"].pop("loss"),  # a KeyError at the epoch's end
     ],
-    ids=["no-step", "batch-out-of-range", "data-order", "rng", "config"],
+    ids=["no-step", "batch-out-of-range", "data-order", "rng", "config", "epoch-sums"],
 )
 def test_a_checkpoint_with_a_damaged_training_state_is_one_sentence(tmp_path, edit):
     run = _stopped_run(tmp_path)

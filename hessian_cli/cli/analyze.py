@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from hessian_cli.cli.app import INTERRUPTED_STATUS, app, print_json, results_console
+from hessian_cli.cli.app import (
+    INTERRUPTED_STATUS,
+    app,
+    err_console,
+    print_json,
+    results_console,
+)
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import Terminated
 
@@ -227,7 +232,7 @@ def analyze(
         TextColumn("{task.description}"),
         BarColumn(),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=err_console,
         transient=True,
         disable=not show_progress,
     ) as bar:
@@ -273,11 +278,11 @@ def analyze(
             raise Terminated(str(stopped))  # said, and exit status 143, by the entry point
         if stopped.interrupt is not None:  # Ctrl-C: the shell's status for SIGINT
             if lead:
-                Console(stderr=True).print(str(stopped), style="yellow", highlight=False)
+                err_console.print(str(stopped), style="yellow", highlight=False)
             raise typer.Exit(INTERRUPTED_STATUS)
         raise stopped
     warning = unconverged_warning(reports, tol=tol, precision=precision, dtype=dtype)
     if warning is not None and max_hvps is None:
         if lead:
-            Console(stderr=True).print(warning, highlight=False)
+            err_console.print(warning, highlight=False)
         raise typer.Exit(EXIT_UNCONVERGED)

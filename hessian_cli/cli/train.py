@@ -38,7 +38,13 @@ from eigensam.config import (
     load_config,
 )
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
-from hessian_cli.cli.app import INTERRUPTED_STATUS, TERMINATED_STATUS, app, signal_handled
+from hessian_cli.cli.app import (
+    INTERRUPTED_STATUS,
+    TERMINATED_STATUS,
+    app,
+    err_console,
+    signal_handled,
+)
 from hessian_cli.cli.options import command_line, parse_model_kwargs
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.launch import launched_by_torchrun
@@ -215,7 +221,7 @@ def train_command(
             )
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last
         if lead:
-            Console(stderr=True).print(
+            err_console.print(
                 f"stopped at once by a second Ctrl-C: {_kept(resume, config)}.",
                 highlight=False,
                 soft_wrap=True,
@@ -422,7 +428,7 @@ def _report(
     )
     message = f"{why} at step {summary.step} of {summary.total_steps}: {resume_hint(where)}."
     if summary.interrupted:
-        Console(stderr=True).print(message, style="yellow", highlight=False, soft_wrap=True)
+        err_console.print(message, style="yellow", highlight=False, soft_wrap=True)
         raise typer.Exit(stop.exit_status)
     if not quiet:
         console.print(message, highlight=False, soft_wrap=True)

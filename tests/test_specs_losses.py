@@ -31,17 +31,20 @@ def test_cross_entropy_takes_labels_and_probabilities_but_not_regression_targets
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=g)
     soft = torch.softmax(torch.randn(6, 3, generator=g), 1)  # label smoothing, mixup
+    per_position = torch.softmax(torch.randn(6, 3, 5, generator=g), 1)  # [B, C, L]: along dim 1
     check_targets(
         "ce",
         [
             (x, torch.tensor([0, 2, 1, 1, 0, 2])),
             (x, soft),
             (x, F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2])).float()),
+            (x, per_position),
+            (x, torch.tensor([[0.9, 0.05, 0.05]] * 6).bfloat16()),  # sums to 0.9985 in bf16
         ],
     )
     real = torch.randn(6, 3, generator=g)
     assert float(get_loss("ce")(torch.randn(6, 3, generator=g), real)) != 0  # torch computes it
-    for targets in (real, real.abs(), real[:, 0]):
+    for targets in (real, real.abs(), real[:, 0], per_position.transpose(1, 2)):
         with pytest.raises(UserError, match="cross-entropy needs class labels or class prob"):
             check_targets("ce", [(x, targets)])
     check_targets("mse", [(x, real)])

@@ -43,15 +43,22 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def row_dots(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """``<A_i, B_i>`` for each row ``i``, in float64: sums of ``chunk``-long pieces' products
     combined in float64, as :func:`gram` does, without its cross terms (``k`` dots, not
-    ``k^2``) and without a copy of the rows (batched matrix products of the pieces)."""
+    ``k^2``) and without a copy of the rows: each row's pieces are a view of it, multiplied in
+    one batched product (the pieces of all rows at once were a reshape of the rows cut short
+    of their tail, which copied them: a trace of 99 probes of 2M entries held 66 more)."""
     acc = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     A, B = A.to(acc), B.to(acc)
     split = A.shape[1] // chunk * chunk if A.shape[1] > SHORT else 0
     dots = (A[:, split:].double() * B[:, split:].double()).sum(1)
     if split:
-        a = A[:, :split].reshape(-1, 1, chunk)
-        b = B[:, :split].reshape(-1, chunk, 1)
-        dots += torch.bmm(a, b).reshape(len(A), -1).double().sum(1)
+        dots += torch.stack(
+            [
+                torch.bmm(a[:split].reshape(-1, 1, chunk), b[:split].reshape(-1, chunk, 1))
+                .double()
+                .sum()
+                for a, b in zip(A, B, strict=True)
+            ]
+        )
     return dots
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import orthonormalize_against, project_out
+from hessian_cli.engine.linalg import gram, orthonormalize_against, row_dots
 from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import probe_generator, rademacher
@@ -55,17 +55,22 @@ def stochastic_trace(
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)
     sketch = num_probes // 3 if method == "hutch++" and num_probes >= 6 else 0
     Q = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
-    if sketch:
-        S = rademacher((sketch, op.n), **probe)
-        Q = orthonormalize_against(_apply(op, S, block_size), None)  # not QR: see its docs
-    G = rademacher((num_probes - 2 * sketch, op.n), **probe)
-    if len(Q):  # Q's rows, then the deflated probes: one product for both, a pass fewer
-        G = torch.cat([Q, project_out(G, Q)])
-    q = len(Q)
+    if sketch:  # the sketch and its products are dropped as soon as Q is made of them
+        HS = _apply(op, rademacher((sketch, op.n), **probe), block_size)
+        Q = orthonormalize_against(HS, None)  # not QR: see its docs
+        del HS
+    # Q's rows, then the deflated probes, in one buffer: one product for both, a pass fewer,
+    # and no more memory than the three passes took (no copy of either beside it).
+    q, g = len(Q), num_probes - 2 * sketch
+    V = torch.empty(q + g, op.n, dtype=op.dtype, device=op.device)
+    V[:q] = Q
     del Q
-    HG = _apply(op, G, block_size)
-    exact = float((G[:q] * HG[:q]).sum(dtype=torch.float64))
-    samples = (G[q:] * HG[q:]).sum(dim=1, dtype=torch.float64).cpu()
+    V[q:] = rademacher((g, op.n), **probe)
+    if q:  # project_out, in place
+        V[q:].addmm_(gram(V[q:], V[:q]).to(V.dtype), V[:q], alpha=-1)
+    HV = _apply(op, V, block_size)
+    dots = row_dots(V, HV).cpu()  # float64 from float32 pieces: no float64 copy of the block
+    exact, samples = float(dots[:q].sum()), dots[q:]
     if not (math.isfinite(exact) and samples.isfinite().all()):
         raise NotFinite("The trace's Hessian-vector products are not finite (NaN or inf).")
     return TraceResult(

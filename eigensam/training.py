@@ -311,8 +311,12 @@ class _Run:
         )
         start_step, step_seconds = self.step, 0.0
         try:
-            if cfg.track_every and self.step == 0 and self.resumed_from is None:
-                self._track()  # the initial weights (a resume's were measured before its stop)
+            # The weights it starts from, where a measurement is due and was not taken: a new
+            # run's, or a resume's from a checkpoint saved before the one at its step (runs
+            # before 2026-11-30 took it at the start of the next step: a resume lost it).
+            if cfg.track_every and self.step % cfg.track_every == 0:
+                if distributed.any_rank(self.step not in self.metrics.column("track", "step")):
+                    self._track()
             while self.epoch < cfg.epochs:
                 perm = self.order.next_epoch()
                 while self.batch < self.steps_per_epoch:

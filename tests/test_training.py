@@ -197,6 +197,20 @@ def test_a_stop_where_a_track_is_due_resumes_without_a_second_or_a_missing_one(t
     assert_same_metrics(tmp_path / "whole", tmp_path / "split")
 
 
+def test_a_resume_measures_a_due_step_its_checkpoint_was_saved_before(tmp_path):
+    """Runs before 2026-11-30 saved a checkpoint at a due step before measuring it (at the start
+    of the next step); resumed, the measurement at that step was lost for good."""
+    train(config(tmp_path, "split", max_steps=10))  # tracks every 5 steps
+    with h5py.File(tmp_path / "split" / "metrics.h5", "r+") as f:  # as such a run left it
+        for name in list(f["track"]):
+            values = f["track"][name][()]
+            del f["track"][name]
+            f["track"].create_dataset(name, data=values[:-1], maxshape=(None,))
+    train(load_config(tmp_path / "split"), resume_dir=tmp_path / "split")
+    steps = read_metrics(tmp_path / "split" / "metrics.h5")["track"]["step"]
+    assert steps.tolist() == [0, 5, 10, 15, 18]
+
+
 def test_sgd_and_sam_are_tracked_and_never_refresh(tmp_path):
     for optimizer in ("sgd", "sam"):
         train(config(tmp_path, optimizer, optimizer=optimizer, epochs=1, track_every=3))

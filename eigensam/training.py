@@ -269,10 +269,14 @@ class _Run:
         if min(self.config.batch_size, self.samples) == 1:
             why = batch_statistics_error(self.model, batch[0][:1])
             if why is not None:
+                fix = (
+                    "data of 2 samples or more"
+                    if self.samples == 1
+                    else "a --batch-size of 2 or more"
+                )
                 raise UserError(
                     f"a batch of one sample cannot train this model ({why}): BatchNorm "
-                    "normalises by batch statistics; use a --batch-size of 2 or more"
-                    + (" and data of 2 samples or more." if self.samples == 1 else ".")
+                    f"normalises by batch statistics; use {fix}."
                 )
 
     # --- the loop ------------------------------------------------------------------------

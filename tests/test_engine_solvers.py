@@ -528,6 +528,8 @@ def test_both_ends_that_would_overlap_are_refused():
     assert op.hvp_count == 0
     res = eigenpairs(op, 5, which="both", tol=1e-10)
     assert sorted(res.eigenvalues.tolist()) == pytest.approx([1, 2, 3, 4, 5, 7, 8, 9, 10, 11])
+    with pytest.raises(UserError, match="one parameter has no two ends: use --which largest"):
+        eigenpairs(MatrixOperator(torch.ones(1, 1, dtype=torch.float64)), 1, which="both")
 
 
 def test_a_block_of_most_of_the_space_takes_the_whole_space_within_its_default_budget():

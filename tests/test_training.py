@@ -378,7 +378,7 @@ def test_a_batch_of_one_for_a_batchnorm_model_is_refused_before_the_run(tmp_path
     one = config(
         tmp_path, "one", model=cfg.model, model_kwargs={}, data="synthetic:16:3:1", batch_size=8
     )
-    with pytest.raises(UserError, match="a batch of one sample.*data of 2 samples or more"):
+    with pytest.raises(UserError, match="a batch of one sample.*; use data of 2 samples or more"):
         train(one)
     assert not (tmp_path / "one").exists()
 

@@ -988,6 +988,8 @@ def check_count(k: int, n: int, which: str = "largest") -> None:
     ``which="both"``, more than the two ends can hold apart (their 2k pairs would share some,
     returned twice)."""
     params = f"parameter{'s' if n != 1 else ''}"
+    if which == "both" and n < 2:
+        raise UserError("A Hessian of one parameter has no two ends: use --which largest.")
     if which == "both" and k > n // 2:
         raise UserError(
             f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} at each end of a Hessian with "

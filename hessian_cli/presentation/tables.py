@@ -122,9 +122,11 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
         if e.get("criterion") == "eigenvalue"
         else f"residual ||Hv - λv|| / {_g(e.get('scale'), '.4g')}"
     )
+    # A Krylov solve certifies pairs in order (whole-space ones have every eigenvalue).
+    in_order = "" if e.get("method") == "whole-space" else ", for it and every pair before it"
     how = (
         f"{e.get('which')} eigenvalues by {e.get('method')}; converged means {measure} "
-        f"<= tol {_g(e.get('tol'), '.1e')}; "
+        f"<= tol {_g(e.get('tol'), '.1e')}{in_order}; "
         f"{_int(e.get('iterations'))} iteration{'' if e.get('iterations') == 1 else 's'}, "
         f"{_int(e.get('hvps'))} HVPs, "
         f"{_seconds(e.get('seconds'))}"
@@ -301,7 +303,10 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             _g(al.get("subspace_alignment"), ".3f") if al else DASH,
         )
     if unconverged:
-        table.caption = "* NOT converged (not within its tolerance; details: show -c NAME)"
+        table.caption = (
+            "* NOT converged (not within its tolerance, or behind a pair that is not; details: "
+            "show -c NAME)"
+        )
     return table
 
 

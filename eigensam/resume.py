@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def restore(
         recorded = without_unused(recorded)  # older checkpoints recorded them all
         check_same_run(config, recorded, f"configuration {path.name} records")
     _check_same_course(
-        raw, config.data, processes=processes, samples=samples, total_steps=total_steps
+        path, raw, config.data, processes=processes, samples=samples, total_steps=total_steps
     )
     apply_weights(model, ckpt.state_dict)
     try:
@@ -196,8 +197,13 @@ def restore(
     try:
         restore_rng(raw["rng"])
         step, epoch, batch = state["step"], state["epoch"], state["batch"]
-        # Every running sum the epoch's end reads, as a number (a missing one failed there).
+        if not all(_is_count(v) for v in (step, epoch, batch)):  # a str failed in arithmetic
+            raise TypeError("a position that is not whole numbers")
+        # Every running sum the epoch's end reads, as a number (a missing one failed there,
+        # a "nan" one went into the metrics).
         epoch_sums = {k: float(state["epoch_sums"][k]) for k in _new_epoch_sums()}
+        if not all(math.isfinite(v) for v in epoch_sums.values()):
+            raise ValueError("epoch sums that are not finite")
         vector = state["track_vector"]
         vector = None if vector is None else vector.to(device)
         position = RunPosition(step, epoch, batch, epoch_sums, vector, state["lambda_max"])
@@ -216,12 +222,21 @@ def restore(
 
 
 def _check_same_course(
-    raw: dict[str, Any], data: str, *, processes: int, samples: int, total_steps: int
+    path: Path,
+    raw: dict[str, Any],
+    data: str,
+    *,
+    processes: int,
+    samples: int,
+    total_steps: int,
 ) -> None:
     """The schedule and data order depend on the number of processes and of samples: a resume
     with others would follow another run's course from this one's position."""
     state = raw["training"] if isinstance(raw["training"], dict) else {}
     saved_processes, saved_samples = state.get("processes"), state.get("samples")
+    for name, value in (("processes", saved_processes), ("samples", saved_samples)):
+        if value is not None and not _is_count(value):
+            raise UserError(f"{str(path)!r} is damaged: its {name} ({value!r}) is not a count.")
     if saved_processes is not None and saved_processes != processes:
         raise UserError(
             f"this run was trained by {saved_processes} "
@@ -241,3 +256,8 @@ def _check_same_course(
             f"this run was planned as {total} steps, but the data and processes now make "
             f"{total_steps}: resume it with the data and number of processes it began with."
         )
+
+
+def _is_count(value: Any) -> bool:
+    """A whole number as a checkpoint stores one (not a bool, str or float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -40,11 +40,13 @@ def test_cross_entropy_takes_labels_and_probabilities_but_not_regression_targets
             (x, F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2])).float()),
             (x, per_position),
             (x, torch.tensor([[0.9, 0.05, 0.05]] * 6).bfloat16()),  # sums to 0.9985 in bf16
+            (x, torch.tensor([[0.9, 0.05, 0.05]] * 6).bfloat16().float()),  # as analyze has it
         ],
     )
     real = torch.randn(6, 3, generator=g)
     assert float(get_loss("ce")(torch.randn(6, 3, generator=g), real)) != 0  # torch computes it
-    for targets in (real, real.abs(), real[:, 0], per_position.transpose(1, 2)):
+    zeros, five = torch.zeros(6, 1000).bfloat16(), torch.full((6, 1000), 0.005).bfloat16()
+    for targets in (real, real.abs(), real[:, 0], per_position.transpose(1, 2), zeros, five):
         with pytest.raises(UserError, match="cross-entropy needs class labels or class prob"):
             check_targets("ce", [(x, targets)])
     check_targets("mse", [(x, real)])

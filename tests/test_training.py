@@ -574,8 +574,24 @@ def test_a_resume_refuses_metrics_that_stop_short_of_the_checkpoint(tmp_path):
         lambda raw: raw["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
         lambda raw: raw["hessian_cli"].update(config="not json"),
         lambda raw: raw["training"]["epoch_sums"].pop("loss"),  # a KeyError at the epoch's end
+        # Raw TypeErrors and ValueErrors (exit 1), or a NaN in the metrics, before:
+        lambda raw: raw["training"].update(batch="2"),
+        lambda raw: raw["training"].update(step=8.0),
+        lambda raw: raw["training"].update(processes="2"),
+        lambda raw: raw["training"]["epoch_sums"].update(loss="nan"),
     ],
-    ids=["no-step", "batch-out-of-range", "data-order", "rng", "config", "epoch-sums"],
+    ids=[
+        "no-step",
+        "batch-out-of-range",
+        "data-order",
+        "rng",
+        "config",
+        "epoch-sums",
+        "batch-text",
+        "step-float",
+        "processes-text",
+        "epoch-sums-nan",
+    ],
 )
 def test_a_checkpoint_with_a_damaged_training_state_is_one_sentence(tmp_path, edit):
     run = _stopped_run(tmp_path)

@@ -74,7 +74,6 @@ from hessian_cli.specs import (
     cast_inputs,
     check_finite,
     check_fits,
-    check_labels,
     check_targets,
     default_loss,
     get_loss,
@@ -259,9 +258,9 @@ class _Run:
             if isinstance(self.data.train, TensorDataset)
             else []
         )
-        if self.classify:
-            check_labels(train + [self.track_batch], self.data.num_classes)
-        check_targets(self.loss_spec, train + [self.track_batch, *self.test_batches])
+        check_targets(
+            self.loss_spec, train + [self.track_batch, *self.test_batches], self.data.num_classes
+        )
         batch = tuple(t.to(self.device) for t in self.track_batch)
         check_fits(self.model, self.loss_fn, [batch], self.data.input_shape)
         # The only batches of one: every batch at --batch-size 1, the only one of a one-sample
@@ -422,9 +421,7 @@ class _Run:
         y = torch.as_tensor(y)
         y = y.float() if y.is_floating_point() else y.long()
         if not isinstance(ds, TensorDataset):  # its targets were not all seen
-            if self.classify:
-                check_labels([(x, y)], self.data.num_classes)
-            check_targets(self.loss_spec, [(x, y)])
+            check_targets(self.loss_spec, [(x, y)], self.data.num_classes)
         x = cast_inputs(x, torch.float32, self.token_ids)
         return x.to(self.device), y.to(self.device)
 

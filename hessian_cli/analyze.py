@@ -43,7 +43,6 @@ from hessian_cli.specs import (
     build_model,
     check_finite,
     check_fits,
-    check_labels,
     check_targets,
     checkpoint_order_key,
     default_loss,
@@ -342,11 +341,9 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     )
     for batch in batches:  # the HVPs would blame the weights
         check_finite(batch, "data's")
-    if data.num_classes:
-        check_labels(batches, data.num_classes)
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
     loss_fn = get_loss(loss_spec, num_classes=data.num_classes, trusted=trust or bool(request.loss))
-    check_targets(loss_spec, batches)
+    check_targets(loss_spec, batches, data.num_classes)
     check_fits(model, loss_fn, batches, data.input_shape)
     minibatches: list = []  # empty: the analysed batches hold the alignment's minibatches
     more_data = len(data.train) > sum(len(y) for _, y in batches)
@@ -362,9 +359,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
             dtype=dtype,
             token_ids=token_ids,
         )
-        if data.num_classes:
-            check_labels(minibatches, data.num_classes)
-        check_targets(loss_spec, minibatches)
+        check_targets(loss_spec, minibatches, data.num_classes)
     if request.bn == "train":  # check_fits ran in eval mode
         _check_batch_statistics(model, min(batches + minibatches, key=lambda b: len(b[1])))
     return _Setup(

@@ -42,14 +42,17 @@ def test_cross_entropy_takes_labels_and_probabilities_but_not_regression_targets
             (x, torch.tensor([[0.9, 0.05, 0.05]] * 6).bfloat16()),  # sums to 0.9985 in bf16
             (x, torch.tensor([[0.9, 0.05, 0.05]] * 6).bfloat16().float()),  # as analyze has it
         ],
+        None,  # real targets make data without classes, as the data loaders say
     )
+    with pytest.raises(UserError, match="label 5 is out of range for 3 classes"):  # check_labels
+        check_targets("ce", [(x, torch.tensor([0, 2, 1, 1, 0, 5]))], 3)
     real = torch.randn(6, 3, generator=g)
     assert float(get_loss("ce")(torch.randn(6, 3, generator=g), real)) != 0  # torch computes it
     zeros, five = torch.zeros(6, 1000).bfloat16(), torch.full((6, 1000), 0.005).bfloat16()
     for targets in (real, real.abs(), real[:, 0], per_position.transpose(1, 2), zeros, five):
         with pytest.raises(UserError, match="cross-entropy needs class labels or class prob"):
-            check_targets("ce", [(x, targets)])
-    check_targets("mse", [(x, real)])
+            check_targets("ce", [(x, targets)], None)
+    check_targets("mse", [(x, real)], None)
 
 
 def test_mse_one_hot_for_integer_labels() -> None:

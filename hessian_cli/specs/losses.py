@@ -5,13 +5,14 @@ Every loss is the mean over the batch, so that multi-batch analysis can weight b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from torch import Tensor
 from torch.nn import functional as F
 
 from hessian_cli.engine.operator import LossFn
 from hessian_cli.errors import UserError
+from hessian_cli.specs.data import check_labels
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
     call_user,
@@ -48,10 +49,15 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
     )
 
 
-def check_targets(spec: str, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
-    """Refuse cross-entropy on real targets that are not class probabilities (non-negative, and
-    summing to 1 over the classes, dim 1, at every position): torch takes any real values as
-    soft labels, and regression targets gave a negative "loss" and its Hessian without a word."""
+def check_targets(
+    spec: str, batches: Sequence[tuple[Tensor, Tensor]], num_classes: int | None
+) -> None:
+    """Refuse targets the loss ``spec`` cannot take: class labels beyond ``num_classes``
+    (:func:`check_labels`), and for cross-entropy real targets that are not class probabilities
+    (non-negative, and summing to 1 over the classes, dim 1, at every position): torch takes any
+    real values as soft labels, and regression targets gave a negative "loss" and its Hessian
+    without a word."""
+    check_labels(batches, num_classes)
     if spec != "ce":
         return
     for _, y in batches:

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import gram, orthonormalize_against, row_dots
+from hessian_cli.engine.linalg import orthonormalize_against, project_out, row_dots
 from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import probe_generator, rademacher
@@ -66,8 +66,8 @@ def stochastic_trace(
     V[:q] = Q
     del Q
     V[q:] = rademacher((g, op.n), **probe)
-    if q:  # project_out, in place
-        V[q:].addmm_(gram(V[q:], V[:q]).to(V.dtype), V[:q], alpha=-1)
+    if q:
+        V[q:] = project_out(V[q:], V[:q])
     HV = _apply(op, V, block_size)
     dots = row_dots(V, HV).cpu()  # float64 from float32 pieces: no float64 copy of the block
     exact, samples = float(dots[:q].sum()), dots[q:]

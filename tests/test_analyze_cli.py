@@ -972,6 +972,14 @@ def test_download_reaches_the_data_loader(capsys, tmp_path, digits_mlp, monkeypa
     assert seen == {"spec": "cifar10", "root": str(root), "download": True, "trusted": True}
 
 
+@pytest.mark.parametrize("given", [["--data-root", "."], ["--download"]])
+def test_root_options_for_data_that_does_not_read_them_are_refused(capsys, digits_mlp, given):
+    """The checkpoint's recorded data (digits) reads neither: silently unused before."""
+    message = _bad(capsys, "analyze", digits_mlp, "--top-k", "1", *given)
+    assert f"{given[0]} is read only for the torchvision datasets" in message
+    assert "data 'digits' does not use it" in message
+
+
 def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, digits_mlp):
     out_h5 = tmp_path / "twice.h5"
     for k in ("1", "2"):
@@ -1039,7 +1047,9 @@ def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
     assert "model_kwargs are not a JSON object" in _bad(capsys, "analyze", path, "--top-k", "1")
 
 
-@pytest.mark.parametrize("kind", ["text file", "missing directory", "metrics file"])
+@pytest.mark.parametrize(
+    "kind", ["text file", "missing directory", "metrics file", "figure name", "empty name"]
+)
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     capsys, monkeypatch, tmp_path, digits_mlp, kind
 ):
@@ -1050,9 +1060,11 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
 
     monkeypatch.setattr(analyze_module, "load_checkpoint", no_loading)
     out = {
-        "text file": tmp_path / "notes.txt",
+        "text file": tmp_path / "notes",
         "missing directory": tmp_path / "nowhere" / "s.h5",
         "metrics file": tmp_path / "metrics.h5",
+        "figure name": tmp_path / "spectrum.PNG",  # HDF5 under an image's name misleads
+        "empty name": "",
     }[kind]
     if kind == "text file":
         out.write_text("my notes")
@@ -1063,10 +1075,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         "text file": "is not an HDF5 file",
         "missing directory": "does not exist",
         "metrics file": "not a spectra file",
+        "figure name": "names a .png file, but the results are written as HDF5",
+        "empty name": "--out needs a name, such as spectra.h5",
     }[kind]
     assert expected in _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out)
     if kind == "text file":
         assert out.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["metrics.h5"] if kind == "metrics file" else ["notes"] if kind == "text file" else []
+    )
 
 
 def test_results_are_shown_even_when_their_write_fails(capsys, monkeypatch, tmp_path, digits_mlp):

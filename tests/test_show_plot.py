@@ -218,6 +218,7 @@ def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
         (["plot", str(spectra_copy), "-o", str(spectra_copy)], "refusing to overwrite"),
         (["show", str(files["metrics"]), "-c", "final"], "--checkpoint picks a checkpoint"),
         (["plot", str(files["single"]), "-o", "."], "-o . is a directory"),  # "resource busy"
+        (["plot", str(files["single"]), "-o", ""], "-o needs a name"),  # not "." as above
     ]
     for args, message in cases:
         result = cli(*args)

@@ -153,6 +153,10 @@ def test_existing_run_is_refused_not_overwritten(capsys, finished_run):
         (["--resume", "{tmp}"], "is not a training run"),
         (["--resume", "{run}", "--lr", "0.5"], "--lr cannot be given"),
         (TINY[:2], "give --model, --data and --out"),
+        ([*TINY, "--out", ""], "--out needs a name"),  # not ".", a directory not named
+        ([*TINY, "--data-root", "{tmp}", "--out", "{tmp}/x"], "--data-root is read only for"),
+        ([*TINY, "--download", "--out", "{tmp}/x"], "--download is read only for"),
+        (["--resume", ""], "--resume needs a name"),
         ([*TINY, "--model-kwargs", "{bad", "--out", "{tmp}/x"], "not valid JSON"),
         ([*TINY, "--schedule", "step", "--out", "{tmp}/x"], "unknown schedule"),
         ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "Unknown device"),

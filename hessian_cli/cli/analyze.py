@@ -14,7 +14,7 @@ from hessian_cli.cli.app import (
     print_json,
     results_console,
 )
-from hessian_cli.cli.options import command_line, parse_model_kwargs
+from hessian_cli.cli.options import command_line, named_path, parse_model_kwargs
 from hessian_cli.errors import Terminated
 
 EXIT_UNCONVERGED = 3
@@ -157,7 +157,7 @@ def analyze(
         "--trust-checkpoint",
         help="Allow checkpoints that need arbitrary unpickling (runs code from the file!).",
     ),
-    out: Path | None = typer.Option(
+    out_name: str | None = typer.Option(
         None, "--out", "-o", help="Write (or append to) this HDF5 file."
     ),
     save_eigenvectors: bool = typer.Option(
@@ -171,6 +171,7 @@ def analyze(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
+    out = named_path(out_name, "--out", "spectra.h5")
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     from hessian_cli.analyze import AnalyzeRequest, SeriesStopped, analyze_target
     from hessian_cli.engine.distributed import fail_together, world

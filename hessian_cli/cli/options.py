@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from hessian_cli.errors import UserError
@@ -28,3 +29,13 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
     return value
+
+
+def named_path(text: str | None, option: str, example: str) -> Path | None:
+    """The path an option names. Options take paths as text, because a path option turns an
+    empty name into ``.``, a directory the user did not name."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise UserError(f"{option} needs a name, such as {example}.")
+    return Path(text)

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from hessian_cli.cli.app import app
+from hessian_cli.cli.options import named_path
 from hessian_cli.cli.result_files import Metrics, read_result_file
 
 
@@ -16,7 +17,7 @@ def plot(
     file: Path = typer.Argument(
         ..., help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`."
     ),
-    output: Path = typer.Option(
+    output_name: str = typer.Option(
         ...,
         "--output",
         "-o",
@@ -34,6 +35,7 @@ def plot(
     from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
     from hessian_cli.storage.files import reading
 
+    output = named_path(output_name, "-o", "fig.png")
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout
         if isinstance(found, Metrics):

@@ -45,7 +45,7 @@ from hessian_cli.cli.app import (
     err_console,
     signal_handled,
 )
-from hessian_cli.cli.options import command_line, parse_model_kwargs
+from hessian_cli.cli.options import command_line, named_path, parse_model_kwargs
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.launch import launched_by_torchrun
 from hessian_cli.presentation.training import epoch_line, epoch_table
@@ -81,10 +81,10 @@ def train_command(
         help="Data spec: digits, synthetic:CxHxW[:classes[:count]], synthetic-regression:D, "
         "cifar10|cifar100|mnist|fashion-mnist|svhn, a .npz/.pt/.h5 file, or module:factory.",
     ),
-    out: Path | None = typer.Option(
+    out_name: str | None = typer.Option(
         None, "--out", "-o", help="New run directory (an existing run is never overwritten)."
     ),
-    resume: Path | None = typer.Option(
+    resume_name: str | None = typer.Option(
         None, "--resume", help="Continue the run in this directory exactly where it stopped."
     ),
     optimizer: str | None = typer.Option(
@@ -161,6 +161,8 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""
+    out = named_path(out_name, "--out", "runs/exp1")
+    resume = named_path(resume_name, "--resume", "runs/exp1")
     given = {
         "model": model,
         "data": data,
@@ -186,6 +188,7 @@ def train_command(
     # The loop (torch) is imported here, not at the top: --help stays instant.
     from eigensam.training import train
     from hessian_cli.engine.distributed import fail_together, world
+    from hessian_cli.specs.data import check_root_options
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         if resume is not None:
@@ -200,6 +203,7 @@ def train_command(
             check_options_used(set_options)
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
             config = TrainConfig(**set_options, out=str(out))
+        check_root_options(config.data, data_root=data_root is not None, download=download)
     config.max_steps, config.device, config.download = max_steps, device, download
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports

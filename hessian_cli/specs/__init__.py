@@ -17,6 +17,7 @@ from hessian_cli.specs.data import (
     cast_inputs,
     check_finite,
     check_labels,
+    check_root_options,
     load_data,
 )
 from hessian_cli.specs.fit import check_fits, model_device, takes_token_ids
@@ -41,6 +42,7 @@ __all__ = [
     "check_finite",
     "check_fits",
     "check_labels",
+    "check_root_options",
     "check_targets",
     "checkpoint_order_key",
     "default_loss",

@@ -90,6 +90,18 @@ def load_data(
     )
 
 
+def check_root_options(spec: str, *, data_root: bool, download: bool) -> None:
+    """Refuse ``--data-root`` or ``--download`` (``True``: given by the user) for data that does
+    not read them, rather than let the user believe they were used."""
+    given = [flag for flag, set_ in (("--data-root", data_root), ("--download", download)) if set_]
+    if given and spec.lower() not in _VISION:
+        them = "it" if len(given) == 1 else "them"
+        raise UserError(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read only for the "
+            f"torchvision datasets ({', '.join(_VISION)}); data {spec!r} does not use {them}."
+        )
+
+
 def anchored_data(spec: str) -> str:
     """``spec`` with the file it names made absolute (a tensor file, or user code as
     :func:`anchored` does), so that it means the same data from any working directory."""

@@ -117,9 +117,24 @@ def _bytes_to_add(analyses: Sequence[CheckpointAnalysis], save_eigenvectors: boo
     return total
 
 
+# Names whose suffix says another kind of file: an HDF5 file written there would mislead every
+# program that goes by the name (an image viewer, a JSON parser, torch.load).
+_OTHER_FORMATS = frozenset(
+    "png pdf svg svgz eps ps jpg jpeg tif tiff webp gif bmp pgf "  # figures: `hessian-cli plot`
+    "json csv tsv txt md "  # text: `--json` prints JSON
+    "pt pth ckpt bin safetensors npz npy pkl pickle".split()  # weights and arrays
+)
+
+
 def check_writable(path: str | Path) -> None:
     """Refuse, in one sentence, an output that :func:`write_analyses` could not write: callers
     check before the work whose results it would hold."""
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix in _OTHER_FORMATS and not Path(path).is_dir():
+        raise UserError(
+            f"--out {path} names a .{suffix} file, but the results are written as HDF5; give a "
+            "name such as spectra.h5 (`hessian-cli plot` draws figures, `--json` prints JSON)."
+        )
     if Path(path).is_dir():
         raise UserError(f"--out {path} is a directory; give a file name such as spectra.h5.")
     path = Path(path).resolve()

@@ -29,7 +29,7 @@ from eigensam.refresh import (
     RefreshResult,
     refresh_top_eigenvector,
 )
-from eigensam.sam import SAM, BaseOptimizer
+from eigensam.sam import SAM, BaseOptimizer, check_factor
 from hessian_cli.engine.alignment import eigensam_direction
 from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.operator import Batch, LossFn
@@ -69,50 +69,78 @@ class EigenSAM(SAM):
         adaptive: bool = False,
         **kwargs: Any,
     ) -> None:
-        if alpha < 0.0:
-            raise ValueError(f"alpha must be non-negative, got {alpha}")
+        check_factor("alpha", alpha)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.alpha = alpha
         self.last_eigenvalue: float | None = None
         self.refreshes = 0
         self.negative_refreshes = 0
-        self._flat_v: torch.Tensor | None = None  # flat copy of the state's v, for every step
-        self._flat_v_params = 0  # the number of parameters it covers
+        # v as one flat vector for every step, whose slices the state holds (one copy of v in
+        # memory): valid while the state still holds exactly those slices.
+        self._flat_v: torch.Tensor | None = None
+        self._slices: list[torch.Tensor | None] = []
         self._warned = False
 
     @property
     def eigenvector(self) -> torch.Tensor | None:
         """The current ``v``, flat over all parameters in param-group order (None before any)."""
-        pairs = self._params()
-        # The copy is stale once parameters were added (here or through the base optimizer).
-        if self._flat_v is not None and self._flat_v_params == len(pairs):
+        params = [p for p, _ in self._params()]
+        parts = [self.state.get(p, {}).get("eigenvector") for p in params]
+        for p, part in zip(params, parts, strict=True):
+            if part is not None and part.shape != p.shape:  # a parameter replaced by the user
+                raise ValueError(
+                    f"the eigenvector held for a parameter of shape {tuple(part.shape)} does not "
+                    f"fit its shape {tuple(p.shape)} now: give one that fits to set_eigenvector"
+                )
+        # Stale once parameters were added, or the state was loaded, cleared or changed.
+        held = self._flat_v is not None and len(self._slices) == len(params)
+        if held and all(h is s for h, s in zip(parts, self._slices, strict=True)):
             return self._flat_v
-        if not any("eigenvector" in self.state.get(p, {}) for p, _ in pairs):
+        if all(part is None for part in parts):
+            self._flat_v, self._slices = None, []
             return None
-        self._flat_v = torch.cat(
+        device = params[0].device
+        flat = torch.cat(
             [
-                self.state.get(p, {}).get("eigenvector", torch.zeros_like(p)).reshape(-1)
-                for p, _ in pairs
+                (torch.zeros_like(p) if part is None else part).reshape(-1).to(device)
+                for p, part in zip(params, parts, strict=True)
             ]
         )
-        self._flat_v_params = len(pairs)
-        return self._flat_v
+        self._hold(flat, params, [part is not None for part in parts])
+        return flat
+
+    def _hold(self, flat: torch.Tensor, params: list[torch.Tensor], kept: list[bool]) -> None:
+        """Make ``flat`` the current ``v`` and the state's ``"eigenvector"`` entries (where
+        ``kept``) its slices, or copies where a parameter's device or dtype differs."""
+        self._flat_v, self._slices = flat, []
+        for p, part, keep in zip(
+            params, flat.split([p.numel() for p in params]), kept, strict=True
+        ):
+            if not keep:
+                self._slices.append(None)
+                continue
+            part = part.view(p.shape)
+            if (part.device, part.dtype) != (p.device, p.dtype):
+                part = part.to(p)
+            self.state[p]["eigenvector"] = part
+            self._slices.append(part)
 
     def set_eigenvector(self, v: torch.Tensor, eigenvalue: float) -> None:
         """Adopt ``v`` (normalised here) as the top eigenvector, with its eigenvalue."""
-        pairs = self._params()
-        numels = [p.numel() for p, _ in pairs]
+        params = [p for p, _ in self._params()]
         v = v.detach().reshape(-1)
-        if v.numel() != sum(numels):
+        if v.numel() != sum(p.numel() for p in params):
             raise ValueError(
-                f"eigenvector has {v.numel()} entries, the optimizer has {sum(numels)} parameters"
+                f"eigenvector has {v.numel()} entries, the optimizer has "
+                f"{sum(p.numel() for p in params)} parameters"
             )
         norm = norms(v)
         if not bool(torch.isfinite(norm)) or norm == 0:
             raise ValueError("eigenvector must be finite and non-zero")
-        for (p, _), part in zip(pairs, (v / norm).split(numels), strict=True):
-            self.state[p]["eigenvector"] = part.reshape(p.shape).to(p, copy=True)
-        self._flat_v = None
+        dtypes = {p.dtype for p in params}
+        dtype = params[0].dtype if len(dtypes) == 1 else v.dtype
+        flat = (v / norm).to(device=params[0].device, dtype=dtype)
+        self._hold(flat, params, [True] * len(params))
         self.last_eigenvalue = float(eigenvalue)
         self.refreshes += 1
         if eigenvalue <= 0:
@@ -167,7 +195,7 @@ class EigenSAM(SAM):
             )
         if v is None:
             return super()._direction(g, g_norm)
-        return eigensam_direction(g, v, self.alpha, g_norm=g_norm)
+        return eigensam_direction(g, v, self.alpha, g_norm=g_norm, overwrite=True)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -182,7 +210,6 @@ class EigenSAM(SAM):
         if "eigensam" not in state_dict:
             raise ValueError("not an EigenSAM state dict: it has no eigenvector bookkeeping")
         super().load_state_dict(state_dict)
-        self._flat_v = None
         info = state_dict["eigensam"]
         self.last_eigenvalue = info["last_eigenvalue"]
         self.refreshes = info["refreshes"]

@@ -8,13 +8,17 @@ Differences from davda54/sam, on purpose: the base optimizer's state (momentum b
 moments) is part of ``state_dict()``; a zero gradient gives no perturbation instead of relying on
 an epsilon; ``step(closure)`` evaluates the closure twice itself (no backward before it: one
 there would be a third, wasted pass); a step interrupted at ``w + e`` goes back to ``w``; sparse
-gradients work. BatchNorm layers should not update their running statistics on the second pass:
+gradients work. The perturbation is formed in one flat vector (the layout Eigen-SAM's
+eigenvector shares), so a first step holds about one model more than davda54's per-parameter
+one besides the weights' copy (benchmarks/sam_memory.py); a model split over devices is
+gathered on its first parameter's device. BatchNorm layers should not update their running statistics on the second pass:
 ``step(closure)`` cannot tell the closure which pass it is, so with BatchNorm use
 ``first_step``/``second_step`` and :mod:`eigensam.bn`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,6 +28,13 @@ from torch.optim import Optimizer
 from hessian_cli.engine.linalg import norms
 
 BaseOptimizer = Callable[..., Optimizer]
+
+
+def check_factor(name: str, value: float) -> None:
+    """Refuse a ``rho`` or ``alpha`` that is negative, NaN (which passes a ``< 0`` test) or
+    infinite (which moves the weights to infinity)."""
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value}")
 
 
 class SAM(Optimizer):
@@ -42,8 +53,7 @@ class SAM(Optimizer):
         adaptive: bool = False,
         **kwargs: Any,
     ) -> None:
-        if rho < 0.0:
-            raise ValueError(f"rho must be non-negative, got {rho}")
+        check_factor("rho", rho)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -63,18 +73,20 @@ class SAM(Optimizer):
         """The gradient as one vector in the optimizer's parameter order, the layout of its
         perturbations and eigenvectors (zero where ``grad`` is None), scaled by ``|w|`` for ASAM
         unless ``scaled`` is False."""
+        pairs = self._params()
+        device = pairs[0][0].device  # a model split over devices: the vector lives on the first
         parts = []
-        for p, group in self._params():
+        for p, group in pairs:
             g = torch.zeros_like(p) if p.grad is None else p.grad
             if g.is_sparse:  # e.g. nn.Embedding(sparse=True); the base step keeps it sparse
                 g = g.to_dense()
             parts.append((p.abs() * g if scaled and group["adaptive"] else g).reshape(-1))
-        return torch.cat(parts)
+        return torch.cat([part.to(device) for part in parts])
 
     def _direction(self, g: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
-        """The unit-``rho`` perturbation direction for a non-zero (scaled) gradient ``g`` of
-        norm ``g_norm``."""
-        return g / g_norm
+        """The unit-``rho`` perturbation direction for the (scaled) gradient ``g`` of norm
+        ``g_norm`` (1 for a zero gradient), formed in ``g``: a copy made for this step."""
+        return g.div_(g_norm)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -85,17 +97,17 @@ class SAM(Optimizer):
         if all(p.grad is None for p, _ in self._params()):
             raise RuntimeError("first_step found no gradients: run backward before it")
         for group in self.param_groups:
-            if group["rho"] < 0.0:
-                raise ValueError(f"rho must be non-negative, got {group['rho']}")
+            check_factor("rho", group["rho"])
         g = self.flat_grad()
         g_norm = norms(g)
-        # A zero gradient has no direction: no perturbation, and no 0/0.
-        d = torch.where(g_norm > 0, self._direction(g, g_norm), 0.0)
+        # A zero gradient has no direction: divided by 1 it stays zero (no perturbation, no 0/0).
+        # d is formed in g: the step's peak is one vector and the weights' copy below.
+        d = self._direction(g, torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm)))
         pairs = self._params()
         for (p, group), d_p in zip(pairs, d.split([p.numel() for p, _ in pairs]), strict=True):
             if p.grad is None:
                 continue
-            e = group["rho"] * d_p.view_as(p)
+            e = group["rho"] * d_p.view_as(p).to(p.device)
             if group["adaptive"]:
                 e = e * p.abs()
             self.state[p]["old_p"] = p.detach().clone()

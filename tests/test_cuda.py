@@ -4,6 +4,8 @@ Each path here has a CPU test of the same logic: ``func`` blocks and double back
 test_engine_operator.py, reduced precision in test_engine_precision.py.
 """
 
+import copy
+
 import pytest
 import torch
 from tiny_models import cases
@@ -174,3 +176,34 @@ def test_train_and_analyze_commands_run_on_cuda(tmp_path, device="cuda"):
     np.testing.assert_allclose(
         results[device]["eigen"]["eigenvalues"], results["cpu"]["eigen"]["eigenvalues"], rtol=1e-6
     )
+
+
+def test_a_sam_step_over_a_model_split_between_cpu_and_cuda():
+    """SAM's flat gradient joined every parameter's with one torch.cat, which needs them on one
+    device (a model split over devices, or layers offloaded to the CPU, failed)."""
+    from eigensam import EigenSAM
+
+    torch.manual_seed(0)
+    first, head = torch.nn.Linear(6, 8).double(), torch.nn.Linear(8, 3).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    v = torch.randn(sum(p.numel() for p in [*first.parameters(), *head.parameters()]))
+    weights = []
+    for split in (False, True):
+        a, b = (m for m in (copy.deepcopy(first), copy.deepcopy(head)))
+        if split:
+            b.cuda()
+        opt = EigenSAM([*a.parameters(), *b.parameters()], torch.optim.SGD, lr=0.1, alpha=0.3)
+        opt.set_eigenvector(v, 1.0)
+
+        def loss(a=a, b=b, split=split):
+            hidden = torch.tanh(a(x))
+            out = b(hidden.cuda() if split else hidden)
+            return torch.nn.functional.cross_entropy(out, y.to(out.device))
+
+        loss().backward()
+        opt.first_step(zero_grad=True)
+        loss().backward()
+        opt.second_step()
+        weights.append([p.detach().cpu() for p in [*a.parameters(), *b.parameters()]])
+    for cpu_only, split in zip(*weights, strict=True):
+        torch.testing.assert_close(split, cpu_only, rtol=1e-12, atol=1e-14)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
@@ -492,7 +493,7 @@ def test_a_negative_rho_in_a_group_is_refused() -> None:
     model = quadratic()
     opt = SAM([{"params": [model.w], "rho": -0.1}], torch.optim.SGD, lr=0.1)
     backward(model)
-    with pytest.raises(ValueError, match="rho must be non-negative"):
+    with pytest.raises(ValueError, match="rho must be a finite non-negative number"):
         opt.first_step()
 
 
@@ -534,6 +535,104 @@ def test_sparse_gradients_take_the_same_step_as_dense_ones() -> None:
         assert emb.weight.grad.is_sparse == sparse
         weights.append(emb.weight.detach())
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("rho", float("nan")), ("rho", float("inf")), ("alpha", float("nan"))]
+)
+def test_a_factor_that_is_not_a_finite_number_is_refused(name: str, value: float) -> None:
+    """NaN passed the ``< 0`` checks, and one step made every weight NaN."""
+    model = mlp()
+    with pytest.raises(ValueError, match=f"{name} must be a finite non-negative number"):
+        EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, **{name: value})
+
+
+def test_the_state_holds_slices_of_the_one_copy_of_v_a_step_uses() -> None:
+    """v was held twice (the state's per-parameter copies and a flat copy for the steps), and
+    the flat copy outlived a cleared state: steps leaned along a v no state_dict saved."""
+    model = mlp()
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = data()[0]
+    opt.refresh_eigenvector(model, F.cross_entropy, (x, y))
+    flat = opt.eigenvector
+    storage = flat.untyped_storage().data_ptr()
+    for p in model.parameters():
+        assert opt.state[p]["eigenvector"].untyped_storage().data_ptr() == storage
+    restored = EigenSAM(mlp().parameters(), torch.optim.SGD, lr=0.1)
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert torch.equal(restored.eigenvector, flat)
+    storage = restored.eigenvector.untyped_storage().data_ptr()
+    assert all(
+        s["eigenvector"].untyped_storage().data_ptr() == storage for s in restored.state.values()
+    )
+    opt.state.clear()
+    assert opt.eigenvector is None
+
+
+def test_a_parameter_whose_shape_changed_under_its_eigenvector_is_one_sentence() -> None:
+    model = mlp()
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = data()[0]
+    opt.refresh_eigenvector(model, F.cross_entropy, (x, y))
+    model[2].bias.data = torch.zeros(4, dtype=DT)  # network surgery (the engine said "mat1")
+    with pytest.raises(ValueError, match=r"shape \(3,\) does not fit its shape \(4,\) now"):
+        _ = opt.eigenvector
+
+
+def test_a_refresh_inside_no_grad_is_the_same_refresh() -> None:
+    """An optimizer's code runs under no_grad: the refresh's products need autograd anyway."""
+    x, y = data()[0]
+    found = []
+    for no_grad in (False, True):
+        model = mlp()
+        opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            found.append(opt.refresh_eigenvector(model, F.cross_entropy, (x, y), seed=0))
+    assert found[0].eigenvalue == found[1].eigenvalue
+    assert torch.equal(found[0].vector, found[1].vector)
+
+
+def test_a_refresh_with_a_sparse_embedding_is_that_of_the_dense_one() -> None:
+    """nn.Embedding(sparse=True) gives sparse first and second derivatives: the refresh raised
+    "reshape is not implemented for sparse tensors" (plain SAM steps worked)."""
+    tokens, y = torch.randint(0, 10, (16, 3), generator=torch.Generator().manual_seed(0)), None
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))
+    found = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 4, sparse=sparse), nn.Flatten(), nn.Linear(12, 3))
+        model = model.to(DT)
+        opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        found.append(opt.refresh_eigenvector(model, F.cross_entropy, (tokens, y), seed=0))
+    assert found[1].eigenvalue == pytest.approx(found[0].eigenvalue, rel=1e-12)
+    assert float((found[0].vector @ found[1].vector).abs()) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_a_refresh_over_parameters_of_mixed_dtypes() -> None:
+    """A float64 layer after a float32 one: the refresh's product raised "dot : expected both
+    vectors to have same dtype"; its eigenvalue is the all-float64 model's to float32 rounding."""
+    x, y = data(torch.float32)[0]
+    torch.manual_seed(0)
+    first, head = nn.Linear(6, 16), nn.Linear(16, 3).to(DT)
+    mixed = nn.Sequential(first, nn.Tanh(), _Cast(DT), head)
+    wide = nn.Sequential(copy.deepcopy(first).to(DT), nn.Tanh(), copy.deepcopy(head))
+    values = []
+    for model, inputs in ((mixed, x), (wide, x.to(DT))):
+        opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        result = opt.refresh_eigenvector(
+            model, F.cross_entropy, (inputs, y), seed=0, max_hvps=40, tol=1e-6
+        )
+        values.append(result.eigenvalue)
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+class _Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
 
 
 def test_a_refresh_on_a_batch_that_is_not_two_tensors_is_one_sentence() -> None:

@@ -55,18 +55,28 @@ class AlignmentResult:
 
 
 def eigensam_direction(
-    g: torch.Tensor, v: torch.Tensor, alpha: float, *, g_norm: torch.Tensor | None = None
+    g: torch.Tensor,
+    v: torch.Tensor,
+    alpha: float,
+    *,
+    g_norm: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Eigen-SAM's unnormalised perturbation direction ``d`` (DESIGN.md); ``alpha=0`` is SAM's.
 
     It runs at every training step: two reductions (|g| as SAM takes it, so that ``alpha=0``
     stays SAM bit for bit, and ``<g, v>``), where three cost a 5,130-parameter CNN 3% of a SAM
-    step; a caller that has ``g_norm`` (``norms(g)``) already saves the first."""
+    step; a caller that has ``g_norm`` (``norms(g)``) already saves the first. Its vectors are
+    formed in place, two at most besides ``g`` and ``v`` (one with ``overwrite``, which turns
+    ``g``, a copy the caller no longer needs, into ``d``): a model's size each, in the step's
+    peak memory. The same operations in the same order as written out, so the same bits.
+    """
     size = norms(g) if g_norm is None else g_norm
-    g_hat = g / size
     gv = dot(g, v)
+    g_hat = g.div_(size) if overwrite else g / size
     c = (gv / size).to(g.dtype)
-    return g_hat + alpha * torch.sign(gv).to(g.dtype) * (v - c * g_hat)
+    w = torch.mul(g_hat, c).neg_().add_(v)  # v - c g_hat
+    return g_hat.add_(w.mul_(alpha * torch.sign(gv).to(g.dtype)))
 
 
 def alignment_scores(

@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
-from hessian_cli.engine.params import ParamSpace, select_parameters
+from hessian_cli.engine.params import ParamSpace, dense, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
 from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.errors import NotFinite, UserError, a_type, first_line
@@ -277,7 +277,7 @@ class HessianOperator:
         """
         self._synchronize()
         start = time.perf_counter()
-        with forward_mode(self.model, self.bn), numerics("full", self.device):
+        with torch.enable_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
             for x, y in self.batches:
                 loss = self._batch_loss(x, y)
                 torch.autograd.grad(loss, self.space.tensors, allow_unused=True)
@@ -296,7 +296,7 @@ class HessianOperator:
         the losses with them, for :meth:`check_losses`.
         """
         local = None if limit is None else max(0, limit - self.batch_offset)
-        with forward_mode(self.model, self.bn), numerics("full", self.device):
+        with torch.enable_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
             for i, (x, y) in enumerate(self.batches[:local]):
                 if self._gradient_from_graph():
                     yield self._graph_gradient(i)
@@ -361,7 +361,12 @@ class HessianOperator:
         start = time.perf_counter()
         V = V.to(device=self.device, dtype=self.dtype)
         out = torch.zeros_like(V)
-        with forward_mode(self.model, self.bn), numerics(self.precision, self.device):
+        # Products need autograd, also for a caller inside torch.no_grad() (an optimizer's step).
+        with (
+            torch.enable_grad(),
+            forward_mode(self.model, self.bn),
+            numerics(self.precision, self.device),
+        ):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
                 out.add_(self._batch_hvp(i, x, y, V), alpha=w)
         if self.distributed:
@@ -460,7 +465,9 @@ class HessianOperator:
         parts = torch.autograd.grad(loss, self.space.tensors, create_graph=True, allow_unused=True)
         used = [p is not None for p in parts]
         # An unused parameter has no gradient: its Hessian rows and columns are zero.
-        g = torch.cat([p.reshape(-1) for p in parts if p is not None]) if any(used) else None
+        # nn.Embedding(sparse=True) gives a sparse gradient; its dense form is differentiable.
+        flat = [dense(p).reshape(-1) for p in parts if p is not None]
+        g = torch.cat(flat) if any(used) else None
         if self._keeps(lambda: self._graph_size(before, loss, g)):
             self._graphs[i] = (loss, g, used)
         return loss, g, used
@@ -524,7 +531,7 @@ class HessianOperator:
         for j in range(V.shape[0]):
             # The gradient of the scalar <g, v>, not grad_outputs=v: the same products, but
             # torch checks grad_outputs' shapes with sympy, whose import costs ~0.5 s a process.
-            gv = torch.dot(g, Vu[j])
+            gv = torch.dot(g, Vu[j].to(g.dtype))  # parameters of mixed dtypes: g promoted
             parts = torch.autograd.grad(gv, keep, retain_graph=True, allow_unused=True)
             rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
         return torch.cat(rows)

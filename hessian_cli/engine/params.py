@@ -55,7 +55,7 @@ class ParamSpace:
         """Concatenate per-parameter tensors (``None`` means zero, e.g. an unused parameter)."""
         return torch.cat(
             [
-                (torch.zeros_like(t) if p is None else p).reshape(-1)
+                (torch.zeros_like(t) if p is None else dense(p)).reshape(-1)
                 for p, t in zip(parts, self.tensors, strict=True)
             ]
         )
@@ -64,7 +64,7 @@ class ParamSpace:
         """Like :meth:`flatten` for tensors with a leading block dimension ``b``."""
         return torch.cat(
             [
-                (t.new_zeros((b, t.numel())) if p is None else p.reshape(b, -1))
+                (t.new_zeros((b, t.numel())) if p is None else dense(p).reshape(b, -1))
                 for p, t in zip(parts, self.tensors, strict=True)
             ],
             dim=1,
@@ -124,3 +124,8 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
         raise UserError(f"The model has no trainable parameters {what}{why}.")
     names, tensors = zip(*chosen.values(), strict=True)
     return ParamSpace(names=tuple(names), tensors=tuple(tensors))
+
+
+def dense(part: torch.Tensor) -> torch.Tensor:
+    """A derivative as a dense tensor: nn.Embedding(sparse=True)'s are sparse."""
+    return part.to_dense() if part.is_sparse else part

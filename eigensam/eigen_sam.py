@@ -200,6 +200,7 @@ class EigenSAM(SAM):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["eigensam"] = {
+            "alpha": self.alpha,
             "last_eigenvalue": self.last_eigenvalue,
             "refreshes": self.refreshes,
             "negative_refreshes": self.negative_refreshes,
@@ -211,6 +212,9 @@ class EigenSAM(SAM):
             raise ValueError("not an EigenSAM state dict: it has no eigenvector bookkeeping")
         super().load_state_dict(state_dict)
         info = state_dict["eigensam"]
+        # Like rho in the param groups, the saved alpha is the run's (absent before 2026-11-30).
+        self.alpha = info.get("alpha", self.alpha)
+        check_factor("alpha", self.alpha)
         self.last_eigenvalue = info["last_eigenvalue"]
         self.refreshes = info["refreshes"]
         self.negative_refreshes = info["negative_refreshes"]

@@ -569,6 +569,21 @@ def test_the_state_holds_slices_of_the_one_copy_of_v_a_step_uses() -> None:
     assert opt.eigenvector is None
 
 
+def test_alpha_is_saved_and_loaded_like_rho() -> None:
+    """rho travels in the param groups; alpha was not saved, so a resume into an optimizer built
+    with another alpha went on with that one, silently."""
+    model = mlp()
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.3)
+    other = EigenSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, rho=0.05, alpha=0.2)
+    other.load_state_dict(opt.state_dict())
+    assert (other.alpha, other.param_groups[0]["rho"]) == (0.3, 0.1)
+    older = opt.state_dict()
+    del older["eigensam"]["alpha"]  # a checkpoint from before: the constructor's stays
+    other = EigenSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, alpha=0.2)
+    other.load_state_dict(older)
+    assert other.alpha == 0.2
+
+
 def test_a_parameter_whose_shape_changed_under_its_eigenvector_is_one_sentence() -> None:
     model = mlp()
     opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)

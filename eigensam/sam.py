@@ -11,9 +11,9 @@ there would be a third, wasted pass); a step interrupted at ``w + e`` goes back 
 gradients work. The perturbation is formed in one flat vector (the layout Eigen-SAM's
 eigenvector shares), so a first step holds about one model more than davda54's per-parameter
 one besides the weights' copy (benchmarks/sam_memory.py); a model split over devices is
-gathered on its first parameter's device. BatchNorm layers should not update their running statistics on the second pass:
-``step(closure)`` cannot tell the closure which pass it is, so with BatchNorm use
-``first_step``/``second_step`` and :mod:`eigensam.bn`.
+gathered on its first parameter's device. BatchNorm layers should not update their running
+statistics on the second pass: ``step(closure)`` cannot tell the closure which pass it is, so
+with BatchNorm use ``first_step``/``second_step`` and :mod:`eigensam.bn`.
 """
 
 from __future__ import annotations

@@ -516,7 +516,8 @@ class HessianOperator:
             return torch.zeros_like(V)
         keep = [t for t, u in zip(self.space.tensors, used, strict=True) if u]
         used_cols = self._used_columns(used)
-        Vu = V[:, used_cols] if used_cols is not None else V
+        # Parameters of mixed dtypes have their gradient joined in the promoted dtype.
+        Vu = (V[:, used_cols] if used_cols is not None else V).to(g.dtype)
         if self._batched_backward_ok and V.shape[0] > 1:
             try:
                 parts = torch.autograd.grad(
@@ -531,7 +532,7 @@ class HessianOperator:
         for j in range(V.shape[0]):
             # The gradient of the scalar <g, v>, not grad_outputs=v: the same products, but
             # torch checks grad_outputs' shapes with sympy, whose import costs ~0.5 s a process.
-            gv = torch.dot(g, Vu[j].to(g.dtype))  # parameters of mixed dtypes: g promoted
+            gv = torch.dot(g, Vu[j])
             parts = torch.autograd.grad(gv, keep, retain_graph=True, allow_unused=True)
             rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
         return torch.cat(rows)

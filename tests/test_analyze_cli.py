@@ -1238,3 +1238,22 @@ def test_models_the_analysis_cannot_take_are_refused_before_the_work(capsys, tmp
         code, out, err = run(capsys, *args, "--top-k", "1")
         assert code == 2, err
         assert message in one_sentence(err)
+
+
+def test_the_smallest_of_a_trained_float32_network_are_not_given_up_as_noise(capsys, tmp_path):
+    """The stall guard took a trained MLP's smallest eigenpairs (float32, 64 samples) for
+    noise-bound: 108 of 2000 products, residuals 2.8e-3, and advice to loosen --tol, where the
+    products' asymmetry was 1.8e-7 and the tolerance 1e-4 is met (about 300 products)."""
+    run_dir = tmp_path / "run"
+    code, _, err = run(
+        capsys, "train", "--model", "mlp", "--data", "digits", "--epochs", "30",
+        "--eig-every", "10", "--track-every", "0", "--max-steps", "294",
+        "--checkpoint-every", "0", "-q", "--out", run_dir,
+    )  # fmt: skip
+    assert code == 0, err
+    ckpt = run_dir / "checkpoints" / "step0000294.pt"
+    args = ("analyze", ckpt, "-k", "2", "--which", "smallest", "--num-samples", "64", "--json")
+    code, out, err = run(capsys, *args)
+    eigen = json.loads(out)["eigen"]
+    assert code == 0 and not err, err
+    assert eigen["stop_reason"] == "converged" and all(r <= 1e-4 for r in eigen["residuals"])

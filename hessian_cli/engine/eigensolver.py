@@ -110,10 +110,13 @@ CHECK_STEPS = 6
 CHECK_REACH = 4.0
 
 # The stall guard's allowance for slow convergence (see `_stop_decision`): a residual more than
-# NOISE_MARGIN times the products' estimated noise floor is still far from it, and a residual
-# tolerance more than REACHABLE_MARGIN times that floor is not what the noise keeps from being
-# met (a float32 network, n = 484, smallest 5 at tol 1e-4: stopped "stalled" at residuals 4e-4,
-# 26 times the floor, after 614 products; met with more patience at 918).
+# NOISE_MARGIN times the products' estimated noise floor (their asymmetry times sqrt(n)) is
+# still far from it, and a residual tolerance more than REACHABLE_MARGIN times the asymmetry
+# itself is not what the noise keeps from being met. That floor is a generous estimate: float32
+# networks' smallest eigenpairs stopped "stalled" at residuals above a tolerance they met with
+# more patience (the digits MLP, n = 2410, smallest 2 at tol 1e-4: stopped at 2.8e-3 after 108
+# products, met at 296, the tolerance 3.3 times the floor and 530 times the asymmetry; n = 484,
+# smallest 5: stopped at 4e-4 after 614, met at 918).
 NOISE_MARGIN = 100
 REACHABLE_MARGIN = 10
 SLOW_PATIENCE = 4
@@ -550,15 +553,15 @@ def _stop_decision(solve: _Solve, basis: _Basis, pairs: _RitzPairs) -> _Stop:
         # products' noise shows in the projected matrix: H is symmetric, so the two float
         # estimates of each entry, <q_i, H q_j> and <q_j, H q_i>, differ only by the products'
         # errors. A residual far above what that asymmetry allows, or a residual tolerance
-        # well above it, is slow convergence (clustered eigenvalues), not noise: it gets
+        # well above the asymmetry, is slow convergence (crowded eigenvalues), not noise: it gets
         # SLOW_PATIENCE times the patience, and "slow" as its reason if it stops.
         worst = float(rnorm[unconverged].max()) if unconverged else 0.0
         improved = worst < 0.9 * solve.best_worst
-        floor = basis.asymmetry * math.sqrt(op.n)
-        slow = worst > NOISE_MARGIN * floor or (
+        slow = worst > NOISE_MARGIN * basis.asymmetry * math.sqrt(op.n) or (
             solve.criterion == "residual"
             and bool(unconverged)
-            and float(solve.tols[unconverged].min()) * solve.scale > REACHABLE_MARGIN * floor
+            and float(solve.tols[unconverged].min()) * solve.scale
+            > REACHABLE_MARGIN * basis.asymmetry
         )
         patience = solve.patience * (SLOW_PATIENCE if slow else 1)
         stalled = not improved and spent - solve.best_at > patience

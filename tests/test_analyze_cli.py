@@ -749,9 +749,13 @@ def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     assert code == 3 and "not converged" in err
     err = " ".join(err.split())
     assert "stopped improving" in err and "--dtype float64" in err
-    code, out, _ = run(capsys, *args, "--max-hvps", "10", "--json")
+    code, out, err = run(capsys, *args, "--max-hvps", "10", "--json")
     eigen = json.loads(out)["eigen"]
     assert code == 0 and not any(eigen["converged"]) and eigen["stop_reason"] == "budget"
+    # Accepted, but still said on stderr (it was silent, against the README's --quiet).
+    assert "not converged to tol 1e-12" in err and "kept, as --max-hvps asks" in err
+    code, out, err = run(capsys, *args, "--max-hvps", "10", "--quiet")
+    assert code == 0 and not out and "kept, as --max-hvps asks" in " ".join(err.split())
 
 
 def test_a_slow_solve_is_not_blamed_on_rounding_noise(capsys, monkeypatch, digits_mlp):

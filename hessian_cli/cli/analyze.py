@@ -282,8 +282,12 @@ def analyze(
                 err_console.print(str(stopped), style="yellow", highlight=False)
             raise typer.Exit(INTERRUPTED_STATUS)
         raise stopped
-    warning = unconverged_warning(reports, tol=tol, precision=precision, dtype=dtype)
-    if warning is not None and max_hvps is None:
+    accepted = max_hvps is not None  # the budget the user set: exit 0, but still said
+    warning = unconverged_warning(
+        reports, tol=tol, precision=precision, dtype=dtype, budget_accepted=accepted
+    )
+    if warning is not None:
         if lead:
             err_console.print(warning, highlight=False)
-        raise typer.Exit(EXIT_UNCONVERGED)
+        if not accepted:
+            raise typer.Exit(EXIT_UNCONVERGED)

@@ -84,10 +84,16 @@ STOP_REASONS = {
 
 
 def unconverged_warning(
-    reports: Sequence[Mapping[str, Any]], *, tol: float, precision: str, dtype: str
+    reports: Sequence[Mapping[str, Any]],
+    *,
+    tol: float,
+    precision: str,
+    dtype: str,
+    budget_accepted: bool = False,
 ) -> str | None:
     """The warning (Rich markup) for reports with pairs that did not converge, and what to do
-    about it by why they stopped; None where every pair converged."""
+    about it by why they stopped (nothing where ``budget_accepted``: the user set the budget);
+    None where every pair converged."""
     unconverged = [
         (r["name"], sum(not c for c in r["eigen"]["converged"]))
         for r in reports
@@ -104,6 +110,8 @@ def unconverged_warning(
         if dtype != "float64"
         else ""
     )
+    if budget_accepted:
+        return f"[bold yellow]not converged[/] to tol {tol:g} ({what}); kept, as --max-hvps asks."
     advice = (
         "the residuals stopped improving, so the products' rounding noise is above the "
         f"tolerance: loosen --tol{remedy}"

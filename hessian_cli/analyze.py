@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
@@ -36,6 +36,7 @@ from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
+    DataSource,
     LoadedCheckpoint,
     analysis_batches,
     anchored,
@@ -295,6 +296,18 @@ class _Setup(NamedTuple):
     device: torch.device
 
 
+def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:
+    """The data with the class count the checkpoint's model was trained for, where it records
+    one: labels count classes from the largest they hold, so a subset without the top classes
+    built a smaller output layer than the weights' (a shape mismatch said instead), and a
+    label beyond the model's classes is then refused as such by the target check."""
+    if data.num_classes is None or not isinstance(recorded, int) or isinstance(recorded, bool):
+        return data
+    if recorded < 1 or recorded == data.num_classes:
+        return data
+    return replace(data, num_classes=recorded)
+
+
 def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     """Model, loss and the global lists of batches: where bad input shows up."""
     meta = ckpt.metadata
@@ -319,6 +332,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         download=request.download,
         trusted=trust or bool(request.data),
     )
+    data = _with_recorded_classes(data, meta.get("num_classes"))
     model = build_model(
         model_spec,
         input_shape=data.input_shape,

@@ -21,7 +21,7 @@ from hessian_cli.cli import main
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
 from hessian_cli.errors import Terminated, UserError
-from hessian_cli.specs import build_model, load_data, save_checkpoint
+from hessian_cli.specs import build_model, load_checkpoint, load_data, save_checkpoint
 from hessian_cli.storage import read_analyses
 
 FIXTURE = (
@@ -1261,3 +1261,33 @@ def test_the_smallest_of_a_trained_float32_network_are_not_given_up_as_noise(cap
     eigen = json.loads(out)["eigen"]
     assert code == 0 and not err, err
     assert eigen["stop_reason"] == "converged" and all(r <= 1e-4 for r in eigen["residuals"])
+
+
+def test_the_checkpoints_recorded_classes_build_its_model(capsys, tmp_path, digits_mlp):
+    """Data whose labels miss the top classes made a smaller output layer than the weights'
+    (a shape mismatch was said); labels beyond the model's classes are refused as such."""
+    ckpt = load_checkpoint(digits_mlp)
+    recorded = tmp_path / "recorded.pt"
+    metadata = {**ckpt.metadata, "num_classes": 10}
+    save_checkpoint(recorded, state_dict=ckpt.state_dict, metadata=metadata)
+    x, y = load_data("digits").train.tensors
+    below = y < 8
+    np.savez(tmp_path / "eight.npz", x=x[below].numpy(), y=y[below].numpy())
+    np.savez(tmp_path / "ten.npz", x=x[below].numpy(), y=y[below].numpy(), num_classes=10)
+    values = []
+    for data in ("eight.npz", "ten.npz"):
+        code, out, err = run(capsys, "analyze", recorded, "-k", "2", "--data", tmp_path / data,
+                             "--num-samples", "64", "--json")  # fmt: skip
+        assert code == 0, err
+        values.append(json.loads(out)["eigen"]["eigenvalues"])
+    assert values[0] == values[1]
+    y_out = y.clone()
+    y_out[0] = 12
+    np.savez(tmp_path / "twelve.npz", x=x.numpy(), y=y_out.numpy())
+    message = _bad(capsys, "analyze", recorded, "-k", "1", "--data", tmp_path / "twelve.npz")
+    assert "label 12 is out of range for 10 classes" in message
+
+
+def test_a_label_far_beyond_any_class_count_is_one_sentence_not_out_of_memory():
+    with pytest.raises(UserError, match="for 1,099,511,627,777 classes or outputs does not fit"):
+        build_model("mlp", input_shape=(1, 8, 8), num_classes=2**40 + 1, kwargs={"hidden": [32]})

@@ -37,7 +37,15 @@ def build_model(
     """
     kwargs = dict(kwargs or {})
     if spec in BUILTIN_MODELS:
-        return _build_builtin(spec, tuple(input_shape), num_classes, kwargs)
+        try:
+            return _build_builtin(spec, tuple(input_shape), num_classes, kwargs)
+        except RuntimeError as exc:  # labels of 2**40 made a 2**40-class layer
+            if "can't allocate memory" not in str(exc):
+                raise
+            raise UserError(
+                f"model {spec!r} for {num_classes:,} classes or outputs does not fit in memory "
+                "(class labels must be indices from 0; regression targets must be real numbers)."
+            ) from exc
     if spec.startswith("torchvision:"):
         return _build_torchvision(spec.partition(":")[2], num_classes, kwargs)
     if split_user_spec(spec) is not None:

@@ -1424,6 +1424,21 @@ def test_alignment_where_the_top_eigenvalue_is_negative():
     assert math.isnan(scores.curvature_ratio) and math.isfinite(scores.subspace_alignment)
 
 
+def test_a_sharpness_whose_perturbed_loss_overflows_is_undefined_not_an_error():
+    """rho = 1e37 overflowed the loss at w + rho g_hat: the whole analysis ended, blaming the
+    weights and the data, though the loss at w and the other scores are finite."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 2, generator=g)
+    op = HessianOperator(model, F.mse_loss, [(x, y)])  # float32: (1e37)^2 overflows
+    res = eigenpairs(op, 2)
+    scores = alignment_scores(op, res.eigenvalues, res.eigenvectors, rho=1e37)
+    assert math.isnan(scores.sam_sharpness)
+    assert math.isfinite(scores.loss) and math.isfinite(scores.eigensam_alignment)
+    finite = alignment_scores(op, res.eigenvalues, res.eigenvectors, rho=0.05)
+    assert math.isfinite(finite.sam_sharpness)
+
+
 def test_a_minibatch_with_a_zero_gradient_is_left_out_of_the_statistics():
     model = torch.nn.Linear(3, 1, bias=False).double()
     with torch.no_grad():

@@ -20,6 +20,7 @@ import torch
 
 from hessian_cli.engine.linalg import dot, gram, norms
 from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.errors import NotFinite
 
 
 @dataclass
@@ -108,7 +109,10 @@ def alignment_scores(
         curvature = float(dot(g_hat, op.matmul(g_hat)))
         d = eigensam_direction(g, V[0], alpha)
         eigensam = float(dot(d / norms(d), V[0]).abs())
-        sharp = op.loss_at(rho * g_hat) - loss
+        try:
+            sharp = op.loss_at(rho * g_hat) - loss
+        except NotFinite:  # a rho so large that the loss overflows at w + e: undefined there
+            sharp = math.nan
     else:  # no direction to align: the scores of g_hat are undefined
         coeffs = V.new_full((V.shape[0],), math.nan)
         curvature = eigensam = sharp = math.nan

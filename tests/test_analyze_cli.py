@@ -1291,3 +1291,27 @@ def test_the_checkpoints_recorded_classes_build_its_model(capsys, tmp_path, digi
 def test_a_label_far_beyond_any_class_count_is_one_sentence_not_out_of_memory():
     with pytest.raises(UserError, match="for 1,099,511,627,777 classes or outputs does not fit"):
         build_model("mlp", input_shape=(1, 8, 8), num_classes=2**40 + 1, kwargs={"hidden": [32]})
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            ("--save-eigenvectors",),
+            "--save-eigenvectors has no effect without eigenpairs and --out",
+        ),
+        (("--density-steps", "1"), "--density-steps has no effect without --density"),
+        (("--rho", "-5"), "--rho has no effect without --alignment"),
+        (("--trace-probes", "3"), "--trace-probes has no effect without --trace"),
+        (("-k", "0", "--trace", "--tol", "1e-3"), "--tol has no effect without eigenpairs"),
+    ],
+)
+def test_an_option_whose_feature_is_off_is_refused(capsys, tmp_path, digits_mlp, given, message):
+    """These were accepted and silently unused (their values unchecked), as train refuses
+    options its optimizer does not read."""
+    out = tmp_path / "s.h5"
+    assert message in _bad(capsys, "analyze", digits_mlp, "--num-samples", "16", *given)
+    assert not out.exists()
+    code, _, err = run(capsys, "analyze", digits_mlp, "-k", "1", "--num-samples", "16", "--rho", "0.05",
+                       "--alignment", "-q", "--save-eigenvectors", "--out", out)  # fmt: skip
+    assert code == 0, err  # given with their features, the same options are read

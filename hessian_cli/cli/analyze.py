@@ -14,7 +14,7 @@ from hessian_cli.cli.app import (
     print_json,
     results_console,
 )
-from hessian_cli.cli.options import command_line, named_path, parse_model_kwargs
+from hessian_cli.cli.options import command_line, named_path, parse_model_kwargs, refuse_unused
 from hessian_cli.errors import Terminated
 
 EXIT_UNCONVERGED = 3
@@ -22,6 +22,7 @@ EXIT_UNCONVERGED = 3
 
 @app.command()
 def analyze(
+    ctx: typer.Context,
     target: Path = typer.Argument(
         ..., help="A checkpoint file (.pt/.pth/.pkl/.ckpt/.safetensors) or a directory of them."
     ),
@@ -172,6 +173,22 @@ def analyze(
 ) -> None:
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     out = named_path(out_name, "--out", "spectra.h5")
+    eigen = top_k > 0
+    refuse_unused(
+        ctx,
+        {
+            **dict.fromkeys(
+                ("which", "tol", "criterion", "max_hvps", "block_size", "guard", "check_steps"),
+                (eigen, "eigenpairs (--top-k 0 skips them)"),
+            ),
+            "save_eigenvectors": (eigen and out is not None, "eigenpairs and --out"),
+            **dict.fromkeys(("trace_probes", "trace_method"), (trace, "--trace")),
+            **dict.fromkeys(
+                ("density_probes", "density_steps", "density_sigma"), (density, "--density")
+            ),
+            **dict.fromkeys(("rho", "alpha", "minibatches"), (alignment, "--alignment")),
+        },
+    )
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     from hessian_cli.analyze import AnalyzeRequest, SeriesStopped, analyze_target
     from hessian_cli.engine.distributed import fail_together, world

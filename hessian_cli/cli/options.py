@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from hessian_cli.errors import UserError
 
 
@@ -39,3 +41,18 @@ def named_path(text: str | None, option: str, example: str) -> Path | None:
     if not text.strip():
         raise UserError(f"{option} needs a name, such as {example}.")
     return Path(text)
+
+
+def refuse_unused(ctx: typer.Context, needs: dict[str, tuple[bool, str]]) -> None:
+    """Refuse an option given on the command line whose feature is off (``needs``: parameter
+    name -> (whether it is read, what it needs)), rather than let it look used; defaults are
+    never refused."""
+    for name, (read, what) in needs.items():
+        source = ctx.get_parameter_source(name)
+        if not read and source is not None and source.name != "DEFAULT":
+            flag = next(o for o in _param(ctx, name).opts if o.startswith("--"))
+            raise UserError(f"{flag} has no effect without {what}; leave it out.")
+
+
+def _param(ctx: typer.Context, name: str) -> Any:
+    return next(p for p in ctx.command.params if p.name == name)

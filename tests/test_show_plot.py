@@ -123,6 +123,9 @@ def test_show_series_and_json(files):
     assert json.loads(as_json.stdout) == expected
     one = runner.invoke(app, ["show", str(files["series"]), "-c", "ckpt_200", "--json"])
     assert [d["name"] for d in json.loads(one.stdout)] == ["ckpt_200"]
+    # The file's own count, and how many were picked (it said "1 checkpoint").
+    one = runner.invoke(app, ["show", str(files["series"]), "-c", "ckpt_200"])
+    assert "3 checkpoints, 1 shown" in one.stdout
 
 
 def test_plot_single_and_series(files, tmp_path):

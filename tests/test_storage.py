@@ -673,6 +673,16 @@ def test_a_malformed_group_is_refused_alike_by_show_json_and_plot(full, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spectra.h5"]
 
 
+def test_a_file_whose_checkpoints_are_not_a_group_is_not_read_as_empty(full, tmp_path):
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="x")
+    with h5py.File(path, "r+") as f:
+        del f["checkpoints"]
+        f["checkpoints"] = [1, 2, 3]
+    with pytest.raises(UserError, match=r"not laid out as docs/hdf5.md says \(/checkpoints is"):
+        read_analyses(path)  # "0 checkpoints" was shown, exit 0
+
+
 def test_only_an_exact_one_reads_as_converged(full, tmp_path):
     """docs/hdf5.md: an unknown convergence is never reported as converged."""
     path = tmp_path / "spectra.h5"
@@ -682,6 +692,13 @@ def test_only_an_exact_one_reads_as_converged(full, tmp_path):
     assert read_analyses(path)[0]["eigen"]["converged"] == [False, False, True]
     with h5py.File(path, "r+") as f:
         _replace("converged", np.array([2, 1, 0], dtype=np.uint8))(f["checkpoints"][group])
+    assert read_analyses(path)[0]["eigen"]["converged"] == [False, True, False]
+    # A pair marked converged whose value or residual is not finite is not (it was shown so).
+    with h5py.File(path, "r+") as f:
+        g = f["checkpoints"][group]
+        _replace("converged", np.array([1, 1, 1], dtype=np.uint8))(g)
+        _replace("eigenvalues", np.array([np.nan, *g["eigenvalues"][1:]]))(g)
+        _replace("residuals", np.array([*g["residuals"][:2], np.inf]))(g)
     assert read_analyses(path)[0]["eigen"]["converged"] == [False, True, False]
 
 

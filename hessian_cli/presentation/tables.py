@@ -341,7 +341,9 @@ def file_summary(
     lines = [Text(f"{path}", style="bold")]
     version = info.get("format_version")
     what = f"hessian-cli spectra file (format version {version})" if version else "spectra file"
-    lines.append(Text(f"{what}, {len(ds)} checkpoint{'s' if len(ds) != 1 else ''}"))
+    total = len(info.get("groups") or ds)  # --checkpoint shows some of them
+    held = f"{what}, {total} checkpoint{'s' if total != 1 else ''}"
+    lines.append(Text(held + (f", {len(ds)} shown" if len(ds) < total else "")))
     return Group(*lines, *_written_by(info))
 
 

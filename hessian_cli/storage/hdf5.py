@@ -398,6 +398,12 @@ def read_analyses(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _reports(path: str | Path, f: h5py.File) -> list[dict[str, Any]]:
+    held = f.get("checkpoints")
+    if held is not None and not isinstance(held, h5py.Group):  # read as an empty file before
+        raise UserError(
+            f"Could not read {path}: it is not laid out as docs/hdf5.md says (/checkpoints is "
+            "not a group)."
+        )
     reports = []
     for name in _stored_order(f):
         try:
@@ -548,16 +554,23 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
         a = ev.attrs
         values = numbers(_pairs(g, "eigenvalues"))
         k = len(values)
+        residuals = numbers(_pairs(g, "residuals", k)) if "residuals" in g else [None] * k
+        # A pair whose value or residual is not finite is not converged, whatever the file
+        # says (damage: shown as converged before).
+        known = [
+            v is not None and (r is not None or "residuals" not in g)
+            for v, r in zip(values, residuals, strict=True)
+        ]
         eigen = {
             "which": _str(a.get("which")),
             "eigenvalues": values,
-            "residuals": numbers(_pairs(g, "residuals", k)) if "residuals" in g else [None] * k,
+            "residuals": residuals,
             "errors": (
                 numbers(_pairs(g, "eigenvalue_errors", k))
                 if "eigenvalue_errors" in g
                 else [None] * k
             ),
-            "converged": _converged(g, k),
+            "converged": [c and ok for c, ok in zip(_converged(g, k), known, strict=True)],
             "tol": number(a.get("tol")),
             # Files written before the eigenvalue criterion existed converged by residual.
             "criterion": _str(a.get("criterion")) or "residual",

@@ -343,3 +343,10 @@ def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
     assert [c.path.name for c in ordered] == ["ckpt1.pth", "ckpt2.pt", "ckpt10.pt", "final.pkl"]
     with pytest.raises(UserError, match="not a directory"):
         list_checkpoints(names / "ckpt2.pt")
+    # A link that leads nowhere is listed (it was skipped silently), so that reading it fails.
+    (names / "ckpt3.pt").symlink_to(tmp_path / "gone.pt")
+    (names / "notes.md").symlink_to(tmp_path / "gone.md")
+    assert "ckpt3.pt" in [p.name for p in list_checkpoints(names)]
+    assert "notes.md" not in [p.name for p in list_checkpoints(names)]
+    with pytest.raises(UserError, match="symbolic link that leads nowhere"):
+        load_checkpoint(names / "ckpt3.pt")

@@ -481,9 +481,13 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         entries = list(directory.iterdir())
     except OSError as exc:
         raise UserError(f"cannot list {str(directory)!r}: {exc.strerror or exc}.") from exc
+    # A link that points nowhere is listed, so that reading it ends the run as any unreadable
+    # checkpoint does (it was skipped silently).
     found = [
         p
         for p in entries
-        if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES and not p.name.startswith(".")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in CHECKPOINT_SUFFIXES
+        and not p.name.startswith(".")
     ]
     return sorted(found, key=lambda p: _natural_key(p.name))

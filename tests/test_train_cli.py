@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -416,6 +417,19 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_named_as_such(capsys,
     (out / "config.json").write_text("{}")  # what a run that failed at its first step leaves
     code, _, err = run(capsys, "train", *TINY, "--out", out)
     assert code == 2 and "stopped before its first checkpoint" in error_sentence(err)
+
+
+def test_a_resume_that_finds_no_checkpoint_says_it_starts_again(capsys, tmp_path, finished_run):
+    """It began as a new run would, under a plain "Training:" header."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        ckpt.unlink()
+    code, out, err = run(capsys, "train", "--resume", run_dir, "--max-steps", "2")
+    assert code == 0, err
+    assert "Starting again at step 0 (the run holds no checkpoint to resume)" in " ".join(
+        out.split()
+    )
 
 
 def test_a_second_ctrl_c_says_what_was_kept(capsys, tmp_path, monkeypatch, finished_run):

@@ -207,7 +207,7 @@ def train_command(
     config.max_steps, config.device, config.download = max_steps, device, download
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
-    display = _Display(console, config, quiet or not lead)
+    display = _Display(console, config, quiet or not lead, resuming=resume is not None)
     stop = _StopRequest(echo_window_s=ECHO_WINDOW_S if launched_by_torchrun() else 0.0)
     try:
         with _stop_signals(stop), display:
@@ -315,10 +315,13 @@ class _Display:
     """What the loop's events show: a progress bar (loss, accuracy, lambda_max, test accuracy) on
     a terminal; one plain line per epoch into a pipe or log file, where a bar would be cut."""
 
-    def __init__(self, console: Console, config: TrainConfig, quiet: bool) -> None:
+    def __init__(
+        self, console: Console, config: TrainConfig, quiet: bool, *, resuming: bool
+    ) -> None:
         self.console = console
         self.config = config
         self.quiet = quiet
+        self.resuming = resuming
         self.progress: Progress | None = None
         self.task: Any = None
         self.epochs = config.epochs
@@ -374,7 +377,13 @@ class _Display:
             if cfg.optimizer == "sgd"
             else f"{cfg.optimizer} ({cfg.base_optimizer})"
         )
-        verb = f"Resuming at step {event.start_step}" if event.resumed_from else "Training"
+        verb = (
+            f"Resuming at step {event.start_step}"
+            if event.resumed_from
+            else "Starting again at step 0 (the run holds no checkpoint to resume)"
+            if self.resuming
+            else "Training"
+        )
         self.console.print(
             f"{verb}: {cfg.model} on {cfg.data} with {how}, {event.num_params:,} parameters, "
             f"{event.total_steps} steps ({event.epochs} epoch{'s' if event.epochs != 1 else ''} "

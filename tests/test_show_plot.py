@@ -404,6 +404,18 @@ def test_the_eigen_panel_draws_what_the_criterion_compares_with_tol(full):  # no
     np.testing.assert_allclose(plotted[0].get_ydata(), np.where(errors > 0, errors, np.nan))
 
 
+def test_the_eigen_panel_has_no_legend_for_markers_it_did_not_draw(full):  # noqa: F811
+    """A panel where no pair converged had a "converged" entry in its legend."""
+    d = json.loads(json.dumps(analysis_to_dict(full)))
+    d["eigen"]["converged"] = [False] * len(d["eigen"]["converged"])
+    fig = spectra_figure([d])
+    eigen_axes = next(
+        ax for ax in fig.axes if ax.get_legend() is not None and "eigenvalue" in ax.get_ylabel()
+    )
+    labels = [t.get_text() for t in eigen_axes.get_legend().get_texts()]
+    assert "converged" not in labels and "NOT converged" in labels
+
+
 def test_small_things_show_and_plot_refuse_clearly(files, tmp_path):
     metrics = json.loads(runner.invoke(app, ["show", str(files["metrics"]), "--json"]).stdout)
     assert metrics["steps"]["step"][:3] == [0, 1, 2]  # whole numbers stay whole

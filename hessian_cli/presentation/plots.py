@@ -7,6 +7,7 @@ no pyplot state and no global backend switch are involved.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,14 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path:
     # Rendered first, written in one go: some formats seek back while writing, which a pipe
     # (-o /dev/stdout) cannot, and a drawing that fails then leaves no file at all.
     rendered = io.BytesIO()
-    fig.savefig(rendered, format=fmt, dpi=DPI)
+    # PostScript draws the density's shading opaque, which it logs as a warning: fine here.
+    ps_log = logging.getLogger("matplotlib.backends.backend_ps")
+    level = ps_log.level
+    ps_log.setLevel(logging.ERROR)
+    try:
+        fig.savefig(rendered, format=fmt, dpi=DPI)
+    finally:
+        ps_log.setLevel(level)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         fh.write(rendered.getbuffer())
     return out
@@ -88,7 +96,11 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
             ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
-    ax.set_title(f"Spectral density: SLQ, {dn.get('num_probes')} probes × {dn.get('steps')} steps")
+    probes, steps = dn.get("num_probes"), dn.get("steps")
+    ax.set_title(
+        f"Spectral density: SLQ, {probes} probe{'' if probes == 1 else 's'} × {steps} "
+        f"step{'' if steps == 1 else 's'}"
+    )
     ax.legend(loc="upper right", fontsize="small")
 
 
@@ -100,7 +112,8 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     ok = np.array(e["converged"], dtype=bool)
     idx = np.arange(1, len(values) + 1)
     ax.plot(idx, values, color="0.6", lw=0.8)
-    ax.plot(idx[ok], values[ok], "o", color="C0", label="converged")
+    if ok.any():  # no legend entry for markers that are not there
+        ax.plot(idx[ok], values[ok], "o", color="C0", label="converged")
     if (~ok).any():
         ax.plot(idx[~ok], values[~ok], "x", color="C3", ms=9, mew=2, label="NOT converged")
     ax.set_ylabel("eigenvalue")
@@ -129,7 +142,15 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     )
     handles = ax.get_legend_handles_labels()
     twin_handles = twin.get_legend_handles_labels()
-    ax.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize="small")
+    # Below the axes: inside, the twin's markers were drawn under it wherever it stood.
+    ax.legend(
+        handles[0] + twin_handles[0],
+        handles[1] + twin_handles[1],
+        fontsize="small",
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12),
+        ncols=4,
+    )
 
 
 def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:

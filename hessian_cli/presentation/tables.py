@@ -47,6 +47,11 @@ def _int(x: Any) -> str:
     return DASH if x is None else f"{int(x):,}"
 
 
+def _counted(n: Any, noun: str) -> str:
+    """``n`` formatted as :func:`_int` does, with ``noun`` plural unless ``n`` is 1."""
+    return f"{_int(n)} {noun}{'' if n == 1 else 's'}"
+
+
 def _of_samples(n: int | None) -> str:
     """How many random samples a standard error rests on (Hutch++: a third of the probes);
     with few, ± SE reads more precise than it is."""
@@ -217,7 +222,8 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     shown = values.size == grid.size and np.isfinite(values).any()  # NaN: stored non-finite
     peak = f", peak at λ≈{grid[np.nanargmax(values)]:.4g}" if shown else ""
     return (
-        f"density (SLQ): {_int(dn.get('num_probes'))} probes × {_int(dn.get('steps'))} steps, "
+        f"density (SLQ): {_counted(dn.get('num_probes'), 'probe')} × "
+        f"{_counted(dn.get('steps'), 'step')}, "
         f"nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
         f"{_int(dn.get('hvps'))} HVPs, {_seconds(dn.get('seconds'))}"
     )

@@ -72,6 +72,11 @@ def check_new_run_dir(run_dir: Path) -> None:
                 f"{str(run_dir)!r} holds a run that stopped before its first checkpoint: "
                 "remove it, or choose another --out."
             )
+        if final_checkpoint_path(run_dir).is_file():  # a resume would have nothing to do
+            raise UserError(
+                f"{str(run_dir)!r} already holds a finished training run (its final checkpoint "
+                f"is {final_checkpoint_path(run_dir)}): choose another --out."
+            )
         raise UserError(
             f"{str(run_dir)!r} already holds a training run: {resume_hint(run_dir)}, or choose "
             "another --out."

@@ -383,7 +383,7 @@ class _Run:
             raise UserError(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "
-                "diverge again: start a new run with a lower --lr or --rho."
+                f"diverge again: start a new run with a lower {self._divergence_knobs()}."
             ) from None
         except torch.cuda.OutOfMemoryError as exc:
             # The weights may be mid-step (perturbed): nothing is saved from them.
@@ -398,6 +398,10 @@ class _Run:
             # steps done are valid: write them (metrics are otherwise written per epoch).
             self._flush()
             raise
+
+    def _divergence_knobs(self) -> str:
+        """The options that set a step's size: --rho only where the optimizer reads it."""
+        return "--lr" if self.config.optimizer == "sgd" else "--lr or --rho"
 
     def _flush(self) -> None:
         if self.lead:

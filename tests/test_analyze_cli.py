@@ -626,7 +626,8 @@ def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
             json.dumps({**MLP_KW, "num_classes": 10}),
         ).lower()
     )
-    assert "--top-k between 1 and" in _bad(capsys, "analyze", digits_mlp, "--top-k", "100000")
+    message = _bad(capsys, "analyze", digits_mlp, "--top-k", "100000")
+    assert "--top-k between 1 and" in message and "(or 0 to skip eigenpairs)" in message
     # A classifier's recorded cross-entropy on other data's real targets (a negative "loss").
     assert "give --loss mse for regression targets" in _bad(
         capsys, "analyze", digits_mlp, "--data", "synthetic-regression:64:10"

@@ -141,11 +141,18 @@ def _root_attrs(path: Path) -> dict:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
-def test_existing_run_is_refused_not_overwritten(capsys, finished_run):
+def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run):
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
     code, _, err = run(capsys, "train", *TINY, "--out", finished_run)
-    assert code == 2 and "--resume" in error_sentence(err)
+    # A finished run: --resume (which it advised) would have nothing to do.
+    assert code == 2 and "already holds a finished training run" in error_sentence(err)
+    assert "--resume" not in err
     assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
+    stopped = tmp_path / "stopped"
+    shutil.copytree(finished_run, stopped)
+    (stopped / "checkpoints" / "final.pt").unlink()
+    code, _, err = run(capsys, "train", *TINY, "--out", stopped)
+    assert code == 2 and f"continue with --resume {stopped}" in error_sentence(err)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("auto", "cpu") and not name.startswith("cuda"):
         raise UserError(f"Unknown device {name!r}: use auto, cpu or cuda.")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("CUDA was requested with --device cuda, but no CUDA device is available.")
+        raise UserError(f"--device {name} asks for CUDA, but no CUDA device is available.")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name in ("auto", "cuda") and launched_by_torchrun():

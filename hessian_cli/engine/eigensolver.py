@@ -1017,7 +1017,7 @@ def check_count(k: int, n: int, which: str = "largest") -> None:
     if not 1 <= k <= n:
         raise UserError(
             f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
-            f"{params}: choose --top-k between 1 and {n}."
+            f"{params}: choose --top-k between 1 and {n} (or 0 to skip eigenpairs)."
         )
 
 

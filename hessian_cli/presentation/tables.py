@@ -78,6 +78,13 @@ def cost_line(cost: Mapping[str, Any]) -> str | None:
     return "cost: " + ", ".join(parts) if parts else None
 
 
+# The eigenvalues a solve looked for (EigenResult.which), in words.
+_WHICH_WORDS = {
+    "largest": "largest eigenvalues",
+    "smallest": "smallest eigenvalues",
+    "both": "eigenvalues at both ends",
+}
+
 # Why a solve that left pairs unconverged ended (EigenResult.stop_reason), in words.
 STOP_REASONS = {
     "stalled": "the residuals stopped improving (the products' rounding noise)",
@@ -138,7 +145,8 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
     # A Krylov solve certifies pairs in order (whole-space ones have every eigenvalue).
     in_order = "" if e.get("method") == "whole-space" else ", for it and every pair before it"
     how = (
-        f"{e.get('which')} eigenvalues by {e.get('method')}; converged means {measure} "
+        f"{_WHICH_WORDS.get(e.get('which'), e.get('which'))} by {e.get('method')}; "
+        f"converged means {measure} "
         f"<= tol {_g(e.get('tol'), '.1e')}{in_order}; "
         f"{_int(e.get('iterations'))} iteration{'' if e.get('iterations') == 1 else 's'}, "
         f"{_int(e.get('hvps'))} HVPs, "

@@ -467,3 +467,80 @@ def test_a_torchscript_model_takes_shifted_weights_and_keeps_its_own():
     torch.testing.assert_close(
         op.matmul(U), HessianOperator(mlp.model, mlp.loss, mlp.batches).matmul(U)
     )
+
+
+def _mlp(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(
+        dtype
+    )
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,))
+
+
+@pytest.mark.parametrize("change", ["bias edit", "load_state_dict", "optimizer step"])
+def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(change):
+    """Its kept graphs were of the old weights: the old Hessian came back (a bias edit), or
+    autograd's "modified by an inplace operation" (a load, a step)."""
+    model, (x, y) = _mlp(), _data()
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    V = torch.eye(op.n, dtype=torch.float64)[:4]
+    op.matmul(V)  # graphs built and kept
+    if change == "bias edit":
+        with torch.no_grad():
+            model[0].bias.add_(3.0)
+    elif change == "load_state_dict":
+        model.load_state_dict({k: v + 0.5 for k, v in model.state_dict().items()})
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    fresh = HessianOperator(model, F.cross_entropy, [(x, y)])
+    torch.testing.assert_close(op.matmul(V), fresh.matmul(V), rtol=1e-12, atol=1e-14)
+    H = dense_hessian(model, F.cross_entropy, [(x, y)], op.space)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
+
+
+def test_batches_from_a_generator_and_data_in_another_dtype():
+    """A generator was read up by the batch check (then: "no data ... the data spec gave no
+    batches"); float32 data for a float64 model failed at the first product."""
+    model, (x, y) = _mlp(), _data()
+    reference = HessianOperator(model, F.cross_entropy, [(x[:6], y[:6]), (x[6:], y[6:])])
+    pieces = ((x[i : i + 6].float(), y[i : i + 6]) for i in (0, 6))
+    op = HessianOperator(model, F.cross_entropy, pieces)
+    assert op.batches[0][0].dtype == torch.float64 and op.batches[0][1].dtype == torch.int64
+    V = torch.eye(op.n, dtype=torch.float64)[:3]
+    torch.testing.assert_close(op.matmul(V), reference.matmul(V), rtol=1e-6, atol=1e-8)
+
+
+def test_params_as_one_glob_or_as_the_models_parameters():
+    model, (x, y) = _mlp(), _data()
+    by_glob = HessianOperator(model, F.cross_entropy, [(x, y)], params="2.*")
+    by_tensor = HessianOperator(model, F.cross_entropy, [(x, y)], params=model[2].parameters())
+    assert by_glob.space.names == by_tensor.space.names == ("2.weight", "2.bias")
+    assert HessianOperator(model, F.cross_entropy, [(x, y)], params="0.bias").n == 6
+    with pytest.raises(UserError, match="not a parameter of the model"):
+        HessianOperator(model, F.cross_entropy, [(x, y)], params=[torch.zeros(3)])
+    with pytest.raises(UserError, match="not both"):
+        HessianOperator(model, F.cross_entropy, [(x, y)], params=[model[0].weight, "2.*"])
+
+
+def test_a_one_sample_batch_under_batch_statistics_is_refused_when_made():
+    """It raised torch's "Expected more than 1 value per channel" at the first product."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    x, y = torch.randn(9, 5), torch.randn(9, 4)
+    with pytest.raises(UserError, match="batch of one sample has no statistics for BatchNorm"):
+        HessianOperator(model, F.mse_loss, [(x[:8], y[:8]), (x[8:], y[8:])], bn="train")
+    HessianOperator(model, F.mse_loss, [(x[:8], y[:8]), (x[8:], y[8:])])  # running statistics
+
+
+def test_the_engines_names_are_importable_from_the_package():
+    import hessian_cli.engine as engine
+
+    assert sorted(engine.__all__) == sorted(engine._HOMES)
+    for name in engine.__all__:
+        assert getattr(engine, name).__name__ == name

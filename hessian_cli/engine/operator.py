@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -137,8 +137,8 @@ class HessianOperator:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        batches: Sequence[Batch],
-        params: ParamSpace | Sequence[str] | None = None,
+        batches: Iterable[Batch],
+        params: ParamSpace | str | Iterable[str] | Iterable[torch.Tensor] | None = None,
         *,
         bn: BNMode = "eval",
         backend: Backend = "auto",
@@ -151,6 +151,7 @@ class HessianOperator:
         self.model = model
         self.loss_fn = loss_fn
         self.space = params if isinstance(params, ParamSpace) else select_parameters(model, params)
+        batches = list(batches)  # once: a generator is read by the check below, then stored
         self.n = self.space.n
         self.dtype = self.space.dtype
         self.device = self.space.device
@@ -166,7 +167,19 @@ class HessianOperator:
                     else a_type(batch)
                 )
                 raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}.")
-        self.batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
+        # Real inputs and targets in the parameters' dtype where the model has one (float32
+        # data for a float64 model failed at the first product, in torch's words); class labels
+        # and token ids as given.
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        self._data_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        self.batches = [(self._placed(x), self._placed(y)) for x, y in batches]
+        if bn == "train" and _has_batchnorm(model):
+            for x, y in self.batches:
+                if len(y) == 1 and (why := batch_statistics_error(model, x)) is not None:
+                    raise UserError(
+                        f"A batch of one sample has no statistics for BatchNorm (bn='train'): "
+                        f"{why}; drop it (drop_last=True) or use bn='eval'."
+                    )
         counts = [len(self.batches)]
         local_samples = sum(len(y) for _, y in self.batches)
         self.num_samples = local_samples
@@ -174,7 +187,7 @@ class HessianOperator:
             counts = dist_utils.all_gather_ints(len(self.batches))
             self.num_samples = int(dist_utils.sum_scalar(float(local_samples)))
         if self.num_samples == 0:
-            raise UserError("No data to compute the Hessian on: the data spec gave no batches.")
+            raise UserError("No data to compute the Hessian on: no batch holds a sample.")
         # Global index of this rank's first batch: minibatch statistics follow the global order.
         self.batch_offset = sum(counts[: dist_utils.world()[0]]) if self.distributed else 0
         self.weights = [len(y) / self.num_samples for _, y in self.batches]
@@ -187,6 +200,7 @@ class HessianOperator:
         # None: keep one batch's graph; several batches' while they fit (_keeps).
         self.keep_graph = keep_graph
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}
+        self._graph_versions: tuple[int, ...] = ()  # of the weights the graphs were built at
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._graphs_full = False  # the last graph built did not fit the budget
@@ -200,6 +214,11 @@ class HessianOperator:
         self.hvp_count = 0
         self.passes = 0
         self.hvp_seconds = 0.0
+
+    def _placed(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and self._data_dtype is not None:
+            return t.to(device=self.device, dtype=self._data_dtype)
+        return t.to(self.device)
 
     def backend_for(self, block: int) -> str:
         """The backend that computes a product of ``block`` vectors (``auto``: :func:`auto_backend`)."""
@@ -457,6 +476,11 @@ class HessianOperator:
 
     def _first_order_graph(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None, list[bool]]:
         """Batch ``i``'s loss, its flat gradient with the graph, and which parameters it uses."""
+        # Kept graphs are of the weights (and buffers) they were built at: an operator used
+        # again after a training step or a load_state_dict gave the old Hessian (a change that
+        # autograd had saved raised its own error instead). In-place changes count versions.
+        if self._graphs and self._versions() != self._graph_versions:
+            self.release()
         if i in self._graphs:
             return self._graphs[i]
         x, y = self.batches[i]
@@ -469,8 +493,14 @@ class HessianOperator:
         flat = [dense(p).reshape(-1) for p in parts if p is not None]
         g = torch.cat(flat) if any(used) else None
         if self._keeps(lambda: self._graph_size(before, loss, g)):
+            if not self._graphs:
+                self._graph_versions = self._versions()
             self._graphs[i] = (loss, g, used)
         return loss, g, used
+
+    def _versions(self) -> tuple[int, ...]:
+        """The in-place change counters of the weights and buffers a kept graph depends on."""
+        return tuple(t._version for t in (*self.space.tensors, *self.model.buffers()))
 
     def _keeps(self, size: Callable[[], int]) -> bool:
         """Whether to keep a first-order graph that holds ``size()`` bytes.

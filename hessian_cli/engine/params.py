@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,24 +98,48 @@ def check_real(model: nn.Module) -> None:
             )
 
 
-def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -> ParamSpace:
-    """All trainable parameters of ``model`` whose names match any glob in ``patterns``.
+def select_parameters(
+    model: nn.Module, patterns: str | Iterable[str] | Iterable[torch.Tensor] | None = None
+) -> ParamSpace:
+    """All trainable parameters of ``model`` whose names match any glob in ``patterns`` (one
+    glob, or several), or that are among the given parameters (``model[2].parameters()``).
 
     Frozen parameters (``requires_grad=False``) are never included: their curvature is not a
     direction the model can move in. A tied parameter is matched by any of its names and
     included once, under the first that matched.
     """
     check_real(model)
+    if isinstance(patterns, str):  # one glob, not its letters
+        patterns = [patterns]
+    given = None if patterns is None else list(patterns)
+    by_tensor = given is not None and any(isinstance(g, torch.Tensor) for g in given)
+    if by_tensor:
+        if not all(isinstance(g, torch.Tensor) for g in given):
+            raise UserError("params takes parameters of the model or name globs, not both.")
+        ids = {id(g) for g in given}
+        if not ids <= {id(p) for p in model.parameters()}:
+            raise UserError("params holds a tensor that is not a parameter of the model.")
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
     frozen = []
     for name, p in model.named_parameters(remove_duplicate=False):
-        if not patterns or any(fnmatch.fnmatchcase(name, g) for g in patterns):
+        wanted = (
+            id(p) in ids
+            if by_tensor
+            else not given or any(fnmatch.fnmatchcase(name, g) for g in given)
+        )
+        if wanted:
             if not p.requires_grad:
                 frozen.append(name)
             elif id(p) not in chosen:
                 chosen[id(p)] = (name, p)
     if not chosen:
-        what = f"matching {', '.join(patterns)}" if patterns else "that require gradients"
+        what = (
+            "among those given"
+            if by_tensor
+            else f"matching {', '.join(given)}"
+            if given
+            else "that require gradients"
+        )
         why = (
             f" ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''} frozen)"
             if frozen

@@ -18,13 +18,18 @@ class EigenResult:
     the residual alone, and to the nearest eigenvalue, which need not be the i-th). Pair ``i``
     is converged when the one named by ``criterion`` is ``<= tol`` (for ``eigenvalue``, an
     eigenvalue that may be zero, whose relative error is infinite, by its residual).
+
+    ``eigenvalues``, ``residuals``, ``errors`` (float64) and ``converged`` (bool) are ``[k]`` on
+    the CPU; ``eigenvectors`` is ``[k, n]`` (row ``i`` is ``v_i``, unit length) in the operator's
+    dtype and on its device (``op.space.unflatten(v)`` splits a row per parameter). The repr
+    leaves the vectors out.
     """
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
     errors: torch.Tensor
     converged: torch.Tensor
-    eigenvectors: torch.Tensor
+    eigenvectors: torch.Tensor = field(repr=False)
     which: str
     tol: float
     criterion: str
@@ -79,10 +84,10 @@ class DensityResult:
     entries are zero); ``values`` is the Gaussian-smoothed density on ``grid``, integrating to 1.
     """
 
-    nodes: torch.Tensor
-    weights: torch.Tensor
-    grid: torch.Tensor
-    values: torch.Tensor
+    nodes: torch.Tensor = field(repr=False)
+    weights: torch.Tensor = field(repr=False)
+    grid: torch.Tensor = field(repr=False)
+    values: torch.Tensor = field(repr=False)
     sigma: float
     num_probes: int
     steps: int

@@ -500,7 +500,7 @@ def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(
         opt.step()
     fresh = HessianOperator(model, F.cross_entropy, [(x, y)])
     torch.testing.assert_close(op.matmul(V), fresh.matmul(V), rtol=1e-12, atol=1e-14)
-    H = dense_hessian(model, F.cross_entropy, [(x, y)], op.space)
+    H = dense_hessian(model, F.cross_entropy, [(x, y)])  # every trainable parameter, as op
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
 
 

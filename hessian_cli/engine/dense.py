@@ -13,18 +13,20 @@ from torch import nn
 from torch.func import functional_call
 
 from hessian_cli.engine.operator import Batch, BNMode, LossFn, forward_mode
-from hessian_cli.engine.params import ParamSpace
+from hessian_cli.engine.params import ParamSpace, select_parameters
 
 
 def dense_hessian(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Sequence[Batch],
-    space: ParamSpace,
+    space: ParamSpace | None = None,
     *,
     bn: BNMode = "eval",
 ) -> torch.Tensor:
-    """The ``[n, n]`` Hessian of the sample-weighted mean loss (only for small ``n``)."""
+    """The ``[n, n]`` Hessian of the sample-weighted mean loss (only for small ``n``) over
+    ``space`` (default: every trainable parameter, as :class:`HessianOperator` takes them)."""
+    space = select_parameters(model) if space is None else space
     total = sum(len(y) for _, y in batches)
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:

@@ -100,9 +100,12 @@ class SAM(Optimizer):
             check_factor("rho", group["rho"])
         g = self.flat_grad()
         g_norm = norms(g)
-        # A zero gradient has no direction: divided by 1 it stays zero (no perturbation, no 0/0).
-        # d is formed in g: the step's peak is one vector and the weights' copy below.
-        d = self._direction(g, torch.where(g_norm > 0, g_norm, torch.ones_like(g_norm)))
+        # A zero gradient has no direction: divided by 1 it stays zero (no perturbation, no 0/0);
+        # one that is not finite perturbs nothing either. d is formed in g: the step's peak is
+        # one vector and the weights' copy below.
+        moves = g_norm > 0  # False for NaN
+        d = self._direction(g, torch.where(moves, g_norm, torch.ones_like(g_norm)))
+        d.masked_fill_(~moves, 0.0)
         pairs = self._params()
         for (p, group), d_p in zip(pairs, d.split([p.numel() for p, _ in pairs]), strict=True):
             if p.grad is None:

@@ -318,7 +318,9 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     same = isinstance(meta.get("model"), str) and anchored(model_spec) == anchored(meta["model"])
     if kwargs is None and same and meta.get("model_kwargs"):
         kwargs = _recorded_kwargs(meta["model_kwargs"])
-    check_root_options(data_spec, data_root=bool(request.data_root), download=request.download)
+    check_root_options(
+        data_spec, data_root=request.data_root is not None, download=request.download
+    )
     root = request.data_root or meta.get("data_root") or None
     device = resolve_device(request.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]

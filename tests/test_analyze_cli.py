@@ -627,7 +627,7 @@ def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
         ).lower()
     )
     message = _bad(capsys, "analyze", digits_mlp, "--top-k", "100000")
-    assert "--top-k between 1 and" in message and "(or 0 to skip eigenpairs)" in message
+    assert "choose --top-k of at most" in message
     # A classifier's recorded cross-entropy on other data's real targets (a negative "loss").
     assert "give --loss mse for regression targets" in _bad(
         capsys, "analyze", digits_mlp, "--data", "synthetic-regression:64:10"
@@ -757,6 +757,10 @@ def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     assert "not converged to tol 1e-12" in err and "kept, as --max-hvps asks" in err
     code, out, err = run(capsys, *args, "--max-hvps", "10", "--quiet")
     assert code == 0 and not out and "kept, as --max-hvps asks" in " ".join(err.split())
+    # A budget that did not run out is not why: the advice is the stall's (it said "kept").
+    code, out, err = run(capsys, *args, "--block-size", "2", "--max-hvps", "1500", "--quiet")
+    err = " ".join(err.split())
+    assert code == 0 and "stopped improving" in err and "kept" not in err
 
 
 def test_a_slow_solve_is_not_blamed_on_rounding_noise(capsys, monkeypatch, digits_mlp):
@@ -1290,8 +1294,10 @@ def test_the_checkpoints_recorded_classes_build_its_model(capsys, tmp_path, digi
 
 
 def test_a_label_far_beyond_any_class_count_is_one_sentence_not_out_of_memory():
-    with pytest.raises(UserError, match="for 1,099,511,627,777 classes or outputs does not fit"):
+    with pytest.raises(UserError, match="with 1,099,511,627,777 outputs and --model-kwargs"):
         build_model("mlp", input_shape=(1, 8, 8), num_classes=2**40 + 1, kwargs={"hidden": [32]})
+    with pytest.raises(UserError, match=r"with 10 outputs and --model-kwargs .*check its options"):
+        build_model("mlp", input_shape=(1, 8, 8), num_classes=10, kwargs={"hidden": [2**20] * 2})
 
 
 @pytest.mark.parametrize(
@@ -1301,6 +1307,7 @@ def test_a_label_far_beyond_any_class_count_is_one_sentence_not_out_of_memory():
             ("--save-eigenvectors",),
             "--save-eigenvectors has no effect without eigenpairs and --out",
         ),
+        (("-k", "0", "--trace", "--save-eigenvectors"), "--save-eigenvectors has no effect"),
         (("--density-steps", "1"), "--density-steps has no effect without --density"),
         (("--rho", "-5"), "--rho has no effect without --alignment"),
         (("--trace-probes", "3"), "--trace-probes has no effect without --trace"),
@@ -1311,8 +1318,25 @@ def test_an_option_whose_feature_is_off_is_refused(capsys, tmp_path, digits_mlp,
     """These were accepted and silently unused (their values unchecked), as train refuses
     options its optimizer does not read."""
     out = tmp_path / "s.h5"
-    assert message in _bad(capsys, "analyze", digits_mlp, "--num-samples", "16", *given)
+    to_file = () if given == ("--save-eigenvectors",) else ("-o", out)  # read with it
+    assert message in _bad(capsys, "analyze", digits_mlp, "--num-samples", "16", *given, *to_file)
     assert not out.exists()
     code, _, err = run(capsys, "analyze", digits_mlp, "-k", "1", "--num-samples", "16", "--rho", "0.05",
                        "--alignment", "-q", "--save-eigenvectors", "--out", out)  # fmt: skip
     assert code == 0, err  # given with their features, the same options are read
+
+
+def test_an_out_link_is_named_by_its_own_name_and_any_spectra_file_is_appended_to(
+    capsys, tmp_path, digits_mlp
+):
+    """The name check read a link's target (refused after the work: target.bin), and would
+    refuse to add to a spectra file that already has another suffix."""
+    link = tmp_path / "link.h5"
+    link.symlink_to(tmp_path / "target.bin")
+    args = ("analyze", digits_mlp, "-k", "1", "--num-samples", "16", "-q")
+    code, _, err = run(capsys, *args, "--out", link)
+    assert code == 0, err
+    assert len(read_analyses(tmp_path / "target.bin")) == 1
+    code, _, err = run(capsys, *args, "--out", tmp_path / "target.bin")  # exists: appended to
+    assert code == 0, err
+    assert len(read_analyses(tmp_path / "target.bin")) == 2

@@ -214,6 +214,25 @@ def test_analyze_two_ranks_matches_one_process(
 
 
 @needs_gloo
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", str(CKPT), "--num-samples", "32", "-q", "--rho", "0.1"],
+        ["train", "--model", "mlp", "--data", "digits", "--out", ""],
+    ],
+    ids=["unused option", "empty --out"],
+)
+def test_an_option_refused_under_torchrun_is_said_once(tmp_path: Path, args: list[str]) -> None:
+    """Each rank said it, prefixed with its rank, and left on its own."""
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(lines) == 1, err
+    assert "rank" not in lines[0] and (
+        "--rho has no effect" in lines[0] or "needs a name" in lines[0]
+    )
+
+
+@needs_gloo
 @pytest.mark.parametrize("command", ["analyze", "train"])
 def test_one_failing_rank_ends_the_job_with_one_message(tmp_path: Path, command: str) -> None:
     """A data path that exists on rank 0's node but not on rank 1's: exit non-zero, quickly,

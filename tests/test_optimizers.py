@@ -203,6 +203,18 @@ def test_zero_gradient_gives_no_perturbation_and_no_nan(cls: type[SAM]) -> None:
     assert torch.equal(model.w, w)
 
 
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_a_gradient_that_is_not_finite_perturbs_nothing(cls: type[SAM]) -> None:
+    """As before the direction was formed in place (its NaN norm then made the weights NaN)."""
+    w, u = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(3))
+    opt = cls([w, u], torch.optim.SGD, lr=0.1)
+    if isinstance(opt, EigenSAM):
+        opt.set_eigenvector(torch.ones(7), 1.0)
+    w.grad, u.grad = torch.tensor([1.0, float("nan"), 0.0, 2.0]), torch.ones(3)
+    opt.first_step()
+    assert torch.equal(w.detach(), torch.ones(4)) and torch.equal(u.detach(), torch.ones(3))
+
+
 def test_parameter_without_grad_is_left_alone() -> None:
     model = mlp()
     unused = nn.Parameter(torch.ones(4, dtype=DT))

@@ -172,23 +172,6 @@ def analyze(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
-    out = named_path(out_name, "--out", "spectra.h5")
-    eigen = top_k > 0
-    refuse_unused(
-        ctx,
-        {
-            **dict.fromkeys(
-                ("which", "tol", "criterion", "max_hvps", "block_size", "guard", "check_steps"),
-                (eigen, "eigenpairs (--top-k 0 skips them)"),
-            ),
-            "save_eigenvectors": (eigen and out is not None, "eigenpairs and --out"),
-            **dict.fromkeys(("trace_probes", "trace_method"), (trace, "--trace")),
-            **dict.fromkeys(
-                ("density_probes", "density_steps", "density_sigma"), (density, "--density")
-            ),
-            **dict.fromkeys(("rho", "alpha", "minibatches"), (alignment, "--alignment")),
-        },
-    )
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     from hessian_cli.analyze import AnalyzeRequest, SeriesStopped, analyze_target
     from hessian_cli.engine.distributed import fail_together, world
@@ -198,11 +181,14 @@ def analyze(
         unconverged_warning,
     )
     from hessian_cli.report import analysis_to_dict
-    from hessian_cli.storage.hdf5 import check_writable, write_analyses
+    from hessian_cli.storage.hdf5 import check_output_name, check_writable, write_analyses
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
+        out = named_path(out_name, "--out", "spectra.h5")
+        refuse_unused(ctx, _needs(top_k > 0, out is not None, trace, density, alignment))
         # rank 0 writes; the others must not start work it refused
         if out is not None and world()[0] == 0:
+            check_output_name(out)
             check_writable(out)  # before the work: a refusal after it would lose the results
     request = AnalyzeRequest(
         model=model,
@@ -308,3 +294,21 @@ def analyze(
             err_console.print(warning, highlight=False)
         if not accepted:
             raise typer.Exit(EXIT_UNCONVERGED)
+
+
+def _needs(
+    eigen: bool, out: bool, trace: bool, density: bool, alignment: bool
+) -> dict[str, tuple[bool, str]]:
+    """Which options are read, by the features asked for (see :func:`refuse_unused`)."""
+    return {
+        **dict.fromkeys(
+            ("which", "tol", "criterion", "max_hvps", "block_size", "guard", "check_steps"),
+            (eigen, "eigenpairs (--top-k 0 skips them)"),
+        ),
+        "save_eigenvectors": (eigen and out, "eigenpairs and --out"),
+        **dict.fromkeys(("trace_probes", "trace_method"), (trace, "--trace")),
+        **dict.fromkeys(
+            ("density_probes", "density_steps", "density_sigma"), (density, "--density")
+        ),
+        **dict.fromkeys(("rho", "alpha", "minibatches"), (alignment, "--alignment")),
+    }

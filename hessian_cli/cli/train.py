@@ -161,8 +161,6 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""
-    out = named_path(out_name, "--out", "runs/exp1")
-    resume = named_path(resume_name, "--resume", "runs/exp1")
     given = {
         "model": model,
         "data": data,
@@ -191,6 +189,8 @@ def train_command(
     from hessian_cli.specs.data import check_root_options
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
+        out = named_path(out_name, "--out", "runs/exp1")
+        resume = named_path(resume_name, "--resume", "runs/exp1")
         if resume is not None:
             check_resume_options([*set_options, *(["out"] if out is not None else [])])
             config = load_config(resume)

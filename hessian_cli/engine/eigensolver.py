@@ -1015,9 +1015,10 @@ def check_count(k: int, n: int, which: str = "largest") -> None:
             f"--which largest with --top-k {n} for the whole spectrum."
         )
     if not 1 <= k <= n:
+        limit = f"of at most {n}" if k > n else "of at least 1"
         raise UserError(
             f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
-            f"{params}: choose --top-k between 1 and {n} (or 0 to skip eigenpairs)."
+            f"{params}: choose --top-k {limit}."
         )
 
 

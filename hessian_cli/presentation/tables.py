@@ -104,8 +104,8 @@ def unconverged_warning(
     budget_accepted: bool = False,
 ) -> str | None:
     """The warning (Rich markup) for reports with pairs that did not converge, and what to do
-    about it by why they stopped (nothing where ``budget_accepted``: the user set the budget);
-    None where every pair converged."""
+    about it by why they stopped (where the budget the user set, ``budget_accepted``, ran out:
+    that it was accepted); None where every pair converged."""
     unconverged = [
         (r["name"], sum(not c for c in r["eigen"]["converged"]))
         for r in reports
@@ -122,7 +122,7 @@ def unconverged_warning(
         if dtype != "float64"
         else ""
     )
-    if budget_accepted:
+    if budget_accepted and reasons <= {"budget"}:
         return f"[bold yellow]not converged[/] to tol {tol:g} ({what}); kept, as --max-hvps asks."
     advice = (
         "the residuals stopped improving, so the products' rounding noise is above the "

@@ -6,6 +6,7 @@ The built-in ResNets use the parameter names of the classic CIFAR ResNet impleme
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,13 +39,14 @@ def build_model(
     kwargs = dict(kwargs or {})
     if spec in BUILTIN_MODELS:
         try:
-            return _build_builtin(spec, tuple(input_shape), num_classes, kwargs)
+            return _build_builtin(spec, tuple(input_shape), num_classes, dict(kwargs))
         except RuntimeError as exc:  # labels of 2**40 made a 2**40-class layer
             if "can't allocate memory" not in str(exc):
                 raise
+            options = f" and --model-kwargs {json.dumps(kwargs)}" if kwargs else ""
             raise UserError(
-                f"model {spec!r} for {num_classes:,} classes or outputs does not fit in memory "
-                "(class labels must be indices from 0; regression targets must be real numbers)."
+                f"model {spec!r} with {num_classes:,} outputs{options} does not fit in memory: "
+                "check its options, and that class labels count classes from 0."
             ) from exc
     if spec.startswith("torchvision:"):
         return _build_torchvision(spec.partition(":")[2], num_classes, kwargs)

@@ -126,15 +126,20 @@ _OTHER_FORMATS = frozenset(
 )
 
 
-def check_writable(path: str | Path) -> None:
-    """Refuse, in one sentence, an output that :func:`write_analyses` could not write: callers
-    check before the work whose results it would hold."""
+def check_output_name(path: str | Path) -> None:
+    """Refuse a new ``--out`` whose name says another kind of file (as the user gave it: a link
+    is named by its own name; an existing spectra file is appended to whatever its name)."""
     suffix = Path(path).suffix.lstrip(".").lower()
-    if suffix in _OTHER_FORMATS and not Path(path).is_dir():
+    if suffix in _OTHER_FORMATS and not Path(path).exists():
         raise UserError(
             f"--out {path} names a .{suffix} file, but the results are written as HDF5; give a "
             "name such as spectra.h5 (`hessian-cli plot` draws figures, `--json` prints JSON)."
         )
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, in one sentence, an output that :func:`write_analyses` could not write: callers
+    check before the work whose results it would hold."""
     if Path(path).is_dir():
         raise UserError(f"--out {path} is a directory; give a file name such as spectra.h5.")
     path = Path(path).resolve()

@@ -300,6 +300,26 @@ def test_a_series_of_different_searches_says_which_end_each_row_holds():
     assert list(table.columns[3].cells) == ["largest", "smallest"]
 
 
+def test_checkpoints_of_different_models_in_one_file_are_not_drawn_as_a_trajectory():
+    """Unrelated checkpoints appended to one file were joined by lines as one training run,
+    and the table did not say which model a row was."""
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
+    ds = [
+        {"name": name, "provenance": {"model": model, "num_params": n}, "eigen": eigen}
+        for name, model, n in (("a", "mlp", 2410), ("b", "cnn", 1418), ("c", "mlp", 2410))
+    ]
+    table = series_table(ds)
+    assert str(table.columns[3].header) == "model"
+    assert list(table.columns[3].cells) == ["mlp (2,410)", "cnn (1,418)", "mlp (2,410)"]
+    fig = spectra_figure(ds)
+    assert fig.get_suptitle() == "2 different models (points are not joined)"
+    assert all(line.get_linestyle() == "None" for line in fig.axes[0].get_lines())
+    same = [{**d, "provenance": {"model": "mlp", "num_params": 2410}} for d in ds]
+    same[1]["provenance"] = {}  # another tool's checkpoint, or an older file's: counts as any
+    assert "model" not in [str(c.header) for c in series_table(same).columns]
+    assert spectra_figure(same).axes[0].get_lines()[0].get_linestyle() == "-"
+
+
 def test_a_series_plot_marks_unconverged_pairs_only_where_there_are_some():
     def series(converged: list[int]) -> list[dict]:
         eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": converged}

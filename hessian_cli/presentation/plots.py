@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hessian_cli.errors import UserError
-from hessian_cli.presentation.tables import eigen_labels
+from hessian_cli.presentation.tables import eigen_labels, model_count
 from hessian_cli.storage.files import atomic_path
 
 DPI = 120
@@ -172,6 +172,11 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if not k and not has_trace:
         raise UserError("The file holds no eigenvalues or traces to plot.")
     fig, axes = _figure(bool(k) + has_trace + has_alignment)
+    # Checkpoints of different models appended to one file are no trajectory: points, no lines.
+    models = model_count(ds)
+    style = "o-" if models == 1 else "o"
+    if models > 1:
+        fig.suptitle(f"{models} different models (points are not joined)")
     panels = iter(axes)
     if k:
         ax = next(panels)
@@ -184,7 +189,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
                 if e and i < len(e["eigenvalues"]) and e["eigenvalues"][i] is not None:
                     lam[j] = e["eigenvalues"][i]
                     bad[j] = not e["converged"][i]
-            ax.plot(x, lam, "o-", ms=3, color=f"C{i % 10}", label=labels[i])
+            ax.plot(x, lam, style, ms=3, color=f"C{i % 10}", label=labels[i])
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
             any_bad |= bool(bad.any())
         title = (
@@ -200,7 +205,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax = next(panels)
         est = _arr([(d.get("trace") or {}).get("estimate") for d in ds])
         err = _arr([(d.get("trace") or {}).get("stderr") for d in ds])
-        ax.errorbar(x, est, yerr=np.nan_to_num(err), fmt="o-", ms=3, capsize=3, color="C4")
+        ax.errorbar(x, est, yerr=np.nan_to_num(err), fmt=style, ms=3, capsize=3, color="C4")
         ax.set_title("Hessian trace (± std. error)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("trace")
@@ -208,8 +213,8 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax = next(panels)
         first = _arr([((d.get("alignment") or {}).get("alignment") or [None])[0] for d in ds])
         sub = _arr([(d.get("alignment") or {}).get("subspace_alignment") for d in ds])
-        ax.plot(x, first, "o-", ms=3, label="|<ĝ, v1>|")
-        ax.plot(x, sub, "s-", ms=3, label="||Vᵀĝ||")
+        ax.plot(x, first, style, ms=3, label="|<ĝ, v1>|")
+        ax.plot(x, sub, style.replace("o", "s"), ms=3, label="||Vᵀĝ||")
         ax.set_ylim(0, 1.05)
         ax.set_title("SAM alignment of the gradient")
         ax.set_xlabel(xlabel)

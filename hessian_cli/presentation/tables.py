@@ -292,7 +292,9 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     # Searches that differ between rows: each row says which of its ends the #i columns hold.
     mixed = len(whiches - {None}) > 1
     which = ["which"] if mixed else []
-    for label in ("step", "epoch", *which, *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||"):
+    # Checkpoints of different models appended to one file: each row says which it is.
+    models = ["model"] if model_count(ds) > 1 else []
+    for label in ("step", "epoch", *models, *which, *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||"):
         # On a narrow terminal digits fold onto a second line, never cut to "4.7…".
         table.add_column(label, justify="right", overflow="fold")
     unconverged = False
@@ -315,6 +317,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             escape(str(d.get("name"))),  # a name, not markup: net[red].pt
             str(prov.get("step", DASH)),
             str(prov.get("epoch", DASH)),
+            *([escape(_model_cell(prov))] if models else []),
             *([e.get("which") or DASH] if mixed else []),
             *cells,
             _g(t["estimate"], ".5g")
@@ -330,6 +333,18 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             "show -c NAME)"
         )
     return table
+
+
+def model_count(ds: Sequence[Mapping[str, Any]]) -> int:
+    """How many models the checkpoints are of, by model spec and parameter count (where a file
+    records both: other files' checkpoints count as any)."""
+    provs = [d.get("provenance") or {} for d in ds]
+    known = {(p["model"], p["num_params"]) for p in provs if "model" in p and "num_params" in p}
+    return max(len(known), 1)
+
+
+def _model_cell(prov: Mapping[str, Any]) -> str:
+    return f"{prov.get('model', DASH)} ({_int(prov.get('num_params'))})"
 
 
 def eigen_labels(whiches: set[str | None], count: int) -> list[str]:

@@ -22,7 +22,7 @@ from hessian_cli.engine.eigensolver import eigenpairs, eigenvalue_error_bounds
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against
 from hessian_cli.engine.linear_operator import DiagonalOperator, MatrixOperator
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.engine.probes import probe_generator, rademacher
+from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
 from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import NotFinite, UserError
 
@@ -864,18 +864,33 @@ def test_a_smoothing_width_that_is_not_positive_is_refused(sigma):
     assert op.hvp_count == 0
 
 
+def test_the_densitys_probes_are_not_the_traces():
+    """With one seed the density drew the trace's probes: its first moment repeated the trace's
+    estimate instead of checking it."""
+    A = torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    H = A + A.T  # not diagonal: a sign probe's quadratic form is not the trace itself
+    op = MatrixOperator(H)
+    dens = spectral_density(op, num_probes=6, steps=8, seed=0)
+    trace = stochastic_trace(op, 6, method="hutchinson", seed=0)
+    assert abs(dens.moment(1) * op.n - trace.estimate) > 1e-6
+    trace_probes = rademacher(
+        (6, 40), generator=probe_generator(op, 0), dtype=H.dtype, device=H.device
+    )
+    density_probes = rademacher(
+        (6, 40), generator=probe_generator(op, 0, DENSITY_STREAM), dtype=H.dtype, device=H.device
+    )
+    assert not torch.equal(trace_probes, density_probes)
+
+
 def test_density_rules_are_exact_per_probe():
     """With the same probes, each rule's moments equal the quadratic forms of the dense matrix."""
     g = torch.Generator().manual_seed(2)
     A = torch.randn(50, 50, generator=g, dtype=torch.float64)
     H = A + A.T
-    dens = spectral_density(MatrixOperator(H), num_probes=4, steps=10, seed=7)
-    V = rademacher(
-        (4, 50),
-        generator=torch.Generator().manual_seed(7),
-        dtype=torch.float64,
-        device=torch.device("cpu"),
-    )
+    op = MatrixOperator(H)
+    dens = spectral_density(op, num_probes=4, steps=10, seed=7)
+    gen = probe_generator(op, 7, DENSITY_STREAM)
+    V = rademacher((4, 50), generator=gen, dtype=torch.float64, device=torch.device("cpu"))
     V = V / V.norm(dim=1, keepdim=True)
     for power in (1, 2, 3):
         expected = (V * (V @ torch.linalg.matrix_power(H, power))).sum(1)

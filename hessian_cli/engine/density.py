@@ -13,7 +13,7 @@ from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.precision import without_tf32
-from hessian_cli.engine.probes import probe_generator, rademacher
+from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import DensityResult
 from hessian_cli.errors import NotFinite, UserError
 
@@ -94,7 +94,7 @@ def spectral_density(
     start, hvps0 = time.perf_counter(), op.hvp_count
     steps, n, device = min(steps, op.n), op.n, op.device
     chunk, padded = _pieces(n)
-    gen = probe_generator(op, seed)
+    gen = probe_generator(op, seed, DENSITY_STREAM)
     v = rademacher((num_probes, n), generator=gen, dtype=op.dtype, device=device)
     # The Lanczos vectors, step-major ([steps, probes, padded]) and filled in place: every
     # product over the basis is then one batched call for all probes (_dots, _subtract).

@@ -6,9 +6,15 @@ import torch
 
 from hessian_cli.engine.linear_operator import LinearOperator
 
+# Streams of one seed: a solver of its own draws its probes apart from the others' (the
+# density's first probes were the trace's, so its first moment repeated the trace's estimate).
+DENSITY_STREAM = 1
+_STREAM_STEP = 0x9E3779B97F4A7C15  # an odd 64-bit constant: streams of nearby seeds do not meet
 
-def probe_generator(op: LinearOperator, seed: int) -> torch.Generator:
-    """The generator random probes and starts are drawn from, seeded with ``seed``.
+
+def probe_generator(op: LinearOperator, seed: int, stream: int = 0) -> torch.Generator:
+    """The generator random probes and starts are drawn from, seeded with ``seed`` (and, for
+    ``stream`` > 0, a stream of that seed that no other solver draws).
 
     On the operator's GPU when it has one: drawing the signs of 30 probes of 11M parameters takes
     6 s on a 2-core CPU. On the CPU otherwise, and under torch.distributed, where every rank must
@@ -16,7 +22,8 @@ def probe_generator(op: LinearOperator, seed: int) -> torch.Generator:
     the same probes on every run on the same kind of device (on CPU: the stream PyHessian draws).
     """
     on_gpu = op.device.type == "cuda" and not getattr(op, "distributed", False)
-    return torch.Generator(device=op.device if on_gpu else "cpu").manual_seed(seed)
+    mixed = (seed + stream * _STREAM_STEP) % 2**64 if stream else seed
+    return torch.Generator(device=op.device if on_gpu else "cpu").manual_seed(mixed)
 
 
 def rademacher(

@@ -18,7 +18,12 @@ from pathlib import Path
 from eigensam.config import CONFIG_FILE, CONFIG_FORMAT, CONFIG_VERSION, TrainConfig
 from hessian_cli.errors import UserError
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, UntrustedCheckpoint
-from hessian_cli.storage.files import atomic_path, check_directory_writable, held
+from hessian_cli.storage.files import (
+    atomic_path,
+    check_directory_writable,
+    held,
+    remove_temporaries,
+)
 
 METRICS_FILE = "metrics.h5"
 FINAL_CHECKPOINT = "final.pt"
@@ -127,6 +132,9 @@ def claim_run_dir(run_dir: Path, config: TrainConfig, *, new: bool) -> Iterator[
         write_config(run_dir, config)
     busy = f"the run in {str(run_dir)!r} is being trained by another process."
     with held(run_dir / CONFIG_FILE, busy):
+        if not new:  # what a killed process of this run left half-written
+            remove_temporaries(run_dir)
+            remove_temporaries(run_dir / RUN_CHECKPOINTS)
         yield
 
 

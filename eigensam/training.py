@@ -237,7 +237,13 @@ class _Run:
         self.metrics = MetricsLog(run_dir / METRICS_FILE, config.identity(), command_line)
         if resume:
             try:
-                self.metrics.load(before_step=self.step, before_epoch=self.epoch)
+                # A run restarted from step 0 (no checkpoint) measures its step 0 again: the
+                # tracker's start vector is not saved without one (a kept row left it cold).
+                self.metrics.load(
+                    before_step=self.step,
+                    before_epoch=self.epoch,
+                    checkpoint=self.resumed_from is not None,
+                )
             except (OSError, KeyError, ValueError) as exc:
                 raise UserError(
                     f"the run's {METRICS_FILE} is damaged and cannot be resumed."
@@ -354,6 +360,11 @@ class _Run:
                             eigenvalue=getattr(self.optimizer, "last_eigenvalue", None),
                         )
                     )
+                last_steps = self.epoch == cfg.epochs - 1
+                if last_steps and cfg.track_every and self.step % cfg.track_every:
+                    # The final weights are always measured: before the last epoch's line,
+                    # which showed the measurement before (the final table, this one).
+                    self._track()
                 emit(self._end_epoch())
                 self._flush()
                 last = self.epoch == cfg.epochs
@@ -361,8 +372,6 @@ class _Run:
                     summary.checkpoint = self._save_step_checkpoint(
                         self.order.generator.get_state()
                     )
-            if cfg.track_every and self.step % cfg.track_every:
-                self._track()  # the final weights are always measured
             summary.finished = True
             self._flush()
             summary.checkpoint = self._save(
@@ -400,8 +409,13 @@ class _Run:
             raise
 
     def _divergence_knobs(self) -> str:
-        """The options that set a step's size: --rho only where the optimizer reads it."""
-        return "--lr" if self.config.optimizer == "sgd" else "--lr or --rho"
+        """The options that set a step's size: --rho only where the optimizer reads it, and
+        --weight-decay where its own step (lr * weight decay, 1 or more) overshoots."""
+        cfg = self.config
+        knobs = ["--lr"] if cfg.optimizer == "sgd" else ["--lr", "--rho"]
+        if cfg.lr * cfg.weight_decay >= 1:
+            knobs.append("--weight-decay")
+        return ", ".join(knobs[:-1]) + f" or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
 
     def _flush(self) -> None:
         if self.lead:

@@ -300,6 +300,20 @@ def test_a_series_of_different_searches_says_which_end_each_row_holds():
     assert list(table.columns[3].cells) == ["largest", "smallest"]
 
 
+def test_a_metrics_summary_counts_its_rows_in_words():
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import metrics_summary
+
+    console = Console(width=200, record=True)
+    one = {"epochs": {"epoch": np.array([1])}, "refresh": {"step": np.array([0])}}
+    console.print(metrics_summary("m.h5", one, {}))
+    several = {"steps": {"step": np.arange(3)}, "refresh": {"step": np.arange(2)}}
+    console.print(metrics_summary("m.h5", several, {}))
+    text = console.export_text()
+    assert "1 epoch, 1 refresh" in text and "3 steps, 2 refreshes" in text  # "1 epochs" before
+
+
 def test_checkpoints_of_different_models_in_one_file_are_not_drawn_as_a_trajectory():
     """Unrelated checkpoints appended to one file were joined by lines as one training run,
     and the table did not say which model a row was."""

@@ -111,7 +111,8 @@ def test_a_log_gets_a_line_per_epoch_with_that_epochs_own_lambda_max(capsys, tmp
     lines = [line for line in stdout.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 3 and lines[0].startswith("epoch 1/3, train loss ")
     assert "λmax" not in lines[0]  # 6 steps per epoch: none tracked in steps 1-6
-    assert f"λmax {lam[8]:.4g} (" in lines[1] and f"λmax {lam[16]:.4g} (" in lines[2]
+    # The last epoch's line shows the final measurement, as the table does (it showed step 16).
+    assert f"λmax {lam[8]:.4g} (" in lines[1] and f"λmax {lam[18]:.4g} (" in lines[2]
     table = {row.split()[1]: row.split()[-4] for row in stdout.splitlines() if row[:1] == "│"}
     assert table == {"1": "-", "2": f"{lam[8]:.4g}", "3": f"{lam[18]:.4g}"}
 
@@ -440,16 +441,25 @@ def test_a_resume_that_finds_no_checkpoint_says_it_starts_again(capsys, tmp_path
 
 
 def test_a_second_ctrl_c_says_what_was_kept(capsys, tmp_path, monkeypatch, finished_run):
-    """The second Ctrl-C interrupts at once (KeyboardInterrupt): one line, status 130."""
+    """The second Ctrl-C interrupts at once (KeyboardInterrupt): one line, status 130; before
+    the loop started it said "the metrics of the steps done are written", with nothing written."""
     import eigensam.training
+    from eigensam.events import RunStarted
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args, progress, started: bool = True, **kwargs):
+        if started:
+            progress(RunStarted(tmp_path, 0, 10, 5, 2, "cpu", 100, None))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(eigensam.training, "train", interrupted)
-    code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "new")
+    code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "new", "-q")
     assert code == 130 and "Traceback" not in err
     assert "stopped at once by a second Ctrl-C" in err and "no checkpoint was written" in err
-    code, _, err = run(capsys, "train", "--resume", finished_run)
+    code, _, err = run(capsys, "train", "--resume", finished_run, "-q")
     words = " ".join(err.split())
     assert code == 130 and f"final.pt (continue with --resume {finished_run})" in words
+    monkeypatch.setattr(
+        eigensam.training, "train", lambda *a, **k: interrupted(*a, started=False, **k)
+    )
+    code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "setup", "-q")
+    assert code == 130 and "stopped at once by a second Ctrl-C: nothing was written." in err

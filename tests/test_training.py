@@ -211,6 +211,37 @@ def test_a_resume_measures_a_due_step_its_checkpoint_was_saved_before(tmp_path):
     assert steps.tolist() == [0, 5, 10, 15, 18]
 
 
+def test_a_resume_without_a_checkpoint_repeats_the_run_from_its_start(tmp_path):
+    """Metrics written, no checkpoint (a kill -9 between an epoch's metrics and the checkpoint
+    of a later epoch, or a second Ctrl-C): the kept step-0 track row skipped the step-0 solve,
+    so the tracker started cold and every later lambda_max differed in its last digits."""
+    whole = train(config(tmp_path, "whole"))
+    train(config(tmp_path, "restarted"))
+    run_dir = tmp_path / "restarted"
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        ckpt.unlink()  # only the metrics of the run are left
+    resumed = train(load_config(run_dir), resume_dir=run_dir)
+    assert resumed.finished
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
+    assert_same_metrics(tmp_path / "whole", run_dir)
+
+
+def test_a_resume_removes_what_a_killed_process_left_half_written(tmp_path):
+    """kill -9 during an atomic write leaves its temporary file (a checkpoint's is as large as
+    a checkpoint), which no resume removed."""
+    train(config(tmp_path, "split", max_steps=10))
+    run_dir = tmp_path / "split"
+    leftovers = [
+        run_dir / "checkpoints" / ".step0000010.pt.0123456789ab.tmp",
+        run_dir / ".metrics.h5.abcdef012345.tmp",
+    ]
+    mine = run_dir / ".notes.tmp"  # not one of ours
+    for path in (*leftovers, mine):
+        path.write_bytes(b"half")
+    train(load_config(run_dir), resume_dir=run_dir)
+    assert not any(path.exists() for path in leftovers) and mine.exists()
+
+
 def test_sgd_and_sam_are_tracked_and_never_refresh(tmp_path):
     for optimizer in ("sgd", "sam"):
         train(config(tmp_path, optimizer, optimizer=optimizer, epochs=1, track_every=3))
@@ -638,6 +669,15 @@ def test_divergence_seen_by_tracking_is_named_as_divergence(tmp_path):
         train(cfg)
     # sgd reads no --rho (which train refuses for it): only --lr is named.
     assert str(err.value).endswith("start a new run with a lower --lr.")
+
+
+def test_a_divergence_from_weight_decay_names_it(tmp_path):
+    """lr * weight decay of 1 or more overshoots by itself: the advice named only --lr and
+    --rho."""
+    cfg = config(tmp_path, optimizer="sam", lr=0.1, weight_decay=1e30, track_every=0)
+    with pytest.raises(UserError, match="training diverged") as err:
+        train(cfg)
+    assert str(err.value).endswith("a lower --lr, --rho or --weight-decay.")
 
 
 def test_a_test_split_holding_nan_is_refused_before_the_run_starts(tmp_path):

@@ -225,10 +225,10 @@ def train_command(
             )
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last
         if lead:
+            # Before the loop started nothing was written (it claimed metrics were).
+            kept = _kept(resume, config) if stop.started else "nothing was written"
             err_console.print(
-                f"stopped at once by a second Ctrl-C: {_kept(resume, config)}.",
-                highlight=False,
-                soft_wrap=True,
+                f"stopped at once by a second Ctrl-C: {kept}.", highlight=False, soft_wrap=True
             )
         raise typer.Exit(INTERRUPTED_STATUS) from None
     except Terminated:  # a second signal, or SIGTERM before the loop (nothing written then)

@@ -422,6 +422,20 @@ def _ordered(columns: Mapping[str, np.ndarray], key: str) -> dict[str, np.ndarra
     return {k: columns[k] for k in sorted(columns, key=lambda c: c != key)}
 
 
+# A metrics group's rows in words, one and several ("1 epochs, 1 refresh" before).
+_ROW_NAMES = {
+    "steps": ("step", "steps"),
+    "epochs": ("epoch", "epochs"),
+    "refresh": ("refresh", "refreshes"),
+    "track": ("track", "tracks"),
+}
+
+
+def _rows(count: int, group: str) -> str:
+    one, several = _ROW_NAMES.get(group, (group, group))
+    return f"{count} {one if count == 1 else several}"
+
+
 def metrics_summary(
     path: str | Path, metrics: Mapping[str, Mapping[str, np.ndarray]], info: Mapping[str, Any]
 ) -> RenderableType:
@@ -430,7 +444,7 @@ def metrics_summary(
     parts: list[RenderableType] = [Text(str(path), style="bold")]
     version = info.get("format_version", info.get("version"))
     counts = ", ".join(
-        f"{max((len(c) for c in cols.values()), default=0)} {name}"
+        _rows(max((len(c) for c in cols.values()), default=0), name)
         for name, cols in metrics.items()
     )
     what = "hessian-cli metrics file" + (f" (format version {version})" if version else "")

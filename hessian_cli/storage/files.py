@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import stat
@@ -125,6 +126,18 @@ def held(path: Path, busy: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # and with it the lock
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what atomic_path names them
+
+
+def remove_temporaries(directory: Path) -> None:
+    """Remove the temporary files :func:`atomic_path` left in ``directory`` when its process
+    was killed outright (kill -9: a checkpoint's may be as large as a checkpoint). Only for
+    a directory whose writer lock is held: another writer's file would go too."""
+    for leftover in directory.glob(".*.tmp"):
+        if _TEMPORARY.fullmatch(leftover.name) and leftover.is_file():
+            leftover.unlink(missing_ok=True)
 
 
 @contextmanager

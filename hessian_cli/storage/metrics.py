@@ -109,11 +109,12 @@ class MetricsLog:
         index = list(COLUMNS[group]).index(name)
         return [row[index] for row in self.rows[group]]
 
-    def load(self, *, before_step: int, before_epoch: int) -> None:
+    def load(self, *, before_step: int, before_epoch: int, checkpoint: bool = True) -> None:
         """Take the rows of an existing file up to a resumed checkpoint: steps before
         ``before_step`` (tracks up to it: the one at its step measured its weights before it was
-        saved) and epochs up to ``before_epoch``, so the file ends up exactly as an
-        uninterrupted run writes it. A missing file means nothing was recorded yet."""
+        saved; none without a ``checkpoint``, whose tracker starts afresh) and epochs up to
+        ``before_epoch``, so the file ends up exactly as an uninterrupted run writes it. A
+        missing file means nothing was recorded yet."""
         if not self.path.exists():
             if before_step > 0:
                 raise UserError(
@@ -141,7 +142,7 @@ class MetricsLog:
                 continue
             key, limit = ("epoch", before_epoch) if group == "epochs" else ("step", before_step - 1)
             if group == "track":  # of the weights after that many steps: a checkpoint's own
-                limit = before_step
+                limit = before_step if checkpoint else -1
             keep = np.asarray(data[key]) <= limit
             cols = [np.asarray(data[c])[keep].tolist() for c in columns]
             self.rows[group] = list(zip(*cols, strict=True))

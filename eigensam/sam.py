@@ -101,9 +101,9 @@ class SAM(Optimizer):
         g = self.flat_grad()
         g_norm = norms(g)
         # A zero gradient has no direction: divided by 1 it stays zero (no perturbation, no 0/0);
-        # one that is not finite perturbs nothing either. d is formed in g: the step's peak is
-        # one vector and the weights' copy below.
-        moves = g_norm > 0  # False for NaN
+        # one that is not finite (NaN or inf) perturbs nothing either. d is formed in g: the
+        # step's peak is one vector and the weights' copy below.
+        moves = (g_norm > 0) & torch.isfinite(g_norm)
         d = self._direction(g, torch.where(moves, g_norm, torch.ones_like(g_norm)))
         d.masked_fill_(~moves, 0.0)
         pairs = self._params()

@@ -671,3 +671,39 @@ def test_a_refusal_every_rank_meets_after_loading_is_said_once(
     code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code != 0 and len(lines) == 1 and lines[0].startswith(message), err
+
+
+@needs_gloo
+def test_a_one_sample_batchnorm_batch_on_one_rank_is_refused_by_every_rank(
+    tmp_path: Path,
+) -> None:
+    """The library's refusal came on the rank that held the batch alone, before a collective
+    the other rank then waited in (or died in, as PeerLost)."""
+    script = tmp_path / "one_sample.py"
+    script.write_text(
+        "import datetime\n"
+        "import torch\n"
+        "import torch.distributed as dist\n"
+        "from torch import nn\n\n"
+        "from hessian_cli.engine import HessianOperator\n"
+        "from hessian_cli.errors import UserError\n\n"
+        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=30))\n"
+        "rank = dist.get_rank()\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))\n"
+        "x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))\n"
+        "batches = [(x[:4], y[:4])] if rank == 0 else [(x[4:], y[4:])]\n"
+        "try:\n"
+        "    HessianOperator(model, nn.CrossEntropyLoss(), batches, bn='train')\n"
+        "    print(rank, 'built', flush=True)\n"
+        "except UserError as exc:\n"
+        "    print(rank, 'refused:', exc, flush=True)\n"
+        "dist.destroy_process_group()\n"
+    )
+    code, out, err, seconds = _run(
+        [], ranks=2, cwd=tmp_path, timeout=90, env={"PYTHONPATH": str(ROOT)}, entry=(str(script),)
+    )
+    assert code == 0 and seconds < 60, err
+    lines = sorted(out.split("\n"))
+    assert [line.split(":")[0] for line in lines if line] == ["0 refused", "1 refused"], out
+    assert "one sample has no statistics for BatchNorm" in out

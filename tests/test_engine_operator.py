@@ -481,7 +481,10 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,))
 
 
-@pytest.mark.parametrize("change", ["bias edit", "load_state_dict", "optimizer step"])
+@pytest.mark.parametrize(
+    "change",
+    ["bias edit", "load_state_dict", "optimizer step", "new data", "a weight not analysed"],
+)
 def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(change):
     """Its kept graphs were of the old weights: the old Hessian came back (a bias edit), or
     autograd's "modified by an inplace operation" (a load, a step)."""
@@ -494,14 +497,72 @@ def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(
             model[0].bias.add_(3.0)
     elif change == "load_state_dict":
         model.load_state_dict({k: v + 0.5 for k, v in model.state_dict().items()})
+    elif change == "new data":  # p.data = ...: a new tensor, no version counted
+        model[2].weight.data = model[2].weight.data + 0.5
+    elif change == "a weight not analysed":  # the graph depends on it all the same
+        op = HessianOperator(model, F.cross_entropy, [(x, y)], params="2.*")
+        V = torch.eye(op.n, dtype=torch.float64)[:4]
+        op.matmul(V)
+        with torch.no_grad():
+            model[0].weight.mul_(2.0)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    fresh = HessianOperator(model, F.cross_entropy, [(x, y)])
+    fresh = HessianOperator(model, F.cross_entropy, [(x, y)], params=op.space)
     torch.testing.assert_close(op.matmul(V), fresh.matmul(V), rtol=1e-12, atol=1e-14)
-    H = dense_hessian(model, F.cross_entropy, [(x, y)])  # every trainable parameter, as op
+    H = dense_hessian(model, F.cross_entropy, [(x, y)], op.space)
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
+
+
+def test_an_operator_whose_parameters_were_replaced_says_so():
+    """load_state_dict(assign=True) puts new parameters in: the products were of the old."""
+    model, (x, y) = _mlp(), _data()
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    op.matmul(torch.eye(op.n, dtype=torch.float64)[:2])
+    model.load_state_dict({k: v + 0.5 for k, v in model.state_dict().items()}, assign=True)
+    with pytest.raises(UserError, match="parameters were replaced .* make a new HessianOperator"):
+        op.matmul(torch.eye(op.n, dtype=torch.float64)[:2])
+
+
+def test_a_forward_that_counts_in_a_buffer_does_not_rebuild_every_product():
+    """The graphs' versions were taken after the first batch's build: the second batch's
+    forward moved its counter, and every product rebuilt every batch's graph."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.net(x)
+
+    model, (x, y) = Counting(), _data()
+    op = HessianOperator(model, F.cross_entropy, [(x[:6], y[:6]), (x[6:], y[6:])])
+    V = torch.eye(op.n, dtype=torch.float64)[:1]
+    for _ in range(5):
+        op.matmul(V)
+    assert int(model.calls) == 2  # one forward per batch, kept since
+
+
+def test_real_targets_are_widened_never_narrowed():
+    """bfloat16 models: a target of 1234.5 became 1232 (the loss of other data)."""
+    seen = []
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(y)
+        return F.mse_loss(out.float(), y.float())
+
+    model = torch.nn.Linear(3, 1).to(torch.bfloat16)
+    x, y = torch.randn(8, 3), torch.full((8, 1), 1234.5)
+    op = HessianOperator(model, loss, [(x, y)])
+    op.loss()
+    assert seen[0].dtype == torch.float32 and float(seen[0][0]) == 1234.5
+    assert op.batches[0][0].dtype == torch.bfloat16  # the inputs are the model's
+    wide = HessianOperator(_mlp(), F.mse_loss, [(torch.randn(4, 5), torch.randn(4, 3))])
+    assert wide.batches[0][1].dtype == torch.float64  # float32 targets for a float64 model
 
 
 def test_batches_from_a_generator_and_data_in_another_dtype():
@@ -526,6 +587,12 @@ def test_params_as_one_glob_or_as_the_models_parameters():
         HessianOperator(model, F.cross_entropy, [(x, y)], params=[torch.zeros(3)])
     with pytest.raises(UserError, match="not both"):
         HessianOperator(model, F.cross_entropy, [(x, y)], params=[model[0].weight, "2.*"])
+    # One parameter, named_parameters() pairs; an empty selection is not "all of them".
+    assert HessianOperator(model, F.cross_entropy, [(x, y)], params=model[0].bias).n == 6
+    named = HessianOperator(model, F.cross_entropy, [(x, y)], params=model[2].named_parameters())
+    assert named.space.names == ("2.weight", "2.bias")
+    with pytest.raises(UserError, match="params selects no parameters"):
+        HessianOperator(model, F.cross_entropy, [(x, y)], params=model[1].parameters())
 
 
 def test_a_one_sample_batch_under_batch_statistics_is_refused_when_made():

@@ -210,9 +210,11 @@ def test_a_gradient_that_is_not_finite_perturbs_nothing(cls: type[SAM]) -> None:
     opt = cls([w, u], torch.optim.SGD, lr=0.1)
     if isinstance(opt, EigenSAM):
         opt.set_eigenvector(torch.ones(7), 1.0)
-    w.grad, u.grad = torch.tensor([1.0, float("nan"), 0.0, 2.0]), torch.ones(3)
-    opt.first_step()
-    assert torch.equal(w.detach(), torch.ones(4)) and torch.equal(u.detach(), torch.ones(3))
+    for bad in (float("nan"), float("inf")):
+        w.grad, u.grad = torch.tensor([1.0, bad, 0.0, 2.0]), torch.ones(3)
+        opt.first_step()
+        assert torch.equal(w.detach(), torch.ones(4)) and torch.equal(u.detach(), torch.ones(3))
+        opt.restore()
 
 
 def test_parameter_without_grad_is_left_alone() -> None:

@@ -235,11 +235,14 @@ def test_a_resume_removes_what_a_killed_process_left_half_written(tmp_path):
         run_dir / "checkpoints" / ".step0000010.pt.0123456789ab.tmp",
         run_dir / ".metrics.h5.abcdef012345.tmp",
     ]
-    mine = run_dir / ".notes.tmp"  # not one of ours
-    for path in (*leftovers, mine):
+    others = [
+        run_dir / ".notes.tmp",  # not one of ours
+        run_dir / ".spectra.h5.abcdef012345.tmp",  # an analyze --out into the run, writing
+    ]
+    for path in (*leftovers, *others):
         path.write_bytes(b"half")
     train(load_config(run_dir), resume_dir=run_dir)
-    assert not any(path.exists() for path in leftovers) and mine.exists()
+    assert not any(path.exists() for path in leftovers) and all(p.exists() for p in others)
 
 
 def test_sgd_and_sam_are_tracked_and_never_refresh(tmp_path):

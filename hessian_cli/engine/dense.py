@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hessian_cli.engine.operator import Batch, BNMode, LossFn, forward_mode
+from hessian_cli.engine.operator import (
+    Batch,
+    BNMode,
+    LossFn,
+    cast_batch,
+    forward_mode,
+    model_dtype,
+)
 from hessian_cli.engine.params import ParamSpace, select_parameters
 
 
@@ -27,6 +34,7 @@ def dense_hessian(
     """The ``[n, n]`` Hessian of the sample-weighted mean loss (only for small ``n``) over
     ``space`` (default: every trainable parameter, as :class:`HessianOperator` takes them)."""
     space = select_parameters(model) if space is None else space
+    batches = [cast_batch(batch, model_dtype(model)) for batch in batches]  # as the operator's
     total = sum(len(y) for _, y in batches)
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,25 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
                 m.track_running_stats = track
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's real parameters, where they have one."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def cast_batch(batch: Batch, dtype: torch.dtype | None) -> Batch:
+    """Real inputs in ``dtype`` (the model's); real targets only widened to it, since a narrower
+    copy would change the loss (1234.5 is 1232 in bfloat16); labels and token ids as given."""
+    x, y = batch
+    if dtype is None:
+        return x, y
+    if x.is_floating_point():
+        x = x.to(dtype=dtype)
+    if y.is_floating_point() and torch.finfo(y.dtype).bits < torch.finfo(dtype).bits:
+        y = y.to(dtype=dtype)
+    return x, y
+
+
 def batch_statistics_error(model: nn.Module, x: torch.Tensor) -> str | None:
     """Why BatchNorm cannot normalise ``x`` by its own statistics (a batch of one sample has
     none), or None; nothing of the model changes."""
@@ -151,35 +170,20 @@ class HessianOperator:
         self.model = model
         self.loss_fn = loss_fn
         self.space = params if isinstance(params, ParamSpace) else select_parameters(model, params)
-        batches = list(batches)  # once: a generator is read by the check below, then stored
         self.n = self.space.n
         self.dtype = self.space.dtype
         self.device = self.space.device
         if bn not in ("eval", "train"):
             raise UserError(f"Unknown BatchNorm mode {bn!r}: use eval or train.")
         self.bn = bn
-        for batch in batches:
-            pair = isinstance(batch, (tuple, list)) and len(batch) == 2
-            if not (pair and all(isinstance(t, torch.Tensor) for t in batch)):
-                kinds = (
-                    f"({', '.join(type(t).__name__ for t in batch)})"
-                    if isinstance(batch, (tuple, list))
-                    else a_type(batch)
-                )
-                raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}.")
-        # Real inputs and targets in the parameters' dtype where the model has one (float32
-        # data for a float64 model failed at the first product, in torch's words); class labels
-        # and token ids as given.
-        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        self._data_dtype = dtypes.pop() if len(dtypes) == 1 else None
-        self.batches = [(self._placed(x), self._placed(y)) for x, y in batches]
-        if bn == "train" and _has_batchnorm(model):
-            for x, y in self.batches:
-                if len(y) == 1 and (why := batch_statistics_error(model, x)) is not None:
-                    raise UserError(
-                        f"A batch of one sample has no statistics for BatchNorm (bn='train'): "
-                        f"{why}; drop it (drop_last=True) or use bn='eval'."
-                    )
+        # The model's dtype for the data (cast_batch): float32 data for a float64 model failed
+        # at the first product, in torch's words.
+        self._data_dtype = model_dtype(model)
+        # Checked and placed one batch at a time (a generator, read once, or a DataLoader: the
+        # source is never held beside the placed copies); under torch.distributed every rank
+        # refuses together, before the collectives below.
+        with dist_utils.fail_together() if self.distributed else contextlib.nullcontext():
+            self.batches = [self._placed(batch, bn) for batch in batches]
         counts = [len(self.batches)]
         local_samples = sum(len(y) for _, y in self.batches)
         self.num_samples = local_samples
@@ -200,7 +204,7 @@ class HessianOperator:
         # None: keep one batch's graph; several batches' while they fit (_keeps).
         self.keep_graph = keep_graph
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}
-        self._graph_versions: tuple[int, ...] = ()  # of the weights the graphs were built at
+        self._graph_versions: tuple[tuple[int, int], ...] = ()  # the weights' at the last build
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._graphs_full = False  # the last graph built did not fit the budget
@@ -215,10 +219,25 @@ class HessianOperator:
         self.passes = 0
         self.hvp_seconds = 0.0
 
-    def _placed(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point() and self._data_dtype is not None:
-            return t.to(device=self.device, dtype=self._data_dtype)
-        return t.to(self.device)
+    def _placed(self, batch: object, bn: BNMode) -> Batch:
+        """A batch checked and on the operator's device (and dtype, see the constructor)."""
+        pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+        if not (pair and all(isinstance(t, torch.Tensor) for t in batch)):
+            kinds = (
+                f"({', '.join(type(t).__name__ for t in batch)})"
+                if isinstance(batch, (tuple, list))
+                else a_type(batch)
+            )
+            raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}.")
+        x, y = cast_batch(batch, self._data_dtype)
+        x, y = x.to(self.device), y.to(self.device)
+        if bn == "train" and len(y) == 1 and _has_batchnorm(self.model):
+            if (why := batch_statistics_error(self.model, x)) is not None:
+                raise UserError(
+                    f"A batch of one sample has no statistics for BatchNorm (bn='train'): "
+                    f"{why}; drop it (drop_last=True) or use bn='eval'."
+                )
+        return x, y
 
     def backend_for(self, block: int) -> str:
         """The backend that computes a product of ``block`` vectors (``auto``: :func:`auto_backend`)."""
@@ -478,9 +497,15 @@ class HessianOperator:
         """Batch ``i``'s loss, its flat gradient with the graph, and which parameters it uses."""
         # Kept graphs are of the weights (and buffers) they were built at: an operator used
         # again after a training step or a load_state_dict gave the old Hessian (a change that
-        # autograd had saved raised its own error instead). In-place changes count versions.
-        if self._graphs and self._versions() != self._graph_versions:
-            self.release()
+        # autograd had saved raised its own error instead). Seen: in-place changes (their
+        # version counters) and new tensors (their storage), of every parameter, also those
+        # not analysed; not seen: in-place changes through ``.data`` (call release()).
+        versions = self._versions()
+        if versions != self._graph_versions:
+            self._check_bound()
+            if self._graphs:
+                self.release()
+            self._graph_versions = versions
         if i in self._graphs:
             return self._graphs[i]
         x, y = self.batches[i]
@@ -493,14 +518,26 @@ class HessianOperator:
         flat = [dense(p).reshape(-1) for p in parts if p is not None]
         g = torch.cat(flat) if any(used) else None
         if self._keeps(lambda: self._graph_size(before, loss, g)):
-            if not self._graphs:
-                self._graph_versions = self._versions()
             self._graphs[i] = (loss, g, used)
+            # After each build: a forward that updates a buffer of its own (a counter) must not
+            # make the next product rebuild every batch's graph.
+            self._graph_versions = self._versions()
         return loss, g, used
 
-    def _versions(self) -> tuple[int, ...]:
-        """The in-place change counters of the weights and buffers a kept graph depends on."""
-        return tuple(t._version for t in (*self.space.tensors, *self.model.buffers()))
+    def _check_bound(self) -> None:
+        """Refuse products of parameters the model no longer holds (``load_state_dict(...,
+        assign=True)`` puts new ones in: the products were of the old, silently)."""
+        held = {id(p) for p in self.model.parameters()}
+        if any(id(t) not in held for t in self.space.tensors):
+            raise UserError(
+                "The model's parameters were replaced (e.g. load_state_dict(assign=True)) since "
+                "this operator was made: make a new HessianOperator."
+            )
+
+    def _versions(self) -> tuple[tuple[int, int], ...]:
+        """The storage and in-place change counter of each tensor a kept graph depends on."""
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def _keeps(self, size: Callable[[], int]) -> bool:
         """Whether to keep a first-order graph that holds ``size()`` bytes.

@@ -109,9 +109,14 @@ def select_parameters(
     included once, under the first that matched.
     """
     check_real(model)
-    if isinstance(patterns, str):  # one glob, not its letters
+    if isinstance(patterns, (str, torch.Tensor)):  # one glob or parameter, not its letters/rows
         patterns = [patterns]
     given = None if patterns is None else list(patterns)
+    if given is not None:
+        # named_parameters() gives (name, parameter) pairs: the parameters are meant.
+        given = [g[1] if isinstance(g, tuple) and len(g) == 2 else g for g in given]
+        if not given:  # an empty selection (a layer without parameters) is not "all"
+            raise UserError("params selects no parameters: give name globs or parameters.")
     by_tensor = given is not None and any(isinstance(g, torch.Tensor) for g in given)
     if by_tensor:
         if not all(isinstance(g, torch.Tensor) for g in given):

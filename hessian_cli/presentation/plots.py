@@ -172,11 +172,12 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if not k and not has_trace:
         raise UserError("The file holds no eigenvalues or traces to plot.")
     fig, axes = _figure(bool(k) + has_trace + has_alignment)
-    # Checkpoints of different models appended to one file are no trajectory: points, no lines.
+    # Checkpoints of different models (or parameter sets) appended to one file are no
+    # trajectory: points, no lines. Two runs of one model are not told apart.
     models = model_count(ds)
     style = "o-" if models == 1 else "o"
     if models > 1:
-        fig.suptitle(f"{models} different models (points are not joined)")
+        fig.suptitle(f"{models} different models or parameter sets (points are not joined)")
     panels = iter(axes)
     if k:
         ax = next(panels)

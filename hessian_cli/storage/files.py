@@ -128,15 +128,14 @@ def held(path: Path, busy: str) -> Iterator[None]:
         os.close(fd)  # and with it the lock
 
 
-_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what atomic_path names them
-
-
-def remove_temporaries(directory: Path) -> None:
-    """Remove the temporary files :func:`atomic_path` left in ``directory`` when its process
-    was killed outright (kill -9: a checkpoint's may be as large as a checkpoint). Only for
-    a directory whose writer lock is held: another writer's file would go too."""
+def remove_temporaries(directory: Path, names: str) -> None:
+    """Remove the temporary files :func:`atomic_path` left in ``directory`` for files whose
+    names match the regular expression ``names``, when its process was killed outright
+    (kill -9: a checkpoint's may be as large as a checkpoint). Only for files whose writer's
+    lock is held: another writer's would go too."""
+    pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{12}}\.tmp")  # as atomic_path names them
     for leftover in directory.glob(".*.tmp"):
-        if _TEMPORARY.fullmatch(leftover.name) and leftover.is_file():
+        if pattern.fullmatch(leftover.name) and leftover.is_file():
             leftover.unlink(missing_ok=True)
 
 

@@ -326,7 +326,7 @@ def test_checkpoints_of_different_models_in_one_file_are_not_drawn_as_a_trajecto
     assert str(table.columns[3].header) == "model"
     assert list(table.columns[3].cells) == ["mlp (2,410)", "cnn (1,418)", "mlp (2,410)"]
     fig = spectra_figure(ds)
-    assert fig.get_suptitle() == "2 different models (points are not joined)"
+    assert fig.get_suptitle() == "2 different models or parameter sets (points are not joined)"
     assert all(line.get_linestyle() == "None" for line in fig.axes[0].get_lines())
     same = [{**d, "provenance": {"model": "mlp", "num_params": 2410}} for d in ds]
     same[1]["provenance"] = {}  # another tool's checkpoint, or an older file's: counts as any

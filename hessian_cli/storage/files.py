@@ -128,12 +128,15 @@ def held(path: Path, busy: str) -> Iterator[None]:
         os.close(fd)  # and with it the lock
 
 
+_TEMP_TAG = 12  # hex digits that tell one temporary file from another (atomic_path's names)
+
+
 def remove_temporaries(directory: Path, names: str) -> None:
     """Remove the temporary files :func:`atomic_path` left in ``directory`` for files whose
     names match the regular expression ``names``, when its process was killed outright
     (kill -9: a checkpoint's may be as large as a checkpoint). Only for files whose writer's
     lock is held: another writer's would go too."""
-    pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{12}}\.tmp")  # as atomic_path names them
+    pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{{_TEMP_TAG}}}\.tmp")
     for leftover in directory.glob(".*.tmp"):
         if pattern.fullmatch(leftover.name) and leftover.is_file():
             leftover.unlink(missing_ok=True)
@@ -171,7 +174,7 @@ def atomic_path(
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise UserError(f"The output directory {parent} {what}.")
-    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:_TEMP_TAG]}.tmp"
     try:  # os.open with 0o666 honours the umask, as a plainly created file would
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:

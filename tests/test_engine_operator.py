@@ -13,7 +13,7 @@ from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.memory import graph_bytes
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.engine.params import select_parameters
+from hessian_cli.engine.params import ParamSpace, select_parameters
 from hessian_cli.errors import UserError
 
 CASES = {c.name: c for c in cases()}
@@ -547,6 +547,25 @@ def test_a_forward_that_counts_in_a_buffer_does_not_rebuild_every_product():
     assert int(model.calls) == 2  # one forward per batch, kept since
 
 
+def test_a_graph_not_kept_does_not_make_the_kept_ones_rebuilt(monkeypatch):
+    """Only some graphs fit: the batch rebuilt each product counted in the model's buffer, and
+    the kept graphs were then taken for stale (every batch rebuilt every product)."""
+    case, batches = _three_batches()
+    model = case.model
+    model.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        module.calls.add_(1)
+
+    model.register_forward_pre_hook(count)
+    op = HessianOperator(model, case.loss, batches)
+    built = _simulated_device(monkeypatch, op, free=300)  # two of the three graphs fit
+    V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for _ in range(4):
+        op.matmul(V)
+    assert len(built) == 3 + 3  # after the first product only the third batch's is built
+
+
 def test_real_targets_are_widened_never_narrowed():
     """bfloat16 models: a target of 1234.5 became 1232 (the loss of other data)."""
     seen = []
@@ -563,6 +582,49 @@ def test_real_targets_are_widened_never_narrowed():
     assert op.batches[0][0].dtype == torch.bfloat16  # the inputs are the model's
     wide = HessianOperator(_mlp(), F.mse_loss, [(torch.randn(4, 5), torch.randn(4, 3))])
     assert wide.batches[0][1].dtype == torch.float64  # float32 targets for a float64 model
+
+
+def test_float64_targets_for_a_float32_model_are_the_models_dtype():
+    """Only widened, they reached huber_loss as float64 beside float32 outputs: "Found dtype
+    Double but expected Float" in its backward (they worked before, cast as now)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    op = HessianOperator(model, F.huber_loss, [(x, y)])
+    assert op.batches[0][1].dtype == torch.float32
+    H = dense_hessian(model, F.huber_loss, [(x, y)])
+    V = torch.eye(op.n)
+    torch.testing.assert_close(op.matmul(V), H, rtol=1e-5, atol=1e-6)
+
+
+def test_a_space_may_hold_a_tensor_the_model_does_not_register():
+    """A temperature the forward uses without registering it: "parameters were replaced" was
+    said at the first product."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1).double()
+            self.scale = torch.ones(1, dtype=torch.float64, requires_grad=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.scale
+
+    model = Scaled()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    space = ParamSpace(("scale",), (model.scale,))
+    op = HessianOperator(model, F.mse_loss, [(x, y)], params=space)
+    H = dense_hessian(model, F.mse_loss, [(x, y)], space)
+    torch.testing.assert_close(op.matmul(torch.ones(1, dtype=torch.float64)), H[0])
+
+
+def test_a_model_moved_to_another_dtype_is_refused_by_its_operator():
+    model, (x, y) = _mlp(torch.float32), _data()
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    op.matmul(torch.eye(op.n)[:1])
+    model.double()  # "mat1 and mat2 must have the same dtype" came from torch
+    with pytest.raises(UserError, match="moved to another dtype or device"):
+        op.matmul(torch.eye(op.n)[:1])
 
 
 def test_batches_from_a_generator_and_data_in_another_dtype():
@@ -591,6 +653,8 @@ def test_params_as_one_glob_or_as_the_models_parameters():
     assert HessianOperator(model, F.cross_entropy, [(x, y)], params=model[0].bias).n == 6
     named = HessianOperator(model, F.cross_entropy, [(x, y)], params=model[2].named_parameters())
     assert named.space.names == ("2.weight", "2.bias")
+    pair = HessianOperator(model, F.cross_entropy, [(x, y)], params=[("0.bias", "2.bias")])
+    assert pair.space.names == ("0.bias", "2.bias")  # globs, not a (name, parameter) pair
     with pytest.raises(UserError, match="params selects no parameters"):
         HessianOperator(model, F.cross_entropy, [(x, y)], params=model[1].parameters())
 

@@ -92,14 +92,18 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def cast_batch(batch: Batch, dtype: torch.dtype | None) -> Batch:
-    """Real inputs in ``dtype`` (the model's); real targets only widened to it, since a narrower
-    copy would change the loss (1234.5 is 1232 in bfloat16); labels and token ids as given."""
+    """Real inputs and targets in ``dtype`` (the model's: some losses, e.g. huber_loss, refuse
+    float64 targets for float32 outputs in their backward), except that targets are never
+    narrowed to a 16-bit dtype, where the copy would change the loss (1234.5 is 1232 in
+    bfloat16); labels and token ids as given."""
     x, y = batch
     if dtype is None:
         return x, y
     if x.is_floating_point():
         x = x.to(dtype=dtype)
-    if y.is_floating_point() and torch.finfo(y.dtype).bits < torch.finfo(dtype).bits:
+    if y.is_floating_point() and (
+        torch.finfo(dtype).bits >= 32 or torch.finfo(y.dtype).bits < torch.finfo(dtype).bits
+    ):
         y = y.to(dtype=dtype)
     return x, y
 
@@ -179,6 +183,10 @@ class HessianOperator:
         # The model's dtype for the data (cast_batch): float32 data for a float64 model failed
         # at the first product, in torch's words.
         self._data_dtype = model_dtype(model)
+        # The analysed tensors that are the model's parameters (a space may hold others, e.g. a
+        # temperature the loss uses): they must stay the model's (see _check_bound).
+        registered = {id(p) for p in model.parameters()}
+        self._registered = [t for t in self.space.tensors if id(t) in registered]
         # Checked and placed one batch at a time (a generator, read once, or a DataLoader: the
         # source is never held beside the placed copies); under torch.distributed every rank
         # refuses together, before the collectives below.
@@ -499,7 +507,8 @@ class HessianOperator:
         # again after a training step or a load_state_dict gave the old Hessian (a change that
         # autograd had saved raised its own error instead). Seen: in-place changes (their
         # version counters) and new tensors (their storage), of every parameter, also those
-        # not analysed; not seen: in-place changes through ``.data`` (call release()).
+        # not analysed; not reliably seen: changes through ``.data`` (call release()): a new
+        # tensor may take the freed storage of the one it replaces.
         versions = self._versions()
         if versions != self._graph_versions:
             self._check_bound()
@@ -519,19 +528,26 @@ class HessianOperator:
         g = torch.cat(flat) if any(used) else None
         if self._keeps(lambda: self._graph_size(before, loss, g)):
             self._graphs[i] = (loss, g, used)
-            # After each build: a forward that updates a buffer of its own (a counter) must not
-            # make the next product rebuild every batch's graph.
-            self._graph_versions = self._versions()
+        # After each build, kept or not: a forward that updates a buffer of its own (a counter)
+        # must not make the next product rebuild every batch's graph.
+        self._graph_versions = self._versions()
         return loss, g, used
 
     def _check_bound(self) -> None:
         """Refuse products of parameters the model no longer holds (``load_state_dict(...,
-        assign=True)`` puts new ones in: the products were of the old, silently)."""
+        assign=True)`` puts new ones in: the products were of the old, silently), or of a model
+        moved to another dtype or device (torch's "mat1 and mat2" said it)."""
         held = {id(p) for p in self.model.parameters()}
-        if any(id(t) not in held for t in self.space.tensors):
+        if any(id(t) not in held for t in self._registered):
             raise UserError(
                 "The model's parameters were replaced (e.g. load_state_dict(assign=True)) since "
                 "this operator was made: make a new HessianOperator."
+            )
+        first = self.space.tensors[0]  # the operator's dtype and device are its
+        if (first.dtype, first.device) != (self.dtype, self.device):
+            raise UserError(
+                "The model was moved to another dtype or device since this operator was made: "
+                "make a new HessianOperator."
             )
 
     def _versions(self) -> tuple[tuple[int, int], ...]:

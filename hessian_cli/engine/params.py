@@ -113,8 +113,7 @@ def select_parameters(
         patterns = [patterns]
     given = None if patterns is None else list(patterns)
     if given is not None:
-        # named_parameters() gives (name, parameter) pairs: the parameters are meant.
-        given = [g[1] if isinstance(g, tuple) and len(g) == 2 else g for g in given]
+        given = [part for g in given for part in _selectors(g)]
         if not given:  # an empty selection (a layer without parameters) is not "all"
             raise UserError("params selects no parameters: give name globs or parameters.")
     by_tensor = given is not None and any(isinstance(g, torch.Tensor) for g in given)
@@ -153,6 +152,16 @@ def select_parameters(
         raise UserError(f"The model has no trainable parameters {what}{why}.")
     names, tensors = zip(*chosen.values(), strict=True)
     return ParamSpace(names=tuple(names), tensors=tuple(tensors))
+
+
+def _selectors(item: object) -> list:
+    """The globs or parameters one entry of ``params`` gives: named_parameters()'s (name,
+    parameter) pairs mean the parameter, a tuple of globs its globs."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+        return [item[1]]
+    if isinstance(item, (tuple, list)) and all(isinstance(g, str) for g in item):
+        return list(item)
+    return [item]
 
 
 def dense(part: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hessian_cli.errors import UserError
-from hessian_cli.presentation.tables import eigen_labels, model_count
+from hessian_cli.presentation.tables import counted, eigen_labels, model_count
 from hessian_cli.storage.files import atomic_path
 
 DPI = 120
@@ -96,11 +96,8 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
             ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
-    probes, steps = dn.get("num_probes"), dn.get("steps")
-    ax.set_title(
-        f"Spectral density: SLQ, {probes} probe{'' if probes == 1 else 's'} × {steps} "
-        f"step{'' if steps == 1 else 's'}"
-    )
+    probes, steps = counted(dn.get("num_probes"), "probe"), counted(dn.get("steps"), "step")
+    ax.set_title(f"Spectral density: SLQ, {probes} × {steps}")
     ax.legend(loc="upper right", fontsize="small")
 
 

@@ -47,9 +47,9 @@ def _int(x: Any) -> str:
     return DASH if x is None else f"{int(x):,}"
 
 
-def _counted(n: Any, noun: str) -> str:
-    """``n`` formatted as :func:`_int` does, with ``noun`` plural unless ``n`` is 1."""
-    return f"{_int(n)} {noun}{'' if n == 1 else 's'}"
+def counted(n: Any, noun: str, plural: str | None = None) -> str:
+    """``n`` formatted as :func:`_int` does, with ``noun``, or its plural unless ``n`` is 1."""
+    return f"{_int(n)} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _of_samples(n: int | None) -> str:
@@ -230,8 +230,8 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     shown = values.size == grid.size and np.isfinite(values).any()  # NaN: stored non-finite
     peak = f", peak at λ≈{grid[np.nanargmax(values)]:.4g}" if shown else ""
     return (
-        f"density (SLQ): {_counted(dn.get('num_probes'), 'probe')} × "
-        f"{_counted(dn.get('steps'), 'step')}, "
+        f"density (SLQ): {counted(dn.get('num_probes'), 'probe')} × "
+        f"{counted(dn.get('steps'), 'step')}, "
         f"nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
         f"{_int(dn.get('hvps'))} HVPs, {_seconds(dn.get('seconds'))}"
     )
@@ -371,7 +371,7 @@ def file_summary(
     version = info.get("format_version")
     what = f"hessian-cli spectra file (format version {version})" if version else "spectra file"
     total = len(info.get("groups") or ds)  # --checkpoint shows some of them
-    held = f"{what}, {total} checkpoint{'s' if total != 1 else ''}"
+    held = f"{what}, {counted(total, 'checkpoint')}"
     lines.append(Text(held + (f", {len(ds)} shown" if len(ds) < total else "")))
     return Group(*lines, *_written_by(info))
 
@@ -431,11 +431,6 @@ _ROW_NAMES = {
 }
 
 
-def _rows(count: int, group: str) -> str:
-    one, several = _ROW_NAMES.get(group, (group, group))
-    return f"{count} {one if count == 1 else several}"
-
-
 def metrics_summary(
     path: str | Path, metrics: Mapping[str, Mapping[str, np.ndarray]], info: Mapping[str, Any]
 ) -> RenderableType:
@@ -444,7 +439,7 @@ def metrics_summary(
     parts: list[RenderableType] = [Text(str(path), style="bold")]
     version = info.get("format_version", info.get("version"))
     counts = ", ".join(
-        _rows(max((len(c) for c in cols.values()), default=0), name)
+        counted(max((len(c) for c in cols.values()), default=0), *_ROW_NAMES.get(name, (name,) * 2))
         for name, cols in metrics.items()
     )
     what = "hessian-cli metrics file" + (f" (format version {version})" if version else "")

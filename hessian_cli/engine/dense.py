@@ -34,7 +34,8 @@ def dense_hessian(
     """The ``[n, n]`` Hessian of the sample-weighted mean loss (only for small ``n``) over
     ``space`` (default: every trainable parameter, as :class:`HessianOperator` takes them)."""
     space = select_parameters(model) if space is None else space
-    batches = [cast_batch(batch, model_dtype(model)) for batch in batches]  # as the operator's
+    dtype = model_dtype(model)
+    batches = [cast_batch(batch, dtype) for batch in batches]  # as the operator casts them
     total = sum(len(y) for _, y in batches)
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:

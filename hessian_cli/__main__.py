@@ -1,3 +1,20 @@
-from hessian_cli.cli import main
+"""``python -m hessian_cli`` and the ``hessian-cli`` command: load the CLI, then run it."""
 
-main()
+import sys
+
+
+def main() -> None:
+    """Run the CLI. A Ctrl-C while it loads (typer, rich, the commands: the first ~0.3 s) ends
+    with the shell's status for SIGINT, as one later does, not with an import traceback."""
+    try:
+        from hessian_cli.cli.app import load_commands
+        from hessian_cli.cli.app import main as run
+
+        load_commands()
+    except KeyboardInterrupt:
+        sys.exit(130)  # the shell's status for SIGINT, as the CLI's own INTERRUPTED_STATUS
+    run()
+
+
+if __name__ == "__main__":
+    main()

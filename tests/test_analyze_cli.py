@@ -1199,6 +1199,27 @@ def test_an_interrupted_series_keeps_what_it_analysed(
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
 
 
+def test_ctrl_c_before_the_first_result_says_nothing_was_written(
+    capsys, tmp_path, digits_mlp, monkeypatch
+):
+    """An existing --out stays as it was, and the run says so (it ended silently before)."""
+    from hessian_cli import analyze as analyze_module
+
+    out_h5 = tmp_path / "kept.h5"
+    assert run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)[0] == 0
+    before = out_h5.read_bytes()
+
+    def stops(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze_module, "analyze_checkpoint", stops)
+    code, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
+    assert code == 130
+    assert err.strip() == "interrupted: nothing was written."
+    assert out == ""
+    assert out_h5.read_bytes() == before
+
+
 def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

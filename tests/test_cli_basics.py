@@ -1,5 +1,9 @@
+import importlib
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from hessian_cli import __version__
 
@@ -37,6 +41,46 @@ def test_help_and_version_do_not_load_the_numerical_stack():
     ).stdout
     assert "Eigen-SAM" in out  # the help texts were printed
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+    import hessian_cli.__main__ as entry
+
+    app = importlib.import_module("hessian_cli.cli.app")  # the package's `app` is the Typer app
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "load_commands", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        entry.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_inside_numpys_import_stops_the_command(tmp_path):
+    """torch's C initialisation imports numpy and swallows what that raises: a Ctrl-C there let
+    the analysis run on to exit 0 (and a later numpy use could fail on the half-made module)."""
+    script = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    fired = False\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'numpy.linalg' and not Interrupt.fired:\n"
+        "            Interrupt.fired = True\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['hessian-cli', 'analyze', sys.argv[1], '--top-k', '1']\n"
+        "from hessian_cli.__main__ import main\n"
+        "main()\n"
+    )
+    checkpoint = Path(__file__).parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True
+    )
+    assert done.returncode == 130
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
 
 
 def test_eigensam_names_load_on_first_use():

@@ -11,6 +11,7 @@ from hessian_cli.cli.app import (
     INTERRUPTED_STATUS,
     app,
     err_console,
+    import_torch,
     print_json,
     results_console,
 )
@@ -173,6 +174,7 @@ def analyze(
 ) -> None:
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
+    import_torch()
     from hessian_cli.analyze import AnalyzeRequest, SeriesStopped, analyze_target
     from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.presentation.tables import (
@@ -256,6 +258,10 @@ def analyze(
             results, stopped = analyze_target(target, request, progress), None
         except SeriesStopped as exc:  # keep what was done: shown and written, then the error
             results, stopped = exc.results, exc
+        except KeyboardInterrupt:  # before the first result (after it: SeriesStopped)
+            if lead:
+                err_console.print("interrupted: nothing was written.", style="yellow")
+            raise typer.Exit(INTERRUPTED_STATUS) from None
     reports = [analysis_to_dict(r) for r in results]
     # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
     if lead and as_json:

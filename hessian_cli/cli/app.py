@@ -74,7 +74,8 @@ def _root(
     state.debug = debug
 
 
-def _register_commands() -> None:
+def load_commands() -> None:
+    """Import the commands (typer, rich), which registers them on ``app``."""
     from hessian_cli.cli import commands  # noqa: F401  (registers commands on `app`)
 
 
@@ -174,6 +175,14 @@ def signal_handled(signum: int, handler: Callable[[int, FrameType | None], None]
         signal.signal(signum, previous)
 
 
+def import_torch() -> None:
+    """Import torch, numpy first. torch's C initialisation imports numpy itself and swallows any
+    error there, a Ctrl-C included: the command then ran on as if never interrupted (exit 0), or
+    failed later on numpy's half-made module. Imported first, numpy's Ctrl-C stops the command."""
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+
 def _leave_now(code: int) -> None:
     """Exit without Python's teardown (the command's own clean-up ran while its exception
     unwound): under torchrun that teardown waits for peers that may be gone or stuck."""
@@ -190,10 +199,11 @@ def main() -> None:
     a user error). Under torchrun the process first joins the process group (torch is imported
     only then, to keep startup fast) and leaves it with the other ranks, unless it failed alone.
     """
-    _register_commands()
+    load_commands()
     torchrun = launched_by_torchrun()
     try:
         if torchrun:
+            import_torch()
             from hessian_cli.engine import distributed
 
             distributed.init_from_env()
@@ -205,6 +215,8 @@ def main() -> None:
         said = str(exc) or "stopped: the process received SIGTERM."
         err_console.print(f"{rank}{said}", style="dim", highlight=False, soft_wrap=True)
         _leave_now(TERMINATED_STATUS)  # the job is being stopped: its barrier would wait
+    except KeyboardInterrupt:  # while Typer builds the commands, before it takes Ctrl-C as 130
+        sys.exit(INTERRUPTED_STATUS)
     except Exception as exc:
         code = _report(exc)  # with --debug, the traceback; the exit status is the same
         if _fails_alone(exc):

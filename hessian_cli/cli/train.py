@@ -43,6 +43,7 @@ from hessian_cli.cli.app import (
     TERMINATED_STATUS,
     app,
     err_console,
+    import_torch,
     signal_handled,
 )
 from hessian_cli.cli.options import command_line, named_path, parse_model_kwargs
@@ -184,6 +185,7 @@ def train_command(
     }
     set_options = {k: v for k, v in given.items() if v is not None}
     # The loop (torch) is imported here, not at the top: --help stays instant.
+    import_torch()
     from eigensam.training import train
     from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.specs.data import check_root_options

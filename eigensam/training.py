@@ -38,6 +38,7 @@ from eigensam.config import TrainConfig, load_config, require
 from eigensam.determinism import DataOrder
 from eigensam.eigen_sam import EigenSAM
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
+from eigensam.refresh import DEFAULT_TOL as REFRESH_TOL
 from eigensam.resume import (
     FILE_FIELDS,
     RunPosition,
@@ -58,6 +59,7 @@ from eigensam.run_dir import (
 )
 from eigensam.sam import SAM
 from eigensam.tracking import (
+    TRACK_TOL,
     LambdaMaxTracker,
     accuracy,
     correct_count,
@@ -234,7 +236,12 @@ class _Run:
         self.step, self.epoch, self.batch = position.step, position.epoch, position.batch
         self.epoch_sums = position.epoch_sums
         self.tracker.vector, self.tracker.lambda_max = position.track_vector, position.lambda_max
-        self.metrics = MetricsLog(run_dir / METRICS_FILE, config.identity(), command_line)
+        self.metrics = MetricsLog(
+            run_dir / METRICS_FILE,
+            config.identity(),
+            command_line,
+            tolerances={"refresh": REFRESH_TOL, "track": TRACK_TOL},
+        )
         if resume:
             try:
                 # A run restarted from step 0 (no checkpoint) measures its step 0 again: the

@@ -511,6 +511,43 @@ def test_a_damaged_group_is_named_and_never_appended_to(full, tmp_path):
     assert path.read_bytes() == before
 
 
+def damage_header(path, name: str) -> None:
+    """Overwrite the start of object ``name``'s header: h5py can no longer open it."""
+    with h5py.File(path, "r") as f:
+        address = h5py.h5o.get_info(f[name].id).addr
+    data = bytearray(path.read_bytes())
+    data[address : address + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["checkpoints/b", "checkpoints/b/trace"])
+def test_an_object_that_cannot_be_opened_is_refused_not_left_out(full, tmp_path, damaged):
+    """h5py's items() and get() give None for it: show and plot dropped the checkpoint (or read
+    its trace as never estimated) and exited 0."""
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [variant(full, "a", 1), variant(full, "b", 2)], command_line="x")
+    damage_header(path, damaged)
+    with pytest.raises(UserError, match="its checkpoint group 'b' is damaged"):
+        read_analyses(path)
+    for args in (["show"], ["show", "--json"], ["plot", "-o", str(tmp_path / "fig.png")]):
+        result = _cli(*args, str(path))
+        assert isinstance(result.exception, UserError), (args, result.output)
+
+
+def test_a_metrics_column_that_cannot_be_opened_is_refused_not_left_out(tmp_path):
+    from hessian_cli.storage import read_metrics
+
+    path = tmp_path / "metrics.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "hessian-cli-metrics"
+        f.attrs["format_version"] = 1
+        f["steps/step"], f["steps/loss"] = np.arange(6), np.ones(6)
+        f["epochs/epoch"], f["epochs/test_loss"] = np.arange(2), np.ones(2)
+    damage_header(path, "epochs/test_loss")
+    with pytest.raises(UserError, match="damaged"):
+        read_metrics(path)
+
+
 def test_groups_missing_from_the_series_list_follow_their_steps(full, tmp_path):
     path = tmp_path / "spectra.h5"
     steps = (1, 10, 2, 100)

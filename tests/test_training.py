@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from eigensam.refresh import DEFAULT_TOL as REFRESH_TOL
+from eigensam.tracking import TRACK_TOL
 from eigensam.training import (
     EpochDone,
     RunStarted,
@@ -27,6 +29,7 @@ from hessian_cli.engine.distributed import PeerLost
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import load_checkpoint
 from hessian_cli.storage import read_metrics
+from hessian_cli.storage.metrics import COLUMNS
 
 # 96 samples in batches of 16: 6 steps per epoch, 18 in 3 epochs.
 DATA = "synthetic:16:3:96"
@@ -150,10 +153,14 @@ def test_metrics_file_layout(tmp_path):
         )
         assert json.loads(f.attrs["config"])["optimizer"] == "eigensam"
         assert set(f) == {"steps", "epochs", "refresh", "track"}
-        for group in f.values():
+        for name, group in f.items():
             lengths = {len(ds) for ds in group.values()}
             assert len(lengths) == 1
             assert all(ds.maxshape == (None,) for ds in group.values())
+            assert list(group) == list(COLUMNS[name])  # in the documented order, not a-z
+        # What the curvature rows' residuals are to be read against.
+        assert f["refresh"].attrs["tol"] == REFRESH_TOL and f["track"].attrs["tol"] == TRACK_TOL
+        assert "tol" not in f["steps"].attrs
     m = read_metrics(tmp_path / "run" / "metrics.h5")
     assert m["steps"]["step"].tolist() == list(range(total))
     lr = m["steps"]["lr"]

@@ -367,16 +367,28 @@ def _by_step(f: h5py.File, names: list[str]) -> list[str]:
     return [name for _, name in sorted(enumerate(names), key=key)]
 
 
+def _is_group(parent: h5py.Group, name: str) -> bool:
+    """Whether ``parent[name]`` is a group, or an object that cannot be opened (a damaged
+    header), which reading then refuses: h5py's ``items()`` and ``get`` give None for it, and the
+    checkpoint dropped out of ``show`` and ``plot`` unsaid."""
+    try:
+        return isinstance(parent[name], h5py.Group)
+    except DAMAGED:
+        return True
+
+
+def _member(group: h5py.Group, name: str) -> h5py.HLObject | None:
+    """``group[name]``, None where there is no such name; an object there that cannot be opened
+    raises (``get`` said None: a damaged trace read as no trace)."""
+    return group[name] if name in group else None
+
+
 def _stored_order(f: h5py.File) -> list[str]:
     """The ``series`` list, then any group it misses (older or foreign writers) by step, then
     name. What is not a group there (a dataset another tool added) is not a checkpoint, and is
     ignored."""
     held = f.get("checkpoints")
-    groups = (
-        [n for n, g in held.items() if isinstance(g, h5py.Group)]
-        if isinstance(held, h5py.Group)
-        else []
-    )
+    groups = [n for n in held if _is_group(held, n)] if isinstance(held, h5py.Group) else []
     listed = [n for n in f["series"].asstr()[()] if n in groups] if "series" in f else []
     listed = list(dict.fromkeys(listed))  # a name listed twice is still one checkpoint
     return listed + _by_step(f, sorted(set(groups) - set(listed)))
@@ -590,7 +602,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),
         }
-    if isinstance(t := g.get("trace"), h5py.Dataset | h5py.Group):
+    if isinstance(t := _member(g, "trace"), h5py.Dataset | h5py.Group):
         a = t.attrs
         trace = {
             # format version 1 kept the estimate as an attribute of a `trace` group
@@ -604,7 +616,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "sketch_trace": number(a.get("sketch_trace")),
             "num_samples": _int(a.get("num_samples")),
         }
-    if isinstance(dn := g.get("density"), h5py.Group):
+    if isinstance(dn := _member(g, "density"), h5py.Group):
         a = dn.attrs
         density = {key: _array(dn, key, []) for key in _DENSITY_ARRAYS}
         for x, y in (("nodes", "weights"), ("grid", "values")):  # read (and drawn) as pairs
@@ -618,7 +630,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "hvps": _int(a.get("hvps")),
             "seconds": number(a.get("seconds")),
         }
-    if isinstance(al := g.get("alignment"), h5py.Group):
+    if isinstance(al := _member(g, "alignment"), h5py.Group):
         a = al.attrs
         minibatch = _array(al, "minibatch", [])
         if minibatch and np.ndim(minibatch) != 2:  # rows of batches; none: stored as []

@@ -19,6 +19,9 @@ extendible datasets (columns), rows in step order; a group with no rows is left 
 - ``track`` (``--track-every``): ``step``, ``lambda_max``, ``residual``, ``hvps`` of the fixed
   held-out batch's Hessian at the weights after ``step`` updates.
 
+``refresh`` and ``track`` have a ``tol`` attribute (files written before 2026-11-30 do not): a
+row whose ``residual`` is at most ``tol`` converged; one above it stopped at its solve's budget.
+
 Accuracy is NaN for regression. Rows live in memory and every :meth:`MetricsLog.flush` rewrites
 the whole file through a temporary file and a rename, so an interruption (Ctrl-C, a crash, a full
 disk) leaves either the previous file or the new one, never a damaged one. Reading is
@@ -87,10 +90,18 @@ COLUMNS: dict[str, dict[str, type]] = {
 class MetricsLog:
     """Rows of every group, kept in memory and written out whole by :meth:`flush`."""
 
-    def __init__(self, path: Path, config: dict[str, Any], command_line: str = "") -> None:
+    def __init__(
+        self,
+        path: Path,
+        config: dict[str, Any],
+        command_line: str = "",
+        tolerances: dict[str, float] | None = None,
+    ) -> None:
         self.path = path
         self.config = config
         self.command_line = command_line
+        # A group's `tol` attribute: the relative residual its rows' solves aimed for.
+        self.tolerances = tolerances or {}
         self.created = _now()
         self.rows: dict[str, list[tuple[float, ...]]] = {group: [] for group in COLUMNS}
         # What a resumed file holds that this version does not write (a newer version's, or
@@ -179,7 +190,9 @@ class MetricsLog:
                 rows = self.rows[group]
                 if not rows:  # e.g. no refreshes for SAM: the group is absent, not empty
                     continue
-                g = f.create_group(group)
+                g = f.create_group(group, track_order=True)  # columns read in this order
+                if group in self.tolerances:
+                    g.attrs["tol"] = self.tolerances[group]
                 for i, (name, dtype) in enumerate(columns.items()):
                     values = np.asarray([row[i] for row in rows], dtype=dtype)
                     g.create_dataset(
@@ -215,14 +228,16 @@ def read_metrics_file(
     train wrote) from one opening, so that a run appending in between cannot make them
     disagree."""
     with open_format(path, METRICS_FORMAT_NAME, "metrics") as f:
+        # Indexed, not items(): h5py's items() gives None for an object it cannot open (a
+        # damaged header), and a damaged group or column dropped out of show and plot unsaid.
         metrics = {
             name: {
-                col: np.asarray(ds[()])
-                for col, ds in group.items()
-                if isinstance(ds, h5py.Dataset) and ds.dtype.kind in "biuf"
+                col: np.asarray(group[col][()])
+                for col in group
+                if isinstance(group[col], h5py.Dataset) and group[col].dtype.kind in "biuf"
             }
-            for name, group in f.items()
-            if isinstance(group, h5py.Group)
+            for name in f
+            if isinstance(group := f[name], h5py.Group)
         }
         for name, columns in metrics.items():
             _check_rows(name, columns)

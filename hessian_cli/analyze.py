@@ -528,7 +528,7 @@ def _provenance(
 ) -> dict[str, Any]:
     """Where an analysis' numbers came from and what they cost (HDF5 attributes, ``--json``)."""
     return {
-        "checkpoint": str(ckpt.path),
+        "checkpoint": str(ckpt.path.absolute()),  # read later from anywhere (links kept)
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
         "model": s.model_spec,

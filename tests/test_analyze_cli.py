@@ -89,6 +89,14 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert code == 0 and "Eigenvalues" in out and "converged" in out
 
 
+def test_the_checkpoint_path_recorded_is_absolute(capsys, digits_mlp, monkeypatch):
+    """A relative path, recorded as given, pointed nowhere once read from another directory."""
+    monkeypatch.chdir(digits_mlp.parent)
+    code, out, _ = run(capsys, "analyze", digits_mlp.name, "--top-k", "1", "--json")
+    assert code == 0
+    assert json.loads(out)["provenance"]["checkpoint"] == str(digits_mlp.absolute())
+
+
 @pytest.mark.parametrize("method, samples", [("hutch++", 20), ("hutchinson", 60)])
 def test_trace_method_is_chosen_and_within_its_error_of_the_dense_trace(
     capsys, digits_mlp, method, samples

@@ -404,6 +404,22 @@ main()
 """
 
 
+def test_an_append_removes_the_copy_a_killed_writer_of_the_file_left(full, tmp_path):
+    """kill -9 during an append leaves the original intact and a copy as large as it, which
+    every later append left there."""
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [variant(full, "a", 1)], command_line="x")
+    killed = tmp_path / ".spectra.h5.0123456789ab.tmp"  # atomic_path's name for it
+    killed.write_bytes(path.read_bytes())
+    others = [tmp_path / ".other.h5.0123456789ab.tmp", tmp_path / ".spectra.h5.notours.tmp"]
+    for other in others:
+        other.write_bytes(b"another file's")
+    write_analyses(path, [variant(full, "b", 2)], command_line="y")
+    assert not killed.exists()
+    assert all(other.exists() for other in others)
+    assert group_names(path) == ["a", "b"]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file size limits")
 @pytest.mark.parametrize("command", ["train", "analyze"])
 def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, command):

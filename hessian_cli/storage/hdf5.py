@@ -33,6 +33,7 @@ from hessian_cli.storage.files import (
     locked,
     open_format,
     open_hdf5,
+    remove_temporaries,
     signals_deferred,
 )
 
@@ -73,6 +74,8 @@ def write_analyses(
     # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place;
     # waiting for another writer's lock, it takes effect at once.
     with locked(path), signals_deferred(signal.SIGTERM, signal.SIGINT):
+        # A writer of this file killed outright (kill -9) left its copy, as large as the file.
+        remove_temporaries(path.parent, re.escape(path.name))
         exists = path.exists()  # after the lock: another writer may have just created it
         with hdf5_written(
             path, append=exists, adding=_bytes_to_add(analyses, save_eigenvectors)

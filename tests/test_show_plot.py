@@ -159,13 +159,37 @@ def test_a_regression_run_has_no_accuracy_panel():
         "steps": {"step": np.arange(3), "loss": np.ones(3), "accuracy": nan},
         "epochs": {"epoch": np.arange(1, 4), "train_loss": np.ones(3), "train_accuracy": nan},
     }
-    titles = [ax.get_title() for ax in metrics_figure(regression).axes]
-    assert titles == ["Loss"]
+    titles = [ax.get_title() for ax in metrics_figure(regression).axes if ax.get_visible()]
+    assert titles == ["Loss", "Loss per epoch"]
     # show: a dash, as the spectra tables show a missing number, not "nan"
     from hessian_cli.presentation.tables import columns_table
 
     table = columns_table("Epochs", regression["epochs"])
     assert list(table.columns[2].cells) == ["—"] * 3
+
+
+def test_the_epochs_test_loss_is_drawn_beside_the_per_step_loss():
+    """Epoch rows have no step to place them among the steps: the test loss was never drawn
+    where per-step losses were recorded, which train always records."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    metrics = {
+        "steps": {"step": np.arange(6), "loss": np.linspace(2, 1, 6)},
+        "epochs": {
+            "epoch": np.arange(1, 3),
+            "train_loss": np.array([1.5, 1.1]),
+            "test_loss": np.array([1.7, 1.3]),
+        },
+    }
+    axes = {ax.get_title(): ax for ax in metrics_figure(metrics).axes if ax.get_visible()}
+    assert list(axes) == ["Loss", "Loss per epoch"]
+    lines = {line.get_label(): line for line in axes["Loss per epoch"].get_lines()}
+    assert list(lines["test"].get_ydata()) == [1.7, 1.3]
+    assert list(lines["test"].get_xdata()) == [1, 2]
+    assert all(ax.get_ylabel() == "loss" for ax in axes.values())
+    # Epochs alone: one panel, "Loss", as before.
+    only = metrics_figure({"epochs": metrics["epochs"]})
+    assert [ax.get_title() for ax in only.axes if ax.get_visible()] == ["Loss"]
 
 
 def test_a_two_dimensional_loss_column_shows_as_json_does(files, tmp_path):

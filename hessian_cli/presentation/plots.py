@@ -273,13 +273,26 @@ def _epoch_axis(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _loss_axis(ax: Axes, title: str) -> None:
+    """Title, label and legend of a loss panel, on a log scale where every loss is positive."""
+    if all((np.asarray(line.get_ydata()) > 0).all() for line in ax.get_lines()):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_ylabel("loss")
+    ax.legend(fontsize="small")
+
+
 def metrics_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     """Training curves: loss, accuracy, lambda_max and alignment, where recorded."""
     steps, epochs = metrics.get("steps") or {}, metrics.get("epochs") or {}
     refresh, track = metrics.get("refresh") or {}, metrics.get("track") or {}
     panels = []
-    if _recorded(steps, "loss") or _recorded(epochs, "train_loss", "test_loss"):
+    if _recorded(steps, "loss"):
         panels.append("loss")
+    # Epoch rows hold no step to place them on the steps' axis: a panel of their own (the
+    # test loss was not drawn where per-step losses were).
+    if _recorded(epochs, "train_loss", "test_loss"):
+        panels.append("epoch loss")
     if _recorded(steps, "accuracy") or _recorded(epochs, "train_accuracy", "test_accuracy"):
         panels.append("accuracy")
     if _recorded(track, "lambda_max") or _recorded(refresh, "eigenvalue"):
@@ -291,17 +304,14 @@ def metrics_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     fig, axes = _figure(len(panels))
     ax_of = dict(zip(panels, axes, strict=True))
     if ax := ax_of.get("loss"):
-        by_step = _curve(ax, steps, "step", "loss", lw=0.8, alpha=0.7, label="train (per step)")
-        if by_step:
-            ax.set_xlabel("step")
-        else:
-            _curve(ax, epochs, "epoch", "train_loss", marker="o", label="train")
-            _curve(ax, epochs, "epoch", "test_loss", marker="o", label="test")
-            _epoch_axis(ax)
-        if all((line.get_ydata() > 0).all() for line in ax.get_lines()):
-            ax.set_yscale("log")
-        ax.set_title("Loss")
-        ax.legend(fontsize="small")
+        _curve(ax, steps, "step", "loss", lw=0.8, alpha=0.7, label="train (per step)")
+        ax.set_xlabel("step")
+        _loss_axis(ax, "Loss")
+    if ax := ax_of.get("epoch loss"):
+        _curve(ax, epochs, "epoch", "train_loss", marker="o", label="train")
+        _curve(ax, epochs, "epoch", "test_loss", marker="o", label="test")
+        _epoch_axis(ax)
+        _loss_axis(ax, "Loss per epoch" if "loss" in ax_of else "Loss")
     if ax := ax_of.get("accuracy"):
         train = _curve(ax, epochs, "epoch", "train_accuracy", marker="o", label="train")
         test = _curve(ax, epochs, "epoch", "test_accuracy", marker="o", label="test")
@@ -311,11 +321,13 @@ def metrics_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
             _curve(ax, steps, "step", "accuracy", lw=0.8, label="train (per step)")
             ax.set_xlabel("step")
         ax.set_title("Accuracy")
+        ax.set_ylabel("accuracy")
         ax.legend(fontsize="small")
     if ax := ax_of.get("curvature"):
         _curve(ax, track, "step", "lambda_max", marker=".", label="λ_max (tracked)")
         _curve(ax, refresh, "step", "eigenvalue", ls="", marker="x", label="λ1 at refresh")
         ax.set_xlabel("step")
+        ax.set_ylabel("eigenvalue")
         ax.set_title("Top Hessian eigenvalue")
         ax.legend(fontsize="small")
     if ax := ax_of.get("alignment"):

@@ -338,9 +338,10 @@ def test_a_metrics_summary_counts_its_rows_in_words():
     assert "1 epoch, 1 refresh" in text and "3 steps, 2 refreshes" in text  # "1 epochs" before
 
 
-def test_checkpoints_of_different_models_in_one_file_are_not_drawn_as_a_trajectory():
+def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     """Unrelated checkpoints appended to one file were joined by lines as one training run,
-    and the table did not say which model a row was."""
+    and the table did not say which model a row was; then drawn as points no one could tell
+    apart. Each model is now a trajectory of its own, with a marker the legend names."""
     eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
     ds = [
         {"name": name, "provenance": {"model": model, "num_params": n}, "eigen": eigen}
@@ -350,12 +351,32 @@ def test_checkpoints_of_different_models_in_one_file_are_not_drawn_as_a_trajecto
     assert str(table.columns[3].header) == "model"
     assert list(table.columns[3].cells) == ["mlp (2,410)", "cnn (1,418)", "mlp (2,410)"]
     fig = spectra_figure(ds)
-    assert fig.get_suptitle() == "2 different models or parameter sets (points are not joined)"
-    assert all(line.get_linestyle() == "None" for line in fig.axes[0].get_lines())
+    assert fig.get_suptitle() == "2 models or parameter sets, each with its own marker"
+    drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
+    assert [(line.get_marker(), list(line.get_ydata())) for line in drawn] == [
+        ("o", [2.0, 2.0]),  # a and c, the mlp, joined
+        ("s", [2.0]),  # b, the cnn
+    ]
+    assert drawn[0].get_linestyle() == "-"
+    named = {h.get_marker(): h.get_label() for h in fig.legends[0].legend_handles}
+    assert named == {"o": "mlp (2,410)", "s": "cnn (1,418)"}
     same = [{**d, "provenance": {"model": "mlp", "num_params": 2410}} for d in ds]
     same[1]["provenance"] = {}  # another tool's checkpoint, or an older file's: counts as any
     assert "model" not in [str(c.header) for c in series_table(same).columns]
     assert spectra_figure(same).axes[0].get_lines()[0].get_linestyle() == "-"
+
+
+def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
+    eigen = {
+        "which": "both",
+        "eigenvalues": [5.0, 4.0, -0.5, -1.0],
+        "residuals": [1e-5] * 4,
+        "converged": [1] * 4,
+        "tol": 1e-4,
+    }
+    ax = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}]).axes[0]
+    grey = [list(line.get_ydata()) for line in ax.get_lines() if line.get_color() == "0.6"]
+    assert grey == [[5.0, 4.0], [-0.5, -1.0]]
 
 
 def test_a_series_plot_marks_unconverged_pairs_only_where_there_are_some():

@@ -16,10 +16,17 @@ import h5py
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from hessian_cli.errors import UserError
-from hessian_cli.presentation.tables import counted, eigen_labels, model_count
+from hessian_cli.presentation.tables import (
+    counted,
+    eigen_labels,
+    model_cell,
+    model_count,
+    model_key,
+)
 from hessian_cli.storage.files import atomic_path
 
 DPI = 120
@@ -108,7 +115,10 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     values = _arr(e["eigenvalues"])
     ok = np.array(e["converged"], dtype=bool)
     idx = np.arange(1, len(values) + 1)
-    ax.plot(idx, values, color="0.6", lw=0.8)
+    # With both ends, the largest and the smallest are two runs: no line across the gap.
+    ends = [slice(None, len(values) // 2), slice(len(values) // 2, None)]
+    for part in ends if e.get("which") == "both" else [slice(None)]:
+        ax.plot(idx[part], values[part], color="0.6", lw=0.8)
     if ok.any():  # no legend entry for markers that are not there
         ax.plot(idx[ok], values[ok], "o", color="C0", label="converged")
     if (~ok).any():
@@ -159,6 +169,29 @@ def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
     return np.arange(1, len(ds) + 1, dtype=float), "checkpoint (file order)"
 
 
+# Markers that tell apart the models (or parameter sets) of one file's checkpoints.
+_MODEL_MARKERS = "osD^v<>ph*"
+
+
+def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str, str | None]]:
+    """The checkpoints' positions per model, each drawn as a trajectory of its own: positions,
+    marker and the model's legend label (None where the file holds one model)."""
+    if model_count(ds) == 1:
+        return [(np.arange(len(ds)), "o", None)]
+    keys = [model_key(d) for d in ds]
+    groups = list(dict.fromkeys(keys))
+    return [
+        (
+            np.array([i for i, k in enumerate(keys) if k == key]),
+            _MODEL_MARKERS[n % len(_MODEL_MARKERS)],
+            "model not recorded"
+            if key is None
+            else _literal(model_cell(ds[keys.index(key)]["provenance"])),
+        )
+        for n, key in enumerate(groups)
+    ]
+
+
 def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     x, xlabel = _x_axis(ds)
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
@@ -169,12 +202,11 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if not k and not has_trace:
         raise UserError("The file holds no eigenvalues or traces to plot.")
     fig, axes = _figure(bool(k) + has_trace + has_alignment)
-    # Checkpoints of different models (or parameter sets) appended to one file are no
-    # trajectory: points, no lines. Two runs of one model are not told apart.
-    models = model_count(ds)
-    style = "o-" if models == 1 else "o"
-    if models > 1:
-        fig.suptitle(f"{models} different models or parameter sets (points are not joined)")
+    # Checkpoints of different models (or parameter sets) appended to one file: a trajectory
+    # and a marker for each (they were drawn as one). Two runs of one model are one trajectory.
+    runs = [(at[np.argsort(x[at], kind="stable")], m, lab) for at, m, lab in _trajectories(ds)]
+    if len(runs) > 1:
+        fig.suptitle(f"{len(runs)} models or parameter sets, each with its own marker")
     panels = iter(axes)
     if k:
         ax = next(panels)
@@ -187,7 +219,9 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
                 if e and i < len(e["eigenvalues"]) and e["eigenvalues"][i] is not None:
                     lam[j] = e["eigenvalues"][i]
                     bad[j] = not e["converged"][i]
-            ax.plot(x, lam, style, ms=3, color=f"C{i % 10}", label=labels[i])
+            for n, (at, marker, _) in enumerate(runs):
+                label = labels[i] if n == 0 else None
+                ax.plot(x[at], lam[at], marker=marker, ms=3, color=f"C{i % 10}", label=label)
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
             any_bad |= bool(bad.any())
         title = (
@@ -202,8 +236,9 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if has_trace:
         ax = next(panels)
         est = _arr([(d.get("trace") or {}).get("estimate") for d in ds])
-        err = _arr([(d.get("trace") or {}).get("stderr") for d in ds])
-        ax.errorbar(x, est, yerr=np.nan_to_num(err), fmt=style, ms=3, capsize=3, color="C4")
+        err = np.nan_to_num(_arr([(d.get("trace") or {}).get("stderr") for d in ds]))
+        for at, marker, _ in runs:
+            ax.errorbar(x[at], est[at], yerr=err[at], marker=marker, ms=3, capsize=3, color="C4")
         ax.set_title("Hessian trace (± std. error)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("trace")
@@ -211,12 +246,29 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax = next(panels)
         first = _arr([((d.get("alignment") or {}).get("alignment") or [None])[0] for d in ds])
         sub = _arr([(d.get("alignment") or {}).get("subspace_alignment") for d in ds])
-        ax.plot(x, first, style, ms=3, label="|<ĝ, v1>|")
-        ax.plot(x, sub, style.replace("o", "s"), ms=3, label="||Vᵀĝ||")
+        for n, (at, marker, _) in enumerate(runs):
+            ax.plot(
+                x[at], first[at], marker=marker, ms=3, color="C0", label=None if n else "|<ĝ, v1>|"
+            )
+            ax.plot(
+                x[at],
+                sub[at],
+                marker=marker,
+                ms=3,
+                ls="--",
+                color="C1",
+                label=None if n else "||Vᵀĝ||",
+            )
         ax.set_ylim(0, 1.05)
         ax.set_title("SAM alignment of the gradient")
         ax.set_xlabel(xlabel)
         ax.legend(fontsize="small")
+    if len(runs) > 1:  # which marker is which model, below the panels
+        handles = [
+            Line2D([], [], color="black", marker=marker, ls="", label=label)
+            for _, marker, label in runs
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3))
     for ax in axes:  # steps, epochs and file order are whole numbers
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig

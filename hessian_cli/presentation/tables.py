@@ -317,7 +317,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             escape(str(d.get("name"))),  # a name, not markup: net[red].pt
             str(prov.get("step", DASH)),
             str(prov.get("epoch", DASH)),
-            *([escape(_model_cell(prov))] if models else []),
+            *([escape(model_cell(prov))] if models else []),
             *([e.get("which") or DASH] if mixed else []),
             *cells,
             _g(t["estimate"], ".5g")
@@ -335,15 +335,20 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
+def model_key(d: Mapping[str, Any]) -> tuple[Any, Any] | None:
+    """The model a checkpoint's analysis is of: model spec and parameter count, where its file
+    records both (None: other files' checkpoints, which count as any)."""
+    prov = d.get("provenance") or {}
+    return (prov["model"], prov["num_params"]) if "model" in prov and "num_params" in prov else None
+
+
 def model_count(ds: Sequence[Mapping[str, Any]]) -> int:
-    """How many models the checkpoints are of, by model spec and parameter count (where a file
-    records both: other files' checkpoints count as any)."""
-    provs = [d.get("provenance") or {} for d in ds]
-    known = {(p["model"], p["num_params"]) for p in provs if "model" in p and "num_params" in p}
-    return max(len(known), 1)
+    """How many models the checkpoints are of (see :func:`model_key`)."""
+    return max(len({model_key(d) for d in ds} - {None}), 1)
 
 
-def _model_cell(prov: Mapping[str, Any]) -> str:
+def model_cell(prov: Mapping[str, Any]) -> str:
+    """A model as the tables name it: its spec and analysed parameter count."""
     return f"{prov.get('model', DASH)} ({_int(prov.get('num_params'))})"
 
 

@@ -15,7 +15,14 @@ from hessian_cli.cli.app import (
     print_json,
     results_console,
 )
-from hessian_cli.cli.options import command_line, named_path, parse_model_kwargs, refuse_unused
+from hessian_cli.cli.options import (
+    DATA_HELP,
+    MODEL_HELP,
+    command_line,
+    named_path,
+    parse_model_kwargs,
+    refuse_unused,
+)
 from hessian_cli.errors import Terminated
 
 EXIT_UNCONVERGED = 3
@@ -31,7 +38,7 @@ def analyze(
         None,
         "--model",
         "-m",
-        help="mlp, cnn, resnet20/32/56, torchvision:NAME, file.py:factory or package.module:factory. Default: from the checkpoint.",
+        help=f"{MODEL_HELP} Default: from the checkpoint.",
     ),
     model_kwargs: str | None = typer.Option(
         None, "--model-kwargs", help="JSON object of keyword arguments for the model factory."
@@ -40,7 +47,7 @@ def analyze(
         None,
         "--data",
         "-d",
-        help="digits, synthetic:3x32x32, cifar10/cifar100/mnist/fashion-mnist/svhn, x/y file (.npz/.pt/.h5) or module:factory. Default: from the checkpoint.",
+        help=f"{DATA_HELP} Default: from the checkpoint.",
     ),
     data_root: str | None = typer.Option(
         None, "--data-root", help="Folder holding torchvision datasets."

@@ -12,6 +12,19 @@ import typer
 
 from hessian_cli.errors import UserError
 
+# The --model and --data help of analyze and train, in words Rich can wrap at 80 columns (a
+# run of names joined by slashes was cut off there).
+MODEL_HELP = (
+    "mlp, cnn, resnet20, resnet32, resnet56, torchvision:NAME, file.py:factory or "
+    "package.module:factory."
+)
+DATA_HELP = (
+    "digits, synthetic:CxHxW[:k[:n]], synthetic-regression:D[:k[:n]] (k classes or outputs, n "
+    "samples), "
+    "cifar10, cifar100, mnist, fashion-mnist, svhn (from --data-root), an x/y file (.npz, .pt, "
+    ".h5) or module:factory."
+)
+
 
 def command_line() -> str:
     """This invocation as a shell command, recorded in the files it writes."""

@@ -20,6 +20,7 @@ def plot(
     output_name: str = typer.Option(
         ...,
         "--output",
+        "--out",  # as analyze and train name theirs
         "-o",
         help="Where to write the figure; the suffix picks the format (.png, .pdf, .svg).",
     ),

@@ -46,7 +46,13 @@ from hessian_cli.cli.app import (
     import_torch,
     signal_handled,
 )
-from hessian_cli.cli.options import command_line, named_path, parse_model_kwargs
+from hessian_cli.cli.options import (
+    DATA_HELP,
+    MODEL_HELP,
+    command_line,
+    named_path,
+    parse_model_kwargs,
+)
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.launch import launched_by_torchrun
 from hessian_cli.presentation.training import epoch_line, epoch_table
@@ -65,23 +71,13 @@ _D = TrainConfig(model="", data="")  # the defaults, for the help text
 
 
 def _default(name: str) -> str:
-    return f" (default: {getattr(_D, name)})"
+    return f" \\[default: {getattr(_D, name)}]"  # as Typer shows analyze's (\\[: not markup)
 
 
 @app.command("train")
 def train_command(
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        help="Model spec: mlp, cnn, resnet20|32|56, torchvision:NAME, file.py:factory or "
-        "module:factory.",
-    ),
-    data: str | None = typer.Option(
-        None,
-        "--data",
-        help="Data spec: digits, synthetic:CxHxW[:classes[:count]], synthetic-regression:D, "
-        "cifar10|cifar100|mnist|fashion-mnist|svhn, a .npz/.pt/.h5 file, or module:factory.",
-    ),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     out_name: str | None = typer.Option(
         None, "--out", "-o", help="New run directory (an existing run is never overwritten)."
     ),
@@ -113,6 +109,7 @@ def train_command(
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
+        "-b",
         help="Minibatch size per process (under torchrun the global batch is this times the "
         "processes)." + _default("batch_size"),
     ),
@@ -151,14 +148,12 @@ def train_command(
         False, "--download", help="Fetch a torchvision dataset into --data-root if it is missing."
     ),
     loss: str | None = typer.Option(
-        None, "--loss", help="ce, mse or module:function (default: ce for class labels, else mse)."
+        None, "--loss", help="ce, mse or module:function. Default: ce for class labels, else mse."
     ),
     max_steps: int | None = typer.Option(
         None, "--max-steps", help="Stop (with a checkpoint) after this many global steps."
     ),
-    device: str = typer.Option(
-        "auto", "--device", help="auto, cpu or cuda (default: auto).", show_default=False
-    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""

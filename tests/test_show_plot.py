@@ -366,6 +366,30 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert spectra_figure(same).axes[0].get_lines()[0].get_linestyle() == "-"
 
 
+def test_a_table_of_both_ends_names_the_smallest_from_the_bottom():
+    """The smallest of --which both were rows #4, #5, #6: read as the 4th to 6th largest."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    eigen = {
+        "which": "both",
+        "eigenvalues": [5.0, 4.0, -1.0, -0.5],
+        "residuals": [1e-5] * 4,
+        "converged": [True] * 4,
+        "tol": 1e-4,
+    }
+    console = Console(width=200, record=True)
+    console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen}))
+    rows = [line.split("│") for line in console.export_text().splitlines() if "│" in line]
+    assert [(r[1].strip(), r[2].strip()) for r in rows if len(r) > 3] == [
+        ("λ1", "5"),
+        ("λ2", "4"),
+        ("λn", "-1"),
+        ("λn-1", "-0.5"),
+    ]
+
+
 def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
     eigen = {
         "which": "both",

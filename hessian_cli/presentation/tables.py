@@ -171,11 +171,15 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
     table.add_column("residual", justify="right")
     table.add_column("rel. error ≤", justify="right")
     table.add_column("converged?")
-    for i, (value, res, err, ok) in enumerate(
-        zip(values, e["residuals"], errors, e["converged"], strict=False), start=1
+    # λ1, λ2, ... and λn, λn-1, ...: with both ends, "#4" read as the 4th largest.
+    labels = eigen_labels({e.get("which")}, len(values))
+    for i, (label, value, res, err, ok) in enumerate(
+        zip(labels, values, e["residuals"], errors, e["converged"], strict=False)
     ):
+        if e.get("which") == "both" and i == len(values) // 2:
+            table.add_section()  # the smallest, below the largest
         status = "[green]yes[/]" if ok else NOT_CONVERGED
-        table.add_row(str(i), _g(value), _g(res, ".2e"), _g(err, ".2e"), status)
+        table.add_row(label, _g(value), _g(res, ".2e"), _g(err, ".2e"), status)
     return Group(table, Text(how, style="dim"))
 
 

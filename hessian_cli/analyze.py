@@ -356,6 +356,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         num_batches=request.num_batches,
         dtype=dtype,
         token_ids=token_ids,
+        # Where the data has a test split too, the analysis reads the training split only.
+        what="the data" if data.test is None else "the data's training split, which analyze reads,",
     )
     for batch in batches:  # the HVPs would blame the weights
         check_finite(batch, "data's")

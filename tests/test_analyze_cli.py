@@ -557,6 +557,15 @@ def _bad(capsys, *args) -> str:
     return one_sentence(err)
 
 
+def test_too_many_samples_names_the_split_analyze_reads(capsys, digits_mlp):
+    """The digits hold 1,797 samples: "the data has only 1300" read as a miscount."""
+    message = _bad(capsys, "analyze", digits_mlp, "--num-samples", "5000")
+    assert message == (
+        "error: asked for 5000 samples but the data's training split, which analyze reads, "
+        "has only 1300."
+    )
+
+
 def test_user_code_that_exits_or_misfits_is_one_sentence(capsys, tmp_path, digits_mlp):
     """sys.exit in user code used to end the command with the user's status (0: a run that
     did nothing); mismatched factory tensors and a model whose outputs are detached were

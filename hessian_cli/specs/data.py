@@ -506,11 +506,12 @@ def analysis_batches(
     num_batches: int | None = None,
     dtype: torch.dtype = torch.float32,
     token_ids: bool = False,
+    what: str = "the data",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first samples of ``dataset`` in order, as (x, y) batches (all of it if no count is given).
 
     x is cast as :func:`cast_inputs` says; integer labels stay int64, float targets are cast to
-    ``dtype``.
+    ``dtype``. ``what`` names ``dataset`` where a count is more than it holds.
     """
     if isinstance(dataset, DataLoader):
         dataset = dataset.dataset
@@ -530,14 +531,14 @@ def analysis_batches(
         total = num_batches * batch_size
         if total > available:
             raise UserError(
-                f"{num_batches} batches of {batch_size} need {total} samples but the data has only "
+                f"{num_batches} batches of {batch_size} need {total} samples but {what} has only "
                 f"{available}."
             )
     elif num_samples is not None:
         if num_samples <= 0:
             raise UserError(f"the number of samples must be positive, not {num_samples}.")
         if num_samples > available:
-            raise UserError(f"asked for {num_samples} samples but the data has only {available}.")
+            raise UserError(f"asked for {num_samples} samples but {what} has only {available}.")
         total = num_samples
     else:
         total = available

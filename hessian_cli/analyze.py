@@ -28,7 +28,7 @@ from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import check_density_memory, spectral_density
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
-from hessian_cli.engine.operator import HessianOperator, batch_statistics_error
+from hessian_cli.engine.operator import HessianOperator, batch_statistics_error, has_batchnorm
 from hessian_cli.engine.params import check_real
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
@@ -323,6 +323,11 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     )
     root = request.data_root or meta.get("data_root") or None
     device = resolve_device(request.device)
+    if request.precision == "tf32" and device.type != "cuda":
+        raise UserError(
+            f"--precision tf32 is a CUDA matrix format: on {device.type} it changes nothing; "
+            "use --precision full, or bf16."
+        )
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
     torch.manual_seed(request.seed)
 
@@ -380,6 +385,11 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
             token_ids=token_ids,
         )
         check_targets(loss_spec, minibatches, data.num_classes)
+    if request.bn == "train" and not has_batchnorm(model):
+        raise UserError(
+            "--bn train switches BatchNorm layers to batch statistics, and the model has none: "
+            "leave it out."
+        )
     if request.bn == "train":  # check_fits ran in eval mode
         _check_batch_statistics(model, min(batches + minibatches, key=lambda b: len(b[1])))
     return _Setup(

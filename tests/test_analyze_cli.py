@@ -855,9 +855,18 @@ def test_reduced_precision_is_opt_in_and_reports_its_accuracy(capsys, digits_mlp
         assert abs(a - b) <= 1e-2 * abs(b)
     # Alignment evaluates the loss at w + rho g_hat and then still needs products (the check of
     # reduced precision): that point must not disturb the weights the kept graph was built at.
-    code, out, err = run(capsys, *args, "--precision", "tf32", "--alignment")
+    code, out, err = run(capsys, *args, "--precision", "bf16", "--tol", "1e-2", "--alignment")
     assert code == 0, err
     assert json.loads(out)["alignment"]["sam_sharpness"] is not None
+
+
+def test_options_that_would_change_nothing_for_this_model_or_device_are_refused(capsys, digits_mlp):
+    """--bn train on a model without BatchNorm and --precision tf32 off CUDA ran as if given,
+    and the file recorded them."""
+    message = _bad(capsys, "analyze", digits_mlp, "--bn", "train", "--top-k", "1")
+    assert "the model has none" in message
+    message = _bad(capsys, "analyze", digits_mlp, "--precision", "tf32", "--device", "cpu")
+    assert message.startswith("error: --precision tf32 is a CUDA matrix format: on cpu")
 
 
 class Hostile:

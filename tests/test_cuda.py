@@ -167,8 +167,6 @@ def test_train_and_analyze_commands_run_on_cuda(tmp_path, device="cuda"):
                 "--tol",
                 "1e-8",
                 "--alignment",
-                "--bn",
-                "train",
             ],
         )
         assert analysed.exit_code == 0, analysed.output

@@ -48,7 +48,7 @@ def _values_set(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
                 params[name].copy_(value)
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
+def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` holds a BatchNorm layer, also as a scripted module (by its class name)."""
     return any(
         isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -65,7 +65,7 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
     the batch statistics but do not update their running statistics, so analysing a model never
     changes it.
     """
-    if bn == "train" and isinstance(model, torch.jit.ScriptModule) and _has_batchnorm(model):
+    if bn == "train" and isinstance(model, torch.jit.ScriptModule) and has_batchnorm(model):
         raise UserError(
             "The BatchNorm layers of a TorchScript module cannot be switched to batch "
             "statistics (--bn train); use the eager model, or running statistics (--bn eval)."
@@ -245,7 +245,7 @@ class HessianOperator:
             raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}.")
         x, y = cast_batch(batch, self._data_dtype)
         x, y = x.to(self.device), y.to(self.device)
-        if bn == "train" and len(y) == 1 and _has_batchnorm(self.model):
+        if bn == "train" and len(y) == 1 and has_batchnorm(self.model):
             if (why := batch_statistics_error(self.model, x)) is not None:
                 raise UserError(
                     f"A batch of one sample has no statistics for BatchNorm (bn='train'): "

@@ -33,7 +33,7 @@ from hessian_cli.engine.params import check_real
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
 from hessian_cli.engine.trace import stochastic_trace
-from hessian_cli.errors import Terminated, UserError
+from hessian_cli.errors import Terminated, UserError, described
 from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
     DataSource,
@@ -164,17 +164,26 @@ def analyze_target(
     for ckpt in loaded:
         try:
             result = analyze_checkpoint(ckpt, request, progress, init=init)
-        except (UserError, KeyboardInterrupt, Terminated) as exc:
+        except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
                 raise
-            interrupt = None if isinstance(exc, UserError) else exc
-            why = "interrupted" if interrupt is not None else str(exc).rstrip(".")
-            raise SeriesStopped(
-                f"{ckpt.path.name}: {why} (the {len(results)} checkpoint(s) before it were "
-                "analysed and are kept).",
-                results,
-                interrupt,
-            ) from exc
+            # Whatever stopped this one (an error of ours too), the others' work is kept.
+            interrupt = exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
+            if interrupt is not None:
+                why = "interrupted"
+            elif isinstance(exc, UserError):
+                why = str(exc).rstrip(".")
+            else:
+                why = f"unexpected {described(exc)} (run with --debug for the traceback)"
+            before = (
+                "the checkpoint before it was analysed and is kept"
+                if len(results) == 1
+                else f"the {len(results)} checkpoints before it were analysed and are kept"
+            )
+            stopped = SeriesStopped(f"{ckpt.path.name}: {why} ({before}).", results, interrupt)
+            if not isinstance(exc, UserError | KeyboardInterrupt | Terminated):
+                stopped.exit_status = 1  # an error of ours, as the entry point says of one
+            raise stopped from exc
         if result.eigen is not None:
             init = result.eigen.eigenvectors  # warm start the next checkpoint of the series
         results.append(result)

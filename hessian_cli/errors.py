@@ -3,7 +3,12 @@ helpers that quote other errors in such a sentence."""
 
 
 class UserError(Exception):
-    """Bad input or an environment problem, described in one sentence for the user."""
+    """Bad input or an environment problem, described in one sentence for the user.
+
+    ``exit_status`` is the command's: 2, or 1 where the sentence reports an error of ours
+    (a series that keeps its results after one)."""
+
+    exit_status = 2
 
 
 class NotFinite(UserError):

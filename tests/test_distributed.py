@@ -649,7 +649,7 @@ def test_a_loss_that_is_not_finite_on_one_ranks_share_stops_a_series_once(tmp_pa
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert lines == [
         "error: step2.pt: The loss is not finite (NaN or inf) on the analysed data: check the "
-        "weights and the data (the 1 checkpoint(s) before it were analysed and are kept)."
+        "weights and the data (the checkpoint before it was analysed and is kept)."
     ], err
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert list(f["checkpoints"]) == ["step1"]

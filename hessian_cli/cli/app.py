@@ -107,7 +107,7 @@ def _fails_alone(exc: Exception) -> bool:
 
 def _report(exc: Exception) -> int:
     """Print ``exc`` as one red sentence (a traceback with --debug); the exit status it earns."""
-    code = 2 if isinstance(exc, UserError) else 1
+    code = exc.exit_status if isinstance(exc, UserError) else 1
     if state.debug:
         traceback.print_exception(exc)
         return code

@@ -57,6 +57,7 @@ from hessian_cli.specs import (
 )
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS
 from hessian_cli.specs.user_code import split_user_spec
+from hessian_cli.storage.files import storable_text
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -197,15 +198,18 @@ def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) ->
     return str(value)
 
 
-def _recorded_kwargs(text: str) -> dict:
-    """The model keyword arguments a checkpoint records, as JSON text."""
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError:
-        kwargs = None
+def _recorded_kwargs(value: Any) -> dict:
+    """The model keyword arguments a checkpoint records: JSON text (``train`` writes), or the
+    object itself (a checkpoint made by hand)."""
+    kwargs = value
+    if isinstance(value, str):
+        try:
+            kwargs = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):  # nested past Python's stack
+            kwargs = None
     if not isinstance(kwargs, dict):
         raise UserError(
-            f"The checkpoint's model_kwargs are not a JSON object ({text[:60]!r}): pass "
+            f"The checkpoint's model_kwargs are not a JSON object ({str(value)[:60]!r}): pass "
             "--model-kwargs."
         )
     return kwargs
@@ -526,7 +530,7 @@ def _run_solvers(
     provenance = _provenance(ckpt, request, s, op, eig, wall, grad_seconds, hvp_rel_error)
     op.release()
     return CheckpointAnalysis(
-        name=ckpt.path.stem,
+        name=storable_text(ckpt.path.stem),
         provenance=provenance,
         space=op.space,
         loss=loss,
@@ -549,7 +553,7 @@ def _provenance(
 ) -> dict[str, Any]:
     """Where an analysis' numbers came from and what they cost (HDF5 attributes, ``--json``)."""
     return {
-        "checkpoint": str(ckpt.path.absolute()),  # read later from anywhere (links kept)
+        "checkpoint": storable_text(str(ckpt.path.absolute())),  # read from anywhere later
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
         "model": s.model_spec,
@@ -576,6 +580,16 @@ def _provenance(
         "grad_equivalents": wall / grad_seconds if grad_seconds > 0 else float("nan"),
         "wall_seconds": wall,
         "world_size": distributed.world()[1],
-        "step": ckpt.metadata.get("step"),
-        "epoch": ckpt.metadata.get("epoch"),
+        "step": _count(ckpt.metadata.get("step")),
+        "epoch": _count(ckpt.metadata.get("epoch")),
     }
+
+
+def _count(value: Any) -> int | float | None:
+    """A checkpoint's recorded step or epoch where it is a number HDF5 holds (text, 2**80 or
+    NaN are left out: the write failed on them after all the work)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else None
+    return value if math.isfinite(value) else None

@@ -1251,6 +1251,31 @@ def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     assert out_h5.read_bytes() == before
 
 
+def test_recorded_values_hdf5_cannot_hold_do_not_lose_the_results(capsys, tmp_path, digits_mlp):
+    """A step of 2**80 or of bytes, a file name that is not UTF-8, model_kwargs stored as a
+    dict: the writes (or the model's build) failed after all the work, exit 1, no file."""
+    state = torch.load(digits_mlp, weights_only=True)
+    meta = state["hessian_cli"]
+    odd = {
+        "huge.pt": dict(meta, step=2**80, epoch=float("nan")),
+        "bytes.pt": dict(meta, step=b"\xff\x00"),
+        "kwargs.pt": dict(meta, model_kwargs=json.loads(meta["model_kwargs"])),
+        os.fsdecode(b"name\xff.pt"): meta,
+    }
+    runs = tmp_path / "series"
+    runs.mkdir()
+    for name, metadata in odd.items():
+        torch.save({**state, "hessian_cli": metadata}, runs / name)
+    out_h5 = tmp_path / "odd.h5"
+    code, _, err = run(capsys, "analyze", runs, "--top-k", "1", "--out", out_h5, "-q")
+    assert code == 0, err
+    written = {d["name"]: d["provenance"] for d in read_analyses(out_h5)}
+    assert sorted(written) == ["bytes", "huge", "kwargs", "name\\xff"]
+    assert "step" not in written["huge"] and "epoch" not in written["huge"]
+    assert "step" not in written["bytes"]
+    assert written["name\\xff"]["checkpoint"].endswith("name\\xff.pt")
+
+
 def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

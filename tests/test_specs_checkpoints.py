@@ -302,7 +302,7 @@ def test_apply_weights_refuses_values_that_loading_would_change() -> None:
 
 
 def test_apply_weights_checks_every_float_format_for_non_finite_values() -> None:
-    for convert in (lambda t: t.to(torch.float8_e4m3fn), lambda t: t.to_sparse()):
+    for convert in (lambda t: t.to(torch.float8_e4m3fn), lambda t: t.to(torch.bfloat16)):
         state = small_state()
         state["2.weight"][0, 0] = float("nan")  # float8_e4m3fn has no inf
         state["2.weight"] = convert(state["2.weight"])
@@ -350,3 +350,13 @@ def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
     assert "notes.md" not in [p.name for p in list_checkpoints(names)]
     with pytest.raises(UserError, match="symbolic link that leads nowhere"):
         load_checkpoint(names / "ckpt3.pt")
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_weights_that_hold_no_dense_values_are_named(kind) -> None:
+    """torch's "Error(s) in loading state_dict for Sequential:" was all the sentence said."""
+    state = small_model().state_dict()
+    weight = state["0.weight"]
+    state["0.weight"] = weight.to_sparse() if kind == "sparse" else weight.to("meta")
+    with pytest.raises(UserError, match=f"the checkpoint's '0.weight' is (a )?{kind}"):
+        apply_weights(small_model(), state)

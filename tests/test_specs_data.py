@@ -472,3 +472,23 @@ def test_torchvision_data_plumbing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_user_factory_returning_a_string_is_refused() -> None:
     with pytest.raises(UserError, match="not a Dataset"):
         load_data("os:getcwd")
+
+
+def test_data_arrays_no_analysis_can_use_are_one_sentence(tmp_path) -> None:
+    """Sparse, meta and complex entries, a directory, and sizes past 2**63 reached torch's
+    dispatcher or an overflow mid-work (exit 1, a 40-line dump)."""
+    x, y = torch.randn(6, 3), torch.arange(6) % 2
+    cases = {
+        "sparse.pt": ({"x": x.to_sparse(), "y": y}, "holds a sparse tensor"),
+        "meta.pt": ({"x": torch.empty(6, 3, device="meta"), "y": y}, "holds a meta tensor"),
+        "complex.pt": ({"x": x, "y": y.to(torch.complex64)}, "holds complex numbers"),
+    }
+    for name, (arrays, why) in cases.items():
+        torch.save(arrays, tmp_path / name)
+        with pytest.raises(UserError, match=why):
+            load_data(str(tmp_path / name))
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        load_data(str(tmp_path / "dir.npz"))
+    with pytest.raises(UserError, match="too large for a size or a count"):
+        load_data("synthetic:4:100000000000000000000")

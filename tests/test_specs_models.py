@@ -301,3 +301,11 @@ def test_torchvision_model_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [("resnet18", {"num_classes": 7, "weights": None})]
     with pytest.raises(UserError, match="no model 'resnet999'"):
         build_model("torchvision:resnet999", input_shape=(3, 32, 32), num_classes=7)
+
+
+def test_sizes_past_what_torch_holds_are_one_sentence() -> None:
+    """A hidden width of 1e20 overflowed inside nn.Linear (a TypeError and a C++ backtrace)."""
+    with pytest.raises(UserError, match="has sizes too large for torch"):
+        build_model("mlp", input_shape=(4,), num_classes=3, kwargs={"hidden": [10**20]})
+    with pytest.raises(UserError, match="has sizes too large for torch"):
+        build_model("mlp", input_shape=(4,), num_classes=2**64 - 1)

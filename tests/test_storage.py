@@ -420,6 +420,24 @@ def test_an_append_removes_the_copy_a_killed_writer_of_the_file_left(full, tmp_p
     assert group_names(path) == ["a", "b"]
 
 
+def test_text_utf8_cannot_hold_is_stored_escaped(full, tmp_path):
+    """A file name that is not UTF-8 (lone surrogates in Python) and NUL failed the write."""
+    from hessian_cli.storage.files import storable_text
+
+    assert storable_text(os.fsdecode(b"run\xff.pt")) == "run\\xff.pt"
+    assert storable_text("mlp\x00") == "mlp\\x00"
+    assert storable_text("ok é") == "ok é"
+    odd = dataclasses.replace(
+        variant(full, os.fsdecode(b"n\xff"), 1),
+        provenance={**full.provenance, "model": "mlp\x00", "params_glob": ["a\udcff"]},
+    )
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [odd], command_line=os.fsdecode(b"hessian-cli analyze \xff.pt"))
+    (read,) = read_analyses(path)
+    assert read["name"] == "n\\xff" and read["provenance"]["model"] == "mlp\\x00"
+    assert read_file_info(path)["command_line"] == "hessian-cli analyze \\xff.pt"
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file size limits")
 @pytest.mark.parametrize("command", ["train", "analyze"])
 def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, command):

@@ -41,6 +41,8 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
         raise UserError(
             f"--model-kwargs is not valid JSON: {exc.msg} at position {exc.pos}."
         ) from exc
+    except RecursionError as exc:
+        raise UserError("--model-kwargs is nested too deeply to read.") from exc
     if not isinstance(value, dict):
         raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
     return value

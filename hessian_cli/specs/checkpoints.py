@@ -198,7 +198,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
     if "hessian_cli" in header:
         try:
             metadata = json.loads(header["hessian_cli"])
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested deep
             raise UserError(
                 f"checkpoint {str(path)!r} has unreadable hessian_cli metadata in its header."
             ) from exc
@@ -312,6 +312,10 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
             + "."
         )
     for key, value in state.items():
+        if value.is_meta or value.layout != torch.strided:  # load_state_dict hid why
+            kind = "a meta tensor, which holds no values" if value.is_meta else "sparse"
+            raise UserError(f"the checkpoint's {key!r} is {kind}: save the dense weights.")
+    for key, value in state.items():
         if not _finite(value):
             raise UserError(f"the checkpoint holds non-finite values (NaN or inf) in {key!r}.")
     _check_tied(expected, state)
@@ -326,14 +330,12 @@ def _kind(t: torch.Tensor) -> str:
 
 
 def _finite(value: torch.Tensor) -> bool:
-    """No NaN or inf in a floating tensor, of any layout and precision (float8 has no isfinite);
-    one without values (meta) is left to the load, which refuses it."""
-    if not (value.is_floating_point() or value.is_complex()) or value.is_meta:
+    """No NaN or inf in a dense floating tensor of any precision (float8 has no isfinite)."""
+    if not (value.is_floating_point() or value.is_complex()):
         return True
-    dense = value.to_dense() if value.layout != torch.strided else value
-    if not dense.is_complex() and dense.element_size() == 1:
-        dense = dense.float()
-    return bool(torch.isfinite(dense).all())
+    if not value.is_complex() and value.element_size() == 1:
+        value = value.float()
+    return bool(torch.isfinite(value).all())
 
 
 def _check_tied(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:

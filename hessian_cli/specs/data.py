@@ -185,6 +185,8 @@ def _check_fits_in_memory(spec: str, nbytes: int) -> None:
 def _spec_int(text: str, spec: str, form: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise UserError(f"data spec {spec!r} is not of the form {form} with positive integers.")
+    if int(text) >= 2**63:  # beyond any tensor's size or label (torch overflowed on them)
+        raise UserError(f"data spec {spec!r}: {text} is too large for a size or a count.")
     return int(text)
 
 
@@ -227,6 +229,8 @@ def _torchvision(name: str, root: str | Path | None, download: bool) -> DataSour
 def _tensor_file(spec: str) -> DataSource:
     """x and y (optionally x_test, y_test) from .npz, .pt or .h5; integer y means classes."""
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise UserError(f"data file {spec!r} is a directory.")
     if not path.is_file():
         raise UserError(f"data file {spec!r} does not exist.")
     arrays = _read_arrays(path)
@@ -311,9 +315,27 @@ def _read_arrays(path: Path) -> dict[str, Any]:
 
 def _to_tensor(value: Any, spec: str, key: str) -> torch.Tensor:
     try:
-        return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     except Exception as exc:
         raise UserError(f"data file {spec!r}: entry {key!r} is not a numeric array.") from exc
+    # What batching, the checks and the loss cannot take, said here rather than by torch's
+    # dispatcher in the middle of the work.
+    kind = (
+        "a sparse tensor"
+        if t.layout != torch.strided
+        else "a meta tensor, without values"
+        if t.is_meta
+        else "a quantized tensor"
+        if t.is_quantized
+        else "complex numbers"
+        if t.is_complex()
+        else None
+    )
+    if kind is not None:
+        raise UserError(
+            f"data file {spec!r}: entry {key!r} holds {kind}; store a dense real array."
+        )
+    return t
 
 
 def _whole_number(value: Any, spec: str) -> int:

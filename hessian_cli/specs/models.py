@@ -40,12 +40,19 @@ def build_model(
     if spec in BUILTIN_MODELS:
         try:
             return _build_builtin(spec, tuple(input_shape), num_classes, dict(kwargs))
-        except RuntimeError as exc:  # labels of 2**40 made a 2**40-class layer
-            if "can't allocate memory" not in str(exc):
+        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            # Labels of 2**40 made a 2**40-class layer; sizes past 2**63 overflow in torch.
+            text = str(exc)
+            if "can't allocate memory" in text:
+                fit = "does not fit in memory"
+            elif "overflow" in text.lower():
+                fit = "has sizes too large for torch"
+            else:
                 raise
             options = f" and --model-kwargs {json.dumps(kwargs)}" if kwargs else ""
+            outputs = f"{num_classes:,}" if isinstance(num_classes, int) else num_classes
             raise UserError(
-                f"model {spec!r} with {num_classes:,} outputs{options} does not fit in memory: "
+                f"model {spec!r} with {outputs} outputs{options} {fit}: "
                 "check its options, and that class labels count classes from 0."
             ) from exc
     if spec.startswith("torchvision:"):

@@ -287,6 +287,20 @@ def file_format(path: Path) -> str:
     return fmt.decode() if isinstance(fmt, bytes) else str(fmt)
 
 
+def storable_text(text: str) -> str:
+    """``text`` as UTF-8 can hold it, for HDF5 strings and the terminal: the bytes of a file
+    name that is not UTF-8 (which Python holds as lone surrogates) as ``\\xNN``, and NUL, which
+    an HDF5 string cannot hold, as ``\\x00`` (either failed the write after all the work)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate no file name decoding makes
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\0", "\\x00")
+
+
 # What h5py raises for damaged bytes (RuntimeError: a metadata checksum) or what reading code
 # raises for a layout other than the documented one.
 DAMAGED = (OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError)

@@ -35,6 +35,7 @@ from hessian_cli.storage.files import (
     open_hdf5,
     remove_temporaries,
     signals_deferred,
+    storable_text,
 )
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def write_analyses(
             f.attrs["tool_version"] = __version__
             f.attrs["torch_version"] = str(torch.__version__)
             f.attrs["modified"] = now
-            f.attrs["command_line"] = command_line
+            f.attrs["command_line"] = storable_text(command_line)
             f.attrs["trajectory"] = bool(series or f.attrs.get("trajectory", False))
             checkpoints = f.require_group("checkpoints")
             written: list[str] = []
@@ -262,6 +263,10 @@ def _floats(values: Any) -> np.ndarray:
 
 def _set_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
     for key, value in values.items():
+        if isinstance(value, str):
+            value = storable_text(value)  # e.g. a spec read from a checkpoint, holding NUL
+        elif isinstance(value, list):
+            value = [storable_text(v) if isinstance(v, str) else v for v in value]
         if value is not None:
             obj.attrs[key] = value
 
@@ -269,7 +274,7 @@ def _set_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
 def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors: bool) -> None:
     d = analysis_to_dict(a)
     _set_attrs(group, d["provenance"])
-    group.create_dataset("name", data=d["name"], dtype=_STR)
+    group.create_dataset("name", data=storable_text(d["name"]), dtype=_STR)
     group.create_dataset("loss", data=np.nan if d["loss"] is None else d["loss"])
     if (e := d["eigen"]) is not None:
         ev = group.create_dataset("eigenvalues", data=_floats(e["eigenvalues"]))

@@ -46,6 +46,7 @@ from hessian_cli.storage.files import (
     hdf5_written,
     open_format,
     signals_deferred,
+    storable_text,
 )
 
 METRICS_FORMAT_NAME = "hessian-cli-metrics"
@@ -184,7 +185,7 @@ class MetricsLog:
             f.attrs["torch_version"] = _torch_version()
             f.attrs["created"] = self.created
             f.attrs["modified"] = _now()
-            f.attrs["command_line"] = self.command_line
+            f.attrs["command_line"] = storable_text(self.command_line)  # a name not UTF-8
             f.attrs["config"] = json.dumps(self.config, sort_keys=True)
             for group, columns in COLUMNS.items():
                 rows = self.rows[group]

@@ -568,15 +568,21 @@ def test_an_object_that_cannot_be_opened_is_refused_not_left_out(full, tmp_path,
         assert isinstance(result.exception, UserError), (args, result.output)
 
 
+def metrics_file(path, columns: dict) -> None:
+    """A metrics file (format version 1) holding ``columns``, named ``group/column``."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "hessian-cli-metrics"
+        f.attrs["format_version"] = 1
+        for name, values in columns.items():
+            f[name] = values
+
+
 def test_a_metrics_column_that_cannot_be_opened_is_refused_not_left_out(tmp_path):
     from hessian_cli.storage import read_metrics
 
     path = tmp_path / "metrics.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = "hessian-cli-metrics"
-        f.attrs["format_version"] = 1
-        f["steps/step"], f["steps/loss"] = np.arange(6), np.ones(6)
-        f["epochs/epoch"], f["epochs/test_loss"] = np.arange(2), np.ones(2)
+    columns = {"steps/step": np.arange(6), "steps/loss": np.ones(6)}
+    metrics_file(path, columns | {"epochs/epoch": np.arange(2), "epochs/test_loss": np.ones(2)})
     damage_header(path, "epochs/test_loss")
     with pytest.raises(UserError, match="damaged"):
         read_metrics(path)
@@ -803,11 +809,9 @@ def test_metrics_columns_of_different_lengths_are_refused(tmp_path):
     from hessian_cli.storage import read_metrics
 
     path = tmp_path / "metrics.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = "hessian-cli-metrics"
-        f.attrs["format_version"] = 1
-        f["steps/step"], f["steps/loss"] = np.arange(6), np.ones(6)
-        f["refresh/step"], f["refresh/eigenvalue"] = [0, 3], np.ones((2, 2))  # rows of two
+    columns = {"steps/step": np.arange(6), "steps/loss": np.ones(6)}
+    # rows of two
+    metrics_file(path, columns | {"refresh/step": [0, 3], "refresh/eigenvalue": np.ones((2, 2))})
     assert read_metrics(path)["refresh"]["eigenvalue"].shape == (2, 2)
     with h5py.File(path, "r+") as f:
         del f["steps/loss"]

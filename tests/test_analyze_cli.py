@@ -581,9 +581,18 @@ def test_user_code_that_exits_or_misfits_is_one_sentence(capsys, tmp_path, digit
         "        self.l = torch.nn.Linear(64, 10)\n\n"
         "    def forward(self, x):\n"
         "        return self.l(x.flatten(1)).detach()\n\n\n"
-        "def detached(**kw):\n    return Detached()\n"
+        "def detached(**kw):\n    return Detached()\n\n\n"
+        "calls = []\n\n\n"
+        "def later(out, y):  # fine for the checks before the work, then not\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 3:\n"
+        "        raise ValueError('boom later')\n"
+        "    return torch.nn.functional.cross_entropy(out, y)\n"
     )
     uc = tmp_path / "uc.py"
+    assert f"the loss function '{uc}:later' raised ValueError: boom later" in _bad(
+        capsys, "analyze", digits_mlp, "--loss", f"{uc}:later"
+    )
     assert "called sys.exit(0) instead of returning" in _bad(
         capsys, "analyze", digits_mlp, "--loss", f"{uc}:exit0"
     )

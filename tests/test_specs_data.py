@@ -492,3 +492,15 @@ def test_data_arrays_no_analysis_can_use_are_one_sentence(tmp_path) -> None:
         load_data(str(tmp_path / "dir.npz"))
     with pytest.raises(UserError, match="too large for a size or a count"):
         load_data("synthetic:4:100000000000000000000")
+
+
+def test_a_dataset_whose_length_cannot_be_read_is_one_sentence() -> None:
+    class Negative(Dataset):
+        def __len__(self) -> int:
+            return -1
+
+        def __getitem__(self, i: int):
+            return torch.zeros(2), 0
+
+    with pytest.raises(UserError, match="length could not be read"):
+        analysis_batches(Negative(), batch_size=2)

@@ -309,3 +309,11 @@ def test_sizes_past_what_torch_holds_are_one_sentence() -> None:
         build_model("mlp", input_shape=(4,), num_classes=3, kwargs={"hidden": [10**20]})
     with pytest.raises(UserError, match="has sizes too large for torch"):
         build_model("mlp", input_shape=(4,), num_classes=2**64 - 1)
+
+
+def test_a_factory_model_on_the_meta_device_is_refused(tmp_path) -> None:
+    (tmp_path / "metanet.py").write_text(
+        "import torch\n\n\ndef net():\n    return torch.nn.Linear(4, 2, device='meta')\n"
+    )
+    with pytest.raises(UserError, match="on the meta device"):
+        build_model(f"{tmp_path / 'metanet.py'}:net", input_shape=(4,), num_classes=2)

@@ -547,6 +547,8 @@ def analysis_batches(
         raise UserError(
             "analysis needs a dataset with a known length (a map-style Dataset)."
         ) from exc
+    except (ValueError, OverflowError) as exc:  # a __len__ of -1, or past sys.maxsize
+        raise UserError(f"the dataset's length could not be read ({described(exc)}).") from exc
     if num_batches is not None:
         if num_batches <= 0:
             raise UserError(f"the number of batches must be positive, not {num_batches}.")

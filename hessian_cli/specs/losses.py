@@ -16,7 +16,7 @@ from hessian_cli.specs.data import check_labels
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
     call_user,
-    exits_as_errors,
+    guarded_user_function,
     load_object,
     split_user_spec,
 )
@@ -42,7 +42,7 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
             obj = call_user(obj, "loss class", spec)
         if not callable(obj):
             raise UserError(f"the loss {spec!r} is not callable.")
-        return exits_as_errors(obj, "loss function", spec)
+        return guarded_user_function(obj, "loss function", spec)
     raise UserError(
         f"unknown loss {spec!r}: use {' or '.join(BUILTIN_LOSSES)}, or user code as "
         f"{USER_CODE_FORMS} taking (outputs, targets)."

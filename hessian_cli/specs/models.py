@@ -64,6 +64,11 @@ def build_model(
             raise UserError(
                 f"the model factory {spec!r} returned {a_type(model)}, not a torch.nn.Module."
             )
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise UserError(
+                f"the model factory {spec!r} returned a model on the meta device, whose "
+                "parameters hold no values: build it on the CPU."
+            )
         return model
     raise UserError(
         f"unknown model {spec!r}: use a built-in ({', '.join(BUILTIN_MODELS)}), "

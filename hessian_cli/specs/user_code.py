@@ -146,16 +146,22 @@ def call_user(func: Any, what: str, spec: str, **kwargs: Any) -> Any:
         raise UserError(f"the {what} {spec!r} raised {described(exc)}.") from exc
 
 
-def exits_as_errors(func: Any, what: str, spec: str) -> Any:
-    """``func`` (user code called again and again, such as a loss) with ``sys.exit`` inside it
-    made a user error: it would otherwise end the command with the user's exit status, 0 for
-    a run that did nothing."""
+def guarded_user_function(func: Any, what: str, spec: str) -> Any:
+    """``func`` (user code called again and again, such as a loss) with what it raises said in
+    one sentence that names it: ``sys.exit`` would end the command with the user's status (0
+    for a run that did nothing), and an error midway (a batch the first check did not meet) read
+    as an unexpected error of ours. A RuntimeError passes as it is: torch raises one inside the
+    function where a transform cannot follow it, and the engine falls back on it."""
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except SystemExit as exc:
             raise UserError(f"the {what} {spec!r} {_exited(exc)}.") from None
+        except (UserError, RuntimeError):
+            raise
+        except Exception as exc:
+            raise UserError(f"the {what} {spec!r} raised {described(exc)}.") from exc
 
     return guarded
 

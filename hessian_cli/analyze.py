@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -56,6 +57,9 @@ from hessian_cli.specs import (
     takes_token_ids,
 )
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS
+from hessian_cli.specs.data import data_names_code
+from hessian_cli.specs.losses import loss_names_code
+from hessian_cli.specs.models import model_names_code
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import storable_text
 
@@ -346,6 +350,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
 
     # Specs read from the checkpoint may name code only where the user trusts the file.
     trust = request.trust_checkpoint
+    if not trust:
+        _refuse_recorded_code(request, model_spec, data_spec, meta.get("loss"))
     data = load_data(
         data_spec,
         root=root,
@@ -417,6 +423,30 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         minibatches,
         device,
     )
+
+
+def _refuse_recorded_code(
+    request: AnalyzeRequest, model_spec: str, data_spec: str, loss_spec: Any
+) -> None:
+    """Refuse, in one sentence naming them all, the user code the checkpoint names that the
+    user did not (the loaders refuse each too, one at a time: a second run met the next)."""
+    recorded = [
+        (flag, spec, what)
+        for flag, given, spec, what, names_code in (
+            ("--data", request.data, data_spec, "data factory", data_names_code),
+            ("--model", request.model, model_spec, "model factory", model_names_code),
+            ("--loss", request.loss, loss_spec, "loss function", loss_names_code),
+        )
+        if not given and isinstance(spec, str) and names_code(spec)
+    ]
+    if recorded:
+        whats = " and ".join(f"{what} ({spec!r})" for _, spec, what in recorded)
+        flags = " ".join(f"{flag} {shlex.quote(spec)}" for flag, spec, _ in recorded)
+        raise UserError(
+            f"The checkpoint names code to run as its {whats}: it runs only if you name it "
+            f"yourself ({flags}), or pass --trust-checkpoint if you trust where the file came "
+            "from."
+        )
 
 
 def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:

@@ -1080,6 +1080,23 @@ def test_code_named_by_a_checkpoint_runs_only_when_trusted(capsys, tmp_path, dig
     assert marker.exists()
 
 
+def test_all_the_code_a_checkpoint_names_is_refused_in_one_sentence(capsys, tmp_path, digits_mlp):
+    """Each refusal named one spec: the user passed --data, ran again and met --model's."""
+    state = torch.load(digits_mlp, weights_only=True)
+    planted = tmp_path / "planted.pt"
+    meta = dict(state["hessian_cli"], model="nets.py:make", data="my data.py:load")
+    save_checkpoint(planted, state_dict=state["model"], metadata=meta)
+    assert _bad(capsys, "analyze", planted, "--top-k", "1") == (
+        "error: The checkpoint names code to run as its data factory ('my data.py:load') and "
+        "model factory ('nets.py:make'): it runs only if you name it yourself (--data 'my "
+        "data.py:load' --model nets.py:make), or pass --trust-checkpoint if you trust where "
+        "the file came from."
+    )
+    # One named by the user is theirs to run; the other is still refused.
+    message = _bad(capsys, "analyze", planted, "--top-k", "1", "--data", "digits")
+    assert "its model factory ('nets.py:make'): " in message and "data" not in message
+
+
 @pytest.mark.parametrize("recorded", ["{not json", "[1]"])
 def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
     capsys, tmp_path, digits_mlp, recorded

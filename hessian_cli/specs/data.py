@@ -63,6 +63,13 @@ class DataSource:
         return math.prod(self.target_shape) if self.target_shape else 1
 
 
+def data_names_code(spec: str) -> bool:
+    """Whether the data spec names user code to import, not built-in data or a file."""
+    builtin = spec == "digits" or spec.startswith(("synthetic-regression:", "synthetic:"))
+    data_file = spec.lower() in _VISION or spec.lower().endswith(TENSOR_FILE_SUFFIXES)
+    return not (builtin or data_file) and split_user_spec(spec) is not None
+
+
 def load_data(
     spec: str, *, root: str | Path | None = None, download: bool = False, trusted: bool = True
 ) -> DataSource:
@@ -71,6 +78,8 @@ def load_data(
     The spec string alone fixes the data (synthetic sets use a fixed generator), so a checkpoint
     that records its data spec is always analysed on the data it was trained on.
     """
+    if data_names_code(spec):
+        return _user_data(spec, trusted)
     if spec == "digits":
         return _digits()
     if spec.startswith("synthetic-regression:"):
@@ -81,8 +90,6 @@ def load_data(
         return _torchvision(spec.lower(), root, download)
     if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
         return _tensor_file(spec)
-    if split_user_spec(spec) is not None:
-        return _user_data(spec, trusted)
     raise UserError(
         f"unknown data {spec!r}: use digits, synthetic:CxHxW[:classes[:count]], "
         f"synthetic-regression:D[:outputs[:count]], {', '.join(_VISION)} (with --data-root), "

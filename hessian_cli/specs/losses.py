@@ -30,13 +30,18 @@ def default_loss(num_classes: int | None) -> str:
     return "ce" if num_classes is not None else "mse"
 
 
+def loss_names_code(spec: str) -> bool:
+    """Whether the loss spec names user code to import, not a built-in."""
+    return spec not in BUILTIN_LOSSES and split_user_spec(spec) is not None
+
+
 def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True) -> LossFn:
     """The loss ``spec`` names, as ``loss(outputs, targets) -> scalar`` (mean over the batch)."""
     if spec == "ce":
         return cross_entropy
     if spec == "mse":
         return _mse(num_classes)
-    if split_user_spec(spec) is not None:
+    if loss_names_code(spec):
         obj = load_object(spec, "loss function", trusted=trusted)
         if isinstance(obj, type):  # a loss class such as torch.nn:CrossEntropyLoss
             obj = call_user(obj, "loss class", spec)

@@ -22,6 +22,12 @@ BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "resnet32", "resnet
 _RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
+def model_names_code(spec: str) -> bool:
+    """Whether the model spec names user code to import (a factory), not a built-in."""
+    builtin = spec in BUILTIN_MODELS or spec.startswith("torchvision:")
+    return not builtin and split_user_spec(spec) is not None
+
+
 def build_model(
     spec: str,
     *,
@@ -57,7 +63,7 @@ def build_model(
             ) from exc
     if spec.startswith("torchvision:"):
         return _build_torchvision(spec.partition(":")[2], num_classes, kwargs)
-    if split_user_spec(spec) is not None:
+    if model_names_code(spec):
         factory = load_object(spec, "model factory", trusted=trusted)
         model = call_user(factory, "model factory", spec, **kwargs)
         if not isinstance(model, nn.Module):

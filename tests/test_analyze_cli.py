@@ -1185,7 +1185,7 @@ def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, dig
         "    def forward(self, x):\n        return self.l(x.flatten(1)), 0\n"
     )
     for loss, message in (
-        ("raises", "The loss fails on the model's outputs: bad shapes in my loss"),
+        ("raises", "user_code.py:raises' raised ValueError: bad shapes in my loss"),
         ("returns_float", "The loss returns a float, not a scalar tensor"),
         ("per_sample", "The loss returns a tensor of shape (2,) for a batch of 2, not a scalar"),
         ("constant", "The loss does not depend on the model's outputs"),

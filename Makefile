@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install test lint demo bench clean
@@ -9,8 +10,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned: a bare `torch` requirement would pull the newest build, from PyPI a
+	# multi-GB CUDA one. The project's machines serve a CPU build of 2.13.0; elsewhere give
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu for one.
+	$(PY) -c "import torch" 2>/dev/null || \
+		$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -126,6 +126,9 @@ def test_show_series_and_json(files):
     # The file's own count, and how many were picked (it said "1 checkpoint").
     one = runner.invoke(app, ["show", str(files["series"]), "-c", "ckpt_200"])
     assert "3 checkpoints, 1 shown" in one.stdout
+    # A name it does not hold: the names it does (the user had to run show again to see them).
+    none = runner.invoke(app, ["show", str(files["series"]), "-c", "ckpt_250"])
+    assert "it holds: ckpt_100, ckpt_200, ckpt_300." in str(none.exception)
 
 
 def test_plot_single_and_series(files, tmp_path):

@@ -114,7 +114,7 @@ def test_a_log_gets_a_line_per_epoch_with_that_epochs_own_lambda_max(capsys, tmp
     # The last epoch's line shows the final measurement, as the table does (it showed step 16).
     assert f"λmax {lam[8]:.4g} (" in lines[1] and f"λmax {lam[18]:.4g} (" in lines[2]
     table = {row.split()[1]: row.split()[-4] for row in stdout.splitlines() if row[:1] == "│"}
-    assert table == {"1": "-", "2": f"{lam[8]:.4g}", "3": f"{lam[18]:.4g}"}
+    assert table == {"1": "—", "2": f"{lam[8]:.4g}", "3": f"{lam[18]:.4g}"}
 
 
 def test_finished_run_reads_back_everywhere(capsys, finished_run):

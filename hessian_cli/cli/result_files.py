@@ -65,5 +65,9 @@ def pick_checkpoint(
         grouped = [(d, g) for d, g in pairs if g == name]
         pairs = named if len(named) == 1 else grouped or named
         if not pairs:
-            raise UserError(f"{file} holds no checkpoint named {name!r}.")
+            held = list(dict.fromkeys(d["name"] for d in reports))
+            shown = ", ".join(held[:10]) + (f", ... ({len(held)} in all)" if len(held) > 10 else "")
+            raise UserError(
+                f"{file} holds no checkpoint named {name!r}; it holds: {shown or 'none'}."
+            )
     return [d for d, _ in pairs], [g for _, g in pairs]

@@ -99,7 +99,8 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
                 continue
             label = None
             if i == 0:
-                label = f"the {len(e['eigenvalues'])} eigenvalues found ({e.get('which')})"
+                found = counted(len(e["eigenvalues"]), "eigenvalue")
+                label = f"the {found} found ({e.get('which')})"
             ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")

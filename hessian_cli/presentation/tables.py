@@ -113,7 +113,7 @@ def unconverged_warning(
     ]
     if not unconverged:
         return None
-    what = escape(", ".join(f"{n}: {c} pair(s)" for n, c in unconverged))  # names: text
+    what = escape(", ".join(f"{n}: {counted(c, 'pair')}" for n, c in unconverged))  # names: text
     reasons = {r["eigen"]["stop_reason"] for r in reports if r["eigen"]}
     remedy = (
         " or use --precision full"

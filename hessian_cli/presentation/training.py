@@ -8,6 +8,7 @@ import math
 from rich.table import Table
 
 from eigensam.events import EpochDone
+from hessian_cli.presentation.tables import DASH
 
 TABLE_ROWS = 40  # epochs in the final table at most: the last ones
 
@@ -56,4 +57,4 @@ def _caption(total: int, shown: int) -> str | None:
 
 
 def _num(value: float | None, spec: str = ".4g") -> str:
-    return "-" if value is None or math.isnan(value) else format(value, spec)
+    return DASH if value is None or math.isnan(value) else format(value, spec)  # as show's

@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,3 +12,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Run as a background job of a script (a CI runner may), pytest starts with SIGINT ignored, and
+# the commands it starts would inherit that and leave it ignored, as a background job should:
+# the tests that send them a Ctrl-C need it handled. A Python handler here is reset to the
+# default in every program started from it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

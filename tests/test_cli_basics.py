@@ -123,3 +123,25 @@ def test_train_and_plot_take_the_option_names_analyze_takes():
     assert result.exit_code != 0 and "No such option" not in result.output
     result = runner.invoke(app, ["plot", "missing.h5", "--out", "fig.png"])
     assert "No such option" not in result.output
+
+
+def test_a_signal_the_process_was_started_to_ignore_stays_ignored():
+    """A script's background job ignores SIGINT: train took it over (and stopped on the
+    terminal's Ctrl-C meant for the script) where analyze, as Python does, left it."""
+    import signal
+
+    from hessian_cli.cli.app import signal_handled
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signal_handled(signal.SIGINT, lambda signum, frame: None):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    def handler(signum, frame):
+        return None
+
+    with signal_handled(signal.SIGINT, handler):  # otherwise taken over, and given back
+        assert signal.getsignal(signal.SIGINT) is handler
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -164,8 +164,13 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 @contextmanager
 def signal_handled(signum: int, handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
     """``handler`` for ``signum`` inside the block (where the previous one is restored); nothing
-    outside the main thread, where signals cannot be handled."""
-    if threading.current_thread() is not threading.main_thread():
+    outside the main thread, where signals cannot be handled, nor for a signal the process was
+    started to ignore (a script's background job ignores SIGINT, so that Ctrl-C at the terminal
+    stops the script, not the job: ``analyze`` left it ignored, ``train`` stopped)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signum) is signal.SIG_IGN
+    ):
         yield
         return
     previous = signal.signal(signum, handler)

@@ -34,7 +34,13 @@ from hessian_cli.engine.params import check_real
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
 from hessian_cli.engine.trace import stochastic_trace
-from hessian_cli.errors import Terminated, UserError, described
+from hessian_cli.errors import (
+    OUT_OF_HOST_MEMORY,
+    Terminated,
+    UserError,
+    described,
+    out_of_host_memory,
+)
 from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
     DataSource,
@@ -156,9 +162,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 def analyze_target(
     target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
 ) -> list[CheckpointAnalysis]:
-    """Analyse one checkpoint or a directory of them, returned in step/epoch order; bad input
-    met after the first, or an interrupt, is :class:`SeriesStopped`, which holds the results so
-    far."""
+    """Analyse one checkpoint or a directory of them, returned in step/epoch order; whatever
+    stops a checkpoint after the first (bad input, an error, an interrupt) is
+    :class:`SeriesStopped`, which holds the results so far, except a lost torchrun peer (the
+    job is ending: the rank that left says why)."""
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
@@ -170,7 +177,7 @@ def analyze_target(
         try:
             result = analyze_checkpoint(ckpt, request, progress, init=init)
         except (Exception, KeyboardInterrupt, Terminated) as exc:
-            if not results:
+            if not results or isinstance(exc, distributed.PeerLost):
                 raise
             # Whatever stopped this one (an error of ours too), the others' work is kept.
             interrupt = exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
@@ -178,6 +185,8 @@ def analyze_target(
                 why = "interrupted"
             elif isinstance(exc, UserError):
                 why = str(exc).rstrip(".")
+            elif out_of_host_memory(exc):
+                why = OUT_OF_HOST_MEMORY
             else:
                 why = f"unexpected {described(exc)} (run with --debug for the traceback)"
             before = (
@@ -187,7 +196,7 @@ def analyze_target(
             )
             stopped = SeriesStopped(f"{ckpt.path.name}: {why} ({before}).", results, interrupt)
             if not isinstance(exc, UserError | KeyboardInterrupt | Terminated):
-                stopped.exit_status = 1  # an error of ours, as the entry point says of one
+                stopped.exit_status = 1  # not the input's: as the entry point says of one
             raise stopped from exc
         if result.eigen is not None:
             init = result.eigen.eigenvectors  # warm start the next checkpoint of the series
@@ -210,6 +219,13 @@ def _recorded_kwargs(value: Any) -> dict:
         try:
             kwargs = json.loads(value)
         except (json.JSONDecodeError, RecursionError):  # nested past Python's stack
+            kwargs = None
+    elif isinstance(value, dict):
+        try:  # what JSON holds: it is recorded as JSON again (a dtype value failed there)
+            kwargs = json.loads(json.dumps(value))
+        except (TypeError, ValueError, RecursionError):
+            kwargs = None
+        if kwargs != value:  # keys that JSON turns into text (1 into "1")
             kwargs = None
     if not isinstance(kwargs, dict):
         raise UserError(
@@ -616,8 +632,8 @@ def _provenance(
 
 
 def _count(value: Any) -> int | float | None:
-    """A checkpoint's recorded step or epoch where it is a number HDF5 holds (text, 2**80 or
-    NaN are left out: the write failed on them after all the work)."""
+    """A checkpoint's recorded step or epoch where it is a finite number HDF5 holds: 2**80
+    failed the write after all the work, and text or NaN cannot order a series."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if isinstance(value, int):

@@ -23,6 +23,20 @@ class Terminated(BaseException):
     message, where given, is what the user is told instead of the plain fact."""
 
 
+OUT_OF_HOST_MEMORY = (
+    "the machine ran out of memory: try fewer samples, a smaller --batch-size or fewer probes"
+)
+
+
+def out_of_host_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed CPU allocation (torch says so in a RuntimeError)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("can't allocate memory" in text or "not enough memory" in text)
+    )
+
+
 def described(exc: BaseException) -> str:
     """An exception as ``Type: first line of its message`` (its type alone if it has none)."""
     return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

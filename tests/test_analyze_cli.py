@@ -1218,7 +1218,7 @@ def test_a_series_keeps_what_it_analysed_before_a_bad_checkpoint(capsys, tmp_pat
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated, TypeError])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated, TypeError, MemoryError])
 def test_an_interrupted_series_keeps_what_it_analysed(
     capsys, tmp_path, digits_mlp, monkeypatch, stop
 ):
@@ -1248,9 +1248,12 @@ def test_an_interrupted_series_keeps_what_it_analysed(
     monkeypatch.setattr(sys.modules["hessian_cli.cli.app"], "_leave_now", leave)
     out_h5 = tmp_path / "kept.h5"
     code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--out", out_h5)
-    assert code == {KeyboardInterrupt: 130, Terminated: 143, TypeError: 1}[stop]
-    why = "unexpected TypeError (run with --debug" if stop is TypeError else "interrupted"
-    assert f"b.pt: {why}" in err
+    assert code == {KeyboardInterrupt: 130, Terminated: 143, TypeError: 1, MemoryError: 1}[stop]
+    why = {
+        TypeError: "unexpected TypeError (run with --debug",
+        MemoryError: "the machine ran out of memory: try fewer samples",
+    }.get(stop, "interrupted")
+    assert f"b.pt: {why}" in " ".join(err.split())
     assert "(the checkpoint before it was analysed and is kept)" in err
     assert "Eigenvalues" in out
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
@@ -1300,6 +1303,18 @@ def test_recorded_values_hdf5_cannot_hold_do_not_lose_the_results(capsys, tmp_pa
     assert "step" not in written["huge"] and "epoch" not in written["huge"]
     assert "step" not in written["bytes"]
     assert written["name\\xff"]["checkpoint"].endswith("name\\xff.pt")
+
+
+@pytest.mark.parametrize("kwargs", [{"hidden": [12], 1: 2}, {"hidden": [12], "dtype": torch.int8}])
+def test_recorded_model_kwargs_json_cannot_hold_are_one_sentence(
+    capsys, tmp_path, digits_mlp, kwargs
+):
+    """A dict recorded by hand is taken as JSON would hold it: an int key or a dtype value
+    failed later, as an unexpected error (status 1)."""
+    state = torch.load(digits_mlp, weights_only=True)
+    path = tmp_path / "odd.pt"
+    torch.save({**state, "hessian_cli": dict(state["hessian_cli"], model_kwargs=kwargs)}, path)
+    assert "model_kwargs are not a JSON object" in _bad(capsys, "analyze", path, "--top-k", "1")
 
 
 def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):

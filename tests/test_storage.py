@@ -568,6 +568,29 @@ def test_an_object_that_cannot_be_opened_is_refused_not_left_out(full, tmp_path,
         assert isinstance(result.exception, UserError), (args, result.output)
 
 
+def test_links_to_nothing_are_no_checkpoints_and_no_columns(full, tmp_path):
+    """A soft or external link whose target is gone is not damage: refusing it refused files
+    that read before."""
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [variant(full, "a", 1)], command_line="x")
+    with h5py.File(path, "r+") as f:
+        f["checkpoints/gone"] = h5py.SoftLink("/nowhere")
+        f["checkpoints/away"] = h5py.ExternalLink(str(tmp_path / "missing.h5"), "/g")
+        del f["checkpoints/a/alignment"]
+        f["checkpoints/a/alignment"] = h5py.SoftLink("/nowhere")  # a section: none
+    (read,) = read_analyses(path)
+    assert read["name"] == "a" and read["alignment"] is None and read["trace"] is not None
+    metrics = tmp_path / "metrics.h5"
+    metrics_file(metrics, {"steps/step": np.arange(3), "steps/loss": np.ones(3)})
+    with h5py.File(metrics, "r+") as f:
+        f["steps/gone"] = h5py.SoftLink("/nowhere")
+        f["gone"] = h5py.ExternalLink(str(tmp_path / "missing.h5"), "/g")
+    from hessian_cli.storage import read_metrics
+
+    assert list(read_metrics(metrics)) == ["steps"]
+    assert sorted(read_metrics(metrics)["steps"]) == ["loss", "step"]
+
+
 def metrics_file(path, columns: dict) -> None:
     """A metrics file (format version 1) holding ``columns``, named ``group/column``."""
     with h5py.File(path, "w") as f:

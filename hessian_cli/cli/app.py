@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hessian_cli import __version__
-from hessian_cli.errors import Terminated, UserError
+from hessian_cli.errors import OUT_OF_HOST_MEMORY, Terminated, UserError, out_of_host_memory
 from hessian_cli.launch import env_rank, env_world_size, launched_by_torchrun
 
 app = typer.Typer(
@@ -129,11 +129,8 @@ def _report(exc: Exception) -> int:
     if isinstance(exc, UserError):
         # escape: messages hold brackets that are not markup, e.g. 'hessian-cli[vision]'
         message = escape(prefix + str(exc))
-    elif _out_of_host_memory(exc):
-        message = escape(
-            f"{prefix}the machine ran out of memory: try fewer samples, a smaller --batch-size "
-            "or fewer probes."
-        )
+    elif out_of_host_memory(exc):
+        message = escape(f"{prefix}{OUT_OF_HOST_MEMORY}.")
     else:
         message = (
             f"{escape(f'{prefix}unexpected {type(exc).__name__}: {exc}')} "
@@ -141,15 +138,6 @@ def _report(exc: Exception) -> int:
         )
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return code
-
-
-def _out_of_host_memory(exc: Exception) -> bool:
-    """Whether ``exc`` is a failed CPU allocation (torch says so in a RuntimeError)."""
-    text = str(exc)
-    return isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError)
-        and ("can't allocate memory" in text or "not enough memory" in text)
-    )
 
 
 # The shell's statuses for a process ended by SIGINT (Ctrl-C, 128 + 2) and SIGTERM (128 + 15).

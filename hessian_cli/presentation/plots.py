@@ -206,8 +206,8 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     # Checkpoints of different models (or parameter sets) appended to one file: a trajectory
     # and a marker for each (they were drawn as one). Two runs of one model are one trajectory.
     runs = [(at[np.argsort(x[at], kind="stable")], m, lab) for at, m, lab in _trajectories(ds)]
-    if len(runs) > 1:
-        fig.suptitle(f"{len(runs)} models or parameter sets, each with its own marker")
+    if len(runs) > 1:  # points of files that record no model are not counted as one
+        fig.suptitle(f"{model_count(ds)} models or parameter sets, each with its own marker")
     panels = iter(axes)
     if k:
         ax = next(panels)

@@ -27,19 +27,19 @@ def _reason(exc: OSError) -> str:
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[bool]:
     """Hold, across processes, the right to rewrite ``path``: two appends at once would each
     copy the original, and the later replacement would drop the earlier one's additions.
 
     The lock is on the directory that holds ``path``, so no file is left behind; where the file
     system refuses that (some network ones), on a file ``.NAME.lock`` beside it, which stays:
     removing it would let a third writer lock a new one while the second held the old. (POSIX
-    only; elsewhere no lock.)
+    only; elsewhere no lock.) Yields whether the lock is held.
     """
     try:
         import fcntl
     except ImportError:  # Windows
-        yield
+        yield False
         return
     fd, error = -1, None
     try:
@@ -59,7 +59,7 @@ def locked(path: Path) -> Iterator[None]:
         if fd < 0:
             assert error is not None
             raise UserError(f"Cannot write to the directory {path.parent}: {_reason(error)}.")
-        yield
+        yield True
     finally:
         if fd >= 0:
             os.close(fd)  # and with it the lock
@@ -107,7 +107,7 @@ def held(path: Path, busy: str) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # Windows
-        yield
+        yield False
         return
     try:  # for writing where allowed: NFS locks only files open for writing exclusively
         fd = os.open(path, os.O_RDWR)
@@ -304,6 +304,20 @@ def storable_text(text: str) -> str:
 # What h5py raises for damaged bytes (RuntimeError: a metadata checksum) or what reading code
 # raises for a layout other than the documented one.
 DAMAGED = (OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def dangling_link(group: h5py.Group, name: str) -> bool:
+    """Whether ``group[name]`` is a soft or external link whose target cannot be opened (gone,
+    or in a file that is not there): nothing, where a hard link that cannot be opened is
+    damage."""
+    link = group.get(name, getlink=True)
+    if not isinstance(link, h5py.SoftLink | h5py.ExternalLink):
+        return False
+    try:
+        group[name]
+    except DAMAGED:
+        return True
+    return False
 
 
 @contextmanager

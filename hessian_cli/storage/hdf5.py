@@ -28,6 +28,7 @@ from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, pro
 from hessian_cli.storage.files import (
     DAMAGED,
     check_directory_writable,
+    dangling_link,
     file_format,
     hdf5_written,
     locked,
@@ -74,9 +75,9 @@ def write_analyses(
     check_writable(path)
     # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place;
     # waiting for another writer's lock, it takes effect at once.
-    with locked(path), signals_deferred(signal.SIGTERM, signal.SIGINT):
-        # A writer of this file killed outright (kill -9) left its copy, as large as the file.
-        remove_temporaries(path.parent, re.escape(path.name))
+    with locked(path) as held, signals_deferred(signal.SIGTERM, signal.SIGINT):
+        if held:  # a writer of this file killed outright (kill -9) left its copy, as large
+            remove_temporaries(path.parent, re.escape(path.name))
         exists = path.exists()  # after the lock: another writer may have just created it
         with hdf5_written(
             path, append=exists, adding=_bytes_to_add(analyses, save_eigenvectors)
@@ -376,19 +377,22 @@ def _by_step(f: h5py.File, names: list[str]) -> list[str]:
 
 
 def _is_group(parent: h5py.Group, name: str) -> bool:
-    """Whether ``parent[name]`` is a group, or an object that cannot be opened (a damaged
-    header), which reading then refuses: h5py's ``items()`` and ``get`` give None for it, and the
-    checkpoint dropped out of ``show`` and ``plot`` unsaid."""
+    """Whether ``parent[name]`` is a group, or an object of the file that cannot be opened (a
+    damaged header), which reading then refuses: h5py's ``items()`` and ``get`` give None for
+    it, and the checkpoint dropped out of ``show`` and ``plot`` unsaid. A soft or external link
+    whose target is gone points at nothing, and is no checkpoint."""
     try:
         return isinstance(parent[name], h5py.Group)
     except DAMAGED:
-        return True
+        return not dangling_link(parent, name)
 
 
 def _member(group: h5py.Group, name: str) -> h5py.HLObject | None:
-    """``group[name]``, None where there is no such name; an object there that cannot be opened
-    raises (``get`` said None: a damaged trace read as no trace)."""
-    return group[name] if name in group else None
+    """``group[name]``, None where there is no such name or a link to nothing; an object of the
+    file there that cannot be opened raises (``get`` said None: a damaged trace read as none)."""
+    if name not in group or dangling_link(group, name):
+        return None
+    return group[name]
 
 
 def _stored_order(f: h5py.File) -> list[str]:

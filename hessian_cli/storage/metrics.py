@@ -42,6 +42,7 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.storage.files import (
+    dangling_link,
     file_format,
     hdf5_written,
     open_format,
@@ -235,10 +236,12 @@ def read_metrics_file(
             name: {
                 col: np.asarray(group[col][()])
                 for col in group
-                if isinstance(group[col], h5py.Dataset) and group[col].dtype.kind in "biuf"
+                if not dangling_link(group, col)
+                and isinstance(group[col], h5py.Dataset)
+                and group[col].dtype.kind in "biuf"
             }
             for name in f
-            if isinstance(group := f[name], h5py.Group)
+            if not dangling_link(f, name) and isinstance(group := f[name], h5py.Group)
         }
         for name, columns in metrics.items():
             _check_rows(name, columns)

@@ -76,6 +76,7 @@ from hessian_cli.specs import (
     cast_inputs,
     check_finite,
     check_fits,
+    check_range,
     check_targets,
     default_loss,
     get_loss,
@@ -263,6 +264,8 @@ class _Run:
         does not fit the data, or an unusable loss, is reported before anything is written."""
         if isinstance(self.data.train, TensorDataset):
             check_finite(self.data.train.tensors[:2], "training data's")
+            for t in self.data.train.tensors[:2]:  # each step casts its batch to float32
+                check_range(t, torch.float32)
         for batch in self.test_batches:  # a test loss that is not finite then means divergence
             check_finite(batch, "test data's")
         check_finite(self.track_batch, "held-out data's")

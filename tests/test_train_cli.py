@@ -463,3 +463,15 @@ def test_a_second_ctrl_c_says_what_was_kept(capsys, tmp_path, monkeypatch, finis
     )
     code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "setup", "-q")
     assert code == 130 and "stopped at once by a second Ctrl-C: nothing was written." in err
+
+
+def test_data_float32_cannot_hold_is_refused_before_the_run(capsys, tmp_path):
+    """float64 inputs of 1e300 became inf in each step's float32 batch: the run "diverged"."""
+    import numpy as np
+
+    data = tmp_path / "big.npz"
+    np.savez(data, x=np.full((32, 4), 1e300), y=np.arange(32) % 2)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "mlp", "--data", data, "--out", out)
+    assert code == 2 and "beyond float32's range" in error_sentence(err)
+    assert not out.exists()

@@ -162,7 +162,8 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
     except pickle.UnpicklingError as exc:
         if not pickle_or_zip:  # no flag would help
             raise UserError(
-                f"checkpoint {str(path)!r} is not a torch, safetensors or pickle file."
+                f"checkpoint {str(path)!r} is not a torch, safetensors or pickle file "
+                "(pickles of protocol 2 or later: Python 2's text protocols 0 and 1 are not read)."
             ) from exc
         message = str(exc)
         if not trust and "Weights only load failed" in message:

@@ -420,12 +420,13 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
             token_ids=token_ids,
         )
         check_targets(loss_spec, minibatches, data.num_classes)
-    if request.bn == "train" and not has_batchnorm(model):
-        raise UserError(
-            "--bn train switches BatchNorm layers to batch statistics, and the model has none: "
-            "leave it out."
-        )
-    if request.bn == "train":  # check_fits ran in eval mode
+    if request.bn == "train":
+        if not has_batchnorm(model):
+            raise UserError(
+                "--bn train switches BatchNorm layers to batch statistics, and the model has "
+                "none: leave it out."
+            )
+        # check_fits ran in eval mode
         _check_batch_statistics(model, min(batches + minibatches, key=lambda b: len(b[1])))
     return _Setup(
         model_spec,

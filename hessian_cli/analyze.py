@@ -163,9 +163,8 @@ def analyze_target(
     target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
 ) -> list[CheckpointAnalysis]:
     """Analyse one checkpoint or a directory of them, returned in step/epoch order; whatever
-    stops a checkpoint after the first (bad input, an error, an interrupt) is
-    :class:`SeriesStopped`, which holds the results so far, except a lost torchrun peer (the
-    job is ending: the rank that left says why)."""
+    stops a checkpoint after the first (bad input, an error, a lost torchrun peer, an interrupt)
+    is :class:`SeriesStopped`, which holds the results so far."""
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
@@ -177,7 +176,7 @@ def analyze_target(
         try:
             result = analyze_checkpoint(ckpt, request, progress, init=init)
         except (Exception, KeyboardInterrupt, Terminated) as exc:
-            if not results or isinstance(exc, distributed.PeerLost):
+            if not results:
                 raise
             # Whatever stopped this one (an error of ours too), the others' work is kept.
             interrupt = exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
@@ -187,6 +186,8 @@ def analyze_target(
                 why = str(exc).rstrip(".")
             elif out_of_host_memory(exc):
                 why = OUT_OF_HOST_MEMORY
+            elif isinstance(exc, distributed.PeerLost):  # Gloo's own words are no help
+                why = "another rank left or stopped answering (its message or torchrun's says why)"
             else:
                 why = f"unexpected {described(exc)} (run with --debug for the traceback)"
             before = (

@@ -708,3 +708,28 @@ def test_a_one_sample_batchnorm_batch_on_one_rank_is_refused_by_every_rank(
     said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert all(s.startswith("refused: ") for s in said), said
     assert "one sample has no statistics for BatchNorm" in said[0]
+
+
+@needs_gloo
+def test_a_ctrl_c_that_reaches_one_rank_alone_ends_the_job_at_once(tmp_path: Path) -> None:
+    """One node's terminal signals its ranks only: the interrupted rank left through the
+    barrier of leaving together, while its peer sat in a product's all-reduce, and both waited
+    for the collective timeout (900 s; 60 s here)."""
+    (tmp_path / "net.py").write_text(
+        "import os\nimport signal\nimport threading\n\nimport torch\n\n"
+        "if os.environ['RANK'] == '1':  # this rank's Ctrl-C, in the middle of the solve\n"
+        "    threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT)).start()\n\n\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
+    )
+    weights = 0.3 * torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+    torch.save({"1.weight": weights, "1.bias": torch.zeros(10)}, tmp_path / "w.pt")
+    # About 15 s of products on 650 batches (the signal comes at 4 s).
+    args = ["analyze", "w.pt", "--model", "net.py:make", "--data", "digits", "--dtype", "float64"]
+    args += ["--num-samples", "1300", "--batch-size", "2", "--top-k", "40", "--tol", "1e-12"]
+    args += ["--max-hvps", "3000", "-q", "--out", "s.h5"]
+    env = {"HESSIAN_CLI_COLLECTIVE_TIMEOUT": "60"}
+    code, _, err, seconds = _run(args, ranks=2, cwd=tmp_path, timeout=150, env=env)
+    assert code != 0 and seconds < 40, (seconds, err)
+    assert "hessian_cli/" not in err, err  # no traceback of ours (torchrun prints its own)
+    assert not (tmp_path / "s.h5").exists()

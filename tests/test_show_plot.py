@@ -533,3 +533,17 @@ def test_small_things_show_and_plot_refuse_clearly(files, tmp_path):
     assert runner.invoke(app, ["show", str(nan_density)]).exit_code == 0
     pgf = cli("plot", str(files["single"]), "-o", str(tmp_path / "f.pgf"))  # it needs LaTeX
     assert pgf.returncode == 2 and "Cannot write a 'pgf'" in pgf.stderr
+
+
+def test_under_torchrun_one_rank_shows_and_draws(files, tmp_path, monkeypatch):
+    """Every rank printed the whole report, and wrote the same figure at once."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shown = runner.invoke(app, ["show", str(files["series"])])
+    drawn = runner.invoke(app, ["plot", str(files["series"]), "-o", str(tmp_path / "f.png")])
+    assert shown.exit_code == drawn.exit_code == 0
+    assert shown.output == drawn.output == ""
+    assert not (tmp_path / "f.png").exists()
+    monkeypatch.setenv("RANK", "0")
+    drawn = runner.invoke(app, ["plot", str(files["series"]), "-o", str(tmp_path / "f.png")])
+    assert drawn.exit_code == 0 and (tmp_path / "f.png").exists()

@@ -8,9 +8,9 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hessian_cli.cli.app import (
-    INTERRUPTED_STATUS,
     app,
     err_console,
+    exit_interrupted,
     import_torch,
     print_json,
     results_console,
@@ -268,7 +268,7 @@ def analyze(
         except KeyboardInterrupt:  # before the first result (after it: SeriesStopped)
             if lead:
                 err_console.print("interrupted: nothing was written.", style="yellow")
-            raise typer.Exit(INTERRUPTED_STATUS) from None
+            exit_interrupted()
     reports = [analysis_to_dict(r) for r in results]
     # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
     if lead and as_json:
@@ -296,7 +296,7 @@ def analyze(
         if stopped.interrupt is not None:  # Ctrl-C: the shell's status for SIGINT
             if lead:
                 err_console.print(str(stopped), style="yellow", highlight=False)
-            raise typer.Exit(INTERRUPTED_STATUS)
+            exit_interrupted()
         raise stopped
     accepted = max_hvps is not None  # the budget the user set: exit 0, but still said
     warning = unconverged_warning(

@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -176,7 +176,17 @@ def import_torch() -> None:
     import torch  # noqa: F401
 
 
-def _leave_now(code: int) -> None:
+def exit_interrupted() -> NoReturn:
+    """End the command as a Ctrl-C does, with the shell's status for SIGINT. Under torchrun at
+    once, without leaving together: a Ctrl-C that reached this rank alone (one node's terminal)
+    left its peers inside a collective, and the barrier on the way out waited for them until
+    the collective timeout (900 s); torchrun stops them when this rank exits."""
+    if env_world_size() > 1:
+        _leave_now(INTERRUPTED_STATUS)
+    raise typer.Exit(INTERRUPTED_STATUS)
+
+
+def _leave_now(code: int) -> NoReturn:
     """Exit without Python's teardown (the command's own clean-up ran while its exception
     unwound): under torchrun that teardown waits for peers that may be gone or stuck."""
     sys.stdout.flush()

@@ -10,6 +10,7 @@ from rich.console import Console
 from hessian_cli.cli.app import app
 from hessian_cli.cli.options import named_path
 from hessian_cli.cli.result_files import Metrics, read_result_file
+from hessian_cli.launch import env_rank
 
 
 @app.command("plot")
@@ -32,6 +33,8 @@ def plot(
     ),
 ) -> None:
     """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
+    if env_rank() != 0:  # under torchrun one rank draws it (each wrote the same file)
+        return
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.
     from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
     from hessian_cli.storage.files import reading

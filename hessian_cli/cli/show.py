@@ -9,6 +9,7 @@ import typer
 
 from hessian_cli.cli.app import app, print_json, results_console
 from hessian_cli.cli.result_files import Metrics, read_result_file
+from hessian_cli.launch import env_rank
 
 
 def _column(values: Any) -> list:
@@ -44,6 +45,8 @@ def show(
     ),
 ) -> None:
     """Show what is inside a spectra or metrics HDF5 file, as tables."""
+    if env_rank() != 0:  # under torchrun one rank shows it
+        return
     # Imported here, not at the top, so that --help need not load h5py and numpy.
     from hessian_cli.presentation.tables import (
         analysis_table,

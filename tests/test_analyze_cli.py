@@ -1416,9 +1416,9 @@ def test_the_checkpoints_recorded_classes_build_its_model(capsys, tmp_path, digi
 
 
 def test_a_label_far_beyond_any_class_count_is_one_sentence_not_out_of_memory():
-    with pytest.raises(UserError, match="with 1,099,511,627,777 outputs and --model-kwargs"):
+    with pytest.raises(UserError, match="with 1,099,511,627,777 outputs and model arguments"):
         build_model("mlp", input_shape=(1, 8, 8), num_classes=2**40 + 1, kwargs={"hidden": [32]})
-    with pytest.raises(UserError, match=r"with 10 outputs and --model-kwargs .*check its options"):
+    with pytest.raises(UserError, match=r"with 10 outputs and model arguments .*check its options"):
         build_model("mlp", input_shape=(1, 8, 8), num_classes=10, kwargs={"hidden": [2**20] * 2})
 
 

@@ -55,7 +55,7 @@ def build_model(
                 fit = "has sizes too large for torch"
             else:
                 raise
-            options = f" and --model-kwargs {json.dumps(kwargs)}" if kwargs else ""
+            options = f" and model arguments {json.dumps(kwargs)}" if kwargs else ""
             outputs = f"{num_classes:,}" if isinstance(num_classes, int) else num_classes
             raise UserError(
                 f"model {spec!r} with {outputs} outputs{options} {fit}: "

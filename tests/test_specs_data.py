@@ -487,6 +487,9 @@ def test_data_arrays_no_analysis_can_use_are_one_sentence(tmp_path) -> None:
         torch.save(arrays, tmp_path / name)
         with pytest.raises(UserError, match=why):
             load_data(str(tmp_path / name))
+    np.savez(tmp_path / "empty.npz", x=np.zeros((4, 0)), y=np.arange(4) % 2)
+    with pytest.raises(UserError, match=r"hold no values \(shape \(0,\) each\)"):
+        load_data(str(tmp_path / "empty.npz"))
     (tmp_path / "dir.npz").mkdir()
     with pytest.raises(UserError, match="is a directory"):
         load_data(str(tmp_path / "dir.npz"))

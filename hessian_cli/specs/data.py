@@ -266,6 +266,11 @@ def _tensor_file(spec: str) -> DataSource:
             raise UserError(f"data file {spec!r}: {which} must have the same, non-zero length.")
         if len(xs) == 0:
             raise UserError(f"data file {spec!r} holds no samples in {which}.")
+        if 0 in xs.shape[1:]:  # a model built for it was refused for an option never given
+            raise UserError(
+                f"data file {spec!r}: the samples in {which} hold no values "
+                f"(shape {tuple(xs.shape[1:])} each)."
+            )
         if classification:
             ys = _class_labels(ys, spec, which)
         elif ys.ndim == 1:

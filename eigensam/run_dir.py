@@ -131,8 +131,8 @@ def claim_run_dir(run_dir: Path, config: TrainConfig, *, new: bool) -> Iterator[
     if new:
         write_config(run_dir, config)
     busy = f"the run in {str(run_dir)!r} is being trained by another process."
-    with held(run_dir / CONFIG_FILE, busy):
-        if not new:  # what a killed process of this run left half-written (its files only)
+    with held(run_dir / CONFIG_FILE, busy) as holding:
+        if not new and holding:  # what a killed process of this run left (its files only)
             own = "|".join(re.escape(name) for name in (CONFIG_FILE, METRICS_FILE))
             remove_temporaries(run_dir, own)
             remove_temporaries(run_dir / RUN_CHECKPOINTS, r"step\d+\.pt|final\.pt")

@@ -68,7 +68,7 @@ from eigensam.tracking import (
 )
 from hessian_cli.engine import distributed
 from hessian_cli.engine.devices import resolve_device
-from hessian_cli.engine.operator import Batch, LossFn, batch_statistics_error
+from hessian_cli.engine.operator import Batch, LossFn, batch_statistics_error, check_range
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
     analysis_batches,
@@ -76,7 +76,6 @@ from hessian_cli.specs import (
     cast_inputs,
     check_finite,
     check_fits,
-    check_range,
     check_targets,
     default_loss,
     get_loss,

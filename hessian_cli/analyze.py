@@ -222,11 +222,11 @@ def _recorded_kwargs(value: Any) -> dict:
         except (json.JSONDecodeError, RecursionError):  # nested past Python's stack
             kwargs = None
     elif isinstance(value, dict):
-        try:  # what JSON holds: it is recorded as JSON again (a dtype value failed there)
-            kwargs = json.loads(json.dumps(value))
+        try:  # recorded as JSON again: a dtype value failed there, an int key in the factory
+            json.dumps(value)
         except (TypeError, ValueError, RecursionError):
             kwargs = None
-        if kwargs != value:  # keys that JSON turns into text (1 into "1")
+        if not all(isinstance(key, str) for key in value):
             kwargs = None
     if not isinstance(kwargs, dict):
         raise UserError(

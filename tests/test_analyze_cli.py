@@ -1319,6 +1319,10 @@ def test_recorded_model_kwargs_json_cannot_hold_are_one_sentence(
     path = tmp_path / "odd.pt"
     torch.save({**state, "hessian_cli": dict(state["hessian_cli"], model_kwargs=kwargs)}, path)
     assert "model_kwargs are not a JSON object" in _bad(capsys, "analyze", path, "--top-k", "1")
+    # What JSON writes as another type is fine: a tuple (a list in JSON), as before.
+    tupled = dict(state["hessian_cli"], model_kwargs={"hidden": tuple(MLP_KW["hidden"])})
+    torch.save({**state, "hessian_cli": tupled}, path)
+    assert run(capsys, "analyze", path, "--top-k", "1")[0] == 0
 
 
 def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):

@@ -35,7 +35,7 @@ def test_help_and_version_do_not_load_the_numerical_stack():
         "        main()\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "print(sorted(m for m in ('torch', 'h5py', 'matplotlib') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'h5py', 'matplotlib', 'numpy') if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True

@@ -692,3 +692,16 @@ def test_the_engines_names_are_importable_from_the_package():
     assert sorted(engine.__all__) == sorted(engine._HOMES)
     for name in engine.__all__:
         assert getattr(engine, name).__name__ == name
+
+
+def test_data_the_models_dtype_cannot_hold_is_refused_as_such():
+    """float64 inputs of 1e300 for a float32 model became inf: "the loss is not finite"."""
+    from hessian_cli.engine.operator import check_range
+
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.full((4, 3), 1e300, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(UserError, match="beyond float32's range"):
+        HessianOperator(model, F.cross_entropy, [(x, y)])
+    with pytest.raises(UserError, match="beyond float16's range"):  # bfloat16 is as wide
+        check_range(torch.tensor([3e38], dtype=torch.bfloat16), torch.float16)
+    check_range(torch.tensor([1e300, float("nan")], dtype=torch.float64), torch.float64)

@@ -266,9 +266,11 @@ def analyze(
         except SeriesStopped as exc:  # keep what was done: shown and written, then the error
             results, stopped = exc.results, exc
         except KeyboardInterrupt:  # before the first result (after it: SeriesStopped)
-            if lead:
-                err_console.print("interrupted: nothing was written.", style="yellow")
-            exit_interrupted()
+            results = None
+    if results is None:  # after the bar's end, which gives the terminal its cursor back
+        if lead:
+            err_console.print("interrupted: nothing was written.", style="yellow")
+        exit_interrupted()
     reports = [analysis_to_dict(r) for r in results]
     # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
     if lead and as_json:

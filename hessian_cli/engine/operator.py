@@ -101,12 +101,31 @@ def cast_batch(batch: Batch, dtype: torch.dtype | None) -> Batch:
     if dtype is None:
         return x, y
     if x.is_floating_point():
+        check_range(x, dtype)
         x = x.to(dtype=dtype)
     if y.is_floating_point() and (
         torch.finfo(dtype).bits >= 32 or torch.finfo(y.dtype).bits < torch.finfo(dtype).bits
     ):
+        check_range(y, dtype)
         y = y.to(dtype=dtype)
     return x, y
+
+
+def check_range(t: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse real data whose finite values ``dtype`` cannot hold: cast, they became inf, and
+    float64 data of 1e300 for a float32 model was called "NaN or infinite" data (in training,
+    a divergence)."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    top = torch.finfo(dtype).max
+    if torch.finfo(t.dtype).max <= top:  # bfloat16 into float16 narrows too
+        return
+    finite = t if bool(torch.isfinite(t).all()) else t[torch.isfinite(t)]
+    if finite.numel() and (float(finite.amax()) > top or float(finite.amin()) < -top):
+        raise UserError(
+            f"the data hold values beyond {str(dtype)[6:]}'s range (at most {top:.3g}): rescale "
+            "them (analyze can also take --dtype float64)."
+        )
 
 
 def batch_statistics_error(model: nn.Module, x: torch.Tensor) -> str | None:

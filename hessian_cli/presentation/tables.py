@@ -17,7 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-DASH = "—"
+from hessian_cli.presentation import DASH
+
 NOT_CONVERGED = "[bold red]NOT converged[/]"
 # The provenance shown above the tables; `show --json` and the HDF5 attrs hold all of it.
 SUMMARY_KEYS = (

@@ -8,7 +8,7 @@ import math
 from rich.table import Table
 
 from eigensam.events import EpochDone
-from hessian_cli.presentation.tables import DASH
+from hessian_cli.presentation import DASH
 
 TABLE_ROWS = 40  # epochs in the final table at most: the last ones
 

@@ -17,7 +17,6 @@ from hessian_cli.specs.data import (
     cast_inputs,
     check_finite,
     check_labels,
-    check_range,
     check_root_options,
     load_data,
 )
@@ -43,7 +42,6 @@ __all__ = [
     "check_finite",
     "check_fits",
     "check_labels",
-    "check_range",
     "check_root_options",
     "check_targets",
     "checkpoint_order_key",

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from hessian_cli.engine.operator import check_range
 from hessian_cli.errors import UserError, a_type, described
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
@@ -612,21 +613,6 @@ def cast_inputs(x: Any, dtype: torch.dtype, token_ids: bool = False) -> torch.Te
 def _narrowed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     check_range(t, dtype)
     return t.to(dtype)
-
-
-def check_range(t: torch.Tensor, dtype: torch.dtype) -> None:
-    """Refuse real data whose finite values ``dtype`` cannot hold: cast, they became inf, and
-    float64 data of 1e300 for a float32 model was called "NaN or infinite" data (in training,
-    a divergence)."""
-    if not t.is_floating_point() or t.dtype.itemsize <= dtype.itemsize or not t.numel():
-        return
-    top = torch.finfo(dtype).max
-    finite = t[torch.isfinite(t)] if not bool(torch.isfinite(t).all()) else t
-    if finite.numel() and (float(finite.amax()) > top or float(finite.amin()) < -top):
-        raise UserError(
-            f"the data hold values beyond {str(dtype)[6:]}'s range (at most {top:.3g}): rescale "
-            "them (analyze can also take --dtype float64)."
-        )
 
 
 def _cast_y(y: Any, dtype: torch.dtype) -> torch.Tensor:

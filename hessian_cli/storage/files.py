@@ -100,10 +100,11 @@ def signals_deferred(*signums: int) -> Iterator[None]:
 
 
 @contextmanager
-def held(path: Path, busy: str) -> Iterator[None]:
+def held(path: Path, busy: str) -> Iterator[bool]:
     """Hold the existing file ``path`` exclusively across processes for the block, or refuse at
     once with the sentence ``busy`` where another process holds it: a training run, say, which
-    two processes would each overwrite. (POSIX only, and where the file system has locks.)"""
+    two processes would each overwrite. (POSIX only, and where the file system has locks.)
+    Yields whether it is held."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -121,9 +122,10 @@ def held(path: Path, busy: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(busy) from None
-        except OSError:
-            pass  # a file system without locks (some network ones): nothing to hold
-        yield
+        except OSError:  # a file system without locks (some network ones): nothing to hold
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # and with it the lock
 

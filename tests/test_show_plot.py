@@ -547,3 +547,20 @@ def test_under_torchrun_one_rank_shows_and_draws(files, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     drawn = runner.invoke(app, ["plot", str(files["series"]), "-o", str(tmp_path / "f.png")])
     assert drawn.exit_code == 0 and (tmp_path / "f.png").exists()
+
+
+def test_show_says_which_curvature_rows_met_their_tolerance(tmp_path):
+    """The rows' residuals were shown with nothing to read them against."""
+    from hessian_cli.storage.metrics import MetricsLog
+
+    path = tmp_path / "metrics.h5"
+    log = MetricsLog(path, {"model": "mlp"}, tolerances={"refresh": 1e-2, "track": 1e-3})
+    for step, residual in ((0, 5e-3), (5, 2e-2), (10, 9e-3)):
+        log.append("refresh", step=step, eigenvalue=1.0, residual=residual, alignment=0.5, hvps=6)
+    log.append("track", step=0, lambda_max=1.0, residual=1e-4, hvps=12)
+    log.flush()
+    out = " ".join(runner.invoke(app, ["show", str(path)]).output.split())
+    assert (
+        "converged (residual <= tol 1e-02): 2 of 3; the others stopped at their HVP budget" in out
+    )
+    assert "converged (residual <= tol 1e-03): 1 of 1" in out

@@ -461,10 +461,24 @@ def metrics_summary(
         parts.append(Text(f"per-step loss: first {loss[0]:.5g}, last {loss[-1]:.5g}"))
     if metrics.get("epochs"):
         parts.append(columns_table("Epochs", _ordered(metrics["epochs"], "epoch")))
-    if metrics.get("refresh"):
-        parts.append(columns_table("Eigenvector refreshes", _ordered(metrics["refresh"], "step")))
-    if metrics.get("track"):
-        parts.append(
-            columns_table("λmax of the held-out batch", _ordered(metrics["track"], "step"))
-        )
+    tolerances = info.get("tolerances") or {}
+    for group, title in (
+        ("refresh", "Eigenvector refreshes"),
+        ("track", "λmax of the held-out batch"),
+    ):
+        if metrics.get(group):
+            parts.append(columns_table(title, _ordered(metrics[group], "step")))
+            if said := _converged_rows(metrics[group], tolerances.get(group)):
+                parts.append(Text(said, style="dim"))  # a caption wraps at the table's width
     return Group(*parts)
+
+
+def _converged_rows(columns: Mapping[str, np.ndarray], tol: float | None) -> str | None:
+    """How many of a curvature group's rows met the tolerance their solves aimed for (files
+    written before 2026-11-30 record none)."""
+    residual = columns.get("residual")
+    if tol is None or residual is None or np.ndim(residual) != 1:
+        return None
+    met = int(np.sum(np.asarray(residual, dtype=float) <= tol))
+    rest = "" if met == len(residual) else "; the others stopped at their HVP budget"
+    return f"converged (residual <= tol {tol:.0e}): {met} of {len(residual)}{rest}"

@@ -227,8 +227,8 @@ def read_metrics_file(
     path: str | Path,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, object]]:
     """:func:`read_metrics` and the file's root attributes (format, version, and whatever else
-    train wrote) from one opening, so that a run appending in between cannot make them
-    disagree."""
+    train wrote; under ``tolerances`` the ``tol`` of each group that records one) from one
+    opening, so that a run appending in between cannot make them disagree."""
     with open_format(path, METRICS_FORMAT_NAME, "metrics") as f:
         # Indexed, not items(): h5py's items() gives None for an object it cannot open (a
         # damaged header), and a damaged group or column dropped out of show and plot unsaid.
@@ -245,7 +245,14 @@ def read_metrics_file(
         }
         for name, columns in metrics.items():
             _check_rows(name, columns)
-        return metrics, _attributes(f)
+        info = _attributes(f)
+        # The relative residual each curvature group's solves aimed for (since 2026-11-30).
+        tolerances = {
+            name: float(f[name].attrs["tol"]) for name in metrics if "tol" in f[name].attrs
+        }
+        if tolerances:
+            info["tolerances"] = tolerances
+        return metrics, info
 
 
 def _check_rows(group: str, columns: dict[str, np.ndarray]) -> None:

@@ -354,7 +354,7 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert str(table.columns[3].header) == "model"
     assert list(table.columns[3].cells) == ["mlp (2,410)", "cnn (1,418)", "mlp (2,410)"]
     fig = spectra_figure(ds)
-    assert fig.get_suptitle() == "2 models or parameter sets, each with its own marker"
+    assert fig.get_suptitle() == "2 runs (models, parameter sets or checkpoint directories)"
     drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
     assert [(line.get_marker(), list(line.get_ydata())) for line in drawn] == [
         ("o", [2.0, 2.0]),  # a and c, the mlp, joined
@@ -363,6 +363,17 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert drawn[0].get_linestyle() == "-"
     named = {h.get_marker(): h.get_label() for h in fig.legends[0].legend_handles}
     assert named == {"o": "mlp (2,410)", "s": "cnn (1,418)"}
+    # Two runs of one model: told apart by the directory their checkpoints were read from.
+    runs = [
+        {**d, "provenance": {"model": "mlp", "num_params": 2410, "checkpoint": f"/r/{r}/c/s.pt"}}
+        for d, r in zip(ds, ("a", "b", "a"), strict=True)
+    ]
+    fig = spectra_figure(runs)
+    named = {h.get_marker(): h.get_label() for h in fig.legends[0].legend_handles}
+    assert named == {"o": "mlp (2,410) in a/c", "s": "mlp (2,410) in b/c"}
+    table = series_table(runs)
+    assert [str(c.header) for c in table.columns][3] == "directory"
+    assert list(table.columns[3].cells) == ["a/c", "b/c", "a/c"]
     same = [{**d, "provenance": {"model": "mlp", "num_params": 2410}} for d in ds]
     same[1]["provenance"] = {}  # another tool's checkpoint, or an older file's: counts as any
     assert "model" not in [str(c.header) for c in series_table(same).columns]

@@ -24,8 +24,9 @@ from hessian_cli.presentation.tables import (
     counted,
     eigen_labels,
     model_cell,
-    model_count,
-    model_key,
+    run_directory,
+    run_key,
+    several_runs,
 )
 from hessian_cli.storage.files import atomic_path
 
@@ -170,24 +171,30 @@ def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
     return np.arange(1, len(ds) + 1, dtype=float), "checkpoint (file order)"
 
 
-# Markers that tell apart the models (or parameter sets) of one file's checkpoints.
+# Markers that tell apart the runs (models, parameter sets, checkpoint directories) of a file.
 _MODEL_MARKERS = "osD^v<>ph*"
 
 
 def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str, str | None]]:
-    """The checkpoints' positions per model, each drawn as a trajectory of its own: positions,
-    marker and the model's legend label (None where the file holds one model)."""
-    if model_count(ds) == 1:
+    """The checkpoints' positions per run, each drawn as a trajectory of its own: positions,
+    marker and the run's legend label (None where the file holds one run)."""
+    keys = [run_key(d) for d in ds]
+    if len(set(keys) - {None}) <= 1:
         return [(np.arange(len(ds)), "o", None)]
-    keys = [model_key(d) for d in ds]
     groups = list(dict.fromkeys(keys))
+    several = several_runs(ds)
+
+    def label(key: tuple[Any, ...] | None) -> str:
+        if key is None:
+            return "model not recorded"
+        prov = ds[keys.index(key)]["provenance"]
+        return _literal(model_cell(prov) + (f" in {run_directory(prov)}" if several else ""))
+
     return [
         (
             np.array([i for i, k in enumerate(keys) if k == key]),
             _MODEL_MARKERS[n % len(_MODEL_MARKERS)],
-            "model not recorded"
-            if key is None
-            else _literal(model_cell(ds[keys.index(key)]["provenance"])),
+            label(key),
         )
         for n, key in enumerate(groups)
     ]
@@ -203,11 +210,12 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if not k and not has_trace:
         raise UserError("The file holds no eigenvalues or traces to plot.")
     fig, axes = _figure(bool(k) + has_trace + has_alignment)
-    # Checkpoints of different models (or parameter sets) appended to one file: a trajectory
-    # and a marker for each (they were drawn as one). Two runs of one model are one trajectory.
+    # Checkpoints of different models, parameter sets or runs (checkpoint directories) appended
+    # to one file: a trajectory and a marker for each (they were drawn as one).
     runs = [(at[np.argsort(x[at], kind="stable")], m, lab) for at, m, lab in _trajectories(ds)]
-    if len(runs) > 1:  # points of files that record no model are not counted as one
-        fig.suptitle(f"{model_count(ds)} models or parameter sets, each with its own marker")
+    if len(runs) > 1:  # points of files that record no model are not counted as a run
+        counted_runs = len({run_key(d) for d in ds} - {None})
+        fig.suptitle(f"{counted_runs} runs (models, parameter sets or checkpoint directories)")
     panels = iter(axes)
     if k:
         ax = next(panels)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -297,9 +297,11 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     # Searches that differ between rows: each row says which of its ends the #i columns hold.
     mixed = len(whiches - {None}) > 1
     which = ["which"] if mixed else []
-    # Checkpoints of different models appended to one file: each row says which it is.
+    # Checkpoints of different models or runs appended to one file: each row says which.
     models = ["model"] if model_count(ds) > 1 else []
-    for label in ("step", "epoch", *models, *which, *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||"):
+    runs = ["directory"] if several_runs(ds) else []
+    columns = ("step", "epoch", *models, *runs, *which, *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||")
+    for label in columns:
         # On a narrow terminal digits fold onto a second line, never cut to "4.7…".
         table.add_column(label, justify="right", overflow="fold")
     unconverged = False
@@ -323,6 +325,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             str(prov.get("step", DASH)),
             str(prov.get("epoch", DASH)),
             *([escape(model_cell(prov))] if models else []),
+            *([escape(run_directory(prov))] if runs else []),
             *([e.get("which") or DASH] if mixed else []),
             *cells,
             _g(t["estimate"], ".5g")
@@ -345,6 +348,25 @@ def model_key(d: Mapping[str, Any]) -> tuple[Any, Any] | None:
     records both (None: other files' checkpoints, which count as any)."""
     prov = d.get("provenance") or {}
     return (prov["model"], prov["num_params"]) if "model" in prov and "num_params" in prov else None
+
+
+def run_key(d: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """The run a checkpoint belongs to: its model (:func:`model_key`) and the directory it was
+    read from (a training run's checkpoints share one); None where the file records no model."""
+    model = model_key(d)
+    return None if model is None else (*model, run_directory(d.get("provenance") or {}))
+
+
+def run_directory(prov: Mapping[str, Any]) -> str:
+    """The last two parts of the directory a checkpoint was read from (``exp1/checkpoints``)."""
+    checkpoint = prov.get("checkpoint")
+    return DASH if checkpoint is None else str(PurePath(*PurePath(str(checkpoint)).parts[-3:-1]))
+
+
+def several_runs(ds: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether one model's checkpoints in ``ds`` come from several directories (runs)."""
+    keys = {run_key(d) for d in ds} - {None}
+    return len(keys) > len({key[:2] for key in keys})
 
 
 def model_count(ds: Sequence[Mapping[str, Any]]) -> int:

@@ -374,6 +374,10 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     table = series_table(runs)
     assert [str(c.header) for c in table.columns][3] == "directory"
     assert list(table.columns[3].cells) == ["a/c", "b/c", "a/c"]
+    # Runs are told apart by the whole directory, not the two parts the labels show.
+    for d, root in zip(runs, ("/x", "/y", "/x"), strict=True):
+        d["provenance"]["checkpoint"] = f"{root}/exp/c/s.pt"
+    assert len(spectra_figure(runs).legends[0].legend_handles) == 2
     same = [{**d, "provenance": {"model": "mlp", "num_params": 2410}} for d in ds]
     same[1]["provenance"] = {}  # another tool's checkpoint, or an older file's: counts as any
     assert "model" not in [str(c.header) for c in series_table(same).columns]

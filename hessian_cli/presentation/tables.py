@@ -354,7 +354,10 @@ def run_key(d: Mapping[str, Any]) -> tuple[Any, ...] | None:
     """The run a checkpoint belongs to: its model (:func:`model_key`) and the directory it was
     read from (a training run's checkpoints share one); None where the file records no model."""
     model = model_key(d)
-    return None if model is None else (*model, run_directory(d.get("provenance") or {}))
+    if model is None:
+        return None
+    checkpoint = (d.get("provenance") or {}).get("checkpoint")
+    return (*model, None if checkpoint is None else str(PurePath(str(checkpoint)).parent))
 
 
 def run_directory(prov: Mapping[str, Any]) -> str:

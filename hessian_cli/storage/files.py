@@ -322,6 +322,15 @@ def dangling_link(group: h5py.Group, name: str) -> bool:
     return False
 
 
+def member(group: h5py.Group, name: str) -> h5py.HLObject | None:
+    """``group[name]``, None where there is no such name or a link to nothing; an object of the
+    file there that cannot be opened raises (``get`` and ``items()`` said None: a damaged trace
+    read as no trace, a damaged column as no column)."""
+    if name not in group or dangling_link(group, name):
+        return None
+    return group[name]
+
+
 @contextmanager
 def reading(path: Path) -> Iterator[None]:
     """What reading or drawing a damaged file, or one laid out otherwise (a dataset where a

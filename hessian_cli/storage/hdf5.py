@@ -32,6 +32,7 @@ from hessian_cli.storage.files import (
     file_format,
     hdf5_written,
     locked,
+    member,
     open_format,
     open_hdf5,
     remove_temporaries,
@@ -387,14 +388,6 @@ def _is_group(parent: h5py.Group, name: str) -> bool:
         return not dangling_link(parent, name)
 
 
-def _member(group: h5py.Group, name: str) -> h5py.HLObject | None:
-    """``group[name]``, None where there is no such name or a link to nothing; an object of the
-    file there that cannot be opened raises (``get`` said None: a damaged trace read as none)."""
-    if name not in group or dangling_link(group, name):
-        return None
-    return group[name]
-
-
 def _stored_order(f: h5py.File) -> list[str]:
     """The ``series`` list, then any group it misses (older or foreign writers) by step, then
     name. What is not a group there (a dataset another tool added) is not a checkpoint, and is
@@ -614,7 +607,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),
         }
-    if isinstance(t := _member(g, "trace"), h5py.Dataset | h5py.Group):
+    if isinstance(t := member(g, "trace"), h5py.Dataset | h5py.Group):
         a = t.attrs
         trace = {
             # format version 1 kept the estimate as an attribute of a `trace` group
@@ -628,7 +621,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "sketch_trace": number(a.get("sketch_trace")),
             "num_samples": _int(a.get("num_samples")),
         }
-    if isinstance(dn := _member(g, "density"), h5py.Group):
+    if isinstance(dn := member(g, "density"), h5py.Group):
         a = dn.attrs
         density = {key: _array(dn, key, []) for key in _DENSITY_ARRAYS}
         for x, y in (("nodes", "weights"), ("grid", "values")):  # read (and drawn) as pairs
@@ -642,7 +635,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "hvps": _int(a.get("hvps")),
             "seconds": number(a.get("seconds")),
         }
-    if isinstance(al := _member(g, "alignment"), h5py.Group):
+    if isinstance(al := member(g, "alignment"), h5py.Group):
         a = al.attrs
         minibatch = _array(al, "minibatch", [])
         if minibatch and np.ndim(minibatch) != 2:  # rows of batches; none: stored as []

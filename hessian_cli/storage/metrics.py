@@ -42,9 +42,9 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.storage.files import (
-    dangling_link,
     file_format,
     hdf5_written,
+    member,
     open_format,
     signals_deferred,
     storable_text,
@@ -230,18 +230,14 @@ def read_metrics_file(
     train wrote; under ``tolerances`` the ``tol`` of each group that records one) from one
     opening, so that a run appending in between cannot make them disagree."""
     with open_format(path, METRICS_FORMAT_NAME, "metrics") as f:
-        # Indexed, not items(): h5py's items() gives None for an object it cannot open (a
-        # damaged header), and a damaged group or column dropped out of show and plot unsaid.
         metrics = {
             name: {
-                col: np.asarray(group[col][()])
+                col: np.asarray(ds[()])
                 for col in group
-                if not dangling_link(group, col)
-                and isinstance(group[col], h5py.Dataset)
-                and group[col].dtype.kind in "biuf"
+                if isinstance(ds := member(group, col), h5py.Dataset) and ds.dtype.kind in "biuf"
             }
             for name in f
-            if not dangling_link(f, name) and isinstance(group := f[name], h5py.Group)
+            if isinstance(group := member(f, name), h5py.Group)
         }
         for name, columns in metrics.items():
             _check_rows(name, columns)

@@ -237,7 +237,14 @@ def _check_same_course(
     for name, value in (("processes", saved_processes), ("samples", saved_samples)):
         if value is not None and not _is_count(value):
             raise UserError(f"{str(path)!r} is damaged: its {name} ({value!r}) is not a count.")
+    scheduler = raw.get("scheduler")
+    total = scheduler.get("total_steps") if isinstance(scheduler, dict) else None
     if saved_processes is not None and saved_processes != processes:
+        if _is_count(total) and state.get("step") == total:  # its last checkpoint
+            raise UserError(
+                f"this run has already finished (step {total} of {total}): there is nothing to "
+                "resume."
+            )
         raise UserError(
             f"this run was trained by {saved_processes} "
             f"process{'es' if saved_processes > 1 else ''}, not {processes}: resume it with as "
@@ -249,8 +256,6 @@ def _check_same_course(
             f"this run was trained on {saved_samples} samples, but its data {data!r} now has "
             f"{samples}: it cannot be resumed on other data."
         )
-    scheduler = raw.get("scheduler")
-    total = scheduler.get("total_steps") if isinstance(scheduler, dict) else None
     if total is not None and total != total_steps:  # checkpoints before 2026-11-29
         raise UserError(
             f"this run was planned as {total} steps, but the data and processes now make "

@@ -144,8 +144,8 @@ def train(
         )
         if resume_dir is not None and config.max_steps is not None:
             with distributed.fail_together():
-                require(
-                    run.step < config.max_steps,
+                require(  # a finished run is reported as such by the caller, whatever the limit
+                    run.step < config.max_steps or run.step >= run.total_steps,
                     f"the run is already at step {run.step}, so --max-steps {config.max_steps} "
                     "leaves nothing to do",
                 )

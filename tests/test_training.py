@@ -328,6 +328,13 @@ def test_resume_with_max_steps_the_run_has_reached_is_refused(tmp_path):
         ):
             train(resumed, resume_dir=run)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # A finished run is finished whatever the limit (it was told --max-steps left nothing).
+    train(config(tmp_path, "done", epochs=1))
+    done = tmp_path / "done"
+    before = {p: p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    summary = train(dataclasses.replace(load_config(done), max_steps=1), resume_dir=done)
+    assert summary.finished and summary.steps_run == 0
+    assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
@@ -527,6 +534,12 @@ def test_a_resume_with_other_data_or_processes_is_refused(tmp_path):
     with pytest.raises(UserError, match="planned as 18 steps, but .* now make 30"):
         train(load_config(run), resume_dir=run)
     assert (run / "metrics.h5").read_bytes() == before
+    # A finished run of 2 processes resumed by 1: done, not to be resumed by 2 (as it said).
+    train(config(tmp_path, "done", epochs=1))
+    final = tmp_path / "done" / "checkpoints" / "final.pt"
+    _edit_checkpoint(final, lambda raw: raw["training"].update(processes=2))
+    with pytest.raises(UserError, match=r"already finished \(step 6 of 6\)"):
+        train(load_config(tmp_path / "done"), resume_dir=tmp_path / "done")
 
 
 def test_files_a_run_names_are_found_from_any_working_directory(tmp_path, monkeypatch):

@@ -337,7 +337,11 @@ COST_CONFIGS: tuple[tuple[str, dict[str, Any], tuple[int, ...]], ...] = (
     ),
     ("func", {"backend": "func"}, (1, 4, 8, 16)),
 )
-LOW_PRECISIONS = ("tf32", "bf16")
+
+
+def low_precisions(b: Bench) -> tuple[str, ...]:
+    """The reduced precisions of ``b``'s device: TF32 is a CUDA format (refused elsewhere)."""
+    return ("tf32", "bf16") if b.cuda else ("bf16",)
 
 
 def gradient_seconds(b: Bench) -> float:
@@ -380,7 +384,7 @@ def hvp_costs(b: Bench) -> None:
             if (c := attempt(f"HVP {name} block {block}", cost)) is not None:
                 b.add_cost(c)
     exact = b.operator().matmul(V[:8])
-    for precision in LOW_PRECISIONS:
+    for precision in low_precisions(b):
         op = b.operator(precision=precision)
         for block in (1, 8):
 
@@ -758,9 +762,9 @@ def reduced_precision(b: Bench) -> None:
     tol = b.args.low_tol
     for k in sorted({1, b.args.k}):
         for precision, t in (
-            *((p, None) for p in LOW_PRECISIONS),
+            *((p, None) for p in low_precisions(b)),
             (None, tol),
-            *((p, tol) for p in LOW_PRECISIONS),
+            *((p, tol) for p in low_precisions(b)),
         ):
 
             def run(k: int = k, p: str | None = precision, t: float | None = t) -> Row:

@@ -37,3 +37,7 @@ def __getattr__(name: str) -> Any:
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'eigensam' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # the lazy names too, for dir() and tab completion
+    return sorted({*globals(), *__all__})

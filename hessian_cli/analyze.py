@@ -31,6 +31,7 @@ from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
 from hessian_cli.engine.operator import HessianOperator, batch_statistics_error, has_batchnorm
 from hessian_cli.engine.params import check_real
+from hessian_cli.engine.precision import check_precision
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
 from hessian_cli.engine.trace import stochastic_trace
@@ -357,11 +358,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     )
     root = request.data_root or meta.get("data_root") or None
     device = resolve_device(request.device)
-    if request.precision == "tf32" and device.type != "cuda":
-        raise UserError(
-            f"--precision tf32 is a CUDA matrix format: on {device.type} it changes nothing; "
-            "use --precision full, or bf16."
-        )
+    check_precision(request.precision, device)  # before the work of loading
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
     torch.manual_seed(request.seed)
 

@@ -5,8 +5,10 @@ helpers that quote other errors in such a sentence."""
 class UserError(Exception):
     """Bad input or an environment problem, described in one sentence for the user.
 
-    ``exit_status`` is the command's: 2, or 1 where the sentence reports an error of ours
-    (a series that keeps its results after one)."""
+    The library's messages name its parameters in backticks (`` `tol` ``, `` `which=both` ``),
+    which the command line shows as its flags (``--tol``, ``--which both``): each reader sees
+    the name it gave. ``exit_status`` is the command's: 2, or 1 where the sentence reports an
+    error of ours (a series that keeps its results after one)."""
 
     exit_status = 2
 

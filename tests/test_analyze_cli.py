@@ -989,7 +989,7 @@ def test_a_density_that_cannot_fit_is_refused_before_the_eigenpairs(
     out = tmp_path / "s.h5"
     args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "2", "--trace", "--density")
     code, _, err = run(capsys, *args, "--out", out)
-    assert code == 2 and "give fewer --density-probes or --density-steps" in one_sentence(err)
+    assert code == 2 and "give fewer probes or Lanczos steps" in one_sentence(err)
     assert not out.exists()
 
 

@@ -500,7 +500,15 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "change",
-    ["bias edit", "load_state_dict", "optimizer step", "new data", "a weight not analysed"],
+    [
+        "bias edit",
+        "load_state_dict",
+        "optimizer step",
+        "new data",
+        "a weight not analysed",
+        "copy through .data",
+        "EMA through .data",
+    ],
 )
 def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(change):
     """Its kept graphs were of the old weights: the old Hessian came back (a bias edit), or
@@ -515,7 +523,12 @@ def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(
     elif change == "load_state_dict":
         model.load_state_dict({k: v + 0.5 for k, v in model.state_dict().items()})
     elif change == "new data":  # p.data = ...: a new tensor, no version counted
-        model[2].weight.data = model[2].weight.data + 0.5
+        model[2].weight.data = model[2].weight.data * 2
+    elif change == "copy through .data":  # same storage, and no version counted either
+        model[0].weight.data.copy_(model[0].weight.data * 2)
+    elif change == "EMA through .data":
+        for p in model.parameters():
+            p.data.lerp_(torch.ones_like(p), 0.1)
     elif change == "a weight not analysed":  # the graph depends on it all the same
         op = HessianOperator(model, F.cross_entropy, [(x, y)], params="2.*")
         V = torch.eye(op.n, dtype=torch.float64)[:4]
@@ -527,6 +540,7 @@ def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(
         F.cross_entropy(model(x), y).backward()
         opt.step()
     fresh = HessianOperator(model, F.cross_entropy, [(x, y)], params=op.space)
+    torch.testing.assert_close(op.gradient()[1], fresh.gradient()[1], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(op.matmul(V), fresh.matmul(V), rtol=1e-12, atol=1e-14)
     H = dense_hessian(model, F.cross_entropy, [(x, y)], op.space)
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)

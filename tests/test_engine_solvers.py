@@ -475,17 +475,17 @@ def test_warm_start_rows_of_another_length_or_type_are_one_sentence():
     for init in (torch.ones(2, 19, dtype=torch.float64), torch.ones(2, 20, dtype=torch.long)):
         with pytest.raises(UserError, match="Warm-start vectors must be real rows of 20"):
             eigenpairs(op, 2, init=init)
-    with pytest.raises(UserError, match="--check-steps must be at least 0"):
+    with pytest.raises(UserError, match="`check_steps` must be at least 0"):
         eigenpairs(op, 2, check_steps=-1)
 
 
 def test_k_larger_than_parameter_count_is_refused():
     case = CASES["mlp-mse"]
     op = HessianOperator(case.model, case.loss, case.batches)
-    with pytest.raises(UserError, match="--top-k of at most"):
+    with pytest.raises(UserError, match="choose `k` of at most"):  # the caller's names
         eigenpairs(op, op.n + 1)
-    for kw, flag in (({"block_size": 0}, "--block-size"), ({"max_hvps": -1}, "--max-hvps")):
-        with pytest.raises(UserError, match=f"{flag} must be at least 1"):
+    for kw in ({"block_size": 0}, {"max_hvps": -1}):
+        with pytest.raises(UserError, match=f"`{next(iter(kw))}` must be at least 1"):
             eigenpairs(op, 1, **kw)
     assert op.hvp_count == 0
 
@@ -512,7 +512,7 @@ def test_the_hvp_budget_bounds_every_product(k, kw):
 
 def test_a_budget_below_one_product_per_pair_is_refused():
     op = MatrixOperator(torch.eye(10, dtype=torch.float64))
-    with pytest.raises(UserError, match="--max-hvps 3 is too few for 5 eigenpairs"):
+    with pytest.raises(UserError, match="`max_hvps` 3 is too few for 5 eigenpairs"):
         eigenpairs(op, 5, max_hvps=3)
     with pytest.raises(UserError, match="allow at least 4"):
         eigenpairs(op, 2, which="both", max_hvps=3)
@@ -523,12 +523,12 @@ def test_both_ends_that_would_overlap_are_refused():
     """2k > n pairs of both ends share some: -k 2410 --which both on 2,410 parameters returned
     every pair twice, with exit 0."""
     op = MatrixOperator(torch.diag(torch.arange(1.0, 12.0, dtype=torch.float64)))
-    with pytest.raises(UserError, match="at most 5, or --which largest with --top-k 11"):
+    with pytest.raises(UserError, match="at most 5, or `which=largest` with `k` 11"):
         eigenpairs(op, 6, which="both")
     assert op.hvp_count == 0
     res = eigenpairs(op, 5, which="both", tol=1e-10)
     assert sorted(res.eigenvalues.tolist()) == pytest.approx([1, 2, 3, 4, 5, 7, 8, 9, 10, 11])
-    with pytest.raises(UserError, match="one parameter has no two ends: use --which largest"):
+    with pytest.raises(UserError, match="one parameter has no two ends: use `which=largest`"):
         eigenpairs(MatrixOperator(torch.ones(1, 1, dtype=torch.float64)), 1, which="both")
 
 
@@ -1437,6 +1437,19 @@ def test_alignment_where_the_top_eigenvalue_is_negative():
     assert res.eigenvalues.max() < 0
     scores = alignment_scores(op, res.eigenvalues, res.eigenvectors)
     assert math.isnan(scores.curvature_ratio) and math.isfinite(scores.subspace_alignment)
+
+
+def test_alignment_of_pairs_other_than_the_largest_is_refused():
+    """The smallest pairs gave an Eigen-SAM alignment against v_n, both ends a mix."""
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    for which in ("smallest", "both"):
+        res = eigenpairs(op, 2, which=which)
+        with pytest.raises(UserError, match="takes the largest eigenpairs, largest first"):
+            alignment_scores(op, res.eigenvalues, res.eigenvectors)
+    res = eigenpairs(op, 2)
+    with pytest.raises(UserError, match="one eigenvector per eigenvalue"):
+        alignment_scores(op, res.eigenvalues, res.eigenvectors[:1])
 
 
 def test_a_sharpness_whose_perturbed_loss_overflows_is_undefined_not_an_error():

@@ -663,7 +663,7 @@ def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_p
     single = {"data": str(one_class), "loss": "ce"}
     for overrides, message in (
         (single, "cross-entropy over a single output is 0 whatever the weights"),
-        ({"seed": 10**23}, "--seed must be an integer between -2\\*\\*63 and 2\\*\\*64 - 1"),
+        ({"seed": 10**23}, "`seed` must be an integer between -2\\*\\*63 and 2\\*\\*64 - 1"),
         ({"lr": 1e39}, "--lr is too large for float32"),
     ):
         with pytest.raises(UserError, match=message):

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hessian_cli import __version__
+from hessian_cli.cli.options import in_flags
 from hessian_cli.errors import OUT_OF_HOST_MEMORY, Terminated, UserError, out_of_host_memory
 from hessian_cli.launch import env_rank, env_world_size, launched_by_torchrun
 
@@ -128,7 +129,7 @@ def _report(exc: Exception) -> int:
         return code
     if isinstance(exc, UserError):
         # escape: messages hold brackets that are not markup, e.g. 'hessian-cli[vision]'
-        message = escape(prefix + str(exc))
+        message = escape(prefix + in_flags(str(exc)))
     elif out_of_host_memory(exc):
         message = escape(f"{prefix}{OUT_OF_HOST_MEMORY}.")
     else:

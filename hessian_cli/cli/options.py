@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -24,6 +25,36 @@ DATA_HELP = (
     "cifar10, cifar100, mnist, fashion-mnist, svhn (from --data-root), an x/y file (.npz, .pt, "
     ".h5) or module:factory."
 )
+
+
+# The library's parameters that its messages name (in backticks, see UserError) and the flag
+# of each: `k` is --top-k, `which=both` is --which both.
+_FLAGS = {
+    "k": "--top-k",
+    "tol": "--tol",
+    "which": "--which",
+    "block_size": "--block-size",
+    "max_hvps": "--max-hvps",
+    "guard": "--guard",
+    "check_steps": "--check-steps",
+    "bn": "--bn",
+    "precision": "--precision",
+    "dtype": "--dtype",
+    "seed": "--seed",
+}
+_NAMED = re.compile(r"`(\w+)(?:=([^`\s]+))?`")
+
+
+def in_flags(message: str) -> str:
+    """``message`` with the library parameters it names written as the command line's flags."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.groups()
+        if name not in _FLAGS:
+            return match[0]
+        return _FLAGS[name] + (f" {value}" if value else "")
+
+    return _NAMED.sub(flag, message)
 
 
 def command_line() -> str:

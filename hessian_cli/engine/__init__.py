@@ -2,7 +2,8 @@
 
 It imports nothing from the CLI: ``analyze`` and ``eigensam`` both call it. The main names are
 here (``from hessian_cli.engine import HessianOperator, eigenpairs``) and load on first use, so
-that importing one module of the engine does not import them all.
+that importing one module of the engine does not import them all. Every refusal of bad input is a
+:class:`UserError` (a loss or product that is NaN or infinite: :class:`NotFinite`, one of them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _HOMES = {
     "TraceResult": "hessian_cli.engine.results",
     "DensityResult": "hessian_cli.engine.results",
     "AlignmentResult": "hessian_cli.engine.alignment",
+    "UserError": "hessian_cli.errors",
+    "NotFinite": "hessian_cli.errors",
 }
 __all__ = [
     "AlignmentResult",
@@ -35,8 +38,10 @@ __all__ = [
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
+    "NotFinite",
     "ParamSpace",
     "TraceResult",
+    "UserError",
     "alignment_scores",
     "dense_hessian",
     "eigenpairs",
@@ -55,9 +60,14 @@ if TYPE_CHECKING:
     from hessian_cli.engine.params import ParamSpace, select_parameters
     from hessian_cli.engine.results import DensityResult, EigenResult, TraceResult
     from hessian_cli.engine.trace import stochastic_trace
+    from hessian_cli.errors import NotFinite, UserError
 
 
 def __getattr__(name: str) -> Any:
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'hessian_cli.engine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # the lazy names too, for dir() and tab completion
+    return sorted({*globals(), *__all__})

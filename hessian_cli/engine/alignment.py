@@ -20,7 +20,7 @@ import torch
 
 from hessian_cli.engine.linalg import dot, gram, norms
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.errors import NotFinite
+from hessian_cli.errors import NotFinite, UserError
 
 
 @dataclass
@@ -97,8 +97,18 @@ def alignment_scores(
     ``op``): an operator over more of the data than the Hessian's, whose gradients alone are used.
     Costs one gradient pass (none when the caller passes the ``(loss, gradient)`` it already
     has), one HVP (curvature ratio), one loss evaluation and up to ``minibatches`` per-batch
-    gradients (none for ``minibatches=0``).
+    gradients (none for ``minibatches=0``). The pairs are the largest, largest first (an
+    :class:`EigenResult` of ``which="largest"``): the ratio and Eigen-SAM's direction take the
+    first as ``(lambda_1, v_1)``.
     """
+    values = torch.as_tensor(eigenvalues).double().cpu()
+    if len(values) == 0 or len(values) != len(eigenvectors):
+        raise UserError("alignment_scores takes one eigenvector per eigenvalue, at least one.")
+    if bool((values[1:] > values[:-1]).any()):
+        raise UserError(
+            "alignment_scores takes the largest eigenpairs, largest first (`which=largest`); "
+            "these are in another order (the smallest, or both ends)."
+        )
     V = eigenvectors / norms(eigenvectors)[:, None]
     loss, g = gradient if gradient is not None else op.gradient()
     gnorm = float(norms(g))

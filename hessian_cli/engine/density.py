@@ -53,7 +53,7 @@ def check_density_memory(op: LinearOperator, num_probes: int, steps: int) -> Non
         density_memory_need(op, num_probes, steps),
         f"the density's {num_probes:,} probes x {min(steps, op.n):,} Lanczos steps on "
         f"{op.n:,} parameters need their Lanczos vectors",
-        "give fewer --density-probes or --density-steps",
+        "give fewer probes or Lanczos steps",
     )
 
 

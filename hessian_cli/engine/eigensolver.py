@@ -193,7 +193,7 @@ def eigenpairs(
             f"{init.dtype} tensor of shape {tuple(init.shape)}."
         )
     if check_steps < 0:
-        raise UserError(f"--check-steps must be at least 0, not {check_steps}.")
+        raise UserError(f"`check_steps` must be at least 0, not {check_steps}.")
     if which == "both":
         check_count(k, op.n, which)
         return _both_ends(
@@ -985,18 +985,18 @@ def check_options(
 ) -> None:
     """Refuse settings no solve can run with (callers may check them before any work)."""
     if not 0 < tol < math.inf:  # also refuses NaN
-        raise UserError(f"--tol must be a positive number, not {tol:g}.")
-    for flag, value in (("--block-size", block_size), ("--max-hvps", max_hvps)):
+        raise UserError(f"`tol` must be a positive number, not {tol:g}.")
+    for name, value in (("block_size", block_size), ("max_hvps", max_hvps)):
         if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, not {value}.")
+            raise UserError(f"`{name}` must be at least 1, not {value}.")
     if guard is not None and guard < 0:
-        raise UserError(f"--guard must be at least 0, not {guard}.")
+        raise UserError(f"`guard` must be at least 0, not {guard}.")
     # k pairs span k dimensions, and each costs a product.
     least = 2 * k if which == "both" else k
     if max_hvps is not None and max_hvps < least:
         pairs = f"{k} eigenpair{'s' if k > 1 else ''}" + (" at each end" if which == "both" else "")
         raise UserError(
-            f"--max-hvps {max_hvps} is too few for {pairs}: each needs at least one HVP, so "
+            f"`max_hvps` {max_hvps} is too few for {pairs}: each needs at least one HVP, so "
             f"allow at least {least}."
         )
 
@@ -1007,18 +1007,18 @@ def check_count(k: int, n: int, which: str = "largest") -> None:
     returned twice)."""
     params = f"parameter{'s' if n != 1 else ''}"
     if which == "both" and n < 2:
-        raise UserError("A Hessian of one parameter has no two ends: use --which largest.")
+        raise UserError("A Hessian of one parameter has no two ends: use `which=largest`.")
     if which == "both" and k > n // 2:
         raise UserError(
             f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} at each end of a Hessian with "
-            f"{n} {params} without the ends overlapping: choose --top-k of at most {n // 2}, or "
-            f"--which largest with --top-k {n} for the whole spectrum."
+            f"{n} {params} without the ends overlapping: choose `k` of at most {n // 2}, or "
+            f"`which=largest` with `k` {n} for the whole spectrum."
         )
     if not 1 <= k <= n:
         limit = f"of at most {n}" if k > n else "of at least 1"
         raise UserError(
             f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
-            f"{params}: choose --top-k {limit}."
+            f"{params}: choose `k` {limit}."
         )
 
 
@@ -1060,7 +1060,7 @@ def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool
         op,
         _memory_need(op, capacity, w, whole),
         f"{pairs} of {op.n:,} parameters need {what}",
-        "ask for fewer with --top-k",
+        "ask for fewer (`k`)",
     )
 
 

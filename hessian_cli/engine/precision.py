@@ -25,9 +25,16 @@ Precision = Literal["full", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
-def check_precision(precision: str) -> Precision:
+def check_precision(precision: str, device: torch.device) -> Precision:
+    """``precision`` as a :data:`Precision`; refused where unknown, or TF32 off CUDA (where it
+    would be recorded as used and change nothing)."""
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}.")
+    if precision == "tf32" and device.type != "cuda":
+        raise UserError(
+            f"`precision=tf32` is a CUDA matrix format: on {device.type} it changes nothing; "
+            "use `precision=full`, or bf16."
+        )
     return precision  # type: ignore[return-value]
 
 

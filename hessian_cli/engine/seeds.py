@@ -12,7 +12,7 @@ def check_seed(seed: int) -> None:
     """Refuse, in one sentence, a seed torch's generators would not take."""
     first, end = SEED_RANGE
     if isinstance(seed, bool) or not isinstance(seed, int) or not first <= seed < end:
-        raise UserError(f"--seed must be an integer between -2**63 and 2**64 - 1, not {seed!r}.")
+        raise UserError(f"`seed` must be an integer between -2**63 and 2**64 - 1, not {seed!r}.")
 
 
 def next_seed(seed: int) -> int:

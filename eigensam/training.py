@@ -418,10 +418,14 @@ class _Run:
             raise
 
     def _divergence_knobs(self) -> str:
-        """The options that set a step's size: --rho only where the optimizer reads it, and
+        """The options that set a step's size: --rho only where the optimizer reads it,
+        --alpha where it lengthens Eigen-SAM's perturbation past sqrt(2) rho (``|d| <=
+        sqrt(1 + alpha^2)``; 3.4e38 diverged at once, and lowering --rho was the advice), and
         --weight-decay where its own step (lr * weight decay, 1 or more) overshoots."""
         cfg = self.config
         knobs = ["--lr"] if cfg.optimizer == "sgd" else ["--lr", "--rho"]
+        if cfg.optimizer == "eigensam" and cfg.alpha > 1:
+            knobs.append("--alpha")
         if cfg.lr * cfg.weight_decay >= 1:
             knobs.append("--weight-decay")
         return ", ".join(knobs[:-1]) + f" or {knobs[-1]}" if len(knobs) > 1 else knobs[0]

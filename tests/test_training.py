@@ -703,6 +703,16 @@ def test_a_divergence_from_weight_decay_names_it(tmp_path):
     assert str(err.value).endswith("a lower --lr, --rho or --weight-decay.")
 
 
+def test_a_divergence_from_a_huge_alpha_names_it(tmp_path):
+    """Eigen-SAM's perturbation is rho * d, |d| up to sqrt(1 + alpha^2): the advice was to lower
+    --lr or --rho, which did not help."""
+    cfg = config(tmp_path, optimizer="eigensam", alpha=3.4e38, eig_every=1, track_every=0)
+    cfg.model_kwargs = {"hidden": [8], "activation": "relu"}
+    with pytest.raises(UserError, match="training diverged") as err:
+        train(cfg)
+    assert str(err.value).endswith("a lower --lr, --rho or --alpha.")
+
+
 def test_a_test_split_holding_nan_is_refused_before_the_run_starts(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(96, 16)).astype(np.float32), rng.integers(0, 3, 96)

@@ -137,8 +137,9 @@ USED_BY = {
 
 
 def without_unused(fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` (of a configuration) without the options its optimizers do not use: how
-    configurations recorded before 2026-11-30, which held them all, compare with newer ones."""
+    """``fields`` (of a configuration) without the options its optimizers do not use: what
+    :meth:`TrainConfig.identity` records, and how older recorded configurations, which held
+    them all, compare with it."""
     return {
         k: v
         for k, v in fields.items()

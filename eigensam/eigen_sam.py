@@ -1,7 +1,7 @@
 """Eigen-SAM (Luo et al., NeurIPS 2024): SAM whose perturbation leans towards the top Hessian
 eigenvector, which explicitly penalises the top eigenvalue.
 
-Perturbation, exactly as DESIGN.md ("Eigen-SAM") states it: ``e = rho * d`` with
+Perturbation, as the paper's method defines it: ``e = rho * d`` with
 
     d = g_hat + alpha * sign(<g, v>) * (v - <g_hat, v> g_hat),    g_hat = g / ||g||,
 

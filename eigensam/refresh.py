@@ -23,8 +23,8 @@ from hessian_cli.engine.params import ParamSpace
 
 # The paper's 5 power steps cost 5 HVPs; 6 products here build a warm-started Krylov basis whose
 # best Ritz vector is at least as good as the last power iterate (that iterate lies in the basis),
-# and its residual comes from the kept products at no extra cost. DESIGN.md asks for the same
-# work or less: 5 products lose that guarantee but not, measured, the advantage (mean |cos| to
+# and its residual comes from the kept products at no extra cost. The product design asks for the
+# same work or less: 5 products lose that guarantee but not, measured, the advantage (mean |cos| to
 # the minibatch Hessian's v1 of 0.944 and 0.933 on the digits MLP and CNN, against 0.857 and
 # 0.811 for 5 power steps from the same vector, never worse in 78 refreshes), where 6 reach
 # 0.952 and 0.998 (experiments/RESULTS.md "Refresh quality"); the 6th costs about 2.8

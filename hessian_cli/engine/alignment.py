@@ -1,6 +1,6 @@
 """SAM-alignment scores: how well the gradient and SAM's perturbation see the top curvature.
 
-Definitions (DESIGN.md): ``g_hat = g/||g||``, ``v_1..v_k`` unit top eigenvectors.
+Definitions: ``g_hat = g/||g||``, ``v_1..v_k`` unit top eigenvectors.
 ``alignment[i] = |<g_hat, v_i>|``, ``subspace_alignment = ||V_k^T g_hat||``,
 ``curvature_ratio = g_hat^T H g_hat / lambda_1``, Eigen-SAM direction
 ``d = g_hat + alpha * sign(<g, v_1>) * (v_1 - <g_hat, v_1> g_hat)`` with
@@ -63,7 +63,7 @@ def eigensam_direction(
     g_norm: torch.Tensor | None = None,
     overwrite: bool = False,
 ) -> torch.Tensor:
-    """Eigen-SAM's unnormalised perturbation direction ``d`` (DESIGN.md); ``alpha=0`` is SAM's.
+    """Eigen-SAM's unnormalised perturbation direction ``d`` (see the module); ``alpha=0`` is SAM's.
 
     It runs at every training step: two reductions (|g| as SAM takes it, so that ``alpha=0``
     stays SAM bit for bit, and ``<g, v>``), where three cost a 5,130-parameter CNN 3% of a SAM

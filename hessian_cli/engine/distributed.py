@@ -73,11 +73,10 @@ def local_world_size() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def init_from_env(timeout_s: float | None = None) -> bool:
+def init_from_env() -> bool:
     """Join the process group torchrun describes in the environment; False when not launched so.
 
-    Collectives time out after ``timeout_s`` (default: ``$HESSIAN_CLI_COLLECTIVE_TIMEOUT`` or
-    900 s), a backstop for a rank that died outside the error agreement of :func:`fail_together`.
+    Collectives time out after ``$HESSIAN_CLI_COLLECTIVE_TIMEOUT`` seconds (default 900), a backstop for a rank that died outside the error agreement of :func:`fail_together`.
     CPU tensors always go through Gloo, CUDA tensors through NCCL, so ``--device cpu`` works on a
     GPU node too, even one with fewer GPUs than ranks (only a rank with a GPU of its own selects
     it: selecting a missing one fails, "invalid device ordinal", before any option is read).
@@ -88,16 +87,14 @@ def init_from_env(timeout_s: float | None = None) -> bool:
         raise UserError(
             "This torch build has no torch.distributed, so it cannot run under torchrun."
         )
-    if timeout_s is None:
-        try:
-            timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        except ValueError:
-            timeout_s = math.nan
-        if not (0 < timeout_s < 1e9):  # nan, inf and 0 included
-            raise UserError(
-                f"${TIMEOUT_ENV} must be a positive number of seconds, not "
-                f"{os.environ[TIMEOUT_ENV]!r}."
-            )
+    try:
+        timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    except ValueError:
+        timeout_s = math.nan
+    if not (0 < timeout_s < 1e9):  # nan, inf and 0 included
+        raise UserError(
+            f"${TIMEOUT_ENV} must be a positive number of seconds, not {os.environ[TIMEOUT_ENV]!r}."
+        )
     backend = "gloo"
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -31,7 +31,8 @@ class LinearOperator(Protocol):
 
 
 class MatrixOperator:
-    """A dense symmetric matrix as a :class:`LinearOperator` (tests and the dense oracle)."""
+    """A dense symmetric matrix as a :class:`LinearOperator`: a spectrum chosen exactly, for the
+    solvers' tests and benchmarks."""
 
     def __init__(self, matrix: torch.Tensor) -> None:
         self.matrix = matrix

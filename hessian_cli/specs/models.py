@@ -103,7 +103,7 @@ def _build_builtin(
             raise UserError(
                 "model 'mlp' needs an input shape; pass --model-kwargs with input_size."
             )
-        hidden = kwargs.pop("hidden", [128, 128])  # the digits MLP 64-128-128-10 of DESIGN.md
+        hidden = kwargs.pop("hidden", [128, 128])
         activation = kwargs.pop("activation", "tanh")
         _no_extra(
             name, kwargs, ("hidden", "activation", "input_size", "input_shape", "num_classes")

@@ -291,9 +291,8 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
         estimate = np.nan if t["estimate"] is None else t["estimate"]
         tr = group.create_dataset("trace", data=np.float64(estimate))
         _set_attrs(tr, {k: v for k, v in t.items() if k != "estimate"})
-        samples = getattr(a.trace, "samples", None)
-        if samples is not None:
-            group.create_dataset("trace_samples", data=samples.detach().cpu().double().numpy())
+        samples = a.trace.samples.detach().cpu().double().numpy()
+        group.create_dataset("trace_samples", data=samples)
     if (dn := d["density"]) is not None:
         dg = group.create_group("density")
         for key in _DENSITY_ARRAYS:

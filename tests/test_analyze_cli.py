@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import one_sentence, run
 from safetensors.torch import save_file
 
 from hessian_cli.analyze import AnalyzeRequest, analyze_target
-from hessian_cli.cli import main
 from hessian_cli.engine import distributed
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
@@ -29,28 +29,6 @@ FIXTURE = (
     Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pyhessian_resnet20_cifar10.pkl"
 )
 MLP_KW = {"hidden": [12]}
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process exactly as the console script does; return (code, out, err)."""
-    argv = sys.argv
-    sys.argv = ["hessian-cli", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_sentence(err: str) -> str:
-    assert "Traceback" not in err
-    text = " ".join(err.split())
-    assert text.startswith("error:"), text
-    return text
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_runner import one_sentence, run
 from matplotlib.figure import Figure
 from test_storage import damage_attributes, full, variant  # noqa: F401  (`full`: a fixture)
 from typer.testing import CliRunner
@@ -62,6 +63,7 @@ def files(full, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
+    """The module entry point in a process of its own (what ``python -m hessian_cli`` loads)."""
     return subprocess.run(
         [sys.executable, "-m", "hessian_cli", *args], capture_output=True, text=True, timeout=120
     )
@@ -229,7 +231,7 @@ def test_module_entry_point_show_and_plot(files, tmp_path):
     assert_png(out)
 
 
-def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
+def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("hello\n")
     short = tmp_path / "short.h5"  # `converged` shorter than `eigenvalues`: drawn, not read
@@ -251,13 +253,10 @@ def test_bad_inputs_give_one_line_and_no_traceback(files, tmp_path):
         (["plot", str(files["single"]), "-o", ""], "-o needs a name"),  # not "." as above
     ]
     for args, message in cases:
-        result = cli(*args)
-        assert result.returncode != 0
-        assert "Traceback" not in result.stderr + result.stdout
-        # One sentence (the error console may wrap it to the terminal width).
-        text = " ".join(result.stderr.split())
-        assert text.startswith("error: ") and text.count("error") == 1, result.stderr
-        assert message in text
+        code, out, err = run(capsys, *args)
+        assert code != 0 and "Traceback" not in out
+        text = one_sentence(err)  # unwrapped: the error console wraps it to the terminal
+        assert text.count("error") == 1 and message in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.h5", "short.h5", "spectra_noext"]
     assert spectra_copy.read_bytes() == files["single"].read_bytes()
 
@@ -460,14 +459,13 @@ def test_plot_into_a_named_pipe_writes_through_it(files, tmp_path):
     assert received[0][:8] == PNG
 
 
-def test_a_damaged_group_is_one_sentence_that_names_it(files, tmp_path):
+def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):
     path = tmp_path / "damaged.h5"
     path.write_bytes(files["series"].read_bytes())
     damage_attributes(path, "checkpoints/ckpt_200")
     for args in (["show", str(path)], ["plot", str(path), "-o", str(tmp_path / "f.png")]):
-        result = cli(*args)
-        assert result.returncode == 2, result.stderr
-        assert "checkpoint group 'ckpt_200' is damaged" in " ".join(result.stderr.split())
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "checkpoint group 'ckpt_200' is damaged" in one_sentence(err)
     assert not (tmp_path / "f.png").exists()
 
 
@@ -537,7 +535,7 @@ def test_the_eigen_panel_has_no_legend_for_markers_it_did_not_draw(full):  # noq
     assert "converged" not in labels and "NOT converged" in labels
 
 
-def test_small_things_show_and_plot_refuse_clearly(files, tmp_path):
+def test_small_things_show_and_plot_refuse_clearly(capsys, files, tmp_path):
     metrics = json.loads(runner.invoke(app, ["show", str(files["metrics"]), "--json"]).stdout)
     assert metrics["steps"]["step"][:3] == [0, 1, 2]  # whole numbers stay whole
     nan_density = tmp_path / "nan.h5"
@@ -546,8 +544,8 @@ def test_small_things_show_and_plot_refuse_clearly(files, tmp_path):
         group = next(iter(f["checkpoints"].values()))
         group["density/values"][...] = np.nan  # how non-finite values are stored
     assert runner.invoke(app, ["show", str(nan_density)]).exit_code == 0
-    pgf = cli("plot", str(files["single"]), "-o", str(tmp_path / "f.pgf"))  # it needs LaTeX
-    assert pgf.returncode == 2 and "Cannot write a 'pgf'" in pgf.stderr
+    code, _, err = run(capsys, "plot", files["single"], "-o", tmp_path / "f.pgf")  # needs LaTeX
+    assert code == 2 and "Cannot write a 'pgf'" in one_sentence(err)
 
 
 def test_under_torchrun_one_rank_shows_and_draws(files, tmp_path, monkeypatch):

@@ -252,7 +252,11 @@ def test_apply_weights_loads_values() -> None:
 
 def test_apply_weights_tolerates_missing_batchnorm_counter() -> None:
     state = {k: v for k, v in small_state().items() if not k.endswith("num_batches_tracked")}
-    apply_weights(small_model(), state)
+    model = small_model()
+    apply_weights(model, state)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert int(loaded["1.num_batches_tracked"]) == 0  # left as the model had it
 
 
 def test_apply_weights_names_missing_unexpected_and_shapes() -> None:

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import h5py
 import pytest
 import torch
+from cli_runner import exit_code, one_sentence, run
 
-from hessian_cli.cli import main
 from hessian_cli.specs import load_checkpoint
 from hessian_cli.storage import read_metrics
 
@@ -28,33 +28,6 @@ TINY = [
 ]  # fmt: skip
 PLAIN = TINY[:-2]  # without --eig-every, which only Eigen-SAM reads
 REPO = Path(__file__).resolve().parents[1]
-
-
-def exit_code(*args: object) -> int:
-    """The CLI in-process, exactly as the console script runs it."""
-    argv = sys.argv
-    sys.argv = ["hessian-cli", *map(str, args)]
-    try:
-        main()
-        return 0
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-
-
-def run(capsys, *args: object) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of the CLI."""
-    code = exit_code(*args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_sentence(err: str) -> str:
-    assert "Traceback" not in err
-    text = " ".join(err.split())
-    assert text.startswith("error:") and text.count(". ") == 0, text
-    return text
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +119,14 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
     code, _, err = run(capsys, "train", *TINY, "--out", finished_run)
     # A finished run: --resume (which it advised) would have nothing to do.
-    assert code == 2 and "already holds a finished training run" in error_sentence(err)
+    assert code == 2 and "already holds a finished training run" in one_sentence(err, strict=True)
     assert "--resume" not in err
     assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
     stopped = tmp_path / "stopped"
     shutil.copytree(finished_run, stopped)
     (stopped / "checkpoints" / "final.pt").unlink()
     code, _, err = run(capsys, "train", *TINY, "--out", stopped)
-    assert code == 2 and f"continue with --resume {stopped}" in error_sentence(err)
+    assert code == 2 and f"continue with --resume {stopped}" in one_sentence(err, strict=True)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +157,7 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
 def test_bad_input_is_one_sentence(capsys, tmp_path, finished_run, args, message):
     args = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(finished_run)) for a in args]
     code, _, err = run(capsys, "train", *args)
-    assert code == 2 and message in error_sentence(err)
+    assert code == 2 and message in one_sentence(err, strict=True)
     assert not (tmp_path / "x").exists()
 
 
@@ -371,7 +344,7 @@ def test_data_holding_nan_is_refused_before_the_run_starts(capsys, tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, x=x, y=np.arange(32) % 3)
     code, _, err = run(capsys, "train", "--model", "mlp", "--data", path, "--out", tmp_path / "x")
-    assert code == 2 and "inputs hold NaN or infinite values" in error_sentence(err)
+    assert code == 2 and "inputs hold NaN or infinite values" in one_sentence(err, strict=True)
     assert not (tmp_path / "x").exists()
 
 
@@ -387,7 +360,7 @@ def test_resume_refuses_a_configuration_edited_since_the_checkpoint(capsys, tmp_
     before = {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()}
     code, _, err = run(capsys, "train", "--resume", edited, "--max-steps", "1000")
     assert code == 2
-    assert "--lr differs from the configuration" in error_sentence(err)
+    assert "--lr differs from the configuration" in one_sentence(err, strict=True)
     assert {p: p.read_bytes() for p in edited.rglob("*") if p.is_file()} == before
 
 
@@ -409,13 +382,13 @@ def test_resume_names_a_configuration_it_cannot_use(capsys, tmp_path, finished_r
     saved["config"].update(edit.pop("config", {}))
     (edited / "config.json").write_text(json.dumps(saved | edit))
     code, _, err = run(capsys, "train", "--resume", edited)
-    assert code == 2 and message in error_sentence(err)
+    assert code == 2 and message in one_sentence(err, strict=True)
 
 
 def test_an_out_directory_under_a_file_is_one_sentence(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "notes.txt" / "run")
-    assert code == 2 and "a file" in error_sentence(err)
+    assert code == 2 and "a file" in one_sentence(err, strict=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
@@ -424,7 +397,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_named_as_such(capsys,
     (out / "checkpoints").mkdir(parents=True)
     (out / "config.json").write_text("{}")  # what a run that failed at its first step leaves
     code, _, err = run(capsys, "train", *TINY, "--out", out)
-    assert code == 2 and "stopped before its first checkpoint" in error_sentence(err)
+    assert code == 2 and "stopped before its first checkpoint" in one_sentence(err, strict=True)
 
 
 def test_a_resume_that_finds_no_checkpoint_says_it_starts_again(capsys, tmp_path, finished_run):
@@ -473,5 +446,5 @@ def test_data_float32_cannot_hold_is_refused_before_the_run(capsys, tmp_path):
     np.savez(data, x=np.full((32, 4), 1e300), y=np.arange(32) % 2)
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", "mlp", "--data", data, "--out", out)
-    assert code == 2 and "beyond float32's range" in error_sentence(err)
+    assert code == 2 and "beyond float32's range" in one_sentence(err, strict=True)
     assert not out.exists()

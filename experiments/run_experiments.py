@@ -50,7 +50,7 @@ from scipy import stats  # noqa: E402
 from eigensam import refresh as eig_refresh  # noqa: E402
 from eigensam.events import RunStarted  # noqa: E402
 from eigensam.training import TrainConfig, latest_checkpoint, load_config, train  # noqa: E402
-from hessian_cli.analyze import AnalyzeRequest, analyze_checkpoint  # noqa: E402
+from hessian_cli.analysis import AnalyzeRequest, analyze_checkpoint  # noqa: E402
 from hessian_cli.specs import load_checkpoint  # noqa: E402
 from hessian_cli.storage.metrics import read_metrics  # noqa: E402
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cli_runner import one_sentence, run
 from safetensors.torch import save_file
 
-from hessian_cli.analyze import AnalyzeRequest, analyze_target
+from hessian_cli.analysis import AnalyzeRequest, analyze_target
 from hessian_cli.engine import distributed
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
@@ -676,19 +676,19 @@ def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
 
 
 def test_out_of_memory_suggests_smaller_batch(capsys, monkeypatch, digits_mlp, tmp_path):
-    import hessian_cli.analyze as analyze_module
+    import hessian_cli.analysis as analysis_module
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(analyze_module, "eigenpairs", oom)
+    monkeypatch.setattr(analysis_module, "eigenpairs", oom)
     out_h5 = tmp_path / "never.h5"
     assert "--batch-size" in _bad(capsys, "analyze", digits_mlp, "--out", out_h5)
     assert not out_h5.exists()
 
 
 def test_the_machine_running_out_of_memory_is_one_sentence(capsys, monkeypatch, digits_mlp):
-    import hessian_cli.analyze as analyze_module
+    import hessian_cli.analysis as analysis_module
 
     def too_big(*args, **kwargs):
         raise RuntimeError(
@@ -696,18 +696,18 @@ def test_the_machine_running_out_of_memory_is_one_sentence(capsys, monkeypatch, 
             "memory: you tried to allocate 31999999999488 bytes. Error code 12"
         )
 
-    monkeypatch.setattr(analyze_module, "eigenpairs", too_big)
+    monkeypatch.setattr(analysis_module, "eigenpairs", too_big)
     code, _, err = run(capsys, "analyze", digits_mlp)
     assert code != 0 and "ran out of memory" in one_sentence(err)
     assert "alloc_cpu" not in err
 
 
 def test_the_gradient_hints_the_top_eigenvectors_start(capsys, monkeypatch, digits_mlp):
-    import hessian_cli.analyze as analyze_module
+    import hessian_cli.analysis as analysis_module
     from hessian_cli.engine.operator import HessianOperator
 
     seen: dict[str, object] = {}
-    real_gradient, real_eigenpairs = HessianOperator.gradient, analyze_module.eigenpairs
+    real_gradient, real_eigenpairs = HessianOperator.gradient, analysis_module.eigenpairs
 
     def gradient(self):
         loss, seen["gradient"] = real_gradient(self)
@@ -718,7 +718,7 @@ def test_the_gradient_hints_the_top_eigenvectors_start(capsys, monkeypatch, digi
         return real_eigenpairs(*args, **kwargs)
 
     monkeypatch.setattr(HessianOperator, "gradient", gradient)
-    monkeypatch.setattr(analyze_module, "eigenpairs", eigenpairs)
+    monkeypatch.setattr(analysis_module, "eigenpairs", eigenpairs)
     for which in ("largest", "both", "smallest"):
         code, _, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2", "--which", which, "-q")
         assert code == 0
@@ -771,9 +771,9 @@ def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
 def test_a_slow_solve_is_not_blamed_on_rounding_noise(capsys, monkeypatch, digits_mlp):
     import dataclasses
 
-    import hessian_cli.analyze as analyze_module
+    import hessian_cli.analysis as analysis_module
 
-    real = analyze_module.eigenpairs
+    real = analysis_module.eigenpairs
 
     def slow(*args, **kwargs):
         res = real(*args, **kwargs)
@@ -781,7 +781,7 @@ def test_a_slow_solve_is_not_blamed_on_rounding_noise(capsys, monkeypatch, digit
             res, stop_reason="slow", converged=torch.zeros_like(res.converged)
         )
 
-    monkeypatch.setattr(analyze_module, "eigenpairs", slow)
+    monkeypatch.setattr(analysis_module, "eigenpairs", slow)
     code, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "2", "--quiet")
     err = " ".join(err.split())
     assert code == 3 and "not converged" in err
@@ -916,13 +916,13 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     ],
 )
 def test_bad_counts_and_tolerances_are_refused(capsys, monkeypatch, digits_mlp, args, message):
-    import hessian_cli.analyze as analyze_module
+    import hessian_cli.analysis as analysis_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("refused values must be refused before any checkpoint is loaded")
 
     if args[0] not in ("--num-samples", "--num-batches"):  # analysis_batches checks those
-        monkeypatch.setattr(analyze_module, "load_checkpoint", no_loading)
+        monkeypatch.setattr(analysis_module, "load_checkpoint", no_loading)
     code, _, err = run(capsys, "analyze", digits_mlp, *args)
     assert code == 2 and message in one_sentence(err)
 
@@ -956,14 +956,14 @@ def test_a_density_that_cannot_fit_is_refused_before_the_eigenpairs(
 ):
     """The density's basis used to be allocated after the eigenpairs and the trace were
     computed: a failure then lost them (and on CUDA advised a smaller --batch-size)."""
-    import hessian_cli.analyze as analyze_module
+    import hessian_cli.analysis as analysis_module
     import hessian_cli.engine.density as density_module
 
     def no_eigenpairs(*args, **kwargs):
         raise AssertionError("the density must be refused before the eigenpairs are computed")
 
     monkeypatch.setattr(density_module, "density_memory_need", lambda op, p, s: 2**62)
-    monkeypatch.setattr(analyze_module, "eigenpairs", no_eigenpairs)
+    monkeypatch.setattr(analysis_module, "eigenpairs", no_eigenpairs)
     out = tmp_path / "s.h5"
     args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "2", "--trace", "--density")
     code, _, err = run(capsys, *args, "--out", out)
@@ -978,7 +978,7 @@ def test_brackets_in_an_error_message_are_printed_as_they_are(capsys, tmp_path):
 
 
 def test_download_reaches_the_data_loader(capsys, tmp_path, digits_mlp, monkeypatch):
-    import hessian_cli.analyze
+    import hessian_cli.analysis
 
     seen = {}
 
@@ -986,7 +986,7 @@ def test_download_reaches_the_data_loader(capsys, tmp_path, digits_mlp, monkeypa
         seen.update(spec=spec, root=root, download=download, trusted=trusted)
         raise UserError("stopped by the test.")
 
-    monkeypatch.setattr(hessian_cli.analyze, "load_data", load_data)
+    monkeypatch.setattr(hessian_cli.analysis, "load_data", load_data)
     root = tmp_path / "d"
     code, _, err = run(
         capsys, "analyze", digits_mlp, "--data", "cifar10", "--data-root", root, "--download"
@@ -1023,12 +1023,12 @@ def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, dig
 def test_alignment_without_top_eigenvectors_is_refused_before_any_work(
     capsys, tmp_path, digits_mlp, monkeypatch, args, message
 ):
-    import hessian_cli.analyze
+    import hessian_cli.analysis
 
     def load_checkpoint(*a, **kw):
         raise AssertionError("the request should have been refused before loading")
 
-    monkeypatch.setattr(hessian_cli.analyze, "load_checkpoint", load_checkpoint)
+    monkeypatch.setattr(hessian_cli.analysis, "load_checkpoint", load_checkpoint)
     code, _, err = run(capsys, "analyze", digits_mlp, "--trace", "--alignment", *args)
     assert code == 2 and message in one_sentence(err)
 
@@ -1093,12 +1093,12 @@ def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     capsys, monkeypatch, tmp_path, digits_mlp, kind
 ):
-    import hessian_cli.analyze as analyze_module
+    import hessian_cli.analysis as analysis_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("an unwritable --out must be refused before any loading")
 
-    monkeypatch.setattr(analyze_module, "load_checkpoint", no_loading)
+    monkeypatch.setattr(analysis_module, "load_checkpoint", no_loading)
     out = {
         "text file": tmp_path / "notes",
         "missing directory": tmp_path / "nowhere" / "s.h5",
@@ -1206,7 +1206,7 @@ def test_an_interrupted_series_keeps_what_it_analysed(
     """Ctrl-C or SIGTERM during a series' second checkpoint: the first is shown and written,
     and the exit status is the signal's (a series used to lose it, and said nothing). An
     error of ours there lost the first too."""
-    from hessian_cli import analyze as analyze_module
+    from hessian_cli import analysis as analysis_module
 
     runs = tmp_path / "series"
     runs.mkdir()
@@ -1214,14 +1214,14 @@ def test_an_interrupted_series_keeps_what_it_analysed(
     for name, step in (("a", 1), ("b", 2)):
         meta = dict(state["hessian_cli"], step=step)
         save_checkpoint(runs / f"{name}.pt", state_dict=state["model"], metadata=meta)
-    real = analyze_module.analyze_checkpoint
+    real = analysis_module.analyze_checkpoint
 
     def second_stops(ckpt, *args, **kwargs):
         if ckpt.path.name == "b.pt":
             raise stop()
         return real(ckpt, *args, **kwargs)
 
-    monkeypatch.setattr(analyze_module, "analyze_checkpoint", second_stops)
+    monkeypatch.setattr(analysis_module, "analyze_checkpoint", second_stops)
 
     def leave(code):  # the entry point's os._exit, which would end pytest too
         raise SystemExit(code)
@@ -1245,7 +1245,7 @@ def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     capsys, tmp_path, digits_mlp, monkeypatch
 ):
     """An existing --out stays as it was, and the run says so (it ended silently before)."""
-    from hessian_cli import analyze as analyze_module
+    from hessian_cli import analysis as analysis_module
 
     out_h5 = tmp_path / "kept.h5"
     assert run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)[0] == 0
@@ -1254,7 +1254,7 @@ def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     def stops(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(analyze_module, "analyze_checkpoint", stops)
+    monkeypatch.setattr(analysis_module, "analyze_checkpoint", stops)
     code, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
     assert code == 130
     assert err.strip() == "interrupted: nothing was written."

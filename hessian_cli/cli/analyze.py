@@ -1,4 +1,4 @@
-"""``hessian-cli analyze``: parse the options, call :mod:`hessian_cli.analyze`, render."""
+"""``hessian-cli analyze``: parse the options, call :mod:`hessian_cli.analysis`, render."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def analyze(
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     import_torch()
-    from hessian_cli.analyze import AnalyzeRequest, SeriesStopped, analyze_target
+    from hessian_cli.analysis import AnalyzeRequest, SeriesStopped, analyze_target
     from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.presentation.tables import (
         analysis_table,

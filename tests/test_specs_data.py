@@ -514,7 +514,7 @@ def test_values_a_narrower_dtype_cannot_hold_are_named_as_such(tmp_path) -> None
     path = tmp_path / "big.npz"
     np.savez(path, x=np.full((4, 3), 1e300), y=np.arange(4) % 2)
     batches_of = load_data(str(path)).train
-    with pytest.raises(UserError, match="beyond float32's range .*--dtype float64"):
+    with pytest.raises(UserError, match="beyond float32's range .*`dtype=float64`"):
         analysis_batches(batches_of, batch_size=2)
     (x, _), _ = analysis_batches(batches_of, batch_size=2, dtype=torch.float64)
     assert float(x[0, 0]) == 1e300

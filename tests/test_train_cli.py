@@ -446,5 +446,11 @@ def test_data_float32_cannot_hold_is_refused_before_the_run(capsys, tmp_path):
     np.savez(data, x=np.full((32, 4), 1e300), y=np.arange(32) % 2)
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", "mlp", "--data", data, "--out", out)
-    assert code == 2 and "beyond float32's range" in one_sentence(err, strict=True)
+    message = one_sentence(err, strict=True)
+    # The engine names its parameter (`dtype=float64`); the command line shows the flag.
+    assert (
+        code == 2
+        and "beyond float32's range" in message
+        and "(an analysis can also run in float64: --dtype float64)" in message
+    )
     assert not out.exists()

@@ -23,6 +23,15 @@ from hessian_cli.cli.options import (
     parse_model_kwargs,
     refuse_unused,
 )
+from hessian_cli.engine.solver_defaults import (
+    BLOCK_PER_PAIRS,
+    BUDGET_PER_PAIR,
+    CHECK_REACH,
+    CHECK_STEPS,
+    DEFAULT_BLOCK_SIZE,
+    GUARD_PER_PAIRS,
+    MIN_BUDGET,
+)
 from hessian_cli.errors import Terminated
 
 EXIT_UNCONVERGED = 3
@@ -80,30 +89,31 @@ def analyze(
     max_hvps: int | None = typer.Option(
         None,
         "--max-hvps",
-        help="HVP budget for the eigensolver (default: 2000 or 200 per pair, guard included, "
-        "whichever is more; n where it takes every column); giving one accepts unconverged "
-        "pairs (exit 0).",
+        help=f"HVP budget for the eigensolver (default: {MIN_BUDGET} or {BUDGET_PER_PAIR} per "
+        "pair, guard included, whichever is more; n where it takes every column); giving one "
+        "accepts unconverged pairs (exit 0).",
     ),
     block_size: int | None = typer.Option(
         None,
         "--block-size",
-        help="Eigensolver vectors per Hessian pass (default 1, fewest products, up to 49 "
-        "pairs, then one per 25 pairs; use at least the multiplicity of a repeated "
-        "eigenvalue).",
+        help=f"Eigensolver vectors per Hessian pass (default {DEFAULT_BLOCK_SIZE}, fewest "
+        f"products, up to {2 * BLOCK_PER_PAIRS - 1} pairs, then one per {BLOCK_PER_PAIRS} "
+        "pairs; use at least the multiplicity of a repeated eigenvalue).",
     ),
     guard: int | None = typer.Option(
         None,
         "--guard",
         help="Eigenpairs converged beyond --top-k and dropped, so that none of the top k is "
-        "skipped (default top-k / 10; 0 saves up to a fifth of the HVPs, at that risk).",
+        f"skipped (default top-k / {GUARD_PER_PAIRS}; 0 saves up to a fifth of the HVPs, at "
+        "that risk).",
     ),
     check_steps: int | None = typer.Option(
         None,
         "--check-steps",
         help="HVPs that look for a skipped eigenvalue once the pairs have converged, from a "
         "fresh random start outside them; one found is taken in, and the look repeated "
-        "(default 6, times sqrt(|λ_max| / |λ_1|) toward an end nearer 0, at most 4 times; 0 "
-        "saves them, at that risk).",
+        f"(default {CHECK_STEPS}, times sqrt(|λ_max| / |λ_1|) toward an end nearer 0, at most "
+        f"{CHECK_REACH:g} times; 0 saves them, at that risk).",
     ),
     trace: bool = typer.Option(
         False, "--trace", help="Estimate the trace with its standard error."

@@ -29,59 +29,19 @@ from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import next_seed
+from hessian_cli.engine.solver_defaults import (
+    CHECK_REACH,
+    CHECK_STEPS,
+    default_block_size,
+    default_guard,
+    default_max_hvps,
+)
 from hessian_cli.errors import UserError
 
 Which = Literal["largest", "smallest", "both"]
 WHOLE = "whole-space"  # the method of a solve that took every column of the matrix
 Criterion = Literal["residual", "eigenvalue"]
 Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pairs wanted)
-
-
-# Vectors per pass, on every device. A block saves work per vector only by sharing passes, but
-# block Krylov needs more products to converge: on ResNet-20 (benchmarks/RESULTS.md) top-5 took
-# 29, 41, 73 and 117 HVPs with blocks of 1, 2, 4 and 8, and top-1 8, 15, 25 and 49. On CPU a
-# block costs as much per vector as single products. Measured on an H200 (ResNet-18, 256 inputs,
-# float32): a vmapped block of 8 costs 1.56 gradients per vector against 2.28 for one product,
-# too little to pay for the extra products; top-5 took 0.68 / 0.82 / 1.02 / 1.39 s and top-1
-# 0.43 / 0.68 / 0.91 / 1.34 s with blocks of 1 / 2 / 4 / 8. The known limit of one vector: a
-# Krylov space grown from it sees one copy of an exactly repeated eigenvalue (the check after
-# convergence, CHECK_STEPS, finds a skipped copy, one per look); pass a block at least as large
-# as the multiplicity where many are expected. Solvers whose vectors are independent
-# (trace, density) use blocks.
-#
-# Many eigenpairs change the balance: each iteration's Rayleigh-Ritz costs O(m^3) on the CPU and
-# (until its residuals came from the leak, 2026-11-29) its Ritz vectors O(k m n), with a basis of
-# m ~ 3k, whatever the block; a block of b spreads it over b products. On the digits MLP (2,410
-# parameters, CPU) top-300 took 729 HVPs and 35-39 s with blocks of 1 (1.2 s of it in products),
-# 780 HVPs and 5.8 s with 12, 870 and 3.2-3.7 s with 30; top-100 264 / 316 / 380 HVPs with
-# blocks of 1 / 4 / 10. Where products dominate (ResNet-20 on CPU, ~1 s each) every extra
-# product counts, so the block grows slowly: one vector per BLOCK_PER_PAIRS wanted pairs
-# (top-50: 2, ~6% more products; top-300: 12).
-DEFAULT_BLOCK_SIZE = 1
-BLOCK_PER_PAIRS = 25
-MAX_DEFAULT_BLOCK = 64
-
-
-def default_block_size(k: int) -> int:
-    """Vectors per pass when the caller does not say: 1 for up to 49 pairs, then k / 25."""
-    return min(MAX_DEFAULT_BLOCK, max(DEFAULT_BLOCK_SIZE, k // BLOCK_PER_PAIRS))
-
-
-# A Krylov space finds clustered eigenvalues late, and no residual test can see an eigenvalue the
-# space has not found yet: certified pairs may then skip one. On the digits MLP (2,410
-# parameters, against its dense spectrum; benchmarks/RESULTS.md, tenth session) pairs more than
-# 1e-3 off, per seed: top-150 at block 1 2 and 6, top-200 at block 2 1, 2, 4, 0, 0, 1, top-300
-# at block 1 24 and 23, and at the default block (12) 2 and 0. Converging k / 10 more pairs left
-# none in any of these (k / 20: none at the default block, 24 at block 1), for 4-8% more
-# products at k = 150-300; on ResNet-20, where none was seen skipped, top-50 took 266 and 298
-# products instead of 214 and 232, top-100 624 instead of 516. A guard held only to 10 times the
-# tolerance cost nothing and prevented nothing: it is the longer iteration that finds them.
-GUARD_PER_PAIRS = 10
-
-
-def default_guard(k: int) -> int:
-    """Pairs converged beyond the ``k`` wanted when the caller does not say: ``k / 10``."""
-    return k // GUARD_PER_PAIRS
 
 
 # Where the basis would hold half the space or more, it is cheaper to take the whole space at
@@ -92,22 +52,6 @@ def default_guard(k: int) -> int:
 # well before n products.
 WHOLE_SPACE_FROM = 256
 WHOLE_SPACE_BLOCK = 64
-
-# A Krylov space can converge every wanted pair and still have skipped an eigenvalue among them:
-# one whose direction its start held too little of (one member of a tight cluster; or the one
-# large eigenvalue beside a near-null spectrum, when the smallest are wanted), and no residual
-# test can see it. So a solve that has converged looks once more, from a fresh random vector,
-# in the space its pairs leave out: CHECK_STEPS Lanczos steps there, whose extreme Ritz value
-# is a bound from inside on what that space holds (more wanted than the k-th pair: one was
-# skipped). A direction found so joins the basis and the iteration goes on, then looks again.
-CHECK_STEPS = 6
-# Lanczos reaches an end of the spectrum in a number of steps that grows as the square root of
-# the spread over the end's distance from the middle: the largest eigenvalues of a network's
-# Hessian (|lambda_1| = the scale) take CHECK_STEPS, the smallest (near 0 beside a large top)
-# up to CHECK_REACH times as many. Measured on known spectra whose bottom holds pairs of equal
-# eigenvalues below a top 6.7 times larger (benchmarks/skip_check.py): 6 steps skipped one of
-# them in 3 of 20 solves; 12 or more fixed steps in none, nor the 15 this rule takes there.
-CHECK_REACH = 4.0
 
 # The stall guard's allowance for slow convergence (see `_stop_decision`): a residual more than
 # NOISE_MARGIN times the products' estimated noise floor (their asymmetry times sqrt(n)) is
@@ -856,12 +800,6 @@ def _plan(
     return _Plan(kg, b, max_basis, budget, large and budget >= n, scout)
 
 
-def default_max_hvps(pairs: int) -> int:
-    """The products a solve that converges ``pairs`` pairs may spend where no budget is given
-    (more where it takes every column of the matrix instead)."""
-    return max(2000, 200 * pairs)
-
-
 def _ends(res: EigenResult, k: int) -> EigenResult:
     """The ``k`` largest and ``k`` smallest pairs of a whole spectrum (``res`` holds all of
     them, largest first), as a ``which="both"`` result: one set of products for both ends."""
@@ -896,7 +834,7 @@ def _warm_rows(init: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
     (benchmarks/RESULTS.md, twelfth session). The vector of a top-1 stays as it is: Eigen-SAM's
     refresh continues from it with a budget of a few products. Consecutive rows go to different
     vectors, so an eigenvalue repeated up to ``block`` times keeps its copies; more, and the
-    start holds fewer, as a cold start of that block does (see DEFAULT_BLOCK_SIZE).
+    start holds fewer, as a cold start of that block does (see solver_defaults.DEFAULT_BLOCK_SIZE).
     """
     rows = init.reshape(-1, n)
     rows = rows[torch.isfinite(rows).all(1) & (rows != 0).any(1)]

@@ -91,6 +91,9 @@ class TrainConfig:
         check_seed(self.seed)
         for name in ("lr", "rho", "alpha", "weight_decay"):
             require(getattr(self, name) <= FLOAT32_MAX, f"{flag(name)} is too large for float32")
+        from hessian_cli.specs.data import check_root_options  # torch: not at --help
+
+        check_root_options(self.data, data_root=self.data_root is not None, download=self.download)
 
     def _check_types(self) -> None:
         """Each field of the type it is declared with (a library caller or an edited

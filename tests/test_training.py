@@ -337,6 +337,14 @@ def test_resume_with_max_steps_the_run_has_reached_is_refused(tmp_path):
     assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
 
 
+def test_a_data_root_for_data_that_reads_none_is_refused_in_the_library_too(tmp_path):
+    """Only the command line refused it: train(config) ran as if it were used."""
+    for extra in ({"data_root": str(tmp_path)}, {"download": True}):
+        with pytest.raises(UserError, match="is read only for the torchvision datasets"):
+            train(config(tmp_path, **extra))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(UserError, match="not a training run"):
         load_config(tmp_path)
@@ -562,9 +570,13 @@ def test_files_a_run_names_are_found_from_any_working_directory(tmp_path, monkey
     assert train(saved, resume_dir=tmp_path / "run").finished
 
 
-def test_a_data_root_given_through_a_symbolic_link_is_recorded_as_given(tmp_path):
+def test_a_data_root_given_through_a_symbolic_link_is_recorded_as_given(tmp_path, monkeypatch):
     """The checkpoints name the data root as config.json does, link and all: resolving the link
     recorded where it pointed then, which an analysis would follow after it is re-pointed."""
+    import hessian_cli.specs.data
+
+    # Only torchvision's datasets read a root (refused for others), and it is optional.
+    monkeypatch.setattr(hessian_cli.specs.data, "check_root_options", lambda *a, **k: None)
     (tmp_path / "datasets").mkdir()
     link = tmp_path / "data"
     link.symlink_to(tmp_path / "datasets", target_is_directory=True)

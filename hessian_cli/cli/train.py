@@ -8,6 +8,7 @@ reach a rank more than once (see :data:`ECHO_WINDOW_S`); those copies are the sa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -183,7 +184,6 @@ def train_command(
     import_torch()
     from eigensam.training import train
     from hessian_cli.engine.distributed import fail_together, world
-    from hessian_cli.specs.data import check_root_options
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         out = named_path(out_name, "--out", "runs/exp1")
@@ -200,8 +200,7 @@ def train_command(
             check_options_used(set_options)
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
             config = TrainConfig(**set_options, out=str(out))
-        check_root_options(config.data, data_root=data_root is not None, download=download)
-    config.max_steps, config.device, config.download = max_steps, device, download
+    config = dataclasses.replace(config, max_steps=max_steps, device=device, download=download)
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = _Display(console, config, quiet or not lead, resuming=resume is not None)

@@ -158,19 +158,21 @@ def check_writable(path: str | Path) -> None:
 
 
 def _check_appendable(path: Path) -> None:
+    """Refuse, before the work, a file that an append would make worse or could not extend."""
     fmt = file_format(path)
     if fmt != FORMAT_NAME:
         raise UserError(
             f"{path} is a {fmt!r} file, not a spectra file; refusing to write into it "
             "(choose another --out path)."
         )
+
+    def refused(why: str) -> UserError:
+        return UserError(f"{path} {why}; refusing to add to it (choose another --out path).")
+
     with open_hdf5(path) as f:
         version = _format_version(f.attrs.get("format_version", 0))
         if version is None:
-            raise UserError(
-                f"{path} is not laid out as docs/hdf5.md says (its format_version is not an "
-                "integer); refusing to add to it (choose another --out path)."
-            )
+            raise refused(f"{_NOT_LAID_OUT} (its format_version is not an integer)")
         if version > FORMAT_VERSION:
             raise UserError(
                 f"{path} was written by a newer hessian-cli (format version {version}); "
@@ -181,42 +183,28 @@ def _check_appendable(path: Path) -> None:
         try:
             f.visititems(_read_attributes)
         except DAMAGED as exc:
-            raise UserError(
-                f"{path} is damaged ({exc}); refusing to add to it (choose another --out path)."
-            ) from exc
+            raise refused(f"is damaged ({exc})") from exc
         if (link := _external_link(f)) is not None:
-            raise UserError(
-                f"{path} is not laid out as docs/hdf5.md says ({link} is a link to another "
-                "file); refusing to add to it (choose another --out path)."
-            )
+            raise refused(f"{_NOT_LAID_OUT} ({link} is a link to another file)")
         held = f.get("checkpoints")
         if held is not None and not isinstance(held, h5py.Group):
-            raise UserError(
-                f"{path} is not laid out as docs/hdf5.md says (/checkpoints is not a group); "
-                "refusing to add to it (choose another --out path)."
-            )
+            raise refused(f"{_NOT_LAID_OUT} (/checkpoints is not a group)")
         for name in ("series", "history"):
             ds = f.get(name)
             if ds is not None and (not isinstance(ds, h5py.Dataset) or ds.maxshape != (None,)):
-                raise UserError(
-                    f"{path} is not laid out as docs/hdf5.md says (/{name} cannot grow); "
-                    "refusing to add to it (choose another --out path)."
-                )
+                raise refused(f"{_NOT_LAID_OUT} (/{name} cannot grow)")
             if ds is not None and h5py.check_string_dtype(ds.dtype) is None:
-                raise UserError(
-                    f"{path} is not laid out as docs/hdf5.md says (/{name} does not hold "
-                    "strings); refusing to add to it (choose another --out path)."
-                )
+                raise refused(f"{_NOT_LAID_OUT} (/{name} does not hold strings)")
         # And what the readers refuse: groups added to a file that `show` cannot read are lost.
         try:
             _info(f)
             for name in _stored_order(f):
                 _read_group(f["checkpoints"][name])
         except DAMAGED as exc:
-            raise UserError(
-                f"{path} is damaged or not laid out as docs/hdf5.md says ({exc}); refusing to "
-                "add to it (choose another --out path)."
-            ) from exc
+            raise refused(f"is damaged or {_NOT_LAID_OUT.removeprefix('is ')} ({exc})") from exc
+
+
+_NOT_LAID_OUT = "is not laid out as docs/hdf5.md says"
 
 
 def _external_link(f: h5py.File) -> str | None:

@@ -31,8 +31,8 @@ from eigensam.refresh import (
 )
 from eigensam.sam import SAM, BaseOptimizer, check_factor
 from hessian_cli.engine.alignment import eigensam_direction
+from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.linalg import norms
-from hessian_cli.engine.operator import Batch, LossFn
 
 
 def _caller_level() -> int:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.operator import Batch, HessianOperator, LossFn
+from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace
 
 # The paper's 5 power steps cost 5 HVPs; 6 products here build a warm-started Krylov basis whose

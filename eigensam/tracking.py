@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from hessian_cli.engine import distributed
+from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import dot, norms
-from hessian_cli.engine.operator import Batch, HessianOperator, LossFn, forward_mode
+from hessian_cli.engine.model_mode import forward_mode
+from hessian_cli.engine.operator import HessianOperator
 
 # Tracking measures lambda_max to a tight tolerance; warm starts usually need a handful of HVPs,
 # the cap only bounds a cold start or a reordering of nearly tied eigenvalues.

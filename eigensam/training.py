@@ -67,8 +67,9 @@ from eigensam.tracking import (
     gradient_alignment,
 )
 from hessian_cli.engine import distributed
+from hessian_cli.engine.batches import Batch, LossFn, check_range
 from hessian_cli.engine.devices import resolve_device
-from hessian_cli.engine.operator import Batch, LossFn, batch_statistics_error, check_range
+from hessian_cli.engine.model_mode import batch_statistics_error
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
     analysis_batches,

@@ -29,7 +29,8 @@ from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import check_density_memory, spectral_density
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
-from hessian_cli.engine.operator import HessianOperator, batch_statistics_error, has_batchnorm
+from hessian_cli.engine.model_mode import batch_statistics_error, has_batchnorm
+from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import check_real
 from hessian_cli.engine.precision import check_precision
 from hessian_cli.engine.results import EigenResult

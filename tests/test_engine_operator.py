@@ -710,7 +710,7 @@ def test_the_engines_names_are_importable_from_the_package():
 
 def test_data_the_models_dtype_cannot_hold_is_refused_as_such():
     """float64 inputs of 1e300 for a float32 model became inf: "the loss is not finite"."""
-    from hessian_cli.engine.operator import check_range
+    from hessian_cli.engine.batches import check_range
 
     model = torch.nn.Linear(3, 2)
     x, y = torch.full((4, 3), 1e300, dtype=torch.float64), torch.tensor([0, 1, 0, 1])

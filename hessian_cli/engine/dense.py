@@ -12,14 +12,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hessian_cli.engine.operator import (
-    Batch,
-    BNMode,
-    LossFn,
-    cast_batch,
-    forward_mode,
-    model_dtype,
-)
+from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
+from hessian_cli.engine.model_mode import BNMode, forward_mode
 from hessian_cli.engine.params import ParamSpace, select_parameters
 
 

@@ -18,17 +18,21 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
+from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
 from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
+from hessian_cli.engine.model_mode import (
+    BNMode,
+    batch_statistics_error,
+    forward_mode,
+    has_batchnorm,
+)
 from hessian_cli.engine.params import ParamSpace, dense, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
 from hessian_cli.engine.probes import gaussian, probe_generator
-from hessian_cli.errors import NotFinite, UserError, a_type, first_line
+from hessian_cli.errors import NotFinite, UserError, a_type
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Backend = Literal["auto", "double-backward", "func"]
-BNMode = Literal["eval", "train"]
 
 
 @contextlib.contextmanager
@@ -46,97 +50,6 @@ def _values_set(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].copy_(value)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` holds a BatchNorm layer, also as a scripted module (by its class name)."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        or "BatchNorm" in getattr(m, "original_name", "")
-        for m in model.modules()
-    )
-
-
-@contextlib.contextmanager
-def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
-    """Put the model in a mode where every forward pass computes the same function.
-
-    Everything is in eval mode (no dropout). With ``bn="train"`` BatchNorm layers normalise by
-    the batch statistics but do not update their running statistics, so analysing a model never
-    changes it.
-    """
-    if bn == "train" and isinstance(model, torch.jit.ScriptModule) and has_batchnorm(model):
-        raise UserError(
-            "The BatchNorm layers of a TorchScript module cannot be switched to batch "
-            "statistics (`bn=train`); use the eager model, or running statistics (`bn=eval`)."
-        )
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-    model.eval()
-    if bn == "train":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-                m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, training, track in saved:
-            m.training = training
-            if track is not None and m.track_running_stats != track:  # a scripted one: constant
-                m.track_running_stats = track
-
-
-def model_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the model's real parameters, where they have one."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
-
-
-def cast_batch(batch: Batch, dtype: torch.dtype | None) -> Batch:
-    """Real inputs and targets in ``dtype`` (the model's: some losses, e.g. huber_loss, refuse
-    float64 targets for float32 outputs in their backward), except that targets are never
-    narrowed to a 16-bit dtype, where the copy would change the loss (1234.5 is 1232 in
-    bfloat16); labels and token ids as given."""
-    x, y = batch
-    if dtype is None:
-        return x, y
-    if x.is_floating_point():
-        check_range(x, dtype)
-        x = x.to(dtype=dtype)
-    if y.is_floating_point() and (
-        torch.finfo(dtype).bits >= 32 or torch.finfo(y.dtype).bits < torch.finfo(dtype).bits
-    ):
-        check_range(y, dtype)
-        y = y.to(dtype=dtype)
-    return x, y
-
-
-def check_range(t: torch.Tensor, dtype: torch.dtype) -> None:
-    """Refuse real data whose finite values ``dtype`` cannot hold: cast, they became inf, and
-    float64 data of 1e300 for a float32 model was called "NaN or infinite" data (in training,
-    a divergence)."""
-    if not t.is_floating_point() or not t.numel():
-        return
-    top = torch.finfo(dtype).max
-    if torch.finfo(t.dtype).max <= top:  # bfloat16 into float16 narrows too
-        return
-    finite = t if bool(torch.isfinite(t).all()) else t[torch.isfinite(t)]
-    if finite.numel() and (float(finite.amax()) > top or float(finite.amin()) < -top):
-        raise UserError(
-            f"the data hold values beyond {str(dtype)[6:]}'s range (at most {top:.3g}): rescale "
-            "them (an analysis can also run in float64: `dtype=float64`)."
-        )
-
-
-def batch_statistics_error(model: nn.Module, x: torch.Tensor) -> str | None:
-    """Why BatchNorm cannot normalise ``x`` by its own statistics (a batch of one sample has
-    none), or None; nothing of the model changes."""
-    with torch.no_grad(), forward_mode(model, "train"):
-        try:
-            model(x)
-        except ValueError as exc:
-            return first_line(exc)
-    return None
 
 
 # Smallest block worth a vmapped torch.func pass on CUDA. Measured on an H200 (ResNet-18, 256

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from hessian_cli.engine.operator import check_range
+from hessian_cli.engine.batches import check_range
 from hessian_cli.errors import UserError, a_type, described
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from torch import Tensor
 from torch.nn import functional as F
 
-from hessian_cli.engine.operator import LossFn
+from hessian_cli.engine.batches import LossFn
 from hessian_cli.errors import UserError
 from hessian_cli.specs.data import check_labels
 from hessian_cli.specs.user_code import (

@@ -1,0 +1,56 @@
+"""What the curvature operator reads: batches of (inputs, targets) in the model's dtype, and the
+loss that maps a model's outputs and targets to a scalar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hessian_cli.errors import UserError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's real parameters, where they have one."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def cast_batch(batch: Batch, dtype: torch.dtype | None) -> Batch:
+    """Real inputs and targets in ``dtype`` (the model's: some losses, e.g. huber_loss, refuse
+    float64 targets for float32 outputs in their backward), except that targets are never
+    narrowed to a 16-bit dtype, where the copy would change the loss (1234.5 is 1232 in
+    bfloat16); labels and token ids as given."""
+    x, y = batch
+    if dtype is None:
+        return x, y
+    if x.is_floating_point():
+        check_range(x, dtype)
+        x = x.to(dtype=dtype)
+    if y.is_floating_point() and (
+        torch.finfo(dtype).bits >= 32 or torch.finfo(y.dtype).bits < torch.finfo(dtype).bits
+    ):
+        check_range(y, dtype)
+        y = y.to(dtype=dtype)
+    return x, y
+
+
+def check_range(t: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse real data whose finite values ``dtype`` cannot hold: cast, they became inf, and
+    float64 data of 1e300 for a float32 model was called "NaN or infinite" data (in training,
+    a divergence)."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    top = torch.finfo(dtype).max
+    if torch.finfo(t.dtype).max <= top:  # bfloat16 into float16 narrows too
+        return
+    finite = t if bool(torch.isfinite(t).all()) else t[torch.isfinite(t)]
+    if finite.numel() and (float(finite.amax()) > top or float(finite.amin()) < -top):
+        raise UserError(
+            f"the data hold values beyond {str(dtype)[6:]}'s range (at most {top:.3g}): rescale "
+            "them (an analysis can also run in float64: `dtype=float64`)."
+        )

@@ -113,6 +113,7 @@ class AnalyzeRequest:
     precision: Literal["full", "tf32", "bf16"] = "full"
     seed: int = 0
     trust_checkpoint: bool = False
+    weights_key: str | None = None  # which of a file's weights (see load_checkpoint)
 
 
 def checkpoint_paths(target: str | Path) -> list[Path]:
@@ -170,7 +171,10 @@ def analyze_target(
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
-        loaded = [load_checkpoint(p, trust=request.trust_checkpoint) for p in paths]
+        loaded = [
+            load_checkpoint(p, trust=request.trust_checkpoint, weights_key=request.weights_key)
+            for p in paths
+        ]
     loaded.sort(key=checkpoint_order_key)
     results: list[CheckpointAnalysis] = []
     init = None
@@ -179,6 +183,8 @@ def analyze_target(
             result = analyze_checkpoint(ckpt, request, progress, init=init)
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
+                if len(loaded) > 1 and isinstance(exc, UserError):  # which of the series
+                    exc.args = (f"{ckpt.path.name}: {exc}",)
                 raise
             # Whatever stopped this one (an error of ours too), the others' work is kept.
             interrupt = exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
@@ -602,6 +608,7 @@ def _provenance(
         "checkpoint": storable_text(str(ckpt.path.absolute())),  # read from anywhere later
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
+        "weights_key": ckpt.weights_key,  # None (not recorded) where the file's only ones
         "model": s.model_spec,
         "model_kwargs": s.model_kwargs,  # None (not recorded) where there were none
         "data": s.data_spec,

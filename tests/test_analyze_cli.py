@@ -1195,6 +1195,44 @@ def test_a_series_keeps_what_it_analysed_before_a_bad_checkpoint(capsys, tmp_pat
     )
     assert "Eigenvalues" in out
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
+    # The first of a series failing: which one (a file of data beside the checkpoints said
+    # "2 unexpected keys (x, y)" of no file).
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    torch.save({"x": torch.zeros(2, 64), "y": torch.zeros(2)}, plain / "a_batch.pt")
+    torch.save(state["model"], plain / "b_weights.pt")
+    flags = ["--model", "mlp", "--model-kwargs", json.dumps(MLP_KW), "--data", "digits"]
+    code, _, err = run(capsys, "analyze", plain, *flags, "--top-k", "1")
+    assert code == 2 and one_sentence(err).startswith("error: a_batch.pt: the checkpoint does")
+
+
+def test_weights_picked_by_key_are_analysed_and_recorded(capsys, tmp_path, digits_mlp):
+    state = torch.load(digits_mlp, weights_only=True)["model"]
+    ema = {k: v * 0.5 for k, v in state.items()}
+    path = tmp_path / "run.ckpt"  # a LightningModule's: its model's keys under "model."
+    both = {
+        **{f"model.{k}": v for k, v in state.items()},
+        **{f"ema.{k}": v for k, v in ema.items()},
+    }
+    torch.save({"state_dict": both, "epoch": 4, "global_step": 40}, path)
+    flags = ["--model", "mlp", "--model-kwargs", json.dumps(MLP_KW), "--data", "digits"]
+    reports = {}
+    for key in ("model", "ema"):
+        code, out, err = run(
+            capsys, "analyze", path, *flags, "--weights-key", key, "--top-k", "1", "--json"
+        )
+        assert code == 0, err
+        reports[key] = json.loads(out)["provenance"]
+        assert reports[key]["weights_key"] == key and reports[key]["step"] == 40
+    (reference,) = json.loads(run(capsys, "analyze", digits_mlp, "--top-k", "1", "--json")[1])[
+        "eigen"
+    ]["eigenvalues"][:1]
+    code, out, _ = run(
+        capsys, "analyze", path, *flags, "--weights-key", "model", "--top-k", "1", "--json"
+    )
+    assert json.loads(out)["eigen"]["eigenvalues"][0] == pytest.approx(reference, rel=1e-6)
+    code, _, err = run(capsys, "analyze", path, *flags, "--top-k", "1")
+    assert code == 2 and "pick one with --weights-key" in one_sentence(err)
 
 
 @pytest.mark.parametrize(

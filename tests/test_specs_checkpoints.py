@@ -356,6 +356,37 @@ def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
         load_checkpoint(names / "ckpt3.pt")
 
 
+def test_a_series_of_other_tools_is_read_whole_once_and_in_their_order(tmp_path: Path) -> None:
+    """.pth.tar and .bin were skipped unsaid; Lightning's last.ckpt (a link to another) was a
+    point of its own; their recorded epoch and step were ignored, so ``best`` sorted by name."""
+    lightning = {"state_dict": small_state(), "pytorch-lightning_version": "2.4.0"}
+    torch.save({**lightning, "epoch": 7, "global_step": 700}, tmp_path / "ckpt_best.ckpt")
+    torch.save({**lightning, "epoch": 11, "global_step": 1100}, tmp_path / "ckpt_11.ckpt")
+    torch.save({"state_dict": small_state(), "epoch": 2}, tmp_path / "checkpoint.pth.tar")
+    torch.save(small_state(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "last.ckpt").symlink_to(tmp_path / "ckpt_11.ckpt")
+    (tmp_path / "elsewhere.ckpt").symlink_to(tmp_path.parent / "missing.ckpt")
+    (tmp_path / "notes.tar").write_text("not a checkpoint")
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == [
+        "checkpoint.pth.tar",
+        "ckpt_11.ckpt",
+        "ckpt_best.ckpt",
+        "elsewhere.ckpt",  # leads nowhere: listed, so that reading it fails
+        "pytorch_model.bin",
+    ]
+    found = [p for p in list_checkpoints(tmp_path) if p.exists()]
+    ordered = sorted((load_checkpoint(p) for p in found), key=checkpoint_order_key)
+    assert [(c.path.name, c.metadata) for c in ordered] == [
+        ("checkpoint.pth.tar", {"epoch": 2}),  # no step: before those of steps 700, 1100
+        ("ckpt_best.ckpt", {"step": 700, "epoch": 7}),
+        ("ckpt_11.ckpt", {"step": 1100, "epoch": 11}),
+        ("pytorch_model.bin", {}),
+    ]
+    torch.save({"model": small_state(), "epoch": 3.5, "step": True}, tmp_path / "odd.pt")
+    assert load_checkpoint(tmp_path / "odd.pt").metadata == {}  # not whole numbers
+
+
 @pytest.mark.parametrize("kind", ["sparse", "meta"])
 def test_weights_that_hold_no_dense_values_are_named(kind) -> None:
     """torch's "Error(s) in loading state_dict for Sequential:" was all the sentence said."""
@@ -364,3 +395,128 @@ def test_weights_that_hold_no_dense_values_are_named(kind) -> None:
     state["0.weight"] = weight.to_sparse() if kind == "sparse" else weight.to("meta")
     with pytest.raises(UserError, match=f"the checkpoint's '0.weight' is (a )?{kind}"):
         apply_weights(small_model(), state)
+
+
+def _other_state(shift: float) -> dict[str, torch.Tensor]:
+    return {k: v + shift if v.is_floating_point() else v for k, v in small_state().items()}
+
+
+def _loaded(path: Path, **kwargs) -> dict[str, torch.Tensor]:
+    model = small_model()
+    apply_weights(model, load_checkpoint(path, **kwargs).state_dict)
+    return model.state_dict()
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_layouts_of_other_tools_load_their_weights(tmp_path: Path) -> None:
+    """Each was refused with a list of keys, or a sentence calling its weights no state dict."""
+    trained = _other_state(0.5)
+
+    def under(head: str) -> dict[str, torch.Tensor]:
+        return {f"{head}.{k}": v for k, v in trained.items()}
+
+    layouts = {
+        "lightning.ckpt": {"state_dict": under("model"), "epoch": 3, "global_step": 30},
+        "compiled.ckpt": {"state_dict": under("net._orig_mod"), "loss_weights": {}},
+        "with_a_criterion.ckpt": {
+            "state_dict": {**under("model"), "criterion.weight": torch.ones(2)}
+        },
+        "deepspeed.pt": {"module": trained, "buffer_names": [], "global_steps": 5},
+        "meta_then_model.pt": {"state_dict": {"lr": 0.1}, "model": trained},
+        "thop.pt": {**trained, "total_ops": torch.zeros(1), "0.total_params": torch.zeros(1)},
+        "swa.pt": {**{f"module.{k}": v for k, v in trained.items()}, "n_averaged": torch.tensor(3)},
+    }
+    for name, obj in layouts.items():
+        torch.save(obj, tmp_path / name)
+        assert _equal(_loaded(tmp_path / name), trained), name
+
+    # A weight the model ties to another, stored once (safetensors.torch.save_model).
+    def tied() -> nn.Module:
+        model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+        model[1].weight = model[0].weight
+        return model
+
+    state = {k: v + 1 for k, v in tied().state_dict().items() if k != "1.weight"}
+    model = tied()
+    apply_weights(model, state)
+    assert torch.equal(model[1].weight, state["0.weight"])
+
+
+def test_a_file_of_several_weight_sets_is_read_for_the_one_asked(tmp_path: Path) -> None:
+    trained, ema = _other_state(0.5), _other_state(-0.25)
+    path = tmp_path / "timm.pth.tar"
+    torch.save({"state_dict": trained, "state_dict_ema": ema, "epoch": 9}, path)
+    assert _equal(_loaded(path), trained)  # the trained weights unless told
+    assert _equal(_loaded(path, weights_key="state_dict_ema"), ema)
+    assert load_checkpoint(path, weights_key="state_dict_ema").weights_key == "state_dict_ema"
+    # Two usual entries that differ: it took one of them unsaid.
+    torch.save({"model": trained, "state_dict": ema}, path)
+    with pytest.raises(UserError, match="different weights under 'state_dict' and 'model'"):
+        load_checkpoint(path)
+    assert _equal(_loaded(path, weights_key="model"), trained)
+    # Keys under two leading names that both fit (a LightningModule with an EMA copy).
+    both = {
+        **{f"model.{k}": v for k, v in trained.items()},
+        **{f"ema.{k}": v for k, v in ema.items()},
+    }
+    torch.save({"state_dict": both}, path)
+    with pytest.raises(
+        UserError, match=r"under 'ema\.' and 'model\.' each fit: pick one with --weights-key"
+    ):
+        _loaded(path)
+    assert _equal(_loaded(path, weights_key="ema"), ema)
+    save_file(both, tmp_path / "both.safetensors")
+    assert _equal(_loaded(tmp_path / "both.safetensors", weights_key="model"), trained)
+    with pytest.raises(UserError, match="no entry 'emma' .* and no weights named 'emma.\\*'"):
+        load_checkpoint(path, weights_key="emma")
+    # Weights where no usual entry is: named, and how to point at them.
+    torch.save({"network": trained, "ema": ema, "args": {"lr": 0.1}}, path)
+    with pytest.raises(UserError, match="entry 'network' is a dict; .*with --weights-key"):
+        load_checkpoint(path)
+    assert _equal(_loaded(path, weights_key="network"), trained)
+
+
+def test_what_training_scripts_save_beside_weights_loads_without_trust(tmp_path: Path) -> None:
+    """timm's argparse.Namespace, a NumPy best accuracy, a path, NumPy arrays as weights:
+    each needed --trust-checkpoint, the flag that lets a file run code."""
+    import argparse
+
+    import numpy as np
+
+    extras = {
+        "args": argparse.Namespace(model="resnet20", lr=0.1),
+        "best_acc1": np.float64(0.91),
+        "epoch_seen": np.int64(3),
+        "log_dir": Path("/runs/exp1"),
+    }
+    torch.save({"state_dict": small_state(), **extras}, tmp_path / "timm.pth.tar")
+    loaded = load_checkpoint(tmp_path / "timm.pth.tar")
+    assert loaded.raw["args"].model == "resnet20" and loaded.raw["log_dir"] == Path("/runs/exp1")
+    arrays = {k: v.numpy() for k, v in small_state().items()}
+    torch.save(arrays, tmp_path / "numpy.pt")
+    assert _equal(_loaded(tmp_path / "numpy.pt"), small_state())
+    # Code is still refused, and a whole model whose classes cannot be imported is named so.
+    torch.save(
+        {"state_dict": small_state(), "hook": MakeDir(tmp_path / "pwned")}, tmp_path / "h.pt"
+    )
+    with pytest.raises(UserError, match="needs arbitrary code execution"):
+        load_checkpoint(tmp_path / "h.pt")
+    assert not (tmp_path / "pwned").exists()
+    module = tmp_path / "gone_module.py"
+    module.write_text("import torch.nn as nn\nclass Net(nn.Linear):\n    pass\n")
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import gone_module; "
+        "torch.save(gone_module.Net(4, 3), sys.argv[2])"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(tmp_path / "whole.pt")], check=True
+    )
+    module.unlink()
+    with pytest.raises(UserError, match="pickles code that cannot be imported here .*gone_module"):
+        load_checkpoint(tmp_path / "whole.pt", trust=True)

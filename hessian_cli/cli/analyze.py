@@ -41,7 +41,9 @@ EXIT_UNCONVERGED = 3
 def analyze(
     ctx: typer.Context,
     target: Path = typer.Argument(
-        ..., help="A checkpoint file (.pt/.pth/.pkl/.ckpt/.safetensors) or a directory of them."
+        ...,
+        help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .ckpt, .bin, .pkl, "
+        ".safetensors), analysed in order of their recorded step, else of their names.",
     ),
     model: str | None = typer.Option(
         None,
@@ -176,6 +178,12 @@ def analyze(
         "--trust-checkpoint",
         help="Allow checkpoints that need arbitrary unpickling (runs code from the file!).",
     ),
+    weights_key: str | None = typer.Option(
+        None,
+        "--weights-key",
+        help="Which weights of a file that holds several: its entry (e.g. state_dict_ema), or "
+        "the leading name of their keys (e.g. model_ema for model_ema.*).",
+    ),
     out_name: str | None = typer.Option(
         None, "--out", "-o", help="Write (or append to) this HDF5 file."
     ),
@@ -245,6 +253,7 @@ def analyze(
         precision=precision,
         seed=seed,
         trust_checkpoint=trust_checkpoint,
+        weights_key=weights_key,
     )
     console = results_console()
     # Under torchrun every rank computes the same results; only rank 0 reports and writes.

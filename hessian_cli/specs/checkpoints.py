@@ -6,6 +6,7 @@ with ``weights_only=True`` and safetensors files hold nothing but tensors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -28,8 +29,19 @@ from hessian_cli.storage.files import atomic_path
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
-CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".safetensors", ".ckpt")
+# What a directory's checkpoints are named (a single file is read whatever its name): torch's
+# own, pytorch/examples' .pth.tar, Lightning's .ckpt, Hugging Face's .bin and .safetensors.
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (
+    ".pt",
+    ".pth",
+    ".pth.tar",
+    ".pkl",
+    ".safetensors",
+    ".ckpt",
+    ".bin",
+)
 TRUST_FLAG = "--trust-checkpoint"
+WEIGHTS_FLAG = "--weights-key"
 
 
 class UntrustedCheckpoint(UserError):
@@ -52,13 +64,20 @@ class LoadedCheckpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     format: str = "torch-zip"
+    weights_key: str | None = None  # where in the file the weights were taken from, if asked
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoint:
-    """Read a checkpoint; ``trust=True`` allows arbitrary unpickling (only for trusted files)."""
+def load_checkpoint(
+    path: str | Path, *, trust: bool = False, weights_key: str | None = None
+) -> LoadedCheckpoint:
+    """Read a checkpoint; ``trust=True`` allows arbitrary unpickling (only for trusted files).
+
+    ``weights_key`` picks the weights where a file holds several sets (an EMA copy beside the
+    trained weights, say): an entry of the file (``state_dict_ema``), or the leading name its
+    weights carry (``model_ema`` for keys ``model_ema.*``)."""
     path = Path(path).expanduser()
     if not path.exists():
         what = "is a symbolic link that leads nowhere" if path.is_symlink() else "does not exist"
@@ -78,6 +97,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
     if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(head):
         state, metadata, raw = _load_safetensors(path)
         fmt = "safetensors"
+        if weights_key is not None:
+            state = _part(_strip_prefixes(state), weights_key, path, list(raw))
     else:
         fmt = "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
         if fmt == "torch-legacy" and _is_plain_pickle(head):
@@ -85,7 +106,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
         else:
             obj = _torch_load(path, trust, pickle_or_zip=fmt == "torch-zip" or head[:1] == b"\x80")
         raw = obj if isinstance(obj, dict) else {}
-        state, metadata = _unwrap(obj, path)
+        state, metadata = _unwrap(obj, path, weights_key)
     return LoadedCheckpoint(
         path=path,
         sha256=digest,
@@ -93,6 +114,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
         metadata=metadata,
         raw=raw,
         format=fmt,
+        weights_key=weights_key,
     )
 
 
@@ -150,15 +172,44 @@ def _arrays_as_tensors(obj: Any) -> Any:
     return obj
 
 
+def _safe_globals() -> list[Any]:
+    """Classes that training scripts save beside their weights and that rebuild from plain data
+    alone, allowed to ``weights_only`` loading: timm's and torchvision's reference scripts save
+    their ``argparse.Namespace``, many a NumPy number (a best accuracy) or array, or a path.
+    Without them a file of weights needed the flag that lets it run code."""
+    import argparse
+    import pathlib
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it; pickles name either
+    return [
+        argparse.Namespace,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        np.dtype,
+        np.ndarray,
+        *(getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")),
+        core.multiarray.scalar,
+        core.multiarray._reconstruct,
+    ]
+
+
 def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
     """``torch.load``, its failures in one sentence; ``pickle_or_zip=False`` (a file that opens
     as neither a zip archive nor a binary pickle) names what the file is not, where a failure
     would otherwise suggest the flag that runs code."""
     try:
-        with warnings.catch_warnings():
+        allowed = getattr(torch.serialization, "safe_globals", None)  # torch 2.5 and later
+        with (
+            warnings.catch_warnings(),
+            allowed(_safe_globals()) if allowed else contextlib.nullcontext(),
+        ):
             # torch warns about pickle protocols it reads fine; the CLI output stays clean.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=not trust)
+            return _arrays_as_tensors(torch.load(path, map_location="cpu", weights_only=not trust))
     except pickle.UnpicklingError as exc:
         if not pickle_or_zip:  # no flag would help
             raise UserError(
@@ -179,6 +230,15 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
                 f"refuses; pass {TRUST_FLAG} only if you trust where it came from."
             ) from exc
         raise UserError(f"checkpoint {str(path)!r} is corrupt or not a torch file.") from exc
+    except (ImportError, AttributeError) as exc:
+        if not trust:
+            raise UserError(f"checkpoint {str(path)!r} is corrupt or not a torch file.") from exc
+        # A whole pickled model (torch.save(model)) rebuilds its classes from their modules.
+        raise UserError(
+            f"checkpoint {str(path)!r} pickles code that cannot be imported here "
+            f"({first_line(exc)}): run where its modules can be imported (PYTHONPATH), or save "
+            "the model's state_dict instead."
+        ) from exc
     except Exception as exc:
         raise UserError(
             f"checkpoint {str(path)!r} is corrupt, truncated or not a torch file "
@@ -210,10 +270,14 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
     return state, metadata, dict(state)
 
 
-def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Find the state dict inside a loaded object; also return self-describing metadata."""
+def _unwrap(
+    obj: Any, path: Path, weights_key: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Find the state dict inside a loaded object (the one ``weights_key`` names, see
+    :func:`load_checkpoint`); also return self-describing metadata."""
     if isinstance(obj, nn.Module):  # only reachable with trust=True (a pickled whole model)
-        return obj.state_dict(), {}
+        state = obj.state_dict()
+        return (state if weights_key is None else _part(state, weights_key, path, [])), {}
     if not isinstance(obj, dict):
         raise UserError(
             f"checkpoint {str(path)!r} holds {a_type(obj)}, not a state dict of tensors."
@@ -222,27 +286,100 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if obj.get("format") == CHECKPOINT_FORMAT:
         meta = obj.get("hessian_cli", {})
         metadata = dict(meta) if isinstance(meta, dict) else {}
+    else:
+        metadata = _training_position(obj)
+    if weights_key is not None and weights_key in obj:
+        return _state_in(obj[weights_key], path, obj), metadata
+    state = _state_in(obj, path, obj)
+    if weights_key is not None:
+        state = _part(_strip_prefixes(state), weights_key, path, list(obj))
+    return state, metadata
+
+
+def _part(state: dict[str, Any], key: str, path: Path, entries: list) -> dict[str, Any]:
+    """The weights ``state`` holds under the leading name ``key``, without it."""
+    part = {k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")}
+    if not part:
+        shown = ", ".join(map(str, entries[:8])) or "none"
+        raise UserError(
+            f"checkpoint {str(path)!r} has no entry {key!r} (its entries: {shown}) and no "
+            f"weights named {key + '.*'!r}."
+        )
+    return part
+
+
+def _state_in(obj: Any, path: Path, top: Any) -> dict[str, Any]:
+    """The state dict in ``obj`` (a part of the loaded ``top``): itself, or nested under one of
+    the usual keys (one holding weights before one holding other things), or else the one
+    entry that holds weights (DeepSpeed's ``module``, ``model_state``...). Two usual keys
+    holding different weights are refused: which was meant is the user's to say."""
     current: Any = obj
     for _ in range(4):  # e.g. {"state_dict": {"model": {...}}}
         if isinstance(current, nn.Module):
             current = current.state_dict()
         if _is_state_dict(current):
-            return dict(current), metadata
+            return dict(current)
+        if not isinstance(current, dict):
+            break
+        weights = {k: v for k, v in current.items() if _holds_weights(v)}
+        usual = [k for k in _NESTING_KEYS if k in weights]
+        if len(usual) > 1 and not _same_weights([weights[k] for k in usual]):
+            raise UserError(
+                f"checkpoint {str(path)!r} holds different weights under "
+                f"{' and '.join(map(repr, usual))}: pick one with {WEIGHTS_FLAG}."
+            )
         nested = next(
-            (current[k] for k in _NESTING_KEYS if isinstance(current.get(k), (dict, nn.Module))),
-            None,
+            (current[k] for k in (*usual, *_NESTING_KEYS) if isinstance(current.get(k), dict)),
+            weights[next(iter(weights))] if len(weights) == 1 else None,
         )
         if nested is None:
             break
         current = nested
+    entries = ", ".join(list(map(str, top))[:8]) if isinstance(top, dict) else ""
     if isinstance(current, dict) and current and all(isinstance(k, str) for k in current):
         bad = next(k for k, v in current.items() if not isinstance(v, torch.Tensor))
-        keys = ", ".join(list(map(str, obj))[:6])
         raise UserError(
-            f"checkpoint {str(path)!r} holds no state dict of tensors (entry {bad!r} is a "
-            f"{type(current[bad]).__name__}; top-level keys: {keys})."
+            f"checkpoint {str(path)!r} holds no state dict of tensors where one is looked for "
+            f"(its entry {bad!r} is {a_type(current[bad])}; the file's entries: {entries}): "
+            f"name the one that holds the weights with {WEIGHTS_FLAG}."
         )
     raise UserError(f"checkpoint {str(path)!r} holds no state dict of tensors.")
+
+
+def _holds_weights(value: Any) -> bool:
+    return isinstance(value, nn.Module) or _is_state_dict(value)
+
+
+def _same_weights(sets: list[Any]) -> bool:
+    """Whether state dicts (or modules) hold the same names and values."""
+    states = [s.state_dict() if isinstance(s, nn.Module) else s for s in sets]
+    first = states[0]
+    return all(
+        s.keys() == first.keys() and all(torch.equal(s[k], first[k]) for k in first)
+        for s in states[1:]
+    )
+
+
+# Where other tools record how far training had gone: Lightning's global_step and epoch, the
+# step, iteration or epoch of pytorch/examples, timm and many training scripts.
+_STEP_KEYS = ("global_step", "step", "iteration", "iter")
+
+
+def _training_position(obj: dict[str, Any]) -> dict[str, int]:
+    """The step and epoch a checkpoint of another tool records as whole numbers at its top
+    level: a series is ordered by them (by name, ``best`` came after ``11``), and the results
+    carry them."""
+    found = {}
+    step = next((obj[k] for k in _STEP_KEYS if _is_whole(obj.get(k))), None)
+    if step is not None:
+        found["step"] = int(step)
+    if _is_whole(obj.get("epoch")):
+        found["epoch"] = int(obj["epoch"])
+    return found
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -273,18 +410,10 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load ``state_dict`` strictly into ``model``, explaining any mismatch in one sentence.
 
-    A prefix that loading stripped from every key (``module.``) is put back where the model's
-    own names all carry it (a wrapper whose one child is called ``module``)."""
+    What other tools wrap the weights in is taken off first (see :func:`_fitted`): only where
+    the names then are exactly the model's do they load."""
     expected = model.state_dict()
-    state = dict(state_dict)
-    for prefix in _PREFIXES:  # a model whose own names carry the prefix loading stripped
-        if state and all(k.startswith(prefix) for k in expected):
-            if all(prefix + k in expected for k in state):
-                state = {prefix + k: v for k, v in state.items()}
-    for key, value in expected.items():
-        # Checkpoints older than torch 0.4.1 have no BatchNorm step counter; that is harmless.
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
+    state, several = _fitted(expected, dict(state_dict))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -307,6 +436,11 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
             parts.append(_listing(len(unexpected), "unexpected key", unexpected))
         if wrong:
             parts.append(_listing(len(wrong), "mismatch", wrong, plural="mismatches"))
+        if several:
+            parts.append(
+                f"its weights under {' and '.join(repr(h + '.') for h in several)} each fit: "
+                f"pick one with {WEIGHTS_FLAG}"
+            )
         raise UserError(
             f"the checkpoint does not match the model ({type(model).__name__}): "
             + "; ".join(parts)
@@ -326,6 +460,73 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         raise UserError(f"the checkpoint does not fit the model: {first_line(exc)}.") from exc
 
 
+# Buffers that tools add beside the weights, which no model expects: thop's operation counts on
+# every module, torch.optim.swa_utils.AveragedModel's count of averaged models.
+_BOOKKEEPING = ("total_ops", "total_params", "n_averaged")
+
+
+def _fitted(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` renamed to the model's names where only a wrapper differs, and the leading
+    names whose parts each fit the model where several do (then none is taken).
+
+    In order: bookkeeping buffers the model lacks are dropped (then ``module.`` may be stripped
+    from what is left); a prefix loading stripped is put back where the model's own names all
+    carry it (a wrapper whose one child is called ``module``); a name the model ties to another
+    (a decoder sharing its embedding) takes that one's value where a writer kept one copy
+    (safetensors' ``save_model``); a missing BatchNorm step counter (checkpoints before torch
+    0.4.1) is the model's own zero. Last, where the names still differ, the entries under one
+    leading name (a LightningModule's attribute: ``model.``, ``net.``) are taken where they
+    alone are exactly the model's.
+    """
+    extra = [k for k in state if k not in expected and k.rsplit(".", 1)[-1] in _BOOKKEEPING]
+    if extra:
+        state = _strip_prefixes({k: v for k, v in state.items() if k not in extra})
+    for prefix in _PREFIXES:  # a model whose own names carry the prefix loading stripped
+        if state and all(k.startswith(prefix) for k in expected):
+            if all(prefix + k in expected for k in state):
+                state = {prefix + k: v for k, v in state.items()}
+
+    def completed(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        part = dict(part)
+        for names in _tied_names(expected):
+            held = next((k for k in names if k in part), None)
+            for k in names:
+                if held is not None and k not in part:
+                    part[k] = part[held]
+        for key, value in expected.items():
+            # Checkpoints older than torch 0.4.1 have no BatchNorm step counter: harmless.
+            if key.endswith("num_batches_tracked") and key not in part:
+                part[key] = torch.zeros_like(value)
+        return part
+
+    state = completed(state)
+    if set(state) == set(expected):
+        return state, []
+    fits = {}
+    for head in sorted({k.split(".", 1)[0] for k in state if "." in k}):
+        part = completed(
+            _strip_prefixes(
+                {k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(head + ".")}
+            )
+        )
+        if set(part) == set(expected):
+            fits[head] = part
+    if len(fits) == 1:
+        return next(iter(fits.values())), []
+    return state, sorted(fits)
+
+
+def _tied_names(expected: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The names of each tensor the model holds under several (tied weights)."""
+    names: dict[tuple, list[str]] = {}
+    for key, t in expected.items():
+        if t.layout == torch.strided and t.numel():
+            names.setdefault((t.data_ptr(), t.shape, t.stride()), []).append(key)
+    return [keys for keys in names.values() if len(keys) > 1]
+
+
 def _kind(t: torch.Tensor) -> str:
     return "complex" if t.is_complex() else "real" if t.is_floating_point() else "integer"
 
@@ -342,11 +543,7 @@ def _finite(value: torch.Tensor) -> bool:
 def _check_tied(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """Names of one tied tensor (a decoder sharing its encoder's weight) must hold one value in
     the checkpoint: loading would keep whichever comes last."""
-    names: dict[tuple, list[str]] = {}
-    for key, t in expected.items():
-        if t.layout == torch.strided and t.numel():
-            names.setdefault((t.data_ptr(), t.shape, t.stride()), []).append(key)
-    for keys in names.values():
+    for keys in _tied_names(expected):
         if any(not torch.equal(state[keys[0]], state[k]) for k in keys[1:]):
             raise UserError(
                 f"the checkpoint holds different values for {', '.join(keys)}, which the model "
@@ -476,7 +673,8 @@ def _natural_key(name: str) -> tuple:
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoint files directly inside ``directory``, in natural name order (no temp files)."""
+    """Checkpoint files directly inside ``directory``, in natural name order (no temp files), each
+    once: a link to another of them (Lightning's ``last.ckpt``) is left out."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory.")
@@ -490,7 +688,9 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         p
         for p in entries
         if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and p.suffix.lower() in CHECKPOINT_SUFFIXES
+        and p.name.lower().endswith(CHECKPOINT_SUFFIXES)
         and not p.name.startswith(".")
     ]
+    files = {p.resolve() for p in found if not p.is_symlink()}
+    found = [p for p in found if not (p.is_symlink() and p.resolve() in files)]
     return sorted(found, key=lambda p: _natural_key(p.name))

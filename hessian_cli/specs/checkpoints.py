@@ -172,6 +172,22 @@ def _arrays_as_tensors(obj: Any) -> Any:
     return obj
 
 
+def _pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol of a torch file's object (its data.pkl in a zip), where it says."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                with archive.open(name) as fh:
+                    head = fh.read(2)
+        else:
+            with path.open("rb") as fh:
+                head = fh.read(2)
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return None
+    return head[1] if head[:1] == b"\x80" and len(head) == 2 else None
+
+
 def _safe_globals() -> list[Any]:
     """Classes that training scripts save beside their weights and that rebuild from plain data
     alone, allowed to ``weights_only`` loading: timm's and torchvision's reference scripts save
@@ -224,6 +240,12 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
                     f"checkpoint {str(path)!r} needs arbitrary code execution to load "
                     f"({found.group(1)}) and was refused; pass {TRUST_FLAG} only if you trust "
                     "where it came from."
+                ) from exc
+            if (protocol := _pickle_protocol(path)) is not None and protocol >= 4:
+                raise UntrustedCheckpoint(
+                    f"checkpoint {str(path)!r} was saved with pickle protocol {protocol}, whose "
+                    "framing torch's safe loading cannot read: save it again with torch.save's "
+                    f"default protocol, or pass {TRUST_FLAG} only if you trust where it came from."
                 ) from exc
             raise UntrustedCheckpoint(
                 f"checkpoint {str(path)!r} is corrupt or uses pickle features that safe loading "

@@ -455,13 +455,17 @@ def test_the_error_bound_of_an_unconverged_pair_needs_no_gap():
 
 @pytest.mark.parametrize("criterion", ["residual", "eigenvalue"])
 def test_a_pair_behind_an_unconverged_one_is_not_called_converged(criterion):
-    """The 10 smallest of 10 * 0.8^i, a solve that ends slow: pair 9 met the tolerance at the
-    40th smallest eigenvalue (85 times the tolerance from the 10th) while pairs 1-8 did not,
-    and was called converged. Only a leading run of pairs is, each its own eigenvalue's."""
+    """The 10 smallest of 10 * 0.8^i, a solve that ends short of them: pair 9 met the
+    tolerance at the 40th smallest eigenvalue (85 times the tolerance from the 10th) while
+    pairs 1-8 did not, and was called converged. Only a leading run of pairs is, each its own
+    eigenvalue's. (A budget ends the solve there: the restarts since 2026-11-30 reach other
+    points of it.)"""
     spectrum = 10 * 0.8 ** torch.arange(80, dtype=torch.float64)
     H = _with_spectrum(spectrum, 0)
     true = torch.linalg.eigvalsh(H)
-    res = eigenpairs(MatrixOperator(H), 10, which="smallest", tol=1e-6, criterion=criterion)
+    res = eigenpairs(
+        MatrixOperator(H), 10, which="smallest", tol=1e-6, criterion=criterion, max_hvps=300
+    )
     assert not res.all_converged
     met = res.residuals <= 1e-6
     assert bool(met[-1]) and not bool(met[1:-1].any())  # the case the test is about

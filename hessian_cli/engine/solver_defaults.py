@@ -6,7 +6,9 @@ from __future__ import annotations
 # Vectors per pass, on every device. A block saves work per vector only by sharing passes, but
 # block Krylov needs more products to converge: on ResNet-20 (benchmarks/RESULTS.md) top-5 took
 # 29, 41, 73 and 117 HVPs with blocks of 1, 2, 4 and 8, and top-1 8, 15, 25 and 49. On CPU a
-# block costs as much per vector as single products. Measured on an H200 (ResNet-18, 256 inputs,
+# block of ResNet-20's costs as much per vector as single products (a batched backward cost
+# less per vector only on models whose products take a millisecond, where per-call overhead
+# dominates: a 2-3x saving of little time). Measured on an H200 (ResNet-18, 256 inputs,
 # float32): a vmapped block of 8 costs 1.56 gradients per vector against 2.28 for one product,
 # too little to pay for the extra products; top-5 took 0.68 / 0.82 / 1.02 / 1.39 s and top-1
 # 0.43 / 0.68 / 0.91 / 1.34 s with blocks of 1 / 2 / 4 / 8. The known limit of one vector: a

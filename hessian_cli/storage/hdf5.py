@@ -61,12 +61,14 @@ def write_analyses(
     path: str | Path,
     analyses: Sequence[CheckpointAnalysis],
     *,
-    command_line: str,
+    command_line: str = "",
     save_eigenvectors: bool = False,
     series: bool = False,
 ) -> list[str]:
     """Add one group per analysis to ``path`` (created if missing); returns the group names.
 
+    ``analyses`` are what :func:`hessian_cli.analysis.analyze_target` returns. ``command_line``
+    is recorded as how they were made (the CLI's invocation; a script may give its own).
     ``series`` marks the file's checkpoints as one training trajectory (root attr
     ``trajectory``); the root ``series`` dataset orders groups by step either way.
     """

@@ -672,3 +672,7 @@ def test_a_refresh_on_a_batch_that_is_not_two_tensors_is_one_sentence() -> None:
         opt.refresh_eigenvector(model, F.cross_entropy, ({"x": x}, y))
     with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not a torch.Tensor"):
         HessianOperator(model, F.cross_entropy, x)  # a tensor, not a list of batches
+    with pytest.raises(
+        UserError, match=r"not a torch.Tensor: pass a list of batches, \[\(x, y\)\]"
+    ):
+        HessianOperator(model, F.cross_entropy, (x, y))  # the pair itself

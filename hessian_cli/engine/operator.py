@@ -175,7 +175,9 @@ class HessianOperator:
                 if isinstance(batch, (tuple, list))
                 else a_type(batch)
             )
-            raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}.")
+            # A pair (x, y) given as the batches yields x, then y: each is taken for a batch.
+            hint = ": pass a list of batches, [(x, y)]" if isinstance(batch, torch.Tensor) else ""
+            raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}{hint}.")
         x, y = cast_batch(batch, self._data_dtype)
         x, y = x.to(self.device), y.to(self.device)
         if bn == "train" and len(y) == 1 and has_batchnorm(self.model):

@@ -336,6 +336,7 @@ class _Setup(NamedTuple):
     batches: list  # the analysed batches (global list)
     minibatches: list  # the alignment's extra minibatches (global; empty: the batches suffice)
     device: torch.device
+    weights_part: str | None  # the leading name the checkpoint's weights were taken from
 
 
 def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:
@@ -387,7 +388,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         kwargs=kwargs,
         trusted=trust or bool(request.model),
     )
-    apply_weights(model, ckpt.state_dict)
+    weights_part = apply_weights(model, ckpt.state_dict)
     check_real(model)  # before the cast, which would drop imaginary parts
     model = model.to(device=device, dtype=dtype)
     token_ids = takes_token_ids(model)
@@ -444,6 +445,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         batches,
         minibatches,
         device,
+        weights_part,
     )
 
 
@@ -608,7 +610,9 @@ def _provenance(
         "checkpoint": storable_text(str(ckpt.path.absolute())),  # read from anywhere later
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
-        "weights_key": ckpt.weights_key,  # None (not recorded) where the file's only ones
+        # Where the file's weights were taken from, if not all of it: as asked, or the one
+        # leading name under which they fit the model (None: not recorded).
+        "weights_key": ckpt.weights_key or s.weights_part,
         "model": s.model_spec,
         "model_kwargs": s.model_kwargs,  # None (not recorded) where there were none
         "data": s.data_spec,

@@ -1233,6 +1233,10 @@ def test_weights_picked_by_key_are_analysed_and_recorded(capsys, tmp_path, digit
     assert json.loads(out)["eigen"]["eigenvalues"][0] == pytest.approx(reference, rel=1e-6)
     code, _, err = run(capsys, "analyze", path, *flags, "--top-k", "1")
     assert code == 2 and "pick one with --weights-key" in one_sentence(err)
+    # One set under a leading name: taken, and where from is recorded.
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}}, path)
+    code, out, err = run(capsys, "analyze", path, *flags, "--top-k", "1", "--json")
+    assert code == 0 and json.loads(out)["provenance"]["weights_key"] == "net", err
 
 
 @pytest.mark.parametrize(

@@ -530,3 +530,16 @@ def test_a_pickle_protocol_safe_loading_cannot_read_is_named(tmp_path: Path) -> 
     with pytest.raises(UserError, match="saved with pickle protocol 4, whose framing"):
         load_checkpoint(path)
     assert _equal(_loaded(path, trust=True), small_state())
+
+
+def test_whole_models_under_usual_and_other_entries_load_the_usual_one(tmp_path: Path) -> None:
+    """{"model": nn.Module, "ema": nn.Module} (trusted): the model's, as before the layouts of
+    other tools were read (the usual entry was then passed over for holding no dict)."""
+    trained, ema = small_model(), small_model()
+    trained.load_state_dict(_other_state(0.5))
+    ema.load_state_dict(_other_state(-0.25))
+    torch.save({"model": trained, "ema": ema}, tmp_path / "modules.pt")
+    assert _equal(_loaded(tmp_path / "modules.pt", trust=True), _other_state(0.5))
+    assert _equal(
+        _loaded(tmp_path / "modules.pt", trust=True, weights_key="ema"), _other_state(-0.25)
+    )

@@ -351,7 +351,11 @@ def _state_in(obj: Any, path: Path, top: Any) -> dict[str, Any]:
                 f"{' and '.join(map(repr, usual))}: pick one with {WEIGHTS_FLAG}."
             )
         nested = next(
-            (current[k] for k in (*usual, *_NESTING_KEYS) if isinstance(current.get(k), dict)),
+            (
+                current[k]
+                for k in (*usual, *_NESTING_KEYS)
+                if isinstance(current.get(k), (dict, nn.Module))
+            ),
             weights[next(iter(weights))] if len(weights) == 1 else None,
         )
         if nested is None:
@@ -429,13 +433,13 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- applying
 
 
-def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load ``state_dict`` strictly into ``model``, explaining any mismatch in one sentence.
-
-    What other tools wrap the weights in is taken off first (see :func:`_fitted`): only where
-    the names then are exactly the model's do they load."""
+def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Load ``state_dict`` strictly into ``model``, explaining any mismatch in one sentence;
+    return the leading name the weights were taken from, where they were (see :func:`_fitted`:
+    what other tools wrap the weights in is taken off first, and only where the names then are
+    exactly the model's do they load)."""
     expected = model.state_dict()
-    state, several = _fitted(expected, dict(state_dict))
+    state, several, taken = _fitted(expected, dict(state_dict))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -480,6 +484,7 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UserError(f"the checkpoint does not fit the model: {first_line(exc)}.") from exc
+    return taken
 
 
 # Buffers that tools add beside the weights, which no model expects: thop's operation counts on
@@ -489,9 +494,9 @@ _BOOKKEEPING = ("total_ops", "total_params", "n_averaged")
 
 def _fitted(
     expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``state`` renamed to the model's names where only a wrapper differs, and the leading
-    names whose parts each fit the model where several do (then none is taken).
+) -> tuple[dict[str, torch.Tensor], list[str], str | None]:
+    """``state`` renamed to the model's names where only a wrapper differs; the leading names
+    whose parts each fit the model where several do (then none is taken); the one taken.
 
     In order: bookkeeping buffers the model lacks are dropped (then ``module.`` may be stripped
     from what is left); a prefix loading stripped is put back where the model's own names all
@@ -525,7 +530,7 @@ def _fitted(
 
     state = completed(state)
     if set(state) == set(expected):
-        return state, []
+        return state, [], None
     fits = {}
     for head in sorted({k.split(".", 1)[0] for k in state if "." in k}):
         part = completed(
@@ -536,8 +541,9 @@ def _fitted(
         if set(part) == set(expected):
             fits[head] = part
     if len(fits) == 1:
-        return next(iter(fits.values())), []
-    return state, sorted(fits)
+        ((taken, part),) = fits.items()
+        return part, [], taken
+    return state, sorted(fits), None
 
 
 def _tied_names(expected: dict[str, torch.Tensor]) -> list[list[str]]:

@@ -719,3 +719,18 @@ def test_data_the_models_dtype_cannot_hold_is_refused_as_such():
     with pytest.raises(UserError, match="beyond float16's range"):  # bfloat16 is as wide
         check_range(torch.tensor([3e38], dtype=torch.bfloat16), torch.float16)
     check_range(torch.tensor([1e300, float("nan")], dtype=torch.float64), torch.float64)
+
+
+def test_weights_summing_to_nan_do_not_drop_the_kept_graphs_at_every_product():
+    """A buffer holding +inf and -inf (an attention mask) sums to NaN, which is never equal to
+    itself: every product rebuilt every graph."""
+    model, (x, y) = _mlp(), _data()
+    model.register_buffer("mask", torch.tensor([float("inf"), -float("inf")]))
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    V = torch.eye(op.n, dtype=torch.float64)[:2]
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    op.matmul(V)
+    op.matmul(V)
+    op.matmul(V)
+    assert len(forwards) == 1  # the graph built once and kept

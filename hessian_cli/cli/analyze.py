@@ -42,7 +42,7 @@ def analyze(
     ctx: typer.Context,
     target: Path = typer.Argument(
         ...,
-        help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .ckpt, .bin, .pkl, "
+        help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .ckpt, .pkl, "
         ".safetensors), analysed in order of their recorded step, else of their names.",
     ),
     model: str | None = typer.Option(

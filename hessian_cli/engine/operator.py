@@ -513,7 +513,12 @@ class HessianOperator:
         ``p.data.copy_``) move no version counter, and the products were of the old weights,
         certified (a 0.64 top eigenvalue reported where it was 0.95). One sum per tensor, read
         once per call; a change that keeps every tensor's sum (a permutation) is not seen."""
-        if self._graphs and not torch.equal(self._values_digest(), self._graph_values):
+        if not self._graphs:
+            return
+        now, then = self._values_digest(), self._graph_values
+        # NaN equal to NaN: a buffer of +inf and -inf (an attention mask) sums to NaN at every
+        # look, which dropped the graphs at every product.
+        if now.shape != then.shape or not torch.allclose(now, then, rtol=0, atol=0, equal_nan=True):
             self.release()
 
     def _values_digest(self) -> torch.Tensor:

@@ -30,16 +30,9 @@ from hessian_cli.storage.files import atomic_path
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
 # What a directory's checkpoints are named (a single file is read whatever its name): torch's
-# own, pytorch/examples' .pth.tar, Lightning's .ckpt, Hugging Face's .bin and .safetensors.
-CHECKPOINT_SUFFIXES: tuple[str, ...] = (
-    ".pt",
-    ".pth",
-    ".pth.tar",
-    ".pkl",
-    ".safetensors",
-    ".ckpt",
-    ".bin",
-)
+# own, pytorch/examples' .pth.tar, Lightning's .ckpt, .safetensors. Not .bin: Hugging Face's
+# output folders hold training_args.bin, a pickled settings object, beside the weights.
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pth.tar", ".pkl", ".safetensors", ".ckpt")
 TRUST_FLAG = "--trust-checkpoint"
 WEIGHTS_FLAG = "--weights-key"
 
@@ -160,10 +153,16 @@ def _plain_pickle_load(path: Path, trust: bool) -> Any:
     return _arrays_as_tensors(obj)
 
 
-def _arrays_as_tensors(obj: Any) -> Any:
-    """NumPy arrays (in nested dicts) as tensors: pickles from outside torch hold them."""
+def _arrays_as_tensors(obj: Any, done: dict[int, Any] | None = None) -> Any:
+    """NumPy arrays (in nested dicts) as tensors: pickles from outside torch hold them. A dict
+    met again is converted once (``done``): a file of dicts that each hold the next twice took
+    2**depth copies, seconds and gigabytes from a kilobyte."""
+    done = {} if done is None else done
     if isinstance(obj, dict):
-        return {k: _arrays_as_tensors(v) for k, v in obj.items()}
+        if id(obj) not in done:
+            done[id(obj)] = converted = {}
+            converted.update((k, _arrays_as_tensors(v, done)) for k, v in obj.items())
+        return done[id(obj)]
     if type(obj).__module__ == "numpy" and hasattr(obj, "__array__"):
         try:
             return torch.as_tensor(obj)
@@ -191,14 +190,16 @@ def _pickle_protocol(path: Path) -> int | None:
 def _safe_globals() -> list[Any]:
     """Classes that training scripts save beside their weights and that rebuild from plain data
     alone, allowed to ``weights_only`` loading: timm's and torchvision's reference scripts save
-    their ``argparse.Namespace``, many a NumPy number (a best accuracy) or array, or a path.
-    Without them a file of weights needed the flag that lets it run code."""
+    their ``argparse.Namespace``, many a NumPy number (a best accuracy), or a path. Without
+    them a file of weights needed the flag that lets it run code."""
     import argparse
     import pathlib
 
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it; pickles name either
+    # Not NumPy arrays: their pickle names the shape to allocate, so a kilobyte could ask for
+    # gigabytes (a number's bytes are in the file).
     return [
         argparse.Namespace,
         pathlib.PosixPath,
@@ -206,10 +207,8 @@ def _safe_globals() -> list[Any]:
         pathlib.PurePosixPath,
         pathlib.PureWindowsPath,
         np.dtype,
-        np.ndarray,
         *(getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")),
         core.multiarray.scalar,
-        core.multiarray._reconstruct,
     ]
 
 
@@ -225,7 +224,8 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
         ):
             # torch warns about pickle protocols it reads fine; the CLI output stays clean.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return _arrays_as_tensors(torch.load(path, map_location="cpu", weights_only=not trust))
+            obj = torch.load(path, map_location="cpu", weights_only=not trust)
+        return _arrays_as_tensors(obj)  # NumPy arrays: only in a trusted file
     except pickle.UnpicklingError as exc:
         if not pickle_or_zip:  # no flag would help
             raise UserError(
@@ -377,13 +377,30 @@ def _holds_weights(value: Any) -> bool:
 
 
 def _same_weights(sets: list[Any]) -> bool:
-    """Whether state dicts (or modules) hold the same names and values."""
+    """Whether state dicts (or modules) may hold the same weights: the same names, and values
+    not shown to differ (one object twice, NaN where the other has NaN; meta and sparse tensors
+    are not compared, and are refused as such when applied)."""
     states = [s.state_dict() if isinstance(s, nn.Module) else s for s in sets]
     first = states[0]
     return all(
-        s.keys() == first.keys() and all(torch.equal(s[k], first[k]) for k in first)
+        s is first or (s.keys() == first.keys() and all(_same(s[k], first[k]) for k in first))
         for s in states[1:]
     )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b or a.is_meta or b.is_meta or torch.strided not in (a.layout, b.layout):
+        return True
+    if a.layout != b.layout or a.shape != b.shape:
+        return False
+    try:
+        if a.is_floating_point() or a.is_complex():
+            return bool(
+                torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+            )
+        return torch.equal(a, b)
+    except (RuntimeError, NotImplementedError):  # a dtype without these (float8): not shown
+        return True
 
 
 # Where other tools record how far training had gone: Lightning's global_step and epoch, the

@@ -9,25 +9,15 @@ reach a rank more than once (see :data:`ECHO_WINDOW_S`); those copies are the sa
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from eigensam.config import (
     BASE_OPTIMIZERS,
@@ -38,7 +28,7 @@ from eigensam.config import (
     check_resume_options,
     load_config,
 )
-from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
+from eigensam.events import Event, RunStarted, TrainSummary
 from hessian_cli.cli.app import (
     INTERRUPTED_STATUS,
     TERMINATED_STATUS,
@@ -56,7 +46,7 @@ from hessian_cli.cli.options import (
 )
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.launch import launched_by_torchrun
-from hessian_cli.presentation.training import epoch_line, epoch_table
+from hessian_cli.presentation.training import TrainingDisplay, epoch_table
 
 # Under torchrun one Ctrl-C can reach a rank more than once: torchrun forwards the SIGINT it got,
 # then SIGTERM if it is signalled again while it waits for the ranks (a wrapper in its process
@@ -203,7 +193,7 @@ def train_command(
     config = dataclasses.replace(config, max_steps=max_steps, device=device, download=download)
     console = Console()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
-    display = _Display(console, config, quiet or not lead, resuming=resume is not None)
+    display = TrainingDisplay(console, config, quiet or not lead, resuming=resume is not None)
     stop = _StopRequest(echo_window_s=ECHO_WINDOW_S if launched_by_torchrun() else 0.0)
     try:
         with _stop_signals(stop), display:
@@ -305,104 +295,6 @@ def _stop_signals(stop: _StopRequest) -> Iterator[None]:
         signal_handled(signal.SIGTERM, stop.on_sigterm),
     ):
         yield
-
-
-class _Display:
-    """What the loop's events show: a progress bar (loss, accuracy, lambda_max, test accuracy) on
-    a terminal; one plain line per epoch into a pipe or log file, where a bar would be cut."""
-
-    def __init__(
-        self, console: Console, config: TrainConfig, quiet: bool, *, resuming: bool
-    ) -> None:
-        self.console = console
-        self.config = config
-        self.quiet = quiet
-        self.resuming = resuming
-        self.progress: Progress | None = None
-        self.task: Any = None
-        self.epochs = config.epochs
-        self.test_accuracy = math.nan
-        self.last_step: StepDone | None = None
-
-    def __enter__(self) -> _Display:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def __call__(self, event: Event) -> None:
-        if self.quiet:
-            return
-        if isinstance(event, RunStarted):
-            self._start(event)
-        elif isinstance(event, StepDone):
-            self.last_step = event
-            self._update()
-        elif isinstance(event, EpochDone):
-            self.test_accuracy = event.test_accuracy
-            if self.progress is None:  # a pipe or log file
-                self.console.print(epoch_line(event, self.epochs), highlight=False, soft_wrap=True)
-            self._update()  # the bar's last state shows the epoch's test accuracy too
-
-    def _update(self) -> None:
-        event = self.last_step
-        if self.progress is None or event is None:
-            return
-        stats = f"loss {event.loss:.4g}"
-        if not math.isnan(event.accuracy):
-            stats += f"  acc {event.accuracy:.3f}"
-        if event.lambda_max is not None:
-            stats += f"  λmax {event.lambda_max:.4g}"
-        elif event.eigenvalue is not None:
-            stats += f"  λ1 {event.eigenvalue:.4g}"
-        if not math.isnan(self.test_accuracy):
-            stats += f"  test acc {self.test_accuracy:.3f}"
-        self.progress.update(
-            self.task,
-            completed=event.step + 1,
-            description=f"epoch {event.epoch}/{self.epochs}",
-            stats=stats,
-        )
-
-    def _start(self, event: RunStarted) -> None:
-        cfg = self.config
-        # sgd: the base optimizer's own steps (no SAM), which may be AdamW's
-        how = (
-            cfg.base_optimizer
-            if cfg.optimizer == "sgd"
-            else f"{cfg.optimizer} ({cfg.base_optimizer})"
-        )
-        verb = (
-            f"Resuming at step {event.start_step}"
-            if event.resumed_from
-            else "Starting again at step 0 (the run holds no checkpoint to resume)"
-            if self.resuming
-            else "Training"
-        )
-        self.console.print(
-            f"{verb}: {cfg.model} on {cfg.data} with {how}, {event.num_params:,} parameters, "
-            f"{event.total_steps} steps ({event.epochs} epoch{'s' if event.epochs != 1 else ''} "
-            f"of {event.steps_per_epoch}) on "
-            f"{event.device}; run directory {event.run_dir}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        if not self.console.is_terminal:
-            return  # one line per epoch instead
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=self.console,
-        )
-        self.task = self.progress.add_task(
-            "starting", total=event.total_steps, completed=event.start_step, stats=""
-        )
-        self.progress.start()
 
 
 def _report(

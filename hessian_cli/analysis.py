@@ -610,9 +610,10 @@ def _provenance(
         "checkpoint": storable_text(str(ckpt.path.absolute())),  # read from anywhere later
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
-        # Where the file's weights were taken from, if not all of it: as asked, or the one
-        # leading name under which they fit the model (None: not recorded).
-        "weights_key": ckpt.weights_key or s.weights_part,
+        # Where the file's weights were taken from, if not all of it: the entry or leading
+        # name asked for, then the one leading name under which they fit the model, joined by
+        # "." (None: not recorded).
+        "weights_key": ".".join(filter(None, (ckpt.weights_key, s.weights_part))) or None,
         "model": s.model_spec,
         "model_kwargs": s.model_kwargs,  # None (not recorded) where there were none
         "data": s.data_spec,

@@ -1237,6 +1237,10 @@ def test_weights_picked_by_key_are_analysed_and_recorded(capsys, tmp_path, digit
     torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}}, path)
     code, out, err = run(capsys, "analyze", path, *flags, "--top-k", "1", "--json")
     assert code == 0 and json.loads(out)["provenance"]["weights_key"] == "net", err
+    # An entry asked for, whose weights carry a leading name: both are recorded.
+    torch.save({"ema": {f"net.{k}": v for k, v in ema.items()}, "state_dict": state}, path)
+    code, out, err = run(capsys, "analyze", path, *flags, "--weights-key", "ema", "--json")
+    assert code == 0 and json.loads(out)["provenance"]["weights_key"] == "ema.net", err
 
 
 @pytest.mark.parametrize(

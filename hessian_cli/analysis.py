@@ -131,7 +131,8 @@ def checkpoint_paths(target: str | Path) -> list[Path]:
         if not found:
             raise UserError(
                 f"The directory {path} holds no checkpoint files "
-                f"({', '.join(CHECKPOINT_SUFFIXES)})."
+                f"({', '.join(CHECKPOINT_SUFFIXES)}); a file of another name (a Hugging Face "
+                "pytorch_model.bin) is read when given by itself."
             )
         return found
     return [path]
@@ -610,10 +611,10 @@ def _provenance(
         "checkpoint": storable_text(str(ckpt.path.absolute())),  # read from anywhere later
         "sha256": ckpt.sha256,
         "checkpoint_format": ckpt.format,
-        # Where the file's weights were taken from, if not all of it: the entry or leading
-        # name asked for, then the one leading name under which they fit the model, joined by
-        # "." (None: not recorded).
-        "weights_key": ".".join(filter(None, (ckpt.weights_key, s.weights_part))) or None,
+        # Where in the file the weights were taken from, if not all of it (None: not recorded):
+        # as --weights-key named, and the leading name under which they alone fit the model.
+        "weights_key": ckpt.weights_key,
+        "weights_prefix": s.weights_part,
         "model": s.model_spec,
         "model_kwargs": s.model_kwargs,  # None (not recorded) where there were none
         "data": s.data_spec,

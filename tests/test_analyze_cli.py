@@ -1236,11 +1236,15 @@ def test_weights_picked_by_key_are_analysed_and_recorded(capsys, tmp_path, digit
     # One set under a leading name: taken, and where from is recorded.
     torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}}, path)
     code, out, err = run(capsys, "analyze", path, *flags, "--top-k", "1", "--json")
-    assert code == 0 and json.loads(out)["provenance"]["weights_key"] == "net", err
-    # An entry asked for, whose weights carry a leading name: both are recorded.
+    provenance = json.loads(out)["provenance"]
+    assert code == 0 and provenance["weights_prefix"] == "net", err
+    assert provenance.get("weights_key") is None
+    # An entry asked for, whose weights carry a leading name: each is recorded as what it is
+    # (joined, "ema.net" would have named other weights to --weights-key).
     torch.save({"ema": {f"net.{k}": v for k, v in ema.items()}, "state_dict": state}, path)
     code, out, err = run(capsys, "analyze", path, *flags, "--weights-key", "ema", "--json")
-    assert code == 0 and json.loads(out)["provenance"]["weights_key"] == "ema.net", err
+    provenance = json.loads(out)["provenance"]
+    assert code == 0 and (provenance["weights_key"], provenance["weights_prefix"]) == ("ema", "net")
 
 
 @pytest.mark.parametrize(

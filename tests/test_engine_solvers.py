@@ -1458,6 +1458,11 @@ def test_alignment_of_pairs_other_than_the_largest_is_refused():
     tied = res.eigenvalues.clone()
     tied[1] = tied[0] * (1 + 3e-7)
     assert alignment_scores(op, tied, res.eigenvectors).alignment.shape == (2,)
+    # Both ends of a spectrum whose bottom is near 0: its rise is small beside the top's size.
+    vectors = torch.linalg.qr(torch.randn(op.n, 4, dtype=op.dtype))[0].T
+    both = torch.tensor([100.0, 90.0, -0.049, -0.0484], dtype=torch.float64)
+    with pytest.raises(UserError, match="takes the largest eigenpairs, largest first"):
+        alignment_scores(op, both, vectors)
 
 
 def test_a_sharpness_whose_perturbed_loss_overflows_is_undefined_not_an_error():

@@ -479,22 +479,20 @@ def test_a_file_of_several_weight_sets_is_read_for_the_one_asked(tmp_path: Path)
 
 
 def test_what_training_scripts_save_beside_weights_loads_without_trust(tmp_path: Path) -> None:
-    """timm's argparse.Namespace, a NumPy best accuracy, a path: each needed --trust-checkpoint,
-    the flag that lets a file run code. NumPy arrays still do (their pickle names the shape to
-    allocate), and trusted they are tensors (they were refused as no tensors)."""
+    """timm's argparse.Namespace and a path: each needed --trust-checkpoint, the flag that lets a
+    file run code. Anything of NumPy still does (a dtype's state is not checked: a crafted
+    number crashed the process), and trusted, its arrays are tensors (they were refused)."""
     import argparse
 
     import numpy as np
 
-    extras = {
-        "args": argparse.Namespace(model="resnet20", lr=0.1),
-        "best_acc1": np.float64(0.91),
-        "epoch_seen": np.int64(3),
-        "log_dir": Path("/runs/exp1"),
-    }
+    extras = {"args": argparse.Namespace(model="resnet20", lr=0.1), "log_dir": Path("/runs/1")}
     torch.save({"state_dict": small_state(), **extras}, tmp_path / "timm.pth.tar")
     loaded = load_checkpoint(tmp_path / "timm.pth.tar")
-    assert loaded.raw["args"].model == "resnet20" and loaded.raw["log_dir"] == Path("/runs/exp1")
+    assert loaded.raw["args"].model == "resnet20" and loaded.raw["log_dir"] == Path("/runs/1")
+    torch.save({"state_dict": small_state(), "best_acc1": np.float64(0.9)}, tmp_path / "n.pt")
+    with pytest.raises(UserError, match="needs arbitrary code execution"):
+        load_checkpoint(tmp_path / "n.pt")
     arrays = {k: v.numpy() for k, v in small_state().items()}
     torch.save(arrays, tmp_path / "numpy.pt")
     with pytest.raises(UserError, match="needs arbitrary code execution"):
@@ -574,6 +572,12 @@ def test_two_usual_entries_of_one_weight_set_are_not_told_apart(tmp_path: Path) 
     copy = {k: torch.empty_like(v, device="meta") for k, v in small_state().items()}
     with pytest.raises(UserError, match="is a meta tensor"):
         apply_weights(small_model(), _state_in_file({"state_dict": meta, "model": copy}))
+    # float8 has no comparisons: two different sets were taken for one (the first, unsaid).
+    low = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in state.items()}
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in small_state().items()}
+    high = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in other.items()}
+    with pytest.raises(UserError, match="holds different weights under"):
+        _state_in_file({"state_dict": low, "model": high})
 
 
 def _state_in_file(obj: dict) -> dict[str, torch.Tensor]:

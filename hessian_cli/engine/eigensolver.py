@@ -58,7 +58,7 @@ WHOLE_SPACE_BLOCK = 64
 # restart. Restarting to all but one block, at every iteration once full, took 2.5 times the
 # products over 96 solves of known spectra (n = 400; the largest and smallest 1, 5 and 20 of
 # power-law, clustered, bulk-and-outliers and dense spectra, 4 seeds: 15,347 against 6,210;
-# never more in any case, and some that exhausted their budget converged), and 30-40% more on
+# no case's mean was more, and some that exhausted their budget converged), and 30-40% more on
 # networks (the digits MLP's smallest 5: 237-263 against 142-143); those where the basis never
 # fills (a network's top few) are unchanged. A third did as well as a half (6,030). Over 200
 # random solves (sizes 30-400, blocks 1-8, guards, warm starts, small max_basis, both ends),

@@ -487,7 +487,8 @@ class HessianOperator:
         # After each build, kept or not: a forward that updates a buffer of its own (a counter)
         # must not make the next product rebuild every batch's graph.
         self._graph_versions = self._versions()
-        self._graph_values = self._values_digest()
+        if self._graphs:  # what _drop_graphs_of_changed_values compares (no graph, no need)
+            self._graph_values = self._values_digest()
         return loss, g, used
 
     def _check_bound(self) -> None:

@@ -1239,6 +1239,8 @@ def test_weights_picked_by_key_are_analysed_and_recorded(capsys, tmp_path, digit
     provenance = json.loads(out)["provenance"]
     assert code == 0 and provenance["weights_prefix"] == "net", err
     assert provenance.get("weights_key") is None
+    code, out, err = run(capsys, "analyze", path, *flags, "--top-k", "1")
+    assert code == 0 and "weights_prefix=net" in out, err  # said where the results are shown
     # An entry asked for, whose weights carry a leading name: each is recorded as what it is
     # (joined, "ema.net" would have named other weights to --weights-key).
     torch.save({"ema": {f"net.{k}": v for k, v in ema.items()}, "state_dict": state}, path)

@@ -23,6 +23,8 @@ NOT_CONVERGED = "[bold red]NOT converged[/]"
 # The provenance shown above the tables; `show --json` and the HDF5 attrs hold all of it.
 SUMMARY_KEYS = (
     "checkpoint",
+    "weights_key",  # these two only where the weights were a part of the file
+    "weights_prefix",
     "model",
     "data",
     "loss",

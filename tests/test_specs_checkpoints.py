@@ -584,3 +584,21 @@ def _state_in_file(obj: dict) -> dict[str, torch.Tensor]:
     from hessian_cli.specs.checkpoints import _unwrap
 
     return _unwrap(obj, Path("x.pt"))[0]
+
+
+def test_the_models_own_names_beside_a_copy_under_a_leading_name_are_its_own(
+    tmp_path: Path,
+) -> None:
+    """A module holding its EMA as `model_ema`: the copy, the one leading name that fit, was
+    taken unsaid, though the file's own names were the model's."""
+    trained, ema = _other_state(0.5), _other_state(-0.25)
+    both = {**trained, **{f"model_ema.{k}": v for k, v in ema.items()}}
+    torch.save({"state_dict": both}, tmp_path / "own.ckpt")
+    model = small_model()
+    assert apply_weights(model, load_checkpoint(tmp_path / "own.ckpt").state_dict) is None
+    assert _equal(model.state_dict(), trained)
+    assert _equal(_loaded(tmp_path / "own.ckpt", weights_key="model_ema"), ema)
+    # Names beside the model's that are no copy of it are still unexpected.
+    torch.save({"state_dict": {**trained, "other.weight": torch.ones(2)}}, tmp_path / "x.ckpt")
+    with pytest.raises(UserError, match=r"1 unexpected key \(other.weight\)"):
+        _loaded(tmp_path / "x.ckpt")

@@ -515,9 +515,10 @@ def _fitted(
     carry it (a wrapper whose one child is called ``module``); a name the model ties to another
     (a decoder sharing its embedding) takes that one's value where a writer kept one copy
     (safetensors' ``save_model``); a missing BatchNorm step counter (checkpoints before torch
-    0.4.1) is the model's own zero. Last, where the names still differ, the entries under one
-    leading name (a LightningModule's attribute: ``model.``, ``net.``) are taken where they
-    alone are exactly the model's.
+    0.4.1) is the model's own zero. Last, where the names still differ, the model's own names
+    are taken where the others are copies of it under leading names (an EMA), else the
+    entries under one leading name (a LightningModule's attribute: ``model.``, ``net.``) where
+    they alone are exactly the model's.
     """
     extra = [k for k in state if k not in expected and k.rsplit(".", 1)[-1] in _BOOKKEEPING]
     if extra:
@@ -552,6 +553,12 @@ def _fitted(
         )
         if set(part) == set(expected):
             fits[head] = part
+    # The model's own names, beside copies of it under leading names (a module holding its
+    # EMA as `model_ema`): the model's own, as a file of separate entries is read (the copy,
+    # the one leading name that fit, was taken unsaid).
+    extra = {k.split(".", 1)[0] for k in state if k not in expected}
+    if set(expected) <= set(state) and extra <= set(fits):
+        return {k: state[k] for k in expected}, [], None
     if len(fits) == 1:
         ((taken, part),) = fits.items()
         return part, [], taken

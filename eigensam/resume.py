@@ -35,6 +35,7 @@ from hessian_cli.specs import (
     apply_weights,
     load_checkpoint,
 )
+from hessian_cli.specs.checkpoints import is_count
 
 # The configuration fields that may name files.
 FILE_FIELDS = ("model", "data", "loss", "data_root")
@@ -197,7 +198,7 @@ def restore(
     try:
         restore_rng(raw["rng"])
         step, epoch, batch = state["step"], state["epoch"], state["batch"]
-        if not all(_is_count(v) for v in (step, epoch, batch)):  # a str failed in arithmetic
+        if not all(is_count(v) for v in (step, epoch, batch)):  # a str failed in arithmetic
             raise TypeError("a position that is not whole numbers")
         # Every running sum the epoch's end reads, as a number (a missing one failed there,
         # a "nan" one went into the metrics).
@@ -235,12 +236,12 @@ def _check_same_course(
     state = raw["training"] if isinstance(raw["training"], dict) else {}
     saved_processes, saved_samples = state.get("processes"), state.get("samples")
     for name, value in (("processes", saved_processes), ("samples", saved_samples)):
-        if value is not None and not _is_count(value):
+        if value is not None and not is_count(value):
             raise UserError(f"{str(path)!r} is damaged: its {name} ({value!r}) is not a count.")
     scheduler = raw.get("scheduler")
     total = scheduler.get("total_steps") if isinstance(scheduler, dict) else None
     if saved_processes is not None and saved_processes != processes:
-        if _is_count(total) and state.get("step") == total:  # its last checkpoint
+        if is_count(total) and state.get("step") == total:  # its last checkpoint
             raise UserError(
                 f"this run has already finished (step {total} of {total}): there is nothing to "
                 "resume."
@@ -261,8 +262,3 @@ def _check_same_course(
             f"this run was planned as {total} steps, but the data and processes now make "
             f"{total_steps}: resume it with the data and number of processes it began with."
         )
-
-
-def _is_count(value: Any) -> bool:
-    """A whole number as a checkpoint stores one (not a bool, str or float)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -408,15 +408,16 @@ def _training_position(obj: dict[str, Any]) -> dict[str, int]:
     level: a series is ordered by them (by name, ``best`` came after ``11``), and the results
     carry them."""
     found = {}
-    step = next((obj[k] for k in _STEP_KEYS if _is_whole(obj.get(k))), None)
+    step = next((obj[k] for k in _STEP_KEYS if is_count(obj.get(k))), None)
     if step is not None:
         found["step"] = int(step)
-    if _is_whole(obj.get("epoch")):
+    if is_count(obj.get("epoch")):
         found["epoch"] = int(obj["epoch"])
     return found
 
 
-def _is_whole(value: Any) -> bool:
+def is_count(value: Any) -> bool:
+    """A whole number as a checkpoint stores one (not a bool, str or float)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -115,6 +115,7 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "seconds": number(t.seconds),
             "sketch_trace": number(t.sketch_trace),
             "num_samples": len(t.samples),
+            "known_eigenpairs": int(t.known),
         }
     if a.density is not None:
         d = a.density

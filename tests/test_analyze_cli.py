@@ -76,16 +76,21 @@ def test_the_checkpoint_path_recorded_is_absolute(capsys, digits_mlp, monkeypatc
     assert json.loads(out)["provenance"]["checkpoint"] == str(digits_mlp.absolute())
 
 
-@pytest.mark.parametrize("method, samples", [("hutch++", 20), ("hutchinson", 60)])
+@pytest.mark.parametrize(
+    "method, top_k, samples",
+    # The eigenpairs computed begin Hutch++'s sketch: 60 - 2 * (20 - 3) samples.
+    [("hutch++", 0, 20), ("hutchinson", 0, 60), ("hutch++", 3, 26), ("hutchinson", 3, 60)],
+)
 def test_trace_method_is_chosen_and_within_its_error_of_the_dense_trace(
-    capsys, digits_mlp, method, samples
+    capsys, digits_mlp, method, top_k, samples
 ):
-    args = ("--top-k", 0, "--trace", "--trace-probes", 60, "--trace-method", method, "--json")
+    args = ("--top-k", top_k, "--trace", "--trace-probes", 60, "--trace-method", method, "--json")
     code, out, err = run(capsys, "analyze", digits_mlp, *args, "--dtype", "float64")
     assert code == 0, err
     t = json.loads(out)["trace"]
     assert t["method"] == method and t["num_samples"] == samples
     assert (t["sketch_trace"] == 0) == (method == "hutchinson")
+    assert t["known_eigenpairs"] == (top_k if method == "hutch++" else 0)
     data = load_data("digits")
     model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs=MLP_KW)
     model.load_state_dict(torch.load(digits_mlp, weights_only=True)["model"])

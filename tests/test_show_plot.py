@@ -106,6 +106,8 @@ def test_show_single_checkpoint(files, full):  # noqa: F811
     assert "stopped: the HVP budget was spent" in words
     # each part's cost: its products and its wall time
     assert f"{full.trace.hvps} HVPs, {full.trace.seconds:.2f} s)" in words
+    sketch = "hutch++ with 3 eigenvectors in its sketch, 12 probes"
+    assert f"(std. error of 10 random samples; {sketch}, " in words
     assert f"{full.density.hvps} HVPs, {full.density.seconds:.2f} s" in words
 
 

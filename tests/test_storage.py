@@ -73,7 +73,7 @@ def full() -> CheckpointAnalysis:
             space=op.space,
             loss=op.loss(),
             eigen=eig,
-            trace=stochastic_trace(op, 12, seed=0),
+            trace=stochastic_trace(op, 12, seed=0, known=eig),
             density=spectral_density(op, 3, 10, seed=0),
             alignment=alignment_scores(op, eig.eigenvalues, eig.eigenvectors, minibatches=2),
         )
@@ -129,7 +129,8 @@ def test_report_keys_and_strict_json(full):
     assert len(d["alignment"]["minibatch"]["values"]) == 2
     assert "eigenvectors" not in json.dumps(d)
     t = d["trace"]  # rebuilt from its parts
-    assert t["num_samples"] == len(full.trace.samples)
+    assert t["num_samples"] == len(full.trace.samples) == 10  # 12 - 2 * (12 // 3 - 3)
+    assert t["known_eigenpairs"] == 3
     assert t["estimate"] == pytest.approx(t["sketch_trace"] + float(full.trace.samples.mean()))
     json.dumps(d, allow_nan=False)
 

@@ -9,6 +9,9 @@ from hessian_cli.engine.linear_operator import LinearOperator
 # Streams of one seed: a solver of its own draws its probes apart from the others' (the
 # density's first probes were the trace's, so its first moment repeated the trace's estimate).
 DENSITY_STREAM = 1
+# The trace's probes beside known eigenvectors: the eigensolver draws from the seed's first
+# stream, and the estimate is unbiased only for probes independent of those vectors.
+KNOWN_TRACE_STREAM = 2
 _STREAM_STEP = 0x9E3779B97F4A7C15  # an odd 64-bit constant: streams of nearby seeds do not meet
 
 

@@ -74,6 +74,9 @@ class TraceResult:
     seconds: float
     samples: torch.Tensor = field(repr=False)
     sketch_trace: float = 0.0
+    # Known eigenpairs whose vectors began Hutch++'s sketch (their eigenvalues are part of
+    # sketch_trace, at no product).
+    known: int = 0
 
 
 @dataclass

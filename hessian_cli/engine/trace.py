@@ -8,12 +8,19 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import orthonormalize_against, project_out, row_dots
+from hessian_cli.engine.linalg import gram, orthonormalize_against, project_out, row_dots
 from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.precision import without_tf32
-from hessian_cli.engine.probes import probe_generator, rademacher
-from hessian_cli.engine.results import TraceResult
+from hessian_cli.engine.probes import KNOWN_TRACE_STREAM, probe_generator, rademacher
+from hessian_cli.engine.results import EigenResult, TraceResult
 from hessian_cli.errors import NotFinite, UserError
+
+# Known eigenvectors join Hutch++'s sketch while they are orthonormal to this (largest entry of
+# their Gram matrix minus the identity). A departure e biases the estimate only by terms of
+# order lambda * e^2 and e * ||residual||: one solve's vectors are orthonormal to about 1e-7,
+# the two ends of `which="both"` (two solves) to their residuals, 5-7e-5 at the default
+# tolerance on the example checkpoints.
+ORTHONORMAL_TOL = 1e-4
 
 
 def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
@@ -33,6 +40,7 @@ def stochastic_trace(
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     block_size: int | None = None,
     seed: int = 0,
+    known: EigenResult | None = None,
 ) -> TraceResult:
     """Unbiased estimate of ``trace(H)`` and its standard error from ``num_probes`` HVPs (fewer
     for Hutch++ when ``H`` maps its sketch into fewer dimensions: those are not multiplied).
@@ -42,6 +50,18 @@ def stochastic_trace(
     smaller when a few eigenvalues dominate (as they do in trained networks). The standard error
     is that of the Hutchinson part, the only random term.
 
+    ``known`` eigenpairs of ``op`` (an :func:`eigenpairs` result for the same weights) are part
+    of that sketch for free: their eigenvalues are their vectors' Rayleigh quotients, so
+    ``trace(V^T H V)`` costs no product, and only the rest of a third of the probes is drawn
+    (none where ``k`` reaches it), leaving more to Hutchinson. The estimate stays unbiased
+    however far from eigenvectors they are (the probes are drawn from a stream of ``seed`` of
+    their own); the closer to the top eigenvectors, the smaller its spread. Only converged pairs
+    serve (see :func:`_known_part`), and only the largest take drawn sketch vectors' places:
+    the largest dominate a trained network's spectrum, its smallest do not, so those join a
+    sketch of the usual size. The largest leave a large negative eigenvalue (early in training)
+    to the rest of the sketch, which may then be too small to catch it: the spread is then
+    about Hutchinson's on the deflated rest.
+
     The probes are independent, so they are multiplied in as few blocks as can be: Hutchinson's
     all at once, Hutch++'s sketch and then its basis with the deflated probes (``block_size=None``;
     :class:`HessianOperator` splits a block that does not fit in memory).
@@ -50,36 +70,66 @@ def stochastic_trace(
         raise UserError("The trace needs at least 2 probes to report a standard error.")
     if method not in ("hutch++", "hutchinson"):
         raise UserError(f"Unknown trace method {method!r}: use hutch++ or hutchinson.")
+    if known is not None and method != "hutch++":
+        raise UserError("Known eigenpairs join Hutch++'s sketch: use `method=hutch++`.")
     start, hvps0 = time.perf_counter(), op.hvp_count
-    gen = probe_generator(op, seed)
+    gen = probe_generator(op, seed, KNOWN_TRACE_STREAM if known is not None else 0)
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)
-    sketch = num_probes // 3 if method == "hutch++" and num_probes >= 6 else 0
+    V, exact, top = _known_part(op, known)
+    sketch = max(num_probes // 3 - top, 0) if method == "hutch++" and num_probes >= 6 else 0
     Q = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
     if sketch:  # the sketch and its products are dropped as soon as Q is made of them
-        HS = _apply(op, rademacher((sketch, op.n), **probe), block_size)
-        Q = orthonormalize_against(HS, None)  # not QR: see its docs
+        HS = _apply(op, project_out(rademacher((sketch, op.n), **probe), V), block_size)
+        Q = orthonormalize_against(HS, V)  # not QR: see its docs
         del HS
     # Q's rows, then the deflated probes, in one buffer: one product for both, a pass fewer,
     # and no more memory than the three passes took (no copy of either beside it).
     q, g = len(Q), num_probes - 2 * sketch
-    V = torch.empty(q + g, op.n, dtype=op.dtype, device=op.device)
-    V[:q] = Q
+    B = torch.empty(q + g, op.n, dtype=op.dtype, device=op.device)
+    B[:q] = Q
     del Q
-    V[q:] = rademacher((g, op.n), **probe)
+    B[q:] = project_out(rademacher((g, op.n), **probe), V)
     if q:
-        V[q:] = project_out(V[q:], V[:q])
-    HV = _apply(op, V, block_size)
-    dots = row_dots(V, HV).cpu()  # float64 from float32 pieces: no float64 copy of the block
-    exact, samples = float(dots[:q].sum()), dots[q:]
+        B[q:] = project_out(B[q:], B[:q])
+    HB = _apply(op, B, block_size)
+    dots = row_dots(B, HB).cpu()  # float64 from float32 pieces: no float64 copy of the block
+    exact, samples = exact + float(dots[:q].sum()), dots[q:]
     if not (math.isfinite(exact) and samples.isfinite().all()):
         raise NotFinite("The trace's Hessian-vector products are not finite (NaN or inf).")
     return TraceResult(
         estimate=exact + float(samples.mean()),
         stderr=float(samples.std() / math.sqrt(len(samples))),
         num_probes=num_probes,
-        method="hutch++" if sketch else "hutchinson",
+        method="hutch++" if sketch or len(V) else "hutchinson",
         hvps=op.hvp_count - hvps0,
         seconds=time.perf_counter() - start,
         samples=samples,
         sketch_trace=exact,
+        known=len(V),
     )
+
+
+def _known_part(op: LinearOperator, known: EigenResult | None) -> tuple[torch.Tensor, float, int]:
+    """The known eigenvectors that join the sketch, the sum of their eigenvalues,
+    ``trace(V^T H V)``, and how many of them are of the largest end. They are the converged
+    pairs (an unconverged one may be far from any eigenvector, and would take a drawn sketch
+    vector's place without its worth), as many of them, in order, as are orthonormal to
+    :data:`ORTHONORMAL_TOL` (all of one solve's; of ``which="both"``'s, those of the second end
+    orthogonal enough to the first's)."""
+    if known is None:
+        return torch.empty(0, op.n, dtype=op.dtype, device=op.device), 0.0, 0
+    V, values = known.eigenvectors, known.eigenvalues
+    if V.ndim != 2 or V.shape != (len(values), op.n):
+        raise UserError(
+            f"The known eigenpairs are {len(values)} values and vectors of shape "
+            f"{tuple(V.shape)}: they must be eigenpairs of this operator, [k] and [k, {op.n}]."
+        )
+    ends = {"largest": len(values), "both": len(values) // 2}  # `both`: largest first
+    largest = torch.arange(len(values)) < ends.get(known.which, 0)
+    converged = known.converged.cpu()
+    V, values, largest = V[converged.to(V.device)], values[converged], largest[converged]
+    departure = (gram(V, V) - torch.eye(len(V), dtype=torch.float64, device=V.device)).abs()
+    bad = (departure > ORTHONORMAL_TOL).cpu().tril().any(dim=1)  # row i against rows <= i
+    k = int(bad.int().argmax()) if bool(bad.any()) else len(V)
+    exact = float(values[:k].double().sum())
+    return V[:k].to(device=op.device, dtype=op.dtype), exact, int(largest[:k].sum())

@@ -61,6 +61,11 @@ def _of_samples(n: int | None) -> str:
     return "" if n is None else f" of {n:,} random sample{'s' if n != 1 else ''}"
 
 
+def _with_known(k: int | None) -> str:
+    """The eigenvectors that began Hutch++'s sketch, where any did."""
+    return f" with {counted(k, 'eigenvector')} in its sketch" if k else ""
+
+
 def _seconds(x: float | None) -> str:
     if x is None:
         return DASH
@@ -274,7 +279,8 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
         parts.append(
             Text(
                 f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error"
-                f"{_of_samples(t.get('num_samples'))}; {t.get('method')}, "
+                f"{_of_samples(t.get('num_samples'))}; {t.get('method')}"
+                f"{_with_known(t.get('known_eigenpairs'))}, "
                 f"{_int(t.get('num_probes'))} probes, {_int(t.get('hvps'))} HVPs, "
                 f"{_seconds(t.get('seconds'))})"
             )

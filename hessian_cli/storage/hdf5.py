@@ -609,6 +609,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             # None in files written before 2026-11-29
             "sketch_trace": number(a.get("sketch_trace")),
             "num_samples": _int(a.get("num_samples")),
+            "known_eigenpairs": _int(a.get("known_eigenpairs")),  # None before 2026-11-30
         }
     if isinstance(dn := member(g, "density"), h5py.Group):
         a = dn.attrs

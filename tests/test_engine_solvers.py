@@ -930,7 +930,7 @@ def test_unconverged_pairs_stay_out_of_the_sketch():
     op = MatrixOperator(_dominated(n=60))
     res = eigenpairs(op, 3, tol=1e-8, seed=0)
     converged = torch.tensor([True, False, True])
-    est = stochastic_trace(op, 12, known=replace(res, converged=converged))
+    est = stochastic_trace(op, 4, known=replace(res, converged=converged))  # nothing drawn
     assert est.known == 2
     assert est.sketch_trace == pytest.approx(float(res.eigenvalues[converged].sum()), rel=1e-6)
 

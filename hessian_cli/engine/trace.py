@@ -127,7 +127,8 @@ def _known_part(op: LinearOperator, known: EigenResult | None) -> tuple[torch.Te
     ends = {"largest": len(values), "both": len(values) // 2}  # `both`: largest first
     largest = torch.arange(len(values)) < ends.get(known.which, 0)
     converged = known.converged.cpu()
-    V, values, largest = V[converged.to(V.device)], values[converged], largest[converged]
+    if not bool(converged.all()):  # (a mask copies the vectors: not where all serve)
+        V, values, largest = V[converged.to(V.device)], values[converged], largest[converged]
     departure = (gram(V, V) - torch.eye(len(V), dtype=torch.float64, device=V.device)).abs()
     bad = (departure > ORTHONORMAL_TOL).cpu().tril().any(dim=1)  # row i against rows <= i
     k = int(bad.int().argmax()) if bool(bad.any()) else len(V)

@@ -125,7 +125,8 @@ def analyze(
         "hutch++",
         "--trace-method",
         help="hutch++ (a third of the probes sketch the top of the spectrum, whose trace is "
-        "exact; best when a few eigenvalues dominate) or hutchinson (every probe random).",
+        "exact; best when a few eigenvalues dominate; the converged --top-k eigenvectors join "
+        "the sketch at no HVP) or hutchinson (every probe random).",
     ),
     density: bool = typer.Option(
         False, "--density", help="Spectral density by stochastic Lanczos quadrature."

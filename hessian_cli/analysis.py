@@ -562,6 +562,7 @@ def _run_solvers(
             request.density_steps,
             seed=request.seed,
             sigma=request.density_sigma,
+            known=eig,  # exact nodes, 1/n each, and the Lanczos runs spent on the rest
         )
     if request.alignment:
         assert eig is not None and eig.which != "smallest"  # refused by _check_request

@@ -129,6 +129,7 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "steps": int(d.steps),
             "hvps": int(d.hvps),
             "seconds": number(d.seconds),
+            "known_eigenpairs": int(d.known),
         }
     if a.alignment is not None:
         al = a.alignment

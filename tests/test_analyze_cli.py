@@ -525,6 +525,10 @@ def test_hdf5_round_trip_equals_json_and_append_keeps_data(capsys, tmp_path, dig
         assert g["eigenvectors"].shape == (3, r["provenance"]["num_params"])
         np.testing.assert_array_equal(g["alignment/alignment"][()], r["alignment"]["alignment"])
         np.testing.assert_array_equal(g["density/values"][()], r["density"]["values"])
+        # The 3 eigenpairs are part of the trace's sketch and of every density rule (1/n each).
+        assert r["trace"]["known_eigenpairs"] == r["density"]["known_eigenpairs"] == 3
+        assert g["density/nodes"].shape == (2, 8 + 3)
+        np.testing.assert_array_equal(g["density/nodes"][:, 8:], [r["eigen"]["eigenvalues"]] * 2)
         before = {k: g["eigenvalues"][()].copy() for k in ["v"]}
         sha = g.attrs["sha256"]
     code, _, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2", "--out", out_h5, "--quiet")

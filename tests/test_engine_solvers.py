@@ -1007,6 +1007,51 @@ def test_density_rules_are_exact_per_probe():
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+def _wasserstein(nodes: torch.Tensor, weights: torch.Tensor, spectrum: torch.Tensor) -> float:
+    """W1 distance between weights at nodes (summing to 1) and eigenvalues of 1/n each."""
+    x = torch.cat([nodes, spectrum])
+    order = torch.argsort(x)
+    mass = torch.cat([weights, -torch.full_like(spectrum, 1 / len(spectrum))])[order]
+    return float((torch.cumsum(mass, 0)[:-1].abs() * x[order].diff()).sum())
+
+
+def test_known_eigenpairs_are_exact_nodes_of_every_density_rule():
+    """The density takes the analysis's eigenpairs out: their eigenvalues are nodes of weight
+    1/n in each rule, the Lanczos runs see the rest (weighted (n - k)/n), and the rules come
+    closer to the spectrum, at the same products; their moments stay those of the spectrum."""
+    H = _dominated(n=150)
+    spectrum = torch.linalg.eigvalsh(H)
+    op = MatrixOperator(H)
+    known = eigenpairs(op, 5, tol=1e-10, seed=2)
+    dens = spectral_density(op, num_probes=4, steps=12, seed=0, known=known)
+    assert dens.known == 5 and dens.nodes.shape == (4, 12 + 5) and dens.hvps == 4 * 12
+    torch.testing.assert_close(dens.nodes[:, 12:], known.eigenvalues.expand(4, 5))
+    torch.testing.assert_close(dens.weights[:, 12:], torch.full((4, 5), 1 / 150, dtype=H.dtype))
+    torch.testing.assert_close(dens.weights.sum(1), torch.ones(4, dtype=H.dtype))
+    # The Lanczos runs never see the known eigenvalues (all above 7; the rest below 0.7).
+    assert float(dens.nodes[:, :12][dens.weights[:, :12] > 0].max()) < 1
+    distance = {}
+    for name, given in (("plain", None), ("known", known)):
+        runs = [spectral_density(op, 4, 12, seed=s, known=given) for s in range(40)]
+        distance[name] = sum(
+            _wasserstein(r.nodes.ravel(), r.weights.ravel() / 4, spectrum) for r in runs
+        )
+        first = torch.tensor([r.moment(1) for r in runs])
+        # The first moment estimates trace / n either way, within 4 standard errors of 40 runs.
+        assert abs(float(first.mean()) - float(spectrum.mean())) <= 4 * float(first.std()) / 40**0.5
+    assert distance["known"] < distance["plain"] / 2
+
+
+def test_known_eigenpairs_spanning_the_space_are_the_density():
+    H = _dominated(n=30)
+    op = MatrixOperator(H)
+    every = eigenpairs(op, 30, seed=1)
+    dens = spectral_density(op, num_probes=3, steps=10, known=every)
+    assert dens.known == 30 and dens.steps == 0 and dens.hvps == 0
+    torch.testing.assert_close(dens.nodes, every.eigenvalues.expand(3, 30))
+    assert float(torch.trapezoid(dens.values, dens.grid)) == pytest.approx(1.0, abs=1e-6)
+
+
 @pytest.mark.parametrize("sigma", [None, 0.1, 0.02, 1e-5])  # the spectrum spans 78
 def test_the_density_integrates_to_one_for_any_smoothing_width(sigma):
     """A grid of 1000 points let Gaussians narrower than its spacing fall between points (the

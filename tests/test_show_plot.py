@@ -108,6 +108,7 @@ def test_show_single_checkpoint(files, full):  # noqa: F811
     assert f"{full.trace.hvps} HVPs, {full.trace.seconds:.2f} s)" in words
     sketch = "hutch++ with 3 eigenvectors in its sketch, 12 probes"
     assert f"(std. error of 10 random samples; {sketch}, " in words
+    assert "density (SLQ): 3 probes × 10 steps beside 3 eigenvalues taken exactly, nodes" in words
     assert f"{full.density.hvps} HVPs, {full.density.seconds:.2f} s" in words
 
 

@@ -74,7 +74,7 @@ def full() -> CheckpointAnalysis:
             loss=op.loss(),
             eigen=eig,
             trace=stochastic_trace(op, 12, seed=0, known=eig),
-            density=spectral_density(op, 3, 10, seed=0),
+            density=spectral_density(op, 3, 10, seed=0, known=eig),
             alignment=alignment_scores(op, eig.eigenvalues, eig.eigenvectors, minibatches=2),
         )
     finally:

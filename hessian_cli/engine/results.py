@@ -84,7 +84,8 @@ class DensityResult:
     """Stochastic Lanczos quadrature: per-probe nodes and weights, and a smoothed density.
 
     ``nodes[p]``/``weights[p]`` are the Gauss quadrature rule of probe ``p`` (weights of padded
-    entries are zero); ``values`` is the Gaussian-smoothed density on ``grid``, integrating to 1.
+    entries are zero), followed by the ``known`` eigenvalues taken out of it exactly (weight
+    ``1/n`` each); ``values`` is the Gaussian-smoothed density on ``grid``, integrating to 1.
     """
 
     nodes: torch.Tensor = field(repr=False)
@@ -96,6 +97,7 @@ class DensityResult:
     steps: int
     hvps: int
     seconds: float
+    known: int = 0  # eigenpairs of the same analysis taken out of the Lanczos runs
 
     def moment(self, order: int) -> float:
         """Estimate of ``trace(H^order) / n`` from the quadrature rules."""

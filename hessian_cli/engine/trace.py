@@ -8,19 +8,13 @@ from typing import Literal
 
 import torch
 
-from hessian_cli.engine.linalg import gram, orthonormalize_against, project_out, row_dots
+from hessian_cli.engine.deflation import deflation
+from hessian_cli.engine.linalg import orthonormalize_against, project_out, row_dots
 from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import KNOWN_TRACE_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import EigenResult, TraceResult
 from hessian_cli.errors import NotFinite, UserError
-
-# Known eigenvectors join Hutch++'s sketch while they are orthonormal to this (largest entry of
-# their Gram matrix minus the identity). A departure e biases the estimate only by terms of
-# order lambda * e^2 and e * ||residual||: one solve's vectors are orthonormal to about 1e-7,
-# the two ends of `which="both"` (two solves) to their residuals, 5-7e-5 at the default
-# tolerance on the example checkpoints.
-ORTHONORMAL_TOL = 1e-4
 
 
 def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
@@ -56,11 +50,11 @@ def stochastic_trace(
     (none where ``k`` reaches it), leaving more to Hutchinson. The estimate stays unbiased
     however far from eigenvectors they are (the probes are drawn from a stream of ``seed`` of
     their own); the closer to the top eigenvectors, the smaller its spread. Only converged pairs
-    serve (see :func:`_known_part`), and only the largest take drawn sketch vectors' places:
-    the largest dominate a trained network's spectrum, its smallest do not, so those join a
-    sketch of the usual size. The largest leave a large negative eigenvalue (early in training)
-    to the rest of the sketch, which may then be too small to catch it: the spread is then
-    about Hutchinson's on the deflated rest.
+    serve (:func:`~hessian_cli.engine.deflation.deflation`), and only the largest take drawn
+    sketch vectors' places: the largest dominate a trained network's spectrum, its smallest do
+    not, so those join a sketch of the usual size. The largest leave a large negative
+    eigenvalue (early in training) to the rest of the sketch, which may then be too small to
+    catch it: the spread is then about Hutchinson's on the deflated rest.
 
     The probes are independent, so they are multiplied in as few blocks as can be: Hutchinson's
     all at once, Hutch++'s sketch and then its basis with the deflated probes (``block_size=None``;
@@ -75,7 +69,8 @@ def stochastic_trace(
     start, hvps0 = time.perf_counter(), op.hvp_count
     gen = probe_generator(op, seed, KNOWN_TRACE_STREAM if known is not None else 0)
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)
-    V, exact, top = _known_part(op, known)
+    V, values, top = deflation(op, known)
+    exact = float(values.sum())
     sketch = max(num_probes // 3 - top, 0) if method == "hutch++" and num_probes >= 6 else 0
     Q = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
     if sketch:  # the sketch and its products are dropped as soon as Q is made of them
@@ -107,30 +102,3 @@ def stochastic_trace(
         sketch_trace=exact,
         known=len(V),
     )
-
-
-def _known_part(op: LinearOperator, known: EigenResult | None) -> tuple[torch.Tensor, float, int]:
-    """The known eigenvectors that join the sketch, the sum of their eigenvalues,
-    ``trace(V^T H V)``, and how many of them are of the largest end. They are the converged
-    pairs (an unconverged one may be far from any eigenvector, and would take a drawn sketch
-    vector's place without its worth), as many of them, in order, as are orthonormal to
-    :data:`ORTHONORMAL_TOL` (all of one solve's; of ``which="both"``'s, those of the second end
-    orthogonal enough to the first's)."""
-    if known is None:
-        return torch.empty(0, op.n, dtype=op.dtype, device=op.device), 0.0, 0
-    V, values = known.eigenvectors, known.eigenvalues
-    if V.ndim != 2 or V.shape != (len(values), op.n):
-        raise UserError(
-            f"The known eigenpairs are {len(values)} values and vectors of shape "
-            f"{tuple(V.shape)}: they must be eigenpairs of this operator, [k] and [k, {op.n}]."
-        )
-    ends = {"largest": len(values), "both": len(values) // 2}  # `both`: largest first
-    largest = torch.arange(len(values)) < ends.get(known.which, 0)
-    converged = known.converged.cpu()
-    if not bool(converged.all()):  # (a mask copies the vectors: not where all serve)
-        V, values, largest = V[converged.to(V.device)], values[converged], largest[converged]
-    departure = (gram(V, V) - torch.eye(len(V), dtype=torch.float64, device=V.device)).abs()
-    bad = (departure > ORTHONORMAL_TOL).cpu().tril().any(dim=1)  # row i against rows <= i
-    k = int(bad.int().argmax()) if bool(bad.any()) else len(V)
-    exact = float(values[:k].double().sum())
-    return V[:k].to(device=op.device, dtype=op.dtype), exact, int(largest[:k].sum())

@@ -66,6 +66,11 @@ def _with_known(k: int | None) -> str:
     return f" with {counted(k, 'eigenvector')} in its sketch" if k else ""
 
 
+def _beside_known(k: int | None) -> str:
+    """The eigenvalues the density took as they are, where it took any."""
+    return f" beside {counted(k, 'eigenvalue')} taken exactly" if k else ""
+
+
 def _seconds(x: float | None) -> str:
     if x is None:
         return DASH
@@ -243,7 +248,8 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     peak = f", peak at λ≈{grid[np.nanargmax(values)]:.4g}" if shown else ""
     return (
         f"density (SLQ): {counted(dn.get('num_probes'), 'probe')} × "
-        f"{counted(dn.get('steps'), 'step')}, "
+        f"{counted(dn.get('steps'), 'step')}"
+        f"{_beside_known(dn.get('known_eigenpairs'))}, "
         f"nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
         f"{_int(dn.get('hvps'))} HVPs, {_seconds(dn.get('seconds'))}"
     )

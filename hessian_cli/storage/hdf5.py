@@ -624,6 +624,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "steps": _int(a.get("steps")),
             "hvps": _int(a.get("hvps")),
             "seconds": number(a.get("seconds")),
+            "known_eigenpairs": _int(a.get("known_eigenpairs")),  # None before 2026-11-30
         }
     if isinstance(al := member(g, "alignment"), h5py.Group):
         a = al.attrs

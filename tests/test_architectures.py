@@ -1,0 +1,343 @@
+"""The operator on the architectures researchers analyse, against finite differences.
+
+The reference differentiates first-order gradients numerically (central differences, float64), so
+it shares nothing with the operator's second derivatives: where torch's own double backward is
+wrong (weight norm) or missing (fused attention), autograd cannot be the judge. Each model is
+tiny (at most a few hundred parameters) and smooth where the differences are taken.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+from torch.utils.checkpoint import checkpoint
+
+from hessian_cli.engine import HessianOperator, alignment_scores, eigenpairs
+
+VOCAB, TOKENS, WIDTH = 7, 4, 4
+
+
+class Attention(nn.Module):
+    """A pre-norm transformer block on token ids: nn.MultiheadAttention (which calls
+    scaled_dot_product_attention when no weights are asked for), LayerNorm, a GELU MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.ln1, self.ln2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+        self.attn = nn.MultiheadAttention(WIDTH, 2, dropout=0.1, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(WIDTH, 6), nn.GELU(), nn.Linear(6, WIDTH))
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.mlp(self.ln2(h))
+        return self.head(h.mean(1))
+
+
+class CausalAttention(nn.Module):
+    """Causal self-attention written with F.scaled_dot_product_attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        q, k, v = self.qkv(h).view(len(h), TOKENS, 3, 2, WIDTH // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(torch.tanh(h + a.transpose(1, 2).reshape(h.shape)).mean(1))
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder with a padding mask (token 0), as a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        layer = nn.TransformerEncoderLayer(WIDTH, 2, 6, dropout=0.1, batch_first=True)
+        with warnings.catch_warnings():  # enable_nested_tensor's note on odd head widths
+            warnings.simplefilter("ignore")
+            self.enc = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.enc(self.emb(tokens), src_key_padding_mask=tokens == 0)
+        return self.head(h.mean(1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+        self.cudnn_seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cudnn_seen.append(torch.backends.cudnn.enabled)
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class Conv(nn.Module):
+    """BatchNorm, Dropout (off in the analysis), a depthwise convolution, GroupNorm, pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.5)
+        self.depthwise = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.gn = nn.GroupNorm(1, 3)
+        self.fc = nn.Linear(3, 3)
+        with torch.no_grad():  # running statistics of a trained model
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.tanh(self.bn(self.conv(x))))
+        h = torch.tanh(self.gn(self.depthwise(h)))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class Softplus(torch.autograd.Function):
+    """softplus with a hand-written backward in torch operations, and no jvp."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return F.softplus(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(x)
+
+
+class MLP(nn.Module):
+    """5 -> 6 -> out, its hidden layer given by ``layer`` and ``act``, whatever they do."""
+
+    def __init__(
+        self,
+        layer: Callable[[nn.Module], nn.Module] = lambda m: m,
+        act: Callable[[torch.Tensor], torch.Tensor] = torch.tanh,
+        out: int = 3,
+    ) -> None:
+        super().__init__()
+        self.fc1 = layer(nn.Linear(5, 6))
+        self.fc2 = nn.Linear(6, out)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Normalised(MLP):
+    """Inputs normalised by registered buffers; a frozen first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.randn(5))
+        self.register_buffer("scale", torch.rand(5) + 0.5)
+        self.frozen = nn.Linear(5, 5).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.tanh(self.frozen((x - self.mean) * self.scale)))
+
+
+class InPlace(nn.Module):
+    """ReLU(inplace=True), a residual added in place, an in-place scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = torch.tanh(self.fc0(x))
+        h = self.fc2(self.relu(self.fc1(r)))
+        h += r
+        h.mul_(0.5)
+        return self.head(torch.tanh(h))
+
+
+class Checkpointed(MLP):
+    """A part run by torch.utils.checkpoint: the output layer, the hidden one (on the data, which
+    needs no gradient) or the whole network."""
+
+    def __init__(self, reentrant: bool, part: str = "output") -> None:
+        super().__init__()
+        self.reentrant, self.part = reentrant, part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.part == "whole":
+            return checkpoint(super().forward, x, use_reentrant=self.reentrant)
+        if self.part == "hidden":
+            h = checkpoint(lambda t: self.act(self.fc1(t)), x, use_reentrant=self.reentrant)
+            return self.fc2(h)
+        return checkpoint(self.fc2, self.act(self.fc1(x)), use_reentrant=self.reentrant)
+
+
+def old_weight_norm(module: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():  # deprecated for the parametrization, still in use
+        warnings.simplefilter("ignore")
+        return nn.utils.weight_norm(module)
+
+
+@dataclass
+class Arch:
+    make: Callable[[], nn.Module]
+    inputs: str  # tokens, padded, sequences, images, vectors
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    bn: str = "eval"
+
+
+ARCHS = {
+    "attention": Arch(Attention, "tokens"),
+    "causal-sdpa": Arch(CausalAttention, "tokens"),
+    "encoder-padded": Arch(Encoder, "padded"),
+    "lstm": Arch(lambda: Recurrent(nn.LSTM), "sequences"),
+    "gru": Arch(lambda: Recurrent(nn.GRU), "sequences"),
+    "conv-bn-eval": Arch(Conv, "images"),
+    "conv-bn-train": Arch(Conv, "images", bn="train"),
+    "weight-norm": Arch(lambda: MLP(parametrizations.weight_norm), "vectors"),
+    "weight-norm-hook": Arch(lambda: MLP(old_weight_norm), "vectors"),
+    "spectral-norm": Arch(lambda: MLP(parametrizations.spectral_norm), "vectors"),
+    "buffers-frozen": Arch(Normalised, "vectors"),
+    "in-place": Arch(InPlace, "vectors"),
+    "checkpoint": Arch(lambda: Checkpointed(reentrant=False, part="hidden"), "vectors"),
+    "custom-function": Arch(lambda: MLP(act=Softplus.apply), "vectors"),
+    "mse": Arch(lambda: MLP(out=2), "targets", F.mse_loss),
+}
+
+
+def built(name: str, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, list]:
+    """Architecture ``name`` and one batch, the same for every call."""
+    arch = ARCHS[name]
+    torch.manual_seed(0)
+    model = arch.make().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    n = 8
+    labels = torch.randint(0, 3, (n,), generator=g)
+    if arch.inputs in ("tokens", "padded"):
+        x = torch.randint(1, VOCAB, (n, TOKENS), generator=g)
+        if arch.inputs == "padded":
+            for i in range(n):
+                x[i, TOKENS - i % 3 :] = 0
+        return model, [(x, labels)]
+    shape = {"sequences": (n, 5, 3), "images": (n, 1, 5, 5)}.get(arch.inputs, (n, 5))
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    y = torch.randn(n, 2, generator=g, dtype=dtype) if arch.inputs == "targets" else labels
+    return model, [(x, y)]
+
+
+def reference(
+    model: nn.Module, loss_fn: Callable, batch: tuple, names: tuple[str, ...], bn: str
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Hessian (central differences of first-order gradients), gradient and loss, in float64."""
+    x, y = batch
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and bn == "train":
+            m.train()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = [params[name] for name in names]
+
+    def gradient() -> tuple[torch.Tensor, float]:
+        loss = loss_fn(model(x), y)
+        parts = torch.autograd.grad(loss, tensors, allow_unused=True)
+        flat = [
+            torch.zeros_like(t) if p is None else p for p, t in zip(parts, tensors, strict=True)
+        ]
+        return torch.cat([p.reshape(-1) for p in flat]), loss.item()
+
+    columns, eps = [], 1e-6
+    with torch.no_grad():
+        for t in tensors:
+            for j in range(t.numel()):
+                value = t.view(-1)[j].item()
+                t.view(-1)[j] = value + eps
+                with torch.enable_grad():
+                    up = gradient()[0]
+                t.view(-1)[j] = value - eps
+                with torch.enable_grad():
+                    down = gradient()[0]
+                t.view(-1)[j] = value
+                columns.append((up - down) / (2 * eps))
+    g, loss = gradient()
+    model.load_state_dict(state)
+    H = torch.stack(columns, 1)
+    return (H + H.T) / 2, g, loss
+
+
+_REFERENCES: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+
+def reference_of(name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The reference of architecture ``name``, computed once per session."""
+    if name not in _REFERENCES:
+        model, batches = built(name)
+        names = HessianOperator(model, ARCHS[name].loss, batches).space.names
+        _REFERENCES[name] = reference(model, ARCHS[name].loss, batches[0], names, ARCHS[name].bn)
+    return _REFERENCES[name]
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_products_equal_the_finite_difference_hessian(name, backend):
+    H = reference_of(name)[0]
+    model, batches = built(name)
+    op = HessianOperator(model, ARCHS[name].loss, batches, bn=ARCHS[name].bn, backend=backend)
+    V = torch.randn(8, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    scale = float(torch.linalg.matrix_norm(H, 2))
+    for block in (V[:1], V):  # one vector, and a block
+        torch.testing.assert_close(op.matmul(block), block @ H, rtol=0, atol=1e-6 * scale)
+    assert op.backends_used
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_eigenpairs_and_alignment_equal_the_reference(name):
+    H, g, loss = reference_of(name)
+    model, batches = built(name)
+    op = HessianOperator(model, ARCHS[name].loss, batches, bn=ARCHS[name].bn)
+    top = eigenpairs(op, k=3, tol=1e-7)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:3]
+    assert bool(top.converged.all())
+    torch.testing.assert_close(top.eigenvalues, exact, rtol=0, atol=1e-6 * float(exact[0]))
+    scores = alignment_scores(op, top.eigenvalues, top.eigenvectors, minibatches=1)
+    g_hat = g / g.norm()
+    assert scores.loss == pytest.approx(loss, rel=1e-12)
+    assert scores.curvature_ratio == pytest.approx(float(g_hat @ H @ g_hat / exact[0]), rel=1e-5)
+
+
+def test_a_float32_model_is_its_float64_twin_to_float32_rounding():
+    model, batches = built("attention", torch.float32)
+    H = reference_of("attention")[0]
+    V = torch.randn(8, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for backend in ("double-backward", "func"):
+        op = HessianOperator(model, F.cross_entropy, batches, backend=backend)
+        HV = op.matmul(V.float()).double()
+        assert float((HV - V @ H).norm() / (V @ H).norm()) < 1e-5
+
+
+def test_recurrent_layers_run_without_cudnn_in_the_analysis():
+    """cuDNN's RNN backward runs only in training mode and has no derivative itself: on CUDA a
+    product of an LSTM in eval mode failed; the native kernels have both."""
+    model, batches = built("lstm")
+    op = HessianOperator(model, F.cross_entropy, batches)
+    before = torch.backends.cudnn.enabled
+    op.matmul(torch.ones(op.n, dtype=torch.float64))
+    assert model.cudnn_seen and not any(model.cudnn_seen)
+    assert torch.backends.cudnn.enabled == before

@@ -332,6 +332,22 @@ def test_a_float32_model_is_its_float64_twin_to_float32_rounding():
         assert float((HV - V @ H).norm() / (V @ H).norm()) < 1e-5
 
 
+def test_the_loss_at_a_shifted_point_is_of_the_function_differentiated():
+    """A padding mask sends a loss computed without autograd down the attention fast path, which
+    gives padded positions 0: the sharpness L(w + rho g) - L(w) was of two functions (-0.06
+    where it is +0.05)."""
+    model, batches = built("encoder-padded")
+    op = HessianOperator(model, F.cross_entropy, batches)
+    loss, g = op.gradient()
+    assert op.loss() == pytest.approx(loss, rel=1e-12)
+    w, delta = op.space.values(), 0.05 * g / g.norm()
+    op.space.copy_(w + delta)
+    model.eval()  # its dropout off, as in the analysis
+    shifted = F.cross_entropy(model(batches[0][0]), batches[0][1]).item()  # with autograd
+    op.space.copy_(w)
+    assert op.loss_at(delta) == pytest.approx(shifted, rel=1e-10)
+
+
 def test_recurrent_layers_run_without_cudnn_in_the_analysis():
     """cuDNN's RNN backward runs only in training mode and has no derivative itself: on CUDA a
     product of an LSTM in eval mode failed; the native kernels have both."""

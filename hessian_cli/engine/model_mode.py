@@ -43,6 +43,10 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
             "statistics (`bn=train`); use the eager model, or running statistics (`bn=eval`)."
         )
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    # The attention fast path runs only without autograd (a loss, not a gradient), and where a
+    # padding mask makes it nest the batch, it gives padded positions 0, not the layer's output:
+    # the loss at w + rho g (SAM sharpness) was of another function than the gradient's.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     if bn == "train":
         for m in model.modules():
@@ -50,9 +54,11 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
                 m.train()
                 m.track_running_stats = False
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         with twice_differentiable(model):
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, training, track in saved:
             m.training = training
             if track is not None and m.track_running_stats != track:  # a scripted one: constant

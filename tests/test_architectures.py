@@ -20,6 +20,7 @@ from torch.nn.utils import parametrizations
 from torch.utils.checkpoint import checkpoint
 
 from hessian_cli.engine import HessianOperator, alignment_scores, eigenpairs
+from hessian_cli.errors import UserError
 
 VOCAB, TOKENS, WIDTH = 7, 4, 4
 
@@ -124,6 +125,16 @@ class Softplus(torch.autograd.Function):
         return g * torch.sigmoid(x)
 
 
+class SoftplusOnce(Softplus):
+    """The same, its backward marked @once_differentiable."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(x)
+
+
 class MLP(nn.Module):
     """5 -> 6 -> out, its hidden layer given by ``layer`` and ``act``, whatever they do."""
 
@@ -187,6 +198,11 @@ class Checkpointed(MLP):
             h = checkpoint(lambda t: self.act(self.fc1(t)), x, use_reentrant=self.reentrant)
             return self.fc2(h)
         return checkpoint(self.fc2, self.act(self.fc1(x)), use_reentrant=self.reentrant)
+
+
+class AlwaysDropout(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(self.act(self.fc1(x)), 0.2))  # training=True by default
 
 
 def old_weight_norm(module: nn.Module) -> nn.Module:
@@ -357,3 +373,34 @@ def test_recurrent_layers_run_without_cudnn_in_the_analysis():
     op.matmul(torch.ones(op.n, dtype=torch.float64))
     assert model.cudnn_seen and not any(model.cudnn_seen)
     assert torch.backends.cudnn.enabled == before
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: MLP(act=SoftplusOnce.apply), "@once_differentiable, so torch cannot give"),
+        (lambda: Checkpointed(reentrant=True), "call it with use_reentrant=False"),
+        (
+            lambda: Checkpointed(reentrant=True, part="hidden"),
+            "The loss changes with fc1.weight, but autograd gives it no gradient",
+        ),
+        (lambda: Checkpointed(reentrant=True, part="whole"), "changes with fc1.weight, but"),
+        (AlwaysDropout, "draws random numbers in eval mode"),
+    ],
+    ids=[
+        "once-differentiable",
+        "reentrant-checkpoint",
+        "reentrant-on-data",
+        "reentrant-everything",
+        "dropout-always-on",
+    ],
+)
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_a_model_without_a_sound_hessian_is_refused_in_one_sentence(make, message, backend):
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    op = HessianOperator(model, F.cross_entropy, [(x, torch.arange(8) % 3)], backend=backend)
+    with pytest.raises(UserError, match=message):
+        op.matmul(torch.ones(op.n, dtype=torch.float64))

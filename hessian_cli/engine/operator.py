@@ -75,6 +75,43 @@ def auto_backend(block: int, device: torch.device) -> str:
     return "func" if block >= FUNC_MIN_BLOCK and device.type == "cuda" else "double-backward"
 
 
+def _random_states(device: torch.device) -> list[torch.Tensor]:
+    """The states of the random generators a forward pass on ``device`` may draw from.
+
+    A forward that draws (dropout left on) is another function at every pass: the kept graph
+    gave the Hessian of one mask, its loss not the loss at w + rho g, and the func backend's
+    products a different mask each.
+    """
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _check_differentiable_again(g: torch.Tensor) -> None:
+    """Refuse a gradient whose graph holds a part that cannot be differentiated again.
+
+    An ``autograd.Function`` whose backward is ``@once_differentiable`` leaves an ``Error`` node
+    there (``DelayedError``), which raises only when a backward pass runs through it; its inputs
+    are detached copies, so the products' backward, which asks for the parameters alone, skips
+    it, and the Hessian lacked that function's part, with no error (66% off on a tiny MLP).
+    """
+    seen: set[object] = set()
+    stack = [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node) is torch._C._functions.Error:  # not NotImplemented, which raises itself
+            raise UserError(
+                "The model uses an autograd.Function whose backward is @once_differentiable, so "
+                "torch cannot give its second derivatives: write a backward of differentiable "
+                "torch operations to analyse it."
+            )
+        stack.extend(f for f, _ in node.next_functions)
+
+
 class HessianOperator:
     """Hessian of the mean loss of ``model`` over ``batches`` with respect to ``params``.
 
@@ -153,6 +190,8 @@ class HessianOperator:
         self._graph_versions: tuple[tuple[int, int], ...] = ()  # the weights' at the last build
         self._graph_values = torch.zeros(0, dtype=torch.float64)  # and their _values_digest
         self._graph_bytes = 0  # memory held by the kept graphs
+        self._graph_checked = False  # whether a first-order graph was seen to be differentiable
+        self._forward_checked = False  # whether a forward pass was seen to draw no random numbers
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._graphs_full = False  # the last graph built did not fit the budget
         self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
@@ -198,8 +237,18 @@ class HessianOperator:
     def _batch_loss(
         self, x: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
+        before = None if self._forward_checked else _random_states(self.device)
         out = self.model(x) if params is None else functional_call(self.model, params, (x,))
         loss = self.loss_fn(out, y)
+        if before is not None:
+            self._forward_checked = True
+            after = _random_states(self.device)
+            if not all(map(torch.equal, before, after)):
+                raise UserError(
+                    "The model draws random numbers in eval mode (F.dropout, whose default is "
+                    "training=True, say), so each pass is of another function: make its forward "
+                    "deterministic in eval mode, e.g. F.dropout(x, p, training=self.training)."
+                )
         if loss.ndim != 0:
             raise UserError("The loss function must return a scalar (mean over the batch).")
         # Under torch.distributed one rank's share alone may be bad: its NaN reaches every rank
@@ -275,8 +324,7 @@ class HessianOperator:
                 numerics("full", self.device),
             ):
                 for x, y in self.batches:
-                    loss = self._batch_loss(x, y)
-                    torch.autograd.grad(loss, self.space.tensors, allow_unused=True)
+                    self._derivatives(self._batch_loss(x, y))
             self._synchronize()
             seconds = time.perf_counter() - start
             best, spent = min(best, seconds), spent + seconds
@@ -303,8 +351,7 @@ class HessianOperator:
                     yield self._graph_gradient(i)
                     continue
                 loss = self._batch_loss(x, y)
-                parts = torch.autograd.grad(loss, self.space.tensors, allow_unused=True)
-                yield loss.item(), self.space.flatten(parts)
+                yield loss.item(), self.space.flatten(self._derivatives(loss))
 
     def _gradient_from_graph(self) -> bool:
         """Whether gradients come from the first-order graphs, building them for the products.
@@ -476,12 +523,17 @@ class HessianOperator:
         x, y = self.batches[i]
         before = self._allocated()
         loss = self._batch_loss(x, y)
-        parts = torch.autograd.grad(loss, self.space.tensors, create_graph=True, allow_unused=True)
+        parts = self._derivatives(loss, create_graph=True)
         used = [p is not None for p in parts]
         # An unused parameter has no gradient: its Hessian rows and columns are zero.
         # nn.Embedding(sparse=True) gives a sparse gradient; its dense form is differentiable.
         flat = [dense(p).reshape(-1) for p in parts if p is not None]
         g = torch.cat(flat) if any(used) else None
+        if not self._graph_checked:
+            if g is not None:
+                _check_differentiable_again(g)
+            self._check_unused(x, y, used)
+            self._graph_checked = True
         if self._keeps(lambda: self._graph_size(before, loss, g)):
             self._graphs[i] = (loss, g, used)
         # After each build, kept or not: a forward that updates a buffer of its own (a counter)
@@ -490,6 +542,54 @@ class HessianOperator:
         if self._graphs:  # what _drop_graphs_of_changed_values compares (no graph, no need)
             self._graph_values = self._values_digest()
         return loss, g, used
+
+    def _check_unused(self, x: torch.Tensor, y: torch.Tensor, used: list[bool]) -> None:
+        """Refuse parameters that autograd finds unused but that change the loss.
+
+        Their rows and columns of the Hessian would be zero: a ``torch.utils.checkpoint`` with
+        ``use_reentrant=True`` on inputs that need no gradient (a network's first block on the
+        data) runs its block without autograd, and torch only warns. Two forward passes without
+        autograd, where some parameter is unused (a TorchScript module cannot be called with
+        other values, and is not looked at).
+        """
+        unused = [name for name, u in zip(self.space.names, used, strict=True) if not u]
+        if not unused or isinstance(self.model, torch.jit.ScriptModule):
+            return
+        values = {
+            name: t.detach() for name, t in zip(self.space.names, self.space.tensors, strict=True)
+        }
+        moved = {name: values[name] + 0.1 * (values[name].abs().mean() + 1) for name in unused}
+        with torch.no_grad():  # not _batch_loss: a loss made infinite by the move is a change
+            here, there = (
+                self.loss_fn(functional_call(self.model, params, (x,)), y)
+                for params in (values, values | moved)
+            )
+        if not torch.equal(here, there):
+            raise UserError(
+                f"The loss changes with {unused[0]}, but autograd gives it no gradient (it is "
+                "used under torch.no_grad, or in a torch.utils.checkpoint with "
+                "use_reentrant=True whose inputs need none): call checkpoint with "
+                "use_reentrant=False, or freeze it (requires_grad_(False))."
+            )
+
+    def _derivatives(
+        self, loss: torch.Tensor, create_graph: bool = False
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The loss's gradient per analysed tensor (None where unused); a reentrant checkpoint,
+        which cannot give it, refused in one sentence."""
+        if not loss.requires_grad:  # none used (or all without autograd: see _check_unused)
+            return (None,) * len(self.space.tensors)
+        try:
+            return torch.autograd.grad(
+                loss, self.space.tensors, create_graph=create_graph, allow_unused=True
+            )
+        except RuntimeError as exc:
+            if "use_reentrant=True" not in str(exc):
+                raise
+            raise UserError(
+                "The model calls torch.utils.checkpoint with use_reentrant=True, which cannot "
+                "give the gradient of the parameters alone: call it with use_reentrant=False."
+            ) from exc
 
     def _check_bound(self) -> None:
         """Refuse products of parameters the model no longer holds (``load_state_dict(...,

@@ -88,6 +88,11 @@ def _random_states(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
+# The graph node an @once_differentiable backward leaves (torch's DelayedError); private, so
+# looked up once and, should a torch version lack it, not looked for.
+_ERROR_NODE = getattr(getattr(torch._C, "_functions", None), "Error", None)
+
+
 def _check_differentiable_again(g: torch.Tensor) -> None:
     """Refuse a gradient whose graph holds a part that cannot be differentiated again.
 
@@ -103,7 +108,8 @@ def _check_differentiable_again(g: torch.Tensor) -> None:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node) is torch._C._functions.Error:  # not NotImplemented, which raises itself
+        # (A NotImplemented node, the other kind without a derivative, raises by itself.)
+        if _ERROR_NODE is not None and type(node) is _ERROR_NODE:
             raise UserError(
                 "The model uses an autograd.Function whose backward is @once_differentiable, so "
                 "torch cannot give its second derivatives: write a backward of differentiable "

@@ -404,3 +404,21 @@ def test_a_model_without_a_sound_hessian_is_refused_in_one_sentence(make, messag
     op = HessianOperator(model, F.cross_entropy, [(x, torch.arange(8) % 3)], backend=backend)
     with pytest.raises(UserError, match=message):
         op.matmul(torch.ones(op.n, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+@pytest.mark.parametrize("name", ["attention", "encoder-padded", "lstm", "gru", "weight-norm"])
+def test_on_cuda_the_products_equal_the_finite_difference_hessian(name, backend):
+    """Where the fused kernels are CUDA's own (flash attention, cuDNN RNNs, whose backward runs
+    only in training mode): the analysis's kernels give the CPU reference's Hessian there too."""
+    H = reference_of(name)[0].cuda()
+    model, batches = built(name)
+    batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    op = HessianOperator(
+        model.cuda(), ARCHS[name].loss, batches, bn=ARCHS[name].bn, backend=backend
+    )
+    V = torch.randn(8, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    scale = float(torch.linalg.matrix_norm(H, 2))
+    torch.testing.assert_close(op.matmul(V.cuda()), V.cuda() @ H, rtol=0, atol=1e-6 * scale)
+    assert torch.backends.cudnn.enabled  # given back after the analysis

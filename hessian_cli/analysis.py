@@ -512,6 +512,7 @@ def _run_solvers(
             bn=request.bn,
             precision=request.precision,
         )
+        op.check_model()  # a model autograd cannot differentiate twice soundly, refused here
         if request.top_k:
             check_count(request.top_k, op.n, request.which)
         if request.density:  # refused now, not after the eigenpairs it would lose

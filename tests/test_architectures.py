@@ -200,6 +200,33 @@ class Checkpointed(MLP):
         return checkpoint(self.fc2, self.act(self.fc1(x)), use_reentrant=self.reentrant)
 
 
+class NormedCheckpoint(MLP):
+    """A reentrant checkpoint of the first block on the data, normalised after: moving its
+    weights all by one constant changes nothing a LayerNorm lets through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = checkpoint(lambda t: F.layer_norm(self.fc1(t), (6,)), x, use_reentrant=True)
+        return self.fc2(torch.tanh(h))
+
+
+class CrossEntropyOnce(torch.autograd.Function):
+    """Cross-entropy whose backward is @once_differentiable: as the loss, its incoming gradient
+    is a constant, and torch leaves no Error node for the check to find."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor, y: torch.Tensor):
+        ctx.save_for_backward(z, y)
+        return F.cross_entropy(z, y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor):
+        z, y = ctx.saved_tensors
+        p = z.softmax(1)
+        p[torch.arange(len(y)), y] -= 1
+        return g * p / len(y), None
+
+
 class AlwaysDropout(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.dropout(self.act(self.fc1(x)), 0.2))  # training=True by default
@@ -422,3 +449,27 @@ def test_on_cuda_the_products_equal_the_finite_difference_hessian(name, backend)
     scale = float(torch.linalg.matrix_norm(H, 2))
     torch.testing.assert_close(op.matmul(V.cuda()), V.cuda() @ H, rtol=0, atol=1e-6 * scale)
     assert torch.backends.cudnn.enabled  # given back after the analysis
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize(
+    ("dtype", "make", "loss", "message"),
+    [
+        # The uniform shift the check first made left a LayerNorm's input as it was.
+        (torch.float64, NormedCheckpoint, F.cross_entropy, "The loss changes with fc1.weight"),
+        # Compared within the square root of a 16-bit dtype's rounding (3-9% of the loss), the
+        # change passed; within a few float32 roundings, of the outputs in float32, it does not.
+        (torch.bfloat16, lambda: Checkpointed(True, "hidden"), F.cross_entropy, "changes with"),
+        (torch.float16, lambda: Checkpointed(True, "hidden"), F.cross_entropy, "changes with"),
+        # The curvature of a @once_differentiable loss was dropped (its Hessian 0), unsaid.
+        (torch.float64, MLP, CrossEntropyOnce.apply, "@once_differentiable, so torch cannot"),
+    ],
+    ids=["layernorm-after-reentrant", "bfloat16-reentrant", "float16-reentrant", "loss-once"],
+)
+def test_the_review_s_unsound_models_are_refused(dtype, make, loss, message):
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    x = torch.randn(8, 5, dtype=dtype)
+    op = HessianOperator(model, loss, [(x, torch.arange(8) % 3)])
+    with pytest.raises(UserError, match=message):
+        op.check_model()

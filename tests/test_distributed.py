@@ -674,6 +674,37 @@ def test_a_refusal_every_rank_meets_after_loading_is_said_once(
 
 
 @needs_gloo
+def test_a_model_without_a_sound_hessian_is_refused_once(tmp_path: Path) -> None:
+    """The operator's checks of the model ran at the first gradient, outside the agreement on
+    refusals: each rank said it ("rank 0: ...", "rank 1: ...")."""
+    (tmp_path / "drop.py").write_text(
+        "import torch\n"
+        "import torch.nn.functional as F\n"
+        "from torch import nn\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.b(F.dropout(torch.relu(self.a(x.flatten(1))), 0.1))\n\n\n"
+        "def make(**kwargs):\n"
+        "    return Net()\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from drop import make  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.save(make().state_dict(), tmp_path / "ck.pt")
+    args = ["analyze", "ck.pt", "--model", "drop.py:make", "--data", "digits"]
+    args += ["--num-samples", "128", "--batch-size", "64", "--top-k", "2", "-q"]
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(lines) == 1, err
+    assert "draws random numbers in eval mode" in lines[0], err
+
+
+@needs_gloo
 def test_a_one_sample_batchnorm_batch_on_one_rank_is_refused_by_every_rank(
     tmp_path: Path,
 ) -> None:

@@ -84,7 +84,11 @@ def spectral_density(
     random weights on the top eigenvalues were the rules' largest error, and the steps that
     found them go to the rest: at no product, with 5 eigenpairs at 8 probes x 40 steps, the
     rules' (Wasserstein) distance to the spectrum fell 1.6x and 4.4x on the example MLP and CNN,
-    the error of their first moment 2.2x and 4.8x (benchmarks/known_eigenpairs.py).
+    the error of their first moment 2.2x and 4.8x (benchmarks/known_eigenpairs.py). The rest's
+    weight is its expected share, ``(n - k)/n``, so that each rule still sums to 1, not each
+    probe's own share ``|Pz|^2/n``: a bias of order ``k/n`` in its moments, within the noise from
+    ``n`` of about 20 on, and large only where ``k`` is close to ``n`` (``n = 8, k = 6``: the
+    rest's trace 0.33 for 0.50).
 
     Beside its product, a step reads the basis twice (the inner products of all probes in one
     batched call, then the update; four times where a probe's space is exhausted, see
@@ -107,7 +111,8 @@ def spectral_density(
     n, k, device = op.n, len(V), op.device
     steps = min(steps, n - k)  # the dimension left to the Lanczos runs
     gen = probe_generator(op, seed, DENSITY_STREAM)
-    v = project_out(rademacher((num_probes, n), generator=gen, dtype=op.dtype, device=device), V)
+    v = rademacher((num_probes, n), generator=gen, dtype=op.dtype, device=device)
+    v = project_out(project_out(v, V), V)  # twice: what one pass leaves is rounding of |v|
     if steps:
         nodes, weights = _lanczos_rules(op, v, steps, V.to(_working_dtype(op)))
     else:  # the known vectors span the space: nothing is left to the Lanczos runs

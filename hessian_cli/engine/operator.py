@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
@@ -88,32 +89,41 @@ def _random_states(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
-# The graph node an @once_differentiable backward leaves (torch's DelayedError); private, so
-# looked up once and, should a torch version lack it, not looked for.
+# The graph node an @once_differentiable backward leaves where its incoming gradient needs a
+# gradient itself (torch's DelayedError); private, so looked up once and, should a torch version
+# lack it, not looked for.
 _ERROR_NODE = getattr(getattr(torch._C, "_functions", None), "Error", None)
+# Every @once_differentiable backward is the same wrapper around its own: found by its code.
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx, *grads: grads).__code__
 
 
-def _check_differentiable_again(g: torch.Tensor) -> None:
-    """Refuse a gradient whose graph holds a part that cannot be differentiated again.
+def _check_twice_differentiable(loss: torch.Tensor, g: torch.Tensor | None) -> None:
+    """Refuse a loss whose graph holds an ``autograd.Function`` that cannot be differentiated
+    again: one whose backward is ``@once_differentiable``.
 
-    An ``autograd.Function`` whose backward is ``@once_differentiable`` leaves an ``Error`` node
-    there (``DelayedError``), which raises only when a backward pass runs through it; its inputs
-    are detached copies, so the products' backward, which asks for the parameters alone, skips
-    it, and the Hessian lacked that function's part, with no error (66% off on a tiny MLP).
+    Its second derivatives are not there, and nothing raises: inside the model it leaves an
+    ``Error`` node in the gradient's graph, which raises only when a backward pass runs through
+    it, and the products' backward, which asks for the parameters alone, skips it (66% off on a
+    tiny MLP); as the loss function, whose incoming gradient is a constant, not even that (its
+    curvature was 0 with no error). Looked for in both graphs: the forward's Function classes
+    and the gradient's Error nodes.
     """
     seen: set[object] = set()
-    stack = [g.grad_fn]
+    stack = [loss.grad_fn, None if g is None else g.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
         # (A NotImplemented node, the other kind without a derivative, raises by itself.)
-        if _ERROR_NODE is not None and type(node) is _ERROR_NODE:
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE or (
+            _ERROR_NODE is not None and type(node) is _ERROR_NODE
+        ):
             raise UserError(
-                "The model uses an autograd.Function whose backward is @once_differentiable, so "
-                "torch cannot give its second derivatives: write a backward of differentiable "
-                "torch operations to analyse it."
+                "The model or loss uses an autograd.Function whose backward is "
+                "@once_differentiable, so torch cannot give its second derivatives: write a "
+                "backward of differentiable torch operations to analyse it."
             )
         stack.extend(f for f, _ in node.next_functions)
 
@@ -297,6 +307,17 @@ class HessianOperator:
 
     def _sum_scalar(self, value: float) -> float:
         return dist_utils.sum_scalar(value, self.device) if self.distributed else value
+
+    def check_model(self) -> None:
+        """Refuse now, on this rank's first batch and without a collective, a model whose
+        Hessian autograd would get wrong (see :meth:`_first_order_graph`'s checks), which the
+        first product or gradient does otherwise: under torchrun inside ``fail_together`` every
+        rank refuses together, in one message, instead of each rank on its own. The batch's
+        graph is kept for the products where graphs are kept."""
+        if not self.batches or self._graph_checked:
+            return
+        with torch.enable_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
+            self._first_order_graph(0)
 
     def gradient(self) -> tuple[float, torch.Tensor]:
         """The mean loss and its gradient as a flat vector (one pass over the data)."""
@@ -536,9 +557,8 @@ class HessianOperator:
         flat = [dense(p).reshape(-1) for p in parts if p is not None]
         g = torch.cat(flat) if any(used) else None
         if not self._graph_checked:
-            if g is not None:
-                _check_differentiable_again(g)
-            self._check_unused(x, y, loss, used)
+            _check_twice_differentiable(loss, g)
+            self._check_unused(x, y, used)
             self._graph_checked = True
         if self._keeps(lambda: self._graph_size(before, loss, g)):
             self._graphs[i] = (loss, g, used)
@@ -549,16 +569,17 @@ class HessianOperator:
             self._graph_values = self._values_digest()
         return loss, g, used
 
-    def _check_unused(
-        self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, used: list[bool]
-    ) -> None:
-        """Refuse parameters that autograd finds unused but that change the batch's ``loss``.
+    def _check_unused(self, x: torch.Tensor, y: torch.Tensor, used: list[bool]) -> None:
+        """Refuse parameters that autograd finds unused but that change the batch's loss.
 
         Their rows and columns of the Hessian would be zero: a ``torch.utils.checkpoint`` with
         ``use_reentrant=True`` on inputs that need no gradient (a network's first block on the
-        data) runs its block without autograd, and torch only warns. One forward pass without
-        autograd, where some parameter is unused, within rounding of the loss where they are
-        unused (a TorchScript module cannot be called with other values, and is not looked at).
+        data) runs its block without autograd, and torch only warns. Two forward passes without
+        autograd, where some parameter is unused: with those parameters moved in a random-sign
+        direction (a uniform shift, which a LayerNorm or a softmax cancels, went unseen), and
+        as they are; the losses compared within a few roundings, a 16-bit model's from its
+        outputs in float32 (a bfloat16 loss cannot show a change of 0.1%). A TorchScript module
+        cannot be called with other values, and is not looked at.
         """
         unused = [name for name, u in zip(self.space.names, used, strict=True) if not u]
         if not unused or isinstance(self.model, torch.jit.ScriptModule):
@@ -566,12 +587,21 @@ class HessianOperator:
         values = {
             name: t.detach() for name, t in zip(self.space.names, self.space.tensors, strict=True)
         }
+        gen = torch.Generator().manual_seed(0)
         for name in unused:
-            values[name] = values[name] + 0.1 * (values[name].abs().mean() + 1)
+            t = values[name]
+            signs = torch.randint(0, 2, t.shape, generator=gen).to(t) * 2 - 1
+            values[name] = t + 0.1 * (t.abs().mean() + 1) * signs
+
+        def loss_at(params: dict[str, torch.Tensor]) -> float:
+            out = functional_call(self.model, params, (x,))
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.itemsize < 4:
+                out = out.float()
+            return float(self.loss_fn(out, y).detach())
+
         with torch.no_grad():  # not _batch_loss: a loss made infinite by the move is a change
-            moved = self.loss_fn(functional_call(self.model, values, (x,)), y)
-        rounding = torch.finfo(loss.dtype).eps ** 0.5 * abs(float(loss))
-        if not abs(float(moved) - float(loss)) <= rounding:  # NaN, a change too
+            moved, base = loss_at(values), loss_at({})
+        if not abs(moved - base) <= 8 * torch.finfo(torch.float32).eps * abs(base):  # NaN too
             raise UserError(
                 f"The loss changes with {unused[0]}, but autograd gives it no gradient (it is "
                 "used under torch.no_grad, or in a torch.utils.checkpoint with "

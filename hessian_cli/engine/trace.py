@@ -44,7 +44,8 @@ def stochastic_trace(
     smaller when a few eigenvalues dominate (as they do in trained networks). The standard error
     is that of the Hutchinson part, the only random term.
 
-    ``known`` eigenpairs of ``op`` (an :func:`eigenpairs` result for the same weights) are part
+    ``known`` eigenpairs of ``op`` (an :func:`eigenpairs` result for the same weights: pairs
+    from before a training step are not this operator's, and bias the estimate, unsaid) are part
     of that sketch for free: their eigenvalues are their vectors' Rayleigh quotients, so
     ``trace(V^T H V)`` costs no product, and only the rest of a third of the probes is drawn
     (none where ``k`` reaches it), leaving more to Hutchinson. The estimate stays unbiased

@@ -72,7 +72,9 @@ def stochastic_trace(
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)
     V, values, top = deflation(op, known)
     exact = float(values.sum())
-    sketch = max(num_probes // 3 - top, 0) if method == "hutch++" and num_probes >= 6 else 0
+    spans = len(V) == op.n  # the known vectors span the space: the trace is theirs, exactly
+    drawn = method == "hutch++" and num_probes >= 6 and not spans
+    sketch = max(num_probes // 3 - top, 0) if drawn else 0
     Q = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
     if sketch:  # the sketch and its products are dropped as soon as Q is made of them
         HS = _apply(op, project_out(rademacher((sketch, op.n), **probe), V), block_size)
@@ -80,7 +82,7 @@ def stochastic_trace(
         del HS
     # Q's rows, then the deflated probes, in one buffer: one product for both, a pass fewer,
     # and no more memory than the three passes took (no copy of either beside it).
-    q, g = len(Q), num_probes - 2 * sketch
+    q, g = len(Q), 0 if spans else num_probes - 2 * sketch
     B = torch.empty(q + g, op.n, dtype=op.dtype, device=op.device)
     B[:q] = Q
     del Q
@@ -93,8 +95,8 @@ def stochastic_trace(
     if not (math.isfinite(exact) and samples.isfinite().all()):
         raise NotFinite("The trace's Hessian-vector products are not finite (NaN or inf).")
     return TraceResult(
-        estimate=exact + float(samples.mean()),
-        stderr=float(samples.std() / math.sqrt(len(samples))),
+        estimate=exact + (float(samples.mean()) if g else 0.0),
+        stderr=float(samples.std() / math.sqrt(g)) if g else 0.0,
         num_probes=num_probes,
         method="hutch++" if sketch or len(V) else "hutchinson",
         hvps=op.hvp_count - hvps0,

@@ -64,7 +64,7 @@ from hessian_cli.specs import (
     model_device,
     takes_token_ids,
 )
-from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS
+from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS
 from hessian_cli.specs.data import data_names_code
 from hessian_cli.specs.losses import loss_names_code
 from hessian_cli.specs.models import model_names_code
@@ -131,8 +131,9 @@ def checkpoint_paths(target: str | Path) -> list[Path]:
         if not found:
             raise UserError(
                 f"The directory {path} holds no checkpoint files "
-                f"({', '.join(CHECKPOINT_SUFFIXES)}); a file of another name (a Hugging Face "
-                "pytorch_model.bin) is read when given by itself."
+                f"({', '.join(CHECKPOINT_SUFFIXES)}) or Hugging Face Trainer checkpoint "
+                f"folders (holding {' or '.join(TRAINER_WEIGHTS)}); a file of another name is "
+                "read when given by itself."
             )
         return found
     return [path]
@@ -185,7 +186,7 @@ def analyze_target(
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
                 if len(loaded) > 1 and isinstance(exc, UserError):  # which of the series
-                    exc.args = (f"{ckpt.path.name}: {exc}",)
+                    exc.args = (f"{ckpt.label}: {exc}",)
                 raise
             # Whatever stopped this one (an error of ours too), the others' work is kept.
             interrupt = exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
@@ -204,7 +205,7 @@ def analyze_target(
                 if len(results) == 1
                 else f"the {len(results)} checkpoints before it were analysed and are kept"
             )
-            stopped = SeriesStopped(f"{ckpt.path.name}: {why} ({before}).", results, interrupt)
+            stopped = SeriesStopped(f"{ckpt.label}: {why} ({before}).", results, interrupt)
             if not isinstance(exc, UserError | KeyboardInterrupt | Terminated):
                 stopped.exit_status = 1  # not the input's: as the entry point says of one
             raise stopped from exc
@@ -321,7 +322,7 @@ def analyze_checkpoint(
         return _run_solvers(ckpt, request, s, init, progress)
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
-            f"CUDA ran out of memory analysing {ckpt.path.name}: try a smaller --batch-size "
+            f"CUDA ran out of memory analysing {ckpt.label}: try a smaller --batch-size "
             "(or fewer --top-k, --density-probes or --density-steps)."
         ) from exc
 
@@ -592,7 +593,7 @@ def _run_solvers(
     provenance = _provenance(ckpt, request, s, op, eig, wall, grad_seconds, hvp_rel_error)
     op.release()
     return CheckpointAnalysis(
-        name=storable_text(ckpt.path.stem),
+        name=storable_text(ckpt.name),
         provenance=provenance,
         space=op.space,
         loss=loss,

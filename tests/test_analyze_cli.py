@@ -463,6 +463,42 @@ def test_directory_series_show_and_plot(capsys, tmp_path, digits_mlp):
     assert code == 2 and "no checkpoint named 'ckpt_99'" in one_sentence(err)
 
 
+def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(
+    capsys, tmp_path, digits_mlp
+):
+    """A Trainer's output directory holds checkpoint-N folders of model.safetensors (or
+    pytorch_model.bin) beside optimizer.pt, scheduler.pt and rng_state.pth: it held "no
+    checkpoint files", and a folder given itself was a series whose optimizer.pt ended it."""
+    state = torch.load(digits_mlp, weights_only=True)["model"]
+    run_dir = tmp_path / "trainer_output"
+    for step in (500, 1000, 1500):  # by name, checkpoint-1000 came first
+        folder = run_dir / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        weights = {k: v * (1 + step / 1000) for k, v in state.items()}
+        if step == 1000:
+            torch.save(weights, folder / "pytorch_model.bin")
+        else:
+            save_file(weights, folder / "model.safetensors")
+        torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+        torch.save({"last_epoch": 3}, folder / "scheduler.pt")
+        torch.save({"python": (3, (1,), None)}, folder / "rng_state.pth")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.5}))
+    spec = ("--model", "mlp", "--model-kwargs", json.dumps(MLP_KW), "--data", "digits")
+    args = ("--num-samples", "64", "--top-k", "1", "--json", *spec)
+    code, out, err = run(capsys, "analyze", run_dir, *args)
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["name"] for r in results] == ["checkpoint-500", "checkpoint-1000", "checkpoint-1500"]
+    assert [r["provenance"]["step"] for r in results] == [500, 1000, 1500]
+    top = [r["eigen"]["eigenvalues"][0] for r in results]
+    assert top[0] != top[1] != top[2]  # each folder's own weights
+    code, out, err = run(capsys, "analyze", run_dir / "checkpoint-1000", *args)
+    assert code == 0, err
+    (alone,) = json.loads(out)  # its weights alone, not its optimizer's state
+    assert alone["name"] == "checkpoint-1000" and alone["provenance"]["step"] == 1000
+    assert alone["eigen"]["eigenvalues"][0] == pytest.approx(top[1], rel=1e-5)
+
+
 def test_a_directory_of_different_models_is_analysed_without_a_shared_warm_start(
     capsys, tmp_path, digits_mlp
 ):

@@ -602,3 +602,42 @@ def test_the_models_own_names_beside_a_copy_under_a_leading_name_are_its_own(
     torch.save({"state_dict": {**trained, "other.weight": torch.ones(2)}}, tmp_path / "x.ckpt")
     with pytest.raises(UserError, match=r"1 unexpected key \(other.weight\)"):
         _loaded(tmp_path / "x.ckpt")
+
+
+def test_trainer_folders_are_listed_by_their_weights_and_ordered_by_their_step(tmp_path):
+    """checkpoint-N folders count by their weights file; the step comes from trainer_state.json
+    where it is readable, and the folder's name orders the rest and names them all."""
+    weights = small_model().state_dict()
+    for name, state in (
+        ("checkpoint-20", {"global_step": 20}),
+        ("checkpoint-3", "not json"),  # unreadable: no step, named by its folder
+        ("checkpoint-100", {"global_step": -1}),  # not a count
+    ):
+        (tmp_path / name).mkdir()
+        torch.save(weights, tmp_path / name / "pytorch_model.bin")
+        (tmp_path / name / "optimizer.pt").write_bytes(b"not weights")
+        text = state if isinstance(state, str) else json.dumps(state)
+        (tmp_path / name / "trainer_state.json").write_text(text)
+    (tmp_path / "logs").mkdir()  # a folder without weights is not a checkpoint
+    (tmp_path / ".hidden").mkdir()
+    torch.save(weights, tmp_path / ".hidden" / "pytorch_model.bin")
+    found = list_checkpoints(tmp_path)
+    assert [p.parent.name for p in found] == ["checkpoint-3", "checkpoint-20", "checkpoint-100"]
+    loaded = [load_checkpoint(p) for p in found]
+    assert [c.metadata.get("step") for c in loaded] == [None, 20, None]
+    assert [c.name for c in loaded] == ["checkpoint-3", "checkpoint-20", "checkpoint-100"]
+    assert loaded[1].label == "checkpoint-20/pytorch_model.bin"
+    # A folder is its weights alone; the step (self-described) orders before names.
+    assert list_checkpoints(tmp_path / "checkpoint-20") == [found[1]]
+    ordered = sorted(loaded, key=checkpoint_order_key)
+    assert [c.name for c in ordered] == ["checkpoint-20", "checkpoint-3", "checkpoint-100"]
+
+
+@pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
+    """Its shards were each taken for a checkpoint, and each missed the others' weights."""
+    for i in (1, 2):
+        (tmp_path / f"model-0000{i}-of-00002.safetensors").write_bytes(b"{}")
+    (tmp_path / index).write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(UserError, match=f"holds sharded weights \\({index}\\), which are not"):
+        list_checkpoints(tmp_path)

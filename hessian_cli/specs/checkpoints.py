@@ -34,6 +34,10 @@ CHECKPOINT_VERSION = 1
 # output folders hold training_args.bin, a pickled settings object, beside the weights.
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pth.tar", ".pkl", ".safetensors", ".ckpt")
 TRUST_FLAG = "--trust-checkpoint"
+# The weights file of a Hugging Face Trainer's checkpoint folder (checkpoint-500/), beside its
+# optimizer.pt, scheduler.pt and rng_state.pth, which are not weights, and its trainer_state.json.
+TRAINER_WEIGHTS: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+TRAINER_STATE = "trainer_state.json"
 WEIGHTS_FLAG = "--weights-key"
 
 
@@ -58,6 +62,24 @@ class LoadedCheckpoint:
     raw: dict[str, Any] = field(default_factory=dict)
     format: str = "torch-zip"
     weights_key: str | None = None  # where in the file the weights were taken from, if asked
+
+    @property
+    def name(self) -> str:
+        """Its name in a series (:func:`series_name`)."""
+        return series_name(self.path)
+
+    @property
+    def label(self) -> str:
+        """How messages name it: its file's name, after its Trainer folder's where it has one
+        (``checkpoint-500/model.safetensors``: the file's name alone is every folder's)."""
+        stem = self.path.stem
+        return self.path.name if self.name == stem else f"{self.name}/{self.path.name}"
+
+
+def series_name(path: Path) -> str:
+    """A checkpoint's name in a series: its file's stem, or, for the weights of a Trainer's
+    checkpoint folder (all named alike), the folder's name."""
+    return path.parent.name if path.name in TRAINER_WEIGHTS and path.parent.name else path.stem
 
 
 # ----------------------------------------------------------------------------- loading
@@ -100,6 +122,8 @@ def load_checkpoint(
             obj = _torch_load(path, trust, pickle_or_zip=fmt == "torch-zip" or head[:1] == b"\x80")
         raw = obj if isinstance(obj, dict) else {}
         state, metadata = _unwrap(obj, path, weights_key)
+    if path.name in TRAINER_WEIGHTS and "step" not in metadata:
+        metadata = {**metadata, **_trainer_step(path.parent / TRAINER_STATE)}
     return LoadedCheckpoint(
         path=path,
         sha256=digest,
@@ -416,6 +440,20 @@ def _training_position(obj: dict[str, Any]) -> dict[str, int]:
     return found
 
 
+def _trainer_step(state: Path) -> dict[str, int]:
+    """The step a Trainer's ``trainer_state.json`` records beside its weights (``global_step``),
+    which orders a series and goes with the results; none where it is missing or unreadable
+    (the folder's name orders it then)."""
+    try:
+        if state.stat().st_size > 1 << 26:  # a state file of 64 MiB is not a Trainer's
+            return {}
+        recorded = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    step = recorded.get("global_step") if isinstance(recorded, dict) else None
+    return {"step": step} if is_count(step) else {}
+
+
 def is_count(value: Any) -> bool:
     """A whole number as a checkpoint stores one (not a bool, str or float)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -698,7 +736,7 @@ def checkpoint_order_key(ckpt: LoadedCheckpoint) -> tuple:
     """
     meta = ckpt.metadata or {}
     step, epoch = _as_number(meta.get("step")), _as_number(meta.get("epoch"))
-    name = _natural_key(ckpt.path.name)
+    name = _natural_key(ckpt.name)
     if step is not None or epoch is not None:
         return (0, -1.0 if step is None else step, -1.0 if epoch is None else epoch, name)
     return (1, -1.0, -1.0, name)
@@ -722,10 +760,22 @@ def _natural_key(name: str) -> tuple:
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Checkpoint files directly inside ``directory``, in natural name order (no temp files), each
-    once: a link to another of them (Lightning's ``last.ckpt``) is left out."""
+    once: a link to another of them (Lightning's ``last.ckpt``) is left out; and the weights of
+    the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``). A Trainer
+    checkpoint folder itself is its weights file alone (not its optimizer's or scheduler's)."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory.")
+    if (own := _trainer_weights(directory)) is not None:
+        return [own]
+    shards = (directory / f"{n}.index.json" for n in TRAINER_WEIGHTS)
+    if (index := next((i for i in shards if i.is_file()), None)) is not None:
+        # (its shards would each be taken for a checkpoint, and each miss the others' weights)
+        raise UserError(
+            f"{str(directory)!r} holds sharded weights ({index.name}), which are not joined: "
+            "save them in one file (save_pretrained with a larger max_shard_size, or torch.save "
+            "of the state dict)."
+        )
     try:
         entries = list(directory.iterdir())
     except OSError as exc:
@@ -741,4 +791,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     ]
     files = {p.resolve() for p in found if not p.is_symlink()}
     found = [p for p in found if not (p.is_symlink() and p.resolve() in files)]
-    return sorted(found, key=lambda p: _natural_key(p.name))
+    folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    found += [w for p in folders if (w := _trainer_weights(p)) is not None]
+    return sorted(found, key=lambda p: _natural_key(series_name(p)))
+
+
+def _trainer_weights(folder: Path) -> Path | None:
+    """The weights file of a Hugging Face Trainer checkpoint folder, where ``folder`` is one."""
+    return next((folder / n for n in TRAINER_WEIGHTS if (folder / n).is_file()), None)

@@ -70,6 +70,7 @@ from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn, check_range
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.model_mode import batch_statistics_error
+from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import NotFinite, UserError
 from hessian_cli.specs import (
     analysis_batches,
@@ -279,6 +280,11 @@ class _Run:
         )
         batch = tuple(t.to(self.device) for t in self.track_batch)
         check_fits(self.model, self.loss_fn, [batch], self.data.input_shape)
+        if isinstance(self.optimizer, EigenSAM) or self.config.track_every:
+            # A model whose Hessian autograd would get wrong, refused before any step by every
+            # rank alike (the refresh's and the tracker's operators met it each on its own).
+            pair = (batch[0][:2], batch[1][:2])
+            HessianOperator(self.model, self.loss_fn, [pair], distributed=False).check_model()
         # The only batches of one: every batch at --batch-size 1, the only one of a one-sample
         # set (a trailing one is dropped, and under torchrun each rank holds two at least).
         if min(self.config.batch_size, self.samples) == 1:

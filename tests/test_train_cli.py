@@ -454,3 +454,30 @@ def test_data_float32_cannot_hold_is_refused_before_the_run(capsys, tmp_path):
         and "(an analysis can also run in float64: --dtype float64)" in message
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "extra", "refused"),
+    [("eigensam", [], True), ("sgd", ["--track-every", "5"], True), ("sgd", [], False)],
+)
+def test_a_model_without_a_sound_hessian_is_refused_where_the_engine_trains_or_tracks(
+    capsys, tmp_path, optimizer, extra, refused
+):
+    """Eigen-SAM's refresh and the tracker met it at their first operator, each rank on its own;
+    a run that uses neither trains it (its randomness is training's business)."""
+    (tmp_path / "drop.py").write_text(
+        "import torch\nimport torch.nn.functional as F\n\n\n"
+        "class Net(torch.nn.Linear):\n"
+        "    def forward(self, x):\n"
+        "        return super().forward(F.dropout(x.flatten(1), 0.1))  # training=True\n\n\n"
+        "def make():\n"
+        "    return Net(64, 10)\n"
+    )
+    out = tmp_path / "run"
+    args = ["--model", f"{tmp_path}/drop.py:make", "--data", "digits", "--optimizer", optimizer]
+    code, _, err = run(capsys, "train", *args, *extra, "--max-steps", "2", "-q", "--out", out)
+    if refused:
+        assert code == 2 and "draws random numbers in eval mode" in one_sentence(err), err
+        assert not out.exists()  # refused before anything was written
+    else:
+        assert code == 0, err

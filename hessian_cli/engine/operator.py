@@ -30,7 +30,7 @@ from hessian_cli.engine.model_mode import (
 )
 from hessian_cli.engine.params import ParamSpace, dense, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
-from hessian_cli.engine.probes import gaussian, probe_generator
+from hessian_cli.engine.probes import gaussian, probe_generator, rademacher
 from hessian_cli.errors import NotFinite, UserError, a_type
 
 Backend = Literal["auto", "double-backward", "func"]
@@ -590,7 +590,7 @@ class HessianOperator:
         gen = torch.Generator().manual_seed(0)
         for name in unused:
             t = values[name]
-            signs = torch.randint(0, 2, t.shape, generator=gen).to(t) * 2 - 1
+            signs = rademacher(tuple(t.shape), generator=gen, dtype=t.dtype, device=t.device)
             values[name] = t + 0.1 * (t.abs().mean() + 1) * signs
 
         def loss_at(params: dict[str, torch.Tensor]) -> float:

@@ -109,7 +109,7 @@ def checkpoint_payload(
         # links kept, as config.json keeps them (made so by anchored_config).
         "data_root": absolute(config.data_root) if config.data_root else None,
         "loss": loss_spec,
-        "input_shape": list(data.input_shape),
+        "input_shape": None if data.input_shape is None else list(data.input_shape),
         "num_classes": data.num_classes,
         "step": position.step,
         "epoch": position.epoch,

@@ -18,6 +18,7 @@ from torch import nn
 from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.inputs import inputs_to, run_model
 from hessian_cli.engine.linalg import dot, norms
 from hessian_cli.engine.model_mode import forward_mode
 from hessian_cli.engine.operator import HessianOperator
@@ -77,7 +78,11 @@ class LambdaMaxTracker:
         can make it infinite, and a run without a test split would not see it otherwise."""
         with forward_mode(model, "eval"):
             finite = all(
-                bool(torch.isfinite(loss_fn(model(x.to(self.device)), y.to(self.device))))
+                bool(
+                    torch.isfinite(
+                        loss_fn(run_model(model, inputs_to(x, self.device)), y.to(self.device))
+                    )
+                )
                 for x, y in self.share
             )
         return not distributed.any_rank(not finite)
@@ -99,8 +104,8 @@ def evaluate(
     model.eval()
     total = correct = count = 0.0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
+        out = run_model(model, inputs_to(x, device))
+        y = y.to(device)
         total += float(loss_fn(out, y)) * len(y)
         correct += correct_count(out, y, classify=classify)
         count += len(y)

@@ -69,6 +69,7 @@ from eigensam.tracking import (
 from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn, check_range
 from hessian_cli.engine.devices import resolve_device
+from hessian_cli.engine.inputs import inputs_to, rows, run_model
 from hessian_cli.engine.model_mode import batch_statistics_error
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import NotFinite, UserError
@@ -174,7 +175,8 @@ class _Run:
         self.lead = self.rank == 0
         torch.manual_seed(config.seed)  # model initialisation
         self.data = load_data(config.data, root=config.data_root, download=config.download)
-        self.classify = self.data.num_classes is not None
+        # Accuracy is counted per sample: labels per token (a language model's) have none here.
+        self.classify = self.data.num_classes is not None and self.data.target_shape == ()
         self.loss_spec = config.loss or default_loss(self.data.num_classes)
         self.loss_fn: LossFn = get_loss(self.loss_spec, num_classes=self.data.num_classes)
         model = build_model(
@@ -208,13 +210,13 @@ class _Run:
         )
         held_out = self.data.test if self.data.test is not None else self.data.train
         # One global batch (as one process with the same global batch tracks), split over ranks.
-        rows = min(self.global_batch, len(held_out))
+        count = min(self.global_batch, len(held_out))
         self.track_batch = analysis_batches(
-            held_out, batch_size=rows, num_samples=rows, token_ids=self.token_ids
+            held_out, batch_size=count, num_samples=count, token_ids=self.token_ids
         )[0]
-        mine = torch.tensor(list(distributed.shard(range(rows), self.rank, self.world)))
+        mine = torch.tensor(list(distributed.shard(range(count), self.rank, self.world)))
         track_share: list[Batch] = (
-            [(self.track_batch[0][mine], self.track_batch[1][mine])] if len(mine) else []
+            [(rows(self.track_batch[0], mine), self.track_batch[1][mine])] if len(mine) else []
         )
         self._check_fits()
 
@@ -278,17 +280,17 @@ class _Run:
         check_targets(
             self.loss_spec, train + [self.track_batch, *self.test_batches], self.data.num_classes
         )
-        batch = tuple(t.to(self.device) for t in self.track_batch)
-        check_fits(self.model, self.loss_fn, [batch], self.data.input_shape)
+        batch = (inputs_to(self.track_batch[0], self.device), self.track_batch[1].to(self.device))
+        check_fits(self.model, self.loss_fn, [batch])
         if isinstance(self.optimizer, EigenSAM) or self.config.track_every:
             # A model whose Hessian autograd would get wrong, refused before any step by every
             # rank alike (the refresh's and the tracker's operators met it each on its own).
-            pair = (batch[0][:2], batch[1][:2])
+            pair = (rows(batch[0], slice(0, 2)), batch[1][:2])
             HessianOperator(self.model, self.loss_fn, [pair], distributed=False).check_model()
         # The only batches of one: every batch at --batch-size 1, the only one of a one-sample
         # set (a trailing one is dropped, and under torchrun each rank holds two at least).
         if min(self.config.batch_size, self.samples) == 1:
-            why = batch_statistics_error(self.model, batch[0][:1])
+            why = batch_statistics_error(self.model, rows(batch[0], slice(0, 1)))
             if why is not None:
                 fix = (
                     "data of 2 samples or more"
@@ -461,7 +463,7 @@ class _Run:
         if not isinstance(ds, TensorDataset):  # its targets were not all seen
             check_targets(self.loss_spec, [(x, y)], self.data.num_classes)
         x = cast_inputs(x, torch.float32, self.token_ids)
-        return x.to(self.device), y.to(self.device)
+        return inputs_to(x, self.device), y.to(self.device)
 
     def _lr(self) -> float:
         if self.config.schedule == "constant":
@@ -477,7 +479,7 @@ class _Run:
             group["lr"] = lr
         model.train()
         opt.zero_grad(set_to_none=True)
-        out = model(x)
+        out = run_model(model, x)
         loss = self.loss_fn(out, y)
         correct, count = correct_count(out, y, classify=self.classify), len(y)
         mean_loss = loss.detach()
@@ -498,7 +500,7 @@ class _Run:
             opt.first_step(zero_grad=True)
             disable_running_stats(model)  # BatchNorm statistics move on the first pass only
             try:
-                self.loss_fn(model(x), y).backward()
+                self.loss_fn(run_model(model, x), y).backward()
             finally:
                 enable_running_stats(model)
             distributed.average_gradients(self.params, len(y), count)

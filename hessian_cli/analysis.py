@@ -29,6 +29,7 @@ from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import check_density_memory, spectral_density
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
+from hessian_cli.engine.inputs import inputs_to
 from hessian_cli.engine.model_mode import batch_statistics_error, has_batchnorm
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import check_real
@@ -412,7 +413,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
     loss_fn = get_loss(loss_spec, num_classes=data.num_classes, trusted=trust or bool(request.loss))
     check_targets(loss_spec, batches, data.num_classes)
-    check_fits(model, loss_fn, batches, data.input_shape)
+    check_fits(model, loss_fn, batches)
     minibatches: list = []  # empty: the analysed batches hold the alignment's minibatches
     more_data = len(data.train) > sum(len(y) for _, y in batches)
     # A batch that --num-samples cut short is not one of the data's batches.
@@ -477,7 +478,7 @@ def _refuse_recorded_code(
 
 def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:
     """With --bn train a batch of one sample has no statistics to normalise by (BatchNorm1d)."""
-    why = batch_statistics_error(model, batch[0].to(model_device(model)))
+    why = batch_statistics_error(model, inputs_to(batch[0], model_device(model)))
     if why is not None:
         raise UserError(
             f"--bn train normalises by batch statistics, which a batch of {len(batch[1])} "

@@ -664,13 +664,13 @@ class _Cast(nn.Module):
         return x.to(self.dtype)
 
 
-def test_a_refresh_on_a_batch_that_is_not_two_tensors_is_one_sentence() -> None:
+def test_a_refresh_on_a_batch_that_is_not_inputs_and_targets_is_one_sentence() -> None:
     model = mlp()
     opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
     x, y = data()[0]
-    with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not \(dict, Tensor\)"):
-        opt.refresh_eigenvector(model, F.cross_entropy, ({"x": x}, y))
-    with pytest.raises(UserError, match=r"two tensors \(inputs, targets\), not a torch.Tensor"):
+    with pytest.raises(UserError, match=r"must be \(inputs, targets\).* not \(list, Tensor\)"):
+        opt.refresh_eigenvector(model, F.cross_entropy, ([x.tolist()], y))
+    with pytest.raises(UserError, match=r"must be \(inputs, targets\).* not a torch.Tensor"):
         HessianOperator(model, F.cross_entropy, x)  # a tensor, not a list of batches
     with pytest.raises(
         UserError, match=r"not a torch.Tensor: pass a list of batches, \[\(x, y\)\]"

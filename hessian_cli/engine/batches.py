@@ -1,5 +1,6 @@
 """What the curvature operator reads: batches of (inputs, targets) in the model's dtype, and the
-loss that maps a model's outputs and targets to a scalar."""
+loss that maps a model's outputs and targets to a scalar. Inputs are one tensor or several
+(:mod:`hessian_cli.engine.inputs`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hessian_cli.engine.inputs import Inputs, map_inputs
 from hessian_cli.errors import UserError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[Inputs, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -24,13 +26,18 @@ def cast_batch(batch: Batch, dtype: torch.dtype | None) -> Batch:
     """Real inputs and targets in ``dtype`` (the model's: some losses, e.g. huber_loss, refuse
     float64 targets for float32 outputs in their backward), except that targets are never
     narrowed to a 16-bit dtype, where the copy would change the loss (1234.5 is 1232 in
-    bfloat16); labels and token ids as given."""
+    bfloat16); labels, token ids and masks as given."""
     x, y = batch
     if dtype is None:
         return x, y
-    if x.is_floating_point():
-        check_range(x, dtype)
-        x = x.to(dtype=dtype)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        check_range(t, dtype)
+        return t.to(dtype=dtype)
+
+    x = map_inputs(cast, x)
     if y.is_floating_point() and (
         torch.finfo(dtype).bits >= 32 or torch.finfo(y.dtype).bits < torch.finfo(dtype).bits
     ):

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
+from hessian_cli.engine.inputs import run_model
 from hessian_cli.engine.model_mode import BNMode, forward_mode
 from hessian_cli.engine.params import ParamSpace, select_parameters
 
@@ -34,9 +34,7 @@ def dense_hessian(
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
         params = dict(zip(space.names, space.unflatten(flat), strict=True))
-        return sum(
-            loss_fn(functional_call(model, params, (x,)), y) * (len(y) / total) for x, y in batches
-        )
+        return sum(loss_fn(run_model(model, x, params), y) * (len(y) / total) for x, y in batches)
 
     with forward_mode(model, bn):
         return torch.autograd.functional.hessian(mean_loss, space.values())

@@ -15,6 +15,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
+from hessian_cli.engine.inputs import Inputs, run_model
 from hessian_cli.errors import UserError, first_line
 
 BNMode = Literal["eval", "train"]
@@ -65,12 +66,12 @@ def forward_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
                 m.track_running_stats = track
 
 
-def batch_statistics_error(model: nn.Module, x: torch.Tensor) -> str | None:
+def batch_statistics_error(model: nn.Module, x: Inputs) -> str | None:
     """Why BatchNorm cannot normalise ``x`` by its own statistics (a batch of one sample has
     none), or None; nothing of the model changes."""
     with torch.no_grad(), forward_mode(model, "train"):
         try:
-            model(x)
+            run_model(model, x)
         except ValueError as exc:
             return first_line(exc)
     return None

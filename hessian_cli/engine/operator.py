@@ -16,10 +16,11 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
+from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
 from hessian_cli.engine.linalg import norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.model_mode import (
@@ -224,7 +225,7 @@ class HessianOperator:
     def _placed(self, batch: object, bn: BNMode) -> Batch:
         """A batch checked and on the operator's device (and dtype, see the constructor)."""
         pair = isinstance(batch, (tuple, list)) and len(batch) == 2
-        if not (pair and all(isinstance(t, torch.Tensor) for t in batch)):
+        if not (pair and is_inputs(batch[0]) and isinstance(batch[1], torch.Tensor)):
             kinds = (
                 f"({', '.join(type(t).__name__ for t in batch)})"
                 if isinstance(batch, (tuple, list))
@@ -232,9 +233,12 @@ class HessianOperator:
             )
             # A pair (x, y) given as the batches yields x, then y: each is taken for a batch.
             hint = ": pass a list of batches, [(x, y)]" if isinstance(batch, torch.Tensor) else ""
-            raise UserError(f"Each batch must be two tensors (inputs, targets), not {kinds}{hint}.")
-        x, y = cast_batch(batch, self._data_dtype)
-        x, y = x.to(self.device), y.to(self.device)
+            raise UserError(
+                "Each batch must be (inputs, targets): a tensor of targets beside a tensor of "
+                f"inputs, a tuple of them or a dict of named ones, not {kinds}{hint}."
+            )
+        x, y = cast_batch((batch[0], batch[1]), self._data_dtype)
+        x, y = inputs_to(x, self.device), y.to(self.device)
         if bn == "train" and len(y) == 1 and has_batchnorm(self.model):
             if (why := batch_statistics_error(self.model, x)) is not None:
                 raise UserError(
@@ -251,10 +255,10 @@ class HessianOperator:
     # --- losses and gradients -------------------------------------------------------------
 
     def _batch_loss(
-        self, x: torch.Tensor, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+        self, x: Inputs, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         before = None if self._forward_checked else _random_states(self.device)
-        out = self.model(x) if params is None else functional_call(self.model, params, (x,))
+        out = run_model(self.model, x, params)
         loss = self.loss_fn(out, y)
         if before is not None:
             self._forward_checked = True
@@ -459,7 +463,7 @@ class HessianOperator:
 
     __matmul__ = matmul
 
-    def _batch_hvp(self, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    def _batch_hvp(self, i: int, x: Inputs, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """Batch ``i``'s products in pieces of at most ``max_block`` rows.
 
         A piece that runs out of device memory is halved, and the smaller size is kept for later
@@ -485,7 +489,7 @@ class HessianOperator:
         return torch.cat(parts).to(V.dtype)
 
     def _hvp(
-        self, backend: str, i: int, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor
+        self, backend: str, i: int, x: Inputs, y: torch.Tensor, V: torch.Tensor
     ) -> torch.Tensor:
         if backend == "func":  # backend_for gives it only while _func_ok
             try:
@@ -569,7 +573,7 @@ class HessianOperator:
             self._graph_values = self._values_digest()
         return loss, g, used
 
-    def _check_unused(self, x: torch.Tensor, y: torch.Tensor, used: list[bool]) -> None:
+    def _check_unused(self, x: Inputs, y: torch.Tensor, used: list[bool]) -> None:
         """Refuse parameters that autograd finds unused but that change the batch's loss.
 
         Their rows and columns of the Hessian would be zero: a ``torch.utils.checkpoint`` with
@@ -594,7 +598,7 @@ class HessianOperator:
             values[name] = t + 0.1 * (t.abs().mean() + 1) * signs
 
         def loss_at(params: dict[str, torch.Tensor]) -> float:
-            out = functional_call(self.model, params, (x,))
+            out = run_model(self.model, x, params)
             if isinstance(out, torch.Tensor) and out.is_floating_point() and out.itemsize < 4:
                 out = out.float()
             return float(self.loss_fn(out, y).detach())
@@ -757,12 +761,12 @@ class HessianOperator:
         it = iter(parts)
         return self.space.flatten_batched([next(it) if u else None for u in used], b)
 
-    def _hvp_func(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    def _hvp_func(self, x: Inputs, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         names = self.space.names
         primals = tuple(t.detach() for t in self.space.tensors)
 
         def loss_of(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            out = functional_call(self.model, dict(zip(names, p, strict=True)), (x,))
+            out = run_model(self.model, x, dict(zip(names, p, strict=True)))
             return self.loss_fn(out, y)
 
         grad_fn = grad(loss_of)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from hessian_cli.engine.batches import check_range
+from hessian_cli.engine.batches import Batch, check_range
+from hessian_cli.engine.inputs import Inputs, input_tensors, is_inputs, map_inputs
 from hessian_cli.errors import UserError, a_type, described
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
@@ -33,6 +34,8 @@ TENSOR_FILE_SUFFIXES: tuple[str, ...] = (".npz", ".pt", ".pth", ".h5", ".hdf5")
 DIGITS_TRAIN_SIZE = 1300
 _SYNTHETIC_SEED = 0
 _SCAN_LIMIT = 10_000  # samples looked at to count the classes of a user dataset
+IGNORE_INDEX = -100  # the label cross-entropy skips (torch's default: a language model's padding)
+LABEL_KEYS = ("labels", "label")  # where a dict sample (a Hugging Face dataset's) keeps its target
 
 # name: (torchvision class, per-channel mean, per-channel std, classes, sample shape)
 _VISION: dict[str, tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[int, ...]]] = {
@@ -52,9 +55,11 @@ class DataSource:
     spec: str
     train: Dataset
     test: Dataset | None
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None  # None: each sample's inputs are several tensors
     num_classes: int | None
-    target_shape: tuple[int, ...] = ()  # per-sample target shape: () for class labels
+    # Per-sample target shape: () for a class label, (tokens,) for a class label per token
+    # (num_classes set), the regression targets' shape otherwise.
+    target_shape: tuple[int, ...] = ()
 
     @property
     def num_outputs(self) -> int:
@@ -422,8 +427,17 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
         raise UserError(f"the data factory {spec!r} returned a dataset without a length.") from exc
     if size == 0:
         raise UserError(f"the data factory {spec!r} returned an empty dataset.")
+    if (key := _label_key(train)) is not None:
+        train = _LabelledDicts(train, key)
+        test = None if test is None else _LabelledDicts(test, key)
     x, y = _sample(train, spec)
-    classification = _is_integer_label(y)
+    if not is_inputs(x):
+        raise UserError(
+            f"data {spec!r}: the inputs x of a sample are {a_type(x)}: give a tensor, or a "
+            "tuple or dict of tensors (passed to the model as model(*x) or model(**x))."
+        )
+    token_labels = _are_token_labels(y)
+    classification = _is_integer_label(y) or token_labels
     if not classification:
         try:
             torch.as_tensor(y, dtype=torch.float64)
@@ -442,10 +456,36 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
         spec=spec,
         train=train,
         test=test,
-        input_shape=tuple(x.shape),
+        input_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None,
         num_classes=num_classes,
-        target_shape=() if classification else tuple(torch.as_tensor(y).shape),
+        target_shape=() if classification and not token_labels else tuple(torch.as_tensor(y).shape),
     )
+
+
+class _LabelledDicts(Dataset):
+    """A dataset of dict samples (a Hugging Face dataset's) as (inputs, target) pairs: the entry
+    ``key`` is the target, the others are the model's named inputs."""
+
+    def __init__(self, dataset: Any, key: str) -> None:
+        self.dataset, self.key = dataset, key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], Any]:
+        item = dict(self.dataset[i])
+        return item, item.pop(self.key)
+
+
+def _label_key(dataset: Any) -> str | None:
+    """The entry of LABEL_KEYS that holds the targets where samples are dicts, else None."""
+    try:
+        item = dataset[0]
+    except Exception:  # told by _sample, which reads it again
+        return None
+    if not isinstance(item, Mapping):
+        return None
+    return next((key for key in LABEL_KEYS if key in item), None)
 
 
 def _as_dataset(obj: Any, spec: str, what: str) -> Any:
@@ -463,7 +503,9 @@ def _as_dataset(obj: Any, spec: str, what: str) -> Any:
     )
 
 
-def _sample(dataset: Any, spec: str) -> tuple[torch.Tensor, Any]:
+def _sample(dataset: Any, spec: str) -> tuple[Any, Any]:
+    """The first sample's inputs (tensors, or as given where they are not numeric arrays) and
+    its target."""
     try:
         item = dataset[0]
     except Exception as exc:
@@ -471,16 +513,39 @@ def _sample(dataset: Any, spec: str) -> tuple[torch.Tensor, Any]:
             f"reading the first sample of data {spec!r} failed: {described(exc)}."
         ) from exc
     if not isinstance(item, (tuple, list)) or len(item) < 2:
+        unlabelled = (
+            f" without a {' or '.join(map(repr, LABEL_KEYS))} entry"
+            if isinstance(item, Mapping)
+            else ""
+        )
         raise UserError(
-            f"data {spec!r} must yield (x, y) pairs, but its first sample is {a_type(item)}."
+            f"data {spec!r} must yield (x, y) pairs or dicts of named inputs beside their "
+            f"'labels', but its first sample is {a_type(item)}{unlabelled}."
         )
+    x = item[0]
     try:
-        x = torch.as_tensor(
-            np.asarray(item[0]) if not isinstance(item[0], torch.Tensor) else item[0]
-        )
+        if isinstance(x, Mapping):
+            x = {k: _as_tensor(v) for k, v in x.items()}
+        elif isinstance(x, (tuple, list)) and x and isinstance(x[0], (torch.Tensor, np.ndarray)):
+            x = tuple(_as_tensor(v) for v in x)
+        else:
+            x = _as_tensor(x)
     except Exception as exc:
         raise UserError(f"data {spec!r}: the inputs x are not numeric arrays.") from exc
     return x, item[1]
+
+
+def _as_tensor(a: Any) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+
+def _are_token_labels(y: Any) -> bool:
+    """Whether a sample's target is an array of integer class labels (one per token, as a
+    language model's, or per pixel), where :func:`_is_integer_label` takes one per sample."""
+    if not isinstance(y, (torch.Tensor, np.ndarray)):
+        return False
+    t = torch.as_tensor(y)
+    return t.ndim >= 1 and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def _is_integer_label(y: Any) -> bool:
@@ -526,7 +591,10 @@ def _top_label(datasets: list[Any]) -> int:
             top = max(top, int(torch.as_tensor(np.asarray(labels)).max()))
             continue
         for i in range(min(len(ds), _SCAN_LIMIT)):
-            top = max(top, int(ds[i][1]))
+            labels = torch.as_tensor(ds[i][1])
+            labels = labels[labels != IGNORE_INDEX]  # padding a language model's loss skips
+            if labels.numel():
+                top = max(top, int(labels.max()))
     return top
 
 
@@ -598,11 +666,17 @@ def analysis_batches(
     return [(cast_inputs(x, dtype, token_ids), _cast_y(y, dtype)) for x, y in raw]
 
 
-def cast_inputs(x: Any, dtype: torch.dtype, token_ids: bool = False) -> torch.Tensor:
-    """Inputs as the model takes them: real numbers of ``dtype``, except signed integer inputs of
-    a model with an embedding table (``token_ids``, see :func:`takes_token_ids`), which stay
-    int64. uint8 is how images are stored, also for models that hold an embedding besides."""
-    x = torch.as_tensor(x)
+def cast_inputs(x: Any, dtype: torch.dtype, token_ids: bool = False) -> Inputs:
+    """Inputs as the model takes them (each of several alike): real numbers of ``dtype``, except
+    signed integer inputs of a model with an embedding table (``token_ids``, see
+    :func:`takes_token_ids`), which stay int64, as attention masks beside them do. uint8 is how
+    images are stored, also for models that hold an embedding besides."""
+    if isinstance(x, (Mapping, tuple, list)) and is_inputs(x):
+        return map_inputs(lambda t: _cast_input(t, dtype, token_ids), x)
+    return _cast_input(torch.as_tensor(x), dtype, token_ids)
+
+
+def _cast_input(x: torch.Tensor, dtype: torch.dtype, token_ids: bool) -> torch.Tensor:
     if x.is_complex():
         raise UserError("complex-valued inputs are not supported.")
     if token_ids and x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
@@ -624,22 +698,28 @@ def _cast_y(y: Any, dtype: torch.dtype) -> torch.Tensor:
     return y.long() if not y.is_complex() else y
 
 
-def check_finite(tensors: Sequence[torch.Tensor], what: str) -> None:
-    """Refuse data holding NaN or infinite values: training on it can only diverge, and the
-    message would otherwise blame the learning rate."""
-    for name, tensor in zip(("inputs", "targets"), tensors, strict=False):
+def check_finite(batch: Batch | Sequence[torch.Tensor], what: str) -> None:
+    """Refuse data (inputs, targets) holding NaN or infinite values: training on it can only
+    diverge, and the message would otherwise blame the learning rate."""
+    named = [("inputs", t) for t in input_tensors(batch[0])] + [("targets", batch[1])]
+    for name, tensor in named:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(f"the {what} {name} hold NaN or infinite values; clean the data first.")
 
 
-def check_labels(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int | None) -> None:
-    """Refuse class labels the model cannot output (``num_classes`` None: regression, no check).
+def check_labels(
+    batches: Sequence[Batch], num_classes: int | None, *, ignored: int | None = None
+) -> None:
+    """Refuse class labels the model cannot output (``num_classes`` None: regression, no check);
+    labels equal to ``ignored`` (the loss skips them) pass.
 
     Floating-point targets of shape (batch, num_classes) pass as soft labels.
     """
     if num_classes is None:
         return
     for _, y in batches:
+        if ignored is not None and not y.is_floating_point():
+            y = y[y != ignored]
         if y.is_floating_point():
             if y.ndim == 2 and y.shape[1] == num_classes:
                 continue

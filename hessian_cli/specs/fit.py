@@ -9,7 +9,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from hessian_cli.engine.batches import Batch
+from hessian_cli.engine.inputs import describe_samples, inputs_to, rows, run_model
 from hessian_cli.errors import UserError, a_type, first_line
+from hessian_cli.specs.losses import class_dim
 
 # What a model or loss that does not fit the data (or user code with a bug: an assert, a
 # KeyError) raises: anything but an interrupt.
@@ -34,24 +37,20 @@ def takes_token_ids(model: nn.Module) -> bool:
     )
 
 
-def check_fits(
-    model: nn.Module,
-    loss_fn: Callable,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    input_shape: tuple[int, ...],
-) -> None:
+def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -> None:
     """Run the model (in eval mode: no buffer or RNG is touched) and the loss on two samples of
     ``batches[0]``, on the model's device; class labels are checked against the outputs over all
     of ``batches``."""
     device = model_device(model)
-    x, y = batches[0][0][:2].to(device), batches[0][1][:2].to(device)
+    x = inputs_to(rows(batches[0][0], slice(0, 2)), device)
+    y = batches[0][1][:2].to(device)
     was_training = model.training
     model.eval()
     try:
-        out = model(x)
+        out = run_model(model, x)
     except _MISFIT as exc:
         raise UserError(
-            f"The data (samples of shape {tuple(input_shape)}) does not fit the model: "
+            f"The data (samples of {describe_samples(x)}) does not fit the model: "
             f"{first_line(exc)}."
         ) from exc
     finally:
@@ -68,9 +67,10 @@ def check_fits(
             "runs without gradients): there is nothing to differentiate."
         )
     top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
-    if top is not None and out.ndim == 2 and top >= out.shape[1]:
+    classes = out.shape[class_dim(out, y)] if out.ndim == y.ndim + 1 else None
+    if top is not None and classes is not None and top >= classes:
         raise UserError(
-            f"The data has class labels up to {top}, but the model has only {out.shape[1]} "
+            f"The data has class labels up to {top}, but the model has only {classes} "
             "outputs: check --data and the model's num_classes."
         )
     try:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from hessian_cli.engine.batches import LossFn
 from hessian_cli.errors import UserError
-from hessian_cli.specs.data import check_labels
+from hessian_cli.specs.data import IGNORE_INDEX, check_labels
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
     call_user,
@@ -62,7 +62,7 @@ def check_targets(
     (non-negative, and summing to 1 over the classes, dim 1, at every position): torch takes any
     real values as soft labels, and regression targets gave a negative "loss" and its Hessian
     without a word."""
-    check_labels(batches, num_classes)
+    check_labels(batches, num_classes, ignored=IGNORE_INDEX if spec == "ce" else None)
     if spec != "ce":
         return
     for _, y in batches:
@@ -85,13 +85,30 @@ def check_targets(
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of logits against class labels (or soft labels)."""
+    """Mean cross-entropy of logits against class labels (or soft labels), over the labels that
+    are not ``IGNORE_INDEX``. Labels per token take logits with the classes last, as language
+    models give them ``(batch, tokens, vocabulary)``, or second, torch's ``(batch, classes,
+    ...)`` (which wins where both fit: tokens as many as classes)."""
     if outputs.ndim == 2 and outputs.shape[1] == 1:  # a softmax over one class is 1
         raise UserError(
             "cross-entropy over a single output is 0 whatever the weights: use --loss mse for "
             "one real-valued target, or a model with one output per class."
         )
-    return F.cross_entropy(outputs, targets)
+    if class_dim(outputs, targets) == -1:
+        outputs = outputs.movedim(-1, 1)
+    return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+
+
+def class_dim(outputs: Tensor, targets: Tensor) -> int:
+    """The dimension of ``outputs`` that holds the classes of integer ``targets``: 1 (torch's
+    layout), or -1 where only that fits (labels per token against ``(batch, tokens, classes)``)."""
+    classes_last = (
+        targets.ndim >= 2
+        and not targets.is_floating_point()
+        and outputs.shape[:-1] == targets.shape
+        and outputs.shape[:1] + outputs.shape[2:] != targets.shape
+    )
+    return -1 if classes_last else 1
 
 
 def _mse(num_classes: int | None) -> LossFn:

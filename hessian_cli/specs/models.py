@@ -31,7 +31,7 @@ def model_names_code(spec: str) -> bool:
 def build_model(
     spec: str,
     *,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None,
     num_classes: int | None,
     kwargs: dict[str, Any] | None = None,
     trusted: bool = True,
@@ -40,9 +40,16 @@ def build_model(
 
     Built-ins take ``input_shape`` / ``num_classes`` from the data unless ``kwargs`` override them
     (keys ``input_shape``, ``num_classes``, ``in_channels``); user factories get only ``kwargs``,
-    and only a ``trusted`` spec may name one (:func:`load_object`).
+    and only a ``trusted`` spec may name one (:func:`load_object`). ``input_shape`` None: the
+    data's samples are several tensors, which only a user's model takes.
     """
     kwargs = dict(kwargs or {})
+    if input_shape is None and not model_names_code(spec):
+        raise UserError(
+            f"model {spec!r} takes one input tensor, but the data's samples hold several: "
+            "give --model your own module's factory (it is called as model(*x) for a tuple "
+            "of inputs, model(**x) for a dict)."
+        )
     if spec in BUILTIN_MODELS:
         try:
             return _build_builtin(spec, tuple(input_shape), num_classes, dict(kwargs))

@@ -1,0 +1,82 @@
+"""A model's inputs: one tensor, ``model(x)``; several, ``model(*x)`` (a tuple or list); or named
+ones, ``model(**x)`` (a dict or other mapping, as tokenizers give ``input_ids`` and
+``attention_mask``).
+
+Everything that moves, casts, slices or feeds a batch's inputs goes through here, so that a
+transformer with an attention mask is analysed and trained like an image classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+
+
+def is_inputs(x: object) -> bool:
+    """Whether ``x`` is one of the three forms (not nested: a model's arguments are tensors)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list)):
+        return bool(x) and all(isinstance(t, torch.Tensor) for t in x)
+    if isinstance(x, Mapping):
+        return bool(x) and all(
+            isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in x.items()
+        )
+    return False
+
+
+def input_tensors(x: Inputs) -> list[torch.Tensor]:
+    """The tensors of ``x``, in order."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return list(x.values()) if isinstance(x, Mapping) else list(x)
+
+
+def map_inputs(fn: Callable[[torch.Tensor], torch.Tensor], x: Inputs) -> Inputs:
+    """``x`` with ``fn`` applied to each of its tensors, in the same form (a list becomes a
+    tuple, a mapping a dict)."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: fn(t) for k, t in x.items()}
+    return tuple(fn(t) for t in x)
+
+
+def inputs_to(x: Inputs, device: torch.device | str) -> Inputs:
+    """``x`` on ``device``."""
+    return map_inputs(lambda t: t.to(device), x)
+
+
+def rows(x: Inputs, index: slice | torch.Tensor) -> Inputs:
+    """The samples ``index`` picks from each of ``x``'s tensors (dimension 0 is the sample's)."""
+    return map_inputs(lambda t: t[index], x)
+
+
+def run_model(model: nn.Module, x: Inputs, params: dict[str, torch.Tensor] | None = None) -> Any:
+    """The model's outputs on ``x`` (with ``params`` in place of those parameters' values, by
+    ``functional_call``)."""
+    if isinstance(x, Mapping):
+        args: tuple[torch.Tensor, ...] = ()
+        kwargs = dict(x)
+    else:
+        args, kwargs = (x,) if isinstance(x, torch.Tensor) else tuple(x), {}
+    if params is None:
+        return model(*args, **kwargs)
+    return functional_call(model, params, args, kwargs)
+
+
+def describe_samples(x: Inputs) -> str:
+    """The shape of one sample of ``x`` (a batch) for messages: ``shape (1, 8, 8)``, or
+    ``input_ids of shape (16,) and attention_mask of shape (16,)``."""
+    shapes = [f"shape {tuple(t.shape[1:])}" for t in input_tensors(x)]
+    if isinstance(x, torch.Tensor):
+        return shapes[0]
+    names = list(x) if isinstance(x, Mapping) else [f"input {i}" for i in range(len(shapes))]
+    parts = [f"{name} of {shape}" for name, shape in zip(names, shapes, strict=True)]
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]

@@ -1,0 +1,168 @@
+"""Class labels per token (a language model's next tokens, with -100 where padding is skipped):
+the data, the cross-entropy over logits shaped (batch, tokens, vocabulary), and analyze/train
+end to end against the dense Hessian of the loss written out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_runner import one_sentence, run
+from torch.nn import functional as F
+
+from hessian_cli.engine import HessianOperator
+from hessian_cli.engine.dense import dense_hessian
+from hessian_cli.specs import analysis_batches, build_model, check_targets, load_data
+from hessian_cli.specs.losses import cross_entropy, default_loss
+
+CODE = """
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+VOCAB, LENGTH = 6, 5
+
+
+class TinyLM(nn.Module):
+    '''Each position's logits over the vocabulary from its token and the one before.'''
+
+    def __init__(self, dim=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, dim)
+        self.mix = nn.Linear(2 * dim, dim)
+        self.out = nn.Linear(dim, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        e = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        before = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], 1)
+        return self.out(torch.tanh(self.mix(torch.cat([e, before], -1))))
+
+
+class Text(Dataset):
+    def __init__(self, n=24):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+        lengths = torch.randint(2, LENGTH + 1, (n,), generator=g)
+        self.mask = (torch.arange(LENGTH) < lengths[:, None]).long()
+        nxt = torch.cat([self.ids[:, 1:], self.ids[:, :1]], 1)
+        self.labels = torch.where(self.mask.bool(), nxt, torch.full_like(nxt, -100))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}, self.labels[i]
+
+
+def lm():
+    return TinyLM()
+
+
+def text():
+    return Text()
+"""
+NS: dict = {}
+exec(compile(CODE, "token_models", "exec"), NS)
+
+
+@pytest.fixture
+def code_file(tmp_path):
+    path = tmp_path / "lm.py"
+    path.write_text(CODE)
+    return path
+
+
+def by_hand(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over labelled tokens, written out: log-softmax picked at each label."""
+    keep = targets != -100
+    logp = outputs.log_softmax(-1)[keep]
+    return -logp.gather(1, targets[keep].unsqueeze(1)).mean()
+
+
+def test_labels_per_token_are_classes_counted_past_the_padding(code_file):
+    data = load_data(f"{code_file}:text")
+    assert data.num_classes == NS["VOCAB"] and data.target_shape == (NS["LENGTH"],)
+    assert default_loss(data.num_classes) == "ce"
+    batches = analysis_batches(data.train, batch_size=8, token_ids=True)
+    check_targets("ce", batches, data.num_classes)  # -100 is padding to cross-entropy
+    with pytest.raises(Exception, match="label -100 is out of range"):
+        check_targets("mse", batches, data.num_classes)  # and a label like any other to mse
+
+
+def test_cross_entropy_takes_the_vocabulary_last_and_skips_padding():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 7, 5, generator=g, dtype=torch.float64)  # (batch, tokens, vocab)
+    labels = torch.randint(0, 5, (4, 7), generator=g)
+    labels[:, 5:] = -100
+    assert torch.allclose(cross_entropy(logits, labels), by_hand(logits, labels), rtol=1e-12)
+    # torch's own layout, (batch, classes, positions), is still read as torch reads it, also
+    # where both fit (as many positions as classes).
+    seg = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)
+    assert torch.equal(cross_entropy(seg, labels), F.cross_entropy(seg, labels))
+    square = torch.randn(4, 5, 5, generator=g, dtype=torch.float64)
+    assert torch.equal(cross_entropy(square, labels[:, :5]), F.cross_entropy(square, labels[:, :5]))
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_the_hessian_of_a_language_models_loss_matches_the_dense_one(backend):
+    model = NS["TinyLM"]().double()
+    data = NS["Text"]()
+    batches = [
+        (
+            {"input_ids": data.ids[i : i + 8], "attention_mask": data.mask[i : i + 8]},
+            data.labels[i : i + 8],
+        )
+        for i in range(0, 20, 8)  # 8 + 8 + 4 samples
+    ]
+    op = HessianOperator(model, cross_entropy, batches, backend=backend)
+    H = dense_hessian(model, by_hand, batches)
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    assert torch.allclose(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+
+
+def test_analyze_and_train_a_language_model_from_the_command_line(capsys, tmp_path, code_file):
+    args = ["--model", f"{code_file}:lm", "--data", f"{code_file}:text"]
+    ckpt = tmp_path / "lm.pt"
+    torch.save(NS["TinyLM"]().state_dict(), ckpt)
+    code, stdout, err = run(
+        capsys, "analyze", ckpt, *args, "--num-samples", "24", "--batch-size", "12",
+        "--top-k", "2", "--dtype", "float64", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    eigen = json.loads(stdout)["eigen"]
+    model = build_model(f"{code_file}:lm", input_shape=None, num_classes=NS["VOCAB"]).double()
+    batches = analysis_batches(
+        NS["Text"](), batch_size=12, num_samples=24, dtype=torch.float64, token_ids=True
+    )
+    top = torch.linalg.eigvalsh(dense_hessian(model, by_hand, batches)).flip(0)[:2]
+    assert torch.allclose(torch.tensor(eigen["eigenvalues"], dtype=torch.float64), top, rtol=1e-6)
+
+    out = tmp_path / "run"
+    code, stdout, err = run(
+        capsys, "train", *args, "--optimizer", "eigensam", "--batch-size", "8", "--epochs", "1",
+        "--eig-every", "2", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (out / "checkpoints" / "final.pt").is_file()
+    # Accuracy is counted per sample, which labels per token do not have: shown as missing.
+    assert "train acc" in stdout and "nan" not in stdout.lower()
+
+
+def test_a_label_past_the_vocabulary_is_one_sentence(capsys, tmp_path, code_file):
+    small = tmp_path / "small.py"
+    small.write_text(
+        CODE.replace("self.out = nn.Linear(dim, VOCAB)", "self.out = nn.Linear(dim, VOCAB - 2)")
+    )
+    ckpt = tmp_path / "small.pt"
+    ns: dict = {}
+    exec(compile(small.read_text(), "small", "exec"), ns)
+    torch.save(ns["TinyLM"]().state_dict(), ckpt)
+    code, _, err = run(
+        capsys, "analyze", ckpt, "--model", f"{small}:lm", "--data", f"{code_file}:text"
+    )
+    assert code == 2
+    assert "The data has class labels up to 5, but the model has only 4 outputs" in one_sentence(
+        err
+    )

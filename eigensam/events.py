@@ -17,6 +17,9 @@ class RunStarted:
     device: str
     num_params: int
     resumed_from: Path | None
+    samples: int  # in the training set
+    global_batch: int  # --batch-size times the processes
+    task: str  # what the data asks of the model: "10 classes", "regression, 1 target", ...
 
 
 @dataclass

@@ -98,6 +98,7 @@ def checkpoint_payload(
     processes: int,
     samples: int,
     total_steps: int,
+    data_digest: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A checkpoint's metadata (what analyze reads to rebuild the model and data) and the
     training state beside it (all a resume needs), with the global RNG as it is now."""
@@ -135,6 +136,7 @@ def checkpoint_payload(
             # What fixes the schedule and the data order, which a resume must find again.
             "processes": processes,
             "samples": samples,
+            "data_sha256": data_digest,  # of a data file (None for other data)
             "step": position.step,
             "epoch": position.epoch,
             "batch": position.batch,
@@ -157,6 +159,7 @@ def restore(
     steps_per_epoch: int,
     total_steps: int,
     device: torch.device,
+    data_digest: str | None = None,
 ) -> tuple[RunPosition, DataOrder]:
     """Load a checkpoint of this run into ``model``, ``optimizer`` and the global RNG; return
     its position (the tracker's vector on ``device``) and the data order as it saved them.
@@ -184,7 +187,13 @@ def restore(
         recorded = without_unused(recorded)  # older checkpoints recorded them all
         check_same_run(config, recorded, f"configuration {path.name} records")
     _check_same_course(
-        path, raw, config.data, processes=processes, samples=samples, total_steps=total_steps
+        path,
+        raw,
+        config.data,
+        processes=processes,
+        samples=samples,
+        total_steps=total_steps,
+        data_digest=data_digest,
     )
     apply_weights(model, ckpt.state_dict)
     try:
@@ -230,9 +239,12 @@ def _check_same_course(
     processes: int,
     samples: int,
     total_steps: int,
+    data_digest: str | None,
 ) -> None:
     """The schedule and data order depend on the number of processes and of samples: a resume
-    with others would follow another run's course from this one's position."""
+    with others would follow another run's course from this one's position. A data file
+    rewritten with as many samples is other data too (its digest; checkpoints before 2026-11-30
+    have none)."""
     state = raw["training"] if isinstance(raw["training"], dict) else {}
     saved_processes, saved_samples = state.get("processes"), state.get("samples")
     for name, value in (("processes", saved_processes), ("samples", saved_samples)):
@@ -256,6 +268,12 @@ def _check_same_course(
         raise UserError(
             f"this run was trained on {saved_samples} samples, but its data {data!r} now has "
             f"{samples}: it cannot be resumed on other data."
+        )
+    saved_digest = state.get("data_sha256")
+    if isinstance(saved_digest, str) and data_digest is not None and saved_digest != data_digest:
+        raise UserError(
+            f"the data file {data!r} has changed since this run was trained on it (its sha256 "
+            "differs): it cannot be resumed on other data."
         )
     if total is not None and total != total_steps:  # checkpoints before 2026-11-29
         raise UserError(

@@ -86,6 +86,7 @@ from hessian_cli.specs import (
     save_checkpoint,
     takes_token_ids,
 )
+from hessian_cli.specs.data import data_file_digest
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
 
@@ -175,6 +176,7 @@ class _Run:
         self.lead = self.rank == 0
         torch.manual_seed(config.seed)  # model initialisation
         self.data = load_data(config.data, root=config.data_root, download=config.download)
+        self.data_digest = data_file_digest(config.data)
         # Accuracy is counted per sample: labels per token (a language model's) have none here.
         self.classify = self.data.num_classes is not None and self.data.target_shape == ()
         self.loss_spec = config.loss or default_loss(self.data.num_classes)
@@ -233,6 +235,7 @@ class _Run:
                 steps_per_epoch=self.steps_per_epoch,
                 total_steps=self.total_steps,
                 device=self.device,
+                data_digest=self.data_digest,
             )
         else:
             position, self.order = RunPosition(), DataOrder(n, config.seed)
@@ -334,6 +337,9 @@ class _Run:
                 device=str(self.device),
                 num_params=sum(p.numel() for p in self.params),
                 resumed_from=self.resumed_from,
+                samples=self.samples,
+                global_batch=self.global_batch,
+                task=_task(self.data),
             )
         )
         start_step, step_seconds = self.step, 0.0
@@ -633,6 +639,7 @@ class _Run:
             processes=self.world,
             samples=self.samples,
             total_steps=self.total_steps,
+            data_digest=self.data_digest,
         )
         if self.lead:
             try:
@@ -645,6 +652,16 @@ class _Run:
                     f"{resume_hint(self.run_dir)}."
                 ) from exc
         return path
+
+
+def _task(data: Any) -> str:
+    """What the data asks of the model, for the run's first line: class labels stored as real
+    numbers trained a one-output regression without a word."""
+    if data.num_classes is not None:
+        per = ", a class per token" if data.target_shape else ""
+        return f"{data.num_classes:,} classes{per}"
+    outputs = data.num_outputs
+    return f"regression, {outputs:,} target{'s' if outputs != 1 else ''}"
 
 
 def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

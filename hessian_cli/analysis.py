@@ -254,6 +254,22 @@ def _a_path(name: str, value: object) -> bool:
     )
 
 
+def read_options(request: AnalyzeRequest) -> dict[str, tuple[bool, str]]:
+    """Which options the analyses asked for read: name -> (whether one reads it, what would)."""
+    r = request
+    return {
+        **dict.fromkeys(
+            ("which", "tol", "criterion", "max_hvps", "block_size", "guard", "check_steps"),
+            (r.top_k > 0, "eigenpairs (--top-k 0 skips them)"),
+        ),
+        **dict.fromkeys(("trace_probes", "trace_method"), (r.trace, "--trace")),
+        **dict.fromkeys(
+            ("density_probes", "density_steps", "density_sigma"), (r.density, "--density")
+        ),
+        **dict.fromkeys(("rho", "alpha", "minibatches"), (r.alignment, "--alignment")),
+    }
+
+
 def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
@@ -262,6 +278,13 @@ def _check_request(request: AnalyzeRequest) -> None:
             raise UserError(
                 f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                 f"not {getattr(r, name)!r}."
+            )
+    defaults = AnalyzeRequest()
+    for name, (read, what) in read_options(r).items():
+        # As the command refuses them: an option set for an analysis not asked for looked used.
+        if not read and getattr(r, name) != getattr(defaults, name):
+            raise UserError(
+                f"--{name.replace('_', '-')} has no effect without {what}; leave it out."
             )
     if r.num_samples is not None and r.num_batches is not None:
         raise UserError("Give --num-samples or --num-batches, not both.")
@@ -360,10 +383,11 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     model_spec = _spec(request.model, meta, "model", "model", "--model")
     data_spec = _spec(request.data, meta, "data", "data", "--data")
     kwargs = request.model_kwargs
-    # The recorded arguments belong to the recorded model, also where --model names it again.
+    # The recorded arguments belong to the recorded model, also where --model names it again;
+    # --model-kwargs changes those it names (it replaced them all: the others were lost, unsaid).
     same = isinstance(meta.get("model"), str) and anchored(model_spec) == anchored(meta["model"])
-    if kwargs is None and same and meta.get("model_kwargs"):
-        kwargs = _recorded_kwargs(meta["model_kwargs"])
+    if same and meta.get("model_kwargs"):
+        kwargs = {**_recorded_kwargs(meta["model_kwargs"]), **(kwargs or {})}
     check_root_options(
         data_spec, data_root=request.data_root is not None, download=request.download
     )
@@ -391,7 +415,18 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         kwargs=kwargs,
         trusted=trust or bool(request.model),
     )
-    weights_part = apply_weights(model, ckpt.state_dict)
+    try:
+        weights_part = apply_weights(model, ckpt.state_dict)
+    except UserError as exc:
+        if data.num_classes is None and not model_names_code(model_spec):
+            # Class labels stored as floats were read as regression targets, and the built-in
+            # model was made for them: the message blamed only the checkpoint.
+            raise UserError(
+                f"{str(exc)[:-1]} (the data's targets are real numbers, read as "
+                f"{data.num_outputs} regression output{'s' if data.num_outputs > 1 else ''}: "
+                "class labels must be stored as integers)."
+            ) from exc
+        raise
     check_real(model)  # before the cast, which would drop imaginary parts
     model = model.to(device=device, dtype=dtype)
     token_ids = takes_token_ids(model)

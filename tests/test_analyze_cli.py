@@ -1541,3 +1541,39 @@ def test_an_out_link_is_named_by_its_own_name_and_any_spectra_file_is_appended_t
     code, _, err = run(capsys, *args, "--out", tmp_path / "target.bin")  # exists: appended to
     assert code == 0, err
     assert len(read_analyses(tmp_path / "target.bin")) == 2
+
+
+def test_class_labels_stored_as_floats_are_named_as_the_cause_of_a_mismatch(capsys, tmp_path):
+    """They are read as one regression target, the built-in model is made with one output, and
+    the message blamed only the checkpoint."""
+    x, y = load_data("digits").train.tensors
+    floaty = tmp_path / "floaty.npz"
+    np.savez(floaty, x=x.numpy(), y=y.numpy().astype("float32"))
+    example = Path(__file__).parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    message = _bad(capsys, "analyze", example, "--data", floaty)
+    assert message.startswith("error: the checkpoint does not match the model (MLP): 2 mismatches")
+    assert message.endswith(
+        "(the data's targets are real numbers, read as 1 regression output: class labels must "
+        "be stored as integers)."
+    )
+
+
+def test_the_library_refuses_an_option_whose_analysis_was_not_asked_for(digits_mlp):
+    """The command refused --rho without --alignment; the library ran and ignored it."""
+    with pytest.raises(UserError, match="--rho has no effect without --alignment; leave it out"):
+        analyze_target(digits_mlp, AnalyzeRequest(top_k=5, rho=0.1))
+    with pytest.raises(UserError, match="--density-steps has no effect without --density"):
+        analyze_target(digits_mlp, AnalyzeRequest(top_k=1, density_steps=10))
+
+
+def test_model_kwargs_change_the_recorded_ones_they_name(capsys):
+    """--model-kwargs replaced the recorded arguments: {"activation": "relu"} lost the recorded
+    hidden sizes, and the weights no longer fit."""
+    example = Path(__file__).parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    code, out, err = run(
+        capsys, "analyze", example, "--model-kwargs", '{"activation": "relu"}', "--top-k", "1",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    used = json.loads(json.loads(out)["provenance"]["model_kwargs"])
+    assert used == {"hidden": [32], "activation": "relu"}

@@ -145,3 +145,32 @@ def test_a_signal_the_process_was_started_to_ignore_stays_ignored():
     with signal_handled(signal.SIGINT, handler):  # otherwise taken over, and given back
         assert signal.getsignal(signal.SIGINT) is handler
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_messages_into_a_log_are_one_line_each_without_a_blank_line_before():
+    """stderr into a file was wrapped at 80 columns mid-sentence (grep missed it), and the
+    spinner's end left an empty line before every error."""
+    checkpoint = Path(__file__).parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", "analyze", checkpoint, "--tol", "1e-10"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 3
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("not converged to tol 1e-10") and len(line) > 100
+    missing = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", "analyze", "no_such.pt"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert missing.returncode == 2 and missing.stderr.startswith("error: No such checkpoint")
+
+
+def test_debug_after_the_command_shows_the_traceback(capsys):
+    """Users add --debug at the end: it was "No such option: --debug"."""
+    from cli_runner import run
+
+    code, _, err = run(capsys, "analyze", "no_such.pt", "--debug")
+    assert code == 2 and "Traceback" in err and "No such checkpoint" in err
+    code, _, err = run(capsys, "analyze", "no_such.pt")
+    assert code == 2 and "Traceback" not in err

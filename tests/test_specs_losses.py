@@ -129,3 +129,29 @@ def test_the_fit_check_runs_the_model_where_it_is():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     batches = [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))]
     check_fits(model.to("meta"), F.cross_entropy, batches)
+
+
+def test_a_loss_that_sums_over_the_batch_is_refused_and_means_pass():
+    """A sum makes every eigenvalue the batch size times larger: it was taken without a word."""
+    from hessian_cli.specs import check_fits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    batches = [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))]
+    with pytest.raises(UserError, match="The loss sums over the batch"):
+        check_fits(model, lambda out, y: F.cross_entropy(out, y, reduction="sum"), batches)
+    with pytest.raises(UserError, match="The loss sums over the batch"):
+        check_fits(model, lambda out, y: ((out - 1) ** 2).sum(), batches)
+    check_fits(model, F.cross_entropy, batches)
+    check_fits(model, lambda out, y: ((out - 1) ** 2).mean(), batches)
+    check_fits(model, lambda out, y: ((out - 1) ** 2).sum(1).mean(), batches)  # over outputs
+    # A loss that cannot take one sample (it needs the batch's spread) is not judged.
+    check_fits(model, lambda out, y: F.cross_entropy(out, y) + out[:, 0].std() * 0, batches)
+
+
+def test_class_labels_stored_as_floats_get_their_fix_from_cross_entropy():
+    labels = torch.tensor([[0.0], [3.0], [1.0]])
+    with pytest.raises(UserError, match="store class labels as integers, or give --loss mse"):
+        check_targets("ce", [(torch.zeros(3, 2), labels)], None)
+    with pytest.raises(UserError, match="not probabilities: give --loss mse for regression"):
+        check_targets("ce", [(torch.zeros(3, 2), labels + 0.5)], None)

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from cli_runner import exit_code, one_sentence, run
@@ -421,7 +422,7 @@ def test_a_second_ctrl_c_says_what_was_kept(capsys, tmp_path, monkeypatch, finis
 
     def interrupted(*args, progress, started: bool = True, **kwargs):
         if started:
-            progress(RunStarted(tmp_path, 0, 10, 5, 2, "cpu", 100, None))
+            progress(RunStarted(tmp_path, 0, 10, 5, 2, "cpu", 100, None, 40, 8, "2 classes"))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(eigensam.training, "train", interrupted)
@@ -481,3 +482,19 @@ def test_a_model_without_a_sound_hessian_is_refused_where_the_engine_trains_or_t
         assert not out.exists()  # refused before anything was written
     else:
         assert code == 0, err
+
+
+def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys, tmp_path):
+    """Class labels stored as floats trained a one-output regression without a word; a batch
+    larger than the data was all of it, unsaid ("1 steps")."""
+    x, y = torch.randn(24, 3), torch.tensor([0.0, 1.0, 2.0] * 8)
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, x=x.numpy(), y=y.numpy())
+    code, stdout, _ = run(
+        capsys, "train", "--model", "mlp", "--data", floats, "--batch-size", "64",
+        "--epochs", "1", "--optimizer", "sgd", "--out", tmp_path / "run",
+    )  # fmt: skip
+    text = " ".join(stdout.split())
+    assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in text
+    assert "1 step (1 epoch of 1; a batch of 64 is all 24 samples)" in text
+    assert "Done: 1 step;" in text

@@ -537,7 +537,8 @@ def test_a_resume_with_other_data_or_processes_is_refused(tmp_path):
         train(load_config(run), resume_dir=run)
     # A checkpoint from before these were recorded: its schedule says the same.
     _edit_checkpoint(
-        checkpoint, lambda raw: [raw["training"].pop(k) for k in ("processes", "samples")]
+        checkpoint,
+        lambda raw: [raw["training"].pop(k) for k in ("processes", "samples", "data_sha256")],
     )
     with pytest.raises(UserError, match="planned as 18 steps, but .* now make 30"):
         train(load_config(run), resume_dir=run)
@@ -548,6 +549,20 @@ def test_a_resume_with_other_data_or_processes_is_refused(tmp_path):
     _edit_checkpoint(final, lambda raw: raw["training"].update(processes=2))
     with pytest.raises(UserError, match=r"already finished \(step 6 of 6\)"):
         train(load_config(tmp_path / "done"), resume_dir=tmp_path / "done")
+
+
+def test_a_data_file_rewritten_with_as_many_samples_is_other_data_to_a_resume(tmp_path):
+    """Only the sample count was compared: x + 1 under the same name resumed without a word."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    x, y = rng.normal(size=(96, 16)).astype(np.float32), rng.integers(0, 3, 96)
+    np.savez(data, x=x, y=y)
+    run = _stopped_run(tmp_path, data=str(data))
+    np.savez(data, x=x + 1, y=y)
+    with pytest.raises(UserError, match="has changed since this run was trained on it"):
+        train(load_config(run), resume_dir=run)
+    np.savez(data, x=x, y=y)  # the same arrays again: the same file
+    assert train(load_config(run), resume_dir=run).finished
 
 
 def test_files_a_run_names_are_found_from_any_working_directory(tmp_path, monkeypatch):

@@ -201,7 +201,7 @@ def analyze(
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     import_torch()
-    from hessian_cli.analysis import AnalyzeRequest, SeriesStopped, analyze_target
+    from hessian_cli.analysis import AnalyzeRequest, SeriesStopped, analyze_target, read_options
     from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.presentation.tables import (
         analysis_table,
@@ -213,7 +213,9 @@ def analyze(
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         out = named_path(out_name, "--out", "spectra.h5")
-        refuse_unused(ctx, _needs(top_k > 0, out is not None, trace, density, alignment))
+        asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
+        eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
+        refuse_unused(ctx, {**read_options(asked), "save_eigenvectors": eigenvectors_kept})
         # rank 0 writes; the others must not start work it refused
         if out is not None and world()[0] == 0:
             check_output_name(out)
@@ -267,7 +269,7 @@ def analyze(
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
-        disable=not show_progress,
+        disable=not (show_progress and err_console.is_terminal),  # a log gets no spinner lines
     ) as bar:
         task = bar.add_task("loading", total=None)
 
@@ -329,21 +331,3 @@ def analyze(
             err_console.print(warning, highlight=False)
         if not accepted:
             raise typer.Exit(EXIT_UNCONVERGED)
-
-
-def _needs(
-    eigen: bool, out: bool, trace: bool, density: bool, alignment: bool
-) -> dict[str, tuple[bool, str]]:
-    """Which options are read, by the features asked for (see :func:`refuse_unused`)."""
-    return {
-        **dict.fromkeys(
-            ("which", "tol", "criterion", "max_hvps", "block_size", "guard", "check_steps"),
-            (eigen, "eigenpairs (--top-k 0 skips them)"),
-        ),
-        "save_eigenvectors": (eigen and out, "eigenpairs and --out"),
-        **dict.fromkeys(("trace_probes", "trace_method"), (trace, "--trace")),
-        **dict.fromkeys(
-            ("density_probes", "density_steps", "density_sigma"), (density, "--density")
-        ),
-        **dict.fromkeys(("rho", "alpha", "minibatches"), (alignment, "--alignment")),
-    }

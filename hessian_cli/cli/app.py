@@ -31,9 +31,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-err_console = Console(stderr=True)
 # A pipe or a file has no width: results written there are not cut to fit 80 columns.
 _UNBOUNDED = 100_000
+
+
+def _unbounded_off_terminal(console: Console, **kwargs: Any) -> Console:
+    """``console``, or where it writes to a pipe or a file (and $COLUMNS says nothing) one as
+    wide as its lines need: a log holds each message on one line, for grep."""
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=_UNBOUNDED, **kwargs)
+
+
+err_console = _unbounded_off_terminal(Console(stderr=True), stderr=True)
 
 
 def print_json(data: Any) -> None:
@@ -46,10 +56,7 @@ def results_console() -> Console:
     """The console for a command's results on stdout: a terminal's width, or as wide as they
     need into a pipe or a file unless $COLUMNS says. Print tables with ``crop=False``: where
     folding their cells does not make them fit, the terminal wraps them; nothing is cut off."""
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=_UNBOUNDED)
-    return console
+    return _unbounded_off_terminal(Console())
 
 
 class _State:
@@ -195,6 +202,17 @@ def _leave_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _debug_first(args: list[str]) -> list[str]:
+    """``args`` with ``--debug`` before the command, where the program takes it: given after
+    the command (where users add it), it was "No such option: --debug"."""
+    options = args[: args.index("--")] if "--" in args else args
+    if "--debug" not in options[1:]:
+        return args
+    rest = list(args)
+    rest.remove("--debug")  # the first: within ``options``
+    return ["--debug", *rest]
+
+
 def main() -> None:
     """Console entry point: user errors become one red sentence and exit status 2.
 
@@ -213,7 +231,7 @@ def main() -> None:
             distributed.init_from_env()
         # SIGTERM unwinds instead of killing at once, so that what is in hand is written.
         with signal_handled(signal.SIGTERM, _raise_terminated):
-            app()
+            app(args=_debug_first(sys.argv[1:]))
     except Terminated as exc:
         rank = f"rank {env_rank()} " if torchrun else ""
         said = str(exc) or "stopped: the process received SIGTERM."

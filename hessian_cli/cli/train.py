@@ -46,6 +46,7 @@ from hessian_cli.cli.options import (
 )
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.launch import launched_by_torchrun
+from hessian_cli.presentation import counted
 from hessian_cli.presentation.training import TrainingDisplay, epoch_table
 
 # Under torchrun one Ctrl-C can reach a rank more than once: torchrun forwards the SIGINT it got,
@@ -316,7 +317,7 @@ def _report(
     if summary.finished:
         if not quiet:
             console.print(
-                f"Done: {summary.total_steps} steps; final checkpoint {summary.checkpoint}, "
+                f"Done: {counted(summary.total_steps, 'step')}; final checkpoint {summary.checkpoint}, "
                 f"metrics {where / METRICS_FILE}.",
                 highlight=False,
                 soft_wrap=True,

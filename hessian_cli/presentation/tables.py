@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from hessian_cli.presentation import DASH
+from hessian_cli.presentation import DASH, counted
 
 NOT_CONVERGED = "[bold red]NOT converged[/]"
 # The provenance shown above the tables; `show --json` and the HDF5 attrs hold all of it.
@@ -48,11 +48,6 @@ def _missing(x: Any) -> bool:
 
 def _int(x: Any) -> str:
     return DASH if x is None else f"{int(x):,}"
-
-
-def counted(n: Any, noun: str, plural: str | None = None) -> str:
-    """``n`` formatted as :func:`_int` does, with ``noun``, or its plural unless ``n`` is 1."""
-    return f"{_int(n)} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _of_samples(n: int | None) -> str:

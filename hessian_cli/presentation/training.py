@@ -19,7 +19,7 @@ from rich.table import Table
 
 from eigensam.config import TrainConfig
 from eigensam.events import EpochDone, Event, RunStarted, StepDone
-from hessian_cli.presentation import DASH
+from hessian_cli.presentation import DASH, counted
 
 TABLE_ROWS = 40  # epochs in the final table at most: the last ones
 
@@ -144,10 +144,15 @@ class TrainingDisplay:
             if self.resuming
             else "Training"
         )
+        whole = (
+            f"; a batch of {event.global_batch:,} is all {event.samples:,} samples"
+            if event.global_batch > event.samples
+            else ""
+        )
         self.console.print(
-            f"{verb}: {cfg.model} on {cfg.data} with {how}, {event.num_params:,} parameters, "
-            f"{event.total_steps} steps ({event.epochs} epoch{'s' if event.epochs != 1 else ''} "
-            f"of {event.steps_per_epoch}) on "
+            f"{verb}: {cfg.model} on {cfg.data} ({event.task}) with {how}, "
+            f"{event.num_params:,} parameters, {counted(event.total_steps, 'step')} "
+            f"({counted(event.epochs, 'epoch')} of {event.steps_per_epoch}{whole}) on "
             f"{event.device}; run directory {event.run_dir}",
             highlight=False,
             soft_wrap=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from hessian_cli.errors import UserError, a_type, first_line
-from hessian_cli.storage.files import atomic_path
+from hessian_cli.storage.files import atomic_path, file_sha256
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -102,7 +101,7 @@ def load_checkpoint(
     if not path.is_file():  # a FIFO or a device: reading it could wait forever
         raise UserError(f"checkpoint {str(path)!r} is not a regular file.")
     try:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         with path.open("rb") as fh:
             head = fh.read(32)
     except OSError as exc:
@@ -133,14 +132,6 @@ def load_checkpoint(
         format=fmt,
         weights_key=weights_key,
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

@@ -29,6 +29,7 @@ from hessian_cli.specs.user_code import (
     load_object,
     split_user_spec,
 )
+from hessian_cli.storage.files import file_sha256
 
 TENSOR_FILE_SUFFIXES: tuple[str, ...] = (".npz", ".pt", ".pth", ".h5", ".hdf5")
 DIGITS_TRAIN_SIZE = 1300
@@ -113,6 +114,15 @@ def check_root_options(spec: str, *, data_root: bool, download: bool) -> None:
             f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read only for the "
             f"torchvision datasets ({', '.join(_VISION)}); data {spec!r} does not use {them}."
         )
+
+
+def data_file_digest(spec: str) -> str | None:
+    """The sha256 of the tensor file ``spec`` names (None for other data, or a file that is
+    not there): what tells a resumed run that its data file was rewritten with as many samples."""
+    path = Path(spec)
+    if not spec.lower().endswith(TENSOR_FILE_SUFFIXES) or not path.is_file():
+        return None
+    return file_sha256(path)
 
 
 def anchored_data(spec: str) -> str:

@@ -4,13 +4,14 @@ shape, label or type mismatch (or a bug in user code) is one sentence, not a fai
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from hessian_cli.engine.batches import Batch
-from hessian_cli.engine.inputs import describe_samples, inputs_to, rows, run_model
+from hessian_cli.engine.inputs import Inputs, describe_samples, inputs_to, rows, run_model
 from hessian_cli.errors import UserError, a_type, first_line
 from hessian_cli.specs.losses import class_dim
 
@@ -88,3 +89,40 @@ def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) ->
         raise UserError(f"The loss returns {got}, not a scalar tensor (the mean over the batch).")
     if out.requires_grad and not loss.requires_grad:  # it has no curvature to find
         raise UserError("The loss does not depend on the model's outputs (it returns a constant).")
+    if _sums_over_the_batch(model, loss_fn, x, y, loss.detach()):
+        raise UserError(
+            "The loss sums over the batch (its value on two samples is the sum of theirs), so its "
+            "Hessian grows with the batch size: make it the mean (reduction='mean')."
+        )
+
+
+def _sums_over_the_batch(
+    model: nn.Module, loss_fn: Callable, x: Inputs, y: torch.Tensor, pair_loss: torch.Tensor
+) -> bool:
+    """Whether the loss ``pair_loss`` of two samples is the sum of their own losses, not their
+    mean (a user's loss with ``reduction='sum'`` made every eigenvalue 128 times too large,
+    unsaid). A mean over tokens or classes lies between the two, never at their sum; where a
+    sample alone cannot be run (a loss that needs a batch; a model on the meta device, which
+    has no values) nothing is said."""
+    if len(y) < 2:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            pair = float(pair_loss)
+            one, two = (
+                float(loss_fn(run_model(model, rows(x, slice(i, i + 1))), y[i : i + 1]))
+                for i in range(2)
+            )
+    except _MISFIT:
+        return False
+    finally:
+        model.train(was_training)
+    scale = abs(one) + abs(two)
+    return (
+        math.isfinite(pair)
+        and scale > 0
+        and abs(pair - (one + two)) <= 1e-4 * scale
+        and abs(pair - (one + two) / 2) > 1e-2 * scale
+    )

@@ -77,10 +77,15 @@ def check_targets(
             and bool(((y.double().sum(1) - 1).abs() <= TARGET_SUM_SLACK).all())
         )
         if not probabilities:
+            whole = bool((y == y.round()).all())
+            fix = (
+                "store class labels as integers, or give --loss mse if they are regression targets"
+                if whole
+                else "give --loss mse for regression targets"
+            )
             raise UserError(
                 "cross-entropy needs class labels or class probabilities, but the targets are "
-                "real numbers that are not probabilities: give --loss mse for regression "
-                "targets."
+                f"real numbers that are not probabilities: {fix}."
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -20,6 +21,15 @@ from types import FrameType
 import h5py
 
 from hessian_cli.errors import UserError
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _reason(exc: OSError) -> str:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 import hessian_cli.engine.eigensolver as solver
+import hessian_cli.engine.solver_plan as solver_plan
 from hessian_cli.engine.linear_operator import MatrixOperator
 
 N = 400
@@ -47,7 +48,7 @@ SPECTRA = {
 POLICIES: dict[str, Callable[[int, int, int], int]] = {
     "all but one block (before)": lambda capacity, kg, b: max(kg, capacity - b),
     "half": lambda capacity, kg, b: max(kg + b, capacity // 2),
-    "engine (now)": solver.restart_size,
+    "engine (now)": solver_plan.restart_size,
 }
 
 
@@ -91,7 +92,7 @@ def known_spectra(seeds: int) -> None:
             for k in (1, 5, 20):
                 cells = []
                 for policy, rule in POLICIES.items():
-                    solver.restart_size = rule
+                    solver.restart_size = rule  # eigensolver's name: the one its restarts call
                     hvps = []
                     for seed in range(seeds):
                         op = MatrixOperator(with_spectrum(values, seed))
@@ -116,7 +117,7 @@ def random_solves(count: int, seed: int) -> None:
     print("| policy | HVPs | pairs unconverged | wrong |")
     print("|---|---|---|---|")
     for policy, rule in POLICIES.items():
-        solver.restart_size = rule
+        solver.restart_size = rule  # eigensolver's name: the one its restarts call
         rng = random.Random(seed)
         hvps = unconverged = wrong = 0
         for case in range(count):

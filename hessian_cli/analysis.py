@@ -28,7 +28,7 @@ from hessian_cli.engine import distributed
 from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import check_density_memory, spectral_density
 from hessian_cli.engine.devices import resolve_device
-from hessian_cli.engine.eigensolver import check_count, check_options, eigenpairs
+from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.inputs import inputs_to
 from hessian_cli.engine.model_mode import batch_statistics_error, has_batchnorm
 from hessian_cli.engine.operator import HessianOperator
@@ -36,6 +36,7 @@ from hessian_cli.engine.params import check_real
 from hessian_cli.engine.precision import check_precision
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
+from hessian_cli.engine.solver_plan import check_count, check_options
 from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import (
     OUT_OF_HOST_MEMORY,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import cases
 
-from hessian_cli.engine import eigensolver
+from hessian_cli.engine import eigensolver, solver_plan
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import DiagonalOperator
@@ -91,13 +91,13 @@ def test_the_krylov_basis_is_the_solvers_peak_memory(monkeypatch):
     """Basis and products fill two buffers in place: the peak stays near the amount that
     `eigenpairs` checks against the free memory, where concatenating them held two copies."""
     checked = {}
-    check = eigensolver._check_memory
+    check = eigensolver.check_memory
 
     def spy(op, k, capacity, w, whole):
-        checked.update(capacity=capacity, need=eigensolver._memory_need(op, capacity, w, whole))
+        checked.update(capacity=capacity, need=solver_plan._memory_need(op, capacity, w, whole))
         check(op, k, capacity, w, whole)
 
-    monkeypatch.setattr(eigensolver, "_check_memory", spy)
+    monkeypatch.setattr(eigensolver, "check_memory", spy)
     op = DiagonalOperator(torch.linspace(0, 1, 2_000_000, device="cuda") ** 8)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

@@ -17,9 +17,10 @@ from tiny_models import cases
 from hessian_cli.engine import eigensolver as es
 from hessian_cli.engine import memory
 from hessian_cli.engine.alignment import alignment_scores
+from hessian_cli.engine.convergence import eigenvalue_error_bounds
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
-from hessian_cli.engine.eigensolver import eigenpairs, eigenvalue_error_bounds
+from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against
 from hessian_cli.engine.linear_operator import DiagonalOperator, MatrixOperator
 from hessian_cli.engine.operator import HessianOperator

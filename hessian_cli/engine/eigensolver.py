@@ -8,6 +8,8 @@ stable in float32. When the basis reaches ``max_basis`` vectors it is restarted 
 Ritz vectors (thick restart), so memory is ``O(max_basis * n)`` whatever the iteration count.
 The Ritz vectors are formed only to stop: until then their residuals come from what the newest
 products leave outside the basis (:class:`_Leak`), a few vectors instead of ``k``.
+Its sizes, restart size and memory are planned in :mod:`solver_plan`, and the error bounds
+and convergence tests that certify its pairs are :mod:`convergence`'s.
 """
 
 from __future__ import annotations
@@ -21,20 +23,24 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from hessian_cli.engine.convergence import converged_pairs, relative_errors, rounding_noise
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, row_dots, small_eigh
 from hessian_cli.engine.linear_operator import LinearOperator
-from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import next_seed
-from hessian_cli.engine.solver_defaults import (
-    CHECK_REACH,
-    CHECK_STEPS,
-    default_block_size,
-    default_guard,
-    default_max_hvps,
+from hessian_cli.engine.solver_defaults import CHECK_REACH, CHECK_STEPS, default_block_size
+from hessian_cli.engine.solver_plan import (
+    WHOLE_SPACE_BLOCK,
+    Plan,
+    check_count,
+    check_memory,
+    check_options,
+    plan_solve,
+    restart_chunk,
+    restart_size,
 )
 from hessian_cli.errors import UserError
 
@@ -43,27 +49,6 @@ WHOLE = "whole-space"  # the method of a solve that took every column of the mat
 Criterion = Literal["residual", "eigenvalue"]
 Progress = Callable[[int, int, int], None]  # (hvps spent, pairs converged, pairs wanted)
 
-
-# Where the basis would hold half the space or more, it is cheaper to take the whole space at
-# once: n products (in blocks of WHOLE_SPACE_BLOCK) and one dense Rayleigh-Ritz, the exact
-# eigendecomposition. Grown a block at a time, such a basis needs about as many products and a
-# Rayleigh-Ritz of every size on the way: ~n^4 / (4b) flops, hours at n = 2,410 (the digits MLP,
-# top-1500). Below WHOLE_SPACE_FROM parameters that sum is cheap and the Krylov space may stop
-# well before n products.
-WHOLE_SPACE_FROM = 256
-WHOLE_SPACE_BLOCK = 64
-
-# A full basis restarts to its best Ritz vectors: this fraction of it (at least the pairs
-# converged and a block more), so that it grows again for several blocks before the next
-# restart. Restarting to all but one block, at every iteration once full, took 2.5 times the
-# products over 96 solves of known spectra (n = 400; the largest and smallest 1, 5 and 20 of
-# power-law, clustered, bulk-and-outliers and dense spectra, 4 seeds: 15,347 against 6,210;
-# no case's mean was more, and some that exhausted their budget converged), and 30-40% more on
-# networks (the digits MLP's smallest 5: 237-263 against 142-143); those where the basis never
-# fills (a network's top few) are unchanged. A third did as well as a half (6,030). Over 200
-# random solves (sizes 30-400, blocks 1-8, guards, warm starts, small max_basis, both ends),
-# 129,305 products and 118 pairs left unconverged before, 95,730 and 11 now (restart_size).
-RESTART_DIVISOR = 2
 
 # The stall guard's allowance for slow convergence (see `_stop_decision`): a residual more than
 # NOISE_MARGIN times the products' estimated noise floor (their asymmetry times sqrt(n)) is
@@ -174,10 +159,10 @@ def eigenpairs(
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     check_count(k, op.n)
     start_time, start_hvps = time.perf_counter(), op.hvp_count
-    if init is not None:  # folded into the block the start will have (see _plan's b)
+    if init is not None:  # folded into the block the start will have (see plan_solve's b)
         block = min(block_size or default_block_size(k), op.n, max_hvps or op.n)
         init = _warm_rows(init, op.n, block)
-    plan = _plan(op.n, k, guard, block_size, max_basis, max_hvps, warm=init is not None)
+    plan = plan_solve(op.n, k, guard, block_size, max_basis, max_hvps, warm=init is not None)
     solve = _Solve.start(
         op,
         k,
@@ -228,7 +213,7 @@ def _both_ends(
     what the top leaves to the bottom); or, where the top alone would take every column of the
     matrix, that one solve, whose spectrum holds both ends."""
     top_budget = None if max_hvps is None else max_hvps - max_hvps // 2
-    plan = _plan(op.n, k, guard, block_size, max_basis, top_budget, warm=init is not None)
+    plan = plan_solve(op.n, k, guard, block_size, max_basis, top_budget, warm=init is not None)
     fresh = verify is False or (verify is None and getattr(op, "precision", "full") == "full")
     if plan.whole and fresh:  # every column for the top: the bottom is in the same matrix
         every = eigenpairs(
@@ -280,7 +265,7 @@ def _both_ends(
 
 @dataclass
 class _Solve:
-    """One end's solve: its settings (from :func:`_plan` and the options), and what it has
+    """One end's solve: its settings (from :func:`plan_solve` and the options), and what it has
     counted so far, which the steps of the iteration share."""
 
     op: LinearOperator
@@ -313,7 +298,7 @@ class _Solve:
         cls,
         op: LinearOperator,
         k: int,
-        plan: _Plan,
+        plan: Plan,
         *,
         which: Which,
         tol: float,
@@ -324,7 +309,8 @@ class _Solve:
         start_hvps: int,
     ) -> _Solve:
         """A solve that has taken no step yet."""
-        # Each pair's tolerance: `tol`, but a warm start's scout (see _plan) needs only `sqrt(tol)`.
+        # Each pair's tolerance: `tol`, but a warm start's scout (see plan_solve) needs only
+        # `sqrt(tol)`.
         tols = torch.full((plan.kg,), tol, dtype=torch.float64)
         if plan.scout:
             tols[-1] = math.sqrt(tol)
@@ -416,7 +402,7 @@ def _start_basis(
     # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
     collective = getattr(op, "distributed", False)
     with fail_together() if collective else contextlib.nullcontext():
-        _check_memory(op, solve.k, capacity, min(capacity, solve.kg + solve.b), solve.whole)
+        check_memory(op, solve.k, capacity, min(capacity, solve.kg + solve.b), solve.whole)
     Qb = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)
     HQb = torch.empty_like(Qb)
     if solve.whole:
@@ -547,8 +533,8 @@ def _tolerance_met(
     if solve.criterion == "residual":
         met = rnorm[:kg] <= tols[: len(rnorm)] * scale
     else:
-        noise = _noise(asymmetry, scale, solve.op.n)
-        errors = _relative_errors(pairs.theta[: pairs.w], rnorm, noise, solve.op.dtype)[:kg]
+        noise = rounding_noise(asymmetry, scale, solve.op.n)
+        errors = relative_errors(pairs.theta[: pairs.w], rnorm, noise, solve.op.dtype)[:kg]
         t = tols[: len(errors)]
         # An eigenvalue that may be zero has no relative error to bound: it is held to
         # the residual criterion instead (it used to stall there, exact to 1e-15).
@@ -630,14 +616,6 @@ def _expand_basis(
     basis.append(W, HW)
 
 
-def restart_size(capacity: int, kg: int, b: int) -> int:
-    """How many Ritz vectors a full basis of ``capacity`` keeps (see RESTART_DIVISOR): a basis
-    too small to grow by two blocks after that (a caller's small ``max_basis``) keeps all but
-    one block, as every restart did before: keeping fewer there left pairs unconverged."""
-    keep = max(kg + b, capacity // RESTART_DIVISOR)
-    return keep if capacity - keep >= 2 * b else max(kg, capacity - b)
-
-
 def _residual_block(solve: _Solve, basis: _Basis, pairs: _RitzPairs, stop: _Stop) -> torch.Tensor:
     """The next block's directions: the residuals of the unconverged wanted Ritz vectors,
     largest first, then of the next Ritz vectors. In a Krylov space all residuals point the same
@@ -696,13 +674,15 @@ def _final_pairs(
         theta = torch.cat([values, theta[len(values) :]])
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
-    noise = _noise(asymmetry, scale, op.n)
-    errors = _relative_errors(theta, rnorm, noise, op.dtype)[:k]
-    converged = _converged(solve.criterion, residuals, errors, solve.tol, krylov=not solve.whole)
+    noise = rounding_noise(asymmetry, scale, op.n)
+    errors = relative_errors(theta, rnorm, noise, op.dtype)[:k]
+    converged = converged_pairs(
+        solve.criterion, residuals, errors, solve.tol, krylov=not solve.whole
+    )
     # The gaps that sharpen a bound are read from the other Ritz values, which an unconverged
     # solve may not have found yet (a budget of 4 products claimed 0.21 for a value 0.72 off):
     # its pairs keep the bound that needs no gap, the residual's (Weyl).
-    weyl = _relative_errors(theta[:k], rnorm[:k], noise, op.dtype, gaps=False)
+    weyl = relative_errors(theta[:k], rnorm[:k], noise, op.dtype, gaps=False)
     errors = torch.where(converged, errors, weyl)
     stop_reason = stop.reason
     if bool(converged.all()):
@@ -778,46 +758,6 @@ def _orthonormal_with_products(
         W, HW = W - C @ Q, HW - C @ HQ
     size = norms(W)[:, None]
     return (W / size, HW / size) if float(size.min()) > 1e-3 else None
-
-
-class _Plan(NamedTuple):
-    kg: int  # pairs converged: the k wanted, the guard and a warm start's scout
-    b: int  # vectors per pass
-    max_basis: int
-    max_hvps: int
-    whole: bool  # every column of the matrix instead of a Krylov basis
-    scout: bool  # the last of the kg pairs is a warm start's scout
-
-
-def _plan(
-    n: int,
-    k: int,
-    guard: int | None,
-    block_size: int | None,
-    max_basis: int | None,
-    max_hvps: int | None,
-    *,
-    warm: bool,
-) -> _Plan:
-    """The sizes of a solve for ``k`` pairs of an operator of size ``n``, from its options."""
-    # The solve converges `kg` pairs, the k wanted and a guard beyond them (see default_guard).
-    kg = min(n, k + (default_guard(k) if guard is None else guard))
-    scout = warm and kg == k < n
-    if scout:
-        # Warm-start rows that are (near) eigenvectors converge at once, and would stop the solve
-        # before its space grew past them: a direction that has since become one of the k
-        # largest would be skipped. So a warm start also converges a scout pair beyond the k,
-        # loosely: the space must grow until it has found the largest eigenvalue outside the
-        # rows' span, which, if it now belongs among the k, is then held to `tol` with them.
-        kg += 1
-    budget = max_hvps if max_hvps is not None else default_max_hvps(kg)
-    b = min(block_size or default_block_size(k), n, budget)
-    max_basis = min(n, max_basis or max(3 * (kg + b), 20))
-    max_basis = max(max_basis, min(n, kg + 2 * b))
-    large = 2 * max_basis >= n >= WHOLE_SPACE_FROM
-    if large and max_hvps is None:  # the whole space's n products, fewer than such a basis takes
-        budget = max(budget, n)  # (a block of 2,000 of 2,410 spent a budget of 2,000 at once)
-    return _Plan(kg, b, max_basis, budget, large and budget >= n, scout)
 
 
 def _ends(res: EigenResult, k: int) -> EigenResult:
@@ -932,54 +872,6 @@ class _Leak:
         self.E = S.T @ self.E
 
 
-def check_options(
-    *,
-    tol: float,
-    block_size: int | None,
-    max_hvps: int | None,
-    guard: int | None = None,
-    k: int = 1,
-    which: str = "largest",
-) -> None:
-    """Refuse settings no solve can run with (callers may check them before any work)."""
-    if not 0 < tol < math.inf:  # also refuses NaN
-        raise UserError(f"`tol` must be a positive number, not {tol:g}.")
-    for name, value in (("block_size", block_size), ("max_hvps", max_hvps)):
-        if value is not None and value < 1:
-            raise UserError(f"`{name}` must be at least 1, not {value}.")
-    if guard is not None and guard < 0:
-        raise UserError(f"`guard` must be at least 0, not {guard}.")
-    # k pairs span k dimensions, and each costs a product.
-    least = 2 * k if which == "both" else k
-    if max_hvps is not None and max_hvps < least:
-        pairs = f"{k} eigenpair{'s' if k > 1 else ''}" + (" at each end" if which == "both" else "")
-        raise UserError(
-            f"`max_hvps` {max_hvps} is too few for {pairs}: each needs at least one HVP, so "
-            f"allow at least {least}."
-        )
-
-
-def check_count(k: int, n: int, which: str = "largest") -> None:
-    """Refuse more eigenpairs than the ``n`` parameters have (or fewer than one); with
-    ``which="both"``, more than the two ends can hold apart (their 2k pairs would share some,
-    returned twice)."""
-    params = f"parameter{'s' if n != 1 else ''}"
-    if which == "both" and n < 2:
-        raise UserError("A Hessian of one parameter has no two ends: use `which=largest`.")
-    if which == "both" and k > n // 2:
-        raise UserError(
-            f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} at each end of a Hessian with "
-            f"{n} {params} without the ends overlapping: choose `k` of at most {n // 2}, or "
-            f"`which=largest` with `k` {n} for the whole spectrum."
-        )
-    if not 1 <= k <= n:
-        limit = f"of at most {n}" if k > n else "of at least 1"
-        raise UserError(
-            f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
-            f"{params}: choose `k` {limit}."
-        )
-
-
 def _symmetric(T: torch.Tensor) -> torch.Tensor:
     return (T + T.T) / 2
 
@@ -1002,35 +894,6 @@ def _extended(
     return torch.cat([torch.cat([T, cross.T], 1), torch.cat([cross, corner], 1)]), asymmetry
 
 
-def _check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool) -> None:
-    """Refuse, in one sentence, a solve whose basis cannot fit: the basis and its products
-    (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk; for
-    the whole space no restart, but its float64 projected matrix and eigenvectors, and a copy,
-    which live on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
-    distributed solve on this machine holds its own copy, and all check before any allocates."""
-    what = (
-        "every column of the Hessian"
-        if whole
-        else f"a basis of {capacity:,} vectors and their products"
-    )
-    pairs = f"{k:,} eigenpair{'s' if k > 1 else ''}"
-    require_room(
-        op,
-        _memory_need(op, capacity, w, whole),
-        f"{pairs} of {op.n:,} parameters need {what}",
-        "ask for fewer pairs",
-    )
-
-
-def _memory_need(op: LinearOperator, capacity: int, w: int, whole: bool) -> int:
-    """Bytes that :func:`_check_memory` asks to be free (its docstring says for what)."""
-    extra = 0 if whole else capacity * _restart_chunk(op.n)
-    need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
-    if whole and op.device.type == "cpu":
-        need += 3 * op.n * op.n * 8
-    return need
-
-
 def _whole_space(
     op: LinearOperator, Q: torch.Tensor, HQ: torch.Tensor, k: int, progress: Progress | None
 ) -> tuple[torch.Tensor, float]:
@@ -1047,92 +910,13 @@ def _whole_space(
     return _symmetric(H), float((H - H.T).abs().max())
 
 
-def _restart_chunk(n: int) -> int:
-    """Columns per piece of a thick restart: an eighth of them (all of a short vector), so that
-    the restart holds an eighth of a basis more and makes at most 8 matrix products per buffer
-    (each a kernel launch on a GPU, where a restart happens at every iteration once the basis is
-    full)."""
-    return min(n, max(1 << 16, -(-n // 8)))
-
-
 def _combine_rows(buffer: torch.Tensor, S: torch.Tensor, chunk: int | None = None) -> None:
     """``buffer[:keep] = S^T @ buffer[:m]`` for ``S`` of shape ``[m, keep]``, ``keep <= m``, in
     place, a chunk of columns at a time: a thick restart then needs no second basis."""
     m, keep = S.shape
-    chunk = chunk or _restart_chunk(buffer.shape[1])
+    chunk = chunk or restart_chunk(buffer.shape[1])
     for j in range(0, buffer.shape[1], chunk):
         buffer[:keep, j : j + chunk] = S.T @ buffer[:m, j : j + chunk]
-
-
-def eigenvalue_error_bounds(
-    theta: torch.Tensor, rnorm: torch.Tensor, noise: float = 0.0
-) -> torch.Tensor:
-    """How far each Ritz value ``theta[i]`` may be from its eigenvalue, given the residual norms.
-
-    An eigenvalue lies within ``rnorm[i]`` of ``theta[i]`` (Weyl), and within
-    ``rnorm[i]**2 / gap`` when no other eigenvalue is within ``gap`` of ``theta[i]`` (Kato and
-    Temple; Parlett, The Symmetric Eigenvalue Problem, 11.7). The gap is estimated from the
-    other Ritz values, each widened by its own residual: ``theta`` must be ordered outward-in
-    (most wanted first), and the last value, whose inner neighbour is unknown, keeps the
-    residual. Like any Krylov convergence test, this assumes the space has not missed an
-    eigenvalue beyond the one it approximates.
-
-    Residuals computed from rounded products are those of a nearby matrix ``H + E``, whose
-    eigenvalues differ from ``H``'s by up to the size of ``E``: ``noise``, an estimate of it
-    (the asymmetry of the projected matrix), is added, so that no bound claims more than the
-    products' rounding allows (float32: about 1e-7 of |lambda_max|, where rnorm^2 / gap alone
-    said 1e-13).
-    """
-    w = len(rnorm)
-    theta = theta[:w].to(rnorm)
-    others = (theta[:, None] - theta[None, :]).abs() - rnorm[None, :]
-    others.fill_diagonal_(float("inf"))
-    gap = others.min(dim=1).values.clamp_min(torch.finfo(rnorm.dtype).tiny)
-    bounds = torch.minimum(rnorm, rnorm * rnorm / gap)
-    bounds[w - 1 :] = rnorm[w - 1 :]
-    return bounds + noise
-
-
-def _noise(asymmetry: float, scale: float, n: int) -> float:
-    """How far rounding may move an eigenvalue of the projected matrix: the products' own error
-    (their asymmetry), and at least the float64 rounding of inner products of length ``n``
-    (float64 bounds of 4e-16 were seen 22 times too tight without it)."""
-    return asymmetry + torch.finfo(torch.float64).eps * scale * math.sqrt(n)
-
-
-def _relative_errors(
-    theta: torch.Tensor,
-    rnorm: torch.Tensor,
-    noise: float,
-    dtype: torch.dtype,
-    *,
-    gaps: bool = True,
-) -> torch.Tensor:
-    """:func:`eigenvalue_error_bounds` (without ``gaps``, the residuals alone) relative to the
-    eigenvalues (``|lambda| >= |theta| - bound``), plus the rounding of a value held in
-    ``dtype``; infinite where the eigenvalue may be zero."""
-    bounds = eigenvalue_error_bounds(theta, rnorm, noise) if gaps else rnorm + noise
-    size = theta.to(bounds).abs() - bounds
-    return torch.where(size > 0, bounds / size + torch.finfo(dtype).eps, torch.inf)
-
-
-def _converged(
-    criterion: str, residuals: torch.Tensor, errors: torch.Tensor, tol: float, *, krylov: bool
-) -> torch.Tensor:
-    """Which pairs meet ``tol`` (``residuals`` relative to the scale), in order from the most
-    wanted: by the criterion's measure, and by the residual where the eigenvalue criterion has
-    no relative error.
-
-    Of a Krylov solve only a leading run counts: a pair behind one that has not converged is an
-    accurate eigenpair but perhaps not the i-th, since the space may not hold the eigenvalues
-    between yet (the 10 smallest of 10 * 0.8^i: pair 9 "converged" at the 40th smallest, 85
-    times the tolerance away, pairs 1-8 not). A whole-space solve has every eigenvalue.
-    """
-    if criterion == "residual":
-        met = residuals <= tol
-    else:
-        met = (errors <= tol) | (errors.isinf() & (residuals <= tol))
-    return met.long().cumprod(0).bool() if krylov else met
 
 
 def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
@@ -1141,7 +925,9 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
     errors = torch.cat([a.errors, b.errors])
     k = len(a.residuals)  # each end's pairs in its own order: a leading run of each
     converged = [
-        _converged(a.criterion, residuals[part], errors[part], a.tol, krylov=end.method != WHOLE)
+        converged_pairs(
+            a.criterion, residuals[part], errors[part], a.tol, krylov=end.method != WHOLE
+        )
         for end, part in ((a, slice(0, k)), (b, slice(k, None)))
     ]
     return EigenResult(

@@ -70,7 +70,7 @@ def check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> No
 
 
 def _new_epoch_sums() -> dict[str, float]:
-    return {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+    return {"loss": 0.0, "correct": 0.0, "labelled": 0.0, "count": 0.0, "seconds": 0.0}
 
 
 @dataclass
@@ -211,7 +211,9 @@ def restore(
             raise TypeError("a position that is not whole numbers")
         # Every running sum the epoch's end reads, as a number (a missing one failed there,
         # a "nan" one went into the metrics).
-        epoch_sums = {k: float(state["epoch_sums"][k]) for k in _new_epoch_sums()}
+        saved = dict(state["epoch_sums"])
+        saved.setdefault("labelled", saved.get("count"))  # before labels per token: one each
+        epoch_sums = {k: float(saved[k]) for k in _new_epoch_sums()}
         if not all(math.isfinite(v) for v in epoch_sums.values()):
             raise ValueError("epoch sums that are not finite")
         vector = state["track_vector"]

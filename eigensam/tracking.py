@@ -22,6 +22,8 @@ from hessian_cli.engine.inputs import inputs_to, run_model
 from hessian_cli.engine.linalg import dot, norms
 from hessian_cli.engine.model_mode import forward_mode
 from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.specs.data import IGNORE_INDEX
+from hessian_cli.specs.losses import class_dim
 
 # Tracking measures lambda_max to a tight tolerance; warm starts usually need a handful of HVPs,
 # the cap only bounds a cold start or a reordering of nearly tied eigenvalues.
@@ -102,29 +104,33 @@ def evaluate(
         return math.nan, math.nan
     was_training = model.training
     model.eval()
-    total = correct = count = 0.0
+    total = correct = labelled = count = 0.0
     for x, y in batches:
         out = run_model(model, inputs_to(x, device))
         y = y.to(device)
         total += float(loss_fn(out, y)) * len(y)
-        correct += correct_count(out, y, classify=classify)
-        count += len(y)
+        right, labels = correct_count(out, y, classify=classify)
+        correct, labelled, count = correct + right, labelled + labels, count + len(y)
     model.train(was_training)
-    return total / count, accuracy(correct, count, classify=classify)
+    return total / count, accuracy(correct, labelled, classify=classify)
 
 
-def correct_count(out: torch.Tensor, y: torch.Tensor, *, classify: bool) -> int:
-    """How many of the outputs pick the label (class indices or one-hot/soft targets); 0 for
-    data without classes."""
+def correct_count(out: torch.Tensor, y: torch.Tensor, *, classify: bool) -> tuple[int, int]:
+    """How many labels the outputs pick, and how many labels there are: one per sample (class
+    indices, one-hot or soft targets) or one per token (its class from the dimension
+    cross-entropy reads, :func:`class_dim`; -100 is none); (0, 0) for data without classes."""
     if not classify:
-        return 0
-    labels = y.argmax(1) if y.is_floating_point() else y
-    return int((out.argmax(1) == labels).sum())
+        return 0, 0
+    if y.is_floating_point():
+        return int((out.argmax(1) == y.argmax(1)).sum()), len(y)
+    labelled = y != IGNORE_INDEX
+    picked = out.argmax(class_dim(out, y)) == y
+    return int(picked[labelled].sum()), int(labelled.sum())
 
 
-def accuracy(correct: float, count: float, *, classify: bool) -> float:
-    """The fraction correct; NaN for data without classes, or no samples."""
-    return correct / count if classify and count else math.nan
+def accuracy(correct: float, labelled: float, *, classify: bool) -> float:
+    """The fraction correct; NaN for data without classes, or no labels."""
+    return correct / labelled if classify and labelled else math.nan
 
 
 def gradient_alignment(g: torch.Tensor, v: torch.Tensor) -> float:

@@ -177,8 +177,7 @@ class _Run:
         torch.manual_seed(config.seed)  # model initialisation
         self.data = load_data(config.data, root=config.data_root, download=config.download)
         self.data_digest = data_file_digest(config.data)
-        # Accuracy is counted per sample: labels per token (a language model's) have none here.
-        self.classify = self.data.num_classes is not None and self.data.target_shape == ()
+        self.classify = self.data.num_classes is not None
         self.loss_spec = config.loss or default_loss(self.data.num_classes)
         self.loss_fn: LossFn = get_loss(self.loss_spec, num_classes=self.data.num_classes)
         model = build_model(
@@ -364,10 +363,10 @@ class _Run:
                     if self.world > 1:
                         idx = idx[distributed.shard(range(len(idx)), self.rank, self.world)]
                     start = time.perf_counter()
-                    loss, correct, count, lr = self._step(self._fetch(idx))
+                    loss, correct, labelled, count, lr = self._step(self._fetch(idx))
                     seconds = time.perf_counter() - start
                     step_seconds += seconds
-                    self._record_step(loss, correct, count, lr, seconds)
+                    self._record_step(loss, correct, labelled, count, lr, seconds)
                     # Right after the step that makes it due: an epoch's last weights are
                     # measured before its line is printed, and a stop's checkpoint holds the
                     # measurement at its step.
@@ -378,7 +377,7 @@ class _Run:
                             step=self.step - 1,
                             epoch=self.epoch + 1,
                             loss=loss,
-                            accuracy=accuracy(correct, count, classify=self.classify),
+                            accuracy=accuracy(correct, labelled, classify=self.classify),
                             lr=lr,
                             lambda_max=self.tracker.lambda_max,
                             eigenvalue=getattr(self.optimizer, "last_eigenvalue", None),
@@ -477,7 +476,8 @@ class _Run:
         return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / self.total_steps))
 
     def _step(self, batch: Batch) -> tuple[float, int, int, float]:
-        """One update; returns the minibatch loss and correct count at ``w``, its size, the lr."""
+        """One update; returns the minibatch loss at ``w``, how many of its labels the outputs
+        there pick and how many it holds (one per sample, or per token), its size, the lr."""
         x, y = batch
         opt, model = self.optimizer, self.model
         lr = self._lr()
@@ -487,12 +487,15 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         out = run_model(model, x)
         loss = self.loss_fn(out, y)
-        correct, count = correct_count(out, y, classify=self.classify), len(y)
+        (correct, labelled), count = correct_count(out, y, classify=self.classify), len(y)
         mean_loss = loss.detach()
         if self.world > 1:
-            totals = torch.tensor([float(mean_loss) * count, correct, count], dtype=torch.float64)
+            totals = torch.tensor(
+                [float(mean_loss) * count, correct, labelled, count], dtype=torch.float64
+            )
             distributed.all_reduce_sum(totals)
-            mean_loss, correct, count = totals[0] / totals[2], int(totals[1]), int(totals[2])
+            mean_loss = totals[0] / totals[3]
+            correct, labelled, count = (int(t) for t in totals[1:])
         if not bool(torch.isfinite(mean_loss)):
             raise _Diverged
         loss.backward()
@@ -515,7 +518,7 @@ class _Run:
             opt.step()
         if self.world > 1:  # each rank's moved on its own share: rank 0's are kept, as in DDP
             distributed.broadcast_from_lead(self.model.buffers())
-        return float(mean_loss), correct, count, lr
+        return float(mean_loss), correct, labelled, count, lr
 
     def _refresh(self, batch: Batch) -> None:
         assert isinstance(self.optimizer, EigenSAM)
@@ -550,18 +553,19 @@ class _Run:
         return all(bool(torch.isfinite(p).all()) for p in self.params)
 
     def _record_step(
-        self, loss: float, correct: int, count: int, lr: float, seconds: float
+        self, loss: float, correct: int, labelled: int, count: int, lr: float, seconds: float
     ) -> None:
         self.metrics.append(
             "steps",
             step=self.step,
             loss=loss,
-            accuracy=accuracy(correct, count, classify=self.classify),
+            accuracy=accuracy(correct, labelled, classify=self.classify),
             lr=lr,
         )
         sums = self.epoch_sums
         sums["loss"] += loss * count
         sums["correct"] += correct
+        sums["labelled"] += labelled
         sums["count"] += count
         sums["seconds"] += seconds
         self.step += 1
@@ -580,7 +584,7 @@ class _Run:
             "epochs",
             epoch=self.epoch,
             train_loss=sums["loss"] / sums["count"],
-            train_accuracy=accuracy(sums["correct"], sums["count"], classify=self.classify),
+            train_accuracy=accuracy(sums["correct"], sums["labelled"], classify=self.classify),
             test_loss=test_loss,
             test_accuracy=test_acc,
             seconds=sums["seconds"],

@@ -11,10 +11,12 @@ import torch
 from cli_runner import one_sentence, run
 from torch.nn import functional as F
 
+from eigensam.tracking import evaluate
 from hessian_cli.engine import HessianOperator
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.specs import analysis_batches, build_model, check_targets, load_data
 from hessian_cli.specs.losses import cross_entropy, default_loss
+from hessian_cli.storage import read_metrics
 
 CODE = """
 import torch
@@ -146,8 +148,21 @@ def test_analyze_and_train_a_language_model_from_the_command_line(capsys, tmp_pa
     )  # fmt: skip
     assert code == 0, err
     assert (out / "checkpoints" / "final.pt").is_file()
-    # Accuracy is counted per sample, which labels per token do not have: shown as missing.
-    assert "train acc" in stdout and "nan" not in stdout.lower()
+    epochs = read_metrics(out / "metrics.h5")["epochs"]
+    assert 0 < epochs["train_accuracy"][0] <= 1  # of the labelled tokens
+
+
+def test_accuracy_is_counted_over_labelled_tokens():
+    """It was counted per sample: the tokens right over the batch's samples (or none at all)."""
+    model = NS["TinyLM"]().double()
+    data = NS["Text"]()
+    batches = [({"input_ids": data.ids, "attention_mask": data.mask}, data.labels)]
+    loss, acc = evaluate(model, batches, cross_entropy, torch.device("cpu"), classify=True)
+    with torch.no_grad():
+        picked = model(data.ids, data.mask).argmax(-1)
+    keep = data.labels != -100
+    assert acc == pytest.approx(float((picked == data.labels)[keep].double().mean()), abs=1e-12)
+    assert loss == pytest.approx(float(by_hand(model(data.ids, data.mask), data.labels)))
 
 
 def test_a_label_past_the_vocabulary_is_one_sentence(capsys, tmp_path, code_file):

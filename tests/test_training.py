@@ -867,3 +867,15 @@ def test_a_sigterm_while_the_metrics_are_written_waits_for_the_file(tmp_path, mo
         4,
     ]
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_checkpoint_from_before_labels_were_counted_resumes_to_the_same_accuracy(tmp_path):
+    """Checkpoints before 2026-11-30 keep no count of labels: one per sample, as they were."""
+    train(config(tmp_path, "whole"))
+    run = _stopped_run(tmp_path)
+    checkpoint = run / "checkpoints" / "step0000008.pt"
+    _edit_checkpoint(checkpoint, lambda raw: raw["training"]["epoch_sums"].pop("labelled"))
+    train(load_config(run), resume_dir=run)
+    resumed = read_metrics(run / "metrics.h5")["epochs"]["train_accuracy"]
+    whole = read_metrics(tmp_path / "whole" / "metrics.h5")["epochs"]["train_accuracy"]
+    np.testing.assert_array_equal(resumed, whole)

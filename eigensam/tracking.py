@@ -118,13 +118,19 @@ def evaluate(
 def correct_count(out: torch.Tensor, y: torch.Tensor, *, classify: bool) -> tuple[int, int]:
     """How many labels the outputs pick, and how many labels there are: one per sample (class
     indices, one-hot or soft targets) or one per token (its class from the dimension
-    cross-entropy reads, :func:`class_dim`; -100 is none); (0, 0) for data without classes."""
+    cross-entropy reads, :func:`class_dim`; -100 is none); (0, 0) for data without classes
+    and outputs without a class dimension of two or more."""
     if not classify:
         return 0, 0
     if y.is_floating_point():
+        if out.shape != y.shape:
+            return 0, 0
         return int((out.argmax(1) == y.argmax(1)).sum()), len(y)
+    dim = class_dim(out, y) if out.ndim == y.ndim + 1 else None
+    if dim is None or out.shape[dim] == 1:  # no class dimension (multi-hot labels, one logit)
+        return 0, 0
     labelled = y != IGNORE_INDEX
-    picked = out.argmax(class_dim(out, y)) == y
+    picked = out.argmax(dim) == y
     return int(picked[labelled].sum()), int(labelled.sum())
 
 

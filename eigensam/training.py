@@ -69,7 +69,7 @@ from eigensam.tracking import (
 from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn, check_range
 from hessian_cli.engine.devices import resolve_device
-from hessian_cli.engine.inputs import inputs_to, rows, run_model
+from hessian_cli.engine.inputs import input_tensors, inputs_to, rows, run_model
 from hessian_cli.engine.model_mode import batch_statistics_error
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import NotFinite, UserError
@@ -142,7 +142,9 @@ def train(
                 "model": distributed.tensors_digest(run.params),  # seeded, or resumed
                 "data": f"{run.samples} "
                 + distributed.tensors_digest(
-                    data.tensors if isinstance(data, TensorDataset) else run.track_batch
+                    data.tensors
+                    if isinstance(data, TensorDataset)
+                    else (*input_tensors(run.track_batch[0]), run.track_batch[1])
                 ),
             }
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import torch
+from torch.utils.data import TensorDataset
 
 from hessian_cli.checkpoint_analysis import CheckpointAnalysis
 from hessian_cli.engine import distributed
@@ -29,7 +30,7 @@ from hessian_cli.engine.alignment import alignment_scores
 from hessian_cli.engine.density import check_density_memory, spectral_density
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.inputs import inputs_to
+from hessian_cli.engine.inputs import input_tensors, inputs_to
 from hessian_cli.engine.model_mode import batch_statistics_error, has_batchnorm
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import check_real
@@ -340,7 +341,9 @@ def analyze_checkpoint(
                 sorted((k, v) for k, v in asdict(request).items() if not _a_path(k, v))
             ),
             "checkpoint": ckpt.sha256,
-            "data": distributed.tensors_digest(t for b in s.batches + s.minibatches for t in b),
+            "data": distributed.tensors_digest(
+                t for x, y in s.batches + s.minibatches for t in (*input_tensors(x), y)
+            ),
         }
     )
     try:
@@ -419,7 +422,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     try:
         weights_part = apply_weights(model, ckpt.state_dict)
     except UserError as exc:
-        if data.num_classes is None and not model_names_code(model_spec):
+        if not model_names_code(model_spec) and _whole_number_targets(data):
             # Class labels stored as floats were read as regression targets, and the built-in
             # model was made for them: the message blamed only the checkpoint.
             raise UserError(
@@ -510,6 +513,16 @@ def _refuse_recorded_code(
             f"yourself ({flags}), or pass --trust-checkpoint if you trust where the file came "
             "from."
         )
+
+
+def _whole_number_targets(data: DataSource) -> bool:
+    """Whether the data's targets are real numbers that are all whole (class labels stored as
+    floats, read as regression targets), as far as a dataset of tensors shows."""
+    ds = data.train
+    if data.num_classes is not None or not isinstance(ds, TensorDataset) or len(ds.tensors) < 2:
+        return False
+    y = ds.tensors[1]
+    return y.is_floating_point() and bool((y == y.round()).all())
 
 
 def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:

@@ -1577,3 +1577,14 @@ def test_model_kwargs_change_the_recorded_ones_they_name(capsys):
     assert code == 0, err
     used = json.loads(json.loads(out)["provenance"]["model_kwargs"])
     assert used == {"hidden": [32], "activation": "relu"}
+
+
+def test_real_regression_targets_get_no_hint_about_class_labels(capsys, tmp_path):
+    """The hint blamed the targets' storage where they were real regression targets."""
+    x, y = load_data("digits").train.tensors
+    real = tmp_path / "real.npz"
+    np.savez(real, x=x.numpy(), y=y.numpy().astype("float32") + 0.5)
+    example = Path(__file__).parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    message = _bad(capsys, "analyze", example, "--data", real)
+    assert message.startswith("error: the checkpoint does not match the model (MLP)")
+    assert "class labels" not in message

@@ -174,3 +174,19 @@ def test_debug_after_the_command_shows_the_traceback(capsys):
     assert code == 2 and "Traceback" in err and "No such checkpoint" in err
     code, _, err = run(capsys, "analyze", "no_such.pt")
     assert code == 2 and "Traceback" not in err
+
+
+def test_every_debug_after_the_command_is_taken(capsys):
+    from cli_runner import run
+
+    from hessian_cli.cli.app import _debug_first
+
+    code, _, err = run(capsys, "--debug", "analyze", "no_such.pt", "--debug")
+    assert code == 2 and "Traceback" in err
+    assert _debug_first(["show", "a.h5", "--debug", "--", "--debug"]) == [
+        "--debug",
+        "show",
+        "a.h5",
+        "--",
+        "--debug",
+    ]

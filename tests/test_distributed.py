@@ -764,3 +764,27 @@ def test_a_ctrl_c_that_reaches_one_rank_alone_ends_the_job_at_once(tmp_path: Pat
     assert code != 0 and seconds < 40, (seconds, err)
     assert "hessian_cli/" not in err, err  # no traceback of ours (torchrun prints its own)
     assert not (tmp_path / "s.h5").exists()
+
+
+@needs_gloo
+def test_a_language_model_of_named_inputs_runs_under_torchrun(tmp_path: Path) -> None:
+    """Every rank failed comparing its data ("'dict' object has no attribute 'dtype'")."""
+    from test_token_labels import CODE
+
+    (tmp_path / "lm.py").write_text(CODE)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(CODE, "lm", "exec"), ns)
+    torch.save(ns["TinyLM"]().state_dict(), tmp_path / "lm.pt")
+    specs = ["--model", "lm.py:lm", "--data", "lm.py:text"]
+    analyze = ["analyze", "lm.pt", *specs, "--num-samples", "24", "--batch-size", "6", "--top-k",
+               "2", "--trace", "--dtype", "float64", "--json", "-q"]  # fmt: skip
+    code, out, err, _ = _run(analyze, ranks=None, cwd=tmp_path)
+    assert code == 0, err
+    code2, out2, err2, _ = _run(analyze, ranks=2, cwd=tmp_path)
+    assert code2 == 0, err2
+    one, two = json.loads(out)["eigen"], json.loads(out2)["eigen"]
+    assert all(map(_close, one["eigenvalues"], two["eigenvalues"]))
+    train = ["train", *specs, "--batch-size", "4", "--max-steps", "3", "--out", "run", "-q"]
+    code, _, err, _ = _run(train, ranks=2, cwd=tmp_path)
+    assert code == 0, err

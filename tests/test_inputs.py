@@ -79,6 +79,10 @@ class Rows(Tokens):
         return {"input_ids": self.ids[i], "label": self.labels[i], "attention_mask": self.mask[i]}
 
 
+class CountedRows(Rows):
+    num_classes = 4  # more than the labels show
+
+
 class Unlabelled(Tokens):
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
@@ -115,6 +119,10 @@ def pair_data():
 
 def rows_data():
     return Rows(), Rows()
+
+
+def counted_rows():
+    return CountedRows(), CountedRows()
 
 
 def unlabelled_data():
@@ -320,3 +328,27 @@ def test_train_runs_eigensam_on_named_inputs_and_analyze_reads_its_checkpoint(
     assert code == 0, err
     eigen = json.loads(stdout)["eigen"]
     assert eigen["converged"] == [True] and eigen["eigenvalues"][0] > 0
+
+
+def test_of_several_inputs_only_the_real_ones_take_the_dtype():
+    """A bool key_padding_mask cast to float is a bias added to attention scores, not a mask:
+    the analysis took another model's Hessian (the library, which casts only real inputs, not)."""
+    from hessian_cli.specs import cast_inputs
+
+    x = {
+        "ids": torch.tensor([[1, 2]], dtype=torch.int32),
+        "mask": torch.tensor([[True, False]]),
+        "features": torch.tensor([[0.5, 1.5]], dtype=torch.float64),
+    }
+    for token_ids in (False, True):
+        cast = cast_inputs(x, torch.float32, token_ids)
+        assert [t.dtype for t in cast.values()] == [torch.int32, torch.bool, torch.float32]
+    # One input alone is cast as before: integers become real numbers unless they are token ids.
+    assert cast_inputs(x["ids"], torch.float32).dtype == torch.float32
+    assert cast_inputs(x["ids"], torch.float32, token_ids=True).dtype == torch.long
+
+
+def test_dict_samples_keep_their_datasets_class_count(code_file):
+    """It was read from the wrapper that splits off the label, which has none: 3 counted
+    from the labels instead of the dataset's 4."""
+    assert load_data(f"{code_file}:counted_rows").num_classes == 4

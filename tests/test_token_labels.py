@@ -12,7 +12,7 @@ from cli_runner import one_sentence, run
 from torch.nn import functional as F
 
 from eigensam.tracking import evaluate
-from hessian_cli.engine import HessianOperator
+from hessian_cli.engine import HessianOperator, UserError
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.specs import analysis_batches, build_model, check_targets, load_data
 from hessian_cli.specs.losses import cross_entropy, default_loss
@@ -76,6 +76,20 @@ def code_file(tmp_path):
     return path
 
 
+def load_data_of(tmp_path, x: torch.Tensor, y: torch.Tensor):
+    """The data a user's factory returning a dataset of these (x, y) samples gives."""
+    torch.save({"x": x, "y": y}, tmp_path / "pairs.pt")
+    (tmp_path / "pairs.py").write_text(
+        "import torch\n"
+        "class Pairs(torch.utils.data.Dataset):\n"
+        f"    t = torch.load({str(tmp_path / 'pairs.pt')!r})\n"
+        "    def __len__(self):\n        return len(self.t['x'])\n"
+        "    def __getitem__(self, i):\n        return self.t['x'][i], self.t['y'][i]\n"
+        "def make():\n    return Pairs()\n"
+    )
+    return load_data(f"{tmp_path / 'pairs.py'}:make")
+
+
 def by_hand(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean over labelled tokens, written out: log-softmax picked at each label."""
     keep = targets != -100
@@ -99,12 +113,38 @@ def test_cross_entropy_takes_the_vocabulary_last_and_skips_padding():
     labels = torch.randint(0, 5, (4, 7), generator=g)
     labels[:, 5:] = -100
     assert torch.allclose(cross_entropy(logits, labels), by_hand(logits, labels), rtol=1e-12)
-    # torch's own layout, (batch, classes, positions), is still read as torch reads it, also
-    # where both fit (as many positions as classes).
+    # torch's own layout, (batch, classes, positions), is still read as torch reads it; where
+    # both fit (as many positions as classes) it is said, not guessed (the guess took the
+    # tokens for the classes of a language model of 8 tokens over 8 words).
     seg = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)
     assert torch.equal(cross_entropy(seg, labels), F.cross_entropy(seg, labels))
     square = torch.randn(4, 5, 5, generator=g, dtype=torch.float64)
-    assert torch.equal(cross_entropy(square, labels[:, :5]), F.cross_entropy(square, labels[:, :5]))
+    with pytest.raises(UserError, match="cannot tell where the classes are in outputs of shape"):
+        cross_entropy(square, labels[:, :5])
+
+
+def test_targets_of_integers_that_are_no_tokens_keep_their_user_loss(tmp_path):
+    """A binary segmentation mask beside one output channel was refused ("class labels up to 1,
+    but the model has only 1 outputs"); multi-hot labels built a built-in model of 2 outputs
+    (their classes) instead of 4; neither has an accuracy to count."""
+    from eigensam.tracking import correct_count
+    from hessian_cli.specs import check_fits
+
+    def bce(out, y):
+        return F.binary_cross_entropy_with_logits(
+            out.squeeze(1) if out.ndim == 4 else out, y.float()
+        )
+
+    seg = torch.nn.Conv2d(2, 1, 3, padding=1)
+    masks = [(torch.randn(3, 2, 6, 6), torch.randint(0, 2, (3, 6, 6)))]
+    check_fits(seg, bce, masks)
+    assert correct_count(seg(masks[0][0]), masks[0][1], classify=True) == (0, 0)
+    x, y = torch.randn(10, 6), torch.randint(0, 2, (10, 4))
+    data = load_data_of(tmp_path, x, y)
+    assert data.num_classes == 2 and data.target_shape == (4,) and data.num_outputs == 4
+    mlp = build_model("mlp", input_shape=data.input_shape, num_classes=data.num_outputs)
+    check_fits(mlp, bce, [(x, y)])
+    assert correct_count(mlp(x), y, classify=True) == (0, 0)
 
 
 @pytest.mark.parametrize("backend", ["double-backward", "func"])

@@ -205,12 +205,10 @@ def _leave_now(code: int) -> NoReturn:
 def _debug_first(args: list[str]) -> list[str]:
     """``args`` with ``--debug`` before the command, where the program takes it: given after
     the command (where users add it), it was "No such option: --debug"."""
-    options = args[: args.index("--")] if "--" in args else args
-    if "--debug" not in options[1:]:
+    cut = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[1:cut]:
         return args
-    rest = list(args)
-    rest.remove("--debug")  # the first: within ``options``
-    return ["--debug", *rest]
+    return ["--debug", *(a for a in args[:cut] if a != "--debug"), *args[cut:]]
 
 
 def main() -> None:

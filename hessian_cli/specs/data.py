@@ -64,8 +64,10 @@ class DataSource:
 
     @property
     def num_outputs(self) -> int:
-        """How many outputs a model for this data needs (classes, or regression targets)."""
-        if self.num_classes is not None:
+        """How many outputs a built-in model (one row of outputs per sample) needs for this
+        data: its classes, else one per target value (also integer targets with a shape, which
+        a built-in model cannot take per token: multi-hot labels under the user's loss)."""
+        if self.num_classes is not None and not self.target_shape:
             return self.num_classes
         return math.prod(self.target_shape) if self.target_shape else 1
 
@@ -486,6 +488,13 @@ class _LabelledDicts(Dataset):
         item = dict(self.dataset[i])
         return item, item.pop(self.key)
 
+    def __getattr__(self, name: str) -> Any:
+        """The dataset's class count and labels, which count its classes (they were lost)."""
+        dataset = self.__dict__.get("dataset")
+        if name in ("num_classes", "targets", "labels") and dataset is not None:
+            return getattr(dataset, name)
+        raise AttributeError(name)
+
 
 def _label_key(dataset: Any) -> str | None:
     """The entry of LABEL_KEYS that holds the targets where samples are dicts, else None."""
@@ -677,21 +686,25 @@ def analysis_batches(
 
 
 def cast_inputs(x: Any, dtype: torch.dtype, token_ids: bool = False) -> Inputs:
-    """Inputs as the model takes them (each of several alike): real numbers of ``dtype``, except
-    signed integer inputs of a model with an embedding table (``token_ids``, see
-    :func:`takes_token_ids`), which stay int64, as attention masks beside them do. uint8 is how
-    images are stored, also for models that hold an embedding besides."""
+    """Inputs as the model takes them: real numbers of ``dtype``, except signed integer inputs
+    of a model with an embedding table (``token_ids``, see :func:`takes_token_ids`), which stay
+    int64. uint8 is how images are stored, also for models that hold an embedding besides.
+    Of several inputs only the real ones take ``dtype``, the others stay as given: a bool
+    key_padding_mask made float is a bias added to attention scores, not a mask."""
     if isinstance(x, (Mapping, tuple, list)) and is_inputs(x):
-        return map_inputs(lambda t: _cast_input(t, dtype, token_ids), x)
-    return _cast_input(torch.as_tensor(x), dtype, token_ids)
-
-
-def _cast_input(x: torch.Tensor, dtype: torch.dtype, token_ids: bool) -> torch.Tensor:
-    if x.is_complex():
-        raise UserError("complex-valued inputs are not supported.")
+        return map_inputs(
+            lambda t: _narrowed(_real(t), dtype) if t.is_floating_point() else _real(t), x
+        )
+    x = _real(torch.as_tensor(x))
     if token_ids and x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
         return x.long()
     return _narrowed(x, dtype)
+
+
+def _real(x: torch.Tensor) -> torch.Tensor:
+    if x.is_complex():
+        raise UserError("complex-valued inputs are not supported.")
+    return x
 
 
 def _narrowed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

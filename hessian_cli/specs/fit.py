@@ -68,7 +68,10 @@ def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) ->
             "runs without gradients): there is nothing to differentiate."
         )
     top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
-    classes = out.shape[class_dim(out, y)] if out.ndim == y.ndim + 1 else None
+    # Only a classifier's outputs, or a language model's (classes last): a segmentation model's
+    # one channel for a binary mask is no class count.
+    dim = class_dim(out, y) if out.ndim == y.ndim + 1 else None
+    classes = out.shape[dim] if dim is not None and (out.ndim == 2 or dim == -1) else None
     if top is not None and classes is not None and top >= classes:
         raise UserError(
             f"The data has class labels up to {top}, but the model has only {classes} "

@@ -99,21 +99,29 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
             "cross-entropy over a single output is 0 whatever the weights: use --loss mse for "
             "one real-valued target, or a model with one output per class."
         )
-    if class_dim(outputs, targets) == -1:
+    dim = class_dim(outputs, targets)
+    if dim is None:
+        raise UserError(
+            f"cross-entropy cannot tell where the classes are in outputs of shape "
+            f"{tuple(outputs.shape)} for labels of shape {tuple(targets.shape)}: dimension 1 "
+            "and the last both fit (as many tokens as classes); give --loss your own function."
+        )
+    if dim == -1:
         outputs = outputs.movedim(-1, 1)
     return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
 
 
-def class_dim(outputs: Tensor, targets: Tensor) -> int:
+def class_dim(outputs: Tensor, targets: Tensor) -> int | None:
     """The dimension of ``outputs`` that holds the classes of integer ``targets``: 1 (torch's
-    layout), or -1 where only that fits (labels per token against ``(batch, tokens, classes)``)."""
-    classes_last = (
-        targets.ndim >= 2
-        and not targets.is_floating_point()
-        and outputs.shape[:-1] == targets.shape
-        and outputs.shape[:1] + outputs.shape[2:] != targets.shape
-    )
-    return -1 if classes_last else 1
+    layout), or -1 where only that fits (labels per token against ``(batch, tokens, classes)``);
+    None where both fit (labels per token, as many tokens as classes: a guess was a wrong loss)."""
+    if targets.ndim < 2 or targets.is_floating_point():
+        return 1
+    last = outputs.shape[:-1] == targets.shape
+    second = outputs.shape[:1] + outputs.shape[2:] == targets.shape
+    if last and second:
+        return None
+    return -1 if last else 1
 
 
 def _mse(num_classes: int | None) -> LossFn:

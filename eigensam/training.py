@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset, default_collate
+from torch.utils.data import TensorDataset
 
 from eigensam.bn import disable_running_stats, enable_running_stats
 from eigensam.config import TrainConfig, load_config, require
@@ -86,7 +86,7 @@ from hessian_cli.specs import (
     save_checkpoint,
     takes_token_ids,
 )
-from hessian_cli.specs.data import data_file_digest
+from hessian_cli.specs.data import collate_samples, data_file_digest
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
 
@@ -464,7 +464,7 @@ class _Run:
         if isinstance(ds, TensorDataset):
             x, y = ds.tensors[0][idx], ds.tensors[1][idx]
         else:
-            x, y = default_collate([ds[i] for i in idx.tolist()])[:2]
+            x, y = collate_samples([ds[i] for i in idx.tolist()])
         y = torch.as_tensor(y)
         y = y.float() if y.is_floating_point() else y.long()
         if not isinstance(ds, TensorDataset):  # its targets were not all seen

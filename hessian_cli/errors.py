@@ -50,6 +50,10 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
+# The module a user's file is imported as starts so (then its stem, then a digest of its path).
+USER_MODULE_PREFIX = "hessian_cli_user_"
+
+
 def a_type(obj: object) -> str:
     """The type of ``obj`` with its article, for messages: ``a list``, ``an int``, ``None``, and
     outside the builtins with its package, which also keeps the article right: ``a
@@ -58,5 +62,7 @@ def a_type(obj: object) -> str:
         return "None"
     kind = type(obj)
     package = kind.__module__.split(".")[0]
+    if package.startswith(USER_MODULE_PREFIX):  # a user's file: named by its stem, "net.Output"
+        package = package[len(USER_MODULE_PREFIX) :].rpartition("_")[0]
     name = kind.__name__ if package == "builtins" else f"{package}.{kind.__name__}"
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

@@ -83,6 +83,27 @@ class CountedRows(Rows):
     num_classes = 4  # more than the labels show
 
 
+class Triples(Tokens):
+    def __getitem__(self, i):
+        return self.ids[i], self.mask[i], self.labels[i]
+
+
+class Lists(Tokens):
+    """A Hugging Face dataset not in torch format: Python lists and ints."""
+
+    def __getitem__(self, i):
+        return {
+            "input_ids": self.ids[i].tolist(),
+            "attention_mask": self.mask[i].tolist(),
+            "labels": int(self.labels[i]),
+        }
+
+
+class WithText(Tokens):
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "text": "a b c"}, 0
+
+
 class Unlabelled(Tokens):
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
@@ -123,6 +144,18 @@ def rows_data():
 
 def counted_rows():
     return CountedRows(), CountedRows()
+
+
+def triples():
+    return Triples()
+
+
+def lists():
+    return Lists()
+
+
+def with_text():
+    return WithText()
 
 
 def unlabelled_data():
@@ -352,3 +385,40 @@ def test_dict_samples_keep_their_datasets_class_count(code_file):
     """It was read from the wrapper that splits off the label, which has none: 3 counted
     from the labels instead of the dataset's 4."""
     assert load_data(f"{code_file}:counted_rows").num_classes == 4
+
+
+def test_samples_of_lists_are_batched_as_tensors(code_file):
+    """A Hugging Face dataset not in torch format holds lists, which the default collation
+    split into their elements ("unexpected RuntimeError: Could not infer dtype of dict")."""
+    data = load_data(f"{code_file}:lists")
+    (x, y), *_ = analysis_batches(data.train, batch_size=16, token_ids=True)
+    ids, mask, labels = NS["tokens"]()
+    assert torch.equal(x["input_ids"], ids[:16]) and torch.equal(x["attention_mask"], mask[:16])
+    assert torch.equal(y, labels[:16])
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("triples", "yields samples of 3 arrays, where a sample is (inputs, target): give several "
+         "inputs as a tuple or dict"),
+        ("with_text", "the input 'text' is not numeric arrays (a str in the first sample)"),
+    ],
+)  # fmt: skip
+def test_samples_the_model_cannot_take_are_one_sentence(
+    capsys, code_file, bag_ckpt, factory, message
+):
+    """(input_ids, attention_mask, labels) was read as inputs input_ids and targets the mask."""
+    code, _, err = run(
+        capsys, "analyze", bag_ckpt, "--model", f"{code_file}:bag", "--data",
+        f"{code_file}:{factory}",
+    )  # fmt: skip
+    assert code == 2 and message in one_sentence(err)
+
+
+def test_a_users_type_is_named_by_its_file_in_messages(tmp_path):
+    from hessian_cli.errors import a_type
+    from hessian_cli.specs.user_code import load_object
+
+    (tmp_path / "nets.py").write_text("class Output(dict):\n    pass\n")
+    assert a_type(load_object(f"{tmp_path / 'nets.py'}:Output", "model")()) == "a nets.Output"

@@ -221,3 +221,41 @@ def test_a_label_past_the_vocabulary_is_one_sentence(capsys, tmp_path, code_file
     assert "The data has class labels up to 5, but the model has only 4 outputs" in one_sentence(
         err
     )
+
+
+def test_padding_everywhere_or_in_a_whole_batch_is_one_sentence(capsys, tmp_path, code_file):
+    padded = tmp_path / "padded.py"
+    padded.write_text(
+        CODE
+        + "\ndef first_padded():\n    d = Text()\n    d.labels[:12] = -100\n    return d\n"
+        + "\ndef all_padded():\n    d = Text()\n    d.labels[:] = -100\n    return d\n"
+    )
+    ckpt = tmp_path / "lm.pt"
+    torch.save(NS["TinyLM"]().state_dict(), ckpt)
+    args = ["analyze", ckpt, "--model", f"{code_file}:lm", "--batch-size", "12"]
+    code, _, err = run(capsys, *args, "--data", f"{padded}:first_padded")
+    assert code == 2 and "a batch of the data holds no label but -100 (padding)" in err
+    code, _, err = run(capsys, *args, "--data", f"{padded}:all_padded")
+    assert code == 2 and "holds no class label of 0 or more (only negative ones, or -100" in err
+
+
+@pytest.mark.parametrize("loss", ["torch.nn:CrossEntropyLoss", "hand"])
+def test_a_users_loss_takes_padded_labels_too(capsys, tmp_path, code_file, loss):
+    """Only the built-in ce skipped -100: torch's own CrossEntropyLoss was refused ("label -100
+    is out of range")."""
+    (tmp_path / "hand.py").write_text(
+        "def hand(out, y):\n    keep = y != -100\n"
+        "    return -out.log_softmax(-1)[keep].gather(1, y[keep][:, None]).mean()\n"
+    )
+    spec = f"{tmp_path / 'hand.py'}:hand" if loss == "hand" else loss
+    ckpt = tmp_path / "lm.pt"
+    torch.save(NS["TinyLM"]().state_dict(), ckpt)
+    code, out, err = run(
+        capsys, "analyze", ckpt, "--model", f"{code_file}:lm", "--data", f"{code_file}:text",
+        "--loss", spec, "--top-k", "1", "--json",
+    )  # fmt: skip
+    if loss == "hand":
+        assert code == 0, err
+        assert json.loads(out)["eigen"]["converged"] == [True]
+    else:  # torch's layout: classes second; the model gives them last, which it says
+        assert code == 2 and "The loss fails on the model's outputs" in err

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from hessian_cli.engine.batches import Batch, check_range
 from hessian_cli.engine.inputs import Inputs, input_tensors, is_inputs, map_inputs
@@ -531,6 +531,14 @@ def _sample(dataset: Any, spec: str) -> tuple[Any, Any]:
         raise UserError(
             f"reading the first sample of data {spec!r} failed: {described(exc)}."
         ) from exc
+    if isinstance(item, (tuple, list)) and any(
+        isinstance(v, (torch.Tensor, np.ndarray)) for v in item[2:]
+    ):  # (input_ids, attention_mask, labels) was read as inputs input_ids, targets the mask
+        raise UserError(
+            f"data {spec!r} yields samples of {len(item)} arrays, where a sample is (inputs, "
+            "target): give several inputs as a tuple or dict, e.g. ((input_ids, attention_mask), "
+            "labels)."
+        )
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         unlabelled = (
             f" without a {' or '.join(map(repr, LABEL_KEYS))} entry"
@@ -541,21 +549,36 @@ def _sample(dataset: Any, spec: str) -> tuple[Any, Any]:
             f"data {spec!r} must yield (x, y) pairs or dicts of named inputs beside their "
             f"'labels', but its first sample is {a_type(item)}{unlabelled}."
         )
-    x = item[0]
-    try:
-        if isinstance(x, Mapping):
-            x = {k: _as_tensor(v) for k, v in x.items()}
-        elif isinstance(x, (tuple, list)) and x and isinstance(x[0], (torch.Tensor, np.ndarray)):
-            x = tuple(_as_tensor(v) for v in x)
-        else:
-            x = _as_tensor(x)
-    except Exception as exc:
-        raise UserError(f"data {spec!r}: the inputs x are not numeric arrays.") from exc
-    return x, item[1]
+    named = dict(item[0]) if isinstance(item[0], Mapping) else {"x": item[0]}
+    for name, value in named.items():
+        try:
+            _inputs_as_tensors(value)
+        except Exception as exc:
+            what = "the inputs x are" if name == "x" else f"the input {name!r} is"
+            raise UserError(
+                f"data {spec!r}: {what} not numeric arrays ({a_type(value)} in the first sample)."
+            ) from exc
+    return _inputs_as_tensors(item[0]), item[1]
+
+
+def _inputs_as_tensors(x: Any) -> Any:
+    """A sample's inputs with arrays and lists as tensors: one, a tuple, or a dict of them."""
+    if isinstance(x, Mapping):
+        return {k: _as_tensor(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], (torch.Tensor, np.ndarray)):
+        return tuple(_as_tensor(v) for v in x)
+    return _as_tensor(x)
 
 
 def _as_tensor(a: Any) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+
+def collate_samples(samples: Sequence[Any]) -> list[Any]:
+    """Samples ``(x, y, ...)`` stacked into ``[inputs, targets]`` (what follows the target,
+    an index say, left out). Lists become tensors first: a Hugging Face dataset not in torch
+    format holds lists, which the default collation split into their elements."""
+    return default_collate([(_inputs_as_tensors(s[0]), _as_tensor(s[1])) for s in samples])
 
 
 def _are_token_labels(y: Any) -> bool:
@@ -590,7 +613,10 @@ def _count_classes(datasets: list[Any], spec: str) -> int:
             "labels must be integers 0 to C - 1."
         ) from exc
     if top < 0:
-        raise UserError(f"data {spec!r} has negative class labels.")
+        raise UserError(
+            f"data {spec!r} holds no class label of 0 or more (only negative ones, or -100, "
+            "padding)."
+        )
     return top + 1
 
 
@@ -674,13 +700,19 @@ def analysis_batches(
             (xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, total, batch_size)
         ]
     else:
-        loader = DataLoader(Subset(dataset, range(total)), batch_size=batch_size, shuffle=False)
+        loader = DataLoader(
+            Subset(dataset, range(total)),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=collate_samples,
+        )
         try:
             raw = [(batch[0], batch[1]) for batch in loader]
         except Exception as exc:
             raise UserError(
                 f"the data samples could not be batched ({described(exc)}); are all samples the "
-                "same shape?"
+                "same shape? (they are stacked as they are: a DataLoader's collate_fn is not "
+                "used, so pad them in the dataset)"
             ) from exc
     return [(cast_inputs(x, dtype, token_ids), _cast_y(y, dtype)) for x, y in raw]
 

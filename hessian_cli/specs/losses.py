@@ -62,9 +62,16 @@ def check_targets(
     (non-negative, and summing to 1 over the classes, dim 1, at every position): torch takes any
     real values as soft labels, and regression targets gave a negative "loss" and its Hessian
     without a word."""
-    check_labels(batches, num_classes, ignored=IGNORE_INDEX if spec == "ce" else None)
+    # -100 is padding to cross-entropy, the built-in's and torch's (a user's loss too), not to mse.
+    check_labels(batches, num_classes, ignored=None if spec == "mse" else IGNORE_INDEX)
     if spec != "ce":
         return
+    for _, y in batches:
+        if not y.is_floating_point() and y.numel() and bool((y == IGNORE_INDEX).all()):
+            raise UserError(
+                "a batch of the data holds no label but -100 (padding), so its cross-entropy is "
+                "0/0: leave samples without labels out of the data."
+            )
     for _, y in batches:
         if not y.is_floating_point() or not y.numel():
             continue

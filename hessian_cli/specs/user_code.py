@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hessian_cli.errors import UserError, described
+from hessian_cli.errors import USER_MODULE_PREFIX, UserError, described
 
 USER_CODE_FORMS = "'path/to/file.py:name' or 'package.module:name'"
 
@@ -102,7 +102,7 @@ def _import_file(where: str, what: str) -> Any:
     resolved = path.resolve()
     # A stable, unique module name per file, so two user files called model.py do not collide.
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
-    mod_name = f"hessian_cli_user_{resolved.stem}_{digest}"
+    mod_name = f"{USER_MODULE_PREFIX}{resolved.stem}_{digest}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
     spec = importlib.util.spec_from_file_location(mod_name, resolved)

@@ -69,7 +69,7 @@ from hessian_cli.specs import (
 )
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS
 from hessian_cli.specs.data import data_names_code
-from hessian_cli.specs.losses import loss_names_code
+from hessian_cli.specs.losses import labelled_tokens, loss_names_code
 from hessian_cli.specs.models import model_names_code
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import storable_text
@@ -367,6 +367,7 @@ class _Setup(NamedTuple):
     minibatches: list  # the alignment's extra minibatches (global; empty: the batches suffice)
     device: torch.device
     weights_part: str | None  # the leading name the checkpoint's weights were taken from
+    batch_weight: Callable[[torch.Tensor], float] | None  # None: batches weigh their samples
 
 
 def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:
@@ -488,6 +489,10 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         minibatches,
         device,
         weights_part,
+        # The built-in cross-entropy of labels per token is a mean over a batch's labelled
+        # tokens: the mean over all of them (by samples it moved with --batch-size, 1.2% of
+        # lambda_1 on length-sorted text).
+        labelled_tokens if loss_spec == "ce" and data.target_shape and data.num_classes else None,
     )
 
 
@@ -562,6 +567,7 @@ def _run_solvers(
             params=request.params,
             bn=request.bn,
             precision=request.precision,
+            batch_weight=s.batch_weight,
         )
         op.check_model()  # a model autograd cannot differentiate twice soundly, refused here
         if request.top_k:
@@ -631,7 +637,13 @@ def _run_solvers(
             gradient=(loss, g),
             # Minibatches beyond the analysed batches: their own (gradient-only) operator.
             minibatch_op=HessianOperator(
-                model, loss_fn, minibatches, params=op.space, bn=request.bn, keep_graph=False
+                model,
+                loss_fn,
+                minibatches,
+                params=op.space,
+                bn=request.bn,
+                keep_graph=False,
+                batch_weight=s.batch_weight,
             )
             if minibatches is not None
             else None,

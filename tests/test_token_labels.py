@@ -15,7 +15,7 @@ from eigensam.tracking import evaluate
 from hessian_cli.engine import HessianOperator, UserError
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.specs import analysis_batches, build_model, check_targets, load_data
-from hessian_cli.specs.losses import cross_entropy, default_loss
+from hessian_cli.specs.losses import cross_entropy, default_loss, labelled_tokens
 from hessian_cli.storage import read_metrics
 
 CODE = """
@@ -90,6 +90,10 @@ def load_data_of(tmp_path, x: torch.Tensor, y: torch.Tensor):
     return load_data(f"{tmp_path / 'pairs.py'}:make")
 
 
+def data_inputs(data, rows: slice) -> dict:
+    return {"input_ids": data.ids[rows], "attention_mask": data.mask[rows]}
+
+
 def by_hand(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean over labelled tokens, written out: log-softmax picked at each label."""
     keep = targets != -100
@@ -151,17 +155,22 @@ def test_targets_of_integers_that_are_no_tokens_keep_their_user_loss(tmp_path):
 def test_the_hessian_of_a_language_models_loss_matches_the_dense_one(backend):
     model = NS["TinyLM"]().double()
     data = NS["Text"]()
-    batches = [
-        (
-            {"input_ids": data.ids[i : i + 8], "attention_mask": data.mask[i : i + 8]},
-            data.labels[i : i + 8],
-        )
-        for i in range(0, 20, 8)  # 8 + 8 + 4 samples
-    ]
+    cuts = [(0, 8), (8, 16), (16, 20)]  # 8 + 8 + 4 samples
+    batches = [(data_inputs(data, slice(a, b)), data.labels[a:b]) for a, b in cuts]
     op = HessianOperator(model, cross_entropy, batches, backend=backend)
     H = dense_hessian(model, by_hand, batches)
     V = torch.randn(3, op.n, dtype=torch.float64)
     assert torch.allclose(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+    # Weighted by labelled tokens: the loss over all of them, however the batches fall.
+    tokens = HessianOperator(
+        model, cross_entropy, batches, backend=backend, batch_weight=labelled_tokens
+    )
+    whole = [(data_inputs(data, slice(0, 20)), data.labels[:20])]
+    H = dense_hessian(model, by_hand, whole)
+    assert torch.allclose(tokens.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(
+        dense_hessian(model, by_hand, batches, batch_weight=labelled_tokens), H, atol=1e-12
+    )
 
 
 def test_analyze_and_train_a_language_model_from_the_command_line(capsys, tmp_path, code_file):
@@ -175,11 +184,18 @@ def test_analyze_and_train_a_language_model_from_the_command_line(capsys, tmp_pa
     assert code == 0, err
     eigen = json.loads(stdout)["eigen"]
     model = build_model(f"{code_file}:lm", input_shape=None, num_classes=NS["VOCAB"]).double()
-    batches = analysis_batches(
+    # The mean over all 24 samples' labelled tokens, taken in one batch: two batches of 12
+    # weighted by their samples were another matrix (their token counts differ).
+    whole = analysis_batches(
+        NS["Text"](), batch_size=24, num_samples=24, dtype=torch.float64, token_ids=True
+    )
+    top = torch.linalg.eigvalsh(dense_hessian(model, by_hand, whole)).flip(0)[:2]
+    assert torch.allclose(torch.tensor(eigen["eigenvalues"], dtype=torch.float64), top, rtol=1e-6)
+    halves = analysis_batches(
         NS["Text"](), batch_size=12, num_samples=24, dtype=torch.float64, token_ids=True
     )
-    top = torch.linalg.eigvalsh(dense_hessian(model, by_hand, batches)).flip(0)[:2]
-    assert torch.allclose(torch.tensor(eigen["eigenvalues"], dtype=torch.float64), top, rtol=1e-6)
+    by_samples = torch.linalg.eigvalsh(dense_hessian(model, by_hand, halves)).flip(0)[:2]
+    assert not torch.allclose(by_samples, top, rtol=1e-6)
 
     out = tmp_path / "run"
     code, stdout, err = run(

@@ -6,7 +6,7 @@ the operator's HVP code, so that tests compare two different derivations of the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,17 +24,22 @@ def dense_hessian(
     space: ParamSpace | None = None,
     *,
     bn: BNMode = "eval",
+    batch_weight: Callable[[torch.Tensor], float] = len,
 ) -> torch.Tensor:
-    """The ``[n, n]`` Hessian of the sample-weighted mean loss (only for small ``n``) over
-    ``space`` (default: every trainable parameter, as :class:`HessianOperator` takes them)."""
+    """The ``[n, n]`` Hessian of the weighted mean loss (by samples, or ``batch_weight`` as
+    :class:`HessianOperator` takes it; only for small ``n``) over ``space`` (default: every
+    trainable parameter, as :class:`HessianOperator` takes them)."""
     space = select_parameters(model) if space is None else space
     dtype = model_dtype(model)
     batches = [cast_batch(batch, dtype) for batch in batches]  # as the operator casts them
-    total = sum(len(y) for _, y in batches)
+    total = sum(float(batch_weight(y)) for _, y in batches)
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
         params = dict(zip(space.names, space.unflatten(flat), strict=True))
-        return sum(loss_fn(run_model(model, x, params), y) * (len(y) / total) for x, y in batches)
+        return sum(
+            loss_fn(run_model(model, x, params), y) * (float(batch_weight(y)) / total)
+            for x, y in batches
+        )
 
     with forward_mode(model, bn):
         return torch.autograd.functional.hessian(mean_loss, space.values())

@@ -1,8 +1,8 @@
 """The curvature operator: exact Hessian-vector products for a block of vectors at a time.
 
-H is the Hessian of the sample-weighted mean loss over all batches with respect to a
-:class:`ParamSpace`. ``op.matmul(V)`` maps a block ``V`` of shape ``[b, n]`` to ``H V^T`` (rows),
-spending one forward/backward pass over the data for the whole block.
+H is the Hessian of the mean loss over all batches (weighted by samples, or labelled tokens)
+with respect to a :class:`ParamSpace`. ``op.matmul(V)`` maps a block ``V`` of shape ``[b, n]``
+to ``H V^T`` (rows), spending one forward/backward pass over the data for the whole block.
 """
 
 from __future__ import annotations
@@ -141,9 +141,12 @@ class HessianOperator:
     ``precision`` (:mod:`precision`) applies to the products only; losses and gradients are
     always computed in full precision.
 
+    Batches are weighted by their samples, or by ``batch_weight(targets)`` where a batch's loss
+    is a mean over something else (a language model's labelled tokens).
+
     Distributed (``distributed=None``: whenever a process group is initialised): each rank passes
     ITS batches, contiguous pieces of one global list in rank order (see
-    :func:`distributed.shard`); weights use the global sample count, and products, gradients and
+    :func:`distributed.shard`); weights use the global total, and products, gradients and
     losses are summed over ranks, so every rank sees the same operator and the solvers, given the
     same seeds, run identically everywhere. A rank may hold no batch at all.
     """
@@ -161,6 +164,7 @@ class HessianOperator:
         batched_backward: bool | None = None,
         precision: Precision = "full",
         distributed: bool | None = None,
+        batch_weight: Callable[[torch.Tensor], float] | None = None,
     ) -> None:
         self.distributed = dist_utils.is_distributed() if distributed is None else distributed
         self.model = model
@@ -187,14 +191,19 @@ class HessianOperator:
         counts = [len(self.batches)]
         local_samples = sum(len(y) for _, y in self.batches)
         self.num_samples = local_samples
+        # What each batch's mean loss is a mean over: its samples, or (batch_weight) e.g. its
+        # labelled tokens, so that the mean over all of them does not depend on the batching.
+        shares = [float((batch_weight or len)(y)) for _, y in self.batches]
+        total = sum(shares)
         if self.distributed:
             counts = dist_utils.all_gather_ints(len(self.batches))
             self.num_samples = int(dist_utils.sum_scalar(float(local_samples)))
-        if self.num_samples == 0:
+            total = dist_utils.sum_scalar(total)
+        if self.num_samples == 0 or not total > 0:
             raise UserError("No data to compute the Hessian on: no batch holds a sample.")
         # Global index of this rank's first batch: minibatch statistics follow the global order.
         self.batch_offset = sum(counts[: dist_utils.world()[0]]) if self.distributed else 0
-        self.weights = [len(y) / self.num_samples for _, y in self.batches]
+        self.weights = [share / total for share in shares]
         if backend not in ("auto", "double-backward", "func"):
             raise UserError(f"Unknown HVP backend {backend!r}: use auto, double-backward or func.")
         self.backend = backend
@@ -288,7 +297,7 @@ class HessianOperator:
             )
 
     def loss(self, params: dict[str, torch.Tensor] | None = None) -> float:
-        """The sample-weighted mean loss over all batches (with ``params`` in place of those
+        """The weighted mean loss over all batches (with ``params`` in place of those
         parameters' values, by ``functional_call``)."""
         # functional_call cannot take a TorchScript module: its values are set and put back,
         # which invalidates the graphs kept from them (in-place changes), so they go first.

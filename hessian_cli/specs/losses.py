@@ -118,6 +118,11 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
 
 
+def labelled_tokens(targets: Tensor) -> int:
+    """How many labels the cross-entropy of ``targets`` averages over (those not -100)."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
 def class_dim(outputs: Tensor, targets: Tensor) -> int | None:
     """The dimension of ``outputs`` that holds the classes of integer ``targets``: 1 (torch's
     layout), or -1 where only that fits (labels per token against ``(batch, tokens, classes)``);

@@ -392,7 +392,14 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     # --model-kwargs changes those it names (it replaced them all: the others were lost, unsaid).
     same = isinstance(meta.get("model"), str) and anchored(model_spec) == anchored(meta["model"])
     if same and meta.get("model_kwargs"):
-        kwargs = {**_recorded_kwargs(meta["model_kwargs"]), **(kwargs or {})}
+        if kwargs is None:
+            kwargs = _recorded_kwargs(meta["model_kwargs"])
+        else:
+            try:
+                recorded = _recorded_kwargs(meta["model_kwargs"])
+            except UserError:  # unreadable: the given ones alone, as its refusal asks
+                recorded = {}
+            kwargs = {**recorded, **kwargs}
     check_root_options(
         data_spec, data_root=request.data_root is not None, download=request.download
     )

@@ -1130,6 +1130,10 @@ def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
     meta = dict(state["hessian_cli"], model_kwargs=recorded)
     save_checkpoint(path, state_dict=state["model"], metadata=meta)
     assert "model_kwargs are not a JSON object" in _bad(capsys, "analyze", path, "--top-k", "1")
+    # As it asks: the arguments given are taken alone (they were merged with the recorded
+    # ones, which failed again).
+    given = run(capsys, "analyze", path, "--top-k", "1", "--model-kwargs", '{"hidden": [12]}')
+    assert given[0] == 0, given[2]
 
 
 @pytest.mark.parametrize(

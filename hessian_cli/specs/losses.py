@@ -100,7 +100,7 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy of logits against class labels (or soft labels), over the labels that
     are not ``IGNORE_INDEX``. Labels per token take logits with the classes last, as language
     models give them ``(batch, tokens, vocabulary)``, or second, torch's ``(batch, classes,
-    ...)`` (which wins where both fit: tokens as many as classes)."""
+    ...)``; where both fit (tokens as many as classes) it is refused, not guessed."""
     if outputs.ndim == 2 and outputs.shape[1] == 1:  # a softmax over one class is 1
         raise UserError(
             "cross-entropy over a single output is 0 whatever the weights: use --loss mse for "

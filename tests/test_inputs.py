@@ -422,3 +422,14 @@ def test_a_users_type_is_named_by_its_file_in_messages(tmp_path):
 
     (tmp_path / "nets.py").write_text("class Output(dict):\n    pass\n")
     assert a_type(load_object(f"{tmp_path / 'nets.py'}:Output", "model")()) == "a nets.Output"
+
+
+def test_token_ids_beyond_the_embedding_table_are_said_as_such():
+    """torch says only "index out of range in self"."""
+    from hessian_cli.specs import check_fits
+
+    model = NS["MaskedBag"]()
+    ids, mask, labels = NS["tokens"](4)
+    ids[1, 0] = 12  # the table holds 9 rows
+    with pytest.raises(Exception, match=r"reach 12, and the model's embedding tables hold 9 rows"):
+        check_fits(model, cross_entropy, [({"input_ids": ids, "attention_mask": mask}, labels)])

@@ -155,3 +155,14 @@ def test_class_labels_stored_as_floats_get_their_fix_from_cross_entropy():
         check_targets("ce", [(torch.zeros(3, 2), labels)], None)
     with pytest.raises(UserError, match="not probabilities: give --loss mse for regression"):
         check_targets("ce", [(torch.zeros(3, 2), labels + 0.5)], None)
+
+
+def test_mse_on_class_labels_stored_as_floats_says_so():
+    """A language model's next tokens stored as floats met only a shape mismatch."""
+    mse = get_loss("mse", num_classes=None)
+    logits, labels = torch.randn(2, 5, 7), torch.tensor([[1.0, 2, 3, 4, 5]] * 2)
+    with pytest.raises(UserError, match="class labels stored as real numbers"):
+        mse(logits, labels)
+    with pytest.raises(UserError) as info:  # real targets are a shape mismatch only
+        mse(logits, labels + 0.5)
+    assert "class labels" not in str(info.value)

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from hessian_cli.engine.batches import Batch
-from hessian_cli.engine.inputs import Inputs, describe_samples, inputs_to, rows, run_model
+from hessian_cli.engine.inputs import (
+    Inputs,
+    describe_samples,
+    input_tensors,
+    inputs_to,
+    rows,
+    run_model,
+)
 from hessian_cli.errors import UserError, a_type, first_line
 from hessian_cli.specs.losses import class_dim
 
@@ -52,7 +59,7 @@ def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) ->
     except _MISFIT as exc:
         raise UserError(
             f"The data (samples of {describe_samples(x)}) does not fit the model: "
-            f"{first_line(exc)}."
+            f"{first_line(exc)}{_beyond_embeddings(model, x, exc)}."
         ) from exc
     finally:
         model.train(was_training)
@@ -97,6 +104,20 @@ def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) ->
             "The loss sums over the batch (its value on two samples is the sum of theirs), so its "
             "Hessian grows with the batch size: make it the mean (reduction='mean')."
         )
+
+
+def _beyond_embeddings(model: nn.Module, x: Inputs, exc: BaseException) -> str:
+    """Where an embedding lookup failed ("index out of range in self"): how far the data's
+    integer inputs reach beside the model's tables, which torch's words leave out."""
+    sizes = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
+    ids = [t for t in input_tensors(x) if not (t.is_floating_point() or t.dtype == torch.bool)]
+    if not (isinstance(exc, IndexError) and sizes and ids):
+        return ""
+    top = max(int(t.max()) for t in ids if t.numel())
+    return (
+        f" (its integer inputs reach {top}, and the model's embedding tables hold "
+        f"{', '.join(map(str, sizes))} rows)"
+    )
 
 
 def _sums_over_the_batch(

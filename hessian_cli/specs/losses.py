@@ -150,9 +150,18 @@ def _mse(num_classes: int | None) -> LossFn:
             if targets.numel() == outputs.numel() and targets.shape[0] == outputs.shape[0]:
                 targets = targets.reshape(outputs.shape)
             else:
+                labels = outputs.ndim == targets.ndim + 1 and bool(
+                    (targets == targets.round()).all()
+                )
+                hint = (
+                    " (whole numbers, one short of the outputs' dimensions: class labels stored "
+                    "as real numbers? store them as integers)"
+                    if labels
+                    else ""
+                )
                 raise UserError(
                     f"the mse loss needs targets shaped like the model outputs, but got outputs "
-                    f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}."
+                    f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}{hint}."
                 )
         return F.mse_loss(outputs, targets.to(outputs.dtype))
 

@@ -5,6 +5,7 @@ end to end against the dense Hessian of the loss written out by hand."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +276,28 @@ def test_a_users_loss_takes_padded_labels_too(capsys, tmp_path, code_file, loss)
         assert json.loads(out)["eigen"]["converged"] == [True]
     else:  # torch's layout: classes second; the model gives them last, which it says
         assert code == 2 and "The loss fails on the model's outputs" in err
+
+
+def test_the_shipped_language_model_example_trains_and_is_analysed_exactly(capsys, tmp_path):
+    """checkpoints_example/tiny_lm.py, as its docstring runs it: a causal transformer on padded
+    text from a Hugging Face-style dataset; lambda_1 against the dense Hessian of the mean
+    next-token cross-entropy over all labelled tokens, written by hand."""
+    example = Path(__file__).parents[1] / "checkpoints_example" / "tiny_lm.py"
+    specs = ["--model", f"{example}:make", "--data", f"{example}:text"]
+    out = tmp_path / "lm"
+    code, _, err = run(capsys, "train", *specs, "--max-steps", "4", "--out", out, "-q")
+    assert code == 0, err
+    final = out / "checkpoints" / "step0000004.pt"
+    code, stdout, err = run(
+        capsys, "analyze", final, *specs, "--batch-size", "32", "--num-samples", "64",
+        "--top-k", "2", "--dtype", "float64", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    eigen = json.loads(stdout)["eigen"]
+    model = build_model(f"{example}:make", input_shape=None, num_classes=16)
+    model.load_state_dict(torch.load(final, weights_only=True)["model"])
+    data = load_data(f"{example}:text")
+    whole = analysis_batches(data.train, batch_size=64, num_samples=64, dtype=torch.float64)
+    H = dense_hessian(model.double(), by_hand, whole)
+    top = torch.linalg.eigvalsh(H).flip(0)[:2]
+    assert torch.allclose(torch.tensor(eigen["eigenvalues"], dtype=torch.float64), top, rtol=1e-6)

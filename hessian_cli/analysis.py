@@ -702,6 +702,8 @@ def _provenance(
         "num_samples": op.num_samples,
         "num_batches": len(s.batches),
         "batch_size": request.batch_size,
+        # What the batches' mean losses are weighted by in the operator's mean (and so H).
+        "batch_weight": "samples" if s.batch_weight is None else "labelled tokens",
         "bn": request.bn,
         "dtype": request.dtype,
         "precision": request.precision,

@@ -62,6 +62,7 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert again[0] == 0 and json.loads(again[1])["eigen"]["eigenvalues"] == values
     report = json.loads(out)
     assert report["provenance"]["model"] == "mlp" and report["provenance"]["step"] == 7
+    assert report["provenance"]["batch_weight"] == "samples"
     assert "data_root" not in report["provenance"]  # none given, none recorded
     assert len(report["eigen"]["eigenvalues"]) == 3 and all(report["eigen"]["converged"])
     code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2")

@@ -184,6 +184,7 @@ def test_analyze_and_train_a_language_model_from_the_command_line(capsys, tmp_pa
     )  # fmt: skip
     assert code == 0, err
     eigen = json.loads(stdout)["eigen"]
+    assert json.loads(stdout)["provenance"]["batch_weight"] == "labelled tokens"
     model = build_model(f"{code_file}:lm", input_shape=None, num_classes=NS["VOCAB"]).double()
     # The mean over all 24 samples' labelled tokens, taken in one batch: two batches of 12
     # weighted by their samples were another matrix (their token counts differ).

@@ -9,7 +9,7 @@ No metrics are written here: the loop records what these return, and turns a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +45,21 @@ class LambdaMaxTracker:
     previous one's eigenvector. ``vector`` and ``lambda_max`` are what a checkpoint keeps of it.
 
     ``share`` is this rank's part of the batch: under torchrun products and gradients are summed
-    over ranks, so every rank measures the whole batch's lambda_max.
+    over ranks, so every rank measures the whole batch's lambda_max (the shares weighted by
+    ``batch_weight``, as :class:`HessianOperator` takes it: by samples they were another mean
+    for a language model's labels, which differed with the number of ranks).
     """
 
-    def __init__(self, share: list[Batch], *, seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        share: list[Batch],
+        *,
+        seed: int,
+        device: torch.device,
+        batch_weight: Callable[[torch.Tensor], float] | None = None,
+    ) -> None:
         self.share = share
+        self.batch_weight = batch_weight
         self.seed = seed
         self.device = device
         self.vector: torch.Tensor | None = None
@@ -58,7 +68,7 @@ class LambdaMaxTracker:
     def measure(self, model: nn.Module, loss_fn: LossFn) -> Measurement:
         """lambda_max at the model's current weights; raises ``NotFinite`` where the loss or its
         curvature is not finite."""
-        op = HessianOperator(model, loss_fn, self.share, bn="eval")
+        op = HessianOperator(model, loss_fn, self.share, bn="eval", batch_weight=self.batch_weight)
         init = hint = None
         if self.vector is None:
             # The first solve has no previous vector; the gradient leans toward v_1, and its
@@ -98,21 +108,24 @@ def evaluate(
     device: torch.device,
     *,
     classify: bool,
+    batch_weight: Callable[[torch.Tensor], float] = len,
 ) -> tuple[float, float]:
-    """Mean loss and accuracy on ``batches`` (eval mode), NaN without any."""
+    """Mean loss (the batches' weighted by ``batch_weight``, as :class:`HessianOperator` weighs
+    them) and accuracy on ``batches`` (eval mode), NaN without any."""
     if not batches:
         return math.nan, math.nan
     was_training = model.training
     model.eval()
-    total = correct = labelled = count = 0.0
+    total = correct = labelled = weight = 0.0
     for x, y in batches:
         out = run_model(model, inputs_to(x, device))
         y = y.to(device)
-        total += float(loss_fn(out, y)) * len(y)
+        share = float(batch_weight(y))
+        total += float(loss_fn(out, y)) * share
         right, labels = correct_count(out, y, classify=classify)
-        correct, labelled, count = correct + right, labelled + labels, count + len(y)
+        correct, labelled, weight = correct + right, labelled + labels, weight + share
     model.train(was_training)
-    return total / count, accuracy(correct, labelled, classify=classify)
+    return total / weight, accuracy(correct, labelled, classify=classify)
 
 
 def correct_count(out: torch.Tensor, y: torch.Tensor, *, classify: bool) -> tuple[int, int]:

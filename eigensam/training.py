@@ -87,6 +87,7 @@ from hessian_cli.specs import (
     takes_token_ids,
 )
 from hessian_cli.specs.data import collate_samples, data_file_digest
+from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
 
@@ -217,13 +218,20 @@ class _Run:
         self.track_batch = analysis_batches(
             held_out, batch_size=count, num_samples=count, token_ids=self.token_ids
         )[0]
+        # Held-out losses and lambda_max are means over the batches' labels where the built-in
+        # cross-entropy averages over those (as analyze weighs them), not over their samples.
+        self.batch_weight = label_weight(self.loss_spec, [self.track_batch, *self.test_batches])
         mine = torch.tensor(list(distributed.shard(range(count), self.rank, self.world)))
         track_share: list[Batch] = (
             [(rows(self.track_batch[0], mine), self.track_batch[1][mine])] if len(mine) else []
         )
+        if track_share and self.batch_weight and not self.batch_weight(track_share[0][1]):
+            track_share = []  # a share of padding only: nothing of the mean, as a rank without
         self._check_fits()
 
-        self.tracker = LambdaMaxTracker(track_share, seed=config.seed, device=self.device)
+        self.tracker = LambdaMaxTracker(
+            track_share, seed=config.seed, device=self.device, batch_weight=self.batch_weight
+        )
         self.resumed_from = latest_checkpoint(run_dir) if resume else None
         if self.resumed_from:
             position, self.order = restore(
@@ -576,7 +584,12 @@ class _Run:
     def _end_epoch(self) -> EpochDone:
         sums = self.epoch_sums
         test_loss, test_acc = evaluate(
-            self.model, self.test_batches, self.loss_fn, self.device, classify=self.classify
+            self.model,
+            self.test_batches,
+            self.loss_fn,
+            self.device,
+            classify=self.classify,
+            batch_weight=self.batch_weight or len,
         )
         if self.test_batches and not math.isfinite(test_loss):  # finite weights, say 1e36
             raise _Diverged

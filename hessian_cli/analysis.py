@@ -69,7 +69,7 @@ from hessian_cli.specs import (
 )
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS
 from hessian_cli.specs.data import data_names_code
-from hessian_cli.specs.losses import labelled_tokens, loss_names_code
+from hessian_cli.specs.losses import label_weight, loss_names_code
 from hessian_cli.specs.models import model_names_code
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import storable_text
@@ -496,10 +496,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         minibatches,
         device,
         weights_part,
-        # The built-in cross-entropy of labels per token is a mean over a batch's labelled
-        # tokens: the mean over all of them (by samples it moved with --batch-size, 1.2% of
-        # lambda_1 on length-sorted text).
-        labelled_tokens if loss_spec == "ce" and data.target_shape and data.num_classes else None,
+        label_weight(loss_spec, batches + minibatches),
     )
 
 
@@ -703,7 +700,7 @@ def _provenance(
         "num_batches": len(s.batches),
         "batch_size": request.batch_size,
         # What the batches' mean losses are weighted by in the operator's mean (and so H).
-        "batch_weight": "samples" if s.batch_weight is None else "labelled tokens",
+        "batch_weight": "samples" if s.batch_weight is None else "labels",
         "bn": request.bn,
         "dtype": request.dtype,
         "precision": request.precision,

@@ -62,7 +62,7 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert again[0] == 0 and json.loads(again[1])["eigen"]["eigenvalues"] == values
     report = json.loads(out)
     assert report["provenance"]["model"] == "mlp" and report["provenance"]["step"] == 7
-    assert report["provenance"]["batch_weight"] == "samples"
+    assert report["provenance"]["batch_weight"] == "labels"  # as many as samples: none is -100
     assert "data_root" not in report["provenance"]  # none given, none recorded
     assert len(report["eigen"]["eigenvalues"]) == 3 and all(report["eigen"]["converged"])
     code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "2")
@@ -431,6 +431,7 @@ def test_safetensors_user_factory_npz_mse_json(capsys, tmp_path):
     assert code == 0
     r = json.loads(out)
     assert r["provenance"]["loss"] == "mse" and r["provenance"]["num_params"] == 32
+    assert r["provenance"]["batch_weight"] == "samples"
     assert r["provenance"]["checkpoint_format"] == "safetensors"
     ev = r["eigen"]["eigenvalues"]
     assert ev == sorted(ev, reverse=True) and r["trace"]["stderr"] >= 0

@@ -433,3 +433,13 @@ def test_token_ids_beyond_the_embedding_table_are_said_as_such():
     ids[1, 0] = 12  # the table holds 9 rows
     with pytest.raises(Exception, match=r"reach 12, and the model's embedding tables hold 9 rows"):
         check_fits(model, cross_entropy, [({"input_ids": ids, "attention_mask": mask}, labels)])
+
+
+def test_negative_token_ids_are_named_beside_the_embedding_table():
+    from hessian_cli.specs import check_fits
+
+    model = NS["MaskedBag"]()
+    ids, mask, labels = NS["tokens"](4)
+    ids[1, 0] = -100  # padded like the labels
+    with pytest.raises(Exception, match=r"go down to -100 \(below 0: padding with -100, say\?\)"):
+        check_fits(model, cross_entropy, [({"input_ids": ids, "attention_mask": mask}, labels)])

@@ -16,7 +16,7 @@ from eigensam.tracking import evaluate
 from hessian_cli.engine import HessianOperator, UserError
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.specs import analysis_batches, build_model, check_targets, load_data
-from hessian_cli.specs.losses import cross_entropy, default_loss, labelled_tokens
+from hessian_cli.specs.losses import cross_entropy, default_loss, labelled_count
 from hessian_cli.storage import read_metrics
 
 CODE = """
@@ -164,13 +164,13 @@ def test_the_hessian_of_a_language_models_loss_matches_the_dense_one(backend):
     assert torch.allclose(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
     # Weighted by labelled tokens: the loss over all of them, however the batches fall.
     tokens = HessianOperator(
-        model, cross_entropy, batches, backend=backend, batch_weight=labelled_tokens
+        model, cross_entropy, batches, backend=backend, batch_weight=labelled_count
     )
     whole = [(data_inputs(data, slice(0, 20)), data.labels[:20])]
     H = dense_hessian(model, by_hand, whole)
     assert torch.allclose(tokens.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
     assert torch.allclose(
-        dense_hessian(model, by_hand, batches, batch_weight=labelled_tokens), H, atol=1e-12
+        dense_hessian(model, by_hand, batches, batch_weight=labelled_count), H, atol=1e-12
     )
 
 
@@ -184,7 +184,7 @@ def test_analyze_and_train_a_language_model_from_the_command_line(capsys, tmp_pa
     )  # fmt: skip
     assert code == 0, err
     eigen = json.loads(stdout)["eigen"]
-    assert json.loads(stdout)["provenance"]["batch_weight"] == "labelled tokens"
+    assert json.loads(stdout)["provenance"]["batch_weight"] == "labels"
     model = build_model(f"{code_file}:lm", input_shape=None, num_classes=NS["VOCAB"]).double()
     # The mean over all 24 samples' labelled tokens, taken in one batch: two batches of 12
     # weighted by their samples were another matrix (their token counts differ).
@@ -302,3 +302,76 @@ def test_the_shipped_language_model_example_trains_and_is_analysed_exactly(capsy
     H = dense_hessian(model.double(), by_hand, whole)
     top = torch.linalg.eigvalsh(H).flip(0)[:2]
     assert torch.allclose(torch.tensor(eigen["eigenvalues"], dtype=torch.float64), top, rtol=1e-6)
+
+
+def test_unlabelled_samples_weigh_nothing_whatever_the_batch_size(capsys, tmp_path):
+    """Labels of -100 per sample: the built-in cross-entropy averages each batch over its
+    labelled samples, and batches weighted by samples moved lambda_1 by 8% with --batch-size."""
+    (tmp_path / "some.py").write_text(
+        "import torch\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g)\n"
+        "    y[torch.tensor([0, 3, 4, 9, 10, 11, 20])] = -100\n"
+        "    return torch.utils.data.TensorDataset(x, y)\n"
+        "def net():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))\n"
+    )
+    ckpt = tmp_path / "net.pt"
+    ns: dict = {}
+    exec(compile((tmp_path / "some.py").read_text(), "some", "exec"), ns)
+    torch.save(ns["net"]().state_dict(), ckpt)
+    found = []
+    for size in (30, 7):
+        code, out, err = run(
+            capsys, "analyze", ckpt, "--model", f"{tmp_path / 'some.py'}:net", "--data",
+            f"{tmp_path / 'some.py'}:data", "--num-samples", "30", "--batch-size", size,
+            "--top-k", "1", "--dtype", "float64", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["provenance"]["batch_weight"] == "labels"
+        found.append((report["loss"], report["eigen"]["eigenvalues"][0]))
+    assert found[0] == pytest.approx(found[1], rel=1e-10)
+
+
+def test_held_out_loss_and_lambda_max_do_not_depend_on_how_the_batch_is_split():
+    """train's tracker splits one held-out batch over the ranks and weighed the shares by
+    samples (lambda_max moved with the number of ranks); its test loss likewise."""
+    from eigensam.tracking import LambdaMaxTracker
+
+    model = NS["TinyLM"]().double()
+    data = NS["Text"]()
+    whole = [(data_inputs(data, slice(0, 24)), data.labels[:24])]
+    shares = [(data_inputs(data, slice(a, b)), data.labels[a:b]) for a, b in [(0, 5), (5, 24)]]
+    values = []
+    for batches in (whole, shares):
+        tracker = LambdaMaxTracker(
+            batches, seed=0, device=torch.device("cpu"), batch_weight=labelled_count
+        )
+        values.append(tracker.measure(model, cross_entropy).lambda_max)
+        values.append(
+            evaluate(
+                model,
+                batches,
+                cross_entropy,
+                torch.device("cpu"),
+                classify=True,
+                batch_weight=labelled_count,
+            )[0]
+        )
+    assert values[:2] == pytest.approx(values[2:], rel=1e-8)
+
+
+def test_a_batch_with_nothing_to_average_is_refused_by_the_operator():
+    """Its cross-entropy is 0/0: NaN made every loss, gradient and product NaN."""
+    model = NS["TinyLM"]().double()
+    data = NS["Text"]()
+    labels = data.labels[:4].clone().fill_(-100)
+    batches = [
+        (data_inputs(data, slice(0, 4)), data.labels[:4]),
+        (data_inputs(data, slice(0, 4)), labels),
+    ]
+    with pytest.raises(UserError, match="A batch holds nothing its loss averages over"):
+        HessianOperator(model, cross_entropy, batches, batch_weight=labelled_count)

@@ -142,7 +142,8 @@ class HessianOperator:
     always computed in full precision.
 
     Batches are weighted by their samples, or by ``batch_weight(targets)`` where a batch's loss
-    is a mean over something else (a language model's labelled tokens).
+    is a mean over something else (the labels the built-in cross-entropy counts, not -100:
+    :func:`hessian_cli.specs.losses.labelled_count`).
 
     Distributed (``distributed=None``: whenever a process group is initialised): each rank passes
     ITS batches, contiguous pieces of one global list in rank order (see
@@ -186,14 +187,19 @@ class HessianOperator:
         # Checked and placed one batch at a time (a generator, read once, or a DataLoader: the
         # source is never held beside the placed copies); under torch.distributed every rank
         # refuses together, before the collectives below.
+        # What each batch's mean loss is a mean over: its samples, or (batch_weight) e.g. its
+        # labelled tokens, so that the mean over all of them does not depend on the batching.
         with dist_utils.fail_together() if self.distributed else contextlib.nullcontext():
             self.batches = [self._placed(batch, bn) for batch in batches]
+            shares = [float((batch_weight or len)(y)) for _, y in self.batches]
+            if any(not share > 0 for share in shares):  # its mean is 0/0: NaN everywhere
+                raise UserError(
+                    "A batch holds nothing its loss averages over (no label but -100, say): "
+                    "leave it out."
+                )
         counts = [len(self.batches)]
         local_samples = sum(len(y) for _, y in self.batches)
         self.num_samples = local_samples
-        # What each batch's mean loss is a mean over: its samples, or (batch_weight) e.g. its
-        # labelled tokens, so that the mean over all of them does not depend on the batching.
-        shares = [float((batch_weight or len)(y)) for _, y in self.batches]
         total = sum(shares)
         if self.distributed:
             counts = dist_utils.all_gather_ints(len(self.batches))

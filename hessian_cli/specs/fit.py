@@ -110,12 +110,17 @@ def _beyond_embeddings(model: nn.Module, x: Inputs, exc: BaseException) -> str:
     """Where an embedding lookup failed ("index out of range in self"): how far the data's
     integer inputs reach beside the model's tables, which torch's words leave out."""
     sizes = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
-    ids = [t for t in input_tensors(x) if not (t.is_floating_point() or t.dtype == torch.bool)]
+    ids = [
+        t
+        for t in input_tensors(x)
+        if t.numel() and not (t.is_floating_point() or t.dtype == torch.bool)
+    ]
     if not (isinstance(exc, IndexError) and sizes and ids):
         return ""
-    top = max(int(t.max()) for t in ids if t.numel())
+    low, top = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
+    below = f"go down to {low} (below 0: padding with -100, say?) and " if low < 0 else ""
     return (
-        f" (its integer inputs reach {top}, and the model's embedding tables hold "
+        f" (its integer inputs {below}reach {top}, and the model's embedding tables hold "
         f"{', '.join(map(str, sizes))} rows)"
     )
 

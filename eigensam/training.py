@@ -86,7 +86,7 @@ from hessian_cli.specs import (
     save_checkpoint,
     takes_token_ids,
 )
-from hessian_cli.specs.data import collate_samples, data_file_digest
+from hessian_cli.specs.data import collate_samples, data_file_digest, unbatchable
 from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
@@ -472,7 +472,10 @@ class _Run:
         if isinstance(ds, TensorDataset):
             x, y = ds.tensors[0][idx], ds.tensors[1][idx]
         else:
-            x, y = collate_samples([ds[i] for i in idx.tolist()])
+            try:  # the samples met before the run were two (the fit check's)
+                x, y = collate_samples([ds[i] for i in idx.tolist()])
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise unbatchable(exc) from exc
         y = torch.as_tensor(y)
         y = y.float() if y.is_floating_point() else y.long()
         if not isinstance(ds, TensorDataset):  # its targets were not all seen

@@ -104,6 +104,16 @@ class WithText(Tokens):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "text": "a b c"}, 0
 
 
+class Ragged(Tokens):
+    """Samples from the 9th on are longer: the first ones the fit check reads stack."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        if i >= 8:
+            x = {k: torch.cat([t, t[:1]]) for k, t in x.items()}
+        return x, y
+
+
 class Unlabelled(Tokens):
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
@@ -156,6 +166,10 @@ def lists():
 
 def with_text():
     return WithText()
+
+
+def ragged():
+    return Ragged()
 
 
 def unlabelled_data():
@@ -443,3 +457,10 @@ def test_negative_token_ids_are_named_beside_the_embedding_table():
     ids[1, 0] = -100  # padded like the labels
     with pytest.raises(Exception, match=r"go down to -100 \(below 0: padding with -100, say\?\)"):
         check_fits(model, cross_entropy, [({"input_ids": ids, "attention_mask": mask}, labels)])
+
+
+def test_samples_that_do_not_stack_mid_run_are_one_sentence(capsys, tmp_path, code_file):
+    """A training batch met them after the run had begun: "unexpected RuntimeError"."""
+    args = ["--model", f"{code_file}:bag", "--data", f"{code_file}:ragged", "--optimizer", "sgd"]
+    code, _, err = run(capsys, "train", *args, "--batch-size", "8", "--out", tmp_path / "r")
+    assert code == 2 and "the data samples could not be batched" in one_sentence(err)

@@ -574,6 +574,15 @@ def _as_tensor(a: Any) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
 
 
+def unbatchable(exc: BaseException) -> UserError:
+    """Why samples could not be stacked into a batch, in one sentence."""
+    return UserError(
+        f"the data samples could not be batched ({described(exc)}); are all samples the same "
+        "shape? (they are stacked as they are: a DataLoader's collate_fn is not used, so pad "
+        "them in the dataset)"
+    )
+
+
 def collate_samples(samples: Sequence[Any]) -> list[Any]:
     """Samples ``(x, y, ...)`` stacked into ``[inputs, targets]`` (what follows the target,
     an index say, left out). Lists become tensors first: a Hugging Face dataset not in torch
@@ -709,11 +718,7 @@ def analysis_batches(
         try:
             raw = [(batch[0], batch[1]) for batch in loader]
         except Exception as exc:
-            raise UserError(
-                f"the data samples could not be batched ({described(exc)}); are all samples the "
-                "same shape? (they are stacked as they are: a DataLoader's collate_fn is not "
-                "used, so pad them in the dataset)"
-            ) from exc
+            raise unbatchable(exc) from exc
     return [(cast_inputs(x, dtype, token_ids), _cast_y(y, dtype)) for x, y in raw]
 
 

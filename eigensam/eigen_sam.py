@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -155,6 +155,7 @@ class EigenSAM(SAM):
         max_hvps: int | None = None,
         tol: float = DEFAULT_TOL,
         seed: int | None = None,
+        batch_weight: Callable[[torch.Tensor], float] | None = None,
     ) -> RefreshResult:
         """Refresh ``v`` on ``batch`` by the engine, warm-started from the current ``v``; before
         there is one, the parameters' ``.grad`` (the minibatch gradient, where a backward pass
@@ -167,6 +168,8 @@ class EigenSAM(SAM):
         :meth:`first_step`. The result is adopted even when not converged: it is the best Ritz
         vector of a space that contains the previous ``v``. ``seed`` defaults to the refresh count
         (used only when there is no vector to warm-start from), so resumed runs repeat it.
+        ``batch_weight``: what weighs the ranks' shares of ``batch`` under torchrun (see
+        :class:`HessianOperator`; default their samples).
         """
         if self._is_perturbed():
             raise RuntimeError("refresh the eigenvector at w, not at the perturbed weights")
@@ -180,6 +183,7 @@ class EigenSAM(SAM):
             tol=tol,
             seed=self.refreshes if seed is None else seed,
             hint=self.flat_grad(scaled=False),
+            batch_weight=batch_weight,
         )
         self.set_eigenvector(result.vector, result.eigenvalue)
         return result

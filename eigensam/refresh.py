@@ -11,7 +11,7 @@ vector, and reports the residual of what it returns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,7 @@ def refresh_top_eigenvector(
     tol: float = DEFAULT_TOL,
     seed: int,
     hint: torch.Tensor | None = None,
+    batch_weight: Callable[[torch.Tensor], float] | None = None,
 ) -> RefreshResult:
     """Top eigenpair of the Hessian of ``loss_fn(model(x), y)`` on ``batch`` w.r.t. ``params``.
 
@@ -96,7 +97,12 @@ def refresh_top_eigenvector(
         raise ValueError("none of the optimised parameters requires gradients")
     space = ParamSpace(names=tuple(names[id(p)] for p in live), tensors=tuple(live))
     op = HessianOperator(
-        model, loss_fn, [batch], params=space, bn="train" if model.training else "eval"
+        model,
+        loss_fn,
+        [batch],
+        params=space,
+        bn="train" if model.training else "eval",
+        batch_weight=batch_weight,
     )
     # A previous vector that is zero on the live parameters starts nothing: eigenpairs then
     # starts at random.

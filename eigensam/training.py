@@ -488,9 +488,10 @@ class _Run:
             return self.config.lr
         return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / self.total_steps))
 
-    def _step(self, batch: Batch) -> tuple[float, int, int, float]:
+    def _step(self, batch: Batch) -> tuple[float, int, int, int, float]:
         """One update; returns the minibatch loss at ``w``, how many of its labels the outputs
-        there pick and how many it holds (one per sample, or per token), its size, the lr."""
+        there pick and how many it holds (one per sample, or per token), what its loss averages
+        over (its samples, or its labels: ``batch_weight``), the lr."""
         x, y = batch
         opt, model = self.optimizer, self.model
         lr = self._lr()
@@ -500,7 +501,11 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         out = run_model(model, x)
         loss = self.loss_fn(out, y)
-        (correct, labelled), count = correct_count(out, y, classify=self.classify), len(y)
+        correct, labelled = correct_count(out, y, classify=self.classify)
+        # The ranks' shares of the global minibatch weigh what their losses average over, as one
+        # process's loss does over the whole of it (by samples, a language model's padded text
+        # trained to other weights on 2 ranks than on one).
+        share = count = int(self.batch_weight(y)) if self.batch_weight else len(y)
         mean_loss = loss.detach()
         if self.world > 1:
             totals = torch.tensor(
@@ -512,7 +517,7 @@ class _Run:
         if not bool(torch.isfinite(mean_loss)):
             raise _Diverged
         loss.backward()
-        distributed.average_gradients(self.params, len(y), count)
+        distributed.average_gradients(self.params, share, count)
         if isinstance(opt, EigenSAM) and self.step % self.config.eig_every == 0:
             try:
                 self._refresh(batch)
@@ -525,7 +530,7 @@ class _Run:
                 self.loss_fn(run_model(model, x), y).backward()
             finally:
                 enable_running_stats(model)
-            distributed.average_gradients(self.params, len(y), count)
+            distributed.average_gradients(self.params, share, count)
             opt.second_step()
         else:
             opt.step()
@@ -535,7 +540,9 @@ class _Run:
 
     def _refresh(self, batch: Batch) -> None:
         assert isinstance(self.optimizer, EigenSAM)
-        result = self.optimizer.refresh_eigenvector(self.model, self.loss_fn, batch)
+        result = self.optimizer.refresh_eigenvector(
+            self.model, self.loss_fn, batch, batch_weight=self.batch_weight
+        )
         g = self.optimizer.flat_grad(scaled=False)  # the layout of the refreshed vector
         self.metrics.append(
             "refresh",

@@ -476,7 +476,6 @@ class _Run:
                 x, y = collate_samples([ds[i] for i in idx.tolist()])
             except (RuntimeError, TypeError, ValueError) as exc:
                 raise unbatchable(exc) from exc
-        y = torch.as_tensor(y)
         y = y.float() if y.is_floating_point() else y.long()
         if not isinstance(ds, TensorDataset):  # its targets were not all seen
             check_targets(self.loss_spec, [(x, y)], self.data.num_classes)

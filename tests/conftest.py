@@ -8,6 +8,10 @@ from pathlib import Path
 # other down a hundredfold. Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The commands' output is read as a pipe gives it, unwrapped: pytest-xdist's workers set
+# COLUMNS=80, which folds it at 80 columns as a terminal would (tests that want a width set one).
+os.environ.pop("COLUMNS", None)
+
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

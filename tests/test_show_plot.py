@@ -494,11 +494,14 @@ def test_names_are_shown_and_drawn_as_they_are(full, tmp_path):  # noqa: F811
     shown = runner.invoke(app, ["show", str(path)])
     assert shown.exit_code == 0, shown.output
     assert all(name in shown.output for name in names[:2])
-    (tmp_path / "figs[" / "x]").mkdir(parents=True)
-    out = tmp_path / "figs[" / "x]" / "fig.png"  # a path that reads as markup: figs[/x]
+    # A path that reads as markup (figs[/x]), longer than 80 columns: one line into a pipe,
+    # as a script reading it needs (it was folded at 80, inside the path).
+    folder = tmp_path / "figs[" / ("x]" + "_long" * 20)
+    folder.mkdir(parents=True)
+    out = folder / "fig.png"
     plotted = runner.invoke(app, ["plot", str(path), "-c", names[2], "-o", str(out)])
     assert plotted.exit_code == 0, plotted.output
-    assert f"wrote {out}" in " ".join(plotted.output.split())
+    assert f"wrote {out}\n" in plotted.output
     assert_png(out)
 
 

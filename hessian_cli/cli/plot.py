@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from hessian_cli.cli.app import app
+from hessian_cli.cli.app import app, results_console
 from hessian_cli.cli.options import named_path
 from hessian_cli.cli.result_files import Metrics, read_result_file
 from hessian_cli.launch import env_rank
@@ -47,4 +46,5 @@ def plot(
         else:
             figure = spectra_figure(found.reports)
     written = save_figure(figure, output)
-    Console().print(f"wrote {written}", highlight=False, markup=False)
+    # unwrapped into a pipe: a long path cut over two lines broke a script reading it
+    results_console().print(f"wrote {written}", highlight=False, markup=False, crop=False)

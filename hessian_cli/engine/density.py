@@ -11,7 +11,7 @@ import torch
 from hessian_cli.engine.deflation import deflation
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import norms, project_out
-from hessian_cli.engine.linear_operator import LinearOperator
+from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
 from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
@@ -59,6 +59,7 @@ def check_density_memory(op: LinearOperator, num_probes: int, steps: int) -> Non
 
 
 @without_tf32
+@holds_weights
 def spectral_density(
     op: LinearOperator,
     num_probes: int = 8,

@@ -26,7 +26,7 @@ import torch
 from hessian_cli.engine.convergence import converged_pairs, relative_errors, rounding_noise
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, row_dots, small_eigh
-from hessian_cli.engine.linear_operator import LinearOperator
+from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.engine.results import EigenResult
@@ -64,6 +64,7 @@ SLOW_PATIENCE = 4
 
 
 @without_tf32
+@holds_weights
 def eigenpairs(
     op: LinearOperator,
     k: int,

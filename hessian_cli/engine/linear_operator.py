@@ -7,7 +7,10 @@ diagonal matrix two more: references for tests and for measuring the solvers' ow
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import torch
 
@@ -19,7 +22,9 @@ class LinearOperator(Protocol):
     products are approximate has ``precision`` (not ``"full"``) and a ``full_precision()``
     context in which they are exact, with which the eigensolver certifies its residuals; one
     whose products are collective over torch.distributed ranks has ``distributed = True``, so
-    that refusals and random draws agree on every rank.
+    that refusals and random draws agree on every rank; one whose products depend on weights
+    that could change between calls has a ``weights_held()`` context, inside which they do not
+    (see :func:`holds_weights`).
     """
 
     n: int
@@ -60,3 +65,21 @@ class DiagonalOperator:
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         self.hvp_count += block.shape[0]
         return block * self.diagonal
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def holds_weights(
+    solver: Callable[Concatenate[LinearOperator, P], R],
+) -> Callable[Concatenate[LinearOperator, P], R]:
+    """Run a solver inside its operator's ``weights_held()``, where it has one: a solve writes
+    no weights between its products, so they need not look for changed ones at every call."""
+
+    @functools.wraps(solver)
+    def wrapped(op: LinearOperator, *args: P.args, **kwargs: P.kwargs) -> R:
+        with getattr(op, "weights_held", contextlib.nullcontext)():
+            return solver(op, *args, **kwargs)
+
+    return wrapped

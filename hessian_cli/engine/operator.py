@@ -221,6 +221,9 @@ class HessianOperator:
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}
         self._graph_versions: tuple[tuple[int, int], ...] = ()  # the weights' at the last build
         self._graph_values = torch.zeros(0, dtype=torch.float64)  # and their _values_digest
+        self._holding = 0  # depth of weights_held() blocks
+        self._looked = False  # whether the weights were looked at inside the current one
+        self._held_digest: torch.Tensor | None = None  # their _values_digest, taken there once
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_checked = False  # whether a first-order graph was seen to be differentiable
         self._forward_checked = False  # whether a forward pass was seen to draw no random numbers
@@ -455,13 +458,12 @@ class HessianOperator:
         start = time.perf_counter()
         V = V.to(device=self.device, dtype=self.dtype)
         out = torch.zeros_like(V)
-        self._drop_graphs_of_changed_values()
+        if not self._looked:
+            self._drop_graphs_of_changed_values()
         # Products need autograd, also for a caller inside torch.no_grad() (an optimizer's step).
-        with (
-            torch.enable_grad(),
-            forward_mode(self.model, self.bn),
-            numerics(self.precision, self.device),
-        ):
+        # The model's forward mode is set where a forward runs (a graph's build, torch.func):
+        # a kept graph's product runs none, and setting it walked every module at each call.
+        with torch.enable_grad(), numerics(self.precision, self.device):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
                 out.add_(self._batch_hvp(i, x, y, V), alpha=w)
         if self.distributed:
@@ -474,7 +476,30 @@ class HessianOperator:
         self.hvp_count += V.shape[0]
         self.passes += 1
         self.hvp_seconds += time.perf_counter() - start
+        self._looked = self._holding > 0
         return out[0] if single else out
+
+    @contextlib.contextmanager
+    def weights_held(self) -> Iterator[None]:
+        """Products inside look for changed weights at the first call only.
+
+        A kept graph is of the weights it was built at, so each product compares the weights'
+        version counters and values with those (:meth:`_first_order_graph`,
+        :meth:`_drop_graphs_of_changed_values`): walks over every parameter and buffer and a
+        sum of each, 2 ms a product of ResNet-20 on one input on the CPU (autograd's own double
+        backward: 8 ms), and on a GPU, where products wait on the host, a kernel per tensor.
+        The solvers hold the weights for a whole solve, in which nothing writes them; a caller
+        may hold them likewise.
+        """
+        if not self._holding:
+            self._looked, self._held_digest = False, None
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                self._looked, self._held_digest = False, None
 
     __matmul__ = matmul
 
@@ -558,27 +583,30 @@ class HessianOperator:
         # version counters) and new tensors (their storage), of every parameter, also those
         # not analysed; writes through ``.data``, which move neither, by their values once per
         # call (_drop_graphs_of_changed_values).
-        versions = self._versions()
-        if versions != self._graph_versions:
-            self._check_bound()
-            if self._graphs:
-                self.release()
-            self._graph_versions = versions
+        if not self._looked:
+            versions = self._versions()
+            if versions != self._graph_versions:
+                self._check_bound()
+                if self._graphs:
+                    self.release()
+                self._graph_versions = versions
         if i in self._graphs:
             return self._graphs[i]
         x, y = self.batches[i]
         before = self._allocated()
-        loss = self._batch_loss(x, y)
-        parts = self._derivatives(loss, create_graph=True)
-        used = [p is not None for p in parts]
-        # An unused parameter has no gradient: its Hessian rows and columns are zero.
-        # nn.Embedding(sparse=True) gives a sparse gradient; its dense form is differentiable.
-        flat = [dense(p).reshape(-1) for p in parts if p is not None]
-        g = torch.cat(flat) if any(used) else None
-        if not self._graph_checked:
-            _check_twice_differentiable(loss, g)
-            self._check_unused(x, y, used)
-            self._graph_checked = True
+        with forward_mode(self.model, self.bn):
+            loss = self._batch_loss(x, y)
+            parts = self._derivatives(loss, create_graph=True)
+            used = [p is not None for p in parts]
+            # An unused parameter has no gradient: its Hessian rows and columns are zero.
+            # nn.Embedding(sparse=True) gives a sparse gradient; its dense form is
+            # differentiable.
+            flat = [dense(p).reshape(-1) for p in parts if p is not None]
+            g = torch.cat(flat) if any(used) else None
+            if not self._graph_checked:
+                _check_twice_differentiable(loss, g)
+                self._check_unused(x, y, used)
+                self._graph_checked = True
         if self._keeps(lambda: self._graph_size(before, loss, g)):
             self._graphs[i] = (loss, g, used)
         # After each build, kept or not: a forward that updates a buffer of its own (a counter)
@@ -679,11 +707,17 @@ class HessianOperator:
             self.release()
 
     def _values_digest(self) -> torch.Tensor:
-        """The sum of each parameter and buffer, in float64, on the operator's device."""
+        """The sum of each parameter and buffer, in float64, on the operator's device (taken
+        once inside :meth:`weights_held`)."""
+        if self._held_digest is not None:
+            return self._held_digest
         with torch.no_grad():
             tensors = (*self.model.parameters(), *self.model.buffers())
             sums = [torch.sum(t.detach(), dtype=torch.float64).to(self.device) for t in tensors]
-            return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+            digest = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+        if self._holding:
+            self._held_digest = digest
+        return digest
 
     def _versions(self) -> tuple[tuple[int, int], ...]:
         """The storage and in-place change counter of each tensor a kept graph depends on."""
@@ -789,7 +823,8 @@ class HessianOperator:
         def hvp_one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return jvp(grad_fn, (primals,), (tuple(self.space.unflatten(v)),))[1]
 
-        parts = vmap(hvp_one)(V)
+        with forward_mode(self.model, self.bn):
+            parts = vmap(hvp_one)(V)
         return self.space.flatten_batched(parts, V.shape[0])
 
     def release(self) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from hessian_cli.engine.deflation import deflation
 from hessian_cli.engine.linalg import orthonormalize_against, project_out, row_dots
-from hessian_cli.engine.linear_operator import LinearOperator
+from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import KNOWN_TRACE_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import EigenResult, TraceResult
@@ -27,6 +27,7 @@ def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch
 
 
 @without_tf32
+@holds_weights
 def stochastic_trace(
     op: LinearOperator,
     num_probes: int = 99,

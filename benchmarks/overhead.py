@@ -1,6 +1,8 @@
-"""Where a solve's time goes beside its products: the eigensolver's own linear algebra, the
-kept graphs of several batches, what launching kernels and cuDNN's choice of algorithms cost a
-gradient and a product (CUDA), and the profile of one top-5 solve.
+"""Where a solve's time goes beside its products: the engine's own work in a product beside
+autograd's (a product as the operator takes it, with the weights held as in a solve, and
+autograd's double backward alone on the same kept graph), the eigensolver's own linear algebra,
+the kept graphs of several batches, what launching kernels and cuDNN's choice of algorithms cost
+a gradient and a product (CUDA), and the profile of one top-5 solve. TF32 off, as in the engine.
 
     python benchmarks/overhead.py --device cuda      # ResNet-18, batches of 256 inputs
 
@@ -76,6 +78,38 @@ def launch_probes(
             torch.backends.cudnn.benchmark = previous
 
 
+def engine_share(op: HessianOperator, v: torch.Tensor, device: torch.device, reps: int) -> None:
+    """One product of the kept graph as a call alone takes it, as a solve takes it (weights
+    held: looked at once), and autograd's double backward alone on that graph: the engine's own
+    share beside autograd's. Interleaved, medians of ``reps``: a few ms apart on a busy CPU."""
+    _, g, _ = op._first_order_graph(0)
+    tensors = op.space.tensors
+    times: dict[str, list[float]] = {"alone": [], "held": [], "autograd": []}
+    for _ in range(reps):
+        times["alone"].append(timed(lambda: op.matmul(v), device)[1])
+        with op.weights_held():
+            op.matmul(v)  # the solve's first product looks at the weights
+            times["held"].append(timed(lambda: op.matmul(v), device)[1])
+        times["autograd"].append(
+            timed(
+                lambda: torch.autograd.grad(torch.dot(g, v[0]), tensors, retain_graph=True),
+                device,
+            )[1]
+        )
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    for name, label in (
+        ("alone", "HVP, block 1 (kept graph), a call alone"),
+        ("held", "HVP, block 1 (kept graph), in a solve (weights held)"),
+        ("autograd", "HVP, block 1, autograd alone on the kept graph"),
+    ):
+        print(f"{label:60s} {ms[name]:9.2f} ms", flush=True)
+    print(
+        f"#   the engine's own share: {ms['alone'] - ms['autograd']:.2f} ms a call alone, "
+        f"{ms['held'] - ms['autograd']:.2f} ms in a solve",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,6 +119,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
+    # As peers.py and the engine's float32 products: cuDNN's TF32, on by default in PyTorch,
+    # made the eager rows below (the third to twenty-third sessions') faster than any product
+    # the engine takes (a gradient 7.3 instead of 12.2 ms on an H200).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     model = build_model(args.model, input_shape=(3, 32, 32), num_classes=10).to(device).eval()
     g = torch.Generator().manual_seed(0)
@@ -105,7 +144,8 @@ def main() -> None:
         print(f"{name:60s} {1e3 * secs:9.2f} ms", flush=True)
 
     v = torch.randn(1, n, device=device)
-    row("HVP, block 1 (kept graph)", lambda: op.matmul(v))
+    engine_share(op, v, device, 10 * args.reps)
+    row("values digest (weights changed through .data?)", op._values_digest)
     for m in (6, 20):
         Q = orthonormalize_against(torch.randn(m, n, device=device), None)
         HQ = torch.randn(m, n, device=device)

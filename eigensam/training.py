@@ -72,7 +72,8 @@ from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.inputs import input_tensors, inputs_to, rows, run_model
 from hessian_cli.engine.model_mode import batch_statistics_error
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.errors import NotFinite, UserError
+from hessian_cli.errors import NotFinite, UserError, first_line
+from hessian_cli.presentation import counted
 from hessian_cli.specs import (
     analysis_batches,
     build_model,
@@ -81,6 +82,7 @@ from hessian_cli.specs import (
     check_fits,
     check_targets,
     default_loss,
+    embedding_reach,
     get_loss,
     load_data,
     save_checkpoint,
@@ -207,6 +209,7 @@ class _Run:
             1, n // self.global_batch + (n % self.global_batch >= 2 * self.world)
         )
         self.total_steps = config.epochs * self.steps_per_epoch
+        self._batch_in_step: list[Batch] = []  # the training batch of the step under way
         self.test_batches = (
             analysis_batches(self.data.test, batch_size=config.batch_size, token_ids=self.token_ids)
             if self.data.test is not None
@@ -427,6 +430,16 @@ class _Run:
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "
                 f"diverge again: start a new run with a lower {self._divergence_knobs()}."
             ) from None
+        except IndexError as exc:  # a batch past the two samples check_fits ran
+            self._flush()
+            batches = [*self._batch_in_step, *self.test_batches]
+            reach = embedding_reach(self.model, (x for x, _ in batches), exc)
+            if not reach:
+                raise
+            raise UserError(
+                f"The data does not fit the model after {counted(self.step, 'step')} (epoch "
+                f"{self.epoch + 1}): {first_line(exc)}{reach}; stopped."
+            ) from exc
         except torch.cuda.OutOfMemoryError as exc:
             # The weights may be mid-step (perturbed): nothing is saved from them.
             self._flush()
@@ -492,6 +505,7 @@ class _Run:
         there pick and how many it holds (one per sample, or per token), what its loss averages
         over (its samples, or its labels: ``batch_weight``), the lr."""
         x, y = batch
+        self._batch_in_step = [batch]  # what an IndexError's message looks through
         opt, model = self.optimizer, self.model
         lr = self._lr()
         for group in opt.param_groups:

@@ -44,6 +44,7 @@ from hessian_cli.errors import (
     Terminated,
     UserError,
     described,
+    first_line,
     out_of_host_memory,
 )
 from hessian_cli.specs import (
@@ -60,6 +61,7 @@ from hessian_cli.specs import (
     check_targets,
     checkpoint_order_key,
     default_loss,
+    embedding_reach,
     get_loss,
     list_checkpoints,
     load_checkpoint,
@@ -348,6 +350,13 @@ def analyze_checkpoint(
     )
     try:
         return _run_solvers(ckpt, request, s, init, progress)
+    except IndexError as exc:  # a batch past the two samples check_fits ran
+        reach = embedding_reach(s.model, (x for x, _ in s.batches + s.minibatches), exc)
+        if not reach:
+            raise
+        raise UserError(
+            f"The data does not fit the model analysing {ckpt.label}: {first_line(exc)}{reach}."
+        ) from exc
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
             f"CUDA ran out of memory analysing {ckpt.label}: try a smaller --batch-size "

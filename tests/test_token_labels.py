@@ -257,6 +257,35 @@ def test_padding_everywhere_or_in_a_whole_batch_is_one_sentence(capsys, tmp_path
     assert code == 2 and "holds no class label of 0 or more (only negative ones, or -100" in err
 
 
+def test_a_token_id_past_the_embedding_in_a_later_batch_is_one_sentence(
+    capsys, tmp_path, code_file
+):
+    """The fit check runs two samples; a token id past the table further on stopped analyze and
+    train with "unexpected IndexError: index out of range in self"."""
+    late = tmp_path / "late.py"
+    late.write_text(
+        CODE + "\ndef late_oov():\n    d = Text()\n    d.ids[20, 1] = 9\n    return d\n"
+    )
+    ckpt = tmp_path / "lm.pt"
+    torch.save(NS["TinyLM"]().state_dict(), ckpt)
+    specs = ["--model", f"{code_file}:lm", "--data", f"{late}:late_oov", "--batch-size", "4"]
+    code, _, err = run(capsys, "analyze", ckpt, *specs, "--num-samples", "24", "--top-k", "1")
+    assert code == 2
+    assert one_sentence(err) == (
+        "error: The data does not fit the model analysing lm.pt: index out of range in self "
+        "(its integer inputs reach 9, and the model's embedding tables hold 6 rows)."
+    )
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *specs, "--epochs", "1", "--out", out, "-q")
+    assert code == 2
+    said = one_sentence(err)
+    assert said.startswith("error: The data does not fit the model after "), said
+    assert said.endswith(
+        "(epoch 1): index out of range in self (its integer inputs reach 9, and the model's "
+        "embedding tables hold 6 rows); stopped."
+    ), said
+
+
 @pytest.mark.parametrize("loss", ["torch.nn:CrossEntropyLoss", "hand"])
 def test_a_users_loss_takes_padded_labels_too(capsys, tmp_path, code_file, loss):
     """Only the built-in ce skipped -100: torch's own CrossEntropyLoss was refused ("label -100

@@ -20,7 +20,7 @@ from hessian_cli.specs.data import (
     check_root_options,
     load_data,
 )
-from hessian_cli.specs.fit import check_fits, model_device, takes_token_ids
+from hessian_cli.specs.fit import check_fits, embedding_reach, model_device, takes_token_ids
 from hessian_cli.specs.losses import BUILTIN_LOSSES, check_targets, default_loss, get_loss
 from hessian_cli.specs.models import BUILTIN_MODELS, build_model
 from hessian_cli.specs.user_code import absolute, anchored, load_object
@@ -41,6 +41,7 @@ __all__ = [
     "cast_inputs",
     "check_finite",
     "check_fits",
+    "embedding_reach",
     "check_labels",
     "check_root_options",
     "check_targets",

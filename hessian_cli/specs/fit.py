@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) ->
     except _MISFIT as exc:
         raise UserError(
             f"The data (samples of {describe_samples(x)}) does not fit the model: "
-            f"{first_line(exc)}{_beyond_embeddings(model, x, exc)}."
+            f"{first_line(exc)}{embedding_reach(model, [x], exc)}."
         ) from exc
     finally:
         model.train(was_training)
@@ -106,12 +106,14 @@ def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) ->
         )
 
 
-def _beyond_embeddings(model: nn.Module, x: Inputs, exc: BaseException) -> str:
-    """Where an embedding lookup failed ("index out of range in self"): how far the data's
-    integer inputs reach beside the model's tables, which torch's words leave out."""
+def embedding_reach(model: nn.Module, inputs: Iterable[Inputs], exc: BaseException) -> str:
+    """Where an embedding lookup failed ("index out of range in self"): how far the integer
+    inputs of the batches it may have been in reach beside the model's tables, which torch's
+    words leave out; "" where it was not such a lookup."""
     sizes = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
     ids = [
         t
+        for x in inputs
         for t in input_tensors(x)
         if t.numel() and not (t.is_floating_point() or t.dtype == torch.bool)
     ]

@@ -223,7 +223,6 @@ class HessianOperator:
         self._graph_values = torch.zeros(0, dtype=torch.float64)  # and their _values_digest
         self._holding = 0  # depth of weights_held() blocks
         self._looked = False  # whether the weights were looked at inside the current one
-        self._held_digest: torch.Tensor | None = None  # their _values_digest, taken there once
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_checked = False  # whether a first-order graph was seen to be differentiable
         self._forward_checked = False  # whether a forward pass was seen to draw no random numbers
@@ -460,10 +459,14 @@ class HessianOperator:
         out = torch.zeros_like(V)
         if not self._looked:
             self._drop_graphs_of_changed_values()
-        # Products need autograd, also for a caller inside torch.no_grad() (an optimizer's step).
-        # The model's forward mode is set where a forward runs (a graph's build, torch.func):
-        # a kept graph's product runs none, and setting it walked every module at each call.
-        with torch.enable_grad(), numerics(self.precision, self.device):
+        # Products need autograd, also for a caller inside torch.no_grad() (an optimizer's step),
+        # and the forward mode also where a kept graph is differentiated: a non-reentrant
+        # torch.utils.checkpoint runs its block's forward again inside the backward.
+        with (
+            torch.enable_grad(),
+            forward_mode(self.model, self.bn),
+            numerics(self.precision, self.device),
+        ):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
                 out.add_(self._batch_hvp(i, x, y, V), alpha=w)
         if self.distributed:
@@ -489,17 +492,18 @@ class HessianOperator:
         sum of each, 2 ms a product of ResNet-20 on one input on the CPU (autograd's own double
         backward: 8 ms), and on a GPU, where products wait on the host, a kernel per tensor.
         The solvers hold the weights for a whole solve, in which nothing writes them; a caller
-        may hold them likewise.
+        may hold them likewise. A graph built inside still records the weights' values as
+        they are then, for the products after the block.
         """
         if not self._holding:
-            self._looked, self._held_digest = False, None
+            self._looked = False
         self._holding += 1
         try:
             yield
         finally:
             self._holding -= 1
             if not self._holding:
-                self._looked, self._held_digest = False, None
+                self._looked = False
 
     __matmul__ = matmul
 
@@ -594,19 +598,17 @@ class HessianOperator:
             return self._graphs[i]
         x, y = self.batches[i]
         before = self._allocated()
-        with forward_mode(self.model, self.bn):
-            loss = self._batch_loss(x, y)
-            parts = self._derivatives(loss, create_graph=True)
-            used = [p is not None for p in parts]
-            # An unused parameter has no gradient: its Hessian rows and columns are zero.
-            # nn.Embedding(sparse=True) gives a sparse gradient; its dense form is
-            # differentiable.
-            flat = [dense(p).reshape(-1) for p in parts if p is not None]
-            g = torch.cat(flat) if any(used) else None
-            if not self._graph_checked:
-                _check_twice_differentiable(loss, g)
-                self._check_unused(x, y, used)
-                self._graph_checked = True
+        loss = self._batch_loss(x, y)
+        parts = self._derivatives(loss, create_graph=True)
+        used = [p is not None for p in parts]
+        # An unused parameter has no gradient: its Hessian rows and columns are zero.
+        # nn.Embedding(sparse=True) gives a sparse gradient; its dense form is differentiable.
+        flat = [dense(p).reshape(-1) for p in parts if p is not None]
+        g = torch.cat(flat) if any(used) else None
+        if not self._graph_checked:
+            _check_twice_differentiable(loss, g)
+            self._check_unused(x, y, used)
+            self._graph_checked = True
         if self._keeps(lambda: self._graph_size(before, loss, g)):
             self._graphs[i] = (loss, g, used)
         # After each build, kept or not: a forward that updates a buffer of its own (a counter)
@@ -707,17 +709,11 @@ class HessianOperator:
             self.release()
 
     def _values_digest(self) -> torch.Tensor:
-        """The sum of each parameter and buffer, in float64, on the operator's device (taken
-        once inside :meth:`weights_held`)."""
-        if self._held_digest is not None:
-            return self._held_digest
+        """The sum of each parameter and buffer, in float64, on the operator's device."""
         with torch.no_grad():
             tensors = (*self.model.parameters(), *self.model.buffers())
             sums = [torch.sum(t.detach(), dtype=torch.float64).to(self.device) for t in tensors]
-            digest = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
-        if self._holding:
-            self._held_digest = digest
-        return digest
+            return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
 
     def _versions(self) -> tuple[tuple[int, int], ...]:
         """The storage and in-place change counter of each tensor a kept graph depends on."""
@@ -823,8 +819,7 @@ class HessianOperator:
         def hvp_one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return jvp(grad_fn, (primals,), (tuple(self.space.unflatten(v)),))[1]
 
-        with forward_mode(self.model, self.bn):
-            parts = vmap(hvp_one)(V)
+        parts = vmap(hvp_one)(V)
         return self.space.flatten_batched(parts, V.shape[0])
 
     def release(self) -> None:

@@ -25,7 +25,10 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Put back what :func:`capture_rng` saved (CUDA states only where there is CUDA)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A run saved on more GPUs than are visible now: the ones there are (set_rng_state_all
+        # raised IndexError past the last, and the resume stopped unexplained).
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 class DataOrder:

@@ -36,7 +36,8 @@ needs_gloo = pytest.mark.skipif(
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # No GPU for the ranks: on a machine of one GPU, `auto` refuses a second rank a CUDA device.
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env

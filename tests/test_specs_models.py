@@ -181,7 +181,8 @@ def test_torchvision_missing_is_a_user_error() -> None:
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed")
 def test_torchvision_model_takes_classes_from_data() -> None:
     model = build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_classes=7)
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    # eval mode: one input reaches the last BatchNorm at 1x1 (training mode refuses it)
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
     with pytest.raises(UserError, match="no model"):
         build_model("torchvision:nonexistent_net", input_shape=(3, 32, 32), num_classes=7)
 

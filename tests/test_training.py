@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from eigensam.determinism import restore_rng
 from eigensam.refresh import DEFAULT_TOL as REFRESH_TOL
 from eigensam.tracking import TRACK_TOL
 from eigensam.training import (
@@ -51,6 +52,7 @@ def config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
         eig_every=4,
         track_every=5,
         out=str(tmp_path / name),
+        device="cpu",  # runs compared bit for bit: cuDNN's kernels need not repeat theirs
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -315,6 +317,20 @@ def test_existing_run_is_refused_and_untouched(tmp_path):
     changed.lr = 0.5
     with pytest.raises(UserError, match="--lr differ"):
         train(changed, resume_dir=run)
+
+
+def test_a_run_saved_on_more_gpus_than_there_are_now_resumes_on_those_there_are(monkeypatch):
+    """The saved CUDA generators past the last visible device are left: torch's
+    set_rng_state_all raised IndexError there (a checkpoint of 2 GPUs resumed on 1)."""
+    set_states: list[tuple[int, torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: set_states.append((i, s)))
+    saved = [torch.full((8,), 1, dtype=torch.uint8), torch.full((8,), 2, dtype=torch.uint8)]
+    cpu = torch.get_rng_state()
+    restore_rng({"torch": cpu, "cuda": saved})
+    assert [(i, int(s[0])) for i, s in set_states] == [(0, 1)]
+    assert torch.equal(torch.get_rng_state(), cpu)
 
 
 def test_resume_with_max_steps_the_run_has_reached_is_refused(tmp_path):

@@ -432,7 +432,7 @@ class _Run:
             ) from None
         except IndexError as exc:  # a batch past the two samples check_fits ran
             self._flush()
-            batches = [*self._batch_in_step, *self.test_batches]
+            batches = [*self._batch_in_step, self.track_batch, *self.test_batches]
             reach = embedding_reach(self.model, (x for x, _ in batches), exc)
             if not reach:
                 raise

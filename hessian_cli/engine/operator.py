@@ -495,8 +495,6 @@ class HessianOperator:
         may hold them likewise. A graph built inside still records the weights' values as
         they are then, for the products after the block.
         """
-        if not self._holding:
-            self._looked = False
         self._holding += 1
         try:
             yield

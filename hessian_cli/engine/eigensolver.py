@@ -800,9 +800,13 @@ def _warm_rows(init: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
     rows = init.reshape(-1, n)
     rows = rows[torch.isfinite(rows).all(1) & (rows != 0).any(1)]
     if len(rows) > block:
-        owner = torch.arange(len(rows), device=rows.device) % block
         unit = rows / norms(rows)[:, None]
-        rows = torch.zeros_like(rows[:block]).index_add_(0, owner, unit)
+        # Summed block by block in order, not by index_add_ (atomic, in no set order, on CUDA):
+        # a warm-started series repeats itself bit for bit.
+        rows = unit[:block].clone()
+        for start in range(block, len(unit), block):
+            part = unit[start : start + block]
+            rows[: len(part)] += part
         rows = rows[norms(rows) > 1e-3]  # rows that cancel out (v and -v) sum to nothing
     return rows if len(rows) else None
 

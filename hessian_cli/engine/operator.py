@@ -584,7 +584,7 @@ class HessianOperator:
         # autograd had saved raised its own error instead). Seen here: in-place changes (their
         # version counters) and new tensors (their storage), of every parameter, also those
         # not analysed; writes through ``.data``, which move neither, by their values once per
-        # call (_drop_graphs_of_changed_values).
+        # call (_drop_graphs_of_changed_values). Both once per solve inside weights_held.
         if not self._looked:
             versions = self._versions()
             if versions != self._graph_versions:
@@ -697,7 +697,8 @@ class HessianOperator:
         :meth:`_versions`: writes through ``.data`` (an EMA's ``p.data.lerp_``, a
         ``p.data.copy_``) move no version counter, and the products were of the old weights,
         certified (a 0.64 top eigenvalue reported where it was 0.95). One sum per tensor, read
-        once per call; a change that keeps every tensor's sum (a permutation) is not seen."""
+        once per call (per solve inside weights_held); a change that keeps every tensor's sum (a
+        permutation) is not seen."""
         if not self._graphs:
             return
         now, then = self._values_digest(), self._graph_values

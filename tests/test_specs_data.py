@@ -281,6 +281,25 @@ def test_user_train_test_pair(user_file: Path) -> None:
     assert len(data.test) == 2
 
 
+def test_labels_numpy_cannot_take_are_counted_as_tensors(tmp_path: Path) -> None:
+    """A dataset cached on the GPU holds CUDA labels, which numpy refuses: the classes were
+    not counted ("labels must be integers")."""
+    cached = tmp_path / "cached.py"
+    cached.write_text(
+        "import torch\n"
+        "class OnDevice(torch.Tensor):  # numpy refuses it, as a CUDA tensor\n"
+        "    def __array__(self, *args, **kwargs):\n"
+        '        raise TypeError("can\'t convert cuda:0 device type tensor to numpy")\n'
+        "class Cached(torch.utils.data.Dataset):\n"
+        "    targets = torch.tensor([0, 4, 1, 2, 1, 0]).as_subclass(OnDevice)\n"
+        "    def __len__(self):\n"
+        "        return 6\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.zeros(3), int(self.targets[i])\n"
+    )
+    assert load_data(f"{cached}:Cached").num_classes == 5
+
+
 def test_user_loader_takes_its_dataset_and_class_attribute(user_file: Path) -> None:
     data = load_data(f"{user_file}:loader")
     assert type(data.train).__name__ == "Squares"

@@ -642,7 +642,8 @@ def _top_label(datasets: list[Any]) -> int:
                 else getattr(ds, "labels", None)
             )
         if labels is not None:
-            top = max(top, int(torch.as_tensor(np.asarray(labels)).max()))
+            # A tensor as it is: numpy cannot take one on a GPU (a dataset cached there).
+            top = max(top, int(_as_tensor(labels).max()))
             continue
         for i in range(min(len(ds), _SCAN_LIMIT)):
             labels = torch.as_tensor(ds[i][1])

@@ -50,12 +50,13 @@ def test_auto_backend_on_cuda_matches_dense_hessian(name):
     assert op.backends_used == {"func", "double-backward"}
 
 
-def test_float32_eigenpairs_on_cuda_are_full_precision():
+def test_float32_eigenpairs_on_cuda_are_full_precision(monkeypatch):
     case = CASES["cnn-bn"]
     H = _dense(case)
     values = torch.linalg.eigvalsh(H).flip(0)
     model, batches = _on_cuda(case, torch.float32)
-    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default: "full" must switch it off
+    # PyTorch's default, set by a legacy user: "full" must switch it off (put back after).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     res = eigenpairs(HessianOperator(model, case.loss, batches), 3, tol=1e-4)
     assert res.all_converged
     torch.testing.assert_close(res.eigenvalues, values[:3], rtol=0, atol=1e-4 * values[0])
@@ -154,6 +155,11 @@ def test_train_and_analyze_commands_run_on_cuda(tmp_path, device="cuda"):
         + ["--epochs", "1", "--eig-every", "10", "--device", device, "--out", str(run)],
     )
     assert trained.exit_code == 0, trained.output
+    # Its tensors on the CPU, so that a plain torch.load reads it where there is no GPU.
+    saved = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
+    moments = saved["optimizer"]["base_state"][0]["momentum_buffer"]
+    tensors = [*saved["model"].values(), saved["optimizer"]["state"][0]["eigenvector"], moments]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
     results = {}
     for where in ("cpu", device):
         analysed = runner.invoke(

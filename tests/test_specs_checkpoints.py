@@ -141,6 +141,38 @@ def test_save_checkpoint_round_trip_loads_weights_only(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]  # no temp files left
 
 
+class OnAnotherDevice(torch.Tensor):
+    """A tensor that says it lies on a GPU, to follow the CPU copies a checkpoint makes of one."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+    def cpu(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_save_checkpoint_writes_tensors_of_a_gpu_on_the_cpu(tmp_path: Path) -> None:
+    """A run trained on a GPU saved CUDA tensors, which a plain torch.load refuses on a machine
+    without one; a view saved twice (tied weights) is copied once."""
+    weight = torch.randn(3, 4).as_subclass(OnAnotherDevice)
+    momentum = torch.randn(3, 4).as_subclass(OnAnotherDevice)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(
+        path,
+        state_dict={"embed": weight, "head": weight, "bias": torch.zeros(3)},
+        metadata={"step": 1},
+        extra={"optimizer": {"state": {0: {"momentum_buffer": momentum}}, "groups": [momentum]}},
+    )
+    plain = torch.load(path, weights_only=True)
+    model, state = plain["model"], plain["optimizer"]
+    tensors = [*model.values(), state["state"][0]["momentum_buffer"], *state["groups"]]
+    assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    assert torch.equal(model["embed"], weight.as_subclass(torch.Tensor))
+    assert model["embed"].data_ptr() == model["head"].data_ptr()  # one copy, stored once
+    assert state["groups"][0].data_ptr() == state["state"][0]["momentum_buffer"].data_ptr()
+
+
 def test_save_checkpoint_safetensors_round_trip(tmp_path: Path) -> None:
     state = small_state()
     path = tmp_path / "ckpt.safetensors"

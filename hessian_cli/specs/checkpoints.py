@@ -655,11 +655,13 @@ def save_checkpoint(
     ``extra``.
     """
     path = Path(path).expanduser()
-    state = {k: v.detach() for k, v in state_dict.items()}
+    copies: dict[tuple, torch.Tensor] = {}
+    state = _on_cpu({k: v.detach() for k, v in state_dict.items()}, copies)
     _check_safe(state, "state_dict")
     _check_safe(metadata, "metadata")
     if extra:
         _check_safe(extra, "extra")
+        extra = _on_cpu(extra, copies)
         clash = sorted({"format", "version", "model", "hessian_cli"} & set(extra))
         if clash:
             raise ValueError(f"extra may not use the reserved key(s) {clash}")
@@ -697,6 +699,25 @@ def _write_safetensors(fh: Any, state: dict[str, torch.Tensor], metadata: dict[s
 
     tensors = {k: v.cpu().contiguous().clone() for k, v in state.items()}
     fh.write(save(tensors, metadata={"hessian_cli": json.dumps(metadata)}))
+
+
+def _on_cpu(obj: Any, copies: dict[tuple, torch.Tensor]) -> Any:
+    """``obj`` with its tensors on the CPU: a run trained on a GPU saved CUDA tensors, which a
+    plain ``torch.load`` on a machine without one refuses. The same view (tied weights) is
+    copied once, as torch.save stores it once."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride())
+        key = (*key, obj.dtype, obj.device)
+        if key not in copies:
+            copies[key] = obj.detach().cpu()
+        return copies[key]
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v, copies) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_on_cpu(v, copies) for v in obj)
+    return obj
 
 
 def _check_safe(obj: Any, where: str) -> None:

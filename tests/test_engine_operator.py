@@ -583,6 +583,33 @@ def test_a_solve_walks_the_weights_a_few_times_and_a_change_after_it_is_seen(mon
         torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
 
 
+def test_a_solve_walks_the_models_modules_once_and_leaves_their_modes(monkeypatch):
+    """The forward mode's walks over every module (eval mode, RNNs, weight norm: ~0.8 ms a
+    product of ResNet-20 on the CPU) run once per solve; a model in training mode is analysed
+    in eval mode and left in training mode, also between solves."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), torch.nn.Dropout(0.4), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    x, y = _data()
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    H = dense_hessian(model, F.cross_entropy, [(x, y)], op.space)  # in eval mode: no dropout
+    walks, walk = [0], model.modules
+
+    def counted(*args, **kwargs):
+        walks[0] += 1
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(model, "modules", counted)
+    for _ in range(2):
+        model.train()  # a training loop's model, between solves
+        walks[0], before = 0, op.hvp_count
+        res = eigenpairs(op, 3, tol=1e-8)
+        assert op.hvp_count - before >= 10 and walks[0] <= 2, (op.hvp_count - before, walks)
+        torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:3])
+        assert all(m.training for m in walk())
+
+
 class _Checkpointed(torch.nn.Module):
     """A block under a non-reentrant torch.utils.checkpoint: its forward runs again inside the
     backward, also inside the products' double backward."""

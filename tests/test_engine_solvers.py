@@ -21,7 +21,7 @@ from hessian_cli.engine.convergence import eigenvalue_error_bounds
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.linalg import gram, norms, orthonormalize_against
+from hessian_cli.engine.linalg import all_finite, gram, norms, orthonormalize_against
 from hessian_cli.engine.linear_operator import DiagonalOperator, MatrixOperator
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
@@ -1252,6 +1252,17 @@ def test_residuals_are_verified_in_full_precision():
     assert res.stop_reason != "converged" and not res.converged.any()
     exact = torch.linalg.eigvalsh(H).flip(0)[:2]
     assert torch.all((res.eigenvalues - exact).abs() / exact.abs() <= res.errors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_sees_any_nan_or_infinity(dtype):
+    t = torch.randn(2, 1000, dtype=dtype) * 1e30 if dtype != torch.bfloat16 else torch.randn(9)
+    assert all_finite(t) and all_finite(t[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 7, t.numel() - 1):
+            u = t.clone()
+            u.view(-1)[where] = bad
+            assert not all_finite(u), (bad, where)
 
 
 def test_gram_in_float64_from_float32_chunks():

@@ -21,10 +21,11 @@ from torch.func import grad, jvp, vmap
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
 from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
-from hessian_cli.engine.linalg import norms
+from hessian_cli.engine.linalg import all_finite, norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.model_mode import (
     BNMode,
+    ModelLayout,
     batch_statistics_error,
     forward_mode,
     has_batchnorm,
@@ -223,6 +224,7 @@ class HessianOperator:
         self._graph_values = torch.zeros(0, dtype=torch.float64)  # and their _values_digest
         self._holding = 0  # depth of weights_held() blocks
         self._looked = False  # whether the weights were looked at inside the current one
+        self._layout: ModelLayout | None = None  # the model's modules, as found at that look
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_checked = False  # whether a first-order graph was seen to be differentiable
         self._forward_checked = False  # whether a forward pass was seen to draw no random numbers
@@ -456,22 +458,29 @@ class HessianOperator:
             return torch.zeros(0, self.n, dtype=self.dtype, device=self.device)
         start = time.perf_counter()
         V = V.to(device=self.device, dtype=self.dtype)
-        out = torch.zeros_like(V)
+        out: torch.Tensor | None = None
         if not self._looked:
             self._drop_graphs_of_changed_values()
+            self._layout = ModelLayout.of(self.model)
         # Products need autograd, also for a caller inside torch.no_grad() (an optimizer's step),
         # and the forward mode also where a kept graph is differentiated: a non-reentrant
         # torch.utils.checkpoint runs its block's forward again inside the backward.
         with (
             torch.enable_grad(),
-            forward_mode(self.model, self.bn),
+            forward_mode(self.model, self.bn, self._layout),
             numerics(self.precision, self.device),
         ):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
-                out.add_(self._batch_hvp(i, x, y, V), alpha=w)
+                part = self._batch_hvp(i, x, y, V)  # a new tensor: scaled in place
+                if out is None:
+                    out = part if w == 1 else part.mul_(w)
+                else:
+                    out.add_(part, alpha=w)
+        if out is None:  # a rank without batches
+            out = torch.zeros_like(V)
         if self.distributed:
             dist_utils.all_reduce_sum(out)
-        if not bool(torch.isfinite(out).all()):  # the solvers would fail later, less clearly
+        if not all_finite(out):  # the solvers would fail later, less clearly
             raise (dist_utils.CollectiveNotFinite if self.distributed else NotFinite)(
                 "The Hessian-vector products are not finite (NaN or inf): the loss's second "
                 "derivatives are undefined or infinite at these weights."
@@ -484,7 +493,8 @@ class HessianOperator:
 
     @contextlib.contextmanager
     def weights_held(self) -> Iterator[None]:
-        """Products inside look for changed weights at the first call only.
+        """Products inside look for changed weights (and walk the model's modules for its
+        forward mode) at the first call only.
 
         A kept graph is of the weights it was built at, so each product compares the weights'
         version counters and values with those (:meth:`_first_order_graph`,
@@ -528,7 +538,7 @@ class HessianOperator:
                     raise
                 continue
             start += size
-        return torch.cat(parts).to(V.dtype)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(V.dtype)
 
     def _hvp(
         self, backend: str, i: int, x: Inputs, y: torch.Tensor, V: torch.Tensor
@@ -782,7 +792,7 @@ class HessianOperator:
             gv = torch.dot(g, Vu[j])
             parts = torch.autograd.grad(gv, keep, retain_graph=True, allow_unused=True)
             rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
-        return torch.cat(rows)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def _used_columns(self, used: list[bool]) -> torch.Tensor | None:
         """Indices of the used parameters' entries (built once per pattern: n-long on the host)."""

@@ -200,6 +200,28 @@ class Checkpointed(MLP):
         return checkpoint(self.fc2, self.act(self.fc1(x)), use_reentrant=self.reentrant)
 
 
+class CheckpointedNorms(MLP):
+    """A weight-normed layer and two BatchNorms by running statistics (one without affine
+    parameters, another eps) in a non-reentrant checkpoint, which runs them again inside the
+    backward passes: the analysis composes weight norm as its formula in there too (through a
+    TorchFunctionMode, which is off inside autograd.grad, torch raised CheckpointError)."""
+
+    def __init__(self, weight_norm: Callable[[nn.Module], nn.Module]) -> None:
+        super().__init__(weight_norm)
+        self.bn1, self.bn2 = nn.BatchNorm1d(6, eps=1e-3, affine=False), nn.BatchNorm1d(6)
+        with torch.no_grad():  # running statistics of a trained model
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+            self.bn2.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = checkpoint(
+            lambda t: torch.tanh(self.bn2(self.bn1(self.fc1(t)))), x, use_reentrant=False
+        )
+        return self.fc2(h)
+
+
 class NormedCheckpoint(MLP):
     """A reentrant checkpoint of the first block on the data, normalised after: moving its
     weights all by one constant changes nothing a LayerNorm lets through."""
@@ -260,6 +282,8 @@ ARCHS = {
     "buffers-frozen": Arch(Normalised, "vectors"),
     "in-place": Arch(InPlace, "vectors"),
     "checkpoint": Arch(lambda: Checkpointed(reentrant=False, part="hidden"), "vectors"),
+    "checkpointed-norms": Arch(lambda: CheckpointedNorms(parametrizations.weight_norm), "vectors"),
+    "checkpointed-norms-hook": Arch(lambda: CheckpointedNorms(old_weight_norm), "vectors"),
     "custom-function": Arch(lambda: MLP(act=Softplus.apply), "vectors"),
     "mse": Arch(lambda: MLP(out=2), "targets", F.mse_loss),
 }

@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
-from torch.overrides import TorchFunctionMode
 
 from hessian_cli.engine.inputs import Inputs, run_model
 from hessian_cli.errors import UserError, first_line
@@ -43,7 +42,7 @@ class ModelLayout:
     modules: tuple[nn.Module, ...]
     batchnorms: tuple[nn.modules.batchnorm._BatchNorm, ...]
     rnn: bool
-    weight_norm: bool
+    weight_norms: tuple[_WeightNorm | WeightNorm, ...]  # parametrizations and older hooks
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelLayout:
@@ -52,7 +51,12 @@ class ModelLayout:
             modules,
             tuple(m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)),
             any(isinstance(m, nn.RNNBase) for m in modules),
-            any(_weight_normed(m) for m in modules),
+            tuple(
+                w
+                for m in modules
+                for w in (m, *m._forward_pre_hooks.values())
+                if isinstance(w, (_WeightNorm, WeightNorm))
+            ),
         )
 
 
@@ -113,7 +117,7 @@ def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) ->
     Attention by its math kernel: the fused ones (flash, memory-efficient; on the CPU too) have no
     derivative of their backward, and every product failed in torch's words. RNNs without cuDNN,
     whose backward runs only in training mode and has no derivative either. Weight norm by its
-    formula (:class:`_ComposedWeightNorm`).
+    formula (:func:`_composed_weight_norm`).
     """
     layout = layout or ModelLayout.of(model)
     cudnn = torch.backends.cudnn.enabled
@@ -122,35 +126,57 @@ def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) ->
             torch.backends.cudnn.enabled = False
         with (
             sdpa_kernel(SDPBackend.MATH),
-            _ComposedWeightNorm() if layout.weight_norm else contextlib.nullcontext(),
+            _composed_weight_norm(layout.weight_norms),
         ):
             yield
     finally:
         torch.backends.cudnn.enabled = cudnn
 
 
-def _weight_normed(m: nn.Module) -> bool:
-    """Whether ``m`` is weight norm (``parametrizations.weight_norm``) or has the older hook."""
-    return isinstance(m, _WeightNorm) or any(
-        isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()
-    )
+@contextlib.contextmanager
+def _patched(patches: Sequence[tuple[object, str, Callable[..., Any]]]) -> Iterator[None]:
+    """Each ``(obj, name, fn)``: ``fn`` as ``obj``'s own ``name`` inside, as before after.
+
+    Set on the objects, not through a TorchFunctionMode: a mode is off inside its own calls,
+    such as ``autograd.grad``, where a non-reentrant ``torch.utils.checkpoint`` runs its
+    block's forward again and must save what the first forward saved (torch's CheckpointError
+    for a weight-normed layer in such a block, under the mode this replaced).
+    """
+    saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in patches]
+    try:
+        for obj, name, fn in patches:
+            setattr(obj, name, fn)
+        yield
+    finally:
+        for obj, name, own in saved:
+            if own is None:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, own)
 
 
-class _ComposedWeightNorm(TorchFunctionMode):
-    """``torch._weight_norm`` as its formula, ``v * (g / ||v||)``, the kernel's own fallback: the
-    fused kernel's double backward drops the terms through the norm (torch 2.13, CPU: a weight-
+def _weight_norm_formula(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+def _composed_weight_norm(
+    weight_norms: Sequence[_WeightNorm | WeightNorm],
+) -> contextlib.AbstractContextManager[None]:
+    """Weight norm as its formula, ``v * (g / ||v||)``, the kernel's own fallback: the fused
+    kernel's double backward drops the terms through the norm (torch 2.13, CPU: a weight-
     normed layer's Hessian 14% off, with no error)."""
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Sequence[type],
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            bound = dict(zip(("v", "g", "dim"), args, strict=False)) | kwargs
-            v, g = bound["v"], bound["g"]
-            return v * (g / torch.norm_except_dim(v, 2, bound.get("dim", 0)))
-        return func(*args, **kwargs)
+    patches: list[tuple[object, str, Callable[..., Any]]] = []
+    for w in weight_norms:
+        if isinstance(w, _WeightNorm):  # parametrizations.weight_norm: forward(g, v)
+            patches.append((w, "forward", lambda g, v, w=w: _weight_norm_formula(v, g, w.dim)))
+        else:  # the older hook: compute_weight(module)
+            patches.append(
+                (
+                    w,
+                    "compute_weight",
+                    lambda m, w=w: _weight_norm_formula(
+                        getattr(m, f"{w.name}_v"), getattr(m, f"{w.name}_g"), w.dim
+                    ),
+                )
+            )
+    return _patched(patches)

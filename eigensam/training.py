@@ -89,6 +89,7 @@ from hessian_cli.specs import (
     takes_token_ids,
 )
 from hessian_cli.specs.data import collate_samples, data_file_digest, unbatchable
+from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
@@ -192,6 +193,8 @@ class _Run:
             kwargs=config.model_kwargs,
         )
         self.model = model.to(self.device)
+        if self.device.type != "cpu":
+            guard_embedding_lookups(self.model)
         self.token_ids = takes_token_ids(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:

@@ -71,6 +71,7 @@ from hessian_cli.specs import (
 )
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS
 from hessian_cli.specs.data import data_names_code
+from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
 from hessian_cli.specs.models import model_names_code
 from hessian_cli.specs.user_code import split_user_spec
@@ -450,6 +451,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         raise
     check_real(model)  # before the cast, which would drop imaginary parts
     model = model.to(device=device, dtype=dtype)
+    if device.type != "cpu":
+        guard_embedding_lookups(model)
     token_ids = takes_token_ids(model)
     batches = analysis_batches(
         data.train,

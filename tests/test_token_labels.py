@@ -16,6 +16,7 @@ from eigensam.tracking import evaluate
 from hessian_cli.engine import HessianOperator, UserError
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.specs import analysis_batches, build_model, check_targets, load_data
+from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import cross_entropy, default_loss, labelled_count
 from hessian_cli.storage import read_metrics
 
@@ -284,6 +285,25 @@ def test_a_token_id_past_the_embedding_in_a_later_batch_is_one_sentence(
         "(epoch 1): index out of range in self (its integer inputs reach 9, and the model's "
         "embedding tables hold 6 rows); stopped."
     ), said
+
+
+def test_a_guarded_lookup_out_of_range_is_the_cpus_error_before_the_kernel(monkeypatch):
+    """Off the CPU (where analyze and train guard the model) the kernel meets a token id past
+    the table with a device-side assert: a RuntimeError no handler took, the CUDA context lost.
+    The guard raises the CPU's IndexError first; here on the CPU, with the kernel watched."""
+    model = torch.nn.Sequential(torch.nn.Embedding(6, 2), torch.nn.Flatten(), torch.nn.Linear(6, 2))
+    guard_embedding_lookups(model)
+    lookups = []
+    embedding = F.embedding
+    monkeypatch.setattr(
+        F, "embedding", lambda ids, *a, **k: lookups.append(ids) or embedding(ids, *a, **k)
+    )
+    model(torch.tensor([[1, 2, 5]]))  # in range: the kernel looks them up
+    assert len(lookups) == 1
+    for bad in (6, -1):
+        with pytest.raises(IndexError, match="index out of range in self"):
+            model(torch.tensor([[1, bad, 2]]))
+    assert len(lookups) == 1  # never reached
 
 
 @pytest.mark.parametrize("loss", ["torch.nn:CrossEntropyLoss", "hand"])

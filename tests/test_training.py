@@ -23,9 +23,9 @@ from eigensam.training import (
     StepDone,
     TrainConfig,
     latest_checkpoint,
-    load_config,
     train,
 )
+from eigensam.training import load_config as load_saved_config
 from hessian_cli.engine.distributed import PeerLost
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import load_checkpoint
@@ -56,6 +56,13 @@ def config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
     )
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def load_config(run_dir: Path) -> TrainConfig:
+    """A run's saved configuration, on the CPU as :func:`config` pins it: the device is a
+    run-time field, not saved, so a resume would take `auto` (CUDA where there is a GPU) and be
+    compared bit for bit with a run made on the CPU."""
+    return dataclasses.replace(load_saved_config(run_dir), device="cpu")
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

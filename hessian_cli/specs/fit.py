@@ -127,6 +127,26 @@ def embedding_reach(model: nn.Module, inputs: Iterable[Inputs], exc: BaseExcepti
     )
 
 
+def guard_embedding_lookups(model: nn.Module) -> None:
+    """Make an embedding lookup out of range raise the CPU's IndexError ("index out of range in
+    self") before its kernel runs: for models off the CPU, where CUDA's kernel meets it with a
+    device-side assert, a RuntimeError that none of the handlers of a lookup out of range
+    (``except IndexError``, :func:`embedding_reach`) takes, and after which the process's CUDA
+    context is unusable. Costs one reduction per lookup, waited for."""
+
+    def check(module: nn.Module, args: tuple) -> None:
+        ids = args[0] if args else None
+        if not (isinstance(ids, torch.Tensor) and ids.numel()):
+            return
+        low, high = torch.stack(torch.aminmax(ids)).tolist()
+        if low < 0 or high >= module.num_embeddings:
+            raise IndexError("index out of range in self")
+
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.register_forward_pre_hook(check)
+
+
 def _sums_over_the_batch(
     model: nn.Module, loss_fn: Callable, x: Inputs, y: torch.Tensor, pair_loss: torch.Tensor
 ) -> bool:

@@ -306,6 +306,23 @@ def test_a_guarded_lookup_out_of_range_is_the_cpus_error_before_the_kernel(monke
     assert len(lookups) == 1  # never reached
 
 
+def test_the_guard_leaves_lookups_it_cannot_see_to_the_kernel():
+    """A subclass with a forward of its own (BART's learned positions take the token ids for
+    their shape), a table grown by a new weight, and ids batched by vmap: none refused."""
+
+    class Positions(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(torch.arange(ids.shape[1]).expand(len(ids), -1))
+
+    positions, grown, plain = Positions(4, 2), torch.nn.Embedding(6, 2), torch.nn.Embedding(6, 2)
+    grown.weight = torch.nn.Parameter(torch.randn(10, 2))
+    for m in (positions, grown, plain):
+        guard_embedding_lookups(m)
+    assert positions(torch.tensor([[50, 60, 70]])).shape == (1, 3, 2)
+    assert grown(torch.tensor([[8]])).shape == (1, 1, 2)
+    assert torch.func.vmap(plain)(torch.tensor([[1, 5], [0, 2]])).shape == (2, 2, 2)
+
+
 @pytest.mark.parametrize("loss", ["torch.nn:CrossEntropyLoss", "hand"])
 def test_a_users_loss_takes_padded_labels_too(capsys, tmp_path, code_file, loss):
     """Only the built-in ce skipped -100: torch's own CrossEntropyLoss was refused ("label -100

@@ -132,18 +132,27 @@ def guard_embedding_lookups(model: nn.Module) -> None:
     self") before its kernel runs: for models off the CPU, where CUDA's kernel meets it with a
     device-side assert, a RuntimeError that none of the handlers of a lookup out of range
     (``except IndexError``, :func:`embedding_reach`) takes, and after which the process's CUDA
-    context is unusable. Costs one reduction per lookup, waited for."""
+    context is unusable. Costs one reduction per lookup, waited for.
+
+    Only plain lookups: a subclass with a forward of its own need not look its argument up
+    (a learned positional embedding, such as BART's or Whisper's, takes the token ids for their
+    shape). Checked against the table as it is (``weight``, which a grown table replaced without
+    ``num_embeddings``), and not inside a transform over the ids (``vmap``), whose values
+    cannot be read."""
 
     def check(module: nn.Module, args: tuple) -> None:
         ids = args[0] if args else None
-        if not (isinstance(ids, torch.Tensor) and ids.numel()):
+        if not (isinstance(ids, torch.Tensor) and ids.numel()) or ids.is_floating_point():
             return
-        low, high = torch.stack(torch.aminmax(ids)).tolist()
-        if low < 0 or high >= module.num_embeddings:
+        try:
+            low, high = torch.stack(torch.aminmax(ids)).tolist()
+        except RuntimeError:  # a tensor batched by vmap: no values here, the kernel checks
+            return
+        if low < 0 or high >= module.weight.shape[0]:
             raise IndexError("index out of range in self")
 
     for m in model.modules():
-        if isinstance(m, nn.Embedding):
+        if isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward:
             m.register_forward_pre_hook(check)
 
 

@@ -107,7 +107,7 @@ def composed_batchnorm(layers: list[torch.nn.Module]) -> Iterator[None]:
         yield
     finally:
         for m in layers:
-            del m.forward
+            m.__dict__.pop("forward", None)
 
 
 def batchnorm_candidate(

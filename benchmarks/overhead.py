@@ -134,6 +134,25 @@ def composed_batchnorm(layers: list[torch.nn.Module]) -> Iterator[None]:
             m.__dict__.pop("forward", None)
 
 
+def functional_loss(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[tuple[torch.Tensor, ...], Callable[..., torch.Tensor], Callable[..., tuple]]:
+    """The trainable parameters' values, the loss as a function of them (for torch.func), and
+    a flat vector as a tuple of tangents shaped like them."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    primals = tuple(p.detach() for p in model.parameters() if p.requires_grad)
+    sizes = [p.numel() for p in primals]
+    x, y = batch
+
+    def loss_of(ps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, dict(zip(names, ps, strict=True)), (x,)), y)
+
+    def tangents(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.view_as(p) for t, p in zip(v.split(sizes), primals, strict=True))
+
+    return primals, loss_of, tangents
+
+
 def batchnorm_candidate(
     model: torch.nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor],
@@ -146,6 +165,7 @@ def batchnorm_candidate(
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert all(m.affine and m.track_running_stats and not m.training for m in layers)
     params = [p for p in model.parameters() if p.requires_grad]
+    primals, loss_of, tangents = functional_loss(model, batch)
     x, y = batch
     V = torch.randn(8, sum(p.numel() for p in params), device=device)
     kept, blocks, times = {}, {}, {}
@@ -166,19 +186,9 @@ def batchnorm_candidate(
             return torch.cat([t.reshape(-1) for t in parts])
 
         def block(mode=mode) -> torch.Tensor:
-            primals = tuple(p.detach() for p in params)
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-
-            def loss_of(ps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-                return F.cross_entropy(
-                    functional_call(model, dict(zip(names, ps, strict=True)), (x,)), y
-                )
-
             def one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                tangents = tuple(t.view_as(p) for t, p in zip(v.split(sizes), primals, strict=True))
-                return jvp(grad(loss_of), (primals,), (tangents,))[1]
+                return jvp(grad(loss_of), (primals,), (tangents(v),))[1]
 
-            sizes = [p.numel() for p in primals]
             with mode():
                 parts = vmap(one)(V)
             return torch.cat([t.reshape(8, -1) for t in parts], dim=1)
@@ -208,17 +218,9 @@ def quadratic_candidate(
     no backward pass) beside torch.func's product (``jvp`` of ``grad``), vmapped over a block of
     8, per vector in gradients. On the CPU (ResNet-20, 16 inputs, 2 threads) each took 2.4 to 3.0
     gradients in two runs, neither ahead in both; a trace 4x PyHessian's needs about 0.7."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    primals = tuple(p.detach() for p in model.parameters() if p.requires_grad)
-    sizes = [p.numel() for p in primals]
+    primals, loss_of, tangents = functional_loss(model, batch)
     x, y = batch
-    V = torch.randn(8, sum(sizes), device=device)
-
-    def loss_of(ps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, dict(zip(names, ps, strict=True)), (x,)), y)
-
-    def tangents(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(t.view_as(p) for t, p in zip(v.split(sizes), primals, strict=True))
+    V = torch.randn(8, sum(p.numel() for p in primals), device=device)
 
     def product(v: torch.Tensor) -> torch.Tensor:
         parts = jvp(grad(loss_of), (primals,), (tangents(v),))[1]

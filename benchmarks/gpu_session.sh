@@ -15,5 +15,5 @@ echo "# gpu_tests.sh: exit status $?"
 LOG="$OUT/peers-cuda.log" timeout "${BENCH_S:-300}" bash "$ROOT/benchmarks/gpu.sh" > /dev/null
 echo "# gpu.sh: exit status $? (124: cut at ${BENCH_S:-300} s)"
 grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$OUT/pytest.log" | tail -30
-grep -E "^# .*->|own share|BatchNorm|double backward|replayed|v\^T H v|jvp of jvp|HVP over|failed" \
+grep -E "^# .*->|own share|BatchNorm|double backward|replayed|CUDA graph|v\^T H v|jvp of jvp|HVP over|failed" \
     "$OUT/peers-cuda.log"

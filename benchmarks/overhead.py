@@ -32,18 +32,34 @@ from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.specs.models import build_model
 
 
-def captured(fn: Callable[[], Any]) -> Callable[[], Any]:
+def captured(fn: Callable[[], Any], stream: torch.cuda.Stream | None = None) -> Callable[[], Any]:
     """``fn`` captured once in a CUDA graph (its inputs fixed): replaying it launches no kernels
-    from the host, so its time less the eager one is what launching costs."""
-    side = torch.cuda.Stream()
+    from the host, so its time less the eager one is what launching costs.
+
+    Warmed up and captured on one side stream (``stream``: the one a kept graph that ``fn``
+    differentiates was built on). Autograd runs each backward node on the stream its forward
+    op ran on, and an input's gradient waits on the stream its accumulator was made on: a node
+    of the default stream inside the capture invalidates it, which CUDA reports only at its
+    end ("operation failed due to a previous error during capture", the H200's runs of the
+    third and twenty-third sessions, whose kept graph was the default stream's). Where torch
+    can redirect such stale streams (``set_override_stale_capture_stream``, newer than 2.11),
+    it does so for the capture."""
+    side = stream or torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    redirect = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    if redirect is not None:
+        redirect(True)
+    try:
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+    finally:
+        if redirect is not None:
+            redirect(False)
     return graph.replay
 
 
@@ -88,7 +104,11 @@ def replayed_product(op: HessianOperator, v: torch.Tensor, row: Callable) -> Non
     """A kept graph's double backward alone, eager and replayed from a CUDA graph: what a
     block-1 product costs where the host launches nothing (on the H200's top-5 profile the host
     took 1.15 s to the GPU's 0.74), and whether the replay gives the eager product."""
-    _, g, _ = op._first_order_graph(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the graph's nodes run where they were made (captured)
+        _, g, _ = op._first_order_graph(0)
+    torch.cuda.current_stream().wait_stream(side)
     params, static = op.space.tensors, v[0].clone()
     outputs: list[torch.Tensor] = []
 
@@ -97,7 +117,7 @@ def replayed_product(op: HessianOperator, v: torch.Tensor, row: Callable) -> Non
 
     product()
     eager = torch.cat([t.reshape(-1) for t in outputs])
-    replay = captured(product)  # the captured call leaves its outputs, which replays refill
+    replay = captured(product, side)  # the captured call leaves its outputs, which replays refill
     replay()
     torch.cuda.synchronize()
     error = float((torch.cat([t.reshape(-1) for t in outputs]) - eager).norm() / eager.norm())
@@ -341,6 +361,9 @@ def main() -> None:
         row(f"S.T @ Q (6 x {m})", lambda Q=Q, S=S: S.T @ Q)
 
     if device.type == "cuda":
+        # The kept graph was built on the default stream, and so were the accumulators of the
+        # parameters' gradients that it holds: a capture would wait on that stream (captured).
+        op.release()
         launch_probes(model, batches[0], row)
         attempt("replayed product", lambda: replayed_product(op, v, row))
 

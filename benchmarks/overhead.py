@@ -1,8 +1,8 @@
 """Where a solve's time goes beside its products: the engine's own work in a product beside
 autograd's (a product as the operator takes it, with the weights held as in a solve, and
-autograd's double backward alone on the same kept graph), a candidate for the products (eval
-BatchNorm as its formula, :func:`composed_batchnorm`; trace probes without a product,
-:func:`quadratic_candidate`), the eigensolver's own linear algebra,
+autograd's double backward alone on the same kept graph), eval BatchNorm by the engine's formula
+beside torch's kernel (:func:`batchnorm_rows`), a candidate for trace probes without a product
+(:func:`quadratic_candidate`), the eigensolver's own linear algebra,
 the kept graphs of several batches, what launching kernels and cuDNN's choice of algorithms cost
 a gradient and a product, a kept graph's product replayed from a CUDA graph (CUDA), and the
 profile of one top-5 solve. TF32 off, as in the engine.
@@ -15,9 +15,8 @@ Prints one table of timings (median of --reps, synchronised) and the profiler's 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from peers import attempt, timed  # benchmarks/ is the script's directory, hence on sys.path
 from torch.func import functional_call, grad, jvp, vmap
 
+from hessian_cli.engine.batchnorm_formula import batchnorm_formula, formula_ready
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linalg import gram, orthonormalize_against
 from hessian_cli.engine.memory import graph_bytes
@@ -126,34 +126,6 @@ def replayed_product(op: HessianOperator, v: torch.Tensor, row: Callable) -> Non
     print(f"#   replayed against eager: relative difference {error:.1e}", flush=True)
 
 
-@contextlib.contextmanager
-def composed_batchnorm(layers: list[torch.nn.Module]) -> Iterator[None]:
-    """A candidate, not the engine's: eval BatchNorm layers as their formula, ``x * scale +
-    shift``, for the forwards inside. Its double backward makes fewer passes over the
-    activations than torch's composite one, which computes batch-statistics terms that running
-    statistics do not need. CPU (ResNet-20, 2026-11-30): kept-graph products 7-8% faster at
-    64-128 inputs (1 thread; about even at 16), torch.func blocks up to 20% slower, and the
-    first-order graph 25% larger (242 vs 193 MiB at 64 inputs): not in the engine without a GPU
-    measurement (here)."""
-
-    def composed(m: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            scale = torch.rsqrt(m.running_var + m.eps) * m.weight
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            shift = m.bias - m.running_mean * scale
-            return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
-
-        return forward
-
-    try:
-        for m in layers:
-            m.forward = composed(m)  # on the layer, not a TorchFunctionMode: off in autograd.grad
-        yield
-    finally:
-        for m in layers:
-            m.__dict__.pop("forward", None)
-
-
 def functional_loss(
     model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[tuple[torch.Tensor, ...], Callable[..., torch.Tensor], Callable[..., tuple]]:
@@ -173,25 +145,32 @@ def functional_loss(
     return primals, loss_of, tangents
 
 
-def batchnorm_candidate(
+def operator_count(fn: Callable[[], Any]) -> int:
+    """The torch operators one call of ``fn`` runs (each a kernel launch or more on a GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def batchnorm_rows(
     model: torch.nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor],
     device: torch.device,
     reps: int,
 ) -> None:
     """Autograd's product on a kept graph, and a vmapped block of 8, with eval BatchNorm by
-    torch's kernel and as its formula (:func:`composed_batchnorm`), interleaved, medians; and
-    the memory each first-order graph holds."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert all(m.affine and m.track_running_stats and not m.training for m in layers)
+    torch's kernel and by the engine's formula (:mod:`batchnorm_formula`, which the engine
+    uses for kept graphs only), interleaved, medians; each first-order graph's memory and a
+    product's operators."""
+    layers = [m for m in model.modules() if formula_ready(m)]
+    assert layers and not any(m.training for m in layers)
     params = [p for p in model.parameters() if p.requires_grad]
     primals, loss_of, tangents = functional_loss(model, batch)
     x, y = batch
     V = torch.randn(8, sum(p.numel() for p in params), device=device)
     kept, blocks, times = {}, {}, {}
-    kernel, composed = (lambda: contextlib.nullcontext()), (lambda: composed_batchnorm(layers))
-    for name, mode in (("kernel", kernel), ("composed", composed)):
-        with mode():
+    for name, layer_set in (("kernel", []), ("formula", layers)):
+        with batchnorm_formula(layer_set):
             loss = F.cross_entropy(model(x), y)
             g = torch.cat(
                 [t.reshape(-1) for t in torch.autograd.grad(loss, params, create_graph=True)]
@@ -200,32 +179,35 @@ def batchnorm_candidate(
             f"#   first-order graph, eval BatchNorm {name}: {graph_bytes(loss, g) / 2**20:.0f} MiB"
         )
 
-        def product(g=g, mode=mode) -> torch.Tensor:
-            with mode():  # (a checkpointed block runs again in there)
+        def product(g=g, layer_set=layer_set) -> torch.Tensor:
+            with batchnorm_formula(layer_set):  # (a checkpointed block runs again in there)
                 parts = torch.autograd.grad(torch.dot(g, V[0]), params, retain_graph=True)
             return torch.cat([t.reshape(-1) for t in parts])
 
-        def block(mode=mode) -> torch.Tensor:
+        def block(layer_set=layer_set) -> torch.Tensor:
             def one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 return jvp(grad(loss_of), (primals,), (tangents(v),))[1]
 
-            with mode():
+            with batchnorm_formula(layer_set):
                 parts = vmap(one)(V)
             return torch.cat([t.reshape(8, -1) for t in parts], dim=1)
 
         kept[name], blocks[name] = product, block
         times[name] = {"kept": [], "block": []}
+        print(
+            f"#   a kept graph's product, eval BatchNorm {name}: {operator_count(product)} operators"
+        )
     for _ in range(reps):
         for name in kept:
             times[name]["kept"].append(timed(kept[name], device)[1])
             times[name]["block"].append(timed(blocks[name], device)[1] / 8)
     exact = kept["kernel"]()
-    error = float((kept["composed"]() - exact).norm() / exact.norm())
+    error = float((kept["formula"]() - exact).norm() / exact.norm())
     for name in kept:
         for what, label in (("kept", "kept graph, block 1"), ("block", "func block 8, per vector")):
             ms = 1e3 * statistics.median(times[name][what])
             print(f"{f'HVP, {label}, eval BatchNorm {name}':60s} {ms:9.2f} ms", flush=True)
-    print(f"#   composed against the kernel: relative difference {error:.1e}", flush=True)
+    print(f"#   formula against the kernel: relative difference {error:.1e}", flush=True)
 
 
 def quadratic_candidate(
@@ -341,8 +323,8 @@ def main() -> None:
     v = torch.randn(1, n, device=device)
     engine_share(op, v, device, 10 * args.reps)
     attempt(
-        "eval BatchNorm composed",
-        lambda: batchnorm_candidate(model, batches[0], device, 2 * args.reps),
+        "eval BatchNorm by formula",
+        lambda: batchnorm_rows(model, batches[0], device, 2 * args.reps),
     )
     attempt(
         "trace probes by forward-over-forward",

@@ -74,9 +74,11 @@ def test_bf16_products_are_approximate_and_their_error_is_measured(name, backend
     assert approx.dtype == torch.float32
     assert 1e-4 < fast.precision_error() < 0.1
     assert full.precision_error() == 0.0
-    # Losses and gradients stay in full precision whatever the products use.
+    # Losses and gradients stay in full precision whatever the products use (the full
+    # operator's gradient comes from its kept graph, whose BatchNorm is its formula: float32's
+    # rounding apart, where bfloat16's would be ~1e-3).
     assert fast.loss() == full.loss()
-    torch.testing.assert_close(fast.gradient()[1], full.gradient()[1], rtol=0, atol=0)
+    torch.testing.assert_close(fast.gradient()[1], full.gradient()[1], rtol=1e-5, atol=1e-7)
 
 
 def test_tf32_off_cuda_is_refused():

@@ -32,7 +32,8 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """What :func:`forward_mode` needs of a model's modules, found in one walk.
+    """What :func:`forward_mode` (and a kept graph's BatchNorm formula) needs of a model's
+    modules, found in one walk.
 
     Four walks over every module at each entry cost ~0.8 ms on ResNet-20 (58 modules, this
     project's CPU): a product's forward mode, paid at every one (a GPU's products wait on the
@@ -134,7 +135,7 @@ def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) ->
 
 
 @contextlib.contextmanager
-def _patched(patches: Sequence[tuple[object, str, Callable[..., Any]]]) -> Iterator[None]:
+def patched(patches: Sequence[tuple[object, str, Callable[..., Any]]]) -> Iterator[None]:
     """Each ``(obj, name, fn)``: ``fn`` as ``obj``'s own ``name`` inside, as before after.
 
     Set on the objects, not through a TorchFunctionMode: a mode is off inside its own calls,
@@ -179,4 +180,4 @@ def _composed_weight_norm(
                     ),
                 )
             )
-    return _patched(patches)
+    return patched(patches)

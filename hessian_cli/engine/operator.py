@@ -20,6 +20,7 @@ from torch.func import grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
+from hessian_cli.engine.batchnorm_formula import batchnorm_formula, formula_ready
 from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
 from hessian_cli.engine.linalg import all_finite, norms
 from hessian_cli.engine.memory import free_bytes, graph_bytes
@@ -135,7 +136,9 @@ class HessianOperator:
 
     Backends: ``double-backward`` differentiates the gradient again (a loop of backward passes,
     or one batched pass with ``is_grads_batched``) and keeps each batch's first-order graph
-    across products while memory allows (:meth:`_keeps`); ``func`` uses ``torch.func``
+    across products while memory allows (:meth:`_keeps`), its eval-mode BatchNorm layers by
+    their formula (:mod:`batchnorm_formula`: fewer operators to differentiate twice, the same
+    function); ``func`` uses ``torch.func``
     forward-over-reverse (``vmap`` of ``jvp`` of ``grad``), which shares one forward/backward
     pass among all vectors of a block. ``auto`` chooses per product (:meth:`backend_for`).
 
@@ -225,6 +228,9 @@ class HessianOperator:
         self._holding = 0  # depth of weights_held() blocks
         self._looked = False  # whether the weights were looked at inside the current one
         self._layout: ModelLayout | None = None  # the model's modules, as found at that look
+        # The BatchNorm layers by their formula in the kept graphs (batchnorm_formula), as at
+        # the last build: a graph is differentiated with the layers it was built with.
+        self._formula_layers: tuple[nn.Module, ...] = ()
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_checked = False  # whether a first-order graph was seen to be differentiable
         self._forward_checked = False  # whether a forward pass was seen to draw no random numbers
@@ -606,8 +612,11 @@ class HessianOperator:
             return self._graphs[i]
         x, y = self.batches[i]
         before = self._allocated()
-        loss = self._batch_loss(x, y)
-        parts = self._derivatives(loss, create_graph=True)
+        layout = self._layout or ModelLayout.of(self.model)
+        self._formula_layers = tuple(m for m in layout.batchnorms if formula_ready(m))
+        with batchnorm_formula(self._formula_layers):
+            loss = self._batch_loss(x, y)
+            parts = self._derivatives(loss, create_graph=True)
         used = [p is not None for p in parts]
         # An unused parameter has no gradient: its Hessian rows and columns are zero.
         # nn.Embedding(sparse=True) gives a sparse gradient; its dense form is differentiable.
@@ -775,23 +784,24 @@ class HessianOperator:
         used_cols = self._used_columns(used)
         # Parameters of mixed dtypes have their gradient joined in the promoted dtype.
         Vu = (V[:, used_cols] if used_cols is not None else V).to(g.dtype)
-        if self._batched_backward_ok and V.shape[0] > 1:
-            try:
-                parts = torch.autograd.grad(
-                    g, keep, Vu, retain_graph=True, allow_unused=True, is_grads_batched=True
-                )
-                return self._scatter(parts, used, V.shape[0])
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError:
-                self._batched_backward_ok = False  # an op without a batching rule: loop instead
-        rows = []
-        for j in range(V.shape[0]):
-            # The gradient of the scalar <g, v>, not grad_outputs=v: the same products, but
-            # torch checks grad_outputs' shapes with sympy, whose import costs ~0.5 s a process.
-            gv = torch.dot(g, Vu[j])
-            parts = torch.autograd.grad(gv, keep, retain_graph=True, allow_unused=True)
-            rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
+        with batchnorm_formula(self._formula_layers):  # as the graph was built
+            if self._batched_backward_ok and V.shape[0] > 1:
+                try:
+                    parts = torch.autograd.grad(
+                        g, keep, Vu, retain_graph=True, allow_unused=True, is_grads_batched=True
+                    )
+                    return self._scatter(parts, used, V.shape[0])
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except RuntimeError:
+                    self._batched_backward_ok = False  # an op without a batching rule: loop
+            rows = []
+            for j in range(V.shape[0]):
+                # The gradient of the scalar <g, v>, not grad_outputs=v: the same products, but
+                # torch checks grad_outputs' shapes with sympy, whose import costs ~0.5 s.
+                gv = torch.dot(g, Vu[j])
+                parts = torch.autograd.grad(gv, keep, retain_graph=True, allow_unused=True)
+                rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def _used_columns(self, used: list[bool]) -> torch.Tensor | None:

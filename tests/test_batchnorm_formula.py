@@ -1,0 +1,179 @@
+"""Eval-mode BatchNorm by its formula in the graphs products differentiate: the same function as
+torch's kernel, to second derivatives, and the kernel wherever the formula would not be."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import cases
+from torch import nn
+
+from hessian_cli.engine.batchnorm_formula import (
+    batchnorm_formula,
+    formula_ready,
+    running_statistics_formula,
+)
+from hessian_cli.engine.dense import dense_hessian
+from hessian_cli.engine.operator import HessianOperator
+
+
+def _trained(m: nn.Module) -> nn.Module:
+    """``m`` in eval mode with running statistics and affine weights away from their start
+    (a running mean large beside its spread, where an uncentred formula loses digits)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        m.running_mean.copy_(3 + torch.rand(m.running_mean.shape, generator=g, dtype=torch.float64))
+        m.running_var.copy_(
+            1e-3 + torch.rand(m.running_var.shape, generator=g, dtype=torch.float64)
+        )
+        if m.weight is not None:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=torch.float64))
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
+    return m.eval()
+
+
+LAYERS = {
+    "1d, (N, C)": (lambda: nn.BatchNorm1d(4), (6, 4)),
+    "1d, (N, C, L)": (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
+    "2d": (lambda: nn.BatchNorm2d(4), (6, 4, 3, 5)),
+    "2d, no affine, eps 1e-3": (lambda: nn.BatchNorm2d(4, eps=1e-3, affine=False), (6, 4, 3, 3)),
+    "3d": (lambda: nn.BatchNorm3d(4), (3, 4, 2, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_the_formula_is_the_kernels_function_to_second_derivatives(name):
+    make, shape = LAYERS[name]
+    m = _trained(make().double())
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    if name == "2d":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    params = [x, *(p for p in m.parameters())]
+    v = torch.randn(shape, dtype=torch.float64)
+
+    def derivatives(forward):
+        """The output, the first derivatives of <y, v> and the second ones along random w."""
+        y = forward(x)
+        first = torch.autograd.grad((y * v).sum(), params, create_graph=True)
+        gen = torch.Generator().manual_seed(1)
+        w = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in first]
+        inner = sum((f * u).sum() for f, u in zip(first, w, strict=True))
+        # Without affine weights every second derivative is zero: nothing to differentiate.
+        second = (
+            torch.autograd.grad(inner, params, allow_unused=True)
+            if inner.requires_grad
+            else [None] * len(params)
+        )
+        zeros = (
+            torch.zeros_like(p) if s is None else s for s, p in zip(second, params, strict=True)
+        )
+        return [y, *first, *zeros]
+
+    for ours, kernel in zip(
+        derivatives(lambda t: running_statistics_formula(m, t)), derivatives(m), strict=True
+    ):
+        torch.testing.assert_close(ours, kernel, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_products_keep_their_precision_where_the_running_mean_dwarfs_the_spread():
+    """Running means near 30, spreads near 0.03, inputs near the means (every value exact in
+    float32, so that only the products' own arithmetic rounds): the centred formula's products
+    are within 2e-7 of float64's. ``x * scale + shift`` was 2.2e-5 off (so is torch's CPU
+    kernel, 1.3e-5; on a trained ResNet-20 the uncentred formula was 6 times the kernel's)."""
+    g = torch.Generator().manual_seed(0)
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.float().double()
+
+    bn, head = nn.BatchNorm1d(6).double().eval(), nn.Linear(6, 3).double()
+    with torch.no_grad():
+        bn.running_mean.copy_(f32(30 + torch.rand(6, generator=g, dtype=torch.float64)))
+        bn.running_var.copy_(f32(1e-3 * (1 + torch.rand(6, generator=g, dtype=torch.float64))))
+        for p in (bn.weight, bn.bias):
+            p.copy_(f32(torch.randn(6, generator=g, dtype=torch.float64)))
+        for p in head.parameters():
+            p.copy_(f32(p))
+    model = nn.Sequential(bn, nn.Tanh(), head)
+    x = f32(bn.running_mean + 0.03 * torch.randn(16, 6, generator=g, dtype=torch.float64))
+    y = torch.randint(0, 3, (16,), generator=g)
+    exact = dense_hessian(model, F.cross_entropy, [(x, y)])
+    op = HessianOperator(copy.deepcopy(model).float(), F.cross_entropy, [(x.float(), y)])
+    V = f32(torch.randn(4, op.n, generator=g, dtype=torch.float64))
+    truth = V @ exact
+    error = float((op.matmul(V.float()).double() - truth).norm() / truth.norm())
+    assert error < 2e-7
+
+
+def test_kept_graphs_hold_the_formula_and_the_layers_are_left_as_they_were():
+    case = next(c for c in cases() if c.name == "cnn-bn")
+    op = HessianOperator(case.model, case.loss, case.batches)
+    V = torch.randn(3, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    H = dense_hessian(case.model, case.loss, case.batches)  # by torch's kernel
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
+    nodes, stack = set(), [op._graphs[0][1].grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(f for f, _ in node.next_functions)
+    names = {type(n).__name__ for n in nodes}
+    assert not any("BatchNorm" in name for name in names), names
+    assert all("forward" not in m.__dict__ for m in case.model.modules())
+
+
+def test_batch_statistics_stay_the_kernels():
+    case = next(c for c in cases() if c.name == "cnn-bn")
+    op = HessianOperator(case.model, case.loss, case.batches, bn="train")
+    V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    H = dense_hessian(case.model, case.loss, case.batches, bn="train")
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
+    names, stack, seen = set(), [op._graphs[0][1].grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            stack.extend(f for f, _ in node.next_functions)
+    assert any("NativeBatchNorm" in name for name in names)
+
+
+class _OwnForward(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_only_torchs_own_layers_with_running_statistics_take_the_formula():
+    assert formula_ready(nn.BatchNorm2d(3))
+    assert formula_ready(nn.BatchNorm1d(3, affine=False))
+    assert not formula_ready(nn.BatchNorm2d(3, track_running_stats=False))  # batch statistics
+    assert not formula_ready(_OwnForward(3))
+    assert not formula_ready(nn.SyncBatchNorm(3))
+    assert not formula_ready(nn.LazyBatchNorm2d())
+    assert not formula_ready(nn.LayerNorm(3))
+    patched = nn.BatchNorm2d(3)
+    patched.forward = lambda x: x  # a forward of the instance's own
+    assert not formula_ready(patched)
+
+
+def test_the_kernel_runs_where_the_formula_would_not_be_the_same():
+    m = _trained(nn.BatchNorm2d(3).double()).float()
+    calls = []
+    kernel = torch.nn.functional.batch_norm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return kernel(*args, **kwargs)
+
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "batch_norm", counted)
+        with batchnorm_formula([m]):
+            m(x)  # the formula: no kernel
+            assert calls == []
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                m(x.bfloat16())  # 16-bit inputs: the kernel, which normalises in float32
+            m.train()
+            m(x)  # batch statistics
+    assert calls == [torch.bfloat16, torch.float32]
+    assert "forward" not in m.__dict__

@@ -157,7 +157,9 @@ def test_only_torchs_own_layers_with_running_statistics_take_the_formula():
 
 
 def test_the_kernel_runs_where_the_formula_would_not_be_the_same():
-    m = _trained(nn.BatchNorm2d(3).double()).float()
+    """Batch statistics, 16-bit inputs, channels that are not the layer's features, weights of
+    another dtype, statistics that require gradients: torch's kernel, which also raises where
+    it refuses (a model torch cannot run gets no results)."""
     calls = []
     kernel = torch.nn.functional.batch_norm
 
@@ -165,15 +167,49 @@ def test_the_kernel_runs_where_the_formula_would_not_be_the_same():
         calls.append(args[0].dtype)
         return kernel(*args, **kwargs)
 
+    m = _trained(nn.BatchNorm2d(3).double()).float()
     x = torch.randn(4, 3, 2, 2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.functional, "batch_norm", counted)
         with batchnorm_formula([m]):
             m(x)  # the formula: no kernel
+            m(input=x)  # torch's own name for it
             assert calls == []
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 m(x.bfloat16())  # 16-bit inputs: the kernel, which normalises in float32
+            with pytest.raises(RuntimeError, match="running_mean should contain 5 elements"):
+                m(torch.randn(4, 5, 2, 2))
             m.train()
             m(x)  # batch statistics
-    assert calls == [torch.bfloat16, torch.float32]
+    assert calls == [torch.bfloat16, torch.float32, torch.float32]
     assert "forward" not in m.__dict__
+
+    mixed = _trained(nn.BatchNorm2d(3).double())
+    mixed.weight = nn.Parameter(mixed.weight.detach().float())
+    with batchnorm_formula([mixed]), pytest.raises(RuntimeError, match="mixed dtype"):
+        mixed(x.double())
+    learned = _trained(nn.BatchNorm2d(3).double())
+    learned.running_mean = nn.Parameter(learned.running_mean.clone())
+    with batchnorm_formula([learned]), pytest.raises(RuntimeError):
+        torch.autograd.grad(learned(x.double()).sum(), learned.running_mean)
+
+
+def test_a_layer_called_by_its_keyword_is_analysed():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = (
+                nn.Conv2d(2, 3, 3),
+                _trained(nn.BatchNorm2d(3)),
+                nn.Linear(3, 3),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.tanh(self.bn(input=self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    batches = [(torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    op = HessianOperator(model, F.cross_entropy, batches)
+    V = torch.randn(2, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ dense_hessian(model, F.cross_entropy, batches))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,27 +42,40 @@ def formula_ready(m: nn.Module) -> bool:
     )
 
 
-def running_statistics_formula(m: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """``m``'s forward: its formula where ``m`` normalises by its running statistics in float32
-    or float64, else torch's kernel (batch statistics with ``bn="train"``; an autocast's 16-bit
-    inputs, which the kernel normalises in float32)."""
-    mean, var = m.running_mean, m.running_var
-    if (
-        m.training
-        or mean is None
-        or var is None
-        or x.dtype != var.dtype
-        or x.dtype not in (torch.float32, torch.float64)
-    ):
-        return _BatchNorm.forward(m, x)
+def running_statistics_formula(m: _BatchNorm, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``m``'s forward, called as torch's is (``input`` by position or name): its formula where
+    ``m`` normalises ``input`` by its running statistics and everything is as its kernel would
+    take it, else torch's kernel, which then also raises where it refuses (batch statistics
+    with ``bn="train"``; an autocast's 16-bit inputs, which it normalises in float32; channels
+    that are not the layer's features; weights of another dtype; statistics that require
+    gradients, which it refuses to differentiate)."""
+    x = args[0] if args else kwargs.get("input")
+    if len(args) + len(kwargs) != 1 or not _as_kernel_takes(m, x):
+        return _BatchNorm.forward(m, *args, **kwargs)
     m._check_input_dim(x)
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    scale = torch.rsqrt(var + m.eps)
+    scale = torch.rsqrt(m.running_var + m.eps)
     if m.weight is not None:
         scale = scale * m.weight
     # Centred first: x * scale + (bias - mean * scale) loses what a large mean leaves of x.
-    y = (x - mean.reshape(shape)) * scale.reshape(shape)
+    y = (x - m.running_mean.reshape(shape)) * scale.reshape(shape)
     return y if m.bias is None else y + m.bias.reshape(shape)
+
+
+def _as_kernel_takes(m: _BatchNorm, x: object) -> bool:
+    """Whether torch's kernel would normalise ``x`` by ``m``'s running statistics, in float32
+    or float64, without an error: the only case where the formula is its function."""
+    if m.training or not isinstance(x, torch.Tensor) or x.ndim < 2:
+        return False
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    features = (x.shape[1],)
+    statistics = (m.running_mean, m.running_var)
+    affine = tuple(t for t in (m.weight, m.bias) if t is not None)
+    return all(
+        isinstance(t, torch.Tensor) and t.shape == features and t.dtype == x.dtype
+        for t in (*statistics, *affine)
+    ) and not any(t.requires_grad for t in statistics)
 
 
 def batchnorm_formula(layers: Sequence[_BatchNorm]) -> contextlib.AbstractContextManager[None]:

@@ -844,3 +844,44 @@ def test_weights_summing_to_nan_do_not_drop_the_kept_graphs_at_every_product():
     op.matmul(V)
     op.matmul(V)
     assert len(forwards) == 1  # the graph built once and kept
+
+
+class _Aliased(torch.nn.Module):
+    """One layer under two names, as BART's embedding is ``shared`` and
+    ``encoder.embed_tokens``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(5, 5)
+        self.encoder = torch.nn.Module()
+        self.encoder.proj = self.shared
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.encoder.proj(torch.tanh(self.shared(x)))))
+
+
+def test_a_layer_held_under_two_names_is_evaluated_functionally_and_left_as_it_was():
+    """torch's functional_call tied the two names' values itself and put one back wrong: the
+    model was left holding a plain tensor, and the next product refused it as replaced."""
+    torch.manual_seed(0)
+    model = _Aliased().double()
+    params = list(model.parameters())
+    batches = [(torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,)))]
+    H = dense_hessian(model, F.cross_entropy, batches)  # functional too
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    op = HessianOperator(model, F.cross_entropy, batches, backend="func")
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H)
+    shift = torch.randn(op.n, dtype=torch.float64) * 1e-3
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, d in zip(moved.parameters(), op.space.unflatten(shift), strict=True):
+            p += d
+    assert op.loss_at(shift) == pytest.approx(
+        F.cross_entropy(moved(batches[0][0]), batches[0][1]).item()
+    )
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert model.encoder.proj is model.shared
+    double = HessianOperator(model, F.cross_entropy, batches, backend="double-backward")
+    torch.testing.assert_close(double.matmul(V), V @ H)

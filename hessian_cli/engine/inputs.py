@@ -68,7 +68,36 @@ def run_model(model: nn.Module, x: Inputs, params: dict[str, torch.Tensor] | Non
         args, kwargs = (x,) if isinstance(x, torch.Tensor) else tuple(x), {}
     if params is None:
         return model(*args, **kwargs)
-    return functional_call(model, params, args, kwargs)
+    return functional_call(model, _by_place(model, params), args, kwargs, tie_weights=False)
+
+
+def _by_place(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``values`` (by the names of the tensors they replace) under one name per place, a
+    module's attribute, that holds one of those tensors.
+
+    A tensor held in two places (weights tied: ``head.weight = embed.weight``) takes the value
+    in both; a module held under two names (BART's embedding shared as ``shared`` and
+    ``encoder.embed_tokens``) is one place, named once. torch's own tying (``tie_weights=True``)
+    set such a place twice and put it back wrong: the model was left holding a plain tensor
+    instead of its parameter (torch 2.13), and the next product refused it as replaced.
+    """
+    everything = (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    )
+    held = dict(everything)
+    replaced = {id(held[name]): value for name, value in values.items() if name in held}
+    out = {name: value for name, value in values.items() if name not in held}  # as torch takes them
+    places: set[tuple[int, str]] = set()
+    for name, tensor in everything:
+        if id(tensor) not in replaced:
+            continue
+        owner, _, attribute = name.rpartition(".")
+        place = (id(model.get_submodule(owner)), attribute)
+        if place not in places:
+            places.add(place)
+            out[name] = replaced[id(tensor)]
+    return out
 
 
 def describe_samples(x: Inputs) -> str:

@@ -88,12 +88,13 @@ def _by_place(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, to
     held = dict(everything)
     replaced = {id(held[name]): value for name, value in values.items() if name in held}
     out = {name: value for name, value in values.items() if name not in held}  # as torch takes them
+    modules = dict(model.named_modules(remove_duplicate=False))
     places: set[tuple[int, str]] = set()
     for name, tensor in everything:
         if id(tensor) not in replaced:
             continue
         owner, _, attribute = name.rpartition(".")
-        place = (id(model.get_submodule(owner)), attribute)
+        place = (id(modules[owner]), attribute)
         if place not in places:
             places.add(place)
             out[name] = replaced[id(tensor)]

@@ -626,7 +626,12 @@ class HessianOperator:
             _check_twice_differentiable(loss, g)
             self._check_unused(x, y, used)
             self._graph_checked = True
-        if self._keeps(lambda: self._graph_size(before, loss, g)):
+
+        def size() -> int:  # (on the CPU its saved tensors, which a checkpoint makes again)
+            with batchnorm_formula(self._formula_layers):
+                return self._graph_size(before, loss, g)
+
+        if self._keeps(size):
             self._graphs[i] = (loss, g, used)
         # After each build, kept or not: a forward that updates a buffer of its own (a counter)
         # must not make the next product rebuild every batch's graph.

@@ -10,7 +10,8 @@
 # Order, most valuable first, so that a run cut short loses the least: the issue's cases
 # (peers.py but `many`), overhead.py, solver_cost.py, then peers.py's `many` case on its own.
 # Time on an H200, estimated from the third session's per-row times (RESULTS.md) plus the
-# skipped-eigenvalue check's 6 products per solve (0.17 s on one batch, 2.8 s on 16): ~250 s.
+# skipped-eigenvalue check's 6 products per solve (0.17 s on one batch, 2.8 s on 16): ~250 s
+# (the twenty-third session's run took 295 s; overhead.py has grown by ~20 s since).
 # Issue's cases ~172 s (startup and peers' install 15, costs 21, reference 3, top-k 31, trace 3,
 # density 27, dataloader 61, precision 12), then overhead.py ~26, solver_cost.py ~17, many ~34
 # (its own startup 8, float64 reference ~14). From ~350 s with the settings before: top-k runs
@@ -30,6 +31,7 @@ DEVICE="${DEVICE:-cuda}"
 WHEELS="${WHEELS:-$ROOT/.whl}"
 SITE="${SITE:-/tmp/site}"
 LOG="${LOG:-${OUT:-${TMPDIR:-/tmp}}/peers-$DEVICE.log}"
+mkdir -p "$(dirname "$LOG")"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -50,8 +52,10 @@ if ! import_peers; then
         exit 2
     fi
 fi
+: > "$LOG"  # this run's log (appended to below)
 if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/# /'
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+        | sed 's/^/# /' | tee -a "$LOG"
 fi
 
 case " $* " in *" --quick "*) MANY_K="${MANY_K:-10}" ;; esac  # --quick's size, unless set
@@ -62,7 +66,7 @@ status=0
 record() { [ "$status" -ne 0 ] || status=$1; }  # the first failure's exit status
 # every case but many (a --cases of the caller's comes later and wins: then many is not run)
 "${peers[@]}" --cases costs,reference,top-k,trace,density,dataloader,precision "$@" 2>&1 \
-    | tee "$LOG"
+    | tee -a "$LOG"
 record "${PIPESTATUS[0]}"
 if [ "$DEVICE" = cuda ]; then  # where a product's time goes: launches, cuDNN, the solver
     "$PYTHON" "$ROOT/benchmarks/overhead.py" --device cuda 2>&1 | tee -a "$LOG"

@@ -321,7 +321,7 @@ def main() -> None:
         print(f"{name:60s} {1e3 * secs:9.2f} ms", flush=True)
 
     v = torch.randn(1, n, device=device)
-    engine_share(op, v, device, 10 * args.reps)
+    attempt("the engine's share", lambda: engine_share(op, v, device, 10 * args.reps))
     attempt(
         "eval BatchNorm by formula",
         lambda: batchnorm_rows(model, batches[0], device, 2 * args.reps),
@@ -348,6 +348,7 @@ def main() -> None:
         op.release()
         launch_probes(model, batches[0], row)
         attempt("replayed product", lambda: replayed_product(op, v, row))
+        op.release()  # its graph holds the parameters' accumulators on the capture's stream
 
     for k in (1, 5):
         fresh = HessianOperator(model, F.cross_entropy, batches[:1])

@@ -9,7 +9,9 @@ top-5 solve took 5-10% less time, with the same saved memory and, on PyHessian's
 checkpoint, the same float32 error against float64 (3.1e-6); a GPU's products wait on the
 host's launches, one or more per operator. ``x * scale + shift``, one operator fewer, was 6
 times less accurate there: where a running mean is large beside its spread, the difference is
-lost to rounding (torch's CPU kernel loses some of it too: a test). A plain gradient or a
+lost to rounding. torch's own double backward loses some of it too: on ResNet-20 with random
+running statistics a float32 product was 4.8e-5 off float64 by the kernel, 9.2e-7 by the
+formula (and a test of large means on the CPU: 1.3e-5 against 6e-8). A plain gradient or a
 torch.func block is 11-13% slower by the formula on the CPU: only graphs that are
 differentiated twice use it.
 """

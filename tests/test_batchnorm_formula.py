@@ -105,19 +105,24 @@ def test_float32_products_keep_their_precision_where_the_running_mean_dwarfs_the
     assert error < 2e-7
 
 
+def _node_kinds(t: torch.Tensor) -> set[str]:
+    """The kinds of autograd node in the graph behind ``t``."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(f for f, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
 def test_kept_graphs_hold_the_formula_and_the_layers_are_left_as_they_were():
     case = next(c for c in cases() if c.name == "cnn-bn")
     op = HessianOperator(case.model, case.loss, case.batches)
     V = torch.randn(3, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     H = dense_hessian(case.model, case.loss, case.batches)  # by torch's kernel
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
-    nodes, stack = set(), [op._graphs[0][1].grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in nodes:
-            nodes.add(node)
-            stack.extend(f for f, _ in node.next_functions)
-    names = {type(n).__name__ for n in nodes}
+    names = _node_kinds(op._graphs[0][1])
     assert not any("BatchNorm" in name for name in names), names
     assert all("forward" not in m.__dict__ for m in case.model.modules())
 
@@ -128,14 +133,7 @@ def test_batch_statistics_stay_the_kernels():
     V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     H = dense_hessian(case.model, case.loss, case.batches, bn="train")
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
-    names, stack, seen = set(), [op._graphs[0][1].grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            names.add(type(node).__name__)
-            stack.extend(f for f, _ in node.next_functions)
-    assert any("NativeBatchNorm" in name for name in names)
+    assert any("NativeBatchNorm" in name for name in _node_kinds(op._graphs[0][1]))
 
 
 class _OwnForward(nn.BatchNorm2d):
@@ -190,7 +188,12 @@ def test_the_kernel_runs_where_the_formula_would_not_be_the_same():
         mixed(x.double())
     learned = _trained(nn.BatchNorm2d(3).double())
     learned.running_mean = nn.Parameter(learned.running_mean.clone())
-    with batchnorm_formula([learned]), pytest.raises(RuntimeError):
+    with (
+        batchnorm_formula([learned]),
+        pytest.raises(
+            RuntimeError, match="not differentiable with respect to argument .running_mean."
+        ),
+    ):
         torch.autograd.grad(learned(x.double()).sum(), learned.running_mean)
 
 

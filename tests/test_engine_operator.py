@@ -885,3 +885,51 @@ def test_a_layer_held_under_two_names_is_evaluated_functionally_and_left_as_it_w
     assert model.encoder.proj is model.shared
     double = HessianOperator(model, F.cross_entropy, batches, backend="double-backward")
     torch.testing.assert_close(double.matmul(V), V @ H)
+
+
+def test_a_torchscript_part_is_differentiated_twice_not_through_torch_func():
+    """torch.func through a scripted Sequential was 0.5-1.0 off once the script had run a few
+    times (optimised), with no error: where a model holds TorchScript, double backward."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.h = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+            self.s = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.h(torch.tanh(self.s(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Mixed().double()
+    batches = [(torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,)))]
+    H = dense_hessian(model, F.cross_entropy, batches)
+    op = HessianOperator(model, F.cross_entropy, batches, backend="func")
+    for _ in range(3):  # the script is optimised after its first runs
+        V = torch.randn(3, op.n, dtype=torch.float64)
+        torch.testing.assert_close(op.matmul(V), V @ H)
+    assert op.backends_used == {"double-backward"}
+
+
+def test_a_scripted_models_tied_weight_is_shifted_by_its_second_name():
+    """A TorchScript model's values are set by name: a tied weight selected by the name that
+    named_parameters() drops as a duplicate was a KeyError."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.mid = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.mid(self.embed(x))))
+
+    torch.manual_seed(0)
+    eager = Tied().double()
+    batches = [(torch.randint(0, 7, (10,)), torch.randint(0, 7, (10,)))]
+    scripted = HessianOperator(torch.jit.script(eager), F.cross_entropy, batches, params="head.*")
+    assert scripted.space.names == ("head.weight",)
+    delta = torch.randn(scripted.n, dtype=torch.float64) * 1e-2
+    expected = HessianOperator(eager, F.cross_entropy, batches, params="head.*").loss_at(delta)
+    assert scripted.loss_at(delta) == pytest.approx(expected, rel=1e-12)

@@ -15,5 +15,5 @@ echo "# gpu_tests.sh: exit status $?"
 LOG="$OUT/peers-cuda.log" timeout "${BENCH_S:-330}" bash "$ROOT/benchmarks/gpu.sh" > /dev/null
 echo "# gpu.sh: exit status $? (124: cut at ${BENCH_S:-330} s)"
 grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$OUT/pytest.log" | tail -30
-grep -E "^# .*->|own share|BatchNorm|double backward|formula against|replayed|CUDA graph|v\^T H v|jvp of jvp|HVP over|peak memory|graphs kept|eigenpairs|failed" \
+grep -E "^# .*->|own share|BatchNorm|double backward|formula against|replayed|CUDA graph|v\^T H v|jvp of jvp|HVP over|cudnn|heuristics|peak memory|graphs kept|eigenpairs|failed" \
     "$OUT/peers-cuda.log"

@@ -1,7 +1,8 @@
 """Where a solve's time goes beside its products: the engine's own work in a product beside
 autograd's (a product as the operator takes it, with the weights held as in a solve, and
 autograd's double backward alone on the same kept graph), eval BatchNorm by the engine's formula
-beside torch's kernel (:func:`batchnorm_rows`), a candidate for trace probes without a product
+beside torch's kernel (:func:`batchnorm_rows`), cuDNN's
+heuristic algorithms beside its timed search in products and solves (:func:`cudnn_rows`), a candidate for trace probes without a product
 (:func:`quadratic_candidate`), the eigensolver's own linear algebra,
 the kept graphs of several batches, what launching kernels and cuDNN's choice of algorithms cost
 a gradient and a product, a kept graph's product replayed from a CUDA graph (CUDA), and the
@@ -287,6 +288,51 @@ def engine_share(op: HessianOperator, v: torch.Tensor, device: torch.device, rep
     )
 
 
+def cudnn_rows(
+    model: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    reps: int,
+) -> None:
+    """A kept graph's product through the engine, and a top-5 solve, with cuDNN's heuristic
+    algorithms (PyTorch's default, the engine's) and with ``cudnn.benchmark`` (each shape's
+    algorithms timed once, the fastest kept), TF32 off in both. On the H200's top-5 profile
+    (twenty-third session) the double backward's transposed convolutions ran cuDNN's
+    ``dgrad_engine`` (386 us a call, 32% of the GPU's time) and ``implicit_convolve_sgemm``
+    and ``dgrad2d_alg1_1`` another 20%, where forward convolutions of the same layers took
+    ``xmma`` kernels of 58-185 us. The first product with the search is timed alone: what a
+    process would pay once per shape."""
+    previous = torch.backends.cudnn.benchmark
+    op = HessianOperator(model, F.cross_entropy, [batch])
+    v = torch.randn(1, op.n, device=device)
+    try:
+        torch.backends.cudnn.benchmark = False
+        heuristic = op.matmul(v)
+        torch.backends.cudnn.benchmark = True
+        searched, first = timed(lambda: op.matmul(v), device)
+        error = float((searched - heuristic).norm() / heuristic.norm())
+        print(f"#   first product with cudnn.benchmark (its search included): {1e3 * first:.0f} ms")
+        print(f"#   cudnn.benchmark against heuristics: relative difference {error:.1e}")
+        times: dict[bool, list[float]] = {False: [], True: []}
+        with op.weights_held():
+            for _ in range(reps):
+                for flag in times:
+                    torch.backends.cudnn.benchmark = flag
+                    times[flag].append(timed(lambda: op.matmul(v), device)[1])
+        for flag, label in ((False, "heuristics"), (True, "cudnn.benchmark")):
+            name = f"HVP, block 1 (kept graph), in a solve, {label}"
+            print(f"{name:60s} {1e3 * statistics.median(times[flag]):9.2f} ms", flush=True)
+        op.release()
+        for flag, label in ((False, "heuristics"), (True, "cudnn.benchmark")):
+            torch.backends.cudnn.benchmark = flag
+            fresh = HessianOperator(model, F.cross_entropy, [batch])
+            r, secs = timed(lambda fresh=fresh: eigenpairs(fresh, 5, seed=0), device)
+            name = f"top-5 eigenpairs, fresh operator, {label}"
+            print(f"{name:60s} {1e3 * secs:9.2f} ms   {r.hvps} HVPs", flush=True)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -322,6 +368,7 @@ def main() -> None:
 
     v = torch.randn(1, n, device=device)
     attempt("the engine's share", lambda: engine_share(op, v, device, 10 * args.reps))
+    attempt("cuDNN's algorithms", lambda: cudnn_rows(model, batches[0], device, 2 * args.reps))
     attempt(
         "eval BatchNorm by formula",
         lambda: batchnorm_rows(model, batches[0], device, 2 * args.reps),

@@ -20,6 +20,8 @@
 # from one start, since our products did not vary with the seed where the peers' did; no
 # dataloader blocks beside the default on CUDA (blocks 2 and 4 took 1.6x and 2.2x its time in
 # all three H200 runs); the many case at $MANY_K = 20 eigenpairs (was 30).
+# Twenty-sixth session: peers.py's top-k also runs ours under cudnn.benchmark (a candidate, one
+# start each: a few seconds with cuDNN's search), overhead.py its cuDNN rows (~5 s).
 # The peers (PyHessian, hessian-eigenthings) are installed, when the python in use lacks them,
 # from the wheels in $WHEELS (default .whl/ at the repo root) into $SITE (default /tmp/site),
 # without network; without them nothing runs. The python is .venv's when there is one, else

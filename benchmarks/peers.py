@@ -467,18 +467,21 @@ def ours_top(
     seed: int = 0,
     criterion: str = "residual",
     gradient_hint: bool = False,
+    cudnn_search: bool = False,
 ) -> Row:
     """Our top-k with a fresh operator (its first-order graph is built inside the timing); with
-    ``gradient_hint``, as ``analyze`` does, the loss gradient (timed too) hints the start."""
+    ``gradient_hint``, as ``analyze`` does, the loss gradient (timed too) hints the start; with
+    ``cudnn_search``, inside :func:`searched_algorithms`."""
     kw = {} if precision is None else {"precision": precision}
     op = b.operator(batches, **kw)
     tol = tol or b.args.tol
 
     def solve() -> Any:
-        hint = op.gradient()[1] if gradient_hint else None
-        return eigenpairs(
-            op, k, tol=tol, criterion=criterion, block_size=block, seed=seed, hint=hint
-        )
+        with searched_algorithms(cudnn_search):
+            hint = op.gradient()[1] if gradient_hint else None
+            return eigenpairs(
+                op, k, tol=tol, criterion=criterion, block_size=block, seed=seed, hint=hint
+            )
 
     res, secs = timed(solve, b.device)
     err = rel_errors(res.eigenvalues.tolist(), b.ref if ref is None else ref)
@@ -504,6 +507,8 @@ def ours_top(
         settings += f", {criterion} criterion"
     if gradient_hint:
         settings += ", gradient hint"
+    if cudnn_search:
+        settings += ", cudnn.benchmark"
     tool = f"hessian-cli ({settings})"
     return Row(task, tool, secs, res.hvps, max_error(err), note, res.block_size)
 
@@ -544,6 +549,24 @@ ANALYZE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# A candidate for the engine, not what it does: cuDNN's algorithms timed once per shape. On the
+# H200's top-5 profile (RESULTS.md, twenty-third session) half the GPU's time went to cuDNN's
+# dgrad_engine, implicit_convolve_sgemm and dgrad2d_alg1_1, chosen by its heuristics. The first
+# solve with it (top-1) pays the search for every shape; the peers run without it.
+CANDIDATES: dict[str, dict[str, Any]] = {"cudnn.benchmark": {"cudnn_search": True}}
+
+
+@contextlib.contextmanager
+def searched_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` on inside (where ``enabled``), restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def top_k(b: Bench) -> None:
     for k in sorted({1, b.args.k}):
         seeds = b.args.seeds
@@ -557,7 +580,8 @@ def top_k(b: Bench) -> None:
         ours = ours_blocks(f"top-{k}", blocks, ours_run, seeds)
         mean_rows = {f"top-{k}": ours[0]}
         b.add(*peer, *ours)
-        for variant, kw in ANALYZE_VARIANTS.items():
+        variants = ANALYZE_VARIANTS | (CANDIDATES if b.cuda else {})
+        for variant, kw in variants.items():
             rows = seeded(
                 f"top-{k} hessian-cli {variant}",
                 1,

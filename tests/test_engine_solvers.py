@@ -1684,3 +1684,14 @@ def test_eigenvalue_error_bounds_hold_for_float32_products(seed):
         actual = (r.eigenvalues.double() - exact).abs() / exact.abs()
         assert bool((actual <= r.errors).all()), (actual, r.errors)
         assert bool(r.converged.all()) == certified
+
+
+def test_a_hint_against_the_random_start_of_one_parameter_does_not_cancel_it():
+    # One parameter: the hinted start row, a unit random part plus the unit hint, was 0 where
+    # they had opposite signs (half the seeds), and the solve failed in a RuntimeError.
+    op = DiagonalOperator(torch.tensor([2.5], dtype=torch.float64))
+    for seed in range(4):
+        for sign in (1.0, -1.0):
+            hint = torch.tensor([sign], dtype=torch.float64)
+            res = eigenpairs(op, 1, hint=hint, seed=seed)
+            assert res.all_converged and float(res.eigenvalues[0]) == 2.5, (seed, sign)

@@ -902,3 +902,39 @@ def test_a_checkpoint_from_before_labels_were_counted_resumes_to_the_same_accura
     resumed = read_metrics(run / "metrics.h5")["epochs"]["train_accuracy"]
     whole = read_metrics(tmp_path / "whole" / "metrics.h5")["epochs"]["train_accuracy"]
     np.testing.assert_array_equal(resumed, whole)
+
+
+def test_a_model_of_one_parameter_trains_tracked_and_refreshed(tmp_path):
+    # The refresh and the tracker hint their first solve with the gradient: on one parameter
+    # the start row cancelled for one sign of it, and the run stopped in a RuntimeError.
+    (tmp_path / "one.py").write_text(
+        "import torch\n"
+        "class One(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.tensor([0.5]))\n"
+        "    def forward(self, x):\n"
+        "        return x[:, :1] * self.w\n"
+        "def net(**kwargs):\n"
+        "    return One()\n"
+    )
+    x = torch.linspace(-1, 1, 32).reshape(-1, 1)
+    torch.save({"x": x, "y": 2 * x}, tmp_path / "line.pt")
+    for seed in range(2):
+        summary = train(
+            config(
+                tmp_path,
+                f"run{seed}",
+                model=str(tmp_path / "one.py") + ":net",
+                model_kwargs=None,
+                data=str(tmp_path / "line.pt"),
+                batch_size=8,
+                epochs=1,
+                eig_every=2,
+                track_every=2,
+                seed=seed,
+            )
+        )
+        assert summary.finished
+        refreshes = read_metrics(tmp_path / f"run{seed}" / "metrics.h5")["refresh"]
+        assert len(refreshes["step"]) == 2 and (refreshes["eigenvalue"] > 0).all()

@@ -433,7 +433,11 @@ def _start_block(
         h = hint.to(start).reshape(-1)
         size = float(norms(h))
         if 0 < size < float("inf"):  # a zero gradient (a stationary point) hints nothing
-            start[0] = start[0] / norms(start[0]) + h / size
+            r, u = start[0] / norms(start[0]), h / size
+            mixed = r + u
+            # A random part nearly opposite the hint cancels it (one parameter: to 0, half
+            # the time, leaving no start): the random part's other sign, as random, does not.
+            start[0] = mixed if float(norms(mixed)) >= 1 else u - r
     if init is not None:
         start = torch.cat([init.to(start), start])[:b]
     return orthonormalize_against(start, None)

@@ -319,6 +319,35 @@ def test_sigterm_while_the_data_loads_stops_at_once_and_writes_nothing(tmp_path)
     assert not out.exists()
 
 
+def test_ctrl_c_while_the_data_loads_stops_at_once_and_writes_nothing(tmp_path):
+    """As SIGTERM: before the loop there is no step to finish. Ctrl-C waited for the whole load,
+    then wrote a run with a step-0 checkpoint and said to resume it."""
+    (tmp_path / "slow.py").write_text(
+        "import time\nimport torch\n\n\ndef make():\n"
+        "    print('loading', flush=True)\n"
+        "    time.sleep(20)\n"
+        "    return torch.randn(32, 4), torch.randint(0, 2, (32,))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = tmp_path / "run"
+    args = ["--model", "mlp", "--data", f"{tmp_path}/slow.py:make", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hessian_cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "loading"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - start < 10
+    assert not out.exists()
+    assert "Traceback" not in err and "nothing was written" in err and "second" not in err
+
+
 def test_download_reaches_the_data_loader_and_is_a_run_time_option(capsys, tmp_path, monkeypatch):
     import eigensam.training
     from hessian_cli.errors import UserError
@@ -436,7 +465,7 @@ def test_a_second_ctrl_c_says_what_was_kept(capsys, tmp_path, monkeypatch, finis
         eigensam.training, "train", lambda *a, **k: interrupted(*a, started=False, **k)
     )
     code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "setup", "-q")
-    assert code == 130 and "stopped at once by a second Ctrl-C: nothing was written." in err
+    assert code == 130 and "stopped at once by Ctrl-C before training began: nothing was" in err
 
 
 def test_data_float32_cannot_hold_is_refused_before_the_run(capsys, tmp_path):

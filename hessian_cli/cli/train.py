@@ -1,7 +1,8 @@
 """``hessian-cli train``: parse the options, run :func:`eigensam.training.train`, render.
 
 Ctrl-C asks the loop to stop at the next step boundary, where it saves a checkpoint; the command
-then exits with status 130. A second Ctrl-C stops at once (every file is written atomically, so
+then exits with status 130 (before the loop, during a download or a long load, it stops at once
+and writes nothing). A second Ctrl-C stops at once (every file is written atomically, so
 nothing is damaged, but the steps since the last checkpoint are lost). Under torchrun one Ctrl-C can
 reach a rank more than once (see :data:`ECHO_WINDOW_S`); those copies are the same request.
 """
@@ -212,11 +213,14 @@ def train_command(
             )
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last
         if lead:
-            # Before the loop started nothing was written (it claimed metrics were).
-            kept = _kept(resume, config) if stop.started else "nothing was written"
-            err_console.print(
-                f"stopped at once by a second Ctrl-C: {kept}.", highlight=False, soft_wrap=True
+            # Before the loop started nothing was written (it claimed metrics were), and the
+            # first Ctrl-C stops at once.
+            said = (
+                f"stopped at once by a second Ctrl-C: {_kept(resume, config)}"
+                if stop.started
+                else "stopped at once by Ctrl-C before training began: nothing was written"
             )
+            err_console.print(f"{said}.", highlight=False, soft_wrap=True)
         raise typer.Exit(INTERRUPTED_STATUS) from None
     except Terminated:  # a second signal, or SIGTERM before the loop (nothing written then)
         if lead and stop.started:
@@ -269,6 +273,8 @@ class _StopRequest:
         self._requested_at = time.monotonic()
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if not self.started:  # as SIGTERM: no step to finish during a download or a long load
+            raise KeyboardInterrupt
         if self._echo():
             return
         if self.requested:

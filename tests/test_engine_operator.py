@@ -933,3 +933,31 @@ def test_a_scripted_models_tied_weight_is_shifted_by_its_second_name():
     delta = torch.randn(scripted.n, dtype=torch.float64) * 1e-2
     expected = HessianOperator(eager, F.cross_entropy, batches, params="head.*").loss_at(delta)
     assert scripted.loss_at(delta) == pytest.approx(expected, rel=1e-12)
+
+
+def test_an_embeddings_padding_row_is_not_a_column_of_torch_funcs_products():
+    """Forward mode carries a padding row's tangent on where its gradient is masked: torch.func's
+    products of an Embedding(padding_idx=0) had a column without its row (0.24 asymmetric under
+    a linear layer). Such a model is differentiated twice, as the dense Hessian is."""
+
+    class Padded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 2, padding_idx=0)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(x).flatten(1))
+
+    torch.manual_seed(0)
+    model = Padded().double()
+    with torch.no_grad():
+        model.embed.weight[0] = torch.randn(2)  # a padding row that is not zero
+    x = torch.randint(0, 5, (8, 3))
+    x[:, 0] = 0
+    batches = [(x, torch.randint(0, 3, (8,)))]
+    H = dense_hessian(model, F.cross_entropy, batches)
+    op = HessianOperator(model, F.cross_entropy, batches, backend="func")
+    products = op.matmul(torch.eye(op.n, dtype=torch.float64))
+    torch.testing.assert_close(products, H)
+    torch.testing.assert_close(products, products.T)

@@ -221,7 +221,15 @@ class HessianOperator:
         # torch.func through TorchScript is wrong once the script is optimised (a scripted
         # Sequential inside an eager model: its products 0.5-1.0 off from its third run on, with
         # no error): double backward there.
-        self._func_ok = not any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+        # An embedding's padding row has no gradient (its backward masks it), but forward mode
+        # carries its tangent on: torch.func's products had a column for it that the zero row
+        # does not mirror (an Embedding(padding_idx=0) under a linear layer: 0.24 asymmetric,
+        # eigenvalues of another matrix). Double backward masks both, as the dense Hessian does.
+        self._func_ok = not any(
+            isinstance(m, torch.jit.ScriptModule)
+            or (isinstance(m, nn.Embedding) and m.padding_idx is not None)
+            for m in model.modules()
+        )
         self.precision = check_precision(precision, self.device)
         # None: keep one batch's graph; several batches' while they fit (_keeps).
         self.keep_graph = keep_graph

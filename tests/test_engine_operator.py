@@ -780,6 +780,25 @@ def test_batches_from_a_generator_and_data_in_another_dtype():
     torch.testing.assert_close(op.matmul(V), reference.matmul(V), rtol=1e-6, atol=1e-8)
 
 
+def test_a_glob_that_selects_nothing_beside_others_is_refused():
+    """--params 'fc2.*' --params 'fc3.*' (a typo) took fc2 alone, unsaid; a glob that matches
+    only a frozen layer selected nothing either."""
+    model = CASES["frozen-unused"].model
+    assert select_parameters(model, ["fc2.*", "fc1.b*"]).names == (
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    )
+    with pytest.raises(UserError, match=r"no trainable parameters matching fc3\.\* \(its"):
+        select_parameters(model, ["fc2.*", "fc3.*"])
+    with pytest.raises(UserError, match=r"matching frozen\.\*"):
+        select_parameters(model, ["fc2.*", "frozen.*"])
+    # A tied parameter's second name is a match too, though it is taken once.
+    tied = CASES["tied"].model
+    names = [n for n, _ in tied.named_parameters(remove_duplicate=False)]
+    assert select_parameters(tied, names).n == select_parameters(tied).n
+
+
 def test_params_as_one_glob_or_as_the_models_parameters():
     model, (x, y) = _mlp(), _data()
     by_glob = HessianOperator(model, F.cross_entropy, [(x, y)], params="2.*")

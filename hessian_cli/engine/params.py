@@ -125,17 +125,19 @@ def select_parameters(
             raise UserError("params holds a tensor that is not a parameter of the model.")
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
     frozen = []
+    used: set[str] = set()  # the globs that matched a trainable parameter
     for name, p in model.named_parameters(remove_duplicate=False):
-        wanted = (
-            id(p) in ids
-            if by_tensor
-            else not given or any(fnmatch.fnmatchcase(name, g) for g in given)
+        matched = (
+            [] if by_tensor or not given else [g for g in given if fnmatch.fnmatchcase(name, g)]
         )
+        wanted = id(p) in ids if by_tensor else not given or bool(matched)
         if wanted:
             if not p.requires_grad:
                 frozen.append(name)
-            elif id(p) not in chosen:
-                chosen[id(p)] = (name, p)
+            else:
+                used.update(matched)
+                if id(p) not in chosen:
+                    chosen[id(p)] = (name, p)
     if not chosen:
         what = (
             "among those given"
@@ -150,6 +152,16 @@ def select_parameters(
             else ""
         )
         raise UserError(f"The model has no trainable parameters {what}{why}.")
+    # A glob beside others that matches nothing trainable (a typo, a frozen layer) selected
+    # nothing, unsaid: the Hessian was of the other globs' parameters alone.
+    unused = [g for g in given or () if not by_tensor and g not in used]
+    if unused:
+        held = [n for n, p in model.named_parameters() if p.requires_grad]
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise UserError(
+            f"The model has no trainable parameters matching {', '.join(unused)} (its "
+            f"parameters: {shown}); leave it out or correct it."
+        )
     names, tensors = zip(*chosen.values(), strict=True)
     return ParamSpace(names=tuple(names), tensors=tuple(tensors))
 

@@ -386,6 +386,23 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert spectra_figure(same).axes[0].get_lines()[0].get_linestyle() == "-"
 
 
+def test_a_table_says_which_parameters_the_hessian_is_of():
+    """With --params the eigenvalues are of a block of the Hessian: the summary said only
+    num_params, so a table of fc's Hessian read as the whole model's."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    def summary(glob: str) -> str:
+        console = Console(width=200, record=True)
+        prov = {"model": "mlp", "params_glob": glob, "num_params": 330}
+        console.print(analysis_table({"name": "c", "provenance": prov}))
+        return console.export_text()
+
+    assert "model=mlp  params_glob=3.*,1.bias  num_params=330" in summary("3.*,1.bias")
+    assert "params_glob" not in summary("*")  # the whole model: nothing to say
+
+
 def test_a_table_of_both_ends_names_the_smallest_from_the_bottom():
     """The smallest of --which both were rows #4, #5, #6: read as the 4th to 6th largest."""
     from rich.console import Console

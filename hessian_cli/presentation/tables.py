@@ -28,6 +28,7 @@ SUMMARY_KEYS = (
     "model",
     "data",
     "loss",
+    "params_glob",  # only where --params restricted the Hessian (not "*")
     "num_params",
     "num_samples",
     "dtype",
@@ -255,7 +256,11 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
     prov = d.get("provenance") or {}
     parts: list[RenderableType] = [Text(str(d.get("name")), style="bold")]
     if prov:
-        shown = (f"{k}={prov[k]}" for k in SUMMARY_KEYS if prov.get(k) not in (None, ""))
+        shown = (
+            f"{k}={prov[k]}"
+            for k in SUMMARY_KEYS
+            if prov.get(k) not in (None, "") and not (k == "params_glob" and prov[k] == "*")
+        )
         parts.append(Text("  ".join(shown), style="dim"))
     parts.append(Text(f"loss {_g(d.get('loss'))}"))
     if prov.get("precision") not in (None, "full"):

@@ -179,8 +179,13 @@ def analyze_target(
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
+        # Held until its turn, without what else the file holds (optimizer state, often
+        # twice the weights): a series held every file whole, its memory growing with each.
         loaded = [
-            load_checkpoint(p, trust=request.trust_checkpoint, weights_key=request.weights_key)
+            replace(
+                load_checkpoint(p, trust=request.trust_checkpoint, weights_key=request.weights_key),
+                raw={},
+            )
             for p in paths
         ]
     loaded.sort(key=checkpoint_order_key)

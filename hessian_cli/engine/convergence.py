@@ -12,8 +12,27 @@ import math
 import torch
 
 
+def claimed_gaps(theta: torch.Tensor, rnorm: torch.Tensor) -> torch.Tensor:
+    """How far from each Ritz value ``theta[i]`` (of the first ``len(rnorm)``, ordered outward-in)
+    the bound ``rnorm[i]**2 / gap`` takes the matrix to have no other eigenvalue: the distance
+    to the nearest other Ritz value less that one's residual; 0 (none claimed) for the last,
+    whose inner neighbour is unknown."""
+    w = len(rnorm)
+    theta = theta[:w].to(rnorm)
+    others = (theta[:, None] - theta[None, :]).abs() - rnorm[None, :]
+    others.fill_diagonal_(float("inf"))
+    gap = others.min(dim=1).values.clamp_min(0)
+    gap[w - 1 :] = 0
+    return gap
+
+
 def eigenvalue_error_bounds(
-    theta: torch.Tensor, rnorm: torch.Tensor, noise: float = 0.0
+    theta: torch.Tensor,
+    rnorm: torch.Tensor,
+    noise: float = 0.0,
+    *,
+    lacking: float = -math.inf,
+    sign: float = 1.0,
 ) -> torch.Tensor:
     """How far each Ritz value ``theta[i]`` may be from its eigenvalue, given the residual norms.
 
@@ -23,7 +42,10 @@ def eigenvalue_error_bounds(
     other Ritz values, each widened by its own residual: ``theta`` must be ordered outward-in
     (most wanted first), and the last value, whose inner neighbour is unknown, keeps the
     residual. Like any Krylov convergence test, this assumes the space has not missed an
-    eigenvalue beyond the one it approximates.
+    eigenvalue beyond the one it approximates, nor one inside the gap toward the middle:
+    ``lacking`` is the most wanted eigenvalue (times ``sign``, 1 for the largest) seen outside
+    the space (by the eigensolver's check for a skipped eigenvalue), and a pair whose gap
+    reaches past it keeps the residual.
 
     Residuals computed from rounded products are those of a nearby matrix ``H + E``, whose
     eigenvalues differ from ``H``'s by up to the size of ``E``: ``noise``, an estimate of it
@@ -31,14 +53,10 @@ def eigenvalue_error_bounds(
     products' rounding allows (float32: about 1e-7 of |lambda_max|, where rnorm^2 / gap alone
     said 1e-13).
     """
-    w = len(rnorm)
-    theta = theta[:w].to(rnorm)
-    others = (theta[:, None] - theta[None, :]).abs() - rnorm[None, :]
-    others.fill_diagonal_(float("inf"))
-    gap = others.min(dim=1).values.clamp_min(torch.finfo(rnorm.dtype).tiny)
-    bounds = torch.minimum(rnorm, rnorm * rnorm / gap)
-    bounds[w - 1 :] = rnorm[w - 1 :]
-    return bounds + noise
+    gap = claimed_gaps(theta, rnorm)
+    free = (gap > rnorm) & (sign * theta[: len(rnorm)].to(rnorm) - gap >= lacking)
+    sharper = rnorm * rnorm / gap.clamp_min(torch.finfo(gap.dtype).tiny)
+    return torch.where(free, sharper, rnorm) + noise
 
 
 def rounding_noise(asymmetry: float, scale: float, n: int) -> float:
@@ -55,11 +73,17 @@ def relative_errors(
     dtype: torch.dtype,
     *,
     gaps: bool = True,
+    lacking: float = -math.inf,
+    sign: float = 1.0,
 ) -> torch.Tensor:
     """:func:`eigenvalue_error_bounds` (without ``gaps``, the residuals alone) relative to the
     eigenvalues (``|lambda| >= |theta| - bound``), plus the rounding of a value held in
     ``dtype``; infinite where the eigenvalue may be zero."""
-    bounds = eigenvalue_error_bounds(theta, rnorm, noise) if gaps else rnorm + noise
+    bounds = (
+        eigenvalue_error_bounds(theta, rnorm, noise, lacking=lacking, sign=sign)
+        if gaps
+        else rnorm + noise
+    )
     size = theta.to(bounds).abs() - bounds
     return torch.where(size > 0, bounds / size + torch.finfo(dtype).eps, torch.inf)
 

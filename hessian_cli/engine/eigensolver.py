@@ -23,7 +23,12 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from hessian_cli.engine.convergence import converged_pairs, relative_errors, rounding_noise
+from hessian_cli.engine.convergence import (
+    claimed_gaps,
+    converged_pairs,
+    relative_errors,
+    rounding_noise,
+)
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, row_dots, small_eigh
 from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
@@ -291,6 +296,9 @@ class _Solve:
     grown_out: bool = False  # no new direction survived orthogonalisation
     check_hvps: int = 0  # products spent looking for a skipped eigenvalue
     skipped_found: int = 0
+    # The most wanted eigenvalue (times sign) the last check saw outside the pairs, less the
+    # products' rounding: no pair's error bound may take a gap past it.
+    lacking: float = -math.inf
     best_worst: float = float("inf")  # the stall guard's best worst unconverged residual,
     best_at: int = 0  # and the products spent when it was reached
 
@@ -556,6 +564,7 @@ def _check_for_skipped(
     CHECK_STEPS): the direction found, new to the basis, with its product; ``None`` where the
     look finds none, or where there is none to take (a whole space, no check steps, too little
     budget left, or the most looks a solve takes)."""
+    solve.lacking = -math.inf  # no evidence from an earlier basis
     if stop.reason != "converged":
         return None
     op, k, kg, scale = solve.op, solve.k, solve.kg, solve.scale
@@ -575,8 +584,9 @@ def _check_for_skipped(
     if solve.criterion == "eigenvalue":
         threshold = min(threshold, _gap_edge(solve, pairs, stop.rnorm) + noise)
     before = op.hvp_count
-    missed = _skipped_direction(op, pairs.X[:kg], threshold, solve.sign, steps, solve.gen)
+    missed, seen = _skipped_direction(op, pairs.X[:kg], threshold, solve.sign, steps, solve.gen)
     solve.check_hvps += op.hvp_count - before
+    solve.lacking = seen - noise
     if missed is not None:  # new to the basis (a thick restart keeps a part of it)
         missed = _orthonormal_with_products(*missed, basis.Q, basis.HQ)
     if missed is not None:
@@ -596,14 +606,10 @@ def _gap_edge(solve: _Solve, pairs: _RitzPairs, rnorm: torch.Tensor) -> float:
     of 1.7059 beside a Ritz value 0.578, 3.6e-3 off, converged at tol 1e-3). The check for a
     skipped eigenvalue holds the complement of the pairs to this edge as well.
     """
-    w = len(rnorm)
-    theta = pairs.theta[:w].to(rnorm)
-    others = (theta[:, None] - theta[None, :]).abs() - rnorm[None, :]
-    others.fill_diagonal_(float("inf"))
-    gap = others.min(dim=1).values
-    k = min(solve.k, w - 1)  # the innermost value followed claims no gap
-    used = (gap[:k] > rnorm[:k]) & (rnorm[:k] > 0)  # where r^2 / gap is below r
-    edges = solve.sign * theta[:k] - gap[:k]
+    gap = claimed_gaps(pairs.theta, rnorm)[: solve.k]
+    r = rnorm[: len(gap)]
+    used = (gap > r) & (r > 0)  # where r^2 / gap is below r
+    edges = solve.sign * pairs.theta[: len(gap)].to(gap) - gap
     return float(edges[used].min()) if bool(used.any()) else math.inf
 
 
@@ -705,7 +711,8 @@ def _final_pairs(
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
     noise = rounding_noise(asymmetry, scale, op.n)
-    errors = relative_errors(theta, rnorm, noise, op.dtype)[:k]
+    lacking = {"lacking": solve.lacking, "sign": solve.sign}  # no gap past what the check saw
+    errors = relative_errors(theta, rnorm, noise, op.dtype, **lacking)[:k]
     converged = converged_pairs(
         solve.criterion, residuals, errors, solve.tol, krylov=not solve.whole
     )
@@ -748,10 +755,11 @@ def _skipped_direction(
     sign: float,
     steps: int,
     gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
     """A direction outside the rows of ``V`` (converged eigenvectors) whose Rayleigh quotient,
-    times ``sign``, exceeds ``threshold``, with its product; ``None`` if ``steps`` Lanczos steps
-    from a random start in the complement of ``V`` find none.
+    times ``sign``, exceeds ``threshold``, with its product (``None`` if ``steps`` Lanczos steps
+    from a random start in the complement of ``V`` find none), and the largest such quotient
+    seen (times ``sign``: an eigenvalue of the complement is at least as far out).
 
     The complement holds every eigenvector ``V`` lacks, so a quotient there beyond the k-th
     wanted eigenvalue proves that one of them belongs among the k. Ritz values of the
@@ -763,18 +771,20 @@ def _skipped_direction(
     q = orthonormalize_against(
         gaussian((1, op.n), generator=gen, dtype=op.dtype, device=op.device), V
     )
+    seen = -math.inf
     for j in range(steps):
         if len(q) == 0:  # the complement is invariant and searched through
-            return None
+            return None, seen
         P[j : j + 1], HP[j : j + 1] = q, op.matmul(q)
         T = gram(P[: j + 1], HP[: j + 1]).cpu()
         theta, S = small_eigh(sign * _symmetric(T))
         y = S[:, -1:].to(P)  # the most wanted Ritz vector of the complement searched so far
         x, hx = y.T @ P[: j + 1], y.T @ HP[: j + 1]
-        if float(theta[-1]) > threshold:
-            return x, hx
+        seen = float(theta[-1])
+        if seen > threshold:
+            return (x, hx), seen
         q = orthonormalize_against(hx - float(sign * theta[-1]) * x, torch.cat([V, P[: j + 1]]))
-    return None
+    return None, seen
 
 
 def _orthonormal_with_products(

@@ -452,6 +452,23 @@ def test_a_series_plot_marks_unconverged_pairs_only_where_there_are_some():
     assert all(float(t).is_integer() for t in ticks)
 
 
+def test_a_series_of_densities_alone_is_drawn(full, tmp_path):  # noqa: F811
+    """`analyze DIR --top-k 0 --density` wrote a series that `plot` refused ("no eigenvalues or
+    traces to plot"): each checkpoint's ESD is drawn, coloured by its step."""
+    steps = [variant(full, f"ckpt_{s}", s) for s in (100, 200, 300)]
+    spectra = [dataclasses.replace(a, eigen=None, trace=None, alignment=None) for a in steps]
+    path = tmp_path / "densities.h5"
+    write_analyses(path, spectra, command_line="analyze dir --top-k 0 --density", series=True)
+    out = tmp_path / "densities.png"
+    result = runner.invoke(app, ["plot", str(path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert_png(out)
+    figure = spectra_figure([analysis_to_dict(a) for a in spectra])
+    panel = figure.axes[0]  # then its colour bar
+    assert panel.get_title() == "Spectral densities (SLQ) of 3 checkpoints"
+    assert len(panel.get_lines()) == 3 and figure.axes[1].get_ylabel() == "step"
+
+
 def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path):
     (tmp_path / "real.png").write_text("an older figure")
     (tmp_path / "fig.png").symlink_to("real.png")

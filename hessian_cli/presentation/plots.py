@@ -14,7 +14,10 @@ from typing import Any
 
 import h5py
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
@@ -108,6 +111,35 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
     probes, steps = counted(dn.get("num_probes"), "probe"), counted(dn.get("steps"), "step")
     ax.set_title(f"Spectral density: SLQ, {probes} × {steps}")
     ax.legend(loc="upper right", fontsize="small")
+
+
+def _densities_panel(
+    ax: Axes,
+    ds: Sequence[Mapping[str, Any]],
+    x: np.ndarray,
+    xlabel: str,
+    runs: Sequence[tuple[np.ndarray, str, str | None]],
+) -> None:
+    """Each checkpoint's smoothed ESD, coloured by its place in the series (a line style per
+    run where several share the file)."""
+    have = [j for j, d in enumerate(ds) if d.get("density")]
+    curves = {j: (_arr(ds[j]["density"]["grid"]), _arr(ds[j]["density"]["values"])) for j in have}
+    peaks = [np.nanmax(v) for _, v in curves.values() if np.isfinite(v).any()]
+    peak = max(peaks, default=1.0)
+    floor = peak * _DENSITY_FLOOR if peak > 0 else _DENSITY_FLOOR
+    norm = Normalize(float(np.nanmin(x[have])), float(np.nanmax(x[have])))
+    cmap = colormaps["viridis"]
+    styles = ("-", "--", ":", "-.")
+    for n, (at, _, _) in enumerate(runs):
+        for j in (j for j in at if j in curves):
+            grid, values = curves[j]
+            color = cmap(norm(x[j])) if norm.vmax > norm.vmin else cmap(0.5)
+            ax.semilogy(grid, np.maximum(values, floor), color=color, lw=1, ls=styles[n % 4])
+    ax.set_ylim(bottom=floor)
+    ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=xlabel)
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title(f"Spectral densities (SLQ) of {counted(len(have), 'checkpoint')}")
 
 
 _WHICH_TITLES = {"smallest": "Smallest eigenvalues", "both": "Largest and smallest eigenvalues"}
@@ -207,9 +239,10 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     labels = eigen_labels(whiches, k)
     has_trace = any(d.get("trace") for d in ds)
     has_alignment = any(d.get("alignment") for d in ds)
-    if not k and not has_trace:
-        raise UserError("The file holds no eigenvalues or traces to plot.")
-    fig, axes = _figure(bool(k) + has_trace + has_alignment)
+    has_density = any(d.get("density") for d in ds)
+    if not k and not has_trace and not has_density:
+        raise UserError("The file holds no eigenvalues, traces or densities to plot.")
+    fig, axes = _figure(bool(k) + has_trace + has_alignment + has_density)
     # Checkpoints of different models, parameter sets or runs (checkpoint directories) appended
     # to one file: a trajectory and a marker for each (they were drawn as one).
     runs = [(at[np.argsort(x[at], kind="stable")], m, lab) for at, m, lab in _trajectories(ds)]
@@ -272,13 +305,15 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_title("SAM alignment of the gradient")
         ax.set_xlabel(xlabel)
         ax.legend(fontsize="small")
+    if has_density:
+        _densities_panel(next(panels), ds, x, xlabel, runs)
     if len(runs) > 1:  # which marker is which model, below the panels
         handles = [
             Line2D([], [], color="black", marker=marker, ls="", label=label)
             for _, marker, label in runs
         ]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3))
-    for ax in axes:  # steps, epochs and file order are whole numbers
+    for ax in axes[: len(axes) - has_density]:  # steps, epochs and file order: whole numbers
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 

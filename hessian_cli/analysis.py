@@ -189,6 +189,12 @@ def analyze_target(
             for p in paths
         ]
     loaded.sort(key=checkpoint_order_key)
+    # A copy of another file of the series (Lightning's last.ckpt, where it is not a link) is
+    # that file's analysis again: the first in order is kept.
+    distinct: dict[str, LoadedCheckpoint] = {}
+    for ckpt in loaded:
+        distinct.setdefault(ckpt.sha256, ckpt)
+    loaded = list(distinct.values())
     results: list[CheckpointAnalysis] = []
     init = None
     for ckpt in loaded:

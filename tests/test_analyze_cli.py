@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -504,6 +505,22 @@ def test_a_series_holds_no_files_optimizer_state_while_it_is_analysed(
     monkeypatch.setattr(analysis, "analyze_checkpoint", analyze)
     results = analyze_target(runs, AnalyzeRequest(top_k=1))
     assert [r.provenance["step"] for r in results] == [1, 2, 3]
+
+
+def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(tmp_path, digits_mlp):
+    """Lightning's save_last writes last.ckpt as a copy, not a link: the series analysed step 20
+    twice (a row and a second analysis's time). Of files of the same content, the first in
+    order is kept."""
+    state = torch.load(digits_mlp, weights_only=True)
+    runs = tmp_path / "ckpts"
+    runs.mkdir()
+    for step in (10, 20):
+        meta = dict(state["hessian_cli"], step=step)
+        sd = {k: v * (1 + step / 100) for k, v in state["model"].items()}
+        save_checkpoint(runs / f"epoch=0-step={step}.pt", state_dict=sd, metadata=meta)
+    shutil.copyfile(runs / "epoch=0-step=20.pt", runs / "last.pt")
+    results = analyze_target(runs, AnalyzeRequest(top_k=1))
+    assert [r.name for r in results] == ["epoch=0-step=10", "epoch=0-step=20"]
 
 
 def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(

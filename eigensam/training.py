@@ -199,6 +199,14 @@ class _Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError(f"the model {config.model!r} has no trainable parameters.")
+        # The data as the model computes: a float64 model (small models whose Hessians are
+        # studied exactly) was given float32 batches and refused as not fitting its data.
+        self.dtype = next((p.dtype for p in self.params if p.is_floating_point()), torch.float32)
+        require(
+            self.dtype in (torch.float32, torch.float64),
+            f"the model's parameters are {str(self.dtype).removeprefix('torch.')}: train runs "
+            "float32 or float64 models (mixed precision is not offered)",
+        )
         self.optimizer = _make_optimizer(config, self.params)
         n = self.samples = len(self.data.train)
         require(
@@ -214,7 +222,12 @@ class _Run:
         self.total_steps = config.epochs * self.steps_per_epoch
         self._batch_in_step: list[Batch] = []  # the training batch of the step under way
         self.test_batches = (
-            analysis_batches(self.data.test, batch_size=config.batch_size, token_ids=self.token_ids)
+            analysis_batches(
+                self.data.test,
+                batch_size=config.batch_size,
+                dtype=self.dtype,
+                token_ids=self.token_ids,
+            )
             if self.data.test is not None
             else []
         )
@@ -222,7 +235,11 @@ class _Run:
         # One global batch (as one process with the same global batch tracks), split over ranks.
         count = min(self.global_batch, len(held_out))
         self.track_batch = analysis_batches(
-            held_out, batch_size=count, num_samples=count, token_ids=self.token_ids
+            held_out,
+            batch_size=count,
+            num_samples=count,
+            dtype=self.dtype,
+            token_ids=self.token_ids,
         )[0]
         # Held-out losses and lambda_max are means over the batches' labels where the built-in
         # cross-entropy averages over those (as analyze weighs them), not over their samples.
@@ -285,8 +302,8 @@ class _Run:
         does not fit the data, or an unusable loss, is reported before anything is written."""
         if isinstance(self.data.train, TensorDataset):
             check_finite(self.data.train.tensors[:2], "training data's")
-            for t in self.data.train.tensors[:2]:  # each step casts its batch to float32
-                check_range(t, torch.float32)
+            for t in self.data.train.tensors[:2]:  # each step casts its batch to the model's
+                check_range(t, self.dtype)
         for batch in self.test_batches:  # a test loss that is not finite then means divergence
             check_finite(batch, "test data's")
         check_finite(self.track_batch, "held-out data's")
@@ -492,10 +509,10 @@ class _Run:
                 x, y = collate_samples([ds[i] for i in idx.tolist()])
             except (RuntimeError, TypeError, ValueError) as exc:
                 raise unbatchable(exc) from exc
-        y = y.float() if y.is_floating_point() else y.long()
+        y = y.to(self.dtype) if y.is_floating_point() else y.long()
         if not isinstance(ds, TensorDataset):  # its targets were not all seen
             check_targets(self.loss_spec, [(x, y)], self.data.num_classes)
-        x = cast_inputs(x, torch.float32, self.token_ids)
+        x = cast_inputs(x, self.dtype, self.token_ids)
         return inputs_to(x, self.device), y.to(self.device)
 
     def _lr(self) -> float:

@@ -938,3 +938,27 @@ def test_a_model_of_one_parameter_trains_tracked_and_refreshed(tmp_path):
         assert summary.finished
         refreshes = read_metrics(tmp_path / f"run{seed}" / "metrics.h5")["refresh"]
         assert len(refreshes["step"]) == 2 and (refreshes["eigenvalue"] > 0).all()
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_a_float64_model_trains_on_float64_batches(tmp_path, loss):
+    """A factory's float64 model (small models whose Hessians are studied exactly) was given
+    float32 batches and refused as not fitting its data; its batches now take its dtype, and
+    a bfloat16 model is refused in one sentence."""
+    (tmp_path / "nets.py").write_text(
+        "import torch\n"
+        "def net(dtype='float64', **kwargs):\n"
+        "    torch.manual_seed(0)\n"
+        "    layers = [torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.Tanh(),\n"
+        "              torch.nn.Linear(8, 3)]\n"
+        "    return torch.nn.Sequential(*layers).to(getattr(torch, dtype))\n"
+    )
+    spec = str(tmp_path / "nets.py") + ":net"
+    summary = train(config(tmp_path, model=spec, model_kwargs=None, loss=loss, epochs=1))
+    assert summary.finished and np.isfinite(summary.lambda_max)
+    saved = weights(tmp_path / "run" / "checkpoints" / "final.pt")
+    assert {t.dtype for t in saved.values()} == {torch.float64}
+    refreshes = read_metrics(tmp_path / "run" / "metrics.h5")["refresh"]
+    assert len(refreshes["step"]) > 0 and (refreshes["eigenvalue"] > 0).all()
+    with pytest.raises(UserError, match="bfloat16: train runs float32 or float64 models"):
+        train(config(tmp_path, "bf16", model=spec, model_kwargs={"dtype": "bfloat16"}))

@@ -151,7 +151,7 @@ class TrainingDisplay:
         )
         self.console.print(
             f"{verb}: {cfg.model} on {cfg.data} ({event.task}) with {how}, "
-            f"{event.num_params:,} parameters, {counted(event.total_steps, 'step')} "
+            f"{counted(event.num_params, 'parameter')}, {counted(event.total_steps, 'step')} "
             f"({counted(event.epochs, 'epoch')} of {event.steps_per_epoch}{whole}) on "
             f"{event.device}; run directory {event.run_dir}",
             highlight=False,

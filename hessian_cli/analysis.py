@@ -179,13 +179,12 @@ def analyze_target(
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
-        # Held until its turn, without what else the file holds (optimizer state, often
-        # twice the weights): a series held every file whole, its memory growing with each.
+        # Every file is read first (one that cannot be is said before hours of products, and
+        # the metadata orders the series), but of a series only its order and digest are held:
+        # each file's weights are read again at its turn (a series held them all, with what
+        # else the files hold, optimizer states too: its memory grew with every file).
         loaded = [
-            replace(
-                load_checkpoint(p, trust=request.trust_checkpoint, weights_key=request.weights_key),
-                raw={},
-            )
+            _ordering_only(_load(p, request)) if len(paths) > 1 else _load(p, request)
             for p in paths
         ]
     loaded.sort(key=checkpoint_order_key)
@@ -199,6 +198,9 @@ def analyze_target(
     init = None
     for ckpt in loaded:
         try:
+            if len(loaded) > 1:
+                with distributed.fail_together():
+                    ckpt = _at_its_turn(ckpt, request)
             result = analyze_checkpoint(ckpt, request, progress, init=init)
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
@@ -230,6 +232,25 @@ def analyze_target(
             init = result.eigen.eigenvectors  # warm start the next checkpoint of the series
         results.append(result)
     return results
+
+
+def _load(path: Path, request: AnalyzeRequest) -> LoadedCheckpoint:
+    return load_checkpoint(path, trust=request.trust_checkpoint, weights_key=request.weights_key)
+
+
+def _ordering_only(ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
+    """What a series holds of a file until its turn: its path, digest and metadata."""
+    return replace(ckpt, state_dict={}, raw={})
+
+
+def _at_its_turn(held: LoadedCheckpoint, request: AnalyzeRequest) -> LoadedCheckpoint:
+    """The file of ``held`` read again, whole; refused where it changed since the series was
+    read (a run still writing it, say): its place in the series came from what it held then.
+    Without what else the file holds (optimizer state), which the analysis does not read."""
+    ckpt = _load(held.path, request)
+    if ckpt.sha256 != held.sha256:
+        raise UserError(f"{held.label} changed since the series was read (its sha256 differs).")
+    return replace(ckpt, raw={})
 
 
 def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) -> str:

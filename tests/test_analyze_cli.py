@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from cli_runner import one_sentence, run
 from safetensors.torch import save_file
 
-from hessian_cli.analysis import AnalyzeRequest, analyze_target
+from hessian_cli.analysis import AnalyzeRequest, SeriesStopped, analyze_target
 from hessian_cli.engine import distributed
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
@@ -470,12 +470,13 @@ def test_directory_series_show_and_plot(capsys, tmp_path, digits_mlp):
     assert code == 2 and "no checkpoint named 'ckpt_99'" in one_sentence(err)
 
 
-def test_a_series_holds_no_files_optimizer_state_while_it_is_analysed(
+def test_a_series_holds_no_other_files_weights_or_optimizer_state_while_it_is_analysed(
     tmp_path, digits_mlp, monkeypatch
 ):
     """Every checkpoint of a directory is read before the first analysis; each was held whole
     until the series ended, its optimizer state (often twice the weights) too: a series of 8
-    files of a 4.3M-parameter MLP with Adam state peaked 350 MB above one file's analysis."""
+    files of a 4.3M-parameter MLP with Adam state peaked 350 MB above one file's analysis.
+    Now a file's weights are read again at its turn, and no other file's are held."""
     import gc
     import weakref
 
@@ -489,22 +490,54 @@ def test_a_series_holds_no_files_optimizer_state_while_it_is_analysed(
         meta = dict(state["hessian_cli"], step=step)
         save_checkpoint(runs / f"c{step}.pt", state_dict=state["model"], metadata=meta, extra=extra)
     held: list[weakref.ref] = []
+    weights: dict[str, list[weakref.ref]] = {}
     real_load, real_analyze = analysis.load_checkpoint, analysis.analyze_checkpoint
 
-    def load(*args, **kwargs):
-        ckpt = real_load(*args, **kwargs)
+    def load(path, *args, **kwargs):
+        ckpt = real_load(path, *args, **kwargs)
         held.append(weakref.ref(ckpt.raw["optimizer"]["state"][0]["exp_avg"]))
+        weights.setdefault(ckpt.name, []).extend(weakref.ref(t) for t in ckpt.state_dict.values())
         return ckpt
 
-    def analyze(*args, **kwargs):
+    def analyze(ckpt, *args, **kwargs):
         gc.collect()
-        assert [ref() for ref in held] == [None] * 3  # not held while the products run
-        return real_analyze(*args, **kwargs)
+        assert all(ref() is None for ref in held)  # not held while the products run
+        others = [ref for name, refs in weights.items() if name != ckpt.name for ref in refs]
+        assert others and all(ref() is None for ref in others)
+        return real_analyze(ckpt, *args, **kwargs)
 
     monkeypatch.setattr(analysis, "load_checkpoint", load)
     monkeypatch.setattr(analysis, "analyze_checkpoint", analyze)
     results = analyze_target(runs, AnalyzeRequest(top_k=1))
     assert [r.provenance["step"] for r in results] == [1, 2, 3]
+
+
+def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
+    tmp_path, digits_mlp, monkeypatch
+):
+    """A series reads each file's weights again at its turn: one changed since the series was
+    read (and ordered) is refused there, the analyses before it kept."""
+    import hessian_cli.analysis as analysis
+
+    state = torch.load(digits_mlp, weights_only=True)
+    runs = tmp_path / "ckpts"
+    runs.mkdir()
+    for step in (1, 2):
+        meta = dict(state["hessian_cli"], step=step)
+        save_checkpoint(runs / f"c{step}.pt", state_dict=state["model"], metadata=meta)
+    real_analyze = analysis.analyze_checkpoint
+
+    def analyze(ckpt, *args, **kwargs):
+        result = real_analyze(ckpt, *args, **kwargs)
+        meta = dict(state["hessian_cli"], step=2)
+        sd = {k: 2 * v for k, v in state["model"].items()}
+        save_checkpoint(runs / "c2.pt", state_dict=sd, metadata=meta)  # a run writing it again
+        return result
+
+    monkeypatch.setattr(analysis, "analyze_checkpoint", analyze)
+    with pytest.raises(SeriesStopped, match="c2.pt changed since the series was read") as info:
+        analyze_target(runs, AnalyzeRequest(top_k=1))
+    assert [r.name for r in info.value.results] == ["c1"]
 
 
 def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(tmp_path, digits_mlp):

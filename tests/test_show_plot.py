@@ -403,6 +403,38 @@ def test_a_table_says_which_parameters_the_hessian_is_of():
     assert "params_glob" not in summary("*")  # the whole model: nothing to say
 
 
+def test_a_trainer_output_folder_is_one_run_not_a_run_per_checkpoint_folder():
+    """`analyze` reads a Hugging Face Trainer's output folder as one series, the weights of its
+    checkpoint-N folders; the table gave each a `directory` of its own and the plot drew each
+    as a separate run (an unjoined marker per step, a legend entry each)."""
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
+    ds = [
+        {
+            "name": f"checkpoint-{step}",
+            "provenance": {
+                "model": "m:make",
+                "num_params": 130,
+                "checkpoint": f"/r/hf/checkpoint-{step}/model.safetensors",
+                "step": step,
+            },
+            "eigen": eigen,
+        }
+        for step in (50, 500, 1000)
+    ]
+    assert "directory" not in [str(c.header) for c in series_table(ds).columns]
+    fig = spectra_figure(ds)
+    assert fig.get_suptitle() != "3 runs (models, parameter sets or checkpoint directories)"
+    drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
+    assert [list(line.get_ydata()) for line in drawn] == [[2.0, 2.0, 2.0]]
+    # Two Trainer runs are still two, named by their output folders.
+    other = [{**d, "provenance": {**d["provenance"]}} for d in ds[:2]]
+    for d in other:
+        d["provenance"]["checkpoint"] = d["provenance"]["checkpoint"].replace("/hf/", "/hf2/")
+    table = series_table(ds + other)
+    assert [str(c.header) for c in table.columns][3] == "directory"
+    assert list(table.columns[3].cells) == ["r/hf"] * 3 + ["r/hf2"] * 2
+
+
 def test_a_table_of_both_ends_names_the_smallest_from_the_bottom():
     """The smallest of --which both were rows #4, #5, #6: read as the 4th to 6th largest."""
     from rich.console import Console

@@ -7,6 +7,7 @@ They only format: every number comes from :func:`hessian_cli.report.analysis_to_
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -371,13 +372,25 @@ def run_key(d: Mapping[str, Any]) -> tuple[Any, ...] | None:
     if model is None:
         return None
     checkpoint = (d.get("provenance") or {}).get("checkpoint")
-    return (*model, None if checkpoint is None else str(PurePath(str(checkpoint)).parent))
+    return (*model, None if checkpoint is None else str(_run_folder(checkpoint)))
 
 
 def run_directory(prov: Mapping[str, Any]) -> str:
     """The last two parts of the directory a checkpoint was read from (``exp1/checkpoints``)."""
     checkpoint = prov.get("checkpoint")
-    return DASH if checkpoint is None else str(PurePath(*PurePath(str(checkpoint)).parts[-3:-1]))
+    return DASH if checkpoint is None else str(PurePath(*_run_folder(checkpoint).parts[-2:]))
+
+
+# A Hugging Face Trainer's checkpoint folder (checkpoint-500/), one per saved step of a run.
+_TRAINER_FOLDER = re.compile(r"checkpoint-\d+")
+
+
+def _run_folder(checkpoint: Any) -> PurePath:
+    """The folder of a checkpoint's run: the one it was read from, or for the weights in a
+    Trainer's checkpoint folder (``out/checkpoint-500/model.safetensors``) the output folder
+    that holds them all, the run they are steps of."""
+    folder = PurePath(str(checkpoint)).parent
+    return folder.parent if _TRAINER_FOLDER.fullmatch(folder.name) else folder
 
 
 def several_runs(ds: Sequence[Mapping[str, Any]]) -> bool:

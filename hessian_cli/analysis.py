@@ -427,6 +427,12 @@ def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:
 def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     """Model, loss and the global lists of batches: where bad input shows up."""
     meta = ckpt.metadata
+    if not (request.model or meta.get("model")) and not (request.data or meta.get("data")):
+        # Both at once: a bare state dict asked for --model, and once given, for --data.
+        raise UserError(
+            "The checkpoint does not say which model and data it is for (those `hessian-cli "
+            "train` writes do): pass --model and --data."
+        )
     model_spec = _spec(request.model, meta, "model", "model", "--model")
     data_spec = _spec(request.data, meta, "data", "data", "--data")
     kwargs = request.model_kwargs

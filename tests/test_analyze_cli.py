@@ -157,6 +157,20 @@ def test_the_check_for_a_skipped_eigenvalue_is_reported_and_can_be_left_out(
     )
 
 
+def test_a_bare_state_dict_asks_for_model_and_data_at_once(capsys, tmp_path):
+    """A user's first command on a plain state dict asked for --model, and once that was
+    given, for --data: two tries where one sentence could name both."""
+    ckpt = tmp_path / "bare.pt"
+    torch.save(torch.nn.Linear(64, 10).state_dict(), ckpt)
+    code, _, err = run(capsys, "analyze", ckpt)
+    assert code == 2
+    assert "pass --model and --data" in one_sentence(err)
+    code, _, err = run(capsys, "analyze", ckpt, "--model", "mlp")
+    assert code == 2 and "pass --data." in one_sentence(err)
+    code, _, err = run(capsys, "analyze", ckpt, "--data", "digits")
+    assert code == 2 and "pass --model." in one_sentence(err)
+
+
 def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     """Every alignment score from the CLI against values computed from the dense Hessian."""
     data = load_data("digits")

@@ -264,6 +264,25 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
     assert spectra_copy.read_bytes() == files["single"].read_bytes()
 
 
+def test_a_run_directory_or_a_checkpoint_given_to_show_says_what_to_give(capsys, files, tmp_path):
+    """`show RUN_DIR` said only that it "is a directory, not an HDF5 file", and `show ckpt.pt`
+    that it "is not an HDF5 file": now each says what to give instead."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.h5").write_bytes(files["metrics"].read_bytes())
+    ckpt = tmp_path / "final.pt"
+    torch.save(torch.nn.Linear(2, 1).state_dict(), ckpt)
+    for verb, extra in (("show", []), ("plot", ["-o", str(tmp_path / "x.png")])):
+        code, _, err = run(capsys, verb, run_dir, *extra)
+        assert code == 2
+        assert f"give {run_dir / 'metrics.h5'}" in one_sentence(err, strict=True)
+        code, _, err = run(capsys, verb, ckpt, *extra)
+        assert code == 2
+        assert f"hessian-cli analyze {ckpt}" in one_sentence(err, strict=True)
+    assert run(capsys, "show", run_dir / "metrics.h5")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "run"]
+
+
 def test_datasets_that_other_tools_add_among_the_checkpoints_are_ignored(files, tmp_path):
     """docs/hdf5.md: readers ignore what they do not know."""
     path = tmp_path / "annotated.h5"

@@ -10,6 +10,8 @@ from typing import Any
 
 from hessian_cli.errors import UserError
 
+METRICS_FILE = "metrics.h5"  # in a training run's directory (eigensam.run_dir, which loads torch)
+
 
 @dataclass
 class Spectra:
@@ -41,6 +43,7 @@ def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra |
         read_spectra,
     )
 
+    _refuse_a_run_or_checkpoint(file, verb)
     fmt = file_format(file)
     if fmt == METRICS_FORMAT_NAME:
         if checkpoint is not None:
@@ -50,6 +53,20 @@ def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra |
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot {verb}.")
     reports, info = read_spectra(file)
     return Spectra(*pick_checkpoint(file, reports, info["groups"], checkpoint), info)
+
+
+def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:
+    """Say what to give instead, where a user gives what the files come from: a training run's
+    directory (its metrics are in a file inside) or a checkpoint (which `analyze` reads)."""
+    import h5py
+
+    if file.is_dir() and (metrics := file / METRICS_FILE).is_file():
+        raise UserError(f"{file} is a directory: to {verb} its training metrics, give {metrics}.")
+    if file.is_file() and not h5py.is_hdf5(file):
+        raise UserError(
+            f"{file} is not an HDF5 file: {verb} reads the files `analyze --out` and `train` "
+            f"write (to analyse a checkpoint: hessian-cli analyze {file})."
+        )
 
 
 def pick_checkpoint(

@@ -224,6 +224,23 @@ def test_torchvision_data_without_torchvision() -> None:
         load_data("cifar10", root="/nonexistent")
 
 
+def test_without_torchvision_the_install_hint_is_one_that_works(monkeypatch) -> None:
+    """The hint was `pip install 'hessian-cli[vision]'`, which asks PyPI for a package of that
+    name (hessian-cli is installed from its clone, as the README's `pip install -e ".[vision]"`)."""
+    from hessian_cli.specs import build_model
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # its import fails
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    for load in (
+        lambda: load_data("cifar10", root="/nonexistent"),
+        lambda: build_model("torchvision:resnet18", input_shape=(3, 32, 32), num_classes=10),
+    ):
+        with pytest.raises(UserError, match="needs torchvision") as caught:
+            load()
+        assert "hessian-cli[vision]" not in str(caught.value)
+        assert "pip install -e '.[vision]'" in str(caught.value)
+
+
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed")
 def test_torchvision_data_missing_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--download"):

@@ -223,7 +223,7 @@ def _torchvision(name: str, root: str | Path | None, download: bool) -> DataSour
     except ImportError as exc:
         raise UserError(
             f"data {name!r} needs torchvision; install the 'vision' extra "
-            "(pip install 'hessian-cli[vision]')."
+            "(pip install -e '.[vision]' in hessian-cli's folder), or torchvision itself."
         ) from exc
     if root is None:
         raise UserError(

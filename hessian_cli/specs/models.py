@@ -299,7 +299,7 @@ def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any
     except ImportError as exc:
         raise UserError(
             f"model 'torchvision:{name}' needs torchvision; install the 'vision' extra "
-            "(pip install 'hessian-cli[vision]')."
+            "(pip install -e '.[vision]' in hessian-cli's folder), or torchvision itself."
         ) from exc
     available = tvm.list_models()
     if name not in available:

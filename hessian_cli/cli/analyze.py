@@ -43,7 +43,9 @@ def analyze(
     target: Path = typer.Argument(
         ...,
         help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .ckpt, .pkl, "
-        ".safetensors), analysed in order of their recorded step, else of their names.",
+        ".safetensors; also a `train` run's directory or a Hugging Face Trainer's output, "
+        "its checkpoint-N folders), analysed in order of their recorded step, else of their "
+        "names.",
     ),
     model: str | None = typer.Option(
         None,

@@ -20,8 +20,8 @@ MODEL_HELP = (
     "package.module:factory."
 )
 DATA_HELP = (
-    "digits, synthetic:CxHxW[:k[:n]], synthetic-regression:D[:k[:n]] (k classes or outputs, n "
-    "samples), "
+    "digits, synthetic:CxHxW[:k[:n]], synthetic-regression:D[:k[:n]] (k classes, default 10, "
+    "or outputs, default 1; n training samples, default 256, and n/4 test ones), "
     "cifar10, cifar100, mnist, fashion-mnist, svhn (from --data-root), an x/y file (.npz, .pt, "
     ".h5) or module:factory."
 )

@@ -440,12 +440,15 @@ class _Run:
             before = "no checkpoint was written"
             if kept:
                 before = f"the last checkpoint, {kept}, holds weights before it"
+            # Every rank sees it at the same step (summed losses and products, the same
+            # weights): said once, by rank 0, not by each rank as its own.
+            error = distributed.CollectiveUserError if self.world > 1 else UserError
             if self.step == start_step == 0:  # no step taken: the optimizer played no part
-                raise UserError(
+                raise error(
                     "the loss or the weights are NaN or infinite at the initial weights, before "
                     "any step: check the model, the data and the loss."
                 ) from None
-            raise UserError(
+            raise error(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "
                 f"diverge again: start a new run with a lower {self._divergence_knobs()}."

@@ -331,6 +331,18 @@ def test_ranks_given_other_max_steps_are_refused(tmp_path: Path) -> None:
 
 
 @needs_gloo
+def test_a_run_that_diverges_is_said_once(tmp_path: Path) -> None:
+    """Every rank meets the divergence at the same step (the losses are summed): each said it
+    as its own ("rank 1: training diverged ...", "rank 0: training diverged ...")."""
+    args = ["train", "--model", "mlp", "--data", "digits", "--optimizer", "sgd", "--lr", "1e30"]
+    args += ["--batch-size", "8", "--max-steps", "5", "--quiet", "--out", str(tmp_path / "run")]
+    code, _, err, seconds = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0 and seconds < 60, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), err
+
+
+@needs_gloo
 def test_a_series_stopped_by_a_bad_checkpoint_is_written_and_reported_once(
     tmp_path: Path,
 ) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hessian_cli.engine.batches import Batch, LossFn
+from hessian_cli.engine.distributed import is_distributed
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace
@@ -96,10 +97,13 @@ def refresh_top_eigenvector(
     if not live:
         raise ValueError("none of the optimised parameters requires gradients")
     space = ParamSpace(names=tuple(names[id(p)] for p in live), tensors=tuple(live))
+    # Under torchrun a rank's share of the minibatch that holds nothing the loss averages over
+    # (padding only) weighs nothing in the global mean: that rank holds no batch.
+    empty = batch_weight is not None and is_distributed() and not batch_weight(batch[1])
     op = HessianOperator(
         model,
         loss_fn,
-        [batch],
+        [] if empty else [batch],
         params=space,
         bn="train" if model.training else "eval",
         batch_weight=batch_weight,

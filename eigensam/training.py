@@ -90,7 +90,7 @@ from hessian_cli.specs import (
 )
 from hessian_cli.specs.data import collate_samples, data_file_digest, unbatchable
 from hessian_cli.specs.fit import guard_embedding_lookups
-from hessian_cli.specs.losses import label_weight
+from hessian_cli.specs.losses import NO_LABEL_IN_BATCH, label_weight
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
 
@@ -513,7 +513,11 @@ class _Run:
             except (RuntimeError, TypeError, ValueError) as exc:
                 raise unbatchable(exc) from exc
         y = y.to(self.dtype) if y.is_floating_point() else y.long()
-        if not isinstance(ds, TensorDataset):  # its targets were not all seen
+        # Its targets were not all seen. Under torchrun a rank's share of padding alone is no
+        # batch of its own: only a global batch without labels is refused (by _step).
+        if not isinstance(ds, TensorDataset) and (
+            self.world == 1 or not self.batch_weight or self.batch_weight(y)
+        ):
             check_targets(self.loss_spec, [(x, y)], self.data.num_classes)
         x = cast_inputs(x, self.dtype, self.token_ids)
         return inputs_to(x, self.device), y.to(self.device)
@@ -536,12 +540,12 @@ class _Run:
         model.train()
         opt.zero_grad(set_to_none=True)
         out = run_model(model, x)
-        loss = self.loss_fn(out, y)
-        correct, labelled = correct_count(out, y, classify=self.classify)
         # The ranks' shares of the global minibatch weigh what their losses average over, as one
         # process's loss does over the whole of it (by samples, a language model's padded text
         # trained to other weights on 2 ranks than on one).
         share = count = int(self.batch_weight(y)) if self.batch_weight else len(y)
+        loss = self._share_loss(out, y, share)
+        correct, labelled = correct_count(out, y, classify=self.classify)
         mean_loss = loss.detach()
         if self.world > 1:
             totals = torch.tensor(
@@ -550,6 +554,9 @@ class _Run:
             distributed.all_reduce_sum(totals)
             mean_loss = totals[0] / totals[3]
             correct, labelled, count = (int(t) for t in totals[1:])
+        if count == 0:  # every rank's share, or one process's batch, of padding only
+            error = distributed.CollectiveUserError if self.world > 1 else UserError
+            raise error(NO_LABEL_IN_BATCH)
         if not bool(torch.isfinite(mean_loss)):
             raise _Diverged
         loss.backward()
@@ -563,7 +570,7 @@ class _Run:
             opt.first_step(zero_grad=True)
             disable_running_stats(model)  # BatchNorm statistics move on the first pass only
             try:
-                self.loss_fn(run_model(model, x), y).backward()
+                self._share_loss(run_model(model, x), y, share).backward()
             finally:
                 enable_running_stats(model)
             distributed.average_gradients(self.params, share, count)
@@ -573,6 +580,14 @@ class _Run:
         if self.world > 1:  # each rank's moved on its own share: rank 0's are kept, as in DDP
             distributed.broadcast_from_lead(self.model.buffers())
         return float(mean_loss), correct, labelled, count, lr
+
+    def _share_loss(self, out: torch.Tensor, y: torch.Tensor, share: int) -> torch.Tensor:
+        """The loss of this rank's share of the minibatch, which weighs ``share`` in the global
+        mean; one of padding only (under torchrun) weighs nothing, and its own mean, 0/0, was
+        NaN in every rank's sum: zero, with a zero gradient of the same parameters."""
+        if share == 0 and self.world > 1:
+            return out.sum() * 0.0
+        return self.loss_fn(out, y)
 
     def _refresh(self, batch: Batch) -> None:
         assert isinstance(self.optimizer, EigenSAM)

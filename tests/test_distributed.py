@@ -827,3 +827,41 @@ def test_train_two_ranks_of_padded_text_match_one_process(tmp_path: Path) -> Non
             torch.testing.assert_close(
                 torch.tensor(f2[column][()]), torch.tensor(f1[column][()]), rtol=1e-4, atol=0
             )
+
+
+@needs_gloo
+def test_train_two_ranks_with_a_share_of_padding_only_match_one_process(tmp_path: Path) -> None:
+    """One sample holds no label (a one-token sequence): one process trains on the global batch
+    that holds it, but the rank whose share it was alone refused it ("holds no label but -100"),
+    or, from tensors, its 0/0 loss made every rank's sum NaN ("training diverged")."""
+    example = Path(__file__).parents[1] / "checkpoints_example"
+    (tmp_path / "onetoken.py").write_text(
+        "import sys\n\n"
+        f"sys.path.insert(0, {str(example)!r})\n"
+        "from tiny_lm import MarkovText, TinyLM  # noqa: E402\n\n\n"
+        "def make():\n"
+        "    return TinyLM()\n\n\n"
+        "def text():\n"
+        "    train = MarkovText(16, seed=0)\n"
+        "    train.ids[5, 1:], train.mask[5, 1:], train.labels[5] = 0, 0, -100\n"
+        "    return train, MarkovText(8, seed=1)\n"
+    )
+    runs = {}
+    for name, batch, ranks in (("one", "2", None), ("two", "1", 2)):
+        args = ["train", "--model", "onetoken.py:make", "--data", "onetoken.py:text",
+                "--optimizer", "eigensam", "--eig-every", "1", "--track-every", "4",
+                "--batch-size", batch, "--epochs", "1", "--out", str(tmp_path / name), "-q"]  # fmt: skip
+        code, _, err, _ = _run(args, ranks=ranks, cwd=tmp_path)
+        assert code == 0, err
+        runs[name] = load_checkpoint(tmp_path / name / "checkpoints" / "final.pt")
+    one, two = runs["one"].state_dict, runs["two"].state_dict
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5)
+    with (
+        h5py.File(tmp_path / "one" / "metrics.h5") as f1,
+        h5py.File(tmp_path / "two" / "metrics.h5") as f2,
+    ):
+        for column in ("steps/loss", "track/lambda_max", "refresh/eigenvalue"):
+            torch.testing.assert_close(
+                torch.tensor(f2[column][()]), torch.tensor(f1[column][()]), rtol=1e-4, atol=0
+            )

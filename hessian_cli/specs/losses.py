@@ -55,6 +55,12 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
     )
 
 
+NO_LABEL_IN_BATCH = (
+    "a batch of the data holds no label but -100 (padding), so its cross-entropy is 0/0: leave "
+    "samples without labels out of the data."
+)
+
+
 def check_targets(
     spec: str, batches: Sequence[tuple[Tensor, Tensor]], num_classes: int | None
 ) -> None:
@@ -69,10 +75,7 @@ def check_targets(
         return
     for _, y in batches:
         if not y.is_floating_point() and y.numel() and bool((y == IGNORE_INDEX).all()):
-            raise UserError(
-                "a batch of the data holds no label but -100 (padding), so its cross-entropy is "
-                "0/0: leave samples without labels out of the data."
-            )
+            raise UserError(NO_LABEL_IN_BATCH)
     for _, y in batches:
         if not y.is_floating_point() or not y.numel():
             continue

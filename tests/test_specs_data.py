@@ -323,6 +323,40 @@ def test_user_loader_takes_its_dataset_and_class_attribute(user_file: Path) -> N
     assert data.input_shape == (2, 2) and data.num_classes == 7
 
 
+def test_user_loader_sampler_picks_the_samples(tmp_path: Path) -> None:
+    """A DataLoader's sampler says which samples it gives: a SubsetRandomSampler (a split of
+    one dataset) was ignored, and the dataset's first samples analysed, also those the loader
+    never gives; a sampler that cannot be followed in a fixed order is refused."""
+    path = tmp_path / "loaders.py"
+    path.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset, SubsetRandomSampler\n"
+        "from torch.utils.data import WeightedRandomSampler, DistributedSampler\n"
+        "ds = TensorDataset(torch.arange(10.0)[:, None], torch.arange(10) % 3)\n"
+        "ds.num_classes = 4\n"
+        "def part():\n"
+        "    return DataLoader(ds, batch_size=2, sampler=SubsetRandomSampler([7, 5, 9]))\n"
+        "def shuffled():\n"
+        "    return DataLoader(ds, batch_size=2, shuffle=True)\n"
+        "def ranks():\n"
+        "    return DataLoader(ds, sampler=DistributedSampler(ds, num_replicas=2, rank=1))\n"
+        "def weighted():\n"
+        "    return DataLoader(ds, sampler=WeightedRandomSampler([1.0] * 10, 4))\n"
+        "def batches():\n"
+        "    return DataLoader(ds, batch_sampler=[[8, 9], [1, 2]])\n"
+    )
+    part = load_data(f"{path}:part")
+    assert part.num_classes == 4  # the dataset's, though the part's labels reach 2
+    x, _ = analysis_batches(part.train, batch_size=8)[0]
+    assert x[:, 0].tolist() == [7.0, 5.0, 9.0]
+    for whole in ("shuffled", "ranks"):
+        assert len(load_data(f"{path}:{whole}").train) == 10
+    with pytest.raises(UserError, match=r"sampler \(WeightedRandomSampler\) picks its samples"):
+        load_data(f"{path}:weighted")
+    with pytest.raises(UserError, match="batch_sampler picks its samples"):
+        load_data(f"{path}:batches")
+
+
 def test_user_regression_tensors(user_file: Path) -> None:
     data = load_data(f"{user_file}:regression")
     assert data.num_classes is None and data.target_shape == (2,) and data.num_outputs == 2

@@ -16,7 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+    default_collate,
+)
+from torch.utils.data.distributed import DistributedSampler
 
 from hessian_cli.engine.batches import Batch, check_range
 from hessian_cli.engine.inputs import Inputs, input_tensors, is_inputs, map_inputs
@@ -511,7 +523,7 @@ def _as_dataset(obj: Any, spec: str, what: str) -> Any:
     if obj is None:
         return None
     if isinstance(obj, DataLoader):
-        return obj.dataset
+        return _loader_samples(obj, spec, what)
     if isinstance(obj, (str, bytes, dict)):
         pass
     elif hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
@@ -519,6 +531,40 @@ def _as_dataset(obj: Any, spec: str, what: str) -> Any:
     raise UserError(
         f"the data factory {spec!r} returned {type(obj).__name__} as {what}, not a Dataset or "
         "DataLoader."
+    )
+
+
+def _loader_samples(loader: DataLoader, spec: str, what: str) -> Any:
+    """The samples a DataLoader draws from, in a fixed order: its dataset where its sampler
+    takes all of it (in order, shuffled, or shared among torchrun's ranks), the indices of a
+    SubsetRandomSampler; a sampler or batch sampler of its own is refused (the samples analysed
+    were the dataset's first, also those the loader never gives)."""
+    if isinstance(loader.dataset, IterableDataset):  # no samples by index: refused as such
+        return loader.dataset
+    sampler, batches = loader.sampler, loader.batch_sampler
+    own_batches = batches is not None and not (
+        type(batches) is BatchSampler and batches.sampler is sampler
+    )
+    if not own_batches:
+        if type(sampler) in (SequentialSampler, DistributedSampler):
+            return loader.dataset
+        if (
+            type(sampler) is RandomSampler
+            and not sampler.replacement
+            and sampler.num_samples == len(sampler.data_source)
+        ):
+            return loader.dataset
+        if type(sampler) is SubsetRandomSampler:
+            part = Subset(loader.dataset, [int(i) for i in sampler.indices])
+            classes = getattr(loader.dataset, "num_classes", None)
+            if classes is not None:  # the part need not hold the top class
+                part.num_classes = classes  # type: ignore[attr-defined]
+            return part
+    which = "batch_sampler" if own_batches else f"sampler ({type(sampler).__name__})"
+    raise UserError(
+        f"the data factory {spec!r} returned a DataLoader as {what} whose {which} picks its "
+        "samples, which analysis cannot follow in a fixed order: return the Dataset (a "
+        "torch.utils.data.Subset for a part of it) instead."
     )
 
 

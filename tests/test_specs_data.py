@@ -357,6 +357,27 @@ def test_user_loader_sampler_picks_the_samples(tmp_path: Path) -> None:
         load_data(f"{path}:batches")
 
 
+def test_user_iterable_dataset_is_refused_as_such(tmp_path: Path) -> None:
+    """An IterableDataset is a Dataset: it was refused as "not a Dataset or DataLoader", and in
+    a DataLoader as "a dataset without a length"."""
+    path = tmp_path / "streams.py"
+    path.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, IterableDataset\n"
+        "class Stream(IterableDataset):\n"
+        "    def __iter__(self):\n"
+        "        return iter([(torch.zeros(2), 0)] * 4)\n"
+        "def stream():\n"
+        "    return Stream()\n"
+        "def loader():\n"
+        "    return DataLoader(Stream(), batch_size=2)\n"
+    )
+    with pytest.raises(UserError, match=r"an IterableDataset \(Stream\) as training data: .*map-"):
+        load_data(f"{path}:stream")
+    with pytest.raises(UserError, match=r"an IterableDataset \(Stream\) in a DataLoader as"):
+        load_data(f"{path}:loader")
+
+
 def test_user_regression_tensors(user_file: Path) -> None:
     data = load_data(f"{user_file}:regression")
     assert data.num_classes is None and data.target_shape == (2,) and data.num_outputs == 2

@@ -522,6 +522,14 @@ def _label_key(dataset: Any) -> str | None:
 def _as_dataset(obj: Any, spec: str, what: str) -> Any:
     if obj is None:
         return None
+    inner = obj.dataset if isinstance(obj, DataLoader) else obj
+    if isinstance(inner, IterableDataset):  # a Dataset, but without samples by index
+        held = " in a DataLoader" if inner is not obj else ""
+        raise UserError(
+            f"the data factory {spec!r} returned an IterableDataset ({type(inner).__name__})"
+            f"{held} as {what}: analysis reads samples by index in a fixed order, so it needs "
+            "a map-style Dataset (with __len__ and __getitem__)."
+        )
     if isinstance(obj, DataLoader):
         return _loader_samples(obj, spec, what)
     if isinstance(obj, (str, bytes, dict)):
@@ -539,8 +547,6 @@ def _loader_samples(loader: DataLoader, spec: str, what: str) -> Any:
     takes all of it (in order, shuffled, or shared among torchrun's ranks), the indices of a
     SubsetRandomSampler; a sampler or batch sampler of its own is refused (the samples analysed
     were the dataset's first, also those the loader never gives)."""
-    if isinstance(loader.dataset, IterableDataset):  # no samples by index: refused as such
-        return loader.dataset
     sampler, batches = loader.sampler, loader.batch_sampler
     own_batches = batches is not None and not (
         type(batches) is BatchSampler and batches.sampler is sampler

@@ -378,6 +378,37 @@ def test_user_iterable_dataset_is_refused_as_such(tmp_path: Path) -> None:
         load_data(f"{path}:loader")
 
 
+def test_user_labels_stored_as_a_column_are_one_per_sample(tmp_path: Path) -> None:
+    """Integer labels of shape (N, 1) (``df[["label"]].values``) are a class per sample, as a
+    tensor file's are: they were read as one label per token of one-token samples, a
+    built-in model was made with one output, and cross-entropy refused it (torch's
+    "multi-target not supported" for the user's model)."""
+    path = tmp_path / "columns.py"
+    path.write_text(
+        "import numpy as np, torch\n"
+        "from torch.utils.data import Dataset, TensorDataset\n"
+        "x, y = torch.arange(12.0).reshape(6, 2), torch.tensor([[0], [2], [1], [0], [2], [1]])\n"
+        "class Rows(Dataset):\n"
+        "    num_classes = 4\n"
+        "    def __len__(self):\n"
+        "        return 6\n"
+        "    def __getitem__(self, i):\n"
+        "        return x[i].numpy(), y[i].numpy()\n"
+        "def rows():\n"
+        "    return Rows()\n"
+        "def tensors():\n"
+        "    return TensorDataset(x, y), TensorDataset(x[:2], y[:2])\n"
+    )
+    for name, classes in (("rows", 4), ("tensors", 3)):
+        data = load_data(f"{path}:{name}")
+        assert data.num_classes == classes and data.target_shape == ()
+        assert data.num_outputs == classes
+        for ds in (data.train, data.test):
+            if ds is not None:
+                (_, labels), *_ = analysis_batches(ds, batch_size=4)
+                assert labels.dtype == torch.int64 and labels.tolist() == [0, 2, 1, 0][: len(ds)]
+
+
 def test_user_regression_tensors(user_file: Path) -> None:
     data = load_data(f"{user_file}:regression")
     assert data.num_classes is None and data.target_shape == (2,) and data.num_outputs == 2

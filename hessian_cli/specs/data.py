@@ -460,6 +460,10 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
             f"data {spec!r}: the inputs x of a sample are {a_type(x)}: give a tensor, or a "
             "tuple or dict of tensors (passed to the model as model(*x) or model(**x))."
         )
+    if _are_token_labels(y) and torch.as_tensor(y).shape == (1,):
+        # A label stored as a column, (N, 1): one class per sample, as a tensor file's y is read.
+        train, test = _label_per_sample(train), None if test is None else _label_per_sample(test)
+        y = torch.as_tensor(y).reshape(())
     token_labels = _are_token_labels(y)
     classification = _is_integer_label(y) or token_labels
     if not classification:
@@ -499,6 +503,37 @@ class _LabelledDicts(Dataset):
     def __getitem__(self, i: int) -> tuple[dict[str, Any], Any]:
         item = dict(self.dataset[i])
         return item, item.pop(self.key)
+
+    def __getattr__(self, name: str) -> Any:
+        """The dataset's class count and labels, which count its classes (they were lost)."""
+        dataset = self.__dict__.get("dataset")
+        if name in ("num_classes", "targets", "labels") and dataset is not None:
+            return getattr(dataset, name)
+        raise AttributeError(name)
+
+
+def _label_per_sample(dataset: Any) -> Any:
+    """``dataset`` with each sample's target of one value (a label stored as a column) as a
+    scalar: kept a TensorDataset where it is one."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
+        x, y, *rest = dataset.tensors
+        if y.shape[1:] == (1,):
+            return TensorDataset(x, y.reshape(-1), *rest)
+    return _ScalarLabels(dataset)
+
+
+class _ScalarLabels(Dataset):
+    """A dataset of (inputs, target, ...) samples whose targets hold one value, as scalars."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        item = self.dataset[i]
+        return (item[0], _as_tensor(item[1]).reshape(()), *item[2:])
 
     def __getattr__(self, name: str) -> Any:
         """The dataset's class count and labels, which count its classes (they were lost)."""

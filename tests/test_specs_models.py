@@ -127,6 +127,25 @@ def test_mlp_options() -> None:
     assert any(isinstance(m, nn.Tanh) for m in default.modules())
 
 
+def test_mlp_takes_samples_of_one_number(tmp_path: Path) -> None:
+    """x of shape (N,) (a 1-D regression, y = sin(x)) is one feature per sample: the mlp
+    asked for input_size, and with it torch's Flatten refused the batch ("Dimension out of
+    range"), so no built-in model could take the data."""
+    from hessian_cli.specs import load_data
+
+    x = torch.linspace(-2, 2, 6)
+    torch.save({"x": x, "y": torch.sin(x)}, tmp_path / "curve.pt")
+    data = load_data(str(tmp_path / "curve.pt"))
+    assert data.input_shape == ()
+    model = build_model(
+        "mlp", input_shape=data.input_shape, num_classes=data.num_outputs, kwargs={"hidden": [4]}
+    )
+    assert model[1].in_features == 1
+    out = model(x)
+    assert out.shape == (6, 1)
+    assert torch.equal(out, model(x[:, None]))
+
+
 def test_cnn_options() -> None:
     model = build_model(
         "cnn", input_shape=(3, 10, 10), num_classes=4, kwargs={"widths": [8], "batchnorm": True}

@@ -105,11 +105,7 @@ def _build_builtin(
         )
     num_classes = _positive_int(num_classes, "num_classes", name)
     if name == "mlp":
-        input_size = kwargs.pop("input_size", math.prod(input_shape) if input_shape else None)
-        if input_size is None:
-            raise UserError(
-                "model 'mlp' needs an input shape; pass --model-kwargs with input_size."
-            )
+        input_size = kwargs.pop("input_size", math.prod(input_shape))  # () is one number
         hidden = kwargs.pop("hidden", [128, 128])
         activation = kwargs.pop("activation", "tanh")
         _no_extra(
@@ -183,6 +179,14 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+class _Flatten(nn.Flatten):
+    """``nn.Flatten`` that takes a batch of samples that are one number each, shape (batch,),
+    as one feature each (torch's refuses them: a 1-D x was data no MLP could take)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), 1) if x.ndim == 1 else super().forward(x)
+
+
 class MLP(nn.Sequential):
     """Flatten -> (Linear -> activation)* -> Linear: small enough for the dense Hessian oracle."""
 
@@ -194,7 +198,7 @@ class MLP(nn.Sequential):
                 f"unknown activation {activation!r} for 'mlp' (choose from "
                 f"{', '.join(_ACTIVATIONS)})."
             )
-        layers: list[nn.Module] = [nn.Flatten()]
+        layers: list[nn.Module] = [_Flatten()]
         width = input_size
         for h in hidden:
             layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]

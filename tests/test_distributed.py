@@ -803,22 +803,20 @@ def test_a_language_model_of_named_inputs_runs_under_torchrun(tmp_path: Path) ->
     assert code == 0, err
 
 
-@needs_gloo
-def test_train_two_ranks_of_padded_text_match_one_process(tmp_path: Path) -> None:
-    """Each rank's loss averages over its own labelled tokens; weighted by samples, 2 ranks of
-    batch 4 ended 0.068 away from one process of batch 8 (weights, losses, lambda_max too)."""
-    example = Path(__file__).parents[1] / "checkpoints_example" / "tiny_lm.py"
+def _one_process_and_two_ranks_train_alike(
+    tmp_path: Path, model: str, data: str, batch: int, options: list[str], checkpoint: str
+) -> None:
+    """Eigen-SAM on one process with ``batch`` and on 2 ranks with half of it: the same weights
+    in ``checkpoint``, and the same losses, lambda_max and refresh eigenvalues."""
     runs = {}
-    for name, batch, ranks in (("one", "8", None), ("two", "4", 2)):
-        args = ["train", "--model", f"{example}:make", "--data", f"{example}:text",
-                "--optimizer", "eigensam", "--eig-every", "3", "--track-every", "4",
-                "--batch-size", batch, "--max-steps", "8", "--out", str(tmp_path / name), "-q"]  # fmt: skip
+    for name, size, ranks in (("one", batch, None), ("two", batch // 2, 2)):
+        args = ["train", "--model", model, "--data", data, "--optimizer", "eigensam",
+                "--batch-size", str(size), *options, "--out", str(tmp_path / name), "-q"]  # fmt: skip
         code, _, err, _ = _run(args, ranks=ranks, cwd=tmp_path)
         assert code == 0, err
-        runs[name] = load_checkpoint(tmp_path / name / "checkpoints" / "step0000008.pt")
-    one, two = runs["one"].state_dict, runs["two"].state_dict
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5)
+        runs[name] = load_checkpoint(tmp_path / name / "checkpoints" / checkpoint).state_dict
+    for key in runs["one"]:
+        torch.testing.assert_close(runs["two"][key], runs["one"][key], rtol=1e-5, atol=1e-5)
     with (
         h5py.File(tmp_path / "one" / "metrics.h5") as f1,
         h5py.File(tmp_path / "two" / "metrics.h5") as f2,
@@ -827,6 +825,17 @@ def test_train_two_ranks_of_padded_text_match_one_process(tmp_path: Path) -> Non
             torch.testing.assert_close(
                 torch.tensor(f2[column][()]), torch.tensor(f1[column][()]), rtol=1e-4, atol=0
             )
+
+
+@needs_gloo
+def test_train_two_ranks_of_padded_text_match_one_process(tmp_path: Path) -> None:
+    """Each rank's loss averages over its own labelled tokens; weighted by samples, 2 ranks of
+    batch 4 ended 0.068 away from one process of batch 8 (weights, losses, lambda_max too)."""
+    example = Path(__file__).parents[1] / "checkpoints_example" / "tiny_lm.py"
+    options = ["--eig-every", "3", "--track-every", "4", "--max-steps", "8"]
+    _one_process_and_two_ranks_train_alike(
+        tmp_path, f"{example}:make", f"{example}:text", 8, options, "step0000008.pt"
+    )
 
 
 @needs_gloo
@@ -846,22 +855,7 @@ def test_train_two_ranks_with_a_share_of_padding_only_match_one_process(tmp_path
         "    train.ids[5, 1:], train.mask[5, 1:], train.labels[5] = 0, 0, -100\n"
         "    return train, MarkovText(8, seed=1)\n"
     )
-    runs = {}
-    for name, batch, ranks in (("one", "2", None), ("two", "1", 2)):
-        args = ["train", "--model", "onetoken.py:make", "--data", "onetoken.py:text",
-                "--optimizer", "eigensam", "--eig-every", "1", "--track-every", "4",
-                "--batch-size", batch, "--epochs", "1", "--out", str(tmp_path / name), "-q"]  # fmt: skip
-        code, _, err, _ = _run(args, ranks=ranks, cwd=tmp_path)
-        assert code == 0, err
-        runs[name] = load_checkpoint(tmp_path / name / "checkpoints" / "final.pt")
-    one, two = runs["one"].state_dict, runs["two"].state_dict
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5)
-    with (
-        h5py.File(tmp_path / "one" / "metrics.h5") as f1,
-        h5py.File(tmp_path / "two" / "metrics.h5") as f2,
-    ):
-        for column in ("steps/loss", "track/lambda_max", "refresh/eigenvalue"):
-            torch.testing.assert_close(
-                torch.tensor(f2[column][()]), torch.tensor(f1[column][()]), rtol=1e-4, atol=0
-            )
+    options = ["--eig-every", "1", "--track-every", "4", "--epochs", "1"]
+    _one_process_and_two_ranks_train_alike(
+        tmp_path, "onetoken.py:make", "onetoken.py:text", 2, options, "final.pt"
+    )

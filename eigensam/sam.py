@@ -139,14 +139,26 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    # An enabled torch.amp.GradScaler's step() then leaves the gradients scaled and calls step()
+    # with its scale and overflow flag set on the optimizer (``grad_scale``, ``found_inf``).
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """A whole SAM step; ``closure`` zeroes the grads, computes the loss, calls backward and
         returns the loss, and is called at ``w`` then at ``w + e``. Returns the loss at ``w``.
 
         If the second call raises, the weights are back at ``w`` (no step taken) before the
         exception goes on. A model with BatchNorm: see the module docstring.
+
+        With a ``torch.amp.GradScaler``: ``first_step`` after the first scaled backward (its
+        direction does not depend on the scale), then ``scaler.step(opt)`` after the second, which
+        takes the second step with the unscaled gradients, or goes back to ``w`` without one where
+        they overflowed; ``scaler.step(opt, closure)`` is refused.
         """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:  # called by GradScaler.step
+            return self._scaled_second_step(closure, found_inf)
         if closure is None:
             raise ValueError("SAM needs a closure: it evaluates the gradient twice per step")
         closure = torch.enable_grad()(closure)
@@ -159,6 +171,27 @@ class SAM(Optimizer):
             raise
         self.second_step()
         return loss
+
+    def _scaled_second_step(
+        self, closure: Callable[[], torch.Tensor] | None, found_inf: torch.Tensor
+    ) -> None:
+        if closure is not None or not self._is_perturbed():
+            del self.grad_scale, self.found_inf  # GradScaler removes them only after a return
+            raise RuntimeError(
+                "with a GradScaler, call first_step after the first scaled backward and "
+                "scaler.step(optimizer) after the second, without a closure (whose gradients "
+                "would reach the base step still scaled)"
+            )
+        if found_inf.item():  # GradScaler skips this step and lowers its scale
+            self.restore()
+            return
+        scale = getattr(self, "grad_scale", None)  # None where scaler.unscale_ has run
+        if scale is not None:
+            inv = scale.double().reciprocal().float()  # as GradScaler.unscale_ does
+            for p, _ in self._params():
+                if p.grad is not None:
+                    p.grad.mul_(inv.to(p.grad.device))
+        self.second_step()
 
     def state_dict(self) -> dict[str, Any]:
         """Own state and param groups, plus the base optimizer's state under ``base_state``."""

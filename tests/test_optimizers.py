@@ -676,3 +676,52 @@ def test_a_refresh_on_a_batch_that_is_not_inputs_and_targets_is_one_sentence() -
         UserError, match=r"not a torch.Tensor: pass a list of batches, \[\(x, y\)\]"
     ):
         HessianOperator(model, F.cross_entropy, (x, y))  # the pair itself
+
+
+@BEFORE_REFRESH
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_a_grad_scaler_steps_with_unscaled_gradients(cls: type[SAM]) -> None:
+    """``scaler.step(opt)`` after the second scaled backward is the step of an unscaled loop
+    (a power-of-two scale is exact), an overflow goes back to ``w`` without a step, and a
+    closure, whose gradients GradScaler cannot unscale, is refused."""
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, rho=0.05)
+    plain, scaled = mlp(torch.float32), mlp(torch.float32)
+    opt = cls(plain.parameters(), torch.optim.SGD, **kw)
+    opt_s = cls(scaled.parameters(), torch.optim.SGD, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i, (x, y) in enumerate(data(torch.float32, steps=4)):
+        if cls is EigenSAM and i == 1:
+            opt.refresh_eigenvector(plain, F.cross_entropy, (x, y), seed=0)
+            opt_s.refresh_eigenvector(scaled, F.cross_entropy, (x, y), seed=0)
+        sam_step(opt, plain, x, y)
+        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+        opt_s.first_step(zero_grad=True)
+        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+        scaler.step(opt_s)
+        scaler.update()
+        opt_s.zero_grad()
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    before = [p.detach().clone() for p in scaled.parameters()]
+    scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+    opt_s.first_step(zero_grad=True)
+    scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+    next(scaled.parameters()).grad[0, 0] = float("inf")  # an overflow in the second pass
+    scaler.step(opt_s)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    for p, w in zip(scaled.parameters(), before, strict=True):
+        assert torch.equal(p, w)
+
+    def closure() -> torch.Tensor:
+        opt_s.zero_grad()
+        loss = F.cross_entropy(scaled(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="GradScaler.*without a closure"):
+        scaler.step(opt_s, closure)
+    for p, w in zip(scaled.parameters(), before, strict=True):
+        assert torch.equal(p, w)
+    assert opt_s.step(closure) is not None  # without the scaler, a plain step again

@@ -725,3 +725,19 @@ def test_a_grad_scaler_steps_with_unscaled_gradients(cls: type[SAM]) -> None:
     for p, w in zip(scaled.parameters(), before, strict=True):
         assert torch.equal(p, w)
     assert opt_s.step(closure) is not None  # without the scaler, a plain step again
+
+
+def test_a_refresh_inside_autocast_is_the_full_precision_refresh() -> None:
+    """A mixed-precision loop that calls the refresh inside its autocast block gets the Hessian
+    of the model in its own dtype (it failed to store a bfloat16 vector)."""
+    model = mlp(torch.float32)
+    x, y = data(torch.float32)[0]
+    results = []
+    for autocast in (False, True):
+        opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            result = opt.refresh_eigenvector(model, F.cross_entropy, (x, y), seed=0)
+        assert opt.eigenvector.dtype == torch.float32
+        results.append(result)
+    assert results[0].eigenvalue == results[1].eigenvalue
+    assert torch.equal(results[0].vector, results[1].vector)

@@ -91,7 +91,8 @@ class SAM(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to ``w + e`` (parameters without a gradient stay put: they do not affect the
-        loss of this step); the old weights are kept in the state until :meth:`second_step`."""
+        loss of this step; nor do frozen ones, which a zeroed gradient may outlive); the old
+        weights are kept in the state until :meth:`second_step`."""
         if self._is_perturbed():
             raise RuntimeError("first_step called twice without second_step in between")
         if all(p.grad is None for p, _ in self._params()):
@@ -108,7 +109,7 @@ class SAM(Optimizer):
         d.masked_fill_(~moves, 0.0)
         pairs = self._params()
         for (p, group), d_p in zip(pairs, d.split([p.numel() for p, _ in pairs]), strict=True):
-            if p.grad is None:
+            if p.grad is None or not p.requires_grad:
                 continue
             e = group["rho"] * d_p.view_as(p).to(p.device)
             if group["adaptive"]:

@@ -741,3 +741,22 @@ def test_a_refresh_inside_autocast_is_the_full_precision_refresh() -> None:
         results.append(result)
     assert results[0].eigenvalue == results[1].eigenvalue
     assert torch.equal(results[0].vector, results[1].vector)
+
+
+def test_a_parameter_frozen_after_a_refresh_is_not_perturbed() -> None:
+    """A layer frozen mid-training whose gradient was zeroed, not set to None, stays put at
+    ``w + e`` as it does for SAM, though the eigenvector of an earlier refresh leans on it."""
+    model = mlp()
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.5)
+    x, y = data()[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.refresh_eigenvector(model, F.cross_entropy, (x, y))
+    assert all(bool(opt.state[p]["eigenvector"].any()) for p in model[0].parameters())
+    model[0].requires_grad_(False)
+    opt.zero_grad(set_to_none=False)  # the frozen layer keeps a zero gradient
+    F.cross_entropy(model(x), y).backward()
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    opt.first_step()
+    for p, w in zip(model[0].parameters(), frozen, strict=True):
+        assert torch.equal(p, w)
+    assert not torch.equal(model[2].weight, opt.state[model[2].weight]["old_p"])

@@ -81,6 +81,13 @@ class EigenSAM(SAM):
         self._slices: list[torch.Tensor | None] = []
         self._warned = False
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "alpha" in param_group:  # it would be ignored: d is one vector over all groups
+            raise ValueError(
+                "alpha is one for all parameter groups (unlike rho): give it to EigenSAM itself"
+            )
+        super().add_param_group(param_group)
+
     @property
     def eigenvector(self) -> torch.Tensor | None:
         """The current ``v``, flat over all parameters in param-group order (None before any)."""

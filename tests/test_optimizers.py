@@ -760,3 +760,13 @@ def test_a_parameter_frozen_after_a_refresh_is_not_perturbed() -> None:
     for p, w in zip(model[0].parameters(), frozen, strict=True):
         assert torch.equal(p, w)
     assert not torch.equal(model[2].weight, opt.state[model[2].weight]["old_p"])
+
+
+def test_an_alpha_in_a_parameter_group_is_refused_not_ignored() -> None:
+    model = mlp()
+    first, *rest = model.parameters()
+    with pytest.raises(ValueError, match="alpha is one for all parameter groups"):
+        EigenSAM([{"params": [first], "alpha": 0.0}, {"params": rest}], torch.optim.SGD, lr=0.1)
+    opt = EigenSAM([first], torch.optim.SGD, lr=0.1, alpha=0.2)
+    with pytest.raises(ValueError, match="alpha is one for all parameter groups"):
+        opt.add_param_group({"params": rest, "alpha": 0.5})

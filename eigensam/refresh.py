@@ -82,8 +82,8 @@ def refresh_top_eigenvector(
     BatchNorm uses batch statistics if ``model.training`` (the loss whose gradient SAM perturbs
     with is then the batch-statistics loss, so its Hessian is the one that matters) and running
     statistics otherwise; either way no buffer is updated and dropout is off, so every product
-    applies the same matrix. An enclosing autocast does not apply. The weights' ``.grad`` is not
-    touched.
+    applies the same matrix. An enclosing autocast does not apply (the engine's products are in
+    the model's dtype). The weights' ``.grad`` is not touched.
     """
     if max_hvps is None:
         max_hvps = DEFAULT_MAX_HVPS if v_prev is not None else COLD_MAX_HVPS
@@ -101,31 +101,28 @@ def refresh_top_eigenvector(
     # Under torchrun a rank's share of the minibatch that holds nothing the loss averages over
     # (padding only) weighs nothing in the global mean: that rank holds no batch.
     empty = batch_weight is not None and is_distributed() and not batch_weight(batch[1])
-    # In the model's own dtype: under the autocast of a caller's mixed-precision step every
-    # product was a 16-bit one, and the bfloat16 vector could not be stored.
-    with torch.autocast(space.device.type, enabled=False):
-        op = HessianOperator(
-            model,
-            loss_fn,
-            [] if empty else [batch],
-            params=space,
-            bn="train" if model.training else "eval",
-            batch_weight=batch_weight,
-        )
-        # A previous vector that is zero on the live parameters starts nothing: eigenpairs then
-        # starts at random.
-        init = None if v_prev is None else v_prev.reshape(-1)[mask.to(v_prev.device)]
-        res = eigenpairs(
-            op,
-            1,
-            which="largest",
-            tol=tol,
-            block_size=1,
-            max_hvps=max_hvps,
-            init=init,
-            hint=None if hint is None else hint.reshape(-1)[mask.to(hint.device)],
-            seed=seed,
-        )
+    op = HessianOperator(
+        model,
+        loss_fn,
+        [] if empty else [batch],
+        params=space,
+        bn="train" if model.training else "eval",
+        batch_weight=batch_weight,
+    )
+    # A previous vector that is zero on the live parameters starts nothing: eigenpairs then
+    # starts at random.
+    init = None if v_prev is None else v_prev.reshape(-1)[mask.to(v_prev.device)]
+    res = eigenpairs(
+        op,
+        1,
+        which="largest",
+        tol=tol,
+        block_size=1,
+        max_hvps=max_hvps,
+        init=init,
+        hint=None if hint is None else hint.reshape(-1)[mask.to(hint.device)],
+        seed=seed,
+    )
     vector = torch.zeros(mask.numel(), dtype=space.dtype, device=space.device)
     vector[mask.to(space.device)] = res.eigenvectors[0]
     return RefreshResult(

@@ -142,3 +142,21 @@ def test_solvers_never_use_tf32_for_their_own_linear_algebra():
         stochastic_trace(op, 6)
         spectral_density(op, 2, 5)
     assert seen and all(s == (("ieee", "ieee") if NEW_API else (False, False)) for s in seen)
+
+
+@pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn"])
+def test_full_precision_holds_inside_a_callers_autocast(name):
+    """A mixed-precision training step that calls the engine runs it under its autocast: the
+    products and the solver's Gram matrices were bfloat16 there (a refresh inside it failed to
+    store its vector), though the operator says full precision. Now bit for bit the same."""
+    case = CASES[name]
+    V = torch.randn(3, HessianOperator(case.model, case.loss, case.batches).n)
+    results = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            op = HessianOperator(case.model, case.loss, case.batches)
+            results.append((op.matmul(V), eigenpairs(op, 2, seed=0), op.gradient()[1]))
+    (products, pairs, gradient), (products_in, pairs_in, gradient_in) = results
+    assert torch.equal(products_in, products) and torch.equal(gradient_in, gradient)
+    assert torch.equal(pairs_in.eigenvalues, pairs.eigenvalues)
+    assert torch.equal(pairs_in.eigenvectors, pairs.eigenvectors)

@@ -40,11 +40,12 @@ def check_precision(precision: str, device: torch.device) -> Precision:
 
 @contextlib.contextmanager
 def numerics(precision: Precision, device: torch.device) -> Iterator[None]:
-    """Run the enclosed computation in ``precision``; the global TF32 settings are restored after."""
+    """Run the enclosed computation in ``precision``, whatever autocast the caller runs under;
+    the global TF32 settings are restored after."""
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if precision == "bf16"
-        else contextlib.nullcontext()
+        else _without_autocast()
     )
     with _tf32(precision == "tf32"), autocast:
         yield
@@ -52,15 +53,28 @@ def numerics(precision: Precision, device: torch.device) -> Iterator[None]:
 
 def without_tf32(solver: Callable[P, R]) -> Callable[P, R]:
     """Run a solver's own linear algebra (Gram matrices, orthogonalisation) without TF32, whatever
-    the global setting: its 1e-3 rounding would cap every residual far above a float32 tolerance.
+    the global setting, and outside a caller's autocast: their 1e-3 rounding would cap every
+    residual far above a float32 tolerance.
     """
 
     @functools.wraps(solver)
     def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
-        with _tf32(False):
+        with _tf32(False), _without_autocast():
             return solver(*args, **kwargs)
 
     return wrapped
+
+
+@contextlib.contextmanager
+def _without_autocast() -> Iterator[None]:
+    """Outside the autocast a caller may run under (a mixed-precision training step that calls
+    the engine): full precision would otherwise be bfloat16 or float16 products and Gram
+    matrices."""
+    with contextlib.ExitStack() as stack:
+        for kind in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 @contextlib.contextmanager

@@ -405,6 +405,28 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert spectra_figure(same).axes[0].get_lines()[0].get_linestyle() == "-"
 
 
+def test_blocks_of_one_models_hessian_in_one_file_are_a_trajectory_each():
+    """Two --params sets of one model with as many parameters each (two layers' blocks) were
+    drawn as one trajectory and shown as one model; each is now its own, its globs named."""
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
+    ds = [
+        {
+            "name": name,
+            "provenance": {"model": "mlp", "num_params": 330, "params_glob": glob},
+            "eigen": eigen,
+        }
+        for name, glob in (("a", "3.*"), ("b", "1.*"), ("c", "3.*"))
+    ]
+    table = series_table(ds)
+    assert str(table.columns[3].header) == "model"
+    assert list(table.columns[3].cells) == ["mlp [3.*] (330)", "mlp [1.*] (330)", "mlp [3.*] (330)"]
+    fig = spectra_figure(ds)
+    named = {h.get_marker(): h.get_label() for h in fig.legends[0].legend_handles}
+    assert named == {"o": "mlp [3.*] (330)", "s": "mlp [1.*] (330)"}
+    whole = [{**d, "provenance": {**d["provenance"], "params_glob": "*"}} for d in ds]
+    assert "model" not in [str(c.header) for c in series_table(whole).columns]
+
+
 def test_a_table_says_which_parameters_the_hessian_is_of():
     """With --params the eigenvalues are of a block of the Hessian: the summary said only
     num_params, so a table of fc's Hessian read as the whole model's."""

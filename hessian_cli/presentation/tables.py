@@ -358,11 +358,20 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
-def model_key(d: Mapping[str, Any]) -> tuple[Any, Any] | None:
-    """The model a checkpoint's analysis is of: model spec and parameter count, where its file
-    records both (None: other files' checkpoints, which count as any)."""
+def model_key(d: Mapping[str, Any]) -> tuple[Any, Any, Any] | None:
+    """The model a checkpoint's analysis is of: model spec, the parameters its Hessian is of
+    (``--params``) and their count, where its file records the spec and count (None: other
+    files' checkpoints, which count as any)."""
     prov = d.get("provenance") or {}
-    return (prov["model"], prov["num_params"]) if "model" in prov and "num_params" in prov else None
+    if "model" not in prov or "num_params" not in prov:
+        return None
+    return (prov["model"], _params_glob(prov), prov["num_params"])
+
+
+def _params_glob(prov: Mapping[str, Any]) -> str | None:
+    """The ``--params`` globs an analysis was restricted to; None for the whole model."""
+    glob = prov.get("params_glob")
+    return None if glob in (None, "", "*") else str(glob)
 
 
 def run_key(d: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -396,7 +405,7 @@ def _run_folder(checkpoint: Any) -> PurePath:
 def several_runs(ds: Sequence[Mapping[str, Any]]) -> bool:
     """Whether one model's checkpoints in ``ds`` come from several directories (runs)."""
     keys = {run_key(d) for d in ds} - {None}
-    return len(keys) > len({key[:2] for key in keys})
+    return len(keys) > len({key[:-1] for key in keys})
 
 
 def model_count(ds: Sequence[Mapping[str, Any]]) -> int:
@@ -405,8 +414,11 @@ def model_count(ds: Sequence[Mapping[str, Any]]) -> int:
 
 
 def model_cell(prov: Mapping[str, Any]) -> str:
-    """A model as the tables name it: its spec and analysed parameter count."""
-    return f"{prov.get('model', DASH)} ({_int(prov.get('num_params'))})"
+    """A model as the tables name it: its spec, the parameters analysed where not all, and
+    their count."""
+    glob = _params_glob(prov)
+    part = "" if glob is None else f" [{glob}]"
+    return f"{prov.get('model', DASH)}{part} ({_int(prov.get('num_params'))})"
 
 
 def eigen_labels(whiches: set[str | None], count: int) -> list[str]:

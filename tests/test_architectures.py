@@ -426,6 +426,25 @@ def test_recurrent_layers_run_without_cudnn_in_the_analysis():
     assert torch.backends.cudnn.enabled == before
 
 
+@pytest.mark.parametrize("backend", ["double-backward", "func", "auto"])
+def test_a_compiled_model_is_analysed_as_its_eager_self(backend):
+    """AOTAutograd's compiled backward (torch.compile's default, and backend="aot_eager") cannot
+    be differentiated again: every double-backward product failed in torch's words ("does not
+    currently support double backward"; once trained, "donated buffers"), the CLI's an
+    "unexpected RuntimeError". Compiled code runs eagerly in the analysis."""
+    H = reference_of("mse")[0]
+    model, batches = built("mse")
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = batches[0]
+    F.mse_loss(compiled(x), y).backward()  # trained with it, as a model to analyse was
+    compiled.zero_grad()
+    op = HessianOperator(compiled, F.mse_loss, batches, backend=backend)
+    V = torch.randn(3, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    scale = float(torch.linalg.matrix_norm(H, 2))
+    for block in (V[:1], V):
+        torch.testing.assert_close(op.matmul(block), block @ H, rtol=0, atol=1e-6 * scale)
+
+
 @pytest.mark.parametrize(
     "make,message",
     [

@@ -5,6 +5,7 @@ kernels whose backward torch can differentiate again, where the fast ones cannot
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -118,16 +119,24 @@ def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) ->
     Attention by its math kernel: the fused ones (flash, memory-efficient; on the CPU too) have no
     derivative of their backward, and every product failed in torch's words. RNNs without cuDNN,
     whose backward runs only in training mode and has no derivative either. Weight norm by its
-    formula (:func:`_composed_weight_norm`).
+    formula (:func:`_composed_weight_norm`). ``torch.compile``d code eagerly: AOTAutograd's
+    compiled backward cannot be differentiated again (torch 2.13: "does not currently support
+    double backward", or for a model trained compiled, "donated buffers"), every product of a
+    compiled model failed.
     """
     layout = layout or ModelLayout.of(model)
     cudnn = torch.backends.cudnn.enabled
+    # Only where torch.compile was loaded (a compiled model was): set_stance imports it and
+    # sympy, ~0.5 s. (It is torch 2.6's; before it, compiled code runs as compiled.)
+    compiling = "torch._dynamo" in sys.modules
+    set_stance = getattr(torch.compiler, "set_stance", None) if compiling else None
     try:
         if layout.rnn:
             torch.backends.cudnn.enabled = False
         with (
             sdpa_kernel(SDPBackend.MATH),
             _composed_weight_norm(layout.weight_norms),
+            set_stance("force_eager") if set_stance else contextlib.nullcontext(),
         ):
             yield
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module_globals
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -45,10 +47,18 @@ class ModelLayout:
     batchnorms: tuple[nn.modules.batchnorm._BatchNorm, ...]
     rnn: bool
     weight_norms: tuple[_WeightNorm | WeightNorm, ...]  # parametrizations and older hooks
+    # The modules and the parameters and buffers that hold backward hooks (_backward_hooks_off)
+    backward_hooked: tuple[nn.Module | torch.Tensor, ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelLayout:
         modules = tuple(model.modules())
+        tensors = {
+            id(t): t
+            for m in modules
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if isinstance(t, torch.Tensor)
+        }
         return cls(
             modules,
             tuple(m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)),
@@ -58,6 +68,10 @@ class ModelLayout:
                 for m in modules
                 for w in (m, *m._forward_pre_hooks.values())
                 if isinstance(w, (_WeightNorm, WeightNorm))
+            ),
+            (
+                *(m for m in modules if m._backward_hooks or m._backward_pre_hooks),
+                *(t for t in tensors.values() if t._backward_hooks),
             ),
         )
 
@@ -90,7 +104,7 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
         m.track_running_stats = False
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with twice_differentiable(model, layout):
+        with twice_differentiable(model, layout), _backward_hooks_off(layout):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -99,6 +113,41 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
                 m.training = training
         for m, track in tracked:
             m.track_running_stats = track
+
+
+@contextlib.contextmanager
+def _backward_hooks_off(layout: ModelLayout) -> Iterator[None]:
+    """The backward hooks of the model's parameters and buffers and of its modules (also those
+    registered for every module) off inside, as they were after (found with ``layout``).
+
+    They change the gradients of training (a hook that clips or scales a layer's), not the
+    loss, and autograd applies them in every backward pass: the products differentiated the
+    changed gradient (a hook halving one layer's gradient: lambda_1 0.56 for 0.78, converged),
+    while torch.func's, which skip a tensor's hooks, gave another matrix. Forward hooks are the
+    model's function, and stay.
+    """
+    tensors = [
+        (t, t._backward_hooks) for t in layout.backward_hooked if isinstance(t, torch.Tensor)
+    ]
+    patches: list[tuple[object, str, Any]] = [
+        (m, name, OrderedDict())
+        for m in layout.backward_hooked
+        if isinstance(m, nn.Module)
+        for name in ("_backward_hooks", "_backward_pre_hooks")
+    ]
+    patches += [
+        (_module_globals, name, OrderedDict())
+        for name in ("_global_backward_hooks", "_global_backward_pre_hooks")
+        if getattr(_module_globals, name, None)
+    ]
+    try:
+        for t, _ in tensors:
+            t._backward_hooks = None  # (torch drops the tensor's hook with it)
+        with patched(patches):
+            yield
+    finally:
+        for t, hooks in tensors:
+            t._backward_hooks = hooks
 
 
 def batch_statistics_error(model: nn.Module, x: Inputs) -> str | None:

@@ -793,6 +793,11 @@ def test_a_glob_that_selects_nothing_beside_others_is_refused():
         select_parameters(model, ["fc2.*", "fc3.*"])
     with pytest.raises(UserError, match=r"matching frozen\.\*"):
         select_parameters(model, ["fc2.*", "frozen.*"])
+    # A glob alone that matches nothing names the parameters there are (a weight-normed layer's
+    # are fc1.parametrizations.weight.original0 and original1, not fc1.weight).
+    normed = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2))
+    with pytest.raises(UserError, match=r"matching weight \(its parameters: bias, parametrizati"):
+        select_parameters(normed, ["weight"])
     # A tied parameter's second name is a match too, though it is taken once.
     tied = CASES["tied"].model
     names = [n for n, _ in tied.named_parameters(remove_duplicate=False)]

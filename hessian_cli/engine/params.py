@@ -138,6 +138,8 @@ def select_parameters(
                 used.update(matched)
                 if id(p) not in chosen:
                     chosen[id(p)] = (name, p)
+    held = [n for n, p in model.named_parameters() if p.requires_grad]
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
     if not chosen:
         what = (
             "among those given"
@@ -149,6 +151,8 @@ def select_parameters(
         why = (
             f" ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''} frozen)"
             if frozen
+            else f" (its parameters: {shown})"  # a weight norm's are not named .weight
+            if given and not by_tensor and held
             else ""
         )
         raise UserError(f"The model has no trainable parameters {what}{why}.")
@@ -156,8 +160,6 @@ def select_parameters(
     # nothing, unsaid: the Hessian was of the other globs' parameters alone.
     unused = [g for g in given or () if not by_tensor and g not in used]
     if unused:
-        held = [n for n, p in model.named_parameters() if p.requires_grad]
-        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise UserError(
             f"The model has no trainable parameters matching {', '.join(unused)} (its "
             f"parameters: {shown}); leave it out or correct it."

@@ -453,8 +453,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     )
     root = request.data_root or meta.get("data_root") or None
     device = resolve_device(request.device)
-    check_precision(request.precision, device)  # before the work of loading
     dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
+    check_precision(request.precision, device, dtype)  # before the work of loading
     torch.manual_seed(request.seed)
 
     # Specs read from the checkpoint may name code only where the user trusts the file.

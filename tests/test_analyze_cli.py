@@ -1009,6 +1009,16 @@ def test_options_that_would_change_nothing_for_this_model_or_device_are_refused(
     assert message.startswith("error: --precision tf32 is a CUDA matrix format: on cpu")
 
 
+def test_reduced_precision_with_float64_is_refused(capsys, digits_mlp):
+    """Autocast and TF32 leave float64 arithmetic alone: --precision bf16 --dtype float64 ran in
+    float64, recorded precision bf16 and an hvp_rel_error of 0, and certified the pairs."""
+    message = _bad(
+        capsys, "analyze", digits_mlp, "--top-k", "1", "--precision", "bf16", "--dtype", "float64"
+    )
+    assert message.startswith("error: --precision bf16 lowers float32 arithmetic only")
+    assert "--dtype float64" in message and "use --precision full, or --dtype float32" in message
+
+
 class Hostile:
     def __init__(self, marker: str) -> None:
         self.marker = marker

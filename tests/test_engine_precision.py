@@ -88,6 +88,14 @@ def test_tf32_off_cuda_is_refused():
         HessianOperator(case.model, case.loss, case.batches, precision="tf32")
 
 
+def test_reduced_precision_of_a_float64_model_is_refused():
+    """bf16 autocast does not touch float64 tensors: the products were exact, said to be bf16."""
+    case = cases()[0]  # float64
+    assert case.model[0].weight.dtype == torch.float64
+    with pytest.raises(UserError, match="`precision=bf16` lowers float32 arithmetic only"):
+        HessianOperator(case.model, case.loss, case.batches, precision="bf16")
+
+
 def test_reduced_precision_eigenpairs_report_full_precision_residuals():
     case = CASES["mlp-ce"]
     op = HessianOperator(case.model, case.loss, case.batches, precision="bf16")

@@ -230,7 +230,7 @@ class HessianOperator:
             or (isinstance(m, nn.Embedding) and m.padding_idx is not None)
             for m in model.modules()
         )
-        self.precision = check_precision(precision, self.device)
+        self.precision = check_precision(precision, self.device, self.dtype)
         # None: keep one batch's graph; several batches' while they fit (_keeps).
         self.keep_graph = keep_graph
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}

@@ -25,15 +25,24 @@ Precision = Literal["full", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
-def check_precision(precision: str, device: torch.device) -> Precision:
-    """``precision`` as a :data:`Precision`; refused where unknown, or TF32 off CUDA (where it
-    would be recorded as used and change nothing)."""
+def check_precision(
+    precision: str, device: torch.device, dtype: torch.dtype | None = None
+) -> Precision:
+    """``precision`` as a :data:`Precision`; refused where unknown, or where it would be
+    recorded as used and change nothing: TF32 off CUDA, and either reduced mode for float64
+    products (``dtype``), which neither TF32 nor autocast touches."""
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}.")
     if precision == "tf32" and device.type != "cuda":
         raise UserError(
             f"`precision=tf32` is a CUDA matrix format: on {device.type} it changes nothing; "
             "use `precision=full`, or bf16."
+        )
+    if precision != "full" and dtype == torch.float64:
+        raise UserError(
+            f"`precision={precision}` lowers float32 arithmetic only, and float64 products "
+            "(`dtype=float64`) are computed in float64 whatever it says; use `precision=full`, "
+            "or `dtype=float32`."
         )
     return precision  # type: ignore[return-value]
 

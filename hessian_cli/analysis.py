@@ -37,7 +37,7 @@ from hessian_cli.engine.params import check_real
 from hessian_cli.engine.precision import check_precision
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
-from hessian_cli.engine.solver_plan import check_count, check_options
+from hessian_cli.engine.solver_plan import check_check_steps, check_count, check_options
 from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import (
     OUT_OF_HOST_MEMORY,
@@ -334,6 +334,10 @@ def _check_request(request: AnalyzeRequest) -> None:
             k=r.top_k,
             which=r.which,
         )
+        if r.check_steps is not None:
+            check_check_steps(
+                r.check_steps, k=r.top_k, guard=r.guard, max_hvps=r.max_hvps, which=r.which
+            )
     counts = (
         ("--top-k", r.top_k, 0, True),
         ("--trace-probes", r.trace_probes, 2, r.trace),

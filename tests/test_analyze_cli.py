@@ -1009,6 +1009,28 @@ def test_options_that_would_change_nothing_for_this_model_or_device_are_refused(
     assert message.startswith("error: --precision tf32 is a CUDA matrix format: on cpu")
 
 
+def test_check_steps_the_budget_never_leaves_room_for_are_refused(capsys, digits_mlp):
+    """The check runs only where its steps fit in what the budget leaves once the pairs have
+    converged: --check-steps 5000 (default budget 2000) or 8 with --max-hvps 10 ran no check at
+    all, with exit 0 and nothing said."""
+    top3 = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "3")
+    message = _bad(capsys, *top3, "--check-steps", "5000")
+    assert message == (
+        "error: --check-steps 5000 can never run: the default budget of 2000 HVPs (--max-hvps) "
+        "leaves at most 1997 once the pairs have their first products; give --check-steps of "
+        "at most that, or a larger --max-hvps."
+    )
+    message = _bad(capsys, *top3, "--max-hvps", "10", "--check-steps", "8")
+    assert "a budget of 10 HVPs (--max-hvps) leaves at most 7" in message
+    # both ends: at least a product per pair at each
+    message = _bad(capsys, *top3, "--which", "both", "--max-hvps", "10", "--check-steps", "5")
+    assert "leaves at most 4" in message
+    code, _, err = run(capsys, *top3, "--max-hvps", "10", "--check-steps", "7", "--json")
+    assert code == 0, err
+    code, _, err = run(capsys, *top3, "--max-hvps", "3", "--json")  # the default is not refused
+    assert code == 0, err
+
+
 def test_reduced_precision_with_float64_is_refused(capsys, digits_mlp):
     """Autocast and TF32 leave float64 arithmetic alone: --precision bf16 --dtype float64 ran in
     float64, recorded precision bf16 and an hvp_rel_error of 0, and certified the pairs."""

@@ -67,6 +67,30 @@ def check_options(
         )
 
 
+def check_check_steps(
+    check_steps: int, *, k: int, guard: int | None, max_hvps: int | None, which: str
+) -> None:
+    """Refuse ``check_steps`` that the budget never leaves room for: the check for a skipped
+    eigenvalue runs only where its steps fit in what the solve has left once its pairs have
+    converged, which takes at least a product per pair (``which="both"``: at each end), so such
+    a check was left out, unsaid. With the default budget each end has its own."""
+    if check_steps <= 0:
+        return
+    if max_hvps is None:
+        budget = default_max_hvps(k + (default_guard(k) if guard is None else guard))
+        least = k
+    else:
+        budget, least = max_hvps, 2 * k if which == "both" else k
+    room = budget - least
+    if check_steps > room:
+        whose = "the default budget" if max_hvps is None else "a budget"
+        raise UserError(
+            f"`check_steps` {check_steps} can never run: {whose} of {budget} HVPs (`max_hvps`) "
+            f"leaves at most {room} once the pairs have their first products; give "
+            "`check_steps` of at most that, or a larger `max_hvps`."
+        )
+
+
 def check_count(k: int, n: int, which: str = "largest") -> None:
     """Refuse more eigenpairs than the ``n`` parameters have (or fewer than one); with
     ``which="both"``, more than the two ends can hold apart (their 2k pairs would share some,

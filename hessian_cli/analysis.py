@@ -304,6 +304,11 @@ def read_options(request: AnalyzeRequest) -> dict[str, tuple[bool, str]]:
             ("density_probes", "density_steps", "density_sigma"), (r.density, "--density")
         ),
         **dict.fromkeys(("rho", "alpha", "minibatches"), (r.alignment, "--alignment")),
+        # The products' arithmetic: losses and gradients are always in full precision.
+        "precision": (
+            r.top_k > 0 or r.trace or r.density,
+            "Hessian-vector products (eigenpairs, --trace or --density)",
+        ),
     }
 
 

@@ -1031,6 +1031,23 @@ def test_check_steps_the_budget_never_leaves_room_for_are_refused(capsys, digits
     assert code == 0, err
 
 
+def test_precision_without_products_is_refused(capsys, digits_mlp):
+    """--precision sets the products' arithmetic only (losses and gradients are full): with
+    --top-k 0 and no --trace or --density it changed nothing, yet spent products measuring
+    hvp_rel_error and recorded precision bf16."""
+    message = _bad(capsys, "analyze", digits_mlp, "--top-k", "0", "--precision", "bf16")
+    assert message == (
+        "error: --precision has no effect without Hessian-vector products (eigenpairs, --trace "
+        "or --density); leave it out."
+    )
+    with pytest.raises(UserError, match="--precision has no effect without"):
+        analyze_target(digits_mlp, AnalyzeRequest(top_k=0, precision="bf16"))
+    args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "0", "--precision", "bf16")
+    code, out, err = run(capsys, *args, "--trace", "--trace-probes", "6", "--json")
+    assert code == 0, err
+    assert json.loads(out)["provenance"]["precision"] == "bf16"
+
+
 def test_reduced_precision_with_float64_is_refused(capsys, digits_mlp):
     """Autocast and TF32 leave float64 arithmetic alone: --precision bf16 --dtype float64 ran in
     float64, recorded precision bf16 and an hvp_rel_error of 0, and certified the pairs."""

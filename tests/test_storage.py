@@ -846,3 +846,25 @@ def test_metrics_columns_of_different_lengths_are_refused(tmp_path):
         result = _cli(*args, str(path))
         assert isinstance(result.exception, UserError), (args, result.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.h5"]
+
+
+def test_undefined_scores_are_stored_as_nan_attributes(full, tmp_path):
+    """docs/hdf5.md: an undefined score (curvature_ratio where lambda_1 <= 0, sam_sharpness
+    where the perturbed loss overflows) is NaN in the file, read back as null; the attribute
+    was left out, so a plain h5py reader of the documented layout found no such key."""
+    nan = float("nan")
+    alignment = dataclasses.replace(full.alignment, curvature_ratio=nan, sam_sharpness=nan)
+    trace = dataclasses.replace(full.trace, stderr=nan)
+    eigen = dataclasses.replace(full.eigen, scale=float("inf"))
+    a = dataclasses.replace(full, alignment=alignment, trace=trace, eigen=eigen)
+    path = tmp_path / "undefined.h5"
+    (name,) = write_analyses(path, [a], command_line="x")
+    with h5py.File(path) as f:
+        g = f["checkpoints"][name]
+        assert np.isnan(g["alignment"].attrs["curvature_ratio"])
+        assert np.isnan(g["alignment"].attrs["sam_sharpness"])
+        assert np.isnan(g["trace"].attrs["stderr"])
+        assert np.isnan(g["eigenvalues"].attrs["scale"])
+    (read,) = read_analyses(path)
+    assert read == as_json(a)
+    assert read["alignment"]["sam_sharpness"] is None and read["trace"]["stderr"] is None

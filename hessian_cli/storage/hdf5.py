@@ -253,8 +253,12 @@ def _floats(values: Any) -> np.ndarray:
     return np.array(values, dtype=np.float64)
 
 
-def _set_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
+def _set_attrs(obj: h5py.HLObject, values: dict[str, Any], *, none: Any = None) -> None:
+    """Store ``values`` as attributes; a ``None`` is stored as ``none``, or skipped where that
+    is None (provenance). A section's ``None`` is a number that is not finite: NaN."""
     for key, value in values.items():
+        if value is None:
+            value = none
         if isinstance(value, str):
             value = storable_text(value)  # e.g. a spec read from a checkpoint, holding NUL
         elif isinstance(value, list):
@@ -270,7 +274,7 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
     group.create_dataset("loss", data=np.nan if d["loss"] is None else d["loss"])
     if (e := d["eigen"]) is not None:
         ev = group.create_dataset("eigenvalues", data=_floats(e["eigenvalues"]))
-        _set_attrs(ev, {k: v for k, v in e.items() if k not in _EIGEN_ARRAYS})
+        _set_attrs(ev, {k: v for k, v in e.items() if k not in _EIGEN_ARRAYS}, none=np.nan)
         group.create_dataset("residuals", data=_floats(e["residuals"]))
         group.create_dataset("eigenvalue_errors", data=_floats(e["errors"]))
         group.create_dataset("converged", data=np.array(e["converged"], dtype=np.uint8))
@@ -280,14 +284,14 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
     if (t := d["trace"]) is not None:
         estimate = np.nan if t["estimate"] is None else t["estimate"]
         tr = group.create_dataset("trace", data=np.float64(estimate))
-        _set_attrs(tr, {k: v for k, v in t.items() if k != "estimate"})
+        _set_attrs(tr, {k: v for k, v in t.items() if k != "estimate"}, none=np.nan)
         samples = a.trace.samples.detach().cpu().double().numpy()
         group.create_dataset("trace_samples", data=samples)
     if (dn := d["density"]) is not None:
         dg = group.create_group("density")
         for key in _DENSITY_ARRAYS:
             dg.create_dataset(key, data=_floats(dn[key]))
-        _set_attrs(dg, {k: v for k, v in dn.items() if k not in _DENSITY_ARRAYS})
+        _set_attrs(dg, {k: v for k, v in dn.items() if k not in _DENSITY_ARRAYS}, none=np.nan)
     if (al := d["alignment"]) is not None:
         ag = group.create_group("alignment")
         ag.create_dataset("alignment", data=_floats(al["alignment"]))
@@ -295,7 +299,9 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
         ag.create_dataset("minibatch", data=_floats(mb["values"]))
         ag.create_dataset("minibatch_mean", data=_floats(mb["mean"]))
         ag.create_dataset("minibatch_std", data=_floats(mb["std"]))
-        _set_attrs(ag, {k: v for k, v in al.items() if k not in ("alignment", "minibatch")})
+        _set_attrs(
+            ag, {k: v for k, v in al.items() if k not in ("alignment", "minibatch")}, none=np.nan
+        )
 
 
 def _write_eigenvectors(group: h5py.Group, a: CheckpointAnalysis, vectors: torch.Tensor) -> None:

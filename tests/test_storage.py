@@ -868,3 +868,18 @@ def test_undefined_scores_are_stored_as_nan_attributes(full, tmp_path):
     (read,) = read_analyses(path)
     assert read == as_json(a)
     assert read["alignment"]["sam_sharpness"] is None and read["trace"]["stderr"] is None
+
+
+def test_no_minibatch_alignment_is_stored_as_zero_rows_of_k(full, tmp_path):
+    """docs/hdf5.md: alignment/minibatch is [M, k]; with M = 0 (--minibatches 0) it was stored
+    as shape (0,), which a reader indexing its columns could not take."""
+    k = len(full.alignment.alignment)
+    none = full.alignment.minibatch_alignment[:0]
+    a = dataclasses.replace(
+        full, alignment=dataclasses.replace(full.alignment, minibatch_alignment=none)
+    )
+    path = tmp_path / "no_minibatch.h5"
+    (name,) = write_analyses(path, [a], command_line="x")
+    with h5py.File(path) as f:
+        assert f["checkpoints"][name]["alignment/minibatch"].shape == (0, k)
+    assert read_analyses(path) == [as_json(a)]

@@ -296,7 +296,9 @@ def _write_group(group: h5py.Group, a: CheckpointAnalysis, *, save_eigenvectors:
         ag = group.create_group("alignment")
         ag.create_dataset("alignment", data=_floats(al["alignment"]))
         mb = al["minibatch"]
-        ag.create_dataset("minibatch", data=_floats(mb["values"]))
+        # [M, k] also where M is 0 (a list of no rows says nothing of k)
+        rows = _floats(mb["values"]).reshape(len(mb["values"]), len(al["alignment"]))
+        ag.create_dataset("minibatch", data=rows)
         ag.create_dataset("minibatch_mean", data=_floats(mb["mean"]))
         ag.create_dataset("minibatch_std", data=_floats(mb["std"]))
         _set_attrs(

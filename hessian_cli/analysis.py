@@ -183,9 +183,9 @@ def analyze_target(
         # the metadata orders the series), but of a series only its order and digest are held:
         # each file's weights are read again at its turn (a series held them all, with what
         # else the files hold, optimizer states too: its memory grew with every file).
+        held_only = len(paths) > 1  # (copies left out below may leave one file of several)
         loaded = [
-            _ordering_only(_load(p, request)) if len(paths) > 1 else _load(p, request)
-            for p in paths
+            _ordering_only(_load(p, request)) if held_only else _load(p, request) for p in paths
         ]
     loaded.sort(key=checkpoint_order_key)
     # A copy of another file of the series (Lightning's last.ckpt, where it is not a link) is
@@ -198,7 +198,7 @@ def analyze_target(
     init = None
     for ckpt in loaded:
         try:
-            if len(loaded) > 1:
+            if held_only:
                 with distributed.fail_together():
                     ckpt = _at_its_turn(ckpt, request)
             result = analyze_checkpoint(ckpt, request, progress, init=init)

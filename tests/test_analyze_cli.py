@@ -1748,3 +1748,18 @@ def test_real_regression_targets_get_no_hint_about_class_labels(capsys, tmp_path
     message = _bad(capsys, "analyze", example, "--data", real)
     assert message.startswith("error: the checkpoint does not match the model (MLP)")
     assert "class labels" not in message
+
+
+def test_a_directory_of_copies_of_one_checkpoint_analyses_its_weights(tmp_path, digits_mlp):
+    """A directory of two copies of one file (a checkpoint and Lightning's last.ckpt written as
+    a copy) is one file once the copies are left out: its weights, held only for the series'
+    order, were not read again, and the analysis met an empty state dict ('the checkpoint does
+    not match the model: 4 missing keys')."""
+    runs = tmp_path / "ckpts"
+    runs.mkdir()
+    shutil.copyfile(digits_mlp, runs / "epoch=0-step=20.pt")
+    shutil.copyfile(digits_mlp, runs / "last.pt")
+    results = analyze_target(runs, AnalyzeRequest(top_k=1, num_samples=64))
+    alone = analyze_target(digits_mlp, AnalyzeRequest(top_k=1, num_samples=64))
+    assert [r.name for r in results] == ["epoch=0-step=20"]
+    assert results[0].eigen.eigenvalues.tolist() == alone[0].eigen.eigenvalues.tolist()

@@ -690,3 +690,29 @@ def test_show_says_which_curvature_rows_met_their_tolerance(tmp_path):
         "converged (residual <= tol 1e-02): 2 of 3; the others stopped at their HVP budget" in out
     )
     assert "converged (residual <= tol 1e-03): 1 of 1" in out
+
+
+def test_the_legend_of_several_runs_names_their_densities_line_styles():
+    """The densities panel draws each run's densities in a line style of its own, but the
+    figure's legend showed only the runs' markers: which curves were which run's was said
+    nowhere. Its entries now carry the line styles, where densities are drawn."""
+    density = {"grid": [0.0, 1.0, 2.0], "values": [0.1, 1.0, 0.1]}
+    eigen = {"which": "largest", "eigenvalues": [2.0], "converged": [1]}
+    ds = [
+        {
+            "name": name,
+            "provenance": {"model": "mlp", "num_params": 330, "params_glob": glob, "step": step},
+            "eigen": eigen,
+            "density": density,
+        }
+        for name, glob, step in (("a", "3.*", 1), ("b", "1.*", 1), ("c", "3.*", 2))
+    ]
+    fig = spectra_figure(ds)
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("Spectral densities"))
+    drawn = {line.get_linestyle() for line in panel.get_lines()}
+    legend = {h.get_label(): h.get_linestyle() for h in fig.legends[0].legend_handles}
+    assert len(drawn) == 2 and set(legend.values()) == drawn
+    assert legend["mlp [1.*] (330)"] == panel.get_lines()[-1].get_linestyle()  # b's, drawn last
+    no_density = [{k: v for k, v in d.items() if k != "density"} for d in ds]
+    kept = {h.get_linestyle() for h in spectra_figure(no_density).legends[0].legend_handles}
+    assert kept == {"None"}  # markers alone, as before

@@ -113,6 +113,11 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
     ax.legend(loc="upper right", fontsize="small")
 
 
+def _run_style(n: int) -> str:
+    """The line style of the ``n``-th run's densities (the figure's legend shows it)."""
+    return ("-", "--", ":", "-.")[n % 4]
+
+
 def _densities_panel(
     ax: Axes,
     ds: Sequence[Mapping[str, Any]],
@@ -129,12 +134,11 @@ def _densities_panel(
     floor = peak * _DENSITY_FLOOR if peak > 0 else _DENSITY_FLOOR
     norm = Normalize(float(np.nanmin(x[have])), float(np.nanmax(x[have])))
     cmap = colormaps["viridis"]
-    styles = ("-", "--", ":", "-.")
     for n, (at, _, _) in enumerate(runs):
         for j in (j for j in at if j in curves):
             grid, values = curves[j]
             color = cmap(norm(x[j])) if norm.vmax > norm.vmin else cmap(0.5)
-            ax.semilogy(grid, np.maximum(values, floor), color=color, lw=1, ls=styles[n % 4])
+            ax.semilogy(grid, np.maximum(values, floor), color=color, lw=1, ls=_run_style(n))
     ax.set_ylim(bottom=floor)
     ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=xlabel)
     ax.set_xlabel("eigenvalue λ")
@@ -308,9 +312,9 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if has_density:
         _densities_panel(next(panels), ds, x, xlabel, runs)
     if len(runs) > 1:  # which marker is which model, below the panels
-        handles = [
-            Line2D([], [], color="black", marker=marker, ls="", label=label)
-            for _, marker, label in runs
+        handles = [  # and which line style, where its densities are drawn
+            Line2D([], [], color="black", marker=m, ls=_run_style(n) * has_density, label=lab)
+            for n, (_, m, lab) in enumerate(runs)
         ]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3))
     for ax in axes[: len(axes) - has_density]:  # steps, epochs and file order: whole numbers

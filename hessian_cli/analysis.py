@@ -204,7 +204,7 @@ def analyze_target(
             result = analyze_checkpoint(ckpt, request, progress, init=init)
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
-                if len(loaded) > 1 and isinstance(exc, UserError):  # which of the series
+                if held_only and isinstance(exc, UserError):  # which of the series
                     exc.args = (f"{ckpt.label}: {exc}",)
                 raise
             # Whatever stopped this one (an error of ours too), the others' work is kept.
@@ -249,7 +249,8 @@ def _at_its_turn(held: LoadedCheckpoint, request: AnalyzeRequest) -> LoadedCheck
     Without what else the file holds (optimizer state), which the analysis does not read."""
     ckpt = _load(held.path, request)
     if ckpt.sha256 != held.sha256:
-        raise UserError(f"{held.label} changed since the series was read (its sha256 differs).")
+        # (the series names the file before its error)
+        raise UserError("changed since the series was read (its sha256 differs).")
     return replace(ckpt, raw={})
 
 

@@ -549,7 +549,7 @@ def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
         return result
 
     monkeypatch.setattr(analysis, "analyze_checkpoint", analyze)
-    with pytest.raises(SeriesStopped, match="c2.pt changed since the series was read") as info:
+    with pytest.raises(SeriesStopped, match="^c2.pt: changed since the series was read") as info:
         analyze_target(runs, AnalyzeRequest(top_k=1))
     assert [r.name for r in info.value.results] == ["c1"]
 
@@ -1763,3 +1763,32 @@ def test_a_directory_of_copies_of_one_checkpoint_analyses_its_weights(tmp_path, 
     alone = analyze_target(digits_mlp, AnalyzeRequest(top_k=1, num_samples=64))
     assert [r.name for r in results] == ["epoch=0-step=20"]
     assert results[0].eigen.eigenvalues.tolist() == alone[0].eigen.eigenvalues.tolist()
+
+
+def test_a_first_checkpoint_rewritten_before_its_turn_is_named_once(
+    tmp_path, digits_mlp, monkeypatch
+):
+    """The file of a series rewritten before its turn was named twice: 'c1.pt: c1.pt changed
+    since the series was read'."""
+    import hessian_cli.analysis as analysis
+
+    state = torch.load(digits_mlp, weights_only=True)
+    runs = tmp_path / "ckpts"
+    runs.mkdir()
+    for step in (1, 2):
+        meta = dict(state["hessian_cli"], step=step)
+        save_checkpoint(runs / f"c{step}.pt", state_dict=state["model"], metadata=meta)
+    real_load, loads = analysis.load_checkpoint, []
+
+    def load(path, *args, **kwargs):
+        loads.append(path)
+        if len(loads) == 3:  # its turn: a run wrote it again since the series was read
+            sd = {k: 2 * v for k, v in state["model"].items()}
+            meta = dict(state["hessian_cli"], step=1)
+            save_checkpoint(runs / "c1.pt", state_dict=sd, metadata=meta)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "load_checkpoint", load)
+    with pytest.raises(UserError) as info:
+        analyze_target(runs, AnalyzeRequest(top_k=1))
+    assert str(info.value) == "c1.pt: changed since the series was read (its sha256 differs)."

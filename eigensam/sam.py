@@ -155,11 +155,15 @@ class SAM(Optimizer):
         With a ``torch.amp.GradScaler``: ``first_step`` after the first scaled backward (its
         direction does not depend on the scale), then ``scaler.step(opt)`` after the second, which
         takes the second step with the unscaled gradients, or goes back to ``w`` without one where
-        they overflowed; ``scaler.step(opt, closure)`` is refused.
+        they overflowed; ``scaler.step(opt, closure)`` is refused. A disabled scaler (``enabled=
+        False``) calls ``step()`` itself: after ``first_step``, that is :meth:`second_step`.
         """
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:  # called by GradScaler.step
             return self._scaled_second_step(closure, found_inf)
+        if closure is None and self._is_perturbed():  # a disabled GradScaler's step(opt)
+            self.second_step()
+            return None
         if closure is None:
             raise ValueError("SAM needs a closure: it evaluates the gradient twice per step")
         closure = torch.enable_grad()(closure)

@@ -770,3 +770,28 @@ def test_an_alpha_in_a_parameter_group_is_refused_not_ignored() -> None:
     opt = EigenSAM([first], torch.optim.SGD, lr=0.1, alpha=0.2)
     with pytest.raises(ValueError, match="alpha is one for all parameter groups"):
         opt.add_param_group({"params": rest, "alpha": 0.5})
+
+
+@BEFORE_REFRESH
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_a_disabled_grad_scaler_steps_as_an_unscaled_loop(cls: type[SAM]) -> None:
+    """``GradScaler(enabled=False)`` (a loop with mixed precision switched off) calls
+    ``opt.step()`` itself: after ``first_step`` that is the second step (it was refused as
+    'SAM needs a closure')."""
+    kw = dict(lr=0.1, momentum=0.9, rho=0.05)
+    plain, scaled = mlp(torch.float32), mlp(torch.float32)
+    opt = cls(plain.parameters(), torch.optim.SGD, **kw)
+    opt_s = cls(scaled.parameters(), torch.optim.SGD, **kw)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for x, y in data(torch.float32, steps=2):
+        sam_step(opt, plain, x, y)
+        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+        opt_s.first_step(zero_grad=True)
+        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+        scaler.step(opt_s)
+        scaler.update()
+        opt_s.zero_grad()
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="SAM needs a closure"):
+        opt_s.step()  # not perturbed: still a closure's step

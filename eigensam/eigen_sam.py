@@ -15,6 +15,7 @@ for bit. With ``adaptive=True`` the formula is applied in ASAM's rescaled coordi
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -47,6 +48,14 @@ def _caller_level() -> int:
 _INSIDE = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
 
 
+def _takes_alpha(base_optimizer: BaseOptimizer) -> bool:
+    """Whether the base optimizer has a hyper-parameter of its own named ``alpha``."""
+    try:
+        return "alpha" in inspect.signature(base_optimizer).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
+
+
 class EigenSAM(SAM):
     """SAM with the Eigen-SAM perturbation ``e = rho * d`` (module docstring).
 
@@ -70,6 +79,9 @@ class EigenSAM(SAM):
         **kwargs: Any,
     ) -> None:
         check_factor("alpha", alpha)
+        # A group's alpha is the base optimizer's own where it takes one (RMSprop's smoothing
+        # constant, ASGD's power), which it honours; elsewhere it would be ignored.
+        self._base_alpha = _takes_alpha(base_optimizer)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.alpha = alpha
         self.last_eigenvalue: float | None = None
@@ -82,7 +94,8 @@ class EigenSAM(SAM):
         self._warned = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "alpha" in param_group:  # it would be ignored: d is one vector over all groups
+        # It would be ignored: d is one vector over all groups.
+        if "alpha" in param_group and not self._base_alpha:
             raise ValueError(
                 "alpha is one for all parameter groups (unlike rho): give it to EigenSAM itself"
             )

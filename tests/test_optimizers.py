@@ -795,3 +795,17 @@ def test_a_disabled_grad_scaler_steps_as_an_unscaled_loop(cls: type[SAM]) -> Non
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="SAM needs a closure"):
         opt_s.step()  # not perturbed: still a closure's step
+
+
+def test_an_alpha_in_a_parameter_group_of_a_base_that_takes_one_is_the_base_s() -> None:
+    """RMSprop's alpha (its smoothing constant) given per group is RMSprop's, which honours it:
+    it was refused as Eigen-SAM's."""
+    model = mlp()
+    first, *rest = model.parameters()
+    opt = EigenSAM(
+        [{"params": [first], "alpha": 0.9}, {"params": rest}], torch.optim.RMSprop, lr=0.01
+    )
+    assert [g["alpha"] for g in opt.base_optimizer.param_groups] == [0.9, 0.99]
+    assert opt.alpha == 0.2
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "alpha": 0.5})
+    assert opt.base_optimizer.param_groups[-1]["alpha"] == 0.5

@@ -526,6 +526,18 @@ def test_a_series_holds_no_other_files_weights_or_optimizer_state_while_it_is_an
     assert [r.provenance["step"] for r in results] == [1, 2, 3]
 
 
+def _series_of_two(tmp_path, digits_mlp) -> tuple[Path, dict]:
+    """A directory of the digits MLP's checkpoint at steps 1 and 2 (c1.pt, c2.pt), and the
+    checkpoint's contents."""
+    state = torch.load(digits_mlp, weights_only=True)
+    runs = tmp_path / "ckpts"
+    runs.mkdir()
+    for step in (1, 2):
+        meta = dict(state["hessian_cli"], step=step)
+        save_checkpoint(runs / f"c{step}.pt", state_dict=state["model"], metadata=meta)
+    return runs, state
+
+
 def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
     tmp_path, digits_mlp, monkeypatch
 ):
@@ -533,12 +545,7 @@ def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
     read (and ordered) is refused there, the analyses before it kept."""
     import hessian_cli.analysis as analysis
 
-    state = torch.load(digits_mlp, weights_only=True)
-    runs = tmp_path / "ckpts"
-    runs.mkdir()
-    for step in (1, 2):
-        meta = dict(state["hessian_cli"], step=step)
-        save_checkpoint(runs / f"c{step}.pt", state_dict=state["model"], metadata=meta)
+    runs, state = _series_of_two(tmp_path, digits_mlp)
     real_analyze = analysis.analyze_checkpoint
 
     def analyze(ckpt, *args, **kwargs):
@@ -1772,12 +1779,7 @@ def test_a_first_checkpoint_rewritten_before_its_turn_is_named_once(
     since the series was read'."""
     import hessian_cli.analysis as analysis
 
-    state = torch.load(digits_mlp, weights_only=True)
-    runs = tmp_path / "ckpts"
-    runs.mkdir()
-    for step in (1, 2):
-        meta = dict(state["hessian_cli"], step=step)
-        save_checkpoint(runs / f"c{step}.pt", state_dict=state["model"], metadata=meta)
+    runs, state = _series_of_two(tmp_path, digits_mlp)
     real_load, loads = analysis.load_checkpoint, []
 
     def load(path, *args, **kwargs):

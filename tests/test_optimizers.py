@@ -678,6 +678,16 @@ def test_a_refresh_on_a_batch_that_is_not_inputs_and_targets_is_one_sentence() -
         HessianOperator(model, F.cross_entropy, (x, y))  # the pair itself
 
 
+def scaled_sam_step(opt: SAM, model: nn.Module, x, y, scaler: torch.amp.GradScaler) -> None:
+    """One SAM step as the README's recipe takes it with a GradScaler."""
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+
+
 @BEFORE_REFRESH
 @pytest.mark.parametrize("cls", [SAM, EigenSAM])
 def test_a_grad_scaler_steps_with_unscaled_gradients(cls: type[SAM]) -> None:
@@ -694,12 +704,7 @@ def test_a_grad_scaler_steps_with_unscaled_gradients(cls: type[SAM]) -> None:
             opt.refresh_eigenvector(plain, F.cross_entropy, (x, y), seed=0)
             opt_s.refresh_eigenvector(scaled, F.cross_entropy, (x, y), seed=0)
         sam_step(opt, plain, x, y)
-        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
-        opt_s.first_step(zero_grad=True)
-        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
-        scaler.step(opt_s)
-        scaler.update()
-        opt_s.zero_grad()
+        scaled_sam_step(opt_s, scaled, x, y, scaler)
     for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -785,12 +790,7 @@ def test_a_disabled_grad_scaler_steps_as_an_unscaled_loop(cls: type[SAM]) -> Non
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for x, y in data(torch.float32, steps=2):
         sam_step(opt, plain, x, y)
-        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
-        opt_s.first_step(zero_grad=True)
-        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
-        scaler.step(opt_s)
-        scaler.update()
-        opt_s.zero_grad()
+        scaled_sam_step(opt_s, scaled, x, y, scaler)
     for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="SAM needs a closure"):

@@ -290,6 +290,17 @@ def test_copies_of_one_ctrl_c_under_torchrun_are_one_request(monkeypatch, second
     with pytest.raises(at_once):
         getattr(alone, second)(0, None)
 
+    # Before the loop the first signal stops at once; its copies raised again while that stop
+    # was under way (a SIGTERM copy turned the Ctrl-C into a silent 143).
+    early = train_cli._StopRequest(echo_window_s=train_cli.ECHO_WINDOW_S)
+    with pytest.raises(KeyboardInterrupt):
+        early.on_sigint(signal.SIGINT, None)
+    now[0] += 0.05
+    getattr(early, second)(0, None)  # torchrun's copy: nothing
+    now[0] += train_cli.ECHO_WINDOW_S
+    with pytest.raises(at_once):
+        getattr(early, second)(0, None)
+
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_while_the_data_loads_stops_at_once_and_writes_nothing(tmp_path, sig, status):

@@ -273,22 +273,23 @@ class _StopRequest:
         self._requested_at = time.monotonic()
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        if not self.started:  # as SIGTERM: no step to finish during a download or a long load
-            raise KeyboardInterrupt
-        if self._echo():
-            return
-        if self.requested:
-            raise KeyboardInterrupt
-        self._request(by_sigterm=False)
+        self._on_signal(by_sigterm=False)
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if not self.started:  # not during a download or a long load
-            raise Terminated
+        self._on_signal(by_sigterm=True)
+
+    def _on_signal(self, *, by_sigterm: bool) -> None:
+        """The first signal asks for a stop at the next step boundary, or stops at once before
+        the loop (no step to finish during a download or a long load); a second stops at once;
+        a copy of the first (torchrun's) is nothing, also before the loop (it raised again
+        while the first one's stop was under way)."""
         if self._echo():
             return
-        if self.requested:
-            raise Terminated
-        self._request(by_sigterm=True)
+        if self.requested or not self.started:
+            if not self.requested:  # before the loop: its copies are to come
+                self._request(by_sigterm=by_sigterm)
+            raise Terminated if by_sigterm else KeyboardInterrupt
+        self._request(by_sigterm=by_sigterm)
 
     @property
     def exit_status(self) -> int:

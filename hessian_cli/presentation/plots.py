@@ -313,7 +313,9 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         _densities_panel(next(panels), ds, x, xlabel, runs)
     if len(runs) > 1:  # which marker is which model, below the panels
         handles = [  # and which line style, where its densities are drawn
-            Line2D([], [], color="black", marker=m, ls=_run_style(n) * has_density, label=lab)
+            Line2D(
+                [], [], color="black", marker=m, ls=_run_style(n) if has_density else "", label=lab
+            )
             for n, (_, m, lab) in enumerate(runs)
         ]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3))

@@ -265,8 +265,9 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
 
 
 def test_a_run_directory_or_a_checkpoint_given_to_show_says_what_to_give(capsys, files, tmp_path):
-    """`show RUN_DIR` said only that it "is a directory, not an HDF5 file", and `show ckpt.pt`
-    that it "is not an HDF5 file": now each says what to give instead."""
+    """`show RUN_DIR` (or a directory of checkpoints) said only that it "is a directory, not an
+    HDF5 file", and `show ckpt.pt` that it "is not an HDF5 file": now each says what to give
+    instead."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.h5").write_bytes(files["metrics"].read_bytes())
@@ -279,6 +280,9 @@ def test_a_run_directory_or_a_checkpoint_given_to_show_says_what_to_give(capsys,
         code, _, err = run(capsys, verb, ckpt, *extra)
         assert code == 2
         assert f"hessian-cli analyze {ckpt}" in one_sentence(err, strict=True)
+        code, _, err = run(capsys, verb, tmp_path, *extra)  # a directory of checkpoints
+        assert code == 2
+        assert f"hessian-cli analyze {tmp_path} --out" in one_sentence(err, strict=True)
     assert run(capsys, "show", run_dir / "metrics.h5")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "run"]
 

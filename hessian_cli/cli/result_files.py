@@ -57,11 +57,17 @@ def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra |
 
 def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:
     """Say what to give instead, where a user gives what the files come from: a training run's
-    directory (its metrics are in a file inside) or a checkpoint (which `analyze` reads)."""
+    directory (its metrics are in a file inside), a directory of checkpoints or a checkpoint
+    (which `analyze` reads)."""
     import h5py
 
     if file.is_dir() and (metrics := file / METRICS_FILE).is_file():
         raise UserError(f"{file} is a directory: to {verb} its training metrics, give {metrics}.")
+    if file.is_dir():  # checkpoints, most likely
+        raise UserError(
+            f"{file} is a directory: {verb} reads a file `analyze --out` or `train` writes (to "
+            f"analyse the checkpoints in it: hessian-cli analyze {file} --out FILE.h5)."
+        )
     if file.is_file() and not h5py.is_hdf5(file):
         raise UserError(
             f"{file} is not an HDF5 file: {verb} reads the files `analyze --out` and `train` "

@@ -485,6 +485,10 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         kwargs=kwargs,
         trusted=trust or bool(request.model),
     )
+    check_real(model)  # before the cast, which would drop imaginary parts
+    # Cast before loading: a float64 checkpoint loaded into the float32 model it was built as
+    # was rounded to float32 before --dtype float64 cast it back.
+    model = model.to(dtype=dtype)
     try:
         weights_part = apply_weights(model, ckpt.state_dict)
     except UserError as exc:
@@ -497,8 +501,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
                 "class labels must be stored as integers)."
             ) from exc
         raise
-    check_real(model)  # before the cast, which would drop imaginary parts
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device)
     if device.type != "cpu":
         guard_embedding_lookups(model)
     token_ids = takes_token_ids(model)

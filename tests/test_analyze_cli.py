@@ -104,6 +104,27 @@ def test_trace_method_is_chosen_and_within_its_error_of_the_dense_trace(
     assert abs(t["estimate"] - exact) <= 4 * t["stderr"]
 
 
+def test_a_float64_checkpoint_keeps_its_weights_under_dtype_float64(capsys, tmp_path):
+    """The model was built in float32 and the weights loaded into it before --dtype float64 cast
+    it: a float64 checkpoint was rounded to float32 (its loss off by about 1e-8 relative)."""
+    data = load_data("digits")
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs=MLP_KW)
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():  # weights no float32 holds
+            p.add_(torch.randn_like(p) * 1e-3)
+    meta = {"model": "mlp", "model_kwargs": json.dumps(MLP_KW), "data": "digits", "loss": "ce"}
+    save_checkpoint(tmp_path / "f64.pt", state_dict=model.state_dict(), metadata=meta)
+    args = ("--top-k", 0, "--batch-size", 64, "--dtype", "float64", "--json")
+    code, out, err = run(capsys, "analyze", tmp_path / "f64.pt", *args)
+    assert code == 0, err
+    xs, ys = data.train.tensors[0][:64].double(), data.train.tensors[1][:64]
+    with torch.no_grad():
+        exact = float(F.cross_entropy(model(xs), ys))
+    assert abs(json.loads(out)["loss"] - exact) <= 1e-13 * abs(exact)
+
+
 def test_a_recorded_user_model_named_relatively_keeps_its_arguments(capsys, tmp_path, monkeypatch):
     """train records user code by its absolute path; naming it as it was trained is the same."""
     (tmp_path / "mymodel.py").write_text(

@@ -460,17 +460,21 @@ def test_a_pair_behind_an_unconverged_one_is_not_called_converged(criterion):
     """The 10 smallest of 10 * 0.8^i, a solve that ends short of them: pair 9 met the
     tolerance at the 40th smallest eigenvalue (85 times the tolerance from the 10th) while
     pairs 1-8 did not, and was called converged. Only a leading run of pairs is, each its own
-    eigenvalue's. (A budget ends the solve there: the restarts since 2026-11-30 reach other
-    points of it.)"""
+    eigenvalue's. (A budget ends the solve there. Which budgets end it in that case depends on
+    rounding, so on the CPU and its thread count: the first one that does is taken.)"""
     spectrum = 10 * 0.8 ** torch.arange(80, dtype=torch.float64)
     H = _with_spectrum(spectrum, 0)
     true = torch.linalg.eigvalsh(H)
-    res = eigenpairs(
-        MatrixOperator(H), 10, which="smallest", tol=1e-6, criterion=criterion, max_hvps=300
-    )
-    assert not res.all_converged
-    met = res.residuals <= 1e-6
-    assert bool(met[-1]) and not bool(met[1:-1].any())  # the case the test is about
+    for budget in range(150, 501, 25):
+        res = eigenpairs(
+            MatrixOperator(H), 10, which="smallest", tol=1e-6, criterion=criterion, max_hvps=budget
+        )
+        met = res.residuals <= 1e-6
+        behind = met & (~met).long().cumsum(0).bool()  # met, after one that is not
+        if behind.any():
+            break
+    assert behind.any(), "no budget ended the solve with a pair met behind an unmet one"
+    assert not res.converged[behind].any()
     assert torch.equal(res.converged, res.converged.long().cumprod(0).bool())
     for i in res.converged.nonzero().flatten().tolist():
         assert abs(float(res.eigenvalues[i]) - float(true[i])) <= 1e-6 * res.scale
@@ -1435,7 +1439,8 @@ def test_slq_nodes_of_a_network_sized_operator_stay_in_its_spectrum():
     diagonal = torch.rand(4_000_000, generator=g)
     diagonal[:3] = torch.tensor([10.0, 6.0, 5.0])
     res = spectral_density(DiagonalOperator(diagonal), num_probes=2, steps=12)
-    assert abs(float(res.nodes[res.weights > 0].max()) - 10.0) < 1e-5
+    # Below the top from inside (1.4e-5 after 12 steps on one CPU, within 1e-5 on another).
+    assert 10.0 - 1e-4 < float(res.nodes[res.weights > 0].max()) <= 10.0 + 1e-5
 
 
 def test_dependent_rows_are_dropped():

@@ -20,6 +20,7 @@ from eigensam import (
     refresh_top_eigenvector,
 )
 from eigensam.refresh import COLD_MAX_HVPS, DEFAULT_MAX_HVPS
+from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import UserError
 
@@ -436,6 +437,33 @@ def test_batchnorm_running_stats_update_on_first_pass_only() -> None:
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(bn, name), getattr(reference[1], name)), name
     assert bn.track_running_stats
+
+
+def test_a_refresh_takes_batchnorm_layers_in_eval_mode_by_their_running_statistics() -> None:
+    """Fine-tuning with frozen BatchNorm statistics under model.train(): the loss SAM perturbs
+    normalises by the running statistics, which the refresh took for batch statistics (lambda_1
+    2.94 for 1.90, |cos| 0.28 to v_1, on a smaller model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh()),
+        *(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)),
+    ).to(DT)
+    with torch.no_grad():  # pretrained statistics, far from the batch's own
+        for bn in (model[1], model[4]):
+            bn.running_mean.fill_(2.0)
+            bn.running_var.fill_(4.0)
+    model.train()
+    model[1].eval()
+    model[4].eval()
+    x, y = data()[0]
+    values, vectors = dense_eigh(dense_hessian(model, F.cross_entropy, [(x, y)], bn="eval"))
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    res = opt.refresh_eigenvector(model, F.cross_entropy, (x, y), max_hvps=150, tol=1e-10)
+    assert res.eigenvalue == pytest.approx(float(values[0]), rel=1e-8)
+    assert abs(float(res.vector @ vectors[0])) > 1 - 1e-8
+    model[4].train()  # one layer of each mode: the operator takes all in one
+    with pytest.raises(UserError, match="BatchNorm layers in training mode and others in eval"):
+        opt.refresh_eigenvector(model, F.cross_entropy, (x, y))
 
 
 def test_disabled_running_stats_still_normalise_by_batch_statistics() -> None:

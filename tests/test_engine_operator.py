@@ -91,6 +91,19 @@ def test_param_glob_selects_sub_hessian():
 
 
 @pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_products_of_some_parameters_carry_no_autograd_graph(backend):
+    """The other parameters still require gradients: torch.func's products of the subset
+    carried a graph through them, which the solver's basis and results then held."""
+    case = CASES["cnn-bn"]
+    op = HessianOperator(case.model, case.loss, case.batches, params=["3.*"], backend=backend)
+    H = dense_hessian(case.model, case.loss, case.batches, op.space)
+    V = torch.randn(3, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    HV = op.matmul(V)
+    assert not HV.requires_grad and op.backends_used == {backend}
+    torch.testing.assert_close(HV, V @ H, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
 def test_batchnorm_batch_statistics_mode_leaves_model_untouched(backend):
     case = CASES["cnn-bn"]
     bn = case.model[1]

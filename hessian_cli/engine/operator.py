@@ -854,7 +854,11 @@ class HessianOperator:
         def hvp_one(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return jvp(grad_fn, (primals,), (tuple(self.space.unflatten(v)),))[1]
 
-        parts = vmap(hvp_one)(V)
+        # No autograd outside the transforms (grad ignores it): the model's parameters outside
+        # the space still require gradients, and through them the products carried a graph of
+        # every pass into the solver's basis and results (3 MB for 3 vectors of 127 entries).
+        with torch.no_grad():
+            parts = vmap(hvp_one)(V)
         return self.space.flatten_batched(parts, V.shape[0])
 
     def release(self) -> None:

@@ -352,6 +352,30 @@ def test_a_series_of_different_searches_says_which_end_each_row_holds():
     assert list(table.columns[3].cells) == ["largest", "smallest"]
 
 
+def test_a_series_of_both_ends_of_different_sizes_puts_each_end_under_its_labels():
+    """A top-2 and a top-3 of --which both in one file: the top-2's smallest eigenvalue (-0.1)
+    stood under λ3 and its second smallest under λn, in the table and the plot."""
+    ds = [
+        {
+            "name": name,
+            "provenance": {},
+            "eigen": {"which": "both", "eigenvalues": values, "converged": [True] * len(values)},
+        }
+        for name, values in (
+            ("a", [2.0, 1.0, -0.1, -0.05]),
+            ("b", [3.0, 2.5, 2.0, -1.0, -0.5, -0.2]),
+        )
+    ]
+    table = series_table(ds)
+    labels = [str(c.header) for c in table.columns][3:9]
+    assert labels == ["λ1", "λ2", "λ3", "λn", "λn-1", "λn-2"]
+    assert [list(table.columns[i].cells) for i in (5, 6)] == [["—", "2"], ["-0.1", "-1"]]
+    axes = spectra_figure(ds).axes[0]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
+    assert drawn["λn"] == [-0.1, -1.0]
+    assert np.isnan(drawn["λ3"][0]) and drawn["λ3"][1] == 2.0
+
+
 def test_a_metrics_summary_counts_its_rows_in_words():
     from rich.console import Console
 

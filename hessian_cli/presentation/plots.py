@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
     counted,
+    eigen_columns,
     eigen_labels,
     model_cell,
     run_directory,
@@ -257,14 +258,15 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if k:
         ax = next(panels)
         any_bad = False
+        columns = [eigen_columns(d.get("eigen") or {}, whiches, k) for d in ds]
         for i in range(k):
             lam = np.full(len(ds), np.nan)
             bad = np.zeros(len(ds), dtype=bool)
             for j, d in enumerate(ds):
-                e = d.get("eigen")
-                if e and i < len(e["eigenvalues"]) and e["eigenvalues"][i] is not None:
-                    lam[j] = e["eigenvalues"][i]
-                    bad[j] = not e["converged"][i]
+                e, at = d.get("eigen"), columns[j][i]
+                if e and at is not None and e["eigenvalues"][at] is not None:
+                    lam[j] = e["eigenvalues"][at]
+                    bad[j] = not e["converged"][at]
             for n, (at, marker, _) in enumerate(runs):
                 label = labels[i] if n == 0 else None
                 ax.plot(x[at], lam[at], marker=marker, ms=3, color=f"C{i % 10}", label=label)

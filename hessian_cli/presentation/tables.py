@@ -325,8 +325,8 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
         e = d.get("eigen") or {}
         cells = []
         values, ok = e.get("eigenvalues") or [], e.get("converged") or []
-        for i in range(k):
-            if i >= len(values):
+        for i in eigen_columns(e, whiches, k):
+            if i is None:
                 cells.append(DASH)
             elif i < len(ok) and ok[i]:
                 cells.append(_g(values[i], ".5g"))
@@ -434,6 +434,19 @@ def eigen_labels(whiches: set[str | None], count: int) -> list[str]:
     if whiches <= {"largest"}:
         return [f"λ{i + 1}" for i in range(count)]
     return [f"#{i + 1}" for i in range(count)]
+
+
+def eigen_columns(e: Mapping[str, Any], whiches: set[str | None], count: int) -> list[int | None]:
+    """For each of the ``count`` columns :func:`eigen_labels` names, the index of the
+    checkpoint's eigenvalue that belongs there (None: it has none). With both ends, fewer
+    pairs than the others fill the first columns of each end: a top-2 checkpoint's smallest
+    eigenvalue stood under the λ3 of a top-3 one."""
+    n = len(e.get("eigenvalues") or [])
+    if whiches - {None} != {"both"}:
+        return [i if i < n else None for i in range(count)]
+    half, own = count // 2, n // 2
+    largest = [i if i < own else None for i in range(half)]
+    return largest + [own + i if i < n - own else None for i in range(half)]
 
 
 def file_summary(

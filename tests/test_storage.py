@@ -372,6 +372,19 @@ def test_newer_major_file_is_not_appended_to(full, tmp_path):
     assert len(read_analyses(path)) == 1  # but it still reads
 
 
+def test_an_empty_file_at_the_output_path_is_written_as_a_new_file(full, tmp_path):
+    """`mktemp --suffix .h5` makes an empty file: it was refused as "not an HDF5 file"."""
+    empty = tmp_path / "tmp.h5"
+    empty.touch()
+    check_writable(empty)
+    write_analyses(empty, [full], command_line="x")
+    assert [d["name"] for d in read_analyses(empty)] == [full.name]
+    named = tmp_path / "results.json"
+    named.touch()
+    with pytest.raises(UserError, match="names a .json file"):  # nothing there to append to
+        hdf5.check_output_name(named)
+
+
 def test_unwritable_output_is_one_user_error(full, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
         write_analyses(tmp_path / "nope" / "out.h5", [full], command_line="x")

@@ -81,7 +81,7 @@ def write_analyses(
     with locked(path) as held, signals_deferred(signal.SIGTERM, signal.SIGINT):
         if held:  # a writer of this file killed outright (kill -9) left its copy, as large
             remove_temporaries(path.parent, re.escape(path.name))
-        exists = path.exists()  # after the lock: another writer may have just created it
+        exists = _holds_something(path)  # after the lock: another writer may have made it
         with hdf5_written(
             path, append=exists, adding=_bytes_to_add(analyses, save_eigenvectors)
         ) as f:
@@ -138,7 +138,7 @@ def check_output_name(path: str | Path) -> None:
     """Refuse a new ``--out`` whose name says another kind of file (as the user gave it: a link
     is named by its own name; an existing spectra file is appended to whatever its name)."""
     suffix = Path(path).suffix.lstrip(".").lower()
-    if suffix in _OTHER_FORMATS and not Path(path).exists():
+    if suffix in _OTHER_FORMATS and not _holds_something(Path(path)):
         raise UserError(
             f"--out {path} names a .{suffix} file, but the results are written as HDF5; give a "
             "name such as spectra.h5 (`hessian-cli plot` draws figures, `--json` prints JSON)."
@@ -155,8 +155,15 @@ def check_writable(path: str | Path) -> None:
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UserError(f"The output directory {path.parent} {what}.")
     check_directory_writable(path.parent)
-    if path.exists():
+    if _holds_something(path):
         _check_appendable(path)
+
+
+def _holds_something(path: Path) -> bool:
+    """Whether ``path`` exists and is not an empty file: an empty one (``mktemp``'s, say) holds
+    nothing an append could keep or a write could spoil, and is written as a new file (it was
+    refused as "not an HDF5 file")."""
+    return path.exists() and not (path.is_file() and path.stat().st_size == 0)
 
 
 def _check_appendable(path: Path) -> None:

@@ -267,12 +267,14 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
 def test_a_run_directory_or_a_checkpoint_given_to_show_says_what_to_give(capsys, files, tmp_path):
     """`show RUN_DIR` (or a directory of checkpoints) said only that it "is a directory, not an
     HDF5 file", and `show ckpt.pt` that it "is not an HDF5 file": now each says what to give
-    instead."""
+    instead (and `show RUN_DIR/config.json` is not told to analyse it)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.h5").write_bytes(files["metrics"].read_bytes())
     ckpt = tmp_path / "final.pt"
     torch.save(torch.nn.Linear(2, 1).state_dict(), ckpt)
+    config = run_dir / "config.json"  # train writes it beside metrics.h5
+    config.write_text("{}")
     for verb, extra in (("show", []), ("plot", ["-o", str(tmp_path / "x.png")])):
         code, _, err = run(capsys, verb, run_dir, *extra)
         assert code == 2
@@ -283,6 +285,9 @@ def test_a_run_directory_or_a_checkpoint_given_to_show_says_what_to_give(capsys,
         code, _, err = run(capsys, verb, tmp_path, *extra)  # a directory of checkpoints
         assert code == 2
         assert f"hessian-cli analyze {tmp_path} --out" in one_sentence(err, strict=True)
+        code, _, err = run(capsys, verb, config, *extra)  # no checkpoint: said to analyse it
+        assert code == 2
+        assert "hessian-cli analyze" not in one_sentence(err, strict=True)
     assert run(capsys, "show", run_dir / "metrics.h5")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "run"]
 

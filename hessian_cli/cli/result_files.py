@@ -69,9 +69,18 @@ def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:
             f"analyse the checkpoints in it: hessian-cli analyze {file} --out FILE.h5)."
         )
     if file.is_file() and not h5py.is_hdf5(file):
+        # Only here, refusing: the suffixes' module loads torch, which show need not.
+        from hessian_cli.specs.checkpoints import CHECKPOINT_SUFFIXES
+
+        # A checkpoint is what analyze reads; a run's config.json or a figure is not.
+        hint = (
+            f" (to analyse a checkpoint: hessian-cli analyze {file})"
+            if file.name.lower().endswith(CHECKPOINT_SUFFIXES)
+            else ""
+        )
         raise UserError(
             f"{file} is not an HDF5 file: {verb} reads the files `analyze --out` and `train` "
-            f"write (to analyse a checkpoint: hessian-cli analyze {file})."
+            f"write{hint}."
         )
 
 

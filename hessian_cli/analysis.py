@@ -38,7 +38,7 @@ from hessian_cli.engine.precision import check_precision
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
 from hessian_cli.engine.solver_plan import check_check_steps, check_count, check_options
-from hessian_cli.engine.trace import stochastic_trace
+from hessian_cli.engine.trace import check_trace_memory, stochastic_trace
 from hessian_cli.errors import (
     OUT_OF_HOST_MEMORY,
     Terminated,
@@ -639,6 +639,12 @@ def _run_solvers(
         op.check_model()  # a model autograd cannot differentiate twice soundly, refused here
         if request.top_k:
             check_count(request.top_k, op.n, request.which)
+        if request.trace:  # refused now, not after the eigenpairs it would lose
+            # At most every pair asked for joins Hutch++'s sketch (more need more memory).
+            hutchpp = request.trace_method == "hutch++"
+            pairs = request.top_k * (2 if request.which == "both" else 1) if hutchpp else 0
+            largest = request.top_k if hutchpp and request.which != "smallest" else 0
+            check_trace_memory(op, request.trace_probes, request.trace_method, pairs, largest)
         if request.density:  # refused now, not after the eigenpairs it would lose
             check_density_memory(op, request.density_probes, request.density_steps)
     loss, g = op.gradient()  # where graphs are kept, this builds them for the products too

@@ -1200,6 +1200,26 @@ def test_a_density_that_cannot_fit_is_refused_before_the_eigenpairs(
     assert not out.exists()
 
 
+def test_a_trace_that_cannot_fit_is_refused_before_the_eigenpairs(
+    capsys, monkeypatch, tmp_path, digits_mlp
+):
+    """The trace's probes were allocated after the eigenpairs were computed, unchecked: a trace
+    that could not fit lost them (killed on the CPU; on CUDA advised a smaller --batch-size)."""
+    import hessian_cli.analysis as analysis_module
+    import hessian_cli.engine.trace as trace_module
+
+    def no_eigenpairs(*args, **kwargs):
+        raise AssertionError("the trace must be refused before the eigenpairs are computed")
+
+    monkeypatch.setattr(trace_module, "trace_memory_need", lambda *args: 2**62)
+    monkeypatch.setattr(analysis_module, "eigenpairs", no_eigenpairs)
+    out = tmp_path / "s.h5"
+    args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "2", "--trace")
+    code, _, err = run(capsys, *args, "--out", out)
+    assert code == 2 and "trace's 99 probes on" in one_sentence(err)
+    assert "give fewer probes" in one_sentence(err) and not out.exists()
+
+
 def test_brackets_in_an_error_message_are_printed_as_they_are(capsys, tmp_path):
     missing = tmp_path / "model[vision].pt"
     code, _, err = run(capsys, "analyze", missing)

@@ -1216,6 +1216,24 @@ def test_a_density_that_does_not_fit_in_memory_is_refused_before_any_product(mon
     assert spectral_density(op, 8, 40).hvps > 0
 
 
+@pytest.mark.parametrize(("method", "vectors"), [("hutchinson", 2 * 99), ("hutch++", 2 * 66)])
+def test_a_trace_that_does_not_fit_in_memory_is_refused_before_any_product(
+    monkeypatch, method, vectors
+):
+    """The trace allocated its probes and products unchecked (99 Hutchinson probes of 1M float32
+    parameters held 765 MB, 200 vectors' worth): one that could not fit was killed, or on CUDA
+    told to use a smaller batch, after the eigenpairs computed before it. Hutch++ multiplies
+    its sketch's basis and its 33 probes in the last pass: 66 vectors and their products."""
+    op = MatrixOperator(_symmetric(300))
+    need = vectors * 300 * 8
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1)
+    with pytest.raises(UserError, match="trace's 99 probes on 300 parameters need their vectors"):
+        stochastic_trace(op, 99, method=method)
+    assert op.hvp_count == 0
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need)
+    assert stochastic_trace(op, 99, method=method).hvps > 0
+
+
 def test_density_stops_cleanly_on_invariant_subspace():
     H = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0], dtype=torch.float64))
     dens = spectral_density(MatrixOperator(H), num_probes=2, steps=4, seed=0)

@@ -776,6 +776,9 @@ def test_files_that_are_not_checkpoints_are_named_as_such(capsys, tmp_path):
     (tmp_path / "script.pt").write_text("import os\n")
     message = _bad(capsys, "analyze", tmp_path / "script.pt", "--model", "mlp", "--data", "digits")
     assert "is not a torch, safetensors or pickle file" in message and "trust" not in message
+    (tmp_path / "notes.txt").write_text("hi\n")  # torch.load fails on it with a KeyError
+    message = _bad(capsys, "analyze", tmp_path / "notes.txt", "--model", "mlp", "--data", "digits")
+    assert "is not a torch, safetensors or pickle file" in message and "KeyError" not in message
     (tmp_path / "a.pt").symlink_to(tmp_path / "b.pt")
     (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
     assert "symbolic link that leads nowhere" in _bad(capsys, "analyze", tmp_path / "a.pt")

@@ -239,10 +239,7 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
         return _arrays_as_tensors(obj) if trust else obj  # NumPy's: only in a trusted file
     except pickle.UnpicklingError as exc:
         if not pickle_or_zip:  # no flag would help
-            raise UserError(
-                f"checkpoint {str(path)!r} is not a torch, safetensors or pickle file "
-                "(pickles of protocol 2 or later: Python 2's text protocols 0 and 1 are not read)."
-            ) from exc
+            raise _not_a_checkpoint(path) from exc
         message = str(exc)
         if not trust and "Weights only load failed" in message:
             found = re.search(r"GLOBAL ([\w.]+)", message)
@@ -273,10 +270,20 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
             "the model's state_dict instead."
         ) from exc
     except Exception as exc:
+        if not pickle_or_zip:  # a text file failed as a KeyError, named as such
+            raise _not_a_checkpoint(path) from exc
         raise UserError(
             f"checkpoint {str(path)!r} is corrupt, truncated or not a torch file "
             f"({type(exc).__name__})."
         ) from exc
+
+
+def _not_a_checkpoint(path: Path) -> UserError:
+    """A file that opens as neither a zip archive nor a binary pickle."""
+    return UserError(
+        f"checkpoint {str(path)!r} is not a torch, safetensors or pickle file "
+        "(pickles of protocol 2 or later: Python 2's text protocols 0 and 1 are not read)."
+    )
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

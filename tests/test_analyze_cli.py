@@ -779,6 +779,10 @@ def test_files_that_are_not_checkpoints_are_named_as_such(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("hi\n")  # torch.load fails on it with a KeyError
     message = _bad(capsys, "analyze", tmp_path / "notes.txt", "--model", "mlp", "--data", "digits")
     assert "is not a torch, safetensors or pickle file" in message and "KeyError" not in message
+    with h5py.File(tmp_path / "spectra.h5", "w"):
+        pass
+    message = _bad(capsys, "analyze", tmp_path / "spectra.h5")
+    assert "is an HDF5 file, not a checkpoint (`hessian-cli show`" in message
     (tmp_path / "a.pt").symlink_to(tmp_path / "b.pt")
     (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
     assert "symbolic link that leads nowhere" in _bad(capsys, "analyze", tmp_path / "a.pt")

@@ -108,6 +108,11 @@ def load_checkpoint(
         raise UserError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}.") from exc
     if not head:
         raise UserError(f"checkpoint {str(path)!r} is empty.")
+    if head.startswith(_HDF5_SIGNATURE):  # a spectra or metrics file given to analyze, usually
+        raise UserError(
+            f"checkpoint {str(path)!r} is an HDF5 file, not a checkpoint (`hessian-cli show` and "
+            "`plot` read the files that `analyze --out` and `train` write)."
+        )
     if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(head):
         state, metadata, raw = _load_safetensors(path)
         fmt = "safetensors"
@@ -132,6 +137,9 @@ def load_checkpoint(
         format=fmt,
         weights_key=weights_key,
     )
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

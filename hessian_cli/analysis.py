@@ -187,6 +187,13 @@ def analyze_target(
         loaded = [
             _ordering_only(_load(p, request)) if held_only else _load(p, request) for p in paths
         ]
+        for ckpt in loaded:  # one that names no model or data: said before hours of products
+            try:
+                _check_specs_named(ckpt.metadata, request)
+            except UserError as exc:
+                if held_only:  # which of the series
+                    exc.args = (f"{ckpt.label}: {exc}",)
+                raise
     loaded.sort(key=checkpoint_order_key)
     # A copy of another file of the series (Lightning's last.ckpt, where it is not a link) is
     # that file's analysis again: the first in order is kept.
@@ -434,15 +441,22 @@ def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:
     return replace(data, num_classes=recorded)
 
 
-def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
-    """Model, loss and the global lists of batches: where bad input shows up."""
-    meta = ckpt.metadata
+def _check_specs_named(meta: dict, request: AnalyzeRequest) -> None:
+    """The model and data are given by flags or recorded in the checkpoint."""
     if not (request.model or meta.get("model")) and not (request.data or meta.get("data")):
         # Both at once: a bare state dict asked for --model, and once given, for --data.
         raise UserError(
             "The checkpoint does not say which model and data it is for (those `hessian-cli "
             "train` writes do): pass --model and --data."
         )
+    _spec(request.model, meta, "model", "model", "--model")
+    _spec(request.data, meta, "data", "data", "--data")
+
+
+def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
+    """Model, loss and the global lists of batches: where bad input shows up."""
+    meta = ckpt.metadata
+    _check_specs_named(meta, request)
     model_spec = _spec(request.model, meta, "model", "model", "--model")
     data_spec = _spec(request.data, meta, "data", "data", "--data")
     kwargs = request.model_kwargs

@@ -1438,6 +1438,23 @@ def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, dig
     )
 
 
+def test_a_series_with_a_checkpoint_naming_no_model_is_refused_before_any_work(
+    capsys, tmp_path, digits_mlp
+):
+    """A bare state dict after the series' first file was found only at its turn, once the
+    files before it had been analysed."""
+    runs = tmp_path / "series"
+    runs.mkdir()
+    state = torch.load(digits_mlp, weights_only=True)
+    save_checkpoint(runs / "a.pt", state_dict=state["model"], metadata=state["hessian_cli"])
+    torch.save(state["model"], runs / "b.pt")  # a bare state dict: no model or data recorded
+    out_h5 = tmp_path / "none.h5"
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--out", out_h5)
+    assert code == 2
+    assert one_sentence(err).startswith("error: b.pt: The checkpoint does not say which model")
+    assert "Eigenvalues" not in out and not out_h5.exists()
+
+
 def test_a_series_keeps_what_it_analysed_before_a_bad_checkpoint(capsys, tmp_path, digits_mlp):
     runs = tmp_path / "series"
     runs.mkdir()

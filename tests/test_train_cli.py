@@ -136,6 +136,8 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
         (["--resume", "{tmp}"], "is not a training run"),
         (["--resume", "{run}", "--lr", "0.5"], "--lr cannot be given"),
         (TINY[:2], "give --model, --data and --out"),
+        (TINY, "--out is missing: give --model, --data and --out"),
+        (TINY[:4], "--data and --out are missing: give"),
         ([*TINY, "--out", ""], "--out needs a name"),  # not ".", a directory not named
         ([*TINY, "--data-root", "{tmp}", "--out", "{tmp}/x"], "--data-root is read only for"),
         ([*TINY, "--download", "--out", "{tmp}/x"], "--download is read only for"),

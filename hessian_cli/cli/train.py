@@ -184,10 +184,14 @@ def train_command(
             check_resume_options([*set_options, *(["out"] if out is not None else [])])
             config = load_config(resume)
         else:
-            if model is None or data is None or out is None:
+            given = {"--model": model, "--data": data, "--out": out}
+            missing = [flag for flag, value in given.items() if value is None]
+            if missing:  # named where the others were given: which one was forgotten
+                verb = "is" if len(missing) == 1 else "are"
+                lacking = f"{' and '.join(missing)} {verb} missing: " if len(missing) < 3 else ""
                 raise UserError(
-                    "give --model, --data and --out to start a run, or --resume RUN_DIR to "
-                    "continue one."
+                    f"{lacking}give --model, --data and --out to start a run, or --resume "
+                    "RUN_DIR to continue one."
                 )
             check_options_used(set_options)
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)

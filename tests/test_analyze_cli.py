@@ -788,6 +788,14 @@ def test_files_that_are_not_checkpoints_are_named_as_such(capsys, tmp_path):
     assert "symbolic link that leads nowhere" in _bad(capsys, "analyze", tmp_path / "a.pt")
 
 
+@pytest.mark.parametrize("flag", ["--model", "--data", "--loss"])
+def test_a_python_file_without_the_name_to_call_says_so(capsys, tmp_path, digits_mlp, flag):
+    """`--model net.py` (for `net.py:make`) was an 'unknown model' with every form listed."""
+    (tmp_path / "net.py").write_text("def make():\n    pass\n")
+    message = _bad(capsys, "analyze", digits_mlp, flag, str(tmp_path / "net.py"))
+    assert f"names nothing in it to call: give '{tmp_path / 'net.py'}:NAME'" in message
+
+
 def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
     assert "No such checkpoint" in _bad(
         capsys, "analyze", tmp_path / "missing.pt", "--model", "mlp"

@@ -39,6 +39,7 @@ from hessian_cli.specs.user_code import (
     anchored,
     call_user,
     load_object,
+    refuse_file_without_name,
     split_user_spec,
 )
 from hessian_cli.storage.files import file_sha256
@@ -111,6 +112,7 @@ def load_data(
         return _torchvision(spec.lower(), root, download)
     if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
         return _tensor_file(spec)
+    refuse_file_without_name(spec, "data")
     raise UserError(
         f"unknown data {spec!r}: use digits, synthetic:CxHxW[:classes[:count]], "
         f"synthetic-regression:D[:outputs[:count]], {', '.join(_VISION)} (with --data-root), "

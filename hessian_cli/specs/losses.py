@@ -19,6 +19,7 @@ from hessian_cli.specs.user_code import (
     call_user,
     guarded_user_function,
     load_object,
+    refuse_file_without_name,
     split_user_spec,
 )
 
@@ -49,6 +50,7 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
         if not callable(obj):
             raise UserError(f"the loss {spec!r} is not callable.")
         return guarded_user_function(obj, "loss function", spec)
+    refuse_file_without_name(spec, "loss")
     raise UserError(
         f"unknown loss {spec!r}: use {' or '.join(BUILTIN_LOSSES)}, or user code as "
         f"{USER_CODE_FORMS} taking (outputs, targets)."

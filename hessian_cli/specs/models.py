@@ -16,7 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from hessian_cli.errors import UserError, a_type
-from hessian_cli.specs.user_code import USER_CODE_FORMS, call_user, load_object, split_user_spec
+from hessian_cli.specs.user_code import (
+    USER_CODE_FORMS,
+    call_user,
+    load_object,
+    refuse_file_without_name,
+    split_user_spec,
+)
 
 BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
 _RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
@@ -83,6 +89,7 @@ def build_model(
                 "parameters hold no values: build it on the CPU."
             )
         return model
+    refuse_file_without_name(spec, "model")
     raise UserError(
         f"unknown model {spec!r}: use a built-in ({', '.join(BUILTIN_MODELS)}), "
         f"'torchvision:NAME', or user code as {USER_CODE_FORMS}."

@@ -30,6 +30,15 @@ def split_user_spec(spec: str) -> tuple[str, str] | None:
     return where, attr
 
 
+def refuse_file_without_name(spec: str, what: str) -> None:
+    """An unknown spec that is a Python file with nothing named in it (``net.py`` for
+    ``net.py:make``) says so, rather than listing every form a spec takes."""
+    if spec.endswith(".py") and ":" not in spec:
+        raise UserError(
+            f"{what} {spec!r} is a Python file but names nothing in it to call: give '{spec}:NAME'."
+        )
+
+
 def is_file_spec(where: str) -> bool:
     """A ``where`` that names a Python file rather than an importable module."""
     return where.endswith(".py") or "/" in where or "\\" in where

@@ -202,14 +202,18 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         if saved.get("format") != CONFIG_FORMAT:
             raise ValueError("wrong format")
         version = saved.get("version", CONFIG_VERSION)
-        config = TrainConfig(**saved["config"], out=str(run_dir))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:
         raise UserError(f"the run configuration {str(path)!r} is damaged or not ours.") from exc
+    # Before its fields are read: a newer version's may be ones this version does not know.
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise UserError(
             f"the run configuration {str(path)!r} is of version {version!r}, newer than this "
             f"hessian-cli reads ({CONFIG_VERSION}): update hessian-cli to resume it."
         )
+    try:
+        config = TrainConfig(**saved["config"], out=str(run_dir))
+    except (TypeError, KeyError) as exc:
+        raise UserError(f"the run configuration {str(path)!r} is damaged or not ours.") from exc
     try:
         config.validate()
     except UserError as exc:  # the options it names were saved there, not given now

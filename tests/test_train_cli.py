@@ -386,6 +386,11 @@ def test_resume_refuses_a_configuration_edited_since_the_checkpoint(capsys, tmp_
     "edit, message",
     [
         ({"version": 99}, "is of version 99, newer than this hessian-cli reads (1)"),
+        # A newer version's fields were read first: "damaged or not ours".
+        (
+            {"version": 2, "config": {"label_smoothing": 0.1}},
+            "is of version 2, newer than this hessian-cli reads (1)",
+        ),
         ({"config": {"epochs": "four"}}, "holds a bad value: --epochs must be"),
     ],
 )

@@ -189,6 +189,12 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     """The configuration saved in a run directory (run-time fields at their defaults)."""
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
+    owner = _run_holding(run_dir)
+    if owner is not None:  # a checkpoint of a run (or its folder, or its config.json)
+        raise UserError(
+            f"{str(run_dir)!r} lies in the training run {str(owner)!r}: resume that directory "
+            "(a run continues from its latest checkpoint)."
+        )
     if not run_dir.is_dir():
         raise UserError(f"{str(run_dir)!r} is not a directory, so it is not a training run.")
     if path.exists() and not path.is_file():
@@ -219,3 +225,15 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     except UserError as exc:  # the options it names were saved there, not given now
         raise UserError(f"the run configuration {str(path)!r} holds a bad value: {exc}") from exc
     return config
+
+
+def _run_holding(path: Path) -> Path | None:
+    """The run directory that ``path`` lies in, where it is no run itself: a run's
+    ``config.json`` or other file, its checkpoints folder, or a checkpoint in that (what a
+    researcher gives to resume from one)."""
+    from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS  # torch: not at --help
+
+    if not path.exists() or (path / CONFIG_FILE).exists():
+        return None
+    parents = [path.parent] + ([path.parent.parent] if path.parent.name == RUN_CHECKPOINTS else [])
+    return next((p for p in parents if (p / CONFIG_FILE).is_file()), None)

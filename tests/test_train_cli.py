@@ -408,6 +408,14 @@ def test_resume_names_a_configuration_it_cannot_use(capsys, tmp_path, finished_r
     assert code == 2 and message in one_sentence(err, strict=True)
 
 
+@pytest.mark.parametrize("inside", ["checkpoints/final.pt", "checkpoints", "config.json"])
+def test_a_resume_of_a_path_inside_a_run_names_the_run(capsys, finished_run, inside):
+    """A checkpoint given to resume from was only "not a directory, so not a training run"."""
+    code, _, err = run(capsys, "train", "--resume", finished_run / inside)
+    assert code == 2
+    assert f"lies in the training run '{finished_run}'" in one_sentence(err, strict=True)
+
+
 def test_an_out_directory_under_a_file_is_one_sentence(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "notes.txt" / "run")

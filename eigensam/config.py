@@ -89,6 +89,11 @@ class TrainConfig:
             )
         require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
         check_seed(self.seed)
+        require(
+            _json_values(self.model_kwargs),
+            "--model-kwargs must hold JSON values only "
+            "(numbers, text, lists, objects): config.json and the checkpoints record them",
+        )
         for name in ("lr", "rho", "alpha", "weight_decay"):
             require(getattr(self, name) <= FLOAT32_MAX, f"{flag(name)} is too large for float32")
         from hessian_cli.specs.data import check_root_options  # torch: not at --help
@@ -117,6 +122,16 @@ class TrainConfig:
         if they had been used)."""
         fields = {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
         return without_unused(fields)
+
+
+def _json_values(value: Any) -> bool:
+    """Whether ``value`` can be written as JSON (a library caller's model kwargs may hold a
+    class: the run failed with a TypeError after making its directory)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 RUNTIME_FIELDS = ("out", "max_steps", "device", "download")

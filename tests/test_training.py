@@ -403,6 +403,20 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, overrides, messa
     assert not (tmp_path / "run").exists()
 
 
+def test_model_kwargs_that_cannot_be_recorded_are_one_sentence_and_write_nothing(tmp_path):
+    """A library caller's factory may take a class; the run failed with a bare TypeError once
+    its directory was made, and the same out was then refused as a run that had stopped."""
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        "import torch\n"
+        "def net(act=torch.nn.ReLU, **kwargs):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 3), act())\n"
+    )
+    with pytest.raises(UserError, match="--model-kwargs must hold JSON values only"):
+        train(config(tmp_path, model=f"{user}:net", model_kwargs={"act": torch.nn.Tanh}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_or_loss_that_does_not_fit_is_one_sentence_and_writes_nothing(tmp_path):
     user = tmp_path / "user_code.py"
     user.write_text(

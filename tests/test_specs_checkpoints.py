@@ -242,6 +242,16 @@ def test_custom_class_needs_trust(tmp_path: Path) -> None:
     assert set(load_checkpoint(path, trust=True).state_dict) == set(small_state())
 
 
+def test_a_torchscript_archive_is_named_and_read_only_with_trust(tmp_path: Path) -> None:
+    """torch.jit.save's archives were refused as 'corrupt, truncated or not a torch file'."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(small_model()), str(path))
+    with pytest.raises(UserError, match="TorchScript archive.*--trust-checkpoint"):
+        load_checkpoint(path)
+    state = load_checkpoint(path, trust=True).state_dict
+    assert all(torch.equal(state[k], v) for k, v in small_state().items())
+
+
 def test_corrupt_and_missing_files(tmp_path: Path) -> None:
     good = tmp_path / "good.pt"
     torch.save(small_state(), good)

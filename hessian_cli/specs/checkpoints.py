@@ -120,6 +120,12 @@ def load_checkpoint(
             state = _part(_strip_prefixes(state), weights_key, path, list(raw))
     else:
         fmt = "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
+        if fmt == "torch-zip" and not trust and _is_torchscript(path):
+            raise UntrustedCheckpoint(
+                f"checkpoint {str(path)!r} is a TorchScript archive (torch.jit.save), which safe "
+                "loading cannot read: save the model's state_dict with torch.save, or pass "
+                f"{TRUST_FLAG} only if you trust where it came from."
+            )
         if fmt == "torch-legacy" and _is_plain_pickle(head):
             fmt, obj = "pickle", _plain_pickle_load(path, trust)
         else:
@@ -194,6 +200,16 @@ def _arrays_as_tensors(obj: Any, done: dict[int, Any] | None = None) -> Any:
     return obj
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip file is a TorchScript archive (its ``constants.pkl``, as torch tells one):
+    ``weights_only`` loading refuses it with a RuntimeError that read as a corrupt file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _pickle_protocol(path: Path) -> int | None:
     """The pickle protocol of a torch file's object (its data.pkl in a zip), where it says."""
     try:
@@ -243,6 +259,8 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
         ):
             # torch warns about pickle protocols it reads fine; the CLI output stays clean.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # A trusted TorchScript archive is read by torch.jit.load, with a warning that says so.
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
             obj = torch.load(path, map_location="cpu", weights_only=not trust)
         return _arrays_as_tensors(obj) if trust else obj  # NumPy's: only in a trusted file
     except pickle.UnpicklingError as exc:

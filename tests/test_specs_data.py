@@ -275,6 +275,12 @@ def loader():
 def regression():
     return torch.randn(5, 3), torch.randn(5, 2)
 
+def arrays():
+    return np.arange(12.0).reshape(6, 2), np.array([0, 1, 2, 0, 1, 3])
+
+def named_labels():
+    return np.zeros((2, 2)), np.array(["cat", "dog"])
+
 def nothing():
     return 42
 """
@@ -412,6 +418,16 @@ def test_user_labels_stored_as_a_column_are_one_per_sample(tmp_path: Path) -> No
 def test_user_regression_tensors(user_file: Path) -> None:
     data = load_data(f"{user_file}:regression")
     assert data.num_classes is None and data.target_shape == (2,) and data.num_outputs == 2
+
+
+def test_user_numpy_arrays_are_x_and_y(user_file: Path) -> None:
+    """NumPy's (x, y) was taken for (train, test), and refused as samples not (x, y) pairs."""
+    data = load_data(f"{user_file}:arrays")
+    assert data.input_shape == (2,) and data.num_classes == 4 and data.test is None
+    ((x, y),) = analysis_batches(data.train, batch_size=6)
+    assert torch.equal(x, torch.arange(12.0).reshape(6, 2)) and y.tolist() == [0, 1, 2, 0, 1, 3]
+    with pytest.raises(UserError, match="arrays of float64 and <U3, not numbers"):
+        load_data(f"{user_file}:named_labels")
 
 
 def test_user_data_errors(user_file: Path) -> None:

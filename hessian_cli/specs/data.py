@@ -428,8 +428,17 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
     hint_classes = getattr(result, "num_classes", None)
     test: Any = None
     if isinstance(result, (tuple, list)):
-        if len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result):
-            x, y = result
+        # Arrays as well as tensors: NumPy's (x, y) was taken for (train, test), and refused as
+        # samples that are not (x, y) pairs.
+        if len(result) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in result):
+            try:
+                x, y = (torch.as_tensor(t) for t in result)
+            except TypeError as exc:  # strings or objects
+                raise UserError(
+                    f"the data factory {spec!r} returned (x, y) arrays of "
+                    f"{' and '.join(str(t.dtype) for t in result)}, not numbers: class labels "
+                    "must be integers 0 to C - 1."
+                ) from exc
             if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
                 raise UserError(
                     f"the data factory {spec!r} returned inputs of shape {tuple(x.shape)} and "

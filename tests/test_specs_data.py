@@ -210,9 +210,13 @@ def test_pt_data_file_is_loaded_safely(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"x": torch.zeros(2, 2), "y": torch.zeros(2), "p": _Hostile(str(marker))}, path)
-    with pytest.raises(UserError, match="safely"):
+    with pytest.raises(UserError, match="safe loading does not read"):
         load_data(str(path))
     assert not marker.exists()
+    # NumPy arrays saved with torch.save were told that the file "must hold plain arrays".
+    torch.save({"x": np.zeros((2, 2)), "y": np.zeros(2)}, path)
+    with pytest.raises(UserError, match=r"other than tensors \(numpy.*torch.from_numpy"):
+        load_data(str(path))
 
 
 # ----------------------------------------------------------------------------- torchvision

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -347,6 +349,15 @@ def _read_arrays(path: Path) -> dict[str, Any]:
                     for k in h5
                 }
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # NumPy arrays saved with torch.save were refused as not "plain arrays or tensors".
+        if found := re.search(r"GLOBAL ([\w.]+)", str(exc)):
+            raise UserError(
+                f"data file {str(path)!r} holds objects other than tensors ({found.group(1)}), "
+                "which safe loading does not read: save x and y as tensors (torch.from_numpy for "
+                "NumPy arrays), or as an .npz file."
+            ) from exc
+        raise UserError(f"data file {str(path)!r} is corrupt or not a torch file.") from exc
     except Exception as exc:
         raise UserError(
             f"data file {str(path)!r} could not be read safely ({type(exc).__name__}); it must "

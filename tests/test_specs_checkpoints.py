@@ -675,6 +675,23 @@ def test_trainer_folders_are_listed_by_their_weights_and_ordered_by_their_step(t
     assert [c.name for c in ordered] == ["checkpoint-20", "checkpoint-3", "checkpoint-100"]
 
 
+def test_a_trainer_output_directory_is_its_final_weights_and_its_checkpoint_folders(tmp_path):
+    """Its final weights (save_model) beside the checkpoint-N folders were the series alone."""
+    weights = small_model().state_dict()
+    for step in (10, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file(weights, tmp_path / f"checkpoint-{step}" / "model.safetensors")
+        torch.save({}, tmp_path / f"checkpoint-{step}" / "optimizer.pt")
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "training_args.bin").write_bytes(b"a pickled settings object")
+    found = list_checkpoints(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "checkpoint-10/model.safetensors",
+        "checkpoint-20/model.safetensors",
+        "model.safetensors",
+    ]
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
     """Its shards were each taken for a checkpoint, and each missed the others' weights."""

@@ -807,14 +807,15 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     """Checkpoint files directly inside ``directory``, in natural name order (no temp files), each
     once: a link to another of them (Lightning's ``last.ckpt``) is left out; and the weights of
     the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``). A Trainer
-    checkpoint folder itself is its weights file alone (not its optimizer's or scheduler's)."""
+    checkpoint folder itself is its weights file alone (not its optimizer's or scheduler's); a
+    Trainer's output directory is its final weights (``save_model`` writes them there) beside
+    its checkpoint folders' (the series was the final weights alone)."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory.")
-    if (own := _trainer_weights(directory)) is not None:
-        return [own]
+    own = _trainer_weights(directory)
     shards = (directory / f"{n}.index.json" for n in TRAINER_WEIGHTS)
-    if (index := next((i for i in shards if i.is_file()), None)) is not None:
+    if own is None and (index := next((i for i in shards if i.is_file()), None)) is not None:
         # (its shards would each be taken for a checkpoint, and each miss the others' weights)
         raise UserError(
             f"{str(directory)!r} holds sharded weights ({index.name}), which are not joined: "
@@ -825,8 +826,17 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         entries = list(directory.iterdir())
     except OSError as exc:
         raise UserError(f"cannot list {str(directory)!r}: {exc.strerror or exc}.") from exc
-    # A link that points nowhere is listed, so that reading it ends the run as any unreadable
-    # checkpoint does (it was skipped silently).
+    found = [own] if own is not None else _checkpoint_files(entries)
+    folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    found += [w for p in folders if (w := _trainer_weights(p)) is not None]
+    return sorted(found, key=lambda p: _natural_key(series_name(p)))
+
+
+def _checkpoint_files(entries: list[Path]) -> list[Path]:
+    """The checkpoint files among a directory's ``entries``, a link to another of them left out.
+
+    A link that points nowhere is listed, so that reading it ends the run as any unreadable
+    checkpoint does (it was skipped silently)."""
     found = [
         p
         for p in entries
@@ -835,10 +845,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         and not p.name.startswith(".")
     ]
     files = {p.resolve() for p in found if not p.is_symlink()}
-    found = [p for p in found if not (p.is_symlink() and p.resolve() in files)]
-    folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    found += [w for p in folders if (w := _trainer_weights(p)) is not None]
-    return sorted(found, key=lambda p: _natural_key(series_name(p)))
+    return [p for p in found if not (p.is_symlink() and p.resolve() in files)]
 
 
 def _trainer_weights(folder: Path) -> Path | None:

@@ -164,6 +164,9 @@ def test_cnn_options() -> None:
     [
         ("cnn", (64,), {}, "CxHxW"),
         ("resnet20", (10,), {}, "CxHxW"),
+        # A 32x32x3 image (NumPy's channels last) was taken for 32 channels of 32x3.
+        ("resnet20", (32, 32, 3), {}, r"32x32x3, channels last.*\"in_channels\": 32"),
+        ("cnn", (28, 28, 1), {}, "channels last"),
         ("mlp", (4,), {"depth": 3}, "depth"),
         ("mlp", (4,), {"activation": "swish"}, "swish"),
         ("mlp", (4,), {"hidden": [0]}, "positive integer"),

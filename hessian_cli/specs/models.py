@@ -149,6 +149,15 @@ def _image_channels(name: str, input_shape: tuple[int, ...], override: Any) -> i
             f"model {name!r} needs image data of shape CxHxW, but the data's samples have shape "
             f"{'x'.join(map(str, input_shape)) or 'scalar'}."
         )
+    if input_shape[2] in (1, 3) and input_shape[0] not in (1, 3):
+        # Channels last, as NumPy image sets store them (torchvision's CIFAR10.data too): a
+        # 32x32x3 image was taken for 32 channels of 32x3, silently.
+        shape, channels = "x".join(map(str, input_shape)), input_shape[0]
+        raise UserError(
+            f"model {name!r} needs images of shape CxHxW, but the data's samples are {shape}, "
+            "channels last: store them as CxHxW (x.transpose(0, 3, 1, 2)), or pass "
+            f"--model-kwargs '{{\"in_channels\": {channels}}}' if they have {channels} channels."
+        )
     return int(input_shape[0])
 
 

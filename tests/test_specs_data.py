@@ -219,6 +219,17 @@ def test_pt_data_file_is_loaded_safely(tmp_path: Path) -> None:
         load_data(str(path))
 
 
+def test_a_pt_data_file_of_a_pickle_protocol_safe_loading_cannot_read_is_named(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """It was 'corrupt or not a torch file', after torch's warning about the protocol."""
+    path = tmp_path / "data.pt"
+    torch.save({"x": torch.zeros(2, 2), "y": torch.zeros(2)}, path, pickle_protocol=4)
+    with pytest.raises(UserError, match="saved with pickle protocol 4.*default protocol"):
+        load_data(str(path))
+    assert not recwarn.list
+
+
 # ----------------------------------------------------------------------------- torchvision
 
 

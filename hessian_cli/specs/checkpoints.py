@@ -210,7 +210,7 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _pickle_protocol(path: Path) -> int | None:
+def pickle_protocol(path: Path) -> int | None:
     """The pickle protocol of a torch file's object (its data.pkl in a zip), where it says."""
     try:
         if zipfile.is_zipfile(path):
@@ -275,7 +275,7 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
                     f"({found.group(1)}) and was refused; pass {TRUST_FLAG} only if you trust "
                     "where it came from."
                 ) from exc
-            if (protocol := _pickle_protocol(path)) is not None and protocol >= 4:
+            if (protocol := pickle_protocol(path)) is not None and protocol >= 4:
                 raise UntrustedCheckpoint(
                     f"checkpoint {str(path)!r} was saved with pickle protocol {protocol}, whose "
                     "framing torch's safe loading cannot read: save it again with torch.save's "

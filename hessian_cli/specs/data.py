@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -35,6 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 from hessian_cli.engine.batches import Batch, check_range
 from hessian_cli.engine.inputs import Inputs, input_tensors, is_inputs, map_inputs
 from hessian_cli.errors import UserError, a_type, described
+from hessian_cli.specs.checkpoints import pickle_protocol
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
     absolute,
@@ -348,7 +350,9 @@ def _read_arrays(path: Path) -> dict[str, Any]:
                     )
                     for k in h5
                 }
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # of pickle protocols, said below where it matters
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # NumPy arrays saved with torch.save were refused as not "plain arrays or tensors".
         if found := re.search(r"GLOBAL ([\w.]+)", str(exc)):
@@ -356,6 +360,12 @@ def _read_arrays(path: Path) -> dict[str, Any]:
                 f"data file {str(path)!r} holds objects other than tensors ({found.group(1)}), "
                 "which safe loading does not read: save x and y as tensors (torch.from_numpy for "
                 "NumPy arrays), or as an .npz file."
+            ) from exc
+        if (protocol := pickle_protocol(path)) is not None and protocol >= 4:
+            raise UserError(
+                f"data file {str(path)!r} was saved with pickle protocol {protocol}, whose "
+                "framing torch's safe loading cannot read: save it again with torch.save's "
+                "default protocol."
             ) from exc
         raise UserError(f"data file {str(path)!r} is corrupt or not a torch file.") from exc
     except Exception as exc:

@@ -340,3 +340,12 @@ def test_a_factory_model_on_the_meta_device_is_refused(tmp_path) -> None:
     )
     with pytest.raises(UserError, match="on the meta device"):
         build_model(f"{tmp_path / 'metanet.py'}:net", input_shape=(4,), num_classes=2)
+
+
+def test_a_factory_model_with_lazy_modules_is_refused(tmp_path) -> None:
+    """Its uninitialized parameters raised torch's ValueError, an unexpected error, on use."""
+    (tmp_path / "lazynet.py").write_text(
+        "import torch\n\n\ndef net():\n    return torch.nn.LazyLinear(2)\n"
+    )
+    with pytest.raises(UserError, match="lazy modules.*run it on a sample batch"):
+        build_model(f"{tmp_path / 'lazynet.py'}:net", input_shape=(4,), num_classes=2)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parameter import is_lazy
 
 from hessian_cli.errors import UserError, a_type
 from hessian_cli.specs.user_code import (
@@ -83,7 +84,14 @@ def build_model(
             raise UserError(
                 f"the model factory {spec!r} returned {a_type(model)}, not a torch.nn.Module."
             )
-        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        tensors = (*model.parameters(), *model.buffers())
+        if any(is_lazy(t) for t in tensors):  # every use of them raised torch's ValueError
+            raise UserError(
+                f"the model factory {spec!r} returned a model with lazy modules (nn.LazyLinear, "
+                "...) whose parameters are not initialized: run it on a sample batch in the "
+                "factory before returning it."
+            )
+        if any(t.is_meta for t in tensors):
             raise UserError(
                 f"the model factory {spec!r} returned a model on the meta device, whose "
                 "parameters hold no values: build it on the CPU."

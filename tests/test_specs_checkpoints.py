@@ -301,6 +301,24 @@ def test_apply_weights_tolerates_missing_batchnorm_counter() -> None:
     assert int(loaded["1.num_batches_tracked"]) == 0  # left as the model had it
 
 
+def test_apply_weights_drops_a_saved_copy_of_a_buffer_the_model_does_not_save() -> None:
+    """Older Hugging Face models saved position_ids, which newer ones keep out of their state
+    dict: the checkpoint was refused for '1 unexpected key (position_ids)'."""
+    model = small_model()
+    model.register_buffer("position_ids", torch.arange(4)[None], persistent=False)
+    state = small_state()
+    for saved in (
+        {**state, "position_ids": torch.arange(4)[None]},
+        {f"model.{k}": v for k, v in {**state, "position_ids": torch.arange(4)[None]}.items()},
+    ):
+        model[0].weight.data.zero_()
+        apply_weights(model, saved)
+        assert torch.equal(model[0].weight, state["0.weight"])
+    # Other values than the model's own are not dropped unsaid.
+    with pytest.raises(UserError, match=r"1 unexpected key \(position_ids\)"):
+        apply_weights(model, {**state, "position_ids": torch.arange(1, 5)[None]})
+
+
 def test_apply_weights_names_missing_unexpected_and_shapes() -> None:
     state = small_state()
     del state["2.bias"]

@@ -514,7 +514,8 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str 
     what other tools wrap the weights in is taken off first, and only where the names then are
     exactly the model's do they load)."""
     expected = model.state_dict()
-    state, several, taken = _fitted(expected, dict(state_dict))
+    unsaved = {k: b for k, b in model.named_buffers() if k not in expected}
+    state, several, taken = _fitted(expected, dict(state_dict), unsaved)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -568,7 +569,9 @@ _BOOKKEEPING = ("total_ops", "total_params", "n_averaged")
 
 
 def _fitted(
-    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+    expected: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    unsaved: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], list[str], str | None]:
     """``state`` renamed to the model's names where only a wrapper differs; the leading names
     whose parts each fit the model where several do (then none is taken); the one taken.
@@ -578,7 +581,9 @@ def _fitted(
     carry it (a wrapper whose one child is called ``module``); a name the model ties to another
     (a decoder sharing its embedding) takes that one's value where a writer kept one copy
     (safetensors' ``save_model``); a missing BatchNorm step counter (checkpoints before torch
-    0.4.1) is the model's own zero. Last, where the names still differ, the model's own names
+    0.4.1) is the model's own zero; a buffer the model keeps out of its state dict (``unsaved``:
+    a Hugging Face model's ``position_ids``, which older versions saved) is dropped where it
+    holds the model's own values. Last, where the names still differ, the model's own names
     are taken where the others are copies of it under leading names (an EMA), else the
     entries under one leading name (a LightningModule's attribute: ``model.``, ``net.``) where
     they alone are exactly the model's.
@@ -602,6 +607,11 @@ def _fitted(
             # Checkpoints older than torch 0.4.1 have no BatchNorm step counter: harmless.
             if key.endswith("num_batches_tracked") and key not in part:
                 part[key] = torch.zeros_like(value)
+        for key, value in unsaved.items():
+            saved = part.get(key)
+            if isinstance(saved, torch.Tensor) and saved.shape == value.shape:
+                if torch.equal(saved.to(value.dtype), value):
+                    del part[key]
         return part
 
     state = completed(state)

@@ -70,6 +70,19 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert code == 0 and "Eigenvalues" in out and "converged" in out
 
 
+def test_what_user_code_prints_stays_out_of_the_json(capsys, tmp_path, digits_mlp):
+    """A model factory that printed put its line on stdout before the JSON: not JSON."""
+    (tmp_path / "chatty.py").write_text(
+        "from hessian_cli.specs import build_model\n\n\ndef net():\n"
+        "    print('building the model')\n"
+        f"    return build_model('mlp', input_shape=(1, 8, 8), num_classes=10, kwargs={MLP_KW})\n"
+    )
+    model = f"{tmp_path / 'chatty.py'}:net"
+    code, out, err = run(capsys, "analyze", digits_mlp, "--model", model, "--top-k", "1", "--json")
+    assert code == 0 and "building the model" in err
+    assert json.loads(out)["provenance"]["model"] == model
+
+
 def test_the_checkpoint_path_recorded_is_absolute(capsys, digits_mlp, monkeypatch):
     """A relative path, recorded as given, pointed nowhere once read from another directory."""
     monkeypatch.chdir(digits_mlp.parent)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import typer
@@ -286,7 +288,9 @@ def analyze(
             )
 
         try:
-            results, stopped = analyze_target(target, request, progress), None
+            # What user code prints (a factory, a model's forward) would break the JSON on stdout.
+            with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                results, stopped = analyze_target(target, request, progress), None
         except SeriesStopped as exc:  # keep what was done: shown and written, then the error
             results, stopped = exc.results, exc
         except KeyboardInterrupt:  # before the first result (after it: SeriesStopped)

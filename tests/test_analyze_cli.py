@@ -1407,6 +1407,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     )
 
 
+def test_an_empty_target_is_refused_not_taken_for_the_working_directory(
+    capsys, monkeypatch, digits_mlp
+):
+    """`analyze "$CKPT"` with the variable unset: a path argument turned "" into ".", and every
+    checkpoint in the working directory was analysed."""
+    monkeypatch.chdir(digits_mlp.parent)
+    assert "TARGET needs a name, such as model.pt" in _bad(capsys, "analyze", "", "--top-k", "1")
+
+
 def test_results_are_shown_even_when_their_write_fails(capsys, monkeypatch, tmp_path, digits_mlp):
     import hessian_cli.storage.hdf5 as hdf5_module
 

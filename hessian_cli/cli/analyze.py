@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -21,6 +20,7 @@ from hessian_cli.cli.options import (
     DATA_HELP,
     MODEL_HELP,
     command_line,
+    given_path,
     named_path,
     parse_model_kwargs,
     refuse_unused,
@@ -42,8 +42,9 @@ EXIT_UNCONVERGED = 3
 @app.command()
 def analyze(
     ctx: typer.Context,
-    target: Path = typer.Argument(
+    target_name: str = typer.Argument(
         ...,
+        metavar="TARGET",
         help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .ckpt, .pkl, "
         ".safetensors; also a `train` run's directory or a Hugging Face Trainer's output, "
         "its checkpoint-N folders), analysed in order of their recorded step, else of their "
@@ -216,6 +217,7 @@ def analyze(
     from hessian_cli.storage.hdf5 import check_output_name, check_writable, write_analyses
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
+        target = given_path(target_name, "TARGET", "model.pt")
         out = named_path(out_name, "--out", "spectra.h5")
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")

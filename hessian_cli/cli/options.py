@@ -80,12 +80,16 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
 
 
 def named_path(text: str | None, option: str, example: str) -> Path | None:
-    """The path an option names. Options take paths as text, because a path option turns an
-    empty name into ``.``, a directory the user did not name."""
-    if text is None:
-        return None
+    """The path an option names, if given (see :func:`given_path`)."""
+    return None if text is None else given_path(text, option, example)
+
+
+def given_path(text: str, name: str, example: str) -> Path:
+    """The path an option or argument names. They take paths as text, because a path parameter
+    turns an empty name into ``.``, a directory the user did not name (``analyze "$CKPT"`` with
+    the variable unset analysed every checkpoint in the working directory)."""
     if not text.strip():
-        raise UserError(f"{option} needs a name, such as {example}.")
+        raise UserError(f"{name} needs a name, such as {example}.")
     return Path(text)
 
 

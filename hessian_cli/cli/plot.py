@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from hessian_cli.cli.app import app, results_console
-from hessian_cli.cli.options import named_path
+from hessian_cli.cli.options import given_path, named_path
 from hessian_cli.cli.result_files import Metrics, read_result_file
 from hessian_cli.launch import env_rank
 
 
 @app.command("plot")
 def plot(
-    file: Path = typer.Argument(
-        ..., help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`."
+    file_name: str = typer.Argument(
+        ...,
+        metavar="FILE",
+        help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`.",
     ),
     output_name: str = typer.Option(
         ...,
@@ -39,6 +39,7 @@ def plot(
     from hessian_cli.storage.files import reading
 
     output = named_path(output_name, "-o", "fig.png")
+    file = given_path(file_name, "FILE", "spectra.h5")
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout
         if isinstance(found, Metrics):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 
 from hessian_cli.cli.app import app, print_json, results_console
+from hessian_cli.cli.options import given_path
 from hessian_cli.cli.result_files import Metrics, read_result_file
 from hessian_cli.launch import env_rank
 
@@ -21,8 +21,10 @@ def _column(values: Any) -> list:
 
 @app.command("show")
 def show(
-    file: Path = typer.Argument(
-        ..., help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`."
+    file_name: str = typer.Argument(
+        ...,
+        metavar="FILE",
+        help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`.",
     ),
     as_json: bool = typer.Option(
         False,
@@ -56,6 +58,7 @@ def show(
     )
     from hessian_cli.storage.files import reading
 
+    file = given_path(file_name, "FILE", "spectra.h5")
     found = read_result_file(file, checkpoint, "show")
     console = results_console()
     if isinstance(found, Metrics):

@@ -36,6 +36,7 @@ from hessian_cli.specs import (
     load_checkpoint,
 )
 from hessian_cli.specs.checkpoints import is_count
+from hessian_cli.specs.models import with_builtin_defaults
 
 # The configuration fields that may name files.
 FILE_FIELDS = ("model", "data", "loss", "data_root")
@@ -59,14 +60,23 @@ def _anchored_files(fields: dict[str, Any]) -> dict[str, Any]:
 def check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> None:
     """Refuse to resume with a configuration other than ``saved`` (the one ``where`` holds)."""
     mine = json.loads(json.dumps(config.identity()))  # as JSON has it: tuples become lists
-    # A file named relative to where the run began is the same file named absolutely.
-    mine, saved = {**mine, **_anchored_files(mine)}, {**saved, **_anchored_files(saved)}
+    # A file named relative to where the run began is the same file named absolutely, and a
+    # built-in model's option left out (runs before 2026-12-01 recorded only those given) is
+    # its default named.
+    mine, saved = (
+        {**f, **_anchored_files(f), "model_kwargs": _built_with(f)} for f in (mine, saved)
+    )
     differ = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if differ:
         raise UserError(
             f"{RESUME_AS_CONFIGURED}, but {', '.join(map(flag, differ))} "
             f"{'differs' if len(differ) == 1 else 'differ'} from the {where}."
         )
+
+
+def _built_with(fields: dict[str, Any]) -> Any:
+    """The model arguments of a configuration, with its built-in model's defaults."""
+    return with_builtin_defaults(fields.get("model"), fields.get("model_kwargs"))
 
 
 def _new_epoch_sums() -> dict[str, float]:

@@ -91,6 +91,7 @@ from hessian_cli.specs import (
 from hessian_cli.specs.data import collate_samples, data_file_digest, unbatchable
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import NO_LABEL_IN_BATCH, label_weight
+from hessian_cli.specs.models import with_builtin_defaults
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
 
@@ -120,8 +121,10 @@ def train(
                 run_dir = Path(resume_dir)
                 saved = load_config(run_dir)
                 check_same_run(config, saved.identity(), "saved configuration")
-                # The files as config.json names them (which its checkpoints record too).
-                config = dataclasses.replace(config, **{k: getattr(saved, k) for k in FILE_FIELDS})
+                # The files and model arguments as config.json has them (which its checkpoints
+                # record too): a caller's config may leave out the built-in model's defaults.
+                fields = (*FILE_FIELDS, "model_kwargs")
+                config = dataclasses.replace(config, **{k: getattr(saved, k) for k in fields})
                 if distributed.world()[0] == 0:  # the one that writes
                     check_resumable_dir(run_dir)
             else:
@@ -130,6 +133,10 @@ def train(
                 run_dir = Path(config.out)
                 check_new_run_dir(run_dir)
                 config = anchored_config(config)
+                # The built-in model's defaults recorded too: its checkpoints then rebuild it
+                # whatever the defaults become (before 2026-12-01 runs recorded only those given).
+                kwargs = with_builtin_defaults(config.model, config.model_kwargs)
+                config = dataclasses.replace(config, model_kwargs=kwargs)
             run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
         # Paths may differ between nodes (other mount points); what they hold may not.
         # Of the run-time fields only max_steps: ranks that stop at other steps wait in each

@@ -366,6 +366,33 @@ def test_data_holding_nan_is_refused_before_the_run_starts(capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_run_analyses_and_resumes_after_its_model_s_defaults_change(
+    capsys, tmp_path, monkeypatch
+):
+    """A run without --model-kwargs recorded {}, so once mlp's default hidden changed (it was
+    [64, 128, 128]) its checkpoints no longer loaded: 2 unexpected keys, 5 mismatches."""
+    from hessian_cli.specs import models
+
+    out = tmp_path / "run"
+    args = ("--model", "mlp", "--data", "synthetic:16:3:96", "--batch-size", "16")
+    code, _, err = run(
+        capsys, "train", *args, "--optimizer", "sgd", "--max-steps", "3", "--out", out
+    )
+    assert code == 0, err
+    ckpt = out / "checkpoints" / "step0000003.pt"
+    code, before, err = run(capsys, "analyze", ckpt, "--top-k", "2", "--json")
+    assert code == 0, err
+    monkeypatch.setitem(
+        models.BUILTIN_DEFAULTS, "mlp", {"hidden": [64, 128, 128], "activation": "relu"}
+    )
+    code, after, err = run(capsys, "analyze", ckpt, "--top-k", "2", "--json")
+    assert code == 0, err
+    assert json.loads(after)["eigen"]["eigenvalues"] == json.loads(before)["eigen"]["eigenvalues"]
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps", "4", "--quiet")
+    assert code == 0, err
+    assert (out / "checkpoints" / "step0000004.pt").is_file()
+
+
 def test_resume_refuses_a_configuration_edited_since_the_checkpoint(capsys, tmp_path, finished_run):
     """config.json can be edited by hand; the checkpoint records how its run was configured."""
     import shutil

@@ -151,6 +151,34 @@ def test_options_the_optimizer_does_not_use_are_not_recorded_and_old_records_sti
     assert resumed.step == 8
 
 
+def test_a_run_records_its_built_in_model_s_defaults_and_old_records_still_resume(tmp_path):
+    """Runs recorded only the model arguments given ({} for the defaults), so a change of a
+    built-in's defaults (mlp's hidden was [64, 128, 128]) rebuilt their checkpoints as another
+    model. The defaults are recorded now; a run recorded without them still resumes, also
+    given a configuration that names them, or one that leaves them out."""
+    cfg = config(tmp_path, model_kwargs=None, max_steps=5)
+    train(cfg)
+    run = tmp_path / "run"
+    built = {"hidden": [128, 128], "activation": "tanh"}
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["model_kwargs"] == built
+    meta = load_checkpoint(latest_checkpoint(run)).metadata
+    assert json.loads(meta["model_kwargs"]) == built
+    assert json.loads(meta["config"])["model_kwargs"] == built
+    # A caller's configuration that leaves the defaults out is the same run.
+    assert train(dataclasses.replace(cfg, max_steps=6), resume_dir=run).step == 6
+    saved["config"]["model_kwargs"] = None  # as a run of an earlier version has it
+    (run / "config.json").write_text(json.dumps(saved))
+    path = latest_checkpoint(run)
+    raw = torch.load(path, weights_only=True)
+    raw["hessian_cli"]["model_kwargs"] = "{}"
+    raw["hessian_cli"]["config"] = json.dumps(saved["config"], sort_keys=True)
+    torch.save(raw, path)
+    assert train(dataclasses.replace(load_config(run), max_steps=7), resume_dir=run).step == 7
+    named = dataclasses.replace(load_config(run), model_kwargs=built, max_steps=8)
+    assert train(named, resume_dir=run).step == 8
+
+
 def test_metrics_file_layout(tmp_path):
     summary = train(config(tmp_path, epochs=2, eig_every=4, track_every=5))
     total = 2 * STEPS_PER_EPOCH
@@ -285,7 +313,7 @@ def test_checkpoints_are_self_describing_and_load_safely(tmp_path):
         "ce",
         "sam",
     )
-    assert json.loads(meta["model_kwargs"]) == {"hidden": [8]}
+    assert json.loads(meta["model_kwargs"]) == {"hidden": [8], "activation": "tanh"}
     assert (meta["step"], meta["epoch"], meta["input_shape"], meta["num_classes"]) == (
         12,
         2,

@@ -6,6 +6,7 @@ The built-in ResNets use the parameter names of the classic CIFAR ResNet impleme
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -27,12 +28,28 @@ from hessian_cli.specs.user_code import (
 
 BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
 _RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+# The built-in models' own options and their defaults (the ResNets have none; input_shape,
+# input_size, in_channels and num_classes come from the data, which checkpoints record apart).
+BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"hidden": [128, 128], "activation": "tanh"},
+    "cnn": {"widths": [16, 32], "batchnorm": False},
+}
 
 
 def model_names_code(spec: str) -> bool:
     """Whether the model spec names user code to import (a factory), not a built-in."""
     builtin = spec in BUILTIN_MODELS or spec.startswith("torchvision:")
     return not builtin and split_user_spec(spec) is not None
+
+
+def with_builtin_defaults(spec: Any, kwargs: Any) -> Any:
+    """``kwargs`` with the defaults of the built-in model ``spec`` filled in: the arguments it is
+    built with, which a run records so that its checkpoints rebuild the same model whatever
+    the defaults become. Other models' arguments (and ones that are no object) as they are:
+    a factory's defaults are its code's, which the spec names."""
+    if spec not in BUILTIN_DEFAULTS or not isinstance(kwargs, dict | None):
+        return kwargs
+    return {**copy.deepcopy(BUILTIN_DEFAULTS[spec]), **(kwargs or {})}
 
 
 def build_model(
@@ -121,8 +138,9 @@ def _build_builtin(
     num_classes = _positive_int(num_classes, "num_classes", name)
     if name == "mlp":
         input_size = kwargs.pop("input_size", math.prod(input_shape))  # () is one number
-        hidden = kwargs.pop("hidden", [128, 128])
-        activation = kwargs.pop("activation", "tanh")
+        defaults = BUILTIN_DEFAULTS["mlp"]
+        hidden = kwargs.pop("hidden", defaults["hidden"])
+        activation = kwargs.pop("activation", defaults["activation"])
         _no_extra(
             name, kwargs, ("hidden", "activation", "input_size", "input_shape", "num_classes")
         )
@@ -134,8 +152,9 @@ def _build_builtin(
         )
     in_channels = _image_channels(name, input_shape, kwargs.pop("in_channels", None))
     if name == "cnn":
-        widths = kwargs.pop("widths", [16, 32])
-        batchnorm = kwargs.pop("batchnorm", False)
+        defaults = BUILTIN_DEFAULTS["cnn"]
+        widths = kwargs.pop("widths", defaults["widths"])
+        batchnorm = kwargs.pop("batchnorm", defaults["batchnorm"])
         _no_extra(
             name, kwargs, ("widths", "batchnorm", "in_channels", "input_shape", "num_classes")
         )

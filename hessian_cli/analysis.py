@@ -69,11 +69,11 @@ from hessian_cli.specs import (
     model_device,
     takes_token_ids,
 )
-from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS
+from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS, WeightsMismatch
 from hessian_cli.specs.data import data_names_code
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
-from hessian_cli.specs.models import model_names_code
+from hessian_cli.specs.models import defaults_hint, model_names_code
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import storable_text
 
@@ -506,15 +506,20 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     try:
         weights_part = apply_weights(model, ckpt.state_dict)
     except UserError as exc:
+        notes = ""
         if not model_names_code(model_spec) and _whole_number_targets(data):
             # Class labels stored as floats were read as regression targets, and the built-in
             # model was made for them: the message blamed only the checkpoint.
-            raise UserError(
-                f"{str(exc)[:-1]} (the data's targets are real numbers, read as "
-                f"{data.num_outputs} regression output{'s' if data.num_outputs > 1 else ''}: "
-                "class labels must be stored as integers)."
-            ) from exc
-        raise
+            notes = (
+                f" (the data's targets are real numbers, read as {data.num_outputs} regression "
+                f"output{'s' if data.num_outputs > 1 else ''}: class labels must be stored as "
+                "integers)"
+            )
+        if isinstance(exc, WeightsMismatch):  # a checkpoint that records no options, say
+            notes += defaults_hint(model_spec, kwargs)
+        if not notes:
+            raise
+        raise UserError(f"{str(exc)[:-1]}{notes}.") from exc
     model = model.to(device=device)
     if device.type != "cpu":
         guard_embedding_lookups(model)

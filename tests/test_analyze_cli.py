@@ -24,6 +24,7 @@ from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import build_model, load_checkpoint, load_data, save_checkpoint
+from hessian_cli.specs.models import BUILTIN_DEFAULTS
 from hessian_cli.storage import read_analyses
 
 FIXTURE = (
@@ -1351,6 +1352,34 @@ def test_all_the_code_a_checkpoint_names_is_refused_in_one_sentence(capsys, tmp_
     # One named by the user is theirs to run; the other is still refused.
     message = _bad(capsys, "analyze", planted, "--top-k", "1", "--data", "digits")
     assert "its model factory ('nets.py:make'): " in message and "data" not in message
+
+
+def test_a_checkpoint_that_records_no_options_of_a_built_in_model_names_the_defaults_taken(
+    capsys, tmp_path
+):
+    """`train` recorded {} where no --model-kwargs were given, so its checkpoints from before
+    mlp's default hidden changed ([64, 128, 128]) said only: 2 unexpected keys, 5 mismatches."""
+    data = load_data("digits")
+    path = tmp_path / "old.pt"
+    meta = {"model": "mlp", "model_kwargs": "{}", "data": "digits", "loss": "ce"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(BUILTIN_DEFAULTS, "mlp", {"hidden": [64, 128, 128], "activation": "tanh"})
+        old = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs=None)
+    save_checkpoint(path, state_dict=old.state_dict(), metadata=meta)
+    message = _bad(capsys, "analyze", path, "--top-k", "1")
+    assert message.startswith("error: the checkpoint does not match the model (MLP): 2 unexpected")
+    assert message.endswith(
+        '\'mlp\' was built with today\'s defaults {"hidden": [128, 128], "activation": '
+        '"tanh"}, which neither the checkpoint nor --model-kwargs names: pass the options it '
+        'was trained with ({"hidden": [64, 128, 128]} until 2026-11-28) as --model-kwargs.'
+    )
+    given = run(
+        capsys, "analyze", path, "--top-k", "1", "--model-kwargs", '{"hidden": [64, 128, 128]}'
+    )
+    assert given[0] == 0, given[2]
+    # Options that were named are not blamed on the defaults.
+    message = _bad(capsys, "analyze", path, "--top-k", "1", "--model-kwargs", '{"hidden": [64]}')
+    assert "defaults" not in message
 
 
 @pytest.mark.parametrize("recorded", ["{not json", "[1]"])

@@ -44,6 +44,11 @@ class UntrustedCheckpoint(UserError):
     """A checkpoint that only an unsafe load (one that may run code from it) could read."""
 
 
+class WeightsMismatch(UserError):
+    """Weights whose names or shapes are not the model's: often the model's options are not
+    those it was trained with."""
+
+
 RUN_CHECKPOINTS = "checkpoints"  # where a training run directory keeps its checkpoints
 
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -543,7 +548,7 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str 
                 f"its weights under {' and '.join(repr(h + '.') for h in several)} each fit: "
                 f"pick one with {WEIGHTS_FLAG}"
             )
-        raise UserError(
+        raise WeightsMismatch(
             f"the checkpoint does not match the model ({type(model).__name__}): "
             + "; ".join(parts)
             + "."
@@ -559,7 +564,7 @@ def apply_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"the checkpoint does not fit the model: {first_line(exc)}.") from exc
+        raise WeightsMismatch(f"the checkpoint does not fit the model: {first_line(exc)}.") from exc
     return taken
 
 

@@ -34,6 +34,11 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": [128, 128], "activation": "tanh"},
     "cnn": {"widths": [16, 32], "batchnorm": False},
 }
+# Defaults of the past, which a checkpoint that records none of its options may have been
+# trained with (said where its weights do not fit today's). Runs before 2026-12-01 recorded only
+# the options given: a default changed above rebuilds their checkpoints as another model (one
+# of another activation silently), so add the old value here.
+_FORMER_DEFAULTS = {"mlp": ('{"hidden": [64, 128, 128]}', "2026-11-28")}
 
 
 def model_names_code(spec: str) -> bool:
@@ -50,6 +55,23 @@ def with_builtin_defaults(spec: Any, kwargs: Any) -> Any:
     if spec not in BUILTIN_DEFAULTS or not isinstance(kwargs, dict | None):
         return kwargs
     return {**copy.deepcopy(BUILTIN_DEFAULTS[spec]), **(kwargs or {})}
+
+
+def defaults_hint(spec: str, chosen: dict[str, Any] | None) -> str:
+    """For weights that do not fit the built-in model ``spec`` built with the options ``chosen``
+    (recorded or given): where none of its own options was chosen, that it took today's
+    defaults, and how to give others ('' otherwise). Runs before 2026-12-01 recorded only the
+    options given, so their checkpoints get today's defaults, not those they were trained with."""
+    taken = BUILTIN_DEFAULTS.get(spec, {})
+    if not taken or any(k in (chosen or {}) for k in taken):
+        return ""
+    former = _FORMER_DEFAULTS.get(spec)
+    was = f" ({former[0]} until {former[1]})" if former else ""
+    return (
+        f"; {spec!r} was built with today's defaults {json.dumps(taken)}, which neither the "
+        f"checkpoint nor --model-kwargs names: pass the options it was trained with{was} as "
+        "--model-kwargs"
+    )
 
 
 def build_model(

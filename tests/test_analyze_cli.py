@@ -957,6 +957,21 @@ def test_the_unit_of_cost_is_a_warm_gradient_timed_after_the_analysis(
     assert prov["grad_equivalents"] == pytest.approx(prov["wall_seconds"] / 0.25)
 
 
+def test_a_series_whose_budget_ran_out_on_some_checkpoints_says_it_was_accepted():
+    """--max-hvps given, c1 ran out of it and c2 converged: the warning asked the user to pass
+    the --max-hvps they had passed (c2's stop reason, "converged", hid the budget)."""
+    from hessian_cli.presentation.tables import unconverged_warning
+
+    def report(name: str, converged: bool, reason: str) -> dict:
+        return {"name": name, "eigen": {"converged": [converged] * 2, "stop_reason": reason}}
+
+    reports = [report("c1", False, "budget"), report("c2", True, "converged")]
+    warning = unconverged_warning(
+        reports, tol=1e-4, precision="full", dtype="float32", budget_accepted=True
+    )
+    assert warning is not None and warning.endswith("(c1: 2 pairs); kept, as --max-hvps asks.")
+
+
 def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     # A residual of 1e-12 is out of float32's reach: the pairs cannot converge.
     args = ("analyze", digits_mlp, "--num-samples", "16", "--top-k", "2", "--tol", "1e-12")

@@ -124,7 +124,12 @@ def unconverged_warning(
     if not unconverged:
         return None
     what = escape(", ".join(f"{n}: {counted(c, 'pair')}" for n, c in unconverged))  # names: text
-    reasons = {r["eigen"]["stop_reason"] for r in reports if r["eigen"]}
+    # Of the unconverged only: a series' converged checkpoints ("converged") hid the budget.
+    reasons = {
+        r["eigen"]["stop_reason"]
+        for r in reports
+        if r["eigen"] and not all(r["eigen"]["converged"])
+    }
     remedy = (
         " or use --precision full"
         if precision != "full"

@@ -202,13 +202,13 @@ def analyze_target(
         distinct.setdefault(ckpt.sha256, ckpt)
     loaded = list(distinct.values())
     results: list[CheckpointAnalysis] = []
-    init = None
+    init = warm_from = None
     for ckpt in loaded:
         try:
             if held_only:
                 with distributed.fail_together():
                     ckpt = _at_its_turn(ckpt, request)
-            result = analyze_checkpoint(ckpt, request, progress, init=init)
+            result = analyze_checkpoint(ckpt, request, progress, init=init, warm_from=warm_from)
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
                 if held_only and isinstance(exc, UserError):  # which of the series
@@ -236,7 +236,8 @@ def analyze_target(
                 stopped.exit_status = 1  # not the input's: as the entry point says of one
             raise stopped from exc
         if result.eigen is not None:
-            init = result.eigen.eigenvectors  # warm start the next checkpoint of the series
+            # warm start the next checkpoint of the series
+            init, warm_from = result.eigen.eigenvectors, result.name
         results.append(result)
     return results
 
@@ -381,8 +382,10 @@ def analyze_checkpoint(
     progress: Progress | None = None,
     *,
     init: torch.Tensor | None = None,
+    warm_from: str | None = None,
 ) -> CheckpointAnalysis:
-    """Run the requested solvers on one loaded checkpoint."""
+    """Run the requested solvers on one loaded checkpoint, the eigensolver warm-started from
+    ``init``, the eigenvectors of the checkpoint ``warm_from`` names (for the provenance)."""
     _check_request(request)
     with distributed.fail_together():
         s = _setup(ckpt, request)
@@ -399,7 +402,7 @@ def analyze_checkpoint(
         }
     )
     try:
-        return _run_solvers(ckpt, request, s, init, progress)
+        return _run_solvers(ckpt, request, s, init, warm_from, progress)
     except IndexError as exc:  # a batch past the two samples check_fits ran
         reach = embedding_reach(s.model, (x for x, _ in s.batches + s.minibatches), exc)
         if not reach:
@@ -632,6 +635,7 @@ def _run_solvers(
     request: AnalyzeRequest,
     s: _Setup,
     init: torch.Tensor | None,
+    warm_from: str | None,
     progress: Progress | None,
 ) -> CheckpointAnalysis:
     """The requested solvers on this rank's share of the batches (and of the alignment's extra
@@ -668,6 +672,8 @@ def _run_solvers(
             check_density_memory(op, request.density_probes, request.density_steps)
     loss, g = op.gradient()  # where graphs are kept, this builds them for the products too
     eig = trace = density = alignment = None
+    if init is not None and init.shape[-1] != op.n:  # a directory may mix models
+        init = None
     if request.top_k:
 
         def eig_progress(hvps: int, done: int, total: int) -> None:
@@ -684,9 +690,7 @@ def _run_solvers(
             guard=request.guard,
             max_hvps=request.max_hvps,
             check_steps=request.check_steps,
-            # The previous checkpoint's vectors, where they live in the same space (a directory
-            # may mix models).
-            init=init if init is not None and init.shape[-1] == op.n else None,
+            init=init,  # the previous checkpoint's vectors
             # The gradient, computed anyway, leans toward the top eigenvectors.
             hint=g if request.which != "smallest" else None,
             seed=request.seed,
@@ -744,7 +748,10 @@ def _run_solvers(
     hvp_rel_error = op.precision_error(seed=request.seed)
     wall = time.perf_counter() - start
     grad_seconds = op.gradient_seconds()  # warm, after the analysis, and not part of its wall
-    provenance = _provenance(ckpt, request, s, op, eig, wall, grad_seconds, hvp_rel_error)
+    warm = init is not None and eig is not None and eig.method != "whole-space"
+    provenance = _provenance(
+        ckpt, request, s, op, eig, wall, grad_seconds, hvp_rel_error, warm_from if warm else None
+    )
     op.release()
     return CheckpointAnalysis(
         name=storable_text(ckpt.name),
@@ -767,8 +774,10 @@ def _provenance(
     wall: float,
     grad_seconds: float,
     hvp_rel_error: float,
+    warm_start: str | None,
 ) -> dict[str, Any]:
-    """Where an analysis' numbers came from and what they cost (HDF5 attributes, ``--json``)."""
+    """Where an analysis' numbers came from and what they cost (HDF5 attributes, ``--json``);
+    ``warm_start`` names the checkpoint whose eigenvectors started the eigensolver."""
     return {
         "checkpoint": storable_text(str(ckpt.path.absolute())),  # read from anywhere later
         "sha256": ckpt.sha256,
@@ -795,6 +804,8 @@ def _provenance(
         "hvp_rel_error": hvp_rel_error,
         "device": str(s.device),
         "seed": request.seed,
+        # A warm-started result is reproduced by its series, not by its seed alone.
+        "warm_start": warm_start,
         "solver": eig.method if eig else "",
         "tol": request.tol,
         "hvp_backend": ",".join(sorted(op.backends_used)) or op.backend,

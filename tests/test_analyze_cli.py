@@ -573,6 +573,21 @@ def _series_of_two(tmp_path, digits_mlp) -> tuple[Path, dict]:
     return runs, state
 
 
+def test_a_warm_started_checkpoint_of_a_series_names_its_start_in_the_provenance(
+    capsys, tmp_path, digits_mlp
+):
+    """c2's solve began from c1's eigenvectors: its seed alone did not reproduce it (analysed
+    by itself, it took other products to other values within the tolerance), unsaid."""
+    runs, _ = _series_of_two(tmp_path, digits_mlp)
+    out_file = tmp_path / "s.h5"
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "2", "--json", "--out", out_file)
+    assert code == 0, err
+    assert [r["provenance"].get("warm_start") for r in json.loads(out)] == [None, "c1"]
+    with h5py.File(out_file) as f:
+        assert "warm_start" not in f["checkpoints/c1"].attrs
+        assert f["checkpoints/c2"].attrs["warm_start"] == "c1"
+
+
 def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
     tmp_path, digits_mlp, monkeypatch
 ):
@@ -670,6 +685,7 @@ def test_a_directory_of_different_models_is_analysed_without_a_shared_warm_start
         )
     ]
     assert all(all(r["eigen"]["converged"]) for r in reports)
+    assert all("warm_start" not in r["provenance"] for r in reports)  # b started cold
     # The architecture is in the provenance (it recorded "mlp" alone, for two different nets).
     assert [json.loads(r["provenance"]["model_kwargs"]) for r in reports] == [
         MLP_KW,

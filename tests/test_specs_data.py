@@ -452,6 +452,28 @@ def test_user_data_errors(user_file: Path) -> None:
         load_data(f"{user_file}:missing")
 
 
+def test_an_empty_split_of_a_user_pair_is_named(tmp_path: Path) -> None:
+    """An empty test split was refused as classes that "could not count" (RuntimeError: max()
+    of nothing) for class labels, as "no samples to analyse" for regression targets."""
+    path = tmp_path / "splits.py"
+    path.write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "x, labels, values = torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]), torch.zeros(4, 1)\n"
+        "def labelled():\n"
+        "    return TensorDataset(x, labels), TensorDataset(x[:0], labels[:0])\n"
+        "def regression():\n"
+        "    return TensorDataset(x, values), []\n"
+        "def no_train():\n"
+        "    return TensorDataset(x[:0], labels[:0]), TensorDataset(x, labels)\n"
+    )
+    for name in ("labelled", "regression"):
+        with pytest.raises(UserError, match="an empty test split: return only the training data"):
+            load_data(f"{path}:{name}")
+    with pytest.raises(UserError, match="returned an empty training split"):
+        load_data(f"{path}:no_train")
+
+
 def test_class_labels_that_are_not_integers_are_one_sentence(tmp_path: Path) -> None:
     named = tmp_path / "named.py"
     named.write_text(

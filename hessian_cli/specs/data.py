@@ -477,12 +477,9 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
     train, test = _as_dataset(train, spec, "training data"), _as_dataset(test, spec, "test data")
     if train is None:
         raise UserError(f"the data factory {spec!r} returned no training data.")
-    try:
-        size = len(train)
-    except TypeError as exc:
-        raise UserError(f"the data factory {spec!r} returned a dataset without a length.") from exc
-    if size == 0:
-        raise UserError(f"the data factory {spec!r} returned an empty dataset.")
+    _check_not_empty(train, spec, "dataset" if test is None else "training split")
+    if test is not None:
+        _check_not_empty(test, spec, "test split")
     if (key := _label_key(train)) is not None:
         train = _LabelledDicts(train, key)
         test = None if test is None else _LabelledDicts(test, key)
@@ -520,6 +517,22 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
         num_classes=num_classes,
         target_shape=() if classification and not token_labels else tuple(torch.as_tensor(y).shape),
     )
+
+
+def _check_not_empty(dataset: Any, spec: str, what: str) -> None:
+    """Refuse a split without samples by its name: an empty test split failed later, as
+    classes that could not be counted or as data with no samples to analyse."""
+    try:
+        size = len(dataset)
+    except TypeError as exc:
+        raise UserError(f"the data factory {spec!r} returned a {what} without a length.") from exc
+    if size == 0:
+        advice = (
+            "return only the training data, or a test split that holds samples"
+            if what == "test split"
+            else "it must hold the samples to train on and analyse"
+        )
+        raise UserError(f"the data factory {spec!r} returned an empty {what}: {advice}.")
 
 
 class _LabelledDicts(Dataset):

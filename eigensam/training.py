@@ -222,7 +222,8 @@ class _Run:
         )
         self.global_batch = config.batch_size * self.world
         # A trailing batch with fewer than two samples per rank is dropped: BatchNorm cannot
-        # train on one sample.
+        # train on one sample. Whatever the model: keeping it for others would change the
+        # course (steps, data order) of runs begun before, which their resumes must follow.
         self.steps_per_epoch = max(
             1, n // self.global_batch + (n % self.global_batch >= 2 * self.world)
         )

@@ -555,3 +555,21 @@ def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys
     assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in text
     assert "1 step (1 epoch of 1; a batch of 64 is all 24 samples)" in text
     assert "Done: 1 step;" in text
+
+
+def test_the_start_says_a_last_batch_of_one_is_left_out(capsys, tmp_path):
+    """97 samples at --batch-size 16 train on 96 an epoch, also for a model without BatchNorm:
+    the start said only "6 steps (1 epoch of 6)"."""
+    args = ["--model", "mlp", "--model-kwargs", '{"hidden": [8]}', "--epochs", "1"]
+    code, stdout, _ = run(
+        capsys, "train", *args, "--data", "synthetic:16:3:97", "--batch-size", "16",
+        "--optimizer", "sgd", "--out", tmp_path / "odd",
+    )  # fmt: skip
+    text = " ".join(stdout.split())
+    assert code == 0 and "6 steps (1 epoch of 6)" in text
+    assert "Each epoch leaves out 1 of its 97 samples (the last of its shuffled order)" in text
+    code, stdout, _ = run(
+        capsys, "train", *args, "--data", "synthetic:16:3:98", "--batch-size", "16",
+        "--optimizer", "sgd", "--out", tmp_path / "even",
+    )  # fmt: skip
+    assert code == 0 and "7 steps (1 epoch of 7)" in stdout and "leaves out" not in stdout

@@ -157,6 +157,17 @@ class TrainingDisplay:
             highlight=False,
             soft_wrap=True,
         )
+        # What the epochs' whole batches and a kept last batch leave: said, since a plain
+        # DataLoader would train on it.
+        left_out = event.samples - event.steps_per_epoch * event.global_batch
+        if left_out > 0:
+            self.console.print(
+                f"Each epoch leaves out {left_out:,} of its {counted(event.samples, 'sample')} "
+                "(the last of its shuffled order): a last batch of fewer than two samples per "
+                "process is not trained on, since BatchNorm cannot train on one.",
+                highlight=False,
+                soft_wrap=True,
+            )
         if not self.console.is_terminal:
             return  # one line per epoch instead
         self.progress = Progress(

@@ -201,6 +201,9 @@ def analyze_target(
     for ckpt in loaded:
         distinct.setdefault(ckpt.sha256, ckpt)
     loaded = list(distinct.values())
+    # A series that differs between nodes (a file more on one): the rank that ran out of files
+    # left the others inside a collective, which failed after a minute with a wrong message.
+    distributed.check_same(lambda: {"checkpoints": " ".join(c.sha256 for c in loaded)})
     results: list[CheckpointAnalysis] = []
     init = warm_from = None
     for ckpt in loaded:

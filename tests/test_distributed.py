@@ -298,6 +298,42 @@ def test_ranks_given_other_data_are_refused(tmp_path: Path, command: str) -> Non
 
 
 @needs_gloo
+def test_ranks_given_other_series_are_refused(tmp_path: Path) -> None:
+    """One node's copy of a checkpoint directory holds a file more: one message before any work
+    (rank 1 went on alone to the extra file, waited a minute in a collective rank 0 never
+    joined, and said "another rank left" while rank 0 had written the two as a success)."""
+    state = load_checkpoint(CKPT).raw
+    for name, steps in (("a", (1, 2)), ("b", (1, 2, 3))):
+        (tmp_path / name).mkdir()
+        for step in steps:
+            torch.save(state, tmp_path / name / f"step{step}.pt")
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text(
+        "import os\n"
+        "import sys\n\n"
+        "from hessian_cli.cli import main\n\n"
+        "series = 'b' if os.environ['RANK'] == '1' else 'a'\n"
+        "sys.argv = ['hessian-cli', 'analyze', series, *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    code, _, err, seconds = _run(
+        ["--top-k", "1", "--num-samples", "32", "--out", "s.h5", "-q"],
+        ranks=2,
+        cwd=tmp_path,
+        timeout=90,
+        env={"PYTHONPATH": str(ROOT)},
+        entry=(str(wrapper),),
+    )
+    assert code != 0 and seconds < 45, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: rank 1 of 2 was started with other checkpoints than rank 0; every rank must be "
+        "given the same options and files."
+    ], err
+    assert not (tmp_path / "s.h5").exists()
+
+
+@needs_gloo
 def test_ranks_given_other_max_steps_are_refused(tmp_path: Path) -> None:
     """Nodes launched with other --max-steps (a run-time option, left out of what ranks compare):
     one message and nothing written (the rank that stopped first left the other inside a

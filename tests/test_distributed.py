@@ -427,6 +427,20 @@ def test_a_bad_option_is_said_once(tmp_path: Path, args: list[str], message: str
 
 
 @needs_gloo
+@pytest.mark.parametrize(
+    "args, said",
+    [(["analyze", str(CKPT), "--top-kk", "3"], "No such option: --top-kk"), (["--help"], "Usage:")],
+    ids=["usage error", "help"],
+)
+def test_what_click_says_before_a_command_runs_is_said_once(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """A mistyped option's box (and --help) came once from every rank."""
+    _, out, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    assert (out + err).count(said) == 1, out + err
+
+
+@needs_gloo
 def test_products_that_are_not_finite_after_their_sum_are_said_once(tmp_path: Path) -> None:
     """Rank 1's samples are huge (finite, so the data check lets them through): the summed
     products overflow on every rank at once, and rank 0 alone says so."""

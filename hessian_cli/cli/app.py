@@ -9,7 +9,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -202,6 +202,18 @@ def _leave_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+@contextmanager
+def _said_by_rank_zero() -> Iterator[None]:
+    """Under torchrun, the other ranks' output silenced inside the block: Click's usage errors,
+    --help and --version were printed once per rank (a typo, 8 boxes on a node of 8 GPUs); the
+    commands print on rank 0 alone anyway, and a rank's own error is reported after the block."""
+    if env_rank() == 0:
+        yield
+        return
+    with open(os.devnull, "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
+        yield
+
+
 def _debug_first(args: list[str]) -> list[str]:
     """``args`` with ``--debug`` before the command, where the program takes it: given after
     the command (where users add it), it was "No such option: --debug"."""
@@ -228,7 +240,7 @@ def main() -> None:
 
             distributed.init_from_env()
         # SIGTERM unwinds instead of killing at once, so that what is in hand is written.
-        with signal_handled(signal.SIGTERM, _raise_terminated):
+        with signal_handled(signal.SIGTERM, _raise_terminated), _said_by_rank_zero():
             app(args=_debug_first(sys.argv[1:]))
     except Terminated as exc:
         rank = f"rank {env_rank()} " if torchrun else ""

@@ -91,9 +91,23 @@ def test_a_bad_collective_timeout_is_one_sentence(monkeypatch, value: str) -> No
     from hessian_cli.errors import UserError
 
     monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: None)
     monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
     with pytest.raises(UserError, match=f"must be a positive number of seconds, not '{value}'"):
         distributed.init_from_env()
+
+
+@needs_gloo
+def test_a_bad_collective_timeout_is_said_once_under_torchrun(tmp_path: Path) -> None:
+    """Every rank said it, as its own ("rank 0: ...", "rank 1: ...")."""
+    args = ["analyze", str(CKPT), "--top-k", "1"]
+    env = {"HESSIAN_CLI_COLLECTIVE_TIMEOUT": "soon"}
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90, env=env)
+    assert code != 0
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: $HESSIAN_CLI_COLLECTIVE_TIMEOUT must be a positive number of seconds, not 'soon'."
+    ], err
 
 
 @pytest.mark.parametrize("local_rank, selected", [("0", [0]), ("1", [])])

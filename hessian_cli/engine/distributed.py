@@ -91,17 +91,22 @@ def init_from_env() -> bool:
         timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     except ValueError:
         timeout_s = math.nan
-    if not (0 < timeout_s < 1e9):  # nan, inf and 0 included
-        raise UserError(
-            f"${TIMEOUT_ENV} must be a positive number of seconds, not {os.environ[TIMEOUT_ENV]!r}."
-        )
+    valid = 0 < timeout_s < 1e9  # nan, inf and 0 excluded
     backend = "gloo"
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if local_rank < torch.cuda.device_count():
             torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    seconds = timeout_s if valid else DEFAULT_TIMEOUT_S
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
+    # Refused once the ranks can agree on it: before, every rank said it.
+    with fail_together():
+        if not valid:
+            raise UserError(
+                f"${TIMEOUT_ENV} must be a positive number of seconds, "
+                f"not {os.environ[TIMEOUT_ENV]!r}."
+            )
     return True
 
 

@@ -184,16 +184,16 @@ def analyze_target(
         # each file's weights are read again at its turn (a series held them all, with what
         # else the files hold, optimizer states too: its memory grew with every file).
         held_only = len(paths) > 1  # (copies left out below may leave one file of several)
-        loaded = [
-            _ordering_only(_load(p, request)) if held_only else _load(p, request) for p in paths
-        ]
-        for ckpt in loaded:  # one that names no model or data: said before hours of products
-            try:
-                _check_specs_named(ckpt.metadata, request)
+        loaded = []
+        for path in paths:
+            ckpt = _load(path, request)
+            try:  # one that names no model or data: said before hours of products
+                _check_specs_named(ckpt, request)
             except UserError as exc:
                 if held_only:  # which of the series
                     exc.args = (f"{ckpt.label}: {exc}",)
                 raise
+            loaded.append(_ordering_only(ckpt) if held_only else ckpt)
     loaded.sort(key=checkpoint_order_key)
     # A copy of another file of the series (Lightning's last.ckpt, where it is not a link) is
     # that file's analysis again: the first in order is kept.
@@ -251,7 +251,7 @@ def _load(path: Path, request: AnalyzeRequest) -> LoadedCheckpoint:
 
 def _ordering_only(ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
     """What a series holds of a file until its turn: its path, digest and metadata."""
-    return replace(ckpt, state_dict={}, raw={})
+    return replace(ckpt, state_dict={}, raw={}, module=None)
 
 
 def _at_its_turn(held: LoadedCheckpoint, request: AnalyzeRequest) -> LoadedCheckpoint:
@@ -447,23 +447,44 @@ def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:
     return replace(data, num_classes=recorded)
 
 
-def _check_specs_named(meta: dict, request: AnalyzeRequest) -> None:
-    """The model and data are given by flags or recorded in the checkpoint."""
-    if not (request.model or meta.get("model")) and not (request.data or meta.get("data")):
-        # Both at once: a bare state dict asked for --model, and once given, for --data.
+def _check_specs_named(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> None:
+    """The model and data are given by flags or recorded in the checkpoint (the model may be
+    the module it pickles)."""
+    meta = ckpt.metadata
+    if _pickled_model(ckpt, request) is None:
+        if not (request.model or meta.get("model")) and not (request.data or meta.get("data")):
+            # Both at once: a bare state dict asked for --model, and once given, for --data.
+            raise UserError(
+                "The checkpoint does not say which model and data it is for (those `hessian-cli "
+                "train` writes do): pass --model and --data."
+            )
+        _spec(request.model, meta, "model", "model", "--model")
+    elif request.model_kwargs is not None:
         raise UserError(
-            "The checkpoint does not say which model and data it is for (those `hessian-cli "
-            "train` writes do): pass --model and --data."
+            "--model-kwargs has no effect on the model the checkpoint pickles, which is used "
+            "as it is: leave it out (or give --model to build another)."
         )
-    _spec(request.model, meta, "model", "model", "--model")
     _spec(request.data, meta, "data", "data", "--data")
+
+
+def _pickled_model(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> torch.nn.Module | None:
+    """The module a trusted checkpoint pickles whole, where it is the model analysed: no
+    --model was given and the file records no model spec (with one, its weights go into the
+    model it names, as those of any other file)."""
+    if request.model or ckpt.metadata.get("model"):
+        return None
+    return ckpt.module
 
 
 def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     """Model, loss and the global lists of batches: where bad input shows up."""
     meta = ckpt.metadata
-    _check_specs_named(meta, request)
-    model_spec = _spec(request.model, meta, "model", "model", "--model")
+    _check_specs_named(ckpt, request)
+    pickled = _pickled_model(ckpt, request)
+    if pickled is None:
+        model_spec = _spec(request.model, meta, "model", "model", "--model")
+    else:  # what the results record: its class, not a spec that --model would take
+        model_spec = f"pickled {type(pickled).__module__}.{type(pickled).__qualname__}"
     data_spec = _spec(request.data, meta, "data", "data", "--data")
     kwargs = request.model_kwargs
     # The recorded arguments belong to the recorded model, also where --model names it again;
@@ -498,12 +519,16 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         trusted=trust or bool(request.data),
     )
     data = _with_recorded_classes(data, meta.get("num_classes"))
-    model = build_model(
-        model_spec,
-        input_shape=data.input_shape,
-        num_classes=data.num_outputs,
-        kwargs=kwargs,
-        trusted=trust or bool(request.model),
+    model = (
+        build_model(
+            model_spec,
+            input_shape=data.input_shape,
+            num_classes=data.num_outputs,
+            kwargs=kwargs,
+            trusted=trust or bool(request.model),
+        )
+        if pickled is None
+        else pickled
     )
     check_real(model)  # before the cast, which would drop imaginary parts
     # Cast before loading: a float64 checkpoint loaded into the float32 model it was built as

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -204,6 +205,65 @@ def test_a_bare_state_dict_asks_for_model_and_data_at_once(capsys, tmp_path):
     assert code == 2 and "pass --data." in one_sentence(err)
     code, _, err = run(capsys, "analyze", ckpt, "--data", "digits")
     assert code == 2 and "pass --model." in one_sentence(err)
+
+
+def test_a_trusted_whole_pickled_model_is_the_model_analysed(capsys, tmp_path):
+    """torch.save(model) with --trust-checkpoint and no --model: the pickled module is the model
+    (--model was asked for), cast to --dtype, in eval mode though saved training (dropout off,
+    BatchNorm's running statistics unless --bn train), recorded by its class; in a series each
+    file's own; it takes no --model-kwargs; untrusted, it is refused naming --trust-checkpoint."""
+    data = load_data("digits")
+    xs = torch.stack([data.train[i][0] for i in range(200)])
+    ys = torch.tensor([int(data.train[i][1]) for i in range(200)])
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(5, 10),
+    )  # fmt: skip
+    model(xs)  # running statistics of its own; saved in train mode
+    batches = [(xs[i : i + 50].double(), ys[i : i + 50]) for i in range(0, 200, 50)]
+
+    def top(bn: str = "eval") -> np.ndarray:
+        H = dense_hessian(copy.deepcopy(model).double(), F.cross_entropy, batches, bn=bn)
+        return dense_eigh(H)[0][:3].numpy()
+
+    ckpt = tmp_path / "m.pt"
+    torch.save(model, ckpt)
+    args = ("--data", "digits", "--num-samples", "200", "--batch-size", "50", "--dtype", "float64")
+    args += ("--top-k", "3", "--tol", "1e-9", "--json")
+    code, _, err = run(capsys, "analyze", ckpt, *args)
+    assert code == 2 and "--trust-checkpoint" in one_sentence(err)
+    for bn in ("eval", "train"):
+        code, out, _ = run(capsys, "analyze", ckpt, "--trust-checkpoint", "--bn", bn, *args)
+        assert code == 0
+        r = json.loads(out)
+        np.testing.assert_allclose(r["eigen"]["eigenvalues"], top(bn), rtol=1e-7)
+        assert r["provenance"]["model"] == "pickled torch.nn.modules.container.Sequential"
+        assert r["provenance"].get("model_kwargs") is None
+    (tmp_path / "net.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatten(), "
+        "torch.nn.Linear(64, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), "
+        "torch.nn.Dropout(0.5), torch.nn.Linear(5, 10))\n"
+    )
+    given = f"{tmp_path}/net.py:make"  # --model wins: the pickled weights go into its model
+    code, out, _ = run(capsys, "analyze", ckpt, "--trust-checkpoint", "--model", given, *args)
+    assert code == 0
+    r = json.loads(out)
+    np.testing.assert_allclose(r["eigen"]["eigenvalues"], top(), rtol=1e-7)
+    assert r["provenance"]["model"] == given
+    code, _, err = run(capsys, "analyze", ckpt, "--trust-checkpoint", "--model-kwargs", "{}", *args)
+    assert code == 2 and "--model-kwargs has no effect" in one_sentence(err)
+    (tmp_path / "series").mkdir()
+    expected = []
+    for name, step in (("b", 10), ("a", 20)):  # the steps order the series
+        torch.save({"model": model, "step": step}, tmp_path / "series" / f"{name}.pt")
+        expected.append(top())
+        with torch.no_grad():
+            model[-1].weight.mul_(2)
+    code, out, _ = run(capsys, "analyze", tmp_path / "series", "--trust-checkpoint", *args)
+    assert code == 0
+    for r, values in zip(json.loads(out), expected, strict=True):
+        np.testing.assert_allclose(r["eigen"]["eigenvalues"], values, rtol=1e-7)
 
 
 def test_alignment_scores_match_dense_hessian(capsys, tmp_path):

@@ -718,3 +718,29 @@ def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index)
     (tmp_path / index).write_text(json.dumps({"weight_map": {}}))
     with pytest.raises(UserError, match=f"holds sharded weights \\({index}\\), which are not"):
         list_checkpoints(tmp_path)
+
+
+def test_a_trusted_whole_model_is_kept_as_the_module_its_weights_are(tmp_path: Path) -> None:
+    """A pickled model (torch.save(model)) is kept beside its weights, for analyze to use as the
+    model: the model itself, the one a wrapper holds (nn.DataParallel's, whose ``module.`` is
+    stripped), the entry or part --weights-key names; none for weights of a plain state dict."""
+    trained, ema = small_model(), small_model()
+    ema.load_state_dict(_other_state(-0.25))
+    torch.save(trained, tmp_path / "whole.pt")
+    assert isinstance(load_checkpoint(tmp_path / "whole.pt", trust=True).module, nn.Sequential)
+    torch.save(nn.DataParallel(trained), tmp_path / "parallel.pt")
+    ckpt = load_checkpoint(tmp_path / "parallel.pt", trust=True)
+    assert isinstance(ckpt.module, nn.Sequential) and set(ckpt.state_dict) == set(small_state())
+    torch.save({"model": trained, "ema": ema, "step": 3}, tmp_path / "modules.pt")
+    for key, state in ((None, small_state()), ("ema", _other_state(-0.25))):
+        ckpt = load_checkpoint(tmp_path / "modules.pt", trust=True, weights_key=key)
+        assert _equal(ckpt.module.state_dict(), state)
+    holder = nn.Module()
+    holder.net = trained
+    torch.save(holder, tmp_path / "holder.pt")
+    assert load_checkpoint(tmp_path / "holder.pt", trust=True, weights_key="net").module is not None
+    torch.save(small_state(), tmp_path / "state.pt")
+    assert load_checkpoint(tmp_path / "state.pt", trust=True).module is None
+    # A TorchScript archive's module is not kept: second derivatives through it can be wrong.
+    torch.jit.save(torch.jit.script(small_model()), tmp_path / "scripted.pt")
+    assert load_checkpoint(tmp_path / "scripted.pt", trust=True).module is None

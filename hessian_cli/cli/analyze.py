@@ -182,7 +182,8 @@ def analyze(
     trust_checkpoint: bool = typer.Option(
         False,
         "--trust-checkpoint",
-        help="Allow checkpoints that need arbitrary unpickling (runs code from the file!).",
+        help="Allow checkpoints that need arbitrary unpickling (runs code from the file!); "
+        "a model pickled whole (torch.save(model)) is then the model where --model is not given.",
     ),
     weights_key: str | None = typer.Option(
         None,

@@ -66,6 +66,9 @@ class LoadedCheckpoint:
     raw: dict[str, Any] = field(default_factory=dict)
     format: str = "torch-zip"
     weights_key: str | None = None  # where in the file the weights were taken from, if asked
+    # The model itself where the file pickles it whole (torch.save(model), read only trusted):
+    # the module whose weights ``state_dict`` holds, which analyze takes where no --model is given.
+    module: nn.Module | None = None
 
     @property
     def name(self) -> str:
@@ -118,6 +121,7 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} is an HDF5 file, not a checkpoint (`hessian-cli show` and "
             "`plot` read the files that `analyze --out` and `train` write)."
         )
+    module = None
     if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(head):
         state, metadata, raw = _load_safetensors(path)
         fmt = "safetensors"
@@ -136,17 +140,19 @@ def load_checkpoint(
         else:
             obj = _torch_load(path, trust, pickle_or_zip=fmt == "torch-zip" or head[:1] == b"\x80")
         raw = obj if isinstance(obj, dict) else {}
-        state, metadata = _unwrap(obj, path, weights_key)
+        state, metadata, module = _unwrap(obj, path, weights_key)
     if path.name in TRAINER_WEIGHTS and "step" not in metadata:
         metadata = {**metadata, **_trainer_step(path.parent / TRAINER_STATE)}
+    state = _strip_prefixes(state)
     return LoadedCheckpoint(
         path=path,
         sha256=digest,
-        state_dict=_strip_prefixes(state),
+        state_dict=state,
         metadata=metadata,
         raw=raw,
         format=fmt,
         weights_key=weights_key,
+        module=_holding(module, state),
     )
 
 
@@ -343,12 +349,13 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
 
 def _unwrap(
     obj: Any, path: Path, weights_key: str | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], nn.Module | None]:
     """Find the state dict inside a loaded object (the one ``weights_key`` names, see
-    :func:`load_checkpoint`); also return self-describing metadata."""
+    :func:`load_checkpoint`); also return self-describing metadata, and the pickled module the
+    state dict was taken from, where it was one (:func:`_holding` finds its part that holds it)."""
     if isinstance(obj, nn.Module):  # only reachable with trust=True (a pickled whole model)
         state = obj.state_dict()
-        return (state if weights_key is None else _part(state, weights_key, path, [])), {}
+        return (state if weights_key is None else _part(state, weights_key, path, [])), {}, obj
     if not isinstance(obj, dict):
         raise UserError(
             f"checkpoint {str(path)!r} holds {a_type(obj)}, not a state dict of tensors."
@@ -360,11 +367,28 @@ def _unwrap(
     else:
         metadata = _training_position(obj)
     if weights_key is not None and weights_key in obj:
-        return _state_in(obj[weights_key], path, obj), metadata
-    state = _state_in(obj, path, obj)
+        state, module = _state_in(obj[weights_key], path, obj)
+        return state, metadata, module
+    state, module = _state_in(obj, path, obj)
     if weights_key is not None:
         state = _part(_strip_prefixes(state), weights_key, path, list(obj))
-    return state, metadata
+    return state, metadata, module
+
+
+def _holding(module: nn.Module | None, state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """The part of ``module`` (itself, or a module inside it) whose state dict is ``state``, the
+    very tensors: a wrapper's model (nn.DataParallel's ``module``, whose prefix was stripped),
+    the part --weights-key named. None where no part is (then the weights alone are used), and
+    for a TorchScript archive's: double backward through a script can be wrong (a BatchNorm and
+    Dropout model in eval mode: lambda_1 1.45 for the eager model's 1.68, unsaid)."""
+    if module is None or isinstance(module, torch.jit.ScriptModule):
+        return None
+    where = {k: v.data_ptr() for k, v in state.items()}
+    for part in module.modules():
+        own = part.state_dict(keep_vars=True)
+        if own.keys() == where.keys() and all(v.data_ptr() == where[k] for k, v in own.items()):
+            return part
+    return None
 
 
 def _part(state: dict[str, Any], key: str, path: Path, entries: list) -> dict[str, Any]:
@@ -379,17 +403,19 @@ def _part(state: dict[str, Any], key: str, path: Path, entries: list) -> dict[st
     return part
 
 
-def _state_in(obj: Any, path: Path, top: Any) -> dict[str, Any]:
+def _state_in(obj: Any, path: Path, top: Any) -> tuple[dict[str, Any], nn.Module | None]:
     """The state dict in ``obj`` (a part of the loaded ``top``): itself, or nested under one of
     the usual keys (one holding weights before one holding other things), or else the one
-    entry that holds weights (DeepSpeed's ``module``, ``model_state``...). Two usual keys
-    holding different weights are refused: which was meant is the user's to say."""
+    entry that holds weights (DeepSpeed's ``module``, ``model_state``...); and the pickled
+    module it is the state dict of, if any. Two usual keys holding different weights are
+    refused: which was meant is the user's to say."""
     current: Any = obj
+    module = None
     for _ in range(4):  # e.g. {"state_dict": {"model": {...}}}
         if isinstance(current, nn.Module):
-            current = current.state_dict()
+            module, current = current, current.state_dict()
         if _is_state_dict(current):
-            return dict(current)
+            return dict(current), module
         if not isinstance(current, dict):
             break
         weights = {k: v for k, v in current.items() if _holds_weights(v)}

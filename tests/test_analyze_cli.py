@@ -1240,6 +1240,7 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     [
         (("--tol", "0"), "--tol must be a positive number"),
         (("--tol", "-1"), "--tol must be a positive number"),
+        (("--tol", "2"), "--tol must be a positive number below 1"),  # all converged at once
         (("--tol", "inf"), "--tol must be a positive number"),
         (("--num-samples", "0"), "the number of samples must be positive, not 0"),
         (("--num-batches", "0"), "the number of batches must be positive, not 0"),

@@ -8,7 +8,6 @@ iteration how it spends it.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -50,8 +49,11 @@ def check_options(
     which: str = "largest",
 ) -> None:
     """Refuse settings no solve can run with (callers may check them before any work)."""
-    if not 0 < tol < math.inf:  # also refuses NaN
-        raise UserError(f"`tol` must be a positive number, not {tol:g}.")
+    if not 0 < tol < 1:  # also refuses NaN; 1 and more: every pair converged at once
+        raise UserError(
+            f"`tol` must be a positive number below 1 (relative to the largest eigenvalue's size, "
+            f"or with the eigenvalue criterion to each eigenvalue's), not {tol:g}."
+        )
     for name, value in (("block_size", block_size), ("max_hvps", max_hvps)):
         if value is not None and value < 1:
             raise UserError(f"`{name}` must be at least 1, not {value}.")

@@ -77,6 +77,18 @@ def test_mse_real_targets() -> None:
         get_loss("mse")(torch.randn(4, 2), torch.randn(4, 3))
 
 
+def test_mse_keeps_real_targets_beside_16_bit_outputs() -> None:
+    """The engine hands a bfloat16 model float32 targets (never narrowed), and the built-in mse
+    narrowed them: a target of 1234.5 became 1232, and a loss of 6.25 was 0."""
+    w = torch.ones(1, 1, dtype=torch.bfloat16, requires_grad=True)
+    outputs = torch.full((4, 1), 1232.0, dtype=torch.bfloat16) * w
+    loss = get_loss("mse")(outputs, torch.full((4, 1), 1234.5))
+    assert float(loss) == 2.5**2
+    (g,) = torch.autograd.grad(loss, w, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), w)
+    assert float(h) == pytest.approx(2 * 1232.0**2, rel=1e-2)
+
+
 def test_losses_are_twice_differentiable() -> None:
     w = torch.randn(3, 2, requires_grad=True)
     x, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])

@@ -49,9 +49,12 @@ def test_cross_entropy_takes_labels_and_probabilities_but_not_regression_targets
     real = torch.randn(6, 3, generator=g)
     assert float(get_loss("ce")(torch.randn(6, 3, generator=g), real)) != 0  # torch computes it
     zeros, five = torch.zeros(6, 1000).bfloat16(), torch.full((6, 1000), 0.005).bfloat16()
-    for targets in (real, real.abs(), real[:, 0], per_position.transpose(1, 2), zeros, five):
+    for targets in (real, real.abs(), real[:, 0], zeros, five):
         with pytest.raises(UserError, match="cross-entropy needs class labels or class prob"):
             check_targets("ce", [(x, targets)], None)
+    # A language model's soft labels, classes last: probabilities, though not along dim 1.
+    with pytest.raises(UserError, match="probabilities along dimension 1 .* along their last"):
+        check_targets("ce", [(x, per_position.transpose(1, 2))], None)
     check_targets("mse", [(x, real)], None)
 
 

@@ -82,14 +82,15 @@ def check_targets(
     for _, y in batches:
         if not y.is_floating_point() or not y.numel():
             continue
-        # Sums to 1 within the rounding of probabilities stored in half precision (bfloat16's
-        # [0.9, 0.05, 0.05] sums to 0.9985, also once cast to float32 for the analysis), which
-        # does not grow with the number of classes: all-zero or other rows stay refused.
-        probabilities = (
-            y.ndim > 1
-            and not bool((y < 0).any())
-            and bool(((y.double().sum(1) - 1).abs() <= TARGET_SUM_SLACK).all())
-        )
+        probabilities = y.ndim > 1 and _sum_to_one(y, 1)
+        if not probabilities and y.ndim > 2 and _sum_to_one(y, -1):
+            # A language model's soft labels (batch, tokens, classes) are probabilities, but
+            # torch's soft cross-entropy takes them over dimension 1 (the tokens).
+            raise UserError(
+                "cross-entropy takes class probabilities along dimension 1 (batch, classes, "
+                "...), but these sum to 1 along their last (batch, tokens, classes): give "
+                "--loss your own function for them."
+            )
         if not probabilities:
             whole = bool((y == y.round()).all())
             fix = (
@@ -101,6 +102,16 @@ def check_targets(
                 "cross-entropy needs class labels or class probabilities, but the targets are "
                 f"real numbers that are not probabilities: {fix}."
             )
+
+
+def _sum_to_one(y: Tensor, dim: int) -> bool:
+    """Whether non-negative ``y`` sums to 1 along ``dim`` everywhere: within the rounding of
+    probabilities stored in half precision (bfloat16's [0.9, 0.05, 0.05] sums to 0.9985, also
+    once cast to float32 for the analysis), which does not grow with the number of classes, so
+    all-zero or other rows stay refused."""
+    return not bool((y < 0).any()) and bool(
+        ((y.double().sum(dim) - 1).abs() <= TARGET_SUM_SLACK).all()
+    )
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:

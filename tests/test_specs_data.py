@@ -17,7 +17,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from hessian_cli.errors import UserError
-from hessian_cli.specs import analysis_batches, check_labels, load_data, takes_token_ids
+from hessian_cli.specs import (
+    analysis_batches,
+    check_labels,
+    default_loss,
+    load_data,
+    takes_token_ids,
+)
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -428,6 +434,41 @@ def test_user_labels_stored_as_a_column_are_one_per_sample(tmp_path: Path) -> No
             if ds is not None:
                 (_, labels), *_ = analysis_batches(ds, batch_size=4)
                 assert labels.dtype == torch.int64 and labels.tolist() == [0, 2, 1, 0][: len(ds)]
+
+
+def test_user_bool_labels_are_classes_as_a_tensor_files_are(tmp_path: Path) -> None:
+    """Bool labels from user code were regression targets (one output, mse) but were batched as
+    int64 0/1: the built-in model's one output met class 1, and a user model of two outputs
+    was analysed under mse (loss 0.67) where the same data in an .npz file gave cross-entropy
+    (1.37)."""
+    path = tmp_path / "flags.py"
+    path.write_text(
+        "import numpy as np, torch\n"
+        "from torch.utils.data import Dataset, TensorDataset\n"
+        "x, y = torch.arange(12.0).reshape(6, 2), torch.tensor([1, 0, 1, 1, 0, 0]).bool()\n"
+        "class Rows(Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 6\n"
+        "    def __getitem__(self, i):\n"
+        "        return x[i], bool(y[i])\n"
+        "def rows():\n"
+        "    return Rows()\n"
+        "def tensors():\n"
+        "    return TensorDataset(x, y)\n"
+        "def arrays():\n"
+        "    return x.numpy(), y.numpy()\n"
+    )
+    np.savez(
+        tmp_path / "flags.npz",
+        x=np.arange(12.0).reshape(6, 2),
+        y=np.array([1, 0, 1, 1, 0, 0], bool),
+    )
+    for spec in (f"{path}:rows", f"{path}:tensors", f"{path}:arrays", str(tmp_path / "flags.npz")):
+        data = load_data(spec)
+        assert data.num_classes == 2 and data.target_shape == () and data.num_outputs == 2
+        assert default_loss(data.num_classes) == "ce"
+        (_, labels), *_ = analysis_batches(data.train, batch_size=6)
+        assert labels.dtype == torch.int64 and labels.tolist() == [1, 0, 1, 1, 0, 0]
 
 
 def test_user_regression_tensors(user_file: Path) -> None:

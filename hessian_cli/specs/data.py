@@ -728,19 +728,18 @@ def _are_token_labels(y: Any) -> bool:
     if not isinstance(y, (torch.Tensor, np.ndarray)):
         return False
     t = torch.as_tensor(y)
-    return t.ndim >= 1 and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    return t.ndim >= 1 and not (t.is_floating_point() or t.is_complex())
 
 
 def _is_integer_label(y: Any) -> bool:
-    if isinstance(y, bool):
-        return False
-    if isinstance(y, (int, np.integer)):
+    """Whether a sample's target is one class label: an integer, or a bool (batched as 0 and
+    1, as a tensor file's bool labels are classes; read as a regression target, a bool label
+    met the built-in model's one output as class 1)."""
+    if isinstance(y, (int, np.integer, np.bool_)):
         return True
     if isinstance(y, (torch.Tensor, np.ndarray)):
         t = torch.as_tensor(y)
-        return t.ndim == 0 and not (
-            t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
-        )
+        return t.ndim == 0 and not (t.is_floating_point() or t.is_complex())
     return False
 
 

@@ -24,6 +24,9 @@ def test_cross_entropy_is_the_batch_mean() -> None:
     loss = get_loss("ce")(logits, labels)
     manual = -torch.log_softmax(logits, 1)[torch.arange(5), labels].mean()
     assert torch.allclose(loss, manual)
+    # Labels of any integer dtype (a library caller's int32 ones were torch's RuntimeError).
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.allclose(get_loss("ce")(logits, labels.to(dtype)), manual)
 
 
 def test_cross_entropy_takes_labels_and_probabilities_but_not_regression_targets() -> None:

@@ -133,6 +133,8 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
         )
     if dim == -1:
         outputs = outputs.movedim(-1, 1)
+    if not targets.is_floating_point():  # torch takes int64 or uint8 labels only, not int32
+        targets = targets.long()
     return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
 
 

@@ -168,3 +168,15 @@ def test_full_precision_holds_inside_a_callers_autocast(name):
     assert torch.equal(products_in, products) and torch.equal(gradient_in, gradient)
     assert torch.equal(pairs_in.eigenvalues, pairs.eigenvalues)
     assert torch.equal(pairs_in.eigenvectors, pairs.eigenvectors)
+
+
+def test_the_model_check_keeps_its_graph_in_the_products_precision():
+    """check_model (run by analyze before any product) built the kept graph in full precision:
+    every later bf16 product then differentiated a float32 forward pass (a hvp_rel_error of
+    3.0e-3 on a digits MLP, 4.0e-3 without the check)."""
+    case = CASES["mlp-mse"]
+    checked = HessianOperator(case.model, case.loss, case.batches, precision="bf16")
+    checked.check_model()
+    plain = HessianOperator(case.model, case.loss, case.batches, precision="bf16")
+    V = torch.randn(2, plain.n, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(checked.matmul(V), plain.matmul(V))

@@ -353,10 +353,15 @@ class HessianOperator:
         Hessian autograd would get wrong (see :meth:`_first_order_graph`'s checks), which the
         first product or gradient does otherwise: under torchrun inside ``fail_together`` every
         rank refuses together, in one message, instead of each rank on its own. The batch's
-        graph is kept for the products where graphs are kept."""
+        graph is kept for the products where graphs are kept, so it is built in their precision
+        (a full-precision one made every later bf16 product of that batch a float32 pass)."""
         if not self.batches or self._graph_checked:
             return
-        with torch.enable_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
+        with (
+            torch.enable_grad(),
+            forward_mode(self.model, self.bn),
+            numerics(self.precision, self.device),
+        ):
             self._first_order_graph(0)
 
     def gradient(self) -> tuple[float, torch.Tensor]:

@@ -347,6 +347,26 @@ def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
     assert spectra_figure(older).axes[0].get_title().startswith("Top")  # files without `which`
 
 
+def test_a_series_says_which_rows_were_computed_in_reduced_precision():
+    """One checkpoint's table says so (and its products' error); a series' said nothing, its
+    bf16 traces shown as if in full precision."""
+    eigen = {"which": "largest", "eigenvalues": [2.0], "converged": [True]}
+    ds = [
+        {"name": name, "provenance": prov, "eigen": eigen, "trace": {"estimate": 5.0}}
+        for name, prov in (
+            ("a", {"precision": "full", "hvp_rel_error": 0.0}),
+            ("b", {"precision": "bf16", "hvp_rel_error": 4.0e-3}),
+            ("c", {"precision": "bf16", "hvp_rel_error": 3.0e-3}),
+        )
+    ]
+    assert series_table(ds).caption == (
+        "reduced precision (2 of 3 checkpoints): products in bf16, relative error up to 4.0e-03 "
+        "against full precision; the eigenvalues were checked in full precision, the traces "
+        "were not"
+    )
+    assert series_table(ds[:1]).caption is None
+
+
 def test_a_series_of_different_searches_says_which_end_each_row_holds():
     """One file with a top-2 and a smallest-2: the #1 column held the largest in one row and
     the smallest in the other, and nothing said which."""

@@ -355,11 +355,25 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             _g(first[0], ".3f"),
             _g(al.get("subspace_alignment"), ".3f") if al else DASH,
         )
+    notes: list[str] = []
     if unconverged:
-        table.caption = (
+        notes.append(
             "* NOT converged (not within its tolerance, or behind a pair that is not; details: "
             "show -c NAME)"
         )
+    reduced = [
+        p for d in ds if (p := d.get("provenance") or {}).get("precision") not in ("full", None)
+    ]
+    if reduced:  # as one checkpoint's table says above its numbers
+        modes = escape(", ".join(sorted({str(p["precision"]) for p in reduced})))  # a file's text
+        errors = [p["hvp_rel_error"] for p in reduced if p.get("hvp_rel_error") is not None]
+        notes.append(
+            f"reduced precision ({len(reduced)} of {counted(len(ds), 'checkpoint')}): products "
+            f"in {modes}, relative error up to {_g(max(errors, default=None), '.1e')} against "
+            "full precision; the eigenvalues were checked in full precision, the traces were not"
+        )
+    if notes:
+        table.caption = "\n".join(notes)
     return table
 
 

@@ -499,6 +499,28 @@ def test_a_table_says_which_parameters_the_hessian_is_of():
     assert "params_glob" not in summary("*")  # the whole model: nothing to say
 
 
+def test_a_reduced_precision_table_says_which_numbers_were_checked():
+    """Its note spoke of "residuals below" where there were none (a trace alone), and did not
+    say that the trace, density and curvature ratio come from the rounded products."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    def note(**parts: dict) -> str:
+        console = Console(width=300, record=True)
+        prov = {"precision": "bf16", "hvp_rel_error": 4e-3}
+        console.print(analysis_table({"name": "c", "provenance": prov, **parts}))
+        return next(line for line in console.export_text().splitlines() if "reduced" in line)
+
+    head = "reduced precision: products in bf16, relative error 4.0e-03 against full precision"
+    assert note(trace={"estimate": 5.0}) == f"{head} (from the rounded products alone: trace)."
+    eigen = {"which": "largest", "eigenvalues": [1.0], "residuals": [1e-5], "converged": [True]}
+    assert note(eigen=eigen, density={}) == (
+        f"{head} (the residuals below are full-precision ones; from the rounded products alone: "
+        "density)."
+    )
+
+
 def test_a_trainer_output_folder_is_one_run_not_a_run_per_checkpoint_folder():
     """`analyze` reads a Hugging Face Trainer's output folder as one series, the weights of its
     checkpoint-N folders; the table gave each a `directory` of its own and the plot drew each

@@ -270,13 +270,7 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
         parts.append(Text("  ".join(shown), style="dim"))
     parts.append(Text(f"loss {_g(d.get('loss'))}"))
     if prov.get("precision") not in (None, "full"):
-        parts.append(
-            Text.from_markup(
-                f"[bold yellow]reduced precision:[/] products in {prov['precision']}, relative "
-                f"error {_g(prov.get('hvp_rel_error'), '.1e')} against full precision "
-                "(residuals below are full-precision ones)."
-            )
-        )
+        parts.append(Text.from_markup(_reduced_precision_note(d, prov)))
     if (e := d.get("eigen")) is not None:
         parts.append(_eigen_table(e))
         bad = sum(not c for c in e["converged"])
@@ -304,6 +298,30 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
     if (line := cost_line(d.get("cost") or {})) is not None:
         parts.append(Text(line, style="dim"))
     return Group(*parts)
+
+
+def _reduced_precision_note(d: Mapping[str, Any], prov: Mapping[str, Any]) -> str:
+    """What a reduced-precision analysis says above its numbers (Rich markup): which were checked
+    in full precision (the eigenpairs' residuals) and which come from the rounded products."""
+    rounded = [
+        what
+        for key, what in (
+            ("trace", "trace"),
+            ("density", "density"),
+            ("alignment", "curvature ratio"),
+        )
+        if d.get(key) is not None
+    ]
+    said = [
+        *(["the residuals below are full-precision ones"] if d.get("eigen") is not None else []),
+        *([f"from the rounded products alone: {', '.join(rounded)}"] if rounded else []),
+    ]
+    return (
+        f"[bold yellow]reduced precision:[/] products in {escape(str(prov['precision']))}, "
+        f"relative error {_g(prov.get('hvp_rel_error'), '.1e')} against full precision"
+        + (f" ({'; '.join(said)})" if said else "")
+        + "."
+    )
 
 
 def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:

@@ -103,10 +103,15 @@ def graph_bytes(*roots: torch.Tensor) -> int:
     ``saved_tensors`` and the tensors set as its attributes count too.
     """
     storages: dict[int, int] = {}
+    # Held until the count ends: a saved tensor that a hook makes on access (a non-reentrant
+    # checkpoint recomputes them) is otherwise freed at once, and the next one made can take its
+    # address and be counted as the same storage.
+    held: list[torch.Tensor] = []
 
     def count(value: object) -> None:
         for t in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(t, torch.Tensor):
+                held.append(t)
                 storage = t.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
 

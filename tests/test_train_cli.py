@@ -73,6 +73,16 @@ def test_each_optimizer_trains_a_few_steps(capsys, tmp_path, extra):
     assert code == 0 and "already finished" in stdout
 
 
+def test_optimizers_are_taken_as_papers_write_them(capsys, tmp_path):
+    """ "Eigen-SAM" was refused as an unknown optimizer: use eigensam, sam, sgd."""
+    out = tmp_path / "run"
+    args = ("--optimizer", "Eigen-SAM", "--base-optimizer", "AdamW", "--lr", "0.01")
+    code, stdout, _ = run(capsys, "train", *TINY, *args, "--max-steps", "1", "--out", out)
+    assert code == 0, stdout
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["optimizer"], config["base_optimizer"]) == ("eigensam", "adamw")
+
+
 def test_a_log_gets_a_line_per_epoch_with_that_epochs_own_lambda_max(capsys, tmp_path):
     """No live bar into a pipe (it printed nothing until the end, cut to 80 columns); an epoch
     with no lambda_max tracked in it shows none, not an earlier epoch's."""

@@ -153,8 +153,9 @@ def train_command(
     given = {
         "model": model,
         "data": data,
-        "optimizer": optimizer,
-        "base_optimizer": base_optimizer,
+        # "Eigen-SAM", "eigen_sam", "SGD": the names as papers write them.
+        "optimizer": optimizer and optimizer.lower().replace("-", "").replace("_", ""),
+        "base_optimizer": base_optimizer and base_optimizer.lower(),
         "model_kwargs": model_kwargs,
         "data_root": data_root,
         "loss": loss,

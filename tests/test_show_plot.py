@@ -266,21 +266,22 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
     assert spectra_copy.read_bytes() == files["single"].read_bytes()
 
 
-def test_a_run_directory_or_a_checkpoint_given_to_show_says_what_to_give(capsys, files, tmp_path):
-    """`show RUN_DIR` (or a directory of checkpoints) said only that it "is a directory, not an
-    HDF5 file", and `show ckpt.pt` that it "is not an HDF5 file": now each says what to give
-    instead (and `show RUN_DIR/config.json` is not told to analyse it)."""
+def test_a_run_directory_is_shown_and_a_checkpoint_says_what_to_give(capsys, files, tmp_path):
+    """`show RUN_DIR` said only that it "is a directory, not an HDF5 file" (then, to give its
+    metrics.h5): it shows the run's metrics, the one result file in it. A directory of
+    checkpoints and `show ckpt.pt` say what to give instead (and `show RUN_DIR/config.json` is
+    not told to analyse it)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.h5").write_bytes(files["metrics"].read_bytes())
+    metrics = run_dir / "metrics.h5"
+    metrics.write_bytes(files["metrics"].read_bytes())
     ckpt = tmp_path / "final.pt"
     torch.save(torch.nn.Linear(2, 1).state_dict(), ckpt)
     config = run_dir / "config.json"  # train writes it beside metrics.h5
     config.write_text("{}")
     for verb, extra in (("show", []), ("plot", ["-o", str(tmp_path / "x.png")])):
-        code, _, err = run(capsys, verb, run_dir, *extra)
-        assert code == 2
-        assert f"give {run_dir / 'metrics.h5'}" in one_sentence(err, strict=True)
+        shown = run(capsys, verb, run_dir, *extra)[:2]
+        assert shown[0] == 0 and shown == run(capsys, verb, metrics, *extra)[:2]
         code, _, err = run(capsys, verb, ckpt, *extra)
         assert code == 2
         assert f"hessian-cli analyze {ckpt}" in one_sentence(err, strict=True)
@@ -290,8 +291,8 @@ def test_a_run_directory_or_a_checkpoint_given_to_show_says_what_to_give(capsys,
         code, _, err = run(capsys, verb, config, *extra)  # no checkpoint: said to analyse it
         assert code == 2
         assert "hessian-cli analyze" not in one_sentence(err, strict=True)
-    assert run(capsys, "show", run_dir / "metrics.h5")[0] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "run"]
+    assert run(capsys, "show", run_dir)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "run", "x.png"]
 
 
 def test_datasets_that_other_tools_add_among_the_checkpoints_are_ignored(files, tmp_path):

@@ -6,7 +6,7 @@ import typer
 
 from hessian_cli.cli.app import app, results_console
 from hessian_cli.cli.options import given_path, named_path
-from hessian_cli.cli.result_files import Metrics, read_result_file
+from hessian_cli.cli.result_files import Metrics, read_result_file, result_file
 from hessian_cli.launch import env_rank
 
 
@@ -39,7 +39,7 @@ def plot(
     from hessian_cli.storage.files import reading
 
     output = named_path(output_name, "-o", "fig.png")
-    file = given_path(file_name, "FILE", "spectra.h5")
+    file = result_file(given_path(file_name, "FILE", "spectra.h5"))
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout
         if isinstance(found, Metrics):

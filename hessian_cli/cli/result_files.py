@@ -31,6 +31,12 @@ class Metrics:
     info: dict[str, Any]
 
 
+def result_file(given: Path) -> Path:
+    """The file to read for ``given``: a training run's directory stands for its metrics file,
+    the one result file in it."""
+    return given / METRICS_FILE if (given / METRICS_FILE).is_file() else given
+
+
 def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra | Metrics:
     """What ``file`` holds, or one sentence saying why it cannot be ``verb``-ed (shown,
     plotted)."""
@@ -56,13 +62,10 @@ def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra |
 
 
 def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:
-    """Say what to give instead, where a user gives what the files come from: a training run's
-    directory (its metrics are in a file inside), a directory of checkpoints or a checkpoint
-    (which `analyze` reads)."""
+    """Say what to give instead, where a user gives what the files come from: a directory of
+    checkpoints or a checkpoint (which `analyze` reads)."""
     import h5py
 
-    if file.is_dir() and (metrics := file / METRICS_FILE).is_file():
-        raise UserError(f"{file} is a directory: to {verb} its training metrics, give {metrics}.")
     if file.is_dir():  # checkpoints, most likely
         raise UserError(
             f"{file} is a directory: {verb} reads a file `analyze --out` or `train` writes (to "

@@ -8,7 +8,7 @@ import typer
 
 from hessian_cli.cli.app import app, print_json, results_console
 from hessian_cli.cli.options import given_path
-from hessian_cli.cli.result_files import Metrics, read_result_file
+from hessian_cli.cli.result_files import Metrics, read_result_file, result_file
 from hessian_cli.launch import env_rank
 
 
@@ -58,7 +58,7 @@ def show(
     )
     from hessian_cli.storage.files import reading
 
-    file = given_path(file_name, "FILE", "spectra.h5")
+    file = result_file(given_path(file_name, "FILE", "spectra.h5"))
     found = read_result_file(file, checkpoint, "show")
     console = results_console()
     if isinstance(found, Metrics):

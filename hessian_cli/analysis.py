@@ -73,7 +73,7 @@ from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS, Weig
 from hessian_cli.specs.data import data_names_code
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
-from hessian_cli.specs.models import defaults_hint, model_names_code
+from hessian_cli.specs.models import defaults_hint, model_names_code, with_checkpoint_layout
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import storable_text
 
@@ -499,6 +499,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
             except UserError:  # unreadable: the given ones alone, as its refusal asks
                 recorded = {}
             kwargs = {**recorded, **kwargs}
+    kwargs = with_checkpoint_layout(model_spec, kwargs, ckpt.state_dict)
     check_root_options(
         data_spec, data_root=request.data_root is not None, download=request.download
     )

@@ -507,6 +507,23 @@ def test_real_resnet20_checkpoint_just_works(capsys, tmp_path):
     assert r["eigen"]["converged"] == [True] and r["eigen"]["eigenvalues"][0] > 0
 
 
+def test_akamaster_resnet_checkpoint_just_works(capsys, tmp_path):
+    """akamaster/pytorch_resnet_cifar10's layout (zero-padding shortcuts, no weights for them,
+    classifier `linear`) was refused for 12 missing keys and 2 unexpected: it now builds the
+    ResNet with those shortcuts, and says so in the results."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", input_shape=(3, 8, 8), num_classes=10, kwargs={"shortcut": "A"})
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    assert not any("downsample" in k for k in state) and "module.linear.weight" in state
+    torch.save({"epoch": 200, "state_dict": state, "best_prec1": 91.7}, tmp_path / "r20.th")
+    args = ["--data", "synthetic:3x8x8:10:4", "--top-k", "1", "--tol", "1e-2", "--json"]
+    code, out, _ = run(capsys, "analyze", tmp_path / "r20.th", "--model", "resnet20", *args)
+    assert code == 0
+    provenance = json.loads(out)["provenance"]
+    assert provenance["num_params"] == 269_722
+    assert json.loads(provenance["model_kwargs"]) == {"shortcut": "A"}
+
+
 def test_safetensors_user_factory_npz_mse_json(capsys, tmp_path):
     factory = tmp_path / "nets.py"
     factory.write_text(

@@ -14,6 +14,7 @@ from torch import nn
 
 from hessian_cli.errors import UserError
 from hessian_cli.specs import BUILTIN_MODELS, apply_weights, build_model, load_checkpoint
+from hessian_cli.specs.models import with_checkpoint_layout
 
 FIXTURES = Path(__file__).parents[1] / ".." / "shared" / "fixtures"
 RESNET20_FIXTURE = FIXTURES / "pyhessian_resnet20_cifar10.pkl"
@@ -100,6 +101,90 @@ def test_resnet20_loads_the_real_pyhessian_checkpoint() -> None:
     assert out.std() > 0
     # Trained running statistics were loaded (fresh BN would have mean 0 / var 1).
     assert not torch.allclose(model.bn1.running_var, torch.ones(16))
+
+
+class _AkamasterPad(nn.Module):
+    """Their LambdaLayer of option A: no parameters."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = (0, 0, 0, 0, self.pad, self.pad)
+        return nn.functional.pad(x[:, :, ::2, ::2], pad, "constant", 0)
+
+
+class _AkamasterBlock(nn.Module):
+    """akamaster/pytorch_resnet_cifar10's BasicBlock, option A, as published: the shortcut
+    subsamples and pads channels with planes // 4 zeros on each side."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = _AkamasterPad(planes // 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return nn.functional.relu(out + self.shortcut(x))
+
+
+class _AkamasterResNet(nn.Module):
+    """akamaster/pytorch_resnet_cifar10's ResNet (its ``resnet20()`` for ``n=3``)."""
+
+    def __init__(self, n: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths = [(16, 16, 1), (16, 32, 2), (32, 64, 2)]
+        for i, (cin, cout, stride) in enumerate(widths, 1):
+            blocks = [_AkamasterBlock(cin, cout, stride)]
+            blocks += [_AkamasterBlock(cout, cout, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = nn.functional.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+def test_resnet20_loads_akamaster_option_a_checkpoints(tmp_path: Path) -> None:
+    """Their checkpoints (zero-padding shortcuts, classifier ``linear``, saved by DataParallel
+    under ``state_dict``) were refused for 12 missing keys and 2 unexpected; the checkpoint's
+    names now choose the shortcut, and the model computes theirs."""
+    torch.manual_seed(0)
+    reference = _AkamasterResNet(3).eval()
+    for bn in (m for m in reference.modules() if isinstance(m, nn.BatchNorm2d)):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.running_var, 0.5, 1.5)
+        nn.init.normal_(bn.running_mean, std=0.1)
+    state = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    torch.save({"epoch": 200, "state_dict": state, "best_prec1": 91.73}, tmp_path / "r20.th")
+    ckpt = load_checkpoint(tmp_path / "r20.th")
+    kwargs = with_checkpoint_layout("resnet20", None, ckpt.state_dict)
+    assert kwargs == {"shortcut": "A"}
+    model = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, kwargs=kwargs)
+    apply_weights(model, ckpt.state_dict)
+    assert n_params(model) == n_params(reference) == 269_722
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.eval()(x), reference(x))
+    # Given options win; other models' and PyHessian's layout are left as they are.
+    assert with_checkpoint_layout("resnet20", {"shortcut": "B"}, ckpt.state_dict) == {
+        "shortcut": "B"
+    }
+    assert with_checkpoint_layout("mlp", None, ckpt.state_dict) is None
+    projections = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10).state_dict()
+    assert with_checkpoint_layout("resnet20", None, projections) is None
+    with pytest.raises(UserError, match="shortcut"):
+        build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, kwargs={"shortcut": 1})
 
 
 def test_builtin_kwargs_override_data_shape() -> None:

@@ -1,7 +1,8 @@
 """Where the model comes from: built-in architectures, torchvision, or the user's factory.
 
 The built-in ResNets use the parameter names of the classic CIFAR ResNet implementations
-(PyHessian's ``resnet20`` among them) so that their checkpoints load as they are.
+(PyHessian's ``resnet20``, and akamaster/pytorch_resnet_cifar10's with ``shortcut`` "A") so that
+their checkpoints load as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from hessian_cli.specs.user_code import (
 
 BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
 _RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
-# The built-in models' own options and their defaults (the ResNets have none; input_shape,
+# The built-in models' own options and their defaults (the ResNets' one, shortcut, is "B" for
+# good, and a checkpoint's names choose "A": :func:`with_checkpoint_layout`; input_shape,
 # input_size, in_channels and num_classes come from the data, which checkpoints record apart).
 BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": [128, 128], "activation": "tanh"},
@@ -55,6 +57,22 @@ def with_builtin_defaults(spec: Any, kwargs: Any) -> Any:
     if spec not in BUILTIN_DEFAULTS or not isinstance(kwargs, dict | None):
         return kwargs
     return {**copy.deepcopy(BUILTIN_DEFAULTS[spec]), **(kwargs or {})}
+
+
+def with_checkpoint_layout(spec: str, kwargs: Any, state: dict[str, Any]) -> Any:
+    """``kwargs`` with ``shortcut`` "A" where ``spec`` is a built-in ResNet, the options do not
+    name a shortcut, and the checkpoint's weights ``state`` are akamaster/pytorch_resnet_cifar10's
+    (among the most used CIFAR ResNet checkpoints): no shortcut weights, a classifier named
+    ``linear``. They were refused for 12 missing keys (the projections) and 2 unexpected."""
+    if spec not in _RESNET_DEPTHS or not isinstance(kwargs, dict | None):
+        return kwargs
+    names = [k.split(".") for k in state]
+    option_a = any(n[-2:] == ["linear", "weight"] for n in names) and not any(
+        "downsample" in n or "shortcut" in n for n in names
+    )
+    if not option_a or "shortcut" in (kwargs or {}):
+        return kwargs
+    return {**(kwargs or {}), "shortcut": "A"}
 
 
 def defaults_hint(spec: str, chosen: dict[str, Any] | None) -> str:
@@ -186,8 +204,16 @@ def _build_builtin(
         if not widths_list:
             raise UserError("model option 'widths' of 'cnn' needs at least one width.")
         return SmallCNN(in_channels, widths_list, num_classes, batchnorm=batchnorm)
-    _no_extra(name, kwargs, ("in_channels", "input_shape", "num_classes"))
-    return CifarResNet(_RESNET_DEPTHS[name], num_classes=num_classes, in_channels=in_channels)
+    shortcut = kwargs.pop("shortcut", "B")
+    _no_extra(name, kwargs, ("shortcut", "in_channels", "input_shape", "num_classes"))
+    if shortcut not in ("A", "B"):
+        raise UserError(
+            f"model option 'shortcut' of {name!r} must be \"A\" (zero-padding, as "
+            f'akamaster/pytorch_resnet_cifar10) or "B" (1x1 projections), not {shortcut!r}.'
+        )
+    return CifarResNet(
+        _RESNET_DEPTHS[name], num_classes=num_classes, in_channels=in_channels, shortcut=shortcut
+    )
 
 
 def _image_channels(name: str, input_shape: tuple[int, ...], override: Any) -> int:
@@ -299,16 +325,20 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv+BN layers with an identity or 1x1-projection (option B) shortcut."""
+    """Two 3x3 conv+BN layers with an identity shortcut, or, where the shape changes, a 1x1
+    projection (option B) or the input subsampled and zero-padded with channels (option A)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "B") -> None:
         super().__init__()
         self.conv1 = _conv3x3(cin, cout, stride)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = _conv3x3(cout, cout)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
+        self.stride, self.padding = stride, 0
+        if (stride != 1 or cin != cout) and shortcut == "A":
+            self.padding = cout - cin
+        elif stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
             )
@@ -316,30 +346,42 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+        elif self.stride != 1 or self.padding:
+            half = self.padding // 2
+            channels = (half, self.padding - half)
+            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, *channels))
+        else:
+            shortcut = x
         # Out-of-place ReLUs throughout: double backward (HVPs) needs the saved activations.
         return F.relu(out + shortcut)
 
 
 class CifarResNet(nn.Module):
-    """The CIFAR ResNet of He et al. (2016), depth 6n+2, widths 16/32/64, projection shortcuts.
+    """The CIFAR ResNet of He et al. (2016), depth 6n+2, widths 16/32/64, projection shortcuts
+    (``shortcut`` "B") or the paper's zero-padding ones ("A").
 
     Names match PyHessian's ``resnet`` (``conv1``, ``bn1``, ``layer{1,2,3}.i.*``,
-    ``layer{2,3}.0.downsample.{0,1}``, ``fc``). Global average pooling equals the original 8x8
-    average pool on 32x32 inputs and also accepts other image sizes.
+    ``layer{2,3}.0.downsample.{0,1}``, ``fc``), and with "A" akamaster/pytorch_resnet_cifar10's
+    (no shortcut weights, the classifier ``linear``). Global average pooling equals the original
+    8x8 average pool on 32x32 inputs and also accepts other image sizes.
     """
 
-    def __init__(self, depth: int, *, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(
+        self, depth: int, *, num_classes: int = 10, in_channels: int = 3, shortcut: str = "B"
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise UserError(f"a CIFAR ResNet needs a depth of the form 6n+2, not {depth}.")
         n = (depth - 2) // 6
         self.conv1 = _conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._stage(16, 16, n, stride=1)
-        self.layer2 = self._stage(16, 32, n, stride=2)
-        self.layer3 = self._stage(32, 64, n, stride=2)
-        self.fc = nn.Linear(64, num_classes)
+        self.layer1 = self._stage(16, 16, n, 1, shortcut)
+        self.layer2 = self._stage(16, 32, n, 2, shortcut)
+        self.layer3 = self._stage(32, 64, n, 2, shortcut)
+        self.head = "linear" if shortcut == "A" else "fc"  # the classifier's name in each
+        self.add_module(self.head, nn.Linear(64, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -348,15 +390,15 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlock(cin, cout, stride)]
+    def _stage(cin: int, cout: int, blocks: int, stride: int, shortcut: str) -> nn.Sequential:
+        layers = [BasicBlock(cin, cout, stride, shortcut)]
         layers += [BasicBlock(cout, cout) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return getattr(self, self.head)(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 # ----------------------------------------------------------------------------- torchvision

@@ -301,6 +301,17 @@ def test_apply_weights_tolerates_missing_batchnorm_counter() -> None:
     assert int(loaded["1.num_batches_tracked"]) == 0  # left as the model had it
 
 
+def test_apply_weights_takes_a_batchnorm_counter_stored_as_a_float() -> None:
+    """A step count that a converter made a float was refused as a dtype mismatch
+    (model int64 vs checkpoint float32); it is a counter, taken as the integer it holds."""
+    state = small_state()
+    state["1.num_batches_tracked"] = torch.tensor(1234.0)
+    model = small_model()
+    apply_weights(model, state)
+    counter = model.state_dict()["1.num_batches_tracked"]
+    assert counter.dtype == torch.int64 and int(counter) == 1234
+
+
 def test_apply_weights_drops_a_saved_copy_of_a_buffer_the_model_does_not_save() -> None:
     """Older Hugging Face models saved position_ids, which newer ones keep out of their state
     dict: the checkpoint was refused for '1 unexpected key (position_ids)'."""

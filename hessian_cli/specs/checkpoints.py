@@ -612,7 +612,7 @@ def _fitted(
     carry it (a wrapper whose one child is called ``module``); a name the model ties to another
     (a decoder sharing its embedding) takes that one's value where a writer kept one copy
     (safetensors' ``save_model``); a missing BatchNorm step counter (checkpoints before torch
-    0.4.1) is the model's own zero; a buffer the model keeps out of its state dict (``unsaved``:
+    0.4.1) is the model's own zero, and one stored as a float is made an integer; a buffer the model keeps out of its state dict (``unsaved``:
     a Hugging Face model's ``position_ids``, which older versions saved) is dropped where it
     holds the model's own values. Last, where the names still differ, the model's own names
     are taken where the others are copies of it under leading names (an EMA), else the
@@ -635,9 +635,14 @@ def _fitted(
                 if held is not None and k not in part:
                     part[k] = part[held]
         for key, value in expected.items():
-            # Checkpoints older than torch 0.4.1 have no BatchNorm step counter: harmless.
-            if key.endswith("num_batches_tracked") and key not in part:
+            if not key.endswith("num_batches_tracked"):
+                continue
+            saved = part.get(key)
+            if saved is None:  # checkpoints older than torch 0.4.1 have none: harmless
                 part[key] = torch.zeros_like(value)
+            elif saved.is_floating_point() and bool(torch.isfinite(saved).all()):
+                # A step count that a converter (or a cast of the whole dict) made a float.
+                part[key] = saved.round().to(value.dtype)
         for key, value in unsaved.items():
             saved = part.get(key)
             if isinstance(saved, torch.Tensor) and saved.shape == value.shape:

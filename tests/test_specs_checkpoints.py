@@ -82,6 +82,15 @@ def test_nested_state_dicts(tmp_path: Path, key: str) -> None:
     assert ckpt.raw["epoch"] == 4 and ckpt.raw["optimizer"] == {"lr": 0.1}
 
 
+def test_the_one_state_dict_beside_a_model_configuration_is_the_weights(tmp_path: Path) -> None:
+    """{"model": config, "weights": state_dict}: the usual key "model" was looked in alone,
+    and the file refused for its entry 'name' being a str (--weights-key asked for)."""
+    state = small_state()
+    config = {"name": "resnet", "depth": 20, "widths": {"stage": [16, 32]}}
+    torch.save({"model": config, "weights": state, "epoch": 3}, tmp_path / "config.pt")
+    assert _equal(_loaded(tmp_path / "config.pt"), state)
+
+
 def test_prefixes_are_stripped_repeatedly(tmp_path: Path) -> None:
     state = small_state()
     path = tmp_path / "wrapped.pt"

@@ -425,12 +425,10 @@ def _state_in(obj: Any, path: Path, top: Any) -> tuple[dict[str, Any], nn.Module
                 f"checkpoint {str(path)!r} holds different weights under "
                 f"{' and '.join(map(repr, usual))}: pick one with {WEIGHTS_FLAG}."
             )
+        # A usual key that holds no tensors is no place for weights: a model's configuration
+        # beside its state dict ({"model": {"depth": 20}, "weights": {...}}) was looked in alone.
         nested = next(
-            (
-                current[k]
-                for k in (*usual, *_NESTING_KEYS)
-                if isinstance(current.get(k), (dict, nn.Module))
-            ),
+            (current[k] for k in (*usual, *_NESTING_KEYS) if _holds_tensors(current.get(k))),
             weights[next(iter(weights))] if len(weights) == 1 else None,
         )
         if nested is None:
@@ -445,6 +443,16 @@ def _state_in(obj: Any, path: Path, top: Any) -> tuple[dict[str, Any], nn.Module
             f"name the one that holds the weights with {WEIGHTS_FLAG}."
         )
     raise UserError(f"checkpoint {str(path)!r} holds no state dict of tensors.")
+
+
+def _holds_tensors(value: Any, depth: int = 4) -> bool:
+    """Whether a module, or a dict holding a tensor or module within ``depth`` levels."""
+    if isinstance(value, nn.Module):
+        return True
+    return isinstance(value, dict) and any(
+        isinstance(v, torch.Tensor) or (depth > 1 and _holds_tensors(v, depth - 1))
+        for v in value.values()
+    )
 
 
 def _holds_weights(value: Any) -> bool:

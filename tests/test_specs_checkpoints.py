@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -259,6 +261,25 @@ def test_a_torchscript_archive_is_named_and_read_only_with_trust(tmp_path: Path)
         load_checkpoint(path)
     state = load_checkpoint(path, trust=True).state_dict
     assert all(torch.equal(state[k], v) for k, v in small_state().items())
+
+
+def test_a_zip_that_is_no_torch_file_is_named_without_asking_for_trust(tmp_path: Path) -> None:
+    """An empty zip archive was told to pass --trust-checkpoint (and with it was 'corrupt or not
+    a torch file'); a truncated torch file 'not a torch, safetensors or pickle file'."""
+    with zipfile.ZipFile(tmp_path / "empty.pt", "w"):
+        pass
+    with (tmp_path / "arrays.pt").open("wb") as fh:  # weights saved by NumPy
+        np.savez(fh, w=np.ones(3))
+    for name in ("empty.pt", "arrays.pt"):
+        for trust in (False, True):
+            with pytest.raises(UserError, match="zip archive without torch's data.pkl") as info:
+                load_checkpoint(tmp_path / name, trust=trust)
+            assert "--trust-checkpoint" not in str(info.value)
+    torch.save(small_state(), tmp_path / "good.pt")
+    cut = (tmp_path / "good.pt").read_bytes()[:-100]
+    (tmp_path / "cut.pt").write_bytes(cut)
+    with pytest.raises(UserError, match="truncated or damaged zip archive"):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_corrupt_and_missing_files(tmp_path: Path) -> None:

@@ -129,7 +129,18 @@ def load_checkpoint(
             state = _part(_strip_prefixes(state), weights_key, path, list(raw))
     else:
         fmt = "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
-        if fmt == "torch-zip" and not trust and _is_torchscript(path):
+        # Not what --trust-checkpoint (which an empty archive was told to pass) would read.
+        if fmt == "torch-legacy" and head.startswith(b"PK\x03\x04"):
+            raise UserError(
+                f"checkpoint {str(path)!r} is a truncated or damaged zip archive (a download or "
+                "copy cut short?)."
+            )
+        if fmt == "torch-zip" and not _in_zip(path, "data.pkl"):
+            raise UserError(
+                f"checkpoint {str(path)!r} is a zip archive without torch's data.pkl (empty, or "
+                "another kind of archive), not a torch file."
+            )
+        if fmt == "torch-zip" and not trust and _in_zip(path, "constants.pkl"):
             raise UntrustedCheckpoint(
                 f"checkpoint {str(path)!r} is a TorchScript archive (torch.jit.save), which safe "
                 "loading cannot read: save the model's state_dict with torch.save, or pass "
@@ -211,12 +222,13 @@ def _arrays_as_tensors(obj: Any, done: dict[int, Any] | None = None) -> Any:
     return obj
 
 
-def _is_torchscript(path: Path) -> bool:
-    """Whether a zip file is a TorchScript archive (its ``constants.pkl``, as torch tells one):
-    ``weights_only`` loading refuses it with a RuntimeError that read as a corrupt file."""
+def _in_zip(path: Path, name: str) -> bool:
+    """Whether a zip file holds ``name`` in its folder, as torch's do: ``data.pkl``, the object
+    saved, and in a TorchScript archive ``constants.pkl`` (as torch tells one; ``weights_only``
+    loading refuses it with a RuntimeError that read as a corrupt file)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(n.split("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+            return any(n.split("/", 1)[-1] == name for n in archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
 

@@ -302,6 +302,13 @@ def arrays():
 def named_labels():
     return np.zeros((2, 2)), np.array(["cat", "dog"])
 
+def lists():
+    x, y = arrays()
+    return x.tolist(), list(map(torch.tensor, y))
+
+def sample_lists():
+    return [(x, int(y)) for x, y in zip(*arrays())], [(np.zeros(2), 3)]
+
 def nothing():
     return 42
 """
@@ -484,6 +491,17 @@ def test_user_numpy_arrays_are_x_and_y(user_file: Path) -> None:
     assert torch.equal(x, torch.arange(12.0).reshape(6, 2)) and y.tolist() == [0, 1, 2, 0, 1, 3]
     with pytest.raises(UserError, match="arrays of float64 and <U3, not numbers"):
         load_data(f"{user_file}:named_labels")
+
+
+def test_user_lists_are_x_and_y(user_file: Path) -> None:
+    """(x.tolist(), y.tolist()) was taken for (train, test), and refused as samples that
+    could not be batched ('int' object is not subscriptable); lists of samples stay splits."""
+    data = load_data(f"{user_file}:lists")
+    assert data.input_shape == (2,) and data.num_classes == 4 and data.test is None
+    ((x, y),) = analysis_batches(data.train, batch_size=6)
+    assert torch.equal(x, torch.arange(12.0).reshape(6, 2)) and y.tolist() == [0, 1, 2, 0, 1, 3]
+    data = load_data(f"{user_file}:sample_lists")
+    assert len(data.train) == 6 and len(data.test) == 1 and data.num_classes == 4
 
 
 def test_user_data_errors(user_file: Path) -> None:

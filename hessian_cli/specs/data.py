@@ -449,15 +449,16 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
     hint_classes = getattr(result, "num_classes", None)
     test: Any = None
     if isinstance(result, (tuple, list)):
-        # Arrays as well as tensors: NumPy's (x, y) was taken for (train, test), and refused as
-        # samples that are not (x, y) pairs.
-        if len(result) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in result):
+        # Arrays and lists as well as tensors: NumPy's (x, y) or (x.tolist(), y.tolist()) was
+        # taken for (train, test), and refused as samples that are not (x, y) pairs.
+        pair = [_list_as_array(t) for t in result]
+        if len(result) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in pair):
             try:
-                x, y = (torch.as_tensor(t) for t in result)
+                x, y = (torch.as_tensor(t) for t in pair)
             except TypeError as exc:  # strings or objects
                 raise UserError(
                     f"the data factory {spec!r} returned (x, y) arrays of "
-                    f"{' and '.join(str(t.dtype) for t in result)}, not numbers: class labels "
+                    f"{' and '.join(str(t.dtype) for t in pair)}, not numbers: class labels "
                     "must be integers 0 to C - 1."
                 ) from exc
             if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
@@ -517,6 +518,19 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
         num_classes=num_classes,
         target_shape=() if classification and not token_labels else tuple(torch.as_tensor(y).shape),
     )
+
+
+def _list_as_array(value: Any) -> Any:
+    """A list of numbers, or of equal lists, arrays or tensors of them, as one NumPy array (x or
+    y of a factory's pair); other values as they are: a list of samples, (x, y) tuples, is a
+    split."""
+    if not isinstance(value, list) or not value or isinstance(value[0], tuple):
+        return value
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, RuntimeError):  # ragged, or tensors numpy cannot take
+        return value
+    return value if array.dtype == object else array
 
 
 def _check_not_empty(dataset: Any, spec: str, what: str) -> None:

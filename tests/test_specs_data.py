@@ -533,6 +533,27 @@ def test_an_empty_split_of_a_user_pair_is_named(tmp_path: Path) -> None:
         load_data(f"{path}:no_train")
 
 
+def test_an_empty_split_of_a_users_own_data_source_is_named(tmp_path: Path) -> None:
+    """A factory's DataSource skipped the checks: an empty training set was refused as 'the
+    batch size must be a positive integer, not 0', an empty test split as no samples."""
+    path = tmp_path / "sources.py"
+    path.write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from hessian_cli.specs import DataSource\n"
+        "full = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]))\n"
+        "empty = TensorDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))\n"
+        "def no_train():\n"
+        "    return DataSource('mine', empty, None, (2,), 3)\n"
+        "def no_test():\n"
+        "    return DataSource('mine', full, empty, (2,), 3)\n"
+    )
+    with pytest.raises(UserError, match="returned an empty dataset"):
+        load_data(f"{path}:no_train")
+    with pytest.raises(UserError, match="an empty test split: return only the training data"):
+        load_data(f"{path}:no_test")
+
+
 def test_class_labels_that_are_not_integers_are_one_sentence(tmp_path: Path) -> None:
     named = tmp_path / "named.py"
     named.write_text(

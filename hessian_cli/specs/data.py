@@ -444,7 +444,8 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
     """A user factory returning a Dataset, a DataLoader, (train, test), (x, y) or a DataSource."""
     factory = load_object(spec, "data factory", trusted=trusted)
     result = call_user(factory, "data factory", spec)
-    if isinstance(result, DataSource):
+    if isinstance(result, DataSource):  # its splits too: an empty one was "batch size 0"
+        _check_splits(result.train, result.test, spec)
         return result
     hint_classes = getattr(result, "num_classes", None)
     test: Any = None
@@ -478,9 +479,7 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
     train, test = _as_dataset(train, spec, "training data"), _as_dataset(test, spec, "test data")
     if train is None:
         raise UserError(f"the data factory {spec!r} returned no training data.")
-    _check_not_empty(train, spec, "dataset" if test is None else "training split")
-    if test is not None:
-        _check_not_empty(test, spec, "test split")
+    _check_splits(train, test, spec)
     if (key := _label_key(train)) is not None:
         train = _LabelledDicts(train, key)
         test = None if test is None else _LabelledDicts(test, key)
@@ -531,6 +530,12 @@ def _list_as_array(value: Any) -> Any:
     except (ValueError, TypeError, RuntimeError):  # ragged, or tensors numpy cannot take
         return value
     return value if array.dtype == object else array
+
+
+def _check_splits(train: Any, test: Any, spec: str) -> None:
+    _check_not_empty(train, spec, "dataset" if test is None else "training split")
+    if test is not None:
+        _check_not_empty(test, spec, "test split")
 
 
 def _check_not_empty(dataset: Any, spec: str, what: str) -> None:

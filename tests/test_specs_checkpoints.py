@@ -487,6 +487,16 @@ def test_a_series_of_other_tools_is_read_whole_once_and_in_their_order(tmp_path:
     assert load_checkpoint(tmp_path / "odd.pt").metadata == {}  # not whole numbers
 
 
+def test_a_series_of_th_files_is_read(tmp_path: Path) -> None:
+    """akamaster/pytorch_resnet_cifar10's trainer saves .th files (as its published ResNets
+    are named): a directory of them held "no checkpoint files"."""
+    for epoch in (20, 100):
+        saved = {"epoch": epoch, "state_dict": small_state(), "best_prec1": 91.7}
+        torch.save(saved, tmp_path / f"checkpoint_{epoch}.th")
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["checkpoint_20.th", "checkpoint_100.th"]
+
+
 @pytest.mark.parametrize("kind", ["sparse", "meta"])
 def test_weights_that_hold_no_dense_values_are_named(kind) -> None:
     """torch's "Error(s) in loading state_dict for Sequential:" was all the sentence said."""

@@ -45,7 +45,7 @@ def analyze(
     target_name: str = typer.Argument(
         ...,
         metavar="TARGET",
-        help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .ckpt, .pkl, "
+        help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .th, .ckpt, .pkl, "
         ".safetensors; also a `train` run's directory or a Hugging Face Trainer's output, "
         "its checkpoint-N folders), analysed in order of their recorded step, else of their "
         "names.",

@@ -29,9 +29,18 @@ from hessian_cli.storage.files import atomic_path, file_sha256
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
 # What a directory's checkpoints are named (a single file is read whatever its name): torch's
-# own, pytorch/examples' .pth.tar, Lightning's .ckpt, .safetensors. Not .bin: Hugging Face's
+# own, pytorch/examples' .pth.tar, akamaster/pytorch_resnet_cifar10's .th, Lightning's .ckpt,
+# .safetensors. Not .bin: Hugging Face's
 # output folders hold training_args.bin, a pickled settings object, beside the weights.
-CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pth.tar", ".pkl", ".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (
+    ".pt",
+    ".pth",
+    ".pth.tar",
+    ".th",
+    ".pkl",
+    ".safetensors",
+    ".ckpt",
+)
 TRUST_FLAG = "--trust-checkpoint"
 # The weights file of a Hugging Face Trainer's checkpoint folder (checkpoint-500/), beside its
 # optimizer.pt, scheduler.pt and rng_state.pth, which are not weights, and its trainer_state.json.

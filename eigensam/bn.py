@@ -1,4 +1,4 @@
-"""BatchNorm running statistics for the two passes of a SAM step.
+"""BatchNorm (and InstanceNorm) running statistics for the two passes of a SAM step.
 
 SAM evaluates the gradient twice per step, at ``w`` and at ``w + e``. Only the first pass sees
 the model's actual weights, so only it may update the running statistics; otherwise they would
@@ -8,7 +8,10 @@ davda54/sam does this by setting ``momentum = 0``; that leaves the running mean 
 alone but still increments ``num_batches_tracked`` (and ``0 * NaN`` would still poison them).
 Here the second pass runs with ``track_running_stats = False`` instead, exactly as the engine's
 ``forward_mode(bn="train")`` does: the layer normalises by the batch statistics, as in the first
-pass, and touches none of its buffers.
+pass, and touches none of its buffers. An InstanceNorm layer that keeps running statistics
+updates them whatever that flag says (``F.instance_norm`` updates the buffers it is given: they
+moved on both passes); in training mode its second pass normalises each sample by its own
+statistics, as the first, without its buffers.
 """
 
 from __future__ import annotations
@@ -16,23 +19,35 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hessian_cli.engine.model_mode import holds_running_instance_statistics, instance_statistics
+
 _SAVED = "_eigensam_track_running_stats"
 
 
 def disable_running_stats(model: nn.Module) -> None:
-    """Stop BatchNorm layers from updating their buffers (call before the second pass).
+    """Stop BatchNorm and InstanceNorm layers from updating their buffers (call before the
+    second pass).
 
     Idempotent: calling it twice keeps the setting saved by the first call.
     """
     for m in model.modules():
-        if isinstance(m, _BatchNorm) and not hasattr(m, _SAVED):
+        if hasattr(m, _SAVED):
+            continue
+        if isinstance(m, _BatchNorm):
             setattr(m, _SAVED, m.track_running_stats)
             m.track_running_stats = False
+        elif m.training and holds_running_instance_statistics(m):
+            setattr(m, _SAVED, True)
+            m._apply_instance_norm = instance_statistics(m)  # type: ignore[method-assign]
 
 
 def enable_running_stats(model: nn.Module) -> None:
     """Restore what :func:`disable_running_stats` changed (call before the next first pass)."""
     for m in model.modules():
-        if isinstance(m, _BatchNorm) and hasattr(m, _SAVED):
+        if not hasattr(m, _SAVED):
+            continue
+        if isinstance(m, _BatchNorm):
             m.track_running_stats = getattr(m, _SAVED)
-            delattr(m, _SAVED)
+        else:
+            del m._apply_instance_norm
+        delattr(m, _SAVED)

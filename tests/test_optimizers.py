@@ -439,6 +439,32 @@ def test_batchnorm_running_stats_update_on_first_pass_only() -> None:
     assert bn.track_running_stats
 
 
+def test_instancenorm_running_stats_update_on_first_pass_only() -> None:
+    """InstanceNorm with track_running_stats=True updates its buffers whatever that flag says:
+    they moved on the second pass too (running_mean by 0.037 after 0.041 on the first)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3),
+        nn.InstanceNorm1d(4, affine=True, track_running_stats=True),
+        *(nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
+    ).to(DT)
+    reference = copy.deepcopy(model)
+    norm = model[1]
+    x, y = torch.randn(8, 2, 6, dtype=DT), torch.randint(0, 3, (8,))
+    expected = reference(x)  # one train-mode forward at w: what the buffers should become
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    sam_step(opt, model, x, y)
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(norm, name), getattr(reference[1], name)), name
+    disable_running_stats(model)  # the second pass normalises as the first
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            p.copy_(q)
+    assert torch.equal(model(x), expected)
+    enable_running_stats(model)
+    assert "_apply_instance_norm" not in vars(norm)
+
+
 def test_a_refresh_takes_batchnorm_layers_in_eval_mode_by_their_running_statistics() -> None:
     """Fine-tuning with frozen BatchNorm statistics under model.train(): the loss SAM perturbs
     normalises by the running statistics, which the refresh took for batch statistics (lambda_1

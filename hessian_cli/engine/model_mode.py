@@ -9,9 +9,10 @@ import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module_globals
@@ -31,6 +32,25 @@ def has_batchnorm(model: nn.Module) -> bool:
         or "BatchNorm" in getattr(m, "original_name", "")
         for m in model.modules()
     )
+
+
+def holds_running_instance_statistics(
+    m: nn.Module,
+) -> TypeGuard[nn.modules.instancenorm._InstanceNorm]:
+    """Whether ``m`` is an InstanceNorm layer that keeps running statistics
+    (``track_running_stats=True``): by them in eval mode, by each sample's own in training."""
+    return isinstance(m, nn.modules.instancenorm._InstanceNorm) and isinstance(
+        m.running_mean, torch.Tensor
+    )
+
+
+def instance_statistics(
+    m: nn.modules.instancenorm._InstanceNorm,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``m``'s normalisation as in training mode (each sample's own statistics), its running
+    statistics untouched: to stand for its ``_apply_instance_norm``. Unlike BatchNorm's,
+    ``track_running_stats = False`` does not keep it from updating the buffers it is given."""
+    return lambda x: F.instance_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
 
 
 @dataclass(frozen=True)

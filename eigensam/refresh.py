@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.distributed import is_distributed
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.model_mode import BNMode
+from hessian_cli.engine.model_mode import BNMode, holds_running_instance_statistics
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace
 from hessian_cli.errors import UserError
@@ -65,16 +65,21 @@ class RefreshResult:
 
 
 def _batchnorm_mode(model: nn.Module) -> BNMode:
-    """How the model's BatchNorm layers normalise now: by batch statistics in training mode, by
-    running ones in eval mode, also under ``model.train()`` (fine-tuning with frozen statistics:
-    taken by ``model.training`` for batch statistics, a refresh found lambda_1 2.94, |cos| 0.28
-    to v_1, of a loss whose lambda_1 was 1.90). The operator takes all of them in one mode, so
-    layers in both are refused."""
-    modes = {m.training for m in model.modules() if isinstance(m, _BatchNorm)}
+    """How the model's BatchNorm layers (and InstanceNorm layers that keep running statistics)
+    normalise now: by batch statistics in training mode, by running ones in eval mode, also
+    under ``model.train()`` (fine-tuning with frozen statistics: taken by ``model.training`` for
+    batch statistics, a refresh found lambda_1 2.94, |cos| 0.28 to v_1, of a loss whose lambda_1
+    was 1.90). The operator takes all of them in one mode, so layers in both are refused."""
+    modes = {
+        m.training
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) or holds_running_instance_statistics(m)
+    }
     if len(modes) > 1:
         raise UserError(
-            "The model has BatchNorm layers in training mode and others in eval mode: the "
-            "eigenvector refresh takes them all in one mode (batch or running statistics)."
+            "The model has BatchNorm (or InstanceNorm) layers in training mode and others in "
+            "eval mode: the eigenvector refresh takes them all in one mode (batch or running "
+            "statistics)."
         )
     # None found (a scripted model's are not nn.BatchNorm): the model's own mode says.
     training = modes.pop() if modes else model.training

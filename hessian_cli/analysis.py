@@ -31,7 +31,11 @@ from hessian_cli.engine.density import check_density_memory, spectral_density
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.inputs import input_tensors, inputs_to
-from hessian_cli.engine.model_mode import batch_statistics_error, has_batchnorm
+from hessian_cli.engine.model_mode import (
+    batch_statistics_error,
+    has_batchnorm,
+    holds_running_instance_statistics,
+)
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import check_real
 from hessian_cli.engine.precision import check_precision
@@ -591,10 +595,13 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         )
         check_targets(loss_spec, minibatches, data.num_classes)
     if request.bn == "train":
-        if not has_batchnorm(model):
+        if not has_batchnorm(model) and not any(
+            holds_running_instance_statistics(m) for m in model.modules()
+        ):
             raise UserError(
-                "--bn train switches BatchNorm layers to batch statistics, and the model has "
-                "none: leave it out."
+                "--bn train switches BatchNorm layers to batch statistics (and InstanceNorm "
+                "layers with running statistics to each sample's), and the model has none: "
+                "leave it out."
             )
         # check_fits ran in eval mode
         _check_batch_statistics(model, min(batches + minibatches, key=lambda b: len(b[1])))

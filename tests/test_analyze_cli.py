@@ -1174,6 +1174,40 @@ def test_options_that_would_change_nothing_for_this_model_or_device_are_refused(
     assert message.startswith("error: --precision tf32 is a CUDA matrix format: on cpu")
 
 
+def test_bn_train_takes_instancenorm_with_running_statistics_as_in_training(capsys, tmp_path):
+    """InstanceNorm layers that keep running statistics normalise each sample by its own in
+    training: --bn train takes them so (as Eigen-SAM's refresh must), where a model with no
+    BatchNorm was refused ('the model has none')."""
+    data = load_data("digits")
+    xs = torch.stack([data.train[i][0] for i in range(100)]).double()
+    ys = torch.tensor([int(data.train[i][1]) for i in range(100)])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Unflatten(1, (4, 16)), torch.nn.Conv1d(4, 2, 3),
+        torch.nn.InstanceNorm1d(2, affine=True, track_running_stats=True), torch.nn.Tanh(),
+        torch.nn.Flatten(), torch.nn.Linear(28, 10),
+    ).double()  # fmt: skip
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def train_mode_loss(flat: torch.Tensor) -> torch.Tensor:
+        parts = flat.split([s.numel() for s in shapes])
+        weights = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        out = torch.func.functional_call(copy.deepcopy(model).train(), weights, xs)
+        return F.cross_entropy(out, ys)
+
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = dense_eigh(torch.autograd.functional.hessian(train_mode_loss, w))[0][:2]
+    ckpt = tmp_path / "m.pt"
+    torch.save(model, ckpt)
+    code, out, err = run(
+        capsys, "analyze", ckpt, "--trust-checkpoint", "--data", "digits", "--num-samples", "100",
+        "--dtype", "float64", "--top-k", "2", "--tol", "1e-9", "--bn", "train", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(out)["eigen"]["eigenvalues"], expected, rtol=1e-7)
+
+
 def test_check_steps_the_budget_never_leaves_room_for_are_refused(capsys, digits_mlp):
     """The check runs only where its steps fit in what the budget leaves once the pairs have
     converged: --check-steps 5000 (default budget 2000) or 8 with --max-hvps 10 ran no check at

@@ -69,6 +69,8 @@ class ModelLayout:
     weight_norms: tuple[_WeightNorm | WeightNorm, ...]  # parametrizations and older hooks
     # The modules and the parameters and buffers that hold backward hooks (_backward_hooks_off)
     backward_hooked: tuple[nn.Module | torch.Tensor, ...] = ()
+    # InstanceNorm layers with running statistics, which bn="train" takes as in training
+    instancenorms: tuple[nn.modules.instancenorm._InstanceNorm, ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelLayout:
@@ -93,6 +95,7 @@ class ModelLayout:
                 *(m for m in modules if m._backward_hooks or m._backward_pre_hooks),
                 *(t for t in tensors.values() if t._backward_hooks),
             ),
+            tuple(m for m in modules if holds_running_instance_statistics(m)),
         )
 
 
@@ -101,7 +104,8 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
     """Put the model in a mode where every forward pass computes the same function.
 
     Everything is in eval mode (no dropout). With ``bn="train"`` BatchNorm layers normalise by
-    the batch statistics but do not update their running statistics, so analysing a model never
+    the batch statistics, and InstanceNorm layers that keep running statistics by each sample's
+    own, as in training, but neither updates its running statistics, so analysing a model never
     changes it. The forward runs in :func:`twice_differentiable` kernels. ``layout``: the
     model's as it is now (found here where not given).
     """
@@ -113,6 +117,11 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
     layout = layout or ModelLayout.of(model)
     saved = [(m, m.training) for m in layout.modules]
     tracked = [(m, m.track_running_stats) for m in layout.batchnorms] if bn == "train" else []
+    by_sample = (
+        [(m, "_apply_instance_norm", instance_statistics(m)) for m in layout.instancenorms]
+        if bn == "train"
+        else []
+    )
     # The attention fast path runs only without autograd (a loss, not a gradient), and where a
     # padding mask makes it nest the batch, it gives padded positions 0, not the layer's output:
     # the loss at w + rho g (SAM sharpness) was of another function than the gradient's.
@@ -124,7 +133,11 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
         m.track_running_stats = False
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with twice_differentiable(model, layout), _backward_hooks_off(layout):
+        with (
+            twice_differentiable(model, layout),
+            _backward_hooks_off(layout),
+            patched(by_sample),
+        ):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

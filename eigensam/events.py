@@ -62,6 +62,10 @@ class TrainSummary:
     lambda_max: float | None = None
     steps_run: int = 0  # in this call
     step_seconds: float = 0.0  # time in training steps in this call
+    # Eigen-SAM's eigenvector refreshes in the whole run, and those that found no positive
+    # curvature (top eigenvalue <= 0), whose vectors it perturbed along all the same
+    refreshes: int = 0
+    negative_refreshes: int = 0
 
     @property
     def seconds_per_step(self) -> float:

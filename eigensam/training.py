@@ -509,6 +509,9 @@ class _Run:
         summary.epochs = self._epoch_records()
         summary.lambda_max = self.tracker.lambda_max
         summary.steps_run, summary.step_seconds = self.step - start_step, seconds
+        if isinstance(self.optimizer, EigenSAM):
+            summary.refreshes = self.optimizer.refreshes
+            summary.negative_refreshes = self.optimizer.negative_refreshes
         return summary
 
     def _fetch(self, idx: torch.Tensor) -> Batch:

@@ -583,3 +583,19 @@ def test_the_start_says_a_last_batch_of_one_is_left_out(capsys, tmp_path):
         "--optimizer", "sgd", "--out", tmp_path / "even",
     )  # fmt: skip
     assert code == 0 and "7 steps (1 epoch of 7)" in stdout and "leaves out" not in stdout
+
+
+def test_refreshes_that_found_no_positive_curvature_are_reported(capsys, tmp_path):
+    """EigenSAM counted them (negative_refreshes) but train said nothing: a concave loss of a
+    linear model, whose minibatch Hessians are negative definite."""
+    (tmp_path / "concave.py").write_text("def loss(out, y):\n    return -(out**2).mean() * 1e-3\n")
+    code, stdout, err = run(
+        capsys, "train", "--model", "mlp", "--model-kwargs", '{"hidden": []}',
+        "--data", "synthetic:4:2:64", "--loss", f"{tmp_path}/concave.py:loss",
+        "--batch-size", "32", "--eig-every", "1", "--epochs", "1", "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert code == 0, stdout + err
+    assert "Warning: 2 of 2 Eigen-SAM refreshes found no positive curvature" in " ".join(
+        err.split()
+    )
+    assert (read_metrics(tmp_path / "run" / "metrics.h5")["refresh"]["eigenvalue"] < 0).all()

@@ -326,6 +326,16 @@ def _report(
         return
     if not quiet and summary.epochs:
         console.print(epoch_table(summary.epochs))
+    if summary.negative_refreshes:  # counted by EigenSAM, said nowhere else
+        refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
+        err_console.print(
+            f"Warning: {summary.negative_refreshes} of {refreshes} found no positive curvature "
+            "(top eigenvalue <= 0); their vectors were used all the same (the eigenvalues are "
+            f"in {where / METRICS_FILE}).",
+            style="yellow",
+            highlight=False,
+            soft_wrap=True,
+        )
     if summary.finished:
         if not quiet:
             console.print(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eigensam.refresh import top_residual
 from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.eigensolver import eigenpairs
@@ -33,7 +34,7 @@ TRACK_MAX_HVPS = 200
 
 @dataclass(frozen=True)
 class Measurement:
-    """One tracking solve: lambda_max, its relative residual and the HVPs it took."""
+    """One tracking solve: lambda_max, its residual relative to it and the HVPs it took."""
 
     lambda_max: float
     residual: float
@@ -82,7 +83,7 @@ class LambdaMaxTracker:
         op.release()
         self.vector = res.eigenvectors[0].detach()
         self.lambda_max = float(res.eigenvalues[0])
-        return Measurement(self.lambda_max, float(res.residuals[0]), res.hvps)
+        return Measurement(self.lambda_max, top_residual(res), res.hvps)
 
     @torch.no_grad()
     def held_out_loss_finite(self, model: nn.Module, loss_fn: LossFn) -> bool:

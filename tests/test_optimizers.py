@@ -313,6 +313,20 @@ def test_refresh_ignores_a_larger_negative_eigenvalue() -> None:
     assert opt.last_eigenvalue == res.eigenvalue and opt.negative_refreshes == 0
 
 
+def test_a_refresh_residual_is_relative_to_its_own_eigenvalue() -> None:
+    """Not to the largest |Ritz value| (30 here): a vector 0.25 * lambda_1 off passed as 8e-3,
+    converged (|cos| 0.46 to v_1)."""
+    spectrum = [1.0, 0.97, 0.9] + torch.linspace(0.5, -0.5, 40).tolist() + [-30.0]
+    A, Q = symmetric(spectrum, seed=0)
+    g = torch.Generator().manual_seed(100)
+    model = Quadratic(A, torch.zeros(44, dtype=DT), torch.randn(44, generator=g, dtype=DT))
+    res = refresh_top_eigenvector(model, identity_loss, DUMMY, [model.w], None, seed=0)
+    v = res.vector
+    true = float((A @ v - res.eigenvalue * v).norm()) / abs(res.eigenvalue)
+    assert res.residual == pytest.approx(true, rel=1e-6)
+    assert res.residual > 0.1 and not res.converged
+
+
 def test_refresh_flags_non_positive_top_eigenvalue() -> None:
     A, Q = symmetric(torch.linspace(-3.0, -0.5, 10).tolist(), seed=2)
     model = Quadratic(A, torch.zeros(10, dtype=DT), torch.ones(10, dtype=DT))

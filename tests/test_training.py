@@ -1004,3 +1004,28 @@ def test_a_float64_model_trains_on_float64_batches(tmp_path, loss):
     assert len(refreshes["step"]) > 0 and (refreshes["eigenvalue"] > 0).all()
     with pytest.raises(UserError, match="bfloat16: train runs float32 or float64 models"):
         train(config(tmp_path, "bf16", model=spec, model_kwargs={"dtype": "bfloat16"}))
+
+
+def test_a_tracked_residual_is_relative_to_lambda_max():
+    """Not to the largest |Ritz value|: under an eigenvalue of -30 the solve stopped at a
+    residual up to tol times 30, reported as 6.6e-4 (within TRACK_TOL) for 2.0e-2."""
+    from eigensam.tracking import LambdaMaxTracker
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(44, 44, generator=g, dtype=torch.float64))
+    spectrum = [1.0, 0.97, 0.9, *torch.linspace(0.5, -0.5, 40).tolist(), -30.0]
+    A = Q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ Q.T
+    model = torch.nn.Linear(44, 1, bias=False).double()  # loss 0.5 w^T A w
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, 44, generator=g, dtype=torch.float64))
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = model.weight[0]
+        return 0.5 * w @ A @ w + 0 * out.sum()
+
+    batch = (torch.zeros(2, 44, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    tracker = LambdaMaxTracker([batch], seed=0, device=torch.device("cpu"))
+    measured = tracker.measure(model, loss)
+    v = tracker.vector
+    true = float((A @ v - measured.lambda_max * v).norm()) / abs(measured.lambda_max)
+    assert measured.residual == pytest.approx(true, rel=1e-6)

@@ -915,9 +915,25 @@ def test_the_trace_of_parameters_without_curvature_is_zero(block_size):
     """Hutch++'s sketch of a zero Hessian spans nothing: an exact part of 0, no products for it."""
     case = CASES["frozen-unused"]
     op = HessianOperator(case.model, case.loss, case.batches, params=["unused"])
-    est = stochastic_trace(op, 30, block_size=block_size)
+    est = stochastic_trace(op, 12, block_size=block_size)  # a sketch of 4 of the 5 dimensions
     assert est.estimate == 0.0 and est.stderr == 0.0 and est.method == "hutch++"
-    assert est.hvps == 20  # the sketch's 10 and Hutchinson's 10; none for the empty Q
+    assert est.hvps == 8  # the sketch's 4 and Hutchinson's 4; none for the empty Q
+
+
+@pytest.mark.parametrize("known", [0, 3])
+def test_a_sketch_as_large_as_the_space_left_takes_its_trace_exactly(known):
+    """A third of 99 probes reaches the 20 dimensions: Hutch++ multiplied a sketch of 33 (30
+    beside 3 known eigenvectors), its basis, and 33 (39) probes that the basis left nothing
+    but rounding, 86 products for a standard error of 1e-16. The basis of the space beside the
+    known vectors gives the trace exactly, from one product per dimension."""
+    H = _dominated(n=20)
+    op = MatrixOperator(H)
+    res = eigenpairs(op, known, tol=1e-10, seed=0) if known else None
+    before = op.hvp_count
+    est = stochastic_trace(op, 99, known=res)
+    assert est.hvps == op.hvp_count - before == 20 - known
+    assert est.estimate == pytest.approx(float(torch.trace(H)), rel=1e-12)
+    assert est.stderr == 0 and len(est.samples) == 0 and est.method == "hutch++"
 
 
 def test_hutchpp_has_smaller_error_when_few_eigenvalues_dominate():

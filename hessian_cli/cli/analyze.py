@@ -125,7 +125,12 @@ def analyze(
     trace: bool = typer.Option(
         False, "--trace", help="Estimate the trace with its standard error."
     ),
-    trace_probes: int = typer.Option(99, "--trace-probes", help="HVPs spent on the trace."),
+    trace_probes: int = typer.Option(
+        99,
+        "--trace-probes",
+        help="HVPs spent on the trace, at most: where a third of them reaches the parameter "
+        "count, hutch++ takes the trace exactly, from one per parameter.",
+    ),
     trace_method: str = typer.Option(
         "hutch++",
         "--trace-method",

@@ -31,11 +31,14 @@ def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch
 
 def _plan(num_probes: int, method: str, n: int, known: int, largest: int) -> tuple[int, int]:
     """``(sketch, samples)``: Hutch++'s drawn sketch vectors and the random samples, beside
-    ``known`` eigenvectors of which ``largest`` take sketch vectors' places."""
-    spans = known == n  # the known vectors span the space: the trace is theirs, exactly
-    drawn = method == "hutch++" and num_probes >= 6 and not spans
+    ``known`` eigenvectors of which ``largest`` take sketch vectors' places. A sketch as large
+    as the space the known vectors leave is that space: its basis, no sample (none where they
+    span it all)."""
+    drawn = method == "hutch++" and num_probes >= 6
     sketch = max(num_probes // 3 - largest, 0) if drawn else 0
-    return sketch, 0 if spans else num_probes - 2 * sketch
+    if sketch >= n - known:
+        return n - known, 0
+    return sketch, num_probes - 2 * sketch
 
 
 def trace_memory_need(
@@ -77,7 +80,10 @@ def stochastic_trace(
     known: EigenResult | None = None,
 ) -> TraceResult:
     """Unbiased estimate of ``trace(H)`` and its standard error from ``num_probes`` HVPs (fewer
-    for Hutch++ when ``H`` maps its sketch into fewer dimensions: those are not multiplied).
+    for Hutch++ when ``H`` maps its sketch into fewer dimensions: those are not multiplied; and
+    where a third of them reaches the dimension ``d`` beside the known vectors: the trace is
+    then exact, from ``d`` products, where a sketch of ``d`` or more left its probes nothing but
+    rounding, multiplied all the same).
 
     Hutch++ spends a third of the products on a sketch ``Q`` of the dominant range, takes
     ``trace(Q^T H Q)`` exactly and runs Hutchinson on the deflated rest, whose variance is much
@@ -117,7 +123,9 @@ def stochastic_trace(
     exact = float(values.sum())
     sketch, g = _plan(num_probes, method, op.n, len(V), top)
     Q = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
-    if sketch:  # the sketch and its products are dropped as soon as Q is made of them
+    if sketch and not g:  # the sketch would span the rest: its basis gives its trace exactly
+        Q = orthonormalize_against(torch.eye(op.n, dtype=op.dtype, device=op.device), V)
+    elif sketch:  # the sketch and its products are dropped as soon as Q is made of them
         HS = _apply(op, project_out(rademacher((sketch, op.n), **probe), V), block_size)
         Q = orthonormalize_against(HS, V)  # not QR: see its docs
         del HS

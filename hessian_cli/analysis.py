@@ -419,9 +419,23 @@ def analyze_checkpoint(
         ) from exc
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
-            f"CUDA ran out of memory analysing {ckpt.label}: try a smaller --batch-size "
-            "(or fewer --top-k, --density-probes or --density-steps)."
+            f"CUDA ran out of memory analysing {ckpt.label}: try a smaller --batch-size"
+            f"{_or_fewer(request)}."
         ) from exc
+
+
+def _or_fewer(request: AnalyzeRequest) -> str:
+    """`` (or fewer --top-k or --trace-probes)``: the options of the solvers asked for whose
+    smaller values need less memory (the others' would be refused as having no effect)."""
+    flags = [
+        *(["--top-k"] if request.top_k else []),
+        *(["--trace-probes"] if request.trace else []),
+        *(["--density-probes", "--density-steps"] if request.density else []),
+    ]
+    if not flags:
+        return ""
+    *rest, last = flags
+    return f" (or fewer {', '.join(rest)} or {last})" if rest else f" (or fewer {last})"
 
 
 class _Setup(NamedTuple):

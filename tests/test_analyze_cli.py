@@ -989,6 +989,26 @@ def test_out_of_memory_suggests_smaller_batch(capsys, monkeypatch, digits_mlp, t
     assert not out_h5.exists()
 
 
+def test_out_of_memory_in_the_trace_names_its_probes_and_no_option_not_in_use(
+    capsys, monkeypatch, digits_mlp
+):
+    """The advice named --top-k and the density's options, whatever ran out: never
+    --trace-probes, and options that, given without --density, are refused."""
+    import hessian_cli.analysis as analysis_module
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(analysis_module, "stochastic_trace", oom)
+    args = ("analyze", digits_mlp, "--num-samples", "64", "--top-k", "1", "--trace")
+    assert _bad(capsys, *args).endswith(
+        "try a smaller --batch-size (or fewer --top-k or --trace-probes)."
+    )
+    assert _bad(capsys, *args[:-3], "--top-k", "0", "--trace").endswith(
+        "try a smaller --batch-size (or fewer --trace-probes)."
+    )
+
+
 def test_the_machine_running_out_of_memory_is_one_sentence(capsys, monkeypatch, digits_mlp):
     import hessian_cli.analysis as analysis_module
 

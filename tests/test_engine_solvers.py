@@ -1592,6 +1592,23 @@ def test_gram_takes_half_and_mixed_precision_inputs():
     [
         ({"memory.max": "1000000\n", "memory.current": "250000\n"}, 750000),
         ({"memory.max": "max\n", "memory.current": "250000\n"}, None),
+        # The usage counts the page cache of files read; its inactive part is given back.
+        (
+            {
+                "memory.max": "1000000\n",
+                "memory.current": "900000\n",
+                "memory.stat": "anon 300000\nfile 600000\ninactive_file 500000\n",
+            },
+            600000,
+        ),
+        (
+            {
+                "memory/memory.limit_in_bytes": "2000000\n",
+                "memory/memory.usage_in_bytes": "1800000\n",
+                "memory/memory.stat": "cache 1500000\ntotal_inactive_file 1200000\n",
+            },
+            1400000,
+        ),
         (
             {
                 "memory/memory.limit_in_bytes": "2000000\n",

@@ -57,10 +57,17 @@ def require_room(op: Any, need: int, needs: str, advice: str) -> None:
 def cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """What this process's memory cgroup still allows (v2, else v1); None without a limit.
     Inside a container /proc/meminfo describes the host, so it alone would let a solve start
-    that the container's limit then kills."""
-    for limit_file, usage_file in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    that the container's limit then kills. The cgroup's usage counts the page cache of the
+    files it read (a data set, a checkpoint), which the kernel gives back before it kills: its
+    inactive part is free, as the kubelet's working set counts it."""
+    for limit_file, usage_file, stat_file, inactive_key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        (
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
+        ),
     ):
         try:
             limit = (root / limit_file).read_text().strip()
@@ -69,8 +76,20 @@ def cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1's "no limit"
             return None
-        return max(0, int(limit) - usage)
+        return max(0, int(limit) - usage + _stat_value(root / stat_file, inactive_key))
     return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    """The value of ``key`` in a cgroup's memory.stat; 0 where it cannot be read."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _meminfo_available() -> int | None:

@@ -384,24 +384,26 @@ class HessianOperator:
         construction do not inflate it; the fastest of up to ``_TIMED_PASSES`` passes, as many
         as fit in ``_TIMING_BUDGET_S`` (one pass of a millisecond varied 4x between runs on a
         busy machine; a pass longer than the budget is timed once). Nothing is kept; CUDA is
-        synchronised around each pass.
+        synchronised around each pass. The forward mode is set once, outside the timed passes:
+        a TorchScript model's plain plan is made anew at each entry (0.35 ms, a 0.55 ms gradient
+        of a 1,242-parameter model).
         """
         best, spent = math.inf, 0.0
-        for _ in range(_TIMED_PASSES):
-            self._synchronize()
-            start = time.perf_counter()
-            with (
-                torch.enable_grad(),
-                forward_mode(self.model, self.bn),
-                numerics("full", self.device),
-            ):
+        with (
+            torch.enable_grad(),
+            forward_mode(self.model, self.bn),
+            numerics("full", self.device),
+        ):
+            for _ in range(_TIMED_PASSES):
+                self._synchronize()
+                start = time.perf_counter()
                 for x, y in self.batches:
                     self._derivatives(self._batch_loss(x, y))
-            self._synchronize()
-            seconds = time.perf_counter() - start
-            best, spent = min(best, seconds), spent + seconds
-            if spent >= _TIMING_BUDGET_S:
-                break
+                self._synchronize()
+                seconds = time.perf_counter() - start
+                best, spent = min(best, seconds), spent + seconds
+                if spent >= _TIMING_BUDGET_S:
+                    break
         return best
 
     def _synchronize(self) -> None:

@@ -517,6 +517,17 @@ def test_a_torchscript_model_takes_shifted_weights_and_keeps_its_own():
     )
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_scripted_part_with_batchnorm_is_refused_batch_statistics():
+    """Only a scripted model was refused bn='train': a scripted part of an eager one kept its
+    BatchNorm on running statistics, the products 100% off, the loss of the other mode."""
+    case = CASES["cnn-bn"]
+    model = torch.nn.Sequential(torch.jit.script(copy.deepcopy(case.model)))
+    op = HessianOperator(model, case.loss, case.batches, bn="train")
+    with pytest.raises(UserError, match="cannot be switched to batch statistics"):
+        op.loss()
+
+
 def _bn_tanh_dropout() -> tuple[torch.nn.Sequential, list]:
     """Linear-BatchNorm1d-Tanh-Dropout (in eval mode) and a linear head, and a batch."""
     torch.manual_seed(0)

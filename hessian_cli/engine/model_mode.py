@@ -111,12 +111,16 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
     changes it. The forward runs in :func:`twice_differentiable` kernels. ``layout``: the
     model's as it is now (found here where not given).
     """
-    if bn == "train" and isinstance(model, torch.jit.ScriptModule) and has_batchnorm(model):
+    layout = layout or ModelLayout.of(model)
+    # Also a scripted part of an eager model: its layers were left by their running statistics
+    # (the products 100% off the batch statistics' Hessian, the loss of the other mode).
+    if bn == "train" and any(
+        "BatchNorm" in getattr(m, "original_name", "") for m in layout.scripts
+    ):
         raise UserError(
             "The BatchNorm layers of a TorchScript module cannot be switched to batch "
             "statistics (`bn=train`); use the eager model, or running statistics (`bn=eval`)."
         )
-    layout = layout or ModelLayout.of(model)
     saved = [(m, m.training) for m in layout.modules]
     tracked = [(m, m.track_running_stats) for m in layout.batchnorms] if bn == "train" else []
     by_sample = (

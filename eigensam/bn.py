@@ -11,17 +11,25 @@ Here the second pass runs with ``track_running_stats = False`` instead, exactly 
 pass, and touches none of its buffers. An InstanceNorm layer that keeps running statistics
 updates them whatever that flag says (``F.instance_norm`` updates the buffers it is given: they
 moved on both passes); in training mode its second pass normalises each sample by its own
-statistics, as the first, without its buffers.
+statistics, as the first, without its buffers. A TorchScript layer's ``track_running_stats`` is
+compiled in: its buffers are saved instead and put back (they moved in both passes:
+num_batches_tracked 6 after 3 steps).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hessian_cli.engine.model_mode import holds_running_instance_statistics, instance_statistics
 
 _SAVED = "_eigensam_track_running_stats"
+
+
+def _scripted_batchnorm(m: nn.Module) -> bool:
+    """A TorchScript BatchNorm layer (by its class name, as the engine finds one)."""
+    return isinstance(m, torch.jit.ScriptModule) and "BatchNorm" in getattr(m, "original_name", "")
 
 
 def disable_running_stats(model: nn.Module) -> None:
@@ -39,6 +47,8 @@ def disable_running_stats(model: nn.Module) -> None:
         elif m.training and holds_running_instance_statistics(m):
             setattr(m, _SAVED, True)
             m._apply_instance_norm = instance_statistics(m)  # type: ignore[method-assign]
+        elif _scripted_batchnorm(m):
+            setattr(m, _SAVED, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
 
 
 def enable_running_stats(model: nn.Module) -> None:
@@ -46,8 +56,13 @@ def enable_running_stats(model: nn.Module) -> None:
     for m in model.modules():
         if not hasattr(m, _SAVED):
             continue
+        saved = getattr(m, _SAVED)
         if isinstance(m, _BatchNorm):
-            m.track_running_stats = getattr(m, _SAVED)
+            m.track_running_stats = saved
+        elif isinstance(saved, dict):  # a scripted layer's buffers
+            with torch.no_grad():
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(saved[k])
         else:
             del m._apply_instance_norm
         delattr(m, _SAVED)

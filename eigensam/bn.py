@@ -27,7 +27,7 @@ from hessian_cli.engine.model_mode import holds_running_instance_statistics, ins
 _SAVED = "_eigensam_track_running_stats"
 
 
-def _scripted_batchnorm(m: nn.Module) -> bool:
+def scripted_batchnorm(m: nn.Module) -> bool:
     """A TorchScript BatchNorm layer (by its class name, as the engine finds one)."""
     return isinstance(m, torch.jit.ScriptModule) and "BatchNorm" in getattr(m, "original_name", "")
 
@@ -47,7 +47,7 @@ def disable_running_stats(model: nn.Module) -> None:
         elif m.training and holds_running_instance_statistics(m):
             setattr(m, _SAVED, True)
             m._apply_instance_norm = instance_statistics(m)  # type: ignore[method-assign]
-        elif _scripted_batchnorm(m):
+        elif scripted_batchnorm(m):
             setattr(m, _SAVED, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
 
 

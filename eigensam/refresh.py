@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from eigensam.bn import scripted_batchnorm
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.distributed import is_distributed
 from hessian_cli.engine.eigensolver import eigenpairs
@@ -76,12 +77,14 @@ def top_residual(res: EigenResult) -> float:
     return residual / eigenvalue if eigenvalue > 0 else math.inf
 
 
-def _batchnorm_mode(model: nn.Module) -> BNMode:
+def batchnorm_mode(model: nn.Module) -> BNMode:
     """How the model's BatchNorm layers (and InstanceNorm layers that keep running statistics)
     normalise now: by batch statistics in training mode, by running ones in eval mode, also
     under ``model.train()`` (fine-tuning with frozen statistics: taken by ``model.training`` for
     batch statistics, a refresh found lambda_1 2.94, |cos| 0.28 to v_1, of a loss whose lambda_1
-    was 1.90). The operator takes all of them in one mode, so layers in both are refused."""
+    was 1.90). The operator takes all of them in one mode, so layers in both are refused, and
+    batch statistics for a TorchScript layer, which cannot normalise by them without updating
+    its statistics (the engine's refusal named an option of `analyze`)."""
     modes = {
         m.training
         for m in model.modules()
@@ -95,6 +98,12 @@ def _batchnorm_mode(model: nn.Module) -> BNMode:
         )
     # None found (a scripted model's are not nn.BatchNorm): the model's own mode says.
     training = modes.pop() if modes else model.training
+    if training and any(scripted_batchnorm(m) for m in model.modules()):
+        raise UserError(
+            "Eigen-SAM's eigenvector refresh takes BatchNorm layers in training mode by their "
+            "batch statistics without updating them, which a TorchScript module's cannot do: "
+            "train the eager model, or with SAM."
+        )
     return "train" if training else "eval"
 
 
@@ -117,7 +126,7 @@ def refresh_top_eigenvector(
     warm-started from ``v_prev``, COLD_MAX_HVPS without it). ``hint`` (e.g. the minibatch
     gradient, which leans toward v_1) guides the start where there is no ``v_prev``.
     BatchNorm layers normalise as in the loss SAM perturbs, whose Hessian is the one that
-    matters (:func:`_batchnorm_mode`); no buffer is updated and dropout is off, so every product
+    matters (:func:`batchnorm_mode`); no buffer is updated and dropout is off, so every product
     applies the same matrix. An enclosing autocast does not apply (the engine's products are in
     the model's dtype). The weights' ``.grad`` is not touched.
     """
@@ -142,7 +151,7 @@ def refresh_top_eigenvector(
         loss_fn,
         [] if empty else [batch],
         params=space,
-        bn=_batchnorm_mode(model),
+        bn=batchnorm_mode(model),
         batch_weight=batch_weight,
     )
     # A previous vector that is zero on the live parameters starts nothing: eigenpairs then

@@ -39,6 +39,7 @@ from eigensam.determinism import DataOrder
 from eigensam.eigen_sam import EigenSAM
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
 from eigensam.refresh import DEFAULT_TOL as REFRESH_TOL
+from eigensam.refresh import batchnorm_mode
 from eigensam.resume import (
     FILE_FIELDS,
     RunPosition,
@@ -330,6 +331,11 @@ class _Run:
             # rank alike (the refresh's and the tracker's operators met it each on its own).
             pair = (rows(batch[0], slice(0, 2)), batch[1][:2])
             HessianOperator(self.model, self.loss_fn, [pair], distributed=False).check_model()
+        if isinstance(self.optimizer, EigenSAM):
+            # The refresh takes the BatchNorm mode of the model, which every step trains: one
+            # it cannot take was refused at the first refresh, the run directory left behind.
+            self.model.train()
+            batchnorm_mode(self.model)
         # The only batches of one: every batch at --batch-size 1, the only one of a one-sample
         # set (a trailing one is dropped, and under torchrun each rank holds two at least).
         if min(self.config.batch_size, self.samples) == 1:

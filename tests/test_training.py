@@ -504,6 +504,25 @@ def test_a_batch_of_one_for_a_batchnorm_model_is_refused_before_the_run(tmp_path
     assert not (tmp_path / "one").exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_eigensam_on_a_scripted_batchnorm_model_is_refused_before_the_run(tmp_path):
+    """The refresh cannot take a TorchScript BatchNorm by batch statistics: refused at the first
+    refresh, in words of `analyze` (--bn), a run directory without a checkpoint left behind."""
+    (tmp_path / "bn.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "def make():\n"
+        "    return torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), "
+        "nn.BatchNorm1d(8), nn.Linear(8, 3)))\n"
+    )
+    cfg = config(tmp_path, model=f"{tmp_path}/bn.py:make", model_kwargs={}, max_steps=2)
+    with pytest.raises(UserError, match="TorchScript module's cannot do: train the eager model"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg.optimizer = "sam"  # no refresh
+    assert train(cfg).step == 2
+
+
 def _failing_step(monkeypatch, at: int, error: BaseException):
     """Make training step ``at`` raise ``error``; returns the real step, to put back."""
     from eigensam import training as training_module

@@ -254,6 +254,19 @@ class AlwaysDropout(MLP):
         return self.fc2(F.dropout(self.act(self.fc1(x)), 0.2))  # training=True by default
 
 
+class NoGradFirst(nn.Module):
+    """A first layer used under torch.no_grad (scriptable, unlike a checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = torch.tanh(self.fc1(x))
+        return self.fc2(h)
+
+
 def old_weight_norm(module: nn.Module) -> nn.Module:
     with warnings.catch_warnings():  # deprecated for the parametrization, still in use
         warnings.simplefilter("ignore")
@@ -480,6 +493,8 @@ def test_the_hessian_is_of_the_loss_whatever_backward_hooks_do_to_gradients(back
         ),
         (lambda: Checkpointed(reentrant=True, part="whole"), "changes with fc1.weight, but"),
         (AlwaysDropout, "draws random numbers in eval mode"),
+        # A scripted model was not looked at: its first layer's rows and columns were zero.
+        (lambda: torch.jit.script(NoGradFirst()), "changes with fc1.weight, but autograd"),
     ],
     ids=[
         "once-differentiable",
@@ -487,9 +502,11 @@ def test_the_hessian_is_of_the_loss_whatever_backward_hooks_do_to_gradients(back
         "reentrant-on-data",
         "reentrant-everything",
         "dropout-always-on",
+        "scripted-no-grad",
     ],
 )
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", ["double-backward", "func"])
 def test_a_model_without_a_sound_hessian_is_refused_in_one_sentence(make, message, backend):
     torch.manual_seed(0)

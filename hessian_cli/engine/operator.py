@@ -8,6 +8,7 @@ to ``H V^T`` (rows), spending one forward/backward pass over the data for the wh
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -667,12 +668,16 @@ class HessianOperator:
         autograd, where some parameter is unused: with those parameters moved in a random-sign
         direction (a uniform shift, which a LayerNorm or a softmax cancels, went unseen), and
         as they are; the losses compared within a few roundings, a 16-bit model's from its
-        outputs in float32 (a bfloat16 loss cannot show a change of 0.1%). A TorchScript module
-        cannot be called with other values, and is not looked at.
+        outputs in float32 (a bfloat16 loss cannot show a change of 0.1%). A TorchScript module,
+        which cannot be called with other values, is looked at through a copy that takes them
+        in place (the graph just built keeps the model's own; unlooked at, a layer used under
+        torch.no_grad had zero rows and columns).
         """
         unused = [name for name, u in zip(self.space.names, used, strict=True) if not u]
-        if not unused or isinstance(self.model, torch.jit.ScriptModule):
+        if not unused:
             return
+        scripted = isinstance(self.model, torch.jit.ScriptModule)
+        model = copy.deepcopy(self.model) if scripted else self.model
         values = {
             name: t.detach() for name, t in zip(self.space.names, self.space.tensors, strict=True)
         }
@@ -683,7 +688,8 @@ class HessianOperator:
             values[name] = t + 0.1 * (t.abs().mean() + 1) * signs
 
         def loss_at(params: dict[str, torch.Tensor]) -> float:
-            out = run_model(self.model, x, params)
+            with _values_set(model, params) if scripted else contextlib.nullcontext():
+                out = run_model(model, x, None if scripted else params)
             if isinstance(out, torch.Tensor) and out.is_floating_point() and out.itemsize < 4:
                 out = out.float()
             return float(self.loss_fn(out, y).detach())

@@ -632,6 +632,18 @@ def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path
     assert_png(tmp_path / "made.png")
 
 
+def test_plot_onto_a_read_only_figure_refuses_it(capsys, files, tmp_path):
+    """The rename that replaces a figure asks only the directory: a chmod a-w one was
+    replaced unsaid."""
+    out = tmp_path / "fig.png"
+    out.write_text("a figure kept")
+    out.chmod(0o444)
+    code, _, err = run(capsys, "plot", files["series"], "-o", out)
+    assert code == 2
+    assert f"{out} is read-only; refusing to write to it" in one_sentence(err)
+    assert out.read_text() == "a figure kept"
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
 def test_plot_into_a_named_pipe_writes_through_it(files, tmp_path):
     # As `-o /dev/null` does: a device or pipe is written to, never replaced by a file.

@@ -484,6 +484,22 @@ def test_an_append_keeps_the_files_permissions(full, tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_read_only_file_is_refused_not_appended_to(full, tmp_path):
+    """chmod a-w protects a spectra file, but the rename that replaces it asks only the
+    directory: an append went ahead unsaid."""
+    path = tmp_path / "spectra.h5"
+    write_analyses(path, [full], command_line="first")
+    path.chmod(0o444)
+    before = path.read_bytes()
+    refused = f"{path} is read-only; refusing to write to it"
+    with pytest.raises(UserError, match=refused):  # before the work
+        check_writable(path)
+    with pytest.raises(UserError, match=refused):
+        write_analyses(path, [variant(full, "b", 50)], command_line="second")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spectra.h5"]
+
+
 def test_a_large_file_is_written_on_disk_where_there_is_room(full, tmp_path, monkeypatch):
     from hessian_cli.storage import files
 

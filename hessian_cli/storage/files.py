@@ -140,6 +140,21 @@ def held(path: Path, busy: str) -> Iterator[bool]:
         os.close(fd)  # and with it the lock
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse, in one sentence, to replace a file no one may write to (``chmod a-w``), or that
+    this user may not: the rename that replaces it asks only the directory, so a protected
+    spectra file was appended to unsaid. (Root may write to any file: the mode bits tell.)"""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # nothing there yet
+    if stat.S_ISREG(mode) and not (mode & 0o222 and os.access(path, os.W_OK)):
+        raise UserError(
+            f"{path} is read-only; refusing to write to it (make it writable or choose another "
+            "path)."
+        )
+
+
 _TEMP_TAG = 12  # hex digits that tell one temporary file from another (atomic_path's names)
 
 
@@ -165,8 +180,9 @@ def atomic_path(
     append edits the copy, never the original. With ``exclusive`` it never replaces a file: if
     ``path`` exists by then (another process made it meanwhile), ``FileExistsError`` is raised.
 
-    A symbolic link's target is replaced (the link kept). A device, FIFO or socket (``-o
-    /dev/null``) is written to as it is: it holds no file that a half-written one could spoil.
+    A file its permissions protect is not replaced (:func:`check_replaceable`). A symbolic
+    link's target is replaced (the link kept). A device, FIFO or socket (``-o /dev/null``) is
+    written to as it is: it holds no file that a half-written one could spoil.
     """
     try:
         mode: int | None = os.stat(path).st_mode  # through links
@@ -180,6 +196,8 @@ def atomic_path(
         except OSError as exc:
             raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
         return
+    if not exclusive:
+        check_replaceable(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     parent = path.parent

@@ -28,6 +28,7 @@ from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, pro
 from hessian_cli.storage.files import (
     DAMAGED,
     check_directory_writable,
+    check_replaceable,
     dangling_link,
     file_format,
     hdf5_written,
@@ -155,6 +156,7 @@ def check_writable(path: str | Path) -> None:
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UserError(f"The output directory {path.parent} {what}.")
     check_directory_writable(path.parent)
+    check_replaceable(path)
     if _holds_something(path):
         _check_appendable(path)
 

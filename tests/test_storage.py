@@ -476,12 +476,24 @@ def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, comm
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_an_append_keeps_the_files_permissions(full, tmp_path):
+def test_a_rewritten_file_keeps_its_permissions(full, tmp_path):
+    """Appends kept them; a file replaced whole got the umask's (0600 became 0644)."""
+    from hessian_cli.storage.metrics import MetricsLog
+
     path = tmp_path / "spectra.h5"
     write_analyses(path, [full], command_line="first")
     path.chmod(0o600)
     write_analyses(path, [variant(full, "b", 50)], command_line="second")
     assert path.stat().st_mode & 0o777 == 0o600
+    empty = tmp_path / "tmp.h5"  # mktemp's: 0600, and written as a new file (it became 0644)
+    empty.touch(mode=0o600)
+    write_analyses(empty, [full], command_line="x")
+    assert empty.stat().st_mode & 0o777 == 0o600
+    log = MetricsLog(tmp_path / "metrics.h5", {"model": "mlp"})  # rewritten by every flush
+    log.flush()
+    log.path.chmod(0o600)
+    log.flush()
+    assert log.path.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_read_only_file_is_refused_not_appended_to(full, tmp_path):

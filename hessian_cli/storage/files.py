@@ -180,7 +180,8 @@ def atomic_path(
     append edits the copy, never the original. With ``exclusive`` it never replaces a file: if
     ``path`` exists by then (another process made it meanwhile), ``FileExistsError`` is raised.
 
-    A file its permissions protect is not replaced (:func:`check_replaceable`). A symbolic
+    A replaced file keeps its permissions (a 0600 one became 0644), and one they protect is
+    refused (:func:`check_replaceable`). A symbolic
     link's target is replaced (the link kept). A device, FIFO or socket (``-o /dev/null``) is
     written to as it is: it holds no file that a half-written one could spoil.
     """
@@ -212,10 +213,11 @@ def atomic_path(
     try:
         if copy_existing:
             shutil.copyfile(path, tmp)
-            shutil.copymode(path, tmp)
         yield tmp
         with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
             os.fsync(fh.fileno())
+        if mode is not None and stat.S_ISREG(mode):  # as a write in place would keep them
+            os.chmod(tmp, stat.S_IMODE(mode))
         if exclusive:
             _link(tmp, path)
         else:
@@ -260,8 +262,6 @@ def hdf5_written(path: Path, *, append: bool = False, adding: int = 0) -> Iterat
         yield f
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
-        if append:
-            shutil.copymode(path, tmp)
 
 
 def _check_room(path: Path, size: int) -> None:

@@ -348,6 +348,24 @@ def test_series_columns_name_which_eigenvalues_they_hold(which, labels):
     assert spectra_figure(older).axes[0].get_title().startswith("Top")  # files without `which`
 
 
+def test_a_trace_with_no_random_part_says_so():
+    """Where the eigenpairs found span the space the trace is their sum: it was shown as
+    "± 0 (std. error of 0 random samples; ... 99 probes, 0 HVPs)"."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    t = {"estimate": 0.270075, "stderr": 0.0, "num_samples": 0, "known_eigenpairs": 10}
+    d = {"name": "c", "provenance": {}, "trace": {**t, "hvps": 0, "seconds": 0.01}}
+    console = Console(width=300, record=True)
+    console.print(analysis_table(d))
+    assert (
+        "trace 0.270075 (no random part: the sum of the 10 eigenvalues found, which span the "
+        "space; 0 HVPs, 0.01 s)"
+    ) in console.export_text()
+    assert list(series_table([d, d]).columns[-3].cells) == ["0.27008"] * 2  # no "± 0"
+
+
 def test_a_series_says_which_rows_were_computed_in_reduced_precision():
     """One checkpoint's table says so (and its products' error); a series' said nothing, its
     bf16 traces shown as if in full precision."""

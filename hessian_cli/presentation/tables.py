@@ -239,6 +239,24 @@ def _alignment_table(al: Mapping[str, Any]) -> Table:
     return table
 
 
+def _trace_line(t: Mapping[str, Any]) -> str:
+    """The trace with its standard error and what it rests on, or with none where it has no
+    random part."""
+    cost = f"{_int(t.get('hvps'))} HVPs, {_seconds(t.get('seconds'))}"
+    if t.get("num_samples") == 0:  # it said "± 0 (std. error of 0 random samples; ...)"
+        known = counted(t.get("known_eigenpairs"), "eigenvalue")
+        return (
+            f"trace {_g(t.get('estimate'))} (no random part: the sum of the {known} found, "
+            f"which span the space; {cost})"
+        )
+    return (
+        f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error"
+        f"{_of_samples(t.get('num_samples'))}; {t.get('method')}"
+        f"{_with_known(t.get('known_eigenpairs'))}, "
+        f"{_int(t.get('num_probes'))} probes, {cost})"
+    )
+
+
 def _density_line(dn: Mapping[str, Any]) -> str:
     nodes = np.array(dn.get("nodes") or [], dtype=float)
     weights = np.array(dn.get("weights") or [], dtype=float)
@@ -282,15 +300,7 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
                 )
             )
     if (t := d.get("trace")) is not None:
-        parts.append(
-            Text(
-                f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error"
-                f"{_of_samples(t.get('num_samples'))}; {t.get('method')}"
-                f"{_with_known(t.get('known_eigenpairs'))}, "
-                f"{_int(t.get('num_probes'))} probes, {_int(t.get('hvps'))} HVPs, "
-                f"{_seconds(t.get('seconds'))})"
-            )
-        )
+        parts.append(Text(_trace_line(t)))
     if (dn := d.get("density")) is not None:
         parts.append(Text(_density_line(dn)))
     if (al := d.get("alignment")) is not None:
@@ -367,7 +377,11 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             *([e.get("which") or DASH] if mixed else []),
             *cells,
             _g(t["estimate"], ".5g")
-            + (f" ± {_g(t['stderr'], '.2g')}" if t.get("stderr") is not None else "")
+            + (
+                f" ± {_g(t['stderr'], '.2g')}"
+                if t.get("stderr") is not None and t.get("num_samples") != 0  # 0: no random part
+                else ""
+            )
             if t
             else DASH,
             _g(first[0], ".3f"),

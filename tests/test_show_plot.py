@@ -756,6 +756,20 @@ def test_the_eigen_panel_has_no_legend_for_markers_it_did_not_draw(full):  # noq
     assert "converged" not in labels and "NOT converged" in labels
 
 
+def test_the_density_panel_says_what_it_took_and_found(full):  # noqa: F811
+    """Its title left out the eigenvalues the density took exactly (the table says them), and
+    a file that records no `which` had "(None)" in its legend."""
+    d = json.loads(json.dumps(analysis_to_dict(full)))
+    del d["eigen"]["which"]
+    density_axes = spectra_figure([d]).axes[0]
+    assert (
+        density_axes.get_title()
+        == "Spectral density: SLQ, 3 probes × 10 steps beside 3 eigenvalues"
+    )
+    labels = [t.get_text() for t in density_axes.get_legend().get_texts()]
+    assert labels == ["smoothed ESD", "the 3 eigenvalues found"]
+
+
 def test_small_things_show_and_plot_refuse_clearly(capsys, files, tmp_path):
     metrics = json.loads(runner.invoke(app, ["show", str(files["metrics"]), "--json"]).stdout)
     assert metrics["steps"]["step"][:3] == [0, 1, 2]  # whole numbers stay whole

@@ -103,14 +103,16 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
             if lam is None:
                 continue
             label = None
-            if i == 0:
+            if i == 0:  # older files record no `which`: it said "(None)"
                 found = counted(len(e["eigenvalues"]), "eigenvalue")
-                label = f"the {found} found ({e.get('which')})"
+                label = f"the {found} found" + (f" ({e['which']})" if e.get("which") else "")
             ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
     probes, steps = counted(dn.get("num_probes"), "probe"), counted(dn.get("steps"), "step")
-    ax.set_title(f"Spectral density: SLQ, {probes} × {steps}")
+    # The eigenvalues it took exactly, as the table says (the title left them out).
+    beside = f" beside {counted(k, 'eigenvalue')}" if (k := dn.get("known_eigenpairs")) else ""
+    ax.set_title(f"Spectral density: SLQ, {probes} × {steps}{beside}")
     ax.legend(loc="upper right", fontsize="small")
 
 

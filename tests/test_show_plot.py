@@ -384,6 +384,15 @@ def test_a_series_says_which_rows_were_computed_in_reduced_precision():
         "were not"
     )
     assert series_table(ds[:1]).caption is None
+    head = "reduced precision (1 of 1 checkpoint): products in bf16, relative error up to 3.0e-03 "
+    traces = [{**ds[2], "eigen": None}]  # it spoke of eigenvalues that were not there
+    assert series_table(traces).caption == (
+        f"{head}against full precision; the traces were not checked in full precision"
+    )
+    eigenvalues = [{**ds[2], "trace": None}]  # and of traces
+    assert series_table(eigenvalues).caption == (
+        f"{head}against full precision; the eigenvalues were checked in full precision"
+    )
 
 
 def test_a_series_of_different_searches_says_which_end_each_row_holds():

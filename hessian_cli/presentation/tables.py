@@ -393,16 +393,26 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             "* NOT converged (not within its tolerance, or behind a pair that is not; details: "
             "show -c NAME)"
         )
-    reduced = [
-        p for d in ds if (p := d.get("provenance") or {}).get("precision") not in ("full", None)
-    ]
-    if reduced:  # as one checkpoint's table says above its numbers
+    rounded = [d for d in ds if (d.get("provenance") or {}).get("precision") not in ("full", None)]
+    if rounded:  # as one checkpoint's table says above its numbers
+        reduced = [d["provenance"] for d in rounded]
         modes = escape(", ".join(sorted({str(p["precision"]) for p in reduced})))  # a file's text
         errors = [p["hvp_rel_error"] for p in reduced if p.get("hvp_rel_error") is not None]
+        # Only of what those rows hold: it spoke of both where one was not there.
+        eigen, trace = (any(d.get(key) for d in rounded) for key in ("eigen", "trace"))
+        checked = (
+            "; the eigenvalues were checked in full precision, the traces were not"
+            if eigen and trace
+            else "; the eigenvalues were checked in full precision"
+            if eigen
+            else "; the traces were not checked in full precision"
+            if trace
+            else ""
+        )
         notes.append(
             f"reduced precision ({len(reduced)} of {counted(len(ds), 'checkpoint')}): products "
             f"in {modes}, relative error up to {_g(max(errors, default=None), '.1e')} against "
-            "full precision; the eigenvalues were checked in full precision, the traces were not"
+            f"full precision{checked}"
         )
     if notes:
         table.caption = "\n".join(notes)

@@ -328,6 +328,16 @@ def test_alignment_caption_says_how_many_minibatches(values, caption):
     assert caption in " ".join(console.export_text().split())
 
 
+def test_an_older_files_spread_of_one_minibatch_is_not_shown_as_zero():
+    """Files written before 2026-11-30 recorded the std of one batch gradient as 0: it was
+    shown as "± 0.0000", a spread measured as none."""
+    from hessian_cli.presentation.tables import _alignment_table
+
+    mb = {"values": [[0.5, 0.25]], "mean": [0.5, 0.25], "std": [0.0, 0.0]}
+    table = _alignment_table({"alignment": [0.6, 0.3], "minibatch": mb})
+    assert list(table.columns[2].cells)[:2] == ["0.5000 ± —", "0.2500 ± —"]
+
+
 @pytest.mark.parametrize(
     "which, labels",
     [

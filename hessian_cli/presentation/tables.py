@@ -220,6 +220,8 @@ def _alignment_table(al: Mapping[str, Any]) -> Table:
     table.add_column("value", justify="right")
     table.add_column("minibatch mean ± std", justify="right")
     means, stds = mb.get("mean") or [], mb.get("std") or []
+    if m - zero < 2:  # files before 2026-11-30 recorded 0 for it, shown as "± 0.0000"
+        stds = [None] * len(stds)
     for i, value in enumerate(al.get("alignment") or []):
         spread = (
             f"{_g(means[i], '.4f')} ± {_g(stds[i], '.4f')}"

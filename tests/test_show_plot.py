@@ -455,6 +455,20 @@ def test_a_metrics_summary_counts_its_rows_in_words():
     assert "1 epoch, 1 refresh" in text and "3 steps, 2 refreshes" in text  # "1 epochs" before
 
 
+def test_an_older_metrics_file_says_what_wrote_it(tmp_path):
+    """Files written before 2026-11-29 name the versions `tool` and `torch` and record no
+    `modified`: show said nothing of what wrote them."""
+    path = tmp_path / "metrics.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="hessian-cli-metrics", version=1, tool="hessian-cli 0.1.0")
+        f.attrs.update(torch="2.5.1", created="2026-11-28T10:00:00+00:00", config="{}")
+        f["steps/step"], f["steps/loss"] = np.arange(3), np.ones(3)
+    result = runner.invoke(app, ["show", str(path)])
+    assert result.exit_code == 0, result.output
+    said = "written by hessian-cli 0.1.0 (torch 2.5.1), created 2026-11-28T10:00:00+00:00\n"
+    assert said in result.output
+
+
 def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     """Unrelated checkpoints appended to one file were joined by lines as one training run,
     and the table did not say which model a row was; then drawn as points no one could tell

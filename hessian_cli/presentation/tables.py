@@ -527,16 +527,16 @@ def file_summary(
 
 
 def _written_by(info: Mapping[str, Any]) -> list[Text]:
-    """Which versions wrote a file, when, and its last command (root attributes)."""
+    """Which versions wrote a file, when, and its last command (root attributes; a metrics file
+    written before 2026-11-29 names the versions ``tool``, "hessian-cli 0.1.0", and ``torch``,
+    and records no ``modified``: it showed none of them)."""
     lines = []
-    if info.get("tool_version"):
-        lines.append(
-            Text(
-                f"written by hessian-cli {info['tool_version']} (torch {info.get('torch_version')}), "
-                f"created {info.get('created')}, modified {info.get('modified')}",
-                style="dim",
-            )
-        )
+    tool = info.get("tool_version") or str(info.get("tool") or "").removeprefix("hessian-cli ")
+    if tool:
+        torch = info.get("torch_version") or info.get("torch")
+        said = [f"written by hessian-cli {tool}" + (f" (torch {torch})" if torch else "")]
+        said += [f"{when} {info[when]}" for when in ("created", "modified") if info.get(when)]
+        lines.append(Text(", ".join(said), style="dim"))
     if info.get("command_line"):
         lines.append(Text(f"last command: {info['command_line']}", style="dim"))
     return lines

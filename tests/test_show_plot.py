@@ -376,6 +376,26 @@ def test_a_trace_with_no_random_part_says_so():
     assert list(series_table([d, d]).columns[-3].cells) == ["0.27008"] * 2  # no "± 0"
 
 
+def test_a_density_of_the_eigenvalues_found_alone_says_so():
+    """Where the eigenpairs found span the space no SLQ step is left: the table and the plot
+    said "SLQ: 8 probes × 0 steps beside 10 eigenvalues"."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    values = [0.0, 0.5, 1.0]
+    dn = {"nodes": [values], "weights": [[1 / 3] * 3], "grid": values, "values": [1.0] * 3}
+    dn |= {"num_probes": 8, "steps": 0, "known_eigenpairs": 3, "sigma": 0.01}
+    eigen = {"eigenvalues": [1.0, 0.5, 0.0], "residuals": [0.0] * 3, "converged": [True] * 3}
+    d = {"name": "c", "provenance": {}, "density": dn, "eigen": eigen}
+    console = Console(width=300, record=True)
+    console.print(analysis_table({**d, "eigen": None}))
+    said = "density: the 3 eigenvalues found, which span the space (no SLQ), nodes span [0, 1]"
+    assert said in console.export_text()
+    title = spectra_figure([d]).axes[0].get_title()
+    assert title == "Spectral density of the 3 eigenvalues found (they span the space)"
+
+
 def test_a_series_says_which_rows_were_computed_in_reduced_precision():
     """One checkpoint's table says so (and its products' error); a series' said nothing, its
     bf16 traces shown as if in full precision."""

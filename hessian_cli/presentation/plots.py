@@ -112,7 +112,11 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
     probes, steps = counted(dn.get("num_probes"), "probe"), counted(dn.get("steps"), "step")
     # The eigenvalues it took exactly, as the table says (the title left them out).
     beside = f" beside {counted(k, 'eigenvalue')}" if (k := dn.get("known_eigenpairs")) else ""
-    ax.set_title(f"Spectral density: SLQ, {probes} × {steps}{beside}")
+    ax.set_title(
+        f"Spectral density of the {counted(k, 'eigenvalue')} found (they span the space)"
+        if dn.get("steps") == 0 and k  # "SLQ, 8 probes × 0 steps beside 10 eigenvalues"
+        else f"Spectral density: SLQ, {probes} × {steps}{beside}"
+    )
     ax.legend(loc="upper right", fontsize="small")
 
 

@@ -268,11 +268,15 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     values = np.array(dn.get("values") or [], dtype=float)
     shown = values.size == grid.size and np.isfinite(values).any()  # NaN: stored non-finite
     peak = f", peak at λ≈{grid[np.nanargmax(values)]:.4g}" if shown else ""
+    known = dn.get("known_eigenpairs")
+    how = (  # it said "SLQ: 8 probes × 0 steps beside 10 eigenvalues taken exactly"
+        f"density: the {counted(known, 'eigenvalue')} found, which span the space (no SLQ)"
+        if dn.get("steps") == 0 and known
+        else f"density (SLQ): {counted(dn.get('num_probes'), 'probe')} × "
+        f"{counted(dn.get('steps'), 'step')}{_beside_known(known)}"
+    )
     return (
-        f"density (SLQ): {counted(dn.get('num_probes'), 'probe')} × "
-        f"{counted(dn.get('steps'), 'step')}"
-        f"{_beside_known(dn.get('known_eigenpairs'))}, "
-        f"nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
+        f"{how}, nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
         f"{_int(dn.get('hvps'))} HVPs, {_seconds(dn.get('seconds'))}"
     )
 

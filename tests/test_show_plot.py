@@ -176,6 +176,24 @@ def test_a_regression_run_has_no_accuracy_panel():
     assert list(table.columns[2].cells) == ["—"] * 3
 
 
+def test_the_curvature_panel_marks_eigenvalues_that_did_not_converge():
+    """A refresh or track row whose residual is above its group's tol stopped at its budget
+    (show counts them): it was drawn as if converged, where the spectra plots mark such pairs."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    refresh = {
+        "step": np.array([0, 5, 10]),
+        "eigenvalue": np.array([1.0, 1.1, 1.5]),
+        "residual": np.array([0.007, 0.07, 0.007]),
+    }
+    ax = metrics_figure({"refresh": refresh}, {"refresh": 1e-2}).axes[0]
+    assert ax.get_title() == "Top Hessian eigenvalue (red x: NOT converged)"
+    (red,) = [line for line in ax.get_lines() if line.get_color() == "C3"]
+    assert red.get_xdata().tolist() == [5] and red.get_ydata().tolist() == [1.1]
+    older = metrics_figure({"refresh": refresh}).axes[0]  # files before 2026-11-30: no tol
+    assert older.get_title() == "Top Hessian eigenvalue"
+
+
 def test_the_epochs_test_loss_is_drawn_beside_the_per_step_loss():
     """Epoch rows have no step to place them among the steps: the test loss was never drawn
     where per-step losses were recorded, which train always records."""

@@ -43,7 +43,7 @@ def plot(
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout
         if isinstance(found, Metrics):
-            figure = metrics_figure(found.columns)
+            figure = metrics_figure(found.columns, found.info.get("tolerances"))
         else:
             figure = spectra_figure(found.reports)
     written = save_figure(figure, output)

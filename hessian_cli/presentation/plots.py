@@ -392,8 +392,23 @@ def _loss_axis(ax: Axes, title: str) -> None:
     ax.legend(fontsize="small")
 
 
-def metrics_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
-    """Training curves: loss, accuracy, lambda_max and alignment, where recorded."""
+def _mark_unconverged(ax: Axes, cols: Mapping[str, np.ndarray], y: str, tol: float | None) -> bool:
+    """A red x on each row of ``y`` whose residual is above the ``tol`` its solve aimed for
+    (stopped at its budget), as the spectra plots mark pairs NOT converged; whether any is."""
+    if tol is None or not {"step", "residual", y} <= cols.keys():
+        return False
+    step, value, residual = (np.asarray(cols[c], dtype=float) for c in ("step", y, "residual"))
+    first = value if value.ndim == 1 else value[:, 0]  # as _curve draws a 2-D column
+    bad = ~((residual if residual.ndim == 1 else residual[:, 0]) <= tol)  # as show counts
+    ax.plot(step[bad], first[bad], "x", color="C3", ms=8, mew=2)
+    return bool(bad.any())
+
+
+def metrics_figure(
+    metrics: Mapping[str, Mapping[str, np.ndarray]], tolerances: Mapping[str, float] | None = None
+) -> Figure:
+    """Training curves: loss, accuracy, lambda_max and alignment, where recorded; ``tolerances``
+    (the file's ``tol`` of each curvature group) mark the eigenvalues that did not converge."""
     steps, epochs = metrics.get("steps") or {}, metrics.get("epochs") or {}
     refresh, track = metrics.get("refresh") or {}, metrics.get("track") or {}
     panels = []
@@ -436,9 +451,13 @@ def metrics_figure(metrics: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     if ax := ax_of.get("curvature"):
         _curve(ax, track, "step", "lambda_max", marker=".", label="λ_max (tracked)")
         _curve(ax, refresh, "step", "eigenvalue", ls="", marker="x", label="λ1 at refresh")
+        tol = tolerances or {}
+        bad = [_mark_unconverged(ax, track, "lambda_max", tol.get("track"))]
+        bad.append(_mark_unconverged(ax, refresh, "eigenvalue", tol.get("refresh")))
         ax.set_xlabel("step")
         ax.set_ylabel("eigenvalue")
-        ax.set_title("Top Hessian eigenvalue")
+        title = "Top Hessian eigenvalue"  # a row above its tol was drawn as if converged
+        ax.set_title(f"{title} (red x: NOT converged)" if any(bad) else title)
         ax.legend(fontsize="small")
     if ax := ax_of.get("alignment"):
         _curve(ax, refresh, "step", "alignment", marker="o", ms=3)

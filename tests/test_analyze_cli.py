@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -1811,6 +1812,27 @@ def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     assert err.strip() == "interrupted: nothing was written."
     assert out == ""
     assert out_h5.read_bytes() == before
+
+
+def test_ctrl_c_while_the_file_is_written_says_it_was_written(
+    capsys, tmp_path, digits_mlp, monkeypatch
+):
+    """A Ctrl-C waits for the file to be in place, then stopped the run with nothing said:
+    neither the "wrote" line nor that the file had been written."""
+    from hessian_cli.storage import hdf5
+
+    real = hdf5._write_group
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hdf5, "_write_group", interrupted)
+    out_h5 = tmp_path / "spectra.h5"
+    code, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
+    assert code == 130
+    assert " ".join(err.split()) == f"interrupted: {out_h5} was written first."
+    assert [d["name"] for d in read_analyses(out_h5)] == ["digits_mlp"]
 
 
 def test_recorded_values_hdf5_cannot_hold_do_not_lose_the_results(capsys, tmp_path, digits_mlp):

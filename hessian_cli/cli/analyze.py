@@ -319,13 +319,17 @@ def analyze(
         else:
             console.print(analysis_table(reports[0]), crop=False)
     if lead and out is not None:
-        write_analyses(
-            out,
-            results,
-            command_line=command_line(),
-            save_eigenvectors=save_eigenvectors,
-            series=len(results) > 1,
-        )
+        try:
+            write_analyses(
+                out,
+                results,
+                command_line=command_line(),
+                save_eigenvectors=save_eigenvectors,
+                series=len(results) > 1,
+            )
+        except KeyboardInterrupt:  # held back until the file was in place: it ended unsaid
+            err_console.print(f"interrupted: {out} was written first.", style="yellow")
+            exit_interrupted()
         if not (quiet or as_json):
             console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:

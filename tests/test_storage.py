@@ -512,6 +512,20 @@ def test_a_read_only_file_is_refused_not_appended_to(full, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spectra.h5"]
 
 
+def test_a_read_only_metrics_file_is_refused_when_its_run_resumes(tmp_path):
+    """Refused by the flush that would replace it (since it respects chmod a-w), which comes
+    after the resumed run's first steps: it is refused as the rows are read instead."""
+    from hessian_cli.storage.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.h5", {"model": "mlp"})
+    log.append("steps", step=0, loss=1.0, accuracy=0.5, lr=0.1)
+    log.flush()
+    log.path.chmod(0o444)
+    resumed = MetricsLog(log.path, {"model": "mlp"})
+    with pytest.raises(UserError, match="metrics.h5 is read-only; refusing to write to it"):
+        resumed.load(before_step=1, before_epoch=0)
+
+
 def test_a_large_file_is_written_on_disk_where_there_is_room(full, tmp_path, monkeypatch):
     from hessian_cli.storage import files
 

@@ -42,6 +42,7 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.storage.files import (
+    check_replaceable,
     file_format,
     hdf5_written,
     member,
@@ -137,6 +138,7 @@ class MetricsLog:
             return
         if file_format(self.path) != METRICS_FORMAT_NAME:
             raise UserError(f"{self.path} is not a hessian-cli metrics file.")
+        check_replaceable(self.path)  # now, not at the first flush, after training steps
         stored = read_metrics(self.path)
         with h5py.File(self.path, "r") as f:
             self.created = str(_text(f.attrs.get("created")) or self.created)

@@ -1814,24 +1814,35 @@ def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     assert out_h5.read_bytes() == before
 
 
-def test_ctrl_c_while_the_file_is_written_says_it_was_written(
-    capsys, tmp_path, digits_mlp, monkeypatch
+@pytest.mark.parametrize(
+    "signum, code, said",
+    [
+        (signal.SIGINT, 130, "interrupted: {} was written first."),
+        (signal.SIGTERM, 143, "stopped: the process received SIGTERM; {} was written first."),
+    ],
+)
+def test_a_stop_while_the_file_is_written_says_it_was_written(
+    capsys, tmp_path, digits_mlp, monkeypatch, signum, code, said
 ):
-    """A Ctrl-C waits for the file to be in place, then stopped the run with nothing said:
-    neither the "wrote" line nor that the file had been written."""
+    """A Ctrl-C or SIGTERM waits for the file to be in place, then stopped the run with
+    nothing said of it: neither the "wrote" line nor that the file had been written."""
     from hessian_cli.storage import hdf5
 
     real = hdf5._write_group
 
-    def interrupted(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hdf5, "_write_group", interrupted)
+    def leave(code):  # the entry point's os._exit, which would end pytest too
+        raise SystemExit(code)
+
+    monkeypatch.setattr(hdf5, "_write_group", stopped)
+    monkeypatch.setattr(sys.modules["hessian_cli.cli.app"], "_leave_now", leave)
     out_h5 = tmp_path / "spectra.h5"
-    code, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
-    assert code == 130
-    assert " ".join(err.split()) == f"interrupted: {out_h5} was written first."
+    status, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
+    assert status == code
+    assert " ".join(err.split()) == said.format(out_h5)
     assert [d["name"] for d in read_analyses(out_h5)] == ["digits_mlp"]
 
 

@@ -330,6 +330,10 @@ def analyze(
         except KeyboardInterrupt:  # held back until the file was in place: it ended unsaid
             err_console.print(f"interrupted: {out} was written first.", style="yellow")
             exit_interrupted()
+        except Terminated:  # the same for SIGTERM (said, and status 143, by the entry point)
+            raise Terminated(
+                f"stopped: the process received SIGTERM; {out} was written first."
+            ) from None
         if not (quiet or as_json):
             console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:

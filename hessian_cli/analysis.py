@@ -501,6 +501,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     pickled = _pickled_model(ckpt, request)
     if pickled is None:
         model_spec = _spec(request.model, meta, "model", "model", "--model")
+    elif isinstance(pickled, torch.jit.ScriptModule):  # its class is torch's: say the script's
+        model_spec = f"torchscript {pickled.original_name}"
     else:  # what the results record: its class, not a spec that --model would take
         model_spec = f"pickled {type(pickled).__module__}.{type(pickled).__qualname__}"
     data_spec = _spec(request.data, meta, "data", "data", "--data")

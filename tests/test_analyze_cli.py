@@ -267,6 +267,35 @@ def test_a_trusted_whole_pickled_model_is_the_model_analysed(capsys, tmp_path):
         np.testing.assert_allclose(r["eigen"]["eigenvalues"], values, rtol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_trusted_torchscript_archive_is_the_model_analysed(capsys, tmp_path):
+    """torch.jit.save's archive with --trust-checkpoint and no --model: the script is the model
+    (--model was asked for, since double backward through a script could be wrong), recorded
+    by the script's class; against the dense Hessian of the eager model, with the layers whose
+    scripted double backward was wrong from a script's second run (BatchNorm, Tanh, Dropout)."""
+    data = load_data("digits")
+    xs = torch.stack([data.train[i][0] for i in range(100)]).double()
+    ys = torch.tensor([int(data.train[i][1]) for i in range(100)])
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(5, 10),
+    ).double()  # fmt: skip
+    model(xs)  # running statistics of its own
+    model.eval()
+    batches = [(xs[i : i + 50], ys[i : i + 50]) for i in range(0, 100, 50)]
+    expected = dense_eigh(dense_hessian(copy.deepcopy(model), F.cross_entropy, batches))[0][:3]
+    ckpt = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model), str(ckpt))
+    args = ("--data", "digits", "--num-samples", "100", "--batch-size", "50", "--dtype", "float64")
+    args += ("--top-k", "3", "--tol", "1e-9", "--json")
+    code, out, err = run(capsys, "analyze", ckpt, "--trust-checkpoint", *args)
+    assert code == 0, err
+    r = json.loads(out)
+    np.testing.assert_allclose(r["eigen"]["eigenvalues"], expected.numpy(), rtol=1e-7)
+    assert r["provenance"]["model"] == "torchscript Sequential"
+
+
 def test_alignment_scores_match_dense_hessian(capsys, tmp_path):
     """Every alignment score from the CLI against values computed from the dense Hessian."""
     data = load_data("digits")

@@ -792,6 +792,8 @@ def test_a_trusted_whole_model_is_kept_as_the_module_its_weights_are(tmp_path: P
     assert load_checkpoint(tmp_path / "holder.pt", trust=True, weights_key="net").module is not None
     torch.save(small_state(), tmp_path / "state.pt")
     assert load_checkpoint(tmp_path / "state.pt", trust=True).module is None
-    # A TorchScript archive's module is not kept: second derivatives through it can be wrong.
     torch.jit.save(torch.jit.script(small_model()), tmp_path / "scripted.pt")
-    assert load_checkpoint(tmp_path / "scripted.pt", trust=True).module is None
+    scripted = load_checkpoint(tmp_path / "scripted.pt", trust=True).module
+    assert isinstance(scripted, torch.jit.ScriptModule) and _equal(
+        scripted.state_dict(), small_state()
+    )

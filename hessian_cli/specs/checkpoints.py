@@ -399,10 +399,9 @@ def _unwrap(
 def _holding(module: nn.Module | None, state: dict[str, torch.Tensor]) -> nn.Module | None:
     """The part of ``module`` (itself, or a module inside it) whose state dict is ``state``, the
     very tensors: a wrapper's model (nn.DataParallel's ``module``, whose prefix was stripped),
-    the part --weights-key named. None where no part is (then the weights alone are used), and
-    for a TorchScript archive's: double backward through a script can be wrong (a BatchNorm and
-    Dropout model in eval mode: lambda_1 1.45 for the eager model's 1.68, unsaid)."""
-    if module is None or isinstance(module, torch.jit.ScriptModule):
+    the part --weights-key named, a TorchScript archive's module. None where no part is (then
+    the weights alone are used)."""
+    if module is None:
         return None
     where = {k: v.data_ptr() for k, v in state.items()}
     for part in module.modules():

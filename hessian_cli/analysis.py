@@ -73,7 +73,12 @@ from hessian_cli.specs import (
     model_device,
     takes_token_ids,
 )
-from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, TRAINER_WEIGHTS, WeightsMismatch
+from hessian_cli.specs.checkpoints import (
+    RUN_CHECKPOINTS,
+    TRAINER_WEIGHTS,
+    WeightsMismatch,
+    trainer_weights,
+)
 from hessian_cli.specs.data import data_names_code
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
@@ -126,14 +131,28 @@ class AnalyzeRequest:
     weights_key: str | None = None  # which of a file's weights (see load_checkpoint)
 
 
-def checkpoint_paths(target: str | Path) -> list[Path]:
+def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
     """One checkpoint file, or every checkpoint in a directory (of a training run directory:
-    in its checkpoints folder)."""
-    path = Path(target)
-    if not path.exists():
-        if path.is_symlink():  # dangling, or a loop of links
-            raise UserError(f"The checkpoint {path} is a symbolic link that leads nowhere.")
-        raise UserError(f"No such checkpoint file or directory: {path}.")
+    in its checkpoints folder); or several files (a shell glob's), Trainer checkpoint folders
+    among them taken for their weights: a series, as a directory's."""
+    targets = [Path(target)] if isinstance(target, str | Path) else [Path(t) for t in target]
+    if not targets:
+        raise UserError("No checkpoint was given.")
+    if len(targets) == 1:
+        return _paths_in(targets[0])
+    paths = []
+    for path in targets:
+        _check_exists(path)
+        weights = trainer_weights(path) if path.is_dir() else path
+        if weights is None:
+            raise UserError(f"{path} is a directory: give it alone, or only checkpoint files.")
+        paths.append(weights)
+    return paths
+
+
+def _paths_in(path: Path) -> list[Path]:
+    """A checkpoint file itself, or the checkpoints of a directory."""
+    _check_exists(path)
     if path.is_dir():
         found = list_checkpoints(path)
         if not found and (path / RUN_CHECKPOINTS).is_dir():
@@ -147,6 +166,13 @@ def checkpoint_paths(target: str | Path) -> list[Path]:
             )
         return found
     return [path]
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        if path.is_symlink():  # dangling, or a loop of links
+            raise UserError(f"The checkpoint {path} is a symbolic link that leads nowhere.")
+        raise UserError(f"No such checkpoint file or directory: {path}.")
 
 
 class SeriesStopped(UserError):
@@ -175,11 +201,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def analyze_target(
-    target: str | Path, request: AnalyzeRequest, progress: Progress | None = None
+    target: str | Path | Sequence[str | Path],
+    request: AnalyzeRequest,
+    progress: Progress | None = None,
 ) -> list[CheckpointAnalysis]:
-    """Analyse one checkpoint or a directory of them, returned in step/epoch order; whatever
-    stops a checkpoint after the first (bad input, an error, a lost torchrun peer, an interrupt)
-    is :class:`SeriesStopped`, which holds the results so far."""
+    """Analyse one checkpoint, a directory of them or several files (:func:`checkpoint_paths`),
+    returned in step/epoch order; whatever stops a checkpoint after the first (bad input, an
+    error, a lost torchrun peer, an interrupt) is :class:`SeriesStopped`, which holds the
+    results so far."""
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)

@@ -695,6 +695,19 @@ def test_a_warm_started_checkpoint_of_a_series_names_its_start_in_the_provenance
         assert f["checkpoints/c2"].attrs["warm_start"] == "c1"
 
 
+def test_several_checkpoint_files_are_a_series_in_step_order(capsys, tmp_path, digits_mlp):
+    """A shell glob (analyze run/c*.pt) gives several paths: Typer refused them as 'unexpected
+    extra argument(s)'. They are a series, in step order as a directory's."""
+    runs, _ = _series_of_two(tmp_path, digits_mlp)
+    args = ("--top-k", "1", "--json")
+    code, out, err = run(capsys, "analyze", runs / "c2.pt", runs / "c1.pt", *args)
+    assert code == 0, err
+    assert [r["name"] for r in json.loads(out)] == ["c1", "c2"]
+    assert json.loads(out)[1]["provenance"]["warm_start"] == "c1"
+    code, _, err = run(capsys, "analyze", runs / "c1.pt", runs, *args)
+    assert code == 2 and f"{runs} is a directory: give it alone" in one_sentence(err)
+
+
 def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
     tmp_path, digits_mlp, monkeypatch
 ):
@@ -768,6 +781,11 @@ def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(
     (alone,) = json.loads(out)  # its weights alone, not its optimizer's state
     assert alone["name"] == "checkpoint-1000" and alone["provenance"]["step"] == 1000
     assert alone["eigen"]["eigenvalues"][0] == pytest.approx(top[1], rel=1e-5)
+    # A glob of the folders (checkpoint-*) is a series of their weights.
+    folders = (run_dir / "checkpoint-1500", run_dir / "checkpoint-500")
+    code, out, err = run(capsys, "analyze", *folders, *args)
+    assert code == 0, err
+    assert [r["name"] for r in json.loads(out)] == ["checkpoint-500", "checkpoint-1500"]
 
 
 def test_a_directory_of_different_models_is_analysed_without_a_shared_warm_start(

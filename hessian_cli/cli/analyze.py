@@ -42,13 +42,13 @@ EXIT_UNCONVERGED = 3
 @app.command()
 def analyze(
     ctx: typer.Context,
-    target_name: str = typer.Argument(
+    target_names: list[str] = typer.Argument(
         ...,
         metavar="TARGET",
         help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .th, .ckpt, .pkl, "
         ".safetensors; also a `train` run's directory or a Hugging Face Trainer's output, "
-        "its checkpoint-N folders), analysed in order of their recorded step, else of their "
-        "names.",
+        "its checkpoint-N folders), or several files (a glob such as 'run/step*.pt'), "
+        "analysed in order of their recorded step, else of their names.",
     ),
     model: str | None = typer.Option(
         None,
@@ -223,7 +223,7 @@ def analyze(
     from hessian_cli.storage.hdf5 import check_output_name, check_writable, write_analyses
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
-        target = given_path(target_name, "TARGET", "model.pt")
+        targets = [given_path(name, "TARGET", "model.pt") for name in target_names]
         out = named_path(out_name, "--out", "spectra.h5")
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
@@ -298,7 +298,7 @@ def analyze(
         try:
             # What user code prints (a factory, a model's forward) would break the JSON on stdout.
             with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-                results, stopped = analyze_target(target, request, progress), None
+                results, stopped = analyze_target(targets, request, progress), None
         except SeriesStopped as exc:  # keep what was done: shown and written, then the error
             results, stopped = exc.results, exc
         except KeyboardInterrupt:  # before the first result (after it: SeriesStopped)
@@ -310,8 +310,9 @@ def analyze(
     reports = [analysis_to_dict(r) for r in results]
     # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
     if lead and as_json:
-        # A directory is a series, a list however many it held: one shape for scripts to read.
-        one = not target.is_dir()
+        # A directory or several files are a series, a list however many it held: one shape
+        # for scripts to read.
+        one = len(targets) == 1 and not targets[0].is_dir()
         print_json(reports[0] if one else reports)
     elif lead and not quiet:
         if len(reports) > 1:

@@ -887,7 +887,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory.")
-    own = _trainer_weights(directory)
+    own = trainer_weights(directory)
     shards = (directory / f"{n}.index.json" for n in TRAINER_WEIGHTS)
     if own is None and (index := next((i for i in shards if i.is_file()), None)) is not None:
         # (its shards would each be taken for a checkpoint, and each miss the others' weights)
@@ -902,7 +902,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         raise UserError(f"cannot list {str(directory)!r}: {exc.strerror or exc}.") from exc
     found = [own] if own is not None else _checkpoint_files(entries)
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    found += [w for p in folders if (w := _trainer_weights(p)) is not None]
+    found += [w for p in folders if (w := trainer_weights(p)) is not None]
     return sorted(found, key=lambda p: _natural_key(series_name(p)))
 
 
@@ -922,6 +922,6 @@ def _checkpoint_files(entries: list[Path]) -> list[Path]:
     return [p for p in found if not (p.is_symlink() and p.resolve() in files)]
 
 
-def _trainer_weights(folder: Path) -> Path | None:
+def trainer_weights(folder: Path) -> Path | None:
     """The weights file of a Hugging Face Trainer checkpoint folder, where ``folder`` is one."""
     return next((folder / n for n in TRAINER_WEIGHTS if (folder / n).is_file()), None)

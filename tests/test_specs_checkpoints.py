@@ -446,6 +446,20 @@ def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
     assert [p.name for p in found] == ["ckpt1.pth", "ckpt2.pt", "ckpt10.pt", "final.pkl"]
     ordered = sorted((load_checkpoint(p) for p in found), key=checkpoint_order_key)
     assert [c.path.name for c in ordered] == ["ckpt1.pth", "ckpt2.pt", "ckpt10.pt", "final.pkl"]
+    # Without steps, a run's start and end by name: init.pt came after final.pt and ckpt10.pt.
+    torch.save(small_state(), names / "init.pt")
+    save_checkpoint(names / "ckpt5.pt", state_dict=small_state(), metadata={"step": 5})
+    ordered = sorted(
+        (load_checkpoint(p) for p in list_checkpoints(names)), key=checkpoint_order_key
+    )
+    assert [c.path.name for c in ordered] == [
+        "init.pt",
+        "ckpt5.pt",  # its recorded step before the names
+        "ckpt1.pth",
+        "ckpt2.pt",
+        "ckpt10.pt",
+        "final.pkl",
+    ]
     with pytest.raises(UserError, match="not a directory"):
         list_checkpoints(names / "ckpt2.pt")
     # A link that leads nowhere is listed (it was skipped silently), so that reading it fails.

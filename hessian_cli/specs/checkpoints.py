@@ -847,18 +847,28 @@ def _check_safe(obj: Any, where: str) -> None:
 # ----------------------------------------------------------------------------- series
 
 
+# Words that place a checkpoint that records no step at the start or the end of its run: by
+# name alone, init.pt came after final.pt and step_100.pt.
+_FIRST_WORDS = frozenset({"init", "initial", "start"})
+_LAST_WORDS = frozenset({"final", "last"})
+
+
 def checkpoint_order_key(ckpt: LoadedCheckpoint) -> tuple:
     """Sort key for a training series: (step, epoch) from metadata, else the file name's numbers.
 
     Self-describing checkpoints sort before name-ordered ones; names sort naturally
-    (``ckpt2`` before ``ckpt10``).
+    (``ckpt2`` before ``ckpt10``); of those that record no step, a name with a word of the
+    start (``init``, ``initial``, ``start``) comes first of all, and one of the end (``final``,
+    ``last``) last of all.
     """
     meta = ckpt.metadata or {}
     step, epoch = _as_number(meta.get("step")), _as_number(meta.get("epoch"))
     name = _natural_key(ckpt.name)
     if step is not None or epoch is not None:
-        return (0, -1.0 if step is None else step, -1.0 if epoch is None else epoch, name)
-    return (1, -1.0, -1.0, name)
+        return (1, -1.0 if step is None else step, -1.0 if epoch is None else epoch, name)
+    words = set(re.findall(r"[a-z]+", ckpt.name.lower()))
+    place = 0 if words & _FIRST_WORDS else 3 if words & _LAST_WORDS else 2
+    return (place, -1.0, -1.0, name)
 
 
 def _as_number(value: Any) -> float | None:

@@ -219,7 +219,15 @@ def analyze_target(
         held_only = len(paths) > 1  # (copies left out below may leave one file of several)
         loaded = []
         for path in paths:
-            ckpt = _load(path, request)
+            try:
+                ckpt = _load(path, request)
+            except UserError as exc:
+                if held_only:  # one file need not stop the others
+                    exc.args = (
+                        f"{str(exc).rstrip('.')}; to analyse the others, give them as "
+                        "files without it.",
+                    )
+                raise
             try:  # one that names no model or data: said before hours of products
                 _check_specs_named(ckpt, request)
             except UserError as exc:

@@ -708,6 +708,17 @@ def test_several_checkpoint_files_are_a_series_in_step_order(capsys, tmp_path, d
     assert code == 2 and f"{runs} is a directory: give it alone" in one_sentence(err)
 
 
+def test_an_optimizer_state_in_a_series_directory_is_named_as_such(capsys, tmp_path, digits_mlp):
+    """optimizer.pt beside the checkpoints stopped the series with advice to pick its weights
+    with --weights-key, which no key finds in an optimizer's state."""
+    runs, _ = _series_of_two(tmp_path, digits_mlp)
+    torch.save(torch.optim.SGD(torch.nn.Linear(2, 1).parameters()).state_dict(), runs / "optim.pt")
+    code, _, err = run(capsys, "analyze", runs, "--top-k", "1")
+    message = one_sentence(err)
+    assert code == 2 and "optim.pt' holds an optimizer's state" in message, message
+    assert "--weights-key" not in message and "give them as files without it" in message
+
+
 def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
     tmp_path, digits_mlp, monkeypatch
 ):

@@ -455,6 +455,12 @@ def _state_in(obj: Any, path: Path, top: Any) -> tuple[dict[str, Any], nn.Module
             break
         current = nested
     entries = ", ".join(list(map(str, top))[:8]) if isinstance(top, dict) else ""
+    if isinstance(top, dict) and {"state", "param_groups"} <= top.keys():
+        # The optimizer.pt beside a model.pt: no --weights-key finds weights in it.
+        raise UserError(
+            f"checkpoint {str(path)!r} holds an optimizer's state (its entries: {entries}), not "
+            "a model's weights."
+        )
     if isinstance(current, dict) and current and all(isinstance(k, str) for k in current):
         bad = next(k for k, v in current.items() if not isinstance(v, torch.Tensor))
         raise UserError(

@@ -55,8 +55,10 @@ from hessian_cli.specs import (
     CHECKPOINT_SUFFIXES,
     DataSource,
     LoadedCheckpoint,
+    absolute,
     analysis_batches,
     anchored,
+    anchored_data,
     apply_weights,
     build_model,
     check_finite,
@@ -875,11 +877,13 @@ def _provenance(
         # as --weights-key named, and the leading name under which they alone fit the model.
         "weights_key": ckpt.weights_key,
         "weights_prefix": s.weights_part,
-        "model": s.model_spec,
+        # Files named relatively (--data batch.npz, --model net.py:make) made absolute, as
+        # the checkpoint's path: the results are read from elsewhere later.
+        "model": anchored(s.model_spec),
         "model_kwargs": s.model_kwargs,  # None (not recorded) where there were none
-        "data": s.data_spec,
-        "data_root": s.data_root,
-        "loss": s.loss_spec,
+        "data": anchored_data(s.data_spec),
+        "data_root": None if s.data_root is None else absolute(s.data_root),
+        "loss": anchored(s.loss_spec),
         "params_glob": ",".join(request.params or []) or "*",
         "num_params": op.n,
         "num_samples": op.num_samples,

@@ -94,6 +94,23 @@ def test_the_checkpoint_path_recorded_is_absolute(capsys, digits_mlp, monkeypatc
     assert json.loads(out)["provenance"]["checkpoint"] == str(digits_mlp.absolute())
 
 
+def test_the_data_and_code_files_recorded_are_absolute(capsys, tmp_path, digits_mlp, monkeypatch):
+    """--data batch.npz was recorded as given, which names no file once read elsewhere."""
+    x, y = load_data("digits").train.tensors
+    np.savez(tmp_path / "batch.npz", x=x[:32].numpy(), y=y[:32].numpy())
+    (tmp_path / "net.py").write_text(
+        "from hessian_cli.specs import build_model\n\n\ndef net():\n"
+        f"    return build_model('mlp', input_shape=(1, 8, 8), num_classes=10, kwargs={MLP_KW})\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = ("--data", "batch.npz", "--model", "net.py:net", "--top-k", "1", "--json")
+    code, out, err = run(capsys, "analyze", digits_mlp, *args)
+    assert code == 0, err
+    provenance = json.loads(out)["provenance"]
+    assert provenance["data"] == str(tmp_path / "batch.npz")
+    assert provenance["model"] == f"{tmp_path / 'net.py'}:net"
+
+
 @pytest.mark.parametrize(
     "method, top_k, samples",
     # The eigenpairs computed begin Hutch++'s sketch: 60 - 2 * (20 - 3) samples.

@@ -252,6 +252,18 @@ def test_module_entry_point_show_and_plot(files, tmp_path):
     assert_png(out)
 
 
+def test_a_figure_named_without_a_suffix_is_written_as_png(capsys, files, tmp_path):
+    """-o fig wrote a PNG file named fig, which no viewer takes for an image; it is fig.png, as
+    matplotlib's savefig names it."""
+    code, out, err = run(capsys, "plot", files["series"], "-o", tmp_path / "fig")
+    assert code == 0, err
+    assert_png(tmp_path / "fig.png")
+    assert not (tmp_path / "fig").exists() and f"wrote {tmp_path / 'fig.png'}" in out
+    # A device (-o /dev/stdout into a pipe) is written as named, a PNG.
+    code, out, err = run(capsys, "plot", files["series"], "-o", os.devnull)
+    assert code == 0 and out == f"wrote {os.devnull}\n", err
+
+
 def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("hello\n")
@@ -261,7 +273,7 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
         group = next(iter(f["checkpoints"].values()))
         del group["converged"]
         group["converged"] = [True]
-    spectra_copy = tmp_path / "spectra_noext"  # no suffix: a figure would be a PNG
+    spectra_copy = tmp_path / "spectra.png"  # an HDF5 file under a figure's name
     spectra_copy.write_bytes(files["single"].read_bytes())
     cases = [
         (["show", str(tmp_path / "missing.h5")], "does not exist"),
@@ -280,7 +292,7 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
         assert code != 0 and "Traceback" not in out
         text = one_sentence(err)  # unwrapped: the error console wraps it to the terminal
         assert text.count("error") == 1 and message in text, text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.h5", "short.h5", "spectra_noext"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.h5", "short.h5", "spectra.png"]
     assert spectra_copy.read_bytes() == files["single"].read_bytes()
 
 

@@ -22,7 +22,8 @@ def plot(
         "--output",
         "--out",  # as analyze and train name theirs
         "-o",
-        help="Where to write the figure; the suffix picks the format (.png, .pdf, .svg).",
+        help="Where to write the figure; the suffix picks the format (.png, .pdf, .svg; none: "
+        ".png is added).",
     ),
     checkpoint: str | None = typer.Option(
         None,

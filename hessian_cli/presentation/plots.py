@@ -59,10 +59,14 @@ def _figure(panels: int) -> tuple[Figure, list[Axes]]:
 
 
 def save_figure(fig: Figure, out_path: str | Path) -> Path:
-    """Render ``fig`` to ``out_path`` (format from the suffix, PNG by default) atomically."""
+    """Render ``fig`` to ``out_path`` (format from the suffix) atomically; a name without a
+    suffix gets ``.png``, as matplotlib's ``savefig`` gives it (a PNG was written under the
+    bare name), except a pipe or device (``-o /dev/stdout``)."""
     out = Path(out_path)
     if out.is_dir():  # "." was told "device or resource busy" when renamed over
         raise UserError(f"-o {out} is a directory; give a file name such as fig.png.")
+    if not out.suffix and (out.is_file() or not out.exists()):
+        out = out.with_name(out.name + ".png")
     fmt = out.suffix.lstrip(".").lower() or "png"
     supported = fig.canvas.get_supported_filetypes()
     supported.pop("pgf", None)  # needs a LaTeX installation

@@ -1531,6 +1531,9 @@ def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, dig
     assert code == 0
     (report,) = json.loads(out)
     assert len(report["eigen"]["eigenvalues"]) == 2
+    # Its own table is headed by its group: it was headed 'digits_mlp', the other's name too.
+    code, out, _ = run(capsys, "show", out_h5, "-c", "digits_mlp-2")
+    assert code == 0 and "\ndigits_mlp-2\n" in out, out
 
 
 @pytest.mark.parametrize(

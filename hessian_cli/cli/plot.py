@@ -6,7 +6,7 @@ import typer
 
 from hessian_cli.cli.app import app, results_console
 from hessian_cli.cli.options import given_path, named_path
-from hessian_cli.cli.result_files import Metrics, read_result_file, result_file
+from hessian_cli.cli.result_files import Metrics, read_result_file, result_file, told_apart
 from hessian_cli.launch import env_rank
 
 
@@ -46,7 +46,7 @@ def plot(
         if isinstance(found, Metrics):
             figure = metrics_figure(found.columns, found.info.get("tolerances"))
         else:
-            figure = spectra_figure(found.reports)
+            figure = spectra_figure(told_apart(found, checkpoint))
     written = save_figure(figure, output)
     # unwrapped into a pipe: a long path cut over two lines broke a script reading it
     results_console().print(f"wrote {written}", highlight=False, markup=False, crop=False)

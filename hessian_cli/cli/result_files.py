@@ -106,3 +106,13 @@ def pick_checkpoint(
                 f"{file} holds no checkpoint named {name!r}; it holds: {shown or 'none'}."
             )
     return [d for d, _ in pairs], [g for _, g in pairs]
+
+
+def told_apart(spectra: Spectra, checkpoint: str | None) -> list[dict[str, Any]]:
+    """The reports named as the series table shows them: by their group where the names repeat
+    (a checkpoint analysed twice is stored as name and name-2), and where ``--checkpoint``
+    picked one by its group (``-c name-2`` was headed by the name both share)."""
+    ds, groups = spectra.reports, spectra.groups
+    if checkpoint in groups or len({d["name"] for d in ds}) < len(ds):
+        return [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
+    return ds

@@ -8,7 +8,7 @@ import typer
 
 from hessian_cli.cli.app import app, print_json, results_console
 from hessian_cli.cli.options import given_path
-from hessian_cli.cli.result_files import Metrics, read_result_file, result_file
+from hessian_cli.cli.result_files import Metrics, read_result_file, result_file, told_apart
 from hessian_cli.launch import env_rank
 
 
@@ -77,10 +77,7 @@ def show(
     if as_json:
         print_json([{**d, "group": g} for d, g in zip(ds, groups, strict=True)])
         return
-    # A checkpoint analysed twice is stored in two groups (name, name-2): tell them apart by
-    # the group where the names repeat.
-    if len({d["name"] for d in ds}) < len(ds):
-        ds = [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
+    ds = told_apart(found, checkpoint)
     with reading(file):  # all built before any is printed: no half-shown file
         tables = [file_summary(file, ds, found.info)]
         if len(ds) > 1:

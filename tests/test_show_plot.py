@@ -532,7 +532,8 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert str(table.columns[3].header) == "model"
     assert list(table.columns[3].cells) == ["mlp (2,410)", "cnn (1,418)", "mlp (2,410)"]
     fig = spectra_figure(ds)
-    assert fig.get_suptitle() == "2 runs (models, parameter sets or checkpoint directories)"
+    title = "2 runs (models, parameter sets, checkpoint directories or analysis settings)"
+    assert fig.get_suptitle() == title
     drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
     assert [(line.get_marker(), list(line.get_ydata())) for line in drawn] == [
         ("o", [2.0, 2.0]),  # a and c, the mlp, joined
@@ -621,6 +622,24 @@ def test_a_reduced_precision_table_says_which_numbers_were_checked():
         f"{head} (the residuals below are full-precision ones; from the rounded products alone: "
         "density)."
     )
+
+
+def test_analyses_of_one_checkpoint_with_other_settings_are_a_trajectory_each():
+    """One checkpoint analysed again with another --num-samples was drawn as one run of two
+    points at its step: a vertical line between two matrices."""
+    ds = [
+        {
+            "name": "m",
+            "provenance": {"model": "mlp", "num_params": 2410, "step": 168, "num_samples": n},
+            "eigen": {"which": "largest", "eigenvalues": [top], "converged": [1]},
+        }
+        for n, top in ((32, 2.55), (64, 2.08))
+    ]
+    fig = spectra_figure(ds)
+    drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
+    assert [list(line.get_ydata()) for line in drawn] == [[2.55], [2.08]]
+    named = {h.get_marker(): h.get_label() for h in fig.legends[0].legend_handles}
+    assert named == {"o": "mlp (2,410), num_samples=32", "s": "mlp (2,410), num_samples=64"}
 
 
 def test_a_trainer_output_folder_is_one_run_not_a_run_per_checkpoint_folder():

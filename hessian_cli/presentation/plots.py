@@ -218,24 +218,43 @@ def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
     return np.arange(1, len(ds) + 1, dtype=float), "checkpoint (file order)"
 
 
-# Markers that tell apart the runs (models, parameter sets, checkpoint directories) of a file.
+# Markers that tell apart the runs (models, parameter sets, checkpoint directories, analysis
+# settings) of a file.
 _MODEL_MARKERS = "osD^v<>ph*"
+# What an analysis was of besides its checkpoint: analyses of one checkpoint that differ in one
+# are of another matrix (or another estimate of it), not steps of one trajectory.
+_SETTINGS = ("data", "num_samples", "loss", "bn", "dtype", "precision")
+
+
+def _run_keys(ds: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...] | None]:
+    """Each checkpoint's run (:func:`run_key`) and analysis settings; None where its file
+    records no model."""
+    return [
+        None
+        if (run := run_key(d)) is None
+        else (run, tuple((d.get("provenance") or {}).get(k) for k in _SETTINGS))
+        for d in ds
+    ]
 
 
 def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str, str | None]]:
     """The checkpoints' positions per run, each drawn as a trajectory of its own: positions,
     marker and the run's legend label (None where the file holds one run)."""
-    keys = [run_key(d) for d in ds]
+    keys = _run_keys(ds)
     if len(set(keys) - {None}) <= 1:
         return [(np.arange(len(ds)), "o", None)]
     groups = list(dict.fromkeys(keys))
     several = several_runs(ds)
+    provs = [d.get("provenance") or {} for d in ds]
+    differ = [k for k in _SETTINGS if len({repr(p.get(k)) for p in provs}) > 1]
 
     def label(key: tuple[Any, ...] | None) -> str:
         if key is None:
             return "model not recorded"
-        prov = ds[keys.index(key)]["provenance"]
-        return _literal(model_cell(prov) + (f" in {run_directory(prov)}" if several else ""))
+        prov = provs[keys.index(key)]
+        where = f" in {run_directory(prov)}" if several else ""
+        settings = "".join(f", {k}={prov.get(k)}" for k in differ)
+        return _literal(model_cell(prov) + where + settings)
 
     return [
         (
@@ -258,12 +277,15 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if not k and not has_trace and not has_density:
         raise UserError("The file holds no eigenvalues, traces or densities to plot.")
     fig, axes = _figure(bool(k) + has_trace + has_alignment + has_density)
-    # Checkpoints of different models, parameter sets or runs (checkpoint directories) appended
-    # to one file: a trajectory and a marker for each (they were drawn as one).
+    # Checkpoints of different models, parameter sets, runs (checkpoint directories) or analysis
+    # settings appended to one file: a trajectory and a marker for each (they were drawn as one).
     runs = [(at[np.argsort(x[at], kind="stable")], m, lab) for at, m, lab in _trajectories(ds)]
     if len(runs) > 1:  # points of files that record no model are not counted as a run
-        counted_runs = len({run_key(d) for d in ds} - {None})
-        fig.suptitle(f"{counted_runs} runs (models, parameter sets or checkpoint directories)")
+        counted_runs = len(set(_run_keys(ds)) - {None})
+        fig.suptitle(
+            f"{counted_runs} runs (models, parameter sets, checkpoint directories or analysis "
+            "settings)"
+        )
     panels = iter(axes)
     if k:
         ax = next(panels)

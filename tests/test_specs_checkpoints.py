@@ -497,6 +497,8 @@ def test_a_series_of_other_tools_is_read_whole_once_and_in_their_order(tmp_path:
         ("ckpt_best.ckpt", {"step": 700, "epoch": 7}),
         ("ckpt_11.ckpt", {"step": 1100, "epoch": 11}),
     ]
+    # Named without the whole suffix (it was 'checkpoint.pth'), and messages name the file.
+    assert (ordered[0].name, ordered[0].label) == ("checkpoint", "checkpoint.pth.tar")
     torch.save({"model": small_state(), "epoch": 3.5, "step": True}, tmp_path / "odd.pt")
     assert load_checkpoint(tmp_path / "odd.pt").metadata == {}  # not whole numbers
 

@@ -88,14 +88,17 @@ class LoadedCheckpoint:
     def label(self) -> str:
         """How messages name it: its file's name, after its Trainer folder's where it has one
         (``checkpoint-500/model.safetensors``: the file's name alone is every folder's)."""
-        stem = self.path.stem
-        return self.path.name if self.name == stem else f"{self.name}/{self.path.name}"
+        in_folder = self.path.name in TRAINER_WEIGHTS and self.path.parent.name
+        return f"{self.name}/{self.path.name}" if in_folder else self.path.name
 
 
 def series_name(path: Path) -> str:
-    """A checkpoint's name in a series: its file's stem, or, for the weights of a Trainer's
-    checkpoint folder (all named alike), the folder's name."""
-    return path.parent.name if path.name in TRAINER_WEIGHTS and path.parent.name else path.stem
+    """A checkpoint's name in a series: its file's name without its suffix (``.pth.tar`` whole:
+    pytorch/examples' checkpoint.pth.tar was named ``checkpoint.pth``), or, for the weights of a
+    Trainer's checkpoint folder (all named alike), the folder's name."""
+    if path.name in TRAINER_WEIGHTS and path.parent.name:
+        return path.parent.name
+    return path.name[: -len(".pth.tar")] if path.name.lower().endswith(".pth.tar") else path.stem
 
 
 # ----------------------------------------------------------------------------- loading

@@ -205,7 +205,8 @@ def analyze(
     as_json: bool = typer.Option(
         False,
         "--json",
-        help="Print JSON instead of tables: one object, or a list of them for a directory.",
+        help="Print JSON instead of tables: one object, or a list of them for a directory or "
+        "several files.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:

@@ -309,6 +309,20 @@ def test_series_order_by_step_then_insertion(full, tmp_path):
     assert read_file_info(path)["trajectory"] is True
 
 
+def test_a_series_start_and_end_that_record_no_step_are_placed_by_their_names(full, tmp_path):
+    """init.pt beside checkpoints that record their steps was stored after them (analyze
+    showed it first, show and plot last: the plot's file-order axis drew it at the end)."""
+    path = tmp_path / "series.h5"
+
+    def unstepped(name: str) -> CheckpointAnalysis:
+        a = variant(full, name, None)
+        return dataclasses.replace(a, provenance={**a.provenance, "epoch": None})
+
+    written = [unstepped("init"), variant(full, "s100", 100), unstepped("final")]
+    write_analyses(path, [*written, unstepped("extra")], command_line="x", series=True)
+    assert group_names(path) == ["init", "s100", "extra", "final"]
+
+
 class Boom(RuntimeError):
     pass
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from hessian_cli.errors import UserError, a_type, first_line
 from hessian_cli.storage.files import atomic_path, file_sha256
+from hessian_cli.storage.hdf5 import name_place
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -856,12 +857,6 @@ def _check_safe(obj: Any, where: str) -> None:
 # ----------------------------------------------------------------------------- series
 
 
-# Words that place a checkpoint that records no step at the start or the end of its run: by
-# name alone, init.pt came after final.pt and step_100.pt.
-_FIRST_WORDS = frozenset({"init", "initial", "start"})
-_LAST_WORDS = frozenset({"final", "last"})
-
-
 def checkpoint_order_key(ckpt: LoadedCheckpoint) -> tuple:
     """Sort key for a training series: (step, epoch) from metadata, else the file name's numbers.
 
@@ -874,10 +869,9 @@ def checkpoint_order_key(ckpt: LoadedCheckpoint) -> tuple:
     step, epoch = _as_number(meta.get("step")), _as_number(meta.get("epoch"))
     name = _natural_key(ckpt.name)
     if step is not None or epoch is not None:
-        return (1, -1.0 if step is None else step, -1.0 if epoch is None else epoch, name)
-    words = set(re.findall(r"[a-z]+", ckpt.name.lower()))
-    place = 0 if words & _FIRST_WORDS else 3 if words & _LAST_WORDS else 2
-    return (place, -1.0, -1.0, name)
+        return (0, -1.0 if step is None else step, -1.0 if epoch is None else epoch, name)
+    place = name_place(ckpt.name)  # as the HDF5 file orders them
+    return (place if place < 0 else place + 1, -1.0, -1.0, name)
 
 
 def _as_number(value: Any) -> float | None:

@@ -371,14 +371,30 @@ def _series_order(f: h5py.File, new: list[str]) -> list[str]:
     return _by_step(f, [n for n in _stored_order(f) if n not in set(new)] + new)
 
 
+# Words that place a checkpoint that records no step or epoch at the start or the end of its
+# run: by name alone, init.pt came after final.pt and step_100.pt.
+_FIRST_WORDS = frozenset({"init", "initial", "start"})
+_LAST_WORDS = frozenset({"final", "last"})
+
+
+def name_place(name: str) -> int:
+    """Where its name places a checkpoint that records no step or epoch in its series: -1
+    before all others (``init``, ``initial``, ``start``), 1 after all (``final``, ``last``),
+    else 0."""
+    words = set(re.findall(r"[a-z]+", name.lower()))
+    return -1 if words & _FIRST_WORDS else 1 if words & _LAST_WORDS else 0
+
+
 def _by_step(f: h5py.File, names: list[str]) -> list[str]:
-    """``names`` by (step, epoch) where known; ties and unknowns keep their order."""
+    """``names`` by (step, epoch) where known, those that know neither placed by
+    :func:`name_place`; ties and unknowns keep their order."""
 
     def key(item: tuple[int, str]) -> tuple:
         i, name = item
         attrs = f["checkpoints"][name].attrs
         step, epoch = _ordinal(attrs.get("step")), _ordinal(attrs.get("epoch"))
-        return (step is None, step or 0.0, epoch is None, epoch or 0.0, i)
+        place = name_place(name) if step is None and epoch is None else 0
+        return (place >= 0, step is None, step or 0.0, epoch is None, epoch or 0.0, place, i)
 
     return [name for _, name in sorted(enumerate(names), key=key)]
 

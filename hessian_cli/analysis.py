@@ -214,6 +214,11 @@ def analyze_target(
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
+        if len(paths) > 1 and request.data:
+            # The --data file kept beside the checkpoints is none of them (its x and y were
+            # taken for weights, refused at its turn: after the others' hours of products).
+            data = anchored_data(request.data)
+            paths = [p for p in paths if absolute(str(p)) != data] or paths
         # Every file is read first (one that cannot be is said before hours of products, and
         # the metadata orders the series), but of a series only its order and digest are held:
         # each file's weights are read again at its turn (a series held them all, with what

@@ -736,6 +736,21 @@ def test_an_optimizer_state_in_a_series_directory_is_named_as_such(capsys, tmp_p
     assert "--weights-key" not in message and "give them as files without it" in message
 
 
+def test_the_data_file_in_a_series_directory_is_not_taken_for_a_checkpoint(
+    capsys, tmp_path, digits_mlp
+):
+    """--data DIR/z_batch.pt beside the checkpoints was analysed as one, its x and y refused as
+    weights that do not match the model after the others' analyses."""
+    runs, _ = _series_of_two(tmp_path, digits_mlp)
+    x, y = load_data("digits").train.tensors
+    torch.save({"x": x[:32], "y": y[:32]}, runs / "z_batch.pt")
+    model = ("--model", "mlp", "--model-kwargs", json.dumps(MLP_KW))
+    args = ("--data", runs / "z_batch.pt", *model, "--top-k", "1", "--json")
+    code, out, err = run(capsys, "analyze", runs, *args)
+    assert code == 0, err
+    assert [r["name"] for r in json.loads(out)] == ["c1", "c2"]
+
+
 def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
     tmp_path, digits_mlp, monkeypatch
 ):

@@ -484,11 +484,12 @@ def test_a_pair_behind_an_unconverged_one_is_not_called_converged(criterion):
     tolerance at the 40th smallest eigenvalue (85 times the tolerance from the 10th) while
     pairs 1-8 did not, and was called converged. Only a leading run of pairs is, each its own
     eigenvalue's. (A budget ends the solve there. Which budgets end it in that case depends on
-    rounding, so on the CPU and its thread count: the first one that does is taken.)"""
+    rounding, so on the CPU and its thread count: the first one that does is taken. Each is
+    below 2n, which a solve needs to take the whole space once it has spent n.)"""
     spectrum = 10 * 0.8 ** torch.arange(80, dtype=torch.float64)
     H = _with_spectrum(spectrum, 0)
     true = torch.linalg.eigvalsh(H)
-    for budget in range(150, 501, 25):
+    for budget in range(100, 160, 5):
         res = eigenpairs(
             MatrixOperator(H), 10, which="smallest", tol=1e-6, criterion=criterion, max_hvps=budget
         )
@@ -637,12 +638,14 @@ def test_pairs_near_the_size_of_the_space_leave_the_basis_no_room_for_a_block(n,
 def test_slow_but_exact_convergence_is_not_taken_for_noise():
     """The smallest of a spectrum crowded near zero converge in long plateaus: an exact
     operator's products show no noise, so the solver keeps going (it used to stop after 156
-    products, calling it stalled); one that stops improving far above the noise says "slow"."""
+    products, calling it stalled); one that stops improving far above the noise says "slow"
+    (of n = 1,100 parameters, whose whole space does not fit in the default budget beside the
+    n products after which a solve would take it)."""
     d = torch.linspace(0.01, 1.0, 200, dtype=torch.float64) ** 2
     res = eigenpairs(MatrixOperator(torch.diag(d)), 3, which="smallest", tol=1e-6)
     assert res.stop_reason == "converged" and res.all_converged
     torch.testing.assert_close(res.eigenvalues, d[:3])
-    crowded = torch.linspace(0, 1.0, 400, dtype=torch.float64) ** 4
+    crowded = torch.linspace(0, 1.0, 1_100, dtype=torch.float64) ** 4
     res = eigenpairs(MatrixOperator(torch.diag(crowded)), 1, which="smallest", tol=1e-6)
     assert res.stop_reason == "slow" and not res.all_converged
     assert res.hvps < 2000  # not the whole default budget
@@ -750,6 +753,32 @@ def test_a_basis_of_half_the_space_takes_the_whole_space_at_once(which):
     assert float((V @ H - res.eigenvalues[:, None] * V).norm(dim=1).max()) < 1e-10
     assert res.method == "whole-space" and res.all_converged
     assert res.hvps == 300
+
+
+@pytest.mark.parametrize(
+    ("n", "ratio", "tol"), [(80, 0.8, 1e-4), (80, 0.8, 1e-6), (200, 0.95, 1e-4)]
+)
+def test_a_krylov_solve_that_has_spent_n_products_takes_the_whole_space(n, ratio, tol):
+    """The smallest 10 of 10 * ratio^i: the restarted basis took 285-2,200 products, ending
+    unconverged ("slow", "budget"), or converged with the 10th pair 1.14 times the tolerance
+    from the 10th eigenvalue (n = 80, tol 1e-4). Once it has spent n products, what every
+    column costs, it takes them instead; the largest, which converge sooner, stay Krylov."""
+    H = _with_spectrum(10 * ratio ** torch.arange(n, dtype=torch.float64), 2)
+    true = torch.linalg.eigvalsh(H)
+    res = eigenpairs(MatrixOperator(H), 10, which="smallest", tol=tol, seed=102)
+    assert res.method == es.WHOLE and res.all_converged and res.hvps <= 2 * n + res.check_hvps
+    torch.testing.assert_close(res.eigenvalues, true[:10], rtol=0, atol=tol * res.scale)
+    top = eigenpairs(MatrixOperator(H), 10, tol=tol, seed=102)
+    assert top.method != es.WHOLE and top.all_converged and top.hvps < n
+
+
+def test_a_krylov_solve_without_room_for_the_whole_space_goes_on(monkeypatch):
+    """Every column of n = 80 needs 0.27 MB, the basis of the smallest 10 0.08 MB: where only
+    that is free, the solve stays Krylov (to its budget) instead of refusing."""
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 200_000)
+    H = _with_spectrum(10 * 0.8 ** torch.arange(80, dtype=torch.float64), 2)
+    res = eigenpairs(MatrixOperator(H), 10, which="smallest", tol=1e-6, seed=102, max_hvps=200)
+    assert res.method != es.WHOLE and res.stop_reason == "budget"
 
 
 def test_a_small_k_or_budget_keeps_the_krylov_basis():

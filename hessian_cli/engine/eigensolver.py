@@ -123,7 +123,9 @@ def eigenpairs(
     Where the basis would hold half the space or more (``method`` "whole-space"; from
     ``WHOLE_SPACE_FROM`` parameters on, when ``max_hvps`` allows ``n`` products) the solve takes
     every column of the matrix at once and its exact eigendecomposition, ``init`` and ``hint``
-    then being moot.
+    then being moot. A Krylov solve that has spent ``n`` products without converging completes
+    its basis to the whole space in the same way, where the budget and memory leave room
+    (:func:`_whole_space_instead`).
 
     Residuals come from the kept products: ``H x = S^T (H Q)`` for ``x = S^T Q``, exact up to the
     rounding of that combination, since every product of the basis is stored rather than
@@ -191,6 +193,10 @@ def eigenpairs(
         missed = _check_for_skipped(solve, basis, pairs, stop)
         if stop.reason and missed is None:  # a skipped direction found, the iteration goes on
             break
+        whole_basis = None if missed is not None else _whole_space_instead(solve, basis, progress)
+        if whole_basis is not None:
+            basis = whole_basis
+            continue
         _expand_basis(solve, basis, pairs, stop, missed)
     # A basis grown to the whole space (never restarted: see _expand_basis) holds it as the
     # identity does: its projected matrix's eigenvalues need no correction either.
@@ -410,16 +416,10 @@ def _start_basis(
     # The basis and its products live in two buffers of `capacity` rows, filled in place: no
     # copy of the basis per iteration, and a peak memory that is known before the first product.
     # Every row costs a product, so a small budget (Eigen-SAM's refresh: 6) needs no more rows.
-    capacity = op.n if solve.whole else min(solve.max_basis, solve.max_hvps)
-    # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
-    collective = getattr(op, "distributed", False)
-    with fail_together() if collective else contextlib.nullcontext():
-        check_memory(op, solve.k, capacity, min(capacity, solve.kg + solve.b), solve.whole)
-    Qb = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)
-    HQb = torch.empty_like(Qb)
     if solve.whole:
-        T, asymmetry = _whole_space(op, Qb, HQb, solve.k, progress)  # one step of the iteration
-        return _Basis(Qb, HQb, op.n, T, asymmetry, None)
+        return _whole_basis(solve, progress)
+    capacity = min(solve.max_basis, solve.max_hvps)
+    Qb, HQb = _buffers(solve, capacity)
     start = _start_block(op, solve.b, init, hint, solve.gen)
     m = start.shape[0]
     Qb[:m], HQb[:m] = start, op.matmul(start)
@@ -427,6 +427,61 @@ def _start_basis(
     asymmetry = float((T - T.T).abs().max())
     T = _symmetric(T)
     return _Basis(Qb, HQb, m, T, asymmetry, _Leak.of_new_rows(T, Qb[:m], HQb[:m], 0, None))
+
+
+def _buffers(solve: _Solve, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The basis's two buffers of ``capacity`` rows, once their memory is known to be free."""
+    op = solve.op
+    # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
+    collective = getattr(op, "distributed", False)
+    with fail_together() if collective else contextlib.nullcontext():
+        check_memory(op, solve.k, capacity, min(capacity, solve.kg + solve.b), solve.whole)
+    Qb = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)
+    return Qb, torch.empty_like(Qb)
+
+
+def _whole_basis(solve: _Solve, progress: Progress | None, kept: _Basis | None = None) -> _Basis:
+    """Every column of the matrix as the basis (one step of the iteration): the identity and its
+    products, so that the projected matrix is the products themselves (symmetrised, on the CPU),
+    its asymmetry their rounding. Given a Krylov basis to keep, only the rows that complete it
+    to the whole space are multiplied (n - m products), and the matrix is recovered from all
+    the rows' products, ``B H``, as ``B^-1 (B H)`` in float64: as exact as the products,
+    however nearly orthogonal the rows are."""
+    op, m = solve.op, 0 if kept is None else kept.m
+    Qb, HQb = _buffers(solve, op.n)
+    if kept is None:
+        Qb.zero_().fill_diagonal_(1)
+    else:
+        Qb[:m], HQb[:m] = kept.Q, kept.HQ
+        Qb[m:] = torch.linalg.qr(kept.Q.T, mode="complete")[0][:, m:].T
+    for i in range(m, op.n, WHOLE_SPACE_BLOCK):
+        HQb[i : i + WHOLE_SPACE_BLOCK] = op.matmul(Qb[i : i + WHOLE_SPACE_BLOCK])
+        if progress:
+            progress(solve.spent, 0, solve.k)
+    H = HQb.double().cpu()
+    if kept is not None:
+        H = torch.linalg.solve(Qb.double().cpu(), H)
+        Qb.zero_().fill_diagonal_(1)
+        HQb.copy_(H)
+    return _Basis(Qb, HQb, op.n, _symmetric(H), float((H - H.T).abs().max()), None)
+
+
+def _whole_space_instead(solve: _Solve, basis: _Basis, progress: Progress | None) -> _Basis | None:
+    """The whole space for a Krylov solve that has spent ``n`` products, what every column
+    costs, without converging, where its budget and memory leave room for the rest of the
+    space (:func:`_whole_basis`); else ``None``. Such a solve then spends at most about twice
+    what the whole space alone would, where the restarted basis could go on for many times
+    that (the smallest 10 of 10 * 0.95^i, n = 200: 2,200 products, unconverged), or certify
+    pairs short of the bottom it has not resolved."""
+    op = solve.op
+    if solve.spent < op.n or solve.spent + op.n - basis.m > solve.max_hvps:
+        return None
+    solve.whole = True
+    try:
+        return _whole_basis(solve, progress, basis)
+    except UserError:  # no room for every column: the Krylov basis goes on
+        solve.whole = False
+        return None
 
 
 # A previous solve's vectors are no generic start: they hold next to nothing, by construction,
@@ -961,22 +1016,6 @@ def _extended(
     )
     cross, corner = (w_hq + q_hw) / 2, _symmetric(corner)
     return torch.cat([torch.cat([T, cross.T], 1), torch.cat([cross, corner], 1)]), asymmetry
-
-
-def _whole_space(
-    op: LinearOperator, Q: torch.Tensor, HQ: torch.Tensor, k: int, progress: Progress | None
-) -> tuple[torch.Tensor, float]:
-    """The identity as the basis ``Q`` and its products ``HQ`` (every column of the matrix),
-    filled in place; returns the projected matrix, which is then ``HQ`` itself (symmetrised, on
-    the CPU), and its asymmetry (the products' rounding)."""
-    start_hvps = op.hvp_count
-    Q.zero_().fill_diagonal_(1)
-    for i in range(0, op.n, WHOLE_SPACE_BLOCK):
-        HQ[i : i + WHOLE_SPACE_BLOCK] = op.matmul(Q[i : i + WHOLE_SPACE_BLOCK])
-        if progress:
-            progress(op.hvp_count - start_hvps, 0, k)
-    H = HQ.double().cpu()
-    return _symmetric(H), float((H - H.T).abs().max())
 
 
 def _combine_rows(buffer: torch.Tensor, S: torch.Tensor, chunk: int | None = None) -> None:

@@ -772,6 +772,15 @@ def test_a_krylov_solve_that_has_spent_n_products_takes_the_whole_space(n, ratio
     assert top.method != es.WHOLE and top.all_converged and top.hvps < n
 
 
+def test_both_ends_say_which_end_took_the_whole_space():
+    """The smallest of 10 * 0.8^i take the whole space after n products, the largest converge
+    in a Krylov space: the result named the largest end's method alone."""
+    H = _with_spectrum(10 * 0.8 ** torch.arange(80, dtype=torch.float64), 2)
+    res = eigenpairs(MatrixOperator(H), 5, which="both", tol=1e-6, seed=102)
+    assert res.method == f"block-krylov-thick-restart (largest), {es.WHOLE} (smallest)"
+    assert res.all_converged
+
+
 def test_a_krylov_solve_without_room_for_the_whole_space_goes_on(monkeypatch):
     """Every column of n = 80 needs 0.27 MB, the basis of the smallest 10 0.08 MB: where only
     that is free, the solve stays Krylov (to its budget) instead of refusing."""

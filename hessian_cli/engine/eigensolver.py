@@ -1054,7 +1054,8 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
         block_size=a.block_size,
         guard=a.guard,
         stop_reason=a.stop_reason if a.stop_reason != "converged" else b.stop_reason,
-        method=a.method,  # both halves follow the same rule on the same k and n
+        # The ends may differ: one may take the whole space after n products (the other not).
+        method=a.method if a.method == b.method else f"{a.method} (largest), {b.method} (smallest)",
         check_hvps=a.check_hvps + b.check_hvps,
         skipped_found=a.skipped_found + b.skipped_found,
     )

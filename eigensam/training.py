@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -329,7 +330,14 @@ class _Run:
         if isinstance(self.optimizer, EigenSAM) or self.config.track_every:
             # A model whose Hessian autograd would get wrong, refused before any step by every
             # rank alike (the refresh's and the tracker's operators met it each on its own).
-            pair = (rows(batch[0], slice(0, 2)), batch[1][:2])
+            # Two samples that hold labels: the loss of two of padding only is 0/0, and text
+            # beginning with them was refused as "not finite".
+            y = batch[1]
+            labelled = (
+                i for i in range(len(y)) if not self.batch_weight or self.batch_weight(y[i])
+            )
+            pick = torch.tensor(list(itertools.islice(labelled, 2)), device=y.device)
+            pair = (rows(batch[0], pick), y[pick])
             HessianOperator(self.model, self.loss_fn, [pair], distributed=False).check_model()
         if isinstance(self.optimizer, EigenSAM):
             # The refresh takes the BatchNorm mode of the model, which every step trains: one

@@ -441,3 +441,21 @@ def test_a_batch_with_nothing_to_average_is_refused_by_the_operator():
     ]
     with pytest.raises(UserError, match="A batch holds nothing its loss averages over"):
         HessianOperator(model, cross_entropy, batches, batch_weight=labelled_count)
+
+
+def test_eigensam_trains_where_the_held_out_batch_begins_with_unlabelled_samples(
+    capsys, tmp_path, code_file
+):
+    """The check that autograd can differentiate the model twice took the held-out batch's
+    first two samples, whose loss is 0/0 where they hold no label: train refused good data
+    with "The loss is not finite (NaN or inf) on the analysed data"."""
+    padded = tmp_path / "padded.py"
+    padded.write_text(
+        CODE + "\ndef first_unlabelled():\n    d = Text()\n    d.labels[:2] = -100\n    return d\n"
+    )
+    out = tmp_path / "run"
+    code, _, err = run(
+        capsys, "train", "--model", f"{code_file}:lm", "--data", f"{padded}:first_unlabelled",
+        "--optimizer", "eigensam", "--batch-size", "8", "--max-steps", "2", "--out", out, "-q",
+    )  # fmt: skip
+    assert code == 0, err

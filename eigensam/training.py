@@ -216,6 +216,7 @@ class _Run:
             f"the model's parameters are {str(self.dtype).removeprefix('torch.')}: train runs "
             "float32 or float64 models (mixed precision is not offered)",
         )
+        _check_sparse_gradients(self.model, config)
         self.optimizer = _make_optimizer(config, self.params)
         n = self.samples = len(self.data.train)
         require(
@@ -767,6 +768,30 @@ def _task(data: Any) -> str:
         return f"{data.num_classes:,} classes{per}"
     outputs = data.num_outputs
     return f"regression, {outputs:,} target{'s' if outputs != 1 else ''}"
+
+
+def _check_sparse_gradients(model: nn.Module, config: TrainConfig) -> None:
+    """Refuse an embedding with ``sparse=True`` where the base step cannot take its sparse
+    gradients (torch's AdamW none, its SGD none with weight decay): the run stopped at its first
+    step with "unexpected RuntimeError: add(sparse, dense) is not supported"."""
+    sparse = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad
+    ]
+    if not sparse:
+        return
+    if config.base_optimizer != "sgd":
+        why, fix = "AdamW cannot take", "--base-optimizer sgd --weight-decay 0"
+    elif config.weight_decay:
+        why, fix = "SGD cannot apply --weight-decay to", "--weight-decay 0"
+    else:
+        return
+    name = f" {sparse[0]!r}" if sparse[0] else ""  # "": the model is the embedding
+    raise UserError(
+        f"the model's embedding{name} has sparse=True, whose sparse gradients {why}: give "
+        f"{fix}, or make it dense (sparse=False)."
+    )
 
 
 def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -551,6 +551,42 @@ def test_a_model_without_a_sound_hessian_is_refused_where_the_engine_trains_or_t
         assert code == 0, err
 
 
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [
+        ([], "embedding '0' has sparse=True, whose sparse gradients SGD cannot apply"),
+        (
+            ["--base-optimizer", "adamw", "--weight-decay", "0"],
+            "whose sparse gradients AdamW cannot take",
+        ),
+        (["--weight-decay", "0"], None),
+    ],
+)
+def test_a_sparse_embedding_is_refused_where_the_base_step_cannot_take_it(
+    capsys, tmp_path, extra, refused
+):
+    """nn.Embedding(sparse=True) gives sparse gradients, which torch's SGD refuses to decay and
+    AdamW refuses whole: the run stopped at its first step with "unexpected RuntimeError:
+    add(sparse, dense) is not supported", its run directory left behind."""
+    (tmp_path / "bag.py").write_text(
+        "import torch\n\n\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(\n"
+        "        torch.nn.Embedding(6, 3, sparse=True), torch.nn.Flatten(), torch.nn.Linear(12, 2)\n"
+        "    )\n\n\n"
+        "def data():\n"
+        "    return torch.randint(0, 6, (32, 4)), torch.randint(0, 2, (32,))\n"
+    )
+    out = tmp_path / "run"
+    args = ["--model", f"{tmp_path}/bag.py:make", "--data", f"{tmp_path}/bag.py:data"]
+    code, _, err = run(capsys, "train", *args, *extra, "--max-steps", "2", "-q", "--out", out)
+    if refused:
+        assert code == 2 and refused in one_sentence(err, strict=True), err
+        assert not out.exists()
+    else:
+        assert code == 0, err
+
+
 def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys, tmp_path):
     """Class labels stored as floats trained a one-output regression without a word; a batch
     larger than the data was all of it, unsaid ("1 steps")."""

@@ -82,6 +82,7 @@ from hessian_cli.specs import (
     cast_inputs,
     check_finite,
     check_fits,
+    check_next_tokens,
     check_targets,
     default_loss,
     embedding_reach,
@@ -326,6 +327,7 @@ class _Run:
         check_targets(
             self.loss_spec, train + [self.track_batch, *self.test_batches], self.data.num_classes
         )
+        check_next_tokens(self.loss_spec, [self.track_batch, *self.test_batches])
         batch = (inputs_to(self.track_batch[0], self.device), self.track_batch[1].to(self.device))
         check_fits(self.model, self.loss_fn, [batch])
         if isinstance(self.optimizer, EigenSAM) or self.config.track_every:

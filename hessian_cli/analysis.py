@@ -63,6 +63,7 @@ from hessian_cli.specs import (
     build_model,
     check_finite,
     check_fits,
+    check_next_tokens,
     check_root_options,
     check_targets,
     checkpoint_order_key,
@@ -638,6 +639,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     loss_spec = request.loss or meta.get("loss") or default_loss(data.num_classes)
     loss_fn = get_loss(loss_spec, num_classes=data.num_classes, trusted=trust or bool(request.loss))
     check_targets(loss_spec, batches, data.num_classes)
+    check_next_tokens(loss_spec, batches)
     check_fits(model, loss_fn, batches)
     minibatches: list = []  # empty: the analysed batches hold the alignment's minibatches
     more_data = len(data.train) > sum(len(y) for _, y in batches)

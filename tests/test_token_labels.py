@@ -459,3 +459,39 @@ def test_eigensam_trains_where_the_held_out_batch_begins_with_unlabelled_samples
         "--optimizer", "eigensam", "--batch-size", "8", "--max-steps", "2", "--out", out, "-q",
     )  # fmt: skip
     assert code == 0, err
+
+
+@pytest.mark.parametrize("command", ["analyze", "train"])
+def test_labels_that_are_the_input_ids_unshifted_are_one_sentence(
+    capsys, tmp_path, code_file, command
+):
+    """A Hugging Face causal LM's dataset holds labels = input_ids (the model shifts them in
+    its forward); the built-in ce compares each position's logits with its own label, so it
+    analysed and trained the copying of the current token, unsaid."""
+    unshifted = tmp_path / "unshifted.py"
+    unshifted.write_text(
+        CODE + "\ndef copies():\n    d = Text()\n"
+        "    d.labels = torch.where(d.mask.bool(), d.ids, torch.full_like(d.ids, -100))\n"
+        "    return d\n"
+    )
+    specs = ["--model", f"{code_file}:lm", "--data", f"{unshifted}:copies"]
+    if command == "analyze":
+        ckpt = tmp_path / "lm.pt"
+        torch.save(NS["TinyLM"]().state_dict(), ckpt)
+        code, _, err = run(capsys, "analyze", ckpt, *specs, "--top-k", "1")
+    else:
+        code, _, err = run(capsys, "train", *specs, "--out", tmp_path / "run", "-q")
+    assert code == 2
+    assert "the labels are the input_ids at every labelled token" in one_sentence(err), err
+    # A loss of the user's own may shift them itself.
+    (tmp_path / "shift.py").write_text(
+        "import torch.nn.functional as F\n"
+        "def shifted(out, y):\n"
+        "    return F.cross_entropy(out[:, :-1].transpose(1, 2), y[:, 1:])\n"
+    )
+    if command == "analyze":
+        code, _, err = run(
+            capsys, "analyze", ckpt, *specs, "--loss", f"{tmp_path / 'shift.py'}:shifted",
+            "--top-k", "1",
+        )  # fmt: skip
+        assert code == 0, err

@@ -21,7 +21,13 @@ from hessian_cli.specs.data import (
     load_data,
 )
 from hessian_cli.specs.fit import check_fits, embedding_reach, model_device, takes_token_ids
-from hessian_cli.specs.losses import BUILTIN_LOSSES, check_targets, default_loss, get_loss
+from hessian_cli.specs.losses import (
+    BUILTIN_LOSSES,
+    check_next_tokens,
+    check_targets,
+    default_loss,
+    get_loss,
+)
 from hessian_cli.specs.models import BUILTIN_MODELS, build_model
 from hessian_cli.specs.user_code import absolute, anchored, load_object
 
@@ -44,6 +50,7 @@ __all__ = [
     "embedding_reach",
     "check_labels",
     "check_root_options",
+    "check_next_tokens",
     "check_targets",
     "checkpoint_order_key",
     "default_loss",

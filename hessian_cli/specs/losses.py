@@ -5,7 +5,7 @@ Every loss is the mean over the batch, so that multi-batch analysis can weight b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -102,6 +102,31 @@ def check_targets(
                 "cross-entropy needs class labels or class probabilities, but the targets are "
                 f"real numbers that are not probabilities: {fix}."
             )
+
+
+def check_next_tokens(spec: str, batches: Sequence[tuple[Any, Tensor]]) -> None:
+    """Refuse, for the built-in cross-entropy, labels per token that are the ``input_ids`` at
+    every labelled token of ``batches``: a Hugging Face causal language model's dataset holds
+    them so (its forward shifts them), and ``ce``, which compares each position's logits with
+    its own label, took the copying of the current token for the loss, unsaid."""
+    if spec != "ce":
+        return
+    pairs = [
+        (x["input_ids"], y)
+        for x, y in batches
+        if isinstance(x, Mapping) and "input_ids" in x and not y.is_floating_point()
+    ]
+    if not pairs or any(ids.shape != y.shape for ids, y in pairs):
+        return
+    tokens = torch.cat([ids[y != IGNORE_INDEX].cpu().long() for ids, y in pairs])
+    labels = torch.cat([y[y != IGNORE_INDEX].cpu().long() for _, y in pairs])
+    if tokens.numel() and torch.equal(tokens, labels):
+        raise UserError(
+            "the labels are the input_ids at every labelled token, as a Hugging Face causal "
+            "language model takes them (it shifts them in its forward), but ce compares each "
+            "position's logits with that position's label: give the next token as the label "
+            "(-100 after the last), or --loss your own function that shifts them."
+        )
 
 
 def _sum_to_one(y: Tensor, dim: int) -> bool:

@@ -94,8 +94,24 @@ def test_a_bad_collective_timeout_is_one_sentence(monkeypatch, value: str) -> No
     monkeypatch.setattr(distributed, "is_distributed", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: None)
     monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.raises(UserError, match=f"must be a positive number of seconds, not '{value}'"):
         distributed.init_from_env()
+
+
+def test_rank_and_world_size_without_a_rendezvous_address_is_one_sentence(monkeypatch) -> None:
+    """RANK and WORLD_SIZE set by hand (or inherited) without MASTER_ADDR: torch's ValueError
+    was reported as "unexpected ValueError"."""
+    from hessian_cli.engine import distributed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(UserError, match="but MASTER_ADDR is not: start the job with torchrun"):
+        distributed.init_from_env()
+    assert not distributed.is_distributed()
 
 
 @needs_gloo
@@ -132,6 +148,8 @@ def test_a_rank_without_a_gpu_of_its_own_joins_the_job(
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: joined.append(backend))
     monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert distributed.init_from_env() is True
     assert selections == selected and joined == ["cpu:gloo,cuda:nccl"]
 

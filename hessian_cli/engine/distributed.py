@@ -87,6 +87,15 @@ def init_from_env() -> bool:
         raise UserError(
             "This torch build has no torch.distributed, so it cannot run under torchrun."
         )
+    # RANK and WORLD_SIZE alone (set by hand, or inherited from a job's shell) made torch's
+    # rendezvous fail as "unexpected ValueError".
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise UserError(
+            f"RANK and WORLD_SIZE are set, as torchrun sets them, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: start the job with torchrun, or unset "
+            "RANK and WORLD_SIZE to run one process."
+        )
     try:
         timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     except ValueError:

@@ -207,6 +207,11 @@ def test_analyze_two_ranks_matches_one_process(
     code2, out2, err2, _ = _run([*args, "--out", str(out_file)], ranks=ranks, cwd=tmp_path)
     assert code2 == 0, err2
     one, two = json.loads(out1), json.loads(out2)  # rank 0 alone printed: one JSON document
+    # Fewer batches than ranks (1 for 3): the idle ranks are said, once; it ran as one process.
+    idle = ranks - one["provenance"]["num_batches"]
+    words = " ".join(err2.split())
+    assert words.count("note: ") == (idle > 0), err2
+    assert idle <= 0 or f"1 batch for {ranks} ranks, so {idle} of them held none" in words, err2
 
     assert two["provenance"]["world_size"] == ranks
     assert two["provenance"]["num_samples"] == samples

@@ -217,6 +217,7 @@ def analyze(
     from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.presentation.tables import (
         analysis_table,
+        idle_ranks_note,
         series_table,
         unconverged_warning,
     )
@@ -320,6 +321,8 @@ def analyze(
             console.print(series_table(reports), crop=False)
         else:
             console.print(analysis_table(reports[0]), crop=False)
+    if lead and not quiet and (note := idle_ranks_note(reports)) is not None:
+        err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
     if lead and out is not None:
         try:
             write_analyses(

@@ -105,6 +105,22 @@ STOP_REASONS = {
 }
 
 
+def idle_ranks_note(reports: Sequence[Mapping[str, Any]]) -> str | None:
+    """Under torchrun ranks share the analysed batches whole: with fewer batches than ranks
+    (by default analyze takes one) the others compute nothing, which the job's speed alone
+    did not say. None where every rank held a batch."""
+    batches = max(r["provenance"]["num_batches"] for r in reports)
+    ranks = reports[0]["provenance"]["world_size"]
+    if batches >= ranks:
+        return None
+    idle = ranks - batches
+    return (
+        f"note: {counted(batches, 'batch', 'batches')} for {ranks} ranks, so {idle} of them held "
+        "none and computed nothing: a smaller --batch-size (or more --num-samples) gives every "
+        "rank a share."
+    )
+
+
 def unconverged_warning(
     reports: Sequence[Mapping[str, Any]],
     *,

@@ -230,7 +230,8 @@ def analyze(
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
         refuse_unused(ctx, {**read_options(asked), "save_eigenvectors": eigenvectors_kept})
-        # rank 0 writes; the others must not start work it refused
+    # rank 0 writes; the others must not start work it refused ("rank 0 of 2: ..." was said)
+    with fail_together(lead_only=True):
         if out is not None and world()[0] == 0:
             check_output_name(out)
             check_writable(out)  # before the work: a refusal after it would lose the results

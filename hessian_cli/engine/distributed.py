@@ -259,14 +259,15 @@ def check_same(parts: Callable[[], dict[str, str]]) -> None:
 
 
 @contextlib.contextmanager
-def fail_together() -> Iterator[None]:
+def fail_together(*, lead_only: bool = False) -> Iterator[None]:
     """Make user errors raised inside the block collective: all ranks raise or none does.
 
     Wrap the phases where bad input shows up (loading checkpoints and data). Every rank reports
     its error message or ``None``; if any rank failed, every rank raises
     :class:`CollectiveUserError` with the first failing rank's message (naming that rank unless
     every rank failed alike), so rank 0 can report it and the job ends at once instead of the
-    healthy ranks waiting for the failed one until the timeout.
+    healthy ranks waiting for the failed one until the timeout. ``lead_only``: the block checks
+    what rank 0 alone does (the output it writes), so its error is the job's and names no rank.
     Without a process group this is a no-op.
     """
     error: UserError | None = None
@@ -282,7 +283,8 @@ def fail_together() -> Iterator[None]:
     with _collective():
         dist.all_gather_object(messages, None if error is None else str(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if len(failed) == len(messages) and len(set(messages)) == 1:  # not any one rank's doing
+    alike = len(failed) == len(messages) and len(set(messages)) == 1
+    if alike or (lead_only and failed):  # not any one rank's doing
         raise CollectiveUserError(failed[0][1]) from error
     if failed:
         rank, message = failed[0]

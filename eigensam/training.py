@@ -169,7 +169,8 @@ def train(
                     f"the run is already at step {run.step}, so --max-steps {config.max_steps} "
                     "leaves nothing to do",
                 )
-        with distributed.fail_together():  # the run claimed by rank 0, or every rank stops
+        # The run claimed by rank 0, or every rank stops (its refusal the job's, no rank's).
+        with distributed.fail_together(lead_only=True):
             if run.lead:
                 stack.enter_context(claim_run_dir(run_dir, config, new=resume_dir is None))
         return run.train(progress, should_stop)

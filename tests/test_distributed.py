@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hessian_cli.engine.distributed import shard
 from hessian_cli.errors import UserError
 from hessian_cli.specs import load_checkpoint
+from hessian_cli.storage.files import held
 from hessian_cli.storage.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -659,7 +660,15 @@ def test_train_resume_two_ranks_repeats_the_run(tmp_path: Path) -> None:
     part = tmp_path / "part"
     code, _, err, _ = _run(_train_args(part, 32, *bn, "--max-steps", "6"), ranks=2, cwd=tmp_path)
     assert code == 0, err
-    code, _, err, _ = _run(["train", "--resume", str(part), "--quiet"], ranks=2, cwd=tmp_path)
+    resume = ["train", "--resume", str(part), "--quiet"]
+    with held(part / "config.json", "held by the test"):  # as another job training it
+        code, _, err, _ = _run(resume, ranks=2, cwd=tmp_path)
+    # Refused by rank 0, which alone claims the run: not as that rank's ("rank 0 of 2: ...").
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and lines == [
+        f"error: the run in '{part}' is being trained by another process."
+    ], err
+    code, _, err, _ = _run(resume, ranks=2, cwd=tmp_path)
     assert code == 0, err
     with h5py.File(tmp_path / "full" / "metrics.h5") as f1, h5py.File(part / "metrics.h5") as f2:
         steps = f1["track/step"][()].tolist()

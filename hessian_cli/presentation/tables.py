@@ -108,7 +108,9 @@ STOP_REASONS = {
 def idle_ranks_note(reports: Sequence[Mapping[str, Any]]) -> str | None:
     """Under torchrun ranks share the analysed batches whole: with fewer batches than ranks
     (by default analyze takes one) the others compute nothing, which the job's speed alone
-    did not say. None where every rank held a batch."""
+    did not say. None where every rank held a batch (or nothing was analysed)."""
+    if not reports:
+        return None
     batches = max(r["provenance"]["num_batches"] for r in reports)
     ranks = reports[0]["provenance"]["world_size"]
     if batches >= ranks:

@@ -568,6 +568,10 @@ def test_k_larger_than_parameter_count_is_refused():
         (1, {"init": "10 rows", "max_hvps": 3}),  # more warm-start rows than the budget
         (2, {"which": "both", "max_hvps": 10}),  # the two ends share it
         (2, {"which": "both", "max_hvps": 4}),
+        # Blocks that stop short of k rows in the budget: 5, 50 and 18 pairs were returned.
+        (8, {"block_size": 5, "max_hvps": 8}),
+        (51, {"max_hvps": 51}),  # the default block, 2
+        (10, {"block_size": 4, "which": "both", "max_hvps": 22}),
     ],
 )
 def test_the_hvp_budget_bounds_every_product(k, kw):

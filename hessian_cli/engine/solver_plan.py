@@ -148,6 +148,11 @@ def plan_solve(
         kg += 1
     budget = max_hvps if max_hvps is not None else default_max_hvps(kg)
     b = min(block_size or default_block_size(k), n, budget)
+    # The iteration stops where a whole block no longer fits the budget, so blocks that stop
+    # short of k rows returned fewer pairs than asked (-k 98 --max-hvps 98 at the default block
+    # of 3: 96 pairs; -k 8 --block-size 5 --max-hvps 8: 5): the largest block that reaches k.
+    while b > 1 and budget // b * b < k:
+        b -= 1
     max_basis = min(n, max_basis or max(3 * (kg + b), 20))
     max_basis = max(max_basis, min(n, kg + 2 * b))
     large = 2 * max_basis >= n >= WHOLE_SPACE_FROM

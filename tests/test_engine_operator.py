@@ -884,7 +884,8 @@ def test_a_glob_that_selects_nothing_beside_others_is_refused():
     )
     with pytest.raises(UserError, match=r"no trainable parameters matching fc3\.\* \(its"):
         select_parameters(model, ["fc2.*", "fc3.*"])
-    with pytest.raises(UserError, match=r"matching frozen\.\*"):
+    # Frozen, not "its parameters: ...; correct it", as a typo would be told.
+    with pytest.raises(UserError, match=r"frozen\.\* \(frozen\.weight, frozen\.bias frozen\)"):
         select_parameters(model, ["fc2.*", "frozen.*"])
     # A glob alone that matches nothing names the parameters there are (a weight-normed layer's
     # are fc1.parametrizations.weight.original0 and original1, not fc1.weight).

@@ -160,9 +160,16 @@ def select_parameters(
     # nothing, unsaid: the Hessian was of the other globs' parameters alone.
     unused = [g for g in given or () if not by_tensor and g not in used]
     if unused:
+        # A glob of a frozen layer is no typo: said so, as where it is the only glob.
+        held_back = [n for n in frozen if any(fnmatch.fnmatchcase(n, g) for g in unused)]
+        why = (
+            f"{', '.join(held_back[:3])}{', ...' if len(held_back) > 3 else ''} frozen"
+            if held_back
+            else f"its parameters: {shown}"
+        )
         raise UserError(
-            f"The model has no trainable parameters matching {', '.join(unused)} (its "
-            f"parameters: {shown}); leave it out or correct it."
+            f"The model has no trainable parameters matching {', '.join(unused)} ({why}); "
+            "leave it out or correct it."
         )
     names, tensors = zip(*chosen.values(), strict=True)
     return ParamSpace(names=tuple(names), tensors=tuple(tensors))

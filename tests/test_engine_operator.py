@@ -873,6 +873,16 @@ def test_batches_from_a_generator_and_data_in_another_dtype():
     torch.testing.assert_close(op.matmul(V), reference.matmul(V), rtol=1e-6, atol=1e-8)
 
 
+def test_a_glob_of_buffers_is_told_they_are_no_parameters():
+    """--params '*running_mean' was answered '(its parameters: 0.weight, 0.bias, ...)', as a
+    typo is, though the names match: a BatchNorm's running statistics are buffers."""
+    model = CASES["cnn-bn"].model
+    with pytest.raises(UserError, match=r"\(1\.running_mean, 4\.running_mean are buffers, not"):
+        select_parameters(model, "*running_mean")
+    with pytest.raises(UserError, match=r"\(1\.running_var is a buffer, not a parameter\);"):
+        select_parameters(model, ["0.*", "1.running_var"])
+
+
 def test_a_glob_that_selects_nothing_beside_others_is_refused():
     """--params 'fc2.*' --params 'fc3.*' (a typo) took fc2 alone, unsaid; a glob that matches
     only a frozen layer selected nothing either."""

@@ -139,7 +139,6 @@ def select_parameters(
                 if id(p) not in chosen:
                     chosen[id(p)] = (name, p)
     held = [n for n, p in model.named_parameters() if p.requires_grad]
-    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
     if not chosen:
         what = (
             "among those given"
@@ -149,10 +148,10 @@ def select_parameters(
             else "that require gradients"
         )
         why = (
-            f" ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''} frozen)"
+            _why_unmatched(model, given, frozen, held)
+            if given and not by_tensor
+            else f" ({_listed(frozen)} frozen)"
             if frozen
-            else f" (its parameters: {shown})"  # a weight norm's are not named .weight
-            if given and not by_tensor and held
             else ""
         )
         raise UserError(f"The model has no trainable parameters {what}{why}.")
@@ -160,19 +159,32 @@ def select_parameters(
     # nothing, unsaid: the Hessian was of the other globs' parameters alone.
     unused = [g for g in given or () if not by_tensor and g not in used]
     if unused:
-        # A glob of a frozen layer is no typo: said so, as where it is the only glob.
-        held_back = [n for n in frozen if any(fnmatch.fnmatchcase(n, g) for g in unused)]
-        why = (
-            f"{', '.join(held_back[:3])}{', ...' if len(held_back) > 3 else ''} frozen"
-            if held_back
-            else f"its parameters: {shown}"
-        )
         raise UserError(
-            f"The model has no trainable parameters matching {', '.join(unused)} ({why}); "
-            "leave it out or correct it."
+            f"The model has no trainable parameters matching {', '.join(unused)}"
+            f"{_why_unmatched(model, unused, frozen, held)}; leave it out or correct it."
         )
     names, tensors = zip(*chosen.values(), strict=True)
     return ParamSpace(names=tuple(names), tensors=tuple(tensors))
+
+
+def _why_unmatched(model: nn.Module, globs: list[str], frozen: list[str], held: list[str]) -> str:
+    """Why ``globs`` select no trainable parameter, in parentheses: the frozen parameters they
+    match, else the buffers (a BatchNorm's running statistics are no parameters), else the
+    parameters there are (a weight norm's are not named .weight); "" where there are none."""
+
+    def hits(names: list[str]) -> list[str]:
+        return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+
+    if frozen_hits := hits(frozen):
+        return f" ({_listed(frozen_hits)} frozen)"
+    if buffers := hits([n for n, _ in model.named_buffers()]):
+        are = "is a buffer, not a parameter" if len(buffers) == 1 else "are buffers, not parameters"
+        return f" ({_listed(buffers)} {are})"
+    return f" (its parameters: {_listed(held, 4)})" if held else ""
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _selectors(item: object) -> list:

@@ -406,6 +406,28 @@ def test_a_trace_with_no_random_part_says_so():
     assert list(series_table([d, d]).columns[-3].cells) == ["0.27008"] * 2  # no "± 0"
 
 
+def test_an_exact_trace_from_products_does_not_say_the_eigenvalues_span_the_space():
+    """A sketch as large as the space the eigenvectors leave takes the trace exactly, from one
+    product each: `--params '3.*' --trace-probes 990` on the digits MLP (330 parameters) said
+    "the sum of the 5 eigenvalues found, which span the space; 325 HVPs" (0 with --top-k 0)."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    t = {"estimate": 2.47827, "stderr": 0.0, "num_samples": 0, "seconds": 0.01}
+    console = Console(width=300, record=True)
+    for known, hvps in [(5, 325), (0, 330)]:
+        d = {"name": "c", "provenance": {}, "trace": {**t, "known_eigenpairs": known, "hvps": hvps}}
+        console.print(analysis_table(d))
+    text = console.export_text()
+    assert "span the space" not in text
+    assert (
+        "trace 2.47827 (no random part: exact, one product per direction the 5 eigenvectors "
+        "found leave; 325 HVPs, 0.01 s)"
+    ) in text
+    assert "trace 2.47827 (no random part: exact, one product per direction; 330 HVPs" in text
+
+
 def test_a_density_of_the_eigenvalues_found_alone_says_so():
     """Where the eigenpairs found span the space no SLQ step is left: the table and the plot
     said "SLQ: 8 probes × 0 steps beside 10 eigenvalues"."""

@@ -264,11 +264,13 @@ def _trace_line(t: Mapping[str, Any]) -> str:
     random part."""
     cost = f"{_int(t.get('hvps'))} HVPs, {_seconds(t.get('seconds'))}"
     if t.get("num_samples") == 0:  # it said "± 0 (std. error of 0 random samples; ...)"
-        known = counted(t.get("known_eigenpairs"), "eigenvalue")
-        return (
-            f"trace {_g(t.get('estimate'))} (no random part: the sum of the {known} found, "
-            f"which span the space; {cost})"
-        )
+        known = t.get("known_eigenpairs") or 0
+        if t.get("hvps") == 0:
+            how = f"the sum of the {counted(known, 'eigenvalue')} found, which span the space"
+        else:  # a sketch as large as the space: it said the eigenvalues found spanned it
+            beside = f" the {counted(known, 'eigenvector')} found leave" if known else ""
+            how = f"exact, one product per direction{beside}"
+        return f"trace {_g(t.get('estimate'))} (no random part: {how}; {cost})"
     return (
         f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error"
         f"{_of_samples(t.get('num_samples'))}; {t.get('method')}"

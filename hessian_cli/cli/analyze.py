@@ -74,7 +74,8 @@ def analyze(
     loss: str | None = typer.Option(
         None,
         "--loss",
-        help="ce, mse or module:function. Default: from the checkpoint, else ce for class labels.",
+        help="ce, mse or module:function. Default: from the checkpoint, else ce for class labels "
+        "and mse for real targets.",
     ),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Number of eigenpairs (0 to skip)."),
     which: str = typer.Option(

@@ -15,7 +15,8 @@ def plot(
     file_name: str = typer.Argument(
         ...,
         metavar="FILE",
-        help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`.",
+        help="A spectra file written by `analyze --out`, or a metrics.h5 written by `train` (or "
+        "its run directory).",
     ),
     output_name: str = typer.Option(
         ...,

@@ -24,7 +24,8 @@ def show(
     file_name: str = typer.Argument(
         ...,
         metavar="FILE",
-        help="A spectra file written by `analyze --out` or a metrics.h5 written by `train`.",
+        help="A spectra file written by `analyze --out`, or a metrics.h5 written by `train` (or "
+        "its run directory).",
     ),
     as_json: bool = typer.Option(
         False,

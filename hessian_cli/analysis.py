@@ -612,7 +612,11 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
                 f"output{'s' if data.num_outputs > 1 else ''}: class labels must be stored as "
                 "integers)"
             )
-        if isinstance(exc, WeightsMismatch):  # a checkpoint that records no options, say
+        recorded = meta.get("model")
+        if isinstance(exc, WeightsMismatch) and isinstance(recorded, str) and not same:
+            # --model named another model: the hint below asked for its options instead
+            notes += f"; the checkpoint records the model {recorded!r}, not {model_spec!r}"
+        elif isinstance(exc, WeightsMismatch):  # a checkpoint that records no options, say
             notes += defaults_hint(model_spec, kwargs)
         if not notes:
             raise

@@ -1639,6 +1639,17 @@ def test_a_checkpoint_that_records_no_options_of_a_built_in_model_names_the_defa
     assert "defaults" not in message
 
 
+def test_another_model_than_the_checkpoint_records_is_named_not_blamed_on_defaults(
+    capsys, digits_mlp
+):
+    """`--model cnn` on the digits MLP's checkpoint said that 'cnn' was built with today's
+    defaults and asked for the options it was trained with as --model-kwargs."""
+    message = _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--model", "cnn")
+    assert message.startswith("error: the checkpoint does not match the model (SmallCNN): ")
+    assert message.endswith("; the checkpoint records the model 'mlp', not 'cnn'.")
+    assert "defaults" not in message
+
+
 @pytest.mark.parametrize("recorded", ["{not json", "[1]"])
 def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
     capsys, tmp_path, digits_mlp, recorded

@@ -406,6 +406,9 @@ def _check_request(request: AnalyzeRequest) -> None:
             )
     counts = (
         ("--top-k", r.top_k, 0, True),
+        ("--batch-size", r.batch_size, 1, True),
+        ("--num-samples", r.num_samples, 1, r.num_samples is not None),
+        ("--num-batches", r.num_batches, 1, r.num_batches is not None),
         ("--trace-probes", r.trace_probes, 2, r.trace),
         ("--density-probes", r.density_probes, 1, r.density),
         ("--density-steps", r.density_steps, 2, r.density),

@@ -1404,8 +1404,10 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
         (("--tol", "-1"), "--tol must be a positive number"),
         (("--tol", "2"), "--tol must be a positive number below 1"),  # all converged at once
         (("--tol", "inf"), "--tol must be a positive number"),
-        (("--num-samples", "0"), "the number of samples must be positive, not 0"),
-        (("--num-batches", "0"), "the number of batches must be positive, not 0"),
+        # They said "the batch size must be a positive integer, not 0" (the number of ...).
+        (("--batch-size", "0"), "--batch-size must be at least 1, not 0"),
+        (("--num-samples", "0"), "--num-samples must be at least 1, not 0"),
+        (("--num-batches", "0"), "--num-batches must be at least 1, not 0"),
         (("--top-k", "-1"), "--top-k must be at least 0, not -1"),
         (("--block-size", "0"), "--block-size must be at least 1, not 0"),
         (("--max-hvps", "0"), "--max-hvps must be at least 1, not 0"),

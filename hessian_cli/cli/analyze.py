@@ -79,7 +79,9 @@ def analyze(
     ),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Number of eigenpairs (0 to skip)."),
     which: str = typer.Option(
-        "largest", "--which", help="largest, smallest (most negative) or both."
+        "largest",
+        "--which",
+        help="largest, smallest (most negative) or both (--top-k at each end, 2K in all).",
     ),
     tol: float = typer.Option(
         1e-4,

@@ -157,6 +157,13 @@ def test_metrics_show_and_plot(files, tmp_path):
     assert_png(out)
 
 
+def test_all_is_refused_for_metrics_as_checkpoint_is(capsys, files):
+    """`show metrics.h5 --all` printed the metrics as without it, where --checkpoint is refused."""
+    code, _, err = run(capsys, "show", files["metrics"], "--all")
+    assert code == 2
+    assert one_sentence(err) == "error: --all shows each checkpoint of a spectra file, not metrics."
+
+
 def test_a_regression_run_has_no_accuracy_panel():
     """A regression run's accuracy columns are all NaN: their panel was empty, on an axis from
     -0.045 to 0.045, with a legend of lines that were not there."""

@@ -9,6 +9,7 @@ import typer
 from hessian_cli.cli.app import app, print_json, results_console
 from hessian_cli.cli.options import given_path
 from hessian_cli.cli.result_files import Metrics, read_result_file, result_file, told_apart
+from hessian_cli.errors import UserError
 from hessian_cli.launch import env_rank
 
 
@@ -63,6 +64,8 @@ def show(
     found = read_result_file(file, checkpoint, "show")
     console = results_console()
     if isinstance(found, Metrics):
+        if show_all:  # as --checkpoint is, rather than silently unused
+            raise UserError("--all shows each checkpoint of a spectra file, not metrics.")
         with reading(file):  # what is shown is the file's: a KeyError is its layout
             if as_json:
                 print_json(

@@ -1176,6 +1176,18 @@ def test_a_series_whose_budget_ran_out_on_some_checkpoints_says_it_was_accepted(
     assert warning is not None and warning.endswith("(c1: 2 pairs); kept, as --max-hvps asks.")
 
 
+def test_the_warning_of_a_failed_full_precision_check_says_so():
+    """A reduced-precision solve whose full-precision check failed ("unverified", as its table
+    says) was told that "the residuals stopped improving"."""
+    from hessian_cli.presentation.tables import unconverged_warning
+
+    reports = [{"name": "c", "eigen": {"converged": [False], "stop_reason": "unverified"}}]
+    warning = unconverged_warning(reports, tol=1e-2, precision="bf16", dtype="float32")
+    assert warning is not None and "stopped improving" not in warning
+    assert "the full-precision check of the residuals failed" in warning
+    assert warning.endswith("loosen --tol or use --precision full.")
+
+
 def test_unconverged_exits_nonzero_unless_budget_accepted(capsys, digits_mlp):
     # A residual of 1e-12 is out of float32's reach: the pairs cannot converge.
     args = ("analyze", digits_mlp, "--num-samples", "16", "--top-k", "2", "--tol", "1e-12")

@@ -157,9 +157,14 @@ def unconverged_warning(
     )
     if budget_accepted and reasons <= {"budget"}:
         return f"[bold yellow]not converged[/] to tol {tol:g} ({what}); kept, as --max-hvps asks."
+    # As the stop reason beside the table says it ("stopped improving" contradicted it there).
+    why = (
+        "the residuals stopped improving"
+        if "stalled" in reasons
+        else "the full-precision check of the residuals failed"
+    )
     advice = (
-        "the residuals stopped improving, so the products' rounding noise is above the "
-        f"tolerance: loosen --tol{remedy}"
+        f"{why}, so the products' rounding noise is above the tolerance: loosen --tol{remedy}"
         if reasons & {"stalled", "unverified"}
         else "the residuals improved too slowly for eigenvalues this crowded: loosen --tol, "
         "or pass --max-hvps to accept these"

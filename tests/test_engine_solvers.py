@@ -193,11 +193,35 @@ def test_a_warm_start_keeps_a_repeated_eigenvalue_given_a_block_as_large():
 
 def test_warm_start_rows_beyond_the_block_are_folded_into_it():
     rows = torch.eye(5, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None]
-    folded = es._warm_rows(rows, 5, 2)  # unit rows 0, 2, 4 and 1, 3, summed
+    folded = es._folded(rows, 2)  # unit rows 0, 2, 4 and 1, 3, summed
     expected = torch.tensor([[1.0, 0, 1, 0, 1], [0, 1, 0, 1, 0]], dtype=torch.float64)
     torch.testing.assert_close(folded, expected)
-    torch.testing.assert_close(es._warm_rows(rows[:2], 5, 2), rows[:2])  # a block holds them
-    assert es._warm_rows(torch.cat([rows[:1], -rows[:1]]), 5, 1) is None  # they cancel
+    torch.testing.assert_close(es._folded(rows[:2], 2), rows[:2])  # a block holds them
+    assert es._folded(torch.cat([rows[:1], -rows[:1]]), 1) is None  # they cancel
+    unusable = torch.stack([rows[0], torch.zeros(5), torch.full((5,), torch.nan)])
+    torch.testing.assert_close(es._usable_rows(unusable, 5), rows[:1])
+    assert es._usable_rows(unusable[1:], 5) is None
+
+
+def test_warm_start_rows_are_folded_into_the_block_the_plan_lowered():
+    """--block-size 5 within 8 products for a top-8 is lowered to 4; the 8 warm rows were
+    folded into 5 and the start block took 4 of them: one exact eigenvector of the top 8 was
+    left out of the start, which then held only noise of it."""
+    H = _with_spectrum(torch.linspace(10.0, 1.0, 300, dtype=torch.float64) ** 2 / 10, 0)
+    top = torch.linalg.eigh(H).eigenvectors.flip(1).T[:8]
+    started = []
+
+    class Recorded(MatrixOperator):
+        def matmul(self, V: torch.Tensor) -> torch.Tensor:
+            if not started:
+                started.append(V.clone())
+            return super().matmul(V)
+
+    res = eigenpairs(Recorded(H), 8, block_size=5, max_hvps=8, init=top, check_steps=0)
+    assert res.block_size == 4 and started[0].shape[0] == 4
+    Q = torch.linalg.qr(started[0].T)[0]  # the start block's span
+    reach = (top @ Q).norm(dim=1)  # each warm row's part in it: 1/sqrt(2) where two share a row
+    assert float(reach.min()) > 0.6, reach
 
 
 def test_unconverged_pairs_are_reported_as_such():

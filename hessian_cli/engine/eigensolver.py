@@ -36,7 +36,7 @@ from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import next_seed
-from hessian_cli.engine.solver_defaults import CHECK_REACH, CHECK_STEPS, default_block_size
+from hessian_cli.engine.solver_defaults import CHECK_REACH, CHECK_STEPS
 from hessian_cli.engine.solver_plan import (
     WHOLE_SPACE_BLOCK,
     Plan,
@@ -92,7 +92,7 @@ def eigenpairs(
 
     ``init`` rows warm-start the search (e.g. eigenvectors of the previous checkpoint); rows
     that are zero or not finite are left out, and more rows than the block are folded into it
-    (:func:`_warm_rows`); with ``which="both"`` the first ``k`` rows start the largest and the
+    (:func:`_folded`); with ``which="both"`` the first ``k`` rows start the largest and the
     rest the smallest, as a previous result of that kind holds them. A warm start has at least
     one guard pair (the scout, held to ``sqrt(tol)``): rows that are eigenvectors converge at
     once, and without it the space would never grow past them to a direction that has since
@@ -167,10 +167,11 @@ def eigenpairs(
         raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     check_count(k, op.n)
     start_time, start_hvps = time.perf_counter(), op.hvp_count
-    if init is not None:  # folded into the block the start will have (see plan_solve's b)
-        block = min(block_size or default_block_size(k), op.n, max_hvps or op.n)
-        init = _warm_rows(init, op.n, block)
+    if init is not None:  # the rows that can start anything (none: a cold start)
+        init = _usable_rows(init, op.n)
     plan = plan_solve(op.n, k, guard, block_size, max_basis, max_hvps, warm=init is not None)
+    if init is not None:  # folded into the plan's block (the one asked may be lowered)
+        init = _folded(init, plan.b)
     solve = _Solve.start(
         op,
         k,
@@ -903,11 +904,18 @@ def _ends(res: EigenResult, k: int) -> EigenResult:
     return _concat(top, part(torch.arange(n - 1, n - 1 - k, -1), "smallest", False))
 
 
-def _warm_rows(init: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
-    """A warm start's rows, at most a block of them; ``None`` where none can start anything.
+def _usable_rows(init: torch.Tensor, n: int) -> torch.Tensor | None:
+    """A warm start's rows that can start anything, ``None`` where none can: rows that are not
+    finite or are zero are left out (a frozen layer's share)."""
+    rows = init.reshape(-1, n)
+    rows = rows[torch.isfinite(rows).all(1) & (rows != 0).any(1)]
+    return rows if len(rows) else None
 
-    Rows that are not finite or are zero are left out (a frozen layer's share). More rows than
-    the block are folded into it: start vector ``j`` is the sum of rows ``j, j + block, ...``
+
+def _folded(rows: torch.Tensor, block: int) -> torch.Tensor | None:
+    """A warm start's rows, at most a block of them; ``None`` where they cancel out.
+
+    More rows than the block are folded into it: start vector ``j`` is the sum of rows ``j, j + block, ...``
     (each of unit length). Taken as they are, the rows made a larger start block, which then
     grew one residual at a time: on a digits-MLP SGD series a warm top-5 took 1.5 times the
     products of a cold one, top-20 at tol 1e-8 2.6 times; the sum takes 1-7% fewer than cold
@@ -915,9 +923,10 @@ def _warm_rows(init: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
     refresh continues from it with a budget of a few products. Consecutive rows go to different
     vectors, so an eigenvalue repeated up to ``block`` times keeps its copies; more, and the
     start holds fewer, as a cold start of that block does (see solver_defaults.DEFAULT_BLOCK_SIZE).
+    The block is the plan's: folded into the block asked for where the plan lowered it (a
+    budget it did not divide), the rows beyond the plan's were dropped (8 exact eigenvectors of
+    a top-8, --block-size 5 lowered to 4: no pair converged in 8 products).
     """
-    rows = init.reshape(-1, n)
-    rows = rows[torch.isfinite(rows).all(1) & (rows != 0).any(1)]
     if len(rows) > block:
         unit = rows / norms(rows)[:, None]
         # Summed block by block in order, not by index_add_ (atomic, in no set order, on CUDA):

@@ -22,14 +22,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hessian_cli.engine.model_mode import holds_running_instance_statistics, instance_statistics
+from hessian_cli.engine.model_mode import (
+    holds_running_instance_statistics,
+    instance_statistics,
+    scripted_batchnorm,
+)
 
 _SAVED = "_eigensam_track_running_stats"
-
-
-def scripted_batchnorm(m: nn.Module) -> bool:
-    """A TorchScript BatchNorm layer (by its class name, as the engine finds one)."""
-    return isinstance(m, torch.jit.ScriptModule) and "BatchNorm" in getattr(m, "original_name", "")
 
 
 def disable_running_stats(model: nn.Module) -> None:

@@ -19,11 +19,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from eigensam.bn import scripted_batchnorm
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.distributed import is_distributed
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.model_mode import BNMode, holds_running_instance_statistics
+from hessian_cli.engine.model_mode import (
+    BNMode,
+    holds_running_instance_statistics,
+    scripted_batchnorm,
+)
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace
 from hessian_cli.engine.results import EigenResult

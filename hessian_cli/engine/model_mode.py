@@ -25,11 +25,15 @@ from hessian_cli.errors import UserError, first_line
 BNMode = Literal["eval", "train"]
 
 
+def scripted_batchnorm(m: nn.Module) -> bool:
+    """Whether ``m`` is a TorchScript BatchNorm layer (by its class name: it is no _BatchNorm)."""
+    return isinstance(m, torch.jit.ScriptModule) and "BatchNorm" in getattr(m, "original_name", "")
+
+
 def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` holds a BatchNorm layer, also as a scripted module (by its class name)."""
+    """Whether ``model`` holds a BatchNorm layer, also as a scripted module."""
     return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        or "BatchNorm" in getattr(m, "original_name", "")
+        isinstance(m, nn.modules.batchnorm._BatchNorm) or scripted_batchnorm(m)
         for m in model.modules()
     )
 
@@ -114,9 +118,7 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
     layout = layout or ModelLayout.of(model)
     # Also a scripted part of an eager model: its layers were left by their running statistics
     # (the products 100% off the batch statistics' Hessian, the loss of the other mode).
-    if bn == "train" and any(
-        "BatchNorm" in getattr(m, "original_name", "") for m in layout.scripts
-    ):
+    if bn == "train" and any(scripted_batchnorm(m) for m in layout.scripts):
         raise UserError(
             "The BatchNorm layers of a TorchScript module cannot be switched to batch "
             "statistics (`bn=train`); use the eager model, or running statistics (`bn=eval`)."

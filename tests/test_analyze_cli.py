@@ -2232,3 +2232,20 @@ def test_a_first_checkpoint_rewritten_before_its_turn_is_named_once(
     with pytest.raises(UserError) as info:
         analyze_target(runs, AnalyzeRequest(top_k=1))
     assert str(info.value) == "c1.pt: changed since the series was read (its sha256 differs)."
+
+
+def test_comma_joined_globs_are_globs(capsys, digits_mlp):
+    """The provenance records `--params` as its globs joined by commas ("3.*,1.bias"): given
+    back as one --params, that named no parameter and was refused."""
+    code, out, err = run(
+        capsys, "analyze", digits_mlp, "--params", "3.*", "--params", "1.bias", "--json"
+    )
+    assert code == 0, err
+    first = json.loads(out)
+    glob = first["provenance"]["params_glob"]
+    assert glob == "3.*,1.bias"
+    code, out, err = run(capsys, "analyze", digits_mlp, "--params", glob, "--json")
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["provenance"]["num_params"] == first["provenance"]["num_params"] == 130 + 12
+    assert again["eigen"]["eigenvalues"] == first["eigen"]["eigenvalues"]

@@ -166,7 +166,9 @@ def analyze(
         "--batch-size, however many the Hessian is taken over.",
     ),
     params: list[str] | None = typer.Option(
-        None, "--params", help="Glob over parameter names (repeatable), e.g. 'fc.*'."
+        None,
+        "--params",
+        help="Glob over parameter names (repeatable or comma-separated), e.g. 'fc.*,conv1.*'.",
     ),
     bn: str = typer.Option(
         "eval", "--bn", help="BatchNorm statistics: eval (running) or train (batch)."
@@ -264,7 +266,7 @@ def analyze(
         rho=rho,
         alpha=alpha,
         minibatches=minibatches,
-        params=params or None,
+        params=[g for item in params or () for g in item.split(",") if g] or params or None,
         bn=bn,
         batch_size=batch_size,
         num_samples=num_samples,

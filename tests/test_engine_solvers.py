@@ -812,7 +812,7 @@ def test_both_ends_say_which_end_took_the_whole_space():
 
 
 def test_a_krylov_solve_without_room_for_the_whole_space_goes_on(monkeypatch):
-    """Every column of n = 80 needs 0.27 MB, the basis of the smallest 10 0.08 MB: where only
+    """Every column of n = 80 needs 0.37 MB, the basis of the smallest 10 0.08 MB: where only
     that is free, the solve stays Krylov (to its budget) instead of refusing."""
     monkeypatch.setattr(memory, "free_bytes", lambda device: 200_000)
     H = _with_spectrum(10 * 0.8 ** torch.arange(80, dtype=torch.float64), 2)
@@ -859,9 +859,24 @@ def test_the_projected_matrix_grows_by_its_new_rows_only():
 
 
 def test_a_whole_space_that_does_not_fit_in_memory_is_one_sentence(monkeypatch):
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 1_000_000)  # needs 1.9 MB
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1_000_000)  # needs 5.6 MB
     with pytest.raises(UserError, match="need every column of the Hessian, .* ask for fewer"):
         eigenpairs(MatrixOperator(_symmetric(300)), 100)
+
+
+def test_a_whole_space_counts_what_its_eigendecomposition_holds(monkeypatch):
+    """Top-100 of n = 300: every column and its product, 114 Ritz vectors and their residuals,
+    and 5 n x n float64 matrices for the dense eigendecomposition (the projected matrix, eigh's
+    signed copy of it, its eigenvectors and workspace). It counted 3 of them, where the peak
+    resident memory held 5 (n = 2,100)."""
+    op = MatrixOperator(_symmetric(300))
+    need = ((2 * 300 + 2 * 114) * 300 + 5 * 300 * 300) * 8
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1)
+    with pytest.raises(UserError, match="need every column of the Hessian"):
+        eigenpairs(op, 100)
+    assert op.hvp_count == 0  # refused before any product
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need)
+    assert eigenpairs(op, 100).method == es.WHOLE
 
 
 def test_a_krylov_basis_that_does_not_fit_in_memory_is_one_sentence(monkeypatch):

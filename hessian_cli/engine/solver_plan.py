@@ -25,6 +25,12 @@ from hessian_cli.errors import UserError
 # well before n products.
 WHOLE_SPACE_FROM = 256
 WHOLE_SPACE_BLOCK = 64
+# What the whole space holds beside its two buffers, in n x n float64 matrices on the CPU, at
+# its peak, the dense eigendecomposition: the projected matrix, the signed copy that eigh takes,
+# its eigenvectors and LAPACK's workspace (syevd: 2 n^2). Counted as 3, the peak resident memory
+# was 5 beyond the buffers (n = 2,100 float32 and float64, every column at once or a Krylov
+# basis completed to them).
+WHOLE_SPACE_SQUARES = 5
 
 # A full basis restarts to its best Ritz vectors: this fraction of it (at least the pairs
 # converged and a block more), so that it grows again for several blocks before the next
@@ -172,8 +178,8 @@ def restart_size(capacity: int, kg: int, b: int) -> int:
 def check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool) -> None:
     """Refuse, in one sentence, a solve whose basis cannot fit: the basis and its products
     (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk; for
-    the whole space no restart, but its float64 projected matrix and eigenvectors, and a copy,
-    which live on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
+    the whole space no restart, but its dense eigendecomposition (WHOLE_SPACE_SQUARES), which
+    lives on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
     distributed solve on this machine holds its own copy, and all check before any allocates."""
     what = (
         "every column of the Hessian"
@@ -194,7 +200,7 @@ def _memory_need(op: LinearOperator, capacity: int, w: int, whole: bool) -> int:
     extra = 0 if whole else capacity * restart_chunk(op.n)
     need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
     if whole and op.device.type == "cpu":
-        need += 3 * op.n * op.n * 8
+        need += WHOLE_SPACE_SQUARES * op.n * op.n * 8
     return need
 
 

@@ -802,6 +802,35 @@ def test_a_krylov_solve_that_has_spent_n_products_takes_the_whole_space(n, ratio
     assert top.method != es.WHOLE and top.all_converged and top.hvps < n
 
 
+def test_the_whole_space_step_reports_the_pairs_converged_so_far(monkeypatch):
+    """The smallest 10 of 10 * 0.8^i: the Krylov solve had reported 5 pairs converged when it
+    took the whole space after n = 80 products, whose products then reported 0 (a progress
+    bar that went back) until the eigendecomposition converged all 10."""
+    seen = []
+    whole_basis = es._whole_basis
+
+    def marked(*args, **kwargs):
+        seen.append("whole")
+        return whole_basis(*args, **kwargs)
+
+    monkeypatch.setattr(es, "_whole_basis", marked)
+    H = _with_spectrum(10 * 0.8 ** torch.arange(80, dtype=torch.float64), 2)
+    res = eigenpairs(
+        MatrixOperator(H),
+        10,
+        which="smallest",
+        tol=1e-4,
+        seed=102,
+        progress=lambda *a: seen.append(a),
+    )
+    assert res.method == es.WHOLE and res.all_converged
+    at = seen.index("whole")
+    before, during, after = seen[at - 1], seen[at + 1 : -1], seen[-1]
+    assert before[1] > 0 and during  # the case is real: pairs converged before
+    assert all(done == before[1] for _, done, _ in during)
+    assert after[1:] == (10, 10)
+
+
 def test_both_ends_say_which_end_took_the_whole_space():
     """The smallest of 10 * 0.8^i take the whole space after n products, the largest converge
     in a Krylov space: the result named the largest end's method alone."""

@@ -189,8 +189,9 @@ def eigenpairs(
         solve.iterations += 1
         pairs = _rayleigh_ritz(solve, basis)
         stop = _stop_decision(solve, basis, pairs)
+        solve.reported = int(stop.conv[:k].sum())
         if progress:
-            progress(solve.spent, int(stop.conv[:k].sum()), k)
+            progress(solve.spent, solve.reported, k)
         missed = _check_for_skipped(solve, basis, pairs, stop)
         if stop.reason and missed is None:  # a skipped direction found, the iteration goes on
             break
@@ -305,6 +306,7 @@ class _Solve:
     scale: float = 0.0  # |lambda_max| as far as seen
     grown_out: bool = False  # no new direction survived orthogonalisation
     check_hvps: int = 0  # products spent looking for a skipped eigenvalue
+    reported: int = 0  # pairs converged at the last progress report (the whole space's repeat it)
     skipped_found: int = 0
     # The most wanted eigenvalue (times sign) the last check saw outside the pairs, less the
     # products' rounding: no pair's error bound may take a gap past it.
@@ -457,8 +459,8 @@ def _whole_basis(solve: _Solve, progress: Progress | None, kept: _Basis | None =
         Qb[m:] = torch.linalg.qr(kept.Q.T, mode="complete")[0][:, m:].T
     for i in range(m, op.n, WHOLE_SPACE_BLOCK):
         HQb[i : i + WHOLE_SPACE_BLOCK] = op.matmul(Qb[i : i + WHOLE_SPACE_BLOCK])
-        if progress:
-            progress(solve.spent, 0, solve.k)
+        if progress:  # none converged or lost until its eigendecomposition
+            progress(solve.spent, solve.reported, solve.k)
     H = HQb.double().cpu()
     if kept is not None:
         H = torch.linalg.solve(Qb.double().cpu(), H)

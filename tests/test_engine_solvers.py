@@ -831,6 +831,32 @@ def test_the_whole_space_step_reports_the_pairs_converged_so_far(monkeypatch):
     assert after[1:] == (10, 10)
 
 
+def test_a_basis_grown_to_the_whole_space_is_freed_before_the_verifying_products(monkeypatch):
+    """The Krylov solve of the smallest 10 of 10 * 0.8^i that takes the whole space: its n x n
+    basis, products and projected matrix were still held by a second name while the k fresh
+    products verified the pairs (and until the solve returned)."""
+    import weakref
+
+    held, alive = [], []
+    whole_basis = es._whole_basis
+
+    def tracked(*args, **kwargs):
+        basis = whole_basis(*args, **kwargs)
+        held.append(weakref.ref(basis))
+        return basis
+
+    class Watched(MatrixOperator):
+        def matmul(self, block):
+            alive.append(bool(held) and held[0]() is not None)
+            return super().matmul(block)
+
+    monkeypatch.setattr(es, "_whole_basis", tracked)
+    H = _with_spectrum(10 * 0.8 ** torch.arange(80, dtype=torch.float64), 2)
+    res = eigenpairs(Watched(H), 10, which="smallest", tol=1e-4, seed=102, verify=True)
+    assert res.method == es.WHOLE and res.all_converged
+    assert not alive[-1]  # the verifying products (one block of 10)
+
+
 def test_both_ends_say_which_end_took_the_whole_space():
     """The smallest of 10 * 0.8^i take the whole space after n products, the largest converge
     in a Krylov space: the result named the largest end's method alone."""

@@ -197,7 +197,7 @@ def eigenpairs(
             break
         whole_basis = None if missed is not None else _whole_space_instead(solve, basis, progress)
         if whole_basis is not None:
-            basis = whole_basis
+            basis, whole_basis = whole_basis, None  # one name holds it: `del basis` frees it
             continue
         _expand_basis(solve, basis, pairs, stop, missed)
     # A basis grown to the whole space (never restarted: see _expand_basis) holds it as the

@@ -1050,28 +1050,37 @@ def test_trace_within_three_standard_errors(name, method):
 
 @pytest.mark.parametrize("block_size", [None, 4])
 def test_the_trace_of_parameters_without_curvature_is_zero(block_size):
-    """Hutch++'s sketch of a zero Hessian spans nothing: an exact part of 0, no products for it."""
-    case = CASES["frozen-unused"]
-    op = HessianOperator(case.model, case.loss, case.batches, params=["unused"])
-    est = stochastic_trace(op, 12, block_size=block_size)  # a sketch of 4 of the 5 dimensions
+    """Hutch++'s sketch of a zero Hessian spans nothing: an exact part of 0, no products for it;
+    and parameters the loss does not use have a zero trace, from one product a direction."""
+    est = stochastic_trace(MatrixOperator(torch.zeros(20, 20)), 12, block_size=block_size)
     assert est.estimate == 0.0 and est.stderr == 0.0 and est.method == "hutch++"
     assert est.hvps == 8  # the sketch's 4 and Hutchinson's 4; none for the empty Q
+    case = CASES["frozen-unused"]
+    op = HessianOperator(case.model, case.loss, case.batches, params=["unused"])
+    est = stochastic_trace(op, 12, block_size=block_size)  # 12 probes reach its 5 directions
+    assert (est.estimate, est.stderr, est.hvps, len(est.samples)) == (0.0, 0.0, 5, 0)
 
 
-@pytest.mark.parametrize("known", [0, 3])
-def test_a_sketch_as_large_as_the_space_left_takes_its_trace_exactly(known):
+@pytest.mark.parametrize(("known", "num_probes"), [(0, 99), (3, 99), (0, 20), (3, 17), (15, 5)])
+def test_probes_as_many_as_the_space_left_take_its_trace_exactly(known, num_probes):
     """A third of 99 probes reaches the 20 dimensions: Hutch++ multiplied a sketch of 33 (30
     beside 3 known eigenvectors), its basis, and 33 (39) probes that the basis left nothing
-    but rounding, 86 products for a standard error of 1e-16. The basis of the space beside the
-    known vectors gives the trace exactly, from one product per dimension."""
+    but rounding, 86 products for a standard error of 1e-16. Where the probes are as many as
+    the dimensions beside the known vectors, but a third of them is not, Hutch++ spent them all
+    on a random estimate (20 probes: 20 products, ± 0.23). The basis of that space gives the
+    trace exactly, from one product per dimension."""
     H = _dominated(n=20)
     op = MatrixOperator(H)
     res = eigenpairs(op, known, tol=1e-10, seed=0) if known else None
     before = op.hvp_count
-    est = stochastic_trace(op, 99, known=res)
+    est = stochastic_trace(op, num_probes, known=res)
     assert est.hvps == op.hvp_count - before == 20 - known
     assert est.estimate == pytest.approx(float(torch.trace(H)), rel=1e-12)
     assert est.stderr == 0 and len(est.samples) == 0 and est.method == "hutch++"
+    # One probe fewer than the dimensions is an estimate; Hutchinson is always one.
+    fewer = stochastic_trace(op, 19 - known, known=res) if 19 - known >= 2 else None
+    assert fewer is None or (fewer.stderr > 0 and len(fewer.samples) > 0)
+    assert stochastic_trace(op, 99, method="hutchinson").stderr > 0
 
 
 def test_hutchpp_has_smaller_error_when_few_eigenvalues_dominate():

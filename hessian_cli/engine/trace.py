@@ -31,13 +31,14 @@ def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch
 
 def _plan(num_probes: int, method: str, n: int, known: int, largest: int) -> tuple[int, int]:
     """``(sketch, samples)``: Hutch++'s drawn sketch vectors and the random samples, beside
-    ``known`` eigenvectors of which ``largest`` take sketch vectors' places. A sketch as large
-    as the space the known vectors leave is that space: its basis, no sample (none where they
-    span it all)."""
+    ``known`` eigenvectors of which ``largest`` take sketch vectors' places. Where the space
+    the known vectors leave has no more directions than the probes, Hutch++ takes that space's
+    basis as its sketch and no sample: the trace exactly, for no more products (99 probes on 80
+    parameters gave 1.44962 ± 5.8e-5 from 99 products, the exact 1.44972 takes 80)."""
+    if method == "hutch++" and n - known <= num_probes:
+        return n - known, 0
     drawn = method == "hutch++" and num_probes >= 6
     sketch = max(num_probes // 3 - largest, 0) if drawn else 0
-    if sketch >= n - known:
-        return n - known, 0
     return sketch, num_probes - 2 * sketch
 
 
@@ -81,9 +82,8 @@ def stochastic_trace(
 ) -> TraceResult:
     """Unbiased estimate of ``trace(H)`` and its standard error from ``num_probes`` HVPs (fewer
     for Hutch++ when ``H`` maps its sketch into fewer dimensions: those are not multiplied; and
-    where a third of them reaches the dimension ``d`` beside the known vectors: the trace is
-    then exact, from ``d`` products, where a sketch of ``d`` or more left its probes nothing but
-    rounding, multiplied all the same).
+    where they reach the dimension ``d`` beside the known vectors: the trace is then exact, from
+    ``d`` products).
 
     Hutch++ spends a third of the products on a sketch ``Q`` of the dominant range, takes
     ``trace(Q^T H Q)`` exactly and runs Hutchinson on the deflated rest, whose variance is much

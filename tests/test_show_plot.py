@@ -727,6 +727,29 @@ def test_a_table_of_both_ends_names_the_smallest_from_the_bottom():
     ]
 
 
+def test_an_all_zero_hessian_says_converged_means_a_zero_residual():
+    """Where every eigenvalue seen was 0 (--params of ones the loss does not use) the solver's
+    scale is its floor, and the table said "residual ||Hv - λv|| / 2.225e-308 <= tol"."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    eigen = {
+        "which": "largest",
+        "eigenvalues": [0.0, 0.0],
+        "residuals": [0.0, 0.0],
+        "converged": [True, True],
+        "tol": 1e-4,
+        "scale": sys.float_info.min,
+        "method": "block-krylov-thick-restart",
+    }
+    console = Console(width=400, record=True)
+    console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen}))
+    text = console.export_text()
+    assert "e-308" not in text
+    assert "converged means residual ||Hv - λv|| = 0 (every eigenvalue seen was 0" in text
+
+
 def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
     eigen = {
         "which": "both",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -174,18 +175,27 @@ def unconverged_warning(
     return f"[bold yellow]not converged[/] to tol {tol:g} ({what}); {advice}."
 
 
-def _eigen_table(e: Mapping[str, Any]) -> Group:
+def _criterion(e: Mapping[str, Any]) -> str:
+    """What ``converged`` meant for a solve, as its stop test compared it with tol."""
+    scale = e.get("scale")
+    if scale is not None and scale <= sys.float_info.min:
+        # The solver's floor for |λ_max| where every Ritz value was 0 (an all-zero Hessian):
+        # it read "residual ||Hv - λv|| / 2.225e-308 <= tol".
+        return "residual ||Hv - λv|| = 0 (every eigenvalue seen was 0: no |λ1| to scale tol by)"
     measure = (
         "the bound on the eigenvalue's relative error (from residual² / gap)"
         if e.get("criterion") == "eigenvalue"
-        else f"residual ||Hv - λv|| / {_g(e.get('scale'), '.4g')}"
+        else f"residual ||Hv - λv|| / {_g(scale, '.4g')}"
     )
+    return f"{measure} <= tol {_g(e.get('tol'), '.1e')}"
+
+
+def _eigen_table(e: Mapping[str, Any]) -> Group:
     # A Krylov solve certifies pairs in order (whole-space ones have every eigenvalue).
     in_order = "" if e.get("method") == "whole-space" else ", for it and every pair before it"
     how = (
         f"{_WHICH_WORDS.get(e.get('which'), e.get('which'))} by {e.get('method')}; "
-        f"converged means {measure} "
-        f"<= tol {_g(e.get('tol'), '.1e')}{in_order}; "
+        f"converged means {_criterion(e)}{in_order}; "
         f"{_int(e.get('iterations'))} iteration{'' if e.get('iterations') == 1 else 's'}, "
         f"{_int(e.get('hvps'))} HVPs, "
         f"{_seconds(e.get('seconds'))}"

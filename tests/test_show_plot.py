@@ -750,6 +750,28 @@ def test_an_all_zero_hessian_says_converged_means_a_zero_residual():
     assert "converged means residual ||Hv - λv|| = 0 (every eigenvalue seen was 0" in text
 
 
+def test_the_tolerance_is_shown_and_drawn_as_given():
+    """--tol 1.25e-4 was "tol 1.3e-04" in the table and "tol 1e-04" in the plot's legend."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    eigen = {
+        "which": "largest",
+        "eigenvalues": [2.0, 1.0],
+        "residuals": [1e-5, 1e-5],
+        "converged": [True, True],
+        "tol": 1.25e-4,
+        "scale": 2.0,
+    }
+    d = {"name": "c", "provenance": {}, "eigen": eigen}
+    console = Console(width=400, record=True)
+    console.print(analysis_table(d))
+    assert "<= tol 0.000125," in console.export_text()
+    legend = spectra_figure([d]).axes[0].get_legend()
+    assert "tol 0.000125" in [t.get_text() for t in legend.get_texts()]
+
+
 def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
     eigen = {
         "which": "both",

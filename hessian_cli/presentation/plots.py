@@ -189,7 +189,7 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
         label=name,
     )
     if e.get("tol") is not None:
-        twin.axhline(e["tol"], color="C1", ls=":", lw=1, label=f"tol {e['tol']:.0e}")
+        twin.axhline(e["tol"], color="C1", ls=":", lw=1, label=f"tol {e['tol']:g}")
     twin.set_ylabel(
         "bound on the relative eigenvalue error"
         if by_error

@@ -187,7 +187,7 @@ def _criterion(e: Mapping[str, Any]) -> str:
         if e.get("criterion") == "eigenvalue"
         else f"residual ||Hv - λv|| / {_g(scale, '.4g')}"
     )
-    return f"{measure} <= tol {_g(e.get('tol'), '.1e')}"
+    return f"{measure} <= tol {_g(e.get('tol'))}"
 
 
 def _eigen_table(e: Mapping[str, Any]) -> Group:

@@ -2,6 +2,8 @@
 
 import sys
 
+from hessian_cli.launch import env_rank  # torch-free, as all that loads before the CLI
+
 
 def main() -> None:
     """Run the CLI. A Ctrl-C while it loads (typer, rich, the commands: the first ~0.3 s) ends
@@ -12,6 +14,8 @@ def main() -> None:
 
         load_commands()
     except KeyboardInterrupt:
+        if env_rank() == 0:  # under torchrun, said once
+            print("interrupted by Ctrl-C.", file=sys.stderr)  # as the CLI's INTERRUPTED says
         sys.exit(130)  # the shell's status for SIGINT, as the CLI's own INTERRUPTED_STATUS
     run()
 

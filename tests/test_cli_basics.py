@@ -56,7 +56,21 @@ def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback(monkeypatch, c
     with pytest.raises(SystemExit) as stopped:
         entry.main()
     assert stopped.value.code == 130
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == "interrupted by Ctrl-C.\n"  # it said nothing
+
+
+def test_a_ctrl_c_no_command_caught_says_so(monkeypatch, capsys):
+    """Typer ends a command that a Ctrl-C escaped (importing torch, the first seconds of
+    analyze) with status 130 and no word; a command's own word for it is said alone."""
+    from cli_runner import run
+
+    from hessian_cli.cli import show
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(show, "read_result_file", interrupted)
+    assert run(capsys, "show", "spectra.h5")[::2] == (130, "interrupted by Ctrl-C.\n")
 
 
 def test_ctrl_c_inside_numpys_import_stops_the_command(tmp_path):

@@ -150,6 +150,8 @@ def _report(exc: Exception) -> int:
 
 # The shell's statuses for a process ended by SIGINT (Ctrl-C, 128 + 2) and SIGTERM (128 + 15).
 INTERRUPTED_STATUS = 130
+# Said for a Ctrl-C that no command caught (it ended with status 130 and no word).
+INTERRUPTED = "interrupted by Ctrl-C."
 TERMINATED_STATUS = 143
 
 
@@ -214,6 +216,16 @@ def _said_by_rank_zero() -> Iterator[None]:
         yield
 
 
+def _unsaid_interrupt(exc: SystemExit) -> bool:
+    """Whether ``exc`` is Typer's exit for a Ctrl-C that escaped a command (status 130, and
+    nothing said: importing torch or loading data, the first seconds of a command); a command
+    that catches its Ctrl-C says what it kept before its own exit."""
+    typer_exit = exc.__context__
+    return exc.code == INTERRUPTED_STATUS and isinstance(
+        getattr(typer_exit, "__cause__", None), KeyboardInterrupt
+    )
+
+
 def _debug_first(args: list[str]) -> list[str]:
     """``args`` with ``--debug`` before the command, where the program takes it: given after
     the command (where users add it), it was "No such option: --debug"."""
@@ -241,13 +253,20 @@ def main() -> None:
             distributed.init_from_env()
         # SIGTERM unwinds instead of killing at once, so that what is in hand is written.
         with signal_handled(signal.SIGTERM, _raise_terminated), _said_by_rank_zero():
-            app(args=_debug_first(sys.argv[1:]))
+            try:
+                app(args=_debug_first(sys.argv[1:]))
+            except SystemExit as exc:
+                if _unsaid_interrupt(exc):
+                    err_console.print(INTERRUPTED, style="yellow", highlight=False)
+                raise
     except Terminated as exc:
         rank = f"rank {env_rank()} " if torchrun else ""
         said = str(exc) or "stopped: the process received SIGTERM."
         err_console.print(f"{rank}{said}", style="dim", highlight=False, soft_wrap=True)
         _leave_now(TERMINATED_STATUS)  # the job is being stopped: its barrier would wait
     except KeyboardInterrupt:  # while Typer builds the commands, before it takes Ctrl-C as 130
+        if env_rank() == 0:
+            err_console.print(INTERRUPTED, style="yellow", highlight=False)
         sys.exit(INTERRUPTED_STATUS)
     except Exception as exc:
         code = _report(exc)  # with --debug, the traceback; the exit status is the same

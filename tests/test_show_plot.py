@@ -853,6 +853,28 @@ def test_plot_into_a_named_pipe_writes_through_it(files, tmp_path):
     assert received[0][:8] == PNG
 
 
+PNG_END = b"IEND\xaeB`\x82"  # a PNG's last chunk
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_plot_onto_standard_output_writes_the_figure_alone(files, tmp_path):
+    """Into a pipe, `-o /dev/stdout` put "wrote /dev/stdout" after the figure's bytes;
+    redirected to a file it made /dev/stdout.png (a root may write to /dev) and left that file
+    empty. /proc/self/fd/1 is the same link, in a directory where nothing can be made."""
+    plot = [sys.executable, "-m", "hessian_cli", "plot", str(files["series"]), "-o"]
+    piped = subprocess.run([*plot, "/dev/stdout"], capture_output=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout[:8] == PNG and piped.stdout.endswith(PNG_END)
+    figure = tmp_path / "fig.png"
+    with figure.open("wb") as redirected:
+        done = subprocess.run(
+            [*plot, "/proc/self/fd/1"], stdout=redirected, stderr=subprocess.PIPE, timeout=120
+        )
+    assert done.returncode == 0, done.stderr
+    data = figure.read_bytes()
+    assert data[:8] == PNG and data.endswith(PNG_END)
+
+
 def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):
     path = tmp_path / "damaged.h5"
     path.write_bytes(files["series"].read_bytes())

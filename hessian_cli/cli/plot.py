@@ -49,5 +49,6 @@ def plot(
         else:
             figure = spectra_figure(told_apart(found, checkpoint))
     written = save_figure(figure, output)
-    # unwrapped into a pipe: a long path cut over two lines broke a script reading it
-    results_console().print(f"wrote {written}", highlight=False, markup=False, crop=False)
+    if written is not None:  # none to say after a figure on stdout: the line followed its bytes
+        # unwrapped into a pipe: a long path cut over two lines broke a script reading it
+        results_console().print(f"wrote {written}", highlight=False, markup=False, crop=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,14 +60,27 @@ def _figure(panels: int) -> tuple[Figure, list[Axes]]:
     return fig, axes[:panels]
 
 
-def save_figure(fig: Figure, out_path: str | Path) -> Path:
+def _is_stdout(path: Path) -> bool:
+    """Whether ``path`` is this process' standard output (``-o /dev/stdout``), whether that is
+    a pipe or a file the shell redirected it to."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):  # no such file, or a stdout without a descriptor
+        return False
+
+
+def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     """Render ``fig`` to ``out_path`` (format from the suffix) atomically; a name without a
     suffix gets ``.png``, as matplotlib's ``savefig`` gives it (a PNG was written under the
-    bare name), except a pipe or device (``-o /dev/stdout``)."""
+    bare name), except a pipe or device. The path written, or None for standard output
+    (``-o /dev/stdout``), which is written to as it is."""
     out = Path(out_path)
     if out.is_dir():  # "." was told "device or resource busy" when renamed over
         raise UserError(f"-o {out} is a directory; give a file name such as fig.png.")
-    if not out.suffix and (out.is_file() or not out.exists()):
+    # Redirected to a file (`> fig.png`), /dev/stdout is a link to a file: it became a new
+    # file /dev/stdout.png (or could not be made there), and the file got the "wrote" line.
+    to_stdout = _is_stdout(out)
+    if not out.suffix and not to_stdout and (out.is_file() or not out.exists()):
         out = out.with_name(out.name + ".png")
     fmt = out.suffix.lstrip(".").lower() or "png"
     supported = fig.canvas.get_supported_filetypes()
@@ -74,7 +89,7 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path:
         raise UserError(
             f"Cannot write a {fmt!r} figure; use one of: {', '.join(sorted(supported))}."
         )
-    if out.is_file() and h5py.is_hdf5(out):  # e.g. the file being plotted, named again
+    if not to_stdout and out.is_file() and h5py.is_hdf5(out):  # the file plotted, named again
         raise UserError(f"{out} is an HDF5 file: refusing to overwrite it with a figure.")
     # Rendered first, written in one go: some formats seek back while writing, which a pipe
     # (-o /dev/stdout) cannot, and a drawing that fails then leaves no file at all.
@@ -87,6 +102,11 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path:
         fig.savefig(rendered, format=fmt, dpi=DPI)
     finally:
         ps_log.setLevel(level)
+    if to_stdout:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(rendered.getbuffer())
+        sys.stdout.buffer.flush()
+        return None
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         fh.write(rendered.getbuffer())
     return out

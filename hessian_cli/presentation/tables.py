@@ -660,4 +660,4 @@ def _converged_rows(columns: Mapping[str, np.ndarray], tol: float | None) -> str
         return None
     met = int(np.sum(np.asarray(residual, dtype=float) <= tol))
     rest = "" if met == len(residual) else "; the others stopped at their HVP budget"
-    return f"converged (residual <= tol {tol:.0e}): {met} of {len(residual)}{rest}"
+    return f"converged (residual <= tol {tol:g}): {met} of {len(residual)}{rest}"

@@ -225,6 +225,22 @@ def test_the_epochs_test_loss_is_drawn_beside_the_per_step_loss():
     assert [ax.get_title() for ax in only.axes if ax.get_visible()] == ["Loss"]
 
 
+def test_the_training_curves_tick_steps_as_whole_numbers():
+    """A short run's step axes (5 steps, a --max-steps run) had ticks at 0.5, 1.5, ..."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    steps = {"step": np.arange(5), "loss": np.linspace(2, 1, 5), "accuracy": np.full(5, 0.5)}
+    track = {"step": np.array([0, 2, 4]), "lambda_max": np.array([1.0, 0.9, 1.1])}
+    refresh = {"step": np.array([0, 3]), "eigenvalue": np.array([1.0, 1.2])}
+    refresh["alignment"] = np.array([0.1, 0.2])
+    axes = metrics_figure({"steps": steps, "track": track, "refresh": refresh}).axes
+    on_steps = [ax for ax in axes if ax.get_visible() and ax.get_xlabel() == "step"]
+    assert len(on_steps) == 4  # loss, accuracy, λ_max and alignment
+    for ax in on_steps:
+        ticks = ax.xaxis.get_major_locator().tick_values(*ax.get_xlim())
+        assert all(float(t).is_integer() for t in ticks), ax.get_title()
+
+
 def test_a_two_dimensional_loss_column_shows_as_json_does(files, tmp_path):
     """docs/hdf5.md allows columns of rows; the table's first/last loss line took one for a
     number and failed where --json and plot read the file."""

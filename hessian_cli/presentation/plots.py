@@ -429,6 +429,12 @@ def _epoch_axis(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _step_axis(ax: Axes) -> None:
+    """Steps are whole numbers: a short run's axis had ticks at 0.5, 1.5, ..."""
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _loss_axis(ax: Axes, title: str) -> None:
     """Title, label and legend of a loss panel, on a log scale where every loss is positive."""
     if all((np.asarray(line.get_ydata()) > 0).all() for line in ax.get_lines()):
@@ -476,7 +482,7 @@ def metrics_figure(
     ax_of = dict(zip(panels, axes, strict=True))
     if ax := ax_of.get("loss"):
         _curve(ax, steps, "step", "loss", lw=0.8, alpha=0.7, label="train (per step)")
-        ax.set_xlabel("step")
+        _step_axis(ax)
         _loss_axis(ax, "Loss")
     if ax := ax_of.get("epoch loss"):
         _curve(ax, epochs, "epoch", "train_loss", marker="o", label="train")
@@ -490,7 +496,7 @@ def metrics_figure(
             _epoch_axis(ax)
         else:
             _curve(ax, steps, "step", "accuracy", lw=0.8, label="train (per step)")
-            ax.set_xlabel("step")
+            _step_axis(ax)
         ax.set_title("Accuracy")
         ax.set_ylabel("accuracy")
         ax.legend(fontsize="small")
@@ -500,14 +506,14 @@ def metrics_figure(
         tol = tolerances or {}
         bad = [_mark_unconverged(ax, track, "lambda_max", tol.get("track"))]
         bad.append(_mark_unconverged(ax, refresh, "eigenvalue", tol.get("refresh")))
-        ax.set_xlabel("step")
+        _step_axis(ax)
         ax.set_ylabel("eigenvalue")
         title = "Top Hessian eigenvalue"  # a row above its tol was drawn as if converged
         ax.set_title(f"{title} (red x: NOT converged)" if any(bad) else title)
         ax.legend(fontsize="small")
     if ax := ax_of.get("alignment"):
         _curve(ax, refresh, "step", "alignment", marker="o", ms=3)
-        ax.set_xlabel("step")
+        _step_axis(ax)
         ax.set_ylabel("|<ĝ, v1>|")
         ax.set_title("Gradient alignment at eigenvector refresh")
     return fig

@@ -164,6 +164,20 @@ def test_all_is_refused_for_metrics_as_checkpoint_is(capsys, files):
     assert one_sentence(err) == "error: --all shows each checkpoint of a spectra file, not metrics."
 
 
+def test_all_is_refused_where_it_adds_nothing(capsys, files):
+    """--json and a checkpoint picked by -c are shown in full: beside them --all was silently
+    unused (the same output with it and without)."""
+    code, _, err = run(capsys, "show", files["series"], "--all", "--json")
+    assert code == 2
+    assert one_sentence(err) == "error: --json prints every checkpoint in full: leave --all out."
+    code, _, err = run(capsys, "show", files["series"], "-a", "-c", "ckpt_200")
+    assert code == 2
+    said = "error: -c ckpt_200 shows its one checkpoint in full: leave --all out."
+    assert one_sentence(err) == said
+    code, out, _ = run(capsys, "show", files["series"], "--all")  # where it is used, it is taken
+    assert code == 0 and out.count("Eigenvalues") == 3
+
+
 def test_a_regression_run_has_no_accuracy_panel():
     """A regression run's accuracy columns are all NaN: their panel was empty, on an axis from
     -0.045 to 0.045, with a legend of lines that were not there."""

@@ -78,6 +78,11 @@ def show(
                 console.print(metrics_summary(file, found.columns, found.info), crop=False)
         return
     ds, groups = found.reports, found.groups
+    # Refused rather than silently unused, as analyze refuses an option whose feature is off.
+    if show_all and as_json:
+        raise UserError("--json prints every checkpoint in full: leave --all out.")
+    if show_all and len(ds) == 1 and checkpoint is not None:
+        raise UserError(f"-c {checkpoint} shows its one checkpoint in full: leave --all out.")
     if as_json:
         print_json([{**d, "group": g} for d, g in zip(ds, groups, strict=True)])
         return

@@ -453,7 +453,7 @@ def test_an_exact_trace_from_products_does_not_say_the_eigenvalues_span_the_spac
 
     t = {"estimate": 2.47827, "stderr": 0.0, "num_samples": 0, "seconds": 0.01}
     console = Console(width=300, record=True)
-    for known, hvps in [(5, 325), (0, 330)]:
+    for known, hvps in [(5, 325), (0, 330), (9, 1)]:
         d = {"name": "c", "provenance": {}, "trace": {**t, "known_eigenpairs": known, "hvps": hvps}}
         console.print(analysis_table(d))
     text = console.export_text()
@@ -463,6 +463,7 @@ def test_an_exact_trace_from_products_does_not_say_the_eigenvalues_span_the_spac
         "found leave; 325 HVPs, 0.01 s)"
     ) in text
     assert "trace 2.47827 (no random part: exact, one product per direction; 330 HVPs" in text
+    assert "the 9 eigenvectors found leave; 1 HVP, 0.01 s)" in text  # was "1 HVPs"
 
 
 def test_a_density_of_the_eigenvalues_found_alone_says_so():
@@ -1065,3 +1066,21 @@ def test_the_legend_of_several_runs_names_their_densities_line_styles():
     no_density = [{k: v for k, v in d.items() if k != "density"} for d in ds]
     kept = {h.get_linestyle() for h in spectra_figure(no_density).legends[0].legend_handles}
     assert kept == {"None"}  # markers alone, as before
+
+
+def test_one_product_is_one_hvp():
+    """The cost, eigenvalue and density lines said "1 HVPs"."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table, cost_line
+
+    assert cost_line({"hvps": 1}) == "cost: 1 HVP"
+    assert cost_line({"hvps": 2}) == "cost: 2 HVPs"
+    eigen = {"eigenvalues": [1.0], "residuals": [0.0], "converged": [True], "hvps": 1}
+    eigen |= {"iterations": 1, "seconds": 0.01, "which": "largest", "method": "whole-space"}
+    dn = {"nodes": [[1.0]], "weights": [[1.0]], "grid": [1.0], "values": [1.0], "hvps": 1}
+    dn |= {"num_probes": 1, "steps": 1, "known_eigenpairs": 0, "sigma": 0.01, "seconds": 0.01}
+    console = Console(width=300, record=True)
+    console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen, "density": dn}))
+    text = console.export_text()
+    assert "1 HVPs" not in text and text.count("1 HVP, 0.01 s") == 2, text

@@ -131,8 +131,8 @@ def analyze(
     trace_probes: int = typer.Option(
         99,
         "--trace-probes",
-        help="HVPs spent on the trace, at most: where a third of them reaches the parameter "
-        "count, hutch++ takes the trace exactly, from one per parameter.",
+        help="HVPs spent on the trace, at most: where they reach the parameter count (less "
+        "--top-k's eigenvectors), hutch++ takes the trace exactly, from one per direction.",
     ),
     trace_method: str = typer.Option(
         "hutch++",

@@ -79,7 +79,7 @@ def cost_line(cost: Mapping[str, Any]) -> str | None:
     """``HVPs, gradient-equivalents, wall time, device`` for the parts that are known."""
     parts = []
     if cost.get("hvps") is not None:
-        parts.append(f"{_int(cost['hvps'])} HVPs")
+        parts.append(counted(cost["hvps"], "HVP"))
     if cost.get("grad_equivalents") is not None:
         parts.append(f"{_g(cost['grad_equivalents'], '.4g')} gradient-equivalents")
     if cost.get("seconds") is not None:
@@ -197,7 +197,7 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
         f"{_WHICH_WORDS.get(e.get('which'), e.get('which'))} by {e.get('method')}; "
         f"converged means {_criterion(e)}{in_order}; "
         f"{_int(e.get('iterations'))} iteration{'' if e.get('iterations') == 1 else 's'}, "
-        f"{_int(e.get('hvps'))} HVPs, "
+        f"{counted(e.get('hvps'), 'HVP')}, "
         f"{_seconds(e.get('seconds'))}"
     )
     if guard := e.get("guard"):
@@ -277,7 +277,7 @@ def _alignment_table(al: Mapping[str, Any]) -> Table:
 def _trace_line(t: Mapping[str, Any]) -> str:
     """The trace with its standard error and what it rests on, or with none where it has no
     random part."""
-    cost = f"{_int(t.get('hvps'))} HVPs, {_seconds(t.get('seconds'))}"
+    cost = f"{counted(t.get('hvps'), 'HVP')}, {_seconds(t.get('seconds'))}"
     if t.get("num_samples") == 0:  # it said "± 0 (std. error of 0 random samples; ...)"
         known = t.get("known_eigenpairs") or 0
         if t.get("hvps") == 0:
@@ -312,7 +312,7 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     )
     return (
         f"{how}, nodes span {support}{peak}, smoothing σ={_g(dn.get('sigma'), '.3g')}, "
-        f"{_int(dn.get('hvps'))} HVPs, {_seconds(dn.get('seconds'))}"
+        f"{counted(dn.get('hvps'), 'HVP')}, {_seconds(dn.get('seconds'))}"
     )
 
 

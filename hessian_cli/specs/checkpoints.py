@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from hessian_cli.errors import UserError, a_type, first_line
+from hessian_cli.series_order import name_place
 from hessian_cli.storage.files import atomic_path, file_sha256
-from hessian_cli.storage.hdf5 import name_place
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -25,6 +25,7 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
+from hessian_cli.series_order import name_place
 from hessian_cli.storage.files import (
     DAMAGED,
     check_directory_writable,
@@ -369,20 +370,6 @@ def _ordinal(value: Any) -> float | None:
 def _series_order(f: h5py.File, new: list[str]) -> list[str]:
     """Group names by (step, epoch) where known; ties and unknowns keep insertion order."""
     return _by_step(f, [n for n in _stored_order(f) if n not in set(new)] + new)
-
-
-# Words that place a checkpoint that records no step or epoch at the start or the end of its
-# run: by name alone, init.pt came after final.pt and step_100.pt.
-_FIRST_WORDS = frozenset({"init", "initial", "start"})
-_LAST_WORDS = frozenset({"final", "last"})
-
-
-def name_place(name: str) -> int:
-    """Where its name places a checkpoint that records no step or epoch in its series: -1
-    before all others (``init``, ``initial``, ``start``), 1 after all (``final``, ``last``),
-    else 0."""
-    words = set(re.findall(r"[a-z]+", name.lower()))
-    return -1 if words & _FIRST_WORDS else 1 if words & _LAST_WORDS else 0
 
 
 def _by_step(f: h5py.File, names: list[str]) -> list[str]:

@@ -207,11 +207,12 @@ def analyze_target(
     target: str | Path | Sequence[str | Path],
     request: AnalyzeRequest,
     progress: Progress | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> list[CheckpointAnalysis]:
     """Analyse one checkpoint, a directory of them or several files (:func:`checkpoint_paths`),
     returned in step/epoch order; whatever stops a checkpoint after the first (bad input, an
     error, a lost torchrun peer, an interrupt) is :class:`SeriesStopped`, which holds the
-    results so far."""
+    results so far. ``notice`` is told, in one line, what of the series was left out."""
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
@@ -245,11 +246,19 @@ def analyze_target(
             loaded.append(_ordering_only(ckpt) if held_only else ckpt)
     loaded.sort(key=checkpoint_order_key)
     # A copy of another file of the series (Lightning's last.ckpt, where it is not a link) is
-    # that file's analysis again: the first in order is kept.
+    # that file's analysis again: the first in order is kept, and the others named.
     distinct: dict[str, LoadedCheckpoint] = {}
+    copies: list[str] = []
     for ckpt in loaded:
-        distinct.setdefault(ckpt.sha256, ckpt)
+        kept = distinct.setdefault(ckpt.sha256, ckpt)
+        if kept is not ckpt:
+            copies.append(f"{ckpt.label} (of {kept.label})")
     loaded = list(distinct.values())
+    if copies and notice is not None:
+        notice(
+            "left out, as copies of another checkpoint of the series (the same sha256): "
+            f"{', '.join(copies)}."
+        )
     # A series that differs between nodes (a file more on one): the rank that ran out of files
     # left the others inside a collective, which failed after a minute with a wrong message.
     distributed.check_same(lambda: {"checkpoints": " ".join(c.sha256 for c in loaded)})

@@ -774,10 +774,10 @@ def test_a_checkpoint_rewritten_while_its_series_runs_is_refused_at_its_turn(
     assert [r.name for r in info.value.results] == ["c1"]
 
 
-def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(tmp_path, digits_mlp):
+def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(capsys, tmp_path, digits_mlp):
     """Lightning's save_last writes last.ckpt as a copy, not a link: the series analysed step 20
     twice (a row and a second analysis's time). Of files of the same content, the first in
-    order is kept."""
+    order is kept, and the others named (they were left out unsaid)."""
     state = torch.load(digits_mlp, weights_only=True)
     runs = tmp_path / "ckpts"
     runs.mkdir()
@@ -788,6 +788,13 @@ def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(tmp_path, digi
     shutil.copyfile(runs / "epoch=0-step=20.pt", runs / "last.pt")
     results = analyze_target(runs, AnalyzeRequest(top_k=1))
     assert [r.name for r in results] == ["epoch=0-step=10", "epoch=0-step=20"]
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--json")
+    assert code == 0 and [r["name"] for r in json.loads(out)] == [r.name for r in results]
+    assert " ".join(err.split()) == (
+        "left out, as copies of another checkpoint of the series (the same sha256): last.pt "
+        "(of epoch=0-step=20.pt)."
+    )
+    assert run(capsys, "analyze", runs, "--top-k", "1", "--quiet")[2] == ""
 
 
 def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(

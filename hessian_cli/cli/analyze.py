@@ -303,10 +303,15 @@ def analyze(
                 total=total or None,
             )
 
+        def notice(line: str) -> None:  # what of a series was left out
+            err_console.print(line, style="yellow", highlight=False, soft_wrap=True)
+
         try:
             # What user code prints (a factory, a model's forward) would break the JSON on stdout.
             with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-                results, stopped = analyze_target(targets, request, progress), None
+                told = notice if lead and not quiet else None
+                results = analyze_target(targets, request, progress, told)
+                stopped = None
         except SeriesStopped as exc:  # keep what was done: shown and written, then the error
             results, stopped = exc.results, exc
         except KeyboardInterrupt:  # before the first result (after it: SeriesStopped)

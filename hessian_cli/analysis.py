@@ -297,8 +297,9 @@ def analyze_target(
                 stopped.exit_status = 1  # not the input's: as the entry point says of one
             raise stopped from exc
         if result.eigen is not None:
-            # warm start the next checkpoint of the series
-            init, warm_from = result.eigen.eigenvectors, result.name
+            # warm start the next checkpoint of the series, named by its path: the names of a
+            # glob's files in several directories may repeat
+            init, warm_from = result.eigen.eigenvectors, result.provenance["checkpoint"]
         results.append(result)
     return results
 
@@ -449,7 +450,7 @@ def analyze_checkpoint(
     warm_from: str | None = None,
 ) -> CheckpointAnalysis:
     """Run the requested solvers on one loaded checkpoint, the eigensolver warm-started from
-    ``init``, the eigenvectors of the checkpoint ``warm_from`` names (for the provenance)."""
+    ``init``, the eigenvectors of the checkpoint at the path ``warm_from`` (for the provenance)."""
     _check_request(request)
     with distributed.fail_together():
         s = _setup(ckpt, request)
@@ -891,7 +892,7 @@ def _provenance(
     warm_start: str | None,
 ) -> dict[str, Any]:
     """Where an analysis' numbers came from and what they cost (HDF5 attributes, ``--json``);
-    ``warm_start`` names the checkpoint whose eigenvectors started the eigensolver."""
+    ``warm_start`` is the path of the checkpoint whose eigenvectors started the eigensolver."""
     return {
         "checkpoint": storable_text(str(ckpt.path.absolute())),  # read from anywhere later
         "sha256": ckpt.sha256,

@@ -706,10 +706,29 @@ def test_a_warm_started_checkpoint_of_a_series_names_its_start_in_the_provenance
     out_file = tmp_path / "s.h5"
     code, out, err = run(capsys, "analyze", runs, "--top-k", "2", "--json", "--out", out_file)
     assert code == 0, err
-    assert [r["provenance"].get("warm_start") for r in json.loads(out)] == [None, "c1"]
+    c1 = str(runs / "c1.pt")
+    assert [r["provenance"].get("warm_start") for r in json.loads(out)] == [None, c1]
     with h5py.File(out_file) as f:
         assert "warm_start" not in f["checkpoints/c1"].attrs
-        assert f["checkpoints/c2"].attrs["warm_start"] == "c1"
+        assert f["checkpoints/c2"].attrs["warm_start"] == f["checkpoints/c1"].attrs["checkpoint"]
+
+
+def test_the_warm_start_of_a_series_of_files_of_one_name_says_which_started_it(
+    capsys, tmp_path, digits_mlp
+):
+    """A glob over runs (runs/*/last.pt) gives files of one name: each warm start recorded
+    'last', which named all three, and the third started from the second."""
+    state = torch.load(digits_mlp, weights_only=True)
+    for step in (1, 2, 3):
+        meta = dict(state["hessian_cli"], step=step)
+        save_checkpoint(
+            tmp_path / f"run{step}" / "last.pt", state_dict=state["model"], metadata=meta
+        )
+    files = [tmp_path / f"run{step}" / "last.pt" for step in (1, 2, 3)]
+    code, out, err = run(capsys, "analyze", *files, "--top-k", "1", "--json")
+    assert code == 0, err
+    reports = json.loads(out)
+    assert [r["provenance"].get("warm_start") for r in reports] == [None, *map(str, files[:2])]
 
 
 def test_several_checkpoint_files_are_a_series_in_step_order(capsys, tmp_path, digits_mlp):
@@ -720,7 +739,7 @@ def test_several_checkpoint_files_are_a_series_in_step_order(capsys, tmp_path, d
     code, out, err = run(capsys, "analyze", runs / "c2.pt", runs / "c1.pt", *args)
     assert code == 0, err
     assert [r["name"] for r in json.loads(out)] == ["c1", "c2"]
-    assert json.loads(out)[1]["provenance"]["warm_start"] == "c1"
+    assert json.loads(out)[1]["provenance"]["warm_start"] == str(runs / "c1.pt")
     code, _, err = run(capsys, "analyze", runs / "c1.pt", runs, *args)
     assert code == 2 and f"{runs} is a directory: give it alone" in one_sentence(err)
 

@@ -1753,6 +1753,18 @@ def test_an_empty_target_is_refused_not_taken_for_the_working_directory(
     assert "TARGET needs a name, such as model.pt" in _bad(capsys, "analyze", "", "--top-k", "1")
 
 
+def test_a_quoted_tilde_in_a_target_or_out_is_the_home_directory(
+    capsys, monkeypatch, tmp_path, digits_mlp
+):
+    """The shell leaves a quoted '~/x.pt' as it is: 'No such checkpoint file or directory:
+    ~/x.pt', and --out '~/s.h5' was refused ("the output directory ./~ does not exist")."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copyfile(digits_mlp, tmp_path / "x.pt")
+    code, _, err = run(capsys, "analyze", "~/x.pt", "--top-k", "1", "--out", "~/s.h5", "-q")
+    assert code == 0, err
+    assert [r["name"] for r in read_analyses(tmp_path / "s.h5")] == ["x"]
+
+
 def test_results_are_shown_even_when_their_write_fails(capsys, monkeypatch, tmp_path, digits_mlp):
     import hessian_cli.storage.hdf5 as hdf5_module
 

@@ -31,6 +31,19 @@ PLAIN = TINY[:-2]  # without --eig-every, which only Eigen-SAM reads
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_a_quoted_tilde_in_out_keeps_the_run_in_one_home_directory(capsys, monkeypatch, tmp_path):
+    """--out '~/runs' (a tilde the shell left as it was) wrote config.json and metrics.h5 into
+    a folder named '~' where train ran, and the checkpoints into $HOME/runs: a run split in two."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "train", *PLAIN, "--max-steps", "1", "--out", "~/runs", "-q")
+    assert code == 0, err
+    assert not (tmp_path / "~").exists()
+    held = tmp_path / "home" / "runs"
+    assert (held / "config.json").is_file() and (held / "metrics.h5").is_file()
+    assert [p.name for p in (held / "checkpoints").iterdir()] == ["step0000001.pt"]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A whole Eigen-SAM run with tracking, made through the CLI."""

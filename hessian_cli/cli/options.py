@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import sys
@@ -87,10 +88,13 @@ def named_path(text: str | None, option: str, example: str) -> Path | None:
 def given_path(text: str, name: str, example: str) -> Path:
     """The path an option or argument names. They take paths as text, because a path parameter
     turns an empty name into ``.``, a directory the user did not name (``analyze "$CKPT"`` with
-    the variable unset analysed every checkpoint in the working directory)."""
+    the variable unset analysed every checkpoint in the working directory). A leading ``~`` is
+    the home directory, also where quotes kept the shell from saying so (``'~/run/a.pt'`` was
+    "no such file"; ``--out '~/runs'`` made a folder named ``~``); os.path's expanduser leaves
+    an unknown ``~user`` as it is (pathlib's raises)."""
     if not text.strip():
         raise UserError(f"{name} needs a name, such as {example}.")
-    return Path(text)
+    return Path(os.path.expanduser(text))
 
 
 def refuse_unused(ctx: typer.Context, needs: dict[str, tuple[bool, str]]) -> None:

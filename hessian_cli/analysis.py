@@ -208,11 +208,13 @@ def analyze_target(
     request: AnalyzeRequest,
     progress: Progress | None = None,
     notice: Callable[[str], None] | None = None,
+    starting: Callable[[str, int, int], None] | None = None,
 ) -> list[CheckpointAnalysis]:
     """Analyse one checkpoint, a directory of them or several files (:func:`checkpoint_paths`),
     returned in step/epoch order; whatever stops a checkpoint after the first (bad input, an
     error, a lost torchrun peer, an interrupt) is :class:`SeriesStopped`, which holds the
-    results so far. ``notice`` is told, in one line, what of the series was left out."""
+    results so far. ``notice`` is told, in one line, what of the series was left out;
+    ``starting``, as each checkpoint starts, its label, place (from 1) and the count."""
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
@@ -264,7 +266,9 @@ def analyze_target(
     distributed.check_same(lambda: {"checkpoints": " ".join(c.sha256 for c in loaded)})
     results: list[CheckpointAnalysis] = []
     init = warm_from = None
-    for ckpt in loaded:
+    for place, ckpt in enumerate(loaded, 1):
+        if starting is not None:
+            starting(ckpt.label, place, len(loaded))
         try:
             if held_only:
                 with distributed.fail_together():

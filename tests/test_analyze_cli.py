@@ -731,6 +731,30 @@ def test_the_warm_start_of_a_series_of_files_of_one_name_says_which_started_it(
     assert [r["provenance"].get("warm_start") for r in reports] == [None, *map(str, files[:2])]
 
 
+def test_the_progress_bar_of_a_series_names_the_checkpoint_that_runs(
+    capsys, monkeypatch, tmp_path, digits_mlp
+):
+    """The bar said 'eigenpairs (1/2 converged)' for every checkpoint of a series alike: which
+    of them ran, and how many were left, went unsaid."""
+    from rich.progress import Progress
+
+    runs, _ = _series_of_two(tmp_path, digits_mlp)
+    shown: list[str] = []
+    real_update = Progress.update
+
+    def update(self, task, **fields):
+        shown.append(fields.get("description"))
+        return real_update(self, task, **fields)
+
+    monkeypatch.setattr(Progress, "update", update)
+    assert run(capsys, "analyze", runs, "--top-k", "2")[0] == 0
+    assert shown[0] == "c1.pt (1/2): loading" and "c2.pt (2/2): loading" in shown
+    assert shown[-1].startswith("c2.pt (2/2): eigenpairs (") and shown[-1].endswith(" converged)")
+    shown.clear()
+    assert run(capsys, "analyze", runs / "c1.pt", "--top-k", "2")[0] == 0
+    assert shown[0] == "loading" and shown[-1] == "eigenpairs (2/2 converged)"
+
+
 def test_several_checkpoint_files_are_a_series_in_step_order(capsys, tmp_path, digits_mlp):
     """A shell glob (analyze run/c*.pt) gives several paths: Typer refused them as 'unexpected
     extra argument(s)'. They are a series, in step order as a directory's."""

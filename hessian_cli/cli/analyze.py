@@ -6,6 +6,7 @@ import contextlib
 import sys
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from hessian_cli.cli.app import (
@@ -292,16 +293,22 @@ def analyze(
         disable=not (show_progress and err_console.is_terminal),  # a log gets no spinner lines
     ) as bar:
         task = bar.add_task("loading", total=None)
+        running = ""  # which checkpoint of a series runs
 
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(
                 task,
-                description=f"{phase} ({done}/{total} converged)"
-                if phase == "eigenpairs"
-                else phase,
+                description=running
+                + (f"{phase} ({done}/{total} converged)" if phase == "eigenpairs" else phase),
                 completed=done,
                 total=total or None,
             )
+
+        def starting(label: str, place: int, count: int) -> None:
+            nonlocal running
+            # (escaped: Rich took run[final].pt's brackets for markup and showed run.pt)
+            running = f"{escape(label)} ({place}/{count}): " if count > 1 else ""
+            progress("loading", 0, 0)
 
         def notice(line: str) -> None:  # what of a series was left out
             err_console.print(line, style="yellow", highlight=False, soft_wrap=True)
@@ -310,7 +317,7 @@ def analyze(
             # What user code prints (a factory, a model's forward) would break the JSON on stdout.
             with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
                 told = notice if lead and not quiet else None
-                results = analyze_target(targets, request, progress, told)
+                results = analyze_target(targets, request, progress, told, starting)
                 stopped = None
         except SeriesStopped as exc:  # keep what was done: shown and written, then the error
             results, stopped = exc.results, exc

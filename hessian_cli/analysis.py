@@ -153,6 +153,16 @@ def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def is_series(targets: Sequence[Path]) -> bool:
+    """Whether ``targets`` (given to :func:`checkpoint_paths`) are a series, however many
+    checkpoints it holds: several, or a directory of checkpoints; not one file, nor a Trainer
+    checkpoint folder, which is its weights file."""
+    if len(targets) != 1:
+        return True
+    (target,) = targets
+    return target.is_dir() and checkpoint_paths(target) != [trainer_weights(target)]
+
+
 def _paths_in(path: Path) -> list[Path]:
     """A checkpoint file itself, or the checkpoints of a directory."""
     _check_exists(path)

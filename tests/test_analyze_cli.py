@@ -871,9 +871,15 @@ def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(
     assert top[0] != top[1] != top[2]  # each folder's own weights
     code, out, err = run(capsys, "analyze", run_dir / "checkpoint-1000", *args)
     assert code == 0, err
-    (alone,) = json.loads(out)  # its weights alone, not its optimizer's state
+    # Its weights alone, not its optimizer's state: one checkpoint, one object as its file's
+    # (a list of one, as a directory of checkpoints gives, before).
+    alone = json.loads(out)
     assert alone["name"] == "checkpoint-1000" and alone["provenance"]["step"] == 1000
     assert alone["eigen"]["eigenvalues"][0] == pytest.approx(top[1], rel=1e-5)
+    (tmp_path / "one").mkdir()  # a directory of one checkpoint file: a series, a list
+    shutil.copyfile(digits_mlp, tmp_path / "one" / "c.pt")
+    code, out, err = run(capsys, "analyze", tmp_path / "one", *args)
+    assert code == 0 and [r["name"] for r in json.loads(out)] == ["c"], err
     # A glob of the folders (checkpoint-*) is a series of their weights.
     folders = (run_dir / "checkpoint-1500", run_dir / "checkpoint-500")
     code, out, err = run(capsys, "analyze", *folders, *args)

@@ -211,15 +211,21 @@ def analyze(
     as_json: bool = typer.Option(
         False,
         "--json",
-        help="Print JSON instead of tables: one object, or a list of them for a directory or "
-        "several files.",
+        help="Print JSON instead of tables: one object, or a list of them for a directory of "
+        "checkpoints or several files.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Top Hessian eigenpairs, trace, spectral density and SAM alignment of checkpoints."""
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     import_torch()
-    from hessian_cli.analysis import AnalyzeRequest, SeriesStopped, analyze_target, read_options
+    from hessian_cli.analysis import (
+        AnalyzeRequest,
+        SeriesStopped,
+        analyze_target,
+        is_series,
+        read_options,
+    )
     from hessian_cli.engine.distributed import fail_together, world
     from hessian_cli.presentation.tables import (
         analysis_table,
@@ -232,6 +238,9 @@ def analyze(
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         targets = [given_path(name, "TARGET", "model.pt") for name in target_names]
+        # A directory or several files are a series, a list in JSON however many it holds: one
+        # shape for scripts to read. A Trainer checkpoint folder is one checkpoint, its weights.
+        series = is_series(targets)  # (now: the directory may change while the work runs)
         out = named_path(out_name, "--out", "spectra.h5")
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
@@ -330,10 +339,7 @@ def analyze(
     reports = [analysis_to_dict(r) for r in results]
     # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
     if lead and as_json:
-        # A directory or several files are a series, a list however many it held: one shape
-        # for scripts to read.
-        one = len(targets) == 1 and not targets[0].is_dir()
-        print_json(reports[0] if one else reports)
+        print_json(reports if series else reports[0])
     elif lead and not quiet:
         if len(reports) > 1:
             console.print(series_table(reports), crop=False)

@@ -264,7 +264,7 @@ def analyze_target(
     for ckpt in loaded:
         kept = distinct.setdefault(ckpt.sha256, ckpt)
         if kept is not ckpt:
-            copies.append(f"{ckpt.label} (of {kept.label})")
+            copies.append(_copy_of(ckpt, kept))
     loaded = list(distinct.values())
     if copies and notice is not None:
         notice(
@@ -316,6 +316,14 @@ def analyze_target(
             init, warm_from = result.eigen.eigenvectors, result.provenance["checkpoint"]
         results.append(result)
     return results
+
+
+def _copy_of(copy: LoadedCheckpoint, kept: LoadedCheckpoint) -> str:
+    """A copy left out of a series and the file kept, by their labels in one folder, else by
+    their paths (runs/*/init.pt of runs from one start: "init.pt (of init.pt)")."""
+    if copy.path.parent == kept.path.parent:
+        return f"{copy.label} (of {kept.label})"
+    return f"{copy.path} (of {kept.path})"
 
 
 def _load(path: Path, request: AnalyzeRequest) -> LoadedCheckpoint:

@@ -838,6 +838,11 @@ def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(capsys, tmp_pa
         "(of epoch=0-step=20.pt)."
     )
     assert run(capsys, "analyze", runs, "--top-k", "1", "--quiet")[2] == ""
+    # Runs from one start (runs/*/init.pt): copies in other folders are named by their paths.
+    (tmp_path / "b").mkdir()
+    shutil.copyfile(runs / "last.pt", tmp_path / "b" / "last.pt")
+    code, _, err = run(capsys, "analyze", runs / "last.pt", tmp_path / "b" / "last.pt", "-k", "1")
+    assert code == 0 and f"{tmp_path / 'b' / 'last.pt'} (of {runs / 'last.pt'})." in err, err
 
 
 def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(

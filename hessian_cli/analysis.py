@@ -16,6 +16,7 @@ import json
 import math
 import shlex
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -80,6 +81,7 @@ from hessian_cli.specs.checkpoints import (
     RUN_CHECKPOINTS,
     TRAINER_WEIGHTS,
     WeightsMismatch,
+    checkpoint_label,
     trainer_weights,
 )
 from hessian_cli.specs.data import data_names_code
@@ -224,7 +226,8 @@ def analyze_target(
     returned in step/epoch order; whatever stops a checkpoint after the first (bad input, an
     error, a lost torchrun peer, an interrupt) is :class:`SeriesStopped`, which holds the
     results so far. ``notice`` is told, in one line, what of the series was left out;
-    ``starting``, as each checkpoint starts, its label, place (from 1) and the count."""
+    ``starting``, as each checkpoint starts, its label (its path where others share it), place
+    (from 1) and the count."""
     with distributed.fail_together():
         _check_request(request)  # before any checkpoint is loaded
         paths = checkpoint_paths(target)
@@ -238,6 +241,12 @@ def analyze_target(
         # each file's weights are read again at its turn (a series held them all, with what
         # else the files hold, optimizer states too: its memory grew with every file).
         held_only = len(paths) > 1  # (copies left out below may leave one file of several)
+        # A glob over runs (runs/*/final.pt) holds files of one name: those go by their paths.
+        labels = Counter(map(checkpoint_label, paths))
+
+        def named(ckpt: LoadedCheckpoint) -> str:
+            return ckpt.label if labels[ckpt.label] == 1 else str(ckpt.path)
+
         loaded = []
         for path in paths:
             try:
@@ -253,7 +262,7 @@ def analyze_target(
                 _check_specs_named(ckpt, request)
             except UserError as exc:
                 if held_only:  # which of the series
-                    exc.args = (f"{ckpt.label}: {exc}",)
+                    exc.args = (f"{named(ckpt)}: {exc}",)
                 raise
             loaded.append(_ordering_only(ckpt) if held_only else ckpt)
     loaded.sort(key=checkpoint_order_key)
@@ -278,7 +287,7 @@ def analyze_target(
     init = warm_from = None
     for place, ckpt in enumerate(loaded, 1):
         if starting is not None:
-            starting(ckpt.label, place, len(loaded))
+            starting(named(ckpt), place, len(loaded))
         try:
             if held_only:
                 with distributed.fail_together():
@@ -287,7 +296,7 @@ def analyze_target(
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
                 if held_only and isinstance(exc, UserError):  # which of the series
-                    exc.args = (f"{ckpt.label}: {exc}",)
+                    exc.args = (f"{named(ckpt)}: {exc}",)
                 raise
             # Whatever stopped this one (an error of ours too), the others' work is kept.
             interrupt = exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
@@ -306,7 +315,7 @@ def analyze_target(
                 if len(results) == 1
                 else f"the {len(results)} checkpoints before it were analysed and are kept"
             )
-            stopped = SeriesStopped(f"{ckpt.label}: {why} ({before}).", results, interrupt)
+            stopped = SeriesStopped(f"{named(ckpt)}: {why} ({before}).", results, interrupt)
             if not isinstance(exc, UserError | KeyboardInterrupt | Terminated):
                 stopped.exit_status = 1  # not the input's: as the entry point says of one
             raise stopped from exc

@@ -731,6 +731,37 @@ def test_the_warm_start_of_a_series_of_files_of_one_name_says_which_started_it(
     assert [r["provenance"].get("warm_start") for r in reports] == [None, *map(str, files[:2])]
 
 
+def test_files_of_one_name_in_a_series_are_named_by_their_paths(tmp_path, digits_mlp, monkeypatch):
+    """runs/*/last.pt: the progress bar said 'last.pt (3/3)', and an error 'last.pt: ...', of
+    either file; they go by their paths (a name no other file has, by its name)."""
+    import hessian_cli.analysis as analysis
+
+    state = torch.load(digits_mlp, weights_only=True)
+    files = [tmp_path / f"run{step}" / "last.pt" for step in (1, 2)]
+    for step, path in enumerate(files, 1):
+        save_checkpoint(
+            path, state_dict=state["model"], metadata={**state["hessian_cli"], "step": step}
+        )
+    meta = {**state["hessian_cli"], "step": 0}  # first, and named by its name alone
+    save_checkpoint(tmp_path / "run2" / "c.pt", state_dict=state["model"], metadata=meta)
+    started = []
+    real_analyze = analysis.analyze_checkpoint
+
+    def analyze(ckpt, *args, **kwargs):
+        if ckpt.path == files[1]:
+            raise UserError("bad weights.")
+        return real_analyze(ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyze_checkpoint", analyze)
+    request = AnalyzeRequest(top_k=1)
+    with pytest.raises(SeriesStopped) as stopped:
+        analyze_target(
+            [*files, tmp_path / "run2" / "c.pt"], request, starting=lambda *a: started.append(a)
+        )
+    assert started == [("c.pt", 1, 3), (str(files[0]), 2, 3), (str(files[1]), 3, 3)]
+    assert str(stopped.value).startswith(f"{files[1]}: bad weights")
+
+
 def test_the_progress_bar_of_a_series_names_the_checkpoint_that_runs(
     capsys, monkeypatch, tmp_path, digits_mlp
 ):

@@ -87,10 +87,15 @@ class LoadedCheckpoint:
 
     @property
     def label(self) -> str:
-        """How messages name it: its file's name, after its Trainer folder's where it has one
-        (``checkpoint-500/model.safetensors``: the file's name alone is every folder's)."""
-        in_folder = self.path.name in TRAINER_WEIGHTS and self.path.parent.name
-        return f"{self.name}/{self.path.name}" if in_folder else self.path.name
+        """How messages name it (:func:`checkpoint_label`)."""
+        return checkpoint_label(self.path)
+
+
+def checkpoint_label(path: Path) -> str:
+    """How messages name a checkpoint: its file's name, after its Trainer folder's where it has
+    one (``checkpoint-500/model.safetensors``: the file's name alone is every folder's)."""
+    in_folder = path.name in TRAINER_WEIGHTS and path.parent.name
+    return f"{series_name(path)}/{path.name}" if in_folder else path.name
 
 
 def series_name(path: Path) -> str:

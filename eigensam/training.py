@@ -128,8 +128,6 @@ def train(
                 # record too): a caller's config may leave out the built-in model's defaults.
                 fields = (*FILE_FIELDS, "model_kwargs")
                 config = dataclasses.replace(config, **{k: getattr(saved, k) for k in fields})
-                if distributed.world()[0] == 0:  # the one that writes
-                    check_resumable_dir(run_dir)
             else:
                 if not config.out:
                     raise UserError("say where the run goes with --out RUN_DIR.")
@@ -140,6 +138,11 @@ def train(
                 # whatever the defaults become (before 2026-12-01 runs recorded only those given).
                 kwargs = with_builtin_defaults(config.model, config.model_kwargs)
                 config = dataclasses.replace(config, model_kwargs=kwargs)
+        # Checked by rank 0 alone, the one that writes: its refusal is the job's, no rank's.
+        with distributed.fail_together(lead_only=True):
+            if resume_dir is not None and distributed.world()[0] == 0:
+                check_resumable_dir(run_dir)
+        with distributed.fail_together():
             run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
         # Paths may differ between nodes (other mount points); what they hold may not.
         # Of the run-time fields only max_steps: ranks that stop at other steps wait in each

@@ -685,6 +685,38 @@ def test_train_resume_two_ranks_repeats_the_run(tmp_path: Path) -> None:
 
 
 @needs_gloo
+def test_a_resume_into_a_directory_rank_0_cannot_write_is_refused_as_the_jobs(
+    tmp_path: Path,
+) -> None:
+    """Checked by rank 0 alone, which writes: said as that rank's ("rank 0 of 2: Cannot write
+    to the directory ..."). The run is one process's: refused before its course is compared."""
+    run_dir = tmp_path / "run"
+    code, _, err, _ = _run(_train_args(run_dir, 32, "--max-steps", "2"), ranks=None, cwd=tmp_path)
+    assert code == 0, err
+    wrapper = tmp_path / "read_only.py"
+    wrapper.write_text(
+        "import errno\n\n"
+        "from hessian_cli.cli import main\n"
+        "from hessian_cli.storage import files\n\n\n"
+        "def read_only(*args, **kwargs):\n"
+        "    raise OSError(errno.EROFS, 'Read-only file system')\n\n\n"
+        "files.tempfile.TemporaryFile = read_only\n"
+        "main()\n"
+    )
+    code, _, err, _ = _run(
+        ["train", "--resume", str(run_dir), "--quiet"],
+        ranks=2,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+        entry=(str(wrapper),),
+    )
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and lines == [
+        f"error: Cannot write to the directory {run_dir}: read-only file system."
+    ], err
+
+
+@needs_gloo
 def test_ctrl_c_under_torchrun_stops_at_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     """Ctrl-C that reaches torchrun twice (from the terminal and from a wrapper in the same
     process group, e.g. `timeout`): torchrun sends each rank SIGINT, then SIGTERM. The copies are

@@ -273,6 +273,36 @@ def test_an_option_refused_under_torchrun_is_said_once(tmp_path: Path, args: lis
 
 
 @needs_gloo
+def test_a_failing_write_of_the_results_fails_every_rank_with_one_sentence(tmp_path: Path) -> None:
+    """A full disk when rank 0 writes the spectra: it said so as its own ("rank 0: Could not
+    write ..."), left alone, and the other ranks went on to exit 0."""
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(
+        "import errno\n\n"
+        "from hessian_cli.cli import main\n"
+        "from hessian_cli.storage import files\n\n\n"
+        "def full(fd):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n\n\n"
+        "files.os.fsync = full\n"
+        "main()\n"
+    )
+    args = ["analyze", str(CKPT), "--top-k", "1", "--num-samples", "64", "--batch-size", "32"]
+    code, _, err, _ = _run(
+        [*args, "-q", "--out", "s.h5"],
+        ranks=2,
+        cwd=tmp_path,
+        timeout=90,
+        env={"PYTHONPATH": str(ROOT)},
+        entry=(str(wrapper),),
+    )
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and lines == [
+        f"error: Could not write {tmp_path / 's.h5'}: no space left on device."
+    ], err
+    assert not (tmp_path / "s.h5").exists()
+
+
+@needs_gloo
 @pytest.mark.parametrize("command", ["analyze", "train"])
 def test_one_failing_rank_ends_the_job_with_one_message(tmp_path: Path, command: str) -> None:
     """A data path that exists on rank 0's node but not on rank 1's: exit non-zero, quickly,

@@ -226,7 +226,7 @@ def analyze(
         is_series,
         read_options,
     )
-    from hessian_cli.engine.distributed import fail_together, world
+    from hessian_cli.engine.distributed import CollectiveUserError, fail_together, world
     from hessian_cli.presentation.tables import (
         analysis_table,
         idle_ranks_note,
@@ -347,24 +347,30 @@ def analyze(
             console.print(analysis_table(reports[0]), crop=False)
     if lead and not quiet and (note := idle_ranks_note(reports)) is not None:
         err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
-    if lead and out is not None:
-        try:
-            write_analyses(
-                out,
-                results,
-                command_line=command_line(),
-                save_eigenvectors=save_eigenvectors,
-                series=len(results) > 1,
-            )
-        except KeyboardInterrupt:  # held back until the file was in place: it ended unsaid
-            err_console.print(f"interrupted: {out} was written first.", style="yellow")
-            exit_interrupted()
-        except Terminated:  # the same for SIGTERM (said, and status 143, by the entry point)
-            raise Terminated(
-                f"stopped: the process received SIGTERM; {out} was written first."
-            ) from None
-        if not (quiet or as_json):
-            console.print(f"wrote {out}", highlight=False, markup=False)
+    # A failing write (a full disk) is the job's where the ranks are in step (the series ended,
+    # or stopped on an error all agreed on): every rank stops with rank 0's sentence (the others
+    # exited 0 while rank 0 said it as its own, "rank 0: Could not write ..."). After one rank's
+    # own error or a Ctrl-C they may not be: rank 0 writes alone.
+    in_step = stopped is None or isinstance(stopped.__cause__, CollectiveUserError)
+    with fail_together(lead_only=True) if in_step else contextlib.nullcontext():
+        if lead and out is not None:
+            try:
+                write_analyses(
+                    out,
+                    results,
+                    command_line=command_line(),
+                    save_eigenvectors=save_eigenvectors,
+                    series=len(results) > 1,
+                )
+            except KeyboardInterrupt:  # held back until the file was in place: it ended unsaid
+                err_console.print(f"interrupted: {out} was written first.", style="yellow")
+                exit_interrupted()
+            except Terminated:  # the same for SIGTERM (said, and status 143, by the entry point)
+                raise Terminated(
+                    f"stopped: the process received SIGTERM; {out} was written first."
+                ) from None
+            if not (quiet or as_json):
+                console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:
         if isinstance(stopped.interrupt, Terminated):
             raise Terminated(str(stopped))  # said, and exit status 143, by the entry point

@@ -270,11 +270,12 @@ def _check_same_course(
                 f"this run has already finished (step {total} of {total}): there is nothing to "
                 "resume."
             )
+        # By world size: --nproc-per-node alone is it on one machine only (nodes times ranks).
         raise UserError(
             f"this run was trained by {saved_processes} "
             f"process{'es' if saved_processes > 1 else ''}, not {processes}: resume it with as "
-            f"many (torchrun --nproc-per-node {saved_processes}), since they fix its data order "
-            "and schedule."
+            f"many (a torchrun job of world size {saved_processes}: --nnodes times "
+            "--nproc-per-node), since they fix its data order and schedule."
         )
     if saved_samples is not None and saved_samples != samples:
         raise UserError(

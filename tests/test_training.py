@@ -617,7 +617,12 @@ def test_a_resume_with_other_data_or_processes_is_refused(tmp_path):
         train(load_config(run), resume_dir=run)
     checkpoint = run / "checkpoints" / "step0000008.pt"
     _edit_checkpoint(checkpoint, lambda raw: raw["training"].update(processes=2, samples=160))
-    with pytest.raises(UserError, match="trained by 2 processes, not 1"):
+    # By world size: "--nproc-per-node 2" was wrong for a job of 2 nodes of 1 process each.
+    with pytest.raises(
+        UserError,
+        match=r"trained by 2 processes, not 1: resume it with as many \(a torchrun job of world "
+        r"size 2: --nnodes times --nproc-per-node\)",
+    ):
         train(load_config(run), resume_dir=run)
     # A checkpoint from before these were recorded: its schedule says the same.
     _edit_checkpoint(

@@ -336,6 +336,27 @@ def test_one_failing_rank_ends_the_job_with_one_message(tmp_path: Path, command:
 
 
 @needs_gloo
+def test_debug_shows_an_agreed_errors_traceback_once_from_the_rank_where_it_arose(
+    tmp_path: Path,
+) -> None:
+    """Every rank printed one: rank 1's, which shows where its data failed to load, and rank
+    0's, which showed only where the ranks agreed on it."""
+    torch.save({"x": torch.randn(64, 1, 8, 8), "y": torch.randint(0, 10, (64,))}, tmp_path / "0.pt")
+    (tmp_path / "node_data.py").write_text(
+        "import os\n"
+        "import torch\n\n\n"
+        "def make():\n"
+        "    d = torch.load(f\"{os.environ['RANK']}.pt\")  # 1.pt is missing\n"
+        "    return d['x'], d['y']\n"
+    )
+    args = ["--debug", "analyze", str(CKPT), "--data", "node_data.py:make", "--top-k", "1"]
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
+    assert code != 0
+    assert err.count("CollectiveUserError: rank 1 of 2:") == 1, err
+    assert 'node_data.py", line 6, in make' in err, err
+
+
+@needs_gloo
 @pytest.mark.parametrize("command", ["analyze", "train"])
 def test_ranks_given_other_data_are_refused(tmp_path: Path, command: str) -> None:
     """Each node reads its own copy of the data, and one copy differs: the job stops with one

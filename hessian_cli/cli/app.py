@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from hessian_cli import __version__
 from hessian_cli.cli.options import in_flags
 from hessian_cli.errors import OUT_OF_HOST_MEMORY, Terminated, UserError, out_of_host_memory
 from hessian_cli.launch import env_rank, env_world_size, launched_by_torchrun
+
+if TYPE_CHECKING:  # torch is imported under torchrun only
+    from hessian_cli.engine.distributed import CollectiveUserError
 
 app = typer.Typer(
     name="hessian-cli",
@@ -87,6 +90,14 @@ def load_commands() -> None:
     from hessian_cli.cli import commands  # noqa: F401  (registers commands on `app`)
 
 
+def _agreed(exc: Exception) -> CollectiveUserError | None:
+    """The error all ranks agreed on that ``exc`` is, or that stopped its series (as collective
+    as that error); None for a rank's own. Under torchrun only."""
+    from hessian_cli.engine.distributed import CollectiveUserError
+
+    return next((e for e in (exc, exc.__cause__) if isinstance(e, CollectiveUserError)), None)
+
+
 def _rank_prefix(exc: Exception) -> str | None:
     """``"rank R: "`` for an error of one rank under torchrun, ``""`` otherwise; None: stay quiet.
 
@@ -94,11 +105,8 @@ def _rank_prefix(exc: Exception) -> str | None:
     """
     if env_world_size() == 1:
         return ""
-    from hessian_cli.engine.distributed import CollectiveUserError
-
     rank = env_rank()
-    # A series stopped by an error all ranks agreed on is as collective as that error.
-    if isinstance(exc, CollectiveUserError) or isinstance(exc.__cause__, CollectiveUserError):
+    if _agreed(exc) is not None:
         return "" if rank == 0 else None
     return f"rank {rank}: "
 
@@ -117,7 +125,11 @@ def _report(exc: Exception) -> int:
     """Print ``exc`` as one red sentence (a traceback with --debug); the exit status it earns."""
     code = exc.exit_status if isinstance(exc, UserError) else 1
     if state.debug:
-        traceback.print_exception(exc)
+        # An agreed error's traceback once, from the rank where it arose (every rank printed
+        # one, and rank 0's showed only where the ranks agreed).
+        agreed = _agreed(exc) if env_world_size() > 1 else None
+        if agreed is None or agreed.origin == env_rank():
+            traceback.print_exception(exc)
         return code
     if env_world_size() > 1:
         from hessian_cli.engine.distributed import PeerLost

@@ -28,7 +28,10 @@ TIMEOUT_ENV = "HESSIAN_CLI_COLLECTIVE_TIMEOUT"
 
 
 class CollectiveUserError(UserError):
-    """A user error every rank raises together; rank 0 reports it, the others exit quietly."""
+    """A user error every rank raises together; rank 0 reports it, the others exit quietly.
+    ``origin`` is the rank where it arose, whose traceback (``--debug``) shows where."""
+
+    origin = 0
 
 
 class CollectiveNotFinite(NotFinite, CollectiveUserError):
@@ -283,9 +286,12 @@ def fail_together(*, lead_only: bool = False) -> Iterator[None]:
     with _collective():
         dist.all_gather_object(messages, None if error is None else str(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    rank, message = failed[0]
     alike = len(failed) == len(messages) and len(set(messages)) == 1
-    if alike or (lead_only and failed):  # not any one rank's doing
-        raise CollectiveUserError(failed[0][1]) from error
-    if failed:
-        rank, message = failed[0]
-        raise CollectiveUserError(f"rank {rank} of {len(messages)}: {message}") from error
+    if not (alike or lead_only):  # one rank's doing: named (not so where every rank failed)
+        message = f"rank {rank} of {len(messages)}: {message}"
+    agreed = CollectiveUserError(message)
+    agreed.origin = rank
+    raise agreed from error

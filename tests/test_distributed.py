@@ -699,6 +699,42 @@ def test_train_two_ranks_matches_doubled_batch(tmp_path: Path, optimizer: str) -
 
 
 @needs_gloo
+def test_train_two_ranks_of_a_routed_model_match_doubled_batch(tmp_path: Path) -> None:
+    """Each sample goes through one of two heads: a rank whose share reached one head alone
+    all-reduced a list of gradients of another length than its peer's, and the job aborted
+    ("terminate called ... Received data size doesn't match expected size")."""
+    (tmp_path / "routed.py").write_text(
+        "from torch import nn\n\n\n"
+        "class Routed(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        to_a = x[:, 0] > 0\n"
+        "        out = x.new_zeros(len(x), 3)\n"
+        "        if to_a.any():\n"
+        "            out[to_a] = self.a(x[to_a])\n"
+        "        if (~to_a).any():\n"
+        "            out[~to_a] = self.b(x[~to_a])\n"
+        "        return out\n\n\n"
+        "def make():\n"
+        "    return Routed()\n"
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    args = ["train", "--model", "routed.py:make", "--data", "d.pt", "--eig-every", "3"]
+    args += ["--epochs", "2", "--lr", "0.1", "--track-every", "0", "--quiet", "--out"]
+    code, _, err, _ = _run([*args, "one", "--batch-size", "4"], ranks=None, cwd=tmp_path)
+    assert code == 0, err
+    code, _, err, _ = _run([*args, "two", "--batch-size", "2"], ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5)
+
+
+@needs_gloo
 def test_train_resume_two_ranks_repeats_the_run(tmp_path: Path) -> None:
     """Stopped at step 6 and resumed with the same world size: the uninterrupted run's weights
     and tracked lambda_max. With BatchNorm: each rank's running statistics move on its own share

@@ -168,14 +168,21 @@ def any_rank(flag: bool) -> bool:
 
 def average_gradients(params: Iterable[torch.Tensor], local: int, total: int) -> None:
     """Turn each rank's gradient of its share's mean loss (``local`` samples) into the gradient
-    of the global batch's mean loss (``total`` samples), in one all-reduce. Parameters without a
-    gradient (unused ones) stay without."""
+    of the global batch's mean loss (``total`` samples), in one all-reduce. Parameters no rank
+    has a gradient for (unused ones) stay without; one that only some ranks' shares reach (a
+    data-dependent branch) counts as zero on the others: their lists of gradients differed, and
+    the all-reduce aborted the job (Gloo: "Received data size doesn't match") or, where the
+    sizes matched, summed one parameter's gradient into another's."""
     if world()[1] == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    _through_one_buffer(
-        grads, lambda flat: dist.all_reduce(flat.mul_(local / total), op=dist.ReduceOp.SUM)
-    )
+    params = list(params)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.mul_(local / total) for p in params]
+    # How many ranks have each gradient, summed in the same buffer.
+    used = grads[0].new_tensor([p.grad is not None for p in params])
+    _through_one_buffer([*grads, used], lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+    for p, grad, ranks in zip(params, grads, used.tolist(), strict=True):
+        if ranks > 0:
+            p.grad = grad  # the same tensor where this rank had one
 
 
 def broadcast_from_lead(tensors: Iterable[torch.Tensor]) -> None:

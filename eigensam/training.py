@@ -194,6 +194,7 @@ class _Run:
         self.device = resolve_device(config.device)
         self.rank, self.world = distributed.world()
         self.lead = self.rank == 0
+        self.write_failed = False  # a write of the run's files (rank 0's) failed: not retried
         torch.manual_seed(config.seed)  # model initialisation
         self.data = load_data(config.data, root=config.data_root, download=config.download)
         self.data_digest = data_file_digest(config.data)
@@ -417,8 +418,9 @@ class _Run:
                     stop = distributed.any_rank(should_stop is not None and should_stop())
                     if stop or (cfg.max_steps is not None and self.step >= cfg.max_steps):
                         summary.interrupted = stop
-                        self._flush()  # the metrics first: a checkpoint never outruns them
-                        summary.checkpoint = self._save_step_checkpoint(self.order.epoch_state)
+                        summary.checkpoint = self._write(
+                            step_checkpoint_path(self.run_dir, self.step), self.order.epoch_state
+                        )
                         return self._finish(summary, start_step, step_seconds)
                     gb = self.global_batch
                     idx = perm[self.batch * gb : (self.batch + 1) * gb]
@@ -451,15 +453,14 @@ class _Run:
                     # which showed the measurement before (the final table, this one).
                     self._track()
                 emit(self._end_epoch())
-                self._flush()
                 last = self.epoch == cfg.epochs
-                if not last and cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0:
-                    summary.checkpoint = self._save_step_checkpoint(
-                        self.order.generator.get_state()
-                    )
+                due = not last and cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
+                path = step_checkpoint_path(self.run_dir, self.step) if due else None
+                summary.checkpoint = (
+                    self._write(path, self.order.generator.get_state()) or summary.checkpoint
+                )
             summary.finished = True
-            self._flush()
-            summary.checkpoint = self._save(
+            summary.checkpoint = self._write(
                 final_checkpoint_path(self.run_dir), self.order.generator.get_state()
             )
             return self._finish(summary, start_step, step_seconds)
@@ -520,8 +521,21 @@ class _Run:
         return ", ".join(knobs[:-1]) + f" or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
 
     def _flush(self) -> None:
-        if self.lead:
+        if self.lead and not self.write_failed:  # tried again, it would fail again
             self.metrics.flush()
+
+    def _write(self, path: Path | None, order_state: torch.Tensor) -> Path | None:
+        """The metrics, then (given a ``path``) a checkpoint there, at a point all ranks reach
+        together; returns ``path``. Rank 0 writes, and all agree on it: where a write fails (a
+        full disk) every rank stops with rank 0's sentence (it said it as its own, "rank 0:
+        ...", and the others went on, to exit 0 at the end of the run)."""
+        try:
+            with distributed.fail_together(lead_only=True):
+                self._flush()  # the metrics first: a checkpoint never outruns them
+                return None if path is None else self._save(path, order_state)
+        except UserError:
+            self.write_failed = True
+            raise
 
     def _finish(self, summary: TrainSummary, start_step: int, seconds: float) -> TrainSummary:
         """The summary of a run that stopped or ended (its metrics were written before its
@@ -728,9 +742,6 @@ class _Run:
         return records
 
     # --- checkpoints ---------------------------------------------------------------------
-
-    def _save_step_checkpoint(self, order_state: torch.Tensor) -> Path:
-        return self._save(step_checkpoint_path(self.run_dir, self.step), order_state)
 
     def _save(self, path: Path, order_state: torch.Tensor) -> Path:
         """A self-describing checkpoint at a step boundary, with all a resume needs; raises

@@ -735,6 +735,41 @@ def test_train_two_ranks_of_a_routed_model_match_doubled_batch(tmp_path: Path) -
 
 
 @needs_gloo
+def test_a_failing_final_checkpoint_fails_every_rank_with_one_sentence(tmp_path: Path) -> None:
+    """A full disk when rank 0 writes the final checkpoint: it said so as its own ("rank 0:
+    Could not write ..."), and the other ranks ended the run as a success."""
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(
+        "import errno\n"
+        "import os\n\n"
+        "from hessian_cli.cli import main\n\n"
+        "fsync = os.fsync\n\n\n"
+        "def full(fd):\n"
+        "    if 'final.pt' in os.readlink(f'/proc/self/fd/{fd}'):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    fsync(fd)\n\n\n"
+        "os.fsync = full\n"
+        "main()\n"
+    )
+    run_dir = tmp_path / "run"
+    code, _, err, _ = _run(
+        _train_args(run_dir, 128, "--optimizer", "sgd", "--track-every", "0"),
+        ranks=2,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+        entry=(str(wrapper),),
+    )
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(lines) == 1, err
+    assert lines[0].startswith(
+        f"error: Could not write {run_dir / 'checkpoints' / 'final.pt'}: no space left on device;"
+    ), err
+    assert not (run_dir / "checkpoints" / "final.pt").exists()
+    step = int(re.search(r"stopped at step (\d+)", lines[0])[1])
+    assert len(read_metrics(run_dir / "metrics.h5")["steps"]["step"]) == step  # written first
+
+
+@needs_gloo
 def test_train_resume_two_ranks_repeats_the_run(tmp_path: Path) -> None:
     """Stopped at step 6 and resumed with the same world size: the uninterrupted run's weights
     and tracked lambda_max. With BatchNorm: each rank's running statistics move on its own share

@@ -565,6 +565,26 @@ def test_no_converged_pairs_error_bound_takes_a_gap_the_check_saw_an_eigenvalue_
         assert not res.converged[0] or error <= float(res.errors[0]), seed
 
 
+@pytest.mark.parametrize("criterion", ["residual", "eigenvalue"])
+def test_no_bound_takes_a_gap_where_the_budget_left_the_check_no_room(criterion):
+    """1, 0.999 and 0.998 above a bulk in [0, 0.5], top-1 at tol 1e-3 within 8 products: the
+    solve stopped converged after 4-5, too few left for the check's 6 steps, and its bound came
+    from a gap to the bulk that nothing had looked inside: below the distance to every
+    eigenvalue in 8 of 20 bases (eigenvalue criterion; residual: 15 of 15 converged, 0.998004
+    +- 3.7e-4 where the residual is 1.4e-2). Without the check the bound is the residual's."""
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        bulk = 0.5 * torch.rand(97, generator=g, dtype=torch.float64)
+        values = torch.cat([torch.tensor([1.0, 0.999, 0.998], dtype=torch.float64), bulk])
+        H = _with_spectrum(values, seed)
+        res = eigenpairs(MatrixOperator(H), 1, tol=1e-3, criterion=criterion, max_hvps=8, seed=seed)
+        assert res.check_hvps == 0
+        value, bound = float(res.eigenvalues[0]), float(res.errors[0])
+        nearest = float((values - value).abs().min())
+        assert nearest <= bound * abs(value), seed
+        assert not res.converged[0] or float(res.residuals[0]) <= 1e-3 * (1 + bound), seed
+
+
 def test_warm_start_rows_of_another_length_or_type_are_one_sentence():
     op = MatrixOperator(_with_spectrum(torch.linspace(1.0, 2.0, 20, dtype=torch.float64), 0))
     for init in (torch.ones(2, 19, dtype=torch.float64), torch.ones(2, 20, dtype=torch.long)):

@@ -332,6 +332,28 @@ def test_user_train_test_pair(user_file: Path) -> None:
     assert len(data.test) == 2
 
 
+def test_a_dict_of_named_splits_is_train_and_test(tmp_path: Path) -> None:
+    """{"train": ..., "test": ...}, as a Hugging Face DatasetDict holds its splits, was refused
+    as "DatasetDict as training data, not a Dataset or DataLoader"; other splits are not read."""
+    path = tmp_path / "splits.py"
+    path.write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "class DatasetDict(dict):  # as Hugging Face's: a dict of the splits\n"
+        "    pass\n"
+        "def splits():\n"
+        "    x = torch.randn(6, 3)\n"
+        "    return DatasetDict(\n"
+        "        train=TensorDataset(x, torch.arange(6) % 3),\n"
+        "        validation=TensorDataset(x[:1], torch.tensor([7])),\n"
+        "        test=TensorDataset(x[:2], torch.tensor([0, 3])),\n"
+        "    )\n"
+    )
+    data = load_data(f"{path}:splits")
+    assert (len(data.train), len(data.test)) == (6, 2)
+    assert data.num_classes == 4 and data.input_shape == (3,)
+
+
 def test_labels_numpy_cannot_take_are_counted_as_tensors(tmp_path: Path) -> None:
     """A dataset cached on the GPU holds CUDA labels, which numpy refuses: the classes were
     not counted ("labels must be integers")."""

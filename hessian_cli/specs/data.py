@@ -441,15 +441,19 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
 
 
 def _user_data(spec: str, trusted: bool) -> DataSource:
-    """A user factory returning a Dataset, a DataLoader, (train, test), (x, y) or a DataSource."""
+    """A user factory returning a Dataset, a DataLoader, (train, test), {"train": ..., "test":
+    ...}, (x, y) or a DataSource."""
     factory = load_object(spec, "data factory", trusted=trusted)
     result = call_user(factory, "data factory", spec)
     if isinstance(result, DataSource):  # its splits too: an empty one was "batch size 0"
         _check_splits(result.train, result.test, spec)
         return result
     hint_classes = getattr(result, "num_classes", None)
+    train: Any
     test: Any = None
-    if isinstance(result, (tuple, list)):
+    if isinstance(result, Mapping) and "train" in result:  # splits by name: a DatasetDict
+        train, test = result["train"], result.get("test")
+    elif isinstance(result, (tuple, list)):
         # Arrays and lists as well as tensors: NumPy's (x, y) or (x.tolist(), y.tolist()) was
         # taken for (train, test), and refused as samples that are not (x, y) pairs.
         pair = [_list_as_array(t) for t in result]
@@ -467,7 +471,7 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
                     f"the data factory {spec!r} returned inputs of shape {tuple(x.shape)} and "
                     f"targets of shape {tuple(y.shape)}: they need one row per sample each."
                 )
-            train: Any = TensorDataset(x, y)
+            train = TensorDataset(x, y)
         elif len(result) == 2:
             train, test = result
         else:

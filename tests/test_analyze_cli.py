@@ -557,7 +557,8 @@ def test_real_resnet20_checkpoint_just_works(capsys, tmp_path):
 def test_akamaster_resnet_checkpoint_just_works(capsys, tmp_path):
     """akamaster/pytorch_resnet_cifar10's layout (zero-padding shortcuts, no weights for them,
     classifier `linear`) was refused for 12 missing keys and 2 unexpected: it now builds the
-    ResNet with those shortcuts, and says so in the results."""
+    ResNet with those shortcuts, and says so in the results and on screen (where the
+    arguments a model was built with were not shown)."""
     torch.manual_seed(0)
     model = build_model("resnet20", input_shape=(3, 8, 8), num_classes=10, kwargs={"shortcut": "A"})
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -569,6 +570,8 @@ def test_akamaster_resnet_checkpoint_just_works(capsys, tmp_path):
     provenance = json.loads(out)["provenance"]
     assert provenance["num_params"] == 269_722
     assert json.loads(provenance["model_kwargs"]) == {"shortcut": "A"}
+    code, out, _ = run(capsys, "analyze", tmp_path / "r20.th", "--model", "resnet20", *args[:-1])
+    assert code == 0 and 'model=resnet20  model_kwargs={"shortcut": "A"}  data=' in out
 
 
 def test_safetensors_user_factory_npz_mse_json(capsys, tmp_path):

@@ -28,6 +28,7 @@ SUMMARY_KEYS = (
     "weights_key",  # these two only where the weights were a part of the file
     "weights_prefix",
     "model",
+    "model_kwargs",  # what was built, also where a checkpoint's names chose it (shortcut "A")
     "data",
     "loss",
     "params_glob",  # only where --params restricted the Hessian (not "*")

@@ -45,15 +45,19 @@ SHAPES = {
     "cnn": (1, 8, 8),
     "resnet20": (3, 32, 32),
     "resnet32": (3, 32, 32),
+    "resnet44": (3, 32, 32),
     "resnet56": (3, 32, 32),
+    "resnet110": (3, 32, 32),
 }
 
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_every_builtin_builds_and_runs(name: str) -> None:
     shape = SHAPES[name]
-    model = build_model(name, input_shape=shape, num_classes=7).eval()
-    out = model(torch.randn(3, *shape))
+    # In float64: at initialisation, by running statistics of 0 and 1, resnet110's outputs
+    # reach ~5e8, and the squared gradients below overflowed float32.
+    model = build_model(name, input_shape=shape, num_classes=7).double().eval()
+    out = model(torch.randn(3, *shape, dtype=torch.float64))
     assert out.shape == (3, 7)
     assert torch.isfinite(out).all()
     # Differentiable twice: the Hessian-vector products need it.
@@ -65,7 +69,14 @@ def test_every_builtin_builds_and_runs(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"), [("resnet20", 272_474), ("resnet32", 466_906), ("resnet56", 855_770)]
+    ("name", "expected"),
+    [
+        ("resnet20", 272_474),
+        ("resnet32", 466_906),
+        ("resnet44", 661_338),
+        ("resnet56", 855_770),
+        ("resnet110", 1_730_714),
+    ],
 )
 def test_resnet_parameter_counts(name: str, expected: int) -> None:
     model = build_model(name, input_shape=(3, 32, 32), num_classes=10)
@@ -185,6 +196,23 @@ def test_resnet20_loads_akamaster_option_a_checkpoints(tmp_path: Path) -> None:
     assert with_checkpoint_layout("resnet20", None, projections) is None
     with pytest.raises(UserError, match="shortcut"):
         build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, kwargs={"shortcut": 1})
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks", "params"), [("resnet44", 7, 658_586), ("resnet110", 18, 1_727_962)]
+)
+def test_akamasters_other_depths_are_built_in(name: str, blocks: int, params: int) -> None:
+    """akamaster/pytorch_resnet_cifar10 publishes ResNet-44 and -110 (0.66M and 1.7M
+    parameters) beside 20, 32 and 56: they were "unknown model", and their checkpoints
+    needed the user's own factory."""
+    reference = _AkamasterResNet(blocks).eval()
+    state = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    kwargs = with_checkpoint_layout(name, None, state)
+    model = build_model(name, input_shape=(3, 32, 32), num_classes=10, kwargs=kwargs).eval()
+    apply_weights(model, state)
+    assert n_params(model) == n_params(reference) == params
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(x), reference(x))
 
 
 def test_builtin_kwargs_override_data_shape() -> None:

@@ -17,8 +17,8 @@ from hessian_cli.errors import UserError
 # The --model and --data help of analyze and train, in words Rich can wrap at 80 columns (a
 # run of names joined by slashes was cut off there).
 MODEL_HELP = (
-    "mlp, cnn, resnet20, resnet32, resnet56, torchvision:NAME, file.py:factory or "
-    "package.module:factory."
+    "mlp, cnn, resnet20, resnet32, resnet44, resnet56, resnet110, torchvision:NAME, "
+    "file.py:factory or package.module:factory."
 )
 DATA_HELP = (
     "digits, synthetic:CxHxW[:k[:n]], synthetic-regression:D[:k[:n]] (k classes, default 10, "

@@ -27,8 +27,10 @@ from hessian_cli.specs.user_code import (
     split_user_spec,
 )
 
-BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "resnet32", "resnet56")
-_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+# The ResNets: the depths of akamaster/pytorch_resnet_cifar10's published checkpoints (but
+# 1202), PyHessian's resnet20 among them.
+_RESNET_DEPTHS = {f"resnet{depth}": depth for depth in (20, 32, 44, 56, 110)}
+BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", *_RESNET_DEPTHS)
 # The built-in models' own options and their defaults (the ResNets' one, shortcut, is "B" for
 # good, and a checkpoint's names choose "A": :func:`with_checkpoint_layout`; input_shape,
 # input_size, in_channels and num_classes come from the data, which checkpoints record apart).

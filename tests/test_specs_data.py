@@ -746,6 +746,20 @@ def test_torchvision_data_plumbing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert load_data("fashion-mnist", root=tmp_path).input_shape == (1, 28, 28)
 
 
+def test_cifar10_normalised_as_akamasters_resnets_were_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """akamaster/pytorch_resnet_cifar10 normalised CIFAR-10 by ImageNet's mean and std (its
+    std 0.229 for CIFAR-10's 0.2023), which its checkpoints' BatchNorm statistics are of:
+    only a factory of one's own gave that data."""
+    seen = _fake_torchvision(monkeypatch)
+    (tmp_path / "present").touch()
+    data = load_data("cifar10-imagenet-norm", root=tmp_path)
+    assert (seen["mean"], seen["std"]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert seen["calls"][-1] == ("CIFAR10", {"train": False}, False)
+    assert data.num_classes == 10 and data.input_shape == (3, 32, 32)
+
+
 def test_user_factory_returning_a_string_is_refused() -> None:
     with pytest.raises(UserError, match="not a Dataset"):
         load_data("os:getcwd")

@@ -23,7 +23,8 @@ MODEL_HELP = (
 DATA_HELP = (
     "digits, synthetic:CxHxW[:k[:n]], synthetic-regression:D[:k[:n]] (k classes, default 10, "
     "or outputs, default 1; n training samples, default 256, and n/4 test ones), "
-    "cifar10, cifar100, mnist, fashion-mnist, svhn (from --data-root), an x/y file (.npz, .pt, "
+    "cifar10 (cifar10-imagenet-norm: normalised as akamaster's ResNets), cifar100, mnist, "
+    "fashion-mnist, svhn (from --data-root), an x/y file (.npz, .pt, "
     ".h5) or module:factory."
 )
 

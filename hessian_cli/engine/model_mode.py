@@ -236,23 +236,26 @@ def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) ->
 
 @contextlib.contextmanager
 def _unoptimised(scripts: Sequence[torch.jit.ScriptModule]) -> Iterator[None]:
-    """TorchScript modules run by their plain graphs inside, each operation differentiated by
-    autograd as in eager mode.
+    """TorchScript modules ``scripts``, and every scripted free function, run by their plain
+    graphs inside, each operation differentiated by autograd as in eager mode.
 
     The graph executor's optimised plan, which a script runs from its second call on, has its
     own derivatives, and their derivatives were wrong with no error (torch 2.13, CPU: a
     Linear-BatchNorm1d-Tanh-Dropout model in eval mode, lambda_1 1.722 for the eager model's
     1.690, converged). A plan once optimised is kept whatever the setting, so it is dropped
     first; the next call outside optimises again. (The legacy executor, profiling off, follows
-    the setting at every call, and has no plan to drop: torch raises.)
+    the setting at every call, and has no plan to drop: torch raises.) The free functions are
+    those of torch's Python compilation unit, where ``torch.jit.script`` puts them: neither an
+    eager forward that calls one (Megatron's ``@torch.jit.script`` bias_gelu: torch.func's
+    products 59-87% off) nor a scripted loss (the digits MLP's lambda_1 0.936 for 0.819) holds
+    a ScriptModule of the model to find.
     """
-    if not scripts:
-        yield
-        return
+    methods: list[Any] = list(torch.jit._state._python_cu.get_functions())
     for script in scripts:
-        for name in script._c._method_names():
-            with contextlib.suppress(RuntimeError):
-                script._c._get_method(name)._debug_flush_compilation_cache()
+        methods += [script._c._get_method(name) for name in script._c._method_names()]
+    for method in methods:
+        with contextlib.suppress(RuntimeError):
+            method._debug_flush_compilation_cache()
     with torch.jit.optimized_execution(False):
         yield
 

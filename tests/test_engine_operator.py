@@ -1161,3 +1161,17 @@ def test_an_embeddings_padding_row_is_not_a_column_of_torch_funcs_products():
     products = op.matmul(torch.eye(op.n, dtype=torch.float64))
     torch.testing.assert_close(products, H)
     torch.testing.assert_close(products, products.T)
+
+
+def test_an_embedding_with_max_norm_is_refused_before_it_rescales_the_weights():
+    """nn.Embedding(max_norm=...) rescales the rows it looks up in place at every forward pass:
+    the products were of the rescaled weights (rows of norm 1.4-2.4 cut to 1), not the model's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(17, 4, max_norm=1.0), torch.nn.Flatten(), torch.nn.Linear(20, 3)
+    )
+    before = model[0].weight.detach().clone()
+    batches = [(torch.randint(0, 17, (32, 5)), torch.randint(0, 3, (32,)))]
+    with pytest.raises(UserError, match="embedding '0' has max_norm set, which rescales"):
+        HessianOperator(model, F.cross_entropy, batches)
+    assert torch.equal(model[0].weight, before)

@@ -600,6 +600,28 @@ def test_a_sparse_embedding_is_refused_where_the_base_step_cannot_take_it(
         assert code == 0, err
 
 
+def test_an_embedding_with_max_norm_is_refused_where_hessians_are_taken(capsys, tmp_path):
+    """nn.Embedding(max_norm=...) rescales its weights in place at every forward: Eigen-SAM's
+    refresh took products of other weights than the model's. Plain SGD trains it."""
+    (tmp_path / "capped.py").write_text(
+        "import torch\n\n\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(\n"
+        "        torch.nn.Embedding(6, 3, max_norm=1.0), torch.nn.Flatten(), torch.nn.Linear(12, 2)\n"
+        "    )\n\n\n"
+        "def data():\n"
+        "    return torch.randint(0, 6, (32, 4)), torch.randint(0, 2, (32,))\n"
+    )
+    args = ["--model", f"{tmp_path}/capped.py:make", "--data", f"{tmp_path}/capped.py:data"]
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *args, "--max-steps", "2", "-q", "--out", out)
+    assert code == 2 and "embedding '0' has max_norm set" in one_sentence(err, strict=True), err
+    assert not out.exists()
+    code, _, err = run(capsys, "train", *args, "--optimizer", "sgd", "--max-steps", "2", "-q",
+                       "--out", out)  # fmt: skip
+    assert code == 0, err
+
+
 def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys, tmp_path):
     """Class labels stored as floats trained a one-output regression without a word; a batch
     larger than the data was all of it, unsaid ("1 steps")."""

@@ -101,6 +101,31 @@ _ERROR_NODE = getattr(getattr(torch._C, "_functions", None), "Error", None)
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx, *grads: grads).__code__
 
 
+def _check_no_renormalising_embedding(model: nn.Module) -> None:
+    """Refuse an embedding with ``max_norm``: its forward rescales the rows it looks up in place
+    (``torch.embedding_renorm_``, outside autograd), so the products were of weights other than
+    the model's (the rows of a fresh ``Embedding(17, 4, max_norm=1)`` cut from norms 1.4-2.4 to 1)
+    and differentiate past that rescaling."""
+    name = next(
+        (
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, _EMBEDDINGS) and m.max_norm is not None
+        ),
+        None,
+    )
+    if name is not None:
+        where = f" {name!r}" if name else ""  # "": the model is the embedding
+        raise UserError(
+            f"The model's embedding{where} has max_norm set, which rescales its weights in place "
+            "at every forward pass, so the Hessian would be of other weights than the model's: "
+            "set its max_norm to None (after renormalising the weights, if that is wanted)."
+        )
+
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
 def _check_twice_differentiable(loss: torch.Tensor, g: torch.Tensor | None) -> None:
     """Refuse a loss whose graph holds an ``autograd.Function`` that cannot be differentiated
     again: one whose backward is ``@once_differentiable``.
@@ -182,6 +207,7 @@ class HessianOperator:
         if bn not in ("eval", "train"):
             raise UserError(f"Unknown BatchNorm mode {bn!r}: use eval or train.")
         self.bn = bn
+        _check_no_renormalising_embedding(model)
         # The model's dtype for the data (cast_batch): float32 data for a float64 model failed
         # at the first product, in torch's words.
         self._data_dtype = model_dtype(model)

@@ -66,6 +66,9 @@ class TrainSummary:
     # curvature (top eigenvalue <= 0), whose vectors it perturbed along all the same
     refreshes: int = 0
     negative_refreshes: int = 0
+    # and those whose residual stayed above their tolerance (at their HVP budget): their
+    # vectors perturbed all the same
+    unconverged_refreshes: int = 0
 
     @property
     def seconds_per_step(self) -> float:

@@ -547,6 +547,8 @@ class _Run:
         if isinstance(self.optimizer, EigenSAM):
             summary.refreshes = self.optimizer.refreshes
             summary.negative_refreshes = self.optimizer.negative_refreshes
+            residuals = self.metrics.column("refresh", "residual")  # the whole run's
+            summary.unconverged_refreshes = sum(not r <= REFRESH_TOL for r in residuals)
         return summary
 
     def _fetch(self, idx: torch.Tensor) -> Batch:

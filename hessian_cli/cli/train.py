@@ -336,6 +336,18 @@ def _report(
             highlight=False,
             soft_wrap=True,
         )
+    if summary.unconverged_refreshes:  # shown by show and plot, said nowhere else
+        from eigensam.refresh import DEFAULT_TOL
+
+        refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
+        err_console.print(
+            f"Note: {summary.unconverged_refreshes} of {refreshes} stopped at their HVP budget "
+            f"with a residual above their tolerance {DEFAULT_TOL:.0e}; their vectors were used "
+            f"all the same (the residuals are in {where / METRICS_FILE}).",
+            style="yellow",
+            highlight=False,
+            soft_wrap=True,
+        )
     if summary.finished:
         if not quiet:
             console.print(

@@ -112,16 +112,19 @@ def evaluate(
     batch_weight: Callable[[torch.Tensor], float] = len,
 ) -> tuple[float, float]:
     """Mean loss (the batches' weighted by ``batch_weight``, as :class:`HessianOperator` weighs
-    them) and accuracy on ``batches`` (eval mode), NaN without any."""
+    them; a batch that weighs nothing, of padding only, is left out) and accuracy on ``batches``
+    (eval mode), NaN without any."""
     if not batches:
         return math.nan, math.nan
     was_training = model.training
     model.eval()
     total = correct = labelled = weight = 0.0
     for x, y in batches:
+        share = float(batch_weight(y))
+        if not share:  # padding only: nothing of the mean over labels (its own mean is 0/0)
+            continue
         out = run_model(model, inputs_to(x, device))
         y = y.to(device)
-        share = float(batch_weight(y))
         total += float(loss_fn(out, y)) * share
         right, labels = correct_count(out, y, classify=classify)
         correct, labelled, weight = correct + right, labelled + labels, weight + share

@@ -329,9 +329,11 @@ class _Run:
             if isinstance(self.data.train, TensorDataset)
             else []
         )
-        check_targets(
-            self.loss_spec, train + [self.track_batch, *self.test_batches], self.data.num_classes
-        )
+        # A test batch of padding only weighs nothing in the test loss, a mean over the split's
+        # labels: the split is no worse for where its batches happen to end (the held-out batch,
+        # whose lambda_max and loss are measured alone, must hold labels).
+        test = [b for b in self.test_batches if not self.batch_weight or self.batch_weight(b[1])]
+        check_targets(self.loss_spec, train + [self.track_batch, *test], self.data.num_classes)
         check_next_tokens(self.loss_spec, [self.track_batch, *self.test_batches])
         batch = (inputs_to(self.track_batch[0], self.device), self.track_batch[1].to(self.device))
         check_fits(self.model, self.loss_fn, [batch])

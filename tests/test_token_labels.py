@@ -15,7 +15,13 @@ from torch.nn import functional as F
 from eigensam.tracking import evaluate
 from hessian_cli.engine import HessianOperator, UserError
 from hessian_cli.engine.dense import dense_hessian
-from hessian_cli.specs import analysis_batches, build_model, check_targets, load_data
+from hessian_cli.specs import (
+    analysis_batches,
+    build_model,
+    check_targets,
+    load_checkpoint,
+    load_data,
+)
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import cross_entropy, default_loss, labelled_count
 from hessian_cli.storage import read_metrics
@@ -459,6 +465,30 @@ def test_eigensam_trains_where_the_held_out_batch_begins_with_unlabelled_samples
         "--optimizer", "eigensam", "--batch-size", "8", "--max-steps", "2", "--out", out, "-q",
     )  # fmt: skip
     assert code == 0, err
+
+
+def test_a_test_batch_of_padding_only_weighs_nothing_in_the_test_loss(capsys, tmp_path, code_file):
+    """The test loss is a mean over the split's labels, so a test batch holding none adds
+    nothing to it: train refused the whole run at start-up ("a batch of the data holds no label
+    but -100") for where the split's batches ended, and evaluate's mean took its 0/0."""
+    split = tmp_path / "split.py"
+    split.write_text(
+        CODE + "\ndef split():\n    train, test = Text(48), Text(24)\n"
+        "    test.labels[12:] = -100\n    return train, test\n"
+    )
+    out = tmp_path / "run"
+    code, _, err = run(
+        capsys, "train", "--model", f"{code_file}:lm", "--data", f"{split}:split",
+        "--batch-size", "12", "--epochs", "1", "--out", out, "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    model = NS["TinyLM"]()
+    model.load_state_dict(load_checkpoint(out / "checkpoints" / "final.pt").state_dict)
+    test = NS["Text"](24)
+    with torch.no_grad():  # the first 12 samples hold all the labels
+        expected = by_hand(model(test.ids[:12], test.mask[:12]), test.labels[:12])
+    test_loss = read_metrics(out / "metrics.h5")["epochs"]["test_loss"][0]
+    assert test_loss == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("command", ["analyze", "train"])

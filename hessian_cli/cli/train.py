@@ -144,7 +144,10 @@ def train_command(
         None, "--loss", help="ce, mse or module:function. Default: ce for class labels, else mse."
     ),
     max_steps: int | None = typer.Option(
-        None, "--max-steps", help="Stop (with a checkpoint) after this many global steps."
+        None,
+        "--max-steps",
+        help="Stop (with a checkpoint) after this many global steps; 0 saves the initial "
+        "weights, which --resume continues from.",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),

@@ -129,7 +129,8 @@ class AnalyzeRequest:
     num_samples: int | None = None
     num_batches: int | None = None
     device: str = "auto"
-    dtype: Literal["float32", "float64"] = "float32"
+    # None: the checkpoint's, float64 where its weights are (see _analysis_dtype), else float32
+    dtype: Literal["float32", "float64"] | None = None
     precision: Literal["full", "tf32", "bf16"] = "full"
     seed: int = 0
     trust_checkpoint: bool = False
@@ -207,11 +208,18 @@ class SeriesStopped(UserError):
         self.interrupt = interrupt
 
 
+def _words(kind: Any) -> tuple[str, ...] | None:
+    """The words a Literal option takes (also one that may be None, left for the analysis to
+    choose)."""
+    literals = [k for k in (kind, *get_args(kind)) if get_origin(k) is Literal]
+    return get_args(literals[0]) if literals else None
+
+
 # The options that take one of a few words, and those words (from AnalyzeRequest's Literals).
 _CHOICES: dict[str, tuple[str, ...]] = {
-    name: get_args(kind)
+    name: words
     for name, kind in get_type_hints(AnalyzeRequest).items()
-    if get_origin(kind) is Literal
+    if (words := _words(kind)) is not None
 }
 
 
@@ -418,7 +426,8 @@ def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
     for name, allowed in _CHOICES.items():
-        if getattr(r, name) not in allowed:
+        value = getattr(r, name)
+        if value not in allowed and not (value is None and getattr(AnalyzeRequest, name) is None):
             raise UserError(
                 f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                 f"not {getattr(r, name)!r}."
@@ -538,6 +547,7 @@ class _Setup(NamedTuple):
     batches: list  # the analysed batches (global list)
     minibatches: list  # the alignment's extra minibatches (global; empty: the batches suffice)
     device: torch.device
+    dtype: torch.dtype  # of the products (--dtype, or the checkpoint's)
     weights_part: str | None  # the leading name the checkpoint's weights were taken from
     batch_weight: Callable[[torch.Tensor], float] | None  # None: batches weigh their samples
 
@@ -614,7 +624,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     )
     root = request.data_root or meta.get("data_root") or None
     device = resolve_device(request.device)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[request.dtype]
+    dtype = _analysis_dtype(request, ckpt.state_dict)
     check_precision(request.precision, device, dtype)  # before the work of loading
     torch.manual_seed(request.seed)
 
@@ -726,9 +736,21 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         batches,
         minibatches,
         device,
+        dtype,
         weights_part,
         label_weight(loss_spec, batches + minibatches),
     )
+
+
+def _analysis_dtype(request: AnalyzeRequest, state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """--dtype, or where none is given the weights': float64 where the checkpoint's floating-point
+    tensors all are (a float64 training run's was analysed in float32, its weights rounded),
+    unless --precision asks for reduced float32 arithmetic; else float32."""
+    if request.dtype is not None:
+        return {"float32": torch.float32, "float64": torch.float64}[request.dtype]
+    kinds = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+    wide = kinds == {torch.float64} and request.precision == "full"
+    return torch.float64 if wide else torch.float32
 
 
 def _refuse_recorded_code(
@@ -947,7 +969,7 @@ def _provenance(
         # What the batches' mean losses are weighted by in the operator's mean (and so H).
         "batch_weight": "samples" if s.batch_weight is None else "labels",
         "bn": request.bn,
-        "dtype": request.dtype,
+        "dtype": str(s.dtype).removeprefix("torch."),
         "precision": request.precision,
         "hvp_rel_error": hvp_rel_error,
         "device": str(s.device),

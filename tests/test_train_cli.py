@@ -20,7 +20,9 @@ import pytest
 import torch
 from cli_runner import exit_code, one_sentence, run
 
-from hessian_cli.specs import load_checkpoint
+from hessian_cli.engine.dense import dense_hessian
+from hessian_cli.specs import analysis_batches, build_model, load_checkpoint, load_data
+from hessian_cli.specs.losses import cross_entropy
 from hessian_cli.storage import read_metrics
 
 TINY = [
@@ -684,3 +686,35 @@ def test_refreshes_short_of_their_tolerance_are_said_at_the_end(capsys, tmp_path
         f"Note: {short} of {len(residual)} Eigen-SAM refreshes stopped at their HVP budget with "
         "a residual above their tolerance 1e-02" in " ".join(err.split())
     )
+
+
+def test_a_float64_runs_checkpoint_is_analysed_in_float64(capsys, tmp_path):
+    """A run of a float64 model (a factory's .double()) was analysed in float32 unless --dtype
+    said so: its weights rounded, its eigenvalues about 1e-7 off its float64 Hessian's."""
+    (tmp_path / "wide.py").write_text(
+        "import torch\n\n\n"
+        "def make():\n"
+        "    layers = torch.nn.Linear(16, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)\n"
+        "    return torch.nn.Sequential(*layers).double()\n"
+    )
+    spec, data_spec, out = f"{tmp_path}/wide.py:make", "synthetic:16:3:96", tmp_path / "run"
+    code, _, err = run(
+        capsys, "train", "--model", spec, "--data", data_spec, "--batch-size", "16",
+        "--optimizer", "sgd", "--epochs", "1", "-q", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    final = out / "checkpoints" / "final.pt"
+    code, stdout, err = run(
+        capsys, "analyze", final, "--trust-checkpoint", "--top-k", "2", "--tol", "1e-8", "--json"
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["provenance"]["dtype"] == "float64"
+    model = build_model(spec, input_shape=None, num_classes=3)
+    model.load_state_dict(load_checkpoint(final).state_dict)
+    train = load_data(data_spec).train
+    batches = analysis_batches(
+        train, batch_size=128, num_samples=min(128, len(train)), dtype=torch.float64
+    )
+    top = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batches)).flip(0)[:2]
+    np.testing.assert_allclose(report["eigen"]["eigenvalues"], top, rtol=1e-9)

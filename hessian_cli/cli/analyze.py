@@ -182,7 +182,12 @@ def analyze(
         None, "--num-batches", help="Analyse the first N batches."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="float32 or float64. Default: float64 for a checkpoint whose weights are float64 "
+        "(at --precision full), else float32.",
+    ),
     precision: str = typer.Option(
         "full",
         "--precision",
@@ -381,7 +386,15 @@ def analyze(
         raise stopped
     accepted = max_hvps is not None  # the budget the user set: exit 0, but still said
     warning = unconverged_warning(
-        reports, tol=tol, precision=precision, dtype=dtype, budget_accepted=accepted
+        reports,
+        tol=tol,
+        precision=precision,
+        # Where none was given, float64 only if every checkpoint was analysed in it.
+        dtype=dtype
+        or (
+            "float64" if all(r["provenance"]["dtype"] == "float64" for r in reports) else "float32"
+        ),
+        budget_accepted=accepted,
     )
     if warning is not None:
         if lead:

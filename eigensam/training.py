@@ -329,6 +329,15 @@ class _Run:
             if isinstance(self.data.train, TensorDataset)
             else []
         )
+        held_out = self.track_batch[1]
+        if self.batch_weight and not self.batch_weight(held_out):  # its loss is checked alone
+            split = "test split" if self.data.test is not None else "training data"
+            raise UserError(
+                f"the held-out batch (the first {len(held_out)} samples of the {split}, whose "
+                "loss train checks at every checkpoint and whose lambda_max --track-every "
+                "measures) holds no label but -100 (padding), so its cross-entropy is 0/0: put "
+                "labelled samples among them."
+            )
         # A test batch of padding only weighs nothing in the test loss, a mean over the split's
         # labels: the split is no worse for where its batches happen to end (the held-out batch,
         # whose lambda_max and loss are measured alone, must hold labels).

@@ -489,6 +489,17 @@ def test_a_test_batch_of_padding_only_weighs_nothing_in_the_test_loss(capsys, tm
         expected = by_hand(model(test.ids[:12], test.mask[:12]), test.labels[:12])
     test_loss = read_metrics(out / "metrics.h5")["epochs"]["test_loss"][0]
     assert test_loss == pytest.approx(float(expected), rel=1e-5)
+    # The held-out batch is measured alone: it must hold labels, and the refusal names it.
+    first = tmp_path / "first.py"
+    first.write_text(split.read_text().replace("test.labels[12:]", "test.labels[:12]"))
+    code, _, err = run(
+        capsys, "train", "--model", f"{code_file}:lm", "--data", f"{first}:split",
+        "--batch-size", "12", "--epochs", "1", "--out", tmp_path / "first", "-q",
+    )  # fmt: skip
+    assert code == 2
+    assert "the held-out batch (the first 12 samples of the test split, whose loss" in one_sentence(
+        err, strict=True
+    )
 
 
 @pytest.mark.parametrize("command", ["analyze", "train"])

@@ -250,7 +250,9 @@ def _unoptimised(scripts: Sequence[torch.jit.ScriptModule]) -> Iterator[None]:
     products 59-87% off) nor a scripted loss (the digits MLP's lambda_1 0.936 for 0.819) holds
     a ScriptModule of the model to find.
     """
-    methods: list[Any] = list(torch.jit._state._python_cu.get_functions())
+    # Private torch API (as the flush below): where a torch lacks it, the modules are flushed.
+    unit = getattr(torch.jit._state, "_python_cu", None)
+    methods: list[Any] = list(unit.get_functions()) if hasattr(unit, "get_functions") else []
     for script in scripts:
         methods += [script._c._get_method(name) for name in script._c._method_names()]
     for method in methods:

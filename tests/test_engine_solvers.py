@@ -851,6 +851,21 @@ def test_the_whole_space_step_reports_the_pairs_converged_so_far(monkeypatch):
     assert after[1:] == (10, 10)
 
 
+@pytest.mark.parametrize(("n", "k"), [(260, 45), (300, 3)])
+def test_both_ends_report_the_pairs_of_both(n, k):
+    """--which both: the top's solve reported k pairs wanted, then the bottom's k again from 0
+    (a bar that went back), and one solve of the whole space reported all n pairs wanted."""
+    seen = []
+    H = _with_spectrum(torch.linspace(-1.0, 2.0, n, dtype=torch.float64), 0)
+    res = eigenpairs(MatrixOperator(H), k, which="both", seed=1, progress=lambda *a: seen.append(a))
+    assert res.all_converged and (res.method == es.WHOLE) == (k == 45)
+    assert {wanted for _, _, wanted in seen} == {2 * k}
+    spent, done = [a[0] for a in seen], [a[1] for a in seen]
+    assert spent == sorted(spent) and spent[-1] <= res.hvps and done[-1] == 2 * k
+    if k == 3:  # a Krylov solve's pairs may come and go, but not the other end's
+        assert done[[i for i, d in enumerate(done) if d >= k][0] :].count(0) == 0
+
+
 def test_a_basis_grown_to_the_whole_space_is_freed_before_the_verifying_products(monkeypatch):
     """The Krylov solve of the smallest 10 of 10 * 0.8^i that takes the whole space: its n x n
     basis, products and projected matrix were still held by a second name while the k fresh

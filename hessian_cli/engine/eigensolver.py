@@ -229,6 +229,17 @@ def _both_ends(
     """``eigenpairs(which="both")``: a solve for each end, which share the budget (half each, and
     what the top leaves to the bottom); or, where the top alone would take every column of the
     matrix, that one solve, whose spectrum holds both ends."""
+
+    def of_both(hvps0: int, found0: int, share: int) -> Progress | None:
+        """``progress`` told of the 2k pairs of both ends, ``share`` of them the solve's it
+        follows, after ``hvps0`` products and ``found0`` pairs (it was told of k, then of k again
+        from 0; or of all n)."""
+        if progress is None:
+            return None
+        return lambda spent, done, wanted: progress(
+            hvps0 + spent, found0 + done * share // wanted, 2 * k
+        )
+
     top_budget = None if max_hvps is None else max_hvps - max_hvps // 2
     plan = plan_solve(op.n, k, guard, block_size, max_basis, top_budget, warm=init is not None)
     fresh = verify is False or (verify is None and getattr(op, "precision", "full") == "full")
@@ -241,7 +252,7 @@ def _both_ends(
             max_hvps=max_hvps,
             seed=seed,
             verify=verify,
-            progress=progress,
+            progress=of_both(0, 0, 2 * k),
         )
         return _ends(every, k)
     top = eigenpairs(
@@ -259,7 +270,7 @@ def _both_ends(
         seed=seed,
         verify=verify,
         check_steps=check_steps,
-        progress=progress,
+        progress=of_both(0, 0, k),
     )
     low = eigenpairs(
         op,
@@ -275,7 +286,7 @@ def _both_ends(
         seed=next_seed(seed),
         verify=verify,
         check_steps=check_steps,
-        progress=progress,
+        progress=of_both(top.hvps, int(top.converged.sum()), k),
     )
     return _concat(top, low)
 

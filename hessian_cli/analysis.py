@@ -188,6 +188,11 @@ def _check_exists(path: Path) -> None:
     if not path.exists():
         if path.is_symlink():  # dangling, or a loop of links
             raise UserError(f"The checkpoint {path} is a symbolic link that leads nowhere.")
+        if set("*?[") & set(str(path)):  # a glob quoted, or one that matched nothing
+            raise UserError(
+                f"No such checkpoint file or directory: {path} (the shell expands a pattern "
+                "such as this, and only where it is unquoted and matches files)."
+            )
         raise UserError(f"No such checkpoint file or directory: {path}.")
 
 

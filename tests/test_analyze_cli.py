@@ -1089,6 +1089,15 @@ def test_a_python_file_without_the_name_to_call_says_so(capsys, tmp_path, digits
     assert f"names nothing in it to call: give '{tmp_path / 'net.py'}:NAME'" in message
 
 
+def test_a_glob_that_reached_analyze_says_the_shell_expands_it(capsys, tmp_path, digits_mlp):
+    """`--help` showed the glob quoted, 'run/step*.pt', and a quoted one was 'No such checkpoint
+    file or directory' with no word of why."""
+    shutil.copy(digits_mlp, tmp_path / "step1.pt")
+    message = _bad(capsys, "analyze", str(tmp_path / "step*.pt"))
+    assert "the shell expands a pattern such as this" in message
+    assert "shell" not in _bad(capsys, "analyze", tmp_path / "missing.pt")
+
+
 def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
     assert "No such checkpoint" in _bad(
         capsys, "analyze", tmp_path / "missing.pt", "--model", "mlp"

@@ -357,7 +357,13 @@ class _Run:
             )
             pick = torch.tensor(list(itertools.islice(labelled, 2)), device=y.device)
             pair = (rows(batch[0], pick), y[pick])
-            HessianOperator(self.model, self.loss_fn, [pair], distributed=False).check_model()
+            try:
+                HessianOperator(self.model, self.loss_fn, [pair], distributed=False).check_model()
+            except NotFinite as exc:  # the engine's words, "on the analysed data", are analyze's
+                raise NotFinite(
+                    "the loss is NaN or infinite at the initial weights, before any step: "
+                    "check the model, the data and the loss."
+                ) from exc
         if isinstance(self.optimizer, EigenSAM):
             # The refresh takes the BatchNorm mode of the model, which every step trains: one
             # it cannot take was refused at the first refresh, the run directory left behind.

@@ -787,13 +787,17 @@ def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_p
         assert not (tmp_path / "run").exists()
 
 
-def test_a_loss_not_finite_before_any_step_does_not_blame_the_learning_rate(tmp_path):
+@pytest.mark.parametrize(("optimizer", "track_every"), [("sgd", 0), ("sgd", 5), ("eigensam", 0)])
+def test_a_loss_not_finite_before_any_step_does_not_blame_the_learning_rate(
+    tmp_path, optimizer, track_every
+):
     """NaN at the initial weights: no step was taken, so --lr and --rho played no part (the
-    message used to tell the user to lower them)."""
+    message used to tell the user to lower them). Where the run takes Hessian products, the
+    check before them said "on the analysed data: check the weights", as if analyze's."""
     (tmp_path / "nanloss.py").write_text(
         "def nan(out, y):\n    return (out * float('nan')).sum()\n"
     )
-    cfg = config(tmp_path, optimizer="sgd", momentum=0.0, track_every=0)
+    cfg = config(tmp_path, optimizer=optimizer, momentum=0.0, track_every=track_every)
     cfg.loss = f"{tmp_path}/nanloss.py:nan"
     with pytest.raises(UserError, match="at the initial weights, before any step") as err:
         train(cfg)

@@ -26,7 +26,9 @@ from matplotlib.ticker import MaxNLocator
 
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
+    ANALYSIS_SETTINGS,
     counted,
+    differing_settings,
     eigen_columns,
     eigen_labels,
     model_cell,
@@ -241,9 +243,6 @@ def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
 # Markers that tell apart the runs (models, parameter sets, checkpoint directories, analysis
 # settings) of a file.
 _MODEL_MARKERS = "osD^v<>ph*"
-# What an analysis was of besides its checkpoint: analyses of one checkpoint that differ in one
-# are of another matrix (or another estimate of it), not steps of one trajectory.
-_SETTINGS = ("data", "num_samples", "loss", "bn", "dtype", "precision")
 
 
 def _run_keys(ds: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...] | None]:
@@ -252,7 +251,7 @@ def _run_keys(ds: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...] | None]:
     return [
         None
         if (run := run_key(d)) is None
-        else (run, tuple((d.get("provenance") or {}).get(k) for k in _SETTINGS))
+        else (run, tuple((d.get("provenance") or {}).get(k) for k in ANALYSIS_SETTINGS))
         for d in ds
     ]
 
@@ -266,7 +265,7 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
     groups = list(dict.fromkeys(keys))
     several = several_runs(ds)
     provs = [d.get("provenance") or {} for d in ds]
-    differ = [k for k in _SETTINGS if len({repr(p.get(k)) for p in provs}) > 1]
+    differ = differing_settings(ds)
 
     def label(key: tuple[Any, ...] | None) -> str:
         if key is None:

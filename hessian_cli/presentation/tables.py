@@ -376,6 +376,17 @@ def _reduced_precision_note(d: Mapping[str, Any], prov: Mapping[str, Any]) -> st
     )
 
 
+# What an analysis was of besides its checkpoint: analyses of one checkpoint that differ in one
+# are of another matrix (or another estimate of it), not steps of one trajectory.
+ANALYSIS_SETTINGS = ("data", "num_samples", "loss", "bn", "dtype", "precision")
+
+
+def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The :data:`ANALYSIS_SETTINGS` whose values differ between the analyses ``ds``."""
+    provs = [d.get("provenance") or {} for d in ds]
+    return [k for k in ANALYSIS_SETTINGS if len({repr(p.get(k)) for p in provs}) > 1]
+
+
 def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     """One row per checkpoint, in file order: step, epoch, top eigenvalues, trace, alignment."""
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
@@ -390,7 +401,12 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     # Checkpoints of different models or runs appended to one file: each row says which.
     models = ["model"] if model_count(ds) > 1 else []
     runs = ["directory"] if several_runs(ds) else []
-    columns = ("step", "epoch", *models, *runs, *which, *labels, "trace", "|<ĝ,v1>|", "||Vᵀĝ||")
+    # Analyses of other settings (another --num-samples, say): rows that differ only in those.
+    settings = differing_settings(ds)
+    columns = (
+        *("step", "epoch", *models, *runs, *settings, *which, *labels),
+        *("trace", "|<ĝ,v1>|", "||Vᵀĝ||"),
+    )
     for label in columns:
         # On a narrow terminal digits fold onto a second line, never cut to "4.7…".
         table.add_column(label, justify="right", overflow="fold")
@@ -416,6 +432,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             str(prov.get("epoch", DASH)),
             *([escape(model_cell(prov))] if models else []),
             *([escape(run_directory(prov))] if runs else []),
+            *(escape(str(prov.get(k, DASH))) for k in settings),
             *([e.get("which") or DASH] if mixed else []),
             *cells,
             _g(t["estimate"], ".5g")

@@ -322,8 +322,9 @@ class _Solve:
     # The most wanted eigenvalue (times sign) the last check saw outside the pairs, less the
     # products' rounding: no pair's error bound may take a gap past it.
     lacking: float = -math.inf
-    # A check was due at the stop but too few products were left for it: no gap is taken, as
-    # nothing vouches that the space missed no eigenvalue inside one.
+    # A check was due at the stop (converged, or the budget's end) but too few products were
+    # left for it: no gap is taken, as nothing vouches that the space missed no eigenvalue
+    # inside one.
     unchecked: bool = False
     best_worst: float = float("inf")  # the stall guard's best worst unconverged residual,
     best_at: int = 0  # and the products spent when it was reached
@@ -665,13 +666,16 @@ def _check_for_skipped(
     look finds none, or where there is none to take (a whole space, no check steps, too little
     budget left, or the most looks a solve takes)."""
     solve.lacking = -math.inf  # no evidence from an earlier basis
+    wanted = basis.leak is not None and solve.check_steps > 0
     if stop.reason != "converged":
+        # The end of the budget leaves no check to the pairs converged by then.
+        solve.unchecked = wanted and stop.reason == "budget"
         return None
     op, k, kg, scale = solve.op, solve.k, solve.kg, solve.scale
     end = max(abs(float(pairs.theta[0])), scale / CHECK_REACH**2)
     steps = min(round(solve.check_steps * math.sqrt(scale / end)), solve.max_hvps - solve.spent)
-    checkable = basis.leak is not None and 0 < solve.check_steps <= steps
-    solve.unchecked = basis.leak is not None and 0 < solve.check_steps > steps
+    checkable = wanted and solve.check_steps <= steps
+    solve.unchecked = wanted and not checkable
     # At most one look per pair and one more: each look that finds a direction adds an
     # eigenvalue beyond the k-th pair, so more would be rounding taken for one.
     if not checkable or solve.skipped_found > kg:

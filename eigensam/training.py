@@ -498,7 +498,8 @@ class _Run:
             raise error(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "
-                f"diverge again: start a new run with a lower {self._divergence_knobs()}."
+                f"diverge again: start a new run, in another --out, with a lower "
+                f"{self._divergence_knobs()}."
             ) from None
         except IndexError as exc:  # a batch past the two samples check_fits ran
             self._flush()

@@ -811,7 +811,8 @@ def test_divergence_seen_by_tracking_is_named_as_divergence(tmp_path):
     with pytest.raises(UserError, match="training diverged at step") as err:
         train(cfg)
     # sgd reads no --rho (which train refuses for it): only --lr is named.
-    assert str(err.value).endswith("start a new run with a lower --lr.")
+    # Another --out: this one holds the stopped run, which a new run there is refused beside.
+    assert str(err.value).endswith("start a new run, in another --out, with a lower --lr.")
 
 
 def test_a_divergence_from_weight_decay_names_it(tmp_path):

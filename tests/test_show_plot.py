@@ -440,7 +440,20 @@ def test_a_trace_with_no_random_part_says_so():
         "trace 0.270075 (no random part: the sum of the 10 eigenvalues found, which span the "
         "space; 0 HVPs, 0.01 s)"
     ) in console.export_text()
-    assert list(series_table([d, d]).columns[-3].cells) == ["0.27008"] * 2  # no "± 0"
+    table = series_table([d, d])
+    # The last column: no alignment column where no row holds one (a column of dashes each).
+    assert [str(c.header) for c in table.columns][-1:] == ["trace"]
+    assert list(table.columns[-1].cells) == ["0.27008"] * 2  # no "± 0"
+    plain = {"name": "c", "provenance": {}}
+    assert [str(c.header) for c in series_table([plain] * 2).columns] == [
+        "checkpoint",
+        "step",
+        "epoch",
+    ]
+    aligned = {**plain, "alignment": {"alignment": [0.5], "subspace_alignment": 0.75}}
+    table = series_table([aligned, plain])
+    assert [str(c.header) for c in table.columns][-2:] == ["|<ĝ,v1>|", "||Vᵀĝ||"]
+    assert [list(c.cells) for c in table.columns[-2:]] == [["0.500", "—"], ["0.750", "—"]]
 
 
 def test_an_exact_trace_from_products_does_not_say_the_eigenvalues_span_the_space():

@@ -387,6 +387,14 @@ def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in ANALYSIS_SETTINGS if len({repr(p.get(k)) for p in provs}) > 1]
 
 
+def _trace_cell(t: Mapping[str, Any] | None) -> str:
+    """A series row's trace, with its standard error where it has a random part."""
+    if not t:
+        return DASH
+    random = t.get("stderr") is not None and t.get("num_samples") != 0  # 0: no random part
+    return _g(t["estimate"], ".5g") + (f" ± {_g(t['stderr'], '.2g')}" if random else "")
+
+
 def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     """One row per checkpoint, in file order: step, epoch, top eigenvalues, trace, alignment."""
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
@@ -403,9 +411,13 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     runs = ["directory"] if several_runs(ds) else []
     # Analyses of other settings (another --num-samples, say): rows that differ only in those.
     settings = differing_settings(ds)
+    # Columns of what no row holds were a column of dashes each (analyze without --trace).
+    traces = ["trace"] if any(d.get("trace") for d in ds) else []
+    alignments = ["|<ĝ,v1>|", "||Vᵀĝ||"] if any(d.get("alignment") for d in ds) else []
     columns = (
         *("step", "epoch", *models, *runs, *settings, *which, *labels),
-        *("trace", "|<ĝ,v1>|", "||Vᵀĝ||"),
+        *traces,
+        *alignments,
     )
     for label in columns:
         # On a narrow terminal digits fold onto a second line, never cut to "4.7…".
@@ -435,16 +447,9 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             *(escape(str(prov.get(k, DASH))) for k in settings),
             *([e.get("which") or DASH] if mixed else []),
             *cells,
-            _g(t["estimate"], ".5g")
-            + (
-                f" ± {_g(t['stderr'], '.2g')}"
-                if t.get("stderr") is not None and t.get("num_samples") != 0  # 0: no random part
-                else ""
-            )
-            if t
-            else DASH,
-            _g(first[0], ".3f"),
-            _g(al.get("subspace_alignment"), ".3f") if al else DASH,
+            *([_trace_cell(t)] if traces else []),
+            *([_g(first[0], ".3f"), _g(al.get("subspace_alignment"), ".3f")] if al else []),
+            *([DASH, DASH] if alignments and not al else []),
         )
     notes: list[str] = []
     if unconverged:

@@ -1,5 +1,5 @@
-"""Where its name places a checkpoint in its training series, for the loader that orders a
-series and the HDF5 file that keeps it in order (torch- and h5py-free: both import it)."""
+"""Where a checkpoint goes in its training series, for the loader that orders a series and the
+HDF5 file that keeps it in order (torch- and h5py-free: both import it)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def name_place(name: str) -> int:
     else 0."""
     words = set(re.findall(r"[a-z]+", name.lower()))
     return -1 if words & _FIRST_WORDS else 1 if words & _LAST_WORDS else 0
+
+
+def series_key(step: float | None, epoch: float | None, name: str) -> tuple:
+    """A checkpoint's place in its series, ties aside: by epoch, then step, as Lightning's
+    ``epoch=E-step=S`` names sort (right also where a script counts steps within each epoch);
+    one that records no epoch after those that do, and of one epoch, one without a step after
+    those with one (saved at the epoch's end); one that records neither by :func:`name_place`,
+    before all or after all (the loader and the file agree: they disagreed on a step left out)."""
+    if step is None and epoch is None:
+        place = name_place(name)
+        return (place if place < 0 else place + 1, False, 0.0, False, 0.0)
+    return (0, epoch is None, epoch or 0.0, step is None, step or 0.0)

@@ -471,6 +471,22 @@ def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
         load_checkpoint(names / "ckpt3.pt")
 
 
+def test_a_series_is_ordered_by_epoch_then_step_as_its_file(tmp_path: Path) -> None:
+    """a.pt recording step 100 and b.pt epoch 1 alone were analysed [b, a] and stored [a, b]
+    (test_storage's); a step counted within each epoch put epoch 2's step 10 before epoch 1's
+    step 50."""
+    for name, meta in [
+        ("a.pt", {"step": 100}),
+        ("e2.pt", {"epoch": 2, "step": 10}),
+        ("b.pt", {"epoch": 1}),
+        ("e1.pt", {"epoch": 1, "step": 50}),
+    ]:
+        save_checkpoint(tmp_path / name, state_dict=small_state(), metadata=meta)
+    loaded = (load_checkpoint(p) for p in list_checkpoints(tmp_path))
+    ordered = sorted(loaded, key=checkpoint_order_key)
+    assert [c.name for c in ordered] == ["e1", "b", "e2", "a"]
+
+
 def test_a_series_of_other_tools_is_read_whole_once_and_in_their_order(tmp_path: Path) -> None:
     """.pth.tar was skipped unsaid; Lightning's last.ckpt (a link to another) was a point of
     its own; their recorded epoch and step were ignored, so ``best`` sorted by name. Not .bin:
@@ -493,7 +509,7 @@ def test_a_series_of_other_tools_is_read_whole_once_and_in_their_order(tmp_path:
     found = [p for p in list_checkpoints(tmp_path) if p.exists()]
     ordered = sorted((load_checkpoint(p) for p in found), key=checkpoint_order_key)
     assert [(c.path.name, c.metadata) for c in ordered] == [
-        ("checkpoint.pth.tar", {"epoch": 2}),  # no step: before those of steps 700, 1100
+        ("checkpoint.pth.tar", {"epoch": 2}),  # epoch 2: before those of epochs 7, 11
         ("ckpt_best.ckpt", {"step": 700, "epoch": 7}),
         ("ckpt_11.ckpt", {"step": 1100, "epoch": 11}),
     ]

@@ -323,6 +323,21 @@ def test_a_series_start_and_end_that_record_no_step_are_placed_by_their_names(fu
     assert group_names(path) == ["init", "s100", "extra", "final"]
 
 
+def test_the_file_orders_a_series_as_its_analysis_did(full, tmp_path):
+    """a.pt recording step 100 and b.pt epoch 1 alone were analysed [b, a] and stored [a, b];
+    a step counted within each epoch (epoch 2's step 10 after epoch 1's step 50) was stored
+    before the epoch it followed. The loader's order (test_specs_checkpoints) is kept."""
+    path = tmp_path / "series.h5"
+
+    def at(name: str, step: int | None, epoch: int | None) -> CheckpointAnalysis:
+        a = variant(full, name, step)
+        return dataclasses.replace(a, provenance={**a.provenance, "epoch": epoch})
+
+    written = [at("a", 100, None), at("e2", 10, 2), at("b", None, 1), at("e1", 50, 1)]
+    write_analyses(path, written, command_line="x", series=True)
+    assert group_names(path) == ["e1", "b", "e2", "a"]
+
+
 class Boom(RuntimeError):
     pass
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hessian_cli.errors import UserError, a_type, first_line
-from hessian_cli.series_order import name_place
+from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import atomic_path, file_sha256
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
@@ -863,20 +863,12 @@ def _check_safe(obj: Any, where: str) -> None:
 
 
 def checkpoint_order_key(ckpt: LoadedCheckpoint) -> tuple:
-    """Sort key for a training series: (step, epoch) from metadata, else the file name's numbers.
-
-    Self-describing checkpoints sort before name-ordered ones; names sort naturally
-    (``ckpt2`` before ``ckpt10``); of those that record no step, a name with a word of the
-    start (``init``, ``initial``, ``start``) comes first of all, and one of the end (``final``,
-    ``last``) last of all.
-    """
+    """Sort key for a training series: :func:`series_key` of the step and epoch its metadata
+    records, as the HDF5 file orders its groups; ties by name, naturally (``ckpt2`` before
+    ``ckpt10``)."""
     meta = ckpt.metadata or {}
     step, epoch = _as_number(meta.get("step")), _as_number(meta.get("epoch"))
-    name = _natural_key(ckpt.name)
-    if step is not None or epoch is not None:
-        return (0, -1.0 if step is None else step, -1.0 if epoch is None else epoch, name)
-    place = name_place(ckpt.name)  # as the HDF5 file orders them
-    return (place if place < 0 else place + 1, -1.0, -1.0, name)
+    return (*series_key(step, epoch, ckpt.name), _natural_key(ckpt.name))
 
 
 def _as_number(value: Any) -> float | None:

@@ -25,7 +25,7 @@ import numpy as np
 from hessian_cli import __version__
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
-from hessian_cli.series_order import name_place
+from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import (
     DAMAGED,
     check_directory_writable,
@@ -368,20 +368,18 @@ def _ordinal(value: Any) -> float | None:
 
 
 def _series_order(f: h5py.File, new: list[str]) -> list[str]:
-    """Group names by (step, epoch) where known; ties and unknowns keep insertion order."""
+    """Group names in series order (:func:`_by_step`); ties keep insertion order."""
     return _by_step(f, [n for n in _stored_order(f) if n not in set(new)] + new)
 
 
 def _by_step(f: h5py.File, names: list[str]) -> list[str]:
-    """``names`` by (step, epoch) where known, those that know neither placed by
-    :func:`name_place`; ties and unknowns keep their order."""
+    """``names`` by :func:`series_key`, as the loader orders a series; ties keep their order."""
 
     def key(item: tuple[int, str]) -> tuple:
         i, name = item
         attrs = f["checkpoints"][name].attrs
         step, epoch = _ordinal(attrs.get("step")), _ordinal(attrs.get("epoch"))
-        place = name_place(name) if step is None and epoch is None else 0
-        return (place >= 0, step is None, step or 0.0, epoch is None, epoch or 0.0, place, i)
+        return (*series_key(step, epoch, name), i)
 
     return [name for _, name in sorted(enumerate(names), key=key)]
 

@@ -249,6 +249,11 @@ def analyze_target(
             # taken for weights, refused at its turn: after the others' hours of products).
             data = anchored_data(request.data)
             paths = [p for p in paths if absolute(str(p)) != data] or paths
+        # A link to another file of the series (Lightning's last.ckpt) is that file again: left
+        # out unread, named with the copies below (it was left out unsaid), the file analysed.
+        files = {p.resolve(): p for p in paths if not p.is_symlink()}
+        links = {p: files[p.resolve()] for p in paths if p.is_symlink() and p.resolve() in files}
+        paths = [p for p in paths if p not in links]
         # Every file is read first (one that cannot be is said before hours of products, and
         # the metadata orders the series), but of a series only its order and digest are held:
         # each file's weights are read again at its turn (a series held them all, with what
@@ -282,11 +287,11 @@ def analyze_target(
     # A copy of another file of the series (Lightning's last.ckpt, where it is not a link) is
     # that file's analysis again: the first in order is kept, and the others named.
     distinct: dict[str, LoadedCheckpoint] = {}
-    copies: list[str] = []
+    copies = [_copy_of(link, file) for link, file in links.items()]
     for ckpt in loaded:
         kept = distinct.setdefault(ckpt.sha256, ckpt)
         if kept is not ckpt:
-            copies.append(_copy_of(ckpt, kept))
+            copies.append(_copy_of(ckpt.path, kept.path))
     loaded = list(distinct.values())
     if copies and notice is not None:
         notice(
@@ -340,12 +345,12 @@ def analyze_target(
     return results
 
 
-def _copy_of(copy: LoadedCheckpoint, kept: LoadedCheckpoint) -> str:
+def _copy_of(copy: Path, kept: Path) -> str:
     """A copy left out of a series and the file kept, by their labels in one folder, else by
     their paths (runs/*/init.pt of runs from one start: "init.pt (of init.pt)")."""
-    if copy.path.parent == kept.path.parent:
-        return f"{copy.label} (of {kept.label})"
-    return f"{copy.path} (of {kept.path})"
+    if copy.parent == kept.parent:
+        return f"{checkpoint_label(copy)} (of {checkpoint_label(kept)})"
+    return f"{copy} (of {kept})"
 
 
 def _load(path: Path, request: AnalyzeRequest) -> LoadedCheckpoint:

@@ -872,6 +872,17 @@ def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(capsys, tmp_pa
         "(of epoch=0-step=20.pt)."
     )
     assert run(capsys, "analyze", runs, "--top-k", "1", "--quiet")[2] == ""
+    # A link to another file (Lightning's last.ckpt) is named so too (it was left out unsaid),
+    # and the file's own name is the one analysed, also where the link's sorts before it.
+    (runs / "last.pt").unlink()
+    (runs / "a_link.pt").symlink_to(runs / "epoch=0-step=20.pt")
+    code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--json")
+    assert code == 0 and [r["name"] for r in json.loads(out)] == [r.name for r in results]
+    assert " ".join(err.split()).endswith("a_link.pt (of epoch=0-step=20.pt).")
+    given = analyze_target(sorted(runs.iterdir()), AnalyzeRequest(top_k=1))
+    assert [r.name for r in given] == [r.name for r in results]  # files, as a shell glob's
+    (runs / "a_link.pt").unlink()
+    shutil.copyfile(runs / "epoch=0-step=20.pt", runs / "last.pt")
     # Runs from one start (runs/*/init.pt): copies in other folders are named by their paths.
     (tmp_path / "b").mkdir()
     shutil.copyfile(runs / "last.pt", tmp_path / "b" / "last.pt")

@@ -888,9 +888,9 @@ def _natural_key(name: str) -> tuple:
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoint files directly inside ``directory``, in natural name order (no temp files), each
-    once: a link to another of them (Lightning's ``last.ckpt``) is left out; and the weights of
-    the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``). A Trainer
+    """Checkpoint files directly inside ``directory``, in natural name order (no temp files; a
+    link to another of them, Lightning's ``last.ckpt``, too, which a series names as left out);
+    and the weights of the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``). A Trainer
     checkpoint folder itself is its weights file alone (not its optimizer's or scheduler's); a
     Trainer's output directory is its final weights (``save_model`` writes them there) beside
     its checkpoint folders' (the series was the final weights alone)."""
@@ -917,19 +917,17 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def _checkpoint_files(entries: list[Path]) -> list[Path]:
-    """The checkpoint files among a directory's ``entries``, a link to another of them left out.
+    """The checkpoint files among a directory's ``entries``.
 
     A link that points nowhere is listed, so that reading it ends the run as any unreadable
     checkpoint does (it was skipped silently)."""
-    found = [
+    return [
         p
         for p in entries
         if (p.is_file() or (p.is_symlink() and not p.exists()))
         and p.name.lower().endswith(CHECKPOINT_SUFFIXES)
         and not p.name.startswith(".")
     ]
-    files = {p.resolve() for p in found if not p.is_symlink()}
-    return [p for p in found if not (p.is_symlink() and p.resolve() in files)]
 
 
 def trainer_weights(folder: Path) -> Path | None:

@@ -152,6 +152,11 @@ def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
         weights = trainer_weights(path) if path.is_dir() else path
         if weights is None:
             raise UserError(f"{path} is a directory: give it alone, or only checkpoint files.")
+        if path.is_dir() and list_checkpoints(path) != [weights]:  # its folders were skipped unsaid
+            raise UserError(
+                f"{path} is a Trainer output directory, a series of its checkpoint folders: give "
+                f"it alone, or its final weights as the file {weights}."
+            )
         paths.append(weights)
     return paths
 

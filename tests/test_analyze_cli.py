@@ -935,6 +935,13 @@ def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(
     code, out, err = run(capsys, "analyze", *folders, *args)
     assert code == 0, err
     assert [r["name"] for r in json.loads(out)] == ["checkpoint-500", "checkpoint-1500"]
+    # The output directory among others was its final weights, its folders skipped unsaid.
+    save_file(state, run_dir / "model.safetensors")
+    code, _, err = run(capsys, "analyze", run_dir, tmp_path / "one" / "c.pt", *args)
+    assert code == 2 and one_sentence(err) == (
+        f"error: {run_dir} is a Trainer output directory, a series of its checkpoint folders: "
+        f"give it alone, or its final weights as the file {run_dir / 'model.safetensors'}."
+    )
 
 
 def test_a_directory_of_different_models_is_analysed_without_a_shared_warm_start(

@@ -636,6 +636,28 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert spectra_figure(same).axes[0].get_lines()[0].get_linestyle() == "-"
 
 
+def test_a_series_analysed_again_with_the_same_settings_is_drawn_once():
+    """A series analysed twice into one file was drawn at every step twice: on the file
+    order's axis, as six checkpoints for three. The last written of each is drawn; an analysis
+    with other settings, or of other results, is drawn beside it."""
+    ds = [
+        {
+            "name": f"c{n}",
+            "provenance": {"model": "mlp", "sha256": f"{n}", "seed": 0, "wall_seconds": t},
+            "eigen": {"which": "largest", "eigenvalues": [n + t], "converged": [1]},
+        }
+        for n in (1, 2, 3)
+        for t in (0.5, 0.25)  # as the file orders them: each, then its repeat
+    ]
+    (line,) = spectra_figure(ds).axes[0].get_lines()[:1]
+    assert list(line.get_xdata()) == [1, 2, 3]
+    assert list(line.get_ydata()) == [1.25, 2.25, 3.25]  # the later analysis of each
+    ds[1]["provenance"] = {**ds[1]["provenance"], "seed": 1}
+    ds[3]["eigen"] = {**ds[3]["eigen"], "eigenvalues": [2.25, 1.0], "converged": [1, 1]}
+    (line,) = spectra_figure(ds).axes[0].get_lines()[:1]
+    assert list(line.get_ydata()) == [1.5, 1.25, 2.5, 2.25, 3.25]
+
+
 def test_blocks_of_one_models_hessian_in_one_file_are_a_trajectory_each():
     """Two --params sets of one model with as many parameters each (two layers' blocks) were
     drawn as one trajectory and shown as one model; each is now its own, its globs named."""

@@ -35,7 +35,10 @@ def dense_hessian(
     total = sum(float(batch_weight(y)) for _, y in batches)
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
-        params = dict(zip(space.names, space.unflatten(flat), strict=True))
+        # Each piece in its parameter's dtype: the flat vector of a mixed float32/float64 model
+        # is float64, which a float32 layer refused ("mat1 and mat2 must have the same dtype").
+        pieces = [v.to(t.dtype) for v, t in zip(space.unflatten(flat), space.tensors, strict=True)]
+        params = dict(zip(space.names, pieces, strict=True))
         return sum(
             loss_fn(run_model(model, x, params), y) * (float(batch_weight(y)) / total)
             for x, y in batches

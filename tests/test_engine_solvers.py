@@ -991,6 +991,24 @@ def test_a_whole_space_counts_what_its_eigendecomposition_holds(monkeypatch):
     assert eigenpairs(op, 100).method == es.WHOLE
 
 
+def test_a_cuda_whole_space_checks_the_machines_memory_for_its_eigendecomposition(monkeypatch):
+    """On a GPU the columns stay on the device but the dense eigendecomposition (5 n x n
+    float64) runs on the CPU: that memory was not checked, so a solve with room on the card
+    could be killed by the kernel's out-of-memory killer after n products."""
+    from hessian_cli.engine.solver_plan import check_memory
+
+    n = 300
+    op = SimpleNamespace(n=n, dtype=torch.float32, device=torch.device("cuda"))
+    host = 5 * n * n * 8
+    free = {"cuda": 2**40, "cpu": host - 1}
+    monkeypatch.setattr(memory, "free_bytes", lambda device: free[device.type])
+    with pytest.raises(UserError, match="every column of the Hessian in this machine's memory"):
+        check_memory(op, 100, n, 114, whole=True)
+    check_memory(op, 100, 200, 114, whole=False)  # a Krylov basis needs nothing of the CPU
+    free["cpu"] = host
+    check_memory(op, 100, n, 114, whole=True)
+
+
 def test_a_krylov_basis_that_does_not_fit_in_memory_is_one_sentence(monkeypatch):
     op = MatrixOperator(_symmetric(700))
     # top-60 and a guard of 6, block 2: 204 basis vectors, their products, 68 Ritz vectors and

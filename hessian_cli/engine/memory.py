@@ -33,18 +33,29 @@ def free_bytes(device: torch.device) -> int | None:
     return min(known) if known else None
 
 
-def require_room(op: Any, need: int, needs: str, advice: str) -> None:
+def require_room(op: Any, need: int, needs: str, advice: str, host: int = 0) -> None:
     """Refuse, in one sentence (``needs``, the sizes, ``advice``), work that needs ``need``
     bytes on each rank of ``op`` that shares this machine's memory (on the CPU) where they do
     not fit, even once the operator's kept first-order graphs are released (they are rebuilt to
-    fit what is left); nothing where they fit or the platform does not say what is free."""
-    ranks = 1
-    if op.device.type == "cpu" and getattr(op, "distributed", False):
-        ranks = local_world_size()
-    free = free_bytes(op.device)
+    fit what is left); nothing where they fit or the platform does not say what is free.
+    ``host`` bytes more are wanted in the machine's own memory by each of its ranks (work that
+    a CUDA operator's solve does on the CPU); on the CPU they are part of ``need``."""
+    cpu = op.device.type == "cpu"
+    local = local_world_size() if getattr(op, "distributed", False) else 1
+    if cpu:
+        need, host = need + host, 0
+    _require(op, op.device, need, local if cpu else 1, needs, advice)
+    if host:
+        _require(
+            None, torch.device("cpu"), host, local, f"{needs} in this machine's memory", advice
+        )
+
+
+def _require(op: Any, device: torch.device, need: int, ranks: int, needs: str, advice: str) -> None:
+    free = free_bytes(device)
     if free is not None and need * ranks > free and hasattr(op, "release"):
         op.release()
-        free = free_bytes(op.device)
+        free = free_bytes(device)
     if free is None or need * ranks <= free:
         return
     each = f" on each of the {ranks} ranks on this machine" if ranks > 1 else ""

@@ -192,16 +192,15 @@ def check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool)
         _memory_need(op, capacity, w, whole),
         f"{pairs} of {op.n:,} parameters need {what}",
         "ask for fewer pairs",
+        host=WHOLE_SPACE_SQUARES * op.n * op.n * 8 if whole else 0,
     )
 
 
 def _memory_need(op: LinearOperator, capacity: int, w: int, whole: bool) -> int:
-    """Bytes that :func:`check_memory` asks to be free (its docstring says for what)."""
+    """Bytes on the operator's device that :func:`check_memory` asks to be free (its docstring
+    says for what), without the dense eigendecomposition's, which is the CPU's."""
     extra = 0 if whole else capacity * restart_chunk(op.n)
-    need = ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
-    if whole and op.device.type == "cpu":
-        need += WHOLE_SPACE_SQUARES * op.n * op.n * 8
-    return need
+    return ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
 
 
 def restart_chunk(n: int) -> int:

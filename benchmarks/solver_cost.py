@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from hessian_cli.engine.eigensolver import default_block_size, eigenpairs
+from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import DiagonalOperator
+from hessian_cli.engine.solver_defaults import default_block_size
 
 
 class Timed(DiagonalOperator):

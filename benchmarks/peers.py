@@ -937,8 +937,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
+    for name in ("seeds", "dataloader_seeds"):  # none: no row to give a case its ratio
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if unknown := set(args.cases) - set(CASES):
         parser.error(
             f"unknown case(s) {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}"

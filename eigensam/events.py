@@ -69,6 +69,10 @@ class TrainSummary:
     # and those whose residual stayed above their tolerance (at their HVP budget): their
     # vectors perturbed all the same
     unconverged_refreshes: int = 0
+    # The held-out lambda_max measurements (--track-every) of the whole run, and those whose
+    # residual stayed above their tolerance (at their HVP budget)
+    tracks: int = 0
+    unconverged_tracks: int = 0
 
     @property
     def seconds_per_step(self) -> float:

@@ -562,6 +562,9 @@ class _Run:
         summary.epochs = self._epoch_records()
         summary.lambda_max = self.tracker.lambda_max
         summary.steps_run, summary.step_seconds = self.step - start_step, seconds
+        residuals = self.metrics.column("track", "residual")  # the whole run's
+        summary.tracks = len(residuals)
+        summary.unconverged_tracks = sum(not r <= TRACK_TOL for r in residuals)
         if isinstance(self.optimizer, EigenSAM):
             summary.refreshes = self.optimizer.refreshes
             summary.negative_refreshes = self.optimizer.negative_refreshes

@@ -351,6 +351,18 @@ def _report(
             highlight=False,
             soft_wrap=True,
         )
+    if summary.unconverged_tracks:  # the tables show their values as they show the others
+        from eigensam.tracking import TRACK_TOL
+
+        tracks = counted(summary.tracks, "lambda_max measurement")
+        err_console.print(
+            f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) stopped at their "
+            f"HVP budget with a residual above their tolerance {TRACK_TOL:.0e}, so their values "
+            f"may be off (the residuals are in {where / METRICS_FILE}).",
+            style="yellow",
+            highlight=False,
+            soft_wrap=True,
+        )
     if summary.finished:
         if not quiet:
             console.print(

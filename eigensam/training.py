@@ -132,16 +132,19 @@ def train(
                 if not config.out:
                     raise UserError("say where the run goes with --out RUN_DIR.")
                 run_dir = Path(config.out)
-                check_new_run_dir(run_dir)
                 config = anchored_config(config)
                 # The built-in model's defaults recorded too: its checkpoints then rebuild it
                 # whatever the defaults become (before 2026-12-01 runs recorded only those given).
                 kwargs = with_builtin_defaults(config.model, config.model_kwargs)
                 config = dataclasses.replace(config, model_kwargs=kwargs)
-        # Checked by rank 0 alone, the one that writes: its refusal is the job's, no rank's.
+        # Checked by rank 0 alone, the one that writes: its refusal is the job's, no rank's (an
+        # --out on another node's disk, or not empty there, is no concern of the run's).
         with distributed.fail_together(lead_only=True):
-            if resume_dir is not None and distributed.world()[0] == 0:
-                check_resumable_dir(run_dir)
+            if distributed.world()[0] == 0:
+                if resume_dir is not None:
+                    check_resumable_dir(run_dir)
+                else:
+                    check_new_run_dir(run_dir)
         with distributed.fail_together():
             run = _Run(config, run_dir, resume=resume_dir is not None, command_line=command_line)
         # Paths may differ between nodes (other mount points); what they hold may not.

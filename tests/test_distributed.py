@@ -839,6 +839,34 @@ def test_a_resume_into_a_directory_rank_0_cannot_write_is_refused_as_the_jobs(
 
 
 @needs_gloo
+def test_a_new_run_s_out_is_checked_by_rank_0_alone(tmp_path: Path) -> None:
+    """Only rank 0 writes the run: an --out on each node's own disk, not empty on another node
+    (an old run there), refused the job as that rank's ("rank 1 of 2: --out 'run' is not
+    empty")."""
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    (tmp_path / "node1" / "run").mkdir()
+    (tmp_path / "node1" / "run" / "old.txt").write_text("another run's\n")
+    wrapper = tmp_path / "own_disk.py"
+    wrapper.write_text(
+        "import os\n\n"
+        "from hessian_cli.cli import main\n\n"
+        "os.chdir(f\"node{os.environ['RANK']}\")  # a node-local --out, as on two nodes\n"
+        "main()\n"
+    )
+    code, _, err, _ = _run(
+        _train_args(Path("run"), 32, "--max-steps", "2"),
+        ranks=2,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+        entry=(str(wrapper),),
+    )
+    assert code == 0, err
+    assert (tmp_path / "node0" / "run" / "checkpoints" / "step0000002.pt").is_file()
+    assert [p.name for p in (tmp_path / "node1" / "run").iterdir()] == ["old.txt"]
+
+
+@needs_gloo
 def test_ctrl_c_under_torchrun_stops_at_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     """Ctrl-C that reaches torchrun twice (from the terminal and from a wrapper in the same
     process group, e.g. `timeout`): torchrun sends each rank SIGINT, then SIGTERM. The copies are

@@ -912,6 +912,31 @@ def test_ctrl_c_under_torchrun_stops_at_a_checkpoint_that_resumes(tmp_path: Path
 
 
 @needs_gloo
+def test_sigterm_that_reaches_one_rank_stops_every_rank_as_sigterm(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM that reaches one node's ranks only (here rank 1) stops the run at a
+    checkpoint on every rank, and every rank takes it as SIGTERM: rank 0 said "Interrupted at
+    step 21" (a Ctrl-C's words) and went to exit 130 where rank 1 exited 143."""
+    (tmp_path / "net.py").write_text(
+        "import os\nimport signal\n\nimport torch\n\n\n"
+        "class Net(torch.nn.Linear):\n"
+        "    calls = 0\n\n"
+        "    def forward(self, x):\n"
+        "        Net.calls += 1\n"
+        "        if Net.calls == 30 and os.environ['RANK'] == '1':\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)  # this rank's node preempted\n"
+        "        return super().forward(x.flatten(1))\n\n\n"
+        "def make():\n"
+        "    return Net(64, 10)\n"
+    )
+    args = ["train", "--model", f"{tmp_path}/net.py:make", "--data", "digits"]
+    args += ["--optimizer", "sgd", "--epochs", "5", "--batch-size", "32"]
+    args += ["--checkpoint-every", "0", "--quiet", "--out", str(tmp_path / "run")]
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path)
+    words = " ".join(err.split())
+    assert code != 0 and "Stopped by SIGTERM at step" in words and "Interrupted" not in words, err
+
+
+@needs_gloo
 def test_a_loss_that_is_not_finite_on_one_ranks_share_stops_a_series_once(tmp_path: Path) -> None:
     """step2's loss overflows on rank 1's share alone: rank 1 used to raise by itself (claiming
     the checkpoints before were kept), rank 0 lost its peer and wrote nothing. The sums now

@@ -179,7 +179,7 @@ def train_command(
     # The loop (torch) is imported here, not at the top: --help stays instant.
     import_torch()
     from eigensam.training import train
-    from hessian_cli.engine.distributed import fail_together, world
+    from hessian_cli.engine.distributed import any_rank, fail_together, world
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         out = named_path(out_name, "--out", "runs/exp1")
@@ -234,6 +234,8 @@ def train_command(
         if lead and stop.started:
             raise Terminated(f"stopped at once by SIGTERM: {_kept(resume, config)}.") from None
         raise
+    if summary.interrupted:  # every rank's, agreed; the signal may have reached some ranks only
+        stop.by_sigterm = any_rank(stop.by_sigterm)
     if lead:
         _report(console, summary, quiet, resumed=resume is not None, stop=stop)
     elif summary.interrupted:

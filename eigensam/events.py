@@ -69,6 +69,8 @@ class TrainSummary:
     # and those whose residual stayed above their tolerance (at their HVP budget): their
     # vectors perturbed all the same
     unconverged_refreshes: int = 0
+    # The steps whose minibatch held no label (padding only), which made no update
+    unlabelled_steps: int = 0
     # The held-out lambda_max measurements (--track-every) of the whole run, and those whose
     # residual stayed above their tolerance (at their HVP budget)
     tracks: int = 0

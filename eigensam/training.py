@@ -5,7 +5,8 @@ loss (lambda_max tracking, the test split) is :mod:`eigensam.tracking`'s; what i
 hold, and how a resume continues it bit for bit, is :mod:`eigensam.resume`'s.
 
 Steps are counted globally from 0; Eigen-SAM refreshes its eigenvector on the current minibatch
-at every step that is a multiple of ``eig_every`` (step 0 included).
+at every step that is a multiple of ``eig_every`` (step 0 included), or where that step's
+minibatch held no label (padding only, a step without an update) at the next one that does.
 
 Under torchrun (DistributedDataParallel semantics) ``batch_size`` is per rank: each step takes
 ``batch_size * world_size`` samples of the shared data order and splits them into contiguous
@@ -93,7 +94,7 @@ from hessian_cli.specs import (
 )
 from hessian_cli.specs.data import collate_samples, data_file_digest, unbatchable
 from hessian_cli.specs.fit import guard_embedding_lookups
-from hessian_cli.specs.losses import NO_LABEL_IN_BATCH, label_weight
+from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.models import with_builtin_defaults
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
@@ -565,7 +566,9 @@ class _Run:
         summary.epochs = self._epoch_records()
         summary.lambda_max = self.tracker.lambda_max
         summary.steps_run, summary.step_seconds = self.step - start_step, seconds
-        residuals = self.metrics.column("track", "residual")  # the whole run's
+        # The whole run's: a step's loss is NaN only where its batch held no label.
+        summary.unlabelled_steps = sum(map(math.isnan, self.metrics.column("steps", "loss")))
+        residuals = self.metrics.column("track", "residual")
         summary.tracks = len(residuals)
         summary.unconverged_tracks = sum(not r <= TRACK_TOL for r in residuals)
         if isinstance(self.optimizer, EigenSAM):
@@ -585,11 +588,9 @@ class _Run:
             except (RuntimeError, TypeError, ValueError) as exc:
                 raise unbatchable(exc) from exc
         y = y.to(self.dtype) if y.is_floating_point() else y.long()
-        # Its targets were not all seen. Under torchrun a rank's share of padding alone is no
-        # batch of its own: only a global batch without labels is refused (by _step).
-        if not isinstance(ds, TensorDataset) and (
-            self.world == 1 or not self.batch_weight or self.batch_weight(y)
-        ):
+        # Its targets were not all seen; a batch of padding alone has none to check (_step
+        # takes no step on it).
+        if not isinstance(ds, TensorDataset) and (not self.batch_weight or self.batch_weight(y)):
             check_targets(self.loss_spec, [(x, y)], self.data.num_classes)
         x = cast_inputs(x, self.dtype, self.token_ids)
         return inputs_to(x, self.device), y.to(self.device)
@@ -626,14 +627,25 @@ class _Run:
             distributed.all_reduce_sum(totals)
             mean_loss = totals[0] / totals[3]
             correct, labelled, count = (int(t) for t in totals[1:])
-        if count == 0:  # every rank's share, or one process's batch, of padding only
-            error = distributed.CollectiveUserError if self.world > 1 else UserError
-            raise error(NO_LABEL_IN_BATCH)
-        if not bool(torch.isfinite(mean_loss)):
-            raise _Diverged
+        # A batch of padding only (every rank's share) holds nothing its loss averages over, so
+        # no gradient: no update, as a rank's share of it weighs nothing (the run stopped there,
+        # and a resume met the same batch again).
+        if count:
+            if not bool(torch.isfinite(mean_loss)):
+                raise _Diverged
+            self._update(loss, batch, share, count)
+        if self.world > 1:  # each rank's moved on its own share: rank 0's are kept, as in DDP
+            distributed.broadcast_from_lead(self.model.buffers())
+        return float(mean_loss) if count else math.nan, correct, labelled, count, lr
+
+    def _update(self, loss: torch.Tensor, batch: Batch, share: int, count: int) -> None:
+        """The optimizer's step from ``loss`` at ``w`` on ``batch`` (this rank's ``share`` of
+        the ``count`` the global minibatch's loss averages over)."""
+        x, y = batch
+        opt, model = self.optimizer, self.model
         loss.backward()
         distributed.average_gradients(self.params, share, count)
-        if isinstance(opt, EigenSAM) and self.step % self.config.eig_every == 0:
+        if isinstance(opt, EigenSAM) and self._refresh_due():
             try:
                 self._refresh(batch)
             except NotFinite:  # a finite loss whose curvature is not
@@ -649,9 +661,13 @@ class _Run:
             opt.second_step()
         else:
             opt.step()
-        if self.world > 1:  # each rank's moved on its own share: rank 0's are kept, as in DDP
-            distributed.broadcast_from_lead(self.model.buffers())
-        return float(mean_loss), correct, labelled, count, lr
+
+    def _refresh_due(self) -> bool:
+        """Whether this step refreshes Eigen-SAM's eigenvector: the first of its ``eig_every``
+        steps to update (the interval's first, unless its batch held no label)."""
+        made = self.metrics.column("refresh", "step")  # also a resumed run's
+        start = self.step - self.step % self.config.eig_every
+        return not made or made[-1] < start
 
     def _share_loss(self, out: torch.Tensor, y: torch.Tensor, share: int) -> torch.Tensor:
         """The loss of this rank's share of the minibatch, which weighs ``share`` in the global
@@ -706,7 +722,7 @@ class _Run:
             lr=lr,
         )
         sums = self.epoch_sums
-        sums["loss"] += loss * count
+        sums["loss"] += loss * count if count else 0.0  # NaN, of no label: not in the mean
         sums["correct"] += correct
         sums["labelled"] += labelled
         sums["count"] += count
@@ -731,7 +747,7 @@ class _Run:
         self.metrics.append(
             "epochs",
             epoch=self.epoch,
-            train_loss=sums["loss"] / sums["count"],
+            train_loss=sums["loss"] / sums["count"] if sums["count"] else math.nan,
             train_accuracy=accuracy(sums["correct"], sums["labelled"], classify=self.classify),
             test_loss=test_loss,
             test_accuracy=test_acc,

@@ -688,6 +688,31 @@ def test_refreshes_short_of_their_tolerance_are_said_at_the_end(capsys, tmp_path
     )
 
 
+def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_path):
+    """Such a step makes no update (its loss NaN in the metrics), which the run stopped at
+    before; the end of the run says how many there were."""
+    (tmp_path / "tokens.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randint(0, 5, (40, 6), generator=g)\n"
+        "    y = torch.randint(0, 5, (40, 6), generator=g)\n"
+        "    y[::4] = -100  # every 4th text has no label\n"
+        "    return torch.utils.data.TensorDataset(x, y)\n\n\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))\n"
+    )
+    out = tmp_path / "run"
+    code, _, err = run(
+        capsys, "train", "--model", f"{tmp_path}/tokens.py:make", "--data",
+        f"{tmp_path}/tokens.py:data", "--batch-size", "2", "--epochs", "1", "-q", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert np.isnan(read_metrics(out / "metrics.h5")["steps"]["loss"]).sum() == 2
+    said = "Note: 2 minibatches held no label but -100 (padding): no update was made on them."
+    assert said in " ".join(err.split())
+
+
 def test_lambda_max_measurements_short_of_their_tolerance_are_said_at_the_end(
     capsys, tmp_path, monkeypatch
 ):

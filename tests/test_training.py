@@ -771,6 +771,48 @@ def test_a_checkpoint_with_a_damaged_training_state_is_one_sentence(tmp_path, ed
     assert not (run / "checkpoints" / "final.pt").exists()
 
 
+def test_a_minibatch_of_padding_only_makes_no_update_and_the_run_goes_on(tmp_path):
+    """A minibatch whose labels were all -100 stopped the run ("a batch of the data holds no
+    label but -100") at step 0 of texts a quarter of which are unlabelled at --batch-size 2,
+    and a resume met the same batch again: it makes no update (no step of weight decay or
+    momentum either), and Eigen-SAM's refresh due there is made at the next step."""
+    (tmp_path / "tokens.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class Texts(torch.utils.data.Dataset):\n"
+        "    def __init__(self):\n"
+        "        g = torch.Generator().manual_seed(0)\n"
+        "        self.x = torch.randint(0, 5, (40, 6), generator=g)\n"
+        "        self.y = torch.randint(0, 5, (40, 6), generator=g)\n"
+        "        self.y[::4] = -100  # every 4th text has no label\n\n"
+        "    def __len__(self):\n"
+        "        return len(self.x)\n\n"
+        "    def __getitem__(self, i):\n"
+        "        return self.x[i], self.y[i]\n\n\n"
+        "def data():\n"
+        "    return Texts()\n\n\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))\n"
+    )
+    texts = dict(
+        model=f"{tmp_path}/tokens.py:make",
+        model_kwargs=None,
+        data=f"{tmp_path}/tokens.py:data",
+        batch_size=2,
+        epochs=1,
+        eig_every=3,
+        track_every=0,
+    )  # the first step's batch, and the 13th's, are unlabelled texts
+    start = train(config(tmp_path, "start", max_steps=0, **texts))
+    one = train(config(tmp_path, "one", max_steps=1, **texts))
+    assert_same_weights(start.checkpoint, one.checkpoint)
+    whole = train(config(tmp_path, "whole", **texts))
+    assert whole.finished and whole.unlabelled_steps == 2
+    metrics = read_metrics(tmp_path / "whole" / "metrics.h5")
+    assert np.isnan(metrics["steps"]["loss"]).nonzero()[0].tolist() == [0, 12]
+    assert metrics["refresh"]["step"].tolist() == [1, 3, 6, 9, 13, 15, 18]
+    assert np.isfinite(metrics["epochs"]["train_loss"]).all()
+
+
 def test_a_loss_that_cannot_train_or_numbers_out_of_range_are_one_sentence(tmp_path):
     # Probabilities over one class (real targets of another kind are refused before: see
     # test_specs_losses), for a model of one output: a softmax over one class.

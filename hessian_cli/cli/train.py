@@ -353,6 +353,15 @@ def _report(
             highlight=False,
             soft_wrap=True,
         )
+    if summary.unlabelled_steps:  # their loss is NaN in the metrics, said nowhere else
+        n = summary.unlabelled_steps
+        err_console.print(
+            f"Note: {counted(n, 'minibatch', 'minibatches')} held no label but -100 (padding): "
+            f"no update was made on {'it' if n == 1 else 'them'}.",
+            style="yellow",
+            highlight=False,
+            soft_wrap=True,
+        )
     if summary.unconverged_tracks:  # the tables show their values as they show the others
         from eigensam.tracking import TRACK_TOL
 

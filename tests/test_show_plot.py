@@ -1083,6 +1083,19 @@ def test_show_says_which_curvature_rows_met_their_tolerance(tmp_path):
     assert "converged (residual <= tol 0.0025): 1 of 1" in out
 
 
+def test_show_s_per_step_loss_passes_over_steps_without_labels(tmp_path):
+    """A step whose minibatch held no label records a NaN loss: "per-step loss: first nan"."""
+    from hessian_cli.storage.metrics import MetricsLog
+
+    path = tmp_path / "metrics.h5"
+    log = MetricsLog(path, {"model": "mlp"})
+    for step, loss in enumerate((np.nan, 2.5, 2.25, np.nan)):
+        log.append("steps", step=step, loss=loss, accuracy=0.5, lr=0.1)
+    log.flush()
+    out = " ".join(runner.invoke(app, ["show", str(path)]).output.split())
+    assert "per-step loss: first 2.5, last 2.25" in out
+
+
 def test_the_legend_of_several_runs_names_their_densities_line_styles():
     """The densities panel draws each run's densities in a line style of its own, but the
     figure's legend showed only the runs' markers: which curves were which run's was said

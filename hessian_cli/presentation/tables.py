@@ -658,9 +658,11 @@ def metrics_summary(
     parts.append(Text(f"{what}: {counts or 'empty'}"))
     parts.extend(_written_by(info))
     steps = metrics.get("steps") or {}
-    if "loss" in steps and np.ndim(steps["loss"]) == 1 and len(steps["loss"]):  # 2-D: a table
-        loss = steps["loss"]
-        parts.append(Text(f"per-step loss: first {loss[0]:.5g}, last {loss[-1]:.5g}"))
+    if "loss" in steps and np.ndim(steps["loss"]) == 1:  # 2-D: a table
+        loss = np.asarray(steps["loss"], dtype=float)
+        loss = loss[~np.isnan(loss)]  # NaN: a step whose minibatch held no label (no update)
+        if len(loss):
+            parts.append(Text(f"per-step loss: first {loss[0]:.5g}, last {loss[-1]:.5g}"))
     if metrics.get("epochs"):
         parts.append(columns_table("Epochs", _ordered(metrics["epochs"], "epoch")))
     tolerances = info.get("tolerances") or {}

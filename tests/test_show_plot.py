@@ -869,6 +869,33 @@ def test_a_series_plot_marks_unconverged_pairs_only_where_there_are_some():
     assert all(float(t).is_integer() for t in ticks)
 
 
+def test_steps_counted_within_each_epoch_are_drawn_in_series_order():
+    """Steps that restart each epoch (epoch 0 step 50, 100; epoch 1 step 50, 100) were the x
+    axis, each line sorted by step: λ1 went 1, 3, 2, 4 over x 50, 50, 100, 100. The axis now
+    follows the series (epoch, then step); steps saved once per epoch alike are its epochs."""
+
+    def series(places: list[tuple[int, int]]) -> list[dict]:
+        return [
+            {
+                "name": f"c{i}",
+                "provenance": {"model": "mlp", "num_params": 10, "epoch": e, "step": s},
+                "eigen": {"which": "largest", "eigenvalues": [i + 1.0], "converged": [1]},
+            }
+            for i, (e, s) in enumerate(places)
+        ]
+
+    ax = spectra_figure(series([(0, 50), (0, 100), (1, 50), (1, 100)])).axes[0]
+    (line,) = ax.get_lines()[:1]
+    assert list(line.get_ydata()) == [1.0, 2.0, 3.0, 4.0]
+    assert list(line.get_xdata()) == [1.0, 2.0, 3.0, 4.0]
+    assert ax.get_xlabel() == "checkpoint (series order)"
+    ax = spectra_figure(series([(0, 100), (1, 100), (2, 100)])).axes[0]
+    assert list(ax.get_lines()[0].get_xdata()) == [0.0, 1.0, 2.0]
+    assert ax.get_xlabel() == "epoch"
+    ax = spectra_figure(series([(0, 100), (1, 200), (2, 300)])).axes[0]
+    assert ax.get_xlabel() == "step"
+
+
 def test_a_series_of_densities_alone_is_drawn(full, tmp_path):  # noqa: F811
     """`analyze DIR --top-k 0 --density` wrote a series that `plot` refused ("no eigenvalues or
     traces to plot"): each checkpoint's ESD is drawn, coloured by its step."""

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from hessian_cli.presentation.tables import (
     run_key,
     several_runs,
 )
+from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import atomic_path
 
 DPI = 120
@@ -231,13 +233,50 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     )
 
 
-def _x_axis(ds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
-    """Steps if every checkpoint knows its step, else epochs, else checkpoint order."""
+def _number(value: Any) -> float | None:
+    """A provenance step or epoch as a number, None where it is none."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if numeric and np.isfinite(value) else None
+
+
+def _series_ranks(ds: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Each checkpoint's place (1, 2, ...) in its series by :func:`series_key`, as the loader
+    and the file order a series; ties keep the file's order."""
+
+    def key(j: int) -> tuple:
+        prov = ds[j].get("provenance") or {}
+        step, epoch = _number(prov.get("step")), _number(prov.get("epoch"))
+        return (*series_key(step, epoch, str(ds[j].get("name"))), j)
+
+    ranks = np.empty(len(ds))
+    ranks[sorted(range(len(ds)), key=key)] = np.arange(1, len(ds) + 1)
+    return ranks
+
+
+def _x_axis(ds: Sequence[Mapping[str, Any]], runs: Sequence[np.ndarray]) -> tuple[np.ndarray, str]:
+    """Steps if every checkpoint knows its step and they rise along each run's series order,
+    else epochs likewise, else the place in the series. Steps counted within each epoch
+    (``epoch=1-step=50`` after ``epoch=0-step=100``) were drawn sorted by step: epochs
+    interleaved on one zigzag line."""
+    ranks = _series_ranks(ds)
+    places = [
+        ((d.get("provenance") or {}).get("epoch"), (d.get("provenance") or {}).get("step"))
+        for d in ds
+    ]
     for key in ("step", "epoch"):
-        values = [(d.get("provenance") or {}).get(key) for d in ds]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return np.array(values, dtype=float), key
-    return np.arange(1, len(ds) + 1, dtype=float), "checkpoint (file order)"
+        values = [_number((d.get("provenance") or {}).get(key)) for d in ds]
+        if None in values:
+            continue
+        x = np.array(values, dtype=float)
+        # Along each run, a later place in training is further right; one place (final.pt
+        # beside step_300.pt), one x.
+        if all(
+            x[b] > x[a] or (x[b] == x[a] and places[b] == places[a])
+            for at in runs
+            for a, b in pairwise(at[np.argsort(ranks[at])])
+        ):
+            return x, key
+    return ranks, "checkpoint (series order)"
 
 
 # Markers that tell apart the runs (models, parameter sets, checkpoint directories, analysis
@@ -286,7 +325,6 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
 
 
 def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
-    x, xlabel = _x_axis(ds)
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
     whiches = {(d.get("eigen") or {}).get("which") for d in ds} - {None}  # None: older files
     labels = eigen_labels(whiches, k)
@@ -298,7 +336,9 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     fig, axes = _figure(bool(k) + has_trace + has_alignment + has_density)
     # Checkpoints of different models, parameter sets, runs (checkpoint directories) or analysis
     # settings appended to one file: a trajectory and a marker for each (they were drawn as one).
-    runs = [(at[np.argsort(x[at], kind="stable")], m, lab) for at, m, lab in _trajectories(ds)]
+    trajectories = _trajectories(ds)
+    x, xlabel = _x_axis(ds, [at for at, _, _ in trajectories])
+    runs = [(at[np.argsort(x[at], kind="stable")], m, lab) for at, m, lab in trajectories]
     if len(runs) > 1:  # points of files that record no model are not counted as a run
         counted_runs = len(set(_run_keys(ds)) - {None})
         fig.suptitle(
@@ -372,7 +412,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
             for n, (_, m, lab) in enumerate(runs)
         ]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3))
-    for ax in axes[: len(axes) - has_density]:  # steps, epochs and file order: whole numbers
+    for ax in axes[: len(axes) - has_density]:  # steps, epochs and places: whole numbers
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 

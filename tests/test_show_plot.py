@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -741,6 +742,42 @@ def test_analyses_of_one_checkpoint_with_other_settings_are_a_trajectory_each():
     assert [str(c.header) for c in table.columns][3] == "num_samples"
     assert list(table.columns[3].cells) == ["32", "64"]
     assert "num_samples" not in [str(c.header) for c in series_table(ds[:1] * 2).columns]
+
+
+@pytest.mark.parametrize(
+    ("setting", "values", "eigenvalues"),
+    [
+        ("tol", (1e-2, 1e-6), ([2.2425, 1.7793], [2.2425, 1.7794])),
+        ("seed", (0, 1), ([2.0, 1.0], [2.1, 1.0])),
+        ("top_k", (2, 3), ([2.0, 1.0], [2.0, 1.0, 0.5])),
+    ],
+)
+def test_analyses_at_another_tolerance_seed_or_top_k_are_a_trajectory_each(
+    setting, values, eigenvalues
+):
+    """One checkpoint analysed at --tol 1e-2 and 1e-6 (the digits MLP: λ2 1.7793 and 1.7794)
+    was drawn as one run of two points at its step, and `show` gave two rows of one step with
+    no word of why; alike for --seed and --top-k."""
+
+    def analysis(value: Any, eigen: list[float]) -> dict:
+        prov = {"model": "mlp", "num_params": 2410, "step": 168, "tol": 1e-4, "seed": 0}
+        if setting != "top_k":
+            prov[setting] = value
+        eigen = {"which": "largest", "eigenvalues": eigen, "converged": [1] * len(eigen)}
+        return {"name": "m", "provenance": prov, "eigen": eigen}
+
+    ds = [analysis(v, e) for v, e in zip(values, eigenvalues, strict=True)]
+    fig = spectra_figure(ds)
+    drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
+    assert [list(line.get_ydata()) for line in drawn] == [[e[0]] for e in eigenvalues]
+    named = [h.get_label() for h in fig.legends[0].legend_handles]
+    assert named == [f"mlp (2,410), {setting}={v}" for v in values]
+    table = series_table(ds)
+    if setting == "top_k":  # its eigenvalue columns say so: λ3 is a dash in the first row
+        assert [str(c.header) for c in table.columns][3:6] == ["λ1", "λ2", "λ3"]
+    else:
+        assert [str(c.header) for c in table.columns][3] == setting
+        assert list(table.columns[3].cells) == [str(v) for v in values]
 
 
 def test_a_trainer_output_folder_is_one_run_not_a_run_per_checkpoint_folder():

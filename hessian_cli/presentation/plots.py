@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
     ANALYSIS_SETTINGS,
+    analysis_setting,
     counted,
     differing_settings,
     eigen_columns,
@@ -290,7 +291,7 @@ def _run_keys(ds: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...] | None]:
     return [
         None
         if (run := run_key(d)) is None
-        else (run, tuple((d.get("provenance") or {}).get(k) for k in ANALYSIS_SETTINGS))
+        else (run, tuple(analysis_setting(d, k) for k in ANALYSIS_SETTINGS))
         for d in ds
     ]
 
@@ -303,15 +304,15 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
         return [(np.arange(len(ds)), "o", None)]
     groups = list(dict.fromkeys(keys))
     several = several_runs(ds)
-    provs = [d.get("provenance") or {} for d in ds]
     differ = differing_settings(ds)
 
     def label(key: tuple[Any, ...] | None) -> str:
         if key is None:
             return "model not recorded"
-        prov = provs[keys.index(key)]
+        first = ds[keys.index(key)]
+        prov = first.get("provenance") or {}
         where = f" in {run_directory(prov)}" if several else ""
-        settings = "".join(f", {k}={prov.get(k)}" for k in differ)
+        settings = "".join(f", {k}={analysis_setting(first, k)}" for k in differ)
         return _literal(model_cell(prov) + where + settings)
 
     return [

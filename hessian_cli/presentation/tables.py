@@ -377,14 +377,36 @@ def _reduced_precision_note(d: Mapping[str, Any], prov: Mapping[str, Any]) -> st
 
 
 # What an analysis was of besides its checkpoint: analyses of one checkpoint that differ in one
-# are of another matrix (or another estimate of it), not steps of one trajectory.
-ANALYSIS_SETTINGS = ("data", "num_samples", "loss", "bn", "dtype", "precision")
+# are of another matrix (or another estimate of it), not steps of one trajectory. The last two
+# are its eigen part's (:func:`analysis_setting`); the others are provenance.
+ANALYSIS_SETTINGS = (
+    "data",
+    "num_samples",
+    "loss",
+    "bn",
+    "dtype",
+    "precision",
+    "seed",
+    "tol",
+    "top_k",
+    "which",
+)
+
+
+def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
+    """One of the :data:`ANALYSIS_SETTINGS` of the analysis ``d`` (None: not recorded);
+    ``top_k`` is the eigenpairs asked at each end, ``which`` the end(s) searched."""
+    e = d.get("eigen") or {}
+    if key == "top_k":
+        return len(e["eigenvalues"]) // (2 if e.get("which") == "both" else 1) if e else None
+    if key == "which":
+        return e.get("which")
+    return (d.get("provenance") or {}).get(key)
 
 
 def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
     """The :data:`ANALYSIS_SETTINGS` whose values differ between the analyses ``ds``."""
-    provs = [d.get("provenance") or {} for d in ds]
-    return [k for k in ANALYSIS_SETTINGS if len({repr(p.get(k)) for p in provs}) > 1]
+    return [k for k in ANALYSIS_SETTINGS if len({repr(analysis_setting(d, k)) for d in ds}) > 1]
 
 
 def _trace_cell(t: Mapping[str, Any] | None) -> str:
@@ -409,8 +431,9 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     # Checkpoints of different models or runs appended to one file: each row says which.
     models = ["model"] if model_count(ds) > 1 else []
     runs = ["directory"] if several_runs(ds) else []
-    # Analyses of other settings (another --num-samples, say): rows that differ only in those.
-    settings = differing_settings(ds)
+    # Analyses of other settings (another --num-samples, say): rows that differ only in those
+    # (the eigenvalue columns show how many pairs each asked, at which end).
+    settings = [k for k in differing_settings(ds) if k not in ("top_k", "which")]
     # Columns of what no row holds were a column of dashes each (analyze without --trace).
     traces = ["trace"] if any(d.get("trace") for d in ds) else []
     alignments = ["|<ĝ,v1>|", "||Vᵀĝ||"] if any(d.get("alignment") for d in ds) else []
@@ -444,7 +467,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             str(prov.get("epoch", DASH)),
             *([escape(model_cell(prov))] if models else []),
             *([escape(run_directory(prov))] if runs else []),
-            *(escape(str(prov.get(k, DASH))) for k in settings),
+            *(escape(str(DASH if (v := analysis_setting(d, k)) is None else v)) for k in settings),
             *([e.get("which") or DASH] if mixed else []),
             *cells,
             *([_trace_cell(t)] if traces else []),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import time
 from collections import Counter
@@ -352,7 +353,10 @@ def analyze_target(
 
 def _copy_of(copy: Path, kept: Path) -> str:
     """A copy left out of a series and the file kept, by their labels in one folder, else by
-    their paths (runs/*/init.pt of runs from one start: "init.pt (of init.pt)")."""
+    their paths (runs/*/init.pt of runs from one start: "init.pt (of init.pt)"); a file given
+    twice is said to be (`analyze a.pt a.pt` said "a.pt (of a.pt)")."""
+    if os.path.abspath(copy) == os.path.abspath(kept):  # a link to it is a copy, said so
+        return f"{checkpoint_label(copy)} (given again)"
     if copy.parent == kept.parent:
         return f"{checkpoint_label(copy)} (of {checkpoint_label(kept)})"
     return f"{copy} (of {kept})"

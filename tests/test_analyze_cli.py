@@ -872,6 +872,10 @@ def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(capsys, tmp_pa
         "(of epoch=0-step=20.pt)."
     )
     assert run(capsys, "analyze", runs, "--top-k", "1", "--quiet")[2] == ""
+    # A file given twice is named as that, not as a copy of itself ("last.pt (of last.pt)").
+    code, out, err = run(capsys, "analyze", runs / "last.pt", runs / "last.pt", "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+    assert " ".join(err.split()).endswith(": last.pt (given again).")
     # A link to another file (Lightning's last.ckpt) is named so too (it was left out unsaid),
     # and the file's own name is the one analysed, also where the link's sorts before it.
     (runs / "last.pt").unlink()

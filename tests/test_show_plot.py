@@ -857,6 +857,11 @@ def test_an_all_zero_hessian_says_converged_means_a_zero_residual():
     text = console.export_text()
     assert "e-308" not in text
     assert "converged means residual ||Hv - λv|| = 0 (every eigenvalue seen was 0" in text
+    # The plot's legend named "residual" markers a log axis cannot draw (0) and a tol line no
+    # residual was held to, on an axis of "/ |λ_max|".
+    fig = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["converged"]
+    assert fig.axes[1].get_ylabel() == "residual ||Hv-λv|| (every λ seen was 0)"
 
 
 def test_the_tolerance_is_shown_and_drawn_as_given():

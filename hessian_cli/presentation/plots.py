@@ -34,6 +34,7 @@ from hessian_cli.presentation.tables import (
     eigen_columns,
     eigen_labels,
     model_cell,
+    no_scale,
     run_directory,
     run_key,
     several_runs,
@@ -205,18 +206,24 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     name = "error bound" if by_error else "residual"
     ax.set_title(f"{_WHICH_TITLES.get(e.get('which'), 'Top eigenvalues')} and {name}s")
     twin = ax.twinx()
+    drawn = measure > 0  # a log axis has no 0: no legend entry for markers not there
     twin.semilogy(
         idx[: len(measure)],
-        np.where(measure > 0, measure, np.nan),
+        np.where(drawn, measure, np.nan),
         "s",
         mfc="none",
         color="C1",
-        label=name,
+        label=name if drawn.any() else None,
     )
-    if e.get("tol") is not None:
+    # Every eigenvalue 0: no |λ_max| to scale tol by, converged meant a zero residual (the
+    # table says so); it was drawn as "/ |λ_max|" beside a tol line no residual was held to.
+    zero = no_scale(e)
+    if e.get("tol") is not None and not zero:
         twin.axhline(e["tol"], color="C1", ls=":", lw=1, label=f"tol {e['tol']:g}")
     twin.set_ylabel(
-        "bound on the relative eigenvalue error"
+        "residual ||Hv-λv|| (every λ seen was 0)"
+        if zero
+        else "bound on the relative eigenvalue error"
         if by_error
         else "relative residual ||Hv-λv|| / |λ_max|",
         color="C1",

@@ -176,12 +176,17 @@ def unconverged_warning(
     return f"[bold yellow]not converged[/] to tol {tol:g} ({what}); {advice}."
 
 
+def no_scale(e: Mapping[str, Any]) -> bool:
+    """Whether a solve's scale for tol is the solver's floor for |λ_max|, where every Ritz
+    value was 0 (an all-zero Hessian): converged then means a zero residual."""
+    scale = e.get("scale")
+    return scale is not None and scale <= sys.float_info.min
+
+
 def _criterion(e: Mapping[str, Any]) -> str:
     """What ``converged`` meant for a solve, as its stop test compared it with tol."""
     scale = e.get("scale")
-    if scale is not None and scale <= sys.float_info.min:
-        # The solver's floor for |λ_max| where every Ritz value was 0 (an all-zero Hessian):
-        # it read "residual ||Hv - λv|| / 2.225e-308 <= tol".
+    if no_scale(e):  # it read "residual ||Hv - λv|| / 2.225e-308 <= tol"
         return "residual ||Hv - λv|| = 0 (every eigenvalue seen was 0: no |λ1| to scale tol by)"
     measure = (
         "the bound on the eigenvalue's relative error (from residual² / gap)"

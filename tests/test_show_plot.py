@@ -500,6 +500,23 @@ def test_a_density_of_the_eigenvalues_found_alone_says_so():
     assert title == "Spectral density of the 3 eigenvalues found (they span the space)"
 
 
+@pytest.mark.parametrize(("node", "said"), [(0.0, "0"), (0.0123, "0.0123")])
+def test_the_density_peak_is_where_the_smoothed_density_peaks(node, said):
+    """An all-zero Hessian's density (nodes [0, 0]) was said to peak at λ≈-5.005e-05: the
+    highest of a grid with no point at 0, half a step off."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    grid = np.linspace(node - 0.05, node + 0.05, 1000)
+    values = np.exp(-0.5 * ((grid - node) / 0.01) ** 2) / (0.01 * np.sqrt(2 * np.pi))
+    dn = {"nodes": [[node, node]], "weights": [[0.5, 0.5]], "grid": list(grid)}
+    dn |= {"values": list(values), "num_probes": 1, "steps": 2, "sigma": 0.01}
+    console = Console(width=300, record=True)
+    console.print(analysis_table({"name": "c", "provenance": {}, "density": dn}))
+    assert f"nodes span [{node:.4g}, {node:.4g}], peak at λ≈{said}," in console.export_text()
+
+
 def test_a_series_says_which_rows_were_computed_in_reduced_precision():
     """One checkpoint's table says so (and its products' error); a series' said nothing, its
     bf16 traces shown as if in full precision."""

@@ -1165,8 +1165,12 @@ def test_show_says_which_curvature_rows_met_their_tolerance(tmp_path):
     log.append("track", step=0, lambda_max=1.0, residual=1e-4, hvps=12)
     log.flush()
     out = " ".join(runner.invoke(app, ["show", str(path)]).output.split())
-    assert "converged (residual <= tol 0.01): 2 of 3; the others stopped at their HVP budget" in out
+    assert "converged (residual <= tol 0.01): 2 of 3; the other stopped at its HVP budget" in out
     assert "converged (residual <= tol 0.0025): 1 of 1" in out
+    log.append("refresh", step=15, eigenvalue=1.0, residual=3e-2, alignment=0.5, hvps=6)
+    log.flush()
+    out = " ".join(runner.invoke(app, ["show", str(path)]).output.split())
+    assert "converged (residual <= tol 0.01): 2 of 4; the others stopped at their HVP budget" in out
 
 
 def test_show_s_per_step_loss_passes_over_steps_without_labels(tmp_path):

@@ -726,5 +726,8 @@ def _converged_rows(columns: Mapping[str, np.ndarray], tol: float | None) -> str
     if tol is None or residual is None or np.ndim(residual) != 1:
         return None
     met = int(np.sum(np.asarray(residual, dtype=float) <= tol))
-    rest = "" if met == len(residual) else "; the others stopped at their HVP budget"
+    rest = {
+        0: "",
+        1: "; the other stopped at its HVP budget",  # "the others" where there was one
+    }.get(len(residual) - met, "; the others stopped at their HVP budget")
     return f"converged (residual <= tol {tol:g}): {met} of {len(residual)}{rest}"

@@ -1033,6 +1033,26 @@ def test_plot_onto_standard_output_writes_the_figure_alone(files, tmp_path):
     assert data[:8] == PNG and data.endswith(PNG_END)
 
 
+@pytest.mark.parametrize("command", [["show", "--all"], ["plot", "-o", "/dev/stdout"]])
+def test_a_reader_that_closes_the_pipe_ends_the_command_as_other_tools(files, command):
+    """`show FILE | head` exited 1 with nothing said, as an error does (rich and Click end so
+    where standard output's reader went away); it ends as `seq 1 100000 | head -1` does, with
+    SIGPIPE's status, 141, and nothing said."""
+    read, write = os.pipe()
+    os.close(read)  # the reader gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", command[0], str(files["series"]), *command[1:]],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):
     path = tmp_path / "damaged.h5"
     path.write_bytes(files["series"].read_bytes())

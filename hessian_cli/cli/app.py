@@ -165,6 +165,8 @@ INTERRUPTED_STATUS = 130
 # Said for a Ctrl-C that no command caught (it ended with status 130 and no word).
 INTERRUPTED = "interrupted by Ctrl-C."
 TERMINATED_STATUS = 143
+# And for one ended by SIGPIPE (128 + 13), as `seq 1 100000 | head -1` ends.
+PIPE_CLOSED_STATUS = 141
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
@@ -238,6 +240,15 @@ def _unsaid_interrupt(exc: SystemExit) -> bool:
     )
 
 
+def _pipe_closed(exc: SystemExit) -> bool:
+    """Whether ``exc`` is the exit that Click and rich make where standard output's reader
+    went away (``show FILE | head``): status 1 and nothing said, as an error's."""
+    cause = exc.__context__
+    while cause is not None and not isinstance(cause, BrokenPipeError):
+        cause = cause.__context__
+    return exc.code == 1 and cause is not None
+
+
 def _debug_first(args: list[str]) -> list[str]:
     """``args`` with ``--debug`` before the command, where the program takes it: given after
     the command (where users add it), it was "No such option: --debug"."""
@@ -270,6 +281,8 @@ def main() -> None:
             except SystemExit as exc:
                 if _unsaid_interrupt(exc):
                     err_console.print(INTERRUPTED, style="yellow", highlight=False)
+                if _pipe_closed(exc):  # both left standard output quiet (devnull)
+                    raise SystemExit(PIPE_CLOSED_STATUS) from None
                 raise
     except Terminated as exc:
         rank = f"rank {env_rank()} " if torchrun else ""

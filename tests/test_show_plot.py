@@ -300,6 +300,12 @@ def test_a_figure_named_without_a_suffix_is_written_as_png(capsys, files, tmp_pa
     # A device (-o /dev/stdout into a pipe) is written as named, a PNG.
     code, out, err = run(capsys, "plot", files["series"], "-o", os.devnull)
     assert code == 0 and out == f"wrote {os.devnull}\n", err
+    # So is a link (-o /dev/stderr redirected to a file made /dev/stderr.png): through it.
+    (tmp_path / "latest").symlink_to(tmp_path / "target.png")
+    code, out, err = run(capsys, "plot", files["series"], "-o", tmp_path / "latest")
+    assert code == 0 and out == f"wrote {tmp_path / 'latest'}\n", err
+    assert_png(tmp_path / "target.png")
+    assert not (tmp_path / "latest.png").exists()
 
 
 def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):

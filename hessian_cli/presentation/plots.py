@@ -78,7 +78,7 @@ def _is_stdout(path: Path) -> bool:
 def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     """Render ``fig`` to ``out_path`` (format from the suffix) atomically; a name without a
     suffix gets ``.png``, as matplotlib's ``savefig`` gives it (a PNG was written under the
-    bare name), except a pipe or device. The path written, or None for standard output
+    bare name), except a link, pipe or device. The path written, or None for standard output
     (``-o /dev/stdout``), which is written to as it is."""
     out = Path(out_path)
     if out.is_dir():  # "." was told "device or resource busy" when renamed over
@@ -86,8 +86,11 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     # Redirected to a file (`> fig.png`), /dev/stdout is a link to a file: it became a new
     # file /dev/stdout.png (or could not be made there), and the file got the "wrote" line.
     to_stdout = _is_stdout(out)
-    if not out.suffix and not to_stdout and (out.is_file() or not out.exists()):
-        out = out.with_name(out.name + ".png")
+    # A link is written through as named: `-o /dev/stderr` redirected to a file (a link to it)
+    # made /dev/stderr.png.
+    if not out.suffix and not to_stdout and not out.is_symlink():
+        if out.is_file() or not out.exists():
+            out = out.with_name(out.name + ".png")
     fmt = out.suffix.lstrip(".").lower() or "png"
     supported = fig.canvas.get_supported_filetypes()
     supported.pop("pgf", None)  # needs a LaTeX installation

@@ -1806,7 +1806,7 @@ def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
 
 
 @pytest.mark.parametrize(
-    "kind", ["text file", "missing directory", "metrics file", "figure name", "empty name"]
+    "kind", ["text file", "under a file", "metrics file", "figure name", "empty name"]
 )
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     capsys, monkeypatch, tmp_path, digits_mlp, kind
@@ -1819,19 +1819,19 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     monkeypatch.setattr(analysis_module, "load_checkpoint", no_loading)
     out = {
         "text file": tmp_path / "notes",
-        "missing directory": tmp_path / "nowhere" / "s.h5",
+        "under a file": tmp_path / "notes" / "runs" / "s.h5",
         "metrics file": tmp_path / "metrics.h5",
         "figure name": tmp_path / "spectrum.PNG",  # HDF5 under an image's name misleads
         "empty name": "",
     }[kind]
-    if kind == "text file":
-        out.write_text("my notes")
+    if kind in ("text file", "under a file"):
+        (tmp_path / "notes").write_text("my notes")
     if kind == "metrics file":
         with h5py.File(out, "w") as f:
             f.attrs["format"] = "hessian-cli-metrics"
     expected = {
         "text file": "is not an HDF5 file",
-        "missing directory": "does not exist",
+        "under a file": f"lies under {tmp_path / 'notes'}, which is not a directory",
         "metrics file": "not a spectra file",
         "figure name": "names a .png file, but the results are written as HDF5",
         "empty name": "--out needs a name, such as spectra.h5",
@@ -1839,9 +1839,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     assert expected in _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out)
     if kind == "text file":
         assert out.read_text() == "my notes"
-    assert sorted(p.name for p in tmp_path.iterdir()) == (
-        ["metrics.h5"] if kind == "metrics file" else ["notes"] if kind == "text file" else []
-    )
+    held = {"metrics file": ["metrics.h5"], "text file": ["notes"], "under a file": ["notes"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == held.get(kind, [])
 
 
 def test_an_empty_target_is_refused_not_taken_for_the_working_directory(

@@ -260,15 +260,16 @@ def test_analyze_two_ranks_matches_one_process(
         ["train", "--model", "mlp", "--data", "digits", "--out", ""],
         ["analyze", str(CKPT), "--top-k", "1", "--out", "missing/s.h5"],
     ],
-    ids=["unused option", "empty --out", "--out in no directory"],
+    ids=["unused option", "empty --out", "--out under a file"],
 )
 def test_an_option_refused_under_torchrun_is_said_once(tmp_path: Path, args: list[str]) -> None:
     """Each rank said it, prefixed with its rank, and left on its own. What rank 0 alone checks
     (the output it writes) was said as that rank's: "rank 0 of 2: The output directory ..."."""
+    (tmp_path / "missing").write_text("")  # a file where --out's directory would be made
     code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code != 0 and len(lines) == 1, err
-    said = ("--rho has no effect", "needs a name", f"directory {tmp_path / 'missing'} does not")
+    said = ("--rho has no effect", "needs a name", f"directory {tmp_path / 'missing'} is not a")
     assert "rank" not in lines[0] and any(s in lines[0] for s in said), err
 
 

@@ -308,6 +308,18 @@ def test_a_figure_named_without_a_suffix_is_written_as_png(capsys, files, tmp_pa
     assert not (tmp_path / "latest.png").exists()
 
 
+def test_plot_makes_the_directories_it_writes_in(capsys, files, tmp_path):
+    """`plot -o figs/run1/fig.png` was refused ("The output directory ... does not exist")
+    where `train --out runs/e1` makes its directories: all three make them now."""
+    figure = tmp_path / "figs" / "run1" / "fig.png"
+    code, out, err = run(capsys, "plot", files["series"], "-o", figure)
+    assert code == 0 and out == f"wrote {figure}\n", err
+    assert_png(figure)
+    (tmp_path / "notes").write_text("my notes")
+    code, _, err = run(capsys, "plot", files["series"], "-o", tmp_path / "notes" / "fig.png")
+    assert code == 2 and "Could not create the output directory" in one_sentence(err)
+
+
 def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("hello\n")

@@ -40,7 +40,7 @@ from hessian_cli.presentation.tables import (
     several_runs,
 )
 from hessian_cli.series_order import series_key
-from hessian_cli.storage.files import atomic_path
+from hessian_cli.storage.files import atomic_path, make_folder
 
 DPI = 120
 _DENSITY_FLOOR = 1e-7  # log-scale ESD: show seven decades below the peak
@@ -116,6 +116,7 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
         sys.stdout.buffer.write(rendered.getbuffer())
         sys.stdout.buffer.flush()
         return None
+    make_folder(out.parent)  # as analyze --out and train --out make theirs
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         fh.write(rendered.getbuffer())
     return out

@@ -85,6 +85,28 @@ def check_directory_writable(folder: Path) -> None:
         raise UserError(f"Cannot write to the directory {folder}: {_reason(exc)}.") from exc
 
 
+def check_folder_makeable(folder: Path) -> None:
+    """Refuse, in one sentence, an output directory that cannot be made or written in: the
+    nearest that exists of it and those above it must be a writable directory. The missing
+    ones are made when the output is written (:func:`make_folder`), as `train` makes its run
+    directory: `analyze --out` and `plot -o` refused them where `train --out` made them."""
+    there = folder
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        where = "" if there == folder else f" lies under {there}, which"
+        raise UserError(f"The output directory {folder}{where} is not a directory.")
+    check_directory_writable(there)
+
+
+def make_folder(folder: Path) -> None:
+    """Make ``folder`` and those above it that are missing (see :func:`check_folder_makeable`)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Could not create the output directory {folder}: {_reason(exc)}.") from exc
+
+
 @contextmanager
 def signals_deferred(*signums: int) -> Iterator[None]:
     """Hold back the Python handlers of ``signums`` for the block and run them after it, so

@@ -28,12 +28,13 @@ from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, pro
 from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import (
     DAMAGED,
-    check_directory_writable,
+    check_folder_makeable,
     check_replaceable,
     dangling_link,
     file_format,
     hdf5_written,
     locked,
+    make_folder,
     member,
     open_format,
     open_hdf5,
@@ -78,6 +79,7 @@ def write_analyses(
 
     path = Path(path).resolve()  # a link's target is appended to, the link kept
     check_writable(path)
+    make_folder(path.parent)
     # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place;
     # waiting for another writer's lock, it takes effect at once.
     with locked(path) as held, signals_deferred(signal.SIGTERM, signal.SIGINT):
@@ -153,10 +155,7 @@ def check_writable(path: str | Path) -> None:
     if Path(path).is_dir():
         raise UserError(f"--out {path} is a directory; give a file name such as spectra.h5.")
     path = Path(path).resolve()
-    if not path.parent.is_dir():
-        what = "is not a directory" if path.parent.exists() else "does not exist"
-        raise UserError(f"The output directory {path.parent} {what}.")
-    check_directory_writable(path.parent)
+    check_folder_makeable(path.parent)
     check_replaceable(path)
     if _holds_something(path):
         _check_appendable(path)

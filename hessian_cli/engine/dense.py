@@ -44,7 +44,7 @@ def dense_hessian(
             for x, y in batches
         )
 
-    with forward_mode(model, bn):
+    with forward_mode(model, bn, loss=loss_fn):
         return torch.autograd.functional.hessian(mean_loss, space.values())
 
 

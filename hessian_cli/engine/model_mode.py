@@ -5,6 +5,7 @@ kernels whose backward torch can differentiate again, where the fast ones cannot
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -105,15 +106,30 @@ class ModelLayout:
         )
 
 
+def loss_scripts(loss: Callable[..., Any] | None) -> tuple[torch.jit.ScriptModule, ...]:
+    """The TorchScript modules of a loss that is a module (also behind a wrapper that names it
+    as ``__wrapped__``), for :func:`_unoptimised`: one loaded with ``torch.jit.load`` is in no
+    compilation unit it finds otherwise."""
+    loss = None if loss is None else inspect.unwrap(loss)
+    if not isinstance(loss, nn.Module):
+        return ()
+    return tuple(m for m in loss.modules() if isinstance(m, torch.jit.ScriptModule))
+
+
 @contextlib.contextmanager
-def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None) -> Iterator[None]:
+def forward_mode(
+    model: nn.Module,
+    bn: BNMode,
+    layout: ModelLayout | None = None,
+    loss: Callable[..., Any] | None = None,
+) -> Iterator[None]:
     """Put the model in a mode where every forward pass computes the same function.
 
     Everything is in eval mode (no dropout). With ``bn="train"`` BatchNorm layers normalise by
     the batch statistics, and InstanceNorm layers that keep running statistics by each sample's
     own, as in training, but neither updates its running statistics, so analysing a model never
-    changes it. The forward runs in :func:`twice_differentiable` kernels. ``layout``: the
-    model's as it is now (found here where not given).
+    changes it. The forward runs in :func:`twice_differentiable` kernels, the ``loss``'s
+    TorchScript too. ``layout``: the model's as it is now (found here where not given).
     """
     layout = layout or ModelLayout.of(model)
     # Also a scripted part of an eager model: its layers were left by their running statistics
@@ -142,7 +158,7 @@ def forward_mode(model: nn.Module, bn: BNMode, layout: ModelLayout | None = None
     try:
         torch.backends.mha.set_fastpath_enabled(False)
         with (
-            twice_differentiable(model, layout),
+            twice_differentiable(model, layout, loss_scripts(loss)),
             _backward_hooks_off(layout),
             patched(by_sample),
         ):
@@ -203,7 +219,11 @@ def batch_statistics_error(model: nn.Module, x: Inputs) -> str | None:
 
 
 @contextlib.contextmanager
-def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) -> Iterator[None]:
+def twice_differentiable(
+    model: nn.Module,
+    layout: ModelLayout | None = None,
+    scripts: Sequence[torch.jit.ScriptModule] = (),
+) -> Iterator[None]:
     """Kernels whose backward torch can differentiate again, for the forward passes inside.
 
     Attention by its math kernel: the fused ones (flash, memory-efficient; on the CPU too) have no
@@ -212,7 +232,8 @@ def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) ->
     formula (:func:`_composed_weight_norm`). ``torch.compile``d code eagerly: AOTAutograd's
     compiled backward cannot be differentiated again (torch 2.13: "does not currently support
     double backward", or for a model trained compiled, "donated buffers"), every product of a
-    compiled model failed. TorchScript unoptimised (:func:`_unoptimised`).
+    compiled model failed. TorchScript unoptimised (:func:`_unoptimised`): the model's, and
+    ``scripts`` beside it (a loss's).
     """
     layout = layout or ModelLayout.of(model)
     cudnn = torch.backends.cudnn.enabled
@@ -227,7 +248,7 @@ def twice_differentiable(model: nn.Module, layout: ModelLayout | None = None) ->
             sdpa_kernel(SDPBackend.MATH),
             _composed_weight_norm(layout.weight_norms),
             set_stance("force_eager") if set_stance else contextlib.nullcontext(),
-            _unoptimised(layout.scripts),
+            _unoptimised((*layout.scripts, *scripts)),
         ):
             yield
     finally:

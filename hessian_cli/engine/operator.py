@@ -360,7 +360,7 @@ class HessianOperator:
             self.release()
         with (
             torch.no_grad(),
-            forward_mode(self.model, self.bn),
+            forward_mode(self.model, self.bn, loss=self.loss_fn),
             numerics("full", self.device),
             _values_set(self.model, params) if scripted else contextlib.nullcontext(),
         ):
@@ -386,7 +386,7 @@ class HessianOperator:
             return
         with (
             torch.enable_grad(),
-            forward_mode(self.model, self.bn),
+            forward_mode(self.model, self.bn, loss=self.loss_fn),
             numerics(self.precision, self.device),
         ):
             self._first_order_graph(0)
@@ -418,7 +418,7 @@ class HessianOperator:
         best, spent = math.inf, 0.0
         with (
             torch.enable_grad(),
-            forward_mode(self.model, self.bn),
+            forward_mode(self.model, self.bn, loss=self.loss_fn),
             numerics("full", self.device),
         ):
             for _ in range(_TIMED_PASSES):
@@ -446,7 +446,11 @@ class HessianOperator:
         """
         local = None if limit is None else max(0, limit - self.batch_offset)
         self._drop_graphs_of_changed_values()
-        with torch.enable_grad(), forward_mode(self.model, self.bn), numerics("full", self.device):
+        with (
+            torch.enable_grad(),
+            forward_mode(self.model, self.bn, loss=self.loss_fn),
+            numerics("full", self.device),
+        ):
             for i, (x, y) in enumerate(self.batches[:local]):
                 if self._gradient_from_graph():
                     yield self._graph_gradient(i)
@@ -518,7 +522,7 @@ class HessianOperator:
         # torch.utils.checkpoint runs its block's forward again inside the backward.
         with (
             torch.enable_grad(),
-            forward_mode(self.model, self.bn, self._layout),
+            forward_mode(self.model, self.bn, self._layout, self.loss_fn),
             numerics(self.precision, self.device),
         ):
             for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):

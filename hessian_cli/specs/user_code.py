@@ -6,6 +6,7 @@ behaviour and error messages identical.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -172,7 +173,8 @@ def guarded_user_function(func: Any, what: str, spec: str) -> Any:
         except Exception as exc:
             raise UserError(f"the {what} {spec!r} raised {described(exc)}.") from exc
 
-    return guarded
+    # As its __wrapped__: the engine looks in a loss module for its TorchScript (loss_scripts).
+    return functools.update_wrapper(guarded, func, assigned=(), updated=())
 
 
 def _exited(exc: SystemExit) -> str:

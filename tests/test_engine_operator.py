@@ -746,6 +746,7 @@ def test_a_solve_walks_the_weights_a_few_times_and_a_change_after_it_is_seen(mon
     also one made after a solve and before the next."""
     model, (x, y) = _mlp(), _data()
     op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    op.loss()  # the first forward's own checks (parameters written in place) walk them once
     walks, walk = [0], model.parameters
 
     def counted(*args, **kwargs):
@@ -1199,6 +1200,30 @@ def test_an_embedding_with_max_norm_is_refused_before_it_rescales_the_weights():
     with pytest.raises(UserError, match="embedding '0' has max_norm set, which rescales"):
         HessianOperator(model, F.cross_entropy, batches)
     assert torch.equal(model[0].weight, before)
+
+
+class _RenormalisingLookup(torch.nn.Module):
+    """A table looked up by F.embedding with max_norm in its forward (no nn.Embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Parameter(2 * torch.randn(17, 4, dtype=torch.float64))
+        self.head = torch.nn.Linear(4, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.embedding(x, self.table, max_norm=1.0).mean(1))
+
+
+def test_a_forward_that_rescales_a_parameter_in_place_is_refused():
+    """F.embedding(max_norm=...) in a forward is no nn.Embedding to find before: its rows
+    were cut to norm 1 in place, and the products were of the plain lookup at the cut weights,
+    unsaid."""
+    model = _RenormalisingLookup()
+    batches = [(torch.randint(0, 17, (20, 5)), torch.randint(0, 3, (20,)))]
+    op = HessianOperator(model, F.cross_entropy, batches)
+    with pytest.raises(UserError, match="changed its parameter 'table' in place"):
+        op.matmul(torch.randn(2, op.n, dtype=torch.float64))
 
 
 def test_the_dense_oracle_takes_a_model_of_mixed_float_types():

@@ -272,6 +272,7 @@ class HessianOperator:
         self._graph_bytes = 0  # memory held by the kept graphs
         self._graph_checked = False  # whether a first-order graph was seen to be differentiable
         self._forward_checked = False  # whether a forward pass was seen to draw no random numbers
+        self._writes_checked = False  # and to leave the model's parameters as they were
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._graphs_full = False  # the last graph built did not fit the budget
         self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
@@ -321,6 +322,8 @@ class HessianOperator:
         self, x: Inputs, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         before = None if self._forward_checked else _random_states(self.device)
+        # Of the model's own parameters (functional_call's values are others)
+        versions = None if self._writes_checked or params is not None else self._versions()
         out = run_model(self.model, x, params)
         loss = self.loss_fn(out, y)
         if before is not None:
@@ -332,6 +335,9 @@ class HessianOperator:
                     "training=True, say), so each pass is of another function: make its forward "
                     "deterministic in eval mode, e.g. F.dropout(x, p, training=self.training)."
                 )
+        if versions is not None:
+            self._writes_checked = True
+            self._check_parameters_kept(versions)
         if loss.ndim != 0:
             raise UserError("The loss function must return a scalar (mean over the batch).")
         # Under torch.distributed one rank's share alone may be bad: its NaN reaches every rank
@@ -340,6 +346,22 @@ class HessianOperator:
         if not self.distributed:
             self.check_losses(loss.detach())
         return loss
+
+    def _check_parameters_kept(self, versions: tuple[tuple[int, int], ...]) -> None:
+        """Refuse a forward pass that wrote to a parameter of the model in place (``versions``:
+        :meth:`_versions` before it): ``F.embedding(..., max_norm=...)`` rescales the rows it
+        looks up (a table's norms 1.6-2.9 cut to 1) outside autograd, so the products were of
+        the plain lookup at the cut weights (lambda_1 0.380 where the model's rescaled lookup
+        has 0.377), unsaid, and the model's weights were no longer the checkpoint's."""
+        names = [n for n, _ in self.model.named_parameters()]
+        changed = zip(names, versions, self._versions(), strict=False)  # (buffers after them)
+        name = next((n for n, then, now in changed if then != now), None)
+        if name is not None:
+            raise UserError(
+                f"The model's forward pass changed its parameter {name!r} in place "
+                "(F.embedding with max_norm, say), so the Hessian would be of other weights "
+                "than the model's: make the forward leave its parameters as they are."
+            )
 
     def check_losses(self, losses: torch.Tensor | float) -> None:
         """Raise, in one sentence, where a loss (a sum over ranks, or gathered from them: then

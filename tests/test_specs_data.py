@@ -354,6 +354,24 @@ def test_a_dict_of_named_splits_is_train_and_test(tmp_path: Path) -> None:
     assert data.num_classes == 4 and data.input_shape == (3,)
 
 
+def test_a_dict_without_a_test_split_holds_out_its_validation_split(tmp_path: Path) -> None:
+    """A DatasetDict of "train" and "validation" only (SQuAD's) had no test split: train's test
+    loss and accuracy were empty and its held-out batch was training data."""
+    path = tmp_path / "splits.py"
+    path.write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def splits():\n"
+        "    x = torch.randn(6, 3)\n"
+        "    return {\n"
+        '        "train": TensorDataset(x, torch.arange(6) % 3),\n'
+        '        "validation": TensorDataset(x[:2], torch.tensor([0, 3])),\n'
+        "    }\n"
+    )
+    data = load_data(f"{path}:splits")
+    assert (len(data.train), len(data.test)) == (6, 2) and data.num_classes == 4
+
+
 def test_labels_numpy_cannot_take_are_counted_as_tensors(tmp_path: Path) -> None:
     """A dataset cached on the GPU holds CUDA labels, which numpy refuses: the classes were
     not counted ("labels must be integers")."""

@@ -451,7 +451,7 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
 
 def _user_data(spec: str, trusted: bool) -> DataSource:
     """A user factory returning a Dataset, a DataLoader, (train, test), {"train": ..., "test":
-    ...}, (x, y) or a DataSource."""
+    ...} ("validation" for a missing "test"), (x, y) or a DataSource."""
     factory = load_object(spec, "data factory", trusted=trusted)
     result = call_user(factory, "data factory", spec)
     if isinstance(result, DataSource):  # its splits too: an empty one was "batch size 0"
@@ -461,7 +461,9 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
     train: Any
     test: Any = None
     if isinstance(result, Mapping) and "train" in result:  # splits by name: a DatasetDict
-        train, test = result["train"], result.get("test")
+        # Held out: its test split, or its validation split where it has none (SQuAD's holds
+        # train and validation only: train measured nothing held out, its test loss empty).
+        train, test = result["train"], result.get("test", result.get("validation"))
     elif isinstance(result, (tuple, list)):
         # Arrays and lists as well as tensors: NumPy's (x, y) or (x.tolist(), y.tolist()) was
         # taken for (train, test), and refused as samples that are not (x, y) pairs.

@@ -642,6 +642,29 @@ def test_a_loaded_torchscript_loss_is_differentiated_as_its_eager_function(backe
     torch.testing.assert_close(dense_hessian(model, loss, batches), H)
 
 
+class _DropoutLoss(torch.nn.Module):
+    """Cross-entropy of the outputs through a dropout (a loss class, built in training mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.3)
+
+    def forward(self, o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.dropout(o), t)
+
+
+def test_a_loss_module_is_evaluated_in_eval_mode_and_left_in_its_own():
+    """A loss class (--loss builds it, in training mode) with a dropout was refused as "the
+    model draws random numbers in eval mode", the model's fault, where the model had none."""
+    model, batches = _mlp(), [(_data()[0], _data()[1])]
+    H = dense_hessian(model, F.cross_entropy, batches)
+    loss = _DropoutLoss()
+    op = HessianOperator(model, loss, batches)
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H)
+    assert loss.training and loss.dropout.training
+
+
 def _bn_tanh_dropout_act(z: torch.Tensor, training: bool = False) -> torch.Tensor:
     """BatchNorm (fixed statistics), Tanh and Dropout, in eval mode."""
     mean, var = torch.full_like(z[0], 0.3), torch.full_like(z[0], 1.7)

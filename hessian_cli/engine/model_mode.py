@@ -106,14 +106,11 @@ class ModelLayout:
         )
 
 
-def loss_scripts(loss: Callable[..., Any] | None) -> tuple[torch.jit.ScriptModule, ...]:
-    """The TorchScript modules of a loss that is a module (also behind a wrapper that names it
-    as ``__wrapped__``), for :func:`_unoptimised`: one loaded with ``torch.jit.load`` is in no
-    compilation unit it finds otherwise."""
+def loss_module(loss: Callable[..., Any] | None) -> nn.Module | None:
+    """The loss where it is a module (also behind a wrapper that names it as ``__wrapped__``,
+    as the loss spec's does), else None."""
     loss = None if loss is None else inspect.unwrap(loss)
-    if not isinstance(loss, nn.Module):
-        return ()
-    return tuple(m for m in loss.modules() if isinstance(m, torch.jit.ScriptModule))
+    return loss if isinstance(loss, nn.Module) else None
 
 
 @contextlib.contextmanager
@@ -128,10 +125,15 @@ def forward_mode(
     Everything is in eval mode (no dropout). With ``bn="train"`` BatchNorm layers normalise by
     the batch statistics, and InstanceNorm layers that keep running statistics by each sample's
     own, as in training, but neither updates its running statistics, so analysing a model never
-    changes it. The forward runs in :func:`twice_differentiable` kernels, the ``loss``'s
-    TorchScript too. ``layout``: the model's as it is now (found here where not given).
+    changes it. The forward runs in :func:`twice_differentiable` kernels. A ``loss`` that is a
+    module is in eval mode too (a loss class, which --loss builds in training mode, with a
+    dropout: refused as "the model draws random numbers"), and its TorchScript unoptimised (one
+    loaded with ``torch.jit.load`` is in no compilation unit :func:`_unoptimised` finds alone).
+    ``layout``: the model's as it is now (found here where not given).
     """
     layout = layout or ModelLayout.of(model)
+    criterion = loss_module(loss)
+    criterion_modules = () if criterion is None else tuple(criterion.modules())
     # Also a scripted part of an eager model: its layers were left by their running statistics
     # (the products 100% off the batch statistics' Hessian, the loss of the other mode).
     if bn == "train" and any(scripted_batchnorm(m) for m in layout.scripts):
@@ -139,7 +141,7 @@ def forward_mode(
             "The BatchNorm layers of a TorchScript module cannot be switched to batch "
             "statistics (`bn=train`); use the eager model, or running statistics (`bn=eval`)."
         )
-    saved = [(m, m.training) for m in layout.modules]
+    saved = [(m, m.training) for m in (*layout.modules, *criterion_modules)]
     tracked = [(m, m.track_running_stats) for m in layout.batchnorms] if bn == "train" else []
     by_sample = (
         [(m, "_apply_instance_norm", instance_statistics(m)) for m in layout.instancenorms]
@@ -152,13 +154,19 @@ def forward_mode(
     fastpath = torch.backends.mha.get_fastpath_enabled()
     if any(training for _, training in saved):  # (the module's own train(), if it has one)
         model.eval()
+        if criterion is not None:
+            criterion.eval()
     for m, _ in tracked:
         m.train()
         m.track_running_stats = False
     try:
         torch.backends.mha.set_fastpath_enabled(False)
         with (
-            twice_differentiable(model, layout, loss_scripts(loss)),
+            twice_differentiable(
+                model,
+                layout,
+                [m for m in criterion_modules if isinstance(m, torch.jit.ScriptModule)],
+            ),
             _backward_hooks_off(layout),
             patched(by_sample),
         ):

@@ -16,14 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from eigensam.config import CONFIG_FILE, CONFIG_FORMAT, CONFIG_VERSION, TrainConfig
+from hessian_cli.atomic import atomic_path, remove_temporaries
 from hessian_cli.errors import UserError
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, UntrustedCheckpoint
-from hessian_cli.storage.files import (
-    atomic_path,
-    check_directory_writable,
-    held,
-    remove_temporaries,
-)
+from hessian_cli.storage.files import check_directory_writable, held
 
 METRICS_FILE = "metrics.h5"
 FINAL_CHECKPOINT = "final.pt"

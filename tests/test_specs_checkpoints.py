@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -830,3 +832,19 @@ def test_a_trusted_whole_model_is_kept_as_the_module_its_weights_are(tmp_path: P
     assert isinstance(scripted, torch.jit.ScriptModule) and _equal(
         scripted.state_dict(), small_state()
     )
+
+
+def test_the_specs_import_neither_h5py_nor_the_storage_package():
+    """A checkpoint's digest and its atomic save came from the HDF5 storage package, whose
+    import loads h5py, the HDF5 layout and the report (0.34 s of loading a model spec)."""
+    script = (
+        "import sys\n"
+        "import hessian_cli.specs\n"
+        "print(sorted(m for m in ('h5py', 'hessian_cli.storage', 'hessian_cli.report') "
+        "if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    assert out.strip() == "[]"

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from hessian_cli.atomic import atomic_path
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
     ANALYSIS_SETTINGS,
@@ -40,7 +41,7 @@ from hessian_cli.presentation.tables import (
     several_runs,
 )
 from hessian_cli.series_order import series_key
-from hessian_cli.storage.files import atomic_path, make_folder
+from hessian_cli.storage.files import make_folder
 
 DPI = 120
 _DENSITY_FLOOR = 1e-7  # log-scale ESD: show seven decades below the peak

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hessian_cli.atomic import atomic_path, file_sha256
 from hessian_cli.errors import UserError, a_type, first_line
 from hessian_cli.series_order import series_key
-from hessian_cli.storage.files import atomic_path, file_sha256
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -33,6 +33,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from hessian_cli.atomic import file_sha256
 from hessian_cli.engine.batches import Batch, check_range
 from hessian_cli.engine.inputs import Inputs, input_tensors, is_inputs, map_inputs
 from hessian_cli.errors import UserError, a_type, described
@@ -46,7 +47,6 @@ from hessian_cli.specs.user_code import (
     refuse_file_without_name,
     split_user_spec,
 )
-from hessian_cli.storage.files import file_sha256
 
 TENSOR_FILE_SUFFIXES: tuple[str, ...] = (".npz", ".pt", ".pth", ".h5", ".hdf5")
 DIGITS_TRAIN_SIZE = 1300

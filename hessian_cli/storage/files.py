@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import os
-import re
 import shutil
 import signal
-import stat
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,20 +15,8 @@ from types import FrameType
 
 import h5py
 
+from hessian_cli.atomic import atomic_path, os_reason
 from hessian_cli.errors import UserError
-
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256, read a megabyte at a time."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower().rstrip(".")
 
 
 @contextmanager
@@ -68,7 +51,7 @@ def locked(path: Path) -> Iterator[bool]:
                     fd = -1
         if fd < 0:
             assert error is not None
-            raise UserError(f"Cannot write to the directory {path.parent}: {_reason(error)}.")
+            raise UserError(f"Cannot write to the directory {path.parent}: {os_reason(error)}.")
         yield True
     finally:
         if fd >= 0:
@@ -82,7 +65,7 @@ def check_directory_writable(folder: Path) -> None:
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
-        raise UserError(f"Cannot write to the directory {folder}: {_reason(exc)}.") from exc
+        raise UserError(f"Cannot write to the directory {folder}: {os_reason(exc)}.") from exc
 
 
 def check_folder_makeable(folder: Path) -> None:
@@ -104,7 +87,9 @@ def make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"Could not create the output directory {folder}: {_reason(exc)}.") from exc
+        raise UserError(
+            f"Could not create the output directory {folder}: {os_reason(exc)}."
+        ) from exc
 
 
 @contextmanager
@@ -148,7 +133,7 @@ def held(path: Path, busy: str) -> Iterator[bool]:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
+            raise UserError(f"Could not read {path}: {os_reason(exc)}.") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,101 +145,6 @@ def held(path: Path, busy: str) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)  # and with it the lock
-
-
-def check_replaceable(path: Path) -> None:
-    """Refuse, in one sentence, to replace a file no one may write to (``chmod a-w``), or that
-    this user may not: the rename that replaces it asks only the directory, so a protected
-    spectra file was appended to unsaid. (Root may write to any file: the mode bits tell.)"""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return  # nothing there yet
-    if stat.S_ISREG(mode) and not (mode & 0o222 and os.access(path, os.W_OK)):
-        raise UserError(
-            f"{path} is read-only; refusing to write to it (make it writable or choose another "
-            "path)."
-        )
-
-
-_TEMP_TAG = 12  # hex digits that tell one temporary file from another (atomic_path's names)
-
-
-def remove_temporaries(directory: Path, names: str) -> None:
-    """Remove the temporary files :func:`atomic_path` left in ``directory`` for files whose
-    names match the regular expression ``names``, when its process was killed outright
-    (kill -9: a checkpoint's may be as large as a checkpoint). Only for files whose writer's
-    lock is held: another writer's would go too."""
-    pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{{_TEMP_TAG}}}\.tmp")
-    for leftover in directory.glob(".*.tmp"):
-        if pattern.fullmatch(leftover.name) and leftover.is_file():
-            leftover.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_path(
-    path: Path, *, copy_existing: bool = False, exclusive: bool = False
-) -> Iterator[Path]:
-    """A temporary path next to ``path`` that replaces it only if the block finishes.
-
-    Readers never see a half-written file and a failure leaves the original (and no temporary
-    file) behind. With ``copy_existing`` the temporary file starts as a copy of ``path``, so an
-    append edits the copy, never the original. With ``exclusive`` it never replaces a file: if
-    ``path`` exists by then (another process made it meanwhile), ``FileExistsError`` is raised.
-
-    A replaced file keeps its permissions (a 0600 one became 0644), and one they protect is
-    refused (:func:`check_replaceable`). A symbolic
-    link's target is replaced (the link kept). A device, FIFO or socket (``-o /dev/null``) is
-    written to as it is: it holds no file that a half-written one could spoil.
-    """
-    try:
-        mode: int | None = os.stat(path).st_mode  # through links
-    except OSError:
-        mode = None  # nothing there yet (or a dangling link)
-    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        if copy_existing or exclusive:
-            raise UserError(f"{path} is not a regular file.")
-        try:
-            yield path
-        except OSError as exc:
-            raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
-        return
-    if not exclusive:
-        check_replaceable(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    parent = path.parent
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise UserError(f"The output directory {parent} {what}.")
-    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:_TEMP_TAG]}.tmp"
-    try:  # os.open with 0o666 honours the umask, as a plainly created file would
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as exc:
-        raise UserError(f"Cannot write to the directory {parent}: {_reason(exc)}.") from exc
-    try:
-        if copy_existing:
-            shutil.copyfile(path, tmp)
-        yield tmp
-        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
-            os.fsync(fh.fileno())
-        if mode is not None and stat.S_ISREG(mode):  # as a write in place would keep them
-            os.chmod(tmp, stat.S_IMODE(mode))
-        if exclusive:
-            _link(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except FileExistsError as exc:
-        tmp.unlink(missing_ok=True)
-        if exclusive:
-            raise
-        raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write {path}: {_reason(exc)}.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # Files up to this size are built in memory; larger ones (eigenvectors of big models) on disk.
@@ -299,20 +189,6 @@ def _check_room(path: Path, size: int) -> None:
         )
 
 
-def _link(tmp: Path, path: Path) -> None:
-    """Give ``tmp``'s file the name ``path`` only if no file has it (a hard link, which fails
-    on an existing name, where a rename would replace it), then drop the name ``tmp``."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # a file system without hard links: a rename, no longer exclusive
-        os.replace(tmp, path)
-        return
-    with contextlib.suppress(OSError):  # the file is in place; a stray name is harmless
-        tmp.unlink()
-
-
 def open_hdf5(path: Path) -> h5py.File:
     """Open an existing HDF5 file for reading, or say in one sentence why it cannot be."""
     if not path.exists():
@@ -324,7 +200,7 @@ def open_hdf5(path: Path) -> h5py.File:
             raise UserError(f"{path} is not an HDF5 file.")
         return h5py.File(path, "r")
     except OSError as exc:
-        raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
+        raise UserError(f"Could not read {path}: {os_reason(exc)}.") from exc
 
 
 def file_format(path: Path) -> str:
@@ -333,7 +209,7 @@ def file_format(path: Path) -> str:
         with open_hdf5(path) as f:
             fmt = f.attrs.get("format")
     except (OSError, RuntimeError) as exc:  # damaged bytes where the attributes are
-        raise UserError(f"Could not read {path}: {_reason(exc)}.") from exc
+        raise UserError(f"Could not read {path}: {os_reason(exc)}.") from exc
     if fmt is None:
         raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
     return fmt.decode() if isinstance(fmt, bytes) else str(fmt)

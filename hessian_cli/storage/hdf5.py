@@ -23,13 +23,13 @@ import h5py
 import numpy as np
 
 from hessian_cli import __version__
+from hessian_cli.atomic import check_replaceable, remove_temporaries
 from hessian_cli.errors import UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
 from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import (
     DAMAGED,
     check_folder_makeable,
-    check_replaceable,
     dangling_link,
     file_format,
     hdf5_written,
@@ -38,7 +38,6 @@ from hessian_cli.storage.files import (
     member,
     open_format,
     open_hdf5,
-    remove_temporaries,
     signals_deferred,
     storable_text,
 )

@@ -40,9 +40,9 @@ import h5py
 import numpy as np
 
 from hessian_cli import __version__
+from hessian_cli.atomic import check_replaceable
 from hessian_cli.errors import UserError
 from hessian_cli.storage.files import (
-    check_replaceable,
     file_format,
     hdf5_written,
     member,

@@ -873,6 +873,24 @@ def test_the_whole_space_step_reports_the_pairs_converged_so_far(monkeypatch):
     assert after[1:] == (10, 10)
 
 
+def test_the_progress_counts_the_pairs_the_result_calls_converged():
+    """The smallest 10 of 10 * 0.8^i, stopped by budgets: the progress counted every pair within
+    tolerance, 1 or 2 where the result, of which only a leading run counts, said 0 or 1 (7 of
+    21 budgets; 2 or 3 went back to 1 on the way)."""
+    H = _with_spectrum(10 * 0.8 ** torch.arange(200, dtype=torch.float64), 0)
+    seen = []
+    for budget in range(20, 310, 14):
+        res = eigenpairs(
+            MatrixOperator(H),
+            10,
+            which="smallest",
+            tol=1e-6,
+            max_hvps=budget,
+            progress=lambda *a: seen.append(a[1]),
+        )
+        assert seen[-1] == int(res.converged.sum())  # the last report, of this solve
+
+
 @pytest.mark.parametrize(("n", "k"), [(260, 45), (300, 3)])
 def test_both_ends_report_the_pairs_of_both(n, k):
     """--which both: the top's solve reported k pairs wanted, then the bottom's k again from 0

@@ -189,7 +189,10 @@ def eigenpairs(
         solve.iterations += 1
         pairs = _rayleigh_ritz(solve, basis)
         stop = _stop_decision(solve, basis, pairs)
-        solve.reported = int(stop.conv[:k].sum())
+        # The pairs the result would call converged if the solve stopped now: of a Krylov
+        # solve only a leading run (see converged_pairs), not every pair within tolerance.
+        conv = stop.conv[:k]
+        solve.reported = int((conv if solve.whole else conv.long().cumprod(0)).sum())
         if progress:
             progress(solve.spent, solve.reported, k)
         missed = _check_for_skipped(solve, basis, pairs, stop)

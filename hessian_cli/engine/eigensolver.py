@@ -27,6 +27,7 @@ from hessian_cli.engine.convergence import (
     claimed_gaps,
     converged_pairs,
     relative_errors,
+    residual_floor,
     rounding_noise,
 )
 from hessian_cli.engine.distributed import fail_together
@@ -612,7 +613,10 @@ def _stop_decision(solve: _Solve, basis: _Basis, pairs: _RitzPairs) -> _Stop:
         # errors. A residual far above what that asymmetry allows, or a residual tolerance
         # well above the asymmetry, is slow convergence (crowded eigenvalues), not noise: it gets
         # SLOW_PATIENCE times the patience, and "slow" as its reason if it stops.
-        worst = float(rnorm[unconverged].max()) if unconverged else 0.0
+        # What the rounding hides (residual_floor) is no improvement: a float32 top-5 at tol
+        # 1e-8 (n = 300) went on below its floor to the whole space, 580 products; now 214.
+        floor = _floor(solve, basis.asymmetry)
+        worst = max(float(rnorm[unconverged].max()), floor) if unconverged else 0.0
         improved = worst < 0.9 * solve.best_worst
         slow = worst > NOISE_MARGIN * basis.asymmetry * math.sqrt(op.n) or (
             solve.criterion == "residual"
@@ -645,20 +649,28 @@ def _tolerance_met(
     """Which of the ``kg`` pairs meet their tolerance by the solve's criterion, given the
     residual norms ``rnorm`` of the first ``w`` (none beyond them); the eigenvalue criterion's
     bounds without the gaps to other Ritz values unless ``gaps``."""
-    kg, tols, scale = solve.kg, solve.tols, solve.scale
+    kg, tols, scale, dtype = solve.kg, solve.tols, solve.scale, solve.op.dtype
+    noise = rounding_noise(asymmetry, scale, solve.op.n)
+    floor = _floor(solve, asymmetry)  # the tolerance less what rounding may hide of a residual
     if solve.criterion == "residual":
-        met = rnorm[:kg] <= tols[: len(rnorm)] * scale
+        met = rnorm[:kg] + floor <= tols[: len(rnorm)] * scale
     else:
-        noise = rounding_noise(asymmetry, scale, solve.op.n)
         theta = pairs.theta[: pairs.w]
-        errors = relative_errors(theta, rnorm, noise, solve.op.dtype, gaps=gaps)[:kg]
+        errors = relative_errors(theta, rnorm, noise, dtype, gaps=gaps)[:kg]
         t = tols[: len(errors)]
         # An eigenvalue that may be zero has no relative error to bound: it is held to
         # the residual criterion instead (it used to stall there, exact to 1e-15).
-        met = (errors <= t) | (errors.isinf() & (rnorm[: len(errors)] <= t * scale))
+        met = (errors <= t) | (errors.isinf() & (rnorm[: len(errors)] + floor <= t * scale))
     conv = torch.zeros(kg, dtype=torch.bool)
     conv[: min(kg, pairs.w)] = met
     return conv
+
+
+def _floor(solve: _Solve, asymmetry: float) -> float:
+    """How far below the true residuals the computed ones may lie (:func:`residual_floor`,
+    not relative)."""
+    noise = rounding_noise(asymmetry, solve.scale, solve.op.n)
+    return residual_floor(noise, solve.scale, solve.op.dtype) * solve.scale
 
 
 def _check_for_skipped(
@@ -831,8 +843,13 @@ def _final_pairs(
     lacking = {"lacking": solve.lacking, "sign": solve.sign}  # no gap past what the check saw
     errors = relative_errors(theta, rnorm, noise, op.dtype, gaps=not solve.unchecked, **lacking)
     errors = errors[:k]
+    # Fresh full-precision products carry none of the reduced precision's noise that the
+    # asymmetry measured: their residuals' floor is their dtype's rounding.
+    floor = residual_floor(
+        rounding_noise(0.0 if verify else asymmetry, scale, op.n), scale, op.dtype
+    )
     converged = converged_pairs(
-        solve.criterion, residuals, errors, solve.tol, krylov=not solve.whole
+        solve.criterion, residuals, errors, solve.tol, krylov=not solve.whole, floor=floor
     )
     # The gaps that sharpen a bound are read from the other Ritz values, which an unconverged
     # solve may not have found yet (a budget of 4 products claimed 0.21 for a value 0.72 off):
@@ -863,6 +880,7 @@ def _final_pairs(
         method=WHOLE if solve.whole else "block-krylov-thick-restart",
         check_hvps=solve.check_hvps,
         skipped_found=solve.skipped_found,
+        floor=floor,
     )
 
 
@@ -1080,7 +1098,12 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
     k = len(a.residuals)  # each end's pairs in its own order: a leading run of each
     converged = [
         converged_pairs(
-            a.criterion, residuals[part], errors[part], a.tol, krylov=end.method != WHOLE
+            a.criterion,
+            residuals[part],
+            errors[part],
+            a.tol,
+            krylov=end.method != WHOLE,
+            floor=end.floor * end.scale / scale,
         )
         for end, part in ((a, slice(0, k)), (b, slice(k, None)))
     ]
@@ -1104,4 +1127,5 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
         method=a.method if a.method == b.method else f"{a.method} (largest), {b.method} (smallest)",
         check_hvps=a.check_hvps + b.check_hvps,
         skipped_found=a.skipped_found + b.skipped_found,
+        floor=max(a.floor * a.scale, b.floor * b.scale) / scale,
     )

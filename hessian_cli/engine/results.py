@@ -54,6 +54,9 @@ class EigenResult:
     # then converged with the others).
     check_hvps: int = 0
     skipped_found: int = 0
+    # How far below the true residuals (relative to ``scale``) the computed ones may lie, from
+    # the products' rounding: a pair meets ``tol`` only with its residual plus this.
+    floor: float = 0.0
 
     @property
     def all_converged(self) -> bool:

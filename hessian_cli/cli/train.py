@@ -315,6 +315,11 @@ def _stop_signals(stop: _StopRequest) -> Iterator[None]:
         yield
 
 
+def _its(count: int, thing: str) -> str:
+    """``its vector was`` of one, ``their vectors were`` of several ("1 of 4 refreshes ...")."""
+    return f"its {thing} was" if count == 1 else f"their {thing}s were"
+
+
 def _report(
     console: Console, summary: TrainSummary, quiet: bool, *, resumed: bool, stop: _StopRequest
 ) -> None:
@@ -335,8 +340,8 @@ def _report(
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
         err_console.print(
             f"Warning: {summary.negative_refreshes} of {refreshes} found no positive curvature "
-            "(top eigenvalue <= 0); their vectors were used all the same (the eigenvalues are "
-            f"in {where / METRICS_FILE}).",
+            f"(top eigenvalue <= 0); {_its(summary.negative_refreshes, 'vector')} used all the "
+            f"same (the eigenvalues are in {where / METRICS_FILE}).",
             style="yellow",
             highlight=False,
             soft_wrap=True,
@@ -346,9 +351,10 @@ def _report(
 
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
         err_console.print(
-            f"Note: {summary.unconverged_refreshes} of {refreshes} stopped at their HVP budget "
-            f"with a residual above their tolerance {DEFAULT_TOL:.0e}; their vectors were used "
-            f"all the same (the residuals are in {where / METRICS_FILE}).",
+            f"Note: {summary.unconverged_refreshes} of {refreshes} stopped at the HVP budget "
+            f"with a residual above the tolerance {DEFAULT_TOL:.0e}; "
+            f"{_its(summary.unconverged_refreshes, 'vector')} used all the same (the residuals "
+            f"are in {where / METRICS_FILE}).",
             style="yellow",
             highlight=False,
             soft_wrap=True,
@@ -367,9 +373,10 @@ def _report(
 
         tracks = counted(summary.tracks, "lambda_max measurement")
         err_console.print(
-            f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) stopped at their "
-            f"HVP budget with a residual above their tolerance {TRACK_TOL:.0e}, so their values "
-            f"may be off (the residuals are in {where / METRICS_FILE}).",
+            f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) stopped at the "
+            f"HVP budget with a residual above the tolerance {TRACK_TOL:.0e}, so "
+            f"{'its value' if summary.unconverged_tracks == 1 else 'their values'} may be off "
+            f"(the residuals are in {where / METRICS_FILE}).",
             style="yellow",
             highlight=False,
             soft_wrap=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -2099,6 +2100,40 @@ def test_a_stop_while_the_file_is_written_says_it_was_written(
     assert status == code
     assert " ".join(err.split()) == said.format(out_h5)
     assert [d["name"] for d in read_analyses(out_h5)] == ["digits_mlp"]
+
+
+@pytest.mark.parametrize(
+    "signum, code, said",
+    [
+        (signal.SIGINT, 130, "interrupted: nothing was written to {}"),
+        (signal.SIGTERM, 143, "stopped: the process received SIGTERM; nothing was written to {}"),
+    ],
+)
+def test_a_stop_while_waiting_for_another_writer_says_nothing_was_written(
+    capsys, tmp_path, digits_mlp, monkeypatch, signum, code, said
+):
+    """A Ctrl-C or SIGTERM while another process held the file (its lock) stops the wait at
+    once: the run said the file "was written first", and there was none."""
+    from hessian_cli.storage import hdf5
+
+    real = hdf5.locked
+
+    @contextlib.contextmanager
+    def waited(path):  # the stop arrives while the lock is awaited
+        os.kill(os.getpid(), signum)
+        with real(path) as held:
+            yield held
+
+    def leave(code):  # the entry point's os._exit, which would end pytest too
+        raise SystemExit(code)
+
+    monkeypatch.setattr(hdf5, "locked", waited)
+    monkeypatch.setattr(sys.modules["hessian_cli.cli.app"], "_leave_now", leave)
+    out_h5 = tmp_path / "spectra.h5"
+    status, _, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
+    assert status == code
+    assert " ".join(err.split()).startswith(said.format(out_h5)), err
+    assert not out_h5.exists()
 
 
 def test_recorded_values_hdf5_cannot_hold_do_not_lose_the_results(capsys, tmp_path, digits_mlp):

@@ -367,13 +367,15 @@ def analyze(
                     save_eigenvectors=save_eigenvectors,
                     series=len(results) > 1,
                 )
-            except KeyboardInterrupt:  # held back until the file was in place: it ended unsaid
-                err_console.print(f"interrupted: {out} was written first.", style="yellow")
+            # Held back until the file was in place, where it ended unsaid; one that ended the
+            # wait for another process writing the file says that nothing was written.
+            except KeyboardInterrupt as exc:
+                said = str(exc) or f"{out} was written first"
+                err_console.print(f"interrupted: {said}.", style="yellow")
                 exit_interrupted()
-            except Terminated:  # the same for SIGTERM (said, and status 143, by the entry point)
-                raise Terminated(
-                    f"stopped: the process received SIGTERM; {out} was written first."
-                ) from None
+            except Terminated as exc:  # the same (said, and status 143, by the entry point)
+                said = str(exc) or f"{out} was written first"
+                raise Terminated(f"stopped: the process received SIGTERM; {said}.") from None
             if not (quiet or as_json):
                 console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:

@@ -8,6 +8,7 @@ optional parts and unknown extra attributes, so files of other versions still re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import operator
@@ -24,7 +25,7 @@ import numpy as np
 
 from hessian_cli import __version__
 from hessian_cli.atomic import check_replaceable, remove_temporaries
-from hessian_cli.errors import UserError
+from hessian_cli.errors import Terminated, UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
 from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import (
@@ -73,15 +74,25 @@ def write_analyses(
     is recorded as how they were made (the CLI's invocation; a script may give its own).
     ``series`` marks the file's checkpoints as one training trajectory (root attr
     ``trajectory``); the root ``series`` dataset orders groups by step either way.
+
+    A stop (Ctrl-C, or torchrun's SIGTERM when another rank ends) takes effect once the file is
+    in place; while another process writing the file is awaited, at once, and its
+    KeyboardInterrupt or :class:`Terminated` then says "nothing was written to PATH" (a stop
+    held back for the write says nothing).
     """
     import torch  # only writers need it; `show` starts faster without
 
     path = Path(path).resolve()  # a link's target is appended to, the link kept
-    check_writable(path)
-    make_folder(path.parent)
     # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place;
-    # waiting for another writer's lock, it takes effect at once.
-    with locked(path) as held, signals_deferred(signal.SIGTERM, signal.SIGINT):
+    # waiting for another writer's lock, it takes effect at once, and nothing was written.
+    with contextlib.ExitStack() as stack:
+        try:
+            check_writable(path)
+            make_folder(path.parent)
+            held = stack.enter_context(locked(path))
+        except (KeyboardInterrupt, Terminated) as exc:
+            raise type(exc)(f"nothing was written to {path}") from None
+        stack.enter_context(signals_deferred(signal.SIGTERM, signal.SIGINT))
         if held:  # a writer of this file killed outright (kill -9) left its copy, as large
             remove_temporaries(path.parent, re.escape(path.name))
         exists = _holds_something(path)  # after the lock: another writer may have made it

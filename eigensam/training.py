@@ -553,11 +553,20 @@ class _Run:
         ...", and the others went on, to exit 0 at the end of the run)."""
         try:
             with distributed.fail_together(lead_only=True):
-                self._flush()  # the metrics first: a checkpoint never outruns them
+                try:
+                    self._flush()  # the metrics first: a checkpoint never outruns them
+                except UserError as exc:  # a full disk, say
+                    raise self._stopped(exc) from exc
                 return None if path is None else self._save(path, order_state)
         except UserError:
             self.write_failed = True
             raise
+
+    def _stopped(self, exc: UserError) -> UserError:
+        """``exc``, a write that failed, with where the run can go on from."""
+        return UserError(
+            f"{str(exc).rstrip('.')}; stopped at step {self.step}, {resume_hint(self.run_dir)}."
+        )
 
     def _finish(self, summary: TrainSummary, start_step: int, seconds: float) -> TrainSummary:
         """The summary of a run that stopped or ended (its metrics were written before its
@@ -811,11 +820,8 @@ class _Run:
                 save_checkpoint(
                     path, state_dict=self.model.state_dict(), metadata=metadata, extra=extra
                 )
-            except UserError as exc:  # a full disk, say: where the run can go on from
-                raise UserError(
-                    f"{str(exc).rstrip('.')}; stopped at step {self.step}, "
-                    f"{resume_hint(self.run_dir)}."
-                ) from exc
+            except UserError as exc:  # a full disk, say
+                raise self._stopped(exc) from exc
         return path
 
 

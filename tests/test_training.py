@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -930,6 +931,26 @@ def test_a_checkpoint_that_cannot_be_written_says_where_the_run_can_go_on(tmp_pa
         train(load_config(run), resume_dir=run)
     assert "the last checkpoint is" in str(err.value) and "step0000008.pt" in str(err.value)
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_metrics_that_cannot_be_written_say_where_the_run_can_go_on(tmp_path, monkeypatch):
+    """A full disk at the metrics (written before each checkpoint) said only "Could not write
+    metrics.h5", not that the run stopped nor where it can go on from, as a checkpoint's does."""
+    from hessian_cli.storage import files
+
+    run = _stopped_run(tmp_path)
+    fsync = os.fsync
+
+    def full_disk(fd):
+        if "metrics.h5" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(UserError, match="metrics.h5: no space left on device; stopped at step"):
+        train(load_config(run), resume_dir=run)
+    assert read_metrics(run / "metrics.h5")["steps"]["step"].size == 8  # as it was
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
 def test_an_unreadable_latest_checkpoint_names_the_one_before_it(tmp_path):

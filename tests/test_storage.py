@@ -507,6 +507,32 @@ def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, comm
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file size limits")
+@pytest.mark.parametrize("command", ["train", "analyze"])
+def test_a_disk_already_full_is_refused_before_the_work(tmp_path, command):
+    """A disk with no byte free still let an empty file be made, the check before the work:
+    the work ran (an epoch, a whole series) and its results were then refused."""
+    example = Path(__file__).resolve().parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    args = {
+        "train": ["train", "--model", "mlp", "--data", "digits", "--max-steps", "2"],
+        "analyze": ["analyze", example, "-k", "2"],
+    }[command]
+    out = tmp_path / ("run" if command == "train" else "spectra.h5")
+    full = FULL_DISK.replace("(4000, 4000)", "(0, 0)")
+    done = subprocess.run(
+        [sys.executable, "-c", full, *map(str, args), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip() == f"error: Cannot write to the directory {tmp_path}: file too large."
+    )
+    assert done.stdout == ""  # no epoch, no table: nothing was run
+    assert not out.exists()
+
+
 def test_a_rewritten_file_keeps_its_permissions(full, tmp_path):
     """Appends kept them; a file replaced whole got the umask's (0600 became 0644)."""
     from hessian_cli.storage.metrics import MetricsLog

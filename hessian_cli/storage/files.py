@@ -60,10 +60,13 @@ def locked(path: Path) -> Iterator[bool]:
 
 def check_directory_writable(folder: Path) -> None:
     """Refuse, in one sentence, a directory no file can be made in (before the work whose
-    results it would hold). Tried with a nameless temporary file, which also says why: a
-    read-only file system, permissions, a full disk of inodes."""
+    results it would hold). Tried with a nameless temporary file and a byte written to it,
+    which also says why: a read-only file system, permissions, a full disk (of inodes, or of
+    blocks: an empty file could still be made there, and the results were refused after the
+    work)."""
     try:
-        tempfile.TemporaryFile(dir=folder).close()
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0")  # written as it closes (where a network file system tells)
     except OSError as exc:
         raise UserError(f"Cannot write to the directory {folder}: {os_reason(exc)}.") from exc
 

@@ -2136,6 +2136,24 @@ def test_a_stop_while_waiting_for_another_writer_says_nothing_was_written(
     assert not out_h5.exists()
 
 
+@pytest.mark.parametrize("shown", [[], ["--json"]])
+def test_results_are_written_where_their_reader_has_gone(tmp_path, digits_mlp, shown):
+    """A pager quit before the results came (`| less`, then q): printing them to the closed
+    pipe ended the command, silently with status 1, before it wrote its --out."""
+    out_h5 = tmp_path / "spectra.h5"
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "analyze", str(digits_mlp), "-k", "1",
+             "--out", str(out_h5), *shown],
+            stdout=writer, stderr=subprocess.PIPE, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert [d["name"] for d in read_analyses(out_h5)] == ["digits_mlp"]
+
+
 def test_recorded_values_hdf5_cannot_hold_do_not_lose_the_results(capsys, tmp_path, digits_mlp):
     """A step of 2**80 or of bytes, a file name that is not UTF-8, model_kwargs stored as a
     dict: the writes (or the model's build) failed after all the work, exit 1, no file."""

@@ -342,42 +342,46 @@ def analyze(
             err_console.print("interrupted: nothing was written.", style="yellow")
         exit_interrupted()
     reports = [analysis_to_dict(r) for r in results]
-    # Shown before the write, so that a failing write (a full disk) still leaves them on screen.
-    if lead and as_json:
-        print_json(reports if series else reports[0])
-    elif lead and not quiet:
-        if len(reports) > 1:
-            console.print(series_table(reports), crop=False)
-        else:
-            console.print(analysis_table(reports[0]), crop=False)
-    if lead and not quiet and (note := idle_ranks_note(reports)) is not None:
-        err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
-    # A failing write (a full disk) is the job's where the ranks are in step (the series ended,
-    # or stopped on an error all agreed on): every rank stops with rank 0's sentence (the others
-    # exited 0 while rank 0 said it as its own, "rank 0: Could not write ..."). After one rank's
-    # own error or a Ctrl-C they may not be: rank 0 writes alone.
-    in_step = stopped is None or isinstance(stopped.__cause__, CollectiveUserError)
-    with fail_together(lead_only=True) if in_step else contextlib.nullcontext():
-        if lead and out is not None:
-            try:
-                write_analyses(
-                    out,
-                    results,
-                    command_line=command_line(),
-                    save_eigenvectors=save_eigenvectors,
-                    series=len(results) > 1,
-                )
-            # Held back until the file was in place, where it ended unsaid; one that ended the
-            # wait for another process writing the file says that nothing was written.
-            except KeyboardInterrupt as exc:
-                said = str(exc) or f"{out} was written first"
-                err_console.print(f"interrupted: {said}.", style="yellow")
-                exit_interrupted()
-            except Terminated as exc:  # the same (said, and status 143, by the entry point)
-                said = str(exc) or f"{out} was written first"
-                raise Terminated(f"stopped: the process received SIGTERM; {said}.") from None
-            if not (quiet or as_json):
-                console.print(f"wrote {out}", highlight=False, markup=False)
+    # Shown before the write, so that a failing write (a full disk) still leaves them on screen;
+    # written however the showing ends (a pager quit early: printing to its closed pipe ended
+    # the command before the write).
+    try:
+        if lead and as_json:
+            print_json(reports if series else reports[0])
+        elif lead and not quiet:
+            if len(reports) > 1:
+                console.print(series_table(reports), crop=False)
+            else:
+                console.print(analysis_table(reports[0]), crop=False)
+        if lead and not quiet and (note := idle_ranks_note(reports)) is not None:
+            err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
+    finally:
+        # A failing write (a full disk) is the job's where the ranks are in step (the series ended,
+        # or stopped on an error all agreed on): every rank stops with rank 0's sentence (the others
+        # exited 0 while rank 0 said it as its own, "rank 0: Could not write ..."). After one rank's
+        # own error or a Ctrl-C they may not be: rank 0 writes alone.
+        in_step = stopped is None or isinstance(stopped.__cause__, CollectiveUserError)
+        with fail_together(lead_only=True) if in_step else contextlib.nullcontext():
+            if lead and out is not None:
+                try:
+                    write_analyses(
+                        out,
+                        results,
+                        command_line=command_line(),
+                        save_eigenvectors=save_eigenvectors,
+                        series=len(results) > 1,
+                    )
+                # Held back until the file was in place, where it ended unsaid; one that ended the
+                # wait for another process writing the file says that nothing was written.
+                except KeyboardInterrupt as exc:
+                    said = str(exc) or f"{out} was written first"
+                    err_console.print(f"interrupted: {said}.", style="yellow")
+                    exit_interrupted()
+                except Terminated as exc:  # the same (said, and status 143, by the entry point)
+                    said = str(exc) or f"{out} was written first"
+                    raise Terminated(f"stopped: the process received SIGTERM; {said}.") from None
+                if not (quiet or as_json):
+                    console.print(f"wrote {out}", highlight=False, markup=False)
     if stopped is not None:
         if isinstance(stopped.interrupt, Terminated):
             raise Terminated(str(stopped))  # said, and exit status 143, by the entry point

@@ -766,3 +766,22 @@ def test_a_float64_runs_checkpoint_is_analysed_in_float64(capsys, tmp_path):
     )
     top = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batches)).flip(0)[:2]
     np.testing.assert_allclose(report["eigen"]["eigenvalues"], top, rtol=1e-9)
+
+
+def test_a_run_goes_on_where_the_reader_of_its_output_has_gone(tmp_path):
+    """A pager quit before the run's first line came (`| less`, then q): printing it to the
+    closed pipe ended the run, silently with status 1, before its first checkpoint (a run
+    directory that --out then refused: "stopped before its first checkpoint")."""
+    run_dir = tmp_path / "run"
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "train", "--model", "mlp", "--data",
+             "digits", "--optimizer", "sgd", "--epochs", "1", "--out", str(run_dir)],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "checkpoints" / "final.pt").is_file()

@@ -38,12 +38,22 @@ app = typer.Typer(
 _UNBOUNDED = 100_000
 
 
+class OutputConsole(Console):
+    """A console on stdout whose reader may go (a pager quit early): what it prints then goes
+    nowhere and the command goes on to write its files. Rich's default ended the command,
+    silently with status 1: before a training run's first checkpoint, or an analysis' --out."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _unbounded_off_terminal(console: Console, **kwargs: Any) -> Console:
     """``console``, or where it writes to a pipe or a file (and $COLUMNS says nothing) one as
     wide as its lines need: a log holds each message on one line, for grep."""
     if console.is_terminal or "COLUMNS" in os.environ:
         return console
-    return Console(width=_UNBOUNDED, **kwargs)
+    return type(console)(width=_UNBOUNDED, **kwargs)
 
 
 err_console = _unbounded_off_terminal(Console(stderr=True), stderr=True)
@@ -59,7 +69,7 @@ def results_console() -> Console:
     """The console for a command's results on stdout: a terminal's width, or as wide as they
     need into a pipe or a file unless $COLUMNS says. Print tables with ``crop=False``: where
     folding their cells does not make them fit, the terminal wraps them; nothing is cut off."""
-    return _unbounded_off_terminal(Console())
+    return _unbounded_off_terminal(OutputConsole())
 
 
 class _State:

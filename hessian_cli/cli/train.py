@@ -33,6 +33,7 @@ from eigensam.events import Event, RunStarted, TrainSummary
 from hessian_cli.cli.app import (
     INTERRUPTED_STATUS,
     TERMINATED_STATUS,
+    OutputConsole,
     app,
     err_console,
     import_torch,
@@ -201,7 +202,7 @@ def train_command(
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
             config = TrainConfig(**set_options, out=str(out))
     config = dataclasses.replace(config, max_steps=max_steps, device=device, download=download)
-    console = Console()
+    console = OutputConsole()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = TrainingDisplay(console, config, quiet or not lead, resuming=resume is not None)
     stop = _StopRequest(echo_window_s=ECHO_WINDOW_S if launched_by_torchrun() else 0.0)

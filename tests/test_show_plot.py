@@ -1051,11 +1051,15 @@ def test_plot_onto_standard_output_writes_the_figure_alone(files, tmp_path):
     assert data[:8] == PNG and data.endswith(PNG_END)
 
 
-@pytest.mark.parametrize("command", [["show", "--all"], ["plot", "-o", "/dev/stdout"]])
-def test_a_reader_that_closes_the_pipe_ends_the_command_as_other_tools(files, command):
+@pytest.mark.parametrize(
+    ("command", "status"),
+    [(["show", "--all"], 0), (["show", "--json"], 0), (["plot", "-o", "/dev/stdout"], 141)],
+)
+def test_a_reader_that_closes_the_pipe_ends_the_command_as_other_tools(files, command, status):
     """`show FILE | head` exited 1 with nothing said, as an error does (rich and Click end so
-    where standard output's reader went away); it ends as `seq 1 100000 | head -1` does, with
-    SIGPIPE's status, 141, and nothing said."""
+    where standard output's reader went away): its text is dropped and it ends as it would have;
+    a figure, the command's whole work, lost in such a pipe ends as `seq 1 100000 | head -1`
+    does, with SIGPIPE's status, 141, and nothing said."""
     read, write = os.pipe()
     os.close(read)  # the reader gone before the first line
     try:
@@ -1068,7 +1072,7 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_as_other_tools(files, co
         )
     finally:
         os.close(write)
-    assert (done.returncode, done.stderr) == (141, "")
+    assert (done.returncode, done.stderr) == (status, "")
 
 
 def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):

@@ -45,7 +45,12 @@ class OutputConsole(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Send what is still to be printed on stdout nowhere: its reader has gone."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _unbounded_off_terminal(console: Console, **kwargs: Any) -> Console:
@@ -62,7 +67,10 @@ err_console = _unbounded_off_terminal(Console(stderr=True), stderr=True)
 def print_json(data: Any) -> None:
     """Strict JSON on stdout (no NaN: the reports hold None there), unwrapped, for piping into
     other tools."""
-    typer.echo(json.dumps(data, indent=2, allow_nan=False))
+    try:
+        typer.echo(json.dumps(data, indent=2, allow_nan=False))
+    except BrokenPipeError:  # as OutputConsole: Click ended the command, silently, status 1
+        _stdout_to_devnull()
 
 
 def results_console() -> Console:

@@ -665,6 +665,15 @@ def test_a_loss_module_is_evaluated_in_eval_mode_and_left_in_its_own():
     assert loss.training and loss.dropout.training
 
 
+def test_a_loss_function_that_draws_random_numbers_is_named_for_it():
+    """F.dropout in a loss function (its default training=True) was refused as "the model
+    draws random numbers in eval mode", where the model drew none."""
+    model, batches = _mlp(), [(_data()[0], _data()[1])]
+    op = HessianOperator(model, lambda o, t: F.cross_entropy(F.dropout(o, 0.3), t), batches)
+    with pytest.raises(UserError, match="^The loss function draws random numbers"):
+        op.matmul(torch.ones(op.n, dtype=torch.float64))
+
+
 def _bn_tanh_dropout_act(z: torch.Tensor, training: bool = False) -> torch.Tensor:
     """BatchNorm (fixed statistics), Tanh and Dropout, in eval mode."""
     mean, var = torch.full_like(z[0], 0.3), torch.full_like(z[0], 1.7)

@@ -127,7 +127,7 @@ def forward_mode(
     own, as in training, but neither updates its running statistics, so analysing a model never
     changes it. The forward runs in :func:`twice_differentiable` kernels. A ``loss`` that is a
     module is in eval mode too (a loss class, which --loss builds in training mode, with a
-    dropout: refused as "the model draws random numbers"), and its TorchScript unoptimised (one
+    dropout: refused as drawing random numbers), and its TorchScript unoptimised (one
     loaded with ``torch.jit.load`` is in no compilation unit :func:`_unoptimised` finds alone).
     ``layout``: the model's as it is now (found here where not given).
     """

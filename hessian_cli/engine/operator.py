@@ -93,6 +93,10 @@ def _random_states(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
+def _same_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(map(torch.equal, a, b))
+
+
 # The graph node an @once_differentiable backward leaves where its incoming gradient needs a
 # gradient itself (torch's DelayedError); private, so looked up once and, should a torch version
 # lack it, not looked for.
@@ -325,15 +329,23 @@ class HessianOperator:
         # Of the model's own parameters (functional_call's values are others)
         versions = None if self._writes_checked or params is not None else self._versions()
         out = run_model(self.model, x, params)
+        # Looked at between the two too: a loss function that draws (F.dropout) was blamed on the
+        # model, "the model draws random numbers in eval mode", where the model drew none.
+        model_drew = before is not None and not _same_states(before, _random_states(self.device))
         loss = self.loss_fn(out, y)
         if before is not None:
             self._forward_checked = True
-            after = _random_states(self.device)
-            if not all(map(torch.equal, before, after)):
+            if model_drew:
                 raise UserError(
                     "The model draws random numbers in eval mode (F.dropout, whose default is "
                     "training=True, say), so each pass is of another function: make its forward "
                     "deterministic in eval mode, e.g. F.dropout(x, p, training=self.training)."
+                )
+            if not _same_states(before, _random_states(self.device)):
+                raise UserError(
+                    "The loss function draws random numbers (F.dropout, whose default is "
+                    "training=True, say), so each pass is of another function: make it "
+                    "deterministic, e.g. without the dropout."
                 )
         if versions is not None:
             self._writes_checked = True

@@ -37,6 +37,7 @@ from hessian_cli.engine.model_mode import (
     batch_statistics_error,
     has_batchnorm,
     holds_running_instance_statistics,
+    initial_statistics_layers,
 )
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import check_real
@@ -244,7 +245,8 @@ def analyze_target(
     """Analyse one checkpoint, a directory of them or several files (:func:`checkpoint_paths`),
     returned in series order (epoch, then step: :func:`series_key`); whatever stops a
     checkpoint after the first (bad input, an error, a lost torchrun peer, an interrupt) is
-    :class:`SeriesStopped`, which holds the results so far. ``notice`` is told, in one line, what of the series was left out;
+    :class:`SeriesStopped`, which holds the results so far. ``notice`` is told, in one line, what of the series was left out
+    and :func:`analyze_checkpoint`'s notes (of a series, each naming its checkpoint);
     ``starting``, as each checkpoint starts, its label (its path where others share it), place
     (from 1) and the count."""
     with distributed.fail_together():
@@ -316,7 +318,14 @@ def analyze_target(
             if held_only:
                 with distributed.fail_together():
                     ckpt = _at_its_turn(ckpt, request)
-            result = analyze_checkpoint(ckpt, request, progress, init=init, warm_from=warm_from)
+            result = analyze_checkpoint(
+                ckpt,
+                request,
+                progress,
+                init=init,
+                warm_from=warm_from,
+                notice=_of(named(ckpt), notice) if len(loaded) > 1 else notice,
+            )
         except (Exception, KeyboardInterrupt, Terminated) as exc:
             if not results:
                 if held_only and isinstance(exc, UserError):  # which of the series
@@ -349,6 +358,11 @@ def analyze_target(
             init, warm_from = result.eigen.eigenvectors, result.provenance["checkpoint"]
         results.append(result)
     return results
+
+
+def _of(label: str, notice: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """``notice`` of one checkpoint of a series: its lines name it."""
+    return None if notice is None else lambda line: notice(f"{label}: {line}")
 
 
 def _copy_of(copy: Path, kept: Path) -> str:
@@ -507,12 +521,16 @@ def analyze_checkpoint(
     *,
     init: torch.Tensor | None = None,
     warm_from: str | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> CheckpointAnalysis:
     """Run the requested solvers on one loaded checkpoint, the eigensolver warm-started from
-    ``init``, the eigenvectors of the checkpoint at the path ``warm_from`` (for the provenance)."""
+    ``init``, the eigenvectors of the checkpoint at the path ``warm_from`` (for the provenance);
+    ``notice`` is told, in one line, what makes its numbers meaningless though they are sound."""
     _check_request(request)
     with distributed.fail_together():
         s = _setup(ckpt, request)
+    if s.initial_bn is not None and s.initial_bn[0] and notice is not None:
+        notice(_initial_statistics_note(*s.initial_bn))
     distributed.check_same(
         lambda: {
             # Paths may differ between nodes (other mount points); what they hold may not.
@@ -539,6 +557,25 @@ def analyze_checkpoint(
             f"CUDA ran out of memory analysing {ckpt.label}: try a smaller --batch-size"
             f"{_or_fewer(request)}."
         ) from exc
+
+
+def _initial_statistics_note(initial: int, layers: int) -> str:
+    """What analyze says of ``initial`` of the model's ``layers`` BatchNorm layers holding the
+    running statistics they were built with (a model never trained, or saved before its first
+    step), by which eval mode does not normalise."""
+    which = (
+        "the model's BatchNorm layer"
+        if layers == 1
+        else f"all {layers} BatchNorm layers"
+        if initial == layers
+        else f"{initial} of the {layers} BatchNorm layers"
+    )
+    return (
+        f"note: {which} {'holds' if initial == 1 else 'hold'} initial running statistics "
+        "(mean 0, variance 1: no training step updated them), by which eval mode does not "
+        "normalise, so these are the numbers of an unnormalised network; --bn train normalises "
+        "by each batch's statistics."
+    )
 
 
 def _or_fewer(request: AnalyzeRequest) -> str:
@@ -569,6 +606,9 @@ class _Setup(NamedTuple):
     dtype: torch.dtype  # of the products (--dtype, or the checkpoint's)
     weights_part: str | None  # the leading name the checkpoint's weights were taken from
     batch_weight: Callable[[torch.Tensor], float] | None  # None: batches weigh their samples
+    # BatchNorm layers that eval mode runs by their initial statistics, of how many with
+    # running statistics (None: --bn train, which runs them by the batches')
+    initial_bn: tuple[int, int] | None
 
 
 def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:
@@ -758,6 +798,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         dtype,
         weights_part,
         label_weight(loss_spec, batches + minibatches),
+        initial_statistics_layers(model) if request.bn == "eval" else None,
     )
 
 
@@ -988,6 +1029,7 @@ def _provenance(
         # What the batches' mean losses are weighted by in the operator's mean (and so H).
         "batch_weight": "samples" if s.batch_weight is None else "labels",
         "bn": request.bn,
+        "bn_initial_statistics": None if s.initial_bn is None else s.initial_bn[0],
         "dtype": str(s.dtype).removeprefix("torch."),
         "precision": request.precision,
         "hvp_rel_error": hvp_rel_error,

@@ -1458,6 +1458,44 @@ def test_bn_train_takes_instancenorm_with_running_statistics_as_in_training(caps
     np.testing.assert_allclose(json.loads(out)["eigen"]["eigenvalues"], expected, rtol=1e-7)
 
 
+def test_batchnorm_with_its_initial_running_statistics_is_said_and_recorded(capsys, tmp_path):
+    """Eval mode by BatchNorm's initial statistics (mean 0, variance 1: a model never trained)
+    does not normalise (untrained ResNet-110's largest output 6e8), and analyze said nothing:
+    now one line names the layers and --bn train, and the provenance counts them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+        torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 10),
+    )  # fmt: skip
+    args = ("--trust-checkpoint", "--data", "digits", "--num-samples", "64", "--top-k", "1")
+    untrained = tmp_path / "untrained.pt"
+    torch.save(model, untrained)
+    model[:3].train()(torch.randn(16, 64))  # the first layer's statistics updated, not the second's
+    partly = tmp_path / "partly.pt"
+    torch.save(model, partly)
+    model.train()(torch.randn(16, 64))
+    trained = tmp_path / "trained.pt"
+    torch.save(model, trained)
+    for ckpt, bn, said, count in (
+        (untrained, "eval", "all 2 BatchNorm layers hold", 2),
+        (partly, "eval", "1 of the 2 BatchNorm layers holds", 1),
+        (trained, "eval", None, 0),
+        (untrained, "train", None, None),
+    ):
+        code, out, err = run(capsys, "analyze", ckpt, *args, "--bn", bn, "--json")
+        assert code == 0, err
+        assert json.loads(out)["provenance"].get("bn_initial_statistics") == count
+        notes = " ".join(err.split()).split("note: ")[1:]
+        if said is None:
+            assert not notes, err
+        else:
+            assert notes == [
+                f"{said} initial running statistics (mean 0, variance 1: no training step "
+                "updated them), by which eval mode does not normalise, so these are the numbers "
+                "of an unnormalised network; --bn train normalises by each batch's statistics."
+            ]
+
+
 def test_check_steps_the_budget_never_leaves_room_for_are_refused(capsys, digits_mlp):
     """The check runs only where its steps fit in what the budget leaves once the pairs have
     converged: --check-steps 5000 (default budget 2000) or 8 with --max-hvps 10 ran no check at

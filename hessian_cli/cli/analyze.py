@@ -324,7 +324,7 @@ def analyze(
             running = f"{escape(label)} ({place}/{count}): " if count > 1 else ""
             progress("loading", 0, 0)
 
-        def notice(line: str) -> None:  # what of a series was left out
+        def notice(line: str) -> None:  # what of a series was left out, notes on a checkpoint
             err_console.print(line, style="yellow", highlight=False, soft_wrap=True)
 
         try:

@@ -83,9 +83,7 @@ def write_analyses(
     import torch  # only writers need it; `show` starts faster without
 
     path = Path(path).resolve()  # a link's target is appended to, the link kept
-    # A stop (torchrun's SIGTERM when another rank ends) takes effect once the file is in place;
-    # waiting for another writer's lock, it takes effect at once, and nothing was written.
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # a stop's effect: see the docstring
         try:
             check_writable(path)
             make_folder(path.parent)

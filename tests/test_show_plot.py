@@ -921,6 +921,26 @@ def test_the_tolerance_is_shown_and_drawn_as_given():
     assert "tol 0.000125" in [t.get_text() for t in legend.get_texts()]
 
 
+def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
+    """A float32 digits MLP at --tol 2e-7: residuals 5.1e-8 to 5.7e-8, every pair NOT converged
+    (the rounding floor added), under "converged means residual ||Hv - λv|| / 2.242 <= tol"."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    eigen = {
+        "which": "largest",
+        "eigenvalues": [2.24246, 1.7794],
+        "residuals": [5.14e-8, 5.73e-8],
+        "converged": [False, False],
+        "tol": 2e-7,
+        "scale": 2.24246,
+    }
+    console = Console(width=400, record=True)
+    console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen}))
+    assert "/ 2.242 plus its rounding floor <= tol 2e-07" in console.export_text()
+
+
 def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
     eigen = {
         "which": "both",

@@ -87,8 +87,9 @@ def analyze(
     tol: float = typer.Option(
         1e-4,
         "--tol",
-        help="Converged when ||Hv - lambda v|| <= tol * |lambda_max| (with --criterion "
-        "eigenvalue: when each eigenvalue's relative error bound <= tol).",
+        help="Converged when ||Hv - lambda v||, plus what the products' rounding may hide "
+        "of it, <= tol * |lambda_max| (with --criterion eigenvalue: when each eigenvalue's "
+        "relative error bound <= tol).",
     ),
     criterion: str = typer.Option(
         "residual",

@@ -191,7 +191,9 @@ def _criterion(e: Mapping[str, Any]) -> str:
     measure = (
         "the bound on the eigenvalue's relative error (from residual² / gap)"
         if e.get("criterion") == "eigenvalue"
-        else f"residual ||Hv - λv|| / {_g(scale, '.4g')}"
+        # The residual test adds what the products' rounding may hide of a residual, so a
+        # float32 residual just below tol is not converged: the caption said it was.
+        else f"residual ||Hv - λv|| / {_g(scale, '.4g')} plus its rounding floor"
     )
     return f"{measure} <= tol {_g(e.get('tol'))}"
 

@@ -941,6 +941,33 @@ def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
     assert "/ 2.242 plus its rounding floor <= tol 2e-07" in console.export_text()
 
 
+def test_the_runs_legend_fits_the_figure():
+    """Two checkpoints each at --tol 1e-2 and 1e-6 (four runs): three columns of
+    "cnn (1,418), tol=1e-06" ran off the one-panel figure's right side (651 px of 640)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    ds = [
+        {
+            "name": model,
+            "provenance": {"model": model, "num_params": n, "step": step, "tol": tol},
+            "eigen": {
+                "which": "largest",
+                "eigenvalues": [2.0],
+                "residuals": [0.0],
+                "converged": [True],
+                "tol": tol,
+            },
+        }
+        for model, n, step in (("mlp", 2410, 168), ("cnn", 1418, 840))
+        for tol in (1e-2, 1e-6)
+    ]
+    fig = spectra_figure(ds)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+
+
 def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
     eigen = {
         "which": "both",

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -424,7 +425,14 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
             )
             for n, (_, m, lab) in enumerate(runs)
         ]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 3))
+        # Labels grow with what tells runs apart (", tol=1e-06", a directory): three columns
+        # of them ran off a one-panel figure's sides, cutting the last run's name.
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        for cols in range(min(len(runs), 3), 0, -1):
+            legend = fig.legend(handles=handles, loc="outside lower center", ncols=cols)
+            if cols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+                break
+            legend.remove()
     for ax in axes[: len(axes) - has_density]:  # steps, epochs and places: whole numbers
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig

@@ -216,6 +216,19 @@ def test_the_curvature_panel_marks_eigenvalues_that_did_not_converge():
     assert older.get_title() == "Top Hessian eigenvalue"
 
 
+def test_a_padding_only_step_leaves_the_loss_on_a_log_scale():
+    """A step whose minibatch held no label records a NaN loss: the per-step loss panel of such
+    a run (texts a quarter of which are unlabelled) was drawn on a linear scale."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    steps = {"step": np.arange(4), "loss": np.array([np.nan, 1.6, 1.2, 0.9])}
+    (ax,) = [ax for ax in metrics_figure({"steps": steps}).axes if ax.get_visible()]
+    assert ax.get_yscale() == "log"
+    steps["loss"][1] = 0.0  # a zero loss cannot be drawn on it
+    (ax,) = [ax for ax in metrics_figure({"steps": steps}).axes if ax.get_visible()]
+    assert ax.get_yscale() == "linear"
+
+
 def test_the_epochs_test_loss_is_drawn_beside_the_per_step_loss():
     """Epoch rows have no step to place them among the steps: the test loss was never drawn
     where per-step losses were recorded, which train always records."""

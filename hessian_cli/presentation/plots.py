@@ -521,7 +521,9 @@ def _step_axis(ax: Axes) -> None:
 
 def _loss_axis(ax: Axes, title: str) -> None:
     """Title, label and legend of a loss panel, on a log scale where every loss is positive."""
-    if all((np.asarray(line.get_ydata()) > 0).all() for line in ax.get_lines()):
+    # NaN (a step whose minibatch held no label) is no loss: one put the whole run on a linear
+    # scale.
+    if not any((np.asarray(line.get_ydata()) <= 0).any() for line in ax.get_lines()):
         ax.set_yscale("log")
     ax.set_title(title)
     ax.set_ylabel("loss")

@@ -321,16 +321,24 @@ def test_a_figure_named_without_a_suffix_is_written_as_png(capsys, files, tmp_pa
     assert not (tmp_path / "latest.png").exists()
 
 
-def test_plot_makes_the_directories_it_writes_in(capsys, files, tmp_path):
+def test_plot_makes_the_directories_it_writes_in(capsys, files, tmp_path, monkeypatch):
     """`plot -o figs/run1/fig.png` was refused ("The output directory ... does not exist")
-    where `train --out runs/e1` makes its directories: all three make them now."""
+    where `train --out runs/e1` makes its directories: all three make them now. One that
+    cannot be made (a file in the way) was found only once the figure was drawn, and said as
+    "Could not create the output directory notes/figs: not a directory"."""
     figure = tmp_path / "figs" / "run1" / "fig.png"
     code, out, err = run(capsys, "plot", files["series"], "-o", figure)
     assert code == 0 and out == f"wrote {figure}\n", err
     assert_png(figure)
     (tmp_path / "notes").write_text("my notes")
-    code, _, err = run(capsys, "plot", files["series"], "-o", tmp_path / "notes" / "fig.png")
-    assert code == 2 and "Could not create the output directory" in one_sentence(err)
+
+    def not_drawn(*_: object) -> None:
+        raise AssertionError("drawn before the output directory was checked")
+
+    monkeypatch.setattr("hessian_cli.presentation.plots.spectra_figure", not_drawn)
+    code, _, err = run(capsys, "plot", files["series"], "-o", tmp_path / "notes" / "figs" / "f.png")
+    said = f"lies under {tmp_path / 'notes'}, which is not a directory."
+    assert code == 2 and said in one_sentence(err)
 
 
 def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):

@@ -38,9 +38,11 @@ def plot(
         return
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.
     from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
-    from hessian_cli.storage.files import reading
+    from hessian_cli.storage.files import check_folder_makeable, reading
 
     output = named_path(output_name, "-o", "fig.png")
+    if not output.parent.exists():  # refused before the drawing, as analyze --out refuses it
+        check_folder_makeable(output.parent)
     file = result_file(given_path(file_name, "FILE", "spectra.h5"))
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout

@@ -209,7 +209,10 @@ def analyze(
         "the leading name of their keys (e.g. model_ema for model_ema.*).",
     ),
     out_name: str | None = typer.Option(
-        None, "--out", "-o", help="Write (or append to) this HDF5 file."
+        None,
+        "--out",
+        "-o",
+        help="Write (or append to) this HDF5 file, named as given (missing directories are made).",
     ),
     save_eigenvectors: bool = typer.Option(
         False, "--save-eigenvectors", help="Store the eigenvectors in the HDF5 file."

@@ -73,7 +73,11 @@ def train_command(
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     out_name: str | None = typer.Option(
-        None, "--out", "-o", help="New run directory (an existing run is never overwritten)."
+        None,
+        "--out",
+        "-o",
+        help="New run directory, made with any missing above it (an existing run is never "
+        "overwritten).",
     ),
     resume_name: str | None = typer.Option(
         None, "--resume", help="Continue the run in this directory exactly where it stopped."

@@ -101,6 +101,7 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "guard": int(e.guard),
             "check_hvps": int(e.check_hvps),
             "skipped_found": int(e.skipped_found),
+            "floor": number(e.floor),
             "stop_reason": e.stop_reason,
             "method": e.method,
         }

@@ -189,6 +189,22 @@ def test_a_guard_of_pairs_beyond_top_k_is_reported(capsys, digits_mlp):
     assert code == 0 and json.loads(out)["eigen"]["guard"] == 0
 
 
+def test_the_residuals_rounding_floor_is_recorded(capsys, digits_mlp, tmp_path):
+    """In float32 at --tol 2e-7 the residuals (5e-8) are below tol and every pair is NOT
+    converged: the floor the test adds (1.8e-7) was in no output, so no reader of the file
+    could tell why."""
+    out_file = tmp_path / "s.h5"
+    code, out, _ = run(
+        capsys, "analyze", digits_mlp, "--top-k", "3", "--tol", "2e-7", "--json", "--out", out_file
+    )
+    eigen = json.loads(out)["eigen"]
+    assert code == 3 and max(eigen["residuals"]) < eigen["tol"] and not any(eigen["converged"])
+    assert eigen["floor"] is not None
+    assert all(r + eigen["floor"] > eigen["tol"] for r in eigen["residuals"])
+    code, out, _ = run(capsys, "show", out_file, "--json")
+    assert code == 0 and json.loads(out)[0]["eigen"]["floor"] == eigen["floor"]
+
+
 def test_the_check_for_a_skipped_eigenvalue_is_reported_and_can_be_left_out(
     capsys, digits_mlp, tmp_path
 ):

@@ -944,7 +944,8 @@ def test_the_tolerance_is_shown_and_drawn_as_given():
 
 def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
     """A float32 digits MLP at --tol 2e-7: residuals 5.1e-8 to 5.7e-8, every pair NOT converged
-    (the rounding floor added), under "converged means residual ||Hv - λv|| / 2.242 <= tol"."""
+    (the rounding floor, 1.8e-7, added), under "converged means residual ||Hv - λv|| / 2.242 <=
+    tol": the floor is recorded and shown."""
     from rich.console import Console
 
     from hessian_cli.presentation.tables import analysis_table
@@ -956,10 +957,15 @@ def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
         "converged": [False, False],
         "tol": 2e-7,
         "scale": 2.24246,
+        "floor": 1.8e-7,
     }
     console = Console(width=400, record=True)
     console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen}))
-    assert "/ 2.242 plus its rounding floor <= tol 2e-07" in console.export_text()
+    assert "/ 2.242 plus its rounding floor 1.8e-07 <= tol 2e-07," in console.export_text()
+    del eigen["floor"]  # a file written before it was recorded
+    console = Console(width=400, record=True)
+    console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen}))
+    assert "/ 2.242 <= tol 2e-07," in console.export_text()
 
 
 def test_the_runs_legend_fits_the_figure():

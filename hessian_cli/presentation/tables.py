@@ -188,12 +188,15 @@ def _criterion(e: Mapping[str, Any]) -> str:
     scale = e.get("scale")
     if no_scale(e):  # it read "residual ||Hv - λv|| / 2.225e-308 <= tol"
         return "residual ||Hv - λv|| = 0 (every eigenvalue seen was 0: no |λ1| to scale tol by)"
+    # The residual test adds what the products' rounding may hide of a residual (its floor,
+    # recorded since 2026-12-01), so a float32 residual just below tol is not converged: the
+    # caption said it was.
+    floor = e.get("floor")
     measure = (
         "the bound on the eigenvalue's relative error (from residual² / gap)"
         if e.get("criterion") == "eigenvalue"
-        # The residual test adds what the products' rounding may hide of a residual, so a
-        # float32 residual just below tol is not converged: the caption said it was.
-        else f"residual ||Hv - λv|| / {_g(scale, '.4g')} plus its rounding floor"
+        else f"residual ||Hv - λv|| / {_g(scale, '.4g')}"
+        + ("" if floor is None else f" plus its rounding floor {_g(floor, '.2g')}")
     )
     return f"{measure} <= tol {_g(e.get('tol'))}"
 

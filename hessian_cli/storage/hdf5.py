@@ -618,6 +618,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "guard": _int(a.get("guard")),  # null in files written before it
             "check_hvps": _int(a.get("check_hvps")),  # and these two before 2026-11-30
             "skipped_found": _int(a.get("skipped_found")),
+            "floor": number(a.get("floor")),  # null in files written before 2026-12-01
             "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),
         }

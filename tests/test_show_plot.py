@@ -968,6 +968,28 @@ def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
     assert "/ 2.242 <= tol 2e-07," in console.export_text()
 
 
+def test_the_tol_line_is_the_bar_the_residuals_had_to_pass():
+    """The float32 digits MLP at --tol 2e-7: residuals of 5e-8, every pair NOT converged (the
+    rounding floor, 1.8e-7, added), drawn below a tol line at 2e-7."""
+    eigen = {
+        "which": "largest",
+        "eigenvalues": [2.24246, 1.7794],
+        "residuals": [5.14e-8, 5.73e-8],
+        "converged": [False, False],
+        "tol": 2e-7,
+        "scale": 2.24246,
+        "floor": 1.8e-7,
+    }
+    twin = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}]).axes[1]
+    (line,) = [line for line in twin.get_lines() if line.get_linestyle() == ":"]
+    assert line.get_ydata()[0] == pytest.approx(2e-8)
+    assert line.get_label() == "tol 2e-07 less the rounding floor 1.8e-07"
+    eigen["floor"] = 1e-9  # a hundredth of tol or less: the line is tol's
+    twin = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}]).axes[1]
+    (line,) = [line for line in twin.get_lines() if line.get_linestyle() == ":"]
+    assert line.get_ydata()[0] == 2e-7 and line.get_label() == "tol 2e-07"
+
+
 def test_the_runs_legend_fits_the_figure():
     """Two checkpoints each at --tol 1e-2 and 1e-6 (four runs): three columns of
     "cnn (1,418), tol=1e-06" ran off the one-panel figure's right side (651 px of 640)."""

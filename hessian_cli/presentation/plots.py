@@ -225,7 +225,17 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     # table says so); it was drawn as "/ |λ_max|" beside a tol line no residual was held to.
     zero = no_scale(e)
     if e.get("tol") is not None and not zero:
-        twin.axhline(e["tol"], color="C1", ls=":", lw=1, label=f"tol {e['tol']:g}")
+        tol, floor = e["tol"], e.get("floor") or 0.0
+        # A residual meets tol only with its rounding floor added: float32 residuals of 5e-8
+        # were marked NOT converged beside a tol line of 2e-7 they were all below.
+        if by_error or floor < tol / 100:  # no visible difference
+            twin.axhline(tol, color="C1", ls=":", lw=1, label=f"tol {tol:g}")
+        elif floor < tol:
+            label = f"tol {tol:g} less the rounding floor {floor:.2g}"
+            twin.axhline(tol - floor, color="C1", ls=":", lw=1, label=label)
+        else:
+            label = f"tol {tol:g}, below the rounding floor {floor:.2g}"
+            twin.axhline(tol, color="C1", ls=":", lw=1, label=label)
     twin.set_ylabel(
         "residual ||Hv-λv|| (every λ seen was 0)"
         if zero

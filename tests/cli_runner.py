@@ -36,3 +36,18 @@ def one_sentence(err: str, *, strict: bool = False) -> str:
     assert text.startswith("error:"), text
     assert not strict or text.count(". ") == 0, text
     return text
+
+
+# A spec file of 40 token texts, every 4th without a label (all -100): at --batch-size 2 some
+# minibatches hold padding only (`data`), and a model for them (`make`).
+PADDED_TEXTS = (
+    "import torch\nfrom torch import nn\n\n\n"
+    "def data():\n"
+    "    g = torch.Generator().manual_seed(0)\n"
+    "    x = torch.randint(0, 5, (40, 6), generator=g)\n"
+    "    y = torch.randint(0, 5, (40, 6), generator=g)\n"
+    "    y[::4] = -100  # every 4th text has no label\n"
+    "    return torch.utils.data.TensorDataset(x, y)\n\n\n"
+    "def make():\n"
+    "    return nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))\n"
+)

@@ -19,6 +19,7 @@ import h5py
 import pytest
 import torch
 import torch.distributed as dist
+from cli_runner import PADDED_TEXTS
 
 from hessian_cli.engine.distributed import shard
 from hessian_cli.errors import UserError
@@ -1153,17 +1154,7 @@ def test_train_two_ranks_step_over_a_global_batch_of_padding_only_as_one_process
 ) -> None:
     """A global minibatch of padding only (steps 0 and 12 here) stopped the run on 2 ranks as on
     one ("a batch of the data holds no label"): both make no update there, alike."""
-    (tmp_path / "texts.py").write_text(
-        "import torch\nfrom torch import nn\n\n\n"
-        "def data():\n"
-        "    g = torch.Generator().manual_seed(0)\n"
-        "    x = torch.randint(0, 5, (40, 6), generator=g)\n"
-        "    y = torch.randint(0, 5, (40, 6), generator=g)\n"
-        "    y[::4] = -100  # every 4th text has no label\n"
-        "    return torch.utils.data.TensorDataset(x, y)\n\n\n"
-        "def make():\n"
-        "    return nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))\n"
-    )
+    (tmp_path / "texts.py").write_text(PADDED_TEXTS)
     options = ["--eig-every", "3", "--track-every", "4", "--epochs", "1"]
     _one_process_and_two_ranks_train_alike(
         tmp_path, "texts.py:make", "texts.py:data", 2, options, "final.pt"

@@ -942,15 +942,10 @@ def test_the_tolerance_is_shown_and_drawn_as_given():
     assert "tol 0.000125" in [t.get_text() for t in legend.get_texts()]
 
 
-def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
-    """A float32 digits MLP at --tol 2e-7: residuals 5.1e-8 to 5.7e-8, every pair NOT converged
-    (the rounding floor, 1.8e-7, added), under "converged means residual ||Hv - λv|| / 2.242 <=
-    tol": the floor is recorded and shown."""
-    from rich.console import Console
-
-    from hessian_cli.presentation.tables import analysis_table
-
-    eigen = {
+def _below_the_floor() -> dict:
+    """The float32 digits MLP's eigenpairs at --tol 2e-7: residuals 5.1e-8 to 5.7e-8, every
+    pair NOT converged (the rounding floor, 1.8e-7, added)."""
+    return {
         "which": "largest",
         "eigenvalues": [2.24246, 1.7794],
         "residuals": [5.14e-8, 5.73e-8],
@@ -959,6 +954,17 @@ def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
         "scale": 2.24246,
         "floor": 1.8e-7,
     }
+
+
+def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
+    """A float32 digits MLP at --tol 2e-7: residuals 5.1e-8 to 5.7e-8, every pair NOT converged
+    (the rounding floor, 1.8e-7, added), under "converged means residual ||Hv - λv|| / 2.242 <=
+    tol": the floor is recorded and shown."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    eigen = _below_the_floor()
     console = Console(width=400, record=True)
     console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen}))
     assert "/ 2.242 plus its rounding floor 1.8e-07 <= tol 2e-07," in console.export_text()
@@ -971,15 +977,7 @@ def test_the_caption_says_the_residual_test_adds_the_rounding_floor():
 def test_the_tol_line_is_the_bar_the_residuals_had_to_pass():
     """The float32 digits MLP at --tol 2e-7: residuals of 5e-8, every pair NOT converged (the
     rounding floor, 1.8e-7, added), drawn below a tol line at 2e-7."""
-    eigen = {
-        "which": "largest",
-        "eigenvalues": [2.24246, 1.7794],
-        "residuals": [5.14e-8, 5.73e-8],
-        "converged": [False, False],
-        "tol": 2e-7,
-        "scale": 2.24246,
-        "floor": 1.8e-7,
-    }
+    eigen = _below_the_floor()
     twin = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}]).axes[1]
     (line,) = [line for line in twin.get_lines() if line.get_linestyle() == ":"]
     assert line.get_ydata()[0] == pytest.approx(2e-8)

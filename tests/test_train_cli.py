@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from cli_runner import exit_code, one_sentence, run
+from cli_runner import PADDED_TEXTS, exit_code, one_sentence, run
 
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.specs import analysis_batches, build_model, load_checkpoint, load_data
@@ -692,17 +692,7 @@ def test_refreshes_short_of_their_tolerance_are_said_at_the_end(capsys, tmp_path
 def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_path):
     """Such a step makes no update (its loss NaN in the metrics), which the run stopped at
     before; the end of the run says how many there were."""
-    (tmp_path / "tokens.py").write_text(
-        "import torch\nfrom torch import nn\n\n\n"
-        "def data():\n"
-        "    g = torch.Generator().manual_seed(0)\n"
-        "    x = torch.randint(0, 5, (40, 6), generator=g)\n"
-        "    y = torch.randint(0, 5, (40, 6), generator=g)\n"
-        "    y[::4] = -100  # every 4th text has no label\n"
-        "    return torch.utils.data.TensorDataset(x, y)\n\n\n"
-        "def make():\n"
-        "    return nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))\n"
-    )
+    (tmp_path / "tokens.py").write_text(PADDED_TEXTS)
     out = tmp_path / "run"
     code, _, err = run(
         capsys, "train", "--model", f"{tmp_path}/tokens.py:make", "--data",

@@ -320,6 +320,11 @@ def _stop_signals(stop: _StopRequest) -> Iterator[None]:
         yield
 
 
+def _note(text: str) -> None:
+    """A line of the end of a run on stderr, beside its results (yellow, unwrapped)."""
+    err_console.print(text, style="yellow", highlight=False, soft_wrap=True)
+
+
 def _its(count: int, thing: str) -> str:
     """``its vector was`` of one, ``their vectors were`` of several ("1 of 4 refreshes ...")."""
     return f"its {thing} was" if count == 1 else f"their {thing}s were"
@@ -343,48 +348,36 @@ def _report(
         console.print(epoch_table(summary.epochs))
     if summary.negative_refreshes:  # counted by EigenSAM, said nowhere else
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
-        err_console.print(
+        _note(
             f"Warning: {summary.negative_refreshes} of {refreshes} found no positive curvature "
             f"(top eigenvalue <= 0); {_its(summary.negative_refreshes, 'vector')} used all the "
             f"same (the eigenvalues are in {where / METRICS_FILE}).",
-            style="yellow",
-            highlight=False,
-            soft_wrap=True,
         )
     if summary.unconverged_refreshes:  # shown by show and plot, said nowhere else
         from eigensam.refresh import DEFAULT_TOL
 
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
-        err_console.print(
+        _note(
             f"Note: {summary.unconverged_refreshes} of {refreshes} stopped at the HVP budget "
             f"with a residual above the tolerance {DEFAULT_TOL:.0e}; "
             f"{_its(summary.unconverged_refreshes, 'vector')} used all the same (the residuals "
             f"are in {where / METRICS_FILE}).",
-            style="yellow",
-            highlight=False,
-            soft_wrap=True,
         )
     if summary.unlabelled_steps:  # their loss is NaN in the metrics, said nowhere else
         n = summary.unlabelled_steps
-        err_console.print(
+        _note(
             f"Note: {counted(n, 'minibatch', 'minibatches')} held no label but -100 (padding): "
             f"no update was made on {'it' if n == 1 else 'them'}.",
-            style="yellow",
-            highlight=False,
-            soft_wrap=True,
         )
     if summary.unconverged_tracks:  # the tables show their values as they show the others
         from eigensam.tracking import TRACK_TOL
 
         tracks = counted(summary.tracks, "lambda_max measurement")
-        err_console.print(
+        _note(
             f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) stopped at the "
             f"HVP budget with a residual above the tolerance {TRACK_TOL:.0e}, so "
             f"{'its value' if summary.unconverged_tracks == 1 else 'their values'} may be off "
             f"(the residuals are in {where / METRICS_FILE}).",
-            style="yellow",
-            highlight=False,
-            soft_wrap=True,
         )
     if summary.finished:
         if not quiet:
@@ -402,7 +395,7 @@ def _report(
     )
     message = f"{why} at step {summary.step} of {summary.total_steps}: {resume_hint(where)}."
     if summary.interrupted:
-        err_console.print(message, style="yellow", highlight=False, soft_wrap=True)
+        _note(message)
         raise typer.Exit(stop.exit_status)
     if not quiet:
         console.print(message, highlight=False, soft_wrap=True)

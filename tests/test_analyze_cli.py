@@ -1861,7 +1861,7 @@ def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
 
 
 @pytest.mark.parametrize(
-    "kind", ["text file", "under a file", "metrics file", "figure name", "empty name"]
+    "kind", ["text file", "under a file", "metrics file", "figure name", "empty name", "dash"]
 )
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     capsys, monkeypatch, tmp_path, digits_mlp, kind
@@ -1878,6 +1878,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         "metrics file": tmp_path / "metrics.h5",
         "figure name": tmp_path / "spectrum.PNG",  # HDF5 under an image's name misleads
         "empty name": "",
+        "dash": "-",  # standard output's name: an HDF5 file named "-" was written
     }[kind]
     if kind in ("text file", "under a file"):
         (tmp_path / "notes").write_text("my notes")
@@ -1890,6 +1891,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         "metrics file": "not a spectra file",
         "figure name": "names a .png file, but the results are written as HDF5",
         "empty name": "--out needs a name, such as spectra.h5",
+        "dash": "--out - names no file here (not standard output): give one, such as spectra.h5",
     }[kind]
     assert expected in _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out)
     if kind == "text file":

@@ -1132,9 +1132,10 @@ def test_plot_onto_standard_output_writes_the_figure_alone(files, tmp_path):
     redirected to a file it made /dev/stdout.png (a root may write to /dev) and left that file
     empty. /proc/self/fd/1 is the same link, in a directory where nothing can be made."""
     plot = [sys.executable, "-m", "hessian_cli", "plot", str(files["series"]), "-o"]
-    piped = subprocess.run([*plot, "/dev/stdout"], capture_output=True, timeout=120)
-    assert piped.returncode == 0, piped.stderr
-    assert piped.stdout[:8] == PNG and piped.stdout.endswith(PNG_END)
+    for name in ("/dev/stdout", "-"):  # "-" made a file named -.png
+        piped = subprocess.run([*plot, name], capture_output=True, timeout=120)
+        assert piped.returncode == 0, piped.stderr
+        assert piped.stdout[:8] == PNG and piped.stdout.endswith(PNG_END)
     figure = tmp_path / "fig.png"
     with figure.open("wb") as redirected:
         done = subprocess.run(

@@ -82,7 +82,12 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
 
 
 def named_path(text: str | None, option: str, example: str) -> Path | None:
-    """The path an option names, if given (see :func:`given_path`)."""
+    """The path an option names, if given (see :func:`given_path`). ``-``, standard output's
+    usual name, is refused: `analyze --out -` wrote an HDF5 file named ``-``."""
+    if text == "-":
+        raise UserError(
+            f"{option} - names no file here (not standard output): give one, such as {example}."
+        )
     return None if text is None else given_path(text, option, example)
 
 

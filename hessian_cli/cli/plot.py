@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from hessian_cli.cli.app import app, results_console
@@ -41,7 +43,8 @@ def plot(
     from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
     from hessian_cli.storage.files import check_folder_makeable, reading
 
-    output = named_path(output_name, "-o", "fig.png")
+    # `-o -`: standard output, as other tools take it (the figure's bytes alone)
+    output = Path("/dev/stdout") if output_name == "-" else named_path(output_name, "-o", "fig.png")
     if not output.parent.exists():  # refused before the drawing, as analyze --out refuses it
         check_folder_makeable(output.parent)
     file = result_file(given_path(file_name, "FILE", "spectra.h5"))

@@ -603,6 +603,15 @@ class _BnTanhDropoutLoss(torch.nn.Module):
         return F.cross_entropy(F.dropout(torch.tanh(z), 0.1, self.training), t)
 
 
+def _products_and_oracle_are(H, model, loss, batches, backend: str) -> None:
+    """The operator's products with ``loss`` (by ``backend``) and the dense oracle's Hessian
+    are ``H``, the eager loss's."""
+    op = HessianOperator(model, loss, batches, backend=backend)
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H)
+    torch.testing.assert_close(dense_hessian(model, loss, batches), H)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("as_module", [False, True])
 @pytest.mark.parametrize("backend", ["double-backward", "func"])
@@ -615,10 +624,7 @@ def test_a_torchscript_loss_is_differentiated_as_its_eager_function(backend, as_
     scripted = torch.jit.script(_BnTanhDropoutLoss().eval() if as_module else _bn_tanh_dropout_loss)
     for _ in range(2):  # optimised, as a user's own calls leave it
         scripted(model(batches[0][0]), batches[0][1]).backward()
-    op = HessianOperator(model, scripted, batches, backend=backend)
-    V = torch.randn(3, op.n, dtype=torch.float64)
-    torch.testing.assert_close(op.matmul(V), V @ H)
-    torch.testing.assert_close(dense_hessian(model, scripted, batches), H)
+    _products_and_oracle_are(H, model, scripted, batches, backend)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -636,10 +642,7 @@ def test_a_loaded_torchscript_loss_is_differentiated_as_its_eager_function(backe
     H = dense_hessian(model, _bn_tanh_dropout_loss, batches)
     for _ in range(2):  # optimised, as a user's own calls leave it
         loss(model(batches[0][0]), batches[0][1]).backward()
-    op = HessianOperator(model, loss, batches, backend=backend)
-    V = torch.randn(3, op.n, dtype=torch.float64)
-    torch.testing.assert_close(op.matmul(V), V @ H)
-    torch.testing.assert_close(dense_hessian(model, loss, batches), H)
+    _products_and_oracle_are(H, model, loss, batches, backend)
 
 
 class _DropoutLoss(torch.nn.Module):

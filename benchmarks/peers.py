@@ -28,7 +28,8 @@ limit keeps what it finished. A run that raises prints one line "case X failed: 
 goes on.
 
 Defaults: on CPU ResNet-20 with PyHessian's checkpoint (../shared/fixtures) and 4 batches of 128
-inputs; on CUDA torchvision's ResNet-18 (10 classes, weights from seed 0) and 16 batches of 256.
+inputs; on CUDA torchvision's ResNet-18 (10 classes, weights from seed 0; resnet18.py's copy
+where torchvision does not import) and 16 batches of 256.
 Inputs are CIFAR-shaped Gaussians with random labels (seed 0); the first batch is the data of
 every single-batch case. float32 with TF32 off (matmul and cuDNN) for every tool.
 
@@ -895,12 +896,29 @@ def run(args: argparse.Namespace) -> None:
     print_ratios(b)
 
 
+def default_model(cuda: bool) -> str:
+    """ResNet-20 on the CPU; on CUDA torchvision's ResNet-18, or where torchvision does not
+    import (not installed, or built for another torch), resnet18.py's copy of it: the same
+    weights, where ``torchvision:resnet18`` would stop the run before its first case."""
+    if not cuda:
+        return "resnet20"
+    try:
+        import torchvision.models  # noqa: F401
+    except Exception:  # noqa: BLE001  (a torchvision built for another torch raises RuntimeError)
+        return f"{Path(__file__).with_name('resnet18.py')}:resnet18"
+    return "torchvision:resnet18"
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", help="default: resnet20 on CPU, torchvision:resnet18 on CUDA")
+    parser.add_argument(
+        "--model",
+        help="default: resnet20 on CPU, torchvision:resnet18 on CUDA (resnet18.py's copy of it "
+        "where torchvision does not import)",
+    )
     parser.add_argument("--checkpoint", help="default: PyHessian's checkpoint for resnet20")
     parser.add_argument("--batch", type=int, help="inputs per batch (default 128 CPU, 256 CUDA)")
     parser.add_argument(
@@ -951,7 +969,7 @@ def parse_args() -> argparse.Namespace:
         args.density_probes, args.density_steps = args.density_probes or 4, args.density_steps or 10
     args.many_k, args.probes = args.many_k or 50, args.probes or 30
     args.density_probes, args.density_steps = args.density_probes or 8, args.density_steps or 40
-    args.model = args.model or ("torchvision:resnet18" if cuda else "resnet20")
+    args.model = args.model or default_model(cuda)
     if args.checkpoint is None:
         args.checkpoint = str(FIXTURE) if args.model == "resnet20" and FIXTURE.exists() else ""
     args.batch = args.batch or (256 if cuda else 128)

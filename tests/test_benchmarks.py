@@ -1,0 +1,37 @@
+"""The benchmark scripts' options and defaults (benchmarks/), without running a benchmark."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import peers  # noqa: E402
+
+from hessian_cli.specs import build_model  # noqa: E402
+
+
+def parse(monkeypatch: pytest.MonkeyPatch, *argv: str):
+    monkeypatch.setattr(sys, "argv", ["peers.py", *argv])
+    return peers.parse_args()
+
+
+def build(spec: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(spec, input_shape=(3, 32, 32), num_classes=10)
+
+
+def test_cuda_default_model_builds_without_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision fails
+    model = build(parse(monkeypatch, "--device", "cuda").model)
+    assert sum(p.numel() for p in model.parameters()) == 11_181_642
+
+
+def test_resnet18_copy_has_torchvisions_weights() -> None:
+    pytest.importorskip("torchvision")
+    ours = build(f"{peers.Path(peers.__file__).with_name('resnet18.py')}:resnet18")
+    theirs = build("torchvision:resnet18")
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,6 +9,7 @@ a gradient and a product, a kept graph's product replayed from a CUDA graph (CUD
 profile of one top-5 solve. TF32 off, as in the engine.
 
     python benchmarks/overhead.py --device cuda      # ResNet-18, batches of 256 inputs
+    python benchmarks/overhead.py --device cpu       # ResNet-20 (random weights)
 
 Prints one table of timings (median of --reps, synchronised) and the profiler's top operators.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peers import attempt, timed  # benchmarks/ is the script's directory, hence on sys.path
+from peers import attempt, default_model, timed  # the script's directory is on sys.path
 from torch.func import functional_call, grad, jvp, vmap
 
 from hessian_cli.engine.batchnorm_formula import batchnorm_formula, formula_ready
@@ -333,14 +334,20 @@ def cudnn_rows(
         torch.backends.cudnn.benchmark = previous
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="torchvision:resnet18")
+    parser.add_argument("--model", help="default: peers.py's for the device")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    args.model = args.model or default_model(torch.device(args.device).type == "cuda")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     # As peers.py and the engine's float32 products: cuDNN's TF32, on by default in PyTorch,
     # made the eager rows below (the third to twenty-third sessions') faster than any product

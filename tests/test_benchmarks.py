@@ -35,3 +35,12 @@ def test_resnet18_copy_has_torchvisions_weights() -> None:
     theirs = build("torchvision:resnet18")
     a, b = ours.state_dict(), theirs.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overhead_cpu_default_model_needs_no_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+    import overhead
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setattr(sys, "argv", ["overhead.py", "--device", "cpu"])
+    model = build(overhead.parse_args().model)
+    assert sum(p.numel() for p in model.parameters()) == 272_474  # ResNet-20

@@ -41,9 +41,10 @@ class Timed(DiagonalOperator):
 
 
 def spectrum(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` eigenvalues: ``1000 / i`` for the first 200 (all ``n`` where fewer), then the bulk."""
     g = torch.Generator().manual_seed(seed)
-    top = 1000.0 / torch.arange(1, 201, dtype=torch.float64)
-    return torch.cat([top, 2 * torch.randn(n - 200, generator=g, dtype=torch.float64)]).float()
+    top = 1000.0 / torch.arange(1, min(n, 200) + 1, dtype=torch.float64)
+    return torch.cat([top, 2 * torch.randn(n - len(top), generator=g, dtype=torch.float64)]).float()
 
 
 def main() -> None:

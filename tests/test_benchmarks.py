@@ -44,3 +44,10 @@ def test_overhead_cpu_default_model_needs_no_torchvision(monkeypatch: pytest.Mon
     monkeypatch.setattr(sys, "argv", ["overhead.py", "--device", "cpu"])
     model = build(overhead.parse_args().model)
     assert sum(p.numel() for p in model.parameters()) == 272_474  # ResNet-20
+
+
+def test_solver_cost_spectrum_below_200_entries() -> None:
+    import solver_cost
+
+    values = solver_cost.spectrum(150)
+    assert values.shape == (150,) and torch.allclose(values[:2], torch.tensor([1000.0, 500.0]))

@@ -955,8 +955,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
-    for name in ("seeds", "dataloader_seeds"):  # none: no row to give a case its ratio
-        if getattr(args, name) < 1:
+    # Counts below 1, refused before the defaults below take a 0 for "not given" (--reps 0 ran
+    # with 2, --reps -1 crashed on the median of no timings, --seeds 0 left no row to compare).
+    counts = ("seeds", "dataloader_seeds", "reps", "k", "many_k", "batch", "batches")
+    for name in (*counts, "probes", "density_probes", "density_steps"):
+        if (value := getattr(args, name)) is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if unknown := set(args.cases) - set(CASES):
         parser.error(

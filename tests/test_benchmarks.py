@@ -51,3 +51,13 @@ def test_solver_cost_spectrum_below_200_entries() -> None:
 
     values = solver_cost.spectrum(150)
     assert values.shape == (150,) and torch.allclose(values[:2], torch.tensor([1000.0, 500.0]))
+
+
+@pytest.mark.parametrize("option", ["--reps", "--probes", "--batch", "--many-k"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_peers_refuses_counts_below_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, option: str, value: str
+) -> None:
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, option, value)
+    assert f"{option} must be at least 1" in capsys.readouterr().err

@@ -1,5 +1,8 @@
 """The benchmark scripts' options and defaults (benchmarks/), without running a benchmark."""
 
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +64,24 @@ def test_peers_refuses_counts_below_one(
     with pytest.raises(SystemExit):
         parse(monkeypatch, option, value)
     assert f"{option} must be at least 1" in capsys.readouterr().err
+
+
+def session(tmp_path: Path, total_s: int) -> list[str]:
+    """gpu_session.sh's steps in the order it ran them, with gpu.sh and gpu_tests.sh stubbed."""
+    root = Path(__file__).parents[1]
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    shutil.copy(root / "benchmarks" / "gpu_session.sh", bench)
+    for name in ("gpu.sh", "gpu_tests.sh"):
+        (bench / name).write_text(f'echo {name} >> "$OUT/order"\n')
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TOTAL_S": str(total_s)}
+    subprocess.run(["bash", str(bench / "gpu_session.sh")], env=env, check=True)
+    return (tmp_path / "out" / "order").read_text().split()
+
+
+def test_gpu_session_runs_the_benchmarks_before_the_tests(tmp_path: Path) -> None:
+    assert session(tmp_path, 560) == ["gpu.sh", "gpu_tests.sh"]
+
+
+def test_gpu_session_short_of_time_cuts_the_tests(tmp_path: Path) -> None:
+    assert session(tmp_path, 10) == ["gpu.sh"]

@@ -342,6 +342,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    for name in ("batch", "batches", "reps"):  # none: no input, or the median of no timings
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     args.model = args.model or default_model(torch.device(args.device).type == "cuda")
     return args
 

@@ -66,6 +66,18 @@ def test_peers_refuses_counts_below_one(
     assert f"{option} must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--reps", "--batches"])
+def test_overhead_refuses_counts_below_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, option: str
+) -> None:
+    import overhead
+
+    monkeypatch.setattr(sys, "argv", ["overhead.py", option, "0"])
+    with pytest.raises(SystemExit):
+        overhead.parse_args()
+    assert f"{option} must be at least 1" in capsys.readouterr().err
+
+
 def session(tmp_path: Path, total_s: int) -> list[str]:
     """gpu_session.sh's steps in the order it ran them, with gpu.sh and gpu_tests.sh stubbed."""
     root = Path(__file__).parents[1]

@@ -78,6 +78,15 @@ def test_overhead_refuses_counts_below_one(
     assert f"{option} must be at least 1" in capsys.readouterr().err
 
 
+def test_overhead_batchnorm_rows_without_batchnorm(capsys: pytest.CaptureFixture) -> None:
+    import overhead
+
+    model = build("mlp").eval()
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    overhead.batchnorm_rows(model, batch, torch.device("cpu"), reps=1)
+    assert "no BatchNorm layer" in capsys.readouterr().out
+
+
 def session(tmp_path: Path, total_s: int) -> list[str]:
     """gpu_session.sh's steps in the order it ran them, with gpu.sh and gpu_tests.sh stubbed."""
     root = Path(__file__).parents[1]

@@ -1153,9 +1153,11 @@ def test_a_layer_held_under_two_names_is_evaluated_functionally_and_left_as_it_w
     torch.testing.assert_close(double.matmul(V), V @ H)
 
 
-def test_a_torchscript_part_is_differentiated_twice_not_through_torch_func():
+def test_a_torchscript_part_is_differentiated_through_torch_func_as_its_eager_model():
     """torch.func through a scripted Sequential was 0.5-1.0 off once the script had run a few
-    times (optimised), with no error: where a model holds TorchScript, double backward."""
+    times (optimised), with no error, so models holding TorchScript went to double backward;
+    the scripts run unoptimised now, and torch.func is exact there (within 1e-15) again, also
+    after the model ran outside between products."""
 
     class Mixed(torch.nn.Module):
         def __init__(self) -> None:
@@ -1172,9 +1174,10 @@ def test_a_torchscript_part_is_differentiated_twice_not_through_torch_func():
     H = dense_hessian(model, F.cross_entropy, batches)
     op = HessianOperator(model, F.cross_entropy, batches, backend="func")
     for _ in range(3):  # the script is optimised after its first runs
+        model(batches[0][0]).sum().backward()
         V = torch.randn(3, op.n, dtype=torch.float64)
         torch.testing.assert_close(op.matmul(V), V @ H)
-    assert op.backends_used == {"double-backward"}
+    assert op.backends_used == {"func"}
 
 
 def test_a_scripted_models_tied_weight_is_shifted_by_its_second_name():

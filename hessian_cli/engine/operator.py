@@ -249,17 +249,16 @@ class HessianOperator:
             raise UserError(f"Unknown HVP backend {backend!r}: use auto, double-backward or func.")
         self.backend = backend
         self.backends_used: set[str] = set()
-        # torch.func through TorchScript is wrong once the script is optimised (a scripted
-        # Sequential inside an eager model: its products 0.5-1.0 off from its third run on, with
-        # no error): double backward there.
+        # torch.func cannot call a TorchScript model with other values ("The stateless API
+        # can't be used with Jitted modules"): double backward there. Through a scripted part it
+        # is exact, as the scripts run unoptimised (_unoptimised; by the optimised plan a
+        # scripted Sequential's products were 0.5-1.0 off, with no error).
         # An embedding's padding row has no gradient (its backward masks it), but forward mode
         # carries its tangent on: torch.func's products had a column for it that the zero row
         # does not mirror (an Embedding(padding_idx=0) under a linear layer: 0.24 asymmetric,
         # eigenvalues of another matrix). Double backward masks both, as the dense Hessian does.
-        self._func_ok = not any(
-            isinstance(m, torch.jit.ScriptModule)
-            or (isinstance(m, nn.Embedding) and m.padding_idx is not None)
-            for m in model.modules()
+        self._func_ok = not isinstance(model, torch.jit.ScriptModule) and not any(
+            isinstance(m, nn.Embedding) and m.padding_idx is not None for m in model.modules()
         )
         self.precision = check_precision(precision, self.device, self.dtype)
         # None: keep one batch's graph; several batches' while they fit (_keeps).

@@ -559,22 +559,27 @@ def analyze_checkpoint(
         ) from exc
 
 
-def _initial_statistics_note(initial: int, layers: int) -> str:
-    """What analyze says of ``initial`` of the model's ``layers`` BatchNorm layers holding the
-    running statistics they were built with (a model never trained, or saved before its first
-    step), by which eval mode does not normalise."""
+def _initial_statistics_note(initial: int, layers: int, kind: str) -> str:
+    """What analyze says of ``initial`` of the model's ``layers`` normalisation layers of
+    ``kind`` (BatchNorm, InstanceNorm or both) holding the running statistics they were built
+    with (a model never trained, or saved before its first step), by which eval mode does not
+    normalise."""
     which = (
-        "the model's BatchNorm layer"
+        f"the model's {kind} layer"
         if layers == 1
-        else f"all {layers} BatchNorm layers"
+        else f"all {layers} {kind} layers"
         if initial == layers
-        else f"{initial} of the {layers} BatchNorm layers"
+        else f"{initial} of the {layers} {kind} layers"
     )
+    statistics = {
+        "BatchNorm": "each batch's statistics",
+        "InstanceNorm": "each sample's statistics",
+    }.get(kind, "each batch's statistics (InstanceNorm by each sample's)")
     return (
         f"note: {which} {'holds' if initial == 1 else 'hold'} initial running statistics "
         "(mean 0, variance 1: no training step updated them), by which eval mode does not "
         "normalise, so these are the numbers of an unnormalised network; --bn train normalises "
-        "by each batch's statistics."
+        f"by {statistics}."
     )
 
 
@@ -606,9 +611,10 @@ class _Setup(NamedTuple):
     dtype: torch.dtype  # of the products (--dtype, or the checkpoint's)
     weights_part: str | None  # the leading name the checkpoint's weights were taken from
     batch_weight: Callable[[torch.Tensor], float] | None  # None: batches weigh their samples
-    # BatchNorm layers that eval mode runs by their initial statistics, of how many with
-    # running statistics (None: --bn train, which runs them by the batches')
-    initial_bn: tuple[int, int] | None
+    # BatchNorm (and InstanceNorm) layers that eval mode runs by their initial statistics, of
+    # how many with running statistics, and their kinds (None: --bn train, which runs them by
+    # the batches')
+    initial_bn: tuple[int, int, str] | None
 
 
 def _with_recorded_classes(data: DataSource, recorded: Any) -> DataSource:

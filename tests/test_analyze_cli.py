@@ -1512,6 +1512,45 @@ def test_batchnorm_with_its_initial_running_statistics_is_said_and_recorded(caps
             ]
 
 
+@pytest.mark.parametrize(
+    ("batchnorm", "said", "statistics"),
+    [
+        (False, "the model's InstanceNorm layer holds", "each sample's statistics"),
+        (
+            True,
+            "all 2 BatchNorm and InstanceNorm layers hold",
+            "each batch's statistics (InstanceNorm by each sample's)",
+        ),
+    ],
+)
+def test_instancenorm_with_its_initial_running_statistics_is_said_and_recorded(
+    capsys, tmp_path, batchnorm, said, statistics
+):
+    """An InstanceNorm layer with track_running_stats=True runs by its running statistics in
+    eval mode as BatchNorm does, so at its initial ones (a model never trained) it does not
+    normalise either; analyze counted only BatchNorm's (bn_initial_statistics 0, no note)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 12), torch.nn.Unflatten(1, (3, 4)),
+        torch.nn.InstanceNorm1d(3, track_running_stats=True), torch.nn.Tanh(),
+        torch.nn.Flatten(), *([torch.nn.BatchNorm1d(12)] if batchnorm else []),
+        torch.nn.Linear(12, 10),
+    )  # fmt: skip
+    ckpt = tmp_path / "untrained.pt"
+    torch.save(model, ckpt)
+    code, out, err = run(
+        capsys, "analyze", ckpt, "--trust-checkpoint", "--data", "digits", "--num-samples", "64",
+        "--top-k", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["provenance"]["bn_initial_statistics"] == 1 + batchnorm
+    assert " ".join(err.split()).split("note: ")[1:] == [
+        f"{said} initial running statistics (mean 0, variance 1: no training step updated "
+        "them), by which eval mode does not normalise, so these are the numbers of an "
+        f"unnormalised network; --bn train normalises by {statistics}."
+    ]
+
+
 def test_check_steps_the_budget_never_leaves_room_for_are_refused(capsys, digits_mlp):
     """The check runs only where its steps fit in what the budget leaves once the pairs have
     converged: --check-steps 5000 (default budget 2000) or 8 with --max-hvps 10 ran no check at

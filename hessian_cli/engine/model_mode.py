@@ -39,21 +39,26 @@ def has_batchnorm(model: nn.Module) -> bool:
     )
 
 
-def initial_statistics_layers(model: nn.Module) -> tuple[int, int]:
-    """How many of ``model``'s BatchNorm layers that keep running statistics still hold those
-    they were built with (mean 0, variance 1: no training step updated them), and of how many.
+def initial_statistics_layers(model: nn.Module) -> tuple[int, int, str]:
+    """How many of ``model``'s normalisation layers that keep running statistics (BatchNorm, and
+    InstanceNorm with ``track_running_stats=True``) still hold those they were built with (mean
+    0, variance 1: no training step updated them), of how many, and which kinds they are
+    ("BatchNorm", "InstanceNorm", or "BatchNorm and InstanceNorm").
 
     By these, eval mode does not normalise: untrained ResNets' outputs grow with depth (largest
     output on random input: ResNet-20 5.5, ResNet-56 1.0e4, ResNet-110 6.0e8).
     """
     initial = layers = 0
+    kinds: set[str] = set()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or scripted_batchnorm(m):
+        batchnorm = isinstance(m, nn.modules.batchnorm._BatchNorm) or scripted_batchnorm(m)
+        if batchnorm or holds_running_instance_statistics(m):
             mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
             if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
                 layers += 1
                 initial += not mean.any() and bool(torch.all(var == 1))
-    return initial, layers
+                kinds.add("BatchNorm" if batchnorm else "InstanceNorm")
+    return initial, layers, " and ".join(sorted(kinds))
 
 
 def holds_running_instance_statistics(

@@ -255,6 +255,18 @@ def test_custom_class_needs_trust(tmp_path: Path) -> None:
     assert set(load_checkpoint(path, trust=True).state_dict) == set(small_state())
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_lazy_modules_uninitialized_weights_are_refused(tmp_path: Path, whole: bool) -> None:
+    """A trusted checkpoint of a model with lazy modules saved before its first forward (the
+    model, or its state dict) ended analyze in torch's words as an unexpected ValueError or
+    RuntimeError."""
+    model = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 2))
+    path = tmp_path / "lazy.pt"
+    torch.save(model if whole else model.state_dict(), path)
+    with pytest.raises(UserError, match="holds '0.weight' uninitialized, a lazy module's"):
+        load_checkpoint(path, trust=True)
+
+
 def test_a_torchscript_archive_is_named_and_read_only_with_trust(tmp_path: Path) -> None:
     """torch.jit.save's archives were refused as 'corrupt, truncated or not a torch file'."""
     path = tmp_path / "scripted.pt"

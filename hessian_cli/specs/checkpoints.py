@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from hessian_cli.atomic import atomic_path, file_sha256
 from hessian_cli.errors import UserError, a_type, first_line
@@ -173,6 +174,12 @@ def load_checkpoint(
     if path.name in TRAINER_WEIGHTS and "step" not in metadata:
         metadata = {**metadata, **_trainer_step(path.parent / TRAINER_STATE)}
     state = _strip_prefixes(state)
+    if (lazy := next((k for k, v in state.items() if is_lazy(v)), None)) is not None:
+        # (torch's ValueError at the first use of it, as an unexpected error)
+        raise UserError(
+            f"checkpoint {str(path)!r} holds {lazy!r} uninitialized, a lazy module's "
+            "(nn.LazyLinear, ...) saved before the model's first forward pass: it holds no values."
+        )
     return LoadedCheckpoint(
         path=path,
         sha256=digest,

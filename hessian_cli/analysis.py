@@ -38,6 +38,7 @@ from hessian_cli.engine.model_mode import (
     has_batchnorm,
     holds_running_instance_statistics,
     initial_statistics_layers,
+    scripted_running_norm,
 )
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import check_real
@@ -781,7 +782,8 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         check_targets(loss_spec, minibatches, data.num_classes)
     if request.bn == "train":
         if not has_batchnorm(model) and not any(
-            holds_running_instance_statistics(m) for m in model.modules()
+            holds_running_instance_statistics(m) or scripted_running_norm(m)
+            for m in model.modules()
         ):
             raise UserError(
                 "--bn train switches BatchNorm layers to batch statistics (and InstanceNorm "

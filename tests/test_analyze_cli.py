@@ -1440,6 +1440,24 @@ def test_options_that_would_change_nothing_for_this_model_or_device_are_refused(
     assert message.startswith("error: --precision tf32 is a CUDA matrix format: on cpu")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_bn_train_on_a_scripted_instancenorm_says_it_cannot_switch_it(capsys, tmp_path):
+    """A TorchScript model whose InstanceNorm keeps running statistics was refused --bn train
+    as having no such layer ('the model has none'), where it has one that cannot switch."""
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Unflatten(1, (4, 16)), torch.nn.Conv1d(4, 2, 3),
+        torch.nn.InstanceNorm1d(2, track_running_stats=True), torch.nn.Flatten(),
+        torch.nn.Linear(28, 10),
+    )  # fmt: skip
+    ckpt = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model), str(ckpt))
+    message = _bad(
+        capsys, "analyze", ckpt, "--trust-checkpoint", "--data", "digits", "--bn", "train",
+        "--top-k", "1",
+    )  # fmt: skip
+    assert "InstanceNorm) layers of a TorchScript module cannot be switched" in message
+
+
 def test_bn_train_takes_instancenorm_with_running_statistics_as_in_training(capsys, tmp_path):
     """InstanceNorm layers that keep running statistics normalise each sample by its own in
     training: --bn train takes them so (as Eigen-SAM's refresh must), where a model with no

@@ -532,6 +532,27 @@ def test_a_scripted_part_with_batchnorm_is_refused_batch_statistics():
         op.loss()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_scripted_instancenorm_with_running_statistics_is_refused_batch_statistics():
+    """A scripted InstanceNorm layer that keeps running statistics stayed on them under
+    bn='train', where the eager one takes each sample's: products 99% off the eager model's,
+    the loss 1.245 for 1.134, unsaid. Without running statistics it is the eager one's."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv1d(2, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten()]
+    batches = [(torch.randn(10, 2, 5, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+    for track in (True, False):
+        part = torch.nn.Sequential(layers[0], torch.nn.InstanceNorm1d(3, track_running_stats=track))
+        model = torch.nn.Sequential(torch.jit.script(part), *layers[1:], torch.nn.Linear(15, 3))
+        op = HessianOperator(model.double(), F.cross_entropy, batches, bn="train")
+        if track:
+            with pytest.raises(UserError, match="cannot be switched to batch statistics"):
+                op.loss()
+        else:
+            assert op.loss() == pytest.approx(
+                HessianOperator(model, F.cross_entropy, batches, bn="eval").loss(), rel=1e-12
+            )
+
+
 def _bn_tanh_dropout() -> tuple[torch.nn.Sequential, list]:
     """Linear-BatchNorm1d-Tanh-Dropout (in eval mode) and a linear head, and a batch."""
     torch.manual_seed(0)

@@ -31,6 +31,16 @@ def scripted_batchnorm(m: nn.Module) -> bool:
     return isinstance(m, torch.jit.ScriptModule) and "BatchNorm" in getattr(m, "original_name", "")
 
 
+def scripted_running_norm(m: nn.Module) -> bool:
+    """Whether ``m`` is a TorchScript layer that ``bn="train"`` would take by other statistics
+    than its running ones: a BatchNorm layer, or an InstanceNorm layer that keeps them."""
+    return scripted_batchnorm(m) or (
+        isinstance(m, torch.jit.ScriptModule)
+        and "InstanceNorm" in getattr(m, "original_name", "")
+        and isinstance(getattr(m, "running_mean", None), torch.Tensor)
+    )
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` holds a BatchNorm layer, also as a scripted module."""
     return any(
@@ -186,11 +196,13 @@ def forward_mode(
         else held_scripts(inspect.unwrap(loss))
     )
     # Also a scripted part of an eager model: its layers were left by their running statistics
-    # (the products 100% off the batch statistics' Hessian, the loss of the other mode).
-    if bn == "train" and any(scripted_batchnorm(m) for m in layout.scripts):
+    # (the products 100% off the batch statistics' Hessian, the loss of the other mode; 99% for
+    # an InstanceNorm layer's, which were not refused).
+    if bn == "train" and any(scripted_running_norm(m) for m in layout.scripts):
         raise UserError(
-            "The BatchNorm layers of a TorchScript module cannot be switched to batch "
-            "statistics (`bn=train`); use the eager model, or running statistics (`bn=eval`)."
+            "The BatchNorm (or InstanceNorm) layers of a TorchScript module cannot be switched "
+            "to batch statistics (`bn=train`); use the eager model, or running statistics "
+            "(`bn=eval`)."
         )
     saved = [(m, m.training) for m in (*layout.modules, *criterion_modules)]
     tracked = [(m, m.track_running_stats) for m in layout.batchnorms] if bn == "train" else []

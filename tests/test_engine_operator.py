@@ -553,6 +553,33 @@ def test_a_scripted_instancenorm_with_running_statistics_is_refused_batch_statis
             )
 
 
+def test_syncbatchnorm_under_torch_distributed_takes_each_batchs_statistics(tmp_path):
+    """bn='train' on a SyncBatchNorm layer under torch.distributed (a process group of its own,
+    so a process of its own) synced its statistics over the ranks, another function than the
+    per-batch Hessians' mean, and on the CPU torch raised "SyncBatchNorm expected input tensor
+    to be on GPU": now each batch's own, as BatchNorm1d's."""
+    script = (
+        "import copy, torch, torch.distributed as dist, torch.nn.functional as F\n"
+        "from hessian_cli.engine.operator import HessianOperator\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, "
+        "world_size=1)\n"
+        "torch.manual_seed(0)\n"
+        "plain = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), "
+        "torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()\n"
+        "synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))\n"
+        "batches = [(torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))]\n"
+        "ops = [HessianOperator(m, F.cross_entropy, batches, bn='train', distributed=False) "
+        "for m in (plain, synced)]\n"
+        "V = torch.randn(3, ops[0].n, dtype=torch.float64)\n"
+        "print(float((ops[1].matmul(V) - ops[0].matmul(V)).abs().max()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+    )
+    assert float(out.stdout) < 1e-12
+
+
 def _bn_tanh_dropout() -> tuple[torch.nn.Sequential, list]:
     """Linear-BatchNorm1d-Tanh-Dropout (in eval mode) and a linear head, and a batch."""
     torch.manual_seed(0)

@@ -211,6 +211,13 @@ def forward_mode(
         if bn == "train"
         else []
     )
+    # SyncBatchNorm by each batch's own statistics, as outside torch.distributed: synced over
+    # the ranks they were another function, and on the CPU torch raised (a GPU-only kernel).
+    by_batch = [
+        (m, "forward", lambda x, m=m: nn.modules.batchnorm._BatchNorm.forward(m, x))
+        for m, _ in tracked
+        if isinstance(m, nn.SyncBatchNorm)
+    ]
     # The attention fast path runs only without autograd (a loss, not a gradient), and where a
     # padding mask makes it nest the batch, it gives padded positions 0, not the layer's output:
     # the loss at w + rho g (SAM sharpness) was of another function than the gradient's.
@@ -227,7 +234,7 @@ def forward_mode(
         with (
             twice_differentiable(model, layout, loss_scripts),
             _backward_hooks_off(layout),
-            patched(by_sample),
+            patched(by_sample + by_batch),
         ):
             yield
     finally:

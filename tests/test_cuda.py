@@ -94,9 +94,10 @@ def test_the_krylov_basis_is_the_solvers_peak_memory(monkeypatch):
     checked = {}
     check = eigensolver.check_memory
 
-    def spy(op, k, capacity, w, whole):
-        checked.update(capacity=capacity, need=solver_plan._memory_need(op, capacity, w, whole))
-        check(op, k, capacity, w, whole)
+    def spy(op, k, capacity, w, whole, rows=0):
+        need = solver_plan._memory_need(op, capacity, w, whole, rows)
+        checked.update(capacity=capacity, need=need)
+        check(op, k, capacity, w, whole, rows)
 
     monkeypatch.setattr(eigensolver, "check_memory", spy)
     op = DiagonalOperator(torch.linspace(0, 1, 2_000_000, device="cuda") ** 8)

@@ -1091,7 +1091,9 @@ def test_kept_graphs_make_room_for_a_basis(monkeypatch):
     op.gradient()
     assert len(op._graphs) == 3
     H = dense_hessian(case.model, case.loss, batches, op.space)
-    need = (3 * 20 + 2 * 2) * op.n * 8  # top-1: a basis of 20, its products, a restart's copy
+    # top-1: a basis of 20, its products, 2 Ritz vectors and residuals, and the check for a
+    # skipped eigenvalue's 24 vectors, their products and the pair's copy
+    need = (2 * 20 + 2 * 2 + 2 * 24 + 1) * op.n * 8
     monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1 if op._graphs else need)
     res = eigenpairs(op, 1, tol=1e-8)
     assert res.all_converged
@@ -1122,6 +1124,23 @@ def test_a_small_budget_holds_no_more_basis_than_it_can_fill(monkeypatch):
     assert eigenpairs(op, 1, max_hvps=6).hvps == 6
     with pytest.raises(UserError, match="a basis of 20 vectors"):
         eigenpairs(op, 1)
+
+
+def test_the_memory_a_solve_asks_for_holds_the_check_for_a_skipped_eigenvalue(monkeypatch):
+    """The smallest 1 of 300 values in [0, 1]: the check takes 24 steps toward the bottom (near
+    the middle of the spectrum: CHECK_REACH times 6), and holds their vectors and products and
+    a copy of the pair's beside the basis of 20, its products and 2 Ritz vectors and
+    residuals: 93 rows of 300 doubles, where 64 were asked for (a loose tolerance's look went
+    on to up to 4 times that)."""
+    from hessian_cli.engine import solver_plan
+
+    asked = []
+    monkeypatch.setattr(solver_plan, "require_room", lambda op, need, *a, **kw: asked.append(need))
+    values = torch.rand(300, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    H = _with_spectrum(values, 2)
+    res = eigenpairs(MatrixOperator(H), 1, which="smallest", tol=0.1, seed=2)
+    assert res.check_hvps == 24
+    assert asked == [(2 * 20 + 2 * 2 + 2 * 24 + 1) * 300 * 8]
 
 
 def test_a_thick_restart_combines_the_basis_in_place_a_chunk_at_a_time():

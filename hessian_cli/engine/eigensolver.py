@@ -44,6 +44,7 @@ from hessian_cli.engine.solver_plan import (
     check_count,
     check_memory,
     check_options,
+    check_rows,
     plan_solve,
     restart_chunk,
     restart_size,
@@ -314,6 +315,7 @@ class _Solve:
     criterion: Criterion
     sign: float  # 1 for the largest, -1 for the smallest: sign * theta is largest first
     check_steps: int
+    check_rows: int  # the most vectors a check holds, as its memory was counted (check_rows)
     gen: torch.Generator  # the start, the checks and fresh directions draw from it
     patience: int  # products the stall guard waits for an improvement (see _stop_decision)
     start_time: float
@@ -369,6 +371,7 @@ class _Solve:
             criterion=criterion,
             sign=1.0 if which == "largest" else -1.0,
             check_steps=check_steps,
+            check_rows=check_rows(check_steps, plan.kg, plan.max_hvps),
             gen=probe_generator(op, seed),
             patience=max(50, 10 * (plan.kg + plan.b)),
             start_time=start_time,
@@ -457,8 +460,11 @@ def _buffers(solve: _Solve, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     op = solve.op
     # Ranks may differ in free memory; all refuse together or none does (no rank left waiting).
     collective = getattr(op, "distributed", False)
+    # The check for a skipped eigenvalue copies the kg pairs' vectors beside its own and their
+    # products (see _skipped_direction).
+    check = 0 if solve.whole else 2 * solve.check_rows + solve.kg
     with fail_together() if collective else contextlib.nullcontext():
-        check_memory(op, solve.k, capacity, min(capacity, solve.kg + solve.b), solve.whole)
+        check_memory(op, solve.k, capacity, min(capacity, solve.kg + solve.b), solve.whole, check)
     Qb = torch.empty((capacity, op.n), dtype=op.dtype, device=op.device)
     return Qb, torch.empty_like(Qb)
 
@@ -706,7 +712,7 @@ def _check_for_skipped(
         threshold = min(threshold, _gap_edge(solve, pairs, stop.rnorm) + noise)
     before = op.hvp_count
     kth = solve.sign * float(pairs.theta[k - 1])
-    most = min(round(CHECK_REACH * steps), solve.max_hvps - solve.spent)
+    most = min(round(CHECK_REACH * steps), solve.max_hvps - solve.spent, solve.check_rows)
     missed, seen = _skipped_direction(
         op, pairs.X[:kg], threshold, solve.sign, steps, solve.gen, kth=kth, most=most
     )
@@ -918,8 +924,12 @@ def _skipped_direction(
     steps from the threshold (tanh MLPs, random spectra); at tight tolerances the margin is
     narrower than a rise, and the look keeps its ``steps``.
     """
-    P = torch.empty((steps, op.n), dtype=op.dtype, device=op.device)
-    HP = torch.empty_like(P)
+    # The vectors follow a copy of V in one buffer, which each new one is made orthogonal to,
+    # and all are allocated at once: the memory the solve counted for them (check_rows).
+    kv = len(V)
+    VP = torch.empty((kv + most, op.n), dtype=op.dtype, device=op.device)
+    VP[:kv] = V
+    P, HP = VP[kv:], torch.empty((most, op.n), dtype=op.dtype, device=op.device)
     q = orthonormalize_against(
         gaussian((1, op.n), generator=gen, dtype=op.dtype, device=op.device), V
     )
@@ -929,8 +939,6 @@ def _skipped_direction(
             return None, seen
         if j >= steps and not (rise > 0 and seen + rise > kth and seen + steps * rise > threshold):
             return None, seen
-        if j == len(P):  # room for `steps` more rows, only as the look goes on
-            P, HP = (torch.cat([B, torch.empty_like(B[: min(steps, most - j)])]) for B in (P, HP))
         P[j : j + 1], HP[j : j + 1] = q, op.matmul(q)
         T = gram(P[: j + 1], HP[: j + 1]).cpu()
         theta, S = small_eigh(sign * _symmetric(T))
@@ -939,7 +947,7 @@ def _skipped_direction(
         rise, seen = float(theta[-1]) - seen, float(theta[-1])
         if seen > threshold:
             return (x, hx), seen
-        q = orthonormalize_against(hx - float(sign * theta[-1]) * x, torch.cat([V, P[: j + 1]]))
+        q = orthonormalize_against(hx - float(sign * theta[-1]) * x, VP[: kv + j + 1])
     return None, seen
 
 

@@ -14,7 +14,12 @@ import torch
 
 from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.memory import require_room
-from hessian_cli.engine.solver_defaults import default_block_size, default_guard, default_max_hvps
+from hessian_cli.engine.solver_defaults import (
+    CHECK_REACH,
+    default_block_size,
+    default_guard,
+    default_max_hvps,
+)
 from hessian_cli.errors import UserError
 
 # Where the basis would hold half the space or more, it is cheaper to take the whole space at
@@ -175,11 +180,23 @@ def restart_size(capacity: int, kg: int, b: int) -> int:
     return keep if capacity - keep >= 2 * b else max(kg, capacity - b)
 
 
-def check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool) -> None:
+def check_rows(check_steps: int, kg: int, max_hvps: int) -> int:
+    """The most Lanczos vectors the check for a skipped eigenvalue holds (and as many products):
+    its steps toward an end near the middle of the spectrum, or across a loose tolerance's
+    margin, CHECK_REACH times ``check_steps``; no more than the budget leaves once the ``kg``
+    pairs have their products, and none where that is too little for a check."""
+    left = max_hvps - kg
+    return min(round(CHECK_REACH * check_steps), left) if 0 < check_steps <= left else 0
+
+
+def check_memory(
+    op: LinearOperator, k: int, capacity: int, w: int, whole: bool, check: int = 0
+) -> None:
     """Refuse, in one sentence, a solve whose basis cannot fit: the basis and its products
-    (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk; for
-    the whole space no restart, but its dense eigendecomposition (WHOLE_SPACE_SQUARES), which
-    lives on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
+    (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk or
+    the ``check`` rows of the check for a skipped eigenvalue (its vectors and products, see
+    :func:`check_rows`, and a copy of the pairs'); for the whole space no restart or check,
+    but its dense eigendecomposition (WHOLE_SPACE_SQUARES), which lives on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
     distributed solve on this machine holds its own copy, and all check before any allocates."""
     what = (
         "every column of the Hessian"
@@ -189,17 +206,18 @@ def check_memory(op: LinearOperator, k: int, capacity: int, w: int, whole: bool)
     pairs = f"{k:,} eigenpair{'s' if k > 1 else ''}"
     require_room(
         op,
-        _memory_need(op, capacity, w, whole),
+        _memory_need(op, capacity, w, whole, check),
         f"{pairs} of {op.n:,} parameters need {what}",
         "ask for fewer pairs",
         host=WHOLE_SPACE_SQUARES * op.n * op.n * 8 if whole else 0,
     )
 
 
-def _memory_need(op: LinearOperator, capacity: int, w: int, whole: bool) -> int:
+def _memory_need(op: LinearOperator, capacity: int, w: int, whole: bool, check: int = 0) -> int:
     """Bytes on the operator's device that :func:`check_memory` asks to be free (its docstring
     says for what), without the dense eigendecomposition's, which is the CPU's."""
-    extra = 0 if whole else capacity * restart_chunk(op.n)
+    # A restart and the check never run at once: the larger of them counts.
+    extra = 0 if whole else max(capacity * restart_chunk(op.n), check * op.n)
     return ((2 * capacity + 2 * w) * op.n + extra) * torch.finfo(op.dtype).bits // 8
 
 

@@ -502,6 +502,34 @@ def test_the_check_goes_on_across_a_loose_tolerances_margin():
     assert res.all_converged and bool((off <= res.errors).all())
 
 
+@pytest.mark.parametrize(
+    "which, k, tol, seed, criterion",
+    [
+        ("largest", 5, 3e-2, 2, "residual"),
+        ("smallest", 3, 1e-1, 0, "residual"),
+        ("largest", 3, 1e-1, 0, "eigenvalue"),
+    ],
+)
+def test_no_converged_pairs_bound_stops_short_of_an_eigenvalue_the_check_saw_beyond_it(
+    which, k, tol, seed, criterion
+):
+    """Spectra of 150 values i^4 / 149^4. Largest 5 at tol 3e-2: the 5th pair was the 6th
+    eigenvalue (0.8723; the 5th, 0.8969, skipped between the 4th and 5th pairs) with a bound of
+    0.0199 for a distance of 0.0245. Smallest 3 at tol 0.1: the 2nd pair was 0.0533 with its
+    residual's bound (17 times the eigenvalue: at least 0.003 from 0) where the 2nd smallest is
+    2e-9. The check had seen an eigenvalue beyond each outside the pairs, which must then be
+    one of theirs: the bound now reaches it. Under the eigenvalue criterion a sighting that
+    takes the k-th pair's bound past the tolerance is a skipped direction, taken in, and the
+    solve goes on (largest 3 at tol 0.1 would stop with the 3rd pair's bound past it, as
+    "unverified")."""
+    values = torch.linspace(0.0, 1.0, 150, dtype=torch.float64) ** 4
+    H = _with_spectrum(values, seed)
+    res = eigenpairs(MatrixOperator(H), k, which=which, tol=tol, seed=seed, criterion=criterion)
+    true = values.sort(descending=which == "largest").values[:k]
+    off = (res.eigenvalues - true).abs() / true.abs()
+    assert res.all_converged and bool((off <= res.errors).all())
+
+
 def test_the_eigenvalue_criterion_holds_possible_zeros_to_the_residual():
     """Exactly zero eigenvalues have no relative error to bound: the eigenvalue criterion used
     to stall on them after 11 n products (values exact to 1e-15, all 'unconverged')."""

@@ -45,7 +45,7 @@ def eigenvalue_error_bounds(
     eigenvalue beyond the one it approximates, nor one inside the gap toward the middle:
     ``lacking`` is the most wanted eigenvalue (times ``sign``, 1 for the largest) seen outside
     the space (by the eigensolver's check for a skipped eigenvalue), and a pair whose gap
-    reaches past it keeps the residual.
+    reaches past it keeps the residual; one it lies beyond, the residual and the distance to it.
 
     Residuals computed from rounded products are those of a nearby matrix ``H + E``, whose
     eigenvalues differ from ``H``'s by up to the size of ``E``: ``noise``, an estimate of it
@@ -54,9 +54,15 @@ def eigenvalue_error_bounds(
     said 1e-13).
     """
     gap = claimed_gaps(theta, rnorm)
-    free = (gap > rnorm) & (sign * theta[: len(rnorm)].to(rnorm) - gap >= lacking)
+    out = sign * theta[: len(rnorm)].to(rnorm)  # outward first
+    free = (gap > rnorm) & (out - gap >= lacking)
     sharper = rnorm * rnorm / gap.clamp_min(torch.finfo(gap.dtype).tiny)
-    return torch.where(free, sharper, rnorm) + noise
+    # An eigenvalue seen outside the space beyond theta[i] is one of the i most wanted: the i-th
+    # is then at least as far out as it or theta[i - 1], whichever is nearer, not within
+    # rnorm[i] of theta[i] (its Weyl bound is to some eigenvalue, not necessarily the i-th).
+    before = torch.cat([out.new_full((1,), math.inf), out[:-1]])
+    shift = (before.clamp_max(lacking) - out).clamp_min(0)
+    return torch.where(free, sharper, rnorm + shift) + noise
 
 
 def rounding_noise(asymmetry: float, scale: float, n: int) -> float:

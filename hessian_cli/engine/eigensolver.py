@@ -707,11 +707,15 @@ def _check_for_skipped(
     # rounding), so that a pair converged to within them is not found again.
     noise = basis.asymmetry * math.sqrt(op.n)
     margin = float(stop.rnorm[:k].max()) + noise
-    threshold = solve.sign * float(pairs.theta[k - 1]) + margin
-    if solve.criterion == "eigenvalue":
-        threshold = min(threshold, _gap_edge(solve, pairs, stop.rnorm) + noise)
-    before = op.hvp_count
     kth = solve.sign * float(pairs.theta[k - 1])
+    threshold = kth + margin
+    if solve.criterion == "eigenvalue":
+        # Nor past where what it sees would widen the k-th pair's bound (by the distance to
+        # it, see eigenvalue_error_bounds) beyond the tolerance: the pair is then not converged.
+        room = solve.tol * abs(kth) / (1 + solve.tol) - float(stop.rnorm[k - 1])
+        edge = min(_gap_edge(solve, pairs, stop.rnorm), kth + max(room, 0.0))
+        threshold = min(threshold, edge + noise)
+    before = op.hvp_count
     most = min(round(CHECK_REACH * steps), solve.max_hvps - solve.spent, solve.check_rows)
     missed, seen = _skipped_direction(
         op, pairs.X[:kg], threshold, solve.sign, steps, solve.gen, kth=kth, most=most

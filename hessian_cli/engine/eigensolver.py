@@ -716,7 +716,10 @@ def _check_for_skipped(
         edge = min(_gap_edge(solve, pairs, stop.rnorm), kth + max(room, 0.0))
         threshold = min(threshold, edge + noise)
     before = op.hvp_count
-    most = min(round(CHECK_REACH * steps), solve.max_hvps - solve.spent, solve.check_rows)
+    # As far as the memory counted for the check holds (check_rows) with the pairs' copy, and
+    # the rows it has while they move into room for the rest (the look going on, below).
+    room = solve.check_rows - (kg + steps + 1) // 2
+    most = min(round(CHECK_REACH * steps), solve.max_hvps - solve.spent, max(room, steps))
     missed, seen = _skipped_direction(
         op, pairs.X[:kg], threshold, solve.sign, steps, solve.gen, kth=kth, most=most
     )
@@ -928,12 +931,13 @@ def _skipped_direction(
     steps from the threshold (tanh MLPs, random spectra); at tight tolerances the margin is
     narrower than a rise, and the look keeps its ``steps``.
     """
-    # The vectors follow a copy of V in one buffer, which each new one is made orthogonal to,
-    # and all are allocated at once: the memory the solve counted for them (check_rows).
+    # The vectors follow a copy of V in one buffer, which each new one is made orthogonal to.
+    # Room for the look's own steps at first (a tight tolerance's look takes no more), for all
+    # ``most`` only once it goes on: the solve counted memory for the latter (check_rows).
     kv = len(V)
-    VP = torch.empty((kv + most, op.n), dtype=op.dtype, device=op.device)
+    VP = torch.empty((kv + min(steps, most), op.n), dtype=op.dtype, device=op.device)
     VP[:kv] = V
-    P, HP = VP[kv:], torch.empty((most, op.n), dtype=op.dtype, device=op.device)
+    HP = torch.empty((len(VP) - kv, op.n), dtype=op.dtype, device=op.device)
     q = orthonormalize_against(
         gaussian((1, op.n), generator=gen, dtype=op.dtype, device=op.device), V
     )
@@ -943,6 +947,10 @@ def _skipped_direction(
             return None, seen
         if j >= steps and not (rise > 0 and seen + rise > kth and seen + steps * rise > threshold):
             return None, seen
+        if j == len(HP):  # one buffer at a time, the old one freed before the next grows
+            HP = torch.cat([HP, HP.new_empty((most - j, op.n))])
+            VP = torch.cat([VP, VP.new_empty((most - j, op.n))])
+        P = VP[kv:]
         P[j : j + 1], HP[j : j + 1] = q, op.matmul(q)
         T = gram(P[: j + 1], HP[: j + 1]).cpu()
         theta, S = small_eigh(sign * _symmetric(T))

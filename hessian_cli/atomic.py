@@ -33,6 +33,19 @@ def os_reason(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower().rstrip(".")
 
 
+@contextmanager
+def stdout_written() -> Iterator[None]:
+    """A failed write to standard output (a full disk under ``> results.json``) as one sentence:
+    it was "unexpected OSError". A closed pipe is left to the caller: its reader went away,
+    which is no error of the command's."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise UserError(f"Could not write to standard output: {os_reason(exc)}.") from exc
+
+
 def check_replaceable(path: Path) -> None:
     """Refuse, in one sentence, to replace a file no one may write to (``chmod a-w``), or that
     this user may not: the rename that replaces it asks only the directory, so a protected

@@ -2267,6 +2267,26 @@ def test_results_are_written_where_their_reader_has_gone(tmp_path, digits_mlp, s
     assert [d["name"] for d in read_analyses(out_h5)] == ["digits_mlp"]
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("shown", [[], ["--json"]])
+def test_results_that_standard_output_cannot_take_are_said_and_still_written(
+    tmp_path, digits_mlp, shown
+):
+    """`analyze ... --json > results.json` on a full disk said "unexpected OSError: [Errno
+    28] No space left on device": one sentence names standard output, and --out is written."""
+    out_h5 = tmp_path / "spectra.h5"
+    with open("/dev/full", "w") as full_disk:  # every write to it fails: no space left
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "analyze", str(digits_mlp), "-k", "1",
+             "--out", str(out_h5), *shown],
+            stdout=full_disk, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 2
+    said = "error: Could not write to standard output: no space left on device."
+    assert one_sentence(done.stderr) == said
+    assert [d["name"] for d in read_analyses(out_h5)] == ["digits_mlp"]
+
+
 def test_recorded_values_hdf5_cannot_hold_do_not_lose_the_results(capsys, tmp_path, digits_mlp):
     """A step of 2**80 or of bytes, a file name that is not UTF-8, model_kwargs stored as a
     dict: the writes (or the model's build) failed after all the work, exit 1, no file."""

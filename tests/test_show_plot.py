@@ -1170,6 +1170,27 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_as_other_tools(files, co
     assert (done.returncode, done.stderr) == (status, "")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize(
+    "command", [["show"], ["show", "--json"], ["plot", "-o", "-"], ["plot", "-o", "{tmp}/f.png"]]
+)
+def test_standard_output_that_cannot_be_written_is_one_sentence(files, tmp_path, command):
+    """Redirected to a full disk (`show FILE --json > out.json`), each said "unexpected
+    OSError: [Errno 28] No space left on device" (plot: of its "wrote" line)."""
+    args = [a.format(tmp=tmp_path) for a in command[1:]]
+    with open("/dev/full", "w") as full_disk:  # every write to it fails: no space left
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", command[0], str(files["series"]), *args],
+            stdout=full_disk,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2
+    said = "error: Could not write to standard output: no space left on device."
+    assert one_sentence(done.stderr) == said
+
+
 def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):
     path = tmp_path / "damaged.h5"
     path.write_bytes(files["series"].read_bytes())

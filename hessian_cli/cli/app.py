@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hessian_cli import __version__
+from hessian_cli.atomic import stdout_written
 from hessian_cli.cli.options import in_flags
 from hessian_cli.errors import OUT_OF_HOST_MEMORY, Terminated, UserError, out_of_host_memory
 from hessian_cli.launch import env_rank, env_world_size, launched_by_torchrun
@@ -47,6 +48,10 @@ class OutputConsole(Console):
         self.quiet = True
         _stdout_to_devnull()
 
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        with stdout_written():  # where the outermost print writes what it rendered
+            super().__exit__(exc_type, exc_value, traceback)
+
 
 def _stdout_to_devnull() -> None:
     """Send what is still to be printed on stdout nowhere: its reader has gone."""
@@ -68,7 +73,8 @@ def print_json(data: Any) -> None:
     """Strict JSON on stdout (no NaN: the reports hold None there), unwrapped, for piping into
     other tools."""
     try:
-        typer.echo(json.dumps(data, indent=2, allow_nan=False))
+        with stdout_written():
+            typer.echo(json.dumps(data, indent=2, allow_nan=False))
     except BrokenPipeError:  # as OutputConsole: Click ended the command, silently, status 1
         _stdout_to_devnull()
 

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from hessian_cli.atomic import atomic_path
+from hessian_cli.atomic import atomic_path, stdout_written
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
     ANALYSIS_SETTINGS,
@@ -114,9 +114,10 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     finally:
         ps_log.setLevel(level)
     if to_stdout:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(rendered.getbuffer())
-        sys.stdout.buffer.flush()
+        with stdout_written():
+            sys.stdout.flush()
+            sys.stdout.buffer.write(rendered.getbuffer())
+            sys.stdout.buffer.flush()
         return None
     make_folder(out.parent)  # as analyze --out and train --out make theirs
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:

@@ -19,7 +19,7 @@ from eigensam.config import CONFIG_FILE, CONFIG_FORMAT, CONFIG_VERSION, TrainCon
 from hessian_cli.atomic import atomic_path, remove_temporaries
 from hessian_cli.errors import UserError
 from hessian_cli.specs.checkpoints import RUN_CHECKPOINTS, UntrustedCheckpoint
-from hessian_cli.storage.files import check_directory_writable, held
+from hessian_cli.storage.files import check_directory_writable, check_folder_makeable, held
 
 METRICS_FILE = "metrics.h5"
 FINAL_CHECKPOINT = "final.pt"
@@ -84,12 +84,7 @@ def check_new_run_dir(run_dir: Path) -> None:
         )
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"--out {str(run_dir)!r} is not empty; choose a new or empty directory.")
-    ancestor = run_dir
-    while not ancestor.exists():  # where the run's directory will be made
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"--out {str(run_dir)!r} lies under {str(ancestor)!r}, a file.")
-    check_directory_writable(ancestor)
+    check_folder_makeable(run_dir, f"--out {run_dir}")  # as analyze and plot say it
 
 
 def check_resumable_dir(run_dir: Path) -> None:

@@ -139,6 +139,31 @@ def test_train_and_plot_take_the_option_names_analyze_takes():
     assert "No such option" not in result.output
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["analyze", "checkpoints_example/digits_mlp.pt", "--out"],
+        ["train", "-m", "mlp", "-d", "digits", "--optimizer", "sgd", "--out"],
+        ["plot", "spectra.h5", "-o"],
+    ],
+)
+def test_an_output_under_a_file_is_refused_in_the_same_words_by_every_command(
+    capsys, tmp_path, command
+):
+    """`--out notes.txt/run` was "--out 'notes.txt/run' lies under 'notes.txt', a file." in
+    train, "The output directory notes.txt is not a directory." in analyze, and plot -o said
+    "Could not create the output directory notes.txt: file exists." once it had drawn."""
+    from cli_runner import one_sentence, run
+
+    tmp_path = tmp_path.resolve()  # as analyze names it
+    (tmp_path / "notes.txt").write_text("mine")
+    given = tmp_path / "notes.txt" / "run" / "out.h5"
+    code, _, err = run(capsys, *command, given)
+    said = f"{command[-1]} {given} lies under {tmp_path / 'notes.txt'}, which is not a directory."
+    assert code == 2 and one_sentence(err) == f"error: {said}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_a_signal_the_process_was_started_to_ignore_stays_ignored():
     """A script's background job ignores SIGINT: train took it over (and stopped on the
     terminal's Ctrl-C meant for the script) where analyze, as Python does, left it."""

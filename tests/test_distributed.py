@@ -270,7 +270,7 @@ def test_an_option_refused_under_torchrun_is_said_once(tmp_path: Path, args: lis
     code, _, err, _ = _run(args, ranks=2, cwd=tmp_path, timeout=90)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code != 0 and len(lines) == 1, err
-    said = ("--rho has no effect", "needs a name", f"directory {tmp_path / 'missing'} is not a")
+    said = ("--rho has no effect", "needs a name", f"lies under {tmp_path / 'missing'}, which")
     assert "rank" not in lines[0] and any(s in lines[0] for s in said), err
 
 

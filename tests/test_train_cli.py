@@ -471,7 +471,8 @@ def test_a_resume_of_a_path_inside_a_run_names_the_run(capsys, finished_run, ins
 def test_an_out_directory_under_a_file_is_one_sentence(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "notes.txt" / "run")
-    assert code == 2 and "a file" in one_sentence(err, strict=True)
+    said = f"lies under {tmp_path / 'notes.txt'}, which is not a directory."
+    assert code == 2 and said in one_sentence(err, strict=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 

@@ -45,8 +45,10 @@ def plot(
 
     # `-o -`: standard output, as other tools take it (the figure's bytes alone)
     output = Path("/dev/stdout") if output_name == "-" else named_path(output_name, "-o", "fig.png")
-    if not output.parent.exists():  # refused before the drawing, as analyze --out refuses it
-        check_folder_makeable(output.parent)
+    # Refused before the drawing, as analyze --out refuses it (an existing one is not probed:
+    # -o /dev/stdout's /dev takes no new file).
+    if not output.parent.is_dir():
+        check_folder_makeable(output.parent, f"-o {output_name}")
     file = result_file(given_path(file_name, "FILE", "spectra.h5"))
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout

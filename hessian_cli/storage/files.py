@@ -71,17 +71,18 @@ def check_directory_writable(folder: Path) -> None:
         raise UserError(f"Cannot write to the directory {folder}: {os_reason(exc)}.") from exc
 
 
-def check_folder_makeable(folder: Path) -> None:
+def check_folder_makeable(folder: Path, output: str) -> None:
     """Refuse, in one sentence, an output directory that cannot be made or written in: the
     nearest that exists of it and those above it must be a writable directory. The missing
     ones are made when the output is written (:func:`make_folder`), as `train` makes its run
-    directory: `analyze --out` and `plot -o` refused them where `train --out` made them."""
+    directory: `analyze --out` and `plot -o` refused them where `train --out` made them.
+    ``output`` is the option and path that put it there (``--out run/s.h5``): the three
+    commands said a file in the way each in their own words."""
     there = folder
     while not there.exists() and there != there.parent:
         there = there.parent
     if not there.is_dir():
-        where = "" if there == folder else f" lies under {there}, which"
-        raise UserError(f"The output directory {folder}{where} is not a directory.")
+        raise UserError(f"{output} lies under {there}, which is not a directory.")
     check_directory_writable(there)
 
 

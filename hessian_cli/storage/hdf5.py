@@ -162,8 +162,9 @@ def check_writable(path: str | Path) -> None:
     check before the work whose results it would hold."""
     if Path(path).is_dir():
         raise UserError(f"--out {path} is a directory; give a file name such as spectra.h5.")
+    output = f"--out {path}"
     path = Path(path).resolve()
-    check_folder_makeable(path.parent)
+    check_folder_makeable(path.parent, output)
     check_replaceable(path)
     if _holds_something(path):
         _check_appendable(path)

@@ -1918,7 +1918,16 @@ def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
 
 
 @pytest.mark.parametrize(
-    "kind", ["text file", "under a file", "metrics file", "figure name", "empty name", "dash"]
+    "kind",
+    [
+        "text file",
+        "under a file",
+        "metrics file",
+        "figure name",
+        "empty name",
+        "dash",
+        "directory name",
+    ],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     capsys, monkeypatch, tmp_path, digits_mlp, kind
@@ -1936,6 +1945,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         "figure name": tmp_path / "spectrum.PNG",  # HDF5 under an image's name misleads
         "empty name": "",
         "dash": "-",  # standard output's name: an HDF5 file named "-" was written
+        "directory name": f"{tmp_path / 'runs'}/",  # an HDF5 file named runs was written
     }[kind]
     if kind in ("text file", "under a file"):
         (tmp_path / "notes").write_text("my notes")
@@ -1949,6 +1959,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         "figure name": "names a .png file, but the results are written as HDF5",
         "empty name": "--out needs a name, such as spectra.h5",
         "dash": "--out - names no file here (not standard output): give one, such as spectra.h5",
+        "directory name": f"--out {out} names a directory; give a file name such as "
+        f"{out}spectra.h5.",
     }[kind]
     assert expected in _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out)
     if kind == "text file":

@@ -361,6 +361,8 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
         (["show", str(files["metrics"]), "-c", "final"], "--checkpoint picks a checkpoint"),
         (["plot", str(files["single"]), "-o", "."], "-o . is a directory"),  # "resource busy"
         (["plot", str(files["single"]), "-o", ""], "-o needs a name"),  # not "." as above
+        # A directory to make: figs.png was written.
+        (["plot", str(files["single"]), "-o", f"{tmp_path / 'figs'}/"], "figs/ names a directory"),
         (["show", ""], "FILE needs a name"),  # not the working directory
         (["plot", "", "-o", str(tmp_path / "x.png")], "FILE needs a name"),
     ]

@@ -21,8 +21,8 @@ from hessian_cli.cli.options import (
     DATA_HELP,
     MODEL_HELP,
     command_line,
+    file_path,
     given_path,
-    named_path,
     parse_model_kwargs,
     refuse_unused,
 )
@@ -250,7 +250,7 @@ def analyze(
         # A directory or several files are a series, a list in JSON however many it holds: one
         # shape for scripts to read. A Trainer checkpoint folder is one checkpoint, its weights.
         series = is_series(targets)  # (now: the directory may change while the work runs)
-        out = named_path(out_name, "--out", "spectra.h5")
+        out = file_path(out_name, "--out", "spectra.h5")
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
         refuse_unused(ctx, {**read_options(asked), "save_eigenvectors": eigenvectors_kept})

@@ -91,6 +91,17 @@ def named_path(text: str | None, option: str, example: str) -> Path | None:
     return None if text is None else given_path(text, option, example)
 
 
+def file_path(text: str | None, option: str, example: str) -> Path | None:
+    """The file an option names (see :func:`named_path`). A name that ends in a slash names a
+    directory, which a path drops: `plot -o figs/` wrote figs.png, `analyze --out runs/` an
+    HDF5 file named runs."""
+    if text is not None and text.endswith(("/", os.sep)):
+        raise UserError(
+            f"{option} {text} names a directory; give a file name such as {text}{example}."
+        )
+    return named_path(text, option, example)
+
+
 def given_path(text: str, name: str, example: str) -> Path:
     """The path an option or argument names. They take paths as text, because a path parameter
     turns an empty name into ``.``, a directory the user did not name (``analyze "$CKPT"`` with

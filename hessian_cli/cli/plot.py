@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from hessian_cli.cli.app import app, results_console
-from hessian_cli.cli.options import given_path, named_path
+from hessian_cli.cli.options import file_path, given_path
 from hessian_cli.cli.result_files import Metrics, read_result_file, result_file, told_apart
 from hessian_cli.launch import env_rank
 
@@ -44,7 +44,7 @@ def plot(
     from hessian_cli.storage.files import check_folder_makeable, reading
 
     # `-o -`: standard output, as other tools take it (the figure's bytes alone)
-    output = Path("/dev/stdout") if output_name == "-" else named_path(output_name, "-o", "fig.png")
+    output = Path("/dev/stdout") if output_name == "-" else file_path(output_name, "-o", "fig.png")
     # Refused before the drawing, as analyze --out refuses it (an existing one is not probed:
     # -o /dev/stdout's /dev takes no new file).
     if not output.parent.is_dir():

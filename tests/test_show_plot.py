@@ -1098,6 +1098,17 @@ def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path
     assert_png(tmp_path / "made.png")
 
 
+def test_a_link_without_a_suffix_is_written_in_its_targets_format(capsys, files, tmp_path):
+    """`-o latest`, a link to fig.pdf, wrote a PNG's bytes into fig.pdf; a target named as no
+    figure is (mktemp's tmp.AbX12q) still gets a PNG."""
+    (tmp_path / "latest").symlink_to("fig.pdf")
+    (tmp_path / "scratch").symlink_to("tmp.AbX12q")
+    for link, target, magic in (("latest", "fig.pdf", b"%PDF"), ("scratch", "tmp.AbX12q", PNG)):
+        code, out, err = run(capsys, "plot", files["series"], "-o", tmp_path / link)
+        assert code == 0 and out == f"wrote {tmp_path / link}\n", err
+        assert (tmp_path / target).read_bytes().startswith(magic)
+
+
 def test_plot_onto_a_read_only_figure_refuses_it(capsys, files, tmp_path):
     """The rename that replaces a figure asks only the directory: a chmod a-w one was
     replaced unsaid."""

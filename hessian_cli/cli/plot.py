@@ -26,8 +26,8 @@ def plot(
         "--out",  # as analyze and train name theirs
         "-o",
         help="Where to write the figure; the suffix picks the format (.png, .pdf, .svg; none: "
-        ".png is added, except to a link, pipe or device such as /dev/stdout; - is standard "
-        "output); missing directories are made.",
+        ".png is added, except to a link, pipe or device such as /dev/stdout, whose target's "
+        "suffix picks it; - is standard output); missing directories are made.",
     ),
     checkpoint: str | None = typer.Option(
         None,

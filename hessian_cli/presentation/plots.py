@@ -78,10 +78,10 @@ def _is_stdout(path: Path) -> bool:
 
 
 def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
-    """Render ``fig`` to ``out_path`` (format from the suffix) atomically; a name without a
-    suffix gets ``.png``, as matplotlib's ``savefig`` gives it (a PNG was written under the
-    bare name), except a link, pipe or device. The path written, or None for standard output
-    (``-o /dev/stdout``), which is written to as it is."""
+    """Render ``fig`` to ``out_path`` (format from the suffix, or its target's where a link has
+    none) atomically; a name without a suffix gets ``.png``, as matplotlib's ``savefig`` gives
+    it (a PNG was written under the bare name), except a link, pipe or device. The path
+    written, or None for standard output (``-o /dev/stdout``), which is written to as it is."""
     out = Path(out_path)
     if out.is_dir():  # "." was told "device or resource busy" when renamed over
         raise UserError(f"-o {out} is a directory; give a file name such as fig.png.")
@@ -93,9 +93,15 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     if not out.suffix and not to_stdout and not out.is_symlink():
         if out.is_file() or not out.exists():
             out = out.with_name(out.name + ".png")
-    fmt = out.suffix.lstrip(".").lower() or "png"
     supported = fig.canvas.get_supported_filetypes()
     supported.pop("pgf", None)  # needs a LaTeX installation
+    fmt = out.suffix.lstrip(".").lower()
+    if not fmt and out.is_symlink():
+        # Its target is what is written: a link to fig.pdf (or /dev/stdout redirected to it)
+        # got a PNG's bytes. A target without a figure's suffix (mktemp's) still gets a PNG.
+        target = Path(os.path.realpath(out)).suffix.lstrip(".").lower()
+        fmt = target if target in supported else ""
+    fmt = fmt or "png"
     if fmt not in supported:
         raise UserError(
             f"Cannot write a {fmt!r} figure; use one of: {', '.join(sorted(supported))}."

@@ -1204,6 +1204,33 @@ def test_standard_output_that_cannot_be_written_is_one_sentence(files, tmp_path,
     assert one_sentence(done.stderr) == said
 
 
+def test_show_says_where_batchnorm_held_its_initial_statistics(capsys, full, tmp_path):  # noqa: F811
+    """analyze says so as it sets up, and --json and the file record it, but `show` said
+    nothing: the numbers of an unnormalised network read as the trained one's."""
+    untrained = dataclasses.replace(
+        full, provenance={**full.provenance, "bn_initial_statistics": 2}
+    )
+    trained = dataclasses.replace(full, provenance={**full.provenance, "bn_initial_statistics": 0})
+    single, series = tmp_path / "single.h5", tmp_path / "series.h5"
+    write_analyses(single, [untrained], command_line="analyze one")
+    steps = [variant(a, f"ckpt_{s}", s) for a, s in ((untrained, 100), (trained, 200))]
+    write_analyses(series, steps, command_line="analyze dir", series=True)
+    said = (
+        "initial running statistics (mean 0, variance 1: no training step updated them), by "
+        "which eval mode does not normalise, so these are the numbers of an unnormalised "
+        "network; --bn train normalises by each batch's statistics."
+    )
+    for path, where in (
+        (single, "2 BatchNorm layers held"),
+        (series, "in 1 of the 2 checkpoints (ckpt_100) BatchNorm layers held"),
+    ):
+        code, out, err = run(capsys, "show", path)
+        assert code == 0, err
+        assert f"note: {where} {said}" in " ".join(out.split())
+    code, out, err = run(capsys, "show", series, "-c", "ckpt_200")
+    assert code == 0 and "note:" not in out, err
+
+
 def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):
     path = tmp_path / "damaged.h5"
     path.write_bytes(files["series"].read_bytes())

@@ -632,7 +632,30 @@ def file_summary(
     total = len(info.get("groups") or ds)  # --checkpoint shows some of them
     held = f"{what}, {counted(total, 'checkpoint')}"
     lines.append(Text(held + (f", {len(ds)} shown" if len(ds) < total else "")))
+    if (note := _initial_statistics_note(ds)) is not None:
+        lines.append(Text(note, style="yellow"))
     return Group(*lines, *_written_by(info))
+
+
+def _initial_statistics_note(ds: Sequence[Mapping[str, Any]]) -> str | None:
+    """What analyze said as it set up the analyses ``ds`` whose BatchNorm layers held their
+    initial running statistics (provenance ``bn_initial_statistics``), which `show` left
+    unsaid; None where none did."""
+    held = [d for d in ds if (d.get("provenance") or {}).get("bn_initial_statistics")]
+    if not held:
+        return None
+    if len(ds) == 1:
+        count = held[0]["provenance"]["bn_initial_statistics"]
+        where = f"{counted(count, 'BatchNorm layer')} held"
+    else:
+        names = ", ".join(str(d.get("name")) for d in held[:5])
+        more = f", ... ({len(held)} in all)" if len(held) > 5 else ""
+        where = f"in {len(held)} of the {len(ds)} checkpoints ({names}{more}) BatchNorm layers held"
+    return (
+        f"note: {where} initial running statistics (mean 0, variance 1: no training step "
+        "updated them), by which eval mode does not normalise, so these are the numbers of an "
+        "unnormalised network; --bn train normalises by each batch's statistics."
+    )
 
 
 def _written_by(info: Mapping[str, Any]) -> list[Text]:

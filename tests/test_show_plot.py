@@ -27,7 +27,14 @@ from hessian_cli.cli.app import app
 from hessian_cli.presentation.plots import spectra_figure
 from hessian_cli.presentation.tables import series_table
 from hessian_cli.report import analysis_to_dict
-from hessian_cli.storage import read_analyses, read_file_info, read_metrics, write_analyses
+from hessian_cli.storage import (
+    FORMAT_VERSION,
+    read_analyses,
+    read_file_info,
+    read_metrics,
+    write_analyses,
+)
+from hessian_cli.storage.metrics import METRICS_VERSION
 
 PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
@@ -1228,6 +1235,26 @@ def test_show_says_where_batchnorm_held_its_initial_statistics(capsys, full, tmp
         assert code == 0, err
         assert f"note: {where} {said}" in " ".join(out.split())
     code, out, err = run(capsys, "show", series, "-c", "ckpt_200")
+    assert code == 0 and "note:" not in out, err
+
+
+def test_show_says_a_file_of_a_newer_format_version_may_be_misread(capsys, files, tmp_path):
+    """A newer format version is one that older readers misread (docs/hdf5.md), and `show`
+    read it as its own without a word."""
+    for kind, known in (("series", FORMAT_VERSION), ("metrics", METRICS_VERSION)):
+        newer = tmp_path / f"{kind}.h5"
+        shutil.copyfile(files[kind], newer)
+        with h5py.File(newer, "r+") as f:
+            f.attrs["format_version"] = known + 1
+        code, out, err = run(capsys, "show", newer)
+        assert code == 0, err
+        said = (
+            f"note: format version {known + 1} is newer than this hessian-cli reads ({known}): "
+            "what that version added is not shown, and what it changed may be misread; "
+            "upgrade hessian-cli to read it all."
+        )
+        assert said in " ".join(out.split())
+    code, out, err = run(capsys, "show", files["series"])  # its own version: nothing said
     assert code == 0 and "note:" not in out, err
 
 

@@ -20,6 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from hessian_cli.presentation import DASH, counted
+from hessian_cli.storage.hdf5 import FORMAT_VERSION
+from hessian_cli.storage.metrics import METRICS_VERSION
 
 NOT_CONVERGED = "[bold red]NOT converged[/]"
 # The provenance shown above the tables; `show --json` and the HDF5 attrs hold all of it.
@@ -632,9 +634,24 @@ def file_summary(
     total = len(info.get("groups") or ds)  # --checkpoint shows some of them
     held = f"{what}, {counted(total, 'checkpoint')}"
     lines.append(Text(held + (f", {len(ds)} shown" if len(ds) < total else "")))
+    if (note := _newer_format_note(version, FORMAT_VERSION)) is not None:
+        lines.append(Text(note, style="yellow"))
     if (note := _initial_statistics_note(ds)) is not None:
         lines.append(Text(note, style="yellow"))
     return Group(*lines, *_written_by(info))
+
+
+def _newer_format_note(version: Any, known: int) -> str | None:
+    """What a file of a newer format version than this hessian-cli writes may hold unsaid: a
+    version is bumped where older readers would misread the file (docs/hdf5.md), and `show`
+    read one as its own. None for this version or an older one."""
+    if not isinstance(version, int) or version <= known:
+        return None
+    return (
+        f"note: format version {version} is newer than this hessian-cli reads ({known}): what "
+        "that version added is not shown, and what it changed may be misread; upgrade "
+        "hessian-cli to read it all."
+    )
 
 
 def _initial_statistics_note(ds: Sequence[Mapping[str, Any]]) -> str | None:
@@ -726,6 +743,8 @@ def metrics_summary(
     )
     what = "hessian-cli metrics file" + (f" (format version {version})" if version else "")
     parts.append(Text(f"{what}: {counts or 'empty'}"))
+    if (note := _newer_format_note(version, METRICS_VERSION)) is not None:
+        parts.append(Text(note, style="yellow"))
     parts.extend(_written_by(info))
     steps = metrics.get("steps") or {}
     if "loss" in steps and np.ndim(steps["loss"]) == 1:  # 2-D: a table

@@ -845,6 +845,20 @@ def test_analyses_at_another_tolerance_seed_or_top_k_are_a_trajectory_each(
         assert list(table.columns[3].cells) == [str(v) for v in values]
 
 
+def test_an_analysis_without_eigenpairs_is_named_as_asked_in_the_legend():
+    """One checkpoint analysed with --top-k 2 and with --top-k 0 --trace: the second's legend
+    entry read "top_k=None, which=None"."""
+    prov = {"model": "mlp", "num_params": 2410, "step": 168}
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
+    trace = {"estimate": 19.3, "stderr": 0.2}
+    ds = [
+        {"name": "m", "provenance": prov, "eigen": eigen},
+        {"name": "m", "provenance": prov, "eigen": None, "trace": trace},
+    ]
+    named = [h.get_label() for h in spectra_figure(ds).legends[0].legend_handles]
+    assert named == ["mlp (2,410), top_k=2, which=largest", "mlp (2,410), top_k=0"]
+
+
 def test_a_trainer_output_folder_is_one_run_not_a_run_per_checkpoint_folder():
     """`analyze` reads a Hugging Face Trainer's output folder as one series, the weights of its
     checkpoint-N folders; the table gave each a `directory` of its own and the plot drew each

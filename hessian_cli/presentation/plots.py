@@ -342,7 +342,11 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
         first = ds[keys.index(key)]
         prov = first.get("provenance") or {}
         where = f" in {run_directory(prov)}" if several else ""
-        settings = "".join(f", {k}={analysis_setting(first, k)}" for k in differ)
+        # None: not recorded, or no end searched (it read "top_k=None, which=None" beside a
+        # run analysed with --top-k 0)
+        settings = "".join(
+            f", {k}={v}" for k in differ if (v := analysis_setting(first, k)) is not None
+        )
         return _literal(model_cell(prov) + where + settings)
 
     return [

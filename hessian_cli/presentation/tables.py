@@ -420,11 +420,12 @@ ANALYSIS_SETTINGS = (
 
 
 def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
-    """One of the :data:`ANALYSIS_SETTINGS` of the analysis ``d`` (None: not recorded);
-    ``top_k`` is the eigenpairs asked at each end, ``which`` the end(s) searched."""
+    """One of the :data:`ANALYSIS_SETTINGS` of the analysis ``d`` (None: not recorded, or no
+    end searched); ``top_k`` is the eigenpairs asked at each end (0 for none: --top-k 0),
+    ``which`` the end(s) searched."""
     e = d.get("eigen") or {}
     if key == "top_k":
-        return len(e["eigenvalues"]) // (2 if e.get("which") == "both" else 1) if e else None
+        return len(e["eigenvalues"]) // (2 if e.get("which") == "both" else 1) if e else 0
     if key == "which":
         return e.get("which")
     return (d.get("provenance") or {}).get(key)

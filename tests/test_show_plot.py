@@ -1180,6 +1180,36 @@ def test_plot_onto_standard_output_writes_the_figure_alone(files, tmp_path):
     assert data[:8] == PNG and data.endswith(PNG_END)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_a_closed_standard_output_never_leads_a_figure_into_another_file(files, tmp_path):
+    """With standard output closed (`plot FILE -o - >&-`), the next file the command opened
+    took its number, 1, and /dev/stdout led there: matplotlib's fallback font was replaced
+    by the figure. Here that file is one the command holds open as it draws."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    wrapper = tmp_path / "closed_stdout.py"
+    wrapper.write_text(
+        "import os\nimport sys\n\n"
+        "import hessian_cli.cli.plot as plot\nfrom hessian_cli.cli import main\n\n"
+        "os.close(1)  # as `>&-` leaves it, where Python sets no sys.stdout\n"
+        "sys.stdout = None\n"
+        "read, held = plot.read_result_file, []\n\n\n"
+        "def reading(*args):\n"
+        f"    held.append(open({str(victim)!r}, 'rb'))\n"
+        "    return read(*args)\n\n\n"
+        "plot.read_result_file = reading\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(wrapper), "plot", str(files["series"]), "-o", "-"],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert victim.read_bytes() == b"keep me"
+
+
 @pytest.mark.parametrize(
     ("command", "status"),
     [(["show", "--all"], 0), (["show", "--json"], 0), (["plot", "-o", "/dev/stdout"], 141)],

@@ -282,6 +282,17 @@ def _debug_first(args: list[str]) -> list[str]:
     return ["--debug", *(a for a in args[:cut] if a != "--debug"), *args[cut:]]
 
 
+def _hold_standard_descriptors() -> None:
+    """Open /dev/null on standard input, output or error where the caller closed them
+    (``>&-``): the next file the command opened took the closed one's number, so `plot -o -`
+    replaced that file (a font of matplotlib's) with the figure, as /dev/stdout leads to it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: os.open takes the lowest free number, this one
+            os.open(os.devnull, os.O_RDWR)
+
+
 def main() -> None:
     """Console entry point: user errors become one red sentence and exit status 2.
 
@@ -290,6 +301,7 @@ def main() -> None:
     a user error). Under torchrun the process first joins the process group (torch is imported
     only then, to keep startup fast) and leaves it with the other ranks, unless it failed alone.
     """
+    _hold_standard_descriptors()
     load_commands()
     torchrun = launched_by_torchrun()
     try:

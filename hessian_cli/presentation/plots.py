@@ -73,7 +73,7 @@ def _is_stdout(path: Path) -> bool:
     a pipe or a file the shell redirected it to."""
     try:
         return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
-    except (OSError, ValueError):  # no such file, or a stdout without a descriptor
+    except (OSError, ValueError, AttributeError):  # no such file, or no stdout (`>&-`)
         return False
 
 

@@ -1269,11 +1269,12 @@ def test_show_says_where_batchnorm_held_its_initial_statistics(capsys, full, tmp
     said = (
         "initial running statistics (mean 0, variance 1: no training step updated them), by "
         "which eval mode does not normalise, so these are the numbers of an unnormalised "
-        "network; --bn train normalises by each batch's statistics."
+        "network; --bn train normalises by each batch's statistics (InstanceNorm by each "
+        "sample's)."
     )
     for path, where in (
-        (single, "2 BatchNorm layers held"),
-        (series, "in 1 of the 2 checkpoints (ckpt_100) BatchNorm layers held"),
+        (single, "2 BatchNorm (or InstanceNorm) layers held"),
+        (series, "in 1 of the 2 checkpoints (ckpt_100) BatchNorm (or InstanceNorm) layers held"),
     ):
         code, out, err = run(capsys, "show", path)
         assert code == 0, err

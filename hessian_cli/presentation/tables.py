@@ -656,23 +656,28 @@ def _newer_format_note(version: Any, known: int) -> str | None:
 
 
 def _initial_statistics_note(ds: Sequence[Mapping[str, Any]]) -> str | None:
-    """What analyze said as it set up the analyses ``ds`` whose BatchNorm layers held their
-    initial running statistics (provenance ``bn_initial_statistics``), which `show` left
-    unsaid; None where none did."""
+    """What analyze said as it set up the analyses ``ds`` whose BatchNorm layers (or
+    InstanceNorm layers with running statistics) held their initial running statistics
+    (provenance ``bn_initial_statistics``, a count: the file does not say which kind), which
+    `show` left unsaid; None where none did."""
     held = [d for d in ds if (d.get("provenance") or {}).get("bn_initial_statistics")]
     if not held:
         return None
     if len(ds) == 1:
         count = held[0]["provenance"]["bn_initial_statistics"]
-        where = f"{counted(count, 'BatchNorm layer')} held"
+        where = f"{counted(count, 'BatchNorm (or InstanceNorm) layer')} held"
     else:
         names = ", ".join(str(d.get("name")) for d in held[:5])
         more = f", ... ({len(held)} in all)" if len(held) > 5 else ""
-        where = f"in {len(held)} of the {len(ds)} checkpoints ({names}{more}) BatchNorm layers held"
+        where = (
+            f"in {len(held)} of the {len(ds)} checkpoints ({names}{more}) BatchNorm (or "
+            "InstanceNorm) layers held"
+        )
     return (
         f"note: {where} initial running statistics (mean 0, variance 1: no training step "
         "updated them), by which eval mode does not normalise, so these are the numbers of an "
-        "unnormalised network; --bn train normalises by each batch's statistics."
+        "unnormalised network; --bn train normalises by each batch's statistics (InstanceNorm by "
+        "each sample's)."
     )
 
 

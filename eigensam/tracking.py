@@ -21,7 +21,7 @@ from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.inputs import inputs_to, run_model
 from hessian_cli.engine.linalg import dot, norms
-from hessian_cli.engine.model_mode import forward_mode
+from hessian_cli.engine.model_mode import forward_mode, loss_module
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.specs.data import IGNORE_INDEX
 from hessian_cli.specs.losses import class_dim
@@ -89,7 +89,7 @@ class LambdaMaxTracker:
     def held_out_loss_finite(self, model: nn.Module, loss_fn: LossFn) -> bool:
         """Whether the held-out batch's loss is finite on every rank: finite weights (near 1e36)
         can make it infinite, and a run without a test split would not see it otherwise."""
-        with forward_mode(model, "eval"):
+        with forward_mode(model, "eval", loss=loss_fn):
             finite = all(
                 bool(
                     torch.isfinite(
@@ -113,11 +113,14 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean loss (the batches' weighted by ``batch_weight``, as :class:`HessianOperator` weighs
     them; a batch that weighs nothing, of padding only, is left out) and accuracy on ``batches``
-    (eval mode), NaN without any."""
+    (eval mode, the loss's too where it is a module: a dropout in it made the test loss a random
+    draw), NaN without any."""
     if not batches:
         return math.nan, math.nan
-    was_training = model.training
-    model.eval()
+    modules = [m for m in (model, loss_module(loss_fn)) if m is not None]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     total = correct = labelled = weight = 0.0
     for x, y in batches:
         share = float(batch_weight(y))
@@ -128,7 +131,8 @@ def evaluate(
         total += float(loss_fn(out, y)) * share
         right, labels = correct_count(out, y, classify=classify)
         correct, labelled, weight = correct + right, labelled + labels, weight + share
-    model.train(was_training)
+    for m, training in zip(modules, was_training, strict=True):
+        m.train(training)
     return total / weight, accuracy(correct, labelled, classify=classify)
 
 

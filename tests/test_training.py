@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from eigensam.determinism import restore_rng
 from eigensam.refresh import DEFAULT_TOL as REFRESH_TOL
@@ -29,7 +30,7 @@ from eigensam.training import (
 from eigensam.training import load_config as load_saved_config
 from hessian_cli.engine.distributed import PeerLost
 from hessian_cli.errors import Terminated, UserError
-from hessian_cli.specs import load_checkpoint
+from hessian_cli.specs import build_model, load_checkpoint
 from hessian_cli.storage import read_metrics
 from hessian_cli.storage.metrics import COLUMNS
 
@@ -1121,3 +1122,39 @@ def test_a_tracked_residual_is_relative_to_lambda_max():
     v = tracker.vector
     true = float((A @ v - measured.lambda_max * v).norm()) / abs(measured.lambda_max)
     assert measured.residual == pytest.approx(true, rel=1e-6)
+
+
+def test_a_loss_module_with_dropout_is_in_eval_mode_where_the_held_out_data_is_measured(
+    tmp_path,
+):
+    """A user's loss class with a dropout stayed in training mode for the test split: the test
+    loss was a random draw (1.0422 for the eval-mode loss's 1.0441), and the held-out check at
+    each checkpoint drew random numbers, so --checkpoint-every changed the training."""
+    (tmp_path / "drop.py").write_text(
+        "import torch\n"
+        "class DropLoss(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.drop = torch.nn.Dropout(0.5)\n"
+        "    def forward(self, out, y):\n"
+        "        return torch.nn.functional.cross_entropy(self.drop(out), y)\n"
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 16)).astype(np.float32), rng.integers(0, 3, 96)
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:48], y_test=y[:48])
+    common = dict(
+        data=str(tmp_path / "d.npz"),
+        loss=f"{tmp_path}/drop.py:DropLoss",
+        optimizer="sgd",
+        epochs=2,
+        track_every=0,
+    )
+    every = train(config(tmp_path, "every", checkpoint_every=1, **common))
+    final = train(config(tmp_path, "final", checkpoint_every=0, **common))
+    assert_same_weights(every.checkpoint, final.checkpoint)
+    model = build_model("mlp", input_shape=(16,), num_classes=3, kwargs={"hidden": [8]})
+    model.load_state_dict(weights(every.checkpoint))
+    with torch.no_grad():
+        expected = F.cross_entropy(model(torch.tensor(x[:48])), torch.tensor(y[:48]))
+    test_loss = read_metrics(tmp_path / "every" / "metrics.h5")["epochs"]["test_loss"][-1]
+    assert test_loss == pytest.approx(float(expected), rel=1e-6)

@@ -621,11 +621,17 @@ class _Run:
             group["lr"] = lr
         model.train()
         opt.zero_grad(set_to_none=True)
-        out = run_model(model, x)
         # The ranks' shares of the global minibatch weigh what their losses average over, as one
         # process's loss does over the whole of it (by samples, a language model's padded text
         # trained to other weights on 2 ranks than on one).
         share = count = int(self.batch_weight(y)) if self.batch_weight else len(y)
+        if not share:  # padding only, not trained on: BatchNorm's statistics stay (they moved)
+            disable_running_stats(model)
+        try:
+            out = run_model(model, x)
+        finally:
+            if not share:
+                enable_running_stats(model)
         loss = self._share_loss(out, y, share)
         correct, labelled = correct_count(out, y, classify=self.classify)
         mean_loss = loss.detach()

@@ -777,7 +777,8 @@ def test_a_minibatch_of_padding_only_makes_no_update_and_the_run_goes_on(tmp_pat
     """A minibatch whose labels were all -100 stopped the run ("a batch of the data holds no
     label but -100") at step 0 of texts a quarter of which are unlabelled at --batch-size 2,
     and a resume met the same batch again: it makes no update (no step of weight decay or
-    momentum either), and Eigen-SAM's refresh due there is made at the next step."""
+    momentum either, nor of BatchNorm's running statistics: num_batches_tracked went 0 to 1 and
+    running_mean moved by 0.076), and Eigen-SAM's refresh due there is made at the next step."""
     (tmp_path / "tokens.py").write_text(
         "import torch\nfrom torch import nn\n\n\n"
         "class Texts(torch.utils.data.Dataset):\n"
@@ -792,8 +793,16 @@ def test_a_minibatch_of_padding_only_makes_no_update_and_the_run_goes_on(tmp_pat
         "        return self.x[i], self.y[i]\n\n\n"
         "def data():\n"
         "    return Texts()\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb, self.bn = nn.Embedding(5, 4), nn.BatchNorm1d(4)\n"
+        "        self.out = nn.Linear(4, 5)\n\n"
+        "    def forward(self, x):\n"
+        "        h = self.bn(self.emb(x).transpose(1, 2)).transpose(1, 2)\n"
+        "        return self.out(torch.tanh(h))\n\n\n"
         "def make():\n"
-        "    return nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))\n"
+        "    return Net()\n"
     )
     texts = dict(
         model=f"{tmp_path}/tokens.py:make",

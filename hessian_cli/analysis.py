@@ -530,8 +530,6 @@ def analyze_checkpoint(
     _check_request(request)
     with distributed.fail_together():
         s = _setup(ckpt, request)
-    if s.initial_bn is not None and s.initial_bn[0] and notice is not None:
-        notice(_initial_statistics_note(*s.initial_bn))
     distributed.check_same(
         lambda: {
             # Paths may differ between nodes (other mount points); what they hold may not.
@@ -545,7 +543,7 @@ def analyze_checkpoint(
         }
     )
     try:
-        return _run_solvers(ckpt, request, s, init, warm_from, progress)
+        return _run_solvers(ckpt, request, s, init, warm_from, progress, notice)
     except IndexError as exc:  # a batch past the two samples check_fits ran
         reach = embedding_reach(s.model, (x for x, _ in s.batches + s.minibatches), exc)
         if not reach:
@@ -873,9 +871,11 @@ def _run_solvers(
     init: torch.Tensor | None,
     warm_from: str | None,
     progress: Progress | None,
+    notice: Callable[[str], None] | None,
 ) -> CheckpointAnalysis:
     """The requested solvers on this rank's share of the batches (and of the alignment's extra
-    minibatches), from ``init`` where a series' previous checkpoint gives it."""
+    minibatches), from ``init`` where a series' previous checkpoint gives it; ``notice`` as
+    :func:`analyze_checkpoint` takes it."""
     rank, world_size = distributed.world()
     batches = distributed.shard(s.batches, rank, world_size)
     # Where the analysed batches hold the minibatches, None on every rank alike (building an
@@ -906,6 +906,9 @@ def _run_solvers(
             check_trace_memory(op, request.trace_probes, request.trace_method, pairs, largest)
         if request.density:  # refused now, not after the eigenpairs it would lose
             check_density_memory(op, request.density_probes, request.density_steps)
+    # Once nothing refuses the analysis: a note followed by an error was of numbers never made.
+    if s.initial_bn is not None and s.initial_bn[0] and notice is not None:
+        notice(_initial_statistics_note(*s.initial_bn))
     loss, g = op.gradient()  # where graphs are kept, this builds them for the products too
     eig = trace = density = alignment = None
     if init is not None and init.shape[-1] != op.n:  # a directory may mix models

@@ -1528,6 +1528,9 @@ def test_batchnorm_with_its_initial_running_statistics_is_said_and_recorded(caps
                 "updated them), by which eval mode does not normalise, so these are the numbers "
                 "of an unnormalised network; --bn train normalises by each batch's statistics."
             ]
+    # A refusal after the setup: the note came first, of an analysis that never ran.
+    code, _, err = run(capsys, "analyze", untrained, *args[:-1], "100000")
+    assert code != 0 and "choose --top-k of at most" in err and "note:" not in err, err
 
 
 @pytest.mark.parametrize(

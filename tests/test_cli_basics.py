@@ -23,6 +23,16 @@ def test_version_and_help_run_as_module():
     assert "Hessian spectra" in helptext
 
 
+@pytest.mark.parametrize("command", [[], ["analyze"], ["train"], ["show"], ["plot"]])
+def test_h_is_help_as_most_tools_take_it(command: list[str]) -> None:
+    """``-h`` was "No such option: -h" (exit 2)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", *command, "-h"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert " ".join(["Usage:", "python -m hessian_cli", *command]) in " ".join(out.stdout.split())
+
+
 def test_help_and_version_do_not_load_the_numerical_stack():
     """--help and --version answer at once: no command imports torch, h5py or matplotlib until
     it runs (torch alone takes seconds to import)."""

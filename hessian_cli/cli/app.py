@@ -31,6 +31,7 @@ app = typer.Typer(
     help="Hessian spectra of neural networks (eigenvalues, trace, density, SAM alignment) "
     "and Eigen-SAM training, from the terminal.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},  # -h as most tools take it
     add_completion=False,
     pretty_exceptions_enable=False,
 )

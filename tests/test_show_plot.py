@@ -1051,6 +1051,30 @@ def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
     assert grey == [[5.0, 4.0], [-0.5, -1.0]]
 
 
+def test_a_single_plot_of_both_ends_reads_as_the_spectrum_with_a_gap():
+    """The x axis read λ1, λ2, λ3, λn, λn-1, λn-2: λn beside λ3, the smallest end backwards."""
+    eigen = {
+        "which": "both",
+        "eigenvalues": [5.0, 4.0, 3.0, -1.0, -0.5, -0.2],
+        "residuals": [1e-5] * 6,
+        "converged": [1] * 6,
+        "tol": 1e-4,
+    }
+    ax = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}]).axes[0]
+    ticks = sorted((t.get_loc(), t.label1.get_text()) for t in ax.xaxis.get_major_ticks())
+    assert ticks == [(1, "λ1"), (2, "λ2"), (3, "λ3"), (5, "λn-2"), (6, "λn-1"), (7, "λn")]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == ["…"]
+    (points,) = [line for line in ax.get_lines() if line.get_label() == "converged"]
+    assert dict(zip(points.get_xdata(), points.get_ydata(), strict=True)) == {
+        1: 5.0,
+        2: 4.0,
+        3: 3.0,
+        5: -0.2,
+        6: -0.5,
+        7: -1.0,
+    }
+
+
 def test_a_series_plot_marks_unconverged_pairs_only_where_there_are_some():
     def series(converged: list[int]) -> list[dict]:
         eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": converged}

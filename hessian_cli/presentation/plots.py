@@ -203,16 +203,23 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     values = _arr(e["eigenvalues"])
     ok = np.array(e["converged"], dtype=bool)
     idx = np.arange(1, len(values) + 1)
-    # With both ends, the largest and the smallest are two runs: no line across the gap.
-    ends = [slice(None, len(values) // 2), slice(len(values) // 2, None)]
-    for part in ends if e.get("which") == "both" else [slice(None)]:
+    labels = eigen_labels({e.get("which")}, len(values))
+    ends = [slice(None)]
+    if e.get("which") == "both":
+        # The smallest are stored λn first: drawn as the spectrum reads, λ1 ... λk, a gap, then
+        # λn-k+1 ... λn (λn stood beside λk, λn-k+1 at the right end), two lines, not joined.
+        half = len(values) // 2
+        idx[half:] = 2 * half + 1 - np.arange(len(values) - half)
+        ends = [slice(None, half), slice(half, None)]
+        ax.set_xticks([half + 1], ["…"], minor=True)  # the eigenvalues between, not computed
+    for part in ends:
         ax.plot(idx[part], values[part], color="0.6", lw=0.8)
     if ok.any():  # no legend entry for markers that are not there
         ax.plot(idx[ok], values[ok], "o", color="C0", label="converged")
     if (~ok).any():
         ax.plot(idx[~ok], values[~ok], "x", color="C3", ms=9, mew=2, label="NOT converged")
     ax.set_ylabel("eigenvalue")
-    ax.set_xticks(idx, eigen_labels({e.get("which")}, len(values)))
+    ax.set_xticks(idx, labels)
     # Converged means the measure of the criterion the solve used is within tol: draw that one.
     by_error = e.get("criterion") == "eigenvalue"
     measure = _arr(e.get("errors") if by_error else e["residuals"])

@@ -1370,6 +1370,21 @@ def test_names_are_shown_and_drawn_as_they_are(full, tmp_path):  # noqa: F811
     assert_png(out)
 
 
+def test_a_long_checkpoint_name_is_cut_in_the_middle_to_fit_the_title(full):  # noqa: F811
+    """A 230-character name ran off both sides of the figure (2133 pixels wide in 640)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    name = "experiment_resnet20_cifar10_lr0.1_wd5e-4_$rho$" * 5 + "epoch=199-step=78200"
+    d = {**json.loads(json.dumps(analysis_to_dict(full))), "name": name}
+    fig = spectra_figure([d])
+    title = fig.get_suptitle()
+    head, tail = title.split("…")
+    assert name.startswith(head.replace(r"\$", "$")) and name.endswith(tail.replace(r"\$", "$"))
+    assert tail.endswith("epoch=199-step=78200") and len(head) > 10
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    assert fig._suptitle.get_window_extent(renderer).width <= fig.bbox.width
+
+
 def test_tables_are_never_cut_short(files, monkeypatch):
     from rich.console import Console
 

@@ -476,8 +476,20 @@ def _single_figure(d: Mapping[str, Any]) -> Figure:
         _density_panel(next(panels), d)
     if e is not None:
         _eigen_panel(next(panels), e)
-    fig.suptitle(_literal(d.get("name")))
+    _fitted_title(fig, str(d.get("name")))
     return fig
+
+
+def _fitted_title(fig: Figure, title: str) -> None:
+    """``title`` above ``fig``, cut in the middle where it is wider than the figure (a long
+    checkpoint name ran off both sides): its start and its end, which tells checkpoints apart."""
+    text = fig.suptitle(_literal(title))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    room, keep = 0.98 * fig.bbox.width, len(title)
+    while keep > 1 and (width := text.get_window_extent(renderer).width) > room:
+        keep = min(keep - 1, int(keep * room / width))
+        head = keep // 2
+        text.set_text(_literal(f"{title[:head]}…{title[len(title) - (keep - head) :]}"))
 
 
 # What an analysis repeated with the same settings may differ in: its cost, as timed and counted.

@@ -372,6 +372,9 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
         (["plot", str(files["single"]), "-o", f"{tmp_path / 'figs'}/"], "figs/ names a directory"),
         (["show", ""], "FILE needs a name"),  # not the working directory
         (["plot", "", "-o", str(tmp_path / "x.png")], "FILE needs a name"),
+        # A path drops the slash: the file was shown and drawn.
+        (["show", f"{files['single']}/"], f"{files['single']} is not a directory"),
+        (["plot", f"{files['single']}/", "-o", str(tmp_path / "x.png")], "is not a directory"),
     ]
     for args, message in cases:
         code, out, err = run(capsys, *args)

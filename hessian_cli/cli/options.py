@@ -111,7 +111,11 @@ def given_path(text: str, name: str, example: str) -> Path:
     an unknown ``~user`` as it is (pathlib's raises)."""
     if not text.strip():
         raise UserError(f"{name} needs a name, such as {example}.")
-    return Path(os.path.expanduser(text))
+    path = Path(os.path.expanduser(text))
+    # A path drops a trailing slash: `show s.h5/` showed the file, where the system says no.
+    if text.endswith(("/", os.sep)) and path.exists() and not path.is_dir():
+        raise UserError(f"{name} {text}: {path} is not a directory; leave the slash out.")
+    return path
 
 
 def refuse_unused(ctx: typer.Context, needs: dict[str, tuple[bool, str]]) -> None:

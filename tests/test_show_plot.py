@@ -568,6 +568,16 @@ def test_the_density_peak_is_where_the_smoothed_density_peaks(node, said):
     assert f"nodes span [{node:.4g}, {node:.4g}], peak at λ≈{said}," in console.export_text()
 
 
+def test_stored_nan_density_nodes_are_not_said_to_span_nan(capsys, files, tmp_path):
+    path = tmp_path / "nodes.h5"
+    shutil.copy(files["single"], path)
+    with h5py.File(path, "r+") as f:
+        next(iter(f["checkpoints"].values()))["density/nodes"][...] = np.nan
+    code, out, _ = run(capsys, "show", str(path))
+    words = " ".join(out.split())
+    assert code == 0 and "nodes span —, peak at λ≈" in words
+
+
 def test_a_series_says_which_rows_were_computed_in_reduced_precision():
     """One checkpoint's table says so (and its products' error); a series' said nothing, its
     bf16 traces shown as if in full precision."""

@@ -325,6 +325,7 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     nodes = np.array(dn.get("nodes") or [], dtype=float)
     weights = np.array(dn.get("weights") or [], dtype=float)
     used = nodes[weights > 0] if nodes.shape == weights.shape else nodes.ravel()
+    used = used[np.isfinite(used)]  # stored NaN: "nodes span [nan, nan]"
     support = f"[{used.min():.4g}, {used.max():.4g}]" if used.size else DASH
     grid = np.array(dn.get("grid") or [], dtype=float)
     values = np.array(dn.get("values") or [], dtype=float)

@@ -578,6 +578,18 @@ def test_stored_nan_density_nodes_are_not_said_to_span_nan(capsys, files, tmp_pa
     assert code == 0 and "nodes span —, peak at λ≈" in words
 
 
+def test_a_method_the_file_does_not_record_is_not_shown_as_none(capsys, files, tmp_path):
+    path = tmp_path / "methods.h5"
+    shutil.copy(files["single"], path)
+    with h5py.File(path, "r+") as f:
+        group = next(iter(f["checkpoints"].values()))
+        del group["eigenvalues"].attrs["method"], group["trace"].attrs["method"]
+    code, out, _ = run(capsys, "show", str(path))
+    words = " ".join(out.split())
+    assert code == 0 and "None" not in words
+    assert "random samples; method not recorded with 3 eigenvectors in its sketch" in words
+
+
 def test_a_series_says_which_rows_were_computed_in_reduced_precision():
     """One checkpoint's table says so (and its products' error); a series' said nothing, its
     bf16 traces shown as if in full precision."""

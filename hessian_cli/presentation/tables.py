@@ -207,7 +207,8 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
     # A Krylov solve certifies pairs in order (whole-space ones have every eigenvalue).
     in_order = "" if e.get("method") == "whole-space" else ", for it and every pair before it"
     how = (
-        f"{_WHICH_WORDS.get(e.get('which'), e.get('which'))} by {e.get('method')}; "
+        f"{_WHICH_WORDS.get(e.get('which'), e.get('which'))}"
+        f"{f' by {m}' if (m := e.get('method')) else ''}; "  # not recorded: it said "by None"
         f"converged means {_criterion(e)}{in_order}; "
         f"{_int(e.get('iterations'))} iteration{'' if e.get('iterations') == 1 else 's'}, "
         f"{counted(e.get('hvps'), 'HVP')}, "
@@ -301,7 +302,7 @@ def _trace_line(t: Mapping[str, Any]) -> str:
         return f"trace {_g(t.get('estimate'))} (no random part: {how}; {cost})"
     return (
         f"trace {_g(t.get('estimate'))} ± {_g(t.get('stderr'), '.3g')} (std. error"
-        f"{_of_samples(t.get('num_samples'))}; {t.get('method')}"
+        f"{_of_samples(t.get('num_samples'))}; {t.get('method') or 'method not recorded'}"
         f"{_with_known(t.get('known_eigenpairs'))}, "
         f"{_int(t.get('num_probes'))} probes, {cost})"
     )

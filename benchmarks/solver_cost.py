@@ -47,13 +47,31 @@ def spectrum(n: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([top, 2 * torch.randn(n - len(top), generator=g, dtype=torch.float64)]).float()
 
 
-def main() -> None:
+def counts(text: str) -> list[int | None]:
+    """Comma-separated integers (``default``: None, the default block size)."""
+    return [None if x == "default" else int(x) for x in text.split(",")]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=272_474, help="size (ResNet-20's by default)")
-    parser.add_argument("--k", default="5,50", help="comma-separated numbers of eigenpairs")
-    parser.add_argument("--blocks", default="default,1,4", help="comma-separated block sizes")
+    parser.add_argument("--k", type=counts, default="5,50", help="comma-separated eigenpairs")
+    parser.add_argument("--blocks", type=counts, default="default,1,4", help="and block sizes")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    # Refused before the first row, in one sentence: the engine's own refusal of a solve was
+    # a traceback, after the rows before it (--n 10 --k 20: "Cannot compute 20 eigenpairs ...").
+    if args.n < 1 or any(k is None or k < 1 for k in args.k):
+        parser.error("--n and each --k must be at least 1")
+    if max(args.k) > args.n:
+        parser.error(f"--k {max(args.k)} is more eigenpairs than --n {args.n} has")
+    if any(b is not None and b < 1 for b in args.blocks):
+        parser.error("each --blocks must be at least 1 (or default)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     diagonal = spectrum(args.n).to(args.device)
     exact = diagonal.double().sort(descending=True).values.cpu()
     print(f"# diagonal operator, n = {args.n:,}, {args.device}, torch {torch.__version__}")
@@ -62,10 +80,9 @@ def main() -> None:
         "max rel. error | stop |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for k in (int(x) for x in args.k.split(",")):
+    for k in args.k:
         done: set[int] = set()
-        for text in args.blocks.split(","):
-            block = None if text == "default" else int(text)
+        for block in args.blocks:
             size = default_block_size(k) if block is None else block
             if size in done:  # the default is one of the listed blocks (block 1 up to k = 49)
                 continue

@@ -56,6 +56,27 @@ def test_solver_cost_spectrum_below_200_entries() -> None:
     assert values.shape == (150,) and torch.allclose(values[:2], torch.tensor([1000.0, 500.0]))
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--n", "10", "--k", "5,20"), "--k 20 is more eigenpairs than --n 10 has"),
+        (("--n", "10", "--k", "0"), "--n and each --k must be at least 1"),
+        (("--n", "10", "--k", "2", "--blocks", "default,0"), "each --blocks must be at least 1"),
+    ],
+)
+def test_solver_cost_refuses_what_no_solve_runs_with_before_any_row(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: tuple, message: str
+) -> None:
+    """The engine's refusal came as a traceback, after the rows before it."""
+    import solver_cost
+
+    monkeypatch.setattr(sys, "argv", ["solver_cost.py", *args])
+    with pytest.raises(SystemExit):
+        solver_cost.main()
+    out, err = capsys.readouterr()
+    assert message in err and not out
+
+
 @pytest.mark.parametrize("option", ["--reps", "--probes", "--batch", "--many-k"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_peers_refuses_counts_below_one(

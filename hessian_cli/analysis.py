@@ -1048,8 +1048,9 @@ def _provenance(
         "seed": request.seed,
         # A warm-started result is reproduced by its series, not by its seed alone.
         "warm_start": warm_start,
-        "solver": eig.method if eig else "",
-        "tol": request.tol,
+        # The eigensolver's, where it ran (--top-k 0 recorded the default tol, never used).
+        "solver": eig.method if eig else None,
+        "tol": request.tol if eig else None,
         "hvp_backend": ",".join(sorted(op.backends_used)) or op.backend,
         "hvps": op.hvp_count,
         "grad_seconds": grad_seconds,

@@ -1790,6 +1790,29 @@ def test_root_options_for_data_that_does_not_read_them_are_refused(capsys, digit
     assert "data 'digits' does not use it" in message
 
 
+def test_an_analysis_without_eigenpairs_records_no_eigensolver_settings(
+    capsys, tmp_path, digits_mlp
+):
+    """--top-k 0 --trace recorded the eigensolver's tol 0.0001 (and solver ''), though none ran:
+    `show` named that tol for it beside an analysis at --tol 1e-6, and a series of such traces
+    in files written so split, beside new ones, into runs by it."""
+    args = ("analyze", digits_mlp, "--top-k", "0", "--trace", "--trace-probes", "6", "-q")
+    code, out, _ = run(capsys, *args, "--json")
+    provenance = json.loads(out)["provenance"]
+    assert code == 0 and "tol" not in provenance and "solver" not in provenance
+    out_h5 = tmp_path / "traces.h5"
+    for _ in range(2):
+        assert run(capsys, *args, "--out", out_h5)[0] == 0
+    with h5py.File(out_h5, "a") as f:  # the first as files written before recorded it
+        f["checkpoints/digits_mlp"].attrs.update(tol=1e-4, solver="")
+    code, out, _ = run(capsys, "show", out_h5)
+    assert code == 0 and "tol" not in out
+    tight = ("--top-k", "1", "--tol", "1e-6", "-q", "--out", out_h5)
+    assert run(capsys, "analyze", digits_mlp, *tight)[0] == 0
+    code, out, _ = run(capsys, "show", out_h5)
+    assert code == 0 and "0.0001" not in out and "1e-06" in out, out
+
+
 def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, digits_mlp):
     out_h5 = tmp_path / "twice.h5"
     for k in ("1", "2"):

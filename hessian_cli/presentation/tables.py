@@ -405,8 +405,9 @@ def _reduced_precision_note(d: Mapping[str, Any], prov: Mapping[str, Any]) -> st
 
 
 # What an analysis was of besides its checkpoint: analyses of one checkpoint that differ in one
-# are of another matrix (or another estimate of it), not steps of one trajectory. The last two
-# are its eigen part's (:func:`analysis_setting`); the others are provenance.
+# are of another matrix (or another estimate of it), not steps of one trajectory. The last three
+# are its eigen part's (:func:`analysis_setting`; tol read from the provenance); the others are
+# provenance.
 ANALYSIS_SETTINGS = (
     "data",
     "num_samples",
@@ -430,6 +431,8 @@ def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
         return len(e["eigenvalues"]) // (2 if e.get("which") == "both" else 1) if e else 0
     if key == "which":
         return e.get("which")
+    if key == "tol" and not e:  # files written before 2026-12-01 recorded one, never used
+        return None
     return (d.get("provenance") or {}).get(key)
 
 

@@ -1051,7 +1051,8 @@ def _provenance(
         # The eigensolver's, where it ran (--top-k 0 recorded the default tol, never used).
         "solver": eig.method if eig else None,
         "tol": request.tol if eig else None,
-        "hvp_backend": ",".join(sorted(op.backends_used)) or op.backend,
+        # None where no product was taken (--top-k 0 alone recorded the option's "auto").
+        "hvp_backend": ",".join(sorted(op.backends_used)) or None,
         "hvps": op.hvp_count,
         "grad_seconds": grad_seconds,
         "grad_equivalents": wall / grad_seconds if grad_seconds > 0 else float("nan"),

@@ -1813,6 +1813,15 @@ def test_an_analysis_without_eigenpairs_records_no_eigensolver_settings(
     assert code == 0 and "0.0001" not in out and "1e-06" in out, out
 
 
+def test_an_analysis_without_products_records_no_hvp_backend(capsys, digits_mlp):
+    """--top-k 0 alone recorded hvp_backend 'auto', the option, as if a backend had been used."""
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "0", "--json")
+    provenance = json.loads(out)["provenance"]
+    assert code == 0 and provenance["hvps"] == 0 and "hvp_backend" not in provenance
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--json")
+    assert code == 0 and json.loads(out)["provenance"]["hvp_backend"] in ("func", "double-backward")
+
+
 def test_a_checkpoint_analysed_twice_is_shown_by_its_group(capsys, tmp_path, digits_mlp):
     out_h5 = tmp_path / "twice.h5"
     for k in ("1", "2"):

@@ -573,11 +573,16 @@ def test_syncbatchnorm_under_torch_distributed_takes_each_batchs_statistics(tmp_
         "V = torch.randn(3, ops[0].n, dtype=torch.float64)\n"
         "print(float((ops[1].matmul(V) - ops[0].matmul(V)).abs().max()))\n"
     )
+    assert float(_python(script)) < 1e-12
+
+
+def _python(script: str) -> str:
+    """What ``script`` prints, run in a process of its own (a setting of the whole process, or
+    a process group, that the tests' process must not keep) that imports as this one does."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
-    )
-    assert float(out.stdout) < 1e-12
+    ).stdout
 
 
 def _bn_tanh_dropout() -> tuple[torch.nn.Sequential, list]:
@@ -628,11 +633,7 @@ def test_a_torchscript_model_under_the_legacy_executor_is_its_eager_model():
         "V = torch.randn(3, op.n, dtype=torch.float64)\n"
         "print(float((op.matmul(V) - V @ H).abs().max() / (V @ H).abs().max()))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
-    )
-    assert float(out.stdout) < 1e-12
+    assert float(_python(script)) < 1e-12
 
 
 def _bn_tanh_dropout_loss(o: torch.Tensor, t: torch.Tensor, training: bool = False) -> torch.Tensor:

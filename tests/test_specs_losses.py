@@ -184,3 +184,15 @@ def test_mse_on_class_labels_stored_as_floats_says_so():
     with pytest.raises(UserError) as info:  # real targets are a shape mismatch only
         mse(logits, labels + 0.5)
     assert "class labels" not in str(info.value)
+
+
+def test_cross_entropy_refuses_integer_one_hot_labels():
+    """Integer one-hot rows (a factory's y of shape (N, C), int64) met torch's 'Expected
+    floating point type for target with class probabilities, got Long'."""
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    one_hot = F.one_hot(torch.tensor([0, 2, 1, 1]), 3)
+    with pytest.raises(UserError, match=r"\(3,\) per sample for outputs of \(3,\) .*y.argmax\(1\)"):
+        get_loss("ce")(logits, one_hot)
+    assert torch.allclose(
+        get_loss("ce")(logits, one_hot.float()), F.cross_entropy(logits, one_hot.argmax(1))
+    )

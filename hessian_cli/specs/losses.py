@@ -149,6 +149,15 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
             "cross-entropy over a single output is 0 whatever the weights: use --loss mse for "
             "one real-valued target, or a model with one output per class."
         )
+    if not targets.is_floating_point() and targets.ndim == outputs.ndim:
+        # torch reads such targets as class probabilities and refuses them for not being real.
+        raise UserError(
+            f"cross-entropy takes one integer class label per sample (or per token), but the "
+            f"labels have as many dimensions as the outputs, {tuple(targets.shape[1:])} per sample "
+            f"for outputs of {tuple(outputs.shape[1:])} (one-hot rows?): give class indices "
+            "(y.argmax(1)), "
+            "or the rows as floats for class probabilities."
+        )
     dim = class_dim(outputs, targets)
     if dim is None:
         raise UserError(

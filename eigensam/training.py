@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from eigensam.bn import disable_running_stats, enable_running_stats
-from eigensam.config import TrainConfig, load_config, require
+from eigensam.config import CONFIG_FILE, TrainConfig, load_config, require
 from eigensam.determinism import DataOrder
 from eigensam.eigen_sam import EigenSAM
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
@@ -92,7 +92,12 @@ from hessian_cli.specs import (
     save_checkpoint,
     takes_token_ids,
 )
-from hessian_cli.specs.data import collate_samples, data_file_digest, unbatchable
+from hessian_cli.specs.data import (
+    collate_samples,
+    data_file_digest,
+    missing_data_file,
+    unbatchable,
+)
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.models import with_builtin_defaults
@@ -200,6 +205,11 @@ class _Run:
         self.lead = self.rank == 0
         self.write_failed = False  # a write of the run's files (rank 0's) failed: not retried
         torch.manual_seed(config.seed)  # model initialisation
+        if resume and (missing := missing_data_file(config.data)):
+            raise UserError(
+                f"The file {missing!r} that the run's {CONFIG_FILE} records for its data does not "
+                "exist (moved or deleted?): put it back there (or a link to it) to resume the run."
+            )
         self.data = load_data(config.data, root=config.data_root, download=config.download)
         self.data_digest = data_file_digest(config.data)
         self.classify = self.data.num_classes is not None

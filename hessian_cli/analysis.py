@@ -87,7 +87,7 @@ from hessian_cli.specs.checkpoints import (
     checkpoint_label,
     trainer_weights,
 )
-from hessian_cli.specs.data import data_names_code
+from hessian_cli.specs.data import data_names_code, missing_data_file
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
 from hessian_cli.specs.models import defaults_hint, model_names_code, with_checkpoint_layout
@@ -692,6 +692,11 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     check_precision(request.precision, device, dtype)  # before the work of loading
     torch.manual_seed(request.seed)
 
+    if not request.data and (missing := missing_data_file(data_spec)):
+        raise UserError(
+            f"The file {missing!r} that the checkpoint records for its data does not exist "
+            "(moved or deleted?): give --data to say where the data is now."
+        )
     # Specs read from the checkpoint may name code only where the user trusts the file.
     trust = request.trust_checkpoint
     if not trust:

@@ -827,3 +827,15 @@ def test_values_a_narrower_dtype_cannot_hold_are_named_as_such(tmp_path) -> None
         analysis_batches(batches_of, batch_size=2)
     (x, _), _ = analysis_batches(batches_of, batch_size=2, dtype=torch.float64)
     assert float(x[0, 0]) == 1e300
+
+
+def test_a_missing_data_file_is_found_for_tensor_files_and_factories(tmp_path):
+    """What analyze and --resume check of a recorded data spec before loading it."""
+    from hessian_cli.specs.data import missing_data_file
+
+    (tmp_path / "here.npz").write_bytes(b"")
+    (tmp_path / "fac.py").write_text("")
+    assert missing_data_file(f"{tmp_path}/gone.npz") == f"{tmp_path}/gone.npz"
+    assert missing_data_file(f"{tmp_path}/gone.py:make") == f"{tmp_path}/gone.py"
+    for present in (f"{tmp_path}/here.npz", f"{tmp_path}/fac.py:make", "digits", "os.path:join"):
+        assert missing_data_file(present) is None

@@ -776,3 +776,23 @@ def test_a_run_goes_on_where_the_reader_of_its_output_has_gone(tmp_path):
         os.close(writer)
     assert done.returncode == 0, done.stderr
     assert (run_dir / "checkpoints" / "final.pt").is_file()
+
+
+def test_a_data_file_moved_since_the_run_is_named_as_recorded(capsys, tmp_path):
+    """A run's data file moved away met "data file '...' does not exist", from analyze and from
+    --resume alike, as if the user had named it: say it is the recorded one, and what to do."""
+    data, moved = tmp_path / "d.npz", tmp_path / "d2.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((32, 4)), y=np.arange(32) % 3)
+    out = tmp_path / "run"
+    args = ("--model", "mlp", "--data", data, "--batch-size", "16", "--epochs", "1", "-q")
+    assert run(capsys, "train", *args, "--out", out)[0] == 0
+    data.rename(moved)
+    code, _, err = run(capsys, "analyze", out, "--top-k", "1")
+    assert code == 2 and one_sentence(err, strict=True).endswith(
+        f"The file '{data}' that the checkpoint records for its data does not exist (moved or "
+        "deleted?): give --data to say where the data is now."
+    )
+    assert run(capsys, "analyze", out, "--top-k", "1", "--data", moved)[0] == 0
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps", "3")
+    assert code == 2 and "that the run's config.json records for its data does not exist" in err
+    assert "put it back there (or a link to it) to resume the run" in one_sentence(err)

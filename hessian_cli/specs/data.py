@@ -43,6 +43,7 @@ from hessian_cli.specs.user_code import (
     absolute,
     anchored,
     call_user,
+    is_file_spec,
     load_object,
     refuse_file_without_name,
     split_user_spec,
@@ -152,6 +153,19 @@ def data_file_digest(spec: str) -> str | None:
     if not spec.lower().endswith(TENSOR_FILE_SUFFIXES) or not path.is_file():
         return None
     return file_sha256(path)
+
+
+def missing_data_file(spec: str) -> str | None:
+    """The file data ``spec`` names (a tensor file, or a factory's Python file) where it is not
+    there: for a spec read from a checkpoint or a run, which the file may have left since."""
+    parts = split_user_spec(spec)
+    if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
+        path = spec
+    elif data_names_code(spec) and parts is not None and is_file_spec(parts[0]):
+        path = parts[0]
+    else:
+        return None
+    return None if Path(path).expanduser().exists() else path
 
 
 def anchored_data(spec: str) -> str:

@@ -196,3 +196,26 @@ def test_cross_entropy_refuses_integer_one_hot_labels():
     assert torch.allclose(
         get_loss("ce")(logits, one_hot.float()), F.cross_entropy(logits, one_hot.argmax(1))
     )
+
+
+def test_the_fit_check_runs_a_loss_module_in_eval_mode():
+    """A loss module with a dropout ran in training mode: the check drew random numbers before
+    the first step, where its docstring says no RNG is touched; each part keeps its mode."""
+    from hessian_cli.specs import check_fits
+
+    class DroppedCE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.drop(out), y)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1), torch.nn.Linear(4, 2))
+    model[2].eval()  # a part the user keeps in eval mode
+    loss, batches = DroppedCE(), [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))]
+    before = torch.get_rng_state()
+    check_fits(model, loss, batches)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [m.training for m in (*model, loss, loss.drop)] == [True, True, False, True, True]

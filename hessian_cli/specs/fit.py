@@ -3,9 +3,10 @@ shape, label or type mismatch (or a bug in user code) is one sentence, not a fai
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from hessian_cli.engine.inputs import (
     rows,
     run_model,
 )
+from hessian_cli.engine.model_mode import loss_module
 from hessian_cli.errors import UserError, a_type, first_line
 from hessian_cli.specs.losses import class_dim
 
@@ -45,15 +47,32 @@ def takes_token_ids(model: nn.Module) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _in_eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """``modules`` (None: none) in eval mode inside, each part's own mode as it was after."""
+    saved = [(m, m.training) for module in modules if module is not None for m in module.modules()]
+    for module in modules:
+        if module is not None:
+            module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
 def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -> None:
-    """Run the model (in eval mode: no buffer or RNG is touched) and the loss on two samples of
-    ``batches[0]``, on the model's device; class labels are checked against the outputs over all
-    of ``batches``."""
+    """Run the model and the loss (a loss module too, as the products run it) in eval mode, so
+    that no buffer or RNG is touched, on two samples of ``batches[0]``, on the model's device;
+    class labels are checked against the outputs over all of ``batches``."""
+    with _in_eval_mode(model, loss_module(loss_fn)):
+        _check_fits(model, loss_fn, batches)
+
+
+def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -> None:
     device = model_device(model)
     x = inputs_to(rows(batches[0][0], slice(0, 2)), device)
     y = batches[0][1][:2].to(device)
-    was_training = model.training
-    model.eval()
     try:
         out = run_model(model, x)
     except _MISFIT as exc:
@@ -61,8 +80,6 @@ def check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) ->
             f"The data (samples of {describe_samples(x)}) does not fit the model: "
             f"{first_line(exc)}{embedding_reach(model, [x], exc)}."
         ) from exc
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise UserError(
             f"The model returns {a_type(out)}, not a tensor of outputs; wrap it in a "
@@ -166,8 +183,6 @@ def _sums_over_the_batch(
     has no values) nothing is said."""
     if len(y) < 2:
         return False
-    was_training = model.training
-    model.eval()
     try:
         with torch.no_grad():
             pair = float(pair_loss)
@@ -177,8 +192,6 @@ def _sums_over_the_batch(
             )
     except _MISFIT:
         return False
-    finally:
-        model.train(was_training)
     scale = abs(one) + abs(two)
     return (
         math.isfinite(pair)

@@ -71,6 +71,8 @@ def test_mse_one_hot_for_integer_labels() -> None:
     assert torch.allclose(get_loss("mse")(outputs, labels), loss)
     with pytest.raises(UserError, match="out of range"):
         get_loss("mse", num_classes=3)(outputs, torch.tensor([3, 0, 0, 0]))
+    # Integer one-hot rows are those vectors already (they were one-hot again: "targets (4, 3, 2)").
+    assert torch.allclose(get_loss("mse", num_classes=2)(outputs, one_hot.long()), loss)
 
 
 def test_mse_real_targets() -> None:

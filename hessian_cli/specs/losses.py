@@ -205,8 +205,9 @@ def class_dim(outputs: Tensor, targets: Tensor) -> int | None:
 
 def _mse(num_classes: int | None) -> LossFn:
     def mse(outputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean squared error; integer labels are compared with their one-hot vectors."""
-        if not targets.is_floating_point():
+        """Mean squared error; integer labels are compared with their one-hot vectors, and
+        integer targets shaped like the outputs (one-hot rows already) as they are."""
+        if not targets.is_floating_point() and targets.shape != outputs.shape:
             classes = num_classes if num_classes is not None else outputs.shape[-1]
             if targets.numel() and int(targets.max()) >= classes:
                 raise UserError(

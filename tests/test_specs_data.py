@@ -204,6 +204,16 @@ def test_unsigned_labels_and_a_stored_class_count(tmp_path: Path) -> None:
         load_data(str(path))
 
 
+def test_integer_one_hot_labels_in_a_file_are_named(tmp_path: Path) -> None:
+    path, arrays = tmp_path / "d.npz", _arrays()
+    np.savez(path, x=arrays["x"], y=np.eye(3, dtype=np.int64)[arrays["y"] % 3])
+    with pytest.raises(UserError, match=r"shape \(12, 3\) \(one-hot rows: store the class ind"):
+        load_data(str(path))
+    np.savez(path, x=arrays["x"], y=np.ones((12, 3), dtype=np.int64))
+    with pytest.raises(UserError, match=r"got shape \(12, 3\)\.$"):
+        load_data(str(path))
+
+
 class _Hostile:
     def __init__(self, target: str) -> None:
         self.target = target

@@ -450,8 +450,11 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
+        one_hot = y.ndim == 2 and bool(((y == 0) | (y == 1)).all() and (y.sum(1) == 1).all())
+        hint = " (one-hot rows: store the class indices, y.argmax(1))" if one_hot else ""
         raise UserError(
-            f"data {spec!r}: integer labels in {which} must be one per sample, got shape {tuple(y.shape)}."
+            f"data {spec!r}: integer labels in {which} must be one per sample, got shape "
+            f"{tuple(y.shape)}{hint}."
         )
     if int(y.min()) < 0:
         raise UserError(

@@ -91,7 +91,7 @@ from hessian_cli.specs.data import data_names_code, missing_data_file
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
 from hessian_cli.specs.models import defaults_hint, model_names_code, with_checkpoint_layout
-from hessian_cli.specs.user_code import split_user_spec
+from hessian_cli.specs.user_code import missing_code_file, split_user_spec
 from hessian_cli.storage.files import storable_text
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -692,11 +692,16 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     check_precision(request.precision, device, dtype)  # before the work of loading
     torch.manual_seed(request.seed)
 
-    if not request.data and (missing := missing_data_file(data_spec)):
-        raise UserError(
-            f"The file {missing!r} that the checkpoint records for its data does not exist "
-            "(moved or deleted?): give --data to say where the data is now."
-        )
+    recorded_files = (
+        (request.model or pickled is not None, missing_code_file(model_spec), "model"),
+        (request.data, missing_data_file(data_spec), "data"),
+    )
+    for given, missing, what in recorded_files:
+        if not given and missing:
+            raise UserError(
+                f"The file {missing!r} that the checkpoint records for its {what} does not exist "
+                f"(moved or deleted?): give --{what} to say where it is now."
+            )
     # Specs read from the checkpoint may name code only where the user trusts the file.
     trust = request.trust_checkpoint
     if not trust:

@@ -43,8 +43,8 @@ from hessian_cli.specs.user_code import (
     absolute,
     anchored,
     call_user,
-    is_file_spec,
     load_object,
+    missing_code_file,
     refuse_file_without_name,
     split_user_spec,
 )
@@ -158,14 +158,9 @@ def data_file_digest(spec: str) -> str | None:
 def missing_data_file(spec: str) -> str | None:
     """The file data ``spec`` names (a tensor file, or a factory's Python file) where it is not
     there: for a spec read from a checkpoint or a run, which the file may have left since."""
-    parts = split_user_spec(spec)
     if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
-        path = spec
-    elif data_names_code(spec) and parts is not None and is_file_spec(parts[0]):
-        path = parts[0]
-    else:
-        return None
-    return None if Path(path).expanduser().exists() else path
+        return None if Path(spec).expanduser().exists() else spec
+    return missing_code_file(spec) if data_names_code(spec) else None
 
 
 def anchored_data(spec: str) -> str:

@@ -45,6 +45,15 @@ def is_file_spec(where: str) -> bool:
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
+def missing_code_file(spec: str) -> str | None:
+    """The Python file user code ``spec`` names (``path/to/file.py:name``) where it is not
+    there: for a spec read from a checkpoint or a run, which the file may have left since."""
+    parts = split_user_spec(spec)
+    if parts is None or not is_file_spec(parts[0]) or Path(parts[0]).expanduser().exists():
+        return None
+    return parts[0]
+
+
 def absolute(path: str) -> str:
     """``path`` made absolute as the user wrote it (``~`` expanded, ``..`` folded; symbolic
     links kept, so that a link re-pointed later is followed then)."""

@@ -208,6 +208,7 @@ class _Run:
         recorded_files = (
             (missing_code_file(config.model), "model"),
             (missing_data_file(config.data), "data"),
+            (missing_code_file(config.loss or ""), "loss"),
         )
         for missing, what in recorded_files if resume else ():
             if missing:

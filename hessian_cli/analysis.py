@@ -695,6 +695,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     recorded_files = (
         (request.model or pickled is not None, missing_code_file(model_spec), "model"),
         (request.data, missing_data_file(data_spec), "data"),
+        (request.loss, missing_code_file(str(meta.get("loss") or "")), "loss"),
     )
     for given, missing, what in recorded_files:
         if not given and missing:

@@ -798,24 +798,30 @@ def test_a_data_file_moved_since_the_run_is_named_as_recorded(capsys, tmp_path):
     assert "put it back there (or a link to it) to resume the run" in one_sentence(err)
 
 
-def test_a_model_file_moved_since_the_run_is_named_as_recorded(capsys, tmp_path):
+@pytest.mark.parametrize("what", ["model", "loss"])
+def test_a_code_file_moved_since_the_run_is_named_as_recorded(capsys, tmp_path, what):
     """As a data file: "the file '...' named for the model factory does not exist", and
-    untrusted, a refusal that asked to name the missing file with --model."""
-    code_file = tmp_path / "net.py"
+    untrusted, a refusal that asked to name the missing file with --model (or --loss)."""
+    code_file = tmp_path / "code.py"
     code_file.write_text(
         "import torch\n\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatten(), "
-        "torch.nn.Linear(16, 3))\n"
+        "torch.nn.Linear(16, 3))\n\n\nloss = torch.nn.functional.cross_entropy\n"
     )
     out = tmp_path / "run"
-    args = ("--model", f"{code_file}:make", "--data", "synthetic:16:3:32", "--epochs", "1")
-    assert run(capsys, "train", *args, "--batch-size", "16", "-q", "--out", out)[0] == 0
-    moved = code_file.rename(tmp_path / "net2.py")
+    name = "make" if what == "model" else "loss"
+    given = ("--model", "mlp") if what == "loss" else ()
+    args = (*given, f"--{what}", f"{code_file}:{name}", "--data", "synthetic:16:3:32")
+    assert (
+        run(capsys, "train", *args, "--epochs", "1", "--batch-size", "16", "-q", "--out", out)[0]
+        == 0
+    )
+    moved = code_file.rename(tmp_path / "code2.py")
     for trust in ((), ("--trust-checkpoint",)):
         code, _, err = run(capsys, "analyze", out, "--top-k", "1", *trust)
         assert code == 2 and one_sentence(err, strict=True).endswith(
-            f"The file '{code_file}' that the checkpoint records for its model does not exist "
-            "(moved or deleted?): give --model to say where it is now."
+            f"The file '{code_file}' that the checkpoint records for its {what} does not exist "
+            f"(moved or deleted?): give --{what} to say where it is now."
         )
-    assert run(capsys, "analyze", out, "--top-k", "1", "--model", f"{moved}:make")[0] == 0
+    assert run(capsys, "analyze", out, "--top-k", "1", f"--{what}", f"{moved}:{name}")[0] == 0
     code, _, err = run(capsys, "train", "--resume", out, "--max-steps", "3")
-    assert code == 2 and "that the run's config.json records for its model does not exist" in err
+    assert code == 2 and f"that the run's config.json records for its {what} does not exist" in err

@@ -66,7 +66,8 @@ CHECK_STEPS = 6
 # up to CHECK_REACH times as many. Measured on known spectra whose bottom holds pairs of equal
 # eigenvalues below a top 6.7 times larger (benchmarks/skip_check.py): 6 steps skipped one of
 # them in 3 of 20 solves; 12 or more fixed steps in none, nor the 15 this rule takes there.
-# It also caps how far a check goes on across a loose tolerance's margin (_skipped_direction).
+# CHECK_REACH times the check steps is also the most vectors a check holds (solver_plan.check_rows):
+# at either end, and as it goes on across a loose tolerance's margin (_skipped_direction).
 CHECK_REACH = 4.0
 
 

@@ -1881,8 +1881,14 @@ def test_code_named_by_a_checkpoint_runs_only_when_trusted(capsys, tmp_path, dig
     assert marker.exists()
 
 
-def test_all_the_code_a_checkpoint_names_is_refused_in_one_sentence(capsys, tmp_path, digits_mlp):
-    """Each refusal named one spec: the user passed --data, ran again and met --model's."""
+def test_all_the_code_a_checkpoint_names_is_refused_in_one_sentence(
+    capsys, tmp_path, digits_mlp, monkeypatch
+):
+    """Each refusal named one spec: the user passed --data, ran again and met --model's. (The
+    files are there: one the checkpoint records and that is gone is said to be gone.)"""
+    monkeypatch.chdir(tmp_path)
+    for name in ("nets.py", "my data.py"):
+        (tmp_path / name).write_text("raise SystemExit('never run')\n")
     state = torch.load(digits_mlp, weights_only=True)
     planted = tmp_path / "planted.pt"
     meta = dict(state["hessian_cli"], model="nets.py:make", data="my data.py:load")

@@ -95,13 +95,13 @@ from hessian_cli.specs import (
 from hessian_cli.specs.data import (
     collate_samples,
     data_file_digest,
-    missing_data_file,
+    missing_recorded_file,
     unbatchable,
 )
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.models import with_builtin_defaults
-from hessian_cli.specs.user_code import missing_code_file, split_user_spec
+from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog
 
 # ----------------------------------------------------------------------------- the loop
@@ -205,18 +205,14 @@ class _Run:
         self.lead = self.rank == 0
         self.write_failed = False  # a write of the run's files (rank 0's) failed: not retried
         torch.manual_seed(config.seed)  # model initialisation
-        recorded_files = (
-            (missing_code_file(config.model), "model"),
-            (missing_data_file(config.data), "data"),
-            (missing_code_file(config.loss or ""), "loss"),
-        )
-        for missing, what in recorded_files if resume else ():
-            if missing:
-                raise UserError(
-                    f"The file {missing!r} that the run's {CONFIG_FILE} records for its {what} does "
-                    "not exist (moved or deleted?): put it back there (or a link to it) to resume "
-                    "the run."
-                )
+        recorded = {"model": config.model, "data": config.data, "loss": config.loss}
+        if resume and (gone := missing_recorded_file(recorded)):
+            what, missing = gone
+            raise UserError(
+                f"The file {missing!r} that the run's {CONFIG_FILE} records for its {what} does "
+                "not exist (moved or deleted?): put it back there (or a link to it) to resume "
+                "the run."
+            )
         self.data = load_data(config.data, root=config.data_root, download=config.download)
         self.data_digest = data_file_digest(config.data)
         self.classify = self.data.num_classes is not None

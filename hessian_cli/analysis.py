@@ -87,11 +87,11 @@ from hessian_cli.specs.checkpoints import (
     checkpoint_label,
     trainer_weights,
 )
-from hessian_cli.specs.data import data_names_code, missing_data_file
+from hessian_cli.specs.data import data_names_code, missing_recorded_file
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
 from hessian_cli.specs.models import defaults_hint, model_names_code, with_checkpoint_layout
-from hessian_cli.specs.user_code import missing_code_file, split_user_spec
+from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.files import storable_text
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -692,17 +692,17 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     check_precision(request.precision, device, dtype)  # before the work of loading
     torch.manual_seed(request.seed)
 
-    recorded_files = (
-        (request.model or pickled is not None, missing_code_file(model_spec), "model"),
-        (request.data, missing_data_file(data_spec), "data"),
-        (request.loss, missing_code_file(str(meta.get("loss") or "")), "loss"),
-    )
-    for given, missing, what in recorded_files:
-        if not given and missing:
-            raise UserError(
-                f"The file {missing!r} that the checkpoint records for its {what} does not exist "
-                f"(moved or deleted?): give --{what} to say where it is now."
-            )
+    recorded = {
+        "model": None if request.model or pickled is not None else model_spec,
+        "data": None if request.data else data_spec,
+        "loss": None if request.loss else str(meta.get("loss") or ""),
+    }
+    if gone := missing_recorded_file(recorded):
+        what, missing = gone
+        raise UserError(
+            f"The file {missing!r} that the checkpoint records for its {what} does not exist "
+            f"(moved or deleted?): give --{what} to say where it is now."
+        )
     # Specs read from the checkpoint may name code only where the user trusts the file.
     trust = request.trust_checkpoint
     if not trust:

@@ -163,6 +163,17 @@ def missing_data_file(spec: str) -> str | None:
     return missing_code_file(spec) if data_names_code(spec) else None
 
 
+def missing_recorded_file(specs: dict[str, str | None]) -> tuple[str, str] | None:
+    """The first of the specs a checkpoint or a run records (``{"model": ..., "data": ...,
+    "loss": ...}``; None: not recorded, or given anew) whose file has gone since, as (what, the
+    file); None where all are there."""
+    for what, spec in specs.items():
+        missing = (missing_data_file if what == "data" else missing_code_file)(spec or "")
+        if missing:
+            return what, missing
+    return None
+
+
 def anchored_data(spec: str) -> str:
     """``spec`` with the file it names made absolute (a tensor file, or user code as
     :func:`anchored` does), so that it means the same data from any working directory."""

@@ -1054,7 +1054,8 @@ def _provenance(
         "bn_initial_statistics": None if s.initial_bn is None else s.initial_bn[0],
         "dtype": str(s.dtype).removeprefix("torch."),
         "precision": request.precision,
-        "hvp_rel_error": hvp_rel_error,
+        # Measured on the products, where any was taken (--top-k 0 alone recorded 0).
+        "hvp_rel_error": hvp_rel_error if op.hvp_count else None,
         "device": str(s.device),
         "seed": request.seed,
         # A warm-started result is reproduced by its series, not by its seed alone.

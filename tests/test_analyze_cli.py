@@ -1814,10 +1814,12 @@ def test_an_analysis_without_eigenpairs_records_no_eigensolver_settings(
 
 
 def test_an_analysis_without_products_records_no_hvp_backend(capsys, digits_mlp):
-    """--top-k 0 alone recorded hvp_backend 'auto', the option, as if a backend had been used."""
+    """--top-k 0 alone recorded hvp_backend 'auto', the option, as if a backend had been used,
+    and an hvp_rel_error of 0, measured on no product."""
     code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "0", "--json")
     provenance = json.loads(out)["provenance"]
-    assert code == 0 and provenance["hvps"] == 0 and "hvp_backend" not in provenance
+    assert code == 0 and provenance["hvps"] == 0
+    assert {"hvp_backend", "hvp_rel_error"}.isdisjoint(provenance), provenance
     code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--json")
     assert code == 0 and json.loads(out)["provenance"]["hvp_backend"] in ("func", "double-backward")
 

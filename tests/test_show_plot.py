@@ -1076,6 +1076,27 @@ def test_a_single_plot_of_both_ends_draws_no_line_across_the_gap():
     assert grey == [[5.0, 4.0], [-0.5, -1.0]]
 
 
+def test_a_single_plot_of_the_smallest_reads_as_the_bottom_of_both_ends():
+    """--which smallest drew λn, λn-1, λn-2 from the left: the reverse of the bottom end of a
+    --which both plot, which reads λn-2, λn-1, λn as the spectrum does."""
+    eigen = {
+        "which": "smallest",
+        "eigenvalues": [-1.0, -0.5, -0.2],
+        "residuals": [1e-5] * 3,
+        "converged": [1] * 3,
+        "tol": 1e-4,
+    }
+    ax = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}]).axes[0]
+    ticks = sorted((t.get_loc(), t.label1.get_text()) for t in ax.xaxis.get_major_ticks())
+    assert ticks == [(1, "λn-2"), (2, "λn-1"), (3, "λn")]
+    (points,) = [line for line in ax.get_lines() if line.get_label() == "converged"]
+    assert dict(zip(points.get_xdata(), points.get_ydata(), strict=True)) == {
+        1: -0.2,
+        2: -0.5,
+        3: -1.0,
+    }
+
+
 def test_a_single_plot_of_both_ends_reads_as_the_spectrum_with_a_gap():
     """The x axis read λ1, λ2, λ3, λn, λn-1, λn-2: λn beside λ3, the smallest end backwards."""
     eigen = {

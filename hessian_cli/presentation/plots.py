@@ -205,6 +205,8 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
     idx = np.arange(1, len(values) + 1)
     labels = eigen_labels({e.get("which")}, len(values))
     ends = [slice(None)]
+    if e.get("which") == "smallest":  # stored λn first: drawn as both ends draw it, λn at the right
+        idx = idx[::-1]
     if e.get("which") == "both":
         # The smallest are stored λn first: drawn as the spectrum reads, λ1 ... λk, a gap, then
         # λn-k+1 ... λn (λn stood beside λk, λn-k+1 at the right end), two lines, not joined.

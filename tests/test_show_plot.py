@@ -696,8 +696,7 @@ def test_checkpoints_of_different_models_in_one_file_are_a_trajectory_each():
     assert str(table.columns[3].header) == "model"
     assert list(table.columns[3].cells) == ["mlp (2,410)", "cnn (1,418)", "mlp (2,410)"]
     fig = spectra_figure(ds)
-    title = "2 runs (models, parameter sets, checkpoint directories or analysis settings)"
-    assert fig.get_suptitle() == title
+    assert fig.get_suptitle() == "2 runs (models, parameter sets, directories or analysis settings)"
     drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
     assert [(line.get_marker(), list(line.get_ydata())) for line in drawn] == [
         ("o", [2.0, 2.0]),  # a and c, the mlp, joined
@@ -882,6 +881,21 @@ def test_an_analysis_without_eigenpairs_is_named_as_asked_in_the_legend():
     ]
     named = [h.get_label() for h in spectra_figure(ds).legends[0].legend_handles]
     assert named == ["mlp (2,410), top_k=2, which=largest", "mlp (2,410), top_k=0"]
+
+
+def test_the_title_of_many_runs_fits_a_one_panel_figure():
+    """The title of 12 runs was 652.6 pixels wide in a 640-pixel figure (of 2 runs, 641.6)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
+    ds = [
+        {"name": f"c{i}", "provenance": {"model": f"m{i}:make", "num_params": 130}, "eigen": eigen}
+        for i in range(12)
+    ]
+    fig = spectra_figure(ds)
+    assert fig.get_suptitle().startswith("12 runs")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    assert fig._suptitle.get_window_extent(renderer).width <= fig.bbox.width
 
 
 def test_a_trainer_output_folder_is_one_run_not_a_run_per_checkpoint_folder():

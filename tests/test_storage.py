@@ -583,6 +583,17 @@ def test_a_read_only_metrics_file_is_refused_when_its_run_resumes(tmp_path):
         resumed.load(before_step=1, before_epoch=0)
 
 
+def test_a_resumed_run_without_its_metrics_file_says_so_as_other_storage_errors():
+    """It said "error: the run's metrics.h5 is missing": the three messages of a resumed run's
+    metrics file began in lower case, the 13 other storage messages that begin with a word
+    in upper case."""
+    from hessian_cli.storage.metrics import MetricsLog
+
+    resumed = MetricsLog(Path("gone") / "metrics.h5", {"model": "mlp"})
+    with pytest.raises(UserError, match=r"^The run's metrics.h5 is missing, so the rows of its"):
+        resumed.load(before_step=3, before_epoch=0)
+
+
 def test_a_large_file_is_written_on_disk_where_there_is_room(full, tmp_path, monkeypatch):
     from hessian_cli.storage import files
 

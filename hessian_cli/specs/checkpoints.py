@@ -527,9 +527,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-# Where other tools record how far training had gone: Lightning's global_step and epoch, the
-# step, iteration or epoch of pytorch/examples, timm and many training scripts.
-_STEP_KEYS = ("global_step", "step", "iteration", "iter")
+# Where other tools record how far training had gone: Lightning's global_step and epoch,
+# DeepSpeed's global_steps, the step, iteration or epoch of pytorch/examples, timm and many
+# training scripts.
+_STEP_KEYS = ("global_step", "global_steps", "step", "iteration", "iter")
 
 
 def _training_position(obj: dict[str, Any]) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -149,6 +150,20 @@ def test_the_fit_check_runs_the_model_where_it_is():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     batches = [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))]
     check_fits(model.to("meta"), F.cross_entropy, batches)
+
+
+def test_a_loss_of_one_value_in_a_tensor_of_shape_1_is_refused_by_the_fit_check():
+    """Its shape (1,) (loss.reshape(1), F.mse_loss(...).unsqueeze(0)) passed the check and was
+    refused only at the first product, after the work before it."""
+    from hessian_cli.specs import check_fits
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    batches = [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))]
+    for shape in ((1,), (1, 1)):
+        with pytest.raises(
+            UserError, match=rf"shape {re.escape(str(shape))} .*: return loss\.squeeze\(\)\.$"
+        ):
+            check_fits(model, lambda out, y, s=shape: F.cross_entropy(out, y).reshape(s), batches)
 
 
 def test_a_loss_that_sums_over_the_batch_is_refused_and_means_pass():

@@ -107,13 +107,22 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
         raise
     except _MISFIT as exc:
         raise UserError(f"The loss fails on the model's outputs: {first_line(exc)}.") from exc
-    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+    # One value of shape (1,) too: the products take a 0-dimensional loss only, and refused it
+    # there, after the work before them.
+    if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
         got = (
             f"a tensor of shape {tuple(loss.shape)} for a batch of {len(y)}"
             if isinstance(loss, torch.Tensor)
             else a_type(loss)
         )
-        raise UserError(f"The loss returns {got}, not a scalar tensor (the mean over the batch).")
+        fix = (
+            ": return loss.squeeze()"
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1
+            else ""
+        )
+        raise UserError(
+            f"The loss returns {got}, not a scalar tensor (the mean over the batch){fix}."
+        )
     if out.requires_grad and not loss.requires_grad:  # it has no curvature to find
         raise UserError("The loss does not depend on the model's outputs (it returns a constant).")
     if _sums_over_the_batch(model, loss_fn, x, y, loss.detach()):

@@ -108,7 +108,8 @@ class ModelLayout:
     backward_hooked: tuple[nn.Module | torch.Tensor, ...] = ()
     # InstanceNorm layers with running statistics, which bn="train" takes as in training
     instancenorms: tuple[nn.modules.instancenorm._InstanceNorm, ...] = ()
-    scripts: tuple[torch.jit.ScriptModule, ...] = ()  # TorchScript modules (_unoptimised)
+    # TorchScript modules, also those its forwards call as globals (_unoptimised)
+    scripts: tuple[torch.jit.ScriptModule, ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelLayout:
@@ -134,7 +135,10 @@ class ModelLayout:
                 *(t for t in tensors.values() if t._backward_hooks),
             ),
             tuple(m for m in modules if holds_running_instance_statistics(m)),
-            tuple(m for m in modules if isinstance(m, torch.jit.ScriptModule)),
+            (
+                *(m for m in modules if isinstance(m, torch.jit.ScriptModule)),
+                *forwards_scripts(modules),
+            ),
         )
 
 
@@ -167,6 +171,15 @@ def held_scripts(function: Callable[..., Any]) -> list[torch.jit.ScriptModule]:
     ]
 
 
+def forwards_scripts(modules: Sequence[nn.Module]) -> list[torch.jit.ScriptModule]:
+    """The TorchScript modules the forwards of eager ``modules`` hold by name
+    (:func:`held_scripts`): a global of the model's (or a loss module's) file that
+    ``torch.jit.load`` left there is no part of the module, and was not flushed (products
+    69-97% off for a model, 36-50% for a loss module)."""
+    forwards = {type(m).forward for m in modules if not isinstance(m, torch.jit.ScriptModule)}
+    return [script for forward in forwards for script in held_scripts(forward)]
+
+
 @contextlib.contextmanager
 def forward_mode(
     model: nn.Module,
@@ -191,7 +204,10 @@ def forward_mode(
     criterion_modules = () if criterion is None else tuple(criterion.modules())
     # A loss module's scripts, or those a loss function calls (not flushed: 19-34% off)
     loss_scripts = (
-        [m for m in criterion_modules if isinstance(m, torch.jit.ScriptModule)]
+        [
+            *(m for m in criterion_modules if isinstance(m, torch.jit.ScriptModule)),
+            *forwards_scripts(criterion_modules),
+        ]
         if criterion is not None or loss is None
         else held_scripts(inspect.unwrap(loss))
     )

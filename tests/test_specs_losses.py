@@ -208,8 +208,15 @@ def test_cross_entropy_refuses_integer_one_hot_labels():
     floating point type for target with class probabilities, got Long'."""
     logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     one_hot = F.one_hot(torch.tensor([0, 2, 1, 1]), 3)
-    with pytest.raises(UserError, match=r"\(3,\) per sample for outputs of \(3,\) .*y.argmax\(1\)"):
+    with pytest.raises(
+        UserError, match=r"\(3,\) per sample for outputs of \(3,\): .*y.argmax\(1\)"
+    ):
         get_loss("ce")(logits, one_hot)
+    # Multi-hot rows or integer regression targets: argmax kept one label of each row, or none.
+    for targets in (torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 1, 0]]), one_hot * 7):
+        with pytest.raises(UserError, match="not one-hot rows .*: give --loss mse") as info:
+            get_loss("ce")(logits, targets)
+        assert "argmax" not in str(info.value)
     assert torch.allclose(
         get_loss("ce")(logits, one_hot.float()), F.cross_entropy(logits, one_hot.argmax(1))
     )

@@ -151,12 +151,19 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
         )
     if not targets.is_floating_point() and targets.ndim == outputs.ndim:
         # torch reads such targets as class probabilities and refuses them for not being real.
+        # y.argmax(1) only where it keeps them: of multi-hot rows or integer regression
+        # targets it kept one label, or none.
+        one_hot = bool(((targets == 0) | (targets == 1)).all() and (targets.sum(1) == 1).all())
+        fix = (
+            "give class indices (y.argmax(1)), or the rows as floats for class probabilities"
+            if one_hot
+            else "they are not one-hot rows (multi-label or regression targets?): give --loss "
+            "mse, or your own loss (binary cross-entropy for multi-label)"
+        )
         raise UserError(
             f"cross-entropy takes one integer class label per sample (or per token), but the "
             f"labels have as many dimensions as the outputs, {tuple(targets.shape[1:])} per sample "
-            f"for outputs of {tuple(outputs.shape[1:])} (one-hot rows?): give class indices "
-            "(y.argmax(1)), "
-            "or the rows as floats for class probabilities."
+            f"for outputs of {tuple(outputs.shape[1:])}: {fix}."
         )
     dim = class_dim(outputs, targets)
     if dim is None:

@@ -76,6 +76,24 @@ def test_mse_one_hot_for_integer_labels() -> None:
     assert torch.allclose(get_loss("mse", num_classes=2)(outputs, one_hot.long()), loss)
 
 
+def test_mse_one_hot_is_over_the_outputs_classes_where_they_are() -> None:
+    """A model with more outputs than the data's top label (10 for labels 0 to 8) was refused
+    as a shape mismatch; per-position labels against (batch, classes, ...) outputs had their
+    one-hot vectors (classes last) reshaped into the outputs' layout: a loss of 1.465 for 1.361."""
+    g = torch.Generator().manual_seed(0)
+    outputs, labels = torch.randn(4, 5, generator=g), torch.tensor([2, 0, 1, 2])
+    assert torch.allclose(
+        get_loss("mse", num_classes=3)(outputs, labels), F.mse_loss(outputs, torch.eye(5)[labels])
+    )
+    for shape in ((2, 3, 4, 5), (2, 3, 7), (2, 7, 3)):  # classes second, second, last
+        outputs = torch.randn(shape, generator=g)
+        last = shape[-1] == 3 and shape[1] != 3
+        labels = torch.randint(0, 3, shape[:-1] if last else shape[:1] + shape[2:], generator=g)
+        one_hot = F.one_hot(labels, 3).float()
+        expected = F.mse_loss(outputs, one_hot if last else one_hot.movedim(-1, 1))
+        assert torch.allclose(get_loss("mse", num_classes=3)(outputs, labels), expected), shape
+
+
 def test_mse_real_targets() -> None:
     outputs = torch.randn(4, 1, dtype=torch.float64)
     targets = torch.randn(4)  # one target per sample, flat: reshaped, not broadcast

@@ -215,12 +215,25 @@ def _mse(num_classes: int | None) -> LossFn:
         """Mean squared error; integer labels are compared with their one-hot vectors, and
         integer targets shaped like the outputs (one-hot rows already) as they are."""
         if not targets.is_floating_point() and targets.shape != outputs.shape:
-            classes = num_classes if num_classes is not None else outputs.shape[-1]
+            # One-hot over the outputs' classes, where they are (as cross_entropy finds them):
+            # a model with more outputs than the data's top label (10 for labels 0 to 8) was
+            # a shape mismatch, and one-hot vectors last against (batch, classes, ...) outputs
+            # were reshaped into them, not moved (a loss of 1.465 for 1.361).
+            dim = class_dim(outputs, targets) if outputs.ndim == targets.ndim + 1 else None
+            classes = (
+                outputs.shape[dim]
+                if dim is not None
+                else num_classes
+                if num_classes is not None
+                else outputs.shape[-1]
+            )
             if targets.numel() and int(targets.max()) >= classes:
                 raise UserError(
                     f"label {int(targets.max())} is out of range for {classes} classes in the mse loss."
                 )
             targets = F.one_hot(targets.long(), classes).to(outputs.dtype)
+            if dim == 1:
+                targets = targets.movedim(-1, 1)
         if targets.shape != outputs.shape:
             if targets.numel() == outputs.numel() and targets.shape[0] == outputs.shape[0]:
                 targets = targets.reshape(outputs.shape)

@@ -941,6 +941,38 @@ def test_a_solve_walks_the_models_modules_once_and_leaves_their_modes(monkeypatc
         assert all(m.training for m in walk())
 
 
+def _own_operators(op: HessianOperator, v: torch.Tensor) -> int:
+    """The tensor operations a product in a solve runs beside autograd's double backward alone
+    on the same kept graph (the profiler's top-level events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, g, _ = op._first_order_graph(0)
+
+    def count(f: Callable[[], object]) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            f()
+        return sum(e.cpu_parent is None for e in prof.events())
+
+    with op.weights_held():
+        op.matmul(v)  # the solve's first product looks at the weights
+        ours = count(lambda: op.matmul(v))
+    alone = count(lambda: torch.autograd.grad(torch.dot(g, v), op.space.tensors, retain_graph=True))
+    return ours - alone
+
+
+def test_a_product_runs_few_operations_beside_autograds():
+    """Each is a dispatch on the host, a launch on a GPU (where the products waited on the
+    host): a product flattens its rows by a reshape per tensor and a few more, no unsqueeze per
+    tensor besides (ResNet-20 on one input: 140 beside autograd's 524 before, 76 now)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(5, 5) for _ in range(8))).double()
+    x, y = _data()
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    tensors = len(op.space.tensors)
+    own = _own_operators(op, torch.randn(op.n, dtype=torch.float64))
+    assert tensors == 16 and own <= tensors + 20, own
+
+
 class _Checkpointed(torch.nn.Module):
     """A block under a non-reentrant torch.utils.checkpoint: its forward runs again inside the
     backward, also inside the products' double backward."""

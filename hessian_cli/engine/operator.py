@@ -893,7 +893,8 @@ class HessianOperator:
                 # torch checks grad_outputs' shapes with sympy, whose import costs ~0.5 s.
                 gv = torch.dot(g, Vu[j])
                 parts = torch.autograd.grad(gv, keep, retain_graph=True, allow_unused=True)
-                rows.append(self._scatter([None if p is None else p[None] for p in parts], used, 1))
+                # Flattened as one vector, then made a row: not an unsqueeze per tensor first
+                rows.append(self._scatter(parts, used)[None])
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def _used_columns(self, used: list[bool]) -> torch.Tensor | None:
@@ -912,10 +913,12 @@ class HessianOperator:
         return self._columns[key]
 
     def _scatter(
-        self, parts: Sequence[torch.Tensor | None], used: list[bool], b: int
+        self, parts: Sequence[torch.Tensor | None], used: list[bool], b: int | None = None
     ) -> torch.Tensor:
+        """The used parameters' ``parts`` as one flat vector (``b`` None) or ``[b, n]`` block."""
         it = iter(parts)
-        return self.space.flatten_batched([next(it) if u else None for u in used], b)
+        spread = [next(it) if u else None for u in used]
+        return self.space.flatten(spread) if b is None else self.space.flatten_batched(spread, b)
 
     def _hvp_func(self, x: Inputs, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         names = self.space.names

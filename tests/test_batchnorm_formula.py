@@ -127,6 +127,32 @@ def test_kept_graphs_hold_the_formula_and_the_layers_are_left_as_they_were():
     assert all("forward" not in m.__dict__ for m in case.model.modules())
 
 
+def test_a_product_sets_the_formula_past_module_setattr(monkeypatch):
+    """The formula's layers are set at every product (a non-reentrant checkpoint runs its
+    block's forward inside the double backward): in their ``__dict__``, past
+    ``Module.__setattr__``'s look for parameters, buffers and submodules (ResNet-20's 21
+    layers: 0.23 ms a product, now 0.03); the products the same, the layers left as they were."""
+    case = next(c for c in cases() if c.name == "cnn-bn")
+    case.model.eval()  # (one in training mode is set to eval mode and back at each product)
+    op = HessianOperator(case.model, case.loss, case.batches)
+    V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    H = dense_hessian(case.model, case.loss, case.batches)
+    calls, setattr_ = [0], nn.Module.__setattr__
+
+    def counted(m: nn.Module, name: str, value: object) -> None:
+        calls[0] += 1
+        setattr_(m, name, value)
+
+    with op.weights_held():
+        op.matmul(V)  # the solve's first product builds the graphs
+        monkeypatch.setattr(nn.Module, "__setattr__", counted)
+        HV = op.matmul(V)
+        monkeypatch.undo()
+    assert op._formula_layers and calls[0] == 0, calls
+    torch.testing.assert_close(HV, V @ H, rtol=1e-10, atol=1e-10)
+    assert all("forward" not in m.__dict__ for m in case.model.modules())
+
+
 def test_batch_statistics_stay_the_kernels():
     case = next(c for c in cases() if c.name == "cnn-bn")
     op = HessianOperator(case.model, case.loss, case.batches, bn="train")

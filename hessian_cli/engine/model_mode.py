@@ -380,19 +380,22 @@ def patched(patches: Sequence[tuple[object, str, Callable[..., Any]]]) -> Iterat
     Set on the objects, not through a TorchFunctionMode: a mode is off inside its own calls,
     such as ``autograd.grad``, where a non-reentrant ``torch.utils.checkpoint`` runs its
     block's forward again and must save what the first forward saved (torch's CheckpointError
-    for a weight-normed layer in such a block, under the mode this replaced).
+    for a weight-normed layer in such a block, under the mode this replaced). Written in the
+    objects' ``__dict__``, where setattr puts a name that is no parameter, buffer or submodule,
+    past ``Module.__setattr__``'s look for those (~4 us a layer): the BatchNorm formula's 21
+    layers of ResNet-20, set at every product, took 0.23 ms on this project's CPU, now 0.03.
     """
     saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in patches]
     try:
         for obj, name, fn in patches:
-            setattr(obj, name, fn)
+            obj.__dict__[name] = fn
         yield
     finally:
         for obj, name, own in saved:
             if own is None:
                 obj.__dict__.pop(name, None)
             else:
-                setattr(obj, name, own)
+                obj.__dict__[name] = own
 
 
 def _weight_norm_formula(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:

@@ -263,7 +263,8 @@ def quadratic_candidate(
 def engine_share(op: HessianOperator, v: torch.Tensor, device: torch.device, reps: int) -> None:
     """One product of the kept graph as a call alone takes it, as a solve takes it (weights
     held: looked at once), and autograd's double backward alone on that graph: the engine's own
-    share beside autograd's. Interleaved, medians of ``reps``: a few ms apart on a busy CPU."""
+    share beside autograd's, in time and in torch operators (each a dispatch on the host, a
+    launch or more on a GPU). Interleaved, medians of ``reps``: a few ms apart on a busy CPU."""
     _, g, _ = op._first_order_graph(0)
     tensors = op.space.tensors
     times: dict[str, list[float]] = {"alone": [], "held": [], "autograd": []}
@@ -278,6 +279,12 @@ def engine_share(op: HessianOperator, v: torch.Tensor, device: torch.device, rep
                 device,
             )[1]
         )
+    with op.weights_held():
+        op.matmul(v)
+        ours = operator_count(lambda: op.matmul(v))
+    alone = operator_count(
+        lambda: torch.autograd.grad(torch.dot(g, v[0]), tensors, retain_graph=True)
+    )
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     for name, label in (
         ("alone", "HVP, block 1 (kept graph), a call alone"),
@@ -287,7 +294,8 @@ def engine_share(op: HessianOperator, v: torch.Tensor, device: torch.device, rep
         print(f"{label:60s} {ms[name]:9.2f} ms", flush=True)
     print(
         f"#   the engine's own share: {ms['alone'] - ms['autograd']:.2f} ms a call alone, "
-        f"{ms['held'] - ms['autograd']:.2f} ms in a solve",
+        f"{ms['held'] - ms['autograd']:.2f} ms in a solve; torch operators in a solve "
+        f"{ours:,}, autograd's alone {alone:,}",
         flush=True,
     )
 

@@ -480,20 +480,27 @@ def test_instancenorm_running_stats_update_on_first_pass_only() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_a_scripted_batchnorm_updates_its_statistics_on_the_first_pass_only() -> None:
+@pytest.mark.parametrize("kind", ["BatchNorm", "InstanceNorm"])
+def test_a_scripted_norm_layer_updates_its_statistics_on_the_first_pass_only(kind: str) -> None:
     """A TorchScript layer's track_running_stats is compiled in: its statistics moved in both
-    passes (num_batches_tracked 2 after one step, the running mean moved twice)."""
+    passes (num_batches_tracked 2 after one step, the running mean moved twice; an InstanceNorm
+    layer's too, which was not looked for)."""
     torch.manual_seed(0)
-    reference = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
-    reference = reference.to(DT)
+    norm = (
+        [nn.BatchNorm1d(8)]
+        if kind == "BatchNorm"
+        else [nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, track_running_stats=True), nn.Flatten()]
+    )
+    reference = nn.Sequential(nn.Linear(6, 8), *norm, nn.Tanh(), nn.Linear(8, 3)).to(DT)
     model = torch.jit.script(copy.deepcopy(reference))
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     x, y = data()[0]
     reference(x)  # one train-mode forward at w: what the buffers should become
     sam_step(opt, model, x, y)
     state = model.state_dict()
+    at = len(norm) // 2 + 1  # the norm layer's index in the Sequential
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.equal(state[f"1.{name}"], getattr(reference[1], name)), name
+        assert torch.equal(state[f"{at}.{name}"], getattr(reference[at], name)), name
 
 
 def test_a_refresh_takes_batchnorm_layers_in_eval_mode_by_their_running_statistics() -> None:

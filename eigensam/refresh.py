@@ -25,7 +25,7 @@ from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.model_mode import (
     BNMode,
     holds_running_instance_statistics,
-    scripted_batchnorm,
+    scripted_running_norm,
 )
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace
@@ -87,7 +87,8 @@ def batchnorm_mode(model: nn.Module) -> BNMode:
     batch statistics, a refresh found lambda_1 2.94, |cos| 0.28 to v_1, of a loss whose lambda_1
     was 1.90). The operator takes all of them in one mode, so layers in both are refused, and
     batch statistics for a TorchScript layer, which cannot normalise by them without updating
-    its statistics (the engine's refusal named an option of `analyze`)."""
+    its statistics (the engine's refusal named an option of `analyze`; an InstanceNorm layer's
+    met it at the first refresh, the run directory left behind)."""
     modes = {
         m.training
         for m in model.modules()
@@ -101,11 +102,11 @@ def batchnorm_mode(model: nn.Module) -> BNMode:
         )
     # None found (a scripted model's are not nn.BatchNorm): the model's own mode says.
     training = modes.pop() if modes else model.training
-    if training and any(scripted_batchnorm(m) for m in model.modules()):
+    if training and any(scripted_running_norm(m) for m in model.modules()):
         raise UserError(
-            "Eigen-SAM's eigenvector refresh takes BatchNorm layers in training mode by their "
-            "batch statistics without updating them, which a TorchScript module's cannot do: "
-            "train the eager model, or with SAM."
+            "Eigen-SAM's eigenvector refresh takes BatchNorm (and InstanceNorm) layers in "
+            "training mode by their batch statistics without updating them, which a TorchScript "
+            "module's cannot do: train the eager model, or with SAM."
         )
     return "train" if training else "eval"
 

@@ -507,15 +507,23 @@ def test_a_batch_of_one_for_a_batchnorm_model_is_refused_before_the_run(tmp_path
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_eigensam_on_a_scripted_batchnorm_model_is_refused_before_the_run(tmp_path):
-    """The refresh cannot take a TorchScript BatchNorm by batch statistics: refused at the first
-    refresh, in words of `analyze` (--bn), a run directory without a checkpoint left behind."""
+@pytest.mark.parametrize(
+    "norm",
+    [
+        "nn.BatchNorm1d(8)",
+        "nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, track_running_stats=True), nn.Flatten()",
+    ],
+)
+def test_eigensam_on_a_scripted_norm_model_is_refused_before_the_run(tmp_path, norm):
+    """The refresh cannot take a TorchScript BatchNorm, or InstanceNorm with running statistics,
+    by batch statistics: refused at the first refresh, in words of `analyze` (--bn), a run
+    directory without a checkpoint left behind (an InstanceNorm layer's, before 2026-12-01)."""
     (tmp_path / "bn.py").write_text(
         "import torch\n"
         "from torch import nn\n"
         "def make():\n"
         "    return torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), "
-        "nn.BatchNorm1d(8), nn.Linear(8, 3)))\n"
+        f"{norm}, nn.Linear(8, 3)))\n"
     )
     cfg = config(tmp_path, model=f"{tmp_path}/bn.py:make", model_kwargs={}, max_steps=2)
     with pytest.raises(UserError, match="TorchScript module's cannot do: train the eager model"):

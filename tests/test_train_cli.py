@@ -287,6 +287,27 @@ def test_a_second_sigterm_says_what_was_kept(tmp_path):
     )
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_run_whose_standard_output_is_full_goes_on_and_says_so_at_the_end(tmp_path):
+    """`train ... > train.log` on a full disk stopped at its first line, before any step, and
+    left a run directory without a checkpoint; analyze writes its --out before saying it."""
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full_disk:  # every write to it fails: no space left
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "train", *PLAIN, "--max-steps", "2",
+             "--out", str(out)],
+            stdout=full_disk, stderr=subprocess.PIPE, text=True, timeout=300,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert one_sentence(done.stderr, strict=True) == (
+        "error: Could not write to standard output: no space left on device; the run went on "
+        f"without it, its checkpoints and metrics are in {out}."
+    )
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step0000002.pt"]
+    assert len(read_metrics(out / "metrics.h5")["steps"]["loss"]) == 2
+
+
 @pytest.mark.parametrize("second", ["on_sigint", "on_sigterm"])
 def test_copies_of_one_ctrl_c_under_torchrun_are_one_request(monkeypatch, second):
     """Under torchrun one Ctrl-C can reach a rank more than once (torchrun's SIGINT, then its

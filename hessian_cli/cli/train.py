@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -206,7 +207,7 @@ def train_command(
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
             config = TrainConfig(**set_options, out=str(out))
     config = dataclasses.replace(config, max_steps=max_steps, device=device, download=download)
-    console = OutputConsole()
+    console = _RunConsole()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = TrainingDisplay(console, config, quiet or not lead, resuming=resume is not None)
     stop = _StopRequest(echo_window_s=ECHO_WINDOW_S if launched_by_torchrun() else 0.0)
@@ -245,6 +246,11 @@ def train_command(
         _report(console, summary, quiet, resumed=resume is not None, stop=stop)
     elif summary.interrupted:
         raise typer.Exit(stop.exit_status)
+    if console.failed:  # as analyze: said once the run's files are written
+        raise UserError(
+            f"{str(console.failed).rstrip('.')}; the run went on without it, its checkpoints "
+            f"and metrics are in {summary.run_dir}."
+        )
 
 
 def _kept(resume: Path | None, config: TrainConfig) -> str:
@@ -256,6 +262,22 @@ def _kept(resume: Path | None, config: TrainConfig) -> str:
         "the metrics of the steps done are written, the steps since the last checkpoint are "
         f"not; {resume_hint(run_dir)}"
     )
+
+
+class _RunConsole(OutputConsole):
+    """Standard output for a run, whose directory holds all it prints: a write there that fails
+    (a full disk under ``> train.log``) silences it and the run goes on, as for a closed pipe;
+    ``failed`` says why, for the end. The failure stopped the run at its first line, its
+    directory left without a checkpoint, where ``analyze`` writes its --out before saying it."""
+
+    failed: UserError | None = None
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        try:
+            super().__exit__(exc_type, exc_value, traceback)
+        except UserError as exc:
+            self.failed = self.failed or exc
+            self.on_broken_pipe()
 
 
 class _StopRequest:

@@ -638,13 +638,11 @@ class _Run:
         # process's loss does over the whole of it (by samples, a language model's padded text
         # trained to other weights on 2 ranks than on one).
         share = count = int(self.batch_weight(y)) if self.batch_weight else len(y)
-        if not share:  # padding only, not trained on: BatchNorm's statistics stay (they moved)
-            disable_running_stats(model)
-        try:
-            out = run_model(model, x)
-        finally:
-            if not share:
-                enable_running_stats(model)
+        # A share of padding only moves BatchNorm's statistics where the global minibatch is
+        # trained on, as under DDP (rank 0's were kept unmoved, num_batches_tracked 0 after a
+        # step that updated the weights); where no rank's share holds a label, they are put back.
+        held = None if share else [b.clone() for b in model.buffers()]
+        out = run_model(model, x)
         loss = self._share_loss(out, y, share)
         correct, labelled = correct_count(out, y, classify=self.classify)
         mean_loss = loss.detach()
@@ -655,6 +653,10 @@ class _Run:
             distributed.all_reduce_sum(totals)
             mean_loss = totals[0] / totals[3]
             correct, labelled, count = (int(t) for t in totals[1:])
+        if held is not None and not count:  # no update: the step left nothing of its own
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), held, strict=True):
+                    b.copy_(saved)
         # A batch of padding only (every rank's share) holds nothing its loss averages over, so
         # no gradient: no update, as a rank's share of it weighs nothing (the run stopped there,
         # and a resume met the same batch again).

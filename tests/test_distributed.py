@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from cli_runner import PADDED_TEXTS
 
+from eigensam.determinism import DataOrder
 from hessian_cli.engine.distributed import shard
 from hessian_cli.errors import UserError
 from hessian_cli.specs import load_checkpoint
@@ -1159,6 +1161,35 @@ def test_train_two_ranks_step_over_a_global_batch_of_padding_only_as_one_process
     _one_process_and_two_ranks_train_alike(
         tmp_path, "texts.py:make", "texts.py:data", 2, options, "final.pt"
     )
+
+
+@needs_gloo
+def test_a_share_of_padding_only_moves_batchnorm_statistics_as_ddp(tmp_path: Path) -> None:
+    """Rank 0's share of padding only in a global batch that is trained on: DDP's forward moves
+    its BatchNorm statistics, which every rank keeps; they stayed (num_batches_tracked 0 after
+    a step that updated the weights)."""
+    first = DataOrder(16, 0).next_epoch()[:2].tolist()  # rank 0's share of step 0
+    (tmp_path / "bnpad.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)\n"
+        f"    y[{first}] = -100\n"
+        "    return torch.utils.data.TensorDataset(x, y)\n\n\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))\n"
+    )
+    args = ["train", "--model", "bnpad.py:make", "--data", "bnpad.py:data", "--optimizer", "sgd",
+            "--batch-size", "2", "--max-steps", "1", "--out", "run", "-q"]  # fmt: skip
+    code, _, err, _ = _run(args, ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    kept = load_checkpoint(tmp_path / "run" / "checkpoints" / "step0000001.pt").state_dict
+    source = runpy.run_path(str(tmp_path / "bnpad.py"))
+    torch.manual_seed(0)  # the run's seed, before it builds the model
+    ddp = source["make"]()
+    ddp(source["data"]().tensors[0][first])  # rank 0's forward, in training mode
+    for name, buffer in ddp[1].named_buffers():
+        torch.testing.assert_close(kept[f"1.{name}"], buffer, msg=name)
 
 
 @needs_gloo

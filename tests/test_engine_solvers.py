@@ -2177,6 +2177,16 @@ def test_alignment_of_pairs_other_than_the_largest_is_refused():
         alignment_scores(op, both, vectors)
 
 
+def test_alignment_of_another_operators_eigenvectors_is_refused():
+    """Vectors over other parameters (`params="fc.*"`) failed in a matrix product, a traceback,
+    where the trace and the density refuse such pairs in one sentence."""
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    res = eigenpairs(op, 2)
+    with pytest.raises(UserError, match=rf"eigenvectors of this operator, \[k, {op.n}\]"):
+        alignment_scores(op, res.eigenvalues, res.eigenvectors[:, 1:])
+
+
 def test_a_sharpness_whose_perturbed_loss_overflows_is_undefined_not_an_error():
     """rho = 1e37 overflowed the loss at w + rho g_hat: the whole analysis ended, blaming the
     weights and the data, though the loss at w and the other scores are finite."""

@@ -104,6 +104,12 @@ def alignment_scores(
     values = torch.as_tensor(eigenvalues).double().cpu()
     if len(values) == 0 or len(values) != len(eigenvectors):
         raise UserError("alignment_scores takes one eigenvector per eigenvalue, at least one.")
+    # Vectors of another operator (other `params`, another model) failed in a matrix product.
+    if eigenvectors.ndim != 2 or eigenvectors.shape[1] != op.n:
+        raise UserError(
+            f"The eigenvectors have shape {tuple(eigenvectors.shape)}: alignment_scores takes "
+            f"eigenvectors of this operator, [k, {op.n}]."
+        )
     # Beyond rounding, pair by pair: near-tied top eigenvalues (a float32 solve's) may rise by
     # 1e-7 of their size; the rise of a bottom end near 0 is far more of its own.
     rise = values[1:] - values[:-1]

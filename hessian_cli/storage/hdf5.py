@@ -73,7 +73,8 @@ def write_analyses(
     ``analyses`` are what :func:`hessian_cli.analysis.analyze_target` returns. ``command_line``
     is recorded as how they were made (the CLI's invocation; a script may give its own).
     ``series`` marks the file's checkpoints as one training trajectory (root attr
-    ``trajectory``); the root ``series`` dataset orders groups by step either way.
+    ``trajectory``); the root ``series`` dataset lists the groups in series order (by epoch, then
+    step: :func:`~hessian_cli.series_order.series_key`) either way.
 
     A stop (Ctrl-C, or torchrun's SIGTERM when another rank ends) takes effect once the file is
     in place; while another process writing the file is awaited, at once, and its

@@ -11,9 +11,11 @@ import pytest
 import torch
 from cli_runner import one_sentence, run
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from hessian_cli.engine import HessianOperator
 from hessian_cli.engine.dense import dense_hessian
+from hessian_cli.errors import UserError
 from hessian_cli.specs import analysis_batches, build_model, load_data, takes_token_ids
 from hessian_cli.specs.losses import cross_entropy
 
@@ -262,6 +264,13 @@ def test_inputs_of_another_form_are_one_sentence(inputs):
     with pytest.raises(Exception, match="Each batch must be \\(inputs, targets\\)") as info:
         HessianOperator(model, cross_entropy, [(inputs, torch.zeros(2, dtype=torch.long))])
     assert type(info.value).__name__ == "UserError"
+
+
+def test_a_dataset_given_for_batches_is_one_sentence():
+    """A TensorDataset's samples have 0-d targets: len() of them was a TypeError, a traceback."""
+    x, y = torch.ones(4, 1), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(UserError, match="not the samples of a dataset"):
+        HessianOperator(nn.Linear(1, 2), cross_entropy, TensorDataset(x, y))
 
 
 def test_a_dataset_of_named_inputs_loads_and_batches_them(code_file):

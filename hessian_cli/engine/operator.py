@@ -304,6 +304,11 @@ class HessianOperator:
                 "Each batch must be (inputs, targets): a tensor of targets beside a tensor of "
                 f"inputs, a tuple of them or a dict of named ones, not {kinds}{hint}."
             )
+        if batch[1].ndim == 0:  # a dataset's sample (x_i, y_i): len(y) failed, a TypeError
+            raise UserError(
+                "Each batch's targets must hold one entry per sample, not a single number: pass "
+                "batches (a DataLoader), not the samples of a dataset."
+            )
         x, y = cast_batch((batch[0], batch[1]), self._data_dtype)
         x, y = inputs_to(x, self.device), y.to(self.device)
         if bn == "train" and len(y) == 1 and has_batchnorm(self.model):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tiny_models import cases
 
 from hessian_cli.engine import distributed as dist_utils
+from hessian_cli.engine.batches import cast_batch
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.memory import graph_bytes
@@ -1072,20 +1073,24 @@ def test_a_graph_not_kept_does_not_make_the_kept_ones_rebuilt(monkeypatch):
 
 def test_real_targets_are_widened_never_narrowed():
     """bfloat16 models: a target of 1234.5 became 1232 (the loss of other data)."""
-    seen = []
-
-    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        seen.append(y)
-        return F.mse_loss(out.float(), y.float())
-
-    model = torch.nn.Linear(3, 1).to(torch.bfloat16)
     x, y = torch.randn(8, 3), torch.full((8, 1), 1234.5)
-    op = HessianOperator(model, loss, [(x, y)])
-    op.loss()
-    assert seen[0].dtype == torch.float32 and float(seen[0][0]) == 1234.5
-    assert op.batches[0][0].dtype == torch.bfloat16  # the inputs are the model's
+    x, y = cast_batch((x, y), torch.bfloat16)
+    assert y.dtype == torch.float32 and float(y[0]) == 1234.5
+    assert x.dtype == torch.bfloat16  # the inputs are the model's
     wide = HessianOperator(_mlp(), F.mse_loss, [(torch.randn(4, 5), torch.randn(4, 3))])
     assert wide.batches[0][1].dtype == torch.float64  # float32 targets for a float64 model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_is_refused(dtype):
+    """Its trace came out 0.66 for 2.42 (a bfloat16 MLP, "exact"), and eigenpairs failed in torch's
+    QR ("geqrf_cpu" not implemented), a traceback."""
+    model = _mlp(dtype)
+    with pytest.raises(
+        UserError,
+        match=r"bfloat16|float16, and the Hessian is computed in float32 or float64: cast",
+    ):
+        HessianOperator(model, F.cross_entropy, [(torch.randn(4, 5), torch.tensor([0, 1, 2, 0]))])
 
 
 def test_float64_targets_for_a_float32_model_are_the_models_dtype():

@@ -126,7 +126,7 @@ class AnalyzeRequest:
     rho: float = 0.05
     alpha: float = 0.2
     minibatches: int = 8
-    params: Sequence[str] | None = None
+    params: str | Sequence[str] | None = None  # globs; one string may join them by commas
     bn: Literal["eval", "train"] = "eval"
     batch_size: int = 128
     num_samples: int | None = None
@@ -138,6 +138,15 @@ class AnalyzeRequest:
     seed: int = 0
     trust_checkpoint: bool = False
     weights_key: str | None = None  # which of a file's weights (see load_checkpoint)
+
+
+def param_globs(params: str | Sequence[str] | None) -> list[str] | None:
+    """The globs of ``params``, each entry split at its commas as ``--params`` takes them: a
+    string is not its letters (``"1.*"`` was recorded as the globs ``1,.,*``)."""
+    if params is None:
+        return None
+    given = [params] if isinstance(params, str) else params
+    return [glob for item in given for glob in item.split(",") if glob]
 
 
 def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -901,7 +910,7 @@ def _run_solvers(
             model,
             loss_fn,
             batches,
-            params=request.params,
+            params=param_globs(request.params),
             bn=request.bn,
             precision=request.precision,
             batch_weight=s.batch_weight,
@@ -1043,7 +1052,7 @@ def _provenance(
         "data": anchored_data(s.data_spec),
         "data_root": None if s.data_root is None else absolute(s.data_root),
         "loss": anchored(s.loss_spec),
-        "params_glob": ",".join(request.params or []) or "*",
+        "params_glob": ",".join(param_globs(request.params) or []) or "*",
         "num_params": op.n,
         "num_samples": op.num_samples,
         "num_batches": len(s.batches),

@@ -1393,6 +1393,15 @@ def test_eigenvalue_criterion_end_to_end(capsys, tmp_path, digits_mlp):
     assert "--criterion must be one of" in _bad(capsys, *args, "--criterion", "value")
 
 
+@pytest.mark.parametrize("params", ["3.*,1.bias", ["3.*", "1.bias"], ("3.*,1.bias",)])
+def test_the_library_takes_params_as_the_cli_does(digits_mlp, params):
+    """A string was recorded as its letters (`"1.*"` as the globs `1,.,*`) while the operator
+    took it whole, and one of globs joined by commas, as the provenance records them, was refused."""
+    (result,) = analyze_target(digits_mlp, AnalyzeRequest(top_k=1, params=params))
+    assert result.provenance["params_glob"] == "3.*,1.bias"
+    assert result.provenance["num_params"] == 130 + 12
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

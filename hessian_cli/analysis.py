@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
@@ -465,6 +466,23 @@ def read_options(request: AnalyzeRequest) -> dict[str, tuple[bool, str]]:
     }
 
 
+# The request's whole numbers (the seed has its own check).
+_COUNTS = (
+    "top_k",
+    "max_hvps",
+    "block_size",
+    "guard",
+    "check_steps",
+    "trace_probes",
+    "density_probes",
+    "density_steps",
+    "minibatches",
+    "batch_size",
+    "num_samples",
+    "num_batches",
+)
+
+
 def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
@@ -475,6 +493,11 @@ def _check_request(request: AnalyzeRequest) -> None:
                 f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                 f"not {getattr(r, name)!r}."
             )
+    # Counts given in Python as floats (top_k=2.0) failed deep in torch, a TypeError.
+    for name in _COUNTS:
+        value = getattr(r, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+            raise UserError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
     defaults = AnalyzeRequest()
     for name, (read, what) in read_options(r).items():
         # As the command refuses them: an option set for an analysis not asked for looked used.

@@ -1393,6 +1393,17 @@ def test_eigenvalue_criterion_end_to_end(capsys, tmp_path, digits_mlp):
     assert "--criterion must be one of" in _bad(capsys, *args, "--criterion", "value")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("top_k", 2.0), ("num_samples", 64.0), ("trace_probes", True)]
+)
+def test_the_library_refuses_counts_that_are_not_whole_numbers(digits_mlp, field, value):
+    """top_k=2.0 failed in torch.full ("must be tuple of ints"), num_samples=64.0 in a slice:
+    tracebacks."""
+    request = AnalyzeRequest(**{field: value}, trace=True)
+    with pytest.raises(UserError, match=rf"--{field.replace('_', '-')} must be a whole number"):
+        analyze_target(digits_mlp, request)
+
+
 @pytest.mark.parametrize("params", ["3.*,1.bias", ["3.*", "1.bias"], ("3.*,1.bias",)])
 def test_the_library_takes_params_as_the_cli_does(digits_mlp, params):
     """A string was recorded as its letters (`"1.*"` as the globs `1,.,*`) while the operator

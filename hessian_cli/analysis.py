@@ -132,7 +132,7 @@ class AnalyzeRequest:
     batch_size: int = 128
     num_samples: int | None = None
     num_batches: int | None = None
-    device: str = "auto"
+    device: str | torch.device = "auto"
     # None: the checkpoint's, float64 where its weights are (see _analysis_dtype), else float32
     dtype: Literal["float32", "float64"] | None = None
     precision: Literal["full", "tf32", "bf16"] = "full"

@@ -1404,6 +1404,12 @@ def test_the_library_refuses_counts_that_are_not_whole_numbers(digits_mlp, field
         analyze_target(digits_mlp, request)
 
 
+def test_the_library_takes_a_torch_device(digits_mlp):
+    """`device=torch.device("cpu")` failed with AttributeError: no attribute 'startswith'."""
+    (result,) = analyze_target(digits_mlp, AnalyzeRequest(top_k=1, device=torch.device("cpu")))
+    assert result.provenance["device"] == "cpu"
+
+
 @pytest.mark.parametrize("params", ["3.*,1.bias", ["3.*", "1.bias"], ("3.*,1.bias",)])
 def test_the_library_takes_params_as_the_cli_does(digits_mlp, params):
     """A string was recorded as its letters (`"1.*"` as the globs `1,.,*`) while the operator

@@ -11,11 +11,13 @@ from hessian_cli.errors import UserError
 from hessian_cli.launch import launched_by_torchrun
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is a user error. Under
     torchrun, CUDA means this rank's GPU (its local rank's, selected by ``init_from_env``): a
     rank without one of its own would share another's, which NCCL refuses later in words of
-    its own, so it is refused here."""
+    its own, so it is refused here. A script's ``torch.device`` is taken by its name (it failed
+    in ``startswith``, an AttributeError)."""
+    name = str(name)
     if name not in ("auto", "cpu") and not name.startswith("cuda"):
         raise UserError(f"Unknown device {name!r}: use auto, cpu or cuda.")
     if name.startswith("cuda") and not torch.cuda.is_available():

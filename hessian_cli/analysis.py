@@ -498,6 +498,11 @@ def _check_request(request: AnalyzeRequest) -> None:
         value = getattr(r, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
             raise UserError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
+    # The command's JSON text given in Python failed in the model's build ("not a mapping").
+    if r.model_kwargs is not None and not isinstance(r.model_kwargs, dict):
+        raise UserError(
+            f"--model-kwargs takes a dict (the JSON object's), not a {type(r.model_kwargs).__name__}."
+        )
     defaults = AnalyzeRequest()
     for name, (read, what) in read_options(r).items():
         # As the command refuses them: an option set for an analysis not asked for looked used.

@@ -1404,6 +1404,14 @@ def test_the_library_refuses_counts_that_are_not_whole_numbers(digits_mlp, field
         analyze_target(digits_mlp, request)
 
 
+def test_the_library_refuses_model_kwargs_as_json_text(digits_mlp):
+    """The command's text ('{"hidden": [32]}') failed with TypeError: 'str' object is not a
+    mapping."""
+    request = AnalyzeRequest(top_k=1, model_kwargs='{"hidden": [32]}')
+    with pytest.raises(UserError, match=r"--model-kwargs takes a dict .* not a str\."):
+        analyze_target(digits_mlp, request)
+
+
 def test_the_library_takes_a_torch_device(digits_mlp):
     """`device=torch.device("cpu")` failed with AttributeError: no attribute 'startswith'."""
     (result,) = analyze_target(digits_mlp, AnalyzeRequest(top_k=1, device=torch.device("cpu")))

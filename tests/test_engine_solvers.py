@@ -680,6 +680,25 @@ def test_k_larger_than_parameter_count_is_refused():
 
 
 @pytest.mark.parametrize(
+    ("solve", "name"),
+    [
+        (lambda op: eigenpairs(op, 2.0), "k"),
+        (lambda op: eigenpairs(op, 2, block_size=1.0), "block_size"),
+        (lambda op: stochastic_trace(op, 30.0), "num_probes"),
+        (lambda op: spectral_density(op, 8.0), "num_probes"),
+        (lambda op: spectral_density(op, 2, 10.0), "steps"),
+    ],
+)
+def test_counts_that_are_not_whole_numbers_are_refused(solve, name):
+    """They failed in torch: "full(): argument 'size' must be tuple of ints", "randint()
+    received an invalid combination of arguments", TypeErrors."""
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)))
+    with pytest.raises(UserError, match=f"`{name}` must be a whole number"):
+        solve(op)
+    assert op.hvp_count == 0
+
+
+@pytest.mark.parametrize(
     ("k", "kw"),
     [
         (1, {"block_size": 8, "max_hvps": 3}),  # a first block larger than the budget

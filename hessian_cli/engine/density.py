@@ -16,6 +16,7 @@ from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import DensityResult, EigenResult
+from hessian_cli.engine.solver_plan import check_whole
 from hessian_cli.errors import NotFinite, UserError
 
 GRID_POINTS = 1000  # of the uniform grid over the whole spectrum
@@ -97,6 +98,8 @@ def spectral_density(
     needed, whether a probe goes on): on an operator whose products are nearly free, that is all
     the time it takes.
     """
+    check_whole("num_probes", num_probes)
+    check_whole("steps", steps)
     if num_probes < 1 or steps < 2:
         raise UserError(
             "The density needs at least one probe and two Lanczos steps (one step gives each "

@@ -8,6 +8,7 @@ iteration how it spends it.
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import NamedTuple
 
 import torch
@@ -50,6 +51,13 @@ WHOLE_SPACE_SQUARES = 5
 RESTART_DIVISOR = 2
 
 
+def check_whole(name: str, value: object) -> None:
+    """Refuse a count that is not a whole number: ``k=2.0`` failed in torch ("must be tuple of
+    ints"), a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise UserError(f"`{name}` must be a whole number, not {value!r}.")
+
+
 def check_options(
     *,
     tol: float,
@@ -60,6 +68,10 @@ def check_options(
     which: str = "largest",
 ) -> None:
     """Refuse settings no solve can run with (callers may check them before any work)."""
+    check_whole("k", k)
+    for name, value in (("block_size", block_size), ("max_hvps", max_hvps), ("guard", guard)):
+        if value is not None:
+            check_whole(name, value)
     if not 0 < tol < 1:  # also refuses NaN; 1 and more: every pair converged at once
         raise UserError(
             f"`tol` must be a positive number below 1 (relative to the largest eigenvalue's size, "

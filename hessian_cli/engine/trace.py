@@ -17,6 +17,7 @@ from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import KNOWN_TRACE_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import EigenResult, TraceResult
+from hessian_cli.engine.solver_plan import check_whole
 from hessian_cli.errors import NotFinite, UserError
 
 
@@ -118,6 +119,7 @@ def stochastic_trace(
     all at once, Hutch++'s sketch and then its basis with the deflated probes (``block_size=None``;
     :class:`HessianOperator` splits a block that does not fit in memory).
     """
+    check_whole("num_probes", num_probes)
     if num_probes < 2:
         raise UserError("The trace needs at least 2 probes to report a standard error.")
     if method not in ("hutch++", "hutchinson"):

@@ -618,6 +618,30 @@ def test_no_converged_pairs_error_bound_takes_a_gap_the_check_saw_an_eigenvalue_
         assert not res.converged[0] or error <= float(res.errors[0]), seed
 
 
+@pytest.mark.parametrize(
+    "tol, bulk, false_before, false_now", [(1e-4, 0.99, 19, 1), (1e-3, 0.9, 8, 0)]
+)
+def test_no_bound_takes_a_gap_the_check_did_not_search_through(tol, bulk, false_before, false_now):
+    """0.999747 and 0.999699 above a bulk below ``bulk``, top-1 over 20 bases: the space held a
+    mix of the two (a residual within the tolerance) and took its gap to the bulk, which the
+    check's six steps had not searched through (its value 0.94-0.97 plus that value's residual
+    reaching past the gap's edge). ``false_before`` bounds were below the true error (at tol
+    1e-4 up to 125 times); they now keep the residual's bound where the check did not search
+    the gap, for the same products. The check's residual is evidence, not proof: a direction
+    its start barely held can still hide inside a gap it vouches for (``false_now``)."""
+    n, false = 300, 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        values = torch.cat(
+            [torch.tensor([0.999747, 0.999699]), bulk * torch.rand(n - 2, generator=g)]
+        )
+        values = values.double()[torch.randperm(n, generator=g)]
+        res = eigenpairs(MatrixOperator(torch.diag(values)), 1, tol=tol, seed=seed)
+        assert res.converged[0]
+        false += abs(float(res.eigenvalues[0]) / 0.999747 - 1) > float(res.errors[0])
+    assert false <= false_now < false_before
+
+
 @pytest.mark.parametrize("criterion", ["residual", "eigenvalue"])
 def test_no_bound_takes_a_gap_where_the_budget_left_the_check_no_room(criterion):
     """1, 0.999 and 0.998 above a bulk in [0, 0.5], top-1 at tol 1e-3 within 8 products: the

@@ -32,6 +32,7 @@ def eigenvalue_error_bounds(
     noise: float = 0.0,
     *,
     lacking: float = -math.inf,
+    searched: float = -math.inf,
     sign: float = 1.0,
 ) -> torch.Tensor:
     """How far each Ritz value ``theta[i]`` may be from its eigenvalue, given the residual norms.
@@ -46,6 +47,11 @@ def eigenvalue_error_bounds(
     ``lacking`` is the most wanted eigenvalue (times ``sign``, 1 for the largest) seen outside
     the space (by the eigensolver's check for a skipped eigenvalue), and a pair whose gap
     reaches past it keeps the residual; one it lies beyond, the residual and the distance to it.
+    ``searched`` is how far inward that check vouches for what the space left out (the value
+    it saw plus its Ritz vector's residual): a gap reaching past it keeps the residual too,
+    since an eigenvalue the check did not reach may lie inside it (0.999747 and 0.999699 above
+    a bulk below 0.99, top-1 at tol 1e-4: 18 of 20 bounds were below the true error, up to 125
+    times, the check's six steps having seen 0.94-0.97).
 
     Residuals computed from rounded products are those of a nearby matrix ``H + E``, whose
     eigenvalues differ from ``H``'s by up to the size of ``E``: ``noise``, an estimate of it
@@ -55,7 +61,7 @@ def eigenvalue_error_bounds(
     """
     gap = claimed_gaps(theta, rnorm)
     out = sign * theta[: len(rnorm)].to(rnorm)  # outward first
-    free = (gap > rnorm) & (out - gap >= lacking)
+    free = (gap > rnorm) & (out - gap >= max(lacking, searched))
     sharper = rnorm * rnorm / gap.clamp_min(torch.finfo(gap.dtype).tiny)
     # An eigenvalue seen outside the space beyond theta[i] is one of the i most wanted: the i-th
     # is then at least as far out as it or theta[i - 1], whichever is nearer, not within
@@ -89,13 +95,14 @@ def relative_errors(
     *,
     gaps: bool = True,
     lacking: float = -math.inf,
+    searched: float = -math.inf,
     sign: float = 1.0,
 ) -> torch.Tensor:
     """:func:`eigenvalue_error_bounds` (without ``gaps``, the residuals alone) relative to the
     eigenvalues (``|lambda| >= |theta| - bound``), plus the rounding of a value held in
     ``dtype``; infinite where the eigenvalue may be zero."""
     bounds = (
-        eigenvalue_error_bounds(theta, rnorm, noise, lacking=lacking, sign=sign)
+        eigenvalue_error_bounds(theta, rnorm, noise, lacking=lacking, searched=searched, sign=sign)
         if gaps
         else rnorm + noise
     )

@@ -31,7 +31,14 @@ from hessian_cli.engine.convergence import (
     rounding_noise,
 )
 from hessian_cli.engine.distributed import fail_together
-from hessian_cli.engine.linalg import gram, norms, orthonormalize_against, row_dots, small_eigh
+from hessian_cli.engine.linalg import (
+    gram,
+    norms,
+    orthonormalize_against,
+    project_out,
+    row_dots,
+    small_eigh,
+)
 from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import gaussian, probe_generator
@@ -329,6 +336,10 @@ class _Solve:
     # The most wanted eigenvalue (times sign) the last check saw outside the pairs, less the
     # products' rounding: no pair's error bound may take a gap past it.
     lacking: float = -math.inf
+    # How far inward (times sign) that check vouches for the space it left out: its top Ritz
+    # value there widened by that value's residual. A gap reaching past it is one the check
+    # has not searched.
+    searched: float = -math.inf
     # A check was due at the stop (converged, or the budget's end) but too few products were
     # left for it: no gap is taken, as nothing vouches that the space missed no eigenvalue
     # inside one.
@@ -687,7 +698,7 @@ def _check_for_skipped(
     CHECK_STEPS): the direction found, new to the basis, with its product; ``None`` where the
     look finds none, or where there is none to take (a whole space, no check steps, too little
     budget left, or the most looks a solve takes)."""
-    solve.lacking = -math.inf  # no evidence from an earlier basis
+    solve.lacking = solve.searched = -math.inf  # no evidence from an earlier basis
     wanted = basis.leak is not None and solve.check_steps > 0
     if stop.reason != "converged":
         # The end of the budget leaves no check to the pairs converged by then.
@@ -720,11 +731,12 @@ def _check_for_skipped(
     # the rows it has while they move into room for the rest (the look going on, below).
     room = solve.check_rows - (kg + steps + 1) // 2
     most = min(round(CHECK_REACH * steps), solve.max_hvps - solve.spent, max(room, steps))
-    missed, seen = _skipped_direction(
+    missed, seen, spread = _skipped_direction(
         op, pairs.X[:kg], threshold, solve.sign, steps, solve.gen, kth=kth, most=most
     )
     solve.check_hvps += op.hvp_count - before
     solve.lacking = seen - noise
+    solve.searched = seen + spread + noise
     if missed is not None:  # new to the basis (a thick restart keeps a part of it)
         missed = _orthonormal_with_products(*missed, basis.Q, basis.HQ)
     if missed is not None:
@@ -858,7 +870,10 @@ def _final_pairs(
         scale = max(scale, float(values.abs().max()))
     residuals = rnorm[:k] / scale
     noise = rounding_noise(asymmetry, scale, op.n)
-    lacking = {"lacking": solve.lacking, "sign": solve.sign}  # no gap past what the check saw
+    # No gap past what the check saw, nor (where the gaps do not converge the pairs) past what
+    # it searched.
+    searched = solve.searched if solve.criterion == "residual" else -math.inf
+    lacking = {"lacking": solve.lacking, "searched": searched, "sign": solve.sign}
     errors = relative_errors(theta, rnorm, noise, op.dtype, gaps=not solve.unchecked, **lacking)
     errors = errors[:k]
     # Fresh full-precision products carry none of the reduced precision's noise that the
@@ -916,7 +931,9 @@ def _skipped_direction(
     """A direction outside the rows of ``V`` (converged eigenvectors) whose Rayleigh quotient,
     times ``sign``, exceeds ``threshold``, with its product (``None`` if ``steps`` Lanczos steps
     from a random start in the complement of ``V`` find none), and the largest such quotient
-    seen (times ``sign``: an eigenvalue of the complement is at least as far out).
+    seen (times ``sign``: an eigenvalue of the complement is at least as far out), and the
+    residual in the complement of the Ritz vector that saw it (where it has not converged,
+    the complement's extreme may lie further out than the quotient and that residual).
 
     The complement holds every eigenvector ``V`` lacks, so a quotient there beyond the k-th
     wanted eigenvalue proves that one of them belongs among the k. Ritz values of the
@@ -942,11 +959,12 @@ def _skipped_direction(
         gaussian((1, op.n), generator=gen, dtype=op.dtype, device=op.device), V
     )
     seen = rise = -math.inf
+    spread = 0.0
     for j in range(most):
         if len(q) == 0:  # the complement is invariant and searched through
-            return None, seen
+            return None, seen, 0.0
         if j >= steps and not (rise > 0 and seen + rise > kth and seen + steps * rise > threshold):
-            return None, seen
+            return None, seen, spread
         if j == len(HP):  # one buffer at a time, the old one freed before the next grows
             HP = torch.cat([HP, HP.new_empty((most - j, op.n))])
             VP = torch.cat([VP, VP.new_empty((most - j, op.n))])
@@ -957,10 +975,12 @@ def _skipped_direction(
         y = S[:, -1:].to(P)  # the most wanted Ritz vector of the complement searched so far
         x, hx = y.T @ P[: j + 1], y.T @ HP[: j + 1]
         rise, seen = float(theta[-1]) - seen, float(theta[-1])
+        r = hx - float(sign * theta[-1]) * x
+        spread = float(norms(project_out(r, V))[0])  # its residual in the complement
         if seen > threshold:
-            return (x, hx), seen
-        q = orthonormalize_against(hx - float(sign * theta[-1]) * x, VP[: kv + j + 1])
-    return None, seen
+            return (x, hx), seen, spread
+        q = orthonormalize_against(r, VP[: kv + j + 1])
+    return None, seen, spread
 
 
 def _orthonormal_with_products(

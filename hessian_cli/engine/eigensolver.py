@@ -871,7 +871,7 @@ def _final_pairs(
     residuals = rnorm[:k] / scale
     noise = rounding_noise(asymmetry, scale, op.n)
     # No gap past what the check saw, nor (where the gaps do not converge the pairs) past what
-    # it searched.
+    # it searched, which a pair's bound reaches out to where it lies beyond the pair.
     searched = solve.searched if solve.criterion == "residual" else -math.inf
     lacking = {"lacking": solve.lacking, "searched": searched, "sign": solve.sign}
     errors = relative_errors(theta, rnorm, noise, op.dtype, gaps=not solve.unchecked, **lacking)

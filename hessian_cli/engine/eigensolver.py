@@ -44,7 +44,7 @@ from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import next_seed
-from hessian_cli.engine.solver_defaults import CHECK_REACH, CHECK_STEPS
+from hessian_cli.engine.solver_defaults import CHECK_REACH, CHECK_STEPS, LOOSE_CHECK, LOOSE_TOL
 from hessian_cli.engine.solver_plan import (
     WHOLE_SPACE_BLOCK,
     Plan,
@@ -126,8 +126,8 @@ def eigenpairs(
     can see one it has not found). The result, its ``converged`` flags and ``stop_reason``
     speak of the ``k`` pairs only. Once they converge, ``check_steps`` products (default
     CHECK_STEPS, which says why; 0: none; more toward an end near the middle of the spectrum,
-    see CHECK_REACH; more while a loose tolerance's margin is still to cross, see
-    :func:`_skipped_direction`) look for a skipped one from a fresh start outside them, where
+    see CHECK_REACH, and from a loose tolerance on, see LOOSE_CHECK; more while a loose
+    tolerance's margin is still to cross, see :func:`_skipped_direction`) look for a skipped one from a fresh start outside them, where
     the budget leaves room; what they find is taken in and converged too.
 
     Where the basis would hold half the space or more (``method`` "whole-space"; from
@@ -706,7 +706,9 @@ def _check_for_skipped(
         return None
     op, k, kg, scale = solve.op, solve.k, solve.kg, solve.scale
     end = max(abs(float(pairs.theta[0])), scale / CHECK_REACH**2)
-    steps = min(round(solve.check_steps * math.sqrt(scale / end)), solve.max_hvps - solve.spent)
+    loose = LOOSE_CHECK if solve.tol >= LOOSE_TOL else 1.0
+    reach = min(loose * math.sqrt(scale / end), CHECK_REACH)  # as far as check_rows counted
+    steps = min(round(solve.check_steps * reach), solve.max_hvps - solve.spent)
     checkable = wanted and solve.check_steps <= steps
     solve.unchecked = wanted and not checkable
     # At most one look per pair and one more: each look that finds a direction adds an

@@ -127,8 +127,9 @@ def eigenpairs(
     speak of the ``k`` pairs only. Once they converge, ``check_steps`` products (default
     CHECK_STEPS, which says why; 0: none; more toward an end near the middle of the spectrum,
     see CHECK_REACH, and from a loose tolerance on, see LOOSE_CHECK; more while a loose
-    tolerance's margin is still to cross, see :func:`_skipped_direction`) look for a skipped one from a fresh start outside them, where
-    the budget leaves room; what they find is taken in and converged too.
+    tolerance's margin is still to cross, see :func:`_skipped_direction`) look for a skipped
+    one from a fresh start outside them, where the budget leaves room; what they find is taken
+    in and converged too.
 
     Where the basis would hold half the space or more (``method`` "whole-space"; from
     ``WHOLE_SPACE_FROM`` parameters on, when ``max_hvps`` allows ``n`` products) the solve takes

@@ -73,8 +73,9 @@ CHECK_REACH = 4.0
 # nearer them, than the check's six steps reach: top-1/3/5 of 150 random values (uniform,
 # squared and to the fourth) at tol 1e-2 to 1e-1, 270 solves, had 7 with a bound below the true
 # error (the pair an eigenvalue beside a skipped one), none with 9 steps (12% more products
-# there; the smallest end, whose check already reached further, 4 either way). From LOOSE_TOL on the check takes LOOSE_CHECK times its steps
-# (within CHECK_REACH times); tighter tolerances keep theirs.
+# there; the smallest end, whose check already reached further, 4 either way). From LOOSE_TOL
+# on the check takes LOOSE_CHECK times its steps (within CHECK_REACH times); tighter
+# tolerances keep theirs.
 LOOSE_TOL = 1e-2
 LOOSE_CHECK = 1.5
 

@@ -675,7 +675,7 @@ def _tolerance_met(
         met = rnorm[:kg] + floor <= tols[: len(rnorm)] * scale
     else:
         theta = pairs.theta[: pairs.w]
-        errors = relative_errors(theta, rnorm, noise, dtype, gaps=gaps)[:kg]
+        errors = relative_errors(theta, rnorm, noise, dtype, gaps=gaps, scale=scale)[:kg]
         t = tols[: len(errors)]
         # An eigenvalue that may be zero has no relative error to bound: it is held to
         # the residual criterion instead (it used to stall there, exact to 1e-15).
@@ -877,8 +877,8 @@ def _final_pairs(
     # it searched, which a pair's bound reaches out to where it lies beyond the pair.
     searched = solve.searched if solve.criterion == "residual" else -math.inf
     lacking = {"lacking": solve.lacking, "searched": searched, "sign": solve.sign}
-    errors = relative_errors(theta, rnorm, noise, op.dtype, gaps=not solve.unchecked, **lacking)
-    errors = errors[:k]
+    gaps = not solve.unchecked
+    errors = relative_errors(theta, rnorm, noise, op.dtype, gaps=gaps, scale=scale, **lacking)[:k]
     # Fresh full-precision products carry none of the reduced precision's noise that the
     # asymmetry measured: their residuals' floor is their dtype's rounding.
     floor = residual_floor(
@@ -890,7 +890,7 @@ def _final_pairs(
     # The gaps that sharpen a bound are read from the other Ritz values, which an unconverged
     # solve may not have found yet (a budget of 4 products claimed 0.21 for a value 0.72 off):
     # its pairs keep the bound that needs no gap, the residual's (Weyl).
-    weyl = relative_errors(theta[:k], rnorm[:k], noise, op.dtype, gaps=False)
+    weyl = relative_errors(theta[:k], rnorm[:k], noise, op.dtype, gaps=False, scale=scale)
     errors = torch.where(converged, errors, weyl)
     stop_reason = stop.reason
     if bool(converged.all()):

@@ -906,6 +906,17 @@ def test_float32_pairs_called_converged_have_true_residuals_within_the_tolerance
         assert (true[res.converged] <= 1e-7).all(), (which, seed, true / 1e-7)
 
 
+@pytest.mark.parametrize(
+    "hint", [torch.ones(7, dtype=torch.float64), torch.ones(10, dtype=torch.long)]
+)
+def test_a_hint_that_is_not_a_real_vector_of_the_operators_size_is_one_sentence(hint):
+    """A hint of another operator's size failed in the start block's arithmetic (a
+    RuntimeError about the tensors' sizes)."""
+    op = MatrixOperator(torch.diag(torch.linspace(0.1, 1.0, 10, dtype=torch.float64)))
+    with pytest.raises(UserError, match="hint must be a real vector of 10 entries"):
+        eigenpairs(op, 2, hint=hint)
+
+
 def test_float32_eigenvalues_are_within_their_bounds_of_the_products_rounding():
     """A float32 product is that of a matrix its rounding of lambda_max away, which the
     projected matrix's asymmetry may not show: a tanh MLP's third eigenvalue was 1.9e-7 off

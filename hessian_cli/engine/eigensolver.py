@@ -152,6 +152,12 @@ def eigenpairs(
             f"Warm-start vectors must be real rows of {op.n} entries, one per parameter, not a "
             f"{init.dtype} tensor of shape {tuple(init.shape)}."
         )
+    # A gradient of other parameters failed in the start block's arithmetic, a RuntimeError.
+    if hint is not None and (hint.numel() != op.n or not hint.is_floating_point()):
+        raise UserError(
+            f"The hint must be a real vector of {op.n} entries, one per parameter, not a "
+            f"{hint.dtype} tensor of shape {tuple(hint.shape)}."
+        )
     if check_steps < 0:
         raise UserError(f"`check_steps` must be at least 0, not {check_steps}.")
     if which == "both":

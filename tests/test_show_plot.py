@@ -1542,6 +1542,32 @@ def test_show_says_which_curvature_rows_met_their_tolerance(tmp_path):
     assert "converged (residual <= tol 0.01): 2 of 4; the others stopped at their HVP budget" in out
 
 
+def test_a_zero_top_eigenvalue_is_not_said_to_have_spent_its_budget(tmp_path):
+    """A row whose top eigenvalue is 0 has an infinite residual (none relative to 0): show
+    counted it as stopped at the HVP budget, and plot marked it NOT converged."""
+    from hessian_cli.presentation.plots import metrics_figure
+    from hessian_cli.storage.metrics import MetricsLog
+
+    path = tmp_path / "metrics.h5"
+    log = MetricsLog(path, {"model": "mlp"}, tolerances={"refresh": 1e-2})
+    rows = ((0, 1.0, 5e-3), (5, 0.0, np.inf), (10, 1.0, 2e-2))
+    for step, eigenvalue, residual in rows:
+        log.append(
+            "refresh", step=step, eigenvalue=eigenvalue, residual=residual, alignment=0.5, hvps=6
+        )
+    log.flush()
+    out = " ".join(runner.invoke(app, ["show", str(path)]).output.split())
+    assert (
+        "converged (residual <= tol 0.01): 1 of 3; 1 found a top eigenvalue of 0 (no residual "
+        "relative to it); 1 stopped at its HVP budget" in out
+    )
+    steps, eigenvalues, residuals = (np.array(c) for c in zip(*rows, strict=True))
+    refresh = {"step": steps, "eigenvalue": eigenvalues, "residual": residuals}
+    ax = metrics_figure({"refresh": refresh}, {"refresh": 1e-2}).axes[0]
+    (red,) = [line for line in ax.get_lines() if line.get_color() == "C3"]
+    assert red.get_xdata().tolist() == [10]
+
+
 def test_show_s_per_step_loss_passes_over_steps_without_labels(tmp_path):
     """A step whose minibatch held no label records a NaN loss: "per-step loss: first nan"."""
     from hessian_cli.storage.metrics import MetricsLog

@@ -580,7 +580,9 @@ def _mark_unconverged(ax: Axes, cols: Mapping[str, np.ndarray], y: str, tol: flo
         return False
     step, value, residual = (np.asarray(cols[c], dtype=float) for c in ("step", y, "residual"))
     first = value if value.ndim == 1 else value[:, 0]  # as _curve draws a 2-D column
-    bad = ~((residual if residual.ndim == 1 else residual[:, 0]) <= tol)  # as show counts
+    residual = residual if residual.ndim == 1 else residual[:, 0]
+    # As show counts: an infinite residual is a top eigenvalue of 0, not a spent budget.
+    bad = ~(residual <= tol) & ~np.isinf(residual)
     ax.plot(step[bad], first[bad], "x", color="C3", ms=8, mew=2)
     return bool(bad.any())
 

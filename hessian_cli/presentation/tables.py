@@ -783,9 +783,14 @@ def _converged_rows(columns: Mapping[str, np.ndarray], tol: float | None) -> str
     residual = columns.get("residual")
     if tol is None or residual is None or np.ndim(residual) != 1:
         return None
-    met = int(np.sum(np.asarray(residual, dtype=float) <= tol))
-    rest = {
-        0: "",
-        1: "; the other stopped at its HVP budget",  # "the others" where there was one
-    }.get(len(residual) - met, "; the others stopped at their HVP budget")
+    residual = np.asarray(residual, dtype=float)
+    met = int(np.sum(residual <= tol))
+    # A top eigenvalue of 0 has no residual relative to it (eigensam's top_residual: inf): its
+    # solve did not stop at the budget for it (an all-zero Hessian's residual is 0).
+    zero = int(np.sum(np.isinf(residual)))
+    budget = len(residual) - met - zero
+    rest = f"; {zero} found a top eigenvalue of 0 (no residual relative to it)" if zero else ""
+    if budget:  # "the others" where there was one; a count beside the zero ones
+        who = f"{budget}" if zero else "the other" if budget == 1 else "the others"
+        rest += f"; {who} stopped at {'its' if budget == 1 else 'their'} HVP budget"
     return f"converged (residual <= tol {tol:g}): {met} of {len(residual)}{rest}"

@@ -1495,6 +1495,16 @@ def test_the_density_panel_says_what_it_took_and_found(full):  # noqa: F811
     assert labels == ["smoothed ESD", "the 3 eigenvalues found"]
 
 
+def test_the_density_legend_names_the_eigenvalues_where_the_first_is_missing(full):  # noqa: F811
+    """The entry was set on the first eigenvalue only: where it was not finite (stored as
+    missing), the legend lost "the 3 eigenvalues found" though two of their lines were drawn."""
+    d = json.loads(json.dumps(analysis_to_dict(full)))
+    d["eigen"]["eigenvalues"][0] = None
+    density_axes = spectra_figure([d]).axes[0]
+    labels = [t.get_text() for t in density_axes.get_legend().get_texts()]
+    assert labels == ["smoothed ESD", f"the 3 eigenvalues found ({d['eigen']['which']})"]
+
+
 def test_small_things_show_and_plot_refuse_clearly(capsys, files, tmp_path):
     metrics = json.loads(runner.invoke(app, ["show", str(files["metrics"]), "--json"]).stdout)
     assert metrics["steps"]["step"][:3] == [0, 1, 2]  # whole numbers stay whole

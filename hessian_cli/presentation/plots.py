@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -142,14 +143,15 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
     ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.2, label="smoothed ESD")
     ax.set_ylim(bottom=floor)
     if e is not None:
-        for i, (lam, ok) in enumerate(zip(e["eigenvalues"], e["converged"], strict=False)):
-            if lam is None:
+        found = counted(len(e["eigenvalues"]), "eigenvalue")
+        # Older files record no `which`: it said "(None)".
+        label = f"the {found} found" + (f" ({e['which']})" if e.get("which") else "")
+        for lam, ok in zip(e["eigenvalues"], e["converged"], strict=False):
+            if lam is None or not math.isfinite(lam):
                 continue
-            label = None
-            if i == 0:  # older files record no `which`: it said "(None)"
-                found = counted(len(e["eigenvalues"]), "eigenvalue")
-                label = f"the {found} found" + (f" ({e['which']})" if e.get("which") else "")
+            # On the first line drawn: on the first value, one missing took the entry away.
             ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
+            label = None
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
     probes, steps = counted(dn.get("num_probes"), "probe"), counted(dn.get("steps"), "step")

@@ -1505,6 +1505,24 @@ def test_the_density_legend_names_the_eigenvalues_where_the_first_is_missing(ful
     assert labels == ["smoothed ESD", f"the 3 eigenvalues found ({d['eigen']['which']})"]
 
 
+@pytest.mark.parametrize(
+    ("fmt", "said"),
+    [
+        (np.array([1, 2]), "is an HDF5 file but not one written by hessian-cli."),
+        (3, "is an HDF5 file but not one written by hessian-cli."),
+        (np.bytes_(b"\xffab"), "is a '\\\\xffab' file, which hessian-cli cannot show."),
+    ],
+)
+def test_a_format_attribute_that_is_no_name_is_refused_in_one_sentence(capsys, tmp_path, fmt, said):
+    """An array was "a '[1 2]' file"; bytes that are not UTF-8 crashed (UnicodeDecodeError)."""
+    path = tmp_path / "odd.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = fmt
+    code, _, err = run(capsys, "show", path)
+    assert code == 2
+    assert one_sentence(err) == f"error: {path} {said}"
+
+
 def test_small_things_show_and_plot_refuse_clearly(capsys, files, tmp_path):
     metrics = json.loads(runner.invoke(app, ["show", str(files["metrics"]), "--json"]).stdout)
     assert metrics["steps"]["step"][:3] == [0, 1, 2]  # whole numbers stay whole

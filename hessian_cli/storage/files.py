@@ -214,9 +214,12 @@ def file_format(path: Path) -> str:
             fmt = f.attrs.get("format")
     except (OSError, RuntimeError) as exc:  # damaged bytes where the attributes are
         raise UserError(f"Could not read {path}: {os_reason(exc)}.") from exc
-    if fmt is None:
+    # An attribute of another kind (an array, a number) read "is a '[1 2]' file".
+    if not isinstance(fmt, str | bytes):
         raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
-    return fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    return (
+        fmt.decode(errors="backslashreplace") if isinstance(fmt, bytes) else fmt
+    )  # not UTF-8: crashed
 
 
 def storable_text(text: str) -> str:

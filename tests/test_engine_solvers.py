@@ -2283,6 +2283,26 @@ def test_alignment_of_pairs_other_than_the_largest_is_refused():
         alignment_scores(op, both, vectors)
 
 
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"rho": -0.05}, "rho of at least 0, not -0.05"),
+        ({"rho": math.nan}, "rho of at least 0, not nan"),
+        ({"alpha": -0.2}, "alpha of at least 0, not -0.2"),
+        ({"minibatches": -3}, "minibatches of at least 0, not -3"),
+    ],
+)
+def test_alignment_settings_the_cli_refuses_are_refused(given, said):
+    """A negative rho gave sam_sharpness -0.022 (a descent step; +0.023 at rho 0.05), a
+    negative alpha tilted Eigen-SAM's direction away from v_1 (alignment 0.57 for 0.78), and
+    minibatches=-3 took no batch: all silently, where the CLI's options refuse them."""
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    res = eigenpairs(op, 2)
+    with pytest.raises(UserError, match=f"alignment_scores takes {said}"):
+        alignment_scores(op, res.eigenvalues, res.eigenvectors, **given)
+
+
 def test_alignment_of_another_operators_eigenvectors_is_refused():
     """Vectors over other parameters (`params="fc.*"`) failed in a matrix product, a traceback,
     where the trace and the density refuse such pairs in one sentence."""

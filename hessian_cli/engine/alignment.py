@@ -101,6 +101,13 @@ def alignment_scores(
     :class:`EigenResult` of ``which="largest"``): the ratio and Eigen-SAM's direction take the
     first as ``(lambda_1, v_1)``.
     """
+    # As the CLI's options: a negative rho measured a descent step (sam_sharpness -0.022 where
+    # +0.023), a negative alpha tilted d away from v_1, a negative count took no batch at all.
+    for name, value in (("rho", rho), ("alpha", alpha)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"alignment_scores takes {name} of at least 0, not {value:g}.")
+    if minibatches < 0:
+        raise UserError(f"alignment_scores takes minibatches of at least 0, not {minibatches}.")
     values = torch.as_tensor(eigenvalues).double().cpu()
     if len(values) == 0 or len(values) != len(eigenvectors):
         raise UserError("alignment_scores takes one eigenvector per eigenvalue, at least one.")

@@ -217,9 +217,8 @@ def file_format(path: Path) -> str:
     # An attribute of another kind (an array, a number) read "is a '[1 2]' file".
     if not isinstance(fmt, str | bytes):
         raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
-    return (
-        fmt.decode(errors="backslashreplace") if isinstance(fmt, bytes) else fmt
-    )  # not UTF-8: crashed
+    # Bytes that are no UTF-8 crashed (UnicodeDecodeError): they are refused as another format.
+    return fmt.decode(errors="backslashreplace") if isinstance(fmt, bytes) else fmt
 
 
 def storable_text(text: str) -> str:

@@ -820,6 +820,18 @@ def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index)
         list_checkpoints(tmp_path)
 
 
+def test_a_trainer_output_directory_of_sharded_checkpoint_folders_is_refused(tmp_path):
+    """Its sharded checkpoint-N folders were skipped unsaid: the directory held "no checkpoint
+    folders", or its final weights alone were analysed."""
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    save_file(small_state(), folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    save_file(small_state(), tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match="checkpoint-10' holds sharded weights"):
+        list_checkpoints(tmp_path)
+
+
 def test_a_trusted_whole_model_is_kept_as_the_module_its_weights_are(tmp_path: Path) -> None:
     """A pickled model (torch.save(model)) is kept beside its weights, for analyze to use as the
     model: the model itself, the one a wrapper holds (nn.DataParallel's, whose ``module.`` is

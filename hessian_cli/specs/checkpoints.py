@@ -906,22 +906,31 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory.")
     own = trainer_weights(directory)
-    shards = (directory / f"{n}.index.json" for n in TRAINER_WEIGHTS)
-    if own is None and (index := next((i for i in shards if i.is_file()), None)) is not None:
-        # (its shards would each be taken for a checkpoint, and each miss the others' weights)
-        raise UserError(
-            f"{str(directory)!r} holds sharded weights ({index.name}), which are not joined: "
-            "save them in one file (save_pretrained with a larger max_shard_size, or torch.save "
-            "of the state dict)."
-        )
+    if own is None:  # its shards would each be taken for a checkpoint, missing the others'
+        _refuse_shards(directory)
     try:
         entries = list(directory.iterdir())
     except OSError as exc:
         raise UserError(f"cannot list {str(directory)!r}: {exc.strerror or exc}.") from exc
     found = [own] if own is not None else _checkpoint_files(entries)
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    found += [w for p in folders if (w := trainer_weights(p)) is not None]
+    for folder in folders:
+        if (weights := trainer_weights(folder)) is not None:
+            found.append(weights)
+        else:  # a checkpoint-N folder of shards was skipped unsaid
+            _refuse_shards(folder)
     return sorted(found, key=lambda p: _natural_key(series_name(p)))
+
+
+def _refuse_shards(folder: Path) -> None:
+    """Refuses a folder of sharded weights (an index beside its shards), which are not joined."""
+    shards = (folder / f"{n}.index.json" for n in TRAINER_WEIGHTS)
+    if (index := next((i for i in shards if i.is_file()), None)) is not None:
+        raise UserError(
+            f"{str(folder)!r} holds sharded weights ({index.name}), which are not joined: "
+            "save them in one file (save_pretrained with a larger max_shard_size, or torch.save "
+            "of the state dict)."
+        )
 
 
 def _checkpoint_files(entries: list[Path]) -> list[Path]:

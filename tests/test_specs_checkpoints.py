@@ -820,6 +820,22 @@ def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index)
         list_checkpoints(tmp_path)
 
 
+def test_a_shard_given_by_itself_is_refused_as_one(tmp_path):
+    """Each shard given as a file (a glob's) was read alone: "2 missing keys" named no shards."""
+    state = small_state()
+    names = sorted(state)
+    weight_map = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    for i in (1, 2):
+        shard = f"model-0000{i}-of-00002.safetensors"
+        save_file({n: state[n] for n in names if weight_map[n] == shard}, tmp_path / shard)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match="is one of the shards of model.safetensors.index.json"):
+        load_checkpoint(tmp_path / "model-00002-of-00002.safetensors")
+    # A file the index does not list is read as any other.
+    save_file(state, tmp_path / "other.safetensors")
+    assert _equal(load_checkpoint(tmp_path / "other.safetensors").state_dict, state)
+
+
 def test_a_trainer_output_directory_of_sharded_checkpoint_folders_is_refused(tmp_path):
     """Its sharded checkpoint-N folders were skipped unsaid: the directory held "no checkpoint
     folders", or its final weights alone were analysed."""

@@ -127,6 +127,11 @@ def load_checkpoint(
         raise UserError(f"checkpoint {str(path)!r} is a directory, not a file.")
     if not path.is_file():  # a FIFO or a device: reading it could wait forever
         raise UserError(f"checkpoint {str(path)!r} is not a regular file.")
+    if (index := _shard_index(path)) is not None:  # it would miss the other shards' weights
+        raise UserError(
+            f"checkpoint {str(path)!r} is one of the shards of {index.name}, which are not "
+            f"joined: {_JOIN_SHARDS}"
+        )
     try:
         digest = file_sha256(path)
         with path.open("rb") as fh:
@@ -928,9 +933,26 @@ def _refuse_shards(folder: Path) -> None:
     if (index := next((i for i in shards if i.is_file()), None)) is not None:
         raise UserError(
             f"{str(folder)!r} holds sharded weights ({index.name}), which are not joined: "
-            "save them in one file (save_pretrained with a larger max_shard_size, or torch.save "
-            "of the state dict)."
+            f"{_JOIN_SHARDS}"
         )
+
+
+_JOIN_SHARDS = (
+    "save them in one file (save_pretrained with a larger max_shard_size, or torch.save of the "
+    "state dict)."
+)
+
+
+def _shard_index(path: Path) -> Path | None:
+    """The Hugging Face index beside ``path`` that lists it as one of its shards, if one does."""
+    for index in (path.parent / f"{n}.index.json" for n in TRAINER_WEIGHTS):
+        try:
+            shards = json.loads(index.read_text())["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if path.name in shards:
+            return index
+    return None
 
 
 def _checkpoint_files(entries: list[Path]) -> list[Path]:

@@ -82,6 +82,7 @@ from hessian_cli.specs import (
     takes_token_ids,
 )
 from hessian_cli.specs.checkpoints import (
+    DEEPSPEED_WEIGHTS,
     RUN_CHECKPOINTS,
     TRAINER_WEIGHTS,
     WeightsMismatch,
@@ -195,8 +196,8 @@ def _paths_in(path: Path) -> list[Path]:
             raise UserError(
                 f"The directory {path} holds no checkpoint files "
                 f"({', '.join(CHECKPOINT_SUFFIXES)}) or Hugging Face Trainer checkpoint "
-                f"folders (holding {' or '.join(TRAINER_WEIGHTS)}); a file of another name is "
-                "read when given by itself."
+                f"folders (holding {' or '.join(TRAINER_WEIGHTS)}) or DeepSpeed ones (holding "
+                f"{DEEPSPEED_WEIGHTS}); a file of another name is read when given by itself."
             )
         return found
     return [path]

@@ -810,6 +810,36 @@ def test_a_trainer_output_directory_is_its_final_weights_and_its_checkpoint_fold
     ]
 
 
+def test_deepspeed_folders_are_listed_by_their_model_states(tmp_path):
+    """DeepSpeed's save_checkpoint directory (global_stepN folders and a ``latest`` file) held
+    "no checkpoint files"; a folder given alone was read for its optimizer's shard."""
+    for step in (5, 10):
+        folder = tmp_path / f"global_step{step}"
+        folder.mkdir()
+        torch.save(
+            {"module": small_state(), "global_steps": step}, folder / "mp_rank_00_model_states.pt"
+        )
+        torch.save(
+            {"optimizer_state_dict": {}}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        )
+    (tmp_path / "latest").write_text("global_step10")
+    found = list_checkpoints(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "global_step5/mp_rank_00_model_states.pt",
+        "global_step10/mp_rank_00_model_states.pt",
+    ]
+    loaded = load_checkpoint(found[1])
+    assert (loaded.name, loaded.metadata) == ("global_step10", {"step": 10})
+    assert _equal(loaded.state_dict, small_state())
+    assert list_checkpoints(tmp_path / "global_step5") == [found[0]]
+    # A Trainer checkpoint folder's global_stepN, under DeepSpeed, is its own weights again.
+    trainer = tmp_path / "checkpoint-10"
+    trainer.mkdir()
+    save_file(small_state(), trainer / "model.safetensors")
+    (tmp_path / "global_step10").rename(trainer / "global_step10")
+    assert list_checkpoints(trainer) == [trainer / "model.safetensors"]
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
     """Its shards were each taken for a checkpoint, and each missed the others' weights."""

@@ -47,6 +47,10 @@ TRUST_FLAG = "--trust-checkpoint"
 # The weights file of a Hugging Face Trainer's checkpoint folder (checkpoint-500/), beside its
 # optimizer.pt, scheduler.pt and rng_state.pth, which are not weights, and its trainer_state.json.
 TRAINER_WEIGHTS: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+# The weights in a DeepSpeed checkpoint folder (global_step500/), beside its optimizer's shards.
+DEEPSPEED_WEIGHTS = "mp_rank_00_model_states.pt"
+# Weights files named alike in every checkpoint folder, which the folder's name tells apart.
+FOLDER_WEIGHTS: tuple[str, ...] = (*TRAINER_WEIGHTS, DEEPSPEED_WEIGHTS)
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS_FLAG = "--weights-key"
 
@@ -95,15 +99,15 @@ class LoadedCheckpoint:
 def checkpoint_label(path: Path) -> str:
     """How messages name a checkpoint: its file's name, after its Trainer folder's where it has
     one (``checkpoint-500/model.safetensors``: the file's name alone is every folder's)."""
-    in_folder = path.name in TRAINER_WEIGHTS and path.parent.name
+    in_folder = path.name in FOLDER_WEIGHTS and path.parent.name
     return f"{series_name(path)}/{path.name}" if in_folder else path.name
 
 
 def series_name(path: Path) -> str:
     """A checkpoint's name in a series: its file's name without its suffix (``.pth.tar`` whole:
     pytorch/examples' checkpoint.pth.tar was named ``checkpoint.pth``), or, for the weights of a
-    Trainer's checkpoint folder (all named alike), the folder's name."""
-    if path.name in TRAINER_WEIGHTS and path.parent.name:
+    Trainer's or DeepSpeed's checkpoint folder (all named alike), the folder's name."""
+    if path.name in FOLDER_WEIGHTS and path.parent.name:
         return path.parent.name
     return path.name[: -len(".pth.tar")] if path.name.lower().endswith(".pth.tar") else path.stem
 
@@ -903,7 +907,8 @@ def _natural_key(name: str) -> tuple:
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Checkpoint files directly inside ``directory``, in natural name order (no temp files; a
     link to another of them, Lightning's ``last.ckpt``, too, which a series names as left out);
-    and the weights of the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``). A Trainer
+    and the weights of the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``)
+    or DeepSpeed's (``global_step500/mp_rank_00_model_states.pt``). A Trainer
     checkpoint folder itself is its weights file alone (not its optimizer's or scheduler's); a
     Trainer's output directory is its final weights (``save_model`` writes them there) beside
     its checkpoint folders' (the series was the final weights alone)."""
@@ -921,7 +926,9 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     for folder in folders:
         if (weights := trainer_weights(folder)) is not None:
-            found.append(weights)
+            # (a Trainer checkpoint folder's global_stepN, under DeepSpeed, is its own weights)
+            if own is None or weights.name != DEEPSPEED_WEIGHTS:
+                found.append(weights)
         else:  # a checkpoint-N folder of shards was skipped unsaid
             _refuse_shards(folder)
     return sorted(found, key=lambda p: _natural_key(series_name(p)))
@@ -970,5 +977,6 @@ def _checkpoint_files(entries: list[Path]) -> list[Path]:
 
 
 def trainer_weights(folder: Path) -> Path | None:
-    """The weights file of a Hugging Face Trainer checkpoint folder, where ``folder`` is one."""
-    return next((folder / n for n in TRAINER_WEIGHTS if (folder / n).is_file()), None)
+    """The weights file of a Hugging Face Trainer or DeepSpeed checkpoint folder, where
+    ``folder`` is one."""
+    return next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)

@@ -840,6 +840,20 @@ def test_deepspeed_folders_are_listed_by_their_model_states(tmp_path):
     assert list_checkpoints(trainer) == [trainer / "model.safetensors"]
 
 
+def test_deepspeed_zero3_placeholders_are_refused_in_one_sentence(tmp_path):
+    """ZeRO-3 saves empty tensors where the weights are, which were refused as mismatches."""
+    shapes = [{k: v.shape for k, v in small_model().named_parameters()}]
+    placeholders = {k: torch.empty(0) for k in shapes[0]}
+    buffers = {k: v for k, v in small_state().items() if k not in shapes[0]}
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {**placeholders, **buffers}, "param_shapes": shapes}, path)
+    with pytest.raises(UserError, match="holds DeepSpeed ZeRO-3's placeholders .* zero_to_fp32"):
+        load_checkpoint(path)
+    # ZeRO-1 and 2 save the weights whole.
+    torch.save({"module": small_state(), "param_shapes": shapes}, path)
+    assert _equal(load_checkpoint(path).state_dict, small_state())
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
     """Its shards were each taken for a checkpoint, and each missed the others' weights."""

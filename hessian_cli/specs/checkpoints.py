@@ -189,6 +189,14 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} holds {lazy!r} uninitialized, a lazy module's "
             "(nn.LazyLinear, ...) saved before the model's first forward pass: it holds no values."
         )
+    if "param_shapes" in raw and any(v.numel() == 0 for v in state.values()):
+        # (refused as "4 mismatches (0.weight (model (5, 4) vs checkpoint (0,)), ...)")
+        raise UserError(
+            f"checkpoint {str(path)!r} holds DeepSpeed ZeRO-3's placeholders for its weights "
+            "(empty tensors), which are partitioned among its optimizer's files: join them with "
+            "the zero_to_fp32.py that DeepSpeed writes beside its global_stepN folders, and give "
+            "the file it writes."
+        )
     return LoadedCheckpoint(
         path=path,
         sha256=digest,

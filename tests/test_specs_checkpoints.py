@@ -828,6 +828,9 @@ def test_deepspeed_folders_are_listed_by_their_model_states(tmp_path):
         "global_step5/mp_rank_00_model_states.pt",
         "global_step10/mp_rank_00_model_states.pt",
     ]
+    # The weights zero_to_fp32.py writes beside them are one more.
+    torch.save(small_state(), tmp_path / "pytorch_model.bin")
+    assert list_checkpoints(tmp_path) == [*found, tmp_path / "pytorch_model.bin"]
     loaded = load_checkpoint(found[1])
     assert (loaded.name, loaded.metadata) == ("global_step10", {"step": 10})
     assert _equal(loaded.state_dict, small_state())
@@ -836,6 +839,7 @@ def test_deepspeed_folders_are_listed_by_their_model_states(tmp_path):
     trainer = tmp_path / "checkpoint-10"
     trainer.mkdir()
     save_file(small_state(), trainer / "model.safetensors")
+    (trainer / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
     (tmp_path / "global_step10").rename(trainer / "global_step10")
     assert list_checkpoints(trainer) == [trainer / "model.safetensors"]
 

@@ -932,10 +932,12 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         raise UserError(f"cannot list {str(directory)!r}: {exc.strerror or exc}.") from exc
     found = [own] if own is not None else _checkpoint_files(entries)
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    # A Trainer checkpoint folder's global_stepN, under DeepSpeed, is its own weights again
+    # (where zero_to_fp32.py wrote weights beside global_stepN folders, they are another's).
+    trainer_folder = own is not None and (directory / TRAINER_STATE).is_file()
     for folder in folders:
         if (weights := trainer_weights(folder)) is not None:
-            # (a Trainer checkpoint folder's global_stepN, under DeepSpeed, is its own weights)
-            if own is None or weights.name != DEEPSPEED_WEIGHTS:
+            if not (trainer_folder and weights.name == DEEPSPEED_WEIGHTS):
                 found.append(weights)
         else:  # a checkpoint-N folder of shards was skipped unsaid
             _refuse_shards(folder)

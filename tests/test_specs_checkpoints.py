@@ -879,6 +879,8 @@ def test_a_shard_given_by_itself_is_refused_as_one(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(UserError, match="is one of the shards of model.safetensors.index.json"):
         load_checkpoint(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(UserError, match="is the index of sharded weights, which are not joined"):
+        load_checkpoint(tmp_path / "model.safetensors.index.json")
     # A file the index does not list is read as any other.
     save_file(state, tmp_path / "other.safetensors")
     assert _equal(load_checkpoint(tmp_path / "other.safetensors").state_dict, state)

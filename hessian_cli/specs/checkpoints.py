@@ -136,6 +136,11 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} is one of the shards of {index.name}, which are not "
             f"joined: {_JOIN_SHARDS}"
         )
+    if path.name in _SHARD_INDEXES:  # (was "not a torch, safetensors or pickle file")
+        raise UserError(
+            f"checkpoint {str(path)!r} is the index of sharded weights, which are not joined: "
+            f"{_JOIN_SHARDS}"
+        )
     try:
         digest = file_sha256(path)
         with path.open("rb") as fh:
@@ -946,7 +951,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 def _refuse_shards(folder: Path) -> None:
     """Refuses a folder of sharded weights (an index beside its shards), which are not joined."""
-    shards = (folder / f"{n}.index.json" for n in TRAINER_WEIGHTS)
+    shards = (folder / n for n in _SHARD_INDEXES)
     if (index := next((i for i in shards if i.is_file()), None)) is not None:
         raise UserError(
             f"{str(folder)!r} holds sharded weights ({index.name}), which are not joined: "
@@ -960,9 +965,12 @@ _JOIN_SHARDS = (
 )
 
 
+_SHARD_INDEXES = tuple(f"{n}.index.json" for n in TRAINER_WEIGHTS)
+
+
 def _shard_index(path: Path) -> Path | None:
     """The Hugging Face index beside ``path`` that lists it as one of its shards, if one does."""
-    for index in (path.parent / f"{n}.index.json" for n in TRAINER_WEIGHTS):
+    for index in (path.parent / n for n in _SHARD_INDEXES):
         try:
             shards = json.loads(index.read_text())["weight_map"].values()
         except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -33,6 +33,8 @@ from hessian_cli.engine.solver_defaults import (
     CHECK_STEPS,
     DEFAULT_BLOCK_SIZE,
     GUARD_PER_PAIRS,
+    LOOSE_CHECK,
+    LOOSE_TOL,
     MIN_BUDGET,
 )
 from hessian_cli.errors import Terminated
@@ -124,8 +126,9 @@ def analyze(
         "--check-steps",
         help="HVPs that look for a skipped eigenvalue once the pairs have converged, from a "
         "fresh random start outside them; one found is taken in, and the look repeated "
-        f"(default {CHECK_STEPS}, times sqrt(|λ_max| / |λ_1|) toward an end nearer 0, at most "
-        f"{CHECK_REACH:g} times; 0 saves them, at that risk).",
+        f"(default {CHECK_STEPS}, times sqrt(|λ_max| / |λ_1|) toward an end nearer 0 and "
+        f"{LOOSE_CHECK:g} from --tol {LOOSE_TOL:g} on, at most {CHECK_REACH:g} times; 0 saves "
+        "them, at that risk).",
     ),
     trace: bool = typer.Option(
         False, "--trace", help="Estimate the trace with its standard error."

@@ -308,6 +308,23 @@ def test_a_run_whose_standard_output_is_full_goes_on_and_says_so_at_the_end(tmp_
     assert len(read_metrics(out / "metrics.h5")["steps"]["loss"]) == 2
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_run_whose_standard_error_is_full_ends_as_one_whose_standard_output_is(tmp_path):
+    """`train ... 2> /dev/full` finished its run and then failed on its end-of-run note (11 of
+    12 refreshes unconverged here): status 1, from an error it could not print; now the note
+    is lost as stdout's lines are, and the status is stdout's, 2."""
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full_disk:
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "train", *PLAIN, "--eig-every", "1",
+             "--epochs", "2", "--quiet", "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=full_disk, text=True, timeout=300,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert (out / "checkpoints" / "final.pt").is_file()
+
+
 @pytest.mark.parametrize("second", ["on_sigint", "on_sigterm"])
 def test_copies_of_one_ctrl_c_under_torchrun_are_one_request(monkeypatch, second):
     """Under torchrun one Ctrl-C can reach a rank more than once (torchrun's SIGINT, then its

@@ -10,7 +10,9 @@ reach a rank more than once (see :data:`ECHO_WINDOW_S`); those copies are the sa
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ from eigensam.config import (
     load_config,
 )
 from eigensam.events import Event, RunStarted, TrainSummary
+from hessian_cli.atomic import os_reason
 from hessian_cli.cli.app import (
     INTERRUPTED_STATUS,
     TERMINATED_STATUS,
@@ -208,6 +211,7 @@ def train_command(
             config = TrainConfig(**set_options, out=str(out))
     config = dataclasses.replace(config, max_steps=max_steps, device=device, download=download)
     console = _RunConsole()
+    notes = _Notes()
     lead = world()[0] == 0  # under torchrun only rank 0 reports
     display = TrainingDisplay(console, config, quiet or not lead, resuming=resume is not None)
     stop = _StopRequest(echo_window_s=ECHO_WINDOW_S if launched_by_torchrun() else 0.0)
@@ -243,7 +247,7 @@ def train_command(
     if summary.interrupted:  # every rank's, agreed; the signal may have reached some ranks only
         stop.by_sigterm = any_rank(stop.by_sigterm)
     if lead:
-        _report(console, summary, quiet, resumed=resume is not None, stop=stop)
+        _report(console, notes, summary, quiet, resumed=resume is not None, stop=stop)
     elif summary.interrupted:
         raise typer.Exit(stop.exit_status)
     if console.failed:  # as analyze: said once the run's files are written
@@ -251,6 +255,8 @@ def train_command(
             f"{str(console.failed).rstrip('.')}; the run went on without it, its checkpoints "
             f"and metrics are in {summary.run_dir}."
         )
+    if notes.failed:  # said nowhere (stderr is where it would be), but the status tells
+        raise UserError(f"{notes.failed}; the run's files are in {summary.run_dir}.")
 
 
 def _kept(resume: Path | None, config: TrainConfig) -> str:
@@ -342,9 +348,22 @@ def _stop_signals(stop: _StopRequest) -> Iterator[None]:
         yield
 
 
-def _note(text: str) -> None:
-    """A line of the end of a run on stderr, beside its results (yellow, unwrapped)."""
-    err_console.print(text, style="yellow", highlight=False, soft_wrap=True)
+class _Notes:
+    """The end of a run's lines on stderr, beside its results (yellow, unwrapped). A write there
+    that fails (``2> /dev/full``) loses them, as a failed stdout loses its lines, and ``failed``
+    ends the run with status 2 as stdout's does (it was status 1: the error, unprintable, went
+    unsaid)."""
+
+    failed: UserError | None = None
+
+    def __call__(self, text: str) -> None:
+        try:
+            err_console.print(text, style="yellow", highlight=False, soft_wrap=True)
+        except OSError as exc:  # from now on stderr goes nowhere, Python's last flush too
+            self.failed = self.failed or UserError(
+                f"Could not write to standard error: {os_reason(exc)}."
+            )
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _its(count: int, thing: str) -> str:
@@ -353,7 +372,13 @@ def _its(count: int, thing: str) -> str:
 
 
 def _report(
-    console: Console, summary: TrainSummary, quiet: bool, *, resumed: bool, stop: _StopRequest
+    console: Console,
+    note: _Notes,
+    summary: TrainSummary,
+    quiet: bool,
+    *,
+    resumed: bool,
+    stop: _StopRequest,
 ) -> None:
     from eigensam.run_dir import METRICS_FILE, resume_hint  # loads torch, as _kept says
 
@@ -370,7 +395,7 @@ def _report(
         console.print(epoch_table(summary.epochs))
     if summary.negative_refreshes:  # counted by EigenSAM, said nowhere else
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
-        _note(
+        note(
             f"Warning: {summary.negative_refreshes} of {refreshes} found no positive curvature "
             f"(top eigenvalue <= 0); {_its(summary.negative_refreshes, 'vector')} used all the "
             f"same (the eigenvalues are in {where / METRICS_FILE}).",
@@ -379,7 +404,7 @@ def _report(
         from eigensam.refresh import DEFAULT_TOL
 
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
-        _note(
+        note(
             f"Note: {summary.unconverged_refreshes} of {refreshes} stopped at the HVP budget "
             f"with a residual above the tolerance {DEFAULT_TOL:.0e}; "
             f"{_its(summary.unconverged_refreshes, 'vector')} used all the same (the residuals "
@@ -387,7 +412,7 @@ def _report(
         )
     if summary.unlabelled_steps:  # their loss is NaN in the metrics, said nowhere else
         n = summary.unlabelled_steps
-        _note(
+        note(
             f"Note: {counted(n, 'minibatch', 'minibatches')} held no label but -100 (padding): "
             f"no update was made on {'it' if n == 1 else 'them'}.",
         )
@@ -395,7 +420,7 @@ def _report(
         from eigensam.tracking import TRACK_TOL
 
         tracks = counted(summary.tracks, "lambda_max measurement")
-        _note(
+        note(
             f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) stopped at the "
             f"HVP budget with a residual above the tolerance {TRACK_TOL:.0e}, so "
             f"{'its value' if summary.unconverged_tracks == 1 else 'their values'} may be off "
@@ -417,7 +442,7 @@ def _report(
     )
     message = f"{why} at step {summary.step} of {summary.total_steps}: {resume_hint(where)}."
     if summary.interrupted:
-        _note(message)
+        note(message)
         raise typer.Exit(stop.exit_status)
     if not quiet:
         console.print(message, highlight=False, soft_wrap=True)

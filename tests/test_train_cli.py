@@ -309,6 +309,22 @@ def test_a_run_whose_standard_output_is_full_goes_on_and_says_so_at_the_end(tmp_
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_resuming_a_finished_run_with_standard_output_full_says_nothing_ran(finished_run):
+    """It said "the run went on without it", of a run that had already finished."""
+    with open("/dev/full", "w") as full_disk:
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "train", "--resume", str(finished_run)],
+            stdout=full_disk, stderr=subprocess.PIPE, text=True, timeout=300,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert one_sentence(done.stderr, strict=True) == (
+        "error: Could not write to standard output: no space left on device; the run in "
+        f"{finished_run} had already finished, nothing was run."
+    )
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_run_whose_standard_error_is_full_ends_as_one_whose_standard_output_is(tmp_path):
     """`train ... 2> /dev/full` finished its run and then failed on its end-of-run note (11 of
     12 refreshes unconverged here): status 1, from an error it could not print; now the note

@@ -251,10 +251,12 @@ def train_command(
     elif summary.interrupted:
         raise typer.Exit(stop.exit_status)
     if console.failed:  # as analyze: said once the run's files are written
-        raise UserError(
-            f"{str(console.failed).rstrip('.')}; the run went on without it, its checkpoints "
-            f"and metrics are in {summary.run_dir}."
+        went = (
+            f"the run in {summary.run_dir} had already finished, nothing was run"
+            if _already_finished(summary, resumed=resume is not None)
+            else f"the run went on without it, its checkpoints and metrics are in {summary.run_dir}"
         )
+        raise UserError(f"{str(console.failed).rstrip('.')}; {went}.")
     if notes.failed:  # said nowhere (stderr is where it would be), but the status tells
         raise UserError(f"{notes.failed}; the run's files are in {summary.run_dir}.")
 
@@ -371,6 +373,11 @@ def _its(count: int, thing: str) -> str:
     return f"its {thing} was" if count == 1 else f"their {thing}s were"
 
 
+def _already_finished(summary: TrainSummary, *, resumed: bool) -> bool:
+    """Whether this call resumed a run that had finished: it ran no step."""
+    return resumed and summary.steps_run == 0 and summary.finished
+
+
 def _report(
     console: Console,
     note: _Notes,
@@ -383,7 +390,7 @@ def _report(
     from eigensam.run_dir import METRICS_FILE, resume_hint  # loads torch, as _kept says
 
     where = summary.run_dir
-    if resumed and summary.steps_run == 0 and summary.finished:
+    if _already_finished(summary, resumed=resumed):
         console.print(
             f"The run in {where} has already finished (step {summary.step} of "
             f"{summary.total_steps}); nothing to do.",

@@ -81,13 +81,18 @@ class TrainConfig:
         for name in ("track_every", "checkpoint_every"):
             require(getattr(self, name) >= 0, f"{flag(name)} must be 0 (off) or more")
         require(self.max_steps is None or self.max_steps >= 0, "--max-steps must be 0 or more")
-        require(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number")
+        # "finite" and the value: inf is positive, and "must be a positive number" said no more
+        require(
+            math.isfinite(self.lr) and self.lr > 0,
+            f"--lr must be a finite positive number, not {self.lr:g}",
+        )
         for name in ("rho", "alpha", "weight_decay"):
             value = getattr(self, name)
             require(
-                math.isfinite(value) and value >= 0, f"{flag(name)} must be a number of at least 0"
+                math.isfinite(value) and value >= 0,
+                f"{flag(name)} must be a finite number of at least 0, not {value:g}",
             )
-        require(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), not {self.momentum:g}")
         check_seed(self.seed)
         require(
             _json_values(self.model_kwargs),

@@ -545,7 +545,7 @@ def _check_request(request: AnalyzeRequest) -> None:
         raise UserError(f"--density-sigma must be a positive number, not {sigma:g}.")
     for flag, value in (("--rho", r.rho), ("--alpha", r.alpha)):
         if r.alignment and not (math.isfinite(value) and value >= 0):
-            raise UserError(f"{flag} must be a number of at least 0, not {value:g}.")
+            raise UserError(f"{flag} must be a finite number of at least 0, not {value:g}.")
     check_seed(r.seed)
     if request.alignment and not request.top_k:
         raise UserError("--alignment needs the top eigenvectors: give --top-k 1 or more.")

@@ -1712,8 +1712,12 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
         (("--density", "--density-sigma", "nan"), "--density-sigma must be a positive number"),
         (("--density", "--density-probes", "0"), "--density-probes must be at least 1, not 0"),
         (("--alignment", "--minibatches", "-3"), "--minibatches must be at least 0, not -3"),
-        (("--alignment", "--alpha", "-1"), "--alpha must be a number of at least 0, not -1"),
-        (("--alignment", "--rho", "nan"), "--rho must be a number of at least 0, not nan"),
+        (("--alignment", "--alpha", "-1"), "--alpha must be a finite number of at least 0, not -1"),
+        (("--alignment", "--rho", "nan"), "--rho must be a finite number of at least 0, not nan"),
+        (
+            ("--alignment", "--alpha", "inf"),
+            "--alpha must be a finite number of at least 0, not inf",
+        ),
     ],
 )
 def test_bad_counts_and_tolerances_are_refused(capsys, monkeypatch, digits_mlp, args, message):

@@ -114,25 +114,38 @@ def evaluate(
     """Mean loss (the batches' weighted by ``batch_weight``, as :class:`HessianOperator` weighs
     them; a batch that weighs nothing, of padding only, is left out) and accuracy on ``batches``
     (eval mode, the loss's too where it is a module: a dropout in it made the test loss a random
-    draw), NaN without any."""
+    draw), NaN without any.
+
+    Under torchrun every rank holds all of ``batches`` and evaluates every ``world``-th one
+    (each repeated the whole split); each batch's sums fill its own row, zero on the other
+    ranks, so the summed rows are the values one rank computes and their total is the same,
+    bit for bit."""
     if not batches:
         return math.nan, math.nan
+    rank, world = distributed.world()
     modules = [m for m in (model, loss_module(loss_fn)) if m is not None]
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    total = correct = labelled = weight = 0.0
-    for x, y in batches:
+    rows = torch.zeros(len(batches), 4, dtype=torch.float64)  # loss * weight, right, labels, weight
+    for i, (x, y) in enumerate(batches):
         share = float(batch_weight(y))
-        if not share:  # padding only: nothing of the mean over labels (its own mean is 0/0)
+        if i % world != rank or not share:  # padding only: nothing of the mean over labels
             continue
         out = run_model(model, inputs_to(x, device))
         y = y.to(device)
-        total += float(loss_fn(out, y)) * share
         right, labels = correct_count(out, y, classify=classify)
-        correct, labelled, weight = correct + right, labelled + labels, weight + share
+        rows[i] = torch.tensor(
+            [float(loss_fn(out, y)) * share, right, labels, share], dtype=torch.float64
+        )
     for m, training in zip(modules, was_training, strict=True):
         m.train(training)
+    distributed.all_reduce_sum(rows)
+    total = correct = labelled = weight = 0.0
+    for row in rows.tolist():  # in the batches' order, as one process adds them
+        if row[3]:
+            total, correct = total + row[0], correct + row[1]
+            labelled, weight = labelled + row[2], weight + row[3]
     return total / weight, accuracy(correct, labelled, classify=classify)
 
 

@@ -1181,3 +1181,29 @@ def test_a_loss_module_with_dropout_is_in_eval_mode_where_the_held_out_data_is_m
         expected = F.cross_entropy(model(torch.tensor(x[:48])), torch.tensor(y[:48]))
     test_loss = read_metrics(tmp_path / "every" / "metrics.h5")["epochs"]["test_loss"][-1]
     assert test_loss == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_under_torchrun_each_rank_evaluates_its_share_of_the_test_batches(monkeypatch):
+    """Every rank evaluated the whole test split at each epoch's end (the work of one process
+    repeated on each); now each takes every world-th batch, and the ranks' sums, added, are one
+    process's to the bit, so the test loss and accuracy are too."""
+    from eigensam import tracking
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    batches = [(torch.randn(5, 3), torch.randint(0, 4, (5,))) for _ in range(5)]
+    ran, rows = [], []
+    model.register_forward_hook(lambda *_: ran.append(1))
+    # the sums each rank gives the all-reduce, kept to be added here
+    monkeypatch.setattr(tracking.distributed, "all_reduce_sum", lambda t: rows.append(t.clone()))
+
+    def sums(rank: int, world: int) -> tuple[int, torch.Tensor]:
+        ran.clear()
+        monkeypatch.setattr(tracking.distributed, "world", lambda: (rank, world))
+        tracking.evaluate(model, batches, F.cross_entropy, torch.device("cpu"), classify=True)
+        return len(ran), rows.pop()
+
+    one, alone = sums(0, 1)
+    shares = [sums(rank, 2) for rank in (0, 1)]
+    assert one == 5 and [n for n, _ in shares] == [3, 2]
+    assert torch.equal(shares[0][1] + shares[1][1], alone)

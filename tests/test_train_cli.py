@@ -287,18 +287,24 @@ def test_a_second_sigterm_says_what_was_kept(tmp_path):
     )
 
 
+def _train_on_a_full_disk(args: list[str], stream: str) -> subprocess.CompletedProcess:
+    """`train ARGS` with its standard output or error (``stream``) on a full disk: /dev/full,
+    where every write fails (no space left); the other stream captured."""
+    with open("/dev/full", "w") as full_disk:
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, stream: full_disk}
+        return subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "train", *args],
+            **streams, text=True, timeout=300,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_run_whose_standard_output_is_full_goes_on_and_says_so_at_the_end(tmp_path):
     """`train ... > train.log` on a full disk stopped at its first line, before any step, and
     left a run directory without a checkpoint; analyze writes its --out before saying it."""
     out = tmp_path / "run"
-    with open("/dev/full", "w") as full_disk:  # every write to it fails: no space left
-        done = subprocess.run(
-            [sys.executable, "-m", "hessian_cli", "train", *PLAIN, "--max-steps", "2",
-             "--out", str(out)],
-            stdout=full_disk, stderr=subprocess.PIPE, text=True, timeout=300,
-            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
-        )  # fmt: skip
+    done = _train_on_a_full_disk([*PLAIN, "--max-steps", "2", "--out", str(out)], "stdout")
     assert done.returncode == 2
     assert one_sentence(done.stderr, strict=True) == (
         "error: Could not write to standard output: no space left on device; the run went on "
@@ -311,12 +317,7 @@ def test_a_run_whose_standard_output_is_full_goes_on_and_says_so_at_the_end(tmp_
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_resuming_a_finished_run_with_standard_output_full_says_nothing_ran(finished_run):
     """It said "the run went on without it", of a run that had already finished."""
-    with open("/dev/full", "w") as full_disk:
-        done = subprocess.run(
-            [sys.executable, "-m", "hessian_cli", "train", "--resume", str(finished_run)],
-            stdout=full_disk, stderr=subprocess.PIPE, text=True, timeout=300,
-            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
-        )  # fmt: skip
+    done = _train_on_a_full_disk(["--resume", str(finished_run)], "stdout")
     assert done.returncode == 2
     assert one_sentence(done.stderr, strict=True) == (
         "error: Could not write to standard output: no space left on device; the run in "
@@ -330,13 +331,8 @@ def test_a_run_whose_standard_error_is_full_ends_as_one_whose_standard_output_is
     12 refreshes unconverged here): status 1, from an error it could not print; now the note
     is lost as stdout's lines are, and the status is stdout's, 2."""
     out = tmp_path / "run"
-    with open("/dev/full", "w") as full_disk:
-        done = subprocess.run(
-            [sys.executable, "-m", "hessian_cli", "train", *PLAIN, "--eig-every", "1",
-             "--epochs", "2", "--quiet", "--out", str(out)],
-            stdout=subprocess.PIPE, stderr=full_disk, text=True, timeout=300,
-            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
-        )  # fmt: skip
+    args = [*PLAIN, "--eig-every", "1", "--epochs", "2", "--quiet", "--out", str(out)]
+    done = _train_on_a_full_disk(args, "stderr")
     assert done.returncode == 2 and done.stdout == ""
     assert (out / "checkpoints" / "final.pt").is_file()
 

@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
@@ -46,7 +45,12 @@ from hessian_cli.engine.params import check_real
 from hessian_cli.engine.precision import check_precision
 from hessian_cli.engine.results import EigenResult
 from hessian_cli.engine.seeds import check_seed
-from hessian_cli.engine.solver_plan import check_check_steps, check_count, check_options
+from hessian_cli.engine.solver_plan import (
+    check_check_steps,
+    check_count,
+    check_options,
+    check_whole,
+)
 from hessian_cli.engine.trace import check_trace_memory, stochastic_trace
 from hessian_cli.errors import (
     OUT_OF_HOST_MEMORY,
@@ -496,9 +500,8 @@ def _check_request(request: AnalyzeRequest) -> None:
             )
     # Counts given in Python as floats (top_k=2.0) failed deep in torch, a TypeError.
     for name in _COUNTS:
-        value = getattr(r, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
-            raise UserError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
+        if (value := getattr(r, name)) is not None:
+            check_whole(f"--{name.replace('_', '-')}", value)
     # The command's JSON text given in Python failed in the model's build ("not a mapping").
     if r.model_kwargs is not None and not isinstance(r.model_kwargs, dict):
         raise UserError(

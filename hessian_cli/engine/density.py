@@ -98,8 +98,8 @@ def spectral_density(
     needed, whether a probe goes on): on an operator whose products are nearly free, that is all
     the time it takes.
     """
-    check_whole("num_probes", num_probes)
-    check_whole("steps", steps)
+    check_whole("`num_probes`", num_probes)
+    check_whole("`steps`", steps)
     if num_probes < 1 or steps < 2:
         raise UserError(
             "The density needs at least one probe and two Lanczos steps (one step gives each "

@@ -51,11 +51,11 @@ WHOLE_SPACE_SQUARES = 5
 RESTART_DIVISOR = 2
 
 
-def check_whole(name: str, value: object) -> None:
+def check_whole(label: str, value: object) -> None:
     """Refuse a count that is not a whole number: ``k=2.0`` failed in torch ("must be tuple of
-    ints"), a TypeError."""
+    ints"), a TypeError. ``label`` names it as the caller takes it (```k```, ``--top-k``)."""
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise UserError(f"`{name}` must be a whole number, not {value!r}.")
+        raise UserError(f"{label} must be a whole number, not {value!r}.")
 
 
 def check_options(
@@ -68,10 +68,10 @@ def check_options(
     which: str = "largest",
 ) -> None:
     """Refuse settings no solve can run with (callers may check them before any work)."""
-    check_whole("k", k)
+    check_whole("`k`", k)
     for name, value in (("block_size", block_size), ("max_hvps", max_hvps), ("guard", guard)):
         if value is not None:
-            check_whole(name, value)
+            check_whole(f"`{name}`", value)
     if not 0 < tol < 1:  # also refuses NaN; 1 and more: every pair converged at once
         raise UserError(
             f"`tol` must be a positive number below 1 (relative to the largest eigenvalue's size, "

@@ -119,7 +119,7 @@ def stochastic_trace(
     all at once, Hutch++'s sketch and then its basis with the deflated probes (``block_size=None``;
     :class:`HessianOperator` splits a block that does not fit in memory).
     """
-    check_whole("num_probes", num_probes)
+    check_whole("`num_probes`", num_probes)
     if num_probes < 2:
         raise UserError("The trace needs at least 2 probes to report a standard error.")
     if method not in ("hutch++", "hutchinson"):

@@ -25,7 +25,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(VENV)/bin/pytest -q
+	# one worker per core (pytest-xdist): the serial suite took 18 minutes on 2 cores
+	$(VENV)/bin/pytest -q -n auto
 
 demo: $(STAMP)
 	rm -f example.h5

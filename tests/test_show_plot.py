@@ -1570,6 +1570,26 @@ def test_show_says_which_curvature_rows_met_their_tolerance(tmp_path):
     assert "converged (residual <= tol 0.01): 2 of 4; the others stopped at their HVP budget" in out
 
 
+def test_show_json_gives_the_tolerance_of_the_residuals(tmp_path):
+    """`show --json` gave the residuals without the tol they were solved to, which the table
+    counts them against: a reader could not tell which rows converged."""
+    from hessian_cli.storage.metrics import MetricsLog
+
+    path = tmp_path / "metrics.h5"
+    log = MetricsLog(path, {"model": "mlp"}, tolerances={"refresh": 1e-2, "track": 2.5e-3})
+    log.append("steps", step=0, loss=1.0, accuracy=0.5, lr=0.1)
+    log.append("refresh", step=0, eigenvalue=1.0, residual=5e-3, alignment=0.5, hvps=6)
+    log.append("track", step=0, lambda_max=1.0, residual=1e-4, hvps=12)
+    log.flush()
+    data = json.loads(runner.invoke(app, ["show", str(path), "--json"]).stdout)
+    assert (data["refresh"]["tol"], data["track"]["tol"]) == (1e-2, 2.5e-3)
+    assert data["refresh"]["residual"] == [5e-3] and "tol" not in data["steps"]
+    with h5py.File(path, "r+") as f:  # as written before 2026-11-30
+        del f["refresh"].attrs["tol"]
+    data = json.loads(runner.invoke(app, ["show", str(path), "--json"]).stdout)
+    assert data["refresh"]["tol"] is None and data["track"]["tol"] == 2.5e-3
+
+
 def test_a_zero_top_eigenvalue_is_not_said_to_have_spent_its_budget(tmp_path):
     """A row whose top eigenvalue is 0 has an infinite residual (none relative to 0): show
     counted it as stopped at the HVP budget, and plot marked it NOT converged."""

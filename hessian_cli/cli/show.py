@@ -20,6 +20,20 @@ def _column(values: Any) -> list:
     return values.tolist() if values.dtype.kind in "biu" else numbers(values)
 
 
+def _metrics_json(metrics: Metrics) -> dict[str, dict[str, Any]]:
+    """Each group's columns as lists; a group of residuals also with the ``tol`` they were
+    solved to (its HDF5 attribute; null in files written before 2026-11-30), without which a
+    reader could not tell which rows converged, as the table under it says."""
+    from hessian_cli.report import number
+
+    tolerances = metrics.info.get("tolerances") or {}
+    return {
+        g: {c: _column(v) for c, v in cols.items()}
+        | ({"tol": number(tolerances.get(g))} if g in tolerances or "residual" in cols else {})
+        for g, cols in metrics.columns.items()
+    }
+
+
 @app.command("show")
 def show(
     file_name: str = typer.Argument(
@@ -33,7 +47,7 @@ def show(
         "--json",
         help="Print the contents as JSON: for spectra the list of per-checkpoint reports "
         "(the keys of `analyze --json`, and the group that holds each), for metrics one list "
-        "of values per column.",
+        "of values per column (and the `tol` of each group of residuals).",
     ),
     checkpoint: str | None = typer.Option(
         None,
@@ -68,12 +82,7 @@ def show(
             raise UserError("--all shows each checkpoint of a spectra file, not metrics.")
         with reading(file):  # what is shown is the file's: a KeyError is its layout
             if as_json:
-                print_json(
-                    {
-                        g: {c: _column(v) for c, v in cols.items()}
-                        for g, cols in found.columns.items()
-                    }
-                )
+                print_json(_metrics_json(found))
             else:
                 console.print(metrics_summary(file, found.columns, found.info), crop=False)
         return

@@ -120,6 +120,17 @@ def test_show_single_checkpoint(files, full):  # noqa: F811
     assert f"{full.density.hvps} HVPs, {full.density.seconds:.2f} s" in words
 
 
+def test_pairs_converged_each_alone_are_not_said_converged_in_order(full, tmp_path):  # noqa: F811
+    """Files written before 2026-11-30 judged each pair alone: one past an unconverged pair
+    was shown "converged ... for it and every pair before it"."""
+    for flags, in_order in (([True, False, True], False), ([True, True, False], True)):
+        eigen = dataclasses.replace(full.eigen, converged=torch.tensor(flags))
+        path = tmp_path / f"{flags}.h5"
+        write_analyses(path, [dataclasses.replace(full, eigen=eigen)])
+        out = " ".join(runner.invoke(app, ["show", str(path)]).output.split())
+        assert ("for it and every pair before it" in out) == in_order
+
+
 def test_show_series_and_json(files):
     result = runner.invoke(app, ["show", str(files["series"])])
     assert result.exit_code == 0, result.output

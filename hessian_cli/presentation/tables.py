@@ -203,9 +203,23 @@ def _criterion(e: Mapping[str, Any]) -> str:
     return f"{measure} <= tol {_g(e.get('tol'))}"
 
 
+def _leading_runs(e: Mapping[str, Any]) -> bool:
+    """Whether the pairs called converged are a leading run (of each end, with both ends), as a
+    Krylov solve calls them since 2026-11-30; files written before judged each pair alone."""
+    ok = [bool(c) for c in e.get("converged") or []]
+    half = len(ok) // 2 if e.get("which") == "both" else 0
+    return all(end == sorted(end, reverse=True) for end in (ok[:half], ok[half:]))
+
+
 def _eigen_table(e: Mapping[str, Any]) -> Group:
-    # A Krylov solve certifies pairs in order (whole-space ones have every eigenvalue).
-    in_order = "" if e.get("method") == "whole-space" else ", for it and every pair before it"
+    # A Krylov solve certifies pairs in order (whole-space ones have every eigenvalue); said
+    # only where the flags are so: an older file's pair past an unconverged one was "converged
+    # for it and every pair before it".
+    in_order = (
+        ", for it and every pair before it"
+        if e.get("method") != "whole-space" and _leading_runs(e)
+        else ""
+    )
     how = (
         f"{_WHICH_WORDS.get(e.get('which'), e.get('which'))}"
         f"{f' by {m}' if (m := e.get('method')) else ''}; "  # not recorded: it said "by None"

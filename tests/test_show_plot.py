@@ -1398,6 +1398,24 @@ def test_show_says_a_file_of_a_newer_format_version_may_be_misread(capsys, files
     assert code == 0 and "note:" not in out, err
 
 
+def test_json_and_plot_say_a_file_of_a_newer_format_version_may_be_misread(capsys, files, tmp_path):
+    """`show` said it above its tables; `show --json` and `plot` read such a file without a
+    word."""
+    for kind, known in (("series", FORMAT_VERSION), ("metrics", METRICS_VERSION)):
+        newer = tmp_path / f"{kind}.h5"
+        shutil.copyfile(files[kind], newer)
+        with h5py.File(newer, "r+") as f:
+            f.attrs["format_version"] = known + 1
+        said = f"note: format version {known + 1} is newer than this hessian-cli reads ({known})"
+        code, out, err = run(capsys, "show", newer, "--json")
+        assert code == 0 and said in " ".join(err.split())
+        assert json.loads(out)  # said beside the JSON, not in it
+        code, _, err = run(capsys, "plot", newer, "-o", tmp_path / f"{kind}.png")
+        assert code == 0 and said in " ".join(err.split())
+    code, _, err = run(capsys, "plot", files["series"], "-o", tmp_path / "own.png")
+    assert code == 0 and "note:" not in err
+
+
 def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):
     path = tmp_path / "damaged.h5"
     path.write_bytes(files["series"].read_bytes())

@@ -654,11 +654,19 @@ def file_summary(
     total = len(info.get("groups") or ds)  # --checkpoint shows some of them
     held = f"{what}, {counted(total, 'checkpoint')}"
     lines.append(Text(held + (f", {len(ds)} shown" if len(ds) < total else "")))
-    if (note := _newer_format_note(version, FORMAT_VERSION)) is not None:
+    if (note := newer_format_note(info, metrics=False)) is not None:
         lines.append(Text(note, style="yellow"))
     if (note := _initial_statistics_note(ds)) is not None:
         lines.append(Text(note, style="yellow"))
     return Group(*lines, *_written_by(info))
+
+
+def newer_format_note(info: Mapping[str, Any], *, metrics: bool) -> str | None:
+    """:func:`_newer_format_note` for a spectra or metrics file's root attributes ``info``
+    (a metrics file written before 2026-11-29 names its version ``version``)."""
+    if metrics:
+        return _newer_format_note(info.get("format_version", info.get("version")), METRICS_VERSION)
+    return _newer_format_note(info.get("format_version"), FORMAT_VERSION)
 
 
 def _newer_format_note(version: Any, known: int) -> str | None:
@@ -768,7 +776,7 @@ def metrics_summary(
     )
     what = "hessian-cli metrics file" + (f" (format version {version})" if version else "")
     parts.append(Text(f"{what}: {counts or 'empty'}"))
-    if (note := _newer_format_note(version, METRICS_VERSION)) is not None:
+    if (note := newer_format_note(info, metrics=True)) is not None:
         parts.append(Text(note, style="yellow"))
     parts.extend(_written_by(info))
     steps = metrics.get("steps") or {}

@@ -850,6 +850,7 @@ def test_analyses_of_one_checkpoint_with_other_settings_are_a_trajectory_each():
         ("tol", (1e-2, 1e-6), ([2.2425, 1.7793], [2.2425, 1.7794])),
         ("seed", (0, 1), ([2.0, 1.0], [2.1, 1.0])),
         ("top_k", (2, 3), ([2.0, 1.0], [2.0, 1.0, 0.5])),
+        ("criterion", ("residual", "eigenvalue"), ([2.0, 1.0], [2.0, 1.0])),
     ],
 )
 def test_analyses_at_another_tolerance_seed_or_top_k_are_a_trajectory_each(
@@ -857,13 +858,17 @@ def test_analyses_at_another_tolerance_seed_or_top_k_are_a_trajectory_each(
 ):
     """One checkpoint analysed at --tol 1e-2 and 1e-6 (the digits MLP: λ2 1.7793 and 1.7794)
     was drawn as one run of two points at its step, and `show` gave two rows of one step with
-    no word of why; alike for --seed and --top-k."""
+    no word of why; alike for --seed and --top-k. At another --criterion (what tol bounds) the
+    two were drawn as one point, the second analysis taken for a repeat of the first."""
 
     def analysis(value: Any, eigen: list[float]) -> dict:
         prov = {"model": "mlp", "num_params": 2410, "step": 168, "tol": 1e-4, "seed": 0}
-        if setting != "top_k":
+        prov["sha256"] = "ab" * 32  # one checkpoint: the same file analysed twice
+        if setting not in ("top_k", "criterion"):
             prov[setting] = value
         eigen = {"which": "largest", "eigenvalues": eigen, "converged": [1] * len(eigen)}
+        if setting == "criterion":
+            eigen[setting] = value
         return {"name": "m", "provenance": prov, "eigen": eigen}
 
     ds = [analysis(v, e) for v, e in zip(values, eigenvalues, strict=True)]

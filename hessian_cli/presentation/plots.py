@@ -513,7 +513,7 @@ def _latest(ds: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
             return (i,)
         kept = repr(sorted((k, v) for k, v in prov.items() if k not in _COST))
         parts = tuple(bool(d.get(p)) for p in ("trace", "alignment", "density"))
-        return (kept, len(e.get("eigenvalues") or []), e.get("which"), parts)
+        return (kept, len(e.get("eigenvalues") or []), e.get("which"), e.get("criterion"), parts)
 
     last = {asked(i, d): i for i, d in enumerate(ds)}
     return [d for i, d in enumerate(ds) if last[asked(i, d)] == i]

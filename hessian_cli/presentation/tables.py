@@ -419,9 +419,9 @@ def _reduced_precision_note(d: Mapping[str, Any], prov: Mapping[str, Any]) -> st
 
 
 # What an analysis was of besides its checkpoint: analyses of one checkpoint that differ in one
-# are of another matrix (or another estimate of it), not steps of one trajectory. The last three
-# are its eigen part's (:func:`analysis_setting`; tol read from the provenance); the others are
-# provenance.
+# are of another matrix (or another estimate of it, or call other pairs converged), not steps of
+# one trajectory. The last four are its eigen part's (:func:`analysis_setting`; tol read from the
+# provenance); the others are provenance.
 ANALYSIS_SETTINGS = (
     "data",
     "num_samples",
@@ -431,6 +431,7 @@ ANALYSIS_SETTINGS = (
     "precision",
     "seed",
     "tol",
+    "criterion",
     "top_k",
     "which",
 )
@@ -443,8 +444,8 @@ def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
     e = d.get("eigen") or {}
     if key == "top_k":
         return len(e["eigenvalues"]) // (2 if e.get("which") == "both" else 1) if e else 0
-    if key == "which":
-        return e.get("which")
+    if key in ("which", "criterion"):  # criterion: what tol bounds (recorded with the pairs)
+        return e.get(key)
     if key == "tol" and not e:  # files written before 2026-12-01 recorded one, never used
         return None
     return (d.get("provenance") or {}).get(key)

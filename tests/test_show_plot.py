@@ -899,6 +899,27 @@ def test_an_analysis_without_eigenpairs_is_named_as_asked_in_the_legend():
     assert named == ["mlp (2,410), top_k=2, which=largest", "mlp (2,410), top_k=0"]
 
 
+def test_an_analysis_without_eigenpairs_gives_no_tolerance_column():
+    """One checkpoint analysed with --top-k 2 and with --top-k 0 --trace: `show` gave a tol
+    column of 0.0001 and a dash, as if the two had been solved to different tolerances, and
+    the plot's legend said "tol=0.0001" of the first."""
+    prov = {"model": "mlp", "num_params": 2410, "step": 168, "sha256": "ab" * 32}
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
+    trace = {"estimate": 19.3, "stderr": 0.2}
+    ds = [
+        {
+            "name": "m",
+            "provenance": {**prov, "tol": 1e-4},
+            "eigen": {**eigen, "criterion": "residual"},
+        },
+        {"name": "m", "provenance": prov, "eigen": None, "trace": trace},
+    ]
+    headers = [str(c.header) for c in series_table(ds).columns]
+    assert headers == ["checkpoint", "step", "epoch", "λ1", "λ2", "trace"]
+    named = [h.get_label() for h in spectra_figure(ds).legends[0].legend_handles]
+    assert named == ["mlp (2,410), top_k=2, which=largest", "mlp (2,410), top_k=0"]
+
+
 def test_the_title_of_many_runs_fits_a_one_panel_figure():
     """The title of 12 runs was 652.6 pixels wide in a 640-pixel figure (of 2 runs, 641.6)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

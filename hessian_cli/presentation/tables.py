@@ -451,9 +451,19 @@ def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
     return (d.get("provenance") or {}).get(key)
 
 
+# Settings of the eigenpairs, which an analysis without them (--top-k 0) has none of.
+_OF_PAIRS = ("tol", "criterion")
+
+
 def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The :data:`ANALYSIS_SETTINGS` whose values differ between the analyses ``ds``."""
-    return [k for k in ANALYSIS_SETTINGS if len({repr(analysis_setting(d, k)) for d in ds}) > 1]
+    """The :data:`ANALYSIS_SETTINGS` whose values differ between the analyses ``ds``; those of
+    the eigenpairs between the analyses that have some (beside a --top-k 0 analysis, tol was a
+    column of one value and dashes)."""
+
+    def values(k: str) -> set[str]:
+        return {repr(analysis_setting(d, k)) for d in ds if d.get("eigen") or k not in _OF_PAIRS}
+
+    return [k for k in ANALYSIS_SETTINGS if len(values(k)) > 1]
 
 
 def _trace_cell(t: Mapping[str, Any] | None) -> str:

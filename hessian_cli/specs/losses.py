@@ -157,8 +157,8 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
         fix = (
             "give class indices (y.argmax(1)), or the rows as floats for class probabilities"
             if one_hot
-            else "they are not one-hot rows (multi-label or regression targets?): give --loss "
-            "mse, or your own loss (binary cross-entropy for multi-label)"
+            else "give --loss mse, or your own loss (binary cross-entropy for multi-label), as "
+            "they are not one-hot rows (multi-label or regression targets?)"
         )
         raise UserError(
             f"cross-entropy takes one integer class label per sample (or per token), but the "

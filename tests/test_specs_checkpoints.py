@@ -886,6 +886,23 @@ def test_a_shard_given_by_itself_is_refused_as_one(tmp_path):
     assert _equal(load_checkpoint(tmp_path / "other.safetensors").state_dict, state)
 
 
+def test_a_shard_index_is_read_as_other_json_files_are(tmp_path, monkeypatch):
+    """The index beside a checkpoint was read whole whatever its size (trainer_state.json
+    stops at 64 MiB), and one nested deep ended the load in a RecursionError's traceback."""
+    from hessian_cli.specs import checkpoints
+
+    save_file(small_state(), tmp_path / "model-00001-of-00001.safetensors")
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text("[" * 100_000 + "]" * 100_000)
+    assert _equal(load_checkpoint(shard).state_dict, small_state())
+    index.write_text(json.dumps({"weight_map": {"0.weight": shard.name}}))
+    with pytest.raises(UserError, match="is one of the shards"):
+        load_checkpoint(shard)
+    monkeypatch.setattr(checkpoints, "_JSON_CAP", index.stat().st_size - 1)
+    assert _equal(load_checkpoint(shard).state_dict, small_state())  # no index of ours
+
+
 def test_a_trainer_output_directory_of_sharded_checkpoint_folders_is_refused(tmp_path):
     """Its sharded checkpoint-N folders were skipped unsaid: the directory held "no checkpoint
     folders", or its final weights alone were analysed."""

@@ -572,14 +572,23 @@ def _trainer_step(state: Path) -> dict[str, int]:
     """The step a Trainer's ``trainer_state.json`` records beside its weights (``global_step``),
     which orders a series and goes with the results; none where it is missing or unreadable
     (the folder's name orders it then)."""
-    try:
-        if state.stat().st_size > 1 << 26:  # a state file of 64 MiB is not a Trainer's
-            return {}
-        recorded = json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    recorded = _small_json(state)
     step = recorded.get("global_step") if isinstance(recorded, dict) else None
     return {"step": step} if is_count(step) else {}
+
+
+_JSON_CAP = 1 << 26  # a Trainer's state or a shard index of 64 MiB is neither
+
+
+def _small_json(path: Path) -> Any:
+    """The JSON file ``path`` holds, None where it is missing, unreadable or larger than
+    ``_JSON_CAP`` (not read: such a file is no state or index of ours to follow)."""
+    try:
+        if path.stat().st_size > _JSON_CAP:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deep
+        return None
 
 
 def is_count(value: Any) -> bool:
@@ -971,11 +980,9 @@ _SHARD_INDEXES = tuple(f"{n}.index.json" for n in TRAINER_WEIGHTS)
 def _shard_index(path: Path) -> Path | None:
     """The Hugging Face index beside ``path`` that lists it as one of its shards, if one does."""
     for index in (path.parent / n for n in _SHARD_INDEXES):
-        try:
-            shards = json.loads(index.read_text())["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        if path.name in shards:
+        listed = _small_json(index)
+        shards = listed.get("weight_map") if isinstance(listed, dict) else None
+        if isinstance(shards, dict) and path.name in shards.values():
             return index
     return None
 

@@ -858,6 +858,29 @@ def test_deepspeed_zero3_placeholders_are_refused_in_one_sentence(tmp_path):
     assert _equal(load_checkpoint(path).state_dict, small_state())
 
 
+def test_deepspeed_zero3_folders_are_refused_in_one_sentence(tmp_path):
+    """ZeRO-3's global_stepN folders (or a Trainer's checkpoint-N folders holding them), whose
+    partitioned weights have no file of ours, were skipped unsaid: "no checkpoint files", or a
+    series of the other checkpoints alone."""
+    shapes = [{k: v.shape for k, v in small_model().named_parameters()}]
+    trainer = tmp_path / "checkpoint-10"
+    (trainer / "global_step10").mkdir(parents=True)
+    torch.save(
+        {"module": {k: torch.empty(0) for k in shapes[0]}, "param_shapes": shapes},
+        trainer / "global_step10" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+    )
+    (trainer / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    save_file(small_state(), tmp_path / "model.safetensors")
+    for folder in (tmp_path, trainer, trainer / "global_step10"):
+        with pytest.raises(UserError, match="ZeRO-3's weights partitioned .* zero_to_fp32"):
+            list_checkpoints(folder)
+    # With its weights gathered beside it (stage3_gather_16bit_weights_on_model_save), a
+    # Trainer's checkpoint folder is those.
+    save_file(small_state(), trainer / "model.safetensors")
+    assert list_checkpoints(trainer) == [trainer / "model.safetensors"]
+    assert len(list_checkpoints(tmp_path)) == 2
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
     """Its shards were each taken for a checkpoint, and each missed the others' weights."""

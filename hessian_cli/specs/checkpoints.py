@@ -198,9 +198,7 @@ def load_checkpoint(
         # (refused as "4 mismatches (0.weight (model (5, 4) vs checkpoint (0,)), ...)")
         raise UserError(
             f"checkpoint {str(path)!r} holds DeepSpeed ZeRO-3's placeholders for its weights "
-            "(empty tensors), which are partitioned among its optimizer's files: join them with "
-            "the zero_to_fp32.py that DeepSpeed writes beside its global_stepN folders, and give "
-            "the file it writes."
+            f"(empty tensors), which are partitioned among its optimizer's files: {_JOIN_ZERO3}"
         )
     return LoadedCheckpoint(
         path=path,
@@ -939,7 +937,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         raise UserError(f"{str(directory)!r} is not a directory.")
     own = trainer_weights(directory)
     if own is None:  # its shards would each be taken for a checkpoint, missing the others'
-        _refuse_shards(directory)
+        _refuse_unjoined(directory)
     try:
         entries = list(directory.iterdir())
     except OSError as exc:
@@ -953,19 +951,35 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         if (weights := trainer_weights(folder)) is not None:
             if not (trainer_folder and weights.name == DEEPSPEED_WEIGHTS):
                 found.append(weights)
-        else:  # a checkpoint-N folder of shards was skipped unsaid
-            _refuse_shards(folder)
+        else:  # a checkpoint-N folder of shards (or ZeRO-3's) was skipped unsaid
+            _refuse_unjoined(folder, zero3=not trainer_folder)
     return sorted(found, key=lambda p: _natural_key(series_name(p)))
 
 
-def _refuse_shards(folder: Path) -> None:
-    """Refuses a folder of sharded weights (an index beside its shards), which are not joined."""
+def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
+    """Refuses a folder of weights in pieces, which are not joined: sharded weights (an index
+    beside its shards), or where ``zero3``, DeepSpeed ZeRO-3's partitions (also in the
+    global_stepN folder of a Trainer's checkpoint folder)."""
     shards = (folder / n for n in _SHARD_INDEXES)
     if (index := next((i for i in shards if i.is_file()), None)) is not None:
         raise UserError(
             f"{str(folder)!r} holds sharded weights ({index.name}), which are not joined: "
             f"{_JOIN_SHARDS}"
         )
+    states = (*folder.glob(_ZERO3_STATES), *folder.glob(f"global_step*/{_ZERO3_STATES}"))
+    if zero3 and states:
+        raise UserError(
+            f"{str(folder)!r} holds DeepSpeed ZeRO-3's weights partitioned among its optimizer's "
+            f"files ({states[0].relative_to(folder)}), which are not joined: {_JOIN_ZERO3}"
+        )
+
+
+# The model states of one rank under ZeRO-3: placeholders, the weights are in the optimizer's.
+_ZERO3_STATES = "zero_pp_rank_*_mp_rank_*_model_states.pt"
+_JOIN_ZERO3 = (
+    "join them with the zero_to_fp32.py that DeepSpeed writes beside its global_stepN folders, "
+    "and give the file it writes."
+)
 
 
 _JOIN_SHARDS = (

@@ -881,6 +881,24 @@ def test_deepspeed_zero3_folders_are_refused_in_one_sentence(tmp_path):
     assert len(list_checkpoints(tmp_path)) == 2
 
 
+def test_a_peft_adapter_is_refused_in_one_sentence(tmp_path):
+    """An adapter's folder (a Trainer's checkpoint-N of a PEFT model) was skipped unsaid, and its
+    adapter_model.safetensors, changes to a base model's weights, read as the model's."""
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    save_file({"base_model.model.0.lora_A.weight": torch.zeros(2, 4)}, folder / "x.safetensors")
+    (folder / "x.safetensors").rename(folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    save_file(small_state(), tmp_path / "model.safetensors")
+    for where in (tmp_path, folder):
+        with pytest.raises(
+            UserError, match="checkpoint-10' holds a PEFT adapter, .*merge_and_unload"
+        ):
+            list_checkpoints(where)
+    with pytest.raises(UserError, match="adapter_model.safetensors' is a PEFT adapter, changes"):
+        load_checkpoint(folder / "adapter_model.safetensors")
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
     """Its shards were each taken for a checkpoint, and each missed the others' weights."""

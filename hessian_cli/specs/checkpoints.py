@@ -52,6 +52,10 @@ DEEPSPEED_WEIGHTS = "mp_rank_00_model_states.pt"
 # Weights files named alike in every checkpoint folder, which the folder's name tells apart.
 FOLDER_WEIGHTS: tuple[str, ...] = (*TRAINER_WEIGHTS, DEEPSPEED_WEIGHTS)
 TRAINER_STATE = "trainer_state.json"
+# PEFT's save_pretrained (a Trainer's checkpoint-N of a PEFT model too): an adapter's weights
+# beside its settings, changes to a base model's weights that are not the model's.
+PEFT_ADAPTERS: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_CONFIG = "adapter_config.json"
 WEIGHTS_FLAG = "--weights-key"
 
 
@@ -136,6 +140,8 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} is one of the shards of {index.name}, which are not "
             f"joined: {_JOIN_SHARDS}"
         )
+    if path.name in PEFT_ADAPTERS and (path.parent / PEFT_CONFIG).is_file():
+        raise UserError(f"checkpoint {str(path)!r} is a PEFT adapter, {_MERGE_ADAPTER}")
     if path.name in _SHARD_INDEXES:  # (was "not a torch, safetensors or pickle file")
         raise UserError(
             f"checkpoint {str(path)!r} is the index of sharded weights, which are not joined: "
@@ -959,7 +965,10 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
     """Refuses a folder of weights in pieces, which are not joined: sharded weights (an index
     beside its shards), or where ``zero3``, DeepSpeed ZeRO-3's partitions (also in the
-    global_stepN folder of a Trainer's checkpoint folder)."""
+    global_stepN folder of a Trainer's checkpoint folder); and a PEFT adapter's folder, whose
+    weights are not the model's (they were skipped unsaid, or refused as mismatches)."""
+    if (folder / PEFT_CONFIG).is_file() and any((folder / n).is_file() for n in PEFT_ADAPTERS):
+        raise UserError(f"{str(folder)!r} holds a PEFT adapter, {_MERGE_ADAPTER}")
     shards = (folder / n for n in _SHARD_INDEXES)
     if (index := next((i for i in shards if i.is_file()), None)) is not None:
         raise UserError(
@@ -974,6 +983,10 @@ def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
         )
 
 
+_MERGE_ADAPTER = (
+    "changes to a base model's weights, not the weights: merge it into that model "
+    "(merge_and_unload()) and save the result (save_pretrained, or torch.save of its state_dict)."
+)
 # The model states of one rank under ZeRO-3: placeholders, the weights are in the optimizer's.
 _ZERO3_STATES = "zero_pp_rank_*_mp_rank_*_model_states.pt"
 _JOIN_ZERO3 = (

@@ -94,6 +94,23 @@ def test_mse_one_hot_is_over_the_outputs_classes_where_they_are() -> None:
         assert torch.allclose(get_loss("mse", num_classes=3)(outputs, labels), expected), shape
 
 
+def test_mse_refuses_a_layout_it_cannot_tell_or_that_a_reshape_gets_wrong() -> None:
+    """Labels per token against as many tokens as classes took the classes last, unsaid (a loss
+    of 0.890 where they are second is 1.135; cross-entropy refuses it); real targets whose
+    sizes are the outputs' in another order were reshaped into them: 1.816 for 1.697."""
+    g = torch.Generator().manual_seed(0)
+    mse = get_loss("mse", num_classes=4)
+    with pytest.raises(UserError, match="^the mse loss cannot tell where the classes are"):
+        mse(torch.randn(2, 4, 4, generator=g), torch.randint(0, 4, (2, 4), generator=g))
+    outputs, targets = torch.randn(2, 3, 5, generator=g), torch.randn(2, 5, 3, generator=g)
+    with pytest.raises(UserError, match=r"\(2, 5, 3\) \(the same sizes in another order"):
+        get_loss("mse")(outputs, targets)
+    # Dimensions of one moved, or sizes flattened, are the same values in the same order.
+    for shape in ((2, 3, 5, 1), (2, 1, 3, 5), (2, 15)):
+        flat = targets.transpose(1, 2).reshape(shape)
+        assert torch.equal(get_loss("mse")(outputs, flat), F.mse_loss(outputs, flat.view(2, 3, 5)))
+
+
 def test_mse_real_targets() -> None:
     outputs = torch.randn(4, 1, dtype=torch.float64)
     targets = torch.randn(4)  # one target per sample, flat: reshaped, not broadcast

@@ -167,11 +167,7 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
         )
     dim = class_dim(outputs, targets)
     if dim is None:
-        raise UserError(
-            f"cross-entropy cannot tell where the classes are in outputs of shape "
-            f"{tuple(outputs.shape)} for labels of shape {tuple(targets.shape)}: dimension 1 "
-            "and the last both fit (as many tokens as classes); give --loss your own function."
-        )
+        raise UserError(_classes_where(outputs, targets, "cross-entropy"))
     if dim == -1:
         outputs = outputs.movedim(-1, 1)
     if not targets.is_floating_point():  # torch takes int64 or uint8 labels only, not int32
@@ -210,6 +206,15 @@ def class_dim(outputs: Tensor, targets: Tensor) -> int | None:
     return -1 if last else 1
 
 
+def _classes_where(outputs: Tensor, targets: Tensor, loss: str) -> str:
+    """Why ``loss`` refuses labels per token where :func:`class_dim` finds both layouts."""
+    return (
+        f"{loss} cannot tell where the classes are in outputs of shape {tuple(outputs.shape)} "
+        f"for labels of shape {tuple(targets.shape)}: dimension 1 and the last both fit (as "
+        "many tokens as classes); give --loss your own function."
+    )
+
+
 def _mse(num_classes: int | None) -> LossFn:
     def mse(outputs: Tensor, targets: Tensor) -> Tensor:
         """Mean squared error; integer labels are compared with their one-hot vectors, and
@@ -220,6 +225,8 @@ def _mse(num_classes: int | None) -> LossFn:
             # a shape mismatch, and one-hot vectors last against (batch, classes, ...) outputs
             # were reshaped into them, not moved (a loss of 1.465 for 1.361).
             dim = class_dim(outputs, targets) if outputs.ndim == targets.ndim + 1 else None
+            if dim is None and outputs.ndim == targets.ndim + 1:
+                raise UserError(_classes_where(outputs, targets, "the mse loss"))
             classes = (
                 outputs.shape[dim]
                 if dim is not None
@@ -235,7 +242,12 @@ def _mse(num_classes: int | None) -> LossFn:
             if dim == 1:
                 targets = targets.movedim(-1, 1)
         if targets.shape != outputs.shape:
-            if targets.numel() == outputs.numel() and targets.shape[0] == outputs.shape[0]:
+            # The outputs' sizes in another order are another layout ((batch, tokens, classes)
+            # for (batch, classes, tokens)), which a reshape paired wrongly: 1.816 for 1.697.
+            sizes = [[n for n in shape if n != 1] for shape in (outputs.shape, targets.shape)]
+            reordered = sizes[0] != sizes[1] and sorted(sizes[0]) == sorted(sizes[1])
+            same_count = targets.numel() == outputs.numel()
+            if same_count and targets.shape[0] == outputs.shape[0] and not reordered:
                 targets = targets.reshape(outputs.shape)
             else:
                 labels = outputs.ndim == targets.ndim + 1 and bool(
@@ -245,6 +257,9 @@ def _mse(num_classes: int | None) -> LossFn:
                     " (whole numbers, one short of the outputs' dimensions: class labels stored "
                     "as real numbers? store them as integers)"
                     if labels
+                    else " (the same sizes in another order: transpose the targets, or the "
+                    "outputs, to the other's layout)"
+                    if reordered
                     else ""
                 )
                 raise UserError(

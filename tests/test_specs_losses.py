@@ -219,6 +219,25 @@ def test_a_loss_that_sums_over_the_batch_is_refused_and_means_pass():
     check_fits(model, lambda out, y: F.cross_entropy(out, y) + out[:, 0].std() * 0, batches)
 
 
+def test_the_fit_check_takes_one_output_for_no_class_count():
+    """A binary classifier's one logit with 0/1 labels, for the binary cross-entropy it is
+    made for, was refused: "class labels up to 1, but the model has only 1 outputs"; ce says
+    why it cannot take one output, in its own words."""
+    from hessian_cli.specs import check_fits
+
+    model = torch.nn.Linear(3, 1)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]
+    check_fits(model, lambda o, y: F.binary_cross_entropy_with_logits(o[:, 0], y.float()), batches)
+    with pytest.raises(UserError, match="^cross-entropy over a single output is 0"):
+        check_fits(model, get_loss("ce"), batches)
+    with pytest.raises(UserError, match="labels up to 2, but the model has only 1 outputs"):
+        check_fits(model, get_loss("ce"), [(torch.randn(2, 3), torch.tensor([2, 0]))])
+    with pytest.raises(UserError, match="labels up to 2, but the model has only 2 outputs"):
+        check_fits(
+            torch.nn.Linear(3, 2), get_loss("ce"), [(torch.randn(2, 3), torch.tensor([2, 0]))]
+        )
+
+
 def test_class_labels_stored_as_floats_get_their_fix_from_cross_entropy():
     labels = torch.tensor([[0.0], [3.0], [1.0]])
     with pytest.raises(UserError, match="store class labels as integers, or give --loss mse"):

@@ -93,10 +93,11 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
         )
     top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
     # Only a classifier's outputs, or a language model's (classes last): a segmentation model's
-    # one channel for a binary mask is no class count.
+    # one channel for a binary mask is no class count, nor a binary classifier's one logit
+    # with 0/1 labels (refused, for a loss made for it: BCE); the loss says what it takes.
     dim = class_dim(out, y) if out.ndim == y.ndim + 1 else None
     classes = out.shape[dim] if dim is not None and (out.ndim == 2 or dim == -1) else None
-    if top is not None and classes is not None and top >= classes:
+    if top is not None and classes is not None and top >= max(classes, 2):
         raise UserError(
             f"The data has class labels up to {top}, but the model has only {classes} "
             "outputs: check --data and the model's num_classes."

@@ -111,6 +111,23 @@ def test_mse_refuses_a_layout_it_cannot_tell_or_that_a_reshape_gets_wrong() -> N
         assert torch.equal(get_loss("mse")(outputs, flat), F.mse_loss(outputs, flat.view(2, 3, 5)))
 
 
+def test_mse_of_one_output_regresses_onto_0_1_labels() -> None:
+    """A binary classifier's one output against 0/1 labels (as a tensor file holds them) was
+    refused: "label 1 is out of range for 1 classes"; it is the regression onto them."""
+    from hessian_cli.specs import check_fits
+
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 1, 0, 1, 0])
+    model = torch.nn.Linear(3, 1)
+    mse = get_loss("mse", num_classes=2)
+    check_fits(model, mse, [(x, labels)])
+    assert torch.equal(mse(model(x), labels), F.mse_loss(model(x)[:, 0], labels.float()))
+    mask, masks = torch.randn(2, 1, 4, 4, generator=g), torch.randint(0, 2, (2, 4, 4), generator=g)
+    assert torch.equal(mse(mask, masks), F.mse_loss(mask, masks[:, None].float()))
+    with pytest.raises(UserError, match="out of range for 1 classes .*takes 0/1 labels only"):
+        mse(model(x), labels * 2)
+
+
 def test_mse_real_targets() -> None:
     outputs = torch.randn(4, 1, dtype=torch.float64)
     targets = torch.randn(4)  # one target per sample, flat: reshaped, not broadcast

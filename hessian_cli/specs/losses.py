@@ -217,8 +217,9 @@ def _classes_where(outputs: Tensor, targets: Tensor, loss: str) -> str:
 
 def _mse(num_classes: int | None) -> LossFn:
     def mse(outputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean squared error; integer labels are compared with their one-hot vectors, and
-        integer targets shaped like the outputs (one-hot rows already) as they are."""
+        """Mean squared error; integer labels are compared with their one-hot vectors (0/1
+        labels with a single output as they are), and integer targets shaped like the
+        outputs (one-hot rows already) as they are."""
         if not targets.is_floating_point() and targets.shape != outputs.shape:
             # One-hot over the outputs' classes, where they are (as cross_entropy finds them):
             # a model with more outputs than the data's top label (10 for labels 0 to 8) was
@@ -234,13 +235,20 @@ def _mse(num_classes: int | None) -> LossFn:
                 if num_classes is not None
                 else outputs.shape[-1]
             )
-            if targets.numel() and int(targets.max()) >= classes:
+            if classes == 1 and bool(((targets == 0) | (targets == 1)).all()):
+                # One output regresses onto 0/1 labels (a binary classifier's score); one-hot
+                # over one class, which holds no label 1, refused them.
+                targets = targets.to(outputs.dtype)
+            elif targets.numel() and int(targets.max()) >= classes:
+                one = " (a single output takes 0/1 labels only: store others as real numbers)"
                 raise UserError(
-                    f"label {int(targets.max())} is out of range for {classes} classes in the mse loss."
+                    f"label {int(targets.max())} is out of range for {classes} classes in the mse "
+                    f"loss{one if classes == 1 else ''}."
                 )
-            targets = F.one_hot(targets.long(), classes).to(outputs.dtype)
-            if dim == 1:
-                targets = targets.movedim(-1, 1)
+            else:
+                targets = F.one_hot(targets.long(), classes).to(outputs.dtype)
+                if dim == 1:
+                    targets = targets.movedim(-1, 1)
         if targets.shape != outputs.shape:
             # The outputs' sizes in another order are another layout ((batch, tokens, classes)
             # for (batch, classes, tokens)), which a reshape paired wrongly: 1.816 for 1.697.

@@ -899,6 +899,24 @@ def test_a_peft_adapter_is_refused_in_one_sentence(tmp_path):
         load_checkpoint(folder / "adapter_model.safetensors")
 
 
+def test_accelerate_save_state_folders_are_their_weights_or_refused_where_sharded(tmp_path):
+    """accelerate's save_state folder is its model.safetensors (not its random_states_0.pkl);
+    with FSDP's sharded state dict in pytorch_model_fsdp_0/, its random_states_0.pkl was taken
+    for the weights, and refused as needing --trust-checkpoint."""
+    folder = tmp_path / "checkpoint_0"
+    folder.mkdir()
+    save_file(small_state(), folder / "model.safetensors")
+    torch.save({"step": 0}, folder / "optimizer.bin")
+    torch.save({"random_state": np.random.get_state()}, folder / "random_states_0.pkl")
+    assert list_checkpoints(tmp_path) == list_checkpoints(folder) == [folder / "model.safetensors"]
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"a shard")
+    for where in (tmp_path, folder):
+        with pytest.raises(UserError, match="FSDP's sharded weights .*accelerate merge-weights"):
+            list_checkpoints(where)
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
     """Its shards were each taken for a checkpoint, and each missed the others' weights."""

@@ -965,10 +965,18 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
     """Refuses a folder of weights in pieces, which are not joined: sharded weights (an index
     beside its shards), or where ``zero3``, DeepSpeed ZeRO-3's partitions (also in the
-    global_stepN folder of a Trainer's checkpoint folder); and a PEFT adapter's folder, whose
-    weights are not the model's (they were skipped unsaid, or refused as mismatches)."""
+    global_stepN folder of a Trainer's checkpoint folder), or FSDP's sharded state dict that
+    accelerate's save_state writes (its random_states_0.pkl, beside them, was taken for the
+    weights, and refused as needing trust); and a PEFT adapter's folder, whose weights are not
+    the model's (they were skipped unsaid, or refused as mismatches)."""
     if (folder / PEFT_CONFIG).is_file() and any((folder / n).is_file() for n in PEFT_ADAPTERS):
         raise UserError(f"{str(folder)!r} holds a PEFT adapter, {_MERGE_ADAPTER}")
+    if fsdp := next((p for p in folder.glob("pytorch_model_fsdp_*") if p.is_dir()), None):
+        raise UserError(
+            f"{str(folder)!r} holds FSDP's sharded weights ({fsdp.name}), which are not joined: "
+            f"join them with `accelerate merge-weights {fsdp.name} OUT_DIR` and give the "
+            "model.safetensors it writes."
+        )
     shards = (folder / n for n in _SHARD_INDEXES)
     if (index := next((i for i in shards if i.is_file()), None)) is not None:
         raise UserError(

@@ -247,6 +247,9 @@ def test_the_fit_check_takes_one_output_for_no_class_count():
     check_fits(model, lambda o, y: F.binary_cross_entropy_with_logits(o[:, 0], y.float()), batches)
     with pytest.raises(UserError, match="^cross-entropy over a single output is 0"):
         check_fits(model, get_loss("ce"), batches)
+    # One output per sample, squeezed: torch's "Dimension out of range".
+    with pytest.raises(UserError, match="^cross-entropy over a single output is 0"):
+        check_fits(torch.nn.Sequential(model, torch.nn.Flatten(0)), get_loss("ce"), batches)
     with pytest.raises(UserError, match="labels up to 2, but the model has only 1 outputs"):
         check_fits(model, get_loss("ce"), [(torch.randn(2, 3), torch.tensor([2, 0]))])
     with pytest.raises(UserError, match="labels up to 2, but the model has only 2 outputs"):

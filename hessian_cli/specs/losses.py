@@ -144,7 +144,9 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     are not ``IGNORE_INDEX``. Labels per token take logits with the classes last, as language
     models give them ``(batch, tokens, vocabulary)``, or second, torch's ``(batch, classes,
     ...)``; where both fit (tokens as many as classes) it is refused, not guessed."""
-    if outputs.ndim == 2 and outputs.shape[1] == 1:  # a softmax over one class is 1
+    # A softmax over one class is 1; outputs of shape (batch,) are one per sample too (they
+    # met "Dimension out of range (expected to be in range of [-1, 0], but got 1)").
+    if outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1):
         raise UserError(
             "cross-entropy over a single output is 0 whatever the weights: use --loss mse for "
             "one real-valued target, or a model with one output per class."

@@ -287,11 +287,12 @@ def test_a_second_sigterm_says_what_was_kept(tmp_path):
     )
 
 
-def _train_on_a_full_disk(args: list[str], stream: str) -> subprocess.CompletedProcess:
-    """`train ARGS` with its standard output or error (``stream``) on a full disk: /dev/full,
-    where every write fails (no space left); the other stream captured."""
+def _train_on_a_full_disk(args: list[str], *full: str) -> subprocess.CompletedProcess:
+    """`train ARGS` with its standard output or error, or both (``full``), on a full disk:
+    /dev/full, where every write fails (no space left); the other stream captured."""
     with open("/dev/full", "w") as full_disk:
-        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, stream: full_disk}
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        streams.update(dict.fromkeys(full, full_disk))
         return subprocess.run(
             [sys.executable, "-m", "hessian_cli", "train", *args],
             **streams, text=True, timeout=300,
@@ -335,6 +336,18 @@ def test_a_run_whose_standard_error_is_full_ends_as_one_whose_standard_output_is
     done = _train_on_a_full_disk(args, "stderr")
     assert done.returncode == 2 and done.stdout == ""
     assert (out / "checkpoints" / "final.pt").is_file()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_run_whose_standard_output_and_error_are_full_ends_as_one_whose_output_is(tmp_path):
+    """`train ... &> /dev/full` went on with its run, then failed to print why it failed
+    (stdout full) on stderr: status 1, where either stream full alone gives 2."""
+    out = tmp_path / "run"
+    args = [*PLAIN, "--max-steps", "2", "--out", str(out)]
+    done = _train_on_a_full_disk(args, "stdout", "stderr")
+    assert done.returncode == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step0000002.pt"]
+    assert len(read_metrics(out / "metrics.h5")["steps"]["loss"]) == 2
 
 
 @pytest.mark.parametrize("second", ["on_sigint", "on_sigterm"])

@@ -147,15 +147,25 @@ def _fails_alone(exc: Exception) -> bool:
 
 
 def _report(exc: Exception) -> int:
-    """Print ``exc`` as one red sentence (a traceback with --debug); the exit status it earns."""
-    code = exc.exit_status if isinstance(exc, UserError) else 1
+    """Print ``exc`` as one red sentence (a traceback with --debug); the exit status it earns,
+    also where standard error cannot be written (``train ... &> /dev/full``: its run went on,
+    and the failed print made the status 1)."""
+    try:
+        _print_error(exc)
+    except OSError:  # what Python's exit flushes goes nowhere too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    return exc.exit_status if isinstance(exc, UserError) else 1
+
+
+def _print_error(exc: Exception) -> None:
+    """``exc`` on standard error, as :func:`_report` says."""
     if state.debug:
         # An agreed error's traceback once, from the rank where it arose (every rank printed
         # one, and rank 0's showed only where the ranks agreed).
         agreed = _agreed(exc) if env_world_size() > 1 else None
         if agreed is None or agreed.origin == env_rank():
             traceback.print_exception(exc)
-        return code
+        return
     if env_world_size() > 1:
         from hessian_cli.engine.distributed import PeerLost
 
@@ -167,10 +177,10 @@ def _report(exc: Exception) -> int:
                 highlight=False,
                 soft_wrap=True,
             )
-            return code
+            return
     prefix = _rank_prefix(exc)
     if prefix is None:
-        return code
+        return
     if isinstance(exc, UserError):
         # escape: messages hold brackets that are not markup, e.g. 'hessian-cli[vision]'
         message = escape(prefix + in_flags(str(exc)))
@@ -182,7 +192,6 @@ def _report(exc: Exception) -> int:
             "(run with --debug for the traceback)"
         )
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return code
 
 
 # The shell's statuses for a process ended by SIGINT (Ctrl-C, 128 + 2) and SIGTERM (128 + 15).

@@ -592,12 +592,12 @@ class _Run:
         summary.unlabelled_steps = sum(map(math.isnan, self.metrics.column("steps", "loss")))
         residuals = self.metrics.column("track", "residual")
         summary.tracks = len(residuals)
-        summary.unconverged_tracks = sum(not r <= TRACK_TOL for r in residuals)
+        summary.unconverged_tracks = _over_budget(residuals, TRACK_TOL)
         if isinstance(self.optimizer, EigenSAM):
             summary.refreshes = self.optimizer.refreshes
             summary.negative_refreshes = self.optimizer.negative_refreshes
             residuals = self.metrics.column("refresh", "residual")  # the whole run's
-            summary.unconverged_refreshes = sum(not r <= REFRESH_TOL for r in residuals)
+            summary.unconverged_refreshes = _over_budget(residuals, REFRESH_TOL)
         return summary
 
     def _fetch(self, idx: torch.Tensor) -> Batch:
@@ -844,6 +844,13 @@ class _Run:
             except UserError as exc:  # a full disk, say
                 raise self._stopped(exc) from exc
         return path
+
+
+def _over_budget(residuals: list[float], tol: float) -> int:
+    """How many solves stopped at their HVP budget with a residual above ``tol``. An infinite
+    residual is a top eigenvalue of 0, which has none relative to it, not a spent budget (as
+    show counts it; a linear model's linear loss: every refresh and track was said to be)."""
+    return sum(not r <= tol and not math.isinf(r) for r in residuals)
 
 
 def _task(data: Any) -> str:

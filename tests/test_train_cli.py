@@ -753,6 +753,27 @@ def test_refreshes_short_of_their_tolerance_are_said_at_the_end(capsys, tmp_path
     )
 
 
+def test_a_top_eigenvalue_of_0_is_not_said_to_have_stopped_at_the_hvp_budget(capsys, tmp_path):
+    """Its residual is infinite (none relative to 0), which show counts apart: train's end said
+    "2 of 2 Eigen-SAM refreshes stopped at the HVP budget" and "3 of 3 lambda_max measurements"
+    of a linear loss of a linear model, whose Hessian is 0 and whose solves stopped at 2 HVPs."""
+    (tmp_path / "linear.py").write_text("def loss(out, y):\n    return out.mean() * 1e-3\n")
+    out = tmp_path / "run"
+    code, _, err = run(
+        capsys, "train", "--model", "mlp", "--model-kwargs", '{"hidden": []}',
+        "--data", "synthetic:4:2:64", "--loss", f"{tmp_path}/linear.py:loss",
+        "--batch-size", "32", "--eig-every", "1", "--epochs", "1", "--track-every", "1",
+        "-q", "--out", out,
+    )  # fmt: skip
+    metrics = read_metrics(out / "metrics.h5")
+    assert code == 0, err
+    assert np.isinf(metrics["refresh"]["residual"]).all()
+    assert np.isinf(metrics["track"]["residual"]).all()
+    said = " ".join(err.split())
+    assert "Warning: 2 of 2 Eigen-SAM refreshes found no positive curvature" in said
+    assert "HVP budget" not in said
+
+
 def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_path):
     """Such a step makes no update (its loss NaN in the metrics), which the run stopped at
     before; the end of the run says how many there were."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eigensam.refresh import top_residual
+from eigensam.refresh import held_to_own_eigenvalue, top_residual
 from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.eigensolver import eigenpairs
@@ -80,10 +80,13 @@ class LambdaMaxTracker:
         res = eigenpairs(
             op, 1, tol=TRACK_TOL, max_hvps=TRACK_MAX_HVPS, init=init, hint=hint, seed=self.seed
         )
+        res, hvps = held_to_own_eigenvalue(
+            op, res, tol=TRACK_TOL, max_hvps=TRACK_MAX_HVPS, seed=self.seed
+        )
         op.release()
         self.vector = res.eigenvectors[0].detach()
         self.lambda_max = float(res.eigenvalues[0])
-        return Measurement(self.lambda_max, top_residual(res), res.hvps)
+        return Measurement(self.lambda_max, top_residual(res), hvps)
 
     @torch.no_grad()
     def held_out_loss_finite(self, model: nn.Module, loss_fn: LossFn) -> bool:

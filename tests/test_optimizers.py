@@ -327,6 +327,21 @@ def test_a_refresh_residual_is_relative_to_its_own_eigenvalue() -> None:
     assert res.residual > 0.1 and not res.converged
 
 
+def test_a_refresh_short_of_its_tolerance_has_spent_its_budget() -> None:
+    """Under an eigenvalue of -30 a warm refresh stopped "converged" by its residual relative to
+    30 after 3 of its 6 products, 0.12 of its own eigenvalue off, which train said had stopped at
+    its HVP budget: it now goes on with the rest of the budget."""
+    spectrum = [1.0, 0.97, 0.9] + torch.linspace(0.5, -0.5, 40).tolist() + [-30.0]
+    A, _ = symmetric(spectrum, seed=0)
+    g = torch.Generator().manual_seed(100)
+    model = Quadratic(A, torch.zeros(44, dtype=DT), torch.randn(44, generator=g, dtype=DT))
+    cold = refresh_top_eigenvector(model, identity_loss, DUMMY, [model.w], None, seed=0)
+    res = refresh_top_eigenvector(model, identity_loss, DUMMY, [model.w], cold.vector, seed=0)
+    true = float((A @ res.vector - res.eigenvalue * res.vector).norm()) / abs(res.eigenvalue)
+    assert res.hvps == DEFAULT_MAX_HVPS and res.residual == pytest.approx(true, rel=1e-6)
+    assert res.residual < 0.1
+
+
 def test_refresh_flags_non_positive_top_eigenvalue() -> None:
     A, Q = symmetric(torch.linspace(-3.0, -0.5, 10).tolist(), seed=2)
     model = Quadratic(A, torch.zeros(10, dtype=DT), torch.ones(10, dtype=DT))

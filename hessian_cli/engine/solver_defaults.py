@@ -67,7 +67,8 @@ CHECK_STEPS = 6
 # eigenvalues below a top 6.7 times larger (benchmarks/skip_check.py): 6 steps skipped one of
 # them in 3 of 20 solves; 12 or more fixed steps in none, nor the 15 this rule takes there.
 # CHECK_REACH times the check steps is also the most vectors a check holds (solver_plan.check_rows):
-# at either end, and as it goes on across a loose tolerance's margin (_skipped_direction).
+# at either end, and as it goes on (across a loose tolerance's margin, or while its residual
+# reaches past its threshold: _skipped_direction).
 CHECK_REACH = 4.0
 # A loose tolerance leaves the pairs' values further from their eigenvalues, and a skipped one
 # nearer them, than the check's six steps reach: top-1/3/5 of 150 random values (uniform,

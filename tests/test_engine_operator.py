@@ -1017,6 +1017,26 @@ def test_a_product_runs_few_operations_beside_autograds():
     assert tensors == 16 and own <= tensors + 20, own
 
 
+def test_a_blocks_products_one_row_at_a_time_hold_the_block_once():
+    """The loop of single products (the CPU's way with a block) writes each row into the block
+    as it comes: all rows and then their concatenation held the block twice (a Hutchinson
+    block of 100 probes of ResNet-18 is 4.5 GB); the products are the same."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+    x, y = torch.randn(16, 40), torch.arange(16) % 3
+    op = HessianOperator(model.double(), F.cross_entropy, [(x, y)], batched_backward=False)
+    V = torch.randn(24, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rows = torch.cat([op.matmul(v[None]) for v in V])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        HV = op.matmul(V)
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    held = torch.tensor([change for _, change in changes]).cumsum(0)
+    assert torch.equal(HV, rows)
+    assert held.max() < 1.5 * V.nbytes, (int(held.max()), V.nbytes)
+
+
 class _Checkpointed(torch.nn.Module):
     """A block under a non-reentrant torch.utils.checkpoint: its forward runs again inside the
     backward, also inside the products' double backward."""

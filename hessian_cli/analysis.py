@@ -543,6 +543,13 @@ def _check_request(request: AnalyzeRequest) -> None:
     for flag, value, least, used in counts:
         if used and value < least:
             raise UserError(f"{flag} must be at least {least}, not {value}.")
+    # Recorded as given, in 64-bit HDF5 integers: 2**64 failed the write, after all the work.
+    for flag, value, used in (
+        ("--batch-size", r.batch_size, True),
+        ("--trace-probes", r.trace_probes, r.trace),
+    ):
+        if used and value >= 2**64:
+            raise UserError(f"{flag} must be below 2**64, not {value}.")
     sigma = r.density_sigma
     if r.density and sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise UserError(f"--density-sigma must be a positive number, not {sigma:g}.")

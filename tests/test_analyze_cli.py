@@ -1707,6 +1707,9 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
         (("--seed", str(2**64)), "--seed must be an integer between -2**63 and 2**64 - 1"),
         (("--seed", str(-(2**63) - 1)), "--seed must be an integer between -2**63 and 2**64 - 1"),
         (("--trace", "--trace-probes", "1"), "--trace-probes must be at least 2, not 1"),
+        # Recorded as given: HDF5's 64-bit integers failed the write after the analysis.
+        (("--batch-size", str(2**64)), "--batch-size must be below 2**64"),
+        (("--trace", "--trace-probes", str(2**64)), "--trace-probes must be below 2**64"),
         (("--density", "--density-steps", "1"), "--density-steps must be at least 2, not 1"),
         (("--density", "--density-sigma", "0"), "--density-sigma must be a positive number"),
         (("--density", "--density-sigma", "nan"), "--density-sigma must be a positive number"),

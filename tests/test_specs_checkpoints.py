@@ -604,6 +604,19 @@ def test_the_layouts_of_other_tools_load_their_weights(tmp_path: Path) -> None:
     assert torch.equal(model[1].weight, state["0.weight"])
 
 
+def test_weights_under_several_names_fit_a_model_by_their_shapes_too(tmp_path: Path) -> None:
+    # An MLP's two Linear layers under '1.' and '3.' both have a Linear's names: they were
+    # said to "each fit" a Linear(64, 10) whose shapes neither has.
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(UserError, match="missing key") as refused:
+        apply_weights(nn.Linear(64, 10), mlp.state_dict())
+    assert "each fit" not in str(refused.value)
+    # The one of the model's shapes is the one taken, as a single head that fits is.
+    model = nn.Linear(32, 10)
+    assert apply_weights(model, mlp.state_dict()) == "3"
+    assert torch.equal(model.weight, mlp[3].weight)
+
+
 def test_a_file_of_several_weight_sets_is_read_for_the_one_asked(tmp_path: Path) -> None:
     trained, ema = _other_state(0.5), _other_state(-0.25)
     path = tmp_path / "timm.pth.tar"

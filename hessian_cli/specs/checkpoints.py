@@ -691,7 +691,8 @@ def _fitted(
     unsaved: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], list[str], str | None]:
     """``state`` renamed to the model's names where only a wrapper differs; the leading names
-    whose parts each fit the model where several do (then none is taken); the one taken.
+    whose parts each fit the model (names and shapes) where several do (then none is taken);
+    the one taken.
 
     In order: bookkeeping buffers the model lacks are dropped (then ``module.`` may be stripped
     from what is left); a prefix loading stripped is put back where the model's own names all
@@ -748,6 +749,11 @@ def _fitted(
         )
         if set(part) == set(expected):
             fits[head] = part
+    # Names alone fit where the model's are short (a Linear's `weight`, `bias`): of several
+    # that do, those of the model's shapes too ("'1.' and '3.' each fit" a Linear(64, 10) of
+    # whose shapes neither was).
+    if len(fits) > 1:
+        fits = {h: p for h, p in fits.items() if all(p[k].shape == expected[k].shape for k in p)}
     # The model's own names, beside copies of it under leading names (a module holding its
     # EMA as `model_ema`): the model's own, as a file of separate entries is read (the copy,
     # the one leading name that fit, was taken unsaid).

@@ -2039,7 +2039,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         with h5py.File(out, "w") as f:
             f.attrs["format"] = "hessian-cli-metrics"
     expected = {
-        "text file": "is not an HDF5 file",
+        "text file": "is not an HDF5 file; refusing to write into it (choose another --out",
         "under a file": f"lies under {tmp_path / 'notes'}, which is not a directory",
         "metrics file": "not a spectra file",
         "figure name": "names a .png file, but the results are written as HDF5",

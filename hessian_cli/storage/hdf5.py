@@ -180,7 +180,12 @@ def _holds_something(path: Path) -> bool:
 
 def _check_appendable(path: Path) -> None:
     """Refuse, before the work, a file that an append would make worse or could not extend."""
-    fmt = file_format(path)
+    try:
+        fmt = file_format(path)
+    except UserError as exc:  # not HDF5, unreadable: "m.pt is not an HDF5 file." said no more
+        raise UserError(
+            f"{str(exc).rstrip('.')}; refusing to write into it (choose another --out path)."
+        ) from exc
     if fmt != FORMAT_NAME:
         raise UserError(
             f"{path} is a {fmt!r} file, not a spectra file; refusing to write into it "

@@ -1240,6 +1240,13 @@ def test_a_glob_that_selects_nothing_beside_others_is_refused():
     normed = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2))
     with pytest.raises(UserError, match=r"matching weight \(its parameters: bias, parametrizati"):
         select_parameters(normed, ["weight"])
+    # Globs given as one, separated by a space: no name holds one.
+    with pytest.raises(
+        UserError,
+        match=r"fc2\.\* fc1\.b\* \(no name holds a space: separate globs "
+        r"with commas, 'fc2\.\*,fc1\.b\*'\)\.",
+    ):
+        select_parameters(model, "fc2.* fc1.b*")
     # A tied parameter's second name is a match too, though it is taken once.
     tied = CASES["tied"].model
     names = [n for n, _ in tied.named_parameters(remove_duplicate=False)]

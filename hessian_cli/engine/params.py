@@ -168,13 +168,17 @@ def select_parameters(
 
 
 def _why_unmatched(model: nn.Module, globs: list[str], frozen: list[str], held: list[str]) -> str:
-    """Why ``globs`` select no trainable parameter, in parentheses: the frozen parameters they
-    match, else the buffers (a BatchNorm's running statistics are no parameters), else the
+    """Why ``globs`` select no trainable parameter, in parentheses: globs given as one with
+    spaces between them, else the frozen parameters they match, else the buffers (a BatchNorm's running statistics are no parameters), else the
     parameters there are (a weight norm's are not named .weight); "" where there are none."""
 
     def hits(names: list[str]) -> list[str]:
         return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
 
+    if spaced := [g for g in globs if len(g.split()) > 1]:  # --params 'fc.* layer3.*'
+        return (
+            f" (no name holds a space: separate globs with commas, {','.join(spaced[0].split())!r})"
+        )
     if frozen_hits := hits(frozen):
         return f" ({_listed(frozen_hits)} frozen)"
     if buffers := hits([n for n, _ in model.named_buffers()]):

@@ -2064,6 +2064,14 @@ def test_an_empty_target_is_refused_not_taken_for_the_working_directory(
     assert "TARGET needs a name, such as model.pt" in _bad(capsys, "analyze", "", "--top-k", "1")
 
 
+def test_a_flag_given_a_value_is_told_that_it_takes_none(capsys, tmp_path, digits_mlp):
+    """Typer's help shows each flag as `--trace <bool>`: `--trace true` left 'true' a target,
+    'No such checkpoint file or directory: true.', with no word of why."""
+    err = _bad(capsys, "analyze", digits_mlp, "--trace", "true", "--out", tmp_path / "s.h5")
+    assert "true (a flag such as --trace or --alignment takes no value: give it alone)." in err
+    assert not (tmp_path / "s.h5").exists()
+
+
 def test_a_quoted_tilde_in_a_target_or_out_is_the_home_directory(
     capsys, monkeypatch, tmp_path, digits_mlp
 ):

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import typer
 
-from hessian_cli.cli.app import app, err_console, results_console
+from hessian_cli.cli.app import app, results_console
 from hessian_cli.cli.options import file_path, given_path
-from hessian_cli.cli.result_files import Metrics, read_result_file, result_file, told_apart
+from hessian_cli.cli.result_files import (
+    Metrics,
+    read_result_file,
+    result_file,
+    say_if_newer,
+    told_apart,
+)
 from hessian_cli.launch import env_rank
 
 
@@ -41,7 +47,6 @@ def plot(
         return
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.
     from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
-    from hessian_cli.presentation.tables import newer_format_note
     from hessian_cli.storage.files import check_folder_makeable, reading
 
     # `-o -`: standard output, as other tools take it (the figure's bytes alone)
@@ -57,8 +62,7 @@ def plot(
             figure = metrics_figure(found.columns, found.info.get("tolerances"))
         else:
             figure = spectra_figure(told_apart(found, checkpoint))
-    if (note := newer_format_note(found.info, metrics=isinstance(found, Metrics))) is not None:
-        err_console.print(note, style="yellow", highlight=False, soft_wrap=True)  # as show says
+    say_if_newer(found)
     written = save_figure(figure, output)
     if written is not None:  # none to say after a figure on stdout: the line followed its bytes
         # unwrapped into a pipe: a long path cut over two lines broke a script reading it

@@ -116,3 +116,14 @@ def told_apart(spectra: Spectra, checkpoint: str | None) -> list[dict[str, Any]]
     if checkpoint in groups or len({d["name"] for d in ds}) < len(ds):
         return [{**d, "name": g} for d, g in zip(ds, groups, strict=True)]
     return ds
+
+
+def say_if_newer(found: Spectra | Metrics) -> None:
+    """Say on standard error that ``found``'s file is of a newer format version, which this
+    hessian-cli may misread (show's tables say it above themselves; --json and plot here)."""
+    from hessian_cli.cli.app import err_console
+    from hessian_cli.presentation.tables import newer_format_note
+
+    note = newer_format_note(found.info, metrics=isinstance(found, Metrics))
+    if note is not None:
+        err_console.print(note, style="yellow", highlight=False, soft_wrap=True)

@@ -6,9 +6,15 @@ from typing import Any
 
 import typer
 
-from hessian_cli.cli.app import app, err_console, print_json, results_console
+from hessian_cli.cli.app import app, print_json, results_console
 from hessian_cli.cli.options import given_path
-from hessian_cli.cli.result_files import Metrics, read_result_file, result_file, told_apart
+from hessian_cli.cli.result_files import (
+    Metrics,
+    read_result_file,
+    result_file,
+    say_if_newer,
+    told_apart,
+)
 from hessian_cli.errors import UserError
 from hessian_cli.launch import env_rank
 
@@ -32,11 +38,6 @@ def _metrics_json(metrics: Metrics) -> dict[str, dict[str, Any]]:
         | ({"tol": number(tolerances.get(g))} if g in tolerances or "residual" in cols else {})
         for g, cols in metrics.columns.items()
     }
-
-
-def _say(note: str | None) -> None:
-    if note is not None:
-        err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
 
 
 @app.command("show")
@@ -75,7 +76,6 @@ def show(
         analysis_table,
         file_summary,
         metrics_summary,
-        newer_format_note,
         series_table,
     )
     from hessian_cli.storage.files import reading
@@ -83,14 +83,12 @@ def show(
     file = result_file(given_path(file_name, "FILE", "spectra.h5"))
     found = read_result_file(file, checkpoint, "show")
     console = results_console()
-    # The tables say it above themselves; --json's reader is told on standard error.
-    newer = newer_format_note(found.info, metrics=isinstance(found, Metrics))
     if isinstance(found, Metrics):
         if show_all:  # as --checkpoint is, rather than silently unused
             raise UserError("--all shows each checkpoint of a spectra file, not metrics.")
         with reading(file):  # what is shown is the file's: a KeyError is its layout
             if as_json:
-                _say(newer)
+                say_if_newer(found)
                 print_json(_metrics_json(found))
             else:
                 console.print(metrics_summary(file, found.columns, found.info), crop=False)
@@ -102,7 +100,7 @@ def show(
     if show_all and len(ds) == 1 and checkpoint is not None:
         raise UserError(f"-c {checkpoint} shows its one checkpoint in full: leave --all out.")
     if as_json:
-        _say(newer)
+        say_if_newer(found)
         print_json([{**d, "group": g} for d, g in zip(ds, groups, strict=True)])
         return
     ds = told_apart(found, checkpoint)

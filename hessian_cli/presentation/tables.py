@@ -673,17 +673,12 @@ def file_summary(
 
 
 def newer_format_note(info: Mapping[str, Any], *, metrics: bool) -> str | None:
-    """:func:`_newer_format_note` for a spectra or metrics file's root attributes ``info``
-    (a metrics file written before 2026-11-29 names its version ``version``)."""
-    if metrics:
-        return _newer_format_note(info.get("format_version", info.get("version")), METRICS_VERSION)
-    return _newer_format_note(info.get("format_version"), FORMAT_VERSION)
-
-
-def _newer_format_note(version: Any, known: int) -> str | None:
-    """What a file of a newer format version than this hessian-cli writes may hold unsaid: a
-    version is bumped where older readers would misread the file (docs/hdf5.md), and `show`
-    read one as its own. None for this version or an older one."""
+    """What a spectra or metrics file (root attributes ``info``) of a newer format version than
+    this hessian-cli writes may hold unsaid: a version is bumped where older readers would
+    misread the file (docs/hdf5.md), and `show` read one as its own. None for this version or
+    an older one."""
+    version = _metrics_version(info) if metrics else info.get("format_version")
+    known = METRICS_VERSION if metrics else FORMAT_VERSION
     if not isinstance(version, int) or version <= known:
         return None
     return (
@@ -691,6 +686,11 @@ def _newer_format_note(version: Any, known: int) -> str | None:
         "that version added is not shown, and what it changed may be misread; upgrade "
         "hessian-cli to read it all."
     )
+
+
+def _metrics_version(info: Mapping[str, Any]) -> Any:
+    """A metrics file's format version (one written before 2026-11-29 names it ``version``)."""
+    return info.get("format_version", info.get("version"))
 
 
 def _initial_statistics_note(ds: Sequence[Mapping[str, Any]]) -> str | None:
@@ -780,7 +780,7 @@ def metrics_summary(
     """A metrics file: counts per record kind, the epoch table, eigenvector refreshes and the
     tracked lambda_max."""
     parts: list[RenderableType] = [Text(str(path), style="bold")]
-    version = info.get("format_version", info.get("version"))
+    version = _metrics_version(info)
     counts = ", ".join(
         counted(max((len(c) for c in cols.values()), default=0), *_ROW_NAMES.get(name, (name,) * 2))
         for name, cols in metrics.items()

@@ -288,6 +288,7 @@ class HessianOperator:
         self._writes_checked = False  # and to leave the model's parameters as they were
         self._graph_budget: int | None = None  # how much they may hold (set at the first one)
         self._graphs_full = False  # the last graph built did not fit the budget
+        self._unfit: set[int] = set()  # the batches whose graph did not fit it
         self._columns: dict[tuple[bool, ...], torch.Tensor] = {}
         # On CPU a loop of single products beats the vmapped backward per vector (measured on
         # ResNet-20: 1.5 vs 2.4-4.9 gradient-equivalents, benchmarks/RESULTS.md).
@@ -747,7 +748,7 @@ class HessianOperator:
             with batchnorm_formula(self._formula_layers):
                 return self._graph_size(before, loss, g)
 
-        if self._keeps(size):
+        if self._keeps(i, size):
             self._graphs[i] = (loss, g, used)
         # After each build, kept or not: a forward that updates a buffer of its own (a counter)
         # must not make the next product rebuild every batch's graph.
@@ -864,18 +865,23 @@ class HessianOperator:
         tensors = (*self.model.parameters(), *self.model.buffers())
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
-    def _keeps(self, size: Callable[[], int]) -> bool:
-        """Whether to keep a first-order graph that holds ``size()`` bytes.
+    def _keeps(self, i: int, size: Callable[[], int]) -> bool:
+        """Whether to keep batch ``i``'s first-order graph, which holds ``size()`` bytes.
 
         Several batches' graphs are kept while together they hold at most half of the memory
         that was free when the first one was built (on the CPU, shared by this machine's ranks:
         half of it split among them): a kept graph saves its forward and first backward (on an
         H200, ResNet-18 over 256 inputs: 27.5 instead of 39.5 ms per batch and vector; on 2 CPU
         cores, ResNet-20 over 4 x 64 inputs: 7 instead of 11.7 s per product), and the other
-        half is left to the products themselves.
+        half is left to the products themselves. A graph that did not fit is not measured again
+        until a release: the kept ones only grow till then (on the CPU a measure walks the
+        graph, 11 ms of CPU time for ResNet-20 on one input, at every product that rebuilt it).
         """
         if not self._budgeted:
             return self.keep_graph is not False
+        if i in self._unfit:
+            self._graphs_full = True
+            return False
         bytes_ = size()
         if self._graph_budget is None:
             free = self._free_memory()
@@ -885,6 +891,8 @@ class HessianOperator:
         fits = 0 < self._graph_budget and self._graph_bytes + bytes_ <= self._graph_budget
         if fits:
             self._graph_bytes += bytes_
+        else:
+            self._unfit.add(i)
         self._graphs_full = not fits
         return fits
 
@@ -994,3 +1002,4 @@ class HessianOperator:
         self._graph_bytes = 0
         self._graph_budget = None
         self._graphs_full = False
+        self._unfit = set()

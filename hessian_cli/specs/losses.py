@@ -222,6 +222,10 @@ def _mse(num_classes: int | None) -> LossFn:
         """Mean squared error; integer labels are compared with their one-hot vectors (0/1
         labels with a single output as they are), and integer targets shaped like the
         outputs (one-hot rows already) as they are."""
+        if outputs.ndim == 1 and not targets.is_floating_point():
+            # One output per sample, as (batch, 1) is: labels 0 to 3 against (batch,) zeros
+            # were regressed onto as numbers (a loss of 3.5) where (batch, 1) refused them.
+            outputs = outputs[:, None]
         if not targets.is_floating_point() and targets.shape != outputs.shape:
             # One-hot over the outputs' classes, where they are (as cross_entropy finds them):
             # a model with more outputs than the data's top label (10 for labels 0 to 8) was

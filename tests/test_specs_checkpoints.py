@@ -930,6 +930,22 @@ def test_accelerate_save_state_folders_are_their_weights_or_refused_where_sharde
             list_checkpoints(where)
 
 
+def test_an_accelerate_folder_of_several_models_is_refused(tmp_path):
+    """save_state writes model_1.safetensors (pytorch_model_1.bin) for a second prepared model
+    (a GAN's discriminator, a distillation's teacher): the folder was its model.safetensors
+    alone, the other model left out unsaid."""
+    folder = tmp_path / "checkpoint_0"
+    folder.mkdir()
+    for name in ("model.safetensors", "model_1.safetensors", "model_ema.safetensors"):
+        save_file(small_state(), folder / name)
+    for where in (tmp_path, folder):
+        with pytest.raises(
+            UserError, match=r"of 2 models \(model.safetensors, model_1.safetensors\), as acc"
+        ):
+            list_checkpoints(where)
+    assert load_checkpoint(folder / "model_1.safetensors").name == "model_1"  # given, it is read
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
     """Its shards were each taken for a checkpoint, and each missed the others' weights."""

@@ -1044,5 +1044,17 @@ def _checkpoint_files(entries: list[Path]) -> list[Path]:
 
 def trainer_weights(folder: Path) -> Path | None:
     """The weights file of a Hugging Face Trainer or DeepSpeed checkpoint folder, where
-    ``folder`` is one."""
-    return next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    ``folder`` is one; refused where another model's weights are beside it (accelerate's
+    save_state writes model_1.safetensors for a second prepared model: it was left out unsaid)."""
+    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if weights is not None and weights.name in TRAINER_WEIGHTS:
+        stem, suffix = weights.name.split(".", 1)
+        other = re.compile(rf"{stem}_\d+\.{suffix}")
+        if others := sorted(p.name for p in folder.iterdir() if other.fullmatch(p.name)):
+            raise UserError(
+                f"{str(folder)!r} holds the weights of {len(others) + 1} models "
+                f"({weights.name}, {', '.join(others)}), as accelerate's save_state writes one "
+                "file per prepared model: give the file of the model to analyse (for a series, "
+                f"a glob such as */{others[0]})."
+            )
+    return weights

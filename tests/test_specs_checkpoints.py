@@ -857,6 +857,28 @@ def test_deepspeed_folders_are_listed_by_their_model_states(tmp_path):
     assert list_checkpoints(trainer) == [trainer / "model.safetensors"]
 
 
+def test_deepspeed_model_parallel_slices_are_refused_in_one_sentence(tmp_path):
+    """Under model parallelism each rank saves its slice of the weights (mp_rank_00_...,
+    mp_rank_01_...): rank 0's was read as the model's (a series of slices, or mismatches)."""
+    folder = tmp_path / "global_step10"
+    folder.mkdir()
+    for rank in (0, 1):
+        torch.save({"module": small_state()}, folder / f"mp_rank_0{rank}_model_states.pt")
+    match = r"one of 2 model-parallel ranks' slices .*\(mp_rank_00_model_states.pt to mp_rank_01"
+    for where in (tmp_path, folder):
+        with pytest.raises(UserError, match=match):
+            list_checkpoints(where)
+    with pytest.raises(UserError, match=match):
+        load_checkpoint(folder / "mp_rank_01_model_states.pt")
+    # A Trainer checkpoint folder's global_stepN is left out for its gathered weights.
+    trainer = tmp_path / "checkpoint-10"
+    trainer.mkdir()
+    save_file(small_state(), trainer / "model.safetensors")
+    (trainer / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    folder.rename(trainer / "global_step10")
+    assert list_checkpoints(trainer) == [trainer / "model.safetensors"]
+
+
 def test_deepspeed_zero3_placeholders_are_refused_in_one_sentence(tmp_path):
     """ZeRO-3 saves empty tensors where the weights are, which were refused as mismatches."""
     shapes = [{k: v.shape for k, v in small_model().named_parameters()}]

@@ -140,6 +140,7 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} is one of the shards of {index.name}, which are not "
             f"joined: {_JOIN_SHARDS}"
         )
+    _refuse_model_parallel(path)
     if path.name in PEFT_ADAPTERS and (path.parent / PEFT_CONFIG).is_file():
         raise UserError(f"checkpoint {str(path)!r} is a PEFT adapter, {_MERGE_ADAPTER}")
     if path.name in _SHARD_INDEXES:  # (was "not a torch, safetensors or pickle file")
@@ -965,6 +966,8 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
                 found.append(weights)
         else:  # a checkpoint-N folder of shards (or ZeRO-3's) was skipped unsaid
             _refuse_unjoined(folder, zero3=not trainer_folder)
+    for path in found:  # before a series reads the first
+        _refuse_model_parallel(path)
     return sorted(found, key=lambda p: _natural_key(series_name(p)))
 
 
@@ -1007,6 +1010,24 @@ _JOIN_ZERO3 = (
     "join them with the zero_to_fp32.py that DeepSpeed writes beside its global_stepN folders, "
     "and give the file it writes."
 )
+
+
+_MODEL_PARALLEL = re.compile(r"mp_rank_\d+_model_states\.pt")
+
+
+def _refuse_model_parallel(path: Path) -> None:
+    """Refuses one rank's model states of a DeepSpeed checkpoint under model parallelism
+    (mp_rank_00_model_states.pt beside mp_rank_01_...): a slice of the weights, which was read
+    as the model's (refused as shape mismatches, or a series of the slices)."""
+    if not _MODEL_PARALLEL.fullmatch(path.name):
+        return
+    ranks = sorted(p.name for p in path.parent.iterdir() if _MODEL_PARALLEL.fullmatch(p.name))
+    if len(ranks) > 1:
+        raise UserError(
+            f"checkpoint {str(path)!r} is one of {len(ranks)} model-parallel ranks' slices of the "
+            f"weights ({ranks[0]} to {ranks[-1]}), which are not joined: join them into the whole "
+            "model's state dict with your model-parallel framework's tool and give that file."
+        )
 
 
 _JOIN_SHARDS = (

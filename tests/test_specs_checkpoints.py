@@ -823,6 +823,37 @@ def test_a_trainer_output_directory_is_its_final_weights_and_its_checkpoint_fold
     ]
 
 
+def test_fsdp_full_state_dict_folders_are_their_weights(tmp_path):
+    """accelerate's save_state of an FSDP model (a Trainer's checkpoint-N under FSDP too) keeps
+    its full state dict as pytorch_model_fsdp.bin: a Trainer's checkpoint folders were skipped
+    unsaid (the series was its final weights alone), and a save_state folder was its
+    random_states_0.pkl, refused as needing --trust-checkpoint."""
+    for step in (10, 20):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        torch.save(small_state(), folder / "pytorch_model_fsdp.bin")
+        torch.save({"step": step}, folder / "rng_state_0.pth")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    save_file(small_state(), tmp_path / "model.safetensors")
+    found = list_checkpoints(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "checkpoint-10/pytorch_model_fsdp.bin",
+        "checkpoint-20/pytorch_model_fsdp.bin",
+        "model.safetensors",
+    ]
+    loaded = load_checkpoint(found[1])
+    assert (loaded.name, loaded.label, loaded.metadata) == (
+        "checkpoint-20",
+        "checkpoint-20/pytorch_model_fsdp.bin",
+        {"step": 20},
+    )
+    folder = tmp_path / "checkpoint_0"  # save_state's
+    folder.mkdir()
+    torch.save(small_state(), folder / "pytorch_model_fsdp.bin")
+    torch.save({"random_state": np.random.get_state()}, folder / "random_states_0.pkl")
+    assert list_checkpoints(folder) == [folder / "pytorch_model_fsdp.bin"]
+
+
 def test_deepspeed_folders_are_listed_by_their_model_states(tmp_path):
     """DeepSpeed's save_checkpoint directory (global_stepN folders and a ``latest`` file) held
     "no checkpoint files"; a folder given alone was read for its optimizer's shard."""

@@ -45,8 +45,14 @@ CHECKPOINT_SUFFIXES: tuple[str, ...] = (
 )
 TRUST_FLAG = "--trust-checkpoint"
 # The weights file of a Hugging Face Trainer's checkpoint folder (checkpoint-500/), beside its
-# optimizer.pt, scheduler.pt and rng_state.pth, which are not weights, and its trainer_state.json.
-TRAINER_WEIGHTS: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+# optimizer.pt, scheduler.pt and rng_state.pth, which are not weights, and its trainer_state.json;
+# also of an accelerate save_state folder, where an FSDP model's full state dict is
+# pytorch_model_fsdp.bin (a Trainer's under FSDP too: its folders were skipped unsaid).
+TRAINER_WEIGHTS: tuple[str, ...] = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model_fsdp.bin",
+)
 # The weights in a DeepSpeed checkpoint folder (global_step500/), beside its optimizer's shards.
 DEEPSPEED_WEIGHTS = "mp_rank_00_model_states.pt"
 # Weights files named alike in every checkpoint folder, which the folder's name tells apart.

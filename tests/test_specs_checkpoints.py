@@ -983,6 +983,17 @@ def test_accelerate_save_state_folders_are_their_weights_or_refused_where_sharde
             list_checkpoints(where)
 
 
+def test_an_accelerate_folder_under_deepspeed_is_its_model_states(tmp_path):
+    """Under DeepSpeed, save_state writes the model's folder (pytorch_model/, DeepSpeed's)
+    beside random_states_0.pkl, which was taken for a second checkpoint of the series, and
+    stopped it asking for --trust-checkpoint."""
+    (tmp_path / "pytorch_model").mkdir()
+    weights = tmp_path / "pytorch_model" / "mp_rank_00_model_states.pt"
+    torch.save({"module": small_state(), "global_steps": 7}, weights)
+    torch.save({"random_state": np.random.get_state()}, tmp_path / "random_states_0.pkl")
+    assert list_checkpoints(tmp_path) == [weights]
+
+
 def test_an_accelerate_folder_of_several_models_is_refused(tmp_path):
     """save_state writes model_1.safetensors (pytorch_model_1.bin) for a second prepared model
     (a GAN's discriminator, a distillation's teacher): the folder was its model.safetensors

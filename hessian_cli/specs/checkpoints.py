@@ -1055,17 +1055,22 @@ def _shard_index(path: Path) -> Path | None:
     return None
 
 
+_RANDOM_STATES = re.compile(r"random_states_\d+\.pkl")  # accelerate's, one per process
+
+
 def _checkpoint_files(entries: list[Path]) -> list[Path]:
     """The checkpoint files among a directory's ``entries``.
 
     A link that points nowhere is listed, so that reading it ends the run as any unreadable
-    checkpoint does (it was skipped silently)."""
+    checkpoint does (it was skipped silently). accelerate's random_states_0.pkl, beside the
+    weights of its save_state, is no checkpoint (a series stopped at it, asking for trust)."""
     return [
         p
         for p in entries
         if (p.is_file() or (p.is_symlink() and not p.exists()))
         and p.name.lower().endswith(CHECKPOINT_SUFFIXES)
         and not p.name.startswith(".")
+        and not _RANDOM_STATES.fullmatch(p.name)
     ]
 
 

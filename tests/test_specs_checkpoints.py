@@ -992,6 +992,11 @@ def test_an_accelerate_folder_under_deepspeed_is_its_model_states(tmp_path):
     torch.save({"module": small_state(), "global_steps": 7}, weights)
     torch.save({"random_state": np.random.get_state()}, tmp_path / "random_states_0.pkl")
     assert list_checkpoints(tmp_path) == [weights]
+    # A second prepared model's folder, pytorch_model_1/, made the two models a run's series.
+    (tmp_path / "pytorch_model_1").mkdir()
+    torch.save({"module": small_state()}, tmp_path / "pytorch_model_1" / weights.name)
+    with pytest.raises(UserError, match=r"of 2 models \(pytorch_model/mp_rank_00_model_st.*, as"):
+        list_checkpoints(tmp_path)
 
 
 def test_an_accelerate_folder_of_several_models_is_refused(tmp_path):

@@ -974,6 +974,9 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
             _refuse_unjoined(folder, zero3=not trainer_folder)
     for path in found:  # before a series reads the first
         _refuse_model_parallel(path)
+    deepspeed_models = re.compile(r"pytorch_model(_\d+)?/" + re.escape(DEEPSPEED_WEIGHTS))
+    relative = (p.relative_to(directory).as_posix() for p in found)
+    _refuse_several_models(directory, sorted(r for r in relative if deepspeed_models.fullmatch(r)))
     return sorted(found, key=lambda p: _natural_key(series_name(p)))
 
 
@@ -1082,11 +1085,18 @@ def trainer_weights(folder: Path) -> Path | None:
     if weights is not None and weights.name in TRAINER_WEIGHTS:
         stem, suffix = weights.name.split(".", 1)
         other = re.compile(rf"{stem}_\d+\.{suffix}")
-        if others := sorted(p.name for p in folder.iterdir() if other.fullmatch(p.name)):
-            raise UserError(
-                f"{str(folder)!r} holds the weights of {len(others) + 1} models "
-                f"({weights.name}, {', '.join(others)}), as accelerate's save_state writes one "
-                "file per prepared model: give the file of the model to analyse (for a series, "
-                f"a glob such as */{others[0]})."
-            )
+        others = sorted(p.name for p in folder.iterdir() if other.fullmatch(p.name))
+        _refuse_several_models(folder, [weights.name, *others])
     return weights
+
+
+def _refuse_several_models(folder: Path, files: list[str]) -> None:
+    """Refuses a folder of accelerate's save_state that holds the weights ``files`` (relative
+    to it) of several prepared models: one was taken and the others left out unsaid, or, under
+    DeepSpeed (pytorch_model/ beside pytorch_model_1/), all were taken for one run's series."""
+    if len(files) > 1:
+        raise UserError(
+            f"{str(folder)!r} holds the weights of {len(files)} models ({', '.join(files)}), as "
+            "accelerate's save_state writes one per prepared model: give the file of the model "
+            f"to analyse (for a series, a glob such as */{files[1]})."
+        )

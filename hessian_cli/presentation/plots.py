@@ -577,13 +577,14 @@ def _loss_axis(ax: Axes, title: str) -> None:
 
 def _mark_unconverged(ax: Axes, cols: Mapping[str, np.ndarray], y: str, tol: float | None) -> bool:
     """A red x on each row of ``y`` whose residual is above the ``tol`` its solve aimed for
-    (stopped at its budget), as the spectra plots mark pairs NOT converged; whether any is."""
+    (its budget spent, or its residual stalled), as the spectra plots mark pairs NOT converged;
+    whether any is."""
     if tol is None or not {"step", "residual", y} <= cols.keys():
         return False
     step, value, residual = (np.asarray(cols[c], dtype=float) for c in ("step", y, "residual"))
     first = value if value.ndim == 1 else value[:, 0]  # as _curve draws a 2-D column
     residual = residual if residual.ndim == 1 else residual[:, 0]
-    # As show counts: an infinite residual is a top eigenvalue of 0, not a spent budget.
+    # As show counts: an infinite residual is a top eigenvalue of 0, not a solve that fell short.
     bad = ~(residual <= tol) & ~np.isinf(residual)
     ax.plot(step[bad], first[bad], "x", color="C3", ms=8, mew=2)
     return bool(bad.any())

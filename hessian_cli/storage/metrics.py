@@ -20,7 +20,8 @@ extendible datasets (columns), rows in step order; a group with no rows is left 
   held-out batch's Hessian at the weights after ``step`` updates.
 
 ``refresh`` and ``track`` have a ``tol`` attribute (files written before 2026-11-30 do not): a
-row whose ``residual`` is at most ``tol`` converged; one above it stopped at its solve's budget.
+row whose ``residual`` is at most ``tol`` converged; one above it did not (its solve spent its
+budget, or its residual stopped improving: the file does not say which).
 
 Accuracy is NaN for regression. Rows live in memory and every :meth:`MetricsLog.flush` rewrites
 the whole file through a temporary file and a rename, so an interruption (Ctrl-C, a crash, a full

@@ -309,6 +309,19 @@ def test_series_order_by_step_then_insertion(full, tmp_path):
     assert read_file_info(path)["trajectory"] is True
 
 
+def test_checkpoints_appended_one_by_one_are_ordered_by_name_as_the_loader_does(full, tmp_path):
+    """A shell loop over ckpt_*.pt that record no step appends ckpt_1, ckpt_10, ckpt_2, which
+    the file kept so (`analyze DIR` stores ckpt_1, ckpt_2, ckpt_10); one analysed again stays
+    after the first."""
+    path = tmp_path / "series.h5"
+    for name in ("ckpt_1", "ckpt_10", "ckpt_2", "ckpt_2"):
+        write_analyses(path, [variant(full, name, None)], command_line="x")
+    assert group_names(path) == ["ckpt_1", "ckpt_2", "ckpt_2-2", "ckpt_10"]
+    assert [d["name"] for d in read_analyses(path)] == ["ckpt_1", "ckpt_2", "ckpt_2", "ckpt_10"]
+    write_analyses(path, [variant(full, "ckpt_1²", None)], command_line="x")  # no int("²")
+    assert group_names(path)[:2] == ["ckpt_1", "ckpt_1²"]
+
+
 def test_a_series_start_and_end_that_record_no_step_are_placed_by_their_names(full, tmp_path):
     """init.pt beside checkpoints that record their steps was stored after them (analyze
     showed it first, show and plot last: the plot's file-order axis drew it at the end)."""

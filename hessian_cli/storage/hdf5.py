@@ -74,7 +74,7 @@ def write_analyses(
     is recorded as how they were made (the CLI's invocation; a script may give its own).
     ``series`` marks the file's checkpoints as one training trajectory (root attr
     ``trajectory``); the root ``series`` dataset lists the groups in series order (by epoch, then
-    step: :func:`~hessian_cli.series_order.series_key`) either way.
+    step: :func:`~hessian_cli.series_order.series_key`, then name) either way.
 
     A stop (Ctrl-C, or torchrun's SIGTERM when another rank ends) takes effect once the file is
     in place; while another process writing the file is awaited, at once, and its
@@ -382,20 +382,33 @@ def _ordinal(value: Any) -> float | None:
 
 
 def _series_order(f: h5py.File, new: list[str]) -> list[str]:
-    """Group names in series order (:func:`_by_step`); ties keep insertion order."""
+    """Group names in series order (:func:`_by_step`); ties keep insertion order (a checkpoint
+    analysed again after the first)."""
     return _by_step(f, [n for n in _stored_order(f) if n not in set(new)] + new)
 
 
 def _by_step(f: h5py.File, names: list[str]) -> list[str]:
-    """``names`` by :func:`series_key`, as the loader orders a series; ties keep their order."""
+    """``names`` by :func:`series_key`, then naturally by checkpoint name, as the loader orders
+    a series (appended one by one, ckpt_1, ckpt_10, ckpt_2 were kept so); ties (a checkpoint
+    analysed again) keep their order."""
 
     def key(item: tuple[int, str]) -> tuple:
         i, name = item
-        attrs = f["checkpoints"][name].attrs
-        step, epoch = _ordinal(attrs.get("step")), _ordinal(attrs.get("epoch"))
-        return (*series_key(step, epoch, name), i)
+        group = f["checkpoints"][name]
+        step, epoch = _ordinal(group.attrs.get("step")), _ordinal(group.attrs.get("epoch"))
+        return (*series_key(step, epoch, name), _natural_key(_name(group)), i)
 
     return [name for _, name in sorted(enumerate(names), key=key)]
+
+
+def _natural_key(name: str) -> tuple:
+    """``ckpt2`` before ``ckpt10``, as the loader's tie-break (which imports torch) has it;
+    isdecimal, not isdigit, which "²" passes and int() refuses."""
+    return tuple(
+        (1, int(part), "") if part.isdecimal() else (0, 0, part)
+        for part in re.split(r"(\d+)", name)
+        if part
+    )
 
 
 def _is_group(parent: h5py.Group, name: str) -> bool:

@@ -1605,6 +1605,24 @@ def test_under_torchrun_one_rank_shows_and_draws(files, tmp_path, monkeypatch):
     assert drawn.exit_code == 0 and (tmp_path / "f.png").exists()
 
 
+def test_the_warning_of_a_space_that_could_not_grow_does_not_ask_for_more_hvps():
+    """A float32 solve of 42 parameters at tol 1e-9 took the whole space (stop reason
+    "exhausted", its floor 1.5e-7 above tol) and was told to raise --max-hvps: with 1000 it
+    stopped at the same 72 products, told the same."""
+    from hessian_cli.presentation.tables import unconverged_warning
+
+    reports = [{"name": "c", "eigen": {"converged": [False] * 3, "stop_reason": "exhausted"}}]
+    for accepted in (False, True):
+        warning = unconverged_warning(
+            reports, tol=1e-9, precision="full", dtype="float32", budget_accepted=accepted
+        )
+        assert warning is not None and "--max-hvps" not in warning
+        assert warning.endswith(
+            "the Krylov space could not grow, so the products' rounding noise is above the "
+            "tolerance: loosen --tol or use --dtype float64."
+        )
+
+
 def test_show_says_which_curvature_rows_met_their_tolerance(tmp_path):
     """The rows' residuals were shown with nothing to read them against; those above tol were
     said to have stopped at their HVP budget, which the file does not record (a track ended at

@@ -162,14 +162,19 @@ def unconverged_warning(
     if budget_accepted and reasons <= {"budget"}:
         return f"[bold yellow]not converged[/] to tol {tol:g} ({what}); kept, as --max-hvps asks."
     # As the stop reason beside the table says it ("stopped improving" contradicted it there).
+    # A space that could not grow holds its pairs as exactly as the products allow: more HVPs
+    # change nothing (a float32 whole-space solve at tol 1e-9 was told to raise --max-hvps, and
+    # with 1000 given stopped at the same 72).
     why = (
         "the residuals stopped improving"
         if "stalled" in reasons
+        else "the Krylov space could not grow"
+        if "exhausted" in reasons
         else "the full-precision check of the residuals failed"
     )
     advice = (
         f"{why}, so the products' rounding noise is above the tolerance: loosen --tol{remedy}"
-        if reasons & {"stalled", "unverified"}
+        if reasons & {"stalled", "exhausted", "unverified"}
         else "the residuals improved too slowly for eigenvalues this crowded: loosen --tol, "
         "or pass --max-hvps to accept these"
         if "slow" in reasons

@@ -630,6 +630,23 @@ def test_a_series_says_which_rows_were_computed_in_reduced_precision():
     )
 
 
+def test_a_file_that_records_no_precision_is_not_another_setting_beside_full(tmp_path):
+    """Files written before --precision existed record none: appended to by a newer version, the
+    series had a precision column of "—" and "full", and plot drew the one run as two."""
+    from hessian_cli.presentation.plots import spectra_figure
+
+    eigen = {"which": "largest", "eigenvalues": [2.0], "converged": [True]}
+    prov = {"model": "mlp", "num_params": 10, "checkpoint": "run/a.pt"}
+    ds = [
+        {"name": name, "provenance": prov | {"step": step} | extra, "eigen": eigen}
+        for name, step, extra in (("a", 1, {}), ("b", 2, {"precision": "full"}))
+    ]
+    assert [c.header for c in series_table(ds).columns] == ["checkpoint", "step", "epoch", "λ1"]
+    assert spectra_figure(ds).get_suptitle() == ""  # one run: no "2 runs (...)" above it
+    bf16 = [ds[0], {**ds[1], "provenance": ds[1]["provenance"] | {"precision": "bf16"}}]
+    assert "precision" in [c.header for c in series_table(bf16).columns]
+
+
 def test_a_series_of_different_searches_says_which_end_each_row_holds():
     """One file with a top-2 and a smallest-2: the #1 column held the largest in one row and
     the smallest in the other, and nothing said which."""

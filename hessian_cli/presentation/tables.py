@@ -453,6 +453,8 @@ def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
         return e.get(key)
     if key == "tol" and not e:  # files written before 2026-12-01 recorded one, never used
         return None
+    if key == "precision":  # files before 2026-11-28 record none: full, as the captions read it
+        return (d.get("provenance") or {}).get(key, "full")
     return (d.get("provenance") or {}).get(key)
 
 

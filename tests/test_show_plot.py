@@ -234,6 +234,24 @@ def test_the_curvature_panel_marks_eigenvalues_that_did_not_converge():
     assert older.get_title() == "Top Hessian eigenvalue"
 
 
+def test_a_step_with_no_neighbour_to_join_is_drawn_as_a_point():
+    """A run stopped after one step (or a step between two NaN ones) was a line of one point:
+    the loss and accuracy panels were drawn empty."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    steps = {
+        "step": np.arange(5),
+        "loss": np.array([2.3, np.nan, 2.2, np.nan, np.nan]),
+        "accuracy": np.array([0.1, 0.2, 0.3, np.nan, 0.5]),
+    }
+    loss, accuracy = (ax.get_lines()[0] for ax in metrics_figure({"steps": steps}).axes[:2])
+    assert loss.get_marker() == accuracy.get_marker() == "."
+    assert loss.get_markevery() == [True, False, True, False, False]
+    assert accuracy.get_markevery() == [False, False, False, False, True]
+    joined = {"step": np.arange(2), "loss": np.array([2.3, 2.2])}
+    assert metrics_figure({"steps": joined}).axes[0].get_lines()[0].get_marker() == "None"
+
+
 def test_a_padding_only_step_leaves_the_loss_on_a_log_scale():
     """A step whose minibatch held no label records a NaN loss: the per-step loss panel of such
     a run (texts a quarter of which are unlabelled) was drawn on a linear scale."""

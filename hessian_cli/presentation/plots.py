@@ -541,7 +541,16 @@ def _curve(ax: Axes, cols: Mapping[str, np.ndarray], x: str, y: str, **kw: Any) 
     values = np.asarray(cols[y], dtype=float)
     xs = np.asarray(cols[x]) if x in cols else np.arange(len(values))
     n = min(len(xs), len(values))
-    ax.plot(xs[:n], values[:n] if values.ndim == 1 else values[:n, 0], **kw)
+    values = values[:n] if values.ndim == 1 else values[:n, 0]
+    if "marker" not in kw:
+        # A line draws nothing of a point with no finite neighbour: a run stopped after one
+        # step had empty loss and accuracy panels (as had a step between two whose minibatch
+        # held no label, NaN).
+        finite = np.isfinite(values)
+        alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
+        if alone.any():
+            kw |= {"marker": ".", "markevery": alone.tolist()}
+    ax.plot(xs[:n], values, **kw)
     return True
 
 

@@ -53,7 +53,8 @@ def show(
         "--json",
         help="Print the contents as JSON: for spectra the list of per-checkpoint reports "
         "(the keys of `analyze --json`, and the group that holds each), for metrics one list "
-        "of values per column (and the `tol` of each group of residuals).",
+        "of values per column (and the `tol` of each group of residuals); null for a number "
+        "that is not finite (a residual is infinite where its eigenvalue is 0).",
     ),
     checkpoint: str | None = typer.Option(
         None,

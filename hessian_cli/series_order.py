@@ -29,3 +29,13 @@ def series_key(step: float | None, epoch: float | None, name: str) -> tuple:
         place = name_place(name)
         return (place if place < 0 else place + 1, False, 0.0, False, 0.0)
     return (0, epoch is None, epoch or 0.0, step is None, step or 0.0)
+
+
+def natural_key(name: str) -> tuple:
+    """A name's tie-break in its series: ``ckpt2`` before ``ckpt10``. isdecimal, not isdigit,
+    which "²" passes and int() refuses."""
+    return tuple(
+        (1, int(part), "") if part.isdecimal() else (0, 0, part)
+        for part in re.split(r"(\d+)", name)
+        if part
+    )

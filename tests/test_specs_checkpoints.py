@@ -443,6 +443,15 @@ def test_apply_weights_refuses_two_values_for_tied_weights() -> None:
         apply_weights(tied(), state)
 
 
+def test_a_name_with_a_superscript_digit_is_listed_not_a_crash(tmp_path: Path) -> None:
+    """A "²" is a digit to str.isdigit but not to int(): listing a folder holding step1².pt
+    raised a ValueError from the natural sort."""
+    for name in ["step1².pt", "step2.pt", "step10.pt"]:
+        torch.save(small_state(), tmp_path / name)
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["step1².pt", "step2.pt", "step10.pt"]
+
+
 def test_order_key_prefers_metadata_then_natural_names(tmp_path: Path) -> None:
     for step, name in [(300, "a.pt"), (20, "z.pt"), (100, "m.pt")]:
         save_checkpoint(

@@ -26,7 +26,7 @@ from torch.nn.parameter import is_lazy
 
 from hessian_cli.atomic import atomic_path, file_sha256
 from hessian_cli.errors import UserError, a_type, first_line
-from hessian_cli.series_order import series_key
+from hessian_cli.series_order import natural_key, series_key
 
 CHECKPOINT_FORMAT = "hessian-cli-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -924,7 +924,7 @@ def checkpoint_order_key(ckpt: LoadedCheckpoint) -> tuple:
     ``ckpt10``)."""
     meta = ckpt.metadata or {}
     step, epoch = _as_number(meta.get("step")), _as_number(meta.get("epoch"))
-    return (*series_key(step, epoch, ckpt.name), _natural_key(ckpt.name))
+    return (*series_key(step, epoch, ckpt.name), natural_key(ckpt.name))
 
 
 def _as_number(value: Any) -> float | None:
@@ -933,14 +933,6 @@ def _as_number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
     return None
-
-
-def _natural_key(name: str) -> tuple:
-    return tuple(
-        (1, int(part), "") if part.isdigit() else (0, 0, part)
-        for part in re.split(r"(\d+)", name)
-        if part
-    )
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -977,7 +969,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     deepspeed_models = re.compile(r"pytorch_model(_\d+)?/" + re.escape(DEEPSPEED_WEIGHTS))
     relative = (p.relative_to(directory).as_posix() for p in found)
     _refuse_several_models(directory, sorted(r for r in relative if deepspeed_models.fullmatch(r)))
-    return sorted(found, key=lambda p: _natural_key(series_name(p)))
+    return sorted(found, key=lambda p: natural_key(series_name(p)))
 
 
 def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:

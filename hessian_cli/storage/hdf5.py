@@ -27,7 +27,7 @@ from hessian_cli import __version__
 from hessian_cli.atomic import check_replaceable, remove_temporaries
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
-from hessian_cli.series_order import series_key
+from hessian_cli.series_order import natural_key, series_key
 from hessian_cli.storage.files import (
     DAMAGED,
     check_folder_makeable,
@@ -396,19 +396,9 @@ def _by_step(f: h5py.File, names: list[str]) -> list[str]:
         i, name = item
         group = f["checkpoints"][name]
         step, epoch = _ordinal(group.attrs.get("step")), _ordinal(group.attrs.get("epoch"))
-        return (*series_key(step, epoch, name), _natural_key(_name(group)), i)
+        return (*series_key(step, epoch, name), natural_key(_name(group)), i)
 
     return [name for _, name in sorted(enumerate(names), key=key)]
-
-
-def _natural_key(name: str) -> tuple:
-    """``ckpt2`` before ``ckpt10``, as the loader's tie-break (which imports torch) has it;
-    isdecimal, not isdigit, which "²" passes and int() refuses."""
-    return tuple(
-        (1, int(part), "") if part.isdecimal() else (0, 0, part)
-        for part in re.split(r"(\d+)", name)
-        if part
-    )
 
 
 def _is_group(parent: h5py.Group, name: str) -> bool:

@@ -239,3 +239,19 @@ def test_every_debug_after_the_command_is_taken(capsys):
         "--",
         "--debug",
     ]
+
+
+@pytest.mark.parametrize("command", ["analyze", "train"])
+def test_help_shows_no_type_beside_a_flag(command: str) -> None:
+    """Typer's help showed every flag as `--trace <bool>`, as if it took a value: users wrote
+    `--trace true`, which made `true` a checkpoint name (`train --quiet true`: an extra
+    argument). Options that take a value keep their type."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert "--quiet" in out and "<bool>" not in out
+    assert "<int>" in out  # --batch-size

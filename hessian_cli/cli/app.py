@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperOption
 
 from hessian_cli import __version__
 from hessian_cli.atomic import stdout_written
@@ -35,6 +36,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _hide_flag_types() -> None:
+    """Show flags without a type in --help, as Click's plain help does: Typer 0.29's rich help
+    showed every flag as ``--trace <bool>``, as if it took a value, and ``--trace true`` then
+    made ``true`` a checkpoint name (``train --quiet true`` an unexpected argument). One place
+    for every command's flags, --help's own included."""
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:  # a Typer that shows no type beside a flag anyway
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
 
 # A pipe or a file has no width: results written there are not cut to fit 80 columns.
 _UNBOUNDED = 100_000

@@ -539,6 +539,18 @@ def test_minibatch_alignment_reads_more_batches_than_the_hessian(capsys, tmp_pat
     )
 
 
+def test_minibatches_beyond_the_data_are_said(capsys, digits_mlp):
+    """The digits' 1,300 training samples are 6 batches of 256: --minibatches 100 took those 6,
+    which only the table's caption said (--json: nothing)."""
+    args = ["analyze", digits_mlp, "--top-k", "1", "--alignment", "--batch-size", "256", "--json"]
+    code, out, err = run(capsys, *args, "--minibatches", "100")
+    assert code == 0
+    assert len(json.loads(out)["alignment"]["minibatch"]["values"]) == 6
+    assert "--minibatches 100: the data holds only 6 batches" in " ".join(err.split())
+    code, _, err = run(capsys, *args)  # the default, 8, not given: the caption's to say
+    assert code == 0 and "--minibatches" not in err
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
     from hessian_cli.cli.app import state

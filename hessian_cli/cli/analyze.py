@@ -362,6 +362,10 @@ def analyze(
                 console.print(analysis_table(reports[0]), crop=False)
         if lead and not quiet and (note := idle_ranks_note(reports)) is not None:
             err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
+        # Where --minibatches was given; the default's shortfall only the caption says.
+        given = ctx.get_parameter_source("minibatches").name != "DEFAULT"
+        if lead and not quiet and given and (note := _few_minibatches(reports, minibatches)):
+            err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
     finally:
         # A failing write (a full disk) is the job's where the ranks are in step (the series ended,
         # or stopped on an error all agreed on): every rank stops with rank 0's sentence (the others
@@ -414,3 +418,17 @@ def analyze(
             err_console.print(warning, highlight=False)
         if not accepted:
             raise typer.Exit(EXIT_UNCONVERGED)
+
+
+def _few_minibatches(reports: list[dict], asked: int) -> str | None:
+    """A note where the data held fewer than --minibatches batches: the statistics are over
+    those it held, which only the alignment table's caption said (--json: nothing)."""
+    counts = {len(r["alignment"]["minibatch"]["values"]) for r in reports if r.get("alignment")}
+    held = sorted(n for n in counts if n < asked)
+    if not held:
+        return None
+    count = str(held[0]) if len(held) == 1 else f"{held[0]} to {held[-1]}"
+    return (
+        f"--minibatches {asked}: the data holds only {count} batches of this --batch-size, so "
+        "the minibatch statistics are over those."
+    )

@@ -2690,3 +2690,13 @@ def test_comma_joined_globs_are_globs(capsys, digits_mlp):
     again = json.loads(out)
     assert again["provenance"]["num_params"] == first["provenance"]["num_params"] == 130 + 12
     assert again["eigen"]["eigenvalues"] == first["eigen"]["eigenvalues"]
+
+
+def test_params_globs_are_read_without_spaces_and_an_empty_one_names_the_flag(capsys, digits_mlp):
+    """'3.*, 1.bias' (a space after the comma) was refused: no parameter matched ' 1.bias'; an
+    empty --params was told in the library's words, 'params selects no parameters'."""
+    code, out, err = run(capsys, "analyze", digits_mlp, "--params", "3.*, 1.bias", "--json")
+    assert code == 0, err
+    assert json.loads(out)["provenance"]["params_glob"] == "3.*,1.bias"
+    message = _bad(capsys, "analyze", digits_mlp, "--params", " ,")
+    assert message == "error: --params needs a glob of parameter names, such as 'fc.*'."

@@ -37,7 +37,7 @@ from hessian_cli.engine.solver_defaults import (
     LOOSE_TOL,
     MIN_BUDGET,
 )
-from hessian_cli.errors import Terminated
+from hessian_cli.errors import Terminated, UserError
 
 EXIT_UNCONVERGED = 3
 
@@ -254,6 +254,7 @@ def analyze(
         # shape for scripts to read. A Trainer checkpoint folder is one checkpoint, its weights.
         series = is_series(targets)  # (now: the directory may change while the work runs)
         out = file_path(out_name, "--out", "spectra.h5")
+        globs = _param_globs(params)
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
         refuse_unused(ctx, {**read_options(asked), "save_eigenvectors": eigenvectors_kept})
@@ -288,7 +289,7 @@ def analyze(
         rho=rho,
         alpha=alpha,
         minibatches=minibatches,
-        params=[g for item in params or () for g in item.split(",") if g] or params or None,
+        params=globs,
         bn=bn,
         batch_size=batch_size,
         num_samples=num_samples,
@@ -432,3 +433,14 @@ def _few_minibatches(reports: list[dict], asked: int) -> str | None:
         f"--minibatches {asked}: the data holds only {count} batches of this --batch-size, so "
         "the minibatch statistics are over those."
     )
+
+
+def _param_globs(params: list[str] | None) -> list[str] | None:
+    """The globs of --params, repeated or joined by commas; a space beside a comma is no part of
+    a name ('3.*, 1.bias' was refused: no parameter matched ' 1.bias')."""
+    if params is None:
+        return None
+    globs = [g.strip() for item in params for g in item.split(",") if g.strip()]
+    if not globs:  # the library's word for it named its own argument, "params selects ..."
+        raise UserError("--params needs a glob of parameter names, such as 'fc.*'.")
+    return globs

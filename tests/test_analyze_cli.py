@@ -2076,6 +2076,14 @@ def test_an_empty_target_is_refused_not_taken_for_the_working_directory(
     assert "TARGET needs a name, such as model.pt" in _bad(capsys, "analyze", "", "--top-k", "1")
 
 
+@pytest.mark.parametrize("option", ["--model", "--data", "--loss"])
+def test_an_empty_spec_is_refused_not_taken_for_the_checkpoints(capsys, digits_mlp, option):
+    """`--data "$DATA"` with the variable unset analysed the data the checkpoint records,
+    unsaid (and so for --model and --loss)."""
+    message = _bad(capsys, "analyze", digits_mlp, option, "", "--top-k", "1")
+    assert message.startswith(f"error: {option} needs a name, such as ")
+
+
 def test_a_flag_given_a_value_is_told_that_it_takes_none(capsys, tmp_path, digits_mlp):
     """Typer's help shows each flag as `--trace <bool>`: `--trace true` left 'true' a target,
     'No such checkpoint file or directory: true.', with no word of why."""

@@ -167,6 +167,7 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
         ([*TINY, "--data-root", "{tmp}", "--out", "{tmp}/x"], "--data-root is read only for"),
         ([*TINY, "--download", "--out", "{tmp}/x"], "--download is read only for"),
         (["--resume", ""], "--resume needs a name"),
+        ([*TINY, "--loss", "", "--out", "{tmp}/x"], "--loss needs a name"),  # not the default
         ([*TINY, "--model-kwargs", "{bad", "--out", "{tmp}/x"], "not valid JSON"),
         ([*TINY, "--schedule", "step", "--out", "{tmp}/x"], "unknown schedule"),
         ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "Unknown device"),

@@ -102,6 +102,13 @@ def file_path(text: str | None, option: str, example: str) -> Path | None:
     return named_path(text, option, example)
 
 
+def refuse_empty(text: str | None, option: str, example: str) -> None:
+    """Refuse an option given an empty name (``--data "$DATA"``, the variable unset): analyze
+    took the checkpoint's data, model or loss instead, train --loss the default one, unsaid."""
+    if text is not None and not text.strip():
+        raise UserError(f"{option} needs a name, such as {example}.")
+
+
 def given_path(text: str, name: str, example: str) -> Path:
     """The path an option or argument names. They take paths as text, because a path parameter
     turns an empty name into ``.``, a directory the user did not name (``analyze "$CKPT"`` with

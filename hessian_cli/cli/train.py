@@ -49,6 +49,7 @@ from hessian_cli.cli.options import (
     command_line,
     named_path,
     parse_model_kwargs,
+    refuse_empty,
 )
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.launch import launched_by_torchrun
@@ -191,6 +192,12 @@ def train_command(
     from hessian_cli.engine.distributed import any_rank, fail_together, world
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
+        for text, option, example in (
+            (model, "--model", "mlp"),
+            (data, "--data", "digits"),
+            (loss, "--loss", "ce"),
+        ):
+            refuse_empty(text, option, example)
         out = named_path(out_name, "--out", "runs/exp1")
         resume = named_path(resume_name, "--resume", "runs/exp1")
         if resume is not None:

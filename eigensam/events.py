@@ -66,13 +66,13 @@ class TrainSummary:
     # curvature (top eigenvalue <= 0), whose vectors it perturbed along all the same
     refreshes: int = 0
     negative_refreshes: int = 0
-    # and those whose residual stayed above their tolerance (at their HVP budget; not a top
-    # eigenvalue of 0, whose residual is infinite): their vectors perturbed all the same
+    # and those whose residual stayed above their tolerance (their HVP budget spent, or stalled;
+    # not a top eigenvalue of 0, whose residual is infinite): their vectors perturbed all the same
     unconverged_refreshes: int = 0
     # The steps whose minibatch held no label (padding only), which made no update
     unlabelled_steps: int = 0
     # The held-out lambda_max measurements (--track-every) of the whole run, and those whose
-    # residual stayed above their tolerance (at their HVP budget; not a lambda_max of 0)
+    # residual stayed above their tolerance (budget spent or stalled; not a lambda_max of 0)
     tracks: int = 0
     unconverged_tracks: int = 0
 

@@ -592,12 +592,12 @@ class _Run:
         summary.unlabelled_steps = sum(map(math.isnan, self.metrics.column("steps", "loss")))
         residuals = self.metrics.column("track", "residual")
         summary.tracks = len(residuals)
-        summary.unconverged_tracks = _over_budget(residuals, TRACK_TOL)
+        summary.unconverged_tracks = _above_tol(residuals, TRACK_TOL)
         if isinstance(self.optimizer, EigenSAM):
             summary.refreshes = self.optimizer.refreshes
             summary.negative_refreshes = self.optimizer.negative_refreshes
             residuals = self.metrics.column("refresh", "residual")  # the whole run's
-            summary.unconverged_refreshes = _over_budget(residuals, REFRESH_TOL)
+            summary.unconverged_refreshes = _above_tol(residuals, REFRESH_TOL)
         return summary
 
     def _fetch(self, idx: torch.Tensor) -> Batch:
@@ -846,10 +846,11 @@ class _Run:
         return path
 
 
-def _over_budget(residuals: list[float], tol: float) -> int:
-    """How many solves stopped at their HVP budget with a residual above ``tol``. An infinite
-    residual is a top eigenvalue of 0, which has none relative to it, not a spent budget (as
-    show counts it; a linear model's linear loss: every refresh and track was said to be)."""
+def _above_tol(residuals: list[float], tol: float) -> int:
+    """How many solves ended with a residual above ``tol`` (their HVP budget spent, or stalled
+    on rounding). An infinite residual is a top eigenvalue of 0, which has none relative to it,
+    not a solve short of its tol (as show counts it; a linear model's linear loss: every
+    refresh and track was said to be)."""
     return sum(not r <= tol and not math.isinf(r) for r in residuals)
 
 

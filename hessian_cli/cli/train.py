@@ -419,8 +419,8 @@ def _report(
 
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
         note(
-            f"Note: {summary.unconverged_refreshes} of {refreshes} stopped at the HVP budget "
-            f"with a residual above the tolerance {DEFAULT_TOL:.0e}; "
+            f"Note: {summary.unconverged_refreshes} of {refreshes} ended above the tolerance "
+            f"{DEFAULT_TOL:.0e} (the HVP budget spent, or the residual stopped improving); "
             f"{_its(summary.unconverged_refreshes, 'vector')} used all the same (the residuals "
             f"are in {where / METRICS_FILE}).",
         )
@@ -435,8 +435,9 @@ def _report(
 
         tracks = counted(summary.tracks, "lambda_max measurement")
         note(
-            f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) stopped at the "
-            f"HVP budget with a residual above the tolerance {TRACK_TOL:.0e}, so "
+            f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) ended above the "
+            f"tolerance {TRACK_TOL:.0e} (the HVP budget spent, or the residual stopped "
+            "improving), so "
             f"{'its value' if summary.unconverged_tracks == 1 else 'their values'} may be off "
             f"(the residuals are in {where / METRICS_FILE}).",
         )

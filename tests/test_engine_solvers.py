@@ -23,7 +23,13 @@ from hessian_cli.engine.convergence import eigenvalue_error_bounds
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.density import spectral_density
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.linalg import all_finite, gram, norms, orthonormalize_against
+from hessian_cli.engine.linalg import (
+    all_finite,
+    gram,
+    norms,
+    orthonormalize_against,
+    project_out,
+)
 from hessian_cli.engine.linear_operator import DiagonalOperator, MatrixOperator
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
@@ -1940,6 +1946,30 @@ def test_float32_bases_stay_orthonormal_at_network_sizes():
     basis = torch.cat([Q, W])
     error = (gram(basis, basis) - torch.eye(12, dtype=torch.float64)).abs().max()
     assert error < 1e-6, float(error)
+
+
+def test_orthonormalising_in_place_leaves_the_callers_rows_as_they_were():
+    # orthonormalize_against works on one copy of its rows, in place (each fresh n-long array
+    # costs its page faults), and project_out writes into `out`, which may be its rows: the
+    # caller's rows stay as they were, a dropped row's included, and the rows come out as a
+    # fresh projection makes them.
+    g = torch.Generator().manual_seed(0)
+    Q = orthonormalize_against(torch.randn(3, 500, generator=g, dtype=torch.float64), None)
+    W = torch.cat([torch.randn(2, 500, generator=g, dtype=torch.float64), 2 * Q[:1]])
+    before = W.clone()
+    for against, rows in ((None, 3), (Q, 2)):  # against Q the last row is dropped
+        V = orthonormalize_against(W, against)
+        assert torch.equal(W, before)
+        assert V.shape == (rows, 500)
+        basis = V if against is None else torch.cat([Q, V])
+        eye = torch.eye(len(basis), dtype=torch.float64)
+        torch.testing.assert_close(gram(basis, basis), eye, rtol=0, atol=1e-14)
+    fresh = project_out(W, Q)
+    assert torch.equal(W, before)
+    into = W.clone()
+    assert project_out(into, Q, out=into) is into
+    torch.testing.assert_close(into, fresh, rtol=0, atol=1e-15)
+    torch.testing.assert_close(fresh, W - (W @ Q.T) @ Q, rtol=0, atol=1e-14)
 
 
 def test_a_hint_toward_the_top_eigenvector_saves_products_and_a_poor_one_costs_little():

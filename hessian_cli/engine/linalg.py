@@ -110,17 +110,22 @@ def orthonormalize_against(
     or of the other rows) are dropped.
     """
     norms0 = norms(W).clamp_min(torch.finfo(W.dtype).tiny)
-    W = project_out(project_out(W, Q), Q)
+    # One copy of the caller's rows, then everything in place: each fresh n-long array costs
+    # its page faults (ResNet-18, 11.2M parameters: 0.16 s a row on CPU, a filled one 0.03 s).
+    W = project_out(W, Q, out=torch.empty_like(W))
+    W = project_out(W, Q, out=W)
     lengths = norms(W)
     keep = lengths > drop_tol * norms0
-    W = W[keep] / lengths[keep, None]  # unit rows: only dependence drops a row below
+    if not bool(keep.all()):
+        W, lengths = W[keep], lengths[keep]
+    W /= lengths[:, None]  # unit rows: only dependence drops a row below
     if W.shape[0] <= 1:  # nothing to orthonormalise within W (the usual block of one)
         return W
     for _ in range(2):
         values, U = small_eigh(gram(W, W))
         good = values > drop_tol**2 * values.max()
         W = (U[:, good] / values[good].sqrt()).T.to(W) @ W
-        W = project_out(W, Q)  # the combinations can bring back rounding-level parts of Q
+        W = project_out(W, Q, out=W)  # the combinations can bring back rounding-level parts of Q
     return W
 
 
@@ -131,9 +136,12 @@ def small_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.eigh(M.cpu())
 
 
-def project_out(W: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+def project_out(
+    W: torch.Tensor, Q: torch.Tensor | None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``W`` minus its components along the (orthonormal) rows of ``Q``, one classical
-    Gram-Schmidt pass with the coefficients from :func:`gram`."""
+    Gram-Schmidt pass with the coefficients from :func:`gram`, in one ``addmm`` (``C @ Q`` and
+    the subtraction made two n-long arrays): into ``out`` where given, which may be ``W``."""
     if Q is None or Q.shape[0] == 0:
-        return W
-    return W - gram(W, Q).to(W.dtype) @ Q
+        return W if out is None else out.copy_(W)
+    return torch.addmm(W, gram(W, Q).to(W.dtype), Q, alpha=-1, out=out)

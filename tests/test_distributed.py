@@ -20,7 +20,7 @@ import h5py
 import pytest
 import torch
 import torch.distributed as dist
-from cli_runner import PADDED_TEXTS
+from cli_runner import PADDED_TEXTS, run
 
 from eigensam.determinism import DataOrder
 from hessian_cli.engine.distributed import shard
@@ -50,24 +50,29 @@ def _env() -> dict[str, str]:
 def _run(
     args: list[str],
     *,
-    ranks: int | None,
+    ranks: int,
     cwd: Path,
     timeout: float = 120,
     env: dict[str, str] | None = None,
     entry: tuple[str, ...] = ("-m", "hessian_cli"),
 ) -> tuple:
-    """Run the CLI in one process (``ranks=None``) or under torchrun; (code, stdout, stderr, s).
+    """Run the CLI under torchrun; (code, stdout, stderr, seconds).
 
     ``entry``: a script that runs the CLI instead (e.g. with other options on some rank)."""
-    if ranks is None:
-        cmd = [sys.executable, *entry, *args]
-    else:
-        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", *entry, *args]
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", *entry, *args]
     start = time.monotonic()
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env={**_env(), **(env or {})}, cwd=cwd, timeout=timeout
     )
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
+
+
+def _one_process(monkeypatch, capsys, args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """The single-process reference run, in this process (code, stdout, stderr): a process of
+    its own started torch again, 4 s a run here. Without a GPU, as the ranks run."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return run(capsys, *args)
 
 
 def _close(a: float, b: float, rtol: float = 1e-6, atol: float = 0.0) -> bool:
@@ -180,7 +185,7 @@ def test_a_rank_without_a_gpu_of_its_own_is_refused_a_cuda_device(monkeypatch, d
     "samples,batch,minibatches,ranks", [(201, 50, 4, 2), (160, 40, 6, 2), (50, 50, 2, 3)]
 )
 def test_analyze_two_ranks_matches_one_process(
-    tmp_path: Path, samples: int, batch: int, minibatches: int, ranks: int
+    monkeypatch, capsys, tmp_path: Path, samples: int, batch: int, minibatches: int, ranks: int
 ) -> None:
     """Eigenpairs, residuals, trace, density and alignment agree to 1e-6 in float64 (minibatch
     statistics over part of the analysed batches, or over more batches than those; with fewer
@@ -205,7 +210,7 @@ def test_analyze_two_ranks_matches_one_process(
         str(minibatches),  # spans both ranks' shares
         "--json",
     ]
-    code1, out1, err1, _ = _run(args, ranks=None, cwd=tmp_path)
+    code1, out1, err1 = _one_process(monkeypatch, capsys, args, tmp_path)
     assert code1 == 0, err1
     out_file = tmp_path / "two.h5"
     code2, out2, err2, _ = _run([*args, "--out", str(out_file)], ranks=ranks, cwd=tmp_path)
@@ -624,9 +629,9 @@ def test_a_rank_that_runs_out_of_memory_alone_ends_the_job_at_once(
 
 
 @needs_gloo
-def test_plain_run_records_world_size_one(tmp_path: Path) -> None:
-    code, out, err, _ = _run(
-        ["analyze", str(CKPT), "--top-k", "1", "--json"], ranks=None, cwd=tmp_path
+def test_plain_run_records_world_size_one(monkeypatch, capsys, tmp_path: Path) -> None:
+    code, out, err = _one_process(
+        monkeypatch, capsys, ["analyze", str(CKPT), "--top-k", "1", "--json"], tmp_path
     )
     assert code == 0, err
     assert json.loads(out)["provenance"]["world_size"] == 1
@@ -662,10 +667,14 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 @needs_gloo
 @pytest.mark.parametrize("optimizer", ["eigensam", "sam"])
-def test_train_two_ranks_matches_doubled_batch(tmp_path: Path, optimizer: str) -> None:
+def test_train_two_ranks_matches_doubled_batch(
+    monkeypatch, capsys, tmp_path: Path, optimizer: str
+) -> None:
     """2 ranks with batch B each == 1 process with batch 2B (weights, losses, refreshes)."""
     opt = ["--optimizer", optimizer] if optimizer == "sam" else ["--eig-every", "5"]
-    code, _, err, _ = _run(_train_args(tmp_path / "one", 64, *opt), ranks=None, cwd=tmp_path)
+    code, _, err = _one_process(
+        monkeypatch, capsys, _train_args(tmp_path / "one", 64, *opt), tmp_path
+    )
     assert code == 0, err
     code, out, err, _ = _run(_train_args(tmp_path / "two", 32, *opt), ranks=2, cwd=tmp_path)
     assert code == 0, err
@@ -703,7 +712,9 @@ def test_train_two_ranks_matches_doubled_batch(tmp_path: Path, optimizer: str) -
 
 
 @needs_gloo
-def test_train_two_ranks_of_a_routed_model_match_doubled_batch(tmp_path: Path) -> None:
+def test_train_two_ranks_of_a_routed_model_match_doubled_batch(
+    monkeypatch, capsys, tmp_path: Path
+) -> None:
     """Each sample goes through one of two heads: a rank whose share reached one head alone
     all-reduced a list of gradients of another length than its peer's, and the job aborted
     ("terminate called ... Received data size doesn't match expected size")."""
@@ -729,7 +740,7 @@ def test_train_two_ranks_of_a_routed_model_match_doubled_batch(tmp_path: Path) -
     torch.save({"x": x, "y": y}, tmp_path / "d.pt")
     args = ["train", "--model", "routed.py:make", "--data", "d.pt", "--eig-every", "3"]
     args += ["--epochs", "2", "--lr", "0.1", "--track-every", "0", "--quiet", "--out"]
-    code, _, err, _ = _run([*args, "one", "--batch-size", "4"], ranks=None, cwd=tmp_path)
+    code, _, err = _one_process(monkeypatch, capsys, [*args, "one", "--batch-size", "4"], tmp_path)
     assert code == 0, err
     code, _, err, _ = _run([*args, "two", "--batch-size", "2"], ranks=2, cwd=tmp_path)
     assert code == 0, err
@@ -812,12 +823,14 @@ def test_train_resume_two_ranks_repeats_the_run(tmp_path: Path) -> None:
 
 @needs_gloo
 def test_a_resume_into_a_directory_rank_0_cannot_write_is_refused_as_the_jobs(
-    tmp_path: Path,
+    monkeypatch, capsys, tmp_path: Path
 ) -> None:
     """Checked by rank 0 alone, which writes: said as that rank's ("rank 0 of 2: Cannot write
     to the directory ..."). The run is one process's: refused before its course is compared."""
     run_dir = tmp_path / "run"
-    code, _, err, _ = _run(_train_args(run_dir, 32, "--max-steps", "2"), ranks=None, cwd=tmp_path)
+    code, _, err = _one_process(
+        monkeypatch, capsys, _train_args(run_dir, 32, "--max-steps", "2"), tmp_path
+    )
     assert code == 0, err
     wrapper = tmp_path / "read_only.py"
     wrapper.write_text(
@@ -1088,7 +1101,9 @@ def test_a_ctrl_c_that_reaches_one_rank_alone_ends_the_job_at_once(tmp_path: Pat
 
 
 @needs_gloo
-def test_a_language_model_of_named_inputs_runs_under_torchrun(tmp_path: Path) -> None:
+def test_a_language_model_of_named_inputs_runs_under_torchrun(
+    monkeypatch, capsys, tmp_path: Path
+) -> None:
     """Every rank failed comparing its data ("'dict' object has no attribute 'dtype'")."""
     from test_token_labels import CODE
 
@@ -1100,7 +1115,7 @@ def test_a_language_model_of_named_inputs_runs_under_torchrun(tmp_path: Path) ->
     specs = ["--model", "lm.py:lm", "--data", "lm.py:text"]
     analyze = ["analyze", "lm.pt", *specs, "--num-samples", "24", "--batch-size", "6", "--top-k",
                "2", "--trace", "--dtype", "float64", "--json", "-q"]  # fmt: skip
-    code, out, err, _ = _run(analyze, ranks=None, cwd=tmp_path)
+    code, out, err = _one_process(monkeypatch, capsys, analyze, tmp_path)
     assert code == 0, err
     code2, out2, err2, _ = _run(analyze, ranks=2, cwd=tmp_path)
     assert code2 == 0, err2
@@ -1112,17 +1127,30 @@ def test_a_language_model_of_named_inputs_runs_under_torchrun(tmp_path: Path) ->
 
 
 def _one_process_and_two_ranks_train_alike(
-    tmp_path: Path, model: str, data: str, batch: int, options: list[str], checkpoint: str
+    monkeypatch,
+    capsys,
+    tmp_path: Path,
+    model: str,
+    data: str,
+    batch: int,
+    options: list[str],
+    checkpoint: str,
 ) -> None:
     """Eigen-SAM on one process with ``batch`` and on 2 ranks with half of it: the same weights
     in ``checkpoint``, and the same losses, lambda_max and refresh eigenvalues."""
-    runs = {}
-    for name, size, ranks in (("one", batch, None), ("two", batch // 2, 2)):
-        args = ["train", "--model", model, "--data", data, "--optimizer", "eigensam",
+
+    def args(name: str, size: int) -> list[str]:
+        return ["train", "--model", model, "--data", data, "--optimizer", "eigensam",
                 "--batch-size", str(size), *options, "--out", str(tmp_path / name), "-q"]  # fmt: skip
-        code, _, err, _ = _run(args, ranks=ranks, cwd=tmp_path)
-        assert code == 0, err
-        runs[name] = load_checkpoint(tmp_path / name / "checkpoints" / checkpoint).state_dict
+
+    code, _, err = _one_process(monkeypatch, capsys, args("one", batch), tmp_path)
+    assert code == 0, err
+    code, _, err, _ = _run(args("two", batch // 2), ranks=2, cwd=tmp_path)
+    assert code == 0, err
+    runs = {
+        name: load_checkpoint(tmp_path / name / "checkpoints" / checkpoint).state_dict
+        for name in ("one", "two")
+    }
     for key in runs["one"]:
         torch.testing.assert_close(runs["two"][key], runs["one"][key], rtol=1e-5, atol=1e-5)
     with (
@@ -1140,26 +1168,35 @@ def _one_process_and_two_ranks_train_alike(
 
 
 @needs_gloo
-def test_train_two_ranks_of_padded_text_match_one_process(tmp_path: Path) -> None:
+def test_train_two_ranks_of_padded_text_match_one_process(
+    monkeypatch, capsys, tmp_path: Path
+) -> None:
     """Each rank's loss averages over its own labelled tokens; weighted by samples, 2 ranks of
     batch 4 ended 0.068 away from one process of batch 8 (weights, losses, lambda_max too)."""
     example = Path(__file__).parents[1] / "checkpoints_example" / "tiny_lm.py"
     options = ["--eig-every", "3", "--track-every", "4", "--max-steps", "8"]
     _one_process_and_two_ranks_train_alike(
-        tmp_path, f"{example}:make", f"{example}:text", 8, options, "step0000008.pt"
+        monkeypatch,
+        capsys,
+        tmp_path,
+        f"{example}:make",
+        f"{example}:text",
+        8,
+        options,
+        "step0000008.pt",
     )
 
 
 @needs_gloo
 def test_train_two_ranks_step_over_a_global_batch_of_padding_only_as_one_process(
-    tmp_path: Path,
+    monkeypatch, capsys, tmp_path: Path
 ) -> None:
     """A global minibatch of padding only (steps 0 and 12 here) stopped the run on 2 ranks as on
     one ("a batch of the data holds no label"): both make no update there, alike."""
     (tmp_path / "texts.py").write_text(PADDED_TEXTS)
     options = ["--eig-every", "3", "--track-every", "4", "--epochs", "1"]
     _one_process_and_two_ranks_train_alike(
-        tmp_path, "texts.py:make", "texts.py:data", 2, options, "final.pt"
+        monkeypatch, capsys, tmp_path, "texts.py:make", "texts.py:data", 2, options, "final.pt"
     )
 
 
@@ -1193,7 +1230,9 @@ def test_a_share_of_padding_only_moves_batchnorm_statistics_as_ddp(tmp_path: Pat
 
 
 @needs_gloo
-def test_train_two_ranks_with_a_share_of_padding_only_match_one_process(tmp_path: Path) -> None:
+def test_train_two_ranks_with_a_share_of_padding_only_match_one_process(
+    monkeypatch, capsys, tmp_path: Path
+) -> None:
     """One sample holds no label (a one-token sequence): one process trains on the global batch
     that holds it, but the rank whose share it was alone refused it ("holds no label but -100"),
     or, from tensors, its 0/0 loss made every rank's sum NaN ("training diverged")."""
@@ -1211,5 +1250,12 @@ def test_train_two_ranks_with_a_share_of_padding_only_match_one_process(tmp_path
     )
     options = ["--eig-every", "1", "--track-every", "4", "--epochs", "1"]
     _one_process_and_two_ranks_train_alike(
-        tmp_path, "onetoken.py:make", "onetoken.py:text", 2, options, "final.pt"
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "onetoken.py:make",
+        "onetoken.py:text",
+        2,
+        options,
+        "final.pt",
     )

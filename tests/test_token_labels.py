@@ -361,8 +361,9 @@ def test_the_shipped_language_model_example_trains_and_is_analysed_exactly(capsy
     code, _, err = run(capsys, "train", *specs, "--max-steps", "4", "--out", out, "-q")
     assert code == 0, err
     final = out / "checkpoints" / "step0000004.pt"
+    # Two batches of other token counts; 32 texts, not more, keep the dense oracle cheap.
     code, stdout, err = run(
-        capsys, "analyze", final, *specs, "--batch-size", "32", "--num-samples", "64",
+        capsys, "analyze", final, *specs, "--batch-size", "16", "--num-samples", "32",
         "--top-k", "2", "--dtype", "float64", "--json",
     )  # fmt: skip
     assert code == 0, err
@@ -370,7 +371,7 @@ def test_the_shipped_language_model_example_trains_and_is_analysed_exactly(capsy
     model = build_model(f"{example}:make", input_shape=None, num_classes=16)
     model.load_state_dict(torch.load(final, weights_only=True)["model"])
     data = load_data(f"{example}:text")
-    whole = analysis_batches(data.train, batch_size=64, num_samples=64, dtype=torch.float64)
+    whole = analysis_batches(data.train, batch_size=32, num_samples=32, dtype=torch.float64)
     H = dense_hessian(model.double(), by_hand, whole)
     top = torch.linalg.eigvalsh(H).flip(0)[:2]
     assert torch.allclose(torch.tensor(eigen["eigenvalues"], dtype=torch.float64), top, rtol=1e-6)

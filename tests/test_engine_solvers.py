@@ -2462,3 +2462,25 @@ def test_the_check_goes_on_while_its_residual_reaches_past_its_threshold(
         off = (res.eigenvalues - values.sort(descending=True).values[:k]).abs() / res.eigenvalues
         assert res.converged.all()
         assert (off <= tol).all() and (off <= res.errors).all(), seed
+
+
+def test_orthonormalising_into_out_gives_its_first_rows_as_without_it():
+    # The solve's next block is orthonormalised straight into the basis's buffer (out), with
+    # no copy of the rows (each fresh n-long array costs its page faults: 0.16 s at 11.2M
+    # parameters on CPU): the rows are out's first ones, as orthonormalize_against makes them
+    # without out, for one row, a dropped row and several rows.
+    g = torch.Generator().manual_seed(0)
+    Q = orthonormalize_against(torch.randn(3, 500, generator=g, dtype=torch.float64), None)
+    one = torch.randn(1, 500, generator=g, dtype=torch.float64)
+    dropped = torch.cat([one, 2 * Q[:1]])
+    several = torch.randn(3, 500, generator=g, dtype=torch.float64)
+    for W, rows in ((one, 1), (dropped, 1), (several, 3)):
+        expected = orthonormalize_against(W, Q)
+        out = torch.empty_like(W)
+        V = orthonormalize_against(W, Q, out=out)
+        assert V.shape == (rows, 500) and V.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(V, expected, rtol=0, atol=1e-15)
+        own = W.clone()  # the rows themselves as out
+        torch.testing.assert_close(
+            orthonormalize_against(own, Q, out=own), expected, rtol=0, atol=1e-15
+        )

@@ -805,8 +805,8 @@ def _expand_basis(
         W, HW = missed
         basis.Qb[m : m + len(W)] = W
     else:
-        W = orthonormalize_against(W, basis.Q)
-        basis.Qb[m : m + len(W)] = W
+        # Straight into the basis: the residuals are the solve's own, no copy of them needed.
+        W = orthonormalize_against(W, basis.Q, out=basis.Qb[m : m + len(W)])
         if len(W) < solve.b and m + len(W) < op.n:  # invariant subspace: add fresh directions
             extra = gaussian(
                 (solve.b - len(W), op.n), generator=solve.gen, dtype=op.dtype, device=op.device
@@ -1008,7 +1008,7 @@ def _skipped_direction(
         spread = float(norms(project_out(r, V))[0])  # its residual in the complement
         if seen > threshold:
             return (x, hx), seen, spread
-        q = orthonormalize_against(r, VP[: kv + j + 1])
+        q = orthonormalize_against(r, VP[: kv + j + 1], out=r)  # copied into P next step
     return None, seen, spread
 
 

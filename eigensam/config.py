@@ -72,9 +72,17 @@ class TrainConfig:
             ("schedule", SCHEDULES),
         ):
             if getattr(self, name) not in allowed:
+                # Adam(W) is the step SAM wraps, which --optimizer adam did not say.
+                adam = name == "optimizer" and str(self.optimizer).lower().startswith("adam")
                 raise UserError(
                     f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}: use "
-                    f"{', '.join(allowed)}."
+                    f"{', '.join(allowed)}"
+                    + (
+                        " (AdamW is a base optimizer: --optimizer sgd --base-optimizer adamw "
+                        "for plain AdamW steps, or sam / eigensam around it)."
+                        if adam
+                        else "."
+                    )
                 )
         for name in ("epochs", "batch_size", "eig_every"):
             require(getattr(self, name) >= 1, f"{flag(name)} must be at least 1")

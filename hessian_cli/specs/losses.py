@@ -246,11 +246,13 @@ def _mse(num_classes: int | None) -> LossFn:
                 # over one class, which holds no label 1, refused them.
                 targets = targets.to(outputs.dtype)
             elif targets.numel() and int(targets.max()) >= classes:
-                one = " (a single output takes 0/1 labels only: store others as real numbers)"
-                raise UserError(
-                    f"label {int(targets.max())} is out of range for {classes} classes in the mse "
-                    f"loss{one if classes == 1 else ''}."
+                what = (
+                    "a single output in the mse loss, which takes 0/1 labels only (store others "
+                    "as real numbers)"
+                    if classes == 1  # "for 1 classes"
+                    else f"{classes} classes in the mse loss"
                 )
+                raise UserError(f"label {int(targets.max())} is out of range for {what}.")
             else:
                 targets = F.one_hot(targets.long(), classes).to(outputs.dtype)
                 if dim == 1:

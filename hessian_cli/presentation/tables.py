@@ -376,7 +376,7 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
         )
         parts.append(Text("  ".join(shown), style="dim"))
     parts.append(Text(f"loss {_g(d.get('loss'))}"))
-    if prov.get("precision") not in (None, "full"):
+    if analysis_setting(d, "precision") != "full":
         parts.append(Text.from_markup(_reduced_precision_note(d, prov)))
     if (e := d.get("eigen")) is not None:
         parts.append(_eigen_table(e))
@@ -453,8 +453,9 @@ def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
         return e.get(key)
     if key == "tol" and not e:  # files written before 2026-12-01 recorded one, never used
         return None
-    if key == "precision":  # files before 2026-11-28 record none: full, as the captions read it
-        return (d.get("provenance") or {}).get(key, "full")
+    if key == "precision":  # files before 2026-11-28 record none: full (captions, columns)
+        precision = (d.get("provenance") or {}).get(key)
+        return "full" if precision is None else precision
     return (d.get("provenance") or {}).get(key)
 
 
@@ -544,7 +545,7 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             "* NOT converged (not within its tolerance, or behind a pair that is not; details: "
             "show -c NAME)"
         )
-    rounded = [d for d in ds if (d.get("provenance") or {}).get("precision") not in ("full", None)]
+    rounded = [d for d in ds if analysis_setting(d, "precision") != "full"]
     if rounded:  # as one checkpoint's table says above its numbers
         reduced = [d["provenance"] for d in rounded]
         modes = escape(", ".join(sorted({str(p["precision"]) for p in reduced})))  # a file's text

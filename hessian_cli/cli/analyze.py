@@ -251,13 +251,12 @@ def analyze(
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         targets = [given_path(name, "TARGET", "model.pt") for name in target_names]
-        for text, option, example in (
+        refuse_empty(
             (model, "--model", "mlp"),
             (data, "--data", "digits"),
             (loss, "--loss", "ce"),
             (weights_key, "--weights-key", "state_dict_ema"),
-        ):
-            refuse_empty(text, option, example)
+        )
         # A directory or several files are a series, a list in JSON however many it holds: one
         # shape for scripts to read. A Trainer checkpoint folder is one checkpoint, its weights.
         series = is_series(targets)  # (now: the directory may change while the work runs)

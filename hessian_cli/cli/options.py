@@ -102,11 +102,13 @@ def file_path(text: str | None, option: str, example: str) -> Path | None:
     return named_path(text, option, example)
 
 
-def refuse_empty(text: str | None, option: str, example: str) -> None:
+def refuse_empty(*given: tuple[str | None, str, str]) -> None:
     """Refuse an option given an empty name (``--data "$DATA"``, the variable unset): analyze
-    took the checkpoint's data, model or loss instead, train --loss the default one, unsaid."""
-    if text is not None and not text.strip():
-        raise UserError(f"{option} needs a name, such as {example}.")
+    took the checkpoint's data, model or loss instead, train --loss the default one, unsaid.
+    ``given``: (text, option, example) of each option."""
+    for text, option, example in given:
+        if text is not None and not text.strip():
+            raise UserError(f"{option} needs a name, such as {example}.")
 
 
 def given_path(text: str, name: str, example: str) -> Path:

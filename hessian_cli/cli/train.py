@@ -192,12 +192,7 @@ def train_command(
     from hessian_cli.engine.distributed import any_rank, fail_together, world
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
-        for text, option, example in (
-            (model, "--model", "mlp"),
-            (data, "--data", "digits"),
-            (loss, "--loss", "ce"),
-        ):
-            refuse_empty(text, option, example)
+        refuse_empty((model, "--model", "mlp"), (data, "--data", "digits"), (loss, "--loss", "ce"))
         out = named_path(out_name, "--out", "runs/exp1")
         resume = named_path(resume_name, "--resume", "runs/exp1")
         if resume is not None:

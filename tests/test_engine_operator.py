@@ -15,6 +15,7 @@ from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.batches import cast_batch
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
+from hessian_cli.engine.linear_operator import DiagonalOperator, MatrixOperator
 from hessian_cli.engine.memory import graph_bytes
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace, select_parameters
@@ -49,6 +50,16 @@ def test_block_hvp_equals_dense_hessian(name, backend, batched):
         assert op.backends_used in ({"func"}, {"double-backward"})
     else:
         assert op.backends_used == {backend}
+
+
+@pytest.mark.parametrize("kind", [MatrixOperator, DiagonalOperator])
+def test_a_reference_operator_counts_a_single_vector_as_one_product(kind):
+    values = torch.arange(1.0, 6.0, dtype=torch.float64)
+    op = kind(torch.diag(values) if kind is MatrixOperator else values)
+    v = torch.ones(5, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(v), values)
+    op.matmul(torch.stack([v, v]))
+    assert op.hvp_count == 3
 
 
 @pytest.mark.parametrize("backend", ["double-backward", "func"])

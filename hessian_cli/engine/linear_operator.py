@@ -35,6 +35,12 @@ class LinearOperator(Protocol):
     def matmul(self, block: torch.Tensor) -> torch.Tensor: ...
 
 
+def _products(block: torch.Tensor) -> int:
+    """Products in ``block``: one per row, one for a single ``[n]`` vector (as the network's
+    operator counts it), not ``n``."""
+    return 1 if block.ndim == 1 else block.shape[0]
+
+
 class MatrixOperator:
     """A dense symmetric matrix as a :class:`LinearOperator`: a spectrum chosen exactly, for the
     solvers' tests and benchmarks."""
@@ -47,7 +53,7 @@ class MatrixOperator:
         self.hvp_count = 0
 
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
-        self.hvp_count += block.shape[0]
+        self.hvp_count += _products(block)
         return block @ self.matrix
 
 
@@ -63,7 +69,7 @@ class DiagonalOperator:
         self.hvp_count = 0
 
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
-        self.hvp_count += block.shape[0]
+        self.hvp_count += _products(block)
         return block * self.diagonal
 
 

@@ -113,6 +113,7 @@ def evaluate(
     *,
     classify: bool,
     batch_weight: Callable[[torch.Tensor], float] = len,
+    threshold: float | None = None,
 ) -> tuple[float, float]:
     """Mean loss (the batches' weighted by ``batch_weight``, as :class:`HessianOperator` weighs
     them; a batch that weighs nothing, of padding only, is left out) and accuracy on ``batches``
@@ -137,7 +138,7 @@ def evaluate(
             continue
         out = run_model(model, inputs_to(x, device))
         y = y.to(device)
-        right, labels = correct_count(out, y, classify=classify)
+        right, labels = correct_count(out, y, classify=classify, threshold=threshold)
         rows[i] = torch.tensor(
             [float(loss_fn(out, y)) * share, right, labels, share], dtype=torch.float64
         )
@@ -152,13 +153,31 @@ def evaluate(
     return total / weight, accuracy(correct, labelled, classify=classify)
 
 
-def correct_count(out: torch.Tensor, y: torch.Tensor, *, classify: bool) -> tuple[int, int]:
+def binary_threshold(num_classes: int | None, loss_spec: str) -> float | None:
+    """Above which value a binary classifier's one output per sample picks label 1, for data of
+    two classes: 0.5 for mse, which regresses it onto the 0/1 labels, else 0 (a logit, as binary
+    cross-entropy with logits takes it; ce refuses one output); None for other data."""
+    if num_classes != 2:
+        return None
+    return 0.5 if loss_spec == "mse" else 0.0
+
+
+def correct_count(
+    out: torch.Tensor, y: torch.Tensor, *, classify: bool, threshold: float | None = None
+) -> tuple[int, int]:
     """How many labels the outputs pick, and how many labels there are: one per sample (class
-    indices, one-hot or soft targets) or one per token (its class from the dimension
+    indices, one-hot or soft targets; a single output picks 1 above ``threshold``, where the
+    data is binary: :func:`binary_threshold`) or one per token (its class from the dimension
     cross-entropy reads, :func:`class_dim`; -100 is none); (0, 0) for data without classes
-    and outputs without a class dimension of two or more."""
+    and other outputs without a class dimension of two or more."""
     if not classify:
         return 0, 0
+    single = y.ndim == 1 and out.numel() == len(y) and not y.is_floating_point()
+    if threshold is not None and single:
+        # One output per sample, (batch, 1) or (batch,): a binary classifier's score.
+        labelled = y != IGNORE_INDEX
+        picked = (out.reshape(-1) > threshold).long() == y
+        return int(picked[labelled].sum()), int(labelled.sum())
     if y.is_floating_point():
         if out.shape != y.shape:
             return 0, 0

@@ -65,6 +65,7 @@ from eigensam.tracking import (
     TRACK_TOL,
     LambdaMaxTracker,
     accuracy,
+    binary_threshold,
     correct_count,
     evaluate,
     gradient_alignment,
@@ -218,6 +219,7 @@ class _Run:
         self.classify = self.data.num_classes is not None
         self.loss_spec = config.loss or default_loss(self.data.num_classes)
         self.loss_fn: LossFn = get_loss(self.loss_spec, num_classes=self.data.num_classes)
+        self.threshold = binary_threshold(self.data.num_classes, self.loss_spec)
         model = build_model(
             config.model,
             input_shape=self.data.input_shape,
@@ -644,7 +646,7 @@ class _Run:
         held = None if share else [b.clone() for b in model.buffers()]
         out = run_model(model, x)
         loss = self._share_loss(out, y, share)
-        correct, labelled = correct_count(out, y, classify=self.classify)
+        correct, labelled = correct_count(out, y, classify=self.classify, threshold=self.threshold)
         mean_loss = loss.detach()
         if self.world > 1:
             totals = torch.tensor(
@@ -769,6 +771,7 @@ class _Run:
             self.device,
             classify=self.classify,
             batch_weight=self.batch_weight or len,
+            threshold=self.threshold,
         )
         if self.test_batches and not math.isfinite(test_loss):  # finite weights, say 1e36
             raise _Diverged

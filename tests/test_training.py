@@ -1222,3 +1222,30 @@ def test_under_torchrun_each_rank_evaluates_its_share_of_the_test_batches(monkey
     shares = [sums(rank, 2) for rank in (0, 1)]
     assert one == 5 and [n for n, _ in shares] == [3, 2]
     assert torch.equal(shares[0][1] + shares[1][1], alone)
+
+
+@pytest.mark.parametrize(("loss", "threshold"), [("bce", 0.0), ("mse", 0.5)])
+def test_a_binary_classifier_of_one_output_has_its_accuracy(tmp_path, loss, threshold):
+    """A model of one output on 0/1 labels (binary cross-entropy on its logit, or mse onto the
+    labels) had no accuracy, train's or test's, where the same data with two outputs had one:
+    label 1 is an output above 0 (a logit), or above 0.5 for mse."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 16)).astype(np.float32)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).astype(np.int64)
+    np.savez(tmp_path / "binary.npz", x=x[:96], y=y[:96], x_test=x[96:], y_test=y[96:])
+    (tmp_path / "losses.py").write_text(
+        "import torch.nn.functional as F\n"
+        "def bce(out, y):\n"
+        "    return F.binary_cross_entropy_with_logits(out[:, 0], y.to(out.dtype))\n"
+    )
+    spec = "mse" if loss == "mse" else f"{tmp_path / 'losses.py'}:bce"
+    overrides = {"model_kwargs": {"hidden": [8], "num_classes": 1}, "optimizer": "sgd"}
+    cfg = config(tmp_path, data=str(tmp_path / "binary.npz"), loss=spec, epochs=1, **overrides)
+    train(cfg)
+    metrics = read_metrics(tmp_path / "run" / "metrics.h5")
+    assert np.isfinite(metrics["steps"]["accuracy"]).all()
+    model = build_model("mlp", input_shape=(16,), num_classes=1, kwargs=cfg.model_kwargs)
+    model.load_state_dict(weights(tmp_path / "run" / "checkpoints" / "final.pt"))
+    with torch.no_grad():
+        picked = (model(torch.from_numpy(x[96:]))[:, 0] > threshold).numpy()
+    assert metrics["epochs"]["test_accuracy"][0] == (picked == y[96:]).mean()

@@ -617,6 +617,9 @@ class _Run:
         if not isinstance(ds, TensorDataset) and (not self.batch_weight or self.batch_weight(y)):
             check_targets(self.loss_spec, [(x, y)], self.data.num_classes)
         x = cast_inputs(x, self.dtype, self.token_ids)
+        if not isinstance(ds, TensorDataset):  # a tensor set's were all checked before the run
+            # A NaN among them stopped the run as "training diverged ... with a lower --lr".
+            check_finite((x, y), "training data's")
         return inputs_to(x, self.device), y.to(self.device)
 
     def _lr(self) -> float:

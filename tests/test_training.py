@@ -490,6 +490,25 @@ def test_a_label_beyond_the_counted_classes_stops_with_one_sentence(tmp_path, mo
         train(cfg)
 
 
+def test_a_nan_in_a_user_dataset_stops_as_bad_data_not_as_divergence(tmp_path):
+    """A dataset from code is met a minibatch at a time (a tensor set is checked before the
+    run): a NaN in sample 50 stopped the run at step 4 as "training diverged ... with a lower
+    --lr"; it is named as the data's, the steps before it written."""
+    (tmp_path / "items.py").write_text(
+        "import torch\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n        return 96\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.full((16,), float('nan') if i == 50 else i / 96), i % 3\n"
+        "def make():\n    return Items()\n"
+    )
+    cfg = config(tmp_path, data=f"{tmp_path}/items.py:make", optimizer="sgd", track_every=0)
+    with pytest.raises(UserError, match="^the training data's inputs hold NaN or infinite values"):
+        train(cfg)
+    steps = read_metrics(tmp_path / "run" / "metrics.h5")["steps"]
+    assert np.isfinite(steps["loss"]).all() and 0 < len(steps["loss"]) < STEPS_PER_EPOCH
+
+
 def test_a_batch_of_one_for_a_batchnorm_model_is_refused_before_the_run(tmp_path):
     (tmp_path / "bn.py").write_text(
         "from torch import nn\n"

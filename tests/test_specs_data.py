@@ -173,6 +173,10 @@ def test_bad_tensor_files(tmp_path: Path) -> None:
     np.savez(tmp_path / "no_y.npz", x=np.zeros((3, 2)))
     with pytest.raises(UserError, match=r"no 'y' array at its top level \(found: x\)"):
         load_data(str(tmp_path / "no_y.npz"))
+    # np.savez(path, x, y) names them arr_0, arr_1: the fix was not said.
+    np.savez(tmp_path / "unnamed.npz", np.zeros((3, 2)), np.zeros(3, dtype=int))
+    with pytest.raises(UserError, match=r"\(found: arr_0, arr_1\): name them when saving, np.s"):
+        load_data(str(tmp_path / "unnamed.npz"))
     with h5py.File(tmp_path / "grouped.h5", "w") as f:  # arrays in a group are named as one
         f["train/x"], f["train/y"], f["notes"] = np.zeros((3, 2)), np.zeros(3), np.zeros(2)
     with pytest.raises(UserError, match=r"no 'x' array .*\(found: notes, train/\)"):

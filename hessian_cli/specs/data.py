@@ -308,9 +308,12 @@ def _tensor_file(spec: str) -> DataSource:
     arrays = _read_arrays(path)
     for key in ("x", "y"):
         if key not in arrays:
+            # np.savez names the arrays it is given by position arr_0, arr_1, ...
+            unnamed = any(re.fullmatch(r"arr_\d+", k) for k in arrays)
+            hint = ": name them when saving, np.savez(path, x=x, y=y)" if unnamed else ""
             raise UserError(
                 f"data file {spec!r} has no {key!r} array at its top level (found: "
-                f"{', '.join(sorted(arrays)) or 'none'})."
+                f"{', '.join(sorted(arrays)) or 'none'}){hint}."
             )
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise UserError(f"data file {spec!r} must hold both x_test and y_test, or neither.")

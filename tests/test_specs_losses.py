@@ -137,6 +137,12 @@ def test_mse_of_one_output_regresses_onto_0_1_labels() -> None:
         match="out of range for a single output in the mse loss, which takes 0/1 labels only",
     ):
         mse(model(x)[:, 0], labels * 2)
+    # A mask shaped like the outputs, (batch, H, W), or labels shaped (batch, 1) as the one
+    # output is: labels 0 to 2 there were regressed onto as numbers (a mask of 0 to 4: 7.84).
+    assert torch.equal(mse(mask[:, 0], masks), F.mse_loss(mask[:, 0], masks.float()))
+    for outputs, targets in ((mask[:, 0], masks * 2), (model(x), labels[:, None] * 2)):
+        with pytest.raises(UserError, match="label 2 is out of range for integer targets shaped"):
+            mse(outputs, targets)
 
 
 def test_mse_real_targets() -> None:

@@ -220,7 +220,7 @@ def _classes_where(outputs: Tensor, targets: Tensor, loss: str) -> str:
 def _mse(num_classes: int | None) -> LossFn:
     def mse(outputs: Tensor, targets: Tensor) -> Tensor:
         """Mean squared error; integer labels are compared with their one-hot vectors (0/1
-        labels with a single output as they are), and integer targets shaped like the
+        labels with a single output as they are), and integer 0/1 targets shaped like the
         outputs (one-hot rows already) as they are."""
         if outputs.ndim == 1 and not targets.is_floating_point():
             # One output per sample, as (batch, 1) is: labels 0 to 3 against (batch,) zeros
@@ -257,6 +257,18 @@ def _mse(num_classes: int | None) -> LossFn:
                 targets = F.one_hot(targets.long(), classes).to(outputs.dtype)
                 if dim == 1:
                     targets = targets.movedim(-1, 1)
+        elif (
+            not targets.is_floating_point()
+            and (other := targets[(targets != 0) & (targets != 1)]).numel()
+        ):
+            # Compared as they are, they are one-hot or multi-hot rows, or each output's 0/1
+            # label: a mask of labels 0 to 4 against (batch, H, W) outputs was regressed onto as
+            # numbers (a loss of 7.84) where (batch, 1, H, W) outputs refused it.
+            raise UserError(
+                f"label {int(other[0])} is out of range for integer targets shaped like the "
+                "model outputs in the mse loss, which takes 0/1 labels only there (one-hot or "
+                "multi-hot rows, or one label per output): store others as real numbers."
+            )
         if targets.shape != outputs.shape:
             # The outputs' sizes in another order are another layout ((batch, tokens, classes)
             # for (batch, classes, tokens)), which a reshape paired wrongly: 1.816 for 1.697.

@@ -919,6 +919,24 @@ def test_deepspeed_model_parallel_slices_are_refused_in_one_sentence(tmp_path):
     assert list_checkpoints(trainer) == [trainer / "model.safetensors"]
 
 
+def test_deepspeed_pipeline_parallel_layers_are_refused_in_one_sentence(tmp_path):
+    """A PipelineModule's weights are one file per layer beside model states whose ``module``
+    is None: those were told to name their weights with --weights-key, which no entry holds,
+    and a layer given alone was refused as missing the others' keys."""
+    folder = tmp_path / "global_step10"
+    folder.mkdir()
+    torch.save({"module": None, "global_steps": 10}, folder / "mp_rank_00_model_states.pt")
+    for idx, layer in ((0, nn.Linear(4, 3)), (2, nn.Linear(3, 2))):
+        torch.save(layer.state_dict(), folder / f"layer_0{idx}-model_states.pt")
+    match = r"pipeline-parallel model, .*\(layer_00-model_states.pt to layer_02-model_states.pt\)"
+    for where in (tmp_path, folder):
+        with pytest.raises(UserError, match=match):
+            list_checkpoints(where)
+    for name in ("mp_rank_00_model_states.pt", "layer_02-model_states.pt"):
+        with pytest.raises(UserError, match=match):
+            load_checkpoint(folder / name)
+
+
 def test_deepspeed_zero3_placeholders_are_refused_in_one_sentence(tmp_path):
     """ZeRO-3 saves empty tensors where the weights are, which were refused as mismatches."""
     shapes = [{k: v.shape for k, v in small_model().named_parameters()}]

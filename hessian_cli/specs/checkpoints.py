@@ -1014,12 +1014,27 @@ _JOIN_ZERO3 = (
 
 
 _MODEL_PARALLEL = re.compile(r"mp_rank_\d+_model_states\.pt")
+# A DeepSpeed PipelineModule's weights, one file per layer (and tensor-parallel rank).
+_PIPELINE_LAYER = re.compile(r"layer_\d+(-model_\d+)?-model_states\.pt")
 
 
 def _refuse_model_parallel(path: Path) -> None:
     """Refuses one rank's model states of a DeepSpeed checkpoint under model parallelism
     (mp_rank_00_model_states.pt beside mp_rank_01_...): a slice of the weights, which was read
-    as the model's (refused as shape mismatches, or a series of the slices)."""
+    as the model's (refused as shape mismatches, or a series of the slices); and those of a
+    pipeline-parallel model, whose ``module`` is None beside its layer_NN-model_states.pt
+    files (it was told to name its weights with --weights-key, which none holds), or one of
+    those layers (refused as missing the others' keys)."""
+    if _MODEL_PARALLEL.fullmatch(path.name) or _PIPELINE_LAYER.fullmatch(path.name):
+        layers = [p.name for p in path.parent.iterdir() if _PIPELINE_LAYER.fullmatch(p.name)]
+        if layers:
+            layers.sort(key=natural_key)
+            raise UserError(
+                f"checkpoint {str(path)!r} is of a DeepSpeed pipeline-parallel model, whose "
+                f"weights are saved one file per layer ({layers[0]} to {layers[-1]}), which are "
+                "not joined: load it into your PipelineModule, torch.save its state_dict() and "
+                "give that file."
+            )
     if not _MODEL_PARALLEL.fullmatch(path.name):
         return
     ranks = sorted(p.name for p in path.parent.iterdir() if _MODEL_PARALLEL.fullmatch(p.name))

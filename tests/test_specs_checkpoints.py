@@ -33,6 +33,9 @@ def small_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
 
 
+DEEPSPEED_STATES = "mp_rank_00_model_states.pt"
+
+
 def small_state() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in small_model().state_dict().items()}
 
@@ -1024,6 +1027,38 @@ def test_an_accelerate_folder_under_deepspeed_is_its_model_states(tmp_path):
     torch.save({"module": small_state()}, tmp_path / "pytorch_model_1" / weights.name)
     with pytest.raises(UserError, match=r"of 2 models \(pytorch_model/mp_rank_00_model_st.*, as"):
         list_checkpoints(tmp_path)
+
+
+def test_an_accelerate_projects_checkpoints_under_deepspeed_are_a_series(tmp_path):
+    """accelerate's automatic checkpoint naming under DeepSpeed keeps each checkpoint's weights
+    two folders down (checkpoints/checkpoint_3/pytorch_model/): the checkpoints folder held "no
+    checkpoint files", and each checkpoint was named pytorch_model."""
+    checkpoints = tmp_path / "checkpoints"
+    for n in (10, 0, 1):
+        folder = checkpoints / f"checkpoint_{n}" / "pytorch_model"
+        folder.mkdir(parents=True)
+        torch.save({"module": small_state(), "global_steps": n}, folder / DEEPSPEED_STATES)
+        torch.save({"random_state": np.random.get_state()}, folder.parent / "random_states_0.pkl")
+    found = list_checkpoints(checkpoints)
+    assert [p.relative_to(checkpoints).as_posix() for p in found] == [
+        f"checkpoint_{n}/pytorch_model/{DEEPSPEED_STATES}" for n in (0, 1, 10)
+    ]
+    loaded = load_checkpoint(found[2])
+    assert (loaded.name, loaded.label, loaded.metadata) == (
+        "checkpoint_10",
+        f"checkpoint_10/pytorch_model/{DEEPSPEED_STATES}",
+        {"step": 10},
+    )
+    assert _equal(loaded.state_dict, small_state())
+    # ZeRO-3's partitions there are refused as elsewhere; the weights zero_to_fp32.py gathered
+    # beside them are the checkpoint, given in its folder too.
+    found[0].rename(found[0].parent / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match="checkpoint_0/pytorch_model' holds DeepSpeed ZeRO-3's"):
+        list_checkpoints(checkpoints)
+    gathered = checkpoints / "checkpoint_0" / "pytorch_model.bin"
+    torch.save(small_state(), gathered)
+    assert list_checkpoints(checkpoints) == [gathered, *found[1:]]
+    assert list_checkpoints(gathered.parent) == [gathered]
 
 
 def test_an_accelerate_folder_of_several_models_is_refused(tmp_path):

@@ -55,6 +55,9 @@ TRAINER_WEIGHTS: tuple[str, ...] = (
 )
 # The weights in a DeepSpeed checkpoint folder (global_step500/), beside its optimizer's shards.
 DEEPSPEED_WEIGHTS = "mp_rank_00_model_states.pt"
+# The DeepSpeed checkpoint folder of accelerate's save_state under DeepSpeed, inside its own
+# folder (checkpoints/checkpoint_3/pytorch_model/), which names the checkpoint.
+ACCELERATE_DEEPSPEED = "pytorch_model"
 # Weights files named alike in every checkpoint folder, which the folder's name tells apart.
 FOLDER_WEIGHTS: tuple[str, ...] = (*TRAINER_WEIGHTS, DEEPSPEED_WEIGHTS)
 TRAINER_STATE = "trainer_state.json"
@@ -109,17 +112,27 @@ class LoadedCheckpoint:
 def checkpoint_label(path: Path) -> str:
     """How messages name a checkpoint: its file's name, after its Trainer folder's where it has
     one (``checkpoint-500/model.safetensors``: the file's name alone is every folder's)."""
-    in_folder = path.name in FOLDER_WEIGHTS and path.parent.name
-    return f"{series_name(path)}/{path.name}" if in_folder else path.name
+    folder = _naming_folder(path)
+    return path.relative_to(folder.parent).as_posix() if folder is not None else path.name
 
 
 def series_name(path: Path) -> str:
     """A checkpoint's name in a series: its file's name without its suffix (``.pth.tar`` whole:
     pytorch/examples' checkpoint.pth.tar was named ``checkpoint.pth``), or, for the weights of a
     Trainer's or DeepSpeed's checkpoint folder (all named alike), the folder's name."""
-    if path.name in FOLDER_WEIGHTS and path.parent.name:
-        return path.parent.name
+    if (folder := _naming_folder(path)) is not None:
+        return folder.name
     return path.name[: -len(".pth.tar")] if path.name.lower().endswith(".pth.tar") else path.stem
+
+
+def _naming_folder(path: Path) -> Path | None:
+    """The folder whose name tells apart weights named alike in every checkpoint folder: the
+    one they are in, or accelerate's save_state folder around its ``pytorch_model/`` under
+    DeepSpeed (all the series' checkpoints were named pytorch_model)."""
+    if path.name not in FOLDER_WEIGHTS or not path.parent.name:
+        return None
+    accelerate = path.name == DEEPSPEED_WEIGHTS and path.parent.name == ACCELERATE_DEEPSPEED
+    return path.parent.parent if accelerate and path.parent.parent.name else path.parent
 
 
 # ----------------------------------------------------------------------------- loading
@@ -939,7 +952,8 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     """Checkpoint files directly inside ``directory``, in natural name order (no temp files; a
     link to another of them, Lightning's ``last.ckpt``, too, which a series names as left out);
     and the weights of the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``)
-    or DeepSpeed's (``global_step500/mp_rank_00_model_states.pt``). A Trainer
+    or DeepSpeed's (``global_step500/mp_rank_00_model_states.pt``; also in accelerate's
+    save_state folders, ``checkpoint_3/pytorch_model/mp_rank_00_model_states.pt``). A Trainer
     checkpoint folder itself is its weights file alone (not its optimizer's or scheduler's); a
     Trainer's output directory is its final weights (``save_model`` writes them there) beside
     its checkpoint folders' (the series was the final weights alone)."""
@@ -959,11 +973,17 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     # (where zero_to_fp32.py wrote weights beside global_stepN folders, they are another's).
     trainer_folder = own is not None and (directory / TRAINER_STATE).is_file()
     for folder in folders:
+        # So is accelerate's pytorch_model/ beside the weights zero_to_fp32.py gathered from it.
+        again = trainer_folder or (own is not None and folder.name == ACCELERATE_DEEPSPEED)
         if (weights := trainer_weights(folder)) is not None:
-            if not (trainer_folder and weights.name == DEEPSPEED_WEIGHTS):
+            if not (again and weights.name == DEEPSPEED_WEIGHTS):
                 found.append(weights)
         else:  # a checkpoint-N folder of shards (or ZeRO-3's) was skipped unsaid
-            _refuse_unjoined(folder, zero3=not trainer_folder)
+            _refuse_unjoined(folder, zero3=not again)
+            if (folder / ACCELERATE_DEEPSPEED).is_dir():
+                # accelerate's save_state folder under DeepSpeed (checkpoints/checkpoint_3/
+                # pytorch_model/): a project's checkpoints folder held "no checkpoint files".
+                found.extend(list_checkpoints(folder))
     for path in found:  # before a series reads the first
         _refuse_model_parallel(path)
     deepspeed_models = re.compile(r"pytorch_model(_\d+)?/" + re.escape(DEEPSPEED_WEIGHTS))

@@ -1013,6 +1013,23 @@ def test_accelerate_save_state_folders_are_their_weights_or_refused_where_sharde
             list_checkpoints(where)
 
 
+def test_fsdp_local_state_dicts_are_refused_in_one_sentence(tmp_path):
+    """FSDP's LOCAL_STATE_DICT writes each rank's shard of the flattened weights
+    (pytorch_model_fsdp_rank0.bin, ...): their folder held "no checkpoint files", and one given
+    alone was read as the model's weights."""
+    folder = tmp_path / "checkpoint_0"
+    folder.mkdir()
+    for rank in (0, 1, 10):
+        torch.save(small_state(), folder / f"pytorch_model_fsdp_rank{rank}.bin")
+    torch.save({"random_state": np.random.get_state()}, folder / "random_states_0.pkl")
+    match = r"local state dicts, .*\(pytorch_model_fsdp_rank0.bin to pytorch_model_fsdp_rank10.b"
+    for where in (tmp_path, folder):
+        with pytest.raises(UserError, match=match + r".*FULL_STATE_DICT"):
+            list_checkpoints(where)
+    with pytest.raises(UserError, match="is one FSDP rank's local state dict, .*FULL_STATE_DICT"):
+        load_checkpoint(folder / "pytorch_model_fsdp_rank1.bin")
+
+
 def test_an_accelerate_folder_under_deepspeed_is_its_model_states(tmp_path):
     """Under DeepSpeed, save_state writes the model's folder (pytorch_model/, DeepSpeed's)
     beside random_states_0.pkl, which was taken for a second checkpoint of the series, and

@@ -160,6 +160,11 @@ def load_checkpoint(
             f"joined: {_JOIN_SHARDS}"
         )
     _refuse_model_parallel(path)
+    if _FSDP_LOCAL.fullmatch(path.name):  # it was read as the model's, or asked for trust
+        raise UserError(
+            f"checkpoint {str(path)!r} is one FSDP rank's local state dict, a shard of the "
+            f"flattened weights, which are not joined: {_JOIN_FSDP_LOCAL}"
+        )
     if path.name in PEFT_ADAPTERS and (path.parent / PEFT_CONFIG).is_file():
         raise UserError(f"checkpoint {str(path)!r} is a PEFT adapter, {_MERGE_ADAPTER}")
     if path.name in _SHARD_INDEXES:  # (was "not a torch, safetensors or pickle file")
@@ -997,7 +1002,8 @@ def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
     beside its shards), or where ``zero3``, DeepSpeed ZeRO-3's partitions (also in the
     global_stepN folder of a Trainer's checkpoint folder), or FSDP's sharded state dict that
     accelerate's save_state writes (its random_states_0.pkl, beside them, was taken for the
-    weights, and refused as needing trust); and a PEFT adapter's folder, whose weights are not
+    weights, and refused as needing trust) or its local state dicts, one per rank (the folder
+    held "no checkpoint files"); and a PEFT adapter's folder, whose weights are not
     the model's (they were skipped unsaid, or refused as mismatches)."""
     if (folder / PEFT_CONFIG).is_file() and any((folder / n).is_file() for n in PEFT_ADAPTERS):
         raise UserError(f"{str(folder)!r} holds a PEFT adapter, {_MERGE_ADAPTER}")
@@ -1006,6 +1012,13 @@ def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
             f"{str(folder)!r} holds FSDP's sharded weights ({fsdp.name}), which are not joined: "
             f"join them with `accelerate merge-weights {fsdp.name} OUT_DIR` and give the "
             "model.safetensors it writes."
+        )
+    ranks = [p.name for p in folder.glob("pytorch_model_fsdp*") if _FSDP_LOCAL.fullmatch(p.name)]
+    if ranks:
+        ranks.sort(key=natural_key)
+        raise UserError(
+            f"{str(folder)!r} holds FSDP's local state dicts, each rank's shard of the flattened "
+            f"weights ({ranks[0]} to {ranks[-1]}), which are not joined: {_JOIN_FSDP_LOCAL}"
         )
     shards = (folder / n for n in _SHARD_INDEXES)
     if (index := next((i for i in shards if i.is_file()), None)) is not None:
@@ -1021,6 +1034,12 @@ def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
         )
 
 
+# accelerate's save_state of an FSDP model under LOCAL_STATE_DICT: one file per rank.
+_FSDP_LOCAL = re.compile(r"pytorch_model_fsdp(_\d+)?_rank\d+\.bin")
+_JOIN_FSDP_LOCAL = (
+    "load them on as many processes (accelerate's load_state) and save them again with "
+    "fsdp_state_dict_type FULL_STATE_DICT, whose pytorch_model_fsdp.bin is read."
+)
 _MERGE_ADAPTER = (
     "changes to a base model's weights, not the weights: merge it into that model "
     "(merge_and_unload()) and save the result (save_pretrained, or torch.save of its state_dict)."

@@ -1056,6 +1056,8 @@ def test_an_accelerate_projects_checkpoints_under_deepspeed_are_a_series(tmp_pat
         folder.mkdir(parents=True)
         torch.save({"module": small_state(), "global_steps": n}, folder / DEEPSPEED_STATES)
         torch.save({"random_state": np.random.get_state()}, folder.parent / "random_states_0.pkl")
+        # An object registered for checkpointing (a scheduler's state) stopped the series.
+        torch.save({"last_epoch": n}, folder.parent / "custom_checkpoint_0.pkl")
     found = list_checkpoints(checkpoints)
     assert [p.relative_to(checkpoints).as_posix() for p in found] == [
         f"checkpoint_{n}/pytorch_model/{DEEPSPEED_STATES}" for n in (0, 1, 10)

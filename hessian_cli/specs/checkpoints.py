@@ -1104,7 +1104,9 @@ def _shard_index(path: Path) -> Path | None:
     return None
 
 
-_RANDOM_STATES = re.compile(r"random_states_\d+\.pkl")  # accelerate's, one per process
+# accelerate's save_state: random states, one per process, and the objects registered for
+# checkpointing (register_for_checkpointing), which are no model's weights.
+_SAVE_STATE_EXTRAS = re.compile(r"(random_states|custom_checkpoint)_\d+\.pkl")
 
 
 def _checkpoint_files(entries: list[Path]) -> list[Path]:
@@ -1112,14 +1114,15 @@ def _checkpoint_files(entries: list[Path]) -> list[Path]:
 
     A link that points nowhere is listed, so that reading it ends the run as any unreadable
     checkpoint does (it was skipped silently). accelerate's random_states_0.pkl, beside the
-    weights of its save_state, is no checkpoint (a series stopped at it, asking for trust)."""
+    weights of its save_state, is no checkpoint (a series stopped at it, asking for trust), nor
+    its custom_checkpoint_0.pkl (under DeepSpeed a series stopped at it: no state dict)."""
     return [
         p
         for p in entries
         if (p.is_file() or (p.is_symlink() and not p.exists()))
         and p.name.lower().endswith(CHECKPOINT_SUFFIXES)
         and not p.name.startswith(".")
-        and not _RANDOM_STATES.fullmatch(p.name)
+        and not _SAVE_STATE_EXTRAS.fullmatch(p.name)
     ]
 
 

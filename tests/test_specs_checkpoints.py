@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -1028,6 +1029,33 @@ def test_fsdp_local_state_dicts_are_refused_in_one_sentence(tmp_path):
             list_checkpoints(where)
     with pytest.raises(UserError, match="is one FSDP rank's local state dict, .*FULL_STATE_DICT"):
         load_checkpoint(folder / "pytorch_model_fsdp_rank1.bin")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_a_torch_distributed_checkpoint_is_refused_with_how_to_join_it(tmp_path):
+    """dcp.save's folders (FSDP2's, torchtitan's: .metadata beside .distcp shards) held "no
+    checkpoint files", and a shard given alone was "corrupt, truncated or not a torch file";
+    the file format_utils joins them into is read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = tmp_path / "step-10"
+    with warnings.catch_warnings():  # (saving without a process group)
+        warnings.simplefilter("ignore")
+        dcp.save({"model": small_state(), "step": 10}, checkpoint_id=folder)
+    match = "torch.distributed.checkpoint, .*format_utils dcp_to_torch .*step-10 OUT.pt`"
+    for where in (tmp_path, folder):
+        with pytest.raises(UserError, match=match):
+            list_checkpoints(where)
+    with pytest.raises(UserError, match="is one of the shards of a torch.distributed.checkpo"):
+        load_checkpoint(next(folder.glob("*.distcp")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(folder, tmp_path / "joined.pt")
+    assert _equal(load_checkpoint(tmp_path / "joined.pt").state_dict, small_state())
+    # Beside weights, one is not them (accelerate's optimizer_0/ under FSDP's sharded state).
+    save_file(small_state(), tmp_path / "model.safetensors")
+    assert list_checkpoints(tmp_path) == [tmp_path / "model.safetensors"]
 
 
 def test_an_accelerate_folder_under_deepspeed_is_its_model_states(tmp_path):

@@ -160,6 +160,11 @@ def load_checkpoint(
             f"joined: {_JOIN_SHARDS}"
         )
     _refuse_model_parallel(path)
+    if path.suffix == ".distcp":  # (was "corrupt, truncated or not a torch file")
+        raise UserError(
+            f"checkpoint {str(path)!r} is one of the shards of a torch.distributed.checkpoint, "
+            f"which are not joined: {_join_dcp(path.parent)}"
+        )
     if _FSDP_LOCAL.fullmatch(path.name):  # it was read as the model's, or asked for trust
         raise UserError(
             f"checkpoint {str(path)!r} is one FSDP rank's local state dict, a shard of the "
@@ -984,7 +989,9 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
             if not (again and weights.name == DEEPSPEED_WEIGHTS):
                 found.append(weights)
         else:  # a checkpoint-N folder of shards (or ZeRO-3's) was skipped unsaid
-            _refuse_unjoined(folder, zero3=not again)
+            # (beside weights, a torch.distributed.checkpoint is not them: accelerate's
+            # optimizer_0/, or the sharded model merge-weights joined into them)
+            _refuse_unjoined(folder, zero3=not again, dcp=own is None)
             if (folder / ACCELERATE_DEEPSPEED).is_dir():
                 # accelerate's save_state folder under DeepSpeed (checkpoints/checkpoint_3/
                 # pytorch_model/): a project's checkpoints folder held "no checkpoint files".
@@ -997,13 +1004,14 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: natural_key(series_name(p)))
 
 
-def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
+def _refuse_unjoined(folder: Path, *, zero3: bool = True, dcp: bool = True) -> None:
     """Refuses a folder of weights in pieces, which are not joined: sharded weights (an index
     beside its shards), or where ``zero3``, DeepSpeed ZeRO-3's partitions (also in the
     global_stepN folder of a Trainer's checkpoint folder), or FSDP's sharded state dict that
     accelerate's save_state writes (its random_states_0.pkl, beside them, was taken for the
     weights, and refused as needing trust) or its local state dicts, one per rank (the folder
-    held "no checkpoint files"); and a PEFT adapter's folder, whose weights are not
+    held "no checkpoint files"), or where ``dcp``, a torch.distributed.checkpoint's shards
+    (dcp.save's, as FSDP2 and torchtitan save: so too); and a PEFT adapter's folder, whose weights are not
     the model's (they were skipped unsaid, or refused as mismatches)."""
     if (folder / PEFT_CONFIG).is_file() and any((folder / n).is_file() for n in PEFT_ADAPTERS):
         raise UserError(f"{str(folder)!r} holds a PEFT adapter, {_MERGE_ADAPTER}")
@@ -1019,6 +1027,11 @@ def _refuse_unjoined(folder: Path, *, zero3: bool = True) -> None:
         raise UserError(
             f"{str(folder)!r} holds FSDP's local state dicts, each rank's shard of the flattened "
             f"weights ({ranks[0]} to {ranks[-1]}), which are not joined: {_JOIN_FSDP_LOCAL}"
+        )
+    if dcp and (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):
+        raise UserError(
+            f"{str(folder)!r} holds a torch.distributed.checkpoint, weights sharded in .distcp "
+            f"files, which are not joined: {_join_dcp(folder)}"
         )
     shards = (folder / n for n in _SHARD_INDEXES)
     if (index := next((i for i in shards if i.is_file()), None)) is not None:
@@ -1040,6 +1053,17 @@ _JOIN_FSDP_LOCAL = (
     "load them on as many processes (accelerate's load_state) and save them again with "
     "fsdp_state_dict_type FULL_STATE_DICT, whose pytorch_model_fsdp.bin is read."
 )
+
+
+def _join_dcp(folder: Path) -> str:
+    """How to join a torch.distributed.checkpoint (dcp.save's, FSDP2's, torchtitan's) in
+    ``folder`` into one file that is read."""
+    return (
+        "join them with `python -m torch.distributed.checkpoint.format_utils dcp_to_torch "
+        f"{folder} OUT.pt` and give that file."
+    )
+
+
 _MERGE_ADAPTER = (
     "changes to a base model's weights, not the weights: merge it into that model "
     "(merge_and_unload()) and save the result (save_pretrained, or torch.save of its state_dict)."

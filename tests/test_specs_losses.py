@@ -289,6 +289,9 @@ def test_mse_on_class_labels_stored_as_floats_says_so():
     logits, labels = torch.randn(2, 5, 7), torch.tensor([[1.0, 2, 3, 4, 5]] * 2)
     with pytest.raises(UserError, match="class labels stored as real numbers"):
         mse(logits, labels)
+    # One per sample, as a tensor file's real y is read (batch, 1): the mismatch alone.
+    with pytest.raises(UserError, match=r"\(2, 1\) \(whole numbers, one per sample or token: cl"):
+        mse(logits[:, 0], labels[:, :1])
     with pytest.raises(UserError) as info:  # real targets are a shape mismatch only
         mse(logits, labels + 0.5)
     assert "class labels" not in str(info.value)

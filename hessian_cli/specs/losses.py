@@ -278,12 +278,15 @@ def _mse(num_classes: int | None) -> LossFn:
             if same_count and targets.shape[0] == outputs.shape[0] and not reordered:
                 targets = targets.reshape(outputs.shape)
             else:
-                labels = outputs.ndim == targets.ndim + 1 and bool(
-                    (targets == targets.round()).all()
+                # One per token or sample: a tensor file's real y is read as a column (batch,
+                # 1), which met the mismatch alone where labels 0-2 were stored as floats.
+                one_each = outputs.ndim == targets.ndim + 1 or (
+                    outputs.ndim == 2 and targets.shape[1:] == (1,)
                 )
+                labels = one_each and bool((targets == targets.round()).all())
                 hint = (
-                    " (whole numbers, one short of the outputs' dimensions: class labels stored "
-                    "as real numbers? store them as integers)"
+                    " (whole numbers, one per sample or token: class labels stored as real "
+                    "numbers? store them as integers)"
                     if labels
                     else " (the same sizes in another order: transpose the targets, or the "
                     "outputs, to the other's layout)"

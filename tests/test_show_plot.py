@@ -305,6 +305,32 @@ def test_the_training_curves_tick_steps_as_whole_numbers():
         assert all(float(t).is_integer() for t in ticks), ax.get_title()
 
 
+def test_a_one_step_run_s_axes_tick_its_step_alone():
+    """A run stopped after one step has one point per panel: the view around it, -0.055 to
+    0.055, was ticked at -0.045, -0.030, ..., 0.045 (and a series of two runs' checkpoints at
+    one step likewise)."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    steps = {"step": np.array([0]), "loss": np.array([2.3]), "accuracy": np.array([0.3])}
+    refresh = {"step": np.array([0]), "eigenvalue": np.array([1.5]), "alignment": [0.2]}
+    eigen = {"which": "largest", "eigenvalues": [2.0], "converged": [True]}
+    ds = [
+        {"name": f"r{i}/c", "eigen": eigen, "provenance": {"step": 7, "checkpoint": f"r{i}/c.pt"}}
+        for i in range(2)
+    ]
+    figures = metrics_figure({"steps": steps, "refresh": refresh}), spectra_figure(ds)
+    axes = [ax for fig in figures for ax in fig.axes if ax.get_visible() and ax.get_xlabel()]
+    assert [ax.get_xlabel() for ax in axes] == ["step"] * 5  # loss, accuracy, λ1, alignment; λ1
+    for ax in axes:
+        ticks = ax.xaxis.get_major_locator().tick_values(*ax.get_xlim())
+        assert ticks.tolist() == [7.0 if ax.figure is figures[1] else 0.0], ax.get_title()
+    # Between two whole numbers (fractional epochs recorded) the ticks are as they were.
+    for d, epoch in zip(ds, (1.25, 1.5), strict=True):
+        d["provenance"] = {"epoch": epoch}
+    ax = spectra_figure(ds).axes[0]
+    assert ax.get_xlabel() == "epoch" and len(ax.get_xticks()) > 1
+
+
 def test_a_two_dimensional_loss_column_shows_as_json_does(files, tmp_path):
     """docs/hdf5.md allows columns of rows; the table's first/last loss line took one for a
     number and failed where --json and plot read the file."""

@@ -49,6 +49,23 @@ DPI = 120
 _DENSITY_FLOOR = 1e-7  # log-scale ESD: show seven decades below the peak
 
 
+class _WholeNumbers(MaxNLocator):
+    """Ticks at whole numbers only (steps, epochs, places in a series). ``integer=True`` alone
+    keeps fractional ticks where the view holds under two whole numbers: a one-step run's
+    axis, -0.055 to 0.055, was ticked at -0.045, -0.030, ..., 0.045."""
+
+    def __init__(self) -> None:
+        super().__init__(integer=True)
+
+    def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
+        ticks = super().tick_values(vmin, vmax)
+        if np.array_equal(ticks, np.round(ticks)):
+            return ticks
+        low, high = sorted((vmin, vmax))
+        whole = np.arange(math.ceil(low), math.floor(high) + 1, dtype=float)
+        return whole if whole.size else ticks  # a view between two (epochs 1.25 and 1.5)
+
+
 def _literal(text: Any) -> str:
     """``text`` drawn as it is: matplotlib reads ``$...$`` as mathematics."""
     return str(text).replace("$", r"\$")
@@ -467,7 +484,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
                 break
             legend.remove()
     for ax in axes[: len(axes) - has_density]:  # steps, epochs and places: whole numbers
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_WholeNumbers())
     return fig
 
 
@@ -564,13 +581,13 @@ def _recorded(cols: Mapping[str, np.ndarray], *names: str) -> bool:
 
 def _epoch_axis(ax: Axes) -> None:
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_WholeNumbers())
 
 
 def _step_axis(ax: Axes) -> None:
     """Steps are whole numbers: a short run's axis had ticks at 0.5, 1.5, ..."""
     ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_WholeNumbers())
 
 
 def _loss_axis(ax: Axes, title: str) -> None:

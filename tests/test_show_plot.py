@@ -1080,6 +1080,23 @@ def test_an_all_zero_hessian_says_converged_means_a_zero_residual():
     assert fig.axes[1].get_ylabel() == "residual ||Hv-λv|| (every λ seen was 0)"
 
 
+def test_the_residual_axis_names_the_scale_the_residuals_are_relative_to():
+    """The residuals are relative to the largest |Ritz value| the solve saw: --which smallest
+    of a digits-like MLP (λn -0.495, scale 1.177) was drawn on an axis of "/ |λ_max|"."""
+    eigen = {
+        "which": "smallest",
+        "eigenvalues": [-0.4946, -0.4931],
+        "residuals": [3e-5, 8e-5],
+        "converged": [True, True],
+        "tol": 1e-4,
+        "scale": 1.1768,
+    }
+    fig = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen}])
+    assert fig.axes[1].get_ylabel() == "residual ||Hv-λv|| / 1.177 (largest |Ritz value|)"
+    older = spectra_figure([{"name": "c", "provenance": {}, "eigen": eigen | {"scale": None}}])
+    assert older.axes[1].get_ylabel() == "residual ||Hv-λv|| relative"
+
+
 def test_the_tolerance_is_shown_and_drawn_as_given():
     """--tol 1.25e-4 was "tol 1.3e-04" in the table and "tol 1e-04" in the plot's legend."""
     from rich.console import Console

@@ -271,12 +271,16 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
         else:
             label = f"tol {tol:g}, below the rounding floor {floor:.2g}"
             twin.axhline(tol, color="C1", ls=":", lw=1, label=label)
+    # The residuals are relative to the solve's scale, the largest |Ritz value| it saw: also
+    # for --which smallest, where "/ |λ_max|" read as the largest eigenvalue's (or |λ_min|).
+    scale = e.get("scale")
+    relative = "relative" if scale is None else f"/ {scale:.4g} (largest |Ritz value|)"
     twin.set_ylabel(
         "residual ||Hv-λv|| (every λ seen was 0)"
         if zero
         else "bound on the relative eigenvalue error"
         if by_error
-        else "relative residual ||Hv-λv|| / |λ_max|",
+        else f"residual ||Hv-λv|| {relative}",
         color="C1",
     )
     handles = ax.get_legend_handles_labels()

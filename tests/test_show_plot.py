@@ -691,6 +691,38 @@ def test_a_file_that_records_no_precision_is_not_another_setting_beside_full(tmp
     assert "precision" in [c.header for c in series_table(bf16).columns]
 
 
+def test_a_cuda_file_that_records_no_precision_is_not_called_full():
+    """Versions before --precision left TF32 on for cuDNN's convolutions (PyTorch's default) and
+    recorded none: their CUDA files were read as full precision, beside a newer version's full
+    precision as one run. Off CUDA they are full."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    eigen = {"which": "largest", "eigenvalues": [2.0], "residuals": [1e-5], "converged": [True]}
+    prov = {"model": "cnn", "num_params": 10, "checkpoint": "run/a.pt", "device": "cuda:0"}
+    ds = [
+        {"name": name, "provenance": prov | {"step": step} | extra, "eigen": eigen}
+        for name, step, extra in (("a", 1, {}), ("b", 2, {"precision": "full"}))
+    ]
+    table = series_table(ds)
+    assert list(table.columns[3].cells) == ["unrecorded", "full"]  # the precision column
+    said = (
+        "written on CUDA by a version before 2026-11-28, which recorded no precision, left TF32 "
+        "as PyTorch sets it (on for cuDNN's convolutions) and checked no residual in full "
+        "precision"
+    )
+    assert table.caption == f"precision unrecorded (1 of 2 checkpoints): {said}"
+    console = Console(width=400, record=True)
+    console.print(analysis_table(ds[0]))
+    assert f"precision unrecorded: {said}." in console.export_text().splitlines()
+    assert "precision=unrecorded" in spectra_figure(ds).legends[0].get_texts()[0].get_text()
+    for exact in ({"device": "cpu"}, {"dtype": "float64"}):  # TF32 rounds float32 on CUDA only
+        same = [{**d, "provenance": d["provenance"] | exact} for d in ds]
+        assert series_table(same).caption is None
+        assert spectra_figure(same).get_suptitle() == ""  # one run
+
+
 def test_a_series_of_different_searches_says_which_end_each_row_holds():
     """One file with a top-2 and a smallest-2: the #1 column held the largest in one row and
     the smallest in the other, and nothing said which."""

@@ -376,7 +376,9 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
         )
         parts.append(Text("  ".join(shown), style="dim"))
     parts.append(Text(f"loss {_g(d.get('loss'))}"))
-    if analysis_setting(d, "precision") != "full":
+    if (precision := analysis_setting(d, "precision")) == UNRECORDED:
+        parts.append(Text.from_markup(f"[bold yellow]precision unrecorded:[/] {UNRECORDED_NOTE}."))
+    elif precision != "full":
         parts.append(Text.from_markup(_reduced_precision_note(d, prov)))
     if (e := d.get("eigen")) is not None:
         parts.append(_eigen_table(e))
@@ -442,6 +444,15 @@ ANALYSIS_SETTINGS = (
 )
 
 
+# The precision of a float32 analysis on CUDA by a version before --precision (2026-11-28), which
+# recorded none and did not switch TF32 off.
+UNRECORDED = "unrecorded"
+UNRECORDED_NOTE = (
+    "written on CUDA by a version before 2026-11-28, which recorded no precision, left TF32 as "
+    "PyTorch sets it (on for cuDNN's convolutions) and checked no residual in full precision"
+)
+
+
 def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
     """One of the :data:`ANALYSIS_SETTINGS` of the analysis ``d`` (None: not recorded, or no
     end searched); ``top_k`` is the eigenpairs asked at each end (0 for none: --top-k 0),
@@ -453,9 +464,15 @@ def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
         return e.get(key)
     if key == "tol" and not e:  # files written before 2026-12-01 recorded one, never used
         return None
-    if key == "precision":  # files before 2026-11-28 record none: full (captions, columns)
-        precision = (d.get("provenance") or {}).get(key)
-        return "full" if precision is None else precision
+    if key == "precision":  # files before 2026-11-28 record none
+        prov = d.get("provenance") or {}
+        if prov.get(key) is not None:
+            return prov[key]
+        # Those versions left TF32 as PyTorch sets it, on for cuDNN's convolutions: full
+        # precision only off CUDA (a CUDA file was shown as full), or in float64, which TF32
+        # leaves alone.
+        cuda = str(prov.get("device")).startswith("cuda")
+        return UNRECORDED if cuda and prov.get("dtype") != "float64" else "full"
     return (d.get("provenance") or {}).get(key)
 
 
@@ -545,7 +562,11 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
             "* NOT converged (not within its tolerance, or behind a pair that is not; details: "
             "show -c NAME)"
         )
-    rounded = [d for d in ds if analysis_setting(d, "precision") != "full"]
+    unrecorded = sum(analysis_setting(d, "precision") == UNRECORDED for d in ds)
+    if unrecorded:
+        of = f"{unrecorded} of {counted(len(ds), 'checkpoint')}"
+        notes.append(f"precision unrecorded ({of}): {UNRECORDED_NOTE}")
+    rounded = [d for d in ds if analysis_setting(d, "precision") not in ("full", UNRECORDED)]
     if rounded:  # as one checkpoint's table says above its numbers
         reduced = [d["provenance"] for d in rounded]
         modes = escape(", ".join(sorted({str(p["precision"]) for p in reduced})))  # a file's text

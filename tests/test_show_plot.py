@@ -979,17 +979,46 @@ def test_analyses_at_another_tolerance_seed_or_top_k_are_a_trajectory_each(
 
 
 def test_an_analysis_without_eigenpairs_is_named_as_asked_in_the_legend():
-    """One checkpoint analysed with --top-k 2 and with --top-k 0 --trace: the second's legend
-    entry read "top_k=None, which=None"."""
+    """One checkpoint analysed with --top-k 2 and with --top-k 0 --trace of other samples: the
+    second's legend entry read "top_k=None, which=None"."""
     prov = {"model": "mlp", "num_params": 2410, "step": 168}
     eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
     trace = {"estimate": 19.3, "stderr": 0.2}
     ds = [
-        {"name": "m", "provenance": prov, "eigen": eigen},
-        {"name": "m", "provenance": prov, "eigen": None, "trace": trace},
+        {"name": "m", "provenance": prov | {"num_samples": 128}, "eigen": eigen},
+        {"name": "m", "provenance": prov | {"num_samples": 512}, "eigen": None, "trace": trace},
     ]
     named = [h.get_label() for h in spectra_figure(ds).legends[0].legend_handles]
-    assert named == ["mlp (2,410), top_k=2, which=largest", "mlp (2,410), top_k=0"]
+    assert named == ["mlp (2,410), num_samples=128", "mlp (2,410), num_samples=512"]
+
+
+def test_a_series_traces_without_eigenpairs_join_the_series_of_its_eigenvalues():
+    """`analyze DIR --top-k 2` and then `analyze DIR --top-k 0 --trace` into one file: plot drew
+    "2 runs", "top_k=2, which=largest" and "top_k=0", and as one run the eigenvalues' and the
+    traces' lines stopped at every step the other analysis held (points, no line)."""
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "converged": [1, 1]}
+    prov = {"model": "mlp", "num_params": 2410, "tol": 1e-4, "checkpoint": "run/c.pt"}
+    ds = [
+        {"name": f"c{step}", "provenance": prov | {"step": step}, "eigen": eigen}
+        for step in (4, 8, 12)
+    ] + [
+        {
+            "name": f"c{step}-2",
+            "provenance": prov | {"step": step, "tol": None},
+            "eigen": None,
+            "trace": {"estimate": 16.0 + step / 4, "stderr": 1.0},
+        }
+        for step in (4, 8, 12)
+    ]
+    fig = spectra_figure(ds)
+    assert fig.get_suptitle() == "" and not fig.legends  # one run
+    eigenvalues, trace = fig.axes[:2]
+    (first, *_) = eigenvalues.get_lines()  # λ1's line through the three steps
+    assert first.get_xdata().tolist() == [4, 8, 12] and first.get_ydata().tolist() == [2.0] * 3
+    assert trace.get_lines()[0].get_xdata().tolist() == [4, 8, 12]
+    other = [{**d, "provenance": d["provenance"] | {"checkpoint": "b/c.pt"}} for d in ds[:3]]
+    named = [h.get_label() for h in spectra_figure(ds + other).legends[0].legend_handles]
+    assert named == ["mlp (2,410) in run", "mlp (2,410) in b"]
 
 
 def test_an_analysis_without_eigenpairs_gives_no_tolerance_column():
@@ -1009,8 +1038,7 @@ def test_an_analysis_without_eigenpairs_gives_no_tolerance_column():
     ]
     headers = [str(c.header) for c in series_table(ds).columns]
     assert headers == ["checkpoint", "step", "epoch", "λ1", "λ2", "trace"]
-    named = [h.get_label() for h in spectra_figure(ds).legends[0].legend_handles]
-    assert named == ["mlp (2,410), top_k=2, which=largest", "mlp (2,410), top_k=0"]
+    assert not spectra_figure(ds).legends  # one run, its traces beside its eigenvalues
 
 
 def test_the_title_of_many_runs_fits_a_one_panel_figure():

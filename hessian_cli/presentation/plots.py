@@ -31,6 +31,7 @@ from hessian_cli.atomic import atomic_path, stdout_written
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
     ANALYSIS_SETTINGS,
+    OF_PAIRS,
     analysis_setting,
     counted,
     differing_settings,
@@ -349,12 +350,23 @@ _MODEL_MARKERS = "osD^v<>ph*"
 
 def _run_keys(ds: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...] | None]:
     """Each checkpoint's run (:func:`run_key`) and analysis settings; None where its file
-    records no model."""
+    records no model. An analysis without eigenpairs (--top-k 0: a trace or density alone)
+    joins the first run of eigenpairs whose other settings are its own: a series' traces
+    appended so were a run of their own ("2 runs", "top_k=0")."""
+
+    def key(d: Mapping[str, Any], pairs: bool) -> tuple[Any, ...] | None:
+        run = run_key(d)
+        settings = (k for k in ANALYSIS_SETTINGS if pairs or k not in OF_PAIRS)
+        return None if run is None else (run, tuple(analysis_setting(d, k) for k in settings))
+
+    keys = [key(d, True) for d in ds]
+    with_pairs: dict[Any, tuple[Any, ...] | None] = {}
+    for d, own in zip(ds, keys, strict=True):
+        if d.get("eigen"):
+            with_pairs.setdefault(key(d, False), own)
     return [
-        None
-        if (run := run_key(d)) is None
-        else (run, tuple(analysis_setting(d, k) for k in ANALYSIS_SETTINGS))
-        for d in ds
+        own if d.get("eigen") or own is None else with_pairs.get(key(d, False), own)
+        for d, own in zip(ds, keys, strict=True)
     ]
 
 
@@ -371,7 +383,9 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
     def label(key: tuple[Any, ...] | None) -> str:
         if key is None:
             return "model not recorded"
-        first = ds[keys.index(key)]
+        # Its first analysis with eigenpairs, where it has some: their settings name it.
+        at = [i for i, k in enumerate(keys) if k == key]
+        first = ds[next((i for i in at if ds[i].get("eigen")), at[0])]
         prov = first.get("provenance") or {}
         where = f" in {run_directory(prov)}" if several else ""
         # None: not recorded, or no end searched (it read "top_k=None, which=None" beside a
@@ -389,6 +403,13 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
         )
         for n, key in enumerate(groups)
     ]
+
+
+def _holding(ds: Sequence[Mapping[str, Any]], at: np.ndarray, part: str) -> np.ndarray:
+    """The positions ``at`` of a run whose analyses hold ``part`` (eigen, trace, alignment): a
+    line stops at NaN, and a run's --top-k 0 analyses broke its eigenvalues' lines at each
+    step (its traces' at each of the others)."""
+    return np.array([j for j in at if ds[j].get(part)], dtype=int)
 
 
 def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
@@ -428,6 +449,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
                     bad[j] = not e["converged"][at]
             for n, (at, marker, _) in enumerate(runs):
                 label = labels[i] if n == 0 else None
+                at = _holding(ds, at, "eigen")
                 ax.plot(x[at], lam[at], marker=marker, ms=3, color=f"C{i % 10}", label=label)
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
             any_bad |= bool(bad.any())
@@ -445,6 +467,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         est = _arr([(d.get("trace") or {}).get("estimate") for d in ds])
         err = np.nan_to_num(_arr([(d.get("trace") or {}).get("stderr") for d in ds]))
         for at, marker, _ in runs:
+            at = _holding(ds, at, "trace")
             ax.errorbar(x[at], est[at], yerr=err[at], marker=marker, ms=3, capsize=3, color="C4")
         ax.set_title("Hessian trace (± std. error)")
         ax.set_xlabel(xlabel)
@@ -454,6 +477,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         first = _arr([((d.get("alignment") or {}).get("alignment") or [None])[0] for d in ds])
         sub = _arr([(d.get("alignment") or {}).get("subspace_alignment") for d in ds])
         for n, (at, marker, _) in enumerate(runs):
+            at = _holding(ds, at, "alignment")
             ax.plot(
                 x[at], first[at], marker=marker, ms=3, color="C0", label=None if n else "|<ĝ, v1>|"
             )

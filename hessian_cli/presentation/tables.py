@@ -477,7 +477,7 @@ def analysis_setting(d: Mapping[str, Any], key: str) -> Any:
 
 
 # Settings of the eigenpairs, which an analysis without them (--top-k 0) has none of.
-_OF_PAIRS = ("tol", "criterion")
+OF_PAIRS = ("tol", "criterion", "top_k", "which")
 
 
 def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -486,7 +486,7 @@ def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
     column of one value and dashes)."""
 
     def values(k: str) -> set[str]:
-        return {repr(analysis_setting(d, k)) for d in ds if d.get("eigen") or k not in _OF_PAIRS}
+        return {repr(analysis_setting(d, k)) for d in ds if d.get("eigen") or k not in OF_PAIRS}
 
     return [k for k in ANALYSIS_SETTINGS if len(values(k)) > 1]
 

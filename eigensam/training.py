@@ -103,7 +103,7 @@ from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.models import with_builtin_defaults
 from hessian_cli.specs.user_code import split_user_spec
-from hessian_cli.storage.metrics import MetricsLog
+from hessian_cli.storage.metrics import MetricsLog, above_tol
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -857,7 +857,7 @@ def _above_tol(residuals: list[float], tol: float) -> int:
     on rounding). An infinite residual is a top eigenvalue of 0, which has none relative to it,
     not a solve short of its tol (as show counts it; a linear model's linear loss: every
     refresh and track was said to be)."""
-    return sum(not r <= tol and not math.isinf(r) for r in residuals)
+    return int(above_tol(residuals, tol).sum())
 
 
 def _task(data: Any) -> str:

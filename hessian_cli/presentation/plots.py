@@ -45,6 +45,7 @@ from hessian_cli.presentation.tables import (
 )
 from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import make_folder
+from hessian_cli.storage.metrics import above_tol
 
 DPI = 120
 _DENSITY_FLOOR = 1e-7  # log-scale ESD: show seven decades below the peak
@@ -638,8 +639,7 @@ def _mark_unconverged(ax: Axes, cols: Mapping[str, np.ndarray], y: str, tol: flo
     step, value, residual = (np.asarray(cols[c], dtype=float) for c in ("step", y, "residual"))
     first = value if value.ndim == 1 else value[:, 0]  # as _curve draws a 2-D column
     residual = residual if residual.ndim == 1 else residual[:, 0]
-    # As show counts: an infinite residual is a top eigenvalue of 0, not a solve that fell short.
-    bad = ~(residual <= tol) & ~np.isinf(residual)
+    bad = above_tol(residual, tol)  # as show and train count them
     ax.plot(step[bad], first[bad], "x", color="C3", ms=8, mew=2)
     return bool(bad.any())
 

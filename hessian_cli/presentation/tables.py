@@ -21,7 +21,7 @@ from rich.text import Text
 
 from hessian_cli.presentation import DASH, counted
 from hessian_cli.storage.hdf5 import FORMAT_VERSION
-from hessian_cli.storage.metrics import METRICS_VERSION
+from hessian_cli.storage.metrics import METRICS_VERSION, above_tol
 
 NOT_CONVERGED = "[bold red]NOT converged[/]"
 # The provenance shown above the tables; `show --json` and the HDF5 attrs hold all of it.
@@ -845,12 +845,11 @@ def _converged_rows(columns: Mapping[str, np.ndarray], tol: float | None) -> str
     residual = columns.get("residual")
     if tol is None or residual is None or np.ndim(residual) != 1:
         return None
-    residual = np.asarray(residual, dtype=float)
-    met = int(np.sum(residual <= tol))
+    short = int(np.sum(above_tol(residual, tol)))
     # A top eigenvalue of 0 has no residual relative to it (eigensam's top_residual: inf): its
     # solve did not fall short of tol for it (an all-zero Hessian's residual is 0).
     zero = int(np.sum(np.isinf(residual)))
-    short = len(residual) - met - zero
+    met = len(residual) - short - zero
     rest = f"; {zero} found a top eigenvalue of 0 (no residual relative to it)" if zero else ""
     if short:  # "the others" where there was one; a count beside the zero ones
         # The file records no stop reason: a solve also ends above tol where its residual stops

@@ -91,6 +91,14 @@ COLUMNS: dict[str, dict[str, type]] = {
 }
 
 
+def above_tol(residual: Any, tol: float) -> np.ndarray:
+    """Which ``refresh`` or ``track`` rows (their ``residual`` column) did not converge: above
+    ``tol`` (their budget spent, or their residual stalled). An infinite residual is a top
+    eigenvalue of 0, which has none relative to it, not a solve short of its tol."""
+    residual = np.asarray(residual, dtype=float)
+    return ~(residual <= tol) & ~np.isinf(residual)
+
+
 class MetricsLog:
     """Rows of every group, kept in memory and written out whole by :meth:`flush`."""
 

@@ -331,6 +331,21 @@ def test_a_one_step_run_s_axes_tick_its_step_alone():
     assert ax.get_xlabel() == "epoch" and len(ax.get_xticks()) > 1
 
 
+def test_the_densities_colour_bar_ticks_whole_steps():
+    """The colour bar of two checkpoints' densities at steps 4 and 5 was ticked 4.0, 4.2, ...,
+    5.0 (and of one step, 3.6 to 4.4)."""
+    grid = np.linspace(-1.0, 3.0, 50)
+    density = {"grid": list(grid), "values": list(np.exp(-(grid**2)) + 1e-3)}
+    for steps, ticks in (((4, 5), [4, 5]), ((4, 4), [4]), ((0, 5000), list(range(0, 5001, 500)))):
+        ds = [
+            {"name": f"c{i}", "provenance": {"step": s}, "density": density}
+            for i, s in enumerate(steps)
+        ]
+        bar = spectra_figure(ds).axes[1]
+        assert bar.get_ylabel() == "step"
+        assert bar.yaxis.get_major_locator().tick_values(*bar.get_ylim()).tolist() == ticks
+
+
 def test_a_two_dimensional_loss_column_shows_as_json_does(files, tmp_path):
     """docs/hdf5.md allows columns of rows; the table's first/last loss line took one for a
     number and failed where --json and plot read the file."""

@@ -211,7 +211,9 @@ def _densities_panel(
             color = cmap(norm(x[j])) if norm.vmax > norm.vmin else cmap(0.5)
             ax.semilogy(grid, np.maximum(values, floor), color=color, lw=1, ls=_run_style(n))
     ax.set_ylim(bottom=floor)
-    ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=xlabel)
+    # Steps, epochs or places, as the other panels tick them: steps 4 and 5 had 4.0, 4.2, ...
+    mappable = ScalarMappable(norm=norm, cmap=cmap)
+    ax.figure.colorbar(mappable, ax=ax, label=xlabel, ticks=_WholeNumbers())
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
     ax.set_title(f"Spectral densities (SLQ) of {counted(len(have), 'checkpoint')}")

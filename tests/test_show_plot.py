@@ -1364,6 +1364,27 @@ def test_steps_counted_within_each_epoch_are_drawn_in_series_order():
     assert ax.get_xlabel() == "step"
 
 
+def test_the_analyses_of_one_checkpoint_share_its_place_in_the_series():
+    """Two checkpoints that record no step (bare state dicts alpha.pt and beta.pt), analysed
+    with --top-k 2 and again with --top-k 0 --trace: the eigenvalues were drawn at places 1
+    and 3 of "checkpoint (series order)", the traces at 2 and 4."""
+    eigen = {"which": "largest", "eigenvalues": [0.62, 0.45], "converged": [1, 1]}
+    ds = [
+        {
+            "name": f"{name}{again}",
+            "provenance": {"model": "mlp", "num_params": 83, "sha256": name},
+            "eigen": None if again else eigen,
+            "trace": {"estimate": 2.2, "stderr": 0.0} if again else None,
+        }
+        for name in ("alpha", "beta")
+        for again in ("", "-2")
+    ]
+    eigenvalues, trace = spectra_figure(ds).axes[:2]
+    assert eigenvalues.get_xlabel() == "checkpoint (series order)"
+    assert eigenvalues.get_lines()[0].get_xdata().tolist() == [1, 2]
+    assert trace.get_lines()[0].get_xdata().tolist() == [1, 2]
+
+
 def test_a_series_of_densities_alone_is_drawn(full, tmp_path):  # noqa: F811
     """`analyze DIR --top-k 0 --density` wrote a series that `plot` refused ("no eigenvalues or
     traces to plot"): each checkpoint's ESD is drawn, coloured by its step."""

@@ -308,15 +308,21 @@ def _number(value: Any) -> float | None:
 
 def _series_ranks(ds: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """Each checkpoint's place (1, 2, ...) in its series by :func:`series_key`, as the loader
-    and the file order a series; ties keep the file's order."""
+    and the file order a series; ties keep the file's order. The analyses of one checkpoint
+    (its sha256: a path may have held another, latest.pt) share its place: two checkpoints
+    analysed with --top-k 2 and again with --top-k 0 --trace had their eigenvalues at places 1
+    and 3, their traces at 2 and 4."""
 
     def key(j: int) -> tuple:
         prov = ds[j].get("provenance") or {}
         step, epoch = _number(prov.get("step")), _number(prov.get("epoch"))
         return (*series_key(step, epoch, str(ds[j].get("name"))), j)
 
+    places: dict[Any, int] = {}
     ranks = np.empty(len(ds))
-    ranks[sorted(range(len(ds)), key=key)] = np.arange(1, len(ds) + 1)
+    for j in sorted(range(len(ds)), key=key):
+        checkpoint = (ds[j].get("provenance") or {}).get("sha256") or j
+        ranks[j] = places.setdefault(checkpoint, len(places) + 1)
     return ranks
 
 

@@ -2484,3 +2484,16 @@ def test_orthonormalising_into_out_gives_its_first_rows_as_without_it():
         torch.testing.assert_close(
             orthonormalize_against(own, Q, out=own), expected, rtol=0, atol=1e-15
         )
+
+
+@pytest.mark.parametrize("which", ["largest", "both"])
+@pytest.mark.parametrize("n", [6, 200])
+def test_an_eigensolve_refuses_products_that_are_not_finite_in_one_sentence(n, which):
+    """Every product enters the projected matrix the solve reads on the host, which it looks at
+    (the operator no longer looks at each product on the device): an operator without its own
+    look failed in eigh's words, "failed to converge because the input matrix is
+    ill-conditioned", whole space (n = 6) and Krylov basis alike."""
+    H = torch.diag(torch.arange(n, dtype=torch.float64))
+    H[2, 3] = H[3, 2] = float("inf")
+    with pytest.raises(NotFinite, match="eigensolver's Hessian-vector products are not finite"):
+        eigenpairs(MatrixOperator(H), 2, which=which)

@@ -15,11 +15,12 @@ and convergence tests that certify its pairs are :mod:`convergence`'s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple
+from typing import Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
 
 import torch
 
@@ -56,7 +57,7 @@ from hessian_cli.engine.solver_plan import (
     restart_chunk,
     restart_size,
 )
-from hessian_cli.errors import UserError
+from hessian_cli.errors import NotFinite, UserError
 
 Which = Literal["largest", "smallest", "both"]
 WHOLE = "whole-space"  # the method of a solve that took every column of the matrix
@@ -76,9 +77,41 @@ NOISE_MARGIN = 100
 REACHABLE_MARGIN = 10
 SLOW_PATIENCE = 4
 
+Args = ParamSpec("Args")
+Out = TypeVar("Out")
+
+
+def _checks_products(
+    solver: Callable[Concatenate[LinearOperator, Args], Out],
+) -> Callable[Concatenate[LinearOperator, Args], Out]:
+    """Run a solve with its operator's products unchecked for NaN or inf, where the operator
+    can leave that to it (``unchecked_products``): every product enters a small matrix that the
+    solve reads anyway, and :func:`_refuse_not_finite` looks there, on the host. The operator's
+    own look was one more read of the device per product (on a GPU a wait for the product)."""
+
+    @functools.wraps(solver)
+    def wrapped(op: LinearOperator, *args: Args.args, **kwargs: Args.kwargs) -> Out:
+        with getattr(op, "unchecked_products", contextlib.nullcontext)():
+            return solver(op, *args, **kwargs)
+
+    return wrapped
+
+
+def _refuse_not_finite(op: LinearOperator, values: torch.Tensor) -> None:
+    """Raise, in the operator's words where it has them, where ``values`` (on the host) that
+    products entered are not finite: every later step would fail on them, less clearly (an
+    ``eigh`` that "failed to converge")."""
+    if bool(values.isfinite().all()):
+        return
+    error = getattr(op, "not_finite", None)
+    if error is not None:
+        raise error()
+    raise NotFinite("The eigensolver's Hessian-vector products are not finite (NaN or inf).")
+
 
 @without_tf32
 @holds_weights
+@_checks_products
 def eigenpairs(
     op: LinearOperator,
     k: int,
@@ -445,11 +478,12 @@ class _Basis:
         self.leak.restart(Sk)
         self.m = Sk.shape[1]
 
-    def append(self, W: torch.Tensor, HW: torch.Tensor) -> None:
+    def append(self, W: torch.Tensor, HW: torch.Tensor, op: LinearOperator) -> None:
         """Take in the rows ``W``, already written after the basis in ``Qb``, with their
-        products ``HW``."""
+        products ``HW`` (by ``op``)."""
         m = self.m + len(W)
         self.T, cross_asymmetry = _extended(self.T, self.Q, self.HQ, W, HW)
+        _refuse_not_finite(op, self.T)
         self.asymmetry = max(self.asymmetry, cross_asymmetry)
         self.HQb[self.m : m] = HW
         self.leak = _Leak.of_new_rows(self.T, self.Qb[:m], self.HQb[:m], self.m, self.leak)
@@ -474,6 +508,7 @@ def _start_basis(
     m = start.shape[0]
     Qb[:m], HQb[:m] = start, op.matmul(start)
     T = gram(Qb[:m], HQb[:m]).cpu()  # Q H Q^T, kept up to date by _Basis
+    _refuse_not_finite(op, T)
     asymmetry = float((T - T.T).abs().max())
     T = _symmetric(T)
     return _Basis(Qb, HQb, m, T, asymmetry, _Leak.of_new_rows(T, Qb[:m], HQb[:m], 0, None))
@@ -512,6 +547,7 @@ def _whole_basis(solve: _Solve, progress: Progress | None, kept: _Basis | None =
         if progress:  # none converged or lost until its eigendecomposition
             progress(solve.spent, solve.reported, solve.k)
     H = HQb.double().cpu()
+    _refuse_not_finite(op, H)
     if kept is not None:
         H = torch.linalg.solve(Qb.double().cpu(), H)
         Qb.zero_().fill_diagonal_(1)
@@ -818,7 +854,7 @@ def _expand_basis(
             solve.grown_out = True
             return
         HW = op.matmul(W)
-    basis.append(W, HW)
+    basis.append(W, HW, op)
 
 
 def _residual_block(solve: _Solve, basis: _Basis, pairs: _RitzPairs, stop: _Stop) -> torch.Tensor:
@@ -876,6 +912,7 @@ def _final_pairs(
         values = (vectors * HV).sum(1).double() / (vectors * vectors).sum(1).double()
         fresh = norms(HV - values[:, None].to(op.dtype) * vectors).double().cpu()
         values = values.cpu()
+        _refuse_not_finite(op, torch.cat([values, fresh]))
         # Rounded products may order close eigenvalues wrongly (bf16: 4 of 10 tops 5e-4 apart,
         # which alignment then refused): most wanted first by the full-precision values.
         order = torch.argsort(solve.sign * values, descending=True, stable=True)
@@ -999,6 +1036,7 @@ def _skipped_direction(
         P = VP[kv:]
         P[j : j + 1], HP[j : j + 1] = q, op.matmul(q)
         T = gram(P[: j + 1], HP[: j + 1]).cpu()
+        _refuse_not_finite(op, T)
         theta, S = small_eigh(sign * _symmetric(T))
         y = S[:, -1:].to(P)  # the most wanted Ritz vector of the complement searched so far
         torch.mm(y.T, P[: j + 1], out=x)

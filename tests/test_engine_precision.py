@@ -180,3 +180,32 @@ def test_the_model_check_keeps_its_graph_in_the_products_precision():
     plain = HessianOperator(case.model, case.loss, case.batches, precision="bf16")
     V = torch.randn(2, plain.n, generator=torch.Generator().manual_seed(0))
     assert torch.equal(checked.matmul(V), plain.matmul(V))
+
+
+@pytest.mark.skipif(not NEW_API, reason="torch < 2.9 has only the legacy flags")
+def test_a_solvers_products_set_no_tf32_setting_already_as_wanted(monkeypatch):
+    """Inside a solver (without_tf32) each product's numerics find TF32 off already: they set
+    and put back nothing (every setting looked up, set and put back: ~0.1 ms of host work a
+    product), and still set and restore what differs."""
+    from hessian_cli.engine.precision import without_tf32
+
+    writes, write = [], torch._C._set_fp32_precision_setter
+    monkeypatch.setattr(
+        torch._C, "_set_fp32_precision_setter", lambda *a: writes.append(a) or write(*a)
+    )
+    c = CASES["mlp-ce"]
+    op = HessianOperator(c.model, c.loss, c.batches)
+
+    @without_tf32
+    def solve() -> tuple:
+        solver_writes = len(writes)
+        op.matmul(torch.ones(2, op.n))
+        product_writes = len(writes)
+        with numerics("tf32", torch.device("cpu")):
+            inside = _tf32()
+        return solver_writes, product_writes, inside, _tf32()
+
+    before = _tf32()
+    solver_writes, after_product, inside, after = solve()
+    assert solver_writes > 0 and after_product == solver_writes, writes
+    assert inside == ("tf32", "tf32") and after == ("ieee", "ieee") and _tf32() == before

@@ -86,26 +86,40 @@ def _without_autocast() -> Iterator[None]:
         yield
 
 
+@functools.cache
+def _fp32_settings() -> tuple[object, ...]:
+    """The per-backend ``fp32_precision`` settings this torch has (torch >= 2.9; none before):
+    the same objects for the whole process, so looked for once (each ``hasattr`` reads one)."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if not hasattr(cuda, "fp32_precision"):
+        return ()
+    backends = (cuda, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None))
+    return tuple(b for b in backends if hasattr(b, "fp32_precision"))
+
+
 @contextlib.contextmanager
 def _tf32(allowed: bool) -> Iterator[None]:
     """TF32 on or off for matrix products and cuDNN, through the settings API this torch has.
 
     torch >= 2.9 has per-backend ``fp32_precision`` settings and refuses to read the legacy
     ``allow_tf32`` flags once code has used the new ones, so the new API is used where it exists.
+    Only the settings that differ are set and put back: inside a solver (:func:`without_tf32`)
+    each product's :func:`numerics` finds them as wanted (~0.1 ms of host work a product, when
+    every setting was looked up, set and put back).
     """
-    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(cuda, "fp32_precision"):
-        backends = (cuda, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None))
-        settings = [b for b in backends if hasattr(b, "fp32_precision")]
-        saved = [s.fp32_precision for s in settings]
-        for s in settings:
-            s.fp32_precision = "tf32" if allowed else "ieee"
+    if settings := _fp32_settings():
+        wanted = "tf32" if allowed else "ieee"
+        saved = [(s, s.fp32_precision) for s in settings]
+        changed = [(s, value) for s, value in saved if value != wanted]
+        for s, _ in changed:
+            s.fp32_precision = wanted
         try:
             yield
         finally:
-            for s, value in zip(settings, saved, strict=True):
+            for s, value in changed:
                 s.fp32_precision = value
         return
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     saved_flags = (cuda.allow_tf32, cudnn.allow_tf32)
     cuda.allow_tf32 = cudnn.allow_tf32 = allowed
     try:

@@ -24,7 +24,9 @@ class LinearOperator(Protocol):
     whose products are collective over torch.distributed ranks has ``distributed = True``, so
     that refusals and random draws agree on every rank; one whose products depend on weights
     that could change between calls has a ``weights_held()`` context, inside which they do not
-    (see :func:`holds_weights`).
+    (see :func:`holds_weights`); one that looks at each product for NaN or inf has an
+    ``unchecked_products()`` context, inside which the caller looks instead (the eigensolver,
+    at matrices it reads anyway), and ``not_finite()``, the error to raise then.
     """
 
     n: int

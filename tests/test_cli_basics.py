@@ -255,3 +255,37 @@ def test_help_shows_no_type_beside_a_flag(command: str) -> None:
     ).stdout
     assert "--quiet" in out and "<bool>" not in out
     assert "<int>" in out  # --batch-size
+
+
+@pytest.mark.parametrize(
+    ("args", "given"),
+    [
+        (["train", "--quiet", "true"], "--quiet true"),
+        (["train", "--model", "mlp", "-q", "1"], "-q 1"),
+        (["show", "s.h5", "--json", "yes"], "--json yes"),
+        (["show", "--all", "no", "s.h5"], "--all no"),
+    ],
+)
+def test_every_commands_flag_given_a_value_is_told_that_it_takes_none(capsys, args, given):
+    """train and show said "Got unexpected extra argument(s) (true)" (show --json yes s.h5:
+    "(s.h5)"), where analyze's `--trace true` was told that a flag takes no value."""
+    from cli_runner import run
+
+    code, _, err = run(capsys, *args)
+    flag = given.split()[0]
+    assert code == 2
+    assert f"Usage: hessian-cli {args[0]} [OPTIONS]" in err  # the command's usage error
+    assert (
+        f"{flag} takes no value: give it alone to turn it on, or leave it out (not {given})."
+        in " ".join(err.replace("│", " ").split())
+    )
+
+
+def test_a_file_named_as_a_flag_value_is_an_argument(capsys, tmp_path, monkeypatch):
+    """`show --json 1` shows the file 1 where there is one: only a missing file is a value."""
+    from cli_runner import run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "1").write_text("not hdf5")
+    code, _, err = run(capsys, "show", "--json", "1")
+    assert code == 2 and "is not an HDF5 file" in err and "takes no value" not in err

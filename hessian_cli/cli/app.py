@@ -16,19 +16,35 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperOption
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from hessian_cli import __version__
 from hessian_cli.atomic import stdout_written
-from hessian_cli.cli.options import in_flags
+from hessian_cli.cli.options import flag_given_a_value, in_flags
 from hessian_cli.errors import OUT_OF_HOST_MEMORY, Terminated, UserError, out_of_host_memory
 from hessian_cli.launch import env_rank, env_world_size, launched_by_torchrun
 
 if TYPE_CHECKING:  # torch is imported under torchrun only
     from hessian_cli.engine.distributed import CollectiveUserError
 
+
+class _Commands(TyperGroup):
+    """The commands, each of whose flags is refused a value in one place (see
+    :func:`flag_given_a_value`): as a usage error, said once under torchrun."""
+
+    def resolve_command(
+        self, ctx: typer.Context, args: list[str]
+    ) -> tuple[str | None, TyperCommand | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if isinstance(command, TyperCommand) and not ctx.resilient_parsing:
+            if (message := flag_given_a_value(command, rest)) is not None:
+                typer.Context(command, info_name=name, parent=ctx).fail(message)
+        return name, command, rest
+
+
 app = typer.Typer(
     name="hessian-cli",
+    cls=_Commands,
     help="Hessian spectra of neural networks (eigenvalues, trace, density, SAM alignment) "
     "and Eigen-SAM training, from the terminal.",
     no_args_is_help=True,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from hessian_cli.errors import UserError
 
@@ -125,6 +126,31 @@ def given_path(text: str, name: str, example: str) -> Path:
     if text.endswith(("/", os.sep)) and path.exists() and not path.is_dir():
         raise UserError(f"{name} {text}: {path} is not a directory; leave the slash out.")
     return path
+
+
+# What a flag given a value (`--trace true`, as other tools' flags take) is followed by.
+_FLAG_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
+
+
+def flag_given_a_value(command: TyperCommand, args: list[str]) -> str | None:
+    """What is wrong where a flag of ``command`` is followed by a value (``--quiet true``), if
+    one is: Click takes the value for the next argument, so that train said "Got unexpected
+    extra argument(s) (true)" and analyze "No such checkpoint file or directory: true". A file
+    of that name is an argument."""
+    options = {o: p for p in command.params if isinstance(p, TyperOption) for o in p.opts}
+    at = 0
+    while at < len(args) - 1 and args[at] != "--":
+        option, value = options.get(args[at]), args[at + 1]
+        if option is not None and not option.is_flag:
+            at += 2  # its value, whatever it reads
+            continue
+        if option is not None and value.lower() in _FLAG_VALUES and not Path(value).exists():
+            return (
+                f"{args[at]} takes no value: give it alone to turn it on, or leave it out "
+                f"(not {args[at]} {value})."
+            )
+        at += 1
+    return None
 
 
 def refuse_unused(ctx: typer.Context, needs: dict[str, tuple[bool, str]]) -> None:

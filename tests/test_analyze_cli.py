@@ -2585,6 +2585,21 @@ def test_an_option_whose_feature_is_off_is_refused(capsys, tmp_path, digits_mlp,
     assert code == 0, err  # given with their features, the same options are read
 
 
+def test_a_seed_that_draws_nothing_is_noted_not_refused(capsys, digits_mlp):
+    """`--top-k 0 --seed 3` was accepted unsaid and recorded seed 3 as if used; scripts pass
+    --seed every time, so it is noted rather than refused as the options above are."""
+    args = ("analyze", digits_mlp, "--num-samples", "16", "--json", "--seed", "3")
+    code, _, err = run(capsys, *args, "-k", "0")
+    assert code == 0, err
+    assert " ".join(err.split()) == (
+        "Note: --seed 3 draws nothing here: there are no eigenpairs (--top-k 0), --trace or "
+        "--density (it seeds only what the model's or data's own code draws)."
+    )
+    for read in (("-k", "0", "--trace"), ("-k", "1"), ("-k", "0", "-q")):  # it draws, or quiet
+        code, _, err = run(capsys, *args, *read)
+        assert code == 0 and "Note" not in err, err
+
+
 def test_an_out_link_is_named_by_its_own_name_and_any_spectra_file_is_appended_to(
     capsys, tmp_path, digits_mlp
 ):

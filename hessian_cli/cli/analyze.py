@@ -265,6 +265,9 @@ def analyze(
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
         refuse_unused(ctx, {**read_options(asked), "save_eigenvectors": eigenvectors_kept})
+    drawn = top_k > 0 or trace or density  # what draws random starts and probes
+    if world()[0] == 0 and not quiet and (note := _unseeded_note(ctx, seed, drawn)) is not None:
+        err_console.print(note, style="yellow", highlight=False, soft_wrap=True)
     # rank 0 writes; the others must not start work it refused ("rank 0 of 2: ..." was said)
     with fail_together(lead_only=True):
         if out is not None and world()[0] == 0:
@@ -426,6 +429,18 @@ def analyze(
             err_console.print(warning, highlight=False)
         if not accepted:
             raise typer.Exit(EXIT_UNCONVERGED)
+
+
+def _unseeded_note(ctx: typer.Context, seed: int, drawn: bool) -> str | None:
+    """A note where --seed was given but no random start or probe is drawn: it is not refused
+    as other unused options are, since scripts pass it every time (and it still seeds what a
+    user's model or data code draws), but the results record it as if it had been used."""
+    if drawn or ctx.get_parameter_source("seed").name == "DEFAULT":
+        return None
+    return (
+        f"Note: --seed {seed} draws nothing here: there are no eigenpairs (--top-k 0), "
+        "--trace or --density (it seeds only what the model's or data's own code draws)."
+    )
 
 
 def _few_minibatches(reports: list[dict], asked: int) -> str | None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -1414,6 +1415,33 @@ def test_the_library_refuses_counts_that_are_not_whole_numbers(digits_mlp, field
     request = AnalyzeRequest(**{field: value}, trace=True)
     with pytest.raises(UserError, match=rf"--{field.replace('_', '-')} must be a whole number"):
         analyze_target(digits_mlp, request)
+
+
+def test_model_kwargs_that_are_no_json_are_refused_where_the_ranks_agree(
+    capsys, monkeypatch, digits_mlp
+):
+    """Under torchrun every rank said "rank R: --model-kwargs is not valid JSON ..." (2 ranks:
+    twice), where other bad options are said once by rank 0: it was read outside the block
+    whose errors the ranks agree on."""
+    agreed: list[str] = []
+    together = distributed.fail_together
+
+    @contextlib.contextmanager
+    def recorded(**kwargs: bool) -> Iterator[None]:
+        try:
+            with together(**kwargs):
+                yield
+        except UserError as exc:
+            agreed.append(str(exc))
+            raise
+
+    monkeypatch.setattr(distributed, "fail_together", recorded)
+    code, _, err = run(capsys, "analyze", digits_mlp, "--model-kwargs", "{bad", "-q")
+    assert code == 2, err
+    assert agreed == [
+        "--model-kwargs is not valid JSON: Expecting property name enclosed in double quotes at "
+        "position 1."
+    ]
 
 
 def test_the_library_refuses_model_kwargs_as_json_text(digits_mlp):

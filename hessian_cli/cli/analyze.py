@@ -262,6 +262,7 @@ def analyze(
         series = is_series(targets)  # (now: the directory may change while the work runs)
         out = file_path(out_name, "--out", "spectra.h5")
         globs = _param_globs(params)
+        kwargs = parse_model_kwargs(model_kwargs)
         asked = AnalyzeRequest(top_k=top_k, trace=trace, density=density, alignment=alignment)
         eigenvectors_kept = (top_k > 0 and out is not None, "eigenpairs and --out")
         refuse_unused(ctx, {**read_options(asked), "save_eigenvectors": eigenvectors_kept})
@@ -275,7 +276,7 @@ def analyze(
             check_writable(out)  # before the work: a refusal after it would lose the results
     request = AnalyzeRequest(
         model=model,
-        model_kwargs=parse_model_kwargs(model_kwargs),
+        model_kwargs=kwargs,
         data=data,
         data_root=data_root,
         download=download,

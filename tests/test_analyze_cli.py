@@ -2104,10 +2104,10 @@ def test_an_empty_target_is_refused_not_taken_for_the_working_directory(
     assert "TARGET needs a name, such as model.pt" in _bad(capsys, "analyze", "", "--top-k", "1")
 
 
-@pytest.mark.parametrize("option", ["--model", "--data", "--loss"])
+@pytest.mark.parametrize("option", ["--model", "--data", "--loss", "--data-root"])
 def test_an_empty_spec_is_refused_not_taken_for_the_checkpoints(capsys, digits_mlp, option):
     """`--data "$DATA"` with the variable unset analysed the data the checkpoint records,
-    unsaid (and so for --model and --loss)."""
+    unsaid (and so for --model, --loss and --data-root)."""
     message = _bad(capsys, "analyze", digits_mlp, option, "", "--top-k", "1")
     assert message.startswith(f"error: {option} needs a name, such as ")
 

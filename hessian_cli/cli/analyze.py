@@ -256,6 +256,7 @@ def analyze(
             (data, "--data", "digits"),
             (loss, "--loss", "ce"),
             (weights_key, "--weights-key", "state_dict_ema"),
+            (data_root, "--data-root", "~/data"),
         )
         # A directory or several files are a series, a list in JSON however many it holds: one
         # shape for scripts to read. A Trainer checkpoint folder is one checkpoint, its weights.

@@ -105,7 +105,8 @@ def file_path(text: str | None, option: str, example: str) -> Path | None:
 
 def refuse_empty(*given: tuple[str | None, str, str]) -> None:
     """Refuse an option given an empty name (``--data "$DATA"``, the variable unset): analyze
-    took the checkpoint's data, model or loss instead, train --loss the default one, unsaid.
+    took the checkpoint's data, model, loss or data root instead, train --loss the default
+    one and --data-root the working directory, unsaid.
     ``given``: (text, option, example) of each option."""
     for text, option, example in given:
         if text is not None and not text.strip():

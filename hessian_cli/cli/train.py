@@ -192,7 +192,12 @@ def train_command(
     from hessian_cli.engine.distributed import any_rank, fail_together, world
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
-        refuse_empty((model, "--model", "mlp"), (data, "--data", "digits"), (loss, "--loss", "ce"))
+        refuse_empty(
+            (model, "--model", "mlp"),
+            (data, "--data", "digits"),
+            (loss, "--loss", "ce"),
+            (data_root, "--data-root", "~/data"),
+        )
         out = named_path(out_name, "--out", "runs/exp1")
         resume = named_path(resume_name, "--resume", "runs/exp1")
         if resume is not None:

@@ -216,16 +216,7 @@ def _check_exists(path: Path) -> None:
                 f"No such checkpoint file or directory: {path} (the shell expands a pattern "
                 "such as this, and only where it is unquoted and matches files)."
             )
-        if str(path).lower() in _FLAG_VALUES:  # `--trace true`, as other tools' flags take
-            raise UserError(
-                f"No such checkpoint file or directory: {path} (a flag such as --trace or "
-                "--alignment takes no value: give it alone)."
-            )
         raise UserError(f"No such checkpoint file or directory: {path}.")
-
-
-# What a flag given a value (`--trace true`) leaves as a target.
-_FLAG_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
 
 
 class SeriesStopped(UserError):

@@ -794,7 +794,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
             # --model named another model: the hint below asked for its options instead
             notes += f"; the checkpoint records the model {recorded!r}, not {model_spec!r}"
         elif isinstance(exc, WeightsMismatch):  # a checkpoint that records no options, say
-            notes += defaults_hint(model_spec, kwargs)
+            notes += defaults_hint(model_spec, kwargs, recorded=recorded == model_spec)
         if not notes:
             raise
         raise UserError(f"{str(exc)[:-1]}{notes}.") from exc

@@ -2015,6 +2015,15 @@ def test_a_checkpoint_that_records_no_options_of_a_built_in_model_names_the_defa
     # Options that were named are not blamed on the defaults.
     message = _bad(capsys, "analyze", path, "--top-k", "1", "--model-kwargs", '{"hidden": [64]}')
     assert "defaults" not in message
+    # A bare state dict was never trained by us: no former default of ours is named for it.
+    bare = tmp_path / "bare.pt"
+    torch.save(old.state_dict(), bare)
+    message = _bad(capsys, "analyze", bare, "--top-k", "1", "--model", "mlp", "--data", "digits")
+    assert message.endswith(
+        '\'mlp\' was built with today\'s defaults {"hidden": [128, 128], "activation": '
+        '"tanh"}, which neither the checkpoint nor --model-kwargs names: pass the options it '
+        "was trained with as --model-kwargs."
+    )
 
 
 def test_another_model_than_the_checkpoint_records_is_named_not_blamed_on_defaults(

@@ -77,15 +77,17 @@ def with_checkpoint_layout(spec: str, kwargs: Any, state: dict[str, Any]) -> Any
     return {**(kwargs or {}), "shortcut": "A"}
 
 
-def defaults_hint(spec: str, chosen: dict[str, Any] | None) -> str:
+def defaults_hint(spec: str, chosen: dict[str, Any] | None, *, recorded: bool) -> str:
     """For weights that do not fit the built-in model ``spec`` built with the options ``chosen``
     (recorded or given): where none of its own options was chosen, that it took today's
     defaults, and how to give others ('' otherwise). Runs before 2026-12-01 recorded only the
-    options given, so their checkpoints get today's defaults, not those they were trained with."""
+    options given, so their checkpoints (``recorded``: the checkpoint names ``spec``) get
+    today's defaults, not those they were trained with: the former defaults are named for
+    them alone (a bare state dict's were never ours)."""
     taken = BUILTIN_DEFAULTS.get(spec, {})
     if not taken or any(k in (chosen or {}) for k in taken):
         return ""
-    former = _FORMER_DEFAULTS.get(spec)
+    former = _FORMER_DEFAULTS.get(spec) if recorded else None
     was = f" ({former[0]} until {former[1]})" if former else ""
     return (
         f"; {spec!r} was built with today's defaults {json.dumps(taken)}, which neither the "

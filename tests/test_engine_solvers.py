@@ -1776,7 +1776,9 @@ def test_probes_projected_beside_known_vectors_hold_what_the_check_counts():
     drawn, beside B: 305 held."""
     n = 50_000
     op = DiagonalOperator(torch.linspace(-1, 3, n) ** 3)
-    res = eigenpairs(op, 20, seed=0)
+    # Their accuracy is no part of the count: to 1e-2 in 258 products, not 850 (2 s, not 9).
+    res = eigenpairs(op, 20, seed=0, tol=1e-2)
+    assert res.all_converged  # all 20 serve
     need = trace_memory_need(op, 99, "hutch++", 20, 20)
     assert need == 232 * n * 4
     peak = _peak_allocated(lambda: stochastic_trace(op, 99, known=res))

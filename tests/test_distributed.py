@@ -1165,7 +1165,8 @@ def test_a_ctrl_c_that_reaches_one_rank_alone_ends_the_job_at_once(tmp_path: Pat
 def test_a_language_model_of_named_inputs_runs_under_torchrun(
     monkeypatch, capsys, tmp_path: Path
 ) -> None:
-    """Every rank failed comparing its data ("'dict' object has no attribute 'dtype'")."""
+    """Every rank failed comparing its data ("'dict' object has no attribute 'dtype'"). Here
+    analyze; train's ranks compare named inputs in the padded-text tests below."""
     from test_token_labels import CODE
 
     (tmp_path / "lm.py").write_text(CODE)
@@ -1182,9 +1183,6 @@ def test_a_language_model_of_named_inputs_runs_under_torchrun(
     assert code2 == 0, err2
     one, two = json.loads(out)["eigen"], json.loads(out2)["eigen"]
     assert all(map(_close, one["eigenvalues"], two["eigenvalues"]))
-    train = ["train", *specs, "--batch-size", "4", "--max-steps", "3", "--out", "run", "-q"]
-    code, _, err, _ = _run(train, ranks=2, cwd=tmp_path)
-    assert code == 0, err
 
 
 def _one_process_and_two_ranks_train_alike(

@@ -2499,3 +2499,61 @@ def test_an_eigensolve_refuses_products_that_are_not_finite_in_one_sentence(n, w
     H[2, 3] = H[3, 2] = float("inf")
     with pytest.raises(NotFinite, match="eigensolver's Hessian-vector products are not finite"):
         eigenpairs(MatrixOperator(H), 2, which=which)
+
+
+class _SqrtAtZero(torch.nn.Module):
+    """A finite loss whose second derivatives are infinite: sqrt(|w|) at w = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.lin = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.w.abs().sqrt())
+
+
+class _FirstProductsNotFinite(MatrixOperator):
+    """A matrix whose first products (a trace's sketch) are NaN, the later ones not."""
+
+    def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        first = self.hvp_count == 0
+        out = super().matmul(block)
+        return torch.full_like(out, math.nan) if first else out
+
+
+def test_trace_and_density_leave_the_products_finiteness_to_their_own_reads(monkeypatch):
+    """The trace reads its probes' dots on the host, the density its Lanczos coefficients, both
+    of which every product enters: they look there, not the operator at each product (a read
+    that a GPU waits for, and an aminmax over the block); a product that is not finite still
+    fails in the operator's words."""
+    from hessian_cli.engine import operator as operator_module
+
+    looks, look = [0], operator_module.all_finite
+
+    def counted(t: torch.Tensor) -> bool:
+        looks[0] += 1
+        return look(t)
+
+    monkeypatch.setattr(operator_module, "all_finite", counted)
+    case = cases()[0]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    stochastic_trace(op, 12, block_size=2)
+    stochastic_trace(op, 9, method="hutchinson")
+    spectral_density(op, 2, 6)
+    assert op.hvp_count == 12 + 9 + 12 and looks[0] == 0, (op.hvp_count, looks)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
+    op = HessianOperator(_SqrtAtZero(), F.cross_entropy, [(x, y)])
+    said = "Hessian-vector products are not finite .* second derivatives"
+    for solve in (
+        lambda: stochastic_trace(op, 6),  # the sketch's products
+        lambda: stochastic_trace(op, 4, method="hutchinson"),
+        lambda: spectral_density(op, 2, 4),
+    ):
+        with pytest.raises(NotFinite, match=said):
+            solve()
+    # The sketch's products are looked at as they come: the rows that are not finite would be
+    # left out of its basis, unsaid, where the later products are finite.
+    with pytest.raises(NotFinite, match="trace's Hessian-vector products are not finite"):
+        stochastic_trace(_FirstProductsNotFinite(torch.eye(20, dtype=torch.float64)), 9)

@@ -11,13 +11,18 @@ import torch
 from hessian_cli.engine.deflation import deflation
 from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import norms, project_out
-from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
+from hessian_cli.engine.linear_operator import (
+    LinearOperator,
+    checks_products,
+    holds_weights,
+    not_finite,
+)
 from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import DensityResult, EigenResult
 from hessian_cli.engine.solver_plan import check_whole
-from hessian_cli.errors import NotFinite, UserError
+from hessian_cli.errors import UserError
 
 GRID_POINTS = 1000  # of the uniform grid over the whole spectrum
 _POINTS_PER_SIGMA = 4  # at least, near every node: or a narrow Gaussian falls between points
@@ -61,6 +66,7 @@ def check_density_memory(op: LinearOperator, num_probes: int, steps: int) -> Non
 
 @without_tf32
 @holds_weights
+@checks_products
 def spectral_density(
     op: LinearOperator,
     num_probes: int = 8,
@@ -195,10 +201,12 @@ def _lanczos_rules(
         done = active & (b <= exhausted * size.clamp_min(1e-300))
         length = torch.where(done, j + 1, length)
         active &= ~done
+        # Every product enters its probe's b (a norm), so they are looked at for NaN or inf
+        # here, not by the operator (checks_products).
         finite = a.isfinite().all() & b.isfinite().all()
         finite, going = torch.stack([finite, active.any()]).tolist()  # one host read
         if not finite:
-            raise NotFinite("The density's Hessian-vector products are not finite (NaN or inf).")
+            raise not_finite(op, "density's")
         if not going:
             break
         if j + 1 < steps:  # a stopped probe's next vector is 0 (w / inf): its products are too

@@ -14,6 +14,8 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import torch
 
+from hessian_cli.errors import NotFinite
+
 
 class LinearOperator(Protocol):
     """What the solvers need: a size, a dtype/device, and a block product ``[b, n] -> [b, n]``.
@@ -25,8 +27,8 @@ class LinearOperator(Protocol):
     that refusals and random draws agree on every rank; one whose products depend on weights
     that could change between calls has a ``weights_held()`` context, inside which they do not
     (see :func:`holds_weights`); one that looks at each product for NaN or inf has an
-    ``unchecked_products()`` context, inside which the caller looks instead (the eigensolver,
-    at matrices it reads anyway), and ``not_finite()``, the error to raise then.
+    ``unchecked_products()`` context, inside which the caller looks instead (the solvers, at
+    what they read anyway: :func:`checks_products`), and ``not_finite()``, the error to raise.
     """
 
     n: int
@@ -91,3 +93,28 @@ def holds_weights(
             return solver(op, *args, **kwargs)
 
     return wrapped
+
+
+def checks_products(
+    solver: Callable[Concatenate[LinearOperator, P], R],
+) -> Callable[Concatenate[LinearOperator, P], R]:
+    """Run a solver with its operator's products unchecked for NaN or inf, where the operator
+    can leave that to it (``unchecked_products()``): the solver reads on the host something
+    that every product enters and raises :func:`not_finite` where that is not finite. The
+    operator's own look is one more read of the device per product (on a GPU a wait for it)."""
+
+    @functools.wraps(solver)
+    def wrapped(op: LinearOperator, *args: P.args, **kwargs: P.kwargs) -> R:
+        with getattr(op, "unchecked_products", contextlib.nullcontext)():
+            return solver(op, *args, **kwargs)
+
+    return wrapped
+
+
+def not_finite(op: LinearOperator, solver: str) -> NotFinite:
+    """The error for products that are not finite: the operator's own words where it has them
+    (``not_finite()``), else that ``solver``'s products are not."""
+    error = getattr(op, "not_finite", None)
+    if error is not None:
+        return error()
+    return NotFinite(f"The {solver} Hessian-vector products are not finite (NaN or inf).")

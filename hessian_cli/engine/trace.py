@@ -11,14 +11,19 @@ import torch
 
 from hessian_cli.engine.deflation import deflation
 from hessian_cli.engine.distributed import fail_together
-from hessian_cli.engine.linalg import orthonormalize_against, project_out, row_dots
-from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
+from hessian_cli.engine.linalg import all_finite, orthonormalize_against, project_out, row_dots
+from hessian_cli.engine.linear_operator import (
+    LinearOperator,
+    checks_products,
+    holds_weights,
+    not_finite,
+)
 from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import KNOWN_TRACE_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import EigenResult, TraceResult
 from hessian_cli.engine.solver_plan import check_whole
-from hessian_cli.errors import NotFinite, UserError
+from hessian_cli.errors import UserError
 
 
 def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
@@ -83,6 +88,7 @@ def check_trace_memory(
 
 @without_tf32
 @holds_weights
+@checks_products
 def stochastic_trace(
     op: LinearOperator,
     num_probes: int = 99,
@@ -140,6 +146,10 @@ def stochastic_trace(
         Q = _complement(V)
     elif sketch:  # the sketch and its products are dropped as soon as Q is made of them
         HS = _apply(op, project_out(rademacher((sketch, op.n), **probe), V), block_size)
+        # Looked at here, not by the operator (checks_products): Q would leave out the rows
+        # that are not finite, unsaid.
+        if not all_finite(HS):
+            raise not_finite(op, "trace's")
         Q = orthonormalize_against(HS, V)  # not QR: see its docs
         del HS
     # Q's rows, then the deflated probes, in one buffer: one product for both, a pass fewer,
@@ -156,10 +166,12 @@ def stochastic_trace(
     if q and g:  # (a gram of B[:q] in float64 otherwise: twice its size, for no rows)
         B[q:] = project_out(B[q:], B[:q])
     HB = _apply(op, B, block_size)
-    dots = row_dots(B, HB).cpu()  # float64 from float32 pieces: no float64 copy of the block
+    # Float64 from float32 pieces: no float64 copy of the block. Every product enters its dot,
+    # read here, where it is looked at for NaN or inf (not by the operator: checks_products).
+    dots = row_dots(B, HB).cpu()
     exact, samples = exact + float(dots[:q].sum()), dots[q:]
     if not (math.isfinite(exact) and samples.isfinite().all()):
-        raise NotFinite("The trace's Hessian-vector products are not finite (NaN or inf).")
+        raise not_finite(op, "trace's")
     return TraceResult(
         estimate=exact + (float(samples.mean()) if g else 0.0),
         stderr=float(samples.std() / math.sqrt(g)) if g else 0.0,

@@ -2557,3 +2557,19 @@ def test_trace_and_density_leave_the_products_finiteness_to_their_own_reads(monk
     # left out of its basis, unsaid, where the later products are finite.
     with pytest.raises(NotFinite, match="trace's Hessian-vector products are not finite"):
         stochastic_trace(_FirstProductsNotFinite(torch.eye(20, dtype=torch.float64)), 9)
+
+
+def test_a_density_step_reads_the_device_once():
+    """A step read on the host whether a second orthogonalisation pass was needed, then whether
+    its coefficients were finite and a probe went on: two waits for the GPU a step. Both are
+    one read (a second only after a second pass), so the reads do not grow with the steps (on
+    the CPU a read of a scalar is aten::_local_scalar_dense)."""
+
+    def reads(steps: int) -> int:
+        op = DiagonalOperator(torch.linspace(-1, 3, 5000, dtype=torch.float64))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            res = spectral_density(op, 2, steps)
+        assert res.hvps == 2 * steps and (res.weights > 0).all()
+        return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+    assert reads(30) == reads(10)

@@ -29,6 +29,7 @@ _POINTS_PER_SIGMA = 4  # at least, near every node: or a narrow Gaussian falls b
 _KERNEL_CHUNK = 2**22  # grid points x nodes evaluated at a time, at most
 _KERNEL_REACH = 9.0  # sigmas: farther, a Gaussian is below 3e-18 of its peak (float64 rounding)
 _DOT_PIECE = 4096  # entries at most per float32 partial sum of an inner product, as in gram
+_EXHAUSTED = 1e-10  # a Lanczos b this small beside the entries so far: the space is exhausted
 
 
 def _working_dtype(op: LinearOperator) -> torch.dtype:
@@ -100,9 +101,9 @@ def spectral_density(
 
     Beside its product, a step reads the basis twice (the inner products of all probes in one
     batched call, then the update; four times where a probe's space is exhausted, see
-    :func:`_reorthogonalized`) and reads back from the device twice (whether a second pass is
-    needed, whether a probe goes on): on an operator whose products are nearly free, that is all
-    the time it takes.
+    :func:`_orthogonalized`) and reads back from the device once (whether its coefficients are
+    finite, whether a probe goes on, whether a second pass is needed; again after that pass):
+    on an operator whose products are nearly free, that is all the time it takes.
     """
     check_whole("`num_probes`", num_probes)
     check_whole("`steps`", steps)
@@ -177,11 +178,6 @@ def _lanczos_rules(
     size = torch.zeros(num_probes, dtype=torch.float64, device=device)  # largest entry so far
     length = torch.full((num_probes,), steps, dtype=torch.long, device=device)
     active = torch.ones(num_probes, dtype=torch.bool, device=device)
-    # A probe stops where its Krylov space is invariant: w is then rounding. Not at the dtype's
-    # rounding of the largest entry: a bulk 1e-5 as wide as a float32 operator's top (beside an
-    # outlier) has Lanczos entries that small, and was drawn from 2 nodes per probe. A float32
-    # space that is really exhausted runs on, its further nodes weightless.
-    exhausted = 1e-10
     for j in range(steps):
         w = op.matmul(basis[j, :, :n].to(op.dtype)).to(basis.dtype)
         w = project_out(w, V)  # H restricted to the space without the known vectors
@@ -190,21 +186,20 @@ def _lanczos_rules(
         a = _dots(w, basis[j : j + 1], chunk)
         recurrence = basis[max(j - 1, 0) : j + 1]  # v_prev (from the second step on) and v
         w = _subtract(w, torch.cat([betas[:, j - 1 : j], a], 1) if j else a, recurrence)
-        w, b = _reorthogonalized(w, basis[: j + 1], chunk)
+        before = norms(w).double()
+        w, b = _orthogonalized(w, basis[: j + 1], chunk)
+        again = (b < before / math.sqrt(2)).any()  # a second pass (see _orthogonalized)
         a = a.squeeze(1)
-        alphas[:, j], betas[:, j] = a, b
         size = torch.maximum(size, a.abs())
         if j:
             size = torch.maximum(size, betas[:, j - 1])
-        # A probe whose Krylov space became invariant stops: its rule is already exact. What is
-        # left of w then is rounding, relative to the operator's scale (its entries so far).
-        done = active & (b <= exhausted * size.clamp_min(1e-300))
+        done, finite, going, again = _step_read(a, b, active, size, again)
+        if again:
+            w, b = _orthogonalized(w, basis[: j + 1], chunk)
+            done, finite, going, _ = _step_read(a, b, active, size, again=False)
+        alphas[:, j], betas[:, j] = a, b
         length = torch.where(done, j + 1, length)
         active &= ~done
-        # Every product enters its probe's b (a norm), so they are looked at for NaN or inf
-        # here, not by the operator (checks_products).
-        finite = a.isfinite().all() & b.isfinite().all()
-        finite, going = torch.stack([finite, active.any()]).tolist()  # one host read
         if not finite:
             raise not_finite(op, "density's")
         if not going:
@@ -243,27 +238,48 @@ def _dots(w: torch.Tensor, B: torch.Tensor, chunk: int) -> torch.Tensor:
     return parts.view(probes, -1, k).sum(1, dtype=torch.float64)
 
 
-def _reorthogonalized(
+def _step_read(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    active: torch.Tensor,
+    size: torch.Tensor,
+    again: torch.Tensor | bool,
+) -> tuple[torch.Tensor, bool, bool, bool]:
+    """The active probes that stop at a step with coefficients ``a``, ``b`` (entries so far up
+    to ``size``), and, in one host read (on a GPU a wait for the step): whether ``a`` and ``b``
+    are finite (every product enters its probe's ``b``, so the operator need not look at it:
+    checks_products), whether a probe goes on, and ``again``.
+
+    A probe whose Krylov space became invariant stops: its rule is already exact. What is left
+    of ``w`` then is rounding, relative to the operator's scale (its entries so far). Not at the
+    dtype's rounding of the largest entry: a bulk 1e-5 as wide as a float32 operator's top
+    (beside an outlier) has Lanczos entries that small, and was drawn from 2 nodes per probe. A
+    float32 space that is really exhausted runs on, its further nodes weightless.
+    """
+    done = active & (b <= _EXHAUSTED * size.clamp_min(1e-300))
+    finite = a.isfinite().all() & b.isfinite().all()
+    read = torch.stack([finite, (active & ~done).any(), torch.as_tensor(again).to(finite)])
+    finite, going, again = read.tolist()
+    return done, finite, going, again
+
+
+def _orthogonalized(
     w: torch.Tensor, B: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` without its components along the basis ``B``, and its norms (float64).
+    """``w`` without its components along the basis ``B`` (one classical Gram-Schmidt pass),
+    and its norms (float64).
 
-    One classical Gram-Schmidt pass, and a second where the first removed most of some row
-    (its norm fell below ``1/sqrt(2)`` of what it was: the "twice is enough" test of Daniel,
-    Gragg, Kaufman and Stewart). Until a probe's Krylov space is exhausted, w's components along
+    The step takes a second pass where the first removed most of some row (its norm fell below
+    ``1/sqrt(2)`` of what it was: the "twice is enough" test of Daniel, Gragg, Kaufman and
+    Stewart). Until a probe's Krylov space is exhausted, w's components along
     the basis are rounding after the three-term recurrence and one pass leaves it orthogonal to
     the accuracy of :func:`_dots` (a second always-on pass cost as much again for nothing
     measurable). Once it is, all of w is rounding, as large as those components: one pass left
     it ``|w| / |w'|`` less orthogonal at each step, and a float32 probe of a low-rank Hessian
     lost orthogonality in 15 steps, then grew without bound (NaN by step 60).
     """
-    before = norms(w).double()
     w = _subtract(w, _dots(w, B, chunk), B)
-    after = norms(w).double()
-    if bool((after < before / math.sqrt(2)).any()):  # a host read, as the step's own
-        w = _subtract(w, _dots(w, B, chunk), B)
-        after = norms(w).double()
-    return w, after
+    return w, norms(w).double()
 
 
 def _subtract(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

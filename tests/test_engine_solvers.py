@@ -2573,3 +2573,25 @@ def test_a_density_step_reads_the_device_once():
         return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
 
     assert reads(30) == reads(10)
+
+
+def test_a_trace_looks_at_its_sketchs_products_only_where_rows_were_dropped(monkeypatch):
+    """A row of the sketch's products that is not finite is dropped from its basis (its norm is
+    NaN or inf): the trace looked at all of them for it, a read of the device beside the one
+    inside the basis's making; it now looks only where rows were dropped, and still refuses the
+    products that are not finite (test_trace_and_density_leave_the_products_finiteness...)."""
+    from hessian_cli.engine import trace as trace_module
+
+    looks, look = [0], trace_module.all_finite
+
+    def counted(t: torch.Tensor) -> bool:
+        looks[0] += 1
+        return look(t)
+
+    monkeypatch.setattr(trace_module, "all_finite", counted)
+    stochastic_trace(MatrixOperator(torch.diag(torch.arange(20.0, dtype=torch.float64))), 9)
+    assert looks[0] == 0
+    low_rank = torch.zeros(20, 20, dtype=torch.float64)
+    low_rank[0, 0] = 1.0  # H maps the sketch of 3 into one dimension: 2 rows dropped
+    result = stochastic_trace(MatrixOperator(low_rank), 9)
+    assert looks[0] == 1 and result.estimate == pytest.approx(1.0)

@@ -146,11 +146,13 @@ def stochastic_trace(
         Q = _complement(V)
     elif sketch:  # the sketch and its products are dropped as soon as Q is made of them
         HS = _apply(op, project_out(rademacher((sketch, op.n), **probe), V), block_size)
-        # Looked at here, not by the operator (checks_products): Q would leave out the rows
-        # that are not finite, unsaid.
-        if not all_finite(HS):
-            raise not_finite(op, "trace's")
         Q = orthonormalize_against(HS, V)  # not QR: see its docs
+        # Not looked at by the operator (checks_products): a row that is not finite has a NaN
+        # or inf norm and is dropped from Q, unsaid, so they are looked at where rows were
+        # dropped (H maps the sketch into fewer dimensions: rare); one kept would make the
+        # dots below NaN. Each look is a read of the device, on a GPU a wait.
+        if len(Q) < sketch and not all_finite(HS):
+            raise not_finite(op, "trace's")
         del HS
     # Q's rows, then the deflated probes, in one buffer: one product for both, a pass fewer,
     # and no more memory than the three passes took (no copy of either beside it).

@@ -15,12 +15,11 @@ and convergence tests that certify its pairs are :mod:`convergence`'s.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -40,7 +39,12 @@ from hessian_cli.engine.linalg import (
     row_dots,
     small_eigh,
 )
-from hessian_cli.engine.linear_operator import LinearOperator, holds_weights
+from hessian_cli.engine.linear_operator import (
+    LinearOperator,
+    checks_products,
+    holds_weights,
+    not_finite,
+)
 from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import gaussian, probe_generator
 from hessian_cli.engine.results import EigenResult
@@ -57,7 +61,7 @@ from hessian_cli.engine.solver_plan import (
     restart_chunk,
     restart_size,
 )
-from hessian_cli.errors import NotFinite, UserError
+from hessian_cli.errors import UserError
 
 Which = Literal["largest", "smallest", "both"]
 WHOLE = "whole-space"  # the method of a solve that took every column of the matrix
@@ -77,41 +81,19 @@ NOISE_MARGIN = 100
 REACHABLE_MARGIN = 10
 SLOW_PATIENCE = 4
 
-Args = ParamSpec("Args")
-Out = TypeVar("Out")
-
-
-def _checks_products(
-    solver: Callable[Concatenate[LinearOperator, Args], Out],
-) -> Callable[Concatenate[LinearOperator, Args], Out]:
-    """Run a solve with its operator's products unchecked for NaN or inf, where the operator
-    can leave that to it (``unchecked_products``): every product enters a small matrix that the
-    solve reads anyway, and :func:`_refuse_not_finite` looks there, on the host. The operator's
-    own look was one more read of the device per product (on a GPU a wait for the product)."""
-
-    @functools.wraps(solver)
-    def wrapped(op: LinearOperator, *args: Args.args, **kwargs: Args.kwargs) -> Out:
-        with getattr(op, "unchecked_products", contextlib.nullcontext)():
-            return solver(op, *args, **kwargs)
-
-    return wrapped
-
 
 def _refuse_not_finite(op: LinearOperator, values: torch.Tensor) -> None:
     """Raise, in the operator's words where it has them, where ``values`` (on the host) that
-    products entered are not finite: every later step would fail on them, less clearly (an
+    products entered are not finite: the operator does not look at them in a solve
+    (:func:`checks_products`), and every later step would fail on them, less clearly (an
     ``eigh`` that "failed to converge")."""
-    if bool(values.isfinite().all()):
-        return
-    error = getattr(op, "not_finite", None)
-    if error is not None:
-        raise error()
-    raise NotFinite("The eigensolver's Hessian-vector products are not finite (NaN or inf).")
+    if not bool(values.isfinite().all()):
+        raise not_finite(op, "eigensolver's")
 
 
 @without_tf32
 @holds_weights
-@_checks_products
+@checks_products
 def eigenpairs(
     op: LinearOperator,
     k: int,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import cases
+from tiny_models import cases, count_calls, sqrt_at_zero
 
 from hessian_cli.engine import distributed as dist_utils
 from hessian_cli.engine.batches import cast_batch
@@ -491,23 +491,11 @@ def test_a_product_does_not_import_sympy():
     assert after == before
 
 
-class _SqrtAtZero(torch.nn.Module):
-    """A finite loss whose second derivatives are infinite: sqrt(|w|) at w = 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        self.lin = torch.nn.Linear(3, 2).double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x * self.w.abs().sqrt())
-
-
 @pytest.mark.parametrize("backend", ["double-backward", "func"])
 def test_products_that_are_not_finite_are_one_sentence(backend):
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
-    op = HessianOperator(_SqrtAtZero(), F.cross_entropy, [(x, y)], backend=backend)
+    model, batches = sqrt_at_zero()
+    op = HessianOperator(model, F.cross_entropy, batches, backend=backend)
     assert torch.isfinite(torch.tensor(op.loss()))
     with pytest.raises(UserError, match="Hessian-vector products are not finite"):
         op.matmul(torch.randn(2, op.n, generator=g, dtype=torch.float64))
@@ -1559,13 +1547,7 @@ def test_a_solve_leaves_the_products_finiteness_to_its_own_reads(monkeypatch):
     words, and products outside a solve are looked at again."""
     from hessian_cli.engine import operator as operator_module
 
-    looks, look = [0], operator_module.all_finite
-
-    def counted(t: torch.Tensor) -> bool:
-        looks[0] += 1
-        return look(t)
-
-    monkeypatch.setattr(operator_module, "all_finite", counted)
+    looks = count_calls(monkeypatch, operator_module, "all_finite")
     case = cases()[0]
     op = HessianOperator(case.model, case.loss, case.batches)
     H = dense_hessian(case.model, case.loss, case.batches, op.space)
@@ -1574,9 +1556,8 @@ def test_a_solve_leaves_the_products_finiteness_to_its_own_reads(monkeypatch):
     torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:3])
     op.matmul(torch.ones(op.n, dtype=op.dtype))
     assert looks[0] == 1
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
-    op = HessianOperator(_SqrtAtZero(), F.cross_entropy, [(x, y)])
+    model, batches = sqrt_at_zero()
+    op = HessianOperator(model, F.cross_entropy, batches)
     for which in ("largest", "both"):
         with pytest.raises(UserError, match="Hessian-vector products are not finite .* second"):
             eigenpairs(op, 2, which=which)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import cases
+from tiny_models import cases, count_calls, sqrt_at_zero
 
 from hessian_cli.engine import eigensolver as es
 from hessian_cli.engine import memory
@@ -2501,18 +2501,6 @@ def test_an_eigensolve_refuses_products_that_are_not_finite_in_one_sentence(n, w
         eigenpairs(MatrixOperator(H), 2, which=which)
 
 
-class _SqrtAtZero(torch.nn.Module):
-    """A finite loss whose second derivatives are infinite: sqrt(|w|) at w = 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        self.lin = torch.nn.Linear(3, 2).double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x * self.w.abs().sqrt())
-
-
 class _FirstProductsNotFinite(MatrixOperator):
     """A matrix whose first products (a trace's sketch) are NaN, the later ones not."""
 
@@ -2529,22 +2517,15 @@ def test_trace_and_density_leave_the_products_finiteness_to_their_own_reads(monk
     fails in the operator's words."""
     from hessian_cli.engine import operator as operator_module
 
-    looks, look = [0], operator_module.all_finite
-
-    def counted(t: torch.Tensor) -> bool:
-        looks[0] += 1
-        return look(t)
-
-    monkeypatch.setattr(operator_module, "all_finite", counted)
+    looks = count_calls(monkeypatch, operator_module, "all_finite")
     case = cases()[0]
     op = HessianOperator(case.model, case.loss, case.batches)
     stochastic_trace(op, 12, block_size=2)
     stochastic_trace(op, 9, method="hutchinson")
     spectral_density(op, 2, 6)
     assert op.hvp_count == 12 + 9 + 12 and looks[0] == 0, (op.hvp_count, looks)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
-    op = HessianOperator(_SqrtAtZero(), F.cross_entropy, [(x, y)])
+    model, batches = sqrt_at_zero()
+    op = HessianOperator(model, F.cross_entropy, batches)
     said = "Hessian-vector products are not finite .* second derivatives"
     for solve in (
         lambda: stochastic_trace(op, 6),  # the sketch's products
@@ -2582,13 +2563,7 @@ def test_a_trace_looks_at_its_sketchs_products_only_where_rows_were_dropped(monk
     products that are not finite (test_trace_and_density_leave_the_products_finiteness...)."""
     from hessian_cli.engine import trace as trace_module
 
-    looks, look = [0], trace_module.all_finite
-
-    def counted(t: torch.Tensor) -> bool:
-        looks[0] += 1
-        return look(t)
-
-    monkeypatch.setattr(trace_module, "all_finite", counted)
+    looks = count_calls(monkeypatch, trace_module, "all_finite")
     stochastic_trace(MatrixOperator(torch.diag(torch.arange(20.0, dtype=torch.float64))), 9)
     assert looks[0] == 0
     low_rank = torch.zeros(20, 20, dtype=torch.float64)

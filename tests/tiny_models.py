@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +97,35 @@ def cases() -> list[Case]:
         ),
         Case("tied", Tied().double(), F.mse_loss, [(xs(15, 6), xs(15, 6))]),
     ]
+
+
+class SqrtAtZero(nn.Module):
+    """A finite loss whose second derivatives are infinite: sqrt(|w|) at w = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.w.abs().sqrt())
+
+
+def sqrt_at_zero() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """:class:`SqrtAtZero` and a batch of 8 samples: its loss is finite, its Hessian-vector
+    products are not."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
+    return SqrtAtZero(), [(x, y)]
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: ModuleType, name: str) -> list[int]:
+    """Count the calls of ``module.name`` (a one-entry list, updated as they happen)."""
+    calls, function = [0], getattr(module, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls

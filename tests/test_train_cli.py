@@ -170,6 +170,7 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
         ([*TINY, "--loss", "", "--out", "{tmp}/x"], "--loss needs a name"),  # not the default
         ([*TINY, "--data-root", "", "--out", "{tmp}/x"], "--data-root needs a name"),  # not cwd
         ([*TINY, "--model-kwargs", "{bad", "--out", "{tmp}/x"], "not valid JSON"),
+        ([*TINY, "--model-kwargs", "", "--out", "{tmp}/x"], "--model-kwargs needs a JSON"),
         ([*TINY, "--schedule", "step", "--out", "{tmp}/x"], "unknown schedule"),
         ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "Unknown device"),
         (

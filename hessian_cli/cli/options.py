@@ -69,6 +69,8 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
     """The ``--model-kwargs`` JSON object, or ``None`` when the option was not given."""
     if text is None:
         return None
+    if not text.strip():  # ("$KWARGS" unset) refused as other empty options, not "Expecting value"
+        raise UserError("--model-kwargs needs a JSON object, such as '{\"hidden\": [32]}'.")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -75,6 +75,22 @@ def test_self_describing_checkpoint_needs_no_flags(capsys, digits_mlp):
     assert code == 0 and "Eigenvalues" in out and "converged" in out
 
 
+def test_every_option_of_fixed_words_takes_them_in_any_case(capsys, digits_mlp):
+    """--which Largest, --loss CE, --dtype Float64 and --device CPU were refused where train's
+    --optimizer SGD was taken."""
+    args = ("--which", "Largest", "--loss", "CE", "--bn", "Eval", "--dtype", "Float64")
+    more = ("--precision", "Full", "--criterion", "Residual", "--device", "CPU")
+    code, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", *args, *more, "--json")
+    assert code == 0, err
+    said = json.loads(out)["provenance"]
+    assert [said[k] for k in ("loss", "bn", "dtype", "precision")] == [
+        "ce",
+        "eval",
+        "float64",
+        "full",
+    ]
+
+
 def test_what_user_code_prints_stays_out_of_the_json(capsys, tmp_path, digits_mlp):
     """A model factory that printed put its line on stdout before the JSON: not JSON."""
     (tmp_path / "chatty.py").write_text(

@@ -98,6 +98,17 @@ def test_optimizers_are_taken_as_papers_write_them(capsys, tmp_path):
     assert (config["optimizer"], config["base_optimizer"]) == ("eigensam", "adamw")
 
 
+def test_every_option_of_fixed_words_takes_them_in_any_case(capsys, tmp_path):
+    """--schedule Cosine, --loss CE and --device CPU were refused where --optimizer SGD was
+    taken."""
+    out = tmp_path / "run"
+    args = ("--schedule", "Cosine", "--loss", "CE", "--device", "CPU", "--max-steps", "0")
+    code, stdout, err = run(capsys, "train", *TINY, *args, "--out", out)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["schedule"], config["loss"]) == ("cosine", "ce")
+
+
 def test_a_log_gets_a_line_per_epoch_with_that_epochs_own_lambda_max(capsys, tmp_path):
     """No live bar into a pipe (it printed nothing until the end, cut to 80 columns); an epoch
     with no lambda_max tracked in it shows none, not an earlier epoch's."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 
 import typer
@@ -21,7 +22,9 @@ from hessian_cli.cli.options import (
     DATA_HELP,
     MODEL_HELP,
     command_line,
+    device_word,
     file_path,
+    fixed_word,
     given_path,
     parse_model_kwargs,
     refuse_empty,
@@ -233,6 +236,7 @@ def analyze(
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     import_torch()
     from hessian_cli.analysis import (
+        _CHOICES,
         AnalyzeRequest,
         SeriesStopped,
         analyze_target,
@@ -247,6 +251,7 @@ def analyze(
         unconverged_warning,
     )
     from hessian_cli.report import analysis_to_dict
+    from hessian_cli.specs.losses import BUILTIN_LOSSES
     from hessian_cli.storage.hdf5 import check_output_name, check_writable, write_analyses
 
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
@@ -281,7 +286,7 @@ def analyze(
         data=data,
         data_root=data_root,
         download=download,
-        loss=loss,
+        loss=fixed_word(loss, BUILTIN_LOSSES),
         top_k=top_k,
         which=which,
         tol=tol,
@@ -306,12 +311,17 @@ def analyze(
         batch_size=batch_size,
         num_samples=num_samples,
         num_batches=num_batches,
-        device=device,
+        device=device_word(device),
         dtype=dtype,
         precision=precision,
         seed=seed,
         trust_checkpoint=trust_checkpoint,
         weights_key=weights_key,
+    )
+    # The words of --which, --bn, --dtype ... in any case, as train's.
+    request = dataclasses.replace(
+        request,
+        **{name: fixed_word(getattr(request, name), words) for name, words in _CHOICES.items()},
     )
     console = results_console()
     # Under torchrun every rank computes the same results; only rank 0 reports and writes.
@@ -418,9 +428,9 @@ def analyze(
     warning = unconverged_warning(
         reports,
         tol=tol,
-        precision=precision,
+        precision=request.precision,
         # Where none was given, float64 only if every checkpoint was analysed in it.
-        dtype=dtype
+        dtype=request.dtype
         or (
             "float64" if all(r["provenance"]["dtype"] == "float64" for r in reports) else "float32"
         ),

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ DATA_HELP = (
     ".h5) or module:factory."
 )
 
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 
 # The library's parameters that its messages name (in backticks, see UserError) and the flag
 # of each: `k` is --top-k, `which=both` is --which both.
@@ -82,6 +84,20 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise UserError("--model-kwargs must be a JSON object, e.g. '{\"hidden\": [32]}'.")
     return value
+
+
+def fixed_word(text: str | None, words: Iterable[str]) -> str | None:
+    """``text`` in lower case where that is one of ``words``: options of fixed words take them
+    in any case, as --optimizer does (--schedule Cosine, --loss CE, --which Largest were
+    refused); other text as given, for a refusal to quote or as a user's code (--loss mod:CE)."""
+    return text.lower() if text is not None and text.lower() in words else text
+
+
+def device_word(text: str) -> str:
+    """``--device`` in lower case where it names a device in another (CPU, CUDA:1), as
+    :func:`fixed_word` takes words."""
+    lowered = text.lower()
+    return lowered if lowered in DEVICES or re.fullmatch(r"cuda:\d+", lowered) else text
 
 
 def named_path(text: str | None, option: str, example: str) -> Path | None:

@@ -47,6 +47,8 @@ from hessian_cli.cli.options import (
     DATA_HELP,
     MODEL_HELP,
     command_line,
+    device_word,
+    fixed_word,
     named_path,
     parse_model_kwargs,
     refuse_empty,
@@ -163,15 +165,21 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""
+    # The loop (torch) is imported here, not at the top: --help stays instant.
+    import_torch()
+    from eigensam.training import train
+    from hessian_cli.engine.distributed import any_rank, fail_together, world
+    from hessian_cli.specs.losses import BUILTIN_LOSSES
+
     given = {
         "model": model,
         "data": data,
         # "Eigen-SAM", "eigen_sam", "SGD": the names as papers write them.
         "optimizer": optimizer and optimizer.lower().replace("-", "").replace("_", ""),
-        "base_optimizer": base_optimizer and base_optimizer.lower(),
+        "base_optimizer": fixed_word(base_optimizer, BASE_OPTIMIZERS),
         "model_kwargs": model_kwargs,
         "data_root": data_root,
-        "loss": loss,
+        "loss": fixed_word(loss, BUILTIN_LOSSES),
         "rho": rho,
         "alpha": alpha,
         "eig_every": eig_every,
@@ -180,17 +188,12 @@ def train_command(
         "lr": lr,
         "momentum": momentum,
         "weight_decay": weight_decay,
-        "schedule": schedule,
+        "schedule": fixed_word(schedule, SCHEDULES),
         "seed": seed,
         "track_every": track_every,
         "checkpoint_every": checkpoint_every,
     }
     set_options = {k: v for k, v in given.items() if v is not None}
-    # The loop (torch) is imported here, not at the top: --help stays instant.
-    import_torch()
-    from eigensam.training import train
-    from hessian_cli.engine.distributed import any_rank, fail_together, world
-
     with fail_together():  # under torchrun, said once (by rank 0) and every rank stops
         refuse_empty(
             (model, "--model", "mlp"),
@@ -216,7 +219,9 @@ def train_command(
             check_options_used(set_options)
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
             config = TrainConfig(**set_options, out=str(out))
-    config = dataclasses.replace(config, max_steps=max_steps, device=device, download=download)
+    config = dataclasses.replace(
+        config, max_steps=max_steps, device=device_word(device), download=download
+    )
     console = _RunConsole()
     notes = _Notes()
     lead = world()[0] == 0  # under torchrun only rank 0 reports

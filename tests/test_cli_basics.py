@@ -1,5 +1,6 @@
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,20 @@ def test_help_shows_no_type_beside_a_flag(command: str) -> None:
     ).stdout
     assert "--quiet" in out and "<bool>" not in out
     assert "<int>" in out  # --batch-size
+
+
+def test_help_shows_the_type_of_one_value_of_a_repeated_option_or_argument() -> None:
+    """analyze --help showed `TARGET <list[str]>` and `--params <list[str]>`, as if a Python
+    list were wanted."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", "analyze", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert "list[" not in out
+    assert re.search(r"TARGET +<str>\.\.\. ", out) and re.search(r"--params +<str> ", out)
 
 
 @pytest.mark.parametrize(

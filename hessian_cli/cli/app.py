@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from hessian_cli import __version__
 from hessian_cli.atomic import stdout_written
@@ -54,22 +55,38 @@ app = typer.Typer(
 )
 
 
-def _hide_flag_types() -> None:
-    """Show flags without a type in --help, as Click's plain help does: Typer 0.29's rich help
-    showed every flag as ``--trace <bool>``, as if it took a value, and ``--trace true`` then
-    made ``true`` a checkpoint name (``train --quiet true`` an unexpected argument). One place
-    for every command's flags, --help's own included."""
+def _plain_types() -> None:
+    """Types in --help as a shell user reads them, one place for every command's parameters
+    (--help's own included). Flags without one, as Click's plain help shows them: Typer 0.29's
+    rich help showed every flag as ``--trace <bool>``, as if it took a value, and ``--trace
+    true`` then made ``true`` a checkpoint name (``train --quiet true`` an unexpected argument).
+    Parameters of several values by the type of one: ``--params <list[str]>`` and ``TARGET
+    <list[str]>`` read as if a Python list were wanted; now ``--params <str>`` (given again for
+    another) and ``TARGET <str>...`` (several words)."""
     shown = getattr(TyperOption, "display_type_rich", None)
     if shown is None:  # a Typer that shows no type beside a flag anyway
         return
+    shown_argument = TyperArgument.display_type_rich
 
-    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
-        return None if self.is_flag else shown(self, ctx)
+    def option_type(self: TyperOption, ctx: Any) -> str | None:
+        if self.is_flag:
+            return None
+        return _one_value(shown(self, ctx)) if self.multiple else shown(self, ctx)
 
-    TyperOption.display_type_rich = display_type_rich
+    def argument_type(self: TyperArgument, ctx: Any) -> str | None:
+        text = shown_argument(self, ctx)
+        return f"{_one_value(text)}..." if self.nargs == -1 and text else text
+
+    TyperOption.display_type_rich = option_type
+    TyperArgument.display_type_rich = argument_type
 
 
-_hide_flag_types()
+def _one_value(text: str | None) -> str | None:
+    """``<str>`` for Typer's ``<list[str]>``: the type of one of a parameter's values."""
+    return re.sub(r"^<list\[(.*)\]>$", r"<\1>", text) if text else text
+
+
+_plain_types()
 
 # A pipe or a file has no width: results written there are not cut to fit 80 columns.
 _UNBOUNDED = 100_000

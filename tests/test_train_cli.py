@@ -599,6 +599,25 @@ def test_a_second_ctrl_c_says_what_was_kept(capsys, tmp_path, monkeypatch, finis
     assert code == 130 and "stopped at once by Ctrl-C before training began: nothing was" in err
 
 
+def test_a_ctrl_c_after_the_run_directory_is_claimed_names_what_it_holds(
+    capsys, tmp_path, monkeypatch
+):
+    """Between config.json's write and the loop's start a Ctrl-C said "nothing was written",
+    and the same --out was then refused as a run that stopped before its first checkpoint."""
+    import eigensam.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(eigensam.training._Run, "train", interrupted)
+        code, _, err = run(capsys, "train", *TINY, "--out", tmp_path / "run", "-q")
+    words = " ".join(err.split())
+    assert code == 130 and f"only {tmp_path / 'run' / 'config.json'} was written" in words
+    code, out, err = run(capsys, "train", "--resume", tmp_path / "run", "--max-steps", "1")
+    assert code == 0 and "Starting again at step 0" in " ".join(out.split()), err
+
+
 def test_data_float32_cannot_hold_is_refused_before_the_run(capsys, tmp_path):
     """float64 inputs of 1e300 became inf in each step's float32 batch: the run "diverged"."""
     import numpy as np

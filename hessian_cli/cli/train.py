@@ -25,6 +25,7 @@ from rich.console import Console
 
 from eigensam.config import (
     BASE_OPTIMIZERS,
+    CONFIG_FILE,
     OPTIMIZERS,
     SCHEDULES,
     TrainConfig,
@@ -243,12 +244,12 @@ def train_command(
             )
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint of the steps since the last
         if lead:
-            # Before the loop started nothing was written (it claimed metrics were), and the
-            # first Ctrl-C stops at once.
+            # Before the loop started the first Ctrl-C stops at once, and no metrics were
+            # written (it said they were).
             said = (
                 f"stopped at once by a second Ctrl-C: {_kept(resume, config)}"
                 if stop.started
-                else "stopped at once by Ctrl-C before training began: nothing was written"
+                else f"stopped at once by Ctrl-C before training began: {_claimed(resume, config)}"
             )
             err_console.print(f"{said}.", highlight=False, soft_wrap=True)
         raise typer.Exit(INTERRUPTED_STATUS) from None
@@ -282,6 +283,15 @@ def _kept(resume: Path | None, config: TrainConfig) -> str:
         "the metrics of the steps done are written, the steps since the last checkpoint are "
         f"not; {resume_hint(run_dir)}"
     )
+
+
+def _claimed(resume: Path | None, config: TrainConfig) -> str:
+    """What a run stopped before its loop left: a new one's config.json where it had claimed
+    its directory (said to be nothing, where --out was then refused as a run's), else nothing."""
+    claimed = Path(config.out) / CONFIG_FILE
+    if resume is not None or not claimed.is_file():
+        return "nothing was written"
+    return f"only {claimed} was written (--resume {config.out} starts the run at step 0)"
 
 
 class _RunConsole(OutputConsole):

@@ -182,6 +182,10 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
         ([*TINY, "--data-root", "", "--out", "{tmp}/x"], "--data-root needs a name"),  # not cwd
         ([*TINY, "--model-kwargs", "{bad", "--out", "{tmp}/x"], "not valid JSON"),
         ([*TINY, "--model-kwargs", "", "--out", "{tmp}/x"], "--model-kwargs needs a JSON"),
+        (  # config.json recorded it as given, which no strict JSON reader reads
+            ["-m", "mlp", "-d", "digits", "--model-kwargs", '{"x": NaN}', "--out", "{tmp}/x"],
+            "--model-kwargs is not valid JSON: NaN is no JSON number",
+        ),
         ([*TINY, "--schedule", "step", "--out", "{tmp}/x"], "unknown schedule"),
         ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "Unknown device"),
         (

@@ -9,7 +9,7 @@ import shlex
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperOption
@@ -74,7 +74,7 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
     if not text.strip():  # ("$KWARGS" unset) refused as other empty options, not "Expecting value"
         raise UserError("--model-kwargs needs a JSON object, such as '{\"hidden\": [32]}'.")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UserError(
             f"--model-kwargs is not valid JSON: {exc.msg} at position {exc.pos}."
@@ -98,6 +98,12 @@ def device_word(text: str) -> str:
     :func:`fixed_word` takes words."""
     lowered = text.lower()
     return lowered if lowered in DEVICES or re.fullmatch(r"cuda:\d+", lowered) else text
+
+
+def _no_constant(name: str) -> NoReturn:
+    """Refuse NaN and Infinity, which Python's JSON reads but JSON has not: config.json
+    recorded them as given, which JSON.parse refuses and jq reads as null."""
+    raise UserError(f"--model-kwargs is not valid JSON: {name} is no JSON number.")
 
 
 def named_path(text: str | None, option: str, example: str) -> Path | None:

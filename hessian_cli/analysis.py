@@ -244,7 +244,7 @@ def _words(kind: Any) -> tuple[str, ...] | None:
 
 
 # The options that take one of a few words, and those words (from AnalyzeRequest's Literals).
-_CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str, ...]] = {
     name: words
     for name, kind in get_type_hints(AnalyzeRequest).items()
     if (words := _words(kind)) is not None
@@ -491,7 +491,7 @@ _COUNTS = (
 def _check_request(request: AnalyzeRequest) -> None:
     """Refuse values and combinations that cannot be computed, before any work."""
     r = request
-    for name, allowed in _CHOICES.items():
+    for name, allowed in CHOICES.items():
         value = getattr(r, name)
         if value not in allowed and not (value is None and getattr(AnalyzeRequest, name) is None):
             raise UserError(

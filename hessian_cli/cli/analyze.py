@@ -236,7 +236,7 @@ def analyze(
     # The library (torch, h5py) is imported here, not at the top: --help stays instant.
     import_torch()
     from hessian_cli.analysis import (
-        _CHOICES,
+        CHOICES,
         AnalyzeRequest,
         SeriesStopped,
         analyze_target,
@@ -321,7 +321,7 @@ def analyze(
     # The words of --which, --bn, --dtype ... in any case, as train's.
     request = dataclasses.replace(
         request,
-        **{name: fixed_word(getattr(request, name), words) for name, words in _CHOICES.items()},
+        **{name: fixed_word(getattr(request, name), words) for name, words in CHOICES.items()},
     )
     console = results_console()
     # Under torchrun every rank computes the same results; only rank 0 reports and writes.

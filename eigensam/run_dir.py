@@ -68,9 +68,10 @@ def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {str(run_dir)!r} is a file, not a directory.")
     if (run_dir / CONFIG_FILE).exists() or (run_dir / RUN_CHECKPOINTS).exists():
-        if latest_checkpoint(run_dir) is None:  # --resume would only start it again
+        if latest_checkpoint(run_dir) is None:  # --resume starts it again, with its options
             raise UserError(
                 f"{str(run_dir)!r} holds a run that stopped before its first checkpoint: "
+                f"start it again with --resume {run_dir} (its own options, from step 0), "
                 "remove it, or choose another --out."
             )
         if final_checkpoint_path(run_dir).is_file():  # a resume would have nothing to do

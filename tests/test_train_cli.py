@@ -562,7 +562,10 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_named_as_such(capsys,
     (out / "checkpoints").mkdir(parents=True)
     (out / "config.json").write_text("{}")  # what a run that failed at its first step leaves
     code, _, err = run(capsys, "train", *TINY, "--out", out)
-    assert code == 2 and "stopped before its first checkpoint" in one_sentence(err, strict=True)
+    said = one_sentence(err, strict=True)
+    assert code == 2 and "stopped before its first checkpoint" in said
+    # It can be started again as it was (the Ctrl-C before the first step says so too).
+    assert f"start it again with --resume {out} (its own options, from step 0)" in said
 
 
 def test_a_resume_that_finds_no_checkpoint_says_it_starts_again(capsys, tmp_path, finished_run):

@@ -867,6 +867,25 @@ def test_a_series_analysed_again_with_the_same_settings_is_drawn_once():
     assert list(line.get_ydata()) == [1.5, 1.25, 2.5, 2.25, 3.25]
 
 
+def test_a_series_analysed_twice_is_counted_as_its_checkpoints(full, tmp_path):  # noqa: F811
+    """`analyze DIR --top-k 2` and again `--top-k 0 --trace` into one file: `show` said
+    "6 checkpoints" (above the file and the series) for 3, each analysed twice, as did the
+    title of their densities in `plot`."""
+    steps = [variant(full, f"ckpt_{s}", s) for s in (100, 200, 300)]
+    path = tmp_path / "twice.h5"
+    write_analyses(path, steps, series=True)
+    write_analyses(path, [dataclasses.replace(a, eigen=None) for a in steps], series=True)
+    out = runner.invoke(app, ["show", str(path)]).output
+    assert f"format version {FORMAT_VERSION}), 6 analyses of 3 checkpoints\n" in out
+    reports = read_analyses(path)
+    assert series_table(reports).title == "6 analyses of 3 checkpoints"
+    one = runner.invoke(app, ["show", str(path), "-c", "ckpt_200-2"]).output
+    assert "6 analyses of 3 checkpoints, 1 shown" in one
+    assert series_table([d for d in reports if d["eigen"]]).title == "3 checkpoints"
+    titles = [ax.get_title() for ax in spectra_figure(reports).axes]
+    assert "Spectral densities (SLQ) of 6 analyses of 3 checkpoints" in titles
+
+
 def test_blocks_of_one_models_hessian_in_one_file_are_a_trajectory_each():
     """Two --params sets of one model with as many parameters each (two layers' blocks) were
     drawn as one trajectory and shown as one model; each is now its own, its globs named."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -82,8 +83,10 @@ def full() -> CheckpointAnalysis:
 
 
 def variant(a: CheckpointAnalysis, name: str, step: int | None, scale: float = 1.0):
-    """A copy of ``a`` under another name and step, eigenvalues scaled (a fake trajectory)."""
+    """A copy of ``a`` under another name and step, eigenvalues scaled (a fake trajectory): a
+    checkpoint of its own (its sha256)."""
     prov = {k: v for k, v in a.provenance.items() if k != "step"}
+    prov["sha256"] = hashlib.sha256(name.encode(errors="surrogatepass")).hexdigest()
     if step is not None:
         prov["step"] = step
     eigen = dataclasses.replace(a.eigen, eigenvalues=a.eigen.eigenvalues * scale)

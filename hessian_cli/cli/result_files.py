@@ -16,11 +16,12 @@ METRICS_FILE = "metrics.h5"  # in a training run's directory (eigensam.run_dir, 
 @dataclass
 class Spectra:
     """The reports of a spectra file that ``--checkpoint`` picked, the groups that hold them,
-    and the file's own attributes and history."""
+    the file's own attributes and history, and all its reports."""
 
     reports: list[dict[str, Any]]
     groups: list[str]
     info: dict[str, Any]
+    held: list[dict[str, Any]]
 
 
 @dataclass
@@ -58,7 +59,7 @@ def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra |
     if fmt != FORMAT_NAME:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot {verb}.")
     reports, info = read_spectra(file)
-    return Spectra(*pick_checkpoint(file, reports, info["groups"], checkpoint), info)
+    return Spectra(*pick_checkpoint(file, reports, info["groups"], checkpoint), info, reports)
 
 
 def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:

@@ -106,7 +106,7 @@ def show(
         return
     ds = told_apart(found, checkpoint)
     with reading(file):  # all built before any is printed: no half-shown file
-        tables = [file_summary(file, ds, found.info)]
+        tables = [file_summary(file, ds, found.info, found.held)]
         if len(ds) > 1:
             tables.append(series_table(ds))
         if len(ds) == 1 or show_all:

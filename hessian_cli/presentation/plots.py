@@ -32,7 +32,9 @@ from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
     ANALYSIS_SETTINGS,
     OF_PAIRS,
+    analyses_of_checkpoints,
     analysis_setting,
+    checkpoint_of,
     counted,
     differing_settings,
     eigen_columns,
@@ -216,7 +218,7 @@ def _densities_panel(
     ax.figure.colorbar(mappable, ax=ax, label=xlabel, ticks=_WholeNumbers())
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
-    ax.set_title(f"Spectral densities (SLQ) of {counted(len(have), 'checkpoint')}")
+    ax.set_title(f"Spectral densities (SLQ) of {analyses_of_checkpoints([ds[j] for j in have])}")
 
 
 _WHICH_TITLES = {"smallest": "Smallest eigenvalues", "both": "Largest and smallest eigenvalues"}
@@ -321,8 +323,7 @@ def _series_ranks(ds: Sequence[Mapping[str, Any]]) -> np.ndarray:
     places: dict[Any, int] = {}
     ranks = np.empty(len(ds))
     for j in sorted(range(len(ds)), key=key):
-        checkpoint = (ds[j].get("provenance") or {}).get("sha256") or j
-        ranks[j] = places.setdefault(checkpoint, len(places) + 1)
+        ranks[j] = places.setdefault(checkpoint_of(ds[j], j), len(places) + 1)
     return ranks
 
 

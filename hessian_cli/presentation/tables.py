@@ -502,7 +502,7 @@ def _trace_cell(t: Mapping[str, Any] | None) -> str:
 def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
     """One row per checkpoint, in file order: step, epoch, top eigenvalues, trace, alignment."""
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
-    table = Table(title=f"{len(ds)} checkpoints", caption_justify="left")
+    table = Table(title=analyses_of_checkpoints(ds), caption_justify="left")
     longest = max((len(str(d.get("name"))) for d in ds), default=10)
     table.add_column("checkpoint", min_width=min(longest, 40), overflow="fold")
     whiches = {(d.get("eigen") or {}).get("which") for d in ds}
@@ -683,17 +683,35 @@ def eigen_columns(e: Mapping[str, Any], whiches: set[str | None], count: int) ->
     return largest + [own + i if i < n - own else None for i in range(half)]
 
 
+def checkpoint_of(d: Mapping[str, Any], i: int) -> Any:
+    """Which checkpoint the ``i``-th analysis ``d`` is of: its sha256 (a path may have held
+    another, latest.pt), or ``i`` where the file records none."""
+    return (d.get("provenance") or {}).get("sha256") or i
+
+
+def analyses_of_checkpoints(ds: Sequence[Mapping[str, Any]]) -> str:
+    """How many checkpoints ``ds`` are analyses of, and how many analyses where more: a series
+    analysed twice into one file read "6 checkpoints" for 3."""
+    n = len({checkpoint_of(d, i) for i, d in enumerate(ds)})
+    held = counted(n, "checkpoint")
+    return held if n == len(ds) else f"{counted(len(ds), 'analysis', 'analyses')} of {held}"
+
+
 def file_summary(
-    path: str | Path, ds: Sequence[Mapping[str, Any]], info: Mapping[str, Any] | None = None
+    path: str | Path,
+    ds: Sequence[Mapping[str, Any]],
+    info: Mapping[str, Any] | None = None,
+    held: Sequence[Mapping[str, Any]] | None = None,
 ) -> RenderableType:
-    """What a spectra file is and holds; ``info`` is :func:`~hessian_cli.storage.read_file_info`."""
+    """What a spectra file is and holds; ``info`` is :func:`~hessian_cli.storage.read_file_info`,
+    ``held`` every analysis in the file where ``ds`` are those --checkpoint picked."""
     info = info or {}
     lines = [Text(f"{path}", style="bold")]
     version = info.get("format_version")
     what = f"hessian-cli spectra file (format version {version})" if version else "spectra file"
-    total = len(info.get("groups") or ds)  # --checkpoint shows some of them
-    held = f"{what}, {counted(total, 'checkpoint')}"
-    lines.append(Text(held + (f", {len(ds)} shown" if len(ds) < total else "")))
+    held = ds if held is None else held
+    shown = "" if len(ds) == len(held) else f", {len(ds)} shown"
+    lines.append(Text(f"{what}, {analyses_of_checkpoints(held)}{shown}"))
     if (note := newer_format_note(info, metrics=False)) is not None:
         lines.append(Text(note, style="yellow"))
     if (note := _initial_statistics_note(ds)) is not None:

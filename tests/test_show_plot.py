@@ -1421,6 +1421,26 @@ def test_a_series_of_densities_alone_is_drawn(full, tmp_path):  # noqa: F811
     assert len(panel.get_lines()) == 3 and figure.axes[1].get_ylabel() == "step"
 
 
+def test_a_series_says_which_rows_hold_a_density(full, tmp_path):  # noqa: F811
+    """`analyze DIR --top-k 0 --density`: `show` was a table of checkpoint, step and epoch that
+    did not say the file held the densities, which only -a showed."""
+    steps = [variant(full, f"ckpt_{s}", s) for s in (100, 200, 300)]
+    spectra = [dataclasses.replace(a, eigen=None, trace=None, alignment=None) for a in steps]
+    path = tmp_path / "densities.h5"
+    write_analyses(path, spectra, series=True)
+    said = "spectral density: 3 of the 3 rows hold one, not shown here:"
+    out = " ".join(runner.invoke(app, ["show", str(path)]).output.split())
+    assert f"{said} show -a lists each, plot draws them" in out
+    out = " ".join(runner.invoke(app, ["show", str(path), "-a"]).output.split())
+    assert f"{said} each is below" in out
+    plain = [dataclasses.replace(a, density=None) for a in steps]
+    ds = [analysis_to_dict(a) for a in (*spectra[:1], *plain[1:])]
+    assert series_table(ds).caption == (
+        "spectral density: 1 of the 3 rows holds one, not shown here: --json prints them"
+    )
+    assert series_table(ds[1:]).caption is None
+
+
 def test_plot_onto_a_link_replaces_its_target_and_keeps_the_link(files, tmp_path):
     (tmp_path / "real.png").write_text("an older figure")
     (tmp_path / "fig.png").symlink_to("real.png")
@@ -1716,7 +1736,8 @@ def test_tables_are_never_cut_short(files, monkeypatch):
     terminal = Console(width=50, force_terminal=True, record=True)  # a narrow one: cells fold
     terminal.print(series_table(read_analyses(files["series"])), crop=False)
     text = terminal.export_text()
-    rows = text.splitlines()[1:-1]  # below the title: every row still has its last column
+    # Below the title and above the caption: every row still has its last column.
+    rows = text.split("└")[0].splitlines()[1:]
     assert "…" not in text and all(row.rstrip()[-1] in "┃│┓┩┫┤┐┘" for row in rows), text
 
 

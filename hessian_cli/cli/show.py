@@ -108,7 +108,8 @@ def show(
     with reading(file):  # all built before any is printed: no half-shown file
         tables = [file_summary(file, ds, found.info, found.held)]
         if len(ds) > 1:
-            tables.append(series_table(ds))
+            shown = "each is below" if show_all else "show -a lists each, plot draws them"
+            tables.append(series_table(ds, shown))
         if len(ds) == 1 or show_all:
             tables += [analysis_table(d) for d in ds]
     for table in tables:

@@ -499,8 +499,12 @@ def _trace_cell(t: Mapping[str, Any] | None) -> str:
     return _g(t["estimate"], ".5g") + (f" ± {_g(t['stderr'], '.2g')}" if random else "")
 
 
-def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
-    """One row per checkpoint, in file order: step, epoch, top eigenvalues, trace, alignment."""
+def series_table(
+    ds: Sequence[Mapping[str, Any]], densities_shown: str = "--json prints them"
+) -> Table:
+    """One row per checkpoint, in file order: step, epoch, top eigenvalues, trace, alignment;
+    a caption says which rows hold a density, which no column shows, and ``densities_shown``
+    where to see them."""
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
     table = Table(title=analyses_of_checkpoints(ds), caption_justify="left")
     longest = max((len(str(d.get("name"))) for d in ds), default=10)
@@ -561,6 +565,13 @@ def series_table(ds: Sequence[Mapping[str, Any]]) -> Table:
         notes.append(
             "* NOT converged (not within its tolerance, or behind a pair that is not; details: "
             "show -c NAME)"
+        )
+    # A series of densities alone (--top-k 0 --density) was a table of steps that said none.
+    if densities := sum(bool(d.get("density")) for d in ds):
+        notes.append(
+            f"spectral density: {densities} of the {len(ds)} rows "
+            f"{'holds' if densities == 1 else 'hold'} one, not shown here: "
+            f"{densities_shown}"
         )
     unrecorded = sum(analysis_setting(d, "precision") == UNRECORDED for d in ds)
     if unrecorded:

@@ -689,6 +689,28 @@ def test_a_series_says_which_rows_were_computed_in_reduced_precision():
     )
 
 
+def test_notes_on_some_rows_count_the_analyses_of_one_checkpoint_once():
+    """One checkpoint analysed in full precision and again in bf16 was "1 of 2 checkpoints", as
+    was the note on its BatchNorm's initial statistics."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import file_summary
+
+    prov = {"sha256": "ab", "bn_initial_statistics": 1}
+    ds = [
+        {"name": f"a{again}", "provenance": prov | {"precision": p, "hvp_rel_error": err}}
+        for again, p, err in (("", "full", 0.0), ("-2", "bf16", 4.0e-3))
+    ]
+    assert series_table(ds).caption.startswith(
+        "reduced precision (1 of 2 analyses of 1 checkpoint): products in bf16"
+    )
+    console = Console(width=400, record=True)
+    console.print(file_summary("f.h5", ds))
+    assert "note: in 2 of the 2 analyses of 1 checkpoint (a, a-2) BatchNorm" in (
+        console.export_text()
+    )
+
+
 def test_a_file_that_records_no_precision_is_not_another_setting_beside_full(tmp_path):
     """Files written before --precision existed record none: appended to by a newer version, the
     series had a precision column of "—" and "full", and plot drew the one run as two."""

@@ -575,7 +575,7 @@ def series_table(
         )
     unrecorded = sum(analysis_setting(d, "precision") == UNRECORDED for d in ds)
     if unrecorded:
-        of = f"{unrecorded} of {counted(len(ds), 'checkpoint')}"
+        of = f"{unrecorded} of {analyses_of_checkpoints(ds)}"
         notes.append(f"precision unrecorded ({of}): {UNRECORDED_NOTE}")
     rounded = [d for d in ds if analysis_setting(d, "precision") not in ("full", UNRECORDED)]
     if rounded:  # as one checkpoint's table says above its numbers
@@ -594,7 +594,7 @@ def series_table(
             else ""
         )
         notes.append(
-            f"reduced precision ({len(reduced)} of {counted(len(ds), 'checkpoint')}): products "
+            f"reduced precision ({len(reduced)} of {analyses_of_checkpoints(ds)}): products "
             f"in {modes}, relative error up to {_g(max(errors, default=None), '.1e')} against "
             f"full precision{checked}"
         )
@@ -766,7 +766,7 @@ def _initial_statistics_note(ds: Sequence[Mapping[str, Any]]) -> str | None:
         names = ", ".join(str(d.get("name")) for d in held[:5])
         more = f", ... ({len(held)} in all)" if len(held) > 5 else ""
         where = (
-            f"in {len(held)} of the {len(ds)} checkpoints ({names}{more}) BatchNorm (or "
+            f"in {len(held)} of the {analyses_of_checkpoints(ds)} ({names}{more}) BatchNorm (or "
             "InstanceNorm) layers held"
         )
     return (

@@ -1701,15 +1701,21 @@ def test_a_damaged_group_is_one_sentence_that_names_it(capsys, files, tmp_path):
 
 
 def test_a_checkpoint_analysed_twice_is_picked_by_its_group(full, tmp_path):  # noqa: F811
+    """Where names repeat the series table names each row by its group: -c final-2 picked the
+    checkpoint named final-2 (the row final-2-2), not the row final-2 (final's second)."""
     path = tmp_path / "twice.h5"
     write_analyses(path, [variant(full, "final", 1)], command_line="first")
     write_analyses(path, [variant(full, "final", None, 2.0)], command_line="second")
     first, second = read_file_info(path)["groups"]
     assert (first, second) == ("final", "final-2")
     write_analyses(path, [variant(full, "final-2", 9)], command_line="a checkpoint named so")
-    for name, group in ((first, first), (second, f"{second}-2")):  # as the table shows them
+    table = runner.invoke(app, ["show", str(path)]).stdout
+    rows = {row.split()[1]: row.split()[3] for row in table.splitlines() if "│ final" in row}
+    assert rows == {first: "1", second: "—", f"{second}-2": "9"}  # group: step
+    for name, step in rows.items():  # as the table shows them
         result = runner.invoke(app, ["show", str(path), "-c", name, "--json"])
-        assert [d["group"] for d in json.loads(result.stdout)] == [group]
+        picked = [(d["group"], d["provenance"].get("step")) for d in json.loads(result.stdout)]
+        assert picked == [(name, None if step == "—" else int(step))]
     out = tmp_path / "one.svg"  # one checkpoint's figure, not the series'
     assert runner.invoke(app, ["plot", str(path), "-c", first, "-o", str(out)]).exit_code == 0
     assert "Spectral density" in out.read_text()

@@ -94,12 +94,15 @@ def pick_checkpoint(
     """The reports (and their groups) that ``--checkpoint NAME`` names, as the series table
     shows them: the one checkpoint of that name, else the group of that name (a checkpoint
     analysed twice is stored as name and name-2, which the table then shows), else every
-    checkpoint of that name; all without ``name``."""
+    checkpoint of that name; all without ``name``. Where names repeat, the table names every
+    row by its group, and so does NAME: a checkpoint named final-2 (group final-2-2) was picked
+    for the row final-2, final's second analysis."""
     pairs = list(zip(reports, groups, strict=True))
     if name is not None:
         named = [(d, g) for d, g in pairs if d["name"] == name]
         grouped = [(d, g) for d, g in pairs if g == name]
-        pairs = named if len(named) == 1 else grouped or named
+        repeated = len({d["name"] for d in reports}) < len(reports)
+        pairs = grouped if repeated and grouped else named if len(named) == 1 else grouped or named
         if not pairs:
             held = list(dict.fromkeys(d["name"] for d in reports))
             shown = ", ".join(held[:10]) + (f", ... ({len(held)} in all)" if len(held) > 10 else "")

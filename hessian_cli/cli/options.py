@@ -30,7 +30,6 @@ DATA_HELP = (
     ".h5) or module:factory."
 )
 
-DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 
 # The library's parameters that its messages name (in backticks, see UserError) and the flag
 # of each: `k` is --top-k, `which=both` is --which both.
@@ -91,13 +90,6 @@ def fixed_word(text: str | None, words: Iterable[str]) -> str | None:
     in any case, as --optimizer does (--schedule Cosine, --loss CE, --which Largest were
     refused); other text as given, for a refusal to quote or as a user's code (--loss mod:CE)."""
     return text.lower() if text is not None and text.lower() in words else text
-
-
-def device_word(text: str) -> str:
-    """``--device`` in lower case where it names a device in another (CPU, CUDA:1), as
-    :func:`fixed_word` takes words."""
-    lowered = text.lower()
-    return lowered if lowered in DEVICES or re.fullmatch(r"cuda:\d+", lowered) else text
 
 
 def _no_constant(name: str) -> NoReturn:

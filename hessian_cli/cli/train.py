@@ -48,7 +48,6 @@ from hessian_cli.cli.options import (
     DATA_HELP,
     MODEL_HELP,
     command_line,
-    device_word,
     fixed_word,
     named_path,
     parse_model_kwargs,
@@ -220,9 +219,7 @@ def train_command(
             check_options_used(set_options)
             set_options["model_kwargs"] = parse_model_kwargs(model_kwargs)
             config = TrainConfig(**set_options, out=str(out))
-    config = dataclasses.replace(
-        config, max_steps=max_steps, device=device_word(device), download=download
-    )
+    config = dataclasses.replace(config, max_steps=max_steps, device=device, download=download)
     console = _RunConsole()
     notes = _Notes()
     lead = world()[0] == 0  # under torchrun only rank 0 reports

@@ -16,12 +16,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     torchrun, CUDA means this rank's GPU (its local rank's, selected by ``init_from_env``): a
     rank without one of its own would share another's, which NCCL refuses later in words of
     its own, so it is refused here. A script's ``torch.device`` is taken by its name (it failed
-    in ``startswith``, an AttributeError)."""
-    name = str(name)
+    in ``startswith``, an AttributeError). Names in any case (CPU, CUDA:1), as the command
+    line's other words."""
+    given, name = str(name), str(name).lower()
     if name not in ("auto", "cpu") and not name.startswith("cuda"):
-        raise UserError(f"Unknown device {name!r}: use auto, cpu or cuda.")
+        raise UserError(f"Unknown device {given!r}: use auto, cpu or cuda.")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asks for CUDA, but no CUDA device is available.")
+        raise UserError(f"--device {given} asks for CUDA, but no CUDA device is available.")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name in ("auto", "cuda") and launched_by_torchrun():

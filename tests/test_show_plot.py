@@ -2008,3 +2008,21 @@ def test_one_product_is_one_hvp():
     console.print(analysis_table({"name": "c", "provenance": {}, "eigen": eigen, "density": dn}))
     text = console.export_text()
     assert "1 HVPs" not in text and text.count("1 HVP, 0.01 s") == 2, text
+
+
+def test_one_analysis_says_what_tells_it_from_the_others_of_its_checkpoint(full, tmp_path):  # noqa: F811
+    """show -c of one checkpoint analysed at --seed 0 and --seed 1 showed two tables that read
+    alike but for their numbers: neither said its seed (nor --bn), which the series table's
+    column did; each now says the settings that tell it apart, and a lone analysis none."""
+    path = tmp_path / "seeds.h5"
+    for seed in (0, 1):
+        seeded = dataclasses.replace(full, provenance={**full.provenance, "seed": seed})
+        write_analyses(path, [seeded], command_line=f"analyze --seed {seed}")
+    write_analyses(path, [variant(full, "other", 7)], command_line="another checkpoint")
+    held = json.loads(runner.invoke(app, ["show", str(path), "--json"]).stdout)
+    said = {}
+    for d in held:
+        shown = runner.invoke(app, ["show", str(path), "-c", d["group"]], terminal_width=300)
+        lines = [line for line in shown.stdout.splitlines() if "told from" in line]
+        said[d["provenance"].get("seed")] = [line.split(": ")[-1] for line in lines]
+    assert said == {0: ["seed=0"], 1: ["seed=1"], None: []}

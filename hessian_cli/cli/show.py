@@ -78,6 +78,7 @@ def show(
         file_summary,
         metrics_summary,
         series_table,
+        settings_apart,
     )
     from hessian_cli.storage.files import reading
 
@@ -111,6 +112,6 @@ def show(
             shown = "each is below" if show_all else "show -a lists each, plot draws them"
             tables.append(series_table(ds, shown))
         if len(ds) == 1 or show_all:
-            tables += [analysis_table(d) for d in ds]
+            tables += [analysis_table(d, settings_apart(d, found.held)) for d in ds]
     for table in tables:
         console.print(table, crop=False)

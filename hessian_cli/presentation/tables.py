@@ -364,8 +364,10 @@ def _density_line(dn: Mapping[str, Any]) -> str:
     )
 
 
-def analysis_table(d: Mapping[str, Any]) -> RenderableType:
-    """Everything known about one checkpoint: eigenpairs, trace, alignment, density and cost."""
+def analysis_table(d: Mapping[str, Any], apart: Sequence[str] = ()) -> RenderableType:
+    """Everything known about one checkpoint: eigenpairs, trace, alignment, density and cost;
+    ``apart`` the settings that tell it from the file's other analyses of that checkpoint
+    (:func:`settings_apart`)."""
     prov = d.get("provenance") or {}
     parts: list[RenderableType] = [Text(str(d.get("name")), style="bold")]
     if prov:
@@ -375,6 +377,11 @@ def analysis_table(d: Mapping[str, Any]) -> RenderableType:
             if prov.get(k) not in (None, "") and not (k == "params_glob" and prov[k] == "*")
         )
         parts.append(Text("  ".join(shown), style="dim"))
+    if apart:  # two analyses that differ only in --seed (no summary key) read alike
+        said = ", ".join(
+            f"{k}={DASH if (v := analysis_setting(d, k)) is None else v}" for k in apart
+        )
+        parts.append(Text(f"told from the file's other analyses of this checkpoint by: {said}"))
     parts.append(Text(f"loss {_g(d.get('loss'))}"))
     if (precision := analysis_setting(d, "precision")) == UNRECORDED:
         parts.append(Text.from_markup(f"[bold yellow]precision unrecorded:[/] {UNRECORDED_NOTE}."))
@@ -489,6 +496,14 @@ def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
         return {repr(analysis_setting(d, k)) for d in ds if d.get("eigen") or k not in OF_PAIRS}
 
     return [k for k in ANALYSIS_SETTINGS if len(values(k)) > 1]
+
+
+def settings_apart(d: Mapping[str, Any], held: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The settings in which the analyses ``held`` of ``d``'s checkpoint (its sha256) differ,
+    of those that ``d`` has (an analysis without eigenpairs has no tol)."""
+    sha = (d.get("provenance") or {}).get("sha256")
+    same = [h for h in held if sha and (h.get("provenance") or {}).get("sha256") == sha]
+    return [k for k in differing_settings(same) if d.get("eigen") or k not in OF_PAIRS]
 
 
 def _trace_cell(t: Mapping[str, Any] | None) -> str:

@@ -2026,3 +2026,13 @@ def test_one_analysis_says_what_tells_it_from_the_others_of_its_checkpoint(full,
         lines = [line for line in shown.stdout.splitlines() if "told from" in line]
         said[d["provenance"].get("seed")] = [line.split(": ")[-1] for line in lines]
     assert said == {0: ["seed=0"], 1: ["seed=1"], None: []}
+
+
+def test_a_name_it_does_not_hold_lists_the_groups_where_names_repeat(full, tmp_path):  # noqa: F811
+    """-c of a name the file does not hold listed 'it holds: final', where the table's rows
+    and what -c takes were final and final-2 (final analysed twice)."""
+    path = tmp_path / "twice.h5"
+    for scale in (1.0, 2.0):
+        write_analyses(path, [variant(full, "final", 1, scale)], command_line="analyze")
+    none = runner.invoke(app, ["show", str(path), "-c", "last"])
+    assert "holds no checkpoint named 'last'; it holds: final, final-2." in str(none.exception)

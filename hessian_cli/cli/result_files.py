@@ -103,8 +103,8 @@ def pick_checkpoint(
         grouped = [(d, g) for d, g in pairs if g == name]
         repeated = len({d["name"] for d in reports}) < len(reports)
         pairs = grouped if repeated and grouped else named if len(named) == 1 else grouped or named
-        if not pairs:
-            held = list(dict.fromkeys(d["name"] for d in reports))
+        if not pairs:  # what NAME takes: the names, or where they repeat the groups
+            held = list(groups) if repeated else [d["name"] for d in reports]
             shown = ", ".join(held[:10]) + (f", ... ({len(held)} in all)" if len(held) > 10 else "")
             raise UserError(
                 f"{file} holds no checkpoint named {name!r}; it holds: {shown or 'none'}."

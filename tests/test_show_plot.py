@@ -2036,3 +2036,20 @@ def test_a_name_it_does_not_hold_lists_the_groups_where_names_repeat(full, tmp_p
         write_analyses(path, [variant(full, "final", 1, scale)], command_line="analyze")
     none = runner.invoke(app, ["show", str(path), "-c", "last"])
     assert "holds no checkpoint named 'last'; it holds: final, final-2." in str(none.exception)
+
+
+def test_one_analysis_s_figure_says_what_tells_it_from_the_others_of_its_checkpoint(full, tmp_path):  # noqa: F811
+    """plot -c of one checkpoint analysed at --seed 0 and --seed 1 titled both figures with the
+    name alone; each title now says its seed, and a lone analysis' its name alone."""
+    path = tmp_path / "seeds.h5"
+    for seed in (0, 1):
+        seeded = dataclasses.replace(full, provenance={**full.provenance, "seed": seed})
+        write_analyses(path, [seeded], command_line=f"analyze --seed {seed}")
+    held = read_analyses(path)
+    titles = [spectra_figure([d], held)._suptitle.get_text() for d in held]
+    assert titles == [f"run/ckpt_100.pt (seed={seed})" for seed in (0, 1)]
+    assert spectra_figure(held[:1], held[:1])._suptitle.get_text() == "run/ckpt_100.pt"
+    out = tmp_path / "one.svg"
+    result = runner.invoke(app, ["plot", str(path), "-c", "run_ckpt_100.pt-2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(seed=1)" in out.read_text()

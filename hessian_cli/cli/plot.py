@@ -61,7 +61,7 @@ def plot(
         if isinstance(found, Metrics):
             figure = metrics_figure(found.columns, found.info.get("tolerances"))
         else:
-            figure = spectra_figure(told_apart(found, checkpoint))
+            figure = spectra_figure(told_apart(found, checkpoint), found.held)
     say_if_newer(found)
     written = save_figure(figure, output)
     if written is not None:  # none to say after a figure on stdout: the line followed its bytes

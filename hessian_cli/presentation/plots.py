@@ -43,6 +43,8 @@ from hessian_cli.presentation.tables import (
     no_scale,
     run_directory,
     run_key,
+    settings_apart,
+    settings_said,
     several_runs,
 )
 from hessian_cli.series_order import series_key
@@ -526,7 +528,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
-def _single_figure(d: Mapping[str, Any]) -> Figure:
+def _single_figure(d: Mapping[str, Any], apart: Sequence[str]) -> Figure:
     e, dn = d.get("eigen"), d.get("density")
     if e is None and dn is None:
         raise UserError(f"Checkpoint {d.get('name')!r} has no eigenvalues or density to plot.")
@@ -536,7 +538,7 @@ def _single_figure(d: Mapping[str, Any]) -> Figure:
         _density_panel(next(panels), d)
     if e is not None:
         _eigen_panel(next(panels), e)
-    _fitted_title(fig, str(d.get("name")))
+    _fitted_title(fig, f"{d.get('name')}" + (f" ({settings_said(d, apart)})" if apart else ""))
     return fig
 
 
@@ -574,13 +576,18 @@ def _latest(ds: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [d for i, d in enumerate(ds) if last[asked(i, d)] == i]
 
 
-def spectra_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
-    """ESD and eigenvalues for one checkpoint; trajectories over step for several, each
-    analysis repeated with the same settings drawn once (:func:`_latest`)."""
+def spectra_figure(
+    ds: Sequence[Mapping[str, Any]], held: Sequence[Mapping[str, Any]] = ()
+) -> Figure:
+    """ESD and eigenvalues for one checkpoint, titled with the settings that tell it from the
+    other analyses of that checkpoint in ``held`` (the file's); trajectories over step for
+    several, each analysis repeated with the same settings drawn once (:func:`_latest`)."""
     if not ds:
         raise UserError("The file holds no checkpoints to plot.")
     ds = _latest(ds)
-    return _single_figure(ds[0]) if len(ds) == 1 else _series_figure(ds)
+    if len(ds) == 1:
+        return _single_figure(ds[0], settings_apart(ds[0], held))
+    return _series_figure(ds)
 
 
 # --- training metrics -------------------------------------------------------------------------

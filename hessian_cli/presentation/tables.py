@@ -378,9 +378,7 @@ def analysis_table(d: Mapping[str, Any], apart: Sequence[str] = ()) -> Renderabl
         )
         parts.append(Text("  ".join(shown), style="dim"))
     if apart:  # two analyses that differ only in --seed (no summary key) read alike
-        said = ", ".join(
-            f"{k}={DASH if (v := analysis_setting(d, k)) is None else v}" for k in apart
-        )
+        said = settings_said(d, apart)
         parts.append(Text(f"told from the file's other analyses of this checkpoint by: {said}"))
     parts.append(Text(f"loss {_g(d.get('loss'))}"))
     if (precision := analysis_setting(d, "precision")) == UNRECORDED:
@@ -504,6 +502,11 @@ def settings_apart(d: Mapping[str, Any], held: Sequence[Mapping[str, Any]]) -> l
     sha = (d.get("provenance") or {}).get("sha256")
     same = [h for h in held if sha and (h.get("provenance") or {}).get("sha256") == sha]
     return [k for k in differing_settings(same) if d.get("eigen") or k not in OF_PAIRS]
+
+
+def settings_said(d: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """The settings ``keys`` of the analysis ``d``, as "seed=1, bn=eval"."""
+    return ", ".join(f"{k}={DASH if (v := analysis_setting(d, k)) is None else v}" for k in keys)
 
 
 def _trace_cell(t: Mapping[str, Any] | None) -> str:

@@ -206,9 +206,9 @@ def _simulated_device(monkeypatch, op, free: int) -> list[int]:
     built = []
     real = op._batch_loss
 
-    def loss(x, y):
+    def loss(x, y, check=True):
         built.append(len(y))
-        return real(x, y)
+        return real(x, y, check=check)
 
     monkeypatch.setattr(op, "_batch_loss", loss)
     return built
@@ -1563,3 +1563,30 @@ def test_a_solve_leaves_the_products_finiteness_to_its_own_reads(monkeypatch):
             eigenpairs(op, 2, which=which)
     with pytest.raises(UserError, match="Hessian-vector products are not finite"):
         op.matmul(torch.ones(op.n, dtype=op.dtype))
+
+
+def test_a_held_block_looks_at_each_rebuilt_batch_loss_once(monkeypatch):
+    """Where no graph is kept each product builds every batch's graph again; inside
+    weights_held its loss is of the same weights, data and precision, so it is looked at for
+    NaN or inf once (a host read, on a GPU a wait for the batch's forward: 8 a product over 8
+    batches), again after the block or a release; a loss that is not finite still fails."""
+    case, batches = _three_batches()
+    op = HessianOperator(case.model, case.loss, batches)
+    H = dense_hessian(case.model, case.loss, batches, op.space)
+    monkeypatch.setattr(op, "_free_memory", lambda: 0)  # no graph fits: each one rebuilt
+    looks = count_calls(monkeypatch, op, "check_losses")
+    V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with op.weights_held():
+        for _ in range(3):
+            torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-10)
+        assert op._graphs == {} and looks[0] == 3
+        op.release()
+        op.matmul(V)
+        assert looks[0] == 6
+    op.matmul(V)
+    assert looks[0] == 9
+    x, y = batches[1]
+    op = HessianOperator(case.model, case.loss, [batches[0], (x * float("nan"), y)])
+    monkeypatch.setattr(op, "_free_memory", lambda: 0)
+    with pytest.raises(UserError, match="The loss is not finite"):
+        eigenpairs(op, 2)

@@ -283,6 +283,9 @@ class HessianOperator:
         # the last build: a graph is differentiated with the layers it was built with.
         self._formula_layers: tuple[nn.Module, ...] = ()
         self._graph_bytes = 0  # memory held by the kept graphs
+        # Batches whose loss was seen finite inside the current weights_held block (since a
+        # release: another precision), for _first_order_graph
+        self._finite_batches: set[int] = set()
         self._graph_checked = False  # whether a first-order graph was seen to be differentiable
         self._forward_checked = False  # whether a forward pass was seen to draw no random numbers
         self._writes_checked = False  # and to leave the model's parameters as they were
@@ -339,7 +342,11 @@ class HessianOperator:
     # --- losses and gradients -------------------------------------------------------------
 
     def _batch_loss(
-        self, x: Inputs, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+        self,
+        x: Inputs,
+        y: torch.Tensor,
+        params: dict[str, torch.Tensor] | None = None,
+        check: bool = True,
     ) -> torch.Tensor:
         before = None if self._forward_checked else _random_states(self.device)
         # Of the model's own parameters (functional_call's values are others)
@@ -371,7 +378,7 @@ class HessianOperator:
         # Under torch.distributed one rank's share alone may be bad: its NaN reaches every rank
         # through the sums, which are checked (a rank raising here alone left the others waiting
         # and its message claimed work that rank 0 then dropped).
-        if not self.distributed:
+        if check and not self.distributed:
             self.check_losses(loss.detach())
         return loss
 
@@ -651,6 +658,7 @@ class HessianOperator:
             self._holding -= 1
             if not self._holding:
                 self._looked = False
+                self._finite_batches = set()
                 mode, self._held_mode = self._held_mode, None
                 if mode is not None:
                     mode.close()
@@ -751,7 +759,12 @@ class HessianOperator:
         layout = self._layout or ModelLayout.of(self.model)
         self._formula_layers = tuple(m for m in layout.batchnorms if formula_ready(m))
         with batchnorm_formula(self._formula_layers):
-            loss = self._batch_loss(x, y)
+            # Inside weights_held a rebuilt graph's loss is of the same weights, data and
+            # precision: looked at once, not at every product (a host read, on a GPU a wait for
+            # the batch's forward before its backward is queued: 8 a product over 8 batches).
+            loss = self._batch_loss(x, y, check=not (self._holding and i in self._finite_batches))
+            if self._holding:
+                self._finite_batches.add(i)
             parts = self._derivatives(loss, create_graph=True)
         used = [p is not None for p in parts]
         # An unused parameter has no gradient: its Hessian rows and columns are zero.
@@ -1023,6 +1036,7 @@ class HessianOperator:
         How many may be kept again is measured anew at the next one: the memory free then may
         differ from when the first was built (a solver's basis took its share since)."""
         self._graphs = {}
+        self._finite_batches = set()
         self._graph_bytes = 0
         self._graph_budget = None
         self._graphs_full = False

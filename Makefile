@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	# one worker per core (pytest-xdist): on 2 cores 11.1 minutes (2026-12-02), 18.3 serially before
+	# one worker per core (pytest-xdist): on 2 cores 6.9 minutes (2026-12-02, idle), 18.3 serially before
 	$(VENV)/bin/pytest -q -n auto
 
 demo: $(STAMP)

@@ -86,13 +86,7 @@ def holds_weights(
 ) -> Callable[Concatenate[LinearOperator, P], R]:
     """Run a solver inside its operator's ``weights_held()``, where it has one: a solve writes
     no weights between its products, so they need not look for changed ones at every call."""
-
-    @functools.wraps(solver)
-    def wrapped(op: LinearOperator, *args: P.args, **kwargs: P.kwargs) -> R:
-        with getattr(op, "weights_held", contextlib.nullcontext)():
-            return solver(op, *args, **kwargs)
-
-    return wrapped
+    return _inside(solver, "weights_held")
 
 
 def checks_products(
@@ -102,10 +96,17 @@ def checks_products(
     can leave that to it (``unchecked_products()``): the solver reads on the host something
     that every product enters and raises :func:`not_finite` where that is not finite. The
     operator's own look is one more read of the device per product (on a GPU a wait for it)."""
+    return _inside(solver, "unchecked_products")
+
+
+def _inside(
+    solver: Callable[Concatenate[LinearOperator, P], R], context: str
+) -> Callable[Concatenate[LinearOperator, P], R]:
+    """``solver`` run inside its operator's optional ``context`` (a method's name)."""
 
     @functools.wraps(solver)
     def wrapped(op: LinearOperator, *args: P.args, **kwargs: P.kwargs) -> R:
-        with getattr(op, "unchecked_products", contextlib.nullcontext)():
+        with getattr(op, context, contextlib.nullcontext)():
             return solver(op, *args, **kwargs)
 
     return wrapped

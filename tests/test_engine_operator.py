@@ -925,6 +925,40 @@ def test_an_operator_used_again_after_the_weights_changed_is_of_the_new_weights(
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
 
 
+class _Masked(torch.nn.Module):
+    """An MLP whose logits take an additive mask buffer of 0 and -inf (classes left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _mlp()
+        self.register_buffer("mask", torch.tensor([0.0, 0.0, -torch.inf], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.mask
+
+
+@pytest.mark.parametrize("write", ["mask beside -inf", "weight beside 1e20"])
+def test_a_write_through_data_that_keeps_the_float_sums_is_seen(write):
+    """The kept graphs were dropped where a float64 sum of some tensor changed: a mask holding
+    -inf sums to -inf whatever else it holds, and a weight moved by 0.5 beside one of 1e20 (of
+    a class the mask leaves out) leaves its tensor's sum as it was, so the products stayed those
+    of the old values."""
+    model, (x, _) = _Masked(), _data()
+    y = torch.zeros_like(x[:, 0], dtype=torch.long)  # of a class the mask keeps
+    weight = model.mlp[2].weight
+    with torch.no_grad():
+        weight[2, 0] = 1e20
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    V = torch.eye(op.n, dtype=torch.float64)[:12]
+    op.matmul(V)  # graphs built and kept
+    if write == "mask beside -inf":
+        model.mask.data[1] = -torch.inf
+    else:
+        weight.data[1, 0] += 0.5
+    H = dense_hessian(model, F.cross_entropy, [(x, y)], op.space)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
+
+
 def test_a_solve_walks_the_weights_a_few_times_and_a_change_after_it_is_seen(monkeypatch):
     """Inside a solve (weights_held) the products look for changed weights once, not at each
     call (walks over every parameter and buffer and a sum of each: 2 ms a ResNet-20 product on

@@ -105,6 +105,20 @@ _ERROR_NODE = getattr(getattr(torch._C, "_functions", None), "Error", None)
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx, *grads: grads).__code__
 
 
+# The integer type of each element width, in which a tensor's bit patterns are summed
+_BIT_TYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s entries' bit patterns, modulo 2 to the power of their width (exact,
+    in any order; a change to one entry always changes it)."""
+    dense = t.to_dense() if t.layout != torch.strided else t
+    if dense.is_complex():  # complex128's 16 bytes have no integer type
+        dense = torch.view_as_real(dense)
+    kind = _BIT_TYPES[dense.element_size()]
+    return dense.view(kind).sum(dtype=kind)
+
+
 def _check_no_renormalising_embedding(model: nn.Module) -> None:
     """Refuse an embedding with ``max_norm``: its forward rescales the rows it looks up in place
     (``torch.embedding_renorm_``, outside autograd), so the products were of weights other than
@@ -273,7 +287,7 @@ class HessianOperator:
         self.keep_graph = keep_graph
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[bool]]] = {}
         self._graph_versions: tuple[tuple[int, int], ...] = ()  # the weights' at the last build
-        self._graph_values = torch.zeros(0, dtype=torch.float64)  # and their _values_digest
+        self._graph_values = torch.zeros(0, dtype=torch.int64)  # and their _values_digest
         self._holding = 0  # depth of weights_held() blocks
         self._looked = False  # whether the weights were looked at inside the current one
         self._layout: ModelLayout | None = None  # the model's modules, as found at that look
@@ -884,18 +898,21 @@ class HessianOperator:
         permutation) is not seen."""
         if not self._graphs:
             return
-        now, then = self._values_digest(), self._graph_values
-        # NaN equal to NaN: a buffer of +inf and -inf (an attention mask) sums to NaN at every
-        # look, which dropped the graphs at every product.
-        if now.shape != then.shape or not torch.allclose(now, then, rtol=0, atol=0, equal_nan=True):
+        if not torch.equal(self._values_digest(), self._graph_values):
             self.release()
 
     def _values_digest(self) -> torch.Tensor:
-        """The sum of each parameter and buffer, in float64, on the operator's device."""
+        """The sum of each parameter's and buffer's bit patterns, as integers of their width that
+        wrap around, on the operator's device: a write to any one entry changes it.
+
+        Float64 sums of the values missed a write beside an inf (a mask of 0 and -inf sums to
+        -inf whatever else it holds: the products stayed those of the old mask) and took 18.5 ms
+        for ResNet-18 on the CPU, where these take 2.7 (integer adds at the tensor's own width).
+        """
         with torch.no_grad():
             tensors = (*self.model.parameters(), *self.model.buffers())
-            sums = [torch.sum(t.detach(), dtype=torch.float64).to(self.device) for t in tensors]
-            return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+            sums = [_bit_sum(t).to(self.device) for t in tensors]  # (no_grad: no detach)
+            return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.int64)
 
     def _versions(self) -> tuple[tuple[int, int], ...]:
         """The storage and in-place change counter of each tensor a kept graph depends on."""

@@ -983,26 +983,31 @@ class HessianOperator:
                     raise
                 except RuntimeError:
                     self._batched_backward_ok = False  # an op without a batching rule: loop
-            rows = (self._product_row(g, v, keep, used) for v in Vu)
             if len(V) == 1:
-                return next(rows)[None]
-            # Each row into the block as it comes (in V's dtype, as _batch_hvp returns it): all
+                return self._product_row(g, Vu[0], keep, used)[None]
+            # Each row into its place in the block (in V's dtype, as _batch_hvp returns it): all
             # rows and then their concatenation held the block twice (ResNet-20, a block of 8
-            # on one input: 17.7 MiB allocated at the peak of a product, 12.7 now)
+            # on one input: 17.7 MiB allocated at the peak of a product, 12.7 now), and a row
+            # made apart was one more copy of it
             out = torch.empty_like(V)
-            for j, row in enumerate(rows):
-                out[j] = row
+            for j, v in enumerate(Vu):
+                self._product_row(g, v, keep, used, out[j])
         return out
 
     def _product_row(
-        self, g: torch.Tensor, v: torch.Tensor, keep: list[torch.Tensor], used: list[bool]
+        self,
+        g: torch.Tensor,
+        v: torch.Tensor,
+        keep: list[torch.Tensor],
+        used: list[bool],
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One product of the gradient ``g``'s graph with ``v``, as one flat vector."""
+        """One product of the gradient ``g``'s graph with ``v``, as one flat vector (``out``)."""
         # The gradient of the scalar <g, v>, not grad_outputs=v: the same products, but torch
         # checks grad_outputs' shapes with sympy, whose import costs ~0.5 s.
         parts = torch.autograd.grad(torch.dot(g, v), keep, retain_graph=True, allow_unused=True)
         # Flattened as one vector, then made a row: not an unsqueeze per tensor first
-        return self._scatter(parts, used)
+        return self._scatter(parts, used, out=out)
 
     def _used_columns(self, used: list[bool]) -> torch.Tensor | None:
         """Indices of the used parameters' entries (built once per pattern: n-long on the host)."""
@@ -1020,12 +1025,19 @@ class HessianOperator:
         return self._columns[key]
 
     def _scatter(
-        self, parts: Sequence[torch.Tensor | None], used: list[bool], b: int | None = None
+        self,
+        parts: Sequence[torch.Tensor | None],
+        used: list[bool],
+        b: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The used parameters' ``parts`` as one flat vector (``b`` None) or ``[b, n]`` block."""
+        """The used parameters' ``parts`` as one flat vector (``b`` None; into ``out`` where
+        given) or ``[b, n]`` block."""
         it = iter(parts)
         spread = [next(it) if u else None for u in used]
-        return self.space.flatten(spread) if b is None else self.space.flatten_batched(spread, b)
+        if b is None:
+            return self.space.flatten(spread, out)
+        return self.space.flatten_batched(spread, b)
 
     def _hvp_func(self, x: Inputs, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         names = self.space.names

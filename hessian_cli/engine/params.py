@@ -51,13 +51,24 @@ class ParamSpace:
     def device(self) -> torch.device:
         return self.tensors[0].device
 
-    def flatten(self, parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Concatenate per-parameter tensors (``None`` means zero, e.g. an unused parameter)."""
+    def flatten(
+        self, parts: Sequence[torch.Tensor | None], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Concatenate per-parameter tensors (``None`` means zero, e.g. an unused parameter),
+        into ``out`` where given (a row of a block: not a new vector copied there after).
+
+        A double backward's convolution weights come transposed (strides (9, 144, 3, 1) for a
+        16x16x3x3 kernel), so their ``reshape(-1)`` copies them before the concatenation does
+        again. Kept: a copy of each part straight into its place, which saved 25% of this on
+        ResNet-18 on the CPU, made a ResNet-20 product dispatch 209 operations of its own
+        instead of 79 (on a GPU, as many launches) and took 0.35 ms instead of 0.24.
+        """
         return torch.cat(
             [
                 (torch.zeros_like(t) if p is None else dense(p)).reshape(-1)
                 for p, t in zip(parts, self.tensors, strict=True)
-            ]
+            ],
+            out=out,
         )
 
     def flatten_batched(self, parts: Sequence[torch.Tensor | None], b: int) -> torch.Tensor:

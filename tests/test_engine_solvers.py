@@ -2556,6 +2556,18 @@ def test_a_density_step_reads_the_device_once():
     assert reads(30) == reads(10)
 
 
+def test_a_densitys_coefficients_come_to_the_host_in_one_copy(monkeypatch):
+    """The Lanczos coefficients and each probe's length came to the host in three copies (on a
+    GPU three waits); one now, and the rules are those of the operator's spectrum."""
+    copies = count_calls(monkeypatch, torch.Tensor, "cpu")
+    eigenvalues = torch.linspace(-1, 3, 50, dtype=torch.float64)
+    res = spectral_density(DiagonalOperator(eigenvalues), 3, 60)
+    assert copies[0] == 1
+    used = res.nodes[res.weights > 1e-12]  # (the full space: every node an eigenvalue)
+    assert (eigenvalues[None] - used[:, None]).abs().min(1).values.max() < 1e-10
+    torch.testing.assert_close(res.weights.sum(1), torch.ones(3, dtype=torch.float64))
+
+
 def test_a_trace_looks_at_its_sketchs_products_only_where_rows_were_dropped(monkeypatch):
     """A row of the sketch's products that is not finite is dropped from its basis (its norm is
     NaN or inf): the trace looked at all of them for it, a read of the device beside the one

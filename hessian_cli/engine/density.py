@@ -207,7 +207,9 @@ def _lanczos_rules(
         if j + 1 < steps:  # a stopped probe's next vector is 0 (w / inf): its products are too
             scale = torch.where(active, b, torch.inf).to(w.dtype)
             torch.div(w, scale[:, None], out=basis[j + 1])
-    alphas, betas, length = alphas.cpu(), betas.cpu(), length.cpu()
+    # One copy to the host for the three (each its own read was a wait for the GPU)
+    host = torch.cat([alphas, betas, length[:, None].to(alphas.dtype)], 1).cpu()
+    alphas, betas, length = host[:, :steps], host[:, steps:-1], host[:, -1].long()
     nodes = torch.zeros(num_probes, steps, dtype=torch.float64)
     weights = torch.zeros(num_probes, steps, dtype=torch.float64)
     for p in range(num_probes):

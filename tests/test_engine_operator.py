@@ -1089,6 +1089,27 @@ def test_a_product_runs_few_operations_beside_autograds():
     assert tensors == 16 and own <= tensors + 20, own
 
 
+def test_a_gradient_from_a_kept_graph_of_every_parameter_allocates_nothing():
+    """The kept graph holds the gradient: a vector of zeros was made beside it and dropped (a
+    write of n entries a batch); where a parameter is unused it is the gradient's frame."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, (x, y) = _mlp(), _data()
+    model.unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    for params, frame in ((["0.*", "2.*"], 0), (None, 1)):
+        op = HessianOperator(model, F.cross_entropy, [(x, y)], params=params)
+        op.matmul(torch.ones(op.n, dtype=torch.float64))  # the graph built and kept
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            ((loss, g),) = op.batch_gradients()
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        # (beside a few scalars: the look at the weights' values)
+        assert frame * g.nbytes <= allocated < (frame + 0.5) * g.nbytes, (allocated, g.nbytes)
+        expected = torch.func.grad(
+            lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+        )({n: t.detach() for n, t in zip(op.space.names, op.space.tensors, strict=True)})
+        torch.testing.assert_close(g, op.space.flatten(list(expected.values())))
+
+
 def test_a_blocks_products_one_row_at_a_time_are_written_straight_into_it():
     """Each row of the loop of single products (the CPU's way with a block) is concatenated
     into its place in the block: a row made apart and then copied in allocated and wrote the

@@ -552,11 +552,16 @@ class HessianOperator:
         return self.keep_graph is None and len(self.batches) > 1
 
     def _graph_gradient(self, i: int) -> tuple[float, torch.Tensor]:
+        """Batch ``i``'s loss and gradient from its first-order graph: the graph's own where
+        every parameter is used (a vector of zeros was made and dropped beside it, a write of
+        ``n`` entries a batch), else scattered among zeros."""
         loss, g, used = self._first_order_graph(i)
+        cols = None if g is None else self._used_columns(used)
+        if g is not None and cols is None:
+            return loss.item(), g.detach()
         flat = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         if g is not None:
-            cols = self._used_columns(used)
-            flat = g.detach() if cols is None else flat.index_copy_(0, cols, g.detach())
+            flat.index_copy_(0, cols, g.detach())
         return loss.item(), flat
 
     def gather_batch_rows(self, rows: torch.Tensor) -> torch.Tensor:

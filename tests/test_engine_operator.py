@@ -1376,6 +1376,19 @@ def test_a_glob_that_selects_nothing_beside_others_is_refused():
     assert select_parameters(tied, names).n == select_parameters(tied).n
 
 
+def test_globs_joined_by_commas_are_several_globs():
+    """As --params takes them: "fc2.*,fc1.b*" matched nothing, named the parameters there are,
+    and "fc2.*, fc1.b*" was told to join its globs with commas, 'fc2.*,,fc1.b*'; an empty glob
+    was "no trainable parameters matching " and a blank."""
+    model = CASES["frozen-unused"].model
+    expected = select_parameters(model, ["fc2.*", "fc1.b*"]).names
+    for joined in ("fc2.*,fc1.b*", "fc2.*, fc1.b*", ["fc2.*,", " fc1.b*"], ("fc2.*", "fc1.b*,")):
+        assert select_parameters(model, joined).names == expected, joined
+    for empty in ("", " , ", [""]):
+        with pytest.raises(UserError, match=r"^params selects no parameters: give name globs"):
+            select_parameters(model, empty)
+
+
 def test_params_as_one_glob_or_as_the_models_parameters():
     model, (x, y) = _mlp(), _data()
     by_glob = HessianOperator(model, F.cross_entropy, [(x, y)], params="2.*")

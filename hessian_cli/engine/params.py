@@ -113,7 +113,8 @@ def select_parameters(
     model: nn.Module, patterns: str | Iterable[str] | Iterable[torch.Tensor] | None = None
 ) -> ParamSpace:
     """All trainable parameters of ``model`` whose names match any glob in ``patterns`` (one
-    glob, or several), or that are among the given parameters (``model[2].parameters()``).
+    glob, or several, also joined by commas: ``"fc.*,layer3.*"``), or that are among the given
+    parameters (``model[2].parameters()``).
 
     Frozen parameters (``requires_grad=False``) are never included: their curvature is not a
     direction the model can move in. A tied parameter is matched by any of its names and
@@ -204,11 +205,15 @@ def _listed(names: list[str], most: int = 3) -> str:
 
 def _selectors(item: object) -> list:
     """The globs or parameters one entry of ``params`` gives: named_parameters()'s (name,
-    parameter) pairs mean the parameter, a tuple of globs its globs."""
+    parameter) pairs mean the parameter, a tuple of globs its globs, and globs joined by
+    commas each (``"0.*, 2.weight"`` matched nothing, and was told to join its globs with
+    commas, ``'0.*,,2.weight'``); an empty glob none."""
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
         return [item[1]]
     if isinstance(item, (tuple, list)) and all(isinstance(g, str) for g in item):
-        return list(item)
+        return [g for glob in item for g in _selectors(glob)]
+    if isinstance(item, str):
+        return [g.strip() for g in item.split(",") if g.strip()]
     return [item]
 
 

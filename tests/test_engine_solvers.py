@@ -1769,6 +1769,22 @@ def test_a_trace_from_the_whole_space_holds_what_its_check_counts(known):
     assert est.estimate == pytest.approx(float(op.diagonal.double().sum()), rel=1e-6)
 
 
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_a_trace_in_blocks_holds_no_more_than_in_one_pass(method):
+    """A trace given a block size concatenated its blocks' products after the last: they were
+    held twice (99 Hutchinson probes: 297 vectors' worth at the peak, 276 in one pass); each
+    block's go into their rows now, and the estimate is the one of a single pass."""
+    n = 20_000
+    op = DiagonalOperator(torch.linspace(-1, 3, n) ** 3)
+    results = []
+    whole = _peak_allocated(lambda: results.append(stochastic_trace(op, 99, method=method)))
+    blocks = _peak_allocated(
+        lambda: results.append(stochastic_trace(op, 99, method=method, block_size=10))
+    )
+    assert blocks <= whole + 10 * n * 4, (whole / (n * 4), blocks / (n * 4))  # a block's worth
+    assert results[0].estimate == results[1].estimate and results[0].stderr == results[1].stderr
+
+
 def test_probes_projected_beside_known_vectors_hold_what_the_check_counts():
     """99 probes beside 20 known eigenvectors: 13 drawn sketch vectors and 73 probes,
     multiplied in one pass (86 vectors and their products), while the probes are projected B

@@ -1010,9 +1010,9 @@ def test_analyses_at_another_tolerance_seed_or_top_k_are_a_trajectory_each(
     no word of why; alike for --seed and --top-k. At another --criterion (what tol bounds) the
     two were drawn as one point, the second analysis taken for a repeat of the first."""
 
-    def analysis(value: Any, eigen: list[float]) -> dict:
-        prov = {"model": "mlp", "num_params": 2410, "step": 168, "tol": 1e-4, "seed": 0}
-        prov["sha256"] = "ab" * 32  # one checkpoint: the same file analysed twice
+    def analysis(value: Any, eigen: list[float], step: int = 168) -> dict:
+        prov = {"model": "mlp", "num_params": 2410, "step": step, "tol": 1e-4, "seed": 0}
+        prov["sha256"] = f"{step:064x}"  # one checkpoint: the same file analysed twice
         if setting not in ("top_k", "criterion"):
             prov[setting] = value
         eigen = {"which": "largest", "eigenvalues": eigen, "converged": [1] * len(eigen)}
@@ -1021,9 +1021,10 @@ def test_analyses_at_another_tolerance_seed_or_top_k_are_a_trajectory_each(
         return {"name": "m", "provenance": prov, "eigen": eigen}
 
     ds = [analysis(v, e) for v, e in zip(values, eigenvalues, strict=True)]
-    fig = spectra_figure(ds)
+    later = [analysis(v, e, 336) for v, e in zip(values, eigenvalues, strict=True)]
+    fig = spectra_figure(ds + later)  # two checkpoints (one alone: test_one_checkpoint_...)
     drawn = [line for line in fig.axes[0].get_lines() if line.get_color() == "C0"]  # λ1's
-    assert [list(line.get_ydata()) for line in drawn] == [[e[0]] for e in eigenvalues]
+    assert [list(line.get_ydata()) for line in drawn] == [[e[0]] * 2 for e in eigenvalues]
     named = [h.get_label() for h in fig.legends[0].legend_handles]
     assert named == [f"mlp (2,410), {setting}={v}" for v in values]
     table = series_table(ds)
@@ -1094,7 +1095,8 @@ def test_an_analysis_without_eigenpairs_gives_no_tolerance_column():
     ]
     headers = [str(c.header) for c in series_table(ds).columns]
     assert headers == ["checkpoint", "step", "epoch", "λ1", "λ2", "trace"]
-    assert not spectra_figure(ds).legends  # one run, its traces beside its eigenvalues
+    later = [{**d, "provenance": d["provenance"] | {"step": 336, "sha256": "cd" * 32}} for d in ds]
+    assert not spectra_figure(ds + later).legends  # one run, its traces beside its eigenvalues
 
 
 def test_the_title_of_many_runs_fits_a_one_panel_figure():
@@ -2053,3 +2055,27 @@ def test_one_analysis_s_figure_says_what_tells_it_from_the_others_of_its_checkpo
     result = runner.invoke(app, ["plot", str(path), "-c", "run_ckpt_100.pt-2", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "(seed=1)" in out.read_text()
+
+
+def test_one_checkpoint_analysed_twice_is_drawn_as_one_checkpoint():
+    """`analyze final.pt --top-k 2`, then `--top-k 0 --trace` into one file: plot drew a
+    "series" of one step (eigenvalues and a trace as points at step 168); it draws the
+    checkpoint as its one analysis would be, and a panel per analysis where several hold
+    eigenvalues or a density, each titled with what tells it from the others."""
+    prov = {"model": "mlp", "num_params": 2410, "step": 168, "sha256": "ab" * 32, "seed": 0}
+    eigen = {
+        "which": "largest",
+        "eigenvalues": [2.0, 1.0],
+        "residuals": [1e-6, 1e-6],
+        "converged": [1, 1],
+    }
+    pairs = {"name": "final", "provenance": prov, "eigen": eigen}
+    trace = {"name": "final-2", "provenance": prov, "trace": {"estimate": 19.3, "stderr": 0.2}}
+    fig = spectra_figure([pairs, trace], [pairs, trace])
+    assert fig.get_suptitle() == "final"
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["λ1", "λ2"]
+    again = {**pairs, "name": "final-3", "provenance": prov | {"seed": 1}}
+    fig = spectra_figure([pairs, trace, again], [pairs, trace, again])
+    assert fig.get_suptitle() == "final and final-3: analyses of one checkpoint"
+    titles = [ax.get_title().split("\n")[-1] for ax in fig.axes if ax.get_title()]
+    assert titles == ["final (seed=0)", "final-3 (seed=1)"]

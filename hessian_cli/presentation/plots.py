@@ -158,7 +158,7 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
 # --- spectra ----------------------------------------------------------------------------------
 
 
-def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
+def _density_panel(ax: Axes, d: Mapping[str, Any]) -> Axes:
     dn, e = d["density"], d.get("eigen")
     grid, values = _arr(dn["grid"]), _arr(dn["values"])
     peak = np.nanmax(values) if np.isfinite(values).any() else 1.0
@@ -186,6 +186,7 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> None:
         else f"Spectral density: SLQ, {probes} × {steps}{beside}"
     )
     ax.legend(loc="upper right", fontsize="small")
+    return ax
 
 
 def _run_style(n: int) -> str:
@@ -226,7 +227,7 @@ def _densities_panel(
 _WHICH_TITLES = {"smallest": "Smallest eigenvalues", "both": "Largest and smallest eigenvalues"}
 
 
-def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
+def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> Axes:
     values = _arr(e["eigenvalues"])
     ok = np.array(e["converged"], dtype=bool)
     idx = np.arange(1, len(values) + 1)
@@ -302,6 +303,7 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> None:
         bbox_to_anchor=(0.5, -0.12),
         ncols=4,
     )
+    return ax
 
 
 def _number(value: Any) -> float | None:
@@ -528,17 +530,32 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
-def _single_figure(d: Mapping[str, Any], apart: Sequence[str]) -> Figure:
-    e, dn = d.get("eigen"), d.get("density")
-    if e is None and dn is None:
-        raise UserError(f"Checkpoint {d.get('name')!r} has no eigenvalues or density to plot.")
-    fig, axes = _figure((dn is not None) + (e is not None))
+def _checkpoint_figure(
+    ds: Sequence[Mapping[str, Any]], held: Sequence[Mapping[str, Any]]
+) -> Figure:
+    """ESD and eigenvalues of one checkpoint, from each of its analyses ``ds`` that holds some:
+    a panel each, titled with the analysis (its name, as show's rows, and the settings that tell
+    it from the others in ``held``) where several do. Analysed once with --top-k 2 and again with
+    --top-k 0 --trace, one checkpoint was drawn as a series of one step."""
+    drawn = [d for d in ds if d.get("eigen") is not None or d.get("density") is not None]
+    if not drawn:
+        raise UserError(f"Checkpoint {ds[0].get('name')!r} has no eigenvalues or density to plot.")
+    fig, axes = _figure(
+        sum((d.get("density") is not None) + (d.get("eigen") is not None) for d in drawn)
+    )
     panels = iter(axes)
-    if dn is not None:
-        _density_panel(next(panels), d)
-    if e is not None:
-        _eigen_panel(next(panels), e)
-    _fitted_title(fig, f"{d.get('name')}" + (f" ({settings_said(d, apart)})" if apart else ""))
+    names = []
+    for d in drawn:
+        apart = settings_apart(d, held)
+        names.append(f"{d.get('name')}" + (f" ({settings_said(d, apart)})" if apart else ""))
+        own = [_density_panel(next(panels), d)] if d.get("density") is not None else []
+        if d.get("eigen") is not None:
+            own.append(_eigen_panel(next(panels), d["eigen"]))
+        for ax in own if len(drawn) > 1 else ():
+            ax.set_title(f"{ax.get_title()}\n{_literal(names[-1])}")
+    if len(drawn) > 1:
+        names = [f"{' and '.join(str(d.get('name')) for d in drawn)}: analyses of one checkpoint"]
+    _fitted_title(fig, names[0])
     return fig
 
 
@@ -585,8 +602,9 @@ def spectra_figure(
     if not ds:
         raise UserError("The file holds no checkpoints to plot.")
     ds = _latest(ds)
-    if len(ds) == 1:
-        return _single_figure(ds[0], settings_apart(ds[0], held))
+    one = len({checkpoint_of(d, i) for i, d in enumerate(ds)}) == 1
+    if one and (len(ds) == 1 or any(d.get("eigen") or d.get("density") for d in ds)):
+        return _checkpoint_figure(ds, held)
     return _series_figure(ds)
 
 

@@ -2079,3 +2079,35 @@ def test_one_checkpoint_analysed_twice_is_drawn_as_one_checkpoint():
     assert fig.get_suptitle() == "final and final-3: analyses of one checkpoint"
     titles = [ax.get_title().split("\n")[-1] for ax in fig.axes if ax.get_title()]
     assert titles == ["final (seed=0)", "final-3 (seed=1)"]
+
+
+def test_a_series_traces_join_the_run_of_eigenpairs_they_share_most_with_and_say_so():
+    """A series analysed with --top-k 2 at steps 4 and 8, again with --top-k 3 at steps 4, 8
+    and 12, then with --top-k 0 --trace at all three: the traces joined the first run found
+    (top_k=2, which lacks step 12), and the legend did not say where they went. They join the
+    run holding most of their checkpoints (the latest on a tie), whose entry says so."""
+    prov = {"model": "mlp", "num_params": 2410, "tol": 1e-4, "checkpoint": "run/c.pt"}
+
+    def analysis(step: int, top_k: int) -> dict:
+        eigen = {"which": "largest", "eigenvalues": [2.0, 1.0, 0.5][:top_k], "converged": [1] * 3}
+        trace = {"estimate": 16.0 + step / 4, "stderr": 1.0}
+        return {
+            "name": f"c{step}",
+            "provenance": prov | {"step": step, "sha256": f"{step:064x}"},
+            "eigen": eigen if top_k else None,
+            "trace": None if top_k else trace,
+        }
+
+    # In series order: by step, then as written (top_k 2, 3, then 0).
+    ds = [analysis(s, k) for s in (4, 8, 12) for k in (2, 3, 0) if (s, k) != (12, 2)]
+    fig = spectra_figure(ds)
+    named = {h.get_marker(): h.get_label() for h in fig.legends[0].legend_handles}
+    assert named == {
+        "o": "mlp (2,410), top_k=2",
+        "s": "mlp (2,410), top_k=3, with the top_k=0 analyses",
+    }
+    (trace,) = [ln for ln in fig.axes[1].lines if len(ln.get_xdata()) and ln.get_marker() != "_"]
+    assert trace.get_marker() == "s" and trace.get_xdata().tolist() == [4, 8, 12]
+    tied = [d for d in ds if d["name"] != "c12"]  # the latest: top_k=3
+    named = [h.get_label() for h in spectra_figure(tied).legends[0].legend_handles]
+    assert named == ["mlp (2,410), top_k=2", "mlp (2,410), top_k=3, with the top_k=0 analyses"]

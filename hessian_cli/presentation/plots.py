@@ -364,35 +364,73 @@ _MODEL_MARKERS = "osD^v<>ph*"
 
 def _run_keys(ds: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...] | None]:
     """Each checkpoint's run (:func:`run_key`) and analysis settings; None where its file
-    records no model. An analysis without eigenpairs (--top-k 0: a trace or density alone)
-    joins the first run of eigenpairs whose other settings are its own: a series' traces
+    records no model. Analyses without eigenpairs (--top-k 0: a trace or density alone) join a
+    run of eigenpairs whose other settings are theirs (:func:`_joined`): a series' traces
     appended so were a run of their own ("2 runs", "top_k=0")."""
-
-    def key(d: Mapping[str, Any], pairs: bool) -> tuple[Any, ...] | None:
-        run = run_key(d)
-        settings = (k for k in ANALYSIS_SETTINGS if pairs or k not in OF_PAIRS)
-        return None if run is None else (run, tuple(analysis_setting(d, k) for k in settings))
-
-    keys = [key(d, True) for d in ds]
-    with_pairs: dict[Any, tuple[Any, ...] | None] = {}
-    for d, own in zip(ds, keys, strict=True):
-        if d.get("eigen"):
-            with_pairs.setdefault(key(d, False), own)
+    keys = [_run_of(d, pairs=True) for d in ds]
+    joined = _joined(ds, keys)
     return [
-        own if d.get("eigen") or own is None else with_pairs.get(key(d, False), own)
+        own if d.get("eigen") or own is None else joined.get(_run_of(d, pairs=False), own)
         for d, own in zip(ds, keys, strict=True)
     ]
 
 
+def _run_of(d: Mapping[str, Any], *, pairs: bool) -> tuple[Any, ...] | None:
+    """``d``'s run and its analysis settings, those of the eigenpairs only where ``pairs``."""
+    run = run_key(d)
+    settings = (k for k in ANALYSIS_SETTINGS if pairs or k not in OF_PAIRS)
+    return None if run is None else (run, tuple(analysis_setting(d, k) for k in settings))
+
+
+def _joined(
+    ds: Sequence[Mapping[str, Any]], keys: Sequence[tuple[Any, ...] | None]
+) -> dict[Any, tuple[Any, ...]]:
+    """For the --top-k 0 analyses of each run and other settings, the run of eigenpairs they
+    join: of those with their settings, the one that holds most of their checkpoints, and on a
+    tie the latest (its last analysis further in the file). They joined the first found, which
+    could lack their later checkpoints."""
+    runs: dict[Any, dict[Any, list[int]]] = {}
+    alone: dict[Any, set[Any]] = {}
+    for i, (d, own) in enumerate(zip(ds, keys, strict=True)):
+        if own is None:
+            continue
+        other = _run_of(d, pairs=False)
+        if d.get("eigen"):
+            runs.setdefault(other, {}).setdefault(own, []).append(i)
+        else:
+            alone.setdefault(other, set()).add(checkpoint_of(d, i))
+
+    def fit(at: list[int], held: set[Any]) -> tuple[int, int]:
+        return len(held & {checkpoint_of(ds[i], i) for i in at}), max(at)
+
+    return {
+        other: max(runs[other], key=lambda run: fit(runs[other][run], held))
+        for other, held in alone.items()
+        if other in runs
+    }
+
+
 def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str, str | None]]:
     """The checkpoints' positions per run, each drawn as a trajectory of its own: positions,
-    marker and the run's legend label (None where the file holds one run)."""
+    marker and the run's legend label (None where the file holds one run); the label of a run
+    that --top-k 0 analyses joined among others they could have says so."""
     keys = _run_keys(ds)
     if len(set(keys) - {None}) <= 1:
         return [(np.arange(len(ds)), "o", None)]
     groups = list(dict.fromkeys(keys))
     several = several_runs(ds)
     differ = differing_settings(ds)
+    # The runs of eigenpairs that each set of other settings has: where several, which one
+    # the --top-k 0 analyses joined is a choice, said in the legend.
+    choices: dict[Any, set[Any]] = {}
+    for d, own in zip(ds, keys, strict=True):
+        if d.get("eigen") and own is not None:
+            choices.setdefault(_run_of(d, pairs=False), set()).add(own)
+    chosen = {
+        own
+        for d, own in zip(ds, keys, strict=True)
+        if not d.get("eigen") and len(choices.get(_run_of(d, pairs=False), ())) > 1
+    }
 
     def label(key: tuple[Any, ...] | None) -> str:
         if key is None:
@@ -407,7 +445,8 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
         settings = "".join(
             f", {k}={v}" for k in differ if (v := analysis_setting(first, k)) is not None
         )
-        return _literal(model_cell(prov) + where + settings)
+        joined = ", with the top_k=0 analyses" if key in chosen else ""
+        return _literal(model_cell(prov) + where + settings + joined)
 
     return [
         (

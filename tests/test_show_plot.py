@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import hessian_cli.cli.commands  # noqa: F401  (registers the commands)
 from hessian_cli.cli.app import app
 from hessian_cli.presentation.plots import spectra_figure
-from hessian_cli.presentation.tables import series_table
+from hessian_cli.presentation.tables import analyses_of_checkpoints, series_table
 from hessian_cli.report import analysis_to_dict
 from hessian_cli.storage import (
     FORMAT_VERSION,
@@ -2111,3 +2111,26 @@ def test_a_series_traces_join_the_run_of_eigenpairs_they_share_most_with_and_say
     tied = [d for d in ds if d["name"] != "c12"]  # the latest: top_k=3
     named = [h.get_label() for h in spectra_figure(tied).legends[0].legend_handles]
     assert named == ["mlp (2,410), top_k=2", "mlp (2,410), top_k=3, with the top_k=0 analyses"]
+
+
+def test_analyses_of_one_checkpoint_in_a_file_that_records_no_sha256_are_of_one_checkpoint(
+    full,  # noqa: F811
+    tmp_path,
+):
+    """A script's file (write_analyses of its own provenance, no sha256) of final.pt analysed
+    at --seed 0 and 1: show read "2 checkpoints", its -c tables did not say their seeds, and
+    plot drew two runs of one point. Its path, step and epoch now name the checkpoint."""
+    prov = {k: v for k, v in full.provenance.items() if k != "sha256"}
+    seeds = [dataclasses.replace(full, provenance=prov | {"seed": s}) for s in (0, 1)]
+    path = tmp_path / "script.h5"
+    write_analyses(path, seeds, command_line="my_script.py")
+    result = runner.invoke(app, ["show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "2 analyses of 1 checkpoint" in result.output
+    result = runner.invoke(app, ["show", str(path), "-c", "run_ckpt_100.pt-2"])
+    assert "told from the file's other analyses of this checkpoint by: seed=1" in result.output
+    ds = read_analyses(path)
+    fig = spectra_figure(ds, ds)
+    assert fig.get_suptitle().endswith(": analyses of one checkpoint")
+    moved = [{**d, "provenance": d["provenance"] | {"step": 200}} for d in ds[1:]]
+    assert analyses_of_checkpoints(ds[:1] + moved) == "2 checkpoints"  # another step: another

@@ -39,6 +39,7 @@ from hessian_cli.presentation.tables import (
     differing_settings,
     eigen_columns,
     eigen_labels,
+    known_checkpoint,
     model_cell,
     no_scale,
     run_directory,
@@ -622,7 +623,7 @@ def _latest(ds: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
     def asked(i: int, d: Mapping[str, Any]) -> tuple:
         prov, e = d.get("provenance") or {}, d.get("eigen") or {}
-        if prov.get("sha256") is None:  # another tool's or an older file's: not known the same
+        if known_checkpoint(d) is None:  # another tool's file: not known the same
             return (i,)
         kept = repr(sorted((k, v) for k, v in prov.items() if k not in _COST))
         parts = tuple(bool(d.get(p)) for p in ("trace", "alignment", "density"))

@@ -497,10 +497,11 @@ def differing_settings(ds: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def settings_apart(d: Mapping[str, Any], held: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The settings in which the analyses ``held`` of ``d``'s checkpoint (its sha256) differ,
-    of those that ``d`` has (an analysis without eigenpairs has no tol)."""
-    sha = (d.get("provenance") or {}).get("sha256")
-    same = [h for h in held if sha and (h.get("provenance") or {}).get("sha256") == sha]
+    """The settings in which the analyses ``held`` of ``d``'s checkpoint
+    (:func:`known_checkpoint`) differ, of those that ``d`` has (an analysis without eigenpairs
+    has no tol)."""
+    known = known_checkpoint(d)
+    same = [h for h in held if known is not None and known_checkpoint(h) == known]
     return [k for k in differing_settings(same) if d.get("eigen") or k not in OF_PAIRS]
 
 
@@ -712,10 +713,25 @@ def eigen_columns(e: Mapping[str, Any], whiches: set[str | None], count: int) ->
     return largest + [own + i if i < n - own else None for i in range(half)]
 
 
+def known_checkpoint(d: Mapping[str, Any]) -> Any:
+    """Which checkpoint the analysis ``d`` is of: its sha256 (a path may have held another,
+    latest.pt); where the file records none (another tool's or a script's), its path with its
+    step and epoch, which two analyses of one file share (they were two checkpoints, never
+    counted, placed or titled as one); None where it records neither, or no step or epoch (a
+    path alone may have held several)."""
+    prov = d.get("provenance") or {}
+    if prov.get("sha256"):
+        return prov["sha256"]
+    place = (prov.get("step"), prov.get("epoch"))
+    if prov.get("checkpoint") is None or place == (None, None):
+        return None
+    return (str(prov["checkpoint"]), repr(place))
+
+
 def checkpoint_of(d: Mapping[str, Any], i: int) -> Any:
-    """Which checkpoint the ``i``-th analysis ``d`` is of: its sha256 (a path may have held
-    another, latest.pt), or ``i`` where the file records none."""
-    return (d.get("provenance") or {}).get("sha256") or i
+    """:func:`known_checkpoint` of the ``i``-th analysis ``d``, or ``i`` where that is None."""
+    known = known_checkpoint(d)
+    return i if known is None else known
 
 
 def analyses_of_checkpoints(ds: Sequence[Mapping[str, Any]]) -> str:

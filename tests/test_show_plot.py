@@ -2134,3 +2134,29 @@ def test_analyses_of_one_checkpoint_in_a_file_that_records_no_sha256_are_of_one_
     assert fig.get_suptitle().endswith(": analyses of one checkpoint")
     moved = [{**d, "provenance": d["provenance"] | {"step": 200}} for d in ds[1:]]
     assert analyses_of_checkpoints(ds[:1] + moved) == "2 checkpoints"  # another step: another
+
+
+def test_under_batch_statistics_another_batch_size_is_another_analysis():
+    """A BatchNorm model's series analysed with --bn train at --batch-size 4 and again at 12
+    (--num-samples 12 both): by each batch's statistics the matrices differ (λ1 1.221 and
+    1.157 for the small CNN), yet the two were drawn as one run, two points at each step, and
+    `show` gave rows of one step that differed with no word of why. By running statistics
+    (--bn eval) the batching changes nothing, and is no setting."""
+
+    def analysis(step: int, batch_size: int, top: float, bn: str = "train") -> dict:
+        prov = {"model": "cnn", "num_params": 140, "step": step, "sha256": f"{step:064x}"}
+        prov |= {"bn": bn, "batch_size": batch_size, "num_samples": 12}
+        return {
+            "name": f"c{step}",
+            "provenance": prov,
+            "eigen": {"which": "largest", "eigenvalues": [top], "converged": [1]},
+        }
+
+    ds = [analysis(s, b, t) for s in (4, 8) for b, t in ((4, 1.221), (12, 1.157))]
+    table = series_table(ds)
+    assert str(table.columns[3].header) == "batch_size"
+    assert list(table.columns[3].cells) == ["4", "12", "4", "12"]
+    named = [h.get_label() for h in spectra_figure(ds).legends[0].legend_handles]
+    assert named == ["cnn (140), batch_size=4", "cnn (140), batch_size=12"]
+    held = [analysis(s, b, 1.0, "eval") for s in (4, 8) for b in (4, 12)]
+    assert "batch_size" not in [str(c.header) for c in series_table(held).columns]

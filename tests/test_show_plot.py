@@ -2160,3 +2160,15 @@ def test_under_batch_statistics_another_batch_size_is_another_analysis():
     assert named == ["cnn (140), batch_size=4", "cnn (140), batch_size=12"]
     held = [analysis(s, b, 1.0, "eval") for s in (4, 8) for b in (4, 12)]
     assert "batch_size" not in [str(c.header) for c in series_table(held).columns]
+
+
+def test_the_minibatch_spread_says_the_batch_size_it_is_of(capsys, full, tmp_path):  # noqa: F811
+    """One checkpoint analysed with --alignment at --batch-size 32 and 64 (--num-samples 128):
+    the digits MLP's |<ĝ, v1>| minibatch mean ± std read 0.2275 ± 0.1807 and 0.2867 ± 0.1471
+    in two tables otherwise alike, neither saying its batches' size."""
+    path = tmp_path / "bs.h5"
+    prov = full.provenance
+    write_analyses(path, [dataclasses.replace(full, provenance=prov | {"batch_size": 32})])
+    code, out, err = run(capsys, "show", str(path))
+    assert code == 0, err
+    assert "minibatch: over the first 2 batch gradients, 32 samples each" in " ".join(out.split())

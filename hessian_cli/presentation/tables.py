@@ -264,7 +264,9 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
     return Group(table, Text(how, style="dim"))
 
 
-def _alignment_table(al: Mapping[str, Any]) -> Table:
+def _alignment_table(al: Mapping[str, Any], batch_size: int | None = None) -> Table:
+    """The scores, with the minibatch spread over batches of ``batch_size`` samples (the spread
+    of another --batch-size is another: two tables that read alike but for it said not why)."""
     mb = al.get("minibatch") or {}
     values = mb.get("values") or []
     m = len(values)
@@ -275,6 +277,7 @@ def _alignment_table(al: Mapping[str, Any]) -> Table:
         caption = f"minibatch: {'one' if m - zero else 'no'} nonzero batch gradient, so no spread"
     else:
         caption = f"minibatch: over the first {m} batch gradients"
+        caption += f", {counted(batch_size, 'sample')} each" if batch_size else ""
     if zero:
         caption += f" ({zero} of the {m} exactly zero, left out)"
     if al.get("grad_norm") == 0:
@@ -400,7 +403,7 @@ def analysis_table(d: Mapping[str, Any], apart: Sequence[str] = ()) -> Renderabl
     if (dn := d.get("density")) is not None:
         parts.append(Text(_density_line(dn)))
     if (al := d.get("alignment")) is not None:
-        parts.append(_alignment_table(al))
+        parts.append(_alignment_table(al, prov.get("batch_size")))
     if (line := cost_line(d.get("cost") or {})) is not None:
         parts.append(Text(line, style="dim"))
     return Group(*parts)

@@ -2172,3 +2172,20 @@ def test_the_minibatch_spread_says_the_batch_size_it_is_of(capsys, full, tmp_pat
     code, out, err = run(capsys, "show", str(path))
     assert code == 0, err
     assert "minibatch: over the first 2 batch gradients, 32 samples each" in " ".join(out.split())
+
+
+def test_a_truncated_file_is_said_to_be_truncated(capsys, files, tmp_path):
+    """A spectra file cut short (a copy that did not finish) read "unable to synchronously open
+    file (truncated file: eof = 5000, sblock->base_addr = 0, stored_eof = ...)"."""
+    whole = files["series"].read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(whole[:5000])
+    for args in (["show", str(cut)], ["plot", str(cut), "-o", str(tmp_path / "f.png")]):
+        code, _, err = run(capsys, *args)
+        assert code != 0
+        said = one_sentence(err, strict=True)
+        assert said.endswith(
+            f"it is truncated, 5,000 of its {len(whole):,} bytes (a copy, "
+            "download or write cut short)."
+        )
+    assert not (tmp_path / "f.png").exists()

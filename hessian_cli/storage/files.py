@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -204,7 +205,22 @@ def open_hdf5(path: Path) -> h5py.File:
             raise UserError(f"{path} is not an HDF5 file.")
         return h5py.File(path, "r")
     except OSError as exc:
-        raise UserError(f"Could not read {path}: {os_reason(exc)}.") from exc
+        raise UserError(f"Could not read {path}: {_open_reason(exc)}.") from exc
+
+
+# HDF5's words for a file shorter than its superblock says it is.
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
+
+
+def _open_reason(exc: OSError) -> str:
+    """Why HDF5 could not open a file, for a sentence: a truncated one (a copy or download cut
+    short) read "unable to synchronously open file (truncated file: eof = 5000,
+    sblock->base_addr = 0, stored_eof = 70101)"."""
+    if (found := _TRUNCATED.search(str(exc))) is not None:
+        held, whole = (int(n) for n in found.groups())
+        cut = "a copy, download or write cut short"
+        return f"it is truncated, {held:,} of its {whole:,} bytes ({cut})"
+    return os_reason(exc)
 
 
 def file_format(path: Path) -> str:

@@ -2189,3 +2189,15 @@ def test_a_truncated_file_is_said_to_be_truncated(capsys, files, tmp_path):
             "download or write cut short)."
         )
     assert not (tmp_path / "f.png").exists()
+
+
+def test_plotting_a_trace_alone_says_show_prints_it(capsys, full, tmp_path):  # noqa: F811
+    """`analyze final.pt --top-k 0 --trace --out t.h5`, then `plot t.h5`: "has no eigenvalues
+    or density to plot" said nothing of the trace it holds."""
+    path = tmp_path / "t.h5"
+    write_analyses(path, [dataclasses.replace(full, eigen=None, density=None, alignment=None)])
+    code, _, err = run(capsys, "plot", str(path), "-o", str(tmp_path / "t.png"))
+    assert code != 0
+    assert one_sentence(err).endswith(
+        "has no eigenvalues or density to plot; show prints the trace it holds."
+    )

@@ -578,8 +578,11 @@ def _checkpoint_figure(
     it from the others in ``held``) where several do. Analysed once with --top-k 2 and again with
     --top-k 0 --trace, one checkpoint was drawn as a series of one step."""
     drawn = [d for d in ds if d.get("eigen") is not None or d.get("density") is not None]
-    if not drawn:
-        raise UserError(f"Checkpoint {ds[0].get('name')!r} has no eigenvalues or density to plot.")
+    if not drawn:  # a trace alone (--top-k 0 --trace): it said nothing of it
+        said = "; show prints the trace it holds" if ds[0].get("trace") else ""
+        raise UserError(
+            f"Checkpoint {ds[0].get('name')!r} has no eigenvalues or density to plot{said}."
+        )
     fig, axes = _figure(
         sum((d.get("density") is not None) + (d.get("eigen") is not None) for d in drawn)
     )

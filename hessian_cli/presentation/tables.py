@@ -226,7 +226,8 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
         else ""
     )
     how = (
-        f"{_WHICH_WORDS.get(e.get('which'), e.get('which'))}"
+        # Another tool's file may record no which: it read "None; converged means ...".
+        f"{_WHICH_WORDS.get(w, w) if (w := e.get('which')) else 'eigenvalues (end not recorded)'}"
         f"{f' by {m}' if (m := e.get('method')) else ''}; "  # not recorded: it said "by None"
         f"converged means {_criterion(e)}{in_order}; "
         f"{_int(e.get('iterations'))} iteration{'' if e.get('iterations') == 1 else 's'}, "

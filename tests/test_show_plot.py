@@ -2203,3 +2203,18 @@ def test_plotting_a_trace_alone_says_show_prints_it(capsys, full, tmp_path):  # 
     assert one_sentence(err).endswith(
         "has no eigenvalues or density to plot; show prints the trace it holds."
     )
+
+
+def test_blocks_of_one_checkpoints_hessian_are_titled_with_their_parameters():
+    """One checkpoint analysed with --params '0.*' and again with --params '2.*': the panel
+    of each was titled with its row's name alone, not the block of the Hessian it is of."""
+    eigen = {"which": "largest", "eigenvalues": [2.0], "residuals": [1e-6], "converged": [1]}
+    prov = {"model": "mlp", "num_params": 330, "step": 168, "sha256": "ab" * 32}
+    ds = [
+        {"name": name, "provenance": prov | {"params_glob": glob}, "eigen": eigen}
+        for name, glob in (("m", "0.*"), ("m-2", "2.*"))
+    ]
+    titles = [
+        ax.get_title().split("\n")[-1] for ax in spectra_figure(ds, ds).axes if ax.get_title()
+    ]
+    assert titles == ["m (mlp [0.*] (330))", "m-2 (mlp [2.*] (330))"]

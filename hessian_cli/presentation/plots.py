@@ -41,6 +41,7 @@ from hessian_cli.presentation.tables import (
     eigen_labels,
     known_checkpoint,
     model_cell,
+    model_key,
     no_scale,
     run_directory,
     run_key,
@@ -575,8 +576,9 @@ def _checkpoint_figure(
 ) -> Figure:
     """ESD and eigenvalues of one checkpoint, from each of its analyses ``ds`` that holds some:
     a panel each, titled with the analysis (its name, as show's rows, and the settings that tell
-    it from the others in ``held``) where several do. Analysed once with --top-k 2 and again with
-    --top-k 0 --trace, one checkpoint was drawn as a series of one step."""
+    it from the others in ``held``, and its model or parameters where those do) where several
+    do. Analysed once with --top-k 2 and again with --top-k 0 --trace, one checkpoint was drawn
+    as a series of one step."""
     drawn = [d for d in ds if d.get("eigen") is not None or d.get("density") is not None]
     if not drawn:  # a trace alone (--top-k 0 --trace): it said nothing of it
         said = "; show prints the trace it holds" if ds[0].get("trace") else ""
@@ -588,9 +590,12 @@ def _checkpoint_figure(
     )
     panels = iter(axes)
     names = []
+    models = len({model_key(d) for d in drawn}) > 1  # blocks of its Hessian (--params), say
     for d in drawn:
         apart = settings_apart(d, held)
-        names.append(f"{d.get('name')}" + (f" ({settings_said(d, apart)})" if apart else ""))
+        said = [model_cell(d.get("provenance") or {})] if models else []
+        said += [settings_said(d, apart)] if apart else []
+        names.append(f"{d.get('name')}" + (f" ({', '.join(said)})" if said else ""))
         own = [_density_panel(next(panels), d)] if d.get("density") is not None else []
         if d.get("eigen") is not None:
             own.append(_eigen_panel(next(panels), d["eigen"]))

@@ -2218,3 +2218,19 @@ def test_blocks_of_one_checkpoints_hessian_are_titled_with_their_parameters():
         ax.get_title().split("\n")[-1] for ax in spectra_figure(ds, ds).axes if ax.get_title()
     ]
     assert titles == ["m (mlp [0.*] (330))", "m-2 (mlp [2.*] (330))"]
+
+
+def test_a_directory_of_results_names_them(capsys, files, tmp_path):
+    """`show results/` of a directory of `analyze --out` files was told to analyse it as
+    checkpoints ("hessian-cli analyze results --out FILE.h5"); it names the files to give."""
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("b.h5", "a.h5"):
+        shutil.copy(files["series"], results / name)
+    (results / "other.h5").write_bytes(b"")  # not a result file: not named
+    for verb, extra in (("show", []), ("plot", ["-o", str(tmp_path / "x.png")])):
+        code, _, err = run(capsys, verb, results, *extra)
+        assert code == 2
+        assert one_sentence(err, strict=True).endswith(
+            f"{verb} reads one file, such as {results / 'a.h5'} (its result files: a.h5, b.h5)."
+        )

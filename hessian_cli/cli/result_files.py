@@ -67,7 +67,13 @@ def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:
     checkpoints or a checkpoint (which `analyze` reads)."""
     import h5py
 
-    if file.is_dir():  # checkpoints, most likely
+    if file.is_dir():  # checkpoints, most likely; or the results of several analyses
+        if held := _result_files(file):
+            names = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise UserError(
+                f"{file} is a directory: {verb} reads one file, such as {file / held[0]} (its "
+                f"result files: {names})."
+            )
         raise UserError(
             f"{file} is a directory: {verb} reads a file `analyze --out` or `train` writes (to "
             f"analyse the checkpoints in it: hessian-cli analyze {file} --out FILE.h5)."
@@ -86,6 +92,24 @@ def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:
             f"{file} is not an HDF5 file: {verb} reads the files `analyze --out` and `train` "
             f"write{hint}."
         )
+
+
+def _result_files(folder: Path) -> list[str]:
+    """The names of the spectra and metrics files in ``folder`` (a directory of `analyze --out`
+    results was told to be analysed as checkpoints)."""
+    from hessian_cli.storage import FORMAT_NAME, METRICS_FORMAT_NAME, file_format
+
+    def readable(path: Path) -> bool:
+        try:
+            return file_format(path) in (FORMAT_NAME, METRICS_FORMAT_NAME)
+        except UserError:  # another tool's, damaged
+            return False
+
+    try:
+        names = [p for p in folder.iterdir() if p.suffix.lower() in (".h5", ".hdf5")]
+    except OSError:  # not listable: said as before
+        return []
+    return sorted(p.name for p in names if readable(p))
 
 
 def pick_checkpoint(

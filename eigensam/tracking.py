@@ -19,10 +19,11 @@ from eigensam.refresh import held_to_own_eigenvalue, top_residual
 from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.eigensolver import eigenpairs
-from hessian_cli.engine.inputs import inputs_to, run_model
+from hessian_cli.engine.inputs import inputs_to, rows, run_model
 from hessian_cli.engine.linalg import dot, norms
 from hessian_cli.engine.model_mode import forward_mode, loss_module
 from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.errors import UserError
 from hessian_cli.specs.data import IGNORE_INDEX
 from hessian_cli.specs.losses import class_dim
 
@@ -153,13 +154,45 @@ def evaluate(
     return total / weight, accuracy(correct, labelled, classify=classify)
 
 
-def binary_threshold(num_classes: int | None, loss_spec: str) -> float | None:
-    """Above which value a binary classifier's one output per sample picks label 1, for data of
-    two classes: 0.5 for mse, which regresses it onto the 0/1 labels, else 0 (a logit, as binary
-    cross-entropy with logits takes it; ce refuses one output); None for other data."""
-    if num_classes != 2:
+@torch.no_grad()
+def binary_threshold(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    device: torch.device,
+    *,
+    num_classes: int | None,
+) -> float | None:
+    """Above which value a binary classifier's one output per sample picks label 1 (data of two
+    classes), from what its loss expects: the output at which the loss weighs both labels alike,
+    0 for a logit (binary cross-entropy with logits, a hinge) or 0.5 for a probability (BCELoss
+    after a Sigmoid) or mse's regression onto 0/1; else 0 where the loss of label 1 still falls
+    past an output of 1 (a logit whose labels are weighed unequally: pos_weight, a focal alpha);
+    else None: the accuracy is not known (it was scored at 0 for any loss but mse, so a Sigmoid's
+    outputs all picked label 1). None also for other data and outputs; ``batch``'s first two
+    samples give the outputs' shape."""
+    x, y = rows(batch[0], slice(0, 2)), batch[1][:2]
+    if num_classes != 2 or y.ndim != 1 or y.is_floating_point():
         return None
-    return 0.5 if loss_spec == "mse" else 0.0
+    with forward_mode(model, "eval", loss=loss_fn):
+        out = run_model(model, inputs_to(x, device))
+        if not isinstance(out, torch.Tensor) or out.numel() != len(y):
+            return None
+        y = y.to(device)
+
+        def loss(output: float, label: int) -> float:
+            """The loss of every output at ``output`` and every label ``label``; NaN where the
+            loss refuses it (BCELoss an output past 1)."""
+            try:
+                return float(loss_fn(torch.full_like(out, output), torch.full_like(y, label)))
+            except (UserError, RuntimeError):
+                return math.nan
+
+        for middle in (0.0, 0.5):
+            zero, one = loss(middle, 0), loss(middle, 1)
+            if math.isfinite(zero) and math.isclose(zero, one, rel_tol=1e-5):  # inf is inf
+                return middle
+        return 0.0 if loss(2.0, 1) < loss(1.0, 1) else None
 
 
 def correct_count(

@@ -219,7 +219,6 @@ class _Run:
         self.classify = self.data.num_classes is not None
         self.loss_spec = config.loss or default_loss(self.data.num_classes)
         self.loss_fn: LossFn = get_loss(self.loss_spec, num_classes=self.data.num_classes)
-        self.threshold = binary_threshold(self.data.num_classes, self.loss_spec)
         model = build_model(
             config.model,
             input_shape=self.data.input_shape,
@@ -287,7 +286,13 @@ class _Run:
         if track_share and self.batch_weight and not self.batch_weight(track_share[0][1]):
             track_share = []  # a share of padding only: nothing of the mean, as a rank without
         self._check_fits()
-
+        self.threshold = binary_threshold(
+            self.model,
+            self.loss_fn,
+            self.track_batch,
+            self.device,
+            num_classes=self.data.num_classes,
+        )
         self.tracker = LambdaMaxTracker(
             track_share, seed=config.seed, device=self.device, batch_weight=self.batch_weight
         )

@@ -1268,3 +1268,81 @@ def test_a_binary_classifier_of_one_output_has_its_accuracy(tmp_path, loss, thre
     with torch.no_grad():
         picked = (model(torch.from_numpy(x[96:]))[:, 0] > threshold).numpy()
     assert metrics["epochs"]["test_accuracy"][0] == (picked == y[96:]).mean()
+
+
+def binary_data(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """128 samples of 16 features, 0/1 labels of a linear rule: 96 to train, 32 to test."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 16)).astype(np.float32)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).astype(np.int64)
+    np.savez(tmp_path / "binary.npz", x=x[:96], y=y[:96], x_test=x[96:], y_test=y[96:])
+    return x, y
+
+
+def test_a_sigmoid_output_is_scored_as_a_probability(tmp_path):
+    """A model ending in a Sigmoid, trained with binary cross-entropy on its probability, picks
+    label 1 above 0.5: scored above 0, as a logit, every output picked 1 and the accuracy was
+    the share of label 1 at every epoch."""
+    x, y = binary_data(tmp_path)
+    (tmp_path / "user.py").write_text(
+        "import torch.nn.functional as F\n"
+        "from torch import nn\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())\n"
+        "def bce(out, y):\n"
+        "    return F.binary_cross_entropy(out[:, 0], y.to(out.dtype))\n"
+    )
+    user = tmp_path / "user.py"
+    cfg = config(
+        tmp_path,
+        model=f"{user}:model",
+        model_kwargs=None,
+        data=str(tmp_path / "binary.npz"),
+        loss=f"{user}:bce",
+        optimizer="sgd",
+        epochs=2,
+    )
+    train(cfg)
+    metrics = read_metrics(tmp_path / "run" / "metrics.h5")
+    model = build_model(f"{user}:model", input_shape=(16,), num_classes=2)
+    model.load_state_dict(weights(tmp_path / "run" / "checkpoints" / "final.pt"))
+    with torch.no_grad():
+        p = model(torch.from_numpy(x[96:]))[:, 0].numpy()
+    assert 0 < p.min() and p.max() < 1  # probabilities, none of them above 0 alone
+    right = ((p > 0.5) == y[96:]).mean()
+    assert metrics["epochs"]["test_accuracy"][-1] == right != y[96:].mean()
+
+
+@pytest.mark.parametrize(
+    ("loss", "threshold"),
+    [
+        (lambda out, y: F.binary_cross_entropy_with_logits(out[:, 0], y.float()), 0.0),
+        (lambda out, y: F.binary_cross_entropy(out[:, 0].sigmoid(), y.float()), 0.0),
+        (lambda out, y: F.binary_cross_entropy(out[:, 0].clamp(1e-6, 1 - 1e-6), y.float()), 0.5),
+        (lambda out, y: F.mse_loss(out[:, 0], y.float()), 0.5),
+        (lambda out, y: (1 - (2 * y - 1) * out[:, 0]).clamp(min=0).mean(), 0.0),  # a hinge
+        (  # pos_weight: the labels weighed unequally, a logit all the same
+            lambda out, y: F.binary_cross_entropy_with_logits(
+                out[:, 0], y.float(), pos_weight=torch.tensor(3.0)
+            ),
+            0.0,
+        ),
+        # infinite for both labels at 0: no middle there
+        (lambda out, y: (out[:, 0] ** -2 + (out[:, 0] - y.float()) ** 2).mean(), 0.5),
+        (  # probabilities weighed unequally: no output weighs both labels alike
+            lambda out, y: F.binary_cross_entropy(out[:, 0], y.float(), weight=1 + 2 * y),
+            None,
+        ),
+    ],
+)
+def test_the_binary_threshold_is_where_the_loss_weighs_both_labels_alike(loss, threshold):
+    """What a binary classifier's one output is scored against follows from its loss: 0 for a
+    logit, 0.5 for a probability or a regression onto 0/1, None (no accuracy) where it is not
+    known."""
+    from eigensam.tracking import binary_threshold
+
+    model = torch.nn.Linear(4, 1)
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    cpu = torch.device("cpu")
+    assert binary_threshold(model, loss, batch, cpu, num_classes=2) == threshold
+    assert binary_threshold(model, loss, batch, cpu, num_classes=3) is None

@@ -203,6 +203,35 @@ def test_user_loss_from_module_function_and_class() -> None:
     assert torch.allclose(get_loss("torch.nn:CrossEntropyLoss")(logits, labels), expected)
 
 
+def test_torch_binary_cross_entropy_takes_0_1_labels_as_a_binary_classifier_has_them() -> None:
+    """--loss torch.nn:BCEWithLogitsLoss (and BCELoss, and their functions) on a one-output model
+    with integer 0/1 labels of shape (batch,) met torch's "Target size (torch.Size([4])) must be
+    the same as input size (torch.Size([4, 1]))", then its refusal of integer targets."""
+    from hessian_cli.engine.model_mode import loss_module
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 1), torch.tensor([0, 1, 1, 0])
+    with_logits = F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+    on_probabilities = F.binary_cross_entropy(logits.sigmoid()[:, 0], labels.float())
+    for spec, out, expected in (
+        ("torch.nn:BCEWithLogitsLoss", logits, with_logits),
+        ("torch.nn.functional:binary_cross_entropy_with_logits", logits, with_logits),
+        ("torch.nn:BCELoss", logits.sigmoid(), on_probabilities),
+        ("torch.nn.functional:binary_cross_entropy", logits.sigmoid(), on_probabilities),
+    ):
+        loss = get_loss(spec)
+        assert torch.allclose(loss(out, labels), expected), spec
+        assert torch.allclose(loss(out[:, 0], labels), expected), spec  # (batch,) outputs
+        assert torch.allclose(loss(out, labels[:, None].float()), expected), spec  # as torch's
+        with pytest.raises(UserError, match="^label 2 is out of range for binary cross-entropy"):
+            loss(out, torch.tensor([0, 2, 1, 0]))
+    # A mask per pixel against one channel, (batch, 1, H, W).
+    pixels, mask = torch.randn(2, 1, 3, 3), torch.randint(0, 2, (2, 3, 3))
+    expected = F.binary_cross_entropy_with_logits(pixels[:, 0], mask.float())
+    assert torch.allclose(get_loss("torch.nn:BCEWithLogitsLoss")(pixels, mask), expected)
+    assert isinstance(loss_module(get_loss("torch.nn:BCELoss")), torch.nn.BCELoss)
+
+
 def test_unknown_loss() -> None:
     with pytest.raises(UserError, match="unknown loss 'hinge'.*ce or mse"):
         get_loss("hinge")

@@ -1243,11 +1243,15 @@ def test_under_torchrun_each_rank_evaluates_its_share_of_the_test_batches(monkey
     assert torch.equal(shares[0][1] + shares[1][1], alone)
 
 
-@pytest.mark.parametrize(("loss", "threshold"), [("bce", 0.0), ("mse", 0.5)])
+@pytest.mark.parametrize(
+    ("loss", "threshold"),
+    [("bce", 0.0), ("mse", 0.5), ("torch.nn:BCEWithLogitsLoss", 0.0)],
+)
 def test_a_binary_classifier_of_one_output_has_its_accuracy(tmp_path, loss, threshold):
     """A model of one output on 0/1 labels (binary cross-entropy on its logit, or mse onto the
     labels) had no accuracy, train's or test's, where the same data with two outputs had one:
-    label 1 is an output above 0 (a logit), or above 0.5 for mse."""
+    label 1 is an output above 0 (a logit), or above 0.5 for mse. torch's BCEWithLogitsLoss
+    takes the (batch,) integer labels too (it refused their shape)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 16)).astype(np.float32)
     y = (x[:, 0] + 0.3 * x[:, 1] > 0).astype(np.int64)
@@ -1257,7 +1261,7 @@ def test_a_binary_classifier_of_one_output_has_its_accuracy(tmp_path, loss, thre
         "def bce(out, y):\n"
         "    return F.binary_cross_entropy_with_logits(out[:, 0], y.to(out.dtype))\n"
     )
-    spec = "mse" if loss == "mse" else f"{tmp_path / 'losses.py'}:bce"
+    spec = f"{tmp_path / 'losses.py'}:bce" if loss == "bce" else loss
     overrides = {"model_kwargs": {"hidden": [8], "num_classes": 1}, "optimizer": "sgd"}
     cfg = config(tmp_path, data=str(tmp_path / "binary.npz"), loss=spec, epochs=1, **overrides)
     train(cfg)

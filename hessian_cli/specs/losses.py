@@ -5,6 +5,7 @@ Every loss is the mean over the batch, so that multi-batch analysis can weight b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,12 +51,40 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
             obj = call_user(obj, "loss class", spec)
         if not callable(obj):
             raise UserError(f"the loss {spec!r} is not callable.")
+        if isinstance(obj, _TORCH_BINARY_LOSSES) or obj in _TORCH_BINARY_FUNCTIONS:
+            obj = _binary_labels(obj)
         return guarded_user_function(obj, "loss function", spec)
     refuse_file_without_name(spec, "loss")
     raise UserError(
         f"unknown loss {spec!r}: use {' or '.join(BUILTIN_LOSSES)}, or user code as "
         f"{USER_CODE_FORMS} taking (outputs, targets)."
     )
+
+
+_TORCH_BINARY_LOSSES = (torch.nn.BCELoss, torch.nn.BCEWithLogitsLoss)
+_TORCH_BINARY_FUNCTIONS = (F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
+
+
+def _binary_labels(loss: LossFn) -> LossFn:
+    """torch's binary cross-entropy (``--loss torch.nn:BCEWithLogitsLoss`` and kin) on integer
+    0/1 labels, as mse takes them: as real numbers, one per sample against a single output
+    (batch, 1) (or per pixel against (batch, 1, H, W)). torch refused both the labels' shape
+    and their type, where a binary classifier's data holds them so."""
+
+    def binary(outputs: Tensor, targets: Tensor) -> Tensor:
+        if not targets.is_floating_point():
+            if (other := targets[(targets != 0) & (targets != 1)]).numel():
+                raise UserError(
+                    f"label {int(other[0])} is out of range for binary cross-entropy, which "
+                    "takes 0/1 labels only."
+                )
+            targets = targets.to(outputs.dtype)
+            if outputs.ndim == targets.ndim + 1 and outputs.shape[1] == 1:
+                targets = targets.unsqueeze(1)
+        return loss(outputs, targets)
+
+    # As its __wrapped__: a loss module is found behind it (loss_module), put in eval mode.
+    return functools.update_wrapper(binary, loss, assigned=(), updated=())
 
 
 NO_LABEL_IN_BATCH = (

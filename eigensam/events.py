@@ -40,7 +40,7 @@ class EpochDone:
     train_accuracy: float
     test_loss: float
     test_accuracy: float
-    seconds: float
+    seconds: float  # in its steps, refreshes included (not evaluation, tracking, checkpoints)
     lambda_max: float | None
 
 

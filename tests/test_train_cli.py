@@ -123,8 +123,14 @@ def test_a_log_gets_a_line_per_epoch_with_that_epochs_own_lambda_max(capsys, tmp
     assert "λmax" not in lines[0]  # 6 steps per epoch: none tracked in steps 1-6
     # The last epoch's line shows the final measurement, as the table does (it showed step 16).
     assert f"λmax {lam[8]:.4g} (" in lines[1] and f"λmax {lam[18]:.4g} (" in lines[2]
-    table = {row.split()[1]: row.split()[-4] for row in stdout.splitlines() if row[:1] == "│"}
+    table = {row.split()[1]: row.split()[-5] for row in stdout.splitlines() if row[:1] == "│"}
     assert table == {"1": "—", "2": f"{lam[8]:.4g}", "3": f"{lam[18]:.4g}"}
+    # The time shown is the steps' alone, as recorded (it read as the epoch's, "seconds").
+    seconds = read_metrics(out / "metrics.h5")["epochs"]["seconds"]
+    assert [line[line.rindex("(") :] for line in lines] == [
+        f"(step time {s:.1f} s)" for s in seconds
+    ]
+    assert "step time" in stdout and f"{seconds[-1]:.2f} s │" in stdout
 
 
 def test_finished_run_reads_back_everywhere(capsys, finished_run):

@@ -75,6 +75,9 @@ class TrainSummary:
     # residual stayed above their tolerance (budget spent or stalled; not a lambda_max of 0)
     tracks: int = 0
     unconverged_tracks: int = 0
+    # A binary classifier of one output whose loss tells no logit from a probability: which
+    # outputs pick label 1 is not known, so no accuracy is given (tracking.binary_threshold)
+    accuracy_unknown: bool = False
 
     @property
     def seconds_per_step(self) -> float:

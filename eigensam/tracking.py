@@ -168,9 +168,9 @@ def binary_threshold(
     0 for a logit (binary cross-entropy with logits, a hinge) or 0.5 for a probability (BCELoss
     after a Sigmoid) or mse's regression onto 0/1; else 0 where the loss of label 1 still falls
     past an output of 1 (a logit whose labels are weighed unequally: pos_weight, a focal alpha);
-    else None: the accuracy is not known (it was scored at 0 for any loss but mse, so a Sigmoid's
-    outputs all picked label 1). None also for other data and outputs; ``batch``'s first two
-    samples give the outputs' shape."""
+    else NaN: the accuracy is not known (it was scored at 0 for any loss but mse, so a Sigmoid's
+    outputs all picked label 1). None for other data and outputs; ``batch``'s first two samples
+    give the outputs' shape."""
     x, y = rows(batch[0], slice(0, 2)), batch[1][:2]
     if num_classes != 2 or y.ndim != 1 or y.is_floating_point():
         return None
@@ -192,7 +192,7 @@ def binary_threshold(
             zero, one = loss(middle, 0), loss(middle, 1)
             if math.isfinite(zero) and math.isclose(zero, one, rel_tol=1e-5):  # inf is inf
                 return middle
-        return 0.0 if loss(2.0, 1) < loss(1.0, 1) else None
+        return 0.0 if loss(2.0, 1) < loss(1.0, 1) else math.nan
 
 
 def correct_count(
@@ -200,14 +200,16 @@ def correct_count(
 ) -> tuple[int, int]:
     """How many labels the outputs pick, and how many labels there are: one per sample (class
     indices, one-hot or soft targets; a single output picks 1 above ``threshold``, where the
-    data is binary: :func:`binary_threshold`) or one per token (its class from the dimension
-    cross-entropy reads, :func:`class_dim`; -100 is none); (0, 0) for data without classes
-    and other outputs without a class dimension of two or more."""
+    data is binary, and none where it is NaN: :func:`binary_threshold`) or one per token (its
+    class from the dimension cross-entropy reads, :func:`class_dim`; -100 is none); (0, 0) for
+    data without classes and other outputs without a class dimension of two or more."""
     if not classify:
         return 0, 0
     single = y.ndim == 1 and out.numel() == len(y) and not y.is_floating_point()
     if threshold is not None and single:
         # One output per sample, (batch, 1) or (batch,): a binary classifier's score.
+        if math.isnan(threshold):  # its loss tells no logit from a probability
+            return 0, 0
         labelled = y != IGNORE_INDEX
         picked = (out.reshape(-1) > threshold).long() == y
         return int(picked[labelled].sum()), int(labelled.sum())

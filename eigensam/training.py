@@ -595,6 +595,7 @@ class _Run:
         summary.epochs = self._epoch_records()
         summary.lambda_max = self.tracker.lambda_max
         summary.steps_run, summary.step_seconds = self.step - start_step, seconds
+        summary.accuracy_unknown = self.threshold is not None and math.isnan(self.threshold)
         # The whole run's: a step's loss is NaN only where its batch held no label.
         summary.unlabelled_steps = sum(map(math.isnan, self.metrics.column("steps", "loss")))
         residuals = self.metrics.column("track", "residual")

@@ -835,6 +835,33 @@ def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_pat
     assert said in " ".join(err.split())
 
 
+def test_a_binary_classifier_whose_loss_says_no_threshold_is_given_no_accuracy(capsys, tmp_path):
+    """A one-output model whose loss weighs the labels unequally as probabilities (no output at
+    which both weigh alike, nor a logit's loss falling past 1) is given no accuracy, and the run
+    says why at its end: a dash alone did not."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    np.savez(tmp_path / "binary.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    (tmp_path / "user.py").write_text(
+        "import torch.nn.functional as F\n"
+        "from torch import nn\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Linear(4, 1), nn.Sigmoid())\n"
+        "def weighted(out, y):\n"
+        "    return F.binary_cross_entropy(out[:, 0], y.float(), weight=1 + y.float())\n"
+    )
+    user, out = tmp_path / "user.py", tmp_path / "run"
+    code, stdout, err = run(
+        capsys, "train", "--model", f"{user}:model", "--data", tmp_path / "binary.npz",
+        "--loss", f"{user}:weighted", "--optimizer", "sgd", "--epochs", "1", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Note: no accuracy is given: the loss does not say whether the model's one output " in (
+        " ".join(err.split())
+    )
+    assert np.isnan(read_metrics(out / "metrics.h5")["steps"]["accuracy"]).all()
+
+
 def test_lambda_max_measurements_short_of_their_tolerance_are_said_at_the_end(
     capsys, tmp_path, monkeypatch
 ):

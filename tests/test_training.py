@@ -1335,18 +1335,21 @@ def test_a_sigmoid_output_is_scored_as_a_probability(tmp_path):
         (lambda out, y: (out[:, 0] ** -2 + (out[:, 0] - y.float()) ** 2).mean(), 0.5),
         (  # probabilities weighed unequally: no output weighs both labels alike
             lambda out, y: F.binary_cross_entropy(out[:, 0], y.float(), weight=1 + 2 * y),
-            None,
+            math.nan,
         ),
     ],
 )
 def test_the_binary_threshold_is_where_the_loss_weighs_both_labels_alike(loss, threshold):
     """What a binary classifier's one output is scored against follows from its loss: 0 for a
     logit, 0.5 for a probability or a regression onto 0/1, None (no accuracy) where it is not
-    known."""
-    from eigensam.tracking import binary_threshold
+    known (NaN: no accuracy)."""
+    from eigensam.tracking import binary_threshold, correct_count
 
     model = torch.nn.Linear(4, 1)
     batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
     cpu = torch.device("cpu")
-    assert binary_threshold(model, loss, batch, cpu, num_classes=2) == threshold
+    found = binary_threshold(model, loss, batch, cpu, num_classes=2)
+    assert found == threshold or math.isnan(found) and math.isnan(threshold)
     assert binary_threshold(model, loss, batch, cpu, num_classes=3) is None
+    counted = correct_count(model(batch[0]), batch[1], classify=True, threshold=found)
+    assert counted == ((0, 0) if math.isnan(threshold) else (counted[0], 8))

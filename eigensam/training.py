@@ -446,6 +446,7 @@ class _Run:
             )
         )
         start_step, step_seconds = self.step, 0.0
+        written: Path | None = None  # the checkpoint of the last epoch's end, where one was due
         try:
             # The weights it starts from, where a measurement is due and was not taken: a new
             # run's, or a resume's from a checkpoint saved before the one at its step (runs
@@ -459,9 +460,9 @@ class _Run:
                     stop = distributed.any_rank(should_stop is not None and should_stop())
                     if stop or (cfg.max_steps is not None and self.step >= cfg.max_steps):
                         summary.interrupted = stop
-                        summary.checkpoint = self._write(
-                            step_checkpoint_path(self.run_dir, self.step), self.order.epoch_state
-                        )
+                        at = step_checkpoint_path(self.run_dir, self.step)
+                        if at != written:  # else written at this step, by the epoch's end
+                            summary.checkpoint = self._write(at, self.order.epoch_state)
                         return self._finish(summary, start_step, step_seconds)
                     gb = self.global_batch
                     idx = perm[self.batch * gb : (self.batch + 1) * gb]
@@ -497,9 +498,8 @@ class _Run:
                 last = self.epoch == cfg.epochs
                 due = not last and cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
                 path = step_checkpoint_path(self.run_dir, self.step) if due else None
-                summary.checkpoint = (
-                    self._write(path, self.order.generator.get_state()) or summary.checkpoint
-                )
+                written = self._write(path, self.order.generator.get_state())
+                summary.checkpoint = written or summary.checkpoint
             summary.finished = True
             summary.checkpoint = self._write(
                 final_checkpoint_path(self.run_dir), self.order.generator.get_state()

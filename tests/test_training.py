@@ -130,6 +130,35 @@ def test_should_stop_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert again.finished and again.steps_run == 0 and len(again.epochs) == 3
 
 
+@pytest.mark.parametrize("stop", ["max_steps", "signal"])
+def test_a_stop_at_an_epoch_s_end_writes_its_checkpoint_once(tmp_path, monkeypatch, stop):
+    """A stop right after an epoch's end (--max-steps a multiple of the epoch, or a Ctrl-C during
+    its evaluation or checkpoint) wrote the checkpoint that epoch's end had just written again,
+    the same weights and state, and looked at the held-out loss again; it resumes exactly."""
+    import eigensam.training as training
+
+    written: list[str] = []
+    save = training.save_checkpoint
+    monkeypatch.setattr(
+        training,
+        "save_checkpoint",
+        lambda path, **kw: (written.append(path.name), save(path, **kw)),
+    )
+    whole = train(config(tmp_path, "whole"))
+    written.clear()
+    events: list = []
+    stopped = train(
+        config(tmp_path, "stopped", max_steps=STEPS_PER_EPOCH if stop == "max_steps" else None),
+        progress=events.append,
+        should_stop=lambda: stop == "signal" and any(isinstance(e, EpochDone) for e in events),
+    )
+    assert stopped.step == STEPS_PER_EPOCH and stopped.checkpoint.name == "step0000006.pt"
+    assert written == ["step0000006.pt"]
+    resumed = train(load_config(tmp_path / "stopped"), resume_dir=tmp_path / "stopped")
+    assert_same_weights(whole.checkpoint, resumed.checkpoint)
+    assert_same_metrics(tmp_path / "whole", tmp_path / "stopped")
+
+
 def test_options_the_optimizer_does_not_use_are_not_recorded_and_old_records_still_resume(
     tmp_path,
 ):

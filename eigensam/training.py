@@ -520,7 +520,7 @@ class _Run:
                     "any step: check the model, the data and the loss."
                 ) from None
             raise error(
-                f"training diverged at step {self.step} (epoch {self.epoch + 1}): the loss or "
+                f"training diverged at step {self.step} (epoch {self._epoch_in()}): the loss or "
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "
                 f"diverge again: start a new run, in another --out, with a lower "
                 f"{self._divergence_knobs()}."
@@ -533,13 +533,13 @@ class _Run:
                 raise
             raise UserError(
                 f"The data does not fit the model after {counted(self.step, 'step')} (epoch "
-                f"{self.epoch + 1}): {first_line(exc)}{reach}; stopped."
+                f"{self._epoch_in()}): {first_line(exc)}{reach}; stopped."
             ) from exc
         except torch.cuda.OutOfMemoryError as exc:
             # The weights may be mid-step (perturbed): nothing is saved from them.
             self._flush()
             raise UserError(
-                f"CUDA ran out of memory at step {self.step} (epoch {self.epoch + 1}); stopped, "
+                f"CUDA ran out of memory at step {self.step} (epoch {self._epoch_in()}); stopped, "
                 f"{resume_hint(self.run_dir, ' once more memory is free')}, or start a new run "
                 "with a smaller --batch-size."
             ) from exc
@@ -548,6 +548,11 @@ class _Run:
             # steps done are valid: write them (metrics are otherwise written per epoch).
             self._flush()
             raise
+
+    def _epoch_in(self) -> int:
+        """The epoch a message names: the one under way, or the last once all have ended (a
+        divergence seen at the final checkpoint was "at step 18 (epoch 4)" of 3 epochs)."""
+        return min(self.epoch + 1, self.config.epochs)
 
     def _divergence_knobs(self) -> str:
         """The options that set a step's size: --rho only where the optimizer reads it,

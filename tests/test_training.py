@@ -931,6 +931,38 @@ def test_divergence_seen_by_tracking_is_named_as_divergence(tmp_path):
     assert str(err.value).endswith("start a new run, in another --out, with a lower --lr.")
 
 
+def test_a_divergence_seen_at_the_final_checkpoint_names_the_last_epoch(tmp_path):
+    """Weights made infinite by the last step, with no test split to see it, are seen by the
+    final checkpoint's check: the run "diverged at step 18 (epoch 4)" of 3 epochs."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.normal(size=(96, 16)), y=rng.integers(0, 3, 96))
+    (tmp_path / "user.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Breaking(nn.Linear):\n"
+        "    steps = 0\n"
+        "    def forward(self, x):\n"
+        "        out = super().forward(x)\n"
+        "        self.steps += self.training\n"
+        "        if self.steps == 18:  # its last step's update moves the bias from inf\n"
+        "            with torch.no_grad():\n"
+        "                self.bias.fill_(float('inf'))\n"
+        "        return out\n"
+        "def model():\n"
+        "    return Breaking(16, 3)\n"
+    )
+    cfg = config(
+        tmp_path,
+        model=f"{tmp_path / 'user.py'}:model",
+        model_kwargs=None,
+        data=str(tmp_path / "train.npz"),
+        optimizer="sgd",
+        track_every=0,
+    )
+    with pytest.raises(UserError, match=r"^training diverged at step 18 \(epoch 3\): "):
+        train(cfg)
+
+
 def test_a_divergence_from_weight_decay_names_it(tmp_path):
     """lr * weight decay of 1 or more overshoots by itself: the advice named only --lr and
     --rho."""

@@ -835,6 +835,16 @@ def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_pat
     assert said in " ".join(err.split())
 
 
+def test_the_help_names_the_loss_of_a_binary_classifier_of_one_output(capsys):
+    """torch's binary cross-entropy takes such a model's 0/1 labels: the help said ce, mse or
+    module:function alone, and --loss bce is unknown."""
+    code, stdout, _ = run(capsys, "train", "--help")
+    assert code == 0
+    assert "torch.nn:BCEWithLogitsLoss for one output on 0/1 labels" in " ".join(
+        stdout.replace("│", " ").split()
+    )
+
+
 def test_a_binary_classifier_whose_loss_says_no_threshold_is_given_no_accuracy(capsys, tmp_path):
     """A one-output model whose loss weighs the labels unequally as probabilities (no output at
     which both weigh alike, nor a logit's loss falling past 1) is given no accuracy, and the run

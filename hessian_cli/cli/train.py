@@ -153,7 +153,10 @@ def train_command(
         False, "--download", help="Fetch a torchvision dataset into --data-root if it is missing."
     ),
     loss: str | None = typer.Option(
-        None, "--loss", help="ce, mse or module:function. Default: ce for class labels, else mse."
+        None,
+        "--loss",
+        help="ce, mse or module:function (torch.nn:BCEWithLogitsLoss for one output on 0/1 "
+        "labels). Default: ce for class labels, else mse.",
     ),
     max_steps: int | None = typer.Option(
         None,

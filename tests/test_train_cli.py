@@ -835,6 +835,22 @@ def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_pat
     assert said in " ".join(err.split())
 
 
+def test_the_epoch_table_leaves_out_columns_that_hold_nothing(capsys, tmp_path):
+    """A regression without a test split showed train acc, test loss and test acc as columns of
+    dashes, which its epoch lines leave out."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x=x, y=x.sum(1, keepdims=True))
+    args = ("--data", tmp_path / "reg.npz", "--optimizer", "sgd", "--lr", "0.01", "--epochs", "2")
+    code, stdout, err = run(capsys, "train", *PLAIN[:4], *args, "--out", tmp_path / "run")
+    assert code == 0, err
+    header = next(line for line in stdout.splitlines() if "epoch" in line and "┃" in line)
+    assert header.replace("┃", " ").split() == ["epoch", "train", "loss", "step", "time"]
+    losses = read_metrics(tmp_path / "run" / "metrics.h5")["epochs"]["train_loss"]
+    rows = [line.replace("│", " ").split() for line in stdout.splitlines() if line[:1] == "│"]
+    assert [row[:2] for row in rows] == [[str(i + 1), f"{v:.4g}"] for i, v in enumerate(losses)]
+
+
 def test_the_help_names_the_loss_of_a_binary_classifier_of_one_output(capsys):
     """torch's binary cross-entropy takes such a model's 0/1 labels: the help said ce, mse or
     module:function alone, and --loss bce is unknown."""

@@ -445,7 +445,7 @@ def _report(
             f"Note: {counted(n, 'minibatch', 'minibatches')} held no label but -100 (padding): "
             f"no update was made on {'it' if n == 1 else 'them'}.",
         )
-    if summary.accuracy_unknown:  # a dash in the tables, said nowhere else
+    if summary.accuracy_unknown:  # no accuracy in the lines or the table, said nowhere else
         note(
             "Note: no accuracy is given: the loss does not say whether the model's one output "
             "is a logit (label 1 above 0) or a probability (above 0.5).",

@@ -4,6 +4,7 @@ logs, and the table of epochs at the end."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -39,28 +40,28 @@ def epoch_line(e: EpochDone, epochs: int) -> str:
 
 
 def epoch_table(epochs: list[EpochDone]) -> Table:
-    """One row per epoch (the last ``TABLE_ROWS`` of a long run). Its time is the steps' (their
-    refreshes included), as metrics.h5 records it: not evaluation, tracking or checkpoints, which
-    took 5/6 of an epoch at --track-every 1, where "seconds" read as the epoch's."""
+    """One row per epoch (the last ``TABLE_ROWS`` of a long run), without the columns that hold
+    nothing, as the epoch lines leave them out: accuracy for regression, the test split's where
+    there is none, lambda_max untracked (a regression without a test split showed three columns
+    of dashes). Its time is the steps' (their refreshes included), as metrics.h5 records it: not
+    evaluation, tracking or checkpoints, which took 5/6 of an epoch at --track-every 1, where
+    "seconds" read as the epoch's."""
     shown = epochs[-TABLE_ROWS:]
     table = Table(title="Epochs", caption=_caption(len(epochs), len(shown)))
-    tracked = any(e.lambda_max is not None for e in shown)
-    for name in ("epoch", "train loss", "train acc", "test loss", "test acc"):
+    cells: dict[str, Callable[[EpochDone], str]] = {
+        "epoch": lambda e: str(e.epoch),
+        "train loss": lambda e: _num(e.train_loss),
+        "train acc": lambda e: _num(e.train_accuracy, ".3f"),
+        "test loss": lambda e: _num(e.test_loss),
+        "test acc": lambda e: _num(e.test_accuracy, ".3f"),
+        "λmax": lambda e: _num(e.lambda_max),
+        "step time": lambda e: f"{e.seconds:.2f} s",
+    }
+    columns = {name: [cell(e) for e in shown] for name, cell in cells.items()}
+    kept = {name: column for name, column in columns.items() if any(c != DASH for c in column)}
+    for name in kept:
         table.add_column(name, justify="right")
-    if tracked:
-        table.add_column("λmax", justify="right")
-    table.add_column("step time", justify="right")
-    for e in shown:
-        row = [
-            str(e.epoch),
-            _num(e.train_loss),
-            _num(e.train_accuracy, ".3f"),
-            _num(e.test_loss),
-            _num(e.test_accuracy, ".3f"),
-        ]
-        if tracked:
-            row.append(_num(e.lambda_max))
-        row.append(f"{e.seconds:.2f} s")
+    for row in zip(*kept.values(), strict=True):
         table.add_row(*row)
     return table
 

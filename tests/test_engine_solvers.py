@@ -5,6 +5,7 @@ import copy
 import itertools
 import math
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -2598,3 +2599,102 @@ def test_a_trace_looks_at_its_sketchs_products_only_where_rows_were_dropped(monk
     low_rank[0, 0] = 1.0  # H maps the sketch of 3 into one dimension: 2 rows dropped
     result = stochastic_trace(MatrixOperator(low_rank), 9)
     assert looks[0] == 1 and result.estimate == pytest.approx(1.0)
+
+
+class _DeviceReads(torch.overrides.TorchFunctionMode):
+    """Counts the eigensolver's host reads of tensors that would live on the operator's device
+    (on a GPU each is a wait for it), on the CPU: the operator's matrix and what is made from it
+    or on its device are tagged, and a read is ``item``, ``bool``, ``float``, ``tolist``, a copy
+    to the host (``cpu``, ``to`` a host tensor) or an index by a boolean mask (its count) of a
+    tagged tensor. A host tensor moved ``to`` a tagged one (a transfer to the device, no wait)
+    becomes tagged."""
+
+    SCALAR = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__"})
+    MADE = frozenset({"empty", "zeros", "ones", "full", "randn", "rand", "eye", "arange"})
+
+    def __init__(self, *tagged: torch.Tensor) -> None:
+        super().__init__()
+        self.reads = 0
+        self._ids: dict[int, Callable[[], torch.Tensor | None]] = {}
+        for t in tagged:
+            self._tag(t)
+
+    def _tag(self, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            i = id(out)
+            self._ids[i] = weakref.ref(out, lambda _, i=i: self._ids.pop(i, None))
+        elif isinstance(out, tuple | list):
+            for t in out:
+                self._tag(t)
+
+    def _tagged(self, x: object) -> bool:
+        if isinstance(x, torch.Tensor):
+            ref = self._ids.get(id(x))
+            return ref is not None and ref() is x
+        if isinstance(x, tuple | list):
+            return any(self._tagged(t) for t in x)
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        tagged = self._tagged(list(args)) or self._tagged(list(kwargs.values()))
+        to_host = name == "cpu" or (
+            name == "to"
+            and any(
+                (isinstance(a, torch.Tensor) and not self._tagged(a)) or str(a) == "cpu"
+                for a in [*args[1:], *kwargs.values()]
+            )
+        )
+        masked = name == "__getitem__" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool and self._tagged(i)
+            for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
+        )
+        self.reads += masked
+        if name in self.SCALAR or to_host:
+            self.reads += self._tagged(args[0])
+            return out.clone() if to_host and out is args[0] else out  # a host copy, untagged
+        if tagged or (name in self.MADE and "device" in kwargs):
+            if name == "to" and out is args[0] and not self._tagged(out):
+                out = out.clone()  # a host tensor moved to the device: a copy there
+            self._tag(out)
+        return out
+
+
+def _reads_inside(monkeypatch, reads: _DeviceReads, owner: object, name: str) -> list[int]:
+    """The device reads made inside each call of ``owner.name``."""
+    inside, function = [], getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        before = reads.reads
+        result = function(*args, **kwargs)
+        inside.append(reads.reads - before)
+        return result
+
+    monkeypatch.setattr(owner, name, counted)
+    return inside
+
+
+def _dense_operator(n: int, dtype: torch.dtype, seed: int = 0) -> MatrixOperator:
+    """A symmetric matrix of random eigenvectors and a spread spectrum of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    values = 2 * torch.linspace(-1, 1, n, dtype=torch.float64) ** 3
+    return MatrixOperator(((Q * values) @ Q.T).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_thick_restart_reads_nothing_from_the_device(monkeypatch, dtype):
+    """A restart copied its combination of the Ritz vectors back from the basis's device to
+    update the projected matrix (on a GPU a wait for the restart); the host rounds its own copy
+    to the same values."""
+    op = _dense_operator(200, dtype)
+    reads = _DeviceReads(op.matrix)
+    inside = _reads_inside(monkeypatch, reads, es._Basis, "restart")
+    with reads:
+        res = eigenpairs(op, 3, block_size=2, max_basis=12, tol=1e-6)
+    assert len(inside) >= 3 and inside == [0] * len(inside)
+    assert res.all_converged
+    values = torch.linalg.eigvalsh(op.matrix.double()).flip(0)
+    assert torch.allclose(res.eigenvalues, values[:3], atol=1e-5)

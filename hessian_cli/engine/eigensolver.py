@@ -455,7 +455,9 @@ class _Basis:
         Sk = S.to(self.Q)
         _combine_rows(self.Qb, Sk)
         _combine_rows(self.HQb, Sk)
-        Sk = Sk.to(self.T)  # the same rounded combinations
+        # The same rounded combinations, rounded on the host: a copy back from the basis's
+        # device would be a read (on a GPU a wait for the restart).
+        Sk = S.to(self.Q.dtype).to(self.T)
         self.T = _symmetric(Sk.T @ self.T @ Sk)
         self.leak.restart(Sk)
         self.m = Sk.shape[1]

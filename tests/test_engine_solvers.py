@@ -1158,19 +1158,19 @@ def test_many_pairs_take_a_larger_default_block_and_match_eigh():
 
 
 def test_the_projected_matrix_grows_by_its_new_rows_only():
-    from hessian_cli.engine.eigensolver import _extended
+    from hessian_cli.engine.eigensolver import _extended, _new_rows
 
     H = _symmetric(50)
     gen = torch.Generator().manual_seed(1)
     B = orthonormalize_against(torch.randn(12, 50, dtype=torch.float64, generator=gen), None)
     Q, W = B[:9], B[9:]
     T0 = Q @ H @ Q.T
-    T, asymmetry = _extended((T0 + T0.T) / 2, Q, Q @ H, W, W @ H)
+    T, asymmetry = _extended((T0 + T0.T) / 2, _new_rows(Q, Q @ H, W, W @ H))
     torch.testing.assert_close(T, B @ H @ B.T, rtol=1e-12, atol=1e-12)
     assert torch.equal(T, T.T) and asymmetry < 1e-12
     # Errors in the products show as a difference between the two estimates of an entry.
     noise = 1e-3 * torch.randn(W.shape, dtype=torch.float64, generator=gen)
-    _, asymmetry = _extended((T0 + T0.T) / 2, Q, Q @ H, W, W @ H + noise)
+    _, asymmetry = _extended((T0 + T0.T) / 2, _new_rows(Q, Q @ H, W, W @ H + noise))
     assert 1e-4 < asymmetry < 1e-2
 
 
@@ -2197,6 +2197,11 @@ def test_the_leak_gives_the_ritz_residuals_without_the_ritz_vectors():
     A = torch.randn(n, n, generator=g, dtype=torch.float64)
     A = A + A.T
 
+    def of_new_rows(Q: torch.Tensor, HQ: torch.Tensor, first: int, older: es._Leak | None):
+        T = es._symmetric(gram(Q, HQ))
+        F = es._Leak.rows(T[first:], Q, HQ, first, older)
+        return es._Leak.of_rows(F, gram(F, F), len(Q), first, older)
+
     def check(Q: torch.Tensor, HQ: torch.Tensor, leak: es._Leak) -> torch.Tensor:
         T = es._symmetric(gram(Q, HQ))
         theta, S = torch.linalg.eigh(T)
@@ -2210,8 +2215,7 @@ def test_the_leak_gives_the_ritz_residuals_without_the_ritz_vectors():
     leak, first = None, 0
     for rows in (3, 1, 2):
         m = first + rows
-        T = es._symmetric(gram(Q[:m], HQ[:m]))
-        leak = es._Leak.of_new_rows(T, Q[:m], HQ[:m], first, leak)
+        leak = of_new_rows(Q[:m], HQ[:m], first, leak)
         S = check(Q[:m], HQ[:m], leak)
         first = m
     Sk = S[:, -4:]
@@ -2219,7 +2223,7 @@ def test_the_leak_gives_the_ritz_residuals_without_the_ritz_vectors():
     Q, HQ = Sk.T @ Q, Sk.T @ HQ
     new = orthonormalize_against(torch.randn(1, n, generator=g, dtype=torch.float64), Q)
     Q, HQ = torch.cat([Q, new]), torch.cat([HQ, new @ A])
-    leak = es._Leak.of_new_rows(es._symmetric(gram(Q, HQ)), Q, HQ, 4, leak)
+    leak = of_new_rows(Q, HQ, 4, leak)
     check(Q, HQ, leak)
 
 
@@ -2698,3 +2702,24 @@ def test_a_thick_restart_reads_nothing_from_the_device(monkeypatch, dtype):
     assert res.all_converged
     values = torch.linalg.eigvalsh(op.matrix.double()).flip(0)
     assert torch.allclose(res.eigenvalues, values[:3], atol=1e-5)
+
+
+def _reads_and_iterations(op: MatrixOperator, **options: object) -> tuple[int, int]:
+    """The device reads of a solve of ``op`` (:class:`_DeviceReads`) and its iterations."""
+    with _DeviceReads(op.matrix) as reads:
+        res = eigenpairs(op, 1, **options)
+    return reads.reads, res.iterations
+
+
+@pytest.mark.parametrize("block, per_iteration", [(1, 2)])
+def test_an_iteration_reads_the_device_a_fixed_few_times(block, per_iteration):
+    """A Krylov iteration reads the device (on a GPU a wait for it each time) to know whether
+    its new directions survive orthogonalisation (at block 1, their lengths), and then once for
+    the projected matrix's new rows with the leak's Gram matrix (which the leak took apart, a
+    read of its own). Budgets that stop before convergence, no restart: the reads of the
+    iterations between them."""
+    op = _dense_operator(300, torch.float64)
+    options = dict(block_size=block, max_basis=120, tol=1e-12)
+    short, long = (_reads_and_iterations(op, max_hvps=hvps, **options) for hvps in (30, 60))
+    assert long[1] - short[1] >= 10
+    assert long[0] - short[0] == per_iteration * (long[1] - short[1])

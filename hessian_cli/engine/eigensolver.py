@@ -38,6 +38,7 @@ from hessian_cli.engine.linalg import (
     project_out,
     row_dots,
     small_eigh,
+    to_host,
 )
 from hessian_cli.engine.linear_operator import (
     LinearOperator,
@@ -465,12 +466,17 @@ class _Basis:
     def append(self, W: torch.Tensor, HW: torch.Tensor, op: LinearOperator) -> None:
         """Take in the rows ``W``, already written after the basis in ``Qb``, with their
         products ``HW`` (by ``op``)."""
-        m = self.m + len(W)
-        self.T, cross_asymmetry = _extended(self.T, self.Q, self.HQ, W, HW)
+        first, m = self.m, self.m + len(W)
+        rows = _new_rows(self.Q, self.HQ, W, HW)
+        self.HQb[first:m] = HW
+        # The leak's rows from the new rows of T as the device has them (the same values as
+        # the host's), so that their Gram matrix comes back with the rows: one read, not two.
+        F = _Leak.rows(_symmetrized(rows, first), self.Qb[:m], self.HQb[:m], first, self.leak)
+        rows, FF = to_host(rows, gram(F, F))
+        self.T, cross_asymmetry = _extended(self.T, rows)
         _refuse_not_finite(op, self.T)
         self.asymmetry = max(self.asymmetry, cross_asymmetry)
-        self.HQb[self.m : m] = HW
-        self.leak = _Leak.of_new_rows(self.T, self.Qb[:m], self.HQb[:m], self.m, self.leak)
+        self.leak = _Leak.of_rows(F, FF, m, first, self.leak)
         self.m = m
 
 
@@ -491,11 +497,13 @@ def _start_basis(
     start = _start_block(op, solve.b, init, hint, solve.gen)
     m = start.shape[0]
     Qb[:m], HQb[:m] = start, op.matmul(start)
-    T = gram(Qb[:m], HQb[:m]).cpu()  # Q H Q^T, kept up to date by _Basis
+    T = gram(Qb[:m], HQb[:m])  # Q H Q^T, kept up to date by _Basis
+    F = _Leak.rows(_symmetric(T), Qb[:m], HQb[:m], 0, None)
+    T, FF = to_host(T, gram(F, F))  # one read (see _Basis.append)
     _refuse_not_finite(op, T)
     asymmetry = float((T - T.T).abs().max())
     T = _symmetric(T)
-    return _Basis(Qb, HQb, m, T, asymmetry, _Leak.of_new_rows(T, Qb[:m], HQb[:m], 0, None))
+    return _Basis(Qb, HQb, m, T, asymmetry, _Leak.of_rows(F, FF, m, 0, None))
 
 
 def _buffers(solve: _Solve, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1137,26 +1145,36 @@ class _Leak:
     def __init__(self, E: torch.Tensor, B: torch.Tensor) -> None:
         self.E, self.B = E, B
 
-    @classmethod
-    def of_new_rows(
-        cls, T: torch.Tensor, Q: torch.Tensor, HQ: torch.Tensor, first: int, older: _Leak | None
-    ) -> _Leak:
-        """The leak of basis ``Q`` (projected matrix ``T``) whose rows from ``first`` on are
-        new, given the ``older`` leak of the rows before them."""
-        m, new = Q.shape[0], slice(first, Q.shape[0])
+    @staticmethod
+    def rows(
+        T_new: torch.Tensor, Q: torch.Tensor, HQ: torch.Tensor, first: int, older: _Leak | None
+    ) -> torch.Tensor:
+        """The rows ``F`` that span the leak of basis ``Q`` whose rows from ``first`` on are
+        new (``T_new``: their rows of its projected matrix), given the ``older`` leak of the
+        rows before them: the older leak's (less the new rows' span), then the new rows' own."""
+        new = slice(first, Q.shape[0])
         r = 0 if older is None else older.B.shape[0]
         # The leak's rows F written in place by addmm: subtracting a product and then
         # concatenating made each row three times (ResNet-18: 14 s of a 72 s top-1).
-        F = Q.new_empty((r + m - first, Q.shape[1]))
-        torch.addmm(HQ[new], T[new].to(Q), Q, alpha=-1, out=F[r:])  # the new rows' own leak
-        E = torch.zeros(m, m - first, dtype=T.dtype)
-        E[new] = torch.eye(m - first, dtype=T.dtype)
+        F = Q.new_empty((r + Q.shape[0] - first, Q.shape[1]))
+        torch.addmm(HQ[new], T_new.to(Q), Q, alpha=-1, out=F[r:])
         if r:
-            # The new rows take their span out of the older leak.
             torch.addmm(older.B, gram(older.B, Q[new]).to(Q), Q[new], alpha=-1, out=F[:r])
-            old_E = torch.cat([older.E, torch.zeros(m - first, older.E.shape[1], dtype=T.dtype)])
+        return F
+
+    @classmethod
+    def of_rows(
+        cls, F: torch.Tensor, FF: torch.Tensor, m: int, first: int, older: _Leak | None
+    ) -> _Leak:
+        """The leak of a basis of ``m`` rows, new from ``first`` on, from its rows ``F``
+        (:meth:`rows`) and their Gram matrix ``FF`` (on the host, read with the basis's new
+        projected rows)."""
+        E = torch.zeros(m, m - first, dtype=FF.dtype)
+        E[first:] = torch.eye(m - first, dtype=FF.dtype)
+        if older is not None:
+            old_E = torch.cat([older.E, torch.zeros(m - first, older.E.shape[1], dtype=FF.dtype)])
             E = torch.cat([old_E, E], 1)
-        values, U = small_eigh(gram(F, F))  # F = (U sqrt(values)) B for orthonormal rows B
+        values, U = small_eigh(FF)  # F = (U sqrt(values)) B for orthonormal rows B
         keep = values > cls.DROP * values.max().clamp_min(torch.finfo(values.dtype).tiny)
         U, root = U[:, keep], values[keep].sqrt()
         return cls(E @ (U * root), (U / root).T.to(F) @ F)
@@ -1178,22 +1196,33 @@ def _symmetric(T: torch.Tensor) -> torch.Tensor:
     return (T + T.T) / 2
 
 
-def _extended(
-    T: torch.Tensor, Q: torch.Tensor, HQ: torch.Tensor, W: torch.Tensor, HW: torch.Tensor
-) -> tuple[torch.Tensor, float]:
-    """The projected matrix of the basis ``[Q; W]``, given ``T`` of ``Q``, and the largest
-    difference between two estimates of one of its new entries. Only the new rows are
-    multiplied (``2 m b n`` flops, where recomputing all of it took ``m^2 n``: at k = 300 on the
-    digits MLP that product was a third of the solve)."""
-    m = Q.shape[0]  # one transfer to the CPU (one synchronisation on a GPU), then split
-    new_rows = torch.cat([gram(W, HQ), gram(Q, HW).T, gram(W, HW)], 1).cpu()
-    w_hq, q_hw, corner = new_rows.split([m, m, W.shape[0]], 1)  # two estimates of W H Q^T
+def _new_rows(Q: torch.Tensor, HQ: torch.Tensor, W: torch.Tensor, HW: torch.Tensor) -> torch.Tensor:
+    """The rows ``W`` add to the projected matrix of the basis ``[Q; W]``, in two estimates
+    beside each other, ``[W HQ^T, (Q HW^T)^T, W HW^T]`` (float64, on the device). Only the new
+    rows are multiplied (``2 m b n`` flops, where recomputing all of it took ``m^2 n``: at
+    k = 300 on the digits MLP that product was a third of the solve)."""
+    return torch.cat([gram(W, HQ), gram(Q, HW).T, gram(W, HW)], 1)
+
+
+def _symmetrized(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """The new rows of the projected matrix from their two estimates (:func:`_new_rows`, after
+    ``m`` rows): the same values on the device and on the host."""
+    w_hq, q_hw, corner = rows.split([m, m, rows.shape[0]], 1)
+    return torch.cat([(w_hq + q_hw) / 2, _symmetric(corner)], 1)
+
+
+def _extended(T: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The projected matrix of the basis ``[Q; W]``, given ``T`` of ``Q`` and the rows ``W``
+    adds (:func:`_new_rows`, on the host), and the largest difference between two estimates of
+    one of its new entries."""
+    m = T.shape[0]
+    w_hq, q_hw, corner = rows.split([m, m, rows.shape[0]], 1)  # two estimates of W H Q^T
     asymmetry = max(
         float((w_hq - q_hw).abs().max()) if w_hq.numel() else 0.0,
         float((corner - corner.T).abs().max()),
     )
-    cross, corner = (w_hq + q_hw) / 2, _symmetric(corner)
-    return torch.cat([torch.cat([T, cross.T], 1), torch.cat([cross, corner], 1)]), asymmetry
+    new = _symmetrized(rows, m)
+    return torch.cat([torch.cat([T, new[:, :m].T], 1), new]), asymmetry
 
 
 def _combine_rows(buffer: torch.Tensor, S: torch.Tensor, chunk: int | None = None) -> None:

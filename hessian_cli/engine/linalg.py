@@ -146,6 +146,14 @@ def _orthonormal_rows(
     return W
 
 
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors (of one dtype) copied to the host in one transfer: on a GPU each copy is a
+    wait for the device, and several that an iteration needs at once are one wait."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.reshape(t.shape) for part, t in zip(parts, tensors, strict=True)]
+
+
 def small_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a small (basis-sized) matrix, on the CPU whatever ``M``'s device:
     on an H200 a CUDA eigh of a 20 x 20 matrix took about a millisecond, several times per

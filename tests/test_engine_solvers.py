@@ -2711,13 +2711,14 @@ def _reads_and_iterations(op: MatrixOperator, **options: object) -> tuple[int, i
     return reads.reads, res.iterations
 
 
-@pytest.mark.parametrize("block, per_iteration", [(1, 2)])
+@pytest.mark.parametrize("block, per_iteration", [(1, 2), (3, 3)])
 def test_an_iteration_reads_the_device_a_fixed_few_times(block, per_iteration):
     """A Krylov iteration reads the device (on a GPU a wait for it each time) to know whether
-    its new directions survive orthogonalisation (at block 1, their lengths), and then once for
-    the projected matrix's new rows with the leak's Gram matrix (which the leak took apart, a
-    read of its own). Budgets that stop before convergence, no restart: the reads of the
-    iterations between them."""
+    its new directions survive orthogonalisation (at block 1, their lengths; for more, with
+    their first Gram matrix, then their second, which took a read each beside the lengths'),
+    and then once for the projected matrix's new rows with the leak's Gram matrix (which the
+    leak took apart, a read of its own). Budgets that stop before convergence, no restart: the
+    reads of the iterations between them."""
     op = _dense_operator(300, torch.float64)
     options = dict(block_size=block, max_basis=120, tol=1e-12)
     short, long = (_reads_and_iterations(op, max_hvps=hvps, **options) for hvps in (30, 60))

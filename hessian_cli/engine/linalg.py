@@ -133,13 +133,22 @@ def _orthonormal_rows(
     (:func:`orthonormalize_against`): in place where none drops and there is one."""
     lengths = norms(W)
     keep = lengths > drop_tol * norms0
-    if not bool(keep.all()):
-        W, lengths = W[keep], lengths[keep]
-    W /= lengths[:, None]  # unit rows: only dependence drops a row below
+    # Unit rows (only dependence drops a row below), those to drop too: the kept ones are the
+    # same, so that several rows' first Gram matrix comes back with whether any drops (on a
+    # GPU one wait, not two). It is made again where one does (rare).
+    W /= lengths[:, None]
+    G = None
+    if W.shape[0] > 1:
+        kept, G = to_host(keep.double(), gram(W, W))
+    else:
+        kept = keep
+    if not bool(kept.all()):
+        W, G = W[keep], None
     if W.shape[0] <= 1:  # nothing to orthonormalise within W (the usual block of one)
         return W
     for _ in range(2):
-        values, U = small_eigh(gram(W, W))
+        values, U = small_eigh(gram(W, W) if G is None else G)
+        G = None
         good = values > drop_tol**2 * values.max()
         W = (U[:, good] / values[good].sqrt()).T.to(W) @ W
         W = project_out(W, Q, out=W)  # the combinations can bring back rounding-level parts of Q

@@ -2724,3 +2724,20 @@ def test_an_iteration_reads_the_device_a_fixed_few_times(block, per_iteration):
     short, long = (_reads_and_iterations(op, max_hvps=hvps, **options) for hvps in (30, 60))
     assert long[1] - short[1] >= 10
     assert long[0] - short[0] == per_iteration * (long[1] - short[1])
+
+
+def test_a_solves_end_reads_the_device_once_for_its_values_and_once_for_verified_ones(
+    monkeypatch,
+):
+    """The Ritz vectors' Rayleigh quotients came back in two reads (their lengths, then their
+    dots with the residuals), and verified pairs in two more (their values, then their fresh
+    residuals): on a GPU a wait each. The pairs stay those of ``eigh``."""
+    op = _dense_operator(300, torch.float32)
+    reads = _DeviceReads(op.matrix)
+    quotients = _reads_inside(monkeypatch, reads, es, "_rayleigh_quotients")
+    verified = _reads_inside(monkeypatch, reads, es, "_final_pairs")
+    with reads:
+        res = eigenpairs(op, 3, verify=True)
+    assert quotients == [1] and verified == [1]
+    values = torch.linalg.eigvalsh(op.matrix.double()).flip(0)[:3]
+    assert res.all_converged and torch.allclose(res.eigenvalues, values, atol=1e-3)

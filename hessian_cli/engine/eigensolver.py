@@ -876,10 +876,11 @@ def _rayleigh_quotients(
     # a float32 network's basis grown to all of its 88 parameters: lambda_1 1.4 times).
     X, R = pairs.X, pairs.R
     assert X is not None and R is not None  # a stop computes them
-    squares = row_dots(X[:k], X[:k]).cpu()
+    # One read of the device (on a GPU one wait) for both sums.
+    squares, quotients = to_host(row_dots(X[:k], X[:k]), row_dots(X[:k], R[:k]))
     values = pairs.theta[:k].clone()
     if not whole:
-        values += row_dots(X[:k], R[:k]).cpu() / squares
+        values += quotients / squares
     theta = torch.cat([values, pairs.theta[k : pairs.w]])
     return values, theta, X[:k] / squares.sqrt().to(X)[:, None]
 
@@ -902,8 +903,8 @@ def _final_pairs(
         with getattr(op, "full_precision", contextlib.nullcontext)():
             HV = op.matmul(vectors)
         values = (vectors * HV).sum(1).double() / (vectors * vectors).sum(1).double()
-        fresh = norms(HV - values[:, None].to(op.dtype) * vectors).double().cpu()
-        values = values.cpu()
+        fresh = norms(HV - values[:, None].to(op.dtype) * vectors).double()
+        values, fresh = to_host(values, fresh)  # one read (on a GPU one wait), not two
         _refuse_not_finite(op, torch.cat([values, fresh]))
         # Rounded products may order close eigenvalues wrongly (bf16: 4 of 10 tops 5e-4 apart,
         # which alignment then refused): most wanted first by the full-precision values.

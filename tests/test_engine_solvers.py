@@ -2741,3 +2741,21 @@ def test_a_solves_end_reads_the_device_once_for_its_values_and_once_for_verified
     assert quotients == [1] and verified == [1]
     values = torch.linalg.eigvalsh(op.matrix.double()).flip(0)[:3]
     assert res.all_converged and torch.allclose(res.eigenvalues, values, atol=1e-3)
+
+
+def test_a_check_for_a_skipped_eigenvalue_reads_its_residual_only_where_it_decides(monkeypatch):
+    """Each step of the check read the size of its Ritz vector's residual from the device (on a
+    GPU a wait), which decides nothing during its first ``steps`` steps: it stays there until
+    the check asks. Its start, then per step the projected matrix and whether its new direction
+    survives, then one read where it stops."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))[0]
+    values = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.rand(197, generator=g)]).double()
+    op = MatrixOperator((Q * values) @ Q.T)
+    reads = _DeviceReads(op.matrix)
+    inside = _reads_inside(monkeypatch, reads, es, "_skipped_direction")
+    with reads:
+        res = eigenpairs(op, 2, check_steps=6)
+    assert res.check_hvps == 6 and inside == [1 + 2 * 6 + 1]
+    torch.testing.assert_close(res.eigenvalues, values[:2], rtol=1e-6, atol=0)
+    assert res.all_converged and res.skipped_found == 0

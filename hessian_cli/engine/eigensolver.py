@@ -1015,14 +1015,18 @@ def _skipped_direction(
     # n-long arrays each step cost their page faults (11.2M parameters: 0.16 s each on CPU).
     x, hx, r = torch.empty((3, op.n), dtype=op.dtype, device=op.device).split(1)
     seen = rise = -math.inf
-    spread = 0.0
+    # The residual's size stays on the device until something asks for it (on a GPU a read is
+    # a wait): the first `steps` steps go on whatever it is.
+    spread: torch.Tensor | float = 0.0
     for j in range(most):
         if len(q) == 0:  # the complement is invariant and searched through
             return None, seen, 0.0
         rising = rise > 0 and seen + rise > kth and seen + steps * rise > threshold
         # Nor while an eigenvalue past the threshold lies within its Ritz vector's residual.
-        if j >= steps and not rising and seen + spread <= threshold:
-            return None, seen, spread
+        if j >= steps and not rising:
+            spread = float(spread)
+            if seen + spread <= threshold:
+                return None, seen, spread
         if j == len(HP):  # one buffer at a time, the old one freed before the next grows
             HP = torch.cat([HP, HP.new_empty((most - j, op.n))])
             VP = torch.cat([VP, VP.new_empty((most - j, op.n))])
@@ -1036,11 +1040,11 @@ def _skipped_direction(
         torch.mm(y.T, HP[: j + 1], out=hx)
         rise, seen = float(theta[-1]) - seen, float(theta[-1])
         torch.add(hx, x, alpha=-float(sign * theta[-1]), out=r)
-        spread = float(norms(project_out(r, V))[0])  # its residual in the complement
+        spread = norms(project_out(r, V))[0]  # its residual in the complement
         if seen > threshold:
-            return (x, hx), seen, spread
+            return (x, hx), seen, float(spread)
         q = orthonormalize_against(r, VP[: kv + j + 1], out=r)  # copied into P next step
-    return None, seen, spread
+    return None, seen, float(spread)
 
 
 def _orthonormal_with_products(

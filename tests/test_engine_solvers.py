@@ -2606,19 +2606,19 @@ def test_a_trace_looks_at_its_sketchs_products_only_where_rows_were_dropped(monk
 
 
 class _DeviceReads(torch.overrides.TorchFunctionMode):
-    """Counts the eigensolver's host reads of tensors that would live on the operator's device
-    (on a GPU each is a wait for it), on the CPU: the operator's matrix and what is made from it
-    or on its device are tagged, and a read is ``item``, ``bool``, ``float``, ``tolist``, a copy
-    to the host (``cpu``, ``to`` a host tensor) or an index by a boolean mask (its count) of a
-    tagged tensor. A host tensor moved ``to`` a tagged one (a transfer to the device, no wait)
-    becomes tagged."""
+    """Counts the eigensolver's waits for the operator's device (on a GPU each lets the queue run
+    dry), on the CPU: the operator's matrix and what is made from it or on its device are
+    tagged. A read is ``item``, ``bool``, ``float``, ``tolist``, a copy to the host (``cpu``,
+    ``to`` a host tensor) or an index by a boolean mask (its count) of a tagged tensor; a copy
+    is a host tensor moved to the device (``to`` a tagged one, or ``to`` a device) without
+    ``non_blocking``, which torch makes synchronise the stream. Moved there, it is tagged."""
 
     SCALAR = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__"})
     MADE = frozenset({"empty", "zeros", "ones", "full", "randn", "rand", "eye", "arange"})
 
     def __init__(self, *tagged: torch.Tensor) -> None:
         super().__init__()
-        self.reads = 0
+        self.reads = self.copies = 0
         self._ids: dict[int, Callable[[], torch.Tensor | None]] = {}
         for t in tagged:
             self._tag(t)
@@ -2643,37 +2643,48 @@ class _DeviceReads(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        tagged = self._tagged(list(args)) or self._tagged(list(kwargs.values()))
+        source = self._tagged(args[0]) if args else False
+        targets = [*args[1:], *kwargs.values()]
+        to_device = name == "to" and (
+            kwargs.get("non_blocking", False) or any(self._tagged(a) for a in targets)
+        )
         to_host = name == "cpu" or (
             name == "to"
+            and not to_device
             and any(
                 (isinstance(a, torch.Tensor) and not self._tagged(a)) or str(a) == "cpu"
-                for a in [*args[1:], *kwargs.values()]
+                for a in targets
             )
         )
-        masked = name == "__getitem__" and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool and self._tagged(i)
-            for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
-        )
-        self.reads += masked
-        if name in self.SCALAR or to_host:
-            self.reads += self._tagged(args[0])
+        if to_device and not source:
+            self.copies += not kwargs.get("non_blocking", False)
+            out = out.clone() if out is args[0] else out  # a copy on the device
+        if name == "__getitem__":
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            self.reads += any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool and self._tagged(i)
+                for i in index
+            )
+        if name in self.SCALAR or (to_host and source):
+            self.reads += source
             return out.clone() if to_host and out is args[0] else out  # a host copy, untagged
-        if tagged or (name in self.MADE and "device" in kwargs):
-            if name == "to" and out is args[0] and not self._tagged(out):
-                out = out.clone()  # a host tensor moved to the device: a copy there
+        made = name in self.MADE and "device" in kwargs
+        if to_device or made or self._tagged(list(args)) or self._tagged(list(kwargs.values())):
             self._tag(out)
         return out
 
 
-def _reads_inside(monkeypatch, reads: _DeviceReads, owner: object, name: str) -> list[int]:
-    """The device reads made inside each call of ``owner.name``."""
+def _reads_inside(
+    monkeypatch, reads: _DeviceReads, owner: object, name: str
+) -> list[tuple[int, int]]:
+    """The device reads and blocking copies to the device made inside each call of
+    ``owner.name``."""
     inside, function = [], getattr(owner, name)
 
     def counted(*args: object, **kwargs: object) -> object:
-        before = reads.reads
+        before = reads.reads, reads.copies
         result = function(*args, **kwargs)
-        inside.append(reads.reads - before)
+        inside.append((reads.reads - before[0], reads.copies - before[1]))
         return result
 
     monkeypatch.setattr(owner, name, counted)
@@ -2698,17 +2709,18 @@ def test_a_thick_restart_reads_nothing_from_the_device(monkeypatch, dtype):
     inside = _reads_inside(monkeypatch, reads, es._Basis, "restart")
     with reads:
         res = eigenpairs(op, 3, block_size=2, max_basis=12, tol=1e-6)
-    assert len(inside) >= 3 and inside == [0] * len(inside)
+    assert len(inside) >= 3 and inside == [(0, 0)] * len(inside)
     assert res.all_converged
     values = torch.linalg.eigvalsh(op.matrix.double()).flip(0)
     assert torch.allclose(res.eigenvalues, values[:3], atol=1e-5)
 
 
-def _reads_and_iterations(op: MatrixOperator, **options: object) -> tuple[int, int]:
-    """The device reads of a solve of ``op`` (:class:`_DeviceReads`) and its iterations."""
+def _reads_and_iterations(op: MatrixOperator, **options: object) -> tuple[int, int, int]:
+    """The device reads of a solve of ``op`` and its blocking copies to the device
+    (:class:`_DeviceReads`), and its iterations."""
     with _DeviceReads(op.matrix) as reads:
         res = eigenpairs(op, 1, **options)
-    return reads.reads, res.iterations
+    return reads.reads, reads.copies, res.iterations
 
 
 @pytest.mark.parametrize("block, per_iteration", [(1, 2), (3, 3)])
@@ -2722,8 +2734,11 @@ def test_an_iteration_reads_the_device_a_fixed_few_times(block, per_iteration):
     op = _dense_operator(300, torch.float64)
     options = dict(block_size=block, max_basis=120, tol=1e-12)
     short, long = (_reads_and_iterations(op, max_hvps=hvps, **options) for hvps in (30, 60))
-    assert long[1] - short[1] >= 10
-    assert long[0] - short[0] == per_iteration * (long[1] - short[1])
+    iterations = long[2] - short[2]
+    assert iterations >= 10 and long[0] - short[0] == per_iteration * iterations
+    # The small matrices an iteration moves to the device (the leak's, the next block's) go
+    # without a wait: torch's blocking copy to a GPU waits for the queue as a read does.
+    assert long[1] == short[1]
 
 
 def test_a_solves_end_reads_the_device_once_for_its_values_and_once_for_verified_ones(
@@ -2738,7 +2753,7 @@ def test_a_solves_end_reads_the_device_once_for_its_values_and_once_for_verified
     verified = _reads_inside(monkeypatch, reads, es, "_final_pairs")
     with reads:
         res = eigenpairs(op, 3, verify=True)
-    assert quotients == [1] and verified == [1]
+    assert quotients == [(1, 0)] and verified[0][0] == 1
     values = torch.linalg.eigvalsh(op.matrix.double()).flip(0)[:3]
     assert res.all_converged and torch.allclose(res.eigenvalues, values, atol=1e-3)
 
@@ -2756,6 +2771,6 @@ def test_a_check_for_a_skipped_eigenvalue_reads_its_residual_only_where_it_decid
     inside = _reads_inside(monkeypatch, reads, es, "_skipped_direction")
     with reads:
         res = eigenpairs(op, 2, check_steps=6)
-    assert res.check_hvps == 6 and inside == [1 + 2 * 6 + 1]
+    assert res.check_hvps == 6 and inside == [(1 + 2 * 6 + 1, 0)]
     torch.testing.assert_close(res.eigenvalues, values[:2], rtol=1e-6, atol=0)
     assert res.all_converged and res.skipped_found == 0

@@ -38,6 +38,7 @@ from hessian_cli.engine.linalg import (
     project_out,
     row_dots,
     small_eigh,
+    to_device,
     to_host,
 )
 from hessian_cli.engine.linear_operator import (
@@ -453,7 +454,7 @@ class _Basis:
     def restart(self, S: torch.Tensor) -> None:
         """Thick restart: the basis becomes the Ritz vectors ``S^T Q`` (columns of ``S``), in
         place, with their products and projected matrix."""
-        Sk = S.to(self.Q)
+        Sk = to_device(S, self.Q)
         _combine_rows(self.Qb, Sk)
         _combine_rows(self.HQb, Sk)
         # The same rounded combinations, rounded on the host: a copy back from the basis's
@@ -882,7 +883,7 @@ def _rayleigh_quotients(
     if not whole:
         values += quotients / squares
     theta = torch.cat([values, pairs.theta[k : pairs.w]])
-    return values, theta, X[:k] / squares.sqrt().to(X)[:, None]
+    return values, theta, X[:k] / to_device(squares.sqrt(), X)[:, None]
 
 
 def _final_pairs(
@@ -1035,7 +1036,7 @@ def _skipped_direction(
         T = gram(P[: j + 1], HP[: j + 1]).cpu()
         _refuse_not_finite(op, T)
         theta, S = small_eigh(sign * _symmetric(T))
-        y = S[:, -1:].to(P)  # the most wanted Ritz vector of the complement searched so far
+        y = to_device(S[:, -1:], P)  # the most wanted Ritz vector of the complement searched so far
         torch.mm(y.T, P[: j + 1], out=x)
         torch.mm(y.T, HP[: j + 1], out=hx)
         rise, seen = float(theta[-1]) - seen, float(theta[-1])
@@ -1123,9 +1124,9 @@ def _ritz(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Ritz vectors ``X = S^T Q`` and their residuals ``H X - theta X = S^T HQ - theta X``
     (from the kept products: exact up to the rounding of the combination)."""
-    S = S.to(Q)
+    S = to_device(S, Q)
     X = S.T @ Q
-    return X, (S.T @ HQ).addcmul_(theta[: S.shape[1], None].to(Q), X, value=-1)
+    return X, (S.T @ HQ).addcmul_(to_device(theta[: S.shape[1], None], Q), X, value=-1)
 
 
 class _Leak:
@@ -1182,11 +1183,11 @@ class _Leak:
         values, U = small_eigh(FF)  # F = (U sqrt(values)) B for orthonormal rows B
         keep = values > cls.DROP * values.max().clamp_min(torch.finfo(values.dtype).tiny)
         U, root = U[:, keep], values[keep].sqrt()
-        return cls(E @ (U * root), (U / root).T.to(F) @ F)
+        return cls(E @ (U * root), to_device((U / root).T, F) @ F)
 
     def residuals(self, S: torch.Tensor) -> torch.Tensor:
         """The residuals ``H x - theta x`` of the Ritz vectors ``x = S^T Q`` (columns of ``S``)."""
-        return (S.T @ self.E).to(self.B) @ self.B
+        return to_device(S.T @ self.E, self.B) @ self.B
 
     def norms(self, S: torch.Tensor) -> torch.Tensor:
         """The norms of :meth:`residuals` (float64, CPU)."""

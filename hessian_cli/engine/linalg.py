@@ -150,9 +150,18 @@ def _orthonormal_rows(
         values, U = small_eigh(gram(W, W) if G is None else G)
         G = None
         good = values > drop_tol**2 * values.max()
-        W = (U[:, good] / values[good].sqrt()).T.to(W) @ W
+        W = to_device((U[:, good] / values[good].sqrt()).T, W) @ W
         W = project_out(W, Q, out=W)  # the combinations can bring back rounding-level parts of Q
     return W
+
+
+def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t``, a small tensor on the host, in ``like``'s dtype on its device: torch's blocking copy
+    to a GPU synchronises the stream after it (a wait for every queued kernel, as a read is);
+    an asynchronous one from pageable memory has taken the data when it returns (``t`` may then
+    change or be freed), and the driver need not wait for the stream to take a few kilobytes.
+    The dtype is converted on the host: the same values."""
+    return t.to(like.dtype).to(like.device, non_blocking=True)
 
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:

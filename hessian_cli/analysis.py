@@ -161,7 +161,7 @@ def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
     among them taken for their weights: a series, as a directory's."""
     targets = [Path(target)] if isinstance(target, str | Path) else [Path(t) for t in target]
     if not targets:
-        raise UserError("No checkpoint was given.")
+        raise UserError("no checkpoint was given.")
     if len(targets) == 1:
         return _paths_in(targets[0])
     paths = []
@@ -198,7 +198,7 @@ def _paths_in(path: Path) -> list[Path]:
             found = list_checkpoints(path / RUN_CHECKPOINTS)
         if not found:
             raise UserError(
-                f"The directory {path} holds no checkpoint files "
+                f"the directory {path} holds no checkpoint files "
                 f"({', '.join(CHECKPOINT_SUFFIXES)}) or Hugging Face Trainer checkpoint "
                 f"folders (holding {' or '.join(TRAINER_WEIGHTS)}) or DeepSpeed ones (holding "
                 f"{DEEPSPEED_WEIGHTS}); a file of another name is read when given by itself."
@@ -210,13 +210,13 @@ def _paths_in(path: Path) -> list[Path]:
 def _check_exists(path: Path) -> None:
     if not path.exists():
         if path.is_symlink():  # dangling, or a loop of links
-            raise UserError(f"The checkpoint {path} is a symbolic link that leads nowhere.")
+            raise UserError(f"the checkpoint {path} is a symbolic link that leads nowhere.")
         if set("*?[") & set(str(path)):  # a glob quoted, or one that matched nothing
             raise UserError(
-                f"No such checkpoint file or directory: {path} (the shell expands a pattern "
+                f"no such checkpoint file or directory: {path} (the shell expands a pattern "
                 "such as this, and only where it is unquoted and matches files)."
             )
-        raise UserError(f"No such checkpoint file or directory: {path}.")
+        raise UserError(f"no such checkpoint file or directory: {path}.")
 
 
 class SeriesStopped(UserError):
@@ -415,7 +415,7 @@ def _at_its_turn(held: LoadedCheckpoint, request: AnalyzeRequest) -> LoadedCheck
 def _spec(flag: str | None, metadata: dict, key: str, what: str, option: str) -> str:
     value = flag or metadata.get(key)
     if not value:
-        raise UserError(f"The checkpoint does not say which {what} it is for: pass {option}.")
+        raise UserError(f"the checkpoint does not say which {what} it is for: pass {option}.")
     return str(value)
 
 
@@ -437,7 +437,7 @@ def _recorded_kwargs(value: Any) -> dict:
             kwargs = None
     if not isinstance(kwargs, dict):
         raise UserError(
-            f"The checkpoint's model_kwargs are not a JSON object ({str(value)[:60]!r}): pass "
+            f"the checkpoint's model_kwargs are not a JSON object ({str(value)[:60]!r}): pass "
             "--model-kwargs."
         )
     return kwargs
@@ -515,7 +515,7 @@ def _check_request(request: AnalyzeRequest) -> None:
                 f"--{name.replace('_', '-')} has no effect without {what}; leave it out."
             )
     if r.num_samples is not None and r.num_batches is not None:
-        raise UserError("Give --num-samples or --num-batches, not both.")
+        raise UserError("give --num-samples or --num-batches, not both.")
     if r.top_k:
         check_options(
             tol=r.tol,
@@ -597,7 +597,7 @@ def analyze_checkpoint(
         if not reach:
             raise
         raise UserError(
-            f"The data does not fit the model analysing {ckpt.label}: {first_line(exc)}{reach}."
+            f"the data does not fit the model analysing {ckpt.label}: {first_line(exc)}{reach}."
         ) from exc
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(
@@ -684,7 +684,7 @@ def _check_specs_named(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> None:
         if not (request.model or meta.get("model")) and not (request.data or meta.get("data")):
             # Both at once: a bare state dict asked for --model, and once given, for --data.
             raise UserError(
-                "The checkpoint does not say which model and data it is for (those `hessian-cli "
+                "the checkpoint does not say which model and data it is for (those `hessian-cli "
                 "train` writes do): pass --model and --data."
             )
         _spec(request.model, meta, "model", "model", "--model")
@@ -748,7 +748,7 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
     if gone := missing_recorded_file(recorded):
         what, missing = gone
         raise UserError(
-            f"The file {missing!r} that the checkpoint records for its {what} does not exist "
+            f"the file {missing!r} that the checkpoint records for its {what} does not exist "
             f"(moved or deleted?): give --{what} to say where it is now."
         )
     # Specs read from the checkpoint may name code only where the user trusts the file.
@@ -896,7 +896,7 @@ def _refuse_recorded_code(
         whats = " and ".join(f"{what} ({spec!r})" for _, spec, what in recorded)
         flags = " ".join(f"{flag} {shlex.quote(spec)}" for flag, spec, _ in recorded)
         raise UserError(
-            f"The checkpoint names code to run as its {whats}: it runs only if you name it "
+            f"the checkpoint names code to run as its {whats}: it runs only if you name it "
             f"yourself ({flags}), or pass --trust-checkpoint if you trust where the file came "
             "from."
         )

@@ -1167,7 +1167,7 @@ def test_a_glob_that_reached_analyze_says_the_shell_expands_it(capsys, tmp_path,
 
 
 def test_bad_inputs_get_one_sentence(capsys, tmp_path, digits_mlp):
-    assert "No such checkpoint" in _bad(
+    assert "no such checkpoint" in _bad(
         capsys, "analyze", tmp_path / "missing.pt", "--model", "mlp"
     )
     corrupt = tmp_path / "corrupt.pt"
@@ -1976,7 +1976,7 @@ def test_code_named_by_a_checkpoint_runs_only_when_trusted(capsys, tmp_path, dig
     save_checkpoint(planted, state_dict=state["model"], metadata=meta)
     code, _, err = run(capsys, "analyze", planted, "--top-k", "1")
     assert code == 2 and not marker.exists()
-    assert "The checkpoint names code to run" in one_sentence(err)
+    assert "the checkpoint names code to run" in one_sentence(err)
     code, _, err = run(capsys, "analyze", planted, "--top-k", "1", "--trust-checkpoint")
     assert code == 0, err
     assert marker.exists()
@@ -1995,7 +1995,7 @@ def test_all_the_code_a_checkpoint_names_is_refused_in_one_sentence(
     meta = dict(state["hessian_cli"], model="nets.py:make", data="my data.py:load")
     save_checkpoint(planted, state_dict=state["model"], metadata=meta)
     assert _bad(capsys, "analyze", planted, "--top-k", "1") == (
-        "error: The checkpoint names code to run as its data factory ('my data.py:load') and "
+        "error: the checkpoint names code to run as its data factory ('my data.py:load') and "
         "model factory ('nets.py:make'): it runs only if you name it yourself (--data 'my "
         "data.py:load' --model nets.py:make), or pass --trust-checkpoint if you trust where "
         "the file came from."
@@ -2226,7 +2226,7 @@ def test_a_series_with_a_checkpoint_naming_no_model_is_refused_before_any_work(
     out_h5 = tmp_path / "none.h5"
     code, out, err = run(capsys, "analyze", runs, "--top-k", "1", "--out", out_h5)
     assert code == 2
-    assert one_sentence(err).startswith("error: b.pt: The checkpoint does not say which model")
+    assert one_sentence(err).startswith("error: b.pt: the checkpoint does not say which model")
     assert "Eigenvalues" not in out and not out_h5.exists()
 
 
@@ -2511,6 +2511,26 @@ def test_recorded_model_kwargs_json_cannot_hold_are_one_sentence(
     assert run(capsys, "analyze", path, "--top-k", "1")[0] == 0
 
 
+def test_analyze_errors_go_on_in_lower_case_after_error(capsys, tmp_path, digits_mlp):
+    """A sentence after "error:" goes on in lower case, as the CLI's own ("--top-k must be
+    ..."): analyze's read "error: No such checkpoint file ..." and "error: Give --num-samples"."""
+    (tmp_path / "empty").mkdir()
+    bare = tmp_path / "bare.pt"
+    torch.save(load_checkpoint(digits_mlp).state_dict, bare)
+    for args in (
+        (tmp_path / "missing.pt",),
+        (tmp_path / "empty",),
+        (bare,),
+        (digits_mlp, "--num-samples", "8", "--num-batches", "1"),
+    ):
+        first = _bad(capsys, "analyze", *args).removeprefix("error: ").split()[0]
+        assert first.islower(), (args, first)
+    code, _, err = run(
+        capsys, "analyze", digits_mlp, "--num-samples", "8", "-k", "0", "--seed", "1"
+    )
+    assert code == 0 and err.startswith("note: --seed 1"), err
+
+
 def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -2645,7 +2665,7 @@ def test_a_seed_that_draws_nothing_is_noted_not_refused(capsys, digits_mlp):
     code, _, err = run(capsys, *args, "-k", "0")
     assert code == 0, err
     assert " ".join(err.split()) == (
-        "Note: --seed 3 draws nothing here: there are no eigenpairs (--top-k 0), --trace or "
+        "note: --seed 3 draws nothing here: there are no eigenpairs (--top-k 0), --trace or "
         "--density (it seeds only what the model's or data's own code draws)."
     )
     for read in (("-k", "0", "--trace"), ("-k", "1"), ("-k", "0", "-q")):  # it draws, or quiet

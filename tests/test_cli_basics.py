@@ -213,7 +213,7 @@ def test_messages_into_a_log_are_one_line_each_without_a_blank_line_before():
         [sys.executable, "-m", "hessian_cli", "analyze", "no_such.pt"],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
-    assert missing.returncode == 2 and missing.stderr.startswith("error: No such checkpoint")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no such checkpoint")
 
 
 def test_debug_after_the_command_shows_the_traceback(capsys):
@@ -221,7 +221,7 @@ def test_debug_after_the_command_shows_the_traceback(capsys):
     from cli_runner import run
 
     code, _, err = run(capsys, "analyze", "no_such.pt", "--debug")
-    assert code == 2 and "Traceback" in err and "No such checkpoint" in err
+    assert code == 2 and "Traceback" in err and "no such checkpoint" in err
     code, _, err = run(capsys, "analyze", "no_such.pt")
     assert code == 2 and "Traceback" not in err
 

@@ -279,7 +279,7 @@ def test_a_token_id_past_the_embedding_in_a_later_batch_is_one_sentence(
     code, _, err = run(capsys, "analyze", ckpt, *specs, "--num-samples", "24", "--top-k", "1")
     assert code == 2
     assert one_sentence(err) == (
-        "error: The data does not fit the model analysing lm.pt: index out of range in self "
+        "error: the data does not fit the model analysing lm.pt: index out of range in self "
         "(its integer inputs reach 9, and the model's embedding tables hold 6 rows)."
     )
     out = tmp_path / "run"

@@ -972,7 +972,7 @@ def test_a_data_file_moved_since_the_run_is_named_as_recorded(capsys, tmp_path):
     data.rename(moved)
     code, _, err = run(capsys, "analyze", out, "--top-k", "1")
     assert code == 2 and one_sentence(err, strict=True).endswith(
-        f"The file '{data}' that the checkpoint records for its data does not exist (moved or "
+        f"the file '{data}' that the checkpoint records for its data does not exist (moved or "
         "deleted?): give --data to say where it is now."
     )
     assert run(capsys, "analyze", out, "--top-k", "1", "--data", moved)[0] == 0
@@ -1002,7 +1002,7 @@ def test_a_code_file_moved_since_the_run_is_named_as_recorded(capsys, tmp_path, 
     for trust in ((), ("--trust-checkpoint",)):
         code, _, err = run(capsys, "analyze", out, "--top-k", "1", *trust)
         assert code == 2 and one_sentence(err, strict=True).endswith(
-            f"The file '{code_file}' that the checkpoint records for its {what} does not exist "
+            f"the file '{code_file}' that the checkpoint records for its {what} does not exist "
             f"(moved or deleted?): give --{what} to say where it is now."
         )
     assert run(capsys, "analyze", out, "--top-k", "1", f"--{what}", f"{moved}:{name}")[0] == 0

@@ -449,7 +449,7 @@ def _unseeded_note(ctx: typer.Context, seed: int, drawn: bool) -> str | None:
     if drawn or ctx.get_parameter_source("seed").name == "DEFAULT":
         return None
     return (
-        f"Note: --seed {seed} draws nothing here: there are no eigenpairs (--top-k 0), "
+        f"note: --seed {seed} draws nothing here: there are no eigenpairs (--top-k 0), "
         "--trace or --density (it seeds only what the model's or data's own code draws)."
     )
 

@@ -183,6 +183,17 @@ def test_all_is_refused_for_metrics_as_checkpoint_is(capsys, files):
     assert one_sentence(err) == "error: --all shows each checkpoint of a spectra file, not metrics."
 
 
+@pytest.mark.parametrize("command", ["show", "plot"])
+def test_an_empty_checkpoint_name_is_refused_as_empty(capsys, files, tmp_path, command):
+    """`-c "$NAME"` with the variable unset read "holds no checkpoint named ''", as if the
+    file were missing one; other options given an empty name say that they need one."""
+    out = () if command == "show" else ("-o", tmp_path / "fig.png")
+    code, _, err = run(capsys, command, files["series"], *out, "-c", "")
+    assert code == 2
+    assert one_sentence(err) == "error: --checkpoint needs a name, such as final."
+    assert not (tmp_path / "fig.png").exists()
+
+
 def test_all_is_refused_where_it_adds_nothing(capsys, files):
     """--json and a checkpoint picked by -c are shown in full: beside them --all was silently
     unused (the same output with it and without)."""

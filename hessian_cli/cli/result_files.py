@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hessian_cli.cli.options import refuse_empty
 from hessian_cli.errors import UserError
 
 METRICS_FILE = "metrics.h5"  # in a training run's directory (eigensam.run_dir, which loads torch)
@@ -50,6 +51,8 @@ def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra |
         read_spectra,
     )
 
+    # `-c "$NAME"` with the variable unset was "holds no checkpoint named ''"
+    refuse_empty((checkpoint, "--checkpoint", "final"))
     _refuse_a_run_or_checkpoint(file, verb)
     fmt = file_format(file)
     if fmt == METRICS_FORMAT_NAME:

@@ -304,3 +304,27 @@ def test_a_file_named_as_a_flag_value_is_an_argument(capsys, tmp_path, monkeypat
     (tmp_path / "1").write_text("not hdf5")
     code, _, err = run(capsys, "show", "--json", "1")
     assert code == 2 and "is not an HDF5 file" in err and "takes no value" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["analyze", "m.pt", "-k", "2.5"],
+            "Invalid value for '--top-k' / '-k': '2.5' is not a whole number.",
+        ),
+        (
+            ["analyze", "m.pt", "--tol", "1e-4x"],
+            "Invalid value for '--tol': '1e-4x' is not a number.",
+        ),
+        (["train", "--epochs", "x"], "Invalid value for '--epochs': 'x' is not a whole number."),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_with_the_kind_wanted(capsys, args, said):
+    """Typer's words named neither the value nor the kind: "Input should be a valid integer,
+    unable to parse string as an integer" (--top-k 2.5), "... a valid number" (--tol)."""
+    from cli_runner import run
+
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert said in " ".join(err.replace("│", " ").split())

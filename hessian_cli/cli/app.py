@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # torch is imported under torchrun only
 
 class _Commands(TyperGroup):
     """The commands, each of whose flags is refused a value in one place (see
-    :func:`flag_given_a_value`): as a usage error, said once under torchrun."""
+    :func:`flag_given_a_value`): as a usage error, said once under torchrun; and a value of
+    the wrong type named with the kind wanted (:func:`_value_refused`)."""
 
     def resolve_command(
         self, ctx: typer.Context, args: list[str]
@@ -41,6 +42,28 @@ class _Commands(TyperGroup):
             if (message := flag_given_a_value(command, rest)) is not None:
                 typer.Context(command, info_name=name, parent=ctx).fail(message)
         return name, command, rest
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as exc:
+            if (said := _value_refused(exc)) is not None:
+                exc.message = said
+            raise
+
+
+# What a value Typer could not read as its option's type is not: its own words (pydantic's)
+# named neither the value nor the kind plainly ("Input should be a valid integer, unable to
+# parse string as an integer" for --top-k 2.5).
+_KINDS = {"int_parsing": "a whole number", "float_parsing": "a number"}
+
+
+def _value_refused(exc: typer.BadParameter) -> str | None:
+    """``exc``'s message in our words where Typer's type check refused a value, else None."""
+    errors = getattr(exc.__cause__, "errors", None)
+    first = errors()[0] if callable(errors) and errors() else {}
+    kind = _KINDS.get(first.get("type"))
+    return None if kind is None else f"{first.get('input')!r} is not {kind}."
 
 
 app = typer.Typer(

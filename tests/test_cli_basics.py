@@ -328,3 +328,23 @@ def test_a_value_of_the_wrong_type_is_named_with_the_kind_wanted(capsys, args, s
     code, _, err = run(capsys, *args)
     assert code == 2
     assert said in " ".join(err.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["plot", "spectra.h5", "-o", "a" * 300 + "/fig.png"],
+        ["show", "a" * 300 + ".h5"],
+        ["analyze", "checkpoints_example/digits_mlp.pt", "--out", "a" * 300 + ".h5"],
+    ],
+)
+def test_a_name_too_long_for_the_file_system_is_one_sentence(capsys, monkeypatch, args):
+    """Looking at a path of a 300-letter name raises the system's ENAMETOOLONG: it was
+    "unexpected OSError: [Errno 36] File name too long", status 1, as if ours."""
+    from cli_runner import one_sentence, run
+
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    said = one_sentence(err)
+    assert said.startswith("error: the name " + "a" * 300) and "is too long for the file" in said

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -229,7 +230,16 @@ def _report(exc: Exception) -> int:
         _print_error(exc)
     except OSError:  # what Python's exit flushes goes nowhere too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
-    return exc.exit_status if isinstance(exc, UserError) else 1
+    if isinstance(exc, UserError):
+        return exc.exit_status
+    return UserError.exit_status if _name_too_long(exc) else 1
+
+
+def _name_too_long(exc: Exception) -> bool:
+    """Whether ``exc`` is the system refusing a path given as too long, bad input that every
+    look at a path raises (``plot -o`` of a 300-letter name was "unexpected OSError: [Errno
+    36]", status 1): a UserError's status."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
 
 
 def _print_error(exc: Exception) -> None:
@@ -261,6 +271,9 @@ def _print_error(exc: Exception) -> None:
         message = escape(prefix + in_flags(str(exc)))
     elif out_of_host_memory(exc):
         message = escape(f"{prefix}{OUT_OF_HOST_MEMORY}.")
+    elif _name_too_long(exc):
+        named = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        message = escape(f"{prefix}the name{named} is too long for the file system.")
     else:
         message = (
             f"{escape(f'{prefix}unexpected {type(exc).__name__}: {exc}')} "

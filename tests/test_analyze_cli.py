@@ -2531,6 +2531,18 @@ def test_analyze_errors_go_on_in_lower_case_after_error(capsys, tmp_path, digits
     assert code == 0 and err.startswith("note: --seed 1"), err
 
 
+def test_an_out_path_in_a_loop_of_links_is_refused_before_the_work(capsys, tmp_path, digits_mlp):
+    """--out a link to itself, or a file under such a folder, was "unexpected RuntimeError:
+    Symlink loop from ...", status 1 (pathlib's resolve)."""
+    (tmp_path / "loop.h5").symlink_to(tmp_path / "loop.h5")
+    (tmp_path / "runs").symlink_to(tmp_path / "runs")
+    for out in ("loop.h5", "runs/spectra.h5"):
+        code, _, err = run(capsys, "analyze", digits_mlp, "-k", "1", "--out", tmp_path / out)
+        assert code == 2
+        said = f"error: --out {tmp_path / out} leads into a loop of symbolic links; give another"
+        assert one_sentence(err).startswith(said)
+
+
 def test_debug_shows_the_traceback_with_the_same_exit_status(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

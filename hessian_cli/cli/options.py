@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -116,7 +117,20 @@ def file_path(text: str | None, option: str, example: str) -> Path | None:
         raise UserError(
             f"{option} {text} names a directory; give a file name such as {text}{example}."
         )
-    return named_path(text, option, example)
+    path = named_path(text, option, example)
+    if path is not None and _in_a_loop(path):  # analyze --out: "unexpected RuntimeError"
+        raise UserError(f"{option} {text} leads into a loop of symbolic links; give another path.")
+    return path
+
+
+def _in_a_loop(path: Path) -> bool:
+    """Whether ``path``, or a folder on the way to it, is a symbolic link that leads back to
+    itself: no file can be written there."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def refuse_empty(*given: tuple[str | None, str, str]) -> None:

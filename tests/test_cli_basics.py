@@ -348,3 +348,18 @@ def test_a_name_too_long_for_the_file_system_is_one_sentence(capsys, monkeypatch
     assert code == 2
     said = one_sentence(err)
     assert said.startswith("error: the name " + "a" * 300) and "is too long for the file" in said
+
+
+@pytest.mark.parametrize("command", ["analyze", "train"])
+def test_help_on_a_narrow_terminal_folds_long_words_rather_than_cut_them(command):
+    """At 70 columns Rich cut a help word longer than its column with an ellipsis: analyze
+    --help read "synthetic-regression:D[:k[:…" for the data's syntax."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "70"},
+    ).stdout
+    assert "…" not in out
+    assert "synthetic-regression:D[:k[:n" in out.replace("│", "")

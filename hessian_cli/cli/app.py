@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from hessian_cli import __version__
@@ -111,6 +112,41 @@ def _one_value(text: str | None) -> str | None:
 
 
 _plain_types()
+
+
+def _folded_help() -> None:
+    """Help text whose words are longer than its column (narrow terminals) folded onto the
+    next line, as the types beside it are: Rich cut them with an ellipsis, and at 70 columns
+    analyze --help read ``synthetic-regression:D[:k[:…`` for the data's syntax. Typer's help
+    module is patched as a command's help is shown: importing it costs every start 30 ms."""
+    format_help = TyperCommand.format_help
+
+    def folded_help(self: TyperCommand, ctx: Any, formatter: Any) -> Any:
+        from typer import rich_utils
+
+        build = getattr(rich_utils, "_get_parameter_help", None)
+        if build is not None and not getattr(build, "folds", False):
+            rich_utils._get_parameter_help = _folding(build)
+        return format_help(self, ctx, formatter)
+
+    TyperCommand.format_help = folded_help
+
+
+def _folding(build: Callable[..., Any]) -> Callable[..., Any]:
+    """``build`` (a parameter's help cell) with its lines of text folded, not cut."""
+
+    def folded(**kwargs: Any) -> Any:
+        shown = build(**kwargs)
+        for item in getattr(shown, "renderables", ()):
+            if isinstance(item, Text):
+                item.overflow = "fold"
+        return shown
+
+    folded.folds = True  # type: ignore[attr-defined]
+    return folded
+
+
+_folded_help()
 
 # A pipe or a file has no width: results written there are not cut to fit 80 columns.
 _UNBOUNDED = 100_000

@@ -194,6 +194,32 @@ def test_an_empty_checkpoint_name_is_refused_as_empty(capsys, files, tmp_path, c
     assert not (tmp_path / "fig.png").exists()
 
 
+def test_a_figure_is_not_printed_on_a_terminal(files):
+    """`plot -o -` at a terminal printed the PNG's bytes there as text (into a pipe or a file
+    they still go, as the tests of -o - below show)."""
+    import pty
+    import select
+
+    terminal, tty = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_cli", "plot", str(files["single"]), "-o", "-"],
+            stdout=tty,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,  # (the bytes of a figure fill the terminal's buffer: a wait)
+        )
+        shown = os.read(terminal, 1 << 20) if select.select([terminal], [], [], 0)[0] else b""
+    finally:
+        os.close(tty)
+        os.close(terminal)
+    assert done.returncode == 2 and b"PNG" not in shown
+    assert one_sentence(done.stderr) == (
+        "error: -o - writes the figure's bytes to standard output, here a terminal: redirect "
+        "it (-o - > fig.png) or name a file (-o fig.png)."
+    )
+
+
 def test_all_is_refused_where_it_adds_nothing(capsys, files):
     """--json and a checkpoint picked by -c are shown in full: beside them --all was silently
     unused (the same output with it and without)."""

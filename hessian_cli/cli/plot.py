@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -15,6 +16,7 @@ from hessian_cli.cli.result_files import (
     say_if_newer,
     told_apart,
 )
+from hessian_cli.errors import UserError
 from hessian_cli.launch import env_rank
 
 
@@ -49,7 +51,13 @@ def plot(
     from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
     from hessian_cli.storage.files import check_folder_makeable, reading
 
-    # `-o -`: standard output, as other tools take it (the figure's bytes alone)
+    # `-o -`: standard output, as other tools take it (the figure's bytes alone), but not a
+    # terminal's, where the PNG's bytes were printed as text
+    if output_name == "-" and os.isatty(1):  # (fd 1: /dev/stdout's, also where sys has none)
+        raise UserError(
+            "-o - writes the figure's bytes to standard output, here a terminal: redirect it "
+            "(-o - > fig.png) or name a file (-o fig.png)."
+        )
     output = Path("/dev/stdout") if output_name == "-" else file_path(output_name, "-o", "fig.png")
     # Refused before the drawing, as analyze --out refuses it (an existing one is not probed:
     # -o /dev/stdout's /dev takes no new file).

@@ -220,6 +220,20 @@ def test_a_figure_is_not_printed_on_a_terminal(files):
     )
 
 
+@pytest.mark.parametrize("command", ["show", "plot"])
+def test_a_link_that_leads_nowhere_is_named_as_such(capsys, tmp_path, command):
+    """A dangling link, or a loop of links, was "The file x.h5 does not exist", where `ls`
+    lists it; analyze says what it is."""
+    (tmp_path / "gone.h5").symlink_to(tmp_path / "moved.h5")
+    (tmp_path / "loop.h5").symlink_to(tmp_path / "loop.h5")
+    out = () if command == "show" else ("-o", tmp_path / "fig.png")
+    for name in ("gone.h5", "loop.h5"):
+        code, _, err = run(capsys, command, tmp_path / name, *out)
+        assert code == 2
+        said = f"error: {tmp_path / name} is a symbolic link that leads nowhere."
+        assert one_sentence(err) == said
+
+
 def test_all_is_refused_where_it_adds_nothing(capsys, files):
     """--json and a checkpoint picked by -c are shown in full: beside them --all was silently
     unused (the same output with it and without)."""

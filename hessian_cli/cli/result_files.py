@@ -36,6 +36,8 @@ class Metrics:
 def result_file(given: Path) -> Path:
     """The file to read for ``given``: a training run's directory stands for its metrics file,
     the one result file in it."""
+    if given.is_symlink() and not given.exists():  # said "does not exist", where ls shows it
+        raise UserError(f"{given} is a symbolic link that leads nowhere.")
     return given / METRICS_FILE if (given / METRICS_FILE).is_file() else given
 
 

@@ -157,8 +157,9 @@ def param_globs(params: str | Sequence[str] | None) -> list[str] | None:
 
 def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
     """One checkpoint file, or every checkpoint in a directory (of a training run directory:
-    in its checkpoints folder); or several files (a shell glob's), Trainer checkpoint folders
-    among them taken for their weights: a series, as a directory's."""
+    in its checkpoints folder); or several files (a shell glob's), folders of one checkpoint
+    among them (a Trainer's checkpoint-N, accelerate's checkpoint_N) taken for it: a series, as
+    a directory's."""
     targets = [Path(target)] if isinstance(target, str | Path) else [Path(t) for t in target]
     if not targets:
         raise UserError("no checkpoint was given.")
@@ -167,15 +168,24 @@ def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
     paths = []
     for path in targets:
         _check_exists(path)
-        weights = trainer_weights(path) if path.is_dir() else path
-        if weights is None:
-            raise UserError(f"{path} is a directory: give it alone, or only checkpoint files.")
-        if path.is_dir() and list_checkpoints(path) != [weights]:  # its folders were skipped unsaid
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        # A folder of one checkpoint is it (a glob of accelerate's checkpoint_N folders, whose
+        # weights under DeepSpeed are in pytorch_model/, was refused as "a directory").
+        found = _paths_in(path)
+        if (weights := trainer_weights(path)) is not None and found != [weights]:
+            # its folders were skipped unsaid
             raise UserError(
                 f"{path} is a Trainer output directory, a series of its checkpoint folders: give "
                 f"it alone, or its final weights as the file {weights}."
             )
-        paths.append(weights)
+        if len(found) > 1:
+            raise UserError(
+                f"{path} is a directory of {len(found)} checkpoints, a series: give it alone, or "
+                "the checkpoint files themselves (a shell glob such as run/*.pt)."
+            )
+        paths.append(found[0])
     return paths
 
 

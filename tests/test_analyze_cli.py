@@ -28,6 +28,7 @@ from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.params import select_parameters
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.specs import build_model, load_checkpoint, load_data, save_checkpoint
+from hessian_cli.specs.checkpoints import DEEPSPEED_WEIGHTS
 from hessian_cli.specs.models import BUILTIN_DEFAULTS
 from hessian_cli.storage import read_analyses
 
@@ -845,7 +846,36 @@ def test_several_checkpoint_files_are_a_series_in_step_order(capsys, tmp_path, d
     assert [r["name"] for r in json.loads(out)] == ["c1", "c2"]
     assert json.loads(out)[1]["provenance"]["warm_start"] == str(runs / "c1.pt")
     code, _, err = run(capsys, "analyze", runs / "c1.pt", runs, *args)
-    assert code == 2 and f"{runs} is a directory: give it alone" in one_sentence(err)
+    assert code == 2 and one_sentence(err) == (
+        f"error: {runs} is a directory of 2 checkpoints, a series: give it alone, or the "
+        "checkpoint files themselves (a shell glob such as run/*.pt)."
+    )
+
+
+def test_a_glob_of_accelerate_checkpoint_folders_is_a_series_of_their_weights(
+    capsys, tmp_path, digits_mlp
+):
+    """analyze checkpoints/checkpoint_* (accelerate's save_state folders; under DeepSpeed the
+    weights are in pytorch_model/) was refused: "checkpoint_0 is a directory: give it alone"."""
+    runs, state = _series_of_two(tmp_path, digits_mlp)
+    folders = []
+    for step in (2, 1):
+        folder = tmp_path / "checkpoints" / f"checkpoint_{step}"
+        (folder / "pytorch_model").mkdir(parents=True)
+        shutil.copyfile(runs / f"c{step}.pt", folder / "pytorch_model" / DEEPSPEED_WEIGHTS)
+        torch.save({"last_epoch": step}, folder / "custom_checkpoint_0.pkl")
+        folders.append(folder)
+    args = ("--top-k", "1", "--json")
+    code, out, err = run(capsys, "analyze", *folders, *args)
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["name"] for r in results] == ["checkpoint_1", "checkpoint_2"]
+    code, out, err = run(capsys, "analyze", runs / "c1.pt", runs / "c2.pt", *args)
+    assert code == 0, err
+    files = json.loads(out)
+    assert [r["eigen"]["eigenvalues"] for r in results] == [
+        r["eigen"]["eigenvalues"] for r in files
+    ]
 
 
 def test_an_optimizer_state_in_a_series_directory_is_named_as_such(capsys, tmp_path, digits_mlp):

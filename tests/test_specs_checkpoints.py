@@ -1223,3 +1223,30 @@ def test_the_specs_import_neither_h5py_nor_the_storage_package():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_an_accelerate_folder_of_registered_objects_alone_names_them(tmp_path):
+    """A model registered for checkpointing (register_for_checkpointing) rather than prepared
+    has its weights in custom_checkpoint_0.pkl, which a listing never reads: the folder, and the
+    project's checkpoints folder, were said to hold "no checkpoint files (..., .pkl, ...)"."""
+    checkpoints = tmp_path / "checkpoints"
+    for n in (1, 0):
+        folder = checkpoints / f"checkpoint_{n}"
+        folder.mkdir(parents=True)
+        torch.save(small_state(), folder / "custom_checkpoint_0.pkl")
+        torch.save({"random_state": np.random.get_state()}, folder / "random_states_0.pkl")
+    message = (
+        r"checkpoint_0' holds no model weights, only accelerate's objects registered for "
+        r"checkpointing \(custom_checkpoint_0.pkl\), .* a glob such as "
+        r"checkpoint_\*/custom_checkpoint_0.pkl\)\.$"
+    )
+    for where in (checkpoints, checkpoints / "checkpoint_0"):
+        with pytest.raises(UserError, match=message):
+            list_checkpoints(where)
+    given = checkpoints / "checkpoint_1" / "custom_checkpoint_0.pkl"
+    assert _equal(load_checkpoint(given).state_dict, small_state())  # given, it is read
+    # Beside a model's weights, they are left out unsaid (the weights are the model's).
+    save_file(small_state(), checkpoints / "checkpoint_0" / "model.safetensors")
+    assert list_checkpoints(checkpoints / "checkpoint_0") == [
+        checkpoints / "checkpoint_0" / "model.safetensors"
+    ]

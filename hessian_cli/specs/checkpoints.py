@@ -998,6 +998,8 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
                 found.extend(list_checkpoints(folder))
     for path in found:  # before a series reads the first
         _refuse_model_parallel(path)
+    if not found:
+        _refuse_registered_only(directory, folders)
     deepspeed_models = re.compile(r"pytorch_model(_\d+)?/" + re.escape(DEEPSPEED_WEIGHTS))
     relative = (p.relative_to(directory).as_posix() for p in found)
     _refuse_several_models(directory, sorted(r for r in relative if deepspeed_models.fullmatch(r)))
@@ -1131,6 +1133,21 @@ def _shard_index(path: Path) -> Path | None:
 # accelerate's save_state: random states, one per process, and the objects registered for
 # checkpointing (register_for_checkpointing), which are no model's weights.
 _SAVE_STATE_EXTRAS = re.compile(r"(random_states|custom_checkpoint)_\d+\.pkl")
+
+
+def _refuse_registered_only(directory: Path, folders: list[Path]) -> None:
+    """Refuses accelerate's save_state folders (``directory``, or its ``folders``) that hold no
+    model weights but objects registered for checkpointing (custom_checkpoint_0.pkl, never read
+    unasked): a model registered rather than prepared has its weights there, and the folder
+    was said to hold "no checkpoint files (..., .pkl, ...)"."""
+    for folder in (directory, *sorted(folders, key=lambda p: natural_key(p.name))):
+        names = [p.name for p in folder.glob("custom_checkpoint_*.pkl")]
+        if names := sorted(filter(_SAVE_STATE_EXTRAS.fullmatch, names), key=natural_key):
+            raise UserError(
+                f"{str(folder)!r} holds no model weights, only accelerate's objects registered for "
+                f"checkpointing ({', '.join(names)}), which are not read unasked: give the file "
+                f"that holds the weights (for a series, a glob such as checkpoint_*/{names[0]})."
+            )
 
 
 def _checkpoint_files(entries: list[Path]) -> list[Path]:

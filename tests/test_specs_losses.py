@@ -367,3 +367,49 @@ def test_the_fit_check_runs_a_loss_module_in_eval_mode():
     check_fits(model, loss, batches)
     assert torch.equal(torch.get_rng_state(), before)
     assert [m.training for m in (*model, loss, loss.drop)] == [True, True, False, True, True]
+
+
+def test_mse_reads_integer_targets_once_not_at_every_call() -> None:
+    """The products call the loss on one batch's targets at every product: mse read their
+    labels from the device (max, 0/1) at each call, a wait for the GPU's work each time (a
+    read of a scalar is aten::_local_scalar_dense on the CPU). Targets changed in place are
+    read again."""
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.randn(6, 4, generator=g)
+    cases = [
+        (outputs, torch.randint(0, 4, (6,), generator=g)),  # one-hot over the classes
+        (outputs[:, :1], torch.randint(0, 2, (6,), generator=g)),  # a single output's 0/1
+        (outputs, torch.randint(0, 2, (6, 4), generator=g)),  # multi-hot rows as they are
+    ]
+    for out, labels in cases:
+        mse = get_loss("mse")
+
+        def reads(calls: int, out=out, labels=labels, mse=mse) -> int:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                losses = [mse(out, labels) for _ in range(calls)]
+            assert all(torch.equal(loss, losses[0]) for loss in losses)
+            return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+        assert reads(1) > 0 and reads(5) == 0, labels.shape
+    labels = torch.tensor([0, 1, 2, 3])
+    mse = get_loss("mse")
+    assert torch.equal(mse(outputs[:4], labels), F.mse_loss(outputs[:4], torch.eye(4)[labels]))
+    labels[0] = 4
+    with pytest.raises(UserError, match="^label 4 is out of range for 4 classes in the mse loss"):
+        mse(outputs[:4], labels)
+
+
+def test_mse_takes_labels_made_in_inference_mode() -> None:
+    """A dataset built under torch.inference_mode() holds tensors that keep no version counter:
+    the range read once per version met torch's 'Inference tensors do not track version
+    counter' at the first loss."""
+    outputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        labels = torch.tensor([0, 2, 1, 2])
+    mse = get_loss("mse")
+    expected = F.mse_loss(outputs, torch.eye(3)[labels.clone()])
+    assert torch.equal(mse(outputs, labels), expected)
+    with torch.inference_mode():
+        labels[0] = 3
+    with pytest.raises(UserError, match="^label 3 is out of range for 3 classes in the mse loss"):
+        mse(outputs, labels)

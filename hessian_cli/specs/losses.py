@@ -6,6 +6,7 @@ Every loss is the mean over the batch, so that multi-batch analysis can weight b
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -246,7 +247,37 @@ def _classes_where(outputs: Tensor, targets: Tensor, loss: str) -> str:
     )
 
 
+class _LabelRange:
+    """The lowest and highest of integer targets, read from the device once per tensor (and
+    version of it): the products pass one batch's targets at every call, and each read waited
+    for the GPU's work before it. An inference-mode tensor, which keeps no version, is read at
+    every call."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[int, int, int]] = {}
+
+    def __call__(self, targets: Tensor) -> tuple[int, int]:
+        if targets.is_inference():
+            return _read_range(targets)
+        key, version = id(targets), targets._version
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != version:
+            if key not in self._seen:  # forgotten with the tensor (an id is then reused)
+                weakref.finalize(targets, self._seen.pop, key, None)
+            self._seen[key] = seen = (version, *_read_range(targets))
+        return seen[1], seen[2]
+
+
+def _read_range(targets: Tensor) -> tuple[int, int]:
+    if not targets.numel():
+        return 0, 0
+    low, high = torch.aminmax(targets)
+    return int(low), int(high)
+
+
 def _mse(num_classes: int | None) -> LossFn:
+    label_range = _LabelRange()
+
     def mse(outputs: Tensor, targets: Tensor) -> Tensor:
         """Mean squared error; integer labels are compared with their one-hot vectors (0/1
         labels with a single output as they are), and integer 0/1 targets shaped like the
@@ -270,34 +301,37 @@ def _mse(num_classes: int | None) -> LossFn:
                 if num_classes is not None
                 else outputs.shape[-1]
             )
-            if classes == 1 and bool(((targets == 0) | (targets == 1)).all()):
+            low, high = label_range(targets)
+            if classes == 1 and low >= 0 and high <= 1:
                 # One output regresses onto 0/1 labels (a binary classifier's score); one-hot
                 # over one class, which holds no label 1, refused them.
                 targets = targets.to(outputs.dtype)
-            elif targets.numel() and int(targets.max()) >= classes:
+            elif high >= classes:
                 what = (
                     "a single output in the mse loss, which takes 0/1 labels only (store others "
                     "as real numbers)"
                     if classes == 1  # "for 1 classes"
                     else f"{classes} classes in the mse loss"
                 )
-                raise UserError(f"label {int(targets.max())} is out of range for {what}.")
+                raise UserError(f"label {high} is out of range for {what}.")
             else:
-                targets = F.one_hot(targets.long(), classes).to(outputs.dtype)
+                # (not F.one_hot, which reads the labels' range from the device again)
+                classes_range = torch.arange(classes, device=targets.device)
+                targets = (targets[..., None] == classes_range).to(outputs.dtype)
                 if dim == 1:
                     targets = targets.movedim(-1, 1)
-        elif (
-            not targets.is_floating_point()
-            and (other := targets[(targets != 0) & (targets != 1)]).numel()
-        ):
+        elif not targets.is_floating_point():
             # Compared as they are, they are one-hot or multi-hot rows, or each output's 0/1
             # label: a mask of labels 0 to 4 against (batch, H, W) outputs was regressed onto as
             # numbers (a loss of 7.84) where (batch, 1, H, W) outputs refused it.
-            raise UserError(
-                f"label {int(other[0])} is out of range for integer targets shaped like the "
-                "model outputs in the mse loss, which takes 0/1 labels only there (one-hot or "
-                "multi-hot rows, or one label per output): store others as real numbers."
-            )
+            low, high = label_range(targets)
+            if low < 0 or high > 1:
+                raise UserError(
+                    f"label {low if low < 0 else high} is out of range for integer targets "
+                    "shaped like the model outputs in the mse loss, which takes 0/1 labels only "
+                    "there (one-hot or multi-hot rows, or one label per output): store others as "
+                    "real numbers."
+                )
         if targets.shape != outputs.shape:
             # The outputs' sizes in another order are another layout ((batch, tokens, classes)
             # for (batch, classes, tokens)), which a reshape paired wrongly: 1.816 for 1.697.

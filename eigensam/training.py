@@ -96,12 +96,13 @@ from hessian_cli.specs import (
 from hessian_cli.specs.data import (
     collate_samples,
     data_file_digest,
+    float_labels_note,
     missing_recorded_file,
     unbatchable,
 )
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight
-from hessian_cli.specs.models import with_builtin_defaults
+from hessian_cli.specs.models import model_names_code, with_builtin_defaults
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog, above_tol
 
@@ -442,7 +443,7 @@ class _Run:
                 resumed_from=self.resumed_from,
                 samples=self.samples,
                 global_batch=self.global_batch,
-                task=_task(self.data),
+                task=_task(self.data, cfg.model),
             )
         )
         start_step, step_seconds = self.step, 0.0
@@ -871,9 +872,11 @@ def _above_tol(residuals: list[float], tol: float) -> int:
     return int(above_tol(residuals, tol).sum())
 
 
-def _task(data: Any) -> str:
+def _task(data: Any, model: str) -> str:
     """What the data asks of the model, for the run's first line: class labels stored as real
-    numbers trained a one-output regression without a word."""
+    numbers trained a built-in model's one-output regression without a word."""
+    if not model_names_code(model) and (labels := float_labels_note(data)):
+        return labels
     if data.num_classes is not None:
         per = ", a class per token" if data.target_shape else ""
         return f"{data.num_classes:,} classes{per}"

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import torch
-from torch.utils.data import TensorDataset
 
 from hessian_cli.checkpoint_analysis import CheckpointAnalysis
 from hessian_cli.engine import distributed
@@ -93,7 +92,7 @@ from hessian_cli.specs.checkpoints import (
     checkpoint_label,
     trainer_weights,
 )
-from hessian_cli.specs.data import data_names_code, missing_recorded_file
+from hessian_cli.specs.data import data_names_code, float_labels_note, missing_recorded_file
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
 from hessian_cli.specs.models import defaults_hint, model_names_code, with_checkpoint_layout
@@ -791,14 +790,9 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         weights_part = apply_weights(model, ckpt.state_dict)
     except UserError as exc:
         notes = ""
-        if not model_names_code(model_spec) and _whole_number_targets(data):
-            # Class labels stored as floats were read as regression targets, and the built-in
-            # model was made for them: the message blamed only the checkpoint.
-            notes = (
-                f" (the data's targets are real numbers, read as {data.num_outputs} regression "
-                f"output{'s' if data.num_outputs > 1 else ''}: class labels must be stored as "
-                "integers)"
-            )
+        if not model_names_code(model_spec) and (labels := float_labels_note(data)):
+            # The built-in model was made for regression: the message blamed only the checkpoint.
+            notes = f" ({labels})"
         recorded = meta.get("model")
         if isinstance(exc, WeightsMismatch) and isinstance(recorded, str) and not same:
             # --model named another model: the hint below asked for its options instead
@@ -910,16 +904,6 @@ def _refuse_recorded_code(
             f"yourself ({flags}), or pass --trust-checkpoint if you trust where the file came "
             "from."
         )
-
-
-def _whole_number_targets(data: DataSource) -> bool:
-    """Whether the data's targets are real numbers that are all whole (class labels stored as
-    floats, read as regression targets), as far as a dataset of tensors shows."""
-    ds = data.train
-    if data.num_classes is not None or not isinstance(ds, TensorDataset) or len(ds.tensors) < 2:
-        return False
-    y = ds.tensors[1]
-    return y.is_floating_point() and bool((y == y.round()).all())
 
 
 def _check_batch_statistics(model: torch.nn.Module, batch: tuple) -> None:

@@ -745,9 +745,21 @@ def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys
         "--epochs", "1", "--optimizer", "sgd", "--out", tmp_path / "run",
     )  # fmt: skip
     text = " ".join(stdout.split())
-    assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in text
+    # As analyze says it where a classifier's checkpoint does not fit the model made so
+    said = (
+        f"on {floats} (the data's targets are real numbers, read as 1 regression output: class "
+        "labels must be stored as integers) with sgd"
+    )
+    assert code == 0 and said in text
     assert "1 step (1 epoch of 1; a batch of 64 is all 24 samples)" in text
     assert "Done: 1 step;" in text
+    y = torch.tensor([0.5, 1.0, 2.0] * 8)  # real targets: regression, as asked
+    np.savez(floats, x=x.numpy(), y=y.numpy())
+    code, stdout, _ = run(
+        capsys, "train", "--model", "mlp", "--data", floats, "--epochs", "1", "--optimizer",
+        "sgd", "--out", tmp_path / "run2",
+    )  # fmt: skip
+    assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in " ".join(stdout.split())
 
 
 def test_the_start_says_a_last_batch_of_one_is_left_out(capsys, tmp_path):

@@ -99,6 +99,24 @@ class DataSource:
         return math.prod(self.target_shape) if self.target_shape else 1
 
 
+def float_labels_note(data: DataSource) -> str | None:
+    """What to tell of targets that are real numbers all whole (class labels stored as floats,
+    as far as a dataset of tensors shows), read as regression targets, for which a built-in
+    model is made: analyze's checkpoint of a classifier did not fit it, and train regressed
+    onto the labels as numbers. None where they are not."""
+    ds = data.train
+    if data.num_classes is not None or not isinstance(ds, TensorDataset) or len(ds.tensors) < 2:
+        return None
+    y = ds.tensors[1]
+    if not (y.is_floating_point() and bool((y == y.round()).all())):
+        return None
+    outputs = data.num_outputs
+    return (
+        f"the data's targets are real numbers, read as {outputs} regression "
+        f"output{'s' if outputs > 1 else ''}: class labels must be stored as integers"
+    )
+
+
 def data_names_code(spec: str) -> bool:
     """Whether the data spec names user code to import, not built-in data or a file."""
     builtin = spec == "digits" or spec.startswith(("synthetic-regression:", "synthetic:"))

@@ -188,7 +188,7 @@ def test_bad_tensor_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="include -1, below 0"):
         load_data(str(tmp_path / "neg.npz"))
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
-    with pytest.raises(UserError, match="could not be read"):
+    with pytest.raises(UserError, match="junk.h5. is truncated, damaged or not an HDF5 file"):
         load_data(str(tmp_path / "junk.h5"))
 
 
@@ -853,3 +853,34 @@ def test_a_missing_data_file_is_found_for_tensor_files_and_factories(tmp_path):
     assert missing_data_file(f"{tmp_path}/gone.py:make") == f"{tmp_path}/gone.py"
     for present in (f"{tmp_path}/here.npz", f"{tmp_path}/fac.py:make", "digits", "os.path:join"):
         assert missing_data_file(present) is None
+
+
+def test_an_empty_cut_short_or_other_kind_of_data_file_says_so(tmp_path) -> None:
+    """Each was "could not be read safely (BadZipFile); it must hold plain arrays or tensors",
+    which sent the user to the file's contents, not to a download or copy cut short."""
+    x, y = np.ones((8, 3), dtype=np.float32), np.arange(8) % 2
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp_path / "d.pt")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, y
+    for suffix, kind in (
+        (".npz", "an .npz archive"),
+        (".pt", "a torch file"),
+        (".h5", "an HDF5 file"),
+    ):
+        whole = (tmp_path / f"d{suffix}").read_bytes()
+        assert len(load_data(str(tmp_path / f"d{suffix}")).train) == 8
+        (tmp_path / f"cut{suffix}").write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(
+            UserError, match=rf"cut{suffix}' is truncated, damaged or not {kind} \("
+        ):
+            load_data(str(tmp_path / f"cut{suffix}"))
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+        with pytest.raises(UserError, match=rf"^data file '.*empty{suffix}' is empty\.$"):
+            load_data(str(tmp_path / f"empty{suffix}"))
+    (tmp_path / "notes.npz").write_text("x and y to come\n")
+    with pytest.raises(UserError, match=r"notes.npz' is truncated, damaged or not an .npz arch"):
+        load_data(str(tmp_path / "notes.npz"))
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}] * 8, dtype=object), y=y)
+    with pytest.raises(UserError, match="holds object arrays, which safe loading does not read"):
+        load_data(str(tmp_path / "objects.npz"))

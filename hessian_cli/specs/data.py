@@ -6,6 +6,7 @@ augments: batches are the first samples of a dataset, in order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -419,13 +420,28 @@ def _read_arrays(path: Path) -> dict[str, Any]:
             ) from exc
         raise UserError(f"data file {str(path)!r} is corrupt or not a torch file.") from exc
     except Exception as exc:
-        raise UserError(
-            f"data file {str(path)!r} could not be read safely ({type(exc).__name__}); it must "
-            "hold plain arrays or tensors."
-        ) from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(obj, dict):
         raise UserError(f"data file {str(path)!r} must hold a dict with x and y tensors.")
     return dict(obj)
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    """Why a data file failed to read: an empty, cut-short or other kind of file was said to
+    be "could not be read safely (BadZipFile); it must hold plain arrays or tensors"."""
+    where = f"data file {str(path)!r}"
+    if str(exc).startswith("Object arrays"):  # NumPy's, of an .npz that unpickling would read
+        return UserError(
+            f"{where} holds object arrays, which safe loading does not read: store numbers."
+        )
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            return UserError(f"{where} is empty.")
+    kind = {".npz": "an .npz archive", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file"}
+    return UserError(
+        f"{where} is truncated, damaged or not {kind.get(path.suffix.lower(), 'a torch file')} "
+        f"({type(exc).__name__})."
+    )
 
 
 def _to_tensor(value: Any, spec: str, key: str) -> torch.Tensor:

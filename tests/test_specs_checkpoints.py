@@ -1250,3 +1250,36 @@ def test_an_accelerate_folder_of_registered_objects_alone_names_them(tmp_path):
     assert list_checkpoints(checkpoints / "checkpoint_0") == [
         checkpoints / "checkpoint_0" / "model.safetensors"
     ]
+
+
+class _SavedOnWindows:
+    """A WindowsPath as a script on Windows pickles it (one cannot be made here to save)."""
+
+    def __reduce__(self) -> tuple:
+        import pathlib
+
+        return (pathlib.WindowsPath, ("C:\\runs", "exp1"))
+
+
+@pytest.mark.skipif(os.name != "posix" or torch.__version__ < (2, 6), reason="POSIX, torch 2.6")
+def test_a_path_of_another_system_or_python_is_read_without_trust(tmp_path: Path) -> None:
+    """A checkpoint saved on Windows with its script's arguments (a WindowsPath among them)
+    was "corrupt, truncated or not a torch file (NotImplementedError)" here, where no
+    WindowsPath can be made; one saved by Python 3.13 (pathlib._local.PosixPath) needed
+    --trust-checkpoint. Each is read, the path as it was saved."""
+    import argparse
+    import pathlib
+
+    args = argparse.Namespace(output=_SavedOnWindows(), lr=0.1)
+    torch.save({"state_dict": small_state(), "args": args}, tmp_path / "windows.pt")
+    loaded = load_checkpoint(tmp_path / "windows.pt")
+    assert loaded.raw["args"].output == pathlib.PureWindowsPath("C:/runs/exp1")
+    assert _equal(loaded.state_dict, small_state())
+    legacy = tmp_path / "py313.pt"  # a legacy file, whose pickle's GLOBALs can be renamed
+    extras = {"log_dir": Path("/runs/1")}
+    torch.save({"state_dict": small_state(), **extras}, legacy, _use_new_zipfile_serialization=False, pickle_protocol=2)  # fmt: skip
+    saved = legacy.read_bytes()
+    assert saved.count(b"cpathlib\nPosixPath\n") == 1
+    legacy.write_bytes(saved.replace(b"cpathlib\n", b"cpathlib._local\n"))
+    loaded = load_checkpoint(legacy)
+    assert loaded.raw["log_dir"] == Path("/runs/1") and _equal(loaded.state_dict, small_state())

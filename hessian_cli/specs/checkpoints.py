@@ -342,13 +342,19 @@ def _safe_globals() -> list[Any]:
     import argparse
     import pathlib
 
-    return [
-        argparse.Namespace,
-        pathlib.PosixPath,
-        pathlib.WindowsPath,
-        pathlib.PurePosixPath,
-        pathlib.PureWindowsPath,
-    ]
+    paths = {n: getattr(pathlib, n) for n in _PATH_CLASSES}
+    if torch.__version__ < (2, 6):  # no globals under another name
+        return [argparse.Namespace, *paths.values()]
+    # A path of the other system cannot be made here ("cannot instantiate 'WindowsPath' on
+    # your system": a file saved on Windows was "corrupt, truncated or not a torch file"); it
+    # is read as that system's pure path. Python 3.13 names the classes pathlib._local.*.
+    other = "WindowsPath" if os.name == "posix" else "PosixPath"
+    paths[other] = paths[f"Pure{other}"]
+    named = [(c, f"{m}.{n}") for n, c in paths.items() for m in ("pathlib", "pathlib._local")]
+    return [argparse.Namespace, *named]
+
+
+_PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
 
 
 def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:

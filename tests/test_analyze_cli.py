@@ -963,11 +963,12 @@ def test_a_copy_of_a_checkpoint_in_its_directory_is_analysed_once(capsys, tmp_pa
     assert [r.name for r in given] == [r.name for r in results]  # files, as a shell glob's
     (runs / "a_link.pt").unlink()
     shutil.copyfile(runs / "epoch=0-step=20.pt", runs / "last.pt")
-    # Runs from one start (runs/*/init.pt): copies in other folders are named by their paths.
+    # Runs from one start (runs/*/init.pt): copies in other folders are named by their paths,
+    # the first in their folders' order kept, whatever order they are given in.
     (tmp_path / "b").mkdir()
     shutil.copyfile(runs / "last.pt", tmp_path / "b" / "last.pt")
     code, _, err = run(capsys, "analyze", runs / "last.pt", tmp_path / "b" / "last.pt", "-k", "1")
-    assert code == 0 and f"{tmp_path / 'b' / 'last.pt'} (of {runs / 'last.pt'})." in err, err
+    assert code == 0 and f"{runs / 'last.pt'} (of {tmp_path / 'b' / 'last.pt'})." in err, err
 
 
 def test_a_hugging_face_trainer_run_is_a_series_of_its_checkpoint_folders(

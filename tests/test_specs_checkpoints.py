@@ -1283,3 +1283,15 @@ def test_a_path_of_another_system_or_python_is_read_without_trust(tmp_path: Path
     legacy.write_bytes(saved.replace(b"cpathlib\n", b"cpathlib._local\n"))
     loaded = load_checkpoint(legacy)
     assert loaded.raw["log_dir"] == Path("/runs/1") and _equal(loaded.state_dict, small_state())
+
+
+def test_files_of_one_name_in_numbered_folders_are_in_their_folders_order(tmp_path: Path) -> None:
+    """A glob of runs/epoch_*/model.pt (files of one name, recording no step) came in the
+    shell's order, epoch_10 before epoch_2: the series, its warm starts and its plots in it."""
+    for n in (1, 2, 10):
+        (tmp_path / f"epoch_{n}").mkdir()
+        torch.save(small_state(), tmp_path / f"epoch_{n}" / "model.pt")
+    globbed = sorted(tmp_path.glob("epoch_*/model.pt"))  # as the shell expands it
+    assert [p.parent.name for p in globbed] == ["epoch_1", "epoch_10", "epoch_2"]
+    ordered = sorted((load_checkpoint(p) for p in globbed), key=checkpoint_order_key)
+    assert [c.path.parent.name for c in ordered] == ["epoch_1", "epoch_2", "epoch_10"]

@@ -950,10 +950,12 @@ def _check_safe(obj: Any, where: str) -> None:
 def checkpoint_order_key(ckpt: LoadedCheckpoint) -> tuple:
     """Sort key for a training series: :func:`series_key` of the step and epoch its metadata
     records, as the HDF5 file orders its groups; ties by name, naturally (``ckpt2`` before
-    ``ckpt10``)."""
+    ``ckpt10``), then by path so (a glob of runs/epoch_*/model.pt came in the shell's order,
+    epoch_10 before epoch_2)."""
     meta = ckpt.metadata or {}
     step, epoch = _as_number(meta.get("step")), _as_number(meta.get("epoch"))
-    return (*series_key(step, epoch, ckpt.name), natural_key(ckpt.name))
+    where = natural_key(ckpt.path.as_posix())
+    return (*series_key(step, epoch, ckpt.name), natural_key(ckpt.name), where)
 
 
 def _as_number(value: Any) -> float | None:

@@ -323,6 +323,12 @@ def lists():
 def sample_lists():
     return [(x, int(y)) for x, y in zip(*arrays())], [(np.zeros(2), 3)]
 
+def samples():
+    return [(torch.from_numpy(x), int(y)) for x, y in zip(*arrays())]
+
+def two_samples():
+    return samples()[:2]
+
 def nothing():
     return 42
 """
@@ -884,3 +890,16 @@ def test_an_empty_cut_short_or_other_kind_of_data_file_says_so(tmp_path) -> None
     np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}] * 8, dtype=object), y=y)
     with pytest.raises(UserError, match="holds object arrays, which safe loading does not read"):
         load_data(str(tmp_path / "objects.npz"))
+
+
+def test_a_list_of_samples_is_the_training_set(user_file: Path) -> None:
+    """A factory's list of (x, y) samples, a Dataset as torch takes one, was refused as "a
+    sequence of 6 items, not (train, test)", and a list of two was taken for two splits of one
+    sample each."""
+    data = load_data(f"{user_file}:samples")
+    assert len(data.train) == 6 and data.test is None and data.num_classes == 4
+    assert data.input_shape == (2,) and torch.equal(data.train[5][0], torch.tensor([10.0, 11.0]))
+    data = load_data(f"{user_file}:two_samples")
+    assert len(data.train) == 2 and data.test is None and data.num_classes == 2
+    data = load_data(f"{user_file}:sample_lists")  # two lists of samples: (train, test)
+    assert (len(data.train), len(data.test)) == (6, 1)

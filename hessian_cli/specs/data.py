@@ -543,6 +543,8 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
                     f"targets of shape {tuple(y.shape)}: they need one row per sample each."
                 )
             train = TensorDataset(x, y)
+        elif all(map(_is_sample, result)):  # a list of samples is a Dataset: the training set
+            train = result
         elif len(result) == 2:
             train, test = result
         else:
@@ -592,6 +594,19 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
         num_classes=num_classes,
         target_shape=() if classification and not token_labels else tuple(torch.as_tensor(y).shape),
     )
+
+
+def _is_sample(item: Any) -> bool:
+    """Whether ``item`` is a sample, an (x, y) pair of arrays or a dict of named inputs, which
+    a split of (train, test) is not: a factory's list of samples was refused as "a sequence of
+    10 items, not (train, test)", or, of two, taken for two splits."""
+    if isinstance(item, Mapping):
+        return True
+    if not (isinstance(item, tuple) and len(item) >= 2):
+        return False
+    x = item[0]
+    parts = list(x.values()) if isinstance(x, Mapping) else x if isinstance(x, tuple) else [x]
+    return bool(parts) and all(isinstance(p, (torch.Tensor, np.ndarray)) for p in parts)
 
 
 def _list_as_array(value: Any) -> Any:

@@ -1295,3 +1295,19 @@ def test_files_of_one_name_in_numbered_folders_are_in_their_folders_order(tmp_pa
     assert [p.parent.name for p in globbed] == ["epoch_1", "epoch_10", "epoch_2"]
     ordered = sorted((load_checkpoint(p) for p in globbed), key=checkpoint_order_key)
     assert [c.path.parent.name for c in ordered] == ["epoch_1", "epoch_2", "epoch_10"]
+
+
+def test_a_weights_key_naming_an_entry_without_weights_says_what_it_holds(tmp_path: Path) -> None:
+    """--weights-key epoch (an entry of the file, but a number) was told only that the file
+    "holds no state dict of tensors", as if it held none under any entry."""
+    path = tmp_path / "ema.pt"
+    ema = {k: v + 1 for k, v in small_state().items()}
+    torch.save({"model": small_state(), "ema": ema, "epoch": 3, "args": {"lr": 0.1}}, path)
+    for key, held in (("epoch", "an int"), ("args", "a dict")):
+        with pytest.raises(
+            UserError,
+            match=rf"^checkpoint '.*ema.pt' holds {held} under '{key}', which --weights-key "
+            r"names, not weights \(its entries: model, ema, epoch, args\)\.$",
+        ):
+            load_checkpoint(path, weights_key=key)
+    assert _equal(_loaded(path, weights_key="ema"), ema)

@@ -466,7 +466,13 @@ def _unwrap(
     else:
         metadata = _training_position(obj)
     if weights_key is not None and weights_key in obj:
-        state, module = _state_in(obj[weights_key], path, obj)
+        if not _holds_tensors(entry := obj[weights_key]):  # was "holds no state dict of tensors"
+            shown = ", ".join(map(str, list(obj)[:8]))
+            raise UserError(
+                f"checkpoint {str(path)!r} holds {a_type(entry)} under {weights_key!r}, which "
+                f"{WEIGHTS_FLAG} names, not weights (its entries: {shown})."
+            )
+        state, module = _state_in(entry, path, obj)
         return state, metadata, module
     state, module = _state_in(obj, path, obj)
     if weights_key is not None:

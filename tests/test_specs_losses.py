@@ -145,6 +145,16 @@ def test_mse_of_one_output_regresses_onto_0_1_labels() -> None:
             mse(outputs, targets)
 
 
+def test_mse_refuses_a_negative_label_by_its_value() -> None:
+    """A negative label made a row of zeros (one-hot by comparison matches no class), and
+    against one output the refusal named label 1, which is in range."""
+    mse = get_loss("mse", num_classes=3)
+    with pytest.raises(UserError, match="^label -1 is out of range for 3 classes in the mse"):
+        mse(torch.randn(4, 3), torch.tensor([0, 1, -1, 2]))
+    with pytest.raises(UserError, match="^label -1 is out of range for a single output"):
+        get_loss("mse")(torch.randn(4, 1), torch.tensor([0, -1, 1, 0]))
+
+
 def test_mse_real_targets() -> None:
     outputs = torch.randn(4, 1, dtype=torch.float64)
     targets = torch.randn(4)  # one target per sample, flat: reshaped, not broadcast

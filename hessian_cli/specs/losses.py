@@ -306,14 +306,15 @@ def _mse(num_classes: int | None) -> LossFn:
                 # One output regresses onto 0/1 labels (a binary classifier's score); one-hot
                 # over one class, which holds no label 1, refused them.
                 targets = targets.to(outputs.dtype)
-            elif high >= classes:
+            elif low < 0 or high >= classes:
+                # (a negative label made a row of zeros: one-hot by comparison matches no class)
                 what = (
                     "a single output in the mse loss, which takes 0/1 labels only (store others "
                     "as real numbers)"
                     if classes == 1  # "for 1 classes"
                     else f"{classes} classes in the mse loss"
                 )
-                raise UserError(f"label {high} is out of range for {what}.")
+                raise UserError(f"label {low if low < 0 else high} is out of range for {what}.")
             else:
                 # (not F.one_hot, which reads the labels' range from the device again)
                 classes_range = torch.arange(classes, device=targets.device)

@@ -409,6 +409,24 @@ def test_mse_reads_integer_targets_once_not_at_every_call() -> None:
         mse(outputs[:4], labels)
 
 
+def test_torch_binary_cross_entropy_reads_integer_labels_once() -> None:
+    """As mse's: torch's binary cross-entropy on 0/1 integer labels looked for other labels on
+    the device at every call (a wait for the GPU's work each product)."""
+    logits, labels = torch.randn(6, 1), torch.tensor([0, 1, 1, 0, 1, 0])
+    loss = get_loss("torch.nn:BCEWithLogitsLoss")
+
+    def reads(calls: int) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            losses = [loss(logits, labels) for _ in range(calls)]
+        assert all(torch.equal(value, losses[0]) for value in losses)
+        return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+    assert reads(1) > 0 and reads(5) == 0
+    labels[2] = -1
+    with pytest.raises(UserError, match="^label -1 is out of range for binary cross-entropy"):
+        loss(logits, labels)
+
+
 def test_mse_takes_labels_made_in_inference_mode() -> None:
     """A dataset built under torch.inference_mode() holds tensors that keep no version counter:
     the range read once per version met torch's 'Inference tensors do not track version

@@ -72,12 +72,15 @@ def _binary_labels(loss: LossFn) -> LossFn:
     (batch, 1) (or per pixel against (batch, 1, H, W)). torch refused both the labels' shape
     and their type, where a binary classifier's data holds them so."""
 
+    label_range = _LabelRange()  # (a product's batch is read once, not at every call)
+
     def binary(outputs: Tensor, targets: Tensor) -> Tensor:
         if not targets.is_floating_point():
-            if (other := targets[(targets != 0) & (targets != 1)]).numel():
+            low, high = label_range(targets)
+            if low < 0 or high > 1:
                 raise UserError(
-                    f"label {int(other[0])} is out of range for binary cross-entropy, which "
-                    "takes 0/1 labels only."
+                    f"label {low if low < 0 else high} is out of range for binary "
+                    "cross-entropy, which takes 0/1 labels only."
                 )
             targets = targets.to(outputs.dtype)
             if outputs.ndim == targets.ndim + 1 and outputs.shape[1] == 1:

@@ -2013,6 +2013,28 @@ def test_code_named_by_a_checkpoint_runs_only_when_trusted(capsys, tmp_path, dig
     assert marker.exists()
 
 
+def test_a_checkpoint_that_records_one_of_torchs_losses_needs_no_trust(
+    capsys, tmp_path, digits_mlp
+):
+    """train --loss torch.nn:CrossEntropyLoss records that spec: analyze of its checkpoints
+    asked for --loss or --trust-checkpoint, though torch's own losses run no code of the file's
+    choosing. Other torch.nn names (a module that is not a loss) still need trust."""
+    state = torch.load(digits_mlp, weights_only=True)
+    values = []
+    for spec in ("ce", "torch.nn:CrossEntropyLoss", "torch.nn.functional:cross_entropy"):
+        path = tmp_path / f"{len(values)}.pt"
+        meta = dict(state["hessian_cli"], loss=spec)
+        save_checkpoint(path, state_dict=state["model"], metadata=meta)
+        code, out, err = run(capsys, "analyze", path, "--top-k", "2", "--json")
+        assert code == 0, err
+        values.append(json.loads(out)["eigen"]["eigenvalues"])
+    assert values[1] == pytest.approx(values[0], rel=1e-5) == values[2]
+    planted = tmp_path / "module.pt"
+    meta = dict(state["hessian_cli"], loss="torch.nn:Identity")
+    save_checkpoint(planted, state_dict=state["model"], metadata=meta)
+    assert "the checkpoint names code to run" in _bad(capsys, "analyze", planted, "--top-k", "1")
+
+
 def test_all_the_code_a_checkpoint_names_is_refused_in_one_sentence(
     capsys, tmp_path, digits_mlp, monkeypatch
 ):

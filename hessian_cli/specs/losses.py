@@ -36,8 +36,36 @@ def default_loss(num_classes: int | None) -> str:
 
 
 def loss_names_code(spec: str) -> bool:
-    """Whether the loss spec names user code to import, not a built-in."""
+    """Whether the loss spec names code to import that a checkpoint may not choose: not a
+    built-in, nor one of torch's own losses (:func:`is_torch_loss`)."""
+    return _names_an_object(spec) and not is_torch_loss(spec)
+
+
+def _names_an_object(spec: str) -> bool:
     return spec not in BUILTIN_LOSSES and split_user_spec(spec) is not None
+
+
+def is_torch_loss(spec: str) -> bool:
+    """Whether ``spec`` names one of torch's loss classes (``torch.nn:BCEWithLogitsLoss``) or
+    loss functions (``torch.nn.functional:huber_loss``): code already imported, which a
+    checkpoint that records it (``train --loss torch.nn:...``) may name without trust."""
+    parts = split_user_spec(spec)
+    if parts is None:
+        return False
+    where, name = parts
+    if where == "torch.nn":
+        obj = getattr(torch.nn, name, None)
+        return isinstance(obj, type) and issubclass(obj, torch.nn.modules.loss._Loss)
+    return where == "torch.nn.functional" and name in _TORCH_LOSS_FUNCTIONS
+
+
+# torch.nn.functional's losses: each _Loss class's function (cross_entropy for CrossEntropyLoss...)
+_TORCH_LOSS_FUNCTIONS = frozenset(name for name in dir(F) if name.endswith("_loss")) | {
+    "cross_entropy",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "kl_div",
+}
 
 
 def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True) -> LossFn:
@@ -46,7 +74,8 @@ def get_loss(spec: str, *, num_classes: int | None = None, trusted: bool = True)
         return cross_entropy
     if spec == "mse":
         return _mse(num_classes)
-    if loss_names_code(spec):
+    if _names_an_object(spec):
+        trusted = trusted or is_torch_loss(spec)
         obj = load_object(spec, "loss function", trusted=trusted)
         if isinstance(obj, type):  # a loss class such as torch.nn:CrossEntropyLoss
             obj = call_user(obj, "loss class", spec)

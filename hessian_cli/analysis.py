@@ -90,6 +90,7 @@ from hessian_cli.specs.checkpoints import (
     TRAINER_WEIGHTS,
     WeightsMismatch,
     checkpoint_label,
+    folder_checkpoint,
     trainer_weights,
 )
 from hessian_cli.specs.data import data_names_code, float_labels_note, missing_recorded_file
@@ -190,12 +191,12 @@ def checkpoint_paths(target: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def is_series(targets: Sequence[Path]) -> bool:
     """Whether ``targets`` (given to :func:`checkpoint_paths`) are a series, however many
-    checkpoints it holds: several, or a directory of checkpoints; not one file, nor a Trainer
-    checkpoint folder, which is its weights file."""
+    checkpoints it holds: several, or a directory of checkpoints; not one file, nor a
+    checkpoint folder (a Trainer's, accelerate's), which is its weights file."""
     if len(targets) != 1:
         return True
     (target,) = targets
-    return target.is_dir() and checkpoint_paths(target) != [trainer_weights(target)]
+    return target.is_dir() and checkpoint_paths(target) != [folder_checkpoint(target)]
 
 
 def _paths_in(path: Path) -> list[Path]:

@@ -876,6 +876,13 @@ def test_a_glob_of_accelerate_checkpoint_folders_is_a_series_of_their_weights(
     assert [r["eigen"]["eigenvalues"] for r in results] == [
         r["eigen"]["eigenvalues"] for r in files
     ]
+    # One such folder alone is its weights, one checkpoint (as a Trainer's checkpoint-N is),
+    # not a series of one: the JSON was a list of one.
+    code, out, err = run(capsys, "analyze", folders[1], *args)
+    assert code == 0, err
+    alone = json.loads(out)
+    assert alone["name"] == "checkpoint_1"
+    assert alone["eigen"]["eigenvalues"] == results[0]["eigen"]["eigenvalues"]
 
 
 def test_an_optimizer_state_in_a_series_directory_is_named_as_such(capsys, tmp_path, digits_mlp):

@@ -1194,6 +1194,16 @@ def trainer_weights(folder: Path) -> Path | None:
     return weights
 
 
+def folder_checkpoint(folder: Path) -> Path | None:
+    """The weights file of a folder that is one checkpoint: a Trainer's or DeepSpeed's
+    (:func:`trainer_weights`), or accelerate's save_state under DeepSpeed, whose weights lie in
+    its pytorch_model/ (given alone it was taken for a series of one)."""
+    if (weights := trainer_weights(folder)) is not None:
+        return weights
+    inner = folder / ACCELERATE_DEEPSPEED
+    return trainer_weights(inner) if inner.is_dir() else None
+
+
 def _refuse_several_models(folder: Path, files: list[str]) -> None:
     """Refuses a folder of accelerate's save_state that holds the weights ``files`` (relative
     to it) of several prepared models: one was taken and the others left out unsaid, or, under

@@ -2285,3 +2285,21 @@ def test_a_directory_of_results_names_them(capsys, files, tmp_path):
         assert one_sentence(err, strict=True).endswith(
             f"{verb} reads one file, such as {results / 'a.h5'} (its result files: a.h5, b.h5)."
         )
+
+
+def test_traces_alone_of_one_checkpoint_at_two_seeds_are_not_a_series(capsys, full, tmp_path):  # noqa: F811
+    """`analyze final.pt --top-k 0 --trace --seed 0`, then `--seed 1`, into one file: plot drew
+    a "series" of two runs at one step ("2 runs", a step axis); as for one such analysis, it
+    says there is nothing to draw and that show prints the traces."""
+    path = tmp_path / "t.h5"
+    for seed in (0, 1):
+        prov = full.provenance | {"seed": seed}
+        bare = dataclasses.replace(full, eigen=None, density=None, alignment=None, provenance=prov)
+        write_analyses(path, [bare])
+    code, _, err = run(capsys, "plot", str(path), "-o", str(tmp_path / "t.png"))
+    assert code != 0
+    assert one_sentence(err).endswith(
+        "no eigenvalues or density to plot in its analyses run_ckpt_100.pt and "
+        "run_ckpt_100.pt-2; show prints the traces they hold."
+    )
+    assert not (tmp_path / "t.png").exists()

@@ -581,9 +581,13 @@ def _checkpoint_figure(
     as a series of one step."""
     drawn = [d for d in ds if d.get("eigen") is not None or d.get("density") is not None]
     if not drawn:  # a trace alone (--top-k 0 --trace): it said nothing of it
-        said = "; show prints the trace it holds" if ds[0].get("trace") else ""
+        held = "trace it holds" if len(ds) == 1 else "traces they hold"
+        said = f"; show prints the {held}" if any(d.get("trace") for d in ds) else ""
+        # Several (at --seed 0 and 1): they were drawn as a "series" of two runs at one step.
+        which = f" in its analyses {' and '.join(str(d.get('name')) for d in ds)}"
         raise UserError(
-            f"Checkpoint {ds[0].get('name')!r} has no eigenvalues or density to plot{said}."
+            f"Checkpoint {ds[0].get('name')!r} has no eigenvalues or density to plot"
+            f"{which if len(ds) > 1 else ''}{said}."
         )
     fig, axes = _figure(
         sum((d.get("density") is not None) + (d.get("eigen") is not None) for d in drawn)
@@ -650,8 +654,7 @@ def spectra_figure(
     if not ds:
         raise UserError("The file holds no checkpoints to plot.")
     ds = _latest(ds)
-    one = len({checkpoint_of(d, i) for i, d in enumerate(ds)}) == 1
-    if one and (len(ds) == 1 or any(d.get("eigen") or d.get("density") for d in ds)):
+    if len({checkpoint_of(d, i) for i, d in enumerate(ds)}) == 1:
         return _checkpoint_figure(ds, held)
     return _series_figure(ds)
 

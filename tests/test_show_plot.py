@@ -2303,3 +2303,15 @@ def test_traces_alone_of_one_checkpoint_at_two_seeds_are_not_a_series(capsys, fu
         "run_ckpt_100.pt-2; show prints the traces they hold."
     )
     assert not (tmp_path / "t.png").exists()
+
+
+def test_a_dash_for_the_file_says_standard_input_is_not_read(capsys, files, tmp_path):
+    """`show -` (standard input's usual name, `cat s.h5 | hessian-cli show -`) said "The file -
+    does not exist."; it says the file is given by its path."""
+    for verb, extra in (("show", []), ("plot", ["-o", str(tmp_path / "x.png")])):
+        code, _, err = run(capsys, verb, "-", *extra)
+        assert code == 2
+        assert one_sentence(err, strict=True).endswith(
+            "FILE - names standard input, which hessian-cli does not read: give a path, such "
+            "as spectra.h5 (./- for a file named -)."
+        )

@@ -149,9 +149,15 @@ def given_path(text: str, name: str, example: str) -> Path:
     the variable unset analysed every checkpoint in the working directory). A leading ``~`` is
     the home directory, also where quotes kept the shell from saying so (``'~/run/a.pt'`` was
     "no such file"; ``--out '~/runs'`` made a folder named ``~``); os.path's expanduser leaves
-    an unknown ``~user`` as it is (pathlib's raises)."""
+    an unknown ``~user`` as it is (pathlib's raises). ``-``, standard input's usual name, is
+    refused: `show -` said "The file - does not exist."."""
     if not text.strip():
         raise UserError(f"{name} needs a name, such as {example}.")
+    if text == "-":
+        raise UserError(
+            f"{name} - names standard input, which hessian-cli does not read: give a path, such "
+            f"as {example} (./- for a file named -)."
+        )
     path = Path(os.path.expanduser(text))
     # A path drops a trailing slash: `show s.h5/` showed the file, where the system says no.
     if text.endswith(("/", os.sep)) and path.exists() and not path.is_dir():

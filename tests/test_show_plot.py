@@ -2315,3 +2315,32 @@ def test_a_dash_for_the_file_says_standard_input_is_not_read(capsys, files, tmp_
             "FILE - names standard input, which hessian-cli does not read: give a path, such "
             "as spectra.h5 (./- for a file named -)."
         )
+
+
+def test_a_density_marks_the_eigenvalues_another_analysis_of_its_matrix_found():
+    """`analyze final.pt --top-k 3`, then `--top-k 0 --density` into one file: the density
+    panel drew none of the eigenvalues the file holds for that checkpoint. They are marked,
+    said to be the other analysis', and only where that is of the same matrix (data, samples,
+    loss, BatchNorm mode, parameters)."""
+    prov = {"model": "mlp", "num_params": 2410, "step": 168, "sha256": "ab" * 32}
+    prov |= {"data": "digits", "num_samples": 128, "loss": "ce", "bn": "eval"}
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.5, 1.0], "converged": [1, 1, 0]}
+    eigen |= {"residuals": [1e-6, 1e-6, 1e-2]}
+    grid = np.linspace(-1.0, 3.0, 50).tolist()
+    density = {"grid": grid, "values": [1.0] * 50, "num_probes": 8, "steps": 20}
+    pairs = {"name": "final", "provenance": prov | {"seed": 0}, "eigen": eigen}
+    esd = {"name": "final-2", "provenance": prov | {"seed": 1}, "density": density}
+
+    def marked(ds: list[dict]) -> tuple[list[float], str | None]:
+        fig = spectra_figure(ds, ds)
+        (ax,) = [ax for ax in fig.axes if ax.get_ylabel() == "density (log scale)"]
+        lines = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+        labels = [ln.get_label() for ln in lines if not ln.get_label().startswith("_")]
+        return [ln.get_xdata()[0] for ln in lines], labels[0] if labels else None
+
+    values, label = marked([pairs, esd])
+    assert values == [2.0, 1.5, 1.0]
+    assert label == "the 3 eigenvalues found (largest) by final"
+    other = {**esd, "provenance": esd["provenance"] | {"num_samples": 256}}
+    assert marked([pairs, other]) == ([], None)  # another matrix: none
+    assert marked([esd]) == ([], None)  # the file holds none

@@ -160,8 +160,11 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
 # --- spectra ----------------------------------------------------------------------------------
 
 
-def _density_panel(ax: Axes, d: Mapping[str, Any]) -> Axes:
-    dn, e = d["density"], d.get("eigen")
+def _density_panel(ax: Axes, d: Mapping[str, Any], held: Sequence[Mapping[str, Any]] = ()) -> Axes:
+    """``d``'s smoothed ESD, with the eigenvalues it found, or where it found none, those of
+    the analysis of the same matrix in ``held`` that found most (:func:`_eigen_of`)."""
+    dn = d["density"]
+    e, source = _eigen_of(d, held)
     grid, values = _arr(dn["grid"]), _arr(dn["values"])
     peak = np.nanmax(values) if np.isfinite(values).any() else 1.0
     floor = peak * _DENSITY_FLOOR if peak > 0 else _DENSITY_FLOOR
@@ -171,6 +174,7 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> Axes:
         found = counted(len(e["eigenvalues"]), "eigenvalue")
         # Older files record no `which`: it said "(None)".
         label = f"the {found} found" + (f" ({e['which']})" if e.get("which") else "")
+        label += f" by {_literal(source)}" if source is not None else ""
         for lam, ok in zip(e["eigenvalues"], e["converged"], strict=False):
             if lam is None or not math.isfinite(lam):
                 continue
@@ -189,6 +193,38 @@ def _density_panel(ax: Axes, d: Mapping[str, Any]) -> Axes:
     )
     ax.legend(loc="upper right", fontsize="small")
     return ax
+
+
+# What, besides its checkpoint's weights, an analysis' matrix is of (analysis_setting): the
+# eigenvalues of one analysis are those of another's density only where these are alike.
+_OF_MATRIX = ("data", "num_samples", "batch_size", "loss", "bn")
+
+
+def _matrix(d: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """The Hessian the analysis ``d`` is of: its checkpoint (None where unknown), the weights
+    taken from it, the model and parameters, the data, loss and batching."""
+    known = known_checkpoint(d)
+    if known is None:
+        return None
+    prov = d.get("provenance") or {}
+    weights = (prov.get("weights_key"), prov.get("weights_prefix"))
+    return (known, *weights, model_key(d), *(repr(analysis_setting(d, k)) for k in _OF_MATRIX))
+
+
+def _eigen_of(
+    d: Mapping[str, Any], held: Sequence[Mapping[str, Any]]
+) -> tuple[Mapping[str, Any] | None, str | None]:
+    """The eigenpairs a density panel marks, and the name of the analysis they are from where
+    that is another: ``d``'s own, or those of the analysis of its matrix in ``held`` with the
+    most (the latest of a tie). A checkpoint analysed with --top-k 3, then --top-k 0 --density,
+    drew a density with none of the eigenvalues known marked."""
+    if d.get("eigen") is not None or (matrix := _matrix(d)) is None:
+        return d.get("eigen"), None
+    found = [h for h in held if h.get("eigen") and _matrix(h) == matrix]
+    if not found:
+        return None, None
+    most = max(reversed(found), key=lambda h: len(h["eigen"]["eigenvalues"]))
+    return most["eigen"], str(most.get("name"))
 
 
 def _run_style(n: int) -> str:
@@ -600,7 +636,7 @@ def _checkpoint_figure(
         said = [model_cell(d.get("provenance") or {})] if models else []
         said += [settings_said(d, apart)] if apart else []
         names.append(f"{d.get('name')}" + (f" ({', '.join(said)})" if said else ""))
-        own = [_density_panel(next(panels), d)] if d.get("density") is not None else []
+        own = [_density_panel(next(panels), d, held or ds)] if d.get("density") is not None else []
         if d.get("eigen") is not None:
             own.append(_eigen_panel(next(panels), d["eigen"]))
         for ax in own if len(drawn) > 1 else ():

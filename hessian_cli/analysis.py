@@ -1091,6 +1091,12 @@ def _provenance(
         "num_samples": op.num_samples,
         "num_batches": len(s.batches),
         "batch_size": request.batch_size,
+        # The alignment's minibatches are the data's first ones: the last may be short.
+        "minibatch_samples": sum(
+            len(y) for _, y in (s.minibatches or s.batches)[: request.minibatches]
+        )
+        if request.alignment
+        else None,
         # What the batches' mean losses are weighted by in the operator's mean (and so H).
         "batch_weight": "samples" if s.batch_weight is None else "labels",
         "bn": request.bn,

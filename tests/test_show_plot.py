@@ -2344,3 +2344,25 @@ def test_a_density_marks_the_eigenvalues_another_analysis_of_its_matrix_found():
     other = {**esd, "provenance": esd["provenance"] | {"num_samples": 256}}
     assert marked([pairs, other]) == ([], None)  # another matrix: none
     assert marked([esd]) == ([], None)  # the file holds none
+
+
+def test_the_minibatch_caption_says_the_last_batch_where_the_data_ran_out(capsys, tmp_path):
+    """`analyze digits_mlp.pt --alignment --batch-size 1000`: the digits' training split ends
+    inside the second minibatch, yet the caption said "1,000 samples each"; it says the last's."""
+    from hessian_cli.specs.data import load_data
+
+    held = len(load_data("digits").train)
+    example = Path(__file__).parents[1] / "checkpoints_example" / "digits_mlp.pt"
+    path = tmp_path / "a.h5"
+    flags = ("--top-k", "1", "--alignment", "--batch-size", "1000", "-q", "--out", str(path))
+    code, _, err = run(capsys, "analyze", example, *flags)
+    assert code == 0, err
+    report = read_analyses(path)[0]
+    assert report["provenance"]["minibatch_samples"] == held
+    code, out, err = run(capsys, "show", str(path))
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert (
+        "over the first 2 batch gradients, 1,000 samples each but the last, "
+        f"{held - 1000:,} (where the data ends)" in said
+    )

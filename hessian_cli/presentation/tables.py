@@ -265,9 +265,12 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
     return Group(table, Text(how, style="dim"))
 
 
-def _alignment_table(al: Mapping[str, Any], batch_size: int | None = None) -> Table:
+def _alignment_table(
+    al: Mapping[str, Any], batch_size: int | None = None, samples: int | None = None
+) -> Table:
     """The scores, with the minibatch spread over batches of ``batch_size`` samples (the spread
-    of another --batch-size is another: two tables that read alike but for it said not why)."""
+    of another --batch-size is another: two tables that read alike but for it said not why),
+    ``samples`` in all where recorded (the data's last batch may hold fewer)."""
     mb = al.get("minibatch") or {}
     values = mb.get("values") or []
     m = len(values)
@@ -278,7 +281,7 @@ def _alignment_table(al: Mapping[str, Any], batch_size: int | None = None) -> Ta
         caption = f"minibatch: {'one' if m - zero else 'no'} nonzero batch gradient, so no spread"
     else:
         caption = f"minibatch: over the first {m} batch gradients"
-        caption += f", {counted(batch_size, 'sample')} each" if batch_size else ""
+        caption += _batch_sizes(m, batch_size, samples) if batch_size else ""
     if zero:
         caption += f" ({zero} of the {m} exactly zero, left out)"
     if al.get("grad_norm") == 0:
@@ -309,6 +312,16 @@ def _alignment_table(al: Mapping[str, Any], batch_size: int | None = None) -> Ta
     table.add_row(f"SAM sharpness (ρ={_g(al.get('rho'))})", _g(al.get("sam_sharpness"), ".4g"), "")
     table.add_row("gradient norm", _g(al.get("grad_norm"), ".4g"), "")
     return table
+
+
+def _batch_sizes(m: int, batch_size: int, samples: int | None) -> str:
+    """The samples in each of ``m`` minibatches of ``batch_size``, ``samples`` in all: where the
+    data ran out, the last holds fewer (the digits' 1,300 at --batch-size 1000: 1,000 and 300, both
+    said to hold 1,000). Files written before 2026-12-02 record no ``samples``."""
+    last = batch_size if samples is None else samples - (m - 1) * batch_size
+    if not 0 < last < batch_size:
+        return f", {counted(batch_size, 'sample')} each"
+    return f", {counted(batch_size, 'sample')} each but the last, {last:,} (where the data ends)"
 
 
 def _trace_line(t: Mapping[str, Any]) -> str:
@@ -404,7 +417,7 @@ def analysis_table(d: Mapping[str, Any], apart: Sequence[str] = ()) -> Renderabl
     if (dn := d.get("density")) is not None:
         parts.append(Text(_density_line(dn)))
     if (al := d.get("alignment")) is not None:
-        parts.append(_alignment_table(al, prov.get("batch_size")))
+        parts.append(_alignment_table(al, prov.get("batch_size"), prov.get("minibatch_samples")))
     if (line := cost_line(d.get("cost") or {})) is not None:
         parts.append(Text(line, style="dim"))
     return Group(*parts)

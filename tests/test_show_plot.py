@@ -2366,3 +2366,16 @@ def test_the_minibatch_caption_says_the_last_batch_where_the_data_ran_out(capsys
         "over the first 2 batch gradients, 1,000 samples each but the last, "
         f"{held - 1000:,} (where the data ends)" in said
     )
+
+
+def test_a_density_names_the_analysis_its_eigenvalues_are_from_as_the_table_does(full, tmp_path):  # noqa: F811
+    """One checkpoint analysed with --top-k 0 --density, then with --top-k 3 (groups final and
+    final-2, one name): plot -c of the density said its eigenvalues were found by the name
+    both share, not by the row final-2 that holds them."""
+    path = tmp_path / "two.h5"
+    write_analyses(path, [dataclasses.replace(full, eigen=None, alignment=None)])
+    write_analyses(path, [dataclasses.replace(full, density=None, alignment=None)])
+    out = tmp_path / "one.svg"
+    result = runner.invoke(app, ["plot", str(path), "-c", "run_ckpt_100.pt", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "found (largest) by run_ckpt_100.pt-2" in out.read_text()

@@ -17,7 +17,8 @@ METRICS_FILE = "metrics.h5"  # in a training run's directory (eigensam.run_dir, 
 @dataclass
 class Spectra:
     """The reports of a spectra file that ``--checkpoint`` picked, the groups that hold them,
-    the file's own attributes and history, and all its reports."""
+    the file's own attributes and history, and all its reports (named by their groups where
+    names repeat)."""
 
     reports: list[dict[str, Any]]
     groups: list[str]
@@ -64,7 +65,12 @@ def read_result_file(file: Path, checkpoint: str | None, verb: str) -> Spectra |
     if fmt != FORMAT_NAME:
         raise UserError(f"{file} is a {fmt!r} file, which hessian-cli cannot {verb}.")
     reports, info = read_spectra(file)
-    return Spectra(*pick_checkpoint(file, reports, info["groups"], checkpoint), info, reports)
+    picked = pick_checkpoint(file, reports, info["groups"], checkpoint)
+    # Where names repeat, every analysis is named by its group, as the table's rows are: a
+    # density's eigenvalues taken from another analysis were said to be final's, not final-2's.
+    repeated = len({d["name"] for d in reports}) < len(reports)
+    held = [{**d, "name": g} for d, g in zip(reports, info["groups"], strict=True)]
+    return Spectra(*picked, info, held if repeated else reports)
 
 
 def _refuse_a_run_or_checkpoint(file: Path, verb: str) -> None:

@@ -2379,3 +2379,27 @@ def test_a_density_names_the_analysis_its_eigenvalues_are_from_as_the_table_does
     result = runner.invoke(app, ["plot", str(path), "-c", "run_ckpt_100.pt", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "found (largest) by run_ckpt_100.pt-2" in out.read_text()
+
+
+def test_the_training_bar_shows_a_step_without_a_loss_as_the_tables_do():
+    """A minibatch of padding alone (every label -100) makes no update and has no loss: the
+    progress bar read "loss nan" where the epoch lines and `show` have a dash."""
+    from io import StringIO
+    from types import SimpleNamespace
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from eigensam.events import StepDone
+    from hessian_cli.presentation import DASH
+    from hessian_cli.presentation.training import TrainingDisplay
+
+    console = Console(file=StringIO(), force_terminal=True)
+    display = TrainingDisplay(console, SimpleNamespace(epochs=2), False, resuming=False)
+    display.progress = Progress(console=console)
+    display.task = display.progress.add_task("", total=4, stats="")
+    nan = float("nan")
+    display(
+        StepDone(step=1, epoch=1, loss=nan, accuracy=nan, lr=0.1, lambda_max=2.5, eigenvalue=None)
+    )
+    assert display.progress.tasks[0].fields["stats"] == f"loss {DASH}  λmax 2.5"

@@ -116,13 +116,15 @@ class TrainingDisplay:
         event = self.last_step
         if self.progress is None or event is None:
             return
-        stats = f"loss {event.loss:.4g}"
+        # A minibatch of padding alone has no loss (NaN): the bar read "loss nan", the epoch
+        # lines and show a dash.
+        stats = f"loss {_num(event.loss)}"
         if not math.isnan(event.accuracy):
             stats += f"  acc {event.accuracy:.3f}"
         if event.lambda_max is not None:
-            stats += f"  λmax {event.lambda_max:.4g}"
+            stats += f"  λmax {_num(event.lambda_max)}"
         elif event.eigenvalue is not None:
-            stats += f"  λ1 {event.eigenvalue:.4g}"
+            stats += f"  λ1 {_num(event.eigenvalue)}"
         if not math.isnan(self.test_accuracy):
             stats += f"  test acc {self.test_accuracy:.3f}"
         self.progress.update(

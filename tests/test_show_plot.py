@@ -1824,6 +1824,21 @@ def test_tables_are_never_cut_short(files, monkeypatch):
     assert "…" not in text and all(row.rstrip()[-1] in "┃│┓┩┫┤┐┘" for row in rows), text
 
 
+def test_one_analysis_tables_fold_numbers_rather_than_cut_them(full):  # noqa: F811
+    """At 40 columns the eigenvalue and alignment tables cut their numbers ("1.804…", "2.62e…"),
+    each then read as another; the series tables already folded theirs."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import analysis_table
+
+    d = json.loads(json.dumps(analysis_to_dict(full)))
+    terminal = Console(width=40, force_terminal=True, record=True)
+    terminal.print(analysis_table(d), crop=False)
+    text = terminal.export_text()
+    assert "Eigenvalues" in text and "SAM alignment" in text
+    assert "…" not in text, text
+
+
 def test_the_eigen_panel_draws_what_the_criterion_compares_with_tol(full):  # noqa: F811
     d = json.loads(json.dumps(analysis_to_dict(full)))
     d["eigen"]["criterion"] = "eigenvalue"

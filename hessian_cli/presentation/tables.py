@@ -247,12 +247,14 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
         how += f"; stopped: {STOP_REASONS[e['stop_reason']]}"
     values = e["eigenvalues"]
     errors = e.get("errors") or [None] * len(values)  # absent from files of older versions
+    # Folded, as the series tables are, where a narrow terminal cannot hold the columns: cut
+    # ("1.804…") a number read as another.
     table = Table(title="Eigenvalues")
-    table.add_column("#", justify="right")
-    table.add_column("eigenvalue", justify="right")
-    table.add_column("residual", justify="right")
-    table.add_column("rel. error ≤", justify="right")
-    table.add_column("converged?")
+    table.add_column("#", justify="right", overflow="fold")
+    table.add_column("eigenvalue", justify="right", overflow="fold")
+    table.add_column("residual", justify="right", overflow="fold")
+    table.add_column("rel. error ≤", justify="right", overflow="fold")
+    table.add_column("converged?", overflow="fold")
     # λ1, λ2, ... and λn, λn-1, ...: with both ends, "#4" read as the 4th largest.
     labels = eigen_labels({e.get("which")}, len(values))
     for i, (label, value, res, err, ok) in enumerate(
@@ -289,9 +291,9 @@ def _alignment_table(
     elif "curvature_ratio" in al and _missing(al["curvature_ratio"]):
         caption += "; curvature ratio undefined where λ1 ≤ 0"
     table = Table(title="SAM alignment", caption=caption)
-    table.add_column("score")
-    table.add_column("value", justify="right")
-    table.add_column("minibatch mean ± std", justify="right")
+    table.add_column("score", overflow="fold")  # (folded, not cut: as _eigen_table's)
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_column("minibatch mean ± std", justify="right", overflow="fold")
     means, stds = mb.get("mean") or [], mb.get("std") or []
     if m - zero < 2:  # files before 2026-11-30 recorded 0 for it, shown as "± 0.0000"
         stds = [None] * len(stds)

@@ -53,7 +53,8 @@ def analyze(
         metavar="TARGET",
         help="A checkpoint file, or a directory of them (.pt, .pth, .pth.tar, .th, .ckpt, .pkl, "
         ".safetensors; also a `train` run's directory, a Hugging Face Trainer's output (its "
-        "checkpoint-N folders) or DeepSpeed's (its global_stepN folders)), or several files (a shell glob, unquoted: run/step*.pt), "
+        "checkpoint-N folders) or DeepSpeed's (its global_stepN folders)), or several files or "
+        "checkpoint folders (a shell glob, unquoted: run/step*.pt, checkpoints/checkpoint_*), "
         "analysed in order of their recorded epoch and step, else of their names.",
     ),
     model: str | None = typer.Option(

@@ -284,6 +284,12 @@ def test_cnn_options() -> None:
         ("mlp", (4,), {"activation": "swish"}, "swish"),
         ("mlp", (4,), {"hidden": [0]}, "positive integer"),
         ("cnn", (1, 8, 8), {"batchnorm": "yes"}, "batchnorm"),
+        # A value is named as --model-kwargs' JSON wrote it: "not True" / "None" read as Python.
+        ("mlp", (4,), {"hidden": True}, "must be a list, not true[.]$"),
+        ("mlp", (4,), {"hidden": [None]}, "must be a positive integer, not null[.]$"),
+        ("mlp", (4,), {"activation": None}, "^unknown activation null for 'mlp'"),
+        ("mlp", (4,), {"activation": ["relu"]}, r'^unknown activation \["relu"\] for .mlp.'),
+        ("resnet20", (3, 8, 8), {"shortcut": "a"}, '1x1 projections[)], not "a"[.]$'),
     ],
 )
 def test_bad_builtin_options_are_user_errors(spec, shape, kwargs, words) -> None:

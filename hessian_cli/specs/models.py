@@ -192,7 +192,7 @@ def _build_builtin(
             _positive_int(input_size, "input_size", name),
             [_positive_int(h, "hidden", name) for h in _as_list(hidden, "hidden", name)],
             num_classes,
-            activation=str(activation),
+            activation=activation,
         )
     in_channels = _image_channels(name, input_shape, kwargs.pop("in_channels", None))
     if name == "cnn":
@@ -213,7 +213,7 @@ def _build_builtin(
     if shortcut not in ("A", "B"):
         raise UserError(
             f"model option 'shortcut' of {name!r} must be \"A\" (zero-padding, as "
-            f'akamaster/pytorch_resnet_cifar10) or "B" (1x1 projections), not {shortcut!r}.'
+            f'akamaster/pytorch_resnet_cifar10) or "B" (1x1 projections), not {_json(shortcut)}.'
         )
     return CifarResNet(
         _RESNET_DEPTHS[name], num_classes=num_classes, in_channels=in_channels, shortcut=shortcut
@@ -251,15 +251,24 @@ def _no_extra(name: str, kwargs: dict[str, Any], accepted: Sequence[str]) -> Non
 def _positive_int(value: Any, key: str, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UserError(
-            f"model option {key!r} of {name!r} must be a positive integer, not {value!r}."
+            f"model option {key!r} of {name!r} must be a positive integer, not {_json(value)}."
         )
     return value
 
 
 def _as_list(value: Any, key: str, name: str) -> list[Any]:
     if not isinstance(value, (list, tuple)):
-        raise UserError(f"model option {key!r} of {name!r} must be a list, not {value!r}.")
+        raise UserError(f"model option {key!r} of {name!r} must be a list, not {_json(value)}.")
     return list(value)
+
+
+def _json(value: Any) -> str:
+    """A model option's value as the user wrote it in --model-kwargs' JSON (true, not True;
+    null, not None), where it is JSON."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):  # an object given through the library
+        return repr(value)
 
 
 def _int_tuple(value: Any, key: str, name: str) -> tuple[int, ...]:
@@ -288,9 +297,9 @@ class MLP(nn.Sequential):
     def __init__(
         self, input_size: int, hidden: Sequence[int], num_classes: int, *, activation: str = "tanh"
     ) -> None:
-        if activation not in _ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
             raise UserError(
-                f"unknown activation {activation!r} for 'mlp' (choose from "
+                f"unknown activation {_json(activation)} for 'mlp' (choose from "
                 f"{', '.join(_ACTIVATIONS)})."
             )
         layers: list[nn.Module] = [_Flatten()]

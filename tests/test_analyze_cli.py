@@ -2641,7 +2641,7 @@ def test_models_the_analysis_cannot_take_are_refused_before_the_work(capsys, tmp
     exec(nets.read_text(), namespace)
     cases = [
         ("bn_net", ["--bn", "train", "--batch-size", "16", "--num-samples", "33"], "batch of 1"),
-        ("complex_net", [], "The parameter phase is complex"),
+        ("complex_net", [], "the parameter phase is complex"),
         ("checked_net", [], "does not fit the model: five features expected"),
     ]
     for factory, options, message in cases:

@@ -489,7 +489,7 @@ def test_the_hessian_is_of_the_loss_whatever_backward_hooks_do_to_gradients(back
         (lambda: Checkpointed(reentrant=True), "call it with use_reentrant=False"),
         (
             lambda: Checkpointed(reentrant=True, part="hidden"),
-            "The loss changes with fc1.weight, but autograd gives it no gradient",
+            "the loss changes with fc1.weight, but autograd gives it no gradient",
         ),
         (lambda: Checkpointed(reentrant=True, part="whole"), "changes with fc1.weight, but"),
         (AlwaysDropout, "draws random numbers in eval mode"),

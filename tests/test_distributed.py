@@ -613,7 +613,7 @@ def test_products_that_are_not_finite_after_their_sum_are_said_once(tmp_path: Pa
     assert code != 0
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert lines == [
-        "error: The Hessian-vector products are not finite (NaN or inf): the loss's second "
+        "error: the Hessian-vector products are not finite (NaN or inf): the loss's second "
         "derivatives are undefined or infinite at these weights."
     ], err
 
@@ -1043,7 +1043,7 @@ def test_a_loss_that_is_not_finite_on_one_ranks_share_stops_a_series_once(tmp_pa
     assert code != 0 and seconds < 60, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert lines == [
-        "error: step2.pt: The loss is not finite (NaN or inf) on the analysed data: check the "
+        "error: step2.pt: the loss is not finite (NaN or inf) on the analysed data: check the "
         "weights and the data (the checkpoint before it was analysed and is kept)."
     ], err
     with h5py.File(tmp_path / "s.h5", "r") as f:
@@ -1054,8 +1054,8 @@ def test_a_loss_that_is_not_finite_on_one_ranks_share_stops_a_series_once(tmp_pa
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--params", "nomatch*"], "error: The model has no trainable parameters matching"),
-        (["--params", "3.bias", "--top-k", "12"], "error: Cannot compute 12 eigenpairs of a"),
+        (["--params", "nomatch*"], "error: the model has no trainable parameters matching"),
+        (["--params", "3.bias", "--top-k", "12"], "error: cannot compute 12 eigenpairs of a"),
     ],
 )
 def test_a_refusal_every_rank_meets_after_loading_is_said_once(

@@ -133,7 +133,7 @@ def test_batchnorm_batch_statistics_mode_leaves_model_untouched(backend):
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(
         bn.num_batches_tracked, before[1]
     )
-    with pytest.raises(UserError, match="Unknown BatchNorm mode 'batch': use eval or train"):
+    with pytest.raises(UserError, match="unknown BatchNorm mode 'batch': use eval or train"):
         HessianOperator(case.model, case.loss, case.batches, bn="batch")  # ran as eval
 
 
@@ -824,7 +824,7 @@ def test_a_loss_function_that_draws_random_numbers_is_named_for_it():
     draws random numbers in eval mode", where the model drew none."""
     model, batches = _mlp(), [(_data()[0], _data()[1])]
     op = HessianOperator(model, lambda o, t: F.cross_entropy(F.dropout(o, 0.3), t), batches)
-    with pytest.raises(UserError, match="^The loss function draws random numbers"):
+    with pytest.raises(UserError, match="^the loss function draws random numbers"):
         op.matmul(torch.ones(op.n, dtype=torch.float64))
 
 
@@ -1686,5 +1686,5 @@ def test_a_held_block_looks_at_each_rebuilt_batch_loss_once(monkeypatch):
     x, y = batches[1]
     op = HessianOperator(case.model, case.loss, [batches[0], (x * float("nan"), y)])
     monkeypatch.setattr(op, "_free_memory", lambda: 0)
-    with pytest.raises(UserError, match="The loss is not finite"):
+    with pytest.raises(UserError, match="the loss is not finite"):
         eigenpairs(op, 2)

@@ -730,7 +730,7 @@ def test_no_bound_takes_a_gap_where_the_budget_ended_the_solve(criterion):
 def test_warm_start_rows_of_another_length_or_type_are_one_sentence():
     op = MatrixOperator(_with_spectrum(torch.linspace(1.0, 2.0, 20, dtype=torch.float64), 0))
     for init in (torch.ones(2, 19, dtype=torch.float64), torch.ones(2, 20, dtype=torch.long)):
-        with pytest.raises(UserError, match="Warm-start vectors must be real rows of 20"):
+        with pytest.raises(UserError, match="warm-start vectors must be real rows of 20"):
             eigenpairs(op, 2, init=init)
     with pytest.raises(UserError, match="`check_steps` must be at least 0"):
         eigenpairs(op, 2, check_steps=-1)

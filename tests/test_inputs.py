@@ -261,7 +261,7 @@ def test_a_tuple_of_inputs_is_passed_in_order():
 )
 def test_inputs_of_another_form_are_one_sentence(inputs):
     model = nn.Linear(1, 2)
-    with pytest.raises(Exception, match="Each batch must be \\(inputs, targets\\)") as info:
+    with pytest.raises(Exception, match="each batch must be \\(inputs, targets\\)") as info:
         HessianOperator(model, cross_entropy, [(inputs, torch.zeros(2, dtype=torch.long))])
     assert type(info.value).__name__ == "UserError"
 

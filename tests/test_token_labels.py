@@ -446,7 +446,7 @@ def test_a_batch_with_nothing_to_average_is_refused_by_the_operator():
         (data_inputs(data, slice(0, 4)), data.labels[:4]),
         (data_inputs(data, slice(0, 4)), labels),
     ]
-    with pytest.raises(UserError, match="A batch holds nothing its loss averages over"):
+    with pytest.raises(UserError, match="a batch holds nothing its loss averages over"):
         HessianOperator(model, cross_entropy, batches, batch_weight=labelled_count)
 
 

@@ -193,7 +193,7 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
             "--model-kwargs is not valid JSON: NaN is no JSON number",
         ),
         ([*TINY, "--schedule", "step", "--out", "{tmp}/x"], "unknown schedule"),
-        ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "Unknown device"),
+        ([*TINY, "--device", "tpu", "--out", "{tmp}/x"], "unknown device"),
         (
             [*PLAIN, "--optimizer", "sgd", "--rho", "0.1", "--out", "{tmp}/x"],
             "--rho has no effect with --optimizer sgd",

@@ -114,7 +114,7 @@ def alignment_scores(
     # Vectors of another operator (other `params`, another model) failed in a matrix product.
     if eigenvectors.ndim != 2 or eigenvectors.shape[1] != op.n:
         raise UserError(
-            f"The eigenvectors have shape {tuple(eigenvectors.shape)}: alignment_scores takes "
+            f"the eigenvectors have shape {tuple(eigenvectors.shape)}: alignment_scores takes "
             f"eigenvectors of this operator, [k, {op.n}]."
         )
     # Beyond rounding, pair by pair: near-tied top eigenvalues (a float32 solve's) may rise by

@@ -41,7 +41,7 @@ def deflation(op: LinearOperator, known: EigenResult | None) -> Deflation:
     V, values = known.eigenvectors, known.eigenvalues
     if V.ndim != 2 or V.shape != (len(values), op.n):
         raise UserError(
-            f"The known eigenpairs are {len(values)} values and vectors of shape "
+            f"the known eigenpairs are {len(values)} values and vectors of shape "
             f"{tuple(V.shape)}: they must be eigenpairs of this operator, [k] and [k, {op.n}]."
         )
     ends = {"largest": len(values), "both": len(values) // 2}  # `both`: largest first

@@ -109,11 +109,11 @@ def spectral_density(
     check_whole("`steps`", steps)
     if num_probes < 1 or steps < 2:
         raise UserError(
-            "The density needs at least one probe and two Lanczos steps (one step gives each "
+            "the density needs at least one probe and two Lanczos steps (one step gives each "
             "probe a single node, its Rayleigh quotient)."
         )
     if sigma is not None and not 0 < sigma < math.inf:  # also refuses NaN
-        raise UserError(f"The density's smoothing width must be a positive number, not {sigma}.")
+        raise UserError(f"the density's smoothing width must be a positive number, not {sigma}.")
     # Ranks may differ in free memory: all refuse together or none does (none left waiting).
     with fail_together() if getattr(op, "distributed", False) else contextlib.nullcontext():
         check_density_memory(op, num_probes, steps)

@@ -20,7 +20,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     line's other words."""
     given, name = str(name), str(name).lower()
     if name not in ("auto", "cpu") and not name.startswith("cuda"):
-        raise UserError(f"Unknown device {given!r}: use auto, cpu or cuda.")
+        raise UserError(f"unknown device {given!r}: use auto, cpu or cuda.")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {given} asks for CUDA, but no CUDA device is available.")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):

@@ -88,7 +88,7 @@ def init_from_env() -> bool:
         return is_distributed()
     if not dist.is_available():
         raise UserError(
-            "This torch build has no torch.distributed, so it cannot run under torchrun."
+            "this torch build has no torch.distributed, so it cannot run under torchrun."
         )
     # RANK and WORLD_SIZE alone (set by hand, or inherited from a job's shell) made torch's
     # rendezvous fail as "unexpected ValueError".

@@ -172,13 +172,13 @@ def eigenpairs(
     check_steps = CHECK_STEPS if check_steps is None else check_steps
     if init is not None and (init.numel() % op.n or not init.is_floating_point()):
         raise UserError(
-            f"Warm-start vectors must be real rows of {op.n} entries, one per parameter, not a "
+            f"warm-start vectors must be real rows of {op.n} entries, one per parameter, not a "
             f"{init.dtype} tensor of shape {tuple(init.shape)}."
         )
     # A gradient of other parameters failed in the start block's arithmetic, a RuntimeError.
     if hint is not None and (hint.numel() != op.n or not hint.is_floating_point()):
         raise UserError(
-            f"The hint must be a real vector of {op.n} entries, one per parameter, not a "
+            f"the hint must be a real vector of {op.n} entries, one per parameter, not a "
             f"{hint.dtype} tensor of shape {tuple(hint.shape)}."
         )
     if check_steps < 0:
@@ -202,9 +202,9 @@ def eigenpairs(
             progress=progress,
         )
     if which not in ("largest", "smallest"):
-        raise UserError(f"Unknown eigenvalue selection {which!r}: use largest, smallest or both.")
+        raise UserError(f"unknown eigenvalue selection {which!r}: use largest, smallest or both.")
     if criterion not in ("residual", "eigenvalue"):
-        raise UserError(f"Unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
+        raise UserError(f"unknown convergence criterion {criterion!r}: use residual or eigenvalue.")
     check_count(k, op.n)
     start_time, start_hvps = time.perf_counter(), op.hvp_count
     if init is not None:  # the rows that can start anything (none: a cold start)

@@ -118,4 +118,4 @@ def not_finite(op: LinearOperator, solver: str) -> NotFinite:
     error = getattr(op, "not_finite", None)
     if error is not None:
         return error()
-    return NotFinite(f"The {solver} Hessian-vector products are not finite (NaN or inf).")
+    return NotFinite(f"the {solver} Hessian-vector products are not finite (NaN or inf).")

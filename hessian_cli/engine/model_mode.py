@@ -232,7 +232,7 @@ def forward_mode(
     # an InstanceNorm layer's, which were not refused).
     if bn == "train" and any(scripted_running_norm(m) for m in layout.scripts):
         raise UserError(
-            "The BatchNorm (or InstanceNorm) layers of a TorchScript module cannot be switched "
+            "the BatchNorm (or InstanceNorm) layers of a TorchScript module cannot be switched "
             "to batch statistics (`bn=train`); use the eager model, or running statistics "
             "(`bn=eval`)."
         )

@@ -135,7 +135,7 @@ def _check_no_renormalising_embedding(model: nn.Module) -> None:
     if name is not None:
         where = f" {name!r}" if name else ""  # "": the model is the embedding
         raise UserError(
-            f"The model's embedding{where} has max_norm set, which rescales its weights in place "
+            f"the model's embedding{where} has max_norm set, which rescales its weights in place "
             "at every forward pass, so the Hessian would be of other weights than the model's: "
             "set its max_norm to None (after renormalising the weights, if that is wanted)."
         )
@@ -168,7 +168,7 @@ def _check_twice_differentiable(loss: torch.Tensor, g: torch.Tensor | None) -> N
             _ERROR_NODE is not None and type(node) is _ERROR_NODE
         ):
             raise UserError(
-                "The model or loss uses an autograd.Function whose backward is "
+                "the model or loss uses an autograd.Function whose backward is "
                 "@once_differentiable, so torch cannot give its second derivatives: write a "
                 "backward of differentiable torch operations to analyse it."
             )
@@ -226,12 +226,12 @@ class HessianOperator:
         # called exact) and torch has no QR for the solvers: eigenpairs failed in a traceback.
         if narrow := {str(t.dtype)[6:] for t in self.space.tensors if t.element_size() < 4}:
             raise UserError(
-                f"The parameters are {', '.join(sorted(narrow))}, and the Hessian is computed in "
+                f"the parameters are {', '.join(sorted(narrow))}, and the Hessian is computed in "
                 'float32 or float64: cast the model (`model.float()`); `precision="bf16"` '
                 "runs the products under bfloat16 autocast."
             )
         if bn not in ("eval", "train"):
-            raise UserError(f"Unknown BatchNorm mode {bn!r}: use eval or train.")
+            raise UserError(f"unknown BatchNorm mode {bn!r}: use eval or train.")
         self.bn = bn
         _check_no_renormalising_embedding(model)
         # The model's dtype for the data (cast_batch): float32 data for a float64 model failed
@@ -251,7 +251,7 @@ class HessianOperator:
             shares = [float((batch_weight or len)(y)) for _, y in self.batches]
             if any(not share > 0 for share in shares):  # its mean is 0/0: NaN everywhere
                 raise UserError(
-                    "A batch holds nothing its loss averages over (no label but -100, say): "
+                    "a batch holds nothing its loss averages over (no label but -100, say): "
                     "leave it out."
                 )
         counts = [len(self.batches)]
@@ -263,12 +263,12 @@ class HessianOperator:
             self.num_samples = int(dist_utils.sum_scalar(float(local_samples)))
             total = dist_utils.sum_scalar(total)
         if self.num_samples == 0 or not total > 0:
-            raise UserError("No data to compute the Hessian on: no batch holds a sample.")
+            raise UserError("no data to compute the Hessian on: no batch holds a sample.")
         # Global index of this rank's first batch: minibatch statistics follow the global order.
         self.batch_offset = sum(counts[: dist_utils.world()[0]]) if self.distributed else 0
         self.weights = [share / total for share in shares]
         if backend not in ("auto", "double-backward", "func"):
-            raise UserError(f"Unknown HVP backend {backend!r}: use auto, double-backward or func.")
+            raise UserError(f"unknown HVP backend {backend!r}: use auto, double-backward or func.")
         self.backend = backend
         self.backends_used: set[str] = set()
         # torch.func cannot call a TorchScript model with other values ("The stateless API
@@ -330,12 +330,12 @@ class HessianOperator:
             # A pair (x, y) given as the batches yields x, then y: each is taken for a batch.
             hint = ": pass a list of batches, [(x, y)]" if isinstance(batch, torch.Tensor) else ""
             raise UserError(
-                "Each batch must be (inputs, targets): a tensor of targets beside a tensor of "
+                "each batch must be (inputs, targets): a tensor of targets beside a tensor of "
                 f"inputs, a tuple of them or a dict of named ones, not {kinds}{hint}."
             )
         if batch[1].ndim == 0:  # a dataset's sample (x_i, y_i): len(y) failed, a TypeError
             raise UserError(
-                "Each batch's targets must hold one entry per sample, not a single number: pass "
+                "each batch's targets must hold one entry per sample, not a single number: pass "
                 "batches (a DataLoader), not the samples of a dataset."
             )
         x, y = cast_batch((batch[0], batch[1]), self._data_dtype)
@@ -343,7 +343,7 @@ class HessianOperator:
         if bn == "train" and len(y) == 1 and has_batchnorm(self.model):
             if (why := batch_statistics_error(self.model, x)) is not None:
                 raise UserError(
-                    f"A batch of one sample has no statistics for BatchNorm (bn='train'): "
+                    f"a batch of one sample has no statistics for BatchNorm (bn='train'): "
                     f"{why}; drop it (drop_last=True) or use bn='eval'."
                 )
         return x, y
@@ -374,13 +374,13 @@ class HessianOperator:
             self._forward_checked = True
             if model_drew:
                 raise UserError(
-                    "The model draws random numbers in eval mode (F.dropout, whose default is "
+                    "the model draws random numbers in eval mode (F.dropout, whose default is "
                     "training=True, say), so each pass is of another function: make its forward "
                     "deterministic in eval mode, e.g. F.dropout(x, p, training=self.training)."
                 )
             if not _same_states(before, _random_states(self.device)):
                 raise UserError(
-                    "The loss function draws random numbers (F.dropout, whose default is "
+                    "the loss function draws random numbers (F.dropout, whose default is "
                     "training=True, say), so each pass is of another function: make it "
                     "deterministic, e.g. without the dropout."
                 )
@@ -388,7 +388,7 @@ class HessianOperator:
             self._writes_checked = True
             self._check_parameters_kept(versions)
         if loss.ndim != 0:
-            raise UserError("The loss function must return a scalar (mean over the batch).")
+            raise UserError("the loss function must return a scalar (mean over the batch).")
         # Under torch.distributed one rank's share alone may be bad: its NaN reaches every rank
         # through the sums, which are checked (a rank raising here alone left the others waiting
         # and its message claimed work that rank 0 then dropped).
@@ -407,7 +407,7 @@ class HessianOperator:
         name = next((n for n, then, now in changed if then != now), None)
         if name is not None:
             raise UserError(
-                f"The model's forward pass changed its parameter {name!r} in place "
+                f"the model's forward pass changed its parameter {name!r} in place "
                 "(F.embedding with max_norm, say), so the Hessian would be of other weights "
                 "than the model's: make the forward leave its parameters as they are."
             )
@@ -417,7 +417,7 @@ class HessianOperator:
         every rank raises alike) is not finite."""
         if not bool(torch.isfinite(torch.as_tensor(losses)).all()):
             raise (dist_utils.CollectiveNotFinite if self.distributed else NotFinite)(
-                "The loss is not finite (NaN or inf) on the analysed data: "
+                "the loss is not finite (NaN or inf) on the analysed data: "
                 "check the weights and the data."
             )
 
@@ -623,7 +623,7 @@ class HessianOperator:
         """The error for products that are not finite: raised by :meth:`matmul`, or by a caller
         that looks at them itself (:meth:`unchecked_products`)."""
         return (dist_utils.CollectiveNotFinite if self.distributed else NotFinite)(
-            "The Hessian-vector products are not finite (NaN or inf): the loss's second "
+            "the Hessian-vector products are not finite (NaN or inf): the loss's second "
             "derivatives are undefined or infinite at these weights."
         )
 
@@ -852,7 +852,7 @@ class HessianOperator:
             moved, base = loss_at(values), loss_at({})
         if not abs(moved - base) <= 8 * torch.finfo(torch.float32).eps * abs(base):  # NaN too
             raise UserError(
-                f"The loss changes with {unused[0]}, but autograd gives it no gradient (it is "
+                f"the loss changes with {unused[0]}, but autograd gives it no gradient (it is "
                 "used under torch.no_grad, or in a torch.utils.checkpoint with "
                 "use_reentrant=True whose inputs need none): call checkpoint with "
                 "use_reentrant=False, or freeze it (requires_grad_(False))."
@@ -873,7 +873,7 @@ class HessianOperator:
             if "use_reentrant=True" not in str(exc):
                 raise
             raise UserError(
-                "The model calls torch.utils.checkpoint with use_reentrant=True, which cannot "
+                "the model calls torch.utils.checkpoint with use_reentrant=True, which cannot "
                 "give the gradient of the parameters alone: call it with use_reentrant=False."
             ) from exc
 
@@ -884,13 +884,13 @@ class HessianOperator:
         held = {id(p) for p in self.model.parameters()}
         if any(id(t) not in held for t in self._registered):
             raise UserError(
-                "The model's parameters were replaced (e.g. load_state_dict(assign=True)) since "
+                "the model's parameters were replaced (e.g. load_state_dict(assign=True)) since "
                 "this operator was made: make a new HessianOperator."
             )
         first = self.space.tensors[0]  # the operator's dtype and device are its
         if (first.dtype, first.device) != (self.dtype, self.device):
             raise UserError(
-                "The model was moved to another dtype or device since this operator was made: "
+                "the model was moved to another dtype or device since this operator was made: "
                 "make a new HessianOperator."
             )
 

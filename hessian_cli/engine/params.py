@@ -105,7 +105,7 @@ def check_real(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_complex():
             raise UserError(
-                f"The parameter {name} is complex; hessian-cli analyses real parameters only."
+                f"the parameter {name} is complex; hessian-cli analyses real parameters only."
             )
 
 
@@ -166,13 +166,13 @@ def select_parameters(
             if frozen
             else ""
         )
-        raise UserError(f"The model has no trainable parameters {what}{why}.")
+        raise UserError(f"the model has no trainable parameters {what}{why}.")
     # A glob beside others that matches nothing trainable (a typo, a frozen layer) selected
     # nothing, unsaid: the Hessian was of the other globs' parameters alone.
     unused = [g for g in given or () if not by_tensor and g not in used]
     if unused:
         raise UserError(
-            f"The model has no trainable parameters matching {', '.join(unused)}"
+            f"the model has no trainable parameters matching {', '.join(unused)}"
             f"{_why_unmatched(model, unused, frozen, held)}; leave it out or correct it."
         )
     names, tensors = zip(*chosen.values(), strict=True)

@@ -32,7 +32,7 @@ def check_precision(
     recorded as used and change nothing: TF32 off CUDA, and either reduced mode for float64
     products (``dtype``), which neither TF32 nor autocast touches."""
     if precision not in PRECISIONS:
-        raise UserError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}.")
+        raise UserError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}.")
     if precision == "tf32" and device.type != "cuda":
         raise UserError(
             f"`precision=tf32` is a CUDA matrix format: on {device.type} it changes nothing; "

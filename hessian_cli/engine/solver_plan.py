@@ -122,17 +122,17 @@ def check_count(k: int, n: int, which: str = "largest") -> None:
     returned twice)."""
     params = f"parameter{'s' if n != 1 else ''}"
     if which == "both" and n < 2:
-        raise UserError("A Hessian of one parameter has no two ends: use `which=largest`.")
+        raise UserError("a Hessian of one parameter has no two ends: use `which=largest`.")
     if which == "both" and k > n // 2:
         raise UserError(
-            f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} at each end of a Hessian with "
+            f"cannot compute {k} eigenpair{'s' if k != 1 else ''} at each end of a Hessian with "
             f"{n} {params} without the ends overlapping: choose `k` of at most {n // 2}, or "
             f"`which=largest` with `k` {n} for the whole spectrum."
         )
     if not 1 <= k <= n:
         limit = f"of at most {n}" if k > n else "of at least 1"
         raise UserError(
-            f"Cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
+            f"cannot compute {k} eigenpair{'s' if k != 1 else ''} of a Hessian with {n} "
             f"{params}: choose `k` {limit}."
         )
 

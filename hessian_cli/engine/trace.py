@@ -132,11 +132,11 @@ def stochastic_trace(
     """
     check_whole("`num_probes`", num_probes)
     if num_probes < 2:
-        raise UserError("The trace needs at least 2 probes to report a standard error.")
+        raise UserError("the trace needs at least 2 probes to report a standard error.")
     if method not in ("hutch++", "hutchinson"):
-        raise UserError(f"Unknown trace method {method!r}: use hutch++ or hutchinson.")
+        raise UserError(f"unknown trace method {method!r}: use hutch++ or hutchinson.")
     if known is not None and method != "hutch++":
-        raise UserError("Known eigenpairs join Hutch++'s sketch: use `method=hutch++`.")
+        raise UserError("known eigenpairs join Hutch++'s sketch: use `method=hutch++`.")
     start, hvps0 = time.perf_counter(), op.hvp_count
     gen = probe_generator(op, seed, KNOWN_TRACE_STREAM if known is not None else 0)
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)

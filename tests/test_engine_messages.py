@@ -1,0 +1,92 @@
+"""The engine's refusals as their readers see them: after the CLI's "error: " (and a series'
+"file.pt: ") a sentence goes on in lower case, as the CLI's own do ("--top-k must be ...")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import one_sentence, run
+from torch import nn
+
+from hessian_cli.engine import HessianOperator, MatrixOperator, eigenpairs, spectral_density
+from hessian_cli.engine.trace import stochastic_trace
+from hessian_cli.errors import UserError
+from hessian_cli.specs import build_model, load_data, save_checkpoint
+
+
+def _first_word(message: str) -> str:
+    return message.removeprefix("error: ").split()[0]
+
+
+def _checkpoint(path: Path, *, broken: bool = False) -> Path:
+    """A self-describing checkpoint of a small digits MLP (its weights NaN where ``broken``)."""
+    data = load_data("digits")
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=data.input_shape, num_classes=10, kwargs={"hidden": [4]})
+    state = {
+        k: torch.full_like(v, float("nan")) if broken else v for k, v in model.state_dict().items()
+    }
+    meta = {
+        "model": "mlp",
+        "model_kwargs": json.dumps({"hidden": [4]}),
+        "data": "digits",
+        "loss": "ce",
+    }
+    save_checkpoint(path, state_dict=state, metadata=meta)
+    return path
+
+
+def test_engine_refusals_through_analyze_go_on_in_lower_case(capsys, tmp_path):
+    """They read "error: The model has no trainable parameters ...", "error: Cannot compute
+    ...", "error: Unknown device ...", "error: The loss is not finite ..."."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    nan = _checkpoint(tmp_path / "nan.pt", broken=True)
+    for args in (
+        (ckpt, "--params", "nomatch*"),
+        (ckpt, "--params", "3.bias", "--top-k", "12"),
+        (ckpt, "--params", "3.bias", "--which", "both", "--top-k", "6"),
+        (ckpt, "--device", "tpu"),
+        (nan,),
+    ):
+        code, _, err = run(capsys, "analyze", *args, "--num-samples", "16")
+        first = _first_word(one_sentence(err))
+        assert code == 2 and first[0].islower(), (args, err)
+
+
+def _library_refusals() -> list[Callable[[], object]]:
+    """Library calls the CLI's own checks never let through, one per kind of refusal."""
+    mat = MatrixOperator(torch.diag(torch.arange(1.0, 7.0)))
+    model, loss = nn.Linear(3, 1), nn.MSELoss()
+    batches = [(torch.randn(4, 3), torch.randn(4, 1))]
+    return [
+        lambda: eigenpairs(mat, 2, which="middle"),  # type: ignore[arg-type]
+        lambda: eigenpairs(mat, 2, criterion="bound"),  # type: ignore[arg-type]
+        lambda: eigenpairs(mat, 2, init=torch.ones(5)),
+        lambda: eigenpairs(mat, 2, hint=torch.ones(5)),
+        lambda: eigenpairs(mat, 7),
+        lambda: eigenpairs(MatrixOperator(torch.eye(1)), 1, which="both"),
+        lambda: stochastic_trace(mat, num_probes=1),
+        lambda: stochastic_trace(mat, method="exact"),  # type: ignore[arg-type]
+        lambda: spectral_density(mat, sigma=-1.0),
+        lambda: spectral_density(mat, num_probes=0),
+        lambda: HessianOperator(model, loss, batches, bn="batch"),
+        lambda: HessianOperator(model, loss, batches, backend="jax"),
+        lambda: HessianOperator(model, loss, [(torch.randn(4, 3), torch.tensor(1.0))]),
+        lambda: HessianOperator(model, lambda out, y: (out - y) ** 2, batches).matmul(
+            torch.ones(4)
+        ),
+        lambda: HessianOperator(model, loss, batches, params=["nomatch*"]),
+    ]
+
+
+@pytest.mark.parametrize("call", range(len(_library_refusals())))
+def test_engine_refusals_in_the_library_go_on_in_lower_case(call):
+    """A library caller meets the same sentence the CLI prints after "error: "."""
+    with pytest.raises(UserError) as info:
+        _library_refusals()[call]()
+    first = _first_word(str(info.value))
+    assert first[0].islower() or first.startswith("`"), str(info.value)

@@ -741,7 +741,8 @@ def test_k_larger_than_parameter_count_is_refused():
     op = HessianOperator(case.model, case.loss, case.batches)
     with pytest.raises(UserError, match="choose `k` of at most"):  # the caller's names
         eigenpairs(op, op.n + 1)
-    for kw in ({"block_size": 0}, {"max_hvps": -1}):
+    # A basis of -3 or 0 vectors ran as the least the solve can hold, or the default, unsaid.
+    for kw in ({"block_size": 0}, {"max_hvps": -1}, {"max_basis": -3}, {"max_basis": 0}):
         with pytest.raises(UserError, match=f"`{next(iter(kw))}` must be at least 1"):
             eigenpairs(op, 1, **kw)
     assert op.hvp_count == 0
@@ -752,6 +753,9 @@ def test_k_larger_than_parameter_count_is_refused():
     [
         (lambda op: eigenpairs(op, 2.0), "k"),
         (lambda op: eigenpairs(op, 2, block_size=1.0), "block_size"),
+        (lambda op: eigenpairs(op, 2, max_basis=2.5), "max_basis"),  # ran as the whole space
+        (lambda op: eigenpairs(op, 2, check_steps=2.5), "check_steps"),  # ran
+        (lambda op: eigenpairs(op, 2, check_steps=True), "check_steps"),  # ran as 1
         (lambda op: stochastic_trace(op, 30.0), "num_probes"),
         (lambda op: spectral_density(op, 8.0), "num_probes"),
         (lambda op: spectral_density(op, 2, 10.0), "steps"),

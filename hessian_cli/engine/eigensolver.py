@@ -59,6 +59,7 @@ from hessian_cli.engine.solver_plan import (
     check_memory,
     check_options,
     check_rows,
+    check_whole,
     plan_solve,
     restart_chunk,
     restart_size,
@@ -168,7 +169,15 @@ def eigenpairs(
     operator computes in reduced precision, whose products are not the matrix being certified)
     they come from ``k`` fresh full-precision products instead.
     """
-    check_options(tol=tol, block_size=block_size, max_hvps=max_hvps, guard=guard, k=k, which=which)
+    check_options(
+        tol=tol,
+        block_size=block_size,
+        max_hvps=max_hvps,
+        guard=guard,
+        k=k,
+        which=which,
+        max_basis=max_basis,
+    )
     check_steps = CHECK_STEPS if check_steps is None else check_steps
     if init is not None and (init.numel() % op.n or not init.is_floating_point()):
         raise UserError(
@@ -181,6 +190,7 @@ def eigenpairs(
             f"the hint must be a real vector of {op.n} entries, one per parameter, not a "
             f"{hint.dtype} tensor of shape {tuple(hint.shape)}."
         )
+    check_whole("`check_steps`", check_steps)  # 2.5 ran, True as 1 step
     if check_steps < 0:
         raise UserError(f"`check_steps` must be at least 0, not {check_steps}.")
     if which == "both":

@@ -66,10 +66,13 @@ def check_options(
     guard: int | None = None,
     k: int = 1,
     which: str = "largest",
+    max_basis: int | None = None,
 ) -> None:
-    """Refuse settings no solve can run with (callers may check them before any work)."""
+    """Refuse settings no solve can run with (callers may check them before any work). A
+    ``max_basis`` of 2.5 or -3 was taken for the least basis the solve can run with, unsaid."""
     check_whole("`k`", k)
-    for name, value in (("block_size", block_size), ("max_hvps", max_hvps), ("guard", guard)):
+    sizes = {"block_size": block_size, "max_hvps": max_hvps, "max_basis": max_basis}
+    for name, value in (*sizes.items(), ("guard", guard)):
         if value is not None:
             check_whole(f"`{name}`", value)
     if not 0 < tol < 1:  # also refuses NaN; 1 and more: every pair converged at once
@@ -77,7 +80,7 @@ def check_options(
             f"`tol` must be a positive number below 1 (relative to the largest eigenvalue's size, "
             f"or with the eigenvalue criterion to each eigenvalue's), not {tol:g}."
         )
-    for name, value in (("block_size", block_size), ("max_hvps", max_hvps)):
+    for name, value in sizes.items():
         if value is not None and value < 1:
             raise UserError(f"`{name}` must be at least 1, not {value}.")
     if guard is not None and guard < 0:

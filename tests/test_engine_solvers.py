@@ -771,6 +771,26 @@ def test_counts_that_are_not_whole_numbers_are_refused(solve, name):
 
 
 @pytest.mark.parametrize(
+    "solve",
+    [
+        lambda op, seed: eigenpairs(op, 2, seed=seed),
+        lambda op, seed: eigenpairs(op, 2, which="both", seed=seed),
+        lambda op, seed: stochastic_trace(op, 4, seed=seed),
+        lambda op, seed: spectral_density(op, 2, 4, seed=seed),
+    ],
+    ids=["eigenpairs", "both-ends", "trace", "density"],
+)
+def test_a_seed_torch_cannot_take_is_refused_naming_it(solve):
+    """They stopped in torch: "manual_seed expected a long, but got float" (a RuntimeError),
+    "Overflow when unpacking long long", "can only concatenate str"."""
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)))
+    for seed in (1.5, 2**64, "1"):
+        with pytest.raises(UserError, match=f"^`seed` must be an integer .*, not {seed!r}"):
+            solve(op, seed)
+    assert op.hvp_count == 0
+
+
+@pytest.mark.parametrize(
     ("k", "kw"),
     [
         (1, {"block_size": 8, "max_hvps": 3}),  # a first block larger than the budget

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hessian_cli.engine.linear_operator import LinearOperator
+from hessian_cli.engine.seeds import check_seed
 
 # Streams of one seed: a solver of its own draws its probes apart from the others' (the
 # density's first probes were the trace's, so its first moment repeated the trace's estimate).
@@ -23,7 +24,10 @@ def probe_generator(op: LinearOperator, seed: int, stream: int = 0) -> torch.Gen
     6 s on a 2-core CPU. On the CPU otherwise, and under torch.distributed, where every rank must
     draw the same numbers and CUDA's streams may differ between GPU models. A seed therefore gives
     the same probes on every run on the same kind of device (on CPU: the stream PyHessian draws).
+    A seed torch would not take (1.5, 2**64) is refused here, where every solver's draws start:
+    it was torch's RuntimeError "manual_seed expected a long, but got float".
     """
+    check_seed(seed)
     on_gpu = op.device.type == "cuda" and not getattr(op, "distributed", False)
     mixed = (seed + stream * _STREAM_STEP) % 2**64 if stream else seed
     return torch.Generator(device=op.device if on_gpu else "cpu").manual_seed(mixed)

@@ -1552,7 +1552,8 @@ def test_density_moments_match_trace(name):
     assert dens.hvps == 40 * 30
     torch.testing.assert_close(dens.weights.sum(1), torch.ones(40, dtype=torch.float64))
     m1, m2 = float(values.sum()) / n, float((values**2).sum()) / n
-    # Each probe's rule reproduces v^T H v and v^T H^2 v exactly; the average is within sampling error.
+    # Each probe's rule reproduces v^T H v and v^T H^2 v exactly; the average is within
+    # sampling error.
     assert dens.moment(1) == pytest.approx(m1, rel=0.15)
     assert dens.moment(2) == pytest.approx(m2, rel=0.25)
     area = torch.trapezoid(dens.values, dens.grid)
@@ -2467,10 +2468,10 @@ def test_a_hint_against_the_random_start_of_one_parameter_does_not_cancel_it():
 def test_a_bound_reaches_out_no_further_than_the_pair_before_may_lie():
     """The 5 smallest of 150 values u^4 (u uniform in [0, 1]) at tol 1e-2 to 1e-1: the bottom
     is crowded within the tolerance (seed 2: 42 values below 0.005), and the pairs are
-    eigenvalues further in than the i-th (the 4th 0.00326, its residual 0.0088). A bound that reached out
-    to theta[i - 1] took the (i-1)-th to be there, not within that pair's own bound: the 5th,
-    0.00491, was "within 0.0043" of an eigenvalue 3.8e-7 (3 of 18 solves). It now reaches as
-    far as the pair before may lie."""
+    eigenvalues further in than the i-th (the 4th 0.00326, its residual 0.0088). A bound that
+    reached out to theta[i - 1] took the (i-1)-th to be there, not within that pair's own
+    bound: the 5th, 0.00491, was "within 0.0043" of an eigenvalue 3.8e-7 (3 of 18 solves). It
+    now reaches as far as the pair before may lie."""
     false = 0
     for seed, tol in itertools.product(range(6), (1e-2, 3e-2, 1e-1)):
         values = torch.rand(150, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -79,7 +79,8 @@ def local_world_size() -> int:
 def init_from_env() -> bool:
     """Join the process group torchrun describes in the environment; False when not launched so.
 
-    Collectives time out after ``$HESSIAN_CLI_COLLECTIVE_TIMEOUT`` seconds (default 900), a backstop for a rank that died outside the error agreement of :func:`fail_together`.
+    Collectives time out after ``$HESSIAN_CLI_COLLECTIVE_TIMEOUT`` seconds (default 900), a
+    backstop for a rank that died outside the error agreement of :func:`fail_together`.
     CPU tensors always go through Gloo, CUDA tensors through NCCL, so ``--device cpu`` works on a
     GPU node too, even one with fewer GPUs than ranks (only a rank with a GPU of its own selects
     it: selecting a missing one fails, "invalid device ordinal", before any option is read).

@@ -1105,17 +1105,18 @@ def _usable_rows(init: torch.Tensor, n: int) -> torch.Tensor | None:
 def _folded(rows: torch.Tensor, block: int) -> torch.Tensor | None:
     """A warm start's rows, at most a block of them; ``None`` where they cancel out.
 
-    More rows than the block are folded into it: start vector ``j`` is the sum of rows ``j, j + block, ...``
-    (each of unit length). Taken as they are, the rows made a larger start block, which then
-    grew one residual at a time: on a digits-MLP SGD series a warm top-5 took 1.5 times the
-    products of a cold one, top-20 at tol 1e-8 2.6 times; the sum takes 1-7% fewer than cold
-    (benchmarks/RESULTS.md, twelfth session). The vector of a top-1 stays as it is: Eigen-SAM's
-    refresh continues from it with a budget of a few products. Consecutive rows go to different
-    vectors, so an eigenvalue repeated up to ``block`` times keeps its copies; more, and the
-    start holds fewer, as a cold start of that block does (see solver_defaults.DEFAULT_BLOCK_SIZE).
-    The block is the plan's: folded into the block asked for where the plan lowered it (a
-    budget it did not divide), the rows beyond the plan's were dropped (8 exact eigenvectors of
-    a top-8, --block-size 5 lowered to 4: no pair converged in 8 products).
+    More rows than the block are folded into it: start vector ``j`` is the sum of rows
+    ``j, j + block, ...`` (each of unit length). Taken as they are, the rows made a larger start
+    block, which then grew one residual at a time: on a digits-MLP SGD series a warm top-5 took
+    1.5 times the products of a cold one, top-20 at tol 1e-8 2.6 times; the sum takes 1-7% fewer
+    than cold (benchmarks/RESULTS.md, twelfth session). The vector of a top-1 stays as it is:
+    Eigen-SAM's refresh continues from it with a budget of a few products. Consecutive rows go
+    to different vectors, so an eigenvalue repeated up to ``block`` times keeps its copies;
+    more, and the start holds fewer, as a cold start of that block does (see
+    solver_defaults.DEFAULT_BLOCK_SIZE). The block is the plan's: folded into the block asked
+    for where the plan lowered it (a budget it did not divide), the rows beyond the plan's were
+    dropped (8 exact eigenvectors of a top-8, --block-size 5 lowered to 4: no pair converged in
+    8 products).
     """
     if len(rows) > block:
         unit = rows / norms(rows)[:, None]

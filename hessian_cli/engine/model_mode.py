@@ -157,7 +157,8 @@ def held_scripts(
     ``torch.jit.load`` at import left there) or a closure's, also as a part of an eager module,
     or those of the plain functions it calls by name (a helper of the model's file that calls
     the script: its products were 31% off), each looked at once (``seen``: their code), not
-    torch's or ours. Looked up directly (inspect.getclosurevars took 70-100 us, at every product)."""
+    torch's or ours. Looked up directly (inspect.getclosurevars took 70-100 us, at every
+    product)."""
     function = getattr(function, "__func__", function)  # a bound method's
     code = getattr(function, "__code__", None)
     seen = set() if seen is None else seen

@@ -349,7 +349,8 @@ class HessianOperator:
         return x, y
 
     def backend_for(self, block: int) -> str:
-        """The backend that computes a product of ``block`` vectors (``auto``: :func:`auto_backend`)."""
+        """The backend that computes a product of ``block`` vectors (``auto``:
+        :func:`auto_backend`)."""
         wanted = auto_backend(block, self.device) if self.backend == "auto" else self.backend
         return wanted if wanted != "func" or self._func_ok else "double-backward"
 

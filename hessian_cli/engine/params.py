@@ -181,8 +181,9 @@ def select_parameters(
 
 def _why_unmatched(model: nn.Module, globs: list[str], frozen: list[str], held: list[str]) -> str:
     """Why ``globs`` select no trainable parameter, in parentheses: globs given as one with
-    spaces between them, else the frozen parameters they match, else the buffers (a BatchNorm's running statistics are no parameters), else the
-    parameters there are (a weight norm's are not named .weight); "" where there are none."""
+    spaces between them, else the frozen parameters they match, else the buffers (a
+    BatchNorm's running statistics are no parameters), else the parameters there are (a
+    weight norm's are not named .weight); "" where there are none."""
 
     def hits(names: list[str]) -> list[str]:
         return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]

@@ -211,8 +211,9 @@ def check_memory(
     (``capacity`` rows each), ``w`` Ritz vectors and their residuals, and a restart's chunk or
     the ``check`` rows of the check for a skipped eigenvalue (its vectors and products, see
     :func:`check_rows`, and a copy of the pairs'); for the whole space no restart or check,
-    but its dense eigendecomposition (WHOLE_SPACE_SQUARES), which lives on the CPU (the device's memory where that is the CPU). On the CPU every rank of a
-    distributed solve on this machine holds its own copy, and all check before any allocates."""
+    but its dense eigendecomposition (WHOLE_SPACE_SQUARES), which lives on the CPU (the
+    device's memory where that is the CPU). On the CPU every rank of a distributed solve on
+    this machine holds its own copy, and all check before any allocates."""
     what = (
         "every column of the Hessian"
         if whole

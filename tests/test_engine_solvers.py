@@ -770,6 +770,23 @@ def test_counts_that_are_not_whole_numbers_are_refused(solve, name):
     assert op.hvp_count == 0
 
 
+def test_a_trace_block_of_no_probes_is_refused():
+    """A block of -1 multiplied no probe and read the products' uninitialised memory: the
+    trace of diag(1..40), 820, came out 39 with no error; 0 and 2.5 were all at once and a
+    TypeError."""
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64)))
+    for block_size in (-1, 0):
+        with pytest.raises(UserError, match=f"^`block_size` must be at least 1, not {block_size}"):
+            stochastic_trace(op, 12, block_size=block_size)
+    with pytest.raises(UserError, match="^`block_size` must be a whole number, not 2.5"):
+        stochastic_trace(op, 12, block_size=2.5)
+    assert op.hvp_count == 0
+    # A block that divides the probes unevenly gives what all at once gives.
+    whole = stochastic_trace(op, 12, method="hutchinson")
+    assert stochastic_trace(op, 12, method="hutchinson", block_size=5).estimate == whole.estimate
+    assert whole.estimate == pytest.approx(820)  # Rademacher probes: v^T D v is trace(D)
+
+
 @pytest.mark.parametrize(
     "solve",
     [

@@ -131,6 +131,10 @@ def stochastic_trace(
     :class:`HessianOperator` splits a block that does not fit in memory).
     """
     check_whole("`num_probes`", num_probes)
+    if block_size is not None:  # -1 multiplied no probe: the trace of 820 came out 39, unsaid
+        check_whole("`block_size`", block_size)
+        if block_size < 1:
+            raise UserError(f"`block_size` must be at least 1, not {block_size}.")
     if num_probes < 2:
         raise UserError("the trace needs at least 2 probes to report a standard error.")
     if method not in ("hutch++", "hutchinson"):

@@ -2390,6 +2390,8 @@ def test_alignment_of_pairs_other_than_the_largest_is_refused():
         ({"rho": math.nan}, "rho of at least 0, not nan"),
         ({"alpha": -0.2}, "alpha of at least 0, not -0.2"),
         ({"minibatches": -3}, "minibatches of at least 0, not -3"),
+        ({"minibatches": 2.5}, "a whole number of minibatches, not 2.5"),
+        ({"minibatches": True}, "a whole number of minibatches, not True"),
     ],
 )
 def test_alignment_settings_the_cli_refuses_are_refused(given, said):
@@ -2399,8 +2401,10 @@ def test_alignment_settings_the_cli_refuses_are_refused(given, said):
     case = CASES["mlp-ce"]
     op = HessianOperator(case.model, case.loss, case.batches)
     res = eigenpairs(op, 2)
+    hvps = op.hvp_count
     with pytest.raises(UserError, match=f"alignment_scores takes {said}"):
         alignment_scores(op, res.eigenvalues, res.eigenvectors, **given)
+    assert op.hvp_count == hvps  # before any work
 
 
 def test_alignment_of_another_operators_eigenvectors_is_refused():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -106,6 +107,11 @@ def alignment_scores(
     for name, value in (("rho", rho), ("alpha", alpha)):
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"alignment_scores takes {name} of at least 0, not {value:g}.")
+    # 2.5 failed in a slice after the gradient and a product were spent, True took one batch.
+    if isinstance(minibatches, bool) or not isinstance(minibatches, Integral):
+        raise UserError(
+            f"alignment_scores takes a whole number of minibatches, not {minibatches!r}."
+        )
     if minibatches < 0:
         raise UserError(f"alignment_scores takes minibatches of at least 0, not {minibatches}.")
     values = torch.as_tensor(eigenvalues).double().cpu()

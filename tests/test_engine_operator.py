@@ -62,6 +62,34 @@ def test_a_reference_operator_counts_a_single_vector_as_one_product(kind):
     assert op.hvp_count == 3
 
 
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        # All of its eigenvalues are 1; the solve gave 2.5.
+        (lambda: MatrixOperator(torch.triu(torch.ones(4, 4))), "takes a symmetric matrix"),
+        (lambda: MatrixOperator(torch.eye(3, dtype=torch.long)), "not an int64 tensor"),
+        (lambda: MatrixOperator(torch.ones(3, 4)), "square matrix, not one of shape \\(3, 4\\)"),
+        (lambda: MatrixOperator(torch.ones(3)), "not a float32 tensor of shape \\(3,\\)"),
+        (lambda: DiagonalOperator(torch.arange(3)), "real vector, not an int64 tensor"),
+        (lambda: DiagonalOperator([1.0, 2.0]), "real vector, not a list"),
+    ],
+)
+def test_a_reference_operator_of_what_is_not_a_real_symmetric_matrix_is_refused(make, said):
+    """They ran: a solve of a non-symmetric matrix returned values it does not have, an integer
+    one failed in torch.finfo, a non-square one gave products of another length."""
+    with pytest.raises(UserError, match=said):
+        make()
+
+
+def test_a_reference_operator_takes_a_hessian_with_its_rounding():
+    """A float32 Hessian that differs from its transpose by rounding (1e-6 of it) is taken."""
+    case = CASES[next(iter(CASES))]
+    H = dense_hessian(case.model, case.loss, case.batches).float()
+    noise = 1e-6 * H.abs().max() * torch.rand(H.shape, generator=torch.Generator().manual_seed(0))
+    values = eigenpairs(MatrixOperator(H + noise), 1).eigenvalues
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(H.double())[-1:], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["double-backward", "func"])
 def test_an_empty_block_is_no_product(backend):
     case = CASES[next(iter(CASES))]

@@ -14,7 +14,7 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import torch
 
-from hessian_cli.errors import NotFinite
+from hessian_cli.errors import NotFinite, UserError, a_type
 
 
 class LinearOperator(Protocol):
@@ -50,6 +50,7 @@ class MatrixOperator:
     solvers' tests and benchmarks."""
 
     def __init__(self, matrix: torch.Tensor) -> None:
+        _check_matrix(matrix)
         self.matrix = matrix
         self.n = matrix.shape[0]
         self.dtype = matrix.dtype
@@ -66,6 +67,8 @@ class DiagonalOperator:
     products cost next to nothing (tests, and measuring the solvers' own cost)."""
 
     def __init__(self, diagonal: torch.Tensor) -> None:
+        if not isinstance(diagonal, torch.Tensor) or diagonal.ndim != 1 or not _real(diagonal):
+            raise UserError(f"DiagonalOperator takes a real vector, not {_described(diagonal)}.")
         self.diagonal = diagonal
         self.n = len(diagonal)
         self.dtype = diagonal.dtype
@@ -75,6 +78,45 @@ class DiagonalOperator:
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         self.hvp_count += _products(block)
         return block * self.diagonal
+
+
+# Asymmetry beyond float32 rounding, relative to the largest entry: a dense Hessian from
+# autograd differs from its transpose by about 1e-7 of it.
+_ASYMMETRY = 1e-4
+
+
+def _real(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and not t.is_complex()
+
+
+def _described(t: object) -> str:
+    if not isinstance(t, torch.Tensor):
+        return a_type(t)
+    dtype = str(t.dtype).removeprefix("torch.")
+    return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(t.shape)}"
+
+
+def _check_matrix(matrix: torch.Tensor) -> None:
+    """Refuse what is not a real symmetric matrix: an integer one failed deep in a solve
+    (torch.finfo), a non-square one gave products of another length than its size, and a
+    non-symmetric one had no eigenpairs of the kind solved for (triu(ones(4)), all of whose
+    eigenvalues are 1, gave 2.5). Entries that are not finite are left to the solvers."""
+    if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2 or not _real(matrix):
+        raise UserError(f"MatrixOperator takes a real square matrix, not {_described(matrix)}.")
+    if matrix.shape[0] != matrix.shape[1]:
+        raise UserError(
+            f"MatrixOperator takes a square matrix, not one of shape {tuple(matrix.shape)}."
+        )
+    if not matrix.numel():
+        return
+    both = torch.isfinite(matrix) & torch.isfinite(matrix.T)
+    gap = float(torch.where(both, (matrix - matrix.T).abs(), 0).amax())
+    size = float(torch.where(both, matrix.abs(), 0).amax())
+    if gap > _ASYMMETRY * size:
+        raise UserError(
+            f"MatrixOperator takes a symmetric matrix, as a Hessian is: this one differs from "
+            f"its transpose by up to {gap:.3g}, with entries up to {size:.3g}."
+        )
 
 
 P = ParamSpec("P")

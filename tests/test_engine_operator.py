@@ -1437,6 +1437,16 @@ def test_params_as_one_glob_or_as_the_models_parameters():
         HessianOperator(model, F.cross_entropy, [(x, y)], params=model[1].parameters())
 
 
+@pytest.mark.parametrize(
+    ("params", "said"), [([1], "an int"), (5, "an int"), (1.5, "a float"), ([None], "None")]
+)
+def test_params_that_are_neither_globs_nor_parameters_are_one_sentence(params, said):
+    """Indices or a number failed in len() or iter(): "object of type 'int' has no len()"."""
+    model, (x, y) = _mlp(), _data()
+    with pytest.raises(UserError, match=f"^params takes name globs or parameters .*, not {said}"):
+        HessianOperator(model, F.cross_entropy, [(x, y)], params=params)
+
+
 def test_a_one_sample_batch_under_batch_statistics_is_refused_when_made():
     """It raised torch's "Expected more than 1 value per channel" at the first product."""
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, a_type
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ def select_parameters(
     included once, under the first that matched.
     """
     check_real(model)
-    if isinstance(patterns, (str, torch.Tensor)):  # one glob or parameter, not its letters/rows
+    # One glob or parameter, not its letters or rows; anything else, refused by _selectors.
+    if isinstance(patterns, (str, torch.Tensor)) or not isinstance(patterns, Iterable | None):
         patterns = [patterns]
     given = None if patterns is None else list(patterns)
     if given is not None:
@@ -215,6 +216,8 @@ def _selectors(item: object) -> list:
         return [g for glob in item for g in _selectors(glob)]
     if isinstance(item, str):
         return [g.strip() for g in item.split(",") if g.strip()]
+    if not isinstance(item, torch.Tensor):  # [1] failed in len(), 5 in iter(): TypeErrors
+        raise UserError(f"params takes name globs or parameters of the model, not {a_type(item)}.")
     return [item]
 
 

@@ -729,7 +729,15 @@ def test_no_bound_takes_a_gap_where_the_budget_ended_the_solve(criterion):
 
 def test_warm_start_rows_of_another_length_or_type_are_one_sentence():
     op = MatrixOperator(_with_spectrum(torch.linspace(1.0, 2.0, 20, dtype=torch.float64), 0))
-    for init in (torch.ones(2, 19, dtype=torch.float64), torch.ones(2, 20, dtype=torch.long)):
+    # Eigenvectors as eigh's columns (20 x 4, read as 4 rows of 20 mixed entries), and rows of
+    # another operator that fill whole rows of this one (4 x 10, read as 2 rows).
+    for init in (
+        torch.ones(2, 19, dtype=torch.float64),
+        torch.ones(2, 20, dtype=torch.long),
+        torch.linalg.eigh(op.matrix)[1][:, -4:],
+        torch.ones(4, 10, dtype=torch.float64),
+        torch.ones(1, 2, 20, dtype=torch.float64),
+    ):
         with pytest.raises(UserError, match="warm-start vectors must be real rows of 20"):
             eigenpairs(op, 2, init=init)
     with pytest.raises(UserError, match="`check_steps` must be at least 0"):

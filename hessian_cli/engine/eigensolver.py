@@ -179,7 +179,10 @@ def eigenpairs(
         max_basis=max_basis,
     )
     check_steps = CHECK_STEPS if check_steps is None else check_steps
-    if init is not None and (init.numel() % op.n or not init.is_floating_point()):
+    # Rows by their shape, not their count: eigh's columns, [n, 4], were read as 4 rows of n.
+    if init is not None and (
+        init.ndim not in (1, 2) or init.shape[-1] != op.n or not init.is_floating_point()
+    ):
         raise UserError(
             f"warm-start vectors must be real rows of {op.n} entries, one per parameter, not a "
             f"{init.dtype} tensor of shape {tuple(init.shape)}."

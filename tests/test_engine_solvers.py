@@ -839,6 +839,15 @@ def test_the_hvp_budget_bounds_every_product(k, kw):
     assert len(res.eigenvalues) == (2 * k if kw.get("which") == "both" else k)
 
 
+@pytest.mark.parametrize("tol", ["1e-4", None])
+def test_a_tolerance_that_is_not_a_number_is_refused_naming_it(tol):
+    """A string (from a config file) or None failed in the comparison: "'<' not supported
+    between instances of 'int' and 'str'", a TypeError naming no argument."""
+    op = MatrixOperator(torch.eye(10, dtype=torch.float64))
+    with pytest.raises(UserError, match=f"^`tol` must be a positive number below 1 .*not {tol!r}"):
+        eigenpairs(op, 2, tol=tol)
+
+
 def test_a_budget_below_one_product_per_pair_is_refused():
     op = MatrixOperator(torch.eye(10, dtype=torch.float64))
     with pytest.raises(UserError, match="`max_hvps` 3 is too few for 5 eigenpairs"):
@@ -1585,7 +1594,7 @@ def test_density_moments_match_trace(name):
     assert float(area) == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("sigma", [0.0, -0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("sigma", [0.0, -0.1, float("nan"), float("inf"), "0.1"])
 def test_a_smoothing_width_that_is_not_positive_is_refused(sigma):
     op = MatrixOperator(torch.eye(4, dtype=torch.float64))
     with pytest.raises(UserError, match="smoothing width must be a positive number"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from numbers import Real
 
 import torch
 
@@ -112,8 +113,8 @@ def spectral_density(
             "the density needs at least one probe and two Lanczos steps (one step gives each "
             "probe a single node, its Rayleigh quotient)."
         )
-    if sigma is not None and not 0 < sigma < math.inf:  # also refuses NaN
-        raise UserError(f"the density's smoothing width must be a positive number, not {sigma}.")
+    if sigma is not None and not (isinstance(sigma, Real) and 0 < sigma < math.inf):  # NaN too
+        raise UserError(f"the density's smoothing width must be a positive number, not {sigma!r}.")
     # Ranks may differ in free memory: all refuse together or none does (none left waiting).
     with fail_together() if getattr(op, "distributed", False) else contextlib.nullcontext():
         check_density_memory(op, num_probes, steps)

@@ -8,7 +8,7 @@ iteration how it spends it.
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 from typing import NamedTuple
 
 import torch
@@ -58,6 +58,11 @@ def check_whole(label: str, value: object) -> None:
         raise UserError(f"{label} must be a whole number, not {value!r}.")
 
 
+def _shown(value: object) -> str:
+    """A number as ``:g`` writes it, anything else as its repr (a string in its quotes)."""
+    return f"{value:g}" if isinstance(value, Real) else repr(value)
+
+
 def check_options(
     *,
     tol: float,
@@ -75,10 +80,12 @@ def check_options(
     for name, value in (*sizes.items(), ("guard", guard)):
         if value is not None:
             check_whole(f"`{name}`", value)
-    if not 0 < tol < 1:  # also refuses NaN; 1 and more: every pair converged at once
+    # Also refuses NaN; 1 and more: every pair converged at once. A string ("1e-4" from a
+    # config file) failed in the comparison: "'<' not supported between 'int' and 'str'".
+    if not (isinstance(tol, Real) and 0 < tol < 1):
         raise UserError(
             f"`tol` must be a positive number below 1 (relative to the largest eigenvalue's size, "
-            f"or with the eigenvalue criterion to each eigenvalue's), not {tol:g}."
+            f"or with the eigenvalue criterion to each eigenvalue's), not {_shown(tol)}."
         )
     for name, value in sizes.items():
         if value is not None and value < 1:

@@ -2,8 +2,9 @@
 autograd's (a product as the operator takes it, with the weights held as in a solve, and
 autograd's double backward alone on the same kept graph), eval BatchNorm by the engine's formula
 beside torch's kernel (:func:`batchnorm_rows`), cuDNN's
-heuristic algorithms beside its timed search in products and solves (:func:`cudnn_rows`), a candidate for trace probes without a product
-(:func:`quadratic_candidate`), the eigensolver's own linear algebra,
+heuristic algorithms beside its timed search in products and solves (:func:`cudnn_rows`), a
+candidate for trace probes without a product (:func:`quadratic_candidate`), the eigensolver's own
+linear algebra,
 the kept graphs of several batches, what launching kernels and cuDNN's choice of algorithms cost
 a gradient and a product, a kept graph's product replayed from a CUDA graph (CUDA), and the
 profile of one top-5 solve. TF32 off, as in the engine.

@@ -271,8 +271,9 @@ def analyze_target(
     """Analyse one checkpoint, a directory of them or several files (:func:`checkpoint_paths`),
     returned in series order (epoch, then step: :func:`series_key`); whatever stops a
     checkpoint after the first (bad input, an error, a lost torchrun peer, an interrupt) is
-    :class:`SeriesStopped`, which holds the results so far. ``notice`` is told, in one line, what of the series was left out
-    and :func:`analyze_checkpoint`'s notes (of a series, each naming its checkpoint);
+    :class:`SeriesStopped`, which holds the results so far. ``notice`` is told, in one line, what of
+    the series was left out and :func:`analyze_checkpoint`'s notes (of a series, each naming its
+    checkpoint);
     ``starting``, as each checkpoint starts, its label (its path where others share it), place
     (from 1) and the count."""
     with distributed.fail_together():

@@ -75,7 +75,8 @@ def provenance_dict(provenance: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def cost_dict(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """What the analysis cost, from the provenance keys the analyser records (``None`` if absent)."""
+    """What the analysis cost, from the provenance keys the analyser records (``None`` where
+    absent)."""
     return {key: provenance.get(src) for key, src in COST_KEYS}
 
 

@@ -1515,7 +1515,8 @@ def test_the_library_takes_a_torch_device(digits_mlp):
 @pytest.mark.parametrize("params", ["3.*,1.bias", ["3.*", "1.bias"], ("3.*,1.bias",)])
 def test_the_library_takes_params_as_the_cli_does(digits_mlp, params):
     """A string was recorded as its letters (`"1.*"` as the globs `1,.,*`) while the operator
-    took it whole, and one of globs joined by commas, as the provenance records them, was refused."""
+    took it whole, and one of globs joined by commas, as the provenance records them, was
+    refused."""
     (result,) = analyze_target(digits_mlp, AnalyzeRequest(top_k=1, params=params))
     assert result.provenance["params_glob"] == "3.*,1.bias"
     assert result.provenance["num_params"] == 130 + 12

@@ -516,8 +516,9 @@ def test_a_series_is_ordered_by_epoch_then_step_as_its_file(tmp_path: Path) -> N
 
 def test_a_series_of_other_tools_is_read_whole_once_and_in_their_order(tmp_path: Path) -> None:
     """.pth.tar was skipped unsaid; Lightning's last.ckpt (a link to another) was a point of
-    its own (then left out unsaid); their recorded epoch and step were ignored, so ``best`` sorted by name. Not .bin:
-    Hugging Face's training_args.bin, a pickled object, stopped the series it sat in."""
+    its own (then left out unsaid); their recorded epoch and step were ignored, so ``best`` sorted
+    by name. Not .bin: Hugging Face's training_args.bin, a pickled object, stopped the series it sat
+    in."""
     lightning = {"state_dict": small_state(), "pytorch-lightning_version": "2.4.0"}
     torch.save({**lightning, "epoch": 7, "global_step": 700}, tmp_path / "ckpt_best.ckpt")
     torch.save({**lightning, "epoch": 11, "global_step": 1100}, tmp_path / "ckpt_11.ckpt")

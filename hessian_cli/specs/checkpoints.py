@@ -741,8 +741,9 @@ def _fitted(
     carry it (a wrapper whose one child is called ``module``); a name the model ties to another
     (a decoder sharing its embedding) takes that one's value where a writer kept one copy
     (safetensors' ``save_model``); a missing BatchNorm step counter (checkpoints before torch
-    0.4.1) is the model's own zero, and one stored as a float is made an integer; a buffer the model keeps out of its state dict (``unsaved``:
-    a Hugging Face model's ``position_ids``, which older versions saved) is dropped where it
+    0.4.1) is the model's own zero, and one stored as a float is made an integer; a buffer the model
+    keeps out of its state dict (``unsaved``: a Hugging Face model's ``position_ids``, which older
+    versions saved) is dropped where it
     holds the model's own values. Last, where the names still differ, the model's own names
     are taken where the others are copies of it under leading names (an EMA), else the
     entries under one leading name (a LightningModule's attribute: ``model.``, ``net.``) where
@@ -975,8 +976,9 @@ def _as_number(value: Any) -> float | None:
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Checkpoint files directly inside ``directory``, in natural name order (no temp files; a
     link to another of them, Lightning's ``last.ckpt``, too, which a series names as left out);
-    and the weights of the Trainer checkpoint folders inside it (``checkpoint-500/model.safetensors``)
-    or DeepSpeed's (``global_step500/mp_rank_00_model_states.pt``; also in accelerate's
+    and the weights of the Trainer checkpoint folders inside it
+    (``checkpoint-500/model.safetensors``) or DeepSpeed's
+    (``global_step500/mp_rank_00_model_states.pt``; also in accelerate's
     save_state folders, ``checkpoint_3/pytorch_model/mp_rank_00_model_states.pt``). A Trainer
     checkpoint folder itself is its weights file alone (not its optimizer's or scheduler's); a
     Trainer's output directory is its final weights (``save_model`` writes them there) beside
@@ -1027,8 +1029,8 @@ def _refuse_unjoined(folder: Path, *, zero3: bool = True, dcp: bool = True) -> N
     accelerate's save_state writes (its random_states_0.pkl, beside them, was taken for the
     weights, and refused as needing trust) or its local state dicts, one per rank (the folder
     held "no checkpoint files"), or where ``dcp``, a torch.distributed.checkpoint's shards
-    (dcp.save's, as FSDP2 and torchtitan save: so too); and a PEFT adapter's folder, whose weights are not
-    the model's (they were skipped unsaid, or refused as mismatches)."""
+    (dcp.save's, as FSDP2 and torchtitan save: so too); and a PEFT adapter's folder, whose weights
+    are not the model's (they were skipped unsaid, or refused as mismatches)."""
     if (folder / PEFT_CONFIG).is_file() and any((folder / n).is_file() for n in PEFT_ADAPTERS):
         raise UserError(f"{str(folder)!r} holds a PEFT adapter, {_MERGE_ADAPTER}")
     if fsdp := next((p for p in folder.glob("pytorch_model_fsdp_*") if p.is_dir()), None):

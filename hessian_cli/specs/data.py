@@ -906,7 +906,8 @@ def analysis_batches(
     token_ids: bool = False,
     what: str = "the data",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first samples of ``dataset`` in order, as (x, y) batches (all of it if no count is given).
+    """The first samples of ``dataset`` in order, as (x, y) batches (all of it if no count is
+    given).
 
     x is cast as :func:`cast_inputs` says; integer labels stay int64, float targets are cast to
     ``dtype``. ``what`` names ``dataset`` where a count is more than it holds.

@@ -200,6 +200,10 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
         ),
         ([*TINY, "--optimizer", "sam", "--out", "{tmp}/x"], "--eig-every has no effect"),
         ([*PLAIN, "--optimizer", "foo", "--rho", "0.1", "--out", "{tmp}/x"], "unknown optimizer"),
+        (  # it quoted the name with its case and dashes taken out: 'foobar'
+            [*PLAIN, "--optimizer", "Foo-Bar", "--out", "{tmp}/x"],
+            "unknown optimizer 'Foo-Bar': use eigensam, sam, sgd.",
+        ),
         (
             [*PLAIN, "--base-optimizer", "adamw", "--momentum", "0.5", "--out", "{tmp}/x"],
             "--momentum has no effect with --base-optimizer adamw",

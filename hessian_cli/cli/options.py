@@ -86,11 +86,15 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
     return value
 
 
-def fixed_word(text: str | None, words: Iterable[str]) -> str | None:
-    """``text`` in lower case where that is one of ``words``: options of fixed words take them
-    in any case, as --optimizer does (--schedule Cosine, --loss CE, --which Largest were
-    refused); other text as given, for a refusal to quote or as a user's code (--loss mod:CE)."""
-    return text.lower() if text is not None and text.lower() in words else text
+def fixed_word(text: str | None, words: Iterable[str], *, ignoring: str = "") -> str | None:
+    """The one of ``words`` that ``text`` is in any case, less the characters ``ignoring``
+    (--optimizer Eigen-SAM, as papers write it, is eigensam): options of fixed words take them
+    so (--schedule Cosine, --loss CE, --which Largest were refused); other text as given, for a
+    refusal to quote or as a user's code (--loss mod:CE)."""
+    if text is None:
+        return None
+    word = text.lower().translate({ord(c): None for c in ignoring})
+    return word if word in words else text
 
 
 def _no_constant(name: str) -> NoReturn:

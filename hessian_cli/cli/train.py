@@ -178,7 +178,7 @@ def train_command(
         "model": model,
         "data": data,
         # "Eigen-SAM", "eigen_sam", "SGD": the names as papers write them.
-        "optimizer": optimizer and optimizer.lower().replace("-", "").replace("_", ""),
+        "optimizer": fixed_word(optimizer, OPTIMIZERS, ignoring="-_"),
         "base_optimizer": fixed_word(base_optimizer, BASE_OPTIMIZERS),
         "model_kwargs": model_kwargs,
         "data_root": data_root,

@@ -61,6 +61,7 @@ from eigensam.run_dir import (
     step_checkpoint_path,
 )
 from eigensam.sam import SAM
+from eigensam.step_time import queued_seconds
 from eigensam.tracking import (
     TRACK_TOL,
     LambdaMaxTracker,
@@ -461,6 +462,7 @@ class _Run:
                     stop = distributed.any_rank(should_stop is not None and should_stop())
                     if stop or (cfg.max_steps is not None and self.step >= cfg.max_steps):
                         summary.interrupted = stop
+                        step_seconds += self._settle_steps()  # saved in the checkpoint
                         at = step_checkpoint_path(self.run_dir, self.step)
                         if at != written:  # else written at this step, by the epoch's end
                             summary.checkpoint = self._write(at, self.order.epoch_state)
@@ -478,6 +480,7 @@ class _Run:
                     # measured before its line is printed, and a stop's checkpoint holds the
                     # measurement at its step.
                     if cfg.track_every and self.step % cfg.track_every == 0:
+                        step_seconds += self._settle_steps()
                         self._track()
                     emit(
                         StepDone(
@@ -490,6 +493,7 @@ class _Run:
                             eigenvalue=getattr(self.optimizer, "last_eigenvalue", None),
                         )
                     )
+                step_seconds += self._settle_steps()  # before the epoch's time is read
                 last_steps = self.epoch == cfg.epochs - 1
                 if last_steps and cfg.track_every and self.step % cfg.track_every:
                     # The final weights are always measured: before the last epoch's line,
@@ -776,6 +780,14 @@ class _Run:
         sums["seconds"] += seconds
         self.step += 1
         self.batch += 1
+
+    def _settle_steps(self) -> float:
+        """The seconds the device still took for the steps run since the last wait, added to
+        the epoch's step time (on CUDA their end fell in the evaluation or measurement that
+        waited next, and was lost); returned for the run's."""
+        seconds = queued_seconds(self.device)
+        self.epoch_sums["seconds"] += seconds
+        return seconds
 
     def _end_epoch(self) -> EpochDone:
         sums = self.epoch_sums

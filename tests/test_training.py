@@ -249,6 +249,45 @@ def test_metrics_file_layout(tmp_path):
     assert [e.epoch for e in summary.epochs] == [1, 2]
 
 
+def test_the_device_s_queued_steps_are_step_time_awaited_once_where_it_is_read(
+    tmp_path, monkeypatch
+):
+    """On CUDA a step's kernels run after it returns: an epoch's last steps ran in its
+    evaluation (or a measurement) and were not in its step time. A fake device that still
+    needs 1 s whenever it is waited on: each epoch's time holds it, waited on once an epoch and
+    before each measurement, not at every step."""
+    waits = []
+
+    def queued(device: torch.device) -> float:
+        waits.append(device)
+        return 1.0
+
+    monkeypatch.setattr("eigensam.training.queued_seconds", queued, raising=False)
+    run = config(tmp_path, optimizer="sgd", epochs=2, track_every=4)
+    summary = train(dataclasses.replace(run, max_steps=11))
+    # Tracks after steps 4 and 8, the epochs' ends (steps 6 and 12), the stop at 11.
+    assert len(waits) == 4
+    epochs = read_metrics(tmp_path / "run" / "metrics.h5")["epochs"]
+    assert epochs["epoch"].tolist() == [1] and 2.0 <= epochs["seconds"][0] < 3.0
+    assert 4.0 <= summary.step_seconds < 5.0
+    resumed = train(run, resume_dir=tmp_path / "run")
+    # The second epoch's: those before the stop (at 8 and 11, kept in its checkpoint), then
+    # the track at 12 and its end.
+    assert len(waits) == 6
+    seconds = read_metrics(tmp_path / "run" / "metrics.h5")["epochs"]["seconds"]
+    assert 4.0 <= seconds[1] < 5.0 and 2.0 <= resumed.step_seconds < 3.0
+
+
+def test_a_wait_for_the_device_is_on_cuda_only(monkeypatch):
+    """The CPU's work is done when a call returns: no wait (torch without CUDA has none)."""
+    from eigensam.step_time import queued_seconds
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: synced.append(device))
+    assert queued_seconds(torch.device("cpu")) == 0.0 and synced == []
+    assert queued_seconds(torch.device("cuda", 1)) >= 0.0 and synced == [torch.device("cuda", 1)]
+
+
 def test_each_epoch_line_holds_the_lambda_max_of_its_last_weights(tmp_path):
     """The track due at an epoch's last step ran after the epoch's event was built: the lines
     printed as the run went showed an earlier value than the table at its end."""

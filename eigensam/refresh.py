@@ -132,7 +132,7 @@ def batchnorm_mode(model: nn.Module) -> BNMode:
     }
     if len(modes) > 1:
         raise UserError(
-            "The model has BatchNorm (or InstanceNorm) layers in training mode and others in "
+            "the model has BatchNorm (or InstanceNorm) layers in training mode and others in "
             "eval mode: the eigenvector refresh takes them all in one mode (batch or running "
             "statistics)."
         )

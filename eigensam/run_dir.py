@@ -102,7 +102,7 @@ def write_config(run_dir: Path, config: TrainConfig) -> None:
         (run_dir / RUN_CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
-            f"Could not create the run directory {str(run_dir)!r}: {exc.strerror or exc}."
+            f"could not create the run directory {str(run_dir)!r}: {exc.strerror or exc}."
         ) from exc
     text = json.dumps(
         {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "config": config.identity()}, indent=2

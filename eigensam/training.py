@@ -212,7 +212,7 @@ class _Run:
         if resume and (gone := missing_recorded_file(recorded)):
             what, missing = gone
             raise UserError(
-                f"The file {missing!r} that the run's {CONFIG_FILE} records for its {what} does "
+                f"the file {missing!r} that the run's {CONFIG_FILE} records for its {what} does "
                 "not exist (moved or deleted?): put it back there (or a link to it) to resume "
                 "the run."
             )
@@ -537,7 +537,7 @@ class _Run:
             if not reach:
                 raise
             raise UserError(
-                f"The data does not fit the model after {counted(self.step, 'step')} (epoch "
+                f"the data does not fit the model after {counted(self.step, 'step')} (epoch "
                 f"{self._epoch_in()}): {first_line(exc)}{reach}; stopped."
             ) from exc
         except torch.cuda.OutOfMemoryError as exc:

@@ -286,7 +286,7 @@ def test_a_token_id_past_the_embedding_in_a_later_batch_is_one_sentence(
     code, _, err = run(capsys, "train", *specs, "--epochs", "1", "--out", out, "-q")
     assert code == 2
     said = one_sentence(err)
-    assert said.startswith("error: The data does not fit the model after "), said
+    assert said.startswith("error: the data does not fit the model after "), said
     assert said.endswith(
         "(epoch 1): index out of range in self (its integer inputs reach 9, and the model's "
         "embedding tables hold 6 rows); stopped."

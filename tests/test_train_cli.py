@@ -69,7 +69,7 @@ def test_each_optimizer_trains_a_few_steps(capsys, tmp_path, extra):
         capsys, "train", *PLAIN, *extra, "--epochs", "2", "--max-steps", "7", "--out", out
     )
     assert code == 0, stdout
-    assert "Stopped (--max-steps) at step 7 of 12" in " ".join(stdout.split())
+    assert "stopped (--max-steps) at step 7 of 12" in " ".join(stdout.split())
     assert "Epochs" in stdout  # the epoch table
     assert (out / "checkpoints" / "step0000007.pt").is_file() and (out / "metrics.h5").is_file()
     assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == extra[1]
@@ -247,7 +247,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(capsys, tmp_path):
     args = [*TINY, "--epochs", "400", "--track-every", "7", "--checkpoint-every", "0"]
     code, err = _signalled_after_the_first_epoch(args, out, signal.SIGINT)
     assert code == 130, err
-    assert "Interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
     saved = list((out / "checkpoints").glob("step*.pt"))
     assert len(saved) == 1
     step = load_checkpoint(saved[0]).metadata["step"]
@@ -273,7 +273,7 @@ def test_sigterm_stops_a_run_at_a_checkpoint_with_status_143(tmp_path):
     code, err = _signalled_after_the_first_epoch(args, run_dir, signal.SIGTERM)
     assert code == 143, err
     last = err.strip().splitlines()[-1]  # after any note on the refreshes
-    assert last.startswith("Stopped by SIGTERM at step ") and f"--resume {run_dir}" in last
+    assert last.startswith("stopped by SIGTERM at step ") and f"--resume {run_dir}" in last
     (saved,) = (run_dir / "checkpoints").glob("step*.pt")
     step = load_checkpoint(saved).metadata["step"]
     assert 6 <= step < 2400
@@ -756,7 +756,7 @@ def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys
     )
     assert code == 0 and said in text
     assert "1 step (1 epoch of 1; a batch of 64 is all 24 samples)" in text
-    assert "Done: 1 step;" in text
+    assert "done: 1 step;" in text
     y = torch.tensor([0.5, 1.0, 2.0] * 8)  # real targets: regression, as asked
     np.savez(floats, x=x.numpy(), y=y.numpy())
     code, stdout, _ = run(
@@ -776,7 +776,9 @@ def test_the_start_says_a_last_batch_of_one_is_left_out(capsys, tmp_path):
     )  # fmt: skip
     text = " ".join(stdout.split())
     assert code == 0 and "6 steps (1 epoch of 6)" in text
-    assert "Each epoch leaves out 1 of its 97 samples (the last of its shuffled order)" in text
+    assert (
+        "note: each epoch leaves out 1 of its 97 samples (the last of its shuffled order)" in text
+    )
     code, stdout, _ = run(
         capsys, "train", *args, "--data", "synthetic:16:3:98", "--batch-size", "16",
         "--optimizer", "sgd", "--out", tmp_path / "even",
@@ -794,7 +796,7 @@ def test_refreshes_that_found_no_positive_curvature_are_reported(capsys, tmp_pat
         "--batch-size", "32", "--eig-every", "1", "--epochs", "1", "--out", tmp_path / "run",
     )  # fmt: skip
     assert code == 0, stdout + err
-    assert "Warning: 2 of 2 Eigen-SAM refreshes found no positive curvature" in " ".join(
+    assert "warning: 2 of 2 Eigen-SAM refreshes found no positive curvature" in " ".join(
         err.split()
     )
     assert (read_metrics(tmp_path / "run" / "metrics.h5")["refresh"]["eigenvalue"] < 0).all()
@@ -809,7 +811,7 @@ def test_refreshes_short_of_their_tolerance_are_said_at_the_end(capsys, tmp_path
     short = int((residual > 1e-2).sum())
     assert code == 0 and 0 < short < len(residual), err
     assert (
-        f"Note: {short} of {len(residual)} Eigen-SAM refreshes ended above the tolerance 1e-02 "
+        f"note: {short} of {len(residual)} Eigen-SAM refreshes ended above the tolerance 1e-02 "
         "(the HVP budget spent, or the residual stopped improving); "
         f"{'its vector was' if short == 1 else 'their vectors were'} used" in " ".join(err.split())
     )
@@ -832,7 +834,7 @@ def test_a_top_eigenvalue_of_0_is_not_said_to_have_stopped_at_the_hvp_budget(cap
     assert np.isinf(metrics["refresh"]["residual"]).all()
     assert np.isinf(metrics["track"]["residual"]).all()
     said = " ".join(err.split())
-    assert "Warning: 2 of 2 Eigen-SAM refreshes found no positive curvature" in said
+    assert "warning: 2 of 2 Eigen-SAM refreshes found no positive curvature" in said
     assert "HVP budget" not in said and "ended above the tolerance" not in said
 
 
@@ -847,7 +849,7 @@ def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_pat
     )  # fmt: skip
     assert code == 0, err
     assert np.isnan(read_metrics(out / "metrics.h5")["steps"]["loss"]).sum() == 2
-    said = "Note: 2 minibatches held no label but -100 (padding): no update was made on them."
+    said = "note: 2 minibatches held no label but -100 (padding): no update was made on them."
     assert said in " ".join(err.split())
 
 
@@ -898,7 +900,7 @@ def test_a_binary_classifier_whose_loss_says_no_threshold_is_given_no_accuracy(c
         "--loss", f"{user}:weighted", "--optimizer", "sgd", "--epochs", "1", "--out", out,
     )  # fmt: skip
     assert code == 0, err
-    assert "Note: no accuracy is given: the loss does not say whether the model's one output " in (
+    assert "note: no accuracy is given: the loss does not say whether the model's one output " in (
         " ".join(err.split())
     )
     assert np.isnan(read_metrics(out / "metrics.h5")["steps"]["accuracy"]).all()
@@ -920,7 +922,7 @@ def test_lambda_max_measurements_short_of_their_tolerance_are_said_at_the_end(
     short = int((residual > 1e-3).sum())
     assert code == 0 and short > 0, err
     assert (
-        f"Note: {short} of {len(residual)} lambda_max measurements (--track-every) ended above "
+        f"note: {short} of {len(residual)} lambda_max measurements (--track-every) ended above "
         "the tolerance 1e-03 (the HVP budget spent, or the residual stopped improving), so "
         f"{'its value' if short == 1 else 'their values'} may be off" in " ".join(err.split())
     )

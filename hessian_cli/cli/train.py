@@ -385,7 +385,7 @@ class _Notes:
             err_console.print(text, style="yellow", highlight=False, soft_wrap=True)
         except OSError as exc:  # from now on stderr goes nowhere, Python's last flush too
             self.failed = self.failed or UserError(
-                f"Could not write to standard error: {os_reason(exc)}."
+                f"could not write to standard error: {os_reason(exc)}."
             )
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
@@ -414,7 +414,7 @@ def _report(
     where = summary.run_dir
     if _already_finished(summary, resumed=resumed):
         console.print(
-            f"The run in {where} has already finished (step {summary.step} of "
+            f"the run in {where} has already finished (step {summary.step} of "
             f"{summary.total_steps}); nothing to do.",
             highlight=False,
             soft_wrap=True,
@@ -425,7 +425,7 @@ def _report(
     if summary.negative_refreshes:  # counted by EigenSAM, said nowhere else
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
         note(
-            f"Warning: {summary.negative_refreshes} of {refreshes} found no positive curvature "
+            f"warning: {summary.negative_refreshes} of {refreshes} found no positive curvature "
             f"(top eigenvalue <= 0); {_its(summary.negative_refreshes, 'vector')} used all the "
             f"same (the eigenvalues are in {where / METRICS_FILE}).",
         )
@@ -434,7 +434,7 @@ def _report(
 
         refreshes = counted(summary.refreshes, "Eigen-SAM refresh", "Eigen-SAM refreshes")
         note(
-            f"Note: {summary.unconverged_refreshes} of {refreshes} ended above the tolerance "
+            f"note: {summary.unconverged_refreshes} of {refreshes} ended above the tolerance "
             f"{DEFAULT_TOL:.0e} (the HVP budget spent, or the residual stopped improving); "
             f"{_its(summary.unconverged_refreshes, 'vector')} used all the same (the residuals "
             f"are in {where / METRICS_FILE}).",
@@ -442,12 +442,12 @@ def _report(
     if summary.unlabelled_steps:  # their loss is NaN in the metrics, said nowhere else
         n = summary.unlabelled_steps
         note(
-            f"Note: {counted(n, 'minibatch', 'minibatches')} held no label but -100 (padding): "
+            f"note: {counted(n, 'minibatch', 'minibatches')} held no label but -100 (padding): "
             f"no update was made on {'it' if n == 1 else 'them'}.",
         )
     if summary.accuracy_unknown:  # no accuracy in the lines or the table, said nowhere else
         note(
-            "Note: no accuracy is given: the loss does not say whether the model's one output "
+            "note: no accuracy is given: the loss does not say whether the model's one output "
             "is a logit (label 1 above 0) or a probability (above 0.5).",
         )
     if summary.unconverged_tracks:  # the tables show their values as they show the others
@@ -455,7 +455,7 @@ def _report(
 
         tracks = counted(summary.tracks, "lambda_max measurement")
         note(
-            f"Note: {summary.unconverged_tracks} of {tracks} (--track-every) ended above the "
+            f"note: {summary.unconverged_tracks} of {tracks} (--track-every) ended above the "
             f"tolerance {TRACK_TOL:.0e} (the HVP budget spent, or the residual stopped "
             "improving), so "
             f"{'its value' if summary.unconverged_tracks == 1 else 'their values'} may be off "
@@ -464,16 +464,16 @@ def _report(
     if summary.finished:
         if not quiet:
             console.print(
-                f"Done: {counted(summary.total_steps, 'step')}; final checkpoint {summary.checkpoint}, "
+                f"done: {counted(summary.total_steps, 'step')}; final checkpoint {summary.checkpoint}, "
                 f"metrics {where / METRICS_FILE}.",
                 highlight=False,
                 soft_wrap=True,
             )
         return
     why = (
-        ("Stopped by SIGTERM" if stop.by_sigterm else "Interrupted")
+        ("stopped by SIGTERM" if stop.by_sigterm else "interrupted")
         if summary.interrupted
-        else "Stopped (--max-steps)"
+        else "stopped (--max-steps)"
     )
     message = f"{why} at step {summary.step} of {summary.total_steps}: {resume_hint(where)}."
     if summary.interrupted:

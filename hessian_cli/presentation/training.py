@@ -167,7 +167,7 @@ class TrainingDisplay:
         left_out = event.samples - event.steps_per_epoch * event.global_batch
         if left_out > 0:
             self.console.print(
-                f"Each epoch leaves out {left_out:,} of its {counted(event.samples, 'sample')} "
+                f"note: each epoch leaves out {left_out:,} of its {counted(event.samples, 'sample')} "
                 "(the last of its shuffled order): a last batch of fewer than two samples per "
                 "process is not trained on, since BatchNorm cannot train on one.",
                 highlight=False,

@@ -223,6 +223,9 @@ def load_config(run_dir: str | Path) -> TrainConfig:
             f"{str(run_dir)!r} lies in the training run {str(owner)!r}: resume that directory "
             "(a run continues from its latest checkpoint)."
         )
+    if not run_dir.exists():  # it said "is not a directory" of a mistyped name
+        gone = "is a symbolic link that leads nowhere" if run_dir.is_symlink() else "does not exist"
+        raise UserError(f"{str(run_dir)!r} {gone}, so there is no training run to resume there.")
     if not run_dir.is_dir():
         raise UserError(f"{str(run_dir)!r} is not a directory, so it is not a training run.")
     if path.exists() and not path.is_file():

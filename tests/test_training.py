@@ -466,6 +466,18 @@ def test_a_data_root_for_data_that_reads_none_is_refused_in_the_library_too(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_of_a_path_that_is_not_there_says_so(tmp_path):
+    """A mistyped --resume was said to be 'not a directory', as though something were there."""
+    with pytest.raises(UserError, match=r"'.*nope' does not exist, so there is no training run"):
+        load_config(tmp_path / "nope")
+    (tmp_path / "link").symlink_to(tmp_path / "nope")
+    with pytest.raises(UserError, match=r"'.*link' is a symbolic link that leads nowhere, so"):
+        load_config(tmp_path / "link")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"'.*file' is not a directory, so it is not a training"):
+        load_config(tmp_path / "file")
+
+
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(UserError, match="not a training run"):
         load_config(tmp_path)

@@ -766,6 +766,18 @@ def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys
     assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in " ".join(stdout.split())
 
 
+def test_a_run_directory_named_with_brackets_is_said_as_named(capsys, tmp_path):
+    """Its brackets were read as Rich markup: 'run[bold]1' was said to be 'run1' (a --resume
+    that names no run), and a '[/x]' stopped the run with 'unexpected MarkupError' (status 1)."""
+    out = tmp_path / "run[bold]1[/x]"
+    code, stdout, err = run(capsys, "train", *TINY, "--max-steps", "1", "--out", out)
+    text = " ".join(stdout.split())
+    assert code == 0, err
+    assert f"run directory {out}" in text and f"(continue with --resume {out})" in text
+    code, stdout, err = run(capsys, "train", "--resume", out)
+    assert code == 0 and f"metrics {out / 'metrics.h5'}." in " ".join(stdout.split()), err
+
+
 def test_the_start_says_a_last_batch_of_one_is_left_out(capsys, tmp_path):
     """97 samples at --batch-size 16 train on 96 an epoch, also for a model without BatchNorm:
     the start said only "6 steps (1 epoch of 6)"."""

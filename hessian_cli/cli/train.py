@@ -251,7 +251,7 @@ def train_command(
                 if stop.started
                 else f"stopped at once by Ctrl-C before training began: {_claimed(resume, config)}"
             )
-            err_console.print(f"{said}.", highlight=False, soft_wrap=True)
+            err_console.print(f"{said}.", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(INTERRUPTED_STATUS) from None
     except Terminated:  # a second signal, or SIGTERM before the loop (nothing written then)
         if lead and stop.started:
@@ -382,7 +382,7 @@ class _Notes:
 
     def __call__(self, text: str) -> None:
         try:
-            err_console.print(text, style="yellow", highlight=False, soft_wrap=True)
+            err_console.print(text, style="yellow", highlight=False, markup=False, soft_wrap=True)
         except OSError as exc:  # from now on stderr goes nowhere, Python's last flush too
             self.failed = self.failed or UserError(
                 f"could not write to standard error: {os_reason(exc)}."
@@ -417,6 +417,7 @@ def _report(
             f"the run in {where} has already finished (step {summary.step} of "
             f"{summary.total_steps}); nothing to do.",
             highlight=False,
+            markup=False,
             soft_wrap=True,
         )
         return
@@ -467,6 +468,7 @@ def _report(
                 f"done: {counted(summary.total_steps, 'step')}; final checkpoint {summary.checkpoint}, "
                 f"metrics {where / METRICS_FILE}.",
                 highlight=False,
+                markup=False,
                 soft_wrap=True,
             )
         return
@@ -480,4 +482,4 @@ def _report(
         note(message)
         raise typer.Exit(stop.exit_status)
     if not quiet:
-        console.print(message, highlight=False, soft_wrap=True)
+        console.print(message, highlight=False, markup=False, soft_wrap=True)

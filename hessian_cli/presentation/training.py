@@ -109,7 +109,9 @@ class TrainingDisplay:
         elif isinstance(event, EpochDone):
             self.test_accuracy = event.test_accuracy
             if self.progress is None:  # a pipe or log file
-                self.console.print(epoch_line(event, self.epochs), highlight=False, soft_wrap=True)
+                self.console.print(
+                    epoch_line(event, self.epochs), highlight=False, markup=False, soft_wrap=True
+                )
             self._update()  # the bar's last state shows the epoch's test accuracy too
 
     def _update(self) -> None:
@@ -160,6 +162,7 @@ class TrainingDisplay:
             f"({counted(event.epochs, 'epoch')} of {event.steps_per_epoch}{whole}) on "
             f"{event.device}; run directory {event.run_dir}",
             highlight=False,
+            markup=False,
             soft_wrap=True,
         )
         # What the epochs' whole batches and a kept last batch leave: said, since a plain
@@ -171,6 +174,7 @@ class TrainingDisplay:
                 "(the last of its shuffled order): a last batch of fewer than two samples per "
                 "process is not trained on, since BatchNorm cannot train on one.",
                 highlight=False,
+                markup=False,
                 soft_wrap=True,
             )
         if not self.console.is_terminal:

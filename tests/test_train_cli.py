@@ -778,6 +778,14 @@ def test_a_run_directory_named_with_brackets_is_said_as_named(capsys, tmp_path):
     assert code == 0 and f"metrics {out / 'metrics.h5'}." in " ".join(stdout.split()), err
 
 
+def test_the_stop_counts_steps_as_the_start_does(capsys, tmp_path):
+    """The start said '1,200 steps' and the stop 'at step 1 of 1200'."""
+    args = [*PLAIN, "--optimizer", "sgd", "--epochs", "200", "--max-steps", "1"]
+    code, stdout, err = run(capsys, "train", *args, "--out", tmp_path / "run")
+    text = " ".join(stdout.split())
+    assert code == 0 and "1,200 steps" in text and "at step 1 of 1,200:" in text, err
+
+
 def test_the_start_says_a_last_batch_of_one_is_left_out(capsys, tmp_path):
     """97 samples at --batch-size 16 train on 96 an epoch, also for a model without BatchNorm:
     the start said only "6 steps (1 epoch of 6)"."""

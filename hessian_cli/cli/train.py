@@ -414,8 +414,8 @@ def _report(
     where = summary.run_dir
     if _already_finished(summary, resumed=resumed):
         console.print(
-            f"the run in {where} has already finished (step {summary.step} of "
-            f"{summary.total_steps}); nothing to do.",
+            f"the run in {where} has already finished (step {summary.step:,} of "
+            f"{summary.total_steps:,}); nothing to do.",
             highlight=False,
             markup=False,
             soft_wrap=True,
@@ -477,7 +477,7 @@ def _report(
         if summary.interrupted
         else "stopped (--max-steps)"
     )
-    message = f"{why} at step {summary.step} of {summary.total_steps}: {resume_hint(where)}."
+    message = f"{why} at step {summary.step:,} of {summary.total_steps:,}: {resume_hint(where)}."
     if summary.interrupted:
         note(message)
         raise typer.Exit(stop.exit_status)

@@ -444,7 +444,7 @@ class _Run:
                 resumed_from=self.resumed_from,
                 samples=self.samples,
                 global_batch=self.global_batch,
-                task=_task(self.data, cfg.model),
+                task=_task(self.data, cfg.model, cfg.loss),
             )
         )
         start_step, step_seconds = self.step, 0.0
@@ -884,10 +884,11 @@ def _above_tol(residuals: list[float], tol: float) -> int:
     return int(above_tol(residuals, tol).sum())
 
 
-def _task(data: Any, model: str) -> str:
+def _task(data: Any, model: str, loss: str | None) -> str:
     """What the data asks of the model, for the run's first line: class labels stored as real
-    numbers trained a built-in model's one-output regression without a word."""
-    if not model_names_code(model) and (labels := float_labels_note(data)):
+    numbers trained a built-in model's one-output regression without a word (unless a --loss
+    was named: whole numbers, counts say, may be what it regresses onto)."""
+    if loss is None and not model_names_code(model) and (labels := float_labels_note(data)):
         return labels
     if data.num_classes is not None:
         per = ", a class per token" if data.target_shape else ""

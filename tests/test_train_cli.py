@@ -764,6 +764,14 @@ def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys
         "sgd", "--out", tmp_path / "run2",
     )  # fmt: skip
     assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in " ".join(stdout.split())
+    # Whole numbers regressed onto by a named loss (counts, say) are what the user asked for.
+    y = torch.tensor([0.0, 1.0, 2.0] * 8)
+    np.savez(floats, x=x.numpy(), y=y.numpy())
+    code, stdout, _ = run(
+        capsys, "train", "--model", "mlp", "--data", floats, "--epochs", "1", "--optimizer",
+        "sgd", "--loss", "mse", "--out", tmp_path / "run3",
+    )  # fmt: skip
+    assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in " ".join(stdout.split())
 
 
 def test_a_run_directory_named_with_brackets_is_said_as_named(capsys, tmp_path):

@@ -881,6 +881,20 @@ def test_steps_whose_minibatch_held_no_label_are_said_at_the_end(capsys, tmp_pat
     assert said in " ".join(err.split())
 
 
+def test_the_epoch_table_folds_numbers_on_a_narrow_terminal():
+    """At 40 columns its numbers were cut ("0.2641…"), each then read as another."""
+    from rich.console import Console
+
+    from eigensam.events import EpochDone
+    from hessian_cli.presentation.training import epoch_table
+
+    epochs = [EpochDone(e, 0.264174 / e, 0.912, 0.301234, 0.897, 12.5, 21.0625) for e in (1, 2)]
+    terminal = Console(width=40, force_terminal=True, record=True)
+    terminal.print(epoch_table(epochs), crop=False)
+    text = terminal.export_text()
+    assert "Epochs" in text and "…" not in text, text
+
+
 def test_the_epoch_table_leaves_out_columns_that_hold_nothing(capsys, tmp_path):
     """A regression without a test split showed train acc, test loss and test acc as columns of
     dashes, which its epoch lines leave out."""

@@ -60,7 +60,7 @@ def epoch_table(epochs: list[EpochDone]) -> Table:
     columns = {name: [cell(e) for e in shown] for name, cell in cells.items()}
     kept = {name: column for name, column in columns.items() if any(c != DASH for c in column)}
     for name in kept:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")  # (a cut number reads as another)
     for row in zip(*kept.values(), strict=True):
         table.add_row(*row)
     return table

@@ -43,7 +43,7 @@ def stdout_written() -> Iterator[None]:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise UserError(f"Could not write to standard output: {os_reason(exc)}.") from exc
+        raise UserError(f"could not write to standard output: {os_reason(exc)}.") from exc
 
 
 def check_replaceable(path: Path) -> None:
@@ -101,7 +101,7 @@ def atomic_path(
         try:
             yield path
         except OSError as exc:
-            raise UserError(f"Could not write {path}: {os_reason(exc)}.") from exc
+            raise UserError(f"could not write {path}: {os_reason(exc)}.") from exc
         return
     if not exclusive:
         check_replaceable(path)
@@ -110,12 +110,12 @@ def atomic_path(
     parent = path.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
-        raise UserError(f"The output directory {parent} {what}.")
+        raise UserError(f"the output directory {parent} {what}.")
     tmp = parent / f".{path.name}.{uuid.uuid4().hex[:_TEMP_TAG]}.tmp"
     try:  # os.open with 0o666 honours the umask, as a plainly created file would
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
-        raise UserError(f"Cannot write to the directory {parent}: {os_reason(exc)}.") from exc
+        raise UserError(f"cannot write to the directory {parent}: {os_reason(exc)}.") from exc
     try:
         if copy_existing:
             shutil.copyfile(path, tmp)
@@ -132,10 +132,10 @@ def atomic_path(
         tmp.unlink(missing_ok=True)
         if exclusive:
             raise
-        raise UserError(f"Could not write {path}: {os_reason(exc)}.") from exc
+        raise UserError(f"could not write {path}: {os_reason(exc)}.") from exc
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write {path}: {os_reason(exc)}.") from exc
+        raise UserError(f"could not write {path}: {os_reason(exc)}.") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

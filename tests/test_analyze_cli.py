@@ -2226,7 +2226,7 @@ def test_results_are_shown_even_when_their_write_fails(capsys, monkeypatch, tmp_
     import hessian_cli.storage.hdf5 as hdf5_module
 
     def full_disk(*args, **kwargs):
-        raise UserError("Could not write s.h5: No space left on device.")
+        raise UserError("could not write s.h5: No space left on device.")
 
     monkeypatch.setattr(hdf5_module, "write_analyses", full_disk)
     code, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", tmp_path / "s.h5")
@@ -2261,15 +2261,15 @@ def test_a_loss_or_model_that_does_not_fit_is_one_sentence(capsys, tmp_path, dig
     )
     for loss, message in (
         ("raises", "user_code.py:raises' raised ValueError: bad shapes in my loss"),
-        ("returns_float", "The loss returns a float, not a scalar tensor"),
-        ("per_sample", "The loss returns a tensor of shape (2,) for a batch of 2, not a scalar"),
-        ("constant", "The loss does not depend on the model's outputs"),
+        ("returns_float", "the loss returns a float, not a scalar tensor"),
+        ("per_sample", "the loss returns a tensor of shape (2,) for a batch of 2, not a scalar"),
+        ("constant", "the loss does not depend on the model's outputs"),
     ):
         assert message in _bad(capsys, "analyze", digits_mlp, "--loss", f"{user}:{loss}")
     pair = tmp_path / "pair.pt"
     weights = {"l.weight": torch.zeros(10, 64), "l.bias": torch.zeros(10)}
     save_checkpoint(pair, state_dict=weights, metadata={})
-    assert "The model returns a tuple, not a tensor" in _bad(
+    assert "the model returns a tuple, not a tensor" in _bad(
         capsys, "analyze", pair, "--model", f"{user}:Pair", "--data", "digits"
     )
 
@@ -2526,7 +2526,7 @@ def test_results_that_standard_output_cannot_take_are_said_and_still_written(
             stdout=full_disk, stderr=subprocess.PIPE, text=True, timeout=300,
         )  # fmt: skip
     assert done.returncode == 2
-    said = "error: Could not write to standard output: no space left on device."
+    said = "error: could not write to standard output: no space left on device."
     assert one_sentence(done.stderr) == said
     assert [d["name"] for d in read_analyses(out_h5)] == ["digits_mlp"]
 

@@ -367,7 +367,7 @@ def test_a_failing_write_of_the_results_fails_every_rank_with_one_sentence(tmp_p
     )
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code != 0 and lines == [
-        f"error: Could not write {tmp_path / 's.h5'}: no space left on device."
+        f"error: could not write {tmp_path / 's.h5'}: no space left on device."
     ], err
     assert not (tmp_path / "s.h5").exists()
 
@@ -838,7 +838,7 @@ def test_a_failing_final_checkpoint_fails_every_rank_with_one_sentence(tmp_path:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code != 0 and len(lines) == 1, err
     assert lines[0].startswith(
-        f"error: Could not write {run_dir / 'checkpoints' / 'final.pt'}: no space left on device;"
+        f"error: could not write {run_dir / 'checkpoints' / 'final.pt'}: no space left on device;"
     ), err
     assert not (run_dir / "checkpoints" / "final.pt").exists()
     step = int(re.search(r"stopped at step (\d+)", lines[0])[1])
@@ -912,7 +912,7 @@ def test_a_resume_into_a_directory_rank_0_cannot_write_is_refused_as_the_jobs(
     )
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code != 0 and lines == [
-        f"error: Cannot write to the directory {run_dir}: read-only file system."
+        f"error: cannot write to the directory {run_dir}: read-only file system."
     ], err
 
 

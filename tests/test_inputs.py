@@ -364,7 +364,7 @@ def test_a_model_that_does_not_take_the_named_inputs_is_one_sentence(
     )
     assert code == 2
     assert (
-        "The data (samples of input_ids of shape (5,) and attention_mask of shape (5,)) does not "
+        "the data (samples of input_ids of shape (5,) and attention_mask of shape (5,)) does not "
         "fit the model:" in one_sentence(err)
     )
 

@@ -483,7 +483,7 @@ def test_bad_inputs_give_one_line_and_no_traceback(capsys, files, tmp_path):
     cases = [
         (["show", str(tmp_path / "missing.h5")], "does not exist"),
         (["plot", str(text), "-o", str(tmp_path / "x.png")], "not an HDF5 file"),
-        (["plot", str(files["single"]), "-o", str(tmp_path / "x.weird")], "Cannot write a 'weird'"),
+        (["plot", str(files["single"]), "-o", str(tmp_path / "x.weird")], "cannot write a 'weird'"),
         (["plot", str(short), "-o", str(tmp_path / "x.png")], "damaged or not laid out"),
         (["plot", str(spectra_copy), "-o", str(spectra_copy)], "refusing to overwrite"),
         (["show", str(files["metrics"]), "-c", "final"], "--checkpoint picks a checkpoint"),
@@ -1676,7 +1676,7 @@ def test_standard_output_that_cannot_be_written_is_one_sentence(files, tmp_path,
             timeout=120,
         )
     assert done.returncode == 2
-    said = "error: Could not write to standard output: no space left on device."
+    said = "error: could not write to standard output: no space left on device."
     assert one_sentence(done.stderr) == said
 
 
@@ -1913,7 +1913,7 @@ def test_small_things_show_and_plot_refuse_clearly(capsys, files, tmp_path):
         group["density/values"][...] = np.nan  # how non-finite values are stored
     assert runner.invoke(app, ["show", str(nan_density)]).exit_code == 0
     code, _, err = run(capsys, "plot", files["single"], "-o", tmp_path / "f.pgf")  # needs LaTeX
-    assert code == 2 and "Cannot write a 'pgf'" in one_sentence(err)
+    assert code == 2 and "cannot write a 'pgf'" in one_sentence(err)
 
 
 def test_under_torchrun_one_rank_shows_and_draws(files, tmp_path, monkeypatch):

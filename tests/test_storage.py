@@ -241,7 +241,7 @@ def test_eigenvectors_round_trip_and_unflatten(full, tmp_path):
     (group,) = write_analyses(other, [full], command_line="x")
     with pytest.raises(UserError, match="no saved eigenvectors"):
         read_eigenvectors(other, group)
-    with pytest.raises(UserError, match="No single checkpoint"):
+    with pytest.raises(UserError, match="no single checkpoint"):
         read_eigenvectors(path, "missing")
 
 
@@ -444,7 +444,7 @@ def test_unwritable_output_is_one_user_error(full, tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:  # root ignores chmod, so simulate the refusal
         m.setattr(os, "open", denied)
-        with pytest.raises(UserError, match="Cannot write to the directory .*permission denied"):
+        with pytest.raises(UserError, match="cannot write to the directory .*permission denied"):
             write_analyses(tmp_path / "out.h5", [full], command_line="x")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -518,7 +518,7 @@ def test_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, comm
     written = out / "metrics.h5" if command == "train" else out
     assert done.returncode == 2, done.stderr
     stopped = "; stopped at step 2, no checkpoint was written" if command == "train" else ""
-    assert done.stderr.strip() == f"error: Could not write {written}: file too large{stopped}."
+    assert done.stderr.strip() == f"error: could not write {written}: file too large{stopped}."
     assert not written.exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
@@ -543,7 +543,7 @@ def test_a_disk_already_full_is_refused_before_the_work(tmp_path, command):
     )
     assert done.returncode == 2, done.stderr
     assert (
-        done.stderr.strip() == f"error: Cannot write to the directory {tmp_path}: file too large."
+        done.stderr.strip() == f"error: cannot write to the directory {tmp_path}: file too large."
     )
     assert done.stdout == ""  # no epoch, no table: nothing was run
     assert not out.exists()

@@ -243,7 +243,7 @@ def test_a_label_past_the_vocabulary_is_one_sentence(capsys, tmp_path, code_file
         capsys, "analyze", ckpt, "--model", f"{small}:lm", "--data", f"{code_file}:text"
     )
     assert code == 2
-    assert "The data has class labels up to 5, but the model has only 4 outputs" in one_sentence(
+    assert "the data has class labels up to 5, but the model has only 4 outputs" in one_sentence(
         err
     )
 
@@ -348,7 +348,7 @@ def test_a_users_loss_takes_padded_labels_too(capsys, tmp_path, code_file, loss)
         assert code == 0, err
         assert json.loads(out)["eigen"]["converged"] == [True]
     else:  # torch's layout: classes second; the model gives them last, which it says
-        assert code == 2 and "The loss fails on the model's outputs" in err
+        assert code == 2 and "the loss fails on the model's outputs" in err
 
 
 def test_the_shipped_language_model_example_trains_and_is_analysed_exactly(capsys, tmp_path):

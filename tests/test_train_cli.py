@@ -336,7 +336,7 @@ def test_a_run_whose_standard_output_is_full_goes_on_and_says_so_at_the_end(tmp_
     done = _train_on_a_full_disk([*PLAIN, "--max-steps", "2", "--out", str(out)], "stdout")
     assert done.returncode == 2
     assert one_sentence(done.stderr, strict=True) == (
-        "error: Could not write to standard output: no space left on device; the run went on "
+        "error: could not write to standard output: no space left on device; the run went on "
         f"without it, its checkpoints and metrics are in {out}."
     )
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step0000002.pt"]
@@ -349,7 +349,7 @@ def test_resuming_a_finished_run_with_standard_output_full_says_nothing_ran(fini
     done = _train_on_a_full_disk(["--resume", str(finished_run)], "stdout")
     assert done.returncode == 2
     assert one_sentence(done.stderr, strict=True) == (
-        "error: Could not write to standard output: no space left on device; the run in "
+        "error: could not write to standard output: no space left on device; the run in "
         f"{finished_run} had already finished, nothing was run."
     )
 

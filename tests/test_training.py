@@ -545,8 +545,8 @@ def test_a_model_or_loss_that_does_not_fit_is_one_sentence_and_writes_nothing(tm
         "def constant(out, y):\n    return torch.tensor(1.0)\n"
     )
     for overrides, message in (
-        ({"model": f"{user}:Pair", "model_kwargs": {}}, "The model returns a tuple, not a tensor"),
-        ({"loss": f"{user}:constant"}, "The loss does not depend on the model's outputs"),
+        ({"model": f"{user}:Pair", "model_kwargs": {}}, "the model returns a tuple, not a tensor"),
+        ({"loss": f"{user}:constant"}, "the loss does not depend on the model's outputs"),
     ):
         with pytest.raises(UserError, match=message):
             train(config(tmp_path, **overrides))
@@ -1132,7 +1132,7 @@ def test_a_resume_where_nothing_can_be_written_stops_before_training(tmp_path, m
 
     monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
     before = (run / "metrics.h5").read_bytes()
-    with pytest.raises(UserError, match="Cannot write to the directory .*read-only file system"):
+    with pytest.raises(UserError, match="cannot write to the directory .*read-only file system"):
         train(load_config(run), resume_dir=run)
     assert (run / "metrics.h5").read_bytes() == before
 

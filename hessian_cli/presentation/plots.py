@@ -130,7 +130,7 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     fmt = fmt or "png"
     if fmt not in supported:
         raise UserError(
-            f"Cannot write a {fmt!r} figure; use one of: {', '.join(sorted(supported))}."
+            f"cannot write a {fmt!r} figure; use one of: {', '.join(sorted(supported))}."
         )
     if not to_stdout and out.is_file() and h5py.is_hdf5(out):  # the file plotted, named again
         raise UserError(f"{out} is an HDF5 file: refusing to overwrite it with a figure.")
@@ -511,7 +511,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     has_alignment = any(d.get("alignment") for d in ds)
     has_density = any(d.get("density") for d in ds)
     if not k and not has_trace and not has_density:
-        raise UserError("The file holds no eigenvalues, traces or densities to plot.")
+        raise UserError("the file holds no eigenvalues, traces or densities to plot.")
     fig, axes = _figure(bool(k) + has_trace + has_alignment + has_density)
     # Checkpoints of different models, parameter sets, runs (checkpoint directories) or analysis
     # settings appended to one file: a trajectory and a marker for each (they were drawn as one).
@@ -622,7 +622,7 @@ def _checkpoint_figure(
         # Several (at --seed 0 and 1): they were drawn as a "series" of two runs at one step.
         which = f" in its analyses {' and '.join(str(d.get('name')) for d in ds)}"
         raise UserError(
-            f"Checkpoint {ds[0].get('name')!r} has no eigenvalues or density to plot"
+            f"checkpoint {ds[0].get('name')!r} has no eigenvalues or density to plot"
             f"{which if len(ds) > 1 else ''}{said}."
         )
     fig, axes = _figure(
@@ -688,7 +688,7 @@ def spectra_figure(
     other analyses of that checkpoint in ``held`` (the file's); trajectories over step for
     several, each analysis repeated with the same settings drawn once (:func:`_latest`)."""
     if not ds:
-        raise UserError("The file holds no checkpoints to plot.")
+        raise UserError("the file holds no checkpoints to plot.")
     ds = _latest(ds)
     if len({checkpoint_of(d, i) for i, d in enumerate(ds)}) == 1:
         return _checkpoint_figure(ds, held)
@@ -786,7 +786,7 @@ def metrics_figure(
     if _recorded(refresh, "alignment"):
         panels.append("alignment")
     if not panels:
-        raise UserError("The metrics file holds no loss, accuracy or curvature to plot.")
+        raise UserError("the metrics file holds no loss, accuracy or curvature to plot.")
     fig, axes = _figure(len(panels))
     ax_of = dict(zip(panels, axes, strict=True))
     if ax := ax_of.get("loss"):

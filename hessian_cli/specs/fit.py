@@ -77,18 +77,18 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
         out = run_model(model, x)
     except _MISFIT as exc:
         raise UserError(
-            f"The data (samples of {describe_samples(x)}) does not fit the model: "
+            f"the data (samples of {describe_samples(x)}) does not fit the model: "
             f"{first_line(exc)}{embedding_reach(model, [x], exc)}."
         ) from exc
     if not isinstance(out, torch.Tensor):
         raise UserError(
-            f"The model returns {a_type(out)}, not a tensor of outputs; wrap it in a "
+            f"the model returns {a_type(out)}, not a tensor of outputs; wrap it in a "
             "factory whose module returns the output tensor (e.g. out['logits'])."
         )
     live = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
     if live and not out.requires_grad:
         raise UserError(
-            "The model's outputs do not depend on its parameters (its forward detaches them or "
+            "the model's outputs do not depend on its parameters (its forward detaches them or "
             "runs without gradients): there is nothing to differentiate."
         )
     top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
@@ -99,7 +99,7 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
     classes = out.shape[dim] if dim is not None and (out.ndim == 2 or dim == -1) else None
     if top is not None and classes is not None and top >= max(classes, 2):
         raise UserError(
-            f"The data has class labels up to {top}, but the model has only {classes} "
+            f"the data has class labels up to {top}, but the model has only {classes} "
             "outputs: check --data and the model's num_classes."
         )
     try:
@@ -107,7 +107,7 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
     except UserError:  # said already, in its own words
         raise
     except _MISFIT as exc:
-        raise UserError(f"The loss fails on the model's outputs: {first_line(exc)}.") from exc
+        raise UserError(f"the loss fails on the model's outputs: {first_line(exc)}.") from exc
     # One value of shape (1,) too: the products take a 0-dimensional loss only, and refused it
     # there, after the work before them.
     if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
@@ -122,13 +122,13 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
             else ""
         )
         raise UserError(
-            f"The loss returns {got}, not a scalar tensor (the mean over the batch){fix}."
+            f"the loss returns {got}, not a scalar tensor (the mean over the batch){fix}."
         )
     if out.requires_grad and not loss.requires_grad:  # it has no curvature to find
-        raise UserError("The loss does not depend on the model's outputs (it returns a constant).")
+        raise UserError("the loss does not depend on the model's outputs (it returns a constant).")
     if _sums_over_the_batch(model, loss_fn, x, y, loss.detach()):
         raise UserError(
-            "The loss sums over the batch (its value on two samples is the sum of theirs), so its "
+            "the loss sums over the batch (its value on two samples is the sum of theirs), so its "
             "Hessian grows with the batch size: make it the mean (reduction='mean')."
         )
 

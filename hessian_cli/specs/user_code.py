@@ -77,7 +77,7 @@ def load_object(spec: str, what: str, *, trusted: bool = True) -> Any:
     """
     if not trusted:
         raise UserError(
-            f"The checkpoint names code to run as its {what} ({spec!r}): it runs only if you "
+            f"the checkpoint names code to run as its {what} ({spec!r}): it runs only if you "
             "name it yourself, or pass --trust-checkpoint if you trust where the file came from."
         )
     parts = split_user_spec(spec)

@@ -52,7 +52,7 @@ def locked(path: Path) -> Iterator[bool]:
                     fd = -1
         if fd < 0:
             assert error is not None
-            raise UserError(f"Cannot write to the directory {path.parent}: {os_reason(error)}.")
+            raise UserError(f"cannot write to the directory {path.parent}: {os_reason(error)}.")
         yield True
     finally:
         if fd >= 0:
@@ -69,7 +69,7 @@ def check_directory_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder) as probe:
             probe.write(b"\0")  # written as it closes (where a network file system tells)
     except OSError as exc:
-        raise UserError(f"Cannot write to the directory {folder}: {os_reason(exc)}.") from exc
+        raise UserError(f"cannot write to the directory {folder}: {os_reason(exc)}.") from exc
 
 
 def check_folder_makeable(folder: Path, output: str) -> None:
@@ -93,7 +93,7 @@ def make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
-            f"Could not create the output directory {folder}: {os_reason(exc)}."
+            f"could not create the output directory {folder}: {os_reason(exc)}."
         ) from exc
 
 
@@ -138,7 +138,7 @@ def held(path: Path, busy: str) -> Iterator[bool]:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise UserError(f"Could not read {path}: {os_reason(exc)}.") from exc
+            raise UserError(f"could not read {path}: {os_reason(exc)}.") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -189,7 +189,7 @@ def _check_room(path: Path, size: int) -> None:
         return
     if free < size * 1.05 + (16 << 20):
         raise UserError(
-            f"Could not write {path}: it needs about {size / 2**20:.0f} MiB and the disk has "
+            f"could not write {path}: it needs about {size / 2**20:.0f} MiB and the disk has "
             f"{free / 2**20:.0f} MiB free."
         )
 
@@ -197,7 +197,7 @@ def _check_room(path: Path, size: int) -> None:
 def open_hdf5(path: Path) -> h5py.File:
     """Open an existing HDF5 file for reading, or say in one sentence why it cannot be."""
     if not path.exists():
-        raise UserError(f"The file {path} does not exist.")
+        raise UserError(f"the file {path} does not exist.")
     if path.is_dir():
         raise UserError(f"{path} is a directory, not an HDF5 file.")
     try:
@@ -205,7 +205,7 @@ def open_hdf5(path: Path) -> h5py.File:
             raise UserError(f"{path} is not an HDF5 file.")
         return h5py.File(path, "r")
     except OSError as exc:
-        raise UserError(f"Could not read {path}: {_open_reason(exc)}.") from exc
+        raise UserError(f"could not read {path}: {_open_reason(exc)}.") from exc
 
 
 # HDF5's words for a file shorter than its superblock says it is.
@@ -229,7 +229,7 @@ def file_format(path: Path) -> str:
         with open_hdf5(path) as f:
             fmt = f.attrs.get("format")
     except (OSError, RuntimeError) as exc:  # damaged bytes where the attributes are
-        raise UserError(f"Could not read {path}: {os_reason(exc)}.") from exc
+        raise UserError(f"could not read {path}: {os_reason(exc)}.") from exc
     # An attribute of another kind (an array, a number) read "is a '[1 2]' file".
     if not isinstance(fmt, str | bytes):
         raise UserError(f"{path} is an HDF5 file but not one written by hessian-cli.")
@@ -288,7 +288,7 @@ def reading(path: Path) -> Iterator[None]:
         yield
     except DAMAGED as exc:
         raise UserError(
-            f"Could not read {path}: it is damaged or not laid out as docs/hdf5.md says ({exc})."
+            f"could not read {path}: it is damaged or not laid out as docs/hdf5.md says ({exc})."
         ) from exc
 
 

@@ -447,7 +447,7 @@ def _reports(path: str | Path, f: h5py.File) -> list[dict[str, Any]]:
     held = f.get("checkpoints")
     if held is not None and not isinstance(held, h5py.Group):  # read as an empty file before
         raise UserError(
-            f"Could not read {path}: it is not laid out as docs/hdf5.md says (/checkpoints is "
+            f"could not read {path}: it is not laid out as docs/hdf5.md says (/checkpoints is "
             "not a group)."
         )
     reports = []
@@ -456,7 +456,7 @@ def _reports(path: str | Path, f: h5py.File) -> list[dict[str, Any]]:
             reports.append(_read_group(f["checkpoints"][name]))
         except DAMAGED as exc:
             raise UserError(
-                f"Could not read {path}: its checkpoint group {name!r} is damaged or not laid "
+                f"could not read {path}: its checkpoint group {name!r} is damaged or not laid "
                 f"out as docs/hdf5.md says ({exc})."
             ) from exc
     return reports
@@ -504,7 +504,7 @@ def read_eigenvectors(
     with _open_spectra(path) as f:
         g = _find_group(f, group, path)
         if "eigenvectors" not in g:
-            raise UserError(f"Checkpoint {group!r} in {path} has no saved eigenvectors.")
+            raise UserError(f"checkpoint {group!r} in {path} has no saved eigenvectors.")
         stored = np.asarray(g["eigenvectors"][()])
         kept = np.float64 if stored.dtype == np.float64 else np.float32
         vectors = torch.from_numpy(stored.astype(kept, copy=False))
@@ -526,7 +526,7 @@ def _find_group(f: h5py.File, group: str, path: str | Path) -> h5py.Group:
     if len(matches) == 1:
         return matches[0]
     known = ", ".join(checkpoints) or "none"
-    raise UserError(f"No single checkpoint {group!r} in {path} (groups: {known}).")
+    raise UserError(f"no single checkpoint {group!r} in {path} (groups: {known}).")
 
 
 def _str(value: Any) -> str | None:

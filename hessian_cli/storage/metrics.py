@@ -141,7 +141,7 @@ class MetricsLog:
         if not self.path.exists():
             if before_step > 0:
                 raise UserError(
-                    f"The run's {self.path.name} is missing, so the rows of its first "
+                    f"the run's {self.path.name} is missing, so the rows of its first "
                     f"{before_step} steps are lost: start the run again to have them."
                 )
             return
@@ -157,7 +157,7 @@ class MetricsLog:
                 extra = sorted(set(f[group]) - set(COLUMNS[group])) if group in f else []
                 if extra:
                     raise UserError(
-                        f"The run's {self.path.name} has columns this version does not write "
+                        f"the run's {self.path.name} has columns this version does not write "
                         f"({group}/{extra[0]}): resume it with the version that wrote them."
                     )
         for group, columns in COLUMNS.items():
@@ -173,7 +173,7 @@ class MetricsLog:
         recorded = len(self.rows["steps"])
         if recorded != before_step:  # a crash between a checkpoint and its rows (before 11-29)
             raise UserError(
-                f"The run's {self.path.name} records {recorded} steps, but its checkpoint is at "
+                f"the run's {self.path.name} records {recorded} steps, but its checkpoint is at "
                 f"step {before_step}: resume from the checkpoint at step {recorded} or before "
                 "(move the later ones aside), and the steps in between are run again."
             )

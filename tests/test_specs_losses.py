@@ -281,9 +281,9 @@ def test_a_loss_that_sums_over_the_batch_is_refused_and_means_pass():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     batches = [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))]
-    with pytest.raises(UserError, match="The loss sums over the batch"):
+    with pytest.raises(UserError, match="the loss sums over the batch"):
         check_fits(model, lambda out, y: F.cross_entropy(out, y, reduction="sum"), batches)
-    with pytest.raises(UserError, match="The loss sums over the batch"):
+    with pytest.raises(UserError, match="the loss sums over the batch"):
         check_fits(model, lambda out, y: ((out - 1) ** 2).sum(), batches)
     check_fits(model, F.cross_entropy, batches)
     check_fits(model, lambda out, y: ((out - 1) ** 2).mean(), batches)

@@ -449,7 +449,7 @@ def test_unwritable_output_is_one_user_error(full, tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if not os.access(locked, os.W_OK):  # a real read-only directory, where the OS enforces it
-        with pytest.raises(UserError, match="Cannot write"):
+        with pytest.raises(UserError, match="cannot write"):
             write_analyses(locked / "out.h5", [full], command_line="x")
     assert not list(locked.iterdir())
 
@@ -606,7 +606,7 @@ def test_a_resumed_run_without_its_metrics_file_says_so_as_other_storage_errors(
     from hessian_cli.storage.metrics import MetricsLog
 
     resumed = MetricsLog(Path("gone") / "metrics.h5", {"model": "mlp"})
-    with pytest.raises(UserError, match=r"^The run's metrics.h5 is missing, so the rows of its"):
+    with pytest.raises(UserError, match=r"^the run's metrics.h5 is missing, so the rows of its"):
         resumed.load(before_step=3, before_epoch=0)
 
 

@@ -189,7 +189,9 @@ def analyze(
     num_batches: int | None = typer.Option(
         None, "--num-batches", help="Analyse the first N batches."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA where present), cpu, cuda or cuda:N."
+    ),
     dtype: str | None = typer.Option(
         None,
         "--dtype",

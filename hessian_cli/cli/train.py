@@ -164,7 +164,9 @@ def train_command(
         help="Stop (with a checkpoint) after this many global steps; 0 saves the initial "
         "weights, which --resume continues from.",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA where present), cpu, cuda or cuda:N."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""

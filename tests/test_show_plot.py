@@ -285,6 +285,20 @@ def test_the_curvature_panel_marks_eigenvalues_that_did_not_converge():
     assert older.get_title() == "Top Hessian eigenvalue"
 
 
+def test_the_curvature_panel_says_which_hessian_each_eigenvalue_is_of():
+    """Tracked λ_max (a held-out batch, BatchNorm by its running statistics) and a refresh's λ1
+    (its training minibatch, by the batch's) are of two Hessians, 100x apart in a BatchNorm CNN:
+    the legend said "λ_max (tracked)" and "λ1 at refresh", one axis, as if of one."""
+    from hessian_cli.presentation.plots import metrics_figure
+
+    track = {"step": np.array([0, 10]), "lambda_max": np.array([120.0, 370.0])}
+    refresh = {"step": np.array([0, 10]), "eigenvalue": np.array([1.1, 3.2])}
+    ax = metrics_figure({"track": track, "refresh": refresh}).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert any("held-out batch" in x and "running BatchNorm statistics" in x for x in labels)
+    assert any("refresh" in x and "training minibatch" in x for x in labels), labels
+
+
 def test_a_step_with_no_neighbour_to_join_is_drawn_as_a_point():
     """A run stopped after one step (or a step between two NaN ones) was a line of one point:
     the loss and accuracy panels were drawn empty."""

@@ -810,8 +810,12 @@ def metrics_figure(
         ax.set_ylabel("accuracy")
         ax.legend(fontsize="small")
     if ax := ax_of.get("curvature"):
-        _curve(ax, track, "step", "lambda_max", marker=".", label="λ_max (tracked)")
-        _curve(ax, refresh, "step", "eigenvalue", ls="", marker="x", label="λ1 at refresh")
+        # Two Hessians: with BatchNorm 100x apart (running statistics against the batch's), and
+        # "tracked" beside "at refresh" said not why.
+        held = "λ_max, held-out batch (running BatchNorm statistics)"
+        _curve(ax, track, "step", "lambda_max", marker=".", label=held)
+        own = "λ1 at refresh, its training minibatch"
+        _curve(ax, refresh, "step", "eigenvalue", ls="", marker="x", label=own)
         tol = tolerances or {}
         bad = [_mark_unconverged(ax, track, "lambda_max", tol.get("track"))]
         bad.append(_mark_unconverged(ax, refresh, "eigenvalue", tol.get("refresh")))

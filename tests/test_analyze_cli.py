@@ -567,6 +567,9 @@ def test_minibatches_beyond_the_data_are_said(capsys, digits_mlp):
     assert "--minibatches 100: the data holds only 6 batches" in " ".join(err.split())
     code, _, err = run(capsys, *args)  # the default, 8, not given: the caption's to say
     assert code == 0 and "--minibatches" not in err
+    one = [*args[:-2], "2000", "--minibatches", "2"]  # all 1,300 in one: "only 1 batches"
+    code, _, err = run(capsys, *one)
+    assert code == 0 and "the data holds only 1 batch of this" in " ".join(err.split()), err
 
 
 @pytest.fixture(autouse=True)

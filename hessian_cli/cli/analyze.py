@@ -465,8 +465,9 @@ def _few_minibatches(reports: list[dict], asked: int) -> str | None:
     if not held:
         return None
     count = str(held[0]) if len(held) == 1 else f"{held[0]} to {held[-1]}"
+    batches = "batch" if held == [1] else "batches"  # "only 1 batches"
     return (
-        f"--minibatches {asked}: the data holds only {count} batches of this --batch-size, so "
+        f"--minibatches {asked}: the data holds only {count} {batches} of this --batch-size, so "
         "the minibatch statistics are over those."
     )
 

@@ -778,6 +778,16 @@ def test_counts_that_are_not_whole_numbers_are_refused(solve, name):
     assert op.hvp_count == 0
 
 
+@pytest.mark.parametrize("verify", ["no", 0, 1.0])
+def test_a_verify_that_is_not_a_bool_is_refused(verify):
+    """'no' verified (any truthy object did, k more products), and 0 skipped the kept
+    products' residuals while verifying nothing."""
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)))
+    with pytest.raises(UserError, match=f"^`verify` must be True, False or None.*not {verify!r}"):
+        eigenpairs(op, 2, verify=verify)
+    assert op.hvp_count == 0
+
+
 def test_a_trace_block_of_no_probes_is_refused():
     """A block of -1 multiplied no probe and read the products' uninitialised memory: the
     trace of diag(1..40), 820, came out 39 with no error; 0 and 2.5 were all at once and a

@@ -196,6 +196,12 @@ def eigenpairs(
     check_whole("`check_steps`", check_steps)  # 2.5 ran, True as 1 step
     if check_steps < 0:
         raise UserError(f"`check_steps` must be at least 0, not {check_steps}.")
+    # 'no' (a config file's word) was taken as true, and 0 as neither a yes nor a no.
+    if verify is not None and not isinstance(verify, bool):
+        raise UserError(
+            f"`verify` must be True, False or None (verify in reduced precision only), "
+            f"not {verify!r}."
+        )
     if which == "both":
         check_count(k, op.n, which)
         return _both_ends(

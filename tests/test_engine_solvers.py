@@ -1646,6 +1646,26 @@ def test_density_rules_are_exact_per_probe():
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("order", "refusal"),
+    [
+        (2.5, "must be a whole number, not 2.5"),
+        (-1, "must be at least 0, not -1"),
+        (True, "must be a whole number, not True"),
+    ],
+)
+def test_density_moments_of_orders_without_an_estimate_are_refused(order, refusal):
+    """A spectrum with negative eigenvalues gave NaN for 2.5; -1 an estimate of trace(H^-1)
+    dominated by whatever Lanczos nodes fell near 0. Whole orders match the dense matrix."""
+    H = torch.diag(torch.linspace(-1.0, 3.0, 30, dtype=torch.float64))
+    dens = spectral_density(MatrixOperator(H), num_probes=4, steps=10)
+    with pytest.raises(UserError, match=f"^`order` {refusal}"):
+        dens.moment(order)
+    assert dens.moment(0) == pytest.approx(1.0, rel=1e-12)
+    # Ten steps integrate exactly up to degree 19: the probes' mean is the estimate's only error.
+    assert dens.moment(2) == pytest.approx(float(torch.trace(H @ H)) / 30, rel=0.3)
+
+
 def _wasserstein(nodes: torch.Tensor, weights: torch.Tensor, spectrum: torch.Tensor) -> float:
     """W1 distance between weights at nodes (summing to 1) and eigenvalues of 1/n each."""
     x = torch.cat([nodes, spectrum])

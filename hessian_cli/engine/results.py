@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hessian_cli.engine.solver_plan import check_whole
+from hessian_cli.errors import UserError
+
 
 @dataclass
 class EigenResult:
@@ -103,5 +106,10 @@ class DensityResult:
     known: int = 0  # eigenpairs of the same analysis taken out of the Lanczos runs
 
     def moment(self, order: int) -> float:
-        """Estimate of ``trace(H^order) / n`` from the quadrature rules."""
+        """Estimate of ``trace(H^order) / n`` from the quadrature rules. A fractional power of a
+        negative node is NaN (2.5 gave it, unsaid), and a negative one is dominated by the
+        nodes nearest 0, which a Hessian's Lanczos rules place anywhere near it."""
+        check_whole("`order`", order)
+        if order < 0:
+            raise UserError(f"`order` must be at least 0, not {order}.")
         return float((self.weights * self.nodes**order).sum(dim=1).mean())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -658,7 +659,7 @@ def test_a_negative_rho_in_a_group_is_refused() -> None:
     model = quadratic()
     opt = SAM([{"params": [model.w], "rho": -0.1}], torch.optim.SGD, lr=0.1)
     backward(model)
-    with pytest.raises(ValueError, match="rho must be a finite non-negative number"):
+    with pytest.raises(ValueError, match="`rho` must be a finite non-negative number, not -0.1"):
         opt.first_step()
 
 
@@ -703,13 +704,29 @@ def test_sparse_gradients_take_the_same_step_as_dense_ones() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("rho", float("nan")), ("rho", float("inf")), ("alpha", float("nan"))]
+    ("name", "value", "shown"),
+    [
+        ("rho", float("nan"), "nan"),
+        ("rho", float("inf"), "inf"),
+        ("alpha", float("nan"), "nan"),
+        ("rho", "0.05", "'0.05'"),
+        ("alpha", "0.2", "'0.2'"),
+        ("alpha", None, "None"),
+        ("rho", True, "True"),
+    ],
 )
-def test_a_factor_that_is_not_a_finite_number_is_refused(name: str, value: float) -> None:
-    """NaN passed the ``< 0`` checks, and one step made every weight NaN."""
+def test_a_factor_that_is_not_a_finite_number_is_refused(name: str, value: object, shown: str):
+    """NaN passed the ``< 0`` checks, and one step made every weight NaN; a string ("0.05"
+    from a config file) or None failed as a bare TypeError naming neither. The refusal is one
+    sentence (a UserError, as the engine's) and still the ValueError torch's optimizers raise."""
     model = mlp()
-    with pytest.raises(ValueError, match=f"{name} must be a finite non-negative number"):
-        EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, **{name: value})
+    expected = f"^`{name}` must be a finite non-negative number, not {re.escape(shown)}\\.$"
+    for kind in (UserError, ValueError):
+        with pytest.raises(kind, match=expected):
+            EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1, **{name: value})
+    if name == "rho":
+        with pytest.raises(UserError, match=expected):
+            SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=value)
 
 
 def test_the_state_holds_slices_of_the_one_copy_of_v_a_step_uses() -> None:

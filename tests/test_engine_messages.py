@@ -90,3 +90,26 @@ def test_engine_refusals_in_the_library_go_on_in_lower_case(call):
         _library_refusals()[call]()
     first = _first_word(str(info.value))
     assert first[0].islower() or first.startswith("`"), str(info.value)
+
+
+def test_a_missing_cuda_device_is_named_as_each_reader_gave_it(monkeypatch):
+    """The library said "--device cuda asks for CUDA", a flag its caller never typed; the
+    command line still reads its flag."""
+    from hessian_cli.cli.options import in_flags
+    from hessian_cli.engine import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError) as info:
+        devices.resolve_device("CUDA:1")
+    said = "asks for CUDA, but no CUDA device is available."
+    assert str(info.value) == f"`device=CUDA:1` {said}"
+    assert in_flags(str(info.value)) == f"--device CUDA:1 {said}"
+    # A torchrun rank without a GPU of its own: use --device cpu, or device="cpu".
+    monkeypatch.setattr(devices, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError) as info:
+        devices.resolve_device("cuda")
+    assert str(info.value).endswith("or use `device=cpu`.")
+    assert in_flags(str(info.value)).endswith("or use --device cpu.")

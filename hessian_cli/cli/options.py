@@ -46,6 +46,7 @@ _FLAGS = {
     "precision": "--precision",
     "dtype": "--dtype",
     "seed": "--seed",
+    "device": "--device",
 }
 _NAMED = re.compile(r"`(\w+)(?:=([^`\s]+))?`")
 

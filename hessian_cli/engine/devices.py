@@ -1,5 +1,6 @@
-"""The device a run computes on, from the user's ``--device``: shared by ``analyze`` and
-``train``, and under torchrun each rank's own GPU."""
+"""The device a run computes on, from the user's ``device`` (``--device``): shared by ``analyze``
+and ``train``, and under torchrun each rank's own GPU. Its refusals name it as the library's
+messages do (`` `device=cuda` ``), which the command line shows as its flag."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name not in ("auto", "cpu") and not name.startswith("cuda"):
         raise UserError(f"unknown device {given!r}: use auto, cpu or cuda.")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {given} asks for CUDA, but no CUDA device is available.")
+        raise UserError(f"`device={given}` asks for CUDA, but no CUDA device is available.")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name in ("auto", "cuda") and launched_by_torchrun():
@@ -30,6 +31,6 @@ def resolve_device(name: str | torch.device) -> torch.device:
         if local_rank >= count:
             raise UserError(
                 f"local rank {local_rank} has no GPU of its own: this machine has {count}; start "
-                "at most that many ranks per machine (--nproc_per_node), or use --device cpu."
+                "at most that many ranks per machine (--nproc_per_node), or use `device=cpu`."
             )
     return torch.device("cuda" if name == "auto" else name)

@@ -113,3 +113,28 @@ def test_a_missing_cuda_device_is_named_as_each_reader_gave_it(monkeypatch):
         devices.resolve_device("cuda")
     assert str(info.value).endswith("or use `device=cpu`.")
     assert in_flags(str(info.value)).endswith("or use --device cpu.")
+
+
+@pytest.mark.parametrize("name", ["cudax", "cuda:", "cuda:-1", "cuda:1.5"])
+def test_a_cuda_device_torch_cannot_read_is_unknown(monkeypatch, name):
+    """With a GPU they failed in torch.device ("Invalid device string", a RuntimeError);
+    without one they were said to ask for CUDA."""
+    from hessian_cli.engine import devices
+
+    for available in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        with pytest.raises(UserError, match=f"^unknown device '{name}': use auto, cpu, cuda or"):
+            devices.resolve_device(name)
+
+
+def test_a_gpu_the_machine_lacks_is_refused_by_its_index(monkeypatch):
+    """cuda:1 on a machine of one GPU was taken, and the first tensor moved failed in torch's
+    words ("invalid device ordinal"); cuda:0 and cuda are that GPU."""
+    from hessian_cli.engine import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"^`device=CUDA:1` names GPU 1, but this machine has 1 "):
+        devices.resolve_device("CUDA:1")
+    assert devices.resolve_device("cuda:0") == torch.device("cuda:0")
+    assert devices.resolve_device("cuda") == torch.device("cuda")

@@ -185,6 +185,28 @@ def test_nan_loss_is_a_user_error():
         op.matmul(torch.ones(op.n, dtype=torch.float64))
 
 
+@pytest.mark.parametrize(
+    ("model", "loss", "said"),
+    [
+        (None, torch.nn.CrossEntropyLoss, "the loss function is the class CrossEntropyLoss: pass"),
+        (None, "ce", "the loss function must be a function of .* not a str"),
+        (lambda x: x, F.cross_entropy, "the model must be a torch.nn.Module, not a function"),
+    ],
+)
+def test_what_cannot_be_the_model_or_the_loss_is_refused_before_any_product(model, loss, said):
+    """A loss class failed at the first product in its constructor ("Boolean value of Tensor
+    with more than one value is ambiguous"), a name as "'str' object is not callable", a
+    function as the model in named_parameters: no sentence named either."""
+    case = CASES["mlp-ce"]
+    with pytest.raises(UserError, match=f"^{said}"):
+        HessianOperator(model or case.model, loss, case.batches)
+    # The instance is the loss: its products are the dense Hessian's.
+    op = HessianOperator(case.model, torch.nn.CrossEntropyLoss(), case.batches)
+    dense = dense_hessian(case.model, case.loss, case.batches)
+    v = torch.ones(op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
+
+
 def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch):
     case = CASES["cnn-bn"]
     op = HessianOperator(case.model, case.loss, case.batches, backend="func")

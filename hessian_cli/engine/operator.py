@@ -144,6 +144,25 @@ def _check_no_renormalising_embedding(model: nn.Module) -> None:
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
+def _check_model_and_loss(model: object, loss_fn: object) -> None:
+    """Refuse, before the batches are placed, what cannot be the model or the loss: a loss
+    class failed at the first product in its constructor ("Boolean value of Tensor with more
+    than one value is ambiguous", nn.MSELoss taking the outputs for size_average), a loss
+    name as "'str' object is not callable", a plain function as the model in named_parameters."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"the model must be a torch.nn.Module, not {a_type(model)}.")
+    if isinstance(loss_fn, type):
+        raise UserError(
+            f"the loss function is the class {loss_fn.__name__}: pass an instance, "
+            f"{loss_fn.__name__}(), or a function of (outputs, targets)."
+        )
+    if not callable(loss_fn):
+        raise UserError(
+            "the loss function must be a function of (outputs, targets), such as "
+            f"torch.nn.CrossEntropyLoss(), not {a_type(loss_fn)}."
+        )
+
+
 def _check_twice_differentiable(loss: torch.Tensor, g: torch.Tensor | None) -> None:
     """Refuse a loss whose graph holds an ``autograd.Function`` that cannot be differentiated
     again: one whose backward is ``@once_differentiable``.
@@ -215,6 +234,7 @@ class HessianOperator:
         distributed: bool | None = None,
         batch_weight: Callable[[torch.Tensor], float] | None = None,
     ) -> None:
+        _check_model_and_loss(model, loss_fn)
         self.distributed = dist_utils.is_distributed() if distributed is None else distributed
         self.model = model
         self.loss_fn = loss_fn

@@ -744,6 +744,23 @@ def test_warm_start_rows_of_another_length_or_type_are_one_sentence():
         eigenpairs(op, 2, check_steps=-1)
 
 
+def test_a_warm_start_or_hint_that_is_no_tensor_is_one_sentence():
+    """A numpy array of previous eigenvectors failed in .is_floating_point(), a list in .ndim,
+    a numpy hint in .numel(): AttributeErrors naming neither."""
+    op = MatrixOperator(_with_spectrum(torch.linspace(1.0, 2.0, 20, dtype=torch.float64), 0))
+    rows = torch.linalg.eigh(op.matrix)[1][:, -2:].T
+    for init in (rows.numpy(), rows.tolist()):
+        kind = "a numpy.ndarray" if isinstance(init, np.ndarray) else "a list"
+        with pytest.raises(UserError, match=f"real rows of 20 entries, .*, not {kind} \\(make"):
+            eigenpairs(op, 2, init=init)
+    with pytest.raises(UserError, match="^the hint must be a real vector of 20 .* a numpy"):
+        eigenpairs(op, 2, hint=rows[0].numpy())
+    assert op.hvp_count == 0
+    # As tensors they start the solve at its answer.
+    warm = eigenpairs(op, 2, init=torch.as_tensor(rows.numpy()))
+    torch.testing.assert_close(warm.eigenvalues, torch.linalg.eigvalsh(op.matrix)[-2:].flip(0))
+
+
 def test_k_larger_than_parameter_count_is_refused():
     case = CASES["mlp-mse"]
     op = HessianOperator(case.model, case.loss, case.batches)

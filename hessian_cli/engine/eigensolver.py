@@ -64,7 +64,7 @@ from hessian_cli.engine.solver_plan import (
     restart_chunk,
     restart_size,
 )
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, a_type
 
 Which = Literal["largest", "smallest", "both"]
 WHOLE = "whole-space"  # the method of a solve that took every column of the matrix
@@ -181,17 +181,22 @@ def eigenpairs(
     check_steps = CHECK_STEPS if check_steps is None else check_steps
     # Rows by their shape, not their count: eigh's columns, [n, 4], were read as 4 rows of n.
     if init is not None and (
-        init.ndim not in (1, 2) or init.shape[-1] != op.n or not init.is_floating_point()
+        not isinstance(init, torch.Tensor)
+        or init.ndim not in (1, 2)
+        or init.shape[-1] != op.n
+        or not init.is_floating_point()
     ):
         raise UserError(
-            f"warm-start vectors must be real rows of {op.n} entries, one per parameter, not a "
-            f"{init.dtype} tensor of shape {tuple(init.shape)}."
+            f"warm-start vectors must be real rows of {op.n} entries, one per parameter, "
+            f"not {_described(init)}."
         )
     # A gradient of other parameters failed in the start block's arithmetic, a RuntimeError.
-    if hint is not None and (hint.numel() != op.n or not hint.is_floating_point()):
+    if hint is not None and (
+        not isinstance(hint, torch.Tensor) or hint.numel() != op.n or not hint.is_floating_point()
+    ):
         raise UserError(
-            f"the hint must be a real vector of {op.n} entries, one per parameter, not a "
-            f"{hint.dtype} tensor of shape {tuple(hint.shape)}."
+            f"the hint must be a real vector of {op.n} entries, one per parameter, "
+            f"not {_described(hint)}."
         )
     check_whole("`check_steps`", check_steps)  # 2.5 ran, True as 1 step
     if check_steps < 0:
@@ -269,6 +274,14 @@ def eigenpairs(
     asymmetry = basis.asymmetry
     del basis, pairs  # free the basis before any verifying products
     return _final_pairs(solve, values, theta, vectors, stop, asymmetry, verify)
+
+
+def _described(given: object) -> str:
+    """A warm start or hint as its refusal names it: a tensor by its dtype and shape, anything
+    else (a numpy array, a list: they failed in ``.ndim`` or ``.numel()``) by its type."""
+    if isinstance(given, torch.Tensor):
+        return f"a {given.dtype} tensor of shape {tuple(given.shape)}"
+    return f"{a_type(given)} (make it a tensor: torch.as_tensor)"
 
 
 def _both_ends(

@@ -207,6 +207,22 @@ def test_what_cannot_be_the_model_or_the_loss_is_refused_before_any_product(mode
     torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("loss", "said"),
+    [
+        (lambda out, y: F.cross_entropy(out, y).item(), "a float"),
+        (lambda out, y: (F.cross_entropy(out, y), out), "a tuple"),
+        (lambda out, y: F.cross_entropy(out, y, reduction="none"), r"of shape \(16,\)"),
+    ],
+)
+def test_a_loss_function_that_returns_no_scalar_tensor_is_one_sentence(loss, said):
+    """A float or a tuple failed in .ndim, an AttributeError naming neither."""
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, loss, case.batches)
+    with pytest.raises(UserError, match=f"^the loss function must return a scalar tensor .*{said}"):
+        op.matmul(torch.ones(op.n, dtype=torch.float64))
+
+
 def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch):
     case = CASES["cnn-bn"]
     op = HessianOperator(case.model, case.loss, case.batches, backend="func")

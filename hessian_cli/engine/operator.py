@@ -408,8 +408,14 @@ class HessianOperator:
         if versions is not None:
             self._writes_checked = True
             self._check_parameters_kept(versions)
-        if loss.ndim != 0:
-            raise UserError("the loss function must return a scalar (mean over the batch).")
+        # A float (its .item()) or a tuple failed in .ndim, an AttributeError.
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            got = (
+                f"of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else a_type(loss)
+            )
+            raise UserError(
+                f"the loss function must return a scalar tensor (mean over the batch), not {got}."
+            )
         # Under torch.distributed one rank's share alone may be bad: its NaN reaches every rank
         # through the sums, which are checked (a rank raising here alone left the others waiting
         # and its message claimed work that rank 0 then dropped).

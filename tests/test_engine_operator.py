@@ -223,6 +223,27 @@ def test_a_loss_function_that_returns_no_scalar_tensor_is_one_sentence(loss, sai
         op.matmul(torch.ones(op.n, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda out, y: F.cross_entropy(out, y).detach(),
+        lambda out, y: torch.tensor(F.cross_entropy(out, y).item(), dtype=out.dtype),
+    ],
+)
+def test_a_loss_without_a_gradient_is_refused_not_a_hessian_of_zeros(backend, loss):
+    """Every product was 0 (the trace 0.0, the eigenvalues 0) with no word said; the loss as
+    computed gives the dense Hessian's products."""
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, loss, case.batches, backend=backend)
+    v = torch.ones(op.n, dtype=torch.float64)
+    with pytest.raises(UserError, match="^the loss function returns a loss without a gradient"):
+        op.matmul(v)
+    op = HessianOperator(case.model, case.loss, case.batches, backend=backend)
+    dense = dense_hessian(case.model, case.loss, case.batches)
+    torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
+
+
 def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch):
     case = CASES["cnn-bn"]
     op = HessianOperator(case.model, case.loss, case.batches, backend="func")

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -142,6 +142,35 @@ def _check_no_renormalising_embedding(model: nn.Module) -> None:
 
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _check_loss(loss: object, out: object, *, gradient: bool) -> None:
+    """Refuse what the loss function returned where it is no scalar tensor (a float, its
+    ``.item()``, or a tuple failed in ``.ndim``, an AttributeError) or, where a ``gradient``
+    is being taken, one cut from the model's outputs (``.detach()``, a tensor made from its
+    ``.item()``): every product was 0, the gradient of a constant, unsaid."""
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        got = f"of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else a_type(loss)
+        raise UserError(
+            f"the loss function must return a scalar tensor (mean over the batch), not {got}."
+        )
+    if gradient and not loss.requires_grad and _carries_gradient(out):
+        raise UserError(
+            "the loss function returns a loss without a gradient (detached, or made anew from "
+            "a number), though the model's outputs have one, so its Hessian would be 0: "
+            "return the loss as computed from the outputs."
+        )
+
+
+def _carries_gradient(out: object) -> bool:
+    """Whether the model's outputs (a tensor, or a tuple, list or mapping of them, as a
+    transformer's are) have a gradient to give the loss."""
+    if isinstance(out, torch.Tensor):
+        return out.requires_grad
+    parts = (
+        out.values() if isinstance(out, Mapping) else out if isinstance(out, tuple | list) else ()
+    )
+    return any(_carries_gradient(part) for part in parts)
 
 
 def _check_model_and_loss(model: object, loss_fn: object) -> None:
@@ -408,14 +437,7 @@ class HessianOperator:
         if versions is not None:
             self._writes_checked = True
             self._check_parameters_kept(versions)
-        # A float (its .item()) or a tuple failed in .ndim, an AttributeError.
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            got = (
-                f"of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else a_type(loss)
-            )
-            raise UserError(
-                f"the loss function must return a scalar tensor (mean over the batch), not {got}."
-            )
+        _check_loss(loss, out, gradient=torch.is_grad_enabled())
         # Under torch.distributed one rank's share alone may be bad: its NaN reaches every rank
         # through the sums, which are checked (a rank raising here alone left the others waiting
         # and its message claimed work that rank 0 then dropped).
@@ -1077,7 +1099,9 @@ class HessianOperator:
 
         def loss_of(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
             out = run_model(self.model, x, dict(zip(names, p, strict=True)))
-            return self.loss_fn(out, y)
+            loss = self.loss_fn(out, y)
+            _check_loss(loss, out, gradient=True)
+            return loss
 
         grad_fn = grad(loss_of)
 

@@ -1603,6 +1603,17 @@ def test_known_eigenpairs_are_refused_where_they_cannot_serve():
     assert op.hvp_count == res.hvps and other.hvp_count == 0
 
 
+def test_known_eigenpairs_that_are_no_eigenresult_are_one_sentence():
+    """eigh's (values, vectors) failed in .eigenvectors, an AttributeError, after the memory
+    check; the result of eigenpairs() is what serves."""
+    op = MatrixOperator(_dominated(n=20))
+    for known in (torch.linalg.eigh(op.matrix), op.matrix):
+        for estimate in (stochastic_trace, spectral_density):
+            with pytest.raises(UserError, match="^`known` must be the EigenResult of eigenpairs"):
+                estimate(op, 8, known=known)
+    assert op.hvp_count == 0
+
+
 @pytest.mark.parametrize("name", ["mlp-ce", "cnn-bn"])
 def test_density_moments_match_trace(name):
     case = CASES[name]

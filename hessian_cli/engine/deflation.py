@@ -9,7 +9,7 @@ import torch
 from hessian_cli.engine.linalg import gram
 from hessian_cli.engine.linear_operator import LinearOperator
 from hessian_cli.engine.results import EigenResult
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, a_type
 
 # Known eigenvectors serve while they are orthonormal to this (largest entry of their Gram
 # matrix minus the identity). A departure e changes what they leave to the random part only by
@@ -38,6 +38,12 @@ def deflation(op: LinearOperator, known: EigenResult | None) -> Deflation:
     if known is None:
         empty = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
         return Deflation(empty, torch.empty(0, dtype=torch.float64), 0)
+    # torch.linalg.eigh's (values, vectors), its columns, failed in .eigenvectors.
+    if not isinstance(known, EigenResult):
+        raise UserError(
+            f"`known` must be the EigenResult of eigenpairs() on this operator, not "
+            f"{a_type(known)}."
+        )
     V, values = known.eigenvectors, known.eigenvalues
     if V.ndim != 2 or V.shape != (len(values), op.n):
         raise UserError(

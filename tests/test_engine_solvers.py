@@ -2464,6 +2464,8 @@ def test_alignment_of_pairs_other_than_the_largest_is_refused():
         ({"rho": -0.05}, "rho of at least 0, not -0.05"),
         ({"rho": math.nan}, "rho of at least 0, not nan"),
         ({"alpha": -0.2}, "alpha of at least 0, not -0.2"),
+        ({"rho": "0.05"}, "rho of at least 0, not '0.05'"),  # a TypeError in math.isfinite
+        ({"alpha": None}, "alpha of at least 0, not None"),
         ({"minibatches": -3}, "minibatches of at least 0, not -3"),
         ({"minibatches": 2.5}, "a whole number of minibatches, not 2.5"),
         ({"minibatches": True}, "a whole number of minibatches, not True"),

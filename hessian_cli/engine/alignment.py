@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 
@@ -104,9 +104,12 @@ def alignment_scores(
     """
     # As the CLI's options: a negative rho measured a descent step (sam_sharpness -0.022 where
     # +0.023), a negative alpha tilted d away from v_1, a negative count took no batch at all.
+    # A string ("0.05" from a config file) failed in math.isfinite, a TypeError naming neither.
     for name, value in (("rho", rho), ("alpha", alpha)):
-        if not (math.isfinite(value) and value >= 0):
-            raise UserError(f"alignment_scores takes {name} of at least 0, not {value:g}.")
+        number = isinstance(value, Real) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value >= 0):
+            shown = f"{value:g}" if number else repr(value)
+            raise UserError(f"alignment_scores takes {name} of at least 0, not {shown}.")
     # 2.5 failed in a slice after the gradient and a product were spent, True took one batch.
     if isinstance(minibatches, bool) or not isinstance(minibatches, Integral):
         raise UserError(

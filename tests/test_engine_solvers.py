@@ -1603,6 +1603,25 @@ def test_known_eigenpairs_are_refused_where_they_cannot_serve():
     assert op.hvp_count == res.hvps and other.hvp_count == 0
 
 
+@pytest.mark.parametrize(
+    "solve",
+    [
+        lambda op: eigenpairs(op, 1),
+        lambda op: stochastic_trace(op, 4),
+        lambda op: spectral_density(op, 2, 4),
+    ],
+)
+def test_a_matrix_given_for_an_operator_is_one_sentence(solve):
+    """A matrix failed in op.n or op.hvp_count, an AttributeError naming neither the solver nor
+    MatrixOperator, which takes it."""
+    H = torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64))
+    with pytest.raises(UserError, match=r"^\w+ takes a linear operator \(a HessianOperator, or "):
+        solve(H)
+    with pytest.raises(UserError, match="MatrixOperator\\(matrix\\) for a matrix\\), not a torch"):
+        solve(H)
+    assert solve(MatrixOperator(H)) is not None
+
+
 def test_known_eigenpairs_that_are_no_eigenresult_are_one_sentence():
     """eigh's (values, vectors) failed in .eigenvectors, an AttributeError, after the memory
     check; the result of eigenpairs() is what serves."""

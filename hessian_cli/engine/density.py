@@ -14,6 +14,7 @@ from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import norms, project_out
 from hessian_cli.engine.linear_operator import (
     LinearOperator,
+    check_operator,
     checks_products,
     holds_weights,
     not_finite,
@@ -106,6 +107,7 @@ def spectral_density(
     finite, whether a probe goes on, whether a second pass is needed; again after that pass):
     on an operator whose products are nearly free, that is all the time it takes.
     """
+    check_operator(op, "spectral_density")
     check_whole("`num_probes`", num_probes)
     check_whole("`steps`", steps)
     if num_probes < 1 or steps < 2:

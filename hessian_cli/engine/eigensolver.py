@@ -43,6 +43,7 @@ from hessian_cli.engine.linalg import (
 )
 from hessian_cli.engine.linear_operator import (
     LinearOperator,
+    check_operator,
     checks_products,
     holds_weights,
     not_finite,
@@ -169,6 +170,7 @@ def eigenpairs(
     operator computes in reduced precision, whose products are not the matrix being certified)
     they come from ``k`` fresh full-precision products instead.
     """
+    check_operator(op, "eigenpairs")
     check_options(
         tol=tol,
         block_size=block_size,

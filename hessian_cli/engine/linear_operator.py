@@ -39,6 +39,16 @@ class LinearOperator(Protocol):
     def matmul(self, block: torch.Tensor) -> torch.Tensor: ...
 
 
+def check_operator(op: object, solver: str) -> None:
+    """Refuse what is no :class:`LinearOperator`: a matrix given as it is failed in ``op.n``
+    or ``op.hvp_count``, an AttributeError that named neither the solver nor the fix."""
+    if not all(hasattr(op, name) for name in ("n", "dtype", "device", "hvp_count", "matmul")):
+        raise UserError(
+            f"{solver} takes a linear operator (a HessianOperator, or MatrixOperator(matrix) for "
+            f"a matrix), not {a_type(op)}."
+        )
+
+
 def _products(block: torch.Tensor) -> int:
     """Products in ``block``: one per row, one for a single ``[n]`` vector (as the network's
     operator counts it), not ``n``."""

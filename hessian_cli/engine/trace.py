@@ -14,6 +14,7 @@ from hessian_cli.engine.distributed import fail_together
 from hessian_cli.engine.linalg import all_finite, orthonormalize_against, project_out, row_dots
 from hessian_cli.engine.linear_operator import (
     LinearOperator,
+    check_operator,
     checks_products,
     holds_weights,
     not_finite,
@@ -130,6 +131,7 @@ def stochastic_trace(
     all at once, Hutch++'s sketch and then its basis with the deflated probes (``block_size=None``;
     :class:`HessianOperator` splits a block that does not fit in memory).
     """
+    check_operator(op, "stochastic_trace")
     check_whole("`num_probes`", num_probes)
     if block_size is not None:  # -1 multiplied no probe: the trace of 820 came out 39, unsaid
         check_whole("`block_size`", block_size)

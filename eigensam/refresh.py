@@ -30,6 +30,7 @@ from hessian_cli.engine.model_mode import (
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace
 from hessian_cli.engine.results import EigenResult
+from hessian_cli.engine.solver_plan import check_whole
 from hessian_cli.errors import UserError
 
 # The paper's 5 power steps cost 5 HVPs; 6 products here build a warm-started Krylov basis whose
@@ -172,8 +173,10 @@ def refresh_top_eigenvector(
     """
     if max_hvps is None:
         max_hvps = DEFAULT_MAX_HVPS if v_prev is not None else COLD_MAX_HVPS
+    # "5" failed in the comparison, a TypeError naming nothing; 0 said it as no sentence.
+    check_whole("`max_hvps`", max_hvps)
     if max_hvps < 1:
-        raise ValueError("max_hvps must be at least 1")
+        raise UserError(f"`max_hvps` must be at least 1, not {max_hvps}.")
     names = {id(p): name for name, p in model.named_parameters()}
     if any(id(p) not in names for p in params):
         raise ValueError("every optimised parameter must be a parameter of the model")

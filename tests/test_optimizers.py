@@ -366,6 +366,25 @@ def test_refresh_budget_and_frozen_parameters() -> None:
     assert warm.eigenvalue >= res.eigenvalue - 1e-9  # the warm start's space contains v_prev
 
 
+@pytest.mark.parametrize(
+    ("max_hvps", "said"),
+    [
+        ("5", "must be a whole number, not '5'"),
+        (0, "must be at least 1, not 0"),
+        (2.5, "must be a whole number, not 2.5"),
+    ],
+)
+def test_a_refresh_budget_that_is_no_count_is_one_sentence(max_hvps: object, said: str) -> None:
+    """ "5" (from a config file) failed in a comparison, a TypeError naming nothing, and 0 said
+    "max_hvps must be at least 1" as a bare ValueError; the eigenvector is left as it was."""
+    model = mlp()
+    opt = EigenSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    (x, y), *_ = data()
+    with pytest.raises(UserError, match=f"^`max_hvps` {said}"):
+        opt.refresh_eigenvector(model, F.cross_entropy, (x, y), max_hvps=max_hvps)
+    assert opt.eigenvector is None and opt.refreshes == 0
+
+
 # --- 4. SAM by hand, step(closure), state_dict -----------------------------------------------
 
 

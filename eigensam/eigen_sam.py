@@ -20,6 +20,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
+from numbers import Real
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from eigensam.sam import SAM, BaseOptimizer, check_factor
 from hessian_cli.engine.alignment import eigensam_direction
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.linalg import norms
+from hessian_cli.errors import UserError
 
 
 def _caller_level() -> int:
@@ -157,13 +159,19 @@ class EigenSAM(SAM):
         norm = norms(v)
         if not bool(torch.isfinite(norm)) or norm == 0:
             raise ValueError("eigenvector must be finite and non-zero")
+        # Looked at before anything is held: a string ("1.0") failed in the sign test after v
+        # was adopted and the refresh counted, a TypeError that left them so.
+        scalar = isinstance(eigenvalue, torch.Tensor) and eigenvalue.numel() == 1
+        if not scalar and (isinstance(eigenvalue, bool) or not isinstance(eigenvalue, Real)):
+            raise UserError(f"`eigenvalue` must be a number, not {eigenvalue!r}.")
+        value = float(eigenvalue)
         dtypes = {p.dtype for p in params}
         dtype = params[0].dtype if len(dtypes) == 1 else v.dtype
         flat = (v / norm).to(device=params[0].device, dtype=dtype)
         self._hold(flat, params, [True] * len(params))
-        self.last_eigenvalue = float(eigenvalue)
+        self.last_eigenvalue = value
         self.refreshes += 1
-        if eigenvalue <= 0:
+        if value <= 0:
             self.negative_refreshes += 1
 
     def refresh_eigenvector(

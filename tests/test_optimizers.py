@@ -205,6 +205,21 @@ def test_zero_gradient_gives_no_perturbation_and_no_nan(cls: type[SAM]) -> None:
     assert torch.equal(model.w, w)
 
 
+def test_an_eigenvalue_that_is_no_number_leaves_the_eigenvector_as_it_was() -> None:
+    """ "1.0" failed in the sign test after v was adopted and the refresh counted: a TypeError
+    that left a vector and a count with no eigenvalue to match. A 0-d tensor (a result's
+    eigenvalues[0]) is a number."""
+    w = nn.Parameter(torch.ones(4, dtype=DT))
+    opt = EigenSAM([w], torch.optim.SGD, lr=0.1)
+    for bad in ("1.0", None, torch.ones(2)):
+        with pytest.raises(UserError, match="^`eigenvalue` must be a number, not "):
+            opt.set_eigenvector(torch.ones(4, dtype=DT), bad)
+        assert opt.eigenvector is None and opt.refreshes == 0 and opt.last_eigenvalue is None
+    opt.set_eigenvector(torch.ones(4, dtype=DT), torch.tensor(-2.0, dtype=DT))
+    assert opt.last_eigenvalue == -2.0 and (opt.refreshes, opt.negative_refreshes) == (1, 1)
+    torch.testing.assert_close(opt.eigenvector, torch.full((4,), 0.5, dtype=DT))
+
+
 @pytest.mark.parametrize("cls", [SAM, EigenSAM])
 def test_a_gradient_that_is_not_finite_perturbs_nothing(cls: type[SAM]) -> None:
     """As before the direction was formed in place (its NaN norm then made the weights NaN)."""

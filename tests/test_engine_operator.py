@@ -244,6 +244,34 @@ def test_a_loss_without_a_gradient_is_refused_not_a_hessian_of_zeros(backend, lo
     torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: torch.ones(n - 1, dtype=torch.float64),
+        lambda n: torch.ones(1, dtype=torch.float64),
+        lambda n: torch.ones(2, 2, n, dtype=torch.float64),
+        lambda n: torch.ones(3, n - 1, dtype=torch.float64),
+        lambda n: [1.0] * n,
+    ],
+    ids=["short", "one-entry", "three-dims", "rows-too-short", "list"],
+)
+def test_a_product_of_what_is_no_vector_of_the_operator_is_one_sentence(make):
+    """A matrix's failed in torch's "mat1 and mat2 shapes cannot be multiplied", a diagonal's
+    vector of one entry came back as the diagonal itself, unsaid, and the network's said a
+    [2, 2, n] block was "of length 2" (a ValueError); none is counted as a product."""
+    case = CASES["mlp-mse"]
+    d = torch.arange(1.0, 7.0, dtype=torch.float64)
+    for op in (
+        MatrixOperator(torch.diag(d)),
+        DiagonalOperator(d),
+        HessianOperator(case.model, case.loss, case.batches),
+    ):
+        with pytest.raises(UserError, match=f"^a product takes a vector of {op.n} entries or a"):
+            op.matmul(make(op.n))
+        assert op.hvp_count == 0
+    torch.testing.assert_close(DiagonalOperator(d).matmul(torch.ones(6, dtype=torch.float64)), d)
+
+
 def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch):
     case = CASES["cnn-bn"]
     op = HessianOperator(case.model, case.loss, case.batches, backend="func")

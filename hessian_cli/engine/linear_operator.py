@@ -49,6 +49,18 @@ def check_operator(op: object, solver: str) -> None:
         )
 
 
+def check_block(block: object, n: int) -> None:
+    """Refuse, before it is counted, what a product cannot take: a vector of another length
+    (a matrix's failed in torch's "mat1 and mat2 shapes cannot be multiplied"; a diagonal's of
+    length 1 broadcast to the diagonal itself, unsaid), a block of more dimensions, or an array
+    that is no tensor (it failed in ``.to``)."""
+    if not isinstance(block, torch.Tensor) or block.ndim not in (1, 2) or block.shape[-1] != n:
+        raise UserError(
+            f"a product takes a vector of {n} entries or a block of them, [b, {n}], "
+            f"not {_described(block)}."
+        )
+
+
 def _products(block: torch.Tensor) -> int:
     """Products in ``block``: one per row, one for a single ``[n]`` vector (as the network's
     operator counts it), not ``n``."""
@@ -68,6 +80,7 @@ class MatrixOperator:
         self.hvp_count = 0
 
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        check_block(block, self.n)
         self.hvp_count += _products(block)
         return block @ self.matrix
 
@@ -86,6 +99,7 @@ class DiagonalOperator:
         self.hvp_count = 0
 
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
+        check_block(block, self.n)
         self.hvp_count += _products(block)
         return block * self.diagonal
 

@@ -24,6 +24,7 @@ from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
 from hessian_cli.engine.batchnorm_formula import batchnorm_formula, formula_ready
 from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
 from hessian_cli.engine.linalg import all_finite, norms
+from hessian_cli.engine.linear_operator import check_block
 from hessian_cli.engine.memory import free_bytes, graph_bytes
 from hessian_cli.engine.model_mode import (
     BNMode,
@@ -630,10 +631,9 @@ class HessianOperator:
 
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         """``H`` applied to each row of ``block`` (shape ``[b, n]`` or ``[n]``)."""
+        check_block(block, self.n)  # [2, 2, n] was said to be of length 2, a ValueError
         single = block.ndim == 1
         V = block.reshape(1, -1) if single else block
-        if V.shape[1] != self.n:
-            raise ValueError(f"expected vectors of length {self.n}, got {V.shape[1]}")
         if len(V) == 0:  # no product: no pass, nothing to count
             return torch.zeros(0, self.n, dtype=self.dtype, device=self.device)
         start = time.perf_counter()

@@ -272,6 +272,19 @@ def test_a_product_of_what_is_no_vector_of_the_operator_is_one_sentence(make):
     torch.testing.assert_close(DiagonalOperator(d).matmul(torch.ones(6, dtype=torch.float64)), d)
 
 
+@pytest.mark.parametrize("name", ["keep_graph", "batched_backward", "distributed"])
+@pytest.mark.parametrize("value", ["no", 0, 1.0])
+def test_a_switch_that_is_no_bool_is_refused(name, value):
+    """keep_graph="no" kept the graphs, as did 0 (only False does not): any object but False."""
+    case = CASES["mlp-mse"]
+    with pytest.raises(UserError, match=f"^`{name}` must be True, False or None .*not {value!r}"):
+        HessianOperator(case.model, case.loss, case.batches, **{name: value})
+    op = HessianOperator(case.model, case.loss, case.batches, **{name: False})
+    dense = dense_hessian(case.model, case.loss, case.batches)
+    v = torch.ones(op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
+
+
 def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch):
     case = CASES["cnn-bn"]
     op = HessianOperator(case.model, case.loss, case.batches, backend="func")

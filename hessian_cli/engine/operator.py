@@ -174,6 +174,16 @@ def _carries_gradient(out: object) -> bool:
     return any(_carries_gradient(part) for part in parts)
 
 
+def _check_switches(**switches: object) -> None:
+    """Refuse a switch that is no bool or None: ``keep_graph="no"`` kept the graphs (any
+    object but False did), and 0 did too, where False does not."""
+    for name, value in switches.items():
+        if value is not None and not isinstance(value, bool):
+            raise UserError(
+                f"`{name}` must be True, False or None (the operator decides), not {value!r}."
+            )
+
+
 def _check_model_and_loss(model: object, loss_fn: object) -> None:
     """Refuse, before the batches are placed, what cannot be the model or the loss: a loss
     class failed at the first product in its constructor ("Boolean value of Tensor with more
@@ -265,6 +275,9 @@ class HessianOperator:
         batch_weight: Callable[[torch.Tensor], float] | None = None,
     ) -> None:
         _check_model_and_loss(model, loss_fn)
+        _check_switches(
+            keep_graph=keep_graph, batched_backward=batched_backward, distributed=distributed
+        )
         self.distributed = dist_utils.is_distributed() if distributed is None else distributed
         self.model = model
         self.loss_fn = loss_fn

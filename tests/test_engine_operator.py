@@ -285,6 +285,19 @@ def test_a_switch_that_is_no_bool_is_refused(name, value):
     torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
 
 
+def test_a_parameter_space_of_another_model_is_refused_by_name():
+    """select_parameters of a copy of the model was refused at the first product as a
+    parameter "used under torch.no_grad, or in a torch.utils.checkpoint", which it was not."""
+    case = CASES["mlp-mse"]
+    copied = copy.deepcopy(case.model)
+    with pytest.raises(UserError, match="^the parameter space's 0.weight is not the model's"):
+        HessianOperator(case.model, case.loss, case.batches, params=select_parameters(copied))
+    own = HessianOperator(case.model, case.loss, case.batches, params=select_parameters(case.model))
+    dense = dense_hessian(case.model, case.loss, case.batches)
+    v = torch.ones(own.n, dtype=torch.float64)
+    torch.testing.assert_close(own.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
+
+
 def test_a_block_that_runs_out_of_memory_is_split_and_the_limit_kept(monkeypatch):
     case = CASES["cnn-bn"]
     op = HessianOperator(case.model, case.loss, case.batches, backend="func")

@@ -174,6 +174,20 @@ def _carries_gradient(out: object) -> bool:
     return any(_carries_gradient(part) for part in parts)
 
 
+def _check_own_space(model: nn.Module, space: ParamSpace) -> None:
+    """Refuse a space whose tensor under a name of the model's parameters is another tensor
+    (``select_parameters`` of another model, or of a copy): the products were blamed on a
+    parameter "used under torch.no_grad, or in a torch.utils.checkpoint". A space may still hold
+    tensors the model does not (a temperature the loss uses), under names of their own."""
+    held = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in zip(space.names, space.tensors, strict=True):
+        if name in held and held[name] is not tensor:
+            raise UserError(
+                f"the parameter space's {name} is not the model's {name} (a space selected from "
+                "another model, or from a copy): select the parameters of this model."
+            )
+
+
 def _check_switches(**switches: object) -> None:
     """Refuse a switch that is no bool or None: ``keep_graph="no"`` kept the graphs (any
     object but False did), and 0 did too, where False does not."""
@@ -282,6 +296,7 @@ class HessianOperator:
         self.model = model
         self.loss_fn = loss_fn
         self.space = params if isinstance(params, ParamSpace) else select_parameters(model, params)
+        _check_own_space(model, self.space)
         self.n = self.space.n
         self.dtype = self.space.dtype
         self.device = self.space.device

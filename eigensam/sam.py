@@ -32,9 +32,9 @@ from hessian_cli.errors import UserError
 BaseOptimizer = Callable[..., Optimizer]
 
 
-class FactorError(UserError, ValueError):
-    """A ``rho`` or ``alpha`` no step can use: one sentence, as the engine's refusals are, and
-    a ValueError, as torch's optimizers refuse their hyper-parameters."""
+class SettingError(UserError, ValueError):
+    """A ``rho``, ``alpha`` or ``adaptive`` no step can use: one sentence, as the engine's
+    refusals are, and a ValueError, as torch's optimizers refuse their hyper-parameters."""
 
 
 def check_factor(name: str, value: float) -> None:
@@ -44,7 +44,14 @@ def check_factor(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < math.inf:
         number = isinstance(value, Real) and not isinstance(value, bool)
         shown = f"{value:g}" if number else repr(value)
-        raise FactorError(f"`{name}` must be a finite non-negative number, not {shown}.")
+        raise SettingError(f"`{name}` must be a finite non-negative number, not {shown}.")
+
+
+def check_adaptive(value: object) -> None:
+    """Refuse an ``adaptive`` that is no bool: "no" (any object but a false one) took ASAM's
+    rescaled steps, another optimizer, unsaid."""
+    if not isinstance(value, bool):
+        raise SettingError(f"`adaptive` must be True (ASAM) or False (SAM), not {value!r}.")
 
 
 class SAM(Optimizer):
@@ -64,6 +71,7 @@ class SAM(Optimizer):
         **kwargs: Any,
     ) -> None:
         check_factor("rho", rho)
+        check_adaptive(adaptive)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -109,6 +117,7 @@ class SAM(Optimizer):
             raise RuntimeError("first_step found no gradients: run backward before it")
         for group in self.param_groups:
             check_factor("rho", group["rho"])
+            check_adaptive(group["adaptive"])
         g = self.flat_grad()
         g_norm = norms(g)
         # A zero gradient has no direction: divided by 1 it stays zero (no perturbation, no 0/0);

@@ -689,6 +689,25 @@ def test_steps_out_of_order_are_errors_not_plain_steps() -> None:
     assert torch.equal(model.w, w)
 
 
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_an_adaptive_that_is_no_bool_is_refused(cls: type[SAM]) -> None:
+    """adaptive="no" (or 1) took ASAM's rescaled steps, another optimizer, unsaid; in a group
+    too. False takes SAM's hand-computed step."""
+    model = quadratic()
+    with pytest.raises(ValueError, match="^`adaptive` must be True \\(ASAM\\) or False .*'no'"):
+        cls([model.w], torch.optim.SGD, lr=0.1, adaptive="no")
+    opt = cls([{"params": [model.w], "adaptive": 1}], torch.optim.SGD, lr=0.1)
+    backward(model)
+    with pytest.raises(UserError, match="^`adaptive` must be True \\(ASAM\\) or False .*not 1"):
+        opt.first_step()
+    w = model.w.detach().clone()
+    no_v = {"alpha": 0.0} if cls is EigenSAM else {}  # (no eigenvector yet: SAM's step)
+    opt = cls([model.w], torch.optim.SGD, lr=0.1, rho=0.05, adaptive=False, **no_v)
+    g = model.w.grad.clone()
+    opt.first_step()
+    torch.testing.assert_close(model.w.detach(), w + 0.05 * g / g.norm())
+
+
 def test_a_negative_rho_in_a_group_is_refused() -> None:
     model = quadratic()
     opt = SAM([{"params": [model.w], "rho": -0.1}], torch.optim.SGD, lr=0.1)

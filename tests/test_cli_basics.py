@@ -242,18 +242,24 @@ def test_every_debug_after_the_command_is_taken(capsys):
     ]
 
 
+def _help(command: str, *, columns: int) -> str:
+    """``command --help`` as a terminal ``columns`` wide shows it (its own process: Rich reads
+    the width at import)."""
+    return subprocess.run(
+        [sys.executable, "-m", "hessian_cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": str(columns)},
+    ).stdout
+
+
 @pytest.mark.parametrize("command", ["analyze", "train"])
 def test_help_shows_no_type_beside_a_flag(command: str) -> None:
     """Typer's help showed every flag as `--trace <bool>`, as if it took a value: users wrote
     `--trace true`, which made `true` a checkpoint name (`train --quiet true`: an extra
     argument). Options that take a value keep their type."""
-    out = subprocess.run(
-        [sys.executable, "-m", "hessian_cli", command, "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "COLUMNS": "200"},
-    ).stdout
+    out = _help(command, columns=200)
     assert "--quiet" in out and "<bool>" not in out
     assert "<int>" in out  # --batch-size
 
@@ -354,12 +360,6 @@ def test_a_name_too_long_for_the_file_system_is_one_sentence(capsys, monkeypatch
 def test_help_on_a_narrow_terminal_folds_long_words_rather_than_cut_them(command):
     """At 70 columns Rich cut a help word longer than its column with an ellipsis: analyze
     --help read "synthetic-regression:D[:k[:…" for the data's syntax."""
-    out = subprocess.run(
-        [sys.executable, "-m", "hessian_cli", command, "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "COLUMNS": "70"},
-    ).stdout
+    out = _help(command, columns=70)
     assert "…" not in out
     assert "synthetic-regression:D[:k[:n" in out.replace("│", "")

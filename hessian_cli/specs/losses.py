@@ -105,11 +105,10 @@ def _binary_labels(loss: LossFn) -> LossFn:
 
     def binary(outputs: Tensor, targets: Tensor) -> Tensor:
         if not targets.is_floating_point():
-            low, high = label_range(targets)
-            if low < 0 or high > 1:
+            if (label := _not_0_or_1(*label_range(targets))) is not None:
                 raise UserError(
-                    f"label {low if low < 0 else high} is out of range for binary "
-                    "cross-entropy, which takes 0/1 labels only."
+                    f"label {label} is out of range for binary cross-entropy, which takes 0/1 "
+                    "labels only."
                 )
             targets = targets.to(outputs.dtype)
             if outputs.ndim == targets.ndim + 1 and outputs.shape[1] == 1:
@@ -300,6 +299,11 @@ class _LabelRange:
         return seen[1], seen[2]
 
 
+def _not_0_or_1(low: int, high: int) -> int | None:
+    """A label of integer targets ranging ``low`` to ``high`` that is neither 0 nor 1, if any."""
+    return low if low < 0 else high if high > 1 else None
+
+
 def _read_range(targets: Tensor) -> tuple[int, int]:
     if not targets.numel():
         return 0, 0
@@ -357,10 +361,9 @@ def _mse(num_classes: int | None) -> LossFn:
             # Compared as they are, they are one-hot or multi-hot rows, or each output's 0/1
             # label: a mask of labels 0 to 4 against (batch, H, W) outputs was regressed onto as
             # numbers (a loss of 7.84) where (batch, 1, H, W) outputs refused it.
-            low, high = label_range(targets)
-            if low < 0 or high > 1:
+            if (label := _not_0_or_1(*label_range(targets))) is not None:
                 raise UserError(
-                    f"label {low if low < 0 else high} is out of range for integer targets "
+                    f"label {label} is out of range for integer targets "
                     "shaped like the model outputs in the mse loss, which takes 0/1 labels only "
                     "there (one-hot or multi-hot rows, or one label per output): store others as "
                     "real numbers."

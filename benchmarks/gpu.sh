@@ -70,7 +70,8 @@ if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
         | sed 's/^/# /' | tee -a "$LOG"
 fi
 
-case " $* " in *" --quick "*) MANY_K="${MANY_K:-10}" ;; esac  # --quick's size, unless set
+# --quick's sizes (peers.py's: one start per tool, many-k 4), unless set
+case " $* " in *" --quick "*) SEEDS="${SEEDS:-1}" DATALOADER_SEEDS="${DATALOADER_SEEDS:-1}" MANY_K="${MANY_K:-4}" ;; esac
 peers=("$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-3}"
     --dataloader-seeds "${DATALOADER_SEEDS:-2}" --many-k "${MANY_K:-20}")
 start=$SECONDS

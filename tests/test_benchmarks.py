@@ -141,3 +141,34 @@ def test_gpu_session_runs_the_benchmarks_before_the_tests(tmp_path: Path) -> Non
 
 def test_gpu_session_short_of_time_cuts_the_tests(tmp_path: Path) -> None:
     assert session(tmp_path, 10) == ["gpu.sh"]
+
+
+def gpu_sh_peers_calls(tmp_path: Path, *argv: str) -> list[list[str]]:
+    """The arguments gpu.sh passed to peers.py, with a python that only records them."""
+    root = Path(__file__).parents[1]
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    shutil.copy(root / "benchmarks" / "gpu.sh", bench)
+    python = tmp_path / "python"
+    python.write_text('#!/usr/bin/env bash\necho "$@" >> "$CALLS"\n')
+    python.chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PYTHON": str(python), "CALLS": str(calls), "DEVICE": "cpu"}
+    env.update(LOG=str(tmp_path / "log"), WHEELS=str(tmp_path / "none"))
+    for name in ("SEEDS", "DATALOADER_SEEDS", "MANY_K"):
+        env.pop(name, None)
+    subprocess.run(["bash", str(bench / "gpu.sh"), *argv], env=env, check=True, capture_output=True)
+    return [line.split() for line in calls.read_text().splitlines() if "peers.py" in line]
+
+
+def test_gpu_sh_quick_runs_one_start_per_tool(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gpu.sh's smoke test keeps peers.py's --quick sizes: it passed 3 seeds (2 in the
+    dataloader case) and many-k 10, tripling the top-k runs of a smoke test."""
+    calls = gpu_sh_peers_calls(tmp_path, "--quick")
+    assert len(calls) == 2  # every case but many, then many
+    for argv in calls:
+        assert argv[argv.index("--seeds") + 1] == "1"
+        assert argv[argv.index("--dataloader-seeds") + 1] == "1"
+        assert int(argv[argv.index("--many-k") + 1]) == parse(monkeypatch, "--quick").many_k

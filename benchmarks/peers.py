@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import importlib.metadata
 import platform
 import statistics
@@ -304,17 +305,28 @@ def setup(args: argparse.Namespace) -> Bench:
     return Bench(args, device, model.to(device).eval(), batches)
 
 
-def version(distribution: str) -> str:
+# The peers' distributions and the modules their rows import.
+PEERS: dict[str, str] = {"PyHessian": "pyhessian", "hessian-eigenthings": "hessian_eigenthings"}
+
+
+def version(distribution: str, module: str) -> str:
+    """The peer's version, or, once in the header, why every row of it will fail: one installed
+    can still fail to import (a missing dependency, a build for another torch)."""
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001  (any import error: its rows fail, ours run)
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        return f"does not import ({message[:200]}; its rows fail)"
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+        return "(version unknown)"
 
 
 def header(b: Bench) -> None:
     n = sum(p.numel() for p in b.model.parameters() if p.requires_grad)
     name = torch.cuda.get_device_name(b.device) if b.cuda else platform.processor() or "CPU"
-    versions = ", ".join(f"{d} {version(d)}" for d in ("PyHessian", "hessian-eigenthings"))
+    versions = ", ".join(f"{d} {version(d, module)}" for d, module in PEERS.items())
     weights = Path(b.args.checkpoint).name if b.args.checkpoint else "random weights, seed 0"
     print(
         f"# {b.args.model} ({weights}), {n:,} parameters, "

@@ -46,6 +46,20 @@ def test_peers_quick_runs_a_small_model_once_where_not_given(
     assert (full.model, full.k, full.reps, full.many_k) == ("resnet20", 5, 2, 50)
 
 
+def test_peers_header_names_a_peer_that_does_not_import(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A peer installed but failing to import was shown with its version, then failed once per
+    row: the header says so once."""
+    monkeypatch.setitem(sys.modules, "pyhessian", None)  # import pyhessian fails
+    args = peers.argparse.Namespace(model="mlp", checkpoint="", batch=2)
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    peers.header(peers.Bench(args, torch.device("cpu"), build("mlp"), [batch]))
+    out = capsys.readouterr().out
+    assert "PyHessian does not import (" in out
+    assert "does not import" not in out.split("hessian-eigenthings")[1]
+
+
 def test_resnet18_copy_has_torchvisions_weights() -> None:
     pytest.importorskip("torchvision")
     ours = build(f"{peers.Path(peers.__file__).with_name('resnet18.py')}:resnet18")

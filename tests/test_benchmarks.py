@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,8 @@ def test_peers_header_names_a_peer_that_does_not_import(
     """A peer installed but failing to import was shown with its version, then failed once per
     row: the header says so once."""
     monkeypatch.setitem(sys.modules, "pyhessian", None)  # import pyhessian fails
+    # and hessian-eigenthings imports, installed or not (CI installs no [bench] extra)
+    monkeypatch.setitem(sys.modules, "hessian_eigenthings", types.ModuleType("stand-in"))
     args = peers.argparse.Namespace(model="mlp", checkpoint="", batch=2)
     batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
     peers.header(peers.Bench(args, torch.device("cpu"), build("mlp"), [batch]))

@@ -45,6 +45,7 @@ from hessian_cli.engine.linear_operator import (
     LinearOperator,
     check_operator,
     checks_products,
+    described,
     holds_weights,
     not_finite,
 )
@@ -65,7 +66,7 @@ from hessian_cli.engine.solver_plan import (
     restart_chunk,
     restart_size,
 )
-from hessian_cli.errors import UserError, a_type
+from hessian_cli.errors import UserError
 
 Which = Literal["largest", "smallest", "both"]
 WHOLE = "whole-space"  # the method of a solve that took every column of the matrix
@@ -279,11 +280,10 @@ def eigenpairs(
 
 
 def _described(given: object) -> str:
-    """A warm start or hint as its refusal names it: a tensor by its dtype and shape, anything
-    else (a numpy array, a list: they failed in ``.ndim`` or ``.numel()``) by its type."""
-    if isinstance(given, torch.Tensor):
-        return f"a {given.dtype} tensor of shape {tuple(given.shape)}"
-    return f"{a_type(given)} (make it a tensor: torch.as_tensor)"
+    """A warm start or hint as its refusal names it (:func:`described`), with the fix for what
+    is no tensor (a numpy array, a list: they failed in ``.ndim`` or ``.numel()``)."""
+    fix = "" if isinstance(given, torch.Tensor) else " (make it a tensor: torch.as_tensor)"
+    return described(given) + fix
 
 
 def _both_ends(

@@ -57,7 +57,7 @@ def check_block(block: object, n: int) -> None:
     if not isinstance(block, torch.Tensor) or block.ndim not in (1, 2) or block.shape[-1] != n:
         raise UserError(
             f"a product takes a vector of {n} entries or a block of them, [b, {n}], "
-            f"not {_described(block)}."
+            f"not {described(block)}."
         )
 
 
@@ -91,7 +91,7 @@ class DiagonalOperator:
 
     def __init__(self, diagonal: torch.Tensor) -> None:
         if not isinstance(diagonal, torch.Tensor) or diagonal.ndim != 1 or not _real(diagonal):
-            raise UserError(f"DiagonalOperator takes a real vector, not {_described(diagonal)}.")
+            raise UserError(f"DiagonalOperator takes a real vector, not {described(diagonal)}.")
         self.diagonal = diagonal
         self.n = len(diagonal)
         self.dtype = diagonal.dtype
@@ -113,7 +113,8 @@ def _real(t: torch.Tensor) -> bool:
     return t.is_floating_point() and not t.is_complex()
 
 
-def _described(t: object) -> str:
+def described(t: object) -> str:
+    """A tensor as a refusal names it, by its dtype and shape; anything else by its type."""
     if not isinstance(t, torch.Tensor):
         return a_type(t)
     dtype = str(t.dtype).removeprefix("torch.")
@@ -126,7 +127,7 @@ def _check_matrix(matrix: torch.Tensor) -> None:
     non-symmetric one had no eigenpairs of the kind solved for (triu(ones(4)), all of whose
     eigenvalues are 1, gave 2.5). Entries that are not finite are left to the solvers."""
     if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2 or not _real(matrix):
-        raise UserError(f"MatrixOperator takes a real square matrix, not {_described(matrix)}.")
+        raise UserError(f"MatrixOperator takes a real square matrix, not {described(matrix)}.")
     if matrix.shape[0] != matrix.shape[1]:
         raise UserError(
             f"MatrixOperator takes a square matrix, not one of shape {tuple(matrix.shape)}."

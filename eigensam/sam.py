@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from numbers import Real
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from hessian_cli.engine.linalg import norms
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, is_number, shown
 
 BaseOptimizer = Callable[..., Optimizer]
 
@@ -41,10 +40,8 @@ def check_factor(name: str, value: float) -> None:
     """Refuse a ``rho`` or ``alpha`` that is negative, NaN (which passes a ``< 0`` test),
     infinite (which moves the weights to infinity) or not a number: a string ("0.05" from a
     config file) failed in the comparison, a bare TypeError naming neither."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < math.inf:
-        number = isinstance(value, Real) and not isinstance(value, bool)
-        shown = f"{value:g}" if number else repr(value)
-        raise SettingError(f"`{name}` must be a finite non-negative number, not {shown}.")
+    if not is_number(value) or not 0.0 <= value < math.inf:
+        raise SettingError(f"`{name}` must be a finite non-negative number, not {shown(value)}.")
 
 
 def check_adaptive(value: object) -> None:

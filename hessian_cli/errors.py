@@ -1,6 +1,8 @@
 """The errors the CLI turns into one sentence (problems the user can fix, a termination), and
 helpers that quote other errors in such a sentence."""
 
+from numbers import Real
+
 
 class UserError(Exception):
     """Bad input or an environment problem, described in one sentence for the user.
@@ -52,6 +54,17 @@ def first_line(exc: BaseException) -> str:
 
 # The module a user's file is imported as starts so (then its stem, then a digest of its path).
 USER_MODULE_PREFIX = "hessian_cli_user_"
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool, which ``numbers.Real`` admits)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def shown(value: object) -> str:
+    """A setting as its refusal names it: a number as ``:g`` writes it, anything else as its
+    repr (a string in its quotes: "0.05" from a config file)."""
+    return f"{value:g}" if is_number(value) else repr(value)
 
 
 def a_type(obj: object) -> str:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 
 from hessian_cli.engine.linalg import dot, gram, norms
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.errors import NotFinite, UserError
+from hessian_cli.errors import NotFinite, UserError, is_number, shown
 
 
 @dataclass
@@ -106,10 +106,8 @@ def alignment_scores(
     # +0.023), a negative alpha tilted d away from v_1, a negative count took no batch at all.
     # A string ("0.05" from a config file) failed in math.isfinite, a TypeError naming neither.
     for name, value in (("rho", rho), ("alpha", alpha)):
-        number = isinstance(value, Real) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and value >= 0):
-            shown = f"{value:g}" if number else repr(value)
-            raise UserError(f"alignment_scores takes {name} of at least 0, not {shown}.")
+        if not (is_number(value) and math.isfinite(value) and value >= 0):
+            raise UserError(f"alignment_scores takes {name} of at least 0, not {shown(value)}.")
     # 2.5 failed in a slice after the gradient and a product were spent, True took one batch.
     if isinstance(minibatches, bool) or not isinstance(minibatches, Integral):
         raise UserError(

@@ -8,7 +8,7 @@ iteration how it spends it.
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Integral
 from typing import NamedTuple
 
 import torch
@@ -21,7 +21,7 @@ from hessian_cli.engine.solver_defaults import (
     default_guard,
     default_max_hvps,
 )
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, is_number, shown
 
 # Where the basis would hold half the space or more, it is cheaper to take the whole space at
 # once: n products (in blocks of WHOLE_SPACE_BLOCK) and one dense Rayleigh-Ritz, the exact
@@ -58,11 +58,6 @@ def check_whole(label: str, value: object) -> None:
         raise UserError(f"{label} must be a whole number, not {value!r}.")
 
 
-def _shown(value: object) -> str:
-    """A number as ``:g`` writes it, anything else as its repr (a string in its quotes)."""
-    return f"{value:g}" if isinstance(value, Real) else repr(value)
-
-
 def check_options(
     *,
     tol: float,
@@ -82,10 +77,10 @@ def check_options(
             check_whole(f"`{name}`", value)
     # Also refuses NaN; 1 and more: every pair converged at once. A string ("1e-4" from a
     # config file) failed in the comparison: "'<' not supported between 'int' and 'str'".
-    if not (isinstance(tol, Real) and 0 < tol < 1):
+    if not (is_number(tol) and 0 < tol < 1):
         raise UserError(
             f"`tol` must be a positive number below 1 (relative to the largest eigenvalue's size, "
-            f"or with the eigenvalue criterion to each eigenvalue's), not {_shown(tol)}."
+            f"or with the eigenvalue criterion to each eigenvalue's), not {shown(tol)}."
         )
     for name, value in sizes.items():
         if value is not None and value < 1:

@@ -218,6 +218,20 @@ def test_integer_one_hot_labels_in_a_file_are_named(tmp_path: Path) -> None:
         load_data(str(path))
 
 
+def test_real_one_hot_labels_in_a_file_are_refused(tmp_path: Path) -> None:
+    """Keras' to_categorical stores labels as float one-hot rows: they were read as 3 regression
+    targets, and a classifier's checkpoint was analysed under mse, not cross-entropy, unsaid."""
+    path, arrays = tmp_path / "d.npz", _arrays()
+    one_hot = np.eye(3, dtype=np.float32)[arrays["y"] % 3]
+    np.savez(path, x=arrays["x"], y=one_hot)
+    with pytest.raises(UserError, match=r"one-hot rows of real numbers, shape \(12, 3\), which "):
+        load_data(str(path))
+    soft = one_hot * 0.9 + 0.1 / 3  # label smoothing: real targets, read as such
+    np.savez(path, x=arrays["x"], y=soft)
+    data = load_data(str(path))
+    assert data.num_classes is None and data.target_shape == (3,)
+
+
 class _Hostile:
     def __init__(self, target: str) -> None:
         self.target = target

@@ -360,6 +360,13 @@ def _tensor_file(spec: str) -> DataSource:
             )
         if classification:
             ys = _class_labels(ys, spec, which)
+        elif _is_one_hot(ys):  # Keras' to_categorical: regressed onto under mse, unsaid
+            raise UserError(
+                f"data {spec!r}: the targets in {which} are one-hot rows of real numbers, shape "
+                f"{tuple(ys.shape)}, which would be read as {ys.shape[1]} regression outputs: "
+                "store the class indices, y.argmax(1), as integers (the mse loss takes them as "
+                "one-hot rows too)."
+            )
         elif ys.ndim == 1:
             ys = ys.unsqueeze(1)  # one regression target per sample
         if xs.shape[1:] != x.shape[1:]:
@@ -493,8 +500,7 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        one_hot = y.ndim == 2 and bool(((y == 0) | (y == 1)).all() and (y.sum(1) == 1).all())
-        hint = " (one-hot rows: store the class indices, y.argmax(1))" if one_hot else ""
+        hint = " (one-hot rows: store the class indices, y.argmax(1))" if _is_one_hot(y) else ""
         raise UserError(
             f"data {spec!r}: integer labels in {which} must be one per sample, got shape "
             f"{tuple(y.shape)}{hint}."
@@ -504,6 +510,16 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
             f"data {spec!r}: the class labels in {which} include {int(y.min())}, below 0."
         )
     return y.long()
+
+
+def _is_one_hot(y: torch.Tensor) -> bool:
+    """Whether ``y`` is rows of one 1 among 0s, over two classes or more: class labels stored
+    one-hot, of integers or of real numbers."""
+    return (
+        y.ndim == 2
+        and y.shape[1] > 1
+        and bool(((y == 0) | (y == 1)).all() and (y.sum(1) == 1).all())
+    )
 
 
 # ----------------------------------------------------------------------------- user code

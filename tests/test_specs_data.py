@@ -154,6 +154,23 @@ def test_pt_regression(tmp_path: Path) -> None:
     assert data.train.tensors[1].shape == (12, 1) and data.test is None
 
 
+def test_keras_names_of_the_training_split_are_read(tmp_path: Path) -> None:
+    """Keras' mnist.npz holds x_train, y_train, x_test, y_test: it had "no 'x' array"."""
+    arrays = _arrays()
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=arrays["x"], y_train=arrays["y"], x_test=arrays["x"][:5], y_test=[0] * 5)
+    data = load_data(str(path))
+    assert torch.equal(data.train.tensors[0], torch.from_numpy(arrays["x"]))
+    assert torch.equal(data.train.tensors[1], torch.from_numpy(arrays["y"]))
+    assert len(data.test) == 5 and data.num_classes == int(arrays["y"].max()) + 1
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x_train"], f["y_train"] = arrays["x"], arrays["y"]
+    assert torch.equal(load_data(str(tmp_path / "d.h5")).train.tensors[0], data.train.tensors[0])
+    # Where x and y are there, they are the training split, x_train not read.
+    np.savez(path, x=arrays["x"][:3], y=arrays["y"][:3], x_train=arrays["x"], y_train=arrays["y"])
+    assert len(load_data(str(path)).train) == 3
+
+
 def test_h5_classification(tmp_path: Path) -> None:
     arrays = _arrays()
     path = tmp_path / "d.h5"

@@ -325,6 +325,8 @@ def _tensor_file(spec: str) -> DataSource:
     if not path.is_file():
         raise UserError(f"data file {spec!r} does not exist.")
     arrays = _read_arrays(path)
+    if _keras_named(list(arrays)):
+        arrays = {_KERAS_SPLIT.get(k, k): v for k, v in arrays.items()}
     for key in ("x", "y"):
         if key not in arrays:
             # np.savez names the arrays it is given by position arr_0, arr_1, ...
@@ -388,6 +390,19 @@ def _tensor_file(spec: str) -> DataSource:
 
 
 _FILE_KEYS = ("x", "y", "x_test", "y_test", "num_classes")
+# How Keras' datasets (mnist.npz) name the training split beside x_test and y_test: read as x
+# and y where the file holds neither (it had "no 'x' array").
+_KERAS_SPLIT = {"x_train": "x", "y_train": "y"}
+
+
+def _keras_named(names: list[str]) -> bool:
+    """Whether a file's entries name its training split as Keras does, and not as x and y."""
+    return not {"x", "y"} & set(names) and _KERAS_SPLIT.keys() <= set(names)
+
+
+def _keys_read(names: list[str]) -> tuple[str, ...]:
+    """The entries of a file holding ``names`` that are read (others are only listed)."""
+    return (*_FILE_KEYS, *_KERAS_SPLIT) if _keras_named(names) else _FILE_KEYS
 
 
 def _read_arrays(path: Path) -> dict[str, Any]:
@@ -397,14 +412,16 @@ def _read_arrays(path: Path) -> dict[str, Any]:
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] if k in _FILE_KEYS else None for k in npz.files}
+                read = _keys_read(npz.files)
+                return {k: npz[k] if k in read else None for k in npz.files}
         if suffix in (".h5", ".hdf5"):
             import h5py
 
             with h5py.File(path, "r") as h5:
+                read = _keys_read(list(h5))
                 return {
                     k if isinstance(h5[k], h5py.Dataset) else f"{k}/": (
-                        h5[k][()] if k in _FILE_KEYS and isinstance(h5[k], h5py.Dataset) else None
+                        h5[k][()] if k in read and isinstance(h5[k], h5py.Dataset) else None
                     )
                     for k in h5
                 }

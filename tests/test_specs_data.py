@@ -124,6 +124,19 @@ def test_unknown_data_spec_lists_the_forms() -> None:
         assert word in message
 
 
+def test_data_naming_a_folder_or_a_file_not_read_says_what_to_give(tmp_path: Path) -> None:
+    """They met the list of every form a data spec takes ("unknown data ...")."""
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"'.*images' is a directory: .*--data-root.*ImageFolder"):
+        load_data(str(tmp_path / "images"))
+    np.save(tmp_path / "x.npy", np.zeros((3, 2)))
+    with pytest.raises(UserError, match=r"x.npy' is a .npy file, which holds one array: save"):
+        load_data(str(tmp_path / "x.npy"))
+    (tmp_path / "d.csv").write_text("1,2\n")
+    with pytest.raises(UserError, match=r"d.csv' is not of a kind that is read \(.npz, .pt, "):
+        load_data(str(tmp_path / "d.csv"))
+
+
 # ----------------------------------------------------------------------------- tensor files
 
 

@@ -146,11 +146,35 @@ def load_data(
     if spec.lower().endswith(TENSOR_FILE_SUFFIXES):
         return _tensor_file(spec)
     refuse_file_without_name(spec, "data")
+    _refuse_other_path(spec)
     raise UserError(
         f"unknown data {spec!r}: use digits, synthetic:CxHxW[:classes[:count]], "
         f"synthetic-regression:D[:outputs[:count]], {', '.join(_VISION)} (with --data-root), "
         f"a .npz/.pt/.h5 file holding x and y, or user code as {USER_CODE_FORMS}."
     )
+
+
+def _refuse_other_path(spec: str) -> None:
+    """Data that names a folder or a file of a kind not read says what to give instead: a
+    folder of images or a .npy file met the list of every form a data spec takes."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise UserError(
+            f"data {spec!r} is a directory: give a file of x and y (.npz, .pt, .h5), a "
+            "torchvision dataset by name with this folder as --data-root, or, for a folder of "
+            "images, a factory (file.py:NAME) returning torchvision.datasets.ImageFolder(folder, "
+            "transform) of images of one size."
+        )
+    if path.suffix.lower() == ".npy" and path.is_file():
+        raise UserError(
+            f"data {spec!r} is a .npy file, which holds one array: save the inputs and labels "
+            "together, np.savez(path, x=x, y=y), and give that .npz file."
+        )
+    if path.is_file():
+        raise UserError(
+            f"data file {spec!r} is not of a kind that is read ({', '.join(TENSOR_FILE_SUFFIXES)}"
+            "): save the inputs and labels as np.savez(path, x=x, y=y) does."
+        )
 
 
 def check_root_options(spec: str, *, data_root: bool, download: bool) -> None:

@@ -667,8 +667,10 @@ def test_a_file_of_several_weight_sets_is_read_for_the_one_asked(tmp_path: Path)
 
 def test_what_training_scripts_save_beside_weights_loads_without_trust(tmp_path: Path) -> None:
     """timm's argparse.Namespace and a path: each needed --trust-checkpoint, the flag that lets a
-    file run code. Anything of NumPy still does (a dtype's state is not checked: a crafted
-    number crashed the process), and trusted, its arrays are tensors (they were refused)."""
+    file run code; so did a NumPy number or array beside the weights (a best accuracy, an RNG
+    state), which loads as a placeholder, no code of NumPy's run (a dtype's state is not
+    checked: a crafted number crashed the process). Weights that are NumPy arrays still need
+    the flag, and trusted, they are tensors (they were refused)."""
     import argparse
 
     import numpy as np
@@ -677,13 +679,24 @@ def test_what_training_scripts_save_beside_weights_loads_without_trust(tmp_path:
     torch.save({"state_dict": small_state(), **extras}, tmp_path / "timm.pth.tar")
     loaded = load_checkpoint(tmp_path / "timm.pth.tar")
     assert loaded.raw["args"].model == "resnet20" and loaded.raw["log_dir"] == Path("/runs/1")
-    torch.save({"state_dict": small_state(), "best_acc1": np.float64(0.9)}, tmp_path / "n.pt")
-    with pytest.raises(UserError, match="needs arbitrary code execution"):
-        load_checkpoint(tmp_path / "n.pt")
+    numbers = {"best_acc1": np.float64(0.9), "rng": np.random.get_state(), "top": [np.int64(1)]}
+    torch.save({"state_dict": small_state(), **numbers, "epoch": 3}, tmp_path / "n.pt")
+    loaded = load_checkpoint(tmp_path / "n.pt")
+    assert _equal(loaded.state_dict, small_state()) and loaded.metadata == {"epoch": 3}
+    assert repr(loaded.raw["best_acc1"]) == "<a NumPy value, not read>"
     arrays = {k: v.numpy() for k, v in small_state().items()}
     torch.save(arrays, tmp_path / "numpy.pt")
-    with pytest.raises(UserError, match="needs arbitrary code execution"):
+    with pytest.raises(UserError, match="weights as NumPy arrays, .*pass --trust-checkpoint only"):
         load_checkpoint(tmp_path / "numpy.pt")
+    torch.save({"model": arrays, "epoch": 3}, tmp_path / "numpy.pt")
+    with pytest.raises(UserError, match="holds its weights as NumPy arrays, which safe loading"):
+        load_checkpoint(tmp_path / "numpy.pt")
+    # Another reason for no weights is still told as itself, beside a NumPy number.
+    torch.save(
+        {"state_dict": small_state(), "model": _other_state(0.5), **numbers}, tmp_path / "n.pt"
+    )
+    with pytest.raises(UserError, match="holds different weights under 'state_dict' and 'model'"):
+        load_checkpoint(tmp_path / "n.pt")
     assert _equal(_loaded(tmp_path / "numpy.pt", trust=True), small_state())
     # Code is still refused, and a whole model whose classes cannot be imported is named so.
     torch.save(

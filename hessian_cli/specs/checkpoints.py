@@ -303,6 +303,23 @@ def _arrays_as_tensors(obj: Any, done: dict[int, Any] | None = None) -> Any:
     return obj
 
 
+def _numpy_state(value: Any) -> bool:
+    """Whether ``value`` is weights saved as NumPy arrays: a dict of them (beside tensors)."""
+    values = list(value.values()) if isinstance(value, dict) else []
+    return any(isinstance(v, NumPyValue) for v in values) and all(
+        isinstance(v, NumPyValue | torch.Tensor) for v in values
+    )
+
+
+def _numpy_weights(path: Path) -> UntrustedCheckpoint:
+    """Weights saved as NumPy arrays, which safe loading reads as :class:`NumPyValue`."""
+    return UntrustedCheckpoint(
+        f"checkpoint {str(path)!r} holds its weights as NumPy arrays, which safe loading does "
+        f"not read: save them as tensors, or pass {TRUST_FLAG} only if you trust where it came "
+        "from."
+    )
+
+
 def _in_zip(path: Path, name: str) -> bool:
     """Whether a zip file holds ``name`` in its folder, as torch's do: ``data.pkl``, the object
     saved, and in a TorchScript archive ``constants.pkl`` (as torch tells one; ``weights_only``
@@ -336,9 +353,9 @@ def _safe_globals() -> list[Any]:
     their ``argparse.Namespace``, others a path. Without them a file of weights needed the flag
     that lets it run code.
 
-    Nothing of NumPy: a dtype's pickled state is not checked by NumPy (a 1 KB file made a
-    number point at an address it chose, and the process crashed), a number's pickle may name
-    gigabytes to allocate, and an array's its shape."""
+    Nothing of NumPy's own, only :class:`NumPyValue` under its names: a dtype's pickled state is
+    not checked by NumPy (a 1 KB file made a number point at an address it chose, and the
+    process crashed), a number's pickle may name gigabytes to allocate, and an array's its shape."""
     import argparse
     import pathlib
 
@@ -351,10 +368,32 @@ def _safe_globals() -> list[Any]:
     other = "WindowsPath" if os.name == "posix" else "PosixPath"
     paths[other] = paths[f"Pure{other}"]
     named = [(c, f"{m}.{n}") for n, c in paths.items() for m in ("pathlib", "pathlib._local")]
-    return [argparse.Namespace, *named]
+    return [argparse.Namespace, *named, *((NumPyValue, n) for n in _NUMPY_NAMES)]
 
 
 _PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+# What NumPy's numbers and arrays unpickle through (numpy._core in NumPy 2, numpy.core before).
+_NUMPY_NAMES = (
+    "numpy.dtype",
+    "numpy.ndarray",
+    *(f"numpy.{c}.multiarray.{f}" for c in ("_core", "core") for f in ("scalar", "_reconstruct")),
+)
+
+
+class NumPyValue:
+    """Stands in, holding nothing, for a NumPy number or array saved beside the weights (a best
+    accuracy as np.float64, an RNG state): no code of NumPy's runs to read it (a crafted dtype's
+    state crashed the process), and the weights load without the flag that lets a file run code,
+    which such a file needed. Weights that are NumPy arrays are refused (load_checkpoint)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "<a NumPy value, not read>"
 
 
 def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
@@ -455,6 +494,8 @@ def _unwrap(
     if isinstance(obj, nn.Module):  # only reachable with trust=True (a pickled whole model)
         state = obj.state_dict()
         return (state if weights_key is None else _part(state, weights_key, path, [])), {}, obj
+    if isinstance(obj, NumPyValue):
+        raise _numpy_weights(path)
     if not isinstance(obj, dict):
         raise UserError(
             f"checkpoint {str(path)!r} holds {a_type(obj)}, not a state dict of tensors."
@@ -547,6 +588,8 @@ def _state_in(obj: Any, path: Path, top: Any) -> tuple[dict[str, Any], nn.Module
         )
     if isinstance(current, dict) and current and all(isinstance(k, str) for k in current):
         bad = next(k for k, v in current.items() if not isinstance(v, torch.Tensor))
+        if _numpy_state(current) or _numpy_state(current[bad]):
+            raise _numpy_weights(path)
         raise UserError(
             f"checkpoint {str(path)!r} holds no state dict of tensors where one is looked for "
             f"(its entry {bad!r} is {a_type(current[bad])}; the file's entries: {entries}): "

@@ -184,6 +184,19 @@ def test_keras_names_of_the_training_split_are_read(tmp_path: Path) -> None:
     assert len(load_data(str(path)).train) == 3
 
 
+def test_a_pt_data_file_of_an_x_y_pair_is_read(tmp_path: Path) -> None:
+    """torch.save((x, y), path) was refused: the file 'must hold a dict with x and y tensors'."""
+    arrays = _arrays()
+    x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+    torch.save((x, y), tmp_path / "pair.pt")
+    data = load_data(str(tmp_path / "pair.pt"))
+    assert torch.equal(data.train.tensors[0], x) and torch.equal(data.train.tensors[1], y)
+    assert data.num_classes == int(y.max()) + 1
+    torch.save((x, y, y), tmp_path / "three.pt")
+    with pytest.raises(UserError, match=r"holds a tuple of 3 items, not a dict with x and y"):
+        load_data(str(tmp_path / "three.pt"))
+
+
 def test_h5_classification(tmp_path: Path) -> None:
     arrays = _arrays()
     path = tmp_path / "d.h5"

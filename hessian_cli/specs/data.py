@@ -469,9 +469,21 @@ def _read_arrays(path: Path) -> dict[str, Any]:
         raise UserError(f"data file {str(path)!r} is corrupt or not a torch file.") from exc
     except Exception as exc:
         raise _unreadable(path, exc) from exc
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:  # torch.save((x, y), path)
+        return {"x": obj[0], "y": obj[1]}
     if not isinstance(obj, dict):
-        raise UserError(f"data file {str(path)!r} must hold a dict with x and y tensors.")
+        raise UserError(
+            f"data file {str(path)!r} holds {_held(obj)}, not a dict with x and y tensors (or "
+            "an (x, y) pair)."
+        )
     return dict(obj)
+
+
+def _held(obj: Any) -> str:
+    """What a data file holds, for a refusal: a tuple or list by its length."""
+    if isinstance(obj, (tuple, list)):
+        return f"{a_type(obj)} of {len(obj)} item{'s' if len(obj) != 1 else ''}"
+    return a_type(obj)
 
 
 def _unreadable(path: Path, exc: Exception) -> UserError:

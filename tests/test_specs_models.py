@@ -280,6 +280,8 @@ def test_cnn_options() -> None:
         # A 32x32x3 image (NumPy's channels last) was taken for 32 channels of 32x3.
         ("resnet20", (32, 32, 3), {}, r"32x32x3, channels last.*\"in_channels\": 32"),
         ("cnn", (28, 28, 1), {}, "channels last"),
+        # Keras' MNIST, HxW: the refusal did not say how to add the channel axis.
+        ("cnn", (28, 28), {}, r"shape 28x28: one-channel images take theirs as 1xHxW \(x\[:, No"),
         ("mlp", (4,), {"depth": 3}, "depth"),
         ("mlp", (4,), {"activation": "swish"}, "swish"),
         ("mlp", (4,), {"hidden": [0]}, "positive integer"),

@@ -224,9 +224,15 @@ def _image_channels(name: str, input_shape: tuple[int, ...], override: Any) -> i
     if override is not None:
         return _positive_int(override, "in_channels", name)
     if len(input_shape) != 3:
+        # One-channel images stored HxW (Keras' MNIST): how to give them their channel axis.
+        fix = (
+            ": one-channel images take theirs as 1xHxW (x[:, None])"
+            if len(input_shape) == 2
+            else ""
+        )
         raise UserError(
             f"model {name!r} needs image data of shape CxHxW, but the data's samples have shape "
-            f"{'x'.join(map(str, input_shape)) or 'scalar'}."
+            f"{'x'.join(map(str, input_shape)) or 'scalar'}{fix}."
         )
     if input_shape[2] in (1, 3) and input_shape[0] not in (1, 3):
         # Channels last, as NumPy image sets store them (torchvision's CIFAR10.data too): a

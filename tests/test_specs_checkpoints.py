@@ -1138,29 +1138,53 @@ def test_an_accelerate_folder_of_several_models_is_refused(tmp_path):
     assert load_checkpoint(folder / "model_1.safetensors").name == "model_1"  # given, it is read
 
 
+def _sharded(folder: Path, index: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``state`` saved as save_pretrained shards a model, in two files listed by ``index``."""
+    bin_ = index.startswith("pytorch_model")
+    names = sorted(state)
+    shards = [f"model-0000{i}-of-00002.{'bin' if bin_ else 'safetensors'}" for i in (1, 2)]
+    weight_map = {n: shards[i % 2] for i, n in enumerate(names)}
+    for shard in shards:
+        part = {n: state[n].contiguous() for n in names if weight_map[n] == shard}
+        (torch.save if bin_ else save_file)(part, folder / shard)
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
-def test_a_folder_of_sharded_weights_is_refused_in_one_sentence(tmp_path, index):
-    """Its shards were each taken for a checkpoint, and each missed the others' weights."""
-    for i in (1, 2):
-        (tmp_path / f"model-0000{i}-of-00002.safetensors").write_bytes(b"{}")
-    (tmp_path / index).write_text(json.dumps({"weight_map": {}}))
-    with pytest.raises(UserError, match=f"holds sharded weights \\({index}\\), which are not"):
-        list_checkpoints(tmp_path)
+def test_sharded_weights_are_joined(tmp_path, index):
+    """save_pretrained's shards (a model above its max_shard_size) were refused, "not joined"."""
+    state = small_state()
+    weight_map = _sharded(tmp_path, index, state)
+    assert list_checkpoints(tmp_path) == [tmp_path / index]
+    ckpt = load_checkpoint(tmp_path / index)
+    assert _equal(ckpt.state_dict, state) and ckpt.name == tmp_path.name
+    # The digest follows the shards' contents (a series tells copies by it).
+    _sharded(tmp_path, index, _other_state(0.5))
+    assert load_checkpoint(tmp_path / index).sha256 != ckpt.sha256
+    shard = sorted(set(weight_map.values()))[1]
+    (tmp_path / shard).unlink()
+    with pytest.raises(UserError, match=f"lists the shard '{shard}', which is not beside it"):
+        load_checkpoint(tmp_path / index)
+    first = sorted(set(weight_map.values()))[0]
+    (tmp_path / index).write_text(json.dumps({"weight_map": dict.fromkeys(weight_map, first)}))
+    lacking = sum(s != first for s in weight_map.values())
+    with pytest.raises(
+        UserError, match=f"{first}' lacks {lacking} weights .* {index} places in it"
+    ):
+        load_checkpoint(tmp_path / index)
+    for bad in ({}, {"weight_map": {"0.weight": "../elsewhere.bin"}}, []):
+        (tmp_path / index).write_text(json.dumps(bad))
+        with pytest.raises(UserError, match="is no readable index of shards"):
+            load_checkpoint(tmp_path / index)
 
 
 def test_a_shard_given_by_itself_is_refused_as_one(tmp_path):
     """Each shard given as a file (a glob's) was read alone: "2 missing keys" named no shards."""
     state = small_state()
-    names = sorted(state)
-    weight_map = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
-    for i in (1, 2):
-        shard = f"model-0000{i}-of-00002.safetensors"
-        save_file({n: state[n] for n in names if weight_map[n] == shard}, tmp_path / shard)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(UserError, match="is one of the shards of model.safetensors.index.json"):
+    _sharded(tmp_path, "model.safetensors.index.json", state)
+    with pytest.raises(UserError, match="is one of the shards of model.safetensors.index.json: g"):
         load_checkpoint(tmp_path / "model-00002-of-00002.safetensors")
-    with pytest.raises(UserError, match="is the index of sharded weights, which are not joined"):
-        load_checkpoint(tmp_path / "model.safetensors.index.json")
     # A file the index does not list is read as any other.
     save_file(state, tmp_path / "other.safetensors")
     assert _equal(load_checkpoint(tmp_path / "other.safetensors").state_dict, state)
@@ -1183,16 +1207,17 @@ def test_a_shard_index_is_read_as_other_json_files_are(tmp_path, monkeypatch):
     assert _equal(load_checkpoint(shard).state_dict, small_state())  # no index of ours
 
 
-def test_a_trainer_output_directory_of_sharded_checkpoint_folders_is_refused(tmp_path):
-    """Its sharded checkpoint-N folders were skipped unsaid: the directory held "no checkpoint
-    folders", or its final weights alone were analysed."""
+def test_a_trainer_output_directory_of_sharded_checkpoint_folders_is_their_series(tmp_path):
+    """Its sharded checkpoint-N folders were skipped unsaid (the directory held "no checkpoint
+    folders", or its final weights alone were analysed), then refused as not joined."""
     folder = tmp_path / "checkpoint-10"
     folder.mkdir()
-    save_file(small_state(), folder / "model-00001-of-00001.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    _sharded(folder, "model.safetensors.index.json", small_state())
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
     save_file(small_state(), tmp_path / "model.safetensors")
-    with pytest.raises(UserError, match="checkpoint-10' holds sharded weights"):
-        list_checkpoints(tmp_path)
+    index = folder / "model.safetensors.index.json"
+    assert list_checkpoints(tmp_path) == [index, tmp_path / "model.safetensors"]
+    assert load_checkpoint(index).metadata == {"step": 10}
 
 
 def test_a_trusted_whole_model_is_kept_as_the_module_its_weights_are(tmp_path: Path) -> None:

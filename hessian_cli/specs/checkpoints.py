@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -53,13 +54,16 @@ TRAINER_WEIGHTS: tuple[str, ...] = (
     "pytorch_model.bin",
     "pytorch_model_fsdp.bin",
 )
+# save_pretrained's index of the shards it writes a model in beyond max_shard_size (5 GB),
+# model-00001-of-00002.safetensors...: they are joined.
+SHARD_INDEXES = tuple(f"{n}.index.json" for n in TRAINER_WEIGHTS)
 # The weights in a DeepSpeed checkpoint folder (global_step500/), beside its optimizer's shards.
 DEEPSPEED_WEIGHTS = "mp_rank_00_model_states.pt"
 # The DeepSpeed checkpoint folder of accelerate's save_state under DeepSpeed, inside its own
 # folder (checkpoints/checkpoint_3/pytorch_model/), which names the checkpoint.
 ACCELERATE_DEEPSPEED = "pytorch_model"
 # Weights files named alike in every checkpoint folder, which the folder's name tells apart.
-FOLDER_WEIGHTS: tuple[str, ...] = (*TRAINER_WEIGHTS, DEEPSPEED_WEIGHTS)
+FOLDER_WEIGHTS: tuple[str, ...] = (*TRAINER_WEIGHTS, DEEPSPEED_WEIGHTS, *SHARD_INDEXES)
 TRAINER_STATE = "trainer_state.json"
 # PEFT's save_pretrained (a Trainer's checkpoint-N of a PEFT model too): an adapter's weights
 # beside its settings, changes to a base model's weights that are not the model's.
@@ -156,8 +160,8 @@ def load_checkpoint(
         raise UserError(f"checkpoint {str(path)!r} is not a regular file.")
     if (index := _shard_index(path)) is not None:  # it would miss the other shards' weights
         raise UserError(
-            f"checkpoint {str(path)!r} is one of the shards of {index.name}, which are not "
-            f"joined: {_JOIN_SHARDS}"
+            f"checkpoint {str(path)!r} is one of the shards of {index.name}: give that index, "
+            "or its folder, which joins them."
         )
     _refuse_model_parallel(path)
     if path.suffix == ".distcp":  # (was "corrupt, truncated or not a torch file")
@@ -172,13 +176,95 @@ def load_checkpoint(
         )
     if path.name in PEFT_ADAPTERS and (path.parent / PEFT_CONFIG).is_file():
         raise UserError(f"checkpoint {str(path)!r} is a PEFT adapter, {_MERGE_ADAPTER}")
-    if path.name in _SHARD_INDEXES:  # (was "not a torch, safetensors or pickle file")
+    if path.name in SHARD_INDEXES:  # (was refused: "which are not joined")
+        state, fmt, digest = _joined_shards(path, trust)
+        metadata, raw, module = {}, dict(state), None
+        if weights_key is not None:
+            state = _part(_strip_prefixes(state), weights_key, path, list(raw))
+    else:
+        digest, state, metadata, raw, fmt, module = _read_file(path, trust, weights_key)
+    if path.name in (*TRAINER_WEIGHTS, *SHARD_INDEXES) and "step" not in metadata:
+        metadata = {**metadata, **_trainer_step(path.parent / TRAINER_STATE)}
+    state = _strip_prefixes(state)
+    if (lazy := next((k for k, v in state.items() if is_lazy(v)), None)) is not None:
+        # (torch's ValueError at the first use of it, as an unexpected error)
         raise UserError(
-            f"checkpoint {str(path)!r} is the index of sharded weights, which are not joined: "
-            f"{_JOIN_SHARDS}"
+            f"checkpoint {str(path)!r} holds {lazy!r} uninitialized, a lazy module's "
+            "(nn.LazyLinear, ...) saved before the model's first forward pass: it holds no values."
         )
+    if "param_shapes" in raw and any(v.numel() == 0 for v in state.values()):
+        # (refused as "4 mismatches (0.weight (model (5, 4) vs checkpoint (0,)), ...)")
+        raise UserError(
+            f"checkpoint {str(path)!r} holds DeepSpeed ZeRO-3's placeholders for its weights "
+            f"(empty tensors), which are partitioned among its optimizer's files: {_JOIN_ZERO3}"
+        )
+    return LoadedCheckpoint(
+        path=path,
+        sha256=digest,
+        state_dict=state,
+        metadata=metadata,
+        raw=raw,
+        format=fmt,
+        weights_key=weights_key,
+        module=_holding(module, state),
+    )
+
+
+def _joined_shards(index: Path, trust: bool) -> tuple[dict[str, Any], str, str]:
+    """The weights in the shards a Hugging Face index (``weight_map``: name to shard) lists,
+    joined; the shards' format; a sha256 of the index's and the shards' own, in turn, which
+    changes where any of them does."""
+    listed = _small_json(index)
+    weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+    if not (
+        isinstance(weight_map, dict) and weight_map and all(map(_plain_name, weight_map.values()))
+    ):
+        raise UserError(
+            f"checkpoint {str(index)!r} is no readable index of shards (a weight_map of the "
+            "weights' names to files beside it)."
+        )
+    digest = hashlib.sha256(_file_digest(index).encode())
+    state: dict[str, Any] = {}
+    fmt = "safetensors"
+    for name in sorted(set(weight_map.values()), key=natural_key):
+        shard = index.parent / name
+        if not shard.is_file():
+            raise UserError(
+                f"checkpoint {str(index)!r} lists the shard {name!r}, which is not beside it "
+                "(a download cut short?)."
+            )
+        sha, part, _, _, fmt, _ = _read_file(shard, trust, None)
+        wanted = [k for k, v in weight_map.items() if v == name]
+        if missing := [k for k in wanted if k not in part]:
+            raise UserError(
+                f"the shard {str(shard)!r} lacks {_listing(len(missing), 'weight', missing)} "
+                f"that {index.name} places in it."
+            )
+        state.update((k, part[k]) for k in wanted)
+        digest.update(sha.encode())
+    return state, fmt, digest.hexdigest()
+
+
+def _plain_name(name: Any) -> bool:
+    """A file's name alone, as an index names its shards beside it (not a path elsewhere)."""
+    return isinstance(name, str) and bool(name) and Path(name).name == name and name != ".."
+
+
+def _file_digest(path: Path) -> str:
+    """A checkpoint file's sha256, a failure to read it in one sentence."""
     try:
-        digest = file_sha256(path)
+        return file_sha256(path)
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}.") from exc
+
+
+def _read_file(
+    path: Path, trust: bool, weights_key: str | None
+) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, nn.Module | None]:
+    """A checkpoint file's sha256, weights, metadata, entries, format and pickled module (see
+    :func:`load_checkpoint`)."""
+    digest = _file_digest(path)
+    try:
         with path.open("rb") as fh:
             head = fh.read(32)
     except OSError as exc:
@@ -221,31 +307,7 @@ def load_checkpoint(
             obj = _torch_load(path, trust, pickle_or_zip=fmt == "torch-zip" or head[:1] == b"\x80")
         raw = obj if isinstance(obj, dict) else {}
         state, metadata, module = _unwrap(obj, path, weights_key)
-    if path.name in TRAINER_WEIGHTS and "step" not in metadata:
-        metadata = {**metadata, **_trainer_step(path.parent / TRAINER_STATE)}
-    state = _strip_prefixes(state)
-    if (lazy := next((k for k, v in state.items() if is_lazy(v)), None)) is not None:
-        # (torch's ValueError at the first use of it, as an unexpected error)
-        raise UserError(
-            f"checkpoint {str(path)!r} holds {lazy!r} uninitialized, a lazy module's "
-            "(nn.LazyLinear, ...) saved before the model's first forward pass: it holds no values."
-        )
-    if "param_shapes" in raw and any(v.numel() == 0 for v in state.values()):
-        # (refused as "4 mismatches (0.weight (model (5, 4) vs checkpoint (0,)), ...)")
-        raise UserError(
-            f"checkpoint {str(path)!r} holds DeepSpeed ZeRO-3's placeholders for its weights "
-            f"(empty tensors), which are partitioned among its optimizer's files: {_JOIN_ZERO3}"
-        )
-    return LoadedCheckpoint(
-        path=path,
-        sha256=digest,
-        state_dict=state,
-        metadata=metadata,
-        raw=raw,
-        format=fmt,
-        weights_key=weights_key,
-        module=_holding(module, state),
-    )
+    return digest, state, metadata, raw, fmt, module
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -1066,8 +1128,9 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def _refuse_unjoined(folder: Path, *, zero3: bool = True, dcp: bool = True) -> None:
-    """Refuses a folder of weights in pieces, which are not joined: sharded weights (an index
-    beside its shards), or where ``zero3``, DeepSpeed ZeRO-3's partitions (also in the
+    """Refuses a folder of weights in pieces, which are not joined (save_pretrained's shards
+    are, their index being the folder's weights: :func:`trainer_weights`): where ``zero3``,
+    DeepSpeed ZeRO-3's partitions (also in the
     global_stepN folder of a Trainer's checkpoint folder), or FSDP's sharded state dict that
     accelerate's save_state writes (its random_states_0.pkl, beside them, was taken for the
     weights, and refused as needing trust) or its local state dicts, one per rank (the folder
@@ -1093,12 +1156,6 @@ def _refuse_unjoined(folder: Path, *, zero3: bool = True, dcp: bool = True) -> N
         raise UserError(
             f"{str(folder)!r} holds a torch.distributed.checkpoint, weights sharded in .distcp "
             f"files, which are not joined: {_join_dcp(folder)}"
-        )
-    shards = (folder / n for n in _SHARD_INDEXES)
-    if (index := next((i for i in shards if i.is_file()), None)) is not None:
-        raise UserError(
-            f"{str(folder)!r} holds sharded weights ({index.name}), which are not joined: "
-            f"{_JOIN_SHARDS}"
         )
     states = (*folder.glob(_ZERO3_STATES), *folder.glob(f"global_step*/{_ZERO3_STATES}"))
     if zero3 and states:
@@ -1170,18 +1227,9 @@ def _refuse_model_parallel(path: Path) -> None:
         )
 
 
-_JOIN_SHARDS = (
-    "save them in one file (save_pretrained with a larger max_shard_size, or torch.save of the "
-    "state dict)."
-)
-
-
-_SHARD_INDEXES = tuple(f"{n}.index.json" for n in TRAINER_WEIGHTS)
-
-
 def _shard_index(path: Path) -> Path | None:
     """The Hugging Face index beside ``path`` that lists it as one of its shards, if one does."""
-    for index in (path.parent / n for n in _SHARD_INDEXES):
+    for index in (path.parent / n for n in SHARD_INDEXES):
         listed = _small_json(index)
         shards = listed.get("weight_map") if isinstance(listed, dict) else None
         if isinstance(shards, dict) and path.name in shards.values():

@@ -650,6 +650,23 @@ def test_an_empty_split_of_a_user_pair_is_named(tmp_path: Path) -> None:
         load_data(f"{path}:no_train")
 
 
+def test_real_one_hot_targets_of_a_factory_pair_are_refused(tmp_path: Path) -> None:
+    """A factory's (x, y) of float one-hot rows was read as 3 regression targets, as a tensor
+    file's were: a classifier's checkpoint was analysed under mse."""
+    path = tmp_path / "keras.py"
+    path.write_text(
+        "import numpy as np\n"
+        "x, labels = np.zeros((4, 2), np.float32), np.array([0, 1, 2, 1])\n"
+        "def one_hot():\n"
+        "    return x, np.eye(3, dtype=np.float32)[labels]\n"
+        "def smoothed():\n"
+        "    return x, np.eye(3, dtype=np.float32)[labels] * 0.9 + 0.1 / 3\n"
+    )
+    with pytest.raises(UserError, match=r"returned targets that are one-hot rows of real numbers"):
+        load_data(f"{path}:one_hot")
+    assert load_data(f"{path}:smoothed").target_shape == (3,)
+
+
 def test_an_empty_split_of_a_users_own_data_source_is_named(tmp_path: Path) -> None:
     """A factory's DataSource skipped the checks: an empty training set was refused as 'the
     batch size must be a positive integer, not 0', an empty test split as no samples."""

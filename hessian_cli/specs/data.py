@@ -387,12 +387,7 @@ def _tensor_file(spec: str) -> DataSource:
         if classification:
             ys = _class_labels(ys, spec, which)
         elif _is_one_hot(ys):  # Keras' to_categorical: regressed onto under mse, unsaid
-            raise UserError(
-                f"data {spec!r}: the targets in {which} are one-hot rows of real numbers, shape "
-                f"{tuple(ys.shape)}, which would be read as {ys.shape[1]} regression outputs: "
-                "store the class indices, y.argmax(1), as integers (the mse loss takes them as "
-                "one-hot rows too)."
-            )
+            raise _real_one_hot(f"data {spec!r}: the targets in {which}", ys)
         elif ys.ndim == 1:
             ys = ys.unsqueeze(1)  # one regression target per sample
         if xs.shape[1:] != x.shape[1:]:
@@ -565,6 +560,16 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
     return y.long()
 
 
+def _real_one_hot(where: str, y: torch.Tensor) -> UserError:
+    """Class labels stored as one-hot rows of real numbers (Keras' to_categorical), which would
+    be regression targets: a classifier's checkpoint was analysed under mse, unsaid."""
+    return UserError(
+        f"{where} are one-hot rows of real numbers, shape {tuple(y.shape)}, which would be read "
+        f"as {y.shape[1]} regression outputs: store the class indices, y.argmax(1), as integers "
+        "(the mse loss takes them as one-hot rows too)."
+    )
+
+
 def _is_one_hot(y: torch.Tensor) -> bool:
     """Whether ``y`` is rows of one 1 among 0s, over two classes or more: class labels stored
     one-hot, of integers or of real numbers."""
@@ -611,6 +616,8 @@ def _user_data(spec: str, trusted: bool) -> DataSource:
                     f"the data factory {spec!r} returned inputs of shape {tuple(x.shape)} and "
                     f"targets of shape {tuple(y.shape)}: they need one row per sample each."
                 )
+            if y.is_floating_point() and _is_one_hot(y):  # as a tensor file's are
+                raise _real_one_hot(f"the data factory {spec!r} returned targets that", y)
             train = TensorDataset(x, y)
         elif all(map(_is_sample, result)):  # a list of samples is a Dataset: the training set
             train = result

@@ -93,7 +93,7 @@ from hessian_cli.specs.checkpoints import (
     folder_checkpoint,
     trainer_weights,
 )
-from hessian_cli.specs.data import data_names_code, float_labels_note, missing_recorded_file
+from hessian_cli.specs.data import data_names_code, labels_note, missing_recorded_file
 from hessian_cli.specs.fit import guard_embedding_lookups
 from hessian_cli.specs.losses import label_weight, loss_names_code
 from hessian_cli.specs.models import defaults_hint, model_names_code, with_checkpoint_layout
@@ -792,8 +792,9 @@ def _setup(ckpt: LoadedCheckpoint, request: AnalyzeRequest) -> _Setup:
         weights_part = apply_weights(model, ckpt.state_dict)
     except UserError as exc:
         notes = ""
-        if not model_names_code(model_spec) and (labels := float_labels_note(data)):
-            # The built-in model was made for regression: the message blamed only the checkpoint.
+        if not model_names_code(model_spec) and (labels := labels_note(data)):
+            # The built-in model was made for labels stored otherwise: the message blamed only
+            # the checkpoint.
             notes = f" ({labels})"
         recorded = meta.get("model")
         if isinstance(exc, WeightsMismatch) and isinstance(recorded, str) and not same:

@@ -197,6 +197,25 @@ def test_a_pt_data_file_of_an_x_y_pair_is_read(tmp_path: Path) -> None:
         load_data(str(tmp_path / "three.pt"))
 
 
+def test_class_labels_from_1_are_told_where_a_checkpoint_does_not_fit(tmp_path: Path) -> None:
+    """Labels 1 to 3 (as MATLAB counts) made a 4-output model, and a 3-class checkpoint's
+    mismatch named only the outputs (model (4, 128) vs checkpoint (3, 128))."""
+    from hessian_cli.specs.data import labels_note
+
+    arrays = _arrays()
+    path = tmp_path / "d.npz"
+    np.savez(path, x=arrays["x"], y=arrays["y"] % 3 + 1)
+    note = labels_note(load_data(str(path)))
+    assert note == (
+        "the data's class labels start at 1, not 0, and are read as 4 classes, 0 to 3: store "
+        "them from 0 (y - 1)"
+    )
+    np.savez(path, x=arrays["x"], y=arrays["y"] % 3)
+    assert labels_note(load_data(str(path))) is None
+    np.savez(path, x=arrays["x"], y=(arrays["y"] % 3).astype(np.float32))  # floats: said so
+    assert "class labels must be stored as integers" in labels_note(load_data(str(path)))
+
+
 def test_h5_classification(tmp_path: Path) -> None:
     arrays = _arrays()
     path = tmp_path / "d.h5"

@@ -118,6 +118,23 @@ def float_labels_note(data: DataSource) -> str | None:
     )
 
 
+def labels_note(data: DataSource) -> str | None:
+    """What to tell where a checkpoint does not fit the built-in model made for the data: of
+    class labels stored as floats (:func:`float_labels_note`), or counted from 1 (as MATLAB
+    and R count), read as one class more (the mismatch named only the outputs), as far as a
+    dataset of tensors shows. None where neither."""
+    ds = data.train
+    if data.num_classes is None or data.target_shape or not isinstance(ds, TensorDataset):
+        return float_labels_note(data)
+    y = ds.tensors[1] if len(ds.tensors) > 1 and len(ds) else None
+    if y is None or y.is_floating_point() or (low := int(y.min())) < 1:
+        return None
+    return (
+        f"the data's class labels start at {low}, not 0, and are read as {data.num_classes} "
+        f"classes, 0 to {data.num_classes - 1}: store them from 0 (y - {low})"
+    )
+
+
 def data_names_code(spec: str) -> bool:
     """Whether the data spec names user code to import, not built-in data or a file."""
     builtin = spec == "digits" or spec.startswith(("synthetic-regression:", "synthetic:"))

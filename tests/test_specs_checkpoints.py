@@ -1179,6 +1179,16 @@ def test_sharded_weights_are_joined(tmp_path, index):
             load_checkpoint(tmp_path / index)
 
 
+def test_a_torch_file_named_safetensors_is_read_as_what_it_is(tmp_path):
+    """torch.save(state, "model.safetensors") was "not a readable safetensors file"."""
+    torch.save(small_state(), tmp_path / "model.safetensors")
+    ckpt = load_checkpoint(tmp_path / "model.safetensors")
+    assert _equal(ckpt.state_dict, small_state()) and ckpt.format == "torch-zip"
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(UserError, match="is not a readable safetensors file"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+
+
 def test_a_shard_given_by_itself_is_refused_as_one(tmp_path):
     """Each shard given as a file (a glob's) was read alone: "2 missing keys" named no shards."""
     state = small_state()

@@ -277,7 +277,11 @@ def _read_file(
             "`plot` read the files that `analyze --out` and `train` write)."
         )
     module = None
-    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(head):
+    # By its content first: torch.save's file named .safetensors was "not a readable
+    # safetensors file".
+    torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    named = path.suffix.lower() == ".safetensors" and not torch_file
+    if named or _looks_like_safetensors(head):
         state, metadata, raw = _load_safetensors(path)
         fmt = "safetensors"
         if weights_key is not None:
@@ -472,7 +476,9 @@ def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             # A trusted TorchScript archive is read by torch.jit.load, with a warning that says so.
             warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
-            obj = torch.load(path, map_location="cpu", weights_only=not trust)
+            # A handle: torch.load reads a path named .safetensors as safetensors.
+            with path.open("rb") as fh:
+                obj = torch.load(fh, map_location="cpu", weights_only=not trust)
         return _arrays_as_tensors(obj) if trust else obj  # NumPy's: only in a trusted file
     except pickle.UnpicklingError as exc:
         if not pickle_or_zip:  # no flag would help

@@ -239,6 +239,9 @@ def test_bad_tensor_files(tmp_path: Path) -> None:
     np.savez(tmp_path / "unnamed.npz", np.zeros((3, 2)), np.zeros(3, dtype=int))
     with pytest.raises(UserError, match=r"\(found: arr_0, arr_1\): name them when saving, np.s"):
         load_data(str(tmp_path / "unnamed.npz"))
+    np.savez(tmp_path / "upper.npz", X=np.zeros((3, 2)), Y=np.zeros(3, dtype=int))
+    with pytest.raises(UserError, match=r"\(found: X, Y\): the inputs are read as x, the targ"):
+        load_data(str(tmp_path / "upper.npz"))
     with h5py.File(tmp_path / "grouped.h5", "w") as f:  # arrays in a group are named as one
         f["train/x"], f["train/y"], f["notes"] = np.zeros((3, 2)), np.zeros(3), np.zeros(2)
     with pytest.raises(UserError, match=r"no 'x' array .*\(found: notes, train/\)"):

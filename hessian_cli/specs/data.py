@@ -372,7 +372,14 @@ def _tensor_file(spec: str) -> DataSource:
         if key not in arrays:
             # np.savez names the arrays it is given by position arr_0, arr_1, ...
             unnamed = any(re.fullmatch(r"arr_\d+", k) for k in arrays)
-            hint = ": name them when saving, np.savez(path, x=x, y=y)" if unnamed else ""
+            hint = (
+                ": name them when saving, np.savez(path, x=x, y=y)"
+                if unnamed
+                # Of other names (X and Y, data and target), which were only listed.
+                else ": the inputs are read as x, the targets as y (name them so when saving)"
+                if arrays
+                else ""
+            )
             raise UserError(
                 f"data file {spec!r} has no {key!r} array at its top level (found: "
                 f"{', '.join(sorted(arrays)) or 'none'}){hint}."

@@ -129,6 +129,14 @@ def test_data_naming_a_folder_or_a_file_not_read_says_what_to_give(tmp_path: Pat
     (tmp_path / "images" / "cat").mkdir(parents=True)
     with pytest.raises(UserError, match=r"'.*images' is a directory: .*--data-root.*ImageFolder"):
         load_data(str(tmp_path / "images"))
+    # A torchvision dataset's folder, or the root that holds it, is named with its spec.
+    (tmp_path / "vision" / "cifar-10-batches-py").mkdir(parents=True)
+    root = tmp_path / "vision"
+    for given in (root, root / "cifar-10-batches-py"):
+        with pytest.raises(
+            UserError, match=f"is cifar10's folder .*--data cifar10 --data-root {root}.$"
+        ):
+            load_data(str(given))
     np.save(tmp_path / "x.npy", np.zeros((3, 2)))
     with pytest.raises(UserError, match=r"x.npy' is a .npy file, which holds one array: save"):
         load_data(str(tmp_path / "x.npy"))

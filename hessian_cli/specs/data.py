@@ -175,6 +175,12 @@ def _refuse_other_path(spec: str) -> None:
     """Data that names a folder or a file of a kind not read says what to give instead: a
     folder of images or a .npy file met the list of every form a data spec takes."""
     path = Path(spec).expanduser()
+    if path.is_dir() and (found := _torchvision_folder(path)) is not None:
+        name, root = found
+        raise UserError(
+            f"data {spec!r} is {name}'s folder as torchvision keeps it: give --data {name} "
+            f"--data-root {root}."
+        )
     if path.is_dir():
         raise UserError(
             f"data {spec!r} is a directory: give a file of x and y (.npz, .pt, .h5), a "
@@ -192,6 +198,26 @@ def _refuse_other_path(spec: str) -> None:
             f"data file {spec!r} is not of a kind that is read ({', '.join(TENSOR_FILE_SUFFIXES)}"
             "): save the inputs and labels as np.savez(path, x=x, y=y) does."
         )
+
+
+# What torchvision keeps each dataset's files in, under its root.
+_VISION_FOLDERS = {
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "svhn": "train_32x32.mat",
+}
+
+
+def _torchvision_folder(path: Path) -> tuple[str, Path] | None:
+    """The torchvision dataset whose files ``path`` holds or is, and its --data-root."""
+    for name, inner in _VISION_FOLDERS.items():
+        if (path / inner).exists():
+            return name, path
+        if path.name == inner:
+            return name, path.parent
+    return None
 
 
 def check_root_options(spec: str, *, data_root: bool, download: bool) -> None:

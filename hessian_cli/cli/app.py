@@ -33,8 +33,19 @@ if TYPE_CHECKING:  # torch is imported under torchrun only
 
 class _Commands(TyperGroup):
     """The commands, each of whose flags is refused a value in one place (see
-    :func:`flag_given_a_value`): as a usage error, said once under torchrun; and a value of
-    the wrong type named with the kind wanted (:func:`_value_refused`)."""
+    :func:`flag_given_a_value`): as a usage error, said once under torchrun; a value of the
+    wrong type named with the kind wanted (:func:`_value_refused`); and every usage error said
+    as ours are (:func:`_usage_said`)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: typer.Context | None = None,
+        **extra: Any,
+    ) -> typer.Context:
+        with _usage_said():  # the program's own options: `hessian-cli --bogus`
+            return super().make_context(info_name, args, parent, **extra)
 
     def resolve_command(
         self, ctx: typer.Context, args: list[str]
@@ -46,12 +57,44 @@ class _Commands(TyperGroup):
         return name, command, rest
 
     def invoke(self, ctx: typer.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except typer.BadParameter as exc:
-            if (said := _value_refused(exc)) is not None:
-                exc.message = said
+        with _usage_said():
+            try:
+                return super().invoke(ctx)
+            except typer.BadParameter as exc:
+                if (said := _value_refused(exc)) is not None:
+                    exc.message = said
+                raise
+
+
+@contextmanager
+def _usage_said() -> Iterator[None]:
+    """Click's usage errors (a missing argument, an unknown option or command, a value of the
+    wrong kind) said as every other error is, in one line ``error: ...`` and with status 2:
+    Typer printed them in a red box under the command's usage, with a capital ("Missing
+    argument 'TARGET'."). With --debug, the traceback first."""
+    try:
+        yield
+    except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `hessian-cli` alone: it printed help
             raise
+        if state.debug:
+            traceback.print_exception(exc)
+        _say(escape(_in_one_line(exc)))
+        raise typer.Exit(exc.exit_code) from exc
+
+
+def _in_one_line(exc: typer.TyperException) -> str:
+    """``exc``'s words, in lower case, with an unknown option's close names as "Did you mean"
+    (as Typer says for a command; Click said "(Possible options: --dtype, --tol, --top-k)" for
+    --topk, in alphabetical order) and where to read the command's usage."""
+    text = exc.format_message()
+    if close := getattr(exc, "possibilities", None):  # best first, as difflib found them
+        names = ", ".join(close[:-1]) + " or " if len(close) > 1 else ""
+        text = f"{exc.message}. Did you mean {names}{close[-1]}?"
+    text = re.sub(r"^[A-Z](?=[a-z]+\b)", lambda first: first[0].lower(), text)
+    text = text if text.endswith((".", "?")) else f"{text}."
+    ctx = getattr(exc, "ctx", None)
+    return text if ctx is None else f"{text} See '{ctx.command_path} --help'."
 
 
 # What a value Typer could not read as its option's type is not: its own words (pydantic's)
@@ -315,6 +358,11 @@ def _print_error(exc: Exception) -> None:
             f"{escape(f'{prefix}unexpected {type(exc).__name__}: {exc}')} "
             "(run with --debug for the traceback)"
         )
+    _say(message)
+
+
+def _say(message: str) -> None:
+    """``message`` (markup) as an error: one line, whatever the width, for grep in a log."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
@@ -446,8 +494,10 @@ def main() -> None:
             distributed.init_from_env()
         # SIGTERM unwinds instead of killing at once, so that what is in hand is written.
         with signal_handled(signal.SIGTERM, _raise_terminated), _said_by_rank_zero():
+            args = _debug_first(sys.argv[1:])
+            state.debug = args[:1] == ["--debug"]  # known before Click parses: its usage errors
             try:
-                app(args=_debug_first(sys.argv[1:]))
+                app(args=args)
             except SystemExit as exc:
                 if _unsaid_interrupt(exc):
                     err_console.print(INTERRUPTED, style="yellow", highlight=False)

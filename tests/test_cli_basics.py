@@ -392,3 +392,26 @@ def test_help_on_a_narrow_terminal_folds_long_words_rather_than_cut_them(command
     out = _help(command, columns=70)
     assert "…" not in out
     assert "synthetic-regression:D[:k[:n" in out.replace("│", "")
+
+
+@pytest.mark.parametrize("command", ["analyze", "train", "show", "plot"])
+def test_help_on_a_40_column_terminal_names_every_option_whole(command):
+    """Below 60 columns Rich's table of options cut their names: at 40, analyze --help listed
+    "--model-…", "--data-r…" and "--downlo…", names a user could not type."""
+    import typer
+
+    from hessian_cli.cli.app import app, load_commands
+
+    load_commands()
+    names = [
+        o
+        for p in typer.main.get_command(app).commands[command].params
+        for o in p.opts
+        if o.startswith("--")
+    ]
+    out = _help(command, columns=40)
+    assert "…" not in out and max(map(len, out.splitlines())) <= 40
+    shown = set(re.findall(r"--[\w-]+", out))
+    assert names and not set(names) - shown, set(names) - shown
+    for unknown in (0, 1):  # no help at all (0), or "invalid width" (1)
+        assert not set(names) - set(re.findall(r"--[\w-]+", _help(command, columns=unknown)))

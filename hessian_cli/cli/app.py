@@ -157,22 +157,51 @@ def _one_value(text: str | None) -> str | None:
 _plain_types()
 
 
+# The narrowest terminal whose help Rich's table of options shows whole: below it (58 columns
+# for analyze) the table cut option names, "--model-…" and "--data-r…" at 40.
+_TABLE_WIDTH = 60
+# And the narrowest it is laid out for; narrower, at Click's own width: its text wrapping
+# refused $COLUMNS=1 ("invalid width"), and Rich showed no help at all for $COLUMNS=0.
+_NARROWEST = 20
+
+
 def _folded_help() -> None:
     """Help text whose words are longer than its column (narrow terminals) folded onto the
     next line, as the types beside it are: Rich cut them with an ellipsis, and at 70 columns
     analyze --help read ``synthetic-regression:D[:k[:…`` for the data's syntax. Typer's help
-    module is patched as a command's help is shown: importing it costs every start 30 ms."""
+    module is patched as a command's help is shown: importing it costs every start 30 ms.
+    Narrower than a table fits, the plain layout (:func:`_listed_help`)."""
     format_help = TyperCommand.format_help
 
     def folded_help(self: TyperCommand, ctx: Any, formatter: Any) -> Any:
         from typer import rich_utils
 
+        columns = Console(width=rich_utils.MAX_WIDTH).width
+        if columns < _TABLE_WIDTH:
+            return _listed_help(format_help, self, ctx, formatter, columns)
         build = getattr(rich_utils, "_get_parameter_help", None)
         if build is not None and not getattr(build, "folds", False):
             rich_utils._get_parameter_help = _folding(build)
         return format_help(self, ctx, formatter)
 
     TyperCommand.format_help = folded_help
+
+
+def _listed_help(
+    format_help: Callable[..., Any], command: TyperCommand, ctx: Any, formatter: Any, columns: int
+) -> Any:
+    """``command``'s help in Click's plain layout, ``columns`` wide, each option's text on the
+    lines under its name: a terminal too narrow for Rich's table (see :data:`_TABLE_WIDTH`).
+    Click's own layout was 50 columns at least, and put text beside names up to 30 wide."""
+    write_dl = formatter.write_dl
+    if columns >= _NARROWEST:
+        formatter.width = columns - 1
+    formatter.write_dl = lambda rows, **_: write_dl(rows, col_max=0, col_spacing=4)
+    mode, command.rich_markup_mode = command.rich_markup_mode, None  # Typer's switch to it
+    try:
+        return format_help(command, ctx, formatter)
+    finally:
+        command.rich_markup_mode = mode
 
 
 def _folding(build: Callable[..., Any]) -> Callable[..., Any]:

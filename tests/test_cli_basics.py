@@ -353,6 +353,15 @@ def test_a_value_of_the_wrong_type_is_named_with_the_kind_wanted(capsys, args, s
             ["show", "a.h5", "b.h5"],
             "got unexpected extra argument(s) (b.h5). See 'hessian-cli show --help'.",
         ),
+        # Click's errors of an option's use name no command: the command is the one given.
+        (
+            ["plot", "s.h5", "-o"],
+            "option '-o' requires an argument. See 'hessian-cli plot --help'.",
+        ),
+        (
+            ["show", "s.h5", "--json=yes"],
+            "option '--json' does not take a value. See 'hessian-cli show --help'.",
+        ),
     ],
 )
 def test_a_usage_error_is_one_line_as_every_other_error(capsys, args, said):

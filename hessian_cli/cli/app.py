@@ -57,7 +57,7 @@ class _Commands(TyperGroup):
         return name, command, rest
 
     def invoke(self, ctx: typer.Context) -> Any:
-        with _usage_said():
+        with _usage_said(ctx):
             try:
                 return super().invoke(ctx)
             except typer.BadParameter as exc:
@@ -67,11 +67,12 @@ class _Commands(TyperGroup):
 
 
 @contextmanager
-def _usage_said() -> Iterator[None]:
+def _usage_said(group: typer.Context | None = None) -> Iterator[None]:
     """Click's usage errors (a missing argument, an unknown option or command, a value of the
     wrong kind) said as every other error is, in one line ``error: ...`` and with status 2:
     Typer printed them in a red box under the command's usage, with a capital ("Missing
-    argument 'TARGET'."). With --debug, the traceback first."""
+    argument 'TARGET'."). With --debug, the traceback first. ``group``: the program's context,
+    whose command is the one meant where Click's error names none (``-o`` without a value)."""
     try:
         yield
     except typer.TyperException as exc:
@@ -79,11 +80,11 @@ def _usage_said() -> Iterator[None]:
             raise
         if state.debug:
             traceback.print_exception(exc)
-        _say(escape(_in_one_line(exc)))
+        _say(escape(_in_one_line(exc, group)))
         raise typer.Exit(exc.exit_code) from exc
 
 
-def _in_one_line(exc: typer.TyperException) -> str:
+def _in_one_line(exc: typer.TyperException, group: typer.Context | None) -> str:
     """``exc``'s words, in lower case, with an unknown option's close names as "Did you mean"
     (as Typer says for a command; Click said "(Possible options: --dtype, --tol, --top-k)" for
     --topk, in alphabetical order) and where to read the command's usage."""
@@ -93,8 +94,17 @@ def _in_one_line(exc: typer.TyperException) -> str:
         text = f"{exc.message}. Did you mean {names}{close[-1]}?"
     text = re.sub(r"^[A-Z](?=[a-z]+\b)", lambda first: first[0].lower(), text)
     text = text if text.endswith((".", "?")) else f"{text}."
-    ctx = getattr(exc, "ctx", None)
-    return text if ctx is None else f"{text} See '{ctx.command_path} --help'."
+    return f"{text} See '{_command_path(getattr(exc, 'ctx', None), group)} --help'."
+
+
+def _command_path(ctx: typer.Context | None, group: typer.Context | None) -> str:
+    """The command line's words up to the command ``ctx`` (or the group's) is of."""
+    if ctx is not None:
+        return ctx.command_path
+    if group is None:
+        return "hessian-cli"
+    meant = group.invoked_subcommand
+    return group.command_path if meant is None else f"{group.command_path} {meant}"
 
 
 # What a value Typer could not read as its option's type is not: its own words (pydantic's)

@@ -55,6 +55,29 @@ def test_help_and_version_do_not_load_the_numerical_stack():
     assert out.strip().splitlines()[-1] == "[]"
 
 
+def test_only_version_reads_the_package_metadata():
+    """Importing the app read the installed package's metadata, for --version, at every start
+    (--help, a usage error)."""
+    script = (
+        "import sys, importlib.metadata as metadata\n"
+        "read = []\n"
+        "metadata.version = lambda name: read.append(name) or '9.9'\n"
+        "from hessian_cli.cli import main\n"
+        "for argv in (['show', '--help'], ['analyze'], ['--version']):\n"
+        "    sys.argv = ['hessian-cli', *argv]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    print(argv[0], read, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.endswith("hessian-cli 9.9\n")
+    read = [line for line in done.stderr.splitlines() if not line.startswith("error:")]
+    assert read[:2] == ["show []", "analyze []"], done.stderr
+    assert read[2].startswith("--version ['hessian-cli'"), done.stderr
+
+
 def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback(monkeypatch, capsys):
     import hessian_cli.__main__ as entry
 

@@ -21,7 +21,6 @@ from rich.markup import escape
 from rich.text import Text
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from hessian_cli import __version__
 from hessian_cli.atomic import stdout_written
 from hessian_cli.cli.options import flag_given_a_value, in_flags
 from hessian_cli.errors import OUT_OF_HOST_MEMORY, Terminated, UserError, out_of_host_memory
@@ -290,6 +289,10 @@ state = _State()
 
 def _version(value: bool) -> None:
     if value:
+        # Asked for here, not imported with the app: reading the package's metadata took every
+        # command 5-20 ms to start (``hessian_cli`` reads it when first asked).
+        from hessian_cli import __version__
+
         typer.echo(f"hessian-cli {__version__}")
         raise typer.Exit()
 

@@ -376,6 +376,17 @@ def test_a_value_of_the_wrong_type_is_named_with_the_kind_wanted(capsys, args, s
             ["show", "a.h5", "b.h5"],
             "got unexpected extra argument(s) (b.h5). See 'hessian-cli show --help'.",
         ),
+        # A command's option given before it was "No such option", as if there were none.
+        (
+            ["-q", "analyze", "m.pt"],
+            "-q goes after the command's name: it is an option of analyze and train. See "
+            "'hessian-cli --help'.",
+        ),
+        (
+            ["--checkpoint", "final", "show", "s.h5"],
+            "--checkpoint goes after the command's name: it is an option of plot and show. See "
+            "'hessian-cli --help'.",
+        ),
         # Click's errors of an option's use name no command: the command is the one given.
         (
             ["plot", "s.h5", "-o"],

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -44,7 +44,17 @@ class _Commands(TyperGroup):
         **extra: Any,
     ) -> typer.Context:
         with _usage_said():  # the program's own options: `hessian-cli --bogus`
-            return super().make_context(info_name, args, parent, **extra)
+            try:
+                return super().make_context(info_name, args, parent, **extra)
+            except typer.TyperException as exc:
+                option = getattr(exc, "option_name", None)  # an unknown one's
+                if owners := sorted(n for n, c in self.commands.items() if _takes(c, option)):
+                    exc.message = (
+                        f"{option} goes after the command's name: it is an option of "
+                        f"{_listed(owners, 'and')}"
+                    )
+                    exc.possibilities = None  # of the program's own options, none meant
+                raise
 
     def resolve_command(
         self, ctx: typer.Context, args: list[str]
@@ -89,11 +99,20 @@ def _in_one_line(exc: typer.TyperException, group: typer.Context | None) -> str:
     --topk, in alphabetical order) and where to read the command's usage."""
     text = exc.format_message()
     if close := getattr(exc, "possibilities", None):  # best first, as difflib found them
-        names = ", ".join(close[:-1]) + " or " if len(close) > 1 else ""
-        text = f"{exc.message}. Did you mean {names}{close[-1]}?"
+        text = f"{exc.message}. Did you mean {_listed(close, 'or')}?"
     text = re.sub(r"^[A-Z](?=[a-z]+\b)", lambda first: first[0].lower(), text)
     text = text if text.endswith((".", "?")) else f"{text}."
     return f"{text} See '{_command_path(getattr(exc, 'ctx', None), group)} --help'."
+
+
+def _takes(command: Any, option: str | None) -> bool:
+    """Whether ``command`` has the option ``option`` (``-q`` or ``--quiet``)."""
+    return any(option in (*p.opts, *p.secondary_opts) for p in command.params)
+
+
+def _listed(words: Sequence[str], last: str) -> str:
+    """``words`` as a sentence lists them: "a, b or c" (``last``: "or")."""
+    return ", ".join(words[:-1]) + f" {last} {words[-1]}" if len(words) > 1 else words[0]
 
 
 def _command_path(ctx: typer.Context | None, group: typer.Context | None) -> str:

@@ -409,6 +409,24 @@ def test_a_usage_error_is_one_line_as_every_other_error(capsys, args, said):
 
 
 @pytest.mark.parametrize(
+    ("given", "command"), [("checkpoints_example/digits_mlp.pt", "analyze"), ("s.h5", "show")]
+)
+def test_a_file_given_without_a_command_is_told_the_command(capsys, tmp_path, given, command):
+    """`hessian-cli model.pt` was "No such command 'model.pt'." with no word of analyze."""
+    from cli_runner import run
+
+    root = Path(__file__).parents[1]
+    (tmp_path / "s.h5").write_bytes(b"")
+    path = str(root / given if given.startswith("checkpoints") else tmp_path / given)
+    code, _, err = run(capsys, path, "--top-k", "2")
+    verb = "analyse" if command == "analyze" else command
+    assert code == 2 and err == (
+        f"error: no such command {path!r}. To {verb} it, name the command first: "
+        f"hessian-cli {command} {path}. See 'hessian-cli --help'.\n"
+    )
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["plot", "spectra.h5", "-o", "a" * 300 + "/fig.png"],

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -59,7 +60,17 @@ class _Commands(TyperGroup):
     def resolve_command(
         self, ctx: typer.Context, args: list[str]
     ) -> tuple[str | None, TyperCommand | None, list[str]]:
-        name, command, rest = super().resolve_command(ctx, args)
+        try:
+            name, command, rest = super().resolve_command(ctx, args)
+        except typer.TyperException as exc:
+            if args and os.path.exists(args[0]):  # `hessian-cli model.pt`: the command left out
+                show = args[0].endswith((".h5", ".hdf5"))
+                to, command_name = ("show", "show") if show else ("analyse", "analyze")
+                exc.message = (
+                    f"no such command {args[0]!r}. To {to} it, name the command first: "
+                    f"{ctx.command_path} {command_name} {shlex.quote(args[0])}"
+                )
+            raise
         if isinstance(command, TyperCommand) and not ctx.resilient_parsing:
             if (message := flag_given_a_value(command, rest)) is not None:
                 typer.Context(command, info_name=name, parent=ctx).fail(message)

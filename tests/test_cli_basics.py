@@ -387,6 +387,12 @@ def test_a_value_of_the_wrong_type_is_named_with_the_kind_wanted(capsys, args, s
             "--checkpoint goes after the command's name: it is an option of plot and show. See "
             "'hessian-cli --help'.",
         ),
+        # And the program's own after a command: "Did you mean --precision, --criterion or --json?"
+        (
+            ["analyze", "--version"],
+            "--version goes before the command's name: it is an option of hessian-cli itself. "
+            "See 'hessian-cli analyze --help'.",
+        ),
         # Click's errors of an option's use name no command: the command is the one given.
         (
             ["plot", "s.h5", "-o"],

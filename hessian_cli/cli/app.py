@@ -34,8 +34,9 @@ if TYPE_CHECKING:  # torch is imported under torchrun only
 class _Commands(TyperGroup):
     """The commands, each of whose flags is refused a value in one place (see
     :func:`flag_given_a_value`): as a usage error, said once under torchrun; a value of the
-    wrong type named with the kind wanted (:func:`_value_refused`); and every usage error said
-    as ours are (:func:`_usage_said`)."""
+    wrong type named with the kind wanted (:func:`_value_refused`); every usage error said as
+    ours are (:func:`_usage_said`); and an option on the wrong side of the command's name, or
+    a file in its place, told what to write."""
 
     def make_context(
         self,
@@ -83,6 +84,15 @@ class _Commands(TyperGroup):
             except typer.BadParameter as exc:
                 if (said := _value_refused(exc)) is not None:
                     exc.message = said
+                raise
+            except typer.TyperException as exc:
+                option = getattr(exc, "option_name", None)  # an unknown one's
+                if _takes(self, option):  # `analyze --version`: "Did you mean --precision"
+                    exc.message = (
+                        f"{option} goes before the command's name: it is an option of "
+                        f"{ctx.command_path} itself"
+                    )
+                    exc.possibilities = None
                 raise
 
 

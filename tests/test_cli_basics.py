@@ -482,3 +482,18 @@ def test_help_on_a_40_column_terminal_names_every_option_whole(command):
     assert names and not set(names) - shown, set(names) - shown
     for unknown in (0, 1):  # no help at all (0), or "invalid width" (1)
         assert not set(names) - set(re.findall(r"--[\w-]+", _help(command, columns=unknown)))
+
+
+def test_a_zero_columns_environment_still_shows_errors_and_help():
+    """$COLUMNS=0 (fish's config, a container's terminal not yet sized) is no width known, as
+    Python's shutil reads it: Rich printed nothing at 0 columns, an error's exit 2 unsaid."""
+    env = {**os.environ, "COLUMNS": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", "analyze", "no_such.pt"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("error: no such checkpoint")
+    helped = subprocess.run(
+        [sys.executable, "-m", "hessian_cli", "--help"], capture_output=True, text=True, env=env
+    )
+    assert "Usage:" in helped.stdout and "analyze" in helped.stdout

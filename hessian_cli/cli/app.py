@@ -269,6 +269,18 @@ def _folding(build: Callable[..., Any]) -> Callable[..., Any]:
 
 _folded_help()
 
+
+def _zero_width_unknown() -> None:
+    """Read $COLUMNS=0 as Python's shutil does, as no width known (fish sets it while its
+    config runs, a container's terminal before it is sized): Rich took it for 0 columns and
+    printed nothing, neither results nor help nor errors (exit 2 without a word). Unset before
+    any console reads it: the terminal's own width, or 80, then."""
+    if os.environ.get("COLUMNS") == "0":
+        del os.environ["COLUMNS"]
+
+
+_zero_width_unknown()
+
 # A pipe or a file has no width: results written there are not cut to fit 80 columns.
 _UNBOUNDED = 100_000
 

@@ -895,6 +895,38 @@ def test_the_epoch_table_folds_numbers_on_a_narrow_terminal():
     assert "Epochs" in text and "…" not in text, text
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_progress_bar_keeps_its_step_count_and_times_and_shortens_for_its_figures(width):
+    """Every column gave way alike: once the test accuracy joined the figures the bar read
+    "epoch 2/2 ━━━╺ 34/… 0:0… 0:0… loss 0.5424 ..." on 80 columns. The bar shortens first
+    (the figures whole on 120 columns), the figures are cut last."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from eigensam.config import TrainConfig
+    from eigensam.events import EpochDone, RunStarted, StepDone
+    from hessian_cli.presentation.training import TrainingDisplay
+
+    terminal = Console(file=StringIO(), width=width, force_terminal=True)
+    display = TrainingDisplay(
+        terminal, TrainConfig(model="mlp", data="digits"), False, resuming=False
+    )
+    display(
+        RunStarted(Path("run"), 0, 23_460, 782, 30, "cpu", 26_122, None, 50_000, 64, "10 classes")
+    )
+    display.progress.stop()  # rendered below, once, not live
+    display(EpochDone(1, 0.264174, 0.912345, 0.301234, 0.897654, 12.5, 21.0625))
+    display(StepDone(12_345, 16, 0.123456, 0.953125, 0.05, 21.0625, None))
+    shown = Console(width=width, record=True, file=StringIO(), force_terminal=True)
+    shown.print(display.progress.make_tasks_table(display.progress.tasks))
+    line = shown.export_text().strip()
+    assert "12346/23460" in line and re.search(r" \d+:\d\d:\d\d -?:?[-\d:]+ ", line), line
+    figures = "loss 0.1235  acc 0.953  λmax 21.06  test acc 0.898"
+    assert figures in line or width == 80, line
+    assert ("…" in line) == (width == 80), line
+
+
 def test_the_epoch_table_leaves_out_columns_that_hold_nothing(capsys, tmp_path):
     """A regression without a test split showed train acc, test loss and test acc as columns of
     dashes, which its epoch lines leave out."""

@@ -12,17 +12,21 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from eigensam.config import TrainConfig
 from eigensam.events import EpochDone, Event, RunStarted, StepDone
 from hessian_cli.presentation import DASH, counted
 
 TABLE_ROWS = 40  # epochs in the final table at most: the last ones
+BAR_WIDTHS = (10, 40)  # the progress bar's, as the room its figures leave allows
 
 
 def epoch_line(e: EpochDone, epochs: int) -> str:
@@ -74,6 +78,19 @@ def _num(value: float | None, spec: str = ".4g") -> str:
     return DASH if value is None or math.isnan(value) else format(value, spec)  # as show's
 
 
+class _StatsColumn(ProgressColumn):
+    """The bar's figures (loss, accuracy, lambda_max), cut with an ellipsis where even the
+    shortest bar leaves them too little room: every column gave way alike, and on 80 columns the
+    step count and times read "34/…" and "0:0…" once the test accuracy joined the figures."""
+
+    def __init__(self) -> None:
+        # A column that may wrap is the one a table narrows first; its text is cut, not wrapped.
+        super().__init__(table_column=Column(no_wrap=False))
+
+    def render(self, task: Task) -> Text:
+        return Text(task.fields["stats"], no_wrap=True, overflow="ellipsis")
+
+
 class TrainingDisplay:
     """What the loop's events show: a progress bar (loss, accuracy, lambda_max, test accuracy) on
     a terminal; one plain line per epoch into a pipe or log file, where a bar would be cut."""
@@ -86,6 +103,7 @@ class TrainingDisplay:
         self.quiet = quiet
         self.resuming = resuming
         self.progress: Progress | None = None
+        self.bar = BarColumn(bar_width=BAR_WIDTHS[1])
         self.task: Any = None
         self.epochs = config.epochs
         self.test_accuracy = math.nan
@@ -135,6 +153,18 @@ class TrainingDisplay:
             description=f"epoch {event.epoch}/{self.epochs}",
             stats=stats,
         )
+        self._fit_bar()
+
+    def _fit_bar(self) -> None:
+        """Make the bar as long as the other columns leave room for (the terminal's width now),
+        within ``BAR_WIDTHS``: the figures beside it are worth more than its length."""
+        assert self.progress is not None
+        task = self.progress.tasks[0]
+        others = [c for c in self.progress.columns if c is not self.bar]
+        # Their widths and the one space between each two columns.
+        used = sum(self.console.measure(c(task)).maximum + 1 for c in others)
+        least, most = BAR_WIDTHS
+        self.bar.bar_width = max(least, min(most, self.console.width - used))
 
     def _start(self, event: RunStarted) -> None:
         cfg = self.config
@@ -181,11 +211,11 @@ class TrainingDisplay:
             return  # one line per epoch instead
         self.progress = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            self.bar,
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
+            _StatsColumn(),
             console=self.console,
         )
         self.task = self.progress.add_task(

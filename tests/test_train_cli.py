@@ -895,6 +895,27 @@ def test_the_epoch_table_folds_numbers_on_a_narrow_terminal():
     assert "Epochs" in text and "…" not in text, text
 
 
+def test_the_first_line_counts_steps_with_thousands_separators_as_the_stop_line_does():
+    """A resume began "Resuming at step 12345: ... 23,460 steps (30 epochs of 1564)" where the
+    stop before it said "at step 12,345 of 23,460"."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from eigensam.config import TrainConfig
+    from eigensam.events import RunStarted
+    from hessian_cli.presentation.training import TrainingDisplay
+
+    terminal = Console(file=StringIO(), width=300, record=True)
+    display = TrainingDisplay(
+        terminal, TrainConfig(model="mlp", data="digits"), False, resuming=True
+    )
+    at = Path("run/checkpoints/step0012345.pt")
+    display(RunStarted(Path("run"), 12_345, 46_920, 1_564, 30, "cpu", 26_122, at, 100_000, 64, "c"))
+    line = terminal.export_text()
+    assert "Resuming at step 12,345:" in line and "46,920 steps (30 epochs of 1,564)" in line, line
+
+
 @pytest.mark.parametrize("width", [80, 120])
 def test_the_progress_bar_keeps_its_step_count_and_times_and_shortens_for_its_figures(width):
     """Every column gave way alike: once the test accuracy joined the figures the bar read

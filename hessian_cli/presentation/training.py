@@ -175,7 +175,7 @@ class TrainingDisplay:
             else f"{cfg.optimizer} ({cfg.base_optimizer})"
         )
         verb = (
-            f"Resuming at step {event.start_step}"
+            f"Resuming at step {event.start_step:,}"
             if event.resumed_from
             else "Starting again at step 0 (the run holds no checkpoint to resume)"
             if self.resuming
@@ -189,7 +189,7 @@ class TrainingDisplay:
         self.console.print(
             f"{verb}: {cfg.model} on {cfg.data} ({event.task}) with {how}, "
             f"{counted(event.num_params, 'parameter')}, {counted(event.total_steps, 'step')} "
-            f"({counted(event.epochs, 'epoch')} of {event.steps_per_epoch}{whole}) on "
+            f"({counted(event.epochs, 'epoch')} of {event.steps_per_epoch:,}{whole}) on "
             f"{event.device}; run directory {event.run_dir}",
             highlight=False,
             markup=False,

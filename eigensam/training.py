@@ -181,7 +181,7 @@ def train(
             with distributed.fail_together():
                 require(  # a finished run is reported as such by the caller, whatever the limit
                     run.step < config.max_steps or run.step >= run.total_steps,
-                    f"the run is already at step {run.step}, so --max-steps {config.max_steps} "
+                    f"the run is already at step {run.step:,}, so --max-steps {config.max_steps:,} "
                     "leaves nothing to do",
                 )
         # The run claimed by rank 0, or every rank stops (its refusal the job's, no rank's).
@@ -525,7 +525,7 @@ class _Run:
                     "any step: check the model, the data and the loss."
                 ) from None
             raise error(
-                f"training diverged at step {self.step} (epoch {self._epoch_in()}): the loss or "
+                f"training diverged at step {self.step:,} (epoch {self._epoch_in()}): the loss or "
                 f"the weights became NaN or infinite; stopped ({before}). A resume would "
                 f"diverge again: start a new run, in another --out, with a lower "
                 f"{self._divergence_knobs()}."
@@ -544,7 +544,7 @@ class _Run:
             # The weights may be mid-step (perturbed): nothing is saved from them.
             self._flush()
             raise UserError(
-                f"CUDA ran out of memory at step {self.step} (epoch {self._epoch_in()}); stopped, "
+                f"CUDA ran out of memory at step {self.step:,} (epoch {self._epoch_in()}); stopped, "
                 f"{resume_hint(self.run_dir, ' once more memory is free')}, or start a new run "
                 "with a smaller --batch-size."
             ) from exc
@@ -595,7 +595,7 @@ class _Run:
     def _stopped(self, exc: UserError) -> UserError:
         """``exc``, a write that failed, with where the run can go on from."""
         return UserError(
-            f"{str(exc).rstrip('.')}; stopped at step {self.step}, {resume_hint(self.run_dir)}."
+            f"{str(exc).rstrip('.')}; stopped at step {self.step:,}, {resume_hint(self.run_dir)}."
         )
 
     def _finish(self, summary: TrainSummary, start_step: int, seconds: float) -> TrainSummary:

@@ -458,6 +458,19 @@ def test_resume_with_max_steps_the_run_has_reached_is_refused(tmp_path):
     assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
 
 
+def test_steps_past_a_thousand_are_counted_with_separators_as_the_command_line_counts_them(
+    tmp_path,
+):
+    """A resume was refused as "already at step 1000, so --max-steps 5" where the stop line
+    before it said "at step 1,000 of 1,008"; its divergence, write failure and out-of-memory
+    lines alike."""
+    fast = dict(optimizer="sgd", batch_size=2, epochs=21, track_every=0, checkpoint_every=0)
+    train(config(tmp_path, max_steps=1000, **fast))
+    resumed = dataclasses.replace(load_config(tmp_path / "run"), max_steps=5)
+    with pytest.raises(UserError, match="already at step 1,000, so --max-steps 5 leaves"):
+        train(resumed, resume_dir=tmp_path / "run")
+
+
 def test_a_data_root_for_data_that_reads_none_is_refused_in_the_library_too(tmp_path):
     """Only the command line refused it: train(config) ran as if it were used."""
     for extra in ({"data_root": str(tmp_path)}, {"download": True}):

@@ -892,7 +892,7 @@ def _task(data: Any, model: str, loss: str | None) -> str:
         return labels
     if data.num_classes is not None:
         per = ", a class per token" if data.target_shape else ""
-        return f"{data.num_classes:,} classes{per}"
+        return f"{counted(data.num_classes, 'class', 'classes')}{per}"
     outputs = data.num_outputs
     return f"regression, {outputs:,} target{'s' if outputs != 1 else ''}"
 

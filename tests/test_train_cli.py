@@ -774,6 +774,15 @@ def test_the_first_line_says_what_the_data_asks_and_a_batch_past_the_data(capsys
     assert code == 0 and f"on {floats} (regression, 1 target) with sgd" in " ".join(stdout.split())
 
 
+def test_labels_of_one_class_are_said_as_one_class(capsys, tmp_path):
+    """The run's first line said "(1 classes)"."""
+    code, stdout, _ = run(
+        capsys, "train", "--model", "mlp", "--data", "synthetic:4:1:16", "--loss", "mse",
+        "--epochs", "1", "--optimizer", "sgd", "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert code == 0 and "on synthetic:4:1:16 (1 class) with sgd" in " ".join(stdout.split())
+
+
 def test_a_run_directory_named_with_brackets_is_said_as_named(capsys, tmp_path):
     """Its brackets were read as Rich markup: 'run[bold]1' was said to be 'run1' (a --resume
     that names no run), and a '[/x]' stopped the run with 'unexpected MarkupError' (status 1)."""

@@ -26,6 +26,9 @@ from eigensam.config import RESUME_AS_CONFIGURED, TrainConfig, flag, without_unu
 from eigensam.determinism import DataOrder, capture_rng, restore_rng
 from eigensam.run_dir import unusable_checkpoint_message
 from hessian_cli import __version__
+from hessian_cli.engine.batches import Batch
+from hessian_cli.engine.distributed import tensors_digest
+from hessian_cli.engine.inputs import input_tensors
 from hessian_cli.errors import UserError
 from hessian_cli.specs import (
     DataSource,
@@ -79,6 +82,13 @@ def _built_with(fields: dict[str, Any]) -> Any:
     return with_builtin_defaults(fields.get("model"), fields.get("model_kwargs"))
 
 
+def samples_digest(batches: list[Batch]) -> str:
+    """A hash of ``batches``' samples: what tells a resume that data of the same name gives
+    others now, as a factory whose code or files were edited does (a data file's sha256 tells
+    it of a data file)."""
+    return tensors_digest(t for x, y in batches for t in (*input_tensors(x), y))
+
+
 def _new_epoch_sums() -> dict[str, float]:
     return {"loss": 0.0, "correct": 0.0, "labelled": 0.0, "count": 0.0, "seconds": 0.0}
 
@@ -109,6 +119,7 @@ def checkpoint_payload(
     samples: int,
     total_steps: int,
     data_digest: str | None = None,
+    first_samples: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A checkpoint's metadata (what analyze reads to rebuild the model and data) and the
     training state beside it (all a resume needs), with the global RNG as it is now."""
@@ -147,6 +158,7 @@ def checkpoint_payload(
             "processes": processes,
             "samples": samples,
             "data_sha256": data_digest,  # of a data file (None for other data)
+            "samples_digest": first_samples,  # samples_digest's, of any data
             "step": position.step,
             "epoch": position.epoch,
             "batch": position.batch,
@@ -170,6 +182,7 @@ def restore(
     total_steps: int,
     device: torch.device,
     data_digest: str | None = None,
+    first_samples: str | None = None,
 ) -> tuple[RunPosition, DataOrder]:
     """Load a checkpoint of this run into ``model``, ``optimizer`` and the global RNG; return
     its position (the tracker's vector on ``device``) and the data order as it saved them.
@@ -204,6 +217,7 @@ def restore(
         samples=samples,
         total_steps=total_steps,
         data_digest=data_digest,
+        first_samples=first_samples,
     )
     apply_weights(model, ckpt.state_dict)
     try:
@@ -252,6 +266,7 @@ def _check_same_course(
     samples: int,
     total_steps: int,
     data_digest: str | None,
+    first_samples: str | None = None,
 ) -> None:
     """The schedule and data order depend on the number of processes and of samples: a resume
     with others would follow another run's course from this one's position. A data file
@@ -292,4 +307,10 @@ def _check_same_course(
         raise UserError(
             f"this run was planned as {total} steps, but the data and processes now make "
             f"{total_steps}: resume it with the data and number of processes it began with."
+        )
+    saved_samples_digest = state.get("samples_digest")  # checkpoints before 2026-12-02 have none
+    if isinstance(saved_samples_digest, str) and first_samples not in (None, saved_samples_digest):
+        raise UserError(
+            f"the data {data!r} gives other samples than this run was trained on (its first "
+            "ones differ: code or files edited since?): it cannot be resumed on other data."
         )

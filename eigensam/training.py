@@ -49,6 +49,7 @@ from eigensam.resume import (
     check_same_run,
     checkpoint_payload,
     restore,
+    samples_digest,
 )
 from eigensam.run_dir import (
     METRICS_FILE,
@@ -106,6 +107,10 @@ from hessian_cli.specs.losses import label_weight
 from hessian_cli.specs.models import model_names_code, with_builtin_defaults
 from hessian_cli.specs.user_code import split_user_spec
 from hessian_cli.storage.metrics import MetricsLog, above_tol
+
+# A resume compares so many of the data's first samples: they are fetched twice at every start,
+# where a whole batch would be hundreds of images decoded for it.
+DIGESTED_SAMPLES = 16
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -288,6 +293,7 @@ class _Run:
         if track_share and self.batch_weight and not self.batch_weight(track_share[0][1]):
             track_share = []  # a share of padding only: nothing of the mean, as a rank without
         self._check_fits()
+        self.first_samples = self._first_samples()
         self.threshold = binary_threshold(
             self.model,
             self.loss_fn,
@@ -311,6 +317,7 @@ class _Run:
                 total_steps=self.total_steps,
                 device=self.device,
                 data_digest=self.data_digest,
+                first_samples=self.first_samples,
             )
         else:
             position, self.order = RunPosition(), DataOrder(n, config.seed)
@@ -409,6 +416,15 @@ class _Run:
                     f"a batch of one sample cannot train this model ({why}): BatchNorm "
                     f"normalises by batch statistics; use {fix}."
                 )
+
+    def _first_samples(self) -> str | None:
+        """The digest of the first ``DIGESTED_SAMPLES`` training samples (in index order), which a
+        resume compares; None where two fetches of them differ (augmented at random), which no
+        resume repeats."""
+        first = torch.arange(min(DIGESTED_SAMPLES, self.samples))
+        with torch.random.fork_rng(devices=[]):  # the run's draws (dropout, ...) left unmoved
+            seen = {samples_digest([self._fetch(first)]) for _ in range(2)}
+        return seen.pop() if len(seen) == 1 else None
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -865,6 +881,7 @@ class _Run:
             samples=self.samples,
             total_steps=self.total_steps,
             data_digest=self.data_digest,
+            first_samples=self.first_samples,
         )
         if self.lead:
             try:

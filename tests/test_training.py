@@ -783,6 +783,41 @@ def test_a_data_file_rewritten_with_as_many_samples_is_other_data_to_a_resume(tm
     assert train(load_config(run), resume_dir=run).finished
 
 
+@pytest.mark.parametrize("edit", [lambda x: x * 100, lambda x: x[::-1]])
+def test_data_from_code_that_gives_other_samples_is_other_data_to_a_resume(tmp_path, edit):
+    """Data from code was compared by its sample count alone: a factory whose file it reads was
+    rewritten with the inputs scaled 100-fold, or in another order, resumed without a word."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 16)).astype(np.float32)
+    np.save(tmp_path / "inputs.npy", x)
+    code = tmp_path / "items.py"
+    code.write_text(
+        "from pathlib import Path\n\nimport numpy as np\nimport torch\n\n\ndef make():\n"
+        "    x = torch.from_numpy(np.load(Path(__file__).parent / 'inputs.npy'))\n"
+        "    return torch.utils.data.TensorDataset(x, torch.arange(96) % 3)\n"
+    )
+    run = _stopped_run(tmp_path, data=f"{code}:make")
+    np.save(tmp_path / "inputs.npy", np.ascontiguousarray(edit(x)))
+    with pytest.raises(UserError, match="gives other samples than this run was trained on"):
+        train(load_config(run), resume_dir=run)
+    np.save(tmp_path / "inputs.npy", x)  # the same samples again
+    assert train(load_config(run), resume_dir=run).finished
+
+
+def test_data_augmented_at_random_still_resumes(tmp_path):
+    """Its samples differ at every fetch, so no digest of them is kept to be compared."""
+    code = tmp_path / "noisy.py"
+    code.write_text(
+        "import numpy as np\nimport torch\n\n\nclass Noisy(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n        return 96\n\n"
+        "    def __getitem__(self, i):\n"
+        "        x = torch.full((16,), float(i)) + torch.from_numpy(np.random.normal(size=16))\n"
+        "        return x.float(), i % 3\n\n\ndef make():\n    return Noisy()\n"
+    )
+    run = _stopped_run(tmp_path, data=f"{code}:make")
+    assert train(load_config(run), resume_dir=run).finished
+
+
 def test_files_a_run_names_are_found_from_any_working_directory(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     (tmp_path / "here").mkdir()

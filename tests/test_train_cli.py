@@ -983,6 +983,15 @@ def test_the_help_names_the_loss_of_a_binary_classifier_of_one_output(capsys):
     )
 
 
+def test_the_help_says_what_ctrl_c_does(capsys):
+    """A stop at the next step with a checkpoint that --resume continues, what a researcher
+    needs to know before pressing it on a long run: the help said nothing of it."""
+    code, stdout, _ = run(capsys, "train", "--help")
+    said = " ".join(stdout.replace("│", " ").split())
+    assert code == 0 and "Ctrl-C (or SIGTERM) stops at the next step with a checkpoint" in said
+    assert "--resume continues exactly; a second one stops at once" in said
+
+
 def test_a_binary_classifier_whose_loss_says_no_threshold_is_given_no_accuracy(capsys, tmp_path):
     """A one-output model whose loss weighs the labels unequally as probabilities (no output at
     which both weigh alike, nor a logit's loss falling past 1) is given no accuracy, and the run

@@ -169,7 +169,11 @@ def train_command(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
-    """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory."""
+    """Train with Eigen-SAM, SAM or SGD; write checkpoints and metrics.h5 into a run directory.
+
+    Ctrl-C (or SIGTERM) stops at the next step with a checkpoint, which --resume continues
+    exactly; a second one stops at once, without it.
+    """
     # The loop (torch) is imported here, not at the top: --help stays instant.
     import_torch()
     from eigensam.training import train

@@ -925,6 +925,26 @@ def test_the_first_line_counts_steps_with_thousands_separators_as_the_stop_line_
     assert "Resuming at step 12,345:" in line and "46,920 steps (30 epochs of 1,564)" in line, line
 
 
+@pytest.mark.parametrize("max_steps", [None, 100, 30_000])
+def test_the_progress_bar_runs_to_where_the_call_stops(max_steps):
+    """It ran to the run's end: "100/23460" and hours remaining of a --max-steps 100 that
+    stopped in a minute."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from eigensam.config import TrainConfig
+    from eigensam.events import RunStarted
+    from hessian_cli.presentation.training import TrainingDisplay
+
+    config = TrainConfig(model="mlp", data="digits", max_steps=max_steps)
+    terminal = Console(file=StringIO(), width=100, force_terminal=True)
+    display = TrainingDisplay(terminal, config, False, resuming=False)
+    display(RunStarted(Path("run"), 0, 23_460, 782, 30, "cpu", 26_122, None, 50_000, 64, "c"))
+    display.progress.stop()
+    assert display.progress.tasks[0].total == (100 if max_steps == 100 else 23_460)
+
+
 @pytest.mark.parametrize("width", [80, 120])
 def test_the_progress_bar_keeps_its_step_count_and_times_and_shortens_for_its_figures(width):
     """Every column gave way alike: once the test accuracy joined the figures the bar read

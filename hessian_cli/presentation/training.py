@@ -218,7 +218,10 @@ class TrainingDisplay:
             _StatsColumn(),
             console=self.console,
         )
+        # The bar runs to where this call stops: to the run's end it said hours remaining of a
+        # --max-steps 100 that stopped in a minute.
+        end = event.total_steps if cfg.max_steps is None else min(cfg.max_steps, event.total_steps)
         self.task = self.progress.add_task(
-            "starting", total=event.total_steps, completed=event.start_step, stats=""
+            "starting", total=end, completed=event.start_step, stats=""
         )
         self.progress.start()

@@ -8,12 +8,14 @@ that does not hold (benchmarks/RESULTS.md, thirteenth session).
 """
 
 import torch
+from arguments import parser_for  # the script's directory is on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import MatrixOperator
 
 
 def main() -> None:
+    parser_for(__doc__).parse_args()  # no options: --help describes, anything else is refused
     worst = 0.0
     for n in (100, 300, 1000):
         for seed in range(4):

@@ -1,5 +1,6 @@
 """The benchmark scripts' options and defaults (benchmarks/), without running a benchmark."""
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.append(str(Path(__file__).parents[1] / "benchmarks"))  # the scripts import each other
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.append(str(BENCHMARKS))  # the scripts import each other
 
 import peers  # noqa: E402
 
@@ -20,6 +22,15 @@ from hessian_cli.specs import build_model  # noqa: E402
 def parse(monkeypatch: pytest.MonkeyPatch, *argv: str):
     monkeypatch.setattr(sys, "argv", ["peers.py", *argv])
     return peers.parse_args()
+
+
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
+
+
+def run_script(monkeypatch: pytest.MonkeyPatch, script: str, *argv: str) -> None:
+    """``python benchmarks/SCRIPT.py ARGV`` in this process."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    importlib.import_module(script).main()
 
 
 def build(spec: str) -> torch.nn.Module:
@@ -189,3 +200,16 @@ def test_gpu_sh_quick_runs_one_start_per_tool(
         assert argv[argv.index("--seeds") + 1] == "1"
         assert argv[argv.index("--dataloader-seeds") + 1] == "1"
         assert int(argv[argv.index("--many-k") + 1]) == parse(monkeypatch, "--quick").many_k
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help_at_once_and_refuses_an_unknown_option(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, script: str
+) -> None:
+    """error_bounds.py had no parser: `--help`, or a misspelt option, ran the whole benchmark."""
+    with pytest.raises(SystemExit) as help_exit:
+        run_script(monkeypatch, script, "--help")
+    assert help_exit.value.code == 0 and "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad_exit:
+        run_script(monkeypatch, script, "--no-such-option")
+    assert bad_exit.value.code == 2 and "--no-such-option" in capsys.readouterr().err

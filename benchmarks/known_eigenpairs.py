@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from arguments import parser_for  # the script's directory is on sys.path
 
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.density import spectral_density
@@ -126,14 +127,14 @@ def density_rows(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=40)
+    parser = parser_for(__doc__)
+    parser.add_argument("--seeds", type=int, default=40, help="estimates per row (seeds 0, 1, ...)")
     parser.add_argument("--probes", default="12,30,99", help="comma-separated probe counts")
     parser.add_argument("--k", default="5,20", help="comma-separated eigenpair counts")
     parser.add_argument("--inputs", type=int, default=256, help="digits inputs (ResNet: 32)")
     parser.add_argument("--resnet", action="store_true", help="also ResNet-20 (spread only)")
     parser.add_argument("--density", default="8x40,4x20", help="probes x steps, comma-separated")
-    parser.add_argument("--parts", default="trace,density")
+    parser.add_argument("--parts", default="trace,density", help="trace, density or both")
     args = parser.parse_args()
     args.probes = [int(p) for p in args.probes.split(",")]
     args.density = [tuple(int(x) for x in d.split("x")) for d in args.density.split(",")]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from arguments import parser_for
 from peers import attempt, default_model, timed  # the script's directory is on sys.path
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -347,12 +348,16 @@ def cudnn_rows(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = parser_for(__doc__)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda where there is one",
+    )
     parser.add_argument("--model", help="default: peers.py's for the device")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=256, help="inputs per batch")
+    parser.add_argument("--batches", type=int, default=4, help="batches of the kept-graph rows")
+    parser.add_argument("--reps", type=int, default=5, help="timed repeats per row (median)")
     args = parser.parse_args()
     for name in ("batch", "batches", "reps"):  # none: no input, or the median of no timings
         if getattr(args, name) < 1:

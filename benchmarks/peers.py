@@ -925,7 +925,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--model",
         help="default: resnet20 on CPU, torchvision:resnet18 on CUDA (resnet18.py's copy of it "
@@ -951,8 +951,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--dataloader-seeds", type=int, default=1, help="random starts per run of case 5"
     )
-    parser.add_argument("--tol", type=float, default=1e-4)
-    parser.add_argument("--reference", choices=("float64", "float32"), default="float64")
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="our solves' tolerance (the peers run at their defaults)",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=("float64", "float32"),
+        default="float64",
+        help="dtype of the top-k reference (default float64)",
+    )
     parser.add_argument("--low-tol", type=float, default=1e-2, help="tolerance of case 6")
     parser.add_argument("--probes", type=int, help="trace probes (default 30, --quick 6)")
     parser.add_argument("--density-probes", type=int, help="SLQ probes (default 8, --quick 4)")

@@ -18,11 +18,11 @@ the largest in size, is counted as wrong.
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Callable
 
 import torch
+from arguments import parser_for  # the script's directory is on sys.path
 
 import hessian_cli.engine.eigensolver as solver
 import hessian_cli.engine.solver_plan as solver_plan
@@ -151,10 +151,10 @@ def random_solves(count: int, seed: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--random", type=int, default=100)
-    parser.add_argument("--random-seed", type=int, default=1)
+    parser = parser_for(__doc__)
+    parser.add_argument("--seeds", type=int, default=4, help="random matrices per known spectrum")
+    parser.add_argument("--random", type=int, default=100, help="random solves (0: none)")
+    parser.add_argument("--random-seed", type=int, default=1, help="seed of the random solves")
     args = parser.parse_args()
     known_spectra(args.seeds)
     random_solves(args.random, args.random_seed)

@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from arguments import parser_for  # the script's directory is on sys.path
+
 
 def _status(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -51,8 +53,10 @@ def measure(which: str, n: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=int, default=25_000_000)
+    parser = parser_for(__doc__)
+    parser.add_argument(
+        "--params", type=int, default=25_000_000, help="float32 parameters (in 10 tensors)"
+    )
     parser.add_argument("--row", choices=["sam", "eigensam"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:

@@ -13,11 +13,11 @@ the dense spectrum in float64, a cold solve held to 1e-7 in float32.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 import torch.nn.functional as F
+from arguments import parser_for  # the script's directory is on sys.path
 
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
@@ -46,13 +46,23 @@ def series(steps: int, every: int, dtype: torch.dtype) -> tuple[list[dict], list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = parser_for(__doc__)
     parser.add_argument("--k", default="1,5,10,20", help="comma-separated numbers of eigenpairs")
     parser.add_argument("--tol", default="1e-4", help="comma-separated tolerances")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    parser.add_argument("--which", choices=("largest", "smallest", "both"), default="largest")
+    parser.add_argument("--steps", type=int, default=600, help="SGD steps of the series")
+    parser.add_argument("--every", type=int, default=50, help="SGD steps between checkpoints")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float64",
+        help="of the model and its products (float64: the truth is the dense spectrum)",
+    )
+    parser.add_argument(
+        "--which",
+        choices=("largest", "smallest", "both"),
+        default="largest",
+        help="end of the spectrum solved for",
+    )
     args = parser.parse_args()
     ks = [int(x) for x in args.k.split(",")]
     reach = max(ks) + 10  # the float32 reference's pairs at each end

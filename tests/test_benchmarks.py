@@ -1,5 +1,6 @@
 """The benchmark scripts' options and defaults (benchmarks/), without running a benchmark."""
 
+import argparse
 import importlib
 import os
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -213,3 +215,25 @@ def test_every_script_answers_help_at_once_and_refuses_an_unknown_option(
     with pytest.raises(SystemExit) as bad_exit:
         run_script(monkeypatch, script, "--no-such-option")
     assert bad_exit.value.code == 2 and "--no-such-option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_scripts_help_is_its_docstring_and_says_what_each_option_is(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, script: str
+) -> None:
+    """restart_policy.py's and warm_start.py's help stopped mid-sentence at the docstring's
+    first line break, and options such as `--seeds SEEDS` said nothing of what they count."""
+    parsers: list[argparse.ArgumentParser] = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def recorded(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        parsers.append(self)
+        return parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", recorded)
+    with pytest.raises(SystemExit):
+        run_script(monkeypatch, script, "--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert " ".join(importlib.import_module(script).__doc__.split()) in out
+    unsaid = [a.dest for a in parsers[0]._actions if a.option_strings and not a.help]
+    assert not unsaid, f"options without help: {unsaid}"

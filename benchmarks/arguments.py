@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def parser_for(doc: str) -> argparse.ArgumentParser:
@@ -11,3 +12,40 @@ def parser_for(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def count(text: str, least: int = 1) -> int:
+    """A whole number of at least ``least``, as an argparse type: a count of 0 or a word
+    reached the measurement and ended it in a traceback, often after minutes of work (a
+    division by zero over no seeds, a solve for no eigenpair)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    return value
+
+
+def counts(least: int = 1) -> Callable[[str], list[int]]:
+    """The argparse type of comma-separated whole numbers of at least ``least`` each."""
+    return lambda text: [count(part, least) for part in text.split(",")]
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """The argparse type of one whole number of at least ``least``."""
+    return lambda text: count(text, least)
+
+
+def tolerances(text: str) -> list[float]:
+    """Comma-separated positive numbers."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be positive and finite, not {part}")
+        values.append(value)
+    return values

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from arguments import parser_for  # the script's directory is on sys.path
+from arguments import count, counts, parser_for  # the script's directory is on sys.path
 
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.density import spectral_density
@@ -126,20 +126,43 @@ def density_rows(
             )
 
 
+def rules(text: str) -> list[tuple[int, int]]:
+    """``--density``'s comma-separated ``PROBESxSTEPS``: a probe at least, two steps at least
+    (the fewest a quadrature rule is made of)."""
+    pairs = []
+    for part in text.split(","):
+        probes, x, steps = part.partition("x")
+        if not x:
+            raise argparse.ArgumentTypeError(f"{part!r} is not PROBESxSTEPS (8x40)")
+        pairs.append((count(probes), count(steps, 2)))
+    return pairs
+
+
 def main() -> None:
     parser = parser_for(__doc__)
-    parser.add_argument("--seeds", type=int, default=40, help="estimates per row (seeds 0, 1, ...)")
-    parser.add_argument("--probes", default="12,30,99", help="comma-separated probe counts")
-    parser.add_argument("--k", default="5,20", help="comma-separated eigenpair counts")
-    parser.add_argument("--inputs", type=int, default=256, help="digits inputs (ResNet: 32)")
+    parser.add_argument(
+        "--seeds", type=count, default=40, help="estimates per row (seeds 0, 1, ...)"
+    )
+    parser.add_argument(
+        "--probes", type=counts(2), default="12,30,99", help="comma-separated probe counts"
+    )
+    parser.add_argument(
+        "--k", type=counts(), default="5,20", help="comma-separated eigenpair counts"
+    )
+    parser.add_argument("--inputs", type=count, default=256, help="digits inputs (ResNet: 32)")
     parser.add_argument("--resnet", action="store_true", help="also ResNet-20 (spread only)")
-    parser.add_argument("--density", default="8x40,4x20", help="probes x steps, comma-separated")
-    parser.add_argument("--parts", default="trace,density", help="trace, density or both")
+    parser.add_argument(
+        "--density", type=rules, default="8x40,4x20", help="probes x steps, comma-separated"
+    )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: text.split(","),
+        default="trace,density",
+        help="trace, density or both",
+    )
     args = parser.parse_args()
-    args.probes = [int(p) for p in args.probes.split(",")]
-    args.density = [tuple(int(x) for x in d.split("x")) for d in args.density.split(",")]
-    args.parts = args.parts.split(",")
-    args.k = [int(k) for k in args.k.split(",")]
+    if unknown := set(args.parts) - {"trace", "density"}:  # else the run measured nothing
+        parser.error(f"unknown --parts {', '.join(sorted(unknown))}: choose trace, density")
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.seeds} seeds"

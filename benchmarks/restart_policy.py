@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable
 
 import torch
-from arguments import parser_for  # the script's directory is on sys.path
+from arguments import at_least, count, parser_for  # the script's directory is on sys.path
 
 import hessian_cli.engine.eigensolver as solver
 import hessian_cli.engine.solver_plan as solver_plan
@@ -152,8 +152,8 @@ def random_solves(count: int, seed: int) -> None:
 
 def main() -> None:
     parser = parser_for(__doc__)
-    parser.add_argument("--seeds", type=int, default=4, help="random matrices per known spectrum")
-    parser.add_argument("--random", type=int, default=100, help="random solves (0: none)")
+    parser.add_argument("--seeds", type=count, default=4, help="random matrices per known spectrum")
+    parser.add_argument("--random", type=at_least(0), default=100, help="random solves (0: none)")
     parser.add_argument("--random-seed", type=int, default=1, help="seed of the random solves")
     args = parser.parse_args()
     known_spectra(args.seeds)

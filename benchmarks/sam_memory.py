@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from arguments import parser_for  # the script's directory is on sys.path
+from arguments import at_least, parser_for  # the script's directory is on sys.path
 
 
 def _status(field: str) -> float:
@@ -55,7 +55,7 @@ def measure(which: str, n: int) -> None:
 def main() -> None:
     parser = parser_for(__doc__)
     parser.add_argument(
-        "--params", type=int, default=25_000_000, help="float32 parameters (in 10 tensors)"
+        "--params", type=at_least(10), default=25_000_000, help="float32 parameters (in 10 tensors)"
     )
     parser.add_argument("--row", choices=["sam", "eigensam"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -15,7 +15,7 @@ network-like spectrum (n = 300): pairs of equal eigenvalues -0.45, -0.36, -0.315
 from __future__ import annotations
 
 import torch
-from arguments import parser_for  # the script's directory is on sys.path
+from arguments import count, counts, parser_for  # the script's directory is on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import MatrixOperator
@@ -52,12 +52,14 @@ def bottom_pairs(seed: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     parser = parser_for(__doc__)
-    parser.add_argument("--steps", default="0,3,4,5,6,10", help="check_steps values to compare")
     parser.add_argument(
-        "--seeds", type=int, default=10, help="matrices per row (twice as many at the bottom)"
+        "--steps", type=counts(0), default="0,3,4,5,6,10", help="check_steps values to compare"
+    )
+    parser.add_argument(
+        "--seeds", type=count, default=10, help="matrices per row (twice as many at the bottom)"
     )
     args = parser.parse_args()
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = args.steps
     print("| case | gap | " + " | ".join(f"check {s}: skips, mean HVPs" for s in steps) + " |")
     print("|---|---|" + "---|" * len(steps))
     for name, at, k, criterion in CASES:

@@ -17,7 +17,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from arguments import parser_for  # the script's directory is on sys.path
+from arguments import count, counts, parser_for, tolerances  # the script's directory is on sys.path
 
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
@@ -47,10 +47,12 @@ def series(steps: int, every: int, dtype: torch.dtype) -> tuple[list[dict], list
 
 def main() -> None:
     parser = parser_for(__doc__)
-    parser.add_argument("--k", default="1,5,10,20", help="comma-separated numbers of eigenpairs")
-    parser.add_argument("--tol", default="1e-4", help="comma-separated tolerances")
-    parser.add_argument("--steps", type=int, default=600, help="SGD steps of the series")
-    parser.add_argument("--every", type=int, default=50, help="SGD steps between checkpoints")
+    parser.add_argument(
+        "--k", type=counts(), default="1,5,10,20", help="comma-separated numbers of eigenpairs"
+    )
+    parser.add_argument("--tol", type=tolerances, default="1e-4", help="comma-separated tolerances")
+    parser.add_argument("--steps", type=count, default=600, help="SGD steps of the series")
+    parser.add_argument("--every", type=count, default=50, help="SGD steps between checkpoints")
     parser.add_argument(
         "--dtype",
         choices=("float32", "float64"),
@@ -64,8 +66,9 @@ def main() -> None:
         help="end of the spectrum solved for",
     )
     args = parser.parse_args()
-    ks = [int(x) for x in args.k.split(",")]
-    reach = max(ks) + 10  # the float32 reference's pairs at each end
+    if args.every > args.steps:  # else the series was trained, then no row divided by zero
+        parser.error(f"--every {args.every} leaves no checkpoint in --steps {args.steps}")
+    reach = max(args.k) + 10  # the float32 reference's pairs at each end
     dtype = getattr(torch, args.dtype)
     saved, batch = series(args.steps, args.every, dtype)
     ops, truth = [], []
@@ -90,8 +93,8 @@ def main() -> None:
     print("\n| k | tol | cold HVPs | warm HVPs | warm / cold | off (cold, warm) |")
     print("|---|---|---|---|---|---|")
     hint_too = args.which != "smallest"  # as analyze: the gradient leans toward the largest
-    for k in ks:
-        for tol in (float(x) for x in args.tol.split(",")):
+    for k in args.k:
+        for tol in args.tol:
             hvps, off = {}, {}
             for start in ("cold", "warm"):
                 hvps[start] = off[start] = 0

@@ -237,3 +237,35 @@ def test_every_scripts_help_is_its_docstring_and_says_what_each_option_is(
     assert " ".join(importlib.import_module(script).__doc__.split()) in out
     unsaid = [a.dest for a in parsers[0]._actions if a.option_strings and not a.help]
     assert not unsaid, f"options without help: {unsaid}"
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("known_eigenpairs", ["--seeds", "0"], "--seeds: must be at least 1, not 0"),
+        ("known_eigenpairs", ["--probes", "12,x"], "--probes: 'x' is not a whole number"),
+        ("known_eigenpairs", ["--density", "8"], "--density: '8' is not PROBESxSTEPS"),
+        ("known_eigenpairs", ["--density", "8x1"], "--density: must be at least 2, not 1"),
+        ("known_eigenpairs", ["--parts", "trace,dens"], "unknown --parts dens"),
+        ("restart_policy", ["--seeds", "0"], "--seeds: must be at least 1, not 0"),
+        ("skip_check", ["--steps", "0,a"], "--steps: 'a' is not a whole number"),
+        ("skip_check", ["--seeds", "0"], "--seeds: must be at least 1, not 0"),
+        ("warm_start", ["--every", "0"], "--every: must be at least 1, not 0"),
+        ("warm_start", ["--every", "700"], "--every 700 leaves no checkpoint in --steps 600"),
+        ("warm_start", ["--tol", "1e-4,0"], "--tol: must be positive and finite, not 0"),
+        ("sam_memory", ["--params", "5"], "--params: must be at least 10, not 5"),
+    ],
+)
+def test_scripts_refuse_counts_they_cannot_run_with_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    script: str,
+    argv: list[str],
+    message: str,
+) -> None:
+    """Each ended in a traceback (a division by zero over no seeds or checkpoints, int('x')),
+    some after minutes of work (warm_start.py trained its series first)."""
+    with pytest.raises(SystemExit) as exit:
+        run_script(monkeypatch, script, *argv)
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and message in err and not out

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from hessian_cli.engine.devices import resolve_device
+from hessian_cli.errors import UserError
+
 
 def parser_for(doc: str) -> argparse.ArgumentParser:
     """A parser whose --help is the script's whole docstring, laid out as written: what it
@@ -49,3 +52,13 @@ def tolerances(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"must be positive and finite, not {part}")
         values.append(value)
     return values
+
+
+def device(text: str) -> str:
+    """A device torch here can compute on, as the commands' --device takes it: `--device cuda`
+    on a machine without CUDA, or `--device gpu`, was a traceback from torch at the first
+    tensor moved, after the model was built."""
+    try:
+        return str(resolve_device(text))
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from arguments import parser_for
+from arguments import device, parser_for
 from peers import attempt, default_model, timed  # the script's directory is on sys.path
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -351,6 +351,7 @@ def parse_args() -> argparse.Namespace:
     parser = parser_for(__doc__)
     parser.add_argument(
         "--device",
+        type=device,
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="default: cuda where there is one",
     )

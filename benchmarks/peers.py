@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from arguments import device  # the script's directory is on sys.path
 from torch import nn
 
 from hessian_cli.engine.density import spectral_density
@@ -925,7 +926,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--model",
         help="default: resnet20 on CPU, torchvision:resnet18 on CUDA (resnet18.py's copy of it "

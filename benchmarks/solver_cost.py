@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from arguments import parser_for  # the script's directory is on sys.path
+from arguments import device, parser_for  # the script's directory is on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import DiagonalOperator
@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=272_474, help="size (ResNet-20's by default)")
     parser.add_argument("--k", type=counts, default="5,50", help="comma-separated eigenpairs")
     parser.add_argument("--blocks", type=counts, default="default,1,4", help="and block sizes")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
     # Refused before the first row, in one sentence: the engine's own refusal of a solve was
     # a traceback, after the rows before it (--n 10 --k 20: "Cannot compute 20 eigenpairs ...").

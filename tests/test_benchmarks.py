@@ -42,6 +42,7 @@ def build(spec: str) -> torch.nn.Module:
 
 def test_cuda_default_model_builds_without_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision fails
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is taken
     model = build(parse(monkeypatch, "--device", "cuda").model)
     assert sum(p.numel() for p in model.parameters()) == 11_181_642
 
@@ -269,3 +270,24 @@ def test_scripts_refuse_counts_they_cannot_run_with_before_any_work(
         run_script(monkeypatch, script, *argv)
     out, err = capsys.readouterr()
     assert exit.value.code == 2 and message in err and not out
+
+
+@pytest.mark.parametrize("script", ["peers", "overhead", "solver_cost"])
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [("cuda", "no CUDA device is available"), ("gpu", "unknown device 'gpu'")],
+)
+def test_scripts_refuse_a_device_torch_cannot_use_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    script: str,
+    given: str,
+    message: str,
+) -> None:
+    """torch's own traceback came at the first tensor moved, after the model was built."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--device", given])
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(script).parse_args()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "argument --device" in err and message in err

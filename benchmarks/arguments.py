@@ -1,9 +1,12 @@
-"""The benchmark scripts' command lines: their docstring as the help."""
+"""The benchmark scripts' command lines: their docstring as the help, what they take checked
+as argparse types, and the engine's refusals of what they were given as one line."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.errors import UserError
@@ -62,3 +65,14 @@ def device(text: str) -> str:
         return str(resolve_device(text))
     except UserError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """A script's ``main``, where the engine's refusal of what it was given (a checkpoint that
+    does not exist, a model it does not know) is one line and exit status 2, as a bad option's
+    is, not a traceback."""
+    try:
+        main()
+    except UserError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from arguments import count, counts, parser_for  # the script's directory is on sys.path
+from arguments import count, counts, parser_for, run_main  # the script's directory is on sys.path
 
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.density import spectral_density
@@ -197,4 +197,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

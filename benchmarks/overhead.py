@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from arguments import device, parser_for
+from arguments import device, parser_for, run_main
 from peers import attempt, default_model, timed  # the script's directory is on sys.path
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -476,4 +476,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from arguments import device  # the script's directory is on sys.path
+from arguments import device, run_main  # the script's directory is on sys.path
 from torch import nn
 
 from hessian_cli.engine.density import spectral_density
@@ -1021,4 +1021,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from arguments import device, parser_for  # the script's directory is on sys.path
+from arguments import device, parser_for, run_main  # the script's directory is on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import DiagonalOperator
@@ -104,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from arguments import count, counts, parser_for, tolerances  # the script's directory is on sys.path
+from arguments import (  # the script's directory is on sys.path
+    count,
+    counts,
+    parser_for,
+    run_main,
+    tolerances,
+)
 
 from hessian_cli.engine.dense import dense_eigh, dense_hessian
 from hessian_cli.engine.eigensolver import eigenpairs
@@ -119,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -291,3 +292,26 @@ def test_scripts_refuse_a_device_torch_cannot_use_in_one_line(
         importlib.import_module(script).parse_args()
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "argument --device" in err and message in err
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("peers", ["--quick", "--model", "nosuch"], "unknown model 'nosuch'"),
+        ("peers", ["--quick", "--checkpoint", "/no/such.pt"], "'/no/such.pt' does not exist"),
+        ("overhead", ["--device", "cpu", "--model", "nosuch"], "unknown model 'nosuch'"),
+    ],
+)
+def test_scripts_say_the_engines_refusal_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    script: str,
+    argv: list[str],
+    message: str,
+) -> None:
+    """The engine's one-sentence refusal came at the end of a traceback."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(f"{script}.py: error: ") and message in err

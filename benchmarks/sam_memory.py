@@ -15,8 +15,12 @@ import argparse
 import os
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from arguments import at_least, parser_for  # the script's directory is on sys.path
+
+if TYPE_CHECKING:  # for the annotations: each row imports torch where it runs
+    import torch
 
 
 def _status(field: str) -> float:
@@ -27,6 +31,14 @@ def _status(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def parameters(n: int) -> list[torch.nn.Parameter]:
+    """``n`` parameters in 10 tensors (n // 10 each dropped the rest: the Eigen-SAM row's
+    eigenvector of n then fitted none, and the model's size was not n)."""
+    import torch
+
+    return [torch.nn.Parameter(torch.randn(n // 10 + (i < n % 10))) for i in range(10)]
+
+
 def measure(which: str, n: int) -> None:
     """One row, in this process: prints the first step's peak growth in MB."""
     import torch
@@ -34,7 +46,7 @@ def measure(which: str, n: int) -> None:
     from eigensam import SAM, EigenSAM
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n // 10)) for _ in range(10)]
+    params = parameters(n)
     for p in params:
         p.grad = torch.randn_like(p)
     if which == "sam":

@@ -315,3 +315,14 @@ def test_scripts_say_the_engines_refusal_in_one_line(
         runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith(f"{script}.py: error: ") and message in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's /proc only")
+def test_sam_memory_rows_hold_the_parameters_asked_for(capsys: pytest.CaptureFixture) -> None:
+    """--params 1000005 held 1,000,000 parameters, and the Eigen-SAM row failed on its
+    eigenvector of 1,000,005."""
+    import sam_memory
+
+    assert sum(p.numel() for p in sam_memory.parameters(1005)) == 1005
+    sam_memory.measure("eigensam", 1005)
+    assert float(capsys.readouterr().out) >= 0  # the row's growth in MB

@@ -81,8 +81,11 @@ def main() -> None:
     for row in ("sam", "eigensam"):
         out = subprocess.run(
             [sys.executable, __file__, "--row", row, "--params", str(args.params)],
-            env=env, capture_output=True, text=True, check=True,
+            env=env, capture_output=True, text=True,
         )  # fmt: skip
+        if out.returncode != 0:  # its traceback was captured: CalledProcessError said no cause
+            lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
+            sys.exit(f"sam_memory.py: the {row} row failed: {lines[-1]}")
         grown = float(out.stdout)
         print(f"| {row} | {grown:.0f} | {grown / model_mb:.2f} |")
 

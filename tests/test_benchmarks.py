@@ -326,3 +326,24 @@ def test_sam_memory_rows_hold_the_parameters_asked_for(capsys: pytest.CaptureFix
     assert sum(p.numel() for p in sam_memory.parameters(1005)) == 1005
     sam_memory.measure("eigensam", 1005)
     assert float(capsys.readouterr().out) >= 0  # the row's growth in MB
+
+
+def test_sam_memory_says_why_a_row_failed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A row's process failing (say /proc/self/clear_refs not writable) was a
+    CalledProcessError naming the command, its captured reason lost."""
+    import sam_memory
+
+    reason = "PermissionError: [Errno 13] Permission denied: '/proc/self/clear_refs'"
+
+    def failing(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess(
+            argv, 1, "", f"Traceback (most recent call last):\n{reason}\n"
+        )
+
+    monkeypatch.setattr(sam_memory.subprocess, "run", failing)
+    monkeypatch.setattr(sys, "argv", ["sam_memory.py", "--params", "100"])
+    with pytest.raises(SystemExit) as exit:
+        sam_memory.main()
+    assert exit.value.code == f"sam_memory.py: the sam row failed: {reason}"

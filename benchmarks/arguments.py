@@ -43,18 +43,20 @@ def at_least(least: int) -> Callable[[str], int]:
     return lambda text: count(text, least)
 
 
+def tolerance(text: str) -> float:
+    """A relative tolerance, as the engine takes one: above 0, below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive number below 1, not {text}")
+    return value
+
+
 def tolerances(text: str) -> list[float]:
-    """Comma-separated positive numbers."""
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be positive and finite, not {part}")
-        values.append(value)
-    return values
+    """Comma-separated relative tolerances."""
+    return [tolerance(part) for part in text.split(",")]
 
 
 def device(text: str) -> str:

@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from arguments import device, run_main  # the script's directory is on sys.path
+from arguments import at_least, device, run_main, tolerance  # the script's directory is on sys.path
 from torch import nn
 
 from hessian_cli.engine.density import spectral_density
@@ -954,7 +954,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--tol",
-        type=float,
+        type=tolerance,
         default=1e-4,
         help="our solves' tolerance (the peers run at their defaults)",
     )
@@ -964,7 +964,7 @@ def parse_args() -> argparse.Namespace:
         default="float64",
         help="dtype of the top-k reference (default float64)",
     )
-    parser.add_argument("--low-tol", type=float, default=1e-2, help="tolerance of case 6")
+    parser.add_argument("--low-tol", type=tolerance, default=1e-2, help="tolerance of case 6")
     parser.add_argument("--probes", type=int, help="trace probes (default 30, --quick 6)")
     parser.add_argument("--density-probes", type=int, help="SLQ probes (default 8, --quick 4)")
     parser.add_argument("--density-steps", type=int, help="SLQ steps (default 40, --quick 10)")
@@ -982,7 +982,9 @@ def parse_args() -> argparse.Namespace:
         default=list(CASES),
         help=f"comma-separated subset of {','.join(CASES)} (default: all)",
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--threads", type=at_least(0), default=0, help="torch CPU threads (0: default)"
+    )
     args = parser.parse_args()
     # Counts below 1, refused before the defaults below take a 0 for "not given" (--reps 0 ran
     # with 2, --reps -1 crashed on the median of no timings, --seeds 0 left no row to compare).

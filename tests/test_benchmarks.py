@@ -254,7 +254,7 @@ def test_every_scripts_help_is_its_docstring_and_says_what_each_option_is(
         ("skip_check", ["--seeds", "0"], "--seeds: must be at least 1, not 0"),
         ("warm_start", ["--every", "0"], "--every: must be at least 1, not 0"),
         ("warm_start", ["--every", "700"], "--every 700 leaves no checkpoint in --steps 600"),
-        ("warm_start", ["--tol", "1e-4,0"], "--tol: must be positive and finite, not 0"),
+        ("warm_start", ["--tol", "1e-4,0"], "--tol: must be a positive number below 1, not 0"),
         ("sam_memory", ["--params", "5"], "--params: must be at least 10, not 5"),
     ],
 )
@@ -347,3 +347,24 @@ def test_sam_memory_says_why_a_row_failed(
     with pytest.raises(SystemExit) as exit:
         sam_memory.main()
     assert exit.value.code == f"sam_memory.py: the sam row failed: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--tol", "-1", "--tol: must be a positive number below 1, not -1"),
+        ("--low-tol", "1", "--low-tol: must be a positive number below 1, not 1"),
+        ("--threads", "-1", "--threads: must be at least 0, not -1"),
+    ],
+)
+def test_peers_refuses_a_tolerance_or_thread_count_before_any_case(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    option: str,
+    value: str,
+    message: str,
+) -> None:
+    """--tol -1 ran every case to one failed row per solve; --threads -1 was torch's traceback."""
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, option, value)
+    assert message in capsys.readouterr().err

@@ -34,9 +34,10 @@ class TrainConfig:
     ``device`` and ``download``, which a resume may change (they are not stored in
     ``config.json``).
 
-    ``momentum`` applies to the SGD base optimizer only; ``rho`` to SAM and Eigen-SAM, ``alpha``
-    and ``eig_every`` to Eigen-SAM. ``track_every = 0`` turns tracking off and
-    ``checkpoint_every = 0`` keeps only interruption and final checkpoints.
+    ``momentum`` applies to the SGD base optimizer only; ``rho`` to SAM and Eigen-SAM, ``alpha``,
+    ``eig_every`` and ``eig_hvps`` (the products of a warm refresh) to Eigen-SAM.
+    ``track_every = 0`` turns tracking off and ``checkpoint_every = 0`` keeps only interruption
+    and final checkpoints.
     """
 
     model: str
@@ -50,6 +51,7 @@ class TrainConfig:
     rho: float = 0.05
     alpha: float = 0.2
     eig_every: int = 100
+    eig_hvps: int = 6  # eigensam.refresh.DEFAULT_MAX_HVPS: why 6 (a test holds them equal)
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.1
@@ -84,7 +86,7 @@ class TrainConfig:
                         else "."
                     )
                 )
-        for name in ("epochs", "batch_size", "eig_every"):
+        for name in ("epochs", "batch_size", "eig_every", "eig_hvps"):
             require(getattr(self, name) >= 1, f"{flag(name)} must be at least 1")
         for name in ("track_every", "checkpoint_every"):
             require(getattr(self, name) >= 0, f"{flag(name)} must be 0 (off) or more")
@@ -163,8 +165,14 @@ USED_BY = {
     "rho": ("optimizer", ("sam", "eigensam")),
     "alpha": ("optimizer", ("eigensam",)),
     "eig_every": ("optimizer", ("eigensam",)),
+    "eig_hvps": ("optimizer", ("eigensam",)),
     "momentum": ("base_optimizer", ("sgd",)),
 }
+
+
+# Fields added since runs were first recorded, at the value those runs used: a run recorded
+# without one resumes as it ran (eig_hvps: 2026-12-02).
+ADDED_FIELDS = {"eig_hvps": 6}
 
 
 def without_unused(fields: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from eigensam.config import RESUME_AS_CONFIGURED, TrainConfig, flag, without_unused
+from eigensam.config import (
+    ADDED_FIELDS,
+    RESUME_AS_CONFIGURED,
+    TrainConfig,
+    flag,
+    without_unused,
+)
 from eigensam.determinism import DataOrder, capture_rng, restore_rng
 from eigensam.run_dir import unusable_checkpoint_message
 from hessian_cli import __version__
@@ -63,6 +69,7 @@ def _anchored_files(fields: dict[str, Any]) -> dict[str, Any]:
 def check_same_run(config: TrainConfig, saved: dict[str, Any], where: str) -> None:
     """Refuse to resume with a configuration other than ``saved`` (the one ``where`` holds)."""
     mine = json.loads(json.dumps(config.identity()))  # as JSON has it: tuples become lists
+    saved = without_unused({**ADDED_FIELDS, **saved})
     # A file named relative to where the run began is the same file named absolutely, and a
     # built-in model's option left out (runs before 2026-12-01 recorded only those given) is
     # its default named.

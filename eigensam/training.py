@@ -40,8 +40,8 @@ from eigensam.config import CONFIG_FILE, TrainConfig, load_config, require
 from eigensam.determinism import DataOrder
 from eigensam.eigen_sam import EigenSAM
 from eigensam.events import EpochDone, Event, RunStarted, StepDone, TrainSummary
+from eigensam.refresh import COLD_MAX_HVPS, batchnorm_mode
 from eigensam.refresh import DEFAULT_TOL as REFRESH_TOL
-from eigensam.refresh import batchnorm_mode
 from eigensam.resume import (
     FILE_FIELDS,
     RunPosition,
@@ -746,8 +746,11 @@ class _Run:
 
     def _refresh(self, batch: Batch) -> None:
         assert isinstance(self.optimizer, EigenSAM)
+        budget = self.config.eig_hvps
+        if self.optimizer.eigenvector is None:  # the first, cold refresh: see COLD_MAX_HVPS
+            budget = max(budget, COLD_MAX_HVPS)
         result = self.optimizer.refresh_eigenvector(
-            self.model, self.loss_fn, batch, batch_weight=self.batch_weight
+            self.model, self.loss_fn, batch, max_hvps=budget, batch_weight=self.batch_weight
         )
         g = self.optimizer.flat_grad(scaled=False)  # the layout of the refreshed vector
         self.metrics.append(

@@ -199,6 +199,11 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
             "--rho has no effect with --optimizer sgd",
         ),
         ([*TINY, "--optimizer", "sam", "--out", "{tmp}/x"], "--eig-every has no effect"),
+        (
+            [*PLAIN, "--optimizer", "sam", "--eig-hvps", "12", "--out", "{tmp}/x"],
+            "--eig-hvps has no effect with --optimizer sam",
+        ),
+        ([*PLAIN, "--eig-hvps", "0", "--out", "{tmp}/x"], "--eig-hvps must be at least 1"),
         ([*PLAIN, "--optimizer", "foo", "--rho", "0.1", "--out", "{tmp}/x"], "unknown optimizer"),
         (  # it quoted the name with its case and dashes taken out: 'foobar'
             [*PLAIN, "--optimizer", "Foo-Bar", "--out", "{tmp}/x"],

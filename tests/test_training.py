@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eigensam.config import ADDED_FIELDS
 from eigensam.determinism import restore_rng
+from eigensam.refresh import DEFAULT_MAX_HVPS
 from eigensam.refresh import DEFAULT_TOL as REFRESH_TOL
 from eigensam.tracking import TRACK_TOL, Measurement
 from eigensam.training import (
@@ -208,6 +210,39 @@ def test_a_run_records_its_built_in_model_s_defaults_and_old_records_still_resum
     assert train(dataclasses.replace(load_config(run), max_steps=7), resume_dir=run).step == 7
     named = dataclasses.replace(load_config(run), model_kwargs=built, max_steps=8)
     assert train(named, resume_dir=run).step == 8
+
+
+def test_eig_hvps_bounds_each_warm_refresh_and_the_cold_one_takes_at_least_its_own(tmp_path):
+    """--eig-hvps is the warm refreshes' budget (6 by default, the library's); the first, from
+    no vector, may spend COLD_MAX_HVPS or the budget, whichever is more."""
+    assert TrainConfig(model="", data="").eig_hvps == DEFAULT_MAX_HVPS == ADDED_FIELDS["eig_hvps"]
+    spent = {}
+    for budget in (2, 25):
+        train(config(tmp_path, f"hvps{budget}", eig_every=1, eig_hvps=budget, max_steps=5))
+        m = read_metrics(tmp_path / f"hvps{budget}" / "metrics.h5")
+        spent[budget] = m["refresh"]["hvps"].tolist()
+        assert len(spent[budget]) == 5 and max(spent[budget][1:]) <= budget
+    assert spent[2][0] > 2  # the cold refresh was not held to 2
+    assert max(spent[25][1:]) > DEFAULT_MAX_HVPS  # warm ones went past the default where due
+
+
+def test_a_run_recorded_before_eig_hvps_resumes_with_its_budget_and_not_with_another(tmp_path):
+    """Runs before 2026-12-02 recorded no eig_hvps: they resume at the 6 they ran with; a
+    resume that names another budget is another run's course, refused."""
+    train(config(tmp_path, max_steps=5))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["eig_hvps"] == 6
+    del saved["config"]["eig_hvps"]  # as a run of an earlier version has it
+    (run / "config.json").write_text(json.dumps(saved))
+    path = latest_checkpoint(run)
+    raw = torch.load(path, weights_only=True)
+    raw["hessian_cli"]["config"] = json.dumps(saved["config"], sort_keys=True)
+    torch.save(raw, path)
+    other = dataclasses.replace(load_config(run), eig_hvps=9, max_steps=7)
+    with pytest.raises(UserError, match="--eig-hvps differs"):
+        train(other, resume_dir=run)
+    assert train(dataclasses.replace(load_config(run), max_steps=7), resume_dir=run).step == 7
 
 
 def test_metrics_file_layout(tmp_path):
@@ -514,6 +549,7 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
         ({"lr": -1.0}, "--lr must be a finite positive number, not -1"),
         ({"lr": math.inf}, "--lr must be a finite positive number, not inf"),
         ({"eig_every": 0}, "--eig-every must be at least 1"),
+        ({"eig_hvps": 0}, "--eig-hvps must be at least 1"),
         ({"rho": -0.1}, "--rho must be a finite number of at least 0, not -0.1"),
         (
             {"weight_decay": math.inf},

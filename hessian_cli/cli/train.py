@@ -110,6 +110,13 @@ def train_command(
         "--eig-every",
         help="Refresh Eigen-SAM's eigenvector every N global steps." + _default("eig_every"),
     ),
+    eig_hvps: int | None = typer.Option(
+        None,
+        "--eig-hvps",
+        help="Hessian-vector products a refresh may spend from the previous vector (the first, "
+        "from none, may spend more): more give vectors nearer the top eigenvector, at about 3 "
+        "gradients each." + _default("eig_hvps"),
+    ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs." + _default("epochs")),
     batch_size: int | None = typer.Option(
         None,
@@ -192,6 +199,7 @@ def train_command(
         "rho": rho,
         "alpha": alpha,
         "eig_every": eig_every,
+        "eig_hvps": eig_hvps,
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
@@ -266,7 +274,15 @@ def train_command(
     if summary.interrupted:  # every rank's, agreed; the signal may have reached some ranks only
         stop.by_sigterm = any_rank(stop.by_sigterm)
     if lead:
-        _report(console, notes, summary, quiet, resumed=resume is not None, stop=stop)
+        _report(
+            console,
+            notes,
+            summary,
+            quiet,
+            resumed=resume is not None,
+            stop=stop,
+            eig_hvps=config.eig_hvps,
+        )
     elif summary.interrupted:
         raise typer.Exit(stop.exit_status)
     if console.failed:  # as analyze: said once the run's files are written
@@ -414,6 +430,7 @@ def _report(
     *,
     resumed: bool,
     stop: _StopRequest,
+    eig_hvps: int,
 ) -> None:
     from eigensam.run_dir import METRICS_FILE, resume_hint  # loads torch, as _kept says
 
@@ -444,7 +461,8 @@ def _report(
             f"note: {summary.unconverged_refreshes} of {refreshes} ended above the tolerance "
             f"{DEFAULT_TOL:.0e} (the HVP budget spent, or the residual stopped improving); "
             f"{_its(summary.unconverged_refreshes, 'vector')} used all the same (the residuals "
-            f"are in {where / METRICS_FILE}).",
+            f"are in {where / METRICS_FILE}; a run with --eig-hvps above {eig_hvps} spends more "
+            "products on each).",
         )
     if summary.unlabelled_steps:  # their loss is NaN in the metrics, said nowhere else
         n = summary.unlabelled_steps

@@ -285,6 +285,21 @@ def test_a_switch_that_is_no_bool_is_refused(name, value):
     torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize(("value", "said"), [("len", "a str"), (2, "an int")])
+def test_a_batch_weight_that_is_no_function_is_refused(value, said):
+    """ "len" (a config file's word) or a number failed at the first batch as "'str' object is
+    not callable"; a function weights the batches in the operator as in the dense Hessian."""
+    case = CASES["mlp-ce"]
+    for make in (HessianOperator, dense_hessian):
+        with pytest.raises(UserError, match=f"^`batch_weight` must be a function .*not {said}"):
+            make(case.model, case.loss, case.batches, batch_weight=value)
+    double = lambda y: 2.0 * len(y) if len(y) % 2 else len(y)  # noqa: E731
+    op = HessianOperator(case.model, case.loss, case.batches, batch_weight=double)
+    dense = dense_hessian(case.model, case.loss, case.batches, batch_weight=double)
+    v = torch.ones(op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
+
+
 def test_a_parameter_space_of_another_model_is_refused_by_name():
     """select_parameters of a copy of the model was refused at the first product as a
     parameter "used under torch.no_grad, or in a torch.utils.checkpoint", which it was not."""

@@ -10,10 +10,20 @@ import torch
 from torch import nn
 
 from hessian_cli.engine.inputs import Inputs, map_inputs
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, a_type
 
 Batch = tuple[Inputs, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_batch_weight(batch_weight: object) -> None:
+    """Refuse a ``batch_weight`` that is no function: ``"len"`` (a config file's word) or a
+    number failed at the first batch as "'str' object is not callable", naming neither."""
+    if batch_weight is not None and not callable(batch_weight):
+        raise UserError(
+            "`batch_weight` must be a function of a batch's targets that gives what its loss is "
+            f"a mean over (None: its samples), not {a_type(batch_weight)}."
+        )
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:

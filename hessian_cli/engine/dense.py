@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
+from hessian_cli.engine.batches import Batch, LossFn, cast_batch, check_batch_weight, model_dtype
 from hessian_cli.engine.inputs import run_model
 from hessian_cli.engine.model_mode import BNMode, forward_mode
 from hessian_cli.engine.params import ParamSpace, select_parameters
@@ -24,15 +24,17 @@ def dense_hessian(
     space: ParamSpace | None = None,
     *,
     bn: BNMode = "eval",
-    batch_weight: Callable[[torch.Tensor], float] = len,
+    batch_weight: Callable[[torch.Tensor], float] | None = None,
 ) -> torch.Tensor:
     """The ``[n, n]`` Hessian of the weighted mean loss (by samples, or ``batch_weight`` as
     :class:`HessianOperator` takes it; only for small ``n``) over ``space`` (default: every
     trainable parameter, as :class:`HessianOperator` takes them)."""
+    check_batch_weight(batch_weight)
+    weight = batch_weight or len
     space = select_parameters(model) if space is None else space
     dtype = model_dtype(model)
     batches = [cast_batch(batch, dtype) for batch in batches]  # as the operator casts them
-    total = sum(float(batch_weight(y)) for _, y in batches)
+    total = sum(float(weight(y)) for _, y in batches)
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
         # Each piece in its parameter's dtype: the flat vector of a mixed float32/float64 model
@@ -40,8 +42,7 @@ def dense_hessian(
         pieces = [v.to(t.dtype) for v, t in zip(space.unflatten(flat), space.tensors, strict=True)]
         params = dict(zip(space.names, pieces, strict=True))
         return sum(
-            loss_fn(run_model(model, x, params), y) * (float(batch_weight(y)) / total)
-            for x, y in batches
+            loss_fn(run_model(model, x, params), y) * (float(weight(y)) / total) for x, y in batches
         )
 
     with forward_mode(model, bn, loss=loss_fn):

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
-from hessian_cli.engine.batches import Batch, LossFn, cast_batch, model_dtype
+from hessian_cli.engine.batches import Batch, LossFn, cast_batch, check_batch_weight, model_dtype
 from hessian_cli.engine.batchnorm_formula import batchnorm_formula, formula_ready
 from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
 from hessian_cli.engine.linalg import all_finite, norms
@@ -292,6 +292,7 @@ class HessianOperator:
         _check_switches(
             keep_graph=keep_graph, batched_backward=batched_backward, distributed=distributed
         )
+        check_batch_weight(batch_weight)
         self.distributed = dist_utils.is_distributed() if distributed is None else distributed
         self.model = model
         self.loss_fn = loss_fn

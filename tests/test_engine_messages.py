@@ -138,3 +138,21 @@ def test_a_gpu_the_machine_lacks_is_refused_by_its_index(monkeypatch):
         devices.resolve_device("CUDA:1")
     assert devices.resolve_device("cuda:0") == torch.device("cuda:0")
     assert devices.resolve_device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("which", ["largest", "both"])
+@pytest.mark.parametrize(("value", "said"), [(True, "a bool"), ("yes", "a str")])
+def test_a_progress_that_is_no_function_is_refused_before_any_product(which, value, said):
+    """progress=True failed after the first block's products ("'bool' object is not
+    callable"); a function is told of the solve, whose eigenvalues are eigh's."""
+    H = torch.diag(torch.arange(1.0, 13.0, dtype=torch.float64))
+    mat = MatrixOperator(H)
+    with pytest.raises(UserError, match=f"^`progress` must be None or a function .*not {said}"):
+        eigenpairs(mat, 2, which=which, progress=value)
+    assert mat.hvp_count == 0
+    told: list[tuple[int, int, int]] = []
+    result = eigenpairs(mat, 2, which=which, progress=lambda *report: told.append(report))
+    ends = torch.linalg.eigvalsh(H)
+    expected = ends[-2:] if which == "largest" else torch.cat([ends[-2:], ends[:2]])
+    torch.testing.assert_close(result.eigenvalues.sort().values, expected.sort().values)
+    assert told and told[-1][2] == len(expected)

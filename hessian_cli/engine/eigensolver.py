@@ -180,6 +180,7 @@ def eigenpairs(
         k=k,
         which=which,
         max_basis=max_basis,
+        progress=progress,
     )
     check_steps = CHECK_STEPS if check_steps is None else check_steps
     # Rows by their shape, not their count: eigh's columns, [n, 4], were read as 4 rows of n.

@@ -21,7 +21,7 @@ from hessian_cli.engine.solver_defaults import (
     default_guard,
     default_max_hvps,
 )
-from hessian_cli.errors import UserError, is_number, shown
+from hessian_cli.errors import UserError, a_type, is_number, shown
 
 # Where the basis would hold half the space or more, it is cheaper to take the whole space at
 # once: n products (in blocks of WHOLE_SPACE_BLOCK) and one dense Rayleigh-Ritz, the exact
@@ -67,9 +67,12 @@ def check_options(
     k: int = 1,
     which: str = "largest",
     max_basis: int | None = None,
+    progress: object = None,
 ) -> None:
     """Refuse settings no solve can run with (callers may check them before any work). A
-    ``max_basis`` of 2.5 or -3 was taken for the least basis the solve can run with, unsaid."""
+    ``max_basis`` of 2.5 or -3 was taken for the least basis the solve can run with, unsaid;
+    a ``progress`` of True failed after the first block's products ("'bool' object is not
+    callable")."""
     check_whole("`k`", k)
     sizes = {"block_size": block_size, "max_hvps": max_hvps, "max_basis": max_basis}
     for name, value in (*sizes.items(), ("guard", guard)):
@@ -87,6 +90,11 @@ def check_options(
             raise UserError(f"`{name}` must be at least 1, not {value}.")
     if guard is not None and guard < 0:
         raise UserError(f"`guard` must be at least 0, not {guard}.")
+    if progress is not None and not callable(progress):
+        raise UserError(
+            "`progress` must be None or a function of (HVPs spent, pairs converged, pairs "
+            f"wanted), not {a_type(progress)}."
+        )
     # k pairs span k dimensions, and each costs a product.
     least = 2 * k if which == "both" else k
     if max_hvps is not None and max_hvps < least:

@@ -272,6 +272,24 @@ def test_a_product_of_what_is_no_vector_of_the_operator_is_one_sentence(make):
     torch.testing.assert_close(DiagonalOperator(d).matmul(torch.ones(6, dtype=torch.float64)), d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64])
+def test_a_product_of_a_vector_of_another_dtype_is_in_the_operators_dtype(dtype):
+    """A float64 vector on a float32 matrix failed in torch's "expected m1 and m2 to have the
+    same dtype", and a diagonal's product came back float64: the network's operator casts it."""
+    case = CASES["mlp-mse"].to(torch.float32)
+    dense = dense_hessian(case.model, case.loss, case.batches)
+    d = torch.arange(1.0, 7.0)
+    for op, H in (
+        (MatrixOperator(torch.diag(d)), torch.diag(d)),
+        (DiagonalOperator(d), torch.diag(d)),
+        (HessianOperator(case.model, case.loss, case.batches), dense),
+    ):
+        u = torch.arange(op.n, dtype=dtype) % 6 - 3
+        out = op.matmul(u)
+        assert out.dtype == torch.float32 and op.hvp_count == 1
+        torch.testing.assert_close(out, H @ u.float(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["keep_graph", "batched_backward", "distributed"])
 @pytest.mark.parametrize("value", ["no", 0, 1.0])
 def test_a_switch_that_is_no_bool_is_refused(name, value):

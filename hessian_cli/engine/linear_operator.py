@@ -67,6 +67,16 @@ def _products(block: torch.Tensor) -> int:
     return 1 if block.ndim == 1 else block.shape[0]
 
 
+def _as_operand(block: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+    """``block`` in the operator's dtype and on its device, as :class:`HessianOperator` takes
+    it: a float64 vector on a float32 matrix failed in torch's "expected m1 and m2 to have the
+    same dtype", and on a diagonal came back float64, not the operator's dtype. As given where
+    it is (no call: a solve's every product)."""
+    if block.dtype == op.dtype and block.device == op.device:
+        return block
+    return block.to(device=op.device, dtype=op.dtype)
+
+
 class MatrixOperator:
     """A dense symmetric matrix as a :class:`LinearOperator`: a spectrum chosen exactly, for the
     solvers' tests and benchmarks."""
@@ -82,7 +92,7 @@ class MatrixOperator:
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         check_block(block, self.n)
         self.hvp_count += _products(block)
-        return block @ self.matrix
+        return _as_operand(block, self) @ self.matrix
 
 
 class DiagonalOperator:
@@ -101,7 +111,7 @@ class DiagonalOperator:
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         check_block(block, self.n)
         self.hvp_count += _products(block)
-        return block * self.diagonal
+        return _as_operand(block, self) * self.diagonal
 
 
 # Asymmetry beyond float32 rounding, relative to the largest entry: a dense Hessian from

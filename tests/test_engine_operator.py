@@ -290,6 +290,21 @@ def test_a_product_of_a_vector_of_another_dtype_is_in_the_operators_dtype(dtype)
         torch.testing.assert_close(out, H @ u.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_product_of_a_complex_vector_is_refused():
+    """The network's operator took its real part with a warning, and the imaginary part's
+    product was lost (MatrixOperator failed in torch's words); none is counted."""
+    case = CASES["mlp-mse"]
+    d = torch.arange(1.0, 7.0, dtype=torch.float64)
+    for op in (
+        MatrixOperator(torch.diag(d)),
+        DiagonalOperator(d),
+        HessianOperator(case.model, case.loss, case.batches),
+    ):
+        with pytest.raises(UserError, match="^a product takes a real vector, not a complex128"):
+            op.matmul(torch.ones(op.n, dtype=torch.complex128) * 1j)
+        assert op.hvp_count == 0
+
+
 @pytest.mark.parametrize("name", ["keep_graph", "batched_backward", "distributed"])
 @pytest.mark.parametrize("value", ["no", 0, 1.0])
 def test_a_switch_that_is_no_bool_is_refused(name, value):

@@ -53,12 +53,14 @@ def check_block(block: object, n: int) -> None:
     """Refuse, before it is counted, what a product cannot take: a vector of another length
     (a matrix's failed in torch's "mat1 and mat2 shapes cannot be multiplied"; a diagonal's of
     length 1 broadcast to the diagonal itself, unsaid), a block of more dimensions, or an array
-    that is no tensor (it failed in ``.to``)."""
+    that is no tensor (it failed in ``.to``), or a complex one."""
     if not isinstance(block, torch.Tensor) or block.ndim not in (1, 2) or block.shape[-1] != n:
         raise UserError(
             f"a product takes a vector of {n} entries or a block of them, [b, {n}], "
             f"not {described(block)}."
         )
+    if block.is_complex():  # cast to the operator's real dtype, its imaginary part went, unsaid
+        raise UserError(f"a product takes a real vector, not {described(block)}.")
 
 
 def _products(block: torch.Tensor) -> int:

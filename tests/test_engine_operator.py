@@ -177,6 +177,34 @@ def test_gradient_and_loss_are_sample_weighted():
     torch.testing.assert_close(flat, torch.cat([t.reshape(-1) for t in g]))
 
 
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"loss_fn": lambda out, y: F.cross_entropy(out, y).item()}, "the loss function must"),
+        ({"loss_fn": lambda out, y: (F.cross_entropy(out, y), out)}, "the loss function must"),
+        ({"loss_fn": lambda out, y: F.cross_entropy(out, y) * float("nan")}, "the loss is not"),
+        ({"model": "mlp"}, "the model must be a torch.nn.Module"),
+        ({"batches": []}, "no data to compute the Hessian on"),
+        ({"batches": CASES["mlp-ce"].batches[0]}, "each batch must be .* pass a list of"),
+        ({"bn": "batch"}, "unknown BatchNorm mode 'batch'"),
+    ],
+    ids=["float", "tuple", "nan", "model", "no-batch", "one-pair", "bn"],
+)
+def test_the_dense_hessian_refuses_what_the_operator_refuses_in_its_words(change, said):
+    """A loss returned as a float failed in autograd's TypeError, an empty list in one of an
+    int, a (x, y) pair in "too many values to unpack", and a NaN loss or an unknown bn mode
+    gave a matrix, of NaN or of the eval mode; parameters are also selected as the operator
+    selects them, by glob: the last layer's block of the whole Hessian."""
+    case = CASES["mlp-ce"]
+    given = {"model": case.model, "loss_fn": case.loss, "batches": case.batches} | change
+    with pytest.raises(UserError, match=f"^{said}"):
+        dense_hessian(**given)
+    whole = dense_hessian(case.model, case.loss, case.batches)
+    last = dense_hessian(case.model, case.loss, case.batches, "2.*")
+    assert last.shape == (44, 44)
+    torch.testing.assert_close(last, whole[-44:, -44:], rtol=1e-12, atol=1e-12)
+
+
 def test_nan_loss_is_a_user_error():
     case = CASES["mlp-ce"]
     x, y = case.batches[0]

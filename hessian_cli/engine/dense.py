@@ -6,35 +6,39 @@ the operator's HVP code, so that tests compare two different derivations of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from hessian_cli.engine.batches import Batch, LossFn, cast_batch, check_batch_weight, model_dtype
+from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.inputs import run_model
 from hessian_cli.engine.model_mode import BNMode, forward_mode
-from hessian_cli.engine.params import ParamSpace, select_parameters
+from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.params import ParamSpace
 
 
 def dense_hessian(
     model: nn.Module,
     loss_fn: LossFn,
-    batches: Sequence[Batch],
-    space: ParamSpace | None = None,
+    batches: Iterable[Batch],
+    space: ParamSpace | str | Iterable[str] | Iterable[torch.Tensor] | None = None,
     *,
     bn: BNMode = "eval",
     batch_weight: Callable[[torch.Tensor], float] | None = None,
 ) -> torch.Tensor:
-    """The ``[n, n]`` Hessian of the weighted mean loss (by samples, or ``batch_weight`` as
-    :class:`HessianOperator` takes it; only for small ``n``) over ``space`` (default: every
-    trainable parameter, as :class:`HessianOperator` takes them)."""
-    check_batch_weight(batch_weight)
-    weight = batch_weight or len
-    space = select_parameters(model) if space is None else space
-    dtype = model_dtype(model)
-    batches = [cast_batch(batch, dtype) for batch in batches]  # as the operator casts them
-    total = sum(float(weight(y)) for _, y in batches)
+    """The ``[n, n]`` Hessian of the weighted mean loss (by samples, or ``batch_weight``; only
+    for small ``n``) over ``space`` (default: every trainable parameter).
+
+    The model, loss, batches and space are taken, checked and weighted as
+    :class:`HessianOperator` takes them, and its loss is evaluated once, so that what it
+    refuses (a loss that returns a float, a NaN loss, a batch that is no pair) is refused here
+    in the same sentence, not in a TypeError from autograd or a matrix of NaN."""
+    op = HessianOperator(
+        model, loss_fn, batches, space, bn=bn, batch_weight=batch_weight, distributed=False
+    )
+    op.loss()
+    space = op.space
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
         # Each piece in its parameter's dtype: the flat vector of a mixed float32/float64 model
@@ -42,7 +46,8 @@ def dense_hessian(
         pieces = [v.to(t.dtype) for v, t in zip(space.unflatten(flat), space.tensors, strict=True)]
         params = dict(zip(space.names, pieces, strict=True))
         return sum(
-            loss_fn(run_model(model, x, params), y) * (float(weight(y)) / total) for x, y in batches
+            loss_fn(run_model(model, x, params), y) * w
+            for w, (x, y) in zip(op.weights, op.batches, strict=True)
         )
 
     with forward_mode(model, bn, loss=loss_fn):

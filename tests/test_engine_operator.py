@@ -745,6 +745,39 @@ def test_a_scalar_parameter_is_one_coordinate(backend):
     assert op.loss(parts) == pytest.approx(op.loss())  # e.g. SAM sharpness's shifted loss
 
 
+class _WithEmpty(torch.nn.Module):
+    """A linear layer beside a parameter of no entries (a layer sized 0 by a config)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2).double()
+        self.empty = torch.nn.Parameter(torch.zeros(0, 4, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.empty.sum()
+
+
+def test_parameters_of_no_entries_are_refused_beside_none_that_hold_some():
+    """Selected alone, a zero-size parameter's trace came out 0 from no product and its density
+    failed in a ZeroDivisionError, and a space built empty failed in an IndexError; beside
+    others it takes no coordinate, and the eigenvalues are the dense Hessian's."""
+    torch.manual_seed(0)
+    model = _WithEmpty()
+    batches = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+    said = r"^the parameters selected \(empty of shape \(0, 4\)\) hold no entries"
+    with pytest.raises(UserError, match=said):
+        HessianOperator(model, F.cross_entropy, batches, params="empty")
+    with pytest.raises(UserError, match=said):
+        dense_hessian(model, F.cross_entropy, batches, "empty")
+    with pytest.raises(UserError, match="^the parameters selected hold no entries"):
+        HessianOperator(model, F.cross_entropy, batches, params=ParamSpace((), ()))
+    op = HessianOperator(model, F.cross_entropy, batches)
+    assert op.n == 8
+    top = eigenpairs(op, 3, tol=1e-8)
+    expected = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, batches)).flip(0)
+    torch.testing.assert_close(top.eigenvalues, expected[:3], rtol=1e-6, atol=1e-9)
+
+
 def test_complex_and_frozen_parameters_are_named():
     model = torch.nn.Linear(2, 2)
     model.weight.requires_grad_(False)

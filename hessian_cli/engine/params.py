@@ -23,6 +23,24 @@ class ParamSpace:
     names: tuple[str, ...]
     tensors: tuple[torch.Tensor, ...]
 
+    def __post_init__(self) -> None:
+        """Refuse a space of no entries: built empty, its dtype failed in an IndexError; of
+        zero-size parameters only (``nn.Parameter(torch.zeros(0))``), the trace came out 0
+        from no product and the density failed in a ZeroDivisionError."""
+        if len(self.names) != len(self.tensors):
+            raise UserError(
+                f"a parameter space takes one name per tensor, not {len(self.names)} names for "
+                f"{len(self.tensors)} tensors."
+            )
+        if not any(t.numel() for t in self.tensors):
+            shapes = zip(self.names, self.shapes, strict=True)
+            held = [f"{name} of shape {tuple(shape)}" for name, shape in shapes]
+            what = f" ({_listed(held)})" if held else ""
+            raise UserError(
+                f"the parameters selected{what} hold no entries, so there is no Hessian to "
+                "analyse: select parameters that do."
+            )
+
     @property
     def shapes(self) -> tuple[torch.Size, ...]:
         return tuple(t.shape for t in self.tensors)

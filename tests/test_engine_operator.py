@@ -72,6 +72,9 @@ def test_a_reference_operator_counts_a_single_vector_as_one_product(kind):
         (lambda: MatrixOperator(torch.ones(3)), "not a float32 tensor of shape \\(3,\\)"),
         (lambda: DiagonalOperator(torch.arange(3)), "real vector, not an int64 tensor"),
         (lambda: DiagonalOperator([1.0, 2.0]), "real vector, not a list"),
+        # The trace came out 0 from no product, the density failed in a ZeroDivisionError.
+        (lambda: MatrixOperator(torch.zeros(0, 0)), "at least one row, not an empty one"),
+        (lambda: DiagonalOperator(torch.zeros(0)), "at least one entry, not an empty one"),
     ],
 )
 def test_a_reference_operator_of_what_is_not_a_real_symmetric_matrix_is_refused(make, said):

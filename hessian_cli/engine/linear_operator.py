@@ -104,6 +104,10 @@ class DiagonalOperator:
     def __init__(self, diagonal: torch.Tensor) -> None:
         if not isinstance(diagonal, torch.Tensor) or diagonal.ndim != 1 or not _real(diagonal):
             raise UserError(f"DiagonalOperator takes a real vector, not {described(diagonal)}.")
+        if not len(diagonal):  # of no entries: see _check_matrix
+            raise UserError(
+                "DiagonalOperator takes a vector of at least one entry, not an empty one."
+            )
         self.diagonal = diagonal
         self.n = len(diagonal)
         self.dtype = diagonal.dtype
@@ -144,8 +148,10 @@ def _check_matrix(matrix: torch.Tensor) -> None:
         raise UserError(
             f"MatrixOperator takes a square matrix, not one of shape {tuple(matrix.shape)}."
         )
+    # Of no rows, the trace came out 0 from 99 probes and no product, and the density failed in
+    # a ZeroDivisionError.
     if not matrix.numel():
-        return
+        raise UserError("MatrixOperator takes a matrix of at least one row, not an empty one.")
     both = torch.isfinite(matrix) & torch.isfinite(matrix.T)
     gap = float(torch.where(both, (matrix - matrix.T).abs(), 0).amax())
     size = float(torch.where(both, matrix.abs(), 0).amax())

@@ -760,6 +760,20 @@ class _WithEmpty(torch.nn.Module):
         return self.fc(x) + self.empty.sum()
 
 
+def test_parameters_of_what_is_no_model_are_refused():
+    """select_parameters("0.*", model), its arguments swapped, failed in an AttributeError
+    ("'str' object has no attribute 'named_parameters'"); in order, they select the layer."""
+    case = CASES["mlp-ce"]
+    with pytest.raises(UserError, match="^the model must be a torch.nn.Module, not a str"):
+        select_parameters("0.*", case.model)  # type: ignore[arg-type]
+    space = select_parameters(case.model, "0.*")
+    assert space.names == ("0.weight", "0.bias")
+    op = HessianOperator(case.model, case.loss, case.batches, params=space)
+    dense = dense_hessian(case.model, case.loss, case.batches)[: op.n, : op.n]
+    v = torch.ones(op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
+
+
 def test_parameters_of_no_entries_are_refused_beside_none_that_hold_some():
     """Selected alone, a zero-size parameter's trace came out 0 from no product and its density
     failed in a ZeroDivisionError, and a space built empty failed in an IndexError; beside

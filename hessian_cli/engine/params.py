@@ -138,6 +138,8 @@ def select_parameters(
     direction the model can move in. A tied parameter is matched by any of its names and
     included once, under the first that matched.
     """
+    if not isinstance(model, nn.Module):  # the globs first (swapped) failed in named_parameters
+        raise UserError(f"the model must be a torch.nn.Module, not {a_type(model)}.")
     check_real(model)
     # One glob or parameter, not its letters or rows; anything else, refused by _selectors.
     if isinstance(patterns, (str, torch.Tensor)) or not isinstance(patterns, Iterable | None):

@@ -473,3 +473,25 @@ def test_samples_that_do_not_stack_mid_run_are_one_sentence(capsys, tmp_path, co
     args = ["--model", f"{code_file}:bag", "--data", f"{code_file}:ragged", "--optimizer", "sgd"]
     code, _, err = run(capsys, "train", *args, "--batch-size", "8", "--out", tmp_path / "r")
     assert code == 2 and "the data samples could not be batched" in one_sentence(err)
+
+
+@pytest.mark.parametrize(
+    "layer", [lambda: nn.Linear(3, 2), lambda: nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 2))]
+)
+def test_integer_inputs_a_model_refuses_are_said_to_be_integers(layer):
+    """The first product failed in torch's "mat1 and mat2 must have the same dtype, but got
+    Long and Double" (a LayerNorm's "mixed dtype (CPU)"), naming no input; made real numbers,
+    the products are the dense Hessian's."""
+    torch.manual_seed(0)
+    model = layer().double()
+    x, y = torch.randint(-3, 4, (8, 3)), torch.randint(0, 2, (8,))
+    said = r"^the model failed on its int64 inputs \(.*\): give them as real numbers, x.float\(\)"
+    op = HessianOperator(model, cross_entropy, [(x, y)])
+    with pytest.raises(UserError, match=said):
+        op.matmul(torch.ones(op.n, dtype=torch.float64))
+    with pytest.raises(UserError, match=said):
+        dense_hessian(model, cross_entropy, [(x, y)])
+    op = HessianOperator(model, cross_entropy, [(x.double(), y)])
+    H = dense_hessian(model, cross_entropy, [(x.double(), y)])
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)

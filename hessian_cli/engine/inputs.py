@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from hessian_cli.errors import UserError, first_line
+
 Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 
@@ -66,9 +68,37 @@ def run_model(model: nn.Module, x: Inputs, params: dict[str, torch.Tensor] | Non
         kwargs = dict(x)
     else:
         args, kwargs = (x,) if isinstance(x, torch.Tensor) else tuple(x), {}
-    if params is None:
-        return model(*args, **kwargs)
-    return functional_call(model, _by_place(model, params), args, kwargs, tie_weights=False)
+    try:
+        if params is None:
+            return model(*args, **kwargs)
+        return functional_call(model, _by_place(model, params), args, kwargs, tie_weights=False)
+    except (RuntimeError, ValueError) as exc:
+        if (kinds := _integers_refused(model, x, exc)) is not None:
+            raise UserError(
+                f"the model failed on its {kinds} inputs ({first_line(exc)}): give them as real "
+                "numbers, x.float(), unless they are indices (token ids) its forward looks up."
+            ) from exc
+        raise
+
+
+def _integers_refused(model: nn.Module, x: Inputs, exc: BaseException) -> str | None:
+    """The integer dtypes of ``x`` (``"int64"``) where they are what the model's forward refused
+    (torch's "mat1 and mat2 must have the same dtype, but got Long and Double", said of no
+    input), else None: a model with an embedding table takes integers as token ids, so its
+    failure is another."""
+    kinds = sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for t in input_tensors(x)
+            if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        }
+    )
+    text = str(exc)
+    of_dtype = "type" in text or "implemented for" in text  # "not implemented for 'Long'"
+    tables = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
+    if not kinds or not of_dtype or tables or isinstance(exc, torch.OutOfMemoryError):
+        return None
+    return " and ".join(kinds)
 
 
 def _by_place(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,14 @@ import torch
 from cli_runner import one_sentence, run
 from torch import nn
 
-from hessian_cli.engine import HessianOperator, MatrixOperator, eigenpairs, spectral_density
+from hessian_cli.engine import (
+    HessianOperator,
+    MatrixOperator,
+    alignment_scores,
+    dense_hessian,
+    eigenpairs,
+    spectral_density,
+)
 from hessian_cli.engine.trace import stochastic_trace
 from hessian_cli.errors import UserError
 from hessian_cli.specs import build_model, load_data, save_checkpoint
@@ -156,3 +163,64 @@ def test_a_progress_that_is_no_function_is_refused_before_any_product(which, val
     expected = ends[-2:] if which == "largest" else torch.cat([ends[-2:], ends[:2]])
     torch.testing.assert_close(result.eigenvalues.sort().values, expected.sort().values)
     assert told and told[-1][2] == len(expected)
+
+
+def _mlp_operator() -> HessianOperator:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    return HessianOperator(model, nn.functional.cross_entropy, [(x[:4], y[:4]), (x[4:], y[4:])])
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"op": MatrixOperator(torch.eye(26))}, "a HessianOperator .* not a hessian_cli.Matrix"),
+        ({"eigenvectors": "numpy"}, r"the eigenvectors as a tensor, \[k, 26\], not a numpy.ndarr"),
+        ({"eigenvalues": "0-d"}, "one eigenvector per eigenvalue, at least one"),
+        ({"gradient": "tensor"}, r"the gradient .* entries\), not a float64 tensor of shape"),
+        ({"gradient": "short"}, r"the gradient .* not \(a float, a float64 tensor of shape \(5,"),
+        (
+            {"minibatch_op": "layer"},
+            "a minibatch_op of the same 26 parameters as op, not one of 16",
+        ),
+    ],
+    ids=["matrix", "numpy", "0-d", "bare-gradient", "short-gradient", "other-minibatch-op"],
+)
+def test_alignment_scores_refuse_what_they_cannot_be_taken_with_before_any_work(change, said):
+    """A MatrixOperator failed in an AttributeError ('gradient'), numpy eigenvectors in torch's
+    promote_types, a 0-d eigenvalue in len(), a bare gradient in unpacking, a short one and a
+    minibatch_op of other parameters in a matrix product; the scores are |<g_hat, v_i>| of the
+    dense Hessian's eigenvectors and the autograd gradient."""
+    op = _mlp_operator()
+    top = eigenpairs(op, 2, tol=1e-10)
+    args = {
+        "op": op,
+        "eigenvalues": top.eigenvalues,
+        "eigenvectors": top.eigenvectors,
+        "gradient": None,
+        "minibatch_op": None,
+    }
+    stand_ins = {
+        "numpy": top.eigenvectors.numpy(),
+        "0-d": top.eigenvalues[0],
+        "tensor": torch.zeros(26, dtype=torch.float64),
+        "short": (1.0, torch.ones(5, dtype=torch.float64)),
+        "layer": HessianOperator(op.model, op.loss_fn, op.batches, params="0.*"),
+    }
+    given = args | {k: stand_ins.get(v, v) for k, v in change.items()}
+    op.hvp_count = 0
+    with pytest.raises(UserError, match=f"^alignment_scores takes {said}"):
+        alignment_scores(**given)
+    assert op.hvp_count == 0
+    scores = alignment_scores(op, top.eigenvalues, top.eigenvectors)
+    flat = op.space.values().requires_grad_()
+    params = dict(zip(op.space.names, op.space.unflatten(flat), strict=True))
+    loss = sum(
+        w * nn.functional.cross_entropy(torch.func.functional_call(op.model, params, (x,)), y)
+        for w, (x, y) in zip(op.weights, op.batches, strict=True)
+    )
+    (g,) = torch.autograd.grad(loss, flat)
+    vectors = torch.linalg.eigh(dense_hessian(op.model, op.loss_fn, op.batches))[1][:, -2:].flip(1)
+    expected = (vectors.T @ (g / g.norm())).abs()
+    torch.testing.assert_close(scores.alignment, expected, rtol=1e-6, atol=1e-8)

@@ -20,8 +20,9 @@ from numbers import Integral
 import torch
 
 from hessian_cli.engine.linalg import dot, gram, norms
+from hessian_cli.engine.linear_operator import described
 from hessian_cli.engine.operator import HessianOperator
-from hessian_cli.errors import NotFinite, UserError, is_number, shown
+from hessian_cli.errors import NotFinite, UserError, a_type, is_number, shown
 
 
 @dataclass
@@ -81,6 +82,49 @@ def eigensam_direction(
     return g_hat.add_(w.mul_(alpha * torch.sign(gv).to(g.dtype)))
 
 
+def _check_operands(
+    op: object, eigenvectors: object, gradient: object, minibatch_op: object
+) -> None:
+    """Refuse, before any work, what the scores cannot be taken with: a MatrixOperator (it
+    has no loss) failed in an AttributeError, eigenvectors as a numpy array in torch's
+    promote_types, a gradient of other parameters in a matrix product or, zero, as scores of
+    NaN, and a ``minibatch_op`` of other parameters in one."""
+    if not isinstance(op, HessianOperator):
+        raise UserError(
+            f"alignment_scores takes a HessianOperator (the scores need its loss and gradient), "
+            f"not {a_type(op)}."
+        )
+    if not isinstance(eigenvectors, torch.Tensor):
+        raise UserError(
+            f"alignment_scores takes the eigenvectors as a tensor, [k, {op.n}], not "
+            f"{described(eigenvectors)}."
+        )
+    if gradient is not None and not (
+        isinstance(gradient, tuple)
+        and len(gradient) == 2
+        and is_number(gradient[0])
+        and isinstance(gradient[1], torch.Tensor)
+        and gradient[1].shape == (op.n,)
+    ):
+        got = (
+            f"({', '.join(described(part) for part in gradient)})"
+            if isinstance(gradient, tuple)
+            else described(gradient)
+        )
+        raise UserError(
+            f"alignment_scores takes the gradient as op.gradient() gives it, (loss, a vector of "
+            f"{op.n} entries), not {got}."
+        )
+    if minibatch_op is not None and not (
+        isinstance(minibatch_op, HessianOperator) and minibatch_op.n == op.n
+    ):
+        got = f"one of {minibatch_op.n}" if isinstance(minibatch_op, HessianOperator) else None
+        raise UserError(
+            f"alignment_scores takes a minibatch_op of the same {op.n} parameters as op, not "
+            f"{got or a_type(minibatch_op)}."
+        )
+
+
 def alignment_scores(
     op: HessianOperator,
     eigenvalues: torch.Tensor,
@@ -115,8 +159,9 @@ def alignment_scores(
         )
     if minibatches < 0:
         raise UserError(f"alignment_scores takes minibatches of at least 0, not {minibatches}.")
+    _check_operands(op, eigenvectors, gradient, minibatch_op)
     values = torch.as_tensor(eigenvalues).double().cpu()
-    if len(values) == 0 or len(values) != len(eigenvectors):
+    if values.ndim != 1 or len(values) == 0 or len(values) != len(eigenvectors):
         raise UserError("alignment_scores takes one eigenvector per eigenvalue, at least one.")
     # Vectors of another operator (other `params`, another model) failed in a matrix product.
     if eigenvectors.ndim != 2 or eigenvectors.shape[1] != op.n:

@@ -224,3 +224,20 @@ def test_alignment_scores_refuse_what_they_cannot_be_taken_with_before_any_work(
     vectors = torch.linalg.eigh(dense_hessian(op.model, op.loss_fn, op.batches))[1][:, -2:].flip(1)
     expected = (vectors.T @ (g / g.norm())).abs()
     torch.testing.assert_close(scores.alignment, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_alignment_scores_take_an_eigen_result_as_the_trace_takes_known():
+    """alignment_scores(op, top) failed in a TypeError (a missing argument); it scores top's
+    pairs, as given apart, and the eigenvalues alone or both forms at once are one sentence."""
+    op = _mlp_operator()
+    top = eigenpairs(op, 2, tol=1e-10)
+    whole = alignment_scores(op, top)
+    apart = alignment_scores(op, top.eigenvalues, top.eigenvectors)
+    torch.testing.assert_close(whole.alignment, apart.alignment, rtol=0, atol=0)
+    assert whole.curvature_ratio == apart.curvature_ratio
+    with pytest.raises(UserError, match="^alignment_scores takes an EigenResult or .* not both"):
+        alignment_scores(op, top, top.eigenvectors)
+    with pytest.raises(UserError, match="^alignment_scores takes the eigenvectors beside"):
+        alignment_scores(op, top.eigenvalues)
+    with pytest.raises(UserError, match="these are in another order"):
+        alignment_scores(op, eigenpairs(op, 2, which="both"))

@@ -22,6 +22,7 @@ import torch
 from hessian_cli.engine.linalg import dot, gram, norms
 from hessian_cli.engine.linear_operator import described
 from hessian_cli.engine.operator import HessianOperator
+from hessian_cli.engine.results import EigenResult
 from hessian_cli.errors import NotFinite, UserError, a_type, is_number, shown
 
 
@@ -127,8 +128,8 @@ def _check_operands(
 
 def alignment_scores(
     op: HessianOperator,
-    eigenvalues: torch.Tensor,
-    eigenvectors: torch.Tensor,
+    eigenvalues: torch.Tensor | EigenResult,
+    eigenvectors: torch.Tensor | None = None,
     *,
     rho: float = 0.05,
     alpha: float = 0.2,
@@ -143,9 +144,24 @@ def alignment_scores(
     Costs one gradient pass (none when the caller passes the ``(loss, gradient)`` it already
     has), one HVP (curvature ratio), one loss evaluation and up to ``minibatches`` per-batch
     gradients (none for ``minibatches=0``). The pairs are the largest, largest first (an
-    :class:`EigenResult` of ``which="largest"``): the ratio and Eigen-SAM's direction take the
-    first as ``(lambda_1, v_1)``.
+    :class:`EigenResult` of ``which="largest"``, which may be given for both, as
+    ``alignment_scores(op, top)``): the ratio and Eigen-SAM's direction take the first as
+    ``(lambda_1, v_1)``.
     """
+    # alignment_scores(op, top), as stochastic_trace takes known=top, failed in a TypeError
+    # (a missing argument) or, with top.eigenvectors beside it, in torch.as_tensor.
+    if isinstance(eigenvalues, EigenResult):
+        if eigenvectors is not None:
+            raise UserError(
+                "alignment_scores takes an EigenResult or its eigenvalues and eigenvectors, "
+                "not both."
+            )
+        eigenvalues, eigenvectors = eigenvalues.eigenvalues, eigenvalues.eigenvectors
+    elif eigenvectors is None:
+        raise UserError(
+            "alignment_scores takes the eigenvectors beside the eigenvalues (or an EigenResult, "
+            "which holds both)."
+        )
     # As the CLI's options: a negative rho measured a descent step (sam_sharpness -0.022 where
     # +0.023), a negative alpha tilted d away from v_1, a negative count took no batch at all.
     # A string ("0.05" from a config file) failed in math.isfinite, a TypeError naming neither.

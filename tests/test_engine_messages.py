@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_runner import one_sentence, run
@@ -241,3 +242,20 @@ def test_alignment_scores_take_an_eigen_result_as_the_trace_takes_known():
         alignment_scores(op, top.eigenvalues)
     with pytest.raises(UserError, match="these are in another order"):
         alignment_scores(op, eigenpairs(op, 2, which="both"))
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), np.int32(7), np.uint64(2**63 + 5)])
+def test_a_numpy_integer_seed_is_the_int_it_holds(seed):
+    """rng.integers(100) was refused as no integer ("not np.int64(3)"): each solver draws what
+    the int draws, and the eigenvalues are eigh's."""
+    H = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    same = int(seed)
+    trace = stochastic_trace(MatrixOperator(H), num_probes=9, seed=seed)
+    assert trace.estimate == stochastic_trace(MatrixOperator(H), num_probes=9, seed=same).estimate
+    density = spectral_density(MatrixOperator(H), seed=seed)
+    assert torch.equal(density.values, spectral_density(MatrixOperator(H), seed=same).values)
+    ends = eigenpairs(MatrixOperator(H), 2, which="both", seed=seed)
+    assert ends.hvps == eigenpairs(MatrixOperator(H), 2, which="both", seed=same).hvps
+    values = torch.linalg.eigvalsh(H)
+    expected = torch.cat([values[-2:].flip(0), values[:2]])
+    torch.testing.assert_close(ends.eigenvalues, expected, rtol=1e-5, atol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
 from hessian_cli.engine.linear_operator import LinearOperator
@@ -27,6 +29,10 @@ def probe_generator(op: LinearOperator, seed: int, stream: int = 0) -> torch.Gen
     A seed torch would not take (1.5, 2**64) is refused here, where every solver's draws start:
     it was torch's RuntimeError "manual_seed expected a long, but got float".
     """
+    # A numpy integer (rng.integers(100)) as the int it is: it was refused as no integer ("not
+    # np.int64(7)"). Only here: a run's settings stay ints, which its JSON records hold.
+    if isinstance(seed, Integral) and not isinstance(seed, bool):
+        seed = int(seed)
     check_seed(seed)
     on_gpu = op.device.type == "cuda" and not getattr(op, "distributed", False)
     mixed = (seed + stream * _STREAM_STEP) % 2**64 if stream else seed

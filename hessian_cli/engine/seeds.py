@@ -18,4 +18,5 @@ def check_seed(seed: int) -> None:
 def next_seed(seed: int) -> int:
     """A seed other than ``seed`` in :data:`SEED_RANGE`: the next, wrapping at the end."""
     first, end = SEED_RANGE
+    seed = int(seed)  # a numpy integer (see probe_generator) overflows at its width
     return seed + 1 if seed + 1 < end else first

@@ -364,6 +364,26 @@ def test_a_batch_weight_that_is_no_function_is_refused(value, said):
     torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("weight", "said"),
+    [(lambda y: None, "None"), (lambda y: torch.ones(2), r"a float32 tensor of shape \(2,\)")],
+    ids=["none", "two-entries"],
+)
+def test_a_batch_weight_that_returns_no_number_is_refused(weight, said):
+    """None failed in float(), a TypeError, and a tensor of two entries in "only one element
+    tensors can be converted to Python scalars"; a one-entry tensor is the number it holds."""
+    case = CASES["mlp-ce"]
+    for make in (HessianOperator, dense_hessian):
+        with pytest.raises(UserError, match=f"^`batch_weight` must return a number, .* not {said}"):
+            make(case.model, case.loss, case.batches, batch_weight=weight)
+    counted = lambda y: torch.tensor(float(len(y) % 5))  # noqa: E731  (16 -> 1, 9 -> 4)
+    op = HessianOperator(case.model, case.loss, case.batches, batch_weight=counted)
+    assert op.weights == [0.2, 0.8]
+    dense = dense_hessian(case.model, case.loss, case.batches, batch_weight=counted)
+    v = torch.ones(op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
+
+
 def test_a_parameter_space_of_another_model_is_refused_by_name():
     """select_parameters of a copy of the model was refused at the first product as a
     parameter "used under torch.no_grad, or in a torch.utils.checkpoint", which it was not."""

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from hessian_cli.engine.inputs import Inputs, map_inputs
-from hessian_cli.errors import UserError, a_type
+from hessian_cli.engine.linear_operator import described
+from hessian_cli.errors import UserError, a_type, is_number
 
 Batch = tuple[Inputs, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,6 +25,19 @@ def check_batch_weight(batch_weight: object) -> None:
             "`batch_weight` must be a function of a batch's targets that gives what its loss is "
             f"a mean over (None: its samples), not {a_type(batch_weight)}."
         )
+
+
+def batch_share(batch_weight: Callable[[torch.Tensor], object] | None, y: torch.Tensor) -> float:
+    """What a batch's mean loss is a mean over: its samples, or ``batch_weight(y)``, refused
+    in one sentence where that is no number (None failed in ``float()``, a TypeError, and a
+    tensor of several entries in "only one element tensors can be converted")."""
+    share = len(y) if batch_weight is None else batch_weight(y)
+    if not (is_number(share) or isinstance(share, torch.Tensor) and share.numel() == 1):
+        raise UserError(
+            "`batch_weight` must return a number, what the batch's loss is a mean over, not "
+            f"{described(share)}."
+        )
+    return float(share)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:

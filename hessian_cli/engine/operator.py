@@ -20,7 +20,14 @@ from torch.autograd.function import once_differentiable
 from torch.func import grad, jvp, vmap
 
 from hessian_cli.engine import distributed as dist_utils
-from hessian_cli.engine.batches import Batch, LossFn, cast_batch, check_batch_weight, model_dtype
+from hessian_cli.engine.batches import (
+    Batch,
+    LossFn,
+    batch_share,
+    cast_batch,
+    check_batch_weight,
+    model_dtype,
+)
 from hessian_cli.engine.batchnorm_formula import batchnorm_formula, formula_ready
 from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
 from hessian_cli.engine.linalg import all_finite, norms
@@ -327,7 +334,7 @@ class HessianOperator:
         # labelled tokens, so that the mean over all of them does not depend on the batching.
         with dist_utils.fail_together() if self.distributed else contextlib.nullcontext():
             self.batches = [self._placed(batch, bn) for batch in batches]
-            shares = [float((batch_weight or len)(y)) for _, y in self.batches]
+            shares = [batch_share(batch_weight, y) for _, y in self.batches]
             if any(not share > 0 for share in shares):  # its mean is 0/0: NaN everywhere
                 raise UserError(
                     "a batch holds nothing its loss averages over (no label but -100, say): "

@@ -495,3 +495,19 @@ def test_integer_inputs_a_model_refuses_are_said_to_be_integers(layer):
     H = dense_hessian(model, cross_entropy, [(x.double(), y)])
     V = torch.randn(3, op.n, dtype=torch.float64)
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("batches", "said"), [(None, "None"), (16, "an int")])
+def test_batches_that_are_nothing_to_iterate_are_one_sentence(batches, said):
+    """None (data not loaded yet) or a count failed in "'NoneType' object is not iterable", a
+    TypeError naming no argument; a generator of the batches is the list of them."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+    for make in (HessianOperator, dense_hessian):
+        with pytest.raises(UserError, match=f"^the batches must be a list, .* not {said}\\.$"):
+            make(model, cross_entropy, batches)
+    op = HessianOperator(model, cross_entropy, (b for b in data))
+    H = dense_hessian(model, cross_entropy, data)
+    V = torch.randn(2, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)

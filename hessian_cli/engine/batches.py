@@ -17,6 +17,17 @@ Batch = tuple[Inputs, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def check_batches(batches: object) -> None:
+    """Refuse batches that are nothing to iterate over: None (data not loaded yet) or a count
+    failed in "'NoneType' object is not iterable", a TypeError that named no argument. (A
+    dataset, iterated by its indices, is refused by its samples.)"""
+    if not hasattr(batches, "__iter__") and not hasattr(batches, "__getitem__"):
+        raise UserError(
+            "the batches must be a list, DataLoader or generator of (inputs, targets), "
+            f"not {a_type(batches)}."
+        )
+
+
 def check_batch_weight(batch_weight: object) -> None:
     """Refuse a ``batch_weight`` that is no function: ``"len"`` (a config file's word) or a
     number failed at the first batch as "'str' object is not callable", naming neither."""

@@ -26,6 +26,7 @@ from hessian_cli.engine.batches import (
     batch_share,
     cast_batch,
     check_batch_weight,
+    check_batches,
     model_dtype,
 )
 from hessian_cli.engine.batchnorm_formula import batchnorm_formula, formula_ready
@@ -299,6 +300,7 @@ class HessianOperator:
         _check_switches(
             keep_graph=keep_graph, batched_backward=batched_backward, distributed=distributed
         )
+        check_batches(batches)
         check_batch_weight(batch_weight)
         self.distributed = dist_utils.is_distributed() if distributed is None else distributed
         self.model = model

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -259,3 +260,22 @@ def test_a_numpy_integer_seed_is_the_int_it_holds(seed):
     values = torch.linalg.eigvalsh(H)
     expected = torch.cat([values[-2:].flip(0), values[:2]])
     torch.testing.assert_close(ends.eigenvalues, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("spoil", ["zero-vector", "nan-vector", "inf-value"])
+def test_alignment_scores_of_a_zero_or_nan_pair_are_refused_not_nan(spoil):
+    """A zero eigenvector (or a NaN one, or an infinite eigenvalue) gave scores of NaN, said of
+    no input, and with v_1 every score; vectors of any length score as unit ones."""
+    op = _mlp_operator()
+    top = eigenpairs(op, 2, tol=1e-10)
+    values, vectors = top.eigenvalues.clone(), top.eigenvectors.clone()
+    if spoil == "inf-value":
+        values[0] = math.inf
+    else:
+        vectors[1] = 0.0 if spoil == "zero-vector" else math.nan
+    op.hvp_count = 0
+    with pytest.raises(UserError, match="^alignment_scores takes finite eigenvalues and eigenv"):
+        alignment_scores(op, values, vectors)
+    assert op.hvp_count == 0
+    longer = alignment_scores(op, top.eigenvalues, 3.0 * top.eigenvectors)
+    torch.testing.assert_close(longer.alignment, alignment_scores(op, top).alignment)

@@ -19,7 +19,7 @@ from numbers import Integral
 
 import torch
 
-from hessian_cli.engine.linalg import dot, gram, norms
+from hessian_cli.engine.linalg import all_finite, dot, gram, norms
 from hessian_cli.engine.linear_operator import described
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.results import EigenResult
@@ -193,7 +193,14 @@ def alignment_scores(
             "alignment_scores takes the largest eigenpairs, largest first (`which=largest`); "
             "these are in another order (the smallest, or both ends)."
         )
-    V = eigenvectors / norms(eigenvectors)[:, None]
+    # A zero or NaN vector (or a NaN value) gave scores of NaN, said of no input: with v_1, all.
+    lengths = norms(eigenvectors)
+    if not (all_finite(values) and all_finite(lengths) and bool((lengths > 0).all())):
+        raise UserError(
+            "alignment_scores takes finite eigenvalues and eigenvectors that are finite and not "
+            "zero, as eigenpairs() gives them."
+        )
+    V = eigenvectors / lengths[:, None]
     loss, g = gradient if gradient is not None else op.gradient()
     gnorm = float(norms(g))
     hvps0 = op.hvp_count

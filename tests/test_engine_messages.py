@@ -279,3 +279,19 @@ def test_alignment_scores_of_a_zero_or_nan_pair_are_refused_not_nan(spoil):
     assert op.hvp_count == 0
     longer = alignment_scores(op, top.eigenvalues, 3.0 * top.eigenvectors)
     torch.testing.assert_close(longer.alignment, alignment_scores(op, top).alignment)
+
+
+def test_a_density_smoothing_width_of_true_is_refused_not_taken_for_1():
+    """sigma=True drew the density at a width of 1, unsaid (bool is a numbers.Real). A width
+    given is the one drawn: of a diagonal, every Rademacher probe weighs each eigenvalue 1/n,
+    so the density is the mean of Gaussians of that width at eigh's eigenvalues."""
+    H = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+    with pytest.raises(UserError, match="^the density's smoothing width must be a positive .*True"):
+        spectral_density(MatrixOperator(H), sigma=True)
+    density = spectral_density(MatrixOperator(H), sigma=0.5, steps=20)
+    assert density.sigma == 0.5
+    values = torch.linalg.eigvalsh(H)
+    gauss = torch.exp(-0.5 * ((density.grid[:, None] - values) / 0.5) ** 2) / (
+        0.5 * math.sqrt(2 * math.pi)
+    )
+    torch.testing.assert_close(density.values, gauss.mean(1), rtol=1e-6, atol=1e-9)

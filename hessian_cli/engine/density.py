@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from numbers import Real
 
 import torch
 
@@ -24,7 +23,7 @@ from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import DensityResult, EigenResult
 from hessian_cli.engine.solver_plan import check_whole
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, is_number, shown
 
 GRID_POINTS = 1000  # of the uniform grid over the whole spectrum
 _POINTS_PER_SIGMA = 4  # at least, near every node: or a narrow Gaussian falls between points
@@ -115,8 +114,11 @@ def spectral_density(
             "the density needs at least one probe and two Lanczos steps (one step gives each "
             "probe a single node, its Rayleigh quotient)."
         )
-    if sigma is not None and not (isinstance(sigma, Real) and 0 < sigma < math.inf):  # NaN too
-        raise UserError(f"the density's smoothing width must be a positive number, not {sigma!r}.")
+    # NaN too; True was taken for a width of 1, unsaid.
+    if sigma is not None and not (is_number(sigma) and 0 < sigma < math.inf):
+        raise UserError(
+            f"the density's smoothing width must be a positive number, not {shown(sigma)}."
+        )
     # Ranks may differ in free memory: all refuse together or none does (none left waiting).
     with fail_together() if getattr(op, "distributed", False) else contextlib.nullcontext():
         check_density_memory(op, num_probes, steps)

@@ -794,6 +794,24 @@ def test_parameters_of_what_is_no_model_are_refused():
     torch.testing.assert_close(op.matmul(v), dense @ v, rtol=1e-9, atol=1e-10)
 
 
+def test_a_space_built_with_a_frozen_tensor_or_no_tensor_is_refused_by_name():
+    """A frozen parameter (or a plain tensor) failed at the first product in autograd's "One of
+    the differentiated Tensors does not require grad", a string in .numel; the space of the
+    trainable one is the dense Hessian's block of it."""
+    case = CASES["mlp-mse"]
+    model = copy.deepcopy(case.model)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(UserError, match="^the parameter space's 0.weight does not require grad"):
+        ParamSpace(("0.bias", "0.weight"), (model[0].bias, model[0].weight))
+    with pytest.raises(UserError, match="^the parameter space's 0.bias is a str, not a tensor"):
+        ParamSpace(("0.bias",), ("0.bias",))  # type: ignore[arg-type]
+    space = ParamSpace(("0.bias",), (model[0].bias,))
+    op = HessianOperator(model, case.loss, case.batches, params=space)
+    H = dense_hessian(case.model, case.loss, case.batches)[32:40, 32:40]  # after 0.weight, 8 x 4
+    V = torch.randn(2, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+
+
 def test_parameters_of_no_entries_are_refused_beside_none_that_hold_some():
     """Selected alone, a zero-size parameter's trace came out 0 from no product and its density
     failed in a ZeroDivisionError, and a space built empty failed in an IndexError; beside

@@ -32,6 +32,16 @@ class ParamSpace:
                 f"a parameter space takes one name per tensor, not {len(self.names)} names for "
                 f"{len(self.tensors)} tensors."
             )
+        for name, t in zip(self.names, self.tensors, strict=True):
+            # A frozen or plain tensor failed at the first product in autograd's words: "One of
+            # the differentiated Tensors does not require grad"; what is no tensor in .numel.
+            if not isinstance(t, torch.Tensor):
+                raise UserError(f"the parameter space's {name} is {a_type(t)}, not a tensor.")
+            if not t.requires_grad:
+                raise UserError(
+                    f"the parameter space's {name} does not require gradients (frozen), so it "
+                    "has no curvature to take: leave it out, as select_parameters does."
+                )
         if not any(t.numel() for t in self.tensors):
             shapes = zip(self.names, self.shapes, strict=True)
             held = [f"{name} of shape {tuple(shape)}" for name, shape in shapes]

@@ -84,6 +84,19 @@ def test_a_reference_operator_of_what_is_not_a_real_symmetric_matrix_is_refused(
         make()
 
 
+def test_a_reference_operator_of_a_matrix_that_requires_grad_is_solved():
+    """A matrix made from weights that require grad failed in eigenpairs, in "addmm():
+    functions with out=... arguments don't support automatic differentiation"; its eigenpairs
+    are eigh's, and its products record no graph."""
+    torch.manual_seed(0)
+    A = torch.randn(6, 6, dtype=torch.float64)
+    H = (A @ A.T).requires_grad_()
+    values = eigenpairs(MatrixOperator(H), 2, tol=1e-10).eigenvalues
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(H.detach()).flip(0)[:2])
+    for op in (MatrixOperator(H), DiagonalOperator(torch.ones(6, requires_grad=True))):
+        assert not op.matmul(torch.ones(6, dtype=op.dtype)).requires_grad
+
+
 def test_a_reference_operator_takes_a_hessian_with_its_rounding():
     """A float32 Hessian that differs from its transpose by rounding (1e-6 of it) is taken."""
     case = CASES[next(iter(CASES))]

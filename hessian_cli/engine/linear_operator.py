@@ -85,7 +85,9 @@ class MatrixOperator:
 
     def __init__(self, matrix: torch.Tensor) -> None:
         _check_matrix(matrix)
-        self.matrix = matrix
+        # A matrix that requires grad (made from a model's weights) failed in eigenpairs, in
+        # "addmm(): functions with out=... arguments don't support automatic differentiation".
+        self.matrix = matrix.detach()
         self.n = matrix.shape[0]
         self.dtype = matrix.dtype
         self.device = matrix.device
@@ -108,7 +110,7 @@ class DiagonalOperator:
             raise UserError(
                 "DiagonalOperator takes a vector of at least one entry, not an empty one."
             )
-        self.diagonal = diagonal
+        self.diagonal = diagonal.detach()  # as a matrix's (products record no graph)
         self.n = len(diagonal)
         self.dtype = diagonal.dtype
         self.device = diagonal.device
@@ -152,6 +154,7 @@ def _check_matrix(matrix: torch.Tensor) -> None:
     # a ZeroDivisionError.
     if not matrix.numel():
         raise UserError("MatrixOperator takes a matrix of at least one row, not an empty one.")
+    matrix = matrix.detach()
     both = torch.isfinite(matrix) & torch.isfinite(matrix.T)
     gap = float(torch.where(both, (matrix - matrix.T).abs(), 0).amax())
     size = float(torch.where(both, matrix.abs(), 0).amax())

@@ -75,6 +75,9 @@ def test_a_reference_operator_counts_a_single_vector_as_one_product(kind):
         # The trace came out 0 from no product, the density failed in a ZeroDivisionError.
         (lambda: MatrixOperator(torch.zeros(0, 0)), "at least one row, not an empty one"),
         (lambda: DiagonalOperator(torch.zeros(0)), "at least one entry, not an empty one"),
+        # The symmetry check failed in NotImplementedError ("aten::ne.Scalar ... SparseCPU").
+        (lambda: MatrixOperator(torch.eye(3).to_sparse()), "dense matrix, not a sparse one"),
+        (lambda: DiagonalOperator(torch.ones(3).to_sparse()), "dense vector, not a sparse one"),
     ],
 )
 def test_a_reference_operator_of_what_is_not_a_real_symmetric_matrix_is_refused(make, said):

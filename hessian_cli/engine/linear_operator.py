@@ -106,6 +106,10 @@ class DiagonalOperator:
     def __init__(self, diagonal: torch.Tensor) -> None:
         if not isinstance(diagonal, torch.Tensor) or diagonal.ndim != 1 or not _real(diagonal):
             raise UserError(f"DiagonalOperator takes a real vector, not {described(diagonal)}.")
+        if diagonal.layout != torch.strided:  # as a matrix's
+            raise UserError(
+                "DiagonalOperator takes a dense vector, not a sparse one: diagonal.to_dense()."
+            )
         if not len(diagonal):  # of no entries: see _check_matrix
             raise UserError(
                 "DiagonalOperator takes a vector of at least one entry, not an empty one."
@@ -146,6 +150,8 @@ def _check_matrix(matrix: torch.Tensor) -> None:
     eigenvalues are 1, gave 2.5). Entries that are not finite are left to the solvers."""
     if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2 or not _real(matrix):
         raise UserError(f"MatrixOperator takes a real square matrix, not {described(matrix)}.")
+    if matrix.layout != torch.strided:  # failed in the symmetry check, NotImplementedError
+        raise UserError("MatrixOperator takes a dense matrix, not a sparse one: matrix.to_dense().")
     if matrix.shape[0] != matrix.shape[1]:
         raise UserError(
             f"MatrixOperator takes a square matrix, not one of shape {tuple(matrix.shape)}."

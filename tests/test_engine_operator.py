@@ -828,6 +828,24 @@ def test_a_space_built_with_a_frozen_tensor_or_no_tensor_is_refused_by_name():
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
 
 
+def test_a_lazy_modules_uninitialized_parameters_are_refused_until_a_forward_makes_them():
+    """Their numel failed in a ValueError quoting torch's internals ("Attempted to use an
+    uninitialized parameter in <method 'numel' ..."); after model(x), the dense Hessian's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    batches = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+    for make in (HessianOperator, dense_hessian):
+        with pytest.raises(
+            UserError, match="^the parameter 0.weight is uninitialized, a lazy module's"
+        ):
+            make(model, F.cross_entropy, batches)
+    model.double()(batches[0][0])
+    op = HessianOperator(model, F.cross_entropy, batches)
+    H = dense_hessian(model, F.cross_entropy, batches)
+    V = torch.randn(2, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+
+
 def test_parameters_of_no_entries_are_refused_beside_none_that_hold_some():
     """Selected alone, a zero-size parameter's trace came out 0 from no product and its density
     failed in a ZeroDivisionError, and a space built empty failed in an IndexError; beside

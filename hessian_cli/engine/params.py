@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from hessian_cli.errors import UserError, a_type
 
@@ -37,6 +38,11 @@ class ParamSpace:
             # the differentiated Tensors does not require grad"; what is no tensor in .numel.
             if not isinstance(t, torch.Tensor):
                 raise UserError(f"the parameter space's {name} is {a_type(t)}, not a tensor.")
+            if is_lazy(t):  # its numel failed in a ValueError quoting torch's internals
+                raise UserError(
+                    f"the parameter {name} is uninitialized, a lazy module's (sized by its first "
+                    "input): run the model on a batch first, model(x)."
+                )
             if not t.requires_grad:
                 raise UserError(
                     f"the parameter space's {name} does not require gradients (frozen), so it "

@@ -846,6 +846,25 @@ def test_a_lazy_modules_uninitialized_parameters_are_refused_until_a_forward_mak
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
 
 
+def test_a_vector_of_another_space_is_refused_where_it_is_split_per_parameter():
+    """op.space.unflatten(v) of another space's eigenvector (and loss_at, copy_) failed in
+    torch's "split_with_sizes expects split_sizes to sum exactly to 5"; the top eigenvector
+    splits into the dense Hessian's, parameter by parameter."""
+    case = CASES["mlp-mse"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    short = torch.ones(5, dtype=torch.float64)
+    said = f"^the parameter space splits vectors of {op.n} entries, one per parameter, not a"
+    for call in (op.space.unflatten, op.space.copy_, op.loss_at):
+        with pytest.raises(UserError, match=said):
+            call(short)
+    top = eigenpairs(op, 1, tol=1e-10).eigenvectors[0]
+    v = torch.linalg.eigh(dense_hessian(case.model, case.loss, case.batches))[1][:, -1]
+    v = v * torch.sign(v @ top)
+    parts = dict(zip(op.space.names, op.space.unflatten(top), strict=True))
+    assert parts["0.weight"].shape == (8, 4)
+    torch.testing.assert_close(parts["0.weight"], v[:32].reshape(8, 4), rtol=0, atol=1e-6)
+
+
 def test_parameters_of_no_entries_are_refused_beside_none_that_hold_some():
     """Selected alone, a zero-size parameter's trace came out 0 from no product and its density
     failed in a ZeroDivisionError, and a space built empty failed in an IndexError; beside

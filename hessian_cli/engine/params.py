@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from hessian_cli.engine.linear_operator import described
 from hessian_cli.errors import UserError, a_type
 
 
@@ -116,7 +117,15 @@ class ParamSpace:
         )
 
     def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
-        """Split a flat vector ``[n]`` (or a block ``[b, n]``) into per-parameter views."""
+        """Split a flat vector ``[n]`` (or a block ``[b, n]``) into per-parameter views. One of
+        another length (another space's eigenvector, in ``op.space.unflatten(v)``) failed in
+        torch's "split_with_sizes expects split_sizes to sum exactly to ...", a list in
+        ``.shape``."""
+        if not isinstance(vec, torch.Tensor) or vec.ndim == 0 or vec.shape[-1] != self.n:
+            raise UserError(
+                f"the parameter space splits vectors of {self.n} entries, one per parameter, "
+                f"not {described(vec)}."
+            )
         lead = vec.shape[:-1]
         chunks = torch.split(vec, list(self.numels), dim=-1)
         # A tuple, not *args: a 0-d parameter (a learnable temperature) has the shape ().

@@ -224,6 +224,23 @@ def test_the_dense_hessian_refuses_what_the_operator_refuses_in_its_words(change
     torch.testing.assert_close(last, whole[-44:, -44:], rtol=1e-12, atol=1e-12)
 
 
+def test_a_dense_hessian_that_does_not_fit_in_memory_is_refused_before_its_passes(monkeypatch):
+    """On a network it ran n gradient passes (hours) until the machine ran out of memory; its
+    n rows and their stack, of 8-byte entries, are what it asks of the memory free."""
+    from hessian_cli.engine import memory
+
+    case = CASES["mlp-ce"]
+    op = HessianOperator(case.model, case.loss, case.batches)
+    need = 2 * op.n**2 * 8
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1)
+    with pytest.raises(UserError, match=f"^the dense Hessian of {op.n} parameters needs its "):
+        dense_hessian(case.model, case.loss, case.batches)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need)
+    H = dense_hessian(case.model, case.loss, case.batches)
+    V = torch.randn(2, op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+
+
 def test_nan_loss_is_a_user_error():
     case = CASES["mlp-ce"]
     x, y = case.batches[0]

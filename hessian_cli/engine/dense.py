@@ -13,6 +13,7 @@ from torch import nn
 
 from hessian_cli.engine.batches import Batch, LossFn
 from hessian_cli.engine.inputs import run_model
+from hessian_cli.engine.memory import require_room
 from hessian_cli.engine.model_mode import BNMode, forward_mode
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.engine.params import ParamSpace
@@ -38,6 +39,14 @@ def dense_hessian(
         model, loss_fn, batches, space, bn=bn, batch_weight=batch_weight, distributed=False
     )
     op.loss()
+    # Its n gradient rows, then their stack: a network's (400k parameters: 1.2 TiB) set out on
+    # a gradient pass per row, which no machine holds, and was not told so.
+    require_room(
+        op,
+        2 * op.n**2 * max(t.element_size() for t in op.space.tensors),  # the flat vector's
+        f"the dense Hessian of {op.n:,} parameters needs its matrix twice over",
+        "it is for tiny models; eigenpairs, stochastic_trace and spectral_density take any",
+    )
     space = op.space
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:

@@ -756,6 +756,14 @@ def test_a_warm_start_or_hint_that_is_no_tensor_is_one_sentence():
     with pytest.raises(UserError, match="^the hint must be a real vector of 20 .* a numpy"):
         eigenpairs(op, 2, hint=rows[0].numpy())
     assert op.hvp_count == 0
+    # An earlier solve's result is pointed to its vectors, not to torch.as_tensor (which fails).
+    earlier = eigenpairs(op, 2)
+    before = op.hvp_count
+    with pytest.raises(
+        UserError, match=r"not an? [\w.]*EigenResult \(its vectors are its \.eigenv"
+    ):
+        eigenpairs(op, 2, init=earlier)
+    assert op.hvp_count == before
     # As tensors they start the solve at its answer.
     warm = eigenpairs(op, 2, init=torch.as_tensor(rows.numpy()))
     torch.testing.assert_close(warm.eigenvalues, torch.linalg.eigvalsh(op.matrix)[-2:].flip(0))

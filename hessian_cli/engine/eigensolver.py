@@ -282,9 +282,13 @@ def eigenpairs(
 
 def _described(given: object) -> str:
     """A warm start or hint as its refusal names it (:func:`described`), with the fix for what
-    is no tensor (a numpy array, a list: they failed in ``.ndim`` or ``.numel()``)."""
-    fix = "" if isinstance(given, torch.Tensor) else " (make it a tensor: torch.as_tensor)"
-    return described(given) + fix
+    is no tensor (a numpy array, a list: they failed in ``.ndim`` or ``.numel()``; an earlier
+    solve's result, whose vectors are its ``eigenvectors``)."""
+    if isinstance(given, torch.Tensor):
+        return described(given)
+    if isinstance(given, EigenResult):
+        return f"{described(given)} (its vectors are its .eigenvectors)"
+    return f"{described(given)} (make it a tensor: torch.as_tensor)"
 
 
 def _both_ends(

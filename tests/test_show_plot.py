@@ -1815,7 +1815,7 @@ def test_a_long_checkpoint_name_is_cut_in_the_middle_to_fit_the_title(full):  # 
     name = "experiment_resnet20_cifar10_lr0.1_wd5e-4_$rho$" * 5 + "epoch=199-step=78200"
     d = {**json.loads(json.dumps(analysis_to_dict(full))), "name": name}
     fig = spectra_figure([d])
-    title = fig.get_suptitle()
+    title = fig.get_suptitle().splitlines()[0]  # the trace below it
     head, tail = title.split("…")
     assert name.startswith(head.replace(r"\$", "$")) and name.endswith(tail.replace(r"\$", "$"))
     assert tail.endswith("epoch=199-step=78200") and len(head) > 10
@@ -2130,9 +2130,10 @@ def test_one_analysis_s_figure_says_what_tells_it_from_the_others_of_its_checkpo
         seeded = dataclasses.replace(full, provenance={**full.provenance, "seed": seed})
         write_analyses(path, [seeded], command_line=f"analyze --seed {seed}")
     held = read_analyses(path)
-    titles = [spectra_figure([d], held)._suptitle.get_text() for d in held]
+    titles = [spectra_figure([d], held).get_suptitle().splitlines()[0] for d in held]
     assert titles == [f"run/ckpt_100.pt (seed={seed})" for seed in (0, 1)]
-    assert spectra_figure(held[:1], held[:1])._suptitle.get_text() == "run/ckpt_100.pt"
+    lone = spectra_figure(held[:1], held[:1]).get_suptitle().splitlines()[0]
+    assert lone == "run/ckpt_100.pt"
     out = tmp_path / "one.svg"
     result = runner.invoke(app, ["plot", str(path), "-c", "run_ckpt_100.pt-2", "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -2154,11 +2155,12 @@ def test_one_checkpoint_analysed_twice_is_drawn_as_one_checkpoint():
     pairs = {"name": "final", "provenance": prov, "eigen": eigen}
     trace = {"name": "final-2", "provenance": prov, "trace": {"estimate": 19.3, "stderr": 0.2}}
     fig = spectra_figure([pairs, trace], [pairs, trace])
-    assert fig.get_suptitle() == "final"
+    assert fig.get_suptitle() == "final\nHessian trace 19.3 ± 0.2 (final-2)"
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["λ1", "λ2"]
     again = {**pairs, "name": "final-3", "provenance": prov | {"seed": 1}}
     fig = spectra_figure([pairs, trace, again], [pairs, trace, again])
-    assert fig.get_suptitle() == "final and final-3: analyses of one checkpoint"
+    title = "final and final-3: analyses of one checkpoint"
+    assert fig.get_suptitle() == f"{title}\nHessian trace 19.3 ± 0.2 (final-2)"
     titles = [ax.get_title().split("\n")[-1] for ax in fig.axes if ax.get_title()]
     assert titles == ["final (seed=0)", "final-3 (seed=1)"]
 
@@ -2213,7 +2215,7 @@ def test_analyses_of_one_checkpoint_in_a_file_that_records_no_sha256_are_of_one_
     assert "told from the file's other analyses of this checkpoint by: seed=1" in result.output
     ds = read_analyses(path)
     fig = spectra_figure(ds, ds)
-    assert fig.get_suptitle().endswith(": analyses of one checkpoint")
+    assert fig.get_suptitle().splitlines()[0].endswith(": analyses of one checkpoint")
     moved = [{**d, "provenance": d["provenance"] | {"step": 200}} for d in ds[1:]]
     assert analyses_of_checkpoints(ds[:1] + moved) == "2 checkpoints"  # another step: another
 
@@ -2432,3 +2434,28 @@ def test_the_training_bar_shows_a_step_without_a_loss_as_the_tables_do():
         StepDone(step=1, epoch=1, loss=nan, accuracy=nan, lr=0.1, lambda_max=2.5, eigenvalue=None)
     )
     assert display.progress.tasks[0].fields["stats"] == f"loss {DASH}  λmax 2.5"
+
+
+def test_a_single_checkpoint_figure_says_its_trace(full):  # noqa: F811
+    """`analyze CKPT --trace --out a.h5; plot a.h5` drew the ESD and eigenvalues and no trace
+    anywhere: it is a line under the title, named by its analysis where several are of the
+    checkpoint (one analysed again with --top-k 0 --trace draws no panel of its own)."""
+    t = full.trace
+    title = spectra_figure([analysis_to_dict(full)]).get_suptitle().splitlines()
+    assert title == [full.name, f"Hessian trace {t.estimate:.5g} ± {t.stderr:.2g}"]
+    again = dataclasses.replace(
+        full,
+        name="again",
+        eigen=None,
+        density=None,
+        alignment=None,
+        trace=dataclasses.replace(t, estimate=2 * t.estimate),
+    )
+    ds = [analysis_to_dict(a) for a in (full, again)]
+    below = spectra_figure(ds, ds).get_suptitle().splitlines()[1]
+    assert below == (
+        f"Hessian trace {t.estimate:.5g} ± {t.stderr:.2g} ({full.name}), "
+        f"{2 * t.estimate:.5g} ± {t.stderr:.2g} (again)"
+    )
+    untraced = dataclasses.replace(full, trace=None)
+    assert "\n" not in spectra_figure([analysis_to_dict(untraced)]).get_suptitle()

@@ -48,6 +48,7 @@ from hessian_cli.presentation.tables import (
     settings_apart,
     settings_said,
     several_runs,
+    trace_cell,
 )
 from hessian_cli.series_order import series_key
 from hessian_cli.storage.files import make_folder
@@ -643,13 +644,26 @@ def _checkpoint_figure(
             ax.set_title(f"{ax.get_title()}\n{_literal(names[-1])}")
     if len(drawn) > 1:
         names = [f"{' and '.join(str(d.get('name')) for d in drawn)}: analyses of one checkpoint"]
-    _fitted_title(fig, names[0])
+    _fitted_title(fig, names[0], _traces_said(ds))
     return fig
 
 
-def _fitted_title(fig: Figure, title: str) -> None:
+def _traces_said(ds: Sequence[Mapping[str, Any]]) -> str:
+    """The traces the analyses ``ds`` of one checkpoint hold, as a line under the figure's
+    title, each named by its analysis where there are several: no panel draws one number, and
+    `analyze --trace` then `plot` showed no trace at all."""
+    traces = [
+        trace_cell(d["trace"]) + (f" ({d.get('name')})" if len(ds) > 1 else "")
+        for d in ds
+        if d.get("trace")
+    ]
+    return f"Hessian trace {', '.join(traces)}" if traces else ""
+
+
+def _fitted_title(fig: Figure, title: str, below: str = "") -> None:
     """``title`` above ``fig``, cut in the middle where it is wider than the figure (a long
-    checkpoint name ran off both sides): its start and its end, which tells checkpoints apart."""
+    checkpoint name ran off both sides): its start and its end, which tells checkpoints apart.
+    ``below``, a line of numbers, goes under it as it is."""
     text = fig.suptitle(_literal(title))
     renderer = FigureCanvasAgg(fig).get_renderer()
     room, keep = 0.98 * fig.bbox.width, len(title)
@@ -657,6 +671,8 @@ def _fitted_title(fig: Figure, title: str) -> None:
         keep = min(keep - 1, int(keep * room / width))
         head = keep // 2
         text.set_text(_literal(f"{title[:head]}…{title[len(title) - (keep - head) :]}"))
+    if below:
+        text.set_text(f"{text.get_text()}\n{_literal(below)}")
 
 
 # What an analysis repeated with the same settings may differ in: its cost, as timed and counted.

@@ -535,7 +535,7 @@ def settings_said(d: Mapping[str, Any], keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={DASH if (v := analysis_setting(d, k)) is None else v}" for k in keys)
 
 
-def _trace_cell(t: Mapping[str, Any] | None) -> str:
+def trace_cell(t: Mapping[str, Any] | None) -> str:
     """A series row's trace, with its standard error where it has a random part."""
     if not t:
         return DASH
@@ -600,7 +600,7 @@ def series_table(
             *(escape(str(DASH if (v := analysis_setting(d, k)) is None else v)) for k in settings),
             *([e.get("which") or DASH] if mixed else []),
             *cells,
-            *([_trace_cell(t)] if traces else []),
+            *([trace_cell(t)] if traces else []),
             *([_g(first[0], ".3f"), _g(al.get("subspace_alignment"), ".3f")] if al else []),
             *([DASH, DASH] if alignments and not al else []),
         )

@@ -2459,3 +2459,24 @@ def test_a_single_checkpoint_figure_says_its_trace(full):  # noqa: F811
     )
     untraced = dataclasses.replace(full, trace=None)
     assert "\n" not in spectra_figure([analysis_to_dict(untraced)]).get_suptitle()
+
+
+def test_a_figure_name_that_cannot_be_written_is_refused_before_the_file_is_read(
+    capsys, files, tmp_path, monkeypatch
+):
+    """`plot big.h5 -o fig.weird` (or -o a directory, or over an HDF5 file) read the file and
+    drew the figure, then refused the name."""
+
+    def not_read(*_: object) -> None:
+        raise AssertionError("read before the figure's name was checked")
+
+    monkeypatch.setattr("hessian_cli.cli.plot.read_result_file", not_read)
+    spectra_copy = tmp_path / "spectra.png"  # an HDF5 file under a figure's name
+    spectra_copy.write_bytes(files["single"].read_bytes())
+    for name, said in (
+        (tmp_path / "fig.weird", "cannot write a 'weird' figure"),
+        (tmp_path, "is a directory"),
+        (spectra_copy, "refusing to overwrite it"),
+    ):
+        code, _, err = run(capsys, "plot", files["single"], "-o", name)
+        assert code == 2 and said in one_sentence(err)

@@ -48,7 +48,12 @@ def plot(
     if env_rank() != 0:  # under torchrun one rank draws it (each wrote the same file)
         return
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.
-    from hessian_cli.presentation.plots import metrics_figure, save_figure, spectra_figure
+    from hessian_cli.presentation.plots import (
+        figure_output,
+        metrics_figure,
+        save_figure,
+        spectra_figure,
+    )
     from hessian_cli.storage.files import check_folder_makeable, reading
 
     # `-o -`: standard output, as other tools take it (the figure's bytes alone), but not a
@@ -63,6 +68,7 @@ def plot(
     # -o /dev/stdout's /dev takes no new file).
     if not output.parent.is_dir():
         check_folder_makeable(output.parent, f"-o {output_name}")
+    target = figure_output(output)
     file = result_file(given_path(file_name, "FILE", "spectra.h5"))
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout
@@ -71,7 +77,7 @@ def plot(
         else:
             figure = spectra_figure(told_apart(found, checkpoint), found.held)
     say_if_newer(found)
-    written = save_figure(figure, output)
+    written = save_figure(figure, target)
     if written is not None:  # none to say after a figure on stdout: the line followed its bytes
         # unwrapped into a pipe: a long path cut over two lines broke a script reading it
         results_console().print(f"wrote {written}", highlight=False, markup=False, crop=False)

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,21 @@ def _is_stdout(path: Path) -> bool:
         return False
 
 
-def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
-    """Render ``fig`` to ``out_path`` (format from the suffix, or its target's where a link has
-    none) atomically; a name without a suffix gets ``.png``, as matplotlib's ``savefig`` gives
-    it (a PNG was written under the bare name), except a link, pipe or device. The path
-    written, or None for standard output (``-o /dev/stdout``), which is written to as it is."""
+@dataclass(frozen=True)
+class FigureOutput:
+    """Where a figure goes and in which format, told before it is drawn: `plot -o x.weird`
+    read the file and drew the figure, then refused the name."""
+
+    path: Path
+    fmt: str
+    to_stdout: bool  # -o /dev/stdout (or -), written to as it is
+
+
+def figure_output(out_path: str | Path) -> FigureOutput:
+    """Where ``out_path`` has the figure written: format from the suffix, or its target's where
+    a link has none; a name without a suffix gets ``.png``, as matplotlib's ``savefig`` gives
+    it (a PNG was written under the bare name), except a link, pipe or device. A directory, a
+    format matplotlib cannot write and an HDF5 file to overwrite are refused."""
     out = Path(out_path)
     if out.is_dir():  # "." was told "device or resource busy" when renamed over
         raise UserError(f"-o {out} is a directory; give a file name such as fig.png.")
@@ -120,7 +131,7 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     if not out.suffix and not to_stdout and not out.is_symlink():
         if out.is_file() or not out.exists():
             out = out.with_name(out.name + ".png")
-    supported = fig.canvas.get_supported_filetypes()
+    supported = FigureCanvasAgg.get_supported_filetypes()
     supported.pop("pgf", None)  # needs a LaTeX installation
     fmt = out.suffix.lstrip(".").lower()
     if not fmt and out.is_symlink():
@@ -135,6 +146,12 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
         )
     if not to_stdout and out.is_file() and h5py.is_hdf5(out):  # the file plotted, named again
         raise UserError(f"{out} is an HDF5 file: refusing to overwrite it with a figure.")
+    return FigureOutput(out, fmt, to_stdout)
+
+
+def save_figure(fig: Figure, out: FigureOutput) -> Path | None:
+    """Render ``fig`` to ``out`` (:func:`figure_output`) atomically. The path written, or None
+    for standard output (``-o /dev/stdout``), which is written to as it is."""
     # Rendered first, written in one go: some formats seek back while writing, which a pipe
     # (-o /dev/stdout) cannot, and a drawing that fails then leaves no file at all.
     rendered = io.BytesIO()
@@ -143,19 +160,19 @@ def save_figure(fig: Figure, out_path: str | Path) -> Path | None:
     level = ps_log.level
     ps_log.setLevel(logging.ERROR)
     try:
-        fig.savefig(rendered, format=fmt, dpi=DPI)
+        fig.savefig(rendered, format=out.fmt, dpi=DPI)
     finally:
         ps_log.setLevel(level)
-    if to_stdout:
+    if out.to_stdout:
         with stdout_written():
             sys.stdout.flush()
             sys.stdout.buffer.write(rendered.getbuffer())
             sys.stdout.buffer.flush()
         return None
-    make_folder(out.parent)  # as analyze --out and train --out make theirs
-    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+    make_folder(out.path.parent)  # as analyze --out and train --out make theirs
+    with atomic_path(out.path) as tmp, open(tmp, "wb") as fh:
         fh.write(rendered.getbuffer())
-    return out
+    return out.path
 
 
 # --- spectra ----------------------------------------------------------------------------------

@@ -2480,3 +2480,15 @@ def test_a_figure_name_that_cannot_be_written_is_refused_before_the_file_is_read
     ):
         code, _, err = run(capsys, "plot", files["single"], "-o", name)
         assert code == 2 and said in one_sentence(err)
+
+
+def test_a_figure_named_by_its_suffix_alone_is_refused(capsys, files, tmp_path):
+    """`plot a.h5 -o $NAME.png`, NAME unset: a hidden file .png.png was written (a PDF .pdf.png);
+    a hidden name that is no format's, or a name ending in one, is still a figure's."""
+    for name in (".png", ".PDF", ".svg"):
+        code, _, err = run(capsys, "plot", files["single"], "-o", tmp_path / name)
+        assert code == 2 and "is a format's suffix alone" in one_sentence(err)
+        assert f"such as fig{name}." in one_sentence(err) and not list(tmp_path.iterdir())
+    for kept, written in ((".fig", ".fig.png"), ("xpng", "xpng.png")):
+        code, out, err = run(capsys, "plot", files["single"], "-o", tmp_path / kept)
+        assert code == 0 and out == f"wrote {tmp_path / written}\n", err

@@ -126,13 +126,19 @@ def figure_output(out_path: str | Path) -> FigureOutput:
     # Redirected to a file (`> fig.png`), /dev/stdout is a link to a file: it became a new
     # file /dev/stdout.png (or could not be made there), and the file got the "wrote" line.
     to_stdout = _is_stdout(out)
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    supported.pop("pgf", None)  # needs a LaTeX installation
+    # `-o $NAME.png` with NAME unset: a hidden file .png.png was written.
+    bare = out.name.startswith(".") and out.name[1:].lower() in supported
+    if bare and not to_stdout and not out.is_symlink():
+        raise UserError(
+            f"-o {out} is a format's suffix alone; give the figure a name, such as fig{out.name}."
+        )
     # A link is written through as named: `-o /dev/stderr` redirected to a file (a link to it)
     # made /dev/stderr.png.
     if not out.suffix and not to_stdout and not out.is_symlink():
         if out.is_file() or not out.exists():
             out = out.with_name(out.name + ".png")
-    supported = FigureCanvasAgg.get_supported_filetypes()
-    supported.pop("pgf", None)  # needs a LaTeX installation
     fmt = out.suffix.lstrip(".").lower()
     if not fmt and out.is_symlink():
         # Its target is what is written: a link to fig.pdf (or /dev/stdout redirected to it)

@@ -6,6 +6,7 @@ report."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -31,6 +32,16 @@ def file_sha256(path: Path) -> str:
 def os_reason(exc: OSError) -> str:
     """Why an operating system call failed, for a sentence ("permission denied")."""
     return (exc.strerror or str(exc)).lower().rstrip(".")
+
+
+def unwritable_directory(folder: Path, exc: OSError) -> UserError:
+    """Why no file can be made in the existing directory ``folder``, in one sentence. A
+    directory that takes no new files (/proc, /proc/self) answers "no such file or directory",
+    which read as if the directory were missing."""
+    reason = os_reason(exc)
+    if exc.errno == errno.ENOENT and folder.is_dir():
+        reason = "it takes no new files"
+    return UserError(f"cannot write to the directory {folder}: {reason}.")
 
 
 @contextmanager
@@ -115,7 +126,7 @@ def atomic_path(
     try:  # os.open with 0o666 honours the umask, as a plainly created file would
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
-        raise UserError(f"cannot write to the directory {parent}: {os_reason(exc)}.") from exc
+        raise unwritable_directory(parent, exc) from exc
     try:
         if copy_existing:
             shutil.copyfile(path, tmp)

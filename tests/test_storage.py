@@ -454,6 +454,22 @@ def test_unwritable_output_is_one_user_error(full, tmp_path, monkeypatch):
     assert not list(locked.iterdir())
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_directory_that_takes_no_new_files_is_not_said_to_be_missing(full, capsys, tmp_path):
+    """`analyze --out /proc/x.h5` said "cannot write to the directory /proc: no such file or
+    directory", of a directory that is there."""
+    from cli_runner import one_sentence, run
+
+    said = "cannot write to the directory /proc: it takes no new files."
+    with pytest.raises(UserError, match=said):
+        write_analyses(Path("/proc/x.h5"), [full], command_line="x")
+    written = tmp_path / "spectra.h5"
+    write_analyses(written, [full], command_line="x")
+    for out in ("/proc/x.png", "/proc/new/x.png"):  # made by atomic_path, probed before drawing
+        code, _, err = run(capsys, "plot", written, "-o", out)
+        assert code == 2 and one_sentence(err) == f"error: {said}"
+
+
 FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead

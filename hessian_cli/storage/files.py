@@ -16,7 +16,7 @@ from types import FrameType
 
 import h5py
 
-from hessian_cli.atomic import atomic_path, os_reason
+from hessian_cli.atomic import atomic_path, os_reason, unwritable_directory
 from hessian_cli.errors import UserError
 
 
@@ -52,7 +52,7 @@ def locked(path: Path) -> Iterator[bool]:
                     fd = -1
         if fd < 0:
             assert error is not None
-            raise UserError(f"cannot write to the directory {path.parent}: {os_reason(error)}.")
+            raise unwritable_directory(path.parent, error)
         yield True
     finally:
         if fd >= 0:
@@ -69,7 +69,7 @@ def check_directory_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder) as probe:
             probe.write(b"\0")  # written as it closes (where a network file system tells)
     except OSError as exc:
-        raise UserError(f"cannot write to the directory {folder}: {os_reason(exc)}.") from exc
+        raise unwritable_directory(folder, exc) from exc
 
 
 def check_folder_makeable(folder: Path, output: str) -> None:

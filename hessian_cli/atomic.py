@@ -122,7 +122,7 @@ def atomic_path(
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise UserError(f"the output directory {parent} {what}.")
-    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:_TEMP_TAG]}.tmp"
+    tmp = parent / _temporary_name(parent, path.name)
     try:  # os.open with 0o666 honours the umask, as a plainly created file would
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
@@ -150,6 +150,21 @@ def atomic_path(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _temporary_name(parent: Path, name: str) -> str:
+    """A new temporary file's name for ``name`` in ``parent``: ``name`` cut short where the
+    name with its tag would be longer than the file system takes (a figure named with 240
+    letters, a valid name, was refused as "file name too long")."""
+    tag = f".{uuid.uuid4().hex[:_TEMP_TAG]}.tmp"
+    try:
+        longest = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255  # most file systems'
+    encoded = os.fsencode(name)
+    if longest > 0:  # -1: no limit
+        encoded = encoded[: longest - len(tag) - 1]
+    return f".{os.fsdecode(encoded)}{tag}"
 
 
 def _link(tmp: Path, path: Path) -> None:

@@ -1038,3 +1038,19 @@ def test_no_minibatch_alignment_is_stored_as_zero_rows_of_k(full, tmp_path):
     with h5py.File(path) as f:
         assert f["checkpoints"][name]["alignment/minibatch"].shape == (0, k)
     assert read_analyses(path) == [as_json(a)]
+
+
+def test_a_name_the_file_system_takes_is_written_however_long(full, capsys, tmp_path):
+    """A 250-byte name is valid (255 is the most), but the temporary file beside it, the name
+    and 18 more, was not: `plot -o` and `analyze --out` said "file name too long" of it."""
+    from cli_runner import run
+
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
+    spectra = tmp_path / ("s" * (longest - 3) + ".h5")
+    write_analyses(spectra, [full], command_line="x")
+    write_analyses(spectra, [variant(full, "b", 50)], command_line="y")  # appended to
+    assert sorted(d["name"] for d in read_analyses(spectra)) == ["b", full.name]
+    figure = tmp_path / ("é" * ((longest - 4) // 2) + ".png")  # two bytes a letter
+    code, out, err = run(capsys, "plot", spectra, "-c", "b", "-o", figure)
+    assert code == 0 and out == f"wrote {figure}\n", err
+    assert sorted(tmp_path.iterdir()) == sorted([spectra, figure])

@@ -2436,13 +2436,16 @@ def test_the_training_bar_shows_a_step_without_a_loss_as_the_tables_do():
     assert display.progress.tasks[0].fields["stats"] == f"loss {DASH}  λmax 2.5"
 
 
-def test_a_single_checkpoint_figure_says_its_trace(full):  # noqa: F811
-    """`analyze CKPT --trace --out a.h5; plot a.h5` drew the ESD and eigenvalues and no trace
-    anywhere: it is a line under the title, named by its analysis where several are of the
-    checkpoint (one analysed again with --top-k 0 --trace draws no panel of its own)."""
-    t = full.trace
+def test_a_single_checkpoint_figure_says_its_trace_and_alignment(full):  # noqa: F811
+    """`analyze CKPT --trace --alignment --out a.h5; plot a.h5` drew the ESD and eigenvalues,
+    and no trace or alignment anywhere: they are lines under the title, each value named by its
+    analysis where several are of the checkpoint (one analysed again with --top-k 0 --trace
+    draws no panel of its own)."""
+    t, al = full.trace, full.alignment
+    trace = f"{t.estimate:.5g} ± {t.stderr:.2g}"
+    aligned = f"|<ĝ, v1>| {al.alignment[0]:.3f}, ||Vᵀĝ|| {al.subspace_alignment:.3f}"
     title = spectra_figure([analysis_to_dict(full)]).get_suptitle().splitlines()
-    assert title == [full.name, f"Hessian trace {t.estimate:.5g} ± {t.stderr:.2g}"]
+    assert title == [full.name, f"Hessian trace {trace}", f"SAM alignment {aligned}"]
     again = dataclasses.replace(
         full,
         name="again",
@@ -2452,13 +2455,12 @@ def test_a_single_checkpoint_figure_says_its_trace(full):  # noqa: F811
         trace=dataclasses.replace(t, estimate=2 * t.estimate),
     )
     ds = [analysis_to_dict(a) for a in (full, again)]
-    below = spectra_figure(ds, ds).get_suptitle().splitlines()[1]
-    assert below == (
-        f"Hessian trace {t.estimate:.5g} ± {t.stderr:.2g} ({full.name}), "
-        f"{2 * t.estimate:.5g} ± {t.stderr:.2g} (again)"
-    )
-    untraced = dataclasses.replace(full, trace=None)
-    assert "\n" not in spectra_figure([analysis_to_dict(untraced)]).get_suptitle()
+    assert spectra_figure(ds, ds).get_suptitle().splitlines()[1:] == [
+        f"Hessian trace {trace} ({full.name}); {2 * t.estimate:.5g} ± {t.stderr:.2g} (again)",
+        f"SAM alignment {aligned} ({full.name})",
+    ]
+    neither = dataclasses.replace(full, trace=None, alignment=None)
+    assert spectra_figure([analysis_to_dict(neither)]).get_suptitle() == full.name
 
 
 def test_a_figure_name_that_cannot_be_written_is_refused_before_the_file_is_read(

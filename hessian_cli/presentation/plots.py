@@ -32,6 +32,7 @@ from hessian_cli.atomic import atomic_path, stdout_written
 from hessian_cli.errors import UserError
 from hessian_cli.presentation.tables import (
     ANALYSIS_SETTINGS,
+    DASH,
     OF_PAIRS,
     analyses_of_checkpoints,
     analysis_setting,
@@ -667,26 +668,41 @@ def _checkpoint_figure(
             ax.set_title(f"{ax.get_title()}\n{_literal(names[-1])}")
     if len(drawn) > 1:
         names = [f"{' and '.join(str(d.get('name')) for d in drawn)}: analyses of one checkpoint"]
-    _fitted_title(fig, names[0], _traces_said(ds))
+    _fitted_title(fig, names[0], _numbers_said(ds))
     return fig
 
 
-def _traces_said(ds: Sequence[Mapping[str, Any]]) -> str:
-    """The traces the analyses ``ds`` of one checkpoint hold, as a line under the figure's
-    title, each named by its analysis where there are several: no panel draws one number, and
-    `analyze --trace` then `plot` showed no trace at all."""
-    traces = [
-        trace_cell(d["trace"]) + (f" ({d.get('name')})" if len(ds) > 1 else "")
-        for d in ds
-        if d.get("trace")
+def _numbers_said(ds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The traces and SAM alignments the analyses ``ds`` of one checkpoint hold, a line each
+    under the figure's title, each value named by its analysis where there are several: no
+    panel draws one number, and `analyze --trace --alignment` then `plot` showed neither."""
+    named = len(ds) > 1
+
+    def said(d: Mapping[str, Any], value: str) -> str:
+        return f"{value} ({d.get('name')})" if named else value
+
+    def aligned(al: Mapping[str, Any]) -> str:
+        first = (al.get("alignment") or [None])[0]
+        return f"|<ĝ, v1>| {_fixed(first)}, ||Vᵀĝ|| {_fixed(al.get('subspace_alignment'))}"
+
+    traces = [said(d, trace_cell(d["trace"])) for d in ds if d.get("trace")]
+    alignments = [said(d, aligned(d["alignment"])) for d in ds if d.get("alignment")]
+    return [
+        f"{what} {'; '.join(values)}"
+        for what, values in (("Hessian trace", traces), ("SAM alignment", alignments))
+        if values
     ]
-    return f"Hessian trace {', '.join(traces)}" if traces else ""
 
 
-def _fitted_title(fig: Figure, title: str, below: str = "") -> None:
+def _fixed(value: float | None) -> str:
+    """A score in [0, 1] as the series table shows it, a dash where it is not a number."""
+    return DASH if value is None else f"{value:.3f}"
+
+
+def _fitted_title(fig: Figure, title: str, below: Sequence[str] = ()) -> None:
     """``title`` above ``fig``, cut in the middle where it is wider than the figure (a long
     checkpoint name ran off both sides): its start and its end, which tells checkpoints apart.
-    ``below``, a line of numbers, goes under it as it is."""
+    The lines ``below`` (of numbers) go under it as they are."""
     text = fig.suptitle(_literal(title))
     renderer = FigureCanvasAgg(fig).get_renderer()
     room, keep = 0.98 * fig.bbox.width, len(title)
@@ -694,8 +710,7 @@ def _fitted_title(fig: Figure, title: str, below: str = "") -> None:
         keep = min(keep - 1, int(keep * room / width))
         head = keep // 2
         text.set_text(_literal(f"{title[:head]}…{title[len(title) - (keep - head) :]}"))
-    if below:
-        text.set_text(f"{text.get_text()}\n{_literal(below)}")
+    text.set_text("\n".join([text.get_text(), *map(_literal, below)]))
 
 
 # What an analysis repeated with the same settings may differ in: its cost, as timed and counted.

@@ -2494,3 +2494,35 @@ def test_a_figure_named_by_its_suffix_alone_is_refused(capsys, files, tmp_path):
     for kept, written in ((".fig", ".fig.png"), ("xpng", "xpng.png")):
         code, out, err = run(capsys, "plot", files["single"], "-o", tmp_path / kept)
         assert code == 0 and out == f"wrote {tmp_path / written}\n", err
+
+
+def test_runs_in_directories_of_long_names_are_told_apart_in_a_legend_that_fits():
+    """Two runs in directories of 190-letter names that end apart (…seed0_A, …seed0_B): their
+    one-column legend was 1,735 pixels wide in 640, both ends cut off, and with them what tells
+    the runs apart. Each label is cut in the middle instead, and the legend fits."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    long = "experiment_resnet20_cifar10_lr0.1_wd5e-4_rho0.05_$alpha$0.2_seed0_" * 3
+    ds = [
+        {
+            "name": f"step{step}",
+            "provenance": {
+                "model": "mlp",
+                "num_params": 2410,
+                "step": step,
+                "sha256": f"{end}{step:063x}",
+                "checkpoint": f"/runs/{long}{end}/checkpoints/step{step}.pt",
+            },
+            "eigen": {"which": "largest", "eigenvalues": [2.0], "converged": [True]},
+        }
+        for end in "AB"
+        for step in (10, 20)
+    ]
+    fig = spectra_figure(ds)
+    (legend,) = fig.legends
+    box = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+    for text, end in zip(legend.get_texts(), "AB", strict=True):
+        head, tail = text.get_text().replace(r"\$", "$").split("…")
+        assert head.startswith(f"mlp (2,410) in {long[:10]}") and len(head) > 20
+        assert tail.endswith(f"{long[-20:]}{end}/checkpoints")

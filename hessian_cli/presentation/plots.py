@@ -509,7 +509,7 @@ def _trajectories(ds: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, str
             f", {k}={v}" for k in differ if (v := analysis_setting(first, k)) is not None
         )
         joined = ", with the top_k=0 analyses" if key in chosen else ""
-        return _literal(model_cell(prov) + where + settings + joined)
+        return model_cell(prov) + where + settings + joined
 
     return [
         (
@@ -613,23 +613,55 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     if has_density:
         _densities_panel(next(panels), ds, x, xlabel, runs)
     if len(runs) > 1:  # which marker is which model, below the panels
-        handles = [  # and which line style, where its densities are drawn
-            Line2D(
-                [], [], color="black", marker=m, ls=_run_style(n) if has_density else "", label=lab
-            )
-            for n, (_, m, lab) in enumerate(runs)
-        ]
-        # Labels grow with what tells runs apart (", tol=1e-06", a directory): three columns
-        # of them ran off a one-panel figure's sides, cutting the last run's name.
-        renderer = FigureCanvasAgg(fig).get_renderer()
-        for cols in range(min(len(runs), 3), 0, -1):
-            legend = fig.legend(handles=handles, loc="outside lower center", ncols=cols)
-            if cols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
-                break
-            legend.remove()
+        _runs_legend(fig, runs, has_density)
     for ax in axes[: len(axes) - has_density]:  # steps, epochs and places: whole numbers
         ax.xaxis.set_major_locator(_WholeNumbers())
     return fig
+
+
+def _runs_legend(
+    fig: Figure, runs: Sequence[tuple[np.ndarray, str, str | None]], has_density: bool
+) -> None:
+    """Which marker (and line style, where densities are drawn) is which run, below the panels,
+    in as many columns (up to three) as fit the figure's width, in one whose labels are cut in
+    the middle where even that is wider."""
+    handles = [
+        Line2D(
+            [],
+            [],
+            color="black",
+            marker=m,
+            ls=_run_style(n) if has_density else "",
+            label=_literal(lab),
+        )
+        for n, (_, m, lab) in enumerate(runs)
+    ]
+    # Labels grow with what tells runs apart (", tol=1e-06", a directory): three columns
+    # of them ran off a one-panel figure's sides, cutting the last run's name.
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    room = 0.98 * fig.bbox.width
+    for cols in range(min(len(runs), 3), 0, -1):
+        legend = fig.legend(handles=handles, loc="outside lower center", ncols=cols)
+        if cols == 1 or legend.get_window_extent(renderer).width <= room:
+            break
+        legend.remove()
+    # Runs in directories of long names ran off both sides, the ends that tell them apart
+    # (…seed0_A, …seed0_B) with them.
+    labels = [str(lab) for _, _, lab in runs]
+    keep = max(map(len, labels))
+    while keep > 1 and (width := legend.get_window_extent(renderer).width) > room:
+        keep = min(keep - 1, int(keep * room / width))
+        for text, label in zip(legend.get_texts(), labels, strict=True):
+            text.set_text(_literal(_middle_cut(label, keep)))
+
+
+def _middle_cut(text: str, keep: int) -> str:
+    """``text`` in at most ``keep`` characters, its middle left out (…): its start and its
+    end, which tell names apart."""
+    if len(text) <= keep:
+        return text
+    head = (keep - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (keep - 1 - head) :]}"
 
 
 def _checkpoint_figure(
@@ -708,8 +740,7 @@ def _fitted_title(fig: Figure, title: str, below: Sequence[str] = ()) -> None:
     room, keep = 0.98 * fig.bbox.width, len(title)
     while keep > 1 and (width := text.get_window_extent(renderer).width) > room:
         keep = min(keep - 1, int(keep * room / width))
-        head = keep // 2
-        text.set_text(_literal(f"{title[:head]}…{title[len(title) - (keep - head) :]}"))
+        text.set_text(_literal(_middle_cut(title, keep)))
     text.set_text("\n".join([text.get_text(), *map(_literal, below)]))
 
 

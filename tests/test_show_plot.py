@@ -2526,3 +2526,25 @@ def test_runs_in_directories_of_long_names_are_told_apart_in_a_legend_that_fits(
         head, tail = text.get_text().replace(r"\$", "$").split("…")
         assert head.startswith(f"mlp (2,410) in {long[:10]}") and len(head) > 20
         assert tail.endswith(f"{long[-20:]}{end}/checkpoints")
+
+
+def test_a_series_of_more_than_ten_eigenvalues_draws_each_in_its_own_colour():
+    """--top-k 12 over a series: the colour cycle repeats after ten, so λ11 and λ12 were drawn
+    in λ1's and λ2's colours, which the legend could not tell apart."""
+    from matplotlib.colors import to_hex
+
+    ds = [
+        {
+            "name": f"step{step}",
+            "provenance": {"model": "mlp", "num_params": 2410, "step": step},
+            "eigen": {
+                "which": "largest",
+                "eigenvalues": [*range(12, 0, -1)],
+                "converged": [1] * 12,
+            },
+        }
+        for step in (10, 20)
+    ]
+    lines = [ln for ln in spectra_figure(ds).axes[0].get_lines() if ln.get_label()[0] == "λ"]
+    assert [ln.get_label() for ln in lines] == [f"λ{i}" for i in range(1, 13)]
+    assert len({to_hex(ln.get_color()) for ln in lines}) == 12

@@ -528,6 +528,12 @@ def _holding(ds: Sequence[Mapping[str, Any]], at: np.ndarray, part: str) -> np.n
     return np.array([j for j in at if ds[j].get(part)], dtype=int)
 
 
+def _eigen_color(i: int, k: int) -> Any:
+    """The colour of the ``i``-th of ``k`` eigenvalues' trajectories: the default cycle's where
+    it holds them all, else a colour map's (the cycle repeats after ten: λ11 was drawn as λ1)."""
+    return f"C{i}" if k <= 10 else colormaps["viridis"](i / (k - 1))
+
+
 def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
     whiches = {(d.get("eigen") or {}).get("which") for d in ds} - {None}  # None: older files
@@ -566,7 +572,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
             for n, (at, marker, _) in enumerate(runs):
                 label = labels[i] if n == 0 else None
                 at = _holding(ds, at, "eigen")
-                ax.plot(x[at], lam[at], marker=marker, ms=3, color=f"C{i % 10}", label=label)
+                ax.plot(x[at], lam[at], marker=marker, ms=3, color=_eigen_color(i, k), label=label)
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
             any_bad |= bool(bad.any())
         title = (

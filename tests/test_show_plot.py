@@ -2548,3 +2548,19 @@ def test_a_series_of_more_than_ten_eigenvalues_draws_each_in_its_own_colour():
     lines = [ln for ln in spectra_figure(ds).axes[0].get_lines() if ln.get_label()[0] == "λ"]
     assert [ln.get_label() for ln in lines] == [f"λ{i}" for i in range(1, 13)]
     assert len({to_hex(ln.get_color()) for ln in lines}) == 12
+
+
+def test_a_link_to_a_folder_yet_to_be_made_is_written_through_as_analyze_does(
+    capsys, files, tmp_path
+):
+    """figs -> /scratch/figs, wiped: `analyze --out figs/s.h5` made the folder and wrote there,
+    `plot -o figs/fig.png` drew the figure, then said "could not create the output directory
+    figs: file exists". A link to a place under a file is refused before the drawing."""
+    (tmp_path / "figs").symlink_to(tmp_path / "scratch" / "figs")
+    code, out, err = run(capsys, "plot", files["single"], "-o", tmp_path / "figs" / "fig.png")
+    assert code == 0 and out == f"wrote {tmp_path / 'figs' / 'fig.png'}\n", err
+    assert_png(tmp_path / "scratch" / "figs" / "fig.png")
+    (tmp_path / "notes").write_text("my notes")
+    (tmp_path / "under").symlink_to(tmp_path / "notes" / "figs")
+    code, _, err = run(capsys, "plot", files["single"], "-o", tmp_path / "under" / "fig.png")
+    assert code == 2 and f"lies under {tmp_path / 'notes'}, which is not a" in one_sentence(err)

@@ -81,16 +81,20 @@ def check_folder_makeable(folder: Path, output: str) -> None:
     commands said a file in the way each in their own words."""
     there = folder
     while not there.exists() and there != there.parent:
-        there = there.parent
+        # A link to a folder yet to be made: where that will be (a loop of links: the parent).
+        target = Path(os.path.realpath(there))
+        there = target if there.is_symlink() and not target.is_symlink() else there.parent
     if not there.is_dir():
         raise UserError(f"{output} lies under {there}, which is not a directory.")
     check_directory_writable(there)
 
 
 def make_folder(folder: Path) -> None:
-    """Make ``folder`` and those above it that are missing (see :func:`check_folder_makeable`)."""
+    """Make ``folder`` and those above it that are missing (see :func:`check_folder_makeable`),
+    through a link to a folder yet to be made, as analyze --out makes it (plot -o said "could
+    not create the output directory figs: file exists" of the link)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        Path(os.path.realpath(folder)).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
             f"could not create the output directory {folder}: {os_reason(exc)}."

@@ -116,8 +116,7 @@ def atomic_path(
         return
     if not exclusive:
         check_replaceable(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
+    path = written_at(path)
     parent = path.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
@@ -150,6 +149,11 @@ def atomic_path(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def written_at(path: Path) -> Path:
+    """Where writing ``path`` puts the file: a symbolic link's target (the link kept)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _temporary_name(parent: Path, name: str) -> str:

@@ -2564,3 +2564,27 @@ def test_a_link_to_a_folder_yet_to_be_made_is_written_through_as_analyze_does(
     (tmp_path / "under").symlink_to(tmp_path / "notes" / "figs")
     code, _, err = run(capsys, "plot", files["single"], "-o", tmp_path / "under" / "fig.png")
     assert code == 2 and f"lies under {tmp_path / 'notes'}, which is not a" in one_sentence(err)
+
+
+def test_a_figure_that_cannot_be_written_where_named_is_refused_before_the_file_is_read(
+    capsys, files, tmp_path, monkeypatch
+):
+    """A read-only figure to replace (or a link to one), or a directory that takes no new
+    file, was refused only once the file was read and the figure drawn. Standard output is
+    not probed: it is written to as it is."""
+
+    def not_read(*_: object) -> None:
+        raise AssertionError("read before the figure's place was checked")
+
+    monkeypatch.setattr("hessian_cli.cli.plot.read_result_file", not_read)
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(PNG)
+    kept.chmod(0o444)
+    (tmp_path / "latest").symlink_to(kept)
+    refused = [(kept, f"{kept} is read-only"), (tmp_path / "latest", "is read-only")]
+    if Path("/proc/self").is_dir():
+        refused.append((Path("/proc/fig.png"), "directory /proc: it takes no new files"))
+    for name, said in refused:
+        code, _, err = run(capsys, "plot", files["single"], "-o", name)
+        assert code == 2 and said in one_sentence(err)
+    assert kept.read_bytes() == PNG

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from hessian_cli.atomic import check_replaceable, written_at
 from hessian_cli.cli.app import app, results_console
 from hessian_cli.cli.options import file_path, given_path
 from hessian_cli.cli.result_files import (
@@ -64,11 +65,16 @@ def plot(
             "(-o - > fig.png) or name a file (-o fig.png)."
         )
     output = Path("/dev/stdout") if output_name == "-" else file_path(output_name, "-o", "fig.png")
-    # Refused before the drawing, as analyze --out refuses it (an existing one is not probed:
-    # -o /dev/stdout's /dev takes no new file).
+    # Refused before the drawing, as analyze --out refuses it: a file in the way first, then
+    # the name, then a read-only directory (or file, or /proc), which was found only once the
+    # figure was drawn. A device or pipe is written to as it is (-o /dev/stdout's /dev takes
+    # no new file).
     if not output.parent.is_dir():
         check_folder_makeable(output.parent, f"-o {output_name}")
     target = figure_output(output)
+    if not target.to_stdout and (target.path.is_file() or not target.path.exists()):
+        check_folder_makeable(written_at(target.path).parent, f"-o {output_name}")
+        check_replaceable(target.path)
     file = result_file(given_path(file_name, "FILE", "spectra.h5"))
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout

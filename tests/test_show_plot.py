@@ -2588,3 +2588,33 @@ def test_a_figure_that_cannot_be_written_where_named_is_refused_before_the_file_
         code, _, err = run(capsys, "plot", files["single"], "-o", name)
         assert code == 2 and said in one_sentence(err)
     assert kept.read_bytes() == PNG
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_a_checkpoint_of_many_eigenvalues_labels_a_readable_few(which):
+    """--top-k 50: fifty labels, λ1 to λ50, ran into one another under the axis. About a dozen
+    are labelled, each end's first (λ1, λn) among them, each under its own eigenvalue."""
+    k = 50
+    values = list(np.linspace(10, 1, k))
+    d = {
+        "name": "final",
+        "provenance": {"model": "mlp", "num_params": 2410},
+        "eigen": {
+            "which": which,
+            "eigenvalues": values,
+            "residuals": [0.0] * k,
+            "converged": [1] * k,
+        },
+    }
+    ax = spectra_figure([d]).axes[0]
+    ticks = {t.get_text(): t.get_position()[0] for t in ax.get_xticklabels()}
+    assert 5 <= len(ticks) <= 12
+    ends = {"largest": {"λ1"}, "smallest": {"λn"}, "both": {"λ1", "λn"}}[which]
+    assert ends <= ticks.keys()
+    # Each label under its own eigenvalue: stored λ1 first, and the smallest λn first.
+    smallest = values[k // 2 :] if which == "both" else values
+    drawn = {x: y for line in ax.get_lines() for x, y in zip(*line.get_data(), strict=True)}
+    for label, x in ticks.items():
+        below = label.startswith("λn")
+        stored = smallest[int(label[3:] or 0)] if below else values[int(label[1:]) - 1]
+        assert drawn[x] == stored, label

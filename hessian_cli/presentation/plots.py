@@ -287,6 +287,8 @@ def _densities_panel(
     ax.set_title(f"Spectral densities (SLQ) of {analyses_of_checkpoints([ds[j] for j in have])}")
 
 
+_EIGEN_LABELS = 12  # eigenvalues labelled on a checkpoint's axis, at most about
+
 _WHICH_TITLES = {"smallest": "Smallest eigenvalues", "both": "Largest and smallest eigenvalues"}
 
 
@@ -312,7 +314,11 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> Axes:
     if (~ok).any():
         ax.plot(idx[~ok], values[~ok], "x", color="C3", ms=9, mew=2, label="NOT converged")
     ax.set_ylabel("eigenvalue")
-    ax.set_xticks(idx, labels)
+    # At most about a dozen labels, each end's own first (λ1, λn) and every so many after it:
+    # 50 of them ran into one another, unreadable.
+    step = math.ceil(len(values) / _EIGEN_LABELS)
+    shown = [i for part in ends for i in range(len(values))[part][::step]]
+    ax.set_xticks(idx[shown], [labels[i] for i in shown])
     # Converged means the measure of the criterion the solve used is within tol: draw that one.
     by_error = e.get("criterion") == "eigenvalue"
     measure = _arr(e.get("errors") if by_error else e["residuals"])

@@ -2618,3 +2618,26 @@ def test_a_checkpoint_of_many_eigenvalues_labels_a_readable_few(which):
         below = label.startswith("λn")
         stored = smallest[int(label[3:] or 0)] if below else values[int(label[1:]) - 1]
         assert drawn[x] == stored, label
+
+
+def test_a_series_of_many_eigenvalues_says_which_is_which_in_a_colour_bar():
+    """--top-k 50 over a series: a legend of fifty entries in two columns ran off the panel,
+    over the trajectories. A colour bar says which colour is which eigenvalue, λ1 on top."""
+    k = 50
+    ds = [
+        {
+            "name": f"step{step}",
+            "provenance": {"model": "mlp", "num_params": 2410, "step": step},
+            "eigen": {
+                "which": "largest",
+                "eigenvalues": list(np.linspace(10, 1, k)),
+                "converged": [1] * k,
+            },
+        }
+        for step in (10, 20)
+    ]
+    fig = spectra_figure(ds)
+    panel, bar = fig.axes
+    assert panel.get_legend() is None
+    ticks = [t.get_text() for t in bar.get_yticklabels()]
+    assert ticks[0] == "λ1" and 5 <= len(ticks) <= 12 and bar.yaxis_inverted()

@@ -23,7 +23,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
@@ -537,7 +537,27 @@ def _holding(ds: Sequence[Mapping[str, Any]], at: np.ndarray, part: str) -> np.n
 def _eigen_color(i: int, k: int) -> Any:
     """The colour of the ``i``-th of ``k`` eigenvalues' trajectories: the default cycle's where
     it holds them all, else a colour map's (the cycle repeats after ten: λ11 was drawn as λ1)."""
-    return f"C{i}" if k <= 10 else colormaps["viridis"](i / (k - 1))
+    return f"C{i}" if k <= 10 else _eigen_colors(k)(i)
+
+
+def _eigen_colors(k: int) -> ListedColormap:
+    """The colours of more than ten eigenvalues: plasma's (viridis colours the densities by
+    step), short of its pale yellow end, which a white panel hid."""
+    return ListedColormap(colormaps["plasma"](np.linspace(0, 0.85, k)))
+
+
+def _eigen_key(ax: Axes, labels: Sequence[str]) -> None:
+    """Which trajectory is which eigenvalue: a legend of up to ten, else a colour bar of
+    :func:`_eigen_color`'s colours, λ1 on top (a legend of 50 ran off the panel, over it)."""
+    k = len(labels)
+    if k <= 10:
+        ax.legend(fontsize="small", ncols=2 if k > 5 else 1)
+        return
+    colors = ScalarMappable(Normalize(-0.5, k - 0.5), _eigen_colors(k))
+    bar = ax.figure.colorbar(colors, ax=ax)
+    shown = range(0, k, math.ceil(k / _EIGEN_LABELS))
+    bar.set_ticks(list(shown), labels=[labels[i] for i in shown])
+    bar.ax.invert_yaxis()
 
 
 def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
@@ -589,7 +609,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_title(f"{title} (red x: NOT converged)" if any_bad else title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eigenvalue")
-        ax.legend(fontsize="small", ncols=2 if k > 5 else 1)
+        _eigen_key(ax, labels)
     if has_trace:
         ax = next(panels)
         est = _arr([(d.get("trace") or {}).get("estimate") for d in ds])

@@ -2641,3 +2641,28 @@ def test_a_series_of_many_eigenvalues_says_which_is_which_in_a_colour_bar():
     assert panel.get_legend() is None
     ticks = [t.get_text() for t in bar.get_yticklabels()]
     assert ticks[0] == "λ1" and 5 <= len(ticks) <= 12 and bar.yaxis_inverted()
+
+
+def test_panels_of_analyses_of_a_long_named_checkpoint_are_titled_within_their_width():
+    """One checkpoint of a 200-letter name analysed at --seed 0 and 1: each panel's title
+    named its analysis in full, 1,900 pixels wide over panels of 500, so that the two ran over
+    one another, unreadable. Each is cut in the middle, its seed kept."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    name = "experiment_resnet20_cifar10_lr0.1_wd5e-4_rho0.05_$alpha$0.2_" * 3 + "step=78200"
+    prov = {"model": "mlp", "num_params": 2410, "step": 168, "sha256": "ab" * 32}
+    eigen = {"which": "largest", "eigenvalues": [2.0, 1.0], "residuals": [0.0] * 2}
+    eigen["converged"] = [True, True]
+    ds = [
+        {"name": f"{name}-{seed}", "provenance": prov | {"seed": seed}, "eigen": eigen}
+        for seed in (0, 1)
+    ]
+    fig = spectra_figure(ds, ds)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert len(titled) == 2
+    for ax, seed in zip(titled, (0, 1), strict=True):
+        assert ax.title.get_window_extent(renderer).width <= ax.bbox.width
+        head, tail = ax.get_title().splitlines()[1].replace(r"\$", "$").split("…")
+        assert name.startswith(head) and len(head) > 10
+        assert tail.endswith(f"step=78200-{seed} (seed={seed})")

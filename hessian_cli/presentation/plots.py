@@ -26,6 +26,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 from hessian_cli.atomic import atomic_path, stdout_written
@@ -729,7 +730,9 @@ def _checkpoint_figure(
         if d.get("eigen") is not None:
             own.append(_eigen_panel(next(panels), d["eigen"]))
         for ax in own if len(drawn) > 1 else ():
-            ax.set_title(f"{ax.get_title()}\n{_literal(names[-1])}")
+            # Cut to the panel's width: long names ran over the next panel's, both unreadable.
+            what = ax.get_title()
+            ax.set_title(f"{what}\n{_fitted_line(ax.title, names[-1], ax.bbox.width)}")
     if len(drawn) > 1:
         names = [f"{' and '.join(str(d.get('name')) for d in drawn)}: analyses of one checkpoint"]
     _fitted_title(fig, names[0], _numbers_said(ds))
@@ -767,13 +770,21 @@ def _fitted_title(fig: Figure, title: str, below: Sequence[str] = ()) -> None:
     """``title`` above ``fig``, cut in the middle where it is wider than the figure (a long
     checkpoint name ran off both sides): its start and its end, which tells checkpoints apart.
     The lines ``below`` (of numbers) go under it as they are."""
-    text = fig.suptitle(_literal(title))
-    renderer = FigureCanvasAgg(fig).get_renderer()
-    room, keep = 0.98 * fig.bbox.width, len(title)
+    text = fig.suptitle("")
+    fitted = _fitted_line(text, title, 0.98 * fig.bbox.width)
+    text.set_text("\n".join([fitted, *map(_literal, below)]))
+
+
+def _fitted_line(text: Text, line: str, room: float) -> str:
+    """``line`` as ``text`` draws it (which it is set to), cut in the middle (:func:`_middle_cut`)
+    where it is wider than ``room`` pixels."""
+    renderer = FigureCanvasAgg(text.figure).get_renderer()
+    text.set_text(_literal(line))
+    keep = len(line)
     while keep > 1 and (width := text.get_window_extent(renderer).width) > room:
         keep = min(keep - 1, int(keep * room / width))
-        text.set_text(_literal(_middle_cut(title, keep)))
-    text.set_text("\n".join([text.get_text(), *map(_literal, below)]))
+        text.set_text(_literal(_middle_cut(line, keep)))
+    return text.get_text()
 
 
 # What an analysis repeated with the same settings may differ in: its cost, as timed and counted.

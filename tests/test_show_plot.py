@@ -2666,3 +2666,31 @@ def test_panels_of_analyses_of_a_long_named_checkpoint_are_titled_within_their_w
         head, tail = ax.get_title().splitlines()[1].replace(r"\$", "$").split("…")
         assert name.startswith(head) and len(head) > 10
         assert tail.endswith(f"step=78200-{seed} (seed={seed})")
+
+
+def test_a_runs_training_curves_are_titled_with_the_run(capsys, tmp_path, monkeypatch):
+    """`plot run_a -o a.png; plot run_b -o b.png`: the training curves had no title, so that
+    nothing in the figures told the two runs apart. Each is titled with its run directory and
+    what its config says was trained, and how."""
+    from hessian_cli.presentation import plots
+    from hessian_cli.storage.metrics import MetricsLog, read_metrics_file
+
+    monkeypatch.chdir(tmp_path)
+    runs = {
+        "run_a": {"model": "cnn", "data": "digits", "optimizer": "eigensam", "rho": 0.1},
+        "run_b": {"model": "mlp", "data": "digits", "optimizer": "sgd", "base_optimizer": "adamw"},
+    }
+    for name, config in runs.items():
+        Path(name).mkdir()
+        log = MetricsLog(Path(name) / "metrics.h5", {**config, "alpha": 0.3})
+        log.append("steps", step=0, loss=1.0, accuracy=0.5, lr=0.1)
+        log.flush()
+    drawn = []
+    real = plots.metrics_figure
+    monkeypatch.setattr(plots, "metrics_figure", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    code, _, err = run(capsys, "plot", "run_a", "-o", "a.png")
+    assert code == 0, err
+    assert drawn[0].get_suptitle() == "run_a: cnn on digits with eigensam (sgd, ρ=0.1, α=0.3)"
+    info = read_metrics_file(Path("run_b") / "metrics.h5")[1]
+    assert plots.run_title(Path("run_b") / "metrics.h5", info) == "run_b: mlp on digits with adamw"
+    assert plots.run_title(Path("copy.h5"), {}) == "copy.h5"  # another tool's: no config

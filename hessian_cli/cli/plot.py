@@ -52,6 +52,7 @@ def plot(
     from hessian_cli.presentation.plots import (
         figure_output,
         metrics_figure,
+        run_title,
         save_figure,
         spectra_figure,
     )
@@ -79,7 +80,8 @@ def plot(
     found = read_result_file(file, checkpoint, "plot")
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout
         if isinstance(found, Metrics):
-            figure = metrics_figure(found.columns, found.info.get("tolerances"))
+            title = run_title(file, found.info)
+            figure = metrics_figure(found.columns, found.info.get("tolerances"), title)
         else:
             figure = spectra_figure(told_apart(found, checkpoint), found.held)
     say_if_newer(found)

@@ -7,6 +7,7 @@ no pyplot state and no global backend switch are involved.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -893,11 +894,37 @@ def _mark_unconverged(ax: Axes, cols: Mapping[str, np.ndarray], y: str, tol: flo
     return bool(bad.any())
 
 
+def run_title(path: Path, info: Mapping[str, Any]) -> str:
+    """What a metrics file's figure is of: its run directory (the file, where it is not a run's
+    metrics.h5), and the model, data and optimizer its config records. The figures of two runs
+    were told apart by nothing."""
+    run = path.resolve().parent.name if path.name == "metrics.h5" else path.name
+    try:
+        cfg = json.loads(info["config"])
+    except (KeyError, TypeError, ValueError):  # none, or not JSON: another tool's file
+        return run
+    if not isinstance(cfg, dict) or not {"model", "data", "optimizer"} <= cfg.keys():
+        return run
+    sam = {"rho": "ρ", "alpha": "α"} if cfg["optimizer"] == "eigensam" else {"rho": "ρ"}
+    how = ", ".join(f"{sign}={cfg[k]}" for k, sign in sam.items() if k in cfg)
+    base = cfg.get("base_optimizer") or "sgd"
+    # sgd: the base optimizer's own steps (no SAM), as train's first line says it
+    how = (
+        base
+        if cfg["optimizer"] == "sgd"
+        else f"{cfg['optimizer']} ({base}{', ' + how if how else ''})"
+    )
+    return f"{run}: {cfg['model']} on {cfg['data']} with {how}"
+
+
 def metrics_figure(
-    metrics: Mapping[str, Mapping[str, np.ndarray]], tolerances: Mapping[str, float] | None = None
+    metrics: Mapping[str, Mapping[str, np.ndarray]],
+    tolerances: Mapping[str, float] | None = None,
+    heading: str = "",
 ) -> Figure:
     """Training curves: loss, accuracy, lambda_max and alignment, where recorded; ``tolerances``
-    (the file's ``tol`` of each curvature group) mark the eigenvalues that did not converge."""
+    (the file's ``tol`` of each curvature group) mark the eigenvalues that did not converge;
+    ``heading`` (:func:`run_title`) above them."""
     steps, epochs = metrics.get("steps") or {}, metrics.get("epochs") or {}
     refresh, track = metrics.get("refresh") or {}, metrics.get("track") or {}
     panels = []
@@ -957,4 +984,6 @@ def metrics_figure(
         _step_axis(ax)
         ax.set_ylabel("|<ĝ, v1>|")
         ax.set_title("Gradient alignment at eigenvector refresh")
+    if heading:
+        _fitted_title(fig, heading)
     return fig

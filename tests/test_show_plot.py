@@ -790,7 +790,7 @@ def test_a_file_that_records_no_precision_is_not_another_setting_beside_full(tmp
         for name, step, extra in (("a", 1, {}), ("b", 2, {"precision": "full"}))
     ]
     assert [c.header for c in series_table(ds).columns] == ["checkpoint", "step", "epoch", "λ1"]
-    assert spectra_figure(ds).get_suptitle() == ""  # one run: no "2 runs (...)" above it
+    assert spectra_figure(ds).get_suptitle() == "mlp (10) in run"  # one run: not "2 runs"
     bf16 = [ds[0], {**ds[1], "provenance": ds[1]["provenance"] | {"precision": "bf16"}}]
     assert "precision" in [c.header for c in series_table(bf16).columns]
 
@@ -824,7 +824,7 @@ def test_a_cuda_file_that_records_no_precision_is_not_called_full():
     for exact in ({"device": "cpu"}, {"dtype": "float64"}):  # TF32 rounds float32 on CUDA only
         same = [{**d, "provenance": d["provenance"] | exact} for d in ds]
         assert series_table(same).caption is None
-        assert spectra_figure(same).get_suptitle() == ""  # one run
+        assert spectra_figure(same).get_suptitle() == "cnn (10) in run"  # one run
 
 
 def test_a_series_of_different_searches_says_which_end_each_row_holds():
@@ -1135,7 +1135,7 @@ def test_a_series_traces_without_eigenpairs_join_the_series_of_its_eigenvalues()
         for step in (4, 8, 12)
     ]
     fig = spectra_figure(ds)
-    assert fig.get_suptitle() == "" and not fig.legends  # one run
+    assert fig.get_suptitle() == "mlp (2,410) in run" and not fig.legends  # one run
     eigenvalues, trace = fig.axes[:2]
     (first, *_) = eigenvalues.get_lines()  # λ1's line through the three steps
     assert first.get_xdata().tolist() == [4, 8, 12] and first.get_ydata().tolist() == [2.0] * 3
@@ -2694,3 +2694,18 @@ def test_a_runs_training_curves_are_titled_with_the_run(capsys, tmp_path, monkey
     info = read_metrics_file(Path("run_b") / "metrics.h5")[1]
     assert plots.run_title(Path("run_b") / "metrics.h5", info) == "run_b: mlp on digits with adamw"
     assert plots.run_title(Path("copy.h5"), {}) == "copy.h5"  # another tool's: no config
+
+
+def test_a_series_of_one_run_is_titled_with_the_run():
+    """`plot a.h5 -o a.png; plot b.h5 -o b.png` of two runs' series: nothing in either figure
+    said which run it was of. It is titled with the run's model and checkpoint directory, as a
+    legend of several runs names each; a file that records no model is not titled."""
+    eigen = {"which": "largest", "eigenvalues": [2.0], "converged": [True]}
+    prov = {"model": "cnn", "num_params": 1418, "checkpoint": "/runs/exp1/checkpoints/s.pt"}
+    ds = [
+        {"name": f"s{step}", "provenance": prov | {"step": step}, "eigen": eigen}
+        for step in (10, 20)
+    ]
+    assert spectra_figure(ds).get_suptitle() == "cnn (1,418) in exp1/checkpoints"
+    foreign = [{**d, "provenance": {"step": d["provenance"]["step"]}} for d in ds]
+    assert spectra_figure(foreign).get_suptitle() == ""

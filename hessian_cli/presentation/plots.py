@@ -536,6 +536,15 @@ def _holding(ds: Sequence[Mapping[str, Any]], at: np.ndarray, part: str) -> np.n
     return np.array([j for j in at if ds[j].get(part)], dtype=int)
 
 
+def _one_run_said(ds: Sequence[Mapping[str, Any]]) -> str | None:
+    """The run a series of one is of, as the legend of several names each (its model, and the
+    directory its checkpoints were read from); None where its file records no model."""
+    prov = next((p for d in ds if "model" in (p := d.get("provenance") or {})), None)
+    if prov is None:
+        return None
+    return model_cell(prov) + (f" in {run_directory(prov)}" if prov.get("checkpoint") else "")
+
+
 def _eigen_color(i: int, k: int) -> Any:
     """The colour of the ``i``-th of ``k`` eigenvalues' trajectories: the default cycle's where
     it holds them all, else a colour map's (the cycle repeats after ten: λ11 was drawn as λ1)."""
@@ -584,6 +593,8 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         fig.suptitle(
             f"{counted_runs} runs (models, parameter sets, directories or analysis settings)"
         )
+    elif (said := _one_run_said(ds)) is not None:  # nothing told two series' figures apart
+        _fitted_title(fig, said)
     panels = iter(axes)
     if k:
         ax = next(panels)

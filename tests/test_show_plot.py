@@ -2709,3 +2709,15 @@ def test_a_series_of_one_run_is_titled_with_the_run():
     assert spectra_figure(ds).get_suptitle() == "cnn (1,418) in exp1/checkpoints"
     foreign = [{**d, "provenance": {"step": d["provenance"]["step"]}} for d in ds]
     assert spectra_figure(foreign).get_suptitle() == ""
+
+
+def test_a_figure_named_with_a_dot_at_its_end_is_written_under_the_name_meant(
+    capsys, files, tmp_path
+):
+    """-o fig. (typed short of its suffix) wrote fig..png, and -o fig.pdf. (past it) a PNG
+    named fig.pdf..png."""
+    for name, written, start in (("fig.", "fig.png", PNG), ("fig.pdf.", "fig.pdf", b"%PDF")):
+        code, out, err = run(capsys, "plot", files["single"], "-o", f"{tmp_path / name}")
+        assert code == 0 and out == f"wrote {tmp_path / written}\n", err
+        assert (tmp_path / written).read_bytes().startswith(start)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "fig.png"]

@@ -131,6 +131,10 @@ def figure_output(out_path: str | Path) -> FigureOutput:
     to_stdout = _is_stdout(out)
     supported = FigureCanvasAgg.get_supported_filetypes()
     supported.pop("pgf", None)  # needs a LaTeX installation
+    # A name ending in a dot, as one typed short of its suffix or past it (-o fig., fig.png.):
+    # fig..png and fig.png..png were written.
+    if out.name.rstrip(".") and out.name.endswith(".") and not to_stdout and not out.is_symlink():
+        out = out.with_name(out.name.rstrip("."))
     # `-o $NAME.png` with NAME unset: a hidden file .png.png was written.
     bare = out.name.startswith(".") and out.name[1:].lower() in supported
     if bare and not to_stdout and not out.is_symlink():

@@ -110,7 +110,15 @@ class TrainConfig:
             "(numbers, text, lists, objects): config.json and the checkpoints record them",
         )
         for name in ("lr", "rho", "alpha", "weight_decay"):
-            require(getattr(self, name) <= FLOAT32_MAX, f"{flag(name)} is too large for float32")
+            value = getattr(self, name)
+            require(value <= FLOAT32_MAX, f"{flag(name)} is too large for float32")
+            # 1e-320 is 0 in float32 (--lr 1e-320 ran 0-length steps), and below the smallest
+            # normal number a factor has lost its digits: the products it scales underflow.
+            require(
+                value == 0 or value >= FLOAT32_TINY,
+                f"{flag(name)} {value:.3g} is too small for float32 (below {FLOAT32_TINY:.2g}, "
+                "it is 0 or loses its precision there)",
+            )
         from hessian_cli.specs.data import check_root_options  # torch: not at --help
 
         check_root_options(self.data, data_root=self.data_root is not None, download=self.download)
@@ -151,6 +159,7 @@ def _json_values(value: Any) -> bool:
 
 RUNTIME_FIELDS = ("out", "max_steps", "device", "download")
 FLOAT32_MAX = 3.4028234663852886e38  # the weights' type: a larger factor cannot multiply them
+FLOAT32_TINY = 1.1754943508222875e-38  # its smallest normal number
 _KIND_WORDS = {
     int: "a whole number",
     float: "a number",

@@ -204,6 +204,11 @@ def test_existing_run_is_refused_not_overwritten(capsys, tmp_path, finished_run)
             "--eig-hvps has no effect with --optimizer sam",
         ),
         ([*PLAIN, "--eig-hvps", "0", "--out", "{tmp}/x"], "--eig-hvps must be at least 1"),
+        # 0 in float32, or below its smallest normal number: steps of 0, or of lost digits
+        ([*PLAIN, "--lr", "1e-320", "--out", "{tmp}/x"], "--lr 1e-320 is too small for float32"),
+        ([*TINY, "--rho", "1e-40", "--out", "{tmp}/x"], "--rho 1e-40 is too small for float32"),
+        ([*TINY, "--alpha", "1e-45", "--out", "{tmp}/x"], "--alpha 1e-45 is too small"),
+        ([*PLAIN, "--weight-decay", "1e-39", "--out", "{tmp}/x"], "--weight-decay 1e-39 is too"),
         ([*PLAIN, "--optimizer", "foo", "--rho", "0.1", "--out", "{tmp}/x"], "unknown optimizer"),
         (  # it quoted the name with its case and dashes taken out: 'foobar'
             [*PLAIN, "--optimizer", "Foo-Bar", "--out", "{tmp}/x"],

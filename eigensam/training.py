@@ -197,7 +197,12 @@ def train(
 
 
 class _Diverged(Exception):
-    pass
+    """The loss or the weights are no longer finite; ``perturbed``: the loss at ``w + e``,
+    which the optimizer's perturbation took part in (at step 0 too)."""
+
+    def __init__(self, *, perturbed: bool = False) -> None:
+        super().__init__()
+        self.perturbed = perturbed
 
 
 class _Run:
@@ -526,7 +531,7 @@ class _Run:
                 final_checkpoint_path(self.run_dir), self.order.generator.get_state()
             )
             return self._finish(summary, start_step, step_seconds)
-        except _Diverged:
+        except _Diverged as exc:
             self._flush()
             kept = latest_checkpoint(self.run_dir)
             before = "no checkpoint was written"
@@ -535,7 +540,7 @@ class _Run:
             # Every rank sees it at the same step (summed losses and products, the same
             # weights): said once, by rank 0, not by each rank as its own.
             error = distributed.CollectiveUserError if self.world > 1 else UserError
-            if self.step == start_step == 0:  # no step taken: the optimizer played no part
+            if self.step == start_step == 0 and not exc.perturbed:  # the optimizer played no part
                 raise error(
                     "the loss or the weights are NaN or infinite at the initial weights, before "
                     "any step: check the model, the data and the loss."
@@ -721,9 +726,15 @@ class _Run:
             opt.first_step(zero_grad=True)
             disable_running_stats(model)  # BatchNorm statistics move on the first pass only
             try:
-                self._share_loss(run_model(model, x), y, share).backward()
+                perturbed = self._share_loss(run_model(model, x), y, share)
+                perturbed.backward()
             finally:
                 enable_running_stats(model)
+            # A loss at w + e that is not finite: its gradient made the weights NaN, which only
+            # the next step's loss showed ("diverged at step 4" of a run step 3 broke).
+            if distributed.any_rank(not bool(torch.isfinite(perturbed.detach()))):
+                opt.restore()
+                raise _Diverged(perturbed=True)
             distributed.average_gradients(self.params, share, count)
             opt.second_step()
         else:

@@ -1098,6 +1098,36 @@ def test_a_divergence_seen_at_the_final_checkpoint_names_the_last_epoch(tmp_path
         train(cfg)
 
 
+@pytest.mark.parametrize("optimizer", ["sam", "eigensam"])
+def test_a_loss_not_finite_at_the_perturbed_weights_is_the_divergence_of_its_step(
+    tmp_path, optimizer
+):
+    """A NaN loss at w + e: its gradient made the weights NaN, and the run was said to have
+    diverged at the next step, whose loss at those weights was the first NaN seen."""
+    (tmp_path / "user.py").write_text(
+        "from torch import nn\n"
+        "class Breaking(nn.Linear):\n"
+        "    passes = 0\n"
+        "    def forward(self, x):\n"
+        "        out = super().forward(x)\n"
+        "        self.passes += self.training\n"
+        "        return out * float('nan') if self.passes == 8 else out  # step 3's second\n"
+        "def model():\n"
+        "    return Breaking(16, 3)\n"
+    )
+    cfg = config(
+        tmp_path,
+        model=f"{tmp_path / 'user.py'}:model",
+        model_kwargs=None,
+        optimizer=optimizer,
+        eig_every=100,
+        track_every=0,
+    )
+    with pytest.raises(UserError, match=r"^training diverged at step 3 \(epoch 1\): "):
+        train(cfg)
+    assert read_metrics(tmp_path / "run" / "metrics.h5")["steps"]["step"].tolist() == [0, 1, 2]
+
+
 def test_a_divergence_from_weight_decay_names_it(tmp_path):
     """lr * weight decay of 1 or more overshoots by itself: the advice named only --lr and
     --rho."""

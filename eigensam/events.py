@@ -78,6 +78,10 @@ class TrainSummary:
     # A binary classifier of one output whose loss tells no logit from a probability: which
     # outputs pick label 1 is not known, so no accuracy is given (tracking.binary_threshold)
     accuracy_unknown: bool = False
+    # (the first step's loss, the last epoch's training loss) where the latter is so much larger
+    # that the run diverged without a NaN to stop it (training.GROWN_LOSS), and what to lower
+    loss_growth: tuple[float, float] | None = None
+    divergence_knobs: str = "--lr"
 
     @property
     def seconds_per_step(self) -> float:

@@ -227,6 +227,17 @@ def test_bad_input_is_one_sentence(capsys, tmp_path, finished_run, args, message
     assert not (tmp_path / "x").exists()
 
 
+def test_a_run_whose_loss_grew_without_becoming_nan_ends_as_diverged(capsys, tmp_path):
+    """--lr 1000 took the loss from 1.1 to hundreds, and the run said "done:" with status 0."""
+    out = tmp_path / "run"
+    args = (*PLAIN, "--optimizer", "sgd", "--lr", "1000", "--out", out)
+    code, stdout, err = run(capsys, "train", *args)
+    said = one_sentence(err)
+    assert code == 2 and "training diverged: its loss grew from" in said, err
+    assert said.endswith("with a lower --lr.") and "done:" not in stdout
+    assert (out / "checkpoints" / "final.pt").is_file()  # the run's files, as it said
+
+
 def _signalled_after_the_first_epoch(args: list[str], out: Path, sig: int) -> tuple[int, str]:
     """Train in a real process and send it ``sig`` once the first epoch is written (``args``
     ask for far more epochs, so that it lands mid-run); the exit status and stderr."""

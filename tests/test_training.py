@@ -1128,6 +1128,18 @@ def test_a_loss_not_finite_at_the_perturbed_weights_is_the_divergence_of_its_ste
     assert read_metrics(tmp_path / "run" / "metrics.h5")["steps"]["step"].tolist() == [0, 1, 2]
 
 
+def test_a_loss_that_grew_without_becoming_nan_is_a_divergence(tmp_path):
+    """--lr 100 took the loss from 1.1 to 57 and the run ended as done: nothing is NaN."""
+    grown = train(config(tmp_path, "grown", optimizer="sgd", lr=100.0, track_every=0))
+    metrics = read_metrics(tmp_path / "grown" / "metrics.h5")
+    first, last = metrics["steps"]["loss"][0], metrics["epochs"]["train_loss"][-1]
+    assert np.isfinite(last) and last > 4 * first
+    assert grown.finished and grown.loss_growth == pytest.approx((first, last))
+    assert grown.divergence_knobs == "--lr"
+    healthy = train(config(tmp_path, "healthy", optimizer="sam", track_every=0))
+    assert healthy.finished and healthy.loss_growth is None
+
+
 def test_a_divergence_from_weight_decay_names_it(tmp_path):
     """lr * weight decay of 1 or more overshoots by itself: the advice named only --lr and
     --rho."""

@@ -486,6 +486,17 @@ def _report(
             f"{'its value' if summary.unconverged_tracks == 1 else 'their values'} may be off "
             f"(the residuals are in {where / METRICS_FILE}).",
         )
+    if summary.loss_growth:  # finite, so nothing stopped the run
+        first, last = summary.loss_growth
+        diverged = (
+            f"training diverged: its loss grew from {first:.4g} at the first step to {last:.4g} "
+            f"in epoch {summary.epochs[-1].epoch:,} without becoming NaN (its checkpoints and "
+            f"metrics are in {where}); start a new run, in another --out, with a lower "
+            f"{summary.divergence_knobs}"
+        )
+        if summary.finished:  # said in place of "done", and the status tells
+            raise UserError(f"{diverged}.")
+        note(f"warning: {diverged}.")
     if summary.finished:
         if not quiet:
             console.print(

@@ -69,6 +69,9 @@ class TrainSummary:
     # and those whose residual stayed above their tolerance (their HVP budget spent, or stalled;
     # not a top eigenvalue of 0, whose residual is infinite): their vectors perturbed all the same
     unconverged_refreshes: int = 0
+    # and the median residual of those with one (NaN without): above the tolerance, the vector
+    # a step typically perturbed along fell short of it, not an odd refresh or two
+    median_refresh_residual: float = math.nan
     # The steps whose minibatch held no label (padding only), which made no update
     unlabelled_steps: int = 0
     # The held-out lambda_max measurements (--track-every) of the whole run, and those whose

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -644,6 +645,8 @@ class _Run:
             summary.negative_refreshes = self.optimizer.negative_refreshes
             residuals = self.metrics.column("refresh", "residual")  # the whole run's
             summary.unconverged_refreshes = _above_tol(residuals, REFRESH_TOL)
+            finite = [r for r in residuals if math.isfinite(r)]
+            summary.median_refresh_residual = statistics.median(finite) if finite else math.nan
         return summary
 
     def _fetch(self, idx: torch.Tensor) -> Batch:

@@ -867,12 +867,24 @@ def test_refreshes_short_of_their_tolerance_are_said_at_the_end(capsys, tmp_path
     code, _, err = run(capsys, "train", *TINY, "--epochs", "2", "-q", "--out", out)
     residual = read_metrics(out / "metrics.h5")["refresh"]["residual"]
     short = int((residual > 1e-2).sum())
-    assert code == 0 and 0 < short < len(residual), err
+    assert code == 0 and len(residual) / 2 < short < len(residual), err
     assert (
         f"note: {short} of {len(residual)} Eigen-SAM refreshes ended above the tolerance 1e-02 "
-        "(the HVP budget spent, or the residual stopped improving); "
-        f"{'its vector was' if short == 1 else 'their vectors were'} used" in " ".join(err.split())
+        f"(median residual {np.median(residual):.1e}: the HVP budget spent, or the residual "
+        f"stopped improving); {'its vector was' if short == 1 else 'their vectors were'} used"
+        in " ".join(err.split())
     )
+
+
+def test_a_refresh_or_two_short_of_their_tolerance_are_not_said_at_the_end(capsys, tmp_path):
+    """Most refreshes within it: "1 of 7 Eigen-SAM refreshes ended above the tolerance" ended
+    nearly every run (the README's too), a note of no consequence (the metrics hold them)."""
+    out = tmp_path / "run"
+    args = ("--eig-every", "1", "--eig-hvps", "12", "--epochs", "1")
+    code, _, err = run(capsys, "train", *TINY[:-2], *args, "-q", "--out", out)
+    residual = read_metrics(out / "metrics.h5")["refresh"]["residual"]
+    assert code == 0 and 0 < (residual > 1e-2).sum() < len(residual) / 2, err
+    assert "ended above the tolerance" not in " ".join(err.split())
 
 
 def test_a_top_eigenvalue_of_0_is_not_said_to_have_stopped_at_the_hvp_budget(capsys, tmp_path):

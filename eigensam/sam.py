@@ -51,6 +51,18 @@ def check_adaptive(value: object) -> None:
         raise SettingError(f"`adaptive` must be True (ASAM) or False (SAM), not {value!r}.")
 
 
+def check_base(base_optimizer: object) -> None:
+    """Refuse a base optimizer built already (as some SAM implementations take it): its own
+    parameters and settings would be ignored, and "'SGD' object is not callable" said why not."""
+    if isinstance(base_optimizer, Optimizer):
+        name = type(base_optimizer).__name__
+        raise TypeError(
+            f"base_optimizer must be an optimizer class, such as torch.optim.{name}, which SAM "
+            f"builds on its parameters with its keyword arguments (lr=..., momentum=...), not "
+            f"an instance of {name}."
+        )
+
+
 class SAM(Optimizer):
     """Sharpness-Aware Minimization around ``base_optimizer`` (a class such as ``torch.optim.SGD``,
     built here on the same ``param_groups`` with ``**kwargs``).
@@ -69,6 +81,7 @@ class SAM(Optimizer):
     ) -> None:
         check_factor("rho", rho)
         check_adaptive(adaptive)
+        check_base(base_optimizer)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups

@@ -1030,3 +1030,17 @@ def test_an_alpha_in_a_parameter_group_of_a_base_that_takes_one_is_the_base_s() 
     assert opt.alpha == 0.2
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "alpha": 0.5})
     assert opt.base_optimizer.param_groups[-1]["alpha"] == 0.5
+
+
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_a_base_optimizer_built_already_is_refused_in_one_sentence(cls: type[SAM]) -> None:
+    """Some SAM implementations take the base optimizer built; this one builds it (davda54's
+    way), and an SGD instance failed with "'SGD' object is not callable"."""
+    model = nn.Linear(3, 1)
+    built = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        TypeError,
+        match=r"^base_optimizer must be an optimizer class, such as "
+        r"torch\.optim\.SGD, .* not an instance of SGD\.$",
+    ):
+        cls(model.parameters(), built, lr=0.1)

@@ -197,6 +197,10 @@ class SAM(Optimizer):
             raise ValueError("SAM needs a closure: it evaluates the gradient twice per step")
         closure = torch.enable_grad()(closure)
         loss = closure()
+        if all(p.grad is None for p, _ in self._params()):  # first_step's words name no closure
+            raise RuntimeError(
+                "the closure left no gradients: it must call backward on the loss (and return it)"
+            )
         self.first_step(zero_grad=True)
         try:
             closure()

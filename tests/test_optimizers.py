@@ -1044,3 +1044,16 @@ def test_a_base_optimizer_built_already_is_refused_in_one_sentence(cls: type[SAM
         r"torch\.optim\.SGD, .* not an instance of SGD\.$",
     ):
         cls(model.parameters(), built, lr=0.1)
+
+
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_a_closure_without_backward_is_said_to_be_the_closure_s_fault(cls: type[SAM]) -> None:
+    """step(closure) said "first_step found no gradients: run backward before it", of a
+    first_step the user never called, for a closure that only computed the loss."""
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="^the closure left no gradients: it must call backward"):
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

@@ -1057,3 +1057,50 @@ def test_a_closure_without_backward_is_said_to_be_the_closure_s_fault(cls: type[
     with pytest.raises(RuntimeError, match="^the closure left no gradients: it must call backward"):
         opt.step(lambda: F.mse_loss(model(x), y))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("cls", [SAM, EigenSAM])
+def test_parameter_groups_of_their_own_lr_and_rho_take_the_hand_computed_step(
+    cls: type[SAM],
+) -> None:
+    """davda54's SAM takes per-group lr and rho: one global ||g||, each group's e its rho, each
+    group's step its lr; Eigen-SAM's d (given v) over all groups alike."""
+    model, (x, y) = mlp(), data()[0]
+    names = [name for name, _ in model.named_parameters()]
+    params = list(model.parameters())
+    groups = [
+        {"params": params[:2], "lr": 0.1, "rho": 0.05},
+        {"params": params[2:], "lr": 0.3, "rho": 0.2},
+    ]
+    opt = cls(groups, torch.optim.SGD, lr=1.0, rho=1.0)
+    w = [p.detach().clone() for p in params]
+    v = torch.randn(sum(p.numel() for p in params), dtype=DT, generator=torch.Generator())
+    v = v / v.norm()
+    alpha = 0.0
+    if isinstance(opt, EigenSAM):
+        opt.set_eigenvector(v, 1.0)
+        alpha = opt.alpha
+
+    def grads(at: list[torch.Tensor]) -> list[torch.Tensor]:
+        at = [t.clone().requires_grad_() for t in at]
+        out = torch.func.functional_call(model, dict(zip(names, at, strict=True)), (x,))
+        return list(torch.autograd.grad(F.cross_entropy(out, y), at))
+
+    g = torch.cat([t.reshape(-1) for t in grads(w)])
+    g_hat = g / g.norm()
+    d = g_hat + alpha * torch.sign(g @ v) * (v - (g_hat @ v) * g_hat)
+    rhos = [0.05, 0.05, 0.2, 0.2]
+    lrs = [0.1, 0.1, 0.3, 0.3]
+    d_parts = d.split([t.numel() for t in w])
+    perturbed = [t + r * dp.view_as(t) for t, r, dp in zip(w, rhos, d_parts, strict=True)]
+    expected = [t - lr * g2 for t, lr, g2 in zip(w, lrs, grads(perturbed), strict=True)]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)

@@ -1054,3 +1054,27 @@ def test_a_name_the_file_system_takes_is_written_however_long(full, capsys, tmp_
     code, out, err = run(capsys, "plot", spectra, "-c", "b", "-o", figure)
     assert code == 0 and out == f"wrote {figure}\n", err
     assert sorted(tmp_path.iterdir()) == sorted([spectra, figure])
+
+
+def test_show_reads_no_package_metadata(full, tmp_path):
+    """Both storage modules read the version at import, twice each: `show` read the package
+    metadata four times (5-20 ms each) to write nothing."""
+    spectra = tmp_path / "spectra.h5"
+    write_analyses(spectra, [full], command_line="x")
+    from hessian_cli.storage.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.h5", {"model": "mlp"})
+    log.flush()
+    code = (
+        "import importlib.metadata, sys\n"
+        "def refused(name): raise SystemExit('the package metadata was read')\n"
+        "importlib.metadata.version = refused\n"
+        "sys.argv = ['hessian-cli', *sys.argv[1:]]\n"
+        "from hessian_cli.cli import main\n"
+        "main()\n"
+    )
+    for file in (spectra, log.path):
+        done = subprocess.run(
+            [sys.executable, "-c", code, "show", str(file)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr

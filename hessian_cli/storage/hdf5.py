@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from hessian_cli import __version__
 from hessian_cli.atomic import check_replaceable, remove_temporaries
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
@@ -82,6 +81,8 @@ def write_analyses(
     held back for the write says nothing).
     """
     import torch  # only writers need it; `show` starts faster without
+
+    from hessian_cli import __version__  # read from the package metadata: here, once
 
     path = Path(path).resolve()  # a link's target is appended to, the link kept
     with contextlib.ExitStack() as stack:  # a stop's effect: see the docstring

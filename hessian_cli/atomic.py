@@ -77,9 +77,9 @@ _TEMP_TAG = 12  # hex digits that tell one temporary file from another (atomic_p
 
 def remove_temporaries(directory: Path, names: str) -> None:
     """Remove the temporary files :func:`atomic_path` left in ``directory`` for files whose
-    names match the regular expression ``names``, when its process was killed outright
-    (kill -9: a checkpoint's may be as large as a checkpoint). Only for files whose writer's
-    lock is held: another writer's would go too."""
+    names (their :func:`temporary_stem`) match the regular expression ``names``, when its
+    process was killed outright (kill -9: a checkpoint's may be as large as a checkpoint).
+    Only for files whose writer's lock is held: another writer's would go too."""
     pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{{_TEMP_TAG}}}\.tmp")
     for leftover in directory.glob(".*.tmp"):
         if pattern.fullmatch(leftover.name) and leftover.is_file():
@@ -156,19 +156,24 @@ def written_at(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
-def _temporary_name(parent: Path, name: str) -> str:
-    """A new temporary file's name for ``name`` in ``parent``: ``name`` cut short where the
-    name with its tag would be longer than the file system takes (a figure named with 240
-    letters, a valid name, was refused as "file name too long")."""
-    tag = f".{uuid.uuid4().hex[:_TEMP_TAG]}.tmp"
+def temporary_stem(parent: Path, name: str) -> str:
+    """``name`` as the temporary files for it in ``parent`` hold it: cut short where the name
+    with its tag would be longer than the file system takes (a figure named with 240 letters,
+    a valid name, was refused as "file name too long"). :func:`remove_temporaries` is given
+    this, not the name, or a long name's leftover is never matched."""
     try:
         longest = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         longest = 255  # most file systems'
     encoded = os.fsencode(name)
     if longest > 0:  # -1: no limit
-        encoded = encoded[: longest - len(tag) - 1]
-    return f".{os.fsdecode(encoded)}{tag}"
+        encoded = encoded[: longest - len(".tmp") - _TEMP_TAG - 2]  # the dots before each
+    return os.fsdecode(encoded)
+
+
+def _temporary_name(parent: Path, name: str) -> str:
+    """A new temporary file's name for ``name`` in ``parent``."""
+    return f".{temporary_stem(parent, name)}.{uuid.uuid4().hex[:_TEMP_TAG]}.tmp"
 
 
 def _link(tmp: Path, path: Path) -> None:

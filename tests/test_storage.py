@@ -1078,3 +1078,17 @@ def test_show_reads_no_package_metadata(full, tmp_path):
             [sys.executable, "-c", code, "show", str(file)], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
+
+
+def test_an_append_removes_the_copy_a_killed_writer_of_a_long_named_file_left(full, tmp_path):
+    """The temporary name of a file named near the file system's limit is cut short, which the
+    leftover's pattern (the whole name) never matched: every kill -9 left a copy for good."""
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
+    path = tmp_path / ("s" * (longest - 3) + ".h5")
+    write_analyses(path, [variant(full, "a", 1)], command_line="x")
+    killed = tmp_path / f".{'s' * (longest - 18)}.0123456789ab.tmp"  # atomic_path's name for it
+    killed.write_bytes(path.read_bytes())
+    other = tmp_path / f".{'s' * (longest - 19)}t.0123456789ab.tmp"  # another file's
+    other.write_bytes(b"another file's")
+    write_analyses(path, [variant(full, "b", 2)], command_line="y")
+    assert sorted(tmp_path.iterdir()) == sorted([other, path])

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from hessian_cli.atomic import check_replaceable, remove_temporaries
+from hessian_cli.atomic import check_replaceable, remove_temporaries, temporary_stem
 from hessian_cli.errors import Terminated, UserError
 from hessian_cli.report import analysis_to_dict, cost_dict, number, numbers, provenance_dict
 from hessian_cli.series_order import natural_key, series_key
@@ -94,7 +94,7 @@ def write_analyses(
             raise type(exc)(f"nothing was written to {path}") from None
         stack.enter_context(signals_deferred(signal.SIGTERM, signal.SIGINT))
         if held:  # a writer of this file killed outright (kill -9) left its copy, as large
-            remove_temporaries(path.parent, re.escape(path.name))
+            remove_temporaries(path.parent, re.escape(temporary_stem(path.parent, path.name)))
         exists = _holds_something(path)  # after the lock: another writer may have made it
         with hdf5_written(
             path, append=exists, adding=_bytes_to_add(analyses, save_eigenvectors)

@@ -2721,3 +2721,12 @@ def test_a_figure_named_with_a_dot_at_its_end_is_written_under_the_name_meant(
         assert code == 0 and out == f"wrote {tmp_path / written}\n", err
         assert (tmp_path / written).read_bytes().startswith(start)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "fig.png"]
+
+
+def test_the_command_list_says_show_prints_json_and_reads_a_run():
+    """`hessian-cli --help` said show prints "tables" of "a spectra or metrics HDF5 file": a
+    reader looked elsewhere for JSON and for a run directory's metrics, both of which it takes."""
+    import typer
+
+    line = typer.main.get_command(app).commands["show"].get_short_help_str(limit=200)
+    assert "JSON" in line and "run" in line, line

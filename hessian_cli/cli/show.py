@@ -1,4 +1,5 @@
-"""``hessian-cli show FILE``: what a spectra or metrics file holds, as tables or JSON."""
+"""``hessian-cli show FILE``: what a spectra or metrics file (or a run directory's) holds, as
+tables or JSON."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def show(
         help="With several checkpoints, show the detailed table of each, not only the series.",
     ),
 ) -> None:
-    """Show what is inside a spectra or metrics HDF5 file, as tables."""
+    """Show what a spectra file or a run's metrics holds, as tables or JSON."""
     if env_rank() != 0:  # under torchrun one rank shows it
         return
     # Imported here, not at the top, so that --help need not load h5py and numpy.

@@ -2730,3 +2730,13 @@ def test_the_command_list_says_show_prints_json_and_reads_a_run():
 
     line = typer.main.get_command(app).commands["show"].get_short_help_str(limit=200)
     assert "JSON" in line and "run" in line, line
+
+
+def test_a_series_table_says_how_to_see_a_row_in_full(files):
+    """A series of eigenvalues alone (no density, whose note named -a) never said that -c NAME
+    shows a row's residuals and settings, or -a every row's."""
+    said = "a row in full: show -c NAME; every row: show -a"
+    out = " ".join(runner.invoke(app, ["show", str(files["series"])]).output.split())
+    assert said in out
+    out = " ".join(runner.invoke(app, ["show", str(files["series"]), "-a"]).output.split())
+    assert "show -c NAME" not in out

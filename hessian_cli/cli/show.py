@@ -111,7 +111,9 @@ def show(
         tables = [file_summary(file, ds, found.info, found.held)]
         if len(ds) > 1:
             shown = "each is below" if show_all else "show -a lists each, plot draws them"
-            tables.append(series_table(ds, shown))
+            # A series of eigenvalues alone never said how to see a row's residuals and settings.
+            details = None if show_all else "a row in full: show -c NAME; every row: show -a"
+            tables.append(series_table(ds, shown, details))
         if len(ds) == 1 or show_all:
             tables += [analysis_table(d, settings_apart(d, found.held)) for d in ds]
     for table in tables:

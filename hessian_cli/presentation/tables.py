@@ -544,11 +544,13 @@ def trace_cell(t: Mapping[str, Any] | None) -> str:
 
 
 def series_table(
-    ds: Sequence[Mapping[str, Any]], densities_shown: str = "--json prints them"
+    ds: Sequence[Mapping[str, Any]],
+    densities_shown: str = "--json prints them",
+    details: str | None = None,
 ) -> Table:
     """One row per checkpoint, in file order: step, epoch, top eigenvalues, trace, alignment;
     a caption says which rows hold a density, which no column shows, and ``densities_shown``
-    where to see them."""
+    where to see them, and ends with ``details``: where to see a row in full."""
     k = max((len(d["eigen"]["eigenvalues"]) for d in ds if d.get("eigen")), default=0)
     table = Table(title=analyses_of_checkpoints(ds), caption_justify="left")
     longest = max((len(str(d.get("name"))) for d in ds), default=10)
@@ -642,6 +644,8 @@ def series_table(
             f"in {modes}, relative error up to {_g(max(errors, default=None), '.1e')} against "
             f"full precision{checked}"
         )
+    if details:
+        notes.append(details)
     if notes:
         table.caption = "\n".join(notes)
     return table

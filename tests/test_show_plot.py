@@ -2740,3 +2740,16 @@ def test_a_series_table_says_how_to_see_a_row_in_full(files):
     assert said in out
     out = " ".join(runner.invoke(app, ["show", str(files["series"]), "-a"]).output.split())
     assert "show -c NAME" not in out
+
+
+def test_plot_of_two_files_says_how_to_compare_them(capsys, files, tmp_path):
+    """`plot a.h5 b.h5` said Click's "got unexpected extra argument(s) (b.h5)", which told
+    neither that plot draws one file nor how to compare two in one figure."""
+    out = tmp_path / "both.png"
+    code, _, err = run(capsys, "plot", files["single"], files["series"], "-o", out)
+    assert code == 2 and one_sentence(err) == (
+        f"error: plot draws one file (given: {files['single']}, {files['series']}); to compare "
+        "checkpoints in one figure, analyze them into one file (hessian-cli analyze A.pt B.pt "
+        f"--out both.h5, or --out {files['single']} to add to it) and plot that."
+    )
+    assert not out.exists()

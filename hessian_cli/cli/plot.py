@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import typer
@@ -21,8 +22,11 @@ from hessian_cli.errors import UserError
 from hessian_cli.launch import env_rank
 
 
-@app.command("plot")
+# Files past the first are taken, to be refused with how to compare them (Click said
+# "unexpected extra argument(s)").
+@app.command("plot", context_settings={"allow_extra_args": True})
 def plot(
+    ctx: typer.Context,
     file_name: str = typer.Argument(
         ...,
         metavar="FILE",
@@ -46,6 +50,14 @@ def plot(
     ),
 ) -> None:
     """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
+    if ctx.args:
+        first = shlex.quote(file_name)
+        given = ", ".join(shlex.quote(name) for name in (file_name, *ctx.args))
+        raise UserError(
+            f"plot draws one file (given: {given}); to compare checkpoints in one figure, "
+            f"analyze them into one file (hessian-cli analyze A.pt B.pt --out both.h5, or "
+            f"--out {first} to add to it) and plot that."
+        )
     if env_rank() != 0:  # under torchrun one rank draws it (each wrote the same file)
         return
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.

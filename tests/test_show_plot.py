@@ -2753,3 +2753,28 @@ def test_plot_of_two_files_says_how_to_compare_them(capsys, files, tmp_path):
         f"--out both.h5, or --out {files['single']} to add to it) and plot that."
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("k", [4, 50])
+def test_a_series_of_both_ends_is_keyed_from_the_top_of_the_spectrum_down(k):
+    """--which both: the legend read λ1, λ2, λn, λn-1 (the smallest end is stored λn first),
+    λn above the λn-1 drawn above it; a colour bar of 50 labelled λn in its middle, or not."""
+    half = k // 2
+    values = [*np.linspace(10, 1, half), *np.linspace(-1, -0.1, half)]  # λn (-1) first
+    ds = [
+        {
+            "name": f"step{step}",
+            "provenance": {"model": "mlp", "num_params": 2410, "step": step},
+            "eigen": {"which": "both", "eigenvalues": values, "converged": [1] * k},
+        }
+        for step in (10, 20)
+    ]
+    fig = spectra_figure(ds)
+    if k == 4:
+        legend = fig.axes[0].get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == ["λ1", "λ2", "λn-1", "λn"]
+        drawn = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+        assert (drawn["λn-1"], drawn["λn"]) == ([-0.1] * 2, [-1.0] * 2)
+    else:
+        ticks = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+        assert ticks[0] == "λ1" and ticks[-1] == "λn" and 5 <= len(ticks) <= 13

@@ -549,6 +549,15 @@ def _one_run_said(ds: Sequence[Mapping[str, Any]]) -> str | None:
     return model_cell(prov) + (f" in {run_directory(prov)}" if prov.get("checkpoint") else "")
 
 
+def _spectrum_order(whiches: set[str | None], k: int) -> list[int]:
+    """The ``k`` eigenvalue columns from the spectrum's top down: both ends' smallest are
+    stored λn first, which the series' legend listed above λn-1 (λ1, λ2, λn, λn-1)."""
+    if whiches != {"both"}:
+        return list(range(k))
+    half = k // 2
+    return [*range(half), *range(k - 1, half - 1, -1)]
+
+
 def _eigen_color(i: int, k: int) -> Any:
     """The colour of the ``i``-th of ``k`` eigenvalues' trajectories: the default cycle's where
     it holds them all, else a colour map's (the cycle repeats after ten: λ11 was drawn as λ1)."""
@@ -563,15 +572,20 @@ def _eigen_colors(k: int) -> ListedColormap:
 
 def _eigen_key(ax: Axes, labels: Sequence[str]) -> None:
     """Which trajectory is which eigenvalue: a legend of up to ten, else a colour bar of
-    :func:`_eigen_color`'s colours, λ1 on top (a legend of 50 ran off the panel, over it)."""
+    :func:`_eigen_color`'s colours, λ1 on top, the last at the bottom (a legend of 50 ran off
+    the panel, over it)."""
     k = len(labels)
     if k <= 10:
         ax.legend(fontsize="small", ncols=2 if k > 5 else 1)
         return
     colors = ScalarMappable(Normalize(-0.5, k - 0.5), _eigen_colors(k))
     bar = ax.figure.colorbar(colors, ax=ax)
-    shown = range(0, k, math.ceil(k / _EIGEN_LABELS))
-    bar.set_ticks(list(shown), labels=[labels[i] for i in shown])
+    step = math.ceil(k / _EIGEN_LABELS)
+    shown = list(range(0, k, step))
+    # The bottom end labelled too (both ends' λn), in place of a tick too close above it.
+    shown = shown[:-1] if k - 1 - shown[-1] < step / 2 else shown
+    shown.append(k - 1)
+    bar.set_ticks(shown, labels=[labels[i] for i in shown])
     bar.ax.invert_yaxis()
 
 
@@ -604,7 +618,8 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax = next(panels)
         any_bad = False
         columns = [eigen_columns(d.get("eigen") or {}, whiches, k) for d in ds]
-        for i in range(k):
+        order = _spectrum_order(whiches, k)
+        for place, i in enumerate(order):  # drawn, so keyed, as the spectrum reads
             lam = np.full(len(ds), np.nan)
             bad = np.zeros(len(ds), dtype=bool)
             for j, d in enumerate(ds):
@@ -615,7 +630,8 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
             for n, (at, marker, _) in enumerate(runs):
                 label = labels[i] if n == 0 else None
                 at = _holding(ds, at, "eigen")
-                ax.plot(x[at], lam[at], marker=marker, ms=3, color=_eigen_color(i, k), label=label)
+                color = _eigen_color(place, k)
+                ax.plot(x[at], lam[at], marker=marker, ms=3, color=color, label=label)
             ax.plot(x[bad], lam[bad], "x", color="C3", ms=8, mew=2)
             any_bad |= bool(bad.any())
         title = (
@@ -626,7 +642,7 @@ def _series_figure(ds: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_title(f"{title} (red x: NOT converged)" if any_bad else title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eigenvalue")
-        _eigen_key(ax, labels)
+        _eigen_key(ax, [labels[i] for i in order])
     if has_trace:
         ax = next(panels)
         est = _arr([(d.get("trace") or {}).get("estimate") for d in ds])

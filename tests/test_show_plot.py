@@ -1891,12 +1891,15 @@ def test_the_density_panel_says_what_it_took_and_found(full):  # noqa: F811
 
 def test_the_density_legend_names_the_eigenvalues_where_the_first_is_missing(full):  # noqa: F811
     """The entry was set on the first eigenvalue only: where it was not finite (stored as
-    missing), the legend lost "the 3 eigenvalues found" though two of their lines were drawn."""
+    missing), the legend lost its entry though two of their lines were drawn; then it said
+    "the 3 eigenvalues found" of the two lines."""
     d = json.loads(json.dumps(analysis_to_dict(full)))
     d["eigen"]["eigenvalues"][0] = None
     density_axes = spectra_figure([d]).axes[0]
     labels = [t.get_text() for t in density_axes.get_legend().get_texts()]
-    assert labels == ["smoothed ESD", f"the 3 eigenvalues found ({d['eigen']['which']})"]
+    said = f"the 2 eigenvalues found ({d['eigen']['which']}; 1 more NaN)"
+    assert labels == ["smoothed ESD", said]
+    assert len([line for line in density_axes.get_lines() if line.get_linestyle() == "--"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -202,13 +202,17 @@ def _density_panel(ax: Axes, d: Mapping[str, Any], held: Sequence[Mapping[str, A
     ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.2, label="smoothed ESD")
     ax.set_ylim(bottom=floor)
     if e is not None:
-        found = counted(len(e["eigenvalues"]), "eigenvalue")
+        pairs = zip(e["eigenvalues"], e["converged"], strict=False)
+        drawn = [(lam, ok) for lam, ok in pairs if lam is not None and math.isfinite(lam)]
+        # Counted as drawn: "the 3 found" marked 2 where one was NaN.
         # Older files record no `which`: it said "(None)".
-        label = f"the {found} found" + (f" ({e['which']})" if e.get("which") else "")
+        said = [e["which"]] if e.get("which") else []
+        if missing := len(e["eigenvalues"]) - len(drawn):
+            said.append(f"{missing} more NaN")
+        label = f"the {counted(len(drawn), 'eigenvalue')} found"
+        label += f" ({'; '.join(said)})" if said else ""
         label += f" by {_literal(source)}" if source is not None else ""
-        for lam, ok in zip(e["eigenvalues"], e["converged"], strict=False):
-            if lam is None or not math.isfinite(lam):
-                continue
+        for lam, ok in drawn:
             # On the first line drawn: on the first value, one missing took the entry away.
             ax.axvline(lam, color="C2" if ok else "C3", ls="--", lw=0.8, label=label)
             label = None

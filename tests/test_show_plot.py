@@ -2781,3 +2781,15 @@ def test_a_series_of_both_ends_is_keyed_from_the_top_of_the_spectrum_down(k):
     else:
         ticks = [t.get_text() for t in fig.axes[1].get_yticklabels()]
         assert ticks[0] == "λ1" and ticks[-1] == "λn" and 5 <= len(ticks) <= 13
+
+
+def test_a_series_density_title_counts_the_densities_drawn(full):  # noqa: F811
+    """A checkpoint whose density is NaN throughout draws no line, yet the title counted it:
+    "of 3 checkpoints" over two curves."""
+    steps = [variant(full, f"ckpt_{s}", s) for s in (100, 200, 300)]
+    bare = [dataclasses.replace(a, eigen=None, trace=None, alignment=None) for a in steps]
+    ds = [analysis_to_dict(a) for a in bare]
+    ds[1]["density"]["values"] = [None] * len(ds[1]["density"]["values"])
+    panel = spectra_figure(ds).axes[0]
+    assert panel.get_title() == "Spectral densities (SLQ) of 2 checkpoints (1 more all NaN)"
+    assert len(panel.get_lines()) == 2

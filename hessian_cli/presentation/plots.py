@@ -278,8 +278,11 @@ def _densities_panel(
     run where several share the file)."""
     have = [j for j, d in enumerate(ds) if d.get("density")]
     curves = {j: (_arr(ds[j]["density"]["grid"]), _arr(ds[j]["density"]["values"])) for j in have}
-    peaks = [np.nanmax(v) for _, v in curves.values() if np.isfinite(v).any()]
-    peak = max(peaks, default=1.0)
+    # One all NaN draws nothing: the title counted it as drawn.
+    curves = {
+        j: (grid, values) for j, (grid, values) in curves.items() if np.isfinite(values).any()
+    }
+    peak = max((np.nanmax(v) for _, v in curves.values()), default=1.0)
     floor = peak * _DENSITY_FLOOR if peak > 0 else _DENSITY_FLOOR
     norm = Normalize(float(np.nanmin(x[have])), float(np.nanmax(x[have])))
     cmap = colormaps["viridis"]
@@ -294,7 +297,9 @@ def _densities_panel(
     ax.figure.colorbar(mappable, ax=ax, label=xlabel, ticks=_WholeNumbers())
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (log scale)")
-    ax.set_title(f"Spectral densities (SLQ) of {analyses_of_checkpoints([ds[j] for j in have])}")
+    title = f"Spectral densities (SLQ) of {analyses_of_checkpoints([ds[j] for j in curves])}"
+    missing = len(have) - len(curves)
+    ax.set_title(title + (f" ({missing} more all NaN)" if missing else ""))
 
 
 _EIGEN_LABELS = 12  # eigenvalues labelled on a checkpoint's axis, at most about

@@ -2793,3 +2793,24 @@ def test_a_series_density_title_counts_the_densities_drawn(full):  # noqa: F811
     panel = spectra_figure(ds).axes[0]
     assert panel.get_title() == "Spectral densities (SLQ) of 2 checkpoints (1 more all NaN)"
     assert len(panel.get_lines()) == 2
+
+
+def test_the_numbers_under_a_title_of_long_named_analyses_stay_within_the_figure(full):  # noqa: F811
+    """One checkpoint analysed at --seed 0, 1 and 2 under a long name: its traces and
+    alignments, each named by its analysis, made lines 2,956 pixels wide over a figure of
+    1,280, both ends off it; they break between the analyses, each value kept whole."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    name = "experiment_resnet20_cifar10_lr0.1_wd5e-4_rho0.05_alpha0.2_step=78200"
+    d = analysis_to_dict(full)
+    prov = d["provenance"] | {"sha256": "ab" * 32}
+    ds = [
+        {**d, "name": f"{name}-{seed}", "provenance": prov | {"seed": seed}} for seed in (0, 1, 2)
+    ]
+    fig = spectra_figure(ds, ds)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    title = fig._suptitle
+    assert title.get_window_extent(renderer).width <= fig.bbox.width
+    said = title.get_text()
+    for seed in (0, 1, 2):
+        assert f"({name}-{seed})" in said and said.count(f"{name}-{seed}") == 2, said

@@ -810,21 +810,44 @@ def _fixed(value: float | None) -> str:
 def _fitted_title(fig: Figure, title: str, below: Sequence[str] = ()) -> None:
     """``title`` above ``fig``, cut in the middle where it is wider than the figure (a long
     checkpoint name ran off both sides): its start and its end, which tells checkpoints apart.
-    The lines ``below`` (of numbers) go under it as they are."""
+    The lines ``below`` (of numbers) go under it, broken where wider (:func:`_wrapped`)."""
     text = fig.suptitle("")
-    fitted = _fitted_line(text, title, 0.98 * fig.bbox.width)
-    text.set_text("\n".join([fitted, *map(_literal, below)]))
+    room = 0.98 * fig.bbox.width
+    lines = [_fitted_line(text, title, room)]
+    for line in below:
+        lines += _wrapped(text, line, room)
+    text.set_text("\n".join(lines))
+
+
+def _wrapped(text: Text, line: str, room: float) -> list[str]:
+    """``line`` broken after each "; " that leaves it wider than ``room`` pixels, each part cut
+    in the middle where it alone is: the traces of several long-named analyses ran off the
+    figure's sides."""
+    parts = line.split("; ")
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if _width(text, f"{lines[-1]}; {part}") <= room:
+            lines[-1] += f"; {part}"
+        else:
+            lines[-1] += ";"
+            lines.append(part)
+    return [_fitted_line(text, part, room) for part in lines]
+
+
+def _width(text: Text, line: str) -> float:
+    """How many pixels wide ``text`` draws ``line`` (which it is set to)."""
+    fig = text.figure
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    text.set_text(_literal(line))
+    return text.get_window_extent(canvas.get_renderer()).width
 
 
 def _fitted_line(text: Text, line: str, room: float) -> str:
     """``line`` as ``text`` draws it (which it is set to), cut in the middle (:func:`_middle_cut`)
     where it is wider than ``room`` pixels."""
-    renderer = FigureCanvasAgg(text.figure).get_renderer()
-    text.set_text(_literal(line))
     keep = len(line)
-    while keep > 1 and (width := text.get_window_extent(renderer).width) > room:
+    while (width := _width(text, _middle_cut(line, keep))) > room and keep > 1:
         keep = min(keep - 1, int(keep * room / width))
-        text.set_text(_literal(_middle_cut(line, keep)))
     return text.get_text()
 
 

@@ -2814,3 +2814,12 @@ def test_the_numbers_under_a_title_of_long_named_analyses_stay_within_the_figure
     said = title.get_text()
     for seed in (0, 1, 2):
         assert f"({name}-{seed})" in said and said.count(f"{name}-{seed}") == 2, said
+
+
+def test_a_density_that_is_nan_throughout_says_so_in_its_legend(full):  # noqa: F811
+    """Its panel was empty under a legend entry "smoothed ESD", as if a curve were drawn."""
+    d = analysis_to_dict(full)
+    d["density"]["values"] = [None] * len(d["density"]["values"])
+    panel = spectra_figure([d]).axes[0]
+    labels = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert labels[0] == "smoothed ESD: NaN throughout, not drawn"

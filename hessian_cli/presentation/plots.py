@@ -197,9 +197,12 @@ def _density_panel(ax: Axes, d: Mapping[str, Any], held: Sequence[Mapping[str, A
     dn = d["density"]
     e, source = _eigen_of(d, held)
     grid, values = _arr(dn["grid"]), _arr(dn["values"])
-    peak = np.nanmax(values) if np.isfinite(values).any() else 1.0
+    drawable = bool(np.isfinite(values).any())
+    peak = np.nanmax(values) if drawable else 1.0
     floor = peak * _DENSITY_FLOOR if peak > 0 else _DENSITY_FLOOR
-    ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.2, label="smoothed ESD")
+    # One NaN throughout drew nothing, yet its legend entry said "smoothed ESD".
+    label = "smoothed ESD" if drawable else "smoothed ESD: NaN throughout, not drawn"
+    ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.2, label=label)
     ax.set_ylim(bottom=floor)
     if e is not None:
         pairs = zip(e["eigenvalues"], e["converged"], strict=False)

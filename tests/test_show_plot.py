@@ -2823,3 +2823,15 @@ def test_a_density_that_is_nan_throughout_says_so_in_its_legend(full):  # noqa: 
     panel = spectra_figure([d]).axes[0]
     labels = [t.get_text() for t in panel.get_legend().get_texts()]
     assert labels[0] == "smoothed ESD: NaN throughout, not drawn"
+
+
+def test_a_nan_eigenvalue_is_said_in_the_legend_not_drawn_as_a_marker(full):  # noqa: F811
+    """A NaN λ1 (not converged) gave the legend a "NOT converged" entry with no marker drawn
+    anywhere, and no word of λ1."""
+    d = analysis_to_dict(full)
+    d["eigen"]["eigenvalues"][0] = None
+    d["eigen"]["converged"][0] = False
+    d["density"] = None
+    panel = spectra_figure([d]).axes[0]
+    labels = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert "NOT converged" not in labels and "λ1 NaN, not drawn" in labels, labels

@@ -327,10 +327,17 @@ def _eigen_panel(ax: Axes, e: Mapping[str, Any]) -> Axes:
         ax.set_xticks([half + 1], ["…"], minor=True)  # the eigenvalues between, not computed
     for part in ends:
         ax.plot(idx[part], values[part], color="0.6", lw=0.8)
-    if ok.any():  # no legend entry for markers that are not there
-        ax.plot(idx[ok], values[ok], "o", color="C0", label="converged")
-    if (~ok).any():
-        ax.plot(idx[~ok], values[~ok], "x", color="C3", ms=9, mew=2, label="NOT converged")
+    # No legend entry for markers that are not there: a NaN eigenvalue's "NOT converged" was
+    # an entry with nothing drawn; the entry says which are NaN instead.
+    finite = np.isfinite(values)
+    if (ok & finite).any():
+        ax.plot(idx[ok & finite], values[ok & finite], "o", color="C0", label="converged")
+    if (~ok & finite).any():
+        bad = ~ok & finite
+        ax.plot(idx[bad], values[bad], "x", color="C3", ms=9, mew=2, label="NOT converged")
+    if nan := [labels[i] for i in np.flatnonzero(~finite)]:
+        shown = ", ".join(nan[:3]) + (f" and {len(nan) - 3} more" if len(nan) > 3 else "")
+        ax.plot([], [], ls="none", label=f"{shown} NaN, not drawn")
     ax.set_ylabel("eigenvalue")
     # At most about a dozen labels, each end's own first (λ1, λn) and every so many after it:
     # 50 of them ran into one another, unreadable.

@@ -2793,6 +2793,10 @@ def test_a_series_density_title_counts_the_densities_drawn(full):  # noqa: F811
     panel = spectra_figure(ds).axes[0]
     assert panel.get_title() == "Spectral densities (SLQ) of 2 checkpoints (1 more all NaN)"
     assert len(panel.get_lines()) == 2
+    for d in ds:
+        d["density"]["values"] = [None] * len(d["density"]["values"])
+    panel = spectra_figure(ds).axes[0]
+    assert panel.get_title() == "Spectral densities (SLQ): all 3 NaN"
 
 
 def test_the_numbers_under_a_title_of_long_named_analyses_stay_within_the_figure(full):  # noqa: F811

@@ -302,7 +302,8 @@ def _densities_panel(
     ax.set_ylabel("density (log scale)")
     title = f"Spectral densities (SLQ) of {analyses_of_checkpoints([ds[j] for j in curves])}"
     missing = len(have) - len(curves)
-    ax.set_title(title + (f" ({missing} more all NaN)" if missing else ""))
+    said = f" ({missing} more all NaN)" if missing else ""
+    ax.set_title(title + said if curves else f"Spectral densities (SLQ): all {missing} NaN")
 
 
 _EIGEN_LABELS = 12  # eigenvalues labelled on a checkpoint's axis, at most about

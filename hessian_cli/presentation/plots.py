@@ -1040,8 +1040,9 @@ def metrics_figure(
         ax.legend(fontsize="small")
     if ax := ax_of.get("curvature"):
         # Two Hessians: with BatchNorm 100x apart (running statistics against the batch's), and
-        # "tracked" beside "at refresh" said not why.
-        held = "λ_max, held-out batch (running BatchNorm statistics)"
+        # "tracked" beside "at refresh" said not why. The metrics do not say whether the model has
+        # BatchNorm: "running BatchNorm statistics" was said of models without any.
+        held = "λ_max, held-out batch (eval mode: any BatchNorm by its running statistics)"
         _curve(ax, track, "step", "lambda_max", marker=".", label=held)
         own = "λ1 at refresh, its training minibatch"
         _curve(ax, refresh, "step", "eigenvalue", ls="", marker="x", label=own)

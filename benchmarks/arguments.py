@@ -1,9 +1,12 @@
 """The benchmark scripts' command lines: their docstring as the help, what they take checked
-as argparse types, and the engine's refusals of what they were given as one line."""
+as argparse types, the engine's refusals of what they were given as one line, and a closed
+pipe (``| head``) as a quiet end."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,12 +72,24 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+# The shell's status for a process ended by SIGPIPE, as the CLI's (`seq 1 100000 | head -1`).
+PIPE_CLOSED_STATUS = 128 + signal.SIGPIPE
+
+
 def run_main(main: Callable[[], None]) -> None:
     """A script's ``main``, where the engine's refusal of what it was given (a checkpoint that
     does not exist, a model it does not know) is one line and exit status 2, as a bad option's
-    is, not a traceback."""
+    is, not a traceback; and where standard output's reader went away (``peers.py | head``),
+    the script stops quietly, as a shell tool does, where it ended in a BrokenPipeError's."""
     try:
-        main()
+        try:
+            main()
+        finally:
+            sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
     except UserError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:
+        # nothing more to print: what is still buffered goes nowhere, not to a second error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(PIPE_CLOSED_STATUS) from None

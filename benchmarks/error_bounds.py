@@ -8,7 +8,7 @@ that does not hold (benchmarks/RESULTS.md, thirteenth session).
 """
 
 import torch
-from arguments import parser_for  # the script's directory is on sys.path
+from arguments import parser_for, run_main  # the script's directory is on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import MatrixOperator
@@ -45,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

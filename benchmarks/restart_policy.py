@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable
 
 import torch
-from arguments import at_least, count, parser_for  # the script's directory is on sys.path
+from arguments import at_least, count, parser_for, run_main  # the script's directory is on sys.path
 
 import hessian_cli.engine.eigensolver as solver
 import hessian_cli.engine.solver_plan as solver_plan
@@ -161,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

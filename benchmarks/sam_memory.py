@@ -17,7 +17,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from arguments import at_least, parser_for  # the script's directory is on sys.path
+from arguments import at_least, parser_for, run_main  # the script's directory is on sys.path
 
 if TYPE_CHECKING:  # for the annotations: each row imports torch where it runs
     import torch
@@ -91,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,7 @@ network-like spectrum (n = 300): pairs of equal eigenvalues -0.45, -0.36, -0.315
 from __future__ import annotations
 
 import torch
-from arguments import count, counts, parser_for  # the script's directory is on sys.path
+from arguments import count, counts, parser_for, run_main  # the script's directory is on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import MatrixOperator
@@ -93,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

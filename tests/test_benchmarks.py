@@ -368,3 +368,30 @@ def test_peers_refuses_a_tolerance_or_thread_count_before_any_case(
     with pytest.raises(SystemExit):
         parse(monkeypatch, option, value)
     assert message in capsys.readouterr().err
+
+
+def run_into_a_closed_pipe(script: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/SCRIPT.py ARGV | head`` where head has gone before the first line."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, str(BENCHMARKS / f"{script}.py"), *argv],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["solver_cost", "--n", "50", "--k", "2", "--blocks", "1"],
+        ["error_bounds"],  # one of the scripts not run through run_main before
+        ["skip_check", "--seeds", "1", "--steps", "1"],
+    ],
+)
+def test_a_benchmark_piped_into_head_stops_quietly(argv: list[str]) -> None:
+    """``peers.py | head`` ended in a BrokenPipeError's traceback, exit status 1."""
+    done = run_into_a_closed_pipe(*argv)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -893,6 +893,19 @@ CASES: dict[str, Callable[[Bench], None]] = {
 }
 
 
+def case_names(text: str) -> list[str]:
+    """Comma-separated names of cases, as an argparse type. An empty name (``top-k,``, a
+    trailing comma) is none: it was refused as "unknown case(s) :", naming nothing."""
+    names = [name for name in text.split(",") if name]
+    if unknown := set(names) - set(CASES):
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}"
+        )
+    if not names:
+        raise argparse.ArgumentTypeError(f"no case named: choose from {', '.join(CASES)}")
+    return names
+
+
 def run(args: argparse.Namespace) -> None:
     b = setup(args)
     header(b)
@@ -978,7 +991,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--cases",
-        type=lambda text: text.split(","),
+        type=case_names,
         default=list(CASES),
         help=f"comma-separated subset of {','.join(CASES)} (default: all)",
     )
@@ -992,10 +1005,6 @@ def parse_args() -> argparse.Namespace:
     for name in (*counts, "probes", "density_probes", "density_steps"):
         if (value := getattr(args, name)) is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if unknown := set(args.cases) - set(CASES):
-        parser.error(
-            f"unknown case(s) {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}"
-        )
     cuda = args.device.startswith("cuda")
     if args.quick:  # sizes given on the command line stay as given
         # Every case's code on a model whose products cost little: on ResNet-20 the HVP costs

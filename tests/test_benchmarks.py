@@ -395,3 +395,14 @@ def test_a_benchmark_piped_into_head_stops_quietly(argv: list[str]) -> None:
     """``peers.py | head`` ended in a BrokenPipeError's traceback, exit status 1."""
     done = run_into_a_closed_pipe(*argv)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_peers_cases_take_a_trailing_comma_and_name_what_they_refuse(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--cases top-k,`` was refused as "unknown case(s) :", naming nothing."""
+    assert parse(monkeypatch, "--cases", "top-k,").cases == ["top-k"]
+    for given, message in (("top-k,tops", "unknown case(s) tops: "), (",", "no case named: ")):
+        with pytest.raises(SystemExit):
+            parse(monkeypatch, "--cases", given)
+        assert f"argument --cases: {message}choose from costs," in capsys.readouterr().err

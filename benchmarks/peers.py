@@ -894,16 +894,18 @@ CASES: dict[str, Callable[[Bench], None]] = {
 
 
 def case_names(text: str) -> list[str]:
-    """Comma-separated names of cases, as an argparse type. An empty name (``top-k,``, a
-    trailing comma) is none: it was refused as "unknown case(s) :", naming nothing."""
-    names = [name for name in text.split(",") if name]
+    """Comma-separated names of cases, as an argparse type: each once, in the order given but
+    ``reference`` first, which the errors of top-k and reduced precision are measured against
+    (given after them, their rows had no error). An empty name (``top-k,``, a trailing comma)
+    is none: it was refused as "unknown case(s) :", naming nothing."""
+    names = list(dict.fromkeys(name for name in text.split(",") if name))
     if unknown := set(names) - set(CASES):
         raise argparse.ArgumentTypeError(
             f"unknown case(s) {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}"
         )
     if not names:
         raise argparse.ArgumentTypeError(f"no case named: choose from {', '.join(CASES)}")
-    return names
+    return sorted(names, key=lambda name: name != "reference")  # a stable sort
 
 
 def run(args: argparse.Namespace) -> None:
@@ -993,7 +995,8 @@ def parse_args() -> argparse.Namespace:
         "--cases",
         type=case_names,
         default=list(CASES),
-        help=f"comma-separated subset of {','.join(CASES)} (default: all)",
+        help=f"comma-separated subset of {','.join(CASES)}, run in the order given, reference "
+        "first (default: all)",
     )
     parser.add_argument(
         "--threads", type=at_least(0), default=0, help="torch CPU threads (0: default)"

@@ -406,3 +406,11 @@ def test_peers_cases_take_a_trailing_comma_and_name_what_they_refuse(
         with pytest.raises(SystemExit):
             parse(monkeypatch, "--cases", given)
         assert f"argument --cases: {message}choose from costs," in capsys.readouterr().err
+
+
+def test_peers_runs_the_reference_before_the_cases_measured_against_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--cases top-k,reference`` ran top-k with no reference: its rows had no error."""
+    cases = parse(monkeypatch, "--cases", "trace,top-k,reference,trace").cases
+    assert cases == ["reference", "trace", "top-k"]

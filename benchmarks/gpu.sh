@@ -5,7 +5,8 @@
 # stopped at a time limit still leaves what it printed).
 #
 #   benchmarks/gpu.sh [peers.py options]        # CUDA: ResNet-18, 16 batches of 256 inputs
-#   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU
+#   benchmarks/gpu.sh --quick                   # smoke test: every script at tiny sizes
+#   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU (peers.py alone)
 #
 # Order, most valuable first, so that a run cut short loses the least: the issue's cases
 # (peers.py but `many`), overhead.py, solver_cost.py, then peers.py's `many` case on its own.
@@ -70,8 +71,16 @@ if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
         | sed 's/^/# /' | tee -a "$LOG"
 fi
 
-# --quick's sizes (peers.py's: one start per tool, many-k 4), unless set
-case " $* " in *" --quick "*) SEEDS="${SEEDS:-1}" DATALOADER_SEEDS="${DATALOADER_SEEDS:-1}" MANY_K="${MANY_K:-4}" ;; esac
+# the solver's own cost at ResNet-18's size, products free (a diagonal operator)
+solver_sizes=(--n 11181642 --k 5,50 --blocks default,1,4)
+overhead_sizes=()
+# --quick's sizes (peers.py's: one start per tool, many-k 4, the cnn model), unless set; on
+# CUDA overhead.py and solver_cost.py too, which at full size took ~100 s of the smoke test
+case " $* " in *" --quick "*)
+    SEEDS="${SEEDS:-1}" DATALOADER_SEEDS="${DATALOADER_SEEDS:-1}" MANY_K="${MANY_K:-4}"
+    solver_sizes=(--n 5418 --k 2,4 --blocks default,1)
+    overhead_sizes=(--model cnn --batch 4 --batches 2 --reps 1) ;;
+esac
 peers=("$PYTHON" "$ROOT/benchmarks/peers.py" --device "$DEVICE" --seeds "${SEEDS:-3}"
     --dataloader-seeds "${DATALOADER_SEEDS:-2}" --many-k "${MANY_K:-20}")
 start=$SECONDS
@@ -82,11 +91,11 @@ record() { [ "$status" -ne 0 ] || status=$1; }  # the first failure's exit statu
     | tee -a "$LOG"
 record "${PIPESTATUS[0]}"
 if [ "$DEVICE" = cuda ]; then  # where a product's time goes: launches, cuDNN, the solver
-    "$PYTHON" "$ROOT/benchmarks/overhead.py" --device cuda 2>&1 | tee -a "$LOG"
+    "$PYTHON" "$ROOT/benchmarks/overhead.py" --device cuda "${overhead_sizes[@]}" 2>&1 \
+        | tee -a "$LOG"
     record "${PIPESTATUS[0]}"
-    # the solver's own cost at ResNet-18's size, products free (a diagonal operator)
-    "$PYTHON" "$ROOT/benchmarks/solver_cost.py" --device cuda --n 11181642 --k 5,50 \
-        --blocks default,1,4 2>&1 | tee -a "$LOG"
+    "$PYTHON" "$ROOT/benchmarks/solver_cost.py" --device cuda "${solver_sizes[@]}" 2>&1 \
+        | tee -a "$LOG"
     record "${PIPESTATUS[0]}"
 fi
 if [[ " $* " != *" --cases"* ]]; then  # last: no target rests on it

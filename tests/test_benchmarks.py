@@ -175,8 +175,9 @@ def test_gpu_session_short_of_time_cuts_the_tests(tmp_path: Path) -> None:
     assert session(tmp_path, 10) == ["gpu.sh"]
 
 
-def gpu_sh_peers_calls(tmp_path: Path, *argv: str) -> list[list[str]]:
-    """The arguments gpu.sh passed to peers.py, with a python that only records them."""
+def gpu_sh_calls(tmp_path: Path, *argv: str, device: str = "cpu") -> list[list[str]]:
+    """The arguments gpu.sh passed to its python (a script's path first), with a python that
+    only records them."""
     root = Path(__file__).parents[1]
     bench = tmp_path / "benchmarks"
     bench.mkdir()
@@ -185,12 +186,17 @@ def gpu_sh_peers_calls(tmp_path: Path, *argv: str) -> list[list[str]]:
     python.write_text('#!/usr/bin/env bash\necho "$@" >> "$CALLS"\n')
     python.chmod(0o755)
     calls = tmp_path / "calls"
-    env = {**os.environ, "PYTHON": str(python), "CALLS": str(calls), "DEVICE": "cpu"}
+    env = {**os.environ, "PYTHON": str(python), "CALLS": str(calls), "DEVICE": device}
     env.update(LOG=str(tmp_path / "log"), WHEELS=str(tmp_path / "none"))
     for name in ("SEEDS", "DATALOADER_SEEDS", "MANY_K"):
         env.pop(name, None)
     subprocess.run(["bash", str(bench / "gpu.sh"), *argv], env=env, check=True, capture_output=True)
-    return [line.split() for line in calls.read_text().splitlines() if "peers.py" in line]
+    return [line.split() for line in calls.read_text().splitlines() if ".py" in line]
+
+
+def gpu_sh_peers_calls(tmp_path: Path, *argv: str) -> list[list[str]]:
+    """The arguments gpu.sh passed to peers.py."""
+    return [argv for argv in gpu_sh_calls(tmp_path, *argv) if argv[0].endswith("peers.py")]
 
 
 def test_gpu_sh_quick_runs_one_start_per_tool(
@@ -414,3 +420,24 @@ def test_peers_runs_the_reference_before_the_cases_measured_against_it(
     """``--cases top-k,reference`` ran top-k with no reference: its rows had no error."""
     cases = parse(monkeypatch, "--cases", "trace,top-k,reference,trace").cases
     assert cases == ["reference", "trace", "top-k"]
+
+
+def test_gpu_sh_quick_on_cuda_runs_every_script_at_small_sizes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On CUDA, gpu.sh --quick ran overhead.py (ResNet-18, batches of 256) and solver_cost.py
+    (11 million entries, 50 eigenpairs) at full size: ~100 s of a smoke test on an H200."""
+    import overhead
+    import solver_cost
+
+    calls = {
+        Path(argv[0]).stem: argv[1:] for argv in gpu_sh_calls(tmp_path, "--quick", device="cuda")
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is taken
+    monkeypatch.setattr(sys, "argv", ["overhead.py", *calls["overhead"]])
+    sizes = overhead.parse_args()
+    assert sum(p.numel() for p in build(sizes.model).parameters()) < 10_000
+    assert sizes.batch < 16 and sizes.reps == 1
+    monkeypatch.setattr(sys, "argv", ["solver_cost.py", *calls["solver_cost"]])
+    sizes = solver_cost.parse_args()
+    assert sizes.n < 100_000 and max(sizes.k) < 5

@@ -8,21 +8,22 @@
 #   benchmarks/gpu.sh --quick                   # smoke test: every script at tiny sizes
 #   DEVICE=cpu benchmarks/gpu.sh --quick        # smoke test on CPU (peers.py alone)
 #
-# Order, most valuable first, so that a run cut short loses the least: the issue's cases
-# (peers.py but `many`), overhead.py, solver_cost.py, then peers.py's `many` case on its own.
-# Time on an H200, estimated from the third session's per-row times (RESULTS.md) plus the
-# skipped-eigenvalue check's 6 products per solve (0.17 s on one batch, 2.8 s on 16): ~250 s
-# (the twenty-third session's run took 295 s; overhead.py has grown by ~20 s since).
-# Issue's cases ~172 s (startup and peers' install 15, costs 21, reference 3, top-k 31, trace 3,
-# density 27, dataloader 61, precision 12), then overhead.py ~26, solver_cost.py ~17, many ~34
-# (its own startup 8, float64 reference ~14). From ~350 s with the settings before: top-k runs
-# from $SEEDS random starts per tool (default 3, was 5), the dataloader case's from
-# $DATALOADER_SEEDS (default 2, was 3: PyHessian's run takes 9 s there); `analyze`'s variants
-# from one start, since our products did not vary with the seed where the peers' did; no
-# dataloader blocks beside the default on CUDA (blocks 2 and 4 took 1.6x and 2.2x its time in
-# all three H200 runs); the many case at $MANY_K = 20 eigenpairs (was 30).
-# Twenty-sixth session: peers.py's top-k also runs ours under cudnn.benchmark (a candidate, one
-# start each: a few seconds with cuDNN's search), overhead.py its cuDNN rows (~5 s).
+# Order, most valuable first, so that a run cut short loses the least: issue 6's targets
+# (peers.py's reference, top-k, trace, density and dataloader cases, then costs, whose block-1
+# product is the last target), reduced precision, overhead.py, solver_cost.py, then peers.py's
+# `many` case on its own. Time on an H200, from the twenty-third session's run (RESULTS.md,
+# 2026-11-30, 295 s in all, each case's time in its log): startup and the peers' install ~15 s,
+# reference 3, top-k 34, trace 3, density 26, dataloader 66, costs 20 (every target's numbers
+# by ~170 s), precision 14; then overhead.py ~58 (295 s less the rest), solver_cost.py ~17, many
+# ~40 (its own startup 8, float64 reference 16). Since then top-k also runs ours under
+# cudnn.benchmark (one start each: a few seconds with cuDNN's search) and overhead.py has grown
+# (cuDNN rows ~5 s, BatchNorm's formula, forward-over-forward probes, merged batches, the
+# engine's share): ~330-370 s estimated, under gpu_session.sh's 420. Settings that took it from
+# ~350 s before: top-k runs from $SEEDS random starts per tool (default 3, was 5), the
+# dataloader case's from $DATALOADER_SEEDS (default 2, was 3: PyHessian's run takes 9 s there);
+# `analyze`'s variants from one start, since our products did not vary with the seed where the
+# peers' did; no dataloader blocks beside the default on CUDA (blocks 2 and 4 took 1.6x and
+# 2.2x its time in all three H200 runs); the many case at $MANY_K = 20 eigenpairs (was 30).
 # The peers (PyHessian, hessian-eigenthings) are installed, when the python in use lacks them,
 # from the wheels in $WHEELS (default .whl/ at the repo root) into $SITE (default /tmp/site),
 # without network. One that still does not import is named in one line and its rows fail (one
@@ -87,7 +88,7 @@ start=$SECONDS
 status=0
 record() { [ "$status" -ne 0 ] || status=$1; }  # the first failure's exit status
 # every case but many (a --cases of the caller's comes later and wins: then many is not run)
-"${peers[@]}" --cases costs,reference,top-k,trace,density,dataloader,precision "$@" 2>&1 \
+"${peers[@]}" --cases reference,top-k,trace,density,dataloader,costs,precision "$@" 2>&1 \
     | tee -a "$LOG"
 record "${PIPESTATUS[0]}"
 if [ "$DEVICE" = cuda ]; then  # where a product's time goes: launches, cuDNN, the solver

@@ -441,3 +441,13 @@ def test_gpu_sh_quick_on_cuda_runs_every_script_at_small_sizes(
     monkeypatch.setattr(sys, "argv", ["solver_cost.py", *calls["solver_cost"]])
     sizes = solver_cost.parse_args()
     assert sizes.n < 100_000 and max(sizes.k) < 5
+
+
+def test_gpu_sh_measures_issue_6s_targets_first(tmp_path: Path) -> None:
+    """A GPU run cut at its time limit loses the least: top-1/top-5 against the peers, trace,
+    density and the dataloader case came after the HVP costs (20 s on an H200), and the costs'
+    block-1 product, the last target, before reduced precision."""
+    first, *_ = gpu_sh_peers_calls(tmp_path)
+    cases = first[first.index("--cases") + 1].split(",")
+    targets = ["reference", "top-k", "trace", "density", "dataloader", "costs"]
+    assert cases[: len(targets)] == targets and cases[len(targets) :] == ["precision"]

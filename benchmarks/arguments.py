@@ -93,3 +93,10 @@ def run_main(main: Callable[[], None]) -> None:
         # nothing more to print: what is still buffered goes nowhere, not to a second error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(PIPE_CLOSED_STATUS) from None
+
+
+if __name__ == "__main__":  # `python benchmarks/arguments.py --help` printed nothing, exit 0
+    sys.exit(
+        "arguments.py holds the benchmark scripts' command-line helpers and measures nothing: "
+        "run a script, e.g. python benchmarks/peers.py --help"
+    )

@@ -8,6 +8,8 @@ operators. The GPU benchmark's model (peers.py, overhead.py) without torchvision
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -67,3 +69,10 @@ class ResNet18(nn.Module):
 
 def resnet18(num_classes: int = 10) -> nn.Module:
     return ResNet18(num_classes)
+
+
+if __name__ == "__main__":  # `python benchmarks/resnet18.py --help` printed nothing, exit 0
+    sys.exit(
+        "resnet18.py defines a model and measures nothing: give it to a benchmark, e.g. "
+        "python benchmarks/peers.py --model benchmarks/resnet18.py:resnet18"
+    )

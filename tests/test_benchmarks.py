@@ -27,7 +27,7 @@ def parse(monkeypatch: pytest.MonkeyPatch, *argv: str):
     return peers.parse_args()
 
 
-SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if "run_main(main)" in p.read_text())
 
 
 def run_script(monkeypatch: pytest.MonkeyPatch, script: str, *argv: str) -> None:
@@ -451,3 +451,17 @@ def test_gpu_sh_measures_issue_6s_targets_first(tmp_path: Path) -> None:
     cases = first[first.index("--cases") + 1].split(",")
     targets = ["reference", "top-k", "trace", "density", "dataloader", "costs"]
     assert cases[: len(targets)] == targets and cases[len(targets) :] == ["precision"]
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        ("arguments", "run a script, e.g. python benchmarks/peers.py --help"),
+        ("resnet18", "python benchmarks/peers.py --model benchmarks/resnet18.py:resnet18"),
+    ],
+)
+def test_a_module_run_as_a_script_says_what_to_run(module: str, message: str) -> None:
+    """``python benchmarks/resnet18.py --help`` printed nothing and exited 0."""
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(BENCHMARKS / f"{module}.py"), run_name="__main__")
+    assert isinstance(exit.value.code, str) and exit.value.code.endswith(message)

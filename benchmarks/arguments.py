@@ -72,15 +72,19 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-# The shell's status for a process ended by SIGPIPE, as the CLI's (`seq 1 100000 | head -1`).
+# The shell's statuses for a process ended by SIGPIPE (`seq 1 100000 | head -1`) and by SIGINT
+# (Ctrl-C), as the CLI's.
 PIPE_CLOSED_STATUS = 128 + signal.SIGPIPE
+INTERRUPTED_STATUS = 128 + signal.SIGINT
 
 
 def run_main(main: Callable[[], None]) -> None:
     """A script's ``main``, where the engine's refusal of what it was given (a checkpoint that
     does not exist, a model it does not know) is one line and exit status 2, as a bad option's
     is, not a traceback; and where standard output's reader went away (``peers.py | head``),
-    the script stops quietly, as a shell tool does, where it ended in a BrokenPipeError's."""
+    the script stops quietly, as a shell tool does, where it ended in a BrokenPipeError's; a
+    Ctrl-C is one line too (the rows printed so far are what the run measured), where it was a
+    traceback from wherever the benchmark was."""
     try:
         try:
             main()
@@ -89,6 +93,9 @@ def run_main(main: Callable[[], None]) -> None:
     except UserError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted by Ctrl-C.", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
     except BrokenPipeError:
         # nothing more to print: what is still buffered goes nowhere, not to a second error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -465,3 +465,21 @@ def test_a_module_run_as_a_script_says_what_to_run(module: str, message: str) ->
     with pytest.raises(SystemExit) as exit:
         runpy.run_path(str(BENCHMARKS / f"{module}.py"), run_name="__main__")
     assert isinstance(exit.value.code, str) and exit.value.code.endswith(message)
+
+
+def test_a_benchmark_stopped_by_ctrl_c_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C in a long benchmark (peers.py on a CPU runs for half an hour) was a traceback."""
+    import arguments
+
+    def interrupted() -> None:
+        print("# a row measured before the Ctrl-C")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["peers.py"])
+    with pytest.raises(SystemExit) as exit:
+        arguments.run_main(interrupted)
+    out, err = capsys.readouterr()
+    assert exit.value.code == 130 and err == "peers.py: interrupted by Ctrl-C.\n"
+    assert out == "# a row measured before the Ctrl-C\n"

@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--random-seed", type=int, default=1, help="seed of the random solves")
     args = parser.parse_args()
     known_spectra(args.seeds)
-    random_solves(args.random, args.random_seed)
+    if args.random:  # none: no table of zeros, which read as solves that took no product
+        random_solves(args.random, args.random_seed)
 
 
 if __name__ == "__main__":

@@ -483,3 +483,15 @@ def test_a_benchmark_stopped_by_ctrl_c_says_so_in_one_line(
     out, err = capsys.readouterr()
     assert exit.value.code == 130 and err == "peers.py: interrupted by Ctrl-C.\n"
     assert out == "# a row measured before the Ctrl-C\n"
+
+
+def test_restart_policy_random_0_prints_no_table_of_random_solves(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--random 0`` ("0: none") printed "0 random solves" and a row of zeros per policy,
+    as if each had solved them with no product."""
+    import restart_policy
+
+    monkeypatch.setattr(restart_policy, "known_spectra", lambda seeds: print("known spectra"))
+    run_script(monkeypatch, "restart_policy", "--seeds", "1", "--random", "0")
+    assert capsys.readouterr().out == "known spectra\n"

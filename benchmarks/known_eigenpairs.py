@@ -138,6 +138,22 @@ def rules(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
+PARTS = ("trace", "density")
+
+
+def parts(text: str) -> list[str]:
+    """``--parts``: comma-separated parts, an empty one (``trace,``, a trailing comma) none; it
+    was refused as "unknown --parts ", naming nothing."""
+    names = [name for name in text.split(",") if name]
+    if unknown := set(names) - set(PARTS):  # else the run measured nothing
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(sorted(unknown))}: choose {', '.join(PARTS)}"
+        )
+    if not names:
+        raise argparse.ArgumentTypeError(f"no part named: choose {', '.join(PARTS)}")
+    return names
+
+
 def main() -> None:
     parser = parser_for(__doc__)
     parser.add_argument(
@@ -155,14 +171,9 @@ def main() -> None:
         "--density", type=rules, default="8x40,4x20", help="probes x steps, comma-separated"
     )
     parser.add_argument(
-        "--parts",
-        type=lambda text: text.split(","),
-        default="trace,density",
-        help="trace, density or both",
+        "--parts", type=parts, default="trace,density", help="trace, density or both"
     )
     args = parser.parse_args()
-    if unknown := set(args.parts) - {"trace", "density"}:  # else the run measured nothing
-        parser.error(f"unknown --parts {', '.join(sorted(unknown))}: choose trace, density")
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.seeds} seeds"

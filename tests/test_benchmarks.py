@@ -254,7 +254,8 @@ def test_every_scripts_help_is_its_docstring_and_says_what_each_option_is(
         ("known_eigenpairs", ["--probes", "12,x"], "--probes: 'x' is not a whole number"),
         ("known_eigenpairs", ["--density", "8"], "--density: '8' is not PROBESxSTEPS"),
         ("known_eigenpairs", ["--density", "8x1"], "--density: must be at least 2, not 1"),
-        ("known_eigenpairs", ["--parts", "trace,dens"], "unknown --parts dens"),
+        ("known_eigenpairs", ["--parts", "trace,dens"], "--parts: unknown dens: choose"),
+        ("known_eigenpairs", ["--parts", ","], "--parts: no part named: choose trace, density"),
         ("restart_policy", ["--seeds", "0"], "--seeds: must be at least 1, not 0"),
         ("skip_check", ["--steps", "0,a"], "--steps: 'a' is not a whole number"),
         ("skip_check", ["--seeds", "0"], "--seeds: must be at least 1, not 0"),
@@ -495,3 +496,10 @@ def test_restart_policy_random_0_prints_no_table_of_random_solves(
     monkeypatch.setattr(restart_policy, "known_spectra", lambda seeds: print("known spectra"))
     run_script(monkeypatch, "restart_policy", "--seeds", "1", "--random", "0")
     assert capsys.readouterr().out == "known spectra\n"
+
+
+def test_known_eigenpairs_parts_take_a_trailing_comma() -> None:
+    """``--parts trace,`` was refused as "unknown --parts ", naming nothing."""
+    import known_eigenpairs
+
+    assert known_eigenpairs.parts("trace,") == ["trace"]

@@ -36,9 +36,19 @@ def count(text: str, least: int = 1) -> int:
     return value
 
 
+def listed(text: str) -> list[str]:
+    """The comma-separated parts of an option's value, an empty one (``12,30,``: a trailing
+    comma) none, where it was refused as "'' is not a whole number"; no part at all is
+    refused."""
+    parts = [part for part in text.split(",") if part]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing")
+    return parts
+
+
 def counts(least: int = 1) -> Callable[[str], list[int]]:
     """The argparse type of comma-separated whole numbers of at least ``least`` each."""
-    return lambda text: [count(part, least) for part in text.split(",")]
+    return lambda text: [count(part, least) for part in listed(text)]
 
 
 def at_least(least: int) -> Callable[[str], int]:
@@ -59,7 +69,7 @@ def tolerance(text: str) -> float:
 
 def tolerances(text: str) -> list[float]:
     """Comma-separated relative tolerances."""
-    return [tolerance(part) for part in text.split(",")]
+    return [tolerance(part) for part in listed(text)]
 
 
 def device(text: str) -> str:

@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from arguments import count, counts, parser_for, run_main  # the script's directory is on sys.path
+from arguments import (
+    count,
+    counts,
+    listed,
+    parser_for,
+    run_main,
+)  # the script's directory is on sys.path
 
 from hessian_cli.engine.dense import dense_hessian
 from hessian_cli.engine.density import spectral_density
@@ -144,13 +150,11 @@ PARTS = ("trace", "density")
 def parts(text: str) -> list[str]:
     """``--parts``: comma-separated parts, an empty one (``trace,``, a trailing comma) none; it
     was refused as "unknown --parts ", naming nothing."""
-    names = [name for name in text.split(",") if name]
+    names = listed(text)
     if unknown := set(names) - set(PARTS):  # else the run measured nothing
         raise argparse.ArgumentTypeError(
             f"unknown {', '.join(sorted(unknown))}: choose {', '.join(PARTS)}"
         )
-    if not names:
-        raise argparse.ArgumentTypeError(f"no part named: choose {', '.join(PARTS)}")
     return names
 
 

@@ -60,7 +60,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from arguments import at_least, device, run_main, tolerance  # the script's directory is on sys.path
+from arguments import (
+    at_least,
+    device,
+    listed,
+    run_main,
+    tolerance,
+)  # the script's directory is on sys.path
 from torch import nn
 
 from hessian_cli.engine.density import spectral_density
@@ -898,13 +904,11 @@ def case_names(text: str) -> list[str]:
     ``reference`` first, which the errors of top-k and reduced precision are measured against
     (given after them, their rows had no error). An empty name (``top-k,``, a trailing comma)
     is none: it was refused as "unknown case(s) :", naming nothing."""
-    names = list(dict.fromkeys(name for name in text.split(",") if name))
+    names = list(dict.fromkeys(listed(text)))
     if unknown := set(names) - set(CASES):
         raise argparse.ArgumentTypeError(
             f"unknown case(s) {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}"
         )
-    if not names:
-        raise argparse.ArgumentTypeError(f"no case named: choose from {', '.join(CASES)}")
     return sorted(names, key=lambda name: name != "reference")  # a stable sort
 
 

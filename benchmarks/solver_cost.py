@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from arguments import device, parser_for, run_main  # the script's directory is on sys.path
+from arguments import device, listed, parser_for, run_main  # the script's directory is on sys.path
 
 from hessian_cli.engine.eigensolver import eigenpairs
 from hessian_cli.engine.linear_operator import DiagonalOperator
@@ -50,7 +50,7 @@ def spectrum(n: int, seed: int = 0) -> torch.Tensor:
 
 def counts(text: str) -> list[int | None]:
     """Comma-separated integers (``default``: None, the default block size)."""
-    return [None if x == "default" else int(x) for x in text.split(",")]
+    return [None if x == "default" else int(x) for x in listed(text)]
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,8 +1,8 @@
 """Whether the eigenvalue error bounds hold for float32 products: top-5 of dense symmetric
 matrices (n = 100, 300, 1000; four seeds) with a known spectrum, asked for tol 1e-9 under
 --criterion eigenvalue, against the exact eigenvalues of the float32 matrix (float64 eigh).
-Prints, per solve, why it stopped and max(actual error / reported bound): above 1, a bound
-that does not hold (benchmarks/RESULTS.md, thirteenth session).
+Prints a table, one row per solve: why it stopped and max(actual error / reported bound) (above
+1, a bound that does not hold; benchmarks/RESULTS.md, thirteenth session), then the worst.
 
     python benchmarks/error_bounds.py
 """
@@ -17,6 +17,8 @@ from hessian_cli.engine.linear_operator import MatrixOperator
 def main() -> None:
     parser_for(__doc__).parse_args()  # no options: --help describes, anything else is refused
     worst = 0.0
+    print("| n | seed | stop | max error / bound | max error | min bound |")
+    print("|---|---|---|---|---|---|")
     for n in (100, 300, 1000):
         for seed in range(4):
             g = torch.Generator().manual_seed(seed)
@@ -35,13 +37,11 @@ def main() -> None:
             ratio = float((actual / r.errors).max())
             worst = max(worst, ratio)
             print(
-                n,
-                seed,
-                r.stop_reason,
-                f"{ratio:.2f}",
-                f"max actual {float(actual.max()):.1e} min bound {float(r.errors.min()):.1e}",
+                f"| {n} | {seed} | {r.stop_reason} | {ratio:.2f} | {float(actual.max()):.1e} | "
+                f"{float(r.errors.min()):.1e} |",
+                flush=True,
             )
-    print("worst", worst)
+    print(f"\nworst error / bound: {worst:.2f} (above 1: a bound that does not hold)")
 
 
 if __name__ == "__main__":

@@ -532,3 +532,15 @@ def test_lists_of_numbers_take_a_trailing_comma(
     with pytest.raises(SystemExit):
         run_script(monkeypatch, script)
     assert getattr(parsed[0], option.lstrip("-")) == taken
+
+
+def test_error_bounds_names_its_columns(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Its rows were bare fields ("100 0 stalled 0.14 max actual ..."), which said nothing of
+    which number was the seed and which the ratio that must stay below 1."""
+    run_script(monkeypatch, "error_bounds")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| n | seed | stop | max error / bound | max error | min bound |"
+    assert len(lines) == 2 + 12 + 2 and all(line.startswith("| ") for line in lines[2:14])
+    assert lines[-1].startswith("worst error / bound: ")

@@ -544,3 +544,18 @@ def test_error_bounds_names_its_columns(
     assert lines[0] == "| n | seed | stop | max error / bound | max error | min bound |"
     assert len(lines) == 2 + 12 + 2 and all(line.startswith("| ") for line in lines[2:14])
     assert lines[-1].startswith("worst error / bound: ")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_bench_installs_both_peers(tmp_path: Path) -> None:
+    """``make bench`` installed hessian-eigenthings alone (the bench extra): every PyHessian row
+    failed and the targets against it had no ratio."""
+    root = Path(__file__).parents[1]
+    stamp = tmp_path / ".installed"
+    stamp.touch()  # the venv's install, made: only the bench recipe is printed
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(root), "bench", f"STAMP={stamp}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    installs = [line for line in dry.stdout.splitlines() if "pip install" in line]
+    assert any(".[bench]" in line and "pyhessian==" in line for line in installs)

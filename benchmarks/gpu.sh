@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every case of benchmarks/peers.py on one device in one go (under 5 minutes on one H100/H200),
+# Every case of benchmarks/peers.py on one device in one go (about 6 minutes on one H200: below),
 # with (CUDA) benchmarks/overhead.py and benchmarks/solver_cost.py, printed as one report and
 # tee'd to a log ($LOG; by default in $OUT when that is set, else in $TMPDIR, so that a run
 # stopped at a time limit still leaves what it printed).

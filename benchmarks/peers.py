@@ -33,7 +33,7 @@ where torchvision does not import) and 16 batches of 256.
 Inputs are CIFAR-shaped Gaussians with random labels (seed 0); the first batch is the data of
 every single-batch case. float32 with TF32 off (matmul and cuDNN) for every tool.
 
-    python benchmarks/peers.py                   # CPU defaults (well over 5 minutes)
+    python benchmarks/peers.py                   # CPU defaults: ~30 minutes on 2 cores (RESULTS.md)
     python benchmarks/peers.py --quick           # every case at tiny sizes: a smoke test
     python benchmarks/peers.py --device cuda     # the GPU benchmark
     benchmarks/gpu.sh                            # the same with peers from .whl/, tee'd to a log

@@ -2,8 +2,10 @@
 # What one call of the device tool runs (under its 10-minute limit): every benchmark (gpu.sh)
 # first, under $BENCH_S, then the whole suite on CUDA (gpu_tests.sh) in what is left of $TOTAL_S,
 # then the lines worth reading at once. The benchmark numbers are what only a GPU can give, so a
-# run short of time cuts the tests, never them (the twenty-third session's gpu.sh took 295 s;
-# the suite about 3-4 minutes on 16 workers, and its names and outcomes are kept as they end).
+# run short of time cuts the tests, never them (the twenty-third session's gpu.sh took 295 s,
+# ~330-370 s estimated now, gpu.sh's header: issue 6's targets in its first ~170 s; the suite
+# then has the ~190-230 s left of $TOTAL_S, about 3-4 minutes on 16 workers, and its names and
+# outcomes are kept as they end). $TOTAL_S (560) leaves 30 s of the call's 590 to the summary.
 # Everything lands in $OUT (peers-cuda.log, pytest.log), which the device tool brings back.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh        # device tool: carry [".whl"], timeout 590

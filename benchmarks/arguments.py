@@ -99,7 +99,8 @@ def run_main(main: Callable[[], None]) -> None:
         try:
             main()
         finally:
-            sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+            if sys.stdout is not None:  # None: started with standard output closed (>&-)
+                sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
     except UserError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

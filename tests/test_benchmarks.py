@@ -559,3 +559,14 @@ def test_make_bench_installs_both_peers(tmp_path: Path) -> None:
     )  # fmt: skip
     installs = [line for line in dry.stdout.splitlines() if "pip install" in line]
     assert any(".[bench]" in line and "pyhessian==" in line for line in installs)
+
+
+def test_a_benchmark_started_with_stdout_closed_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python benchmarks/peers.py >&-`` (standard output closed: sys.stdout is None) ended in
+    an AttributeError from the flush on the way out."""
+    import arguments
+
+    monkeypatch.setattr(sys, "stdout", None)
+    ran = []
+    arguments.run_main(lambda: ran.append(True))
+    assert ran == [True]

@@ -49,8 +49,13 @@ def spectrum(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def counts(text: str) -> list[int | None]:
-    """Comma-separated integers (``default``: None, the default block size)."""
-    return [None if x == "default" else int(x) for x in listed(text)]
+    """Comma-separated integers (``default``: None, the default block size). A word is named,
+    where argparse said "invalid counts value: '5,x'" of the whole list."""
+    try:
+        return [None if x == "default" else int(x) for x in listed(text)]
+    except ValueError as error:
+        word = str(error).rpartition(": ")[2]  # int()'s "invalid literal ...: 'x'"
+        raise argparse.ArgumentTypeError(f"{word} is not a whole number (or default)") from None
 
 
 def parse_args() -> argparse.Namespace:

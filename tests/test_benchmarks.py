@@ -108,6 +108,8 @@ def test_solver_cost_spectrum_below_200_entries() -> None:
         (("--n", "10", "--k", "5,20"), "--k 20 is more eigenpairs than --n 10 has"),
         (("--n", "10", "--k", "0"), "--n and each --k must be at least 1"),
         (("--n", "10", "--k", "2", "--blocks", "default,0"), "each --blocks must be at least 1"),
+        (("--k", "5,x"), "argument --k: 'x' is not a whole number (or default)"),
+        (("--blocks", "1,two"), "argument --blocks: 'two' is not a whole number (or default)"),
     ],
 )
 def test_solver_cost_refuses_what_no_solve_runs_with_before_any_row(

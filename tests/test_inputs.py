@@ -134,12 +134,33 @@ class Pairs(Dataset):
         return (self.a[i].numpy(), self.b[i].numpy()), self.y[i]
 
 
+class IntPairs(Pairs):
+    """Counts stored as integers, for a model without an embedding table."""
+
+    def __getitem__(self, i):
+        return ((self.a[i] * 4).long(), (self.b[i] * 4).long()), self.y[i]
+
+
+class IntNamed(IntPairs):
+    def __getitem__(self, i):
+        (a, b), y = super().__getitem__(i)
+        return {"a": a, "b": b}, y
+
+
 def bag(**kw):
     return MaskedBag(**kw)
 
 
 def pair():
     return Pair()
+
+
+def int_pair_data():
+    return IntPairs()
+
+
+def int_named_data():
+    return IntNamed()
 
 
 def token_data():
@@ -495,6 +516,26 @@ def test_integer_inputs_a_model_refuses_are_said_to_be_integers(layer):
     H = dense_hessian(model, cross_entropy, [(x.double(), y)])
     V = torch.randn(3, op.n, dtype=torch.float64)
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("data", "names"), [("int_pair_data", "0 and 1"), ("int_named_data", "a and b")]
+)
+def test_integer_inputs_of_several_are_one_plain_sentence_naming_them(
+    capsys, tmp_path, code_file, data, names
+):
+    """Nested in the fit check's "the data (samples of ...) does not fit the model: the model
+    failed on its int64 inputs (...): give them ...", which named neither input."""
+    ckpt = tmp_path / "pair.pt"
+    torch.save(NS["Pair"]().state_dict(), ckpt)
+    code, _, err = run(
+        capsys, "analyze", ckpt, "--model", f"{code_file}:pair", "--data", f"{code_file}:{data}",
+    )  # fmt: skip
+    said = one_sentence(err, strict=True)
+    assert code == 2 and said.startswith(
+        f"error: the model failed on its int64 inputs {names} (mat1 and mat2 must have the same "
+        "dtype, but got Long and Float): give them as real numbers"
+    ), said
 
 
 @pytest.mark.parametrize(("batches", "said"), [(None, "None"), (16, "an int")])

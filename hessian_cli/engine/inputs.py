@@ -73,32 +73,43 @@ def run_model(model: nn.Module, x: Inputs, params: dict[str, torch.Tensor] | Non
             return model(*args, **kwargs)
         return functional_call(model, _by_place(model, params), args, kwargs, tie_weights=False)
     except (RuntimeError, ValueError) as exc:
-        if (kinds := _integers_refused(model, x, exc)) is not None:
+        if (which := _integers_refused(model, x, exc)) is not None:
             raise UserError(
-                f"the model failed on its {kinds} inputs ({first_line(exc)}): give them as real "
+                f"the model failed on its {which} ({first_line(exc)}): give them as real "
                 "numbers, x.float(), unless they are indices (token ids) its forward looks up."
             ) from exc
         raise
 
 
 def _integers_refused(model: nn.Module, x: Inputs, exc: BaseException) -> str | None:
-    """The integer dtypes of ``x`` (``"int64"``) where they are what the model's forward refused
-    (torch's "mat1 and mat2 must have the same dtype, but got Long and Double", said of no
-    input), else None: a model with an embedding table takes integers as token ids, so its
-    failure is another."""
-    kinds = sorted(
-        {
-            str(t.dtype).removeprefix("torch.")
-            for t in input_tensors(x)
-            if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-        }
+    """The integer inputs of ``x`` by their dtypes, and by their names where there are several
+    (``"int64 inputs a and b"``), where they are what the model's forward refused (torch's
+    "mat1 and mat2 must have the same dtype, but got Long and Double", said of no input), else
+    None: a model with an embedding table takes integers as token ids, so its failure is
+    another."""
+    named = (
+        {"": x}
+        if isinstance(x, torch.Tensor)
+        else dict(x)
+        if isinstance(x, Mapping)
+        else {str(i): t for i, t in enumerate(x)}  # positions: "inputs 0 and 1"
     )
+    integers = {
+        name: str(t.dtype).removeprefix("torch.")
+        for name, t in named.items()
+        if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    }
     text = str(exc)
     of_dtype = "type" in text or "implemented for" in text  # "not implemented for 'Long'"
     tables = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
-    if not kinds or not of_dtype or tables or isinstance(exc, torch.OutOfMemoryError):
+    if not integers or not of_dtype or tables or isinstance(exc, torch.OutOfMemoryError):
         return None
-    return " and ".join(kinds)
+    kinds = " and ".join(sorted(set(integers.values())))
+    if isinstance(x, torch.Tensor):  # its only input, unnamed
+        return f"{kinds} inputs"
+    *others, last = integers
+    names = f"{', '.join(others)} and {last}" if others else last
+    return f"{kinds} input{'s' if others else ''} {names}"
 
 
 def _by_place(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -75,6 +75,8 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
     y = batches[0][1][:2].to(device)
     try:
         out = run_model(model, x)
+    except UserError:  # said already, in its own words (integer inputs a model refuses)
+        raise
     except _MISFIT as exc:
         raise UserError(
             f"the data (samples of {describe_samples(x)}) does not fit the model: "

@@ -287,6 +287,62 @@ def test_a_loss_function_that_returns_no_scalar_tensor_is_one_sentence(loss, sai
         op.matmul(torch.ones(op.n, dtype=torch.float64))
 
 
+class _Outputs(torch.nn.Module):
+    """A model whose forward returns its logits inside ``wrap`` (a tuple, a dict)."""
+
+    def __init__(self, wrap: Callable) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer, self.wrap = torch.nn.Linear(3, 4).double(), wrap
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.wrap(self.layer(x))
+
+
+_X = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+_Y = torch.tensor([0, 1, 2, 3, 0, 1])
+_LINEAR = _Outputs(lambda out: out)
+
+
+def _of_the_first(out: object, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the outputs, or of the first of a list of them."""
+    return F.cross_entropy(out[0] if isinstance(out, list) else out, y)
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+@pytest.mark.parametrize(
+    ("model", "batch", "said"),
+    [
+        (_LINEAR, (_X, _Y[:5]), "the batch holds 6 samples of inputs but 5 targets: give one"),
+        (_LINEAR, (_X, _Y.int()), r"the class labels are int32, .* give them as y.long\(\)\.$"),
+        (_LINEAR, (_X, _Y + 3), "the data has class labels up to 6, but the model has only 4 "),
+        (_Outputs(lambda out: (out, out)), (_X, _Y), r"the model returns a tuple, which the loss"),
+        (_Outputs(lambda out: {"logits": out}), (_X, _Y), "the model returns a dict, which the "),
+        (_Outputs(lambda out: [out]), (_X, _Y + 3), r"outputs \(a list, for int64 targets of "),
+        (_LINEAR, (_X[:, :2], _Y), r"the data \(samples of shape \(2,\)\) does not fit the model"),
+        (_LINEAR, (_X, _X), r"the loss fails on the model's outputs \(of shape \(6, 4\), for "),
+    ],
+    ids=["lengths", "int32", "classes", "tuple", "dict", "list-taken", "inputs", "targets"],
+)
+def test_a_batch_the_model_or_loss_fails_on_is_one_sentence_before_any_product(
+    backend, model, batch, said
+):
+    """torch's own errors came out of the first product ("Expected input batch_size (6) to match
+    target batch_size (5)", "Target 6 is out of bounds", a TypeError of a tuple), naming
+    neither the data nor the fix; torch.func's, not RuntimeErrors, passed its fallback by."""
+    for call in ("matmul", "loss"):
+        op = HessianOperator(model, _of_the_first, [batch], backend=backend)
+        with pytest.raises(UserError, match=said):
+            op.matmul(torch.ones(2, op.n, dtype=torch.float64)) if call == "matmul" else op.loss()
+        assert op.hvp_count == 0 and op.passes == 0
+    # The batch as the sentence says to give it has the dense Hessian's products.
+    fixed = [(_X, _Y)]
+    op = HessianOperator(_LINEAR, F.cross_entropy, fixed, backend=backend)
+    V = torch.randn(2, op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H = dense_hessian(_LINEAR, F.cross_entropy, fixed, op.space)
+    torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["double-backward", "func"])
 @pytest.mark.parametrize(
     "loss",

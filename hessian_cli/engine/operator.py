@@ -34,6 +34,7 @@ from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
 from hessian_cli.engine.linalg import all_finite, norms
 from hessian_cli.engine.linear_operator import check_block
 from hessian_cli.engine.memory import free_bytes, graph_bytes
+from hessian_cli.engine.misfit import loss_on_outputs, model_outputs
 from hessian_cli.engine.model_mode import (
     BNMode,
     ModelLayout,
@@ -454,11 +455,14 @@ class HessianOperator:
         before = None if self._forward_checked else _random_states(self.device)
         # Of the model's own parameters (functional_call's values are others)
         versions = None if self._writes_checked or params is not None else self._versions()
-        out = run_model(self.model, x, params)
+        # At the first pass a model or loss that fails on the batch says what does not fit
+        # (torch's words named neither), before any product is counted.
+        first = before is not None
+        out = model_outputs(self.model, x, params) if first else run_model(self.model, x, params)
         # Looked at between the two too: a loss function that draws (F.dropout) was blamed on the
         # model, "the model draws random numbers in eval mode", where the model drew none.
-        model_drew = before is not None and not _same_states(before, _random_states(self.device))
-        loss = self.loss_fn(out, y)
+        model_drew = first and not _same_states(before, _random_states(self.device))
+        loss = loss_on_outputs(self.loss_fn, out, y, x) if first else self.loss_fn(out, y)
         if before is not None:
             self._forward_checked = True
             if model_drew:
@@ -804,11 +808,13 @@ class HessianOperator:
                 out = self._hvp_func(x, y, V)
                 self.backends_used.add("func")
                 return out
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, UserError):
                 raise
-            except RuntimeError:
+            except Exception:
                 # Some ops lack forward-mode rules under vmap (e.g. mse_loss's backward raises
                 # "ZeroTensors are immutable" in torch 2.13): double backward computes the same.
+                # A model or loss that fails on the batch (a TypeError of a tuple of outputs, a
+                # ValueError of batch sizes) fails there too, said in one sentence (_batch_loss).
                 self._func_ok = False
         self.backends_used.add("double-backward")
         return self._hvp_double(i, V)

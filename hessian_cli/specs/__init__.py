@@ -1,5 +1,6 @@
 """Where model, weights, data and loss come from: the spec strings of the CLI, resolved."""
 
+from hessian_cli.engine.misfit import embedding_reach
 from hessian_cli.specs.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_SUFFIXES,
@@ -20,7 +21,7 @@ from hessian_cli.specs.data import (
     check_root_options,
     load_data,
 )
-from hessian_cli.specs.fit import check_fits, embedding_reach, model_device, takes_token_ids
+from hessian_cli.specs.fit import check_fits, model_device, takes_token_ids
 from hessian_cli.specs.losses import (
     BUILTIN_LOSSES,
     check_next_tokens,

@@ -6,23 +6,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from hessian_cli.engine.batches import Batch
-from hessian_cli.engine.inputs import (
-    Inputs,
-    describe_samples,
-    input_tensors,
-    inputs_to,
-    rows,
-    run_model,
-)
+from hessian_cli.engine.inputs import Inputs, inputs_to, rows, run_model
+from hessian_cli.engine.misfit import class_count, loss_on_outputs, model_outputs, too_few_outputs
 from hessian_cli.engine.model_mode import loss_module
-from hessian_cli.errors import UserError, a_type, first_line
-from hessian_cli.specs.losses import class_dim
+from hessian_cli.errors import UserError, a_type
 
 # What a model or loss that does not fit the data (or user code with a bug: an assert, a
 # KeyError) raises: anything but an interrupt.
@@ -73,15 +66,7 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
     device = model_device(model)
     x = inputs_to(rows(batches[0][0], slice(0, 2)), device)
     y = batches[0][1][:2].to(device)
-    try:
-        out = run_model(model, x)
-    except UserError:  # said already, in its own words (integer inputs a model refuses)
-        raise
-    except _MISFIT as exc:
-        raise UserError(
-            f"the data (samples of {describe_samples(x)}) does not fit the model: "
-            f"{first_line(exc)}{embedding_reach(model, [x], exc)}."
-        ) from exc
+    out = model_outputs(model, x)
     if not isinstance(out, torch.Tensor):
         raise UserError(
             f"the model returns {a_type(out)}, not a tensor of outputs; wrap it in a "
@@ -93,23 +78,11 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
             "the model's outputs do not depend on its parameters (its forward detaches them or "
             "runs without gradients): there is nothing to differentiate."
         )
-    top = None if y.is_floating_point() else max(int(b[1].max()) for b in batches)
-    # Only a classifier's outputs, or a language model's (classes last): a segmentation model's
-    # one channel for a binary mask is no class count, nor a binary classifier's one logit
-    # with 0/1 labels (refused, for a loss made for it: BCE); the loss says what it takes.
-    dim = class_dim(out, y) if out.ndim == y.ndim + 1 else None
-    classes = out.shape[dim] if dim is not None and (out.ndim == 2 or dim == -1) else None
-    if top is not None and classes is not None and top >= max(classes, 2):
-        raise UserError(
-            f"the data has class labels up to {top}, but the model has only {classes} "
-            "outputs: check --data and the model's num_classes."
-        )
-    try:
-        loss = loss_fn(out, y)
-    except UserError:  # said already, in its own words
-        raise
-    except _MISFIT as exc:
-        raise UserError(f"the loss fails on the model's outputs: {first_line(exc)}.") from exc
+    if not y.is_floating_point():
+        top = max(int(b[1].max()) for b in batches)
+        if (error := too_few_outputs(top, class_count(out, y))) is not None:
+            raise error
+    loss = loss_on_outputs(loss_fn, out, y, x)
     # One value of shape (1,) too: the products take a 0-dimensional loss only, and refused it
     # there, after the work before them.
     if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
@@ -135,33 +108,12 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
         )
 
 
-def embedding_reach(model: nn.Module, inputs: Iterable[Inputs], exc: BaseException) -> str:
-    """Where an embedding lookup failed ("index out of range in self"): how far the integer
-    inputs of the batches it may have been in reach beside the model's tables, which torch's
-    words leave out; "" where it was not such a lookup."""
-    sizes = sorted({m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)})
-    ids = [
-        t
-        for x in inputs
-        for t in input_tensors(x)
-        if t.numel() and not (t.is_floating_point() or t.dtype == torch.bool)
-    ]
-    if not (isinstance(exc, IndexError) and sizes and ids):
-        return ""
-    low, top = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
-    below = f"go down to {low} (below 0: padding with -100, say?) and " if low < 0 else ""
-    return (
-        f" (its integer inputs {below}reach {top}, and the model's embedding tables hold "
-        f"{', '.join(map(str, sizes))} rows)"
-    )
-
-
 def guard_embedding_lookups(model: nn.Module) -> None:
     """Make an embedding lookup out of range raise the CPU's IndexError ("index out of range in
     self") before its kernel runs: for models off the CPU, where CUDA's kernel meets it with a
     device-side assert, a RuntimeError that none of the handlers of a lookup out of range
-    (``except IndexError``, :func:`embedding_reach`) takes, and after which the process's CUDA
-    context is unusable. Costs one reduction per lookup, waited for.
+    (``except IndexError``, :func:`~hessian_cli.engine.misfit.embedding_reach`) takes, and
+    after which the process's CUDA context is unusable. Costs one reduction per lookup, waited for.
 
     Only plain lookups: a subclass with a forward of its own need not look its argument up
     (a learned positional embedding, such as BART's or Whisper's, takes the token ids for their

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hessian_cli.engine.batches import LossFn
+from hessian_cli.engine.misfit import class_dim
 from hessian_cli.errors import UserError
 from hessian_cli.specs.data import IGNORE_INDEX, check_labels
 from hessian_cli.specs.user_code import (
@@ -254,19 +255,6 @@ def label_weight(
     if spec == "ce" and all(not y.is_floating_point() for _, y in batches):
         return labelled_count
     return None
-
-
-def class_dim(outputs: Tensor, targets: Tensor) -> int | None:
-    """The dimension of ``outputs`` that holds the classes of integer ``targets``: 1 (torch's
-    layout), or -1 where only that fits (labels per token against ``(batch, tokens, classes)``);
-    None where both fit (labels per token, as many tokens as classes: a guess was a wrong loss)."""
-    if targets.ndim < 2 or targets.is_floating_point():
-        return 1
-    last = outputs.shape[:-1] == targets.shape
-    second = outputs.shape[:1] + outputs.shape[2:] == targets.shape
-    if last and second:
-        return None
-    return -1 if last else 1
 
 
 def _classes_where(outputs: Tensor, targets: Tensor, loss: str) -> str:

@@ -343,6 +343,16 @@ def test_a_batch_the_model_or_loss_fails_on_is_one_sentence_before_any_product(
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("call", ["matmul", "gradient"])
+def test_a_label_past_the_outputs_in_a_later_batch_is_one_sentence(call):
+    """Only the first batch was looked at: "Target 6 is out of bounds" came out of the second
+    (analyze --alignment's minibatches past the analysed ones: "unexpected IndexError")."""
+    batches = [(_X[:3], _Y[:3]), (_X[3:], _Y[3:] + 3)]
+    op = HessianOperator(_LINEAR, F.cross_entropy, batches)
+    with pytest.raises(UserError, match=r"^the data has class labels up to 6, but the model has "):
+        op.matmul(torch.ones(op.n, dtype=torch.float64)) if call == "matmul" else op.gradient()
+
+
 @pytest.mark.parametrize("backend", ["double-backward", "func"])
 @pytest.mark.parametrize(
     "loss",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import one_sentence, run
 from torch.nn import functional as F
 
 from hessian_cli.errors import UserError
@@ -443,3 +444,21 @@ def test_mse_takes_labels_made_in_inference_mode() -> None:
         labels[0] = 3
     with pytest.raises(UserError, match="^label 3 is out of range for 3 classes in the mse loss"):
         mse(outputs, labels)
+
+
+def test_a_label_past_the_outputs_in_an_alignment_minibatch_is_one_sentence(capsys, tmp_path):
+    """The fit check reads the analysed batches; a minibatch of the alignment's past them held
+    digit 9 for a 7-class model: "unexpected IndexError: Target 9 is out of bounds"."""
+    from hessian_cli.specs import build_model
+
+    ckpt = tmp_path / "mlp7.pt"
+    torch.save(build_model("mlp", input_shape=(1, 8, 8), num_classes=7).state_dict(), ckpt)
+    code, _, err = run(
+        capsys, "analyze", ckpt, "--model", "mlp", "--model-kwargs", '{"num_classes": 7}',
+        "--data", "digits", "--batch-size", "9", "--num-samples", "9", "--alignment",
+        "--top-k", "1",
+    )  # fmt: skip
+    assert code == 2 and one_sentence(err, strict=True) == (
+        "error: the data has class labels up to 9, but the model has only 7 outputs: check the "
+        "data and the model's num_classes."
+    )

@@ -1,8 +1,8 @@
 """Why a batch does not fit the model or its loss, in one sentence: where the model's forward or
 the loss fails on a batch, torch's own words ("Expected input batch_size (5) to match target
 batch_size (4)", "Target 7 is out of bounds", a tuple "must be Tensor") name neither the data
-nor what to change. Said by the operator at its first batch and by the command line's check
-before any work (:mod:`hessian_cli.specs.fit`)."""
+nor what to change. Said by the operator (of the model at its first batch, of the loss at any)
+and by the command line's check before any work (:mod:`hessian_cli.specs.fit`)."""
 
 from __future__ import annotations
 

@@ -455,14 +455,15 @@ class HessianOperator:
         before = None if self._forward_checked else _random_states(self.device)
         # Of the model's own parameters (functional_call's values are others)
         versions = None if self._writes_checked or params is not None else self._versions()
-        # At the first pass a model or loss that fails on the batch says what does not fit
-        # (torch's words named neither), before any product is counted.
+        # A model that fails on the first batch, and a loss on any (a label past the outputs in a
+        # later one), say what does not fit, where torch's words named neither. (A later batch's
+        # lookup out of an embedding table is said by the caller, of all the batches.)
         first = before is not None
         out = model_outputs(self.model, x, params) if first else run_model(self.model, x, params)
         # Looked at between the two too: a loss function that draws (F.dropout) was blamed on the
         # model, "the model draws random numbers in eval mode", where the model drew none.
         model_drew = first and not _same_states(before, _random_states(self.device))
-        loss = loss_on_outputs(self.loss_fn, out, y, x) if first else self.loss_fn(out, y)
+        loss = loss_on_outputs(self.loss_fn, out, y, x)
         if before is not None:
             self._forward_checked = True
             if model_drew:

@@ -315,6 +315,7 @@ def _of_the_first(out: object, y: torch.Tensor) -> torch.Tensor:
     [
         (_LINEAR, (_X, _Y[:5]), "the batch holds 6 samples of inputs but 5 targets: give one"),
         (_LINEAR, (_X, _Y.int()), r"the class labels are int32, .* give them as y.long\(\)\.$"),
+        (_LINEAR, (_X, _Y.double()), r"the class labels are float64, .* give them as y.long\(\)"),
         (_LINEAR, (_X, _Y + 3), "the data has class labels up to 6, but the model has only 4 "),
         (_Outputs(lambda out: (out, out)), (_X, _Y), r"the model returns a tuple, which the loss"),
         (_Outputs(lambda out: {"logits": out}), (_X, _Y), "the model returns a dict, which the "),
@@ -322,7 +323,17 @@ def _of_the_first(out: object, y: torch.Tensor) -> torch.Tensor:
         (_LINEAR, (_X[:, :2], _Y), r"the data \(samples of shape \(2,\)\) does not fit the model"),
         (_LINEAR, (_X, _X), r"the loss fails on the model's outputs \(of shape \(6, 4\), for "),
     ],
-    ids=["lengths", "int32", "classes", "tuple", "dict", "list-taken", "inputs", "targets"],
+    ids=[
+        "lengths",
+        "int32",
+        "floats",
+        "classes",
+        "tuple",
+        "dict",
+        "list-taken",
+        "inputs",
+        "targets",
+    ],
 )
 def test_a_batch_the_model_or_loss_fails_on_is_one_sentence_before_any_product(
     backend, model, batch, said

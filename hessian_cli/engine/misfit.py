@@ -74,11 +74,14 @@ def _loss_misfit(out: Any, y: torch.Tensor, x: Inputs, exc: BaseException) -> Us
         top = int(y.max())
         if (error := too_few_outputs(top, class_count(out, y))) is not None:
             return error
-        if y.dtype not in (torch.int64, torch.uint8) and "Long" in said:
-            return UserError(
-                f"the class labels are {str(y.dtype)[6:]}, and the loss takes int64 ones "
-                f"({said}): give them as y.long()."
-            )
+    # torch's "expected target dtype to be Long": int32 labels (NumPy's on Windows), or whole
+    # numbers stored as floats
+    labels = not y.is_floating_point() or bool((y == y.round()).all())
+    if tensor and y.dtype not in (torch.int64, torch.uint8) and "Long" in said and labels:
+        return UserError(
+            f"the class labels are {str(y.dtype)[6:]}, and the loss takes int64 ones "
+            f"({said}): give them as y.long()."
+        )
     outputs = f"of shape {tuple(out.shape)}" if tensor else a_type(out)
     return UserError(
         f"the loss fails on the model's outputs ({outputs}, for {str(y.dtype)[6:]} targets of "

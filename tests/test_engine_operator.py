@@ -276,7 +276,8 @@ def test_what_cannot_be_the_model_or_the_loss_is_refused_before_any_product(mode
     [
         (lambda out, y: F.cross_entropy(out, y).item(), "a float"),
         (lambda out, y: (F.cross_entropy(out, y), out), "a tuple"),
-        (lambda out, y: F.cross_entropy(out, y, reduction="none"), r"of shape \(16,\)"),
+        (lambda out, y: F.cross_entropy(out, y, reduction="none"), r"of shape \(16,\)\.$"),
+        (lambda out, y: F.cross_entropy(out, y)[None], r"of shape \(1,\): return loss.squeeze"),
     ],
 )
 def test_a_loss_function_that_returns_no_scalar_tensor_is_one_sentence(loss, said):

@@ -161,8 +161,14 @@ def _check_loss(loss: object, out: object, *, gradient: bool) -> None:
     ``.item()``): every product was 0, the gradient of a constant, unsaid."""
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         got = f"of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else a_type(loss)
+        # One value in a tensor of shape (1,) or (1, 1) reads as a scalar to its writer
+        fix = (
+            ": return loss.squeeze()"
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1
+            else ""
+        )
         raise UserError(
-            f"the loss function must return a scalar tensor (mean over the batch), not {got}."
+            f"the loss function must return a scalar tensor (mean over the batch), not {got}{fix}."
         )
     if gradient and not loss.requires_grad and _carries_gradient(out):
         raise UserError(

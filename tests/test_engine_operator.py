@@ -355,6 +355,17 @@ def test_a_batch_the_model_or_loss_fails_on_is_one_sentence_before_any_product(
     torch.testing.assert_close(op.matmul(V), V @ H, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["double-backward", "func"])
+def test_a_loss_torch_cannot_differentiate_twice_is_one_sentence(backend):
+    """MultiMarginLoss's backward has no derivative: "derivative for
+    aten::multi_margin_loss_backward is not implemented", a RuntimeError (on the command line
+    "unexpected RuntimeError")."""
+    op = HessianOperator(_LINEAR, torch.nn.MultiMarginLoss(), [(_X, _Y)], backend=backend)
+    said = r"^the model or loss uses an operation that torch has no second derivative for \("
+    with pytest.raises(UserError, match=said + "derivative for aten::multi_margin_loss_backward"):
+        op.matmul(torch.ones(op.n, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("call", ["matmul", "gradient"])
 def test_a_label_past_the_outputs_in_a_later_batch_is_one_sentence(call):
     """Only the first batch was looked at: "Target 6 is out of bounds" came out of the second

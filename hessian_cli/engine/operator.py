@@ -45,7 +45,7 @@ from hessian_cli.engine.model_mode import (
 from hessian_cli.engine.params import ParamSpace, dense, select_parameters
 from hessian_cli.engine.precision import Precision, check_precision, numerics
 from hessian_cli.engine.probes import gaussian, probe_generator, rademacher
-from hessian_cli.errors import NotFinite, UserError, a_type
+from hessian_cli.errors import NotFinite, UserError, a_type, first_line
 
 Backend = Literal["auto", "double-backward", "func"]
 
@@ -824,7 +824,20 @@ class HessianOperator:
                 # ValueError of batch sizes) fails there too, said in one sentence (_batch_loss).
                 self._func_ok = False
         self.backends_used.add("double-backward")
-        return self._hvp_double(i, V)
+        try:
+            return self._hvp_double(i, V)
+        except RuntimeError as exc:
+            # An operation whose backward torch cannot differentiate (MultiMarginLoss's) leaves
+            # a NotImplemented node in the gradient's graph, which raises when a product runs
+            # through it: "unexpected RuntimeError" on the command line.
+            text = str(exc)
+            if not (text.startswith("derivative for ") and "is not implemented" in text):
+                raise
+            raise UserError(
+                "the model or loss uses an operation that torch has no second derivative for "
+                f"({first_line(exc)}), so its Hessian cannot be taken: write it of operations "
+                "that have one, or choose another loss."
+            ) from exc
 
     @contextlib.contextmanager
     def full_precision(self) -> Iterator[None]:

@@ -375,6 +375,15 @@ def analyze_target(
                 if len(results) == 1
                 else f"the {len(results)} checkpoints before it were analysed and are kept"
             )
+            # Those after it were never reached: said, for the user to run them (unsaid, a
+            # series stopped in its middle read as one that had ended there).
+            if after := len(loaded) - place:
+                before += (
+                    f"; the one after it, {named(loaded[place])}, was not analysed"
+                    if after == 1
+                    else f"; the {after} after it, from {named(loaded[place])} on, were not "
+                    "analysed"
+                )
             stopped = SeriesStopped(f"{named(ckpt)}: {why} ({before}).", results, interrupt)
             if not isinstance(exc, UserError | KeyboardInterrupt | Terminated):
                 stopped.exit_status = 1  # not the input's: as the entry point says of one

@@ -2409,6 +2409,30 @@ def test_an_interrupted_series_keeps_what_it_analysed(
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
 
 
+def test_a_series_stopped_in_its_middle_says_which_were_not_analysed(capsys, tmp_path, digits_mlp):
+    """A file whose weights do not fit, third of four: the two before are kept, and the message
+    says the one after it was never reached (it read as a series that had ended there)."""
+    runs = tmp_path / "series"
+    runs.mkdir()
+    state = torch.load(digits_mlp, weights_only=True)
+    for step in (1, 2, 3, 4):
+        weights = dict(state["model"])
+        if step == 3:
+            weights.popitem()
+        meta = dict(state["hessian_cli"], step=step)
+        save_checkpoint(runs / f"s{step}.pt", state_dict=weights, metadata=meta)
+    out_h5 = tmp_path / "kept.h5"
+    code, _, err = run(capsys, "analyze", runs, "--top-k", "1", "-q", "--out", out_h5)
+    assert code == 2
+    said = " ".join(err.split())
+    assert said.startswith("error: s3.pt: the checkpoint does not match the model")
+    assert said.endswith(
+        "(the 2 checkpoints before it were analysed and are kept; the one after it, s4.pt, "
+        "was not analysed)."
+    )
+    assert [d["name"] for d in read_analyses(out_h5)] == ["s1", "s2"]
+
+
 def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     capsys, tmp_path, digits_mlp, monkeypatch
 ):

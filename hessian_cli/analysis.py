@@ -354,9 +354,13 @@ def analyze_target(
                 notice=_of(named(ckpt), notice) if len(loaded) > 1 else notice,
             )
         except (Exception, KeyboardInterrupt, Terminated) as exc:
+            # Those after it were never reached: said, for the user to run them (unsaid, a
+            # series stopped in its middle read as one that had ended there).
+            unreached = _unreached([named(c) for c in loaded[place:]])
             if not results:
                 if held_only and isinstance(exc, UserError):  # which of the series
-                    exc.args = (f"{named(ckpt)}: {exc}",)
+                    said = f"{str(exc).rstrip('.')} ({unreached})." if unreached else str(exc)
+                    exc.args = (f"{named(ckpt)}: {said}",)
                 raise
             # Whatever stopped this one (an error of ours too), the others' work is kept.
             interrupt = exc if isinstance(exc, (KeyboardInterrupt, Terminated)) else None
@@ -375,15 +379,7 @@ def analyze_target(
                 if len(results) == 1
                 else f"the {len(results)} checkpoints before it were analysed and are kept"
             )
-            # Those after it were never reached: said, for the user to run them (unsaid, a
-            # series stopped in its middle read as one that had ended there).
-            if after := len(loaded) - place:
-                before += (
-                    f"; the one after it, {named(loaded[place])}, was not analysed"
-                    if after == 1
-                    else f"; the {after} after it, from {named(loaded[place])} on, were not "
-                    "analysed"
-                )
+            before += f"; {unreached}" if unreached else ""
             stopped = SeriesStopped(f"{named(ckpt)}: {why} ({before}).", results, interrupt)
             if not isinstance(exc, UserError | KeyboardInterrupt | Terminated):
                 stopped.exit_status = 1  # not the input's: as the entry point says of one
@@ -394,6 +390,16 @@ def analyze_target(
             init, warm_from = result.eigen.eigenvectors, result.provenance["checkpoint"]
         results.append(result)
     return results
+
+
+def _unreached(labels: list[str]) -> str:
+    """What a series stopped at one checkpoint says of those after it (``labels``), never
+    analysed; empty where it was the last."""
+    if not labels:
+        return ""
+    if len(labels) == 1:
+        return f"the one after it, {labels[0]}, was not analysed"
+    return f"the {len(labels)} after it, from {labels[0]} on, were not analysed"
 
 
 def _of(label: str, notice: Callable[[str], None] | None) -> Callable[[str], None] | None:

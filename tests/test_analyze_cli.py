@@ -2433,6 +2433,29 @@ def test_a_series_stopped_in_its_middle_says_which_were_not_analysed(capsys, tmp
     assert [d["name"] for d in read_analyses(out_h5)] == ["s1", "s2"]
 
 
+def test_a_series_stopped_at_its_first_checkpoint_says_the_others_were_not_analysed(
+    capsys, tmp_path, digits_mlp
+):
+    """The first file's weights do not fit: nothing is written, and the message says the two
+    after it were never reached (it named the first alone, as if it were the whole series)."""
+    runs = tmp_path / "series"
+    runs.mkdir()
+    state = torch.load(digits_mlp, weights_only=True)
+    for step in (1, 2, 3):
+        weights = dict(state["model"])
+        if step == 1:
+            weights.popitem()
+        meta = dict(state["hessian_cli"], step=step)
+        save_checkpoint(runs / f"s{step}.pt", state_dict=weights, metadata=meta)
+    out_h5 = tmp_path / "none.h5"
+    code, _, err = run(capsys, "analyze", runs, "--top-k", "1", "-q", "--out", out_h5)
+    assert code == 2
+    said = " ".join(err.split())
+    assert said.startswith("error: s1.pt: the checkpoint does not match the model")
+    assert said.endswith("(the 2 after it, from s2.pt on, were not analysed).")
+    assert not out_h5.exists()
+
+
 def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     capsys, tmp_path, digits_mlp, monkeypatch
 ):
@@ -2872,7 +2895,10 @@ def test_a_first_checkpoint_rewritten_before_its_turn_is_named_once(
     monkeypatch.setattr(analysis, "load_checkpoint", load)
     with pytest.raises(UserError) as info:
         analyze_target(runs, AnalyzeRequest(top_k=1))
-    assert str(info.value) == "c1.pt: changed since the series was read (its sha256 differs)."
+    assert str(info.value) == (
+        "c1.pt: changed since the series was read (its sha256 differs) (the one after it, c2.pt, "
+        "was not analysed)."
+    )
 
 
 def test_comma_joined_globs_are_globs(capsys, digits_mlp):

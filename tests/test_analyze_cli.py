@@ -2456,10 +2456,18 @@ def test_a_series_stopped_at_its_first_checkpoint_says_the_others_were_not_analy
     assert not out_h5.exists()
 
 
-def test_ctrl_c_before_the_first_result_says_nothing_was_written(
-    capsys, tmp_path, digits_mlp, monkeypatch
+@pytest.mark.parametrize(
+    "stop, code, said",
+    [
+        (KeyboardInterrupt, 130, "interrupted: nothing was written."),
+        (Terminated, 143, "stopped: the process received SIGTERM; nothing was written."),
+    ],
+)
+def test_a_stop_before_the_first_result_says_nothing_was_written(
+    capsys, tmp_path, digits_mlp, monkeypatch, stop, code, said
 ):
-    """An existing --out stays as it was, and the run says so (it ended silently before)."""
+    """An existing --out stays as it was, and the run says so (a Ctrl-C ended silently before;
+    a SIGTERM, a scheduler's, said only that it came)."""
     from hessian_cli import analysis as analysis_module
 
     out_h5 = tmp_path / "kept.h5"
@@ -2467,13 +2475,15 @@ def test_ctrl_c_before_the_first_result_says_nothing_was_written(
     before = out_h5.read_bytes()
 
     def stops(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise stop
+
+    def leave(status):  # the entry point's os._exit, which would end pytest too
+        raise SystemExit(status)
 
     monkeypatch.setattr(analysis_module, "analyze_checkpoint", stops)
-    code, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
-    assert code == 130
-    assert err.strip() == "interrupted: nothing was written."
-    assert out == ""
+    monkeypatch.setattr(sys.modules["hessian_cli.cli.app"], "_leave_now", leave)
+    status, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
+    assert (status, out, err.strip()) == (code, "", said)
     assert out_h5.read_bytes() == before
 
 

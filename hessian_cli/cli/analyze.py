@@ -369,6 +369,10 @@ def analyze(
             results, stopped = exc.results, exc
         except KeyboardInterrupt:  # before the first result (after it: SeriesStopped)
             results = None
+        except Terminated:  # the same (said, and status 143, by the entry point), said as it
+            raise Terminated(
+                "stopped: the process received SIGTERM; nothing was written."
+            ) from None
     if results is None:  # after the bar's end, which gives the terminal its cursor back
         if lead:
             err_console.print("interrupted: nothing was written.", style="yellow")

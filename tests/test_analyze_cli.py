@@ -31,6 +31,7 @@ from hessian_cli.specs import build_model, load_checkpoint, load_data, save_chec
 from hessian_cli.specs.checkpoints import DEEPSPEED_WEIGHTS
 from hessian_cli.specs.models import BUILTIN_DEFAULTS
 from hessian_cli.storage import read_analyses
+from hessian_cli.storage.hdf5 import group_names
 
 FIXTURE = (
     Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pyhessian_resnet20_cifar10.pkl"
@@ -2454,6 +2455,23 @@ def test_a_series_stopped_at_its_first_checkpoint_says_the_others_were_not_analy
     assert said.startswith("error: s1.pt: the checkpoint does not match the model")
     assert said.endswith("(the 2 after it, from s2.pt on, were not analysed).")
     assert not out_h5.exists()
+
+
+def test_a_rerun_into_the_same_out_says_it_added_beside_what_the_file_held(
+    capsys, tmp_path, digits_mlp
+):
+    """--out appends: the second run said "wrote" as the first did, as if it had replaced the
+    file's analysis; it names the group added (digits_mlp-2, the name `show -c` takes)."""
+    out_h5 = tmp_path / "twice.h5"
+    args = ("analyze", digits_mlp, "--top-k", "1", "--out", out_h5)
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and out.splitlines()[-1] == f"wrote {out_h5}"
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    assert (
+        out.splitlines()[-1] == f"wrote {out_h5}: added digits_mlp-2 beside the 1 analysis it held"
+    )
+    assert group_names(out_h5) == ["digits_mlp", "digits_mlp-2"]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -404,7 +405,7 @@ def analyze(
         with fail_together(lead_only=True) if in_step else contextlib.nullcontext():
             if lead and out is not None:
                 try:
-                    write_analyses(
+                    written = write_analyses(
                         out,
                         results,
                         command_line=command_line(),
@@ -421,7 +422,7 @@ def analyze(
                     said = str(exc) or f"{out} was written first"
                     raise Terminated(f"stopped: the process received SIGTERM; {said}.") from None
                 if not (quiet or as_json):
-                    console.print(f"wrote {out}", highlight=False, markup=False)
+                    console.print(_wrote_line(out, written), highlight=False, markup=False)
     if stopped is not None:
         if isinstance(stopped.interrupt, Terminated):
             raise Terminated(str(stopped))  # said, and exit status 143, by the entry point
@@ -458,6 +459,23 @@ def _unseeded_note(ctx: typer.Context, seed: int, drawn: bool) -> str | None:
     return (
         f"note: --seed {seed} draws nothing here: there are no eigenpairs (--top-k 0), "
         "--trace or --density (it seeds only what the model's or data's own code draws)."
+    )
+
+
+def _wrote_line(out: Path, written: list[str]) -> str:
+    """What the write did: a file that held analyses is added to, never replaced (a re-run
+    said "wrote" as if it had replaced them), under the group names that ``show -c`` takes."""
+    from hessian_cli.presentation import counted
+    from hessian_cli.storage.hdf5 import group_names
+
+    earlier = len(group_names(out)) - len(written)
+    if earlier <= 0:
+        return f"wrote {out}"
+    added = (
+        ", ".join(written) if len(written) <= 3 else counted(len(written), "analysis", "analyses")
+    )
+    return (
+        f"wrote {out}: added {added} beside the {counted(earlier, 'analysis', 'analyses')} it held"
     )
 
 

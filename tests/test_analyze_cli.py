@@ -2474,6 +2474,23 @@ def test_a_rerun_into_the_same_out_says_it_added_beside_what_the_file_held(
     assert group_names(out_h5) == ["digits_mlp", "digits_mlp-2"]
 
 
+@pytest.mark.parametrize("rank, size, named", [("x", "2", "RANK"), ("0", "", "WORLD_SIZE")])
+def test_a_rank_or_world_size_torchrun_would_not_set_is_one_sentence(
+    capsys, digits_mlp, monkeypatch, rank, size, named
+):
+    """RANK or WORLD_SIZE that is no whole number (a job's shell's, not torchrun's) was a
+    ValueError traceback, raised again by the report of it."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", size)
+    code, out, err = run(capsys, "analyze", digits_mlp, "--top-k", "1")
+    assert (code, out) == (2, "")
+    value = {"RANK": rank, "WORLD_SIZE": size}[named]
+    assert one_sentence(err) == (
+        f"error: {named} is {value!r}, not the whole number torchrun sets: start the job with "
+        "torchrun, or unset RANK and WORLD_SIZE to run one process."
+    )
+
+
 @pytest.mark.parametrize(
     "stop, code, said",
     [

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hessian_cli.errors import NotFinite, UserError
-from hessian_cli.launch import launched_by_torchrun
+from hessian_cli.launch import launch_error, launched_by_torchrun
 
 T = TypeVar("T")
 
@@ -91,6 +91,8 @@ def init_from_env() -> bool:
         raise UserError(
             "this torch build has no torch.distributed, so it cannot run under torchrun."
         )
+    if (why := launch_error()) is not None:
+        raise UserError(why)
     # RANK and WORLD_SIZE alone (set by hand, or inherited from a job's shell) made torch's
     # rendezvous fail as "unexpected ValueError".
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]

@@ -1027,6 +1027,7 @@ def _run_solvers(
             seed=request.seed,
             sigma=request.density_sigma,
             known=eig,  # exact nodes, 1/n each, and the Lanczos runs spent on the rest
+            progress=(lambda done, total: progress("density", done, total)) if progress else None,
         )
     if request.alignment:
         assert eig is not None and eig.which != "smallest"  # refused by _check_request

@@ -1176,7 +1176,9 @@ def test_both_ends_report_the_pairs_of_both(n, k):
     (a bar that went back), and one solve of the whole space reported all n pairs wanted."""
     seen = []
     H = _with_spectrum(torch.linspace(-1.0, 2.0, n, dtype=torch.float64), 0)
-    res = eigenpairs(MatrixOperator(H), k, which="both", seed=1, progress=lambda *a: seen.append(a))
+    res = eigenpairs(
+        MatrixOperator(H), k, which="both", seed=1, progress=lambda *a, seen=seen: seen.append(a)
+    )
     assert res.all_converged and (res.method == es.WHOLE) == (k == 45)
     assert {wanted for _, _, wanted in seen} == {2 * k}
     spent, done = [a[0] for a in seen], [a[1] for a in seen]
@@ -1699,6 +1701,25 @@ def test_density_rules_are_exact_per_probe():
         expected = (V * (V @ torch.linalg.matrix_power(H, power))).sum(1)
         got = (dens.weights * dens.nodes**power).sum(1)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_the_density_reports_each_lanczos_step_and_its_end():
+    """analyze's bar stood at 0% through a density, minutes on a large network: each step (all
+    probes' product) is reported, and the last report is the whole, also where every probe's
+    space ran out before the steps asked for."""
+    H = torch.diag(torch.linspace(1.0, 3.0, 40, dtype=torch.float64))
+    for n_values, steps in ((40, 12), (3, 12)):  # 3 distinct eigenvalues: spaces of 3 dimensions
+        values = torch.linspace(1.0, 3.0, n_values, dtype=torch.float64)
+        op = MatrixOperator(torch.diag(values.repeat_interleave(40 // n_values + 1)[:40]))
+        seen: list[tuple[int, int]] = []
+        dens = spectral_density(op, 2, steps, seed=0, progress=lambda *a, seen=seen: seen.append(a))
+        assert seen[-1] == (steps, steps) and all(t == steps for _, t in seen)
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        assert len(seen) == op.hvp_count // 2  # one report a step, each step 2 products
+        assert dens.hvps == op.hvp_count
+    assert len(seen) < steps  # the second stopped early, and said it was done
+    with pytest.raises(UserError, match="`progress` must be None or a function .* not a bool"):
+        spectral_density(MatrixOperator(H), 2, 12, progress=True)
 
 
 @pytest.mark.parametrize(

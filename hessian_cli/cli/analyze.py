@@ -343,10 +343,11 @@ def analyze(
         running = ""  # which checkpoint of a series runs
 
         def progress(phase: str, done: int, total: int) -> None:
+            counted = {"eigenpairs": "converged", "density": "Lanczos steps"}.get(phase)
             bar.update(
                 task,
                 description=running
-                + (f"{phase} ({done}/{total} converged)" if phase == "eigenpairs" else phase),
+                + (f"{phase} ({done}/{total} {counted})" if counted and total > 1 else phase),
                 completed=done,
                 total=total or None,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import DENSITY_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import DensityResult, EigenResult
 from hessian_cli.engine.solver_plan import check_whole
-from hessian_cli.errors import UserError, is_number, shown
+from hessian_cli.errors import UserError, a_type, is_number, shown
 
 GRID_POINTS = 1000  # of the uniform grid over the whole spectrum
 _POINTS_PER_SIGMA = 4  # at least, near every node: or a narrow Gaussian falls between points
@@ -77,6 +78,7 @@ def spectral_density(
     seed: int = 0,
     sigma: float | None = None,
     known: EigenResult | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DensityResult:
     """SLQ: one Lanczos run per Rademacher probe, each step one block HVP for all probes.
 
@@ -100,6 +102,9 @@ def spectral_density(
     ``n`` of about 20 on, and large only where ``k`` is close to ``n`` (``n = 8, k = 6``: the
     rest's trace 0.33 for 0.50).
 
+    ``progress(done, steps)`` is called after each Lanczos step (every probe's product): a
+    density of a large network takes minutes, as many as its steps.
+
     Beside its product, a step reads the basis twice (the inner products of all probes in one
     batched call, then the update; four times where a probe's space is exhausted, see
     :func:`_orthogonalized`) and reads back from the device once (whether its coefficients are
@@ -119,6 +124,10 @@ def spectral_density(
         raise UserError(
             f"the density's smoothing width must be a positive number, not {shown(sigma)}."
         )
+    if progress is not None and not callable(progress):
+        raise UserError(
+            f"`progress` must be None or a function of (steps done, steps), not {a_type(progress)}."
+        )
     # Ranks may differ in free memory: all refuse together or none does (none left waiting).
     with fail_together() if getattr(op, "distributed", False) else contextlib.nullcontext():
         check_density_memory(op, num_probes, steps)
@@ -130,7 +139,7 @@ def spectral_density(
     v = rademacher((num_probes, n), generator=gen, dtype=op.dtype, device=device)
     v = project_out(project_out(v, V), V)  # twice: what one pass leaves is rounding of |v|
     if steps:
-        nodes, weights = _lanczos_rules(op, v, steps, V.to(_working_dtype(op)))
+        nodes, weights = _lanczos_rules(op, v, steps, V.to(_working_dtype(op)), progress)
     else:  # the known vectors span the space: nothing is left to the Lanczos runs
         nodes = weights = torch.zeros(num_probes, 0, dtype=torch.float64)
     # Each rule: the rest's, weighted by its share of the space, and the known eigenvalues,
@@ -165,7 +174,11 @@ def spectral_density(
 
 
 def _lanczos_rules(
-    op: LinearOperator, v: torch.Tensor, steps: int, V: torch.Tensor
+    op: LinearOperator,
+    v: torch.Tensor,
+    steps: int,
+    V: torch.Tensor,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each probe's (row of ``v``) Gauss quadrature rule, nodes and weights ``[probes, steps]``
     (float64, on the CPU; padded with weight 0), from ``steps`` Lanczos steps of ``H`` in the
@@ -207,6 +220,8 @@ def _lanczos_rules(
         active &= ~done
         if not finite:
             raise not_finite(op, "density's")
+        if progress:
+            progress(j + 1 if going else steps, steps)
         if not going:
             break
         if j + 1 < steps:  # a stopped probe's next vector is 0 (w / inf): its products are too

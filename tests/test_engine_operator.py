@@ -199,8 +199,8 @@ def test_gradient_and_loss_are_sample_weighted():
 @pytest.mark.parametrize(
     ("change", "said"),
     [
-        ({"loss_fn": lambda out, y: F.cross_entropy(out, y).item()}, "the loss function must"),
-        ({"loss_fn": lambda out, y: (F.cross_entropy(out, y), out)}, "the loss function must"),
+        ({"loss_fn": lambda out, y: F.cross_entropy(out, y).item()}, "the loss returns a float,"),
+        ({"loss_fn": lambda out, y: (F.cross_entropy(out, y), out)}, "the loss returns a tuple,"),
         ({"loss_fn": lambda out, y: F.cross_entropy(out, y) * float("nan")}, "the loss is not"),
         ({"model": "mlp"}, "the model must be a torch.nn.Module"),
         ({"batches": []}, "no data to compute the Hessian on"),
@@ -274,17 +274,23 @@ def test_what_cannot_be_the_model_or_the_loss_is_refused_before_any_product(mode
 @pytest.mark.parametrize(
     ("loss", "said"),
     [
-        (lambda out, y: F.cross_entropy(out, y).item(), "a float"),
-        (lambda out, y: (F.cross_entropy(out, y), out), "a tuple"),
-        (lambda out, y: F.cross_entropy(out, y, reduction="none"), r"of shape \(16,\)\.$"),
-        (lambda out, y: F.cross_entropy(out, y)[None], r"of shape \(1,\): return loss.squeeze"),
+        (lambda out, y: F.cross_entropy(out, y).item(), "a float, not a scalar tensor"),
+        (lambda out, y: (F.cross_entropy(out, y), out), "a tuple, not a scalar tensor"),
+        (
+            lambda out, y: F.cross_entropy(out, y, reduction="none"),
+            r"a tensor of shape \(16,\), not a scalar tensor \(the mean over the batch\)\.$",
+        ),
+        (
+            lambda out, y: F.cross_entropy(out, y)[None],
+            r"a tensor of shape \(1,\), not .*: return loss.squeeze\(\)\.$",
+        ),
     ],
 )
 def test_a_loss_function_that_returns_no_scalar_tensor_is_one_sentence(loss, said):
     """A float or a tuple failed in .ndim, an AttributeError naming neither."""
     case = CASES["mlp-ce"]
     op = HessianOperator(case.model, loss, case.batches)
-    with pytest.raises(UserError, match=f"^the loss function must return a scalar tensor .*{said}"):
+    with pytest.raises(UserError, match=f"^the loss returns {said}"):
         op.matmul(torch.ones(op.n, dtype=torch.float64))
 
 

@@ -48,6 +48,22 @@ def loss_on_outputs(loss_fn: Callable, out: Any, y: torch.Tensor, x: Inputs) -> 
         raise _loss_misfit(out, y, x, exc) from exc
 
 
+def check_scalar_loss(loss: object, samples: int | None = None) -> torch.Tensor:
+    """``loss``, refused where it is no scalar tensor (a float, its ``.item()``, a tuple, one
+    value per sample; a tensor of shape (1,) too): the products take a 0-dimensional loss only.
+    ``samples``: the batch's, where known, which a loss of one value per sample matches."""
+    if isinstance(loss, torch.Tensor) and loss.ndim == 0:
+        return loss
+    if isinstance(loss, torch.Tensor):
+        per = f" for a batch of {samples}" if samples is not None else ""
+        got = f"a tensor of shape {tuple(loss.shape)}{per}"
+    else:
+        got = a_type(loss)
+    # One value in a tensor of shape (1,) or (1, 1) reads as a scalar to its writer
+    fix = ": return loss.squeeze()" if isinstance(loss, torch.Tensor) and loss.numel() == 1 else ""
+    raise UserError(f"the loss returns {got}, not a scalar tensor (the mean over the batch){fix}.")
+
+
 def _not_the_datas(exc: BaseException) -> bool:
     """Whether ``exc`` says nothing of the data: memory ran out (the operator halves a block
     that ran out of device memory)."""

@@ -34,7 +34,7 @@ from hessian_cli.engine.inputs import Inputs, inputs_to, is_inputs, run_model
 from hessian_cli.engine.linalg import all_finite, norms
 from hessian_cli.engine.linear_operator import check_block
 from hessian_cli.engine.memory import free_bytes, graph_bytes
-from hessian_cli.engine.misfit import loss_on_outputs, model_outputs
+from hessian_cli.engine.misfit import check_scalar_loss, loss_on_outputs, model_outputs
 from hessian_cli.engine.model_mode import (
     BNMode,
     ModelLayout,
@@ -159,17 +159,7 @@ def _check_loss(loss: object, out: object, *, gradient: bool) -> None:
     ``.item()``, or a tuple failed in ``.ndim``, an AttributeError) or, where a ``gradient``
     is being taken, one cut from the model's outputs (``.detach()``, a tensor made from its
     ``.item()``): every product was 0, the gradient of a constant, unsaid."""
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        got = f"of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else a_type(loss)
-        # One value in a tensor of shape (1,) or (1, 1) reads as a scalar to its writer
-        fix = (
-            ": return loss.squeeze()"
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1
-            else ""
-        )
-        raise UserError(
-            f"the loss function must return a scalar tensor (mean over the batch), not {got}{fix}."
-        )
+    loss = check_scalar_loss(loss)
     if gradient and not loss.requires_grad and _carries_gradient(out):
         raise UserError(
             "the loss function returns a loss without a gradient (detached, or made anew from "

@@ -13,7 +13,13 @@ from torch import nn
 
 from hessian_cli.engine.batches import Batch
 from hessian_cli.engine.inputs import Inputs, inputs_to, rows, run_model
-from hessian_cli.engine.misfit import class_count, loss_on_outputs, model_outputs, too_few_outputs
+from hessian_cli.engine.misfit import (
+    check_scalar_loss,
+    class_count,
+    loss_on_outputs,
+    model_outputs,
+    too_few_outputs,
+)
 from hessian_cli.engine.model_mode import loss_module
 from hessian_cli.errors import UserError, a_type
 
@@ -83,22 +89,8 @@ def _check_fits(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]) -
         if (error := too_few_outputs(top, class_count(out, y))) is not None:
             raise error
     loss = loss_on_outputs(loss_fn, out, y, x)
-    # One value of shape (1,) too: the products take a 0-dimensional loss only, and refused it
-    # there, after the work before them.
-    if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
-        got = (
-            f"a tensor of shape {tuple(loss.shape)} for a batch of {len(y)}"
-            if isinstance(loss, torch.Tensor)
-            else a_type(loss)
-        )
-        fix = (
-            ": return loss.squeeze()"
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1
-            else ""
-        )
-        raise UserError(
-            f"the loss returns {got}, not a scalar tensor (the mean over the batch){fix}."
-        )
+    # Before the work, where the products refused it after the work before them
+    check_scalar_loss(loss, len(y))
     if out.requires_grad and not loss.requires_grad:  # it has no curvature to find
         raise UserError("the loss does not depend on the model's outputs (it returns a constant).")
     if _sums_over_the_batch(model, loss_fn, x, y, loss.detach()):

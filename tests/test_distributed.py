@@ -44,7 +44,8 @@ needs_gloo = pytest.mark.skipif(
 
 def _env() -> dict[str, str]:
     # No GPU for the ranks: on a machine of one GPU, `auto` refuses a second rank a CUDA device.
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # PYTHONFAULTHANDLER: a rank that aborts prints where each of its threads was.
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
@@ -942,6 +943,42 @@ def test_a_new_run_s_out_is_checked_by_rank_0_alone(tmp_path: Path) -> None:
     assert code == 0, err
     assert (tmp_path / "node0" / "run" / "checkpoints" / "step0000002.pt").is_file()
     assert [p.name for p in (tmp_path / "node1" / "run").iterdir()] == ["old.txt"]
+
+
+@needs_gloo
+def test_a_thread_still_in_torch_when_a_rank_ends_does_not_abort_the_job(tmp_path: Path) -> None:
+    """A rank that had done and written its work aborted now and then at exit ("terminate
+    called without an active exception", SIGABRT; rank 0, twice in CI), and torchrun called the
+    job failed: C++ ending a thread that was inside torch as Python tore itself down. Here a
+    thread of the script's own goes on multiplying once the command is done, so that teardown
+    meets it every time: the ranks end without the teardown and the job succeeds."""
+    wrapper = tmp_path / "busy_thread.py"
+    wrapper.write_text(
+        "import threading\n\n"
+        "import torch\n\n"
+        "from hessian_cli.cli import main\n\n"
+        "done = threading.Event()\n\n\n"
+        "def multiply():\n"
+        "    a = torch.ones(300, 300)\n"
+        "    done.wait()\n"
+        "    while True:\n"
+        "        a @ a  # the lock Python holds is let go in here, and taken again after\n\n\n"
+        "threading.Thread(target=multiply, daemon=True).start()\n"
+        "try:\n"
+        "    main()\n"
+        "finally:  # reached only where the command ends as Python's own exit does\n"
+        "    done.set()\n"
+    )
+    code, _, err, _ = _run(
+        _train_args(tmp_path / "run", 32, "--max-steps", "2"),
+        ranks=2,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+        entry=(str(wrapper),),
+    )
+    assert code == 0, err
+    assert "terminate called" not in err
+    assert (tmp_path / "run" / "checkpoints" / "step0000002.pt").is_file()
 
 
 @needs_gloo

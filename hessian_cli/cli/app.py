@@ -575,11 +575,47 @@ def main() -> None:
     Typer runs in standalone mode, so usage errors, ``--help`` and ``typer.Exit`` codes are
     handled by it; everything else that escapes a command is caught here (status 1 when it is not
     a user error). Under torchrun the process first joins the process group (torch is imported
-    only then, to keep startup fast) and leaves it with the other ranks, unless it failed alone.
+    only then, to keep startup fast) and leaves it with the other ranks, unless it failed alone;
+    having left it, the rank ends without Python's teardown (see :func:`_end_rank`).
     """
     _hold_standard_descriptors()
     load_commands()
     torchrun = launched_by_torchrun()
+    if not torchrun:
+        _run_command(torchrun=False)
+        return
+    status: object = 0
+    try:
+        _run_command(torchrun=True)
+    except SystemExit as exc:
+        status = exc.code
+    finally:
+        from hessian_cli.engine import distributed
+
+        left = distributed.shutdown()
+    if left:
+        _end_rank(status)
+    sys.exit(status)
+
+
+def _end_rank(status: object) -> NoReturn:
+    """End a rank that has left its process group, with the command's exit status, without
+    Python's teardown. A rank 0 that had done and written all its work still aborted at exit
+    now and then ("terminate called without an active exception", SIGABRT; twice in CI runs
+    of the test suite), and torchrun then called the whole job failed: that is C++ ending a
+    thread it must not (torch's Gloo threads meeting a finalising interpreter abort so, as
+    upstream reports where a group outlives it). Nothing is lost: every file the commands
+    write is closed where it is written, and standard output and error are flushed."""
+    if status is None:
+        _leave_now(0)
+    if isinstance(status, int):
+        _leave_now(status)
+    print(status, file=sys.stderr)  # as sys.exit prints a message given as the status
+    _leave_now(1)
+
+
+def _run_command(*, torchrun: bool) -> None:
+    """The command line's command, its errors said; ends in SystemExit with its status."""
     try:
         if torchrun:
             import_torch()
@@ -614,8 +650,3 @@ def main() -> None:
             # (a Gloo barrier ignored its timeout there; NCCL's abort can hang).
             _leave_now(code)
         sys.exit(code)
-    finally:
-        if torchrun:
-            from hessian_cli.engine import distributed
-
-            distributed.shutdown()

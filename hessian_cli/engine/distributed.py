@@ -125,8 +125,8 @@ def init_from_env() -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group together, then destroy it.
+def shutdown() -> bool:
+    """Leave the process group together, then destroy it; whether there was one to leave.
 
     Without the barrier a rank that finishes first can tear its Gloo group down while a peer's
     last collective is still in flight, and abort ("terminate called without an active
@@ -135,13 +135,14 @@ def shutdown() -> None:
     rank 1 while rank 0 sat in another collective, so a rank that failed alone never gets here.
     """
     if not is_distributed():
-        return
+        return False
     with contextlib.suppress(RuntimeError):
         if dist.get_backend() == "gloo":
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         else:
             dist.barrier()
     dist.destroy_process_group()
+    return True
 
 
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:

@@ -373,8 +373,8 @@ def test_a_value_of_the_wrong_type_is_named_with_the_kind_wanted(capsys, args, s
         ),
         (["--bogus", "show"], "no such option: --bogus. See 'hessian-cli --help'."),
         (
-            ["show", "a.h5", "b.h5"],
-            "got unexpected extra argument(s) (b.h5). See 'hessian-cli show --help'.",
+            ["train", "runs/a"],  # (show's and plot's files past the first say how to compare)
+            "got unexpected extra argument(s) (runs/a). See 'hessian-cli train --help'.",
         ),
         # A command's option given before it was "No such option", as if there were none.
         (

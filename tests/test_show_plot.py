@@ -2759,6 +2759,18 @@ def test_plot_of_two_files_says_how_to_compare_them(capsys, files, tmp_path):
     assert not out.exists()
 
 
+def test_show_of_two_files_says_how_to_compare_them(capsys, files):
+    """`show a.h5 b.h5` said Click's "got unexpected extra argument(s) (b.h5)", which told
+    neither that show reads one file nor how to see two side by side, as plot's refusal does."""
+    code, out, err = run(capsys, "show", files["single"], files["series"], "--json")
+    assert code == 2 and out == ""
+    assert one_sentence(err, strict=True) == (
+        f"error: show reads one file (given: {files['single']}, {files['series']}); to compare "
+        "checkpoints in one table, analyze them into one file (hessian-cli analyze A.pt B.pt "
+        f"--out both.h5, or --out {files['single']} to add to it) and show that."
+    )
+
+
 @pytest.mark.parametrize("k", [4, 50])
 def test_a_series_of_both_ends_is_keyed_from_the_top_of_the_spectrum_down(k):
     """--which both: the legend read λ1, λ2, λn, λn-1 (the smallest end is stored λn first),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
 
 import typer
@@ -14,6 +13,7 @@ from hessian_cli.cli.options import file_path, given_path
 from hessian_cli.cli.result_files import (
     Metrics,
     read_result_file,
+    refuse_more_files,
     result_file,
     say_if_newer,
     told_apart,
@@ -22,8 +22,7 @@ from hessian_cli.errors import UserError
 from hessian_cli.launch import env_rank
 
 
-# Files past the first are taken, to be refused with how to compare them (Click said
-# "unexpected extra argument(s)").
+# Files past the first are taken, to be refused with how to compare them.
 @app.command("plot", context_settings={"allow_extra_args": True})
 def plot(
     ctx: typer.Context,
@@ -50,14 +49,7 @@ def plot(
     ),
 ) -> None:
     """Plot a spectra file's ESD, eigenvalues or trajectories, or a run's training curves."""
-    if ctx.args:
-        first = shlex.quote(file_name)
-        given = ", ".join(shlex.quote(name) for name in (file_name, *ctx.args))
-        raise UserError(
-            f"plot draws one file (given: {given}); to compare checkpoints in one figure, "
-            f"analyze them into one file (hessian-cli analyze A.pt B.pt --out both.h5, or "
-            f"--out {first} to add to it) and plot that."
-        )
+    refuse_more_files("plot", (file_name, *ctx.args), "draws", "in one figure")
     if env_rank() != 0:  # under torchrun one rank draws it (each wrote the same file)
         return
     # Imported here, not at the top, so that --help need not load matplotlib and h5py.

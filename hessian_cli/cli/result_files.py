@@ -3,6 +3,7 @@ metrics, read once, with the same refusals for both commands."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,19 @@ class Metrics:
 
     columns: dict[str, dict[str, Any]]
     info: dict[str, Any]
+
+
+def refuse_more_files(verb: str, names: Sequence[str], reads: str, seen_in: str) -> None:
+    """Refuse files past the first, which the command takes only to say how to compare them
+    (Click said only "got unexpected extra argument(s)"): analysed into one file, as a series
+    that ``verb`` shows ``seen_in`` (one figure, one table)."""
+    if len(names) > 1:
+        given = ", ".join(shlex.quote(name) for name in names)
+        raise UserError(
+            f"{verb} {reads} one file (given: {given}); to compare checkpoints {seen_in}, "
+            f"analyze them into one file (hessian-cli analyze A.pt B.pt --out both.h5, or "
+            f"--out {shlex.quote(names[0])} to add to it) and {verb} that."
+        )
 
 
 def result_file(given: Path) -> Path:

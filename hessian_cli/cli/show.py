@@ -12,6 +12,7 @@ from hessian_cli.cli.options import given_path
 from hessian_cli.cli.result_files import (
     Metrics,
     read_result_file,
+    refuse_more_files,
     result_file,
     say_if_newer,
     told_apart,
@@ -41,8 +42,10 @@ def _metrics_json(metrics: Metrics) -> dict[str, dict[str, Any]]:
     }
 
 
-@app.command("show")
+# Files past the first are taken, to be refused with how to compare them.
+@app.command("show", context_settings={"allow_extra_args": True})
 def show(
+    ctx: typer.Context,
     file_name: str = typer.Argument(
         ...,
         metavar="FILE",
@@ -71,6 +74,7 @@ def show(
     ),
 ) -> None:
     """Show what a spectra file or a run's metrics holds, as tables or JSON."""
+    refuse_more_files("show", (file_name, *ctx.args), "reads", "in one table")
     if env_rank() != 0:  # under torchrun one rank shows it
         return
     # Imported here, not at the top, so that --help need not load h5py and numpy.

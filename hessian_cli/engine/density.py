@@ -103,7 +103,8 @@ def spectral_density(
     rest's trace 0.33 for 0.50).
 
     ``progress(done, steps)`` is called after each Lanczos step (every probe's product): a
-    density of a large network takes minutes, as many as its steps.
+    density of a large network takes minutes, as many as its steps. Where every probe's space
+    runs out before ``steps``, the last report is ``(done, done)``: the steps taken.
 
     Beside its product, a step reads the basis twice (the inner products of all probes in one
     batched call, then the update; four times where a probe's space is exhausted, see
@@ -220,8 +221,8 @@ def _lanczos_rules(
         active &= ~done
         if not finite:
             raise not_finite(op, "density's")
-        if progress:
-            progress(j + 1 if going else steps, steps)
+        if progress:  # where every probe's space ran out, the whole is the steps taken
+            progress(j + 1, steps if going else j + 1)
         if not going:
             break
         if j + 1 < steps:  # a stopped probe's next vector is 0 (w / inf): its products are too

@@ -1016,6 +1016,7 @@ def _run_solvers(
             seed=request.seed,
             # The eigenpairs found begin Hutch++'s sketch at no product: less spread, same cost.
             known=eig if request.trace_method == "hutch++" else None,
+            progress=(lambda done, total: progress("trace", done, total)) if progress else None,
         )
     if request.density:
         if progress:

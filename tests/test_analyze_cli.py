@@ -840,6 +840,32 @@ def test_the_progress_bar_of_a_series_names_the_checkpoint_that_runs(
     assert shown[0] == "loading" and shown[-1] == "eigenpairs (2/2 converged)"
 
 
+def test_the_progress_bar_counts_the_traces_products(capsys, monkeypatch, digits_mlp):
+    """The bar said 'trace' at 0% through all of the trace's products, minutes on a large
+    network: it counts them as each pass of them ends, up to the products the trace made."""
+    from rich.progress import Progress
+
+    shown: list[tuple[str, int, int]] = []
+    real_update = Progress.update
+
+    def update(self, task, **fields):
+        shown.append((fields.get("description"), fields.get("completed"), fields.get("total")))
+        return real_update(self, task, **fields)
+
+    monkeypatch.setattr(Progress, "update", update)
+    code, out, err = run(
+        capsys, "analyze", digits_mlp, "--top-k", "0", "--trace", "--trace-probes", "12", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["trace"]["hvps"] == 12
+    # Hutch++: the sketch's 4 products, then its basis's 4 with the 4 probes'.
+    assert [s for s in shown if s[0].startswith("trace")] == [
+        ("trace", 0, 1),
+        ("trace (4/12 HVPs)", 4, 12),
+        ("trace (12/12 HVPs)", 12, 12),
+    ]
+
+
 def test_several_checkpoint_files_are_a_series_in_step_order(capsys, tmp_path, digits_mlp):
     """A shell glob (analyze run/c*.pt) gives several paths: Typer refused them as 'unexpected
     extra argument(s)'. They are a series, in step order as a directory's."""

@@ -1534,6 +1534,34 @@ def test_probes_as_many_as_the_space_left_take_its_trace_exactly(known, num_prob
     assert stochastic_trace(op, 99, method="hutchinson").stderr > 0
 
 
+@pytest.mark.parametrize(
+    ("method", "block_size", "reports"),
+    [
+        ("hutchinson", None, [18]),
+        ("hutchinson", 4, [4, 8, 12, 16, 18]),
+        ("hutch++", None, [6, 18]),  # the sketch's 6, then its basis with the 6 probes
+        ("hutch++", 5, [5, 6, 11, 16, 18]),
+    ],
+)
+def test_the_trace_reports_each_block_of_products_and_its_end(method, block_size, reports):
+    """analyze's bar stood at 0% through a trace, minutes on a large network: each block of
+    products is reported, of the products planned, and the last report is the whole made, also
+    where H maps the sketch into fewer dimensions (fewer products than planned)."""
+    H = torch.diag(torch.linspace(1.0, 3.0, 40, dtype=torch.float64))
+    seen: list[tuple[int, int]] = []
+    told = lambda *a: seen.append(a)  # noqa: E731
+    args = dict(method=method, block_size=block_size, seed=3)
+    result = stochastic_trace(MatrixOperator(H), 18, **args, progress=told)
+    assert seen == [(done, 18) for done in reports] and result.hvps == 18
+    assert result.estimate == stochastic_trace(MatrixOperator(H), 18, **args).estimate
+    if method == "hutch++":  # rank 3: the sketch's 6 products span 3 dimensions
+        seen.clear()
+        result = stochastic_trace(MatrixOperator(H[:, :3] @ H[:3]), 18, **args, progress=told)
+        assert result.hvps == 15 and seen[0][1] == 18 and seen[-1] == (15, 15)
+    with pytest.raises(UserError, match="`progress` must be None or a function .* not a bool"):
+        stochastic_trace(MatrixOperator(H), 18, progress=True)
+
+
 def test_hutchpp_has_smaller_error_when_few_eigenvalues_dominate():
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))

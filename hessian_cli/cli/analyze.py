@@ -44,6 +44,8 @@ from hessian_cli.engine.solver_defaults import (
 from hessian_cli.errors import Terminated, UserError
 
 EXIT_UNCONVERGED = 3
+# What a phase's progress counts, as its bar says it ("trace (33/99 HVPs)").
+_COUNTED = {"eigenpairs": "converged", "trace": "HVPs", "density": "Lanczos steps"}
 
 
 @app.command()
@@ -343,7 +345,7 @@ def analyze(
         running = ""  # which checkpoint of a series runs
 
         def progress(phase: str, done: int, total: int) -> None:
-            counted = {"eigenpairs": "converged", "density": "Lanczos steps"}.get(phase)
+            counted = _COUNTED.get(phase)
             bar.update(
                 task,
                 description=running

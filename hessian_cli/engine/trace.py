@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -24,20 +25,29 @@ from hessian_cli.engine.precision import without_tf32
 from hessian_cli.engine.probes import KNOWN_TRACE_STREAM, probe_generator, rademacher
 from hessian_cli.engine.results import EigenResult, TraceResult
 from hessian_cli.engine.solver_plan import check_whole
-from hessian_cli.errors import UserError
+from hessian_cli.errors import UserError, a_type
 
 
-def _apply(op: LinearOperator, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
-    """``H`` applied to the rows of ``V``, ``block_size`` rows per product (all at once: None)."""
+def _apply(
+    op: LinearOperator,
+    V: torch.Tensor,
+    block_size: int | None,
+    multiplied: Callable[[int], None],
+) -> torch.Tensor:
+    """``H`` applied to the rows of ``V``, ``block_size`` rows per product (all at once: None);
+    ``multiplied(rows)`` is told of each block as its products come."""
     if not len(V):  # a sketch that H maps to nothing (H = 0 on the chosen parameters)
         return torch.empty_like(V)
     if not block_size or block_size >= len(V):  # one product: no concatenated copy of it
-        return op.matmul(V)
+        out = op.matmul(V)
+        multiplied(len(V))
+        return out
     # Each block's products into their rows as they come: all blocks and then their
     # concatenation held the products twice, beyond what check_trace_memory counts.
     out = torch.empty_like(V)
     for i in range(0, len(V), block_size):
         out[i : i + block_size] = op.matmul(V[i : i + block_size])
+        multiplied(min(block_size, len(V) - i))
     return out
 
 
@@ -103,6 +113,7 @@ def stochastic_trace(
     block_size: int | None = None,
     seed: int = 0,
     known: EigenResult | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TraceResult:
     """Unbiased estimate of ``trace(H)`` and its standard error from ``num_probes`` HVPs (fewer
     for Hutch++ when ``H`` maps its sketch into fewer dimensions: those are not multiplied; and
@@ -130,6 +141,10 @@ def stochastic_trace(
     The probes are independent, so they are multiplied in as few blocks as can be: Hutchinson's
     all at once, Hutch++'s sketch and then its basis with the deflated probes (``block_size=None``;
     :class:`HessianOperator` splits a block that does not fit in memory).
+
+    ``progress(done, products)`` is called after each block of products (a trace of a large
+    network takes minutes), ``products`` those planned in all; the last report is
+    ``(done, done)``, fewer where ``H`` maps the sketch into fewer dimensions.
     """
     check_operator(op, "stochastic_trace")
     check_whole("`num_probes`", num_probes)
@@ -143,6 +158,11 @@ def stochastic_trace(
         raise UserError(f"unknown trace method {method!r}: use hutch++ or hutchinson.")
     if known is not None and method != "hutch++":
         raise UserError("known eigenpairs join Hutch++'s sketch: use `method=hutch++`.")
+    if progress is not None and not callable(progress):
+        raise UserError(
+            "`progress` must be None or a function of (products done, products), not "
+            f"{a_type(progress)}."
+        )
     start, hvps0 = time.perf_counter(), op.hvp_count
     gen = probe_generator(op, seed, KNOWN_TRACE_STREAM if known is not None else 0)
     probe = dict(generator=gen, dtype=op.dtype, device=op.device)
@@ -152,11 +172,20 @@ def stochastic_trace(
         check_trace_memory(op, num_probes, method, len(V), top)
     exact = float(values.sum())
     sketch, g = _plan(num_probes, method, op.n, len(V), top)
+    drawn = sketch if g else 0  # the drawn sketch's products (its basis is multiplied again)
+    done, products = 0, drawn + sketch + g
+
+    def multiplied(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if progress:
+            progress(done, products)
+
     Q = torch.empty(0, op.n, dtype=op.dtype, device=op.device)
     if sketch and not g:  # the sketch would span the rest: its basis gives its trace exactly
         Q = _complement(V)
     elif sketch:  # the sketch and its products are dropped as soon as Q is made of them
-        HS = _apply(op, project_out(rademacher((sketch, op.n), **probe), V), block_size)
+        HS = _apply(op, project_out(rademacher((sketch, op.n), **probe), V), block_size, multiplied)
         Q = orthonormalize_against(HS, V)  # not QR: see its docs
         # Not looked at by the operator (checks_products): a row that is not finite has a NaN
         # or inf norm and is dropped from Q, unsaid, so they are looked at where rows were
@@ -168,6 +197,7 @@ def stochastic_trace(
     # Q's rows, then the deflated probes, in one buffer: one product for both, a pass fewer,
     # and no more memory than the three passes took (no copy of either beside it).
     q = len(Q)
+    products = drawn + q + g  # fewer where H maps the sketch into fewer dimensions
     B = torch.empty(q + g, op.n, dtype=op.dtype, device=op.device)
     B[:q] = Q
     del Q
@@ -178,7 +208,7 @@ def stochastic_trace(
     B[q:] = project_out(B[q:], V)
     if q and g:  # (a gram of B[:q] in float64 otherwise: twice its size, for no rows)
         B[q:] = project_out(B[q:], B[:q])
-    HB = _apply(op, B, block_size)
+    HB = _apply(op, B, block_size, multiplied)
     # Float64 from float32 pieces: no float64 copy of the block. Every product enters its dot,
     # read here, where it is looked at for NaN or inf (not by the operator: checks_products).
     dots = row_dots(B, HB).cpu()

@@ -2436,18 +2436,25 @@ def test_an_interrupted_series_keeps_what_it_analysed(
     assert [d["name"] for d in read_analyses(out_h5)] == ["a"]
 
 
-def test_a_series_stopped_in_its_middle_says_which_were_not_analysed(capsys, tmp_path, digits_mlp):
-    """A file whose weights do not fit, third of four: the two before are kept, and the message
-    says the one after it was never reached (it read as a series that had ended there)."""
+def _series_with_a_misfit(tmp_path: Path, digits_mlp: Path, *, steps: int, misfit: int) -> Path:
+    """A directory of checkpoints s1.pt .. s{steps}.pt of steps 1.., the one of step ``misfit``
+    missing a weight, so that it does not fit the model."""
     runs = tmp_path / "series"
     runs.mkdir()
     state = torch.load(digits_mlp, weights_only=True)
-    for step in (1, 2, 3, 4):
+    for step in range(1, steps + 1):
         weights = dict(state["model"])
-        if step == 3:
+        if step == misfit:
             weights.popitem()
         meta = dict(state["hessian_cli"], step=step)
         save_checkpoint(runs / f"s{step}.pt", state_dict=weights, metadata=meta)
+    return runs
+
+
+def test_a_series_stopped_in_its_middle_says_which_were_not_analysed(capsys, tmp_path, digits_mlp):
+    """A file whose weights do not fit, third of four: the two before are kept, and the message
+    says the one after it was never reached (it read as a series that had ended there)."""
+    runs = _series_with_a_misfit(tmp_path, digits_mlp, steps=4, misfit=3)
     out_h5 = tmp_path / "kept.h5"
     code, _, err = run(capsys, "analyze", runs, "--top-k", "1", "-q", "--out", out_h5)
     assert code == 2
@@ -2465,15 +2472,7 @@ def test_a_series_stopped_at_its_first_checkpoint_says_the_others_were_not_analy
 ):
     """The first file's weights do not fit: nothing is written, and the message says the two
     after it were never reached (it named the first alone, as if it were the whole series)."""
-    runs = tmp_path / "series"
-    runs.mkdir()
-    state = torch.load(digits_mlp, weights_only=True)
-    for step in (1, 2, 3):
-        weights = dict(state["model"])
-        if step == 1:
-            weights.popitem()
-        meta = dict(state["hessian_cli"], step=step)
-        save_checkpoint(runs / f"s{step}.pt", state_dict=weights, metadata=meta)
+    runs = _series_with_a_misfit(tmp_path, digits_mlp, steps=3, misfit=1)
     out_h5 = tmp_path / "none.h5"
     code, _, err = run(capsys, "analyze", runs, "--top-k", "1", "-q", "--out", out_h5)
     assert code == 2

@@ -6,7 +6,7 @@ import itertools
 import math
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -686,6 +686,24 @@ def test_the_check_takes_more_steps_at_a_loose_tolerance():
     assert false == 0
 
 
+def _smallest_under_six_fives_off_their_bounds(
+    seeds: Iterable[int], ks: Iterable[int], tol: float
+) -> int:
+    """Of solves for the smallest k of 94 values uniform in [0, 1] below 5.0 six times (a seed
+    and k each), how many have a converged pair off its eigenvalue by more than its bound."""
+    false = 0
+    for seed, k in itertools.product(seeds, ks):
+        g = torch.Generator().manual_seed(seed)
+        bulk = torch.rand(94, generator=g, dtype=torch.float64)
+        values = torch.cat([torch.full((6,), 5.0, dtype=torch.float64), bulk])
+        H = _with_spectrum(values, seed)
+        res = eigenpairs(MatrixOperator(H), k, which="smallest", tol=tol, seed=seed)
+        true = values.sort().values[:k]
+        off = (res.eigenvalues - true).abs() / true
+        false += bool((res.converged & (off > res.errors)).any())
+    return false
+
+
 def test_a_bound_reaches_out_to_what_the_last_look_sees_after_the_most_looks():
     """The smallest 2 and 3 of 94 values uniform in [0, 1] below 5.0 six times, at tol 0.1:
     every look found a direction past the pairs, and after the most looks a solve takes
@@ -693,17 +711,7 @@ def test_a_bound_reaches_out_to_what_the_last_look_sees_after_the_most_looks():
     searched beyond (0.146 "within 0.111" of the 2nd smallest, 0.0118): 8 of 20 solves had a
     converged pair off the i-th eigenvalue by more than its bound. The last look now takes in
     nothing but still looks, and the bounds reach out to what it sees."""
-    false = 0
-    for seed, k in itertools.product(range(10), (2, 3)):
-        g = torch.Generator().manual_seed(seed)
-        bulk = torch.rand(94, generator=g, dtype=torch.float64)
-        values = torch.cat([torch.full((6,), 5.0, dtype=torch.float64), bulk])
-        H = _with_spectrum(values, seed)
-        res = eigenpairs(MatrixOperator(H), k, which="smallest", tol=0.1, seed=seed)
-        true = values.sort().values[:k]
-        off = (res.eigenvalues - true).abs() / true
-        false += bool((res.converged & (off > res.errors)).any())
-    assert false == 0
+    assert _smallest_under_six_fives_off_their_bounds(range(10), (2, 3), tol=0.1) == 0
 
 
 def test_a_bound_reaches_out_to_a_later_pair_whose_residual_reaches_past_it():
@@ -712,17 +720,7 @@ def test_a_bound_reaches_out_to_a_later_pair_whose_residual_reaches_past_it():
     space held only in part, in the 2nd pair (0.0127, its residual 0.043, reaching past it),
     where the check, which looks outside the pairs, did not see it (it saw 0.039). A bound
     now reaches out as far as the pairs after it may lie, as to what the check searched."""
-    false = 0
-    for seed, k in itertools.product(range(8), (3, 5)):
-        g = torch.Generator().manual_seed(seed)
-        bulk = torch.rand(94, generator=g, dtype=torch.float64)
-        values = torch.cat([torch.full((6,), 5.0, dtype=torch.float64), bulk])
-        H = _with_spectrum(values, seed)
-        res = eigenpairs(MatrixOperator(H), k, which="smallest", tol=1e-2, seed=seed)
-        true = values.sort().values[:k]
-        off = (res.eigenvalues - true).abs() / true
-        false += bool((res.converged & (off > res.errors)).any())
-    assert false == 0
+    assert _smallest_under_six_fives_off_their_bounds(range(8), (3, 5), tol=1e-2) == 0
 
 
 @pytest.mark.parametrize("criterion", ["residual", "eigenvalue"])

@@ -102,6 +102,7 @@ def analysis_to_dict(a: CheckpointAnalysis) -> dict[str, Any]:
             "guard": int(e.guard),
             "check_hvps": int(e.check_hvps),
             "skipped_found": int(e.skipped_found),
+            "unchecked": bool(e.unchecked),
             "floor": number(e.floor),
             "stop_reason": e.stop_reason,
             "method": e.method,

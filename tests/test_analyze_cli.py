@@ -247,6 +247,29 @@ def test_the_check_for_a_skipped_eigenvalue_is_reported_and_can_be_left_out(
     )
 
 
+def test_a_budget_that_left_no_room_for_the_check_says_so(capsys, digits_mlp, tmp_path):
+    """Pairs converged within --max-hvps with too few products left to look for a skipped
+    eigenvalue read as checked ones: check_hvps 0 was the only sign."""
+    out_file = tmp_path / "s.h5"
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "3", "--json", "--out", out_file)
+    looked = json.loads(out)["eigen"]
+    assert code == 0 and looked["check_hvps"] == 6 and looked["unchecked"] is False
+    budget = str(looked["hvps"] - 4)  # the solve's own products and 2 more: the look takes 6
+    code, out, _ = run(capsys, "analyze", digits_mlp, "--top-k", "3", "--max-hvps", budget)
+    said = "not looked outside the pairs for a skipped eigenvalue: too few of the budget's HVPs"
+    assert code == 0 and said in " ".join(out.split())
+    argv = ("analyze", digits_mlp, "--top-k", "3", "--max-hvps", budget, "--out", out_file)
+    code, out, _ = run(capsys, *argv, "--json")
+    eigen = json.loads(out)["eigen"]
+    assert code == 0 and all(eigen["converged"]) and eigen["check_hvps"] == 0
+    assert eigen["unchecked"] is True
+    code, out, _ = run(capsys, "show", out_file, "--json")
+    assert code == 0 and [d["eigen"]["unchecked"] for d in json.loads(out)] == [False, True]
+    code, out, _ = run(capsys, "show", out_file)  # two analyses of one checkpoint: a series
+    note = "not looked outside the pairs for a skipped eigenvalue (1 of the 2 rows)"
+    assert code == 0 and note in " ".join(out.split())
+
+
 def test_a_bare_state_dict_asks_for_model_and_data_at_once(capsys, tmp_path):
     """A user's first command on a plain state dict asked for --model, and once that was
     given, for --data: two tries where one sentence could name both."""

@@ -469,10 +469,16 @@ def test_the_check_finds_nothing_where_nothing_was_skipped_and_needs_room_in_the
     torch.testing.assert_close(res.eigenvalues, unchecked.eigenvalues)
     tight = eigenpairs(MatrixOperator(H), 3, tol=1e-6, max_hvps=unchecked.hvps + 2)
     assert tight.check_hvps == 0 and tight.hvps == unchecked.hvps  # no room: not looked
+    assert tight.unchecked and not res.unchecked and not unchecked.unchecked  # 0 steps: asked
     ends = _with_spectrum(torch.linspace(-1.0, 1.0, 200, dtype=torch.float64) ** 3, 0)
     both = eigenpairs(MatrixOperator(ends), 3, tol=1e-6, which="both")  # each end looks once
     assert both.all_converged and both.skipped_found == 0
     assert 2 * es.CHECK_STEPS <= both.check_hvps <= 2 * es.CHECK_REACH * es.CHECK_STEPS
+    # The top looks within its half of 114; the bottom's rest leaves it no room.
+    one = eigenpairs(MatrixOperator(ends), 3, tol=1e-6, which="both", max_hvps=114)
+    assert one.all_converged and one.check_hvps > 0 and one.unchecked and not both.unchecked
+    spent = eigenpairs(MatrixOperator(H), 3, tol=1e-6, max_hvps=6)
+    assert not spent.converged.any() and not spent.unchecked  # nothing converged to vouch for
 
 
 def _bottom_pairs(seed: int, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1005,6 +1005,7 @@ def _final_pairs(
         method=WHOLE if solve.whole else "block-krylov-thick-restart",
         check_hvps=solve.check_hvps,
         skipped_found=solve.skipped_found,
+        unchecked=solve.unchecked and bool(converged.any()),
         floor=floor,
     )
 
@@ -1323,5 +1324,6 @@ def _concat(a: EigenResult, b: EigenResult) -> EigenResult:
         method=a.method if a.method == b.method else f"{a.method} (largest), {b.method} (smallest)",
         check_hvps=a.check_hvps + b.check_hvps,
         skipped_found=a.skipped_found + b.skipped_found,
+        unchecked=a.unchecked or b.unchecked,
         floor=max(a.floor * a.scale, b.floor * b.scale) / scale,
     )

@@ -57,6 +57,10 @@ class EigenResult:
     # then converged with the others).
     check_hvps: int = 0
     skipped_found: int = 0
+    # Pairs converged, but the look was due (a Krylov solve, check_steps > 0) and the budget
+    # left too few products for it: nothing vouches that the space skipped no eigenvalue, and
+    # no bound takes a gap.
+    unchecked: bool = False
     # How far below the true residuals (relative to ``scale``) the computed ones may lie, from
     # the products' rounding: a pair meets ``tol`` only with its residual plus this.
     floor: float = 0.0

@@ -243,6 +243,11 @@ def _eigen_table(e: Mapping[str, Any]) -> Group:
             if found
             else "found none"
         )
+    if e.get("unchecked"):  # the pairs read as checked where the budget ran out before the look
+        how += (
+            "; not looked outside the pairs for a skipped eigenvalue: too few of the budget's "
+            "HVPs (--max-hvps) were left for it"
+        )
     if not all(e.get("converged") or [True]) and e.get("stop_reason") in STOP_REASONS:
         how += f"; stopped: {STOP_REASONS[e['stop_reason']]}"
     values = e["eigenvalues"]
@@ -611,6 +616,11 @@ def series_table(
         notes.append(
             "* NOT converged (not within its tolerance, or behind a pair that is not; details: "
             "show -c NAME)"
+        )
+    if unlooked := sum(bool((d.get("eigen") or {}).get("unchecked")) for d in ds):
+        notes.append(
+            f"not looked outside the pairs for a skipped eigenvalue ({unlooked} of the "
+            f"{len(ds)} rows): too few of the budget's HVPs (--max-hvps) were left for it"
         )
     # A series of densities alone (--top-k 0 --density) was a table of steps that said none.
     if densities := sum(bool(d.get("density")) for d in ds):

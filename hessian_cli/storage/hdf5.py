@@ -540,6 +540,11 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _bool(value: Any) -> bool | None:
+    """A flag as h5py reads one back (NumPy's bool); None where absent or not a flag."""
+    return bool(value) if isinstance(value, bool | np.bool_) else None
+
+
 def _array(group: h5py.Group, name: str, default: list) -> list:
     return numbers(group[name][()]) if name in group else default
 
@@ -629,6 +634,7 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
             "guard": _int(a.get("guard")),  # null in files written before it
             "check_hvps": _int(a.get("check_hvps")),  # and these two before 2026-11-30
             "skipped_found": _int(a.get("skipped_found")),
+            "unchecked": _bool(a.get("unchecked")),  # null in files written before 2026-12-02
             "floor": number(a.get("floor")),  # null in files written before 2026-12-01
             "stop_reason": _str(a.get("stop_reason")),
             "method": _str(a.get("method")),

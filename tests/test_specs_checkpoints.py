@@ -546,6 +546,51 @@ def test_a_series_of_other_tools_is_read_whole_once_and_in_their_order(tmp_path:
     assert (ordered[0].name, ordered[0].label) == ("checkpoint", "checkpoint.pth.tar")
     torch.save({"model": small_state(), "epoch": 3.5, "step": True}, tmp_path / "odd.pt")
     assert load_checkpoint(tmp_path / "odd.pt").metadata == {}  # not whole numbers
+    odd = {"epoch": torch.tensor([1, 2]), "step": np.bool_(True), "iteration": torch.tensor(2.0)}
+    torch.save({"model": small_state(), **odd}, tmp_path / "odd.pt")
+    assert load_checkpoint(tmp_path / "odd.pt").metadata == {}
+
+
+def test_a_series_counted_by_numpy_or_tensors_is_ordered_by_them(tmp_path: Path) -> None:
+    """Scripts that count epochs with NumPy or keep them as tensors (``torch.tensor(epoch)``)
+    left their series unordered: only a Python int was read, so ckpt_best came after ckpt_9."""
+    counts = {
+        "ckpt_9.pt": {"epoch": np.int64(9), "iter": torch.tensor(900)},
+        "ckpt_best.pt": {"epoch": torch.tensor(4, dtype=torch.int32), "global_step": np.uint16(40)},
+        "ckpt_10.pt": {"epoch": np.int32(10)},
+    }
+    for name, count in counts.items():
+        torch.save({"state_dict": small_state(), **count}, tmp_path / name)
+    loaded = (load_checkpoint(p) for p in list_checkpoints(tmp_path))
+    ordered = sorted(loaded, key=checkpoint_order_key)
+    assert [(c.path.name, c.metadata) for c in ordered] == [
+        ("ckpt_best.pt", {"step": 40, "epoch": 4}),
+        ("ckpt_9.pt", {"step": 900, "epoch": 9}),
+        ("ckpt_10.pt", {"epoch": 10}),
+    ]
+    assert all(type(v) is int for c in ordered for v in c.metadata.values())  # JSON, HDF5
+    # Read from their bytes, no code of NumPy's run: either byte order; a number whose bytes
+    # do not fit its dtype, or of another kind, stands for itself unread.
+    from hessian_cli.specs.checkpoints import NumPyValue, _numpy_scalar, _NumPyDtype
+
+    def dtype(code: str, order: str) -> _NumPyDtype:
+        d = _NumPyDtype(code, False, True)
+        d.__setstate__((3, order, None, None, None, -1, -1, 0))
+        return d
+
+    assert _numpy_scalar(dtype("i4", ">"), (-7).to_bytes(4, "big", signed=True)) == -7
+    assert _numpy_scalar(dtype("u1", "|"), bytes([200])) == 200
+    for odd in [
+        (dtype("i8", "<"), b"\x01\x02\x03"),
+        (dtype("i1", "<"), b"\x01"),
+        (dtype("f8", "<"), bytes(8)),
+        (dtype("b1", "|"), b"\x01"),
+        (NumPyValue(), bytes(8)),
+        (dtype("i8", "<"), "12345678"),
+    ]:
+        assert isinstance(_numpy_scalar(*odd), NumPyValue)
+    loaded = load_checkpoint(tmp_path / "ckpt_9.pt").raw
+    assert loaded["epoch"] == 9 and type(loaded["epoch"]) is int
 
 
 def test_a_series_of_th_files_is_read(tmp_path: Path) -> None:
@@ -668,9 +713,9 @@ def test_a_file_of_several_weight_sets_is_read_for_the_one_asked(tmp_path: Path)
 def test_what_training_scripts_save_beside_weights_loads_without_trust(tmp_path: Path) -> None:
     """timm's argparse.Namespace and a path: each needed --trust-checkpoint, the flag that lets a
     file run code; so did a NumPy number or array beside the weights (a best accuracy, an RNG
-    state), which loads as a placeholder, no code of NumPy's run (a dtype's state is not
-    checked: a crafted number crashed the process). Weights that are NumPy arrays still need
-    the flag, and trusted, they are tensors (they were refused)."""
+    state), which loads as a placeholder (a whole number as an int), no code of NumPy's run (a
+    dtype's state is not checked: a crafted number crashed the process). Weights that are NumPy
+    arrays still need the flag, and trusted, they are tensors (they were refused)."""
     import argparse
 
     import numpy as np
@@ -683,7 +728,7 @@ def test_what_training_scripts_save_beside_weights_loads_without_trust(tmp_path:
     torch.save({"state_dict": small_state(), **numbers, "epoch": 3}, tmp_path / "n.pt")
     loaded = load_checkpoint(tmp_path / "n.pt")
     assert _equal(loaded.state_dict, small_state()) and loaded.metadata == {"epoch": 3}
-    assert repr(loaded.raw["best_acc1"]) == "<a NumPy value, not read>"
+    assert repr(loaded.raw["best_acc1"]) == "<a NumPy value, not read>" and loaded.raw["top"] == [1]
     arrays = {k: v.numpy() for k, v in small_state().items()}
     torch.save(arrays, tmp_path / "numpy.pt")
     with pytest.raises(UserError, match="weights as NumPy arrays, .*pass --trust-checkpoint only"):

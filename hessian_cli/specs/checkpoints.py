@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import math
+import numbers
 import os
 import pickle
 import re
@@ -419,9 +420,11 @@ def _safe_globals() -> list[Any]:
     their ``argparse.Namespace``, others a path. Without them a file of weights needed the flag
     that lets it run code.
 
-    Nothing of NumPy's own, only :class:`NumPyValue` under its names: a dtype's pickled state is
-    not checked by NumPy (a 1 KB file made a number point at an address it chose, and the
-    process crashed), a number's pickle may name gigabytes to allocate, and an array's its shape."""
+    Nothing of NumPy's own, only stand-ins under its names: a dtype's pickled state is not
+    checked by NumPy (a 1 KB file made a number point at an address it chose, and the process
+    crashed), a number's pickle may name gigabytes to allocate, and an array's its shape. A
+    whole number is read from its bytes here (:func:`_numpy_scalar`), the rest is
+    :class:`NumPyValue`."""
     import argparse
     import pathlib
 
@@ -434,23 +437,22 @@ def _safe_globals() -> list[Any]:
     other = "WindowsPath" if os.name == "posix" else "PosixPath"
     paths[other] = paths[f"Pure{other}"]
     named = [(c, f"{m}.{n}") for n, c in paths.items() for m in ("pathlib", "pathlib._local")]
-    return [argparse.Namespace, *named, *((NumPyValue, n) for n in _NUMPY_NAMES)]
+    numpy = [(_NumPyDtype, "numpy.dtype"), (NumPyValue, "numpy.ndarray")]
+    for core in ("_core", "core"):  # NumPy 2 and NumPy 1
+        numpy += [(_numpy_scalar, f"numpy.{core}.multiarray.scalar")]
+        numpy += [(NumPyValue, f"numpy.{core}.multiarray._reconstruct")]
+    return [argparse.Namespace, *named, *numpy]
 
 
 _PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
-# What NumPy's numbers and arrays unpickle through (numpy._core in NumPy 2, numpy.core before).
-_NUMPY_NAMES = (
-    "numpy.dtype",
-    "numpy.ndarray",
-    *(f"numpy.{c}.multiarray.{f}" for c in ("_core", "core") for f in ("scalar", "_reconstruct")),
-)
 
 
 class NumPyValue:
-    """Stands in, holding nothing, for a NumPy number or array saved beside the weights (a best
-    accuracy as np.float64, an RNG state): no code of NumPy's runs to read it (a crafted dtype's
-    state crashed the process), and the weights load without the flag that lets a file run code,
-    which such a file needed. Weights that are NumPy arrays are refused (load_checkpoint)."""
+    """Stands in, holding nothing, for a NumPy number (not a whole one) or array saved beside the
+    weights (a best accuracy as np.float64, an RNG state): no code of NumPy's runs to read it (a
+    crafted dtype's state crashed the process), and the weights load without the flag that lets
+    a file run code, which such a file needed. Weights that are NumPy arrays are refused
+    (load_checkpoint)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -460,6 +462,32 @@ class NumPyValue:
 
     def __repr__(self) -> str:
         return "<a NumPy value, not read>"
+
+
+class _NumPyDtype(NumPyValue):
+    """Stands in for a NumPy dtype, keeping of its pickle only what names a whole number's
+    bytes: its code (``i8``, ``u2``) and byte order (``<``, ``>``, ``|`` for one byte)."""
+
+    def __init__(self, code: Any = None, *args: Any, **kwargs: Any) -> None:
+        self.code = code if isinstance(code, str) else None
+        self.order: str | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|"):
+            self.order = state[1]
+
+
+def _numpy_scalar(dtype: Any = None, data: Any = None, *args: Any) -> int | NumPyValue:
+    """A NumPy number as it unpickles, read without NumPy: a whole number from its bytes (an
+    epoch counted over ``np.arange`` orders a series, see _training_position), anything else
+    (a float, a crafted dtype) a :class:`NumPyValue`."""
+    if not isinstance(dtype, _NumPyDtype) or dtype.code is None or not isinstance(data, bytes):
+        return NumPyValue()
+    size = int(dtype.code[1]) if re.fullmatch(r"[iu][1248]", dtype.code) else 0
+    if len(data) != size or dtype.order is None or (dtype.order == "|") != (size == 1):
+        return NumPyValue()
+    order = "big" if dtype.order == ">" else "little"
+    return int.from_bytes(data, order, signed=dtype.code[0] == "i")
 
 
 def _torch_load(path: Path, trust: bool, *, pickle_or_zip: bool) -> Any:
@@ -717,12 +745,26 @@ def _training_position(obj: dict[str, Any]) -> dict[str, int]:
     level: a series is ordered by them (by name, ``best`` came after ``11``), and the results
     carry them."""
     found = {}
-    step = next((obj[k] for k in _STEP_KEYS if is_count(obj.get(k))), None)
+    step = next((n for k in _STEP_KEYS if (n := _recorded_count(obj.get(k))) is not None), None)
     if step is not None:
-        found["step"] = int(step)
-    if is_count(obj.get("epoch")):
-        found["epoch"] = int(obj["epoch"])
+        found["step"] = step
+    if (epoch := _recorded_count(obj.get("epoch"))) is not None:
+        found["epoch"] = epoch
     return found
+
+
+def _recorded_count(value: Any) -> int | None:
+    """A whole number as other tools' checkpoints record one: an int, NumPy's (a loop over
+    ``np.arange``) or a 0-d integer tensor (``torch.tensor(epoch)``), both of which a series
+    left unordered; None for a bool, str, float or anything else."""
+    if isinstance(value, torch.Tensor):
+        whole = not (value.is_floating_point() or value.is_complex() or value.is_meta)
+        if value.ndim != 0 or not whole or value.dtype == torch.bool:
+            return None
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # NumPy's bool is none
+        return None
+    return int(value) if value >= 0 else None
 
 
 def _trainer_step(state: Path) -> dict[str, int]:

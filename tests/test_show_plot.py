@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -2769,6 +2770,24 @@ def test_show_of_two_files_says_how_to_compare_them(capsys, files):
         "checkpoints in one table, analyze them into one file (hessian-cli analyze A.pt B.pt "
         f"--out both.h5, or --out {files['single']} to add to it) and show that."
     )
+
+
+@pytest.mark.parametrize("command", ["show", "plot"])
+def test_two_training_runs_are_told_to_go_one_at_a_time(capsys, files, tmp_path, command):
+    """Two runs' metrics were told to be analyzed into one file, which holds checkpoints'
+    spectra, never a run's metrics."""
+    run_dir = tmp_path / "run 2"
+    run_dir.mkdir()
+    shutil.copy(files["metrics"], run_dir / "metrics.h5")
+    for given in [(files["metrics"], run_dir), (files["single"], run_dir)]:
+        out = ("-o", tmp_path / "x.png") if command == "plot" else ()
+        code, _, err = run(capsys, command, *given, *out)
+        first, second = (shlex.quote(str(g)) for g in given)
+        assert code == 2 and one_sentence(err, strict=True) == (
+            f"error: {command} {'reads' if command == 'show' else 'draws'} one file (given: "
+            f"{first}, {second}); {command} one training run at a time: hessian-cli {command} "
+            f"{first}, then hessian-cli {command} {second}."
+        )
 
 
 @pytest.mark.parametrize("k", [4, 50])

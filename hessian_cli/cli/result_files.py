@@ -41,11 +41,28 @@ def refuse_more_files(verb: str, names: Sequence[str], reads: str, seen_in: str)
     that ``verb`` shows ``seen_in`` (one figure, one table)."""
     if len(names) > 1:
         given = ", ".join(shlex.quote(name) for name in names)
+        if any(map(_a_run, names)):  # no one file holds two runs: analyze was no advice
+            first, second = (shlex.quote(name) for name in names[:2])
+            raise UserError(
+                f"{verb} {reads} one file (given: {given}); {verb} one training run at a time: "
+                f"hessian-cli {verb} {first}, then hessian-cli {verb} {second}."
+            )
         raise UserError(
             f"{verb} {reads} one file (given: {given}); to compare checkpoints {seen_in}, "
             f"analyze them into one file (hessian-cli analyze A.pt B.pt --out both.h5, or "
             f"--out {shlex.quote(names[0])} to add to it) and {verb} that."
         )
+
+
+def _a_run(name: str) -> bool:
+    """Whether ``name`` is a training run's metrics file, or its directory."""
+    from hessian_cli.storage import METRICS_FORMAT_NAME, file_format
+
+    try:
+        path = result_file(Path(name))
+        return path.is_file() and file_format(path) == METRICS_FORMAT_NAME
+    except (UserError, OSError):  # told as itself once the command reads it alone
+        return False
 
 
 def result_file(given: Path) -> Path:

@@ -77,7 +77,7 @@ from hessian_cli.engine import distributed
 from hessian_cli.engine.batches import Batch, LossFn, check_range
 from hessian_cli.engine.devices import resolve_device
 from hessian_cli.engine.inputs import input_tensors, inputs_to, rows, run_model
-from hessian_cli.engine.model_mode import batch_statistics_error
+from hessian_cli.engine.model_mode import batch_statistics_error, batch_statistics_layers
 from hessian_cli.engine.operator import HessianOperator
 from hessian_cli.errors import NotFinite, UserError, first_line
 from hessian_cli.presentation import counted
@@ -336,11 +336,16 @@ class _Run:
         self.step, self.epoch, self.batch = position.step, position.epoch, position.batch
         self.epoch_sums = position.epoch_sums
         self.tracker.vector, self.tracker.lambda_max = position.track_vector, position.lambda_max
+        # In the mode every step trains it: the layers by which a refresh's Hessian (the batch's
+        # statistics) is of another loss than the tracked one (running statistics), which
+        # readers of the metrics could not tell from a model without any.
+        self.model.train()
         self.metrics = MetricsLog(
             run_dir / METRICS_FILE,
             config.identity(),
             command_line,
             tolerances={"refresh": REFRESH_TOL, "track": TRACK_TOL},
+            batchnorm_layers=batch_statistics_layers(self.model),
         )
         if resume:
             try:

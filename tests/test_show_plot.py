@@ -296,9 +296,83 @@ def test_the_curvature_panel_says_which_hessian_each_eigenvalue_is_of():
     refresh = {"step": np.array([0, 10]), "eigenvalue": np.array([1.1, 3.2])}
     ax = metrics_figure({"track": track, "refresh": refresh}).axes[0]
     labels = ax.get_legend_handles_labels()[1]
-    # Eval mode, which is true of a model without BatchNorm too (the metrics do not say).
+    # Eval mode, which is true of a model without BatchNorm too (files before 2026-12-02 do not
+    # say whether it has any).
     assert any("held-out batch (eval mode: any BatchNorm" in x for x in labels), labels
     assert any("refresh" in x and "training minibatch" in x for x in labels), labels
+
+
+def _curvature_labels(capsys, monkeypatch, run_dir: Path) -> list[str]:
+    """The curvature panel's legend of `plot RUN_DIR` (the figure not written: 0.9 s a time)."""
+    from hessian_cli.presentation import plots
+
+    drawn = []
+    real = plots.metrics_figure
+    monkeypatch.setattr(plots, "metrics_figure", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    monkeypatch.setattr(plots, "save_figure", lambda *a: None)
+    code, _, err = run(capsys, "plot", run_dir, "-o", run_dir / "fig.png")
+    assert code == 0, err
+    (ax,) = [ax for ax in drawn[0].axes if ax.get_title() == "Top Hessian eigenvalue"]
+    return ax.get_legend_handles_labels()[1]
+
+
+def test_plot_and_show_of_a_run_say_whether_its_two_eigenvalues_differ_in_kind(
+    capsys, monkeypatch, tmp_path
+):
+    """With BatchNorm the tracked λ_max (running statistics) and a refresh's λ1 (the
+    minibatch's) are of two losses, 100x apart; without it of one kind. The metrics did not say
+    which, so the legend hedged ("any BatchNorm") for every model and show said nothing; a
+    metrics file without `batchnorm_layers` (before 2026-12-02) keeps the hedge."""
+    from eigensam.training import TrainConfig, train
+
+    cnn = {"model": "cnn", "data": "synthetic:1x6x6:3:32", "batch_size": 16, "device": "cpu"}
+    run_with = {"eig_every": 1, "track_every": 1, "max_steps": 2}
+    for name, batchnorm in (("bn", True), ("plain", False)):
+        kwargs = {"widths": [4], "batchnorm": batchnorm}
+        train(TrainConfig(**cnn, **run_with, model_kwargs=kwargs, out=str(tmp_path / name)))
+    labels = _curvature_labels(capsys, monkeypatch, tmp_path / "bn")
+    assert labels == [
+        "λ_max, held-out batch (eval mode: BatchNorm by running statistics)",
+        "λ1 at refresh, training minibatch (train mode: BatchNorm by batch statistics)",
+    ]
+    code, out, err = run(capsys, "show", tmp_path / "bn")
+    assert code == 0, err
+    said = (
+        "the model has 1 BatchNorm (or InstanceNorm) layer: λmax is of eval mode (running "
+        "statistics), the refreshes' eigenvalues of train mode (each minibatch's), so the two "
+        "differ in kind."
+    )
+    assert said in " ".join(out.split())
+    labels = _curvature_labels(capsys, monkeypatch, tmp_path / "plain")
+    assert labels == ["λ_max, held-out batch", "λ1 at refresh, its training minibatch"]
+    code, out, err = run(capsys, "show", tmp_path / "plain")
+    assert code == 0 and "BatchNorm" not in out, err
+    with h5py.File(tmp_path / "bn" / "metrics.h5", "a") as f:  # as a file before 2026-12-02
+        del f.attrs["batchnorm_layers"]
+    labels = _curvature_labels(capsys, monkeypatch, tmp_path / "bn")
+    assert "λ_max, held-out batch (eval mode: any BatchNorm by its running statistics)" in labels
+    code, out, err = run(capsys, "show", tmp_path / "bn")
+    assert code == 0 and "BatchNorm" not in out, err
+
+
+@pytest.mark.parametrize(
+    ("groups", "said"),
+    [
+        (("track",), "layers: λmax is of eval mode (running statistics)."),
+        (("refresh",), "layers: the refreshes' eigenvalues are of train mode (each minibatch's)."),
+    ],
+)
+def test_show_of_one_curvature_table_says_which_statistics_its_eigenvalues_are_of(groups, said):
+    """A SAM run tracks λ_max alone, and a run without --track-every refreshes alone: the note
+    says what holds of the table there is, with no "two" to differ."""
+    from rich.console import Console
+
+    from hessian_cli.presentation.tables import metrics_summary
+
+    console = Console(width=300, record=True)
+    metrics = {g: {"step": np.array([0])} for g in groups}
+    console.print(metrics_summary("m.h5", metrics, {"batchnorm_layers": 2}))
+    assert f"the model has 2 BatchNorm (or InstanceNorm) {said}\n" in console.export_text()
 
 
 def test_a_step_with_no_neighbour_to_join_is_drawn_as_a_point():

@@ -435,6 +435,45 @@ def test_batchnorm_statistics_move_once_per_step(tmp_path):
     assert int(state["features.1.num_batches_tracked"]) == 4  # 64 samples / 16
 
 
+def test_the_metrics_say_how_many_layers_train_by_the_minibatch_s_statistics(tmp_path):
+    """With BatchNorm the tracked lambda_max (running statistics) and a refresh's (the batch's)
+    are of two losses, 100x apart; without it of one kind: the metrics did not say which, so
+    `plot` and `show` hedged for every model. A resume of a file without it writes it."""
+    train(config(tmp_path, "bn", epochs=1, max_steps=2, **BN_CNN))
+    train(config(tmp_path, "plain", epochs=1, max_steps=2))
+    for name, layers in (("bn", 1), ("plain", 0)):
+        with h5py.File(tmp_path / name / "metrics.h5", "r") as f:
+            assert f.attrs["batchnorm_layers"] == layers, name
+    run = _stopped_run(tmp_path, "old", **BN_CNN)
+    with h5py.File(run / "metrics.h5", "a") as f:  # as a file before 2026-12-02
+        del f.attrs["batchnorm_layers"]
+    train(dataclasses.replace(load_config(run), max_steps=9), resume_dir=run)
+    with h5py.File(run / "metrics.h5", "r") as f:
+        assert f.attrs["batchnorm_layers"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_layers_counted_as_training_by_the_batch_s_statistics():
+    """Those whose eval mode (tracking's) takes other statistics than training: BatchNorm and
+    InstanceNorm that keep running ones, also scripted, not those that keep none or are frozen."""
+    from torch import nn
+
+    from hessian_cli.engine.model_mode import batch_statistics_layers
+
+    model = nn.Sequential(
+        nn.BatchNorm1d(4),
+        nn.InstanceNorm1d(2, track_running_stats=True),
+        torch.jit.script(nn.BatchNorm1d(4)),
+        nn.BatchNorm1d(4, track_running_stats=False),  # the batch's in eval mode too
+        nn.InstanceNorm1d(2),
+        nn.LayerNorm(4),
+    )
+    assert batch_statistics_layers(model.train()) == 3
+    model[0].eval()  # frozen statistics: the running ones also in training
+    assert batch_statistics_layers(model) == 2
+    assert batch_statistics_layers(model.eval()) == 0
+
+
 def test_alpha_zero_eigensam_trains_exactly_like_sam(tmp_path):
     sam = train(config(tmp_path, "sam", optimizer="sam", epochs=1, track_every=0))
     eig = train(config(tmp_path, "eig", optimizer="eigensam", alpha=0.0, epochs=1, track_every=0))

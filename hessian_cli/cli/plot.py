@@ -61,6 +61,7 @@ def plot(
         spectra_figure,
     )
     from hessian_cli.storage.files import check_folder_makeable, reading
+    from hessian_cli.storage.metrics import batchnorm_layers
 
     # `-o -`: standard output, as other tools take it (the figure's bytes alone), but not a
     # terminal's, where the PNG's bytes were printed as text
@@ -85,7 +86,8 @@ def plot(
     with reading(file):  # what the figure draws is the file's: a KeyError is its layout
         if isinstance(found, Metrics):
             title = run_title(file, found.info)
-            figure = metrics_figure(found.columns, found.info.get("tolerances"), title)
+            layers = batchnorm_layers(found.info)
+            figure = metrics_figure(found.columns, found.info.get("tolerances"), title, layers)
         else:
             figure = spectra_figure(told_apart(found, checkpoint), found.held)
     say_if_newer(found)

@@ -72,6 +72,23 @@ def initial_statistics_layers(model: nn.Module) -> tuple[int, int, str]:
     return initial, layers, " and ".join(sorted(kinds))
 
 
+def batch_statistics_layers(model: nn.Module) -> int:
+    """How many of ``model``'s layers normalise by the batch's statistics (InstanceNorm: each
+    sample's) in the mode each is in now and by running ones in eval mode: BatchNorm, and
+    InstanceNorm that keeps them, also scripted; not one that keeps none (the batch's in both
+    modes) nor one kept in eval mode (frozen statistics). Under ``model.train()`` these are
+    what makes training's loss another function than eval mode's."""
+    return sum(
+        m.training
+        and isinstance(getattr(m, "running_mean", None), torch.Tensor)
+        and (
+            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))
+            or scripted_running_norm(m)
+        )
+        for m in model.modules()
+    )
+
+
 def holds_running_instance_statistics(
     m: nn.Module,
 ) -> TypeGuard[nn.modules.instancenorm._InstanceNorm]:

@@ -995,10 +995,12 @@ def metrics_figure(
     metrics: Mapping[str, Mapping[str, np.ndarray]],
     tolerances: Mapping[str, float] | None = None,
     heading: str = "",
+    batchnorm_layers: int | None = None,
 ) -> Figure:
     """Training curves: loss, accuracy, lambda_max and alignment, where recorded; ``tolerances``
     (the file's ``tol`` of each curvature group) mark the eigenvalues that did not converge;
-    ``heading`` (:func:`run_title`) above them."""
+    ``heading`` (:func:`run_title`) above them; ``batchnorm_layers`` (the file's, None where it
+    records none) says which losses the two eigenvalues are of."""
     steps, epochs = metrics.get("steps") or {}, metrics.get("epochs") or {}
     refresh, track = metrics.get("refresh") or {}, metrics.get("track") or {}
     panels = []
@@ -1040,11 +1042,15 @@ def metrics_figure(
         ax.legend(fontsize="small")
     if ax := ax_of.get("curvature"):
         # Two Hessians: with BatchNorm 100x apart (running statistics against the batch's), and
-        # "tracked" beside "at refresh" said not why. The metrics do not say whether the model has
-        # BatchNorm: "running BatchNorm statistics" was said of models without any.
-        held = "λ_max, held-out batch (eval mode: any BatchNorm by its running statistics)"
+        # "tracked" beside "at refresh" said not why. Files before 2026-12-02 do not say whether
+        # the model has BatchNorm: "running BatchNorm statistics" was said of models without any.
+        held, own = "λ_max, held-out batch", "λ1 at refresh, its training minibatch"
+        if batchnorm_layers is None:
+            held += " (eval mode: any BatchNorm by its running statistics)"
+        elif batchnorm_layers:  # "its" left out: the legend fits the panel
+            held += " (eval mode: BatchNorm by running statistics)"
+            own = "λ1 at refresh, training minibatch (train mode: BatchNorm by batch statistics)"
         _curve(ax, track, "step", "lambda_max", marker=".", label=held)
-        own = "λ1 at refresh, its training minibatch"
         _curve(ax, refresh, "step", "eigenvalue", ls="", marker="x", label=own)
         tol = tolerances or {}
         bad = [_mark_unconverged(ax, track, "lambda_max", tol.get("track"))]

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from hessian_cli.presentation import DASH, counted
 from hessian_cli.storage.hdf5 import FORMAT_VERSION
-from hessian_cli.storage.metrics import METRICS_VERSION, above_tol
+from hessian_cli.storage.metrics import METRICS_VERSION, above_tol, batchnorm_layers
 
 NOT_CONVERGED = "[bold red]NOT converged[/]"
 # The provenance shown above the tables; `show --json` and the HDF5 attrs hold all of it.
@@ -938,7 +938,26 @@ def metrics_summary(
             parts.append(columns_table(title, _ordered(metrics[group], "step")))
             if said := _converged_rows(metrics[group], tolerances.get(group)):
                 parts.append(Text(said, style="dim"))  # a caption wraps at the table's width
+    if said := _batchnorm_note(metrics, batchnorm_layers(info)):
+        parts.append(Text(said, style="dim"))
     return Group(*parts)
+
+
+def _batchnorm_note(
+    metrics: Mapping[str, Mapping[str, np.ndarray]], layers: int | None
+) -> str | None:
+    """Which losses the curvature tables' eigenvalues are of, where the model's normalisation
+    layers make them differ (by BatchNorm 100x apart), which the tables left unsaid; None
+    without such layers, or where the file does not say (written before 2026-12-02)."""
+    track, refresh = bool(metrics.get("track")), bool(metrics.get("refresh"))
+    if not layers or not (track or refresh):
+        return None
+    held, own = "λmax is of eval mode (running statistics)", "of train mode (each minibatch's)"
+    if track and refresh:
+        said = f"{held}, the refreshes' eigenvalues {own}, so the two differ in kind"
+    else:
+        said = held if track else f"the refreshes' eigenvalues are {own}"
+    return f"the model has {counted(layers, 'BatchNorm (or InstanceNorm) layer')}: {said}."
 
 
 def _converged_rows(columns: Mapping[str, np.ndarray], tol: float | None) -> str | None:

@@ -3,10 +3,12 @@ by ``train`` (:class:`MetricsLog`), read by ``show`` and ``plot`` (:func:`read_m
 
 Layout: root attrs as in a spectra file, ``format``, ``format_version``, ``tool_version``,
 ``torch_version``, ``created``, ``modified`` and ``command_line`` (the command that last wrote
-it: a resume's), and ``config`` (the run's configuration as JSON); files written before
-2026-11-29 name the versions ``version``, ``tool`` and ``torch`` and have no command line. One
-group per kind of record, each holding equally long 1-D
-extendible datasets (columns), rows in step order; a group with no rows is left out:
+it: a resume's), ``config`` (the run's configuration as JSON) and ``batchnorm_layers`` (since
+2026-12-02: how many BatchNorm layers, and InstanceNorm layers with running statistics, training
+normalises by the minibatch's statistics, which tracking's eval mode replaces by the running
+ones); files written before 2026-11-29 name the versions ``version``, ``tool`` and ``torch`` and
+have no command line. One group per kind of record, each holding equally long 1-D extendible
+datasets (columns), rows in step order; a group with no rows is left out:
 
 - ``steps``: ``step`` (global, from 0), ``loss`` and ``accuracy`` of the minibatch at the
   weights before that step's update, ``lr`` used by the update.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ _OWN_ATTRS = (
     "modified",
     "command_line",
     "config",
+    "batchnorm_layers",
     "version",
     "tool",
     "torch",
@@ -107,12 +111,14 @@ class MetricsLog:
         config: dict[str, Any],
         command_line: str = "",
         tolerances: dict[str, float] | None = None,
+        batchnorm_layers: int | None = None,
     ) -> None:
         self.path = path
         self.config = config
         self.command_line = command_line
         # A group's `tol` attribute: the relative residual its rows' solves aimed for.
         self.tolerances = tolerances or {}
+        self.batchnorm_layers = batchnorm_layers  # None: not known, none written
         self.created = _now()
         self.rows: dict[str, list[tuple[float, ...]]] = {group: [] for group in COLUMNS}
         # What a resumed file holds that this version does not write (a newer version's, or
@@ -198,6 +204,8 @@ class MetricsLog:
             f.attrs["modified"] = _now()
             f.attrs["command_line"] = storable_text(self.command_line)  # a name not UTF-8
             f.attrs["config"] = json.dumps(self.config, sort_keys=True)
+            if self.batchnorm_layers is not None:
+                f.attrs["batchnorm_layers"] = self.batchnorm_layers
             for group, columns in COLUMNS.items():
                 rows = self.rows[group]
                 if not rows:  # e.g. no refreshes for SAM: the group is absent, not empty
@@ -267,6 +275,13 @@ def read_metrics_file(
         if tolerances:
             info["tolerances"] = tolerances
         return metrics, info
+
+
+def batchnorm_layers(info: Mapping[str, object]) -> int | None:
+    """A metrics file's ``batchnorm_layers`` (from its root attributes ``info``); None where it
+    records none (written before 2026-12-02) or no count (another tool's)."""
+    layers = info.get("batchnorm_layers")
+    return layers if type(layers) is int and layers >= 0 else None
 
 
 def _check_rows(group: str, columns: dict[str, np.ndarray]) -> None:

@@ -960,6 +960,17 @@ def test_a_resume_keeps_what_it_does_not_write_in_the_metrics(tmp_path):
         train(load_config(run), resume_dir=run)
 
 
+def test_a_resume_refuses_metrics_of_a_newer_format_version(tmp_path):
+    """A resume rewrote a newer version's metrics.h5 as version 1, which may misread it."""
+    run = _stopped_run(tmp_path)
+    with h5py.File(run / "metrics.h5", "a") as f:
+        f.attrs["format_version"] = 2
+    before = (run / "metrics.h5").read_bytes()
+    with pytest.raises(UserError, match=r"written by a newer hessian-cli \(format version 2\)"):
+        train(load_config(run), resume_dir=run)
+    assert (run / "metrics.h5").read_bytes() == before
+
+
 def test_a_resume_refuses_metrics_that_stop_short_of_the_checkpoint(tmp_path):
     run = _stopped_run(tmp_path)
     with h5py.File(run / "metrics.h5", "a") as f:  # as a crash between the two writes left it

@@ -34,6 +34,7 @@ tolerant: missing groups are simply absent and unknown groups are returned as we
 from __future__ import annotations
 
 import json
+import numbers
 import signal
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -155,6 +156,14 @@ class MetricsLog:
         check_replaceable(self.path)  # now, not at the first flush, after training steps
         stored = read_metrics(self.path)
         with h5py.File(self.path, "r") as f:
+            # A newer layout may hold what this version misreads, and a flush would mark the
+            # file as version 1: refused, as an append to a newer spectra file is.
+            version = f.attrs.get("format_version", f.attrs.get("version"))
+            if isinstance(version, numbers.Integral) and version > METRICS_VERSION:
+                raise UserError(
+                    f"the run's {self.path.name} was written by a newer hessian-cli (format "
+                    f"version {version}): resume it with that version, or upgrade hessian-cli."
+                )
             self.created = str(_text(f.attrs.get("created")) or self.created)
             self.foreign_attrs = {k: v for k, v in f.attrs.items() if k not in _OWN_ATTRS}
             self.foreign_groups = [name for name in f if name not in COLUMNS]

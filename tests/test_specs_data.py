@@ -996,6 +996,22 @@ def test_an_empty_cut_short_or_other_kind_of_data_file_says_so(tmp_path) -> None
         load_data(str(tmp_path / "objects.npz"))
 
 
+def test_a_data_file_larger_than_memory_says_so(tmp_path, monkeypatch) -> None:
+    """A sound HDF5 file too large to read whole was "truncated, damaged or not an HDF5 file
+    (MemoryError)"."""
+    with h5py.File(tmp_path / "big.h5", "w") as f:
+        f["x"], f["y"] = np.ones((8, 3), dtype=np.float32), np.arange(8) % 2
+
+    def too_large(dataset, key):
+        raise MemoryError("Unable to allocate 256. GiB for an array with shape (10**9, 64)")
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", too_large)
+    with pytest.raises(
+        UserError, match=r"big.h5' does not fit in the machine's memory \(it is read whole\)"
+    ):
+        load_data(str(tmp_path / "big.h5"))
+
+
 def test_a_list_of_samples_is_the_training_set(user_file: Path) -> None:
     """A factory's list of (x, y) samples, a Dataset as torch takes one, was refused as "a
     sequence of 6 items, not (train, test)", and a list of two was taken for two splits of one

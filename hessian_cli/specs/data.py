@@ -37,7 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 from hessian_cli.atomic import file_sha256
 from hessian_cli.engine.batches import Batch, check_range
 from hessian_cli.engine.inputs import Inputs, input_tensors, is_inputs, map_inputs
-from hessian_cli.errors import UserError, a_type, described
+from hessian_cli.errors import UserError, a_type, described, out_of_host_memory
 from hessian_cli.specs.checkpoints import pickle_protocol
 from hessian_cli.specs.user_code import (
     USER_CODE_FORMS,
@@ -538,6 +538,11 @@ def _unreadable(path: Path, exc: Exception) -> UserError:
     if str(exc).startswith("Object arrays"):  # NumPy's, of an .npz that unpickling would read
         return UserError(
             f"{where} holds object arrays, which safe loading does not read: store numbers."
+        )
+    if out_of_host_memory(exc):  # a sound file larger than memory was "truncated, damaged"
+        return UserError(
+            f"{where} does not fit in the machine's memory (it is read whole): store fewer "
+            "samples in it."
         )
     with contextlib.suppress(OSError):
         if path.stat().st_size == 0:

@@ -276,6 +276,13 @@ def test_unsigned_labels_and_a_stored_class_count(tmp_path: Path) -> None:
         np.savez(path, **arrays, num_classes=np.array(count))
         with pytest.raises(UserError, match=f"num_classes must be one whole number, not {shown}"):
             load_data(str(path))
+    # Fewer classes than the labels need (or none) were raised to them, unsaid.
+    for count in (3, 0, -1):
+        np.savez(path, **arrays, num_classes=np.array(count))
+        with pytest.raises(
+            UserError, match=rf"num_classes is {count}, but the class labels go up to 3; "
+        ):
+            load_data(str(path))
     np.savez(path, x=arrays["x"], y=np.full(12, 2**64 - 1, dtype=np.uint64))
     with pytest.raises(UserError, match="too large"):
         load_data(str(path))

@@ -446,8 +446,14 @@ def _tensor_file(spec: str) -> DataSource:
     num_classes = None
     if classification:
         num_classes = int(max(int(ds.tensors[1].max()) for ds in datasets)) + 1
-        if "num_classes" in arrays:
-            num_classes = max(num_classes, _whole_number(arrays["num_classes"], spec))
+        if "num_classes" in arrays:  # fewer than the labels need was raised to them, unsaid
+            stored = _whole_number(arrays["num_classes"], spec)
+            if stored < num_classes:
+                raise UserError(
+                    f"data file {spec!r}: num_classes is {stored}, but the class labels go up "
+                    f"to {num_classes - 1}; store the number of classes, at least {num_classes}."
+                )
+            num_classes = stored
     return DataSource(
         spec=spec,
         train=datasets[0],

@@ -284,7 +284,7 @@ def test_unsigned_labels_and_a_stored_class_count(tmp_path: Path) -> None:
         ):
             load_data(str(path))
     np.savez(path, x=arrays["x"], y=np.full(12, 2**64 - 1, dtype=np.uint64))
-    with pytest.raises(UserError, match="too large"):
+    with pytest.raises(UserError, match="the class labels in x and y are too large to count"):
         load_data(str(path))
 
 

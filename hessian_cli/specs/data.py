@@ -602,7 +602,7 @@ def _class_labels(y: torch.Tensor, spec: str, which: str) -> torch.Tensor:
     if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has few ops for these
         labels = y.numpy()
         if labels.size and labels.max() > np.iinfo(np.int64).max:
-            raise UserError(f"data {spec!r}: {which} holds class labels too large to count.")
+            raise UserError(f"data {spec!r}: the class labels in {which} are too large to count.")
         y = torch.from_numpy(labels.astype(np.int64))
     if y.dtype == torch.bool:
         y = y.long()

@@ -2192,6 +2192,7 @@ def test_recorded_model_kwargs_that_are_not_an_object_are_one_sentence(
         "empty name",
         "dash",
         "directory name",
+        "pipe",
     ],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
@@ -2211,7 +2212,12 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         "empty name": "",
         "dash": "-",  # standard output's name: an HDF5 file named "-" was written
         "directory name": f"{tmp_path / 'runs'}/",  # an HDF5 file named runs was written
+        "pipe": tmp_path / "fifo.h5",  # as /dev/stdout into a pipe: "cannot write to /proc/N/fd"
     }[kind]
+    if kind == "pipe":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("named pipes are POSIX")
+        os.mkfifo(out)
     if kind in ("text file", "under a file"):
         (tmp_path / "notes").write_text("my notes")
     if kind == "metrics file":
@@ -2226,11 +2232,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         "dash": "--out - names no file here (not standard output): give one, such as spectra.h5",
         "directory name": f"--out {out} names a directory; give a file name such as "
         f"{out}spectra.h5.",
+        "pipe": f"--out {out} is a pipe, not a file: the results are written as an HDF5 file",
     }[kind]
     assert expected in _bad(capsys, "analyze", digits_mlp, "--top-k", "1", "--out", out)
     if kind == "text file":
         assert out.read_text() == "my notes"
     held = {"metrics file": ["metrics.h5"], "text file": ["notes"], "under a file": ["notes"]}
+    held["pipe"] = ["fifo.h5"]
     assert sorted(p.name for p in tmp_path.iterdir()) == held.get(kind, [])
 
 

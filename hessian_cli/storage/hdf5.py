@@ -12,8 +12,10 @@ import contextlib
 import json
 import math
 import operator
+import os
 import re
 import signal
+import stat
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
@@ -164,12 +166,32 @@ def check_writable(path: str | Path) -> None:
     check before the work whose results it would hold."""
     if Path(path).is_dir():
         raise UserError(f"--out {path} is a directory; give a file name such as spectra.h5.")
+    if (kind := _special_file(Path(path))) is not None:
+        raise UserError(
+            f"--out {path} is {kind}, not a file: the results are written as an HDF5 file; give "
+            "one such as spectra.h5 (`--json` prints them)."
+        )
     output = f"--out {path}"
     path = Path(path).resolve()
     check_folder_makeable(path.parent, output)
     check_replaceable(path)
     if _holds_something(path):
         _check_appendable(path)
+
+
+def _special_file(path: Path) -> str | None:
+    """What ``path`` is (through links) where it is a pipe, socket or device: `--out
+    /dev/stdout` into a pipe was refused as "cannot write to the directory /proc/N/fd", and
+    /dev/null as "not an HDF5 file"."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # nothing there yet (or a dangling link): a new file
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None
 
 
 def _holds_something(path: Path) -> bool:
